@@ -1,0 +1,39 @@
+"""tritarget.kernels: anchors, IoU, max-IoU matching and box encoding.
+
+Reading order, as a textbook of the pipeline: ``config`` (what to compute),
+``anchors`` (each peer's layout), ``boxes`` (IoU, IoF, encode, decode),
+``reference`` (the executable specification), ``presets``, then the fast
+backends ``cpu`` and ``triton_backend``, and ``api.assign`` that dispatches.
+
+Importing this package needs neither triton nor a GPU: backends load on first use.
+"""
+
+from . import presets
+from .anchors import AnchorGrid, generate_anchors, resolve_grid
+from .api import BACKENDS, assign
+from .boxes import box_iof, box_iou, decode, encode
+from .config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig
+from .targets import IGNORED, NEGATIVE, POSITIVE, SparseTargets, Targets
+
+__all__ = [
+    "BACKENDS",
+    "IGNORED",
+    "NEGATIVE",
+    "POSITIVE",
+    "AnchorConfig",
+    "AnchorGrid",
+    "AnchorLevel",
+    "EncodeConfig",
+    "MatchConfig",
+    "SparseTargets",
+    "TargetConfig",
+    "Targets",
+    "assign",
+    "box_iof",
+    "box_iou",
+    "decode",
+    "encode",
+    "generate_anchors",
+    "presets",
+    "resolve_grid",
+]

@@ -1,0 +1,275 @@
+"""Anchors: each peer's layout, reproduced to the bit.
+
+Every layout reduces to the same closed form, which the CPU path and the Triton
+kernels evaluate from an anchor's index instead of reading an [A, 4] tensor:
+
+    level, then cell (y, x) and shape k from the index within the level
+    cx = (x + offset) * fx      (center_op "mul")   or   (x + offset) / fx   ("div")
+    cy = (y + offset) * fy                          or   (y + offset) / fy
+    anchor = ((cx, cy, cx, cy) + cell[k]) * (sx, sy, sx, sy)   (scale only for ssd/d2l)
+
+all in float32, one rounding per operation, in exactly the order each peer's code
+rounds. ``AnchorGrid`` holds the per-level numbers; ``AnchorGrid.materialize()``
+builds the [A, 4] tensor with the same formula.
+
+Orders: anchors are grouped by level; within a level they are location-major
+(row-major cells, then shapes) except yolo, which is shape-major (YOLOv5's
+``[na, ny, nx]`` output order).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import AnchorConfig, AnchorLevel
+
+__all__ = ["AnchorGrid", "GridLevel", "check_canvas", "feature_map_size", "resolve_grid", "generate_anchors"]
+
+
+@dataclass(frozen=True, eq=False)
+class GridLevel:
+    """One level of a resolved anchor grid (see the module docstring for the formula).
+
+    cells (Tensor[K, 4]): float32 offsets of the K cell anchors, x1 y1 x2 y2.
+    """
+
+    height: int
+    width: int
+    offset: float
+    factor_x: float
+    factor_y: float
+    center_op: str  # "mul" or "div"
+    cells: torch.Tensor
+    scale_x: float | None = None
+    scale_y: float | None = None
+
+    @property
+    def num_anchors(self) -> int:
+        return self.height * self.width * self.cells.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class AnchorGrid:
+    """Anchors of one (config, canvas), as per-level tables instead of [A, 4] boxes."""
+
+    levels: tuple[GridLevel, ...]
+    shape_major: bool
+
+    @property
+    def num_anchors(self) -> int:
+        return sum(lv.num_anchors for lv in self.levels)
+
+    @property
+    def level_starts(self) -> list[int]:
+        """Index of each level's first anchor, plus the total at the end."""
+        starts = [0]
+        for lv in self.levels:
+            starts.append(starts[-1] + lv.num_anchors)
+        return starts
+
+    def materialize(self) -> torch.Tensor:
+        """All anchors, Tensor[A, 4] float32, in the documented order."""
+        return torch.cat([_level_anchors(lv, self.shape_major) for lv in self.levels]).contiguous()
+
+
+def _centers(count: int, offset: float, factor: float, op: str) -> torch.Tensor:
+    position = torch.arange(count, dtype=torch.float32) + offset
+    factor32 = torch.tensor(factor, dtype=torch.float32)
+    return position * factor32 if op == "mul" else position / factor32
+
+
+def _level_anchors(lv: GridLevel, shape_major: bool) -> torch.Tensor:
+    cx = _centers(lv.width, lv.offset, lv.factor_x, lv.center_op)
+    cy = _centers(lv.height, lv.offset, lv.factor_y, lv.center_op)
+    grid_y, grid_x = torch.meshgrid(cy, cx, indexing="ij")
+    shifts = torch.stack([grid_x, grid_y, grid_x, grid_y], dim=-1).reshape(-1, 4)  # [HW, 4]
+    if shape_major:
+        anchors = shifts[None, :, :] + lv.cells[:, None, :]  # [K, HW, 4]
+    else:
+        anchors = shifts[:, None, :] + lv.cells[None, :, :]  # [HW, K, 4]
+    anchors = anchors.reshape(-1, 4)
+    if lv.scale_x is not None:
+        scale = torch.tensor([lv.scale_x, lv.scale_y, lv.scale_x, lv.scale_y], dtype=torch.float32)
+        anchors = anchors * scale
+    return anchors
+
+
+def feature_map_size(canvas: tuple[int, int], level: AnchorLevel) -> tuple[int, int]:
+    """Feature map (height, width) of a level on a canvas.
+
+    A chain of stride-2 convolutions with "same" padding rounds up at every step
+    (ResNet stem, max-pool, stages, FPN P6/P7 and torchvision's "pool" level), and
+    nested ceilings of halvings equal one ceiling: ceil(canvas / stride).
+    """
+    if level.feature_size is not None:
+        return level.feature_size
+    return (-(-canvas[0] // level.stride), -(-canvas[1] // level.stride))
+
+
+def _float32(values: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32).reshape(-1, 4)
+
+
+def _torchvision_cells(level: AnchorLevel) -> torch.Tensor:
+    # AnchorGenerator.generate_anchors: float32, ratio-outer, halved, then rounded.
+    scales = torch.tensor(level.sizes, dtype=torch.float32)
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def _detectron2_cells(level: AnchorLevel) -> torch.Tensor:
+    # DefaultAnchorGenerator.generate_cell_anchors: Python floats, size-outer.
+    cells = []
+    for size in level.sizes:
+        area = size**2.0
+        for ratio in level.aspect_ratios:
+            w = math.sqrt(area / ratio)
+            h = ratio * w
+            cells.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return _float32(cells)
+
+
+def _mmdet_cells(level: AnchorLevel, config: AnchorConfig) -> torch.Tensor:
+    # AnchorGenerator.gen_single_level_base_anchors: float32 tensors.
+    base = level.base_size if level.base_size is not None else float(level.stride)
+    w = h = base
+    x_center = config.center_offset * w
+    y_center = config.center_offset * h
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
+    scales = torch.tensor(level.scales, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    if config.scale_major:
+        ws = (w * w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h * h_ratios[:, None] * scales[None, :]).view(-1)
+    else:
+        ws = (w * scales[:, None] * w_ratios[None, :]).view(-1)
+        hs = (h * scales[:, None] * h_ratios[None, :]).view(-1)
+    return torch.stack([x_center - 0.5 * ws, y_center - 0.5 * hs, x_center + 0.5 * ws, y_center + 0.5 * hs], dim=-1)
+
+
+def _keras_cells(level: AnchorLevel) -> torch.Tensor:
+    # keras-retinanet utils/anchors.generate_anchors: float64, ratio-outer, h = w * ratio.
+    cells = []
+    for ratio in level.aspect_ratios:
+        for size in level.sizes:
+            area = size * size
+            w = math.sqrt(area / ratio)
+            h = w * ratio
+            cells.append([-0.5 * w, -0.5 * h, 0.5 * w, 0.5 * h])
+    return _float32(cells)
+
+
+def _yolo_cells(level: AnchorLevel) -> torch.Tensor:
+    return _float32([[-0.5 * w, -0.5 * h, 0.5 * w, 0.5 * h] for w, h in level.shapes])
+
+
+def _ssd_cells(level: AnchorLevel, clip: bool) -> torch.Tensor:
+    # torchvision DefaultBoxGenerator._generate_wh_pairs (Python floats, then float32),
+    # clamped to [0, 1], then (cx, cy, w, h) -> corners as cx -/+ 0.5 * w.
+    s_k, s_next = level.sizes
+    s_prime = math.sqrt(s_k * s_next)
+    pairs = [[s_k, s_k], [s_prime, s_prime]]
+    for ar in level.aspect_ratios:
+        root = math.sqrt(ar)
+        w, h = s_k * root, s_k / root
+        pairs.extend([[w, h], [h, w]])
+    wh = torch.tensor(pairs, dtype=torch.float32)
+    if clip:
+        wh = wh.clamp(min=0, max=1)
+    half = 0.5 * wh
+    return torch.cat([-half, half], dim=1)
+
+
+def _d2l_cells(level: AnchorLevel) -> torch.Tensor:
+    # d2l multibox_prior: float32; sizes with the first ratio, then the first size with
+    # the other ratios; widths scaled by in_height / in_width; halved.
+    fh, fw = level.feature_size
+    sizes = torch.tensor(level.sizes, dtype=torch.float32)
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
+    w = torch.cat((sizes * torch.sqrt(ratios[0]), level.sizes[0] * torch.sqrt(ratios[1:]))) * fh / fw
+    h = torch.cat((sizes / torch.sqrt(ratios[0]), level.sizes[0] / torch.sqrt(ratios[1:])))
+    return torch.stack((-w, -h, w, h)).T / 2
+
+
+def _resolve_level(config: AnchorConfig, level: AnchorLevel, canvas: tuple[int, int]) -> GridLevel:
+    fh, fw = feature_map_size(canvas, level)
+    layout = config.layout
+    if layout == "torchvision":
+        # torchvision derives the stride from the padded canvas and the feature map,
+        # per axis and by integer division (800 // 13 = 61 for P6 at 800 x 1344).
+        return GridLevel(fh, fw, 0.0, canvas[1] // fw, canvas[0] // fh, "mul", _torchvision_cells(level))
+    if layout == "detectron2":
+        s = level.stride
+        return GridLevel(fh, fw, config.offset, s, s, "mul", _detectron2_cells(level))
+    if layout == "mmdet":
+        s = level.stride
+        return GridLevel(fh, fw, 0.0, s, s, "mul", _mmdet_cells(level, config))
+    if layout == "keras":
+        return GridLevel(fh, fw, 0.5, level.stride, level.stride, "mul", _keras_cells(level))
+    if layout == "yolo":
+        return GridLevel(fh, fw, 0.5, level.stride, level.stride, "mul", _yolo_cells(level))
+    if layout == "ssd":
+        # DefaultBoxGenerator: centres (i + 0.5) / (canvas / step) in float32, then the
+        # normalised boxes are scaled by the image size.
+        return GridLevel(
+            fh, fw, 0.5, canvas[1] / level.stride, canvas[0] / level.stride, "div",
+            _ssd_cells(level, config.clip), float(canvas[1]), float(canvas[0]),
+        )  # fmt: skip
+    # d2l multibox_prior: centres (i + 0.5) * (1 / size) in float32, normalised boxes
+    # scaled to canvas pixels.
+    return GridLevel(
+        fh, fw, 0.5, 1.0 / fw, 1.0 / fh, "mul", _d2l_cells(level), float(canvas[1]), float(canvas[0])
+    )
+
+
+def check_canvas(canvas: object) -> tuple[int, int]:
+    """Check a canvas ``(height, width)`` of positive ints."""
+    if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
+        raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
+    out = []
+    for v in canvas:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
+        if v <= 0:
+            raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
+        out.append(v)
+    return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
+    levels = tuple(_resolve_level(config, lv, canvas) for lv in config.levels)
+    return AnchorGrid(levels, shape_major=config.layout == "yolo")
+
+
+def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
+    """The per-level anchor tables of a config on a canvas (cached)."""
+    if not isinstance(config, AnchorConfig):
+        raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
+    return _resolve_cached(config, check_canvas(canvas))
+
+
+@functools.lru_cache(maxsize=16)
+def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
+    return _resolve_cached(config, canvas).materialize()
+
+
+def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
+    """All anchors of a config on a canvas ``(height, width)``.
+
+    Returns:
+        Tensor[A, 4] float32, x1 y1 x2 y2 in canvas pixels, grouped by level, cached
+        per (config, canvas); treat it as read-only.
+    """
+    if not isinstance(config, AnchorConfig):
+        raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
+    return _anchors_cached(config, check_canvas(canvas))

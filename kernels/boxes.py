@@ -1,0 +1,103 @@
+"""Box arithmetic of the reference: IoU, IoF, encode, decode (plain PyTorch).
+
+All boxes are ``(x1, y1, x2, y2)`` float32. The operation order is torchvision's
+(``box_iou``, ``BoxCoder.encode_boxes``), because every rounding step decides which
+anchor wins a tie; the CPU path and the Triton kernels repeat it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import EncodeConfig
+
+__all__ = ["box_area", "box_iou", "box_iof", "encode", "decode"]
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """boxes (Tensor[N, 4]) -> Tensor[N]."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
+    wh = (rb - lt).clamp(min=0)  # [N, M, 2]
+    return wh[..., 0] * wh[..., 1]  # [N, M]
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection over union.
+
+    Args:
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy.
+    Returns:
+        Tensor[N, M]: ``inter / (area1 + area2 - inter)``, and 0 where the union is 0
+        (torchvision would give NaN there).
+    """
+    inter = _intersection(boxes1, boxes2)
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+
+
+def box_iof(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection over the area of ``boxes1`` ("foreground"), mmdet's ``mode='iof'``.
+
+    Args:
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy.
+    Returns:
+        Tensor[N, M], 0 where ``boxes1`` has no area.
+    """
+    inter = _intersection(boxes1, boxes2)
+    area = box_area(boxes1)[:, None].expand_as(inter)
+    return torch.where(area > 0, inter / area, torch.zeros_like(inter))
+
+
+def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> torch.Tensor:
+    """Offsets of matched boxes w.r.t. their anchors.
+
+    Args:
+        boxes (Tensor[N, 4]), anchors (Tensor[N, 4]): float32 xyxy, row i with row i.
+    Returns:
+        Tensor[N, 4] float32 ``(dx, dy, dw, dh)``; see ``EncodeConfig``.
+    """
+    wx, wy, ww, wh = config.weights
+    aw = anchors[:, 2] - anchors[:, 0]
+    ah = anchors[:, 3] - anchors[:, 1]
+    acx = anchors[:, 0] + 0.5 * aw
+    acy = anchors[:, 1] + 0.5 * ah
+    gw = boxes[:, 2] - boxes[:, 0]
+    gh = boxes[:, 3] - boxes[:, 1]
+    gcx = boxes[:, 0] + 0.5 * gw
+    gcy = boxes[:, 1] + 0.5 * gh
+    deltas = torch.stack(
+        [wx * (gcx - acx) / aw, wy * (gcy - acy) / ah, ww * torch.log(gw / aw), wh * torch.log(gh / ah)], dim=1
+    )
+    means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
+    stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
+    return (deltas - means) / stds
+
+
+def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> torch.Tensor:
+    """The inverse of ``encode``: ``decode(encode(b, a), a) == b`` up to rounding.
+
+    Args:
+        deltas (Tensor[N, 4]), anchors (Tensor[N, 4]) float32.
+    Returns:
+        Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``.
+    """
+    means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
+    stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
+    d = deltas * stds + means
+    wx, wy, ww, wh = config.weights
+    aw = anchors[:, 2] - anchors[:, 0]
+    ah = anchors[:, 3] - anchors[:, 1]
+    acx = anchors[:, 0] + 0.5 * aw
+    acy = anchors[:, 1] + 0.5 * ah
+    dw = (d[:, 2] / ww).clamp(max=config.scale_clamp)
+    dh = (d[:, 3] / wh).clamp(max=config.scale_clamp)
+    cx = d[:, 0] / wx * aw + acx
+    cy = d[:, 1] / wy * ah + acy
+    w = torch.exp(dw) * aw
+    h = torch.exp(dh) * ah
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)

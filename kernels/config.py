@@ -1,0 +1,385 @@
+"""Configuration of a target assignment: anchors, matching and encoding.
+
+Every config is a frozen dataclass, validated on construction (a bad field raises
+``ValueError``/``TypeError`` naming the field), hashable (so anchors can be cached
+per config and canvas) and serialisable to and from a plain ``dict`` (the service
+sends configs as JSON-like structures).
+
+Conventions shared by every layout:
+
+* aspect ratio is height / width (torchvision, detectron2, mmdet and keras all use h/w);
+* strides and sizes are in pixels of the padded batch canvas;
+* anchors are ``(x1, y1, x2, y2)`` float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ANCHOR_LAYOUTS",
+    "LOW_QUALITY_MODES",
+    "BORDER_ORDERS",
+    "AnchorLevel",
+    "AnchorConfig",
+    "MatchConfig",
+    "EncodeConfig",
+    "TargetConfig",
+]
+
+# How each peer lays out and computes its anchors; see tritarget.kernels.anchors.
+ANCHOR_LAYOUTS = ("torchvision", "detectron2", "mmdet", "ssd", "d2l", "yolo", "keras")
+
+# Low-quality matching rules; see tritarget.kernels.reference.match_image.
+LOW_QUALITY_MODES = ("none", "torchvision", "detectron2", "mmdet", "ssd_forced")
+
+# When anchors crossing the image border are taken out: before matching (mmdet, they
+# do not count for a box's best anchor) or after it (detectron2 RPN).
+BORDER_ORDERS = ("pre_match", "post_match")
+
+# detectron2's reasoning: a box may not grow more than 1000/16 times its anchor in one
+# decode step, which keeps exp() finite for wild network outputs.
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def _fail(owner: str, name: str, message: str) -> ValueError:
+    return ValueError(f"{owner}.{name}: {message}")
+
+
+def _as_float_tuple(owner: str, name: str, values: Any) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{owner}.{name}: expected a sequence of numbers, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{owner}.{name}: expected numbers, got {v!r}")
+        if not math.isfinite(v):
+            raise _fail(owner, name, f"values must be finite, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _check_number(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}.{name}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise _fail(owner, name, f"must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_int(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name}: expected an integer, got {value!r}")
+    return value
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(owner, name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class AnchorLevel:
+    """One pyramid level: its stride and the anchor shapes placed at every cell.
+
+    Which fields a level uses depends on the layout (``AnchorConfig.layout``):
+
+    * torchvision, detectron2, keras: ``sizes`` (side of the ratio-1 anchor, pixels)
+      and ``aspect_ratios``;
+    * mmdet: ``scales`` (multiples of ``base_size``, which defaults to the stride)
+      and ``aspect_ratios``;
+    * ssd: ``sizes = (s_k, s_k+1)`` as fractions of the canvas and the extra
+      ``aspect_ratios`` (e.g. ``(2, 3)``, each giving a w/h and an h/w box);
+    * d2l: ``sizes`` as fractions of the canvas and ``aspect_ratios`` (n + m - 1
+      shapes per cell);
+    * yolo: ``shapes``, explicit ``(w, h)`` pairs in pixels.
+
+    ``feature_size`` fixes the feature map ``(height, width)``; when ``None`` it is
+    ``ceil(canvas / stride)``, which is what a ResNet/FPN backbone of stride-2
+    convolutions with "same" padding produces.
+    """
+
+    stride: int
+    sizes: tuple[float, ...] = ()
+    aspect_ratios: tuple[float, ...] = ()
+    scales: tuple[float, ...] = ()
+    shapes: tuple[tuple[float, float], ...] = ()
+    base_size: float | None = None
+    feature_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        owner = "AnchorLevel"
+        stride = _check_int(owner, "stride", self.stride)
+        if stride <= 0:
+            raise _fail(owner, "stride", f"must be positive, got {stride}")
+        for name in ("sizes", "aspect_ratios", "scales"):
+            values = _as_float_tuple(owner, name, getattr(self, name))
+            if any(v <= 0 for v in values):
+                raise _fail(owner, name, f"values must be positive, got {values}")
+            object.__setattr__(self, name, values)
+        shapes = []
+        for pair in self.shapes:
+            wh = _as_float_tuple(owner, "shapes", pair)
+            if len(wh) != 2 or wh[0] <= 0 or wh[1] <= 0:
+                raise _fail(owner, "shapes", f"each shape is a positive (w, h) pair, got {pair!r}")
+            shapes.append(wh)
+        object.__setattr__(self, "shapes", tuple(shapes))
+        if self.base_size is not None:
+            base = _check_number(owner, "base_size", self.base_size)
+            if base <= 0:
+                raise _fail(owner, "base_size", f"must be positive, got {base}")
+            object.__setattr__(self, "base_size", base)
+        if self.feature_size is not None:
+            fs = tuple(self.feature_size)
+            if len(fs) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in fs):
+                raise _fail(owner, "feature_size", f"must be two positive ints (h, w), got {self.feature_size!r}")
+            object.__setattr__(self, "feature_size", fs)
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Anchors of a detector: a layout convention and its pyramid levels.
+
+    ``offset`` is detectron2's cell-centre offset (0.0 or 0.5, fraction of the
+    stride); ``center_offset`` is mmdet's (fraction of the base size);
+    ``scale_major`` is mmdet's shape order flag (True: ratio-outer, scale-inner);
+    ``clip`` is torchvision SSD's clamp of (w, h) to [0, 1].
+    """
+
+    layout: str
+    levels: tuple[AnchorLevel, ...]
+    offset: float = 0.0
+    center_offset: float = 0.0
+    scale_major: bool = True
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "AnchorConfig"
+        _check_choice(owner, "layout", self.layout, ANCHOR_LAYOUTS)
+        levels = tuple(lv if isinstance(lv, AnchorLevel) else AnchorLevel(**lv) for lv in self.levels)
+        if not levels:
+            raise _fail(owner, "levels", "at least one level is required")
+        object.__setattr__(self, "levels", levels)
+        for name in ("offset", "center_offset"):
+            value = _check_number(owner, name, getattr(self, name))
+            if not 0.0 <= value < 1.0:
+                raise _fail(owner, name, f"must be in [0, 1), got {value}")
+            object.__setattr__(self, name, value)
+        for i, level in enumerate(levels):
+            self._check_level(i, level)
+
+    def _check_level(self, i: int, level: AnchorLevel) -> None:
+        where = f"AnchorConfig.levels[{i}]"
+        needs = {
+            "torchvision": ("sizes", "aspect_ratios"),
+            "detectron2": ("sizes", "aspect_ratios"),
+            "keras": ("sizes", "aspect_ratios"),
+            "mmdet": ("scales", "aspect_ratios"),
+            "d2l": ("sizes", "aspect_ratios"),
+            "ssd": ("sizes",),
+            "yolo": ("shapes",),
+        }[self.layout]
+        for name in needs:
+            if not getattr(level, name):
+                raise ValueError(f"{where}.{name}: the {self.layout} layout needs it")
+        if self.layout == "ssd" and len(level.sizes) != 2:
+            raise ValueError(f"{where}.sizes: the ssd layout takes (s_k, s_k+1), got {level.sizes}")
+        if self.layout in ("ssd", "d2l") and level.feature_size is None:
+            raise ValueError(f"{where}.feature_size: the {self.layout} layout needs a fixed feature map size")
+
+    @property
+    def anchors_per_cell(self) -> tuple[int, ...]:
+        """Number of anchor shapes at each cell, per level."""
+        out = []
+        for lv in self.levels:
+            if self.layout in ("torchvision", "detectron2", "keras"):
+                out.append(len(lv.sizes) * len(lv.aspect_ratios))
+            elif self.layout == "mmdet":
+                out.append(len(lv.scales) * len(lv.aspect_ratios))
+            elif self.layout == "ssd":
+                out.append(2 + 2 * len(lv.aspect_ratios))
+            elif self.layout == "d2l":
+                out.append(len(lv.sizes) + len(lv.aspect_ratios) - 1)
+            else:
+                out.append(len(lv.shapes))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Max-IoU matching of anchors to ground-truth boxes.
+
+    * ``iou >= high`` positive (``> high`` with ``strict_high``, DALI/MLPerf SSD),
+      ``iou < low`` negative, in between ignored (torchvision/detectron2 ``[low, high)``).
+    * ``low_quality``: ``none`` | ``torchvision`` | ``detectron2`` | ``mmdet`` |
+      ``ssd_forced`` (see ``tritarget.kernels.reference``). A box takes part only
+      when its best IoU is ``>= min_pos_iou``.
+    * ``ignore_iof_thr``: anchors whose IoF with an ignore (crowd) box exceeds it are
+      ignored and left out of matching (mmdet); ``< 0`` turns it off.
+      ``ignore_iof_wrt_anchor``: IoF is intersection / anchor area (mmdet's
+      ``ignore_wrt_candidates=True``), else intersection / ignore-box area.
+    * ``allowed_border``: anchors reaching further than this many pixels outside the
+      image's valid size are ignored; ``-1`` turns it off. ``border_order`` says
+      whether they are taken out before matching or after it.
+    * ``sample_size``/``positive_fraction``: balanced sampling (0 = off) as
+      torchvision/detectron2 RPN; anchors not drawn become ignored.
+    """
+
+    high: float = 0.5
+    low: float = 0.4
+    strict_high: bool = False
+    low_quality: str = "torchvision"
+    min_pos_iou: float = 0.0
+    ignore_iof_thr: float = -1.0
+    ignore_iof_wrt_anchor: bool = True
+    allowed_border: float = -1.0
+    border_order: str = "pre_match"
+    sample_size: int = 0
+    positive_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        owner = "MatchConfig"
+        for name in ("high", "low", "min_pos_iou", "ignore_iof_thr", "allowed_border", "positive_fraction"):
+            object.__setattr__(self, name, _check_number(owner, name, getattr(self, name)))
+        for name in ("strict_high", "ignore_iof_wrt_anchor"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}.{name}: expected a bool, got {getattr(self, name)!r}")
+        if not 0.0 <= self.high <= 1.0:
+            raise _fail(owner, "high", f"must be in [0, 1], got {self.high}")
+        if not 0.0 <= self.low <= self.high:
+            raise _fail(owner, "low", f"must be in [0, high={self.high}], got {self.low}")
+        _check_choice(owner, "low_quality", self.low_quality, LOW_QUALITY_MODES)
+        _check_choice(owner, "border_order", self.border_order, BORDER_ORDERS)
+        if self.allowed_border < 0 and self.allowed_border != -1:
+            raise _fail(owner, "allowed_border", f"must be >= 0, or -1 for off; got {self.allowed_border}")
+        if _check_int(owner, "sample_size", self.sample_size) < 0:
+            raise _fail(owner, "sample_size", f"must be >= 0 (0 = no sampling), got {self.sample_size}")
+        if not 0.0 <= self.positive_fraction <= 1.0:
+            raise _fail(owner, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
+
+    @property
+    def uses_box_maxima(self) -> bool:
+        """Whether matching needs each box's best IoU over all anchors (a first pass)."""
+        return self.low_quality != "none"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Box-offset encoding ``(dx, dy, dw, dh)`` of a box w.r.t. its anchor.
+
+    ``dx = wx * (gcx - acx) / aw``, ``dw = ww * log(gw / aw)`` (torchvision/detectron2
+    weights), then ``(d - means) / stds`` (mmdet). Decoding clamps dw/dh to
+    ``scale_clamp`` before ``exp``.
+    """
+
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    scale_clamp: float = DEFAULT_SCALE_CLAMP
+
+    def __post_init__(self) -> None:
+        owner = "EncodeConfig"
+        for name in ("weights", "means", "stds"):
+            values = _as_float_tuple(owner, name, getattr(self, name))
+            if len(values) != 4:
+                raise _fail(owner, name, f"needs 4 values (x, y, w, h), got {len(values)}")
+            if name != "means" and any(v <= 0 for v in values):
+                raise _fail(owner, name, f"values must be positive, got {values}")
+            object.__setattr__(self, name, values)
+        clamp = _check_number(owner, "scale_clamp", self.scale_clamp)
+        if clamp <= 0:
+            raise _fail(owner, "scale_clamp", f"must be positive, got {clamp}")
+        object.__setattr__(self, "scale_clamp", clamp)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Everything that decides the targets: anchors, matching, encoding.
+
+    ``background_class`` is written to ``Targets.classes`` for every anchor that is
+    not positive (torchvision's two-stage heads use 0; mmdet/detectron2 use the
+    number of classes: set it accordingly).
+    """
+
+    anchors: AnchorConfig
+    match: MatchConfig = field(default_factory=MatchConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    background_class: int = 0
+
+    def __post_init__(self) -> None:
+        for name, cls in (("anchors", AnchorConfig), ("match", MatchConfig), ("encode", EncodeConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = _from_dict(cls, value, f"TargetConfig.{name}")
+                object.__setattr__(self, name, value)
+            if not isinstance(value, cls):
+                raise TypeError(f"TargetConfig.{name}: expected {cls.__name__}, got {type(value).__name__}")
+        _check_int("TargetConfig", "background_class", self.background_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-compatible dict; ``TargetConfig.from_dict`` reverses it."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetConfig:
+        return _from_dict(cls, data, "TargetConfig")
+
+    def replace(self, **overrides: Any) -> TargetConfig:
+        """A copy with top-level fields or dotted sub-fields replaced.
+
+        ``cfg.replace(**{"match.high": 0.6, "background_class": 80})``
+        """
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.rpartition(".")
+            target = data
+            if section:
+                if section not in ("anchors", "match", "encode"):
+                    raise ValueError(f"unknown config section {section!r} in override {key!r}")
+                target = data[section]
+            if name not in target:
+                raise ValueError(f"unknown config field {key!r}")
+            target[name] = _to_plain(value)
+        return TargetConfig.from_dict(data)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a dict, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    kwargs = dict(data)
+    if cls is AnchorConfig and "levels" in kwargs:
+        kwargs["levels"] = tuple(
+            _from_dict(AnchorLevel, lv, f"{where}.levels[{i}]") for i, lv in enumerate(kwargs["levels"])
+        )
+    if cls is AnchorLevel:
+        for name in ("sizes", "aspect_ratios", "scales"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        if "shapes" in kwargs:
+            kwargs["shapes"] = tuple(tuple(s) for s in kwargs["shapes"])
+        if kwargs.get("feature_size") is not None:
+            kwargs["feature_size"] = tuple(kwargs["feature_size"])
+    if cls is EncodeConfig:
+        for name in ("weights", "means", "stds"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+    if cls is TargetConfig and "anchors" not in kwargs:
+        raise ValueError(f"{where}.anchors: required")
+    return cls(**kwargs)

@@ -1,0 +1,151 @@
+"""The result of an assignment, dense (per anchor) and sparse (positives + ignored).
+
+Dense ``Targets`` hold one row per (image, anchor). ``SparseTargets`` keep only what
+is not negative: positive anchors with their matched box, deltas and class, and
+ignored anchors; every other anchor is negative. For a RetinaNet batch this is
+~100x smaller, which is what the service sends by default.
+
+``Targets.from_sparse(t.to_sparse())`` gives ``t`` back exactly, except two things a
+sparse form cannot hold: ``max_iou`` (diagnostic, dense only) and, in the
+``detectron2`` low-quality mode, the argmax box of non-positive anchors (it comes
+back as -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["POSITIVE", "NEGATIVE", "IGNORED", "Targets", "SparseTargets"]
+
+POSITIVE = 1
+NEGATIVE = 0
+IGNORED = -1
+
+
+@dataclass
+class SparseTargets:
+    """Per-image CSR lists of positive and ignored anchors.
+
+    positive_offsets (Tensor[B + 1] int64): image i's positives are rows
+        ``positive_offsets[i]:positive_offsets[i + 1]`` of the positive_* tensors.
+    positive_anchors (Tensor[P] int32): anchor index of each positive, ascending per image.
+    positive_matched_gt (Tensor[P] int32): matched box within the image.
+    positive_deltas (Tensor[P, 4] float32 or float16).
+    positive_classes (Tensor[P] int32 or None).
+    ignored_offsets (Tensor[B + 1] int64), ignored_anchors (Tensor[I] int32): likewise.
+    """
+
+    num_anchors: int
+    positive_offsets: torch.Tensor
+    positive_anchors: torch.Tensor
+    positive_matched_gt: torch.Tensor
+    positive_deltas: torch.Tensor
+    ignored_offsets: torch.Tensor
+    ignored_anchors: torch.Tensor
+    positive_classes: torch.Tensor | None = None
+    background_class: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.positive_offsets.numel() - 1
+
+
+@dataclass
+class Targets:
+    """Dense targets of a batch of B images over A anchors.
+
+    labels (Tensor[B, A] int8): 1 positive, 0 negative, -1 ignored.
+    matched_gt (Tensor[B, A] int32): index of the matched box within its image (as
+        given, before any dropping), -1 where none.
+    deltas (Tensor[B, A, 4] float32): (dx, dy, dw, dh), zeros where not positive.
+    classes (Tensor[B, A] int32 or None): class of the matched box for positives,
+        ``background_class`` elsewhere; present when classes were given.
+    max_iou (Tensor[B, A] float32 or None): each anchor's best IoU with its image's
+        boxes (0 for an image without boxes), when asked for.
+    dropped (list of B Tensor[D_i] int64): indices of invalid boxes dropped from
+        each image (``drop_invalid=True``); empty otherwise.
+    """
+
+    labels: torch.Tensor
+    matched_gt: torch.Tensor
+    deltas: torch.Tensor
+    classes: torch.Tensor | None = None
+    max_iou: torch.Tensor | None = None
+    dropped: list[torch.Tensor] = field(default_factory=list)
+    background_class: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_anchors(self) -> int:
+        return self.labels.shape[1]
+
+    def to(self, device: torch.device | str) -> Targets:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Targets(
+            move(self.labels), move(self.matched_gt), move(self.deltas), move(self.classes),
+            move(self.max_iou), list(self.dropped), self.background_class,
+        )  # fmt: skip
+
+    def summary(self) -> list[dict[str, int]]:
+        """Counts of positive / negative / ignored anchors per image."""
+        return [
+            {
+                "positive": int((row == POSITIVE).sum()),
+                "negative": int((row == NEGATIVE).sum()),
+                "ignored": int((row == IGNORED).sum()),
+            }
+            for row in self.labels
+        ]
+
+    def to_sparse(self) -> SparseTargets:
+        """The sparse form (see the module docstring for what it cannot carry)."""
+        pos_image, pos_anchor = torch.nonzero(self.labels == POSITIVE, as_tuple=True)
+        ign_image, ign_anchor = torch.nonzero(self.labels == IGNORED, as_tuple=True)
+        return SparseTargets(
+            num_anchors=self.num_anchors,
+            positive_offsets=_offsets(pos_image, self.batch_size),
+            positive_anchors=pos_anchor.to(torch.int32),
+            positive_matched_gt=self.matched_gt[pos_image, pos_anchor],
+            positive_deltas=self.deltas[pos_image, pos_anchor],
+            ignored_offsets=_offsets(ign_image, self.batch_size),
+            ignored_anchors=ign_anchor.to(torch.int32),
+            positive_classes=None if self.classes is None else self.classes[pos_image, pos_anchor],
+            background_class=self.background_class,
+        )
+
+    @classmethod
+    def from_sparse(cls, sparse: SparseTargets) -> Targets:
+        """Densify: everything not listed is negative with matched_gt -1 and zero deltas."""
+        batch, count = sparse.batch_size, sparse.num_anchors
+        device = sparse.positive_anchors.device
+        pos_image = _rows(sparse.positive_offsets)
+        ign_image = _rows(sparse.ignored_offsets)
+        pos_anchor = sparse.positive_anchors.long()
+        labels = torch.zeros(batch, count, dtype=torch.int8, device=device)
+        labels[ign_image, sparse.ignored_anchors.long()] = IGNORED
+        labels[pos_image, pos_anchor] = POSITIVE
+        matched = torch.full((batch, count), -1, dtype=torch.int32, device=device)
+        matched[pos_image, pos_anchor] = sparse.positive_matched_gt.to(torch.int32)
+        deltas = torch.zeros(batch, count, 4, dtype=torch.float32, device=device)
+        deltas[pos_image, pos_anchor] = sparse.positive_deltas.to(torch.float32)
+        classes = None
+        if sparse.positive_classes is not None:
+            classes = torch.full((batch, count), sparse.background_class, dtype=torch.int32, device=device)
+            classes[pos_image, pos_anchor] = sparse.positive_classes.to(torch.int32)
+        return cls(labels, matched, deltas, classes, background_class=sparse.background_class)
+
+
+def _offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:
+    counts = torch.bincount(image_of_row, minlength=batch)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _rows(offsets: torch.Tensor) -> torch.Tensor:
+    """Image index of every row of a CSR list."""
+    counts = offsets.diff()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)

@@ -1,0 +1,1 @@
+"""tritarget.protos."""
