@@ -226,9 +226,7 @@ def _resolve_level(config: AnchorConfig, level: AnchorLevel, canvas: tuple[int, 
         )  # fmt: skip
     # d2l multibox_prior: centres (i + 0.5) * (1 / size) in float32, normalised boxes
     # scaled to canvas pixels.
-    return GridLevel(
-        fh, fw, 0.5, 1.0 / fw, 1.0 / fh, "mul", _d2l_cells(level), float(canvas[1]), float(canvas[0])
-    )
+    return GridLevel(fh, fw, 0.5, 1.0 / fw, 1.0 / fh, "mul", _d2l_cells(level), float(canvas[1]), float(canvas[0]))
 
 
 def check_canvas(canvas: object) -> tuple[int, int]:

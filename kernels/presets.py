@@ -61,7 +61,7 @@ def retinanet_torchvision() -> TargetConfig:
 
 @_preset
 def fasterrcnn_rpn_torchvision() -> TargetConfig:
-    """torchvision Faster R-CNN RPN (models/detection/faster_rcnn.py: _default_anchorgen,
+    """torchvision 0.15+ Faster R-CNN RPN (models/detection/faster_rcnn.py: _default_anchorgen,
     rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3, allow_low_quality_matches=True,
     rpn_batch_size_per_image=256, rpn_positive_fraction=0.5, BoxCoder((1, 1, 1, 1))).
     """
@@ -75,7 +75,7 @@ def fasterrcnn_rpn_torchvision() -> TargetConfig:
 
 @_preset
 def ssd300_torchvision() -> TargetConfig:
-    """torchvision SSD300-VGG16 (models/detection/ssd.py: ssd300_vgg16's
+    """torchvision 0.15+ SSD300-VGG16 (models/detection/ssd.py: ssd300_vgg16's
     DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]], scales=[0.07, 0.15, 0.33,
     0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300]), feature maps 38, 19, 10, 5, 3, 1,
     SSDMatcher(0.5), BoxCoder((10, 10, 5, 5))). Canvas 300 x 300.
@@ -98,7 +98,7 @@ def ssd300_torchvision() -> TargetConfig:
 
 @_preset
 def retinanet_detectron2() -> TargetConfig:
-    """detectron2 RetinaNet (configs/Base-RetinaNet.yaml, modeling/anchor_generator.py
+    """detectron2 v0.6 RetinaNet (configs/Base-RetinaNet.yaml, modeling/anchor_generator.py
     DefaultAnchorGenerator with OFFSET 0.0, modeling/matcher.py Matcher([0.4, 0.5],
     [0, -1, 1], allow_low_quality_matches=True), BBOX_REG_WEIGHTS (1, 1, 1, 1)).
     """
@@ -112,7 +112,7 @@ def retinanet_detectron2() -> TargetConfig:
 
 @_preset
 def rpn_detectron2() -> TargetConfig:
-    """detectron2 RPN (config/defaults.py + Base-RCNN-FPN.yaml: sizes [[32], [64], [128],
+    """detectron2 v0.6 RPN (config/defaults.py + Base-RCNN-FPN.yaml: sizes [[32], [64], [128],
     [256], [512]], ratios [0.5, 1, 2], IOU_THRESHOLDS [0.3, 0.7], BATCH_SIZE_PER_IMAGE 256,
     POSITIVE_FRACTION 0.5, BOUNDARY_THRESH -1; modeling/proposal_generator/rpn.py).
     """
@@ -127,7 +127,7 @@ def rpn_detectron2() -> TargetConfig:
 
 @_preset
 def retinanet_mmdet() -> TargetConfig:
-    """mmdetection 2.x/3.x RetinaNet (configs/_base_/models/retinanet_r50_fpn.py:
+    """mmdetection v2.x / v3.x RetinaNet (configs/_base_/models/retinanet_r50_fpn.py:
     AnchorGenerator(octave_base_scale=4, scales_per_octave=3, ratios=[0.5, 1.0, 2.0],
     strides=[8, 16, 32, 64, 128]), MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4,
     min_pos_iou=0, ignore_iof_thr=-1), DeltaXYWHBBoxCoder(means 0, stds 1)).
@@ -142,7 +142,7 @@ def retinanet_mmdet() -> TargetConfig:
 
 @_preset
 def rpn_mmdet() -> TargetConfig:
-    """mmdetection Faster R-CNN RPN (configs/_base_/models/faster_rcnn_r50_fpn.py:
+    """mmdetection v2.x / v3.x Faster R-CNN RPN (configs/_base_/models/faster_rcnn_r50_fpn.py:
     AnchorGenerator(scales=[8], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64]),
     MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True),
     RandomSampler(num=256, pos_fraction=0.5), allowed_border=-1).
@@ -157,7 +157,7 @@ def rpn_mmdet() -> TargetConfig:
 
 @_preset
 def d2l_multibox() -> TargetConfig:
-    """Dive into Deep Learning's TinySSD (chapter "Single Shot Multibox Detection":
+    """Dive into Deep Learning v1.0 TinySSD (chapter "Single Shot Multibox Detection":
     multibox_prior with sizes [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79],
     [0.88, 0.961]] and ratios [1, 2, 0.5] on 32, 16, 8, 4, 1 feature maps of a 256 x 256
     input; multibox_target with iou_threshold 0.5 and offsets weighted (10, 10, 5, 5)).
@@ -180,7 +180,7 @@ def d2l_multibox() -> TargetConfig:
 
 @_preset
 def yolov5() -> TargetConfig:
-    """YOLOv5 anchors (models/yolov5s.yaml: P3/8 (10,13, 16,30, 33,23), P4/16 (30,61,
+    """YOLOv5 v7.0 anchors (models/yolov5s.yaml: P3/8 (10,13, 16,30, 33,23), P4/16 (30,61,
     62,45, 59,119), P5/32 (116,90, 156,198, 373,326)), centred in each cell, in YOLOv5's
     anchor-major order, with max-IoU matching (0.5 / 0.4, torchvision low-quality rule).
     YOLOv5's own width/height-ratio assigner is not a max-IoU rule and is not reproduced.

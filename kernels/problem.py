@@ -169,7 +169,9 @@ def _image_sizes(value: object, batch: int, canvas: tuple[int, int], device: tor
     sizes = sizes.to(device="cpu", dtype=torch.int64)
     for i, (h, w) in enumerate(sizes.tolist()):
         if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
-            raise ValueError(f"image_sizes[{i}]: ({h}, {w}) must be positive and fit the {canvas[0]}x{canvas[1]} canvas")
+            raise ValueError(
+                f"image_sizes[{i}]: ({h}, {w}) must be positive and fit the {canvas[0]}x{canvas[1]} canvas"
+            )
     return sizes.to(device)
 
 
@@ -254,4 +256,3 @@ def _kept_rows(total: int, counts: torch.Tensor, kept: Kept) -> torch.Tensor:
     for image, rows in enumerate(kept.dropped):
         bad[offsets[image] + rows] = True
     return torch.nonzero(~bad).flatten()
-

@@ -62,9 +62,7 @@ def outside_border(anchors: torch.Tensor, image_size: tuple[int, int], config: M
         return torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
     b = config.allowed_border
     height, width = image_size
-    inside = (
-        (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < width + b) & (anchors[:, 3] < height + b)
-    )
+    inside = (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < width + b) & (anchors[:, 3] < height + b)
     return ~inside
 
 

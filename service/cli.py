@@ -14,11 +14,11 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
     from tritarget.kernels import assign, generate_anchors, presets
     from tritarget.kernels.api import resolve_backend
     from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
-
-    import torch
 
     config = presets.get(args.preset)
     canvas = tuple(args.canvas) if args.canvas else COCO_CANVAS

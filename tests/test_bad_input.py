@@ -1,0 +1,101 @@
+"""Every bad input gets a ValueError/TypeError naming what is wrong; drop_invalid drops and reports."""
+
+import pytest
+import torch
+
+from tritarget.kernels import assign, presets
+
+CANVAS = (64, 96)
+CONFIG = presets.get("retinanet_torchvision")
+
+
+def _assign(boxes, counts, **kwargs):
+    kwargs.setdefault("backend", "reference")
+    return assign(boxes, counts, CANVAS, CONFIG, **kwargs)
+
+
+GOOD = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 20.0, 60.0, 60.0], [0.0, 0.0, 20.0, 20.0]])
+
+
+@pytest.mark.parametrize(
+    ("bad_box", "reason"),
+    [
+        ([10.0, 10.0, 10.0, 30.0], r"x2 <= x1"),
+        ([10.0, 30.0, 20.0, 20.0], r"y2 <= y1"),
+        ([float("nan"), 10.0, 20.0, 20.0], "not finite"),
+        ([10.0, 10.0, float("inf"), 20.0], "not finite"),
+        ([100.0, 10.0, 120.0, 20.0], "wholly outside the 64x96 canvas"),
+        ([-30.0, 10.0, 0.0, 20.0], "wholly outside"),
+    ],
+)
+def test_invalid_box_is_named_by_image_and_box(bad_box, reason):
+    boxes = torch.cat([GOOD, torch.tensor([bad_box])])
+    with pytest.raises(ValueError, match=rf"gt_boxes: image 1, box 1: .*{reason}"):
+        _assign(boxes, [2, 2])
+
+
+def test_drop_invalid_reports_and_keeps_original_indices():
+    bad = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    boxes = torch.cat([GOOD[:1], bad, GOOD[1:]])  # image 0: good, bad, good; image 1: good
+    dropped = _assign(boxes, [3, 1], drop_invalid=True)
+    assert [d.tolist() for d in dropped.dropped] == [[1], []]
+    clean = _assign(torch.cat([GOOD[:1], GOOD[1:]]), [2, 1])
+    # matched_gt refers to the boxes as given: the second kept box of image 0 was box 2.
+    expected = clean.matched_gt.clone()
+    expected[0][expected[0] == 1] = 2
+    assert torch.equal(dropped.labels, clean.labels)
+    assert torch.equal(dropped.matched_gt, expected)
+    assert torch.equal(dropped.deltas, clean.deltas)
+
+
+def test_drop_invalid_can_empty_an_image():
+    boxes = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    targets = _assign(boxes, [1], drop_invalid=True)
+    assert targets.dropped[0].tolist() == [0]
+    assert (targets.labels == 0).all() and (targets.matched_gt == -1).all()
+
+
+def test_zero_box_images_are_normal():
+    targets = _assign(torch.zeros(0, 4), [0, 0])
+    assert targets.labels.shape == (2, targets.num_anchors)
+    assert (targets.labels == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: _assign(GOOD, [2, 2]), ValueError, "gt_counts: counts sum to 4, but gt_boxes has 3 rows"),
+        (lambda: _assign(GOOD, [4, -1]), ValueError, r"gt_counts\[1\]: negative count"),
+        (lambda: _assign(GOOD, []), ValueError, "gt_counts: the batch is empty"),
+        (lambda: _assign(torch.zeros(0, 4), []), ValueError, "batch is empty"),
+        (lambda: _assign(GOOD, torch.tensor([1.0, 2.0])), TypeError, "gt_counts: expected an integer tensor"),
+        (lambda: _assign(GOOD, [[3]]), TypeError, "gt_counts: expected integers"),
+        (lambda: _assign(GOOD.long(), [3]), TypeError, "gt_boxes: expected a floating-point tensor"),
+        (lambda: _assign(GOOD[:, :3], [3]), ValueError, r"gt_boxes: expected shape \[N, 4\]"),
+        (lambda: _assign(GOOD.tolist(), [3]), TypeError, "gt_boxes: expected a torch.Tensor"),
+        (lambda: _assign(GOOD, [3], gt_classes=torch.zeros(2, dtype=torch.int64)), ValueError, "gt_classes"),
+        (lambda: _assign(GOOD, [3], gt_classes=torch.zeros(3)), TypeError, "gt_classes: expected an integer"),
+        (lambda: _assign(GOOD, [3], ignore_boxes=GOOD), ValueError, "ignore_boxes and ignore_counts"),
+        (lambda: _assign(GOOD, [3], ignore_boxes=GOOD, ignore_counts=[1, 2]), ValueError, "ignore_counts: has 2"),
+        (lambda: _assign(GOOD, [3], image_sizes=[[64, 200]]), ValueError, r"image_sizes\[0\]"),
+        (lambda: _assign(GOOD, [3], image_sizes=[[64, 96], [1, 1]]), ValueError, r"image_sizes: expected shape"),
+        (lambda: _assign(GOOD, [3], backend="gpu"), ValueError, "backend: must be one of"),
+        (lambda: _assign(GOOD, [3], anchors=torch.zeros(5, 3)), ValueError, r"anchors: expected shape"),
+        (lambda: _assign(GOOD, [3], seed=[1, 2]), ValueError, "seed"),
+        (lambda: assign(GOOD, [3], (64, 0), CONFIG, backend="reference"), ValueError, "canvas"),
+        (lambda: assign(GOOD, [3], (64.0, 96), CONFIG, backend="reference"), TypeError, "canvas"),
+        (lambda: assign(GOOD, [3], CANVAS, "retinanet", backend="reference"), TypeError, "config"),
+    ],
+)
+def test_bad_argument_is_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_invalid_ignore_box_is_named():
+    with pytest.raises(ValueError, match=r"ignore_boxes: image 0, box 0: degenerate"):
+        _assign(GOOD, [3], ignore_boxes=torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ignore_counts=[1])
+
+
+def test_float64_boxes_are_accepted_as_float32():
+    assert torch.equal(_assign(GOOD.double(), [3]).labels, _assign(GOOD, [3]).labels)

@@ -1,0 +1,100 @@
+"""Configs: validation names the bad field; dict round trips; presets are complete."""
+
+import json
+import re
+
+import pytest
+
+from tritarget.kernels import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig, presets
+
+EXPECTED_PRESETS = {
+    "retinanet_torchvision",
+    "fasterrcnn_rpn_torchvision",
+    "ssd300_torchvision",
+    "retinanet_detectron2",
+    "rpn_detectron2",
+    "retinanet_mmdet",
+    "rpn_mmdet",
+    "d2l_multibox",
+    "yolov5",
+}
+
+
+def test_preset_names_are_the_documented_api():
+    assert set(presets.names()) == EXPECTED_PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_preset_round_trips_through_json(name):
+    config = presets.get(name)
+    text = json.dumps(config.to_dict())
+    assert TargetConfig.from_dict(json.loads(text)) == config
+    assert hash(TargetConfig.from_dict(json.loads(text))) == hash(config)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_preset_names_its_source(name):
+    text = presets.describe(name)
+    assert any(peer in text for peer in ("torchvision", "detectron2", "mmdetection", "Deep Learning", "YOLOv5"))
+    assert any(source in text for source in (".py", ".yaml", "chapter"))
+    assert re.search(r"\bv?\d+\.(\d+|x)", text), "names the version it mirrors"
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(KeyError, match="retinanet_torchvision"):
+        presets.get("retinanet")
+
+
+def test_replace_overrides_dotted_fields():
+    config = presets.get("retinanet_torchvision").replace(**{"match.high": 0.6, "background_class": 80})
+    assert config.match.high == 0.6 and config.background_class == 80
+    with pytest.raises(ValueError, match="match.hgh"):
+        config.replace(**{"match.hgh": 0.6})
+    with pytest.raises(ValueError, match="MatchConfig.low"):
+        config.replace(**{"match.low": 0.9})
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "field"),
+    [
+        (lambda: MatchConfig(high=1.5), ValueError, "MatchConfig.high"),
+        (lambda: MatchConfig(high=0.5, low=0.6), ValueError, "MatchConfig.low"),
+        (lambda: MatchConfig(low_quality="best"), ValueError, "MatchConfig.low_quality"),
+        (lambda: MatchConfig(border_order="before"), ValueError, "MatchConfig.border_order"),
+        (lambda: MatchConfig(allowed_border=-2), ValueError, "MatchConfig.allowed_border"),
+        (lambda: MatchConfig(sample_size=-1), ValueError, "MatchConfig.sample_size"),
+        (lambda: MatchConfig(sample_size=2.5), TypeError, "MatchConfig.sample_size"),
+        (lambda: MatchConfig(high=float("nan")), ValueError, "MatchConfig.high"),
+        (lambda: MatchConfig(strict_high="yes"), TypeError, "MatchConfig.strict_high"),
+        (lambda: EncodeConfig(weights=(1, 1, 1)), ValueError, "EncodeConfig.weights"),
+        (lambda: EncodeConfig(stds=(1, 1, 0, 1)), ValueError, "EncodeConfig.stds"),
+        (lambda: AnchorLevel(stride=0, sizes=(32,)), ValueError, "AnchorLevel.stride"),
+        (lambda: AnchorLevel(stride=8, sizes=(-1,)), ValueError, "AnchorLevel.sizes"),
+        (lambda: AnchorLevel(stride=8, sizes=("a",)), TypeError, "AnchorLevel.sizes"),
+        (lambda: AnchorLevel(stride=8, shapes=((3,),)), ValueError, "AnchorLevel.shapes"),
+        (lambda: AnchorConfig(layout="caffe", levels=(AnchorLevel(stride=8, sizes=(32,)),)), ValueError, "layout"),
+        (lambda: AnchorConfig(layout="torchvision", levels=()), ValueError, "AnchorConfig.levels"),
+        (
+            lambda: AnchorConfig(layout="mmdet", levels=(AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1,)),)),
+            ValueError,
+            r"levels\[0\].scales",
+        ),
+        (
+            lambda: AnchorConfig(layout="ssd", levels=(AnchorLevel(stride=8, sizes=(0.1, 0.2), aspect_ratios=(2,)),)),
+            ValueError,
+            "feature_size",
+        ),
+        (lambda: AnchorConfig(layout="detectron2", levels=(), offset=1.0), ValueError, "AnchorConfig"),
+        (lambda: TargetConfig(anchors="retinanet"), TypeError, "TargetConfig.anchors"),
+    ],
+)
+def test_bad_field_is_named(build, error, field):
+    with pytest.raises(error, match=field):
+        build()
+
+
+def test_from_dict_rejects_unknown_fields():
+    data = presets.get("rpn_mmdet").to_dict()
+    data["match"]["pos_iou_thr"] = 0.7
+    with pytest.raises(ValueError, match="pos_iou_thr"):
+        TargetConfig.from_dict(data)

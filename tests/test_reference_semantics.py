@@ -1,0 +1,225 @@
+"""The reference backend on hand-built cases whose every IoU is known (DESIGN §4).
+
+Anchors are explicit so each case is a few boxes; IoUs are exact fractions.
+"""
+
+import pytest
+import torch
+
+from support import random_batch
+from tritarget.kernels import TargetConfig, Targets, assign, decode, encode, generate_anchors, presets
+from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
+
+CANVAS = (64, 96)
+# Any anchor config will do: explicit anchors replace the generated ones.
+ANCHORS = AnchorConfig(layout="torchvision", levels=(AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1.0,)),))
+
+
+def run(anchors, boxes, counts=None, backend="reference", **match):
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(**match))
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    counts = [boxes.shape[0]] if counts is None else counts
+    return assign(boxes, counts, CANVAS, config, anchors=torch.tensor(anchors, dtype=torch.float32), backend=backend)
+
+
+# a0 is the best anchor of both boxes; box 0 overlaps it more (IoU 0.4) than box 1 (1/3).
+# a1 touches nothing. With high=0.5, low=0.3, a0 is only positive through a low-quality rule.
+LQ_ANCHORS = [[0, 0, 10, 10], [100 - 40, 40, 110 - 40, 50]]
+LQ_BOXES = [[0, 0, 25, 10], [0, 0, 30, 10]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "labels", "matched"),
+    [
+        ("none", [-1, 0], [-1, -1]),  # 0.4 lies in [low, high): ignored
+        ("torchvision", [1, 0], [0, -1]),  # lifted, matched to its own argmax (box 0)
+        ("detectron2", [1, 0], [0, 0]),  # same, and a1 keeps its argmax (box 0 on a 0-0 tie)
+        ("mmdet", [1, 0], [1, -1]),  # lifted by box 0, then overwritten by the later box 1
+        ("ssd_forced", [1, 0], [1, -1]),  # both boxes force a0; the later box wins
+    ],
+)
+def test_low_quality_modes(mode, labels, matched):
+    t = run(LQ_ANCHORS, LQ_BOXES, high=0.5, low=0.3, low_quality=mode)
+    assert t.labels[0].tolist() == labels
+    assert t.matched_gt[0].tolist() == matched
+
+
+def test_min_pos_iou_keeps_weak_boxes_out():
+    # Box 1's best IoU (1/3) is below 0.35: only box 0 lifts a0 under mmdet's rule.
+    t = run(LQ_ANCHORS, LQ_BOXES, high=0.5, low=0.3, low_quality="mmdet", min_pos_iou=0.35)
+    assert t.matched_gt[0].tolist() == [0, -1]
+
+
+def test_strict_high_excludes_equality():
+    boxes = [[0, 0, 20, 10]]  # IoU with a0 is exactly 0.5
+    assert run(LQ_ANCHORS, boxes, high=0.5, low=0.3, low_quality="none").labels[0].tolist() == [1, 0]
+    assert run(LQ_ANCHORS, boxes, high=0.5, low=0.3, low_quality="none", strict_high=True).labels[0].tolist() == [
+        -1,
+        0,
+    ]
+
+
+def test_ties_torchvision_lifts_every_tied_anchor_ssd_forces_the_lowest():
+    anchors = [[0, 0, 10, 10], [0, 0, 10, 10], [40, 40, 50, 50]]
+    boxes = [[0, 0, 20, 10]]  # 0.5 with both a0 and a1
+    tv = run(anchors, boxes, high=0.6, low=0.3, low_quality="torchvision")
+    assert tv.labels[0].tolist() == [1, 1, 0]
+    ssd = run(anchors, boxes, high=0.6, low=0.3, low_quality="ssd_forced")
+    assert ssd.labels[0].tolist() == [1, -1, 0]
+
+
+def test_argmax_ties_between_boxes_take_the_lowest_box_index():
+    boxes = [[0, 0, 20, 10], [0, 0, 10, 20]]  # both IoU 0.5 with a0
+    t = run(LQ_ANCHORS, boxes, high=0.5, low=0.3, low_quality="none")
+    assert t.matched_gt[0].tolist() == [0, -1]
+
+
+# a0 overlaps box g a lot (5/6) but lies 40% inside the ignore region [0, 4] x [0, 10];
+# a1 overlaps g less (7/15).
+IGN_ANCHORS = [[0, 0, 10, 10], [5, 0, 15, 10]]
+IGN_BOX = [[0, 0, 12, 10]]
+
+
+def run_ignore(threshold, wrt_anchor=True):
+    config = TargetConfig(
+        anchors=ANCHORS,
+        match=MatchConfig(high=0.5, low=0.4, ignore_iof_thr=threshold, ignore_iof_wrt_anchor=wrt_anchor),
+    )
+    return assign(
+        torch.tensor(IGN_BOX, dtype=torch.float32),
+        [1],
+        CANVAS,
+        config,
+        anchors=torch.tensor(IGN_ANCHORS, dtype=torch.float32),
+        ignore_boxes=torch.tensor([[0.0, 0.0, 4.0, 10.0]]),
+        ignore_counts=[1],
+        backend="reference",
+    )
+
+
+def test_ignore_region_excludes_anchor_from_matching():
+    without = run_ignore(-1)
+    assert without.labels[0].tolist() == [1, -1]  # a1 (7/15) sits in [0.4, 0.5)
+    with_ignore = run_ignore(0.3)  # IoF of a0 = 40/100 > 0.3
+    # a0 is ignored and no longer g's best anchor: a1 becomes g's best and is lifted.
+    assert with_ignore.labels[0].tolist() == [-1, 1]
+    assert with_ignore.matched_gt[0].tolist() == [-1, 0]
+
+
+def test_ignore_iof_relative_to_the_ignore_box():
+    assert run_ignore(0.5, wrt_anchor=True).labels[0].tolist() == [1, -1]  # 0.4 is not > 0.5
+    assert run_ignore(0.5, wrt_anchor=False).labels[0].tolist() == [-1, 1]  # 40/40 = 1 > 0.5
+
+
+def test_border_pre_match_and_post_match():
+    anchors = [[-5, 0, 5, 10], [5, 0, 15, 10]]  # a0 crosses the left border
+    boxes = [[0, 0, 6, 10]]  # IoU 5/11 with a0, 1/15 with a1
+    pre = run(anchors, boxes, high=0.5, low=0.3, allowed_border=0, border_order="pre_match")
+    assert pre.labels[0].tolist() == [-1, 1]  # a0 left out: a1 becomes the box's best
+    post = run(anchors, boxes, high=0.5, low=0.3, allowed_border=0, border_order="post_match")
+    assert post.labels[0].tolist() == [-1, 0]  # a0 lifted, then ignored for crossing
+    generous = run(anchors, boxes, high=0.5, low=0.3, allowed_border=5, border_order="pre_match")
+    assert generous.labels[0].tolist() == [1, 0]
+
+
+def test_border_uses_each_images_valid_size():
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(allowed_border=0))
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 0.0, 50.0, 10.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    t = assign(boxes, [1, 1], CANVAS, config, anchors=anchors, image_sizes=[[64, 96], [64, 45]], backend="reference")
+    assert t.labels.tolist() == [[1, 0], [1, -1]]
+
+
+def test_empty_image_is_all_negative_except_excluded():
+    t = run(LQ_ANCHORS, [], counts=[0], allowed_border=0)
+    assert t.labels[0].tolist() == [0, 0]
+    crossing = run([[-5, 0, 5, 10]], [], counts=[0], allowed_border=0)
+    assert crossing.labels[0].tolist() == [-1]
+
+
+def test_deltas_and_classes_of_positives():
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(high=0.5, low=0.4), background_class=7)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 14.0]])
+    t = assign(
+        boxes, [1], CANVAS, config, anchors=anchors, gt_classes=torch.tensor([3]), backend="reference",
+        return_max_iou=True,
+    )  # fmt: skip
+    assert t.labels[0].tolist() == [1, 0]
+    assert t.classes[0].tolist() == [3, 7]
+    # dx = (6 - 5) / 10, dy = (8 - 5) / 10, dw = log(10 / 10), dh = log(12 / 10)
+    expected = torch.tensor([0.1, 0.3, 0.0, torch.log(torch.tensor(1.2)).item()])
+    torch.testing.assert_close(t.deltas[0, 0], expected)
+    assert (t.deltas[0, 1] == 0).all()
+    assert t.max_iou[0, 0].item() == pytest.approx(72 / (100 + 120 - 72))
+    assert t.max_iou[0, 1].item() == 0.0
+
+
+def test_encode_decode_round_trip(generator):
+    boxes, _ = random_batch(generator, [50], (512, 512))
+    anchors, _ = random_batch(generator, [50], (512, 512))
+    for config in (
+        EncodeConfig(),
+        EncodeConfig(weights=(10.0, 10.0, 5.0, 5.0)),
+        EncodeConfig(means=(0.1, -0.1, 0.0, 0.2), stds=(0.1, 0.1, 0.2, 0.2)),
+    ):
+        torch.testing.assert_close(decode(encode(boxes, anchors, config), anchors, config), boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_decode_clamps_huge_scales():
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
+    boxes = decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), anchors, EncodeConfig())
+    assert torch.isfinite(boxes).all()
+    assert (boxes[0, 2] - boxes[0, 0]).item() == pytest.approx(1000.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_sparse_round_trip_every_preset(name, generator):
+    config = presets.get(name)
+    canvas = (96, 128)
+    boxes, counts = random_batch(generator, [3, 0, 12], canvas)
+    classes = torch.randint(1, 80, (boxes.shape[0],), generator=generator)
+    dense = assign(boxes, counts, canvas, config, gt_classes=classes, backend="reference")
+    back = Targets.from_sparse(dense.to_sparse())
+    assert torch.equal(back.labels, dense.labels)
+    assert torch.equal(back.deltas, dense.deltas)
+    assert torch.equal(back.classes, dense.classes)
+    positive = dense.labels == 1
+    assert torch.equal(back.matched_gt[positive], dense.matched_gt[positive])
+    if config.match.low_quality != "detectron2":
+        assert torch.equal(back.matched_gt, dense.matched_gt)
+
+
+def test_anchors_grouped_by_level_in_documented_order():
+    config = presets.get("retinanet_torchvision").anchors
+    anchors = generate_anchors(config, (800, 1344))
+    assert anchors.shape == (201_600, 4)  # 9 x (100x168 + 50x84 + 25x42 + 13x21 + 7x11)
+    # location-major: the 9 shapes of cell (0, 0), then cell (0, 1) shifted by the stride.
+    torch.testing.assert_close(anchors[9] - anchors[0], torch.tensor([8.0, 0.0, 8.0, 0.0]))
+    yolo = generate_anchors(presets.get("yolov5").anchors, (64, 64))
+    # shape-major (YOLOv5's [na, ny, nx]): the first 8 x 8 anchors all have shape (10, 13).
+    widths = yolo[:64, 2] - yolo[:64, 0]
+    assert torch.all(widths == 10.0)
+
+
+class TestSampling:
+    CONFIG = presets.get("retinanet_torchvision").replace(**{"match.sample_size": 64, "match.positive_fraction": 0.25})
+
+    def test_quota_and_determinism(self, generator):
+        boxes, counts = random_batch(generator, [30, 2], (128, 192))
+        a = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=5)
+        b = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=5)
+        c = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=6)
+        assert torch.equal(a.labels, b.labels)
+        assert not torch.equal(a.labels, c.labels)
+        for row in a.labels:
+            assert int((row == 1).sum()) <= 16
+            assert int((row >= 0).sum()) == 64
+        dropped = a.labels != 1
+        assert (a.deltas[dropped] == 0).all() and (a.matched_gt[dropped] == -1).all()
+
+    def test_image_sample_does_not_depend_on_its_batch(self, generator):
+        boxes, counts = random_batch(generator, [30, 7], (128, 192))
+        batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
+        alone = assign(boxes[30:], [7], (128, 192), self.CONFIG, backend="reference", seed=12)
+        assert torch.equal(batch.labels[1], alone.labels[0])
