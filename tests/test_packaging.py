@@ -1,0 +1,62 @@
+"""Packaging: the wheel installs only the `tritarget` namespace; README and CI agree."""
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("tritarget-*.whl")
+    return path
+
+
+def test_wheel_installs_only_the_tritarget_namespace(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"tritarget", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    for module in ("kernels/anchors.py", "kernels/reference.py", "service/cli.py", "clients/__init__.py"):
+        assert f"tritarget/{module}" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "tritarget = tritarget.service.cli:main" in entry_points
+
+
+def test_wheel_imports_from_its_own_files(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = "import sys, tritarget.kernels as k; print(k.__file__); print('triton' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    path, triton_loaded = result.stdout.split()
+    assert Path(path).is_relative_to(site)
+    assert triton_loaded == "False", "importing tritarget.kernels must not import triton"
+
+
+def _readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [block.strip() for block in blocks[:2]]
+
+
+def test_ci_runs_the_readme_test_command():
+    _, test_command = _readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
+    assert "pytest" in test_command
