@@ -1,0 +1,436 @@
+/* The CPU path's fused kernel: IoU -> max-IoU matching -> encoding, streaming over anchors.
+ *
+ * Built and loaded by tritarget.kernels.cpu_build (plain C11 + pthreads, no Python or
+ * torch headers, so it compiles in about a second), called by tritarget.kernels.cpu.
+ * It computes exactly what tritarget.kernels.reference computes (read its module
+ * docstring for the rules) without ever holding an image's [G, A] IoU matrix:
+ *
+ *   pass 1  per (image, chunk of anchors): every anchor's raw best IoU and best box
+ *           (lowest box index on ties), whether it is excluded (ignore region, border
+ *           "pre_match"), and per-thread partial maxima of each box over the included
+ *           anchors (lowest anchor index on ties).
+ *   merge   per box: its best IoU and best anchor over all anchors of its image.
+ *   pass 2  per (image, chunk): thresholds, the low-quality rule (recomputing IoUs only
+ *           for the boxes whose best IoU the chunk can reach), the border "post_match"
+ *           rule, matched index, deltas, class.
+ *   forced  ssd_forced: each box's best anchor, in box order (a later box wins).
+ *
+ * Memory: the outputs plus O(threads * (chunk + G)). Exactness: every IoU is computed
+ * with torchvision's operation order in float32, one rounding per operation. The build
+ * passes -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add
+ * and keeps IEEE semantics; vectorised and scalar evaluations then give the same bits,
+ * which is what makes the equality tests of the low-quality rule agree with torch.
+ */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Anchors per work item. 512 anchors keep the chunk's SoA coordinates, running maxima
+ * and IoU scratch (~12 KiB) in L1, and still give ~400 items per RetinaNet image, enough
+ * to balance two to dozens of threads. */
+#define CHUNK 512
+
+enum { LQ_NONE = 0, LQ_TORCHVISION = 1, LQ_DETECTRON2 = 2, LQ_MMDET = 3, LQ_SSD_FORCED = 4 };
+enum { POSITIVE = 1, NEGATIVE = 0, IGNORED = -1 };
+
+/* Everything one call needs; laid out identically by the ctypes Structure in cpu.py. */
+typedef struct {
+    /* inputs */
+    const float *anchors;        /* [A, 4] x1 y1 x2 y2 */
+    const float *gt_boxes;       /* [N, 4] */
+    const int64_t *gt_offsets;   /* [B + 1] */
+    const int32_t *gt_classes;   /* [N] or NULL */
+    const float *ignore_boxes;   /* [M, 4] */
+    const int64_t *ignore_offsets; /* [B + 1] */
+    const float *border_limits;  /* [B, 4] (-b, -b, w + b, h + b) as float32, or NULL (rule off) */
+    int64_t num_anchors;
+    int64_t batch;
+    /* matching (thresholds already rounded to float32, as torch compares them) */
+    float high, low, min_pos_iou, ignore_iof_thr;
+    int32_t strict_high, low_quality, use_ignore, iof_wrt_anchor, border_post;
+    /* encoding */
+    float weights[4], means[4], stds[4];
+    int32_t background_class;
+    int32_t num_threads;
+    /* outputs, [B, A] (deltas [B, A, 4]); classes may be NULL */
+    int8_t *labels;
+    int32_t *matched;
+    float *deltas;
+    int32_t *classes;
+    float *max_iou;              /* raw best IoU per anchor (always written: pass 2 reads it) */
+    /* per-box scratch [N]: best IoU over included anchors and the anchor reaching it */
+    float *box_max;
+    int32_t *box_best;
+} Problem;
+
+/* One thread's partial per-box maxima, over the anchors it has processed. */
+typedef struct {
+    float *max;
+    int32_t *best;
+} BoxPartial;
+
+typedef struct {
+    const Problem *p;
+    atomic_long next_item;
+    int64_t chunks_per_image;
+    int64_t num_items;
+    BoxPartial *partials; /* one per thread */
+} Job;
+
+typedef struct {
+    Job *job;
+    int thread;
+    void (*body)(Job *, int, int64_t, int64_t);
+} Worker;
+
+/* ---- geometry, in torchvision's order ---------------------------------------------- */
+
+/* IoU of box (b*) with anchor (a*); barea/aarea are (x2 - x1) * (y2 - y1). */
+static inline float iou_one(float bx1, float by1, float bx2, float by2, float barea,
+                            float ax1, float ay1, float ax2, float ay2, float aarea) {
+    float w = (bx2 < ax2 ? bx2 : ax2) - (bx1 > ax1 ? bx1 : ax1);
+    float h = (by2 < ay2 ? by2 : ay2) - (by1 > ay1 ? by1 : ay1);
+    w = w > 0.0f ? w : 0.0f;
+    h = h > 0.0f ? h : 0.0f;
+    float inter = w * h;
+    float uni = (barea + aarea) - inter;
+    /* "0 where the union is 0": also covers NaN coordinates of explicit anchors. */
+    return uni > 0.0f ? inter / uni : 0.0f;
+}
+
+/* An anchor's coordinates, structure-of-arrays, for a chunk. */
+typedef struct {
+    float x1[CHUNK], y1[CHUNK], x2[CHUNK], y2[CHUNK], area[CHUNK];
+    uint8_t excluded[CHUNK];
+    /* bounding box of the chunk: a box outside it has IoU exactly 0 with every anchor */
+    float lo_x, lo_y, hi_x, hi_y;
+    int64_t n;
+} Chunk;
+
+static void load_chunk(const Problem *p, int64_t start, int64_t n, Chunk *c) {
+    const float *a = p->anchors + 4 * start;
+    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
+    for (int64_t k = 0; k < n; ++k) {
+        float x1 = a[4 * k], y1 = a[4 * k + 1], x2 = a[4 * k + 2], y2 = a[4 * k + 3];
+        c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
+        c->area[k] = (x2 - x1) * (y2 - y1);
+        lo_x = fminf(lo_x, x1); lo_y = fminf(lo_y, y1);
+        hi_x = fmaxf(hi_x, x2); hi_y = fmaxf(hi_y, y2);
+    }
+    c->lo_x = lo_x; c->lo_y = lo_y; c->hi_x = hi_x; c->hi_y = hi_y;
+    c->n = n;
+}
+
+/* Whether a box certainly has zero intersection with every anchor of the chunk
+ * (then each IoU is exactly +0: inter is 0 and 0 / union is 0). NaN anchors do not
+ * widen the bounds, and their IoU is 0 anyway. */
+static inline int box_misses_chunk(const Chunk *c, const float *b) {
+    return b[2] <= c->lo_x || b[0] >= c->hi_x || b[3] <= c->lo_y || b[1] >= c->hi_y;
+}
+
+static inline int anchor_inside(const float *lim, float x1, float y1, float x2, float y2) {
+    return x1 >= lim[0] && y1 >= lim[1] && x2 < lim[2] && y2 < lim[3];
+}
+
+/* Anchors taken out before matching: inside an ignore region or, with "pre_match",
+ * across the border (reference.excluded_by_ignore / outside_border). */
+static void mark_excluded(const Problem *p, int64_t image, Chunk *c) {
+    memset(c->excluded, 0, (size_t)c->n);
+    if (p->border_limits && !p->border_post) {
+        const float *lim = p->border_limits + 4 * image;
+        for (int64_t k = 0; k < c->n; ++k)
+            c->excluded[k] = !anchor_inside(lim, c->x1[k], c->y1[k], c->x2[k], c->y2[k]);
+    }
+    if (!p->use_ignore) return;
+    int64_t m0 = p->ignore_offsets[image], m1 = p->ignore_offsets[image + 1];
+    for (int64_t m = m0; m < m1; ++m) {
+        const float *r = p->ignore_boxes + 4 * m;
+        if (box_misses_chunk(c, r)) continue; /* IoF 0 never exceeds a threshold >= 0 */
+        float rarea = (r[2] - r[0]) * (r[3] - r[1]);
+        for (int64_t k = 0; k < c->n; ++k) {
+            float w = (c->x2[k] < r[2] ? c->x2[k] : r[2]) - (c->x1[k] > r[0] ? c->x1[k] : r[0]);
+            float h = (c->y2[k] < r[3] ? c->y2[k] : r[3]) - (c->y1[k] > r[1] ? c->y1[k] : r[1]);
+            w = w > 0.0f ? w : 0.0f;
+            h = h > 0.0f ? h : 0.0f;
+            float inter = w * h;
+            float area = p->iof_wrt_anchor ? c->area[k] : rarea;
+            float iof = area > 0.0f ? inter / area : 0.0f;
+            c->excluded[k] |= iof > p->ignore_iof_thr;
+        }
+    }
+}
+
+/* ---- pass 1 --------------------------------------------------------------------------- */
+
+static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
+    const Problem *p = job->p;
+    const int64_t A = p->num_anchors, start = chunk * CHUNK;
+    const int64_t n = (A - start) < CHUNK ? (A - start) : CHUNK;
+    const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
+    const int want_box_max = p->low_quality != LQ_NONE;
+    BoxPartial part = job->partials[thread];
+    Chunk c;
+    float best[CHUNK], scratch[CHUNK];
+    int32_t arg[CHUNK];
+
+    load_chunk(p, start, n, &c);
+    mark_excluded(p, image, &c);
+    for (int64_t k = 0; k < n; ++k) {
+        best[k] = -1.0f; /* below every IoU, so box 0 always takes it: argmax 0 by default */
+        arg[k] = 0;
+    }
+    int64_t first_included = -1;
+    for (int64_t k = 0; k < n && first_included < 0; ++k)
+        if (!c.excluded[k]) first_included = k;
+
+    for (int64_t g = g0; g < g1; ++g) {
+        const float *b = p->gt_boxes + 4 * g;
+        const int32_t local = (int32_t)(g - g0);
+        float chunk_max = -1.0f; /* best IoU of box g over the chunk's included anchors */
+        if (box_misses_chunk(&c, b)) {
+            if (local == 0)
+                for (int64_t k = 0; k < n; ++k) best[k] = 0.0f; /* arg stays 0 */
+            if (first_included >= 0) chunk_max = 0.0f;
+            if (want_box_max && chunk_max > part.max[g]) {
+                part.max[g] = chunk_max;
+                part.best[g] = (int32_t)(start + first_included);
+            }
+            continue;
+        }
+        const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
+        const float barea = (bx2 - bx1) * (by2 - by1);
+        for (int64_t k = 0; k < n; ++k) {
+            float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
+            int up = v > best[k];
+            best[k] = up ? v : best[k];
+            arg[k] = up ? local : arg[k];
+            scratch[k] = c.excluded[k] ? -1.0f : v;
+        }
+        if (!want_box_max) continue;
+        for (int64_t k = 0; k < n; ++k) chunk_max = scratch[k] > chunk_max ? scratch[k] : chunk_max;
+        /* Strictly greater: this thread sees its items in increasing anchor order, so an
+         * equal value found earlier has the lower index (the merge settles other ties). */
+        if (chunk_max > part.max[g]) {
+            int64_t k = 0;
+            while (scratch[k] != chunk_max) ++k;
+            part.max[g] = chunk_max;
+            part.best[g] = (int32_t)(start + k);
+        }
+    }
+
+    const int64_t row = image * A + start;
+    for (int64_t k = 0; k < n; ++k) {
+        p->max_iou[row + k] = best[k];
+        p->matched[row + k] = arg[k];
+        p->labels[row + k] = (int8_t)c.excluded[k];
+    }
+}
+
+/* ---- pass 2 --------------------------------------------------------------------------- */
+
+static void encode_one(const Problem *p, const float *g, float ax1, float ay1, float ax2, float ay2,
+                       float *out) {
+    /* reference.encode / torchvision BoxCoder.encode_boxes, same rounding order */
+    float aw = ax2 - ax1, ah = ay2 - ay1;
+    float acx = ax1 + 0.5f * aw, acy = ay1 + 0.5f * ah;
+    float gw = g[2] - g[0], gh = g[3] - g[1];
+    float gcx = g[0] + 0.5f * gw, gcy = g[1] + 0.5f * gh;
+    float d[4];
+    d[0] = p->weights[0] * (gcx - acx) / aw;
+    d[1] = p->weights[1] * (gcy - acy) / ah;
+    d[2] = p->weights[2] * logf(gw / aw);
+    d[3] = p->weights[3] * logf(gh / ah);
+    for (int j = 0; j < 4; ++j) out[j] = (d[j] - p->means[j]) / p->stds[j];
+}
+
+/* Write one anchor's outputs from its decided label and matched box (-1 when none);
+ * applies the "post_match" border rule and the matched_gt convention. */
+static void finish_anchor(const Problem *p, int64_t image, int64_t a, int label, int32_t match,
+                          int32_t argmax, int included) {
+    const int64_t row = image * p->num_anchors + a;
+    const float *an = p->anchors + 4 * a;
+    if (p->border_limits && p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
+        label = IGNORED;
+    float *d = p->deltas + 4 * row;
+    if (label == POSITIVE) {
+        const float *g = p->gt_boxes + 4 * (p->gt_offsets[image] + match);
+        encode_one(p, g, an[0], an[1], an[2], an[3], d);
+        if (p->classes) p->classes[row] = p->gt_classes[p->gt_offsets[image] + match];
+    } else {
+        d[0] = d[1] = d[2] = d[3] = 0.0f;
+        if (p->classes) p->classes[row] = p->background_class;
+        match = -1;
+    }
+    if (p->low_quality == LQ_DETECTRON2) /* detectron2's Matcher keeps every argmax */
+        match = included && p->gt_offsets[image + 1] > p->gt_offsets[image] ? argmax : -1;
+    p->labels[row] = (int8_t)label;
+    p->matched[row] = match;
+}
+
+static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
+    (void)thread;
+    const Problem *p = job->p;
+    const int64_t A = p->num_anchors, start = chunk * CHUNK;
+    const int64_t n = (A - start) < CHUNK ? (A - start) : CHUNK;
+    const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
+    const int64_t row = image * A + start;
+    const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
+                      p->low_quality == LQ_MMDET;
+    Chunk c;
+    uint8_t excluded[CHUNK], lifted[CHUNK];
+    int32_t lift_box[CHUNK];
+
+    if (g0 == g1) { /* no boxes: included anchors are negative */
+        for (int64_t k = 0; k < n; ++k) {
+            excluded[k] = (uint8_t)p->labels[row + k];
+            p->max_iou[row + k] = 0.0f;
+        }
+        for (int64_t k = 0; k < n; ++k)
+            finish_anchor(p, image, start + k, excluded[k] ? IGNORED : NEGATIVE, -1, -1, !excluded[k]);
+        return;
+    }
+
+    float reach = -1.0f; /* best raw IoU of an included anchor of the chunk */
+    for (int64_t k = 0; k < n; ++k) {
+        excluded[k] = (uint8_t)p->labels[row + k];
+        lifted[k] = 0;
+        lift_box[k] = -1;
+        if (!excluded[k] && p->max_iou[row + k] > reach) reach = p->max_iou[row + k];
+    }
+    if (lifts) {
+        int loaded = 0;
+        for (int64_t g = g0; g < g1; ++g) {
+            const float target = p->box_max[g];
+            /* Box g lifts anchors whose IoU with it equals its best; none here can reach it
+             * when the chunk's best IoU is lower, or when it does not touch the chunk. */
+            if (!(target >= p->min_pos_iou) || target > reach || target < 0.0f) continue;
+            const float *b = p->gt_boxes + 4 * g;
+            if (!loaded) {
+                load_chunk(p, start, n, &c);
+                loaded = 1;
+            }
+            if (target > 0.0f && box_misses_chunk(&c, b)) continue;
+            const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
+            const float barea = (bx2 - bx1) * (by2 - by1);
+            const int32_t local = (int32_t)(g - g0);
+            for (int64_t k = 0; k < n; ++k) {
+                float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
+                int tie = (v == target) & !excluded[k];
+                lifted[k] |= (uint8_t)tie;
+                lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
+            }
+        }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+        const int64_t a = start + k;
+        const int32_t argmax = p->matched[row + k];
+        if (excluded[k]) {
+            finish_anchor(p, image, a, IGNORED, -1, argmax, 0);
+            continue;
+        }
+        const float best = p->max_iou[row + k];
+        int positive = p->strict_high ? best > p->high : best >= p->high;
+        int negative = !positive && best < p->low;
+        int32_t match = positive ? argmax : -1;
+        if (lifted[k]) {
+            positive = 1;
+            match = p->low_quality == LQ_MMDET ? lift_box[k] : argmax;
+        }
+        finish_anchor(p, image, a, positive ? POSITIVE : (negative ? NEGATIVE : IGNORED), match, argmax, 1);
+    }
+}
+
+/* ---- threads -------------------------------------------------------------------------- */
+
+static void *worker_main(void *arg) {
+    Worker *w = (Worker *)arg;
+    Job *job = w->job;
+    for (;;) {
+        int64_t item = atomic_fetch_add(&job->next_item, 1);
+        if (item >= job->num_items) break;
+        /* image-major order: each thread meets its items in increasing anchor order */
+        w->body(job, w->thread, item / job->chunks_per_image, item % job->chunks_per_image);
+    }
+    return NULL;
+}
+
+static void run_parallel(Job *job, int threads, void (*body)(Job *, int, int64_t, int64_t)) {
+    Worker workers[threads];
+    pthread_t ids[threads];
+    int started[threads];
+    atomic_store(&job->next_item, 0);
+    for (int t = 0; t < threads; ++t) {
+        workers[t] = (Worker){job, t, body};
+        started[t] = 0;
+    }
+    for (int t = 1; t < threads; ++t)
+        started[t] = pthread_create(&ids[t], NULL, worker_main, &workers[t]) == 0;
+    worker_main(&workers[0]); /* the calling thread works too; if a thread failed to start, others do its share */
+    for (int t = 1; t < threads; ++t)
+        if (started[t]) pthread_join(ids[t], NULL);
+}
+
+/* ---- entry point ---------------------------------------------------------------------- */
+
+/* Returns 0 on success, 1 when scratch memory could not be allocated. */
+int tritarget_cpu_solve(const Problem *p) {
+    const int64_t A = p->num_anchors, B = p->batch;
+    const int64_t N = p->gt_offsets[B];
+    int threads = p->num_threads > 0 ? p->num_threads : 1;
+    const int64_t chunks = (A + CHUNK - 1) / CHUNK;
+    if (chunks * B < threads) threads = (int)(chunks * B > 0 ? chunks * B : 1);
+
+    Job job;
+    job.p = p;
+    job.chunks_per_image = chunks;
+    job.num_items = chunks * B;
+    job.partials = calloc((size_t)threads, sizeof(BoxPartial));
+    float *part_max = malloc(sizeof(float) * (size_t)(threads * N + 1));
+    int32_t *part_best = malloc(sizeof(int32_t) * (size_t)(threads * N + 1));
+    if (!job.partials || !part_max || !part_best) {
+        free(job.partials); free(part_max); free(part_best);
+        return 1;
+    }
+    for (int64_t j = 0; j < threads * N; ++j) {
+        part_max[j] = -1.0f; /* no included anchor seen: torch's max over all -1 is (-1, 0) */
+        part_best[j] = 0;
+    }
+    for (int t = 0; t < threads; ++t) job.partials[t] = (BoxPartial){part_max + t * N, part_best + t * N};
+
+    if (A > 0) run_parallel(&job, threads, pass1_item);
+
+    /* merge: best IoU per box, lowest anchor index among equal maxima */
+    for (int64_t g = 0; g < N; ++g) {
+        float m = -1.0f;
+        int32_t at = 0;
+        for (int t = 0; t < threads; ++t) {
+            float v = job.partials[t].max[g];
+            int32_t i = job.partials[t].best[g];
+            if (v > m || (v == m && i < at)) { m = v; at = i; }
+        }
+        p->box_max[g] = m;
+        p->box_best[g] = at;
+    }
+
+    if (A > 0) run_parallel(&job, threads, pass2_item);
+
+    if (p->low_quality == LQ_SSD_FORCED && A > 0) {
+        /* in box order, so the later box keeps an anchor two boxes share */
+        for (int64_t image = 0; image < B; ++image) {
+            for (int64_t g = p->gt_offsets[image]; g < p->gt_offsets[image + 1]; ++g) {
+                const int64_t a = p->box_best[g];
+                Chunk one;
+                load_chunk(p, a, 1, &one);
+                mark_excluded(p, image, &one);
+                if (p->box_max[g] >= p->min_pos_iou && !one.excluded[0])
+                    finish_anchor(p, image, a, POSITIVE, (int32_t)(g - p->gt_offsets[image]), -1, 1);
+            }
+        }
+    }
+    free(job.partials); free(part_max); free(part_best);
+    return 0;
+}
