@@ -2,11 +2,23 @@
 
 ``tritarget demo``: compute targets for a synthetic COCO-like batch in-process and
 print a summary per image.
+
+``tritarget serve``: run the gRPC service until SIGTERM / Ctrl-C (``--port 0`` picks
+a free port; the bound port is printed).
+
+``tritarget up``: the main command. Serve on localhost (auto backend), send one
+demo request through the client once the server is warm, print a summary of the
+targets that came back, and keep serving until Ctrl-C.
+
+``tritarget request``: send that demo request to a running server.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 import time
 
@@ -42,6 +54,147 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_options(args: argparse.Namespace):
+    from .backend import BatchOptions
+    from .codec import Limits
+    from .server import ServerOptions
+
+    token = args.token or os.environ.get("TRITARGET_TOKEN") or None
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    read = lambda path: None if path is None else open(path, "rb").read()  # noqa: E731, SIM115
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        limits=Limits(
+            max_message_bytes=args.max_message_mb << 20,
+            max_images=args.max_request_images,
+            max_boxes=args.max_request_boxes,
+        ),
+        batching=BatchOptions(
+            max_batch_images=args.max_batch_images,
+            max_queue_delay_s=args.max_queue_delay_ms / 1000,
+            max_queue_images=args.max_queue_images,
+            compute_workers=args.compute_workers,
+        ),
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        token=token,
+        tls_cert=read(args.tls_cert),
+        tls_key=read(args.tls_key),
+        warmup_canvas=tuple(args.warmup_canvas),
+        grace_s=args.grace,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = _server_options(args)
+        asyncio.run(serve(options))
+    except (ValueError, OSError) as exc:
+        print(f"tritarget serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=None, root_certificates=None,
+                      timeout: float = 120.0) -> None:  # fmt: skip
+    """One COCO-like batch through ``TargetClient``; prints what came back per image."""
+    from tritarget.clients import TargetClient
+    from tritarget.clients.wire import build_request, decode_response
+    from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+    boxes, counts, classes = coco_like_batch(batch, seed=seed)
+    request = build_request(boxes, counts, COCO_CANVAS, preset=preset, gt_classes=classes, format="sparse")
+    with TargetClient(target, token=token, root_certificates=root_certificates, timeout=timeout) as client:
+        start = time.perf_counter()
+        response = client.assign_raw(request)
+        elapsed = time.perf_counter() - start
+    targets = decode_response(response)
+    dense_bytes = targets.num_anchors * batch * (1 + 4 + 16 + 4)
+    print(f"demo request to {target}: {batch} COCO-like images ({sum(counts)} boxes), preset {preset}, "
+          f"{targets.num_anchors:,} anchors per image")  # fmt: skip
+    print(f"{'image':>5} {'boxes':>5} {'positive':>9} {'negative':>9} {'ignored':>9}")
+    for i, (count, row) in enumerate(zip(counts, targets.summary())):
+        print(f"{i:>5} {count:>5} {row['positive']:>9,} {row['negative']:>9,} {row['ignored']:>9,}")
+    print(f"round trip {elapsed * 1000:.1f} ms; SPARSE response {response.ByteSize():,} bytes "
+          f"(DENSE would be {dense_bytes:,}, {dense_bytes / max(response.ByteSize(), 1):.0f}x more)")  # fmt: skip
+
+
+def _request(args: argparse.Namespace) -> int:
+    from tritarget.clients import TargetServiceError
+
+    token = args.token or os.environ.get("TRITARGET_TOKEN") or None
+    root = open(args.tls_ca, "rb").read() if args.tls_ca else None  # noqa: SIM115
+    try:
+        send_demo_request(args.target, preset=args.preset, batch=args.batch, seed=args.seed, token=token,
+                          root_certificates=root)  # fmt: skip
+    except TargetServiceError as exc:
+        print(f"tritarget request: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = _server_options(args)
+    target = f"{options.host}:{{port}}"
+
+    async def demo(server) -> None:
+        await asyncio.to_thread(
+            send_demo_request, target.format(port=server.port), preset=args.preset, batch=args.batch,
+            seed=args.seed, token=options.token, root_certificates=options.tls_cert,
+        )  # fmt: skip
+        print(f"service running on {options.host}:{server.port} (Ctrl-C to stop); "
+              f"try: tritarget request --target {options.host}:{server.port}", flush=True)  # fmt: skip
+
+    try:
+        asyncio.run(serve(options, on_ready=demo))
+    except (ValueError, OSError) as exc:
+        print(f"tritarget up: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    from tritarget.kernels import BACKENDS
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
+    parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
+    parser.add_argument("--max-message-mb", type=int, default=256, help="max request/response size (default 256)")
+    parser.add_argument("--max-request-images", type=int, default=256, help="images per request (default 256)")
+    parser.add_argument("--max-request-boxes", type=int, default=100_000, help="boxes per request (default 100000)")
+    parser.add_argument("--max-batch-images", type=int, default=32, help="images per merged batch (default 32)")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="batching wait (default 2 ms)")
+    parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")
+    parser.add_argument("--compute-workers", type=int, default=1, help="concurrent batches (default 1)")
+    parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
+    parser.add_argument("--token-file", help="read the bearer token from a file")
+    parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
+                        help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds for calls in flight at shutdown")
+
+
+def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
+    from tritarget.kernels import presets
+
+    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
+    parser.add_argument("--batch", type=int, default=4, help="images in the demo request (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tritarget.kernels import BACKENDS, presets
 
@@ -54,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--canvas", type=int, nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
+
+    up = commands.add_parser("up", help="serve on localhost, send a demo request, keep serving until Ctrl-C")
+    _add_server_flags(up)
+    _add_demo_request_flags(up)
+    up.set_defaults(handler=_up)
+
+    serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM / Ctrl-C")
+    _add_server_flags(serve)
+    serve.set_defaults(handler=_serve)
+
+    request = commands.add_parser("request", help="send a demo request to a running service")
+    request.add_argument("--target", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    request.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
+    request.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
+    _add_demo_request_flags(request)
+    request.set_defaults(handler=_request)
     return parser
 
 

@@ -1,0 +1,374 @@
+"""``TargetClient`` (blocking) and ``AsyncTargetClient`` (asyncio) for a tritarget server.
+
+    with TargetClient("127.0.0.1:50051") as client:
+        targets = client.assign(gt_boxes, gt_counts, (800, 1344), preset="retinanet_torchvision")
+
+* ``target``: one address, a list of addresses (requests go round-robin, a retry
+  goes to the next one), or a ``dns:///name:port`` target, which gRPC resolves to
+  every replica and balances with its ``round_robin`` policy (a Kubernetes
+  headless Service gives exactly that).
+* Deadlines: ``timeout`` per call (seconds), else the client's default.
+* Retries: UNAVAILABLE (server down, restarting, draining) is retried with
+  exponential backoff and jitter, within the call's deadline; other errors are not.
+* Errors: every failure is a ``TargetServiceError`` with the gRPC ``code``, the
+  server's ``details`` and the ``field_violations`` of a bad request.
+* Fork-safe: channels are made lazily per process, so a client created before
+  ``DataLoader`` workers fork opens its own channels in each worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tritarget.kernels.targets import Targets
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+from tritarget.protos.tensors import decode_tensor
+
+from .wire import build_request, config_ref, decode_response
+
+__all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError"]
+
+_MIB = 1 << 20
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class TargetServiceError(Exception):
+    """A failed call: ``code`` (grpc.StatusCode), ``details`` (the server's message),
+    ``field_violations`` (list of (field, description) for INVALID_ARGUMENT) and the
+    ``request_id`` of a failed stream item."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        field_violations: Sequence[tuple[str, str]] = (),
+        request_id: str = "",
+    ) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field_violations = list(field_violations)
+        self.request_id = request_id
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> TargetServiceError:
+        violations = []
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad_request = error_details_pb2.BadRequest()
+                    detail.Unpack(bad_request)
+                    violations += [(v.field, v.description) for v in bad_request.field_violations]
+        return cls(error.code(), error.details() or "", violations)
+
+    @classmethod
+    def from_request_error(cls, error: pb.RequestError, request_id: str) -> TargetServiceError:
+        code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
+        violations = [(v.field, v.description) for v in error.field_violations]
+        return cls(code, error.message, violations, request_id)
+
+
+def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.keepalive_time_ms", 30_000),
+        *extra,
+    ]
+
+
+class _Base:
+    """What both clients share: endpoints, credentials, options, retry policy."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = 60.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        max_message_bytes: int = 256 * _MIB,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.targets = [target] if isinstance(target, str) else list(target)
+        if not self.targets:
+            raise ValueError("target: give at least one address")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tls = tls or root_certificates is not None
+        self._root_certificates = root_certificates
+        self._options = _channel_options(max_message_bytes, options)
+        self._pid: int | None = None
+        self._stubs: list[pb_grpc.TargetAssignerStub] = []
+        self._channels: list = []
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+
+    def _stub(self) -> pb_grpc.TargetAssignerStub:
+        """The next endpoint's stub (channels opened on first use in this process)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._channels = [self._open(t) for t in self.targets]
+                self._stubs = [pb_grpc.TargetAssignerStub(c) for c in self._channels]
+                self._pid = os.getpid()
+            return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with full jitter."""
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _retry_wait(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before the next try, or None to give up."""
+        if error.code() not in _RETRYABLE or attempt >= self.retries:
+            return None
+        delay = self._delay(attempt)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+    @staticmethod
+    def _request(item: pb.AssignRequest | Mapping[str, Any], defaults: Mapping[str, Any], index: int):
+        if isinstance(item, pb.AssignRequest):
+            return item
+        kwargs = {**defaults, **item}
+        kwargs.setdefault("request_id", str(index))
+        return build_request(**kwargs)
+
+    @staticmethod
+    def _result(response: pb.AssignResponse) -> Targets:
+        if response.HasField("error"):
+            raise TargetServiceError.from_request_error(response.error, response.request_id)
+        return decode_response(response)
+
+
+class TargetClient(_Base):
+    """Blocking client; see the module docstring. Use it as a context manager."""
+
+    def _open(self, target: str) -> grpc.Channel:
+        if self._tls:
+            return grpc.secure_channel(target, self._credentials(), options=self._options)
+        return grpc.insecure_channel(target, options=self._options)
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for channel in self._channels:
+                channel.close()
+        self._channels, self._stubs, self._pid = [], [], None
+
+    def __enter__(self) -> TargetClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request, timeout: float | None):
+        deadline = self._deadline(timeout)
+        for attempt in itertools.count():
+            try:
+                rpc = getattr(self._stub(), method)
+                return rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as error:
+                delay = self._retry_wait(error, attempt, deadline)
+                if delay is None:
+                    raise TargetServiceError.from_rpc_error(error) from None
+                time.sleep(delay)
+
+    def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
+        """Targets of a ragged batch.
+
+        Args:
+            gt_boxes (Tensor[N, 4]): every image's boxes (``box_format``, default xyxy pixels).
+            gt_counts (list of B ints or Tensor[B]): boxes per image.
+            canvas ((int, int)): padded batch (height, width).
+            preset (str) or config (TargetConfig or its dict), overrides (dict, optional).
+            gt_classes (Tensor[N] int, optional), ignore_boxes + ignore_counts, image_sizes
+                (Tensor[B, 2]), drop_invalid, seed: as ``tritarget.kernels.assign``.
+            format: ``"sparse"`` (default, far smaller) or ``"dense"``.
+            delta_dtype: ``"float32"`` or ``"float16"`` (half the delta bytes).
+            return_classes (default: when gt_classes are given), return_max_iou.
+            timeout: seconds for this call (default: the client's).
+        Returns:
+            Targets, as ``tritarget.kernels.assign`` returns them.
+        """
+        return self._result(self.assign_raw(build_request(gt_boxes, gt_counts, canvas, **kwargs), timeout=timeout))
+
+    def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
+        """One Assign call with a ready request; the response as it came."""
+        return self._call("Assign", request, timeout)
+
+    def stream(
+        self,
+        requests: Iterable[Mapping[str, Any] | pb.AssignRequest],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **defaults: Any,
+    ) -> Iterator[Targets | TargetServiceError]:
+        """Targets for each request, in order, over one AssignStream call.
+
+        Each item is a dict of ``assign`` arguments (``defaults`` fill in what it
+        leaves out, e.g. ``preset`` and ``canvas``) or a ready ``AssignRequest``.
+        The server works on several items at once; a failed item raises
+        ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
+        ``timeout`` bounds the whole stream. Streams are not retried.
+        """
+        messages = (self._request(item, defaults, i) for i, item in enumerate(requests))
+        call = self._stub().AssignStream(
+            messages, timeout=self._remaining(self._deadline(timeout)), metadata=self._metadata
+        )
+        try:
+            for response in call:
+                try:
+                    yield self._result(response)
+                except TargetServiceError as error:
+                    if not return_exceptions:
+                        raise
+                    yield error
+        except grpc.RpcError as error:
+            raise TargetServiceError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """``[{"name", "description", "config"}]`` of every preset the server knows."""
+        response = self._call("ListPresets", pb.ListPresetsRequest(), timeout)
+        return [
+            {"name": p.name, "description": p.description, "config": json.loads(p.config_json)}
+            for p in response.presets
+        ]
+
+    def get_anchors(
+        self, canvas, *, preset: str | None = None, config: Any = None, overrides=None, timeout: float | None = None
+    ):
+        """The anchors (Tensor[A, 4] float32 xyxy) of a config on a canvas, in target order."""
+        request = pb.GetAnchorsRequest(
+            config=config_ref(preset, config, overrides), canvas_height=int(canvas[0]), canvas_width=int(canvas[1])
+        )
+        return decode_tensor(self._call("GetAnchors", request, timeout).anchors, "anchors")
+
+
+class AsyncTargetClient(_Base):
+    """asyncio client with the same methods as ``TargetClient`` (coroutines; ``stream``
+    is an async iterator). Use it as an ``async with`` context manager."""
+
+    def _open(self, target: str) -> grpc.aio.Channel:
+        if self._tls:
+            return grpc.aio.secure_channel(target, self._credentials(), options=self._options)
+        return grpc.aio.insecure_channel(target, options=self._options)
+
+    async def close(self) -> None:
+        if self._pid == os.getpid():
+            for channel in self._channels:
+                await channel.close()
+        self._channels, self._stubs, self._pid = [], [], None
+
+    async def __aenter__(self) -> AsyncTargetClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method: str, request, timeout: float | None):
+        deadline = self._deadline(timeout)
+        for attempt in itertools.count():
+            try:
+                rpc = getattr(self._stub(), method)
+                return await rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as error:
+                delay = self._retry_wait(error, attempt, deadline)
+                if delay is None:
+                    raise TargetServiceError.from_rpc_error(error) from None
+                await asyncio.sleep(delay)
+
+    async def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
+        """See ``TargetClient.assign``."""
+        request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
+        return self._result(await self.assign_raw(request, timeout=timeout))
+
+    async def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
+        return await self._call("Assign", request, timeout)
+
+    async def stream(
+        self,
+        requests: Iterable[Mapping[str, Any] | pb.AssignRequest] | AsyncIterable[Mapping[str, Any] | pb.AssignRequest],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **defaults: Any,
+    ) -> AsyncIterator[Targets | TargetServiceError]:
+        """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
+
+        async def messages():
+            if isinstance(requests, AsyncIterable):
+                i = 0
+                async for item in requests:
+                    yield self._request(item, defaults, i)
+                    i += 1
+            else:
+                for i, item in enumerate(requests):
+                    yield self._request(item, defaults, i)
+
+        call = self._stub().AssignStream(
+            messages(), timeout=self._remaining(self._deadline(timeout)), metadata=self._metadata
+        )
+        try:
+            async for response in call:
+                try:
+                    yield self._result(response)
+                except TargetServiceError as error:
+                    if not return_exceptions:
+                        raise
+                    yield error
+        except grpc.RpcError as error:
+            raise TargetServiceError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        response = await self._call("ListPresets", pb.ListPresetsRequest(), timeout)
+        return [
+            {"name": p.name, "description": p.description, "config": json.loads(p.config_json)}
+            for p in response.presets
+        ]
+
+    async def get_anchors(
+        self, canvas, *, preset: str | None = None, config: Any = None, overrides=None, timeout: float | None = None
+    ):
+        request = pb.GetAnchorsRequest(
+            config=config_ref(preset, config, overrides), canvas_height=int(canvas[0]), canvas_width=int(canvas[1])
+        )
+        return decode_tensor((await self._call("GetAnchors", request, timeout)).anchors, "anchors")

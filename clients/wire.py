@@ -1,0 +1,165 @@
+"""Client side of the wire format: requests from tensors, ``Targets`` from responses.
+
+Boxes may be given as ``xyxy`` (the wire format), ``xywh`` or ``cxcywh`` pixels;
+they are converted here, at the edge. DENSE responses decode without copying
+(the tensors view the response's bytes; float16 deltas are widened to float32);
+SPARSE responses are densified.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tritarget.kernels.targets import Targets
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import decode_tensor, encode_tensor
+
+__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response"]
+
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+_FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
+_DELTA_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+def _to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
+    if box_format == "xyxy":
+        return boxes
+    if box_format == "xywh":
+        x, y, w, h = boxes.unbind(-1)
+        return torch.stack([x, y, x + w, y + h], dim=-1)
+    if box_format == "cxcywh":
+        cx, cy, w, h = boxes.unbind(-1)
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    raise ValueError(f"box_format: must be one of {', '.join(BOX_FORMATS)}; got {box_format!r}")
+
+
+def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
+    boxes = torch.as_tensor(boxes)
+    if not boxes.is_floating_point():
+        boxes = boxes.to(torch.float32)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
+    return _to_xyxy(boxes.detach().to("cpu", torch.float32), box_format).to(torch.float32)
+
+
+def _counts(name: str, counts: Any) -> list[int]:
+    values = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name}: expected integers, got {values!r}")
+    return values
+
+
+def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | None) -> pb.ConfigRef:
+    """A ``ConfigRef``: a preset name, or a config (``TargetConfig`` or its dict), plus overrides."""
+    if (preset is None) == (config is None):
+        raise ValueError("give exactly one of preset= or config=")
+    ref = pb.ConfigRef()
+    if preset is not None:
+        ref.preset = preset
+    else:
+        data = config.to_dict() if hasattr(config, "to_dict") else config
+        ref.config_json = json.dumps(data)
+    for key, value in (overrides or {}).items():
+        ref.overrides[key] = json.dumps(value)
+    return ref
+
+
+def build_request(
+    gt_boxes: Any,
+    gt_counts: Any,
+    canvas: Sequence[int],
+    *,
+    preset: str | None = None,
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    gt_classes: Any = None,
+    ignore_boxes: Any = None,
+    ignore_counts: Any = None,
+    image_sizes: Any = None,
+    box_format: str = "xyxy",
+    drop_invalid: bool = False,
+    format: str = "sparse",
+    delta_dtype: str = "float32",
+    return_classes: bool | None = None,
+    return_max_iou: bool = False,
+    seed: int = 0,
+    request_id: str = "",
+) -> pb.AssignRequest:
+    """The ``AssignRequest`` for a ragged batch (arguments as ``TargetClient.assign``)."""
+    if format not in _FORMATS:
+        raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
+    if delta_dtype not in _DELTA_DTYPES:
+        raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
+    height, width = (int(v) for v in canvas)
+    request = pb.AssignRequest(
+        request_id=request_id,
+        config=config_ref(preset, config, overrides),
+        canvas_height=height,
+        canvas_width=width,
+        gt_counts=_counts("gt_counts", gt_counts),
+        drop_invalid=drop_invalid,
+        format=_FORMATS[format],
+        delta_dtype=_DELTA_DTYPES[delta_dtype],
+        return_classes=gt_classes is not None if return_classes is None else return_classes,
+        return_max_iou=return_max_iou,
+        seed=seed,
+    )
+    encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
+    if gt_classes is not None:
+        encode_tensor(torch.as_tensor(gt_classes).to("cpu", torch.int32), request.gt_classes)
+    if ignore_boxes is not None:
+        encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format), request.ignore_boxes)
+    if ignore_counts is not None:
+        request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
+    if image_sizes is not None:
+        encode_tensor(torch.as_tensor(image_sizes).to("cpu", torch.int32), request.image_sizes)
+    return request
+
+
+def decode_response(response: pb.AssignResponse) -> Targets:
+    """The ``Targets`` a response holds (densified when SPARSE)."""
+    batch, count = response.batch_size, response.num_anchors
+    kind = response.WhichOneof("targets")
+    if kind == "dense":
+        dense = response.dense
+        labels = decode_tensor(dense.labels, "labels", dtypes=(torch.int8,))
+        matched = decode_tensor(dense.matched_gt, "matched_gt", dtypes=(torch.int32,))
+        deltas = decode_tensor(dense.deltas, "deltas", dtypes=(torch.float32, torch.float16)).to(torch.float32)
+        classes = decode_tensor(dense.classes, "classes") if dense.HasField("classes") else None
+    elif kind == "sparse":
+        labels, matched, deltas, classes = _densify(response.sparse, batch, count, response.background_class)
+    else:
+        raise ValueError("response holds no targets")
+    max_iou = decode_tensor(response.max_iou, "max_iou") if response.HasField("max_iou") else None
+    dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
+    if not dropped:
+        dropped = [torch.zeros(0, dtype=torch.int64) for _ in range(batch)]
+    return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
+
+
+def _rows(offsets: torch.Tensor) -> torch.Tensor:
+    """Image index of every row of a CSR list."""
+    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+
+
+def _densify(sparse: pb.SparseTargets, batch: int, count: int, background: int):
+    pos_image = _rows(decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=(torch.int64,)))
+    pos_anchor = decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=(torch.int32,)).long()
+    listed_image = _rows(decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=(torch.int64,)))
+    listed_anchor = decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=(torch.int32,)).long()
+    labels = torch.full((batch, count), sparse.unlisted_label, dtype=torch.int8)
+    labels[listed_image, listed_anchor] = sparse.listed_label
+    labels[pos_image, pos_anchor] = 1
+    matched = torch.full((batch, count), -1, dtype=torch.int32)
+    matched[pos_image, pos_anchor] = decode_tensor(sparse.positive_matched_gt, "positive_matched_gt")
+    deltas = torch.zeros(batch, count, 4, dtype=torch.float32)
+    deltas[pos_image, pos_anchor] = decode_tensor(sparse.positive_deltas, "positive_deltas").to(torch.float32)
+    classes = None
+    if sparse.HasField("positive_classes"):
+        classes = torch.full((batch, count), background, dtype=torch.int32)
+        classes[pos_image, pos_anchor] = decode_tensor(sparse.positive_classes, "positive_classes")
+    return labels, matched, deltas, classes

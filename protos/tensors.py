@@ -1,0 +1,96 @@
+"""Tensors on the wire: ``Tensor{dtype, shape, data}``, little-endian, row-major.
+
+Shared by the server and the clients, so both sides agree on one definition.
+Decoding checks ``prod(shape) * itemsize == len(data)`` before touching the bytes
+and returns a tensor that views the message's bytes (``torch.frombuffer``, no copy).
+Such a tensor is read-only in spirit: clone it before writing into it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from .target_assigner_pb2 import DType, Tensor
+
+__all__ = ["TensorError", "DTYPES", "encode_tensor", "decode_tensor", "wire_dtype"]
+
+# Wire dtype -> torch dtype. Every other torch dtype is refused on both ends.
+DTYPES: dict[int, torch.dtype] = {
+    DType.DTYPE_FLOAT32: torch.float32,
+    DType.DTYPE_FLOAT16: torch.float16,
+    DType.DTYPE_INT8: torch.int8,
+    DType.DTYPE_INT32: torch.int32,
+    DType.DTYPE_INT64: torch.int64,
+}
+_WIRE = {torch_dtype: wire for wire, torch_dtype in DTYPES.items()}
+
+# The wire is little-endian; a big-endian host would have to byte-swap (not supported).
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+class TensorError(ValueError):
+    """A wire tensor that cannot be decoded; ``str()`` says why."""
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    if dtype not in _WIRE:
+        raise TypeError(f"dtype {dtype} has no wire encoding (use one of {', '.join(map(str, _WIRE))})")
+    return _WIRE[dtype]
+
+
+def encode_tensor(tensor: torch.Tensor, out: Tensor | None = None) -> Tensor:
+    """Fill ``out`` (or a new ``Tensor``) with a CPU copy of ``tensor``'s bytes."""
+    if not _NATIVE_LITTLE:
+        raise RuntimeError("tritarget's wire format needs a little-endian host")
+    message = Tensor() if out is None else out
+    message.dtype = wire_dtype(tensor.dtype)
+    message.shape[:] = list(tensor.shape)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    message.data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return message
+
+
+def decode_tensor(
+    message: Tensor,
+    name: str,
+    *,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    ndim: int | None = None,
+    last_dim: int | None = None,
+) -> torch.Tensor:
+    """The tensor a message holds (a view of its bytes), checked.
+
+    ``name`` is the field name used in errors; ``dtypes``, ``ndim`` and ``last_dim``
+    are optional expectations. Raises ``TensorError`` naming the field.
+    """
+    if message.dtype not in DTYPES:
+        raise TensorError(f"{name}: unknown or unset dtype {message.dtype}")
+    dtype = DTYPES[message.dtype]
+    if dtypes is not None and dtype not in dtypes:
+        allowed = ", ".join(DType.Name(_WIRE[d]) for d in dtypes)
+        raise TensorError(f"{name}: dtype {DType.Name(message.dtype)} not allowed here (expected {allowed})")
+    shape = list(message.shape)
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{name}: negative dimension in shape {shape}")
+    if ndim is not None and len(shape) != ndim:
+        raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
+    if last_dim is not None and (not shape or shape[-1] != last_dim):
+        raise TensorError(f"{name}: expected last dimension {last_dim}, got shape {shape}")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    data = message.data
+    if expected != len(data):
+        raise TensorError(f"{name}: shape {shape} x {itemsize} bytes needs {expected} bytes, got {len(data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    if not _NATIVE_LITTLE:
+        raise RuntimeError("tritarget's wire format needs a little-endian host")
+    with warnings.catch_warnings():
+        # bytes are immutable, so torch warns that the view is not writable; it is
+        # handed out as read-only by contract (see the module docstring).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)

@@ -1,0 +1,329 @@
+"""The data plane: a dynamic batcher in front of ``tritarget.kernels.assign`` (no grpc here).
+
+Requests that share a config, canvas and options are merged into one ``assign``
+call, which is one kernel launch on a GPU and one pass of the thread pool on a CPU:
+
+* a batch closes when it holds ``max_batch_images`` images or its oldest request
+  has waited ``max_queue_delay_s``; while every compute worker is busy, requests
+  keep accumulating, so batches grow with load (and stay small when idle);
+* the queue is bounded (``max_queue_images``): beyond it ``submit`` raises
+  ``Overloaded`` at once instead of queueing work that would miss its deadline;
+* compute runs on worker threads, never on the event loop;
+* every request is checked on its own before merging, so a bad request fails
+  alone; each caller gets exactly its own images back (row slices of the batch),
+  and sampling seeds stay per request (image i of a request uses ``seed + i``
+  whatever batch it lands in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from tritarget.kernels import TargetConfig, Targets, assign, presets
+from tritarget.kernels.api import resolve_backend
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.sampling import image_seeds
+
+from .errors import Overloaded, Unavailable, invalid_from_exception
+
+__all__ = ["AssignJob", "BatchOptions", "Batcher", "load_backend"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class AssignJob:
+    """One request's batch, decoded and within limits (see ``tritarget.kernels.assign``)."""
+
+    config: TargetConfig
+    canvas: tuple[int, int]
+    gt_boxes: torch.Tensor  # [N, 4] float32
+    gt_counts: list[int]
+    gt_classes: torch.Tensor | None = None  # [N] int32
+    ignore_boxes: torch.Tensor | None = None  # [M, 4] float32
+    ignore_counts: list[int] | None = None
+    image_sizes: torch.Tensor | None = None  # [B, 2] int64
+    drop_invalid: bool = False
+    return_max_iou: bool = False
+    seed: int = 0
+    enqueued_at: float = field(default=0.0, repr=False)
+
+    @property
+    def images(self) -> int:
+        return len(self.gt_counts)
+
+    @property
+    def merge_key(self) -> tuple:
+        """Jobs merge only when this matches: the batch must be one ``assign`` call."""
+        return (self.config, self.canvas, self.drop_invalid, self.return_max_iou, self.gt_classes is not None)
+
+    def check(self) -> None:
+        """Raise ``InvalidInput`` naming the field, image and box if the batch is bad."""
+        try:
+            build_problem(
+                self.gt_boxes, self.gt_counts, self.canvas, self.config,
+                gt_classes=self.gt_classes, ignore_boxes=self.ignore_boxes, ignore_counts=self.ignore_counts,
+                image_sizes=self.image_sizes, drop_invalid=self.drop_invalid,
+            )  # fmt: skip
+            image_seeds(self.seed, self.images)
+        except (ValueError, TypeError) as exc:
+            raise invalid_from_exception(exc) from None
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Batcher limits; see the module docstring."""
+
+    max_batch_images: int = 32
+    max_queue_delay_s: float = 0.002
+    max_queue_images: int = 1024
+    compute_workers: int = 1
+
+
+def load_backend(name: str) -> str:
+    """The concrete backend for ``name`` (``auto`` -> triton with CUDA, else cpu), imported now.
+
+    Raises ``ValueError`` when the backend does not exist or cannot load here.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() and name in ("auto", "triton") else "cpu")
+    concrete = resolve_backend(name, device)
+    try:  # the smallest batch there is: loads the backend's module (and its compiler)
+        assign(torch.zeros(0, 4, device=device), [0], (32, 32), presets.get("retinanet_torchvision"), backend=concrete)
+    except ImportError as exc:
+        raise ValueError(f"backend {concrete!r} (from {name!r}) cannot be loaded here: {exc}") from exc
+    return concrete
+
+
+# Called with (images, requests, compute seconds) after each batch; and (seconds) per job queued.
+BatchObserver = Callable[[int, int, float], None]
+
+
+class _Pending:
+    __slots__ = ("job", "future")
+
+    def __init__(self, job: AssignJob, future: asyncio.Future) -> None:
+        self.job = job
+        self.future = future
+
+
+class Batcher:
+    """Merges concurrent ``AssignJob``s into batched ``assign`` calls.
+
+    ``await batcher.submit(job) -> Targets`` (the job's own images). Start it with
+    ``start()`` inside the event loop and stop it with ``await close()``.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        options: BatchOptions = BatchOptions(),
+        *,
+        on_batch: BatchObserver | None = None,
+        on_queued: Callable[[float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.options = options
+        self._on_batch = on_batch
+        self._on_queued = on_queued
+        self._on_depth = on_depth
+        self._groups: dict[tuple, list[_Pending]] = {}
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(options.compute_workers, thread_name_prefix="tritarget-compute")
+        self._closed = False
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.options.compute_workers)
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="tritarget-batcher")
+
+    async def close(self) -> None:
+        """Finish every queued and running batch, then stop."""
+        self._closed = True
+        if self._dispatcher is not None:
+            self._wakeup.set()
+            await self._dispatcher
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def run(self, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on a compute worker (the warm-up batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def submit(self, job: AssignJob) -> Targets:
+        if self._closed or self._dispatcher is None:
+            raise Unavailable("the server is shutting down")
+        if self._queued_images + job.images > self.options.max_queue_images:
+            raise Overloaded(
+                f"server overloaded: {self._queued_images} images queued, limit {self.options.max_queue_images}; "
+                "retry with backoff or use another replica"
+            )
+        job.enqueued_at = time.perf_counter()
+        future = asyncio.get_running_loop().create_future()
+        self._groups.setdefault(job.merge_key, []).append(_Pending(job, future))
+        self._set_depth(self._queued_images + job.images)
+        self._wakeup.set()
+        return await future
+
+    def _set_depth(self, images: int) -> None:
+        self._queued_images = images
+        if self._on_depth is not None:
+            self._on_depth(images)
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()  # a free worker first: meanwhile, requests accumulate
+            batch = await self._next_batch()
+            if batch is None:
+                self._slots.release()
+                return
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        """The oldest group's next batch, once it is full or old enough; None when closed and empty."""
+        while True:
+            self._wakeup.clear()
+            if not self._groups:
+                if self._closed:
+                    return None
+                await self._wakeup.wait()
+                continue
+            key, pending = min(self._groups.items(), key=lambda kv: kv[1][0].job.enqueued_at)
+            images = sum(p.job.images for p in pending)
+            wait = pending[0].job.enqueued_at + self.options.max_queue_delay_s - time.perf_counter()
+            if images < self.options.max_batch_images and wait > 0 and not self._closed:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            return self._take(key, pending)
+
+    def _take(self, key: tuple, pending: list[_Pending]) -> list[_Pending]:
+        batch, images = [], 0
+        while pending and (not batch or images + pending[0].job.images <= self.options.max_batch_images):
+            item = pending.pop(0)
+            batch.append(item)
+            images += item.job.images
+        if not pending:
+            del self._groups[key]
+        self._set_depth(self._queued_images - images)
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            now = time.perf_counter()
+            if self._on_queued is not None:
+                for item in batch:
+                    self._on_queued(now - item.job.enqueued_at)
+            live = [item for item in batch if not item.future.cancelled()]
+            if not live:
+                return
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._compute, [item.job for item in live])
+            for item, result in zip(live, results):
+                if item.future.cancelled():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        except BaseException as exc:  # never leave a caller waiting
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+    def _compute(self, jobs: list[AssignJob]) -> list[Targets | BaseException]:
+        """Worker thread: check each job alone, run the good ones as one batch, split."""
+        results: list[Targets | BaseException | None] = [None] * len(jobs)
+        good = []
+        for i, job in enumerate(jobs):
+            try:
+                job.check()
+                good.append(i)
+            except Exception as exc:
+                results[i] = exc
+        if good:
+            start = time.perf_counter()
+            try:
+                parts = _split(self._assign([jobs[i] for i in good]), [jobs[i].images for i in good])
+            except Exception:
+                if len(good) == 1:
+                    raise
+                # Should not happen after the checks; still, isolate the culprit.
+                log.exception("batched assign failed; running its %d requests one by one", len(good))
+                parts = []
+                for i in good:
+                    try:
+                        parts.append(self._assign([jobs[i]]))
+                    except Exception as exc:
+                        parts.append(exc)
+            if self._on_batch is not None:
+                self._on_batch(sum(jobs[i].images for i in good), len(good), time.perf_counter() - start)
+            for i, part in zip(good, parts):
+                results[i] = part
+        return results
+
+    def _assign(self, jobs: list[AssignJob]) -> Targets:
+        return assign(**_merge(jobs), backend=self.backend)
+
+
+def _merge(jobs: list[AssignJob]) -> dict:
+    """``assign`` arguments of several jobs that share a merge key, image after image."""
+    first = jobs[0]
+    merged = {
+        "gt_boxes": torch.cat([j.gt_boxes for j in jobs]),
+        "gt_counts": [c for j in jobs for c in j.gt_counts],
+        "canvas": first.canvas,
+        "config": first.config,
+        "gt_classes": None if first.gt_classes is None else torch.cat([j.gt_classes for j in jobs]),
+        "drop_invalid": first.drop_invalid,
+        "return_max_iou": first.return_max_iou,
+        "seed": [s for j in jobs for s in image_seeds(j.seed, j.images)],
+    }
+    if any(j.ignore_boxes is not None for j in jobs):
+        empty = torch.zeros(0, 4, dtype=torch.float32)
+        merged["ignore_boxes"] = torch.cat([empty if j.ignore_boxes is None else j.ignore_boxes for j in jobs])
+        merged["ignore_counts"] = [
+            c for j in jobs for c in (j.ignore_counts if j.ignore_counts is not None else [0] * j.images)
+        ]
+    if any(j.image_sizes is not None for j in jobs):
+        merged["image_sizes"] = torch.cat([
+            j.image_sizes if j.image_sizes is not None else torch.tensor([list(j.canvas)] * j.images)
+            for j in jobs
+        ]).to(torch.int64)  # fmt: skip
+    return merged
+
+
+def _split(targets: Targets, images: list[int]) -> list[Targets]:
+    """Row slices (views) of a batch's targets, one ``Targets`` per job."""
+    parts, start = [], 0
+    rows = lambda t: None if t is None else t[start : start + count]  # noqa: E731
+    for count in images:
+        parts.append(
+            Targets(
+                rows(targets.labels), rows(targets.matched_gt), rows(targets.deltas), rows(targets.classes),
+                rows(targets.max_iou), list(targets.dropped[start : start + count]), targets.background_class,
+            )
+        )  # fmt: skip
+        start += count
+    return parts

@@ -1,0 +1,284 @@
+"""Messages <-> domain objects: requests into ``AssignJob``s, ``Targets`` into responses.
+
+Every limit is checked here from the request's declared sizes, before anything is
+allocated (``ResourceExhausted``); malformed fields raise ``InvalidInput`` naming
+the field. No grpc here, only the generated messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+
+from tritarget.kernels import TargetConfig, Targets, presets
+from tritarget.kernels.anchors import resolve_grid
+from tritarget.kernels.targets import IGNORED, NEGATIVE, POSITIVE
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
+
+from .backend import AssignJob
+from .errors import InvalidInput, NotFound, ResourceExhausted, invalid_from_exception
+
+__all__ = [
+    "Limits",
+    "resolve_config",
+    "decode_assign",
+    "encode_assign",
+    "anchors_request",
+    "encode_anchors",
+    "list_presets",
+]
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (RESOURCE_EXHAUSTED beyond them).
+
+    ``max_message_bytes`` bounds requests and responses on the wire (gRPC enforces
+    it for requests; responses are checked before computing when their size is
+    known in advance, which it is for DENSE).
+    """
+
+    max_message_bytes: int = 256 * _MIB
+    max_images: int = 256
+    max_boxes: int = 100_000
+    max_canvas_side: int = 8192
+    # images x anchors per request: bounds the [B, A] outputs (32 COCO images = 6.5M).
+    max_anchor_rows: int = 1 << 25
+
+
+def _invalid(field: str, description: str) -> InvalidInput:
+    return InvalidInput(f"{field}: {description}", [(field, description)])
+
+
+@functools.lru_cache(maxsize=256)
+def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...]) -> TargetConfig:
+    if preset:
+        try:
+            config = presets.get(preset)
+        except KeyError:
+            raise NotFound(
+                f"config.preset: unknown preset {preset!r}; known presets: {', '.join(presets.names())}"
+            ) from None
+    elif config_json:
+        try:
+            data = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise _invalid("config.config_json", f"not valid JSON: {exc}") from None
+        try:
+            config = TargetConfig.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise invalid_from_exception(exc, prefix="config.config_json.") from None
+    else:
+        raise _invalid("config", "set either preset or config_json")
+    if overrides:
+        values = {}
+        for key, text in overrides:
+            try:
+                values[key] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _invalid(f"config.overrides[{key}]", f"value is not valid JSON: {exc}") from None
+        try:
+            config = config.replace(**values)
+        except (ValueError, TypeError) as exc:
+            raise invalid_from_exception(exc, prefix="config.overrides.") from None
+    return config
+
+
+def resolve_config(ref: pb.ConfigRef) -> TargetConfig:
+    """The ``TargetConfig`` a request names (cached: data loaders repeat theirs)."""
+    source = ref.WhichOneof("source")
+    preset = ref.preset if source == "preset" else ""
+    config_json = ref.config_json if source == "config_json" else ""
+    return _config_from(preset, config_json, tuple(sorted(ref.overrides.items())))
+
+
+def _canvas(height: int, width: int, limits: Limits) -> tuple[int, int]:
+    for name, side in (("canvas_height", height), ("canvas_width", width)):
+        if side <= 0:
+            raise _invalid(name, f"must be positive, got {side}")
+        if side > limits.max_canvas_side:
+            raise ResourceExhausted(f"{name}: {side} is over the server's limit of {limits.max_canvas_side} pixels")
+    return height, width
+
+
+def _num_anchors(config: TargetConfig, canvas: tuple[int, int]) -> int:
+    """Anchor count from the per-level grid (no [A, 4] tensor is built)."""
+    try:
+        return resolve_grid(config.anchors, canvas).num_anchors
+    except (ValueError, TypeError) as exc:
+        raise invalid_from_exception(exc) from None
+
+
+def _counts(values, field: str) -> list[int]:
+    counts = list(values)
+    for i, c in enumerate(counts):
+        if c < 0:
+            raise _invalid(field, f"image {i}: negative count {c}")
+    return counts
+
+
+def _tensor(message: pb.AssignRequest, name: str, **expect) -> torch.Tensor | None:
+    if not message.HasField(name):
+        return None
+    try:
+        return decode_tensor(getattr(message, name), name, **expect)
+    except TensorError as exc:
+        raise invalid_from_exception(exc) from None
+
+
+def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest) -> int:
+    """Size of the DENSE targets of a request (labels, matched_gt, deltas, optional outputs)."""
+    per_anchor = 1 + 4 + 4 * (2 if request.delta_dtype == pb.DTYPE_FLOAT16 else 4)
+    per_anchor += 4 * request.return_classes + 4 * request.return_max_iou
+    return images * anchors * per_anchor
+
+
+def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
+    """Check a request against the limits and decode it (tensors view its bytes)."""
+    config = resolve_config(request.config)
+    canvas = _canvas(request.canvas_height, request.canvas_width, limits)
+    counts = _counts(request.gt_counts, "gt_counts")
+    if not counts:
+        raise _invalid("gt_counts", "the batch is empty (one count per image, 0 for an image without boxes)")
+    if len(counts) > limits.max_images:
+        raise ResourceExhausted(f"gt_counts: {len(counts)} images is over the server's limit of {limits.max_images}")
+    if sum(counts) > limits.max_boxes:
+        raise ResourceExhausted(f"gt_boxes: {sum(counts)} boxes is over the server's limit of {limits.max_boxes}")
+    anchors = _num_anchors(config, canvas)
+    if len(counts) * anchors > limits.max_anchor_rows:
+        raise ResourceExhausted(
+            f"gt_counts: {len(counts)} images x {anchors} anchors is over the server's limit of "
+            f"{limits.max_anchor_rows} anchor rows per request; send fewer images per request"
+        )
+    if request.format == pb.FORMAT_DENSE:
+        size = dense_response_bytes(len(counts), anchors, request)
+        if size > limits.max_message_bytes:
+            raise ResourceExhausted(
+                f"format: the DENSE response would be {size} bytes, over the {limits.max_message_bytes}-byte "
+                "message limit; use FORMAT_SPARSE or fewer images per request"
+            )
+    if request.delta_dtype not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16):
+        raise _invalid(
+            "delta_dtype", f"must be DTYPE_FLOAT32 or DTYPE_FLOAT16, got {pb.DType.Name(request.delta_dtype)}"
+        )
+    if request.seed < 0:
+        raise _invalid("seed", f"must be >= 0, got {request.seed}")
+
+    boxes = _tensor(request, "gt_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
+    if boxes is None:
+        if sum(counts):
+            raise _invalid("gt_boxes", f"missing, but gt_counts sum to {sum(counts)}")
+        boxes = torch.zeros(0, 4)
+    classes = _tensor(request, "gt_classes", dtypes=(torch.int32, torch.int64), ndim=1)
+    if request.return_classes and classes is None:
+        raise _invalid("return_classes", "needs gt_classes (one class per box)")
+    ignore = _tensor(request, "ignore_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
+    ignore_counts = _counts(request.ignore_counts, "ignore_counts") if request.ignore_counts else None
+    if ignore is not None and ignore_counts is None:
+        raise _invalid("ignore_counts", "required with ignore_boxes (one count per image)")
+    if ignore is None and ignore_counts is not None:
+        if sum(ignore_counts):
+            raise _invalid("ignore_boxes", f"missing, but ignore_counts sum to {sum(ignore_counts)}")
+        ignore = torch.zeros(0, 4)
+    if ignore is not None and ignore.shape[0] > limits.max_boxes:
+        raise ResourceExhausted(
+            f"ignore_boxes: {ignore.shape[0]} boxes is over the server's limit of {limits.max_boxes}"
+        )
+    sizes = _tensor(request, "image_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
+    return AssignJob(
+        config=config,
+        canvas=canvas,
+        gt_boxes=boxes,
+        gt_counts=counts,
+        gt_classes=classes if request.return_classes else None,
+        ignore_boxes=ignore,
+        ignore_counts=ignore_counts,
+        image_sizes=None if sizes is None else sizes.to(torch.int64),
+        drop_invalid=request.drop_invalid,
+        return_max_iou=request.return_max_iou,
+        seed=request.seed,
+    )
+
+
+def _csr_offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:
+    counts = torch.bincount(image_of_row, minlength=batch)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignResponse:
+    """The response to ``request`` holding ``targets`` in the requested format."""
+    half = request.delta_dtype == pb.DTYPE_FLOAT16
+    response = pb.AssignResponse(
+        request_id=request.request_id,
+        batch_size=targets.batch_size,
+        num_anchors=targets.num_anchors,
+        background_class=targets.background_class,
+    )
+    if request.format == pb.FORMAT_DENSE:
+        dense = response.dense
+        encode_tensor(targets.labels, dense.labels)
+        encode_tensor(targets.matched_gt, dense.matched_gt)
+        encode_tensor(targets.deltas.to(torch.float16) if half else targets.deltas, dense.deltas)
+        if request.return_classes and targets.classes is not None:
+            encode_tensor(targets.classes, dense.classes)
+    else:
+        _encode_sparse(targets, half, request.return_classes, response.sparse)
+    if request.return_max_iou and targets.max_iou is not None:
+        encode_tensor(targets.max_iou, response.max_iou)
+    if request.drop_invalid:
+        for dropped in targets.dropped:
+            response.dropped.add().box_index.extend(dropped.tolist())
+    return response
+
+
+def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.SparseTargets) -> None:
+    labels = targets.labels
+    batch = targets.batch_size
+    pos_image, pos_anchor = torch.nonzero(labels == POSITIVE, as_tuple=True)
+    encode_tensor(_csr_offsets(pos_image, batch), sparse.positive_offsets)
+    encode_tensor(pos_anchor.to(torch.int32), sparse.positive_anchors)
+    encode_tensor(targets.matched_gt[pos_image, pos_anchor], sparse.positive_matched_gt)
+    deltas = targets.deltas[pos_image, pos_anchor]
+    encode_tensor(deltas.to(torch.float16) if half else deltas, sparse.positive_deltas)
+    if with_classes and targets.classes is not None:
+        encode_tensor(targets.classes[pos_image, pos_anchor], sparse.positive_classes)
+    # List the rarer of ignored / negative; with RPN sampling most anchors end up ignored.
+    ignored = int((labels == IGNORED).sum())
+    negative = labels.numel() - ignored - pos_image.numel()
+    listed, unlisted = (IGNORED, NEGATIVE) if ignored <= negative else (NEGATIVE, IGNORED)
+    img, anchor = torch.nonzero(labels == listed, as_tuple=True)
+    sparse.listed_label = listed
+    sparse.unlisted_label = unlisted
+    encode_tensor(_csr_offsets(img, batch), sparse.listed_offsets)
+    encode_tensor(anchor.to(torch.int32), sparse.listed_anchors)
+
+
+def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:
+    response = pb.GetAnchorsResponse()
+    encode_tensor(anchors, response.anchors)
+    return response
+
+
+def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[TargetConfig, tuple[int, int]]:
+    """Config and canvas of a GetAnchors request, within the message limit."""
+    config = resolve_config(request.config)
+    canvas = _canvas(request.canvas_height, request.canvas_width, limits)
+    size = _num_anchors(config, canvas) * 16
+    if size > limits.max_message_bytes:
+        raise ResourceExhausted(f"the anchors would be {size} bytes, over the {limits.max_message_bytes}-byte limit")
+    return config, canvas
+
+
+def list_presets() -> pb.ListPresetsResponse:
+    response = pb.ListPresetsResponse()
+    for name in presets.names():
+        response.presets.add(
+            name=name, description=presets.describe(name), config_json=json.dumps(presets.get(name).to_dict())
+        )
+    return response

@@ -1,0 +1,61 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live
+in one process, as they do in the tests).
+
+Exposed on an HTTP port (``tritarget serve --metrics-port``) under ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+# Latency buckets from 0.1 ms (a queue hop) to 10 s (a huge dense batch on a CPU).
+_SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Requests, errors by code, latency split queue / compute / encode, batch size, bytes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("tritarget_requests", "Requests received, by RPC", ["method"], registry=reg)
+        self.errors = Counter(
+            "tritarget_errors", "Requests failed, by RPC and status code", ["method", "code"], registry=reg
+        )
+        self.queue_seconds = Histogram(
+            "tritarget_queue_seconds", "Time a request waited in the batcher", buckets=_SECONDS, registry=reg
+        )
+        self.compute_seconds = Histogram(
+            "tritarget_compute_seconds", "Time of one batched assign call", buckets=_SECONDS, registry=reg
+        )
+        self.encode_seconds = Histogram(
+            "tritarget_encode_seconds", "Time to encode one response", buckets=_SECONDS, registry=reg
+        )
+        self.batch_images = Histogram(
+            "tritarget_batch_images", "Images per batched assign call", buckets=_IMAGES, registry=reg
+        )
+        self.batch_requests = Histogram(
+            "tritarget_batch_requests", "Requests merged into one assign call", buckets=_IMAGES, registry=reg
+        )
+        self.bytes_in = Counter("tritarget_request_bytes", "Serialized request bytes", ["method"], registry=reg)
+        self.bytes_out = Counter("tritarget_response_bytes", "Serialized response bytes", ["method"], registry=reg)
+        self.queued_images = Gauge("tritarget_queued_images", "Images waiting in the batcher", registry=reg)
+        self._http = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint on a background thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent), e.g. ``value("tritarget_batch_images_count")``."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0

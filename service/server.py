@@ -1,0 +1,204 @@
+"""The gRPC server: wiring, warm-up, health, reflection, metrics, shutdown.
+
+``create_server(options) -> (server, port)`` binds (port 0 picks a free port, which
+is what the tests do) without serving; ``await server.start()`` serves;
+``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health goes
+NOT_SERVING, new calls are refused, calls in flight finish (up to ``grace_s``).
+
+Health (``grpc.health.v1``) reports NOT_SERVING until the warm-up batch has run
+(loading the backend, compiling its kernels, caching the anchors), then SERVING,
+for both the overall server ("") and ``tritarget.v1.TargetAssigner``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tritarget.kernels import assign, presets
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+
+from .auth import BearerTokenInterceptor
+from .backend import Batcher, BatchOptions, load_backend
+from .codec import Limits
+from .metrics import Metrics
+from .servicer import TargetAssignerServicer
+
+__all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "SERVICE_NAME"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything ``tritarget serve`` can set.
+
+    token: bearer token every call must carry (None: no auth).
+    tls_cert, tls_key: PEM server certificate chain and key (None: plaintext).
+    metrics_port: Prometheus /metrics HTTP port (None: off; 0: any free port).
+    warmup_preset, warmup_canvas: the warm-up batch that runs before SERVING.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchOptions = field(default_factory=BatchOptions)
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    warmup_preset: str = "retinanet_torchvision"
+    warmup_canvas: tuple[int, int] = (800, 1344)
+    grace_s: float = 10.0
+    reflection: bool = True
+
+
+class TargetServer:
+    """One bound server; see the module docstring."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.backend = load_backend(options.backend)
+        self.metrics = Metrics()
+        self.batcher = Batcher(
+            self.backend,
+            options.batching,
+            on_batch=self._observe_batch,
+            on_queued=self.metrics.queue_seconds.observe,
+            on_depth=self.metrics.queued_images.set,
+        )
+        self.servicer = TargetAssignerServicer(self.batcher, options.limits, self.metrics)
+        self.health = health.aio.HealthServicer()
+        size = options.limits.max_message_bytes
+        interceptors = [BearerTokenInterceptor(options.token, self.metrics)] if options.token else []
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        )
+        pb_grpc.add_TargetAssignerServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        if options.reflection:
+            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.grpc)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert is not None or options.tls_key is not None:
+            if options.tls_cert is None or options.tls_key is None:
+                raise ValueError("TLS needs both a certificate and a key")
+            credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.metrics_port: int | None = None
+        self.ready = asyncio.Event()
+        self._warmup: asyncio.Task | None = None
+
+    def _observe_batch(self, images: int, requests: int, seconds: float) -> None:
+        self.metrics.batch_images.observe(images)
+        self.metrics.batch_requests.observe(requests)
+        self.metrics.compute_seconds.observe(seconds)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Serve now; health turns SERVING once the warm-up batch is done."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.batcher.start()
+        if self.options.metrics_port is not None:
+            host = self.options.metrics_host or self.options.host
+            self.metrics_port = self.metrics.serve_http(host, self.options.metrics_port)
+        await self.grpc.start()
+        self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        config = presets.get(self.options.warmup_preset)
+        height, width = self.options.warmup_canvas
+        boxes = _warmup_boxes(height, width)
+        try:
+            await self.batcher.run(assign, boxes, [boxes.shape[0]], (height, width), config, backend=self.backend)
+        except Exception:
+            log.exception("warm-up failed; the server stays NOT_SERVING")
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("warm-up done; serving")
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.ready.wait(), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, let calls in flight finish (up to ``grace``)."""
+        grace = self.options.grace_s if grace is None else grace
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await self.batcher.close()
+        self.servicer.close()
+        self.metrics.stop_http()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+def _warmup_boxes(height: int, width: int):
+    import torch
+
+    h, w = float(height), float(width)
+    return torch.tensor([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.9 * h]])
+
+
+def create_server(options: ServerOptions = ServerOptions()) -> tuple[TargetServer, int]:
+    """A bound, not yet started server and its port (the bound one when ``port`` is 0)."""
+    server = TargetServer(options)
+    return server, server.port
+
+
+async def serve(
+    options: ServerOptions, on_ready: Callable[[TargetServer], object] | None = None, announce=print
+) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    ``on_ready(server)`` (a coroutine function or a plain function) runs once health
+    is SERVING; ``tritarget up`` sends its demo request from there.
+    """
+    server, port = create_server(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    scheme = "TLS" if options.tls_cert else "plaintext"
+    announce(f"tritarget serving on {options.host}:{port} ({scheme}, backend {server.backend})", flush=True)
+    if server.metrics_port is not None:
+        announce(f"metrics on http://{options.metrics_host or options.host}:{server.metrics_port}/metrics", flush=True)
+    follow_up = loop.create_task(_when_ready(server, on_ready, announce))
+    await stop.wait()
+    follow_up.cancel()
+    announce("shutting down: finishing calls in flight", flush=True)
+    await server.stop()
+    announce("stopped", flush=True)
+
+
+async def _when_ready(server: TargetServer, on_ready, announce) -> None:
+    await server.ready.wait()
+    announce("warm-up done: health is SERVING", flush=True)
+    if on_ready is not None:
+        result = on_ready(server)
+        if asyncio.iscoroutine(result):
+            await result

@@ -1,0 +1,146 @@
+"""The gRPC servicer: decode -> batcher -> encode, and nothing else.
+
+Errors of any kind go through ``tritarget.service.status``; AssignStream answers
+a bad request with ``AssignResponse.error`` and carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from tritarget.kernels import generate_anchors
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+
+from . import codec
+from .backend import Batcher
+from .metrics import Metrics
+from .status import abort, code_name, request_error, status_of
+
+__all__ = ["TargetAssignerServicer"]
+
+
+class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
+    def __init__(
+        self,
+        batcher: Batcher,
+        limits: codec.Limits,
+        metrics: Metrics,
+        *,
+        encode_workers: int = 2,
+        stream_window: int = 8,
+    ) -> None:
+        self._batcher = batcher
+        self._limits = limits
+        self._metrics = metrics
+        # Encoding copies megabytes (DENSE) or scans every anchor (SPARSE): off the loop.
+        self._encoder = ThreadPoolExecutor(encode_workers, thread_name_prefix="tritarget-encode")
+        self._stream_window = stream_window
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
+
+    async def _assign(self, request: pb.AssignRequest) -> pb.AssignResponse:
+        job = codec.decode_assign(request, self._limits)
+        targets = await self._batcher.submit(job)
+        start = time.perf_counter()
+        response = await asyncio.get_running_loop().run_in_executor(
+            self._encoder, codec.encode_assign, request, targets
+        )
+        self._metrics.encode_seconds.observe(time.perf_counter() - start)
+        return response
+
+    def _received(self, method: str, request) -> None:
+        self._metrics.requests.labels(method).inc()
+        self._metrics.bytes_in.labels(method).inc(request.ByteSize())
+
+    def _sent(self, method: str, response) -> None:
+        self._metrics.bytes_out.labels(method).inc(response.ByteSize())
+
+    async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        status = status_of(exc)
+        self._metrics.errors.labels(method, code_name(status)).inc()
+        await abort(context, status)
+
+    async def Assign(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
+        self._received("Assign", request)
+        try:
+            response = await self._assign(request)
+        except Exception as exc:
+            await self._fail("Assign", exc, context)
+        self._sent("Assign", response)
+        return response
+
+    async def _answer(self, request: pb.AssignRequest) -> pb.AssignResponse:
+        """A stream item's response: its targets, or its error (the stream goes on)."""
+        self._received("AssignStream", request)
+        try:
+            response = await self._assign(request)
+        except Exception as exc:
+            status = status_of(exc)
+            self._metrics.errors.labels("AssignStream", code_name(status)).inc()
+            response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
+        self._sent("AssignStream", response)
+        return response
+
+    async def AssignStream(
+        self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AssignResponse]:
+        # Up to `stream_window` requests of one stream are in flight at once (so they
+        # batch together); responses leave in request order.
+        window: asyncio.Queue = asyncio.Queue(self._stream_window)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await window.put(asyncio.ensure_future(self._answer(request)))
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                if reader.done():
+                    reader.result()  # the read failed (client gone): raise it
+                    answer = await window.get()
+                else:
+                    getter = asyncio.ensure_future(window.get())
+                    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    answer = getter.result()
+                if answer is None:
+                    break
+                yield await answer
+        finally:
+            reader.cancel()
+            while not window.empty():
+                answer = window.get_nowait()
+                if answer is not None:
+                    answer.cancel()
+
+    async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
+        self._received("ListPresets", request)
+        try:
+            response = codec.list_presets()
+        except Exception as exc:
+            await self._fail("ListPresets", exc, context)
+        self._sent("ListPresets", response)
+        return response
+
+    async def GetAnchors(self, request: pb.GetAnchorsRequest, context) -> pb.GetAnchorsResponse:
+        self._received("GetAnchors", request)
+        try:
+            config, canvas = codec.anchors_request(request, self._limits)
+            anchors = await asyncio.get_running_loop().run_in_executor(
+                self._encoder, generate_anchors, config.anchors, canvas
+            )
+            response = codec.encode_anchors(anchors)
+        except Exception as exc:
+            await self._fail("GetAnchors", exc, context)
+        self._sent("GetAnchors", response)
+        return response

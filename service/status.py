@@ -1,0 +1,75 @@
+"""The one place where errors become gRPC statuses.
+
+``ServiceError`` subclasses map to their codes; ``InvalidInput`` adds a
+``google.rpc.BadRequest`` with one field violation per problem (read it with
+``grpc_status.rpc_status.from_call``). Anything else is a bug: INTERNAL with a
+generic message, and the traceback goes to the log, not to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tritarget.protos import target_assigner_pb2 as pb
+
+from .errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
+
+__all__ = ["status_of", "abort", "request_error"]
+
+log = logging.getLogger(__name__)
+
+# Most specific first (Overloaded is a ResourceExhausted).
+_CODES: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+INTERNAL_MESSAGE = "internal server error (logged on the server)"
+
+
+def status_of(exc: BaseException) -> status_pb2.Status:
+    """The ``google.rpc.Status`` a caller sees for ``exc``."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            status = status_pb2.Status(code=code.value[0], message=exc.message)
+            if isinstance(exc, InvalidInput) and exc.violations:
+                bad_request = error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations
+                    ]
+                )
+                detail = any_pb2.Any()
+                detail.Pack(bad_request)
+                status.details.append(detail)
+            return status
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
+
+
+def code_name(status: status_pb2.Status) -> str:
+    return code_pb2.Code.Name(status.code)
+
+
+async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    """End the RPC with ``status`` (code, message and details in the trailers)."""
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def request_error(status: status_pb2.Status) -> pb.RequestError:
+    """The in-stream form of a status (AssignStream answers a bad request and goes on)."""
+    error = pb.RequestError(code=status.code, message=status.message)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for v in bad_request.field_violations:
+                error.field_violations.add(field=v.field, description=v.description)
+    return error
