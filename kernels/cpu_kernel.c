@@ -174,8 +174,15 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     const int want_box_max = p->low_quality != LQ_NONE;
     BoxPartial part = job->partials[thread];
     Chunk c;
-    float best[CHUNK], scratch[CHUNK];
+    float best[CHUNK];
     int32_t arg[CHUNK];
+    /* IoU over included anchors, -1 for excluded ones. Read back as int32: for -1 and
+     * non-negative floats (never NaN, never -0) the bit patterns order like the values,
+     * and an integer max vectorises where a float max would need -ffast-math. */
+    union {
+        float f[CHUNK];
+        int32_t i[CHUNK];
+    } masked;
 
     load_chunk(p, start, n, &c);
     mark_excluded(p, image, &c);
@@ -208,15 +215,21 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
             int up = v > best[k];
             best[k] = up ? v : best[k];
             arg[k] = up ? local : arg[k];
-            scratch[k] = c.excluded[k] ? -1.0f : v;
+            masked.f[k] = c.excluded[k] ? -1.0f : v;
         }
         if (!want_box_max) continue;
-        for (int64_t k = 0; k < n; ++k) chunk_max = scratch[k] > chunk_max ? scratch[k] : chunk_max;
+        int32_t top = masked.i[0];
+        for (int64_t k = 1; k < n; ++k) top = masked.i[k] > top ? masked.i[k] : top;
+        union {
+            int32_t i;
+            float f;
+        } as_float = {top};
+        chunk_max = as_float.f;
         /* Strictly greater: this thread sees its items in increasing anchor order, so an
          * equal value found earlier has the lower index (the merge settles other ties). */
         if (chunk_max > part.max[g]) {
             int64_t k = 0;
-            while (scratch[k] != chunk_max) ++k;
+            while (masked.i[k] != top) ++k;
             part.max[g] = chunk_max;
             part.best[g] = (int32_t)(start + k);
         }
