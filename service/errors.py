@@ -64,6 +64,6 @@ def invalid_from_exception(exc: Exception, prefix: str = "") -> InvalidInput:
     text = str(exc)
     field, sep, description = text.partition(": ")
     if not sep or " " in field:
-        field, description = "request", text
+        return InvalidInput(f"{prefix.rstrip('.') or 'request'}: {text}", [(prefix.rstrip(".") or "request", text)])
     field = prefix + field
     return InvalidInput(f"{field}: {description}", [(field, description)])

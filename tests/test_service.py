@@ -1,0 +1,277 @@
+"""The service end to end: a real server on 127.0.0.1 (port 0) and the real client.
+
+Targets through the service must equal in-process ``assign`` exactly (labels,
+matched boxes, classes; deltas bit for bit in float32 and within float16 rounding
+in float16), dense and sparse, unary and streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_service_harness import ServerThread, batching, sparse_view
+
+from support import assert_targets_equal, random_batch
+from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
+from tritarget.kernels import assign, generate_anchors, presets
+from tritarget.service.server import create_server
+
+# Small canvases keep the reference backend fast; ssd300 fixes its own 300 x 300 grid.
+CASES = [
+    ("retinanet_torchvision", (96, 128)),
+    ("retinanet_detectron2", (80, 112)),
+    ("retinanet_mmdet", (96, 96)),
+    ("fasterrcnn_rpn_torchvision", (64, 96)),
+    ("ssd300_torchvision", (300, 300)),
+    ("yolov5", (128, 160)),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(batching=batching(max_queue_delay_s=0.005)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with TargetClient(server.address, timeout=60) as c:
+        yield c
+
+
+def _batch(generator, counts, canvas):
+    boxes, counts = random_batch(generator, counts, canvas)
+    classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    return boxes, counts, classes
+
+
+def _reference(boxes, counts, canvas, preset, **kwargs):
+    return assign(boxes, counts, canvas, presets.get(preset), backend="reference", **kwargs)
+
+
+@pytest.mark.parametrize("preset, canvas", CASES)
+@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+def test_unary_equals_in_process(client, generator, preset, canvas, fmt):
+    boxes, counts, classes = _batch(generator, [3, 0, 1, 7], canvas)
+    got = client.assign(boxes, counts, canvas, preset=preset, gt_classes=classes, format=fmt, seed=11,
+                        return_max_iou=True)  # fmt: skip
+    ref = _reference(boxes, counts, canvas, preset, gt_classes=classes, seed=11, return_max_iou=True)
+    assert_targets_equal(got, ref if fmt == "dense" else sparse_view(ref), rtol=0, atol=0)
+    assert got.max_iou is not None and torch.equal(got.max_iou, ref.max_iou)
+    assert got.background_class == ref.background_class
+    assert [d.tolist() for d in got.dropped] == [[]] * 4
+
+
+@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+def test_float16_deltas_within_half_precision(client, generator, fmt):
+    canvas = (96, 128)
+    boxes, counts, _ = _batch(generator, [5, 2], canvas)
+    got = client.assign(boxes, counts, canvas, preset="retinanet_torchvision", format=fmt, delta_dtype="float16")
+    ref = _reference(boxes, counts, canvas, "retinanet_torchvision")
+    assert got.deltas.dtype == torch.float32
+    assert torch.equal(got.labels, ref.labels)
+    assert torch.equal(got.deltas, ref.deltas.to(torch.float16).to(torch.float32))
+
+
+def test_empty_and_crowded_images(client, generator):
+    canvas = (96, 128)
+    for counts in ([0], [0, 0, 0], [300], [0, 250, 0]):
+        boxes, counts, classes = _batch(generator, counts, canvas)
+        for fmt in ("dense", "sparse"):
+            got = client.assign(boxes, counts, canvas, preset="retinanet_torchvision", gt_classes=classes, format=fmt)
+            ref = _reference(boxes, counts, canvas, "retinanet_torchvision", gt_classes=classes)
+            assert_targets_equal(got, ref, rtol=0, atol=0)
+
+
+def test_inline_config_overrides_ignore_boxes_and_image_sizes(client, generator):
+    canvas = (96, 128)
+    config = presets.get("retinanet_mmdet").replace(**{"match.ignore_iof_thr": 0.5, "match.allowed_border": 0.0})
+    boxes, counts, classes = _batch(generator, [4, 3], canvas)
+    ignore = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 40.0, 90.0, 96.0]])
+    sizes = torch.tensor([[96, 128], [80, 100]])
+    kwargs = dict(gt_classes=classes, ignore_boxes=ignore, ignore_counts=[1, 1], image_sizes=sizes)
+    got = client.assign(boxes, counts, canvas, config=config.to_dict(), overrides={"match.high": 0.55}, **kwargs)
+    ref = assign(boxes, counts, canvas, config.replace(**{"match.high": 0.55}), backend="reference", **kwargs)
+    assert_targets_equal(got, ref, rtol=0, atol=0)
+    assert (got.labels == -1).any()
+
+
+def test_drop_invalid_reports_dropped_boxes(client, generator):
+    canvas = (96, 128)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 40.0], [50.0, 10.0, 50.0, 30.0], [0.0, 0.0, 30.0, 20.0],
+                          [200.0, 200.0, 220.0, 240.0]])  # fmt: skip
+    got = client.assign(boxes, [2, 2], canvas, preset="retinanet_torchvision", drop_invalid=True, format="dense")
+    ref = _reference(boxes, [2, 2], canvas, "retinanet_torchvision", drop_invalid=True)
+    assert_targets_equal(got, ref, rtol=0, atol=0)
+    assert [d.tolist() for d in got.dropped] == [[1], [1]]
+
+
+def test_box_formats_are_converted_at_the_edge(client):
+    canvas = (96, 128)
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 60.0], [30.0, 5.0, 90.0, 45.0]])
+    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+    cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+    ref = client.assign(xyxy, [2], canvas, preset="retinanet_torchvision")
+    for boxes, box_format in ((xywh, "xywh"), (cxcywh, "cxcywh")):
+        got = client.assign(boxes, [2], canvas, preset="retinanet_torchvision", box_format=box_format)
+        assert_targets_equal(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+def test_stream_is_ordered_and_equals_in_process(client, generator, fmt):
+    items, refs = [], []
+    for i, (preset, canvas) in enumerate(CASES * 2):
+        boxes, counts, classes = _batch(generator, [i % 4, 2], canvas)
+        items.append(dict(gt_boxes=boxes, gt_counts=counts, canvas=canvas, preset=preset, gt_classes=classes, seed=i))
+        ref = _reference(boxes, counts, canvas, preset, gt_classes=classes, seed=i)
+        refs.append(ref if fmt == "dense" else sparse_view(ref))
+    got = list(client.stream(items, format=fmt))
+    assert len(got) == len(refs)
+    for g, r in zip(got, refs):
+        assert_targets_equal(g, r, rtol=0, atol=0)
+
+
+def test_stream_answers_a_bad_item_and_goes_on(client, generator):
+    canvas = (96, 128)
+    good, counts, _ = _batch(generator, [3], canvas)
+    bad = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    items = [
+        dict(gt_boxes=good, gt_counts=counts),
+        dict(gt_boxes=bad, gt_counts=[1]),
+        dict(gt_boxes=good, gt_counts=counts, preset="no_such_preset"),
+        dict(gt_boxes=good, gt_counts=counts),
+    ]
+    got = list(client.stream(items, preset="retinanet_torchvision", canvas=canvas, return_exceptions=True))
+    ref = _reference(good, counts, canvas, "retinanet_torchvision")
+    assert_targets_equal(got[0], sparse_view(ref), rtol=0, atol=0)
+    assert isinstance(got[1], TargetServiceError) and got[1].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert got[1].request_id == "1" and "image 0, box 0" in got[1].details
+    assert isinstance(got[2], TargetServiceError) and got[2].code == grpc.StatusCode.NOT_FOUND
+    assert_targets_equal(got[3], sparse_view(ref), rtol=0, atol=0)
+    with pytest.raises(TargetServiceError, match="degenerate"):
+        list(client.stream(items[:2], preset="retinanet_torchvision", canvas=canvas))
+
+
+def test_async_client_unary_and_stream(server, generator):
+    canvas = (96, 128)
+    boxes, counts, classes = _batch(generator, [4, 1], canvas)
+    ref = _reference(boxes, counts, canvas, "retinanet_torchvision", gt_classes=classes)
+
+    async def main():
+        async with AsyncTargetClient(server.address) as client:
+            one = await client.assign(boxes, counts, canvas, preset="retinanet_torchvision", gt_classes=classes)
+            item = dict(gt_boxes=boxes, gt_counts=counts, gt_classes=classes)
+            many = [t async for t in client.stream([item] * 3, preset="retinanet_torchvision", canvas=canvas)]
+            names = [p["name"] for p in await client.list_presets()]
+            return one, many, names
+
+    one, many, names = asyncio.run(main())
+    for got in (one, *many):
+        assert_targets_equal(got, sparse_view(ref), rtol=0, atol=0)
+    assert names == presets.names()
+
+
+def test_list_presets_and_get_anchors(client):
+    listed = client.list_presets()
+    assert [p["name"] for p in listed] == presets.names()
+    for p in listed:
+        assert p["config"] == presets.get(p["name"]).to_dict()
+        assert p["description"] == presets.describe(p["name"])
+    anchors = client.get_anchors((96, 128), preset="retinanet_torchvision")
+    assert torch.equal(anchors, generate_anchors(presets.get("retinanet_torchvision").anchors, (96, 128)))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own(server, client, generator):
+    """Concurrent callers land in one assign call; every caller gets exactly its own rows."""
+    canvas = (96, 128)
+    preset = "fasterrcnn_rpn_torchvision"  # sampling: each request's seeds must survive merging
+    jobs = []
+    for i in range(12):
+        boxes, counts, classes = _batch(generator, [1 + i % 5, i % 3], canvas)
+        jobs.append((boxes, counts, classes, 100 + i))
+    before = server.metrics.value("tritarget_batch_images_count")
+    merged_before = server.metrics.value("tritarget_batch_requests_sum")
+
+    def call(job):
+        boxes, counts, classes, seed = job
+        return client.assign(boxes, counts, canvas, preset=preset, gt_classes=classes, seed=seed, format="dense")
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, jobs))
+    for (boxes, counts, classes, seed), got in zip(jobs, results):
+        ref = _reference(boxes, counts, canvas, preset, gt_classes=classes, seed=seed)
+        assert_targets_equal(got, ref, rtol=0, atol=0)
+    calls = server.metrics.value("tritarget_batch_images_count") - before
+    requests = server.metrics.value("tritarget_batch_requests_sum") - merged_before
+    assert requests == 12
+    assert calls < 12, "no two requests were merged"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    sizes = [line for line in text.splitlines() if line.startswith("tritarget_batch_requests_bucket")]
+    le1 = next(float(line.split()[-1]) for line in sizes if 'le="1.0"' in line)
+    total = next(float(line.split()[-1]) for line in sizes if 'le="+Inf"' in line)
+    assert total > le1, "the /metrics endpoint shows no batch of more than one request"
+
+
+def test_health_is_serving_after_warm_up(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "tritarget.v1.TargetAssigner"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_not_serving_until_warm_up_done():
+    """Hold the only compute worker, so the warm-up batch cannot run: NOT_SERVING until released."""
+    gate = threading.Event()
+    srv = ServerThread()
+    srv.thread.start()
+
+    async def start_blocked():
+        srv.server, srv.port = create_server(srv.options)
+        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+        await srv.server.start()
+
+    try:
+        srv.run(start_blocked())
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            check = lambda: stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status  # noqa: E731
+            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+            gate.set()
+            srv.run(srv.server.wait_ready(30))
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"tritarget.v1.TargetAssigner", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_requests_and_bytes(server, client, generator):
+    canvas = (96, 128)
+    boxes, counts, _ = _batch(generator, [2], canvas)
+    before = server.metrics.value("tritarget_requests_total", {"method": "Assign"})
+    sent = server.metrics.value("tritarget_response_bytes_total", {"method": "Assign"})
+    client.assign(boxes, counts, canvas, preset="retinanet_torchvision")
+    assert server.metrics.value("tritarget_requests_total", {"method": "Assign"}) == before + 1
+    assert server.metrics.value("tritarget_response_bytes_total", {"method": "Assign"}) > sent
+    for name in ("tritarget_queue_seconds_count", "tritarget_compute_seconds_count", "tritarget_encode_seconds_count"):
+        assert server.metrics.value(name) > 0, name
+    json.dumps(client.list_presets())  # configs are JSON all the way

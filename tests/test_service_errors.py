@@ -1,0 +1,209 @@
+"""Every error path returns its status code and a message naming the problem, and the
+server keeps serving afterwards (each test ends with a good request)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread, batching, limits
+
+from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service import codec
+
+CANVAS = (96, 128)
+GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(
+        limits=limits(max_images=8, max_boxes=50, max_canvas_side=1024, max_message_bytes=1 << 20)
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with TargetClient(server.address, retries=0, timeout=30) as c:
+        yield c
+
+
+def _still_serving(client):
+    targets = client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    assert targets.labels.shape[0] == 1 and (targets.labels == 1).any()
+
+
+def _fails(client, code, *match, call=None, **kwargs):
+    args = {"gt_boxes": GOOD, "gt_counts": [2], "canvas": CANVAS, "preset": "retinanet_torchvision", **kwargs}
+    with pytest.raises(TargetServiceError) as info:
+        if call is None:
+            client.assign(args.pop("gt_boxes"), args.pop("gt_counts"), args.pop("canvas"), **args)
+        else:
+            call()
+    error = info.value
+    assert error.code == code, error
+    for text in match:
+        assert text in error.details, (text, error.details)
+    _still_serving(client)
+    return error
+
+
+BAD_BOXES = [
+    ("degenerate", [[10.0, 10.0, 60.0, 50.0], [30.0, 30.0, 30.0, 80.0]], "image 1, box 0: degenerate box (x2 <= x1)"),
+    ("nan", [[10.0, 10.0, 60.0, 50.0], [float("nan"), 0.0, 10.0, 10.0]], "image 1, box 0: coordinates are not finite"),
+    ("outside", [[500.0, 500.0, 600.0, 700.0], [1.0, 1.0, 9.0, 9.0]], "image 0, box 0: wholly outside the 96x128"),
+]
+
+
+@pytest.mark.parametrize("name, boxes, message", BAD_BOXES, ids=[b[0] for b in BAD_BOXES])
+def test_invalid_box_names_image_and_box(client, name, boxes, message):
+    error = _fails(client, INVALID, message, gt_boxes=torch.tensor(boxes), gt_counts=[1, 1])
+    assert error.field_violations and error.field_violations[0][0] == "gt_boxes"
+    assert message in error.field_violations[0][1]
+
+
+def test_invalid_ignore_box_names_field(client):
+    ignore = torch.tensor([[5.0, 5.0, 1.0, 9.0]])
+    error = _fails(client, INVALID, "ignore_boxes: image 0, box 0", ignore_boxes=ignore, ignore_counts=[1])
+    assert error.field_violations[0][0] == "ignore_boxes"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, text",
+    [
+        ({"gt_counts": [1]}, "gt_counts", "counts sum to 1, but gt_boxes has 2 rows"),
+        ({"gt_counts": []}, "gt_counts", "the batch is empty"),
+        ({"canvas": (0, 128)}, "canvas_height", "must be positive"),
+        ({"image_sizes": torch.tensor([[200, 100]])}, "image_sizes[0]", "must be positive and fit"),
+        ({"image_sizes": torch.tensor([[90, 100], [80, 80]])}, "image_sizes", "expected shape [1, 2]"),
+        ({"return_classes": True}, "return_classes", "needs gt_classes"),
+        ({"gt_classes": torch.tensor([1, 2, 3])}, "gt_classes", "expected shape [2]"),
+        ({"seed": -1}, "seed", "must be >= 0"),
+        (
+            {"preset": None, "config": {"anchors": {"layout": "nope", "levels": []}}},
+            "config.config_json.AnchorConfig.layout",
+            "must be one of",
+        ),
+        ({"overrides": {"match.high": 1.5}}, "config.overrides.MatchConfig.high", "must be in [0, 1]"),
+        ({"overrides": {"match.nope": 1}}, "config.overrides", "unknown config field 'match.nope'"),
+    ],
+)
+def test_invalid_argument_with_field_violation(client, kwargs, field, text):
+    error = _fails(client, INVALID, text, **kwargs)
+    assert (field, error.field_violations[0][1]) == error.field_violations[0], error.field_violations
+    assert text in error.field_violations[0][1]
+
+
+def _raw(client, mutate):
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    mutate(request)
+    return lambda: client.assign_raw(request)
+
+
+@pytest.mark.parametrize(
+    "mutate, text",
+    [
+        (
+            lambda r: setattr(r.gt_boxes, "data", r.gt_boxes.data[:-4]),
+            "gt_boxes: shape [2, 4] x 4 bytes needs 32 bytes, got 28",
+        ),
+        (lambda r: setattr(r.gt_boxes, "dtype", pb.DTYPE_INT32), "gt_boxes: dtype DTYPE_INT32 not allowed here"),
+        (lambda r: setattr(r.gt_boxes, "dtype", 99), "gt_boxes: unknown or unset dtype 99"),
+        (lambda r: r.gt_boxes.shape.__setitem__(1, 2), "gt_boxes: expected last dimension 4"),
+        (lambda r: r.ClearField("gt_boxes"), "gt_boxes: missing, but gt_counts sum to 2"),
+        (lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8), "delta_dtype: must be DTYPE_FLOAT32 or DTYPE_FLOAT16"),
+        (lambda r: setattr(r.config, "config_json", "{not json"), "config.config_json: not valid JSON"),
+        (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
+        (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
+    ],
+)
+def test_malformed_messages(client, mutate, text):
+    error = _fails(client, INVALID, text, call=_raw(client, mutate))
+    assert error.field_violations
+
+
+def test_unknown_preset_is_not_found(client):
+    _fails(client, grpc.StatusCode.NOT_FOUND, "unknown preset 'retinanet_nope'", "retinanet_torchvision",
+           preset="retinanet_nope")  # fmt: skip
+    _fails(client, grpc.StatusCode.NOT_FOUND, "unknown preset", call=lambda: client.get_anchors(CANVAS, preset="x"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        ({"gt_boxes": GOOD.repeat(5, 1), "gt_counts": [1] * 10}, "10 images is over the server's limit of 8"),
+        ({"gt_boxes": GOOD.repeat(30, 1), "gt_counts": [60]}, "60 boxes is over the server's limit of 50"),
+        ({"canvas": (2048, 128)}, "canvas_height: 2048 is over the server's limit of 1024"),
+        ({"canvas": (800, 1000), "format": "dense"}, "the DENSE response would be"),
+    ],
+)
+def test_over_limits_is_resource_exhausted(client, kwargs, text):
+    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, text, **kwargs)
+
+
+def test_request_over_message_size_is_rejected_by_grpc(client):
+    boxes = torch.rand(100_000, 4) * 10 + torch.tensor([0.0, 0.0, 20.0, 20.0])
+    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, gt_boxes=boxes, gt_counts=[100_000])
+
+
+def test_unexpected_error_is_internal_and_generic(client, monkeypatch, caplog):
+    def broken(request, targets):
+        raise RuntimeError("secret detail of a bug")
+
+    monkeypatch.setattr(codec, "encode_assign", broken)
+    with caplog.at_level(logging.ERROR, logger="tritarget.service.status"):
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in info.value.details and "internal server error" in info.value.details
+    assert any("secret detail of a bug" in r.getMessage() or (r.exc_info and "secret" in str(r.exc_info[1]))
+               for r in caplog.records)  # fmt: skip
+    monkeypatch.undo()
+    _still_serving(client)
+
+
+def test_full_queue_is_resource_exhausted_and_others_finish():
+    gate = threading.Event()
+    with ServerThread(batching=batching(max_queue_images=2, max_queue_delay_s=0.0)) as srv:
+        srv.run(_occupy(srv, gate))
+        with TargetClient(srv.address, retries=0, timeout=30) as client:
+            call = lambda: client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")  # noqa: E731
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                waiting = [pool.submit(call)]
+                # Taken by the batcher (its queue time is observed), stuck behind the gate.
+                _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)
+                waiting += [pool.submit(call), pool.submit(call)]
+                _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
+                with pytest.raises(TargetServiceError) as info:
+                    call()
+                assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "overloaded" in info.value.details
+                gate.set()
+                for future in waiting:
+                    assert (future.result(30).labels == 1).any()
+            errors = srv.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "RESOURCE_EXHAUSTED"})
+            assert errors == 1
+            _still_serving(client)
+
+
+async def _occupy(srv, gate):
+    """Hold the server's only compute worker until ``gate`` is set."""
+    import asyncio
+
+    asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+
+def _until(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)

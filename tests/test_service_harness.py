@@ -1,0 +1,84 @@
+"""A real tritarget server on 127.0.0.1, port 0, in a background event-loop thread.
+
+Shared by the service and client tests (no tests here). Small warm-up canvas and
+the reference backend keep start-up fast; pass ``backend=...`` to change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+import torch
+
+from tritarget.kernels import Targets
+from tritarget.service.backend import BatchOptions
+from tritarget.service.codec import Limits
+from tritarget.service.server import ServerOptions, TargetServer, create_server
+
+
+class ServerThread:
+    """``with ServerThread(**options) as srv: TargetClient(srv.address)``."""
+
+    def __init__(self, **options) -> None:
+        defaults = {"port": 0, "backend": "reference", "warmup_canvas": (64, 64), "metrics_port": 0, "grace_s": 5.0}
+        fields = {f.name for f in dataclasses.fields(ServerOptions)}
+        unknown = set(options) - fields - {"batching", "limits"}
+        assert not unknown, unknown
+        self.options = ServerOptions(**{**defaults, **options})
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: TargetServer | None = None
+        self.port = 0
+
+    def run(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, wait_ready: bool = True) -> ServerThread:
+        self.thread.start()
+
+        async def start() -> None:
+            self.server, self.port = create_server(self.options)
+            await self.server.start()
+            if wait_ready:
+                await self.server.wait_ready(60)
+
+        self.run(start())
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.server is not None:
+            self.run(self.server.stop(grace))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self):
+        return self.server.metrics
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def batching(**kwargs) -> BatchOptions:
+    return BatchOptions(**kwargs)
+
+
+def limits(**kwargs) -> Limits:
+    return Limits(**kwargs)
+
+
+def sparse_view(targets: Targets) -> Targets:
+    """What a SPARSE response can carry of ``targets``: matched_gt only on positives."""
+    matched = torch.where(targets.labels == 1, targets.matched_gt, torch.full_like(targets.matched_gt, -1))
+    return dataclasses.replace(targets, matched_gt=matched)
