@@ -1,0 +1,306 @@
+"""The triton backend against the reference (DESIGN §5).
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), on small canvases; with a GPU the same tests run compiled, and
+the ``gpu`` tests add full-size parity and out-of-memory checks.
+
+Labels, matched indices, classes and max IoU must equal the reference exactly.
+Deltas go through ``log``: within 1e-6 (rtol and atol) under the interpreter, whose
+numpy log may differ from torch's in the last bit, and within 1e-5 compiled, where
+the GPU's logf is a different implementation again.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import assert_targets_equal, random_batch, random_boxes, with_ties
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
+from tritarget.kernels.config import AnchorConfig, AnchorLevel, MatchConfig
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+triton = pytest.importorskip("triton")
+from tritarget.kernels import triton_backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = triton_backend.interpreting()
+if not (HAS_CUDA or INTERPRETED):
+    pytest.skip("the triton backend needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+TOL = 1e-6 if INTERPRETED else 1e-5
+MODES = ("none", "torchvision", "detectron2", "mmdet", "ssd_forced")
+# Small canvases, including odd sizes whose feature maps round up.
+CANVASES = ((64, 96), (97, 131), (160, 224))
+gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU with compiled Triton")
+
+
+def _dense_config(name: str) -> TargetConfig:
+    """A preset without sampling: the backends are compared before sampling."""
+    return presets.get(name).replace(**{"match.sample_size": 0})
+
+
+def assert_sparse_equal(ours: SparseTargets, ref: SparseTargets) -> None:
+    assert ours.num_anchors == ref.num_anchors
+    assert ours.background_class == ref.background_class
+    for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "ignored_offsets", "ignored_anchors",
+                 "positive_classes"):  # fmt: skip
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a is None) == (b is None), f"{name}: present in only one result"
+        if a is not None:
+            assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+            assert torch.equal(a.cpu(), b.cpu()), f"{name}: {a.tolist()[:16]} != {b.tolist()[:16]}"
+    assert ours.positive_deltas.dtype == ref.positive_deltas.dtype
+    # Compacted from the same dense deltas: exactly equal.
+    assert torch.equal(ours.positive_deltas.cpu(), ref.positive_deltas.cpu())
+
+
+def check(boxes, counts, canvas, config, *, sparse=False, **kwargs) -> Targets:
+    """Solve one batch with both backends; compare dense (and sparse) targets.
+
+    Snapping boxes to a grid for ties may push one off the canvas: it is dropped, the
+    same for both backends.
+    """
+    extra = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, drop_invalid=True, **extra)
+    ours = triton_backend.solve(problem)
+    ref = reference.solve(problem)
+    assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
+    assert ours.labels.device == problem.device
+    if sparse:
+        assert_sparse_equal(triton_backend.solve_sparse(problem), ours.to_sparse())
+    return ours
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_matches_reference(name, generator):
+    canvas = CANVASES[len(name) % len(CANVASES)]
+    boxes, counts = random_batch(generator, [0, 1, 6, 13], canvas)
+    boxes[7:] = with_ties(boxes[7:], generator)  # the 13-box image has exact duplicates
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    check(boxes, counts, canvas, _dense_config(name), gt_classes=classes, want_max_iou=True, sparse=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("strict_high, min_pos_iou", [(False, 0.0), (True, 0.3)])
+def test_every_mode_with_ties_and_crowds(mode, strict_high, min_pos_iou, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 0, 24, 70], canvas)
+    boxes = with_ties(boxes, generator)  # a coarse grid: many equal IoUs, many duplicates
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.low_quality": mode, "match.strict_high": strict_high, "match.min_pos_iou": min_pos_iou,
+           "match.high": 0.5, "match.low": 0.3}
+    )  # fmt: skip
+    check(boxes, counts, canvas, config, sparse=mode in ("detectron2", "mmdet"))
+
+
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
+def test_crowded_image(mode, generator):
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [200, 3], canvas, max_frac=0.3)
+    boxes[:100] = with_ties(boxes[:100], generator)
+    config = _dense_config("retinanet_mmdet").replace(**{"match.low_quality": mode})
+    check(boxes, counts, canvas, config, want_max_iou=True)
+
+
+@pytest.mark.parametrize("wrt_anchor", [True, False])
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "none"))
+def test_ignore_regions(wrt_anchor, mode, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [4, 9, 0], canvas)
+    ignore, ignore_counts = random_batch(generator, [2, 0, 70], canvas, max_frac=0.4)
+    config = _dense_config("retinanet_mmdet").replace(
+        **{"match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": wrt_anchor, "match.low_quality": mode}
+    )
+    ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts, sparse=True)
+    assert (ours.labels[1] == -1).any()
+
+
+@pytest.mark.parametrize("border, order", [(0.0, "pre_match"), (0.0, "post_match"), (8.5, "pre_match"),
+                                           (3.0, "post_match")])  # fmt: skip
+@pytest.mark.parametrize("mode", ("torchvision", "detectron2", "ssd_forced"))
+def test_border_rules(border, order, mode, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [6, 2, 0], canvas)
+    config = _dense_config("rpn_detectron2").replace(
+        **{"match.allowed_border": border, "match.border_order": order, "match.low_quality": mode}
+    )
+    sizes = torch.tensor([[160, 224], [101, 77], [64, 200]])
+    check(boxes, counts, canvas, config, image_sizes=sizes, sparse=order == "post_match")
+
+
+def test_ignore_and_border_together(generator):
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [7, 7], canvas)
+    ignore, ignore_counts = random_batch(generator, [3, 1], canvas)
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.ignore_iof_thr": 0.3, "match.allowed_border": 0.0, "match.border_order": "pre_match"}
+    )
+    check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts,
+          image_sizes=[[64, 96], [40, 50]], want_max_iou=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_anchors", [1, 2, 37, 2049, 5000])
+@pytest.mark.parametrize("mode", MODES)
+def test_explicit_anchors(num_anchors, mode, generator):
+    canvas = (97, 131)
+    anchors = random_boxes(generator, num_anchors, canvas, min_size=1.0, max_frac=0.5)
+    anchors[: num_anchors // 3] = with_ties(anchors[: num_anchors // 3], generator)
+    boxes, counts = random_batch(generator, [3, 0, 11], canvas)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
+    check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=num_anchors == 2049)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_zero_area_explicit_anchors():
+    """Degenerate anchors have IoU 0 and IoF 0 (no NaN), like the reference.
+
+    With IoF over the ignore box, the ignore region takes out both boxes' overlapping
+    anchors, so each box's best IoU is 0 and every zero-IoU anchor is lifted -- zero-area
+    ones too, whose deltas are then infinite, in the reference as here.
+    """
+    anchors = torch.tensor([[10, 10, 10, 20], [0, 0, 16, 16], [5, 5, 5, 5], [0, 0, 32, 32]], dtype=torch.float32)
+    boxes = torch.tensor([[0, 0, 16, 16], [4, 4, 30, 30]], dtype=torch.float32)
+    ignore = torch.tensor([[8, 8, 12, 24]], dtype=torch.float32)
+    for wrt_anchor in (True, False):
+        config = _dense_config("retinanet_torchvision").replace(
+            **{"match.ignore_iof_thr": 0.2, "match.ignore_iof_wrt_anchor": wrt_anchor}
+        )
+        ours = check(boxes, [2], (64, 96), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[1],
+                     want_max_iou=True)  # fmt: skip
+        assert torch.isfinite(ours.max_iou).all()
+
+
+@pytest.mark.parametrize(
+    "mode, labels, matched",
+    [
+        ("none", [-1, 0, 1], [-1, -1, 0]),
+        ("torchvision", [-1, 0, 1], [-1, -1, 0]),  # a2 keeps its own argmax, box 0
+        ("detectron2", [-1, 0, 1], [0, 0, 0]),  # every included anchor's argmax (a1: all 0, box 0)
+        ("mmdet", [-1, 0, 1], [-1, -1, 1]),  # box 1's maximum is a2 too: the later box overwrites
+        ("ssd_forced", [-1, 0, 1], [-1, -1, 1]),  # a2 is both boxes' best: the later box wins
+    ],
+)
+def test_known_answers(mode, labels, matched):
+    """Hand-computed IoUs (rows: boxes, columns: anchors a0 a1 a2):
+    box 0 [0,0,25,10]: 100/250 = 0.4, 0, 250/260; box 1 [0,0,30,10]: 1/3, 0, 260/300.
+    With high 0.9 and low 0.3: a0 is ignored, a1 negative, a2 positive (0.96)."""
+    anchors = torch.tensor([[0, 0, 10, 10], [60, 40, 70, 50], [0, 0, 26, 10]], dtype=torch.float32)
+    boxes = torch.tensor([[0, 0, 25, 10], [0, 0, 30, 10]], dtype=torch.float32)
+    level = AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1,))
+    config = TargetConfig(anchors=AnchorConfig(layout="torchvision", levels=(level,)),
+                          match=MatchConfig(high=0.9, low=0.3, low_quality=mode))  # fmt: skip
+    ours = check(boxes, [2], (64, 96), config, anchors=anchors)
+    assert ours.labels[0].tolist() == labels
+    assert ours.matched_gt[0].tolist() == matched
+
+
+def test_empty_batch_and_all_empty_images():
+    config = _dense_config("yolov5")
+    boxes = torch.zeros(0, 4)
+    ours = check(boxes, [0, 0, 0], (64, 96), config, want_max_iou=True, sparse=True)
+    assert (ours.labels == 0).all() and (ours.matched_gt == -1).all() and (ours.max_iou == 0).all()
+
+
+def test_assign_dispatches_to_triton_with_sampling(generator):
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [3, 0, 5], canvas)
+    config = presets.get("fasterrcnn_rpn_torchvision")
+    ours = assign(boxes.to(DEVICE), counts, canvas, config, backend="triton", seed=7)
+    ref = assign(boxes.to(DEVICE), counts, canvas, config, backend="reference", seed=7)
+    assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
+
+
+def test_assign_restores_dropped_indices(generator):
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [4, 3], canvas)
+    boxes[1] = torch.tensor([10.0, 10.0, 5.0, 20.0])  # degenerate: dropped
+    config = _dense_config("retinanet_torchvision")
+    ours = assign(boxes.to(DEVICE), counts, canvas, config, backend="triton", drop_invalid=True)
+    ref = assign(boxes.to(DEVICE), counts, canvas, config, backend="reference", drop_invalid=True)
+    assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
+    assert ours.dropped[0].tolist() == [1]
+
+
+def test_refuses_what_it_cannot_run(monkeypatch, generator):
+    with pytest.raises(TypeError, match="Problem"):
+        triton_backend.solve("not a problem")
+    boxes, counts = random_batch(generator, [2], (64, 96))
+    problem, _ = build_problem(boxes, counts, (64, 96), _dense_config("retinanet_torchvision"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        triton_backend.solve(problem)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the interpreter path on CPU tensors")
+def test_importing_the_package_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, tritarget.kernels; sys.exit('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- compiled, full size (skipped without a GPU) -------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("name", presets.names())
+def test_full_size_parity(name):
+    config = _dense_config(name)
+    canvas = (300, 300) if name.startswith("ssd") else (256, 256) if name.startswith("d2l") else COCO_CANVAS
+    boxes, counts, classes = coco_like_batch(4, seed=1, canvas=canvas)
+    boxes[: boxes.shape[0] // 4] = with_ties(boxes[: boxes.shape[0] // 4], torch.Generator().manual_seed(1))
+    check(boxes, counts, canvas, config, gt_classes=classes, want_max_iou=True, sparse=True)
+
+
+@gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_full_size_modes_with_crowd_and_ignore(mode):
+    boxes, counts, _ = coco_like_batch(3, seed=2, boxes_per_image=150)
+    ignore, ignore_counts, _ = coco_like_batch(3, seed=3, boxes_per_image=5)
+    config = _dense_config("retinanet_mmdet").replace(
+        **{"match.low_quality": mode, "match.ignore_iof_thr": 0.5, "match.allowed_border": 0.0}
+    )
+    check(boxes, counts, COCO_CANVAS, config, ignore_boxes=ignore, ignore_counts=ignore_counts, sparse=True)
+
+
+@gpu
+def test_auto_picks_triton_on_cuda():
+    boxes, counts, _ = coco_like_batch(2, seed=4)
+    config = _dense_config("retinanet_torchvision")
+    ours = assign(boxes.cuda(), counts, COCO_CANVAS, config, backend="auto")
+    ref = assign(boxes.cuda(), counts, COCO_CANVAS, config, backend="reference")
+    assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
+
+
+def _peak_extra_bytes(fn) -> tuple[object, int]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - before
+
+
+@gpu
+@pytest.mark.parametrize("batch, boxes_per_image", [(64, None), (8, 1000), (64, 1000)])
+def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image):
+    """B = 64 and G = 1000 fit, with memory O(B * A + G) (the outputs), never O(A * G)."""
+    boxes, counts, classes = coco_like_batch(batch, seed=5, boxes_per_image=boxes_per_image)
+    config = _dense_config("retinanet_torchvision")
+    problem, _ = build_problem(boxes.cuda(), counts, COCO_CANVAS, config, gt_classes=classes.cuda())
+    targets, extra = _peak_extra_bytes(lambda: triton_backend.solve(problem))
+    outputs = sum(t.numel() * t.element_size() for t in (targets.labels, targets.matched_gt, targets.deltas,
+                                                         targets.classes))  # fmt: skip
+    num_anchors = problem.num_anchors
+    assert extra <= outputs + 16 * boxes.shape[0] + (1 << 20), (extra, outputs)
+    assert extra < num_anchors * max(counts) * 4  # far below one image's [G, A] IoU matrix
+    # Parity on the first two images (matching is per image).
+    first = sum(counts[:2])
+    sub, _ = build_problem(boxes[:first].cuda(), counts[:2], COCO_CANVAS, config, gt_classes=classes[:first].cuda())
+    ref = reference.solve(sub)
+    head = Targets(targets.labels[:2], targets.matched_gt[:2], targets.deltas[:2], targets.classes[:2])
+    assert_targets_equal(head, ref, rtol=TOL, atol=TOL)
