@@ -1,0 +1,129 @@
+"""Graceful shutdown (calls in flight finish) and the CLI: serve --port 0, SIGTERM, up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread
+
+from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.kernels import assign, presets
+
+CANVAS = (96, 128)
+BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+
+
+def _until(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_graceful_shutdown_finishes_calls_in_flight():
+    gate = threading.Event()
+    srv = ServerThread().start()
+
+    async def occupy():
+        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+    result = {}
+    try:
+        srv.run(occupy())
+        client = TargetClient(srv.address, retries=0, timeout=30)
+
+        def call():
+            result["targets"] = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)  # taken, stuck behind the gate
+        stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
+        time.sleep(0.3)
+        with TargetClient(srv.address, retries=0, timeout=5) as late:
+            with pytest.raises(TargetServiceError) as info:
+                late.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert not stopping.done()
+        gate.set()
+        caller.join(30)
+        stopping.result(30)
+        ref = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+        assert torch.equal(result["targets"].labels, ref.labels)
+        client.close()
+    finally:
+        gate.set()
+        srv.server = None
+        srv.stop()
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _read_until(process: subprocess.Popen, pattern: str, timeout: float = 120.0) -> tuple[re.Match, str]:
+    seen = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match, "".join(seen)
+    process.kill()
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_port_zero_and_stop_on_signal(sig):
+    process = _spawn("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
+    try:
+        match, _ = _read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
+        port = int(match.group(1))
+        _read_until(process, r"health is SERVING")
+        with TargetClient(f"127.0.0.1:{port}") as client:
+            assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+        process.send_signal(sig)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out
+        assert "stopped" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_up_prints_a_summary_and_keeps_serving():
+    process = _spawn("up", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64", "--batch", "3")
+    try:
+        match, out = _read_until(process, r"service running on 127\.0\.0\.1:(\d+)", timeout=180)
+        rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", out, flags=re.M)
+        assert len(rows) == 3
+        for _, _, pos, neg, ign in rows:
+            assert sum(int(v.replace(",", "")) for v in (pos, neg, ign)) == 201_600
+        assert "SPARSE response" in out
+        port = int(match.group(1))
+        assert process.poll() is None
+        with TargetClient(f"127.0.0.1:{port}") as client:
+            assert len(client.list_presets()) == len(presets.names())
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,81 @@
+"""Bearer-token auth (interceptor) and TLS with a self-signed certificate made here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_service_harness import ServerThread
+
+from tritarget.clients import TargetClient, TargetServiceError
+
+CANVAS = (96, 128)
+BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
+TOKEN = "s3cret-token"
+
+
+def _assign(client):
+    return client.assign(BOXES, [1], CANVAS, preset="retinanet_torchvision")
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    with ServerThread(token=TOKEN) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("token, message", [(None, "missing credentials"), ("wrong", "invalid bearer token")])
+def test_auth_rejects_missing_or_wrong_token(auth_server, token, message):
+    with TargetClient(auth_server.address, token=token, retries=0) as client:
+        for call in (lambda: _assign(client), client.list_presets,
+                     lambda: list(client.stream([{"gt_boxes": BOXES, "gt_counts": [1]}], preset="yolov5",
+                                                canvas=CANVAS))):  # fmt: skip
+            with pytest.raises(TargetServiceError) as info:
+                call()
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert message in info.value.details
+    assert auth_server.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "UNAUTHENTICATED"}) >= 1
+
+
+def test_auth_accepts_the_token_and_health_needs_none(auth_server):
+    with TargetClient(auth_server.address, token=TOKEN) as client:
+        assert (_assign(client).labels == 1).any()
+        assert (
+            len(list(client.stream([{"gt_boxes": BOXES, "gt_counts": [1]}] * 2, preset="yolov5", canvas=CANVAS))) == 2
+        )
+    with grpc.insecure_channel(auth_server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _self_signed(tmp_path) -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 / localhost and its key (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert.read_bytes(), key.read_bytes()
+
+
+def test_tls_with_self_signed_certificate_and_token(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    with ServerThread(tls_cert=cert, tls_key=key, token=TOKEN) as srv:
+        with TargetClient(srv.address, root_certificates=cert, token=TOKEN) as client:
+            assert (_assign(client).labels == 1).any()
+            assert client.get_anchors(CANVAS, preset="yolov5").shape[1] == 4
+        with TargetClient(srv.address, retries=0, timeout=5) as plaintext:
+            with pytest.raises(TargetServiceError) as info:
+                _assign(plaintext)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        with TargetClient(srv.address, root_certificates=cert, retries=0) as no_token:
+            with pytest.raises(TargetServiceError) as info:
+                _assign(no_token)
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
