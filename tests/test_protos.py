@@ -1,0 +1,70 @@
+"""The committed generated code is what the regeneration script makes, and tensors
+survive the wire format (with the size check refusing truncated data)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
+
+PROTOS = pathlib.Path(__file__).resolve().parent.parent / "protos"
+GENERATED = ("target_assigner_pb2.py", "target_assigner_pb2.pyi", "target_assigner_pb2_grpc.py")
+
+
+def test_regenerating_gives_the_committed_files(tmp_path):
+    pytest.importorskip("grpc_tools", reason="needs grpcio-tools (the dev extra)")
+    if shutil.which("sh") is None:
+        pytest.skip("needs a POSIX shell")
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["sh", str(PROTOS / "generate.sh"), str(tmp_path)], check=True, env=env, timeout=120)
+    for name in GENERATED:
+        assert (tmp_path / name).read_text() == (PROTOS / name).read_text(), f"{name} is stale: run protos/generate.sh"
+
+
+def test_generated_code_imports_from_the_package():
+    from tritarget.protos import target_assigner_pb2_grpc
+
+    assert pb.DESCRIPTOR.package == "tritarget.v1"
+    assert pb.DESCRIPTOR.name == "tritarget/v1/target_assigner.proto"
+    assert hasattr(target_assigner_pb2_grpc, "TargetAssignerStub")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 4), (3, 0, 4), (2, 13, 4), ()])
+def test_tensor_round_trip(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    tensor = (torch.randn(shape, generator=generator) * 100).to(dtype)
+    message = pb.Tensor.FromString(encode_tensor(tensor).SerializeToString())
+    assert list(message.shape) == list(shape)
+    assert len(message.data) == tensor.numel() * tensor.element_size()
+    back = decode_tensor(message, "t")
+    assert back.dtype == dtype and back.shape == tensor.shape and torch.equal(back, tensor)
+
+
+def test_little_endian_row_major():
+    message = encode_tensor(torch.tensor([[1, 2], [3, 256]], dtype=torch.int32))
+    assert message.data == bytes([1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 1, 0, 0])
+    assert encode_tensor(torch.arange(6, dtype=torch.int8).reshape(2, 3).t()).data == bytes([0, 3, 1, 4, 2, 5])
+
+
+def test_size_check_and_expectations():
+    message = encode_tensor(torch.zeros(2, 4))
+    message.data = message.data[:-1]
+    with pytest.raises(TensorError, match=r"boxes: shape \[2, 4\] x 4 bytes needs 32 bytes, got 31"):
+        decode_tensor(message, "boxes")
+    with pytest.raises(TensorError, match="dtype DTYPE_FLOAT32 not allowed here"):
+        decode_tensor(encode_tensor(torch.zeros(2, 4)), "x", dtypes=(torch.int32,))
+    with pytest.raises(TensorError, match="expected last dimension 4"):
+        decode_tensor(encode_tensor(torch.zeros(2, 3)), "x", last_dim=4)
+    with pytest.raises(TensorError, match="unknown or unset dtype"):
+        decode_tensor(pb.Tensor(), "x")
+    with pytest.raises(TypeError, match="no wire encoding"):
+        encode_tensor(torch.zeros(2, dtype=torch.float64))
