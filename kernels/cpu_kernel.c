@@ -347,7 +347,8 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
         }
         const float best = p->max_iou[row + k];
         int positive = p->strict_high ? best > p->high : best >= p->high;
-        int negative = !positive && best < p->low;
+        /* strict_high is DALI/MLPerf's single criterion: the interval is (low, high] */
+        int negative = !positive && (p->strict_high ? best <= p->low : best < p->low);
         int32_t match = positive ? argmax : -1;
         if (lifted[k]) {
             positive = 1;

@@ -1,0 +1,300 @@
+"""The CPU backend equals the reference: labels, matched indices, classes and max IoU
+exactly, deltas within 1e-6, for every preset and matching mode; and it never builds a
+[G, A] matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from support import assert_targets_equal, random_batch, with_ties
+
+from tritarget.kernels import TargetConfig, assign, cpu, presets, reference
+from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
+from tritarget.kernels.cpu_build import CompileError, _compiler
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+SMALL_CANVASES = [(64, 96), (97, 131), (160, 224)]
+# Few, small anchors on a small canvas: cheap for the reference, and every rule fires.
+SMALL_ANCHORS = AnchorConfig(
+    layout="torchvision",
+    levels=(
+        AnchorLevel(stride=8, sizes=(16, 24), aspect_ratios=(0.5, 1.0, 2.0)),
+        AnchorLevel(stride=16, sizes=(40,), aspect_ratios=(0.5, 1.0, 2.0)),
+    ),
+)
+
+
+def solve_both(boxes, counts, canvas, config, **kwargs):
+    """Dense targets (before sampling) from the reference and from the CPU backend."""
+    problem, _ = build_problem(boxes, counts, canvas, config, **kwargs)
+    return cpu.solve(problem), reference.solve(problem)
+
+
+def classes_for(boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("canvas", SMALL_CANVASES)
+@pytest.mark.parametrize("preset", presets.names())
+def test_every_preset_on_small_canvases(preset, canvas, generator):
+    boxes, counts = random_batch(generator, [0, 1, 3, 13], canvas)
+    ours, ref = solve_both(
+        boxes, counts, canvas, presets.get(preset), gt_classes=classes_for(boxes, generator), want_max_iou=True
+    )
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize("preset", presets.names())
+def test_every_preset_with_ties_through_assign(preset, generator):
+    """Through ``assign`` (sampling and dispatch included), with duplicate boxes."""
+    canvas = (128, 160)
+    boxes, counts = random_batch(generator, [5, 0, 8], canvas)
+    boxes = with_ties(boxes, generator)
+    config = presets.get(preset)
+    ours = assign(boxes, counts, canvas, config, backend="cpu", seed=3)
+    ref = assign(boxes, counts, canvas, config, backend="reference", seed=3)
+    assert_targets_equal(ours, ref)
+
+
+def test_auto_on_cpu_tensors_is_the_cpu_backend(generator, monkeypatch):
+    boxes, counts = random_batch(generator, [4], (96, 96))
+    config = presets.get("retinanet_torchvision")
+    calls = []
+    monkeypatch.setattr(cpu, "solve", lambda problem: calls.append(problem) or reference.solve(problem))
+    assign(boxes, counts, (96, 96), config, backend="auto")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("strict_high", [False, True])
+@pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [0, 2, 7, 16], canvas)
+    boxes = with_ties(boxes, generator)
+    # Thresholds on exact IoU values of the snapped boxes (1/2, 1/3), so ">=" and ">"
+    # and the float32 rounding of the threshold all matter.
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS,
+        match=MatchConfig(high=0.5, low=1 / 3, strict_high=strict_high, low_quality=low_quality,
+                          min_pos_iou=min_pos_iou),
+    )  # fmt: skip
+    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_boxes_sharing_best_anchors(low_quality):
+    """Identical and nested boxes: the same best anchor, equal maxima, later-box-wins rules."""
+    canvas = (64, 64)
+    boxes = torch.tensor(
+        [[8, 8, 24, 24], [8, 8, 24, 24], [10, 10, 22, 22], [40, 40, 56, 56], [8, 8, 24, 24], [1, 1, 3, 3]],
+        dtype=torch.float32,
+    )
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(high=0.7, low=0.3, low_quality=low_quality))
+    ours, ref = solve_both(boxes, [6], canvas, config, want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize("wrt_anchor", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
+def test_ignore_regions(low_quality, threshold, wrt_anchor, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [6, 0, 9], canvas)
+    ignore, ignore_counts = random_batch(generator, [2, 3, 0], canvas, max_frac=0.4)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS,
+        match=MatchConfig(low_quality=low_quality, ignore_iof_thr=threshold, ignore_iof_wrt_anchor=wrt_anchor),
+    )
+    ours, ref = solve_both(
+        boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts, want_max_iou=True
+    )
+    assert_targets_equal(ours, ref)
+
+
+def test_ignore_region_covering_the_canvas_excludes_every_anchor(generator):
+    """Every anchor excluded: no box has an included anchor (its maximum is -1)."""
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [3], canvas)
+    ignore = torch.tensor([[-50.0, -50.0, 200.0, 200.0]])
+    for mode in LOW_QUALITY_MODES:
+        config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=mode, ignore_iof_thr=0.1))
+        ours, ref = solve_both(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1])
+        assert_targets_equal(ours, ref)
+        assert (ours.labels == -1).all()
+
+
+@pytest.mark.parametrize("order", ["pre_match", "post_match"])
+@pytest.mark.parametrize("border", [0.0, 4.5, 32.0])
+@pytest.mark.parametrize("low_quality", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
+def test_border_rules(low_quality, border, order, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 0, 11], canvas)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=border, border_order=order)
+    )
+    sizes = [[97, 131], [60, 131], [80, 100]]
+    ours, ref = solve_both(boxes, counts, canvas, config, image_sizes=sizes, want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_explicit_anchors(low_quality, generator):
+    """Arbitrary anchors (proposals), including zero-area and inverted ones."""
+    canvas = (120, 150)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=1.0)
+    anchors[::97, 2] = anchors[::97, 0]  # zero width
+    anchors[::89, 3] = anchors[::89, 1] - 2  # inverted: negative area
+    boxes, counts = random_batch(generator, [4, 0, 10], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=2.0))
+    classes = classes_for(boxes, generator)
+    ours, ref = solve_both(boxes, counts, canvas, config, anchors=anchors, gt_classes=classes, want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+def test_encoding_weights_means_and_stds(generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [7, 3], canvas)
+    config = presets.get("retinanet_mmdet").replace(
+        **{"encode.weights": (10.0, 10.0, 5.0, 5.0), "encode.means": (0.1, -0.2, 0.0, 0.3),
+           "encode.stds": (0.1, 0.1, 0.2, 0.2), "background_class": 80}
+    )  # fmt: skip
+    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
+    assert_targets_equal(ours, ref)
+    assert (ours.classes[ours.labels != 1] == 80).all()
+
+
+def test_dropped_boxes_keep_their_given_indices(generator):
+    canvas = (96, 128)
+    boxes, counts = random_batch(generator, [4, 3], canvas)
+    boxes[1] = torch.tensor([10.0, 10.0, 5.0, 20.0])  # degenerate
+    boxes[5] = torch.tensor([float("nan"), 0.0, 5.0, 5.0])
+    config = presets.get("retinanet_torchvision")
+    ours = assign(boxes, counts, canvas, config, backend="cpu", drop_invalid=True)
+    ref = assign(boxes, counts, canvas, config, backend="reference", drop_invalid=True)
+    assert_targets_equal(ours, ref)
+    assert [d.tolist() for d in ours.dropped] == [[1], [1]]
+
+
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced"])
+def test_crowded_images(low_quality, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [230, 0, 301], canvas, max_frac=0.3)
+    boxes[:120] = with_ties(boxes[:120], generator)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
+    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_any_thread_count_gives_the_same_targets(threads, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [9, 40, 0, 3], canvas)
+    boxes = with_ties(boxes, generator)
+    config = presets.get("retinanet_detectron2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, ref = solve_both(boxes, counts, canvas, config, want_max_iou=True)
+    finally:
+        torch.set_num_threads(before)
+    assert_targets_equal(ours, ref)
+
+
+@pytest.mark.parametrize(
+    ("preset", "counts"),
+    [("retinanet_torchvision", [7, 0]), ("rpn_mmdet", [25]), ("ssd300_torchvision", [3, 12])],
+)
+def test_full_size(preset, counts, generator):
+    config = presets.get(preset)
+    canvas = (300, 300) if preset.startswith("ssd") else COCO_CANVAS
+    boxes, counts = random_batch(generator, counts, canvas, max_frac=0.5)
+    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
+    assert_targets_equal(ours, ref)
+
+
+def test_full_size_coco_like_crowd():
+    boxes, counts, classes = coco_like_batch(1, seed=5, boxes_per_image=200)
+    ours, ref = solve_both(boxes, counts, COCO_CANVAS, presets.get("retinanet_torchvision"), gt_classes=classes)
+    assert_targets_equal(ours, ref)
+
+
+def test_no_anchor_survives_an_empty_canvas():
+    """Zero anchors (explicit) is a valid, empty problem."""
+    boxes = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+    ours, ref = solve_both(boxes, [1], (16, 16), presets.get("retinanet_torchvision"), anchors=torch.zeros(0, 4))
+    assert ours.labels.shape == (1, 0)
+    assert_targets_equal(ours, ref)
+
+
+def test_missing_compiler_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(CompileError, match="C compiler"):
+        _compiler()
+
+
+# Peak resident memory of one call, measured in a fresh process so that nothing else
+# this test session allocated hides it.
+_PEAK_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from tritarget.kernels import assign, presets
+    from tritarget.kernels.workload import coco_like_batch
+
+    backend, height, width, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    config = presets.get("retinanet_torchvision")
+    boxes, counts, classes = coco_like_batch(1, seed=0, canvas=(height, width), boxes_per_image=count)
+    small, small_counts, small_classes = coco_like_batch(1, seed=1, canvas=(height, width), boxes_per_image=2)
+    # Warm up: anchors, the compiled kernel, torch's allocator.
+    assign(small, small_counts, (height, width), config, gt_classes=small_classes, backend=backend)
+
+    def peak_kib():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak to the current resident size
+    before = peak_kib()
+    targets = assign(boxes, counts, (height, width), config, gt_classes=classes, backend=backend)
+    print(json.dumps({"growth": (peak_kib() - before) * 1024, "anchors": targets.num_anchors}))
+    """
+)
+
+
+def peak_growth(backend: str, canvas: tuple[int, int], count: int) -> tuple[int, int]:
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, backend, str(canvas[0]), str(canvas[1]), str(count)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["growth"], result["anchors"]
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+
+
+@needs_proc
+def test_memory_is_flat_in_the_number_of_boxes():
+    """G = 1000 at full RetinaNet size: a [G, A] float32 matrix alone would be 806 MB."""
+    growth, anchors = peak_growth("cpu", COCO_CANVAS, 1000)
+    matrix = 1000 * anchors * 4
+    outputs = anchors * (1 + 4 + 16 + 4 + 4)  # labels, matched, deltas, classes, max IoU
+    assert growth < outputs + 32 * 2**20, f"peak grew by {growth / 2**20:.0f} MiB ([G, A] is {matrix / 2**20:.0f} MiB)"
+
+
+@needs_proc
+def test_memory_probe_catches_a_g_by_a_matrix():
+    """The same probe on the reference (quarter canvas, to stay quick) sees its matrix."""
+    growth, anchors = peak_growth("reference", (400, 672), 1000)
+    assert growth > 1000 * anchors * 4
