@@ -12,8 +12,10 @@ import textwrap
 
 import pytest
 import torch
-from support import assert_targets_equal, random_batch, with_ties
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from support import assert_targets_equal, random_batch, with_ties
 from tritarget.kernels import TargetConfig, assign, cpu, presets, reference
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.cpu_build import CompileError, _compiler
@@ -232,6 +234,43 @@ def test_no_anchor_survives_an_empty_canvas():
     boxes = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
     ours, ref = solve_both(boxes, [1], (16, 16), presets.get("retinanet_torchvision"), anchors=torch.zeros(0, 4))
     assert ours.labels.shape == (1, 0)
+    assert_targets_equal(ours, ref)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    counts=st.lists(st.integers(0, 24), min_size=1, max_size=4),
+    ties=st.booleans(),
+    mode=st.sampled_from(LOW_QUALITY_MODES),
+    strict_high=st.booleans(),
+    high=st.sampled_from([0.25, 1 / 3, 0.5, 0.7, 1.0]),
+    low_fraction=st.sampled_from([0.0, 0.5, 0.8, 1.0]),
+    min_pos_iou=st.sampled_from([0.0, 0.2, 0.5]),
+    border=st.sampled_from([-1.0, 0.0, 6.0]),
+    order=st.sampled_from(["pre_match", "post_match"]),
+    ignore_thr=st.sampled_from([-1.0, 0.0, 0.3]),
+    wrt_anchor=st.booleans(),
+)
+def test_random_configurations(
+    seed, counts, ties, mode, strict_high, high, low_fraction, min_pos_iou, border, order, ignore_thr, wrt_anchor
+):
+    generator = torch.Generator().manual_seed(seed)
+    canvas = (64 + seed % 37, 96 + seed % 53)
+    boxes, counts = random_batch(generator, counts, canvas)
+    if ties:
+        boxes = with_ties(boxes, generator)
+    ignore, ignore_counts = random_batch(generator, [seed % 3 for _ in counts], canvas, max_frac=0.3)
+    sizes = [[canvas[0] - (seed + i) % 20, canvas[1] - (seed * i) % 30] for i in range(len(counts))]
+    match = MatchConfig(
+        high=high, low=high * low_fraction, strict_high=strict_high, low_quality=mode, min_pos_iou=min_pos_iou,
+        allowed_border=border, border_order=order, ignore_iof_thr=ignore_thr, ignore_iof_wrt_anchor=wrt_anchor,
+    )  # fmt: skip
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=match, background_class=-7)
+    ours, ref = solve_both(
+        boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), ignore_boxes=ignore,
+        ignore_counts=ignore_counts, image_sizes=sizes, want_max_iou=True,
+    )  # fmt: skip
     assert_targets_equal(ours, ref)
 
 
