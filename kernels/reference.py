@@ -96,7 +96,8 @@ def match_image(
     negative = included & (anchor_max < config.low) & ~positive
     matched = torch.where(positive, anchor_argmax, torch.full_like(anchor_argmax, -1))
 
-    if config.low_quality != "none":
+    # Without anchors there is no best anchor per box (mmdet's empty-priors test: empty result).
+    if config.low_quality != "none" and num_anchors > 0:
         box_max, box_best = masked.max(dim=1)  # [G]: best anchor, lowest index on ties
         qualifies = box_max >= config.min_pos_iou  # [G]
         if config.low_quality in ("torchvision", "detectron2"):
