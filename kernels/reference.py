@@ -11,8 +11,11 @@ Matching of one image (DESIGN §4), on the [G, A] IoU matrix ``iou``:
    -- are *excluded*: they are ignored and do not count for any box's maximum
    (mmdet sets their overlaps to -1).
 2. Each anchor's best box: ``max_iou, argmax`` over boxes, lowest box index on ties.
-3. Thresholds: ``max_iou >= high`` (``> high`` if strict) positive, matched to argmax;
-   ``< low`` negative; otherwise ignored.
+3. Thresholds: ``max_iou >= high`` positive, matched to argmax; ``< low`` negative;
+   otherwise ignored (the ``[low, high)`` convention). ``strict_high`` flips both
+   comparisons to ``> high`` positive, ``<= low`` negative (``(low, high]``): DALI's and
+   MLPerf SSD's single criterion matches an anchor iff IoU > criterion and makes every
+   other anchor background, so an IoU equal to it must be negative, not ignored.
 4. Low-quality matches, for each box g whose best IoU over the included anchors
    ``box_max[g] >= min_pos_iou``:
    * ``torchvision`` / ``detectron2``: every included anchor with ``iou[g, a] ==
@@ -93,7 +96,8 @@ def match_image(
 
     positive = anchor_max > config.high if config.strict_high else anchor_max >= config.high
     positive &= included
-    negative = included & (anchor_max < config.low) & ~positive
+    below_low = anchor_max <= config.low if config.strict_high else anchor_max < config.low
+    negative = included & below_low & ~positive
     matched = torch.where(positive, anchor_argmax, torch.full_like(anchor_argmax, -1))
 
     # Without anchors there is no best anchor per box (mmdet's empty-priors test: empty result).

@@ -440,6 +440,22 @@ def test_keras_anchors_for_shape_dimensions():
 
 
 # ---------------------------------------------------------------------------------------
+# DALI operators/ssd/box_encoder.cc: a match needs IoU > criteria (strict)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict, label", [(True, 0), (False, 1)])
+def test_dali_strict_criteria(strict, label):
+    # Anchor [0, 0, 10, 10] vs box [0, 0, 10, 5]: IoU exactly 0.5 = criteria. DALI does
+    # not match it and so makes it background (label 0), not "ignored": with strict_high
+    # and high == low the two rules must split [0, 1] with nothing in between. The
+    # second anchor (IoU 1) is positive either way; with >= the first one is too.
+    match = MatchConfig(high=0.5, low=0.5, strict_high=strict, low_quality="none")
+    t = run([[0, 0, 10, 10], [0, 0, 10, 5]], [[0, 0, 10, 5]], match=match)
+    assert t.labels[0].tolist() == [label, 1]
+
+
+# ---------------------------------------------------------------------------------------
 # Encoding: torchvision BoxCoder / detectron2 Box2BoxTransform invariant
 # ---------------------------------------------------------------------------------------
 
