@@ -212,8 +212,10 @@ class AnchorConfig:
 class MatchConfig:
     """Max-IoU matching of anchors to ground-truth boxes.
 
-    * ``iou >= high`` positive (``> high`` with ``strict_high``, DALI/MLPerf SSD),
-      ``iou < low`` negative, in between ignored (torchvision/detectron2 ``[low, high)``).
+    * ``iou >= high`` positive, ``iou < low`` negative, in between ignored
+      (torchvision/detectron2 ``[low, high)``). ``strict_high`` flips both comparisons,
+      ``iou > high`` positive and ``iou <= low`` negative: DALI/MLPerf SSD's single
+      criterion (``low == high``), where an IoU equal to it is background.
     * ``low_quality``: ``none`` | ``torchvision`` | ``detectron2`` | ``mmdet`` |
       ``ssd_forced`` (see ``tritarget.kernels.reference``). A box takes part only
       when its best IoU is ``>= min_pos_iou``.
