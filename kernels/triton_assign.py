@@ -17,6 +17,13 @@ Both kernels stream: a program holds ``BLOCK_A`` anchors and walks its image's b
 One launch covers the whole ragged batch: axis 0 of the grid is the anchor block,
 axis 1 the image, and ``gt_offsets`` give each image's rows.
 
+Compile once: the matching rules (low-quality mode, strict threshold, ignore regions,
+border rule) and the optional outputs are runtime scalars, not ``tl.constexpr``. Every
+constexpr combination is a separate compilation (about a second each), and a rule's
+branch is the same for every thread of a program (a uniform scalar branch), so it
+costs a few instructions, not divergence. Only the anchor source (generated or
+explicit: a different pointer) and the block sizes are compile-time.
+
 Exactness: IoU, IoF and the anchor formula are evaluated in float32 in the
 reference's operation order, with IEEE division (``tl.div_rn``; Triton's ``/`` may be
 approximate on GPU) and launched with ``enable_fp_fusion=False`` (no mul+add
@@ -39,20 +46,23 @@ __all__ = [
     "assign_kernel",
 ]
 
-# Low-quality modes as compile-time codes (MatchConfig.low_quality -> code).
+# Low-quality modes as kernel codes (MatchConfig.low_quality -> code).
 LOW_QUALITY_CODES = {"none": 0, "torchvision": 1, "detectron2": 2, "mmdet": 3, "ssd_forced": 4}
-_LQ_NONE = tl.constexpr(0)
 _LQ_TORCHVISION = tl.constexpr(1)
 _LQ_DETECTRON2 = tl.constexpr(2)
-_LQ_MMDET = tl.constexpr(3)
 _LQ_SSD_FORCED = tl.constexpr(4)
 
-# Border rule (MatchConfig.allowed_border / border_order) as compile-time codes.
+# Border rule (MatchConfig.allowed_border / border_order) as kernel codes.
 BORDER_OFF = 0
 BORDER_PRE = 1
 BORDER_POST = 2
 _BORDER_PRE = tl.constexpr(1)
 _BORDER_POST = tl.constexpr(2)
+
+# Runtime switches must not be specialised: Triton compiles an int argument equal to 1
+# as a constant, which would bring back one compilation per combination.
+_PASS1_SWITCHES = ["num_levels", "shape_major", "use_ignore", "ignore_wrt_anchor", "border_rule"]
+_PASS2_SWITCHES = [*_PASS1_SWITCHES, "low_quality", "strict_high", "has_classes", "want_max_iou", "count_sparse"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
@@ -75,67 +85,75 @@ _NO_BOX = tl.constexpr(2**31 - 1)
 def _anchor_boxes(
     anchor,
     anchor_mask,
+    first_anchor,
+    end_anchor,
     anchors_ptr,
     level_int_ptr,
     level_float_ptr,
     cells_ptr,
-    NUM_LEVELS: tl.constexpr,
-    SHAPE_MAJOR: tl.constexpr,
+    num_levels,
+    shape_major,
     GENERATE: tl.constexpr,
 ):
     """x1, y1, x2, y2 ([BLOCK_A] float32 each) of anchors by index within the image.
 
-    anchor: [BLOCK_A] int32 anchor indices; anchor_mask: [BLOCK_A] which are real.
-    anchors_ptr: explicit anchors, [A, 4] float32 x1 y1 x2 y2 (read only if not GENERATE).
-    level_int_ptr: [NUM_LEVELS, 6] int64, level_float_ptr: [NUM_LEVELS, 5] float32:
-        the per-level tables; cells_ptr: [sum K, 4] float32 cell-anchor offsets.
+    anchor: [BLOCK_A] int32 anchor indices, anchor_mask: which are real, and
+        [first_anchor, end_anchor) the range they span (scalars).
+    anchors_ptr: explicit anchors, [A, 4] float32 x1 y1 x2 y2 (read if not GENERATE).
+    level_int_ptr: [num_levels, 6] int64, level_float_ptr: [num_levels, 5] float32: the
+        per-level tables; cells_ptr: [sum K, 4] float32 cell-anchor offsets.
+    shape_major: 1 for yolo's [K, H, W] order within a level, 0 for [H, W, K].
 
     Generated anchors follow tritarget.kernels.anchors exactly (float32, one rounding
     per operation): cx = (x + offset) * factor (or / factor), then
     ((cx, cy, cx, cy) + cell[k]) * (sx, sy, sx, sy), scale 1 where a layout has none.
+    Only the levels that the block overlaps are evaluated (one, at a level's end two):
+    the integer divisions that split an index into (cell, shape) are not cheap.
     """
     if GENERATE:
         x1 = tl.zeros(anchor.shape, tl.float32)
         y1 = tl.zeros(anchor.shape, tl.float32)
         x2 = tl.zeros(anchor.shape, tl.float32)
         y2 = tl.zeros(anchor.shape, tl.float32)
-        for lv in tl.static_range(NUM_LEVELS):
+        for lv in range(num_levels):
             ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
-            floats = level_float_ptr + lv * _LEVEL_FLOAT_FIELDS
             start = tl.load(ints).to(tl.int32)
             height = tl.load(ints + 1).to(tl.int32)
             width = tl.load(ints + 2).to(tl.int32)
             shapes = tl.load(ints + 3).to(tl.int32)
-            cell_row = tl.load(ints + 4).to(tl.int32)
-            center_div = tl.load(ints + 5)
-            offset = tl.load(floats)
-            factor_x = tl.load(floats + 1)
-            factor_y = tl.load(floats + 2)
-            scale_x = tl.load(floats + 3)
-            scale_y = tl.load(floats + 4)
+            count = height * width * shapes
+            if (start < end_anchor) & (start + count > first_anchor):
+                cell_row = tl.load(ints + 4).to(tl.int32)
+                center_div = tl.load(ints + 5)
+                floats = level_float_ptr + lv * _LEVEL_FLOAT_FIELDS
+                offset = tl.load(floats)
+                factor_x = tl.load(floats + 1)
+                factor_y = tl.load(floats + 2)
+                scale_x = tl.load(floats + 3)
+                scale_y = tl.load(floats + 4)
 
-            local = anchor - start
-            in_level = anchor_mask & (local >= 0) & (local < height * width * shapes)
-            local = tl.where(in_level, local, 0)
-            if SHAPE_MAJOR:  # yolo: [K, H, W]
-                k = local // (height * width)
-                cell = local % (height * width)
-            else:  # [H, W, K]
-                k = local % shapes
-                cell = local // shapes
-            px = (cell % width).to(tl.float32) + offset
-            py = (cell // width).to(tl.float32) + offset
-            if center_div != 0:
-                cx = tl.div_rn(px, factor_x)
-                cy = tl.div_rn(py, factor_y)
-            else:
-                cx = px * factor_x
-                cy = py * factor_y
-            row = cells_ptr + (cell_row + k) * 4
-            x1 = tl.where(in_level, (cx + tl.load(row, mask=in_level, other=0.0)) * scale_x, x1)
-            y1 = tl.where(in_level, (cy + tl.load(row + 1, mask=in_level, other=0.0)) * scale_y, y1)
-            x2 = tl.where(in_level, (cx + tl.load(row + 2, mask=in_level, other=0.0)) * scale_x, x2)
-            y2 = tl.where(in_level, (cy + tl.load(row + 3, mask=in_level, other=0.0)) * scale_y, y2)
+                local = anchor - start
+                in_level = anchor_mask & (local >= 0) & (local < count)
+                local = tl.where(in_level, local, 0)
+                if shape_major != 0:
+                    k = local // (height * width)
+                    cell = local % (height * width)
+                else:
+                    k = local % shapes
+                    cell = local // shapes
+                px = (cell % width).to(tl.float32) + offset
+                py = (cell // width).to(tl.float32) + offset
+                if center_div != 0:
+                    cx = tl.div_rn(px, factor_x)
+                    cy = tl.div_rn(py, factor_y)
+                else:
+                    cx = px * factor_x
+                    cy = py * factor_y
+                row = cells_ptr + (cell_row + k) * 4
+                x1 = tl.where(in_level, (cx + tl.load(row, mask=in_level, other=0.0)) * scale_x, x1)
+                y1 = tl.where(in_level, (cy + tl.load(row + 1, mask=in_level, other=0.0)) * scale_y, y1)
+                x2 = tl.where(in_level, (cx + tl.load(row + 2, mask=in_level, other=0.0)) * scale_x, x2)
+                y2 = tl.where(in_level, (cy + tl.load(row + 3, mask=in_level, other=0.0)) * scale_y, y2)
     else:
         row = anchors_ptr + anchor.to(tl.int64) * 4
         x1 = tl.load(row, mask=anchor_mask, other=0.0)
@@ -186,23 +204,24 @@ def _excluded(
     ignore_offsets_ptr,
     border_ptr,
     ignore_iof_thr,
-    USE_IGNORE: tl.constexpr,
-    IGNORE_WRT_ANCHOR: tl.constexpr,
-    BORDER: tl.constexpr,
+    use_ignore,
+    ignore_wrt_anchor,
+    border_rule,
     BLOCK_G: tl.constexpr,
 ):
     """(excluded, outside): [BLOCK_A] bool each.
 
     excluded: taken out before matching -- IoF with an ignore box > ignore_iof_thr
-        (mmdet), or across the border when BORDER is pre-match.
+        (mmdet; IoF over the anchor's area if ignore_wrt_anchor, else over the ignore
+        box's), or across the border when border_rule is pre-match.
     outside: across the border (x1 >= -b, y1 >= -b, x2 < w + b, y2 < h + b fails).
     ignore_ptr: [M, 4] float32 ignore boxes; ignore_offsets_ptr: [B + 1] int64.
     border_ptr: [B, 3] float32 per image (-b, w + b, h + b), rounded to float32 as
         torch rounds a Python scalar compared with a float32 tensor.
     """
     excluded = tl.zeros(ax1.shape, tl.int1)
-    outside = excluded
-    if USE_IGNORE:
+    outside = tl.zeros(ax1.shape, tl.int1)
+    if use_ignore != 0:
         start = tl.load(ignore_offsets_ptr + image)
         end = tl.load(ignore_offsets_ptr + image + 1)
         inside_ignore = tl.zeros(ax1.shape, tl.int32)
@@ -211,26 +230,22 @@ def _excluded(
             row_mask = rows < end
             ix1, iy1, ix2, iy2, ignore_area = _load_boxes(ignore_ptr, rows, row_mask)
             inter = _intersection(ix1, iy1, ix2, iy2, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :])
-            if IGNORE_WRT_ANCHOR:
-                area = anchor_area[None, :] + tl.zeros_like(inter)
-            else:
-                area = ignore_area + tl.zeros_like(inter)
+            area = tl.where(ignore_wrt_anchor != 0, anchor_area[None, :], ignore_area)  # [BLOCK_G, BLOCK_A]
             has_area = area > 0.0
             iof = tl.where(has_area, tl.div_rn(inter, tl.where(has_area, area, 1.0)), 0.0)
             over = (iof > ignore_iof_thr) & row_mask[:, None]
             inside_ignore = tl.maximum(inside_ignore, tl.max(over.to(tl.int32), axis=0))
         excluded = inside_ignore > 0
-    if BORDER != 0:
+    if border_rule != 0:
         low = tl.load(border_ptr + image * 3)
         high_x = tl.load(border_ptr + image * 3 + 1)
         high_y = tl.load(border_ptr + image * 3 + 2)
         outside = ~((ax1 >= low) & (ay1 >= low) & (ax2 < high_x) & (ay2 < high_y))
-        if BORDER == _BORDER_PRE:
-            excluded = excluded | outside
+        excluded = excluded | (outside & (border_rule == _BORDER_PRE))
     return excluded, outside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PASS1_SWITCHES)
 def box_max_kernel(
     # Pointers
     gt_boxes_ptr,
@@ -245,15 +260,15 @@ def box_max_kernel(
     border_ptr,
     # Sizes
     num_anchors,
-    # Scalars
+    num_levels,
+    # Scalars and rule switches
     ignore_iof_thr,
+    shape_major,
+    use_ignore,
+    ignore_wrt_anchor,
+    border_rule,
     # Meta-parameters
-    NUM_LEVELS: tl.constexpr,
-    SHAPE_MAJOR: tl.constexpr,
     GENERATE: tl.constexpr,
-    USE_IGNORE: tl.constexpr,
-    IGNORE_WRT_ANCHOR: tl.constexpr,
-    BORDER: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -265,8 +280,9 @@ def box_max_kernel(
         max over included anchors a of (IoU bits << 32) | (2^31 - 1 - a). It stays -1
         for a box without an included anchor. IoU >= 0, so its float32 bits order as
         integers do.
-    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr: see _anchor_boxes.
-    ignore_ptr, ignore_offsets_ptr, border_ptr: see _excluded.
+    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, shape_major: see _anchor_boxes.
+    ignore_ptr, ignore_offsets_ptr, border_ptr, use_ignore, ignore_wrt_anchor,
+        border_rule: see _excluded.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -274,16 +290,17 @@ def box_max_kernel(
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
     if box_end > box_start:
-        anchor = block * BLOCK_A + tl.arange(0, BLOCK_A)
+        first = block * BLOCK_A
+        anchor = first + tl.arange(0, BLOCK_A)
         anchor_mask = anchor < num_anchors
         ax1, ay1, ax2, ay2 = _anchor_boxes(
-            anchor, anchor_mask, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr,
-            NUM_LEVELS, SHAPE_MAJOR, GENERATE,
+            anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
+            level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
         )  # fmt: skip
         anchor_area = (ax2 - ax1) * (ay2 - ay1)
         excluded, _ = _excluded(
             image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-            ignore_iof_thr, USE_IGNORE, IGNORE_WRT_ANCHOR, BORDER, BLOCK_G,
+            ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
         )  # fmt: skip
         included = anchor_mask & ~excluded
         anchor_code = anchor.to(tl.int64) ^ _INDEX_MASK  # 2^31 - 1 - anchor, [BLOCK_A]
@@ -301,7 +318,7 @@ def box_max_kernel(
             tl.atomic_max(box_key_ptr + rows, best, mask=row_mask & (best >= 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PASS2_SWITCHES)
 def assign_kernel(
     # Pointers: inputs
     gt_boxes_ptr,
@@ -324,6 +341,7 @@ def assign_kernel(
     block_counts_ptr,
     # Sizes
     num_anchors,
+    num_levels,
     # Scalars: matching
     high,
     low,
@@ -343,34 +361,35 @@ def assign_kernel(
     std_w,
     std_h,
     background_class,
+    # Rule switches and optional outputs (0 / 1, or a code)
+    shape_major,
+    low_quality,
+    strict_high,
+    use_ignore,
+    ignore_wrt_anchor,
+    border_rule,
+    has_classes,
+    want_max_iou,
+    count_sparse,
     # Meta-parameters
-    NUM_LEVELS: tl.constexpr,
-    SHAPE_MAJOR: tl.constexpr,
     GENERATE: tl.constexpr,
-    LOW_QUALITY: tl.constexpr,
-    STRICT_HIGH: tl.constexpr,
-    USE_IGNORE: tl.constexpr,
-    IGNORE_WRT_ANCHOR: tl.constexpr,
-    BORDER: tl.constexpr,
-    HAS_CLASSES: tl.constexpr,
-    WANT_MAX_IOU: tl.constexpr,
-    COUNT_SPARSE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """Pass 2: match every anchor of the batch, encode, write.
 
     gt_boxes_ptr: [N, 4] float32; gt_offsets_ptr: [B + 1] int64 (see box_max_kernel).
-    gt_classes_ptr: [N] int32 class of each box (read if HAS_CLASSES).
-    box_key_ptr: [N] int64 pass-1 keys (read unless LOW_QUALITY is none).
-    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr: see _anchor_boxes.
-    ignore_ptr, ignore_offsets_ptr, border_ptr: see _excluded.
+    gt_classes_ptr: [N] int32 class of each box (read if has_classes).
+    box_key_ptr: [N] int64 pass-1 keys (read unless low_quality is 0, none).
+    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, shape_major: see _anchor_boxes.
+    ignore_ptr, ignore_offsets_ptr, border_ptr, use_ignore, ignore_wrt_anchor,
+        border_rule: see _excluded.
     labels_ptr: [B, A] int8 out, 1 positive / 0 negative / -1 ignored.
     matched_ptr: [B, A] int32 out, box index within the image or -1.
     deltas_ptr: [B, A, 4] float32 out, (dx, dy, dw, dh), zeros where not positive.
-    classes_ptr: [B, A] int32 out (if HAS_CLASSES), background_class where not positive.
-    max_iou_ptr: [B, A] float32 out (if WANT_MAX_IOU), best IoU, 0 without boxes.
-    block_counts_ptr: [B, cdiv(A, BLOCK_A), 2] int32 out (if COUNT_SPARSE), positives
+    classes_ptr: [B, A] int32 out (if has_classes), background_class where not positive.
+    max_iou_ptr: [B, A] float32 out (if want_max_iou), best IoU, 0 without boxes.
+    block_counts_ptr: [B, cdiv(A, BLOCK_A), 2] int32 out (if count_sparse), positives
         and ignored anchors of each program's block.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
 
@@ -379,21 +398,23 @@ def assign_kernel(
     """
     block = tl.program_id(0)
     image = tl.program_id(1).to(tl.int64)
-    anchor = block * BLOCK_A + tl.arange(0, BLOCK_A)
+    first = block * BLOCK_A
+    anchor = first + tl.arange(0, BLOCK_A)
     anchor_mask = anchor < num_anchors
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
 
     ax1, ay1, ax2, ay2 = _anchor_boxes(
-        anchor, anchor_mask, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr,
-        NUM_LEVELS, SHAPE_MAJOR, GENERATE,
+        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
+        level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
     )  # fmt: skip
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
     excluded, outside = _excluded(
         image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-        ignore_iof_thr, USE_IGNORE, IGNORE_WRT_ANCHOR, BORDER, BLOCK_G,
+        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
     )  # fmt: skip
     included = anchor_mask & ~excluded
+    lifts_own_argmax = (low_quality == _LQ_TORCHVISION) | (low_quality == _LQ_DETECTRON2)
 
     # Running best box over the chunks; -1 IoU is below any real IoU.
     best_iou = tl.full((BLOCK_A,), -1.0, tl.float32)
@@ -416,43 +437,37 @@ def assign_kernel(
         best_box = tl.where(better, chunk_box, best_box)
         best_iou = tl.where(better, chunk_best, best_iou)
 
-        if LOW_QUALITY != _LQ_NONE:
+        if low_quality != 0:
             key = tl.load(box_key_ptr + rows, mask=row_mask, other=-1)
             box_max = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             qualifies = (key >= 0) & (box_max >= min_pos_iou)  # [BLOCK_G]
-            if LOW_QUALITY == _LQ_SSD_FORCED:
+            if low_quality == _LQ_SSD_FORCED:
                 best_anchor = ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32)
                 hit = (best_anchor[:, None] == anchor[None, :]) & qualifies[:, None]
             else:
                 hit = (iou == box_max[:, None]) & qualifies[:, None]
-            if (LOW_QUALITY == _LQ_TORCHVISION) or (LOW_QUALITY == _LQ_DETECTRON2):
+            if lifts_own_argmax:
                 lifted = tl.maximum(lifted, tl.max(hit.to(tl.int32), axis=0))
             else:
                 forced_box = tl.maximum(forced_box, tl.max(tl.where(hit, box[:, None], -1), axis=0))
 
-    # Thresholds: [low, high) ignored (or [low, high] with STRICT_HIGH).
-    if STRICT_HIGH:
-        positive = included & (best_iou > high)
-    else:
-        positive = included & (best_iou >= high)
+    # Thresholds: [low, high) ignored; strict_high (DALI/MLPerf SSD) flips both ends, (low, high].
+    strict = strict_high != 0
+    positive = included & ((best_iou > high) | (~strict & (best_iou == high)))
     matched = tl.where(positive, best_box, -1)
-    if (LOW_QUALITY == _LQ_TORCHVISION) or (LOW_QUALITY == _LQ_DETECTRON2):
-        lift = included & (lifted > 0)
-        matched = tl.where(lift, best_box, matched)  # the anchor's own argmax box
-        positive = positive | lift
-    elif LOW_QUALITY != _LQ_NONE:
-        lift = included & (forced_box >= 0)
-        matched = tl.where(lift, forced_box, matched)  # the box that lifted it
-        positive = positive | lift
-    negative = included & (best_iou < low) & ~positive
+    # Low-quality lifts: torchvision/detectron2 keep the anchor's own argmax box,
+    # mmdet/ssd_forced take the box that lifted it (lifted/forced_box stay 0/-1 otherwise).
+    lift_own = included & (lifted > 0)
+    lift_forced = included & (forced_box >= 0)
+    matched = tl.where(lift_own, best_box, matched)
+    matched = tl.where(lift_forced, forced_box, matched)
+    positive = positive | lift_own | lift_forced
+    negative = included & ((best_iou < low) | (strict & (best_iou == low))) & ~positive
     labels = tl.where(positive, 1, tl.where(negative, 0, -1))
-    if BORDER == _BORDER_POST:
-        labels = tl.where(outside, -1, labels)
+    labels = tl.where(outside & (border_rule == _BORDER_POST), -1, labels)
     positive = labels == 1
-    if LOW_QUALITY == _LQ_DETECTRON2:
-        matched = tl.where(included, best_box, -1)
-    else:
-        matched = tl.where(positive, matched, -1)
+    detectron2_matched = tl.where(included, best_box, -1)
+    matched = tl.where(low_quality == _LQ_DETECTRON2, detectron2_matched, tl.where(positive, matched, -1))
 
     # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std).
     row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
@@ -480,12 +495,12 @@ def assign_kernel(
     tl.store(deltas_ptr + out * 4 + 1, tl.where(positive, dy, 0.0), mask=anchor_mask)
     tl.store(deltas_ptr + out * 4 + 2, tl.where(positive, dw, 0.0), mask=anchor_mask)
     tl.store(deltas_ptr + out * 4 + 3, tl.where(positive, dh, 0.0), mask=anchor_mask)
-    if HAS_CLASSES:
+    if has_classes != 0:
         box_class = tl.load(gt_classes_ptr + box_start + matched.to(tl.int64), mask=positive, other=0)
         tl.store(classes_ptr + out, tl.where(positive, box_class, background_class), mask=anchor_mask)
-    if WANT_MAX_IOU:
+    if want_max_iou != 0:
         tl.store(max_iou_ptr + out, tl.where(box_end > box_start, best_iou, 0.0), mask=anchor_mask)
-    if COUNT_SPARSE:
+    if count_sparse != 0:
         counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
         tl.store(counts, tl.sum((positive & anchor_mask).to(tl.int32), axis=0))
         tl.store(counts + 1, tl.sum(((labels == -1) & anchor_mask).to(tl.int32), axis=0))

@@ -45,12 +45,14 @@ from .triton_compact import compact_kernel
 
 __all__ = ["solve", "solve_sparse", "interpreting"]
 
-# Compiled: 128 anchors x 16 boxes is a 2048-value IoU tile, 16 per thread at 4 warps,
-# which keeps the chunk loop's temporaries in registers; 128 anchors per program
-# still gives ~1,600 programs per RetinaNet image (201,600 anchors) to fill the SMs,
-# and 16 boxes per chunk covers a COCO image (mean 7) in one iteration.
-_BLOCK_A = 128
-_BLOCK_G = 16
+# Compiled: 256 anchors x 8 boxes is a 2048-value IoU tile, 16 per thread at 4 warps,
+# which keeps the chunk loop's temporaries in registers; 256 anchors per program
+# still give ~790 programs per RetinaNet image (201,600 anchors), 25k for B = 32, to
+# fill the SMs. 8 boxes per chunk: a COCO image (mean ~7 boxes) wastes little of its
+# one or two chunks on masked rows, while G = 1000 loops 125 times over full tiles.
+# Chosen by reasoning, not yet tuned on a GPU (benchmarks/bench_gpu.py measures it).
+_BLOCK_A = 256
+_BLOCK_G = 8
 _NUM_WARPS = 4
 # Interpreter: every tl operation is one numpy call whatever its size, so larger tiles
 # mean fewer Python-level steps (CI time), not more memory traffic.
@@ -202,9 +204,8 @@ def _dense(problem: Problem, count_sparse: bool) -> tuple[Targets, torch.Tensor 
         border = _border_limits(problem)
     gt_boxes = problem.gt_boxes.contiguous()
     low_quality = LOW_QUALITY_CODES[match.low_quality]
-    common = dict(NUM_LEVELS=num_levels, SHAPE_MAJOR=generate and problem.grid.shape_major, GENERATE=generate,
-                  USE_IGNORE=use_ignore, IGNORE_WRT_ANCHOR=match.ignore_iof_wrt_anchor, BORDER=border_rule,
-                  BLOCK_A=block_a, BLOCK_G=block_g)  # fmt: skip
+    shape_major = int(generate and problem.grid.shape_major)
+    rules = (int(use_ignore), int(match.ignore_iof_wrt_anchor), border_rule)
     grid = (num_blocks, batch)
 
     # (3) launch
@@ -214,9 +215,9 @@ def _dense(problem: Problem, count_sparse: bool) -> tuple[Targets, torch.Tensor 
             box_max_kernel[grid](
                 gt_boxes, problem.gt_offsets, box_key, anchors, level_int, level_float, cells,
                 ignore, problem.ignore_offsets, border,
-                num_anchors,
-                float(match.ignore_iof_thr),
-                **common, **_launch_kwargs(),
+                num_anchors, num_levels,
+                float(match.ignore_iof_thr), shape_major, *rules,
+                GENERATE=generate, BLOCK_A=block_a, BLOCK_G=block_g, **_launch_kwargs(),
             )  # fmt: skip
     else:
         box_key = placeholder(torch.int64)
@@ -232,13 +233,13 @@ def _dense(problem: Problem, count_sparse: bool) -> tuple[Targets, torch.Tensor 
             classes if has_classes else placeholder(torch.int32),
             max_iou if max_iou is not None else placeholder(torch.float32),
             block_counts if count_sparse else placeholder(torch.int32),
-            num_anchors,
+            num_anchors, num_levels,
             float(match.high), float(match.low), float(match.min_pos_iou), float(match.ignore_iof_thr),
             wx, wy, ww, wh, mx, my, mw, mh, sx, sy, sw, sh,
             config.background_class,
-            LOW_QUALITY=low_quality, STRICT_HIGH=match.strict_high, HAS_CLASSES=has_classes,
-            WANT_MAX_IOU=max_iou is not None, COUNT_SPARSE=count_sparse,
-            **common, **_launch_kwargs(),
+            shape_major, low_quality, int(match.strict_high), *rules,
+            int(has_classes), int(max_iou is not None), int(count_sparse),
+            GENERATE=generate, BLOCK_A=block_a, BLOCK_G=block_g, **_launch_kwargs(),
         )  # fmt: skip
     return targets, block_counts, block_a
 
@@ -287,8 +288,8 @@ def solve_sparse(problem: Problem) -> SparseTargets:
                 positive_anchors, positive_matched, positive_deltas,
                 positive_classes if has_classes else torch.empty(1, dtype=torch.int32, device=device),
                 ignored_anchors,
-                num_anchors,
-                HAS_CLASSES=has_classes, BLOCK_A=block_a, num_warps=_NUM_WARPS,
+                num_anchors, int(has_classes),
+                BLOCK_A=block_a, num_warps=_NUM_WARPS,
             )  # fmt: skip
     return SparseTargets(
         num_anchors=num_anchors,

@@ -18,7 +18,8 @@ import triton.language as tl
 __all__ = ["compact_kernel"]
 
 
-@triton.jit
+# has_classes is a runtime switch (see triton_assign): not specialised, one compilation.
+@triton.jit(do_not_specialize=["has_classes"])
 def compact_kernel(
     # Pointers: dense inputs
     labels_ptr,
@@ -34,14 +35,15 @@ def compact_kernel(
     ignored_anchors_ptr,
     # Sizes
     num_anchors,
+    # Switches
+    has_classes,
     # Meta-parameters
-    HAS_CLASSES: tl.constexpr,
     BLOCK_A: tl.constexpr,
 ):
     """Scatter one block of one image's positives and ignored anchors.
 
     labels_ptr: [B, A] int8; matched_ptr: [B, A] int32; deltas_ptr: [B, A, 4] float32;
-        classes_ptr: [B, A] int32 (read if HAS_CLASSES) -- assign_kernel's outputs.
+        classes_ptr: [B, A] int32 (read if has_classes) -- assign_kernel's outputs.
     block_starts_ptr: [B, cdiv(A, BLOCK_A), 2] int64, the first output row of each
         block's positives and ignored anchors (exclusive scan of the block counts).
     positive_anchors_ptr: [P] int32 anchor index; positive_matched_ptr: [P] int32;
@@ -63,7 +65,7 @@ def compact_kernel(
     tl.store(positive_matched_ptr + row, tl.load(matched_ptr + dense, mask=positive), mask=positive)
     for j in tl.static_range(4):
         tl.store(positive_deltas_ptr + row * 4 + j, tl.load(deltas_ptr + dense * 4 + j, mask=positive), mask=positive)
-    if HAS_CLASSES:
+    if has_classes != 0:
         tl.store(positive_classes_ptr + row, tl.load(classes_ptr + dense, mask=positive), mask=positive)
 
     ignored = labels == -1

@@ -34,7 +34,12 @@ TOL = 1e-6 if INTERPRETED else 1e-5
 MODES = ("none", "torchvision", "detectron2", "mmdet", "ssd_forced")
 # Small canvases, including odd sizes whose feature maps round up.
 CANVASES = ((64, 96), (97, 131), (160, 224))
-gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU with compiled Triton")
+_needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU with compiled Triton")
+
+
+def gpu(test):
+    """Marked ``gpu`` (``pytest -m gpu`` selects them) and skipped without a GPU."""
+    return pytest.mark.gpu(_needs_gpu(test))
 
 
 def _dense_config(name: str) -> TargetConfig:
@@ -142,15 +147,16 @@ def test_ignore_and_border_together(generator):
           image_sizes=[[64, 96], [40, 50]], want_max_iou=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("num_anchors", [1, 2, 37, 2049, 5000])
+@pytest.mark.parametrize("num_anchors", [0, 1, 2, 37, 2049, 5000])
 @pytest.mark.parametrize("mode", MODES)
 def test_explicit_anchors(num_anchors, mode, generator):
     canvas = (97, 131)
     anchors = random_boxes(generator, num_anchors, canvas, min_size=1.0, max_frac=0.5)
-    anchors[: num_anchors // 3] = with_ties(anchors[: num_anchors // 3], generator)
+    if num_anchors >= 3:
+        anchors[: num_anchors // 3] = with_ties(anchors[: num_anchors // 3], generator)
     boxes, counts = random_batch(generator, [3, 0, 11], canvas)
     config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
-    check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=num_anchors == 2049)
+    check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=num_anchors in (0, 2049))
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
