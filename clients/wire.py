@@ -9,6 +9,9 @@ SPARSE responses are densified.
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +26,7 @@ __all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response"]
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
 _DELTA_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+_LAZY_ZEROS_BYTES = 1 << 20
 
 
 def _to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
@@ -141,25 +145,46 @@ def decode_response(response: pb.AssignResponse) -> Targets:
     return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
 
 
-def _rows(offsets: torch.Tensor) -> torch.Tensor:
-    """Image index of every row of a CSR list."""
-    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+def _filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.full``, but zero-filled outputs of a megabyte or more come from an anonymous
+    mapping: the kernel hands out zero pages on first touch, so the mostly-zero dense
+    deltas of a densified response cost what is written into them, not a 4 MB memset
+    per image (``torch.zeros`` writes every byte)."""
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if value != 0 or size < _LAZY_ZEROS_BYTES:
+        return torch.full(shape, value, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+
+
+def _flat_index(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
+    """Row of each CSR entry in a flattened [B * A] array."""
+    image = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    return image * count + anchors.long()
 
 
 def _densify(sparse: pb.SparseTargets, batch: int, count: int, background: int):
-    pos_image = _rows(decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=(torch.int64,)))
-    pos_anchor = decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=(torch.int32,)).long()
-    listed_image = _rows(decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=(torch.int64,)))
-    listed_anchor = decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=(torch.int32,)).long()
-    labels = torch.full((batch, count), sparse.unlisted_label, dtype=torch.int8)
-    labels[listed_image, listed_anchor] = sparse.listed_label
-    labels[pos_image, pos_anchor] = 1
+    int64, int32 = (torch.int64,), (torch.int32,)
+    positives = _flat_index(
+        decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=int64),
+        decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=int32),
+        count,
+    )
+    listed = _flat_index(
+        decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=int64),
+        decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=int32),
+        count,
+    )
+    labels = _filled((batch, count), sparse.unlisted_label, torch.int8)
+    labels.view(-1)[listed] = sparse.listed_label
+    labels.view(-1)[positives] = 1
     matched = torch.full((batch, count), -1, dtype=torch.int32)
-    matched[pos_image, pos_anchor] = decode_tensor(sparse.positive_matched_gt, "positive_matched_gt")
-    deltas = torch.zeros(batch, count, 4, dtype=torch.float32)
-    deltas[pos_image, pos_anchor] = decode_tensor(sparse.positive_deltas, "positive_deltas").to(torch.float32)
+    matched.view(-1)[positives] = decode_tensor(sparse.positive_matched_gt, "positive_matched_gt", dtypes=int32)
+    deltas = _filled((batch, count, 4), 0, torch.float32)
+    deltas.view(-1, 4).index_copy_(0, positives, decode_tensor(sparse.positive_deltas, "positive_deltas").float())
     classes = None
     if sparse.HasField("positive_classes"):
-        classes = torch.full((batch, count), background, dtype=torch.int32)
-        classes[pos_image, pos_anchor] = decode_tensor(sparse.positive_classes, "positive_classes")
+        classes = _filled((batch, count), background, torch.int32)
+        classes.view(-1)[positives] = decode_tensor(sparse.positive_classes, "positive_classes", dtypes=int32)
     return labels, matched, deltas, classes

@@ -8,6 +8,7 @@ Such a tensor is read-only in spirit: clone it before writing into it.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import warnings
@@ -49,8 +50,8 @@ def encode_tensor(tensor: torch.Tensor, out: Tensor | None = None) -> Tensor:
     message = Tensor() if out is None else out
     message.dtype = wire_dtype(tensor.dtype)
     message.shape[:] = list(tensor.shape)
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    message.data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    flat = tensor.detach().to("cpu").contiguous()
+    message.data = ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
     return message
 
 

@@ -206,11 +206,6 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     )
 
 
-def _csr_offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:
-    counts = torch.bincount(image_of_row, minlength=batch)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-
-
 def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignResponse:
     """The response to ``request`` holding ``targets`` in the requested format."""
     half = request.delta_dtype == pb.DTYPE_FLOAT16
@@ -238,25 +233,31 @@ def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignRespo
 
 
 def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.SparseTargets) -> None:
-    labels = targets.labels
-    batch = targets.batch_size
-    pos_image, pos_anchor = torch.nonzero(labels == POSITIVE, as_tuple=True)
-    encode_tensor(_csr_offsets(pos_image, batch), sparse.positive_offsets)
-    encode_tensor(pos_anchor.to(torch.int32), sparse.positive_anchors)
-    encode_tensor(targets.matched_gt[pos_image, pos_anchor], sparse.positive_matched_gt)
-    deltas = targets.deltas[pos_image, pos_anchor]
+    batch, count = targets.batch_size, targets.num_anchors
+    labels = targets.labels.reshape(-1)
+    # One pass over the flat labels finds positives and ignored together (image-major,
+    # ascending), so per-image offsets are a binary search away.
+    marked = torch.nonzero(labels != NEGATIVE).squeeze(1)
+    positive_mask = labels[marked] == POSITIVE
+    positives = marked[positive_mask]
+    ignored = marked[~positive_mask]
+    # List the rarer of ignored / negative; with RPN sampling most anchors end up ignored.
+    if ignored.numel() <= labels.numel() - marked.numel():
+        listed, listed_label, unlisted_label = ignored, IGNORED, NEGATIVE
+    else:
+        listed, listed_label, unlisted_label = torch.nonzero(labels == NEGATIVE).squeeze(1), NEGATIVE, IGNORED
+    image_starts = torch.arange(batch + 1, dtype=torch.int64) * count
+    encode_tensor(torch.searchsorted(positives, image_starts), sparse.positive_offsets)
+    encode_tensor((positives % count).to(torch.int32), sparse.positive_anchors)
+    encode_tensor(targets.matched_gt.reshape(-1)[positives], sparse.positive_matched_gt)
+    deltas = targets.deltas.reshape(-1, 4)[positives]
     encode_tensor(deltas.to(torch.float16) if half else deltas, sparse.positive_deltas)
     if with_classes and targets.classes is not None:
-        encode_tensor(targets.classes[pos_image, pos_anchor], sparse.positive_classes)
-    # List the rarer of ignored / negative; with RPN sampling most anchors end up ignored.
-    ignored = int((labels == IGNORED).sum())
-    negative = labels.numel() - ignored - pos_image.numel()
-    listed, unlisted = (IGNORED, NEGATIVE) if ignored <= negative else (NEGATIVE, IGNORED)
-    img, anchor = torch.nonzero(labels == listed, as_tuple=True)
-    sparse.listed_label = listed
-    sparse.unlisted_label = unlisted
-    encode_tensor(_csr_offsets(img, batch), sparse.listed_offsets)
-    encode_tensor(anchor.to(torch.int32), sparse.listed_anchors)
+        encode_tensor(targets.classes.reshape(-1)[positives], sparse.positive_classes)
+    sparse.listed_label = listed_label
+    sparse.unlisted_label = unlisted_label
+    encode_tensor(torch.searchsorted(listed, image_starts), sparse.listed_offsets)
+    encode_tensor((listed % count).to(torch.int32), sparse.listed_anchors)
 
 
 def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from tritarget.kernels import generate_anchors
 from tritarget.protos import target_assigner_pb2 as pb
@@ -38,8 +39,11 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._batcher = batcher
         self._limits = limits
         self._metrics = metrics
-        # Encoding copies megabytes (DENSE) or scans every anchor (SPARSE): off the loop.
-        self._encoder = ThreadPoolExecutor(encode_workers, thread_name_prefix="tritarget-encode")
+        # Encoding copies megabytes (DENSE) or scans every anchor (SPARSE): off the loop,
+        # and single-threaded, so its torch ops never fight the compute worker for cores.
+        self._encoder = ThreadPoolExecutor(
+            encode_workers, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self._stream_window = stream_window
 
     def close(self) -> None:

@@ -1,0 +1,303 @@
+"""Service benchmark: wire size and throughput of the gRPC service over loopback.
+
+Workload "COCO-RetinaNet" (DESIGN §9): canvas 800 x 1344, ``retinanet_torchvision``
+(201,600 anchors), COCO-like boxes from ``tritarget.kernels.workload`` (mean ~7 per
+image, classes included), requests of ``--images-per-request`` images. Measures:
+
+* bytes per image of the response, DENSE vs SPARSE, float32 and float16 deltas
+  (target: SPARSE >= 50x smaller than DENSE);
+* images/s through the service (``tritarget serve`` in a subprocess, one asyncio
+  client process keeping ``concurrency`` requests in flight, SPARSE responses
+  densified into ``Targets`` by the client) vs in-process ``assign`` on the same
+  requests one after another with the same backend and threads (target >= 80%);
+* latency per request (send -> dense ``Targets``), p50 / p99, at concurrency 1, 8, 32.
+
+Server and client share the machine's cores, as a loopback deployment does. The
+client process decodes with one torch thread, as a ``DataLoader`` worker does (torch
+sets one thread per worker). In-process and service runs alternate over ``--rounds``
+rounds and the best of each side is reported, so that bursts of background load on a
+shared machine hurt neither side more than the other; latency percentiles pool all
+rounds.
+Writes ``service.csv``, ``service.json`` and ``service.png`` (prefixed ``--prefix``)
+under ``--out`` and prints every ratio next to its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from tritarget.clients import AsyncTargetClient, TargetClient
+from tritarget.clients.wire import build_request, decode_response
+from tritarget.kernels import assign, presets
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+PRESET = "retinanet_torchvision"
+TARGET_SPARSE_RATIO = 50.0
+TARGET_THROUGHPUT_RATIO = 0.80
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--prefix", default="service", help="file name prefix (default: service)")
+    parser.add_argument("--backend", default="cpu", help="server and in-process backend (default cpu)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=200, help="requests per measurement (default 200)")
+    parser.add_argument("--images-per-request", type=int, default=2)
+    parser.add_argument("--max-batch-images", type=int, default=8, help="server batcher limit (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each side (default 3)")
+    parser.add_argument("--size-images", type=int, default=64, help="images for the bytes-per-image figures")
+    return parser.parse_args()
+
+
+def workload(requests: int, images: int, seed: int = 0) -> list[dict]:
+    """One dict of ``assign`` arguments per request, deterministic."""
+    items = []
+    for i in range(requests):
+        boxes, counts, classes = coco_like_batch(images, seed=seed + i)
+        items.append({"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes})
+    return items
+
+
+def backend_or_fallback(name: str) -> tuple[str, str]:
+    """The backend to use and a note when it had to fall back to the reference."""
+    if name != "cpu":
+        return name, ""
+    try:
+        assign(torch.zeros(0, 4), [0], (32, 32), presets.get(PRESET), backend="cpu")
+    except ImportError as exc:
+        return "reference", f"cpu backend unavailable ({exc}); measured with the reference backend instead"
+    return "cpu", ""
+
+
+def in_process(items: list[dict], backend: str) -> float:
+    """Images per second of ``assign`` on the requests one after another."""
+    config = presets.get(PRESET)
+    for item in items[:3]:
+        assign(item["gt_boxes"], item["gt_counts"], COCO_CANVAS, config, gt_classes=item["gt_classes"], backend=backend)
+    start = time.perf_counter()
+    for item in items:
+        assign(item["gt_boxes"], item["gt_counts"], COCO_CANVAS, config, gt_classes=item["gt_classes"], backend=backend)
+    return sum(len(item["gt_counts"]) for item in items) / (time.perf_counter() - start)
+
+
+def start_server(backend: str, max_batch_images: int) -> tuple[subprocess.Popen, str, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
+         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    address = metrics = None
+    while address is None or metrics is None:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("the server exited before it was ready")
+        if m := re.search(r"serving on (\S+:\d+)", line):
+            address = m.group(1)
+        if m := re.search(r"metrics on (\S+)", line):
+            metrics = m.group(1)
+    while "health is SERVING" not in process.stdout.readline():
+        pass
+    return process, address, metrics
+
+
+def response_bytes(address: str, items: list[dict]) -> dict[str, float]:
+    """Mean serialized response bytes per image for each format x delta dtype."""
+    sizes = {}
+    with TargetClient(address) as client:
+        for fmt in ("dense", "sparse"):
+            for dtype in ("float32", "float16"):
+                total = images = 0
+                for item in items:
+                    request = build_request(
+                        item["gt_boxes"], item["gt_counts"], COCO_CANVAS, preset=PRESET,
+                        gt_classes=item["gt_classes"], format=fmt, delta_dtype=dtype,
+                    )  # fmt: skip
+                    total += client.assign_raw(request).ByteSize()
+                    images += len(item["gt_counts"])
+                sizes[f"{fmt}_{dtype}"] = total / images
+    return sizes
+
+
+async def through_service(address: str, items: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """(images/s, per-request latencies in s) with ``concurrency`` requests in flight."""
+    requests = [build_request(**item, canvas=COCO_CANVAS, preset=PRESET) for item in items]
+    latencies: list[float] = []
+    async with AsyncTargetClient(address, timeout=120) as client:
+        for request in requests[: max(concurrency, 4)]:  # warm the channel and the server
+            decode_response(await client.assign_raw(request))
+        queue = iter(requests)
+
+        async def worker() -> None:
+            for request in queue:
+                start = time.perf_counter()
+                decode_response(await client.assign_raw(request))
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - start
+    images = sum(len(item["gt_counts"]) for item in items)
+    return images / elapsed, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def batch_counters(metrics_url: str) -> tuple[float, float]:
+    """(batched assign calls, images in them) so far, from the server's /metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return value("tritarget_batch_images_count"), value("tritarget_batch_images_sum")
+
+
+def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
+    return {
+        "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "backend": backend,
+        "note": note,
+        "preset": PRESET,
+        "canvas": list(COCO_CANVAS),
+        "images_per_request": args.images_per_request,
+        "requests": args.requests,
+        "max_batch_images": args.max_batch_images,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> None:
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{prefix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{prefix}.json").write_text(json.dumps({"environment": env, "bytes_per_image": sizes, "rows": rows},
+                                                   indent=2) + "\n")  # fmt: skip
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = list(sizes)
+    ax1.bar(names, [sizes[n] for n in names], color=["#c44", "#e88", "#48c", "#8ae"])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("response bytes per image")
+    ax1.set_title(f"wire size (SPARSE {sizes['dense_float32'] / sizes['sparse_float32']:.0f}x smaller)")
+    ax1.tick_params(axis="x", rotation=20)
+    service = [r for r in rows if r["mode"] == "service"]
+    conc = [r["concurrency"] for r in service]
+    ax2.plot(conc, [r["images_per_s"] for r in service], "o-", label="through the service")
+    ax2.axhline(rows[0]["images_per_s"], color="gray", ls="--", label="in-process assign")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("requests in flight")
+    ax2.set_ylabel("images / s")
+    ax2.set_title("throughput")
+    ax2.legend()
+    ax3.plot(conc, [r["p50_ms"] for r in service], "o-", label="p50")
+    ax3.plot(conc, [r["p99_ms"] for r in service], "s-", label="p99")
+    ax3.set_xscale("log", base=2)
+    ax3.set_xlabel("requests in flight")
+    ax3.set_ylabel(f"ms per request ({env['images_per_request']} images)")
+    ax3.set_title("latency")
+    ax3.legend()
+    fig.suptitle(f"tritarget service, loopback, backend {env['backend']}: {env['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"{prefix}.png", dpi=110)
+
+
+def main() -> None:
+    args = parse_args()
+    backend, note = backend_or_fallback(args.backend)
+    if note:
+        print(f"NOTE: {note}")
+    items = workload(args.requests, args.images_per_request)
+    threads = torch.get_num_threads()
+    process, address, metrics_url = start_server(backend, args.max_batch_images)
+    baselines: list[float] = []
+    best: dict[int, float] = {}
+    latencies: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    batch_images: dict[int, list[float]] = {c: [0.0, 0.0] for c in args.concurrency}
+    try:
+        torch.set_num_threads(1)  # the client side, as in a DataLoader worker
+        sizes = response_bytes(address, workload(args.size_images // args.images_per_request, args.images_per_request,
+                                                 seed=10_000))  # fmt: skip
+        ratio = sizes["dense_float32"] / sizes["sparse_float32"]
+        for name, size in sizes.items():
+            print(f"bytes per image {name:>15}: {size:>12,.0f}")
+        verdict = "meets" if ratio >= TARGET_SPARSE_RATIO else "MISSES"
+        print(f"SPARSE is {ratio:.0f}x smaller than DENSE (target >= {TARGET_SPARSE_RATIO:.0f}x: {verdict})")
+        # Rounds alternate in-process and service runs; the best of each counts, so a burst
+        # of background load on a shared machine hurts neither side more than the other.
+        for round_ in range(args.rounds):
+            torch.set_num_threads(threads)
+            baselines.append(in_process(items, backend))
+            torch.set_num_threads(1)
+            line = [f"round {round_ + 1}: in-process {baselines[-1]:.1f} images/s"]
+            for concurrency in args.concurrency:
+                calls, images = batch_counters(metrics_url)
+                throughput, lat = asyncio.run(through_service(address, items, concurrency))
+                calls_after, images_after = batch_counters(metrics_url)
+                batch_images[concurrency][0] += calls_after - calls
+                batch_images[concurrency][1] += images_after - images
+                latencies[concurrency] += lat
+                best[concurrency] = max(best.get(concurrency, 0.0), throughput)
+                line.append(f"c={concurrency} {throughput:.1f}")
+            print(", ".join(line), flush=True)
+    finally:
+        process.terminate()
+        process.wait(30)
+        torch.set_num_threads(threads)
+    baseline = max(baselines)
+    rows = [{"mode": "in_process", "concurrency": 1, "images_per_s": round(baseline, 1), "ratio_vs_in_process": 1.0,
+             "p50_ms": "", "p99_ms": "", "mean_batch_images": ""}]  # fmt: skip
+    print(f"in-process assign ({backend}, {threads} threads, best of {args.rounds}): {baseline:.1f} images/s")
+    for concurrency in args.concurrency:
+        calls, images = batch_images[concurrency]
+        row = {
+            "mode": "service", "concurrency": concurrency, "images_per_s": round(best[concurrency], 1),
+            "ratio_vs_in_process": round(best[concurrency] / baseline, 3),
+            "p50_ms": round(percentile(latencies[concurrency], 0.5) * 1000, 2),
+            "p99_ms": round(percentile(latencies[concurrency], 0.99) * 1000, 2),
+            "mean_batch_images": round(images / max(calls, 1), 2),
+        }  # fmt: skip
+        rows.append(row)
+        verdict = "meets" if row["ratio_vs_in_process"] >= TARGET_THROUGHPUT_RATIO else "misses"
+        print(f"concurrency {concurrency:>3}: {row['images_per_s']:7.1f} images/s = {row['ratio_vs_in_process']:.0%} "
+              f"of in-process (target >= {TARGET_THROUGHPUT_RATIO:.0%}: {verdict}); p50 {row['p50_ms']} ms, "
+              f"p99 {row['p99_ms']} ms, {row['mean_batch_images']} images per batched call")  # fmt: skip
+    env = environment(backend, note, args)
+    env["client_torch_threads"] = 1
+    env["rounds"] = args.rounds
+    env["load_average_1min_at_end"] = os.getloadavg()[0]
+    env["sparse_vs_dense_ratio"] = round(ratio, 1)
+    write(rows, env, {k: round(v, 1) for k, v in sizes.items()}, Path(args.out), args.prefix)
+    print(f"wrote {args.out}/{args.prefix}.csv, .json, .png")
+
+
+if __name__ == "__main__":
+    main()
