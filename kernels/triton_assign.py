@@ -62,7 +62,8 @@ _BORDER_POST = tl.constexpr(2)
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
 # as a constant, which would bring back one compilation per combination.
 _PASS1_SWITCHES = ["num_levels", "shape_major", "use_ignore", "ignore_wrt_anchor", "border_rule"]
-_PASS2_SWITCHES = [*_PASS1_SWITCHES, "low_quality", "strict_high", "has_classes", "want_max_iou", "count_sparse"]
+_PASS2_SWITCHES = [*_PASS1_SWITCHES, "low_quality", "strict_high", "background_class"]
+_PASS2_SWITCHES += ["has_classes", "want_max_iou", "count_sparse"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
