@@ -18,7 +18,7 @@ sets one thread per worker). In-process and service runs alternate over ``--roun
 rounds and the best of each side is reported, so that bursts of background load on a
 shared machine hurt neither side more than the other; latency percentiles pool all
 rounds.
-Writes ``service.csv``, ``service.json`` and ``service.png`` (prefixed ``--prefix``)
+Writes ``service_loopback.csv``, ``.json`` and ``.png`` (``--prefix``)
 under ``--out`` and prints every ratio next to its target.
 """
 
@@ -51,12 +51,13 @@ TARGET_THROUGHPUT_RATIO = 0.80
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--prefix", default="service", help="file name prefix (default: service)")
+    parser.add_argument("--prefix", default="service_loopback", help="file name prefix (default: service_loopback)")
     parser.add_argument("--backend", default="cpu", help="server and in-process backend (default cpu)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement (default 200)")
     parser.add_argument("--images-per-request", type=int, default=2)
     parser.add_argument("--max-batch-images", type=int, default=8, help="server batcher limit (default 8)")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="server batching wait (default 0)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each side (default 3)")
     parser.add_argument("--size-images", type=int, default=64, help="images for the bytes-per-image figures")
     return parser.parse_args()
@@ -93,10 +94,10 @@ def in_process(items: list[dict], backend: str) -> float:
     return sum(len(item["gt_counts"]) for item in items) / (time.perf_counter() - start)
 
 
-def start_server(backend: str, max_batch_images: int) -> tuple[subprocess.Popen, str, str]:
+def start_server(backend: str, max_batch_images: int, delay_ms: float) -> tuple[subprocess.Popen, str, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
-         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", "1"],
+         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", str(delay_ms)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     address = metrics = None
@@ -180,6 +181,7 @@ def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
         "images_per_request": args.images_per_request,
         "requests": args.requests,
         "max_batch_images": args.max_batch_images,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -237,7 +239,7 @@ def main() -> None:
         print(f"NOTE: {note}")
     items = workload(args.requests, args.images_per_request)
     threads = torch.get_num_threads()
-    process, address, metrics_url = start_server(backend, args.max_batch_images)
+    process, address, metrics_url = start_server(backend, args.max_batch_images, args.max_queue_delay_ms)
     baselines: list[float] = []
     best: dict[int, float] = {}
     latencies: dict[int, list[float]] = {c: [] for c in args.concurrency}

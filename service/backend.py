@@ -5,7 +5,9 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
 
 * a batch closes when it holds ``max_batch_images`` images or its oldest request
   has waited ``max_queue_delay_s``; while every compute worker is busy, requests
-  keep accumulating, so batches grow with load (and stay small when idle);
+  keep accumulating, so batches grow with load and stay small when idle. The
+  default delay is 0 (this "natural" batching alone): a lone request never waits,
+  and a busy server still merges; a few milliseconds buy fuller batches on a GPU;
 * the queue is bounded (``max_queue_images``): beyond it ``submit`` raises
   ``Overloaded`` at once instead of queueing work that would miss its deadline;
 * compute runs on worker threads, never on the event loop;
@@ -83,7 +85,7 @@ class BatchOptions:
     """Batcher limits; see the module docstring."""
 
     max_batch_images: int = 32
-    max_queue_delay_s: float = 0.002
+    max_queue_delay_s: float = 0.0
     max_queue_images: int = 1024
     compute_workers: int = 1
 

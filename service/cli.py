@@ -95,11 +95,66 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = _server_options(args)
+        if args.workers > 1:
+            return _serve_workers(options, args.workers)
         asyncio.run(serve(options))
     except (ValueError, OSError) as exc:
         print(f"tritarget serve: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _announce_as(prefix: str, text: str, **kwargs) -> None:
+    print(f"{prefix} {text}", **kwargs)
+
+
+def _serve_workers(options, workers: int) -> int:
+    """``workers`` server processes on one port (SO_REUSEPORT; the kernel spreads the
+    connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
+    SIGINT to this parent drains every worker. Worker i serves metrics on
+    ``metrics_port + i``; each gets an equal share of the cores for torch."""
+    import dataclasses
+    import functools
+    import signal
+
+    from .server import serve
+
+    if options.port == 0:
+        raise ValueError("--workers needs a fixed --port (the workers share it)")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    children = []
+    for i in range(workers):
+        metrics_port = None if options.metrics_port is None else options.metrics_port + i
+        worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
+        pid = os.fork()
+        if pid == 0:
+            import torch
+
+            torch.set_num_threads(threads)
+            code = 0
+            try:
+                announce = functools.partial(_announce_as, f"[worker {i}]")
+                asyncio.run(serve(worker, announce=announce))
+            except BaseException as exc:  # a worker reports and exits; the parent sees the code
+                print(f"[worker {i}] failed: {exc}", file=sys.stderr, flush=True)
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum, frame) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = max(status, os.waitstatus_to_exitcode(code))
+    return status
 
 
 def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=None, root_certificates=None,
@@ -175,7 +230,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-images", type=int, default=256, help="images per request (default 256)")
     parser.add_argument("--max-request-boxes", type=int, default=100_000, help="boxes per request (default 100000)")
     parser.add_argument("--max-batch-images", type=int, default=32, help="images per merged batch (default 32)")
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="batching wait (default 2 ms)")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                        help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")
     parser.add_argument("--compute-workers", type=int, default=1, help="concurrent batches (default 1)")
     parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
@@ -185,6 +241,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=float, default=10.0, help="seconds for calls in flight at shutdown")
+
+
+def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing --port via SO_REUSEPORT (CPU scale-out; default 1)")  # fmt: skip
 
 
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM / Ctrl-C")
     _add_server_flags(serve)
+    _add_workers_flag(serve)
     serve.set_defaults(handler=_serve)
 
     request = commands.add_parser("request", help="send a demo request to a running service")

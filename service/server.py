@@ -47,6 +47,7 @@ class ServerOptions:
     tls_cert, tls_key: PEM server certificate chain and key (None: plaintext).
     metrics_port: Prometheus /metrics HTTP port (None: off; 0: any free port).
     warmup_preset, warmup_canvas: the warm-up batch that runs before SERVING.
+    reuse_port: let several processes bind the same port (SO_REUSEPORT; ``--workers``).
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +64,7 @@ class ServerOptions:
     warmup_canvas: tuple[int, int] = (800, 1344)
     grace_s: float = 10.0
     reflection: bool = True
+    reuse_port: bool = False
 
 
 class TargetServer:
@@ -85,7 +87,13 @@ class TargetServer:
         interceptors = [BearerTokenInterceptor(options.token, self.metrics)] if options.token else []
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                # Share the port only on purpose (``workers`` > 1): a second server started
+                # by mistake on a busy port must fail, not silently take half the traffic.
+                ("grpc.so_reuseport", 1 if options.reuse_port else 0),
+            ],
         )
         pb_grpc.add_TargetAssignerServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -93,15 +101,19 @@ class TargetServer:
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.grpc)
         address = f"{options.host}:{options.port}"
-        if options.tls_cert is not None or options.tls_key is not None:
-            if options.tls_cert is None or options.tls_key is None:
-                raise ValueError("TLS needs both a certificate and a key")
-            credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
-            self.port = self.grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        reason = "no address bound"
+        try:
+            if options.tls_cert is not None or options.tls_key is not None:
+                if options.tls_cert is None or options.tls_key is None:
+                    raise ValueError("TLS needs both a certificate and a key")
+                credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
+                self.port = self.grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            self.port, reason = 0, str(exc).split(";")[0]
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"could not bind {address} (in use?): {reason}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self._warmup: asyncio.Task | None = None

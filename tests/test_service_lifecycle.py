@@ -127,3 +127,26 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_cli_serve_workers_share_one_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = _spawn("serve", "--port", str(port), "--workers", "2", "--backend", "reference",
+                     "--warmup-canvas", "64", "64")  # fmt: skip
+    try:
+        _read_until(process, r"health is SERVING")
+        _read_until(process, r"health is SERVING")
+        for _ in range(2):
+            with TargetClient(f"127.0.0.1:{port}") as client:  # a new connection each time
+                assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out
+        assert out.count("stopped") == 2, out
+    finally:
+        if process.poll() is None:
+            process.kill()
