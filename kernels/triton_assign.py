@@ -492,10 +492,12 @@ def assign_kernel(
     out = image * num_anchors + anchor  # int64: B * A may pass 2^31
     tl.store(labels_ptr + out, labels.to(tl.int8), mask=anchor_mask)
     tl.store(matched_ptr + out, matched, mask=anchor_mask)
-    tl.store(deltas_ptr + out * 4, tl.where(positive, dx, 0.0), mask=anchor_mask)
-    tl.store(deltas_ptr + out * 4 + 1, tl.where(positive, dy, 0.0), mask=anchor_mask)
-    tl.store(deltas_ptr + out * 4 + 2, tl.where(positive, dw, 0.0), mask=anchor_mask)
-    tl.store(deltas_ptr + out * 4 + 3, tl.where(positive, dh, 0.0), mask=anchor_mask)
+    # One [BLOCK_A, 4] tile: each thread writes an anchor's 16 bytes in one vector store.
+    column = tl.arange(0, 4)[None, :]
+    deltas = tl.where(column == 0, dx[:, None], tl.where(column == 1, dy[:, None],
+                      tl.where(column == 2, dw[:, None], dh[:, None])))  # fmt: skip
+    deltas = tl.where(positive[:, None], deltas, 0.0)
+    tl.store(deltas_ptr + out[:, None] * 4 + column, deltas, mask=anchor_mask[:, None])
     if has_classes != 0:
         box_class = tl.load(gt_classes_ptr + box_start + matched.to(tl.int64), mask=positive, other=0)
         tl.store(classes_ptr + out, tl.where(positive, box_class, background_class), mask=anchor_mask)
