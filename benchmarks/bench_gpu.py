@@ -171,7 +171,7 @@ def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> di
     return methods
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, env: dict, out: Path) -> list[dict]:
     device = torch.device("cpu" if args.smoke else "cuda")
     canvas = (64, 96) if args.smoke else COCO_CANVAS
     config = presets.get(PRESET)
@@ -220,9 +220,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
                 print(f"{label:>11} B={batch:<3} {name:>14}: {median:10.3f} ms (p20 {low:.3f}, p80 {high:.3f}){floor}")
-            del problem, boxes, classes
+            del problem, boxes, classes, methods
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            write_tables(rows, env, out)  # after every batch: a timeout still leaves results
     add_ratios(rows)
     return rows
 
@@ -275,7 +276,8 @@ def environment(smoke: bool) -> dict:
     return info
 
 
-def write(rows: list[dict], env: dict, out: Path) -> None:
+def write_tables(rows: list[dict], env: dict, out: Path) -> None:
+    """bench_gpu.csv (one row per point) and bench_gpu.json (environment + rows)."""
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(out / "bench_gpu.csv", "w", newline="") as f:
@@ -285,6 +287,10 @@ def write(rows: list[dict], env: dict, out: Path) -> None:
             writer.writerow({"device": env["device"], **row})
     with open(out / "bench_gpu.json", "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
+
+
+def plot(rows: list[dict], env: dict, out: Path) -> None:
+    """bench_gpu.png: ms per batch against B, one panel per workload, with the floor."""
     try:
         import matplotlib
 
@@ -317,10 +323,11 @@ def main() -> None:
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke for a tiny interpreter run on the CPU)")
     env = environment(args.smoke)
     print(json.dumps(env))
-    rows = run(args)
-    lines = summary(rows)
-    print("\n".join(lines))
-    write(rows, env, Path(args.out))
+    out = Path(args.out)
+    rows = run(args, env, out)
+    print("\n".join(summary(rows)))
+    write_tables(rows, env, out)
+    plot(rows, env, out)
     print(f"wrote {args.out}/bench_gpu.csv, .json, .png")
 
 

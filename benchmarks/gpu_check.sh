@@ -53,7 +53,7 @@ cat "$OUT/env.txt"
 
 status=0
 echo "== tests (compiled Triton) =="
-timeout 170 "$PYTHON" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest.txt"
+timeout 150 "$PYTHON" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest.txt"
 tests=${PIPESTATUS[0]}
 [ "$tests" -eq 0 ] || status=1
 
