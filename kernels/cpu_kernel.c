@@ -118,8 +118,11 @@ static void load_chunk(const Problem *p, int64_t start, int64_t n, Chunk *c) {
         float x1 = a[4 * k], y1 = a[4 * k + 1], x2 = a[4 * k + 2], y2 = a[4 * k + 3];
         c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
         c->area[k] = (x2 - x1) * (y2 - y1);
-        lo_x = fminf(lo_x, x1); lo_y = fminf(lo_y, y1);
-        hi_x = fmaxf(hi_x, x2); hi_y = fmaxf(hi_y, y2);
+        /* selects, not fminf/fmaxf: those are libm calls without -ffast-math */
+        lo_x = x1 < lo_x ? x1 : lo_x;
+        lo_y = y1 < lo_y ? y1 : lo_y;
+        hi_x = x2 > hi_x ? x2 : hi_x;
+        hi_y = y2 > hi_y ? y2 : hi_y;
     }
     c->lo_x = lo_x; c->lo_y = lo_y; c->hi_x = hi_x; c->hi_y = hi_y;
     c->n = n;
@@ -260,28 +263,34 @@ static void encode_one(const Problem *p, const float *g, float ax1, float ay1, f
     for (int j = 0; j < 4; ++j) out[j] = (d[j] - p->means[j]) / p->stds[j];
 }
 
-/* Write one anchor's outputs from its decided label and matched box (-1 when none);
- * applies the "post_match" border rule and the matched_gt convention. */
-static void finish_anchor(const Problem *p, int64_t image, int64_t a, int label, int32_t match,
-                          int32_t argmax, int included) {
-    const int64_t row = image * p->num_anchors + a;
-    const float *an = p->anchors + 4 * a;
-    if (p->border_limits && p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
-        label = IGNORED;
-    float *d = p->deltas + 4 * row;
-    if (label == POSITIVE) {
-        const float *g = p->gt_boxes + 4 * (p->gt_offsets[image] + match);
-        encode_one(p, g, an[0], an[1], an[2], an[3], d);
-        if (p->classes) p->classes[row] = p->gt_classes[p->gt_offsets[image] + match];
-    } else {
-        d[0] = d[1] = d[2] = d[3] = 0.0f;
-        if (p->classes) p->classes[row] = p->background_class;
-        match = -1;
+/* Write a chunk's decided labels and matches: applies the "post_match" border rule,
+ * then deltas and classes of the positives (zeros and background elsewhere). */
+static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, uint8_t *positive,
+                        int8_t *label, int32_t *match) {
+    const int64_t row = image * p->num_anchors + start;
+    const float *an = p->anchors + 4 * start;
+    if (p->border_limits && p->border_post) {
+        const float *lim = p->border_limits + 4 * image;
+        for (int64_t k = 0; k < n; ++k) {
+            int outside = !anchor_inside(lim, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3]);
+            positive[k] &= (uint8_t)!outside;
+            label[k] = outside ? (int8_t)IGNORED : label[k];
+            if (p->low_quality != LQ_DETECTRON2) match[k] = outside ? -1 : match[k];
+        }
     }
-    if (p->low_quality == LQ_DETECTRON2) /* detectron2's Matcher keeps every argmax */
-        match = included && p->gt_offsets[image + 1] > p->gt_offsets[image] ? argmax : -1;
-    p->labels[row] = (int8_t)label;
-    p->matched[row] = match;
+    memcpy(p->labels + row, label, (size_t)n);
+    memcpy(p->matched + row, match, sizeof(int32_t) * (size_t)n);
+    memset(p->deltas + 4 * row, 0, sizeof(float) * 4 * (size_t)n);
+    if (p->classes)
+        for (int64_t k = 0; k < n; ++k) p->classes[row + k] = p->background_class;
+    const int64_t g0 = p->gt_offsets[image];
+    for (int64_t k = 0; k < n; ++k) {
+        if (!positive[k]) continue;
+        const int64_t g = g0 + match[k];
+        encode_one(p, p->gt_boxes + 4 * g, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3],
+                   p->deltas + 4 * (row + k));
+        if (p->classes) p->classes[row + k] = p->gt_classes[g];
+    }
 }
 
 static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
@@ -294,27 +303,32 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
     const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
                       p->low_quality == LQ_MMDET;
     Chunk c;
-    uint8_t excluded[CHUNK], lifted[CHUNK];
-    int32_t lift_box[CHUNK];
-
-    if (g0 == g1) { /* no boxes: included anchors are negative */
-        for (int64_t k = 0; k < n; ++k) {
-            excluded[k] = (uint8_t)p->labels[row + k];
-            p->max_iou[row + k] = 0.0f;
-        }
-        for (int64_t k = 0; k < n; ++k)
-            finish_anchor(p, image, start + k, excluded[k] ? IGNORED : NEGATIVE, -1, -1, !excluded[k]);
-        return;
-    }
-
-    float reach = -1.0f; /* best raw IoU of an included anchor of the chunk */
+    uint8_t excluded[CHUNK], lifted[CHUNK], positive[CHUNK];
+    int8_t label[CHUNK];
+    int32_t lift_box[CHUNK], match[CHUNK];
+    /* pass 1 left each anchor's best IoU, best box and exclusion in the outputs */
+    const int32_t *argmax = p->matched + row;
+    const float *best = p->max_iou + row;
     for (int64_t k = 0; k < n; ++k) {
         excluded[k] = (uint8_t)p->labels[row + k];
         lifted[k] = 0;
         lift_box[k] = -1;
-        if (!excluded[k] && p->max_iou[row + k] > reach) reach = p->max_iou[row + k];
     }
+    if (g0 == g1) { /* no boxes: included anchors are negative */
+        for (int64_t k = 0; k < n; ++k) {
+            positive[k] = 0;
+            label[k] = excluded[k] ? IGNORED : NEGATIVE;
+            match[k] = -1;
+            p->max_iou[row + k] = 0.0f;
+        }
+        write_chunk(p, image, start, n, positive, label, match);
+        return;
+    }
+
     if (lifts) {
+        float reach = -1.0f; /* best raw IoU of an included anchor of the chunk */
+        for (int64_t k = 0; k < n; ++k)
+            if (!excluded[k] && best[k] > reach) reach = best[k];
         int loaded = 0;
         for (int64_t g = g0; g < g1; ++g) {
             const float target = p->box_max[g];
@@ -338,24 +352,21 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
             }
         }
     }
+    const int mmdet = p->low_quality == LQ_MMDET;
+    const float high = p->high, low = p->low;
     for (int64_t k = 0; k < n; ++k) {
-        const int64_t a = start + k;
-        const int32_t argmax = p->matched[row + k];
-        if (excluded[k]) {
-            finish_anchor(p, image, a, IGNORED, -1, argmax, 0);
-            continue;
-        }
-        const float best = p->max_iou[row + k];
-        int positive = p->strict_high ? best > p->high : best >= p->high;
         /* strict_high is DALI/MLPerf's single criterion: the interval is (low, high] */
-        int negative = !positive && (p->strict_high ? best <= p->low : best < p->low);
-        int32_t match = positive ? argmax : -1;
-        if (lifted[k]) {
-            positive = 1;
-            match = p->low_quality == LQ_MMDET ? lift_box[k] : argmax;
-        }
-        finish_anchor(p, image, a, positive ? POSITIVE : (negative ? NEGATIVE : IGNORED), match, argmax, 1);
+        int pos = p->strict_high ? best[k] > high : best[k] >= high;
+        int neg = !pos && (p->strict_high ? best[k] <= low : best[k] < low);
+        pos = (pos | lifted[k]) & !excluded[k];
+        neg = neg & !excluded[k] & !pos;
+        positive[k] = (uint8_t)pos;
+        label[k] = (int8_t)(pos ? POSITIVE : (neg ? NEGATIVE : IGNORED));
+        match[k] = pos ? (lifted[k] && mmdet ? lift_box[k] : argmax[k]) : -1;
     }
+    if (p->low_quality == LQ_DETECTRON2) /* detectron2's Matcher keeps every included argmax */
+        for (int64_t k = 0; k < n; ++k) match[k] = excluded[k] ? -1 : argmax[k];
+    write_chunk(p, image, start, n, positive, label, match);
 }
 
 /* ---- threads -------------------------------------------------------------------------- */
@@ -440,8 +451,12 @@ int tritarget_cpu_solve(const Problem *p) {
                 Chunk one;
                 load_chunk(p, a, 1, &one);
                 mark_excluded(p, image, &one);
-                if (p->box_max[g] >= p->min_pos_iou && !one.excluded[0])
-                    finish_anchor(p, image, a, POSITIVE, (int32_t)(g - p->gt_offsets[image]), -1, 1);
+                if (p->box_max[g] >= p->min_pos_iou && !one.excluded[0]) {
+                    uint8_t positive = 1;
+                    int8_t label = POSITIVE;
+                    int32_t match = (int32_t)(g - p->gt_offsets[image]);
+                    write_chunk(p, image, a, 1, &positive, &label, &match);
+                }
             }
         }
     }
