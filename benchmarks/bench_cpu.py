@@ -1,0 +1,275 @@
+"""CPU backend vs torchvision vs the reference on the COCO-RetinaNet workload (DESIGN §9).
+
+Workload: torchvision RetinaNet anchors on an 800 x 1344 canvas (201,600 anchors),
+boxes from ``tritarget.kernels.workload`` (COCO-like, or G fixed per image), batches of
+B = 1 and 16. Every implementation runs in this process with the same thread count:
+
+* torchvision: ``box_iou`` + ``Matcher(0.5, 0.4, allow_low_quality_matches=True)`` +
+  ``BoxCoder.encode_single`` of the foreground, image by image, as torchvision's
+  RetinaNet does (the ``parity`` extra; the table says so when it is absent);
+* reference: ``assign(..., backend="reference")`` (skipped where it would take long);
+* cpu: ``assign(..., backend="cpu")``, end to end (input checks included).
+
+Reported: median wall time per batch over several runs (fewer for slow cases, the
+count is in the output), speedup of cpu over torchvision, and the peak resident-memory
+growth of one call (Linux ``VmHWM`` after resetting it). Writes
+``benchmarks/results/cpu_bench.{csv,json,png}``.
+
+    python benchmarks/bench_cpu.py            # full table (about 10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py --quick    # G = 7 and 200, B = 1 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tritarget.kernels import assign, generate_anchors, presets
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESET = "retinanet_torchvision"
+BOX_COUNTS = (1, 7, 50, 200, 1000)
+BATCHES = (1, 16)
+# The reference builds [G, A] matrices image by image: ~1-5 s per image at G = 200 here.
+REFERENCE_MAX_BOXES_PER_BATCH = 200
+# Runs per case: as many as fit this many seconds, between MIN_RUNS and MAX_RUNS.
+TIME_BUDGET_S = 15.0
+MIN_RUNS, MAX_RUNS = 1, 9
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": _torchvision_version(),
+        "python": platform.python_version(),
+    }
+
+
+def _torchvision_version() -> str | None:
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision.__version__
+
+
+def torchvision_targets() -> Callable[[list[torch.Tensor], torch.Tensor], None] | None:
+    """torchvision RetinaNet's per-image target computation, or None without torchvision."""
+    try:
+        from torchvision.models.detection import _utils as det_utils
+        from torchvision.ops import box_iou
+    except ImportError:
+        return None
+    matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+    def run(images: list[torch.Tensor], anchors: torch.Tensor) -> None:
+        for boxes in images:
+            if boxes.numel() == 0:  # RetinaNet: every anchor is background
+                torch.full((anchors.shape[0],), -1, dtype=torch.int64)
+                continue
+            matched = matcher(box_iou(boxes, anchors))
+            foreground = matched >= 0
+            coder.encode_single(boxes[matched[foreground]], anchors[foreground])
+
+    return run
+
+
+def _peak_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_growth_mib(call: Callable[[], object]) -> float | None:
+    """Growth of peak resident memory during one call (Linux), in MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return None
+    before = _peak_kib()
+    call()
+    after = _peak_kib()
+    return None if before is None or after is None else (after - before) / 1024
+
+
+def timed(call: Callable[[], object]) -> tuple[float, int]:
+    """(median ms, runs): one run to size the rest, then up to the time budget."""
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    runs = max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(first, 1e-9))))
+    times = [first] if runs == 1 else []
+    for _ in range(runs if runs > 1 else 0):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[str, object]]:
+    boxes, counts, classes = coco_like_batch(batch, seed=batch * 1000 + (count or 0), boxes_per_image=count)
+    images = list(boxes.split(counts))
+    label = "coco" if count is None else str(count)
+    rows = []
+    impls: list[tuple[str, Callable[[], object] | None, str]] = [
+        ("torchvision", (lambda: tv(images, anchors)) if tv else None, "torchvision not installed"),
+        ("reference", lambda: assign(boxes, counts, COCO_CANVAS, config, gt_classes=classes, backend="reference"),
+         ""),
+        ("cpu", lambda: assign(boxes, counts, COCO_CANVAS, config, gt_classes=classes, backend="cpu"), ""),
+    ]  # fmt: skip
+    if sum(counts) > REFERENCE_MAX_BOXES_PER_BATCH:
+        impls[1] = ("reference", None, f"skipped: {sum(counts)} boxes per batch (> {REFERENCE_MAX_BOXES_PER_BATCH})")
+    for name, call, why in impls:
+        row = {"batch": batch, "boxes_per_image": label, "total_boxes": sum(counts), "impl": name}
+        if call is None:
+            rows.append({**row, "median_ms": None, "runs": 0, "peak_mib": None, "note": why})
+            continue
+        peak = peak_growth_mib(call)
+        median, runs = timed(call)
+        rows.append({**row, "median_ms": round(median, 3), "runs": runs,
+                     "peak_mib": None if peak is None else round(peak, 1), "note": ""})  # fmt: skip
+        print(f"  B={batch:<3} G={label:<5} {name:<12} {median:10.1f} ms  ({runs} runs)", flush=True)
+    return rows
+
+
+def speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """One line per case: the three times side by side and cpu's speedups."""
+    cases: dict[tuple, dict[str, object]] = {}
+    for row in rows:
+        case = cases.setdefault((row["batch"], row["boxes_per_image"]),
+                                {"batch": row["batch"], "boxes_per_image": row["boxes_per_image"]})  # fmt: skip
+        case[f"{row['impl']}_ms"] = row["median_ms"]
+        case[f"{row['impl']}_peak_mib"] = row["peak_mib"]
+    for case in cases.values():
+        ours = case.get("cpu_ms")
+        for peer in ("torchvision", "reference"):
+            theirs = case.get(f"{peer}_ms")
+            case[f"speedup_vs_{peer}"] = round(theirs / ours, 1) if theirs and ours else None
+    return list(cases.values())
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(summary: list[dict[str, object]]) -> str:
+    header = ("| B | G | torchvision ms | reference ms | cpu ms | cpu vs torchvision | "
+              "peak MiB torchvision / reference / cpu |")  # fmt: skip
+    lines = [header, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in summary:
+        ratio = c["speedup_vs_torchvision"]
+        peaks = " / ".join(_fmt(c.get(f"{k}_peak_mib"), 0) for k in ("torchvision", "reference", "cpu"))
+        lines.append(
+            f"| {c['batch']} | {c['boxes_per_image']} | {_fmt(c.get('torchvision_ms'))} | "
+            f"{_fmt(c.get('reference_ms'))} | {_fmt(c.get('cpu_ms'), 2)} | "
+            f"{'-' if ratio is None else f'{ratio:.0f}x'} | {peaks} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def plot(summary: list[dict[str, object]], info: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (times, ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"torchvision": "o-", "reference": "s--", "cpu": "^-"}
+    for batch in sorted({c["batch"] for c in summary}):
+        fixed = [c for c in summary if c["batch"] == batch and c["boxes_per_image"] != "coco"]
+        xs = [int(c["boxes_per_image"]) for c in fixed]
+        for impl, style in styles.items():
+            pts = [(x, c[f"{impl}_ms"]) for x, c in zip(xs, fixed) if c.get(f"{impl}_ms")]
+            if pts:
+                times.plot(*zip(*pts), style, label=f"{impl}, B={batch}")
+        pts = [(x, c["speedup_vs_torchvision"]) for x, c in zip(xs, fixed) if c.get("speedup_vs_torchvision")]
+        if pts:
+            ratio.plot(*zip(*pts), "^-", label=f"B={batch}")
+    times.set(xscale="log", yscale="log", xlabel="boxes per image G", ylabel="ms per batch (median)",
+              title="Targets for RetinaNet anchors, 800x1344 (201,600 anchors)")  # fmt: skip
+    times.grid(True, which="both", alpha=0.3)
+    times.legend(fontsize=8)
+    ratio.axhline(10, color="grey", linestyle=":", label="10x target")
+    ratio.set(xscale="log", yscale="log", xlabel="boxes per image G", ylabel="torchvision time / cpu time",
+              title="cpu backend speedup over torchvision")  # fmt: skip
+    ratio.grid(True, which="both", alpha=0.3)
+    ratio.legend(fontsize=8)
+    fig.suptitle(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="G = 7 and 200, B = 1 only")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = presets.get(PRESET)
+    anchors = generate_anchors(config.anchors, COCO_CANVAS)
+    info = machine()
+    print(f"machine: {info}")
+    tv = torchvision_targets()
+    if tv is None:
+        print("*** torchvision is not installed: no baseline, no ratio column. "
+              "Install the parity extra: pip install -e '.[parity]' ***")  # fmt: skip
+    # Warm-up: the cpu kernel's one-time build, anchors, allocator.
+    small, small_counts, _ = coco_like_batch(1, seed=99, boxes_per_image=3)
+    assign(small, small_counts, COCO_CANVAS, config, backend="cpu")
+
+    box_counts = (7, 200) if args.quick else (*BOX_COUNTS, None)
+    batches = (1,) if args.quick else BATCHES
+    rows = []
+    for batch in batches:
+        for count in box_counts:
+            rows.extend(run_case(batch, count, tv, config, anchors))
+    summary = speedups(rows)
+    table = print_table(summary)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "cpu_bench.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {"workload": f"{PRESET}, canvas {COCO_CANVAS}, {anchors.shape[0]} anchors", "machine": info,
+               "rows": rows, "summary": summary, "table_markdown": table}  # fmt: skip
+    (args.out / "cpu_bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(summary, info, args.out / "cpu_bench.png")
+    print(f"wrote {args.out}/cpu_bench.csv, cpu_bench.json, cpu_bench.png")
+    if tv is not None:
+        for target in ("7", "200"):
+            case = next((c for c in summary if c["batch"] == 1 and c["boxes_per_image"] == target), None)
+            if case and case["speedup_vs_torchvision"] is not None:
+                verdict = "meets" if case["speedup_vs_torchvision"] >= 10 else "MISSES"
+                print(f"G = {target}: {case['speedup_vs_torchvision']:.0f}x torchvision ({verdict} the 10x target)")
+
+
+if __name__ == "__main__":
+    main()
