@@ -28,7 +28,7 @@ def test_wheel_installs_only_the_tritarget_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"tritarget", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    for module in ("kernels/anchors.py", "kernels/reference.py", "service/cli.py", "clients/__init__.py"):
+    for module in ("kernels/anchors.py", "kernels/cpu_kernel.c", "service/cli.py", "clients/__init__.py"):
         assert f"tritarget/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tritarget = tritarget.service.cli:main" in entry_points
