@@ -10,7 +10,10 @@ image, classes included), requests of ``--images-per-request`` images. Measures:
   client process keeping ``concurrency`` requests in flight, SPARSE responses
   densified into ``Targets`` by the client) vs in-process ``assign`` on the same
   requests one after another with the same backend and threads (target >= 80%);
-* latency per request (send -> dense ``Targets``), p50 / p99, at concurrency 1, 8, 32.
+* latency per request (send -> dense ``Targets``), p50 / p99, at concurrency 1, 8, 32;
+* the same with a client that stops at the parsed SPARSE response: the server's
+  capacity when, as in a real deployment, the data loaders densify on their own
+  machines (on loopback, the client's densifying takes cores from the server).
 
 Server and client share the machine's cores, as a loopback deployment does. The
 client process decodes with one torch thread, as a ``DataLoader`` worker does (torch
@@ -46,6 +49,10 @@ from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 PRESET = "retinanet_torchvision"
 TARGET_SPARSE_RATIO = 50.0
 TARGET_THROUGHPUT_RATIO = 0.80
+# Row modes: the client densifies every response into Targets (end to end, client and
+# server on the same cores), or keeps the parsed SPARSE response (the server's capacity,
+# densifying left to the data loaders' machines).
+MODES = {"service": "end to end (client densifies)", "service_sparse": "server capacity (client parses only)"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, default=2)
     parser.add_argument("--max-batch-images", type=int, default=8, help="server batcher limit (default 8)")
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="server batching wait (default 0)")
+    parser.add_argument("--compute-workers", type=int, default=1, help="server compute workers (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each side (default 3)")
     parser.add_argument("--size-images", type=int, default=64, help="images for the bytes-per-image figures")
     return parser.parse_args()
@@ -94,10 +102,13 @@ def in_process(items: list[dict], backend: str) -> float:
     return sum(len(item["gt_counts"]) for item in items) / (time.perf_counter() - start)
 
 
-def start_server(backend: str, max_batch_images: int, delay_ms: float) -> tuple[subprocess.Popen, str, str]:
+def start_server(
+    backend: str, max_batch_images: int, delay_ms: float, workers: int = 1
+) -> tuple[subprocess.Popen, str, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
-         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", str(delay_ms)],
+         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", str(delay_ms),
+         "--compute-workers", str(workers)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     address = metrics = None
@@ -132,8 +143,15 @@ def response_bytes(address: str, items: list[dict]) -> dict[str, float]:
     return sizes
 
 
-async def through_service(address: str, items: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    """(images/s, per-request latencies in s) with ``concurrency`` requests in flight."""
+async def through_service(
+    address: str, items: list[dict], concurrency: int, densify: bool = True
+) -> tuple[float, list[float]]:
+    """(images/s, per-request latencies in s) with ``concurrency`` requests in flight.
+
+    ``densify=False`` stops at the parsed SPARSE response: what the server sustains when
+    the densifying happens on the data loaders' own machines, as in a real deployment.
+    """
+    finish = decode_response if densify else (lambda response: response)
     requests = [build_request(**item, canvas=COCO_CANVAS, preset=PRESET) for item in items]
     latencies: list[float] = []
     async with AsyncTargetClient(address, timeout=120) as client:
@@ -144,7 +162,7 @@ async def through_service(address: str, items: list[dict], concurrency: int) -> 
         async def worker() -> None:
             for request in queue:
                 start = time.perf_counter()
-                decode_response(await client.assign_raw(request))
+                finish(await client.assign_raw(request))
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
@@ -182,6 +200,7 @@ def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
         "requests": args.requests,
         "max_batch_images": args.max_batch_images,
         "max_queue_delay_ms": args.max_queue_delay_ms,
+        "compute_workers": args.compute_workers,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -212,16 +231,18 @@ def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> N
     ax1.set_title(f"wire size (SPARSE {sizes['dense_float32'] / sizes['sparse_float32']:.0f}x smaller)")
     ax1.tick_params(axis="x", rotation=20)
     service = [r for r in rows if r["mode"] == "service"]
+    capacity = [r for r in rows if r["mode"] == "service_sparse"]
     conc = [r["concurrency"] for r in service]
-    ax2.plot(conc, [r["images_per_s"] for r in service], "o-", label="through the service")
+    ax2.plot(conc, [r["images_per_s"] for r in service], "o-", label=MODES["service"])
+    ax2.plot(conc, [r["images_per_s"] for r in capacity], "s-", label=MODES["service_sparse"])
     ax2.axhline(rows[0]["images_per_s"], color="gray", ls="--", label="in-process assign")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("requests in flight")
     ax2.set_ylabel("images / s")
     ax2.set_title("throughput")
     ax2.legend()
-    ax3.plot(conc, [r["p50_ms"] for r in service], "o-", label="p50")
-    ax3.plot(conc, [r["p99_ms"] for r in service], "s-", label="p99")
+    ax3.plot(conc, [r["p50_ms"] for r in service], "o-", label="p50 (end to end)")
+    ax3.plot(conc, [r["p99_ms"] for r in service], "s-", label="p99 (end to end)")
     ax3.set_xscale("log", base=2)
     ax3.set_xlabel("requests in flight")
     ax3.set_ylabel(f"ms per request ({env['images_per_request']} images)")
@@ -239,11 +260,14 @@ def main() -> None:
         print(f"NOTE: {note}")
     items = workload(args.requests, args.images_per_request)
     threads = torch.get_num_threads()
-    process, address, metrics_url = start_server(backend, args.max_batch_images, args.max_queue_delay_ms)
+    process, address, metrics_url = start_server(
+        backend, args.max_batch_images, args.max_queue_delay_ms, args.compute_workers
+    )
     baselines: list[float] = []
-    best: dict[int, float] = {}
-    latencies: dict[int, list[float]] = {c: [] for c in args.concurrency}
-    batch_images: dict[int, list[float]] = {c: [0.0, 0.0] for c in args.concurrency}
+    runs = [(mode, c) for mode in MODES for c in args.concurrency]
+    best: dict[tuple[str, int], float] = {}
+    latencies: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    batch_images: dict[tuple[str, int], list[float]] = {run: [0.0, 0.0] for run in runs}
     try:
         torch.set_num_threads(1)  # the client side, as in a DataLoader worker
         sizes = response_bytes(address, workload(args.size_images // args.images_per_request, args.images_per_request,
@@ -260,15 +284,16 @@ def main() -> None:
             baselines.append(in_process(items, backend))
             torch.set_num_threads(1)
             line = [f"round {round_ + 1}: in-process {baselines[-1]:.1f} images/s"]
-            for concurrency in args.concurrency:
+            for run in runs:
+                mode, concurrency = run
                 calls, images = batch_counters(metrics_url)
-                throughput, lat = asyncio.run(through_service(address, items, concurrency))
+                throughput, lat = asyncio.run(through_service(address, items, concurrency, mode == "service"))
                 calls_after, images_after = batch_counters(metrics_url)
-                batch_images[concurrency][0] += calls_after - calls
-                batch_images[concurrency][1] += images_after - images
-                latencies[concurrency] += lat
-                best[concurrency] = max(best.get(concurrency, 0.0), throughput)
-                line.append(f"c={concurrency} {throughput:.1f}")
+                batch_images[run][0] += calls_after - calls
+                batch_images[run][1] += images_after - images
+                latencies[run] += lat
+                best[run] = max(best.get(run, 0.0), throughput)
+                line.append(f"{mode} c={concurrency} {throughput:.1f}")
             print(", ".join(line), flush=True)
     finally:
         process.terminate()
@@ -278,19 +303,21 @@ def main() -> None:
     rows = [{"mode": "in_process", "concurrency": 1, "images_per_s": round(baseline, 1), "ratio_vs_in_process": 1.0,
              "p50_ms": "", "p99_ms": "", "mean_batch_images": ""}]  # fmt: skip
     print(f"in-process assign ({backend}, {threads} threads, best of {args.rounds}): {baseline:.1f} images/s")
-    for concurrency in args.concurrency:
-        calls, images = batch_images[concurrency]
+    for run in runs:
+        mode, concurrency = run
+        calls, images = batch_images[run]
         row = {
-            "mode": "service", "concurrency": concurrency, "images_per_s": round(best[concurrency], 1),
-            "ratio_vs_in_process": round(best[concurrency] / baseline, 3),
-            "p50_ms": round(percentile(latencies[concurrency], 0.5) * 1000, 2),
-            "p99_ms": round(percentile(latencies[concurrency], 0.99) * 1000, 2),
+            "mode": mode, "concurrency": concurrency, "images_per_s": round(best[run], 1),
+            "ratio_vs_in_process": round(best[run] / baseline, 3),
+            "p50_ms": round(percentile(latencies[run], 0.5) * 1000, 2),
+            "p99_ms": round(percentile(latencies[run], 0.99) * 1000, 2),
             "mean_batch_images": round(images / max(calls, 1), 2),
         }  # fmt: skip
         rows.append(row)
         verdict = "meets" if row["ratio_vs_in_process"] >= TARGET_THROUGHPUT_RATIO else "misses"
-        print(f"concurrency {concurrency:>3}: {row['images_per_s']:7.1f} images/s = {row['ratio_vs_in_process']:.0%} "
-              f"of in-process (target >= {TARGET_THROUGHPUT_RATIO:.0%}: {verdict}); p50 {row['p50_ms']} ms, "
+        share = row["ratio_vs_in_process"]
+        print(f"{MODES[mode]:<37} c={concurrency:>2}: {row['images_per_s']:6.1f} images/s = {share:.0%} of in-process"
+              f" (target >= {TARGET_THROUGHPUT_RATIO:.0%}: {verdict}); p50 {row['p50_ms']} ms, "
               f"p99 {row['p99_ms']} ms, {row['mean_batch_images']} images per batched call")  # fmt: skip
     env = environment(backend, note, args)
     env["client_torch_threads"] = 1

@@ -88,6 +88,13 @@ class BatchOptions:
     max_queue_delay_s: float = 0.0
     max_queue_images: int = 1024
     compute_workers: int = 1
+    # torch threads of each compute worker; None: the cores split evenly between workers.
+    threads_per_worker: int | None = None
+
+    def worker_threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, torch.get_num_threads() // self.compute_workers)
 
 
 def load_backend(name: str) -> str:
@@ -143,7 +150,13 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(options.compute_workers, thread_name_prefix="tritarget-compute")
+        # torch's thread count is per thread: each worker gets its own share of the cores.
+        self._executor = ThreadPoolExecutor(
+            options.compute_workers,
+            thread_name_prefix="tritarget-compute",
+            initializer=torch.set_num_threads,
+            initargs=(options.worker_threads(),),
+        )
         self._closed = False
 
     def start(self) -> None:
