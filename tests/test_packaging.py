@@ -41,13 +41,20 @@ def test_wheel_imports_from_its_own_files(wheel, tmp_path):
         check=True,
         capture_output=True,
     )
-    code = "import sys, tritarget.kernels as k; print(k.__file__); print('triton' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "import sys, torch, tritarget.kernels as k\n"
+        "print(k.__file__, 'triton' in sys.modules)\n"
+        "boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0]])\n"
+        "t = k.assign(boxes, [1], (64, 96), k.presets.get('retinanet_torchvision'), backend='cpu')\n"
+        "print(int((t.labels == 1).sum()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "TRITARGET_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    path, triton_loaded = result.stdout.split()
+    path, triton_loaded, positives = result.stdout.split()
     assert Path(path).is_relative_to(site)
     assert triton_loaded == "False", "importing tritarget.kernels must not import triton"
+    assert int(positives) > 0, "the cpu backend runs from the wheel's own files"
 
 
 def _readme_commands() -> list[str]:
