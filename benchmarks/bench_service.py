@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--prefix", default="service_loopback", help="file name prefix (default: service_loopback)")
-    parser.add_argument("--backend", default="cpu", help="server and in-process backend (default cpu)")
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "triton", "reference"),
+                        help="server and in-process backend (default cpu; triton needs a GPU)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement (default 200)")
     parser.add_argument("--images-per-request", type=int, default=2)
@@ -92,13 +93,18 @@ def backend_or_fallback(name: str) -> tuple[str, str]:
 
 
 def in_process(items: list[dict], backend: str) -> float:
-    """Images per second of ``assign`` on the requests one after another."""
+    """Images per second of ``assign`` on the requests one after another (on the GPU for
+    triton, inputs already there and targets left there, as a training loop would)."""
     config = presets.get(PRESET)
-    for item in items[:3]:
-        assign(item["gt_boxes"], item["gt_counts"], COCO_CANVAS, config, gt_classes=item["gt_classes"], backend=backend)
+    device = torch.device("cuda" if backend == "triton" else "cpu")
+    moved = [(i["gt_boxes"].to(device), i["gt_counts"], i["gt_classes"].to(device)) for i in items]
+    for boxes, counts, classes in moved[:3]:
+        assign(boxes, counts, COCO_CANVAS, config, gt_classes=classes, backend=backend)
     start = time.perf_counter()
-    for item in items:
-        assign(item["gt_boxes"], item["gt_counts"], COCO_CANVAS, config, gt_classes=item["gt_classes"], backend=backend)
+    for boxes, counts, classes in moved:
+        assign(boxes, counts, COCO_CANVAS, config, gt_classes=classes, backend=backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return sum(len(item["gt_counts"]) for item in items) / (time.perf_counter() - start)
 
 
@@ -189,6 +195,7 @@ def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
     return {
         "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "gpu": torch.cuda.get_device_name() if backend == "triton" else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -248,7 +255,8 @@ def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> N
     ax3.set_ylabel(f"ms per request ({env['images_per_request']} images)")
     ax3.set_title("latency")
     ax3.legend()
-    fig.suptitle(f"tritarget service, loopback, backend {env['backend']}: {env['machine']}", fontsize=9)
+    where = env["machine"] + (f", {env['gpu']}" if env["gpu"] else "")
+    fig.suptitle(f"tritarget service, loopback, backend {env['backend']}: {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"{prefix}.png", dpi=110)
 

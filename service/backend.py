@@ -97,8 +97,9 @@ class BatchOptions:
         return max(1, torch.get_num_threads() // self.compute_workers)
 
 
-def load_backend(name: str) -> str:
-    """The concrete backend for ``name`` (``auto`` -> triton with CUDA, else cpu), imported now.
+def load_backend(name: str) -> tuple[str, torch.device]:
+    """The concrete backend for ``name`` (``auto`` -> triton with CUDA, else cpu), imported
+    now, and the device its inputs must be on.
 
     Raises ``ValueError`` when the backend does not exist or cannot load here.
     """
@@ -108,7 +109,7 @@ def load_backend(name: str) -> str:
         assign(torch.zeros(0, 4, device=device), [0], (32, 32), presets.get("retinanet_torchvision"), backend=concrete)
     except ImportError as exc:
         raise ValueError(f"backend {concrete!r} (from {name!r}) cannot be loaded here: {exc}") from exc
-    return concrete
+    return concrete, device
 
 
 # Called with (images, requests, compute seconds) after each batch; and (seconds) per job queued.
@@ -135,11 +136,13 @@ class Batcher:
         backend: str,
         options: BatchOptions = BatchOptions(),
         *,
+        device: torch.device | str = "cpu",
         on_batch: BatchObserver | None = None,
         on_queued: Callable[[float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
         self.backend = backend
+        self.device = torch.device(device)
         self.options = options
         self._on_batch = on_batch
         self._on_queued = on_queued
@@ -175,8 +178,12 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def run(self, fn: Callable, *args, **kwargs):
-        """``fn(*args, **kwargs)`` on a compute worker (the warm-up batch)."""
+        """``fn(*args, **kwargs)`` on a compute worker."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def warm_up(self, job: AssignJob) -> Targets:
+        """Run ``job`` alone, now, on a compute worker (loads, compiles and caches)."""
+        return await self.run(self._assign, [job])
 
     async def submit(self, job: AssignJob) -> Targets:
         if self._closed or self._dispatcher is None:
@@ -299,7 +306,13 @@ class Batcher:
         return results
 
     def _assign(self, jobs: list[AssignJob]) -> Targets:
-        return assign(**_merge(jobs), backend=self.backend)
+        args = _merge(jobs)
+        if self.device.type != "cpu":  # requests arrive and responses leave on the host
+            for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes"):
+                if args.get(name) is not None:
+                    args[name] = args[name].to(self.device, non_blocking=True)
+            return assign(**args, backend=self.backend).to("cpu")
+        return assign(**args, backend=self.backend)
 
 
 def _merge(jobs: list[AssignJob]) -> dict:

@@ -22,12 +22,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tritarget.kernels import assign, presets
+from tritarget.kernels import presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
-from .backend import Batcher, BatchOptions, load_backend
+from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
 from .metrics import Metrics
 from .servicer import TargetAssignerServicer
@@ -72,11 +72,12 @@ class TargetServer:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.backend = load_backend(options.backend)
+        self.backend, self.device = load_backend(options.backend)
         self.metrics = Metrics()
         self.batcher = Batcher(
             self.backend,
             options.batching,
+            device=self.device,
             on_batch=self._observe_batch,
             on_queued=self.metrics.queue_seconds.observe,
             on_depth=self.metrics.queued_images.set,
@@ -142,7 +143,7 @@ class TargetServer:
         height, width = self.options.warmup_canvas
         boxes = _warmup_boxes(height, width)
         try:
-            await self.batcher.run(assign, boxes, [boxes.shape[0]], (height, width), config, backend=self.backend)
+            await self.batcher.warm_up(AssignJob(config, (height, width), boxes, [boxes.shape[0]]))
         except Exception:
             log.exception("warm-up failed; the server stays NOT_SERVING")
             return
@@ -196,7 +197,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     scheme = "TLS" if options.tls_cert else "plaintext"
-    announce(f"tritarget serving on {options.host}:{port} ({scheme}, backend {server.backend})", flush=True)
+    announce(f"tritarget serving on {options.host}:{port} ({scheme}, backend {server.backend} on {server.device})",
+             flush=True)  # fmt: skip
     if server.metrics_port is not None:
         announce(f"metrics on http://{options.metrics_host or options.host}:{server.metrics_port}/metrics", flush=True)
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
