@@ -265,12 +265,14 @@ class Batcher:
                     item.future.set_exception(result)
                 else:
                     item.future.set_result(result)
-        except BaseException as exc:  # never leave a caller waiting
+        except Exception as exc:  # never leave a caller waiting
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException:  # cancelled (the loop is closing): so are the callers
+            for item in batch:
+                item.future.cancel()
+            raise
         finally:
             self._slots.release()
 
@@ -288,22 +290,23 @@ class Batcher:
             start = time.perf_counter()
             try:
                 parts = _split(self._assign([jobs[i] for i in good]), [jobs[i].images for i in good])
-            except Exception:
-                if len(good) == 1:
-                    raise
-                # Should not happen after the checks; still, isolate the culprit.
-                log.exception("batched assign failed; running its %d requests one by one", len(good))
-                parts = []
-                for i in good:
-                    try:
-                        parts.append(self._assign([jobs[i]]))
-                    except Exception as exc:
-                        parts.append(exc)
+            except Exception as exc:
+                parts = [exc]
+                if len(good) > 1:
+                    # Should not happen after the checks; still, isolate the culprit.
+                    log.exception("batched assign failed; running its %d requests one by one", len(good))
+                    parts = [self._assign_or_error(jobs[i]) for i in good]
             if self._on_batch is not None:
                 self._on_batch(sum(jobs[i].images for i in good), len(good), time.perf_counter() - start)
             for i, part in zip(good, parts):
                 results[i] = part
         return results
+
+    def _assign_or_error(self, job: AssignJob) -> Targets | Exception:
+        try:
+            return self._assign([job])
+        except Exception as exc:
+            return exc
 
     def _assign(self, jobs: list[AssignJob]) -> Targets:
         args = _merge(jobs)
