@@ -213,7 +213,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(options, on_ready=demo))
     except (ValueError, OSError) as exc:
-        print(f"tritarget up: {exc}", file=sys.stderr)
+        print(f"tritarget up: {exc} (another port: --port N, or --port 0 for any free one)", file=sys.stderr)
         return 2
     return 0
 
