@@ -78,3 +78,22 @@ def test_size_check_and_expectations():
         decode_tensor(pb.Tensor(), "x")
     with pytest.raises(TypeError, match="no wire encoding"):
         encode_tensor(torch.zeros(2, dtype=torch.float64))
+
+
+def test_generated_code_imports_from_a_wheel(tmp_path):
+    """The flat layout (tritarget/protos/*_pb2*.py) ships in the wheel and imports there."""
+    root = PROTOS.parent
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(root)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("tritarget-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    code = (
+        "import tritarget.protos.target_assigner_pb2_grpc as g, tritarget.clients, tritarget.service.server\n"
+        "print(g.__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert pathlib.Path(result.stdout.strip()).is_relative_to(site)
