@@ -1,1 +1,8 @@
-"""tritarget.service."""
+"""tritarget.service: the gRPC service (``tritarget serve``).
+
+Reading order: ``errors`` (domain errors, no grpc), ``backend`` (the dynamic batcher
+in front of ``tritarget.kernels.assign``, no grpc), ``codec`` (messages <-> jobs and
+targets, limits), ``status`` (the one error -> status-code mapping), ``servicer``
+(decode -> batcher -> encode), ``auth`` (bearer-token interceptor), ``metrics``
+(Prometheus), ``server`` (wiring, health, reflection, shutdown), ``cli``.
+"""
