@@ -13,10 +13,15 @@ B = 1 and 16. Every implementation runs in this process with the same thread cou
 Reported: median wall time per batch over several runs (fewer for slow cases, the
 count is in the output), speedup of cpu over torchvision, and the peak resident-memory
 growth of one call (Linux ``VmHWM`` after resetting it). Writes
-``benchmarks/results/cpu_bench.{csv,json,png}``.
+``benchmarks/results/cpu_bench_{N}threads.{csv,json,png}``.
 
-    python benchmarks/bench_cpu.py            # full table (about 10 minutes on 2 cores)
-    python benchmarks/bench_cpu.py --quick    # G = 7 and 200, B = 1 only
+    python benchmarks/bench_cpu.py               # full table (about 10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py --threads 1   # the same, single-threaded
+    python benchmarks/bench_cpu.py --quick       # G = 7 and 200, B = 1 only
+
+On a machine shared with other work, torch's OpenMP regions (many small ones in
+torchvision's path) stall whenever a core is taken, which inflates the baseline;
+the single-threaded table is the one least affected by that.
 """
 
 from __future__ import annotations
@@ -102,31 +107,35 @@ def _peak_kib() -> int | None:
         return None
 
 
-def peak_growth_mib(call: Callable[[], object]) -> float | None:
-    """Growth of peak resident memory during one call (Linux), in MiB."""
+def first_run(call: Callable[[], object]) -> tuple[float, float | None]:
+    """(seconds, peak resident-memory growth in MiB or None off Linux) of one call."""
     try:
         with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
+            clear.write("5")  # reset the peak to the current resident size
+        before = _peak_kib()
     except OSError:
-        return None
-    before = _peak_kib()
-    call()
-    after = _peak_kib()
-    return None if before is None or after is None else (after - before) / 1024
-
-
-def timed(call: Callable[[], object]) -> tuple[float, int]:
-    """(median ms, runs): one run to size the rest, then up to the time budget."""
+        before = None
     start = time.perf_counter()
     call()
-    first = time.perf_counter() - start
-    runs = max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(first, 1e-9))))
-    times = [first] if runs == 1 else []
-    for _ in range(runs if runs > 1 else 0):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, len(times)
+    seconds = time.perf_counter() - start
+    after = _peak_kib()
+    return seconds, None if before is None or after is None else (after - before) / 1024
+
+
+def timed(calls: dict[str, Callable[[], object]]) -> dict[str, tuple[float, int, float | None]]:
+    """name -> (median ms, runs, peak MiB). The first run of each measures memory and sizes
+    the rest (as many as fit the time budget); the rest are interleaved, so that load from
+    elsewhere hits every implementation alike."""
+    first = {name: first_run(call) for name, call in calls.items()}
+    runs = {name: max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(t, 1e-9)))) for name, (t, _) in first.items()}
+    times = {name: [first[name][0]] if runs[name] == 1 else [] for name in calls}
+    for round_ in range(max(runs.values(), default=0)):
+        for name, call in calls.items():
+            if runs[name] > 1 and round_ < runs[name]:
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t) * 1e3, len(t), first[name][1]) for name, t in times.items()}
 
 
 def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[str, object]]:
@@ -142,13 +151,14 @@ def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[st
     ]  # fmt: skip
     if sum(counts) > REFERENCE_MAX_BOXES_PER_BATCH:
         impls[1] = ("reference", None, f"skipped: {sum(counts)} boxes per batch (> {REFERENCE_MAX_BOXES_PER_BATCH})")
+    measured = timed({name: call for name, call, _ in impls if call is not None})
     for name, call, why in impls:
         row = {"batch": batch, "boxes_per_image": label, "total_boxes": sum(counts), "impl": name}
         if call is None:
             rows.append({**row, "median_ms": None, "runs": 0, "peak_mib": None, "note": why})
+            print(f"  B={batch:<3} G={label:<5} {name:<12} {why}", flush=True)
             continue
-        peak = peak_growth_mib(call)
-        median, runs = timed(call)
+        median, runs, peak = measured[name]
         rows.append({**row, "median_ms": round(median, 3), "runs": runs,
                      "peak_mib": None if peak is None else round(peak, 1), "note": ""})  # fmt: skip
         print(f"  B={batch:<3} G={label:<5} {name:<12} {median:10.1f} ms  ({runs} runs)", flush=True)
@@ -254,15 +264,16 @@ def main() -> None:
     table = print_table(summary)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "cpu_bench.csv", "w", newline="") as out:
+    stem = f"cpu_bench_{torch.get_num_threads()}threads"
+    with open(args.out / f"{stem}.csv", "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     payload = {"workload": f"{PRESET}, canvas {COCO_CANVAS}, {anchors.shape[0]} anchors", "machine": info,
                "rows": rows, "summary": summary, "table_markdown": table}  # fmt: skip
-    (args.out / "cpu_bench.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot(summary, info, args.out / "cpu_bench.png")
-    print(f"wrote {args.out}/cpu_bench.csv, cpu_bench.json, cpu_bench.png")
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(summary, info, args.out / f"{stem}.png")
+    print(f"wrote {args.out}/{stem}.csv, {stem}.json, {stem}.png")
     if tv is not None:
         for target in ("7", "200"):
             case = next((c for c in summary if c["batch"] == 1 and c["boxes_per_image"] == target), None)

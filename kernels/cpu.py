@@ -20,6 +20,7 @@ fused multiply-add, and thresholds are rounded to float32 as torch compares them
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -70,6 +71,7 @@ class _CProblem(ctypes.Structure):
     ]
 
 
+@functools.lru_cache(maxsize=1)
 def _kernel():
     function = load_library().tritarget_cpu_solve
     function.argtypes = [ctypes.POINTER(_CProblem)]

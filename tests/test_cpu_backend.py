@@ -34,8 +34,10 @@ SMALL_ANCHORS = AnchorConfig(
 
 
 def solve_both(boxes, counts, canvas, config, **kwargs):
-    """Dense targets (before sampling) from the reference and from the CPU backend."""
-    problem, _ = build_problem(boxes, counts, canvas, config, **kwargs)
+    """Dense targets (before sampling) from the reference and from the CPU backend.
+
+    Invalid boxes (``with_ties`` may snap a box off the canvas) are dropped."""
+    problem, _ = build_problem(boxes, counts, canvas, config, drop_invalid=True, **kwargs)
     return cpu.solve(problem), reference.solve(problem)
 
 
@@ -272,6 +274,23 @@ def test_random_configurations(
         ignore_counts=ignore_counts, image_sizes=sizes, want_max_iou=True,
     )  # fmt: skip
     assert_targets_equal(ours, ref)
+
+
+def test_kernel_is_built_once_into_the_cache(tmp_path):
+    """A fresh cache gets one library on first use; a second process reuses it."""
+    code = (
+        "import torch; from tritarget.kernels import assign, presets; "
+        "assign(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), [1], (64, 64), presets.get('retinanet_torchvision'), "
+        "backend='cpu')"
+    )
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path)}
+    stamps = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        (library,) = tmp_path.glob("cpu_kernel-*.so")
+        stamps.append(library.stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]
 
 
 def test_missing_compiler_says_what_to_do(monkeypatch):
