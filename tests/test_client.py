@@ -63,7 +63,7 @@ def test_retries_until_the_server_comes_up():
     starter = threading.Timer(0.5, srv.start)
     starter.start()
     try:
-        with TargetClient(f"127.0.0.1:{port}", retries=12, backoff=0.05, max_backoff=0.4, timeout=60) as client:
+        with TargetClient(f"127.0.0.1:{port}", retries=40, backoff=0.05, max_backoff=0.3, timeout=60) as client:
             assert (_assign(client).labels == 1).any()
     finally:
         starter.join()
