@@ -18,9 +18,9 @@ image, classes included), requests of ``--images-per-request`` images. Measures:
 Server and client share the machine's cores, as a loopback deployment does. The
 client process decodes with one torch thread, as a ``DataLoader`` worker does (torch
 sets one thread per worker). In-process and service runs alternate over ``--rounds``
-rounds and the best of each side is reported, so that bursts of background load on a
-shared machine hurt neither side more than the other; latency percentiles pool all
-rounds.
+rounds and the best of each side is reported (medians too), so that bursts of
+background load on a shared machine hurt neither side more than the other; latency
+percentiles pool all rounds.
 Writes ``service_loopback.csv``, ``.json`` and ``.png`` (``--prefix``)
 under ``--out`` and prints every ratio next to its target.
 """
@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -275,6 +276,7 @@ def main() -> None:
     baselines: list[float] = []
     runs = [(mode, c) for mode in MODES for c in args.concurrency]
     best: dict[tuple[str, int], float] = {}
+    every: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     latencies: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     batch_images: dict[tuple[str, int], list[float]] = {run: [0.0, 0.0] for run in runs}
     try:
@@ -302,6 +304,7 @@ def main() -> None:
                 batch_images[run][1] += images_after - images
                 latencies[run] += lat
                 best[run] = max(best.get(run, 0.0), throughput)
+                every[run].append(throughput)
                 line.append(f"{mode} c={concurrency} {throughput:.1f}")
             print(", ".join(line), flush=True)
     finally:
@@ -310,6 +313,7 @@ def main() -> None:
         torch.set_num_threads(threads)
     baseline = max(baselines)
     rows = [{"mode": "in_process", "concurrency": 1, "images_per_s": round(baseline, 1), "ratio_vs_in_process": 1.0,
+             "median_images_per_s": round(statistics.median(baselines), 1), "median_ratio": 1.0,
              "p50_ms": "", "p99_ms": "", "mean_batch_images": ""}]  # fmt: skip
     print(f"in-process assign ({backend}, {threads} threads, best of {args.rounds}): {baseline:.1f} images/s")
     for run in runs:
@@ -318,6 +322,8 @@ def main() -> None:
         row = {
             "mode": mode, "concurrency": concurrency, "images_per_s": round(best[run], 1),
             "ratio_vs_in_process": round(best[run] / baseline, 3),
+            "median_images_per_s": round(statistics.median(every[run]), 1),
+            "median_ratio": round(statistics.median(every[run]) / statistics.median(baselines), 3),
             "p50_ms": round(percentile(latencies[run], 0.5) * 1000, 2),
             "p99_ms": round(percentile(latencies[run], 0.99) * 1000, 2),
             "mean_batch_images": round(images / max(calls, 1), 2),
