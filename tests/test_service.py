@@ -275,3 +275,24 @@ def test_metrics_count_requests_and_bytes(server, client, generator):
     for name in ("tritarget_queue_seconds_count", "tritarget_compute_seconds_count", "tritarget_encode_seconds_count"):
         assert server.metrics.value(name) > 0, name
     json.dumps(client.list_presets())  # configs are JSON all the way
+
+
+def test_default_auto_backend_matches_in_process(generator):
+    """`tritarget serve`'s default backend (auto: cpu here, triton on a GPU) through the service."""
+    try:
+        srv = ServerThread(backend="auto").start()
+    except ValueError as exc:  # the cpu backend could not build here (no C compiler)
+        pytest.skip(str(exc))
+    try:
+        canvas = (96, 128)
+        boxes, counts, classes = _batch(generator, [6, 0, 3], canvas)
+        with TargetClient(srv.address) as client:
+            got = client.assign(boxes, counts, canvas, preset="retinanet_torchvision", gt_classes=classes,
+                                format="dense")  # fmt: skip
+        ref = assign(
+            boxes, counts, canvas, presets.get("retinanet_torchvision"), gt_classes=classes, backend=srv.server.backend
+        )
+        assert_targets_equal(got, ref, rtol=0, atol=0)
+        assert srv.server.backend == ("triton" if torch.cuda.is_available() else "cpu")
+    finally:
+        srv.stop()
