@@ -107,8 +107,8 @@ def load_backend(name: str) -> tuple[str, torch.device]:
     concrete = resolve_backend(name, device)
     try:  # the smallest batch there is: loads the backend's module (and its compiler)
         assign(torch.zeros(0, 4, device=device), [0], (32, 32), presets.get("retinanet_torchvision"), backend=concrete)
-    except ImportError as exc:
-        raise ValueError(f"backend {concrete!r} (from {name!r}) cannot be loaded here: {exc}") from exc
+    except Exception as exc:  # missing module, compiler, driver: say which backend and why
+        raise ValueError(f"backend {concrete!r} (from {name!r}) cannot run here: {exc}") from exc
     return concrete, device
 
 

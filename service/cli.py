@@ -101,6 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"tritarget serve: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        print(f"tritarget serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -212,9 +215,12 @@ def _up(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(options, on_ready=demo))
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
         print(f"tritarget up: {exc} (another port: --port N, or --port 0 for any free one)", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError) as exc:
+        print(f"tritarget up: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

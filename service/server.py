@@ -121,6 +121,8 @@ class TargetServer:
             raise OSError(f"could not bind {address} (in use?): {reason}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
+        self.warmup_error: BaseException | None = None
+        self.settled = asyncio.Event()  # warm-up finished, well or not
         self._warmup: asyncio.Task | None = None
 
     def _observe_batch(self, images: int, requests: int, seconds: float) -> None:
@@ -148,11 +150,14 @@ class TargetServer:
         boxes = _warmup_boxes(height, width)
         try:
             await self.batcher.warm_up(AssignJob(config, (height, width), boxes, [boxes.shape[0]]))
-        except Exception:
+        except Exception as exc:
             log.exception("warm-up failed; the server stays NOT_SERVING")
+            self.warmup_error = exc
+            self.settled.set()
             return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
+        self.settled.set()
         log.info("warm-up done; serving")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -217,7 +222,8 @@ async def serve(
     """Serve until SIGTERM/SIGINT, then shut down gracefully.
 
     ``on_ready(server)`` (a coroutine function or a plain function) runs once health
-    is SERVING; ``tritarget up`` sends its demo request from there.
+    is SERVING; ``tritarget up`` sends its demo request from there. If the warm-up
+    batch fails, the server stops and ``RuntimeError`` says why.
     """
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
@@ -233,11 +239,26 @@ async def serve(
     if server.metrics_port is not None:
         announce(f"metrics on http://{options.metrics_host or options.host}:{server.metrics_port}/metrics", flush=True)
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
-    await stop.wait()
+    failed = loop.create_task(_warmup_failed(server))
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait((stopping, failed), return_when=asyncio.FIRST_COMPLETED)
     follow_up.cancel()
+    stopping.cancel()
+    if failed.done():
+        announce(f"warm-up failed, stopping: {server.warmup_error}", flush=True)
+        await server.stop(grace=0)
+        raise RuntimeError(f"warm-up failed: {server.warmup_error}")
+    failed.cancel()
     announce("shutting down: finishing calls in flight", flush=True)
     await server.stop()
     announce("stopped", flush=True)
+
+
+async def _warmup_failed(server: TargetServer) -> None:
+    """Returns only if the warm-up batch failed (a server that cannot compute should not linger)."""
+    await server.settled.wait()
+    if server.warmup_error is None:
+        await asyncio.Event().wait()
 
 
 async def _when_ready(server: TargetServer, on_ready, announce) -> None:

@@ -150,3 +150,10 @@ def test_cli_serve_workers_share_one_port():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_cli_serve_exits_when_warm_up_fails():
+    process = _spawn("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "0", "0")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, out
+    assert "warm-up failed" in out and "canvas" in out
