@@ -194,6 +194,29 @@ def _load_boxes(boxes_ptr, rows, mask):
 
 
 @triton.jit
+def _extent(ax1, ay1, ax2, ay2, anchor_mask):
+    """Bounding box (4 scalars) of a block's real anchors."""
+    return (
+        tl.min(tl.where(anchor_mask, ax1, float("inf")), axis=0),
+        tl.min(tl.where(anchor_mask, ay1, float("inf")), axis=0),
+        tl.max(tl.where(anchor_mask, ax2, -float("inf")), axis=0),
+        tl.max(tl.where(anchor_mask, ay2, -float("inf")), axis=0),
+    )
+
+
+@triton.jit
+def _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
+    """Whether any box of a chunk ([BLOCK_G, 1] coordinates) may intersect the extent.
+
+    When none does, every intersection with the block's anchors is exactly 0 (min - max
+    of the edges is <= 0 on one axis, and float subtraction keeps that sign), so every
+    IoU is exactly 0 and the chunk's tile need not be computed.
+    """
+    touch = row_mask[:, None] & (bx1 < ex2) & (bx2 > ex1) & (by1 < ey2) & (by2 > ey1)
+    return tl.max(tl.max(touch.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
 def _excluded(
     image,
     ax1,
@@ -305,17 +328,23 @@ def box_max_kernel(
         )  # fmt: skip
         included = anchor_mask & ~excluded
         anchor_code = anchor.to(tl.int64) ^ _INDEX_MASK  # 2^31 - 1 - anchor, [BLOCK_A]
+        # The key of IoU 0: the block's lowest included anchor (-1 if none).
+        zero_key = tl.max(tl.where(included, anchor_code, -1), axis=0)
+        ex1, ey1, ex2, ey2 = _extent(ax1, ay1, ax2, ay2, anchor_mask)
         for g0 in range(box_start, box_end, BLOCK_G):
             rows = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
             row_mask = rows < box_end
             bx1, by1, bx2, by2, box_area = _load_boxes(gt_boxes_ptr, rows, row_mask)
-            iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
-                       anchor_area[None, :])  # fmt: skip
-            # +0.0 for any -0.0, whose sign bit would make a negative key.
-            iou = tl.where(iou > 0.0, iou, 0.0)
-            key = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_code[None, :]
-            key = tl.where(row_mask[:, None] & included[None, :], key, -1)
-            best = tl.max(key, axis=1)  # [BLOCK_G]
+            if _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
+                iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
+                           anchor_area[None, :])  # fmt: skip
+                # +0.0 for any -0.0, whose sign bit would make a negative key.
+                iou = tl.where(iou > 0.0, iou, 0.0)
+                key = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_code[None, :]
+                key = tl.where(row_mask[:, None] & included[None, :], key, -1)
+                best = tl.max(key, axis=1)  # [BLOCK_G]
+            else:
+                best = tl.where(row_mask, zero_key, -1)
             tl.atomic_max(box_key_ptr + rows, best, mask=row_mask & (best >= 0))
 
 
@@ -424,33 +453,50 @@ def assign_kernel(
     # mmdet: the last such box; ssd_forced: the last box whose best anchor this is.
     lifted = tl.zeros((BLOCK_A,), tl.int32)
     forced_box = tl.full((BLOCK_A,), -1, tl.int32)
+    ex1, ey1, ex2, ey2 = _extent(ax1, ay1, ax2, ay2, anchor_mask)
     for g0 in range(box_start, box_end, BLOCK_G):
         rows = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
         row_mask = rows < box_end
         box = (rows - box_start).to(tl.int32)
         bx1, by1, bx2, by2, box_area = _load_boxes(gt_boxes_ptr, rows, row_mask)
-        iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
-                   anchor_area[None, :])  # fmt: skip
-        iou = tl.where(row_mask[:, None], iou, -1.0)  # [BLOCK_G, BLOCK_A]
-        chunk_best = tl.max(iou, axis=0)
-        chunk_box = tl.min(tl.where(iou == chunk_best[None, :], box[:, None], _NO_BOX), axis=0)
-        better = chunk_best > best_iou  # strict: an earlier chunk keeps its lower box index
-        best_box = tl.where(better, chunk_box, best_box)
-        best_iou = tl.where(better, chunk_best, best_iou)
-
         if low_quality != 0:
             key = tl.load(box_key_ptr + rows, mask=row_mask, other=-1)
             box_max = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             qualifies = (key >= 0) & (box_max >= min_pos_iou)  # [BLOCK_G]
-            if low_quality == _LQ_SSD_FORCED:
-                best_anchor = ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32)
-                hit = (best_anchor[:, None] == anchor[None, :]) & qualifies[:, None]
-            else:
-                hit = (iou == box_max[:, None]) & qualifies[:, None]
-            if lifts_own_argmax:
-                lifted = tl.maximum(lifted, tl.max(hit.to(tl.int32), axis=0))
-            else:
-                forced_box = tl.maximum(forced_box, tl.max(tl.where(hit, box[:, None], -1), axis=0))
+            # A box whose best IoU is 0 lifts zero-IoU anchors: its chunk is never skipped.
+            zero_max = tl.max((row_mask & ((key >> 32) == 0)).to(tl.int32), axis=0) > 0
+        else:
+            key = tl.full((BLOCK_G,), -1, tl.int64)
+            box_max = tl.full((BLOCK_G,), -1.0, tl.float32)
+            qualifies = row_mask & False
+            zero_max = False
+        if zero_max | _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
+            iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
+                       anchor_area[None, :])  # fmt: skip
+            iou = tl.where(row_mask[:, None], iou, -1.0)  # [BLOCK_G, BLOCK_A]
+            chunk_best = tl.max(iou, axis=0)
+            chunk_box = tl.min(tl.where(iou == chunk_best[None, :], box[:, None], _NO_BOX), axis=0)
+            better = chunk_best > best_iou  # strict: an earlier chunk keeps its lower box index
+            best_box = tl.where(better, chunk_box, best_box)
+            best_iou = tl.where(better, chunk_best, best_iou)
+
+            if low_quality != 0:
+                if low_quality == _LQ_SSD_FORCED:
+                    best_anchor = ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32)
+                    hit = (best_anchor[:, None] == anchor[None, :]) & qualifies[:, None]
+                else:
+                    hit = (iou == box_max[:, None]) & qualifies[:, None]
+                if lifts_own_argmax:
+                    lifted = tl.maximum(lifted, tl.max(hit.to(tl.int32), axis=0))
+                else:
+                    forced_box = tl.maximum(forced_box, tl.max(tl.where(hit, box[:, None], -1), axis=0))
+        else:
+            # Every IoU is 0: the chunk's first box, for anchors that have none better yet.
+            # No box here has its maximum (> 0) in this block, so nothing is lifted.
+            first_box = tl.min(tl.where(row_mask, box, _NO_BOX), axis=0)
+            better = best_iou < 0.0
+            best_box = tl.where(better, first_box, best_box)
+            best_iou = tl.where(better, 0.0, best_iou)
 
     # Thresholds: [low, high) ignored; strict_high (DALI/MLPerf SSD) flips both ends, (low, high].
     strict = strict_high != 0
@@ -470,33 +516,37 @@ def assign_kernel(
     detectron2_matched = tl.where(included, best_box, -1)
     matched = tl.where(low_quality == _LQ_DETECTRON2, detectron2_matched, tl.where(positive, matched, -1))
 
-    # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std).
-    row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
-    gx1 = tl.load(row, mask=positive, other=0.0)
-    gy1 = tl.load(row + 1, mask=positive, other=0.0)
-    gx2 = tl.load(row + 2, mask=positive, other=1.0)
-    gy2 = tl.load(row + 3, mask=positive, other=1.0)
-    aw = tl.where(positive, ax2 - ax1, 1.0)
-    ah = tl.where(positive, ay2 - ay1, 1.0)
-    acx = tl.where(positive, ax1, 0.0) + 0.5 * aw
-    acy = tl.where(positive, ay1, 0.0) + 0.5 * ah
-    gw = gx2 - gx1
-    gh = gy2 - gy1
-    gcx = gx1 + 0.5 * gw
-    gcy = gy1 + 0.5 * gh
-    dx = tl.div_rn(tl.div_rn(weight_x * (gcx - acx), aw) - mean_x, std_x)
-    dy = tl.div_rn(tl.div_rn(weight_y * (gcy - acy), ah) - mean_y, std_y)
-    dw = tl.div_rn(weight_w * tl.log(tl.div_rn(gw, aw)) - mean_w, std_w)
-    dh = tl.div_rn(weight_h * tl.log(tl.div_rn(gh, ah)) - mean_h, std_h)
+    # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std) into one
+    # [BLOCK_A, 4] tile, so each thread writes an anchor's 16 bytes in one vector store.
+    # Only blocks with a positive pay for it (two logs and six divisions per anchor):
+    # most blocks of a detection batch have none.
+    column = tl.arange(0, 4)[None, :]
+    deltas = tl.zeros((BLOCK_A, 4), tl.float32)
+    if tl.max(positive.to(tl.int32), axis=0) > 0:
+        row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
+        gx1 = tl.load(row, mask=positive, other=0.0)
+        gy1 = tl.load(row + 1, mask=positive, other=0.0)
+        gx2 = tl.load(row + 2, mask=positive, other=1.0)
+        gy2 = tl.load(row + 3, mask=positive, other=1.0)
+        aw = tl.where(positive, ax2 - ax1, 1.0)
+        ah = tl.where(positive, ay2 - ay1, 1.0)
+        acx = tl.where(positive, ax1, 0.0) + 0.5 * aw
+        acy = tl.where(positive, ay1, 0.0) + 0.5 * ah
+        gw = gx2 - gx1
+        gh = gy2 - gy1
+        gcx = gx1 + 0.5 * gw
+        gcy = gy1 + 0.5 * gh
+        dx = tl.div_rn(tl.div_rn(weight_x * (gcx - acx), aw) - mean_x, std_x)
+        dy = tl.div_rn(tl.div_rn(weight_y * (gcy - acy), ah) - mean_y, std_y)
+        dw = tl.div_rn(weight_w * tl.log(tl.div_rn(gw, aw)) - mean_w, std_w)
+        dh = tl.div_rn(weight_h * tl.log(tl.div_rn(gh, ah)) - mean_h, std_h)
+        deltas = tl.where(column == 0, dx[:, None], tl.where(column == 1, dy[:, None],
+                          tl.where(column == 2, dw[:, None], dh[:, None])))  # fmt: skip
+        deltas = tl.where(positive[:, None], deltas, 0.0)
 
     out = image * num_anchors + anchor  # int64: B * A may pass 2^31
     tl.store(labels_ptr + out, labels.to(tl.int8), mask=anchor_mask)
     tl.store(matched_ptr + out, matched, mask=anchor_mask)
-    # One [BLOCK_A, 4] tile: each thread writes an anchor's 16 bytes in one vector store.
-    column = tl.arange(0, 4)[None, :]
-    deltas = tl.where(column == 0, dx[:, None], tl.where(column == 1, dy[:, None],
-                      tl.where(column == 2, dw[:, None], dh[:, None])))  # fmt: skip
-    deltas = tl.where(positive[:, None], deltas, 0.0)
     tl.store(deltas_ptr + out[:, None] * 4 + column, deltas, mask=anchor_mask[:, None])
     if has_classes != 0:
         box_class = tl.load(gt_classes_ptr + box_start + matched.to(tl.int64), mask=positive, other=0)

@@ -45,13 +45,16 @@ from .triton_compact import compact_kernel
 
 __all__ = ["solve", "solve_sparse", "interpreting"]
 
-# Compiled: 256 anchors x 8 boxes is a 2048-value IoU tile, 16 per thread at 4 warps,
-# which keeps the chunk loop's temporaries in registers; 256 anchors per program
-# still give ~790 programs per RetinaNet image (201,600 anchors), 25k for B = 32, to
-# fill the SMs. 8 boxes per chunk: a COCO image (mean ~7 boxes) wastes little of its
-# one or two chunks on masked rows, while G = 1000 loops 125 times over full tiles.
-# Chosen by reasoning, not yet tuned on a GPU (benchmarks/bench_gpu.py measures it).
-_BLOCK_A = 256
+# Compiled: 128 anchors x 8 boxes is a 1024-value IoU tile, 8 per thread at 4 warps.
+# ptxas (sm_90) gives the assign kernel 96 registers and no spills at this size, so 5
+# programs (20 warps) fit an SM; 256 anchors took 160 registers (3 programs). Small
+# blocks also skip more box chunks: a chunk is skipped when no box touches the block's
+# anchors. 1,575 programs per RetinaNet image (201,600 anchors) fill the SMs even at
+# B = 1. 8 boxes per chunk: a COCO image (mean ~7 boxes) wastes little of its one or
+# two chunks on masked rows, while G = 1000 loops 125 times over full tiles.
+# Chosen from register counts and reasoning, not tuned on a GPU yet (bench_gpu.py
+# measures the result against the bandwidth floor).
+_BLOCK_A = 128
 _BLOCK_G = 8
 _NUM_WARPS = 4
 # Interpreter: every tl operation is one numpy call whatever its size, so larger tiles

@@ -110,6 +110,35 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_block_sizes_skip_far_chunks(mode, monkeypatch, generator):
+    """The GPU's small blocks, under the interpreter: most (block, box chunk) pairs do
+    not touch and take the skip path, which must give the same targets.
+
+    Image 1's boxes sit in the left quarter: every other block skips all its chunks
+    (detectron2 still reports box 0 as their argmax). Image 0's boxes sit in the right
+    half, so the top-left blocks skip them, and an
+    ignore region around its box 0 takes out every anchor that box touches: its best
+    IoU is 0, its best anchor (ssd_forced) the image's first included anchor, found in
+    a skipped block; chunks holding such a box are never skipped in pass 2.
+    """
+    monkeypatch.setattr(triton_backend, "_BLOCK_A_INTERPRETED", triton_backend._BLOCK_A)
+    monkeypatch.setattr(triton_backend, "_BLOCK_G_INTERPRETED", triton_backend._BLOCK_G)
+    canvas = (64, 512)  # wide: a block of 128 anchors covers a short stretch of a row
+    boxes, counts = random_batch(generator, [4, 13], canvas, max_frac=0.1)
+    boxes[:4, 0::2] = boxes[:4, 0::2].clamp(min=0) / 2 + 256  # image 0: right half
+    boxes[4:] = with_ties(boxes[4:], generator)
+    boxes[4:, 0::2] = boxes[4:, 0::2].clamp(min=0) / 4  # image 1: left quarter, zero IoU elsewhere
+    ignore = boxes[:1] + torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.low_quality": mode, "match.ignore_iof_thr": 0.0, "match.ignore_iof_wrt_anchor": False}
+    )
+    ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0], want_max_iou=True,
+                 sparse=mode == "ssd_forced")  # fmt: skip
+    if mode == "ssd_forced":
+        assert ours.labels[0, 0] == 1 and ours.matched_gt[0, 0] == 0
+
+
 @pytest.mark.parametrize("wrt_anchor", [True, False])
 @pytest.mark.parametrize("mode", ("torchvision", "mmdet", "none"))
 def test_ignore_regions(wrt_anchor, mode, generator):
