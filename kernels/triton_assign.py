@@ -15,7 +15,10 @@ Reading order: the tuning constants, the small ``@triton.jit`` building blocks
 Both kernels stream: a program holds ``BLOCK_A`` anchors and walks its image's boxes
 ``BLOCK_G`` at a time, so memory is O(A + G) and any number of boxes per image works.
 One launch covers the whole ragged batch: axis 0 of the grid is the anchor block,
-axis 1 the image, and ``gt_offsets`` give each image's rows.
+axis 1 the image, and ``gt_offsets`` give each image's rows. A chunk of boxes none of
+which touches the block's bounding box has IoU exactly 0 with all its anchors; both
+passes then skip its IoU tile (pass 2 unless a box of the chunk has best IoU 0, which
+lifts zero-IoU anchors). Encoding runs only in blocks that have a positive.
 
 Compile once: the matching rules (low-quality mode, strict threshold, ignore regions,
 border rule) and the optional outputs are runtime scalars, not ``tl.constexpr``. Every
