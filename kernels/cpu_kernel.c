@@ -113,16 +113,21 @@ typedef struct {
 
 static void load_chunk(const Problem *p, int64_t start, int64_t n, Chunk *c) {
     const float *a = p->anchors + 4 * start;
-    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
     for (int64_t k = 0; k < n; ++k) {
         float x1 = a[4 * k], y1 = a[4 * k + 1], x2 = a[4 * k + 2], y2 = a[4 * k + 3];
         c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
         c->area[k] = (x2 - x1) * (y2 - y1);
-        /* selects, not fminf/fmaxf: those are libm calls without -ffast-math */
-        lo_x = x1 < lo_x ? x1 : lo_x;
-        lo_y = y1 < lo_y ? y1 : lo_y;
-        hi_x = x2 > hi_x ? x2 : hi_x;
-        hi_y = y2 > hi_y ? y2 : hi_y;
+    }
+    /* Bounds only decide which boxes to skip: a NaN coordinate never enters them (the
+     * comparisons are false), and min/max are exact in any order, so the reduction may be
+     * vectorised (OpenMP simd, no -ffast-math needed). */
+    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
+#pragma omp simd reduction(min : lo_x, lo_y) reduction(max : hi_x, hi_y)
+    for (int64_t k = 0; k < n; ++k) {
+        lo_x = c->x1[k] < lo_x ? c->x1[k] : lo_x;
+        lo_y = c->y1[k] < lo_y ? c->y1[k] : lo_y;
+        hi_x = c->x2[k] > hi_x ? c->x2[k] : hi_x;
+        hi_y = c->y2[k] > hi_y ? c->y2[k] : hi_y;
     }
     c->lo_x = lo_x; c->lo_y = lo_y; c->hi_x = hi_x; c->hi_y = hi_y;
     c->n = n;
@@ -239,11 +244,9 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     }
 
     const int64_t row = image * A + start;
-    for (int64_t k = 0; k < n; ++k) {
-        p->max_iou[row + k] = best[k];
-        p->matched[row + k] = arg[k];
-        p->labels[row + k] = (int8_t)c.excluded[k];
-    }
+    memcpy(p->max_iou + row, best, sizeof(float) * (size_t)n);
+    memcpy(p->matched + row, arg, sizeof(int32_t) * (size_t)n);
+    memcpy(p->labels + row, c.excluded, (size_t)n); /* 0 or 1: the same bytes as int8 */
 }
 
 /* ---- pass 2 --------------------------------------------------------------------------- */
@@ -327,8 +330,11 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
 
     if (lifts) {
         float reach = -1.0f; /* best raw IoU of an included anchor of the chunk */
-        for (int64_t k = 0; k < n; ++k)
-            if (!excluded[k] && best[k] > reach) reach = best[k];
+#pragma omp simd reduction(max : reach)
+        for (int64_t k = 0; k < n; ++k) {
+            float v = excluded[k] ? -1.0f : best[k];
+            reach = v > reach ? v : reach;
+        }
         int loaded = 0;
         for (int64_t g = g0; g < g1; ++g) {
             const float target = p->box_max[g];
@@ -352,20 +358,32 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
             }
         }
     }
-    const int mmdet = p->low_quality == LQ_MMDET;
+    uint8_t above[CHUNK], below[CHUNK];
     const float high = p->high, low = p->low;
+    if (p->strict_high) { /* DALI/MLPerf's single criterion: the interval is (low, high] */
+        for (int64_t k = 0; k < n; ++k) {
+            above[k] = best[k] > high;
+            below[k] = best[k] <= low;
+        }
+    } else {
+        for (int64_t k = 0; k < n; ++k) {
+            above[k] = best[k] >= high;
+            below[k] = best[k] < low;
+        }
+    }
     for (int64_t k = 0; k < n; ++k) {
-        /* strict_high is DALI/MLPerf's single criterion: the interval is (low, high] */
-        int pos = p->strict_high ? best[k] > high : best[k] >= high;
-        int neg = !pos && (p->strict_high ? best[k] <= low : best[k] < low);
-        pos = (pos | lifted[k]) & !excluded[k];
-        neg = neg & !excluded[k] & !pos;
-        positive[k] = (uint8_t)pos;
-        label[k] = (int8_t)(pos ? POSITIVE : (neg ? NEGATIVE : IGNORED));
-        match[k] = pos ? (lifted[k] && mmdet ? lift_box[k] : argmax[k]) : -1;
+        uint8_t included = !excluded[k];
+        uint8_t pos = (above[k] | lifted[k]) & included;
+        uint8_t neg = below[k] & included & !pos;
+        positive[k] = pos;
+        label[k] = (int8_t)(pos - !(pos | neg)); /* 1, 0, or -1 */
     }
     if (p->low_quality == LQ_DETECTRON2) /* detectron2's Matcher keeps every included argmax */
         for (int64_t k = 0; k < n; ++k) match[k] = excluded[k] ? -1 : argmax[k];
+    else if (p->low_quality == LQ_MMDET) /* a lifted anchor goes to the (last) box it ties */
+        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? (lift_box[k] >= 0 ? lift_box[k] : argmax[k]) : -1;
+    else
+        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? argmax[k] : -1;
     write_chunk(p, image, start, n, positive, label, match);
 }
 
