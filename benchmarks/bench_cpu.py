@@ -119,7 +119,7 @@ def first_run(call: Callable[[], object]) -> tuple[float, float | None]:
     call()
     seconds = time.perf_counter() - start
     after = _peak_kib()
-    return seconds, None if before is None or after is None else (after - before) / 1024
+    return seconds, None if before is None or after is None else max(after - before, 0) / 1024
 
 
 def timed(calls: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, int, float | None]]:
