@@ -99,14 +99,18 @@ def _border_limits(problem: Problem) -> torch.Tensor | None:
 
 def solve(problem: Problem) -> Targets:
     """Dense targets of a checked batch (see ``tritarget.kernels.reference.solve``)."""
+    if problem.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
     config = problem.config
     match, encode = config.match, config.encode
     batch, num_anchors = problem.batch_size, problem.num_anchors
-    anchors = problem.anchors.contiguous()
-    gt_boxes = problem.gt_boxes.contiguous()
+    # The kernel reads raw row-major float32 / int64 / int32 memory; these are no-ops for
+    # a Problem from build_problem, which already checked and converted everything.
+    anchors = problem.anchors.to(torch.float32).contiguous()
+    gt_boxes = problem.gt_boxes.to(torch.float32).contiguous()
     gt_offsets = problem.gt_offsets.to(torch.int64).contiguous()
     gt_classes = None if problem.gt_classes is None else problem.gt_classes.to(torch.int32).contiguous()
-    ignore_boxes = problem.ignore_boxes.contiguous()
+    ignore_boxes = problem.ignore_boxes.to(torch.float32).contiguous()
     ignore_offsets = problem.ignore_offsets.to(torch.int64).contiguous()
     border_limits = _border_limits(problem)
 
@@ -114,9 +118,9 @@ def solve(problem: Problem) -> Targets:
     matched = torch.empty(batch, num_anchors, dtype=torch.int32)
     deltas = torch.empty(batch, num_anchors, 4, dtype=torch.float32)
     classes = None if gt_classes is None else torch.empty(batch, num_anchors, dtype=torch.int32)
-    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32)  # pass 1 keeps each anchor's best IoU here
-    box_max = torch.empty(gt_boxes.shape[0], dtype=torch.float32)
-    box_best = torch.empty(gt_boxes.shape[0], dtype=torch.int32)
+    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32) if problem.want_max_iou else None
+    box_max = torch.empty(gt_boxes.shape[0], dtype=torch.float32)  # scratch: each box's best IoU
+    box_best = torch.empty(gt_boxes.shape[0], dtype=torch.int32)  # scratch: and the anchor reaching it
 
     # Thresholds become float32 exactly as torch rounds the scalar in `iou >= high`.
     as_f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
@@ -138,7 +142,4 @@ def solve(problem: Problem) -> Targets:
     )  # fmt: skip
     if _kernel()(ctypes.byref(args)) != 0:
         raise MemoryError("the CPU kernel could not allocate its per-thread scratch")
-    return Targets(
-        labels, matched, deltas, classes, max_iou if problem.want_max_iou else None,
-        background_class=config.background_class,
-    )  # fmt: skip
+    return Targets(labels, matched, deltas, classes, max_iou, background_class=config.background_class)
