@@ -7,6 +7,8 @@ G = 200 / 1000 per image -- for batches B = 1, 8, 32. Methods:
 
 * ``triton``: ``triton_backend.solve`` on a checked problem (pass 1 + pass 2, one
   launch each, allocation included): the kernel time;
+* ``triton_sparse``: ``triton_backend.solve_sparse`` (the same plus the on-device
+  compaction into positives/ignored, what the service sends);
 * ``triton_assign``: ``assign(..., backend="triton")`` end to end (input checks too);
 * ``torchvision``: what torchvision's RetinaNet does per image -- ``box_iou``,
   ``Matcher(0.5, 0.4, allow_low_quality_matches=True)``, then
@@ -16,8 +18,9 @@ G = 200 / 1000 per image -- for batches B = 1, 8, 32. Methods:
 Times are ``triton.testing.do_bench`` medians (with 20/80% quantiles); the floor is
 the bytes the triton backend writes divided by the measured device-to-device copy
 bandwidth (bytes read + written per second); peak memory is the largest extra
-allocation during one call. Writes ``bench_gpu.csv``, ``bench_gpu.json`` and
-``bench_gpu.png`` under ``--out`` and prints every peer/ours ratio.
+allocation during one call. Writes ``bench_gpu.csv``, ``bench_gpu.json``,
+``bench_gpu.png`` and ``bench_gpu.md`` (a table for the README) under ``--out`` and
+prints every peer/ours ratio.
 
 ``--smoke`` runs a tiny version on the CPU under Triton's interpreter (no torchvision
 needed) to check the script itself.
@@ -58,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--boxes", nargs="+", default=["coco", "200", "1000"],
                         help="'coco' (COCO-like, mean ~7) or a fixed number of boxes per image")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", default=["triton", "triton_assign", "torchvision", "reference"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["triton", "triton_sparse", "triton_assign", "torchvision", "reference"])  # fmt: skip
     parser.add_argument("--max-slow-seconds", type=float, default=1.5,
                         help="skip torchvision/reference points whose first call takes longer than this")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
@@ -163,6 +167,7 @@ def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> di
     config = problem.config
     methods = {
         "triton": lambda: triton_backend.solve(problem),
+        "triton_sparse": lambda: triton_backend.solve_sparse(problem),
         "triton_assign": lambda: assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton"),
         "reference": lambda: reference.solve(problem),
     }
@@ -231,6 +236,7 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> list[dict]:
 def add_ratios(rows: list[dict]) -> None:
     """Peer time / triton time, per (workload, batch), on each peer's row."""
     ours = {(r["workload"], r["batch"]): r["median_ms"] for r in rows if r["method"] == "triton"}
+    # Each peer row gets the ratio; the table reads it from there.
     for row in rows:
         key = (row["workload"], row["batch"])
         if row["method"] != "triton" and key in ours:
@@ -253,6 +259,38 @@ def summary(rows: list[dict]) -> list[str]:
             lines.append(f"  {row['workload']:>11} B={row['batch']:<3} triton vs floor: x{row['vs_floor']:.2f}"
                          f"  [target <= {TARGET_FLOOR_RATIO:.0f}x: {'met' if met else 'NOT met'}]")  # fmt: skip
     return lines
+
+
+def markdown_table(rows: list[dict], env: dict) -> str:
+    """One line per (workload, B): ours, the floor, the peers and the ratios."""
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_point.setdefault((row["workload"], row["batch"]), {})[row["method"]] = row
+
+    def ms(row: dict | None) -> str:
+        return "-" if row is None else f"{row['median_ms']:.3f}"
+
+    def ratio(row: dict | None) -> str:
+        return "-" if row is None or "speedup_of_triton" not in row else f"{row['speedup_of_triton']:.3g}x"
+
+    def mib(row: dict | None) -> str:
+        return "-" if row is None or row.get("peak_extra_bytes") is None else f"{row['peak_extra_bytes'] / 2**20:.0f}"
+
+    lines = [
+        f"{env['device']}, torch {env['torch']}, triton {env['triton']}, torchvision {env['torchvision']}; "
+        f"{PRESET}, {env['canvas'][0]}x{env['canvas'][1]}; median ms per batch",
+        "",
+        "| boxes | B | triton | floor | x floor | sparse | torchvision | speedup | reference | speedup "
+        "| peak MiB triton / torchvision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (workload, batch), methods in by_point.items():
+        ours, tv, ref = methods.get("triton"), methods.get("torchvision"), methods.get("reference")
+        floor = "-" if ours is None or "floor_ms" not in ours else f"{ours['floor_ms']:.3f}"
+        times = "-" if ours is None or "vs_floor" not in ours else f"{ours['vs_floor']:.1f}"
+        lines.append(f"| {workload} | {batch} | {ms(ours)} | {floor} | {times} | {ms(methods.get('triton_sparse'))} "
+                     f"| {ms(tv)} | {ratio(tv)} | {ms(ref)} | {ratio(ref)} | {mib(ours)} / {mib(tv)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def environment(smoke: bool) -> dict:
@@ -287,6 +325,7 @@ def write_tables(rows: list[dict], env: dict, out: Path) -> None:
             writer.writerow({"device": env["device"], **row})
     with open(out / "bench_gpu.json", "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
+    (out / "bench_gpu.md").write_text(markdown_table(rows, env))
 
 
 def plot(rows: list[dict], env: dict, out: Path) -> None:
@@ -328,7 +367,8 @@ def main() -> None:
     print("\n".join(summary(rows)))
     write_tables(rows, env, out)
     plot(rows, env, out)
-    print(f"wrote {args.out}/bench_gpu.csv, .json, .png")
+    print(markdown_table(rows, env))
+    print(f"wrote {args.out}/bench_gpu.csv, .json, .md, .png")
 
 
 if __name__ == "__main__":
