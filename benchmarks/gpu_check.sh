@@ -9,7 +9,7 @@
 # 2. benchmarks/bench_gpu.py: triton vs torchvision vs our reference on COCO-RetinaNet.
 #
 # Everything lands under $OUT (default benchmarks/results/gpu_check): env.txt,
-# pytest.txt, bench.txt, bench_gpu.csv, bench_gpu.json, bench_gpu.png. Installs
+# pytest.txt, bench.txt, bench_gpu.{csv,json,md,png} (7 files). Installs
 # nothing: the package is put on PYTHONPATH through a temporary folder of links, and
 # torch, triton, torchvision, pytest and matplotlib come from the machine's image.
 # Finishes in under 5 minutes (each step has its own timeout: 100 + 80 + 110 s, plus
