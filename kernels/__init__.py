@@ -10,7 +10,7 @@ Importing this package needs neither triton nor a GPU: backends load on first us
 
 from . import presets
 from .anchors import AnchorGrid, generate_anchors, resolve_grid
-from .api import BACKENDS, assign
+from .api import BACKENDS, assign, assign_sparse
 from .boxes import box_iof, box_iou, decode, encode
 from .config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig
 from .targets import IGNORED, NEGATIVE, POSITIVE, SparseTargets, Targets
@@ -29,6 +29,7 @@ __all__ = [
     "TargetConfig",
     "Targets",
     "assign",
+    "assign_sparse",
     "box_iof",
     "box_iou",
     "decode",

@@ -14,9 +14,9 @@ import torch
 from .config import TargetConfig
 from .problem import Kept, build_problem
 from .sampling import image_seeds, sample
-from .targets import Targets
+from .targets import SparseTargets, Targets
 
-__all__ = ["BACKENDS", "assign", "resolve_backend"]
+__all__ = ["BACKENDS", "assign", "assign_sparse", "resolve_backend"]
 
 # Backend name -> module within tritarget.kernels.
 _BACKEND_MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton_backend"}
@@ -34,8 +34,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _solver(backend: str):
-    return importlib.import_module(f".{_BACKEND_MODULES[backend]}", __package__).solve
+def _backend_module(backend: str):
+    return importlib.import_module(f".{_BACKEND_MODULES[backend]}", __package__)
 
 
 def assign(
@@ -85,20 +85,67 @@ def assign(
         image_sizes=image_sizes, anchors=anchors, drop_invalid=drop_invalid, want_max_iou=return_max_iou,
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
-    targets = _solver(resolve_backend(backend, problem.device))(problem)
+    targets = _backend_module(resolve_backend(backend, problem.device)).solve(problem)
     if config.match.sample_size > 0:
         targets = sample(targets, config.match, seeds)
-    return _restore_indices(targets, problem.gt_offsets, kept)
-
-
-def _restore_indices(targets: Targets, gt_offsets: torch.Tensor, kept: Kept) -> Targets:
-    """Make matched_gt index the boxes as the caller gave them, before dropping."""
+    image = torch.arange(targets.batch_size, device=targets.matched_gt.device)[:, None]  # [B, 1]
+    targets.matched_gt = _original_indices(targets.matched_gt, image, problem.gt_offsets, kept)
     targets.dropped = kept.dropped
-    if kept.original_index is None:
-        return targets
-    original = kept.original_index.to(targets.matched_gt.device)
-    matched = targets.matched_gt.long()
-    row = gt_offsets[:-1, None].to(matched.device) + matched.clamp(min=0)  # [B, A] kept-box row
-    restored = original[row.clamp(max=max(original.numel() - 1, 0))] if original.numel() else matched
-    targets.matched_gt = torch.where(matched >= 0, restored, matched).to(torch.int32)
     return targets
+
+
+def assign_sparse(
+    gt_boxes: torch.Tensor,
+    gt_counts: torch.Tensor | Sequence[int],
+    canvas: tuple[int, int],
+    config: TargetConfig,
+    *,
+    gt_classes: torch.Tensor | None = None,
+    ignore_boxes: torch.Tensor | None = None,
+    ignore_counts: torch.Tensor | Sequence[int] | None = None,
+    image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    anchors: torch.Tensor | None = None,
+    backend: str = "auto",
+    drop_invalid: bool = False,
+    seed: int | Sequence[int] = 0,
+) -> SparseTargets:
+    """``assign(...).to_sparse()``, compacted on the device where the backend can.
+
+    Same arguments as ``assign`` (no ``return_max_iou``: the sparse form has no place
+    for it). The triton backend compacts positives and ignored anchors on the GPU
+    without a host round trip; with sampling, or on other backends, the dense targets
+    are built first.
+    """
+    problem, kept = build_problem(
+        gt_boxes, gt_counts, canvas, config,
+        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
+        image_sizes=image_sizes, anchors=anchors, drop_invalid=drop_invalid,
+    )  # fmt: skip
+    seeds = image_seeds(seed, problem.batch_size)
+    module = _backend_module(resolve_backend(backend, problem.device))
+    if config.match.sample_size == 0 and hasattr(module, "solve_sparse"):
+        sparse = module.solve_sparse(problem)
+    else:
+        targets = module.solve(problem)
+        if config.match.sample_size > 0:
+            targets = sample(targets, config.match, seeds)
+        sparse = targets.to_sparse()
+    counts = sparse.positive_offsets.diff()
+    image = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    sparse.positive_matched_gt = _original_indices(sparse.positive_matched_gt, image, problem.gt_offsets, kept)
+    sparse.dropped = kept.dropped
+    return sparse
+
+
+def _original_indices(matched: torch.Tensor, image: torch.Tensor, gt_offsets: torch.Tensor, kept: Kept) -> torch.Tensor:
+    """Box indices within each image as the caller gave them, before dropping.
+
+    matched (int32, any shape): index among the image's kept boxes, or -1.
+    image (int64, broadcastable to matched): the image of each element.
+    """
+    if kept.original_index is None or kept.original_index.numel() == 0:
+        return matched
+    original = kept.original_index.to(matched.device)
+    row = gt_offsets.to(matched.device)[image] + matched.long().clamp(min=0)  # kept-box row
+    restored = original[row.clamp(max=original.numel() - 1)]
+    return torch.where(matched >= 0, restored, matched.long()).to(torch.int32)

@@ -35,6 +35,7 @@ class SparseTargets:
     positive_deltas (Tensor[P, 4] float32 or float16).
     positive_classes (Tensor[P] int32 or None).
     ignored_offsets (Tensor[B + 1] int64), ignored_anchors (Tensor[I] int32): likewise.
+    dropped (list of B Tensor[D_i] int64): boxes dropped from each image (drop_invalid).
     """
 
     num_anchors: int
@@ -46,6 +47,7 @@ class SparseTargets:
     ignored_anchors: torch.Tensor
     positive_classes: torch.Tensor | None = None
     background_class: int = 0
+    dropped: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -116,6 +118,7 @@ class Targets:
             ignored_anchors=ign_anchor.to(torch.int32),
             positive_classes=None if self.classes is None else self.classes[pos_image, pos_anchor],
             background_class=self.background_class,
+            dropped=list(self.dropped),
         )
 
     @classmethod
@@ -137,7 +140,9 @@ class Targets:
         if sparse.positive_classes is not None:
             classes = torch.full((batch, count), sparse.background_class, dtype=torch.int32, device=device)
             classes[pos_image, pos_anchor] = sparse.positive_classes.to(torch.int32)
-        return cls(labels, matched, deltas, classes, background_class=sparse.background_class)
+        return cls(
+            labels, matched, deltas, classes, dropped=list(sparse.dropped), background_class=sparse.background_class
+        )
 
 
 def _offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:
