@@ -123,19 +123,22 @@ def first_run(call: Callable[[], object]) -> tuple[float, float | None]:
 
 
 def timed(calls: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, int, float | None]]:
-    """name -> (median ms, best ms, runs, peak MiB). The first run of each measures memory and sizes
-    the rest (as many as fit the time budget); the rest are interleaved, so that load from
-    elsewhere hits every implementation alike."""
-    first = {name: first_run(call) for name, call in calls.items()}
-    runs = {name: max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(t, 1e-9)))) for name, (t, _) in first.items()}
-    times = {name: [first[name][0]] if runs[name] == 1 else [] for name in calls}
-    for round_ in range(max(runs.values(), default=0)):
-        for name, call in calls.items():
-            if runs[name] > 1 and round_ < runs[name]:
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t) * 1e3, min(t) * 1e3, len(t), first[name][1]) for name, t in times.items()}
+    """name -> (median ms, best ms, runs, peak MiB). Per implementation, the first run
+    measures memory and sizes the rest (as many as fit the time budget); the rest run
+    back to back, as a training loop calls one implementation over and over (runs of
+    different implementations interleaved would make the allocator hand each one fresh,
+    page-faulting memory, which is not what a data loader sees)."""
+    out = {}
+    for name, call in calls.items():
+        first, peak = first_run(call)
+        runs = max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(first, 1e-9))))
+        times = [first] if runs == 1 else []
+        for _ in range(runs if runs > 1 else 0):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        out[name] = (statistics.median(times) * 1e3, min(times) * 1e3, len(times), peak)
+    return out
 
 
 def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[str, object]]:

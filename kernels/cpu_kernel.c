@@ -247,10 +247,10 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     }
 
     const int64_t row = image * A + start;
-    /* Hand-over to pass 2 through the outputs it overwrites: best IoU in the first delta
-     * slot, best box in matched, exclusion in labels. */
-    float *stash = p->deltas + 4 * row;
-    for (int64_t k = 0; k < n; ++k) stash[4 * k] = best[k];
+    /* Hand-over to pass 2 through the outputs it overwrites: best IoUs packed at the start
+     * of the chunk's deltas (a quarter of them, so little memory traffic and no scratch
+     * allocation), best boxes in matched, exclusions in labels. */
+    memcpy(p->deltas + 4 * row, best, sizeof(float) * (size_t)n);
     memcpy(p->matched + row, arg, sizeof(int32_t) * (size_t)n);
     memcpy(p->labels + row, c.excluded, (size_t)n); /* 0 or 1: the same bytes as int8 */
 }
@@ -320,7 +320,7 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
     float best[CHUNK];
     const float *stash = p->deltas + 4 * row;
     for (int64_t k = 0; k < n; ++k) {
-        best[k] = g0 == g1 ? 0.0f : stash[4 * k]; /* an image without boxes has max IoU 0 */
+        best[k] = g0 == g1 ? 0.0f : stash[k]; /* an image without boxes has max IoU 0 */
         excluded[k] = (uint8_t)p->labels[row + k];
         lifted[k] = 0;
         lift_box[k] = -1;
