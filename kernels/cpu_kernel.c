@@ -7,12 +7,13 @@
  *
  *   pass 1  per (image, chunk of anchors): every anchor's raw best IoU and best box
  *           (lowest box index on ties), whether it is excluded (ignore region, border
- *           "pre_match"), and per-thread partial maxima of each box over the included
- *           anchors (lowest anchor index on ties).
+ *           "pre_match"), per-thread partial maxima of each box over the included anchors
+ *           (lowest anchor index on ties); then the chunk's outputs as the thresholds and
+ *           border rules decide them, written once: labels, matched, deltas, classes.
  *   merge   per box: its best IoU and best anchor over all anchors of its image.
- *   pass 2  per (image, chunk): thresholds, the low-quality rule (recomputing IoUs only
- *           for the boxes whose best IoU the chunk can reach), the border "post_match"
- *           rule, matched index, deltas, class.
+ *   pass 2  low-quality lifts (torchvision, detectron2, mmdet): only chunks whose best
+ *           IoU reaches some box's best IoU are revisited, only the boxes that can tie
+ *           there are recomputed, and only the lifted anchors are rewritten.
  *   forced  ssd_forced: each box's best anchor, in box order (a later box wins).
  *
  * Memory: the outputs plus O(threads * (chunk + G)). Exactness: every IoU is computed
@@ -82,6 +83,10 @@ typedef struct {
     int64_t chunks_per_image;
     int64_t num_items;
     BoxPartial *partials; /* one per thread */
+    /* per work item, from pass 1: best IoU of an included anchor (-1 if none) and the
+     * chunk's bounds (lo_x, lo_y, hi_x, hi_y); pass 2 skips the chunks no lift can reach */
+    float *chunk_reach;
+    float *chunk_bounds;
 } Job;
 
 typedef struct {
@@ -175,6 +180,93 @@ static void mark_excluded(const Problem *p, int64_t image, Chunk *c) {
     }
 }
 
+static void encode_one(const Problem *p, const float *g, float ax1, float ay1, float ax2, float ay2,
+                       float *out) {
+    /* reference.encode / torchvision BoxCoder.encode_boxes, same rounding order */
+    float aw = ax2 - ax1, ah = ay2 - ay1;
+    float acx = ax1 + 0.5f * aw, acy = ay1 + 0.5f * ah;
+    float gw = g[2] - g[0], gh = g[3] - g[1];
+    float gcx = g[0] + 0.5f * gw, gcy = g[1] + 0.5f * gh;
+    float d[4];
+    d[0] = p->weights[0] * (gcx - acx) / aw;
+    d[1] = p->weights[1] * (gcy - acy) / ah;
+    d[2] = p->weights[2] * logf(gw / aw);
+    d[3] = p->weights[3] * logf(gh / ah);
+    for (int j = 0; j < 4; ++j) out[j] = (d[j] - p->means[j]) / p->stds[j];
+}
+
+/* Write a chunk's decided labels and matches: applies the "post_match" border rule,
+ * then deltas and classes of the positives (zeros and background elsewhere). */
+static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, uint8_t *positive,
+                        int8_t *label, int32_t *match) {
+    const int64_t row = image * p->num_anchors + start;
+    const float *an = p->anchors + 4 * start;
+    if (p->border_limits && p->border_post) {
+        const float *lim = p->border_limits + 4 * image;
+        for (int64_t k = 0; k < n; ++k) {
+            int outside = !anchor_inside(lim, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3]);
+            positive[k] &= (uint8_t)!outside;
+            label[k] = outside ? (int8_t)IGNORED : label[k];
+            if (p->low_quality != LQ_DETECTRON2) match[k] = outside ? -1 : match[k];
+        }
+    }
+    memcpy(p->labels + row, label, (size_t)n);
+    memcpy(p->matched + row, match, sizeof(int32_t) * (size_t)n);
+    memset(p->deltas + 4 * row, 0, sizeof(float) * 4 * (size_t)n);
+    if (p->classes)
+        for (int64_t k = 0; k < n; ++k) p->classes[row + k] = p->background_class;
+    const int64_t g0 = p->gt_offsets[image];
+    for (int64_t k = 0; k < n; ++k) {
+        if (!positive[k]) continue;
+        const int64_t g = g0 + match[k];
+        encode_one(p, p->gt_boxes + 4 * g, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3],
+                   p->deltas + 4 * (row + k));
+        if (p->classes) p->classes[row + k] = p->gt_classes[g];
+    }
+}
+
+/* Outputs of a chunk from the thresholds alone (pass 2 adds low-quality lifts):
+ * best (Tensor[n]) each anchor's best IoU, argmax its best box, excluded its exclusion. */
+static void decide_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, float *best,
+                         const int32_t *argmax, const uint8_t *excluded) {
+    const int64_t row = image * p->num_anchors + start;
+    const int no_boxes = p->gt_offsets[image + 1] == p->gt_offsets[image];
+    uint8_t above[CHUNK], below[CHUNK], positive[CHUNK];
+    int8_t label[CHUNK];
+    int32_t match[CHUNK];
+    const float high = p->high, low = p->low;
+    if (no_boxes) { /* included anchors are negative; max IoU is 0 */
+        for (int64_t k = 0; k < n; ++k) {
+            best[k] = 0.0f;
+            above[k] = 0;
+            below[k] = 1;
+        }
+    } else if (p->strict_high) { /* DALI/MLPerf's single criterion: the interval is (low, high] */
+        for (int64_t k = 0; k < n; ++k) {
+            above[k] = best[k] > high;
+            below[k] = best[k] <= low;
+        }
+    } else {
+        for (int64_t k = 0; k < n; ++k) {
+            above[k] = best[k] >= high;
+            below[k] = best[k] < low;
+        }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+        uint8_t included = !excluded[k];
+        uint8_t pos = above[k] & included;
+        uint8_t neg = below[k] & included & !pos;
+        positive[k] = pos;
+        label[k] = (int8_t)(pos - !(pos | neg)); /* 1, 0, or -1 */
+    }
+    if (p->low_quality == LQ_DETECTRON2 && !no_boxes) /* detectron2's Matcher keeps every included argmax */
+        for (int64_t k = 0; k < n; ++k) match[k] = excluded[k] ? -1 : argmax[k];
+    else
+        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? argmax[k] : -1;
+    if (p->max_iou) memcpy(p->max_iou + row, best, sizeof(float) * (size_t)n);
+    write_chunk(p, image, start, n, positive, label, match);
+}
+
 /* ---- pass 1 --------------------------------------------------------------------------- */
 
 static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
@@ -246,60 +338,55 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
         }
     }
 
-    const int64_t row = image * A + start;
-    /* Hand-over to pass 2 through the outputs it overwrites: best IoUs packed at the start
-     * of the chunk's deltas (a quarter of them, so little memory traffic and no scratch
-     * allocation), best boxes in matched, exclusions in labels. */
-    memcpy(p->deltas + 4 * row, best, sizeof(float) * (size_t)n);
-    memcpy(p->matched + row, arg, sizeof(int32_t) * (size_t)n);
-    memcpy(p->labels + row, c.excluded, (size_t)n); /* 0 or 1: the same bytes as int8 */
+    float reach = -1.0f;
+#pragma omp simd reduction(max : reach)
+    for (int64_t k = 0; k < n; ++k) {
+        float v = c.excluded[k] ? -1.0f : best[k];
+        reach = v > reach ? v : reach;
+    }
+    const int64_t item = image * job->chunks_per_image + chunk;
+    job->chunk_reach[item] = reach;
+    float *bounds = job->chunk_bounds + 4 * item;
+    bounds[0] = c.lo_x;
+    bounds[1] = c.lo_y;
+    bounds[2] = c.hi_x;
+    bounds[3] = c.hi_y;
+    decide_chunk(p, image, start, n, best, arg, c.excluded);
 }
 
-/* ---- pass 2 --------------------------------------------------------------------------- */
+/* ---- pass 2: low-quality lifts ------------------------------------------------------- */
 
-static void encode_one(const Problem *p, const float *g, float ax1, float ay1, float ax2, float ay2,
-                       float *out) {
-    /* reference.encode / torchvision BoxCoder.encode_boxes, same rounding order */
-    float aw = ax2 - ax1, ah = ay2 - ay1;
-    float acx = ax1 + 0.5f * aw, acy = ay1 + 0.5f * ah;
-    float gw = g[2] - g[0], gh = g[3] - g[1];
-    float gcx = g[0] + 0.5f * gw, gcy = g[1] + 0.5f * gh;
-    float d[4];
-    d[0] = p->weights[0] * (gcx - acx) / aw;
-    d[1] = p->weights[1] * (gcy - acy) / ah;
-    d[2] = p->weights[2] * logf(gw / aw);
-    d[3] = p->weights[3] * logf(gh / ah);
-    for (int j = 0; j < 4; ++j) out[j] = (d[j] - p->means[j]) / p->stds[j];
-}
-
-/* Write a chunk's decided labels and matches: applies the "post_match" border rule,
- * then deltas and classes of the positives (zeros and background elsewhere). */
-static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, uint8_t *positive,
-                        int8_t *label, int32_t *match) {
-    const int64_t row = image * p->num_anchors + start;
-    const float *an = p->anchors + 4 * start;
-    if (p->border_limits && p->border_post) {
-        const float *lim = p->border_limits + 4 * image;
-        for (int64_t k = 0; k < n; ++k) {
-            int outside = !anchor_inside(lim, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3]);
-            positive[k] &= (uint8_t)!outside;
-            label[k] = outside ? (int8_t)IGNORED : label[k];
-            if (p->low_quality != LQ_DETECTRON2) match[k] = outside ? -1 : match[k];
+/* An anchor's best box, as pass 1 found it (same IoUs, same strictly-greater order).
+ * Starting from (0, box 0) is what box 0 gives at worst, and a box that does not touch
+ * the anchor has IoU 0, which never beats it: such boxes are skipped. */
+static int32_t best_box(const Problem *p, int64_t image, const Chunk *c, int64_t k) {
+    const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
+    float top = 0.0f;
+    int32_t at = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+        const float *b = p->gt_boxes + 4 * g;
+        if (b[2] <= c->x1[k] || b[0] >= c->x2[k] || b[3] <= c->y1[k] || b[1] >= c->y2[k]) continue;
+        float v = iou_one(b[0], b[1], b[2], b[3], (b[2] - b[0]) * (b[3] - b[1]), c->x1[k], c->y1[k], c->x2[k],
+                          c->y2[k], c->area[k]);
+        if (v > top) {
+            top = v;
+            at = (int32_t)(g - g0);
         }
     }
-    memcpy(p->labels + row, label, (size_t)n);
-    memcpy(p->matched + row, match, sizeof(int32_t) * (size_t)n);
-    memset(p->deltas + 4 * row, 0, sizeof(float) * 4 * (size_t)n);
-    if (p->classes)
-        for (int64_t k = 0; k < n; ++k) p->classes[row + k] = p->background_class;
-    const int64_t g0 = p->gt_offsets[image];
-    for (int64_t k = 0; k < n; ++k) {
-        if (!positive[k]) continue;
-        const int64_t g = g0 + match[k];
-        encode_one(p, p->gt_boxes + 4 * g, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3],
-                   p->deltas + 4 * (row + k));
-        if (p->classes) p->classes[row + k] = p->gt_classes[g];
-    }
+    return at;
+}
+
+static int box_misses_bounds(const float *bounds, const float *b) {
+    return b[2] <= bounds[0] || b[0] >= bounds[2] || b[3] <= bounds[1] || b[1] >= bounds[3];
+}
+
+/* Box g lifts the included anchors whose IoU with it equals its best IoU (when that best
+ * qualifies). None in a chunk can, when the chunk's best IoU is lower, or when the box
+ * does not touch the chunk and its best is above 0. */
+static int box_may_lift(const Problem *p, int64_t g, float reach, const float *bounds) {
+    const float target = p->box_max[g];
+    if (!(target >= p->min_pos_iou) || target > reach || target < 0.0f) return 0;
+    return target == 0.0f || !box_misses_bounds(bounds, p->gt_boxes + 4 * g);
 }
 
 static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
@@ -309,90 +396,54 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
     const int64_t n = (A - start) < CHUNK ? (A - start) : CHUNK;
     const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
     const int64_t row = image * A + start;
-    const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
-                      p->low_quality == LQ_MMDET;
+    const int64_t item = image * job->chunks_per_image + chunk;
+    const float reach = job->chunk_reach[item];
+    const float *bounds = job->chunk_bounds + 4 * item;
+
+    int64_t g = g0;
+    while (g < g1 && !box_may_lift(p, g, reach, bounds)) ++g;
+    if (g == g1) return; /* the usual case: this chunk's outputs are final */
+
     Chunk c;
-    uint8_t excluded[CHUNK], lifted[CHUNK], positive[CHUNK];
-    int8_t label[CHUNK];
-    int32_t lift_box[CHUNK], match[CHUNK];
-    /* pass 1 left each anchor's best IoU, best box and exclusion in the outputs */
-    const int32_t *argmax = p->matched + row;
-    float best[CHUNK];
-    const float *stash = p->deltas + 4 * row;
+    uint8_t lifted[CHUNK];
+    int32_t lift_box[CHUNK];
+    load_chunk(p, start, n, &c);
+    mark_excluded(p, image, &c);
     for (int64_t k = 0; k < n; ++k) {
-        best[k] = g0 == g1 ? 0.0f : stash[k]; /* an image without boxes has max IoU 0 */
-        excluded[k] = (uint8_t)p->labels[row + k];
         lifted[k] = 0;
         lift_box[k] = -1;
     }
-    if (p->max_iou) memcpy(p->max_iou + row, best, sizeof(float) * (size_t)n);
-    if (g0 == g1) { /* no boxes: included anchors are negative */
+    for (; g < g1; ++g) {
+        if (!box_may_lift(p, g, reach, bounds)) continue;
+        const float *b = p->gt_boxes + 4 * g;
+        const float target = p->box_max[g];
+        const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
+        const float barea = (bx2 - bx1) * (by2 - by1);
+        const int32_t local = (int32_t)(g - g0);
         for (int64_t k = 0; k < n; ++k) {
-            positive[k] = 0;
-            label[k] = excluded[k] ? IGNORED : NEGATIVE;
-            match[k] = -1;
-        }
-        write_chunk(p, image, start, n, positive, label, match);
-        return;
-    }
-
-    if (lifts) {
-        float reach = -1.0f; /* best raw IoU of an included anchor of the chunk */
-#pragma omp simd reduction(max : reach)
-        for (int64_t k = 0; k < n; ++k) {
-            float v = excluded[k] ? -1.0f : best[k];
-            reach = v > reach ? v : reach;
-        }
-        int loaded = 0;
-        for (int64_t g = g0; g < g1; ++g) {
-            const float target = p->box_max[g];
-            /* Box g lifts anchors whose IoU with it equals its best; none here can reach it
-             * when the chunk's best IoU is lower, or when it does not touch the chunk. */
-            if (!(target >= p->min_pos_iou) || target > reach || target < 0.0f) continue;
-            const float *b = p->gt_boxes + 4 * g;
-            if (!loaded) {
-                load_chunk(p, start, n, &c);
-                loaded = 1;
-            }
-            if (target > 0.0f && box_misses_chunk(&c, b)) continue;
-            const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
-            const float barea = (bx2 - bx1) * (by2 - by1);
-            const int32_t local = (int32_t)(g - g0);
-            for (int64_t k = 0; k < n; ++k) {
-                float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
-                int tie = (v == target) & !excluded[k];
-                lifted[k] |= (uint8_t)tie;
-                lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
-            }
+            float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
+            int tie = (v == target) & !c.excluded[k];
+            lifted[k] |= (uint8_t)tie;
+            lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
         }
     }
-    uint8_t above[CHUNK], below[CHUNK];
-    const float high = p->high, low = p->low;
-    if (p->strict_high) { /* DALI/MLPerf's single criterion: the interval is (low, high] */
-        for (int64_t k = 0; k < n; ++k) {
-            above[k] = best[k] > high;
-            below[k] = best[k] <= low;
-        }
-    } else {
-        for (int64_t k = 0; k < n; ++k) {
-            above[k] = best[k] >= high;
-            below[k] = best[k] < low;
-        }
-    }
+    const float *lim = p->border_limits && p->border_post ? p->border_limits + 4 * image : NULL;
     for (int64_t k = 0; k < n; ++k) {
-        uint8_t included = !excluded[k];
-        uint8_t pos = (above[k] | lifted[k]) & included;
-        uint8_t neg = below[k] & included & !pos;
-        positive[k] = pos;
-        label[k] = (int8_t)(pos - !(pos | neg)); /* 1, 0, or -1 */
+        if (!lifted[k]) continue;
+        if (lim && !anchor_inside(lim, c.x1[k], c.y1[k], c.x2[k], c.y2[k])) continue; /* stays ignored */
+        const int was_positive = p->labels[row + k] == POSITIVE;
+        int32_t match;
+        if (p->low_quality == LQ_MMDET) { /* matched to the box it ties (the last one) */
+            match = lift_box[k];
+            if (was_positive && p->matched[row + k] == match) continue;
+        } else { /* torchvision / detectron2: matched to its own best box */
+            if (was_positive) continue;
+            match = best_box(p, image, &c, k);
+        }
+        uint8_t positive = 1;
+        int8_t label = POSITIVE;
+        write_chunk(p, image, start + k, 1, &positive, &label, &match);
     }
-    if (p->low_quality == LQ_DETECTRON2) /* detectron2's Matcher keeps every included argmax */
-        for (int64_t k = 0; k < n; ++k) match[k] = excluded[k] ? -1 : argmax[k];
-    else if (p->low_quality == LQ_MMDET) /* a lifted anchor goes to the (last) box it ties */
-        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? (lift_box[k] >= 0 ? lift_box[k] : argmax[k]) : -1;
-    else
-        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? argmax[k] : -1;
-    write_chunk(p, image, start, n, positive, label, match);
 }
 
 /* ---- threads -------------------------------------------------------------------------- */
@@ -458,8 +509,10 @@ int tritarget_cpu_solve(const Problem *p) {
     job.partials = calloc((size_t)threads, sizeof(BoxPartial));
     float *part_max = malloc(sizeof(float) * (size_t)(threads * N + 1));
     int32_t *part_best = malloc(sizeof(int32_t) * (size_t)(threads * N + 1));
-    if (!job.partials || !part_max || !part_best) {
-        free(job.partials); free(part_max); free(part_best);
+    job.chunk_reach = malloc(sizeof(float) * (size_t)(job.num_items + 1));
+    job.chunk_bounds = malloc(sizeof(float) * 4 * (size_t)(job.num_items + 1));
+    if (!job.partials || !part_max || !part_best || !job.chunk_reach || !job.chunk_bounds) {
+        free(job.partials); free(part_max); free(part_best); free(job.chunk_reach); free(job.chunk_bounds);
         return 1;
     }
     for (int64_t j = 0; j < threads * N; ++j) {
@@ -490,7 +543,9 @@ int tritarget_cpu_solve(const Problem *p) {
         p->box_best[g] = at;
     }
 
-    if (A > 0) run_parallel(&job, threads, pass2_item);
+    const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
+                      p->low_quality == LQ_MMDET;
+    if (A > 0 && lifts) run_parallel(&job, threads, pass2_item);
 
     if (p->low_quality == LQ_SSD_FORCED && A > 0) {
         /* in box order, so the later box keeps an anchor two boxes share */
@@ -509,6 +564,6 @@ int tritarget_cpu_solve(const Problem *p) {
             }
         }
     }
-    free(job.partials); free(part_max); free(part_best);
+    free(job.partials); free(part_max); free(part_best); free(job.chunk_reach); free(job.chunk_bounds);
     return 0;
 }
