@@ -225,8 +225,9 @@ static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t 
     }
 }
 
-/* Outputs of a chunk from the thresholds alone (pass 2 adds low-quality lifts):
- * best (Tensor[n]) each anchor's best IoU, argmax its best box, excluded its exclusion. */
+/* Outputs of a chunk from the thresholds alone (pass 2 adds low-quality lifts).
+ * best[n]: each anchor's best IoU (zeroed here for an image without boxes);
+ * argmax[n]: its best box within the image; excluded[n]: taken out before matching. */
 static void decide_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, float *best,
                          const int32_t *argmax, const uint8_t *excluded) {
     const int64_t row = image * p->num_anchors + start;
