@@ -4,13 +4,15 @@ The work is done by one fused C kernel (``cpu_kernel.c``, built on first use by
 ``cpu_build``) that streams over anchors in chunks of 512, multi-threaded over
 (image, chunk) work items with ``torch.get_num_threads()`` threads, in two passes:
 
-1. every anchor's best IoU and box; every box's best IoU and anchor (what the
-   low-quality rules need) as per-thread partial maxima, merged afterwards;
-2. thresholds, low-quality rule, border and ignore rules, deltas and classes, written
-   straight into the outputs. IoUs are recomputed only for the boxes that could tie
-   their best IoU inside a chunk.
+1. every anchor's best IoU and box, its outputs as the thresholds, ignore and border
+   rules decide them (labels, matched box, deltas, class: written once, straight into
+   the result tensors), and every box's best IoU and anchor (what the low-quality rules
+   need) as per-thread partial maxima, merged afterwards;
+2. the low-quality rule: only chunks whose best IoU reaches some box's best IoU are
+   revisited, only those boxes' IoUs recomputed, only the lifted anchors rewritten.
 
-Memory is the outputs plus O(threads x (chunk + G)): no [G, A] matrix is ever built.
+Memory is the outputs plus O(threads x (chunk + G) + A / chunk): no [G, A] matrix is
+ever built.
 A box that misses a chunk's bounding box is skipped (its IoU there is exactly 0), which
 is what makes crowded images cheap. Labels and matched indices equal the reference
 bit for bit: IoU is computed in float32 in torchvision's operation order, without
