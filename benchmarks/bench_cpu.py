@@ -281,7 +281,9 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(summary, info, args.out / f"{stem}.png")
     print(f"wrote {args.out}/{stem}.csv, {stem}.json, {stem}.png")
-    if tv is not None:
+    if tv is None:
+        print("*** no torchvision baseline: torchvision is not installed (pip install -e '.[parity]') ***")
+    else:
         for target in ("7", "200"):
             case = next((c for c in summary if c["batch"] == 1 and c["boxes_per_image"] == target), None)
             if case and case["speedup_vs_torchvision"] is not None:
