@@ -62,8 +62,8 @@ def test_every_preset_with_ties_through_assign(preset, generator):
     boxes, counts = random_batch(generator, [5, 0, 8], canvas)
     boxes = with_ties(boxes, generator)
     config = presets.get(preset)
-    ours = assign(boxes, counts, canvas, config, backend="cpu", seed=3)
-    ref = assign(boxes, counts, canvas, config, backend="reference", seed=3)
+    ours = assign(boxes, counts, canvas, config, backend="cpu", seed=3, drop_invalid=True)
+    ref = assign(boxes, counts, canvas, config, backend="reference", seed=3, drop_invalid=True)
     assert_targets_equal(ours, ref)
 
 
@@ -320,8 +320,12 @@ _PEAK_PROBE = textwrap.dedent(
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak to the current resident size
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak to the current resident size
+    except OSError:
+        print(json.dumps({"growth": None, "anchors": 0}))
+        sys.exit(0)
     before = peak_kib()
     targets = assign(boxes, counts, (height, width), config, gt_classes=classes, backend=backend)
     print(json.dumps({"growth": (peak_kib() - before) * 1024, "anchors": targets.num_anchors}))
@@ -336,6 +340,8 @@ def peak_growth(backend: str, canvas: tuple[int, int], count: int) -> tuple[int,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["growth"] is None:
+        pytest.skip("cannot reset the peak resident size here (/proc/self/clear_refs)")
     return result["growth"], result["anchors"]
 
 
