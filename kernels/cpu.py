@@ -29,9 +29,9 @@ import torch
 from .config import LOW_QUALITY_MODES
 from .cpu_build import load_library
 from .problem import Problem
-from .targets import Targets
+from .targets import SparseTargets, Targets
 
-__all__ = ["solve"]
+__all__ = ["solve", "solve_sparse"]
 
 _F32_4 = ctypes.c_float * 4
 
@@ -79,6 +79,17 @@ def _kernel():
     function.argtypes = [ctypes.POINTER(_CProblem)]
     function.restype = ctypes.c_int
     return function
+
+
+@functools.lru_cache(maxsize=1)
+def _sparse_kernels():
+    library = load_library()
+    count, gather = library.tritarget_cpu_count_sparse, library.tritarget_cpu_gather_sparse
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    count.argtypes = [pointer, size, size, pointer, pointer]
+    gather.argtypes = [pointer, pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, pointer]
+    count.restype = gather.restype = None
+    return count, gather
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -145,3 +156,38 @@ def solve(problem: Problem) -> Targets:
     if _kernel()(ctypes.byref(args)) != 0:
         raise MemoryError("the CPU kernel could not allocate its per-thread scratch")
     return Targets(labels, matched, deltas, classes, max_iou, background_class=config.background_class)
+
+
+def solve_sparse(problem: Problem) -> SparseTargets:
+    """The sparse form of ``solve(problem)`` (what ``assign_sparse`` and the service send):
+    the same as ``solve(problem).to_sparse()``, compacted in one scan in C instead of
+    torch's nonzero and gathers (about 2.5 ms per RetinaNet image)."""
+    return _compact(solve(problem))
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _compact(dense: Targets) -> SparseTargets:
+    count, gather = _sparse_kernels()
+    batch, num_anchors = dense.labels.shape
+    positives = torch.empty(batch, dtype=torch.int64)
+    ignored = torch.empty(batch, dtype=torch.int64)
+    count(_pointer(dense.labels), batch, num_anchors, _pointer(positives), _pointer(ignored))
+    total_pos, total_ign = int(positives.sum()), int(ignored.sum())
+    pos_anchors = torch.empty(total_pos, dtype=torch.int32)
+    pos_matched = torch.empty(total_pos, dtype=torch.int32)
+    pos_deltas = torch.empty(total_pos, 4, dtype=torch.float32)
+    pos_classes = None if dense.classes is None else torch.empty(total_pos, dtype=torch.int32)
+    ign_anchors = torch.empty(total_ign, dtype=torch.int32)
+    gather(
+        _pointer(dense.labels), _pointer(dense.matched_gt), _pointer(dense.deltas), _pointer(dense.classes),
+        batch, num_anchors, _pointer(pos_anchors), _pointer(pos_matched), _pointer(pos_deltas),
+        _pointer(pos_classes), _pointer(ign_anchors),
+    )  # fmt: skip
+    return SparseTargets(
+        num_anchors=num_anchors, positive_offsets=_offsets(positives), positive_anchors=pos_anchors,
+        positive_matched_gt=pos_matched, positive_deltas=pos_deltas, ignored_offsets=_offsets(ignored),
+        ignored_anchors=ign_anchors, positive_classes=pos_classes, background_class=dense.background_class,
+    )  # fmt: skip

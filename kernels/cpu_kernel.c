@@ -568,3 +568,45 @@ int tritarget_cpu_solve(const Problem *p) {
     free(job.partials); free(part_max); free(part_best); free(job.chunk_reach); free(job.chunk_bounds);
     return 0;
 }
+
+/* ---- sparse form ---------------------------------------------------------------------- */
+
+/* How many anchors of each image are positive and how many ignored.
+ * labels: [batch, num_anchors]; positives, ignored: [batch]. */
+void tritarget_cpu_count_sparse(const int8_t *labels, int64_t batch, int64_t num_anchors, int64_t *positives,
+                                int64_t *ignored) {
+    for (int64_t i = 0; i < batch; ++i) {
+        const int8_t *row = labels + i * num_anchors;
+        int64_t pos = 0, ign = 0;
+        for (int64_t a = 0; a < num_anchors; ++a) {
+            pos += row[a] == POSITIVE;
+            ign += row[a] == IGNORED;
+        }
+        positives[i] = pos;
+        ignored[i] = ign;
+    }
+}
+
+/* The positives (anchor index, matched box, deltas, class) and the ignored anchors of a
+ * dense result, image after image, ascending anchor index within an image: the rows of
+ * SparseTargets, sized by tritarget_cpu_count_sparse. classes/pos_classes may be NULL. */
+void tritarget_cpu_gather_sparse(const int8_t *labels, const int32_t *matched, const float *deltas,
+                                 const int32_t *classes, int64_t batch, int64_t num_anchors, int32_t *pos_anchors,
+                                 int32_t *pos_matched, float *pos_deltas, int32_t *pos_classes,
+                                 int32_t *ign_anchors) {
+    int64_t p = 0, q = 0;
+    for (int64_t i = 0; i < batch; ++i) {
+        for (int64_t a = 0; a < num_anchors; ++a) {
+            const int64_t r = i * num_anchors + a;
+            if (labels[r] == POSITIVE) {
+                pos_anchors[p] = (int32_t)a;
+                pos_matched[p] = matched[r];
+                memcpy(pos_deltas + 4 * p, deltas + 4 * r, 4 * sizeof(float));
+                if (classes) pos_classes[p] = classes[r];
+                ++p;
+            } else if (labels[r] == IGNORED) {
+                ign_anchors[q++] = (int32_t)a;
+            }
+        }
+    }
+}

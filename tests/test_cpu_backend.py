@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from support import assert_targets_equal, random_batch, with_ties
 from tritarget.kernels import TargetConfig, assign, cpu, presets, reference
+from tritarget.kernels.api import assign_sparse
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.cpu_build import CompileError, _compiler
 from tritarget.kernels.problem import build_problem
@@ -274,6 +275,42 @@ def test_random_configurations(
         ignore_counts=ignore_counts, image_sizes=sizes, want_max_iou=True,
     )  # fmt: skip
     assert_targets_equal(ours, ref)
+
+
+def assert_sparse_equal(ours, ref, delta_tolerance=0.0):
+    """Indices exactly; deltas exactly or within a relative/absolute tolerance."""
+    assert ours.num_anchors == ref.num_anchors and ours.background_class == ref.background_class
+    for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
+                 "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if name == "positive_deltas":
+            assert torch.allclose(a, b, rtol=delta_tolerance, atol=delta_tolerance), name
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("with_classes", [True, False])
+@pytest.mark.parametrize("preset", ["retinanet_torchvision", "retinanet_detectron2", "ssd300_torchvision"])
+def test_sparse_form_equals_the_dense_one_compacted(preset, with_classes, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [3, 0, 11], canvas)
+    classes = classes_for(boxes, generator) if with_classes else None
+    problem, _ = build_problem(boxes, counts, canvas, presets.get(preset), gt_classes=classes)
+    assert_sparse_equal(cpu.solve_sparse(problem), cpu.solve(problem).to_sparse())
+
+
+def test_assign_sparse_on_cpu_equals_the_reference(generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [6, 0, 17], canvas)
+    classes = classes_for(boxes, generator)
+    config = presets.get("retinanet_mmdet")
+    ours = assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    ref = assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="reference")
+    assert_sparse_equal(ours, ref, delta_tolerance=1e-6)
 
 
 def test_kernel_is_built_once_into_the_cache(tmp_path):
