@@ -381,13 +381,19 @@ static int box_misses_bounds(const float *bounds, const float *b) {
     return b[2] <= bounds[0] || b[0] >= bounds[2] || b[3] <= bounds[1] || b[1] >= bounds[3];
 }
 
-/* Box g lifts the included anchors whose IoU with it equals its best IoU (when that best
- * qualifies). None in a chunk can, when the chunk's best IoU is lower, or when the box
- * does not touch the chunk and its best is above 0. */
-static int box_may_lift(const Problem *p, int64_t g, float reach, const float *bounds) {
+/* Whether box g takes part in low-quality matching: its best IoU is above 0 (a box
+ * touching no included anchor lifts nothing) and reaches min_pos_iou. */
+static int box_qualifies(const Problem *p, int64_t g) {
     const float target = p->box_max[g];
-    if (!(target >= p->min_pos_iou) || target > reach || target < 0.0f) return 0;
-    return target == 0.0f || !box_misses_bounds(bounds, p->gt_boxes + 4 * g);
+    return target > 0.0f && target >= p->min_pos_iou;
+}
+
+/* Box g lifts the included anchors whose IoU with it equals its best IoU (when it
+ * qualifies). None in a chunk can, when the chunk's best IoU is lower, or when the box
+ * does not touch the chunk. */
+static int box_may_lift(const Problem *p, int64_t g, float reach, const float *bounds) {
+    if (!box_qualifies(p, g) || p->box_max[g] > reach) return 0;
+    return !box_misses_bounds(bounds, p->gt_boxes + 4 * g);
 }
 
 static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
@@ -556,7 +562,7 @@ int tritarget_cpu_solve(const Problem *p) {
                 Chunk one;
                 load_chunk(p, a, 1, &one);
                 mark_excluded(p, image, &one);
-                if (p->box_max[g] >= p->min_pos_iou && !one.excluded[0]) {
+                if (box_qualifies(p, g) && !one.excluded[0]) {
                     uint8_t positive = 1;
                     int8_t label = POSITIVE;
                     int32_t match = (int32_t)(g - p->gt_offsets[image]);

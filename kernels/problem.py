@@ -113,16 +113,18 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
     return counts
 
 
-def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int]) -> list[tuple[int, str]]:
-    """(row, reason) for every invalid box, in row order."""
-    height, width = canvas
+def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> list[tuple[int, str]]:
+    """(row, reason) for every invalid box, in row order; ``canvas=None`` skips the canvas check."""
     x1, y1, x2, y2 = boxes.unbind(1)
     checks = [
         (~torch.isfinite(boxes).all(dim=1), "coordinates are not finite"),
         (~(x2 > x1), "degenerate box (x2 <= x1)"),
         (~(y2 > y1), "degenerate box (y2 <= y1)"),
-        ((x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height), f"wholly outside the {height}x{width} canvas"),
     ]
+    if canvas is not None:
+        height, width = canvas
+        outside = (x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height)
+        checks.append((outside, f"wholly outside the {height}x{width} canvas"))
     reasons: dict[int, str] = {}
     for bad, reason in checks:
         for row in torch.nonzero(bad).flatten().tolist():
@@ -205,6 +207,12 @@ def build_problem(
     else:
         grid = None
         anchor_boxes = _boxes("anchors", anchors, device)
+        # A degenerate anchor has no centre to encode against (log of a zero width) and
+        # NaN coordinates order differently on GPU and CPU: refuse both.
+        invalid = _invalid_reasons(anchor_boxes.cpu(), None)
+        if invalid:
+            row, reason = invalid[0]
+            raise ValueError(f"anchors: anchor {row}: {reason}: {anchor_boxes[row].tolist()}")
 
     classes = None
     if gt_classes is not None:

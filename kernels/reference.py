@@ -17,7 +17,9 @@ Matching of one image (DESIGN §4), on the [G, A] IoU matrix ``iou``:
    MLPerf SSD's single criterion matches an anchor iff IoU > criterion and makes every
    other anchor background, so an IoU equal to it must be negative, not ignored.
 4. Low-quality matches, for each box g whose best IoU over the included anchors
-   ``box_max[g] >= min_pos_iou``:
+   is above 0 and ``box_max[g] >= min_pos_iou`` (a box with best IoU 0 would make
+   every zero-IoU anchor positive under torchvision's and mmdet's rules; here it
+   makes none):
    * ``torchvision`` / ``detectron2``: every included anchor with ``iou[g, a] ==
      box_max[g]`` (ties included) becomes positive, matched to *its own* argmax box.
      Example: anchor 7 is box 0's best (IoU 0.3) but box 1 overlaps it more (0.35):
@@ -103,7 +105,9 @@ def match_image(
     # Without anchors there is no best anchor per box (mmdet's empty-priors test: empty result).
     if config.low_quality != "none" and num_anchors > 0:
         box_max, box_best = masked.max(dim=1)  # [G]: best anchor, lowest index on ties
-        qualifies = box_max >= config.min_pos_iou  # [G]
+        # A box whose best IoU is 0 (every anchor it touches excluded, or explicit anchors
+        # that miss it) would lift every zero-IoU anchor: the peers' pitfall. It lifts none.
+        qualifies = (box_max > 0) & (box_max >= config.min_pos_iou)  # [G]
         if config.low_quality in ("torchvision", "detectron2"):
             ties = (masked == box_max[:, None]) & qualifies[:, None]  # [G, A]
             lifted = ties.any(dim=0) & included

@@ -465,15 +465,13 @@ def assign_kernel(
         if low_quality != 0:
             key = tl.load(box_key_ptr + rows, mask=row_mask, other=-1)
             box_max = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            qualifies = (key >= 0) & (box_max >= min_pos_iou)  # [BLOCK_G]
-            # A box whose best IoU is 0 lifts zero-IoU anchors: its chunk is never skipped.
-            zero_max = tl.max((row_mask & ((key >> 32) == 0)).to(tl.int32), axis=0) > 0
+            # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
+            qualifies = (key >= 0) & (box_max > 0.0) & (box_max >= min_pos_iou)  # [BLOCK_G]
         else:
             key = tl.full((BLOCK_G,), -1, tl.int64)
             box_max = tl.full((BLOCK_G,), -1.0, tl.float32)
             qualifies = row_mask & False
-            zero_max = False
-        if zero_max | _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
+        if _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
             iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
                        anchor_area[None, :])  # fmt: skip
             iou = tl.where(row_mask[:, None], iou, -1.0)  # [BLOCK_G, BLOCK_A]

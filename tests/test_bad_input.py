@@ -99,3 +99,17 @@ def test_invalid_ignore_box_is_named():
 
 def test_float64_boxes_are_accepted_as_float32():
     assert torch.equal(_assign(GOOD.double(), [3]).labels, _assign(GOOD, [3]).labels)
+
+
+@pytest.mark.parametrize(
+    ("bad_anchor", "reason"),
+    [
+        ([10.0, 10.0, 10.0, 20.0], r"x2 <= x1"),
+        ([10.0, 10.0, 20.0, 5.0], r"y2 <= y1"),
+        ([float("nan"), 10.0, 20.0, 20.0], "not finite"),
+    ],
+)
+def test_degenerate_explicit_anchor_is_named(bad_anchor, reason):
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], bad_anchor])
+    with pytest.raises(ValueError, match=rf"anchors: anchor 1: .*{reason}"):
+        _assign(GOOD, [3], anchors=anchors)

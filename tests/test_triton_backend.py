@@ -119,8 +119,7 @@ def test_gpu_block_sizes_skip_far_chunks(mode, monkeypatch, generator):
     (detectron2 still reports box 0 as their argmax). Image 0's boxes sit in the right
     half, so the top-left blocks skip them, and an
     ignore region around its box 0 takes out every anchor that box touches: its best
-    IoU is 0, its best anchor (ssd_forced) the image's first included anchor, found in
-    a skipped block; chunks holding such a box are never skipped in pass 2.
+    IoU is 0, so it lifts nothing, in any mode.
     """
     monkeypatch.setattr(triton_backend, "_BLOCK_A_INTERPRETED", triton_backend._BLOCK_A)
     monkeypatch.setattr(triton_backend, "_BLOCK_G_INTERPRETED", triton_backend._BLOCK_G)
@@ -135,8 +134,7 @@ def test_gpu_block_sizes_skip_far_chunks(mode, monkeypatch, generator):
     )
     ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0], want_max_iou=True,
                  sparse=mode == "ssd_forced")  # fmt: skip
-    if mode == "ssd_forced":
-        assert ours.labels[0, 0] == 1 and ours.matched_gt[0, 0] == 0
+    assert not ((ours.labels[0] == 1) & (ours.matched_gt[0] == 0)).any()
 
 
 @pytest.mark.parametrize("wrt_anchor", [True, False])
@@ -189,23 +187,24 @@ def test_explicit_anchors(num_anchors, mode, generator):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
-def test_zero_area_explicit_anchors():
-    """Degenerate anchors have IoU 0 and IoF 0 (no NaN), like the reference.
+@pytest.mark.parametrize("mode", MODES)
+def test_box_with_zero_best_iou_lifts_nothing(mode):
+    """An ignore region takes out every anchor box 1 touches, so its best IoU is 0.
 
-    With IoF over the ignore box, the ignore region takes out both boxes' overlapping
-    anchors, so each box's best IoU is 0 and every zero-IoU anchor is lifted -- zero-area
-    ones too, whose deltas are then infinite, in the reference as here.
+    torchvision's and mmdet's rules would then make every zero-IoU anchor positive;
+    here such a box takes no part in low-quality matching (the reference's rule).
     """
-    anchors = torch.tensor([[10, 10, 10, 20], [0, 0, 16, 16], [5, 5, 5, 5], [0, 0, 32, 32]], dtype=torch.float32)
-    boxes = torch.tensor([[0, 0, 16, 16], [4, 4, 30, 30]], dtype=torch.float32)
-    ignore = torch.tensor([[8, 8, 12, 24]], dtype=torch.float32)
-    for wrt_anchor in (True, False):
-        config = _dense_config("retinanet_torchvision").replace(
-            **{"match.ignore_iof_thr": 0.2, "match.ignore_iof_wrt_anchor": wrt_anchor}
-        )
-        ours = check(boxes, [2], (64, 96), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[1],
-                     want_max_iou=True)  # fmt: skip
-        assert torch.isfinite(ours.max_iou).all()
+    anchors = torch.tensor([[0, 0, 16, 16], [40, 40, 56, 56], [0, 0, 32, 32], [60, 0, 90, 30]], dtype=torch.float32)
+    boxes = torch.tensor([[0, 0, 16, 16], [40, 40, 60, 60]], dtype=torch.float32)
+    ignore = torch.tensor([[38, 38, 62, 62]], dtype=torch.float32)
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.ignore_iof_thr": 0.5, "match.low_quality": mode, "match.high": 0.9, "match.low": 0.1}
+    )
+    ours = check(boxes, [2], (64, 96), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[1],
+                 want_max_iou=True, sparse=True)  # fmt: skip
+    # a0: box 0 (IoU 1); a1: in the ignore region; a2: 0.25 with box 0, ignored; a3: 0, negative.
+    assert ours.labels[0].tolist() == [1, -1, -1, 0]
+    assert ours.matched_gt[0, 0] == 0
 
 
 @pytest.mark.parametrize(
