@@ -155,7 +155,15 @@ def _filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype) -> t
         return torch.full(shape, value, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+        return torch.frombuffer(_anonymous(size), dtype=dtype).reshape(shape)
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    """Zero pages on first touch. Private where the platform says so: mmap's default shared
+    anonymous mapping is shmem on Linux, whose page faults and unmapping cost more."""
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)
 
 
 def _flat_index(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:

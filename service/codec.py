@@ -11,6 +11,7 @@ import functools
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tritarget.kernels import TargetConfig, Targets, presets
@@ -232,23 +233,39 @@ def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignRespo
     return response
 
 
-def _nonzero_int8(values: torch.Tensor) -> torch.Tensor:
-    """Ascending indices of the non-zero entries of a flat int8 tensor.
+def _nonzero_int8(values: np.ndarray) -> np.ndarray:
+    """Ascending indices (int64) of the non-zero entries of a flat, contiguous int8 array.
 
     Scans it as int64 words first (8 labels per word, so 8x fewer elements for
     ``nonzero``, whose cost is per element), then looks inside the few non-zero words:
-    about 4x faster than ``torch.nonzero`` on mostly-negative (zero) labels.
+    about 4x faster than a plain ``nonzero`` on mostly-negative (zero) labels.
     """
-    if values.numel() % 8 or values.storage_offset() % 8:
-        return torch.nonzero(values).squeeze(1)
-    words = torch.nonzero(values.view(torch.int64)).squeeze(1)  # [W]
-    row, col = torch.nonzero(values.view(-1, 8)[words], as_tuple=True)  # within those words
+    if values.size % 8 or not values.flags.c_contiguous:
+        return np.flatnonzero(values)
+    words = np.flatnonzero(values.view(np.int64) != 0)  # [W] (a bool mask scans 3x faster)
+    row, col = np.nonzero(values.reshape(-1, 8)[words])  # within those words
     return words[row] * 8 + col
 
 
+_NUMPY_WIRE = {
+    np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.int8): pb.DTYPE_INT8,
+    np.dtype(np.int32): pb.DTYPE_INT32, np.dtype(np.int64): pb.DTYPE_INT64,
+}  # fmt: skip
+
+
+def _put(values: np.ndarray, field: pb.Tensor) -> None:
+    """``encode_tensor`` for a numpy array: same bytes (little-endian, row-major)."""
+    field.dtype = _NUMPY_WIRE[values.dtype]
+    field.shape[:] = values.shape
+    field.data = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.SparseTargets) -> None:
+    """The SPARSE form of dense targets, in numpy: some 25 small array operations per
+    request, which cost a few microseconds each in numpy against several times that in
+    torch (whose per-call overhead dominates at these sizes)."""
     batch, count = targets.batch_size, targets.num_anchors
-    labels = targets.labels.reshape(-1)
+    labels = targets.labels.numpy().reshape(-1)
     # One pass over the flat labels finds positives and ignored together (image-major,
     # ascending), so per-image offsets are a binary search away.
     marked = _nonzero_int8(labels)
@@ -256,22 +273,22 @@ def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.
     positives = marked[positive_mask]
     ignored = marked[~positive_mask]
     # List the rarer of ignored / negative; with RPN sampling most anchors end up ignored.
-    if ignored.numel() <= labels.numel() - marked.numel():
+    if ignored.size <= labels.size - marked.size:
         listed, listed_label, unlisted_label = ignored, IGNORED, NEGATIVE
     else:
-        listed, listed_label, unlisted_label = torch.nonzero(labels == NEGATIVE).squeeze(1), NEGATIVE, IGNORED
-    image_starts = torch.arange(batch + 1, dtype=torch.int64) * count
-    encode_tensor(torch.searchsorted(positives, image_starts), sparse.positive_offsets)
-    encode_tensor((positives % count).to(torch.int32), sparse.positive_anchors)
-    encode_tensor(targets.matched_gt.reshape(-1)[positives], sparse.positive_matched_gt)
-    deltas = targets.deltas.reshape(-1, 4)[positives]
-    encode_tensor(deltas.to(torch.float16) if half else deltas, sparse.positive_deltas)
+        listed, listed_label, unlisted_label = np.flatnonzero(labels == NEGATIVE), NEGATIVE, IGNORED
+    image_starts = np.arange(batch + 1, dtype=np.int64) * count
+    _put(np.searchsorted(positives, image_starts).astype(np.int64), sparse.positive_offsets)
+    _put((positives % count).astype(np.int32), sparse.positive_anchors)
+    _put(targets.matched_gt.numpy().reshape(-1)[positives], sparse.positive_matched_gt)
+    deltas = targets.deltas.numpy().reshape(-1, 4)[positives]
+    _put(deltas.astype(np.float16) if half else deltas, sparse.positive_deltas)
     if with_classes and targets.classes is not None:
-        encode_tensor(targets.classes.reshape(-1)[positives], sparse.positive_classes)
+        _put(targets.classes.numpy().reshape(-1)[positives], sparse.positive_classes)
     sparse.listed_label = listed_label
     sparse.unlisted_label = unlisted_label
-    encode_tensor(torch.searchsorted(listed, image_starts), sparse.listed_offsets)
-    encode_tensor((listed % count).to(torch.int32), sparse.listed_anchors)
+    _put(np.searchsorted(listed, image_starts).astype(np.int64), sparse.listed_offsets)
+    _put((listed % count).astype(np.int32), sparse.listed_anchors)
 
 
 def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:

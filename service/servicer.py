@@ -7,6 +7,7 @@ a bad request with ``AssignResponse.error`` and carries on with the next one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from tritarget.kernels import generate_anchors
+from tritarget.kernels import Targets, generate_anchors
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
@@ -33,14 +34,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         limits: codec.Limits,
         metrics: Metrics,
         *,
-        encode_workers: int = 2,
+        encode_workers: int = 1,
         stream_window: int = 8,
     ) -> None:
         self._batcher = batcher
         self._limits = limits
         self._metrics = metrics
-        # Encoding copies megabytes (DENSE) or scans every anchor (SPARSE): off the loop,
-        # and single-threaded, so its torch ops never fight the compute worker for cores.
+        # Assign responses are encoded on the batcher's compute worker (``_encode``); this
+        # single-threaded pool only builds GetAnchors' anchors off the loop.
         self._encoder = ThreadPoolExecutor(
             encode_workers, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
         )
@@ -51,11 +52,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
 
     async def _assign(self, request: pb.AssignRequest) -> pb.AssignResponse:
         job = codec.decode_assign(request, self._limits)
-        targets = await self._batcher.submit(job)
+        # Encoded on the compute worker right after its batch: one thread hop per request.
+        return await self._batcher.submit(job, functools.partial(self._encode, request))
+
+    def _encode(self, request: pb.AssignRequest, targets: Targets) -> pb.AssignResponse:
+        """Compute worker: the response holding a request's targets (DENSE copies megabytes,
+        SPARSE scans every anchor's label once)."""
         start = time.perf_counter()
-        response = await asyncio.get_running_loop().run_in_executor(
-            self._encoder, codec.encode_assign, request, targets
-        )
+        response = codec.encode_assign(request, targets)
         self._metrics.encode_seconds.observe(time.perf_counter() - start)
         return response
 
