@@ -1,0 +1,98 @@
+"""The batcher's data plane without grpc: merged batches, failing requests, finishers.
+
+A merged batch is checked request by request only when it fails, so these pin down
+that a bad request still fails alone with its own error, that requests whose counts
+do not add up are never merged, and that ``finish`` runs per request on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from support import assert_targets_equal, random_batch
+from tritarget.kernels import assign, presets
+from tritarget.service.backend import AssignJob, Batcher, BatchOptions
+from tritarget.service.errors import InvalidInput
+
+CANVAS = (96, 128)
+PRESET = "retinanet_torchvision"
+
+
+@pytest.fixture
+def batcher():
+    batcher = Batcher("reference", BatchOptions(max_batch_images=16))
+    yield batcher
+    batcher._executor.shutdown(wait=True)
+
+
+def _job(boxes, counts, **kwargs) -> AssignJob:
+    return AssignJob(presets.get(PRESET), CANVAS, boxes, list(counts), **kwargs)
+
+
+def _expected(job: AssignJob):
+    return assign(job.gt_boxes, job.gt_counts, CANVAS, presets.get(PRESET), backend="reference", seed=job.seed)
+
+
+def _good(generator, counts=(3, 1)) -> AssignJob:
+    return _job(*random_batch(generator, list(counts), CANVAS))
+
+
+def test_merged_batch_without_errors_is_not_checked_twice(batcher, generator, monkeypatch):
+    jobs = [_good(generator), _good(generator, (0, 2, 5))]
+    checked = []
+    monkeypatch.setattr(AssignJob, "check", lambda self: checked.append(self))
+    results = batcher._compute(jobs)
+    assert checked == []
+    for job, got in zip(jobs, results):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_bad_request_in_a_merged_batch_fails_alone_with_its_own_error(batcher, generator):
+    good = _good(generator)
+    bad = _job(torch.tensor([[10.0, 10.0, 40.0, 40.0], [50.0, 20.0, 50.0, 60.0]]), [1, 1])  # image 1: x2 == x1
+    results = batcher._compute([good, bad, good])
+    assert isinstance(results[1], InvalidInput)
+    assert "image 1, box 0" in str(results[1]) and "degenerate" in str(results[1])
+    for got in (results[0], results[2]):
+        assert_targets_equal(got, _expected(good), rtol=0, atol=0)
+
+
+def test_counts_that_add_up_only_together_are_not_merged(batcher, generator):
+    """Two wrong counts can add up in a merged batch: each request must fail on its own."""
+    boxes, _ = random_batch(generator, [2], CANVAS)
+    too_many = _job(boxes, [3])  # 3 boxes said, 2 given
+    too_few = _job(torch.cat([boxes, boxes]), [1, 2])  # 3 boxes said, 4 given
+    good = _good(generator)
+    results = batcher._compute([too_many, too_few, good])
+    assert isinstance(results[0], InvalidInput) and isinstance(results[1], InvalidInput)
+    assert "gt_counts" in str(results[0]) and "gt_counts" in str(results[1])
+    assert_targets_equal(results[2], _expected(good), rtol=0, atol=0)
+
+
+def test_finish_runs_per_request_and_a_failing_one_fails_alone(batcher, generator):
+    jobs = [_good(generator), _good(generator, (2,))]
+
+    def broken(targets):
+        raise RuntimeError("encoder bug")
+
+    results = batcher._compute(jobs, [lambda targets: ("finished", targets.batch_size), broken])
+    assert results[0] == ("finished", 2)
+    assert isinstance(results[1], RuntimeError)
+
+
+def test_submit_returns_what_finish_made_of_the_own_rows(generator):
+    async def main():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+        batcher.start()
+        jobs = [_good(generator, (1 + i, i)) for i in range(4)]
+        try:
+            return jobs, await asyncio.gather(*[batcher.submit(job, lambda t: t.labels.clone()) for job in jobs])
+        finally:
+            await batcher.close()
+
+    jobs, results = asyncio.run(main())
+    for job, labels in zip(jobs, results):
+        assert torch.equal(labels, _expected(job).labels)
