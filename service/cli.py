@@ -89,12 +89,18 @@ def _server_options(args: argparse.Namespace):
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning.
-    # After each parallel torch op they otherwise spin for a while, and on a CPU server that
-    # steals the cores the compute worker's kernel threads, the event loop and gRPC need
-    # (measured on 2 cores: the server's CPU per image halved at one request in flight).
+def _passive_openmp() -> None:
+    """Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning.
+
+    After each parallel torch op they otherwise spin for a while, and on a CPU server that
+    steals the cores the compute worker's kernel threads, the event loop and gRPC need
+    (measured on 2 cores: the server's CPU per image halved at one request in flight).
+    An explicit ``OMP_WAIT_POLICY`` in the environment wins."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _passive_openmp()
     from .server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -204,6 +210,7 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    _passive_openmp()
     from .server import serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
