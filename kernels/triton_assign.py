@@ -272,6 +272,32 @@ def _excluded(
     return excluded, outside
 
 
+@triton.jit
+def _block_anchors(
+    image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major,
+    ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
+    GENERATE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """The program's block of anchors, shared by both passes.
+
+    Returns anchor indices [BLOCK_A], their mask, x1 y1 x2 y2 and area, and whether each
+    is excluded before matching / outside the border (see _anchor_boxes, _excluded).
+    """
+    first = block * BLOCK_A
+    anchor = first + tl.arange(0, BLOCK_A)
+    anchor_mask = anchor < num_anchors
+    ax1, ay1, ax2, ay2 = _anchor_boxes(
+        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
+        level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
+    )  # fmt: skip
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    excluded, outside = _excluded(
+        image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
+        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
+    )  # fmt: skip
+    return anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, outside
+
+
 @triton.jit(do_not_specialize=_PASS1_SWITCHES)
 def box_max_kernel(
     # Pointers
@@ -317,17 +343,10 @@ def box_max_kernel(
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
     if box_end > box_start:
-        first = block * BLOCK_A
-        anchor = first + tl.arange(0, BLOCK_A)
-        anchor_mask = anchor < num_anchors
-        ax1, ay1, ax2, ay2 = _anchor_boxes(
-            anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
-            level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
-        )  # fmt: skip
-        anchor_area = (ax2 - ax1) * (ay2 - ay1)
-        excluded, _ = _excluded(
-            image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-            ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
+        anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, _ = _block_anchors(
+            image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels,
+            shape_major, ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
+            ignore_wrt_anchor, border_rule, GENERATE, BLOCK_A, BLOCK_G,
         )  # fmt: skip
         included = anchor_mask & ~excluded
         anchor_code = anchor.to(tl.int64) ^ _INDEX_MASK  # 2^31 - 1 - anchor, [BLOCK_A]
@@ -431,20 +450,12 @@ def assign_kernel(
     """
     block = tl.program_id(0)
     image = tl.program_id(1).to(tl.int64)
-    first = block * BLOCK_A
-    anchor = first + tl.arange(0, BLOCK_A)
-    anchor_mask = anchor < num_anchors
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
-
-    ax1, ay1, ax2, ay2 = _anchor_boxes(
-        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
-        level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
-    )  # fmt: skip
-    anchor_area = (ax2 - ax1) * (ay2 - ay1)
-    excluded, outside = _excluded(
-        image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
+    anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, outside = _block_anchors(
+        image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels,
+        shape_major, ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
+        ignore_wrt_anchor, border_rule, GENERATE, BLOCK_A, BLOCK_G,
     )  # fmt: skip
     included = anchor_mask & ~excluded
     lifts_own_argmax = (low_quality == _LQ_TORCHVISION) | (low_quality == _LQ_DETECTRON2)
