@@ -118,8 +118,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce_as(prefix: str, text: str, **kwargs) -> None:
-    print(f"{prefix} {text}", **kwargs)
+def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
+    # One write per line: the workers share one stdout, and print() writes the text and
+    # the newline separately, so two workers' lines could interleave on one line.
+    stream = file if file is not None else sys.stdout
+    stream.write(f"{prefix} {text}\n")
+    if flush:
+        stream.flush()
 
 
 def _serve_workers(options, workers: int) -> int:

@@ -75,19 +75,27 @@ def _spawn(*args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _read_until(process: subprocess.Popen, pattern: str, timeout: float = 120.0) -> tuple[re.Match, str]:
+def _read_until(
+    process: subprocess.Popen, pattern: str, timeout: float = 120.0, count: int = 1
+) -> tuple[re.Match, str]:
+    """Read the process's output until ``pattern`` has appeared ``count`` times.
+
+    readline() blocks, so a watchdog kills the process at the timeout: its output then
+    ends and the test fails instead of hanging.
+    """
     seen = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match, "".join(seen)
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            matches = list(re.finditer(pattern, "".join(seen)))
+            if len(matches) >= count:
+                return matches[-1], "".join(seen)
+    finally:
+        watchdog.cancel()
     process.kill()
-    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+    raise AssertionError(f"{count} line(s) matching {pattern!r} expected in:\n{''.join(seen)}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -138,8 +146,7 @@ def test_cli_serve_workers_share_one_port():
     process = _spawn("serve", "--port", str(port), "--workers", "2", "--backend", "reference",
                      "--warmup-canvas", "64", "64")  # fmt: skip
     try:
-        _read_until(process, r"health is SERVING")
-        _read_until(process, r"health is SERVING")
+        _read_until(process, r"health is SERVING", count=2)  # one per worker
         for _ in range(2):
             with TargetClient(f"127.0.0.1:{port}") as client:  # a new connection each time
                 assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
