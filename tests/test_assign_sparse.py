@@ -35,6 +35,9 @@ def test_sparse_equals_dense_then_sparse(backend, preset, generator):
     boxes, counts = random_batch(generator, [4, 0, 9], CANVAS)
     boxes[2] = torch.tensor([30.0, 30.0, 20.0, 40.0])  # invalid: dropped, later indices shift
     classes = torch.randint(1, 80, (boxes.shape[0],), generator=generator)
+    # Compiled Triton takes CUDA tensors only; CPU tensors run under TRITON_INTERPRET=1 (no GPU).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    boxes, classes = boxes.to(device), classes.to(device)
     kwargs = dict(gt_classes=classes, backend=backend, drop_invalid=True, seed=3)
     sparse = assign_sparse(boxes, counts, CANVAS, config, **kwargs)
     dense = assign(boxes, counts, CANVAS, config, **kwargs)

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import google.protobuf
+import grpc
 import pytest
 import torch
 
@@ -93,7 +95,10 @@ def test_generated_code_imports_from_a_wheel(tmp_path):
         "import tritarget.protos.target_assigner_pb2_grpc as g, tritarget.clients, tritarget.service.server\n"
         "print(g.__file__)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    # The wheel first, then the grpc and protobuf this process imported: a site that shadows
+    # older ones in the interpreter's own (PYTHONPATH, pip --target) must shadow them there too.
+    deps = [pathlib.Path(grpc.__file__).parents[1], pathlib.Path(google.protobuf.__file__).parents[2]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, dict.fromkeys([site, *deps])))}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert pathlib.Path(result.stdout.strip()).is_relative_to(site)

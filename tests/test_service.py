@@ -289,10 +289,10 @@ def test_default_auto_backend_matches_in_process(generator):
         with TargetClient(srv.address) as client:
             got = client.assign(boxes, counts, canvas, preset="retinanet_torchvision", gt_classes=classes,
                                 format="dense")  # fmt: skip
-        ref = assign(
-            boxes, counts, canvas, presets.get("retinanet_torchvision"), gt_classes=classes, backend=srv.server.backend
-        )
+        server = srv.server  # in process on the server's device: CUDA for compiled Triton
+        config, device = presets.get("retinanet_torchvision"), server.device
+        ref = assign(boxes.to(device), counts, canvas, config, gt_classes=classes.to(device), backend=server.backend)
         assert_targets_equal(got, ref, rtol=0, atol=0)
-        assert srv.server.backend == ("triton" if torch.cuda.is_available() else "cpu")
+        assert server.backend == ("triton" if torch.cuda.is_available() else "cpu")
     finally:
         srv.stop()
