@@ -3,7 +3,7 @@
 Workload "COCO-RetinaNet" (DESIGN §9): canvas 800 x 1344, torchvision RetinaNet
 anchors (201,600), ``retinanet_torchvision`` preset, boxes from
 ``tritarget.kernels.workload`` -- COCO-like counts (mean ~7, "G=7" below) or a fixed
-G = 200 / 1000 per image -- for batches B = 1, 8, 32. Methods:
+G = 200 / 1000 per image -- for batches B = 1, 8, 32, 64. Methods:
 
 * ``triton``: ``triton_backend.solve`` on a checked problem (pass 1 + pass 2, one
   launch each, allocation included): the kernel time;
@@ -18,12 +18,22 @@ G = 200 / 1000 per image -- for batches B = 1, 8, 32. Methods:
 Times are ``triton.testing.do_bench`` medians (with 20/80% quantiles); the floor is
 the bytes the triton backend writes divided by the measured device-to-device copy
 bandwidth (bytes read + written per second); peak memory is the largest extra
-allocation during one call. Writes ``bench_gpu.csv``, ``bench_gpu.json``,
-``bench_gpu.png`` and ``bench_gpu.md`` (a table for the README) under ``--out`` and
-prints every peer/ours ratio.
+allocation during the first call. For each point, ``solve`` and ``solve_sparse`` also
+run a few times under ``torch.profiler``: the device time per kernel name (whatever
+kernels the backend launches, memsets and copies included). Writes ``bench_gpu.csv``,
+``bench_gpu.json`` (rows, per-kernel times, skipped points), ``bench_gpu.png`` (time
+against B), ``bench_gpu_vs_g.png`` (time against boxes per image at B = 32) and
+``bench_gpu.md`` (a table for the README) under ``--out`` and prints every peer/ours
+ratio against the DESIGN §9 targets. ``--time-limit`` skips the points left once
+that many seconds have passed, so a caller's timeout still gets every table and plot.
 
 ``--smoke`` runs a tiny version on the CPU under Triton's interpreter (no torchvision
-needed) to check the script itself.
+needed) to check the script itself; there the "kernels" are the top-level torch ops.
+
+``--pairs`` (CPU, Triton's interpreter) measures the work target instead: for two
+COCO-like images and two with G = 200 at 800 x 1344, the box-anchor pairs the triton
+kernels evaluate (``triton_backend.candidate_pairs``) against the pairs with IoU > 0;
+its last line is ``evaluated/nonzero pairs: <ratio at G = 200>``; writes ``pairs.json``.
 """
 
 from __future__ import annotations
@@ -39,33 +49,43 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-if "--smoke" in sys.argv:  # must precede the first import of triton
+if "--smoke" in sys.argv or "--pairs" in sys.argv:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from tritarget.kernels import assign, presets, reference  # noqa: E402
+from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch  # noqa: E402
 
 PRESET = "retinanet_torchvision"
 QUANTILES = [0.5, 0.2, 0.8]
-# Design targets (DESIGN §9), printed next to the measurements.
-TARGET_SPEEDUP_VS_TORCHVISION = 100.0
-TARGET_FLOOR_RATIO = 2.0
+COCO_LABEL = "G~7 (COCO)"
+# Design targets (DESIGN §9), printed next to the measurements: torchvision / triton
+# at (workload, B), and triton / floor at B = 32, G ~ 7.
+TARGET_SPEEDUP_VS_TORCHVISION = {(COCO_LABEL, 32): 170.0, ("G=200", 32): 115.0, ("G=1000", 8): 65.0}
+TARGET_FLOOR_RATIO = 4.0
+TARGET_SPARSE_VS_DENSE = 1.2
+PROFILED_CALLS = 5
+PAIRS_SEED = 1  # two COCO-like images with 8 and 6 boxes
+PAIRS_ANCHOR_CHUNK = 32768  # IoU rows of this many anchors at a time: bounded memory at G = 200
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="output folder")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--boxes", nargs="+", default=["coco", "200", "1000"],
                         help="'coco' (COCO-like, mean ~7) or a fixed number of boxes per image")  # fmt: skip
     parser.add_argument("--methods", nargs="+",
                         default=["triton", "triton_sparse", "triton_assign", "torchvision", "reference"])  # fmt: skip
     parser.add_argument("--max-slow-seconds", type=float, default=1.5,
                         help="skip torchvision/reference points whose first call takes longer than this")  # fmt: skip
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds after which the remaining (boxes, B) points are skipped")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+    parser.add_argument("--pairs", action="store_true",
+                        help="CPU: box-anchor pairs the triton kernels evaluate vs pairs with IoU > 0")  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
         args.batches, args.boxes = [1, 2], ["coco", "20"]
@@ -90,12 +110,20 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return statistics.median(times), times[0], times[-1]
 
 
-def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+def one_call(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
+    """(seconds, peak extra bytes) of one call: the largest allocation above the current
+    one (CUDA only)."""
+    cuda = device.type == "cuda"
     sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    del result
+    return seconds, torch.cuda.max_memory_allocated(device) - before if cuda else None
 
 
 def sync(device: torch.device) -> None:
@@ -103,17 +131,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Largest allocation above the current one during a call (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    sync(device)
-    del result
-    return torch.cuda.max_memory_allocated(device) - before
+def kernel_times(fn: Callable[[], object], device: torch.device, calls: int = PROFILED_CALLS) -> list[dict]:
+    """Device time per kernel name per call, the largest first: fn run ``calls`` times
+    under torch.profiler. On the CPU (--smoke: interpreted kernels are no profiler
+    events) the top-level torch ops stand in for kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    totals: dict[str, list[float]] = {}  # name -> [microseconds, launches]
+    for event in prof.events():
+        if (event.device_type == DeviceType.CUDA) if cuda else (event.cpu_parent is None):
+            total = totals.setdefault(event.name, [0.0, 0])
+            total[0] += event.time_range.elapsed_us()
+            total[1] += 1
+    kernels = [{"name": name, "ms_per_call": us / calls / 1e3, "launches_per_call": n / calls}
+               for name, (us, n) in totals.items()]  # fmt: skip
+    return sorted(kernels, key=lambda k: -k["ms_per_call"])
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -176,7 +214,9 @@ def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> di
     return methods
 
 
-def run(args: argparse.Namespace, env: dict, out: Path) -> list[dict]:
+def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
+    """Every (boxes, B) point: {"rows": timings, "kernels": per-kernel device times,
+    "skipped": points or methods left out, with why}."""
     device = torch.device("cpu" if args.smoke else "cuda")
     canvas = (64, 96) if args.smoke else COCO_CANVAS
     config = presets.get(PRESET)
@@ -191,31 +231,44 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> list[dict]:
     bandwidth = copy_bandwidth(device)
     if bandwidth:
         print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
-    rows = []
+    results = {"rows": [], "kernels": [], "skipped": []}
+    rows = results["rows"]
+    started = time.perf_counter()
     for boxes_arg in args.boxes:
         fixed = None if boxes_arg == "coco" else int(boxes_arg)
+        label = COCO_LABEL if fixed is None else f"G={fixed}"
         for batch in args.batches:
+            if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+                print(f"{label:>11} B={batch:<3} skipped: past --time-limit {args.time_limit:g} s")
+                results["skipped"].append({"workload": label, "batch": batch, "why": "time limit"})
+                continue
             boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=fixed)
             boxes, classes = boxes.to(device), classes.to(device)
             problem, _ = build_problem(boxes, counts, canvas, config, gt_classes=classes)
             methods = methods_for(problem, boxes, counts, classes, canvas, have_torchvision)
-            label = "G~7 (COCO)" if fixed is None else f"G={fixed}"
             for name in args.methods:
                 if name not in methods:
                     continue
                 fn = methods[name]
-                first = first_call_seconds(fn, device)  # also compiles the kernels
+                try:
+                    first, peak = one_call(fn, device)  # also compiles the kernels
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{label:>11} B={batch:<3} {name:>14}: out of memory")
+                    results["skipped"].append({"workload": label, "batch": batch, "method": name, "why": "OOM"})
+                    torch.cuda.empty_cache()
+                    continue
                 if name in ("torchvision", "reference") and first > args.max_slow_seconds and not args.smoke:
                     median, low, high = first * 1e3, first * 1e3, first * 1e3
                     timing = "single call"
                 else:
                     median, low, high = time_ms(fn, device)
                     timing = "do_bench" if device.type == "cuda" else "perf_counter"
+                    peak = one_call(fn, device)[1]  # warm: without first-use allocations
                 row = {
                     "workload": label, "boxes_per_image": fixed if fixed is not None else "coco",
                     "total_boxes": int(sum(counts)), "batch": batch, "anchors": problem.num_anchors,
                     "method": name, "median_ms": median, "p20_ms": low, "p80_ms": high, "timing": timing,
-                    "peak_extra_bytes": peak_extra_bytes(fn, device),
+                    "peak_extra_bytes": peak,
                 }  # fmt: skip
                 if name == "triton" and bandwidth:
                     written = bytes_written(batch, problem.num_anchors)
@@ -225,12 +278,22 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> list[dict]:
                 rows.append(row)
                 floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
                 print(f"{label:>11} B={batch:<3} {name:>14}: {median:10.3f} ms (p20 {low:.3f}, p80 {high:.3f}){floor}")
+                if name in ("triton", "triton_sparse"):
+                    try:
+                        kernels = kernel_times(fn, device)
+                    except RuntimeError as exc:  # the profiler (CUPTI) unusable here: the timings still count
+                        print(f"{label:>11} B={batch:<3} {name:>14}: no kernel times ({exc})")
+                        results["skipped"].append({"workload": label, "batch": batch, "method": name,
+                                                   "why": f"profiler: {exc}"})  # fmt: skip
+                    else:
+                        results["kernels"].append({"workload": label, "batch": batch, "method": name,
+                                                   "calls": PROFILED_CALLS, "kernels": kernels})  # fmt: skip
             del problem, boxes, classes, methods
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            write_tables(rows, env, out)  # after every batch: a timeout still leaves results
+            write_tables(results, env, out)  # after every batch: a timeout still leaves results
     add_ratios(rows)
-    return rows
+    return results
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -243,21 +306,46 @@ def add_ratios(rows: list[dict]) -> None:
             row["speedup_of_triton"] = row["median_ms"] / ours[key]
 
 
+def _verdict(value: float, target: float, at_least: bool) -> str:
+    met = value >= target if at_least else value <= target
+    return f"  [target {'>=' if at_least else '<='} {target:g}x: {'met' if met else 'NOT met'}]"
+
+
 def summary(rows: list[dict]) -> list[str]:
+    """Every peer/ours ratio and triton against the floor, next to the DESIGN §9 targets."""
     lines = ["", "peer / ours (same run):"]
     for row in rows:
         if "speedup_of_triton" in row:
+            key, ratio = (row["workload"], row["batch"]), row["speedup_of_triton"]
             mark = ""
-            if row["method"] == "torchvision" and row["batch"] == 32:
-                met = row["speedup_of_triton"] >= TARGET_SPEEDUP_VS_TORCHVISION
-                mark = f"  [target >= {TARGET_SPEEDUP_VS_TORCHVISION:.0f}x: {'met' if met else 'NOT met'}]"
+            if row["method"] == "torchvision" and key in TARGET_SPEEDUP_VS_TORCHVISION:
+                mark = _verdict(ratio, TARGET_SPEEDUP_VS_TORCHVISION[key], at_least=True)
+            elif row["method"] == "triton_sparse":
+                mark = _verdict(ratio, TARGET_SPARSE_VS_DENSE, at_least=False)
             lines.append(f"  {row['workload']:>11} B={row['batch']:<3} {row['method']:>14} {row['median_ms']:10.3f} ms"
-                         f" / triton = {row['speedup_of_triton']:8.1f}x{mark}")  # fmt: skip
+                         f" / triton = {ratio:8.2f}x{mark}")  # fmt: skip
     for row in rows:
         if "vs_floor" in row:
-            met = row["vs_floor"] <= TARGET_FLOOR_RATIO
-            lines.append(f"  {row['workload']:>11} B={row['batch']:<3} triton vs floor: x{row['vs_floor']:.2f}"
-                         f"  [target <= {TARGET_FLOOR_RATIO:.0f}x: {'met' if met else 'NOT met'}]")  # fmt: skip
+            mark = ""
+            if (row["workload"], row["batch"]) == (COCO_LABEL, 32):
+                mark = _verdict(row["vs_floor"], TARGET_FLOOR_RATIO, at_least=False)
+            lines.append(f"  {row['workload']:>11} B={row['batch']:<3} triton vs floor: x{row['vs_floor']:.2f}{mark}")
+    return lines
+
+
+def kernel_table(kernels: list[dict], device: str, most: int = 8) -> list[str]:
+    """Per (workload, B, method): the ``most`` longest kernels' device time and launches
+    per call, and the total over all of them."""
+    lines = ["", f"{device} time per kernel (torch.profiler, mean of {PROFILED_CALLS} calls):",
+             f"  {'boxes':>11} {'B':>3} {'method':>13}  {'ms/call':>9} {'launches':>8}  kernel"]  # fmt: skip
+    for point in kernels:
+        head = f"  {point['workload']:>11} {point['batch']:>3} {point['method']:>13}"
+        for kernel in point["kernels"][:most]:
+            lines.append(f"{head}  {kernel['ms_per_call']:9.4f} {kernel['launches_per_call']:8.3g}  {kernel['name']}")
+            head = " " * len(head)
+        total = sum(k["ms_per_call"] for k in point["kernels"])
+        rest = len(point["kernels"]) - most
+        lines.append(f"{head}  {total:9.4f} {'':>8}  (total{f', {rest} more kernels' if rest > 0 else ''})")
     return lines
 
 
@@ -314,8 +402,9 @@ def environment(smoke: bool) -> dict:
     return info
 
 
-def write_tables(rows: list[dict], env: dict, out: Path) -> None:
-    """bench_gpu.csv (one row per point) and bench_gpu.json (environment + rows)."""
+def write_tables(results: dict, env: dict, out: Path) -> None:
+    """bench_gpu.csv (one row per point), bench_gpu.json (environment + results), bench_gpu.md."""
+    rows = results["rows"]
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(out / "bench_gpu.csv", "w", newline="") as f:
@@ -324,12 +413,12 @@ def write_tables(rows: list[dict], env: dict, out: Path) -> None:
         for row in rows:
             writer.writerow({"device": env["device"], **row})
     with open(out / "bench_gpu.json", "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+        json.dump({"environment": env, **results}, f, indent=1)
     (out / "bench_gpu.md").write_text(markdown_table(rows, env))
 
 
-def plot(rows: list[dict], env: dict, out: Path) -> None:
-    """bench_gpu.png: ms per batch against B, one panel per workload, with the floor."""
+def pyplot():
+    """matplotlib.pyplot on a file backend, or None (with a note) when not installed."""
     try:
         import matplotlib
 
@@ -337,6 +426,14 @@ def plot(rows: list[dict], env: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no PNG")
+        return None
+    return plt
+
+
+def plot(rows: list[dict], env: dict, out: Path) -> None:
+    """bench_gpu.png: ms per batch against B, one panel per workload, with the floor."""
+    plt = pyplot()
+    if plt is None:
         return
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
@@ -354,21 +451,112 @@ def plot(rows: list[dict], env: dict, out: Path) -> None:
     fig.suptitle(f"{PRESET} targets, {env['canvas'][0]}x{env['canvas'][1]}, {env['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "bench_gpu.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_vs_boxes(rows: list[dict], env: dict, out: Path, batch: int, fallback: int) -> None:
+    """bench_gpu_vs_g.png: ms per batch against boxes per image (mean), log-log, at B = batch
+    (32); a workload without a triton time there is drawn at B = fallback (8), labelled so."""
+    plt = pyplot()
+    if plt is None:
+        return
+    triton_batches = {(r["workload"], r["batch"]) for r in rows if r["method"] == "triton"}
+    chosen = {}  # workload -> the batch drawn for it
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        for b in (batch, fallback):
+            if (workload, b) in triton_batches:
+                chosen[workload] = b
+                break
+    picked = [r for r in rows if chosen.get(r["workload"]) == r["batch"]]
+    if not picked:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    lines = {"triton": "triton solve", "triton_sparse": "triton solve_sparse", "torchvision": "torchvision"}
+    for method, label in lines.items():
+        points = sorted((r["total_boxes"] / r["batch"], r["median_ms"]) for r in picked if r["method"] == method)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    floor = sorted((r["total_boxes"] / r["batch"], r["floor_ms"]) for r in picked if "floor_ms" in r)
+    if floor:
+        ax.plot(*zip(*floor), linestyle="--", color="gray", label="floor (bytes / copy BW)")
+    for r in picked:
+        if r["method"] == "triton" and r["batch"] != batch:
+            ax.annotate(f"B={r['batch']}", (r["total_boxes"] / r["batch"], r["median_ms"]), fontsize=8,
+                        textcoords="offset points", xytext=(4, -10))  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="boxes per image G (mean)", ylabel=f"ms per batch (B = {batch})")
+    ticks = sorted({r["total_boxes"] / r["batch"] for r in picked})
+    ax.set_xticks(ticks, [f"{g:.3g}" for g in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{PRESET}, {env['canvas'][0]}x{env['canvas'][1]}, {env['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "bench_gpu_vs_g.png", dpi=120)
+    plt.close(fig)
+
+
+# --- --pairs: the work the kernels do against the work there is --------------------
+
+
+def nonzero_pairs(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor) -> int:
+    """Box-anchor pairs with IoU > 0, image by image, anchors in chunks (bounded memory)."""
+    total, start = 0, 0
+    for count in counts:
+        image = boxes[start : start + count]
+        start += count
+        for chunk in anchors.split(PAIRS_ANCHOR_CHUNK):
+            total += int((box_iou(image, chunk) > 0).sum())
+    return total
+
+
+def pairs(out: Path) -> None:
+    from tritarget.kernels import triton_backend
+
+    if not hasattr(triton_backend, "candidate_pairs"):
+        sys.exit(
+            "--pairs needs tritarget.kernels.triton_backend.candidate_pairs(problem) -> dict with 'evaluated' "
+            "(the box-anchor pairs the triton kernels evaluate); this checkout does not have it"
+        )
+    config = presets.get(PRESET)
+    anchors = generate_anchors(config.anchors, COCO_CANVAS)
+    points = []
+    for fixed in (None, 200):
+        boxes, counts, classes = coco_like_batch(2, seed=PAIRS_SEED, canvas=COCO_CANVAS, boxes_per_image=fixed)
+        problem, _ = build_problem(boxes, counts, COCO_CANVAS, config, gt_classes=classes)
+        candidates = triton_backend.candidate_pairs(problem)
+        nonzero = nonzero_pairs(boxes, counts, anchors)
+        point = {"workload": COCO_LABEL if fixed is None else f"G={fixed}", "counts": counts,
+                 "anchors": anchors.shape[0], "nonzero": nonzero, **candidates,
+                 "ratio": candidates["evaluated"] / nonzero}  # fmt: skip
+        points.append(point)
+        extra = {k: v for k, v in candidates.items() if k != "evaluated"}
+        print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
+              f"pairs, IoU > 0 {nonzero:,}, ratio {point['ratio']:.2f} {extra or ''}")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairs.json").write_text(json.dumps({"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points}))
+    print(f"target (DESIGN §9): at most 2x at G = 200; wrote {out / 'pairs.json'}")
+    print(f"evaluated/nonzero pairs: {points[-1]['ratio']:.2f}")
 
 
 def main() -> None:
     args = parse_args()
+    out = Path(args.out)
+    if args.pairs:
+        pairs(out)
+        return
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke for a tiny interpreter run on the CPU)")
     env = environment(args.smoke)
     print(json.dumps(env))
-    out = Path(args.out)
-    rows = run(args, env, out)
+    results = run(args, env, out)
+    rows = results["rows"]
     print("\n".join(summary(rows)))
-    write_tables(rows, env, out)
+    print("\n".join(kernel_table(results["kernels"], "CPU" if args.smoke else "GPU")))
+    write_tables(results, env, out)
     plot(rows, env, out)
+    plot_vs_boxes(rows, env, out, *((2, 1) if args.smoke else (32, 8)))
     print(markdown_table(rows, env))
-    print(f"wrote {args.out}/bench_gpu.csv, .json, .md, .png")
+    print(f"wrote {args.out}/bench_gpu.csv, .json, .md, .png, _vs_g.png")
 
 
 if __name__ == "__main__":
