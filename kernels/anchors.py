@@ -261,6 +261,19 @@ def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tens
     return _resolve_cached(config, canvas).materialize()
 
 
+@functools.lru_cache(maxsize=16)
+def grid_and_anchors(
+    config: AnchorConfig, canvas: tuple[int, int], device: torch.device
+) -> tuple[AnchorGrid, torch.Tensor]:
+    """The grid and the anchors of a checked ``(config, canvas)``, the anchors on ``device``.
+
+    Cached per (config, canvas, device) so that a batch pays neither the generation nor
+    the host-to-device copy of its anchors (3.2 MB for RetinaNet at 800x1344): every
+    caller shares the tensor and must treat it as read-only.
+    """
+    return _resolve_cached(config, canvas), _anchors_cached(config, canvas).to(device)
+
+
 def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
     """All anchors of a config on a canvas ``(height, width)``.
 

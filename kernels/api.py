@@ -6,6 +6,7 @@ only when first used, so ``import tritarget.kernels`` needs neither triton nor a
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache  # import_module resolves the name on every call
 def _backend_module(backend: str):
     return importlib.import_module(f".{_BACKEND_MODULES[backend]}", __package__)
 
@@ -88,8 +90,9 @@ def assign(
     targets = _backend_module(resolve_backend(backend, problem.device)).solve(problem)
     if config.match.sample_size > 0:
         targets = sample(targets, config.match, seeds)
-    image = torch.arange(targets.batch_size, device=targets.matched_gt.device)[:, None]  # [B, 1]
-    targets.matched_gt = _original_indices(targets.matched_gt, image, problem.gt_offsets, kept)
+    if kept.original_index is not None:
+        image = torch.arange(targets.batch_size, device=targets.matched_gt.device)[:, None]  # [B, 1]
+        targets.matched_gt = _original_indices(targets.matched_gt, image, problem.gt_offsets, kept)
     targets.dropped = kept.dropped
     return targets
 
@@ -130,9 +133,12 @@ def assign_sparse(
         if config.match.sample_size > 0:
             targets = sample(targets, config.match, seeds)
         sparse = targets.to_sparse()
-    counts = sparse.positive_offsets.diff()
-    image = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    sparse.positive_matched_gt = _original_indices(sparse.positive_matched_gt, image, problem.gt_offsets, kept)
+    if kept.original_index is not None:
+        counts = sparse.positive_offsets.diff()
+        image = torch.repeat_interleave(
+            torch.arange(counts.numel(), device=counts.device), counts, output_size=sparse.positive_anchors.numel()
+        )  # output_size: no sync to size the result
+        sparse.positive_matched_gt = _original_indices(sparse.positive_matched_gt, image, problem.gt_offsets, kept)
     sparse.dropped = kept.dropped
     return sparse
 
@@ -142,8 +148,9 @@ def _original_indices(matched: torch.Tensor, image: torch.Tensor, gt_offsets: to
 
     matched (int32, any shape): index among the image's kept boxes, or -1.
     image (int64, broadcastable to matched): the image of each element.
+    kept: with ``original_index`` set (some box was dropped).
     """
-    if kept.original_index is None or kept.original_index.numel() == 0:
+    if kept.original_index.numel() == 0:  # every box dropped: nothing is matched
         return matched
     original = kept.original_index.to(matched.device)
     row = gt_offsets.to(matched.device)[image] + matched.long().clamp(min=0)  # kept-box row

@@ -8,15 +8,25 @@ Invalid boxes are degenerate (x2 <= x1 or y2 <= y1), not finite, or wholly outsi
 the canvas. They are refused rather than matched because a box with IoU 0 against
 every anchor would, under torchvision's and mmdet's low-quality rule, turn every
 zero-IoU anchor positive.
+
+A call costs little besides the backend: generated anchors come from a cache (one
+copy per config, canvas and device), boxes are checked where they live with one
+value pair read back, and the small integer tensors reach the device in one copy.
+The host looks at boxes one by one only when some box is invalid.
 """
 
 from __future__ import annotations
 
+import array
+import functools
+import itertools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .anchors import AnchorGrid, check_canvas, generate_anchors, resolve_grid
+from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
 
 __all__ = ["Problem", "build_problem"]
@@ -28,12 +38,15 @@ class Problem:
 
     grid: per-level anchor tables, or None when explicit anchors were given.
     anchors (Tensor[A, 4] float32): every anchor, on ``device`` (generated or explicit).
+        Generated anchors are shared by every call with the same config and canvas
+        (``anchors.grid_and_anchors``): read-only.
     gt_boxes (Tensor[N, 4] float32), gt_offsets (Tensor[B + 1] int64): image i owns rows
         ``gt_offsets[i]:gt_offsets[i + 1]``.
     gt_classes (Tensor[N] int32 or None).
     ignore_boxes (Tensor[M, 4] float32), ignore_offsets (Tensor[B + 1] int64): crowd
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
+    gt_offsets, ignore_offsets and image_sizes are views of one buffer: read-only.
     """
 
     config: TargetConfig
@@ -65,12 +78,30 @@ class Problem:
 class Kept:
     """Which given boxes survived ``drop_invalid``.
 
-    original_index (Tensor[N_kept] int64): index within its image of each kept box.
+    original_index (Tensor[N_kept] int64): index within its image of each kept box;
+        None when no box was dropped.
     dropped (list of B Tensor[D_i] int64): indices within each image of dropped boxes.
     """
 
     original_index: torch.Tensor | None
     dropped: list[torch.Tensor]
+
+
+class _Boxes(NamedTuple):
+    """An input whose box values are checked: ``counts`` per image, or None for anchors
+    (explicit anchors may lie outside the canvas, and are never dropped)."""
+
+    name: str
+    boxes: torch.Tensor
+    counts: list[int] | None
+
+
+class _Dropped(NamedTuple):
+    """What ``drop_invalid`` left of one input."""
+
+    counts: list[int]
+    rows: torch.Tensor  # int64, on the host: the kept rows
+    kept: Kept
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
@@ -90,27 +121,61 @@ def _boxes(name: str, value: object, device: torch.device) -> torch.Tensor:
     return boxes.to(torch.float32).contiguous()
 
 
-def _counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> torch.Tensor:
+def _counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> list[int]:
     if isinstance(value, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise TypeError(f"{name}: expected integers, got {value!r}")
-        value = torch.tensor(value, dtype=torch.int64)
-    counts = _tensor(name, value)
-    if counts.dtype.is_floating_point or counts.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise TypeError(f"{name}: expected an integer tensor, got {counts.dtype}")
-    if counts.dim() != 1:
-        raise ValueError(f"{name}: expected shape [B], got {list(counts.shape)}")
-    counts = counts.to(device="cpu", dtype=torch.int64)
-    if batch is not None and counts.numel() != batch:
-        raise ValueError(f"{name}: has {counts.numel()} images, but gt_counts has {batch}")
-    if counts.numel() == 0:
+        counts = list(value)
+    else:
+        tensor = _tensor(name, value)
+        if tensor.dtype.is_floating_point or tensor.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")
+        if tensor.dim() != 1:
+            raise ValueError(f"{name}: expected shape [B], got {list(tensor.shape)}")
+        counts = tensor.tolist()  # the offsets are built on the host: a CUDA tensor syncs here
+    if batch is not None and len(counts) != batch:
+        raise ValueError(f"{name}: has {len(counts)} images, but gt_counts has {batch}")
+    if not counts:
         raise ValueError(f"{name}: the batch is empty (need at least one image)")
-    if (counts < 0).any():
-        image = int(torch.nonzero(counts < 0)[0])
-        raise ValueError(f"{name}[{image}]: negative count {int(counts[image])}")
-    if int(counts.sum()) != total:
-        raise ValueError(f"{name}: counts sum to {int(counts.sum())}, but {total_name} has {total} rows")
+    for image, count in enumerate(counts):
+        if count < 0:
+            raise ValueError(f"{name}[{image}]: negative count {count}")
+    if sum(counts) != total:
+        raise ValueError(f"{name}: counts sum to {sum(counts)}, but {total_name} has {total} rows")
     return counts
+
+
+@functools.lru_cache(maxsize=64)
+def _canvas_limits(canvas: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(width, height) float32 on ``device``, compared with (x1, y1) as torch compares them
+    with Python ints: in float32."""
+    return torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device)
+
+
+def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
+    """Every quantity a valid box keeps in (0, inf): width and height, and for boxes (not
+    anchors) x2, y2, canvas width - x1 and canvas height - y1.
+
+    A NaN or infinite coordinate makes its box's width or height NaN or infinite, so the
+    range also catches those. A finite box whose width overflows float32 falls outside it
+    too, and the host then finds the box valid.
+    """
+    low, high = item.boxes[:, :2], item.boxes[:, 2:]
+    if item.counts is None:
+        return high - low
+    return torch.cat([high - low, high, _canvas_limits(canvas, item.boxes.device) - low], dim=1)
+
+
+def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int]) -> bool:
+    """Whether some box may be invalid: the one read-back from the device in a call."""
+    extremes: list[torch.Tensor] = []  # min and max of each input's margins
+    for item in items:
+        if item.boxes.numel():
+            extremes += torch.aminmax(_margins(item, canvas))
+    if not extremes:
+        return False
+    values = torch.stack(extremes).tolist()
+    return not (min(values[::2]) > 0 and max(values[1::2]) < math.inf)
 
 
 def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> list[tuple[int, str]]:
@@ -132,15 +197,36 @@ def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> lis
     return sorted(reasons.items())
 
 
+def _examine(items: list[_Boxes], canvas: tuple[int, int], drop: bool) -> dict[str, _Dropped]:
+    """Look at every box on the host, input by input: raise for the first invalid one or,
+    with ``drop``, drop invalid boxes (an invalid anchor still raises).
+
+    Returns what is left of each input that lost boxes, by name.
+    """
+    dropped = {}
+    for item in items:
+        boxes = item.boxes.cpu()
+        if item.counts is None:
+            # A degenerate anchor has no centre to encode against (log of a zero width) and
+            # NaN coordinates order differently on GPU and CPU: refuse both.
+            invalid = _invalid_reasons(boxes, None)
+            if invalid:
+                row, reason = invalid[0]
+                raise ValueError(f"{item.name}: anchor {row}: {reason}: {boxes[row].tolist()}")
+        else:
+            reasons = _invalid_reasons(boxes, canvas)
+            if reasons:
+                dropped[item.name] = _drop_or_raise(item.name, boxes, item.counts, reasons, drop)
+    return dropped
+
+
 def _drop_or_raise(
-    name: str, boxes: torch.Tensor, counts: torch.Tensor, canvas: tuple[int, int], drop: bool
-) -> tuple[torch.Tensor, torch.Tensor, Kept]:
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    reasons = _invalid_reasons(boxes, canvas)
-    batch = counts.numel()
-    if not reasons:
-        return counts, offsets, Kept(None, [torch.zeros(0, dtype=torch.int64) for _ in range(batch)])
-    image_of_row = torch.repeat_interleave(torch.arange(batch), counts)
+    name: str, boxes: torch.Tensor, counts: list[int], reasons: list[tuple[int, str]], drop: bool
+) -> _Dropped:
+    batch = len(counts)
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    offsets = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)])
+    image_of_row = torch.repeat_interleave(torch.arange(batch), counts_t)
     if not drop:
         row, reason = reasons[0]
         image = int(image_of_row[row])
@@ -153,28 +239,50 @@ def _drop_or_raise(
     bad = torch.zeros(boxes.shape[0], dtype=torch.bool)
     bad[[row for row, _ in reasons]] = True
     within = torch.arange(boxes.shape[0]) - offsets[image_of_row]
-    dropped = [within[bad & (image_of_row == i)] for i in range(batch)]
     keep = ~bad
-    kept_counts = torch.bincount(image_of_row[keep], minlength=batch)
-    kept_offsets = torch.cat([counts.new_zeros(1), kept_counts.cumsum(0)])
-    return kept_counts, kept_offsets, Kept(within[keep], dropped)
+    return _Dropped(
+        counts=torch.bincount(image_of_row[keep], minlength=batch).tolist(),
+        rows=torch.nonzero(keep).flatten(),
+        kept=Kept(within[keep], [within[bad & (image_of_row == i)] for i in range(batch)]),
+    )
 
 
-def _image_sizes(value: object, batch: int, canvas: tuple[int, int], device: torch.device) -> torch.Tensor:
+def _image_sizes(value: object, batch: int, canvas: tuple[int, int]) -> list[int]:
+    """Every image's (height, width), flattened, on the host."""
     if value is None:
-        return torch.tensor([list(canvas)] * batch, dtype=torch.int64, device=device)
+        return list(canvas) * batch
     sizes = torch.as_tensor(value) if isinstance(value, (list, tuple)) else _tensor("image_sizes", value)
     if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
         raise TypeError(f"image_sizes: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):
         raise ValueError(f"image_sizes: expected shape [{batch}, 2] (height, width), got {list(sizes.shape)}")
-    sizes = sizes.to(device="cpu", dtype=torch.int64)
+    flat = []
     for i, (h, w) in enumerate(sizes.tolist()):
         if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
             raise ValueError(
                 f"image_sizes[{i}]: ({h}, {w}) must be positive and fit the {canvas[0]}x{canvas[1]} canvas"
             )
-    return sizes.to(device)
+        flat += (h, w)
+    return flat
+
+
+def _int64_on(device: torch.device, *parts: list[int]) -> list[torch.Tensor]:
+    """One int64 tensor per part, all views of one buffer moved to ``device`` in one copy.
+
+    Every part starts at a multiple of 16 bytes, as a tensor of its own would: the Triton
+    backend specialises its kernels on pointer alignment.
+    """
+    flat, sizes = array.array("q"), []
+    for part in parts:
+        padding = len(part) % 2
+        flat.extend(part)
+        flat.extend([0] * padding)
+        sizes += (len(part), padding)
+    # From an array's bytes: several times cheaper than torch.tensor parsing a list.
+    # non_blocking: CUDA has copied pageable memory out before the call returns, so this is
+    # safe, and it skips the stream synchronisation torch adds to a blocking copy.
+    packed = torch.frombuffer(flat, dtype=torch.int64).to(device, non_blocking=True)
+    return packed.split_with_sizes(sizes)[::2]
 
 
 def build_problem(
@@ -199,68 +307,71 @@ def build_problem(
     device = gt.device
     boxes = _boxes("gt_boxes", gt, device)
     counts = _counts("gt_counts", gt_counts, boxes.shape[0], "gt_boxes", None)
-    batch = counts.numel()
+    batch = len(counts)
 
+    # Box values are checked after every argument, where the boxes live, with one read-back
+    # (``_may_be_invalid``). Each input's boxes used to be checked right after the input, so
+    # an invalid box still wins over a bad argument that follows it: ``checked`` holds the
+    # inputs before the argument being checked, for ``_examine`` to look at.
+    checked: list[_Boxes] = []
     if anchors is None:
-        grid = resolve_grid(config.anchors, canvas)
-        anchor_boxes = generate_anchors(config.anchors, canvas).to(device)
+        grid, anchor_boxes = grid_and_anchors(config.anchors, canvas, device)
     else:
-        grid = None
-        anchor_boxes = _boxes("anchors", anchors, device)
-        # A degenerate anchor has no centre to encode against (log of a zero width) and
-        # NaN coordinates order differently on GPU and CPU: refuse both.
-        invalid = _invalid_reasons(anchor_boxes.cpu(), None)
-        if invalid:
-            row, reason = invalid[0]
-            raise ValueError(f"anchors: anchor {row}: {reason}: {anchor_boxes[row].tolist()}")
+        grid, anchor_boxes = None, _boxes("anchors", anchors, device)
+        checked.append(_Boxes("anchors", anchor_boxes, None))
+    try:
+        classes = None
+        if gt_classes is not None:
+            classes = _tensor("gt_classes", gt_classes)
+            if classes.dtype.is_floating_point or classes.dtype == torch.bool:
+                raise TypeError(f"gt_classes: expected an integer tensor, got {classes.dtype}")
+            if classes.shape != (boxes.shape[0],):
+                raise ValueError(
+                    f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
+                )
+            classes = classes.to(device=device, dtype=torch.int32)
+        checked.append(_Boxes("gt_boxes", boxes, counts))
 
-    classes = None
-    if gt_classes is not None:
-        classes = _tensor("gt_classes", gt_classes)
-        if classes.dtype.is_floating_point or classes.dtype == torch.bool:
-            raise TypeError(f"gt_classes: expected an integer tensor, got {classes.dtype}")
-        if classes.shape != (boxes.shape[0],):
-            raise ValueError(f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}")
-        classes = classes.to(device=device, dtype=torch.int32)
+        if (ignore_boxes is None) != (ignore_counts is None):
+            raise ValueError("ignore_boxes and ignore_counts must be given together")
+        if ignore_boxes is None:
+            ignore = torch.empty(0, 4, dtype=torch.float32, device=device)
+            ign_counts = [0] * batch
+        else:
+            ignore = _boxes("ignore_boxes", ignore_boxes, device)
+            ign_counts = _counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
+            checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
+        sizes = _image_sizes(image_sizes, batch, canvas)
+    except (TypeError, ValueError):
+        _examine(checked, canvas, drop_invalid)
+        raise
 
-    _, gt_offsets, kept = _drop_or_raise("gt_boxes", boxes.cpu(), counts, canvas, drop_invalid)
-    if kept.original_index is not None:
-        keep_rows = _kept_rows(boxes.shape[0], counts, kept)
-        boxes = boxes[keep_rows.to(device)]
+    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas) else {}
+    kept = Kept(None, [torch.empty(0, dtype=torch.int64)] * batch)
+    if "gt_boxes" in dropped:
+        gt_dropped = dropped["gt_boxes"]
+        counts, kept = gt_dropped.counts, gt_dropped.kept
+        rows = gt_dropped.rows.to(device)
+        boxes = boxes[rows]
         if classes is not None:
-            classes = classes[keep_rows.to(device)]
+            classes = classes[rows]
+    if "ignore_boxes" in dropped:
+        ign_counts = dropped["ignore_boxes"].counts
+        ignore = ignore[dropped["ignore_boxes"].rows.to(device)]
 
-    if (ignore_boxes is None) != (ignore_counts is None):
-        raise ValueError("ignore_boxes and ignore_counts must be given together")
-    if ignore_boxes is None:
-        ignore = torch.zeros(0, 4, dtype=torch.float32, device=device)
-        ignore_offsets = torch.zeros(batch + 1, dtype=torch.int64)
-    else:
-        ignore = _boxes("ignore_boxes", ignore_boxes, device)
-        ign_counts = _counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
-        _, ignore_offsets, ign_kept = _drop_or_raise("ignore_boxes", ignore.cpu(), ign_counts, canvas, drop_invalid)
-        if ign_kept.original_index is not None:
-            ignore = ignore[_kept_rows(ignore.shape[0], ign_counts, ign_kept).to(device)]
-
+    offsets = [list(itertools.accumulate(c, initial=0)) for c in (counts, ign_counts)]
+    gt_offsets, ignore_offsets, sizes = _int64_on(device, *offsets, sizes)
     problem = Problem(
         config=config,
         canvas=canvas,
         grid=grid,
         anchors=anchor_boxes,
         gt_boxes=boxes,
-        gt_offsets=gt_offsets.to(device),
+        gt_offsets=gt_offsets,
         gt_classes=classes,
         ignore_boxes=ignore,
-        ignore_offsets=ignore_offsets.to(device),
-        image_sizes=_image_sizes(image_sizes, batch, canvas, device),
+        ignore_offsets=ignore_offsets,
+        image_sizes=sizes.view(batch, 2),
         want_max_iou=want_max_iou,
     )
     return problem, kept
-
-
-def _kept_rows(total: int, counts: torch.Tensor, kept: Kept) -> torch.Tensor:
-    bad = torch.zeros(total, dtype=torch.bool)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    for image, rows in enumerate(kept.dropped):
-        bad[offsets[image] + rows] = True
-    return torch.nonzero(~bad).flatten()

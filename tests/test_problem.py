@@ -1,0 +1,157 @@
+"""build_problem: generated anchors come from a cache, box values are looked at on the host
+only when some box may be invalid, and the small integer tensors are right."""
+
+import math
+
+import pytest
+import torch
+
+from tritarget.kernels import generate_anchors, presets
+from tritarget.kernels import problem as problem_module
+from tritarget.kernels.anchors import AnchorGrid, grid_and_anchors
+from tritarget.kernels.problem import build_problem
+
+CANVAS = (64, 96)
+CONFIG = presets.get("retinanet_torchvision")
+GOOD = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 20.0, 60.0, 60.0], [0.0, 0.0, 20.0, 20.0]])
+INVALID = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+
+
+def test_anchors_are_not_regenerated_per_call(monkeypatch):
+    first, _ = build_problem(GOOD, [3], CANVAS, CONFIG)
+
+    def regenerate(self):
+        raise AssertionError("anchors generated again for a cached (config, canvas, device)")
+
+    monkeypatch.setattr(AnchorGrid, "materialize", regenerate)
+    second, _ = build_problem(GOOD[:1], [1], CANVAS, CONFIG)
+    assert second.anchors is first.anchors
+    assert second.anchors.data_ptr() == first.anchors.data_ptr()
+    assert second.grid is first.grid
+
+
+def test_anchor_cache_is_per_canvas():
+    small, _ = build_problem(GOOD, [3], CANVAS, CONFIG)
+    large, _ = build_problem(GOOD, [3], (128, 160), CONFIG)
+    assert large.anchors is not small.anchors
+    assert torch.equal(small.anchors, generate_anchors(CONFIG.anchors, CANVAS))
+    assert torch.equal(large.anchors, generate_anchors(CONFIG.anchors, (128, 160)))
+    assert large.grid.num_anchors == large.num_anchors != small.num_anchors
+
+
+def test_anchors_are_copied_to_a_device_once():
+    # "meta" stands in for a GPU: a device other than the host, where anchors are copied to.
+    meta = torch.device("meta")
+    grid, anchors = grid_and_anchors(CONFIG.anchors, CANVAS, meta)
+    assert anchors.device == meta and anchors.shape == generate_anchors(CONFIG.anchors, CANVAS).shape
+    again = grid_and_anchors(CONFIG.anchors, CANVAS, meta)
+    assert again[0] is grid and again[1] is anchors
+    assert grid_and_anchors(CONFIG.anchors, CANVAS, torch.device("cpu"))[1] is not anchors
+
+
+def test_valid_boxes_are_not_looked_at_on_the_host(monkeypatch):
+    def examine(*args):
+        raise AssertionError("valid boxes went to the host")
+
+    monkeypatch.setattr(problem_module, "_examine", examine)
+    build_problem(GOOD, [2, 1], CANVAS, CONFIG, ignore_boxes=GOOD[:1], ignore_counts=[0, 1], anchors=GOOD)
+    build_problem(torch.zeros(0, 4), [0], CANVAS, CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("box", "reason"),
+    [
+        ([-math.inf, 0.0, 10.0, 10.0], "not finite"),
+        ([0.0, 0.0, 10.0, math.inf], "not finite"),
+        ([math.nan, math.nan, math.nan, math.nan], "not finite"),
+        ([5.0, 0.0, 5.0, 10.0], r"x2 <= x1"),
+        ([0.0, 5.0, 10.0, 5.0], r"y2 <= y1"),
+        ([-10.0, 0.0, 0.0, 10.0], "wholly outside"),
+        ([0.0, -10.0, 10.0, 0.0], "wholly outside"),
+        ([96.0, 0.0, 100.0, 10.0], "wholly outside"),
+        ([0.0, 64.0, 10.0, 70.0], "wholly outside"),
+    ],
+)
+def test_every_kind_of_invalid_box_is_caught(box, reason):
+    with pytest.raises(ValueError, match=rf"gt_boxes: image 0, box 3: .*{reason}"):
+        build_problem(torch.cat([GOOD, torch.tensor([box])]), [4], CANVAS, CONFIG)
+
+
+def test_explicit_anchors_may_leave_the_canvas_but_not_be_infinite():
+    outside = torch.tensor([[-40.0, -40.0, -20.0, -20.0], [200.0, 100.0, 300.0, 150.0]])
+    problem, _ = build_problem(GOOD, [3], CANVAS, CONFIG, anchors=outside)
+    assert problem.grid is None and torch.equal(problem.anchors, outside)
+    with pytest.raises(ValueError, match="anchors: anchor 1: coordinates are not finite"):
+        build_problem(GOOD, [3], CANVAS, CONFIG, anchors=torch.tensor([[0.0, 0.0, 8.0, 8.0], [-math.inf, 0, 8, 8]]))
+
+
+def test_a_valid_box_wider_than_float32_is_kept():
+    # Its width overflows to inf: the device check is unsure, and the host finds it valid.
+    huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
+    problem, kept = build_problem(huge, [1], CANVAS, CONFIG, drop_invalid=True)
+    assert kept.original_index is None and kept.dropped[0].numel() == 0
+    assert torch.equal(problem.gt_boxes, huge)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # An invalid box is named before the arguments checked after its input...
+        ({"image_sizes": [[64, 200]]}, "gt_boxes: image 0, box 3"),
+        ({"ignore_boxes": GOOD}, "gt_boxes: image 0, box 3"),
+        ({"ignore_boxes": INVALID, "ignore_counts": [1], "image_sizes": [[0, 1]]}, "gt_boxes: image 0, box 3"),
+        # ... but not before those checked before it.
+        ({"gt_classes": torch.zeros(2, dtype=torch.int64)}, r"gt_classes: expected shape \[4\]"),
+        # Dropping is not an error: the bad argument is.
+        ({"drop_invalid": True, "image_sizes": [[64, 200]]}, r"image_sizes\[0\]"),
+    ],
+)
+def test_errors_come_in_the_documented_order(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_problem(torch.cat([GOOD, INVALID]), [4], CANVAS, CONFIG, **kwargs)
+
+
+def test_invalid_anchor_is_named_before_gt_classes():
+    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [5.0, 5.0, 5.0, 9.0]])
+    with pytest.raises(ValueError, match="anchors: anchor 1"):
+        build_problem(GOOD, [3], CANVAS, CONFIG, anchors=anchors, gt_classes=torch.zeros(2, dtype=torch.int64))
+
+
+def test_invalid_ignore_box_is_named_before_image_sizes():
+    with pytest.raises(ValueError, match="ignore_boxes: image 0, box 0"):
+        build_problem(GOOD, [3], CANVAS, CONFIG, ignore_boxes=INVALID, ignore_counts=[1], image_sizes=[[0, 1]])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_tensors(batch):
+    counts = [3] + [0] * (batch - 1)
+    sizes = [[64 - i, 96 - 2 * i] for i in range(batch)]
+    ignore_counts = [0] * (batch - 1) + [1]
+    for image_sizes, expected_sizes in ((None, [list(CANVAS)] * batch), (sizes, sizes)):
+        problem, kept = build_problem(
+            GOOD, torch.tensor(counts), CANVAS, CONFIG,
+            ignore_boxes=GOOD[:1], ignore_counts=ignore_counts, image_sizes=image_sizes,
+        )  # fmt: skip
+        assert problem.gt_offsets.tolist() == [0] + [3] * batch
+        assert problem.ignore_offsets.tolist() == [0] * batch + [1]
+        assert problem.image_sizes.tolist() == expected_sizes
+        for tensor in (problem.gt_offsets, problem.ignore_offsets, problem.image_sizes):
+            assert tensor.dtype == torch.int64 and tensor.is_contiguous()
+            assert tensor.data_ptr() % 16 == 0, "the Triton backend specialises on 16-byte alignment"
+        assert kept.original_index is None and [d.tolist() for d in kept.dropped] == [[]] * batch
+
+
+def test_dropping_renumbers_offsets_and_rows():
+    boxes = torch.cat([GOOD[:1], INVALID, GOOD[1:]])
+    classes = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+    ignore = torch.cat([INVALID, GOOD[:1]])
+    problem, kept = build_problem(
+        boxes, [2, 2], CANVAS, CONFIG, gt_classes=classes, ignore_boxes=ignore, ignore_counts=[1, 1], drop_invalid=True
+    )
+    assert problem.gt_offsets.tolist() == [0, 1, 3]
+    assert torch.equal(problem.gt_boxes, torch.cat([GOOD[:1], GOOD[1:]]))
+    assert problem.gt_classes.tolist() == [1, 3, 4]
+    assert [d.tolist() for d in kept.dropped] == [[1], []]
+    assert kept.original_index.tolist() == [0, 0, 1]
+    assert problem.ignore_offsets.tolist() == [0, 0, 1]
+    assert torch.equal(problem.ignore_boxes, GOOD[:1])
