@@ -9,18 +9,34 @@
  *           (lowest box index on ties), whether it is excluded (ignore region, border
  *           "pre_match"), per-thread partial maxima of each box over the included anchors
  *           (lowest anchor index on ties); then the chunk's outputs as the thresholds and
- *           border rules decide them, written once: labels, matched, deltas, classes.
+ *           border rules decide them, written once.
  *   merge   per box: its best IoU and best anchor over all anchors of its image.
  *   pass 2  low-quality lifts (torchvision, detectron2, mmdet): only chunks whose best
  *           IoU reaches some box's best IoU are revisited, only the boxes that can tie
  *           there are recomputed, and only the lifted anchors are rewritten.
  *   forced  ssd_forced: each box's best anchor, in box order (a later box wins).
  *
- * Memory: the outputs plus O(threads * (chunk + G)). Exactness: every IoU is computed
- * with torchvision's operation order in float32, one rounding per operation. The build
- * passes -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add
- * and keeps IEEE semantics; vectorised and scalar evaluations then give the same bits,
- * which is what makes the equality tests of the low-quality rule agree with torch.
+ * Two outputs share these passes. tritarget_cpu_solve writes dense [B, A] targets.
+ * tritarget_cpu_solve_sparse writes none: each chunk's positives (anchor, matched box)
+ * and ignored anchors become rows of per-thread growable lists, pass 2 and ssd_forced
+ * replace the rows of the chunks they change, and tritarget_cpu_emit_sparse copies the
+ * rows chunk after chunk (so in ascending anchor order) into the caller's outputs, sized
+ * by the counts the first call returned, encoding the positives' deltas as it goes. A
+ * RetinaNet image has ~200 rows where the dense form writes 5 MB.
+ *
+ * Skipping: anchors come in blocks of 64 whose bounding boxes the caller computes once
+ * per anchor set (tritarget_cpu_block_bounds). A box that misses a block has IoU exactly
+ * 0 with each of its anchors, so the block is neither read nor computed for that box;
+ * a sparse solve does not even open a chunk that no box, ignore region or border rule
+ * touches when IoU 0 makes an anchor negative (the usual case: a COCO-like image reads
+ * a small fraction of the 201,600 RetinaNet anchors, which alone take ~0.2 ms to read).
+ *
+ * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, plus the
+ * sparse rows (at most twice the sparse outputs). Exactness: every IoU is computed with
+ * torchvision's operation order in float32, one rounding per operation. The build passes
+ * -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add and
+ * keeps IEEE semantics; vectorised and scalar evaluations then give the same bits, which
+ * is what makes the equality tests of the low-quality rule agree with torch.
  */
 
 #include <math.h>
@@ -34,9 +50,20 @@
 #endif
 
 /* Anchors per work item. 512 anchors keep the chunk's SoA coordinates, running maxima
- * and IoU scratch (~12 KiB) in L1, and still give ~400 items per RetinaNet image, enough
+ * and IoU scratch (~16 KiB) in L1, and still give ~400 items per RetinaNet image, enough
  * to balance two to dozens of threads. */
 #define CHUNK 512
+/* Anchors per skipping unit: 64 RetinaNet P3 anchors span ~130 x 70 pixels, about the
+ * size of a small box, and are 8 AVX2 vectors of work. */
+#define BLOCK 64
+#define BLOCKS (CHUNK / BLOCK)
+/* A block's bounds: min x1, min y1, max x2, max y2 of its anchors, and their least and
+ * greatest area. */
+#define BOUNDS 6
+/* Margin on an upper bound of IoU computed in float32 (a few roundings, each 6e-8). */
+#define BOUND_SLACK 1.001f
+/* Sparse rows one thread emits, at least, before another thread is worth starting. */
+#define EMIT_ROWS_PER_THREAD 16384
 
 enum { LQ_NONE = 0, LQ_TORCHVISION = 1, LQ_DETECTRON2 = 2, LQ_MMDET = 3, LQ_SSD_FORCED = 4 };
 enum { POSITIVE = 1, NEGATIVE = 0, IGNORED = -1 };
@@ -44,7 +71,8 @@ enum { POSITIVE = 1, NEGATIVE = 0, IGNORED = -1 };
 /* Everything one call needs; laid out identically by the ctypes Structure in cpu.py. */
 typedef struct {
     /* inputs */
-    const float *anchors;        /* [A, 4] x1 y1 x2 y2 */
+    const float *anchors;        /* [A, 4] x1 y1 x2 y2, finite (build_problem refuses others) */
+    const float *block_bounds;   /* [ceil(A / BLOCK), BOUNDS] from tritarget_cpu_block_bounds */
     const float *gt_boxes;       /* [N, 4] */
     const int64_t *gt_offsets;   /* [B + 1] */
     const int32_t *gt_classes;   /* [N] or NULL */
@@ -60,15 +88,12 @@ typedef struct {
     float weights[4], means[4], stds[4];
     int32_t background_class;
     int32_t num_threads;
-    /* outputs, [B, A] (deltas [B, A, 4]); classes may be NULL */
+    /* dense outputs (tritarget_cpu_solve only), [B, A] (deltas [B, A, 4]); classes may be NULL */
     int8_t *labels;
     int32_t *matched;
     float *deltas;
     int32_t *classes;
     float *max_iou;              /* each anchor's best IoU (unmasked), or NULL when not asked for */
-    /* per-box scratch [N]: best IoU over included anchors and the anchor reaching it */
-    float *box_max;
-    int32_t *box_best;
 } Problem;
 
 /* One thread's partial per-box maxima, over the anchors it has processed. */
@@ -77,16 +102,58 @@ typedef struct {
     int32_t *best;
 } BoxPartial;
 
+/* ---- sparse rows ----------------------------------------------------------------------- */
+
+typedef struct {
+    int32_t anchor; /* within the image */
+    int32_t box;    /* matched box within the image */
+} PositiveRow;
+
+/* Rows one thread appends during one pass. Only its owner appends (which may move the
+ * arrays), so others read them only after that pass has ended. */
+typedef struct {
+    PositiveRow *pos;
+    int32_t *ign;
+    int64_t npos, nign, pos_cap, ign_cap;
+    int failed; /* an allocation failed */
+} Rows;
+
+/* Where a work item's current rows are (ascending anchor order within each list). */
+typedef struct {
+    const Rows *rows;
+    int64_t pos_at, ign_at;
+    int32_t npos, nign;
+} ItemRows;
+
+/* ---- one call ------------------------------------------------------------------------------ */
+
 typedef struct {
     const Problem *p;
+    int threads;
     atomic_long next_item;
     int64_t chunks_per_image;
     int64_t num_items;
-    BoxPartial *partials; /* one per thread */
-    /* per work item, from pass 1: best IoU of an included anchor (-1 if none) and the
-     * chunk's bounds (lo_x, lo_y, hi_x, hi_y); pass 2 skips the chunks no lift can reach */
+    BoxPartial *partials;  /* one per thread, into part_max / part_best [threads * N] */
+    float *part_max;
+    int32_t *part_best;
+    float *box_max;        /* [N] merged: each box's best IoU over included anchors (-1: none above 0) */
+    int32_t *box_best;     /* [N] and the lowest anchor reaching it */
+    /* per work item, from pass 1: best IoU of an included anchor; pass 2 skips the chunks
+     * no lift can reach */
     float *chunk_reach;
-    float *chunk_bounds;
+    /* IoUs below this one change no output when they are not a box's maximum (see
+     * iou_bound); 0 when every anchor's exact best IoU and box are outputs */
+    float iou_floor;
+    /* what IoU 0 makes an included anchor of an image with boxes (the label of every
+     * anchor no box touches) */
+    int8_t zero_label;
+    /* sparse solve only (NULL for a dense one) */
+    Rows *rows;            /* [2 * threads]: pass 1's, then pass 2's and ssd_forced's */
+    ItemRows *items;       /* [num_items] */
+    int64_t *pos_start, *ign_start; /* [num_items] where each item's rows go in the outputs */
+    /* sparse outputs, set by tritarget_cpu_emit_sparse */
+    int32_t *out_pos_anchors, *out_pos_matched, *out_pos_classes, *out_ign_anchors;
+    float *out_pos_deltas;
 } Job;
 
 typedef struct {
@@ -106,85 +173,181 @@ static inline float iou_one(float bx1, float by1, float bx2, float by2, float ba
     h = h > 0.0f ? h : 0.0f;
     float inter = w * h;
     float uni = (barea + aarea) - inter;
-    /* "0 where the union is 0": also covers NaN coordinates of explicit anchors. */
-    return uni > 0.0f ? inter / uni : 0.0f;
+    return uni > 0.0f ? inter / uni : 0.0f; /* "0 where the union is 0" */
 }
 
-/* An anchor's coordinates, structure-of-arrays, for a chunk. */
-typedef struct {
-    float x1[CHUNK], y1[CHUNK], x2[CHUNK], y2[CHUNK], area[CHUNK];
-    uint8_t excluded[CHUNK];
-    /* bounding box of the chunk: a box outside it has IoU exactly 0 with every anchor */
-    float lo_x, lo_y, hi_x, hi_y;
-    int64_t n;
-} Chunk;
-
-static void load_chunk(const Problem *p, int64_t start, int64_t n, Chunk *c) {
-    const float *a = p->anchors + 4 * start;
-    for (int64_t k = 0; k < n; ++k) {
-        float x1 = a[4 * k], y1 = a[4 * k + 1], x2 = a[4 * k + 2], y2 = a[4 * k + 3];
-        c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
-        c->area[k] = (x2 - x1) * (y2 - y1);
-    }
-    /* Bounds only decide which boxes to skip: a NaN coordinate never enters them (the
-     * comparisons are false), and min/max are exact in any order, so the reduction may be
-     * vectorised (OpenMP simd, no -ffast-math needed). */
-    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
-#pragma omp simd reduction(min : lo_x, lo_y) reduction(max : hi_x, hi_y)
-    for (int64_t k = 0; k < n; ++k) {
-        lo_x = c->x1[k] < lo_x ? c->x1[k] : lo_x;
-        lo_y = c->y1[k] < lo_y ? c->y1[k] : lo_y;
-        hi_x = c->x2[k] > hi_x ? c->x2[k] : hi_x;
-        hi_y = c->y2[k] > hi_y ? c->y2[k] : hi_y;
-    }
-    c->lo_x = lo_x; c->lo_y = lo_y; c->hi_x = hi_x; c->hi_y = hi_y;
-    c->n = n;
+/* Whether anchor (a*) is inside ignore region r (area rarea) by mmdet's IoF rule. */
+static inline int iof_exceeds(const Problem *p, const float *r, float rarea, float ax1, float ay1, float ax2,
+                              float ay2, float aarea) {
+    float w = (ax2 < r[2] ? ax2 : r[2]) - (ax1 > r[0] ? ax1 : r[0]);
+    float h = (ay2 < r[3] ? ay2 : r[3]) - (ay1 > r[1] ? ay1 : r[1]);
+    w = w > 0.0f ? w : 0.0f;
+    h = h > 0.0f ? h : 0.0f;
+    float inter = w * h;
+    float area = p->iof_wrt_anchor ? aarea : rarea;
+    float iof = area > 0.0f ? inter / area : 0.0f;
+    return iof > p->ignore_iof_thr;
 }
 
-/* Whether a box certainly has zero intersection with every anchor of the chunk
- * (then each IoU is exactly +0: inter is 0 and 0 / union is 0). NaN anchors do not
- * widen the bounds, and their IoU is 0 anyway. */
-static inline int box_misses_chunk(const Chunk *c, const float *b) {
-    return b[2] <= c->lo_x || b[0] >= c->hi_x || b[3] <= c->lo_y || b[1] >= c->hi_y;
+/* Whether a box certainly has zero intersection with every anchor inside bounds
+ * (lo_x, lo_y, hi_x, hi_y): then each IoU is exactly +0 (inter is 0, and 0 / union is 0). */
+static inline int box_misses(const float *bounds, const float *b) {
+    return b[2] <= bounds[0] || b[0] >= bounds[2] || b[3] <= bounds[1] || b[1] >= bounds[3];
+}
+
+/* An upper bound of box b's IoU with any anchor of a block (or chunk): the intersection
+ * is at most b's overlap with the bounds, b's area and the anchor's, the union at least
+ * either area. Small boxes against big anchors, big boxes against small ones and boxes
+ * that graze a block get bounds far below the thresholds. */
+static inline float iou_bound(const float *bounds, const float *b, float barea) {
+    float w = (b[2] < bounds[2] ? b[2] : bounds[2]) - (b[0] > bounds[0] ? b[0] : bounds[0]);
+    float h = (b[3] < bounds[3] ? b[3] : bounds[3]) - (b[1] > bounds[1] ? b[1] : bounds[1]);
+    w = w > 0.0f ? w : 0.0f;
+    h = h > 0.0f ? h : 0.0f;
+    float inter = w * h;
+    inter = inter < bounds[5] ? inter : bounds[5];
+    inter = inter < barea ? inter : barea;
+    return BOUND_SLACK * inter / (barea > bounds[4] ? barea : bounds[4]);
+}
+
+/* Whether box b's IoUs with the anchors inside bounds can be left uncomputed: they are
+ * exactly 0, or all below floor. */
+static inline int box_skips(const float *bounds, const float *b, float barea, float floor) {
+    return box_misses(bounds, b) || (floor > 0.0f && iou_bound(bounds, b, barea) < floor);
 }
 
 static inline int anchor_inside(const float *lim, float x1, float y1, float x2, float y2) {
     return x1 >= lim[0] && y1 >= lim[1] && x2 < lim[2] && y2 < lim[3];
 }
 
-/* Anchors taken out before matching: inside an ignore region or, with "pre_match",
- * across the border (reference.excluded_by_ignore / outside_border). */
-static void mark_excluded(const Problem *p, int64_t image, Chunk *c) {
-    memset(c->excluded, 0, (size_t)c->n);
-    if (p->border_limits && !p->border_post) {
-        const float *lim = p->border_limits + 4 * image;
-        for (int64_t k = 0; k < c->n; ++k)
-            c->excluded[k] = !anchor_inside(lim, c->x1[k], c->y1[k], c->x2[k], c->y2[k]);
+/* A chunk of anchors: bounds always, coordinates (structure-of-arrays) of the blocks
+ * some step needed, and which anchors are excluded. */
+typedef struct {
+    int64_t image, start, n;
+    int nblocks;
+    const float *block_bounds; /* [nblocks][BOUNDS] */
+    float bounds[BOUNDS];      /* of the whole chunk */
+    unsigned loaded;           /* bit j: block j's coordinates are below */
+    unsigned inside;           /* bit j: block j is wholly inside the border limits (or there are none) */
+    float x1[CHUNK], y1[CHUNK], x2[CHUNK], y2[CHUNK], area[CHUNK];
+    uint8_t excluded[CHUNK];
+} Chunk;
+
+static void open_chunk(const Problem *p, int64_t image, int64_t chunk, Chunk *c) {
+    c->image = image;
+    c->start = chunk * CHUNK;
+    c->n = (p->num_anchors - c->start) < CHUNK ? (p->num_anchors - c->start) : CHUNK;
+    c->nblocks = (int)((c->n + BLOCK - 1) / BLOCK);
+    c->block_bounds = p->block_bounds + BOUNDS * (c->start / BLOCK);
+    c->loaded = 0;
+    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY, lo_a = INFINITY, hi_a = -INFINITY;
+    for (int j = 0; j < c->nblocks; ++j) {
+        const float *bb = c->block_bounds + BOUNDS * j;
+        lo_x = bb[0] < lo_x ? bb[0] : lo_x;
+        lo_y = bb[1] < lo_y ? bb[1] : lo_y;
+        hi_x = bb[2] > hi_x ? bb[2] : hi_x;
+        hi_y = bb[3] > hi_y ? bb[3] : hi_y;
+        lo_a = bb[4] < lo_a ? bb[4] : lo_a;
+        hi_a = bb[5] > hi_a ? bb[5] : hi_a;
     }
-    if (!p->use_ignore) return;
-    int64_t m0 = p->ignore_offsets[image], m1 = p->ignore_offsets[image + 1];
-    for (int64_t m = m0; m < m1; ++m) {
-        const float *r = p->ignore_boxes + 4 * m;
-        if (box_misses_chunk(c, r)) continue; /* IoF 0 never exceeds a threshold >= 0 */
-        float rarea = (r[2] - r[0]) * (r[3] - r[1]);
-        for (int64_t k = 0; k < c->n; ++k) {
-            float w = (c->x2[k] < r[2] ? c->x2[k] : r[2]) - (c->x1[k] > r[0] ? c->x1[k] : r[0]);
-            float h = (c->y2[k] < r[3] ? c->y2[k] : r[3]) - (c->y1[k] > r[1] ? c->y1[k] : r[1]);
-            w = w > 0.0f ? w : 0.0f;
-            h = h > 0.0f ? h : 0.0f;
-            float inter = w * h;
-            float area = p->iof_wrt_anchor ? c->area[k] : rarea;
-            float iof = area > 0.0f ? inter / area : 0.0f;
-            c->excluded[k] |= iof > p->ignore_iof_thr;
+    float *cb = c->bounds;
+    cb[0] = lo_x; cb[1] = lo_y; cb[2] = hi_x; cb[3] = hi_y; cb[4] = lo_a; cb[5] = hi_a;
+    c->inside = (1u << c->nblocks) - 1;
+    if (p->border_limits) {
+        const float *lim = p->border_limits + 4 * image;
+        for (int j = 0; j < c->nblocks; ++j) {
+            const float *bb = c->block_bounds + BOUNDS * j; /* the bounds' corners are the extreme anchors' */
+            if (!anchor_inside(lim, bb[0], bb[1], bb[2], bb[3])) c->inside &= ~(1u << j);
         }
     }
 }
 
-static void encode_one(const Problem *p, const float *g, float ax1, float ay1, float ax2, float ay2,
-                       float *out) {
+static void load_block(const Problem *p, Chunk *c, int j) {
+    if (c->loaded & (1u << j)) return;
+    c->loaded |= 1u << j;
+    const int64_t k0 = (int64_t)j * BLOCK, k1 = k0 + BLOCK < c->n ? k0 + BLOCK : c->n;
+    const float *a = p->anchors + 4 * c->start;
+    for (int64_t k = k0; k < k1; ++k) {
+        float x1 = a[4 * k], y1 = a[4 * k + 1], x2 = a[4 * k + 2], y2 = a[4 * k + 3];
+        c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
+        c->area[k] = (x2 - x1) * (y2 - y1);
+    }
+}
+
+static inline int64_t block_end(const Chunk *c, int j) {
+    return (int64_t)(j + 1) * BLOCK < c->n ? (int64_t)(j + 1) * BLOCK : c->n;
+}
+
+/* Below which IoU box g's IoUs need not be computed in pass 1: those below
+ * job->iou_floor decide no label, and those below the box's best IoU found so far (by
+ * this thread: a lower bound of its maximum) are not its maximum. */
+static inline float box_floor(const Job *job, int thread, int64_t g) {
+    if (job->p->low_quality == LQ_NONE) return job->iou_floor;
+    const float found = job->partials[thread].max[g];
+    return found < job->iou_floor ? found : job->iou_floor;
+}
+
+/* Whether some box, ignore region or border rule of the image changes an anchor of the
+ * chunk; when none does, every anchor in it is included and negative (its IoUs are 0 or
+ * below job->iou_floor), and no box reaches its maximum there. */
+static int chunk_is_touched(const Job *job, int thread, const Chunk *c) {
+    const Problem *p = job->p;
+    for (int64_t g = p->gt_offsets[c->image]; g < p->gt_offsets[c->image + 1]; ++g) {
+        const float *b = p->gt_boxes + 4 * g;
+        if (!box_skips(c->bounds, b, (b[2] - b[0]) * (b[3] - b[1]), box_floor(job, thread, g))) return 1;
+    }
+    if (p->use_ignore)
+        for (int64_t m = p->ignore_offsets[c->image]; m < p->ignore_offsets[c->image + 1]; ++m)
+            if (!box_misses(c->bounds, p->ignore_boxes + 4 * m)) return 1;
+    return c->inside != (1u << c->nblocks) - 1;
+}
+
+/* Anchors taken out before matching: inside an ignore region or, with "pre_match",
+ * across the border (reference.excluded_by_ignore / outside_border). Only blocks a
+ * region touches or the border crosses can have any. */
+static void mark_excluded(const Problem *p, Chunk *c) {
+    memset(c->excluded, 0, (size_t)c->n);
+    if (p->border_limits && !p->border_post) {
+        const float *lim = p->border_limits + 4 * c->image;
+        for (int j = 0; j < c->nblocks; ++j) {
+            if (c->inside & (1u << j)) continue;
+            load_block(p, c, j);
+            for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k)
+                c->excluded[k] = !anchor_inside(lim, c->x1[k], c->y1[k], c->x2[k], c->y2[k]);
+        }
+    }
+    if (!p->use_ignore) return;
+    for (int64_t m = p->ignore_offsets[c->image]; m < p->ignore_offsets[c->image + 1]; ++m) {
+        const float *r = p->ignore_boxes + 4 * m;
+        if (box_misses(c->bounds, r)) continue; /* IoF 0 never exceeds a threshold >= 0 */
+        const float rarea = (r[2] - r[0]) * (r[3] - r[1]);
+        for (int j = 0; j < c->nblocks; ++j) {
+            if (box_misses(c->block_bounds + BOUNDS * j, r)) continue;
+            load_block(p, c, j);
+            for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k)
+                c->excluded[k] |= (uint8_t)iof_exceeds(p, r, rarea, c->x1[k], c->y1[k], c->x2[k], c->y2[k], c->area[k]);
+        }
+    }
+}
+
+/* mark_excluded for the single anchor a (same operations, so the same decision). */
+static int anchor_excluded(const Problem *p, int64_t image, int64_t a) {
+    const float *an = p->anchors + 4 * a;
+    if (p->border_limits && !p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
+        return 1;
+    if (!p->use_ignore) return 0;
+    const float area = (an[2] - an[0]) * (an[3] - an[1]);
+    for (int64_t m = p->ignore_offsets[image]; m < p->ignore_offsets[image + 1]; ++m) {
+        const float *r = p->ignore_boxes + 4 * m;
+        if (iof_exceeds(p, r, (r[2] - r[0]) * (r[3] - r[1]), an[0], an[1], an[2], an[3], area)) return 1;
+    }
+    return 0;
+}
+
+static void encode_one(const Problem *p, const float *g, const float *anchor, float *out) {
     /* reference.encode / torchvision BoxCoder.encode_boxes, same rounding order */
-    float aw = ax2 - ax1, ah = ay2 - ay1;
-    float acx = ax1 + 0.5f * aw, acy = ay1 + 0.5f * ah;
+    float aw = anchor[2] - anchor[0], ah = anchor[3] - anchor[1];
+    float acx = anchor[0] + 0.5f * aw, acy = anchor[1] + 0.5f * ah;
     float gw = g[2] - g[0], gh = g[3] - g[1];
     float gcx = g[0] + 0.5f * gw, gcy = g[1] + 0.5f * gh;
     float d[4];
@@ -195,21 +358,13 @@ static void encode_one(const Problem *p, const float *g, float ax1, float ay1, f
     for (int j = 0; j < 4; ++j) out[j] = (d[j] - p->means[j]) / p->stds[j];
 }
 
-/* Write a chunk's decided labels and matches: applies the "post_match" border rule,
- * then deltas and classes of the positives (zeros and background elsewhere). */
-static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, uint8_t *positive,
-                        int8_t *label, int32_t *match) {
+/* ---- a chunk's outputs: dense rows, or sparse rows ---------------------------------------- */
+
+/* Dense: write anchors start..start + n of an image from their decided labels and
+ * matches; deltas and classes of the positives (zeros and background elsewhere). */
+static void write_dense(const Problem *p, int64_t image, int64_t start, int64_t n, const int8_t *label,
+                        const int32_t *match) {
     const int64_t row = image * p->num_anchors + start;
-    const float *an = p->anchors + 4 * start;
-    if (p->border_limits && p->border_post) {
-        const float *lim = p->border_limits + 4 * image;
-        for (int64_t k = 0; k < n; ++k) {
-            int outside = !anchor_inside(lim, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3]);
-            positive[k] &= (uint8_t)!outside;
-            label[k] = outside ? (int8_t)IGNORED : label[k];
-            if (p->low_quality != LQ_DETECTRON2) match[k] = outside ? -1 : match[k];
-        }
-    }
     memcpy(p->labels + row, label, (size_t)n);
     memcpy(p->matched + row, match, sizeof(int32_t) * (size_t)n);
     memset(p->deltas + 4 * row, 0, sizeof(float) * 4 * (size_t)n);
@@ -217,142 +372,239 @@ static void write_chunk(const Problem *p, int64_t image, int64_t start, int64_t 
         for (int64_t k = 0; k < n; ++k) p->classes[row + k] = p->background_class;
     const int64_t g0 = p->gt_offsets[image];
     for (int64_t k = 0; k < n; ++k) {
-        if (!positive[k]) continue;
+        if (label[k] != POSITIVE) continue;
         const int64_t g = g0 + match[k];
-        encode_one(p, p->gt_boxes + 4 * g, an[4 * k], an[4 * k + 1], an[4 * k + 2], an[4 * k + 3],
-                   p->deltas + 4 * (row + k));
+        encode_one(p, p->gt_boxes + 4 * g, p->anchors + 4 * (start + k), p->deltas + 4 * (row + k));
         if (p->classes) p->classes[row + k] = p->gt_classes[g];
     }
 }
 
-/* Outputs of a chunk from the thresholds alone (pass 2 adds low-quality lifts).
- * best[n]: each anchor's best IoU (zeroed here for an image without boxes);
- * argmax[n]: its best box within the image; excluded[n]: taken out before matching. */
-static void decide_chunk(const Problem *p, int64_t image, int64_t start, int64_t n, float *best,
-                         const int32_t *argmax, const uint8_t *excluded) {
-    const int64_t row = image * p->num_anchors + start;
-    const int no_boxes = p->gt_offsets[image + 1] == p->gt_offsets[image];
-    uint8_t above[CHUNK], below[CHUNK], positive[CHUNK];
-    int8_t label[CHUNK];
-    int32_t match[CHUNK];
-    const float high = p->high, low = p->low;
-    if (no_boxes) { /* included anchors are negative; max IoU is 0 */
-        for (int64_t k = 0; k < n; ++k) {
-            best[k] = 0.0f;
-            above[k] = 0;
-            below[k] = 1;
-        }
-    } else if (p->strict_high) { /* DALI/MLPerf's single criterion: the interval is (low, high] */
-        for (int64_t k = 0; k < n; ++k) {
-            above[k] = best[k] > high;
-            below[k] = best[k] <= low;
-        }
-    } else {
-        for (int64_t k = 0; k < n; ++k) {
-            above[k] = best[k] >= high;
-            below[k] = best[k] < low;
+static int reserve(void **data, int64_t *cap, int64_t need, size_t size) {
+    if (need <= *cap) return 1;
+    int64_t grown = *cap > 0 ? *cap : 1024;
+    while (grown < need) grown *= 2;
+    void *moved = realloc(*data, (size_t)grown * size);
+    if (!moved) return 0;
+    *data = moved;
+    *cap = grown;
+    return 1;
+}
+
+/* Sparse: append the positives and ignored anchors of a chunk's blocks in `live` (every
+ * other anchor is negative) to r, and point the item at them. */
+static void store_rows(Job *job, Rows *r, const Chunk *c, unsigned live, const int8_t *label, const int32_t *match) {
+    const int64_t item = c->image * job->chunks_per_image + c->start / CHUNK;
+    int32_t npos = 0, nign = 0;
+    for (int j = 0; j < c->nblocks; ++j) {
+        if (!(live & (1u << j))) continue;
+        for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k) {
+            npos += label[k] == POSITIVE;
+            nign += label[k] == IGNORED;
         }
     }
-    for (int64_t k = 0; k < n; ++k) {
-        uint8_t included = !excluded[k];
-        uint8_t pos = above[k] & included;
-        uint8_t neg = below[k] & included & !pos;
-        positive[k] = pos;
-        label[k] = (int8_t)(pos - !(pos | neg)); /* 1, 0, or -1 */
+    job->items[item] = (ItemRows){r, r->npos, r->nign, npos, nign};
+    if (npos == 0 && nign == 0) return;
+    if (!reserve((void **)&r->pos, &r->pos_cap, r->npos + npos, sizeof(PositiveRow)) ||
+        !reserve((void **)&r->ign, &r->ign_cap, r->nign + nign, sizeof(int32_t))) {
+        r->failed = 1;
+        job->items[item].npos = job->items[item].nign = 0;
+        return;
     }
-    if (p->low_quality == LQ_DETECTRON2 && !no_boxes) /* detectron2's Matcher keeps every included argmax */
-        for (int64_t k = 0; k < n; ++k) match[k] = excluded[k] ? -1 : argmax[k];
-    else
-        for (int64_t k = 0; k < n; ++k) match[k] = positive[k] ? argmax[k] : -1;
-    if (p->max_iou) memcpy(p->max_iou + row, best, sizeof(float) * (size_t)n);
-    write_chunk(p, image, start, n, positive, label, match);
+    for (int j = 0; j < c->nblocks; ++j) {
+        if (!(live & (1u << j))) continue;
+        for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k) {
+            if (label[k] == POSITIVE) r->pos[r->npos++] = (PositiveRow){(int32_t)(c->start + k), match[k]};
+            else if (label[k] == IGNORED) r->ign[r->nign++] = (int32_t)(c->start + k);
+        }
+    }
+}
+
+/* A chunk's current labels and matches (the matches of positives; -1 elsewhere in a
+ * sparse solve), for pass 2 and ssd_forced to patch. */
+static void read_chunk(const Job *job, const Chunk *c, int8_t *label, int32_t *match) {
+    const Problem *p = job->p;
+    if (!job->rows) {
+        const int64_t row = c->image * p->num_anchors + c->start;
+        memcpy(label, p->labels + row, (size_t)c->n);
+        memcpy(match, p->matched + row, sizeof(int32_t) * (size_t)c->n);
+        return;
+    }
+    const ItemRows *it = &job->items[c->image * job->chunks_per_image + c->start / CHUNK];
+    memset(label, NEGATIVE, (size_t)c->n);
+    for (int64_t k = 0; k < c->n; ++k) match[k] = -1;
+    for (int32_t i = 0; i < it->npos; ++i) {
+        const PositiveRow row = it->rows->pos[it->pos_at + i];
+        label[row.anchor - c->start] = POSITIVE;
+        match[row.anchor - c->start] = row.box;
+    }
+    for (int32_t i = 0; i < it->nign; ++i) label[it->rows->ign[it->ign_at + i] - c->start] = IGNORED;
+}
+
+/* Anchors with changed[k] became positive (label/match hold the whole patched chunk):
+ * rewrite them (dense) or replace the chunk's rows by rows appended to r (sparse). */
+static void commit_chunk(Job *job, Rows *r, const Chunk *c, const int8_t *label, const int32_t *match,
+                         const uint8_t *changed) {
+    if (job->rows) {
+        store_rows(job, r, c, (1u << c->nblocks) - 1, label, match);
+        return;
+    }
+    for (int64_t k = 0; k < c->n; ++k)
+        if (changed[k]) write_dense(job->p, c->image, c->start + k, 1, label + k, match + k);
 }
 
 /* ---- pass 1 --------------------------------------------------------------------------- */
 
+/* Labels and matches of a chunk's blocks in `live` from the thresholds alone (pass 2 adds
+ * low-quality lifts), then the "post_match" border rule; written out (dense: every block
+ * is live) or stored as rows. best: each anchor's best IoU; argmax: its best box. */
+static void decide_chunk(Job *job, int thread, const Chunk *c, unsigned live, const float *best,
+                         const int32_t *argmax) {
+    const Problem *p = job->p;
+    const int no_boxes = p->gt_offsets[c->image + 1] == p->gt_offsets[c->image];
+    const int keep_argmax = p->low_quality == LQ_DETECTRON2 && !no_boxes; /* detectron2's Matcher keeps them */
+    const float *lim = p->border_limits && p->border_post ? p->border_limits + 4 * c->image : NULL;
+    const float high = p->high, low = p->low;
+    uint8_t above[BLOCK], below[BLOCK];
+    int8_t label[CHUNK];
+    int32_t match[CHUNK];
+    for (int j = 0; j < c->nblocks; ++j) {
+        if (!(live & (1u << j))) continue;
+        const int64_t k0 = (int64_t)j * BLOCK, m = block_end(c, j) - k0;
+        if (no_boxes) { /* included anchors are negative */
+            memset(above, 0, BLOCK);
+            memset(below, 1, BLOCK);
+        } else if (p->strict_high) { /* DALI/MLPerf's single criterion: the interval is (low, high] */
+            for (int64_t i = 0; i < m; ++i) {
+                above[i] = best[k0 + i] > high;
+                below[i] = best[k0 + i] <= low;
+            }
+        } else {
+            for (int64_t i = 0; i < m; ++i) {
+                above[i] = best[k0 + i] >= high;
+                below[i] = best[k0 + i] < low;
+            }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t k = k0 + i;
+            uint8_t included = !c->excluded[k];
+            uint8_t pos = above[i] & included;
+            uint8_t neg = below[i] & included & !pos;
+            label[k] = (int8_t)(pos - !(pos | neg)); /* 1, 0, or -1 */
+            match[k] = (keep_argmax ? included : label[k] == POSITIVE) ? argmax[k] : -1;
+        }
+        if (!lim || (c->inside & (1u << j))) continue;
+        for (int64_t k = k0; k < k0 + m; ++k) {
+            const float *an = p->anchors + 4 * (c->start + k);
+            if (anchor_inside(lim, an[0], an[1], an[2], an[3])) continue;
+            label[k] = IGNORED;
+            if (p->low_quality != LQ_DETECTRON2) match[k] = -1;
+        }
+    }
+    if (job->rows) {
+        store_rows(job, &job->rows[thread], c, live, label, match);
+        return;
+    }
+    if (p->max_iou) memcpy(p->max_iou + c->image * p->num_anchors + c->start, best, sizeof(float) * (size_t)c->n);
+    write_dense(p, c->image, c->start, c->n, label, match);
+}
+
 static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     const Problem *p = job->p;
-    const int64_t A = p->num_anchors, start = chunk * CHUNK;
-    const int64_t n = (A - start) < CHUNK ? (A - start) : CHUNK;
+    const int64_t item = image * job->chunks_per_image + chunk;
     const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
     const int want_box_max = p->low_quality != LQ_NONE;
     BoxPartial part = job->partials[thread];
     Chunk c;
+    open_chunk(p, image, chunk, &c);
+    const unsigned all = (1u << c.nblocks) - 1;
+    /* In a sparse solve where an untouched anchor is negative, only blocks where a box,
+     * an ignore region or the border changes something have rows. */
+    const int untouched_negative = job->rows && (g0 == g1 || job->zero_label == NEGATIVE);
+    if (untouched_negative && !chunk_is_touched(job, thread, &c)) {
+        job->items[item] = (ItemRows){&job->rows[thread], 0, 0, 0, 0};
+        job->chunk_reach[item] = 0.0f; /* no box reaches above 0 here */
+        return;
+    }
     float best[CHUNK];
     int32_t arg[CHUNK];
-    /* IoU over included anchors, -1 for excluded ones. Read back as int32: for -1 and
-     * non-negative floats (never NaN, never -0) the bit patterns order like the values,
-     * and an integer max vectorises where a float max would need -ffast-math. */
+    /* IoU of one box over included anchors, -1 for excluded ones. Read back as int32: for
+     * -1 and non-negative floats (never NaN, never -0) the bit patterns order like the
+     * values, and an integer max vectorises where a float max would need -ffast-math. */
     union {
         float f[CHUNK];
         int32_t i[CHUNK];
     } masked;
 
-    load_chunk(p, start, n, &c);
-    mark_excluded(p, image, &c);
-    for (int64_t k = 0; k < n; ++k) {
-        best[k] = -1.0f; /* below every IoU, so box 0 always takes it: argmax 0 by default */
-        arg[k] = 0;
+    mark_excluded(p, &c); /* loads the blocks where some anchor may be excluded */
+    unsigned live = untouched_negative ? (c.loaded | ~c.inside) & all : all;
+    /* Box 0 gives every anchor an IoU >= 0 and argmax 0 first, so starting from (0, 0) and
+     * skipping the zero IoUs of blocks a box misses (never strictly greater) is the same. */
+    for (int j = 0; j < c.nblocks; ++j) {
+        if (!(live & (1u << j))) continue;
+        for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
+            best[k] = 0.0f;
+            arg[k] = 0;
+        }
     }
-    int64_t first_included = -1;
-    for (int64_t k = 0; k < n && first_included < 0; ++k)
-        if (!c.excluded[k]) first_included = k;
-
     for (int64_t g = g0; g < g1; ++g) {
         const float *b = p->gt_boxes + 4 * g;
-        const int32_t local = (int32_t)(g - g0);
-        float chunk_max = -1.0f; /* best IoU of box g over the chunk's included anchors */
-        if (box_misses_chunk(&c, b)) {
-            if (local == 0)
-                for (int64_t k = 0; k < n; ++k) best[k] = 0.0f; /* arg stays 0 */
-            if (first_included >= 0) chunk_max = 0.0f;
-            if (want_box_max && chunk_max > part.max[g]) {
-                part.max[g] = chunk_max;
-                part.best[g] = (int32_t)(start + first_included);
-            }
-            continue;
-        }
         const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
         const float barea = (bx2 - bx1) * (by2 - by1);
-        for (int64_t k = 0; k < n; ++k) {
-            float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
-            int up = v > best[k];
-            best[k] = up ? v : best[k];
-            arg[k] = up ? local : arg[k];
-            masked.f[k] = c.excluded[k] ? -1.0f : v;
+        const float floor = box_floor(job, thread, g);
+        if (box_skips(c.bounds, b, barea, floor)) continue;
+        const int32_t local = (int32_t)(g - g0);
+        int32_t top = 0; /* bits of 0.0f: only a box's maxima above 0 matter (box_qualifies) */
+        int top_block = -1;
+        for (int j = 0; j < c.nblocks; ++j) {
+            if (box_skips(c.block_bounds + BOUNDS * j, b, barea, floor)) continue;
+            load_block(p, &c, j);
+            const int64_t k0 = (int64_t)j * BLOCK, k1 = block_end(&c, j);
+            if (!(live & (1u << j))) {
+                live |= 1u << j;
+                for (int64_t k = k0; k < k1; ++k) {
+                    best[k] = 0.0f;
+                    arg[k] = 0;
+                }
+            }
+            int32_t block_top = -1;
+            for (int64_t k = k0; k < k1; ++k) {
+                float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
+                int up = v > best[k];
+                best[k] = up ? v : best[k];
+                arg[k] = up ? local : arg[k];
+                masked.f[k] = c.excluded[k] ? -1.0f : v;
+                block_top = masked.i[k] > block_top ? masked.i[k] : block_top;
+            }
+            if (block_top > top) {
+                top = block_top;
+                top_block = j;
+            }
         }
-        if (!want_box_max) continue;
-        int32_t top = masked.i[0];
-        for (int64_t k = 1; k < n; ++k) top = masked.i[k] > top ? masked.i[k] : top;
+        if (!want_box_max || top_block < 0) continue;
         union {
             int32_t i;
             float f;
         } as_float = {top};
-        chunk_max = as_float.f;
-        /* Strictly greater: this thread sees its items in increasing anchor order, so an
-         * equal value found earlier has the lower index (the merge settles other ties). */
-        if (chunk_max > part.max[g]) {
-            int64_t k = 0;
+        /* Greater or equal: this thread sees its items in decreasing anchor order, so an
+         * equal value found later has the lower index (the merge settles other ties). */
+        if (as_float.f >= part.max[g]) {
+            int64_t k = (int64_t)top_block * BLOCK;
             while (masked.i[k] != top) ++k;
-            part.max[g] = chunk_max;
-            part.best[g] = (int32_t)(start + k);
+            part.max[g] = as_float.f;
+            part.best[g] = (int32_t)(c.start + k);
         }
     }
 
-    float reach = -1.0f;
-#pragma omp simd reduction(max : reach)
-    for (int64_t k = 0; k < n; ++k) {
-        float v = c.excluded[k] ? -1.0f : best[k];
-        reach = v > reach ? v : reach;
+    float reach = 0.0f; /* an anchor outside the live blocks is included with IoU 0 */
+    for (int j = 0; j < c.nblocks; ++j) {
+        if (!(live & (1u << j))) continue;
+        for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
+            float r = c.excluded[k] ? -1.0f : best[k];
+            reach = r > reach ? r : reach;
+        }
     }
-    const int64_t item = image * job->chunks_per_image + chunk;
     job->chunk_reach[item] = reach;
-    float *bounds = job->chunk_bounds + 4 * item;
-    bounds[0] = c.lo_x;
-    bounds[1] = c.lo_y;
-    bounds[2] = c.hi_x;
-    bounds[3] = c.hi_y;
-    decide_chunk(p, image, start, n, best, arg, c.excluded);
+    decide_chunk(job, thread, &c, live, best, arg);
 }
 
 /* ---- pass 2: low-quality lifts ------------------------------------------------------- */
@@ -360,8 +612,8 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
 /* An anchor's best box, as pass 1 found it (same IoUs, same strictly-greater order).
  * Starting from (0, box 0) is what box 0 gives at worst, and a box that does not touch
  * the anchor has IoU 0, which never beats it: such boxes are skipped. */
-static int32_t best_box(const Problem *p, int64_t image, const Chunk *c, int64_t k) {
-    const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
+static int32_t best_box(const Problem *p, const Chunk *c, int64_t k) {
+    const int64_t g0 = p->gt_offsets[c->image], g1 = p->gt_offsets[c->image + 1];
     float top = 0.0f;
     int32_t at = 0;
     for (int64_t g = g0; g < g1; ++g) {
@@ -377,92 +629,162 @@ static int32_t best_box(const Problem *p, int64_t image, const Chunk *c, int64_t
     return at;
 }
 
-static int box_misses_bounds(const float *bounds, const float *b) {
-    return b[2] <= bounds[0] || b[0] >= bounds[2] || b[3] <= bounds[1] || b[1] >= bounds[3];
-}
-
 /* Whether box g takes part in low-quality matching: its best IoU is above 0 (a box
  * touching no included anchor lifts nothing) and reaches min_pos_iou. */
-static int box_qualifies(const Problem *p, int64_t g) {
-    const float target = p->box_max[g];
-    return target > 0.0f && target >= p->min_pos_iou;
+static int box_qualifies(const Job *job, int64_t g) {
+    const float target = job->box_max[g];
+    return target > 0.0f && target >= job->p->min_pos_iou;
 }
 
 /* Box g lifts the included anchors whose IoU with it equals its best IoU (when it
- * qualifies). None in a chunk can, when the chunk's best IoU is lower, or when the box
- * does not touch the chunk. */
-static int box_may_lift(const Problem *p, int64_t g, float reach, const float *bounds) {
-    if (!box_qualifies(p, g) || p->box_max[g] > reach) return 0;
-    return !box_misses_bounds(bounds, p->gt_boxes + 4 * g);
+ * qualifies). None in a chunk can, when the chunk's best IoU is lower. */
+static int box_may_lift(const Job *job, int64_t g, float reach) {
+    return box_qualifies(job, g) && job->box_max[g] <= reach;
 }
 
 static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
-    (void)thread;
     const Problem *p = job->p;
-    const int64_t A = p->num_anchors, start = chunk * CHUNK;
-    const int64_t n = (A - start) < CHUNK ? (A - start) : CHUNK;
     const int64_t g0 = p->gt_offsets[image], g1 = p->gt_offsets[image + 1];
-    const int64_t row = image * A + start;
-    const int64_t item = image * job->chunks_per_image + chunk;
-    const float reach = job->chunk_reach[item];
-    const float *bounds = job->chunk_bounds + 4 * item;
-
+    const float reach = job->chunk_reach[image * job->chunks_per_image + chunk];
     int64_t g = g0;
-    while (g < g1 && !box_may_lift(p, g, reach, bounds)) ++g;
+    while (g < g1 && !box_may_lift(job, g, reach)) ++g;
     if (g == g1) return; /* the usual case: this chunk's outputs are final */
 
     Chunk c;
+    open_chunk(p, image, chunk, &c);
+    const int64_t n = c.n;
     uint8_t lifted[CHUNK];
     int32_t lift_box[CHUNK];
-    load_chunk(p, start, n, &c);
-    mark_excluded(p, image, &c);
+    mark_excluded(p, &c);
     for (int64_t k = 0; k < n; ++k) {
         lifted[k] = 0;
         lift_box[k] = -1;
     }
     for (; g < g1; ++g) {
-        if (!box_may_lift(p, g, reach, bounds)) continue;
+        if (!box_may_lift(job, g, reach)) continue;
         const float *b = p->gt_boxes + 4 * g;
-        const float target = p->box_max[g];
         const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
         const float barea = (bx2 - bx1) * (by2 - by1);
+        const float target = job->box_max[g];
+        if (box_skips(c.bounds, b, barea, target)) continue;
         const int32_t local = (int32_t)(g - g0);
-        for (int64_t k = 0; k < n; ++k) {
-            float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
-            int tie = (v == target) & !c.excluded[k];
-            lifted[k] |= (uint8_t)tie;
-            lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
+        for (int j = 0; j < c.nblocks; ++j) { /* only IoUs equal to target > 0 matter */
+            if (box_skips(c.block_bounds + BOUNDS * j, b, barea, target)) continue;
+            load_block(p, &c, j);
+            for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
+                float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
+                int tie = (v == target) & !c.excluded[k];
+                lifted[k] |= (uint8_t)tie;
+                lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
+            }
         }
     }
+    int8_t label[CHUNK];
+    int32_t match[CHUNK];
+    uint8_t changed[CHUNK];
+    int any = 0;
+    read_chunk(job, &c, label, match);
+    memset(changed, 0, (size_t)n);
     const float *lim = p->border_limits && p->border_post ? p->border_limits + 4 * image : NULL;
     for (int64_t k = 0; k < n; ++k) {
         if (!lifted[k]) continue;
         if (lim && !anchor_inside(lim, c.x1[k], c.y1[k], c.x2[k], c.y2[k])) continue; /* stays ignored */
-        const int was_positive = p->labels[row + k] == POSITIVE;
-        int32_t match;
+        const int was_positive = label[k] == POSITIVE;
+        int32_t m;
         if (p->low_quality == LQ_MMDET) { /* matched to the box it ties (the last one) */
-            match = lift_box[k];
-            if (was_positive && p->matched[row + k] == match) continue;
+            m = lift_box[k];
+            if (was_positive && match[k] == m) continue;
         } else { /* torchvision / detectron2: matched to its own best box */
             if (was_positive) continue;
-            match = best_box(p, image, &c, k);
+            m = best_box(p, &c, k);
         }
-        uint8_t positive = 1;
-        int8_t label = POSITIVE;
-        write_chunk(p, image, start + k, 1, &positive, &label, &match);
+        label[k] = POSITIVE;
+        match[k] = m;
+        changed[k] = 1;
+        any = 1;
     }
+    if (any) commit_chunk(job, job->rows ? &job->rows[job->threads + thread] : NULL, &c, label, match, changed);
+}
+
+/* ---- ssd_forced ----------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t anchor, box;
+} Forced;
+
+static int by_anchor_then_box(const void *x, const void *y) {
+    const Forced *a = x, *b = y;
+    if (a->anchor != b->anchor) return a->anchor < b->anchor ? -1 : 1;
+    return (a->box > b->box) - (a->box < b->box);
+}
+
+/* Each qualifying box's best anchor becomes positive, matched to it; a later box wins an
+ * anchor two boxes share. Sorted by (anchor, box), every chunk is patched once, and
+ * equal anchors come in box order, so the last write is the later box's. */
+static int apply_forced(Job *job) {
+    const Problem *p = job->p;
+    const int64_t N = p->gt_offsets[p->batch];
+    Forced *forced = malloc(sizeof(Forced) * (size_t)(N + 1));
+    if (!forced) return 1;
+    for (int64_t image = 0; image < p->batch; ++image) {
+        const int64_t g0 = p->gt_offsets[image];
+        int64_t count = 0;
+        for (int64_t g = g0; g < p->gt_offsets[image + 1]; ++g) {
+            const int64_t a = job->box_best[g];
+            if (!box_qualifies(job, g) || anchor_excluded(p, image, a)) continue;
+            const float *an = p->anchors + 4 * a;
+            if (p->border_limits && p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
+                continue; /* stays ignored */
+            forced[count++] = (Forced){a, g - g0};
+        }
+        qsort(forced, (size_t)count, sizeof(Forced), by_anchor_then_box);
+        for (int64_t i = 0; i < count;) {
+            Chunk c;
+            int8_t label[CHUNK];
+            int32_t match[CHUNK];
+            uint8_t changed[CHUNK];
+            open_chunk(p, image, forced[i].anchor / CHUNK, &c);
+            read_chunk(job, &c, label, match);
+            memset(changed, 0, (size_t)c.n);
+            for (; i < count && forced[i].anchor < c.start + c.n; ++i) {
+                const int64_t k = forced[i].anchor - c.start;
+                label[k] = POSITIVE;
+                match[k] = (int32_t)forced[i].box;
+                changed[k] = 1;
+            }
+            commit_chunk(job, job->rows ? &job->rows[job->threads] : NULL, &c, label, match, changed);
+        }
+    }
+    free(forced);
+    return 0;
 }
 
 /* ---- threads -------------------------------------------------------------------------- */
 
+/* Items a thread takes at a time: most items of a sparse solve are skipped in a few
+ * nanoseconds, less than an atomic increment and a division cost. */
+#define ITEMS_PER_TAKE 8
+
 static void *worker_main(void *arg) {
     Worker *w = (Worker *)arg;
     Job *job = w->job;
+    const int64_t chunks = job->chunks_per_image;
     for (;;) {
-        int64_t item = atomic_fetch_add(&job->next_item, 1);
-        if (item >= job->num_items) break;
-        /* image-major order: each thread meets its items in increasing anchor order */
-        w->body(job, w->thread, item / job->chunks_per_image, item % job->chunks_per_image);
+        const int64_t first = atomic_fetch_add(&job->next_item, ITEMS_PER_TAKE);
+        if (first >= job->num_items) break;
+        const int64_t last = first + ITEMS_PER_TAKE < job->num_items ? first + ITEMS_PER_TAKE : job->num_items;
+        int64_t image = first / chunks, chunk = first % chunks;
+        for (int64_t item = first; item < last; ++item) {
+            /* Each thread meets an image's chunks in decreasing anchor order: generated
+             * anchors come in levels from small to large, and a box's best IoU is usually
+             * with larger anchors than most it touches, so seeing those first lets pass 1
+             * skip the rest sooner. */
+            w->body(job, w->thread, image, chunks - 1 - chunk);
+            if (++chunk == chunks) {
+                chunk = 0;
+                ++image;
+            }
+        }
     }
     return NULL;
 }
@@ -483,7 +805,127 @@ static void run_parallel(Job *job, int threads, void (*body)(Job *, int, int64_t
         if (started[t]) pthread_join(ids[t], NULL);
 }
 
-/* ---- entry point ---------------------------------------------------------------------- */
+/* ---- one solve ------------------------------------------------------------------------ */
+
+/* What IoU 0 makes an included anchor (the thresholds' rule, as decide_chunk applies it). */
+static int8_t label_of_zero_iou(const Problem *p) {
+    const int above = p->strict_high ? 0.0f > p->high : 0.0f >= p->high;
+    const int below = p->strict_high ? 0.0f <= p->low : 0.0f < p->low;
+    return above ? POSITIVE : below ? NEGATIVE : IGNORED;
+}
+
+static void free_job(Job *job) {
+    if (!job) return;
+    if (job->rows)
+        for (int t = 0; t < 2 * job->threads; ++t) {
+            free(job->rows[t].pos);
+            free(job->rows[t].ign);
+        }
+    free(job->partials); free(job->part_max); free(job->part_best); free(job->box_max); free(job->box_best); free(job->chunk_reach);
+    free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
+    free(job);
+}
+
+/* A job with its scratch (and, when sparse, its rows); NULL when memory ran out. */
+static Job *new_job(const Problem *p, int sparse) {
+    const int64_t A = p->num_anchors, B = p->batch, N = p->gt_offsets[B];
+    const int64_t chunks = (A + CHUNK - 1) / CHUNK;
+    Job *job = calloc(1, sizeof(Job));
+    if (!job) return NULL;
+    int threads = p->num_threads > 0 ? p->num_threads : 1;
+    if (chunks * B < threads) threads = (int)(chunks * B > 0 ? chunks * B : 1);
+    job->p = p;
+    job->threads = threads;
+    job->chunks_per_image = chunks;
+    job->num_items = chunks * B;
+    job->zero_label = label_of_zero_iou(p);
+    /* Only an anchor's best IoU at or above both thresholds changes its label (below them
+     * it is negative, excluded or not). Its exact value is an output with max_iou, and
+     * its box with detectron2's dense matches. */
+    const int exact = !sparse && (p->max_iou || p->low_quality == LQ_DETECTRON2);
+    const float threshold = p->low < p->high ? p->low : p->high;
+    job->iou_floor = exact || threshold < 0.0f ? 0.0f : threshold;
+    job->partials = malloc(sizeof(BoxPartial) * (size_t)threads);
+    job->part_max = malloc(sizeof(float) * (size_t)(threads * N + 1));
+    job->part_best = malloc(sizeof(int32_t) * (size_t)(threads * N + 1));
+    job->box_max = malloc(sizeof(float) * (size_t)(N + 1));
+    job->box_best = malloc(sizeof(int32_t) * (size_t)(N + 1));
+    job->chunk_reach = malloc(sizeof(float) * (size_t)(job->num_items + 1));
+    int ok = job->partials && job->part_max && job->part_best && job->box_max && job->box_best && job->chunk_reach;
+    if (ok && sparse) {
+        job->rows = calloc((size_t)(2 * threads), sizeof(Rows));
+        job->items = malloc(sizeof(ItemRows) * (size_t)(job->num_items + 1));
+        job->pos_start = malloc(sizeof(int64_t) * (size_t)(job->num_items + 1));
+        job->ign_start = malloc(sizeof(int64_t) * (size_t)(job->num_items + 1));
+        ok = job->rows && job->items && job->pos_start && job->ign_start;
+    }
+    if (!ok) {
+        free_job(job);
+        return NULL;
+    }
+    for (int64_t j = 0; j < threads * N; ++j) {
+        job->part_max[j] = -1.0f; /* nothing above 0 seen yet */
+        job->part_best[j] = 0;
+    }
+    for (int t = 0; t < threads; ++t)
+        job->partials[t] = (BoxPartial){job->part_max + t * N, job->part_best + t * N};
+    return job;
+}
+
+/* Pass 1, merge, pass 2, ssd_forced. Returns 0, or 1 when memory ran out. */
+static int run_passes(Job *job) {
+    const Problem *p = job->p;
+    const int64_t N = p->gt_offsets[p->batch];
+    if (p->num_anchors == 0) return 0;
+    run_parallel(job, job->threads, pass1_item);
+
+    /* merge: best IoU per box, lowest anchor index among equal maxima */
+    for (int64_t g = 0; g < N; ++g) {
+        float m = -1.0f;
+        int32_t at = 0;
+        for (int t = 0; t < job->threads; ++t) {
+            float v = job->partials[t].max[g];
+            int32_t i = job->partials[t].best[g];
+            if (v > m || (v == m && i < at)) { m = v; at = i; }
+        }
+        job->box_max[g] = m;
+        job->box_best[g] = at;
+    }
+
+    const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
+                      p->low_quality == LQ_MMDET;
+    if (lifts) run_parallel(job, job->threads, pass2_item);
+    if (p->low_quality == LQ_SSD_FORCED && apply_forced(job)) return 1;
+    if (job->rows)
+        for (int t = 0; t < 2 * job->threads; ++t)
+            if (job->rows[t].failed) return 1;
+    return 0;
+}
+
+/* ---- entry points --------------------------------------------------------------------- */
+
+/* Each block of 64 anchors' bounds (min x1, min y1, max x2, max y2, least and greatest
+ * area); out: [ceil(A / 64), 6]. Computed once per anchor set by the caller (it reads
+ * every anchor, which costs more than a sparse solve of a COCO-like image). */
+void tritarget_cpu_block_bounds(const float *anchors, int64_t num_anchors, float *out) {
+    for (int64_t s = 0; s < num_anchors; s += BLOCK) {
+        const int64_t n = num_anchors - s < BLOCK ? num_anchors - s : BLOCK;
+        const float *a = anchors + 4 * s;
+        float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
+        float lo_area = INFINITY, hi_area = -INFINITY;
+        for (int64_t k = 0; k < n; ++k) {
+            const float area = (a[4 * k + 2] - a[4 * k]) * (a[4 * k + 3] - a[4 * k + 1]);
+            lo_x = a[4 * k] < lo_x ? a[4 * k] : lo_x;
+            lo_y = a[4 * k + 1] < lo_y ? a[4 * k + 1] : lo_y;
+            hi_x = a[4 * k + 2] > hi_x ? a[4 * k + 2] : hi_x;
+            hi_y = a[4 * k + 3] > hi_y ? a[4 * k + 3] : hi_y;
+            lo_area = area < lo_area ? area : lo_area;
+            hi_area = area > hi_area ? area : hi_area;
+        }
+        float *o = out + BOUNDS * (s / BLOCK);
+        o[0] = lo_x; o[1] = lo_y; o[2] = hi_x; o[3] = hi_y; o[4] = lo_area; o[5] = hi_area;
+    }
+}
 
 /* Ask Linux for transparent huge pages on a large output buffer before its first touch:
  * a fresh batch of outputs (93 MB for 16 RetinaNet images) otherwise costs one page
@@ -501,118 +943,86 @@ static void advise_huge_pages(void *data, size_t bytes) {
 #endif
 }
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated. */
+/* Dense targets into p's outputs. Returns 0 on success, 1 when scratch memory could not
+ * be allocated. */
 int tritarget_cpu_solve(const Problem *p) {
-    const int64_t A = p->num_anchors, B = p->batch;
-    const int64_t N = p->gt_offsets[B];
-    int threads = p->num_threads > 0 ? p->num_threads : 1;
-    const int64_t chunks = (A + CHUNK - 1) / CHUNK;
-    if (chunks * B < threads) threads = (int)(chunks * B > 0 ? chunks * B : 1);
-
-    Job job;
-    job.p = p;
-    job.chunks_per_image = chunks;
-    job.num_items = chunks * B;
-    job.partials = calloc((size_t)threads, sizeof(BoxPartial));
-    float *part_max = malloc(sizeof(float) * (size_t)(threads * N + 1));
-    int32_t *part_best = malloc(sizeof(int32_t) * (size_t)(threads * N + 1));
-    job.chunk_reach = malloc(sizeof(float) * (size_t)(job.num_items + 1));
-    job.chunk_bounds = malloc(sizeof(float) * 4 * (size_t)(job.num_items + 1));
-    if (!job.partials || !part_max || !part_best || !job.chunk_reach || !job.chunk_bounds) {
-        free(job.partials); free(part_max); free(part_best); free(job.chunk_reach); free(job.chunk_bounds);
-        return 1;
-    }
-    for (int64_t j = 0; j < threads * N; ++j) {
-        part_max[j] = -1.0f; /* no included anchor seen: torch's max over all -1 is (-1, 0) */
-        part_best[j] = 0;
-    }
-    for (int t = 0; t < threads; ++t) job.partials[t] = (BoxPartial){part_max + t * N, part_best + t * N};
-
-    const size_t cells = (size_t)(A * B);
+    Job *job = new_job(p, 0);
+    if (!job) return 1;
+    const size_t cells = (size_t)(p->num_anchors * p->batch);
     advise_huge_pages(p->labels, cells);
     advise_huge_pages(p->matched, cells * sizeof(int32_t));
     advise_huge_pages(p->deltas, cells * 4 * sizeof(float));
     if (p->classes) advise_huge_pages(p->classes, cells * sizeof(int32_t));
     if (p->max_iou) advise_huge_pages(p->max_iou, cells * sizeof(float));
-
-    if (A > 0) run_parallel(&job, threads, pass1_item);
-
-    /* merge: best IoU per box, lowest anchor index among equal maxima */
-    for (int64_t g = 0; g < N; ++g) {
-        float m = -1.0f;
-        int32_t at = 0;
-        for (int t = 0; t < threads; ++t) {
-            float v = job.partials[t].max[g];
-            int32_t i = job.partials[t].best[g];
-            if (v > m || (v == m && i < at)) { m = v; at = i; }
-        }
-        p->box_max[g] = m;
-        p->box_best[g] = at;
-    }
-
-    const int lifts = p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2 ||
-                      p->low_quality == LQ_MMDET;
-    if (A > 0 && lifts) run_parallel(&job, threads, pass2_item);
-
-    if (p->low_quality == LQ_SSD_FORCED && A > 0) {
-        /* in box order, so the later box keeps an anchor two boxes share */
-        for (int64_t image = 0; image < B; ++image) {
-            for (int64_t g = p->gt_offsets[image]; g < p->gt_offsets[image + 1]; ++g) {
-                const int64_t a = p->box_best[g];
-                Chunk one;
-                load_chunk(p, a, 1, &one);
-                mark_excluded(p, image, &one);
-                if (box_qualifies(p, g) && !one.excluded[0]) {
-                    uint8_t positive = 1;
-                    int8_t label = POSITIVE;
-                    int32_t match = (int32_t)(g - p->gt_offsets[image]);
-                    write_chunk(p, image, a, 1, &positive, &label, &match);
-                }
-            }
-        }
-    }
-    free(job.partials); free(part_max); free(part_best); free(job.chunk_reach); free(job.chunk_bounds);
-    return 0;
+    const int failed = run_passes(job);
+    free_job(job);
+    return failed;
 }
 
-/* ---- sparse form ---------------------------------------------------------------------- */
-
-/* How many anchors of each image are positive and how many ignored.
- * labels: [batch, num_anchors]; positives, ignored: [batch]. */
-void tritarget_cpu_count_sparse(const int8_t *labels, int64_t batch, int64_t num_anchors, int64_t *positives,
-                                int64_t *ignored) {
-    for (int64_t i = 0; i < batch; ++i) {
-        const int8_t *row = labels + i * num_anchors;
-        int64_t pos = 0, ign = 0;
-        for (int64_t a = 0; a < num_anchors; ++a) {
-            pos += row[a] == POSITIVE;
-            ign += row[a] == IGNORED;
-        }
-        positives[i] = pos;
-        ignored[i] = ign;
+/* The sparse form, first half: solves, writes each image's row offsets
+ * (pos_offsets/ign_offsets [B + 1]: image i owns rows [off[i], off[i + 1]) of the
+ * positive/ignored outputs) and returns the solved job for tritarget_cpu_emit_sparse,
+ * which the caller must call once (or tritarget_cpu_free_sparse) while p and its
+ * inputs are alive. NULL when memory ran out. */
+Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t *ign_offsets) {
+    Job *job = new_job(p, 1);
+    if (!job) return NULL;
+    if (run_passes(job)) {
+        free_job(job);
+        return NULL;
     }
+    int64_t pos = 0, ign = 0;
+    for (int64_t item = 0; item < job->num_items; ++item) {
+        if (item % job->chunks_per_image == 0) {
+            pos_offsets[item / job->chunks_per_image] = pos;
+            ign_offsets[item / job->chunks_per_image] = ign;
+        }
+        job->pos_start[item] = pos;
+        job->ign_start[item] = ign;
+        pos += job->items[item].npos;
+        ign += job->items[item].nign;
+    }
+    for (int64_t image = job->chunks_per_image == 0 ? 0 : p->batch; image <= p->batch; ++image) {
+        pos_offsets[image] = pos; /* the end, and every image's start when there are no anchors */
+        ign_offsets[image] = ign;
+    }
+    return job;
 }
 
-/* The positives (anchor index, matched box, deltas, class) and the ignored anchors of a
- * dense result, image after image, ascending anchor index within an image: the rows of
- * SparseTargets, sized by tritarget_cpu_count_sparse. classes/pos_classes may be NULL. */
-void tritarget_cpu_gather_sparse(const int8_t *labels, const int32_t *matched, const float *deltas,
-                                 const int32_t *classes, int64_t batch, int64_t num_anchors, int32_t *pos_anchors,
-                                 int32_t *pos_matched, float *pos_deltas, int32_t *pos_classes,
-                                 int32_t *ign_anchors) {
-    int64_t p = 0, q = 0;
-    for (int64_t i = 0; i < batch; ++i) {
-        for (int64_t a = 0; a < num_anchors; ++a) {
-            const int64_t r = i * num_anchors + a;
-            if (labels[r] == POSITIVE) {
-                pos_anchors[p] = (int32_t)a;
-                pos_matched[p] = matched[r];
-                memcpy(pos_deltas + 4 * p, deltas + 4 * r, 4 * sizeof(float));
-                if (classes) pos_classes[p] = classes[r];
-                ++p;
-            } else if (labels[r] == IGNORED) {
-                ign_anchors[q++] = (int32_t)a;
-            }
-        }
+static void emit_item(Job *job, int thread, int64_t image, int64_t chunk) {
+    (void)thread;
+    const Problem *p = job->p;
+    const int64_t item = image * job->chunks_per_image + chunk;
+    const ItemRows *it = &job->items[item];
+    const int64_t g0 = p->gt_offsets[image];
+    int64_t o = job->pos_start[item];
+    for (int32_t i = 0; i < it->npos; ++i, ++o) {
+        const PositiveRow row = it->rows->pos[it->pos_at + i];
+        job->out_pos_anchors[o] = row.anchor;
+        job->out_pos_matched[o] = row.box;
+        encode_one(p, p->gt_boxes + 4 * (g0 + row.box), p->anchors + 4 * row.anchor, job->out_pos_deltas + 4 * o);
+        if (job->out_pos_classes) job->out_pos_classes[o] = p->gt_classes[g0 + row.box];
     }
+    if (it->nign)
+        memcpy(job->out_ign_anchors + job->ign_start[item], it->rows->ign + it->ign_at, sizeof(int32_t) * (size_t)it->nign);
 }
+
+/* The sparse form, second half: every image's positives (anchor, matched box, deltas,
+ * class) and ignored anchors, ascending anchor index within an image, into outputs
+ * sized by the offsets; pos_classes is NULL when there are no classes. Frees the job. */
+void tritarget_cpu_emit_sparse(Job *job, int32_t *pos_anchors, int32_t *pos_matched, float *pos_deltas,
+                               int32_t *pos_classes, int32_t *ign_anchors) {
+    job->out_pos_anchors = pos_anchors;
+    job->out_pos_matched = pos_matched;
+    job->out_pos_deltas = pos_deltas;
+    job->out_pos_classes = pos_classes;
+    job->out_ign_anchors = ign_anchors;
+    int64_t rows = 0;
+    for (int t = 0; t < 2 * job->threads; ++t) rows += job->rows[t].npos + job->rows[t].nign;
+    const int64_t wanted = 1 + rows / EMIT_ROWS_PER_THREAD;
+    run_parallel(job, wanted < job->threads ? (int)wanted : job->threads, emit_item);
+    free_job(job);
+}
+
+/* Frees a job from tritarget_cpu_solve_sparse without emitting it. */
+void tritarget_cpu_free_sparse(Job *job) { free_job(job); }
