@@ -33,7 +33,7 @@ import weakref
 
 import torch
 
-from .config import LOW_QUALITY_MODES
+from .config import LOW_QUALITY_MODES, TargetConfig
 from .cpu_build import load_library
 from .problem import Problem
 from .targets import SparseTargets, Targets
@@ -41,7 +41,9 @@ from .targets import SparseTargets, Targets
 __all__ = ["solve", "solve_sparse"]
 
 _F32_4 = ctypes.c_float * 4
-_BLOCK, _BLOCK_BOUNDS = 64, 6  # anchors per skipping block, and its bounds' size (BLOCK, BOUNDS in cpu_kernel.c)
+# Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
+# BLOCK, CHUNK, BOUNDS).
+_BLOCK, _CHUNK, _BOUNDS = 64, 512, 6
 
 
 class _CProblem(ctypes.Structure):
@@ -49,7 +51,7 @@ class _CProblem(ctypes.Structure):
 
     _fields_ = [
         ("anchors", ctypes.c_void_p),
-        ("block_bounds", ctypes.c_void_p),
+        ("bounds", ctypes.c_void_p),
         ("gt_boxes", ctypes.c_void_p),
         ("gt_offsets", ctypes.c_void_p),
         ("gt_classes", ctypes.c_void_p),
@@ -88,10 +90,10 @@ def _library() -> ctypes.CDLL:
     pointer, size, problem = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_CProblem)
     signatures = {
         "tritarget_cpu_solve": ([problem], ctypes.c_int),
-        "tritarget_cpu_solve_sparse": ([problem, pointer, pointer], pointer),
+        "tritarget_cpu_solve_sparse": ([problem, pointer, pointer, pointer], pointer),
         "tritarget_cpu_emit_sparse": ([pointer] * 6, None),
         "tritarget_cpu_free_sparse": ([pointer], None),
-        "tritarget_cpu_block_bounds": ([pointer, size, pointer], None),
+        "tritarget_cpu_bounds": ([pointer, size, pointer], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(library, name)
@@ -103,7 +105,7 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-# anchors -> (weak reference, version, block bounds), most recent last. Generated anchors
+# anchors -> (weak reference, version, bounds), most recent last. Generated anchors
 # are one cached tensor per config and canvas, so a training loop computes its bounds once
 # (reading all 201,600 RetinaNet anchors takes ~0.2 ms, more than a sparse solve of a
 # COCO-like image). The tensor's version counter changes with every in-place write, so
@@ -112,14 +114,16 @@ _BOUNDS_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 _BOUNDS_KEPT = 4
 
 
-def _block_bounds(anchors: torch.Tensor) -> torch.Tensor:
-    """Tensor[ceil(A / 64), 6] float32: each block of 64 anchors' bounding box and area range."""
+def _bounds(anchors: torch.Tensor) -> torch.Tensor:
+    """Tensor[ceil(A / 64) + ceil(A / 512), 6] float32: each block's, then each chunk's,
+    bounding box and area range."""
     key = id(anchors)
     cached = _BOUNDS_CACHE.get(key)
     if cached is not None and cached[0]() is anchors and cached[1] == anchors._version:
         return cached[2]
-    bounds = torch.empty((anchors.shape[0] + _BLOCK - 1) // _BLOCK, _BLOCK_BOUNDS, dtype=torch.float32)
-    _library().tritarget_cpu_block_bounds(anchors.data_ptr(), anchors.shape[0], bounds.data_ptr())
+    count = anchors.shape[0]
+    bounds = torch.empty(-(-count // _BLOCK) - (-count // _CHUNK), _BOUNDS, dtype=torch.float32)
+    _library().tritarget_cpu_bounds(anchors.data_ptr(), count, bounds.data_ptr())
     _BOUNDS_CACHE.pop(key, None)
     while len(_BOUNDS_CACHE) >= _BOUNDS_KEPT:
         _BOUNDS_CACHE.pop(next(iter(_BOUNDS_CACHE)))
@@ -141,37 +145,48 @@ def _border_limits(problem: Problem) -> torch.Tensor | None:
     return limits.to(torch.float32).contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _config_arguments(config: TargetConfig) -> _CProblem:
+    """The kernel arguments a config decides (copied for each call)."""
+    match, encode = config.match, config.encode
+    return _CProblem(
+        high=match.high, low=match.low, min_pos_iou=match.min_pos_iou, ignore_iof_thr=match.ignore_iof_thr,
+        strict_high=match.strict_high, low_quality=LOW_QUALITY_MODES.index(match.low_quality),
+        iof_wrt_anchor=match.ignore_iof_wrt_anchor, border_post=match.border_order == "post_match",
+        weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
+        background_class=config.background_class,
+    )  # fmt: skip
+
+
+def _raw(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row-major memory of that dtype: the tensor itself for a Problem from build_problem,
+    which already checked and converted everything."""
+    return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
+
+
 class _Inputs:
-    """A problem as the kernel reads it: raw row-major float32 / int64 / int32 memory (no
-    copies for a Problem from build_problem, which already checked and converted
-    everything). Holds the tensors the ``args`` structure points into."""
+    """A problem as the kernel reads it; holds the tensors ``args`` points into."""
 
     def __init__(self, problem: Problem):
         if problem.device.type != "cpu":
             raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
-        config = problem.config
-        match, encode = config.match, config.encode
-        self.anchors = problem.anchors.to(torch.float32).contiguous()
-        self.block_bounds = _block_bounds(self.anchors)
-        self.gt_boxes = problem.gt_boxes.to(torch.float32).contiguous()
-        self.gt_offsets = problem.gt_offsets.to(torch.int64).contiguous()
-        self.gt_classes = None if problem.gt_classes is None else problem.gt_classes.to(torch.int32).contiguous()
-        self.ignore_boxes = problem.ignore_boxes.to(torch.float32).contiguous()
-        self.ignore_offsets = problem.ignore_offsets.to(torch.int64).contiguous()
+        self.anchors = _raw(problem.anchors, torch.float32)
+        self.bounds = _bounds(self.anchors)
+        self.gt_boxes = _raw(problem.gt_boxes, torch.float32)
+        self.gt_offsets = _raw(problem.gt_offsets, torch.int64)
+        self.gt_classes = None if problem.gt_classes is None else _raw(problem.gt_classes, torch.int32)
+        self.ignore_boxes = _raw(problem.ignore_boxes, torch.float32)
+        self.ignore_offsets = _raw(problem.ignore_offsets, torch.int64)
         self.border_limits = _border_limits(problem)
-        self.args = _CProblem(
-            anchors=_pointer(self.anchors), block_bounds=_pointer(self.block_bounds),
-            gt_boxes=_pointer(self.gt_boxes), gt_offsets=_pointer(self.gt_offsets),
-            gt_classes=_pointer(self.gt_classes), ignore_boxes=_pointer(self.ignore_boxes),
-            ignore_offsets=_pointer(self.ignore_offsets), border_limits=_pointer(self.border_limits),
-            num_anchors=problem.num_anchors, batch=problem.batch_size,
-            high=match.high, low=match.low, min_pos_iou=match.min_pos_iou, ignore_iof_thr=match.ignore_iof_thr,
-            strict_high=match.strict_high, low_quality=LOW_QUALITY_MODES.index(match.low_quality),
-            use_ignore=match.ignore_iof_thr >= 0 and self.ignore_boxes.shape[0] > 0,
-            iof_wrt_anchor=match.ignore_iof_wrt_anchor, border_post=match.border_order == "post_match",
-            weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
-            background_class=config.background_class, num_threads=torch.get_num_threads(),
-        )  # fmt: skip
+        args = self.args = _CProblem.from_buffer_copy(_config_arguments(problem.config))
+        args.anchors, args.bounds = self.anchors.data_ptr(), self.bounds.data_ptr()
+        args.gt_boxes, args.gt_offsets = self.gt_boxes.data_ptr(), self.gt_offsets.data_ptr()
+        args.gt_classes = _pointer(self.gt_classes)
+        args.ignore_boxes, args.ignore_offsets = self.ignore_boxes.data_ptr(), self.ignore_offsets.data_ptr()
+        args.border_limits = _pointer(self.border_limits)
+        args.num_anchors, args.batch = problem.num_anchors, problem.batch_size
+        args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and self.ignore_boxes.shape[0] > 0
+        args.num_threads = torch.get_num_threads()
 
 
 def solve(problem: Problem) -> Targets:
@@ -200,13 +215,14 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     batch = problem.batch_size
     positive_offsets = torch.empty(batch + 1, dtype=torch.int64)
     ignored_offsets = torch.empty(batch + 1, dtype=torch.int64)
+    totals = (ctypes.c_int64 * 2)()  # positives, ignored: cheaper to read than a tensor element
     job = library.tritarget_cpu_solve_sparse(
-        ctypes.byref(inputs.args), positive_offsets.data_ptr(), ignored_offsets.data_ptr()
+        ctypes.byref(inputs.args), positive_offsets.data_ptr(), ignored_offsets.data_ptr(), totals
     )
     if not job:
         raise MemoryError("the CPU kernel could not allocate its scratch memory")
+    positives, ignored = totals
     try:
-        positives, ignored = int(positive_offsets[-1]), int(ignored_offsets[-1])
         anchors = torch.empty(positives, dtype=torch.int32)
         matched = torch.empty(positives, dtype=torch.int32)
         deltas = torch.empty(positives, 4, dtype=torch.float32)

@@ -25,7 +25,7 @@
  * RetinaNet image has ~200 rows where the dense form writes 5 MB.
  *
  * Skipping: anchors come in blocks of 64 whose bounding boxes the caller computes once
- * per anchor set (tritarget_cpu_block_bounds). A box that misses a block has IoU exactly
+ * per anchor set (tritarget_cpu_bounds). A box that misses a block has IoU exactly
  * 0 with each of its anchors, so the block is neither read nor computed for that box;
  * a sparse solve does not even open a chunk that no box, ignore region or border rule
  * touches when IoU 0 makes an anchor negative (the usual case: a COCO-like image reads
@@ -72,7 +72,7 @@ enum { POSITIVE = 1, NEGATIVE = 0, IGNORED = -1 };
 typedef struct {
     /* inputs */
     const float *anchors;        /* [A, 4] x1 y1 x2 y2, finite (build_problem refuses others) */
-    const float *block_bounds;   /* [ceil(A / BLOCK), BOUNDS] from tritarget_cpu_block_bounds */
+    const float *bounds;         /* [ceil(A / BLOCK) + ceil(A / CHUNK), BOUNDS] from tritarget_cpu_bounds */
     const float *gt_boxes;       /* [N, 4] */
     const int64_t *gt_offsets;   /* [B + 1] */
     const int32_t *gt_classes;   /* [N] or NULL */
@@ -226,7 +226,7 @@ typedef struct {
     int64_t image, start, n;
     int nblocks;
     const float *block_bounds; /* [nblocks][BOUNDS] */
-    float bounds[BOUNDS];      /* of the whole chunk */
+    const float *bounds;       /* [BOUNDS] of the whole chunk */
     unsigned loaded;           /* bit j: block j's coordinates are below */
     unsigned inside;           /* bit j: block j is wholly inside the border limits (or there are none) */
     float x1[CHUNK], y1[CHUNK], x2[CHUNK], y2[CHUNK], area[CHUNK];
@@ -238,20 +238,9 @@ static void open_chunk(const Problem *p, int64_t image, int64_t chunk, Chunk *c)
     c->start = chunk * CHUNK;
     c->n = (p->num_anchors - c->start) < CHUNK ? (p->num_anchors - c->start) : CHUNK;
     c->nblocks = (int)((c->n + BLOCK - 1) / BLOCK);
-    c->block_bounds = p->block_bounds + BOUNDS * (c->start / BLOCK);
+    c->block_bounds = p->bounds + BOUNDS * (c->start / BLOCK);
+    c->bounds = p->bounds + BOUNDS * ((p->num_anchors + BLOCK - 1) / BLOCK + chunk);
     c->loaded = 0;
-    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY, lo_a = INFINITY, hi_a = -INFINITY;
-    for (int j = 0; j < c->nblocks; ++j) {
-        const float *bb = c->block_bounds + BOUNDS * j;
-        lo_x = bb[0] < lo_x ? bb[0] : lo_x;
-        lo_y = bb[1] < lo_y ? bb[1] : lo_y;
-        hi_x = bb[2] > hi_x ? bb[2] : hi_x;
-        hi_y = bb[3] > hi_y ? bb[3] : hi_y;
-        lo_a = bb[4] < lo_a ? bb[4] : lo_a;
-        hi_a = bb[5] > hi_a ? bb[5] : hi_a;
-    }
-    float *cb = c->bounds;
-    cb[0] = lo_x; cb[1] = lo_y; cb[2] = hi_x; cb[3] = hi_y; cb[4] = lo_a; cb[5] = hi_a;
     c->inside = (1u << c->nblocks) - 1;
     if (p->border_limits) {
         const float *lim = p->border_limits + 4 * image;
@@ -390,13 +379,13 @@ static int reserve(void **data, int64_t *cap, int64_t need, size_t size) {
     return 1;
 }
 
-/* Sparse: append the positives and ignored anchors of a chunk's blocks in `live` (every
+/* Sparse: append the positives and ignored anchors of a chunk's blocks in `blocks` (every
  * other anchor is negative) to r, and point the item at them. */
-static void store_rows(Job *job, Rows *r, const Chunk *c, unsigned live, const int8_t *label, const int32_t *match) {
+static void store_rows(Job *job, Rows *r, const Chunk *c, unsigned blocks, const int8_t *label, const int32_t *match) {
     const int64_t item = c->image * job->chunks_per_image + c->start / CHUNK;
     int32_t npos = 0, nign = 0;
     for (int j = 0; j < c->nblocks; ++j) {
-        if (!(live & (1u << j))) continue;
+        if (!(blocks & (1u << j))) continue;
         for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k) {
             npos += label[k] == POSITIVE;
             nign += label[k] == IGNORED;
@@ -411,7 +400,7 @@ static void store_rows(Job *job, Rows *r, const Chunk *c, unsigned live, const i
         return;
     }
     for (int j = 0; j < c->nblocks; ++j) {
-        if (!(live & (1u << j))) continue;
+        if (!(blocks & (1u << j))) continue;
         for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k) {
             if (label[k] == POSITIVE) r->pos[r->npos++] = (PositiveRow){(int32_t)(c->start + k), match[k]};
             else if (label[k] == IGNORED) r->ign[r->nign++] = (int32_t)(c->start + k);
@@ -454,10 +443,11 @@ static void commit_chunk(Job *job, Rows *r, const Chunk *c, const int8_t *label,
 
 /* ---- pass 1 --------------------------------------------------------------------------- */
 
-/* Labels and matches of a chunk's blocks in `live` from the thresholds alone (pass 2 adds
- * low-quality lifts), then the "post_match" border rule; written out (dense: every block
- * is live) or stored as rows. best: each anchor's best IoU; argmax: its best box. */
-static void decide_chunk(Job *job, int thread, const Chunk *c, unsigned live, const float *best,
+/* Labels and matches of a chunk's blocks in `blocks` (the others are negative) from the
+ * thresholds alone (pass 2 adds low-quality lifts), then the "post_match" border rule;
+ * written out (dense: every block) or stored as rows. best: each anchor's best IoU;
+ * argmax: its best box. */
+static void decide_chunk(Job *job, int thread, const Chunk *c, unsigned blocks, const float *best,
                          const int32_t *argmax) {
     const Problem *p = job->p;
     const int no_boxes = p->gt_offsets[c->image + 1] == p->gt_offsets[c->image];
@@ -468,7 +458,7 @@ static void decide_chunk(Job *job, int thread, const Chunk *c, unsigned live, co
     int8_t label[CHUNK];
     int32_t match[CHUNK];
     for (int j = 0; j < c->nblocks; ++j) {
-        if (!(live & (1u << j))) continue;
+        if (!(blocks & (1u << j))) continue;
         const int64_t k0 = (int64_t)j * BLOCK, m = block_end(c, j) - k0;
         if (no_boxes) { /* included anchors are negative */
             memset(above, 0, BLOCK);
@@ -501,7 +491,7 @@ static void decide_chunk(Job *job, int thread, const Chunk *c, unsigned live, co
         }
     }
     if (job->rows) {
-        store_rows(job, &job->rows[thread], c, live, label, match);
+        store_rows(job, &job->rows[thread], c, blocks, label, match);
         return;
     }
     if (p->max_iou) memcpy(p->max_iou + c->image * p->num_anchors + c->start, best, sizeof(float) * (size_t)c->n);
@@ -536,7 +526,15 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     } masked;
 
     mark_excluded(p, &c); /* loads the blocks where some anchor may be excluded */
+    /* live: blocks whose best IoUs are computed (all without the sparse shortcut); decided:
+     * blocks where an anchor may not be negative: an exclusion, the border, or an IoU at
+     * or above iou_floor */
     unsigned live = untouched_negative ? (c.loaded | ~c.inside) & all : all;
+    unsigned decided = live;
+    union {
+        float f;
+        int32_t i;
+    } floor_bits = {job->iou_floor};
     /* Box 0 gives every anchor an IoU >= 0 and argmax 0 first, so starting from (0, 0) and
      * skipping the zero IoUs of blocks a box misses (never strictly greater) is the same. */
     for (int j = 0; j < c.nblocks; ++j) {
@@ -575,6 +573,7 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
                 masked.f[k] = c.excluded[k] ? -1.0f : v;
                 block_top = masked.i[k] > block_top ? masked.i[k] : block_top;
             }
+            if (block_top >= floor_bits.i) decided |= 1u << j;
             if (block_top > top) {
                 top = block_top;
                 top_block = j;
@@ -598,13 +597,14 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
     float reach = 0.0f; /* an anchor outside the live blocks is included with IoU 0 */
     for (int j = 0; j < c.nblocks; ++j) {
         if (!(live & (1u << j))) continue;
+#pragma omp simd reduction(max : reach)
         for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
             float r = c.excluded[k] ? -1.0f : best[k];
             reach = r > reach ? r : reach;
         }
     }
     job->chunk_reach[item] = reach;
-    decide_chunk(job, thread, &c, live, best, arg);
+    decide_chunk(job, thread, &c, decided, best, arg);
 }
 
 /* ---- pass 2: low-quality lifts ------------------------------------------------------- */
@@ -652,58 +652,68 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
 
     Chunk c;
     open_chunk(p, image, chunk, &c);
-    const int64_t n = c.n;
     uint8_t lifted[CHUNK];
     int32_t lift_box[CHUNK];
-    mark_excluded(p, &c);
-    for (int64_t k = 0; k < n; ++k) {
-        lifted[k] = 0;
-        lift_box[k] = -1;
-    }
+    unsigned tied = 0; /* blocks with a lifted anchor */
+    int prepared = 0;
     for (; g < g1; ++g) {
         if (!box_may_lift(job, g, reach)) continue;
         const float *b = p->gt_boxes + 4 * g;
         const float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
         const float barea = (bx2 - bx1) * (by2 - by1);
         const float target = job->box_max[g];
-        if (box_skips(c.bounds, b, barea, target)) continue;
+        if (box_skips(c.bounds, b, barea, target)) continue; /* only IoUs equal to target > 0 matter */
+        if (!prepared) {
+            prepared = 1;
+            mark_excluded(p, &c);
+            memset(lifted, 0, (size_t)c.n);
+        }
         const int32_t local = (int32_t)(g - g0);
-        for (int j = 0; j < c.nblocks; ++j) { /* only IoUs equal to target > 0 matter */
+        for (int j = 0; j < c.nblocks; ++j) {
             if (box_skips(c.block_bounds + BOUNDS * j, b, barea, target)) continue;
             load_block(p, &c, j);
+            uint8_t any = 0;
             for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
                 float v = iou_one(bx1, by1, bx2, by2, barea, c.x1[k], c.y1[k], c.x2[k], c.y2[k], c.area[k]);
-                int tie = (v == target) & !c.excluded[k];
-                lifted[k] |= (uint8_t)tie;
+                uint8_t tie = (v == target) & !c.excluded[k];
+                lifted[k] |= tie;
                 lift_box[k] = tie ? local : lift_box[k]; /* mmdet: the later box overwrites */
+                any |= tie;
             }
+            tied |= (unsigned)any << j;
         }
     }
+    if (!tied) return;
+
     int8_t label[CHUNK];
     int32_t match[CHUNK];
     uint8_t changed[CHUNK];
-    int any = 0;
+    int any_change = 0;
     read_chunk(job, &c, label, match);
-    memset(changed, 0, (size_t)n);
+    memset(changed, 0, (size_t)c.n);
     const float *lim = p->border_limits && p->border_post ? p->border_limits + 4 * image : NULL;
-    for (int64_t k = 0; k < n; ++k) {
-        if (!lifted[k]) continue;
-        if (lim && !anchor_inside(lim, c.x1[k], c.y1[k], c.x2[k], c.y2[k])) continue; /* stays ignored */
-        const int was_positive = label[k] == POSITIVE;
-        int32_t m;
-        if (p->low_quality == LQ_MMDET) { /* matched to the box it ties (the last one) */
-            m = lift_box[k];
-            if (was_positive && match[k] == m) continue;
-        } else { /* torchvision / detectron2: matched to its own best box */
-            if (was_positive) continue;
-            m = best_box(p, &c, k);
+    for (int j = 0; j < c.nblocks; ++j) {
+        if (!(tied & (1u << j))) continue;
+        for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
+            if (!lifted[k]) continue;
+            if (lim && !anchor_inside(lim, c.x1[k], c.y1[k], c.x2[k], c.y2[k])) continue; /* stays ignored */
+            const int was_positive = label[k] == POSITIVE;
+            int32_t m;
+            if (p->low_quality == LQ_MMDET) { /* matched to the box it ties (the last one) */
+                m = lift_box[k];
+                if (was_positive && match[k] == m) continue;
+            } else { /* torchvision / detectron2: matched to its own best box */
+                if (was_positive) continue;
+                m = best_box(p, &c, k);
+            }
+            label[k] = POSITIVE;
+            match[k] = m;
+            changed[k] = 1;
+            any_change = 1;
         }
-        label[k] = POSITIVE;
-        match[k] = m;
-        changed[k] = 1;
-        any = 1;
     }
-    if (any) commit_chunk(job, job->rows ? &job->rows[job->threads + thread] : NULL, &c, label, match, changed);
+    if (any_change)
+        commit_chunk(job, job->rows ? &job->rows[job->threads + thread] : NULL, &c, label, match, changed);
 }
 
 /* ---- ssd_forced ----------------------------------------------------------------------- */
@@ -904,27 +914,33 @@ static int run_passes(Job *job) {
 
 /* ---- entry points --------------------------------------------------------------------- */
 
-/* Each block of 64 anchors' bounds (min x1, min y1, max x2, max y2, least and greatest
- * area); out: [ceil(A / 64), 6]. Computed once per anchor set by the caller (it reads
- * every anchor, which costs more than a sparse solve of a COCO-like image). */
-void tritarget_cpu_block_bounds(const float *anchors, int64_t num_anchors, float *out) {
-    for (int64_t s = 0; s < num_anchors; s += BLOCK) {
-        const int64_t n = num_anchors - s < BLOCK ? num_anchors - s : BLOCK;
-        const float *a = anchors + 4 * s;
-        float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
-        float lo_area = INFINITY, hi_area = -INFINITY;
-        for (int64_t k = 0; k < n; ++k) {
-            const float area = (a[4 * k + 2] - a[4 * k]) * (a[4 * k + 3] - a[4 * k + 1]);
-            lo_x = a[4 * k] < lo_x ? a[4 * k] : lo_x;
-            lo_y = a[4 * k + 1] < lo_y ? a[4 * k + 1] : lo_y;
-            hi_x = a[4 * k + 2] > hi_x ? a[4 * k + 2] : hi_x;
-            hi_y = a[4 * k + 3] > hi_y ? a[4 * k + 3] : hi_y;
-            lo_area = area < lo_area ? area : lo_area;
-            hi_area = area > hi_area ? area : hi_area;
-        }
-        float *o = out + BOUNDS * (s / BLOCK);
-        o[0] = lo_x; o[1] = lo_y; o[2] = hi_x; o[3] = hi_y; o[4] = lo_area; o[5] = hi_area;
+static void bounds_of(const float *anchors, int64_t n, float *out) {
+    float lo_x = INFINITY, lo_y = INFINITY, hi_x = -INFINITY, hi_y = -INFINITY;
+    float lo_area = INFINITY, hi_area = -INFINITY;
+    for (int64_t k = 0; k < n; ++k) {
+        const float *a = anchors + 4 * k;
+        const float area = (a[2] - a[0]) * (a[3] - a[1]);
+        lo_x = a[0] < lo_x ? a[0] : lo_x;
+        lo_y = a[1] < lo_y ? a[1] : lo_y;
+        hi_x = a[2] > hi_x ? a[2] : hi_x;
+        hi_y = a[3] > hi_y ? a[3] : hi_y;
+        lo_area = area < lo_area ? area : lo_area;
+        hi_area = area > hi_area ? area : hi_area;
     }
+    out[0] = lo_x; out[1] = lo_y; out[2] = hi_x; out[3] = hi_y; out[4] = lo_area; out[5] = hi_area;
+}
+
+/* The bounds (min x1, min y1, max x2, max y2, least and greatest area) of each block of
+ * 64 anchors, then of each chunk of 512; out: [ceil(A / 64) + ceil(A / 512), 6].
+ * Computed once per anchor set by the caller (it reads every anchor, which costs more
+ * than a sparse solve of a COCO-like image). */
+void tritarget_cpu_bounds(const float *anchors, int64_t num_anchors, float *out) {
+    const int64_t blocks = (num_anchors + BLOCK - 1) / BLOCK;
+    for (int64_t s = 0; s < num_anchors; s += BLOCK)
+        bounds_of(anchors + 4 * s, num_anchors - s < BLOCK ? num_anchors - s : BLOCK, out + BOUNDS * (s / BLOCK));
+    for (int64_t s = 0; s < num_anchors; s += CHUNK)
+        bounds_of(anchors + 4 * s, num_anchors - s < CHUNK ? num_anchors - s : CHUNK,
+                  out + BOUNDS * (blocks + s / CHUNK));
 }
 
 /* Ask Linux for transparent huge pages on a large output buffer before its first touch:
@@ -961,10 +977,11 @@ int tritarget_cpu_solve(const Problem *p) {
 
 /* The sparse form, first half: solves, writes each image's row offsets
  * (pos_offsets/ign_offsets [B + 1]: image i owns rows [off[i], off[i + 1]) of the
- * positive/ignored outputs) and returns the solved job for tritarget_cpu_emit_sparse,
+ * positive/ignored outputs) and totals[2] (their sizes), and returns the solved job for
+ * tritarget_cpu_emit_sparse,
  * which the caller must call once (or tritarget_cpu_free_sparse) while p and its
  * inputs are alive. NULL when memory ran out. */
-Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t *ign_offsets) {
+Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t *ign_offsets, int64_t *totals) {
     Job *job = new_job(p, 1);
     if (!job) return NULL;
     if (run_passes(job)) {
@@ -986,6 +1003,8 @@ Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t 
         pos_offsets[image] = pos; /* the end, and every image's start when there are no anchors */
         ign_offsets[image] = ign;
     }
+    totals[0] = pos;
+    totals[1] = ign;
     return job;
 }
 
