@@ -292,14 +292,214 @@ def assert_sparse_equal(ours, ref, delta_tolerance=0.0):
             assert torch.equal(a, b), name
 
 
+# The sparse solve never builds the dense targets: it keeps rows per chunk, skips blocks
+# by IoU bounds, and has its own pass-2 and ssd_forced patching. Every rule is checked
+# against the reference's dense result compacted, and against the dense CPU solve (the
+# same encoding code: deltas bit for bit).
+
+
+def assert_sparse_solve_matches(problem, threads: tuple[int, ...] = (1, 2)) -> None:
+    ref = reference.solve(problem).to_sparse()
+    before = torch.get_num_threads()
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            ours = cpu.solve_sparse(problem)
+            assert_sparse_equal(ours, ref, delta_tolerance=1e-6)
+            assert_sparse_equal(ours, cpu.solve(problem).to_sparse())
+    finally:
+        torch.set_num_threads(before)
+
+
+def sparse_problem(boxes, counts, canvas, config, **kwargs):
+    """Invalid boxes (``with_ties`` may snap a box off the canvas) are dropped."""
+    return build_problem(boxes, counts, canvas, config, drop_invalid=True, **kwargs)[0]
+
+
 @pytest.mark.parametrize("with_classes", [True, False])
-@pytest.mark.parametrize("preset", ["retinanet_torchvision", "retinanet_detectron2", "ssd300_torchvision"])
-def test_sparse_form_equals_the_dense_one_compacted(preset, with_classes, generator):
+@pytest.mark.parametrize("preset", presets.names())
+def test_sparse_solve_every_preset(preset, with_classes, generator):
     canvas = (97, 131)
-    boxes, counts = random_batch(generator, [3, 0, 11], canvas)
+    boxes, counts = random_batch(generator, [3, 0, 11, 1], canvas)
     classes = classes_for(boxes, generator) if with_classes else None
-    problem, _ = build_problem(boxes, counts, canvas, presets.get(preset), gt_classes=classes)
-    assert_sparse_equal(cpu.solve_sparse(problem), cpu.solve(problem).to_sparse())
+    config = presets.get(preset).replace(**{"match.sample_size": 0})  # sampling happens after the solve
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, gt_classes=classes))
+
+
+@pytest.mark.parametrize("strict_high", [False, True])
+@pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_sparse_solve_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [0, 2, 7, 16], canvas)
+    boxes = with_ties(boxes, generator)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS,
+        match=MatchConfig(high=0.5, low=1 / 3, strict_high=strict_high, low_quality=low_quality,
+                          min_pos_iou=min_pos_iou),
+    )  # fmt: skip
+    problem = sparse_problem(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
+    assert_sparse_solve_matches(problem)
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_sparse_solve_boxes_sharing_best_anchors(low_quality):
+    canvas = (64, 64)
+    boxes = torch.tensor(
+        [[8, 8, 24, 24], [8, 8, 24, 24], [10, 10, 22, 22], [40, 40, 56, 56], [8, 8, 24, 24], [1, 1, 3, 3]],
+        dtype=torch.float32,
+    )
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(high=0.7, low=0.3, low_quality=low_quality))
+    assert_sparse_solve_matches(sparse_problem(boxes, [6], canvas, config), threads=(1, 3))
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_sparse_solve_empty_images(low_quality, generator):
+    """Images without boxes (every anchor negative, or ignored in a region) beside others."""
+    canvas = (97, 131)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, ignore_iof_thr=0.5))
+    boxes, counts = random_batch(generator, [0, 0, 5, 0], canvas)
+    ignore, ignore_counts = random_batch(generator, [0, 2, 1, 0], canvas, max_frac=0.4)
+    problem = sparse_problem(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts)
+    assert_sparse_solve_matches(problem)
+    none = sparse_problem(torch.zeros(0, 4), [0, 0], canvas, config)
+    sparse = cpu.solve_sparse(none)
+    assert sparse.positive_offsets.tolist() == [0, 0, 0] and sparse.ignored_anchors.numel() == 0
+
+
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
+def test_sparse_solve_crowded_images(low_quality, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [230, 0, 301], canvas, max_frac=0.3)
+    boxes[:120] = with_ties(boxes[:120], generator)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
+    problem = sparse_problem(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
+    assert_sparse_solve_matches(problem, threads=(1, 3))
+
+
+@pytest.mark.parametrize("wrt_anchor", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
+def test_sparse_solve_ignore_regions(low_quality, threshold, wrt_anchor, generator):
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [6, 0, 9], canvas)
+    ignore, ignore_counts = random_batch(generator, [2, 3, 0], canvas, max_frac=0.4)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS,
+        match=MatchConfig(low_quality=low_quality, ignore_iof_thr=threshold, ignore_iof_wrt_anchor=wrt_anchor),
+    )
+    problem = sparse_problem(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts)
+    assert_sparse_solve_matches(problem)
+
+
+@pytest.mark.parametrize("order", ["pre_match", "post_match"])
+@pytest.mark.parametrize("border", [0.0, 4.5, 32.0])
+@pytest.mark.parametrize("low_quality", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
+def test_sparse_solve_border_rules(low_quality, border, order, generator):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 0, 11], canvas)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=border, border_order=order)
+    )
+    sizes = [[97, 131], [60, 131], [80, 100]]
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, image_sizes=sizes))
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_sparse_solve_explicit_anchors(low_quality, generator):
+    canvas = (120, 150)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=1.0)
+    anchors[::97, 2] = anchors[::97, 0] + 0.01  # a hundredth of a pixel wide
+    boxes, counts = random_batch(generator, [4, 0, 10], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=2.0))
+    problem = sparse_problem(boxes, counts, canvas, config, anchors=anchors, gt_classes=classes_for(boxes, generator))
+    assert_sparse_solve_matches(problem)
+
+
+def test_sparse_solve_sees_explicit_anchors_changed_in_place(generator):
+    """Block bounds are cached per anchor tensor: an in-place edit must not reuse them."""
+    canvas = (120, 150)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
+    boxes, counts = random_batch(generator, [6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    anchors[:350] = anchors[:350].flip(0) + 3.0  # other anchors where the cached bounds say none are
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    counts=st.lists(st.integers(0, 24), min_size=1, max_size=4),
+    ties=st.booleans(),
+    classes=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    mode=st.sampled_from(LOW_QUALITY_MODES),
+    strict_high=st.booleans(),
+    high=st.sampled_from([0.25, 1 / 3, 0.5, 0.7, 1.0]),
+    low_fraction=st.sampled_from([0.0, 0.5, 0.8, 1.0]),
+    min_pos_iou=st.sampled_from([0.0, 0.2, 0.5]),
+    border=st.sampled_from([-1.0, 0.0, 6.0]),
+    order=st.sampled_from(["pre_match", "post_match"]),
+    ignore_thr=st.sampled_from([-1.0, 0.0, 0.3]),
+)
+def test_sparse_solve_random_configurations(
+    seed, counts, ties, classes, threads, mode, strict_high, high, low_fraction, min_pos_iou, border, order, ignore_thr
+):
+    generator = torch.Generator().manual_seed(seed)
+    canvas = (64 + seed % 37, 96 + seed % 53)
+    boxes, counts = random_batch(generator, counts, canvas)
+    if ties:
+        boxes = with_ties(boxes, generator)
+    ignore, ignore_counts = random_batch(generator, [seed % 3 for _ in counts], canvas, max_frac=0.3)
+    sizes = [[canvas[0] - (seed + i) % 20, canvas[1] - (seed * i) % 30] for i in range(len(counts))]
+    match = MatchConfig(
+        high=high, low=high * low_fraction, strict_high=strict_high, low_quality=mode, min_pos_iou=min_pos_iou,
+        allowed_border=border, border_order=order, ignore_iof_thr=ignore_thr, ignore_iof_wrt_anchor=seed % 2 == 0,
+    )  # fmt: skip
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=match, background_class=-7)
+    problem = sparse_problem(
+        boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator) if classes else None,
+        ignore_boxes=ignore, ignore_counts=ignore_counts, image_sizes=sizes,
+    )  # fmt: skip
+    assert_sparse_solve_matches(problem, threads=(threads,))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_sparse_solve_full_size_coco_like(seed):
+    """RetinaNet anchors on the COCO canvas: the block skipping at the scale it is for."""
+    boxes, counts, classes = coco_like_batch(2, seed=seed)
+    problem = sparse_problem(boxes, counts, COCO_CANVAS, presets.get("retinanet_torchvision"), gt_classes=classes)
+    assert_sparse_solve_matches(problem)
+
+
+def test_sparse_solve_full_size_crowd_and_many_rows():
+    """G = 200 against the dense CPU solve (tested against the reference above), and an
+    ignore region over the whole canvas: 201,600 ignored rows, emitted by several threads."""
+    config = presets.get("retinanet_mmdet").replace(**{"match.ignore_iof_thr": 0.5})
+    boxes, counts, classes = coco_like_batch(1, seed=5, boxes_per_image=200)
+    whole = torch.tensor([[0.0, 0.0, float(COCO_CANVAS[1]), float(COCO_CANVAS[0])]])
+    before = torch.get_num_threads()
+    try:
+        for ignore, ignore_counts in ((torch.zeros(0, 4), [0]), (whole, [1])):
+            problem = sparse_problem(
+                boxes, counts, COCO_CANVAS, config, gt_classes=classes, ignore_boxes=ignore, ignore_counts=ignore_counts
+            )
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert_sparse_equal(cpu.solve_sparse(problem), cpu.solve(problem).to_sparse())
+    finally:
+        torch.set_num_threads(before)
+    assert cpu.solve_sparse(problem).ignored_anchors.numel() > 100_000  # emitted by two threads
+
+
+def test_sparse_solve_never_builds_dense_targets(generator, monkeypatch):
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 2], canvas)
+    config = presets.get("retinanet_torchvision")
+    expected = assign(boxes, counts, canvas, config, backend="cpu").to_sparse()
+    monkeypatch.setattr(cpu, "solve", lambda problem: pytest.fail("the sparse path built dense targets"))
+    assert_sparse_equal(assign_sparse(boxes, counts, canvas, config, backend="cpu"), expected)
 
 
 def test_assign_sparse_on_cpu_equals_the_reference(generator):
@@ -342,15 +542,16 @@ _PEAK_PROBE = textwrap.dedent(
     """
     import json, resource, sys
     import torch
-    from tritarget.kernels import assign, presets
+    from tritarget.kernels import assign, assign_sparse, presets
     from tritarget.kernels.workload import coco_like_batch
 
     backend, height, width, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    call = assign_sparse if sys.argv[5] == "sparse" else assign
     config = presets.get("retinanet_torchvision")
     boxes, counts, classes = coco_like_batch(1, seed=0, canvas=(height, width), boxes_per_image=count)
     small, small_counts, small_classes = coco_like_batch(1, seed=1, canvas=(height, width), boxes_per_image=2)
     # Warm up: anchors, the compiled kernel, torch's allocator.
-    assign(small, small_counts, (height, width), config, gt_classes=small_classes, backend=backend)
+    call(small, small_counts, (height, width), config, gt_classes=small_classes, backend=backend)
 
     def peak_kib():
         with open("/proc/self/status") as status:
@@ -363,15 +564,15 @@ _PEAK_PROBE = textwrap.dedent(
         print(json.dumps({"growth": None, "anchors": 0}))
         sys.exit(0)
     before = peak_kib()
-    targets = assign(boxes, counts, (height, width), config, gt_classes=classes, backend=backend)
+    targets = call(boxes, counts, (height, width), config, gt_classes=classes, backend=backend)
     print(json.dumps({"growth": (peak_kib() - before) * 1024, "anchors": targets.num_anchors}))
     """
 )
 
 
-def peak_growth(backend: str, canvas: tuple[int, int], count: int) -> tuple[int, int]:
+def peak_growth(backend: str, canvas: tuple[int, int], count: int, form: str = "dense") -> tuple[int, int]:
     done = subprocess.run(
-        [sys.executable, "-c", _PEAK_PROBE, backend, str(canvas[0]), str(canvas[1]), str(count)],
+        [sys.executable, "-c", _PEAK_PROBE, backend, str(canvas[0]), str(canvas[1]), str(count), form],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -391,6 +592,14 @@ def test_memory_is_flat_in_the_number_of_boxes():
     matrix = 1000 * anchors * 4
     outputs = anchors * (1 + 4 + 16 + 4 + 4)  # labels, matched, deltas, classes, max IoU
     assert growth < outputs + 32 * 2**20, f"peak grew by {growth / 2**20:.0f} MiB ([G, A] is {matrix / 2**20:.0f} MiB)"
+
+
+@needs_proc
+def test_sparse_call_never_touches_dense_sized_memory():
+    """assign_sparse at full RetinaNet size, G = 1000: its scratch and rows grow the peak far
+    less than the dense outputs alone (25 bytes per anchor: 5 MB) would."""
+    growth, anchors = peak_growth("cpu", COCO_CANVAS, 1000, form="sparse")
+    assert growth < anchors * 25 / 4, f"peak grew by {growth / 2**20:.1f} MiB"
 
 
 @needs_proc
