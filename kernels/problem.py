@@ -11,8 +11,8 @@ zero-IoU anchor positive.
 
 A call costs little besides the backend: generated anchors come from a cache (one
 copy per config, canvas and device), boxes are checked where they live with one
-value pair read back, and the small integer tensors reach the device in one copy.
-The host looks at boxes one by one only when some box is invalid.
+read-back per call, and the small integer tensors reach the device in one copy.
+The host looks at boxes one by one only when some box may be invalid.
 """
 
 from __future__ import annotations
