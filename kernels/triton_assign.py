@@ -1,36 +1,52 @@
 """The fused Triton kernels: anchors, IoU, max-IoU matching and encoding.
 
-Reading order: the tuning constants, the small ``@triton.jit`` building blocks
-(anchor from index, IoU, exclusion rules), then the two passes of DESIGN §5:
+The design evaluates only the box-anchor pairs that overlap, box by box, and keeps one
+packed key per anchor; ``triton_backend`` launches the stages in this order:
 
-* ``box_max_kernel`` (pass 1, only for low-quality modes): per box, the best IoU over
-  the included anchors of its image and the lowest anchor index reaching it, reduced
-  across programs by ``atomic_max`` on one int64 key ``(IoU bits << 32) | (2^31 - 1 -
-  anchor)``: a larger key is a larger IoU, then a lower anchor index.
-* ``assign_kernel`` (pass 2): per anchor, its best box (lowest index on ties),
-  thresholds, the low-quality rule, ignore regions, the border rule, encoding and
-  every write, plus per-block counts for the sparse compaction
-  (``tritarget.kernels.triton_compact``).
+1. ``segments_kernel`` -- per (box, level, cell shape), the rectangle of cells whose
+   anchor of that shape intersects the box, in closed form: a generated anchor's edges
+   ``((i + offset) * factor + cell) * scale`` grow with the cell index ``i``, so the cells
+   whose right edge passes the box's left edge and whose left edge stays before the
+   box's right edge form a range, found by binary search on the exact float32 formula.
+   Every pair outside the rectangles has intersection 0, hence IoU exactly 0; every
+   pair inside has a positive width and height. The rectangles are cut into chunks of
+   ``BLOCK_P`` pairs, and a ``cumsum`` of the chunk counts orders all chunks of the batch.
+   Explicit anchors have no such structure: a box's "rectangle" is all its image's anchors.
+2. ``pairs_kernel`` (stage ``SCATTER``) -- persistent programs walk contiguous ranges of
+   that chunk order (one binary search to start, then segment after segment), so a
+   1000-pixel box and a 10-pixel one cost in proportion to their pairs. For each pair
+   with IoU > 0 it folds ``(IoU bits << 32) | (2^31 - 1 - box)`` into the anchor's key
+   with ``atomic_max`` (highest IoU, then the lowest box index), skipping the atomic
+   when the key already read is as large; and, for the low-quality modes, it folds
+   ``(IoU bits << 32) | (2^31 - 1 - anchor)`` over the included anchors into the box's
+   key (highest IoU, then the lowest anchor index).
+3. Low-quality matching, once every box's best IoU is known: stage ``LIFT`` of
+   ``pairs_kernel`` walks the same chunks of the boxes that qualify and marks, per anchor,
+   the highest box index whose best IoU it reaches (``atomic_max`` of box + 1);
+   ``ssd_forced`` needs no walk: ``forced_kernel`` marks each box's best anchor.
+4. ``finalize_kernel`` -- per anchor, reads its key and mark, applies thresholds, the
+   low-quality rule, ignore regions and the border rule, encodes the positives and
+   writes the dense targets (``OUTPUT_DENSE``), or counts positives and ignored anchors
+   per block (``OUTPUT_COUNT``) and, after ``scan_kernel`` has turned the counts into
+   output rows, writes the sparse lists straight away (``OUTPUT_SPARSE``): dense targets
+   never exist on the sparse path.
 
-Both kernels stream: a program holds ``BLOCK_A`` anchors and walks its image's boxes
-``BLOCK_G`` at a time, so memory is O(A + G) and any number of boxes per image works.
-One launch covers the whole ragged batch: axis 0 of the grid is the anchor block,
-axis 1 the image, and ``gt_offsets`` give each image's rows. A chunk of boxes none of
-which touches the block's bounding box has IoU exactly 0 with all its anchors; both
-passes then skip its IoU tile (pass 2 unless a box of the chunk has best IoU 0, which
-lifts zero-IoU anchors). Encoding runs only in blocks that have a positive.
+Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
+which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
+is written by the program that reads its key, after a barrier), so it allocates
+nothing beyond its outputs; the sparse path allocates them. Per box: its key (8 bytes)
+and per (box, level, shape) a rectangle and a chunk count (24 bytes).
 
-Compile once: the matching rules (low-quality mode, strict threshold, ignore regions,
-border rule) and the optional outputs are runtime scalars, not ``tl.constexpr``. Every
-constexpr combination is a separate compilation (about a second each), and a rule's
-branch is the same for every thread of a program (a uniform scalar branch), so it
-costs a few instructions, not divergence. Only the anchor source (generated or
-explicit: a different pointer) and the block sizes are compile-time.
+Compile once: the matching rules and optional outputs are runtime scalars, not
+``tl.constexpr``, since every constexpr combination is a separate compilation and a
+rule's branch is uniform within a program. Only the anchor source (generated or
+explicit), the stage and the block sizes are compile-time.
 
-Exactness: IoU, IoF and the anchor formula are evaluated in float32 in the
-reference's operation order, with IEEE division (``tl.div_rn``; Triton's ``/`` may be
-approximate on GPU) and launched with ``enable_fp_fusion=False`` (no mul+add
-contraction into FMA), so labels and matched indices equal the reference bit for bit.
+Exactness: IoU, IoF and the anchor formula are evaluated in float32 in the reference's
+operation order, with IEEE division (``tl.div_rn``) and launched with
+``enable_fp_fusion=False`` (no mul+add contraction into FMA), so labels and matched
+indices equal the reference bit for bit. Keys are only ever raised, so a stale key
+read before an ``atomic_max`` can only cause a redundant atomic, never a lost one.
 """
 
 from __future__ import annotations
@@ -45,15 +61,24 @@ __all__ = [
     "BORDER_POST",
     "LEVEL_INT_FIELDS",
     "LEVEL_FLOAT_FIELDS",
-    "box_max_kernel",
-    "assign_kernel",
+    "SHAPE_INT_FIELDS",
+    "SHAPE_FLOAT_FIELDS",
+    "STAGE_SCATTER",
+    "STAGE_LIFT",
+    "OUTPUT_DENSE",
+    "OUTPUT_COUNT",
+    "OUTPUT_SPARSE",
+    "segments_kernel",
+    "pairs_kernel",
+    "forced_kernel",
+    "finalize_kernel",
+    "scan_kernel",
 ]
 
 # Low-quality modes as kernel codes (MatchConfig.low_quality -> code).
 LOW_QUALITY_CODES = {"none": 0, "torchvision": 1, "detectron2": 2, "mmdet": 3, "ssd_forced": 4}
 _LQ_TORCHVISION = tl.constexpr(1)
 _LQ_DETECTRON2 = tl.constexpr(2)
-_LQ_SSD_FORCED = tl.constexpr(4)
 
 # Border rule (MatchConfig.allowed_border / border_order) as kernel codes.
 BORDER_OFF = 0
@@ -62,11 +87,21 @@ BORDER_POST = 2
 _BORDER_PRE = tl.constexpr(1)
 _BORDER_POST = tl.constexpr(2)
 
+STAGE_SCATTER = 0
+STAGE_LIFT = 1
+_STAGE_SCATTER = tl.constexpr(0)
+OUTPUT_DENSE = 0
+OUTPUT_COUNT = 1
+OUTPUT_SPARSE = 2
+_OUTPUT_DENSE = tl.constexpr(0)
+_OUTPUT_COUNT = tl.constexpr(1)
+
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
 # as a constant, which would bring back one compilation per combination.
-_PASS1_SWITCHES = ["num_levels", "shape_major", "use_ignore", "ignore_wrt_anchor", "border_rule"]
-_PASS2_SWITCHES = [*_PASS1_SWITCHES, "low_quality", "strict_high", "background_class"]
-_PASS2_SWITCHES += ["has_classes", "want_max_iou", "count_sparse"]
+_RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "low_quality"]
+_PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div"]
+_FINALIZE_SWITCHES = [*_RULES, "num_levels", "shape_major", "strict_high", "background_class", "has_classes"]
+_FINALIZE_SWITCHES += ["want_max_iou"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
@@ -77,42 +112,54 @@ LEVEL_FLOAT_FIELDS = 5
 _LEVEL_INT_FIELDS = tl.constexpr(6)
 _LEVEL_FLOAT_FIELDS = tl.constexpr(5)
 
-# A packed key's low half holds 2^31 - 1 - anchor (anchors per image < 2^31, checked
-# by the launcher), so that on equal IoU bits the lower anchor index gives the larger
-# key; an int32 literal keeps every operand signed.
+# A key's low half holds 2^31 - 1 - index (indices < 2^31, checked by the launcher), so
+# that on equal IoU bits the lower index gives the larger key. Key 0 means "no overlap".
 _INDEX_MASK = tl.constexpr(2**31 - 1)
-# Larger than any box index within an image: the neutral element of the tie "min".
-_NO_BOX = tl.constexpr(2**31 - 1)
+
+
+# --- anchors ---------------------------------------------------------------------------
 
 
 @triton.jit
-def _anchor_boxes(
-    anchor,
-    anchor_mask,
-    first_anchor,
-    end_anchor,
-    anchors_ptr,
-    level_int_ptr,
-    level_float_ptr,
-    cells_ptr,
-    num_levels,
-    shape_major,
-    GENERATE: tl.constexpr,
-):
-    """x1, y1, x2, y2 ([BLOCK_A] float32 each) of anchors by index within the image.
+def _level(level_int_ptr, level_float_ptr, lv):
+    """One level's table row (see LEVEL_INT_FIELDS / LEVEL_FLOAT_FIELDS)."""
+    ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
+    floats = level_float_ptr + lv * _LEVEL_FLOAT_FIELDS
+    return (
+        tl.load(ints),
+        tl.load(ints + 1).to(tl.int32),
+        tl.load(ints + 2).to(tl.int32),
+        tl.load(ints + 3).to(tl.int32),
+        tl.load(ints + 4).to(tl.int32),
+        tl.load(ints + 5).to(tl.int32),
+        tl.load(floats),
+        tl.load(floats + 1),
+        tl.load(floats + 2),
+        tl.load(floats + 3),
+        tl.load(floats + 4),
+    )
 
-    anchor: [BLOCK_A] int32 anchor indices, anchor_mask: which are real, and
-        [first_anchor, end_anchor) the range they span (scalars).
-    anchors_ptr: explicit anchors, [A, 4] float32 x1 y1 x2 y2 (read if not GENERATE).
-    level_int_ptr: [num_levels, 6] int64, level_float_ptr: [num_levels, 5] float32: the
-        per-level tables; cells_ptr: [sum K, 4] float32 cell-anchor offsets.
-    shape_major: 1 for yolo's [K, H, W] order within a level, 0 for [H, W, K].
 
-    Generated anchors follow tritarget.kernels.anchors exactly (float32, one rounding
-    per operation): cx = (x + offset) * factor (or / factor), then
-    ((cx, cy, cx, cy) + cell[k]) * (sx, sy, sx, sy), scale 1 where a layout has none.
-    Only the levels that the block overlaps are evaluated (one, at a level's end two):
-    the integer divisions that split an index into (cell, shape) are not cheap.
+@triton.jit
+def _center(i, offset, factor, center_div):
+    """Cell centres of int32 cell indices: (i + offset) * factor, or / factor (float32)."""
+    position = i.to(tl.float32) + offset
+    if center_div != 0:
+        center = tl.div_rn(position, factor)
+    else:
+        center = position * factor
+    return center
+
+
+@triton.jit
+def _block_anchor_boxes(anchor, anchor_mask, first_anchor, end_anchor, anchors_ptr, level_int_ptr,
+                        level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE: tl.constexpr):  # fmt: skip
+    """x1, y1, x2, y2 ([BLOCK_A] float32 each) of a block of consecutive anchors.
+
+    anchor: [BLOCK_A] int32 indices within the image; [first_anchor, end_anchor) the
+    range they span. Generated anchors follow tritarget.kernels.anchors exactly
+    (float32, one rounding per operation): ((cx, cy, cx, cy) + cell[k]) * (sx, sy, sx, sy).
+    Only the levels the block overlaps are evaluated (one, at a level's end two).
     """
     if GENERATE:
         x1 = tl.zeros(anchor.shape, tl.float32)
@@ -120,22 +167,11 @@ def _anchor_boxes(
         x2 = tl.zeros(anchor.shape, tl.float32)
         y2 = tl.zeros(anchor.shape, tl.float32)
         for lv in range(num_levels):
-            ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
-            start = tl.load(ints).to(tl.int32)
-            height = tl.load(ints + 1).to(tl.int32)
-            width = tl.load(ints + 2).to(tl.int32)
-            shapes = tl.load(ints + 3).to(tl.int32)
+            start, height, width, shapes, cell_row, center_div, offset, factor_x, factor_y, scale_x, scale_y = _level(
+                level_int_ptr, level_float_ptr, lv
+            )
             count = height * width * shapes
             if (start < end_anchor) & (start + count > first_anchor):
-                cell_row = tl.load(ints + 4).to(tl.int32)
-                center_div = tl.load(ints + 5)
-                floats = level_float_ptr + lv * _LEVEL_FLOAT_FIELDS
-                offset = tl.load(floats)
-                factor_x = tl.load(floats + 1)
-                factor_y = tl.load(floats + 2)
-                scale_x = tl.load(floats + 3)
-                scale_y = tl.load(floats + 4)
-
                 local = anchor - start
                 in_level = anchor_mask & (local >= 0) & (local < count)
                 local = tl.where(in_level, local, 0)
@@ -145,14 +181,8 @@ def _anchor_boxes(
                 else:
                     k = local % shapes
                     cell = local // shapes
-                px = (cell % width).to(tl.float32) + offset
-                py = (cell // width).to(tl.float32) + offset
-                if center_div != 0:
-                    cx = tl.div_rn(px, factor_x)
-                    cy = tl.div_rn(py, factor_y)
-                else:
-                    cx = px * factor_x
-                    cy = py * factor_y
+                cx = _center(cell % width, offset, factor_x, center_div)
+                cy = _center(cell // width, offset, factor_y, center_div)
                 row = cells_ptr + (cell_row + k) * 4
                 x1 = tl.where(in_level, (cx + tl.load(row, mask=in_level, other=0.0)) * scale_x, x1)
                 y1 = tl.where(in_level, (cy + tl.load(row + 1, mask=in_level, other=0.0)) * scale_y, y1)
@@ -168,8 +198,34 @@ def _anchor_boxes(
 
 
 @triton.jit
+def _first_cell(bound, cell_edge, offset, factor, scale, center_div, count, steps, INCLUSIVE: tl.constexpr):
+    """Per shape, the first cell i in [0, count] whose anchor edge
+    ``(centre(i) + cell_edge) * scale`` is > bound (>= bound if INCLUSIVE); count if none.
+
+    The edge grows with i (factor and scale are positive and float32 rounding is
+    monotonic), so a binary search on the exact formula finds it; ``steps`` >=
+    bit_length(count) iterations settle every lane.
+    """
+    lo = tl.zeros(cell_edge.shape, tl.int32) + tl.zeros(bound.shape, tl.int32)
+    hi = lo + count
+    for _step in range(steps):
+        mid = (lo + hi) // 2
+        edge = (_center(mid, offset, factor, center_div) + cell_edge) * scale
+        if INCLUSIVE:
+            past = edge >= bound
+        else:
+            past = edge > bound
+        open_ = lo < hi
+        hi = tl.where(open_ & past, mid, hi)
+        lo = tl.where(open_ & ~past, mid + 1, lo)
+    return lo
+
+
+# --- IoU and the rules -------------------------------------------------------------------
+
+
+@triton.jit
 def _intersection(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2):
-    """[BLOCK_G, BLOCK_A] intersection areas of boxes ([BLOCK_G, 1]) and anchors ([1, BLOCK_A])."""
     w = tl.maximum(tl.minimum(bx2, ax2) - tl.maximum(bx1, ax1), 0.0)
     h = tl.maximum(tl.minimum(by2, ay2) - tl.maximum(by1, ay1), 0.0)
     return w * h
@@ -177,7 +233,7 @@ def _intersection(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2):
 
 @triton.jit
 def _iou(bx1, by1, bx2, by2, box_area, ax1, ay1, ax2, ay2, anchor_area):
-    """[BLOCK_G, BLOCK_A] IoU in torchvision's order: inter / ((area_box + area_anchor) - inter), 0 where union is 0."""
+    """IoU in torchvision's order: inter / ((area_box + area_anchor) - inter), 0 where union is 0."""
     inter = _intersection(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2)
     union = box_area + anchor_area - inter
     positive = union > 0.0
@@ -185,66 +241,18 @@ def _iou(bx1, by1, bx2, by2, box_area, ax1, ay1, ax2, ay2, anchor_area):
 
 
 @triton.jit
-def _load_boxes(boxes_ptr, rows, mask):
-    """x1, y1, x2, y2, area as [BLOCK, 1] float32 of boxes ([N, 4] float32) at int64 ``rows``."""
-    row = boxes_ptr + rows * 4
-    x1 = tl.load(row, mask=mask, other=0.0)
-    y1 = tl.load(row + 1, mask=mask, other=0.0)
-    x2 = tl.load(row + 2, mask=mask, other=0.0)
-    y2 = tl.load(row + 3, mask=mask, other=0.0)
-    area = (x2 - x1) * (y2 - y1)
-    return x1[:, None], y1[:, None], x2[:, None], y2[:, None], area[:, None]
-
-
-@triton.jit
-def _extent(ax1, ay1, ax2, ay2, anchor_mask):
-    """Bounding box (4 scalars) of a block's real anchors."""
-    return (
-        tl.min(tl.where(anchor_mask, ax1, float("inf")), axis=0),
-        tl.min(tl.where(anchor_mask, ay1, float("inf")), axis=0),
-        tl.max(tl.where(anchor_mask, ax2, -float("inf")), axis=0),
-        tl.max(tl.where(anchor_mask, ay2, -float("inf")), axis=0),
-    )
-
-
-@triton.jit
-def _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
-    """Whether any box of a chunk ([BLOCK_G, 1] coordinates) may intersect the extent.
-
-    When none does, every intersection with the block's anchors is exactly 0 (min - max
-    of the edges is <= 0 on one axis, and float subtraction keeps that sign), so every
-    IoU is exactly 0 and the chunk's tile need not be computed.
-    """
-    touch = row_mask[:, None] & (bx1 < ex2) & (bx2 > ex1) & (by1 < ey2) & (by2 > ey1)
-    return tl.max(tl.max(touch.to(tl.int32), axis=1), axis=0) > 0
-
-
-@triton.jit
-def _excluded(
-    image,
-    ax1,
-    ay1,
-    ax2,
-    ay2,
-    anchor_area,
-    ignore_ptr,
-    ignore_offsets_ptr,
-    border_ptr,
-    ignore_iof_thr,
-    use_ignore,
-    ignore_wrt_anchor,
-    border_rule,
-    BLOCK_G: tl.constexpr,
-):
-    """(excluded, outside): [BLOCK_A] bool each.
+def _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr,
+              use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G: tl.constexpr):  # fmt: skip
+    """(excluded, outside), bool like ax1.
 
     excluded: taken out before matching -- IoF with an ignore box > ignore_iof_thr
         (mmdet; IoF over the anchor's area if ignore_wrt_anchor, else over the ignore
         box's), or across the border when border_rule is pre-match.
     outside: across the border (x1 >= -b, y1 >= -b, x2 < w + b, y2 < h + b fails).
-    ignore_ptr: [M, 4] float32 ignore boxes; ignore_offsets_ptr: [B + 1] int64.
-    border_ptr: [B, 3] float32 per image (-b, w + b, h + b), rounded to float32 as
-        torch rounds a Python scalar compared with a float32 tensor.
+    ignore_ptr: [M, 4] float32; ignore_offsets_ptr: [B + 1] int64; border_ptr: [B, 3]
+        float32 per image (-b, w + b, h + b), rounded to float32 as torch rounds a
+        Python scalar compared with a float32 tensor. Crowd regions are few per image:
+        each is tested against every anchor it is asked about, BLOCK_G at a time.
     """
     excluded = tl.zeros(ax1.shape, tl.int1)
     outside = tl.zeros(ax1.shape, tl.int1)
@@ -255,9 +263,13 @@ def _excluded(
         for m0 in range(start, end, BLOCK_G):
             rows = m0 + tl.arange(0, BLOCK_G).to(tl.int64)
             row_mask = rows < end
-            ix1, iy1, ix2, iy2, ignore_area = _load_boxes(ignore_ptr, rows, row_mask)
+            row = ignore_ptr + rows * 4
+            ix1 = tl.load(row, mask=row_mask, other=0.0)[:, None]
+            iy1 = tl.load(row + 1, mask=row_mask, other=0.0)[:, None]
+            ix2 = tl.load(row + 2, mask=row_mask, other=0.0)[:, None]
+            iy2 = tl.load(row + 3, mask=row_mask, other=0.0)[:, None]
             inter = _intersection(ix1, iy1, ix2, iy2, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :])
-            area = tl.where(ignore_wrt_anchor != 0, anchor_area[None, :], ignore_area)  # [BLOCK_G, BLOCK_A]
+            area = tl.where(ignore_wrt_anchor != 0, anchor_area[None, :], (ix2 - ix1) * (iy2 - iy1))
             has_area = area > 0.0
             iof = tl.where(has_area, tl.div_rn(inter, tl.where(has_area, area, 1.0)), 0.0)
             over = (iof > ignore_iof_thr) & row_mask[:, None]
@@ -272,111 +284,358 @@ def _excluded(
     return excluded, outside
 
 
+# --- 1. candidate rectangles -------------------------------------------------------------
+
+# Per-shape table layout (see triton_backend._level_tables), one row per (level, cell
+# shape) in level order: int32 columns (the anchor index of cell (0, 0), the index step
+# per cell along x and along y, width, height) and float32 columns (offset, factor_x,
+# factor_y, scale_x, scale_y, and the cell anchor x1, y1, x2, y2).
+SHAPE_INT_FIELDS = 5
+SHAPE_FLOAT_FIELDS = 9
+_SHAPE_INT_FIELDS = tl.constexpr(5)
+_SHAPE_FLOAT_FIELDS = tl.constexpr(9)
+
+
 @triton.jit
-def _block_anchors(
-    image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major,
-    ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
-    GENERATE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr,
-):  # fmt: skip
-    """The program's block of anchors, shared by both passes.
+def _shape_ints(shape_int_ptr, shape):
+    """The shape table's int columns for shape rows ``shape`` (any shape of int indices)."""
+    ints = shape_int_ptr + shape * _SHAPE_INT_FIELDS
+    return tl.load(ints), tl.load(ints + 1), tl.load(ints + 2), tl.load(ints + 3), tl.load(ints + 4)
 
-    Returns anchor indices [BLOCK_A], their mask, x1 y1 x2 y2 and area, and whether each
-    is excluded before matching / outside the border (see _anchor_boxes, _excluded).
+
+@triton.jit
+def _shape_floats(shape_float_ptr, shape):
+    """The shape table's float columns for shape rows ``shape``."""
+    floats = shape_float_ptr + shape * _SHAPE_FLOAT_FIELDS
+    return (
+        tl.load(floats), tl.load(floats + 1), tl.load(floats + 2), tl.load(floats + 3), tl.load(floats + 4),
+        tl.load(floats + 5), tl.load(floats + 6), tl.load(floats + 7), tl.load(floats + 8),
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_shapes", "center_div"])
+def segments_kernel(
+    gt_boxes_ptr,
+    gt_offsets_ptr,
+    shape_int_ptr,
+    shape_float_ptr,
+    rect_ptr,
+    pairs_ptr,
+    row_image_ptr,
+    num_rows,
+    batch,
+    num_anchors,
+    num_shapes,
+    center_div,
+    search_steps,
+    image_steps,
+    GENERATE: tl.constexpr,
+    ROWS: tl.constexpr,
+    SHAPES: tl.constexpr,
+):
+    """Per box row: each (level, cell shape)'s rectangle of overlapping cells.
+
+    gt_boxes_ptr: [N, 4] float32; gt_offsets_ptr: [B + 1] int64.
+    rect_ptr: [N, R, 4] int32 out (first x, cells along x, first y, cells along y) for
+        the R = num_shapes shape rows; pairs_ptr: [N, R] int64 out, nx * ny;
+        row_image_ptr: [N] int32 out, the image of each box row.
+    Explicit anchors (not GENERATE, R = 1): the rectangle is all anchors (x0 = 0,
+    nx = num_anchors, y0 = 0, ny = 1).
+    Grid: (cdiv(N, ROWS),), a [ROWS, SHAPES] tile per program; SHAPES >= R.
     """
-    first = block * BLOCK_A
-    anchor = first + tl.arange(0, BLOCK_A)
-    anchor_mask = anchor < num_anchors
-    ax1, ay1, ax2, ay2 = _anchor_boxes(
-        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr,
-        level_int_ptr, level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
-    )  # fmt: skip
-    anchor_area = (ax2 - ax1) * (ay2 - ay1)
-    excluded, outside = _excluded(
-        image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G,
-    )  # fmt: skip
-    return anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, outside
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    real_row = rows < num_rows
+    # The image owning each row: the last image whose first row is <= row.
+    lo = tl.zeros((ROWS,), tl.int64)
+    hi = lo + batch - 1
+    for _step in range(image_steps):
+        mid = (lo + hi + 1) // 2
+        before = tl.load(gt_offsets_ptr + mid) <= rows
+        open_ = lo < hi
+        hi = tl.where(open_ & ~before, mid - 1, hi)
+        lo = tl.where(open_ & before, mid, lo)
+    tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
+    shape = tl.arange(0, SHAPES)[None, :]
+    real = real_row[:, None] & (shape < num_shapes)
+    if GENERATE:
+        box = gt_boxes_ptr + rows[:, None] * 4
+        bx1 = tl.load(box, mask=real_row[:, None], other=0.0)
+        by1 = tl.load(box + 1, mask=real_row[:, None], other=0.0)
+        bx2 = tl.load(box + 2, mask=real_row[:, None], other=0.0)
+        by2 = tl.load(box + 3, mask=real_row[:, None], other=0.0)
+        shape_row = tl.where(shape < num_shapes, shape, 0)
+        _base, _step_x, _step_y, width, height = _shape_ints(shape_int_ptr, shape_row)
+        offset, factor_x, factor_y, scale_x, scale_y, c0, c1, c2, c3 = _shape_floats(shape_float_ptr, shape_row)
+        # Overlap along x: the anchor's x2 > bx1 and its x1 < bx2 (same along y).
+        x0 = _first_cell(bx1, c2, offset, factor_x, scale_x, center_div, width, search_steps, False)
+        x_end = _first_cell(bx2, c0, offset, factor_x, scale_x, center_div, width, search_steps, True)
+        y0 = _first_cell(by1, c3, offset, factor_y, scale_y, center_div, height, search_steps, False)
+        y_end = _first_cell(by2, c1, offset, factor_y, scale_y, center_div, height, search_steps, True)
+        nx = tl.maximum(x_end - x0, 0)
+        ny = tl.maximum(y_end - y0, 0)
+    else:
+        x0 = tl.zeros((ROWS, SHAPES), tl.int32)
+        y0 = x0
+        nx = x0 + num_anchors
+        ny = x0 + 1
+    seg = rows[:, None] * num_shapes + shape
+    tl.store(rect_ptr + seg * 4, x0, mask=real)
+    tl.store(rect_ptr + seg * 4 + 1, nx, mask=real)
+    tl.store(rect_ptr + seg * 4 + 2, y0, mask=real)
+    tl.store(rect_ptr + seg * 4 + 3, ny, mask=real)
+    tl.store(pairs_ptr + seg, nx.to(tl.int64) * ny, mask=real)
 
 
-@triton.jit(do_not_specialize=_PASS1_SWITCHES)
-def box_max_kernel(
+# --- 2./3. the pairs -----------------------------------------------------------------------
+
+
+@triton.jit
+def _last_segment(prefix_ptr, seg, seg_end, last_pair, num_segments):
+    """The last segment starting at or before ``last_pair``, searching forward from ``seg``
+    (which holds the chunk's first pair; ``seg_end`` = its end): galloping, then bisection,
+    so a chunk inside one long rectangle costs one probe."""
+    found = seg
+    if seg_end <= last_pair:
+        step = seg * 0 + 1
+        probe = tl.minimum(found + step, num_segments)
+        while (found + step < num_segments) & (tl.load(prefix_ptr + probe) <= last_pair):
+            found += step
+            step *= 2
+            probe = tl.minimum(found + step, num_segments)
+        hi = tl.minimum(found + step, num_segments) - 1
+        while found < hi:
+            mid = (found + hi + 1) // 2
+            before = tl.load(prefix_ptr + mid) <= last_pair
+            hi = tl.where(before, hi, mid - 1)
+            found = tl.where(before, mid, found)
+    return found
+
+
+@triton.jit
+def _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
+                    ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule):  # fmt: skip
+    """``_excluded`` where each lane may belong to another image (the pair kernels):
+    lane-parallel over anchors, one ignore box per lane at a time."""
+    excluded = tl.zeros(ax1.shape, tl.int1)
+    if use_ignore != 0:
+        start = tl.load(ignore_offsets_ptr + image)
+        count = tl.load(ignore_offsets_ptr + image + 1) - start
+        for m in range(0, tl.max(count, axis=0)):
+            has = m < count
+            row = ignore_ptr + (start + m) * 4
+            ix1 = tl.load(row, mask=has, other=0.0)
+            iy1 = tl.load(row + 1, mask=has, other=0.0)
+            ix2 = tl.load(row + 2, mask=has, other=0.0)
+            iy2 = tl.load(row + 3, mask=has, other=0.0)
+            inter = _intersection(ix1, iy1, ix2, iy2, ax1, ay1, ax2, ay2)
+            area = tl.where(ignore_wrt_anchor != 0, anchor_area, (ix2 - ix1) * (iy2 - iy1))
+            has_area = area > 0.0
+            iof = tl.where(has_area, tl.div_rn(inter, tl.where(has_area, area, 1.0)), 0.0)
+            excluded = excluded | (has & (iof > ignore_iof_thr))
+    if border_rule == _BORDER_PRE:
+        low = tl.load(border_ptr + image * 3)
+        high_x = tl.load(border_ptr + image * 3 + 1)
+        high_y = tl.load(border_ptr + image * 3 + 2)
+        excluded = excluded | ~((ax1 >= low) & (ay1 >= low) & (ax2 < high_x) & (ay2 < high_y))
+    return excluded
+
+
+@triton.jit(do_not_specialize=_PAIRS_SWITCHES)
+def pairs_kernel(
     # Pointers
     gt_boxes_ptr,
     gt_offsets_ptr,
-    box_key_ptr,
+    row_image_ptr,
+    rect_ptr,
+    prefix_ptr,
     anchors_ptr,
-    level_int_ptr,
-    level_float_ptr,
-    cells_ptr,
+    shape_int_ptr,
+    shape_float_ptr,
     ignore_ptr,
     ignore_offsets_ptr,
     border_ptr,
+    work_ptr,
+    box_key_ptr,
     # Sizes
+    num_segments,
     num_anchors,
-    num_levels,
+    num_shapes,
+    segment_steps,
     # Scalars and rule switches
+    center_div,
+    min_pos_iou,
     ignore_iof_thr,
-    shape_major,
     use_ignore,
     ignore_wrt_anchor,
     border_rule,
+    low_quality,
     # Meta-parameters
+    STAGE: tl.constexpr,
     GENERATE: tl.constexpr,
-    BLOCK_A: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """Pass 1: each box's best IoU over its image's included anchors, and the best anchor.
+    """Walk the overlapping pairs: scatter anchor/box keys (SCATTER) or mark lifts (LIFT).
 
-    gt_boxes_ptr: [N, 4] float32 x1 y1 x2 y2, all images' boxes one after another.
-    gt_offsets_ptr: [B + 1] int64, image i owns rows gt_offsets[i]:gt_offsets[i + 1].
-    box_key_ptr: [N] int64, filled with -1 by the launcher; receives
-        max over included anchors a of (IoU bits << 32) | (2^31 - 1 - a). It stays -1
-        for a box without an included anchor. IoU >= 0, so its float32 bits order as
-        integers do.
-    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, shape_major: see _anchor_boxes.
-    ignore_ptr, ignore_offsets_ptr, border_ptr, use_ignore, ignore_wrt_anchor,
-        border_rule: see _excluded.
-    Grid: (cdiv(num_anchors, BLOCK_A), B).
+    rect_ptr: [S, 4] int32 and prefix_ptr: [S + 1] int64 (exclusive cumsum of the pairs):
+        segments_kernel's output, S = num_segments = N * num_shapes; segment s is box row
+        s // num_shapes and shape row s % num_shapes. The pairs of all segments, in
+        order, are cut into chunks of BLOCK_P: one lane per pair, a chunk may span many
+        small rectangles (each lane finds its own by bisection between the chunk's
+        first and last segment).
+    work_ptr: [B, A, 4] 32-bit words per anchor (see the module docstring): words 0-1
+        the anchor's int64 key, word 2 its int32 mark (the highest lifting box + 1).
+    box_key_ptr: [N] int64 box keys (written by SCATTER for low-quality modes, read by LIFT).
+    segment_steps >= bit_length(S) for the start's binary search.
+    Grid: (P,) persistent programs; program p takes chunks [T p / P, T (p + 1) / P) of
+    the T = cdiv(prefix[S], BLOCK_P) chunks, in order.
     """
-    block = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
-    box_start = tl.load(gt_offsets_ptr + image)
-    box_end = tl.load(gt_offsets_ptr + image + 1)
-    if box_end > box_start:
-        anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, _ = _block_anchors(
-            image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels,
-            shape_major, ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
-            ignore_wrt_anchor, border_rule, GENERATE, BLOCK_A, BLOCK_G,
-        )  # fmt: skip
-        included = anchor_mask & ~excluded
-        anchor_code = anchor.to(tl.int64) ^ _INDEX_MASK  # 2^31 - 1 - anchor, [BLOCK_A]
-        # The key of IoU 0: the block's lowest included anchor (-1 if none).
-        zero_key = tl.max(tl.where(included, anchor_code, -1), axis=0)
-        ex1, ey1, ex2, ey2 = _extent(ax1, ay1, ax2, ay2, anchor_mask)
-        for g0 in range(box_start, box_end, BLOCK_G):
-            rows = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
-            row_mask = rows < box_end
-            bx1, by1, bx2, by2, box_area = _load_boxes(gt_boxes_ptr, rows, row_mask)
-            if _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
-                iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
-                           anchor_area[None, :])  # fmt: skip
-                # +0.0 for any -0.0, whose sign bit would make a negative key.
-                iou = tl.where(iou > 0.0, iou, 0.0)
-                key = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_code[None, :]
-                key = tl.where(row_mask[:, None] & included[None, :], key, -1)
-                best = tl.max(key, axis=1)  # [BLOCK_G]
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    total_pairs = tl.load(prefix_ptr + num_segments)
+    total = (total_pairs + BLOCK_P - 1) // BLOCK_P
+    begin = total * program // programs
+    end = total * (program + 1) // programs
+    if begin < end:
+        # The segment holding the first pair: the last one starting at or before it.
+        seg = total * 0
+        hi = seg + num_segments - 1
+        for _step in range(segment_steps):
+            mid = (seg + hi + 1) // 2
+            before = tl.load(prefix_ptr + mid) <= begin * BLOCK_P
+            open_ = seg < hi
+            hi = tl.where(open_ & ~before, mid - 1, hi)
+            seg = tl.where(open_ & before, mid, seg)
+        seg_end = tl.load(prefix_ptr + seg + 1)
+        key_ptr = work_ptr.to(tl.pointer_type(tl.int64))
+        mark_ptr = work_ptr.to(tl.pointer_type(tl.int32))
+        chunk = begin
+        while chunk < end:
+            first_pair = chunk * BLOCK_P
+            last_pair = tl.minimum(first_pair + BLOCK_P, total_pairs) - 1
+            while seg_end <= first_pair:
+                seg += 1
+                seg_end = tl.load(prefix_ptr + seg + 1)
+            last_seg = _last_segment(prefix_ptr, seg, seg_end, last_pair, num_segments)
+            steps = 0
+            span = last_seg - seg
+            while span > 0:
+                steps += 1
+                span = span // 2
+            pair = first_pair + tl.arange(0, BLOCK_P)
+            mask = pair <= last_pair
+            lane_seg = tl.zeros((BLOCK_P,), tl.int64) + seg
+            lane_hi = tl.zeros((BLOCK_P,), tl.int64) + last_seg
+            for _step in range(steps):
+                mid = (lane_seg + lane_hi + 1) // 2
+                before = tl.load(prefix_ptr + mid) <= pair
+                open_ = lane_seg < lane_hi
+                lane_hi = tl.where(open_ & ~before, mid - 1, lane_hi)
+                lane_seg = tl.where(open_ & before, mid, lane_seg)
+            row = lane_seg // num_shapes
+            local = (pair - tl.load(prefix_ptr + lane_seg)).to(tl.int32)
+            if STAGE == _STAGE_SCATTER:
+                go = True
             else:
-                best = tl.where(row_mask, zero_key, -1)
-            tl.atomic_max(box_key_ptr + rows, best, mask=row_mask & (best >= 0))
+                box_max = (tl.load(box_key_ptr + row, mask=mask, other=0) >> 32).to(tl.int32)
+                box_max = box_max.to(tl.float32, bitcast=True)
+                # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
+                qualifies = mask & (box_max > 0.0) & (box_max >= min_pos_iou)
+                go = tl.max(qualifies.to(tl.int32), axis=0) > 0
+            if go:
+                image = tl.load(row_image_ptr + row, mask=mask, other=0).to(tl.int64)
+                box = row - tl.load(gt_offsets_ptr + image, mask=mask, other=0)
+                rect = rect_ptr + lane_seg * 4
+                x0 = tl.load(rect, mask=mask, other=0)
+                nx = tl.load(rect + 1, mask=mask, other=1)
+                y0 = tl.load(rect + 2, mask=mask, other=0)
+                dy = local // nx
+                x = x0 + local - dy * nx
+                if GENERATE:
+                    y = y0 + dy
+                    shape = (lane_seg - row * num_shapes).to(tl.int32)
+                    base, step_x, step_y, _width, _height = _shape_ints(shape_int_ptr, shape)
+                    offset, factor_x, factor_y, scale_x, scale_y, c0, c1, c2, c3 = _shape_floats(shape_float_ptr, shape)
+                    cx = _center(x, offset, factor_x, center_div)
+                    cy = _center(y, offset, factor_y, center_div)
+                    ax1 = (cx + c0) * scale_x
+                    ay1 = (cy + c1) * scale_y
+                    ax2 = (cx + c2) * scale_x
+                    ay2 = (cy + c3) * scale_y
+                    anchor = base + x * step_x + y * step_y
+                else:
+                    anchor = x
+                    a = anchors_ptr + anchor.to(tl.int64) * 4
+                    ax1 = tl.load(a, mask=mask, other=0.0)
+                    ay1 = tl.load(a + 1, mask=mask, other=0.0)
+                    ax2 = tl.load(a + 2, mask=mask, other=1.0)
+                    ay2 = tl.load(a + 3, mask=mask, other=1.0)
+                b = gt_boxes_ptr + row * 4
+                bx1 = tl.load(b, mask=mask, other=0.0)
+                by1 = tl.load(b + 1, mask=mask, other=0.0)
+                bx2 = tl.load(b + 2, mask=mask, other=1.0)
+                by2 = tl.load(b + 3, mask=mask, other=1.0)
+                anchor_area = (ax2 - ax1) * (ay2 - ay1)
+                iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
+                slot = image * num_anchors + anchor
+                if STAGE == _STAGE_SCATTER:
+                    overlap = mask & (iou > 0.0)
+                    bits = iou.to(tl.int32, bitcast=True).to(tl.int64) << 32
+                    key = bits | (box ^ _INDEX_MASK)
+                    seen = tl.load(key_ptr + slot * 2, mask=overlap, other=0)
+                    tl.atomic_max(key_ptr + slot * 2, key, mask=overlap & (key > seen))
+                    if low_quality != 0:
+                        excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr,
+                                                   ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
+                                                   ignore_wrt_anchor, border_rule)  # fmt: skip
+                        box_key = tl.where(overlap & ~excluded, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0)
+                        if last_seg == seg:
+                            # One box in the whole chunk: one atomic for all its lanes.
+                            best = tl.max(box_key, axis=0)
+                            if best > 0:
+                                tl.atomic_max(box_key_ptr + seg // num_shapes, best)
+                        else:
+                            seen = tl.load(box_key_ptr + row, mask=box_key > 0, other=0)
+                            tl.atomic_max(box_key_ptr + row, box_key, mask=box_key > seen)
+                else:
+                    excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
+                                               border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
+                                               border_rule)  # fmt: skip
+                    hit = qualifies & (iou == box_max) & ~excluded
+                    tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit)
+            seg = last_seg
+            seg_end = tl.load(prefix_ptr + seg + 1)
+            chunk += 1
 
 
-@triton.jit(do_not_specialize=_PASS2_SWITCHES)
-def assign_kernel(
+@triton.jit
+def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows, num_anchors, min_pos_iou,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """ssd_forced: mark each qualifying box's best anchor with the highest such box + 1.
+
+    The box key's low half names the best included anchor (lowest index on ties).
+    Grid: (cdiv(N, BLOCK),).
+    """
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    real = rows < num_rows
+    key = tl.load(box_key_ptr + rows, mask=real, other=0)
+    box_max = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    qualifies = real & (box_max > 0.0) & (box_max >= min_pos_iou)
+    image = tl.load(row_image_ptr + rows, mask=real, other=0).to(tl.int64)
+    box = rows - tl.load(gt_offsets_ptr + image, mask=real, other=0)
+    anchor = (key & _INDEX_MASK) ^ _INDEX_MASK
+    slot = (image * num_anchors + anchor) * 4 + 2
+    tl.atomic_max(work_ptr.to(tl.pointer_type(tl.int32)) + slot, (box + 1).to(tl.int32), mask=qualifies)
+
+
+# --- 4. per anchor: decide, encode, write ---------------------------------------------------
+
+
+@triton.jit(do_not_specialize=_FINALIZE_SWITCHES)
+def finalize_kernel(
     # Pointers: inputs
     gt_boxes_ptr,
     gt_offsets_ptr,
     gt_classes_ptr,
-    box_key_ptr,
     anchors_ptr,
     level_int_ptr,
     level_float_ptr,
@@ -384,20 +643,26 @@ def assign_kernel(
     ignore_ptr,
     ignore_offsets_ptr,
     border_ptr,
-    # Pointers: outputs
+    work_ptr,
+    # Pointers: dense outputs (OUTPUT_DENSE; deltas go to work_ptr)
     labels_ptr,
     matched_ptr,
-    deltas_ptr,
     classes_ptr,
     max_iou_ptr,
+    # Pointers: sparse outputs (OUTPUT_COUNT writes counts, OUTPUT_SPARSE reads starts)
     block_counts_ptr,
+    block_starts_ptr,
+    positive_anchors_ptr,
+    positive_matched_ptr,
+    positive_deltas_ptr,
+    positive_classes_ptr,
+    ignored_anchors_ptr,
     # Sizes
     num_anchors,
     num_levels,
     # Scalars: matching
     high,
     low,
-    min_pos_iou,
     ignore_iof_thr,
     # Scalars: encoding
     weight_x,
@@ -422,150 +687,157 @@ def assign_kernel(
     border_rule,
     has_classes,
     want_max_iou,
-    count_sparse,
     # Meta-parameters
+    OUTPUT: tl.constexpr,
     GENERATE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Pass 2: match every anchor of the batch, encode, write.
+    """Match a block of anchors of one image from their keys and marks, encode, write.
 
-    gt_boxes_ptr: [N, 4] float32; gt_offsets_ptr: [B + 1] int64 (see box_max_kernel).
-    gt_classes_ptr: [N] int32 class of each box (read if has_classes).
-    box_key_ptr: [N] int64 pass-1 keys (read unless low_quality is 0, none).
-    anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, shape_major: see _anchor_boxes.
-    ignore_ptr, ignore_offsets_ptr, border_ptr, use_ignore, ignore_wrt_anchor,
-        border_rule: see _excluded.
-    labels_ptr: [B, A] int8 out, 1 positive / 0 negative / -1 ignored.
-    matched_ptr: [B, A] int32 out, box index within the image or -1.
-    deltas_ptr: [B, A, 4] float32 out, (dx, dy, dw, dh), zeros where not positive.
-    classes_ptr: [B, A] int32 out (if has_classes), background_class where not positive.
-    max_iou_ptr: [B, A] float32 out (if want_max_iou), best IoU, 0 without boxes.
-    block_counts_ptr: [B, cdiv(A, BLOCK_A), 2] int32 out (if count_sparse), positives
-        and ignored anchors of each program's block.
+    work_ptr: [B, A, 4] 32-bit words (key, mark; see pairs_kernel). OUTPUT_DENSE writes
+        labels [B, A] int8, matched [B, A] int32, classes [B, A] int32 (if has_classes),
+        max_iou [B, A] float32 (if want_max_iou) and the deltas [B, A, 4] float32 over
+        work_ptr itself. OUTPUT_COUNT writes block_counts [B, nblocks, 2] int32 (positive,
+        ignored). OUTPUT_SPARSE writes, from block_starts [B * nblocks, 2] int64 (each
+        block's first output rows), positives (anchor int32, matched int32, deltas
+        [P, 4] float32, class int32) and ignored anchors (int32), in anchor order.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
 
-    Ties (worked example): anchor 7 has IoU 0.3 with boxes 2 and 5 -> box 2 (the chunk
-    loop keeps the running best on equality, and within a chunk the lowest index wins).
+    Ties (worked example): anchor 7 has IoU 0.3 with boxes 2 and 5 -> box 2 (its key
+    holds the larger 2^31 - 1 - box).
     """
     block = tl.program_id(0)
     image = tl.program_id(1).to(tl.int64)
     box_start = tl.load(gt_offsets_ptr + image)
-    box_end = tl.load(gt_offsets_ptr + image + 1)
-    anchor, anchor_mask, ax1, ay1, ax2, ay2, anchor_area, excluded, outside = _block_anchors(
-        image, block, num_anchors, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr, num_levels,
-        shape_major, ignore_ptr, ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
-        ignore_wrt_anchor, border_rule, GENERATE, BLOCK_A, BLOCK_G,
+    has_boxes = tl.load(gt_offsets_ptr + image + 1) > box_start
+    first = block * BLOCK_A
+    anchor = first + tl.arange(0, BLOCK_A)
+    anchor_mask = anchor < num_anchors
+    ax1, ay1, ax2, ay2 = _block_anchor_boxes(
+        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr, level_int_ptr,
+        level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
     )  # fmt: skip
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
+                                  ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G)  # fmt: skip
     included = anchor_mask & ~excluded
-    lifts_own_argmax = (low_quality == _LQ_TORCHVISION) | (low_quality == _LQ_DETECTRON2)
 
-    # Running best box over the chunks; -1 IoU is below any real IoU.
-    best_iou = tl.full((BLOCK_A,), -1.0, tl.float32)
-    best_box = tl.full((BLOCK_A,), -1, tl.int32)
-    # torchvision/detectron2: some qualifying box has its maximum here.
-    # mmdet: the last such box; ssd_forced: the last box whose best anchor this is.
-    lifted = tl.zeros((BLOCK_A,), tl.int32)
-    forced_box = tl.full((BLOCK_A,), -1, tl.int32)
-    ex1, ey1, ex2, ey2 = _extent(ax1, ay1, ax2, ay2, anchor_mask)
-    for g0 in range(box_start, box_end, BLOCK_G):
-        rows = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
-        row_mask = rows < box_end
-        box = (rows - box_start).to(tl.int32)
-        bx1, by1, bx2, by2, box_area = _load_boxes(gt_boxes_ptr, rows, row_mask)
-        if low_quality != 0:
-            key = tl.load(box_key_ptr + rows, mask=row_mask, other=-1)
-            box_max = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-            qualifies = (key >= 0) & (box_max > 0.0) & (box_max >= min_pos_iou)  # [BLOCK_G]
-        else:
-            key = tl.full((BLOCK_G,), -1, tl.int64)
-            box_max = tl.full((BLOCK_G,), -1.0, tl.float32)
-            qualifies = row_mask & False
-        if _touches(bx1, by1, bx2, by2, row_mask, ex1, ey1, ex2, ey2):
-            iou = _iou(bx1, by1, bx2, by2, box_area, ax1[None, :], ay1[None, :], ax2[None, :], ay2[None, :],
-                       anchor_area[None, :])  # fmt: skip
-            iou = tl.where(row_mask[:, None], iou, -1.0)  # [BLOCK_G, BLOCK_A]
-            chunk_best = tl.max(iou, axis=0)
-            chunk_box = tl.min(tl.where(iou == chunk_best[None, :], box[:, None], _NO_BOX), axis=0)
-            better = chunk_best > best_iou  # strict: an earlier chunk keeps its lower box index
-            best_box = tl.where(better, chunk_box, best_box)
-            best_iou = tl.where(better, chunk_best, best_iou)
-
-            if low_quality != 0:
-                if low_quality == _LQ_SSD_FORCED:
-                    best_anchor = ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32)
-                    hit = (best_anchor[:, None] == anchor[None, :]) & qualifies[:, None]
-                else:
-                    hit = (iou == box_max[:, None]) & qualifies[:, None]
-                if lifts_own_argmax:
-                    lifted = tl.maximum(lifted, tl.max(hit.to(tl.int32), axis=0))
-                else:
-                    forced_box = tl.maximum(forced_box, tl.max(tl.where(hit, box[:, None], -1), axis=0))
-        else:
-            # Every IoU is 0: the chunk's first box, for anchors that have none better yet.
-            # No box here has its maximum (> 0) in this block, so nothing is lifted.
-            first_box = tl.min(tl.where(row_mask, box, _NO_BOX), axis=0)
-            better = best_iou < 0.0
-            best_box = tl.where(better, first_box, best_box)
-            best_iou = tl.where(better, 0.0, best_iou)
+    dense = image * num_anchors + anchor  # int64: B * A may pass 2^31
+    key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
+    bits = (key >> 32).to(tl.int32)
+    # No overlapping box: IoU 0 with every box, and the lowest box index is 0.
+    best_box = tl.where(bits > 0, ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32), 0)
+    best_iou = bits.to(tl.float32, bitcast=True)
+    # An image without boxes: every included anchor is negative, none matched.
+    best_box = tl.where(has_boxes, best_box, -1)
+    best_iou = tl.where(has_boxes, best_iou, -1.0)
+    if low_quality != 0:
+        mark = tl.load(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mask=anchor_mask, other=0)
+    else:
+        mark = tl.zeros((BLOCK_A,), tl.int32)
 
     # Thresholds: [low, high) ignored; strict_high (DALI/MLPerf SSD) flips both ends, (low, high].
     strict = strict_high != 0
     positive = included & ((best_iou > high) | (~strict & (best_iou == high)))
     matched = tl.where(positive, best_box, -1)
     # Low-quality lifts: torchvision/detectron2 keep the anchor's own argmax box,
-    # mmdet/ssd_forced take the box that lifted it (lifted/forced_box stay 0/-1 otherwise).
-    lift_own = included & (lifted > 0)
-    lift_forced = included & (forced_box >= 0)
-    matched = tl.where(lift_own, best_box, matched)
-    matched = tl.where(lift_forced, forced_box, matched)
-    positive = positive | lift_own | lift_forced
+    # mmdet/ssd_forced take the highest box that lifted it (marks hold box + 1).
+    lifted = included & (mark > 0)
+    lifts_own = (low_quality == _LQ_TORCHVISION) | (low_quality == _LQ_DETECTRON2)
+    matched = tl.where(lifted, tl.where(lifts_own, best_box, mark - 1), matched)
+    positive = positive | lifted
     negative = included & ((best_iou < low) | (strict & (best_iou == low))) & ~positive
     labels = tl.where(positive, 1, tl.where(negative, 0, -1))
     labels = tl.where(outside & (border_rule == _BORDER_POST), -1, labels)
     positive = labels == 1
     detectron2_matched = tl.where(included, best_box, -1)
     matched = tl.where(low_quality == _LQ_DETECTRON2, detectron2_matched, tl.where(positive, matched, -1))
+    ignored = anchor_mask & (labels == -1)
 
-    # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std) into one
-    # [BLOCK_A, 4] tile, so each thread writes an anchor's 16 bytes in one vector store.
-    # Only blocks with a positive pay for it (two logs and six divisions per anchor):
-    # most blocks of a detection batch have none.
-    column = tl.arange(0, 4)[None, :]
-    deltas = tl.zeros((BLOCK_A, 4), tl.float32)
-    if tl.max(positive.to(tl.int32), axis=0) > 0:
-        row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
-        gx1 = tl.load(row, mask=positive, other=0.0)
-        gy1 = tl.load(row + 1, mask=positive, other=0.0)
-        gx2 = tl.load(row + 2, mask=positive, other=1.0)
-        gy2 = tl.load(row + 3, mask=positive, other=1.0)
-        aw = tl.where(positive, ax2 - ax1, 1.0)
-        ah = tl.where(positive, ay2 - ay1, 1.0)
-        acx = tl.where(positive, ax1, 0.0) + 0.5 * aw
-        acy = tl.where(positive, ay1, 0.0) + 0.5 * ah
-        gw = gx2 - gx1
-        gh = gy2 - gy1
-        gcx = gx1 + 0.5 * gw
-        gcy = gy1 + 0.5 * gh
-        dx = tl.div_rn(tl.div_rn(weight_x * (gcx - acx), aw) - mean_x, std_x)
-        dy = tl.div_rn(tl.div_rn(weight_y * (gcy - acy), ah) - mean_y, std_y)
-        dw = tl.div_rn(weight_w * tl.log(tl.div_rn(gw, aw)) - mean_w, std_w)
-        dh = tl.div_rn(weight_h * tl.log(tl.div_rn(gh, ah)) - mean_h, std_h)
-        deltas = tl.where(column == 0, dx[:, None], tl.where(column == 1, dy[:, None],
-                          tl.where(column == 2, dw[:, None], dh[:, None])))  # fmt: skip
-        deltas = tl.where(positive[:, None], deltas, 0.0)
-
-    out = image * num_anchors + anchor  # int64: B * A may pass 2^31
-    tl.store(labels_ptr + out, labels.to(tl.int8), mask=anchor_mask)
-    tl.store(matched_ptr + out, matched, mask=anchor_mask)
-    tl.store(deltas_ptr + out[:, None] * 4 + column, deltas, mask=anchor_mask[:, None])
-    if has_classes != 0:
-        box_class = tl.load(gt_classes_ptr + box_start + matched.to(tl.int64), mask=positive, other=0)
-        tl.store(classes_ptr + out, tl.where(positive, box_class, background_class), mask=anchor_mask)
-    if want_max_iou != 0:
-        tl.store(max_iou_ptr + out, tl.where(box_end > box_start, best_iou, 0.0), mask=anchor_mask)
-    if count_sparse != 0:
+    if OUTPUT == _OUTPUT_COUNT:
         counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
         tl.store(counts, tl.sum((positive & anchor_mask).to(tl.int32), axis=0))
-        tl.store(counts + 1, tl.sum(((labels == -1) & anchor_mask).to(tl.int32), axis=0))
+        tl.store(counts + 1, tl.sum(ignored.to(tl.int32), axis=0))
+    else:
+        # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std) into one
+        # [BLOCK_A, 4] tile, so each thread writes an anchor's 16 bytes in one vector
+        # store. Only blocks with a positive pay for the logs and divisions. The
+        # reduction is also the barrier after which a block may overwrite its keys.
+        column = tl.arange(0, 4)[None, :]
+        deltas = tl.zeros((BLOCK_A, 4), tl.float32)
+        if tl.max(positive.to(tl.int32), axis=0) > 0:
+            row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
+            gx1 = tl.load(row, mask=positive, other=0.0)
+            gy1 = tl.load(row + 1, mask=positive, other=0.0)
+            gx2 = tl.load(row + 2, mask=positive, other=1.0)
+            gy2 = tl.load(row + 3, mask=positive, other=1.0)
+            aw = tl.where(positive, ax2 - ax1, 1.0)
+            ah = tl.where(positive, ay2 - ay1, 1.0)
+            acx = tl.where(positive, ax1, 0.0) + 0.5 * aw
+            acy = tl.where(positive, ay1, 0.0) + 0.5 * ah
+            gw = gx2 - gx1
+            gh = gy2 - gy1
+            gcx = gx1 + 0.5 * gw
+            gcy = gy1 + 0.5 * gh
+            dx = tl.div_rn(tl.div_rn(weight_x * (gcx - acx), aw) - mean_x, std_x)
+            dy = tl.div_rn(tl.div_rn(weight_y * (gcy - acy), ah) - mean_y, std_y)
+            dw = tl.div_rn(weight_w * tl.log(tl.div_rn(gw, aw)) - mean_w, std_w)
+            dh = tl.div_rn(weight_h * tl.log(tl.div_rn(gh, ah)) - mean_h, std_h)
+            deltas = tl.where(column == 0, dx[:, None], tl.where(column == 1, dy[:, None],
+                              tl.where(column == 2, dw[:, None], dh[:, None])))  # fmt: skip
+            deltas = tl.where(positive[:, None], deltas, 0.0)
+        if has_classes != 0:
+            box_class = tl.load(gt_classes_ptr + box_start + matched.to(tl.int64), mask=positive, other=0)
+        else:
+            box_class = tl.zeros((BLOCK_A,), tl.int32)
+        if OUTPUT == _OUTPUT_DENSE:
+            tl.store(labels_ptr + dense, labels.to(tl.int8), mask=anchor_mask)
+            tl.store(matched_ptr + dense, matched, mask=anchor_mask)
+            tl.store(work_ptr + dense[:, None] * 4 + column, deltas, mask=anchor_mask[:, None])
+            if has_classes != 0:
+                tl.store(classes_ptr + dense, tl.where(positive, box_class, background_class), mask=anchor_mask)
+            if want_max_iou != 0:
+                tl.store(max_iou_ptr + dense, tl.where(has_boxes, best_iou, 0.0), mask=anchor_mask)
+        else:
+            starts = block_starts_ptr + (image * tl.num_programs(0) + block) * 2
+            out = tl.load(starts) + tl.cumsum(positive.to(tl.int32), axis=0).to(tl.int64) - 1
+            tl.store(positive_anchors_ptr + out, anchor, mask=positive)
+            tl.store(positive_matched_ptr + out, matched, mask=positive)
+            tl.store(positive_deltas_ptr + out[:, None] * 4 + column, deltas, mask=positive[:, None])
+            if has_classes != 0:
+                tl.store(positive_classes_ptr + out, box_class, mask=positive)
+            out = tl.load(starts + 1) + tl.cumsum(ignored.to(tl.int32), axis=0).to(tl.int64) - 1
+            tl.store(ignored_anchors_ptr + out, anchor, mask=ignored)
+
+
+@triton.jit
+def scan_kernel(block_counts_ptr, block_starts_ptr, offsets_ptr, num_blocks, batch, BLOCK: tl.constexpr):
+    """Exclusive scan of the per-block counts in (image, block) order, in one program.
+
+    block_counts_ptr: [B * nblocks, 2] int32 (positive, ignored); block_starts_ptr: same
+    shape int64 out, each block's first output row; offsets_ptr: [2, B + 1] int64 out,
+    the CSR offsets of positives (row 0) and ignored anchors (row 1). A few thousand
+    counts per image: one program walking them BLOCK at a time is a few microseconds,
+    where a torch cumsum across the outer dimension was milliseconds.
+    Grid: (1,).
+    """
+    total = num_blocks * batch
+    carry_positive = tl.zeros((), tl.int64)
+    carry_ignored = tl.zeros((), tl.int64)
+    for first in range(0, total, BLOCK):
+        flat = first + tl.arange(0, BLOCK).to(tl.int64)
+        real = flat < total
+        positive = tl.load(block_counts_ptr + flat * 2, mask=real, other=0).to(tl.int64)
+        ignored = tl.load(block_counts_ptr + flat * 2 + 1, mask=real, other=0).to(tl.int64)
+        start_positive = carry_positive + tl.cumsum(positive, axis=0) - positive
+        start_ignored = carry_ignored + tl.cumsum(ignored, axis=0) - ignored
+        tl.store(block_starts_ptr + flat * 2, start_positive, mask=real)
+        tl.store(block_starts_ptr + flat * 2 + 1, start_ignored, mask=real)
+        image_first = real & (flat % num_blocks == 0)
+        tl.store(offsets_ptr + flat // num_blocks, start_positive, mask=image_first)
+        tl.store(offsets_ptr + batch + 1 + flat // num_blocks, start_ignored, mask=image_first)
+        carry_positive += tl.sum(positive, axis=0)
+        carry_ignored += tl.sum(ignored, axis=0)
+    tl.store(offsets_ptr + batch, carry_positive)
+    tl.store(offsets_ptr + 2 * batch + 1, carry_ignored)

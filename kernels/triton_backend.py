@@ -2,21 +2,22 @@
 
 ``solve(problem) -> Targets`` gives the dense targets before sampling (``api.assign``
 samples and restores dropped indices); ``solve_sparse(problem) -> SparseTargets``
-adds the on-device compaction. The kernels live in ``triton_assign`` (the two
-passes) and ``triton_compact``; this module only turns a ``Problem`` into launches:
+writes the sparse form directly, without dense targets. The kernels and the design
+live in ``triton_assign``; this module turns a ``Problem`` into launches:
 
-1. pass 1 (``box_max_kernel``), when the low-quality mode needs each box's maximum;
-2. pass 2 (``assign_kernel``), which writes every output;
-3. for the sparse form, a device ``cumsum`` of the per-block counts and
-   ``compact_kernel``.
+1. ``segments_kernel`` and a ``cumsum``: the candidate rectangles and their chunk order;
+2. ``pairs_kernel`` (scatter): every overlapping pair, into per-anchor and per-box keys;
+3. low-quality modes only: ``pairs_kernel`` (lift) or ``forced_kernel`` (ssd_forced);
+4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel``, sparse lists (one
+   read-back in between: the two totals, to size the lists).
 
-One launch per pass for the whole ragged batch. Tensors must be on a CUDA device,
-or on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
+One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
+on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
 
-Exactness: labels and matched indices equal the reference bit for bit (float32 IoU
-in torchvision's order, IEEE division, no FMA contraction). Deltas go through
-``log``, whose last bit may differ between libraries: they agree with the reference
-within ``rtol = atol = 1e-6`` under the interpreter; on GPU the tests allow 1e-5.
+Exactness: labels and matched indices equal the reference bit for bit (float32 IoU in
+torchvision's order, IEEE division, no FMA contraction). Deltas go through ``log``,
+whose last bit may differ between libraries: they agree with the reference within
+``rtol = atol = 1e-6`` under the interpreter; on GPU the tests allow 1e-5.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,34 +40,48 @@ from .triton_assign import (
     LEVEL_FLOAT_FIELDS,
     LEVEL_INT_FIELDS,
     LOW_QUALITY_CODES,
-    assign_kernel,
-    box_max_kernel,
+    OUTPUT_COUNT,
+    OUTPUT_DENSE,
+    OUTPUT_SPARSE,
+    SHAPE_INT_FIELDS,
+    STAGE_LIFT,
+    STAGE_SCATTER,
+    finalize_kernel,
+    forced_kernel,
+    pairs_kernel,
+    scan_kernel,
+    segments_kernel,
 )
-from .triton_compact import compact_kernel
 
-__all__ = ["solve", "solve_sparse", "interpreting"]
+__all__ = ["solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
-# Compiled: 128 anchors x 8 boxes is a 1024-value IoU tile, 8 per thread at 4 warps.
-# ptxas (sm_90) gives the assign kernel 96 registers and no spills at this size, so 5
-# programs (20 warps) fit an SM; 256 anchors took 160 registers (3 programs). Small
-# blocks also skip more box chunks: a chunk is skipped when no box touches the block's
-# anchors. 1,575 programs per RetinaNet image (201,600 anchors) fill the SMs even at
-# B = 1. 8 boxes per chunk: a COCO image (mean ~7 boxes) wastes little of its one or
-# two chunks on masked rows, while G = 1000 loops 125 times over full tiles.
-# Chosen from register counts and reasoning, not tuned on a GPU yet (bench_gpu.py
-# measures the result against the bandwidth floor).
-_BLOCK_A = 128
-_BLOCK_G = 8
-_NUM_WARPS = 4
-# Interpreter: every tl operation is one numpy call whatever its size, so larger tiles
-# mean fewer Python-level steps (CI time), not more memory traffic.
-_BLOCK_A_INTERPRETED = 2048
-_BLOCK_G_INTERPRETED = 64
+
+@dataclass(frozen=True)
+class _Meta:
+    """Block sizes: anchors per finalize program, pairs per chunk, ignore boxes per tile,
+    box rows per segments program, persistent pair programs per SM (compiled) or in all
+    (interpreter), warps."""
+
+    block_a: int
+    block_p: int
+    block_g: int
+    segment_rows: int
+    pair_programs: int
+    num_warps: int
+
+
+# Compiled: 128 anchors or pairs per program step is 4 per thread at 4 warps. Chunks of
+# 128 pairs waste little on the many small rectangles of coarse levels; 8 persistent
+# programs per SM keep 32 warps resident to hide the latency of the scalar segment loads.
+# Interpreter: every tl operation is one numpy call whatever its size, so larger blocks
+# mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
+_COMPILED = _Meta(block_a=128, block_p=128, block_g=8, segment_rows=2, pair_programs=8, num_warps=4)
+_INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4)
 
 # Grid axis 1 (images) is limited to 65,535 programs by CUDA.
 _MAX_IMAGES = 65_535
-# Anchor indices within an image are int32 in the kernels and packed into 31 bits.
-_MAX_ANCHORS = 2**31 - 1 - _BLOCK_A_INTERPRETED
+# Anchor and box indices are int32 in the kernels and packed into 31 bits.
+_MAX_INDEX = 2**31 - 1 - _INTERPRETED.block_a
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -74,10 +90,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _meta() -> tuple[int, int, int]:
-    if interpreting():
-        return _BLOCK_A_INTERPRETED, _BLOCK_G_INTERPRETED, _NUM_WARPS
-    return _BLOCK_A, _BLOCK_G, _NUM_WARPS
+def _meta() -> _Meta:
+    return _INTERPRETED if interpreting() else _COMPILED
 
 
 def _check(problem: Problem) -> None:
@@ -90,13 +104,14 @@ def _check(problem: Problem) -> None:
             "backend 'cpu', or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors"
         )
     named = {
-        "anchors": (problem.anchors, torch.float32),
         "gt_boxes": (problem.gt_boxes, torch.float32),
         "gt_offsets": (problem.gt_offsets, torch.int64),
         "ignore_boxes": (problem.ignore_boxes, torch.float32),
         "ignore_offsets": (problem.ignore_offsets, torch.int64),
         "image_sizes": (problem.image_sizes, torch.int64),
     }
+    if problem.grid is None:
+        named["anchors"] = (problem.anchors, torch.float32)
     if problem.gt_classes is not None:
         named["gt_classes"] = (problem.gt_classes, torch.int32)
     for name, (tensor, dtype) in named.items():
@@ -107,8 +122,10 @@ def _check(problem: Problem) -> None:
     batch = problem.batch_size
     if not 1 <= batch <= _MAX_IMAGES:
         raise ValueError(f"batch size {batch}: the triton backend takes 1 to {_MAX_IMAGES} images per call")
-    if problem.num_anchors > _MAX_ANCHORS:
-        raise ValueError(f"{problem.num_anchors} anchors per image: the triton backend takes at most {_MAX_ANCHORS}")
+    if problem.num_anchors > _MAX_INDEX:
+        raise ValueError(f"{problem.num_anchors} anchors per image: the triton backend takes at most {_MAX_INDEX}")
+    if problem.gt_boxes.shape[0] > _MAX_INDEX:
+        raise ValueError(f"{problem.gt_boxes.shape[0]} boxes: the triton backend takes at most {_MAX_INDEX} per call")
     if problem.grid is not None and problem.grid.num_anchors != problem.num_anchors:
         raise ValueError(
             f"problem.grid has {problem.grid.num_anchors} anchors but problem.anchors has {problem.num_anchors}"
@@ -122,26 +139,61 @@ def _check(problem: Problem) -> None:
         raise ValueError(f"config.match.border_order {match.border_order!r} is not supported by the triton backend")
 
 
-@functools.lru_cache(maxsize=32)
-def _level_tables(grid: AnchorGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-level tables of a grid: int64 [L, 6], float32 [L, 5], cells float32 [sum K, 4].
+@dataclass(frozen=True)
+class _Tables:
+    """A grid's tables on one device, and the sizes the kernels need."""
 
-    Factors and scales are rounded to float32 exactly as ``anchors._centers`` and
-    ``anchors._level_anchors`` round them (``torch.tensor(value, dtype=float32)``).
-    """
-    ints, floats, cells = [], [], []
-    first_row = 0
+    level_int: torch.Tensor  # [L, LEVEL_INT_FIELDS] int64: finalize_kernel's anchors by index
+    level_float: torch.Tensor  # [L, LEVEL_FLOAT_FIELDS] float32
+    cells: torch.Tensor  # [R, 4] float32, R = sum over levels of the cell shapes
+    shape_int: torch.Tensor  # [R, SHAPE_INT_FIELDS] int32: the pair kernels' rows per (level, shape)
+    shape_float: torch.Tensor  # [R, SHAPE_FLOAT_FIELDS] float32
+    center_div: int  # 1 if centres are (i + offset) / factor (one layout: every level alike)
+    search_steps: int  # binary-search steps over a level's rows or columns
+
+
+@functools.lru_cache(maxsize=32)
+def _level_tables(grid: AnchorGrid, device: torch.device) -> _Tables:
+    """Factors and scales rounded to float32 exactly as ``anchors._centers`` and
+    ``anchors._level_anchors`` round them (``torch.tensor(value, dtype=float32)``)."""
+    ints, floats, cells, shape_ints, shape_floats = [], [], [], [], []
     for level, start in zip(grid.levels, grid.level_starts):
-        shapes = level.cells.shape[0]
-        ints.append([start, level.height, level.width, shapes, first_row, int(level.center_op == "div")])
+        shapes, height, width = level.cells.shape[0], level.height, level.width
+        ints.append([start, height, width, shapes, len(shape_ints), int(level.center_op == "div")])
         scale_x = 1.0 if level.scale_x is None else level.scale_x
         scale_y = 1.0 if level.scale_y is None else level.scale_y
+        # The candidate rectangles rely on anchor edges growing with the cell index.
+        if min(level.factor_x, level.factor_y, scale_x, scale_y) <= 0:
+            raise ValueError(f"anchor grid level {len(ints) - 1}: factors and scales must be positive")
         floats.append([level.offset, level.factor_x, level.factor_y, scale_x, scale_y])
         cells.append(level.cells.to(torch.float32))
-        first_row += shapes
-    level_int = torch.tensor(ints, dtype=torch.int64).reshape(-1, LEVEL_INT_FIELDS)
-    level_float = torch.tensor(floats, dtype=torch.float64).to(torch.float32).reshape(-1, LEVEL_FLOAT_FIELDS)
-    return level_int.to(device), level_float.to(device), torch.cat(cells).contiguous().to(device)
+        for k in range(shapes):
+            if grid.shape_major:  # [K, H, W]
+                shape_ints.append([start + k * height * width, 1, width, width, height])
+            else:  # [H, W, K]
+                shape_ints.append([start + k, shapes, width * shapes, width, height])
+            shape_floats.append([level.offset, level.factor_x, level.factor_y, scale_x, scale_y])
+    center_ops = {level.center_op for level in grid.levels}
+    if len(center_ops) != 1:
+        raise ValueError(f"anchor grid: levels mix centre formulas {sorted(center_ops)}")
+
+    cells_on_device = torch.cat(cells).contiguous().to(device)
+
+    def table(rows: list, dtype: torch.dtype, width: int) -> torch.Tensor:
+        # Through float64, so float32 columns round once, as torch.tensor(value, float32) does.
+        exact = torch.tensor(rows, dtype=torch.float64 if dtype.is_floating_point else torch.int64)
+        return exact.to(dtype).reshape(-1, width).contiguous().to(device)
+
+    return _Tables(
+        level_int=table(ints, torch.int64, LEVEL_INT_FIELDS),
+        level_float=table(floats, torch.float32, LEVEL_FLOAT_FIELDS),
+        cells=cells_on_device,
+        shape_int=table(shape_ints, torch.int32, SHAPE_INT_FIELDS),
+        # Offset, factors and scales, then the cell anchor itself (already float32).
+        shape_float=torch.cat([table(shape_floats, torch.float32, 5), cells_on_device], dim=1).contiguous(),
+        center_div=int(center_ops == {"div"}),
+        search_steps=max(max(lv.height, lv.width) for lv in grid.levels).bit_length() + 1,
+    )
 
 
 def _border_limits(problem: Problem) -> torch.Tensor:
@@ -160,148 +212,214 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _launch_kwargs() -> dict:
     # IEEE semantics need each mul and add rounded on its own: no FMA contraction.
-    return {"num_warps": _NUM_WARPS, "enable_fp_fusion": False}
+    return {"num_warps": _meta().num_warps, "enable_fp_fusion": False}
 
 
-def _dense(problem: Problem, count_sparse: bool) -> tuple[Targets, torch.Tensor | None, int]:
-    """Run passes 1 and 2. Returns (targets, block counts [B, nblocks, 2] or None, BLOCK_A)."""
-    _check(problem)
-    config = problem.config
-    match, encode = config.match, config.encode
-    batch, num_anchors = problem.batch_size, problem.num_anchors
-    device = problem.device
-    block_a, block_g, _ = _meta()
+@functools.lru_cache(maxsize=8)
+def _pair_programs(device: torch.device) -> int:
+    meta = _meta()
+    if device.type != "cuda":
+        return meta.pair_programs
+    return meta.pair_programs * torch.cuda.get_device_properties(device).multi_processor_count
 
-    # (2) allocate
-    labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
-    matched = torch.empty(batch, num_anchors, dtype=torch.int32, device=device)
-    deltas = torch.empty(batch, num_anchors, 4, dtype=torch.float32, device=device)
-    has_classes = problem.gt_classes is not None
-    classes = torch.empty(batch, num_anchors, dtype=torch.int32, device=device) if has_classes else None
-    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32, device=device) if problem.want_max_iou else None
-    targets = Targets(labels, matched, deltas, classes, max_iou, background_class=config.background_class)
-    num_blocks = triton.cdiv(num_anchors, block_a)
-    block_counts = torch.zeros(batch, num_blocks, 2, dtype=torch.int32, device=device) if count_sparse else None
-    if num_anchors == 0:
-        return targets, block_counts, block_a
 
-    def placeholder(dtype: torch.dtype) -> torch.Tensor:
+class _Launch:
+    """The kernel arguments shared by the stages of one problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        _check(problem)
+        self.problem = problem
+        self.meta = _meta()
+        self.device = device = problem.device
+        config = problem.config
+        match = config.match
+        self.match, self.encode = match, config.encode
+        self.batch, self.num_anchors = problem.batch_size, problem.num_anchors
+        self.num_rows = problem.gt_boxes.shape[0]
+        self.generate = problem.grid is not None
+        if self.generate:
+            tables = _level_tables(problem.grid, device)
+            self.level_int, self.level_float, self.cells = tables.level_int, tables.level_float, tables.cells
+            self.shape_int, self.shape_float = tables.shape_int, tables.shape_float
+            self.anchors = self._placeholder(torch.float32)
+            self.num_levels, self.num_shapes = tables.level_int.shape[0], tables.shape_int.shape[0]
+            self.center_div, self.search_steps = tables.center_div, tables.search_steps
+        else:
+            self.level_int, self.shape_int = self._placeholder(torch.int64), self._placeholder(torch.int32)
+            self.level_float = self.cells = self.shape_float = self._placeholder(torch.float32)
+            self.anchors = problem.anchors.contiguous()
+            self.num_levels = self.num_shapes = self.search_steps = 1
+            self.center_div = 0
+        self.use_ignore = match.ignore_iof_thr >= 0 and problem.ignore_boxes.shape[0] > 0
+        self.ignore = problem.ignore_boxes.contiguous() if self.use_ignore else self._placeholder(torch.float32)
+        if match.allowed_border < 0:
+            self.border_rule, self.border = BORDER_OFF, self._placeholder(torch.float32)
+        else:
+            self.border_rule = BORDER_PRE if match.border_order == "pre_match" else BORDER_POST
+            self.border = _border_limits(problem)
+        self.gt_boxes = problem.gt_boxes.contiguous()
+        self.low_quality = LOW_QUALITY_CODES[match.low_quality]
+        self.shape_major = int(self.generate and problem.grid.shape_major)
+        self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule)
+        self.num_blocks = triton.cdiv(self.num_anchors, self.meta.block_a)
+
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         # A distinct tensor for a pointer the kernel does not read under its meta-parameters.
-        return torch.empty(1, dtype=dtype, device=device)
+        return torch.empty(1, dtype=dtype, device=self.device)
 
-    generate = problem.grid is not None
-    if generate:
-        level_int, level_float, cells = _level_tables(problem.grid, device)
-        anchors = placeholder(torch.float32)
-        num_levels = level_int.shape[0]
-    else:
-        level_int, level_float, cells = placeholder(torch.int64), placeholder(torch.float32), placeholder(torch.float32)
-        anchors = problem.anchors.contiguous()
-        num_levels = 0
-    use_ignore = match.ignore_iof_thr >= 0 and problem.ignore_boxes.shape[0] > 0
-    ignore = problem.ignore_boxes.contiguous() if use_ignore else placeholder(torch.float32)
-    if match.allowed_border < 0:
-        border_rule, border = BORDER_OFF, placeholder(torch.float32)
-    else:
-        border_rule = BORDER_PRE if match.border_order == "pre_match" else BORDER_POST
-        border = _border_limits(problem)
-    gt_boxes = problem.gt_boxes.contiguous()
-    low_quality = LOW_QUALITY_CODES[match.low_quality]
-    shape_major = int(generate and problem.grid.shape_major)
-    rules = (int(use_ignore), int(match.ignore_iof_wrt_anchor), border_rule)
-    grid = (num_blocks, batch)
-
-    # (3) launch
-    if low_quality != LOW_QUALITY_CODES["none"] and gt_boxes.shape[0] > 0:
-        box_key = torch.full((gt_boxes.shape[0],), -1, dtype=torch.int64, device=device)
-        with _on(device):
-            box_max_kernel[grid](
-                gt_boxes, problem.gt_offsets, box_key, anchors, level_int, level_float, cells,
-                ignore, problem.ignore_offsets, border,
-                num_anchors, num_levels,
-                float(match.ignore_iof_thr), shape_major, *rules,
-                GENERATE=generate, BLOCK_A=block_a, BLOCK_G=block_g, **_launch_kwargs(),
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rect [S, 4] int32, prefix [S + 1] int64, row_image [N] int32), S = N * shape rows."""
+        num_segments = self.num_rows * self.num_shapes
+        rect = torch.empty(num_segments, 4, dtype=torch.int32, device=self.device)
+        pairs = torch.empty(num_segments, dtype=torch.int64, device=self.device)
+        prefix = torch.zeros(num_segments + 1, dtype=torch.int64, device=self.device)
+        row_image = torch.empty(self.num_rows, dtype=torch.int32, device=self.device)
+        with _on(self.device):
+            segments_kernel[(triton.cdiv(self.num_rows, self.meta.segment_rows),)](
+                self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, rect, pairs, row_image,
+                self.num_rows, self.batch, self.num_anchors, self.num_shapes, self.center_div, self.search_steps,
+                max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate, ROWS=self.meta.segment_rows,
+                SHAPES=triton.next_power_of_2(self.num_shapes), **_launch_kwargs(),
             )  # fmt: skip
-    else:
-        box_key = placeholder(torch.int64)
-    wx, wy, ww, wh = encode.weights
-    mx, my, mw, mh = encode.means
-    sx, sy, sw, sh = encode.stds
-    with _on(device):
-        assign_kernel[grid](
-            gt_boxes, problem.gt_offsets,
-            problem.gt_classes if has_classes else placeholder(torch.int32),
-            box_key, anchors, level_int, level_float, cells, ignore, problem.ignore_offsets, border,
-            labels, matched, deltas,
-            classes if has_classes else placeholder(torch.int32),
-            max_iou if max_iou is not None else placeholder(torch.float32),
-            block_counts if count_sparse else placeholder(torch.int32),
-            num_anchors, num_levels,
-            float(match.high), float(match.low), float(match.min_pos_iou), float(match.ignore_iof_thr),
-            wx, wy, ww, wh, mx, my, mw, mh, sx, sy, sw, sh,
-            config.background_class,
-            shape_major, low_quality, int(match.strict_high), *rules,
-            int(has_classes), int(max_iou is not None), int(count_sparse),
-            GENERATE=generate, BLOCK_A=block_a, BLOCK_G=block_g, **_launch_kwargs(),
+        torch.cumsum(pairs, 0, out=prefix[1:])
+        return rect, prefix, row_image
+
+    def match_pairs(self, work: torch.Tensor) -> None:
+        """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks."""
+        if self.num_rows == 0 or self.num_anchors == 0:
+            return
+        rect, prefix, row_image = self.segments()
+        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        num_segments = rect.shape[0]
+        common = (
+            self.gt_boxes, self.problem.gt_offsets, row_image, rect, prefix, self.anchors, self.shape_int,
+            self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key,
+            num_segments, self.num_anchors, self.num_shapes, num_segments.bit_length() + 1,
+            self.center_div, float(self.match.min_pos_iou), float(self.match.ignore_iof_thr), *self.rules,
+            self.low_quality,
         )  # fmt: skip
-    return targets, block_counts, block_a
+        grid = (_pair_programs(self.device),)
+        meta = dict(GENERATE=self.generate, BLOCK_P=self.meta.block_p)
+        with _on(self.device):
+            pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
+            if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
+                block = 128
+                forced_kernel[(triton.cdiv(self.num_rows, block),)](
+                    self.problem.gt_offsets, row_image, box_key, work, self.num_rows, self.num_anchors,
+                    float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
+                )  # fmt: skip
+            elif self.low_quality != LOW_QUALITY_CODES["none"]:
+                pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
+
+    def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
+        """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""
+        names = ("labels", "matched", "classes", "max_iou", "block_counts", "block_starts", "positive_anchors",
+                 "positive_matched", "positive_deltas", "positive_classes", "ignored_anchors")  # fmt: skip
+        pointers = [outputs.get(name) for name in names]
+        pointers = [self._placeholder(torch.int32) if p is None else p for p in pointers]
+        problem, encode = self.problem, self.encode
+        has_classes = problem.gt_classes is not None
+        with _on(self.device):
+            finalize_kernel[(self.num_blocks, self.batch)](
+                self.gt_boxes, problem.gt_offsets,
+                problem.gt_classes if has_classes else self._placeholder(torch.int32),
+                self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
+                self.border, work, *pointers,
+                self.num_anchors, self.num_levels,
+                float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
+                *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
+                self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,
+                int(has_classes), int(outputs.get("max_iou") is not None),
+                OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
+                **_launch_kwargs(),
+            )  # fmt: skip
+
+    def work(self) -> torch.Tensor:
+        """Zeroed per-anchor work words, [B, A, 4] float32 (see triton_assign)."""
+        return torch.zeros(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
 
 
 def solve(problem: Problem) -> Targets:
-    """Dense targets of a checked batch (before sampling), in one launch per pass.
+    """Dense targets of a checked batch (before sampling), in one launch per stage.
 
     Returns:
         Targets: labels [B, A] int8, matched_gt [B, A] int32, deltas [B, A, 4] float32,
         classes [B, A] int32 when the problem has gt_classes, max_iou [B, A] float32
-        when asked; on the problem's device.
+        when asked; on the problem's device. The deltas double as the work memory.
     """
-    targets, _, _ = _dense(problem, count_sparse=False)
+    launch = _Launch(problem)
+    batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
+    matched = torch.empty(batch, num_anchors, dtype=torch.int32, device=device)
+    deltas = launch.work()
+    has_classes = problem.gt_classes is not None
+    classes = torch.empty(batch, num_anchors, dtype=torch.int32, device=device) if has_classes else None
+    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32, device=device) if problem.want_max_iou else None
+    targets = Targets(labels, matched, deltas, classes, max_iou, background_class=problem.config.background_class)
+    if num_anchors == 0:
+        return targets
+    launch.match_pairs(deltas)
+    launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
     return targets
 
 
 def solve_sparse(problem: Problem) -> SparseTargets:
-    """Sparse targets of a checked batch (before sampling), compacted on the device.
+    """Sparse targets of a checked batch (before sampling), written directly.
 
     Equals ``solve(problem).to_sparse()``: positives (anchor, matched box, deltas,
     class) and ignored anchors per image in ascending anchor order, with int64 CSR
-    offsets. The dense targets are computed on the device and compacted there; only
-    the two totals (16 bytes) are read back, to size the outputs.
+    offsets. Dense targets are never built: the per-anchor work memory (16 bytes per
+    anchor and image) is the only [B, A] allocation; only the two totals (16 bytes) are
+    read back, to size the lists.
     """
-    targets, block_counts, block_a = _dense(problem, count_sparse=True)
-    batch, num_anchors = targets.batch_size, targets.num_anchors
-    device = targets.labels.device
-    per_image = block_counts.sum(dim=1, dtype=torch.int64)  # [B, 2]
-    offsets = torch.cat([per_image.new_zeros(1, 2), per_image.cumsum(dim=0)])  # [B + 1, 2]
-    flat = block_counts.reshape(-1, 2).to(torch.int64)
-    block_starts = (flat.cumsum(dim=0) - flat).contiguous()  # exclusive scan, [B * nblocks, 2]
-    num_positive, num_ignored = offsets[-1].tolist()
-
-    has_classes = targets.classes is not None
-    positive_anchors = torch.empty(num_positive, dtype=torch.int32, device=device)
-    positive_matched = torch.empty(num_positive, dtype=torch.int32, device=device)
-    positive_deltas = torch.empty(num_positive, 4, dtype=torch.float32, device=device)
-    positive_classes = torch.empty(num_positive, dtype=torch.int32, device=device) if has_classes else None
-    ignored_anchors = torch.empty(num_ignored, dtype=torch.int32, device=device)
-    if num_anchors > 0 and num_positive + num_ignored > 0:
+    launch = _Launch(problem)
+    batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    offsets = torch.zeros(2, batch + 1, dtype=torch.int64, device=device)
+    total_positive = total_ignored = 0
+    if num_anchors > 0:
+        work = launch.work()
+        launch.match_pairs(work)
+        block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
+        launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
+        block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
         with _on(device):
-            compact_kernel[(block_counts.shape[1], batch)](
-                targets.labels, targets.matched_gt, targets.deltas,
-                targets.classes if has_classes else torch.empty(1, dtype=torch.int32, device=device),
-                block_starts,
-                positive_anchors, positive_matched, positive_deltas,
-                positive_classes if has_classes else torch.empty(1, dtype=torch.int32, device=device),
-                ignored_anchors,
-                num_anchors, int(has_classes),
-                BLOCK_A=block_a, num_warps=_NUM_WARPS,
-            )  # fmt: skip
+            scan_kernel[(1,)](block_counts, block_starts, offsets, launch.num_blocks, batch, BLOCK=1024,
+                              **_launch_kwargs())  # fmt: skip
+        total_positive, total_ignored = offsets[:, batch].tolist()
+    has_classes = problem.gt_classes is not None
+    sparse = dict(
+        positive_anchors=torch.empty(total_positive, dtype=torch.int32, device=device),
+        positive_matched=torch.empty(total_positive, dtype=torch.int32, device=device),
+        positive_deltas=torch.empty(total_positive, 4, dtype=torch.float32, device=device),
+        positive_classes=torch.empty(total_positive, dtype=torch.int32, device=device) if has_classes else None,
+        ignored_anchors=torch.empty(total_ignored, dtype=torch.int32, device=device),
+    )
+    if total_positive + total_ignored > 0:
+        launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, **sparse)
     return SparseTargets(
         num_anchors=num_anchors,
-        positive_offsets=offsets[:, 0].contiguous(),
-        positive_anchors=positive_anchors,
-        positive_matched_gt=positive_matched,
-        positive_deltas=positive_deltas,
-        ignored_offsets=offsets[:, 1].contiguous(),
-        ignored_anchors=ignored_anchors,
-        positive_classes=positive_classes,
-        background_class=targets.background_class,
+        positive_offsets=offsets[0],
+        positive_anchors=sparse["positive_anchors"],
+        positive_matched_gt=sparse["positive_matched"],
+        positive_deltas=sparse["positive_deltas"],
+        ignored_offsets=offsets[1],
+        ignored_anchors=sparse["ignored_anchors"],
+        positive_classes=sparse["positive_classes"],
+        background_class=problem.config.background_class,
     )
+
+
+def candidate_pairs(problem: Problem) -> dict[str, int]:
+    """The work the triton path does for a problem, counted from its candidate structure.
+
+    Returns ``evaluated`` (box-anchor pairs whose IoU the pair kernels compute: the
+    rectangles of segments_kernel; with explicit anchors every pair), ``chunks`` (steps
+    of BLOCK_P pairs they take, per pass) and ``lanes`` (chunks x BLOCK_P).
+    """
+    launch = _Launch(problem)
+    if launch.num_rows == 0 or launch.num_anchors == 0:
+        return {"evaluated": 0, "chunks": 0, "lanes": 0}
+    _, prefix, _ = launch.segments()
+    evaluated = int(prefix[-1])
+    chunks = triton.cdiv(evaluated, launch.meta.block_p)
+    return {"evaluated": evaluated, "chunks": chunks, "lanes": chunks * launch.meta.block_p}

@@ -111,18 +111,18 @@ def test_crowded_image(mode, generator):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gpu_block_sizes_skip_far_chunks(mode, monkeypatch, generator):
-    """The GPU's small blocks, under the interpreter: most (block, box chunk) pairs do
-    not touch and take the skip path, which must give the same targets.
+def test_gpu_block_sizes(mode, monkeypatch, generator):
+    """The GPU's small blocks and many pair programs, under the interpreter: chunks of
+    128 pairs span many small rectangles (lanes of several boxes and images in one
+    chunk), long rectangles span many chunks and programs, and most anchors have no
+    overlapping box at all -- all must give the same targets.
 
-    Image 1's boxes sit in the left quarter: every other block skips all its chunks
-    (detectron2 still reports box 0 as their argmax). Image 0's boxes sit in the right
-    half, so the top-left blocks skip them, and an
+    Image 1's boxes sit in the left quarter (detectron2 still reports box 0 as the
+    argmax of anchors far from them). Image 0's boxes sit in the right half, and an
     ignore region around its box 0 takes out every anchor that box touches: its best
     IoU is 0, so it lifts nothing, in any mode.
     """
-    monkeypatch.setattr(triton_backend, "_BLOCK_A_INTERPRETED", triton_backend._BLOCK_A)
-    monkeypatch.setattr(triton_backend, "_BLOCK_G_INTERPRETED", triton_backend._BLOCK_G)
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", triton_backend._COMPILED)
     canvas = (64, 512)  # wide: a block of 128 anchors covers a short stretch of a row
     boxes, counts = random_batch(generator, [4, 13], canvas, max_frac=0.1)
     boxes[:4, 0::2] = boxes[:4, 0::2].clamp(min=0) / 2 + 256  # image 0: right half
@@ -279,37 +279,43 @@ def test_importing_the_package_does_not_import_triton():
 
 # What the GPU will run, checked without one: compile for Hopper (sm_90) and read the PTX.
 _COMPILE_FOR_HOPPER = r"""
-import json, re
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tritarget.kernels import triton_backend as backend
-from tritarget.kernels.triton_assign import assign_kernel, box_max_kernel
-from tritarget.kernels.triton_compact import compact_kernel
+from tritarget.kernels import triton_assign as k
 
-POINTERS = {"gt_offsets_ptr": "*i64", "box_key_ptr": "*i64", "level_int_ptr": "*i64", "ignore_offsets_ptr": "*i64",
-            "block_starts_ptr": "*i64", "labels_ptr": "*i8", "gt_classes_ptr": "*i32", "matched_ptr": "*i32",
-            "classes_ptr": "*i32", "block_counts_ptr": "*i32", "positive_anchors_ptr": "*i32",
-            "positive_matched_ptr": "*i32", "positive_classes_ptr": "*i32", "ignored_anchors_ptr": "*i32"}
+INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
+         "pairs_ptr", "offsets_ptr"}
+INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
+         "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
+         "row_image_ptr"}
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
-meta = {"BLOCK_A": backend._BLOCK_A, "BLOCK_G": backend._BLOCK_G}
+m = backend._COMPILED
 ptx = {}
 for name, fn, constexprs in [
-    ("box_max", box_max_kernel, dict(meta, GENERATE=True)),
-    ("assign", assign_kernel, dict(meta, GENERATE=True)),
-    ("assign_explicit", assign_kernel, dict(meta, GENERATE=False)),
-    ("compact", compact_kernel, {"BLOCK_A": backend._BLOCK_A}),
+    ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
+    ("scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
+    ("lift", k.pairs_kernel, dict(STAGE=k.STAGE_LIFT, GENERATE=True, BLOCK_P=m.block_p)),
+    ("scatter_explicit", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=False, BLOCK_P=m.block_p)),
+    ("forced", k.forced_kernel, dict(BLOCK=128)),
+    ("dense", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
+    ("count", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_COUNT, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
+    ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
+    ("scan", k.scan_kernel, dict(BLOCK=1024)),
 ]:
     signature = {
-        arg: "constexpr" if arg in constexprs else POINTERS.get(arg, "*fp32") if arg.endswith("_ptr")
-        else "fp32" if arg in FLOATS else "i32"
+        arg: "constexpr" if arg in constexprs else "*i64" if arg in INT64 else "*i32" if arg in INT32
+        else "*i8" if arg == "labels_ptr" else "*fp32" if arg.endswith("_ptr") else "fp32" if arg in FLOATS
+        else "i32"
         for arg in fn.arg_names
     }
     # torch allocations are 16-byte aligned: the JIT gives pointers this hint too.
     aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg.endswith("_ptr")}
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs=aligned), target=GPUTarget("cuda", 90, 32),
-                            options=backend._launch_kwargs())
+                            options={"num_warps": m.num_warps, "enable_fp_fusion": False})
     ptx[name] = kernel.asm["ptx"]
 print(json.dumps(ptx))
 """
@@ -318,7 +324,7 @@ print(json.dumps(ptx))
 def test_kernels_compile_for_hopper_with_exact_arithmetic():
     """Both triton versions compile the kernels; the PTX keeps IoU exact: IEEE division
     (div.rn, never div.full/approx) and no mul+add contracted into fma.rn.f32 (the
-    fma.rn.ftz.f32 in the assign kernel are libdevice's logf, within 1 ulp)."""
+    fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp)."""
     import json
     import os
     import subprocess
@@ -334,10 +340,11 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     for name, code in ptx.items():
         assert "div.full.f32" not in code and "div.approx" not in code, name
         assert "fma.rn.f32" not in code, f"{name}: a mul+add was contracted into an FMA"
-    for name in ("box_max", "assign", "assign_explicit"):
+    for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse"):
         assert "div.rn.f32" in ptx[name], name
-    assert "atom.global" in ptx["box_max"]
-    assert "st.global.v4.b32" in ptx["assign"], "deltas should leave in 16-byte vector stores"
+    for name in ("scatter", "lift", "forced"):
+        assert "atom.global" in ptx[name], name
+    assert "st.global.v4.b32" in ptx["dense"], "deltas should leave in 16-byte vector stores"
 
 
 # --- compiled, full size (skipped without a GPU) -------------------------------------
@@ -393,7 +400,11 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image):
     outputs = sum(t.numel() * t.element_size() for t in (targets.labels, targets.matched_gt, targets.deltas,
                                                          targets.classes))  # fmt: skip
     iou_matrix = problem.num_anchors * max(counts) * 4  # one image's [G, A] float32, what peers allocate
-    assert extra <= outputs + 16 * boxes.shape[0] + (1 << 20), (extra, outputs, iou_matrix)
+    # Per box: its key, its image and, per (level, shape) row, a rectangle, a pair count
+    # and a prefix entry (the work memory of the dense path lives in its deltas).
+    shape_rows = sum(level.cells.shape[0] for level in problem.grid.levels)
+    per_box = 12 + 32 * shape_rows
+    assert extra <= outputs + per_box * boxes.shape[0] + (1 << 20), (extra, outputs, iou_matrix)
     # Parity on the first two images (matching is per image).
     first = sum(counts[:2])
     sub, _ = build_problem(boxes[:first].cuda(), counts[:2], COCO_CANVAS, config, gt_classes=classes[:first].cuda())
