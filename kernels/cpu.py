@@ -145,17 +145,30 @@ def _border_limits(problem: Problem) -> torch.Tensor | None:
     return limits.to(torch.float32).contiguous()
 
 
-@functools.lru_cache(maxsize=16)
+# id(config) -> (config, the kernel arguments it decides), most recent last. Keyed by
+# identity: hashing a frozen config walks all its fields, which costs more than building
+# the arguments; holding the config keeps its id from being reused.
+_CONFIG_ARGUMENTS: dict[int, tuple[TargetConfig, _CProblem]] = {}
+_CONFIGS_KEPT = 16
+
+
 def _config_arguments(config: TargetConfig) -> _CProblem:
     """The kernel arguments a config decides (copied for each call)."""
+    cached = _CONFIG_ARGUMENTS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
     match, encode = config.match, config.encode
-    return _CProblem(
+    args = _CProblem(
         high=match.high, low=match.low, min_pos_iou=match.min_pos_iou, ignore_iof_thr=match.ignore_iof_thr,
         strict_high=match.strict_high, low_quality=LOW_QUALITY_MODES.index(match.low_quality),
         iof_wrt_anchor=match.ignore_iof_wrt_anchor, border_post=match.border_order == "post_match",
         weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
         background_class=config.background_class,
     )  # fmt: skip
+    while len(_CONFIG_ARGUMENTS) >= _CONFIGS_KEPT:
+        _CONFIG_ARGUMENTS.pop(next(iter(_CONFIG_ARGUMENTS)))
+    _CONFIG_ARGUMENTS[id(config)] = (config, args)
+    return args
 
 
 def _raw(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
