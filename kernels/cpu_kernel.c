@@ -5,7 +5,7 @@
  * It computes exactly what tritarget.kernels.reference computes (read its module
  * docstring for the rules) without ever holding an image's [G, A] IoU matrix:
  *
- *   pass 1  per (image, chunk of anchors): every anchor's raw best IoU and best box
+ *   pass 1  per (image, chunk of 512 anchors): every anchor's raw best IoU and best box
  *           (lowest box index on ties), whether it is excluded (ignore region, border
  *           "pre_match"), per-thread partial maxima of each box over the included anchors
  *           (lowest anchor index on ties); then the chunk's outputs as the thresholds and
@@ -24,12 +24,16 @@
  * by the counts the first call returned, encoding the positives' deltas as it goes. A
  * RetinaNet image has ~200 rows where the dense form writes 5 MB.
  *
- * Skipping: anchors come in blocks of 64 whose bounding boxes the caller computes once
- * per anchor set (tritarget_cpu_bounds). A box that misses a block has IoU exactly
- * 0 with each of its anchors, so the block is neither read nor computed for that box;
- * a sparse solve does not even open a chunk that no box, ignore region or border rule
- * touches when IoU 0 makes an anchor negative (the usual case: a COCO-like image reads
- * a small fraction of the 201,600 RetinaNet anchors, which alone take ~0.2 ms to read).
+ * Skipping: anchors come in blocks of 64 whose bounds (bounding box, area range) the
+ * caller computes once per anchor set (tritarget_cpu_bounds). A box that misses a block
+ * has IoU exactly 0 with each of its anchors; a box whose IoU there is provably below
+ * both thresholds and below its best IoU found so far (iou_bound: a big box against
+ * small anchors, a small box against big ones) changes no output there. Either way the
+ * block is neither read nor computed for that box. Chunks go in decreasing anchor order,
+ * so large anchors, where a box usually finds its best IoU, come first. A sparse solve
+ * does not even open a chunk where nothing can make an anchor other than negative: a
+ * COCO-like image reads a small fraction of the 201,600 RetinaNet anchors, which alone
+ * take ~0.2 ms to read.
  *
  * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, plus the
  * sparse rows (at most twice the sparse outputs). Exactness: every IoU is computed with
@@ -56,7 +60,7 @@
 /* Anchors per skipping unit: 64 RetinaNet P3 anchors span ~130 x 70 pixels, about the
  * size of a small box, and are 8 AVX2 vectors of work. */
 #define BLOCK 64
-#define BLOCKS (CHUNK / BLOCK)
+_Static_assert(CHUNK % BLOCK == 0 && CHUNK / BLOCK <= 32, "a chunk's blocks are bits of an unsigned mask");
 /* A block's bounds: min x1, min y1, max x2, max y2 of its anchors, and their least and
  * greatest area. */
 #define BOUNDS 6
