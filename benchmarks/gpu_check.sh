@@ -143,8 +143,16 @@ timeout -s INT -k 10 100 "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
 [ "$bench" -eq 0 ] || status=1
 
-# The device tool brings back at most 8 files from $OUT.
+# GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
+# sweep.txt then takes env.txt's place among the files kept as they are.
 keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.md bench_gpu.png bench_gpu_vs_g.png)
+if [ "${GPU_SWEEP:-0}" = 1 ]; then
+    echo "== sweep =="
+    timeout -s INT -k 10 150 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
+    keep=(sweep.txt "${keep[@]:1}")
+fi
+
+# The device tool brings back at most 8 files from $OUT.
 mapfile -t files < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
 if [ "${#files[@]}" -gt 8 ]; then
     extras=()

@@ -223,6 +223,13 @@ def _pair_programs(device: torch.device) -> int:
     return meta.pair_programs * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=32)
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor for a pointer the kernel does not read under its switches (one per
+    device and dtype: allocating them per call cost host time)."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 class _Launch:
     """The kernel arguments shared by the stages of one problem."""
 
@@ -264,8 +271,7 @@ class _Launch:
         self.num_blocks = triton.cdiv(self.num_anchors, self.meta.block_a)
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
-        # A distinct tensor for a pointer the kernel does not read under its meta-parameters.
-        return torch.empty(1, dtype=dtype, device=self.device)
+        return _placeholder(self.device, dtype)
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rect [S, 4] int32, prefix [S + 1] int64, row_image [N] int32), S = N * shape rows."""
@@ -289,11 +295,12 @@ class _Launch:
         if self.num_rows == 0 or self.num_anchors == 0:
             return
         rect, prefix, row_image = self.segments()
-        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
         num_segments = rect.shape[0]
+        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        seg_max = torch.zeros(num_segments, dtype=torch.int32, device=self.device)
         common = (
             self.gt_boxes, self.problem.gt_offsets, row_image, rect, prefix, self.anchors, self.shape_int,
-            self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key,
+            self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key, seg_max,
             num_segments, self.num_anchors, self.num_shapes, num_segments.bit_length() + 1,
             self.center_div, float(self.match.min_pos_iou), float(self.match.ignore_iof_thr), *self.rules,
             self.low_quality,
@@ -313,8 +320,20 @@ class _Launch:
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
         """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""
-        names = ("labels", "matched", "classes", "max_iou", "block_counts", "block_starts", "positive_anchors",
-                 "positive_matched", "positive_deltas", "positive_classes", "ignored_anchors")  # fmt: skip
+        names = (
+            "labels",
+            "matched",
+            "classes",
+            "max_iou",
+            "block_counts",
+            "block_starts",
+            "offsets",
+            "positive_anchors",
+            "positive_matched",
+            "positive_deltas",
+            "positive_classes",
+            "ignored_anchors",
+        )
         pointers = [outputs.get(name) for name in names]
         pointers = [self._placeholder(torch.int32) if p is None else p for p in pointers]
         problem, encode = self.problem, self.encode
@@ -382,9 +401,11 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
         launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
+        totals = torch.empty(2, batch, dtype=torch.int64, device=device)
         with _on(device):
-            scan_kernel[(1,)](block_counts, block_starts, offsets, launch.num_blocks, batch, BLOCK=1024,
-                              **_launch_kwargs())  # fmt: skip
+            scan_kernel[(batch,)](block_counts, block_starts, totals, launch.num_blocks, batch, BLOCK=2048,
+                                  **_launch_kwargs())  # fmt: skip
+        offsets[:, 1:] = totals.cumsum(dim=1)
         total_positive, total_ignored = offsets[:, batch].tolist()
     has_classes = problem.gt_classes is not None
     sparse = dict(
@@ -395,7 +416,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         ignored_anchors=torch.empty(total_ignored, dtype=torch.int32, device=device),
     )
     if total_positive + total_ignored > 0:
-        launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, **sparse)
+        launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, offsets=offsets, **sparse)
     return SparseTargets(
         num_anchors=num_anchors,
         positive_offsets=offsets[0],

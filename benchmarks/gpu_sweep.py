@@ -1,0 +1,131 @@
+"""GPU sweep of the triton backend's launch parameters, and where a call's time goes.
+
+Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
+
+    python benchmarks/gpu_sweep.py --out "$OUT"
+
+1. Host versus device: for COCO-RetinaNet B = 1 and 32 (G ~ 7), ``solve`` timed by
+   ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
+   synchronisation (the launch cost), and the top host functions of 200 calls under
+   cProfile; ``assign`` end to end beside it.
+2. Sweep: pairs per chunk (``block_p``) x persistent pair programs per SM, for
+   ``solve`` and ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000;
+   labels checked equal to the default parameters in every cell.
+
+Writes ``sweep.txt`` (human-readable, with the JSON on its last line) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import json
+import pstats
+import time
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from tritarget.kernels import assign, presets, triton_backend
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+PRESET = "retinanet_torchvision"
+
+
+def problem_for(batch: int, boxes: int | None):
+    gt, counts, classes = coco_like_batch(batch, seed=batch, boxes_per_image=boxes)
+    config = presets.get(PRESET)
+    problem, _ = build_problem(gt.cuda(), counts, COCO_CANVAS, config, gt_classes=classes.cuda())
+    return problem, (gt.cuda(), counts, classes.cuda(), config)
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60)
+
+
+def host_us(fn, calls: int = 100) -> float:
+    """Host microseconds per call, launches queued without waiting for the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    lines: list[str] = [f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}"]
+    record: dict = {"host": [], "sweep": []}
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say("== host versus device (solve, COCO-like G ~ 7) ==")
+    for batch in (1, 32):
+        problem, (gt, counts, classes, config) = problem_for(batch, None)
+        solve_ms = bench(lambda p=problem: triton_backend.solve(p))
+        sparse_ms = bench(lambda p=problem: triton_backend.solve_sparse(p))
+        host = host_us(lambda p=problem: triton_backend.solve(p))
+        host_sparse = host_us(lambda p=problem: triton_backend.solve_sparse(p))
+
+        def end_to_end(gt=gt, counts=counts, config=config, classes=classes):
+            return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton")
+
+        assign_ms = bench(end_to_end)
+        host_assign = host_us(end_to_end)
+        say(
+            f"B={batch}: solve {solve_ms:.3f} ms (host {host:.0f} us/call), solve_sparse {sparse_ms:.3f} ms "
+            f"(host {host_sparse:.0f} us/call), assign {assign_ms:.3f} ms (host {host_assign:.0f} us/call)"
+        )
+        record["host"].append(
+            dict(batch=batch, solve_ms=solve_ms, solve_host_us=host, sparse_ms=sparse_ms,
+                 sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign)
+        )  # fmt: skip
+        if batch == 1:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(200):
+                triton_backend.solve(problem)
+            profiler.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+            say(text.getvalue())
+
+    say("== sweep: block_p x pair programs per SM ==")
+    points = [(32, None), (32, 200), (8, 1000)]
+    problems = {point: problem_for(*point)[0] for point in points}
+    default = triton_backend._COMPILED
+    expected = {point: triton_backend.solve(p).labels.clone() for point, p in problems.items()}
+    for block_p in (128, 256, 512):
+        for programs in (4, 8, 16):
+            triton_backend._COMPILED = dataclasses.replace(default, block_p=block_p, pair_programs=programs)
+            triton_backend._pair_programs.cache_clear()
+            for point, problem in problems.items():
+                same = torch.equal(triton_backend.solve(problem).labels, expected[point])
+                dense = bench(lambda p=problem: triton_backend.solve(p))
+                sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
+                label = f"B={point[0]} G={point[1] or '~7'}"
+                say(f"block_p {block_p:4d} programs/SM {programs:3d} {label:12s} solve {dense:8.3f} ms "
+                    f"sparse {sparse:8.3f} ms{'' if same else '  LABELS DIFFER'}")  # fmt: skip
+                record["sweep"].append(dict(block_p=block_p, programs_per_sm=programs, batch=point[0],
+                                            boxes=point[1], solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
+    triton_backend._COMPILED = default
+    lines.append(json.dumps(record))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
