@@ -15,14 +15,22 @@ The work is done by one fused C kernel (``cpu_kernel.c``, built on first use by
 keeps each chunk's positives and ignored anchors as rows and copies them, in ascending
 anchor order, into outputs sized by its counts (two calls: solve and count, then emit).
 
-Memory is the outputs plus O(threads x (chunk + G) + B x A / chunk), and the sparse
-rows: no [G, A] matrix is ever built. A box that misses a block of 64 anchors is skipped
-there (its IoU is exactly 0), using each block's bounding box, computed once per anchor
-set and cached here: this is what makes crowded images cheap, and what lets a sparse
-solve of a COCO-like image read a small fraction of the anchors. Labels and matched
-indices equal the reference bit for bit: IoU is computed in float32 in torchvision's
-operation order, without fused multiply-add, and thresholds are rounded to float32 as
-torch compares them.
+Skipping: each block of 64 anchors has bounds (bounding box, area range), computed once
+per anchor set and cached here. A box that misses a block has IoU exactly 0 there; a box
+whose IoU there is provably below both thresholds and below its best IoU found so far
+changes no label there. Either way the block is neither read nor computed for that box:
+this is what makes crowded images cheap, and what lets a sparse solve of a COCO-like
+image read a small fraction of the anchors.
+
+Memory beyond the outputs: box maxima (8 bytes per box and thread), ~50 bytes per (image,
+chunk of 512 anchors), ~20 KiB of stack per thread, the sparse rows (8 bytes per
+positive, 4 per ignored anchor; a chunk pass 2 changes is stored twice, lists grow by
+doubling) and the cached bounds (24 bytes per 64 anchors): O(threads x G + B x A / 512 +
+rows), no [G, A] matrix and, for the sparse form, nothing [B, A].
+
+Labels and matched indices equal the reference bit for bit: IoU is computed in float32
+in torchvision's operation order, without fused multiply-add, and thresholds are rounded
+to float32 as torch compares them.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@
  * take ~0.2 ms to read.
  *
  * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, plus the
- * sparse rows (at most twice the sparse outputs). Exactness: every IoU is computed with
+ * sparse rows (a chunk pass 2 or ssd_forced changes is stored twice). Exactness: every IoU is computed with
  * torchvision's operation order in float32, one rounding per operation. The build passes
  * -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add and
  * keeps IEEE semantics; vectorised and scalar evaluations then give the same bits, which
