@@ -273,31 +273,38 @@ class _Launch:
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return _placeholder(self.device, dtype)
 
-    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rect [S, 4] int32, prefix [S + 1] int64, row_image [N] int32), S = N * shape rows."""
-        num_segments = self.num_rows * self.num_shapes
-        rect = torch.empty(num_segments, 4, dtype=torch.int32, device=self.device)
+    def segments(self) -> dict[str, torch.Tensor]:
+        """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, prefix
+        [S + 1] int64 (exclusive cumsum of the pairs), row_image [N] int32, and the zeroed
+        box_key [N] int64 and seg_max [S] int32 the pair kernels fill (one memset for all
+        three zeroed arrays: each launch costs host time)."""
+        rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
+        zeroed = torch.zeros(rows + num_segments + 1 + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
+        out = {
+            "rect": torch.empty(num_segments, 4, dtype=torch.int32, device=self.device),
+            "prefix": zeroed[rows : rows + num_segments + 1],
+            "row_image": torch.empty(rows, dtype=torch.int32, device=self.device),
+            "box_key": zeroed[:rows],
+            "seg_max": zeroed[rows + num_segments + 1 :].view(torch.int32)[:num_segments],
+        }
         pairs = torch.empty(num_segments, dtype=torch.int64, device=self.device)
-        prefix = torch.zeros(num_segments + 1, dtype=torch.int64, device=self.device)
-        row_image = torch.empty(self.num_rows, dtype=torch.int32, device=self.device)
-        with _on(self.device):
-            segments_kernel[(triton.cdiv(self.num_rows, self.meta.segment_rows),)](
-                self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, rect, pairs, row_image,
-                self.num_rows, self.batch, self.num_anchors, self.num_shapes, self.center_div, self.search_steps,
-                max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate, ROWS=self.meta.segment_rows,
-                SHAPES=triton.next_power_of_2(self.num_shapes), **_launch_kwargs(),
-            )  # fmt: skip
-        torch.cumsum(pairs, 0, out=prefix[1:])
-        return rect, prefix, row_image
+        segments_kernel[(triton.cdiv(rows, self.meta.segment_rows),)](
+            self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], pairs,
+            out["row_image"], rows, self.batch, self.num_anchors, self.num_shapes, self.center_div,
+            self.search_steps, max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate,
+            ROWS=self.meta.segment_rows, SHAPES=triton.next_power_of_2(self.num_shapes), **_launch_kwargs(),
+        )  # fmt: skip
+        torch.cumsum(pairs, 0, out=out["prefix"][1:])
+        return out
 
     def match_pairs(self, work: torch.Tensor) -> None:
         """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks."""
         if self.num_rows == 0 or self.num_anchors == 0:
             return
-        rect, prefix, row_image = self.segments()
+        candidates = self.segments()
+        rect, prefix, row_image = candidates["rect"], candidates["prefix"], candidates["row_image"]
+        box_key, seg_max = candidates["box_key"], candidates["seg_max"]
         num_segments = rect.shape[0]
-        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
-        seg_max = torch.zeros(num_segments, dtype=torch.int32, device=self.device)
         common = (
             self.gt_boxes, self.problem.gt_offsets, row_image, rect, prefix, self.anchors, self.shape_int,
             self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key, seg_max,
@@ -307,16 +314,15 @@ class _Launch:
         )  # fmt: skip
         grid = (_pair_programs(self.device),)
         meta = dict(GENERATE=self.generate, BLOCK_P=self.meta.block_p)
-        with _on(self.device):
-            pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
-            if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
-                block = 128
-                forced_kernel[(triton.cdiv(self.num_rows, block),)](
-                    self.problem.gt_offsets, row_image, box_key, work, self.num_rows, self.num_anchors,
-                    float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
-                )  # fmt: skip
-            elif self.low_quality != LOW_QUALITY_CODES["none"]:
-                pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
+        pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
+        if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
+            block = 128
+            forced_kernel[(triton.cdiv(self.num_rows, block),)](
+                self.problem.gt_offsets, row_image, box_key, work, self.num_rows, self.num_anchors,
+                float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
+            )  # fmt: skip
+        elif self.low_quality != LOW_QUALITY_CODES["none"]:
+            pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
         """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""
@@ -338,20 +344,19 @@ class _Launch:
         pointers = [self._placeholder(torch.int32) if p is None else p for p in pointers]
         problem, encode = self.problem, self.encode
         has_classes = problem.gt_classes is not None
-        with _on(self.device):
-            finalize_kernel[(self.num_blocks, self.batch)](
-                self.gt_boxes, problem.gt_offsets,
-                problem.gt_classes if has_classes else self._placeholder(torch.int32),
-                self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
-                self.border, work, *pointers,
-                self.num_anchors, self.num_levels,
-                float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
-                *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
-                self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,
-                int(has_classes), int(outputs.get("max_iou") is not None),
-                OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
-                **_launch_kwargs(),
-            )  # fmt: skip
+        finalize_kernel[(self.num_blocks, self.batch)](
+            self.gt_boxes, problem.gt_offsets,
+            problem.gt_classes if has_classes else self._placeholder(torch.int32),
+            self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
+            self.border, work, *pointers,
+            self.num_anchors, self.num_levels,
+            float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
+            *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
+            self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,
+            int(has_classes), int(outputs.get("max_iou") is not None),
+            OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
+            **_launch_kwargs(),
+        )  # fmt: skip
 
     def work(self) -> torch.Tensor:
         """Zeroed per-anchor work words, [B, A, 4] float32 (see triton_assign)."""
@@ -377,8 +382,9 @@ def solve(problem: Problem) -> Targets:
     targets = Targets(labels, matched, deltas, classes, max_iou, background_class=problem.config.background_class)
     if num_anchors == 0:
         return targets
-    launch.match_pairs(deltas)
-    launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
+    with _on(device):
+        launch.match_pairs(deltas)
+        launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
     return targets
 
 
@@ -397,12 +403,12 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     total_positive = total_ignored = 0
     if num_anchors > 0:
         work = launch.work()
-        launch.match_pairs(work)
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
-        launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
         totals = torch.empty(2, batch, dtype=torch.int64, device=device)
         with _on(device):
+            launch.match_pairs(work)
+            launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
             scan_kernel[(batch,)](block_counts, block_starts, totals, launch.num_blocks, batch, BLOCK=2048,
                                   **_launch_kwargs())  # fmt: skip
         offsets[:, 1:] = totals.cumsum(dim=1)
@@ -416,7 +422,8 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         ignored_anchors=torch.empty(total_ignored, dtype=torch.int32, device=device),
     )
     if total_positive + total_ignored > 0:
-        launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, offsets=offsets, **sparse)
+        with _on(device):
+            launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, offsets=offsets, **sparse)
     return SparseTargets(
         num_anchors=num_anchors,
         positive_offsets=offsets[0],
@@ -440,7 +447,7 @@ def candidate_pairs(problem: Problem) -> dict[str, int]:
     launch = _Launch(problem)
     if launch.num_rows == 0 or launch.num_anchors == 0:
         return {"evaluated": 0, "chunks": 0, "lanes": 0}
-    _, prefix, _ = launch.segments()
-    evaluated = int(prefix[-1])
+    with _on(launch.device):
+        evaluated = int(launch.segments()["prefix"][-1])
     chunks = triton.cdiv(evaluated, launch.meta.block_p)
     return {"evaluated": evaluated, "chunks": chunks, "lanes": chunks * launch.meta.block_p}
