@@ -369,10 +369,12 @@ def one_image_rows(tv, config, anchors) -> list[dict[str, object]]:
 
 
 def one_image_summary(rows: list[dict[str, object]]) -> dict[str, object]:
-    """Medians over the images of each per-image median, and the ratios of those."""
+    """Medians over the images of each per-image median (and of each per-image best run:
+    ``*_best``, what a machine shared with other work disturbs least), and the ratios."""
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     keys = ("dense", "sparse", "kernel", "overhead", "backend_python", "outside_backend", "build_problem")
     summary = {key: round(median(f"{key}_ms"), 4) for key in keys}
+    summary.update({f"{key}_best": round(median(f"{key}_min_ms"), 4) for key in keys})
     if rows[0].get("torchvision_ms") is not None:
         summary["torchvision"] = round(median("torchvision_ms"), 4)
         for name in ("dense", "sparse"):
@@ -412,7 +414,10 @@ def one_image_markdown(rows: list[dict[str, object]], summary: dict[str, object]
         f"{summary['dense']:.3f} ms, assign_sparse {summary['sparse']:.3f} ms: its kernel "
         f"{summary['kernel']:.3f} ms, the rest {summary['overhead']:.3f} ms (the cpu backend's Python "
         f"{summary['backend_python']:.3f} ms, outside the backend {summary['outside_backend']:.3f} ms; "
-        f"build_problem alone {summary['build_problem']:.3f} ms).",
+        f"build_problem alone {summary['build_problem']:.3f} ms). Best runs, likewise: assign_sparse "
+        f"{summary['sparse_best']:.3f} ms, its kernel {summary['kernel_best']:.3f} ms, the rest "
+        f"{summary['overhead_best']:.3f} ms (backend Python {summary['backend_python_best']:.3f} ms, outside "
+        f"the backend {summary['outside_backend_best']:.3f} ms).",
     ]
     if tv is not None:
         lines.append(
