@@ -70,12 +70,14 @@ class _Meta:
     num_warps: int
 
 
-# Compiled: 128 anchors or pairs per program step is 4 per thread at 4 warps. Chunks of
-# 128 pairs waste little on the many small rectangles of coarse levels; 8 persistent
-# programs per SM keep 32 warps resident to hide the latency of the scalar segment loads.
+# Compiled: 128 anchors per finalize program (one per thread at 4 warps). Pairs: the
+# H200 sweep (benchmarks/results/gpu_h200/sweep.txt; 128/256/512 pairs per chunk x 4/8/16
+# programs per SM) put 256 pairs and 16 programs per SM first over B = 32 at G ~ 7 and
+# G = 200 and B = 8 at G = 1000 together: the pair walk is bound by the latency of its
+# dependent loads, so more resident programs and a little more work per chunk pay.
 # Interpreter: every tl operation is one numpy call whatever its size, so larger blocks
 # mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
-_COMPILED = _Meta(block_a=128, block_p=128, block_g=8, segment_rows=2, pair_programs=8, num_warps=4)
+_COMPILED = _Meta(block_a=128, block_p=256, block_g=8, segment_rows=2, pair_programs=16, num_warps=4)
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4)
 
 # Grid axis 1 (images) is limited to 65,535 programs by CUDA.
