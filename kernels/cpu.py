@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 import weakref
 
 import torch
@@ -113,29 +114,45 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-# anchors -> (weak reference, version, bounds), most recent last. Generated anchors
+# id(anchors) -> (weak reference, version, bounds), most recent last. Generated anchors
 # are one cached tensor per config and canvas, so a training loop computes its bounds once
 # (reading all 201,600 RetinaNet anchors takes ~0.2 ms, more than a sparse solve of a
-# COCO-like image). The tensor's version counter changes with every in-place write, so
-# explicit anchors edited in place get new bounds.
+# COCO-like image).
 _BOUNDS_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 _BOUNDS_KEPT = 4
+# Held to change a cache: another thread's eviction iterates over it (lookups need no lock).
+_CACHES_LOCK = threading.Lock()
 
 
-def _bounds(anchors: torch.Tensor) -> torch.Tensor:
+def _remember(cache: dict, key: int, value: tuple, kept: int) -> None:
+    """Store a cache entry, evicting the oldest ones beyond ``kept``."""
+    with _CACHES_LOCK:
+        cache.pop(key, None)
+        while len(cache) >= kept:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+
+
+def _bounds(anchors: torch.Tensor, generated: bool) -> torch.Tensor:
     """Tensor[ceil(A / 64) + ceil(A / 512), 6] float32: each block's, then each chunk's,
-    bounding box and area range."""
-    key = id(anchors)
+    bounding box and area range. ``generated``: tritarget's own cached anchors (never
+    written); explicit anchors are the caller's, and their version counter changes with
+    every in-place write (an inference tensor has none: its bounds are not cached)."""
+    if not generated and anchors.is_inference():
+        return _compute_bounds(anchors)
+    key, version = id(anchors), 0 if generated else anchors._version
     cached = _BOUNDS_CACHE.get(key)
-    if cached is not None and cached[0]() is anchors and cached[1] == anchors._version:
+    if cached is not None and cached[0]() is anchors and cached[1] == version:
         return cached[2]
+    bounds = _compute_bounds(anchors)
+    _remember(_BOUNDS_CACHE, key, (weakref.ref(anchors), version, bounds), _BOUNDS_KEPT)
+    return bounds
+
+
+def _compute_bounds(anchors: torch.Tensor) -> torch.Tensor:
     count = anchors.shape[0]
     bounds = torch.empty(-(-count // _BLOCK) - (-count // _CHUNK), _BOUNDS, dtype=torch.float32)
     _library().tritarget_cpu_bounds(anchors.data_ptr(), count, bounds.data_ptr())
-    _BOUNDS_CACHE.pop(key, None)
-    while len(_BOUNDS_CACHE) >= _BOUNDS_KEPT:
-        _BOUNDS_CACHE.pop(next(iter(_BOUNDS_CACHE)))
-    _BOUNDS_CACHE[key] = (weakref.ref(anchors), anchors._version, bounds)
     return bounds
 
 
@@ -173,9 +190,7 @@ def _config_arguments(config: TargetConfig) -> _CProblem:
         weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
         background_class=config.background_class,
     )  # fmt: skip
-    while len(_CONFIG_ARGUMENTS) >= _CONFIGS_KEPT:
-        _CONFIG_ARGUMENTS.pop(next(iter(_CONFIG_ARGUMENTS)))
-    _CONFIG_ARGUMENTS[id(config)] = (config, args)
+    _remember(_CONFIG_ARGUMENTS, id(config), (config, args), _CONFIGS_KEPT)
     return args
 
 
@@ -192,7 +207,7 @@ class _Inputs:
         if problem.device.type != "cpu":
             raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
         self.anchors = _raw(problem.anchors, torch.float32)
-        self.bounds = _bounds(self.anchors)
+        self.bounds = _bounds(self.anchors, generated=problem.grid is not None)
         self.gt_boxes = _raw(problem.gt_boxes, torch.float32)
         self.gt_offsets = _raw(problem.gt_offsets, torch.int64)
         self.gt_classes = None if problem.gt_classes is None else _raw(problem.gt_classes, torch.int32)

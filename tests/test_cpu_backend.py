@@ -427,6 +427,19 @@ def test_sparse_solve_sees_explicit_anchors_changed_in_place(generator):
     assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
 
 
+def test_sparse_solve_under_inference_mode(generator):
+    """Inference tensors have no version counter: explicit ones get fresh bounds each call."""
+    canvas = (120, 150)
+    boxes, counts = random_batch(generator, [6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    with torch.inference_mode():
+        anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
+        assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+        anchors[:350] = anchors[:350].flip(0) + 3.0
+        assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+        assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config), threads=(1,))
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
