@@ -70,6 +70,7 @@ __all__ = [
     "OUTPUT_SPARSE",
     "segments_kernel",
     "pairs_kernel",
+    "lift_segments_kernel",
     "forced_kernel",
     "finalize_kernel",
     "scan_kernel",
@@ -322,6 +323,7 @@ def segments_kernel(
     rect_ptr,
     pairs_ptr,
     row_image_ptr,
+    row_box_ptr,
     num_rows,
     batch,
     num_anchors,
@@ -338,7 +340,8 @@ def segments_kernel(
     gt_boxes_ptr: [N, 4] float32; gt_offsets_ptr: [B + 1] int64.
     rect_ptr: [N, R, 4] int32 out (first x, cells along x, first y, cells along y) for
         the R = num_shapes shape rows; pairs_ptr: [N, R] int64 out, nx * ny;
-        row_image_ptr: [N] int32 out, the image of each box row.
+        row_image_ptr, row_box_ptr: [N] int32 out, the image of each box row and its
+        index within the image.
     Explicit anchors (not GENERATE, R = 1): the rectangle is all anchors (x0 = 0,
     nx = num_anchors, y0 = 0, ny = 1).
     Grid: (cdiv(N, ROWS),), a [ROWS, SHAPES] tile per program; SHAPES >= R.
@@ -355,6 +358,7 @@ def segments_kernel(
         hi = tl.where(open_ & ~before, mid - 1, hi)
         lo = tl.where(open_ & before, mid, lo)
     tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
+    tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
     if GENERATE:
@@ -442,7 +446,7 @@ def _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_o
 
 
 @triton.jit
-def _chunk(segs, local, mask, gt_boxes_ptr, gt_offsets_ptr, row_image_ptr, rect_ptr, anchors_ptr, shape_int_ptr,
+def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr, shape_int_ptr,
            shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr, mark_ptr, box_key_ptr, seg_max_ptr,
            num_anchors, num_shapes, center_div, min_pos_iou, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
            border_rule, low_quality, STAGE: tl.constexpr, GENERATE: tl.constexpr,
@@ -463,7 +467,7 @@ def _chunk(segs, local, mask, gt_boxes_ptr, gt_offsets_ptr, row_image_ptr, rect_
         go = tl.max(qualifies.to(tl.int32), axis=0) > 0
     if go:
         image = tl.load(row_image_ptr + row).to(tl.int64)
-        box = row - tl.load(gt_offsets_ptr + image)
+        box = tl.load(row_box_ptr + row).to(tl.int64)
         rect = rect_ptr + segs * 4
         x0 = tl.load(rect)
         nx = tl.load(rect + 1)
@@ -533,7 +537,7 @@ def _chunk(segs, local, mask, gt_boxes_ptr, gt_offsets_ptr, row_image_ptr, rect_
 def pairs_kernel(
     # Pointers
     gt_boxes_ptr,
-    gt_offsets_ptr,
+    row_box_ptr,
     row_image_ptr,
     rect_ptr,
     prefix_ptr,
@@ -612,7 +616,7 @@ def pairs_kernel(
             last_seg = _last_segment(prefix_ptr, seg, seg_end, last_pair, num_segments)
             if last_seg == seg:
                 local = (pair - tl.load(prefix_ptr + seg)).to(tl.int32)
-                _chunk(seg, local, mask, gt_boxes_ptr, gt_offsets_ptr, row_image_ptr, rect_ptr, anchors_ptr,
+                _chunk(seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, low_quality, STAGE, GENERATE,
@@ -634,7 +638,7 @@ def pairs_kernel(
                 local = (pair - tl.load(prefix_ptr + lane_seg)).to(tl.int32)
                 # Masked lanes (past the last pair) may stand on any segment: they load
                 # valid table rows and write nothing.
-                _chunk(lane_seg, local, mask, gt_boxes_ptr, gt_offsets_ptr, row_image_ptr, rect_ptr, anchors_ptr,
+                _chunk(lane_seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, low_quality, STAGE, GENERATE,
@@ -642,6 +646,27 @@ def pairs_kernel(
             seg = last_seg
             seg_end = tl.load(prefix_ptr + seg + 1)
             chunk += 1
+
+
+@triton.jit
+def lift_segments_kernel(rect_ptr, box_key_ptr, seg_max_ptr, pairs_ptr, num_segments, num_shapes, min_pos_iou,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    """Before the lift: keep the pairs of the segments where a qualifying box reaches its
+    maximum (about one of a box's dozens of rectangles), zero the others, so that the
+    lift's walk, over the cumsum of these counts, skips them in a step.
+
+    rect_ptr: [S, 4] int32; box_key_ptr: [N] int64; seg_max_ptr: [S] int32 (see
+    pairs_kernel); pairs_ptr: [S] int64 out. Grid: (cdiv(S, BLOCK),).
+    """
+    seg = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    real = seg < num_segments
+    box_bits = (tl.load(box_key_ptr + seg // num_shapes, mask=real, other=0) >> 32).to(tl.int32)
+    box_max = box_bits.to(tl.float32, bitcast=True)
+    # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
+    reaches = real & (box_max > 0.0) & (box_max >= min_pos_iou) & (tl.load(seg_max_ptr + seg, mask=real) == box_bits)
+    nx = tl.load(rect_ptr + seg * 4 + 1, mask=reaches, other=0)
+    ny = tl.load(rect_ptr + seg * 4 + 3, mask=reaches, other=0)
+    tl.store(pairs_ptr + seg, nx.to(tl.int64) * ny, mask=real)
 
 
 @triton.jit

@@ -48,6 +48,7 @@ from .triton_assign import (
     STAGE_SCATTER,
     finalize_kernel,
     forced_kernel,
+    lift_segments_kernel,
     pairs_kernel,
     scan_kernel,
     segments_kernel,
@@ -276,27 +277,28 @@ class _Launch:
         return _placeholder(self.device, dtype)
 
     def segments(self) -> dict[str, torch.Tensor]:
-        """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, prefix
-        [S + 1] int64 (exclusive cumsum of the pairs), row_image [N] int32, and the zeroed
-        box_key [N] int64 and seg_max [S] int32 the pair kernels fill (one memset for all
-        three zeroed arrays: each launch costs host time)."""
+        """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, pairs
+        [S] int64 and prefix [S + 1] int64 (its exclusive cumsum), row_image and row_box
+        [N] int32, and the zeroed box_key [N] int64 and seg_max [S] int32 the pair kernels
+        fill (one memset for all three zeroed arrays: each launch costs host time)."""
         rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
         zeroed = torch.zeros(rows + num_segments + 1 + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
         out = {
             "rect": torch.empty(num_segments, 4, dtype=torch.int32, device=self.device),
             "prefix": zeroed[rows : rows + num_segments + 1],
+            "pairs": torch.empty(num_segments, dtype=torch.int64, device=self.device),
             "row_image": torch.empty(rows, dtype=torch.int32, device=self.device),
+            "row_box": torch.empty(rows, dtype=torch.int32, device=self.device),
             "box_key": zeroed[:rows],
             "seg_max": zeroed[rows + num_segments + 1 :].view(torch.int32)[:num_segments],
         }
-        pairs = torch.empty(num_segments, dtype=torch.int64, device=self.device)
         segments_kernel[(triton.cdiv(rows, self.meta.segment_rows),)](
-            self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], pairs,
-            out["row_image"], rows, self.batch, self.num_anchors, self.num_shapes, self.center_div,
+            self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], out["pairs"],
+            out["row_image"], out["row_box"], rows, self.batch, self.num_anchors, self.num_shapes, self.center_div,
             self.search_steps, max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate,
             ROWS=self.meta.segment_rows, SHAPES=triton.next_power_of_2(self.num_shapes), **_launch_kwargs(),
         )  # fmt: skip
-        torch.cumsum(pairs, 0, out=out["prefix"][1:])
+        torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out
 
     def match_pairs(self, work: torch.Tensor) -> None:
@@ -308,7 +310,7 @@ class _Launch:
         box_key, seg_max = candidates["box_key"], candidates["seg_max"]
         num_segments = rect.shape[0]
         common = (
-            self.gt_boxes, self.problem.gt_offsets, row_image, rect, prefix, self.anchors, self.shape_int,
+            self.gt_boxes, candidates["row_box"], row_image, rect, prefix, self.anchors, self.shape_int,
             self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key, seg_max,
             num_segments, self.num_anchors, self.num_shapes, num_segments.bit_length() + 1,
             self.center_div, float(self.match.min_pos_iou), float(self.match.ignore_iof_thr), *self.rules,
@@ -324,6 +326,14 @@ class _Launch:
                 float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
             )  # fmt: skip
         elif self.low_quality != LOW_QUALITY_CODES["none"]:
+            # The lift walks only the rectangles where a box reaches its maximum: their
+            # pair counts, the others zeroed, re-summed into the same prefix.
+            pairs, block = candidates["pairs"], 1024
+            lift_segments_kernel[(triton.cdiv(num_segments, block),)](
+                rect, box_key, seg_max, pairs, num_segments, self.num_shapes, float(self.match.min_pos_iou),
+                BLOCK=block, **_launch_kwargs(),
+            )  # fmt: skip
+            torch.cumsum(pairs, 0, out=prefix[1:])
             pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:

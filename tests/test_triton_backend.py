@@ -310,10 +310,10 @@ from tritarget.kernels import triton_backend as backend
 from tritarget.kernels import triton_assign as k
 
 INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
-         "pairs_ptr", "offsets_ptr"}
+         "pairs_ptr", "offsets_ptr", "totals_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
-         "row_image_ptr"}
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr"}
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
@@ -324,6 +324,7 @@ for name, fn, constexprs in [
     ("lift", k.pairs_kernel, dict(STAGE=k.STAGE_LIFT, GENERATE=True, BLOCK_P=m.block_p)),
     ("scatter_explicit", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=False, BLOCK_P=m.block_p)),
     ("forced", k.forced_kernel, dict(BLOCK=128)),
+    ("lift_segments", k.lift_segments_kernel, dict(BLOCK=1024)),
     ("dense", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
     ("count", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_COUNT, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
     ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),

@@ -1,0 +1,135 @@
+"""What the GPU will run, measured without one: registers, spills and SASS size per kernel.
+
+Compiles every Triton kernel of the triton backend for Hopper (sm_90) with the launch
+parameters the backend uses, then reads the cubin with the ``cuobjdump`` Triton ships:
+``-res-usage`` gives registers per thread, stack and spill bytes; ``-sass`` gives the
+machine code, whose instruction count (total, and inside loops: between a backward
+branch and its target) says how much work one pass of the inner loop is. Registers set
+occupancy: 65,536 per SM / (registers x threads per program) programs fit an SM.
+
+    python benchmarks/kernel_resources.py [--out benchmarks/results]
+
+Writes ``kernel_resources.md`` under ``--out``. Needs no GPU (run it with
+TRITON_INTERPRET unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tritarget.kernels import triton_assign as k  # noqa: E402
+from tritarget.kernels import triton_backend as backend  # noqa: E402
+
+INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
+         "pairs_ptr", "offsets_ptr", "totals_ptr"}  # fmt: skip
+INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
+         "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr"}  # fmt: skip
+FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
+FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def kernels() -> list[tuple[str, object, dict]]:
+    m = backend._COMPILED
+    finalize = dict(GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)
+    return [
+        ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=64)),
+        ("pairs: scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
+        ("pairs: lift", k.pairs_kernel, dict(STAGE=k.STAGE_LIFT, GENERATE=True, BLOCK_P=m.block_p)),
+        (
+            "pairs: scatter, explicit anchors",
+            k.pairs_kernel,
+            dict(STAGE=k.STAGE_SCATTER, GENERATE=False, BLOCK_P=m.block_p),
+        ),  # fmt: skip
+        ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
+        ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
+        ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
+        ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
+        ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
+        ("scan", k.scan_kernel, dict(BLOCK=2048)),
+    ]
+
+
+def compile_cubin(fn, constexprs: dict) -> bytes:
+    def kind(arg: str) -> str:
+        if arg in constexprs:
+            return "constexpr"
+        if arg.endswith("_ptr"):
+            return "*i64" if arg in INT64 else "*i32" if arg in INT32 else "*i8" if arg == "labels_ptr" else "*fp32"
+        return "fp32" if arg in FLOATS else "i32"
+
+    signature = {arg: kind(arg) for arg in fn.arg_names}
+    # torch allocations are 16-byte aligned: the JIT gives pointers this hint too.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg.endswith("_ptr")}
+    options = {"num_warps": backend._COMPILED.num_warps, "enable_fp_fusion": False}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs=aligned), target=GPUTarget("cuda", 90, 32),
+                              options=options)  # fmt: skip
+    return compiled.asm["cubin"]
+
+
+def resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True)
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    # SASS lines look like "/*0a40*/   IMAD R4, R2, ... ;" ; branches name their target.
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", sass.stdout)]
+    in_loops = set()
+    for address, text in code:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            in_loops.update(a for a, _ in code if int(target.group(1), 16) <= a <= address)
+    return {
+        "registers": int(fields.get("REG", 0)),
+        "spill_bytes": int(fields.get("LOCAL", 0)),
+        "stack": int(fields.get("STACK", 0)),
+        "instructions": len(code),
+        "in_loops": len(in_loops),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    m = backend._COMPILED
+    threads = m.num_warps * 32
+    rows = []
+    for name, fn, constexprs in kernels():
+        r = resources(compile_cubin(fn, constexprs))
+        fit = 65536 // max(r["registers"] * threads, 1)
+        rows.append(f"| {name} | {r['registers']} | {r['spill_bytes']} | {r['stack']} | {r['instructions']} | "
+                    f"{r['in_loops']} | {fit} |")  # fmt: skip
+        print(rows[-1], flush=True)
+    header = [
+        "# Triton kernels compiled for sm_90 (no GPU needed)",
+        "",
+        f"triton {triton.__version__}; {m.num_warps} warps per program; block sizes {m}. "
+        "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin).",
+        "",
+        "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
+        "programs per SM by registers |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_resources.md").write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {out / 'kernel_resources.md'}")
+
+
+if __name__ == "__main__":
+    main()
