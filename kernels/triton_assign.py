@@ -96,6 +96,7 @@ OUTPUT_COUNT = 1
 OUTPUT_SPARSE = 2
 _OUTPUT_DENSE = tl.constexpr(0)
 _OUTPUT_COUNT = tl.constexpr(1)
+_OUTPUT_SPARSE = tl.constexpr(2)
 
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
 # as a constant, which would bring back one compilation per combination.
@@ -459,11 +460,14 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
     if STAGE == _STAGE_SCATTER:
         go = True
     else:
-        box_bits = (tl.load(box_key_ptr + row) >> 32).to(tl.int32)
+        # Per lane even in a uniform chunk (a broadcast): the interpreter mishandles
+        # `block & scalar` for a scalar loaded through a scalar pointer.
+        box_bits = (tl.load(box_key_ptr + row) >> 32).to(tl.int32) + tl.zeros(mask.shape, tl.int32)
         box_max = box_bits.to(tl.float32, bitcast=True)
         # Only segments where the box reaches its maximum can hold a lifted anchor. A box
         # whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-        qualifies = mask & (box_max > 0.0) & (box_max >= min_pos_iou) & (tl.load(seg_max_ptr + segs) == box_bits)
+        reaches = tl.load(seg_max_ptr + segs) == box_bits
+        qualifies = mask & (box_max > 0.0) & (box_max >= min_pos_iou) & reaches
         go = tl.max(qualifies.to(tl.int32), axis=0) > 0
     if go:
         image = tl.load(row_image_ptr + row).to(tl.int64)
@@ -762,10 +766,11 @@ def finalize_kernel(
         labels [B, A] int8, matched [B, A] int32, classes [B, A] int32 (if has_classes),
         max_iou [B, A] float32 (if want_max_iou) and the deltas [B, A, 4] float32 over
         work_ptr itself. OUTPUT_COUNT writes block_counts [B, nblocks, 2] int32 (positive,
-        ignored). OUTPUT_SPARSE writes, from block_starts [B * nblocks, 2] int64 (each
-        block's first output rows within its image) and offsets [2, B + 1] int64 (each
-        image's first rows), positives (anchor int32, matched int32, deltas
-        [P, 4] float32, class int32) and ignored anchors (int32), in anchor order.
+        ignored). OUTPUT_SPARSE reads those counts (to skip empty blocks) and writes,
+        from block_starts [B * nblocks, 2] int64 (each block's first output rows within
+        its image) and offsets [2, B + 1] int64 (each image's first rows), positives
+        (anchor int32, matched int32, deltas [P, 4] float32, class int32) and ignored
+        anchors (int32), in anchor order.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
 
     Ties (worked example): anchor 7 has IoU 0.3 with boxes 2 and 5 -> box 2 (its key
@@ -778,6 +783,12 @@ def finalize_kernel(
     first = block * BLOCK_A
     anchor = first + tl.arange(0, BLOCK_A)
     anchor_mask = anchor < num_anchors
+    if OUTPUT == _OUTPUT_SPARSE:
+        # Most blocks list nothing (COCO-like images: ~1% of anchors are listed): their
+        # lanes are masked off, so they read no key and write nothing.
+        counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
+        listed = tl.load(counts) + tl.load(counts + 1) + tl.zeros((BLOCK_A,), tl.int32)  # per lane, see _chunk
+        anchor_mask = anchor_mask & (listed > 0)
     ax1, ay1, ax2, ay2 = _block_anchor_boxes(
         anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr, level_int_ptr,
         level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,

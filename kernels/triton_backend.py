@@ -435,7 +435,9 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     )
     if total_positive + total_ignored > 0:
         with _on(device):
-            launch.finalize(OUTPUT_SPARSE, work, block_starts=block_starts, offsets=offsets, **sparse)
+            launch.finalize(
+                OUTPUT_SPARSE, work, block_counts=block_counts, block_starts=block_starts, offsets=offsets, **sparse
+            )
     return SparseTargets(
         num_anchors=num_anchors,
         positive_offsets=offsets[0],
