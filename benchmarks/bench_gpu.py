@@ -5,10 +5,10 @@ anchors (201,600), ``retinanet_torchvision`` preset, boxes from
 ``tritarget.kernels.workload`` -- COCO-like counts (mean ~7, "G=7" below) or a fixed
 G = 200 / 1000 per image -- for batches B = 1, 8, 32, 64. Methods:
 
-* ``triton``: ``triton_backend.solve`` on a checked problem (pass 1 + pass 2, one
-  launch each, allocation included): the kernel time;
-* ``triton_sparse``: ``triton_backend.solve_sparse`` (the same plus the on-device
-  compaction into positives/ignored, what the service sends);
+* ``triton``: ``triton_backend.solve`` on a checked problem (every stage, one launch
+  each, allocation included), with the box-anchor pairs its kernels evaluate;
+* ``triton_sparse``: ``triton_backend.solve_sparse`` (positives and ignored anchors
+  written directly, what the service sends);
 * ``triton_assign``: ``assign(..., backend="triton")`` end to end (input checks too);
 * ``torchvision``: what torchvision's RetinaNet does per image -- ``box_iou``,
   ``Matcher(0.5, 0.4, allow_low_quality_matches=True)``, then
@@ -54,7 +54,7 @@ if "--smoke" in sys.argv or "--pairs" in sys.argv:  # must precede the first imp
 
 import torch  # noqa: E402
 
-from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference  # noqa: E402
+from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch  # noqa: E402
 
@@ -200,8 +200,6 @@ def bytes_written(batch: int, num_anchors: int) -> int:
 
 def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> dict[str, Callable[[], object]]:
     """The compared computations on one batch, by name."""
-    from tritarget.kernels import triton_backend
-
     config = problem.config
     methods = {
         "triton": lambda: triton_backend.solve(problem),
@@ -275,8 +273,13 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
                     row["bytes_written"] = written
                     row["floor_ms"] = written / bandwidth * 1e3
                     row["vs_floor"] = median / row["floor_ms"]
+                if name == "triton":
+                    # The box-anchor pairs the kernels evaluate (each pair pass walks them once).
+                    row["pairs_evaluated"] = triton_backend.candidate_pairs(problem)["evaluated"]
                 rows.append(row)
                 floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
+                if "pairs_evaluated" in row:
+                    floor += f", {row['pairs_evaluated']:,} pairs evaluated"
                 print(f"{label:>11} B={batch:<3} {name:>14}: {median:10.3f} ms (p20 {low:.3f}, p80 {high:.3f}){floor}")
                 if name in ("triton", "triton_sparse"):
                     try:
@@ -510,13 +513,6 @@ def nonzero_pairs(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor)
 
 
 def pairs(out: Path) -> None:
-    from tritarget.kernels import triton_backend
-
-    if not hasattr(triton_backend, "candidate_pairs"):
-        sys.exit(
-            "--pairs needs tritarget.kernels.triton_backend.candidate_pairs(problem) -> dict with 'evaluated' "
-            "(the box-anchor pairs the triton kernels evaluate); this checkout does not have it"
-        )
     config = presets.get(PRESET)
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
     points = []
