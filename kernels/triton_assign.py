@@ -9,21 +9,24 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    whose right edge passes the box's left edge and whose left edge stays before the
    box's right edge form a range, found by binary search on the exact float32 formula.
    Every pair outside the rectangles has intersection 0, hence IoU exactly 0; every
-   pair inside has a positive width and height. The rectangles are cut into chunks of
-   ``BLOCK_P`` pairs, and a ``cumsum`` of the chunk counts orders all chunks of the batch.
+   pair inside has a positive width and height. A ``cumsum`` of the rectangles' pair
+   counts lays all pairs of the batch end to end, cut into chunks of ``BLOCK_P`` pairs.
    Explicit anchors have no such structure: a box's "rectangle" is all its image's anchors.
 2. ``pairs_kernel`` (stage ``SCATTER``) -- persistent programs walk contiguous ranges of
-   that chunk order (one binary search to start, then segment after segment), so a
-   1000-pixel box and a 10-pixel one cost in proportion to their pairs. For each pair
+   those chunks (one binary search to start, then rectangle after rectangle; a chunk
+   may span many small rectangles), so a 600-pixel box and a 10-pixel one cost in
+   proportion to their pairs. For each pair
    with IoU > 0 it folds ``(IoU bits << 32) | (2^31 - 1 - box)`` into the anchor's key
    with ``atomic_max`` (highest IoU, then the lowest box index), skipping the atomic
    when the key already read is as large; and, for the low-quality modes, it folds
    ``(IoU bits << 32) | (2^31 - 1 - anchor)`` over the included anchors into the box's
-   key (highest IoU, then the lowest anchor index).
-3. Low-quality matching, once every box's best IoU is known: stage ``LIFT`` of
-   ``pairs_kernel`` walks the same chunks of the boxes that qualify and marks, per anchor,
-   the highest box index whose best IoU it reaches (``atomic_max`` of box + 1);
-   ``ssd_forced`` needs no walk: ``forced_kernel`` marks each box's best anchor.
+   key (highest IoU, then the lowest anchor index) and each rectangle's best IoU.
+3. Low-quality matching, once every box's best IoU is known: ``lift_segments_kernel``
+   keeps the pairs of the rectangles where a qualifying box reaches its maximum (about
+   one per box) and a re-summed ``cumsum`` lays them out; stage ``LIFT`` of
+   ``pairs_kernel`` walks only those and marks, per anchor, the highest box index whose
+   best IoU it reaches (``atomic_max`` of box + 1); ``ssd_forced`` needs no walk:
+   ``forced_kernel`` marks each box's best anchor.
 4. ``finalize_kernel`` -- per anchor, reads its key and mark, applies thresholds, the
    low-quality rule, ignore regions and the border rule, encodes the positives and
    writes the dense targets (``OUTPUT_DENSE``), or counts positives and ignored anchors
@@ -34,8 +37,9 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
 which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
 is written by the program that reads its key, after a barrier), so it allocates
-nothing beyond its outputs; the sparse path allocates them. Per box: its key (8 bytes)
-and per (box, level, shape) a rectangle and a chunk count (24 bytes).
+nothing beyond its outputs; the sparse path allocates them. Per box: its key, image and
+index (16 bytes) and per (box, level, shape) a rectangle, a pair count, a prefix entry
+and a best IoU (36 bytes).
 
 Compile once: the matching rules and optional outputs are runtime scalars, not
 ``tl.constexpr``, since every constexpr combination is a separate compilation and a
