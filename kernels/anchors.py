@@ -262,6 +262,20 @@ def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=16)
+def _grid_and_anchors_cached(
+    config: AnchorConfig, canvas: tuple[int, int], device: torch.device
+) -> tuple[AnchorGrid, torch.Tensor]:
+    return _resolve_cached(config, canvas), _anchors_cached(config, canvas).to(device)
+
+
+# (id(config), canvas, device) -> (config, grid, anchors): a per-call lookup by identity in
+# front of the cache above, which hashes the frozen config (every field of every level) on
+# each call. Holding the config keeps its id from being reused; when full it is emptied
+# (no iteration, so no lock), and the cache above still holds what it held.
+_BY_IDENTITY: dict[tuple[int, tuple[int, int], torch.device], tuple[AnchorConfig, AnchorGrid, torch.Tensor]] = {}
+_BY_IDENTITY_KEPT = 16
+
+
 def grid_and_anchors(
     config: AnchorConfig, canvas: tuple[int, int], device: torch.device
 ) -> tuple[AnchorGrid, torch.Tensor]:
@@ -271,7 +285,15 @@ def grid_and_anchors(
     the host-to-device copy of its anchors (3.2 MB for RetinaNet at 800x1344): every
     caller shares the tensor and must treat it as read-only.
     """
-    return _resolve_cached(config, canvas), _anchors_cached(config, canvas).to(device)
+    key = (id(config), canvas, device)
+    cached = _BY_IDENTITY.get(key)
+    if cached is not None and cached[0] is config:
+        return cached[1], cached[2]
+    grid, anchors = _grid_and_anchors_cached(config, canvas, device)
+    if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[key] = (config, grid, anchors)
+    return grid, anchors
 
 
 def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:

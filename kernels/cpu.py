@@ -35,6 +35,7 @@ to float32 as torch compares them.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import threading
@@ -156,18 +157,18 @@ def _compute_bounds(anchors: torch.Tensor) -> torch.Tensor:
     return bounds
 
 
-def _border_limits(problem: Problem) -> torch.Tensor | None:
-    """Tensor[B, 4] float32 ``(-b, -b, w + b, h + b)``, rounded to float32 as torch rounds a
-    Python scalar it compares a float32 tensor with; None when the rule is off."""
+def _border_limits(problem: Problem) -> array.array | None:
+    """Float32 ``(-b, -b, w + b, h + b)`` per image, [B, 4], computed in float64 and rounded
+    to float32 as torch rounds a Python scalar it compares a float32 tensor with; None when
+    the rule is off."""
     border = problem.config.match.allowed_border
     if border < 0:
         return None
-    sizes = problem.image_sizes.to(torch.float64)
-    limits = torch.stack(
-        [torch.full_like(sizes[:, 0], -border), torch.full_like(sizes[:, 0], -border),
-         sizes[:, 1] + border, sizes[:, 0] + border], dim=1,
-    )  # fmt: skip
-    return limits.to(torch.float32).contiguous()
+    sizes = problem.host_ints.sizes
+    limits = array.array("f")  # a C cast from double: round to nearest, as torch's .to(float32)
+    for height, width in zip(sizes[::2], sizes[1::2]):
+        limits.extend((-border, -border, float(width) + border, float(height) + border))
+    return limits
 
 
 # id(config) -> (config, the kernel arguments it decides), most recent last. Keyed by
@@ -201,7 +202,7 @@ def _raw(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Inputs:
-    """A problem as the kernel reads it; holds the tensors ``args`` points into."""
+    """A problem as the kernel reads it; holds what ``args`` points into."""
 
     def __init__(self, problem: Problem):
         if problem.device.type != "cpu":
@@ -209,17 +210,17 @@ class _Inputs:
         self.anchors = _raw(problem.anchors, torch.float32)
         self.bounds = _bounds(self.anchors, generated=problem.grid is not None)
         self.gt_boxes = _raw(problem.gt_boxes, torch.float32)
-        self.gt_offsets = _raw(problem.gt_offsets, torch.int64)
         self.gt_classes = None if problem.gt_classes is None else _raw(problem.gt_classes, torch.int32)
         self.ignore_boxes = _raw(problem.ignore_boxes, torch.float32)
-        self.ignore_offsets = _raw(problem.ignore_offsets, torch.int64)
+        # The offsets are read where build_problem packed them: no tensors to make.
+        self.host_ints = problem.host_ints
         self.border_limits = _border_limits(problem)
         args = self.args = _CProblem.from_buffer_copy(_config_arguments(problem.config))
         args.anchors, args.bounds = self.anchors.data_ptr(), self.bounds.data_ptr()
-        args.gt_boxes, args.gt_offsets = self.gt_boxes.data_ptr(), self.gt_offsets.data_ptr()
+        args.gt_boxes, args.gt_offsets = self.gt_boxes.data_ptr(), self.host_ints.address(0)
         args.gt_classes = _pointer(self.gt_classes)
-        args.ignore_boxes, args.ignore_offsets = self.ignore_boxes.data_ptr(), self.ignore_offsets.data_ptr()
-        args.border_limits = _pointer(self.border_limits)
+        args.ignore_boxes, args.ignore_offsets = self.ignore_boxes.data_ptr(), self.host_ints.address(1)
+        args.border_limits = None if self.border_limits is None else self.border_limits.buffer_info()[0]
         args.num_anchors, args.batch = problem.num_anchors, problem.batch_size
         args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and self.ignore_boxes.shape[0] > 0
         args.num_threads = torch.get_num_threads()

@@ -10,9 +10,12 @@ every anchor would, under torchvision's and mmdet's low-quality rule, turn every
 zero-IoU anchor positive.
 
 A call costs little besides the backend: generated anchors come from a cache (one
-copy per config, canvas and device), boxes are checked where they live with one
-read-back per call, and the small integer tensors reach the device in one copy.
-The host looks at boxes one by one only when some box may be invalid.
+copy per config, canvas and device), and the small integers (offsets, image sizes) stay
+on the host, packed as the CPU kernel reads them, until a backend first asks for them as
+device tensors (then in one copy). A few boxes on the CPU are checked with plain Python
+floats (cheaper than any torch op); other boxes are checked where they live with one
+read-back per call, and looked at one by one on the host only when some box may be
+invalid.
 """
 
 from __future__ import annotations
@@ -29,7 +32,42 @@ import torch
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
 
-__all__ = ["Problem", "build_problem"]
+__all__ = ["HostInts", "Problem", "build_problem"]
+
+
+class HostInts:
+    """A batch's small integers on the host: int64 gt offsets [B + 1], ignore offsets [B + 1]
+    and (height, width) of each image [B, 2], packed in one buffer, each part starting at a
+    multiple of 16 bytes as a tensor of its own would (the Triton backend specialises its
+    kernels on pointer alignment). The CPU kernel reads the offsets in place."""
+
+    __slots__ = ("batch", "ints", "stride")
+
+    def __init__(self, gt_offsets: list[int], ignore_offsets: list[int], sizes: list[int]):
+        self.batch = len(gt_offsets) - 1
+        self.stride = len(gt_offsets) + len(gt_offsets) % 2  # each offsets part, padded
+        padding = [0] * (self.stride - len(gt_offsets))
+        self.ints = array.array("q", gt_offsets + padding + ignore_offsets + padding + sizes)
+
+    def address(self, part: int) -> int:
+        """Address of part 0 (gt offsets), 1 (ignore offsets) or 2 (sizes); valid while this lives."""
+        return self.ints.buffer_info()[0] + 8 * self.stride * part
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every image's (height, width), flattened."""
+        return self.ints[2 * self.stride :].tolist()
+
+    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gt_offsets, ignore_offsets, image_sizes [B, 2]): views of one tensor on ``device``,
+        made in one copy (none on the CPU: views of this buffer)."""
+        # From an array's bytes: several times cheaper than torch.tensor parsing a list.
+        # non_blocking: CUDA has copied pageable memory out before the call returns, so this
+        # is safe, and it skips the stream synchronisation torch adds to a blocking copy.
+        packed = torch.frombuffer(self.ints, dtype=torch.int64).to(device, non_blocking=True)
+        stride, batch = self.stride, self.batch
+        gt, _, ignore, _, sizes = packed.split_with_sizes((batch + 1, stride - batch - 1) * 2 + (2 * batch,))
+        return gt, ignore, sizes.view(batch, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +84,8 @@ class Problem:
     ignore_boxes (Tensor[M, 4] float32), ignore_offsets (Tensor[B + 1] int64): crowd
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
-    gt_offsets, ignore_offsets and image_sizes are views of one buffer: read-only.
+    gt_offsets, ignore_offsets and image_sizes are views of one buffer, made on first use
+    from ``host_ints`` (their values on the host): read-only.
     """
 
     config: TargetConfig
@@ -54,16 +93,30 @@ class Problem:
     grid: AnchorGrid | None
     anchors: torch.Tensor
     gt_boxes: torch.Tensor
-    gt_offsets: torch.Tensor
     gt_classes: torch.Tensor | None
     ignore_boxes: torch.Tensor
-    ignore_offsets: torch.Tensor
-    image_sizes: torch.Tensor
+    host_ints: HostInts
     want_max_iou: bool = False
+
+    @functools.cached_property  # stored in the instance's __dict__, which frozen allows
+    def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.host_ints.to(self.device)
+
+    @property
+    def gt_offsets(self) -> torch.Tensor:
+        return self._device_ints[0]
+
+    @property
+    def ignore_offsets(self) -> torch.Tensor:
+        return self._device_ints[1]
+
+    @property
+    def image_sizes(self) -> torch.Tensor:
+        return self._device_ints[2]
 
     @property
     def batch_size(self) -> int:
-        return self.gt_offsets.numel() - 1
+        return self.host_ints.batch
 
     @property
     def num_anchors(self) -> int:
@@ -118,6 +171,8 @@ def _boxes(name: str, value: object, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name}: expected shape [N, 4] (x1, y1, x2, y2), got {list(boxes.shape)}")
     if boxes.device != device:
         raise ValueError(f"{name}: on {boxes.device}, but gt_boxes are on {device}")
+    if boxes.dtype is torch.float32 and boxes.is_contiguous():
+        return boxes  # what the conversions would return, without their dispatch
     return boxes.to(torch.float32).contiguous()
 
 
@@ -166,11 +221,41 @@ def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
     return torch.cat([high - low, high, _canvas_limits(canvas, item.boxes.device) - low], dim=1)
 
 
+# An input of up to this many boxes on the CPU is checked with Python floats: below ~100
+# boxes that costs less than the few torch ops that check a tensor of boxes.
+_HOST_CHECK_MAX_BOXES = 128
+
+
+def _invalid_on_host(item: _Boxes, canvas: tuple[int, int]) -> bool:
+    """Whether some box of a CPU input is invalid, as ``_invalid_reasons`` decides.
+
+    In float64 the difference of two float32 coordinates has the exact sign and never
+    overflows, and ``0 < d < inf`` fails for a NaN: it holds exactly when both coordinates
+    are finite and the box is not degenerate along that axis.
+    """
+    rows, inf = item.boxes.tolist(), math.inf
+    if item.counts is None:  # anchors may lie anywhere
+        return not all(0 < x2 - x1 < inf and 0 < y2 - y1 < inf for x1, y1, x2, y2 in rows)
+    # torch compares float32 coordinates with the canvas's Python ints in float32.
+    width, height = array.array("f", (canvas[1], canvas[0]))
+    return not all(
+        0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > 0 and y2 > 0 and x1 < width and y1 < height
+        for x1, y1, x2, y2 in rows
+    )
+
+
 def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int]) -> bool:
-    """Whether some box may be invalid: the one read-back from the device in a call."""
+    """Whether some box may be invalid: small CPU inputs are decided on the host, the others
+    with the one read-back from the device in a call."""
     extremes: list[torch.Tensor] = []  # min and max of each input's margins
     for item in items:
-        if item.boxes.numel():
+        count = item.boxes.shape[0]
+        if count == 0:
+            continue
+        if count <= _HOST_CHECK_MAX_BOXES and item.boxes.is_cpu:
+            if _invalid_on_host(item, canvas):
+                return True
+        else:
             extremes += torch.aminmax(_margins(item, canvas))
     if not extremes:
         return False
@@ -266,25 +351,6 @@ def _image_sizes(value: object, batch: int, canvas: tuple[int, int]) -> list[int
     return flat
 
 
-def _int64_on(device: torch.device, *parts: list[int]) -> list[torch.Tensor]:
-    """One int64 tensor per part, all views of one buffer moved to ``device`` in one copy.
-
-    Every part starts at a multiple of 16 bytes, as a tensor of its own would: the Triton
-    backend specialises its kernels on pointer alignment.
-    """
-    flat, sizes = array.array("q"), []
-    for part in parts:
-        padding = len(part) % 2
-        flat.extend(part)
-        flat.extend([0] * padding)
-        sizes += (len(part), padding)
-    # From an array's bytes: several times cheaper than torch.tensor parsing a list.
-    # non_blocking: CUDA has copied pageable memory out before the call returns, so this is
-    # safe, and it skips the stream synchronisation torch adds to a blocking copy.
-    packed = torch.frombuffer(flat, dtype=torch.int64).to(device, non_blocking=True)
-    return packed.split_with_sizes(sizes)[::2]
-
-
 def build_problem(
     gt_boxes: torch.Tensor,
     gt_counts: torch.Tensor | list[int],
@@ -329,7 +395,8 @@ def build_problem(
                 raise ValueError(
                     f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
                 )
-            classes = classes.to(device=device, dtype=torch.int32)
+            if classes.dtype is not torch.int32 or classes.device != device:
+                classes = classes.to(device=device, dtype=torch.int32)
         checked.append(_Boxes("gt_boxes", boxes, counts))
 
         if (ignore_boxes is None) != (ignore_counts is None):
@@ -360,18 +427,15 @@ def build_problem(
         ignore = ignore[dropped["ignore_boxes"].rows.to(device)]
 
     offsets = [list(itertools.accumulate(c, initial=0)) for c in (counts, ign_counts)]
-    gt_offsets, ignore_offsets, sizes = _int64_on(device, *offsets, sizes)
     problem = Problem(
         config=config,
         canvas=canvas,
         grid=grid,
         anchors=anchor_boxes,
         gt_boxes=boxes,
-        gt_offsets=gt_offsets,
         gt_classes=classes,
         ignore_boxes=ignore,
-        ignore_offsets=ignore_offsets,
-        image_sizes=sizes.view(batch, 2),
+        host_ints=HostInts(*offsets, sizes),
         want_max_iou=want_max_iou,
     )
     return problem, kept

@@ -1,5 +1,7 @@
-"""build_problem: generated anchors come from a cache, box values are looked at on the host
-only when some box may be invalid, and the small integer tensors are right."""
+"""build_problem: generated anchors come from a cache, box values are looked at one by one
+only when some box may be invalid (a few boxes on the CPU are checked with Python floats,
+others with torch ops where they live: both are tested), and the small integer tensors
+are right."""
 
 import math
 
@@ -49,6 +51,16 @@ def test_anchors_are_copied_to_a_device_once():
     assert grid_and_anchors(CONFIG.anchors, CANVAS, torch.device("cpu"))[1] is not anchors
 
 
+@pytest.fixture(params=["python", "torch"])
+def box_check(request, monkeypatch):
+    """Which check decides whether boxes may be invalid: Python floats (few boxes on the CPU)
+    or torch ops (many boxes, or another device)."""
+    if request.param == "torch":
+        monkeypatch.setattr(problem_module, "_HOST_CHECK_MAX_BOXES", 0)
+    return request.param
+
+
+@pytest.mark.usefixtures("box_check")
 def test_valid_boxes_are_not_looked_at_on_the_host(monkeypatch):
     def examine(*args):
         raise AssertionError("valid boxes went to the host")
@@ -72,11 +84,13 @@ def test_valid_boxes_are_not_looked_at_on_the_host(monkeypatch):
         ([0.0, 64.0, 10.0, 70.0], "wholly outside"),
     ],
 )
+@pytest.mark.usefixtures("box_check")
 def test_every_kind_of_invalid_box_is_caught(box, reason):
     with pytest.raises(ValueError, match=rf"gt_boxes: image 0, box 3: .*{reason}"):
         build_problem(torch.cat([GOOD, torch.tensor([box])]), [4], CANVAS, CONFIG)
 
 
+@pytest.mark.usefixtures("box_check")
 def test_explicit_anchors_may_leave_the_canvas_but_not_be_infinite():
     outside = torch.tensor([[-40.0, -40.0, -20.0, -20.0], [200.0, 100.0, 300.0, 150.0]])
     problem, _ = build_problem(GOOD, [3], CANVAS, CONFIG, anchors=outside)
@@ -85,12 +99,23 @@ def test_explicit_anchors_may_leave_the_canvas_but_not_be_infinite():
         build_problem(GOOD, [3], CANVAS, CONFIG, anchors=torch.tensor([[0.0, 0.0, 8.0, 8.0], [-math.inf, 0, 8, 8]]))
 
 
+@pytest.mark.usefixtures("box_check")
 def test_a_valid_box_wider_than_float32_is_kept():
-    # Its width overflows to inf: the device check is unsure, and the host finds it valid.
+    # Its width overflows float32 to inf: the torch check is unsure, and the host finds it
+    # valid; in Python floats it does not overflow.
     huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
     problem, kept = build_problem(huge, [1], CANVAS, CONFIG, drop_invalid=True)
     assert kept.original_index is None and kept.dropped[0].numel() == 0
     assert torch.equal(problem.gt_boxes, huge)
+
+
+@pytest.mark.usefixtures("box_check")
+def test_the_canvas_is_compared_in_float32():
+    # torch compares x1 with the canvas width 2**24 + 1 in float32, where it is 2**24: this
+    # box starts at the canvas's right edge. (Explicit anchors: none generated for it.)
+    box = torch.tensor([[2.0**24, 0.0, 2.0**24 + 2, 10.0]])
+    with pytest.raises(ValueError, match="gt_boxes: image 0, box 0: wholly outside"):
+        build_problem(box, [1], (64, 2**24 + 1), CONFIG, anchors=GOOD)
 
 
 @pytest.mark.parametrize(
