@@ -50,7 +50,7 @@ from .targets import SparseTargets, Targets
 
 __all__ = ["solve", "solve_sparse"]
 
-_F32_4 = ctypes.c_float * 4
+_F32_4, _I64_2 = ctypes.c_float * 4, ctypes.c_int64 * 2
 # Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
 # BLOCK, CHUNK, BOUNDS).
 _BLOCK, _CHUNK, _BOUNDS = 64, 512, 6
@@ -195,34 +195,29 @@ def _config_arguments(config: TargetConfig) -> _CProblem:
     return args
 
 
-def _raw(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row-major memory of that dtype: the tensor itself for a Problem from build_problem,
-    which already checked and converted everything."""
-    return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
-
-
 class _Inputs:
-    """A problem as the kernel reads it; holds what ``args`` points into."""
+    """A problem as the kernel reads it; holds what ``args`` points into.
+
+    The tensors are read in place: build_problem made them contiguous, of the dtypes
+    ``Problem`` documents, and packed the offsets on the host.
+    """
 
     def __init__(self, problem: Problem):
-        if problem.device.type != "cpu":
+        if not problem.gt_boxes.is_cpu:
             raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
-        self.anchors = _raw(problem.anchors, torch.float32)
-        self.bounds = _bounds(self.anchors, generated=problem.grid is not None)
-        self.gt_boxes = _raw(problem.gt_boxes, torch.float32)
-        self.gt_classes = None if problem.gt_classes is None else _raw(problem.gt_classes, torch.int32)
-        self.ignore_boxes = _raw(problem.ignore_boxes, torch.float32)
-        # The offsets are read where build_problem packed them: no tensors to make.
-        self.host_ints = problem.host_ints
+        self.problem = problem
+        anchors, classes, ignore = problem.anchors, problem.gt_classes, problem.ignore_boxes
+        self.bounds = _bounds(anchors, generated=problem.grid is not None)
         self.border_limits = _border_limits(problem)
+        host = problem.host_ints
         args = self.args = _CProblem.from_buffer_copy(_config_arguments(problem.config))
-        args.anchors, args.bounds = self.anchors.data_ptr(), self.bounds.data_ptr()
-        args.gt_boxes, args.gt_offsets = self.gt_boxes.data_ptr(), self.host_ints.address(0)
-        args.gt_classes = _pointer(self.gt_classes)
-        args.ignore_boxes, args.ignore_offsets = self.ignore_boxes.data_ptr(), self.host_ints.address(1)
+        args.anchors, args.bounds = anchors.data_ptr(), self.bounds.data_ptr()
+        args.gt_boxes, args.gt_offsets = problem.gt_boxes.data_ptr(), host.address(0)
+        args.gt_classes = None if classes is None else classes.data_ptr()
+        args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.address(1)
         args.border_limits = None if self.border_limits is None else self.border_limits.buffer_info()[0]
-        args.num_anchors, args.batch = problem.num_anchors, problem.batch_size
-        args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and self.ignore_boxes.shape[0] > 0
+        args.num_anchors, args.batch = anchors.shape[0], host.batch
+        args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and ignore.shape[0] > 0
         args.num_threads = torch.get_num_threads()
 
 
@@ -233,7 +228,7 @@ def solve(problem: Problem) -> Targets:
     labels = torch.empty(batch, num_anchors, dtype=torch.int8)
     matched = torch.empty(batch, num_anchors, dtype=torch.int32)
     deltas = torch.empty(batch, num_anchors, 4, dtype=torch.float32)
-    classes = None if inputs.gt_classes is None else torch.empty(batch, num_anchors, dtype=torch.int32)
+    classes = None if problem.gt_classes is None else torch.empty(batch, num_anchors, dtype=torch.int32)
     max_iou = torch.empty(batch, num_anchors, dtype=torch.float32) if problem.want_max_iou else None
     args = inputs.args
     args.labels, args.matched, args.deltas = labels.data_ptr(), matched.data_ptr(), deltas.data_ptr()
@@ -252,7 +247,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     batch = problem.batch_size
     positive_offsets = torch.empty(batch + 1, dtype=torch.int64)
     ignored_offsets = torch.empty(batch + 1, dtype=torch.int64)
-    totals = (ctypes.c_int64 * 2)()  # positives, ignored: cheaper to read than a tensor element
+    totals = _I64_2()  # positives, ignored: cheaper to read than a tensor element
     job = library.tritarget_cpu_solve_sparse(
         ctypes.byref(inputs.args), positive_offsets.data_ptr(), ignored_offsets.data_ptr(), totals
     )
@@ -263,7 +258,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         anchors = torch.empty(positives, dtype=torch.int32)
         matched = torch.empty(positives, dtype=torch.int32)
         deltas = torch.empty(positives, 4, dtype=torch.float32)
-        classes = None if inputs.gt_classes is None else torch.empty(positives, dtype=torch.int32)
+        classes = None if problem.gt_classes is None else torch.empty(positives, dtype=torch.int32)
         ignored_anchors = torch.empty(ignored, dtype=torch.int32)
     except BaseException:
         library.tritarget_cpu_free_sparse(job)

@@ -84,8 +84,8 @@ class Problem:
     ignore_boxes (Tensor[M, 4] float32), ignore_offsets (Tensor[B + 1] int64): crowd
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
-    gt_offsets, ignore_offsets and image_sizes are views of one buffer, made on first use
-    from ``host_ints`` (their values on the host): read-only.
+    Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
+    buffer, made on first use from ``host_ints`` (their values on the host): read-only.
     """
 
     config: TargetConfig
@@ -155,6 +155,16 @@ class _Dropped(NamedTuple):
     counts: list[int]
     rows: torch.Tensor  # int64, on the host: the kept rows
     kept: Kept
+
+
+# Empty tensors every call shares (there is nothing in them to write): making them is a torch
+# op each, microseconds in a call that should take few.
+_NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_boxes(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, 4, dtype=torch.float32, device=device)
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
@@ -395,14 +405,14 @@ def build_problem(
                 raise ValueError(
                     f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
                 )
-            if classes.dtype is not torch.int32 or classes.device != device:
-                classes = classes.to(device=device, dtype=torch.int32)
+            if classes.dtype is not torch.int32 or classes.device != device or not classes.is_contiguous():
+                classes = classes.to(device=device, dtype=torch.int32).contiguous()
         checked.append(_Boxes("gt_boxes", boxes, counts))
 
         if (ignore_boxes is None) != (ignore_counts is None):
             raise ValueError("ignore_boxes and ignore_counts must be given together")
         if ignore_boxes is None:
-            ignore = torch.empty(0, 4, dtype=torch.float32, device=device)
+            ignore = _no_boxes(device)
             ign_counts = [0] * batch
         else:
             ignore = _boxes("ignore_boxes", ignore_boxes, device)
@@ -414,7 +424,7 @@ def build_problem(
         raise
 
     dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas) else {}
-    kept = Kept(None, [torch.empty(0, dtype=torch.int64)] * batch)
+    kept = Kept(None, [_NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]
         counts, kept = gt_dropped.counts, gt_dropped.kept

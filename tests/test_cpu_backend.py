@@ -188,6 +188,23 @@ def test_dropped_boxes_keep_their_given_indices(generator):
     assert [d.tolist() for d in ours.dropped] == [[1], [1]]
 
 
+def test_strided_and_converted_inputs(generator):
+    """The kernel reads the Problem's tensors in place: views and other dtypes reach it as
+    build_problem's contiguous float32 / int32 copies."""
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 3], canvas)
+    anchors, _ = random_batch(generator, [300], canvas)
+    ignore, _ = random_batch(generator, [1, 2], canvas)
+    problem, _ = build_problem(
+        torch.cat([boxes, boxes], dim=1)[:, :4], counts, canvas, presets.get("retinanet_torchvision"),
+        gt_classes=classes_for(torch.cat([boxes, boxes]), generator)[::2], ignore_boxes=ignore.double(),
+        ignore_counts=[1, 2], anchors=anchors.t().contiguous().t(),
+    )  # fmt: skip
+    assert torch.equal(problem.gt_boxes, boxes) and torch.equal(problem.anchors, anchors)
+    assert_targets_equal(cpu.solve(problem), reference.solve(problem))
+    assert_sparse_solve_matches(problem)
+
+
 @pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced"])
 def test_crowded_images(low_quality, generator):
     canvas = (160, 224)
