@@ -84,8 +84,9 @@ class Problem:
     ignore_boxes (Tensor[M, 4] float32), ignore_offsets (Tensor[B + 1] int64): crowd
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
+    host_ints: the offsets and sizes on the host, where the CPU kernel reads them.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
-    buffer, made on first use from ``host_ints`` (their values on the host): read-only.
+    buffer, made on first use from ``host_ints``: read-only.
     """
 
     config: TargetConfig
@@ -243,15 +244,15 @@ def _invalid_on_host(item: _Boxes, canvas: tuple[int, int]) -> bool:
     overflows, and ``0 < d < inf`` fails for a NaN: it holds exactly when both coordinates
     are finite and the box is not degenerate along that axis.
     """
-    rows, inf = item.boxes.tolist(), math.inf
-    if item.counts is None:  # anchors may lie anywhere
-        return not all(0 < x2 - x1 < inf and 0 < y2 - y1 < inf for x1, y1, x2, y2 in rows)
-    # torch compares float32 coordinates with the canvas's Python ints in float32.
-    width, height = array.array("f", (canvas[1], canvas[0]))
-    return not all(
-        0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > 0 and y2 > 0 and x1 < width and y1 < height
-        for x1, y1, x2, y2 in rows
-    )
+    inf = math.inf
+    if item.counts is None:  # anchors may lie anywhere: limits no finite box reaches
+        low, width, height = -inf, inf, inf
+    else:  # torch compares float32 coordinates with the canvas's Python ints in float32
+        low, (width, height) = 0, array.array("f", (canvas[1], canvas[0]))
+    for x1, y1, x2, y2 in item.boxes.tolist():
+        if not (0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > low and y2 > low and x1 < width and y1 < height):
+            return True
+    return False
 
 
 def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int]) -> bool:

@@ -180,3 +180,16 @@ def test_dropping_renumbers_offsets_and_rows():
     assert kept.original_index.tolist() == [0, 0, 1]
     assert problem.ignore_offsets.tolist() == [0, 0, 1]
     assert torch.equal(problem.ignore_boxes, GOOD[:1])
+
+
+@pytest.mark.parametrize("anchors", [False, True])
+def test_the_python_check_agrees_with_the_torch_rules(anchors):
+    # Coordinates drawn from values on and around every rule's edge, box by box.
+    edges = [-math.inf, -3e38, -1.0, -0.0, 0.0, 1e-30, 5.0, 63.99, 64.0, 95.99, 96.0, 100.0, 3e38, math.inf, math.nan]
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.tensor(edges)[torch.randint(len(edges), (2000, 4), generator=generator)]
+    counts = None if anchors else [1]
+    for box in boxes:
+        item = problem_module._Boxes("boxes", box[None], counts)
+        rules = problem_module._invalid_reasons(box[None], None if anchors else CANVAS)
+        assert problem_module._invalid_on_host(item, CANVAS) == bool(rules), box.tolist()
