@@ -3,6 +3,11 @@
 Requests that share a config, canvas and options are merged into one ``assign``
 call, which is one kernel launch on a GPU and one pass of the thread pool on a CPU:
 
+* a batch whose every job wants sparse targets (and no max IoU) calls
+  ``assign_sparse`` instead: dense targets never exist (on a GPU they would be ~5 MB
+  per image to copy to the host; the sparse lists are a few KB, copied in one go),
+  and each job gets its images' CSR rows; a batch with any dense job stays dense;
+
 * a batch closes when it holds ``max_batch_images`` images or its oldest request
   has waited ``max_queue_delay_s``; while every compute worker is busy, requests
   keep accumulating, so batches grow with load and stay small when idle. The
@@ -21,6 +26,7 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
 * ``submit(job, finish)`` runs ``finish(targets)`` (the response encoder) on the
   compute worker right after the batch, so a request costs one thread hop, not
   two (on a loaded machine every hop is a GIL hand-over and a futex wake-up).
+  ``targets`` is ``SparseTargets`` when the batch ran sparse, else ``Targets``.
 """
 
 from __future__ import annotations
@@ -31,12 +37,12 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from tritarget.kernels import TargetConfig, Targets, assign, presets
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
 from tritarget.kernels.api import resolve_backend
 from tritarget.kernels.problem import build_problem
 from tritarget.kernels.sampling import image_seeds
@@ -63,6 +69,8 @@ class AssignJob:
     drop_invalid: bool = False
     return_max_iou: bool = False
     seed: int = 0
+    # The response lists positives and ignored anchors (SPARSE): the batch may skip dense targets.
+    sparse: bool = False
     enqueued_at: float = field(default=0.0, repr=False)
 
     @property
@@ -140,7 +148,9 @@ BatchObserver = Callable[[int, int, float], None]
 class _Pending:
     __slots__ = ("job", "future", "finish")
 
-    def __init__(self, job: AssignJob, future: asyncio.Future, finish: Callable[[Targets], Any] | None) -> None:
+    def __init__(
+        self, job: AssignJob, future: asyncio.Future, finish: Callable[[Targets | SparseTargets], Any] | None
+    ) -> None:
         self.job = job
         self.future = future
         self.finish = finish
@@ -203,12 +213,15 @@ class Batcher:
         """``fn(*args, **kwargs)`` on a compute worker."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    async def warm_up(self, job: AssignJob) -> Targets:
-        """Run ``job`` alone, now, on a compute worker (loads, compiles and caches)."""
-        return await self.run(self._assign, [job])
+    async def warm_up(self, job: AssignJob) -> None:
+        """Run ``job`` alone, now, on a compute worker, dense and sparse: loads, compiles
+        and caches what either kind of request needs (the sparse path has kernels of its own)."""
+        for sparse in (False, True):
+            await self.run(self._assign, [replace(job, sparse=sparse)])
 
-    async def submit(self, job: AssignJob, finish: Callable[[Targets], Any] | None = None) -> Any:
-        """The job's own ``Targets``, or ``finish(targets)`` computed on the compute worker."""
+    async def submit(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None) -> Any:
+        """The job's own targets (``SparseTargets`` when its batch ran sparse), or
+        ``finish(targets)`` computed on the compute worker."""
         if self._closed or self._dispatcher is None:
             raise Unavailable("the server is shutting down")
         if self._queued_images + job.images > self.options.max_queue_images:
@@ -302,7 +315,7 @@ class Batcher:
             self._slots.release()
 
     def _compute(
-        self, jobs: list[AssignJob], finishers: list[Callable[[Targets], Any] | None] | None = None
+        self, jobs: list[AssignJob], finishers: list[Callable[[Targets | SparseTargets], Any] | None] | None = None
     ) -> list[Any]:
         """Worker thread: the jobs as one batch, split; a failed batch is checked job by job,
         and the good jobs run again without the bad ones. Then each job's ``finish``."""
@@ -355,20 +368,27 @@ class Batcher:
             results[i] = part
         return results, good
 
-    def _assign_or_error(self, job: AssignJob) -> Targets | Exception:
+    def _assign_or_error(self, job: AssignJob) -> Targets | SparseTargets | Exception:
         try:
             return self._assign([job])
         except Exception as exc:
             return exc
 
-    def _assign(self, jobs: list[AssignJob]) -> Targets:
+    def _assign(self, jobs: list[AssignJob]) -> Targets | SparseTargets:
+        """The merged batch's targets on the host: sparse when every job lists its targets
+        sparse and none wants the (dense only) max IoU, else dense."""
         args = _merge(jobs)
-        if self.device.type != "cpu":  # requests arrive and responses leave on the host
+        host = self.device.type == "cpu"
+        if not host:  # requests arrive and responses leave on the host
             for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes"):
                 if args.get(name) is not None:
                     args[name] = args[name].to(self.device, non_blocking=True)
-            return assign(**args, backend=self.backend).to("cpu")
-        return assign(**args, backend=self.backend)
+        if all(job.sparse for job in jobs) and not args["return_max_iou"]:
+            del args["return_max_iou"]
+            sparse = assign_sparse(**args, backend=self.backend)
+            return sparse if host else _sparse_to_host(sparse)
+        targets = assign(**args, backend=self.backend)
+        return targets if host else targets.to("cpu")
 
 
 def _merge(jobs: list[AssignJob]) -> dict:
@@ -398,8 +418,37 @@ def _merge(jobs: list[AssignJob]) -> dict:
     return merged
 
 
-def _split(targets: Targets, images: list[int]) -> list[Targets]:
-    """Row slices (views) of a batch's targets, one ``Targets`` per job."""
+# SparseTargets' list tensors; the offsets are int64, the others 4-byte (deltas maybe 2).
+_SPARSE_LISTS = (
+    "positive_offsets", "ignored_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
+    "positive_classes", "ignored_anchors",
+)  # fmt: skip
+
+
+def _sparse_to_host(sparse: SparseTargets) -> SparseTargets:
+    """``sparse`` on the host in one device-to-host copy instead of one per list (each copy
+    is a stream synchronisation): the lists' bytes are packed into one buffer on the
+    device, copied, and viewed back. Widest elements first, so every list starts at an
+    offset its element size divides."""
+    lists = {name: getattr(sparse, name) for name in _SPARSE_LISTS if getattr(sparse, name) is not None}
+    order = sorted(lists, key=lambda name: -lists[name].element_size())
+    packed = torch.cat([lists[name].contiguous().view(-1).view(torch.uint8) for name in order]).cpu()
+    start = 0
+    for name in order:
+        tensor = lists[name]
+        size = tensor.numel() * tensor.element_size()
+        lists[name] = packed[start : start + size].view(tensor.dtype).view(tensor.shape)
+        start += size
+    return replace(sparse, **lists)
+
+
+def _split(targets: Targets | SparseTargets, images: list[int]) -> list[Targets] | list[SparseTargets]:
+    """One part per job: row slices (views) of dense targets, or each job's images'
+    rows of the sparse lists with offsets from 0."""
+    if len(images) == 1:  # the batch is the job (slicing costs a few microseconds a tensor)
+        return [targets]
+    if isinstance(targets, SparseTargets):
+        return _split_sparse(targets, images)
     parts, start = [], 0
     rows = lambda t: None if t is None else t[start : start + count]  # noqa: E731
     for count in images:
@@ -410,4 +459,29 @@ def _split(targets: Targets, images: list[int]) -> list[Targets]:
             )
         )  # fmt: skip
         start += count
+    return parts
+
+
+def _split_sparse(sparse: SparseTargets, images: list[int]) -> list[SparseTargets]:
+    positive, ignored = sparse.positive_offsets.tolist(), sparse.ignored_offsets.tolist()
+    parts, start = [], 0
+    for count in images:
+        end = start + count
+        rows = slice(positive[start], positive[end])
+        classes = sparse.positive_classes
+        parts.append(
+            SparseTargets(
+                num_anchors=sparse.num_anchors,
+                positive_offsets=sparse.positive_offsets[start : end + 1] - positive[start],
+                positive_anchors=sparse.positive_anchors[rows],
+                positive_matched_gt=sparse.positive_matched_gt[rows],
+                positive_deltas=sparse.positive_deltas[rows],
+                ignored_offsets=sparse.ignored_offsets[start : end + 1] - ignored[start],
+                ignored_anchors=sparse.ignored_anchors[ignored[start] : ignored[end]],
+                positive_classes=None if classes is None else classes[rows],
+                background_class=sparse.background_class,
+                dropped=list(sparse.dropped[start:end]),
+            )
+        )
+        start = end
     return parts

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tritarget.kernels import TargetConfig, Targets, presets
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.targets import IGNORED, NEGATIVE, POSITIVE
 from tritarget.protos import target_assigner_pb2 as pb
@@ -204,19 +204,30 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         drop_invalid=request.drop_invalid,
         return_max_iou=request.return_max_iou,
         seed=request.seed,
+        sparse=request.format != pb.FORMAT_DENSE,
     )
 
 
-def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignResponse:
-    """The response to ``request`` holding ``targets`` in the requested format."""
+def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -> pb.AssignResponse:
+    """The response to ``request`` holding ``targets`` in the requested format.
+
+    ``SparseTargets`` (the batch ran sparse: SPARSE requests without max IoU) are encoded
+    from their lists when those are what the response lists (ignored anchors no more
+    than negative ones, the common case); otherwise they are densified first. Either
+    way the response is the same bytes as from the dense targets.
+    """
     half = request.delta_dtype == pb.DTYPE_FLOAT16
+    if isinstance(targets, SparseTargets) and not (request.format != pb.FORMAT_DENSE and _lists_ignored(targets)):
+        targets = Targets.from_sparse(targets)
     response = pb.AssignResponse(
         request_id=request.request_id,
         batch_size=targets.batch_size,
         num_anchors=targets.num_anchors,
         background_class=targets.background_class,
     )
-    if request.format == pb.FORMAT_DENSE:
+    if isinstance(targets, SparseTargets):
+        _encode_sparse_lists(targets, half, request.return_classes, response.sparse)
+    elif request.format == pb.FORMAT_DENSE:
         dense = response.dense
         encode_tensor(targets.labels, dense.labels)
         encode_tensor(targets.matched_gt, dense.matched_gt)
@@ -225,7 +236,7 @@ def encode_assign(request: pb.AssignRequest, targets: Targets) -> pb.AssignRespo
             encode_tensor(targets.classes, dense.classes)
     else:
         _encode_sparse(targets, half, request.return_classes, response.sparse)
-    if request.return_max_iou and targets.max_iou is not None:
+    if request.return_max_iou and isinstance(targets, Targets) and targets.max_iou is not None:
         encode_tensor(targets.max_iou, response.max_iou)
     if request.drop_invalid:
         for dropped in targets.dropped:
@@ -289,6 +300,29 @@ def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.
     sparse.unlisted_label = unlisted_label
     _put(np.searchsorted(listed, image_starts).astype(np.int64), sparse.listed_offsets)
     _put((listed % count).astype(np.int32), sparse.listed_anchors)
+
+
+def _lists_ignored(targets: SparseTargets) -> bool:
+    """Whether the SPARSE response lists the ignored anchors, decided as ``_encode_sparse``
+    does over the whole request: ignored no more than negative (neither positive nor ignored)."""
+    ignored = targets.ignored_anchors.numel()
+    return ignored <= targets.batch_size * targets.num_anchors - targets.positive_anchors.numel() - ignored
+
+
+def _encode_sparse_lists(targets: SparseTargets, half: bool, with_classes: bool, sparse: pb.SparseTargets) -> None:
+    """The SPARSE form straight from the lists (no scan of the B x A labels): the same
+    fields, dtypes and bytes ``_encode_sparse`` builds from the dense form."""
+    array = lambda tensor, dtype: tensor.numpy().astype(dtype, copy=False)  # noqa: E731
+    _put(array(targets.positive_offsets, np.int64), sparse.positive_offsets)
+    _put(array(targets.positive_anchors, np.int32), sparse.positive_anchors)
+    _put(array(targets.positive_matched_gt, np.int32), sparse.positive_matched_gt)
+    _put(array(targets.positive_deltas, np.float16 if half else np.float32), sparse.positive_deltas)
+    if with_classes and targets.positive_classes is not None:
+        _put(array(targets.positive_classes, np.int32), sparse.positive_classes)
+    sparse.listed_label = IGNORED
+    sparse.unlisted_label = NEGATIVE
+    _put(array(targets.ignored_offsets, np.int64), sparse.listed_offsets)
+    _put(array(targets.ignored_anchors, np.int32), sparse.listed_anchors)
 
 
 def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from tritarget.kernels import Targets, generate_anchors
+from tritarget.kernels import SparseTargets, Targets, generate_anchors
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
@@ -55,9 +55,9 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         # Encoded on the compute worker right after its batch: one thread hop per request.
         return await self._batcher.submit(job, functools.partial(self._encode, request))
 
-    def _encode(self, request: pb.AssignRequest, targets: Targets) -> pb.AssignResponse:
-        """Compute worker: the response holding a request's targets (DENSE copies megabytes,
-        SPARSE scans every anchor's label once)."""
+    def _encode(self, request: pb.AssignRequest, targets: Targets | SparseTargets) -> pb.AssignResponse:
+        """Compute worker: the response holding a request's targets (DENSE copies megabytes;
+        SPARSE copies the lists, or scans every anchor's label once when its batch ran dense)."""
         start = time.perf_counter()
         response = codec.encode_assign(request, targets)
         self._metrics.encode_seconds.observe(time.perf_counter() - start)

@@ -1,0 +1,208 @@
+"""SPARSE requests are computed sparse end to end and answered with the same bytes.
+
+A batch whose every request is SPARSE (and none asks for max IoU) runs
+``assign_sparse`` and encodes the responses straight from its lists; the old path
+(dense ``assign``, then the encoder's label scan) stays as the fallback when the
+response lists negative anchors (rarer than ignored over the whole request) and for
+batches with a DENSE or max-IoU request. Every response here must be byte for byte
+what the old path gives the request: in the batcher with real merged batches, and
+over gRPC.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread, batching
+
+from support import random_batch
+from tritarget.clients.wire import build_request
+from tritarget.kernels import SparseTargets, assign_sparse, presets
+from tritarget.kernels.targets import IGNORED, NEGATIVE
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+from tritarget.service.backend import Batcher, BatchOptions, _sparse_to_host
+from tritarget.service.codec import Limits, decode_assign, encode_assign
+
+CANVAS = (96, 128)
+# Anchors with IoU below 0 are negative: none in an image with boxes, so there the ignored
+# ones outnumber the negative ones and the response lists the negatives.
+NO_NEGATIVES = {"match.low": 0.0}
+INVALID = torch.tensor([[50.0, 10.0, 50.0, 30.0]])  # x2 == x1: dropped with drop_invalid
+
+
+@pytest.fixture(scope="module", params=["cpu", "reference"])
+def batcher(request):
+    batcher = Batcher(request.param, BatchOptions(max_batch_images=64))
+    yield batcher
+    batcher._executor.shutdown(wait=True)
+
+
+def _request(generator, counts, *, preset="retinanet_torchvision", canvas=CANVAS, classes=True, invalid=(), **kwargs):
+    """A request for random boxes; ``invalid``: images that get one degenerate box first."""
+    boxes, counts = random_batch(generator, counts, canvas)
+    for image in invalid:
+        at = sum(counts[:image])
+        boxes = torch.cat([boxes[:at], INVALID, boxes[at:]])
+        counts[image] += 1
+    gt_classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32) if classes else None
+    return build_request(boxes, counts, canvas, preset=preset, gt_classes=gt_classes, **kwargs)
+
+
+def _old_path(batcher: Batcher, request: pb.AssignRequest) -> bytes:
+    """The response as before: the request's dense targets alone (seeds are per image, so
+    batch mates change nothing), then the dense encoder."""
+    job = decode_assign(request, Limits())
+    job.sparse = False
+    return encode_assign(request, batcher._assign([job])).SerializeToString(deterministic=True)
+
+
+def _through_batcher(batcher: Batcher, requests: list[pb.AssignRequest]) -> list[pb.AssignResponse]:
+    """The requests as one merged batch, encoded on the worker as the servicer does."""
+    jobs = [decode_assign(r, Limits()) for r in requests]
+    responses = batcher._compute(jobs, [functools.partial(encode_assign, r) for r in requests])
+    for response in responses:
+        assert isinstance(response, pb.AssignResponse), response
+    return responses
+
+
+def _assert_same_bytes(batcher, requests, responses):
+    for request, response in zip(requests, responses):
+        assert response.SerializeToString(deterministic=True) == _old_path(batcher, request)
+
+
+def _runs_sparse(batcher, requests) -> bool:
+    return isinstance(batcher._assign([decode_assign(r, Limits()) for r in requests]), SparseTargets)
+
+
+CASES = {
+    "random": lambda g: [_request(g, [3, 0, 1, 7], seed=5), _request(g, [2, 5]), _request(g, [9])],
+    "empty_images": lambda g: [_request(g, [0]), _request(g, [0, 0, 0]), _request(g, [0, 4])],
+    "crowded": lambda g: [_request(g, [120, 0]), _request(g, [60])],
+    "dropped_boxes": lambda g: [
+        _request(g, [2, 3, 0], invalid=(1,), drop_invalid=True),
+        _request(g, [0, 1], invalid=(0, 1), drop_invalid=True),
+    ],
+    "no_classes": lambda g: [_request(g, [3, 2], classes=False), _request(g, [1], classes=False)],
+    "classes_not_returned": lambda g: [
+        _request(g, [3, 2], return_classes=False),
+        _request(g, [4], return_classes=False),
+    ],
+    "float16_and_float32": lambda g: [_request(g, [3, 2], delta_dtype="float16"), _request(g, [4])],
+    "detectron2": lambda g: [_request(g, [4, 1], preset="retinanet_detectron2", canvas=(80, 112))],
+    "mmdet_ignore_regions": lambda g: [
+        _request(
+            g,
+            [3, 2],
+            preset="retinanet_mmdet",
+            overrides={"match.ignore_iof_thr": 0.5},
+            ignore_boxes=torch.tensor([[10.0, 10.0, 60.0, 50.0]]),
+            ignore_counts=[1, 0],
+            image_sizes=torch.tensor([[96, 128], [80, 100]]),
+        ),
+        _request(g, [2], preset="retinanet_mmdet", overrides={"match.ignore_iof_thr": 0.5}),
+    ],  # fmt: skip
+    "ssd": lambda g: [
+        _request(g, [2, 6], preset="ssd300_torchvision", canvas=(300, 300)),
+        _request(g, [1], preset="ssd300_torchvision", canvas=(300, 300)),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sparse_batch_answers_the_same_bytes(batcher, generator, case):
+    requests = CASES[case](generator)
+    assert _runs_sparse(batcher, requests)
+    responses = _through_batcher(batcher, requests)
+    _assert_same_bytes(batcher, requests, responses)
+    for response in responses:
+        assert response.sparse.listed_label == IGNORED  # encoded from the lists
+
+
+def test_negatives_rarer_than_ignored_falls_back_per_request(batcher, generator):
+    """The listed label is decided over a whole request: a request of one crowded image
+    lists its negatives (densified, then scanned), one with an empty image too lists its
+    ignored anchors (from the lists), in the same merged batch."""
+    requests = [_request(generator, [6], overrides=NO_NEGATIVES), _request(generator, [6, 0], overrides=NO_NEGATIVES)]
+    assert _runs_sparse(batcher, requests)
+    responses = _through_batcher(batcher, requests)
+    _assert_same_bytes(batcher, requests, responses)
+    assert [r.sparse.listed_label for r in responses] == [NEGATIVE, IGNORED]
+
+
+def test_sampling_preset_falls_back_and_keeps_seeds(batcher, generator):
+    """RPN sampling leaves most anchors ignored: the responses list the negatives."""
+    kwargs = dict(preset="fasterrcnn_rpn_torchvision", canvas=(64, 96))
+    requests = [_request(generator, [3, 0], seed=7, **kwargs), _request(generator, [1, 2, 4], seed=100, **kwargs)]
+    assert _runs_sparse(batcher, requests)
+    responses = _through_batcher(batcher, requests)
+    _assert_same_bytes(batcher, requests, responses)
+    assert {r.sparse.listed_label for r in responses} == {NEGATIVE}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: [_request(g, [3, 1], format="dense"), _request(g, [2])],  # DENSE and SPARSE merge
+        lambda g: [_request(g, [3, 1], return_max_iou=True), _request(g, [2], return_max_iou=True)],
+    ],
+    ids=["with_a_dense_request", "with_max_iou"],
+)
+def test_batches_that_need_dense_targets_stay_dense(batcher, generator, make):
+    requests = make(generator)
+    assert not _runs_sparse(batcher, requests)
+    _assert_same_bytes(batcher, requests, _through_batcher(batcher, requests))
+
+
+def test_sparse_to_host_packs_and_restores_every_list(generator):
+    """One copy for all lists (run on CUDA when there is one): same values, dtypes, shapes."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    boxes, counts = random_batch(generator, [5, 0, 3], CANVAS)
+    classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator)
+    backend = "triton" if device == "cuda" else "cpu"
+    sparse = assign_sparse(boxes.to(device), counts, CANVAS, presets.get("retinanet_torchvision"),
+                           gt_classes=classes.to(device), backend=backend)  # fmt: skip
+    for deltas, with_classes in ((torch.float32, True), (torch.float16, False)):
+        given = SparseTargets(
+            sparse.num_anchors, sparse.positive_offsets, sparse.positive_anchors, sparse.positive_matched_gt,
+            sparse.positive_deltas.to(deltas), sparse.ignored_offsets, sparse.ignored_anchors,
+            sparse.positive_classes if with_classes else None, sparse.background_class, sparse.dropped,
+        )  # fmt: skip
+        host = _sparse_to_host(given)
+        for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
+                     "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
+            ours, theirs = getattr(host, name), getattr(given, name)
+            if theirs is None:
+                assert ours is None, name
+                continue
+            assert ours.device.type == "cpu" and ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+            assert torch.equal(ours, theirs.cpu()), name
+
+
+def test_over_grpc_merged_stream_answers_the_same_bytes(generator):
+    """A real server (cpu backend): a stream's SPARSE requests merge into sparse batches,
+    and every response is the bytes the dense path gives that request alone."""
+    requests = [r for case in ("random", "dropped_boxes", "float16_and_float32", "empty_images") for r in
+                CASES[case](generator)]  # fmt: skip
+    requests += [_request(generator, [6], overrides=NO_NEGATIVES), _request(generator, [6, 0], overrides=NO_NEGATIVES)]
+    requests += [_request(generator, [2, 1], preset="fasterrcnn_rpn_torchvision", canvas=(64, 96), seed=3)]
+    for i, request in enumerate(requests):
+        request.request_id = str(i)
+    old = Batcher("cpu")
+    try:
+        expected = [_old_path(old, r) for r in requests]
+    finally:
+        old._executor.shutdown(wait=True)
+    with ServerThread(backend="cpu", batching=batching(max_queue_delay_s=0.05, max_batch_images=64)) as srv:
+        batches = srv.metrics.value("tritarget_batch_requests_count")
+        with grpc.insecure_channel(srv.address) as channel:
+            got = list(pb_grpc.TargetAssignerStub(channel).AssignStream(iter(requests), timeout=120))
+        batches = srv.metrics.value("tritarget_batch_requests_count") - batches
+    assert [g.request_id for g in got] == [r.request_id for r in requests]
+    for response, want in zip(got, expected):
+        assert not response.HasField("error"), response.error
+        assert response.SerializeToString(deterministic=True) == want
+    assert batches < len(requests), "no two requests were merged"
