@@ -3,7 +3,7 @@
 Requests that share a config, canvas and options are merged into one ``assign``
 call, which is one kernel launch on a GPU and one pass of the thread pool on a CPU:
 
-* a batch whose every job wants sparse targets (and no max IoU) calls
+* a batch whose every job wants sparse targets (and no max IoU, no sampling) calls
   ``assign_sparse`` instead: dense targets never exist (on a GPU they would be ~5 MB
   per image to copy to the host; the sparse lists are a few KB, copied in one go),
   and each job gets its images' CSR rows; a batch with any dense job stays dense;
@@ -376,14 +376,17 @@ class Batcher:
 
     def _assign(self, jobs: list[AssignJob]) -> Targets | SparseTargets:
         """The merged batch's targets on the host: sparse when every job lists its targets
-        sparse and none wants the (dense only) max IoU, else dense."""
+        sparse, none wants the (dense only) max IoU and the config does not sample, else
+        dense. Sampling leaves most anchors ignored, so the responses list the negatives,
+        which takes the dense labels: ``assign_sparse`` would build them, compact them, and
+        the encoder densify them again (RPN, 2 COCO images: 20% slower than dense)."""
         args = _merge(jobs)
         host = self.device.type == "cpu"
         if not host:  # requests arrive and responses leave on the host
             for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes"):
                 if args.get(name) is not None:
                     args[name] = args[name].to(self.device, non_blocking=True)
-        if all(job.sparse for job in jobs) and not args["return_max_iou"]:
+        if all(job.sparse for job in jobs) and not args["return_max_iou"] and args["config"].match.sample_size == 0:
             del args["return_max_iou"]
             sparse = assign_sparse(**args, backend=self.backend)
             return sparse if host else _sparse_to_host(sparse)

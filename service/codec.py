@@ -217,8 +217,8 @@ def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -
     way the response is the same bytes as from the dense targets.
     """
     half = request.delta_dtype == pb.DTYPE_FLOAT16
-    if isinstance(targets, SparseTargets) and not (request.format != pb.FORMAT_DENSE and _lists_ignored(targets)):
-        targets = Targets.from_sparse(targets)
+    if isinstance(targets, SparseTargets) and (request.format == pb.FORMAT_DENSE or not _lists_ignored(targets)):
+        targets = Targets.from_sparse(targets)  # the response needs the anchors the lists leave out
     response = pb.AssignResponse(
         request_id=request.request_id,
         batch_size=targets.batch_size,

@@ -1,12 +1,12 @@
 """SPARSE requests are computed sparse end to end and answered with the same bytes.
 
-A batch whose every request is SPARSE (and none asks for max IoU) runs
-``assign_sparse`` and encodes the responses straight from its lists; the old path
-(dense ``assign``, then the encoder's label scan) stays as the fallback when the
-response lists negative anchors (rarer than ignored over the whole request) and for
-batches with a DENSE or max-IoU request. Every response here must be byte for byte
-what the old path gives the request: in the batcher with real merged batches, and
-over gRPC.
+A batch whose every request is SPARSE (none asks for max IoU, the config does not
+sample) runs ``assign_sparse`` and encodes the responses straight from its lists. The
+old path (dense targets, then the encoder's label scan) stays: for a request whose
+response lists the negative anchors (rarer than ignored over the whole request), its
+lists are densified first, and batches with a DENSE or max-IoU request or a sampling
+config compute dense targets. Every response here must be byte for byte what the old
+path gives the request: in the batcher with real merged batches, and over gRPC.
 """
 
 from __future__ import annotations
@@ -133,11 +133,12 @@ def test_negatives_rarer_than_ignored_falls_back_per_request(batcher, generator)
     assert [r.sparse.listed_label for r in responses] == [NEGATIVE, IGNORED]
 
 
-def test_sampling_preset_falls_back_and_keeps_seeds(batcher, generator):
-    """RPN sampling leaves most anchors ignored: the responses list the negatives."""
+def test_sampling_batches_stay_dense_and_keep_their_seeds(batcher, generator):
+    """RPN sampling leaves most anchors ignored: the responses list the negatives, which
+    take the dense labels, so the batch computes them at once."""
     kwargs = dict(preset="fasterrcnn_rpn_torchvision", canvas=(64, 96))
     requests = [_request(generator, [3, 0], seed=7, **kwargs), _request(generator, [1, 2, 4], seed=100, **kwargs)]
-    assert _runs_sparse(batcher, requests)
+    assert not _runs_sparse(batcher, requests)
     responses = _through_batcher(batcher, requests)
     _assert_same_bytes(batcher, requests, responses)
     assert {r.sparse.listed_label for r in responses} == {NEGATIVE}
