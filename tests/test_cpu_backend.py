@@ -77,20 +77,25 @@ def test_auto_on_cpu_tensors_is_the_cpu_backend(generator, monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("strict_high", [False, True])
-@pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
-@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
-def test_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
+def tied_batch(generator, low_quality: str, min_pos_iou: float, strict_high: bool):
+    """(boxes, counts, canvas, config): snapped boxes (ties) with thresholds on their exact
+    IoU values (1/2, 1/3), so ">=" and ">" and the float32 rounding of the threshold all
+    matter."""
     canvas = (97, 131)
     boxes, counts = random_batch(generator, [0, 2, 7, 16], canvas)
-    boxes = with_ties(boxes, generator)
-    # Thresholds on exact IoU values of the snapped boxes (1/2, 1/3), so ">=" and ">"
-    # and the float32 rounding of the threshold all matter.
     config = TargetConfig(
         anchors=SMALL_ANCHORS,
         match=MatchConfig(high=0.5, low=1 / 3, strict_high=strict_high, low_quality=low_quality,
                           min_pos_iou=min_pos_iou),
     )  # fmt: skip
+    return with_ties(boxes, generator), counts, canvas, config
+
+
+@pytest.mark.parametrize("strict_high", [False, True])
+@pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
+    boxes, counts, canvas, config = tied_batch(generator, low_quality, min_pos_iou, strict_high)
     ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
     assert_targets_equal(ours, ref)
 
@@ -347,14 +352,7 @@ def test_sparse_solve_every_preset(preset, with_classes, generator):
 @pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
 @pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
 def test_sparse_solve_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
-    canvas = (97, 131)
-    boxes, counts = random_batch(generator, [0, 2, 7, 16], canvas)
-    boxes = with_ties(boxes, generator)
-    config = TargetConfig(
-        anchors=SMALL_ANCHORS,
-        match=MatchConfig(high=0.5, low=1 / 3, strict_high=strict_high, low_quality=low_quality,
-                          min_pos_iou=min_pos_iou),
-    )  # fmt: skip
+    boxes, counts, canvas, config = tied_batch(generator, low_quality, min_pos_iou, strict_high)
     problem = sparse_problem(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
     assert_sparse_solve_matches(problem)
 
