@@ -42,6 +42,16 @@ def solve_both(boxes, counts, canvas, config, **kwargs):
     return cpu.solve(problem), reference.solve(problem)
 
 
+def assert_both_forms_match(boxes, counts, canvas, config, threads: tuple[int, ...] = (1, 2), **kwargs):
+    """The dense CPU solve equals the reference, and so does the sparse-first solve (see
+    ``assert_sparse_solve_matches``); returns the dense CPU targets."""
+    problem, _ = build_problem(boxes, counts, canvas, config, drop_invalid=True, **kwargs)
+    ours = cpu.solve(problem)
+    assert_targets_equal(ours, reference.solve(problem))
+    assert_sparse_solve_matches(problem, threads)
+    return ours
+
+
 def classes_for(boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32)
 
@@ -96,8 +106,7 @@ def tied_batch(generator, low_quality: str, min_pos_iou: float, strict_high: boo
 @pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
 def test_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
     boxes, counts, canvas, config = tied_batch(generator, low_quality, min_pos_iou, strict_high)
-    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
-    assert_targets_equal(ours, ref)
+    assert_both_forms_match(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
 
 
 @pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
@@ -109,8 +118,7 @@ def test_boxes_sharing_best_anchors(low_quality):
         dtype=torch.float32,
     )
     config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(high=0.7, low=0.3, low_quality=low_quality))
-    ours, ref = solve_both(boxes, [6], canvas, config, want_max_iou=True)
-    assert_targets_equal(ours, ref)
+    assert_both_forms_match(boxes, [6], canvas, config, threads=(1, 3), want_max_iou=True)
 
 
 @pytest.mark.parametrize("wrt_anchor", [True, False])
@@ -124,10 +132,9 @@ def test_ignore_regions(low_quality, threshold, wrt_anchor, generator):
         anchors=SMALL_ANCHORS,
         match=MatchConfig(low_quality=low_quality, ignore_iof_thr=threshold, ignore_iof_wrt_anchor=wrt_anchor),
     )
-    ours, ref = solve_both(
+    assert_both_forms_match(
         boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts, want_max_iou=True
     )
-    assert_targets_equal(ours, ref)
 
 
 def test_ignore_region_covering_the_canvas_excludes_every_anchor(generator):
@@ -152,8 +159,7 @@ def test_border_rules(low_quality, border, order, generator):
         anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=border, border_order=order)
     )
     sizes = [[97, 131], [60, 131], [80, 100]]
-    ours, ref = solve_both(boxes, counts, canvas, config, image_sizes=sizes, want_max_iou=True)
-    assert_targets_equal(ours, ref)
+    assert_both_forms_match(boxes, counts, canvas, config, image_sizes=sizes, want_max_iou=True)
 
 
 @pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
@@ -165,8 +171,7 @@ def test_explicit_anchors(low_quality, generator):
     boxes, counts = random_batch(generator, [4, 0, 10], canvas)
     config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=2.0))
     classes = classes_for(boxes, generator)
-    ours, ref = solve_both(boxes, counts, canvas, config, anchors=anchors, gt_classes=classes, want_max_iou=True)
-    assert_targets_equal(ours, ref)
+    assert_both_forms_match(boxes, counts, canvas, config, anchors=anchors, gt_classes=classes, want_max_iou=True)
 
 
 def test_encoding_weights_means_and_stds(generator):
@@ -210,14 +215,14 @@ def test_strided_and_converted_inputs(generator):
     assert_sparse_solve_matches(problem)
 
 
-@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced"])
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
 def test_crowded_images(low_quality, generator):
     canvas = (160, 224)
     boxes, counts = random_batch(generator, [230, 0, 301], canvas, max_frac=0.3)
     boxes[:120] = with_ties(boxes[:120], generator)
     config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
-    ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator), want_max_iou=True)
-    assert_targets_equal(ours, ref)
+    classes = classes_for(boxes, generator)
+    assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
@@ -348,26 +353,6 @@ def test_sparse_solve_every_preset(preset, with_classes, generator):
     assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, gt_classes=classes))
 
 
-@pytest.mark.parametrize("strict_high", [False, True])
-@pytest.mark.parametrize("min_pos_iou", [0.0, 0.3])
-@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
-def test_sparse_solve_every_matching_mode_with_ties(low_quality, min_pos_iou, strict_high, generator):
-    boxes, counts, canvas, config = tied_batch(generator, low_quality, min_pos_iou, strict_high)
-    problem = sparse_problem(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
-    assert_sparse_solve_matches(problem)
-
-
-@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
-def test_sparse_solve_boxes_sharing_best_anchors(low_quality):
-    canvas = (64, 64)
-    boxes = torch.tensor(
-        [[8, 8, 24, 24], [8, 8, 24, 24], [10, 10, 22, 22], [40, 40, 56, 56], [8, 8, 24, 24], [1, 1, 3, 3]],
-        dtype=torch.float32,
-    )
-    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(high=0.7, low=0.3, low_quality=low_quality))
-    assert_sparse_solve_matches(sparse_problem(boxes, [6], canvas, config), threads=(1, 3))
-
-
 @pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
 def test_sparse_solve_empty_images(low_quality, generator):
     """Images without boxes (every anchor negative, or ignored in a region) beside others."""
@@ -380,55 +365,6 @@ def test_sparse_solve_empty_images(low_quality, generator):
     none = sparse_problem(torch.zeros(0, 4), [0, 0], canvas, config)
     sparse = cpu.solve_sparse(none)
     assert sparse.positive_offsets.tolist() == [0, 0, 0] and sparse.ignored_anchors.numel() == 0
-
-
-@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
-def test_sparse_solve_crowded_images(low_quality, generator):
-    canvas = (160, 224)
-    boxes, counts = random_batch(generator, [230, 0, 301], canvas, max_frac=0.3)
-    boxes[:120] = with_ties(boxes[:120], generator)
-    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
-    problem = sparse_problem(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
-    assert_sparse_solve_matches(problem, threads=(1, 3))
-
-
-@pytest.mark.parametrize("wrt_anchor", [True, False])
-@pytest.mark.parametrize("threshold", [0.0, 0.5])
-@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
-def test_sparse_solve_ignore_regions(low_quality, threshold, wrt_anchor, generator):
-    canvas = (160, 224)
-    boxes, counts = random_batch(generator, [6, 0, 9], canvas)
-    ignore, ignore_counts = random_batch(generator, [2, 3, 0], canvas, max_frac=0.4)
-    config = TargetConfig(
-        anchors=SMALL_ANCHORS,
-        match=MatchConfig(low_quality=low_quality, ignore_iof_thr=threshold, ignore_iof_wrt_anchor=wrt_anchor),
-    )
-    problem = sparse_problem(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=ignore_counts)
-    assert_sparse_solve_matches(problem)
-
-
-@pytest.mark.parametrize("order", ["pre_match", "post_match"])
-@pytest.mark.parametrize("border", [0.0, 4.5, 32.0])
-@pytest.mark.parametrize("low_quality", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
-def test_sparse_solve_border_rules(low_quality, border, order, generator):
-    canvas = (97, 131)
-    boxes, counts = random_batch(generator, [5, 0, 11], canvas)
-    config = TargetConfig(
-        anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=border, border_order=order)
-    )
-    sizes = [[97, 131], [60, 131], [80, 100]]
-    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, image_sizes=sizes))
-
-
-@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
-def test_sparse_solve_explicit_anchors(low_quality, generator):
-    canvas = (120, 150)
-    anchors, _ = random_batch(generator, [700], canvas, min_size=1.0)
-    anchors[::97, 2] = anchors[::97, 0] + 0.01  # a hundredth of a pixel wide
-    boxes, counts = random_batch(generator, [4, 0, 10], canvas)
-    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, allowed_border=2.0))
-    problem = sparse_problem(boxes, counts, canvas, config, anchors=anchors, gt_classes=classes_for(boxes, generator))
-    assert_sparse_solve_matches(problem)
 
 
 def test_sparse_solve_sees_explicit_anchors_changed_in_place(generator):
