@@ -70,6 +70,9 @@ def _check_number(owner: str, name: str, value: Any) -> float:
     return float(value)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _check_int(owner: str, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}.{name}: expected an integer, got {value!r}")
@@ -320,6 +323,10 @@ class TargetConfig:
             if not isinstance(value, cls):
                 raise TypeError(f"TargetConfig.{name}: expected {cls.__name__}, got {type(value).__name__}")
         _check_int("TargetConfig", "background_class", self.background_class)
+        # Classes travel as int32 (Targets.classes, the wire); a negative background would
+        # collide with the ignore conventions (-1, -2) of the frameworks' adapters.
+        if not 0 <= self.background_class <= _INT32_MAX:
+            raise _fail("TargetConfig", "background_class", f"must be in [0, {_INT32_MAX}], got {self.background_class}")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-compatible dict; ``TargetConfig.from_dict`` reverses it."""
