@@ -50,6 +50,7 @@ def assign(
     ignore_boxes: torch.Tensor | None = None,
     ignore_counts: torch.Tensor | Sequence[int] | None = None,
     image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    pad_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
     anchors: torch.Tensor | None = None,
     backend: str = "auto",
     drop_invalid: bool = False,
@@ -68,6 +69,14 @@ def assign(
         ignore_boxes (Tensor[M, 4]), ignore_counts (B ints), optional: crowd regions.
         image_sizes (Tensor[B, 2] int, optional): valid (height, width) per image,
             for the border rule; the canvas when omitted.
+        pad_sizes (Tensor[B, 2] int, optional): padded (height, width) per image, as
+            mmdet's ``pad_shape`` (the image resized and padded to its size divisor,
+            before the batch pads it to the canvas). Anchors whose feature-map cell lies
+            beyond it (mmdet's ``valid_flags``: per level ``min(ceil(pad / stride),
+            feature size)`` rows and columns are valid) are excluded before matching,
+            like ``pre_match`` border anchors: ignored (label -1, matched -1; mmdet's
+            label weight 0) and not counted for any box's best anchor. Needs generated
+            anchors; at least ``image_sizes`` when both are given.
         anchors (Tensor[A, 4] float32, optional): explicit anchors (proposals, custom
             layouts) instead of the config's generated ones.
         backend: ``reference`` | ``cpu`` | ``triton`` | ``auto`` (triton on CUDA
@@ -84,7 +93,8 @@ def assign(
     problem, kept = build_problem(
         gt_boxes, gt_counts, canvas, config,
         gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, anchors=anchors, drop_invalid=drop_invalid, want_max_iou=return_max_iou,
+        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+        want_max_iou=return_max_iou,
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     targets = _backend_module(resolve_backend(backend, problem.device)).solve(problem)
@@ -107,6 +117,7 @@ def assign_sparse(
     ignore_boxes: torch.Tensor | None = None,
     ignore_counts: torch.Tensor | Sequence[int] | None = None,
     image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    pad_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
     anchors: torch.Tensor | None = None,
     backend: str = "auto",
     drop_invalid: bool = False,
@@ -122,7 +133,7 @@ def assign_sparse(
     problem, kept = build_problem(
         gt_boxes, gt_counts, canvas, config,
         gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, anchors=anchors, drop_invalid=drop_invalid,
+        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     module = _backend_module(resolve_backend(backend, problem.device))

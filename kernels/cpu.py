@@ -68,8 +68,11 @@ class _CProblem(ctypes.Structure):
         ("ignore_boxes", ctypes.c_void_p),
         ("ignore_offsets", ctypes.c_void_p),
         ("border_limits", ctypes.c_void_p),
+        ("valid_cells", ctypes.c_void_p),
+        ("levels", ctypes.c_void_p),
         ("num_anchors", ctypes.c_int64),
         ("batch", ctypes.c_int64),
+        ("num_levels", ctypes.c_int64),
         # c_float fields round a Python float to nearest float32, as torch rounds the
         # scalar in `iou >= high`: the kernel compares with the same thresholds.
         ("high", ctypes.c_float),
@@ -81,6 +84,7 @@ class _CProblem(ctypes.Structure):
         ("use_ignore", ctypes.c_int32),
         ("iof_wrt_anchor", ctypes.c_int32),
         ("border_post", ctypes.c_int32),
+        ("shape_major", ctypes.c_int32),
         ("weights", _F32_4),
         ("means", _F32_4),
         ("stds", _F32_4),
@@ -171,6 +175,16 @@ def _border_limits(problem: Problem) -> array.array | None:
     return limits
 
 
+def _padding_tables(problem: Problem) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(valid_cells [B, L, 2] int32, levels [L, 4] int64: first anchor, height, width,
+    shapes per cell) for the padded-size rule, or (None, None) when it excludes nothing."""
+    if problem.valid_cells is None:
+        return None, None
+    grid = problem.grid
+    levels = [[start, lv.height, lv.width, lv.cells.shape[0]] for lv, start in zip(grid.levels, grid.level_starts)]
+    return problem.valid_cells.contiguous(), torch.tensor(levels, dtype=torch.int64)
+
+
 # id(config) -> (config, the kernel arguments it decides), most recent last. Keyed by
 # identity: hashing a frozen config walks all its fields, which costs more than building
 # the arguments; holding the config keeps its id from being reused.
@@ -209,6 +223,7 @@ class _Inputs:
         anchors, classes, ignore = problem.anchors, problem.gt_classes, problem.ignore_boxes
         self.bounds = _bounds(anchors, generated=problem.grid is not None)
         self.border_limits = _border_limits(problem)
+        self.valid_cells, self.levels = _padding_tables(problem)
         host = problem.host_ints
         args = self.args = _CProblem.from_buffer_copy(_config_arguments(problem.config))
         args.anchors, args.bounds = anchors.data_ptr(), self.bounds.data_ptr()
@@ -216,6 +231,9 @@ class _Inputs:
         args.gt_classes = None if classes is None else classes.data_ptr()
         args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.address(1)
         args.border_limits = None if self.border_limits is None else self.border_limits.buffer_info()[0]
+        if self.valid_cells is not None:
+            args.valid_cells, args.levels = self.valid_cells.data_ptr(), self.levels.data_ptr()
+            args.num_levels, args.shape_major = self.levels.shape[0], problem.grid.shape_major
         args.num_anchors, args.batch = anchors.shape[0], host.batch
         args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and ignore.shape[0] > 0
         args.num_threads = torch.get_num_threads()

@@ -7,7 +7,7 @@
  *
  *   pass 1  per (image, chunk of 512 anchors): every anchor's raw best IoU and best box
  *           (lowest box index on ties), whether it is excluded (ignore region, border
- *           "pre_match"), per-thread partial maxima of each box over the included anchors
+ *           "pre_match", cell beyond the image's padded size), per-thread partial maxima of each box over the included anchors
  *           (lowest anchor index on ties); then the chunk's outputs as the thresholds and
  *           border rules decide them, written once.
  *   merge   per box: its best IoU and best anchor over all anchors of its image.
@@ -83,11 +83,15 @@ typedef struct {
     const float *ignore_boxes;   /* [M, 4] */
     const int64_t *ignore_offsets; /* [B + 1] */
     const float *border_limits;  /* [B, 4] (-b, -b, w + b, h + b) as float32, or NULL (rule off) */
+    const int32_t *valid_cells;  /* [B, L, 2] rows, columns of each level inside the image's padded size, or NULL */
+    const int64_t *levels;       /* [L, 4] first anchor, height, width, shapes per cell (read with valid_cells) */
     int64_t num_anchors;
     int64_t batch;
+    int64_t num_levels;
     /* matching (thresholds already rounded to float32, as torch compares them) */
     float high, low, min_pos_iou, ignore_iof_thr;
     int32_t strict_high, low_quality, use_ignore, iof_wrt_anchor, border_post;
+    int32_t shape_major;         /* anchors of a level are [K, H, W] (yolo), else [H, W, K] */
     /* encoding */
     float weights[4], means[4], stds[4];
     int32_t background_class;
@@ -224,6 +228,47 @@ static inline int anchor_inside(const float *lim, float x1, float y1, float x2, 
     return x1 >= lim[0] && y1 >= lim[1] && x2 < lim[2] && y2 < lim[3];
 }
 
+/* Whether some anchor of [first, end) (indices within the image) may lie on a cell beyond
+ * the image's valid cells (reference.outside_padding). Exact within one level of the
+ * [H, W, K] order and within one shape of the [K, H, W] order; a block that spans two
+ * shapes of a level that has invalid cells answers yes (its anchors are then checked one
+ * by one). */
+static int block_may_be_padded(const Problem *p, int64_t image, int64_t first, int64_t end) {
+    for (int64_t l = 0; l < p->num_levels; ++l) {
+        const int64_t *lv = p->levels + 4 * l;
+        const int64_t start = lv[0], height = lv[1], width = lv[2], shapes = lv[3];
+        const int64_t stop = start + height * width * shapes;
+        if (end <= start || first >= stop) continue;
+        const int32_t *valid = p->valid_cells + 2 * (image * p->num_levels + l);
+        if (valid[0] == height && valid[1] == width) continue;
+        int64_t lo = (first > start ? first : start) - start, hi = (end < stop ? end : stop) - 1 - start;
+        if (p->shape_major) {
+            if (lo / (height * width) != hi / (height * width)) return 1;
+            lo %= height * width;
+            hi %= height * width;
+        } else {
+            lo /= shapes;
+            hi /= shapes;
+        }
+        /* cells lo..hi, row-major: a later row than the valid ones, or a row end past the
+         * valid columns (a span over two rows holds its first row's last column) */
+        if (hi / width >= valid[0]) return 1;
+        if (valid[1] < width && (lo / width != hi / width || hi % width >= valid[1])) return 1;
+    }
+    return 0;
+}
+
+/* Whether anchor a (within the image) lies on a cell beyond the image's valid cells. */
+static int outside_padding(const Problem *p, int64_t image, int64_t a) {
+    int64_t l = 0;
+    while (a >= p->levels[4 * l] + p->levels[4 * l + 1] * p->levels[4 * l + 2] * p->levels[4 * l + 3]) ++l;
+    const int64_t *lv = p->levels + 4 * l;
+    const int64_t local = a - lv[0], height = lv[1], width = lv[2], shapes = lv[3];
+    const int64_t cell = p->shape_major ? local % (height * width) : local / shapes;
+    const int32_t *valid = p->valid_cells + 2 * (image * p->num_levels + l);
+    return cell / width >= valid[0] || cell % width >= valid[1];
+}
+
 /* A chunk of anchors: bounds always, coordinates (structure-of-arrays) of the blocks
  * some step needed, and which anchors are excluded. */
 typedef struct {
@@ -232,10 +277,15 @@ typedef struct {
     const float *block_bounds; /* [nblocks][BOUNDS] */
     const float *bounds;       /* [BOUNDS] of the whole chunk */
     unsigned loaded;           /* bit j: block j's coordinates are below */
-    unsigned inside;           /* bit j: block j is wholly inside the border limits (or there are none) */
+    unsigned inside;           /* bit j: no anchor of block j is outside the image: all are inside the
+                                * border limits (or there are none) and on valid cells */
     float x1[CHUNK], y1[CHUNK], x2[CHUNK], y2[CHUNK], area[CHUNK];
     uint8_t excluded[CHUNK];
 } Chunk;
+
+static inline int64_t block_end(const Chunk *c, int j) {
+    return (int64_t)(j + 1) * BLOCK < c->n ? (int64_t)(j + 1) * BLOCK : c->n;
+}
 
 static void open_chunk(const Problem *p, int64_t image, int64_t chunk, Chunk *c) {
     c->image = image;
@@ -253,6 +303,10 @@ static void open_chunk(const Problem *p, int64_t image, int64_t chunk, Chunk *c)
             if (!anchor_inside(lim, bb[0], bb[1], bb[2], bb[3])) c->inside &= ~(1u << j);
         }
     }
+    if (p->valid_cells)
+        for (int j = 0; j < c->nblocks; ++j)
+            if (block_may_be_padded(p, image, c->start + (int64_t)j * BLOCK, c->start + block_end(c, j)))
+                c->inside &= ~(1u << j);
 }
 
 static void load_block(const Problem *p, Chunk *c, int j) {
@@ -265,10 +319,6 @@ static void load_block(const Problem *p, Chunk *c, int j) {
         c->x1[k] = x1; c->y1[k] = y1; c->x2[k] = x2; c->y2[k] = y2;
         c->area[k] = (x2 - x1) * (y2 - y1);
     }
-}
-
-static inline int64_t block_end(const Chunk *c, int j) {
-    return (int64_t)(j + 1) * BLOCK < c->n ? (int64_t)(j + 1) * BLOCK : c->n;
 }
 
 /* Below which IoU box g's IoUs need not be computed in pass 1: those below
@@ -295,18 +345,25 @@ static int chunk_is_touched(const Job *job, int thread, const Chunk *c) {
     return c->inside != (1u << c->nblocks) - 1;
 }
 
-/* Anchors taken out before matching: inside an ignore region or, with "pre_match",
- * across the border (reference.excluded_by_ignore / outside_border). Only blocks a
- * region touches or the border crosses can have any. */
+/* Anchors taken out before matching: inside an ignore region, with "pre_match" across
+ * the border, or on a cell beyond the image's padded size (reference.excluded_by_ignore /
+ * outside_border / outside_padding). Only blocks a region touches or the border or the
+ * padding crosses can have any. */
 static void mark_excluded(const Problem *p, Chunk *c) {
     memset(c->excluded, 0, (size_t)c->n);
-    if (p->border_limits && !p->border_post) {
-        const float *lim = p->border_limits + 4 * c->image;
+    const int border_pre = p->border_limits && !p->border_post;
+    if (border_pre || p->valid_cells) {
+        const float *lim = border_pre ? p->border_limits + 4 * c->image : NULL;
         for (int j = 0; j < c->nblocks; ++j) {
             if (c->inside & (1u << j)) continue;
-            load_block(p, c, j);
-            for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k)
-                c->excluded[k] = !anchor_inside(lim, c->x1[k], c->y1[k], c->x2[k], c->y2[k]);
+            if (lim) {
+                load_block(p, c, j);
+                for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k)
+                    c->excluded[k] = !anchor_inside(lim, c->x1[k], c->y1[k], c->x2[k], c->y2[k]);
+            }
+            if (p->valid_cells)
+                for (int64_t k = (int64_t)j * BLOCK; k < block_end(c, j); ++k)
+                    c->excluded[k] |= (uint8_t)outside_padding(p, c->image, c->start + k);
         }
     }
     if (!p->use_ignore) return;
@@ -328,6 +385,7 @@ static int anchor_excluded(const Problem *p, int64_t image, int64_t a) {
     const float *an = p->anchors + 4 * a;
     if (p->border_limits && !p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
         return 1;
+    if (p->valid_cells && outside_padding(p, image, a)) return 1;
     if (!p->use_ignore) return 0;
     const float area = (an[2] - an[0]) * (an[3] - an[1]);
     for (int64_t m = p->ignore_offsets[image]; m < p->ignore_offsets[image + 1]; ++m) {

@@ -2,7 +2,8 @@
 
 A backend never sees raw user input: ``build_problem`` checks types, shapes, counts
 and every box, drops invalid boxes when asked (remembering where each kept box came
-from), and fills in defaults (valid sizes = canvas, no ignore boxes).
+from), and fills in defaults (valid sizes = canvas, no ignore boxes), and turns padded sizes into
+each image's valid feature-map cells.
 
 Invalid boxes are degenerate (x2 <= x1 or y2 <= y1), not finite, or wholly outside
 the canvas. They are refused rather than matched because a box with IoU 0 against
@@ -32,7 +33,7 @@ import torch
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
 
-__all__ = ["HostInts", "Problem", "build_problem"]
+__all__ = ["HostInts", "Problem", "build_problem", "valid_cells"]
 
 
 class HostInts:
@@ -85,6 +86,10 @@ class Problem:
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
     host_ints: the offsets and sizes on the host, where the CPU kernel reads them.
+    valid_cells (Tensor[B, L, 2] int32 on the host, or None): per image and level, the
+        feature-map rows and columns inside the image's padded size (``pad_sizes``);
+        anchors of the other cells are excluded (see ``valid_cells``). None when no image
+        excludes any anchor.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
     buffer, made on first use from ``host_ints``: read-only.
     """
@@ -98,6 +103,7 @@ class Problem:
     ignore_boxes: torch.Tensor
     host_ints: HostInts
     want_max_iou: bool = False
+    valid_cells: torch.Tensor | None = None
 
     @functools.cached_property  # stored in the instance's __dict__, which frozen allows
     def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -343,23 +349,47 @@ def _drop_or_raise(
     )
 
 
-def _image_sizes(value: object, batch: int, canvas: tuple[int, int]) -> list[int]:
-    """Every image's (height, width), flattened, on the host."""
+def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> list[int]:
+    """Every image's (height, width) of a per-image size input, flattened, on the host;
+    the canvas when omitted."""
     if value is None:
         return list(canvas) * batch
-    sizes = torch.as_tensor(value) if isinstance(value, (list, tuple)) else _tensor("image_sizes", value)
+    sizes = torch.as_tensor(value) if isinstance(value, (list, tuple)) else _tensor(name, value)
     if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
-        raise TypeError(f"image_sizes: expected integers (height, width), got {sizes.dtype}")
+        raise TypeError(f"{name}: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):
-        raise ValueError(f"image_sizes: expected shape [{batch}, 2] (height, width), got {list(sizes.shape)}")
+        raise ValueError(f"{name}: expected shape [{batch}, 2] (height, width), got {list(sizes.shape)}")
     flat = []
     for i, (h, w) in enumerate(sizes.tolist()):
         if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
-            raise ValueError(
-                f"image_sizes[{i}]: ({h}, {w}) must be positive and fit the {canvas[0]}x{canvas[1]} canvas"
-            )
+            raise ValueError(f"{name}[{i}]: ({h}, {w}) must be positive and fit the {canvas[0]}x{canvas[1]} canvas")
         flat += (h, w)
     return flat
+
+
+def valid_cells(config: TargetConfig, grid: AnchorGrid, pad_sizes: list[int]) -> torch.Tensor | None:
+    """Tensor[B, L, 2] int32: per image and level, the feature-map rows and columns whose
+    cells lie inside the image's padded size, or None when every cell of every image does.
+
+    mmdet's ``AnchorGenerator.valid_flags`` (fed with each image's ``pad_shape``):
+    ``valid_h = min(ceil(pad_h / stride), feat_h)``, likewise along x, with the level's
+    configured stride. A batch of images of different sizes shares one canvas; an
+    image's anchors whose cell lies wholly in the canvas padding beyond its own padded
+    size see no image at all there, and mmdet leaves them out of training.
+    """
+    rows = []
+    full = True
+    for height, width in zip(pad_sizes[::2], pad_sizes[1::2]):
+        image = []
+        for level, cells in zip(config.anchors.levels, grid.levels):
+            stride = level.stride
+            valid = (min(-(-height // stride), cells.height), min(-(-width // stride), cells.width))
+            full &= valid == (cells.height, cells.width)
+            image.append(valid)
+        rows.append(image)
+    if full:
+        return None
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), len(grid.levels), 2)
 
 
 def build_problem(
@@ -372,6 +402,7 @@ def build_problem(
     ignore_boxes: torch.Tensor | None = None,
     ignore_counts: torch.Tensor | list[int] | None = None,
     image_sizes: torch.Tensor | list | None = None,
+    pad_sizes: torch.Tensor | list | None = None,
     anchors: torch.Tensor | None = None,
     drop_invalid: bool = False,
     want_max_iou: bool = False,
@@ -419,7 +450,22 @@ def build_problem(
             ignore = _boxes("ignore_boxes", ignore_boxes, device)
             ign_counts = _counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
             checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
-        sizes = _image_sizes(image_sizes, batch, canvas)
+        sizes = _sizes("image_sizes", image_sizes, batch, canvas)
+        cells = None
+        if pad_sizes is not None:
+            if grid is None:
+                raise ValueError(
+                    "pad_sizes: needs the config's generated anchors (it excludes anchors by their feature-map "
+                    "cell); explicit anchors have no cells"
+                )
+            padded = _sizes("pad_sizes", pad_sizes, batch, canvas)
+            for i in range(batch if image_sizes is not None else 0):
+                if sizes[2 * i] > padded[2 * i] or sizes[2 * i + 1] > padded[2 * i + 1]:
+                    raise ValueError(
+                        f"pad_sizes[{i}]: ({padded[2 * i]}, {padded[2 * i + 1]}) is smaller than image_sizes[{i}] "
+                        f"({sizes[2 * i]}, {sizes[2 * i + 1]}); an image is padded to at least its own size"
+                    )
+            cells = valid_cells(config, grid, padded)
     except (TypeError, ValueError):
         _examine(checked, canvas, drop_invalid)
         raise
@@ -448,5 +494,6 @@ def build_problem(
         ignore_boxes=ignore,
         host_ints=HostInts(*offsets, sizes),
         want_max_iou=want_max_iou,
+        valid_cells=cells,
     )
     return problem, kept

@@ -7,9 +7,12 @@ against it (labels and matched indices exactly, deltas to a stated tolerance).
 Matching of one image (DESIGN §4), on the [G, A] IoU matrix ``iou``:
 
 1. Anchors that are taken out before matching -- inside an ignore region
-   (IoF > ``ignore_iof_thr``) or across the border with ``border_order="pre_match"``
-   -- are *excluded*: they are ignored and do not count for any box's maximum
-   (mmdet sets their overlaps to -1).
+   (IoF > ``ignore_iof_thr``), across the border with ``border_order="pre_match"``, or
+   on a feature-map cell beyond the image's padded size (``pad_sizes``, mmdet's
+   ``valid_flags``; whatever the border order, as mmdet drops them before assigning) --
+   are *excluded*: they are ignored and do not count for any box's maximum (mmdet sets
+   their overlaps to -1; its ``label_weights`` are 0 for them, which is what ignored
+   means).
 2. Each anchor's best box: ``max_iou, argmax`` over boxes, lowest box index on ties.
 3. Thresholds: ``max_iou >= high`` positive, matched to argmax; ``< low`` negative;
    otherwise ignored (the ``[low, high)`` convention). ``strict_high`` flips both
@@ -38,12 +41,13 @@ from __future__ import annotations
 
 import torch
 
+from .anchors import AnchorGrid
 from .boxes import box_iof, box_iou, encode
 from .config import MatchConfig
 from .problem import Problem
 from .targets import IGNORED, NEGATIVE, POSITIVE, Targets
 
-__all__ = ["solve", "match_image", "excluded_by_ignore", "outside_border"]
+__all__ = ["solve", "match_image", "excluded_by_ignore", "outside_border", "outside_padding"]
 
 
 def excluded_by_ignore(anchors: torch.Tensor, ignore_boxes: torch.Tensor, config: MatchConfig) -> torch.Tensor:
@@ -69,6 +73,26 @@ def outside_border(anchors: torch.Tensor, image_size: tuple[int, int], config: M
     height, width = image_size
     inside = (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < width + b) & (anchors[:, 3] < height + b)
     return ~inside
+
+
+def outside_padding(grid: AnchorGrid, valid: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Tensor[A] bool: anchors whose feature-map cell is beyond the image's valid cells.
+
+    valid (Tensor[L, 2] int): per level, the rows and columns inside the image's padded
+    size (``problem.valid_cells``). Every shape of an excluded cell is excluded, in the
+    grid's anchor order (location-major, or shape-major for yolo).
+    """
+    masks = []
+    for level, (rows, columns) in zip(grid.levels, valid.tolist()):
+        y = torch.arange(level.height, device=device)[:, None]
+        x = torch.arange(level.width, device=device)[None, :]
+        cell_outside = ((y >= rows) | (x >= columns)).reshape(-1)  # [H * W], row-major cells
+        shapes = level.cells.shape[0]
+        if grid.shape_major:
+            masks.append(cell_outside.repeat(shapes))  # [K, H * W]
+        else:
+            masks.append(cell_outside.repeat_interleave(shapes))  # [H * W, K]
+    return torch.cat(masks)
 
 
 def match_image(
@@ -161,6 +185,8 @@ def solve(problem: Problem) -> Targets:
         outside = outside_border(anchors, image_size, match)
         pre = match.border_order == "pre_match"
         excluded = excluded_by_ignore(anchors, ignore, match) | (outside if pre else torch.zeros_like(outside))
+        if problem.valid_cells is not None:
+            excluded |= outside_padding(problem.grid, problem.valid_cells[i], device)
         outside_post = torch.zeros_like(outside) if pre else outside
 
         iou = box_iou(boxes, anchors)  # [G, A]
