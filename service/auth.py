@@ -33,9 +33,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
             return Unauthenticated("missing credentials: send 'authorization: Bearer <token>' metadata")
-        given = values[0].encode() if isinstance(values[0], str) else values[0]
-        if not hmac.compare_digest(given, self._expected):
-            return Unauthenticated("invalid bearer token")
+        # Every copy must match: a proxy or a later handler may read another one than we do.
+        for value in values:
+            given = value.encode() if isinstance(value, str) else value
+            if not hmac.compare_digest(given, self._expected):
+                return Unauthenticated("invalid bearer token")
         return None
 
     async def intercept_service(

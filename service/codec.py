@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, presets
 from tritarget.kernels.anchors import resolve_grid
@@ -31,9 +35,13 @@ __all__ = [
     "anchors_request",
     "encode_anchors",
     "list_presets",
+    "lenient_deserializer",
+    "check_response_size",
+    "dense_response_bytes",
 ]
 
 _MIB = 1 << 20
+_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,57 @@ class Limits:
     max_canvas_side: int = 8192
     # images x anchors per request: bounds the [B, A] outputs (32 COCO images = 6.5M).
     max_anchor_rows: int = 1 << 25
+    # config_json plus every override's key and value: a real config is ~1 KB.
+    max_config_bytes: int = 64 << 10
 
 
 def _invalid(field: str, description: str) -> InvalidInput:
     return InvalidInput(f"{field}: {description}", [(field, description)])
+
+
+class UndecodableRequest:
+    """What the server's deserializer hands the servicer for bytes that are not a valid
+    message: the call then fails INVALID_ARGUMENT (in a stream: that item only) instead
+    of gRPC's UNKNOWN with a traceback in the log."""
+
+    request_id = ""
+
+    def __init__(self, message_type: str, raw: bytes) -> None:
+        self.message_type = message_type
+        self.size = len(raw)
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf message method the servicer's metrics call
+        return self.size
+
+    def error(self) -> InvalidInput:
+        return _invalid("request", f"{self.size} bytes that do not parse as a {self.message_type} message")
+
+
+def lenient_deserializer(message_class) -> Callable[[bytes], Any]:
+    """``message_class.FromString`` that returns an ``UndecodableRequest`` instead of raising."""
+
+    def deserialize(raw: bytes):
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            return UndecodableRequest(message_class.DESCRIPTOR.full_name, raw)
+
+    return deserialize
+
+
+def _decoded(request):
+    if isinstance(request, UndecodableRequest):
+        raise request.error()
+    return request
+
+
+def _enum(request, field: str, enum, allowed: tuple[int, ...]) -> None:
+    """Refuse enum values this server does not know (proto3 keeps them as plain ints)."""
+    value = getattr(request, field)
+    if value not in allowed:
+        names = ", ".join(enum.Name(v) for v in allowed if v)
+        given = enum.Name(value) if value in enum.values() else f"unknown value {value}"
+        raise _invalid(field, f"must be one of {names} (or unset); got {given}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,32 +122,45 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
                 f"config.preset: unknown preset {preset!r}; known presets: {', '.join(presets.names())}"
             ) from None
     elif config_json:
-        try:
-            data = json.loads(config_json)
-        except json.JSONDecodeError as exc:
-            raise _invalid("config.config_json", f"not valid JSON: {exc}") from None
+        data = _json("config.config_json", config_json)
         try:
             config = TargetConfig.from_dict(data)
         except (ValueError, TypeError) as exc:
             raise invalid_from_exception(exc, prefix="config.config_json.") from None
+        except RecursionError:
+            raise _invalid("config.config_json", "nested too deeply to be a TargetConfig") from None
     else:
         raise _invalid("config", "set either preset or config_json")
     if overrides:
         values = {}
         for key, text in overrides:
-            try:
-                values[key] = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _invalid(f"config.overrides[{key}]", f"value is not valid JSON: {exc}") from None
+            values[key] = _json(f"config.overrides[{key}]", text)
         try:
             config = config.replace(**values)
         except (ValueError, TypeError) as exc:
             raise invalid_from_exception(exc, prefix="config.overrides.") from None
+        except RecursionError:
+            raise _invalid("config.overrides", "a value is nested too deeply") from None
     return config
 
 
-def resolve_config(ref: pb.ConfigRef) -> TargetConfig:
+def _json(field: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(field, f"not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise _invalid(field, "JSON nested too deeply") from None
+
+
+def resolve_config(ref: pb.ConfigRef, limits: Limits) -> TargetConfig:
     """The ``TargetConfig`` a request names (cached: data loaders repeat theirs)."""
+    size = len(ref.config_json) + sum(len(k) + len(v) for k, v in ref.overrides.items())
+    if size > limits.max_config_bytes:
+        raise ResourceExhausted(
+            f"config: config_json and overrides are {size} characters, over the server's limit of "
+            f"{limits.max_config_bytes}"
+        )
     source = ref.WhichOneof("source")
     preset = ref.preset if source == "preset" else ""
     config_json = ref.config_json if source == "config_json" else ""
@@ -133,16 +201,70 @@ def _tensor(message: pb.AssignRequest, name: str, **expect) -> torch.Tensor | No
         raise invalid_from_exception(exc) from None
 
 
-def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest) -> int:
-    """Size of the DENSE targets of a request (labels, matched_gt, deltas, optional outputs)."""
-    per_anchor = 1 + 4 + 4 * (2 if request.delta_dtype == pb.DTYPE_FLOAT16 else 4)
-    per_anchor += 4 * request.return_classes + 4 * request.return_max_iou
-    return images * anchors * per_anchor
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _field_bytes(payload: int) -> int:
+    """A length-delimited field on the wire: tag (every field number here is < 16: one
+    byte), length varint, payload."""
+    return 1 + _varint_bytes(payload) + payload
+
+
+def _tensor_bytes(dtype: int, shape: list[int], itemsize: int) -> int:
+    data = math.prod(shape) * itemsize
+    return pb.Tensor(dtype=dtype, shape=shape).ByteSize() + (_field_bytes(data) if data else 0)
+
+
+def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest, background_class: int) -> int:
+    """The exact serialized size of a request's DENSE response (the limit gRPC enforces
+    on it), known before computing; with ``drop_invalid`` the dropped-box lists are
+    counted at their largest (every box dropped)."""
+    half = request.delta_dtype == pb.DTYPE_FLOAT16
+    rows = [images, anchors]
+    dense = _field_bytes(_tensor_bytes(pb.DTYPE_INT8, rows, 1))
+    dense += _field_bytes(_tensor_bytes(pb.DTYPE_INT32, rows, 4))
+    dense += _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT16 if half else pb.DTYPE_FLOAT32, [*rows, 4], 2 if half else 4))
+    if request.return_classes:
+        dense += _field_bytes(_tensor_bytes(pb.DTYPE_INT32, rows, 4))
+    header = pb.AssignResponse(
+        request_id=request.request_id, batch_size=images, num_anchors=anchors, background_class=background_class
+    )
+    size = header.ByteSize() + _field_bytes(dense)
+    if request.return_max_iou:
+        size += _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT32, rows, 4))
+    if request.drop_invalid:
+        for count in request.gt_counts:
+            indices = count * _varint_bytes(max(count - 1, 0))
+            size += _field_bytes(_field_bytes(indices) if count else 0)
+    return size
+
+
+def check_response_size(response: pb.AssignResponse, limits: Limits) -> pb.AssignResponse:
+    """``response`` if it fits the message limit, else ``ResourceExhausted`` (a SPARSE
+    response's size is known only once computed)."""
+    size = response.ByteSize()
+    if size > limits.max_message_bytes:
+        raise ResourceExhausted(
+            f"format: the response would be {size} bytes, over the {limits.max_message_bytes}-byte message limit; "
+            "send fewer images per request"
+        )
+    return response
+
+
+def _classes_in_range(classes: torch.Tensor) -> None:
+    """Classes travel back as int32 and negative ids collide with the ignore conventions."""
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) > _INT32_MAX):
+        bad = int(torch.nonzero((classes < 0) | (classes > _INT32_MAX))[0, 0])
+        raise _invalid("gt_classes", f"box {bad}: class {int(classes[bad])} is outside [0, {_INT32_MAX}]")
 
 
 def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     """Check a request against the limits and decode it (tensors view its bytes)."""
-    config = resolve_config(request.config)
+    request = _decoded(request)
+    _enum(request, "format", pb.Format, (pb.FORMAT_UNSPECIFIED, pb.FORMAT_SPARSE, pb.FORMAT_DENSE))
+    _enum(request, "delta_dtype", pb.DType, (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16))
+    config = resolve_config(request.config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
     counts = _counts(request.gt_counts, "gt_counts")
     if not counts:
@@ -158,16 +280,12 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
             f"{limits.max_anchor_rows} anchor rows per request; send fewer images per request"
         )
     if request.format == pb.FORMAT_DENSE:
-        size = dense_response_bytes(len(counts), anchors, request)
+        size = dense_response_bytes(len(counts), anchors, request, config.background_class)
         if size > limits.max_message_bytes:
             raise ResourceExhausted(
                 f"format: the DENSE response would be {size} bytes, over the {limits.max_message_bytes}-byte "
                 "message limit; use FORMAT_SPARSE or fewer images per request"
             )
-    if request.delta_dtype not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16):
-        raise _invalid(
-            "delta_dtype", f"must be DTYPE_FLOAT32 or DTYPE_FLOAT16, got {pb.DType.Name(request.delta_dtype)}"
-        )
     if request.seed < 0:
         raise _invalid("seed", f"must be >= 0, got {request.seed}")
 
@@ -179,6 +297,8 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     classes = _tensor(request, "gt_classes", dtypes=(torch.int32, torch.int64), ndim=1)
     if request.return_classes and classes is None:
         raise _invalid("return_classes", "needs gt_classes (one class per box)")
+    if classes is not None:
+        _classes_in_range(classes)
     ignore = _tensor(request, "ignore_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     ignore_counts = _counts(request.ignore_counts, "ignore_counts") if request.ignore_counts else None
     if ignore is not None and ignore_counts is None:
@@ -333,7 +453,7 @@ def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:
 
 def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[TargetConfig, tuple[int, int]]:
     """Config and canvas of a GetAnchors request, within the message limit."""
-    config = resolve_config(request.config)
+    config = resolve_config(_decoded(request).config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
     size = _num_anchors(config, canvas) * 16
     if size > limits.max_message_bytes:

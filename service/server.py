@@ -28,13 +28,12 @@ from grpc_reflection.v1alpha import reflection
 
 from tritarget.kernels import presets
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
 from .metrics import Metrics
-from .servicer import TargetAssignerServicer
+from .servicer import TargetAssignerServicer, add_to_server
 
 __all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "SERVICE_NAME"]
 
@@ -100,7 +99,7 @@ class TargetServer:
                 ("grpc.so_reuseport", 1 if options.reuse_port else 0),
             ],
         )
-        pb_grpc.add_TargetAssignerServicer_to_server(self.servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if options.reflection:
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -24,7 +24,33 @@ from .backend import Batcher
 from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
-__all__ = ["TargetAssignerServicer"]
+__all__ = ["TargetAssignerServicer", "add_to_server"]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"]
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: TargetAssignerServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_TargetAssignerServicer_to_server``,
+    but with request deserializers that turn undecodable bytes into an
+    ``UndecodableRequest`` for the servicer to refuse (INVALID_ARGUMENT)."""
+    handlers = {}
+    for method in _SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=codec.lenient_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
 
 
 class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
@@ -59,7 +85,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         """Compute worker: the response holding a request's targets (DENSE copies megabytes;
         SPARSE copies the lists, or scans every anchor's label once when its batch ran dense)."""
         start = time.perf_counter()
-        response = codec.encode_assign(request, targets)
+        response = codec.check_response_size(codec.encode_assign(request, targets), self._limits)
         self._metrics.encode_seconds.observe(time.perf_counter() - start)
         return response
 
@@ -134,6 +160,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
         self._received("ListPresets", request)
         try:
+            if isinstance(request, codec.UndecodableRequest):
+                raise request.error()
             response = codec.list_presets()
         except Exception as exc:
             await self._fail("ListPresets", exc, context)

@@ -16,6 +16,7 @@ from test_service_harness import ServerThread, batching, limits
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
 
 CANVAS = (96, 128)
@@ -120,7 +121,22 @@ def _raw(client, mutate):
         (lambda r: setattr(r.gt_boxes, "dtype", 99), "gt_boxes: unknown or unset dtype 99"),
         (lambda r: r.gt_boxes.shape.__setitem__(1, 2), "gt_boxes: expected last dimension 4"),
         (lambda r: r.ClearField("gt_boxes"), "gt_boxes: missing, but gt_counts sum to 2"),
-        (lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8), "delta_dtype: must be DTYPE_FLOAT32 or DTYPE_FLOAT16"),
+        (lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8), "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FL"),
+        # D1: an unknown enum value is refused by name, not INTERNAL while naming it.
+        (lambda r: setattr(r, "delta_dtype", 77), "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FLOAT16 "
+         "(or unset); got unknown value 77"),
+        (lambda r: setattr(r, "format", 9), "format: must be one of FORMAT_SPARSE, FORMAT_DENSE (or unset); "
+         "got unknown value 9"),
+        # D2: a background class that cannot travel as int32 is refused before computing.
+        (lambda r: r.config.overrides.__setitem__("background_class", "2147483648"), "must be in [0, 2147483647]"),
+        (lambda r: r.config.overrides.__setitem__("background_class", str(2**70)), "must be in [0, 2147483647]"),
+        (lambda r: r.config.overrides.__setitem__("background_class", "-7"), "must be in [0, 2147483647]"),
+        (lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([3, -1], dtype=torch.int32))),
+         "gt_classes: box 1: class -1 is outside [0, 2147483647]"),
+        (lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([2**40, 1]))), "box 0: class 1099511627776"),
+        # D3: deep JSON is a clear INVALID_ARGUMENT, not a RecursionError.
+        (lambda r: setattr(r.config, "config_json", "[" * 5000 + "]" * 5000), "config_json: JSON nested too deeply"),
+        (lambda r: r.config.overrides.__setitem__("match.high", "[" * 5000 + "]" * 5000), "JSON nested too deeply"),
         (lambda r: setattr(r.config, "config_json", "{not json"), "config.config_json: not valid JSON"),
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
@@ -148,6 +164,13 @@ def test_unknown_preset_is_not_found(client):
 )
 def test_over_limits_is_resource_exhausted(client, kwargs, text):
     _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, text, **kwargs)
+
+
+def test_config_over_its_size_limit_is_resource_exhausted(client):  # D3
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.config_json = "[" * 100000 + "]" * 100000
+    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, "config: config_json and overrides are 200000 characters",
+           call=lambda: client.assign_raw(request))  # fmt: skip
 
 
 def test_request_over_message_size_is_rejected_by_grpc(client):

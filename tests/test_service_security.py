@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_harness import ServerThread
 
 from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.protos import target_assigner_pb2 as pb
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
@@ -50,6 +52,23 @@ def test_auth_accepts_the_token_and_health_needs_none(auth_server):
     with grpc.insecure_channel(auth_server.address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("second", [f"Bearer {TOKEN}x", "Bearer ", "nope"])
+def test_auth_needs_every_authorization_header_to_agree(auth_server, second):
+    request = build_request(BOXES, [1], CANVAS, preset="retinanet_torchvision")
+    with grpc.insecure_channel(auth_server.address) as channel:
+        assign = channel.unary_unary(
+            "/tritarget.v1.TargetAssigner/Assign",
+            request_serializer=pb.AssignRequest.SerializeToString,
+            response_deserializer=pb.AssignResponse.FromString,
+        )
+        both = (("authorization", f"Bearer {TOKEN}"), ("authorization", second))
+        for metadata in (both, both[::-1]):
+            with pytest.raises(grpc.RpcError) as info:
+                assign(request, metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert assign(request, metadata=both[:1] * 2, timeout=10).batch_size == 1
 
 
 def _self_signed(tmp_path) -> tuple[bytes, bytes]:
