@@ -119,6 +119,11 @@ class BatchOptions:
     compute_workers: int = 1
     # torch threads of each compute worker; None: the cores split evenly between workers.
     threads_per_worker: int | None = None
+    # A request of more images than ``max_batch_images`` or more boxes than this runs in
+    # slices within both bounds, queued one after another like separate requests: it
+    # cannot hold a compute worker for seconds while small requests wait, and the slices
+    # of a caller that has gone are never computed.
+    max_slice_boxes: int = 20_000
 
     def worker_threads(self) -> int:
         if self.threads_per_worker is not None:
@@ -222,6 +227,17 @@ class Batcher:
     async def submit(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None) -> Any:
         """The job's own targets (``SparseTargets`` when its batch ran sparse), or
         ``finish(targets)`` computed on the compute worker."""
+        slices = _slices(job, self.options.max_batch_images, self.options.max_slice_boxes)
+        if len(slices) == 1:
+            return await self._enqueue(job, finish)
+        await self.run(job.check)  # errors name the request's own images, not a slice's
+        parts = []
+        for part in slices:  # each queued anew: requests that arrived meanwhile go first
+            parts.append(await self._enqueue(part, None))
+        targets = _concat(parts)
+        return targets if finish is None else await self.run(finish, targets)
+
+    async def _enqueue(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None) -> Any:
         if self._closed or self._dispatcher is None:
             raise Unavailable("the server is shutting down")
         if self._queued_images + job.images > self.options.max_queue_images:
@@ -443,6 +459,63 @@ def _sparse_to_host(sparse: SparseTargets) -> SparseTargets:
         lists[name] = packed[start : start + size].view(tensor.dtype).view(tensor.shape)
         start += size
     return replace(sparse, **lists)
+
+
+def _slices(job: AssignJob, max_images: int, max_boxes: int) -> list[AssignJob]:
+    """``job`` cut into runs of whole images, each within ``max_images`` images and
+    ``max_boxes`` boxes (an image with more boxes than that is a slice of its own)."""
+    if job.images <= max_images and sum(job.gt_counts) <= max_boxes:
+        return [job]
+    ignore_counts = job.ignore_counts or [0] * job.images
+    slices, start, box, ignore = [], 0, 0, 0
+    while start < job.images:
+        end, boxes = start + 1, job.gt_counts[start]
+        while end < job.images and end - start < max_images and boxes + job.gt_counts[end] <= max_boxes:
+            boxes += job.gt_counts[end]
+            end += 1
+        ignored = sum(ignore_counts[start:end])
+        slices.append(replace(
+            job,
+            gt_boxes=job.gt_boxes[box : box + boxes],
+            gt_counts=job.gt_counts[start:end],
+            gt_classes=None if job.gt_classes is None else job.gt_classes[box : box + boxes],
+            ignore_boxes=None if job.ignore_boxes is None else job.ignore_boxes[ignore : ignore + ignored],
+            ignore_counts=None if job.ignore_counts is None else job.ignore_counts[start:end],
+            image_sizes=None if job.image_sizes is None else job.image_sizes[start:end],
+            seed=job.seed + start,  # image i of a request samples with seed + i, sliced or not
+        ))  # fmt: skip
+        start, box, ignore = end, box + boxes, ignore + ignored
+    return slices
+
+
+def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTargets:
+    """The targets of consecutive slices of one job, as one batch (``_slices`` reversed)."""
+    first = parts[0]
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    dropped = [d for p in parts for d in p.dropped]
+    if isinstance(first, Targets):
+        return Targets(cat("labels"), cat("matched_gt"), cat("deltas"), cat("classes"), cat("max_iou"), dropped,
+                       first.background_class)  # fmt: skip
+
+    def offsets(name: str) -> torch.Tensor:
+        shifted, base = [getattr(first, name)[:1]], 0
+        for part in parts:
+            shifted.append(getattr(part, name)[1:] + base)
+            base += int(getattr(part, name)[-1])
+        return torch.cat(shifted)
+
+    return SparseTargets(
+        num_anchors=first.num_anchors,
+        positive_offsets=offsets("positive_offsets"),
+        positive_anchors=cat("positive_anchors"),
+        positive_matched_gt=cat("positive_matched_gt"),
+        positive_deltas=cat("positive_deltas"),
+        ignored_offsets=offsets("ignored_offsets"),
+        ignored_anchors=cat("ignored_anchors"),
+        positive_classes=cat("positive_classes"),
+        background_class=first.background_class,
+        dropped=dropped,
+    )
 
 
 def _split(targets: Targets | SparseTargets, images: list[int]) -> list[Targets] | list[SparseTargets]:

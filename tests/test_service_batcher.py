@@ -11,9 +11,10 @@ import asyncio
 
 import pytest
 import torch
+from test_service_harness import sparse_view
 
 from support import assert_targets_equal, random_batch
-from tritarget.kernels import assign, presets
+from tritarget.kernels import Targets, assign, presets
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions
 from tritarget.service.errors import InvalidInput
 
@@ -96,3 +97,36 @@ def test_submit_returns_what_finish_made_of_the_own_rows(generator):
     jobs, results = asyncio.run(main())
     for job, labels in zip(jobs, results):
         assert torch.equal(labels, _expected(job).labels)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("preset", ["retinanet_torchvision", "fasterrcnn_rpn_torchvision"])
+def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, preset, sparse):
+    """Sliced by images and boxes (with ignore boxes, classes, sizes and sampling seeds per
+    image), computed slice after slice, and put back together: the same targets."""
+    counts = [4, 0, 9, 2, 3, 12, 1, 5]
+    boxes, _ = random_batch(generator, counts, CANVAS)
+    ignore_boxes, ignore_counts = random_batch(generator, [1, 0, 2, 0, 0, 1, 0, 1], CANVAS)
+    classes = torch.randint(0, 80, (sum(counts),), generator=generator, dtype=torch.int32)
+    sizes = torch.tensor([[96, 128], [90, 100]] * 4)
+    job = AssignJob(presets.get(preset), CANVAS, boxes, counts, gt_classes=classes, ignore_boxes=ignore_boxes,
+                    ignore_counts=ignore_counts, image_sizes=sizes, seed=11, sparse=sparse)  # fmt: skip
+    expected = assign(boxes, counts, CANVAS, presets.get(preset), gt_classes=classes, ignore_boxes=ignore_boxes,
+                      ignore_counts=ignore_counts, image_sizes=sizes, seed=11, backend="reference")  # fmt: skip
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=3, max_slice_boxes=10))
+        batcher.start()
+        batches = []
+        batcher._on_batch = lambda images, requests, seconds: batches.append(images)
+        try:
+            return await batcher.submit(job), batches
+        finally:
+            await batcher.close()
+
+    got, batches = asyncio.run(run())
+    assert len(batches) > 3 and max(batches) <= 3  # it did run in slices
+    if not isinstance(got, Targets):
+        got = Targets.from_sparse(got)
+        expected = sparse_view(expected)
+    assert_targets_equal(got, expected, rtol=0, atol=0)

@@ -1,0 +1,176 @@
+"""Regression tests for the load-test findings: bytes that are not a message (D4), the
+exact DENSE response size (D5), an over-size response inside a stream (D6), and a huge
+request that must not hold the compute worker while others wait."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread, batching, limits
+
+from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.kernels import presets
+from tritarget.kernels.anchors import resolve_grid
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service import codec
+
+CANVAS = (96, 128)
+GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+ASSIGN = "/tritarget.v1.TargetAssigner/Assign"
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(limits=limits(max_message_bytes=MIB)) as srv:
+        yield srv
+
+
+def _good_request(**kwargs) -> pb.AssignRequest:
+    return build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", **kwargs)
+
+
+def _garbage(seed: int) -> bytes:
+    """Bytes that do not parse as a message: field 1 (request_id, length-delimited)
+    claims more bytes than follow, then random bytes."""
+    return b"\x0a\xff\x7f" + random.Random(seed).randbytes(1021)
+
+
+def test_undecodable_bytes_are_invalid_argument_without_a_traceback(server, caplog):  # D4
+    with grpc.insecure_channel(server.address) as channel, caplog.at_level(logging.ERROR):
+        assign = channel.unary_unary(ASSIGN)  # bytes in, bytes out
+        for seed in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                assign(_garbage(seed), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "1024 bytes that do not parse as a tritarget.v1.AssignRequest" in info.value.details()
+            assert "class" not in info.value.details()
+        reply = pb.AssignResponse.FromString(assign(_good_request().SerializeToString(), timeout=10))
+        assert reply.batch_size == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_undecodable_stream_item_gets_an_in_band_error_and_the_stream_goes_on(server):  # D4
+    items = [_good_request(request_id="a").SerializeToString(), _garbage(7),
+             _good_request(request_id="c").SerializeToString()]  # fmt: skip
+    with grpc.insecure_channel(server.address) as channel:
+        stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream")
+        replies = [pb.AssignResponse.FromString(r) for r in stream(iter(items), timeout=10)]
+    assert [r.request_id for r in replies] == ["a", "", "c"]
+    assert replies[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not replies[0].HasField("error") and not replies[2].HasField("error")
+
+
+DENSE_CASES = [
+    {},
+    {"delta_dtype": "float16"},
+    {"gt_classes": torch.tensor([3, 9]), "return_classes": True},
+    {"return_max_iou": True, "request_id": "x" * 300},
+    {"request_id": "y" * 70_000, "gt_classes": torch.tensor([1, 2]), "delta_dtype": "float16"},
+]
+
+
+@pytest.mark.parametrize("kwargs", DENSE_CASES)
+def test_dense_response_size_is_exact(kwargs):  # D5
+    config = presets.get("retinanet_torchvision").replace(background_class=200)
+    request = build_request(GOOD, [2], CANVAS, config=config, format="dense", **kwargs)
+    job = codec.decode_assign(request, codec.Limits())
+    from tritarget.kernels import assign
+
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, gt_classes=job.gt_classes,
+                     return_max_iou=job.return_max_iou, backend="reference")  # fmt: skip
+    anchors = resolve_grid(config.anchors, CANVAS).num_anchors
+    predicted = codec.dense_response_bytes(1, anchors, request, config.background_class)
+    assert predicted == codec.encode_assign(request, targets).ByteSize()
+
+
+def test_dense_response_one_byte_over_the_limit_is_refused_before_computing(server):  # D5
+    anchors = resolve_grid(presets.get("retinanet_torchvision").anchors, CANVAS).num_anchors
+    base = codec.dense_response_bytes(1, anchors, _good_request(format="dense"), 0)
+    # Grow the echoed request_id until the response is exactly at the limit, then one byte over.
+    padding = MIB - base
+    while codec.dense_response_bytes(1, anchors, _good_request(format="dense", request_id="r" * padding), 0) > MIB:
+        padding -= 1
+    at_limit = _good_request(format="dense", request_id="r" * padding)
+    over = _good_request(format="dense", request_id="r" * (padding + 1))
+    assert codec.dense_response_bytes(1, anchors, at_limit, 0) == MIB
+    assert codec.dense_response_bytes(1, anchors, over, 0) == MIB + 1
+    with TargetClient(server.address, retries=0, timeout=30, max_message_bytes=4 * MIB) as client:
+        batches = server.metrics.value("tritarget_compute_seconds_count")
+        with pytest.raises(TargetServiceError) as info:
+            client.assign_raw(over)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"would be {MIB + 1} bytes, over the {MIB}-byte message limit" in info.value.details
+        assert server.metrics.value("tritarget_compute_seconds_count") == batches  # refused before computing
+        assert client.assign_raw(at_limit).ByteSize() == MIB
+
+
+def test_over_size_response_in_a_stream_is_an_in_band_error_and_the_stream_goes_on(server):  # D6
+    # SPARSE: its size is known only after computing; the echoed id makes it too big.
+    huge = _good_request(request_id="z" * (MIB - 200))
+    with TargetClient(server.address, retries=0, timeout=30, max_message_bytes=4 * MIB) as client:
+        items = [_good_request(request_id="a"), huge, _good_request(request_id="c")]
+        results = list(client.stream(items, return_exceptions=True))
+    assert len(results) == 3
+    assert (results[0].labels == 1).any() and (results[2].labels == 1).any()
+    assert isinstance(results[1], TargetServiceError)
+    assert results[1].code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in results[1].details
+
+
+def _crowded(images: int, per_image: int, side: int) -> torch.Tensor:
+    corners = torch.rand(images * per_image, 2, generator=torch.Generator().manual_seed(0)) * (side - 48)
+    return torch.cat([corners, corners + 8 + 40 * torch.rand(images * per_image, 2)], dim=1)
+
+
+def test_a_huge_request_does_not_hold_the_compute_worker():
+    """One request of 48 crowded images runs in bounded slices (4 images each); a small
+    request sent meanwhile is answered long before the huge one finishes."""
+    options = batching(max_batch_images=4, max_queue_delay_s=0.0)
+    with ServerThread(backend="cpu", batching=options, limits=limits(max_boxes=100_000)) as srv:
+        with TargetClient(srv.address, retries=0, timeout=120) as client:
+            finished = {}
+
+            def huge() -> None:
+                client.assign(_crowded(48, 500, 320), [500] * 48, (320, 320), preset="retinanet_torchvision")
+                finished["huge"] = time.monotonic()
+
+            before = srv.metrics.value("tritarget_compute_seconds_count")
+            thread = threading.Thread(target=huge)
+            thread.start()
+            _until(lambda: srv.metrics.value("tritarget_compute_seconds_count") >= before + 2)  # slices running
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+            finished["small"] = time.monotonic()
+            thread.join(120)
+            batches = srv.metrics.value("tritarget_compute_seconds_count") - before
+    assert finished["small"] < finished["huge"]
+    assert batches == 48 / 4 + 1
+
+
+def test_slices_of_a_caller_that_has_gone_are_not_computed():
+    options = batching(max_batch_images=2, max_queue_delay_s=0.0)
+    with ServerThread(backend="cpu", batching=options, limits=limits(max_boxes=100_000)) as srv:
+        with TargetClient(srv.address, retries=0) as client:
+            before = srv.metrics.value("tritarget_compute_seconds_count")
+            with pytest.raises(TargetServiceError) as info:
+                client.assign(_crowded(64, 500, 320), [500] * 64, (320, 320), preset="retinanet_torchvision",
+                              timeout=0.5)  # fmt: skip
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.5)  # the slice running at the deadline finishes
+            computed = srv.metrics.value("tritarget_compute_seconds_count") - before
+            time.sleep(1.0)
+            assert srv.metrics.value("tritarget_compute_seconds_count") - before == computed
+            assert computed < 64 / 2
+
+
+def _until(predicate, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
