@@ -2,8 +2,8 @@
 
 ``create_server(options) -> (server, port)`` binds (port 0 picks a free port, which
 is what the tests do) without serving; ``await server.start()`` serves;
-``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health goes
-NOT_SERVING, new calls are refused, calls in flight finish (up to ``grace_s``).
+``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health answers
+NOT_SERVING while calls in flight finish (up to ``grace_s``), new calls get UNAVAILABLE.
 
 ``serve`` also tunes glibc's allocator for a long-running process (see
 ``keep_freed_memory``).
@@ -19,6 +19,7 @@ import asyncio
 import ctypes
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,12 +164,18 @@ class TargetServer:
         await asyncio.wait_for(self.ready.wait(), timeout)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: NOT_SERVING, refuse new calls, let calls in flight finish (up to ``grace``)."""
+        """Graceful: health NOT_SERVING while calls in flight finish (up to ``grace``
+        seconds; new calls get UNAVAILABLE, streams end UNAVAILABLE after answering what
+        they read), then the port closes."""
         grace = self.options.grace_s if grace is None else grace
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
+        start = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        self.servicer.drain()
+        if not await self.servicer.wait_idle(grace):
+            log.warning("calls still in flight after the %.1f s grace period; cancelling them", grace)
+        await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
         await self.batcher.close()
         self.servicer.close()
         self.metrics.stop_http()

@@ -7,6 +7,7 @@ a bad request with ``AssignResponse.error`` and carries on with the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,13 @@ from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from . import codec
 from .backend import Batcher
+from .errors import Unavailable
 from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
 __all__ = ["TargetAssignerServicer", "add_to_server"]
+
+_DRAINED = object()  # in a stream's window: the server began shutting down here
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"]
 _HANDLERS = {
@@ -72,6 +76,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             encode_workers, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
         )
         self._stream_window = stream_window
+        self._draining = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._calls = 0  # Assign and AssignStream calls in flight
 
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
@@ -101,10 +109,37 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._metrics.errors.labels(method, code_name(status)).inc()
         await abort(context, status)
 
+    def drain(self) -> None:
+        """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),
+        streams end with UNAVAILABLE once the items already read are answered."""
+        self._draining.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Whether every call in flight finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _in_flight(self):
+        if self._draining.is_set():
+            raise Unavailable("the server is shutting down; retry on another replica")
+        self._calls += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
     async def Assign(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
         self._received("Assign", request)
         try:
-            response = await self._assign(request)
+            with self._in_flight():
+                response = await self._assign(request)
         except Exception as exc:
             await self._fail("Assign", exc, context)
         self._sent("Assign", response)
@@ -125,12 +160,33 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def AssignStream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AssignResponse]:
+        try:
+            with self._in_flight():
+                async for response in self._stream(request_iterator):
+                    yield response
+        except Exception as exc:
+            await self._fail("AssignStream", exc, context)
+
+    async def _stream(self, request_iterator: AsyncIterator[pb.AssignRequest]) -> AsyncIterator[pb.AssignResponse]:
         # Up to `stream_window` requests of one stream are in flight at once (so they
-        # batch together); responses leave in request order.
+        # batch together); responses leave in request order. Draining stops the reading:
+        # what was read is answered, then the stream ends UNAVAILABLE.
         window: asyncio.Queue = asyncio.Queue(self._stream_window)
+        drained = asyncio.ensure_future(self._draining.wait())
 
         async def read() -> None:
-            async for request in request_iterator:
+            requests = aiter(request_iterator)
+            while True:
+                following = asyncio.ensure_future(anext(requests))
+                await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    await window.put(_DRAINED)
+                    return
+                try:
+                    request = following.result()
+                except StopAsyncIteration:
+                    break
                 await window.put(asyncio.ensure_future(self._answer(request)))
             await window.put(None)
 
@@ -149,17 +205,22 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                     answer = getter.result()
                 if answer is None:
                     break
+                if answer is _DRAINED:
+                    raise Unavailable("the server is shutting down; resend the unanswered requests to another replica")
                 yield await answer
         finally:
             reader.cancel()
+            drained.cancel()
             while not window.empty():
                 answer = window.get_nowait()
-                if answer is not None:
+                if isinstance(answer, asyncio.Future):
                     answer.cancel()
 
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
         self._received("ListPresets", request)
         try:
+            if self._draining.is_set():
+                raise Unavailable("the server is shutting down; retry on another replica")
             if isinstance(request, codec.UndecodableRequest):
                 raise request.error()
             response = codec.list_presets()
@@ -171,6 +232,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def GetAnchors(self, request: pb.GetAnchorsRequest, context) -> pb.GetAnchorsResponse:
         self._received("GetAnchors", request)
         try:
+            if self._draining.is_set():
+                raise Unavailable("the server is shutting down; retry on another replica")
             config, canvas = codec.anchors_request(request, self._limits)
             anchors = await asyncio.get_running_loop().run_in_executor(
                 self._encoder, generate_anchors, config.anchors, canvas

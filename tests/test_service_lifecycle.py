@@ -14,10 +14,13 @@ import time
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_harness import ServerThread
 
 from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
+from tritarget.protos import target_assigner_pb2 as pb
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -54,6 +57,9 @@ def test_graceful_shutdown_finishes_calls_in_flight():
             with pytest.raises(TargetServiceError) as info:
                 late.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(srv.address) as channel:  # a fresh connection: load balancers probe so
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert not stopping.done()
         gate.set()
         caller.join(30)
@@ -164,3 +170,37 @@ def test_cli_serve_exits_when_warm_up_fails():
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 1, out
     assert "warm-up failed" in out and "canvas" in out
+
+
+def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read():
+    srv = ServerThread().start()
+    more = threading.Event()
+    try:
+        request = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+        def requests():
+            yield request
+            yield request
+            more.wait(30)  # the stream stays open, idle, like a data loader's between epochs
+
+        with grpc.insecure_channel(srv.address) as channel:
+            stream = channel.stream_stream(
+                "/tritarget.v1.TargetAssigner/AssignStream",
+                request_serializer=pb.AssignRequest.SerializeToString,
+                response_deserializer=pb.AssignResponse.FromString,
+            )
+            call = stream(requests(), timeout=30)
+            answered = [next(call), next(call)]
+            start = time.monotonic()
+            stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "resend the unanswered requests" in info.value.details()
+            stopping.result(10)
+            assert time.monotonic() - start < 5  # not the whole grace period
+        assert all(a.batch_size == 1 and not a.HasField("error") for a in answered)
+    finally:
+        more.set()
+        srv.server = None
+        srv.stop()
