@@ -1,0 +1,309 @@
+"""``fit``: anchor shapes for a dataset, judged by the matcher itself.
+
+Two steps, deterministic for a seed:
+
+1. **k-means with 1 - IoU on (w, h)** (the classic recipe: boxes compared as if they
+   shared a centre, so only their shapes count). FPN layouts (torchvision, detectron2,
+   mmdet, keras) place sizes x aspect ratios at every cell: the aspect ratios are the
+   k-means centres of the boxes scaled to one area (1 - IoU then depends on the aspect
+   alone), shared by every level as in those frameworks; each level's sizes are the
+   k-means centres of the boxes made square (1 - IoU then depends on the size alone)
+   among the boxes nearest that level's current sizes, so the strides keep their role.
+   YOLO layouts take the k-means centres of the raw (w, h), smallest area to the finest
+   level, as YOLOv5 does.
+2. **Refinement by evolution** on the objective that matters: the matcher's own BPR at
+   IoU >= ``match.high`` without the low-quality rule, plus a little for boxes with
+   several positives (``fitness``), both computed with the real backend over the
+   dataset (a fixed random subset of ``fit_images`` images). A (1+1) evolution: each
+   generation multiplies a random half of the sizes and ratios by ``exp(sigma * N(0,
+   1))`` and keeps the child only when it is strictly fitter, so parameters that no box
+   depends on do not drift. It starts from the fitter of the k-means shapes and the
+   config's own.
+
+The number of shapes per cell never changes, so a fitted config fits the same head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tritarget.kernels import AnchorLevel, TargetConfig
+
+from .check import count_positives, strict_config
+from .dataset import BoxDataset
+
+__all__ = ["FIT_LAYOUTS", "FitResult", "fit_anchors", "fitness", "kmeans_iou"]
+
+FIT_LAYOUTS = ("torchvision", "detectron2", "mmdet", "keras", "yolo")
+_SIZE_LAYOUTS = ("torchvision", "detectron2", "keras")
+
+# The objective: BPR first; then up to POSITIVES_WEIGHT more for boxes with several
+# positives, counted up to POSITIVES_TARGET each (a box with 3 positives is served; more
+# are not worth losing a box for: 0.1 caps what the second term can buy at 10% of boxes).
+POSITIVES_WEIGHT = 0.1
+POSITIVES_TARGET = 3
+
+# Mutation scale in log space: starts at ~20% steps, ends at ~3% for fine tuning.
+_SIGMA_START, _SIGMA_END = 0.2, 0.03
+
+# Bounds on fitted shapes, in pixels and h/w: anchors stay boxes a grid can hold.
+_MIN_SIDE, _MAX_SIDE = 2.0, 4096.0
+_MAX_RATIO = 16.0
+
+
+def _wh_iou(wh: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """IoU of (w, h) pairs sharing a centre: wh [N, 2], centres [K, 2] -> [N, K]."""
+    inter = torch.minimum(wh[:, None, 0], centres[None, :, 0]) * torch.minimum(wh[:, None, 1], centres[None, :, 1])
+    union = wh[:, None, 0] * wh[:, None, 1] + centres[None, :, 0] * centres[None, :, 1] - inter
+    return inter / union
+
+
+def kmeans_iou(wh: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100) -> torch.Tensor:
+    """k-means of box shapes with distance 1 - IoU (boxes aligned at their centres).
+
+    wh (Tensor[N, 2] positive, N >= k) -> Tensor[k, 2] float64 centres (the mean (w, h) of
+    their members), smallest area first. k-means++ seeding from ``seed``; a cluster left
+    empty restarts at the point farthest from its centre.
+    """
+    wh = wh.to(torch.float64)
+    if wh.dim() != 2 or wh.shape[1] != 2 or not bool((wh > 0).all()):
+        raise ValueError(f"wh: expected a [N, 2] tensor of positive widths and heights, got shape {tuple(wh.shape)}")
+    if not 0 < k <= wh.shape[0]:
+        raise ValueError(f"kmeans_iou: need 1 <= k <= {wh.shape[0]} boxes, got k={k}")
+    generator = torch.Generator().manual_seed(seed)
+    centres = wh[torch.randint(wh.shape[0], (1,), generator=generator)]
+    while centres.shape[0] < k:
+        distance = (1 - _wh_iou(wh, centres)).amin(1)
+        weights = distance**2
+        pick = torch.multinomial(weights, 1, generator=generator) if weights.sum() > 0 else torch.tensor([0])
+        centres = torch.cat([centres, wh[pick]])
+    assignment = None
+    for _ in range(iterations):
+        distance = 1 - _wh_iou(wh, centres)
+        new_assignment = distance.argmin(1)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        for c in range(k):
+            members = assignment == c
+            if members.any():
+                centres[c] = wh[members].mean(0)
+            else:
+                centres[c] = wh[distance.gather(1, assignment[:, None]).squeeze(1).argmax()]
+    return centres[torch.argsort(centres[:, 0] * centres[:, 1])]
+
+
+def fitness(positives: torch.Tensor) -> float:
+    """The refinement's objective from positives per box at IoU >= high (Tensor[N] int):
+    ``BPR + POSITIVES_WEIGHT * mean(min(positives, POSITIVES_TARGET) / POSITIVES_TARGET)``."""
+    if positives.numel() == 0:
+        return 0.0
+    served = positives.clamp(max=POSITIVES_TARGET).double().mean() / POSITIVES_TARGET
+    return float((positives > 0).double().mean() + POSITIVES_WEIGHT * served)
+
+
+class _Parameters:
+    """A layout's shapes as one vector of logs, and back to a config.
+
+    FPN layouts: [log size of (level, j) for every level and size j] + [log ratio r];
+    yolo: [log w, log h] of every shape, levels in order.
+    """
+
+    def __init__(self, config: TargetConfig):
+        anchors = config.anchors
+        if anchors.layout not in FIT_LAYOUTS:
+            raise ValueError(
+                f"fit supports the {', '.join(FIT_LAYOUTS)} anchor layouts; this config's is {anchors.layout!r} "
+                "(its sizes are fractions of a fixed canvas)"
+            )
+        self.config = config
+        self.layout = anchors.layout
+        if self.layout != "yolo":
+            ratio_counts = {len(lv.aspect_ratios) for lv in anchors.levels}
+            if len(ratio_counts) != 1:
+                raise ValueError("fit: every level must have the same number of aspect ratios (they are fitted shared)")
+            self.num_ratios = ratio_counts.pop()
+
+    def base(self, level: AnchorLevel) -> float:
+        """mmdet's base size (an anchor's size is scale x base)."""
+        return level.base_size if level.base_size is not None else float(level.stride)
+
+    def sizes(self, config: TargetConfig) -> list[list[float]]:
+        """Each level's sizes in pixels (sqrt of the anchor area)."""
+        if self.layout == "mmdet":
+            return [[s * self.base(lv) for s in lv.scales] for lv in config.anchors.levels]
+        if self.layout == "yolo":
+            return [[math.sqrt(w * h) for w, h in lv.shapes] for lv in config.anchors.levels]
+        return [list(lv.sizes) for lv in config.anchors.levels]
+
+    def encode(self, config: TargetConfig) -> torch.Tensor:
+        levels = config.anchors.levels
+        if self.layout == "yolo":
+            return torch.tensor([[w, h] for lv in levels for w, h in lv.shapes], dtype=torch.float64).log().flatten()
+        sizes = [s for level_sizes in self.sizes(config) for s in level_sizes]
+        ratios = list(levels[0].aspect_ratios)
+        return torch.tensor(sizes + ratios, dtype=torch.float64).log()
+
+    def decode(self, vector: torch.Tensor) -> TargetConfig:
+        levels = self.config.anchors.levels
+        values = vector.exp().tolist()
+        new_levels, at = [], 0
+        if self.layout == "yolo":
+            for lv in levels:
+                shapes = [(_side(values[at + 2 * j]), _side(values[at + 2 * j + 1])) for j in range(len(lv.shapes))]
+                shapes.sort(key=lambda wh: wh[0] * wh[1])
+                new_levels.append(_replace_level(lv, shapes=tuple(shapes)))
+                at += 2 * len(lv.shapes)
+        else:
+            ratios = tuple(sorted(min(max(r, 1 / _MAX_RATIO), _MAX_RATIO) for r in values[-self.num_ratios :]))
+            for lv in levels:
+                count = len(lv.scales) if self.layout == "mmdet" else len(lv.sizes)
+                sizes = sorted(_side(v) for v in values[at : at + count])
+                at += count
+                if self.layout == "mmdet":
+                    base = self.base(lv)
+                    new_levels.append(_replace_level(lv, scales=tuple(s / base for s in sizes), aspect_ratios=ratios))
+                else:
+                    new_levels.append(_replace_level(lv, sizes=tuple(sizes), aspect_ratios=ratios))
+        return self.config.replace(**{"anchors.levels": [_level_dict(lv) for lv in new_levels]})
+
+    def kmeans(self, wh: torch.Tensor, seed: int) -> torch.Tensor:
+        """Step 1: the k-means shapes as a parameter vector."""
+        levels = self.config.anchors.levels
+        if self.layout == "yolo":
+            counts = [len(lv.shapes) for lv in levels]
+            centres = kmeans_iou(wh, sum(counts), seed=seed)
+            return centres.log().flatten()
+        side = (wh[:, 0] * wh[:, 1]).sqrt()
+        unit = wh / side[:, None]  # one area: 1 - IoU depends on the aspect alone
+        ratio_centres = kmeans_iou(unit, min(self.num_ratios, wh.shape[0]), seed=seed)
+        ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).tolist()
+        ratios += [1.0] * (self.num_ratios - len(ratios))
+        current = self.sizes(self.config)
+        centre_of_level = torch.tensor([sum(math.log(s) for s in sizes) / len(sizes) for sizes in current])
+        level_of_box = (side.log()[:, None] - centre_of_level[None, :]).abs().argmin(1)
+        sizes = []
+        for i, level_sizes in enumerate(current):
+            members = side[level_of_box == i]
+            if members.numel() < len(level_sizes):  # too few boxes to place this level's sizes
+                sizes.extend(level_sizes)
+                continue
+            square = torch.stack([members, members], dim=1)  # one aspect: 1 - IoU depends on the size alone
+            sizes.extend(kmeans_iou(square, len(level_sizes), seed=seed)[:, 0].tolist())
+        return torch.tensor(sizes + ratios, dtype=torch.float64).log()
+
+
+def _side(value: float) -> float:
+    return min(max(value, _MIN_SIDE), _MAX_SIDE)
+
+
+def _replace_level(level: AnchorLevel, **fields) -> AnchorLevel:
+    return AnchorLevel(**{**_level_dict(level), **fields})
+
+
+def _level_dict(level: AnchorLevel) -> dict:
+    return {name: getattr(level, name) for name in level.__dataclass_fields__}
+
+
+@dataclass
+class FitResult:
+    """What ``fit_anchors`` found.
+
+    config: the fitted config (the given one with new anchor shapes).
+    start, kmeans: the given config and the k-means shapes (step 1).
+    fitness_*: the objective (``fitness``) of each on the fit images.
+    history: (generation, fitness) at every improvement of the refinement.
+    """
+
+    config: TargetConfig
+    start: TargetConfig
+    kmeans: TargetConfig
+    fitness_start: float
+    fitness_kmeans: float
+    fitness: float
+    fit_images: int
+    generations: int
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def overrides(self) -> dict:
+        """The change as ``TargetConfig.replace`` overrides: ``start.replace(**overrides) == config``."""
+        return {"anchors.levels": self.config.to_dict()["anchors"]["levels"]}
+
+
+def fit_anchors(
+    dataset: BoxDataset,
+    config: TargetConfig,
+    *,
+    seed: int = 0,
+    generations: int = 300,
+    fit_images: int = 1000,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    batch_images: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Anchor shapes for ``dataset`` in ``config``'s layout (see the module docstring).
+
+    fit_images: images the objective is computed on (a random subset fixed by ``seed``;
+        all when the dataset is smaller). progress(generation, generations).
+    Raises ``ValueError`` for a layout that cannot be fitted (ssd, d2l) or a dataset
+    without boxes.
+    """
+    start_time = time.perf_counter()
+    parameters = _Parameters(config)
+    if dataset.num_boxes == 0:
+        raise ValueError("fit: the dataset has no boxes")
+    if generations < 0 or fit_images <= 0:
+        raise ValueError(f"fit: need generations >= 0 and fit_images > 0, got {generations}, {fit_images}")
+    generator = torch.Generator().manual_seed(seed)
+    if dataset.num_images > fit_images:
+        dataset = dataset.subset(torch.randperm(dataset.num_images, generator=generator)[:fit_images].sort().values)
+    boxes = dataset.boxes.to(torch.float64)
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
+
+    def evaluate(candidate: TargetConfig) -> float:
+        (counts,) = count_positives(
+            dataset, [strict_config(candidate)], backend=backend, device=device, batch_images=batch_images
+        )
+        return fitness(counts.positives)
+
+    kmeans_vector = parameters.kmeans(wh, seed)
+    kmeans_config = parameters.decode(kmeans_vector)
+    fitness_start, fitness_kmeans = evaluate(config), evaluate(kmeans_config)
+    if fitness_kmeans >= fitness_start:
+        best_vector, best = kmeans_vector, fitness_kmeans
+    else:
+        best_vector, best = parameters.encode(config), fitness_start
+    history = [(0, best)]
+    for generation in range(1, generations + 1):
+        sigma = _SIGMA_START + (_SIGMA_END - _SIGMA_START) * (generation - 1) / max(generations - 1, 1)
+        mask = torch.rand(best_vector.shape, generator=generator, dtype=torch.float64) < 0.5
+        if not mask.any():
+            mask[torch.randint(mask.numel(), (1,), generator=generator)] = True
+        noise = torch.randn(best_vector.shape, generator=generator, dtype=torch.float64) * sigma * mask
+        child = best_vector + noise
+        score = evaluate(parameters.decode(child))
+        if score > best:
+            best_vector, best = child, score
+            history.append((generation, best))
+        if progress is not None:
+            progress(generation, generations)
+    return FitResult(
+        config=parameters.decode(best_vector),
+        start=config,
+        kmeans=kmeans_config,
+        fitness_start=fitness_start,
+        fitness_kmeans=fitness_kmeans,
+        fitness=best,
+        fit_images=dataset.num_images,
+        generations=generations,
+        seconds=time.perf_counter() - start_time,
+        history=history,
+    )
