@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
     _add_demo_request_flags(request)
     request.set_defaults(handler=_request)
+
+    from tritarget.anchor_design.cli import add_parser as add_anchors_parser
+
+    add_anchors_parser(commands)  # tritarget anchors {check,fit,show}
     return parser
 
 
