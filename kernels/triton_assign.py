@@ -28,7 +28,10 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    best IoU it reaches (``atomic_max`` of box + 1); ``ssd_forced`` needs no walk:
    ``forced_kernel`` marks each box's best anchor.
 4. ``finalize_kernel`` -- per anchor, reads its key and mark, applies thresholds, the
-   low-quality rule, ignore regions and the border rule, encodes the positives and
+   low-quality rule, ignore regions, the border rule and the padded-size rule (anchors on
+   cells beyond an image's ``pad_sizes``, excluded like pre-match border anchors; the
+   pair kernels exclude them too, from the pair's cell, where a box's maximum is
+   taken), encodes the positives and
    writes the dense targets (``OUTPUT_DENSE``), or counts positives and ignored anchors
    per block (``OUTPUT_COUNT``) and, after ``scan_kernel`` has turned the counts into
    output rows, writes the sparse lists straight away (``OUTPUT_SPARSE``): dense targets
@@ -104,10 +107,10 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
 # as a constant, which would bring back one compilation per combination.
-_RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "low_quality"]
+_RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
 _PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div"]
-_FINALIZE_SWITCHES = [*_RULES, "num_levels", "shape_major", "strict_high", "background_class", "has_classes"]
-_FINALIZE_SWITCHES += ["want_max_iou"]
+_FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
+_FINALIZE_SWITCHES += ["has_classes", "want_max_iou"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
@@ -290,6 +293,39 @@ def _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets
     return excluded, outside
 
 
+@triton.jit
+def _outside_padding(anchor, anchor_mask, first_anchor, end_anchor, level_int_ptr, pad_ptr, image, num_levels,
+                     num_shapes, shape_major):  # fmt: skip
+    """bool [BLOCK_A]: anchors whose cell lies beyond the image's valid cells
+    (reference.outside_padding), for a block of consecutive generated anchors (see
+    _block_anchor_boxes). pad_ptr: [B, R, 2] int32, the valid rows and columns of each
+    (image, shape row)."""
+    outside = tl.zeros(anchor.shape, tl.int1)
+    for lv in range(num_levels):
+        ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
+        start = tl.load(ints)
+        height = tl.load(ints + 1).to(tl.int32)
+        width = tl.load(ints + 2).to(tl.int32)
+        shapes = tl.load(ints + 3).to(tl.int32)
+        cell_row = tl.load(ints + 4).to(tl.int32)
+        count = height * width * shapes
+        if (start < end_anchor) & (start + count > first_anchor):
+            local = anchor - start
+            in_level = anchor_mask & (local >= 0) & (local < count)
+            local = tl.where(in_level, local, 0)
+            if shape_major != 0:
+                k = local // (height * width)
+                cell = local % (height * width)
+            else:
+                k = local % shapes
+                cell = local // shapes
+            valid = pad_ptr + (image * num_shapes + cell_row + k) * 2
+            rows = tl.load(valid, mask=in_level, other=0)
+            columns = tl.load(valid + 1, mask=in_level, other=0)
+            outside = outside | (in_level & ((cell // width >= rows) | (cell % width >= columns)))
+    return outside
+
+
 # --- 1. candidate rectangles -------------------------------------------------------------
 
 # Per-shape table layout (see triton_backend._level_tables), one row per (level, cell
@@ -452,9 +488,9 @@ def _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_o
 
 @triton.jit
 def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr, shape_int_ptr,
-           shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr, mark_ptr, box_key_ptr, seg_max_ptr,
-           num_anchors, num_shapes, center_div, min_pos_iou, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
-           border_rule, low_quality, STAGE: tl.constexpr, GENERATE: tl.constexpr,
+           shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr, mark_ptr, box_key_ptr,
+           seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou, ignore_iof_thr, use_ignore,
+           ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE: tl.constexpr, GENERATE: tl.constexpr,
            UNIFORM: tl.constexpr):  # fmt: skip
     """One chunk of pairs: ``segs`` is the segment of every lane ([BLOCK_P]), or one
     scalar when the whole chunk lies in one segment (UNIFORM): then the box, its image,
@@ -494,7 +530,17 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
             ax2 = (cx + c2) * scale_x
             ay2 = (cy + c3) * scale_y
             anchor = base + x * step_x + y * step_y
+            padded = tl.zeros(mask.shape, tl.int1)
+            if pad_rule != 0:
+                # The pair's own cell against its image's valid cells for this shape row.
+                # Broadcast first: in a uniform chunk image and shape are scalars loaded
+                # through scalar pointers (see the LIFT note above).
+                valid = pad_ptr + (image * num_shapes + shape) * 2
+                rows = tl.load(valid) + tl.zeros(mask.shape, tl.int32)
+                columns = tl.load(valid + 1) + tl.zeros(mask.shape, tl.int32)
+                padded = (y >= rows) | (x >= columns)
         else:
+            padded = tl.zeros(mask.shape, tl.int1)
             anchor = x
             a = anchors_ptr + anchor.to(tl.int64) * 4
             ax1 = tl.load(a, mask=mask, other=0.0)
@@ -519,7 +565,7 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
             if low_quality != 0:
                 excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
                                            border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
-                                           border_rule)  # fmt: skip
+                                           border_rule) | padded  # fmt: skip
                 counted = overlap & ~excluded
                 box_key = tl.where(counted, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0)
                 seg_bits = tl.where(counted, iou_bits, 0)
@@ -536,7 +582,7 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
         else:
             excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
                                        border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
-                                       border_rule)  # fmt: skip
+                                       border_rule) | padded  # fmt: skip
             hit = qualifies & (iou == box_max) & ~excluded
             tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit)
 
@@ -555,6 +601,7 @@ def pairs_kernel(
     ignore_ptr,
     ignore_offsets_ptr,
     border_ptr,
+    pad_ptr,
     work_ptr,
     box_key_ptr,
     seg_max_ptr,
@@ -570,6 +617,7 @@ def pairs_kernel(
     use_ignore,
     ignore_wrt_anchor,
     border_rule,
+    pad_rule,
     low_quality,
     # Meta-parameters
     STAGE: tl.constexpr,
@@ -586,6 +634,8 @@ def pairs_kernel(
         first and last segment).
     work_ptr: [B, A, 4] 32-bit words per anchor (see the module docstring): words 0-1
         the anchor's int64 key, word 2 its int32 mark (the highest lifting box + 1).
+    pad_ptr: [B, R, 2] int32, each (image, shape row)'s valid rows and columns (read
+        when pad_rule != 0): a pair on a cell beyond them is excluded.
     box_key_ptr: [N] int64 box keys and seg_max_ptr: [S] int32 each segment's best IoU
         bits over included anchors (both written by SCATTER for low-quality modes, read
         by LIFT, which skips the segments that do not reach their box's maximum).
@@ -625,9 +675,10 @@ def pairs_kernel(
             if last_seg == seg:
                 local = (pair - tl.load(prefix_ptr + seg)).to(tl.int32)
                 _chunk(seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
-                       shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr,
+                       shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
-                       ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, low_quality, STAGE, GENERATE,
+                       ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
+                       GENERATE,
                        True)  # fmt: skip
             else:
                 steps = 0
@@ -647,9 +698,10 @@ def pairs_kernel(
                 # Masked lanes (past the last pair) may stand on any segment: they load
                 # valid table rows and write nothing.
                 _chunk(lane_seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
-                       shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, key_ptr,
+                       shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
-                       ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, low_quality, STAGE, GENERATE,
+                       ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
+                       GENERATE,
                        False)  # fmt: skip
             seg = last_seg
             seg_end = tl.load(prefix_ptr + seg + 1)
@@ -713,6 +765,7 @@ def finalize_kernel(
     ignore_ptr,
     ignore_offsets_ptr,
     border_ptr,
+    pad_ptr,
     work_ptr,
     # Pointers: dense outputs (OUTPUT_DENSE; deltas go to work_ptr)
     labels_ptr,
@@ -731,6 +784,7 @@ def finalize_kernel(
     # Sizes
     num_anchors,
     num_levels,
+    num_shapes,
     # Scalars: matching
     high,
     low,
@@ -756,6 +810,7 @@ def finalize_kernel(
     use_ignore,
     ignore_wrt_anchor,
     border_rule,
+    pad_rule,
     has_classes,
     want_max_iou,
     # Meta-parameters
@@ -766,6 +821,7 @@ def finalize_kernel(
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
 
+    pad_ptr: [B, R, 2] int32 (see pairs_kernel), read when pad_rule != 0.
     work_ptr: [B, A, 4] 32-bit words (key, mark; see pairs_kernel). OUTPUT_DENSE writes
         labels [B, A] int8, matched [B, A] int32, classes [B, A] int32 (if has_classes),
         max_iou [B, A] float32 (if want_max_iou) and the deltas [B, A, 4] float32 over
@@ -800,6 +856,11 @@ def finalize_kernel(
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
     excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
                                   ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G)  # fmt: skip
+    if pad_rule != 0:
+        last = tl.minimum(first + BLOCK_A, num_anchors)
+        padded = _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image, num_levels,
+                                  num_shapes, shape_major)  # fmt: skip
+        excluded = excluded | padded
     included = anchor_mask & ~excluded
 
     dense = image * num_anchors + anchor  # int64: B * A may pass 2^31

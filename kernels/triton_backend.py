@@ -208,6 +208,13 @@ def _border_limits(problem: Problem) -> torch.Tensor:
     return torch.stack([low, sizes[:, 1] + border, sizes[:, 0] + border], dim=1).to(torch.float32).contiguous()
 
 
+def _pad_table(problem: Problem, device: torch.device) -> torch.Tensor:
+    """[B, R, 2] int32: each image's valid rows and columns (``problem.valid_cells``, per
+    level) repeated for every shape row of the level, as the pair kernels index them."""
+    shapes = torch.tensor([level.cells.shape[0] for level in problem.grid.levels])
+    return problem.valid_cells.repeat_interleave(shapes, dim=1).contiguous().to(device)
+
+
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on the tensors' GPU (not the current one); nothing to select on CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -267,10 +274,14 @@ class _Launch:
         else:
             self.border_rule = BORDER_PRE if match.border_order == "pre_match" else BORDER_POST
             self.border = _border_limits(problem)
+        if problem.valid_cells is None:
+            self.pad_rule, self.pad = 0, self._placeholder(torch.int32)
+        else:
+            self.pad_rule, self.pad = 1, _pad_table(problem, device)
         self.gt_boxes = problem.gt_boxes.contiguous()
         self.low_quality = LOW_QUALITY_CODES[match.low_quality]
         self.shape_major = int(self.generate and problem.grid.shape_major)
-        self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule)
+        self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = triton.cdiv(self.num_anchors, self.meta.block_a)
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
@@ -311,7 +322,7 @@ class _Launch:
         num_segments = rect.shape[0]
         common = (
             self.gt_boxes, candidates["row_box"], row_image, rect, prefix, self.anchors, self.shape_int,
-            self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, work, box_key, seg_max,
+            self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, seg_max,
             num_segments, self.num_anchors, self.num_shapes, num_segments.bit_length() + 1,
             self.center_div, float(self.match.min_pos_iou), float(self.match.ignore_iof_thr), *self.rules,
             self.low_quality,
@@ -360,8 +371,8 @@ class _Launch:
             self.gt_boxes, problem.gt_offsets,
             problem.gt_classes if has_classes else self._placeholder(torch.int32),
             self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
-            self.border, work, *pointers,
-            self.num_anchors, self.num_levels,
+            self.border, self.pad, work, *pointers,
+            self.num_anchors, self.num_levels, self.num_shapes,
             float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
             *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
             self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,

@@ -313,7 +313,7 @@ INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr",
          "pairs_ptr", "offsets_ptr", "totals_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
-         "row_image_ptr", "row_box_ptr", "seg_max_ptr"}
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr"}
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
