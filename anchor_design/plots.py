@@ -170,6 +170,8 @@ def plot_check(results: Sequence[CheckResult], path: str | os.PathLike) -> str:
     iou.set(xlabel="IoU of the box's best anchor", ylabel="density", title="best-anchor IoU")
     sizes.set_xticks(range(3), list(SIZE_NAMES))
     sizes.set(ylim=(0, 1.05), ylabel="BPR", title="BPR at IoU >= high alone, by box size")
+    if results:
+        levels.set_xticks(range(len(results[0].anchors_per_cell)))
     levels.set(xlabel="level", ylabel="share of positives", title="positives by level")
     for axis in (hist, iou, sizes, levels):
         axis.legend(fontsize=8)
