@@ -1,0 +1,288 @@
+"""Detection losses straight from ``SparseTargets``, without dense targets.
+
+A dense target tensor for RetinaNet is [B, A, C] (a one-hot class per anchor); the
+sparse form lists only positives and ignored anchors. Each loss here is computed
+element-wise over the network's outputs as if every anchor were negative, then the
+listed anchors are patched in place: ignored anchors are zeroed, positives get their
+positive-target value at their class. The box losses read only the positives' rows.
+
+What they equal (tested against torchvision itself):
+
+* ``retinanet_loss`` == torchvision ``RetinaNetHead.compute_loss``: sigmoid focal loss
+  over every anchor that is not ignored, and an L1 / smooth-L1 / GIoU box loss over the
+  positives, each summed per image, divided by ``max(1, positives of the image)`` and
+  averaged over images (``normalize="per_image"``). ``normalize="positives"`` divides the
+  batch sums by ``max(1, positives of the batch)`` instead (mmdet's ``avg_factor``),
+  ``"sum"`` divides by nothing.
+* ``rpn_loss`` == torchvision ``RegionProposalNetwork.compute_loss`` when the sampled
+  anchors are the non-ignored ones (sample with ``MatchConfig.sample_size``: anchors not
+  drawn are ignored): binary cross-entropy averaged over them, smooth-L1 (beta 1/9) over
+  the positives divided by their number.
+
+Sums run in a different order than torchvision's (per image over all anchors rather
+than over the selected rows), so results agree to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .boxes import decode
+from .config import EncodeConfig
+from .targets import SparseTargets
+
+__all__ = [
+    "NORMALIZATIONS",
+    "BOX_LOSSES",
+    "sigmoid_focal_loss",
+    "box_regression_loss",
+    "retinanet_loss",
+    "rpn_loss",
+]
+
+NORMALIZATIONS = ("per_image", "positives", "sum")
+BOX_LOSSES = ("l1", "smooth_l1", "giou")
+
+
+def _check_sparse(targets: object) -> SparseTargets:
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(
+            f"targets: expected SparseTargets (assign_sparse, or Targets.to_sparse()), got {type(targets).__name__}"
+        )
+    return targets
+
+
+def _check_outputs(name: str, outputs: object, targets: SparseTargets, trailing: int | None) -> torch.Tensor:
+    """A network output of shape [B, A] (trailing None) or [B, A, trailing] (-1: any)."""
+    if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {type(outputs).__name__}")
+    batch, anchors = targets.batch_size, targets.num_anchors
+    ok = outputs.dim() == (2 if trailing is None else 3) and tuple(outputs.shape[:2]) == (batch, anchors)
+    if ok and trailing is not None and trailing > 0:
+        ok = outputs.shape[2] == trailing
+    if not ok:
+        want = f"[{batch}, {anchors}" + ("" if trailing is None else ", C" if trailing < 0 else f", {trailing}") + "]"
+        raise ValueError(f"{name}: expected shape {want} (images, anchors of the targets), got {list(outputs.shape)}")
+    return outputs
+
+
+def _rows(offsets: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """Image index (int64) of each row of a CSR list."""
+    counts = offsets.diff().to(device)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=total)
+
+
+def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Per-image sums [B] -> the loss under a normalization (see the module docstring)."""
+    if normalize == "per_image":
+        return (per_image / positives.clamp(min=1).to(per_image.dtype)).mean()
+    if normalize == "positives":
+        return per_image.sum() / positives.sum().clamp(min=1).to(per_image.dtype)
+    if normalize == "sum":
+        return per_image.sum()
+    raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
+
+
+def _focal(logits: torch.Tensor, target: float, alpha: float, gamma: float) -> torch.Tensor:
+    """Element-wise sigmoid focal loss against a constant target 0 or 1 (torchvision
+    ``ops.sigmoid_focal_loss``'s formula, operation for operation)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, logits.new_full((), target).expand_as(logits), reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss
+
+
+def sigmoid_focal_loss(
+    cls_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    normalize: str = "per_image",
+) -> torch.Tensor:
+    """Sigmoid focal loss of class logits over every anchor that is not ignored.
+
+    Args:
+        cls_logits (Tensor[B, A, C] float): class scores, anchors in the targets' order.
+        targets: with ``positive_classes`` (``assign_sparse(..., gt_classes=...)``), each
+            in [0, C): the positive's one-hot target; all other targets are 0.
+        alpha, gamma: torchvision's (``alpha < 0``: no weighting).
+        normalize: ``per_image`` | ``positives`` | ``sum`` (module docstring).
+    Returns:
+        Tensor[] scalar.
+    """
+    targets = _check_sparse(targets)
+    cls_logits = _check_outputs("cls_logits", cls_logits, targets, -1)
+    if targets.positive_classes is None:
+        raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
+    device = cls_logits.device
+    num_classes = cls_logits.shape[2]
+    positive_classes = targets.positive_classes.to(device).long()
+    if positive_classes.numel() and not bool(((positive_classes >= 0) & (positive_classes < num_classes)).all()):
+        raise ValueError(f"targets: a positive's class is outside [0, {num_classes}) (cls_logits has {num_classes})")
+    loss = _focal(cls_logits, 0.0, alpha, gamma)  # [B, A, C]: every anchor negative
+    ignored_image = _rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device)
+    loss[ignored_image, targets.ignored_anchors.to(device).long()] = 0.0
+    positive_image = _rows(targets.positive_offsets, positive_classes.numel(), device)
+    positive_anchor = targets.positive_anchors.to(device).long()
+    loss[positive_image, positive_anchor, positive_classes] = _focal(
+        cls_logits[positive_image, positive_anchor, positive_classes], 1.0, alpha, gamma
+    )
+    return _normalized(loss.sum(dim=(1, 2)), targets.positive_offsets.diff().to(device), normalize)
+
+
+def box_regression_loss(
+    bbox_regression: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    loss: str = "l1",
+    beta: float = 1.0,
+    normalize: str = "per_image",
+    anchors: torch.Tensor | None = None,
+    gt_boxes: torch.Tensor | None = None,
+    gt_counts: torch.Tensor | list[int] | None = None,
+    encode: EncodeConfig | None = None,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Box loss over the positives (torchvision ``_box_loss``).
+
+    Args:
+        bbox_regression (Tensor[B, A, 4] float): predicted deltas.
+        targets: the positives' encoded deltas (and matched boxes, for GIoU).
+        loss: ``l1`` | ``smooth_l1`` (with ``beta``) against the encoded deltas, or
+            ``giou``: 1 - generalized IoU of the decoded prediction with the matched box,
+            which needs ``anchors`` (Tensor[A, 4]), the batch's ``gt_boxes`` (Tensor[N, 4])
+            and ``gt_counts`` as given to ``assign_sparse``, and the config's ``encode``.
+        normalize: ``per_image`` | ``positives`` | ``sum`` (module docstring).
+    Returns:
+        Tensor[] scalar.
+    """
+    targets = _check_sparse(targets)
+    bbox_regression = _check_outputs("bbox_regression", bbox_regression, targets, 4)
+    if loss not in BOX_LOSSES:
+        raise ValueError(f"loss: must be one of {', '.join(BOX_LOSSES)}; got {loss!r}")
+    device = bbox_regression.device
+    count = targets.positive_anchors.numel()
+    image = _rows(targets.positive_offsets, count, device)
+    anchor = targets.positive_anchors.to(device).long()
+    predicted = bbox_regression[image, anchor]  # [P, 4]
+    if loss == "giou":
+        per_row = 1 - _generalized_iou(
+            *_giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode), eps
+        )
+    else:
+        wanted = targets.positive_deltas.to(device=device, dtype=predicted.dtype)
+        if loss == "l1":
+            per_row = F.l1_loss(predicted, wanted, reduction="none").sum(dim=1)
+        else:
+            per_row = F.smooth_l1_loss(predicted, wanted, reduction="none", beta=beta).sum(dim=1)
+    per_image = per_row.new_zeros(targets.batch_size).index_add(0, image, per_row)
+    return _normalized(per_image, targets.positive_offsets.diff().to(device), normalize)
+
+
+def _giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode):
+    """(decoded predictions [P, 4], matched boxes [P, 4]) for the GIoU loss."""
+    if anchors is None or gt_boxes is None or gt_counts is None or encode is None:
+        raise ValueError("loss='giou' needs anchors, gt_boxes, gt_counts and encode (the boxes are decoded)")
+    if not isinstance(encode, EncodeConfig):
+        raise TypeError(f"encode: expected EncodeConfig (config.encode), got {type(encode).__name__}")
+    device = predicted.device
+    counts = torch.as_tensor(gt_counts, dtype=torch.int64, device=device)
+    if counts.shape != (targets.batch_size,) or int(counts.sum()) != gt_boxes.shape[0]:
+        raise ValueError(
+            f"gt_counts: expected {targets.batch_size} counts summing to the {gt_boxes.shape[0]} rows of gt_boxes"
+        )
+    if anchors.shape != (targets.num_anchors, 4):
+        raise ValueError(f"anchors: expected shape [{targets.num_anchors}, 4], got {list(anchors.shape)}")
+    first = torch.cumsum(counts, 0) - counts
+    rows = first[image] + targets.positive_matched_gt.to(device).long()
+    matched = gt_boxes.to(device=device, dtype=predicted.dtype)[rows]
+    decoded = decode(predicted, anchors.to(device=device, dtype=predicted.dtype)[anchor], encode)
+    return decoded, matched
+
+
+def _generalized_iou(boxes: torch.Tensor, others: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row-wise generalized IoU of xyxy boxes (Rezatofighi et al. 2019), Tensor[P]:
+    IoU minus the part of the smallest enclosing box that the union does not cover."""
+    low = torch.maximum(boxes[:, :2], others[:, :2])
+    high = torch.minimum(boxes[:, 2:], others[:, 2:])
+    overlaps = (high > low).all(dim=1)
+    sides = (high - low).clamp(min=0)
+    inter = torch.where(overlaps, sides[:, 0] * sides[:, 1], 0.0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    other_area = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    union = area + other_area - inter
+    iou = inter / (union + eps)
+    hull = torch.maximum(boxes[:, 2:], others[:, 2:]) - torch.minimum(boxes[:, :2], others[:, :2])
+    hull_area = hull[:, 0] * hull[:, 1]
+    return iou - (hull_area - union) / (hull_area + eps)
+
+
+def retinanet_loss(
+    head_outputs: dict[str, torch.Tensor],
+    targets: SparseTargets,
+    *,
+    box_loss: str = "l1",
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    beta: float = 1.0,
+    normalize: str = "per_image",
+    **giou_inputs,
+) -> dict[str, torch.Tensor]:
+    """torchvision ``RetinaNetHead.compute_loss`` from sparse targets.
+
+    Args:
+        head_outputs: the head's ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``.
+        box_loss: the head's ``_loss_type`` (``l1`` in torchvision's RetinaNet).
+        giou_inputs: ``anchors``, ``gt_boxes``, ``gt_counts``, ``encode`` for ``giou``.
+    Returns:
+        ``{"classification": ..., "bbox_regression": ...}``, scalars.
+    """
+    if not isinstance(head_outputs, dict) or not {"cls_logits", "bbox_regression"} <= head_outputs.keys():
+        raise ValueError("head_outputs: expected a dict with 'cls_logits' and 'bbox_regression' (the head's output)")
+    return {
+        "classification": sigmoid_focal_loss(
+            head_outputs["cls_logits"], targets, alpha=alpha, gamma=gamma, normalize=normalize
+        ),
+        "bbox_regression": box_regression_loss(
+            head_outputs["bbox_regression"], targets, loss=box_loss, beta=beta, normalize=normalize, **giou_inputs
+        ),
+    }
+
+
+def rpn_loss(
+    objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, targets: SparseTargets, *, beta: float = 1.0 / 9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision ``RegionProposalNetwork.compute_loss`` from sparse (sampled) targets.
+
+    Args:
+        objectness (Tensor[B, A] float): objectness logits.
+        pred_bbox_deltas (Tensor[B, A, 4] float): predicted deltas.
+        targets: every anchor not ignored counts as sampled (1 positive, 0 negative).
+    Returns:
+        (objectness_loss, box_loss): binary cross-entropy averaged over the sampled
+        anchors; smooth-L1 (``beta``) summed over the positives, divided by the number of
+        sampled anchors.
+    """
+    targets = _check_sparse(targets)
+    objectness = _check_outputs("objectness", objectness, targets, None)
+    device = objectness.device
+    loss = F.binary_cross_entropy_with_logits(
+        objectness, objectness.new_zeros(()).expand_as(objectness), reduction="none"
+    )  # every anchor negative
+    ignored_image = _rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device)
+    loss[ignored_image, targets.ignored_anchors.to(device).long()] = 0.0
+    positive_image = _rows(targets.positive_offsets, targets.positive_anchors.numel(), device)
+    positive_anchor = targets.positive_anchors.to(device).long()
+    picked = objectness[positive_image, positive_anchor]
+    loss[positive_image, positive_anchor] = F.binary_cross_entropy_with_logits(
+        picked, torch.ones_like(picked), reduction="none"
+    )
+    # At least 1: a batch where every anchor is ignored has losses 0 (torchvision: NaN).
+    sampled = max(1, targets.batch_size * targets.num_anchors - targets.ignored_anchors.numel())
+    box = box_regression_loss(pred_bbox_deltas, targets, loss="smooth_l1", beta=beta, normalize="sum")
+    return loss.sum() / sampled, box / sampled

@@ -1,0 +1,254 @@
+"""Framework adapters and sparse losses.
+
+Conventions are checked on hand-built targets (each expected value from the framework's
+file named in ``tritarget.kernels.adapters``); the losses against a dense float64
+evaluation of their definitions; and, where torchvision is installed (the ``parity``
+extra), against torchvision's own ``Matcher``, ``RetinaNetHead.compute_loss`` and
+``RegionProposalNetwork.compute_loss`` on the same batch. Losses agree to float32
+rounding (sums run in another order): rtol 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from support import random_batch
+from tritarget.kernels import Targets, assign, assign_sparse, generate_anchors, presets
+from tritarget.kernels.adapters import detectron2_targets, mmdet_targets, torchvision_matched_idxs
+from tritarget.kernels.losses import box_regression_loss, retinanet_loss, rpn_loss, sigmoid_focal_loss
+
+LOSS_RTOL = 1e-5
+
+
+def _hand_targets() -> Targets:
+    """Two images of four anchors: image 0 positive (box 1, class 3), negative, ignored,
+    positive (box 0, class 7); image 1 has no boxes (all negative but one ignored)."""
+    labels = torch.tensor([[1, 0, -1, 1], [0, 0, -1, 0]], dtype=torch.int8)
+    matched = torch.tensor([[1, -1, -1, 0], [-1, -1, -1, -1]], dtype=torch.int32)
+    deltas = torch.zeros(2, 4, 4)
+    deltas[0, 0] = torch.tensor([0.1, -0.2, 0.3, -0.4])
+    deltas[0, 3] = torch.tensor([-0.5, 0.6, -0.7, 0.8])
+    classes = torch.tensor([[3, 0, 0, 7], [0, 0, 0, 0]], dtype=torch.int32)
+    return Targets(labels, matched, deltas, classes)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torchvision_matched_idxs_conventions(sparse):
+    """torchvision Matcher: index for matches, BELOW_LOW_THRESHOLD -1, BETWEEN_THRESHOLDS -2."""
+    targets = _hand_targets()
+    idxs = torchvision_matched_idxs(targets.to_sparse() if sparse else targets)
+    assert [t.tolist() for t in idxs] == [[1, -1, -2, 0], [-1, -1, -2, -1]]
+    assert all(t.dtype == torch.int64 for t in idxs)
+
+
+def test_detectron2_conventions():
+    """RPN.label_and_sample_anchors: 1/0/-1; RetinaNet.label_anchors: class, background
+    num_classes, -1 ignored."""
+    targets = _hand_targets()
+    objectness, deltas = detectron2_targets(targets)
+    assert [t.tolist() for t in objectness] == [[1, 0, -1, 1], [0, 0, -1, 0]]
+    labels, _ = detectron2_targets(targets, num_classes=80)
+    assert [t.tolist() for t in labels] == [[3, 80, -1, 7], [80, 80, -1, 80]]
+    assert torch.equal(torch.stack(deltas), targets.deltas)
+
+
+def test_mmdet_conventions():
+    """AnchorHead._get_targets_single: labels num_classes for background and ignored,
+    label_weights 1 / 1 / 0 (pos_weight for positives), bbox weights 1 for positives."""
+    targets = _hand_targets()
+    out = mmdet_targets(targets, num_classes=80, pos_weight=2.0)
+    assert out["labels"].tolist() == [[3, 80, 80, 7], [80, 80, 80, 80]]
+    assert out["label_weights"].tolist() == [[2.0, 1.0, 0.0, 2.0], [1.0, 1.0, 0.0, 1.0]]
+    assert out["bbox_weights"][..., 0].tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0] * 4]
+    assert torch.equal(out["bbox_targets"], targets.deltas)
+    agnostic = Targets(targets.labels, targets.matched_gt, targets.deltas)  # RPN: no classes
+    assert mmdet_targets(agnostic, num_classes=1)["labels"].tolist() == [[0, 1, 1, 0], [1, 1, 1, 1]]
+    assert mmdet_targets(targets, num_classes=80, pos_weight=-1)["label_weights"][0, 0] == 1.0
+
+
+def test_mmdet_label_weights_exclude_padding():
+    """With pad_sizes, anchors on cells beyond an image's padded size get weight 0, as mmdet's
+    unmap of the inside flags gives them (the issue's 416x640 image on a 512x640 canvas)."""
+    config = presets.get("retinanet_mmdet").replace(background_class=80)
+    out = mmdet_targets(
+        assign(torch.zeros(0, 4), [0], (512, 640), config, gt_classes=torch.zeros(0, dtype=torch.int64),
+               pad_sizes=[[416, 640]], backend="cpu"),
+        num_classes=80,
+    )  # fmt: skip
+    assert int((out["label_weights"] == 0).sum()) == 11_430
+    assert bool((out["labels"] == 80).all())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda t: detectron2_targets(t, num_classes=5), ValueError, "image 0, anchor 3 is matched to class 7"),
+        (lambda t: mmdet_targets(t, num_classes=0), ValueError, "num_classes must be a positive int"),
+        (lambda t: torchvision_matched_idxs(t.labels), TypeError, "expected Targets or SparseTargets"),
+        (lambda t: detectron2_targets(Targets(t.labels, t.matched_gt, t.deltas), 3), ValueError, "no classes"),
+    ],
+)
+def test_adapters_refuse_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call(_hand_targets())
+
+
+# --- losses against their definitions ---------------------------------------------------
+
+
+def _dense_focal(logits: torch.Tensor, targets: Targets, alpha: float, gamma: float) -> torch.Tensor:
+    """Per-image focal sums in float64, straight from the paper's definition:
+    -alpha_t (1 - p_t)^gamma log(p_t), one-hot targets, ignored anchors left out."""
+    x = logits.double()
+    one_hot = torch.zeros_like(x)
+    positive = targets.labels == 1
+    image, anchor = torch.nonzero(positive, as_tuple=True)
+    one_hot[image, anchor, targets.classes[image, anchor].long()] = 1.0
+    p = torch.sigmoid(x)
+    p_t = torch.where(one_hot == 1, p, 1 - p)
+    alpha_t = torch.where(one_hot == 1, alpha, 1 - alpha)
+    loss = -alpha_t * (1 - p_t) ** gamma * torch.log(p_t)
+    loss = loss * (targets.labels != -1)[..., None]
+    return loss.sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("normalize", ["per_image", "positives", "sum"])
+def test_focal_and_box_losses_match_their_definitions(normalize, generator):
+    canvas = (96, 128)
+    config = presets.get("retinanet_torchvision")
+    boxes, counts = random_batch(generator, [4, 0, 6], canvas)
+    classes = torch.randint(0, 5, (boxes.shape[0],), generator=generator)
+    dense = assign(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    sparse = dense.to_sparse()
+    logits = torch.randn(3, dense.num_anchors, 5, generator=generator)
+    regression = torch.randn(3, dense.num_anchors, 4, generator=generator)
+    positives = (dense.labels == 1).sum(dim=1).double()
+    scale = {
+        "per_image": lambda s: (s / positives.clamp(min=1)).mean(),
+        "positives": lambda s: s.sum() / positives.sum().clamp(min=1),
+        "sum": lambda s: s.sum(),
+    }[normalize]
+    focal = sigmoid_focal_loss(logits, sparse, alpha=0.25, gamma=2.0, normalize=normalize)
+    assert math.isclose(focal.item(), scale(_dense_focal(logits, dense, 0.25, 2.0)).item(), rel_tol=LOSS_RTOL)
+    l1 = ((regression.double() - dense.deltas.double()).abs().sum(-1) * (dense.labels == 1)).sum(1)
+    ours = box_regression_loss(regression, sparse, loss="l1", normalize=normalize)
+    assert math.isclose(ours.item(), scale(l1).item(), rel_tol=LOSS_RTOL)
+    assert positives[1] == 0 and positives.sum() > 0  # an empty image and some positives
+
+
+def test_losses_refuse_bad_input(generator):
+    targets = _hand_targets()
+    sparse = targets.to_sparse()
+    logits = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match=r"cls_logits: expected shape \[2, 4, C\]"):
+        sigmoid_focal_loss(torch.zeros(2, 5, 8), sparse)
+    with pytest.raises(TypeError, match="expected SparseTargets"):
+        sigmoid_focal_loss(logits, targets)
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        sigmoid_focal_loss(torch.zeros(2, 4, 5), sparse)
+    with pytest.raises(ValueError, match="normalize: must be one of"):
+        sigmoid_focal_loss(logits, sparse, normalize="mean")
+    with pytest.raises(ValueError, match="loss: must be one of"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="iou")
+    with pytest.raises(ValueError, match="loss='giou' needs anchors"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="giou")
+
+
+# --- against torchvision itself ------------------------------------------------------------
+
+CANVAS = (128, 160)
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def retinanet_batch():
+    """torchvision's anchors and Matcher on a 3-image batch (one without boxes), and ours."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.retinanet import _default_anchorgen
+
+    generator = torch.Generator().manual_seed(5)
+    boxes, counts = random_batch(generator, [6, 0, 4], CANVAS)
+    classes = torch.randint(0, NUM_CLASSES, (boxes.shape[0],), generator=generator)
+    per_image = list(zip(boxes.split(counts), classes.split(counts)))
+    features = [torch.zeros(3, 1, -(-CANVAS[0] // s), -(-CANVAS[1] // s)) for s in (8, 16, 32, 64, 128)]
+    anchors = _default_anchorgen()(ImageList(torch.zeros(3, 3, *CANVAS), [CANVAS] * 3), features)
+    matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    matched = [
+        matcher(torchvision.ops.box_iou(b, a)) if b.numel() else torch.full((a.shape[0],), -1, dtype=torch.int64)
+        for (b, _), a in zip(per_image, anchors)
+    ]
+    config = presets.get("retinanet_torchvision")
+    sparse = assign_sparse(boxes, counts, CANVAS, config, gt_classes=classes, backend="cpu")
+    return dict(boxes=boxes, counts=counts, per_image=per_image, anchors=anchors, matched=matched, sparse=sparse,
+                config=config)  # fmt: skip
+
+
+def test_matched_idxs_equal_torchvisions_matcher(retinanet_batch):
+    ours = torchvision_matched_idxs(retinanet_batch["sparse"])
+    for image, (mine, theirs) in enumerate(zip(ours, retinanet_batch["matched"])):
+        assert torch.equal(mine, theirs), f"image {image}"
+
+
+@pytest.mark.parametrize("box_loss", ["l1", "smooth_l1", "giou"])
+def test_retinanet_loss_equals_torchvisions_compute_loss(retinanet_batch, box_loss):
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    batch = retinanet_batch
+    assert torch.equal(batch["anchors"][0], generate_anchors(batch["config"].anchors, CANVAS))
+    torch.manual_seed(0)
+    head = RetinaNetHead(in_channels=4, num_anchors=9, num_classes=NUM_CLASSES)
+    head.regression_head._loss_type = box_loss
+    num_anchors = batch["anchors"][0].shape[0]
+    outputs = {
+        "cls_logits": torch.randn(3, num_anchors, NUM_CLASSES, requires_grad=True),
+        "bbox_regression": torch.randn(3, num_anchors, 4, requires_grad=True),
+    }
+    targets = [{"boxes": b, "labels": c} for b, c in batch["per_image"]]
+    theirs = head.compute_loss(targets, outputs, batch["anchors"], batch["matched"])
+    giou = dict(anchors=batch["anchors"][0], gt_boxes=batch["boxes"], gt_counts=batch["counts"],
+                encode=batch["config"].encode)  # fmt: skip
+    ours = retinanet_loss(outputs, batch["sparse"], box_loss=box_loss, **(giou if box_loss == "giou" else {}))
+    for name in ("classification", "bbox_regression"):
+        assert math.isclose(ours[name].item(), theirs[name].item(), rel_tol=LOSS_RTOL), name
+        (grad_ours,) = torch.autograd.grad(ours[name], outputs["cls_logits" if name == "classification" else
+                                                               "bbox_regression"])  # fmt: skip
+        (grad_theirs,) = torch.autograd.grad(theirs[name], outputs["cls_logits" if name == "classification" else
+                                                                   "bbox_regression"])  # fmt: skip
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=LOSS_RTOL, atol=1e-7)
+
+
+def test_rpn_loss_equals_torchvisions_compute_loss():
+    """torchvision's RPN loss with its sampler replaced by ours (the sampled anchors are the
+    non-ignored ones of a sampled assignment), regression targets from its own BoxCoder."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+    generator = torch.Generator().manual_seed(7)
+    config = presets.get("fasterrcnn_rpn_torchvision")
+    boxes, counts = random_batch(generator, [5, 3], CANVAS)
+    dense = assign(boxes, counts, CANVAS, config, backend="cpu", seed=3)
+    sizes = tuple((lv.sizes[0],) for lv in config.anchors.levels)
+    rpn = RegionProposalNetwork(
+        AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5), RPNHead(4, 3), 0.7, 0.3, 256, 0.5,
+        dict(training=10, testing=10), dict(training=10, testing=10), 0.7,
+    )  # fmt: skip
+    rpn.fg_bg_sampler = lambda labels: ([lb == 1 for lb in labels], [lb == 0 for lb in labels])
+    anchors = generate_anchors(config.anchors, CANVAS)
+    regression_targets = []
+    for image, image_boxes in enumerate(boxes.split(counts)):
+        matched = image_boxes[dense.matched_gt[image].clamp(min=0).long()]
+        regression_targets.append(rpn.box_coder.encode_single(matched, anchors))
+    objectness = torch.randn(2, anchors.shape[0], generator=generator)
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=generator)
+    labels = [row.to(torch.float32) for row in dense.labels]
+    theirs = rpn.compute_loss(objectness.reshape(-1, 1), deltas.reshape(-1, 4), labels, regression_targets)
+    ours = rpn_loss(objectness, deltas, dense.to_sparse())
+    assert (dense.labels == 1).sum() > 0 and (dense.labels == -1).sum() > 0
+    for mine, reference in zip(ours, theirs):
+        assert math.isclose(mine.item(), reference.item(), rel_tol=LOSS_RTOL)
