@@ -9,7 +9,7 @@ Importing this package needs neither triton nor a GPU: backends load on first us
 """
 
 from . import presets
-from .anchors import AnchorGrid, generate_anchors, resolve_grid
+from .anchors import AnchorGrid, generate_anchors, level_slices, resolve_grid
 from .api import BACKENDS, assign, assign_sparse
 from .boxes import box_iof, box_iou, decode, encode
 from .config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig
@@ -35,6 +35,7 @@ __all__ = [
     "decode",
     "encode",
     "generate_anchors",
+    "level_slices",
     "presets",
     "resolve_grid",
 ]

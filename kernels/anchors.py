@@ -27,7 +27,15 @@ import torch
 
 from .config import AnchorConfig, AnchorLevel
 
-__all__ = ["AnchorGrid", "GridLevel", "check_canvas", "feature_map_size", "resolve_grid", "generate_anchors"]
+__all__ = [
+    "AnchorGrid",
+    "GridLevel",
+    "check_canvas",
+    "feature_map_size",
+    "resolve_grid",
+    "generate_anchors",
+    "level_slices",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,6 +302,17 @@ def grid_and_anchors(
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (config, grid, anchors)
     return grid, anchors
+
+
+def level_slices(config: AnchorConfig, canvas: tuple[int, int]) -> list[slice]:
+    """The anchors of each pyramid level: ``targets.labels[:, level_slices(...)[k]]`` are
+    level k's, in the order ``generate_anchors`` gives them (levels in config order; within a
+    level, row-major cells then shapes, or shapes first for yolo). A level's anchors are
+    ``height x width x shapes`` of its feature map (``feature_map_size``), which is how a
+    head's per-level outputs, flattened the same way, line up with the targets.
+    """
+    starts = resolve_grid(config, canvas).level_starts
+    return [slice(start, end) for start, end in zip(starts, starts[1:])]
 
 
 def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import TargetConfig
-from .problem import Kept, build_problem
+from .problem import Kept, Problem, build_problem
 from .sampling import image_seeds, sample
 from .targets import SparseTargets, Targets
 
@@ -104,6 +104,7 @@ def assign(
         image = torch.arange(targets.batch_size, device=targets.matched_gt.device)[:, None]  # [B, 1]
         targets.matched_gt = _original_indices(targets.matched_gt, image, problem.gt_offsets, kept)
     targets.dropped = kept.dropped
+    targets.level_starts = _level_starts(problem)
     return targets
 
 
@@ -151,7 +152,13 @@ def assign_sparse(
         )  # output_size: no sync to size the result
         sparse.positive_matched_gt = _original_indices(sparse.positive_matched_gt, image, problem.gt_offsets, kept)
     sparse.dropped = kept.dropped
+    sparse.level_starts = _level_starts(problem)
     return sparse
+
+
+def _level_starts(problem: Problem) -> tuple[int, ...] | None:
+    """Each level's first anchor, then A (generated anchors); None for explicit anchors."""
+    return None if problem.grid is None else tuple(problem.grid.level_starts)
 
 
 def _original_indices(matched: torch.Tensor, image: torch.Tensor, gt_offsets: torch.Tensor, kept: Kept) -> torch.Tensor:

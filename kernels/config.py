@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,7 +327,9 @@ class TargetConfig:
         # Classes travel as int32 (Targets.classes, the wire); a negative background would
         # collide with the ignore conventions (-1, -2) of the frameworks' adapters.
         if not 0 <= self.background_class <= _INT32_MAX:
-            raise _fail("TargetConfig", "background_class", f"must be in [0, {_INT32_MAX}], got {self.background_class}")
+            raise _fail(
+                "TargetConfig", "background_class", f"must be in [0, {_INT32_MAX}], got {self.background_class}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-compatible dict; ``TargetConfig.from_dict`` reverses it."""
@@ -337,22 +340,50 @@ class TargetConfig:
         return _from_dict(cls, data, "TargetConfig")
 
     def replace(self, **overrides: Any) -> TargetConfig:
-        """A copy with top-level fields or dotted sub-fields replaced.
+        """A copy with fields replaced, named by dotted paths; ``[k]`` picks pyramid level k.
 
-        ``cfg.replace(**{"match.high": 0.6, "background_class": 80})``
+        ``cfg.replace(**{"match.high": 0.6, "background_class": 80,
+        "anchors.levels[0].aspect_ratios": (0.5, 1.0), "anchors.levels[4]": AnchorLevel(...)})``
+        The copy is validated as a whole, so a bad value names the field it went to.
         """
         data = self.to_dict()
         for key, value in overrides.items():
-            section, _, name = key.rpartition(".")
-            target = data
-            if section:
-                if section not in ("anchors", "match", "encode"):
-                    raise ValueError(f"unknown config section {section!r} in override {key!r}")
-                target = data[section]
-            if name not in target:
-                raise ValueError(f"unknown config field {key!r}")
-            target[name] = _to_plain(value)
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"override {key!r}: expected a dotted field name")
+            container, name = _override_slot(data, key)
+            container[name] = _to_plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
         return TargetConfig.from_dict(data)
+
+
+# One step of an override path: a field name, optionally indexed (``levels[2]``).
+_PATH_STEP = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
+
+
+def _override_slot(data: dict[str, Any], key: str) -> tuple[Any, Any]:
+    """(the dict or list that holds the field named by ``key``, its key or index)."""
+    container: Any = data
+    slot: Any = None
+    walked = ""
+    for step in key.split("."):
+        if slot is not None:
+            container = container[slot]
+        match = _PATH_STEP.match(step)
+        if match is None or not isinstance(container, dict):
+            raise ValueError(f"override {key!r}: cannot address {step!r} after {walked.rstrip('.') or 'the config'!r}")
+        name, index = match.group(1), match.group(2)
+        if name not in container:
+            raise ValueError(f"override {key!r}: unknown config field {walked + name!r}")
+        walked += name
+        slot = name
+        if index is not None:
+            if not isinstance(container[name], list):
+                raise ValueError(f"override {key!r}: {walked!r} is not a list of levels")
+            if int(index) >= len(container[name]):
+                raise ValueError(f"override {key!r}: {walked!r} has {len(container[name])} entries, no [{index}]")
+            container, slot = container[name], int(index)
+            walked += f"[{index}]"
+        walked += "."
+    return container, slot
 
 
 def _to_plain(value: Any) -> Any:

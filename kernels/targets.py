@@ -36,6 +36,8 @@ class SparseTargets:
     positive_classes (Tensor[P] int32 or None).
     ignored_offsets (Tensor[B + 1] int64), ignored_anchors (Tensor[I] int32): likewise.
     dropped (list of B Tensor[D_i] int64): boxes dropped from each image (drop_invalid).
+    level_starts (tuple of L + 1 ints or None): first anchor of each pyramid level, then A
+        (set by ``assign_sparse`` for generated anchors; see ``Targets.levels``).
     """
 
     num_anchors: int
@@ -48,6 +50,7 @@ class SparseTargets:
     positive_classes: torch.Tensor | None = None
     background_class: int = 0
     dropped: list[torch.Tensor] = field(default_factory=list)
+    level_starts: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -68,6 +71,8 @@ class Targets:
         boxes (0 for an image without boxes), when asked for.
     dropped (list of B Tensor[D_i] int64): indices of invalid boxes dropped from
         each image (``drop_invalid=True``); empty otherwise.
+    level_starts (tuple of L + 1 ints or None): first anchor of each pyramid level, then
+        A; set by ``assign`` for generated anchors (None for explicit anchors).
     """
 
     labels: torch.Tensor
@@ -77,6 +82,7 @@ class Targets:
     max_iou: torch.Tensor | None = None
     dropped: list[torch.Tensor] = field(default_factory=list)
     background_class: int = 0
+    level_starts: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -90,8 +96,35 @@ class Targets:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Targets(
             move(self.labels), move(self.matched_gt), move(self.deltas), move(self.classes),
-            move(self.max_iou), list(self.dropped), self.background_class,
+            move(self.max_iou), list(self.dropped), self.background_class, self.level_starts,
         )  # fmt: skip
+
+    def levels(self) -> list[Targets]:
+        """One ``Targets`` per pyramid level, views of these (no copy): level k holds anchors
+        ``level_starts[k]:level_starts[k + 1]``, as a head's level-k outputs flattened
+        (cells row-major, then shapes) line up with them. ``level_slices(config.anchors,
+        canvas)`` gives the same split as slices.
+        """
+        if self.level_starts is None:
+            raise ValueError(
+                "these targets carry no pyramid levels (explicit anchors, or built by hand): "
+                "use tritarget.kernels.level_slices(config.anchors, canvas)"
+            )
+        starts = self.level_starts
+        cut = lambda t, a, b: None if t is None else t[:, a:b]  # noqa: E731
+        return [
+            Targets(
+                self.labels[:, a:b],
+                self.matched_gt[:, a:b],
+                self.deltas[:, a:b],
+                cut(self.classes, a, b),
+                cut(self.max_iou, a, b),
+                list(self.dropped),
+                self.background_class,
+                (0, b - a),
+            )  # fmt: skip
+            for a, b in zip(starts, starts[1:])
+        ]
 
     def summary(self) -> list[dict[str, int]]:
         """Counts of positive / negative / ignored anchors per image."""
@@ -119,6 +152,7 @@ class Targets:
             positive_classes=None if self.classes is None else self.classes[pos_image, pos_anchor],
             background_class=self.background_class,
             dropped=list(self.dropped),
+            level_starts=self.level_starts,
         )
 
     @classmethod
@@ -141,8 +175,9 @@ class Targets:
             classes = torch.full((batch, count), sparse.background_class, dtype=torch.int32, device=device)
             classes[pos_image, pos_anchor] = sparse.positive_classes.to(torch.int32)
         return cls(
-            labels, matched, deltas, classes, dropped=list(sparse.dropped), background_class=sparse.background_class
-        )
+            labels, matched, deltas, classes, dropped=list(sparse.dropped), background_class=sparse.background_class,
+            level_starts=sparse.level_starts,
+        )  # fmt: skip
 
 
 def _offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:

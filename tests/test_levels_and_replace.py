@@ -1,0 +1,70 @@
+"""Per-level access: ``TargetConfig.replace`` on one level's fields, ``level_slices`` and
+``Targets.levels()``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import random_batch
+from tritarget.kernels import AnchorLevel, Targets, assign, assign_sparse, generate_anchors, level_slices, presets
+from tritarget.kernels.anchors import feature_map_size
+
+
+def test_replace_addresses_one_level():
+    config = presets.get("retinanet_mmdet")
+    changed = config.replace(**{"anchors.levels[0].aspect_ratios": (1.0,), "match.high": 0.6})
+    assert changed.anchors.levels[0].aspect_ratios == (1.0,)
+    assert changed.anchors.levels[1:] == config.anchors.levels[1:]
+    assert changed.match.high == 0.6 and config.match.high == 0.5
+    assert changed.anchors.anchors_per_cell == (3, 9, 9, 9, 9)
+    level = AnchorLevel(stride=128, scales=(2.0,), aspect_ratios=(1.0,))
+    assert config.replace(**{"anchors.levels[4]": level}).anchors.levels[4] == level
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("anchors.levels[5].scales", r"'anchors.levels' has 5 entries, no \[5\]"),
+        ("anchors.level[0].scales", "unknown config field 'anchors.level'"),
+        ("match.high[0]", "'match.high' is not a list"),
+        ("anchors.levels.0", "cannot address '0' after 'anchors.levels'"),
+        ("anchors.levels[0].size", r"unknown config field 'anchors.levels\[0\].size'"),
+        ("anchors.levels[0].stride", "AnchorLevel.stride: must be positive"),
+    ],
+)
+def test_replace_refuses_bad_paths_and_values(key, message):
+    with pytest.raises(ValueError, match=message):
+        presets.get("retinanet_mmdet").replace(**{key: -1})
+
+
+@pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision"])
+def test_level_slices_split_the_anchors_by_feature_map(name):
+    config = presets.get(name)
+    canvas = (300, 300) if name == "ssd300_torchvision" else (128, 160)
+    slices = level_slices(config.anchors, canvas)
+    anchors = generate_anchors(config.anchors, canvas)
+    assert slices[0].start == 0 and slices[-1].stop == anchors.shape[0]
+    for cut, level, shapes in zip(slices, config.anchors.levels, config.anchors.anchors_per_cell):
+        height, width = feature_map_size(canvas, level)
+        assert cut.stop - cut.start == height * width * shapes
+
+
+def test_targets_levels_are_views_in_anchor_order(generator):
+    config = presets.get("retinanet_torchvision")
+    canvas = (128, 160)
+    boxes, counts = random_batch(generator, [3, 0], canvas)
+    classes = torch.zeros(boxes.shape[0], dtype=torch.int64)
+    targets = assign(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    levels = targets.levels()
+    assert len(levels) == 5
+    for cut, level in zip(level_slices(config.anchors, canvas), levels):
+        assert torch.equal(level.labels, targets.labels[:, cut])
+        assert torch.equal(level.deltas, targets.deltas[:, cut])
+        assert torch.equal(level.classes, targets.classes[:, cut])
+        assert level.labels.data_ptr() == targets.labels[:, cut].data_ptr()  # a view
+    sparse = assign_sparse(boxes, counts, canvas, config, backend="cpu")
+    assert Targets.from_sparse(sparse).level_starts == targets.level_starts
+    explicit = assign(boxes, counts, canvas, config, anchors=torch.tensor([[0.0, 0.0, 16.0, 16.0]]), backend="cpu")
+    with pytest.raises(ValueError, match="carry no pyramid levels"):
+        explicit.levels()
