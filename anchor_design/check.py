@@ -208,7 +208,7 @@ def _bin_labels() -> list[str]:
 
 
 def _fraction(mask: torch.Tensor) -> float:
-    return float(mask.float().mean()) if mask.numel() else float("nan")
+    return float(mask.double().mean()) if mask.numel() else float("nan")
 
 
 def _mean(values: torch.Tensor) -> float:
