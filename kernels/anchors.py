@@ -71,13 +71,13 @@ class AnchorGrid:
     def num_anchors(self) -> int:
         return sum(lv.num_anchors for lv in self.levels)
 
-    @property
-    def level_starts(self) -> list[int]:
+    @functools.cached_property  # read by every assign call (Targets.level_starts)
+    def level_starts(self) -> tuple[int, ...]:
         """Index of each level's first anchor, plus the total at the end."""
         starts = [0]
         for lv in self.levels:
             starts.append(starts[-1] + lv.num_anchors)
-        return starts
+        return tuple(starts)
 
     def materialize(self) -> torch.Tensor:
         """All anchors, Tensor[A, 4] float32, in the documented order."""

@@ -158,7 +158,7 @@ def assign_sparse(
 
 def _level_starts(problem: Problem) -> tuple[int, ...] | None:
     """Each level's first anchor, then A (generated anchors); None for explicit anchors."""
-    return None if problem.grid is None else tuple(problem.grid.level_starts)
+    return None if problem.grid is None else problem.grid.level_starts
 
 
 def _original_indices(matched: torch.Tensor, image: torch.Tensor, gt_offsets: torch.Tensor, kept: Kept) -> torch.Tensor:
