@@ -4,6 +4,10 @@ Reading order, as a textbook of the pipeline: ``config`` (what to compute),
 ``anchors`` (each peer's layout), ``boxes`` (IoU, IoF, encode, decode),
 ``reference`` (the executable specification), ``presets``, then the fast
 backends ``cpu`` and ``triton_backend``, and ``api.assign`` that dispatches.
+For training loops: ``adapters`` (each framework's target conventions) and ``losses``
+(focal / BCE and box losses straight from ``SparseTargets``). They sit here, not in a
+new top-level package, because the layout's top level is fixed (DESIGN §2) and they
+need nothing but torch and these targets.
 
 Importing this package needs neither triton nor a GPU: backends load on first use.
 """
