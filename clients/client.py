@@ -8,12 +8,21 @@
   every replica and balances with its ``round_robin`` policy (a Kubernetes
   headless Service gives exactly that).
 * Deadlines: ``timeout`` per call (seconds), else the client's default.
-* Retries: UNAVAILABLE (server down, restarting, draining) is retried with
-  exponential backoff and jitter, within the call's deadline; other errors are not.
+* Retries: UNAVAILABLE (server down, not started yet, restarting, draining) is
+  retried with exponential backoff and jitter until the call's deadline (or
+  ``retries`` tries, when given); an endpoint that just failed is skipped for a
+  moment while another is available. Other errors are not retried.
+* Streams survive a replica dying: the requests a stream sent and got no answer for
+  are sent again, in order, on a new stream to the next endpoint, then the stream
+  goes on; nothing is lost or answered twice (a request's targets depend only on
+  the request).
+* ``wait_until_ready(timeout)``: block until an endpoint's health is SERVING.
 * Errors: every failure is a ``TargetServiceError`` with the gRPC ``code``, the
-  server's ``details`` and the ``field_violations`` of a bad request.
-* Fork-safe: channels are made lazily per process, so a client created before
-  ``DataLoader`` workers fork opens its own channels in each worker.
+  server's ``details`` and the ``field_violations`` of a bad request; when no
+  server answered, it says which endpoints were tried, for how long, and what to run.
+* Fork-safe and picklable: channels are made lazily per process and are not part of
+  the pickled state, so a client handed to ``DataLoader`` workers (fork, spawn or
+  forkserver) opens its own channels in each worker.
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from tritarget.kernels.targets import Targets
@@ -42,7 +53,20 @@ from .wire import build_request, config_ref, decode_response
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError"]
 
 _MIB = 1 << 20
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# What gRPC's C core reports when a stream's message could not be written because the
+# connection broke (seen when a server is killed mid-stream); servers never send it.
+_BROKEN_WRITE = "Internal error from Core"
+_SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
+# After an endpoint fails, other endpoints are preferred for this long.
+_COOLDOWN_S = 1.0
+
+
+def _transport_failure(error: grpc.RpcError) -> bool:
+    """The server could not be reached or went away (retry elsewhere); not an answer."""
+    code = error.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.INTERNAL and error.details() == _BROKEN_WRITE
+    )
 
 
 class TargetServiceError(Exception):
@@ -94,7 +118,10 @@ def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -
 
 
 class _Base:
-    """What both clients share: endpoints, credentials, options, retry policy."""
+    """What both clients share: endpoints, credentials, options, retry policy.
+
+    The pickled state is the constructor's arguments; channels are opened lazily in
+    whichever process uses the client."""
 
     def __init__(
         self,
@@ -104,9 +131,9 @@ class _Base:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = 60.0,
-        retries: int = 3,
+        retries: int | None = None,
         backoff: float = 0.05,
-        max_backoff: float = 2.0,
+        max_backoff: float = 1.0,
         max_message_bytes: int = 256 * _MIB,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -117,27 +144,59 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
+        self._max_message_bytes = max_message_bytes
+        self._extra_options = list(options)
         self._options = _channel_options(max_message_bytes, options)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every per-process thing: channels, stubs, the turn, failures."""
         self._pid: int | None = None
         self._stubs: list[pb_grpc.TargetAssignerStub] = []
         self._channels: list = []
         self._turn = itertools.count()
+        self._failed_at = [float("-inf")] * len(self.targets)
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "target": self.targets, "token": self._token, "tls": self._tls,
+            "root_certificates": self._root_certificates, "timeout": self.timeout, "retries": self.retries,
+            "backoff": self.backoff, "max_backoff": self.max_backoff,
+            "max_message_bytes": self._max_message_bytes, "options": self._extra_options,
+        }  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
 
-    def _stub(self) -> pb_grpc.TargetAssignerStub:
-        """The next endpoint's stub (channels opened on first use in this process)."""
+    def _open_all(self) -> None:
+        if self._pid != os.getpid():
+            self._channels = [self._open(t) for t in self.targets]
+            self._stubs = [pb_grpc.TargetAssignerStub(c) for c in self._channels]
+            self._failed_at = [float("-inf")] * len(self.targets)
+            self._pid = os.getpid()
+
+    def _endpoint(self) -> int:
+        """The next endpoint in turn, skipping those that failed in the last moment
+        (unless all did): channels opened on first use in this process."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._channels = [self._open(t) for t in self.targets]
-                self._stubs = [pb_grpc.TargetAssignerStub(c) for c in self._channels]
-                self._pid = os.getpid()
-            return self._stubs[next(self._turn) % len(self._stubs)]
+            self._open_all()
+            now = time.monotonic()
+            for _ in range(len(self.targets)):
+                index = next(self._turn) % len(self.targets)
+                if now - self._failed_at[index] >= _COOLDOWN_S:
+                    return index
+            return next(self._turn) % len(self.targets)
+
+    def _failed(self, index: int) -> None:
+        self._failed_at[index] = time.monotonic()
 
     def _delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
@@ -149,12 +208,26 @@ class _Base:
 
     def _retry_wait(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
         """Seconds to wait before the next try, or None to give up."""
-        if error.code() not in _RETRYABLE or attempt >= self.retries:
+        if not _transport_failure(error) or (self.retries is not None and attempt >= self.retries):
             return None
         delay = self._delay(attempt)
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay
+
+    def _give_up(self, error: grpc.RpcError, attempts: int, started: float) -> TargetServiceError:
+        """The error for a call that failed for good; when no server answered, it says so."""
+        failure = TargetServiceError.from_rpc_error(error)
+        if not _transport_failure(error):
+            return failure
+        tried = ", ".join(self.targets)
+        failure.details = (
+            f"no tritarget server answered at {tried} ({attempts} tries over {time.monotonic() - started:.1f} s; "
+            f"last error: {failure.details}). Is it running? Start one with `tritarget serve --port PORT` "
+            "(or `tritarget up`), or check the address; `wait_until_ready(timeout)` waits for a server starting up"
+        )
+        failure.args = (f"{failure.code.name}: {failure.details}",)
+        return failure
 
     @staticmethod
     def _remaining(deadline: float | None) -> float | None:
@@ -173,6 +246,85 @@ class _Base:
         if response.HasField("error"):
             raise TargetServiceError.from_request_error(response.error, response.request_id)
         return decode_response(response)
+
+
+def _not_ready(addresses: Sequence[str], waited: float, last: str) -> TargetServiceError:
+    return TargetServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"no tritarget server at {', '.join(addresses)} became SERVING within {waited:.1f} s ({last}); "
+        "start one with `tritarget serve --port PORT` (or `tritarget up`), or check the address",
+    )
+
+
+class _Unanswered:
+    """The requests of one logical stream that were handed to gRPC and not answered yet,
+    in order. Every (re)started call reads its requests through ``feed`` (``afeed`` for
+    asyncio): first the ones to send again, then the source. ``restart()`` stops the old
+    call's feed and returns what the new call must send again; a request the old feed
+    was still reading when that happened is handed on to the new feed, so every request
+    is on exactly one live call and the order is kept."""
+
+    def __init__(self, source: Iterator[pb.AssignRequest] | AsyncIterator[pb.AssignRequest]) -> None:
+        self._source = source
+        self._sent: deque[pb.AssignRequest] = deque()
+        self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
+        self._generation = 0
+        self._state = threading.Lock()  # the blocking client's requests are read on a gRPC thread
+        self._reading = threading.Lock()  # one reader of the source at a time (old and new feed)
+        self._areading = asyncio.Lock()
+
+    def _take_late(self, generation: int) -> tuple[bool, pb.AssignRequest | None]:
+        """(stopped, a late request to send first)."""
+        with self._state:
+            if generation != self._generation:
+                return True, None
+            return False, self._late.popleft() if self._late else None
+
+    def _keep(self, generation: int, message: pb.AssignRequest) -> bool:
+        """Record a request read from the source; False if its feed was stopped meanwhile."""
+        with self._state:
+            self._sent.append(message)
+            if generation != self._generation:
+                self._late.append(message)
+                return False
+            return True
+
+    def feed(self, generation: int, resend: list[pb.AssignRequest]) -> Iterator[pb.AssignRequest]:
+        yield from resend
+        while True:
+            with self._reading:
+                stopped, message = self._take_late(generation)
+                if stopped:
+                    return
+                if message is None:
+                    message = next(self._source, None)
+                    if message is None or not self._keep(generation, message):
+                        return
+            yield message
+
+    async def afeed(self, generation: int, resend: list[pb.AssignRequest]) -> AsyncIterator[pb.AssignRequest]:
+        for message in resend:
+            yield message
+        while True:
+            async with self._areading:
+                stopped, message = self._take_late(generation)
+                if stopped:
+                    return
+                if message is None:
+                    message = await anext(self._source, None)
+                    if message is None or not self._keep(generation, message):
+                        return
+            yield message
+
+    def answered(self) -> None:
+        with self._state:
+            self._sent.popleft()
+
+    def restart(self) -> tuple[int, list[pb.AssignRequest]]:
+        with self._state:
+            self._generation += 1
+            self._late.clear()  # they are unanswered, so among the ones sent again
+            return self._generation, list(self._sent)
 
 
 class TargetClient(_Base):
@@ -196,16 +348,41 @@ class TargetClient(_Base):
         self.close()
 
     def _call(self, method: str, request, timeout: float | None):
-        deadline = self._deadline(timeout)
+        started, deadline = time.monotonic(), self._deadline(timeout)
         for attempt in itertools.count():
+            index = self._endpoint()
             try:
-                rpc = getattr(self._stub(), method)
+                rpc = getattr(self._stubs[index], method)
                 return rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as error:
+                self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
-                    raise TargetServiceError.from_rpc_error(error) from None
+                    raise self._give_up(error, attempt + 1, started) from None
                 time.sleep(delay)
+
+    def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Return once an endpoint's health check says SERVING (its warm-up done); raise
+        ``TargetServiceError`` (UNAVAILABLE) naming the endpoints after ``timeout`` seconds."""
+        started = time.monotonic()
+        deadline = started + timeout
+        last = "nothing answered"
+        for attempt in itertools.count():
+            index = self._endpoint()
+            check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            try:
+                reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._remaining(deadline),
+                              metadata=self._metadata)  # fmt: skip
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            except grpc.RpcError as error:
+                self._failed(index)
+                last = f"{self.targets[index]}: {error.code().name}"
+            delay = self._delay(min(attempt, 4))
+            if time.monotonic() + delay >= deadline:
+                raise _not_ready(self.targets, time.monotonic() - started, last)
+            time.sleep(delay)
 
     def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
         """Targets of a ragged batch.
@@ -244,24 +421,39 @@ class TargetClient(_Base):
         leaves out, e.g. ``preset`` and ``canvas``) or a ready ``AssignRequest``.
         The server works on several items at once; a failed item raises
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
-        ``timeout`` bounds the whole stream. Streams are not retried.
+        ``timeout`` bounds the whole stream. When the stream's server becomes
+        UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
+        on a new stream to the next endpoint: every request gets exactly one answer.
         """
-        messages = (self._request(item, defaults, i) for i, item in enumerate(requests))
-        call = self._stub().AssignStream(
-            messages, timeout=self._remaining(self._deadline(timeout)), metadata=self._metadata
-        )
-        try:
-            for response in call:
-                try:
-                    yield self._result(response)
-                except TargetServiceError as error:
-                    if not return_exceptions:
-                        raise
-                    yield error
-        except grpc.RpcError as error:
-            raise TargetServiceError.from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        unanswered = _Unanswered(self._request(item, defaults, i) for i, item in enumerate(requests))
+        started, deadline = time.monotonic(), self._deadline(timeout)
+        generation, resend, attempt = 0, [], 0
+        while True:
+            index = self._endpoint()
+            call = self._stubs[index].AssignStream(
+                unanswered.feed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
+            )
+            try:
+                for response in call:
+                    unanswered.answered()
+                    attempt = 0  # progress: a later failure starts its backoff afresh
+                    try:
+                        yield self._result(response)
+                    except TargetServiceError as error:
+                        if not return_exceptions:
+                            raise
+                        yield error
+                return
+            except grpc.RpcError as error:
+                self._failed(index)
+                delay = self._retry_wait(error, attempt, deadline)
+                if delay is None:
+                    raise self._give_up(error, attempt + 1, started) from None
+                generation, resend = unanswered.restart()  # sent again, in order, on the next endpoint
+                attempt += 1
+                time.sleep(delay)
+            finally:
+                call.cancel()
 
     def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """``[{"name", "description", "config"}]`` of every preset the server knows."""
@@ -303,16 +495,40 @@ class AsyncTargetClient(_Base):
         await self.close()
 
     async def _call(self, method: str, request, timeout: float | None):
-        deadline = self._deadline(timeout)
+        started, deadline = time.monotonic(), self._deadline(timeout)
         for attempt in itertools.count():
+            index = self._endpoint()
             try:
-                rpc = getattr(self._stub(), method)
+                rpc = getattr(self._stubs[index], method)
                 return await rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as error:
+                self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
-                    raise TargetServiceError.from_rpc_error(error) from None
+                    raise self._give_up(error, attempt + 1, started) from None
                 await asyncio.sleep(delay)
+
+    async def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """See ``TargetClient.wait_until_ready``."""
+        started = time.monotonic()
+        deadline = started + timeout
+        last = "nothing answered"
+        for attempt in itertools.count():
+            index = self._endpoint()
+            check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            try:
+                reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
+                                    timeout=self._remaining(deadline), metadata=self._metadata)  # fmt: skip
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            except grpc.RpcError as error:
+                self._failed(index)
+                last = f"{self.targets[index]}: {error.code().name}"
+            delay = self._delay(min(attempt, 4))
+            if time.monotonic() + delay >= deadline:
+                raise _not_ready(self.targets, time.monotonic() - started, last)
+            await asyncio.sleep(delay)
 
     async def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
         """See ``TargetClient.assign``."""
@@ -342,21 +558,35 @@ class AsyncTargetClient(_Base):
                 for i, item in enumerate(requests):
                     yield self._request(item, defaults, i)
 
-        call = self._stub().AssignStream(
-            messages(), timeout=self._remaining(self._deadline(timeout)), metadata=self._metadata
-        )
-        try:
-            async for response in call:
-                try:
-                    yield self._result(response)
-                except TargetServiceError as error:
-                    if not return_exceptions:
-                        raise
-                    yield error
-        except grpc.RpcError as error:
-            raise TargetServiceError.from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        unanswered = _Unanswered(messages())
+        started, deadline = time.monotonic(), self._deadline(timeout)
+        generation, resend, attempt = 0, [], 0
+        while True:
+            index = self._endpoint()
+            call = self._stubs[index].AssignStream(
+                unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
+            )
+            try:
+                async for response in call:
+                    unanswered.answered()
+                    attempt = 0
+                    try:
+                        yield self._result(response)
+                    except TargetServiceError as error:
+                        if not return_exceptions:
+                            raise
+                        yield error
+                return
+            except grpc.RpcError as error:
+                self._failed(index)
+                delay = self._retry_wait(error, attempt, deadline)
+                if delay is None:
+                    raise self._give_up(error, attempt + 1, started) from None
+                generation, resend = unanswered.restart()
+                attempt += 1
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
 
     async def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         response = await self._call("ListPresets", pb.ListPresetsRequest(), timeout)

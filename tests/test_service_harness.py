@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 import threading
 
 import torch
@@ -82,3 +86,47 @@ def sparse_view(targets: Targets) -> Targets:
     """What a SPARSE response can carry of ``targets``: matched_gt only on positives."""
     matched = torch.where(targets.labels == 1, targets.matched_gt, torch.full_like(targets.matched_gt, -1))
     return dataclasses.replace(targets, matched_gt=matched)
+
+
+def spawn_cli(*args: str) -> subprocess.Popen:
+    """``tritarget ARGS...`` in a child process, stdout and stderr merged, unbuffered."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def read_until(
+    process: subprocess.Popen, pattern: str, timeout: float = 120.0, count: int = 1
+) -> tuple[re.Match, str]:
+    """Read the process's output until ``pattern`` has appeared ``count`` times.
+
+    readline() blocks, so a watchdog kills the process at the timeout: its output then
+    ends and the test fails instead of hanging.
+    """
+    seen = []
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            matches = list(re.finditer(pattern, "".join(seen)))
+            if len(matches) >= count:
+                return matches[-1], "".join(seen)
+    finally:
+        watchdog.cancel()
+    process.kill()
+    raise AssertionError(f"{count} line(s) matching {pattern!r} expected in:\n{''.join(seen)}")
+
+
+def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
+    """``tritarget serve --port 0 ARGS...`` once its health is SERVING, and its port."""
+    process = spawn_cli("serve", "--port", "0", *args)
+    try:
+        match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
+        read_until(process, r"health is SERVING")
+    except BaseException:
+        process.kill()
+        raise
+    return process, int(match.group(1))

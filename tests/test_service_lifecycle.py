@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +12,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread
+from test_service_harness import ServerThread, read_until, spawn_cli
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -73,44 +70,13 @@ def test_graceful_shutdown_finishes_calls_in_flight():
         srv.stop()
 
 
-def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tritarget.service.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-
-
-def _read_until(
-    process: subprocess.Popen, pattern: str, timeout: float = 120.0, count: int = 1
-) -> tuple[re.Match, str]:
-    """Read the process's output until ``pattern`` has appeared ``count`` times.
-
-    readline() blocks, so a watchdog kills the process at the timeout: its output then
-    ends and the test fails instead of hanging.
-    """
-    seen = []
-    watchdog = threading.Timer(timeout, process.kill)
-    watchdog.start()
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            matches = list(re.finditer(pattern, "".join(seen)))
-            if len(matches) >= count:
-                return matches[-1], "".join(seen)
-    finally:
-        watchdog.cancel()
-    process.kill()
-    raise AssertionError(f"{count} line(s) matching {pattern!r} expected in:\n{''.join(seen)}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_serve_port_zero_and_stop_on_signal(sig):
-    process = _spawn("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
+    process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
     try:
-        match, _ = _read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
+        match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
         port = int(match.group(1))
-        _read_until(process, r"health is SERVING")
+        read_until(process, r"health is SERVING")
         with TargetClient(f"127.0.0.1:{port}") as client:
             assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
         process.send_signal(sig)
@@ -123,9 +89,9 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
 
 
 def test_cli_up_prints_a_summary_and_keeps_serving():
-    process = _spawn("up", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64", "--batch", "3")
+    process = spawn_cli("up", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64", "--batch", "3")
     try:
-        match, out = _read_until(process, r"service running on 127\.0\.0\.1:(\d+)", timeout=180)
+        match, out = read_until(process, r"service running on 127\.0\.0\.1:(\d+)", timeout=180)
         rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", out, flags=re.M)
         assert len(rows) == 3
         for _, _, pos, neg, ign in rows:
@@ -149,10 +115,10 @@ def test_cli_serve_workers_share_one_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = _spawn("serve", "--port", str(port), "--workers", "2", "--backend", "reference",
+    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "reference",
                      "--warmup-canvas", "64", "64")  # fmt: skip
     try:
-        _read_until(process, r"health is SERVING", count=2)  # one per worker
+        read_until(process, r"health is SERVING", count=2)  # one per worker
         for _ in range(2):
             with TargetClient(f"127.0.0.1:{port}") as client:  # a new connection each time
                 assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
@@ -166,7 +132,7 @@ def test_cli_serve_workers_share_one_port():
 
 
 def test_cli_serve_exits_when_warm_up_fails():
-    process = _spawn("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "0", "0")
+    process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "0", "0")
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 1, out
     assert "warm-up failed" in out and "canvas" in out

@@ -1,0 +1,89 @@
+"""Faults that lose nothing: one of two real server processes is killed (SIGKILL) in the
+middle of a client stream; every request still gets exactly one correct answer (D7), and
+calls and streams made afterwards skip the dead endpoint instead of failing at once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+import torch
+from test_service_harness import serve_process, sparse_view
+
+from support import assert_targets_equal
+from tritarget.clients import AsyncTargetClient, TargetClient
+from tritarget.kernels import assign, presets
+
+CANVAS = (128, 160)
+PRESET = "retinanet_torchvision"
+REQUESTS = 300
+KILL_AFTER = 50
+
+
+def _requests(count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(3)
+    items = []
+    for i in range(count):
+        boxes = torch.rand(3, 2, generator=generator) * 100
+        boxes = torch.cat([boxes, boxes + 12 + 40 * torch.rand(3, 2, generator=generator)], dim=1)
+        items.append({"gt_boxes": boxes, "gt_counts": [2, 1], "request_id": f"r{i}"})
+    return items
+
+
+def _expected(item: dict):
+    config = presets.get(PRESET)
+    return sparse_view(assign(item["gt_boxes"], item["gt_counts"], CANVAS, config, backend="reference"))
+
+
+@pytest.fixture
+def two_processes():
+    processes = [serve_process("--backend", "cpu", "--warmup-canvas", "64", "64") for _ in range(2)]
+    yield processes
+    for process, _ in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def _check_all(results, items) -> None:
+    assert len(results) == len(items)  # exactly one answer per request, none lost or repeated
+    for got, item in zip(results, items):
+        assert_targets_equal(got, _expected(item))  # labels, matches exact; deltas within 1e-6 (cpu backend)
+
+
+def test_stream_survives_a_killed_replica_and_loses_nothing(two_processes):
+    (a, port_a), (_, port_b) = two_processes
+    items = _requests(REQUESTS)
+    results = []
+    with TargetClient([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], timeout=120) as client:
+        for targets in client.stream(items, preset=PRESET, canvas=CANVAS):  # starts on the first endpoint: A
+            results.append(targets)
+            if len(results) == KILL_AFTER:
+                a.send_signal(signal.SIGKILL)
+                a.wait(30)
+        _check_all(results, items)
+        # New calls and streams skip the dead endpoint instead of failing at once.
+        start = time.monotonic()
+        for _ in range(3):
+            _check_all(list(client.stream(items[:5], preset=PRESET, canvas=CANVAS)), items[:5])
+            got = client.assign(items[0]["gt_boxes"], [2, 1], CANVAS, preset=PRESET)
+            _check_all([got], items[:1])
+        assert time.monotonic() - start < 30
+
+
+def test_async_stream_survives_a_killed_replica(two_processes):
+    (a, port_a), (_, port_b) = two_processes
+    items = _requests(120)
+
+    async def run():
+        results = []
+        async with AsyncTargetClient([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], timeout=120) as client:
+            async for targets in client.stream(items, preset=PRESET, canvas=CANVAS):
+                results.append(targets)
+                if len(results) == 20:
+                    a.send_signal(signal.SIGKILL)
+        return results
+
+    _check_all(asyncio.run(run()), items)
