@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import pickle
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from test_service_harness import ServerThread
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request, decode_response
+from tritarget.kernels import assign, presets
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -57,26 +59,57 @@ def test_unavailable_endpoint_is_retried_on_the_next(two_servers):
             assert (_assign(client).labels == 1).any()
 
 
-def test_retries_until_the_server_comes_up():
+@pytest.mark.parametrize("wait", [False, True], ids=["call", "wait_until_ready"])
+def test_a_client_started_before_the_server_succeeds_within_its_deadline(wait):
+    """A trainer started together with ``tritarget serve``: the server is up 2 s later;
+    with default options the call (or ``wait_until_ready``) waits for it."""
     port = _free_port()
     srv = ServerThread(port=port)
-    starter = threading.Timer(0.5, srv.start)
+    starter = threading.Timer(2.0, srv.start)
     starter.start()
     try:
-        with TargetClient(f"127.0.0.1:{port}", retries=40, backoff=0.05, max_backoff=0.3, timeout=60) as client:
+        with TargetClient(f"127.0.0.1:{port}", timeout=30) as client:
+            start = time.monotonic()
+            if wait:
+                client.wait_until_ready(timeout=30)
+                assert time.monotonic() - start >= 1.9
             assert (_assign(client).labels == 1).any()
+            assert time.monotonic() - start >= 1.9
     finally:
         starter.join()
         srv.stop()
 
 
-def test_gives_up_after_retries_with_unavailable():
+def test_gives_up_at_the_deadline_and_says_what_was_tried():
+    dead = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    start = time.monotonic()
+    with TargetClient(dead, timeout=1.5) as client:
+        with pytest.raises(TargetServiceError) as info:
+            _assign(client)
+    elapsed = time.monotonic() - start
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert 1.0 < elapsed < 5
+    assert f"no tritarget server answered at {dead[0]}, {dead[1]}" in info.value.details
+    assert "tritarget serve" in info.value.details and "tries over" in info.value.details
+
+
+def test_wait_until_ready_times_out_naming_the_endpoint():
+    dead = f"127.0.0.1:{_free_port()}"
+    with TargetClient(dead) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.wait_until_ready(timeout=1.0)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert f"no tritarget server at {dead} became SERVING within" in info.value.details
+
+
+def test_gives_up_after_the_given_retries():
     start = time.monotonic()
     with TargetClient(f"127.0.0.1:{_free_port()}", retries=2, backoff=0.01, timeout=10) as client:
         with pytest.raises(TargetServiceError) as info:
             _assign(client)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - start < 10
+    assert "3 tries" in info.value.details
+    assert time.monotonic() - start < 5
 
 
 def test_deadline_exceeded_is_not_retried():
@@ -131,6 +164,45 @@ def test_client_requests_before_a_fork_work_in_the_child(two_servers):
     child.start()
     child.join(60)
     assert queue.get(timeout=5) is True
+    client.close()
+
+
+def test_client_pickles_as_its_options():
+    client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2)
+    copy = pickle.loads(pickle.dumps(client))
+    assert copy.targets == client.targets and copy.timeout == 7.5 and copy.retries == 4 and copy.backoff == 0.2
+    assert copy._metadata == client._metadata and copy._channels == []
+    aclient = pickle.loads(pickle.dumps(AsyncTargetClient("127.0.0.1:1", tls=True)))
+    assert aclient.targets == ["127.0.0.1:1"] and aclient._tls
+
+
+class _TargetsDataset(torch.utils.data.Dataset):
+    """What a data loader's dataset does: each item's targets from the service."""
+
+    def __init__(self, client: TargetClient) -> None:
+        self.client = client
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.client.assign(BOXES[index % 2 :], [2 - index % 2], CANVAS, preset="retinanet_torchvision").labels
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_client_in_data_loader_workers(two_servers, method):
+    """The client travels to the workers (pickled for spawn and forkserver) and opens
+    its channels there."""
+    a, _ = two_servers
+    client = TargetClient(a.address)
+    _assign(client)  # channels open in the parent first: the workers must not reuse them
+    loader = torch.utils.data.DataLoader(_TargetsDataset(client), batch_size=None, num_workers=2,
+                                         multiprocessing_context=method)  # fmt: skip
+    got = list(loader)
+    config = presets.get("retinanet_torchvision")
+    for index, labels in enumerate(got):
+        expected = assign(BOXES[index % 2 :], [2 - index % 2], CANVAS, config, backend="reference").labels
+        assert torch.equal(labels, expected)
     client.close()
 
 
