@@ -298,7 +298,7 @@ def test_random_configurations(
         high=high, low=high * low_fraction, strict_high=strict_high, low_quality=mode, min_pos_iou=min_pos_iou,
         allowed_border=border, border_order=order, ignore_iof_thr=ignore_thr, ignore_iof_wrt_anchor=wrt_anchor,
     )  # fmt: skip
-    config = TargetConfig(anchors=SMALL_ANCHORS, match=match, background_class=-7)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=match, background_class=91)  # no box has class 91
     gt_classes = classes_for(boxes, generator) if classes else None
     assert_both_forms_match(
         boxes, counts, canvas, config, threads=(threads,), gt_classes=gt_classes, ignore_boxes=ignore,
