@@ -11,6 +11,10 @@ demo request through the client once the server is warm, print a summary of the
 targets that came back, and keep serving until Ctrl-C.
 
 ``tritarget request``: send that demo request to a running server.
+
+``tritarget loadtest``: drive a running server (``tritarget.clients.loadtest``).
+
+``tritarget anchors``: fit and check anchors on a dataset (``tritarget.anchor_design``).
 """
 
 from __future__ import annotations
@@ -310,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     request.set_defaults(handler=_request)
 
     from tritarget.anchor_design.cli import add_parser as add_anchors_parser
+    from tritarget.clients.loadtest_cli import add_parser as add_loadtest_parser
 
     add_anchors_parser(commands)  # tritarget anchors {check,fit,show}
+    add_loadtest_parser(commands)  # tritarget loadtest
     return parser
 
 

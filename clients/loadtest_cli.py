@@ -1,0 +1,91 @@
+"""``tritarget loadtest``: the command line of ``tritarget.clients.loadtest``.
+
+    tritarget loadtest --target 127.0.0.1:50051 --duration 10 --concurrency 16 --verify 20 --json out.json
+
+Prints the report table; exit status 0 only when every measured request was answered
+without error and every verified response equals the in-process targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["add_parser"]
+
+
+def _boxes(text: str) -> int | None:
+    if text == "coco":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'coco' or a number of boxes per image, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"boxes per image must be >= 0, got {value}")
+    return value
+
+
+def add_parser(commands) -> None:
+    from tritarget.kernels import presets
+
+    parser = commands.add_parser(
+        "loadtest", help="drive a running service: throughput, latency percentiles, errors, verification",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--target", action="append", required=True,
+                        help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
+    parser.add_argument("--concurrency", type=int, default=8, help="callers, or streams with --stream (default 8)")
+    parser.add_argument("--rate", type=float,
+                        help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip
+    parser.add_argument("--stream", action="store_true", help="AssignStream calls instead of unary Assign")
+    parser.add_argument("--window", type=int, default=1, help="closed-loop stream: requests in flight per stream")
+    parser.add_argument("--processes", type=int, default=1, help="client processes (default 1)")
+    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
+    parser.add_argument("--canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"))
+    parser.add_argument("--images", type=int, default=8, help="images per request (default 8)")
+    parser.add_argument("--boxes", type=_boxes, default=None, metavar="coco|G",
+                        help="boxes per image: COCO-like (default) or a fixed number")  # fmt: skip
+    parser.add_argument("--format", choices=("sparse", "dense"), default="sparse")
+    parser.add_argument("--fp16", action="store_true", help="float16 deltas")
+    parser.add_argument("--variants", type=int, default=16, help="distinct requests cycled through (default 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
+    parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
+    parser.add_argument("--verify", type=int, default=0, metavar="K",
+                        help="recompute K answered requests in-process; any difference fails the run")  # fmt: skip
+    parser.add_argument("--json", help="write the summary and the per-second series as JSON")
+    parser.add_argument("--csv", help="write the per-second series as CSV")
+    parser.add_argument("--plot", help="write a PNG of throughput and latency over time (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.set_defaults(handler=_loadtest)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from .loadtest import LoadTestOptions, Workload, run
+
+    try:
+        options = LoadTestOptions(
+            targets=tuple(args.target),
+            workload=Workload(preset=args.preset, canvas=tuple(args.canvas), images=args.images, boxes=args.boxes,
+                              format=args.format, fp16=args.fp16, variants=args.variants, seed=args.seed),
+            duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate,
+            stream=args.stream, window=args.window, processes=args.processes, timeout_s=args.timeout,
+            token=args.token or os.environ.get("TRITARGET_TOKEN") or None,
+            tls_ca=open(args.tls_ca, "rb").read() if args.tls_ca else None,  # noqa: SIM115
+            verify=args.verify,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"tritarget loadtest: {exc}", file=sys.stderr)
+        return 2
+    report = run(options, progress=not args.no_progress)
+    print(report.table())
+    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
+        if path:
+            write(path)
+            print(f"wrote {path}")
+    return 0 if report.ok else 1
