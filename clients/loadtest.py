@@ -163,7 +163,6 @@ class _Recorder:
         self.warmup_requests = 0
         self.kept: list[tuple[int, bytes]] = []
         self._keep = keep
-        self._kept_indices: set[int] = set()
 
     def record(self, scheduled: float, done: float, code: str | None, index: int, response: Any) -> None:
         if scheduled < self.measure_from:
@@ -180,8 +179,7 @@ class _Recorder:
         for histogram in (self.overall, self.interval, bucket[2]):
             histogram.record_value(micros)
         bucket[0] += 1
-        if len(self.kept) < self._keep and index not in self._kept_indices:
-            self._kept_indices.add(index)
+        if len(self.kept) < self._keep:
             self.kept.append((index, response.SerializeToString()))
 
     def progress(self) -> dict:
