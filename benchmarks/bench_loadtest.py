@@ -1,0 +1,109 @@
+"""The README's "Load testing" table: ``tritarget loadtest`` against ``tritarget serve``
+(cpu backend, default options, a subprocess) on this machine.
+
+Runs, each ``--duration`` seconds after a warm-up, 8 COCO-like images per SPARSE request
+on the 800 x 1344 RetinaNet canvas: closed loop at concurrency 1, 4 and 16 (unary), 4
+streams with 2 requests in flight each, then open loop at 80% of the best closed-loop
+unary rate (latency without coordinated omission). Every run verifies 20 responses.
+Writes ``loadtest.json`` (every report), ``loadtest.csv`` (one row per run) and
+``loadtest.png`` (the open-loop run over time) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tritarget.clients import TargetClient
+from tritarget.clients.loadtest import LoadTestOptions, Workload, run
+
+RUNS = [
+    ("unary, closed loop, 1 caller", {"concurrency": 1}),
+    ("unary, closed loop, 4 callers", {"concurrency": 4}),
+    ("unary, closed loop, 16 callers", {"concurrency": 16}),
+    ("stream, closed loop, 4 streams x 2", {"stream": True, "concurrency": 4, "window": 2}),
+]
+
+
+def _serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", "cpu", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    for line in process.stdout:
+        match = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
+        if match:
+            address = match.group(1)
+            break
+    else:
+        raise RuntimeError("the server did not start")
+    with TargetClient(address) as client:
+        client.wait_until_ready(timeout=120)
+    return process, address
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--out", default="benchmarks/results/loadtest")
+    parser.add_argument("--server-args", default="", help="extra `tritarget serve` flags, e.g. '--compute-workers 2'")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    process, address = _serve(args.server_args.split())
+    reports = []
+    try:
+        common = {"targets": (address,), "workload": Workload(), "duration_s": args.duration,
+                  "warmup_s": args.warmup, "verify": 20}  # fmt: skip
+        for name, kwargs in RUNS:
+            reports.append((name, run(LoadTestOptions(**common, **kwargs))))
+            print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
+        best = max(report.requests_per_s for name, report in reports if name.startswith("unary"))
+        rate = round(0.8 * best, 1)
+        name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
+        reports.append((name, run(LoadTestOptions(**common, rate=rate, concurrency=1))))
+        print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+    rows = []
+    for name, report in reports:
+        summary = report.summary()
+        latency = summary["latency_ms"]
+        rows.append({
+            "run": name, "requests": report.requests, "errors": sum(report.errors.values()),
+            "requests_per_s": round(report.requests_per_s, 1), "images_per_s": round(summary["images_per_s"], 1),
+            **{f"{k}_ms": round(v, 2) for k, v in latency.items()},
+            "verified": report.verified, "mismatches": len(report.mismatches),
+        })  # fmt: skip
+    with open(out / "loadtest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    everything = {"machine": machine, "server": f"tritarget serve --backend cpu {args.server_args}".strip(),
+                  "runs": [{**report.summary(), "series": report.series} for _, report in reports]}  # fmt: skip
+    (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
+    reports[-1][1].plot(out / "loadtest.png")
+    print(f"machine: {machine}")
+    print("| run | req/s | images/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | verified |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | {row['p50_ms']:.1f} | "
+              f"{row['p90_ms']:.1f} | {row['p99_ms']:.1f} | {row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | "
+              f"{row['errors']} | {row['verified']} |")  # fmt: skip
+    return 0 if all(report.ok for _, report in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
