@@ -13,7 +13,7 @@ back as -1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -55,6 +55,19 @@ class SparseTargets:
     @property
     def batch_size(self) -> int:
         return self.positive_offsets.numel() - 1
+
+    def to(self, device: torch.device | str) -> SparseTargets:
+        """The lists on ``device`` (a few small copies; the dense form is never built)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return SparseTargets(**moved)
+
+    def to_dense(self, device: torch.device | str | None = None) -> Targets:
+        """The dense ``Targets``, built on ``device`` (default: where the lists are), e.g.
+        on the trainer's GPU from lists that came over the wire: only the lists travel."""
+        return Targets.from_sparse(self if device is None else self.to(device))
 
 
 @dataclass
