@@ -43,12 +43,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tritarget.kernels.targets import Targets
+from tritarget.kernels.targets import SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 from tritarget.protos.tensors import decode_tensor
 
-from .wire import build_request, config_ref, decode_response
+from .wire import build_request, config_ref, decode_response, decode_sparse
 
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError"]
 
@@ -242,10 +242,15 @@ class _Base:
         return build_request(**kwargs)
 
     @staticmethod
-    def _result(response: pb.AssignResponse) -> Targets:
+    def _result(response: pb.AssignResponse, densify: bool = True) -> Targets | SparseTargets:
         if response.HasField("error"):
             raise TargetServiceError.from_request_error(response.error, response.request_id)
-        return decode_response(response)
+        return decode_response(response) if densify else decode_sparse(response)
+
+    @staticmethod
+    def _check_densify(densify: bool, kwargs: Mapping[str, Any]) -> None:
+        if not densify and kwargs.get("format", "sparse") != "sparse":
+            raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
 
 
 def _not_ready(addresses: Sequence[str], waited: float, last: str) -> TargetServiceError:
@@ -384,7 +389,9 @@ class TargetClient(_Base):
                 raise _not_ready(self.targets, time.monotonic() - started, last)
             time.sleep(delay)
 
-    def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
+    def assign(
+        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True, **kwargs
+    ) -> Targets | SparseTargets:
         """Targets of a ragged batch.
 
         Args:
@@ -398,10 +405,14 @@ class TargetClient(_Base):
             delta_dtype: ``"float32"`` or ``"float16"`` (half the delta bytes).
             return_classes (default: when gt_classes are given), return_max_iou.
             timeout: seconds for this call (default: the client's).
+            densify: False returns the SPARSE lists as ``SparseTargets`` (densify them where
+                the trainer is: ``.to_dense(device="cuda")``).
         Returns:
-            Targets, as ``tritarget.kernels.assign`` returns them.
+            Targets, as ``tritarget.kernels.assign`` returns them (or SparseTargets).
         """
-        return self._result(self.assign_raw(build_request(gt_boxes, gt_counts, canvas, **kwargs), timeout=timeout))
+        self._check_densify(densify, kwargs)
+        request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
+        return self._result(self.assign_raw(request, timeout=timeout), densify)
 
     def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         """One Assign call with a ready request; the response as it came."""
@@ -413,6 +424,7 @@ class TargetClient(_Base):
         *,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        densify: bool = True,
         **defaults: Any,
     ) -> Iterator[Targets | TargetServiceError]:
         """Targets for each request, in order, over one AssignStream call.
@@ -424,7 +436,9 @@ class TargetClient(_Base):
         ``timeout`` bounds the whole stream. When the stream's server becomes
         UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
         on a new stream to the next endpoint: every request gets exactly one answer.
+        ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
+        self._check_densify(densify, defaults)
         unanswered = _Unanswered(self._request(item, defaults, i) for i, item in enumerate(requests))
         started, deadline = time.monotonic(), self._deadline(timeout)
         generation, resend, attempt = 0, [], 0
@@ -438,7 +452,7 @@ class TargetClient(_Base):
                     unanswered.answered()
                     attempt = 0  # progress: a later failure starts its backoff afresh
                     try:
-                        yield self._result(response)
+                        yield self._result(response, densify)
                     except TargetServiceError as error:
                         if not return_exceptions:
                             raise
@@ -530,10 +544,13 @@ class AsyncTargetClient(_Base):
                 raise _not_ready(self.targets, time.monotonic() - started, last)
             await asyncio.sleep(delay)
 
-    async def assign(self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, **kwargs) -> Targets:
+    async def assign(
+        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True, **kwargs
+    ) -> Targets | SparseTargets:
         """See ``TargetClient.assign``."""
+        self._check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
-        return self._result(await self.assign_raw(request, timeout=timeout))
+        return self._result(await self.assign_raw(request, timeout=timeout), densify)
 
     async def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         return await self._call("Assign", request, timeout)
@@ -544,9 +561,11 @@ class AsyncTargetClient(_Base):
         *,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        densify: bool = True,
         **defaults: Any,
     ) -> AsyncIterator[Targets | TargetServiceError]:
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
+        self._check_densify(densify, defaults)
 
         async def messages():
             if isinstance(requests, AsyncIterable):
@@ -571,7 +590,7 @@ class AsyncTargetClient(_Base):
                     unanswered.answered()
                     attempt = 0
                     try:
-                        yield self._result(response)
+                        yield self._result(response, densify)
                     except TargetServiceError as error:
                         if not return_exceptions:
                             raise

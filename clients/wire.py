@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from tritarget.kernels.targets import Targets
+from tritarget.kernels.targets import IGNORED, SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
 
-__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response"]
+__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "decode_sparse"]
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
@@ -143,6 +143,47 @@ def decode_response(response: pb.AssignResponse) -> Targets:
     if not dropped:
         dropped = [torch.zeros(0, dtype=torch.int64) for _ in range(batch)]
     return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
+
+
+def decode_sparse(response: pb.AssignResponse) -> SparseTargets:
+    """The ``SparseTargets`` a SPARSE response holds, without densifying (the tensors view
+    the response's bytes; ``.to_dense(device=...)`` densifies where the trainer is).
+
+    When the server listed the negatives (sampling left most anchors ignored), the ignored
+    lists are what neither the positives nor the negatives list, found per image."""
+    if response.WhichOneof("targets") != "sparse":
+        raise ValueError("decode_sparse: the response holds DENSE targets (request format='sparse')")
+    sparse, batch, count = response.sparse, response.batch_size, response.num_anchors
+    int64, int32 = (torch.int64,), (torch.int32,)
+    positive_offsets = decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=int64)
+    positive_anchors = decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=int32)
+    listed_offsets = decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=int64)
+    listed_anchors = decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=int32)
+    if sparse.listed_label == IGNORED:
+        ignored_offsets, ignored_anchors = listed_offsets, listed_anchors
+    else:
+        rest = torch.ones(batch * count, dtype=torch.bool)
+        rest[_flat_index(positive_offsets, positive_anchors, count)] = False
+        rest[_flat_index(listed_offsets, listed_anchors, count)] = False
+        image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
+        ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
+        ignored_anchors = anchor.to(torch.int32)
+    classes = None
+    if sparse.HasField("positive_classes"):
+        classes = decode_tensor(sparse.positive_classes, "positive_classes", dtypes=int32)
+    dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
+    return SparseTargets(
+        num_anchors=count,
+        positive_offsets=positive_offsets,
+        positive_anchors=positive_anchors,
+        positive_matched_gt=decode_tensor(sparse.positive_matched_gt, "positive_matched_gt", dtypes=int32),
+        positive_deltas=decode_tensor(sparse.positive_deltas, "positive_deltas", dtypes=(torch.float32, torch.float16)),
+        ignored_offsets=ignored_offsets,
+        ignored_anchors=ignored_anchors,
+        positive_classes=classes,
+        background_class=response.background_class,
+        dropped=dropped or [torch.zeros(0, dtype=torch.int64) for _ in range(batch)],
+    )
 
 
 def _filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype) -> torch.Tensor:

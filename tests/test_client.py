@@ -16,7 +16,7 @@ from test_service_harness import ServerThread
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request, decode_response
-from tritarget.kernels import assign, presets
+from tritarget.kernels import SparseTargets, assign, presets
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -230,3 +230,22 @@ def test_config_and_preset_are_exclusive():
         build_request(BOXES, [2], CANVAS)
     with pytest.raises(ValueError, match="format"):
         build_request(BOXES, [2], CANVAS, preset="yolov5", format="csv")
+
+
+@pytest.mark.parametrize("preset", ["retinanet_torchvision", "fasterrcnn_rpn_torchvision"])
+def test_sparse_targets_from_the_service_without_densifying(two_servers, preset):
+    """``densify=False``: the lists as sent (RPN sampling: the server lists the negatives
+    and the ignored are found per image); densified anywhere, they equal the dense answer."""
+    a, _ = two_servers
+    classes = torch.tensor([4, 9])
+    with TargetClient(a.address) as client:
+        sparse = client.assign(BOXES, [2], CANVAS, preset=preset, gt_classes=classes, densify=False, seed=3)
+        dense = client.assign(BOXES, [2], CANVAS, preset=preset, gt_classes=classes, seed=3)
+        (streamed,) = client.stream([{"gt_boxes": BOXES, "gt_counts": [2], "gt_classes": classes, "seed": 3}],
+                                    preset=preset, canvas=CANVAS, densify=False)  # fmt: skip
+        with pytest.raises(ValueError, match="needs format='sparse'"):
+            client.assign(BOXES, [2], CANVAS, preset=preset, format="dense", densify=False)
+    assert isinstance(sparse, SparseTargets) and sparse.positive_anchors.numel() > 0
+    for got in (sparse.to_dense(), streamed.to_dense(device="cpu")):
+        for name in ("labels", "matched_gt", "deltas", "classes"):
+            assert torch.equal(getattr(got, name), getattr(dense, name)), name
