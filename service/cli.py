@@ -90,6 +90,7 @@ def _server_options(args: argparse.Namespace):
         tls_key=read(args.tls_key),
         warmup_canvas=tuple(args.warmup_canvas),
         grace_s=args.grace,
+        access_log=not args.no_access_log,
     )
 
 
@@ -268,6 +269,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=float, default=10.0, help="seconds for calls in flight at shutdown")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no INFO line per call (method, id, images, boxes, code, ms)")  # fmt: skip
 
 
 def _add_workers_flag(parser: argparse.ArgumentParser) -> None:

@@ -52,6 +52,8 @@ class ServerOptions:
     metrics_port: Prometheus /metrics HTTP port (None: off; 0: any free port).
     warmup_preset, warmup_canvas: the warm-up batch that runs before SERVING.
     reuse_port: let several processes bind the same port (SO_REUSEPORT; ``--workers``).
+    access_log: one INFO line per call on the ``tritarget.access`` logger (method, request
+        id, images, boxes, code, milliseconds).
     """
 
     host: str = "127.0.0.1"
@@ -68,6 +70,7 @@ class ServerOptions:
     warmup_canvas: tuple[int, int] = (800, 1344)
     grace_s: float = 10.0
     reflection: bool = True
+    access_log: bool = True
     reuse_port: bool = False
 
 
@@ -86,7 +89,9 @@ class TargetServer:
             on_queued=self.metrics.queue_seconds.observe,
             on_depth=self.metrics.queued_images.set,
         )
-        self.servicer = TargetAssignerServicer(self.batcher, options.limits, self.metrics)
+        self.servicer = TargetAssignerServicer(
+            self.batcher, options.limits, self.metrics, access_log=options.access_log
+        )
         self.health = health.aio.HealthServicer()
         size = options.limits.max_message_bytes
         interceptors = [BearerTokenInterceptor(options.token, self.metrics)] if options.token else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
 __all__ = ["TargetAssignerServicer", "add_to_server"]
+
+access_log = logging.getLogger("tritarget.access")
 
 _DRAINED = object()  # in a stream's window: the server began shutting down here
 
@@ -66,6 +69,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         *,
         encode_workers: int = 1,
         stream_window: int = 8,
+        access_log: bool = True,
     ) -> None:
         self._batcher = batcher
         self._limits = limits
@@ -76,6 +80,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             encode_workers, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
         )
         self._stream_window = stream_window
+        self._access_log = access_log
         self._draining = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -104,10 +109,19 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     def _sent(self, method: str, response) -> None:
         self._metrics.bytes_out.labels(method).inc(response.ByteSize())
 
-    async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, request,
+                    started: float) -> None:  # fmt: skip
         status = status_of(exc)
         self._metrics.errors.labels(method, code_name(status)).inc()
+        self._access(method, request, code_name(status), started)
         await abort(context, status)
+
+    def _access(self, method: str, request, code: str, started: float) -> None:
+        """The access log: one line per call (per item of a stream)."""
+        if self._access_log and access_log.isEnabledFor(logging.INFO):
+            counts = getattr(request, "gt_counts", ())
+            access_log.info("%s id=%r images=%d boxes=%d %s %.2f ms", method, getattr(request, "request_id", ""),
+                            len(counts), sum(counts), code, (time.perf_counter() - started) * 1000)  # fmt: skip
 
     def drain(self) -> None:
         """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),
@@ -136,25 +150,31 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 self._idle.set()
 
     async def Assign(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
+        started = time.perf_counter()
         self._received("Assign", request)
         try:
             with self._in_flight():
                 response = await self._assign(request)
         except Exception as exc:
-            await self._fail("Assign", exc, context)
+            await self._fail("Assign", exc, context, request, started)
         self._sent("Assign", response)
+        self._access("Assign", request, "OK", started)
         return response
 
     async def _answer(self, request: pb.AssignRequest) -> pb.AssignResponse:
         """A stream item's response: its targets, or its error (the stream goes on)."""
+        started = time.perf_counter()
         self._received("AssignStream", request)
+        code = "OK"
         try:
             response = await self._assign(request)
         except Exception as exc:
             status = status_of(exc)
-            self._metrics.errors.labels("AssignStream", code_name(status)).inc()
+            code = code_name(status)
+            self._metrics.errors.labels("AssignStream", code).inc()
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
         self._sent("AssignStream", response)
+        self._access("AssignStream", request, code, started)
         return response
 
     async def AssignStream(
@@ -165,7 +185,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 async for response in self._stream(request_iterator):
                     yield response
         except Exception as exc:
-            await self._fail("AssignStream", exc, context)
+            await self._fail("AssignStream", exc, context, None, time.perf_counter())
 
     async def _stream(self, request_iterator: AsyncIterator[pb.AssignRequest]) -> AsyncIterator[pb.AssignResponse]:
         # Up to `stream_window` requests of one stream are in flight at once (so they
@@ -217,6 +237,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                     answer.cancel()
 
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
+        started = time.perf_counter()
         self._received("ListPresets", request)
         try:
             if self._draining.is_set():
@@ -225,11 +246,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 raise request.error()
             response = codec.list_presets()
         except Exception as exc:
-            await self._fail("ListPresets", exc, context)
+            await self._fail("ListPresets", exc, context, request, started)
         self._sent("ListPresets", response)
         return response
 
     async def GetAnchors(self, request: pb.GetAnchorsRequest, context) -> pb.GetAnchorsResponse:
+        started = time.perf_counter()
         self._received("GetAnchors", request)
         try:
             if self._draining.is_set():
@@ -240,6 +262,6 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             )
             response = codec.encode_anchors(anchors)
         except Exception as exc:
-            await self._fail("GetAnchors", exc, context)
+            await self._fail("GetAnchors", exc, context, request, started)
         self._sent("GetAnchors", response)
         return response

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 
@@ -174,3 +175,22 @@ def _until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < end, "timed out waiting"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_access_log_has_one_line_per_call(enabled, caplog):
+    with ServerThread(access_log=enabled) as srv, TargetClient(srv.address, retries=0) as client:
+        with caplog.at_level(logging.INFO, logger="tritarget.access"):
+            client.assign_raw(_good_request(request_id="job-7"))
+            with pytest.raises(TargetServiceError):
+                client.assign(GOOD, [1], CANVAS, preset="retinanet_torchvision", request_id="bad-1")
+            list(client.stream([_good_request(request_id="s0"), _good_request(request_id="s1")]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+    if not enabled:
+        assert lines == []
+        return
+    assert len(lines) == 4, lines
+    assert re.fullmatch(r"Assign id='job-7' images=1 boxes=2 OK \d+\.\d\d ms", lines[0])
+    assert lines[1].startswith("Assign id='bad-1' images=1 boxes=1 INVALID_ARGUMENT")
+    assert lines[2].startswith("AssignStream id='s0' images=1 boxes=2 OK")
+    assert lines[3].startswith("AssignStream id='s1'")
