@@ -32,10 +32,12 @@ import itertools
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -50,7 +52,7 @@ from tritarget.protos.tensors import decode_tensor
 
 from .wire import build_request, config_ref, decode_response, decode_sparse
 
-__all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError"]
+__all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientStats"]
 
 _MIB = 1 << 20
 # What gRPC's C core reports when a stream's message could not be written because the
@@ -104,6 +106,34 @@ class TargetServiceError(Exception):
         code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
         violations = [(v.field, v.description) for v in error.field_violations]
         return cls(code, error.message, violations, request_id)
+
+    def naming_images(self, image_ids: Sequence[Any]) -> TargetServiceError:
+        """The same error with the request's image indices followed by the caller's ids,
+        e.g. ``image 2, box 5`` -> ``image 2 (id 139), box 5``: errors name dataset images."""
+        ids = list(image_ids)
+
+        def name(match: re.Match) -> str:
+            i = int(match.group(1))
+            return f"{match.group(0)} (id {ids[i]})" if i < len(ids) else match.group(0)
+
+        rewrite = lambda text: re.sub(r"\bimage (\d+)\b", name, text)  # noqa: E731
+        return TargetServiceError(self.code, rewrite(self.details),
+                                  [(f, rewrite(d)) for f, d in self.field_violations], self.request_id)  # fmt: skip
+
+
+@dataclass
+class ClientStats:
+    """What a client did in this process (``client.stats``)."""
+
+    calls: int = 0  # unary calls and streams
+    errors: int = 0  # calls or streams that failed for good
+    retries: int = 0  # tries after a call's first, and stream restarts on another endpoint
+    resent: int = 0  # stream requests sent again after a restart
+    responses: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    latency_seconds: float = 0.0  # unary calls that succeeded, summed
+    max_latency_seconds: float = 0.0
 
 
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -161,6 +191,29 @@ class _Base:
         self._turn = itertools.count()
         self._failed_at = [float("-inf")] * len(self.targets)
         self._lock = threading.Lock()
+        self._stats = ClientStats()
+        self._stats_lock = threading.Lock()
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of this process's counters (calls, retries, bytes, latency)."""
+        with self._stats_lock:
+            return replace(self._stats)
+
+    def _count(self, **increments: float) -> None:
+        with self._stats_lock:
+            for name, value in increments.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    def _answered(self, request, response, started: float) -> None:
+        latency = time.monotonic() - started
+        with self._stats_lock:
+            stats = self._stats
+            stats.responses += 1
+            stats.request_bytes += request.ByteSize()
+            stats.response_bytes += response.ByteSize()
+            stats.latency_seconds += latency
+            stats.max_latency_seconds = max(stats.max_latency_seconds, latency)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -269,8 +322,9 @@ class _Unanswered:
     was still reading when that happened is handed on to the new feed, so every request
     is on exactly one live call and the order is kept."""
 
-    def __init__(self, source: Iterator[pb.AssignRequest] | AsyncIterator[pb.AssignRequest]) -> None:
+    def __init__(self, source: Iterator[pb.AssignRequest] | AsyncIterator[pb.AssignRequest], count) -> None:
         self._source = source
+        self._count = count  # the client's counters
         self._sent: deque[pb.AssignRequest] = deque()
         self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
         self._generation = 0
@@ -287,6 +341,7 @@ class _Unanswered:
 
     def _keep(self, generation: int, message: pb.AssignRequest) -> bool:
         """Record a request read from the source; False if its feed was stopped meanwhile."""
+        self._count(request_bytes=message.ByteSize())
         with self._state:
             self._sent.append(message)
             if generation != self._generation:
@@ -354,16 +409,21 @@ class TargetClient(_Base):
 
     def _call(self, method: str, request, timeout: float | None):
         started, deadline = time.monotonic(), self._deadline(timeout)
+        self._count(calls=1)
         for attempt in itertools.count():
             index = self._endpoint()
             try:
                 rpc = getattr(self._stubs[index], method)
-                return rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                response = rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                self._answered(request, response, started)
+                return response
             except grpc.RpcError as error:
                 self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
+                    self._count(errors=1)
                     raise self._give_up(error, attempt + 1, started) from None
+                self._count(retries=1)
                 time.sleep(delay)
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
@@ -390,8 +450,9 @@ class TargetClient(_Base):
             time.sleep(delay)
 
     def assign(
-        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True, **kwargs
-    ) -> Targets | SparseTargets:
+        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True,
+        image_ids: Sequence[Any] | None = None, **kwargs,
+    ) -> Targets | SparseTargets:  # fmt: skip
         """Targets of a ragged batch.
 
         Args:
@@ -407,12 +468,18 @@ class TargetClient(_Base):
             timeout: seconds for this call (default: the client's).
             densify: False returns the SPARSE lists as ``SparseTargets`` (densify them where
                 the trainer is: ``.to_dense(device="cuda")``).
+            image_ids: the dataset's id of each image: errors name them next to the index.
         Returns:
             Targets, as ``tritarget.kernels.assign`` returns them (or SparseTargets).
         """
         self._check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
-        return self._result(self.assign_raw(request, timeout=timeout), densify)
+        try:
+            return self._result(self.assign_raw(request, timeout=timeout), densify)
+        except TargetServiceError as error:
+            if image_ids is None:
+                raise
+            raise error.naming_images(image_ids) from None
 
     def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         """One Assign call with a ready request; the response as it came."""
@@ -439,9 +506,10 @@ class TargetClient(_Base):
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
         self._check_densify(densify, defaults)
-        unanswered = _Unanswered(self._request(item, defaults, i) for i, item in enumerate(requests))
+        unanswered = _Unanswered((self._request(item, defaults, i) for i, item in enumerate(requests)), self._count)
         started, deadline = time.monotonic(), self._deadline(timeout)
         generation, resend, attempt = 0, [], 0
+        self._count(calls=1)
         while True:
             index = self._endpoint()
             call = self._stubs[index].AssignStream(
@@ -450,6 +518,7 @@ class TargetClient(_Base):
             try:
                 for response in call:
                     unanswered.answered()
+                    self._count(responses=1, response_bytes=response.ByteSize())
                     attempt = 0  # progress: a later failure starts its backoff afresh
                     try:
                         yield self._result(response, densify)
@@ -462,8 +531,10 @@ class TargetClient(_Base):
                 self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
+                    self._count(errors=1)
                     raise self._give_up(error, attempt + 1, started) from None
                 generation, resend = unanswered.restart()  # sent again, in order, on the next endpoint
+                self._count(retries=1, resent=len(resend))
                 attempt += 1
                 time.sleep(delay)
             finally:
@@ -510,16 +581,21 @@ class AsyncTargetClient(_Base):
 
     async def _call(self, method: str, request, timeout: float | None):
         started, deadline = time.monotonic(), self._deadline(timeout)
+        self._count(calls=1)
         for attempt in itertools.count():
             index = self._endpoint()
             try:
                 rpc = getattr(self._stubs[index], method)
-                return await rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                response = await rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                self._answered(request, response, started)
+                return response
             except grpc.RpcError as error:
                 self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
+                    self._count(errors=1)
                     raise self._give_up(error, attempt + 1, started) from None
+                self._count(retries=1)
                 await asyncio.sleep(delay)
 
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
@@ -545,12 +621,18 @@ class AsyncTargetClient(_Base):
             await asyncio.sleep(delay)
 
     async def assign(
-        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True, **kwargs
-    ) -> Targets | SparseTargets:
+        self, gt_boxes, gt_counts, canvas, *, timeout: float | None = None, densify: bool = True,
+        image_ids: Sequence[Any] | None = None, **kwargs,
+    ) -> Targets | SparseTargets:  # fmt: skip
         """See ``TargetClient.assign``."""
         self._check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
-        return self._result(await self.assign_raw(request, timeout=timeout), densify)
+        try:
+            return self._result(await self.assign_raw(request, timeout=timeout), densify)
+        except TargetServiceError as error:
+            if image_ids is None:
+                raise
+            raise error.naming_images(image_ids) from None
 
     async def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         return await self._call("Assign", request, timeout)
@@ -577,9 +659,10 @@ class AsyncTargetClient(_Base):
                 for i, item in enumerate(requests):
                     yield self._request(item, defaults, i)
 
-        unanswered = _Unanswered(messages())
+        unanswered = _Unanswered(messages(), self._count)
         started, deadline = time.monotonic(), self._deadline(timeout)
         generation, resend, attempt = 0, [], 0
+        self._count(calls=1)
         while True:
             index = self._endpoint()
             call = self._stubs[index].AssignStream(
@@ -588,6 +671,7 @@ class AsyncTargetClient(_Base):
             try:
                 async for response in call:
                     unanswered.answered()
+                    self._count(responses=1, response_bytes=response.ByteSize())
                     attempt = 0
                     try:
                         yield self._result(response, densify)
@@ -600,8 +684,10 @@ class AsyncTargetClient(_Base):
                 self._failed(index)
                 delay = self._retry_wait(error, attempt, deadline)
                 if delay is None:
+                    self._count(errors=1)
                     raise self._give_up(error, attempt + 1, started) from None
                 generation, resend = unanswered.restart()
+                self._count(retries=1, resent=len(resend))
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:

@@ -249,3 +249,29 @@ def test_sparse_targets_from_the_service_without_densifying(two_servers, preset)
     for got in (sparse.to_dense(), streamed.to_dense(device="cpu")):
         for name in ("labels", "matched_gt", "deltas", "classes"):
             assert torch.equal(getattr(got, name), getattr(dense, name)), name
+
+
+def test_errors_name_the_callers_image_ids(two_servers):
+    a, _ = two_servers
+    bad = torch.tensor([[10.0, 10.0, 60.0, 50.0], [30.0, 30.0, 30.0, 80.0]])  # image 1, box 0: x2 == x1
+    with TargetClient(a.address) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(bad, [1, 1], CANVAS, preset="retinanet_torchvision", image_ids=[5121, 9140])
+    assert "image 1 (id 9140), box 0: degenerate box" in info.value.details
+    assert "image 1 (id 9140)" in info.value.field_violations[0][1]
+
+
+def test_client_counts_calls_retries_and_bytes(two_servers):
+    a, _ = two_servers
+    dead = f"127.0.0.1:{_free_port()}"
+    with TargetClient([dead, a.address], backoff=0.01) as client:
+        response = client.assign_raw(build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision"))
+        list(client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}] * 3, preset="retinanet_torchvision",
+                           canvas=CANVAS))  # fmt: skip
+        with pytest.raises(TargetServiceError):
+            client.assign(BOXES, [1], CANVAS, preset="retinanet_torchvision")
+        stats = client.stats
+    assert stats.calls == 3 and stats.errors == 1
+    assert stats.retries >= 1  # the first try went to the dead endpoint
+    assert stats.responses == 1 + 3 and stats.response_bytes >= response.ByteSize() * 4
+    assert stats.request_bytes > 0 and 0 < stats.max_latency_seconds <= stats.latency_seconds
