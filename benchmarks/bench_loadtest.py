@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tritarget.clients import TargetClient
@@ -45,6 +46,7 @@ def _serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
             break
     else:
         raise RuntimeError("the server did not start")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # its access log must not block it
     with TargetClient(address) as client:
         client.wait_until_ready(timeout=120)
     return process, address
@@ -75,7 +77,7 @@ def main() -> int:
         print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        process.wait(timeout=60)
 
     rows = []
     for name, report in reports:

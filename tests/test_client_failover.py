@@ -44,7 +44,7 @@ def two_processes():
     for process, _ in processes:
         if process.poll() is None:
             process.kill()
-        process.communicate(timeout=30)
+        process.wait(timeout=30)
 
 
 def _check_all(results, items) -> None:

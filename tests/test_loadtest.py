@@ -116,4 +116,4 @@ def test_cli_against_tritarget_serve(tmp_path):
         assert summary["workload"].startswith("retinanet_torchvision 256x320, 2 COCO-like images")
     finally:
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        process.wait(timeout=60)

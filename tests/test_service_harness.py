@@ -121,7 +121,9 @@ def read_until(
 
 
 def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
-    """``tritarget serve --port 0 ARGS...`` once its health is SERVING, and its port."""
+    """``tritarget serve --port 0 ARGS...`` once its health is SERVING, and its port. Its
+    output is read on from then on (the access log would otherwise fill the pipe and
+    block the server)."""
     process = spawn_cli("serve", "--port", "0", *args)
     try:
         match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
@@ -129,4 +131,5 @@ def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
     except BaseException:
         process.kill()
         raise
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return process, int(match.group(1))
