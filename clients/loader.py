@@ -1,0 +1,195 @@
+"""Targets for a training loop's batches, from the service or in-process.
+
+Batches are what torchvision-style detection loaders yield: ``(images, targets)``, with
+``images`` a padded ``Tensor[B, C, H, W]`` (or anything, given ``canvas=``) and
+``targets`` a list of per-image dicts holding ``"boxes"`` (``Tensor[N, 4]`` xyxy pixels
+of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"``.
+
+* ``with_targets(loader, ...)`` wraps an iterable of batches in the trainer's process
+  (one per DDP rank): with a ``client`` it keeps up to ``in_flight`` batches' requests
+  in flight on one stream while the trainer works on earlier ones, and yields
+  ``(images, targets, assigned)`` in order; without one it computes in-process
+  (``backend=``).
+* ``TargetCollate(collate_fn, ...)`` computes the targets inside the ``DataLoader``
+  workers instead (each worker calls the service for its own batches); it pickles,
+  so it works with ``fork``, ``spawn`` and ``forkserver`` workers.
+
+``assigned`` is ``Targets`` (``densify=True``, the default) or ``SparseTargets``;
+``device=`` moves (or densifies) it there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
+
+from .client import TargetClient
+
+__all__ = ["with_targets", "TargetCollate", "boxes_of"]
+
+
+def boxes_of(targets: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """(gt_boxes [N, 4] float32, gt_counts [B], gt_classes [N] or None) of per-image dicts."""
+    if not targets:
+        raise ValueError("targets: the batch has no images")
+    boxes, counts, labels = [], [], []
+    for i, target in enumerate(targets):
+        if "boxes" not in target:
+            raise ValueError(f"targets[{i}]: no 'boxes' (a Tensor[N, 4] of xyxy pixels)")
+        image_boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+        boxes.append(image_boxes)
+        counts.append(image_boxes.shape[0])
+        if "labels" in target:
+            labels.append(torch.as_tensor(target["labels"]).reshape(-1))
+    if labels and len(labels) != len(targets):
+        raise ValueError("targets: give 'labels' for every image or for none")
+    classes = torch.cat(labels) if labels else None
+    return torch.cat(boxes).cpu(), counts, None if classes is None else classes.cpu()
+
+
+def _canvas(images: Any, canvas: Sequence[int] | None) -> tuple[int, int]:
+    if canvas is not None:
+        return int(canvas[0]), int(canvas[1])
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return int(images.shape[-2]), int(images.shape[-1])
+    raise ValueError("canvas: give canvas=(H, W), or batches whose images are one padded Tensor[B, C, H, W]")
+
+
+def _image_ids(targets: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+    if all("image_id" in t for t in targets):
+        return [t["image_id"].item() if isinstance(t["image_id"], torch.Tensor) else t["image_id"] for t in targets]
+    return None
+
+
+def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets | SparseTargets:
+    if isinstance(assigned, SparseTargets) and densify:
+        return assigned.to_dense(device)
+    return assigned if device is None else assigned.to(device)
+
+
+class _InProcess:
+    """The in-process fallback: ``assign`` (or ``assign_sparse``) on the given backend."""
+
+    def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any]) -> None:
+        self.config, self.backend, self.densify, self.options = config, backend, densify, dict(options)
+
+    def __call__(self, boxes, counts, classes, canvas) -> Targets | SparseTargets:
+        solve = assign if self.densify else assign_sparse
+        return solve(boxes, counts, canvas, self.config, gt_classes=classes, backend=self.backend, **self.options)
+
+
+def _config(preset: str | None, config: TargetConfig | None) -> TargetConfig:
+    if (preset is None) == (config is None):
+        raise ValueError("give exactly one of preset= or config=")
+    return presets.get(preset) if preset is not None else config
+
+
+def with_targets(
+    batches: Iterable[tuple[Any, Sequence[Mapping[str, Any]]]],
+    *,
+    preset: str | None = None,
+    config: TargetConfig | None = None,
+    canvas: Sequence[int] | None = None,
+    client: TargetClient | None = None,
+    backend: str = "auto",
+    in_flight: int = 4,
+    densify: bool = True,
+    device: torch.device | str | None = None,
+    **options: Any,
+) -> Iterator[tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]]:
+    """``(images, targets, assigned)`` for every batch, in order (see the module docstring).
+
+    ``options`` go to every request (``seed``, ``delta_dtype``, ...; in-process: to
+    ``assign``). With a ``client``, at most ``in_flight`` batches are read ahead of the
+    one yielded; a server that dies mid-epoch is replaced by the client's next endpoint
+    without losing a batch.
+    """
+    if in_flight < 1:
+        raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
+    target_config = _config(preset, config)
+    if client is None:
+        solve = _InProcess(target_config, backend, densify, options)
+        for images, targets in batches:
+            boxes, counts, classes = boxes_of(targets)
+            yield images, targets, _placed(solve(boxes, counts, classes, _canvas(images, canvas)), densify, device)
+        return
+    yield from _pipelined(batches, client, target_config, canvas, in_flight, densify, device, options)
+
+
+def _pipelined(batches, client, config, canvas, in_flight, densify, device, options):
+    """One stream; the request generator (read by gRPC's thread) takes a slot per batch
+    and the trainer's side gives it back once that batch is yielded."""
+    slots = threading.Semaphore(in_flight)
+    read: deque = deque()  # batches whose requests are sent, in order
+    source = iter(batches)
+    stopped = threading.Event()
+
+    def requests():
+        while True:
+            slots.acquire()
+            if stopped.is_set():
+                return
+            batch = next(source, None)
+            if batch is None:
+                return
+            images, targets = batch
+            boxes, counts, classes = boxes_of(targets)
+            read.append(batch)
+            yield {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes, "canvas": _canvas(images, canvas)}
+
+    answers = client.stream(requests(), config=config, densify=False, **options)
+    try:
+        for assigned in answers:
+            images, targets = read.popleft()
+            yield images, targets, _placed(assigned, densify, device)
+            slots.release()
+    finally:
+        stopped.set()
+        slots.release()  # a generator waiting for a slot sees the stop
+        answers.close()
+
+
+class TargetCollate:
+    """A ``DataLoader`` ``collate_fn`` that computes targets in the worker: returns
+    ``(images, targets, assigned)`` for ``collate_fn(samples) -> (images, targets)``.
+
+    With ``client``, each worker asks the service (the client pickles as its options and
+    opens its own channels); without, it computes in-process on ``backend``. Errors name
+    the dataset's ``image_id`` when the targets carry one.
+    """
+
+    def __init__(
+        self,
+        collate_fn: Callable[[list[Any]], tuple[Any, Sequence[Mapping[str, Any]]]],
+        *,
+        preset: str | None = None,
+        config: TargetConfig | None = None,
+        canvas: Sequence[int] | None = None,
+        client: TargetClient | None = None,
+        backend: str = "cpu",
+        densify: bool = True,
+        **options: Any,
+    ) -> None:
+        self.collate_fn = collate_fn
+        self.config = _config(preset, config)
+        self.canvas = canvas
+        self.client = client
+        self.densify = densify
+        self.options = options
+        self._in_process = _InProcess(self.config, backend, densify, options)
+
+    def __call__(self, samples: list[Any]) -> tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]:
+        images, targets = self.collate_fn(samples)
+        boxes, counts, classes = boxes_of(targets)
+        canvas = _canvas(images, self.canvas)
+        if self.client is None:
+            return images, targets, self._in_process(boxes, counts, classes, canvas)
+        assigned = self.client.assign(boxes, counts, canvas, config=self.config, gt_classes=classes,
+                                      densify=self.densify, image_ids=_image_ids(targets), **self.options)  # fmt: skip
+        return images, targets, assigned

@@ -1,0 +1,152 @@
+"""Targets for a training loop's batches: pipelined over a stream, in DataLoader workers
+(fork, spawn), in-process; and two training steps of torchvision's RetinaNet whose losses
+equal torchvision's own ``compute_loss`` (needs torchvision; skips without it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_service_harness import ServerThread
+
+from tritarget.clients import TargetClient
+from tritarget.clients.loader import TargetCollate, boxes_of, with_targets
+from tritarget.kernels import SparseTargets, Targets, assign, presets
+
+CANVAS = (128, 160)
+PRESET = "retinanet_torchvision"
+
+
+class _Detection(torch.utils.data.Dataset):
+    """Images of the canvas size with a few random boxes each (one image without)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        generator = torch.Generator().manual_seed(index)
+        count = 0 if index == 3 else 1 + index % 3
+        corner = torch.rand(count, 2, generator=generator) * 90
+        boxes = torch.cat([corner, corner + 16 + torch.rand(count, 2, generator=generator) * 30], dim=1)
+        labels = torch.randint(0, 5, (count,), generator=generator)
+        image = torch.rand(3, *CANVAS, generator=generator)
+        return image, {"boxes": boxes, "labels": labels, "image_id": 1000 + index}
+
+
+def _collate(samples):
+    images, targets = zip(*samples)
+    return torch.stack(images), list(targets)
+
+
+def _expected(targets) -> Targets:
+    boxes, counts, classes = boxes_of(targets)
+    return assign(boxes, counts, CANVAS, presets.get(PRESET), gt_classes=classes, backend="cpu")
+
+
+def _batches(count: int = 4):
+    dataset = _Detection()
+    return [_collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(count)]
+
+
+def _same(got: Targets, expected: Targets) -> None:
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.classes, expected.classes)
+    positive = expected.labels == 1
+    assert torch.equal(got.matched_gt[positive], expected.matched_gt[positive])
+    torch.testing.assert_close(got.deltas, expected.deltas, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(backend="cpu") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("densify", [True, False])
+def test_with_targets_pipelines_over_one_stream_in_order(server, densify):
+    pulled = []
+
+    def batches():
+        for i, batch in enumerate(_batches(6)):
+            pulled.append(i)
+            yield batch
+
+    with TargetClient(server.address) as client:
+        before = server.metrics.value("tritarget_requests_total", {"method": "AssignStream"})
+        for i, (images, targets, assigned) in enumerate(with_targets(batches(), preset=PRESET, client=client,
+                                                                     in_flight=2, densify=densify)):  # fmt: skip
+            assert len(pulled) <= i + 1 + 2  # never more than in_flight batches read ahead
+            assert images.shape == (2, 3, *CANVAS)
+            assert isinstance(assigned, Targets if densify else SparseTargets)
+            _same(assigned if densify else assigned.to_dense(), _expected(targets))
+        assert i == 5
+        assert server.metrics.value("tritarget_requests_total", {"method": "AssignStream"}) - before == 6
+
+
+def test_with_targets_in_process_and_stopping_early(server):
+    for _images, targets, assigned in with_targets(_batches(2), preset=PRESET, backend="cpu"):
+        _same(assigned, _expected(targets))
+    with TargetClient(server.address) as client:
+        stream = with_targets(_batches(4), preset=PRESET, client=client, in_flight=1)
+        next(stream)
+        stream.close()  # the trainer stops after one batch: the stream ends, nothing hangs
+    with pytest.raises(ValueError, match="canvas"):
+        next(with_targets([([torch.zeros(3, 8, 8)], [{"boxes": torch.zeros(0, 4)}])], preset=PRESET))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_target_collate_in_data_loader_workers(server, method):
+    client = TargetClient(server.address)
+    collate = TargetCollate(_collate, preset=PRESET, client=client)
+    loader = torch.utils.data.DataLoader(_Detection(), batch_size=2, num_workers=2, collate_fn=collate,
+                                         multiprocessing_context=method, persistent_workers=True)  # fmt: skip
+    for _epoch in range(2):
+        for _images, targets, assigned in loader:
+            _same(assigned, _expected(targets))
+
+
+def test_target_collate_names_dataset_images_in_errors(server):
+    bad = [(torch.zeros(3, *CANVAS), {"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]]), "labels": torch.tensor([1]),
+                                      "image_id": 777})]  # fmt: skip
+    with TargetClient(server.address) as client:
+        with pytest.raises(Exception, match=r"image 0 \(id 777\), box 0: degenerate"):
+            TargetCollate(_collate, preset=PRESET, client=client)(bad)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_two_retinanet_training_steps_with_targets_from_the_service(server, method):
+    """torchvision's RetinaNet trains on targets that came from the service through
+    DataLoader workers; each step's losses equal the model's own ``compute_loss``."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from tritarget.kernels.losses import retinanet_loss
+
+    torch.manual_seed(0)
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=CANVAS[0],
+                                   max_size=CANVAS[1])  # fmt: skip
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    client = TargetClient(server.address)
+    loader = torch.utils.data.DataLoader(
+        _Detection(), batch_size=2, num_workers=2, multiprocessing_context=method,
+        collate_fn=TargetCollate(_collate, preset=PRESET, client=client, densify=False),
+    )  # fmt: skip
+    steps = 0
+    for images, targets, sparse in loader:
+        image_list, model_targets = model.transform(list(images), targets)
+        assert image_list.tensors.shape[-2:] == CANVAS  # the model sees the canvas the targets were made for
+        features = list(model.backbone(image_list.tensors).values())
+        head_outputs = model.head(features)
+        anchors = model.anchor_generator(image_list, features)
+        theirs = model.compute_loss(model_targets, head_outputs, anchors)
+        ours = retinanet_loss(head_outputs, sparse)
+        for name in ("classification", "bbox_regression"):
+            assert math.isclose(ours[name].item(), theirs[name].item(), rel_tol=1e-5), (name, ours, theirs)
+        optimizer.zero_grad()
+        sum(ours.values()).backward()
+        optimizer.step()
+        steps += 1
+        if steps == 2:
+            break
+    assert steps == 2
