@@ -460,7 +460,7 @@ class TargetClient(_Base):
             gt_counts (list of B ints or Tensor[B]): boxes per image.
             canvas ((int, int)): padded batch (height, width).
             preset (str) or config (TargetConfig or its dict), overrides (dict, optional).
-            gt_classes (Tensor[N] int, optional), ignore_boxes + ignore_counts, image_sizes
+            gt_classes (Tensor[N] int, optional), ignore_boxes + ignore_counts, image_sizes, pad_sizes
                 (Tensor[B, 2]), drop_invalid, seed: as ``tritarget.kernels.assign``.
             format: ``"sparse"`` (default, far smaller) or ``"dense"``.
             delta_dtype: ``"float32"`` or ``"float16"`` (half the delta bytes).

@@ -84,6 +84,7 @@ def build_request(
     ignore_boxes: Any = None,
     ignore_counts: Any = None,
     image_sizes: Any = None,
+    pad_sizes: Any = None,
     box_format: str = "xyxy",
     drop_invalid: bool = False,
     format: str = "sparse",
@@ -121,6 +122,8 @@ def build_request(
         request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
     if image_sizes is not None:
         encode_tensor(torch.as_tensor(image_sizes).to("cpu", torch.int32), request.image_sizes)
+    if pad_sizes is not None:
+        encode_tensor(torch.as_tensor(pad_sizes).to("cpu", torch.int32), request.pad_sizes)
     return request
 
 

@@ -59,7 +59,7 @@ class ConfigRef(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., config_json: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("request_id", "config", "canvas_height", "canvas_width", "gt_boxes", "gt_counts", "gt_classes", "ignore_boxes", "ignore_counts", "image_sizes", "drop_invalid", "format", "delta_dtype", "return_classes", "return_max_iou", "seed")
+    __slots__ = ("request_id", "config", "canvas_height", "canvas_width", "gt_boxes", "gt_counts", "gt_classes", "ignore_boxes", "ignore_counts", "image_sizes", "drop_invalid", "format", "delta_dtype", "return_classes", "return_max_iou", "seed", "pad_sizes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     CANVAS_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class AssignRequest(_message.Message):
     RETURN_CLASSES_FIELD_NUMBER: _ClassVar[int]
     RETURN_MAX_IOU_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PAD_SIZES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     config: ConfigRef
     canvas_height: int
@@ -92,7 +93,8 @@ class AssignRequest(_message.Message):
     return_classes: bool
     return_max_iou: bool
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ConfigRef, _Mapping]] = ..., canvas_height: _Optional[int] = ..., canvas_width: _Optional[int] = ..., gt_boxes: _Optional[_Union[Tensor, _Mapping]] = ..., gt_counts: _Optional[_Iterable[int]] = ..., gt_classes: _Optional[_Union[Tensor, _Mapping]] = ..., ignore_boxes: _Optional[_Union[Tensor, _Mapping]] = ..., ignore_counts: _Optional[_Iterable[int]] = ..., image_sizes: _Optional[_Union[Tensor, _Mapping]] = ..., drop_invalid: _Optional[bool] = ..., format: _Optional[_Union[Format, str]] = ..., delta_dtype: _Optional[_Union[DType, str]] = ..., return_classes: _Optional[bool] = ..., return_max_iou: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    pad_sizes: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ConfigRef, _Mapping]] = ..., canvas_height: _Optional[int] = ..., canvas_width: _Optional[int] = ..., gt_boxes: _Optional[_Union[Tensor, _Mapping]] = ..., gt_counts: _Optional[_Iterable[int]] = ..., gt_classes: _Optional[_Union[Tensor, _Mapping]] = ..., ignore_boxes: _Optional[_Union[Tensor, _Mapping]] = ..., ignore_counts: _Optional[_Iterable[int]] = ..., image_sizes: _Optional[_Union[Tensor, _Mapping]] = ..., drop_invalid: _Optional[bool] = ..., format: _Optional[_Union[Format, str]] = ..., delta_dtype: _Optional[_Union[DType, str]] = ..., return_classes: _Optional[bool] = ..., return_max_iou: _Optional[bool] = ..., seed: _Optional[int] = ..., pad_sizes: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DenseTargets(_message.Message):
     __slots__ = ("labels", "matched_gt", "deltas", "classes")

@@ -66,6 +66,7 @@ class AssignJob:
     ignore_boxes: torch.Tensor | None = None  # [M, 4] float32
     ignore_counts: list[int] | None = None
     image_sizes: torch.Tensor | None = None  # [B, 2] int64
+    pad_sizes: torch.Tensor | None = None  # [B, 2] int64
     drop_invalid: bool = False
     return_max_iou: bool = False
     seed: int = 0
@@ -93,7 +94,8 @@ class AssignJob:
             and (self.ignore_counts is None
                  or (len(self.ignore_counts) == self.images and self.ignore_boxes.dim() == 2
                      and self.ignore_boxes.shape[0] == sum(self.ignore_counts)))
-            and (self.image_sizes is None or (self.image_sizes.dim() == 2 and self.image_sizes.shape[0] == self.images))
+            and all(sizes is None or (sizes.dim() == 2 and sizes.shape[0] == self.images)
+                    for sizes in (self.image_sizes, self.pad_sizes))
         )  # fmt: skip
 
     def check(self) -> None:
@@ -102,7 +104,7 @@ class AssignJob:
             build_problem(
                 self.gt_boxes, self.gt_counts, self.canvas, self.config,
                 gt_classes=self.gt_classes, ignore_boxes=self.ignore_boxes, ignore_counts=self.ignore_counts,
-                image_sizes=self.image_sizes, drop_invalid=self.drop_invalid,
+                image_sizes=self.image_sizes, pad_sizes=self.pad_sizes, drop_invalid=self.drop_invalid,
             )  # fmt: skip
             image_seeds(self.seed, self.images)
         except (ValueError, TypeError) as exc:
@@ -399,7 +401,7 @@ class Batcher:
         args = _merge(jobs)
         host = self.device.type == "cpu"
         if not host:  # requests arrive and responses leave on the host
-            for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes"):
+            for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes", "pad_sizes"):
                 if args.get(name) is not None:
                     args[name] = args[name].to(self.device, non_blocking=True)
         if all(job.sparse for job in jobs) and not args["return_max_iou"] and args["config"].match.sample_size == 0:
@@ -429,11 +431,12 @@ def _merge(jobs: list[AssignJob]) -> dict:
         merged["ignore_counts"] = [
             c for j in jobs for c in (j.ignore_counts if j.ignore_counts is not None else [0] * j.images)
         ]
-    if any(j.image_sizes is not None for j in jobs):
-        merged["image_sizes"] = torch.cat([
-            j.image_sizes if j.image_sizes is not None else torch.tensor([list(j.canvas)] * j.images)
-            for j in jobs
-        ]).to(torch.int64)  # fmt: skip
+    for name in ("image_sizes", "pad_sizes"):  # a job without them: its images fill the canvas
+        if any(getattr(j, name) is not None for j in jobs):
+            merged[name] = torch.cat([
+                getattr(j, name) if getattr(j, name) is not None else torch.tensor([list(j.canvas)] * j.images)
+                for j in jobs
+            ]).to(torch.int64)  # fmt: skip
     return merged
 
 
@@ -482,6 +485,7 @@ def _slices(job: AssignJob, max_images: int, max_boxes: int) -> list[AssignJob]:
             ignore_boxes=None if job.ignore_boxes is None else job.ignore_boxes[ignore : ignore + ignored],
             ignore_counts=None if job.ignore_counts is None else job.ignore_counts[start:end],
             image_sizes=None if job.image_sizes is None else job.image_sizes[start:end],
+            pad_sizes=None if job.pad_sizes is None else job.pad_sizes[start:end],
             seed=job.seed + start,  # image i of a request samples with seed + i, sliced or not
         ))  # fmt: skip
         start, box, ignore = end, box + boxes, ignore + ignored
@@ -489,13 +493,17 @@ def _slices(job: AssignJob, max_images: int, max_boxes: int) -> list[AssignJob]:
 
 
 def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTargets:
-    """The targets of consecutive slices of one job, as one batch (``_slices`` reversed)."""
+    """The targets of consecutive slices of one job, as one batch (``_slices`` reversed).
+    Slices that landed in batches of different kinds (one merged with a DENSE request,
+    one alone) come back dense and sparse: then all are made dense."""
+    if len({type(part) for part in parts}) > 1:
+        parts = [Targets.from_sparse(p) if isinstance(p, SparseTargets) else p for p in parts]
     first = parts[0]
     cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     dropped = [d for p in parts for d in p.dropped]
     if isinstance(first, Targets):
         return Targets(cat("labels"), cat("matched_gt"), cat("deltas"), cat("classes"), cat("max_iou"), dropped,
-                       first.background_class)  # fmt: skip
+                       first.background_class, level_starts=first.level_starts)  # fmt: skip
 
     def offsets(name: str) -> torch.Tensor:
         shifted, base = [getattr(first, name)[:1]], 0
@@ -515,6 +523,7 @@ def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTarge
         positive_classes=cat("positive_classes"),
         background_class=first.background_class,
         dropped=dropped,
+        level_starts=first.level_starts,
     )
 
 

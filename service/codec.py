@@ -312,6 +312,7 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
             f"ignore_boxes: {ignore.shape[0]} boxes is over the server's limit of {limits.max_boxes}"
         )
     sizes = _tensor(request, "image_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
+    pads = _tensor(request, "pad_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
     return AssignJob(
         config=config,
         canvas=canvas,
@@ -321,6 +322,7 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         ignore_boxes=ignore,
         ignore_counts=ignore_counts,
         image_sizes=None if sizes is None else sizes.to(torch.int64),
+        pad_sizes=None if pads is None else pads.to(torch.int64),
         drop_invalid=request.drop_invalid,
         return_max_iou=request.return_max_iou,
         seed=request.seed,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -234,3 +235,31 @@ def test_bad_pad_sizes_are_refused(kwargs, error, message):
     box = torch.tensor([[4.0, 4.0, 20.0, 20.0]])
     with pytest.raises(error, match=message):
         assign(box.repeat(2, 1), [1, 1], (64, 64), _small_mmdet_config(), backend="reference", **kwargs)
+
+
+def test_the_service_carries_pad_sizes(generator):
+    """Over the wire (merged with a request without pad sizes, and sliced), the same
+    targets as in-process; the issue's 416x640 image loses its 11,430 anchors."""
+    from test_service_harness import ServerThread, batching
+
+    from tritarget.clients import TargetClient
+
+    config = presets.get("retinanet_mmdet")
+    boxes, counts = random_batch(generator, [3, 0, 2], CANVAS)
+    pads = [list(PAD), list(CANVAS), [480, 600]]
+    expected = assign(boxes, counts, CANVAS, config, pad_sizes=pads, backend="reference")
+    with ServerThread(backend="cpu", batching=batching(max_batch_images=2, max_queue_delay_s=0.05)) as srv:
+        with TargetClient(srv.address) as client:
+            plain, padded = [], []
+            other = threading.Thread(target=lambda: plain.append(client.assign(boxes, counts, CANVAS, config=config)))
+            other.start()
+            padded.append(client.assign(boxes, counts, CANVAS, config=config, pad_sizes=pads, format="dense"))
+            other.join(60)
+            with pytest.raises(Exception, match="pad_sizes"):
+                client.assign(boxes, counts, CANVAS, config=config, pad_sizes=[[600, 640]] * 3)
+    assert_targets_equal(padded[0], expected)
+    assert int((padded[0].labels[1] == -1).sum()) == int((expected.labels[1] == -1).sum())
+    no_boxes = assign(torch.zeros(0, 4), [0], CANVAS, config, pad_sizes=[list(PAD)], backend="cpu")
+    assert int((no_boxes.labels == -1).sum()) == 11_430
+    unpadded = assign(boxes, counts, CANVAS, config, backend="reference")
+    assert torch.equal(plain[0].labels, unpadded.labels)  # the request without pad sizes is unaffected

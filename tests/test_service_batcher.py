@@ -15,7 +15,7 @@ from test_service_harness import sparse_view
 
 from support import assert_targets_equal, random_batch
 from tritarget.kernels import Targets, assign, presets
-from tritarget.service.backend import AssignJob, Batcher, BatchOptions
+from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
 from tritarget.service.errors import InvalidInput
 
 CANVAS = (96, 128)
@@ -130,3 +130,17 @@ def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, pres
         got = Targets.from_sparse(got)
         expected = sparse_view(expected)
     assert_targets_equal(got, expected, rtol=0, atol=0)
+
+
+def test_slices_that_came_back_dense_and_sparse_are_put_back_together(generator):
+    """A SPARSE job's slices may merge with a DENSE job's (that batch runs dense) or run
+    alone (sparse): the job still gets all its images back, in order."""
+    counts = [2, 3, 1, 4]
+    boxes, _ = random_batch(generator, counts, CANVAS)
+    expected = _expected(_job(boxes, counts))
+    first, second, third = _split(expected, [1, 2, 1])
+    got = _concat([first, second.to_sparse(), third])
+    assert isinstance(got, Targets)
+    assert_targets_equal(got, sparse_view(expected), rtol=0, atol=0)
+    assert_targets_equal(Targets.from_sparse(_concat([p.to_sparse() for p in (first, second, third)])),
+                         sparse_view(expected), rtol=0, atol=0)  # fmt: skip
