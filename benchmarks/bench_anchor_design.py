@@ -7,7 +7,7 @@ Writes a synthetic COCO-format file (``tritarget.anchor_design.synthetic.coco_li
 rule, ``assign_sparse``), the best-anchor IoU and the counting. Results go to
 ``benchmarks/results/anchor_design/scan.{json,md}``.
 
-    python benchmarks/bench_anchor_design.py --images 10000 [--backend cpu] [--threads 2]
+    python benchmarks/bench_anchor_design.py --images 10000 [--backend cpu] [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--preset", default="retinanet_torchvision")
+    parser.add_argument("--out", default=RESULTS, help="folder for scan.json and scan.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -55,7 +56,8 @@ def main() -> None:
         "preset": args.preset,
         "backend": args.backend,
         "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
         "torch": torch.__version__,
         "load_s": load_s,
         "check_s": result.seconds,
@@ -65,8 +67,8 @@ def main() -> None:
         "bpr": summary["bpr"],
         "bpr_low_quality": summary["bpr_low_quality"],
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "scan.json"), "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
     lines = [
@@ -85,7 +87,7 @@ def main() -> None:
         format_check_table([result]),
         "```",
     ]
-    with open(os.path.join(RESULTS, "scan.md"), "w") as f:
+    with open(os.path.join(args.out, "scan.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -75,7 +75,7 @@ else
 fi
 
 mkdir -p "$SCRATCH/shim/tritarget" "$SCRATCH/bin"
-for part in kernels service clients protos; do
+for part in kernels service clients protos anchor_design; do
     ln -s "$REPO/$part" "$SCRATCH/shim/tritarget/$part"
 done
 export PYTHONPATH="$SCRATCH/shim${PYTHONPATH:+:$PYTHONPATH}"
@@ -147,9 +147,14 @@ timeout -s INT -k 10 100 "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
 [ "$bench" -eq 0 ] || status=1
 
+# The anchor-design scan (issue "Anchor design tools": 100,000 COCO-like images on one GPU).
+echo "== anchor scan =="
+timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "${GPU_ANCHOR_IMAGES:-100000}" \
+    --backend triton --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+
 # GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
 # sweep.txt then takes env.txt's place among the files kept as they are.
-keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.md bench_gpu.png bench_gpu_vs_g.png)
+keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.md bench_gpu.png anchor_scan.txt)
 if [ "${GPU_SWEEP:-0}" = 1 ]; then
     echo "== sweep =="
     timeout -s INT -k 10 150 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
