@@ -16,7 +16,8 @@ _IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
-    """Requests, errors by code, latency split queue / compute / encode, batch size, bytes."""
+    """Requests, errors by code, latency (whole request, and split queue / compute / encode),
+    batch size, bytes."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -31,6 +32,10 @@ class Metrics:
         self.compute_seconds = Histogram(
             "tritarget_compute_seconds", "Time of one batched assign call", buckets=_SECONDS, registry=reg
         )
+        self.request_seconds = Histogram(
+            "tritarget_request_seconds", "Time from a request's arrival at the servicer to its response "
+            "(decode, queue, compute, encode), by RPC", ["method"], buckets=_SECONDS, registry=reg,
+        )  # fmt: skip
         self.encode_seconds = Histogram(
             "tritarget_encode_seconds", "Time to encode one response", buckets=_SECONDS, registry=reg
         )

@@ -158,6 +158,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         except Exception as exc:
             await self._fail("Assign", exc, context, request, started)
         self._sent("Assign", response)
+        self._metrics.request_seconds.labels("Assign").observe(time.perf_counter() - started)
         self._access("Assign", request, "OK", started)
         return response
 
@@ -174,6 +175,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             self._metrics.errors.labels("AssignStream", code).inc()
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
         self._sent("AssignStream", response)
+        self._metrics.request_seconds.labels("AssignStream").observe(time.perf_counter() - started)
         self._access("AssignStream", request, code, started)
         return response
 

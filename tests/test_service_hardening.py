@@ -156,7 +156,8 @@ def test_a_huge_request_does_not_hold_the_compute_worker():
 
 def test_slices_of_a_caller_that_has_gone_are_not_computed():
     options = batching(max_batch_images=2, max_queue_delay_s=0.0)
-    with ServerThread(backend="cpu", batching=options, limits=limits(max_boxes=100_000)) as srv:
+    # The reference backend: the whole request takes seconds, far past the deadline.
+    with ServerThread(backend="reference", batching=options, limits=limits(max_boxes=100_000)) as srv:
         with TargetClient(srv.address, retries=0) as client:
             before = srv.metrics.value("tritarget_compute_seconds_count")
             with pytest.raises(TargetServiceError) as info:

@@ -1,0 +1,124 @@
+"""Server time per request outside compute, from the server's own metrics.
+
+``tritarget serve`` (a subprocess, ``--backend``, metrics on) gets SPARSE COCO-like
+requests of 1, 8 and 32 images from ``tritarget loadtest`` at concurrency 1, so that
+every batch is one request. Per request, from ``/metrics``:
+
+    outside compute = tritarget_request_seconds (arrival at the servicer -> response ready)
+                      - tritarget_compute_seconds (the batched assign call)
+
+which is decoding, batching hand-offs, encoding the response and bookkeeping (gRPC's
+own transport and (de)serialization are outside both). A straight line through the
+per-request figures gives the fixed and the per-image part, the issue's
+"<= 150 us + 10 us per image". Writes ``service_overhead.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+from tritarget.clients import TargetClient
+from tritarget.clients.loadtest import LoadTestOptions, Workload, run
+
+SIZES = (1, 8, 32)
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    pattern = re.compile(r"(tritarget_(?:request|compute|encode|queue)_seconds_(?:sum|count))"
+                         r'(\{method="Assign"\})? (\S+)')  # fmt: skip
+    values = {}
+    for line in text.splitlines():
+        if match := pattern.match(line):
+            values[match.group(1)] = float(match.group(3))
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--out", default="benchmarks/results/service")
+    args = parser.parse_args()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
+         "--backend", args.backend, "--no-access-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    address = metrics_port = None
+    for line in process.stdout:
+        if match := re.search(r"serving on (127\.0\.0\.1:\d+)", line):
+            address = match.group(1)
+        if match := re.search(r"metrics on http://[^:]+:(\d+)", line):
+            metrics_port = int(match.group(1))
+        if address and metrics_port:
+            break
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    rows = []
+    try:
+        with TargetClient(address) as client:
+            client.wait_until_ready(timeout=120)
+        for images in SIZES:
+            workload = Workload(images=images)
+            options = LoadTestOptions(targets=(address,), workload=workload, duration_s=1.0, warmup_s=0.0,
+                                      concurrency=1)  # fmt: skip
+            run(options)  # warm-up: caches, allocator, the first batches of this size
+            before = _metrics(metrics_port)
+            report = run(LoadTestOptions(targets=(address,), workload=workload, duration_s=args.duration,
+                                         warmup_s=0.0, concurrency=1))  # fmt: skip
+            after = _metrics(metrics_port)
+            delta = {k: after[k] - before.get(k, 0.0) for k in after}
+            requests = delta["tritarget_request_seconds_count"]
+            assert delta["tritarget_compute_seconds_count"] == requests, "batches merged requests"
+            request_us = 1e6 * delta["tritarget_request_seconds_sum"] / requests
+            compute_us = 1e6 * delta["tritarget_compute_seconds_sum"] / requests
+            rows.append({
+                "images": images, "requests": int(requests), "request_us": request_us, "compute_us": compute_us,
+                "encode_us": 1e6 * delta["tritarget_encode_seconds_sum"] / requests,
+                "queue_us": 1e6 * delta["tritarget_queue_seconds_sum"] / requests,
+                "outside_compute_us": request_us - compute_us,
+                "client_latency_us": 1000 * report.percentiles_ms()["mean"],
+            })  # fmt: skip
+            outside = rows[-1]["outside_compute_us"]
+            print(f"{images:>3} images: outside compute {outside:.0f} us per request", flush=True)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    # Least squares: outside = fixed + per_image * images.
+    n = len(rows)
+    mean_x = sum(r["images"] for r in rows) / n
+    mean_y = sum(r["outside_compute_us"] for r in rows) / n
+    slope = sum((r["images"] - mean_x) * (r["outside_compute_us"] - mean_y) for r in rows) / sum(
+        (r["images"] - mean_x) ** 2 for r in rows
+    )
+    fixed = mean_y - slope * mean_x
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}"
+    result = {"machine": machine, "backend": args.backend, "rows": rows, "fixed_us": fixed, "per_image_us": slope,
+              "goal": "<= 150 us + 10 us per image"}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "service_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Server time per request outside compute ({args.backend} backend; {machine})", "",
+             "| images / request | requests | request µs | compute µs | encode µs | queue µs | outside compute µs |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['images']} | {r['requests']} | {r['request_us']:.0f} | {r['compute_us']:.0f} | "
+                     f"{r['encode_us']:.0f} | {r['queue_us']:.0f} | {r['outside_compute_us']:.0f} |")  # fmt: skip
+    lines += ["", f"fit: {fixed:.0f} µs + {slope:.1f} µs per image (goal: <= 150 µs + 10 µs per image)"]
+    (out / "service_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
