@@ -10,13 +10,10 @@ independently of the package; where mmdet's source is installed, its own
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import threading
-import types
-from pathlib import Path
 
+import mmdet_modules
 import pytest
 import torch
 
@@ -85,44 +82,8 @@ def test_excluded_anchors_are_mmdets_invalid_ones(backend):
 
 def _load_mmdet_anchor_generator():
     """mmdet's own AnchorGenerator class, from its installed source, without running
-    mmdet's package __init__ (which needs mmcv's compiled ops). Its three imports that
-    are not torch or numpy are stubbed where absent: the registry decorator, the box type
-    (only used with use_box_type) and mmengine's is_tuple_of."""
-    spec = importlib.util.find_spec("mmdet")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mmdet is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "models/task_modules/prior_generators/anchor_generator.py"
-    if not path.exists():
-        pytest.skip(f"mmdet has no {path}")
-    registry = types.ModuleType("mmdet.registry")
-    registry.TASK_UTILS = types.SimpleNamespace(register_module=lambda *a, **k: lambda cls: cls)
-    bbox = types.ModuleType("mmdet.structures.bbox")
-    bbox.HorizontalBoxes = type("HorizontalBoxes", (), {})
-    stubs = {
-        "mmdet": types.ModuleType("mmdet"),
-        "mmdet.registry": registry,
-        "mmdet.structures": types.ModuleType("mmdet.structures"),
-        "mmdet.structures.bbox": bbox,
-    }
-    try:
-        import mmengine.utils  # noqa: F401
-    except ImportError:
-        utils = types.ModuleType("mmengine.utils")
-        utils.is_tuple_of = lambda seq, kind: isinstance(seq, tuple) and all(isinstance(v, kind) for v in seq)
-        stubs |= {"mmengine": types.ModuleType("mmengine"), "mmengine.utils": utils}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        module_spec = importlib.util.spec_from_file_location("_mmdet_anchor_generator", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    return module.AnchorGenerator
+    mmdet's package __init__ (which needs mmcv's compiled ops): see mmdet_modules."""
+    return mmdet_modules.load().AnchorGenerator
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
