@@ -41,6 +41,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -139,6 +140,7 @@ def start_server(
             metrics = m.group(1)
     while "health is SERVING" not in process.stdout.readline():
         pass
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # its access log must not block it
     return process, address, metrics
 
 

@@ -61,6 +61,8 @@ _BROKEN_WRITE = "Internal error from Core"
 _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
 # After an endpoint fails, other endpoints are preferred for this long.
 _COOLDOWN_S = 1.0
+# The last try before a deadline gets at least this long (a connect on a LAN takes less).
+_LAST_TRY_S = 0.05
 
 
 def _transport_failure(error: grpc.RpcError) -> bool:
@@ -260,13 +262,39 @@ class _Base:
         return None if timeout is None else time.monotonic() + timeout
 
     def _retry_wait(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
-        """Seconds to wait before the next try, or None to give up."""
+        """Seconds to wait before the next try, or None to give up. A wait that would pass
+        the deadline is cut short, so the last try comes just before it (a server that
+        comes up late in the deadline is still found)."""
         if not _transport_failure(error) or (self.retries is not None and attempt >= self.retries):
             return None
         delay = self._delay(attempt)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
+        if deadline is not None:
+            left = deadline - time.monotonic() - _LAST_TRY_S
+            if left <= 0:
+                return None
+            delay = min(delay, left)
         return delay
+
+    def _retry_after(self, error: grpc.RpcError, index: int, attempt: int, deadline: float | None,
+                     started: float) -> float:  # fmt: skip
+        """After try ``attempt`` on endpoint ``index`` failed: the seconds to wait before the
+        next try, or ``TargetServiceError`` raised when the call gives up."""
+        self._failed(index)
+        delay = self._retry_wait(error, attempt, deadline)
+        if delay is None:
+            self._count(errors=1)
+            raise self._give_up(error, attempt + 1, started) from None
+        self._count(retries=1)
+        return delay
+
+    def _health(self, index: int, reply: health_pb2.HealthCheckResponse | None, error: grpc.RpcError | None) -> str:
+        """'' when endpoint ``index`` is SERVING, else what it said (for the error message)."""
+        if error is not None:
+            self._failed(index)
+            return f"{self.targets[index]}: {error.code().name}"
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return ""
+        return f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
     def _give_up(self, error: grpc.RpcError, attempts: int, started: float) -> TargetServiceError:
         """The error for a call that failed for good; when no server answered, it says so."""
@@ -418,32 +446,25 @@ class TargetClient(_Base):
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:
-                self._failed(index)
-                delay = self._retry_wait(error, attempt, deadline)
-                if delay is None:
-                    self._count(errors=1)
-                    raise self._give_up(error, attempt + 1, started) from None
-                self._count(retries=1)
-                time.sleep(delay)
+                time.sleep(self._retry_after(error, index, attempt, deadline, started))
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
         """Return once an endpoint's health check says SERVING (its warm-up done); raise
         ``TargetServiceError`` (UNAVAILABLE) naming the endpoints after ``timeout`` seconds."""
         started = time.monotonic()
         deadline = started + timeout
-        last = "nothing answered"
         for attempt in itertools.count():
             index = self._endpoint()
             check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            reply, error = None, None
             try:
                 reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._remaining(deadline),
                               metadata=self._metadata)  # fmt: skip
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
-            except grpc.RpcError as error:
-                self._failed(index)
-                last = f"{self.targets[index]}: {error.code().name}"
+            except grpc.RpcError as failure:
+                error = failure
+            last = self._health(index, reply, error)
+            if not last:
+                return
             delay = self._delay(min(attempt, 4))
             if time.monotonic() + delay >= deadline:
                 raise _not_ready(self.targets, time.monotonic() - started, last)
@@ -528,13 +549,9 @@ class TargetClient(_Base):
                         yield error
                 return
             except grpc.RpcError as error:
-                self._failed(index)
-                delay = self._retry_wait(error, attempt, deadline)
-                if delay is None:
-                    self._count(errors=1)
-                    raise self._give_up(error, attempt + 1, started) from None
+                delay = self._retry_after(error, index, attempt, deadline, started)
                 generation, resend = unanswered.restart()  # sent again, in order, on the next endpoint
-                self._count(retries=1, resent=len(resend))
+                self._count(resent=len(resend))
                 attempt += 1
                 time.sleep(delay)
             finally:
@@ -590,31 +607,24 @@ class AsyncTargetClient(_Base):
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:
-                self._failed(index)
-                delay = self._retry_wait(error, attempt, deadline)
-                if delay is None:
-                    self._count(errors=1)
-                    raise self._give_up(error, attempt + 1, started) from None
-                self._count(retries=1)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_after(error, index, attempt, deadline, started))
 
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         """See ``TargetClient.wait_until_ready``."""
         started = time.monotonic()
         deadline = started + timeout
-        last = "nothing answered"
         for attempt in itertools.count():
             index = self._endpoint()
             check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            reply, error = None, None
             try:
                 reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
                                     timeout=self._remaining(deadline), metadata=self._metadata)  # fmt: skip
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
-            except grpc.RpcError as error:
-                self._failed(index)
-                last = f"{self.targets[index]}: {error.code().name}"
+            except grpc.RpcError as failure:
+                error = failure
+            last = self._health(index, reply, error)
+            if not last:
+                return
             delay = self._delay(min(attempt, 4))
             if time.monotonic() + delay >= deadline:
                 raise _not_ready(self.targets, time.monotonic() - started, last)
@@ -681,13 +691,9 @@ class AsyncTargetClient(_Base):
                         yield error
                 return
             except grpc.RpcError as error:
-                self._failed(index)
-                delay = self._retry_wait(error, attempt, deadline)
-                if delay is None:
-                    self._count(errors=1)
-                    raise self._give_up(error, attempt + 1, started) from None
+                delay = self._retry_after(error, index, attempt, deadline, started)
                 generation, resend = unanswered.restart()
-                self._count(retries=1, resent=len(resend))
+                self._count(resent=len(resend))
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:

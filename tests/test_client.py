@@ -88,7 +88,7 @@ def test_gives_up_at_the_deadline_and_says_what_was_tried():
             _assign(client)
     elapsed = time.monotonic() - start
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert 1.0 < elapsed < 5
+    assert 1.4 < elapsed < 5  # retried until the deadline, not a fixed number of tries
     assert f"no tritarget server answered at {dead[0]}, {dead[1]}" in info.value.details
     assert "tritarget serve" in info.value.details and "tries over" in info.value.details
 
