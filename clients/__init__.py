@@ -5,6 +5,6 @@
 ``TargetServiceError``. They need only grpc, protobuf and torch (not the backends).
 """
 
-from .client import AsyncTargetClient, TargetClient, TargetServiceError
+from .client import AsyncTargetClient, ClientStats, TargetClient, TargetServiceError
 
-__all__ = ["AsyncTargetClient", "TargetClient", "TargetServiceError"]
+__all__ = ["AsyncTargetClient", "ClientStats", "TargetClient", "TargetServiceError"]

@@ -76,6 +76,8 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
     try:
         match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
         port = int(match.group(1))
+        settings, _ = read_until(process, r"batching: up to (\d+) images per batch, 0 ms queue delay, 1 compute")
+        assert settings.group(1) == "32"  # the defaults it runs with are printed
         read_until(process, r"health is SERVING")
         with TargetClient(f"127.0.0.1:{port}") as client:
             assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
