@@ -353,7 +353,7 @@ def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -
         dense = response.dense
         encode_tensor(targets.labels, dense.labels)
         encode_tensor(targets.matched_gt, dense.matched_gt)
-        encode_tensor(targets.deltas.to(torch.float16) if half else targets.deltas, dense.deltas)
+        encode_tensor(_half_tensor(targets.deltas) if half else targets.deltas, dense.deltas)
         if request.return_classes and targets.classes is not None:
             encode_tensor(targets.classes, dense.classes)
     else:
@@ -364,6 +364,30 @@ def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -
         for dropped in targets.dropped:
             response.dropped.add().box_index.extend(dropped.tolist())
     return response
+
+
+def _half_overflow(largest: float) -> InvalidInput:
+    return _invalid(
+        "delta_dtype",
+        f"a delta of magnitude {largest:.4g} does not fit DTYPE_FLOAT16 (largest 65504; the config's encode "
+        "weights or stds make deltas this large): use DTYPE_FLOAT32",
+    )
+
+
+def _half_array(deltas: np.ndarray) -> np.ndarray:
+    """``deltas`` as float16, or ``InvalidInput`` where one would become infinite."""
+    with np.errstate(over="ignore"):
+        half = deltas.astype(np.float16)
+    if np.isinf(half).any():
+        raise _half_overflow(float(np.abs(deltas).max()))
+    return half
+
+
+def _half_tensor(deltas: torch.Tensor) -> torch.Tensor:
+    half = deltas.to(torch.float16)
+    if torch.isinf(half).any():
+        raise _half_overflow(float(deltas.abs().max()))
+    return half
 
 
 def _nonzero_int8(values: np.ndarray) -> np.ndarray:
@@ -415,7 +439,7 @@ def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.
     _put((positives % count).astype(np.int32), sparse.positive_anchors)
     _put(targets.matched_gt.numpy().reshape(-1)[positives], sparse.positive_matched_gt)
     deltas = targets.deltas.numpy().reshape(-1, 4)[positives]
-    _put(deltas.astype(np.float16) if half else deltas, sparse.positive_deltas)
+    _put(_half_array(deltas) if half else deltas, sparse.positive_deltas)
     if with_classes and targets.classes is not None:
         _put(targets.classes.numpy().reshape(-1)[positives], sparse.positive_classes)
     sparse.listed_label = listed_label
@@ -438,7 +462,8 @@ def _encode_sparse_lists(targets: SparseTargets, half: bool, with_classes: bool,
     _put(array(targets.positive_offsets, np.int64), sparse.positive_offsets)
     _put(array(targets.positive_anchors, np.int32), sparse.positive_anchors)
     _put(array(targets.positive_matched_gt, np.int32), sparse.positive_matched_gt)
-    _put(array(targets.positive_deltas, np.float16 if half else np.float32), sparse.positive_deltas)
+    deltas = array(targets.positive_deltas, np.float32)
+    _put(_half_array(deltas) if half else deltas, sparse.positive_deltas)
     if with_classes and targets.positive_classes is not None:
         _put(array(targets.positive_classes, np.int32), sparse.positive_classes)
     sparse.listed_label = IGNORED

@@ -96,6 +96,11 @@ def test_invalid_ignore_box_names_field(client):
         ),
         ({"overrides": {"match.high": 1.5}}, "config.overrides.MatchConfig.high", "must be in [0, 1]"),
         ({"overrides": {"match.nope": 1}}, "config.overrides", "unknown config field 'match.nope'"),
+        # Found by the fuzz test: float16 deltas that would be infinite are refused, not sent as inf.
+        ({"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16"}, "delta_dtype",
+         "does not fit DTYPE_FLOAT16"),
+        ({"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16", "format": "dense"}, "delta_dtype",
+         "does not fit DTYPE_FLOAT16"),
     ],
 )
 def test_invalid_argument_with_field_violation(client, kwargs, field, text):
