@@ -90,6 +90,12 @@ def _config(preset: str | None, config: TargetConfig | None) -> TargetConfig:
     return presets.get(preset) if preset is not None else config
 
 
+def _named(preset: str | None, config: TargetConfig | None) -> dict[str, Any]:
+    """How a request names its config: the preset's name (a few bytes, cached by the
+    server) when there is one, else the whole config."""
+    return {"preset": preset} if preset is not None else {"config": config}
+
+
 def with_targets(
     batches: Iterable[tuple[Any, Sequence[Mapping[str, Any]]]],
     *,
@@ -119,10 +125,10 @@ def with_targets(
             boxes, counts, classes = boxes_of(targets)
             yield images, targets, _placed(solve(boxes, counts, classes, _canvas(images, canvas)), densify, device)
         return
-    yield from _pipelined(batches, client, target_config, canvas, in_flight, densify, device, options)
+    yield from _pipelined(batches, client, _named(preset, config), canvas, in_flight, densify, device, options)
 
 
-def _pipelined(batches, client, config, canvas, in_flight, densify, device, options):
+def _pipelined(batches, client, named, canvas, in_flight, densify, device, options):
     """One stream; the request generator (read by gRPC's thread) takes a slot per batch
     and the trainer's side gives it back once that batch is yielded."""
     slots = threading.Semaphore(in_flight)
@@ -143,7 +149,7 @@ def _pipelined(batches, client, config, canvas, in_flight, densify, device, opti
             read.append(batch)
             yield {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes, "canvas": _canvas(images, canvas)}
 
-    answers = client.stream(requests(), config=config, densify=False, **options)
+    answers = client.stream(requests(), densify=False, **named, **options)
     try:
         for assigned in answers:
             images, targets = read.popleft()
@@ -178,6 +184,7 @@ class TargetCollate:
     ) -> None:
         self.collate_fn = collate_fn
         self.config = _config(preset, config)
+        self.named = _named(preset, config)
         self.canvas = canvas
         self.client = client
         self.densify = densify
@@ -190,6 +197,6 @@ class TargetCollate:
         canvas = _canvas(images, self.canvas)
         if self.client is None:
             return images, targets, self._in_process(boxes, counts, classes, canvas)
-        assigned = self.client.assign(boxes, counts, canvas, config=self.config, gt_classes=classes,
-                                      densify=self.densify, image_ids=_image_ids(targets), **self.options)  # fmt: skip
+        assigned = self.client.assign(boxes, counts, canvas, gt_classes=classes, densify=self.densify,
+                                      image_ids=_image_ids(targets), **self.named, **self.options)  # fmt: skip
         return images, targets, assigned

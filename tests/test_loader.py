@@ -83,6 +83,17 @@ def test_with_targets_pipelines_over_one_stream_in_order(server, densify):
         assert server.metrics.value("tritarget_requests_total", {"method": "AssignStream"}) - before == 6
 
 
+def test_a_config_instead_of_a_preset(server):
+    config = presets.get(PRESET)
+    with TargetClient(server.address) as client:
+        for _images, targets, assigned in with_targets(_batches(2), config=config, client=client):
+            _same(assigned, _expected(targets))
+        _images, targets, assigned = TargetCollate(_collate, config=config, client=client)([_Detection()[0]])
+        _same(assigned, _expected(targets))
+    with pytest.raises(ValueError, match="exactly one of preset= or config="):
+        TargetCollate(_collate, preset=PRESET, config=config)
+
+
 def test_with_targets_in_process_and_stopping_early(server):
     for _images, targets, assigned in with_targets(_batches(2), preset=PRESET, backend="cpu"):
         _same(assigned, _expected(targets))
