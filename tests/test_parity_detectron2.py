@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_known_answers import D2_ANCHORS_OFFSET_0, D2_QUALITY
 
 from tritarget.kernels import AnchorLevel, assign, box_iou, generate_anchors, presets
 from tritarget.kernels.adapters import detectron2_targets
@@ -33,8 +34,8 @@ BACKENDS = ["reference", "cpu", "triton"]
 
 # --- test_matcher.py ---------------------------------------------------------------------
 
-# Published quality matrix (3 boxes x 4 anchors) and the expected Matcher output.
-D2_QUALITY = [[0.15, 0.45, 0.2, 0.6], [0.3, 0.65, 0.05, 0.1], [0.05, 0.4, 0.25, 0.4]]
+# The published quality matrix (D2_QUALITY, 3 boxes x 4 anchors, shared with
+# test_known_answers) and the expected Matcher output.
 D2_EXPECTED_MATCHES = [1, 1, 2, 0]
 D2_EXPECTED_MATCH_LABELS = [-1, 1, 0, 1]
 
@@ -94,36 +95,9 @@ def test_rpn_matcher_published_answer(backend, sample):
 D2_LEVEL = AnchorLevel(stride=4, sizes=(32, 64), aspect_ratios=(0.25, 1, 4))
 D2_CANVAS = (4, 8)  # ceil(4 / 4) x ceil(8 / 4) = the published 1 x 2 feature map
 
-# test_default_anchor_generator (cfg, OFFSET 0.0).
-D2_ANCHORS_OFFSET_0 = [
-    [-32.0, -8.0, 32.0, 8.0],
-    [-16.0, -16.0, 16.0, 16.0],
-    [-8.0, -32.0, 8.0, 32.0],
-    [-64.0, -16.0, 64.0, 16.0],
-    [-32.0, -32.0, 32.0, 32.0],
-    [-16.0, -64.0, 16.0, 64.0],
-    [-28.0, -8.0, 36.0, 8.0],
-    [-12.0, -16.0, 20.0, 16.0],
-    [-4.0, -32.0, 12.0, 32.0],
-    [-60.0, -16.0, 68.0, 16.0],
-    [-28.0, -32.0, 36.0, 32.0],
-    [-12.0, -64.0, 20.0, 64.0],
-]
-# test_default_anchor_generator_centered (explicit arguments, default offset 0.5).
-D2_ANCHORS_OFFSET_HALF = [
-    [-30.0, -6.0, 34.0, 10.0],
-    [-14.0, -14.0, 18.0, 18.0],
-    [-6.0, -30.0, 10.0, 34.0],
-    [-62.0, -14.0, 66.0, 18.0],
-    [-30.0, -30.0, 34.0, 34.0],
-    [-14.0, -62.0, 18.0, 66.0],
-    [-26.0, -6.0, 38.0, 10.0],
-    [-10.0, -14.0, 22.0, 18.0],
-    [-2.0, -30.0, 14.0, 34.0],
-    [-58.0, -14.0, 70.0, 18.0],
-    [-26.0, -30.0, 38.0, 34.0],
-    [-10.0, -62.0, 22.0, 66.0],
-]
+# The published anchors (D2_ANCHORS_OFFSET_0, shared with test_known_answers); the
+# centered test's published list is the same anchors moved by half the stride (2 px).
+D2_ANCHORS_OFFSET_HALF = (torch.tensor(D2_ANCHORS_OFFSET_0) + 2).tolist()
 
 
 def _d2_config(name: str, offset: float | None = None):
