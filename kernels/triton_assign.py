@@ -161,6 +161,23 @@ def _center(i, offset, factor, center_div):
 
 
 @triton.jit
+def _level_cells(anchor, anchor_mask, start, height, width, shapes, shape_major):
+    """(in_level, k, cell) of a block of anchor indices within one level that starts at
+    anchor ``start``: whether each is in the level, its cell shape and its cell (row-major),
+    for cell-major (shape fastest) or shape-major anchor order."""
+    local = anchor - start
+    in_level = anchor_mask & (local >= 0) & (local < height * width * shapes)
+    local = tl.where(in_level, local, 0)
+    if shape_major != 0:
+        k = local // (height * width)
+        cell = local % (height * width)
+    else:
+        k = local % shapes
+        cell = local // shapes
+    return in_level, k, cell
+
+
+@triton.jit
 def _block_anchor_boxes(anchor, anchor_mask, first_anchor, end_anchor, anchors_ptr, level_int_ptr,
                         level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE: tl.constexpr):  # fmt: skip
     """x1, y1, x2, y2 ([BLOCK_A] float32 each) of a block of consecutive anchors.
@@ -179,17 +196,8 @@ def _block_anchor_boxes(anchor, anchor_mask, first_anchor, end_anchor, anchors_p
             start, height, width, shapes, cell_row, center_div, offset, factor_x, factor_y, scale_x, scale_y = _level(
                 level_int_ptr, level_float_ptr, lv
             )
-            count = height * width * shapes
-            if (start < end_anchor) & (start + count > first_anchor):
-                local = anchor - start
-                in_level = anchor_mask & (local >= 0) & (local < count)
-                local = tl.where(in_level, local, 0)
-                if shape_major != 0:
-                    k = local // (height * width)
-                    cell = local % (height * width)
-                else:
-                    k = local % shapes
-                    cell = local // shapes
+            if (start < end_anchor) & (start + height * width * shapes > first_anchor):
+                in_level, k, cell = _level_cells(anchor, anchor_mask, start, height, width, shapes, shape_major)
                 cx = _center(cell % width, offset, factor_x, center_div)
                 cy = _center(cell // width, offset, factor_y, center_div)
                 row = cells_ptr + (cell_row + k) * 4
@@ -308,17 +316,8 @@ def _outside_padding(anchor, anchor_mask, first_anchor, end_anchor, level_int_pt
         width = tl.load(ints + 2).to(tl.int32)
         shapes = tl.load(ints + 3).to(tl.int32)
         cell_row = tl.load(ints + 4).to(tl.int32)
-        count = height * width * shapes
-        if (start < end_anchor) & (start + count > first_anchor):
-            local = anchor - start
-            in_level = anchor_mask & (local >= 0) & (local < count)
-            local = tl.where(in_level, local, 0)
-            if shape_major != 0:
-                k = local // (height * width)
-                cell = local % (height * width)
-            else:
-                k = local % shapes
-                cell = local // shapes
+        if (start < end_anchor) & (start + height * width * shapes > first_anchor):
+            in_level, k, cell = _level_cells(anchor, anchor_mask, start, height, width, shapes, shape_major)
             valid = pad_ptr + (image * num_shapes + cell_row + k) * 2
             rows = tl.load(valid, mask=in_level, other=0)
             columns = tl.load(valid + 1, mask=in_level, other=0)
