@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -194,12 +193,10 @@ def _filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype) -> t
     mapping: the kernel hands out zero pages on first touch, so the mostly-zero dense
     deltas of a densified response cost what is written into them, not a 4 MB memset
     per image (``torch.zeros`` writes every byte)."""
-    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    size = math.prod(shape) * dtype.itemsize
     if value != 0 or size < _LAZY_ZEROS_BYTES:
         return torch.full(shape, value, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(_anonymous(size), dtype=dtype).reshape(shape)
+    return torch.frombuffer(_anonymous(size), dtype=dtype).reshape(shape)
 
 
 def _anonymous(size: int) -> mmap.mmap:

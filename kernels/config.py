@@ -143,6 +143,29 @@ class AnchorLevel:
             object.__setattr__(self, "feature_size", fs)
 
 
+def _hash_once(cls: type) -> type:
+    """Hash each config object once. Configs key the anchor caches and the server's batch
+    groups on every request, and hashing one walks every nested field (microseconds).
+    The cached hash stays out of pickles and copies: string hashes differ between
+    processes."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def __hash__(self) -> int:  # noqa: N807
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, name) for name in names))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:  # noqa: N807
+        return {key: value for key, value in self.__dict__.items() if key != "_hash"}
+
+    cls.__hash__ = __hash__
+    cls.__getstate__ = __getstate__
+    return cls
+
+
+@_hash_once
 @dataclass(frozen=True)
 class AnchorConfig:
     """Anchors of a detector: a layout convention and its pyramid levels.
@@ -301,6 +324,7 @@ class EncodeConfig:
         object.__setattr__(self, "scale_clamp", clamp)
 
 
+@_hash_once
 @dataclass(frozen=True)
 class TargetConfig:
     """Everything that decides the targets: anchors, matching, encoding.

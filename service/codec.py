@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from tritarget.kernels import SparseTargets, TargetConfig, Targets, presets
+from tritarget.kernels import AnchorConfig, SparseTargets, TargetConfig, Targets, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.targets import IGNORED, NEGATIVE, POSITIVE
 from tritarget.protos import target_assigner_pb2 as pb
@@ -179,9 +179,14 @@ def _canvas(height: int, width: int, limits: Limits) -> tuple[int, int]:
 def _num_anchors(config: TargetConfig, canvas: tuple[int, int]) -> int:
     """Anchor count from the per-level grid (no [A, 4] tensor is built)."""
     try:
-        return resolve_grid(config.anchors, canvas).num_anchors
+        return _anchor_count(config.anchors, canvas)
     except (ValueError, TypeError) as exc:
         raise invalid_from_exception(exc) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _anchor_count(anchors: AnchorConfig, canvas: tuple[int, int]) -> int:
+    return resolve_grid(anchors, canvas).num_anchors  # data loaders repeat their config and canvas
 
 
 def _counts(values, field: str) -> list[int]:
@@ -240,21 +245,24 @@ def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest, b
     return size
 
 
-def check_response_size(response: pb.AssignResponse, limits: Limits) -> pb.AssignResponse:
-    """``response`` if it fits the message limit, else ``ResourceExhausted`` (a SPARSE
-    response's size is known only once computed)."""
+def check_response_size(response: pb.AssignResponse, limits: Limits) -> int:
+    """``response``'s serialized size if it fits the message limit, else
+    ``ResourceExhausted`` (a SPARSE response's size is known only once computed)."""
     size = response.ByteSize()
     if size > limits.max_message_bytes:
         raise ResourceExhausted(
             f"format: the response would be {size} bytes, over the {limits.max_message_bytes}-byte message limit; "
             "send fewer images per request"
         )
-    return response
+    return size
 
 
 def _classes_in_range(classes: torch.Tensor) -> None:
     """Classes travel back as int32 and negative ids collide with the ignore conventions."""
-    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) > _INT32_MAX):
+    if not classes.numel():
+        return
+    low, high = (int(value) for value in classes.aminmax())
+    if low < 0 or high > _INT32_MAX:
         bad = int(torch.nonzero((classes < 0) | (classes > _INT32_MAX))[0, 0])
         raise _invalid("gt_classes", f"box {bad}: class {int(classes[bad])} is outside [0, {_INT32_MAX}]")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "MethodMetrics"]
 
 # Latency buckets from 0.1 ms (a queue hop) to 10 s (a huge dense batch on a CPU).
 _SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,6 +49,13 @@ class Metrics:
         self.bytes_out = Counter("tritarget_response_bytes", "Serialized response bytes", ["method"], registry=reg)
         self.queued_images = Gauge("tritarget_queued_images", "Images waiting in the batcher", registry=reg)
         self._http = None
+        self._methods: dict[str, MethodMetrics] = {}
+
+    def method(self, name: str) -> MethodMetrics:
+        """The per-RPC metrics of ``name``, bound once."""
+        if name not in self._methods:
+            self._methods[name] = MethodMetrics(self, name)
+        return self._methods[name]
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on a background thread; returns the bound port."""
@@ -64,3 +71,14 @@ class Metrics:
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``value("tritarget_batch_images_count")``."""
         return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+class MethodMetrics:
+    """One RPC's children of the labelled metrics. ``labels()`` looks a child up under a
+    lock (microseconds), and a request touches four of them: bound once per RPC."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.requests = metrics.requests.labels(method)
+        self.bytes_in = metrics.bytes_in.labels(method)
+        self.bytes_out = metrics.bytes_out.labels(method)
+        self.request_seconds = metrics.request_seconds.labels(method)

@@ -89,25 +89,27 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
 
-    async def _assign(self, request: pb.AssignRequest) -> pb.AssignResponse:
+    async def _assign(self, method: str, request: pb.AssignRequest) -> pb.AssignResponse:
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
-        return await self._batcher.submit(job, functools.partial(self._encode, request))
+        return await self._batcher.submit(job, functools.partial(self._encode, method, request))
 
-    def _encode(self, request: pb.AssignRequest, targets: Targets | SparseTargets) -> pb.AssignResponse:
+    def _encode(self, method: str, request: pb.AssignRequest, targets: Targets | SparseTargets) -> pb.AssignResponse:
         """Compute worker: the response holding a request's targets (DENSE copies megabytes;
         SPARSE copies the lists, or scans every anchor's label once when its batch ran dense)."""
         start = time.perf_counter()
-        response = codec.check_response_size(codec.encode_assign(request, targets), self._limits)
+        response = codec.encode_assign(request, targets)
+        self._metrics.method(method).bytes_out.inc(codec.check_response_size(response, self._limits))
         self._metrics.encode_seconds.observe(time.perf_counter() - start)
         return response
 
     def _received(self, method: str, request) -> None:
-        self._metrics.requests.labels(method).inc()
-        self._metrics.bytes_in.labels(method).inc(request.ByteSize())
+        metrics = self._metrics.method(method)
+        metrics.requests.inc()
+        metrics.bytes_in.inc(request.ByteSize())
 
     def _sent(self, method: str, response) -> None:
-        self._metrics.bytes_out.labels(method).inc(response.ByteSize())
+        self._metrics.method(method).bytes_out.inc(response.ByteSize())
 
     async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, request,
                     started: float) -> None:  # fmt: skip
@@ -154,11 +156,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._received("Assign", request)
         try:
             with self._in_flight():
-                response = await self._assign(request)
+                response = await self._assign("Assign", request)
         except Exception as exc:
             await self._fail("Assign", exc, context, request, started)
-        self._sent("Assign", response)
-        self._metrics.request_seconds.labels("Assign").observe(time.perf_counter() - started)
+        self._metrics.method("Assign").request_seconds.observe(time.perf_counter() - started)
         self._access("Assign", request, "OK", started)
         return response
 
@@ -168,14 +169,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._received("AssignStream", request)
         code = "OK"
         try:
-            response = await self._assign(request)
+            response = await self._assign("AssignStream", request)
         except Exception as exc:
             status = status_of(exc)
             code = code_name(status)
             self._metrics.errors.labels("AssignStream", code).inc()
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
-        self._sent("AssignStream", response)
-        self._metrics.request_seconds.labels("AssignStream").observe(time.perf_counter() - started)
+            self._sent("AssignStream", response)
+        self._metrics.method("AssignStream").request_seconds.observe(time.perf_counter() - started)
         self._access("AssignStream", request, code, started)
         return response
 

@@ -1,7 +1,10 @@
 """Configs: validation names the bad field; dict round trips; presets are complete."""
 
 import json
+import pickle
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +33,24 @@ def test_preset_round_trips_through_json(name):
     text = json.dumps(config.to_dict())
     assert TargetConfig.from_dict(json.loads(text)) == config
     assert hash(TargetConfig.from_dict(json.loads(text))) == hash(config)
+
+
+def test_hash_is_computed_once_and_never_travels():
+    """Configs cache their hash; a pickled one hashes afresh in the process that loads it
+    (string hashes differ between processes), so equal configs always hash equal."""
+    config = presets.get("retinanet_torchvision")
+    hash(config)
+    code = (
+        "import pickle, sys; from tritarget.kernels import presets; "
+        "loaded = pickle.loads(sys.stdin.buffer.read()); "
+        "assert loaded == presets.get('retinanet_torchvision'); "
+        "assert hash(loaded) == hash(presets.get('retinanet_torchvision')); "
+        "assert hash(loaded.anchors) == hash(presets.get('retinanet_torchvision').anchors)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(config), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    changed = config.replace(**{"match.high": 0.6})
+    assert changed != config and hash(changed) != hash(config)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
