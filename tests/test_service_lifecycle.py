@@ -111,19 +111,27 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
             process.kill()
 
 
-def test_cli_serve_workers_share_one_port():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cli_serve_workers_share_one_port(backend):
+    """Worker processes share the port, each with its own backend state (on a GPU each
+    its own CUDA context and compiled kernels; here triton runs in its interpreter),
+    and every answer equals the in-process one."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "reference",
-                     "--warmup-canvas", "64", "64")  # fmt: skip
+    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", backend,
+                        "--warmup-canvas", "64", "64")  # fmt: skip
     try:
-        read_until(process, r"health is SERVING", count=2)  # one per worker
-        for _ in range(2):
+        _, started = read_until(process, r"health is SERVING", count=2)  # one per worker
+        assert started.count(f"backend {backend} on") == 2, started
+        expected = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+        for _ in range(4):
             with TargetClient(f"127.0.0.1:{port}") as client:  # a new connection each time
-                assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+                targets = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+            assert torch.equal(targets.labels, expected.labels)
+            assert torch.equal(targets.matched_gt, expected.matched_gt)
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 0, out
