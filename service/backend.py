@@ -179,6 +179,7 @@ class Batcher:
         on_batch: BatchObserver | None = None,
         on_queued: Callable[[float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        on_copied: Callable[[int], None] | None = None,
     ) -> None:
         self.backend = backend
         self.device = torch.device(device)
@@ -186,6 +187,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_queued = on_queued
         self._on_depth = on_depth
+        self._on_copied = on_copied
         self._groups: dict[tuple, list[_Pending]] = {}
         self._queued_images = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,8 +198,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             options.compute_workers,
             thread_name_prefix="tritarget-compute",
-            initializer=torch.set_num_threads,
-            initargs=(options.worker_threads(),),
+            initializer=_start_worker,
+            initargs=(options.worker_threads(), self.device),
         )
         self._closed = False
 
@@ -387,7 +389,10 @@ class Batcher:
         sparse, none wants the (dense only) max IoU and the config does not sample, else
         dense. Sampling leaves most anchors ignored, so the responses list the negatives,
         which takes the dense labels: ``assign_sparse`` would build them, compact them, and
-        the encoder densify them again (RPN, 2 COCO images: 20% slower than dense)."""
+        the encoder densify them again (RPN, 2 COCO images: 20% slower than dense).
+
+        On a GPU only the sparse lists come back to the host (one copy into pinned memory,
+        a few KB per image); dense targets (~5 MB per image) only for DENSE requests."""
         args = _merge(jobs)
         host = self.device.type == "cpu"
         if not host:  # requests arrive and responses leave on the host
@@ -397,9 +402,31 @@ class Batcher:
         if all(job.sparse for job in jobs) and not args["return_max_iou"] and args["config"].match.sample_size == 0:
             del args["return_max_iou"]
             sparse = assign_sparse(**args, backend=self.backend)
-            return sparse if host else _sparse_to_host(sparse)
-        targets = assign(**args, backend=self.backend)
-        return targets if host else targets.to("cpu")
+            if host:
+                return sparse
+            result, copied = _sparse_to_host(sparse)
+        else:
+            targets = assign(**args, backend=self.backend)
+            if host:
+                return targets
+            result, copied = targets.to("cpu"), _bytes(targets)
+        if self._on_copied is not None:
+            self._on_copied(copied)
+        return result
+
+
+def _start_worker(threads: int, device: torch.device) -> None:
+    """A compute worker thread: its share of the cores for torch, and on a GPU a CUDA
+    stream of its own (the current stream is per thread), so that one worker's kernels
+    run while another's results are copied to the host and encoded."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+
+
+def _bytes(targets: Targets) -> int:
+    tensors = (targets.labels, targets.matched_gt, targets.deltas, targets.classes, targets.max_iou)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _merge(jobs: list[AssignJob]) -> dict:
@@ -437,21 +464,27 @@ _SPARSE_LISTS = (
 )  # fmt: skip
 
 
-def _sparse_to_host(sparse: SparseTargets) -> SparseTargets:
-    """``sparse`` on the host in one device-to-host copy instead of one per list (each copy
-    is a stream synchronisation): the lists' bytes are packed into one buffer on the
-    device, copied, and viewed back. Widest elements first, so every list starts at an
+def _sparse_to_host(sparse: SparseTargets) -> tuple[SparseTargets, int]:
+    """``sparse`` on the host, and the bytes copied: one device-to-host copy instead of one
+    per list (each copy is a stream synchronisation). The lists' bytes are packed into one
+    buffer on the device and copied into pinned host memory (a DMA, from torch's cache of
+    pinned blocks), then viewed back. Widest elements first, so every list starts at an
     offset its element size divides."""
     lists = {name: getattr(sparse, name) for name in _SPARSE_LISTS if getattr(sparse, name) is not None}
     order = sorted(lists, key=lambda name: -lists[name].element_size())
-    packed = torch.cat([lists[name].contiguous().view(-1).view(torch.uint8) for name in order]).cpu()
+    packed = torch.cat([lists[name].contiguous().view(-1).view(torch.uint8) for name in order])
+    if packed.is_cuda:
+        host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
+        packed = host
     start = 0
     for name in order:
         tensor = lists[name]
         size = tensor.numel() * tensor.element_size()
         lists[name] = packed[start : start + size].view(tensor.dtype).view(tensor.shape)
         start += size
-    return replace(sparse, **lists)
+    return replace(sparse, **lists), packed.numel()
 
 
 def _slices(job: AssignJob, max_images: int, max_boxes: int) -> list[AssignJob]:

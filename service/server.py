@@ -88,6 +88,7 @@ class TargetServer:
             on_batch=self._observe_batch,
             on_queued=self.metrics.queue_seconds.observe,
             on_depth=self.metrics.queued_images.set,
+            on_copied=self.metrics.device_to_host_bytes.inc,
         )
         self.servicer = TargetAssignerServicer(
             self.batcher, options.limits, self.metrics, access_log=options.access_log

@@ -159,7 +159,8 @@ def test_batches_that_need_dense_targets_stay_dense(batcher, generator, make):
 
 
 def test_sparse_to_host_packs_and_restores_every_list(generator):
-    """One copy for all lists (run on CUDA when there is one): same values, dtypes, shapes."""
+    """One copy for all lists (run on CUDA when there is one, into pinned memory): same
+    values, dtypes, shapes; the bytes it reports are the lists' bytes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     boxes, counts = random_batch(generator, [5, 0, 3], CANVAS)
     classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator)
@@ -172,7 +173,11 @@ def test_sparse_to_host_packs_and_restores_every_list(generator):
             sparse.positive_deltas.to(deltas), sparse.ignored_offsets, sparse.ignored_anchors,
             sparse.positive_classes if with_classes else None, sparse.background_class, sparse.dropped,
         )  # fmt: skip
-        host = _sparse_to_host(given)
+        host, copied = _sparse_to_host(given)
+        listed = [getattr(given, name) for name in ("positive_offsets", "positive_anchors", "positive_matched_gt",
+                  "positive_deltas", "ignored_offsets", "ignored_anchors", "positive_classes")]  # fmt: skip
+        assert copied == sum(t.numel() * t.element_size() for t in listed if t is not None)
+        assert host.positive_anchors.is_pinned() == (device == "cuda")
         for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
                      "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
             ours, theirs = getattr(host, name), getattr(given, name)
@@ -181,6 +186,32 @@ def test_sparse_to_host_packs_and_restores_every_list(generator):
                 continue
             assert ours.device.type == "cpu" and ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
             assert torch.equal(ours, theirs.cpu()), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_server_copies_only_the_sparse_lists_to_the_host():
+    """On a GPU, SPARSE requests never bring dense targets (~5 MB per COCO image) to the
+    host: the server's own count of device-to-host bytes stays at the sparse lists' size."""
+    from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+    server = ServerThread(backend="triton").start()
+    try:
+        stub = pb_grpc.TargetAssignerStub(grpc.insecure_channel(server.address))
+        images = 0
+        for seed in range(4):
+            boxes, counts, classes = coco_like_batch(8, seed=seed)
+            request = build_request(boxes, counts, COCO_CANVAS, preset="retinanet_torchvision", gt_classes=classes,
+                                    format="sparse")  # fmt: skip
+            response = stub.Assign(request, timeout=120)
+            assert response.sparse.positive_anchors.shape[0] > 0
+            images += len(counts)
+        copied = server.server.metrics.value("tritarget_device_to_host_bytes_total")
+        anchors = response.num_anchors
+        assert 0 < copied / images < 64 << 10, copied / images  # dense: anchors x 25 bytes per image
+        assert copied / images < anchors * 25 / 50
+    finally:
+        server.stop()
 
 
 def test_over_grpc_merged_stream_answers_the_same_bytes(generator):
