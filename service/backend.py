@@ -113,12 +113,13 @@ class AssignJob:
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """Batcher limits; see the module docstring."""
+    """Batcher limits; see the module docstring. ``None`` fields take the defaults that
+    suit the device (``resolved``)."""
 
-    max_batch_images: int = 32
+    max_batch_images: int | None = None
     max_queue_delay_s: float = 0.0
     max_queue_images: int = 1024
-    compute_workers: int = 1
+    compute_workers: int | None = None
     # torch threads of each compute worker; None: the cores split evenly between workers.
     threads_per_worker: int | None = None
     # A request of more images than ``max_batch_images`` or more boxes than this runs in
@@ -127,10 +128,21 @@ class BatchOptions:
     # of a caller that has gone are never computed.
     max_slice_boxes: int = 20_000
 
-    def worker_threads(self) -> int:
-        if self.threads_per_worker is not None:
-            return self.threads_per_worker
-        return max(1, torch.get_num_threads() // self.compute_workers)
+    def resolved(self, device: torch.device) -> BatchOptions:
+        """The unset fields filled for ``device``. On a CPU one worker with every core
+        (its kernel is parallel; a second worker measured no faster on 2 cores) and
+        batches of up to 32 images. On a GPU two workers, each on its own CUDA stream, so
+        that one batch computes while the previous one is copied and encoded, and batches
+        of up to 64 images (a launch costs the same for 1 or 64 images; 64 COCO images of
+        dense targets are ~320 MB)."""
+        gpu = device.type == "cuda"
+        workers = self.compute_workers or (2 if gpu else 1)
+        return replace(
+            self,
+            max_batch_images=self.max_batch_images or (64 if gpu else 32),
+            compute_workers=workers,
+            threads_per_worker=self.threads_per_worker or max(1, torch.get_num_threads() // workers),
+        )
 
 
 def load_backend(name: str) -> tuple[str, torch.device]:
@@ -183,7 +195,7 @@ class Batcher:
     ) -> None:
         self.backend = backend
         self.device = torch.device(device)
-        self.options = options
+        self.options = options = options.resolved(self.device)
         self._on_batch = on_batch
         self._on_queued = on_queued
         self._on_depth = on_depth
@@ -199,7 +211,7 @@ class Batcher:
             options.compute_workers,
             thread_name_prefix="tritarget-compute",
             initializer=_start_worker,
-            initargs=(options.worker_threads(), self.device),
+            initargs=(options.threads_per_worker, self.device),
         )
         self._closed = False
 

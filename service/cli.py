@@ -257,11 +257,13 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=int, default=256, help="max request/response size (default 256)")
     parser.add_argument("--max-request-images", type=int, default=256, help="images per request (default 256)")
     parser.add_argument("--max-request-boxes", type=int, default=100_000, help="boxes per request (default 100000)")
-    parser.add_argument("--max-batch-images", type=int, default=32, help="images per merged batch (default 32)")
+    parser.add_argument("--max-batch-images", type=int,
+                        help="images per merged batch (default: 32 on a CPU, 64 on a GPU)")  # fmt: skip
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")
-    parser.add_argument("--compute-workers", type=int, default=1, help="concurrent batches (default 1)")
+    parser.add_argument("--compute-workers", type=int,
+                        help="concurrent batches (default: 1 on a CPU, 2 on a GPU, each on its own CUDA stream)")  # fmt: skip
     parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
     parser.add_argument("--token-file", help="read the bearer token from a file")
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")

@@ -248,9 +248,9 @@ async def serve(
     scheme = "TLS" if options.tls_cert else "plaintext"
     announce(f"tritarget serving on {options.host}:{port} ({scheme}, backend {server.backend} on {server.device})",
              flush=True)  # fmt: skip
-    batching, limits = options.batching, options.limits
+    batching, limits = server.batcher.options, options.limits
     announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
-             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.worker_threads()} torch "
+             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
              f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
              f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
     if server.metrics_port is not None:

@@ -22,6 +22,16 @@ CANVAS = (96, 128)
 PRESET = "retinanet_torchvision"
 
 
+def test_batch_options_suit_the_device_unless_given():
+    cpu = BatchOptions().resolved(torch.device("cpu"))
+    assert (cpu.max_batch_images, cpu.compute_workers) == (32, 1)
+    assert cpu.threads_per_worker == torch.get_num_threads()
+    gpu = BatchOptions().resolved(torch.device("cuda"))  # a device name: no GPU needed
+    assert (gpu.max_batch_images, gpu.compute_workers) == (64, 2)
+    given = BatchOptions(max_batch_images=8, compute_workers=3, threads_per_worker=1).resolved(torch.device("cuda"))
+    assert (given.max_batch_images, given.compute_workers, given.threads_per_worker) == (8, 3, 1)
+
+
 @pytest.fixture
 def batcher():
     batcher = Batcher("reference", BatchOptions(max_batch_images=16))
