@@ -1,10 +1,13 @@
 """The README's "Load testing" table: ``tritarget loadtest`` against ``tritarget serve``
-(cpu backend, default options, a subprocess) on this machine.
+(``--backend``, cpu by default, default options, a subprocess) on this machine.
 
 Runs, each ``--duration`` seconds after a warm-up, 8 COCO-like images per SPARSE request
 on the 800 x 1344 RetinaNet canvas: closed loop at concurrency 1, 4 and 16 (unary), 4
 streams with 2 requests in flight each, then open loop at 80% of the best closed-loop
 unary rate (latency without coordinated omission). Every run verifies 20 responses.
+``--processes N`` drives the load from N client processes (one Python client tops out
+at a few thousand requests per second: a GPU server needs several; every run has at
+least N callers), ``--scale K`` multiplies every run's callers.
 Writes ``loadtest.json`` (every report), ``loadtest.csv`` (one row per run) and
 ``loadtest.png`` (the open-loop run over time) under ``--out``.
 """
@@ -26,17 +29,19 @@ from pathlib import Path
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
 
-RUNS = [
-    ("unary, closed loop, 1 caller", {"concurrency": 1}),
-    ("unary, closed loop, 4 callers", {"concurrency": 4}),
-    ("unary, closed loop, 16 callers", {"concurrency": 16}),
-    ("stream, closed loop, 4 streams x 2", {"stream": True, "concurrency": 4, "window": 2}),
-]
+# (stream?, callers); streams keep 2 requests in flight each.
+RUNS = [(False, 1), (False, 4), (False, 16), (True, 4)]
 
 
-def _serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
+def _run_name(stream: bool, callers: int) -> str:
+    if stream:
+        return f"stream, closed loop, {callers} streams x 2"
+    return f"unary, closed loop, {callers} caller{'s' if callers > 1 else ''}"
+
+
+def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", "cpu", *extra],
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", backend, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     for line in process.stdout:
@@ -58,22 +63,28 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--out", default="benchmarks/results/loadtest")
     parser.add_argument("--server-args", default="", help="extra `tritarget serve` flags, e.g. '--compute-workers 2'")
+    parser.add_argument("--backend", default="cpu", help="the server's --backend (default cpu)")
+    parser.add_argument("--processes", type=int, default=1, help="client processes (default 1)")
+    parser.add_argument("--scale", type=int, default=1, help="callers per run x this (default 1)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-    process, address = _serve(args.server_args.split())
+    process, address = _serve(args.backend, args.server_args.split())
     reports = []
     try:
         common = {"targets": (address,), "workload": Workload(), "duration_s": args.duration,
-                  "warmup_s": args.warmup, "verify": 20}  # fmt: skip
-        for name, kwargs in RUNS:
-            reports.append((name, run(LoadTestOptions(**common, **kwargs))))
+                  "warmup_s": args.warmup, "verify": 20, "processes": args.processes}  # fmt: skip
+        for stream, callers in RUNS:
+            callers = max(callers * args.scale, args.processes)
+            name = _run_name(stream, callers)
+            kwargs = {"stream": True, "window": 2} if stream else {}
+            reports.append((name, run(LoadTestOptions(**common, concurrency=callers, **kwargs))))
             print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
         best = max(report.requests_per_s for name, report in reports if name.startswith("unary"))
         rate = round(0.8 * best, 1)
         name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
-        reports.append((name, run(LoadTestOptions(**common, rate=rate, concurrency=1))))
+        reports.append((name, run(LoadTestOptions(**common, rate=rate, concurrency=args.processes))))
         print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -93,7 +104,8 @@ def main() -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    everything = {"machine": machine, "server": f"tritarget serve --backend cpu {args.server_args}".strip(),
+    everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
+                  "client_processes": args.processes,
                   "runs": [{**report.summary(), "series": report.series} for _, report in reports]}  # fmt: skip
     (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
     reports[-1][1].plot(out / "loadtest.png")

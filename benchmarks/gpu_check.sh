@@ -19,12 +19,15 @@
 # 2. benchmarks/bench_gpu.py: triton vs torchvision vs our reference on COCO-RetinaNet,
 #    per-kernel device times, time against boxes per image (--time-limit 80: the
 #    points left after 80 s are skipped, and the tables and plots still written).
+# 3. benchmarks/bench_anchor_design.py: the 100,000-image anchor check scan on the GPU.
+# 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 4
+#    client processes (images/s and latency percentiles, 20 responses verified per run).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
-# bench.txt, bench_gpu.{json,md,png}, bench_gpu_vs_g.png as plain files; when there are
-# more than 8 files (what the device tool brings back), the rest go into extras.tar.gz.
-# Finishes in about 5 minutes: each step has its own timeout (tests 170 s, bench 100 s),
-# plus setup. Exit status: non-zero if the wheels did not install, a test failed or the
+# bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
+# there are more than 8 files (what the device tool brings back), the rest go into
+# extras.tar.gz. Finishes in about 8 minutes: each step has its own timeout (tests 170 s,
+# bench 100 s, anchor scan 120 s, service 90 s), plus setup. Exit status: non-zero if the wheels did not install, a test failed or the
 # bench did not finish.
 #
 # The wheels, for the image's Python 3.12 on x86-64 (.whl/ is in .git/info/exclude, so
@@ -38,7 +41,8 @@
 #   (manylinux_2_28_x86_64 and manylinux1_x86_64 platforms too, for hdrhistogram)
 #
 # GPU_CHECK_DRY=1 checks the script itself on a machine without a GPU (about two
-# minutes on 2 cores): a few test files, `bench_gpu.py --smoke`. PYTHON defaults to the repo's
+# minutes on 2 cores): a few test files, `bench_gpu.py --smoke`, the anchor scan (2,000
+# images) and the service step on the cpu backend. PYTHON defaults to the repo's
 # .venv when there is one (a development machine), else python3 (the GPU image).
 set -uo pipefail
 
@@ -120,9 +124,13 @@ fi
 # GPU_CHECK_TESTS (default: tests, the whole suite) and GPU_CHECK_BENCH_ARGS (extra
 # bench_gpu.py arguments) narrow a re-run when device time is short.
 bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit 80 ${GPU_CHECK_BENCH_ARGS:-})
+steps_backend=triton  # the anchor scan and the service
+anchor_images="${GPU_ANCHOR_IMAGES:-100000}"
 if [ "$DRY" = 1 ]; then
     main_cmd+=(tests/test_assign_sparse.py tests/test_protos.py)
     bench_cmd+=(--smoke)
+    steps_backend=cpu
+    anchor_images=2000
 else
     read -ra selected <<<"${GPU_CHECK_TESTS:-tests}"
     main_cmd+=("${selected[@]}")
@@ -149,12 +157,18 @@ bench=${PIPESTATUS[0]}
 
 # The anchor-design scan (issue "Anchor design tools": 100,000 COCO-like images on one GPU).
 echo "== anchor scan =="
-timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "${GPU_ANCHOR_IMAGES:-100000}" \
-    --backend triton --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
+    --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+
+# The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
+# under tritarget loadtest from 4 client processes, 8 COCO-like images per SPARSE request.
+echo "== service =="
+timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" --processes 4 --scale 4 \
+    --duration 3 --warmup 1 --out "$OUT/loadtest" 2>&1 | tail -n 12 | tee "$OUT/service.txt"
 
 # GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
 # sweep.txt then takes env.txt's place among the files kept as they are.
-keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.md bench_gpu.png anchor_scan.txt)
+keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png anchor_scan.txt service.txt)
 if [ "${GPU_SWEEP:-0}" = 1 ]; then
     echo "== sweep =="
     timeout -s INT -k 10 150 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
