@@ -85,6 +85,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._calls = 0  # Assign and AssignStream calls in flight
+        self._readers: set[asyncio.Task] = set()  # each open stream's request reader
 
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
@@ -129,6 +130,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),
         streams end with UNAVAILABLE once the items already read are answered."""
         self._draining.set()
+        for reader in self._readers:
+            reader.cancel()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Whether every call in flight finished within ``timeout`` seconds."""
@@ -192,50 +195,46 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
 
     async def _stream(self, request_iterator: AsyncIterator[pb.AssignRequest]) -> AsyncIterator[pb.AssignResponse]:
         # Up to `stream_window` requests of one stream are in flight at once (so they
-        # batch together); responses leave in request order. Draining stops the reading:
-        # what was read is answered, then the stream ends UNAVAILABLE.
-        window: asyncio.Queue = asyncio.Queue(self._stream_window)
-        drained = asyncio.ensure_future(self._draining.wait())
+        # batch together); responses leave in request order. Draining cancels the reading:
+        # what was read is answered, then the stream ends UNAVAILABLE. Per item this is a
+        # task for the answer and a few queue operations (no asyncio.wait: it costs tens
+        # of microseconds per call).
+        slots = asyncio.Semaphore(self._stream_window)
+        answers: asyncio.Queue = asyncio.Queue()  # answer futures, then an end marker
 
         async def read() -> None:
             requests = aiter(request_iterator)
-            while True:
-                following = asyncio.ensure_future(anext(requests))
-                await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    following.cancel()
-                    await window.put(_DRAINED)
-                    return
-                try:
-                    request = following.result()
-                except StopAsyncIteration:
-                    break
-                await window.put(asyncio.ensure_future(self._answer(request)))
-            await window.put(None)
+            try:
+                while True:
+                    await slots.acquire()  # a free place in the window, then the next request
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    answers.put_nowait(asyncio.ensure_future(self._answer(request)))
+                answers.put_nowait(None)
+            except asyncio.CancelledError:  # drained (or the stream is over anyway)
+                answers.put_nowait(_DRAINED)
+            except Exception as exc:  # the read failed (client gone)
+                answers.put_nowait(exc)
 
         reader = asyncio.ensure_future(read())
+        self._readers.add(reader)
+        if self._draining.is_set():
+            reader.cancel()
         try:
-            while True:
-                if reader.done():
-                    reader.result()  # the read failed (client gone): raise it
-                    answer = await window.get()
-                else:
-                    getter = asyncio.ensure_future(window.get())
-                    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        continue
-                    answer = getter.result()
-                if answer is None:
-                    break
+            while (answer := await answers.get()) is not None:
                 if answer is _DRAINED:
                     raise Unavailable("the server is shutting down; resend the unanswered requests to another replica")
+                if isinstance(answer, Exception):
+                    raise answer
                 yield await answer
+                slots.release()
         finally:
+            self._readers.discard(reader)
             reader.cancel()
-            drained.cancel()
-            while not window.empty():
-                answer = window.get_nowait()
+            while not answers.empty():
+                answer = answers.get_nowait()
                 if isinstance(answer, asyncio.Future):
                     answer.cancel()
 

@@ -139,6 +139,26 @@ def test_stream_is_ordered_and_equals_in_process(client, generator, fmt):
         assert_targets_equal(g, r, rtol=0, atol=0)
 
 
+def test_stream_keeps_a_window_of_eight_in_flight(generator):
+    """A stream's requests are read ahead up to the window (8), so they batch together,
+    and no further: with a long batching wait every batch holds exactly the requests
+    read by then."""
+    canvas = (96, 128)
+    boxes, counts, _ = _batch(generator, [2], canvas)
+    with ServerThread(batching=batching(max_batch_images=64, max_queue_delay_s=0.3)) as srv:
+        with TargetClient(srv.address) as client:
+            items = [dict(gt_boxes=boxes, gt_counts=counts, canvas=canvas, preset="retinanet_torchvision")] * 20
+            assert len(list(client.stream(items))) == 20
+        metrics = srv.server.metrics
+        assert metrics.value("tritarget_batch_requests_sum") == 20
+        assert metrics.value("tritarget_batch_requests_bucket", {"le": "8.0"}) == metrics.value(
+            "tritarget_batch_requests_count"
+        )  # no batch of more than 8
+        assert metrics.value("tritarget_batch_requests_bucket", {"le": "4.0"}) < metrics.value(
+            "tritarget_batch_requests_count"
+        )  # and the window did fill
+
+
 def test_stream_answers_a_bad_item_and_goes_on(client, generator):
     canvas = (96, 128)
     good, counts, _ = _batch(generator, [3], canvas)
