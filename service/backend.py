@@ -128,6 +128,15 @@ class BatchOptions:
     # of a caller that has gone are never computed.
     max_slice_boxes: int = 20_000
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_images", "max_queue_images", "compute_workers", "threads_per_worker",
+                     "max_slice_boxes"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"batching: {name} must be an integer >= 1, got {value!r}")
+        if not self.max_queue_delay_s >= 0:  # also refuses NaN
+            raise ValueError(f"batching: max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
+
     def resolved(self, device: torch.device) -> BatchOptions:
         """The unset fields filled for ``device``. On a CPU one worker with every core
         (its kernel is parallel; a second worker measured no faster on 2 cores) and
@@ -136,12 +145,13 @@ class BatchOptions:
         of up to 64 images (a launch costs the same for 1 or 64 images; 64 COCO images of
         dense targets are ~320 MB)."""
         gpu = device.type == "cuda"
-        workers = self.compute_workers or (2 if gpu else 1)
+        workers = (2 if gpu else 1) if self.compute_workers is None else self.compute_workers
+        threads = max(1, torch.get_num_threads() // workers) if self.threads_per_worker is None else None
         return replace(
             self,
-            max_batch_images=self.max_batch_images or (64 if gpu else 32),
+            max_batch_images=(64 if gpu else 32) if self.max_batch_images is None else self.max_batch_images,
             compute_workers=workers,
-            threads_per_worker=self.threads_per_worker or max(1, torch.get_num_threads() // workers),
+            threads_per_worker=threads or self.threads_per_worker,
         )
 
 

@@ -32,6 +32,14 @@ def test_batch_options_suit_the_device_unless_given():
     assert (given.max_batch_images, given.compute_workers, given.threads_per_worker) == (8, 3, 1)
 
 
+@pytest.mark.parametrize("field, value", [("max_batch_images", 0), ("compute_workers", -1), ("max_queue_images", 0),
+                                          ("threads_per_worker", 1.5), ("max_queue_delay_s", -0.001),
+                                          ("max_queue_delay_s", float("nan")), ("max_slice_boxes", True)])  # fmt: skip
+def test_batch_options_refuse_what_cannot_work(field, value):
+    with pytest.raises(ValueError, match=field):
+        BatchOptions(**{field: value})
+
+
 @pytest.fixture
 def batcher():
     batcher = Batcher("reference", BatchOptions(max_batch_images=16))
