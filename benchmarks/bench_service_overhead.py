@@ -137,9 +137,13 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['images']} | {r['requests']} | {r['request_us']:.0f} | {r['compute_us']:.0f} | "
                      f"{r['encode_us']:.0f} | {r['queue_us']:.0f} | {r['outside_compute_us']:.0f} |")  # fmt: skip
-    lines += ["", f"fit: {fixed:.0f} µs + {slope:.1f} µs per image (goal: <= 150 µs + 10 µs per image)",
-              "", f"calibration: decoding a 1-image request takes {hot_us:.0f} µs back to back and "
-              f"{after_sleep_us:.0f} µs after 1 ms asleep ({after_sleep_us / hot_us:.1f}x) on this machine"]
+    lines += [
+        "",
+        f"fit: {fixed:.0f} µs + {slope:.1f} µs per image (goal: <= 150 µs + 10 µs per image)",
+        "",
+        f"calibration: decoding a 1-image request takes {hot_us:.0f} µs back to back and "
+        f"{after_sleep_us:.0f} µs after 1 ms asleep ({after_sleep_us / hot_us:.1f}x) on this machine",
+    ]
     (out / "service_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

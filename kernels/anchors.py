@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import AnchorConfig, AnchorLevel
+from .streams import shared
 
 __all__ = [
     "AnchorGrid",
@@ -273,7 +274,7 @@ def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tens
 def _grid_and_anchors_cached(
     config: AnchorConfig, canvas: tuple[int, int], device: torch.device
 ) -> tuple[AnchorGrid, torch.Tensor]:
-    return _resolve_cached(config, canvas), _anchors_cached(config, canvas).to(device)
+    return _resolve_cached(config, canvas), shared(_anchors_cached(config, canvas).to(device))
 
 
 # (id(config), canvas, device) -> (config, grid, anchors): a per-call lookup by identity in

@@ -32,6 +32,7 @@ import torch
 
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
+from .streams import shared
 
 __all__ = ["HostInts", "Problem", "build_problem", "valid_cells"]
 
@@ -221,7 +222,7 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
 def _canvas_limits(canvas: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(width, height) float32 on ``device``, compared with (x1, y1) as torch compares them
     with Python ints: in float32."""
-    return torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device)
+    return shared(torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device))
 
 
 def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:

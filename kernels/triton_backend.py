@@ -32,6 +32,7 @@ import triton
 
 from .anchors import AnchorGrid
 from .problem import Problem
+from .streams import shared
 from .targets import SparseTargets, Targets
 from .triton_assign import (
     BORDER_OFF,
@@ -187,7 +188,7 @@ def _level_tables(grid: AnchorGrid, device: torch.device) -> _Tables:
         exact = torch.tensor(rows, dtype=torch.float64 if dtype.is_floating_point else torch.int64)
         return exact.to(dtype).reshape(-1, width).contiguous().to(device)
 
-    return _Tables(
+    tables = _Tables(
         level_int=table(ints, torch.int64, LEVEL_INT_FIELDS),
         level_float=table(floats, torch.float32, LEVEL_FLOAT_FIELDS),
         cells=cells_on_device,
@@ -197,6 +198,8 @@ def _level_tables(grid: AnchorGrid, device: torch.device) -> _Tables:
         center_div=int(center_ops == {"div"}),
         search_steps=max(max(lv.height, lv.width) for lv in grid.levels).bit_length() + 1,
     )
+    shared(tables.shape_float)  # the last copy queued: every table is filled after it
+    return tables
 
 
 def _border_limits(problem: Problem) -> torch.Tensor:

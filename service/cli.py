@@ -263,7 +263,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")
     parser.add_argument("--compute-workers", type=int,
-                        help="concurrent batches (default: 1 on a CPU, 2 on a GPU, each on its own CUDA stream)")  # fmt: skip
+                        help="concurrent batches (default: 1 on a CPU; 2 on a GPU, one CUDA stream each)")  # fmt: skip
     parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
     parser.add_argument("--token-file", help="read the bearer token from a file")
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")

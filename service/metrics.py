@@ -48,7 +48,8 @@ class Metrics:
         self.bytes_in = Counter("tritarget_request_bytes", "Serialized request bytes", ["method"], registry=reg)
         self.bytes_out = Counter("tritarget_response_bytes", "Serialized response bytes", ["method"], registry=reg)
         self.device_to_host_bytes = Counter(
-            "tritarget_device_to_host_bytes", "Result bytes copied from the GPU to the host (0 on a CPU backend)",
+            "tritarget_device_to_host_bytes",
+            "Result bytes copied from the GPU to the host (0 on a CPU backend)",
             registry=reg,
         )
         self.queued_images = Gauge("tritarget_queued_images", "Images waiting in the batcher", registry=reg)

@@ -193,3 +193,26 @@ def test_the_python_check_agrees_with_the_torch_rules(anchors):
         item = problem_module._Boxes("boxes", box[None], counts)
         rules = problem_module._invalid_reasons(box[None], None if anchors else CANVAS)
         assert problem_module._invalid_on_host(item, CANVAS) == bool(rules), box.tolist()
+
+
+
+def test_shared_hands_out_host_tensors_as_they_are():
+    from tritarget.kernels.streams import shared
+
+    host = torch.arange(16, dtype=torch.float32)
+    assert shared(host) is host
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shared_device_tensors_are_filled_before_they_are_handed_out():
+    """Cached device tensors are read from other CUDA streams (one per server compute
+    worker): ``shared`` returns once the copy that fills them has run."""
+    from tritarget.kernels.streams import shared
+
+    host = torch.arange(1 << 22, dtype=torch.float32).pin_memory()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_device = shared(host.to("cuda", non_blocking=True))
+        assert stream.query(), "work still queued after shared()"
+    assert torch.equal(on_device.cpu(), host)
