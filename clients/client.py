@@ -328,6 +328,29 @@ class _Base:
             raise TargetServiceError.from_request_error(response.error, response.request_id)
         return decode_response(response) if densify else decode_sparse(response)
 
+    def _streamed(self, unanswered: _Unanswered, response: pb.AssignResponse, densify: bool,
+                  return_exceptions: bool) -> Targets | SparseTargets | TargetServiceError:  # fmt: skip
+        """A stream's next response, its request now answered: the targets, or the item's
+        error (raised unless ``return_exceptions``)."""
+        unanswered.answered()
+        self._count(responses=1, response_bytes=response.ByteSize())
+        try:
+            return self._result(response, densify)
+        except TargetServiceError as error:
+            if not return_exceptions:
+                raise
+            return error
+
+    def _stream_broke(self, error: grpc.RpcError, index: int, attempt: int, deadline: float | None, started: float,
+                      unanswered: _Unanswered) -> tuple[int, list[pb.AssignRequest], float]:  # fmt: skip
+        """A stream's call on endpoint ``index`` failed: the new call's feed generation, the
+        requests it sends again (in order, on the next endpoint) and the seconds to wait
+        first; ``TargetServiceError`` raised when the stream gives up."""
+        delay = self._retry_after(error, index, attempt, deadline, started)
+        generation, resend = unanswered.restart()
+        self._count(resent=len(resend))
+        return generation, resend, delay
+
     @staticmethod
     def _check_densify(densify: bool, kwargs: Mapping[str, Any]) -> None:
         if not densify and kwargs.get("format", "sparse") != "sparse":
@@ -538,20 +561,11 @@ class TargetClient(_Base):
             )
             try:
                 for response in call:
-                    unanswered.answered()
-                    self._count(responses=1, response_bytes=response.ByteSize())
                     attempt = 0  # progress: a later failure starts its backoff afresh
-                    try:
-                        yield self._result(response, densify)
-                    except TargetServiceError as error:
-                        if not return_exceptions:
-                            raise
-                        yield error
+                    yield self._streamed(unanswered, response, densify, return_exceptions)
                 return
             except grpc.RpcError as error:
-                delay = self._retry_after(error, index, attempt, deadline, started)
-                generation, resend = unanswered.restart()  # sent again, in order, on the next endpoint
-                self._count(resent=len(resend))
+                generation, resend, delay = self._stream_broke(error, index, attempt, deadline, started, unanswered)
                 attempt += 1
                 time.sleep(delay)
             finally:
@@ -680,20 +694,11 @@ class AsyncTargetClient(_Base):
             )
             try:
                 async for response in call:
-                    unanswered.answered()
-                    self._count(responses=1, response_bytes=response.ByteSize())
                     attempt = 0
-                    try:
-                        yield self._result(response, densify)
-                    except TargetServiceError as error:
-                        if not return_exceptions:
-                            raise
-                        yield error
+                    yield self._streamed(unanswered, response, densify, return_exceptions)
                 return
             except grpc.RpcError as error:
-                delay = self._retry_after(error, index, attempt, deadline, started)
-                generation, resend = unanswered.restart()
-                self._count(resent=len(resend))
+                generation, resend, delay = self._stream_broke(error, index, attempt, deadline, started, unanswered)
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:
