@@ -297,6 +297,36 @@ def test_metrics_count_requests_and_bytes(server, client, generator):
     json.dumps(client.list_presets())  # configs are JSON all the way
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_workers_on_streams_of_their_own_answer_exactly(generator):
+    """On a GPU the server runs two compute workers, each on a CUDA stream of its own:
+    concurrent requests for configs and canvases not seen before (anchors and kernel
+    tables cached by one stream while the other computes) each get exactly the in-process
+    answer."""
+    jobs = []
+    for i in range(48):
+        preset, canvas = CASES[i % len(CASES)]
+        canvas = (canvas[0] + 32 * (i % 4), canvas[1])  # new canvases: caches fill under load
+        boxes, counts, classes = _batch(generator, [1 + i % 5, i % 3], canvas)
+        jobs.append((preset, canvas, boxes, counts, classes, i))
+    with ServerThread(backend="triton") as srv:
+        assert srv.server.batcher.options.compute_workers == 2
+        with TargetClient(srv.address, timeout=120) as client:
+
+            def call(job):
+                preset, canvas, boxes, counts, classes, seed = job
+                return client.assign(boxes, counts, canvas, preset=preset, gt_classes=classes, seed=seed,
+                                     format="dense")  # fmt: skip
+
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(call, jobs))
+    for (preset, canvas, boxes, counts, classes, seed), got in zip(jobs, results):
+        ref = assign(boxes.cuda(), counts, canvas, presets.get(preset), gt_classes=classes.cuda(), seed=seed,
+                     backend="triton")  # fmt: skip
+        assert_targets_equal(got, ref, rtol=0, atol=0)
+
+
 def test_default_auto_backend_matches_in_process(generator):
     """`tritarget serve`'s default backend (auto: cpu here, triton on a GPU) through the service."""
     try:
