@@ -162,9 +162,12 @@ timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$
 
 # The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
 # under tritarget loadtest from 4 client processes, 8 COCO-like images per SPARSE request.
+# GPU_SERVICE_ARGS adds server flags, e.g. "--workers 2 --port 50061" (several front-end
+# processes share the GPU; --workers needs a fixed port).
 echo "== service =="
 timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" --processes 4 --scale 4 \
-    --duration 3 --warmup 1 --out "$OUT/loadtest" 2>&1 | tail -n 12 | tee "$OUT/service.txt"
+    --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" 2>&1 | tail -n 12 |
+    tee "$OUT/service.txt"
 
 # GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
 # sweep.txt then takes env.txt's place among the files kept as they are.
