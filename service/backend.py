@@ -200,7 +200,6 @@ class Batcher:
         device: torch.device | str = "cpu",
         on_batch: BatchObserver | None = None,
         on_queued: Callable[[float], None] | None = None,
-        on_depth: Callable[[int], None] | None = None,
         on_copied: Callable[[int], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -208,7 +207,6 @@ class Batcher:
         self.options = options = options.resolved(self.device)
         self._on_batch = on_batch
         self._on_queued = on_queued
-        self._on_depth = on_depth
         self._on_copied = on_copied
         self._groups: dict[tuple, list[_Pending]] = {}
         self._queued_images = 0
@@ -272,15 +270,15 @@ class Batcher:
         job.enqueued_at = time.perf_counter()
         future = self._loop.create_future()
         self._groups.setdefault(job.merge_key, []).append(_Pending(job, future, finish))
-        self._set_depth(self._queued_images + job.images)
+        self._queued_images += job.images
         self._idle.clear()
         self._dispatch()
         return await future
 
-    def _set_depth(self, images: int) -> None:
-        self._queued_images = images
-        if self._on_depth is not None:
-            self._on_depth(images)
+    @property
+    def queued_images(self) -> int:
+        """Images waiting for a compute worker."""
+        return self._queued_images
 
     def _dispatch(self) -> None:
         """Event loop, on every arrival and every finished batch: while a worker is free,
@@ -311,7 +309,7 @@ class Batcher:
             images += item.job.images
         if not pending:
             del self._groups[key]
-        self._set_depth(self._queued_images - images)
+        self._queued_images -= images
         return batch
 
     def _start(self, batch: list[_Pending]) -> None:

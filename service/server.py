@@ -87,9 +87,10 @@ class TargetServer:
             device=self.device,
             on_batch=self._observe_batch,
             on_queued=self.metrics.queue_seconds.observe,
-            on_depth=self.metrics.queued_images.set,
             on_copied=self.metrics.device_to_host_bytes.inc,
         )
+        # Read when /metrics is scraped, not set on every arrival and batch.
+        self.metrics.queued_images.set_function(lambda: self.batcher.queued_images)
         self.servicer = TargetAssignerServicer(
             self.batcher, options.limits, self.metrics, access_log=options.access_log
         )
