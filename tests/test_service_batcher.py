@@ -44,7 +44,7 @@ def test_batch_options_refuse_what_cannot_work(field, value):
 def batcher():
     batcher = Batcher("reference", BatchOptions(max_batch_images=16))
     yield batcher
-    batcher._executor.shutdown(wait=True)
+    batcher.stop_workers()
 
 
 def _job(boxes, counts, **kwargs) -> AssignJob:

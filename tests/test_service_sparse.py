@@ -38,7 +38,7 @@ INVALID = torch.tensor([[50.0, 10.0, 50.0, 30.0]])  # x2 == x1: dropped with dro
 def batcher(request):
     batcher = Batcher(request.param, BatchOptions(max_batch_images=64))
     yield batcher
-    batcher._executor.shutdown(wait=True)
+    batcher.stop_workers()
 
 
 def _request(generator, counts, *, preset="retinanet_torchvision", canvas=CANVAS, classes=True, invalid=(), **kwargs):
@@ -227,7 +227,7 @@ def test_over_grpc_merged_stream_answers_the_same_bytes(generator):
     try:
         expected = [_old_path(old, r) for r in requests]
     finally:
-        old._executor.shutdown(wait=True)
+        old.stop_workers()
     with ServerThread(backend="cpu", batching=batching(max_queue_delay_s=0.05, max_batch_images=64)) as srv:
         batches = srv.metrics.value("tritarget_batch_requests_count")
         with grpc.insecure_channel(srv.address) as channel:
