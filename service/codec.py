@@ -418,10 +418,11 @@ _NUMPY_WIRE = {
 
 
 def _put(values: np.ndarray, field: pb.Tensor) -> None:
-    """``encode_tensor`` for a numpy array: same bytes (little-endian, row-major)."""
+    """``encode_tensor`` for a numpy array: same bytes (row-major, in the host's byte
+    order, which is the wire's little-endian: ``protos.tensors`` refuses other hosts)."""
     field.dtype = _NUMPY_WIRE[values.dtype]
     field.shape[:] = values.shape
-    field.data = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+    field.data = values.tobytes()
 
 
 def _encode_sparse(targets: Targets, half: bool, with_classes: bool, sparse: pb.SparseTargets) -> None:
