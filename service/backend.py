@@ -147,12 +147,14 @@ class BatchOptions:
         dense targets are ~320 MB)."""
         gpu = device.type == "cuda"
         workers = (2 if gpu else 1) if self.compute_workers is None else self.compute_workers
-        threads = max(1, torch.get_num_threads() // workers) if self.threads_per_worker is None else None
+        threads = self.threads_per_worker
+        if threads is None:  # the cores split evenly between the workers
+            threads = max(1, torch.get_num_threads() // workers)
         return replace(
             self,
             max_batch_images=(64 if gpu else 32) if self.max_batch_images is None else self.max_batch_images,
             compute_workers=workers,
-            threads_per_worker=threads or self.threads_per_worker,
+            threads_per_worker=threads,
         )
 
 
@@ -216,8 +218,8 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
         self._idle: asyncio.Event | None = None  # nothing queued, nothing running
         # Compute workers: plain threads fed by one queue. A ThreadPoolExecutor's submit and
-        # futures cost ~20% of a small request's time outside compute (measured in process:
-        # 780 -> 610-750 us per 1-image request on 2 cores).
+        # futures cost up to ~20% of a small request's time outside compute (measured in
+        # process: 780 -> 610-750 us per 1-image request on 2 cores).
         self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._workers = [
             threading.Thread(
@@ -448,7 +450,8 @@ class Batcher:
         the encoder densify them again (RPN, 2 COCO images: 20% slower than dense).
 
         On a GPU only the sparse lists come back to the host (one copy into pinned memory,
-        a few KB per image); dense targets (~5 MB per image) only for DENSE requests."""
+        a few KB per image); dense targets (~5 MB per image) only for the batches that
+        need them."""
         args = _merge(jobs)
         host = self.device.type == "cpu"
         if not host:  # requests arrive and responses leave on the host
