@@ -169,6 +169,14 @@ timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps
     --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" 2>&1 | tail -n 12 |
     tee "$OUT/service.txt"
 
+# GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
+# delay, front-end processes on the GPU; its tables go into extras.tar.gz).
+if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ]; then
+    echo "== service sweep =="
+    timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
+        --out "$OUT/service_sweep" 2>&1 | tail -n 12
+fi
+
 # GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
 # sweep.txt then takes env.txt's place among the files kept as they are.
 keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png anchor_scan.txt service.txt)
