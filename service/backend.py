@@ -139,14 +139,18 @@ class BatchOptions:
             raise ValueError(f"batching: max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
 
     def resolved(self, device: torch.device) -> BatchOptions:
-        """The unset fields filled for ``device``. On a CPU one worker with every core
-        (its kernel is parallel; a second worker measured no faster on 2 cores) and
-        batches of up to 32 images. On a GPU two workers, each on its own CUDA stream, so
-        that one batch computes while the previous one is copied and encoded, and batches
-        of up to 64 images (a launch costs the same for 1 or 64 images; 64 COCO images of
-        dense targets are ~320 MB)."""
+        """The unset fields filled for ``device``. On a CPU one compute worker with every
+        core: a second one (the cores split between them) served 10-20% more images/s under
+        closed-loop load on 2 cores, but 3% less for a lone caller and with a worse p99 in
+        open loop at 80% of its peak (121.6 ms at 290 requests/s, against 40 ms at 214 for
+        one worker; ``bench_loadtest.py``). On a GPU two workers, each launching on its own
+        CUDA stream, so that one batch computes while the previous one is copied and
+        encoded. Batches of up to 32 images on a CPU, 64 on a GPU (a launch costs the same
+        for 1 or 64 images; 64 COCO images of dense targets are ~320 MB)."""
         gpu = device.type == "cuda"
-        workers = (2 if gpu else 1) if self.compute_workers is None else self.compute_workers
+        workers = self.compute_workers
+        if workers is None:
+            workers = 2 if gpu else 1
         threads = self.threads_per_worker
         if threads is None:  # the cores split evenly between the workers
             threads = max(1, torch.get_num_threads() // workers)

@@ -18,6 +18,7 @@ from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service.backend import BatchOptions
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -76,8 +77,9 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
     try:
         match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
         port = int(match.group(1))
-        settings, _ = read_until(process, r"batching: up to (\d+) images per batch, 0 ms queue delay, 1 compute")
-        assert settings.group(1) == "32"  # the defaults it runs with are printed
+        settings, _ = read_until(process, r"batching: up to (\d+) images per batch, 0 ms queue delay, (\d+) compute")
+        defaults = BatchOptions().resolved(torch.device("cpu"))  # the defaults it runs with are printed
+        assert settings.groups() == (str(defaults.max_batch_images), str(defaults.compute_workers))
         read_until(process, r"health is SERVING")
         with TargetClient(f"127.0.0.1:{port}") as client:
             assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
