@@ -27,7 +27,8 @@
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
 # there are more than 8 files (what the device tool brings back), the rest go into
 # extras.tar.gz. Finishes in about 8 minutes: each step has its own timeout (tests 170 s,
-# bench 100 s, anchor scan 120 s, service 90 s), plus setup. Exit status: non-zero if the wheels did not install, a test failed or the
+# bench 100 s, anchor scan 120 s, service 90 s), plus setup. Exit status: non-zero if
+# the wheels did not install, a test failed, the service step failed or the
 # bench did not finish.
 #
 # The wheels, for the image's Python 3.12 on x86-64 (.whl/ is in .git/info/exclude, so
@@ -126,11 +127,13 @@ fi
 bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit 80 ${GPU_CHECK_BENCH_ARGS:-})
 steps_backend=triton  # the anchor scan and the service
 anchor_images="${GPU_ANCHOR_IMAGES:-100000}"
+service_load=(--processes 4 --scale 4)
 if [ "$DRY" = 1 ]; then
     main_cmd+=(tests/test_assign_sparse.py tests/test_protos.py)
     bench_cmd+=(--smoke)
     steps_backend=cpu
     anchor_images=2000
+    service_load=(--processes 1 --scale 1)  # 4 client processes overload 2 cores
 else
     read -ra selected <<<"${GPU_CHECK_TESTS:-tests}"
     main_cmd+=("${selected[@]}")
@@ -165,9 +168,11 @@ timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$
 # GPU_SERVICE_ARGS adds server flags, e.g. "--workers 2 --port 50061" (several front-end
 # processes share the GPU; --workers needs a fixed port).
 echo "== service =="
-timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" --processes 4 --scale 4 \
+timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
     --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" 2>&1 | tail -n 12 |
     tee "$OUT/service.txt"
+service=${PIPESTATUS[0]}
+[ "$service" -eq 0 ] || status=1
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
 # delay, front-end processes on the GPU; its tables go into extras.tar.gz).
@@ -197,5 +202,5 @@ if [ "${#files[@]}" -gt 8 ]; then
     find "$OUT" -mindepth 1 -type d -empty -delete
 fi
 
-echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench; results in $OUT"
+echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service; results in $OUT"
 exit $status
