@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import AnchorConfig, AnchorLevel
-from .streams import shared
+from .streams import stream_key
 
 __all__ = [
     "AnchorGrid",
@@ -272,16 +272,17 @@ def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tens
 
 @functools.lru_cache(maxsize=16)
 def _grid_and_anchors_cached(
-    config: AnchorConfig, canvas: tuple[int, int], device: torch.device
+    config: AnchorConfig, canvas: tuple[int, int], device: torch.device, stream: int | None
 ) -> tuple[AnchorGrid, torch.Tensor]:
-    return _resolve_cached(config, canvas), shared(_anchors_cached(config, canvas).to(device))
+    return _resolve_cached(config, canvas), _anchors_cached(config, canvas).to(device)  # filled on ``stream``
 
 
-# (id(config), canvas, device) -> (config, grid, anchors): a per-call lookup by identity in
+# (id(config), canvas, device, stream) -> (config, grid, anchors): a per-call lookup by identity in
 # front of the cache above, which hashes the frozen config (every field of every level) on
 # each call. Holding the config keeps its id from being reused; when full it is emptied
 # (no iteration, so no lock), and the cache above still holds what it held.
-_BY_IDENTITY: dict[tuple[int, tuple[int, int], torch.device], tuple[AnchorConfig, AnchorGrid, torch.Tensor]] = {}
+_IdentityKey = tuple[int, tuple[int, int], torch.device, int | None]
+_BY_IDENTITY: dict[_IdentityKey, tuple[AnchorConfig, AnchorGrid, torch.Tensor]] = {}
 _BY_IDENTITY_KEPT = 16
 
 
@@ -290,15 +291,17 @@ def grid_and_anchors(
 ) -> tuple[AnchorGrid, torch.Tensor]:
     """The grid and the anchors of a checked ``(config, canvas)``, the anchors on ``device``.
 
-    Cached per (config, canvas, device) so that a batch pays neither the generation nor
-    the host-to-device copy of its anchors (3.2 MB for RetinaNet at 800x1344): every
-    caller shares the tensor and must treat it as read-only.
+    Cached per (config, canvas, device, CUDA stream: ``streams.stream_key``) so that a
+    batch pays neither the generation nor the host-to-device copy of its anchors (3.2 MB
+    for RetinaNet at 800x1344): every caller shares the tensor and must treat it as
+    read-only.
     """
-    key = (id(config), canvas, device)
+    stream = stream_key(device)
+    key = (id(config), canvas, device, stream)
     cached = _BY_IDENTITY.get(key)
     if cached is not None and cached[0] is config:
         return cached[1], cached[2]
-    grid, anchors = _grid_and_anchors_cached(config, canvas, device)
+    grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
     if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (config, grid, anchors)

@@ -32,7 +32,7 @@ import torch
 
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
-from .streams import shared
+from .streams import stream_key
 
 __all__ = ["HostInts", "Problem", "build_problem", "valid_cells"]
 
@@ -219,10 +219,10 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
 
 
 @functools.lru_cache(maxsize=64)
-def _canvas_limits(canvas: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(width, height) float32 on ``device``, compared with (x1, y1) as torch compares them
-    with Python ints: in float32."""
-    return shared(torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device))
+def _canvas_limits(canvas: tuple[int, int], device: torch.device, stream: int | None) -> torch.Tensor:
+    """(width, height) float32 on ``device`` (one copy per CUDA stream: see ``streams``),
+    compared with (x1, y1) as torch compares them with Python ints: in float32."""
+    return torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device)
 
 
 def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
@@ -236,7 +236,8 @@ def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
     low, high = item.boxes[:, :2], item.boxes[:, 2:]
     if item.counts is None:
         return high - low
-    return torch.cat([high - low, high, _canvas_limits(canvas, item.boxes.device) - low], dim=1)
+    device = item.boxes.device
+    return torch.cat([high - low, high, _canvas_limits(canvas, device, stream_key(device)) - low], dim=1)
 
 
 # An input of up to this many boxes on the CPU is checked with Python floats: below ~100

@@ -32,7 +32,7 @@ import triton
 
 from .anchors import AnchorGrid
 from .problem import Problem
-from .streams import shared
+from .streams import stream_key
 from .targets import SparseTargets, Targets
 from .triton_assign import (
     BORDER_OFF,
@@ -157,8 +157,9 @@ class _Tables:
 
 
 @functools.lru_cache(maxsize=32)
-def _level_tables(grid: AnchorGrid, device: torch.device) -> _Tables:
-    """Factors and scales rounded to float32 exactly as ``anchors._centers`` and
+def _level_tables(grid: AnchorGrid, device: torch.device, stream: int | None) -> _Tables:
+    """The grid's tables on ``device``, one copy per CUDA stream (see ``streams``). Factors
+    and scales rounded to float32 exactly as ``anchors._centers`` and
     ``anchors._level_anchors`` round them (``torch.tensor(value, dtype=float32)``)."""
     ints, floats, cells, shape_ints, shape_floats = [], [], [], [], []
     for level, start in zip(grid.levels, grid.level_starts):
@@ -198,7 +199,6 @@ def _level_tables(grid: AnchorGrid, device: torch.device) -> _Tables:
         center_div=int(center_ops == {"div"}),
         search_steps=max(max(lv.height, lv.width) for lv in grid.levels).bit_length() + 1,
     )
-    shared(tables.shape_float)  # the last copy queued: every table is filled after it
     return tables
 
 
@@ -258,7 +258,7 @@ class _Launch:
         self.num_rows = problem.gt_boxes.shape[0]
         self.generate = problem.grid is not None
         if self.generate:
-            tables = _level_tables(problem.grid, device)
+            tables = _level_tables(problem.grid, device, stream_key(device))
             self.level_int, self.level_float, self.cells = tables.level_int, tables.level_float, tables.cells
             self.shape_int, self.shape_float = tables.shape_int, tables.shape_float
             self.anchors = self._placeholder(torch.float32)

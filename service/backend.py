@@ -490,7 +490,8 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 def _start_worker(threads: int, device: torch.device) -> None:
     """A compute worker thread: its share of the cores for torch, and on a GPU a CUDA
     stream of its own (the current stream is per thread), so that one worker's kernels
-    run while another's results are copied to the host and encoded."""
+    run while another's results are copied to the host and encoded. Cached anchors and
+    kernel tables are then one copy per worker (``tritarget.kernels.streams``)."""
     torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_stream(torch.cuda.Stream(device))

@@ -195,24 +195,29 @@ def test_the_python_check_agrees_with_the_torch_rules(anchors):
         assert problem_module._invalid_on_host(item, CANVAS) == bool(rules), box.tolist()
 
 
+def test_host_tensors_have_one_cached_copy():
+    from tritarget.kernels.streams import stream_key
 
-def test_shared_hands_out_host_tensors_as_they_are():
-    from tritarget.kernels.streams import shared
-
-    host = torch.arange(16, dtype=torch.float32)
-    assert shared(host) is host
+    assert stream_key(torch.device("cpu")) is None
+    assert stream_key(torch.device("meta")) is None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_shared_device_tensors_are_filled_before_they_are_handed_out():
-    """Cached device tensors are read from other CUDA streams (one per server compute
-    worker): ``shared`` returns once the copy that fills them has run."""
-    from tritarget.kernels.streams import shared
-
-    host = torch.arange(1 << 22, dtype=torch.float32).pin_memory()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        on_device = shared(host.to("cuda", non_blocking=True))
-        assert stream.query(), "work still queued after shared()"
-    assert torch.equal(on_device.cpu(), host)
+def test_each_cuda_stream_reads_cached_anchors_it_filled_itself():
+    """The server's compute workers launch on streams of their own: a cached tensor
+    shared between streams could be evicted and its memory reused by one stream while
+    another's kernel still reads it. Each stream gets its own copy (same values), and
+    the same stream gets the same copy again."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    canvas = (224, 352)  # a canvas no other test caches
+    copies = []
+    for stream in (torch.cuda.Stream(device), torch.cuda.Stream(device)):
+        with torch.cuda.stream(stream):
+            grid, anchors = grid_and_anchors(CONFIG.anchors, canvas, device)
+            assert grid_and_anchors(CONFIG.anchors, canvas, device)[1] is anchors
+            copies.append(anchors)
+        stream.synchronize()
+    assert copies[0].data_ptr() != copies[1].data_ptr()
+    assert torch.equal(copies[0], copies[1])
+    assert torch.equal(copies[0].cpu(), generate_anchors(CONFIG.anchors, canvas))
