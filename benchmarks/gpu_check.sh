@@ -175,11 +175,18 @@ service=${PIPESTATUS[0]}
 [ "$service" -eq 0 ] || status=1
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
-# delay, front-end processes on the GPU; its tables go into extras.tar.gz).
+# delay, front-end processes on the GPU) and bench_service_overhead.py (the server's time per
+# request outside compute, from its metrics, on this machine's cores: the GPU backend and the
+# cpu one); their tables go into extras.tar.gz.
 if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ]; then
     echo "== service sweep =="
     timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
         --out "$OUT/service_sweep" 2>&1 | tail -n 12
+    for backend in "$steps_backend" cpu; do
+        echo "== server time outside compute, $backend backend =="
+        timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 \
+            --out "$OUT/service_overhead_$backend" 2>&1 | tail -n 12
+    done
 fi
 
 # GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
