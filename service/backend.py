@@ -145,8 +145,13 @@ class BatchOptions:
         open loop at 80% of its peak (121.6 ms at 290 requests/s, against 40 ms at 214 for
         one worker; ``bench_loadtest.py``). On a GPU two workers, each launching on its own
         CUDA stream, so that one batch computes while the previous one is copied and
-        encoded. Batches of up to 32 images on a CPU, 64 on a GPU (a launch costs the same
-        for 1 or 64 images; 64 COCO images of dense targets are ~320 MB)."""
+        encoded. Batches of up to 128 images on a CPU: a batch only grows that large when the
+        server is saturated, and there a call's fixed cost matters (the worker's compute per
+        image fell from 0.40 to 0.31 ms; 16 streams x 2 served 28-68% more than with 32 in
+        8 of 8 paired runs, with a lower p99; no systematic change with few requests in
+        flight: ``benchmarks/results/service/batch_cap.md``); a batch of DENSE requests then
+        holds up to ~640 MB of dense targets. 64 on a GPU (a launch costs the same for 1 or
+        64 images; 64 COCO images of dense targets are ~320 MB)."""
         gpu = device.type == "cuda"
         workers = self.compute_workers
         if workers is None:
@@ -156,7 +161,7 @@ class BatchOptions:
             threads = max(1, torch.get_num_threads() // workers)
         return replace(
             self,
-            max_batch_images=(64 if gpu else 32) if self.max_batch_images is None else self.max_batch_images,
+            max_batch_images=(64 if gpu else 128) if self.max_batch_images is None else self.max_batch_images,
             compute_workers=workers,
             threads_per_worker=threads,
         )

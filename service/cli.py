@@ -258,7 +258,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-images", type=int, default=256, help="images per request (default 256)")
     parser.add_argument("--max-request-boxes", type=int, default=100_000, help="boxes per request (default 100000)")
     parser.add_argument("--max-batch-images", type=int,
-                        help="images per merged batch (default: 32 on a CPU, 64 on a GPU)")  # fmt: skip
+                        help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")

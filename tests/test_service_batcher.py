@@ -24,7 +24,7 @@ PRESET = "retinanet_torchvision"
 
 def test_batch_options_suit_the_device_unless_given():
     cpu = BatchOptions().resolved(torch.device("cpu"))
-    assert (cpu.max_batch_images, cpu.compute_workers) == (32, 1)
+    assert (cpu.max_batch_images, cpu.compute_workers) == (128, 1)
     assert cpu.threads_per_worker == torch.get_num_threads()
     gpu = BatchOptions().resolved(torch.device("cuda"))  # a device name: no GPU needed
     assert (gpu.max_batch_images, gpu.compute_workers) == (64, 2)
