@@ -5,6 +5,9 @@ Runs, each ``--duration`` seconds after a warm-up, 8 COCO-like images per SPARSE
 on the 800 x 1344 RetinaNet canvas: closed loop at concurrency 1, 4 and 16 (unary), 4
 streams with 2 requests in flight each, then open loop at 80% of the best closed-loop
 unary rate (latency without coordinated omission). Every run verifies 20 responses.
+Before the server starts, the same requests' ``assign_sparse`` in this process, one
+after another for ``--duration`` seconds (the machine's threads, the same backend), gives
+the baseline each run's images/s is divided by ("x in-process").
 ``--processes N`` drives the load from N client processes (one Python client tops out
 at a few thousand requests per second: a GPU server needs several; every run has at
 least N callers), ``--scale K`` multiplies every run's callers.
@@ -24,10 +27,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+
+import torch
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
+from tritarget.kernels import assign_sparse, presets
 
 # (stream?, callers); streams keep 2 requests in flight each.
 RUNS = [(False, 1), (False, 4), (False, 16), (True, 4)]
@@ -57,6 +64,28 @@ def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     return process, address
 
 
+def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> float:
+    """``assign_sparse`` of the workload's requests, one after another, in this process."""
+    device = "cuda" if backend in ("triton", "auto") and torch.cuda.is_available() else "cpu"
+    config = presets.get(workload.preset)
+    batches = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.batch(i))
+               for i in range(workload.variants)]  # fmt: skip
+
+    def one(i: int) -> None:
+        boxes, counts, classes = batches[i % len(batches)]
+        assign_sparse(boxes, counts, workload.canvas, config, gt_classes=classes, backend=backend)
+
+    for i in range(len(batches)):  # warm-up: anchors, caches, compiled kernels
+        one(i)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        one(calls)
+        calls += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return calls * workload.images / (time.perf_counter() - start)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0)
@@ -70,6 +99,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    baseline = _in_process_images_per_s(Workload(), args.backend, args.duration)
+    print(f"in-process assign_sparse, the same requests one after another: {baseline:.0f} images/s", flush=True)
     process, address = _serve(args.backend, args.server_args.split())
     reports = []
     try:
@@ -97,6 +128,7 @@ def main() -> int:
         rows.append({
             "run": name, "requests": report.requests, "errors": sum(report.errors.values()),
             "requests_per_s": round(report.requests_per_s, 1), "images_per_s": round(summary["images_per_s"], 1),
+            "vs_in_process": round(summary["images_per_s"] / baseline, 2),
             **{f"{k}_ms": round(v, 2) for k, v in latency.items()},
             "verified": report.verified, "mismatches": len(report.mismatches),
         })  # fmt: skip
@@ -105,17 +137,18 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
     everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
-                  "client_processes": args.processes,
+                  "client_processes": args.processes, "in_process_images_per_s": round(baseline, 1),
                   "runs": [{**report.summary(), "series": report.series} for _, report in reports]}  # fmt: skip
     (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
     reports[-1][1].plot(out / "loadtest.png")
-    print(f"machine: {machine}")
-    print("| run | req/s | images/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | verified |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s")
+    print("| run | req/s | images/s | x in-process | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors "
+          "| verified |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | {row['p50_ms']:.1f} | "
-              f"{row['p90_ms']:.1f} | {row['p99_ms']:.1f} | {row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | "
-              f"{row['errors']} | {row['verified']} |")  # fmt: skip
+        print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | "
+              f"{row['vs_in_process']:.2f} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
+              f"{row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | {row['errors']} | {row['verified']} |")  # fmt: skip
     return 0 if all(report.ok for _, report in reports) else 1
 
 
