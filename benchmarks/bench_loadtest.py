@@ -7,7 +7,7 @@ streams with 2 requests in flight each, then open loop at 80% of the best closed
 unary rate (latency without coordinated omission). Every run verifies 20 responses.
 Before the server starts, the same requests' ``assign_sparse`` in this process, one
 after another (the same backend), gives the baseline each run's images/s is divided by
-("x in-process"): the fastest of four measurements, ``--duration / 2`` seconds each, with
+("x in-process"; ``bench_service.in_process``): the fastest of four measurements, ``--duration / 2`` seconds each, with
 the machine's torch threads and with one thread (on a small machine one thread can be
 faster, as ``bench_service.py`` says), before the server starts and after it stops (a
 shared machine's speed drifts while the runs go on).
@@ -30,14 +30,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
+from bench_service import in_process
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
-from tritarget.kernels import assign_sparse, presets
+from tritarget.kernels import assign_sparse
 
 # (stream?, callers); streams keep 2 requests in flight each.
 RUNS = [(False, 1), (False, 4), (False, 16), (True, 4)]
@@ -68,25 +68,12 @@ def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> float:
-    """``assign_sparse`` of the workload's requests, one after another, in this process."""
-    device = "cuda" if backend in ("triton", "auto") and torch.cuda.is_available() else "cpu"
-    config = presets.get(workload.preset)
-    batches = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.batch(i))
-               for i in range(workload.variants)]  # fmt: skip
-
-    def one(i: int) -> None:
-        boxes, counts, classes = batches[i % len(batches)]
-        assign_sparse(boxes, counts, workload.canvas, config, gt_classes=classes, backend=backend)
-
-    for i in range(len(batches)):  # warm-up: anchors, caches, compiled kernels
-        one(i)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        one(calls)
-        calls += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return calls * workload.images / (time.perf_counter() - start)
+    """``assign_sparse`` of the workload's requests, one after another, in this process,
+    for about ``seconds`` (``bench_service.in_process``, the requests cycled through)."""
+    items = [{"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes}
+             for boxes, counts, classes in map(workload.batch, range(workload.variants))]  # fmt: skip
+    one_pass = workload.images * len(items) / in_process(items, backend, assign_sparse)
+    return in_process(items * max(1, round(seconds / one_pass)), backend, assign_sparse)
 
 
 def _in_process(rates: dict[str, float], when: str, args: argparse.Namespace) -> None:

@@ -143,9 +143,9 @@ class BatchOptions:
         core: a second one (the cores split between them) served 10-20% more images/s under
         closed-loop load on 2 cores, but 3% less for a lone caller and with a worse p99 in
         open loop at 80% of its peak (121.6 ms at 290 requests/s, against 40 ms at 214 for
-        one worker; ``bench_loadtest.py``). On a GPU two workers, each launching on its own
-        CUDA stream, so that one batch computes while the previous one is copied and
-        encoded. Batches of up to 128 images on a CPU: a batch only grows that large when the
+        one worker; ``bench_loadtest.py``; measured with batches of up to 32). On a GPU two
+        workers, each launching on its own CUDA stream, so that one batch computes while the
+        previous one is copied and encoded. Batches of up to 128 images on a CPU: a batch only grows that large when the
         server is saturated, and there a call's fixed cost matters (the worker's compute per
         image fell from 0.40 to 0.31 ms; 16 streams x 2 served 28-68% more than with 32 in
         8 of 8 paired runs, with a lower p99; no systematic change with few requests in
