@@ -169,7 +169,9 @@ class _Recorder:
             self.warmup_requests += 1
             return
         second = int(scheduled - self.measure_from)
-        bucket = self.seconds.setdefault(second, [0, 0, _histogram()])
+        bucket = self.seconds.get(second)
+        if bucket is None:  # not setdefault: a histogram costs ~10% of a caller's CPU per response
+            bucket = self.seconds[second] = [0, 0, _histogram()]
         if code is not None:
             self.errors[code] += 1
             self.interval_errors[code] += 1
