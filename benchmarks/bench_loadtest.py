@@ -14,6 +14,10 @@ shared machine's speed drifts while the runs go on).
 ``--processes N`` drives the load from N client processes (one Python client tops out
 at a few thousand requests per second: a GPU server needs several; every run has at
 least N callers), ``--scale K`` multiplies every run's callers.
+Each run also reports the CPU it cost per request (Linux): the server process's (its
+threads included) and this process's with its client processes', and how busy that kept
+the machine's cores: on a machine that client and server share, the service's images/s is
+the cores divided by that cost once they are busy.
 Writes ``loadtest.json`` (every report), ``loadtest.csv`` (one row per run) and
 ``loadtest.png`` (the open-loop run over time) under ``--out``.
 """
@@ -30,6 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -67,25 +72,60 @@ def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     return process, address
 
 
-def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> float:
+def _server_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used, its threads included (those
+    that ended too); None where there is no Linux ``/proc``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """This process's CPU seconds and its finished children's (client processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> tuple[float, float]:
     """``assign_sparse`` of the workload's requests, one after another, in this process,
-    for about ``seconds`` (``bench_service.in_process``, the requests cycled through)."""
+    for about ``seconds`` (``bench_service.in_process``, the requests cycled through):
+    images/s, and CPU ms per request (its 3 warm-up calls included)."""
     items = [{"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes}
              for boxes, counts, classes in map(workload.batch, range(workload.variants))]  # fmt: skip
     one_pass = workload.images * len(items) / in_process(items, backend, assign_sparse)
-    return in_process(items * max(1, round(seconds / one_pass)), backend, assign_sparse)
+    repeated = items * max(1, round(seconds / one_pass))
+    cpu = _own_cpu_seconds()
+    rate = in_process(repeated, backend, assign_sparse)
+    return rate, 1e3 * (_own_cpu_seconds() - cpu) / (len(repeated) + 3)
 
 
-def _in_process(rates: dict[str, float], when: str, args: argparse.Namespace) -> None:
-    """Add the in-process rates with the machine's threads and with one, labelled ``when``."""
+def _in_process(rates: dict[str, float], cpu_ms: dict[str, float], when: str, args: argparse.Namespace) -> None:
+    """Add the in-process rates (and CPU ms per request) with the machine's threads and
+    with one, labelled ``when``."""
     threads = torch.get_num_threads()
     for count in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(count)
         label = f"{when} the runs, {count} thread(s)"
-        rates[label] = _in_process_images_per_s(Workload(), args.backend, args.duration / 2)
-        print(f"in-process assign_sparse, the same requests one after another, {label}: {rates[label]:.0f} images/s",
-              flush=True)  # fmt: skip
+        rates[label], cpu_ms[label] = _in_process_images_per_s(Workload(), args.backend, args.duration / 2)
+        print(f"in-process assign_sparse, the same requests one after another, {label}: {rates[label]:.0f} images/s, "
+              f"{cpu_ms[label]:.2f} CPU ms per request", flush=True)  # fmt: skip
     torch.set_num_threads(threads)
+
+
+def _timed_run(options: LoadTestOptions, server_pid: int):
+    """``run(options)``, and its CPU ms per request (server, clients) and how busy the
+    machine's cores were (warm-up included: its requests are counted too)."""
+    server, client, start = _server_cpu_seconds(server_pid), _own_cpu_seconds(), time.perf_counter()
+    report = run(options)
+    wall, client = time.perf_counter() - start, _own_cpu_seconds() - client
+    server = None if server is None else _server_cpu_seconds(server_pid) - server
+    requests = max(1, report.requests + report.warmup_requests)
+    cpu = {"server_cpu_ms": None if server is None else round(1e3 * server / requests, 2),
+           "client_cpu_ms": round(1e3 * client / requests, 2),
+           "cores_busy": None if server is None else round((server + client) / (wall * os.cpu_count()), 2)}  # fmt: skip
+    return report, cpu
 
 
 def main() -> int:
@@ -102,7 +142,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     rates: dict[str, float] = {}
-    _in_process(rates, "before", args)
+    in_process_cpu_ms: dict[str, float] = {}
+    _in_process(rates, in_process_cpu_ms, "before", args)
     process, address = _serve(args.backend, args.server_args.split())
     reports = []
     try:
@@ -112,22 +153,23 @@ def main() -> int:
             callers = max(callers * args.scale, args.processes)
             name = _run_name(stream, callers)
             kwargs = {"stream": True, "window": 2} if stream else {}
-            reports.append((name, run(LoadTestOptions(**common, concurrency=callers, **kwargs))))
+            reports.append((name, *_timed_run(LoadTestOptions(**common, concurrency=callers, **kwargs), process.pid)))
             print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
-        best = max(report.requests_per_s for name, report in reports if name.startswith("unary"))
+        best = max(report.requests_per_s for name, report, _ in reports if name.startswith("unary"))
         rate = round(0.8 * best, 1)
         name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
-        reports.append((name, run(LoadTestOptions(**common, rate=rate, concurrency=args.processes))))
+        open_loop = LoadTestOptions(**common, rate=rate, concurrency=args.processes)
+        reports.append((name, *_timed_run(open_loop, process.pid)))
         print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    _in_process(rates, "after", args)
+    _in_process(rates, in_process_cpu_ms, "after", args)
     baseline_at = max(rates, key=rates.get)
     baseline = rates[baseline_at]
 
     rows = []
-    for name, report in reports:
+    for name, report, cpu in reports:
         summary = report.summary()
         latency = summary["latency_ms"]
         rows.append({
@@ -135,7 +177,7 @@ def main() -> int:
             "requests_per_s": round(report.requests_per_s, 1), "images_per_s": round(summary["images_per_s"], 1),
             "vs_in_process": round(summary["images_per_s"] / baseline, 2),
             **{f"{k}_ms": round(v, 2) for k, v in latency.items()},
-            "verified": report.verified, "mismatches": len(report.mismatches),
+            "verified": report.verified, "mismatches": len(report.mismatches), **cpu,
         })  # fmt: skip
     with open(out / "loadtest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -144,18 +186,24 @@ def main() -> int:
     everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
                   "client_processes": args.processes,
                   "in_process_images_per_s": {label: round(rate, 1) for label, rate in rates.items()},
-                  "runs": [{**report.summary(), "series": report.series} for _, report in reports]}  # fmt: skip
+                  "in_process_cpu_ms_per_request": {label: round(ms, 2) for label, ms in in_process_cpu_ms.items()},
+                  "runs": [{**report.summary(), "series": report.series, "cpu": cpu}
+                           for _, report, cpu in reports]}  # fmt: skip
     (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
     reports[-1][1].plot(out / "loadtest.png")
-    print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s ({baseline_at})")
+    print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s ({baseline_at}), "
+          f"{in_process_cpu_ms[baseline_at]:.2f} CPU ms per request")  # fmt: skip
     print("| run | req/s | images/s | x in-process | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors "
-          "| verified |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| verified | CPU ms / request: server / clients | cores busy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        server_cpu = "–" if row["server_cpu_ms"] is None else f"{row['server_cpu_ms']:.2f}"
+        busy = "–" if row["cores_busy"] is None else f"{row['cores_busy']:.0%}"
         print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | "
               f"{row['vs_in_process']:.2f} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
-              f"{row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | {row['errors']} | {row['verified']} |")  # fmt: skip
-    return 0 if all(report.ok for _, report in reports) else 1
+              f"{row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | {row['errors']} | {row['verified']} | "
+              f"{server_cpu} / {row['client_cpu_ms']:.2f} | {busy} |")  # fmt: skip
+    return 0 if all(report.ok for _, report, _ in reports) else 1
 
 
 if __name__ == "__main__":
