@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tritarget.kernels.targets import IGNORED, SparseTargets, Targets
+from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
 
@@ -41,12 +41,23 @@ def _to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
 
 
 def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
+    if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
+        return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
     boxes = torch.as_tensor(boxes)
     if not boxes.is_floating_point():
         boxes = boxes.to(torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
     return _to_xyxy(boxes.detach().to("cpu", torch.float32), box_format).to(torch.float32)
+
+
+def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == dtype and value.is_cpu
+
+
+def _ints(value: Any) -> torch.Tensor:
+    """int32 on the host, as the wire holds classes and sizes."""
+    return value if _is_cpu_tensor(value, torch.int32) else torch.as_tensor(value).to("cpu", torch.int32)
 
 
 def _counts(name: str, counts: Any) -> list[int]:
@@ -98,7 +109,8 @@ def build_request(
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:
         raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
-    height, width = (int(v) for v in canvas)
+    height, width = canvas
+    height, width = int(height), int(width)
     request = pb.AssignRequest(
         request_id=request_id,
         config=config_ref(preset, config, overrides),
@@ -114,15 +126,15 @@ def build_request(
     )
     encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
     if gt_classes is not None:
-        encode_tensor(torch.as_tensor(gt_classes).to("cpu", torch.int32), request.gt_classes)
+        encode_tensor(_ints(gt_classes), request.gt_classes)
     if ignore_boxes is not None:
         encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format), request.ignore_boxes)
     if ignore_counts is not None:
         request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
     if image_sizes is not None:
-        encode_tensor(torch.as_tensor(image_sizes).to("cpu", torch.int32), request.image_sizes)
+        encode_tensor(_ints(image_sizes), request.image_sizes)
     if pad_sizes is not None:
-        encode_tensor(torch.as_tensor(pad_sizes).to("cpu", torch.int32), request.pad_sizes)
+        encode_tensor(_ints(pad_sizes), request.pad_sizes)
     return request
 
 
@@ -143,7 +155,7 @@ def decode_response(response: pb.AssignResponse) -> Targets:
     max_iou = decode_tensor(response.max_iou, "max_iou") if response.HasField("max_iou") else None
     dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
     if not dropped:
-        dropped = [torch.zeros(0, dtype=torch.int64) for _ in range(batch)]
+        dropped = [NOTHING_DROPPED] * batch
     return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
 
 
@@ -184,7 +196,7 @@ def decode_sparse(response: pb.AssignResponse) -> SparseTargets:
         ignored_anchors=ignored_anchors,
         positive_classes=classes,
         background_class=response.background_class,
-        dropped=dropped or [torch.zeros(0, dtype=torch.int64) for _ in range(batch)],
+        dropped=dropped or [NOTHING_DROPPED] * batch,
     )
 
 

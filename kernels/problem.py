@@ -33,6 +33,7 @@ import torch
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import TargetConfig
 from .streams import stream_key
+from .targets import NOTHING_DROPPED
 
 __all__ = ["HostInts", "Problem", "build_problem", "valid_cells"]
 
@@ -163,11 +164,6 @@ class _Dropped(NamedTuple):
     counts: list[int]
     rows: torch.Tensor  # int64, on the host: the kept rows
     kept: Kept
-
-
-# Empty tensors every call shares (there is nothing in them to write): making them is a torch
-# op each, microseconds in a call that should take few.
-_NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=8)
@@ -473,7 +469,7 @@ def build_problem(
         raise
 
     dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas) else {}
-    kept = Kept(None, [_NOTHING_DROPPED] * batch)
+    kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]
         counts, kept = gt_dropped.counts, gt_dropped.kept

@@ -23,6 +23,11 @@ POSITIVE = 1
 NEGATIVE = 0
 IGNORED = -1
 
+# ``dropped`` of every image that lost no box, in-process and in decoded responses: one
+# empty tensor shared (nothing can be written into it), as making one per image is a
+# torch op each, microseconds in a call that should take few.
+NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
+
 
 @dataclass
 class SparseTargets:

@@ -52,7 +52,7 @@ def encode_tensor(tensor: torch.Tensor, out: Tensor | None = None) -> Tensor:
     message = Tensor() if out is None else out
     message.dtype = wire_dtype(tensor.dtype)
     message.shape[:] = list(tensor.shape)
-    flat = tensor.detach().to("cpu").contiguous()
+    flat = tensor if tensor.is_cpu and tensor.is_contiguous() else tensor.detach().to("cpu").contiguous()
     message.data = ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
     return message
 

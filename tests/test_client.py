@@ -232,6 +232,21 @@ def test_config_and_preset_are_exclusive():
         build_request(BOXES, [2], CANVAS, preset="yolov5", format="csv")
 
 
+def test_requests_hold_the_same_bytes_whatever_form_the_inputs_take():
+    """Float32 xyxy boxes and int32 classes on the host go on the wire as they are; every
+    other form (a view with strides, float64, lists, int64 classes) is converted first."""
+    classes = torch.tensor([3, 7])
+    expected = build_request(BOXES, [2], CANVAS, preset="yolov5", gt_classes=classes).SerializeToString()
+    strided = BOXES.t().contiguous().t()  # the same values, not contiguous
+    assert not strided.is_contiguous()
+    for boxes, labels in ((BOXES, classes.int()), (strided, classes), (BOXES.double(), classes.tolist()),
+                          (BOXES.tolist(), classes)):  # fmt: skip
+        request = build_request(boxes, (2,), list(CANVAS), preset="yolov5", gt_classes=labels)
+        assert request.SerializeToString() == expected
+    with pytest.raises(ValueError, match=r"gt_boxes: expected shape \[N, 4\], got \[2, 5\]"):
+        build_request(torch.zeros(2, 5), [2], CANVAS, preset="yolov5")
+
+
 @pytest.mark.parametrize("preset", ["retinanet_torchvision", "fasterrcnn_rpn_torchvision"])
 def test_sparse_targets_from_the_service_without_densifying(two_servers, preset):
     """``densify=False``: the lists as sent (RPN sampling: the server lists the negatives
