@@ -3,6 +3,7 @@ survive the wire format (with the size check refusing truncated data)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import re
@@ -59,6 +60,19 @@ def test_tensor_round_trip(dtype, shape):
     assert len(message.data) == tensor.numel() * tensor.element_size()
     back = decode_tensor(message, "t")
     assert back.dtype == dtype and back.shape == tensor.shape and torch.equal(back, tensor)
+
+
+@pytest.mark.parametrize("shape", [(50_000,), (12_500, 4)])
+def test_decoded_tensors_view_the_bytes_and_outlive_the_message(shape):
+    tensor = torch.arange(50_000, dtype=torch.int32).reshape(shape)
+    message = pb.Tensor.FromString(encode_tensor(tensor).SerializeToString())
+    data = message.data
+    back = decode_tensor(message, "t")
+    assert back.untyped_storage().nbytes() == len(data)  # a view, not a copy
+    del message, data
+    gc.collect()
+    _ = [bytes(200_000) for _ in range(20)]  # memory freed by the message would be reused here
+    assert torch.equal(back, tensor)
 
 
 def test_little_endian_row_major():
