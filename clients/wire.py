@@ -9,14 +9,12 @@ SPARSE responses are densified.
 from __future__ import annotations
 
 import json
-import math
-import mmap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets
+from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
 
@@ -25,7 +23,6 @@ __all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "dec
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
 _DELTA_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
-_LAZY_ZEROS_BYTES = 1 << 20
 
 
 def _to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
@@ -200,25 +197,6 @@ def decode_sparse(response: pb.AssignResponse) -> SparseTargets:
     )
 
 
-def _filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.full``, but zero-filled outputs of a megabyte or more come from an anonymous
-    mapping: the kernel hands out zero pages on first touch, so the mostly-zero dense
-    deltas of a densified response cost what is written into them, not a 4 MB memset
-    per image (``torch.zeros`` writes every byte)."""
-    size = math.prod(shape) * dtype.itemsize
-    if value != 0 or size < _LAZY_ZEROS_BYTES:
-        return torch.full(shape, value, dtype=dtype)
-    return torch.frombuffer(_anonymous(size), dtype=dtype).reshape(shape)
-
-
-def _anonymous(size: int) -> mmap.mmap:
-    """Zero pages on first touch. Private where the platform says so: mmap's default shared
-    anonymous mapping is shmem on Linux, whose page faults and unmapping cost more."""
-    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return mmap.mmap(-1, size)
-
-
 def _flat_index(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
     """Row of each CSR entry in a flattened [B * A] array."""
     image = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
@@ -237,15 +215,16 @@ def _densify(sparse: pb.SparseTargets, batch: int, count: int, background: int):
         decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=int32),
         count,
     )
-    labels = _filled((batch, count), sparse.unlisted_label, torch.int8)
+    host = torch.device("cpu")
+    labels = filled((batch, count), sparse.unlisted_label, torch.int8, host)
     labels.view(-1)[listed] = sparse.listed_label
     labels.view(-1)[positives] = 1
-    matched = torch.full((batch, count), -1, dtype=torch.int32)
+    matched = filled((batch, count), -1, torch.int32, host)
     matched.view(-1)[positives] = decode_tensor(sparse.positive_matched_gt, "positive_matched_gt", dtypes=int32)
-    deltas = _filled((batch, count, 4), 0, torch.float32)
+    deltas = filled((batch, count, 4), 0, torch.float32, host)
     deltas.view(-1, 4).index_copy_(0, positives, decode_tensor(sparse.positive_deltas, "positive_deltas").float())
     classes = None
     if sparse.HasField("positive_classes"):
-        classes = _filled((batch, count), background, torch.int32)
+        classes = filled((batch, count), background, torch.int32, host)
         classes.view(-1)[positives] = decode_tensor(sparse.positive_classes, "positive_classes", dtypes=int32)
     return labels, matched, deltas, classes

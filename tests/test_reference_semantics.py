@@ -9,6 +9,7 @@ import torch
 from support import random_batch
 from tritarget.kernels import TargetConfig, Targets, assign, decode, encode, generate_anchors, presets
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
+from tritarget.kernels.targets import filled
 
 CANVAS = (64, 96)
 # Any anchor config will do: explicit anchors replace the generated ones.
@@ -188,6 +189,19 @@ def test_sparse_round_trip_every_preset(name, generator):
     assert torch.equal(back.matched_gt[positive], dense.matched_gt[positive])
     if config.match.low_quality != "detectron2":
         assert torch.equal(back.matched_gt, dense.matched_gt)
+
+
+@pytest.mark.parametrize(
+    "shape, value, dtype",
+    [((3, 5), -1, torch.int32), ((2, 4), 7, torch.int8), ((2, 3), 0, torch.float32),
+     ((1, 201_600, 4), 0, torch.float32), ((1, 201_600), 91, torch.int32)],
+)  # fmt: skip
+def test_dense_outputs_are_filled_like_torch_full_each_in_its_own_memory(shape, value, dtype):
+    """``filled`` (numpy's fill, or zero pages from the kernel for a megabyte of zeros)."""
+    first, second = filled(shape, value, dtype, torch.device("cpu")), filled(shape, value, dtype, "cpu")
+    assert torch.equal(first, torch.full(shape, value, dtype=dtype))
+    first.view(-1)[[0, -1]] = 3
+    assert second.view(-1)[0] == value and second.view(-1)[-1] == value
 
 
 def test_anchors_grouped_by_level_in_documented_order():
