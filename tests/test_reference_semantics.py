@@ -9,6 +9,7 @@ import torch
 from support import random_batch
 from tritarget.kernels import TargetConfig, Targets, assign, decode, encode, generate_anchors, presets
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
+from tritarget.kernels.sampling import _draw
 from tritarget.kernels.targets import filled
 
 CANVAS = (64, 96)
@@ -237,6 +238,25 @@ class TestSampling:
         batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
         alone = assign(boxes[30:], [7], (128, 192), self.CONFIG, backend="reference", seed=12)
         assert torch.equal(batch.labels[1], alone.labels[0])
+
+    @pytest.mark.parametrize("members, count", [(900, 60), (100, 60), (100, 100), (150, 0)])
+    def test_draws_are_distinct_members_uniformly(self, members, count):
+        """Common members are drawn over the whole row, rare ones from their list: either
+        way ``count`` distinct members, each as likely as the others, the same per seed."""
+        row = torch.zeros(1000, dtype=torch.bool)
+        row[torch.randperm(1000, generator=torch.Generator().manual_seed(members))[:members]] = True
+        hits = torch.zeros(1000)
+        for seed in range(400):
+            drawn = _draw(row, members, count, torch.Generator().manual_seed(seed))
+            assert drawn.numel() == count and drawn.unique().numel() == count and row[drawn].all()
+            hits[drawn] += 1
+        again = _draw(row, members, count, torch.Generator().manual_seed(399))
+        assert torch.equal(again, drawn)
+        if 0 < count < members:  # each member is drawn 400 * count / members times on average
+            expected = 400 * count / members
+            spread = hits[row].std().item()
+            assert abs(hits[row].mean().item() - expected) < 1e-3
+            assert spread < 1.5 * (expected * (1 - count / members)) ** 0.5  # binomial spread
 
 
 @pytest.mark.parametrize("mode", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
