@@ -160,16 +160,17 @@ class Targets:
 
     def to_sparse(self) -> SparseTargets:
         """The sparse form (see the module docstring for what it cannot carry)."""
-        pos_image, pos_anchor = torch.nonzero(self.labels == POSITIVE, as_tuple=True)
-        ign_image, ign_anchor = torch.nonzero(self.labels == IGNORED, as_tuple=True)
+        positive_offsets, positive_anchors = _listed(self.labels == POSITIVE)
+        ignored_offsets, ignored_anchors = _listed(self.labels == IGNORED)
+        pos_image, pos_anchor = _rows(positive_offsets), positive_anchors.long()
         return SparseTargets(
             num_anchors=self.num_anchors,
-            positive_offsets=_offsets(pos_image, self.batch_size),
-            positive_anchors=pos_anchor.to(torch.int32),
+            positive_offsets=positive_offsets,
+            positive_anchors=positive_anchors,
             positive_matched_gt=self.matched_gt[pos_image, pos_anchor],
             positive_deltas=self.deltas[pos_image, pos_anchor],
-            ignored_offsets=_offsets(ign_image, self.batch_size),
-            ignored_anchors=ign_anchor.to(torch.int32),
+            ignored_offsets=ignored_offsets,
+            ignored_anchors=ignored_anchors,
             positive_classes=None if self.classes is None else self.classes[pos_image, pos_anchor],
             background_class=self.background_class,
             dropped=list(self.dropped),
@@ -233,9 +234,18 @@ def _anonymous(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def _offsets(image_of_row: torch.Tensor, batch: int) -> torch.Tensor:
-    counts = torch.bincount(image_of_row, minlength=batch)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+def _listed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets [B + 1] int64, anchors int32): the True entries of ``mask`` [B, A], image
+    by image in anchor order. On the host through numpy, whose nonzero is ~6x torch's: a
+    sampled RPN image lists ~270,000 ignored anchors (3.8 against 0.5 ms)."""
+    if mask.is_cpu:
+        rows = [np.flatnonzero(row) for row in mask.numpy()]
+        offsets = np.cumsum([0, *map(len, rows)])
+        anchors = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
+        return torch.from_numpy(offsets.astype(np.int64)), torch.from_numpy(anchors)
+    image, anchor = torch.nonzero(mask, as_tuple=True)
+    counts = torch.bincount(image, minlength=mask.shape[0])
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), anchor.to(torch.int32)
 
 
 def _rows(offsets: torch.Tensor) -> torch.Tensor:
