@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from support import assert_targets_equal, random_batch, random_boxes, with_ties
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
@@ -207,6 +209,46 @@ def test_explicit_anchors(num_anchors, mode, generator):
     boxes, counts = random_batch(generator, [3, 0, 11], canvas)
     config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
     check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=num_anchors in (0, 2049))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    name=st.sampled_from(presets.names()),
+    counts=st.lists(st.sampled_from([0, 1, 2, 5, 9, 20]), min_size=1, max_size=3),
+    mode=st.sampled_from(MODES),
+    thresholds=st.tuples(st.sampled_from([0.25, 0.5, 0.7, 1.0]), st.sampled_from([0.0, 0.5, 1.0]), st.booleans()),
+    border=st.tuples(st.sampled_from([-1.0, 0.0, 6.0]), st.sampled_from(["pre_match", "post_match"])),
+    ignore=st.tuples(st.sampled_from([-1.0, 0.0, 0.3]), st.booleans()),
+    extra=st.sampled_from(["ties", "image sizes", "pad sizes", "explicit anchors", "classes", "none"]),
+)
+def test_random_configurations(seed, name, counts, mode, thresholds, border, ignore, extra):
+    """Any preset with any matching rule, border rule and ignore rule, on random batches
+    (with ties, per-image sizes, pad sizes, explicit anchors or classes): dense and sparse
+    targets equal the reference's."""
+    generator = torch.Generator().manual_seed(seed)
+    high, low_fraction, strict_high = thresholds
+    config = _dense_config(name).replace(**{
+        "match.low_quality": mode, "match.high": high, "match.low": high * low_fraction,
+        "match.strict_high": strict_high, "match.allowed_border": border[0], "match.border_order": border[1],
+        "match.ignore_iof_thr": ignore[0], "match.ignore_iof_wrt_anchor": ignore[1],
+    })  # fmt: skip
+    canvas = (40 + seed % 120, 40 + seed % 160)
+    boxes, counts = random_batch(generator, counts, canvas)
+    regions, region_counts = random_batch(generator, [seed % 3 for _ in counts], canvas, max_frac=0.4)
+    kwargs = {"ignore_boxes": regions, "ignore_counts": region_counts}
+    sizes = [[canvas[0] - (seed + i) % 25, canvas[1] - (seed * i) % 35] for i in range(len(counts))]
+    if extra == "ties":
+        boxes = with_ties(boxes, generator)
+    elif extra in ("image sizes", "pad sizes"):
+        kwargs["image_sizes"] = sizes
+        if extra == "pad sizes":
+            kwargs["pad_sizes"] = [[min(canvas[0], h + 9), min(canvas[1], w + 13)] for h, w in sizes]
+    elif extra == "explicit anchors":
+        kwargs["anchors"] = random_boxes(generator, 50 + seed % 300, canvas, min_size=2.0)
+    elif extra == "classes":
+        kwargs["gt_classes"] = torch.randint(0, 80, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    check(boxes, counts, canvas, config, want_max_iou=True, sparse=True, **kwargs)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
