@@ -160,8 +160,8 @@ class Targets:
 
     def to_sparse(self) -> SparseTargets:
         """The sparse form (see the module docstring for what it cannot carry)."""
-        positive_offsets, positive_anchors = _listed(self.labels == POSITIVE)
-        ignored_offsets, ignored_anchors = _listed(self.labels == IGNORED)
+        positive_offsets, positive_anchors = _listed(self.labels, POSITIVE)
+        ignored_offsets, ignored_anchors = _listed(self.labels, IGNORED)
         pos_image, pos_anchor = _rows(positive_offsets), positive_anchors.long()
         return SparseTargets(
             num_anchors=self.num_anchors,
@@ -234,17 +234,18 @@ def _anonymous(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def _listed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(offsets [B + 1] int64, anchors int32): the True entries of ``mask`` [B, A], image
-    by image in anchor order. On the host through numpy, whose nonzero is ~6x torch's: a
-    sampled RPN image lists ~270,000 ignored anchors (3.8 against 0.5 ms)."""
-    if mask.is_cpu:
-        rows = [np.flatnonzero(row) for row in mask.numpy()]
+def _listed(labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets [B + 1] int64, anchors int32): where ``labels`` [B, A] equal ``label``,
+    image by image in anchor order. On the host in numpy, on the calling thread: its nonzero
+    is ~6x torch's (a sampled RPN image lists ~270,000 ignored anchors: 0.5 against 3.8 ms),
+    and torch's comparison of a whole batch is an OpenMP region (see ``filled``)."""
+    if labels.is_cpu:
+        rows = [np.flatnonzero(row == label) for row in labels.numpy()]
         offsets = np.cumsum([0, *map(len, rows)])
         anchors = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
         return torch.from_numpy(offsets.astype(np.int64)), torch.from_numpy(anchors)
-    image, anchor = torch.nonzero(mask, as_tuple=True)
-    counts = torch.bincount(image, minlength=mask.shape[0])
+    image, anchor = torch.nonzero(labels == label, as_tuple=True)
+    counts = torch.bincount(image, minlength=labels.shape[0])
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), anchor.to(torch.int32)
 
 
