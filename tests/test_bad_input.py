@@ -48,6 +48,24 @@ def test_drop_invalid_reports_and_keeps_original_indices():
     assert torch.equal(dropped.deltas, clean.deltas)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mode", ["torchvision", "detectron2"])  # detectron2: every anchor keeps a box
+def test_dropped_boxes_leave_the_other_images_and_indices_as_given(mode, backend):
+    """Image 0 loses its box 1 of 3, image 1 (2 boxes) nothing, image 2 its only box:
+    matched_gt equals that of the valid boxes alone, renumbered to the boxes as given."""
+    config = CONFIG.replace(**{"match.low_quality": mode})
+    bad = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    given = torch.cat([GOOD[:1], bad, GOOD[1:2], GOOD[1:3], bad])
+    dropped = assign(given, [3, 2, 1], CANVAS, config, backend=backend, drop_invalid=True)
+    clean = assign(torch.cat([GOOD[:2], GOOD[1:3]]), [2, 2, 0], CANVAS, config, backend=backend)
+    assert [d.tolist() for d in dropped.dropped] == [[1], [], [0]]
+    assert (clean.matched_gt[:2] == 1).any(dim=1).all()  # box 1 of images 0 and 1 matches anchors
+    expected = clean.matched_gt.clone()
+    expected[0] = torch.tensor([-1, 0, 2])[clean.matched_gt[0].long() + 1]  # kept box 1 was given as box 2
+    assert torch.equal(dropped.matched_gt, expected)
+    assert torch.equal(dropped.labels, clean.labels)
+
+
 def test_drop_invalid_can_empty_an_image():
     boxes = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
     targets = _assign(boxes, [1], drop_invalid=True)
