@@ -61,3 +61,12 @@ def assert_targets_equal(ours: Targets, ref: Targets, rtol: float = 1e-6, atol: 
         a, b = ours.max_iou.cpu(), ref.max_iou.cpu()
         bad = a != b
         assert not bad.any(), _describe("max_iou", a, b, bad)
+
+
+def on_device(function, boxes, counts, canvas, config, *, backend: str, **kwargs):
+    """``function`` (``assign`` or ``assign_sparse``) with its tensors on ``backend``'s
+    device: CUDA for triton on a GPU machine, where it runs compiled, else the CPU (triton
+    in the interpreter). The result comes back on the host."""
+    device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    return function(boxes.to(device), counts, canvas, config, backend=backend, **moved).to("cpu")

@@ -17,7 +17,7 @@ import mmdet_modules
 import pytest
 import torch
 
-from support import assert_targets_equal, random_batch, with_ties
+from support import assert_targets_equal, on_device, random_batch, with_ties
 from tritarget.kernels import (
     AnchorConfig,
     AnchorLevel,
@@ -57,7 +57,7 @@ def _mmdet_valid_flags(config: TargetConfig, canvas: tuple[int, int], pad: tuple
 def _no_boxes_labels(backend: str, config: TargetConfig, pads: list[list[int]]) -> torch.Tensor:
     """Labels of images without boxes: negative where included, ignored where excluded."""
     boxes = torch.zeros(0, 4)
-    return assign(boxes, [0] * len(pads), CANVAS, config, pad_sizes=pads, backend=backend).labels
+    return on_device(assign, boxes, [0] * len(pads), CANVAS, config, pad_sizes=pads, backend=backend).labels
 
 
 def test_mmdet_formula_counts_the_issue_case():
@@ -121,8 +121,8 @@ def test_excluded_anchor_does_not_count_for_a_boxs_best(backend):
     cell (1, 3) (IoU 64 / 448 = 0.14), which mmdet's low-quality rule makes positive."""
     config = _small_mmdet_config()
     box = torch.tensor([[40.0, 20.0, 56.0, 36.0]])
-    plain = assign(box, [1], (64, 64), config, backend=backend)
-    padded = assign(box, [1], (64, 64), config, pad_sizes=[[32, 64]], backend=backend)
+    plain = on_device(assign, box, [1], (64, 64), config, backend=backend)
+    padded = on_device(assign, box, [1], (64, 64), config, pad_sizes=[[32, 64]], backend=backend)
     cell = lambda y, x: 4 * y + x  # noqa: E731
     expected_plain = torch.zeros(16, dtype=torch.int8)
     expected_plain[cell(2, 3)] = 1
@@ -164,8 +164,8 @@ def test_backends_equal_the_reference(name, low_quality, border, order, generato
     unpadded = assign(boxes, counts, canvas, config, backend="reference", gt_classes=classes, image_sizes=sizes)
     assert not torch.equal(ref.labels, unpadded.labels)
     for backend in ("cpu", "triton"):
-        assert_targets_equal(assign(boxes, counts, canvas, config, backend=backend, **kwargs), ref)
-        sparse = assign_sparse(boxes, counts, canvas, config, backend=backend, **kwargs)
+        assert_targets_equal(on_device(assign, boxes, counts, canvas, config, backend=backend, **kwargs), ref)
+        sparse = on_device(assign_sparse, boxes, counts, canvas, config, backend=backend, **kwargs)
         assert_targets_equal(Targets.from_sparse(sparse), Targets.from_sparse(ref.to_sparse()))
 
 
@@ -174,8 +174,8 @@ def test_pad_equal_to_the_canvas_changes_nothing(backend, generator):
     config = presets.get("retinanet_mmdet")
     canvas = (96, 128)
     boxes, counts = random_batch(generator, [4, 2], canvas)
-    plain = assign(boxes, counts, canvas, config, backend=backend)
-    padded = assign(boxes, counts, canvas, config, pad_sizes=[list(canvas)] * 2, backend=backend)
+    plain = on_device(assign, boxes, counts, canvas, config, backend=backend)
+    padded = on_device(assign, boxes, counts, canvas, config, pad_sizes=[list(canvas)] * 2, backend=backend)
     assert_targets_equal(padded, plain, rtol=0, atol=0)
 
 

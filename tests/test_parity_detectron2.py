@@ -27,6 +27,7 @@ import pytest
 import torch
 from test_known_answers import D2_ANCHORS_OFFSET_0, D2_QUALITY
 
+from support import on_device
 from tritarget.kernels import AnchorLevel, assign, box_iou, generate_anchors, presets
 from tritarget.kernels.adapters import detectron2_targets
 
@@ -77,7 +78,9 @@ def test_rpn_matcher_published_answer(backend, sample):
     if not sample:
         config = config.replace(**{"match.sample_size": 0})
     boxes, anchors = _matrix_inputs()
-    targets = assign(boxes, [3], MATRIX_CANVAS, config, anchors=anchors, backend=backend, return_max_iou=True)
+    targets = on_device(
+        assign, boxes, [3], MATRIX_CANVAS, config, anchors=anchors, backend=backend, return_max_iou=True
+    )
     assert targets.labels[0].tolist() == D2_EXPECTED_MATCH_LABELS
     assert targets.matched_gt[0].tolist() == D2_EXPECTED_MATCHES
     assert targets.max_iou[0][0] == torch.tensor(0.3)
@@ -130,7 +133,7 @@ def test_published_anchors_feed_assign(name, backend):
     published anchor 4 (the 64-size square of cell 0) is matched there, IoU 1."""
     config = _d2_config(name).replace(**{"match.sample_size": 0})
     box = torch.tensor([D2_ANCHORS_OFFSET_0[4]])
-    targets = assign(box, [1], D2_CANVAS, config, backend=backend, return_max_iou=True)
+    targets = on_device(assign, box, [1], D2_CANVAS, config, backend=backend, return_max_iou=True)
     assert targets.labels.shape == (1, 12)
     assert int(targets.labels[0, 4]) == 1 and int(targets.matched_gt[0, 4]) == 0
     assert float(targets.max_iou[0, 4]) == 1.0
