@@ -11,7 +11,7 @@
 #    links to kernels/, service/, clients/ and protos/ in a scratch folder on PYTHONPATH.
 #    A `python` wrapper for $PYTHON goes first on PATH (protos/generate.sh calls
 #    `python`; an image may have only `python3`).
-# 1. The whole test suite with compiled Triton (TRITON_INTERPRET unset), on 8
+# 1. The whole test suite with compiled Triton (TRITON_INTERPRET unset), on 12
 #    pytest-xdist workers where xdist is installed: the triton tests run on the GPU,
 #    including the `gpu` ones (full-size 800x1344 parity for every preset and mode,
 #    B = 64 and G = 1000 without out-of-memory). The tests that build a wheel from
@@ -26,7 +26,7 @@
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
 # there are more than 8 files (what the device tool brings back), the rest go into
-# extras.tar.gz. Finishes in about 8 minutes: each step has its own timeout (tests 170 s,
+# extras.tar.gz. Finishes in about 9 minutes: each step has its own timeout (tests 250 s,
 # bench 100 s, anchor scan 120 s, service 90 s), plus setup. Exit status: non-zero if
 # the wheels did not install, a test failed, the service step failed or the
 # bench did not finish.
@@ -120,7 +120,7 @@ fi
 wheel_tests=(tests/test_packaging.py tests/test_protos.py::test_generated_code_imports_from_a_wheel)
 main_cmd=("${pytest_cmd[@]}" --ignore=tests/test_packaging.py --deselect "${wheel_tests[1]}")
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
-    main_cmd+=(-n "${GPU_CHECK_WORKERS:-8}")
+    main_cmd+=(-n "${GPU_CHECK_WORKERS:-12}")
 fi
 # GPU_CHECK_TESTS (default: tests, the whole suite) and GPU_CHECK_BENCH_ARGS (extra
 # bench_gpu.py arguments) narrow a re-run when device time is short.
@@ -145,7 +145,7 @@ echo "== tests: ${main_cmd[*]:1} ==" | tee "$OUT/pytest.txt"
 timeout -k 10 160 "${pytest_cmd[@]}" "${wheel_tests[@]}" >"$SCRATCH/wheel_tests.txt" 2>&1 &
 wheel_pid=$!
 # SIGINT first, so pytest still prints what failed and the slowest tests.
-timeout -s INT -k 15 170 "${main_cmd[@]}" 2>&1 | tee -a "$OUT/pytest.txt"
+timeout -s INT -k 15 250 "${main_cmd[@]}" 2>&1 | tee -a "$OUT/pytest.txt"
 tests=${PIPESTATUS[0]}
 wait "$wheel_pid"
 wheel=$?
