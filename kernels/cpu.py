@@ -2,12 +2,14 @@
 
 The work is done by one fused C kernel (``cpu_kernel.c``, built on first use by
 ``cpu_build``) that streams over anchors in chunks of 512, multi-threaded over
-(image, chunk) work items with ``torch.get_num_threads()`` threads, in two passes:
+(image, chunk) work items with ``torch.get_num_threads()`` threads (the calling thread
+and helper threads the library keeps between calls), in two passes:
 
 1. every anchor's best IoU and box, its outputs as the thresholds, ignore and border
    rules decide them (labels, matched box, deltas, class: written once), and every
    box's best IoU and anchor (what the low-quality rules need) as per-thread partial
-   maxima, merged afterwards;
+   maxima, merged afterwards (a shared per-box bound lets every thread skip by what any
+   thread found);
 2. the low-quality rule: only chunks whose best IoU reaches some box's best IoU are
    revisited, only those boxes' IoUs recomputed, only the lifted anchors rewritten.
 
@@ -22,9 +24,9 @@ changes no label there. Either way the block is neither read nor computed for th
 this is what makes crowded images cheap, and what lets a sparse solve of a COCO-like
 image read a small fraction of the anchors.
 
-Memory beyond the outputs: box maxima (8 bytes per box and thread), ~50 bytes per (image,
-chunk of 512 anchors), ~20 KiB of stack per thread, the sparse rows (8 bytes per
-positive, 4 per ignored anchor; a chunk pass 2 changes is stored twice, lists grow by
+Memory beyond the outputs: box maxima (8 bytes per box and thread, 4 shared), ~50 bytes
+per (image, chunk of 512 anchors), ~20 KiB of stack per thread, the sparse rows (8 bytes
+per positive, 4 per ignored anchor; a chunk pass 2 changes is stored twice, lists grow by
 doubling) and the cached bounds (24 bytes per 64 anchors): O(threads x G + B x A / 512 +
 rows), no [G, A] matrix and, for the sparse form, nothing [B, A].
 

@@ -144,6 +144,12 @@ typedef struct {
     BoxPartial *partials;  /* one per thread, into part_max / part_best [threads * N] */
     float *part_max;
     int32_t *part_best;
+    /* [N] the best IoU over included anchors any thread has found so far for each box, as
+     * float bits (non-negative floats order like their bits; 0: nothing above 0 yet). Only
+     * for skipping: an attained IoU bounds the box's maximum from below whichever thread
+     * found it, so every thread skips as much as one thread alone would (with per-thread
+     * bounds alone 2 threads evaluated ~10% more blocks, 4 threads up to ~45% more). */
+    atomic_int *box_found;
     float *box_max;        /* [N] merged: each box's best IoU over included anchors (-1: none above 0) */
     int32_t *box_best;     /* [N] and the lowest anchor reaching it */
     /* per work item, from pass 1: best IoU of an included anchor; pass 2 skips the chunks
@@ -168,6 +174,7 @@ typedef struct {
     Job *job;
     int thread;
     void (*body)(Job *, int, int64_t, int64_t);
+    int *running; /* the call's helpers still working (guarded by the pool's lock) */
 } Worker;
 
 /* ---- geometry, in torchvision's order ---------------------------------------------- */
@@ -326,7 +333,12 @@ static void load_block(const Problem *p, Chunk *c, int j) {
  * this thread: a lower bound of its maximum) are not its maximum. */
 static inline float box_floor(const Job *job, int thread, int64_t g) {
     if (job->p->low_quality == LQ_NONE) return job->iou_floor;
-    const float found = job->partials[thread].max[g];
+    union {
+        int32_t i;
+        float f;
+    } shared = {atomic_load_explicit(&job->box_found[g], memory_order_relaxed)};
+    const float own = job->partials[thread].max[g];
+    const float found = own > shared.f ? own : shared.f;
     return found < job->iou_floor ? found : job->iou_floor;
 }
 
@@ -653,6 +665,10 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
             while (masked.i[k] != top) ++k;
             part.max[g] = as_float.f;
             part.best[g] = (int32_t)(c.start + k);
+            int32_t shared = atomic_load_explicit(&job->box_found[g], memory_order_relaxed);
+            while (top > shared && !atomic_compare_exchange_weak_explicit(&job->box_found[g], &shared, top,
+                                                                          memory_order_relaxed, memory_order_relaxed)) {
+            }
         }
     }
 
@@ -861,20 +877,96 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Helper threads outlive a call: creating and joining a thread costs ~35 us on a 2-core
+ * VM, three times per call (pass 1, pass 2, emit), against ~0.3 ms for a whole sparse
+ * solve of a COCO-like image. Idle helpers wait on their own condition variable; a call
+ * takes as many as it needs (starting new ones when none is idle, so concurrent calls
+ * never wait for each other) and works on its own thread too. A forked child (data-loader
+ * workers) has none of the parent's helpers: it starts with an empty pool. */
+typedef struct Helper {
+    pthread_cond_t wake;
+    Worker *work;        /* set by the caller, cleared by the helper when its share is done */
+    struct Helper *next; /* in the idle list */
+} Helper;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER; /* a helper finished a share */
+static Helper *pool_idle;
+
+static void *helper_main(void *arg) {
+    Helper *h = (Helper *)arg;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (!h->work) pthread_cond_wait(&h->wake, &pool_lock);
+        Worker *w = h->work;
+        pthread_mutex_unlock(&pool_lock);
+        worker_main(w);
+        pthread_mutex_lock(&pool_lock);
+        h->work = NULL;
+        h->next = pool_idle;
+        pool_idle = h;
+        if (--*w->running == 0) pthread_cond_broadcast(&pool_done);
+    }
+    return NULL;
+}
+
+/* An idle helper, or a new one; NULL when no thread can be started. pool_lock held. */
+static Helper *take_helper(void) {
+    Helper *h = pool_idle;
+    if (h) {
+        pool_idle = h->next;
+        return h;
+    }
+    h = calloc(1, sizeof(Helper));
+    if (!h) return NULL;
+    pthread_t id;
+    pthread_attr_t attr;
+    int started = 0;
+    if (pthread_cond_init(&h->wake, NULL) == 0) {
+        if (pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            started = pthread_create(&id, &attr, helper_main, h) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!started) pthread_cond_destroy(&h->wake);
+    }
+    if (!started) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+static void forget_helpers(void) {
+    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    pool_lock = unlocked; /* a parent's helper may have held it at the fork */
+    pool_done = fresh;
+    pool_idle = NULL;     /* the parent's helpers do not exist here (their memory is left) */
+}
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, forget_helpers);
+}
+
 static void run_parallel(Job *job, int threads, void (*body)(Job *, int, int64_t, int64_t)) {
     Worker workers[threads];
-    pthread_t ids[threads];
-    int started[threads];
+    int running = 0;
     atomic_store(&job->next_item, 0);
-    for (int t = 0; t < threads; ++t) {
-        workers[t] = (Worker){job, t, body};
-        started[t] = 0;
+    for (int t = 0; t < threads; ++t) workers[t] = (Worker){job, t, body, &running};
+    pthread_mutex_lock(&pool_lock);
+    for (int t = 1; t < threads; ++t) {
+        Helper *h = take_helper();
+        if (!h) break; /* the threads that did start take its share */
+        h->work = &workers[t];
+        ++running;
+        pthread_cond_signal(&h->wake);
     }
-    for (int t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], NULL, worker_main, &workers[t]) == 0;
-    worker_main(&workers[0]); /* the calling thread works too; if a thread failed to start, others do its share */
-    for (int t = 1; t < threads; ++t)
-        if (started[t]) pthread_join(ids[t], NULL);
+    pthread_mutex_unlock(&pool_lock);
+    worker_main(&workers[0]);
+    pthread_mutex_lock(&pool_lock);
+    while (running) pthread_cond_wait(&pool_done, &pool_lock);
+    pthread_mutex_unlock(&pool_lock);
 }
 
 /* ---- one solve ------------------------------------------------------------------------ */
@@ -893,7 +985,7 @@ static void free_job(Job *job) {
             free(job->rows[t].pos);
             free(job->rows[t].ign);
         }
-    free(job->partials); free(job->part_max); free(job->part_best); free(job->box_max); free(job->box_best); free(job->chunk_reach);
+    free(job->partials); free(job->part_max); free(job->part_best); free(job->box_found); free(job->box_max); free(job->box_best); free(job->chunk_reach);
     free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
     free(job);
 }
@@ -920,10 +1012,12 @@ static Job *new_job(const Problem *p, int sparse) {
     job->partials = malloc(sizeof(BoxPartial) * (size_t)threads);
     job->part_max = malloc(sizeof(float) * (size_t)(threads * N + 1));
     job->part_best = malloc(sizeof(int32_t) * (size_t)(threads * N + 1));
+    job->box_found = calloc((size_t)(N + 1), sizeof(atomic_int));
     job->box_max = malloc(sizeof(float) * (size_t)(N + 1));
     job->box_best = malloc(sizeof(int32_t) * (size_t)(N + 1));
     job->chunk_reach = malloc(sizeof(float) * (size_t)(job->num_items + 1));
-    int ok = job->partials && job->part_max && job->part_best && job->box_max && job->box_best && job->chunk_reach;
+    int ok = job->partials && job->part_max && job->part_best && job->box_found && job->box_max && job->box_best &&
+             job->chunk_reach;
     if (ok && sparse) {
         job->rows = calloc((size_t)(2 * threads), sizeof(Rows));
         job->items = malloc(sizeof(ItemRows) * (size_t)(job->num_items + 1));

@@ -5,10 +5,12 @@ exactly, deltas within 1e-6, for every preset and matching mode; and it never bu
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -238,6 +240,78 @@ def test_any_thread_count_gives_the_same_targets(threads, generator):
     finally:
         torch.set_num_threads(before)
     assert_targets_equal(ours, ref)
+
+
+def crowded_problem(generator):
+    """Many boxes over few anchors with the low-quality rule: every thread's share finds
+    box maxima the others skip by (the shared per-box bound), and pass 2 runs."""
+    canvas = (160, 224)
+    boxes, counts = random_batch(generator, [60, 0, 45, 7], canvas, max_frac=0.4)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality="torchvision", min_pos_iou=0.0))
+    classes = classes_for(boxes, generator)
+    problem, _ = build_problem(boxes, counts, canvas, config, drop_invalid=True, gt_classes=classes)
+    return problem
+
+
+def test_concurrent_callers_each_with_several_threads(generator):
+    """The kernel's helper threads outlive a call and are shared by every caller: four
+    Python threads, each solving with 3 threads at once, all get the single-threaded
+    answer."""
+    problem = crowded_problem(generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dense, sparse = cpu.solve(problem), cpu.solve_sparse(problem)
+    finally:
+        torch.set_num_threads(before)
+    failures = []
+
+    def caller() -> None:
+        torch.set_num_threads(3)  # per thread, as the server's compute workers set theirs
+        try:
+            for _ in range(15):
+                assert_targets_equal(cpu.solve(problem), dense, rtol=0.0, atol=0.0)
+                assert_sparse_equal(cpu.solve_sparse(problem), sparse)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a caller never returned"
+    assert not failures, failures[0]
+
+
+def _solve_in_child(problem, connection) -> None:
+    torch.set_num_threads(3)
+    sparse = cpu.solve_sparse(problem)
+    connection.send([getattr(sparse, name).tolist() for name in ("positive_anchors", "ignored_anchors")])
+
+
+def test_a_forked_child_solves_with_threads_after_its_parent_did(generator):
+    """Data-loader workers are forked from a process that may have used the kernel with
+    several threads: the child has none of those helper threads and must start its own
+    (not wait forever for the parent's)."""
+    problem = crowded_problem(generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        expected = cpu.solve_sparse(problem)  # the parent now has idle helpers
+    finally:
+        torch.set_num_threads(before)
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_solve_in_child, args=(problem, sending))
+    child.start()
+    got = receiving.recv() if receiving.poll(120) else None
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert got is not None, "the forked child did not answer within 120 s"
+    assert got == [expected.positive_anchors.tolist(), expected.ignored_anchors.tolist()]
+    assert child.exitcode == 0
 
 
 @pytest.mark.parametrize(
