@@ -77,7 +77,7 @@ def decode_tensor(
         allowed = ", ".join(DType.Name(_WIRE[d]) for d in dtypes)
         raise TensorError(f"{name}: dtype {DType.Name(message.dtype)} not allowed here (expected {allowed})")
     shape = list(message.shape)
-    if any(s < 0 for s in shape):
+    if shape and min(shape) < 0:
         raise TensorError(f"{name}: negative dimension in shape {shape}")
     if ndim is not None and len(shape) != ndim:
         raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")

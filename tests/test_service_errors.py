@@ -18,6 +18,7 @@ from tritarget.clients.wire import build_request
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
+from tritarget.service.errors import InvalidInput
 
 CANVAS = (96, 128)
 GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -150,6 +151,26 @@ def _raw(client, mutate):
 def test_malformed_messages(client, mutate, text):
     error = _fails(client, INVALID, text, call=_raw(client, mutate))
     assert error.field_violations
+
+
+@pytest.mark.parametrize("boxes", [3, 300])  # listed as Python ints, or scanned in numpy
+@pytest.mark.parametrize(
+    "dtype, bad, text",
+    [(torch.int32, -1, "class -1 is outside"), (torch.int64, -5, "class -5 is outside"),
+     (torch.int64, 2**40, "class 1099511627776 is outside")],
+)  # fmt: skip
+def test_classes_out_of_range_are_named_by_box(boxes, dtype, bad, text):
+    """The server's own check (a client may send any int32 or int64 classes)."""
+    request = build_request(GOOD[:1].repeat(boxes, 1), [boxes], CANVAS, gt_classes=torch.ones(boxes, dtype=dtype),
+                            preset="retinanet_torchvision")  # fmt: skip
+    classes = torch.arange(boxes, dtype=dtype)
+    classes[-1] = bad
+    request.gt_classes.CopyFrom(encode_tensor(classes))
+    with pytest.raises(InvalidInput, match=f"gt_classes: box {boxes - 1}: {text}"):
+        codec.decode_assign(request, codec.Limits())
+    classes[-1] = 2**31 - 1  # the largest class that travels back as int32
+    request.gt_classes.CopyFrom(encode_tensor(classes))
+    assert codec.decode_assign(request, codec.Limits()).gt_classes[-1] == 2**31 - 1
 
 
 def test_unknown_preset_is_not_found(client):
