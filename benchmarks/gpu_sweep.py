@@ -8,9 +8,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls under
    cProfile; ``assign`` end to end beside it.
-2. Sweep: pairs per chunk (``block_p``) x persistent pair programs per SM, for
-   ``solve`` and ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000;
-   labels checked equal to the default parameters in every cell.
+2. Sweep: pairs per chunk (``block_p``) x persistent pair programs per SM, then the pair
+   kernels' register cap (``maxnreg``: 80 registers fit 6 programs of 4 warps per SM, 64
+   fit 8, 48 fit 10, for 2-5% more instructions: ``kernel_resources.md``) x programs per
+   SM, for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8
+   G = 1000; labels checked equal to the default parameters in every cell.
 
 Writes ``sweep.txt`` (human-readable, with the JSON on its last line) under ``--out``.
 """
@@ -107,20 +109,26 @@ def main() -> None:
     problems = {point: problem_for(*point)[0] for point in points}
     default = triton_backend._COMPILED
     expected = {point: triton_backend.solve(p).labels.clone() for point, p in problems.items()}
-    for block_p in (128, 256, 512):
-        for programs in (4, 8, 16):
-            triton_backend._COMPILED = dataclasses.replace(default, block_p=block_p, pair_programs=programs)
-            triton_backend._pair_programs.cache_clear()
-            for point, problem in problems.items():
-                same = torch.equal(triton_backend.solve(problem).labels, expected[point])
-                dense = bench(lambda p=problem: triton_backend.solve(p))
-                sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
-                label = f"B={point[0]} G={point[1] or '~7'}"
-                say(f"block_p {block_p:4d} programs/SM {programs:3d} {label:12s} solve {dense:8.3f} ms "
-                    f"sparse {sparse:8.3f} ms{'' if same else '  LABELS DIFFER'}")  # fmt: skip
-                record["sweep"].append(dict(block_p=block_p, programs_per_sm=programs, batch=point[0],
-                                            boxes=point[1], solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
+    cells = [dict(block_p=block_p, pair_programs=programs) for block_p in (128, 256, 512) for programs in (4, 8, 16)]
+    cells += [dict(pair_registers=registers, pair_programs=programs) for registers in (64, 48)
+              for programs in (8, 16, 32)]  # fmt: skip
+    for cell in cells:
+        triton_backend._COMPILED = dataclasses.replace(default, **cell)
+        triton_backend._pair_programs.cache_clear()
+        meta = triton_backend._COMPILED
+        for point, problem in problems.items():
+            same = torch.equal(triton_backend.solve(problem).labels, expected[point])
+            dense = bench(lambda p=problem: triton_backend.solve(p))
+            sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
+            label = f"B={point[0]} G={point[1] or '~7'}"
+            say(f"block_p {meta.block_p:4d} programs/SM {meta.pair_programs:3d} registers "
+                f"{meta.pair_registers or '-':>3} {label:12s} solve {dense:8.3f} ms sparse {sparse:8.3f} ms"
+                f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
+            record["sweep"].append(dict(block_p=meta.block_p, programs_per_sm=meta.pair_programs,
+                                        registers=meta.pair_registers, batch=point[0], boxes=point[1],
+                                        solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
     triton_backend._COMPILED = default
+    triton_backend._pair_programs.cache_clear()
     lines.append(json.dumps(record))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,14 @@ def kernels() -> list[tuple[str, object, dict]]:
             k.pairs_kernel,
             dict(STAGE=k.STAGE_SCATTER, GENERATE=False, BLOCK_P=m.block_p),
         ),  # fmt: skip
+        *(
+            (
+                f"pairs: scatter, at most {registers} registers",
+                k.pairs_kernel,
+                dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p, maxnreg=registers),
+            )
+            for registers in (64, 48)
+        ),
         ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
         ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
@@ -63,6 +71,13 @@ def kernels() -> list[tuple[str, object, dict]]:
 
 
 def compile_cubin(fn, constexprs: dict) -> bytes:
+    constexprs = dict(constexprs)
+    options = {"num_warps": backend._COMPILED.num_warps, "enable_fp_fusion": False}
+    if "maxnreg" in constexprs:  # a compile option, as the launch passes it
+        options["maxnreg"] = constexprs.pop("maxnreg")
+    if backend._COMPILED.pair_registers is not None and fn is k.pairs_kernel:
+        options.setdefault("maxnreg", backend._COMPILED.pair_registers)
+
     def kind(arg: str) -> str:
         if arg in constexprs:
             return "constexpr"
@@ -73,7 +88,6 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
     signature = {arg: kind(arg) for arg in fn.arg_names}
     # torch allocations are 16-byte aligned: the JIT gives pointers this hint too.
     aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg.endswith("_ptr")}
-    options = {"num_warps": backend._COMPILED.num_warps, "enable_fp_fusion": False}
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                               options=options)  # fmt: skip
     return compiled.asm["cubin"]
@@ -119,7 +133,10 @@ def main() -> None:
         "# Triton kernels compiled for sm_90 (no GPU needed)",
         "",
         f"triton {triton.__version__}; {m.num_warps} warps per program; block sizes {m}. "
-        "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin).",
+        "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin). "
+        "The capped rows (Triton's `maxnreg`, what `gpu_sweep.py` times) keep their extra values in a "
+        "local-memory stack frame: more programs fit an SM for a few more instructions and L1-cached "
+        "loads; whether that pays is measured on a GPU.",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "programs per SM by registers |",

@@ -62,7 +62,8 @@ __all__ = ["solve", "solve_sparse", "candidate_pairs", "interpreting"]
 class _Meta:
     """Block sizes: anchors per finalize program, pairs per chunk, ignore boxes per tile,
     box rows per segments program, persistent pair programs per SM (compiled) or in all
-    (interpreter), warps."""
+    (interpreter), warps, and a cap on the pair kernels' registers per thread (None: the
+    compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``)."""
 
     block_a: int
     block_p: int
@@ -70,6 +71,7 @@ class _Meta:
     segment_rows: int
     pair_programs: int
     num_warps: int
+    pair_registers: int | None = None
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps). Pairs: the
@@ -332,6 +334,8 @@ class _Launch:
         )  # fmt: skip
         grid = (_pair_programs(self.device),)
         meta = dict(GENERATE=self.generate, BLOCK_P=self.meta.block_p)
+        if self.meta.pair_registers is not None:  # fewer registers, more programs resident per SM
+            meta["maxnreg"] = self.meta.pair_registers
         pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
         if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
             block = 128

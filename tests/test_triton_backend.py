@@ -12,6 +12,8 @@ the GPU's logf is a different implementation again.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -138,6 +140,30 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0], want_max_iou=True,
                  sparse=mode == "ssd_forced")  # fmt: skip
     assert not ((ours.labels[0] == 1) & (ours.matched_gt[0] == 0)).any()
+
+
+def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
+    """``pair_registers`` reaches the pair kernels' launches as Triton's ``maxnreg`` (what
+    ``gpu_sweep.py`` varies): compiled on a GPU, the capped kernels still match the
+    reference; the interpreter takes the option and ignores it."""
+    launched = []
+    original = triton_backend.pairs_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs.get("maxnreg"))
+                return original[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "pairs_kernel", Recording())
+    capped = dataclasses.replace(triton_backend._COMPILED, pair_registers=48)
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", capped)
+    monkeypatch.setattr(triton_backend, "_COMPILED", capped)
+    boxes, counts = random_batch(generator, [6, 3], (64, 256), max_frac=0.2)
+    check(boxes, counts, (64, 256), _dense_config("retinanet_torchvision"))
+    assert launched == [48, 48]  # scatter, then lift
 
 
 @pytest.mark.parametrize("wrt_anchor", [True, False])
