@@ -20,8 +20,10 @@
 #    per-kernel device times, time against boxes per image (--time-limit 80: the
 #    points left after 80 s are skipped, and the tables and plots still written).
 # 3. benchmarks/bench_anchor_design.py: the 100,000-image anchor check scan on the GPU.
-# 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 4
-#    client processes (images/s and latency percentiles, 20 responses verified per run).
+# 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
+#    client processes (images/s and latency percentiles, 20 responses verified per run;
+#    with 4 on the H200 machine the clients were the limit: 12.4k images/s with the
+#    cores 22-25% busy, run5/service.txt).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
@@ -127,13 +129,13 @@ fi
 bench_limit=80  # seconds, after which bench_gpu.py starts no new point (the step's timeout is 100)
 steps_backend=triton  # the anchor scan and the service
 anchor_images="${GPU_ANCHOR_IMAGES:-100000}"
-service_load=(--processes 4 --scale 4)
+service_load=(--processes 8 --scale 4)
 if [ "$DRY" = 1 ]; then
     main_cmd+=(tests/test_assign_sparse.py tests/test_protos.py)
     bench_limit=40  # an interpreted point takes up to ~25 s on 2 cores
     steps_backend=cpu
     anchor_images=2000
-    service_load=(--processes 1 --scale 1)  # 4 client processes overload 2 cores
+    service_load=(--processes 1 --scale 1)  # several client processes overload 2 cores
 else
     read -ra selected <<<"${GPU_CHECK_TESTS:-tests}"
     main_cmd+=("${selected[@]}")
@@ -166,7 +168,7 @@ timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$
     --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
 
 # The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
-# under tritarget loadtest from 4 client processes, 8 COCO-like images per SPARSE request.
+# under tritarget loadtest from 8 client processes, 8 COCO-like images per SPARSE request.
 # GPU_SERVICE_ARGS adds server flags, e.g. "--workers 2 --port 50061" (several front-end
 # processes share the GPU; --workers needs a fixed port).
 echo "== service =="
