@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .anchors import AnchorGrid
 from .problem import Problem
@@ -91,9 +90,24 @@ _MAX_INDEX = 2**31 - 1 - _INTERPRETED.block_a
 _INT32 = (-(2**31), 2**31 - 1)
 
 
+# Triton reads TRITON_INTERPRET once, when ``triton_assign`` defines the kernels (this
+# module's import): read here at the same time, not on each of a call's seven lookups.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when the
+    kernels were defined)."""
+    return _INTERPRETING
+
+
+def _cdiv(numerator: int, denominator: int) -> int:
+    # Plain ints: triton.cdiv is a constexpr function, microseconds per host call.
+    return -(-numerator // denominator)
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
 
 
 def _meta() -> _Meta:
@@ -287,7 +301,7 @@ class _Launch:
         self.low_quality = LOW_QUALITY_CODES[match.low_quality]
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
-        self.num_blocks = triton.cdiv(self.num_anchors, self.meta.block_a)
+        self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return _placeholder(self.device, dtype)
@@ -308,11 +322,11 @@ class _Launch:
             "box_key": zeroed[:rows],
             "seg_max": zeroed[rows + num_segments + 1 :].view(torch.int32)[:num_segments],
         }
-        segments_kernel[(triton.cdiv(rows, self.meta.segment_rows),)](
+        segments_kernel[(_cdiv(rows, self.meta.segment_rows),)](
             self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], out["pairs"],
             out["row_image"], out["row_box"], rows, self.batch, self.num_anchors, self.num_shapes, self.center_div,
             self.search_steps, max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate,
-            ROWS=self.meta.segment_rows, SHAPES=triton.next_power_of_2(self.num_shapes), **_launch_kwargs(),
+            ROWS=self.meta.segment_rows, SHAPES=_next_power_of_2(self.num_shapes), **_launch_kwargs(),
         )  # fmt: skip
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out
@@ -339,7 +353,7 @@ class _Launch:
         pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
         if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
             block = 128
-            forced_kernel[(triton.cdiv(self.num_rows, block),)](
+            forced_kernel[(_cdiv(self.num_rows, block),)](
                 self.problem.gt_offsets, row_image, box_key, work, self.num_rows, self.num_anchors,
                 float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
             )  # fmt: skip
@@ -347,7 +361,7 @@ class _Launch:
             # The lift walks only the rectangles where a box reaches its maximum: their
             # pair counts, the others zeroed, re-summed into the same prefix.
             pairs, block = candidates["pairs"], 1024
-            lift_segments_kernel[(triton.cdiv(num_segments, block),)](
+            lift_segments_kernel[(_cdiv(num_segments, block),)](
                 rect, box_key, seg_max, pairs, num_segments, self.num_shapes, float(self.match.min_pos_iou),
                 BLOCK=block, **_launch_kwargs(),
             )  # fmt: skip
@@ -481,5 +495,5 @@ def candidate_pairs(problem: Problem) -> dict[str, int]:
         return {"evaluated": 0, "chunks": 0, "lanes": 0}
     with _on(launch.device):
         evaluated = int(launch.segments()["prefix"][-1])
-    chunks = triton.cdiv(evaluated, launch.meta.block_p)
+    chunks = _cdiv(evaluated, launch.meta.block_p)
     return {"evaluated": evaluated, "chunks": chunks, "lanes": chunks * launch.meta.block_p}

@@ -354,7 +354,7 @@ def test_refuses_what_it_cannot_run(monkeypatch, generator):
         triton_backend.solve("not a problem")
     boxes, counts = random_batch(generator, [2], (64, 96))
     problem, _ = build_problem(boxes, counts, (64, 96), _dense_config("retinanet_torchvision"))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
     with pytest.raises(ValueError, match="CUDA"):
         triton_backend.solve(problem)
 
