@@ -40,6 +40,14 @@ def _backend_module(backend: str):
     return importlib.import_module(f".{_BACKEND_MODULES[backend]}", __package__)
 
 
+def _backend_for(backend: str, gt_boxes: object):
+    """The module of the backend that will solve boxes where ``gt_boxes`` live (chosen
+    before the inputs are checked, so that the cpu backend can check CPU boxes itself;
+    ``build_problem`` refuses a ``gt_boxes`` that is not a tensor)."""
+    device = gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else torch.device("cpu")
+    return _backend_module(resolve_backend(backend, device))
+
+
 def assign(
     gt_boxes: torch.Tensor,
     gt_counts: torch.Tensor | Sequence[int],
@@ -90,14 +98,15 @@ def assign(
         Targets with labels/matched_gt/deltas of shape [B, A] ([B, A, 4]). matched_gt
         indexes the boxes of its image as given (before dropping).
     """
+    module = _backend_for(backend, gt_boxes)
     problem, kept = build_problem(
         gt_boxes, gt_counts, canvas, config,
         gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
         image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-        want_max_iou=return_max_iou,
+        want_max_iou=return_max_iou, host_check=getattr(module, "boxes_valid", None),
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
-    targets = _backend_module(resolve_backend(backend, problem.device)).solve(problem)
+    targets = module.solve(problem)
     if config.match.sample_size > 0:
         targets = sample(targets, config.match, seeds)
     if kept.original_index is not None:
@@ -130,13 +139,14 @@ def assign_sparse(
     without a host round trip; with sampling, or on other backends, the dense targets
     are built first.
     """
+    module = _backend_for(backend, gt_boxes)
     problem, kept = build_problem(
         gt_boxes, gt_counts, canvas, config,
         gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
         image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+        host_check=getattr(module, "boxes_valid", None),
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
-    module = _backend_module(resolve_backend(backend, problem.device))
     if config.match.sample_size == 0 and hasattr(module, "solve_sparse"):
         sparse = module.solve_sparse(problem)
     else:

@@ -50,7 +50,7 @@ from .cpu_build import load_library
 from .problem import Problem
 from .targets import SparseTargets, Targets
 
-__all__ = ["solve", "solve_sparse"]
+__all__ = ["solve", "solve_sparse", "boxes_valid"]
 
 _F32_4, _I64_2 = ctypes.c_float * 4, ctypes.c_int64 * 2
 # Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
@@ -110,11 +110,19 @@ def _library() -> ctypes.CDLL:
         "tritarget_cpu_emit_sparse": ([pointer] * 6, None),
         "tritarget_cpu_free_sparse": ([pointer], None),
         "tritarget_cpu_bounds": ([pointer, size, pointer], None),
+        "tritarget_cpu_boxes_valid": ([pointer, size, ctypes.c_float, ctypes.c_float, ctypes.c_float], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, restype
     return library
+
+
+def boxes_valid(boxes: torch.Tensor, low: float, width: float, height: float) -> bool:
+    """``build_problem``'s host check of contiguous float32 CPU boxes, compiled: whether
+    every box is valid against these limits (``problem.host_limits``). A call costs
+    ~2 us whatever the count, where Python's loop costs ~0.6 us per box."""
+    return bool(_library().tritarget_cpu_boxes_valid(boxes.data_ptr(), boxes.shape[0], low, width, height))
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

@@ -1087,6 +1087,22 @@ static void bounds_of(const float *anchors, int64_t n, float *out) {
     out[0] = lo_x; out[1] = lo_y; out[2] = hi_x; out[3] = hi_y; out[4] = lo_area; out[5] = hi_area;
 }
 
+/* Whether every box (x1, y1, x2, y2) is valid by tritarget.kernels.problem's rule: width
+ * and height in (0, inf) taken in double (the exact sign of a float32 difference, no
+ * overflow; false for NaN and for infinite coordinates), x2 and y2 above low, x1 below
+ * width and y1 below height (float32 compares, as torch compares a float32 tensor with
+ * the canvas). Anchors pass low = -inf and width = height = inf. */
+int tritarget_cpu_boxes_valid(const float *boxes, int64_t count, float low, float width, float height) {
+    for (int64_t i = 0; i < count; ++i) {
+        const float *b = boxes + 4 * i;
+        const double w = (double)b[2] - (double)b[0], h = (double)b[3] - (double)b[1];
+        if (!(w > 0.0 && w < INFINITY && h > 0.0 && h < INFINITY && b[2] > low && b[3] > low && b[0] < width &&
+              b[1] < height))
+            return 0;
+    }
+    return 1;
+}
+
 /* The bounds (min x1, min y1, max x2, max y2, least and greatest area) of each block of
  * 64 anchors, then of each chunk of 512; out: [ceil(A / 64) + ceil(A / 512), 6].
  * Computed once per anchor set by the caller (it reads every anchor, which costs more

@@ -25,6 +25,7 @@ import array
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -240,35 +241,50 @@ def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
 # boxes that costs less than the few torch ops that check a tensor of boxes.
 _HOST_CHECK_MAX_BOXES = 128
 
+# ``host_check(boxes, low, width, height)``: whether every box of a contiguous float32 CPU
+# tensor is valid against ``_host_limits`` -- the rule of ``_invalid_on_host``, offered by
+# a backend that checks faster than Python (the cpu backend's compiled ``boxes_valid``).
+HostCheck = Callable[[torch.Tensor, float, float, float], bool]
 
-def _invalid_on_host(item: _Boxes, canvas: tuple[int, int]) -> bool:
+
+def _host_limits(item: _Boxes, canvas: tuple[int, int]) -> tuple[float, float, float]:
+    """(low, width, height): a valid box's x2 and y2 exceed low, its x1 stays below width
+    and its y1 below height."""
+    if item.counts is None:  # anchors may lie anywhere: limits no finite box reaches
+        return -math.inf, math.inf, math.inf
+    # torch compares float32 coordinates with the canvas's Python ints in float32
+    width, height = array.array("f", (canvas[1], canvas[0]))
+    return 0.0, width, height
+
+
+def _invalid_on_host(item: _Boxes, canvas: tuple[int, int], host_check: HostCheck | None) -> bool:
     """Whether some box of a CPU input is invalid, as ``_invalid_reasons`` decides.
 
     In float64 the difference of two float32 coordinates has the exact sign and never
     overflows, and ``0 < d < inf`` fails for a NaN: it holds exactly when both coordinates
     are finite and the box is not degenerate along that axis.
     """
+    low, width, height = _host_limits(item, canvas)
+    if host_check is not None:
+        return not host_check(item.boxes, low, width, height)
     inf = math.inf
-    if item.counts is None:  # anchors may lie anywhere: limits no finite box reaches
-        low, width, height = -inf, inf, inf
-    else:  # torch compares float32 coordinates with the canvas's Python ints in float32
-        low, (width, height) = 0, array.array("f", (canvas[1], canvas[0]))
     for x1, y1, x2, y2 in item.boxes.tolist():
         if not (0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > low and y2 > low and x1 < width and y1 < height):
             return True
     return False
 
 
-def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int]) -> bool:
-    """Whether some box may be invalid: small CPU inputs are decided on the host, the others
-    with the one read-back from the device in a call."""
+def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: HostCheck | None) -> bool:
+    """Whether some box may be invalid: CPU inputs are decided on the host (small ones in
+    Python, any with ``host_check``), the others with the one read-back from the device in
+    a call."""
     extremes: list[torch.Tensor] = []  # min and max of each input's margins
     for item in items:
         count = item.boxes.shape[0]
         if count == 0:
             continue
-        if count <= _HOST_CHECK_MAX_BOXES and item.boxes.is_cpu:
-            if _invalid_on_host(item, canvas):
+        if item.boxes.is_cpu and (count <= _HOST_CHECK_MAX_BOXES or host_check is not None):
+            if _invalid_on_host(item, canvas, host_check):
                 return True
         else:
             extremes += torch.aminmax(_margins(item, canvas))
@@ -404,8 +420,13 @@ def build_problem(
     anchors: torch.Tensor | None = None,
     drop_invalid: bool = False,
     want_max_iou: bool = False,
+    host_check: HostCheck | None = None,
 ) -> tuple[Problem, Kept]:
-    """Check a batch and build its ``Problem`` (see ``tritarget.kernels.assign``)."""
+    """Check a batch and build its ``Problem`` (see ``tritarget.kernels.assign``).
+
+    ``host_check`` checks CPU boxes by the same rule as Python would, faster (``assign``
+    passes the cpu backend's compiled one when that backend will solve the problem).
+    """
     if not isinstance(config, TargetConfig):
         raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}")
     canvas = check_canvas(canvas)
@@ -468,7 +489,7 @@ def build_problem(
         _examine(checked, canvas, drop_invalid)
         raise
 
-    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas) else {}
+    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas, host_check) else {}
     kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]
