@@ -13,10 +13,11 @@ zero-IoU anchor positive.
 A call costs little besides the backend: generated anchors come from a cache (one
 copy per config, canvas and device), and the small integers (offsets, image sizes) stay
 on the host, packed as the CPU kernel reads them, until a backend first asks for them as
-device tensors (then in one copy). A few boxes on the CPU are checked with plain Python
-floats (cheaper than any torch op); other boxes are checked where they live with one
-read-back per call, and looked at one by one on the host only when some box may be
-invalid.
+device tensors (then in one copy). Boxes on the CPU are checked by the cpu backend's
+compiled loop when that backend will solve them (``host_check``), else, a few of them,
+with plain Python floats (cheaper than any torch op); other boxes are checked where they
+live with one read-back per call, and looked at one by one on the host only when some box
+may be invalid.
 """
 
 from __future__ import annotations
