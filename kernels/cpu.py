@@ -120,8 +120,8 @@ def _library() -> ctypes.CDLL:
 
 def boxes_valid(boxes: torch.Tensor, low: float, width: float, height: float) -> bool:
     """``build_problem``'s host check of contiguous float32 CPU boxes, compiled: whether
-    every box is valid against these limits (``problem.host_limits``). A call costs
-    ~2 us whatever the count, where Python's loop costs ~0.6 us per box."""
+    every box is valid against these limits (``problem.HostCheck``). A call costs ~2 us
+    whatever the count, where Python's loop costs ~0.6 us per box."""
     return bool(_library().tritarget_cpu_boxes_valid(boxes.data_ptr(), boxes.shape[0], low, width, height))
 
 
