@@ -13,6 +13,7 @@ Importing this package needs neither triton nor a GPU: backends load on first us
 """
 
 from . import presets
+from .allocator import keep_freed_memory
 from .anchors import AnchorGrid, generate_anchors, level_slices, resolve_grid
 from .api import BACKENDS, assign, assign_sparse
 from .boxes import box_iof, box_iou, decode, encode
@@ -39,6 +40,7 @@ __all__ = [
     "decode",
     "encode",
     "generate_anchors",
+    "keep_freed_memory",
     "level_slices",
     "presets",
     "resolve_grid",

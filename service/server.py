@@ -5,8 +5,8 @@ is what the tests do) without serving; ``await server.start()`` serves;
 ``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health answers
 NOT_SERVING while calls in flight finish (up to ``grace_s``), new calls get UNAVAILABLE.
 
-``serve`` also tunes glibc's allocator for a long-running process (see
-``keep_freed_memory``).
+``serve`` also tunes glibc's allocator for a long-running process
+(``tritarget.kernels.keep_freed_memory``).
 
 Health (``grpc.health.v1``) reports NOT_SERVING until the warm-up batch has run
 (loading the backend, compiling its kernels, caching the anchors), then SERVING,
@@ -16,7 +16,6 @@ for both the overall server ("") and ``tritarget.v1.TargetAssigner``.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
 import time
@@ -27,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tritarget.kernels import presets
+from tritarget.kernels import keep_freed_memory, presets
 from tritarget.protos import target_assigner_pb2 as pb
 
 from .auth import BearerTokenInterceptor
@@ -192,30 +191,6 @@ class TargetServer:
 
 
 # glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep and reuse freed memory in this process (a long-running server).
-
-    Every batch allocates megabytes of outputs per image (the dense targets) and frees
-    them once encoded. By default glibc hands such blocks back to the kernel (mmap /
-    trim) and the next batch faults every page in again: ~1,000 page faults per image,
-    which on the cpu backend made a 32-image batch cost ~1.8x per image what a 2-image
-    batch does. One arena, no mmap for big blocks and no trimming keeps them: zero
-    faults in steady state, and merged batches cost no more per image than small ones.
-    The price is that the process keeps its peak heap. Returns False where it does not
-    apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    big = ctypes.c_int(1 << 30)
-    return bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_THRESHOLD, big)
-                and libc.mallopt(_M_TRIM_THRESHOLD, big))  # fmt: skip
-
-
 def _warmup_boxes(height: int, width: int):
     import torch
 
