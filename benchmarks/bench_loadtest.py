@@ -82,12 +82,6 @@ def _server_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_seconds() -> float:
-    """This process's CPU seconds and its finished children's (client processes)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
 def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> tuple[float, float]:
     """``assign_sparse`` of the workload's requests, one after another, in this process,
     for about ``seconds`` (``bench_service.in_process``, the requests cycled through):
@@ -96,9 +90,9 @@ def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -
              for boxes, counts, classes in map(workload.batch, range(workload.variants))]  # fmt: skip
     one_pass = workload.images * len(items) / in_process(items, backend, assign_sparse)
     repeated = items * max(1, round(seconds / one_pass))
-    cpu = _own_cpu_seconds()
+    cpu = time.process_time()
     rate = in_process(repeated, backend, assign_sparse)
-    return rate, 1e3 * (_own_cpu_seconds() - cpu) / (len(repeated) + 3)
+    return rate, 1e3 * (time.process_time() - cpu) / (len(repeated) + 3)
 
 
 def _in_process(rates: dict[str, float], cpu_ms: dict[str, float], when: str, args: argparse.Namespace) -> None:
@@ -116,15 +110,18 @@ def _in_process(rates: dict[str, float], cpu_ms: dict[str, float], when: str, ar
 
 def _timed_run(options: LoadTestOptions, server_pid: int):
     """``run(options)``, and its CPU ms per request (server, clients) and how busy the
-    machine's cores were (warm-up included: its requests are counted too)."""
-    server, client, start = _server_cpu_seconds(server_pid), _own_cpu_seconds(), time.perf_counter()
+    machine's cores were while the load ran (warm-up included: its requests are counted
+    too). The clients' CPU is what their load cost (``Report.client_cpu_s``): a client
+    process's start-up, seconds of imports, is not a cost per request (until 2026-11-30 it
+    was counted, which put 4-18 ms per request on the H200 machine's clients)."""
+    server = _server_cpu_seconds(server_pid)
     report = run(options)
-    wall, client = time.perf_counter() - start, _own_cpu_seconds() - client
-    server = None if server is None else _server_cpu_seconds(server_pid) - server
+    server = None if server is None else _server_cpu_seconds(server_pid) - server  # idle while clients start
     requests = max(1, report.requests + report.warmup_requests)
+    busy = None if server is None else (server + report.client_cpu_s) / (report.window_s * os.cpu_count())
     cpu = {"server_cpu_ms": None if server is None else round(1e3 * server / requests, 2),
-           "client_cpu_ms": round(1e3 * client / requests, 2),
-           "cores_busy": None if server is None else round((server + client) / (wall * os.cpu_count()), 2)}  # fmt: skip
+           "client_cpu_ms": round(1e3 * report.client_cpu_s / requests, 2),
+           "cores_busy": None if busy is None else round(busy, 2)}  # fmt: skip
     return report, cpu
 
 

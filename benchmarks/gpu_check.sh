@@ -22,8 +22,8 @@
 # 3. benchmarks/bench_anchor_design.py: the 100,000-image anchor check scan on the GPU.
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes (images/s and latency percentiles, 20 responses verified per run;
-#    with 4 on the H200 machine the clients were the limit: 12.4k images/s with the
-#    cores 22-25% busy, run5/service.txt).
+#    4 gave 12.4k images/s on the H200 machine, run5/service.txt, whose client CPU
+#    figures still counted the processes' start-up).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when

@@ -247,6 +247,9 @@ class _Driver:
         self.end = self.measure_from + options.duration_s
         self.recorder = _Recorder(self.measure_from, keep=options.verify)
         reporter = asyncio.ensure_future(self._report())
+        # The load's own CPU, from here: a client process's start-up (Python, torch, gRPC:
+        # seconds of CPU) is not the cost of its requests.
+        cpu = time.process_time()
         try:
             if options.stream:
                 await asyncio.gather(*[self._stream(k) for k in range(self.share)])
@@ -258,7 +261,7 @@ class _Driver:
             reporter.cancel()
             for channel in channels:
                 await channel.close()
-        return self.recorder.result()
+        return {**self.recorder.result(), "cpu_s": time.process_time() - cpu, "window_s": time.perf_counter() - now}
 
     async def _report(self) -> None:
         while True:
@@ -381,6 +384,11 @@ class Report:
     series: list[dict]  # per second: second, ok, errors, requests_per_s, images_per_s, p50_ms, p99_ms
     verified: int = 0
     mismatches: list[str] = field(default_factory=list)
+    # CPU seconds the client processes spent sending and receiving (warm-up included, their
+    # start-up not; with one process, this whole process's, its gRPC threads included), and
+    # the longest of their warm-up + measured windows in seconds.
+    client_cpu_s: float = 0.0
+    window_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -495,7 +503,8 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
             "p99_ms": histogram.get_value_at_percentile(99) / 1000 if ok else None,
         })  # fmt: skip
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
-                  latency, series)  # fmt: skip
+                  latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
+                  window_s=max(r["window_s"] for r in results))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 
 import pytest
@@ -70,6 +71,11 @@ def test_several_client_processes(server):
     report = run(_options(server, processes=2, duration_s=2.0))
     assert report.ok, report.table()
     assert report.verified == 4
+    # The clients' CPU is their load's, not their start-up's (each spawned process imports
+    # torch and gRPC first, seconds of CPU): within the load's window no more than the
+    # machine's cores can have been busy.
+    assert 0 < report.client_cpu_s <= (os.cpu_count() or 1) * report.window_s
+    assert report.window_s >= report.options.warmup_s + report.options.duration_s
 
 
 def test_errors_are_counted_by_code_and_fail_the_run():
