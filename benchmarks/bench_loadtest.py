@@ -72,14 +72,26 @@ def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     return process, address
 
 
-def _server_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds process ``pid`` has used, its threads included (those
-    that ended too); None where there is no Linux ``/proc``."""
+def _stat(pid: int | str) -> list[str] | None:
+    """``/proc/PID/stat``'s fields after the command name (field 3 on), or None."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the server has used: process ``pid``, its threads
+    included (those that ended too), and its child processes (``serve --workers N`` forks
+    its front ends); None where there is no Linux ``/proc``."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    seconds = int(fields[11]) + int(fields[12])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (child := _stat(entry)) is not None and child[1] == str(pid):
+            seconds += int(child[11]) + int(child[12])
+    return seconds / os.sysconf("SC_CLK_TCK")
 
 
 def _in_process_images_per_s(workload: Workload, backend: str, seconds: float) -> tuple[float, float]:

@@ -23,13 +23,14 @@
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes (images/s and latency percentiles, 20 responses verified per run;
 #    4 gave 12.4k images/s on the H200 machine, run5/service.txt, whose client CPU
-#    figures still counted the processes' start-up).
+#    figures still counted the processes' start-up); then the same against
+#    `serve --workers 2` (two front-end processes on one port, service_workers2.txt).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
 # there are more than 8 files (what the device tool brings back), the rest go into
-# extras.tar.gz. Finishes in about 9 minutes: each step has its own timeout (tests 250 s,
-# bench 100 s, anchor scan 120 s, service 90 s), plus setup. Exit status: non-zero if
+# extras.tar.gz. Finishes in about 10 minutes: each step has its own timeout (tests 250 s,
+# bench 100 s, anchor scan 120 s, service 90 s twice), plus setup. Exit status: non-zero if
 # the wheels did not install, a test failed, the service step failed or the
 # bench did not finish.
 #
@@ -177,6 +178,15 @@ timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps
     tee "$OUT/service.txt"
 service=${PIPESTATUS[0]}
 [ "$service" -eq 0 ] || status=1
+
+# The same load against two front-end processes sharing the GPU (`serve --workers 2`): one
+# Python process's event loop decodes and answers every request, so this says whether it
+# was the limit above.
+echo "== service, 2 front-end processes =="
+timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
+    --duration 3 --warmup 1 --server-args "--workers 2 --port 50061 ${GPU_SERVICE_ARGS:-}" \
+    --out "$OUT/loadtest_workers2" 2>&1 | tail -n 12 | tee "$OUT/service_workers2.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
 # delay, front-end processes on the GPU) and bench_service_overhead.py (the server's time per
