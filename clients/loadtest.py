@@ -423,6 +423,8 @@ class Report:
             "verified": self.verified,
             "mismatches": self.mismatches,
             "ok": self.ok,
+            "client_cpu_s": self.client_cpu_s,
+            "client_cores_busy": self.client_cpu_s / self.window_s if self.window_s else 0.0,
         }
 
     def table(self) -> str:
@@ -437,6 +439,10 @@ class Report:
                       "               " + "  ".join(f"{v:>8.2f}" for v in latency.values())]  # fmt: skip
         if self.errors:
             lines += ["", "errors by code: " + ", ".join(f"{c} {n:,}" for c, n in sorted(self.errors.items()))]
+        if self.window_s:  # near one core per client process: the load generator may be the limit
+            busy, processes = s["client_cores_busy"], self.options.processes
+            lines += ["", f"load generator: {self.client_cpu_s:.1f} CPU s in {self.window_s:.1f} s "
+                          f"({busy:.2f} cores busy, {processes} process(es))"]  # fmt: skip
         if self.options.verify:
             if self.mismatches:
                 lines += ["", f"verify: {len(self.mismatches)} of {self.verified} responses differ:"]

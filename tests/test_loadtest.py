@@ -76,6 +76,8 @@ def test_several_client_processes(server):
     # machine's cores can have been busy.
     assert 0 < report.client_cpu_s <= (os.cpu_count() or 1) * report.window_s
     assert report.window_s >= report.options.warmup_s + report.options.duration_s
+    assert report.summary()["client_cpu_s"] == report.client_cpu_s
+    assert "load generator: " in report.table() and "2 process(es)" in report.table()
 
 
 def test_errors_are_counted_by_code_and_fail_the_run():
