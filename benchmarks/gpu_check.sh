@@ -24,7 +24,8 @@
 #    client processes (images/s and latency percentiles, 20 responses verified per run;
 #    4 gave 12.4k images/s on the H200 machine, run5/service.txt, whose client CPU
 #    figures still counted the processes' start-up); then the same against
-#    `serve --workers 2` (two front-end processes on one port, service_workers2.txt).
+#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 2;
+#    service_workersN.txt).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
@@ -147,8 +148,10 @@ bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit "$bench_l
 echo "== tests: ${main_cmd[*]:1} ==" | tee "$OUT/pytest.txt"
 timeout -k 10 160 "${pytest_cmd[@]}" "${wheel_tests[@]}" >"$SCRATCH/wheel_tests.txt" 2>&1 &
 wheel_pid=$!
-# SIGINT first, so pytest still prints what failed and the slowest tests.
-timeout -s INT -k 15 250 "${main_cmd[@]}" 2>&1 | tee -a "$OUT/pytest.txt"
+# SIGINT first, so pytest still prints what failed and the slowest tests. Two torch
+# threads per worker: 12 workers of 16 threads each on 16 cores made CPU-heavy tests 5-10x
+# slower (RetinaNet's backward in test_loader.py ran past its 150 s, run6/pytest.txt).
+OMP_NUM_THREADS=2 timeout -s INT -k 15 250 "${main_cmd[@]}" 2>&1 | tee -a "$OUT/pytest.txt"
 tests=${PIPESTATUS[0]}
 wait "$wheel_pid"
 wheel=$?
@@ -179,13 +182,15 @@ timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps
 service=${PIPESTATUS[0]}
 [ "$service" -eq 0 ] || status=1
 
-# The same load against two front-end processes sharing the GPU (`serve --workers 2`): one
-# Python process's event loop decodes and answers every request, so this says whether it
-# was the limit above.
-echo "== service, 2 front-end processes =="
+# The same load against several front-end processes sharing the GPU (`serve --workers N`,
+# GPU_SERVICE_WORKERS, default 2): one Python process's event loop decodes and answers every
+# request, so this says whether it was the limit above (2 gave 19k images/s against 14k
+# with 1, run6/service_workers2.txt).
+workers="${GPU_SERVICE_WORKERS:-2}"
+echo "== service, $workers front-end processes =="
 timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
-    --duration 3 --warmup 1 --server-args "--workers 2 --port 50061 ${GPU_SERVICE_ARGS:-}" \
-    --out "$OUT/loadtest_workers2" 2>&1 | tail -n 12 | tee "$OUT/service_workers2.txt"
+    --duration 3 --warmup 1 --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" \
+    --out "$OUT/loadtest_workers$workers" 2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue

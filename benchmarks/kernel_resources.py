@@ -55,11 +55,11 @@ def kernels() -> list[tuple[str, object, dict]]:
         ),  # fmt: skip
         *(
             (
-                f"pairs: scatter, at most {registers} registers",
+                f"pairs: scatter, {f'at most {registers}' if registers else 'uncapped'} registers",
                 k.pairs_kernel,
                 dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p, maxnreg=registers),
             )
-            for registers in (64, 48)
+            for registers in (None, 48)
         ),
         ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
         ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
@@ -73,10 +73,12 @@ def kernels() -> list[tuple[str, object, dict]]:
 def compile_cubin(fn, constexprs: dict) -> bytes:
     constexprs = dict(constexprs)
     options = {"num_warps": backend._COMPILED.num_warps, "enable_fp_fusion": False}
-    if "maxnreg" in constexprs:  # a compile option, as the launch passes it
-        options["maxnreg"] = constexprs.pop("maxnreg")
-    if backend._COMPILED.pair_registers is not None and fn is k.pairs_kernel:
-        options.setdefault("maxnreg", backend._COMPILED.pair_registers)
+    # A compile option, as the launch passes it: the pair kernels get the backend's cap
+    # unless the row names its own (None: the compiler's choice).
+    default_cap = backend._COMPILED.pair_registers if fn is k.pairs_kernel else None
+    cap = constexprs.pop("maxnreg", default_cap)
+    if cap is not None:
+        options["maxnreg"] = cap
 
     def kind(arg: str) -> str:
         if arg in constexprs:
@@ -134,9 +136,10 @@ def main() -> None:
         "",
         f"triton {triton.__version__}; {m.num_warps} warps per program; block sizes {m}. "
         "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin). "
-        "The capped rows (Triton's `maxnreg`, what `gpu_sweep.py` times) keep their extra values in a "
-        "local-memory stack frame: more programs fit an SM for a few more instructions and L1-cached "
-        "loads; whether that pays is measured on a GPU.",
+        "The pair kernels run capped (Triton's `maxnreg`, `pair_registers` above; `gpu_sweep.py` times "
+        "the caps): a capped kernel keeps its extra values in a local-memory stack frame, so more "
+        "programs fit an SM for a few more instructions and L1-cached loads, which paid on the H200 "
+        "(benchmarks/results/gpu_h200/run6/sweep.txt).",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "programs per SM by registers |",

@@ -74,13 +74,16 @@ class _Meta:
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps). Pairs: the
-# H200 sweep (benchmarks/results/gpu_h200/sweep.txt; 128/256/512 pairs per chunk x 4/8/16
-# programs per SM) put 256 pairs and 16 programs per SM first over B = 32 at G ~ 7 and
-# G = 200 and B = 8 at G = 1000 together: the pair walk is bound by the latency of its
-# dependent loads, so more resident programs and a little more work per chunk pay.
+# H200 sweeps (benchmarks/results/gpu_h200/run6/sweep.txt) put 256 pairs per chunk, 32
+# persistent programs per SM and a cap of 64 registers first over B = 32 at G = 200 and
+# B = 8 at G = 1000 (solve 3.08 -> 2.49 ms and 3.15 -> 2.54 ms against 80 registers and
+# 16 programs; G ~ 7 is launch-bound, 0.30-0.60 ms in every cell): the pair walk is bound
+# by the latency of its dependent loads, and 64 registers let 8 programs of 4 warps stay
+# resident per SM instead of 6, for 2.6% more instructions (kernel_resources.md).
 # Interpreter: every tl operation is one numpy call whatever its size, so larger blocks
 # mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
-_COMPILED = _Meta(block_a=128, block_p=256, block_g=8, segment_rows=2, pair_programs=16, num_warps=4)
+_COMPILED = _Meta(block_a=128, block_p=256, block_g=8, segment_rows=2, pair_programs=32, num_warps=4,
+                  pair_registers=64)  # fmt: skip
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4)
 
 # Grid axis 1 (images) is limited to 65,535 programs by CUDA.

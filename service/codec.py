@@ -42,6 +42,9 @@ __all__ = [
 
 _MIB = 1 << 20
 _INT32_MAX = 2**31 - 1
+# A TargetConfig nests four levels (config, anchors, levels, a level's sizes); deeper JSON
+# is refused by name rather than left to the parser's or the config code's recursion.
+_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,6 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
             config = TargetConfig.from_dict(data)
         except (ValueError, TypeError) as exc:
             raise invalid_from_exception(exc, prefix="config.config_json.") from None
-        except RecursionError:
-            raise _invalid("config.config_json", "nested too deeply to be a TargetConfig") from None
     else:
         raise _invalid("config", "set either preset or config_json")
     if overrides:
@@ -139,18 +140,35 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
             config = config.replace(**values)
         except (ValueError, TypeError) as exc:
             raise invalid_from_exception(exc, prefix="config.overrides.") from None
-        except RecursionError:
-            raise _invalid("config.overrides", "a value is nested too deeply") from None
     return config
 
 
 def _json(field: str, text: str) -> Any:
+    too_deep = _invalid(field, f"JSON nested too deeply (more than {_JSON_DEPTH} levels)")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _invalid(field, f"not valid JSON: {exc}") from None
-    except RecursionError:  # the parser recurses once per nesting level
-        raise _invalid(field, "JSON nested too deeply") from None
+    except RecursionError:  # the parser recurses once per level; where it stops depends on the Python
+        raise too_deep from None
+    if _depth_exceeds(value, _JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether lists and dicts nest more than ``limit`` levels (walked without recursion,
+    so the config code that recurses over the value never meets a deep one)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def resolve_config(ref: pb.ConfigRef, limits: Limits) -> TargetConfig:

@@ -143,6 +143,11 @@ def _raw(client, mutate):
         # D3: deep JSON is a clear INVALID_ARGUMENT, not a RecursionError.
         (lambda r: setattr(r.config, "config_json", "[" * 5000 + "]" * 5000), "config_json: JSON nested too deeply"),
         (lambda r: r.config.overrides.__setitem__("match.high", "[" * 5000 + "]" * 5000), "JSON nested too deeply"),
+        # Deep enough to refuse, shallow enough for every Python's parser: the limit is ours.
+        (lambda r: r.config.overrides.__setitem__("match.high", "[" * 33 + "]" * 33),
+         "config.overrides[match.high]: JSON nested too deeply (more than 32 levels)"),
+        (lambda r: setattr(r.config, "config_json", '{"anchors": ' + "[" * 40 + "]" * 40 + "}"),
+         "config.config_json: JSON nested too deeply"),
         (lambda r: setattr(r.config, "config_json", "{not json"), "config.config_json: not valid JSON"),
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
