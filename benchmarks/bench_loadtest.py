@@ -164,10 +164,11 @@ def main() -> int:
             kwargs = {"stream": True, "window": 2} if stream else {}
             reports.append((name, *_timed_run(LoadTestOptions(**common, concurrency=callers, **kwargs), process.pid)))
             print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
-        best = max(report.requests_per_s for name, report, _ in reports if name.startswith("unary"))
-        rate = round(0.8 * best, 1)
+        best = max((report for name, report, _ in reports if name.startswith("unary")), key=lambda r: r.requests_per_s)
+        rate = round(0.8 * best.requests_per_s, 1)
         name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
-        open_loop = LoadTestOptions(**common, rate=rate, concurrency=args.processes)
+        # Over as many connections as the best closed loop had callers (one each).
+        open_loop = LoadTestOptions(**common, rate=rate, concurrency=best.options.concurrency)
         reports.append((name, *_timed_run(open_loop, process.pid)))
         print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
     finally:

@@ -11,7 +11,9 @@
 * Unary ``Assign`` calls, or ``stream=True``: ``concurrency`` ``AssignStream`` calls with
   up to ``window`` requests in flight each (closed loop) or fed on the schedule (open).
 * ``processes`` client processes share the work (one machine's cores); the targets are
-  addresses, several of them (round robin) or a ``dns:///`` name.
+  addresses, several of them (round robin) or a ``dns:///`` name. Each caller or stream
+  has its own connection (open loop: ``concurrency`` connections), as separate data
+  loaders would, so front ends sharing a port (``serve --workers N``) share the load.
 * The workload (``Workload``) is a cycle of distinct requests built once: COCO-like or
   ``boxes`` per image, ``images`` per request, SPARSE or DENSE, float16 deltas.
 * The first ``warmup_s`` seconds are not measured. Latencies go into HDR histograms
@@ -108,7 +110,7 @@ class LoadTestOptions:
     workload: Workload = field(default_factory=Workload)
     duration_s: float = 10.0
     warmup_s: float = 2.0
-    concurrency: int = 8  # callers (unary) or streams, all processes together
+    concurrency: int = 8  # callers (unary) or streams, all processes together; open loop: connections
     rate: float | None = None  # open loop: requests per second, all processes together
     stream: bool = False
     window: int = 1  # closed-loop stream: requests in flight per stream
@@ -141,7 +143,7 @@ class LoadTestOptions:
         if self.stream and not self.rate:
             who += f" x {self.window} in flight"
         if self.rate and not self.stream:
-            who = "a call per scheduled request"
+            who = f"a call per scheduled request over {self.concurrency} connections"
         return (f"{', '.join(self.targets)}: {kind}, {loop}, {who}, {self.processes} process(es), "
                 f"{self.duration_s:g} s (+{self.warmup_s:g} s warm-up)")  # fmt: skip
 
@@ -225,11 +227,19 @@ class _Driver:
         self.endpoint_turn = itertools.count()
 
     def _channels(self) -> list[grpc.aio.Channel]:
-        channel_options = _channel_options(1 << 30, ())
+        """A connection per caller or stream of this process, to each target. Front-end
+        processes sharing a port (`serve --workers N`) are handed connections, not calls:
+        over one connection per process, 8 processes reached 4 such front ends 3/1/3/1,
+        and the open loop overloaded the two with 3 (a training job's data-loader workers
+        each hold their own)."""
+        # Channels alike in target and options share one connection unless each keeps
+        # its own subchannel pool.
+        channel_options = [*_channel_options(1 << 30, ()), ("grpc.use_local_subchannel_pool", 1)]
+        targets = [t for _ in range(self.share) for t in self.options.targets]
         if self.options.tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.options.tls_ca)
-            return [grpc.aio.secure_channel(t, credentials, options=channel_options) for t in self.options.targets]
-        return [grpc.aio.insecure_channel(t, options=channel_options) for t in self.options.targets]
+            return [grpc.aio.secure_channel(t, credentials, options=channel_options) for t in targets]
+        return [grpc.aio.insecure_channel(t, options=channel_options) for t in targets]
 
     def _next_request(self) -> tuple[int, pb.AssignRequest]:
         i = next(self.turn) % len(self.requests)

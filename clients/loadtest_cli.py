@@ -38,7 +38,13 @@ def add_parser(commands) -> None:
                         help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
-    parser.add_argument("--concurrency", type=int, default=8, help="callers, or streams with --stream (default 8)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="callers, or streams with --stream; with --rate, the connections "
+        "the calls are spread over (default 8; one connection per caller or stream)",
+    )
     parser.add_argument("--rate", type=float,
                         help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip
     parser.add_argument("--stream", action="store_true", help="AssignStream calls instead of unary Assign")
