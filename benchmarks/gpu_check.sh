@@ -24,7 +24,7 @@
 #    client processes (images/s and latency percentiles, 20 responses verified per run;
 #    4 gave 12.4k images/s on the H200 machine, run5/service.txt, whose client CPU
 #    figures still counted the processes' start-up); then the same against
-#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 2;
+#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 4;
 #    service_workersN.txt).
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
@@ -183,10 +183,10 @@ service=${PIPESTATUS[0]}
 [ "$service" -eq 0 ] || status=1
 
 # The same load against several front-end processes sharing the GPU (`serve --workers N`,
-# GPU_SERVICE_WORKERS, default 2): one Python process's event loop decodes and answers every
-# request, so this says whether it was the limit above (2 gave 19k images/s against 14k
-# with 1, run6/service_workers2.txt).
-workers="${GPU_SERVICE_WORKERS:-2}"
+# GPU_SERVICE_WORKERS, default 4, what `serve` picks on 16 cores): one Python process's event
+# loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
+# run6; 4 gave 29.5k, run7). bench_loadtest passes --port 0 (one front end) unless told.
+workers="${GPU_SERVICE_WORKERS:-4}"
 echo "== service, $workers front-end processes =="
 timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
     --duration 3 --warmup 1 --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" \

@@ -19,6 +19,7 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
+from tritarget.service.cli import front_ends
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -75,6 +76,7 @@ def test_graceful_shutdown_finishes_calls_in_flight():
 def test_cli_serve_port_zero_and_stop_on_signal(sig):
     process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
     try:
+        read_until(process, r"1 front-end process\(es\) \(--workers auto: \d+ cores, port 0\)")
         match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
         port = int(match.group(1))
         settings, _ = read_until(process, r"batching: up to (\d+) images per batch, 0 ms queue delay, (\d+) compute")
@@ -90,6 +92,14 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_front_ends_follow_the_cores_on_a_fixed_port():
+    assert [front_ends(None, 50051, cores) for cores in (1, 2, 4, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    assert front_ends(None, 0, 16) == 1  # port 0: each process would get a port of its own
+    assert front_ends(3, 50051, 2) == 3  # asked for: as given
+    with pytest.raises(ValueError, match="--workers: must be >= 1, got 0"):
+        front_ends(0, 50051, 16)
 
 
 def test_cli_up_prints_a_summary_and_keeps_serving():
