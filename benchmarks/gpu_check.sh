@@ -19,20 +19,23 @@
 # 2. benchmarks/bench_gpu.py: triton vs torchvision vs our reference on COCO-RetinaNet,
 #    per-kernel device times, time against boxes per image (--time-limit 80: the
 #    points left after 80 s are skipped, and the tables and plots still written).
-# 3. benchmarks/bench_anchor_design.py: the 100,000-image anchor check scan on the GPU.
-# 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
-#    client processes (images/s and latency percentiles, 20 responses verified per run;
-#    4 gave 12.4k images/s on the H200 machine, run5/service.txt, whose client CPU
-#    figures still counted the processes' start-up); then the same against
-#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 4;
-#    service_workersN.txt).
+# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, and
+#    the launch parameters around the defaults, labels checked in every cell (~30 s).
+# 4. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
+#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
+# 5. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
+#    client processes, one connection per caller (images/s and latency percentiles, 20
+#    responses verified per run) against one front end; then the same against
+#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 4,
+#    what `serve` picks on 16 cores; service_workersN.txt).
 #
-# Results land under $OUT (default benchmarks/results/gpu_check): env.txt, pytest.txt,
+# Results land under $OUT (default benchmarks/results/gpu_check): sweep.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
-# there are more than 8 files (what the device tool brings back), the rest go into
-# extras.tar.gz. Finishes in about 10 minutes: each step has its own timeout (tests 250 s,
-# bench 100 s, anchor scan 120 s, service 90 s twice), plus setup. Exit status: non-zero if
-# the wheels did not install, a test failed, the service step failed or the
+# there are more than 8 files (what the device tool brings back), the rest (env.txt
+# among them) go into extras.tar.gz. Took 500 s on the H200 without the sweep (run6):
+# each step has its own timeout (tests 250 s, bench 100 s, sweep 120 s, anchor scan
+# 120 s, service 90 s twice), plus setup; give the device call 590 s. Exit status:
+# non-zero if the wheels did not install, a test failed, the service step failed or the
 # bench did not finish.
 #
 # The wheels, for the image's Python 3.12 on x86-64 (.whl/ is in .git/info/exclude, so
@@ -130,7 +133,7 @@ fi
 # bench_gpu.py arguments) narrow a re-run when device time is short.
 bench_limit=80  # seconds, after which bench_gpu.py starts no new point (the step's timeout is 100)
 steps_backend=triton  # the anchor scan and the service
-anchor_images="${GPU_ANCHOR_IMAGES:-100000}"
+anchor_images="${GPU_ANCHOR_IMAGES:-20000}"
 service_load=(--processes 8 --scale 4)
 if [ "$DRY" = 1 ]; then
     main_cmd+=(tests/test_assign_sparse.py tests/test_protos.py)
@@ -166,7 +169,15 @@ timeout -s INT -k 10 100 "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
 [ "$bench" -eq 0 ] || status=1
 
-# The anchor-design scan (issue "Anchor design tools": 100,000 COCO-like images on one GPU).
+# benchmarks/gpu_sweep.py (launch parameters around the defaults, host vs device time;
+# ~30 s on the H200, run6), unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
+if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ]; then
+    echo "== sweep =="
+    timeout -s INT -k 10 120 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
+fi
+
+# The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
+# took 8.6-13.6 s in run4-run6, so 20,000 by default now).
 echo "== anchor scan =="
 timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
     --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
@@ -208,14 +219,7 @@ if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ]; then
     done
 fi
 
-# GPU_SWEEP=1: also benchmarks/gpu_sweep.py (launch parameters, host vs device time), whose
-# sweep.txt then takes env.txt's place among the files kept as they are.
-keep=(env.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png anchor_scan.txt service.txt)
-if [ "${GPU_SWEEP:-0}" = 1 ]; then
-    echo "== sweep =="
-    timeout -s INT -k 10 150 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
-    keep=(sweep.txt "${keep[@]:1}")
-fi
+keep=(sweep.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png anchor_scan.txt service.txt)
 
 # The device tool brings back at most 8 files from $OUT.
 mapfile -t files < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)

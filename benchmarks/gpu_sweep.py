@@ -8,11 +8,13 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls under
    cProfile; ``assign`` end to end beside it.
-2. Sweep: pairs per chunk (``block_p``) x persistent pair programs per SM, then the pair
-   kernels' register cap (``maxnreg``: 80 registers fit 6 programs of 4 warps per SM, 64
-   fit 8, 48 fit 10, for 2-5% more instructions: ``kernel_resources.md``) x programs per
-   SM, for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8
-   G = 1000; labels checked equal to the default parameters in every cell.
+2. Sweep around the defaults (first the defaults themselves, the baseline of the same
+   run): pairs per chunk (``block_p``), persistent pair programs per SM, the pair
+   kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
+   ``kernel_resources.md``), and the scatter without its pre-check loads (atomics sent
+   unread, compiled to fire-and-forget RED) x programs per SM, for ``solve`` and
+   ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000; labels checked
+   equal to the defaults' in every cell.
 
 Writes ``sweep.txt`` (human-readable, with the JSON on its last line) under ``--out``.
 """
@@ -104,14 +106,18 @@ def main() -> None:
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
             say(text.getvalue())
 
-    say("== sweep: block_p x pair programs per SM ==")
+    say("== sweep: launch parameters around the defaults ==")
     points = [(32, None), (32, 200), (8, 1000)]
     problems = {point: problem_for(*point)[0] for point in points}
     default = triton_backend._COMPILED
     expected = {point: triton_backend.solve(p).labels.clone() for point, p in problems.items()}
-    cells = [dict(block_p=block_p, pair_programs=programs) for block_p in (128, 256, 512) for programs in (4, 8, 16)]
-    cells += [dict(pair_registers=registers, pair_programs=programs) for registers in (64, 48)
-              for programs in (8, 16, 32)]  # fmt: skip
+    # Around the defaults (256 pairs, 32 programs per SM, 64 registers: run6's sweep):
+    # chunk size, programs per SM, the cap, and the scatter's atomics without their
+    # pre-check (fire-and-forget reductions: the lanes stop waiting for a load each).
+    cells = [dict()] + [dict(block_p=block_p) for block_p in (128, 512)]
+    cells += [dict(pair_programs=programs) for programs in (16, 64)]
+    cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]
+    cells += [dict(scatter_precheck=False, pair_programs=programs) for programs in (16, 32, 64)]
     for cell in cells:
         triton_backend._COMPILED = dataclasses.replace(default, **cell)
         triton_backend._pair_programs.cache_clear()
@@ -122,10 +128,12 @@ def main() -> None:
             sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
             label = f"B={point[0]} G={point[1] or '~7'}"
             say(f"block_p {meta.block_p:4d} programs/SM {meta.pair_programs:3d} registers "
-                f"{meta.pair_registers or '-':>3} {label:12s} solve {dense:8.3f} ms sparse {sparse:8.3f} ms"
+                f"{meta.pair_registers or '-':>3} precheck {meta.scatter_precheck:d} {label:12s} solve {dense:8.3f} ms "
+                f"sparse {sparse:8.3f} ms"
                 f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
             record["sweep"].append(dict(block_p=meta.block_p, programs_per_sm=meta.pair_programs,
-                                        registers=meta.pair_registers, batch=point[0], boxes=point[1],
+                                        registers=meta.pair_registers, precheck=meta.scatter_precheck,
+                                        batch=point[0], boxes=point[1],
                                         solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
     triton_backend._COMPILED = default
     triton_backend._pair_programs.cache_clear()

@@ -54,6 +54,13 @@ operation order, with IEEE division (``tl.div_rn``) and launched with
 ``enable_fp_fusion=False`` (no mul+add contraction into FMA), so labels and matched
 indices equal the reference bit for bit. Keys are only ever raised, so a stale key
 read before an ``atomic_max`` can only cause a redundant atomic, never a lost one.
+
+Atomics are relaxed (``sem="relaxed"``, as CUDA's ``atomicMax``): within a launch nothing
+reads a word another program raised except those pre-check loads, and max commutes, so
+no order between programs is needed; the next launch sees every result. Triton's
+default, acq_rel, fenced each atomic on sm_90 with MEMBAR.ALL.GPU (wait until all of
+the thread's memory operations are done) and CCTL.IVALL (drop its L1 cache): ten per
+chunk in the scatter (``benchmarks/results/kernel_resources.md``).
 """
 
 from __future__ import annotations
@@ -490,11 +497,17 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
            shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr, mark_ptr, box_key_ptr,
            seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou, ignore_iof_thr, use_ignore,
            ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE: tl.constexpr, GENERATE: tl.constexpr,
-           UNIFORM: tl.constexpr):  # fmt: skip
+           PRECHECK: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
     """One chunk of pairs: ``segs`` is the segment of every lane ([BLOCK_P]), or one
     scalar when the whole chunk lies in one segment (UNIFORM): then the box, its image,
     the rectangle and the shape's constants are scalar loads shared by all lanes, and
-    the box's key and segment maximum take one reduction and one atomic."""
+    the box's key and segment maximum take one reduction and one atomic.
+
+    PRECHECK: each ``atomic_max`` is issued only where a plain load of the word says it
+    can raise it (fewer atomics, but the lane waits for that load); without it every
+    overlapping pair sends its atomic, whose result nobody reads, so the compiler may
+    emit a fire-and-forget reduction (RED) and the lane does not wait at all. The same
+    words either way: max is order-independent."""
     row = segs // num_shapes
     if STAGE == _STAGE_SCATTER:
         go = True
@@ -559,8 +572,11 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
             iou_bits = iou.to(tl.int32, bitcast=True)
             bits = iou_bits.to(tl.int64) << 32
             key = bits | (box ^ _INDEX_MASK)
-            seen = tl.load(key_ptr + slot * 2, mask=overlap, other=0)
-            tl.atomic_max(key_ptr + slot * 2, key, mask=overlap & (key > seen))
+            if PRECHECK:
+                seen = tl.load(key_ptr + slot * 2, mask=overlap, other=0)
+                tl.atomic_max(key_ptr + slot * 2, key, mask=overlap & (key > seen), sem="relaxed")
+            else:
+                tl.atomic_max(key_ptr + slot * 2, key, mask=overlap, sem="relaxed")
             if low_quality != 0:
                 excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
                                            border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
@@ -571,19 +587,22 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
                 if UNIFORM:
                     best = tl.max(box_key, axis=0)
                     if best > 0:
-                        tl.atomic_max(box_key_ptr + row, best)
-                        tl.atomic_max(seg_max_ptr + segs, tl.max(seg_bits, axis=0))
-                else:
+                        tl.atomic_max(box_key_ptr + row, best, sem="relaxed")
+                        tl.atomic_max(seg_max_ptr + segs, tl.max(seg_bits, axis=0), sem="relaxed")
+                elif PRECHECK:
                     seen = tl.load(box_key_ptr + row, mask=counted, other=0)
-                    tl.atomic_max(box_key_ptr + row, box_key, mask=box_key > seen)
+                    tl.atomic_max(box_key_ptr + row, box_key, mask=box_key > seen, sem="relaxed")
                     seen_bits = tl.load(seg_max_ptr + segs, mask=counted, other=0)
-                    tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=seg_bits > seen_bits)
+                    tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=seg_bits > seen_bits, sem="relaxed")
+                else:
+                    tl.atomic_max(box_key_ptr + row, box_key, mask=counted, sem="relaxed")
+                    tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=counted, sem="relaxed")
         else:
             excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
                                        border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
                                        border_rule) | padded  # fmt: skip
             hit = qualifies & (iou == box_max) & ~excluded
-            tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit)
+            tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=_PAIRS_SWITCHES)
@@ -622,6 +641,7 @@ def pairs_kernel(
     STAGE: tl.constexpr,
     GENERATE: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECHECK: tl.constexpr = True,
 ):
     """Walk the overlapping pairs: scatter anchor/box keys (SCATTER) or mark lifts (LIFT).
 
@@ -639,6 +659,7 @@ def pairs_kernel(
         bits over included anchors (both written by SCATTER for low-quality modes, read
         by LIFT, which skips the segments that do not reach their box's maximum).
     segment_steps >= bit_length(S) for the start's binary search.
+    PRECHECK: SCATTER loads each word before its atomic (``_chunk``).
     Grid: (P,) persistent programs; program p takes chunks [T p / P, T (p + 1) / P) of
     the T = cdiv(prefix[S], BLOCK_P) chunks, in order.
     """
@@ -677,7 +698,7 @@ def pairs_kernel(
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
-                       GENERATE,
+                       GENERATE, PRECHECK,
                        True)  # fmt: skip
             else:
                 steps = 0
@@ -700,7 +721,7 @@ def pairs_kernel(
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
                        mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
-                       GENERATE,
+                       GENERATE, PRECHECK,
                        False)  # fmt: skip
             seg = last_seg
             seg_end = tl.load(prefix_ptr + seg + 1)
@@ -745,7 +766,7 @@ def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows
     box = rows - tl.load(gt_offsets_ptr + image, mask=real, other=0)
     anchor = (key & _INDEX_MASK) ^ _INDEX_MASK
     slot = (image * num_anchors + anchor) * 4 + 2
-    tl.atomic_max(work_ptr.to(tl.pointer_type(tl.int32)) + slot, (box + 1).to(tl.int32), mask=qualifies)
+    tl.atomic_max(work_ptr.to(tl.pointer_type(tl.int32)) + slot, (box + 1).to(tl.int32), mask=qualifies, sem="relaxed")
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------

@@ -61,8 +61,9 @@ __all__ = ["solve", "solve_sparse", "candidate_pairs", "interpreting"]
 class _Meta:
     """Block sizes: anchors per finalize program, pairs per chunk, ignore boxes per tile,
     box rows per segments program, persistent pair programs per SM (compiled) or in all
-    (interpreter), warps, and a cap on the pair kernels' registers per thread (None: the
-    compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``)."""
+    (interpreter), warps, a cap on the pair kernels' registers per thread (None: the
+    compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``), and
+    whether the scatter loads each word before its atomic (``triton_assign._chunk``)."""
 
     block_a: int
     block_p: int
@@ -71,6 +72,7 @@ class _Meta:
     pair_programs: int
     num_warps: int
     pair_registers: int | None = None
+    scatter_precheck: bool = True
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps). Pairs: the
@@ -353,7 +355,8 @@ class _Launch:
         meta = dict(GENERATE=self.generate, BLOCK_P=self.meta.block_p)
         if self.meta.pair_registers is not None:  # fewer registers, more programs resident per SM
             meta["maxnreg"] = self.meta.pair_registers
-        pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta, **_launch_kwargs())
+        pairs_kernel[grid](*common, STAGE=STAGE_SCATTER, PRECHECK=self.meta.scatter_precheck, **meta,
+                           **_launch_kwargs())  # fmt: skip
         if self.low_quality == LOW_QUALITY_CODES["ssd_forced"]:
             block = 128
             forced_kernel[(_cdiv(self.num_rows, block),)](

@@ -115,6 +115,34 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
+def test_scatter_without_precheck(monkeypatch, generator):
+    """``scatter_precheck=False`` (every overlapping pair sends its atomics, unread: what
+    ``gpu_sweep.py`` times against the default) reaches the scatter launch and gives the
+    same targets, ties to the lowest box and low-quality matches included, over chunks
+    inside one rectangle and chunks across many (the GPU's 256-pair chunks)."""
+    launched = []
+    original = triton_backend.pairs_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs.get("PRECHECK"))
+                return original[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "pairs_kernel", Recording())
+    meta = dataclasses.replace(triton_backend._COMPILED, scatter_precheck=False, pair_programs=3)
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", meta)
+    monkeypatch.setattr(triton_backend, "_COMPILED", meta)
+    canvas = (160, 192)
+    boxes, counts = random_batch(generator, [40, 0, 6], canvas, max_frac=0.2)
+    boxes[:20] = with_ties(boxes[:20], generator)
+    boxes[-1] = torch.tensor([1.0, 2.0, 190.0, 158.0])  # ~480 pairs per stride-8 shape: whole chunks inside
+    check(boxes, counts, canvas, _dense_config("retinanet_mmdet"), want_max_iou=True)
+    assert launched == [False, None]  # scatter without the pre-check; the lift has none
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_block_sizes(mode, monkeypatch, generator):
     """The GPU's small blocks and many pair programs, under the interpreter: chunks of
@@ -416,7 +444,8 @@ print(json.dumps(ptx))
 def test_kernels_compile_for_hopper_with_exact_arithmetic():
     """Both triton versions compile the kernels; the PTX keeps IoU exact: IEEE division
     (div.rn, never div.full/approx) and no mul+add contracted into fma.rn.f32 (the
-    fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp)."""
+    fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp); the pair
+    kernels' atomics are unfenced reductions."""
     import json
     import os
     import subprocess
@@ -435,7 +464,10 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse"):
         assert "div.rn.f32" in ptx[name], name
     for name in ("scatter", "lift", "forced"):
-        assert "atom.global" in ptx[name], name
+        # Relaxed atomics whose results nobody reads: fire-and-forget reductions, with no
+        # fence around them (acq_rel fenced each one: triton_assign's docstring).
+        assert "red.global.gpu.relaxed.max" in ptx[name], name
+        assert "fence" not in ptx[name] and "membar" not in ptx[name] and "atom.global" not in ptx[name], name
     assert "st.global.v4.b32" in ptx["dense"], "deltas should leave in 16-byte vector stores"
 
 
