@@ -495,7 +495,7 @@ def _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_o
 @triton.jit
 def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr, shape_int_ptr,
            shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr, mark_ptr, box_key_ptr,
-           seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou, ignore_iof_thr, use_ignore,
+           seg_max_ptr, num_anchors, num_shapes, center_div, ignore_iof_thr, use_ignore,
            ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE: tl.constexpr, GENERATE: tl.constexpr,
            PRECHECK: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
     """One chunk of pairs: ``segs`` is the segment of every lane ([BLOCK_P]), or one
@@ -509,100 +509,95 @@ def _chunk(segs, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr
     emit a fire-and-forget reduction (RED) and the lane does not wait at all. The same
     words either way: max is order-independent."""
     row = segs // num_shapes
-    if STAGE == _STAGE_SCATTER:
-        go = True
-    else:
+    if STAGE != _STAGE_SCATTER:  # the lift
+        # The lift walks only the segments where their box reaches its maximum, a
+        # qualifying one (lift_segments_kernel zeroed the others' pairs): every lane in
+        # the walk may lift, so no test of the whole chunk (a block reduction) is needed.
         # Per lane even in a uniform chunk (a broadcast): the interpreter mishandles
         # `block & scalar` for a scalar loaded through a scalar pointer.
         box_bits = (tl.load(box_key_ptr + row) >> 32).to(tl.int32) + tl.zeros(mask.shape, tl.int32)
         box_max = box_bits.to(tl.float32, bitcast=True)
-        # Only segments where the box reaches its maximum can hold a lifted anchor. A box
-        # whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-        reaches = tl.load(seg_max_ptr + segs) == box_bits
-        qualifies = mask & (box_max > 0.0) & (box_max >= min_pos_iou) & reaches
-        go = tl.max(qualifies.to(tl.int32), axis=0) > 0
-    if go:
-        image = tl.load(row_image_ptr + row).to(tl.int64)
-        box = tl.load(row_box_ptr + row).to(tl.int64)
-        rect = rect_ptr + segs * 4
-        x0 = tl.load(rect)
-        nx = tl.load(rect + 1)
-        y0 = tl.load(rect + 2)
-        dy = local // nx
-        x = x0 + local - dy * nx
-        if GENERATE:
-            y = y0 + dy
-            shape = (segs - row * num_shapes).to(tl.int32)
-            base, step_x, step_y, _width, _height = _shape_ints(shape_int_ptr, shape)
-            offset, factor_x, factor_y, scale_x, scale_y, c0, c1, c2, c3 = _shape_floats(shape_float_ptr, shape)
-            cx = _center(x, offset, factor_x, center_div)
-            cy = _center(y, offset, factor_y, center_div)
-            ax1 = (cx + c0) * scale_x
-            ay1 = (cy + c1) * scale_y
-            ax2 = (cx + c2) * scale_x
-            ay2 = (cy + c3) * scale_y
-            anchor = base + x * step_x + y * step_y
-            padded = tl.zeros(mask.shape, tl.int1)
-            if pad_rule != 0:
-                # The pair's own cell against its image's valid cells for this shape row.
-                # Broadcast first: in a uniform chunk image and shape are scalars loaded
-                # through scalar pointers (see the LIFT note above).
-                valid = pad_ptr + (image * num_shapes + shape) * 2
-                rows = tl.load(valid) + tl.zeros(mask.shape, tl.int32)
-                columns = tl.load(valid + 1) + tl.zeros(mask.shape, tl.int32)
-                padded = (y >= rows) | (x >= columns)
+    image = tl.load(row_image_ptr + row).to(tl.int64)
+    box = tl.load(row_box_ptr + row).to(tl.int64)
+    rect = rect_ptr + segs * 4
+    x0 = tl.load(rect)
+    nx = tl.load(rect + 1)
+    y0 = tl.load(rect + 2)
+    dy = local // nx
+    x = x0 + local - dy * nx
+    if GENERATE:
+        y = y0 + dy
+        shape = (segs - row * num_shapes).to(tl.int32)
+        base, step_x, step_y, _width, _height = _shape_ints(shape_int_ptr, shape)
+        offset, factor_x, factor_y, scale_x, scale_y, c0, c1, c2, c3 = _shape_floats(shape_float_ptr, shape)
+        cx = _center(x, offset, factor_x, center_div)
+        cy = _center(y, offset, factor_y, center_div)
+        ax1 = (cx + c0) * scale_x
+        ay1 = (cy + c1) * scale_y
+        ax2 = (cx + c2) * scale_x
+        ay2 = (cy + c3) * scale_y
+        anchor = base + x * step_x + y * step_y
+        padded = tl.zeros(mask.shape, tl.int1)
+        if pad_rule != 0:
+            # The pair's own cell against its image's valid cells for this shape row.
+            # Broadcast first: in a uniform chunk image and shape are scalars loaded
+            # through scalar pointers (see the LIFT note above).
+            valid = pad_ptr + (image * num_shapes + shape) * 2
+            rows = tl.load(valid) + tl.zeros(mask.shape, tl.int32)
+            columns = tl.load(valid + 1) + tl.zeros(mask.shape, tl.int32)
+            padded = (y >= rows) | (x >= columns)
+    else:
+        padded = tl.zeros(mask.shape, tl.int1)
+        anchor = x
+        a = anchors_ptr + anchor.to(tl.int64) * 4
+        ax1 = tl.load(a, mask=mask, other=0.0)
+        ay1 = tl.load(a + 1, mask=mask, other=0.0)
+        ax2 = tl.load(a + 2, mask=mask, other=1.0)
+        ay2 = tl.load(a + 3, mask=mask, other=1.0)
+    b = gt_boxes_ptr + row * 4
+    bx1 = tl.load(b)
+    by1 = tl.load(b + 1)
+    bx2 = tl.load(b + 2)
+    by2 = tl.load(b + 3)
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
+    slot = image * num_anchors + anchor
+    if STAGE == _STAGE_SCATTER:
+        overlap = mask & (iou > 0.0)
+        iou_bits = iou.to(tl.int32, bitcast=True)
+        bits = iou_bits.to(tl.int64) << 32
+        key = bits | (box ^ _INDEX_MASK)
+        if PRECHECK:
+            seen = tl.load(key_ptr + slot * 2, mask=overlap, other=0)
+            tl.atomic_max(key_ptr + slot * 2, key, mask=overlap & (key > seen), sem="relaxed")
         else:
-            padded = tl.zeros(mask.shape, tl.int1)
-            anchor = x
-            a = anchors_ptr + anchor.to(tl.int64) * 4
-            ax1 = tl.load(a, mask=mask, other=0.0)
-            ay1 = tl.load(a + 1, mask=mask, other=0.0)
-            ax2 = tl.load(a + 2, mask=mask, other=1.0)
-            ay2 = tl.load(a + 3, mask=mask, other=1.0)
-        b = gt_boxes_ptr + row * 4
-        bx1 = tl.load(b)
-        by1 = tl.load(b + 1)
-        bx2 = tl.load(b + 2)
-        by2 = tl.load(b + 3)
-        anchor_area = (ax2 - ax1) * (ay2 - ay1)
-        iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
-        slot = image * num_anchors + anchor
-        if STAGE == _STAGE_SCATTER:
-            overlap = mask & (iou > 0.0)
-            iou_bits = iou.to(tl.int32, bitcast=True)
-            bits = iou_bits.to(tl.int64) << 32
-            key = bits | (box ^ _INDEX_MASK)
-            if PRECHECK:
-                seen = tl.load(key_ptr + slot * 2, mask=overlap, other=0)
-                tl.atomic_max(key_ptr + slot * 2, key, mask=overlap & (key > seen), sem="relaxed")
-            else:
-                tl.atomic_max(key_ptr + slot * 2, key, mask=overlap, sem="relaxed")
-            if low_quality != 0:
-                excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
-                                           border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
-                                           border_rule) | padded  # fmt: skip
-                counted = overlap & ~excluded
-                box_key = tl.where(counted, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0)
-                seg_bits = tl.where(counted, iou_bits, 0)
-                if UNIFORM:
-                    best = tl.max(box_key, axis=0)
-                    if best > 0:
-                        tl.atomic_max(box_key_ptr + row, best, sem="relaxed")
-                        tl.atomic_max(seg_max_ptr + segs, tl.max(seg_bits, axis=0), sem="relaxed")
-                elif PRECHECK:
-                    seen = tl.load(box_key_ptr + row, mask=counted, other=0)
-                    tl.atomic_max(box_key_ptr + row, box_key, mask=box_key > seen, sem="relaxed")
-                    seen_bits = tl.load(seg_max_ptr + segs, mask=counted, other=0)
-                    tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=seg_bits > seen_bits, sem="relaxed")
-                else:
-                    tl.atomic_max(box_key_ptr + row, box_key, mask=counted, sem="relaxed")
-                    tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=counted, sem="relaxed")
-        else:
+            tl.atomic_max(key_ptr + slot * 2, key, mask=overlap, sem="relaxed")
+        if low_quality != 0:
             excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
                                        border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
                                        border_rule) | padded  # fmt: skip
-            hit = qualifies & (iou == box_max) & ~excluded
-            tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit, sem="relaxed")
+            counted = overlap & ~excluded
+            box_key = tl.where(counted, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0)
+            seg_bits = tl.where(counted, iou_bits, 0)
+            if UNIFORM:
+                best = tl.max(box_key, axis=0)
+                if best > 0:
+                    tl.atomic_max(box_key_ptr + row, best, sem="relaxed")
+                    tl.atomic_max(seg_max_ptr + segs, tl.max(seg_bits, axis=0), sem="relaxed")
+            elif PRECHECK:
+                seen = tl.load(box_key_ptr + row, mask=counted, other=0)
+                tl.atomic_max(box_key_ptr + row, box_key, mask=box_key > seen, sem="relaxed")
+                seen_bits = tl.load(seg_max_ptr + segs, mask=counted, other=0)
+                tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=seg_bits > seen_bits, sem="relaxed")
+            else:
+                tl.atomic_max(box_key_ptr + row, box_key, mask=counted, sem="relaxed")
+                tl.atomic_max(seg_max_ptr + segs, seg_bits, mask=counted, sem="relaxed")
+    else:
+        excluded = _excluded_lanes(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
+                                   border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
+                                   border_rule) | padded  # fmt: skip
+        hit = mask & (iou == box_max) & ~excluded
+        tl.atomic_max(mark_ptr + slot * 4 + 2, (box + 1).to(tl.int32), mask=hit, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=_PAIRS_SWITCHES)
@@ -630,7 +625,6 @@ def pairs_kernel(
     segment_steps,
     # Scalars and rule switches
     center_div,
-    min_pos_iou,
     ignore_iof_thr,
     use_ignore,
     ignore_wrt_anchor,
@@ -696,7 +690,7 @@ def pairs_kernel(
                 local = (pair - tl.load(prefix_ptr + seg)).to(tl.int32)
                 _chunk(seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
-                       mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
+                       mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
                        GENERATE, PRECHECK,
                        True)  # fmt: skip
@@ -719,7 +713,7 @@ def pairs_kernel(
                 # valid table rows and write nothing.
                 _chunk(lane_seg, local, mask, gt_boxes_ptr, row_box_ptr, row_image_ptr, rect_ptr, anchors_ptr,
                        shape_int_ptr, shape_float_ptr, ignore_ptr, ignore_offsets_ptr, border_ptr, pad_ptr, key_ptr,
-                       mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div, min_pos_iou,
+                       mark_ptr, box_key_ptr, seg_max_ptr, num_anchors, num_shapes, center_div,
                        ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, pad_rule, low_quality, STAGE,
                        GENERATE, PRECHECK,
                        False)  # fmt: skip
