@@ -16,6 +16,10 @@
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
   the request).
+* ``connections``: connections per address (default 1). A server's front-end processes
+  sharing a port (``tritarget serve --workers N``) are handed connections, not calls:
+  one process that sends many requests to such a server reaches all of them only over
+  several connections (``connections=2 * N`` spreads well; the kernel picks at random).
 * ``wait_until_ready(timeout)``: block until an endpoint's health is SERVING.
 * Errors: every failure is a ``TargetServiceError`` with the gRPC ``code``, the
   server's ``details`` and the ``field_violations`` of a bad request; when no
@@ -168,10 +172,19 @@ class _Base:
         max_backoff: float = 1.0,
         max_message_bytes: int = 256 * _MIB,
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         self.targets = [target] if isinstance(target, str) else list(target)
         if not self.targets:
             raise ValueError("target: give at least one address")
+        if connections < 1:
+            raise ValueError(f"connections: must be >= 1, got {connections}")
+        self.connections = connections
+        # One endpoint per connection, the addresses interleaved so that turns alternate
+        # between them; channels alike in address and options share one connection
+        # unless each keeps its own subchannel pool.
+        self._endpoints = self.targets * connections
+        own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -182,7 +195,7 @@ class _Base:
         self._root_certificates = root_certificates
         self._max_message_bytes = max_message_bytes
         self._extra_options = list(options)
-        self._options = _channel_options(max_message_bytes, options)
+        self._options = _channel_options(max_message_bytes, [*options, *own_pool])
         self._reset()
 
     def _reset(self) -> None:
@@ -191,7 +204,7 @@ class _Base:
         self._stubs: list[pb_grpc.TargetAssignerStub] = []
         self._channels: list = []
         self._turn = itertools.count()
-        self._failed_at = [float("-inf")] * len(self.targets)
+        self._failed_at = [float("-inf")] * len(self._endpoints)
         self._lock = threading.Lock()
         self._stats = ClientStats()
         self._stats_lock = threading.Lock()
@@ -223,6 +236,7 @@ class _Base:
             "root_certificates": self._root_certificates, "timeout": self.timeout, "retries": self.retries,
             "backoff": self.backoff, "max_backoff": self.max_backoff,
             "max_message_bytes": self._max_message_bytes, "options": self._extra_options,
+            "connections": self.connections,
         }  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -233,9 +247,9 @@ class _Base:
 
     def _open_all(self) -> None:
         if self._pid != os.getpid():
-            self._channels = [self._open(t) for t in self.targets]
+            self._channels = [self._open(t) for t in self._endpoints]
             self._stubs = [pb_grpc.TargetAssignerStub(c) for c in self._channels]
-            self._failed_at = [float("-inf")] * len(self.targets)
+            self._failed_at = [float("-inf")] * len(self._endpoints)
             self._pid = os.getpid()
 
     def _endpoint(self) -> int:
@@ -244,11 +258,11 @@ class _Base:
         with self._lock:
             self._open_all()
             now = time.monotonic()
-            for _ in range(len(self.targets)):
-                index = next(self._turn) % len(self.targets)
+            for _ in range(len(self._endpoints)):
+                index = next(self._turn) % len(self._endpoints)
                 if now - self._failed_at[index] >= _COOLDOWN_S:
                     return index
-            return next(self._turn) % len(self.targets)
+            return next(self._turn) % len(self._endpoints)
 
     def _failed(self, index: int) -> None:
         self._failed_at[index] = time.monotonic()
@@ -291,10 +305,10 @@ class _Base:
         """'' when endpoint ``index`` is SERVING, else what it said (for the error message)."""
         if error is not None:
             self._failed(index)
-            return f"{self.targets[index]}: {error.code().name}"
+            return f"{self._endpoints[index]}: {error.code().name}"
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return ""
-        return f"{self.targets[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return f"{self._endpoints[index]} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
     def _give_up(self, error: grpc.RpcError, attempts: int, started: float) -> TargetServiceError:
         """The error for a call that failed for good; when no server answered, it says so."""

@@ -168,12 +168,55 @@ def test_client_requests_before_a_fork_work_in_the_child(two_servers):
 
 
 def test_client_pickles_as_its_options():
-    client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2)
+    client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2,
+                          connections=3)  # fmt: skip
     copy = pickle.loads(pickle.dumps(client))
     assert copy.targets == client.targets and copy.timeout == 7.5 and copy.retries == 4 and copy.backoff == 0.2
+    assert copy.connections == 3
     assert copy._metadata == client._metadata and copy._channels == []
     aclient = pickle.loads(pickle.dumps(AsyncTargetClient("127.0.0.1:1", tls=True)))
     assert aclient.targets == ["127.0.0.1:1"] and aclient._tls
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+@pytest.mark.parametrize("connections", [1, 3])
+def test_calls_spread_over_the_clients_connections(client_class, connections):
+    """``connections=N``: N connections to an address, calls in turn over them, so that a
+    server's front ends sharing a port (`serve --workers`) all get some. A real gRPC
+    server records each call's peer (client address and port: one per connection)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    peers, lock = set(), threading.Lock()
+
+    def record(request: bytes, context) -> bytes:
+        with lock:
+            peers.add(context.peer())
+        return b""  # an empty AssignResponse
+
+    server = grpc.server(ThreadPoolExecutor(4))
+    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(record)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    request = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+    try:
+        if client_class is TargetClient:
+            with TargetClient(f"127.0.0.1:{port}", connections=connections) as client:
+                for _ in range(3 * connections):
+                    client.assign_raw(request)
+        else:
+
+            async def calls():
+                async with AsyncTargetClient(f"127.0.0.1:{port}", connections=connections) as client:
+                    for _ in range(3 * connections):
+                        await client.assign_raw(request)
+
+            asyncio.run(calls())
+    finally:
+        server.stop(0)
+    assert len(peers) == connections, peers
+    with pytest.raises(ValueError, match="connections: must be >= 1, got 0"):
+        client_class("127.0.0.1:1", connections=0)
 
 
 class _TargetsDataset(torch.utils.data.Dataset):
