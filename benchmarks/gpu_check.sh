@@ -33,8 +33,9 @@
 # bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
 # there are more than 8 files (what the device tool brings back), the rest (env.txt
 # among them) go into extras.tar.gz. Took 500 s on the H200 without the sweep (run6):
-# each step has its own timeout (tests 250 s, bench 100 s, sweep 120 s, anchor scan
-# 120 s, service 90 s twice), plus setup; give the device call 590 s. Exit status:
+# each step has its own timeout (tests 250 s, bench 100 s, sweep 90 s, anchor scan 60 s,
+# service 90 s twice), plus setup, and the steps after the bench are skipped when they
+# could end past GPU_CHECK_BUDGET (560 s); give the device call 590 s. Exit status:
 # non-zero if the wheels did not install, a test failed, the service step failed or the
 # bench did not finish.
 #
@@ -169,46 +170,65 @@ timeout -s INT -k 10 100 "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
 [ "$bench" -eq 0 ] || status=1
 
+# The device call's limit (600 s) stops the script wherever it is, before the files are
+# packed below: from here on, a step that could run past GPU_CHECK_BUDGET seconds from the
+# start (default 560) is skipped, and says so.
+budget="${GPU_CHECK_BUDGET:-560}"
+fits() {  # fits LIMIT NAME: whether a step of at most LIMIT seconds ends within the budget
+    if ((SECONDS + $1 > budget)); then
+        echo "== $2: skipped, $((budget - SECONDS)) s left of the $budget s budget, the step may take $1 s =="
+        return 1
+    fi
+}
+
 # benchmarks/gpu_sweep.py (launch parameters around the defaults, host vs device time;
 # ~30 s on the H200, run6), unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
-if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ]; then
+if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits 90 sweep; then
     echo "== sweep =="
-    timeout -s INT -k 10 120 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
+    timeout -s INT -k 10 90 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
 fi
 
 # The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
 # took 8.6-13.6 s in run4-run6, so 20,000 by default now).
-echo "== anchor scan =="
-timeout -s INT -k 10 120 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
-    --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+if fits 60 "anchor scan"; then
+    echo "== anchor scan =="
+    timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
+        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+fi
 
 # The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
 # under tritarget loadtest from 8 client processes, 8 COCO-like images per SPARSE request.
 # GPU_SERVICE_ARGS adds server flags, e.g. "--workers 2 --port 50061" (several front-end
 # processes share the GPU; --workers needs a fixed port).
-echo "== service =="
-timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
-    --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" 2>&1 | tail -n 12 |
-    tee "$OUT/service.txt"
-service=${PIPESTATUS[0]}
-[ "$service" -eq 0 ] || status=1
+service=skipped
+if fits 90 service; then
+    echo "== service =="
+    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
+        "${service_load[@]}" --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" \
+        2>&1 | tail -n 12 | tee "$OUT/service.txt"
+    service=${PIPESTATUS[0]}
+    [ "$service" -eq 0 ] || status=1
+fi
 
 # The same load against several front-end processes sharing the GPU (`serve --workers N`,
 # GPU_SERVICE_WORKERS, default 4, what `serve` picks on 16 cores): one Python process's event
 # loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
 # run6; 4 gave 29.5k, run7). bench_loadtest passes --port 0 (one front end) unless told.
 workers="${GPU_SERVICE_WORKERS:-4}"
-echo "== service, $workers front-end processes =="
-timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" "${service_load[@]}" \
-    --duration 3 --warmup 1 --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" \
-    --out "$OUT/loadtest_workers$workers" 2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if fits 90 "service, $workers front ends"; then
+    echo "== service, $workers front-end processes =="
+    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
+        "${service_load[@]}" --duration 3 --warmup 1 \
+        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest_workers$workers" \
+        2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
 # delay, front-end processes on the GPU) and bench_service_overhead.py (the server's time per
 # request outside compute, from its metrics, on this machine's cores: the GPU backend and the
 # cpu one); their tables go into extras.tar.gz.
-if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ]; then
+if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep"; then
     echo "== service sweep =="
     timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
         --out "$OUT/service_sweep" 2>&1 | tail -n 12
