@@ -115,26 +115,33 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
-def test_scatter_without_precheck(monkeypatch, generator):
-    """``scatter_precheck=False`` (every overlapping pair sends its atomics, unread: what
-    ``gpu_sweep.py`` times against the default) reaches the scatter launch and gives the
-    same targets, ties to the lowest box and low-quality matches included, over chunks
-    inside one rectangle and chunks across many (the GPU's 256-pair chunks)."""
+def _pair_launches(monkeypatch, option: str, **meta) -> list:
+    """Solve with the GPU's launch parameters changed by ``meta`` (interpreted or
+    compiled); the list gets each pair-kernel launch's ``option`` as it is launched."""
     launched = []
     original = triton_backend.pairs_kernel
 
     class Recording:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append(kwargs.get("PRECHECK"))
+                launched.append(kwargs.get(option))
                 return original[grid](*args, **kwargs)
 
             return launch
 
     monkeypatch.setattr(triton_backend, "pairs_kernel", Recording())
-    meta = dataclasses.replace(triton_backend._COMPILED, scatter_precheck=False, pair_programs=3)
-    monkeypatch.setattr(triton_backend, "_INTERPRETED", meta)
-    monkeypatch.setattr(triton_backend, "_COMPILED", meta)
+    changed = dataclasses.replace(triton_backend._COMPILED, **meta)
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
+    monkeypatch.setattr(triton_backend, "_COMPILED", changed)
+    return launched
+
+
+def test_scatter_without_precheck(monkeypatch, generator):
+    """``scatter_precheck=False`` (every overlapping pair sends its atomics, unread: what
+    ``gpu_sweep.py`` times against the default) reaches the scatter launch and gives the
+    same targets, ties to the lowest box and low-quality matches included, over chunks
+    inside one rectangle and chunks across many (the GPU's 256-pair chunks)."""
+    launched = _pair_launches(monkeypatch, "PRECHECK", scatter_precheck=False, pair_programs=3)
     canvas = (160, 192)
     boxes, counts = random_batch(generator, [40, 0, 6], canvas, max_frac=0.2)
     boxes[:20] = with_ties(boxes[:20], generator)
@@ -174,21 +181,7 @@ def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
     """``pair_registers`` reaches the pair kernels' launches as Triton's ``maxnreg`` (what
     ``gpu_sweep.py`` varies): compiled on a GPU, the capped kernels still match the
     reference; the interpreter takes the option and ignores it."""
-    launched = []
-    original = triton_backend.pairs_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs.get("maxnreg"))
-                return original[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(triton_backend, "pairs_kernel", Recording())
-    capped = dataclasses.replace(triton_backend._COMPILED, pair_registers=48)
-    monkeypatch.setattr(triton_backend, "_INTERPRETED", capped)
-    monkeypatch.setattr(triton_backend, "_COMPILED", capped)
+    launched = _pair_launches(monkeypatch, "maxnreg", pair_registers=48)
     boxes, counts = random_batch(generator, [6, 3], (64, 256), max_frac=0.2)
     check(boxes, counts, (64, 256), _dense_config("retinanet_torchvision"))
     assert launched == [48, 48]  # scatter, then lift
