@@ -111,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = _server_options(args)
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's cpuset)
+        cores = _usable_cores()
         workers = front_ends(args.workers, options.port, cores)
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
@@ -125,6 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tritarget serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset; all of them where the
+    platform cannot say, as on macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def front_ends(workers: int | None, port: int, cores: int) -> int:
@@ -164,7 +172,7 @@ def _serve_workers(options, workers: int) -> int:
 
     if options.port == 0:
         raise ValueError("--workers needs a fixed --port (the workers share it)")
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, _usable_cores() // workers)
     children = []
     for i in range(workers):
         metrics_port = None if options.metrics_port is None else options.metrics_port + i
