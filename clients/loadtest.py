@@ -55,6 +55,9 @@ from .wire import build_request, decode_response
 
 __all__ = ["Workload", "LoadTestOptions", "Report", "run", "verify_response"]
 
+# Connections per target and client process: callers beyond take turns on them (a
+# thousand callers in one process would otherwise hold a thousand sockets).
+_MAX_CONNECTIONS = 64
 _ASSIGN = "/tritarget.v1.TargetAssigner/Assign"
 _STREAM = "/tritarget.v1.TargetAssigner/AssignStream"
 # Latencies in microseconds, from 1 us to 1 hour, 3 significant digits (0.1% error).
@@ -227,15 +230,15 @@ class _Driver:
         self.endpoint_turn = itertools.count()
 
     def _channels(self) -> list[grpc.aio.Channel]:
-        """A connection per caller or stream of this process, to each target. Front-end
-        processes sharing a port (`serve --workers N`) are handed connections, not calls:
-        over one connection per process, 8 processes reached 4 such front ends 3/1/3/1,
-        and the open loop overloaded the two with 3 (a training job's data-loader workers
-        each hold their own)."""
+        """A connection per caller or stream of this process (at most 64), to each
+        target. Front-end processes sharing a port (`serve --workers N`) are handed
+        connections, not calls: over one connection per process, 8 processes reached 4
+        such front ends 3/1/3/1, and the open loop overloaded the two with 3 (a training
+        job's data-loader workers each hold their own)."""
         # Channels alike in target and options share one connection unless each keeps
         # its own subchannel pool.
         channel_options = [*_channel_options(1 << 30, ()), ("grpc.use_local_subchannel_pool", 1)]
-        targets = [t for _ in range(self.share) for t in self.options.targets]
+        targets = [t for _ in range(min(self.share, _MAX_CONNECTIONS)) for t in self.options.targets]
         if self.options.tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.options.tls_ca)
             return [grpc.aio.secure_channel(t, credentials, options=channel_options) for t in targets]
