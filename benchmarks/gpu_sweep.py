@@ -6,8 +6,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 
 1. Host versus device: for COCO-RetinaNet B = 1 and 32 (G ~ 7), ``solve`` timed by
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
-   synchronisation (the launch cost), and the top host functions of 200 calls under
-   cProfile; ``assign`` end to end beside it.
+   synchronisation (the launch cost), and the top host functions of 200 calls of
+   ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
 2. Sweep around the defaults (first the defaults themselves, the baseline of the same
    run): pairs per chunk (``block_p``), persistent pair programs per SM, the pair
    kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
@@ -95,16 +95,17 @@ def main() -> None:
             dict(batch=batch, solve_ms=solve_ms, solve_host_us=host, sparse_ms=sparse_ms,
                  sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign)
         )  # fmt: skip
-        if batch == 1:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(200):
-                triton_backend.solve(problem)
-            profiler.disable()
-            torch.cuda.synchronize()
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-            say(text.getvalue())
+        if batch == 1:  # where the host time goes: the solve, and what assign adds to it
+            for name, call in (("solve", lambda p=problem: triton_backend.solve(p)), ("assign", end_to_end)):
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(200):
+                    call()
+                profiler.disable()
+                torch.cuda.synchronize()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+                say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
 
     say("== sweep: launch parameters around the defaults ==")
     points = [(32, None), (32, 200), (8, 1000)]

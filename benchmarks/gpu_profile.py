@@ -1,0 +1,41 @@
+"""The kernels of two COCO-RetinaNet batches, for Nsight Compute (``gpu_profile.sh``).
+
+Builds B = 32 images with G ~ 7 (COCO-like) and with G = 200 boxes each, solves each
+a few times to compile and warm up, then once more inside an NVTX range named after
+the batch (``coco/``, ``g200/``): ``ncu --nvtx --nvtx-include`` profiles those launches
+only. Prints each batch's pair count, the work the hardware counters are read against.
+
+    python benchmarks/gpu_profile.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritarget.kernels import presets, triton_backend
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+BATCHES = {"coco": None, "g200": 200}  # NVTX range -> boxes per image (None: COCO-like)
+
+
+def main() -> None:
+    config = presets.get("retinanet_torchvision")
+    for name, boxes in BATCHES.items():
+        gt, counts, classes = coco_like_batch(32, seed=32, boxes_per_image=boxes)
+        problem, _ = build_problem(gt.cuda(), counts, COCO_CANVAS, config, gt_classes=classes.cuda())
+        for _ in range(3):
+            triton_backend.solve(problem)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push(name)
+        triton_backend.solve(problem)
+        triton_backend.solve_sparse(problem)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        work = triton_backend.candidate_pairs(problem)
+        print(f"{name}: B = 32, {sum(counts)} boxes, {work['evaluated']:,} box-anchor pairs in "
+              f"{work['chunks']:,} chunks per pass", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

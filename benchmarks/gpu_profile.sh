@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# A prepared Nsight Compute profile for a lent GPU machine, after gpu_check.sh when time is
+# left (about 2 minutes):
+#
+#   bash benchmarks/gpu_profile.sh
+#
+# Profiles the pair and finalize kernels of gpu_profile.py's two B = 32 batches (G ~ 7 and
+# G = 200) with the sections that say what bounds them: throughput against the hardware's
+# peaks (SpeedOfLight), occupancy and its limiters, where warps stall (WarpStateStats,
+# SchedulerStats), memory and atomics traffic (MemoryWorkloadAnalysis). The clocks are left
+# alone (--clock-control none, the device README's advice). ncu reads no counters on some
+# machines' runtimes (gVisor); the error is then the result. Writes profile.txt (the
+# sections as text) and pairs.ncu-rep under $OUT (default benchmarks/results/gpu_profile).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$REPO/benchmarks/results/gpu_profile}"
+mkdir -p "$OUT"
+SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
+# tritarget, uninstalled: a namespace package of links (as gpu_check.sh does).
+mkdir -p "$SCRATCH/tritarget"
+for part in kernels service clients protos anchor_design; do
+    ln -s "$REPO/$part" "$SCRATCH/tritarget/$part"
+done
+export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)"
+if [ -z "$NCU" ]; then
+    echo "gpu_profile: ncu not found" | tee "$OUT/profile.txt"
+    exit 1
+fi
+cd "$REPO"
+timeout -s INT -k 10 150 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
+    --kernel-name regex:"pairs_kernel|finalize_kernel" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --export "$OUT/pairs" --force-overwrite python3 benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.txt"
+exit "${PIPESTATUS[0]}"
