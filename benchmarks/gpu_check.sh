@@ -87,11 +87,10 @@ else
     wheel_note="no .whl folder: the image's own grpcio/protobuf"
 fi
 
-mkdir -p "$SCRATCH/shim/tritarget" "$SCRATCH/bin"
-for part in kernels service clients protos anchor_design; do
-    ln -s "$REPO/$part" "$SCRATCH/shim/tritarget/$part"
-done
-export PYTHONPATH="$SCRATCH/shim${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=benchmarks/tritarget_shim.sh
+source "$REPO/benchmarks/tritarget_shim.sh"
+use_tritarget_uninstalled "$REPO" "$SCRATCH/shim"
+mkdir -p "$SCRATCH/bin"
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$PYTHON" >"$SCRATCH/bin/python"
 chmod +x "$SCRATCH/bin/python"
 export PATH="$SCRATCH/bin:$PATH"

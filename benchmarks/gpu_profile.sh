@@ -18,12 +18,10 @@ OUT="${OUT:-$REPO/benchmarks/results/gpu_profile}"
 mkdir -p "$OUT"
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
-# tritarget, uninstalled: a namespace package of links (as gpu_check.sh does).
-mkdir -p "$SCRATCH/tritarget"
-for part in kernels service clients protos anchor_design; do
-    ln -s "$REPO/$part" "$SCRATCH/tritarget/$part"
-done
-export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/tritarget_shim.sh
+source "$REPO/benchmarks/tritarget_shim.sh"
+use_tritarget_uninstalled "$REPO" "$SCRATCH"
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)"
 if [ -z "$NCU" ]; then

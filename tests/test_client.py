@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread
+from test_service_harness import ServerThread, peer_recording_server
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request, decode_response
@@ -182,38 +182,21 @@ def test_client_pickles_as_its_options():
 @pytest.mark.parametrize("connections", [1, 3])
 def test_calls_spread_over_the_clients_connections(client_class, connections):
     """``connections=N``: N connections to an address, calls in turn over them, so that a
-    server's front ends sharing a port (`serve --workers`) all get some. A real gRPC
-    server records each call's peer (client address and port: one per connection)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    peers, lock = set(), threading.Lock()
-
-    def record(request: bytes, context) -> bytes:
-        with lock:
-            peers.add(context.peer())
-        return b""  # an empty AssignResponse
-
-    server = grpc.server(ThreadPoolExecutor(4))
-    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(record)}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server's front ends sharing a port (`serve --workers`) all get some."""
     request = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision")
-    try:
+    with peer_recording_server() as (address, peers):
         if client_class is TargetClient:
-            with TargetClient(f"127.0.0.1:{port}", connections=connections) as client:
+            with TargetClient(address, connections=connections) as client:
                 for _ in range(3 * connections):
                     client.assign_raw(request)
         else:
 
             async def calls():
-                async with AsyncTargetClient(f"127.0.0.1:{port}", connections=connections) as client:
+                async with AsyncTargetClient(address, connections=connections) as client:
                     for _ in range(3 * connections):
                         await client.assign_raw(request)
 
             asyncio.run(calls())
-    finally:
-        server.stop(0)
     assert len(peers) == connections, peers
     with pytest.raises(ValueError, match="connections: must be >= 1, got 0"):
         client_class("127.0.0.1:1", connections=0)

@@ -7,13 +7,10 @@ import csv
 import json
 import os
 import signal
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, limits, serve_process
+from test_service_harness import ServerThread, limits, peer_recording_server, serve_process
 
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run, verify_response
 from tritarget.kernels import assign
@@ -87,30 +84,10 @@ def test_several_client_processes(server):
 def test_each_caller_has_its_own_connection(loop):
     """Front ends sharing a port (`serve --workers N`) are handed connections, not calls:
     the load comes over one connection per caller or stream (open loop: `concurrency`
-    connections), as from a training job's many data-loader workers. A real gRPC server
-    records each call's peer (client address and port: one per connection)."""
-    peers, lock = set(), threading.Lock()
-
-    def record(request: bytes, context) -> bytes:
-        with lock:
-            peers.add(context.peer())
-        return b""  # an empty AssignResponse: answered, no error
-
-    def record_stream(requests, context):
-        for _ in requests:
-            yield record(b"", context)
-
-    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(record),
-                "AssignStream": grpc.stream_stream_rpc_method_handler(record_stream)}  # fmt: skip
-    server = grpc.server(ThreadPoolExecutor(8))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        report = run(LoadTestOptions(targets=(f"127.0.0.1:{port}",), workload=WORKLOAD, duration_s=0.5, warmup_s=0.1,
+    connections), as from a training job's many data-loader workers."""
+    with peer_recording_server() as (address, peers):
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=0.5, warmup_s=0.1,
                                      concurrency=5, **loop))  # fmt: skip
-    finally:
-        server.stop(0)
     assert report.ok and report.requests > 10, report.table()
     assert len(peers) == 5, peers
 

@@ -7,13 +7,17 @@ the reference backend keep start-up fast; pass ``backend=...`` to change it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import torch
 
 from tritarget.kernels import Targets
@@ -133,3 +137,31 @@ def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
         raise
     threading.Thread(target=process.stdout.read, daemon=True).start()
     return process, int(match.group(1))
+
+
+@contextlib.contextmanager
+def peer_recording_server() -> Iterator[tuple[str, set[str]]]:
+    """A real gRPC server on loopback that answers Assign and AssignStream with empty
+    responses and records each call's peer (client address and port: one per
+    connection). Yields its address and the set of peers seen."""
+    peers, lock = set(), threading.Lock()
+
+    def record(request: bytes, context) -> bytes:
+        with lock:
+            peers.add(context.peer())
+        return b""  # an empty AssignResponse: answered, no error
+
+    def record_stream(requests, context):
+        for _ in requests:
+            yield record(b"", context)
+
+    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(record),
+                "AssignStream": grpc.stream_stream_rpc_method_handler(record_stream)}  # fmt: skip
+    server = grpc.server(ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", peers
+    finally:
+        server.stop(0)
