@@ -144,15 +144,15 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
 
 
 def _json(field: str, text: str) -> Any:
-    too_deep = _invalid(field, f"JSON nested too deeply (more than {_JSON_DEPTH} levels)")
     try:
         value = json.loads(text)
+        deep = _depth_exceeds(value, _JSON_DEPTH)
     except json.JSONDecodeError as exc:
         raise _invalid(field, f"not valid JSON: {exc}") from None
     except RecursionError:  # the parser recurses once per level; where it stops depends on the Python
-        raise too_deep from None
-    if _depth_exceeds(value, _JSON_DEPTH):
-        raise too_deep
+        deep = True
+    if deep:
+        raise _invalid(field, f"JSON nested too deeply (more than {_JSON_DEPTH} levels)")
     return value
 
 
