@@ -12,7 +12,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    run): pairs per chunk (``block_p``), persistent pair programs per SM, the pair
    kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
    ``kernel_resources.md``), and the scatter without its pre-check loads (atomics sent
-   unread, compiled to fire-and-forget RED) x programs per SM, for ``solve`` and
+   unread, compiled to fire-and-forget RED) x programs per SM, and anchors per finalize
+   program (``block_a``: 2 or 4 per thread instead of 1), for ``solve`` and
    ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000; labels checked
    equal to the defaults' in every cell.
 
@@ -119,6 +120,7 @@ def main() -> None:
     cells += [dict(pair_programs=programs) for programs in (16, 64)]
     cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]
     cells += [dict(scatter_precheck=False, pair_programs=programs) for programs in (16, 32, 64)]
+    cells += [dict(block_a=block_a) for block_a in (256, 512)]
     for cell in cells:
         triton_backend._COMPILED = dataclasses.replace(default, **cell)
         triton_backend._pair_programs.cache_clear()
@@ -128,11 +130,11 @@ def main() -> None:
             dense = bench(lambda p=problem: triton_backend.solve(p))
             sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
             label = f"B={point[0]} G={point[1] or '~7'}"
-            say(f"block_p {meta.block_p:4d} programs/SM {meta.pair_programs:3d} registers "
+            say(f"block_a {meta.block_a:4d} block_p {meta.block_p:4d} programs/SM {meta.pair_programs:3d} registers "
                 f"{meta.pair_registers or '-':>3} precheck {meta.scatter_precheck:d} {label:12s} solve {dense:8.3f} ms "
                 f"sparse {sparse:8.3f} ms"
                 f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
-            record["sweep"].append(dict(block_p=meta.block_p, programs_per_sm=meta.pair_programs,
+            record["sweep"].append(dict(block_a=meta.block_a, block_p=meta.block_p, programs_per_sm=meta.pair_programs,
                                         registers=meta.pair_registers, precheck=meta.scatter_precheck,
                                         batch=point[0], boxes=point[1],
                                         solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip

@@ -155,7 +155,12 @@ def main() -> None:
         "programs fit an SM for a few more instructions and L1-cached loads, which paid on the H200 "
         "(benchmarks/results/gpu_h200/run6/sweep.txt). Atomics are relaxed (`triton_assign`'s docstring); "
         "with Triton's default acq_rel the scatter had 10 fences and 10 awaited atomics (each fence "
-        "followed by CCTL.IVALL, dropping the L1 cache) and no fire-and-forget ones, the lift 4 / 4 / 0.",
+        "followed by CCTL.IVALL, dropping the L1 cache) and no fire-and-forget ones, the lift 4 / 4 / 0. "
+        "Most of the finalize's code runs only where it is needed: its blocks build the anchors' boxes (the "
+        "level walk, with its integer divisions) only when a rule needs them (crowd regions, border, "
+        "padding) or the block encodes a positive, and the sparse pass's blocks with nothing to list exit "
+        "after their first two loads; a COCO-like image's other blocks branch past the level walk (about "
+        "500 instructions in each mode) to the key, the labels and the stores.",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",

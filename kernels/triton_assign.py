@@ -142,7 +142,7 @@ def _level(level_int_ptr, level_float_ptr, lv):
     ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
     floats = level_float_ptr + lv * _LEVEL_FLOAT_FIELDS
     return (
-        tl.load(ints),
+        tl.load(ints).to(tl.int32),  # anchor indices within an image are < 2^31 (the launcher checks)
         tl.load(ints + 1).to(tl.int32),
         tl.load(ints + 2).to(tl.int32),
         tl.load(ints + 3).to(tl.int32),
@@ -318,7 +318,7 @@ def _outside_padding(anchor, anchor_mask, first_anchor, end_anchor, level_int_pt
     outside = tl.zeros(anchor.shape, tl.int1)
     for lv in range(num_levels):
         ints = level_int_ptr + lv * _LEVEL_INT_FIELDS
-        start = tl.load(ints)
+        start = tl.load(ints).to(tl.int32)
         height = tl.load(ints + 1).to(tl.int32)
         width = tl.load(ints + 2).to(tl.int32)
         shapes = tl.load(ints + 3).to(tl.int32)
@@ -852,29 +852,36 @@ def finalize_kernel(
     """
     block = tl.program_id(0)
     image = tl.program_id(1).to(tl.int64)
+    if OUTPUT == _OUTPUT_SPARSE:
+        # Most blocks list nothing (COCO-like images: ~1% of anchors are listed): they
+        # stop here, before any per-anchor work.
+        counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
+        if tl.load(counts) + tl.load(counts + 1) == 0:
+            return
     box_start = tl.load(gt_offsets_ptr + image)
     has_boxes = tl.load(gt_offsets_ptr + image + 1) > box_start
     first = block * BLOCK_A
+    last = tl.minimum(first + BLOCK_A, num_anchors)
     anchor = first + tl.arange(0, BLOCK_A)
     anchor_mask = anchor < num_anchors
-    if OUTPUT == _OUTPUT_SPARSE:
-        # Most blocks list nothing (COCO-like images: ~1% of anchors are listed): their
-        # lanes are masked off, so they read no key and write nothing.
-        counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
-        listed = tl.load(counts) + tl.load(counts + 1) + tl.zeros((BLOCK_A,), tl.int32)  # per lane, see _chunk
-        anchor_mask = anchor_mask & (listed > 0)
-    ax1, ay1, ax2, ay2 = _block_anchor_boxes(
-        anchor, anchor_mask, first, tl.minimum(first + BLOCK_A, num_anchors), anchors_ptr, level_int_ptr,
-        level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE,
-    )  # fmt: skip
-    anchor_area = (ax2 - ax1) * (ay2 - ay1)
-    excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr, border_ptr,
-                                  ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule, BLOCK_G)  # fmt: skip
-    if pad_rule != 0:
-        last = tl.minimum(first + BLOCK_A, num_anchors)
-        padded = _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image, num_levels,
-                                  num_shapes, shape_major)  # fmt: skip
-        excluded = excluded | padded
+
+    # The anchors' boxes serve the rules below and the encoding. Without rules they are
+    # built only in blocks that encode a positive: a COCO-like image's other blocks (most
+    # of them, and every block of the count pass) skip the level walk and its divisions.
+    geometry_rules = (use_ignore != 0) | (border_rule != 0) | (pad_rule != 0)
+    ax1 = tl.zeros((BLOCK_A,), tl.float32)
+    ay1, ax2, ay2 = ax1, ax1, ax1
+    excluded = tl.zeros((BLOCK_A,), tl.int1)
+    outside = excluded
+    if geometry_rules:
+        ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                 level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE)  # fmt: skip
+        excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1), ignore_ptr,
+                                      ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
+                                      border_rule, BLOCK_G)  # fmt: skip
+        if pad_rule != 0:
+            excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image,
+                                                   num_levels, num_shapes, shape_major)  # fmt: skip
     included = anchor_mask & ~excluded
 
     dense = image * num_anchors + anchor  # int64: B * A may pass 2^31
@@ -921,6 +928,10 @@ def finalize_kernel(
         column = tl.arange(0, 4)[None, :]
         deltas = tl.zeros((BLOCK_A, 4), tl.float32)
         if tl.max(positive.to(tl.int32), axis=0) > 0:
+            if not geometry_rules:
+                ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                         level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                         GENERATE)  # fmt: skip
             row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
             gx1 = tl.load(row, mask=positive, other=0.0)
             gy1 = tl.load(row + 1, mask=positive, other=0.0)

@@ -75,7 +75,10 @@ class _Meta:
     scatter_precheck: bool = True
 
 
-# Compiled: 128 anchors per finalize program (one per thread at 4 warps). Pairs: the
+# Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
+# regions 2 at a time: the [BLOCK_G, BLOCK_A] tile of that loop set the finalize's
+# registers (8 per tile: 56-67 per thread, 7-9 programs resident per SM; 2: 35-40,
+# 12-14; kernel_resources.md), and an image has few crowd regions. Pairs: the
 # H200 sweeps (benchmarks/results/gpu_h200/run6/sweep.txt) put 256 pairs per chunk, 32
 # persistent programs per SM and a cap of 64 registers first over B = 32 at G = 200 and
 # B = 8 at G = 1000 (solve 3.08 -> 2.49 ms and 3.15 -> 2.54 ms against 80 registers and
@@ -84,7 +87,7 @@ class _Meta:
 # resident per SM instead of 6, for 2.6% more instructions (kernel_resources.md).
 # Interpreter: every tl operation is one numpy call whatever its size, so larger blocks
 # mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
-_COMPILED = _Meta(block_a=128, block_p=256, block_g=8, segment_rows=2, pair_programs=32, num_warps=4,
+_COMPILED = _Meta(block_a=128, block_p=256, block_g=2, segment_rows=2, pair_programs=32, num_warps=4,
                   pair_registers=64)  # fmt: skip
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4)
 

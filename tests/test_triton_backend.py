@@ -160,7 +160,9 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     Image 1's boxes sit in the left quarter (detectron2 still reports box 0 as the
     argmax of anchors far from them). Image 0's boxes sit in the right half, and an
     ignore region around its box 0 takes out every anchor that box touches: its best
-    IoU is 0, so it lifts nothing, in any mode.
+    IoU is 0, so it lifts nothing, in any mode. Image 1 has five ignore regions in its
+    right half (more than one tile of the finalize's ignore loop). The sparse form
+    (finalize's blocks with nothing to list stop early) is checked in two modes.
     """
     monkeypatch.setattr(triton_backend, "_INTERPRETED", triton_backend._COMPILED)
     canvas = (64, 512)  # wide: a block of 128 anchors covers a short stretch of a row
@@ -168,12 +170,13 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     boxes[:4, 0::2] = boxes[:4, 0::2].clamp(min=0) / 2 + 256  # image 0: right half
     boxes[4:] = with_ties(boxes[4:], generator)
     boxes[4:, 0::2] = boxes[4:, 0::2].clamp(min=0) / 4  # image 1: left quarter, zero IoU elsewhere
-    ignore = boxes[:1] + torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    regions = torch.tensor([[256.0 + 48 * i, 4.0 * i, 300.0 + 48 * i, 40.0 + 4 * i] for i in range(5)])
+    ignore = torch.cat([boxes[:1] + torch.tensor([-1.0, -1.0, 1.0, 1.0]), regions])
     config = _dense_config("retinanet_torchvision").replace(
         **{"match.low_quality": mode, "match.ignore_iof_thr": 0.0, "match.ignore_iof_wrt_anchor": False}
     )
-    ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0], want_max_iou=True,
-                 sparse=mode == "ssd_forced")  # fmt: skip
+    ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 5], want_max_iou=True,
+                 sparse=mode in ("torchvision", "ssd_forced"))  # fmt: skip
     assert not ((ours.labels[0] == 1) & (ours.matched_gt[0] == 0)).any()
 
 
