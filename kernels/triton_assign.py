@@ -875,7 +875,8 @@ def finalize_kernel(
     outside = excluded
     if geometry_rules:
         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
-                                                 level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE)  # fmt: skip
+                                                 level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                 GENERATE)  # fmt: skip
         excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1), ignore_ptr,
                                       ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
                                       border_rule, BLOCK_G)  # fmt: skip
