@@ -98,10 +98,16 @@ def test_invalid_ignore_box_names_field(client):
         ({"overrides": {"match.high": 1.5}}, "config.overrides.MatchConfig.high", "must be in [0, 1]"),
         ({"overrides": {"match.nope": 1}}, "config.overrides", "unknown config field 'match.nope'"),
         # Found by the fuzz test: float16 deltas that would be infinite are refused, not sent as inf.
-        ({"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16"}, "delta_dtype",
-         "does not fit DTYPE_FLOAT16"),
-        ({"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16", "format": "dense"}, "delta_dtype",
-         "does not fit DTYPE_FLOAT16"),
+        (
+            {"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16"},
+            "delta_dtype",
+            "does not fit DTYPE_FLOAT16",
+        ),
+        (
+            {"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16", "format": "dense"},
+            "delta_dtype",
+            "does not fit DTYPE_FLOAT16",
+        ),
     ],
 )
 def test_invalid_argument_with_field_violation(client, kwargs, field, text):
@@ -129,25 +135,35 @@ def _raw(client, mutate):
         (lambda r: r.ClearField("gt_boxes"), "gt_boxes: missing, but gt_counts sum to 2"),
         (lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8), "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FL"),
         # D1: an unknown enum value is refused by name, not INTERNAL while naming it.
-        (lambda r: setattr(r, "delta_dtype", 77), "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FLOAT16 "
-         "(or unset); got unknown value 77"),
-        (lambda r: setattr(r, "format", 9), "format: must be one of FORMAT_SPARSE, FORMAT_DENSE (or unset); "
-         "got unknown value 9"),
+        (
+            lambda r: setattr(r, "delta_dtype", 77),
+            "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FLOAT16 (or unset); got unknown value 77",
+        ),
+        (
+            lambda r: setattr(r, "format", 9),
+            "format: must be one of FORMAT_SPARSE, FORMAT_DENSE (or unset); got unknown value 9",
+        ),
         # D2: a background class that cannot travel as int32 is refused before computing.
         (lambda r: r.config.overrides.__setitem__("background_class", "2147483648"), "must be in [0, 2147483647]"),
         (lambda r: r.config.overrides.__setitem__("background_class", str(2**70)), "must be in [0, 2147483647]"),
         (lambda r: r.config.overrides.__setitem__("background_class", "-7"), "must be in [0, 2147483647]"),
-        (lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([3, -1], dtype=torch.int32))),
-         "gt_classes: box 1: class -1 is outside [0, 2147483647]"),
+        (
+            lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([3, -1], dtype=torch.int32))),
+            "gt_classes: box 1: class -1 is outside [0, 2147483647]",
+        ),
         (lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([2**40, 1]))), "box 0: class 1099511627776"),
         # D3: deep JSON is a clear INVALID_ARGUMENT, not a RecursionError.
         (lambda r: setattr(r.config, "config_json", "[" * 5000 + "]" * 5000), "config_json: JSON nested too deeply"),
         (lambda r: r.config.overrides.__setitem__("match.high", "[" * 5000 + "]" * 5000), "JSON nested too deeply"),
         # Deep enough to refuse, shallow enough for every Python's parser: the limit is ours.
-        (lambda r: r.config.overrides.__setitem__("match.high", "[" * 33 + "]" * 33),
-         "config.overrides[match.high]: JSON nested too deeply (more than 32 levels)"),
-        (lambda r: setattr(r.config, "config_json", '{"anchors": ' + "[" * 40 + "]" * 40 + "}"),
-         "config.config_json: JSON nested too deeply"),
+        (
+            lambda r: r.config.overrides.__setitem__("match.high", "[" * 33 + "]" * 33),
+            "config.overrides[match.high]: JSON nested too deeply (more than 32 levels)",
+        ),
+        (
+            lambda r: setattr(r.config, "config_json", '{"anchors": ' + "[" * 40 + "]" * 40 + "}"),
+            "config.config_json: JSON nested too deeply",
+        ),
         (lambda r: setattr(r.config, "config_json", "{not json"), "config.config_json: not valid JSON"),
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),

@@ -101,9 +101,7 @@ def spawn_cli(*args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def read_until(
-    process: subprocess.Popen, pattern: str, timeout: float = 120.0, count: int = 1
-) -> tuple[re.Match, str]:
+def read_until(process: subprocess.Popen, pattern: str, timeout: float = 120.0, count: int = 1) -> tuple[re.Match, str]:
     """Read the process's output until ``pattern`` has appeared ``count`` times.
 
     readline() blocks, so a watchdog kills the process at the timeout: its output then
