@@ -160,7 +160,11 @@ def main() -> None:
         "level walk, with its integer divisions) only when a rule needs them (crowd regions, border, "
         "padding) or the block encodes a positive, and the sparse pass's blocks with nothing to list exit "
         "after their first two loads; a COCO-like image's other blocks branch past the level walk (about "
-        "500 instructions in each mode) to the key, the labels and the stores.",
+        "500 instructions in each mode) to the key, the labels and the stores. The pair walk's searches "
+        "over the prefix sums take one vector load per step: each persistent program's start a "
+        "BLOCK_P-ary search (2-3 dependent loads for a batch, where a binary search took 14-19), each "
+        "chunk's last segment a 32-entry window (one load where galloping took 2 x log2 of the segments "
+        "spanned).",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",

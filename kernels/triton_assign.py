@@ -440,25 +440,51 @@ def segments_kernel(
 # --- 2./3. the pairs -----------------------------------------------------------------------
 
 
+# Segments a pair walk probes with one load: a warp's worth of prefix entries (256
+# contiguous bytes), enough for most chunks (a COCO-like box's rectangles hold hundreds
+# of pairs each, a chunk 256).
+_WINDOW = tl.constexpr(32)
+
+
+@triton.jit
+def _segment_at(prefix_ptr, target, num_segments, BLOCK: tl.constexpr):
+    """The last segment s in [0, num_segments) with prefix[s] <= target (prefix[0] = 0):
+    a BLOCK-ary search, one vector load per step, so log_BLOCK(S) dependent loads (2-3
+    for a batch) instead of a binary search's log_2(S) (14-19): the start of every
+    persistent program waits on this chain."""
+    lo = target * 0
+    span = lo + num_segments  # candidates [lo, lo + span), prefix[lo] <= target
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    while span > 1:
+        step = (span + BLOCK - 1) // BLOCK
+        probe = lo + lanes * step
+        real = probe < lo + span
+        before = real & (tl.load(prefix_ptr + probe, mask=real, other=0) <= target)
+        taken = (tl.sum(before.to(tl.int32), axis=0) - 1).to(tl.int64)  # probe 0 is lo: >= 0
+        lo += taken * step
+        span = tl.minimum(step, span - taken * step)
+    return lo
+
+
 @triton.jit
 def _last_segment(prefix_ptr, seg, seg_end, last_pair, num_segments):
     """The last segment starting at or before ``last_pair``, searching forward from ``seg``
-    (which holds the chunk's first pair; ``seg_end`` = its end): galloping, then bisection,
-    so a chunk inside one long rectangle costs one probe."""
+    (which holds the chunk's first pair; ``seg_end`` = its end): a chunk inside one
+    rectangle costs no load, one across fewer than _WINDOW more segments one load of
+    the prefix entries after ``seg``, longer ones a window per _WINDOW segments."""
     found = seg
     if seg_end <= last_pair:
-        step = seg * 0 + 1
-        probe = tl.minimum(found + step, num_segments)
-        while (found + step < num_segments) & (tl.load(prefix_ptr + probe) <= last_pair):
-            found += step
-            step *= 2
-            probe = tl.minimum(found + step, num_segments)
-        hi = tl.minimum(found + step, num_segments) - 1
-        while found < hi:
-            mid = (found + hi + 1) // 2
-            before = tl.load(prefix_ptr + mid) <= last_pair
-            hi = tl.where(before, hi, mid - 1)
-            found = tl.where(before, mid, found)
+        lanes = tl.arange(0, _WINDOW).to(tl.int64)
+        window = seg + 1  # segment window + i starts at prefix[window + i]
+        full = True
+        while full:
+            probe = window + lanes
+            real = probe < num_segments
+            before = real & (tl.load(prefix_ptr + probe, mask=real, other=0) <= last_pair)
+            count = tl.sum(before.to(tl.int32), axis=0)
+            found = tl.where(count > 0, window + count - 1, found)
+            full = count == _WINDOW
+            window += _WINDOW
     return found
 
 
@@ -622,7 +648,6 @@ def pairs_kernel(
     num_segments,
     num_anchors,
     num_shapes,
-    segment_steps,
     # Scalars and rule switches
     center_div,
     ignore_iof_thr,
@@ -652,7 +677,6 @@ def pairs_kernel(
     box_key_ptr: [N] int64 box keys and seg_max_ptr: [S] int32 each segment's best IoU
         bits over included anchors (both written by SCATTER for low-quality modes, read
         by LIFT, which skips the segments that do not reach their box's maximum).
-    segment_steps >= bit_length(S) for the start's binary search.
     PRECHECK: SCATTER loads each word before its atomic (``_chunk``).
     Grid: (P,) persistent programs; program p takes chunks [T p / P, T (p + 1) / P) of
     the T = cdiv(prefix[S], BLOCK_P) chunks, in order.
@@ -665,14 +689,7 @@ def pairs_kernel(
     end = total * (program + 1) // programs
     if begin < end:
         # The segment holding the first pair: the last one starting at or before it.
-        seg = total * 0
-        hi = seg + num_segments - 1
-        for _step in range(segment_steps):
-            mid = (seg + hi + 1) // 2
-            before = tl.load(prefix_ptr + mid) <= begin * BLOCK_P
-            open_ = seg < hi
-            hi = tl.where(open_ & ~before, mid - 1, hi)
-            seg = tl.where(open_ & before, mid, seg)
+        seg = _segment_at(prefix_ptr, begin * BLOCK_P, num_segments, BLOCK_P)
         seg_end = tl.load(prefix_ptr + seg + 1)
         key_ptr = work_ptr.to(tl.pointer_type(tl.int64))
         mark_ptr = work_ptr.to(tl.pointer_type(tl.int32))

@@ -27,7 +27,9 @@ from tritarget.kernels.problem import build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 triton = pytest.importorskip("triton")
-from tritarget.kernels import triton_backend  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from tritarget.kernels import triton_assign, triton_backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = triton_backend.interpreting()
@@ -178,6 +180,44 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 5], want_max_iou=True,
                  sparse=mode in ("torchvision", "ssd_forced"))  # fmt: skip
     assert not ((ours.labels[0] == 1) & (ours.matched_gt[0] == 0)).any()
+
+
+@triton.jit
+def _segment_searches(prefix_ptr, first_ptr, last_ptr, at_ptr, found_ptr, num_segments, BLOCK: tl.constexpr):
+    """Program i: the segment holding pair first[i] (``_segment_at``), then from it the
+    last segment starting at or before pair last[i] (``_last_segment``)."""
+    i = tl.program_id(0)
+    seg = triton_assign._segment_at(prefix_ptr, tl.load(first_ptr + i), num_segments, BLOCK)
+    tl.store(at_ptr + i, seg)
+    last = triton_assign._last_segment(prefix_ptr, seg, tl.load(prefix_ptr + seg + 1), tl.load(last_ptr + i),
+                                       num_segments)  # fmt: skip
+    tl.store(found_ptr + i, last)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="a kernel on CPU tensors")
+@pytest.mark.parametrize("block", [2, 16, 256])
+def test_segment_searches(block):
+    """The pair walk's two searches over the pairs' prefix sums equal numpy's
+    searchsorted: across runs of empty segments (equal prefix entries), rectangles far
+    longer than a chunk, chunks spanning more than one 32-segment window, and the start
+    search over more segments than its fan-out (several steps)."""
+    rng = torch.Generator().manual_seed(7)
+    for num_segments in (1, 2, 31, 33, 100, 1000, 3000):
+        pairs = torch.randint(1, 9, (num_segments,), generator=rng)
+        pairs[torch.rand(num_segments, generator=rng) < 0.6] = 0  # many empty segments
+        pairs[torch.randint(num_segments, (3,), generator=rng)] = 700  # long rectangles
+        pairs[0] = max(int(pairs[0]), 1)
+        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), pairs.cumsum(0)])
+        total = int(prefix[-1])
+        first = torch.randint(total, (40,), generator=rng)
+        span = torch.randint(0, 400, (40,), generator=rng)
+        last = torch.minimum(first + span, torch.tensor(total - 1))
+        at, found = torch.empty(40, dtype=torch.int64), torch.empty(40, dtype=torch.int64)
+        _segment_searches[(40,)](prefix, first, last, at, found, num_segments, BLOCK=block)
+        starts = prefix[:-1]
+        assert torch.equal(at, torch.searchsorted(starts, first, right=True) - 1), num_segments
+        assert torch.equal(found, torch.searchsorted(starts, last, right=True) - 1), num_segments
+        assert (found - at).max() > 32 or num_segments < 100  # the window loop runs more than once
 
 
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
