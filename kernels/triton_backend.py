@@ -350,8 +350,8 @@ class _Launch:
         common = (
             self.gt_boxes, candidates["row_box"], row_image, rect, prefix, self.anchors, self.shape_int,
             self.shape_float, self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, seg_max,
-            num_segments, self.num_anchors, self.num_shapes, self.center_div, float(self.match.ignore_iof_thr), *self.rules,
-            self.low_quality,
+            num_segments, self.num_anchors, self.num_shapes, self.center_div, float(self.match.ignore_iof_thr),
+            *self.rules, self.low_quality,
         )  # fmt: skip
         grid = (_pair_programs(self.device),)
         meta = dict(GENERATE=self.generate, BLOCK_P=self.meta.block_p)
