@@ -946,7 +946,7 @@ def finalize_kernel(
         column = tl.arange(0, 4)[None, :]
         deltas = tl.zeros((BLOCK_A, 4), tl.float32)
         if tl.max(positive.to(tl.int32), axis=0) > 0:
-            if not geometry_rules:
+            if ~geometry_rules:
                 ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
                                                          GENERATE)  # fmt: skip
