@@ -19,8 +19,9 @@
 # 2. benchmarks/bench_gpu.py: triton vs torchvision vs our reference on COCO-RetinaNet,
 #    per-kernel device times, time against boxes per image (--time-limit 80: the
 #    points left after 80 s are skipped, and the tables and plots still written).
-# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, and
-#    the launch parameters around the defaults, labels checked in every cell (~30 s).
+# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
+#    launch parameters around the defaults (labels checked in every cell), and solve
+#    replayed as a CUDA graph against eager (~40 s).
 # 4. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
 #    GPU_ANCHOR_IMAGES=100000 for the figure, 9-14 s on the H200).
 # 5. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8

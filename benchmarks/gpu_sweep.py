@@ -17,6 +17,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000; labels checked
    equal to the defaults' in every cell.
 
+3. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
+   (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
+   per replay beside the eager call's, targets checked equal. A product version would
+   add a copy of the boxes into the graph's input buffers (and bucketed box counts).
+
 Writes ``sweep.txt`` (human-readable, with the JSON on its last line) under ``--out``.
 """
 
@@ -62,6 +67,37 @@ def host_us(fn, calls: int = 100) -> float:
     host = (time.perf_counter() - start) / calls * 1e6
     torch.cuda.synchronize()
     return host
+
+
+def graph_replay(problem) -> dict:
+    """``solve(problem)`` eager and as a replayed CUDA graph (same inputs, same output
+    buffers): time and host cost of each, and whether the replay's targets are the eager
+    call's. Warmed on the capture stream first, so compiled kernels, level tables and
+    the problem's device offsets exist before capture (a copy from pageable host memory
+    cannot be captured)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = triton_backend.solve(problem)
+        for _ in range(2):
+            triton_backend.solve(problem)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = triton_backend.solve(problem)
+    graph.replay()
+    torch.cuda.synchronize()
+    same = all(
+        torch.equal(getattr(captured, name), getattr(eager, name)) for name in ("labels", "matched_gt", "classes")
+    ) and torch.allclose(captured.deltas, eager.deltas)
+    return dict(
+        eager_ms=bench(lambda: triton_backend.solve(problem)),
+        eager_host_us=host_us(lambda: triton_backend.solve(problem)),
+        replay_ms=bench(graph.replay),
+        replay_host_us=host_us(graph.replay),
+        same=same,
+    )
 
 
 def main() -> None:
@@ -140,6 +176,20 @@ def main() -> None:
                                         solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
     triton_backend._COMPILED = default
     triton_backend._pair_programs.cache_clear()
+
+    say("== CUDA graphs: solve captured once, replayed ==")
+    record["graphs"] = []
+    for batch in (1, 8, 32):
+        problem = problem_for(batch, None)[0]
+        try:
+            row = graph_replay(problem)
+        except Exception as error:  # the experiment's answer, not the sweep's end
+            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
+            continue
+        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
+            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
+            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
+        record["graphs"].append(dict(batch=batch, **row))
     lines.append(json.dumps(record))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
