@@ -194,11 +194,10 @@ def _segment_searches(prefix_ptr, first_ptr, last_ptr, at_ptr, found_ptr, num_se
     tl.store(found_ptr + i, last)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="a kernel on CPU tensors")
 @pytest.mark.parametrize("block", [2, 16, 256])
 def test_segment_searches(block):
-    """The pair walk's two searches over the pairs' prefix sums equal numpy's
-    searchsorted: across runs of empty segments (equal prefix entries), rectangles far
+    """The pair walk's two searches over the pairs' prefix sums equal torch's
+    searchsorted (interpreted here, compiled on a GPU): across runs of empty segments (equal prefix entries), rectangles far
     longer than a chunk, chunks spanning more than one 32-segment window, and the start
     search over more segments than its fan-out (several steps)."""
     rng = torch.Generator().manual_seed(7)
@@ -212,9 +211,11 @@ def test_segment_searches(block):
         first = torch.randint(total, (40,), generator=rng)
         span = torch.randint(0, 400, (40,), generator=rng)
         last = torch.minimum(first + span, torch.tensor(total - 1))
-        at, found = torch.empty(40, dtype=torch.int64), torch.empty(40, dtype=torch.int64)
-        _segment_searches[(40,)](prefix, first, last, at, found, num_segments, BLOCK=block)
-        starts = prefix[:-1]
+        at = torch.empty(40, dtype=torch.int64, device=DEVICE)
+        found = torch.empty_like(at)
+        _segment_searches[(40,)](prefix.to(DEVICE), first.to(DEVICE), last.to(DEVICE), at, found, num_segments,
+                                 BLOCK=block)  # fmt: skip
+        at, found, starts = at.cpu(), found.cpu(), prefix[:-1]
         assert torch.equal(at, torch.searchsorted(starts, first, right=True) - 1), num_segments
         assert torch.equal(found, torch.searchsorted(starts, last, right=True) - 1), num_segments
         assert (found - at).max() > 32 or num_segments < 100  # the window loop runs more than once
