@@ -117,7 +117,7 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
 _PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
-_FINALIZE_SWITCHES += ["has_classes", "want_max_iou"]
+_FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
@@ -816,6 +816,8 @@ def finalize_kernel(
     num_anchors,
     num_levels,
     num_shapes,
+    positive_capacity,
+    ignored_capacity,
     # Scalars: matching
     high,
     low,
@@ -861,7 +863,8 @@ def finalize_kernel(
         from block_starts [B * nblocks, 2] int64 (each block's first output rows within
         its image) and offsets [2, B + 1] int64 (each image's first rows), positives
         (anchor int32, matched int32, deltas [P, 4] float32, class int32) and ignored
-        anchors (int32), in anchor order.
+        anchors (int32), in anchor order; rows at or past ``positive_capacity`` /
+        ``ignored_capacity`` (the lists' lengths) are not written.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
 
     Ties (worked example): anchor 7 has IoU 0.3 with boxes 2 and 5 -> box 2 (its key
@@ -986,14 +989,15 @@ def finalize_kernel(
             starts = block_starts_ptr + (image * tl.num_programs(0) + block) * 2
             first_positive = tl.load(offsets_ptr + image) + tl.load(starts)
             out = first_positive + tl.cumsum(positive.to(tl.int32), axis=0).to(tl.int64) - 1
-            tl.store(positive_anchors_ptr + out, anchor, mask=positive)
-            tl.store(positive_matched_ptr + out, matched, mask=positive)
-            tl.store(positive_deltas_ptr + out[:, None] * 4 + column, deltas, mask=positive[:, None])
+            fits = positive & (out < positive_capacity)
+            tl.store(positive_anchors_ptr + out, anchor, mask=fits)
+            tl.store(positive_matched_ptr + out, matched, mask=fits)
+            tl.store(positive_deltas_ptr + out[:, None] * 4 + column, deltas, mask=fits[:, None])
             if has_classes != 0:
-                tl.store(positive_classes_ptr + out, box_class, mask=positive)
+                tl.store(positive_classes_ptr + out, box_class, mask=fits)
             first_ignored = tl.load(offsets_ptr + tl.num_programs(1) + 1 + image) + tl.load(starts + 1)
             out = first_ignored + tl.cumsum(ignored.to(tl.int32), axis=0).to(tl.int64) - 1
-            tl.store(ignored_anchors_ptr + out, anchor, mask=ignored)
+            tl.store(ignored_anchors_ptr + out, anchor, mask=ignored & (out < ignored_capacity))
 
 
 @triton.jit

@@ -8,8 +8,9 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches:
 1. ``segments_kernel`` and a ``cumsum``: the candidate rectangles and their chunk order;
 2. ``pairs_kernel`` (scatter): every overlapping pair, into per-anchor and per-box keys;
 3. low-quality modes only: ``pairs_kernel`` (lift) or ``forced_kernel`` (ssd_forced);
-4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel``, sparse lists (one
-   read-back in between: the two totals, to size the lists).
+4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel``, sparse lists, sized
+   from the recent batches' rows per image and read back once at the end (two totals:
+   the rare batch that overflows is written again, into lists of its own size).
 
 One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
 on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
@@ -396,12 +397,13 @@ class _Launch:
         pointers = [self._placeholder(torch.int32) if p is None else p for p in pointers]
         problem, encode = self.problem, self.encode
         has_classes = problem.gt_classes is not None
+        capacities = [len(outputs[name]) if name in outputs else 0 for name in ("positive_anchors", "ignored_anchors")]
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
             problem.gt_classes if has_classes else self._placeholder(torch.int32),
             self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
             self.border, self.pad, work, *pointers,
-            self.num_anchors, self.num_levels, self.num_shapes,
+            self.num_anchors, self.num_levels, self.num_shapes, *capacities,
             float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
             *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
             self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,
@@ -440,53 +442,83 @@ def solve(problem: Problem) -> Targets:
     return targets
 
 
+# Sparse rows per image of recent batches, per anchor count: (positives, ignored), each
+# the maximum of the batch's mean and 0.9 x the previous estimate (a crowded batch
+# raises it at once, it decays over calls). Shared by threads: a lost update only
+# makes one guess worse.
+_ROWS_PER_IMAGE: dict[int, tuple[float, float]] = {}
+
+
+def _sparse_lists(positives: int, ignored: int, has_classes: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    return dict(
+        positive_anchors=torch.empty(positives, dtype=torch.int32, device=device),
+        positive_matched=torch.empty(positives, dtype=torch.int32, device=device),
+        positive_deltas=torch.empty(positives, 4, dtype=torch.float32, device=device),
+        positive_classes=torch.empty(positives, dtype=torch.int32, device=device) if has_classes else None,
+        ignored_anchors=torch.empty(ignored, dtype=torch.int32, device=device),
+    )
+
+
 def solve_sparse(problem: Problem) -> SparseTargets:
     """Sparse targets of a checked batch (before sampling), written directly.
 
     Equals ``solve(problem).to_sparse()``: positives (anchor, matched box, deltas,
     class) and ignored anchors per image in ascending anchor order, with int64 CSR
     offsets. Dense targets are never built: the per-anchor work memory (16 bytes per
-    anchor and image) is the only [B, A] allocation; only the two totals (16 bytes) are
-    read back, to size the lists.
+    anchor and image) is the only [B, A] allocation.
+
+    The lists' lengths are known on the device only. Rather than read them back between
+    counting and writing (the GPU would idle while the host allocates and launches the
+    write), the write goes into lists sized from recent batches (twice their rows per
+    image, ``_ROWS_PER_IMAGE``), then the two totals (16 bytes) are read back once, and
+    the lists are returned cut to length. A batch with more rows than that, or the first
+    batch of an anchor count, is written again into lists of its exact length.
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    has_classes = problem.gt_classes is not None
     offsets = torch.zeros(2, batch + 1, dtype=torch.int64, device=device)
-    total_positive = total_ignored = 0
+    totals, sparse = (0, 0), None
     if num_anchors > 0:
         work = launch.work()
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
-        totals = torch.empty(2, batch, dtype=torch.int64, device=device)
+        image_totals = torch.empty(2, batch, dtype=torch.int64, device=device)
+        rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
+        guess = _ROWS_PER_IMAGE.get(num_anchors)
         with _on(device):
             launch.match_pairs(work)
             launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
-            scan_kernel[(batch,)](block_counts, block_starts, totals, launch.num_blocks, batch, BLOCK=2048,
+            scan_kernel[(batch,)](block_counts, block_starts, image_totals, launch.num_blocks, batch, BLOCK=2048,
                                   **_launch_kwargs())  # fmt: skip
-        offsets[:, 1:] = totals.cumsum(dim=1)
-        total_positive, total_ignored = offsets[:, batch].tolist()
-    has_classes = problem.gt_classes is not None
-    sparse = dict(
-        positive_anchors=torch.empty(total_positive, dtype=torch.int32, device=device),
-        positive_matched=torch.empty(total_positive, dtype=torch.int32, device=device),
-        positive_deltas=torch.empty(total_positive, 4, dtype=torch.float32, device=device),
-        positive_classes=torch.empty(total_positive, dtype=torch.int32, device=device) if has_classes else None,
-        ignored_anchors=torch.empty(total_ignored, dtype=torch.int32, device=device),
-    )
-    if total_positive + total_ignored > 0:
-        with _on(device):
-            launch.finalize(
-                OUTPUT_SPARSE, work, block_counts=block_counts, block_starts=block_starts, offsets=offsets, **sparse
-            )
+            offsets[:, 1:] = image_totals.cumsum(dim=1)
+            if guess is not None:
+                sparse = _sparse_lists(*(int(2 * per_image * batch) + 64 for per_image in guess), has_classes, device)
+                launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
+        totals = tuple(offsets[:, batch].tolist())
+        if batch > 0:
+            previous = guess or (0.0, 0.0)
+            _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))
+        if sparse is not None and (totals[0] > len(sparse["positive_anchors"]) or
+                                   totals[1] > len(sparse["ignored_anchors"])):  # fmt: skip
+            sparse = None  # overflowed: written again below
+    if sparse is None:
+        sparse = _sparse_lists(*totals, has_classes, device)
+        if sum(totals) > 0:
+            with _on(device):
+                launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
+    positives, ignored = totals
+    lists = {name: None if tensor is None else tensor[: ignored if name == "ignored_anchors" else positives]
+             for name, tensor in sparse.items()}  # fmt: skip
     return SparseTargets(
         num_anchors=num_anchors,
         positive_offsets=offsets[0],
-        positive_anchors=sparse["positive_anchors"],
-        positive_matched_gt=sparse["positive_matched"],
-        positive_deltas=sparse["positive_deltas"],
+        positive_anchors=lists["positive_anchors"],
+        positive_matched_gt=lists["positive_matched"],
+        positive_deltas=lists["positive_deltas"],
         ignored_offsets=offsets[1],
-        ignored_anchors=sparse["ignored_anchors"],
-        positive_classes=sparse["positive_classes"],
+        ignored_anchors=lists["ignored_anchors"],
+        positive_classes=lists["positive_classes"],
         background_class=problem.config.background_class,
     )
 

@@ -197,9 +197,10 @@ def _segment_searches(prefix_ptr, first_ptr, last_ptr, at_ptr, found_ptr, num_se
 @pytest.mark.parametrize("block", [2, 16, 256])
 def test_segment_searches(block):
     """The pair walk's two searches over the pairs' prefix sums equal torch's
-    searchsorted (interpreted here, compiled on a GPU): across runs of empty segments (equal prefix entries), rectangles far
-    longer than a chunk, chunks spanning more than one 32-segment window, and the start
-    search over more segments than its fan-out (several steps)."""
+    searchsorted (interpreted here, compiled on a GPU): across runs of empty segments
+    (equal prefix entries), rectangles far longer than a chunk, chunks spanning more
+    than one 32-segment window, and the start search over more segments than its
+    fan-out (several steps)."""
     rng = torch.Generator().manual_seed(7)
     for num_segments in (1, 2, 31, 33, 100, 1000, 3000):
         pairs = torch.randint(1, 9, (num_segments,), generator=rng)
@@ -219,6 +220,47 @@ def test_segment_searches(block):
         assert torch.equal(at, torch.searchsorted(starts, first, right=True) - 1), num_segments
         assert torch.equal(found, torch.searchsorted(starts, last, right=True) - 1), num_segments
         assert (found - at).max() > 32 or num_segments < 100  # the window loop runs more than once
+
+
+def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
+    """``solve_sparse`` writes its lists before reading their lengths back, into lists
+    sized from recent batches: the first batch of an anchor count is written after the
+    read-back, the next one before it (once), and one with more rows than guessed is
+    written again at its own size -- the same targets every time, cut to length."""
+    writes = []
+    original = triton_backend.finalize_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                writes.append(kwargs["OUTPUT"])
+                return original[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "finalize_kernel", Recording())
+    monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 0, 9], canvas)
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, _dense_config("retinanet_mmdet"),
+                               gt_classes=classes.to(DEVICE), drop_invalid=True)  # fmt: skip
+    expected = triton_backend.solve(problem).to_sparse()
+    sparse = triton_backend.OUTPUT_SPARSE
+    per_image = (expected.positive_anchors.numel() / 3, expected.ignored_anchors.numel() / 3)
+    assert min(per_image) > 30  # the 64-row floor of a guess is not enough below
+
+    for guess, launches in [(None, 1), (per_image, 1), ((1.0, 1.0), 2), ((per_image[0], 1.0), 2)]:
+        if guess is None:
+            triton_backend._ROWS_PER_IMAGE.clear()
+        else:
+            triton_backend._ROWS_PER_IMAGE[problem.num_anchors] = guess
+        writes.clear()
+        assert_sparse_equal(triton_backend.solve_sparse(problem), expected)
+        assert writes.count(sparse) == launches, (guess, writes)
+        assert triton_backend._ROWS_PER_IMAGE[problem.num_anchors] == pytest.approx(
+            tuple(max(observed, 0.9 * (guess or (0, 0))[i]) for i, observed in enumerate(per_image))
+        )
 
 
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
