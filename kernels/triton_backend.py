@@ -470,7 +470,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     The lists' lengths are known on the device only. Rather than read them back between
     counting and writing (the GPU would idle while the host allocates and launches the
     write), the write goes into lists sized from recent batches (twice their rows per
-    image, ``_ROWS_PER_IMAGE``), then the two totals (16 bytes) are read back once, and
+    image, ``_ROWS_PER_IMAGE``; at most B x A rows), then the two totals (16 bytes) are read back once, and
     the lists are returned cut to length. A batch with more rows than that, or the first
     batch of an anchor count, is written again into lists of its exact length.
     """
@@ -493,7 +493,8 @@ def solve_sparse(problem: Problem) -> SparseTargets:
                                   **_launch_kwargs())  # fmt: skip
             offsets[:, 1:] = image_totals.cumsum(dim=1)
             if guess is not None:
-                sparse = _sparse_lists(*(int(2 * per_image * batch) + 64 for per_image in guess), has_classes, device)
+                sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
+                sparse = _sparse_lists(*sizes, has_classes, device)
                 launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
         totals = tuple(offsets[:, batch].tolist())
         if batch > 0:
