@@ -22,23 +22,25 @@
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
 #    launch parameters around the defaults (labels checked in every cell), and solve
 #    replayed as a CUDA graph against eager (~40 s).
-# 4. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
-#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
-# 5. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
+# 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
-#    responses verified per run) against one front end; then the same against
-#    `serve --workers N` (GPU_SERVICE_WORKERS front-end processes on one port, default 4,
-#    what `serve` picks on 16 cores; service_workersN.txt).
+#    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
+#    front-end processes on one port, default 4, what `serve` picks on 16 cores;
+#    service_workersN.txt).
+# 5. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
+#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
+# 6. The service against one front end (service.txt), the baseline of run6 and run7.
+# Steps 4-6 in the order of what is still unmeasured: when time runs short, the last go.
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): sweep.txt, pytest.txt,
-# bench.txt, bench_gpu.{json,png}, anchor_scan.txt, service.txt as plain files; when
-# there are more than 8 files (what the device tool brings back), the rest (env.txt
-# among them) go into extras.tar.gz. Took 500 s on the H200 without the sweep (run6):
-# each step has its own timeout (tests 250 s, bench 100 s, sweep 90 s, anchor scan 60 s,
-# service 90 s twice), plus setup, and the steps after the bench are skipped when they
-# could end past GPU_CHECK_BUDGET (560 s); give the device call 590 s. Exit status:
-# non-zero if the wheels did not install, a test failed, the service step failed or the
-# bench did not finish.
+# bench.txt, bench_gpu.{json,png}, service_workers4.txt, service.txt as plain files; when
+# there are more than 8 files (what the device tool brings back), the rest (env.txt and
+# anchor_scan.txt among them) go into extras.tar.gz. Took 500 s on the H200 without the
+# sweep (run6): each step has its own timeout (tests 250 s, bench 100 s, sweep 90 s,
+# service 90 s twice, anchor scan 60 s), plus setup, and the steps after the bench are
+# skipped when they could end past GPU_CHECK_BUDGET (560 s); give the device call 590 s.
+# Exit status: non-zero if the wheels did not install, a test failed, a service step
+# failed or the bench did not finish.
 #
 # The wheels, for the image's Python 3.12 on x86-64 (.whl/ is in .git/info/exclude, so
 # the device tool needs `carry: [".whl"]`):
@@ -188,6 +190,24 @@ if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits 90 sweep; then
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
 fi
 
+# The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
+# under tritarget loadtest from 8 client processes, 8 COCO-like images per SPARSE request,
+# against several front-end processes sharing the GPU (`serve --workers N`,
+# GPU_SERVICE_WORKERS, default 4, what `serve` picks on 16 cores): one Python process's event
+# loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
+# run6; 4 gave 29.5k, run7). GPU_SERVICE_ARGS adds server flags.
+workers="${GPU_SERVICE_WORKERS:-4}"
+service=skipped
+if fits 90 "service, $workers front ends"; then
+    echo "== service, $workers front-end processes =="
+    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
+        "${service_load[@]}" --duration 3 --warmup 1 \
+        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest_workers$workers" \
+        2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
+    service=${PIPESTATUS[0]}
+    [ "$service" -eq 0 ] || status=1
+fi
+
 # The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
 # took 8.6-13.6 s in run4-run6, so 20,000 by default now).
 if fits 60 "anchor scan"; then
@@ -196,32 +216,15 @@ if fits 60 "anchor scan"; then
         --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
 fi
 
-# The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
-# under tritarget loadtest from 8 client processes, 8 COCO-like images per SPARSE request.
-# GPU_SERVICE_ARGS adds server flags, e.g. "--workers 2 --port 50061" (several front-end
-# processes share the GPU; --workers needs a fixed port).
-service=skipped
-if fits 90 service; then
-    echo "== service =="
+# The same load against one front end (bench_loadtest passes --port 0 unless told).
+single=skipped
+if fits 90 "service, one front end"; then
+    echo "== service, one front end =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 --server-args "${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest" \
         2>&1 | tail -n 12 | tee "$OUT/service.txt"
-    service=${PIPESTATUS[0]}
-    [ "$service" -eq 0 ] || status=1
-fi
-
-# The same load against several front-end processes sharing the GPU (`serve --workers N`,
-# GPU_SERVICE_WORKERS, default 4, what `serve` picks on 16 cores): one Python process's event
-# loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
-# run6; 4 gave 29.5k, run7). bench_loadtest passes --port 0 (one front end) unless told.
-workers="${GPU_SERVICE_WORKERS:-4}"
-if fits 90 "service, $workers front ends"; then
-    echo "== service, $workers front-end processes =="
-    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
-        "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest_workers$workers" \
-        2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    single=${PIPESTATUS[0]}
+    [ "$single" -eq 0 ] || status=1
 fi
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
@@ -239,7 +242,7 @@ if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep"; then
     done
 fi
 
-keep=(sweep.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png anchor_scan.txt service.txt)
+keep=(sweep.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png "service_workers$workers.txt" service.txt)
 
 # The device tool brings back at most 8 files from $OUT.
 mapfile -t files < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
@@ -252,5 +255,5 @@ if [ "${#files[@]}" -gt 8 ]; then
     find "$OUT" -mindepth 1 -type d -empty -delete
 fi
 
-echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service; results in $OUT"
+echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service ($workers front ends) / $single (one); results in $OUT"
 exit $status
