@@ -938,9 +938,12 @@ def finalize_kernel(
     ignored = anchor_mask & (labels == -1)
 
     if OUTPUT == _OUTPUT_COUNT:
+        # Both counts in one block reduction: positives in the low 16 bits, ignored above
+        # (a block has at most BLOCK_A <= 2^15 of each).
+        both = tl.sum((positive & anchor_mask).to(tl.int32) + (ignored.to(tl.int32) << 16), axis=0)
         counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
-        tl.store(counts, tl.sum((positive & anchor_mask).to(tl.int32), axis=0))
-        tl.store(counts + 1, tl.sum(ignored.to(tl.int32), axis=0))
+        tl.store(counts, both & 0xFFFF)
+        tl.store(counts + 1, both >> 16)
     else:
         # Encoding (torchvision's BoxCoder order, then mmdet's (d - mean) / std) into one
         # [BLOCK_A, 4] tile, so each thread writes an anchor's 16 bytes in one vector
