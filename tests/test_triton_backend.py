@@ -524,9 +524,10 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     """Both triton versions compile the kernels; the PTX keeps IoU exact: IEEE division
     (div.rn, never div.full/approx) and no mul+add contracted into fma.rn.f32 (the
     fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp); the pair
-    kernels' atomics are unfenced reductions."""
+    kernels' atomics are relaxed and unfenced."""
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -543,10 +544,13 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse"):
         assert "div.rn.f32" in ptx[name], name
     for name in ("scatter", "lift", "forced"):
-        # Relaxed atomics whose results nobody reads: fire-and-forget reductions, with no
-        # fence around them (acq_rel fenced each one: triton_assign's docstring).
-        assert "red.global.gpu.relaxed.max" in ptx[name], name
-        assert "fence" not in ptx[name] and "membar" not in ptx[name] and "atom.global" not in ptx[name], name
+        # Relaxed atomics with no fence around them (acq_rel fenced each one:
+        # triton_assign's docstring). Triton 3.9 writes them as reductions (red); 3.6 as
+        # atom, whose unread result ptxas drops: fire-and-forget REDG in the SASS either
+        # way (benchmarks/kernel_resources.md).
+        atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx[name]))
+        assert atomics and all(".relaxed.max." in op for op in atomics), (name, atomics)
+        assert "fence" not in ptx[name] and "membar" not in ptx[name], name
     assert "st.global.v4.b32" in ptx["dense"], "deltas should leave in 16-byte vector stores"
 
 
