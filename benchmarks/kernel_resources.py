@@ -10,7 +10,9 @@ occupancy: 65,536 per SM / (registers x threads per program) programs fit an SM.
     python benchmarks/kernel_resources.py [--out benchmarks/results]
 
 Writes ``kernel_resources.md`` under ``--out``. Needs no GPU (run it with
-TRITON_INTERPRET unset).
+TRITON_INTERPRET unset). CI has the newest Triton; the GPU image has Triton 3.6, whose
+compiler allocates differently: ``benchmarks/results/kernel_resources_triton3.6/`` is
+the same table from a venv with ``torch==2.13.0 triton==3.6.0`` (both from PyPI, no GPU).
 """
 
 from __future__ import annotations
