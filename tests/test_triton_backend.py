@@ -117,11 +117,11 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
-def _pair_launches(monkeypatch, option: str, **meta) -> list:
-    """Solve with the GPU's launch parameters changed by ``meta`` (interpreted or
-    compiled); the list gets each pair-kernel launch's ``option`` as it is launched."""
+def _recorded_launches(monkeypatch, kernel: str, option: str) -> list:
+    """The triton backend's ``kernel`` wrapped: the list gets each launch's ``option``
+    keyword as it is launched."""
     launched = []
-    original = triton_backend.pairs_kernel
+    original = getattr(triton_backend, kernel)
 
     class Recording:
         def __getitem__(self, grid):
@@ -131,7 +131,14 @@ def _pair_launches(monkeypatch, option: str, **meta) -> list:
 
             return launch
 
-    monkeypatch.setattr(triton_backend, "pairs_kernel", Recording())
+    monkeypatch.setattr(triton_backend, kernel, Recording())
+    return launched
+
+
+def _pair_launches(monkeypatch, option: str, **meta) -> list:
+    """Solve with the GPU's launch parameters changed by ``meta`` (interpreted or
+    compiled); the list gets each pair-kernel launch's ``option`` as it is launched."""
+    launched = _recorded_launches(monkeypatch, "pairs_kernel", option)
     changed = dataclasses.replace(triton_backend._COMPILED, **meta)
     monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
     monkeypatch.setattr(triton_backend, "_COMPILED", changed)
@@ -227,18 +234,7 @@ def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
     sized from recent batches: the first batch of an anchor count is written after the
     read-back, the next one before it (once), and one with more rows than guessed is
     written again at its own size -- the same targets every time, cut to length."""
-    writes = []
-    original = triton_backend.finalize_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                writes.append(kwargs["OUTPUT"])
-                return original[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(triton_backend, "finalize_kernel", Recording())
+    writes = _recorded_launches(monkeypatch, "finalize_kernel", "OUTPUT")
     monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
     canvas = (97, 131)
     boxes, counts = random_batch(generator, [5, 0, 9], canvas)
