@@ -164,7 +164,7 @@ def main() -> None:
         "after their first two loads; a COCO-like image's other blocks branch past the level walk (about "
         "500 instructions in each mode) to the key, the labels and the stores. The pair walk's searches "
         "over the prefix sums take one vector load per step: each persistent program's start a "
-        "BLOCK_P-ary search (2-3 dependent loads for a batch, where a binary search took 14-19), each "
+        "BLOCK_P-ary search (2-3 dependent loads for a batch, where a binary search took 15-20), each "
         "chunk's last segment a 32-entry window (one load where galloping took 2 x log2 of the segments "
         "spanned).",
         "",

@@ -449,9 +449,9 @@ _WINDOW = tl.constexpr(32)
 @triton.jit
 def _segment_at(prefix_ptr, target, num_segments, BLOCK: tl.constexpr):
     """The last segment s in [0, num_segments) with prefix[s] <= target (prefix[0] = 0):
-    a BLOCK-ary search, one vector load per step, so log_BLOCK(S) dependent loads (2-3
-    for a batch) instead of a binary search's log_2(S) (14-19): the start of every
-    persistent program waits on this chain."""
+    a BLOCK-ary search, one vector load per step, so ceil(log_BLOCK(S)) dependent loads
+    (2-3 for a batch) where the binary search before took bit_length(S) + 1 (15-20): the
+    start of every persistent program waits on this chain."""
     lo = target * 0
     span = lo + num_segments  # candidates [lo, lo + span), prefix[lo] <= target
     lanes = tl.arange(0, BLOCK).to(tl.int64)
