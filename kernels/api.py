@@ -2,18 +2,20 @@
 
 Backends are modules with ``solve(problem: Problem) -> Targets`` and are imported
 only when first used, so ``import tritarget.kernels`` needs neither triton nor a GPU.
+A backend lists in ``CHECKS_GT_BOXES`` the solve functions that check the gt boxes as
+they read them (``problem.CheckBoxesFirst``): for those the boxes are not checked twice.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .config import TargetConfig
-from .problem import Kept, Problem, build_problem
+from .problem import CheckBoxesFirst, Kept, Problem, build_problem
 from .sampling import image_seeds, sample
 from .targets import SparseTargets, Targets
 
@@ -99,14 +101,18 @@ def assign(
         indexes the boxes of its image as given (before dropping).
     """
     module = _backend_for(backend, gt_boxes)
-    problem, kept = build_problem(
-        gt_boxes, gt_counts, canvas, config,
-        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-        want_max_iou=return_max_iou, host_check=getattr(module, "boxes_valid", None),
-    )  # fmt: skip
+
+    def build(check_gt_boxes: bool) -> tuple[Problem, Kept]:
+        return build_problem(
+            gt_boxes, gt_counts, canvas, config,
+            gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
+            image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+            want_max_iou=return_max_iou, host_check=getattr(module, "boxes_valid", None),
+            check_gt_boxes=check_gt_boxes,
+        )  # fmt: skip
+
+    targets, problem, kept = _solved(module, "solve", build)
     seeds = image_seeds(seed, problem.batch_size)
-    targets = module.solve(problem)
     if config.match.sample_size > 0:
         targets = sample(targets, config.match, seeds)
     if kept.original_index is not None:
@@ -140,17 +146,22 @@ def assign_sparse(
     are built first.
     """
     module = _backend_for(backend, gt_boxes)
-    problem, kept = build_problem(
-        gt_boxes, gt_counts, canvas, config,
-        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-        host_check=getattr(module, "boxes_valid", None),
-    )  # fmt: skip
+
+    def build(check_gt_boxes: bool) -> tuple[Problem, Kept]:
+        return build_problem(
+            gt_boxes, gt_counts, canvas, config,
+            gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
+            image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+            host_check=getattr(module, "boxes_valid", None), check_gt_boxes=check_gt_boxes,
+        )  # fmt: skip
+
+    direct = config.match.sample_size == 0 and hasattr(module, "solve_sparse")
+    solved, problem, kept = _solved(module, "solve_sparse" if direct else "solve", build)
     seeds = image_seeds(seed, problem.batch_size)
-    if config.match.sample_size == 0 and hasattr(module, "solve_sparse"):
-        sparse = module.solve_sparse(problem)
+    if direct:
+        sparse = solved
     else:
-        targets = module.solve(problem)
+        targets = solved
         if config.match.sample_size > 0:
             targets = sample(targets, config.match, seeds)
         sparse = targets.to_sparse()
@@ -163,6 +174,22 @@ def assign_sparse(
     sparse.dropped = kept.dropped
     sparse.level_starts = _level_starts(problem)
     return sparse
+
+
+def _solved(module, function: str, build: Callable[[bool], tuple[Problem, Kept]]) -> tuple[object, Problem, Kept]:
+    """``module.<function>(problem)``, the problem and what was kept, for ``build(check_gt_boxes)``'s
+    problem: built without the gt boxes' check where that function checks them itself, and
+    built again with it when the function asks (``CheckBoxesFirst``: some box may be invalid,
+    so the check raises or drops as ``drop_invalid`` says)."""
+    solve = getattr(module, function)
+    if function in getattr(module, "CHECKS_GT_BOXES", ()):
+        problem, kept = build(False)
+        try:
+            return solve(problem), problem, kept
+        except CheckBoxesFirst:
+            pass
+    problem, kept = build(True)
+    return solve(problem), problem, kept
 
 
 def _level_starts(problem: Problem) -> tuple[int, ...] | None:

@@ -47,10 +47,15 @@ import torch
 
 from .config import LOW_QUALITY_MODES, TargetConfig
 from .cpu_build import load_library
-from .problem import Problem
+from .problem import CheckBoxesFirst, Problem
 from .targets import SparseTargets, Targets
 
-__all__ = ["solve", "solve_sparse", "boxes_valid"]
+__all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "boxes_valid"]
+
+# Both solves check the gt boxes themselves (``problem.CheckBoxesFirst``), in the C call
+# that solves them: no separate pass over the boxes before it.
+CHECKS_GT_BOXES = ("solve", "solve_sparse")
+_INVALID_BOX = 2  # tritarget_cpu_solve's status for an invalid gt box
 
 _F32_4, _I64_2 = ctypes.c_float * 4, ctypes.c_int64 * 2
 # Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
@@ -92,6 +97,9 @@ class _CProblem(ctypes.Structure):
         ("stds", _F32_4),
         ("background_class", ctypes.c_int32),
         ("num_threads", ctypes.c_int32),
+        ("check_gt_boxes", ctypes.c_int32),
+        ("canvas_width", ctypes.c_float),
+        ("canvas_height", ctypes.c_float),
         ("labels", ctypes.c_void_p),
         ("matched", ctypes.c_void_p),
         ("deltas", ctypes.c_void_p),
@@ -247,6 +255,9 @@ class _Inputs:
         args.num_anchors, args.batch = anchors.shape[0], host.batch
         args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and ignore.shape[0] > 0
         args.num_threads = torch.get_num_threads()
+        if not problem.gt_boxes_checked:
+            args.check_gt_boxes = True
+            args.canvas_height, args.canvas_width = problem.canvas
 
 
 def solve(problem: Problem) -> Targets:
@@ -261,7 +272,10 @@ def solve(problem: Problem) -> Targets:
     args = inputs.args
     args.labels, args.matched, args.deltas = labels.data_ptr(), matched.data_ptr(), deltas.data_ptr()
     args.classes, args.max_iou = _pointer(classes), _pointer(max_iou)
-    if _library().tritarget_cpu_solve(ctypes.byref(args)) != 0:
+    status = _library().tritarget_cpu_solve(ctypes.byref(args))
+    if status == _INVALID_BOX:
+        raise CheckBoxesFirst
+    if status != 0:
         raise MemoryError("the CPU kernel could not allocate its scratch memory")
     background = problem.config.background_class
     return Targets(labels, matched, deltas, classes, max_iou, background_class=background)
@@ -279,9 +293,11 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     job = library.tritarget_cpu_solve_sparse(
         ctypes.byref(inputs.args), positive_offsets.data_ptr(), ignored_offsets.data_ptr(), totals
     )
-    if not job:
-        raise MemoryError("the CPU kernel could not allocate its scratch memory")
     positives, ignored = totals
+    if not job:
+        if positives < 0:
+            raise CheckBoxesFirst
+        raise MemoryError("the CPU kernel could not allocate its scratch memory")
     try:
         anchors = torch.empty(positives, dtype=torch.int32)
         matched = torch.empty(positives, dtype=torch.int32)

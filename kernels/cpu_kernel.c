@@ -96,6 +96,10 @@ typedef struct {
     float weights[4], means[4], stds[4];
     int32_t background_class;
     int32_t num_threads;
+    /* Check the gt boxes first (build_problem left them to this call): the rule of
+     * tritarget_cpu_boxes_valid against the canvas (width, height), as float32. */
+    int32_t check_gt_boxes;
+    float canvas_width, canvas_height;
     /* dense outputs (tritarget_cpu_solve only), [B, A] (deltas [B, A, 4]); classes may be NULL */
     int8_t *labels;
     int32_t *matched;
@@ -1132,9 +1136,16 @@ static void advise_huge_pages(void *data, size_t bytes) {
 #endif
 }
 
+/* Whether the gt boxes are to be checked here and some box is invalid. */
+static int invalid_gt_boxes(const Problem *p) {
+    return p->check_gt_boxes &&
+           !tritarget_cpu_boxes_valid(p->gt_boxes, p->gt_offsets[p->batch], 0.0f, p->canvas_width, p->canvas_height);
+}
+
 /* Dense targets into p's outputs. Returns 0 on success, 1 when scratch memory could not
- * be allocated. */
+ * be allocated, 2 when a gt box is invalid (check_gt_boxes; nothing written). */
 int tritarget_cpu_solve(const Problem *p) {
+    if (invalid_gt_boxes(p)) return 2;
     Job *job = new_job(p, 0);
     if (!job) return 1;
     const size_t cells = (size_t)(p->num_anchors * p->batch);
@@ -1153,8 +1164,13 @@ int tritarget_cpu_solve(const Problem *p) {
  * positive/ignored outputs) and totals[2] (their sizes), and returns the solved job for
  * tritarget_cpu_emit_sparse,
  * which the caller must call once (or tritarget_cpu_free_sparse) while p and its
- * inputs are alive. NULL when memory ran out. */
+ * inputs are alive. NULL when memory ran out, or with totals[0] = -1 when a gt box is
+ * invalid (check_gt_boxes). */
 Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t *ign_offsets, int64_t *totals) {
+    if (invalid_gt_boxes(p)) {
+        totals[0] = -1;
+        return NULL;
+    }
     Job *job = new_job(p, 1);
     if (!job) return NULL;
     if (run_passes(job)) {

@@ -17,7 +17,12 @@ device tensors (then in one copy). Boxes on the CPU are checked by the cpu backe
 compiled loop when that backend will solve them (``host_check``), else, a few of them,
 with plain Python floats (cheaper than any torch op); other boxes are checked where they
 live with one read-back per call, and looked at one by one on the host only when some box
-may be invalid.
+may be invalid. A backend that reads every gt box anyway can take their check over
+(``check_gt_boxes=False``): it tests each box as it reads it and raises
+``CheckBoxesFirst`` on a box that may be invalid, and the caller builds the problem again
+with the check here, which raises or drops as it always does. That spares the cpu backend
+a pass over the boxes and the triton backend's sparse path its read-back before the
+launches (it reads one flag back with the lists' lengths).
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ from .config import TargetConfig
 from .streams import stream_key
 from .targets import NOTHING_DROPPED
 
-__all__ = ["HostInts", "Problem", "build_problem", "valid_cells"]
+__all__ = ["CheckBoxesFirst", "HostInts", "Problem", "build_problem", "canvas_limits", "valid_cells"]
+
+
+class CheckBoxesFirst(Exception):
+    """Raised by a backend given a problem whose gt boxes it was to check
+    (``Problem.gt_boxes_checked`` False) when some box may be invalid, or when it cannot
+    check them: the caller builds the problem again with ``check_gt_boxes=True``."""
 
 
 class HostInts:
@@ -94,6 +105,10 @@ class Problem:
         feature-map rows and columns inside the image's padded size (``pad_sizes``);
         anchors of the other cells are excluded (see ``valid_cells``). None when no image
         excludes any anchor.
+    gt_boxes_checked: False when ``build_problem`` left the gt boxes' values to the
+        backend (``check_gt_boxes=False``), which must then test them by
+        ``_invalid_on_host``'s rule (or the device rule of ``_margins``) and raise
+        ``CheckBoxesFirst`` if one may be invalid, before returning any targets.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
     buffer, made on first use from ``host_ints``: read-only.
     """
@@ -108,6 +123,7 @@ class Problem:
     host_ints: HostInts
     want_max_iou: bool = False
     valid_cells: torch.Tensor | None = None
+    gt_boxes_checked: bool = True
 
     @functools.cached_property  # stored in the instance's __dict__, which frozen allows
     def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,7 +233,7 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
 
 
 @functools.lru_cache(maxsize=64)
-def _canvas_limits(canvas: tuple[int, int], device: torch.device, stream: int | None) -> torch.Tensor:
+def canvas_limits(canvas: tuple[int, int], device: torch.device, stream: int | None) -> torch.Tensor:
     """(width, height) float32 on ``device`` (one copy per CUDA stream: see ``streams``),
     compared with (x1, y1) as torch compares them with Python ints: in float32."""
     return torch.tensor([canvas[1], canvas[0]], dtype=torch.float32, device=device)
@@ -235,7 +251,7 @@ def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
     if item.counts is None:
         return high - low
     device = item.boxes.device
-    return torch.cat([high - low, high, _canvas_limits(canvas, device, stream_key(device)) - low], dim=1)
+    return torch.cat([high - low, high, canvas_limits(canvas, device, stream_key(device)) - low], dim=1)
 
 
 # An input of up to this many boxes on the CPU is checked with Python floats: below ~100
@@ -422,11 +438,14 @@ def build_problem(
     drop_invalid: bool = False,
     want_max_iou: bool = False,
     host_check: HostCheck | None = None,
+    check_gt_boxes: bool = True,
 ) -> tuple[Problem, Kept]:
     """Check a batch and build its ``Problem`` (see ``tritarget.kernels.assign``).
 
     ``host_check`` checks CPU boxes by the same rule as Python would, faster (``assign``
     passes the cpu backend's compiled one when that backend will solve the problem).
+    ``check_gt_boxes=False`` leaves the values of the gt boxes to the backend (see the
+    module docstring); every other input is checked as always.
     """
     if not isinstance(config, TargetConfig):
         raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}")
@@ -490,7 +509,8 @@ def build_problem(
         _examine(checked, canvas, drop_invalid)
         raise
 
-    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(checked, canvas, host_check) else {}
+    examined = checked if check_gt_boxes else [item for item in checked if item.name != "gt_boxes"]
+    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(examined, canvas, host_check) else {}
     kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]
@@ -515,5 +535,6 @@ def build_problem(
         host_ints=HostInts(*offsets, sizes),
         want_max_iou=want_max_iou,
         valid_cells=cells,
+        gt_boxes_checked=check_gt_boxes,
     )
     return problem, kept

@@ -361,7 +361,13 @@ def _shape_floats(shape_float_ptr, shape):
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["num_shapes", "center_div"])
+@triton.jit
+def _positive_finite(value):
+    """value in (0, inf): false for NaN."""
+    return (value > 0.0) & (value <= 3.4028234663852886e38)
+
+
+@triton.jit(do_not_specialize=["num_shapes", "center_div", "check_boxes"])
 def segments_kernel(
     gt_boxes_ptr,
     gt_offsets_ptr,
@@ -371,6 +377,8 @@ def segments_kernel(
     pairs_ptr,
     row_image_ptr,
     row_box_ptr,
+    canvas_ptr,
+    invalid_ptr,
     num_rows,
     batch,
     num_anchors,
@@ -378,6 +386,7 @@ def segments_kernel(
     center_div,
     search_steps,
     image_steps,
+    check_boxes,
     GENERATE: tl.constexpr,
     ROWS: tl.constexpr,
     SHAPES: tl.constexpr,
@@ -385,6 +394,10 @@ def segments_kernel(
     """Per box row: each (level, cell shape)'s rectangle of overlapping cells.
 
     gt_boxes_ptr: [N, 4] float32; gt_offsets_ptr: [B + 1] int64.
+    check_boxes: set the int64 at invalid_ptr to 1 if some box may be invalid by
+        ``problem._margins``' rule (width, height, x2, y2, canvas width - x1 and canvas
+        height - y1 in (0, inf), float32; canvas_ptr: float32 (width, height)), the check
+        ``build_problem`` left to the backend.
     rect_ptr: [N, R, 4] int32 out (first x, cells along x, first y, cells along y) for
         the R = num_shapes shape rows; pairs_ptr: [N, R] int64 out, nx * ny;
         row_image_ptr, row_box_ptr: [N] int32 out, the image of each box row and its
@@ -406,6 +419,14 @@ def segments_kernel(
         lo = tl.where(open_ & before, mid, lo)
     tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
     tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
+    if check_boxes != 0:
+        x1 = tl.load(gt_boxes_ptr + rows * 4, mask=real_row, other=0.0)
+        y1 = tl.load(gt_boxes_ptr + rows * 4 + 1, mask=real_row, other=0.0)
+        x2 = tl.load(gt_boxes_ptr + rows * 4 + 2, mask=real_row, other=0.0)
+        y2 = tl.load(gt_boxes_ptr + rows * 4 + 3, mask=real_row, other=0.0)
+        valid = _positive_finite(x2 - x1) & _positive_finite(y2 - y1) & _positive_finite(x2) & _positive_finite(y2)
+        valid = valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+        tl.store(invalid_ptr + rows * 0, tl.full((ROWS,), 1, tl.int64), mask=real_row & ~valid)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
     if GENERATE:

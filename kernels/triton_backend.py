@@ -10,7 +10,8 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches:
 3. low-quality modes only: ``pairs_kernel`` (lift) or ``forced_kernel`` (ssd_forced);
 4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel``, sparse lists, sized
    from the recent batches' rows per image and read back once at the end (two totals:
-   the rare batch that overflows is written again, into lists of its own size).
+   the rare batch that overflows is written again, into lists of its own size; and the
+   flag of the gt boxes' check, which ``segments_kernel`` makes for ``solve_sparse``).
 
 One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
 on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .anchors import AnchorGrid
-from .problem import Problem
+from .problem import CheckBoxesFirst, Problem, canvas_limits
 from .streams import stream_key
 from .targets import SparseTargets, Targets
 from .triton_assign import (
@@ -55,7 +56,12 @@ from .triton_assign import (
     segments_kernel,
 )
 
-__all__ = ["solve", "solve_sparse", "candidate_pairs", "interpreting"]
+__all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
+
+# solve_sparse checks the gt boxes in segments_kernel and reads the flag back with the
+# lists' lengths (``problem.CheckBoxesFirst``): no read-back before its launches. The dense
+# solve reads nothing back, so its boxes are checked before it, as build_problem does.
+CHECKS_GT_BOXES = ("solve_sparse",)
 
 
 @dataclass(frozen=True)
@@ -315,11 +321,13 @@ class _Launch:
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return _placeholder(self.device, dtype)
 
-    def segments(self) -> dict[str, torch.Tensor]:
+    def segments(self, invalid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, pairs
         [S] int64 and prefix [S + 1] int64 (its exclusive cumsum), row_image and row_box
         [N] int32, and the zeroed box_key [N] int64 and seg_max [S] int32 the pair kernels
-        fill (one memset for all three zeroed arrays: each launch costs host time)."""
+        fill (one memset for all three zeroed arrays: each launch costs host time).
+        ``invalid`` (int64, zeroed): set to 1 if some gt box may be invalid (the check a
+        problem built with ``check_gt_boxes=False`` leaves to the backend)."""
         rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
         zeroed = torch.zeros(rows + num_segments + 1 + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
         out = {
@@ -331,20 +339,27 @@ class _Launch:
             "box_key": zeroed[:rows],
             "seg_max": zeroed[rows + num_segments + 1 :].view(torch.int32)[:num_segments],
         }
+        check = invalid is not None
+        if check:
+            canvas = canvas_limits(self.problem.canvas, self.device, stream_key(self.device))
+        else:
+            canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
         segments_kernel[(_cdiv(rows, self.meta.segment_rows),)](
             self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], out["pairs"],
-            out["row_image"], out["row_box"], rows, self.batch, self.num_anchors, self.num_shapes, self.center_div,
-            self.search_steps, max(self.batch - 1, 1).bit_length() + 1, GENERATE=self.generate,
-            ROWS=self.meta.segment_rows, SHAPES=_next_power_of_2(self.num_shapes), **_launch_kwargs(),
+            out["row_image"], out["row_box"], canvas, invalid, rows, self.batch, self.num_anchors, self.num_shapes,
+            self.center_div, self.search_steps, max(self.batch - 1, 1).bit_length() + 1,
+            int(check), GENERATE=self.generate, ROWS=self.meta.segment_rows,
+            SHAPES=_next_power_of_2(self.num_shapes), **_launch_kwargs(),
         )  # fmt: skip
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out
 
-    def match_pairs(self, work: torch.Tensor) -> None:
-        """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks."""
+    def match_pairs(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+        """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks;
+        with ``invalid``, check the gt boxes too (``segments``)."""
         if self.num_rows == 0 or self.num_anchors == 0:
             return
-        candidates = self.segments()
+        candidates = self.segments(invalid)
         rect, prefix, row_image = candidates["rect"], candidates["prefix"], candidates["row_image"]
         box_key, seg_max = candidates["box_key"], candidates["seg_max"]
         num_segments = rect.shape[0]
@@ -426,6 +441,8 @@ def solve(problem: Problem) -> Targets:
         when asked; on the problem's device. The deltas double as the work memory.
     """
     launch = _Launch(problem)
+    if not problem.gt_boxes_checked:  # nothing is read back here to report an invalid box
+        raise CheckBoxesFirst
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
     labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
     matched = torch.empty(batch, num_anchors, dtype=torch.int32, device=device)
@@ -470,14 +487,21 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     The lists' lengths are known on the device only. Rather than read them back between
     counting and writing (the GPU would idle while the host allocates and launches the
     write), the write goes into lists sized from recent batches (twice their rows per
-    image, ``_ROWS_PER_IMAGE``; at most B x A rows), then the two totals (16 bytes) are read back once, and
-    the lists are returned cut to length. A batch with more rows than that, or the first
-    batch of an anchor count, is written again into lists of its exact length.
+    image, ``_ROWS_PER_IMAGE``; at most B x A rows), then the two totals are read back
+    once, and the lists are returned cut to length. A batch with more rows than that, or
+    the first batch of an anchor count, is written again into lists of its exact length.
+    For a problem whose gt boxes are unchecked, ``segments_kernel`` checks them and its
+    flag comes back beside the totals (24 bytes in all): ``CheckBoxesFirst`` if it is set.
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    if not problem.gt_boxes_checked and num_anchors == 0 and launch.num_rows > 0:
+        raise CheckBoxesFirst  # no segments_kernel runs to check the boxes
     has_classes = problem.gt_classes is not None
-    offsets = torch.zeros(2, batch + 1, dtype=torch.int64, device=device)
+    # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
+    # back with the totals beside it.
+    offsets = torch.zeros(3, batch + 1, dtype=torch.int64, device=device)
+    invalid = None if problem.gt_boxes_checked else offsets[2, batch:]
     totals, sparse = (0, 0), None
     if num_anchors > 0:
         work = launch.work()
@@ -487,16 +511,18 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
         guess = _ROWS_PER_IMAGE.get(num_anchors)
         with _on(device):
-            launch.match_pairs(work)
+            launch.match_pairs(work, invalid)
             launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
             scan_kernel[(batch,)](block_counts, block_starts, image_totals, launch.num_blocks, batch, BLOCK=2048,
                                   **_launch_kwargs())  # fmt: skip
-            offsets[:, 1:] = image_totals.cumsum(dim=1)
+            offsets[:2, 1:] = image_totals.cumsum(dim=1)
             if guess is not None:
                 sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
                 sparse = _sparse_lists(*sizes, has_classes, device)
                 launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
-        totals = tuple(offsets[:, batch].tolist())
+        *totals, found_invalid = offsets[:, batch].tolist()
+        if found_invalid:
+            raise CheckBoxesFirst
         if batch > 0:
             previous = guess or (0.0, 0.0)
             _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))

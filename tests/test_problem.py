@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tritarget.kernels import assign_sparse, cpu, generate_anchors, presets
+from tritarget.kernels import cpu, generate_anchors, presets
 from tritarget.kernels import problem as problem_module
 from tritarget.kernels.anchors import AnchorGrid, grid_and_anchors
 from tritarget.kernels.problem import build_problem
@@ -201,21 +201,6 @@ def test_the_host_checks_agree_with_the_torch_rules(anchors, compiled):
     bad = valid.clone()
     bad[len(bad) // 2, 2] = math.nan
     assert problem_module._invalid_on_host(problem_module._Boxes("boxes", bad, counts), CANVAS, host_check) is True
-
-
-def test_assign_checks_cpu_boxes_with_the_cpu_backends_compiled_check(monkeypatch):
-    """The cpu backend checks any number of CPU boxes in one compiled call (Python's loop
-    costs ~0.6 us a box); other backends keep the Python check (no compiler needed)."""
-    calls = []
-    compiled = cpu.boxes_valid
-    monkeypatch.setattr(cpu, "boxes_valid", lambda *args: calls.append(args[0].shape[0]) or compiled(*args))
-    boxes = GOOD.repeat(70, 1)[:200]
-    assign_sparse(boxes, [200], CANVAS, CONFIG, backend="cpu")
-    assert calls == [200]
-    assign_sparse(boxes, [200], CANVAS, CONFIG, backend="reference")
-    assert calls == [200]
-    with pytest.raises(ValueError, match="image 0, box 150: degenerate box"):
-        assign_sparse(torch.cat([boxes[:150], INVALID, boxes[150:]]), [201], CANVAS, CONFIG, backend="cpu")
 
 
 def test_host_tensors_have_one_cached_copy():

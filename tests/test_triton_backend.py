@@ -481,7 +481,7 @@ from tritarget.kernels import triton_backend as backend
 from tritarget.kernels import triton_assign as k
 
 INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
-         "pairs_ptr", "offsets_ptr", "totals_ptr"}
+         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
          "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr"}

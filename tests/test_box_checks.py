@@ -1,0 +1,149 @@
+"""Backends that read every gt box check them as they read them (``CHECKS_GT_BOXES``):
+the cpu backend in the C call that solves them, the triton backend's sparse path in
+``segments_kernel``, whose flag comes back with the lists' lengths. ``build_problem`` then
+skips its own pass over the gt boxes (on a GPU, a read-back before the launches); a
+backend that finds a box which may be invalid raises ``CheckBoxesFirst``, and ``assign``
+builds the problem again with the full check, which raises or drops as it always did."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from tritarget.kernels import assign, assign_sparse, cpu, presets
+from tritarget.kernels import problem as problem_module
+from tritarget.kernels.problem import CheckBoxesFirst, build_problem
+
+CANVAS = (64, 96)
+CONFIG = presets.get("retinanet_torchvision")
+GOOD = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 20.0, 60.0, 60.0], [0.0, 0.0, 20.0, 20.0]])
+# x1 = 70 lies past the canvas height (64) but inside its width (96): valid, unless the
+# check mixed up the canvas's sides (then it would flag this box and pass [0, 64, ...]).
+BESIDE_THE_HEIGHT = torch.tensor([[70.0, 10.0, 90.0, 30.0]])
+INVALID_KINDS = [
+    [-math.inf, 0.0, 10.0, 10.0],
+    [0.0, 0.0, 10.0, math.inf],
+    [math.nan, math.nan, math.nan, math.nan],
+    [5.0, 0.0, 5.0, 10.0],
+    [0.0, 5.0, 10.0, 5.0],
+    [-10.0, 0.0, 0.0, 10.0],
+    [0.0, -10.0, 10.0, 0.0],
+    [96.0, 0.0, 100.0, 10.0],
+    [0.0, 64.0, 10.0, 70.0],
+]
+
+
+def _triton_runs_here() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from tritarget.kernels import triton_backend
+
+    return torch.cuda.is_available() or triton_backend.interpreting()
+
+
+TRITON = pytest.mark.skipif(not _triton_runs_here(), reason="the triton backend needs a CUDA GPU or its interpreter")
+SOLVERS = [("cpu", "solve"), ("cpu", "solve_sparse"), pytest.param("triton", "solve_sparse", marks=TRITON)]
+
+
+def _device(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def _solve(backend: str, function: str, boxes: torch.Tensor, counts: list[int], check: bool, **kwargs):
+    module = importlib.import_module(f"tritarget.kernels.{'triton_backend' if backend == 'triton' else 'cpu'}")
+    assert function in module.CHECKS_GT_BOXES
+    device = _device(backend)
+    problem, _ = build_problem(boxes.to(device), counts, kwargs.pop("canvas", CANVAS), CONFIG,
+                               check_gt_boxes=check, **kwargs)  # fmt: skip
+    return getattr(module, function)(problem)
+
+
+@pytest.mark.parametrize(("backend", "function"), SOLVERS)
+@pytest.mark.parametrize("box", INVALID_KINDS, ids=[str(box) for box in INVALID_KINDS])
+def test_a_backend_refuses_an_invalid_box_it_was_left_to_check(backend, function, box):
+    boxes = torch.cat([GOOD[:2], BESIDE_THE_HEIGHT, torch.tensor([box])])
+    with pytest.raises(CheckBoxesFirst):
+        _solve(backend, function, boxes, [2, 2], check=False)
+
+
+@pytest.mark.parametrize(("backend", "function"), SOLVERS)
+def test_valid_boxes_left_to_the_backend_give_the_checked_targets(backend, function):
+    boxes = torch.cat([GOOD, BESIDE_THE_HEIGHT])
+    unchecked = _solve(backend, function, boxes, [2, 2], check=False)
+    checked = _solve(backend, function, boxes, [2, 2], check=True)
+    names = ("labels", "matched_gt", "deltas") if function == "solve" else ("positive_anchors", "ignored_anchors")
+    for name in names:
+        assert torch.equal(getattr(unchecked, name), getattr(checked, name)), name
+
+
+@pytest.mark.parametrize(("backend", "function"), SOLVERS)
+def test_the_backends_compare_with_the_canvas_in_float32(backend, function):
+    # In float32 the canvas width 2**24 + 1 is 2**24, where this box starts: outside, as
+    # build_problem finds it. (Explicit anchors: none generated for so wide a canvas.)
+    box = torch.tensor([[2.0**24, 0.0, 2.0**24 + 2, 10.0]])
+    anchors = GOOD.to(_device(backend))
+    with pytest.raises(CheckBoxesFirst):
+        _solve(backend, function, box, [1], check=False, canvas=(64, 2**24 + 1), anchors=anchors)
+
+
+@pytest.mark.parametrize("function", [assign, assign_sparse])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=TRITON)])
+def test_assign_raises_and_drops_as_before(function, backend):
+    device = _device(backend)
+    boxes = torch.cat([GOOD[:1], torch.tensor([INVALID_KINDS[3]]), GOOD[1:]]).to(device)
+    with pytest.raises(ValueError, match=r"gt_boxes: image 0, box 1: degenerate box \(x2 <= x1\)"):
+        function(boxes, [3, 1], CANVAS, CONFIG, backend=backend)
+    ours = function(boxes, [3, 1], CANVAS, CONFIG, backend=backend, drop_invalid=True).to("cpu")
+    reference = function(boxes.cpu(), [3, 1], CANVAS, CONFIG, backend="reference", drop_invalid=True)
+    assert [d.tolist() for d in ours.dropped] == [[1], []]
+    sparse = (ours, reference) if function is assign_sparse else (ours.to_sparse(), reference.to_sparse())
+    for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "ignored_anchors"):
+        assert torch.equal(getattr(sparse[0], name), getattr(sparse[1], name)), name
+
+
+@TRITON
+def test_a_box_only_float32_doubts_is_solved_after_the_full_check():
+    # Its width overflows float32: segments_kernel flags it, the host check (in float64)
+    # finds it valid, and the batch is solved again as checked.
+    huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
+    boxes = torch.cat([GOOD, huge])
+    with pytest.raises(CheckBoxesFirst):
+        _solve("triton", "solve_sparse", boxes, [2, 2], check=False)
+    ours = assign_sparse(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton").to("cpu")
+    reference = assign_sparse(boxes, [2, 2], CANVAS, CONFIG, backend="reference")
+    assert ours.dropped[1].numel() == 0
+    for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "ignored_anchors"):
+        assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=TRITON)])
+def test_assign_sparse_makes_no_pass_over_the_gt_boxes_before_the_backend(backend, monkeypatch):
+    """Only the inputs the backend does not check (here the crowd regions) are examined
+    before it: on a GPU that pass is the read-back the sparse path no longer makes."""
+    examined = []
+    may_be_invalid = problem_module._may_be_invalid
+
+    def record(items, *args):
+        examined.append([item.name for item in items])
+        return may_be_invalid(items, *args)
+
+    monkeypatch.setattr(problem_module, "_may_be_invalid", record)
+    device = _device(backend)
+    boxes = GOOD.repeat(70, 1)[:200].to(device)
+    assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, ignore_boxes=GOOD[:1].to(device), ignore_counts=[1])
+    assert examined == [["ignore_boxes"]]
+    assign_sparse(boxes, [200], CANVAS, CONFIG, backend="reference")
+    assert examined[-1] == ["gt_boxes"]
+
+
+def test_ignore_boxes_still_go_through_the_cpu_backends_compiled_check(monkeypatch):
+    calls = []
+    compiled = cpu.boxes_valid
+    monkeypatch.setattr(cpu, "boxes_valid", lambda *args: calls.append(args[0].shape[0]) or compiled(*args))
+    ignore = GOOD.repeat(70, 1)[:200]
+    assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="cpu", ignore_boxes=ignore, ignore_counts=[200])
+    assert calls == [200]
+    with pytest.raises(ValueError, match="ignore_boxes: image 0, box 150: degenerate box"):
+        bad = torch.cat([ignore[:150], torch.tensor([INVALID_KINDS[3]]), ignore[150:]])
+        assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="cpu", ignore_boxes=bad, ignore_counts=[201])
