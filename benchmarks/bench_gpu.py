@@ -33,7 +33,9 @@ needed) to check the script itself; there the "kernels" are the top-level torch 
 ``--pairs`` (CPU, Triton's interpreter) measures the work target instead: for two
 COCO-like images and two with G = 200 at 800 x 1344, the box-anchor pairs the triton
 kernels evaluate (``triton_backend.candidate_pairs``) against the pairs with IoU > 0;
-its last line is ``evaluated/nonzero pairs: <ratio at G = 200>``; writes ``pairs.json``.
+its last line is ``evaluated/nonzero pairs: <ratio at G = 200>``; writes ``pairs.json``,
+with the shape of the compiled pair walk for B = 32 (chunks, the share inside one
+rectangle, chunks per persistent program on an H200).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ TARGET_SPARSE_VS_DENSE = 1.2
 PROFILED_CALLS = 5
 PAIRS_SEED = 1  # two COCO-like images with 8 and 6 boxes
 PAIRS_ANCHOR_CHUNK = 32768  # IoU rows of this many anchors at a time: bounded memory at G = 200
+WALK_BATCH = 32  # the batch of the GPU goals, whose pair walk --pairs describes
+H200_SMS = 132
 
 
 def parse_args() -> argparse.Namespace:
@@ -528,10 +532,34 @@ def pairs(out: Path) -> None:
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
               f"pairs, IoU > 0 {nonzero:,}, ratio {point['ratio']:.2f} {extra or ''}")  # fmt: skip
+    walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pairs.json").write_text(json.dumps({"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points}))
+    (out / "pairs.json").write_text(
+        json.dumps({"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points, "walk": walk})
+    )
     print(f"target (DESIGN §9): at most 2x at G = 200; wrote {out / 'pairs.json'}")
     print(f"evaluated/nonzero pairs: {points[-1]['ratio']:.2f}")
+
+
+def walk_shape(config) -> list[dict]:
+    """How the compiled pair walk cuts a B = 32 batch: its chunks of the compiled chunk size,
+    the share inside one rectangle, and chunks per persistent program on an H200 (132 SMs)."""
+    block_p, programs = triton_backend._COMPILED.block_p, triton_backend._COMPILED.pair_programs * H200_SMS
+    rows = []
+    for fixed in (None, 200):
+        boxes, counts, classes = coco_like_batch(WALK_BATCH, seed=PAIRS_SEED, canvas=COCO_CANVAS, boxes_per_image=fixed)
+        problem, _ = build_problem(boxes, counts, COCO_CANVAS, config, gt_classes=classes)
+        walk = triton_backend.candidate_pairs(problem, block_p=block_p)
+        row = {"workload": COCO_LABEL if fixed is None else f"G={fixed}", "batch": WALK_BATCH, "boxes": len(boxes),
+               "block_p": block_p, "programs": programs, **walk,
+               "chunks_per_program": round(walk["chunks"] / programs, 2),
+               "uniform_share": round(walk["uniform_chunks"] / walk["chunks"], 3)}  # fmt: skip
+        rows.append(row)
+        per_sm = triton_backend._COMPILED.pair_programs
+        print(f"walk, B = {WALK_BATCH}, {row['workload']:>11}: {walk['evaluated']:,} pairs in {walk['chunks']:,} "
+              f"chunks of {block_p} ({row['uniform_share']:.0%} inside one rectangle), {row['chunks_per_program']} "
+              f"per program of {programs:,} ({per_sm} per SM x {H200_SMS} SMs)")  # fmt: skip
+    return rows
 
 
 def main() -> None:

@@ -153,9 +153,10 @@ def main() -> None:
     # chunk size, programs per SM, the cap, and the scatter's atomics without their
     # pre-check (fire-and-forget reductions: the lanes stop waiting for a load each).
     # 8 programs per SM is one wave at 64 registers (65,536 / (64 x 128 threads)): at
-    # B = 32, G ~ 7 the walk has ~9,800 chunks, 2.3 per program of 4,224 (32 per SM) against
-    # 74 at G = 200, with the same mix of chunks (69% and 66% inside one rectangle), so
-    # there it is mostly each program's start-up chain of dependent loads, in four waves.
+    # B = 32, G ~ 7 the walk has ~11,000 chunks, 2.6 per program of 4,224 (32 per SM)
+    # against 77 at G = 200, with the same mix of chunks (67% inside one rectangle; bench_gpu.py
+    # --pairs), so there it is mostly each program's start-up chain of dependent loads, in
+    # four waves.
     cells = [dict()] + [dict(block_p=block_p) for block_p in (128, 512)]
     cells += [dict(pair_programs=programs) for programs in (8, 16, 64)]
     cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]

@@ -550,17 +550,24 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     )
 
 
-def candidate_pairs(problem: Problem) -> dict[str, int]:
+def candidate_pairs(problem: Problem, block_p: int | None = None) -> dict[str, int]:
     """The work the triton path does for a problem, counted from its candidate structure.
 
     Returns ``evaluated`` (box-anchor pairs whose IoU the pair kernels compute: the
     rectangles of segments_kernel; with explicit anchors every pair), ``chunks`` (steps
-    of BLOCK_P pairs they take, per pass) and ``lanes`` (chunks x BLOCK_P).
+    of ``block_p`` pairs they take, per pass; default: this mode's BLOCK_P), ``lanes``
+    (chunks x block_p) and ``uniform_chunks`` (chunks inside one rectangle, which take
+    the box and shape as scalar loads; the others find each lane's rectangle by bisection).
     """
     launch = _Launch(problem)
     if launch.num_rows == 0 or launch.num_anchors == 0:
-        return {"evaluated": 0, "chunks": 0, "lanes": 0}
+        return {"evaluated": 0, "chunks": 0, "lanes": 0, "uniform_chunks": 0}
     with _on(launch.device):
-        evaluated = int(launch.segments()["prefix"][-1])
-    chunks = _cdiv(evaluated, launch.meta.block_p)
-    return {"evaluated": evaluated, "chunks": chunks, "lanes": chunks * launch.meta.block_p}
+        prefix = launch.segments()["prefix"]
+    evaluated, block_p = int(prefix[-1]), block_p or launch.meta.block_p
+    chunks = _cdiv(evaluated, block_p)
+    first = torch.arange(chunks, device=prefix.device) * block_p
+    last = (first + block_p).clamp(max=evaluated) - 1
+    # The rectangle holding a pair: the last one starting at or before it.
+    uniform = torch.searchsorted(prefix, first, right=True) == torch.searchsorted(prefix, last, right=True)
+    return {"evaluated": evaluated, "chunks": chunks, "lanes": chunks * block_p, "uniform_chunks": int(uniform.sum())}

@@ -326,6 +326,13 @@ def test_evaluated_pairs_are_exactly_the_overlapping_ones(name, canvas, generato
     )
     assert work["evaluated"] == overlapping > 0
     assert work["lanes"] - work["evaluated"] < triton_backend._meta().block_p  # chunks are packed
+    # Chunks inside one rectangle, against the rectangle of every pair laid end to end.
+    launch = triton_backend._Launch(problem)
+    with triton_backend._on(launch.device):
+        pairs = launch.segments()["pairs"].cpu()
+    rectangle_of_pair = torch.repeat_interleave(torch.arange(pairs.numel()), pairs)
+    uniform = sum(int(chunk.min() == chunk.max()) for chunk in rectangle_of_pair.split(64))
+    assert triton_backend.candidate_pairs(problem, block_p=64)["uniform_chunks"] == uniform
 
 
 @pytest.mark.parametrize("num_anchors", [0, 1, 2, 37, 2049, 5000])
