@@ -12,6 +12,8 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    pair inside has a positive width and height. A ``cumsum`` of the rectangles' pair
    counts lays all pairs of the batch end to end, cut into chunks of ``BLOCK_P`` pairs.
    Explicit anchors have no such structure: a box's "rectangle" is all its image's anchors.
+   For ``solve_sparse`` it also checks every box it loads (a flag the host reads back with
+   the lists' lengths, in place of ``build_problem``'s read-back before the launches).
 2. ``pairs_kernel`` (stage ``SCATTER``) -- persistent programs walk contiguous ranges of
    those chunks (one binary search to start, then rectangle after rectangle; a chunk
    may span many small rectangles), so a 600-pixel box and a 10-pixel one cost in
