@@ -369,7 +369,12 @@ def _positive_finite(value):
     return (value > 0.0) & (value <= 3.4028234663852886e38)
 
 
-@triton.jit(do_not_specialize=["num_shapes", "center_div", "check_boxes"])
+# The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
+# with the batch's parity: specialising on it would compile the kernel twice, the second
+# time in the middle of a service's traffic.
+@triton.jit(
+    do_not_specialize=["num_shapes", "center_div", "check_boxes"], do_not_specialize_on_alignment=["invalid_ptr"]
+)
 def segments_kernel(
     gt_boxes_ptr,
     gt_offsets_ptr,

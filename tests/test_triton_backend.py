@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support import assert_targets_equal, random_batch, random_boxes, with_ties
-from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets, reference
 from tritarget.kernels.boxes import box_iou
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.problem import build_problem
@@ -588,6 +588,21 @@ def test_auto_picks_triton_on_cuda():
     ours = assign(boxes.cuda(), counts, COCO_CANVAS, config, backend="auto")
     ref = assign(boxes.cuda(), counts, COCO_CANVAS, config, backend="reference")
     assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
+
+
+@gpu
+def test_segments_kernel_compiles_once_whatever_the_batch():
+    """solve_sparse passes a flag inside its offsets, 16-byte aligned for even batches
+    only: a specialisation on it would compile again mid-traffic."""
+    config = _dense_config("retinanet_torchvision")
+    compiled = triton_assign.segments_kernel.device_caches[torch.cuda.current_device()][0]
+    compiled.clear()  # earlier tests may have compiled either variant
+    for batch in (1, 2, 3, 4):
+        boxes, counts, classes = coco_like_batch(batch, seed=batch)
+        assign_sparse(boxes.cuda(), counts, COCO_CANVAS, config, gt_classes=classes.cuda(), backend="triton")
+        if batch == 1:
+            variants = len(compiled)
+    assert len(compiled) == variants
 
 
 def _peak_extra_bytes(fn) -> tuple[object, int]:
