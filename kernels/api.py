@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -101,17 +101,12 @@ def assign(
         indexes the boxes of its image as given (before dropping).
     """
     module = _backend_for(backend, gt_boxes)
-
-    def build(check_gt_boxes: bool) -> tuple[Problem, Kept]:
-        return build_problem(
-            gt_boxes, gt_counts, canvas, config,
-            gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-            image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-            want_max_iou=return_max_iou, host_check=getattr(module, "boxes_valid", None),
-            check_gt_boxes=check_gt_boxes,
-        )  # fmt: skip
-
-    targets, problem, kept = _solved(module, "solve", build)
+    targets, problem, kept = _solved(
+        module, "solve", gt_boxes, gt_counts, canvas, config,
+        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
+        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+        want_max_iou=return_max_iou,
+    )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     if config.match.sample_size > 0:
         targets = sample(targets, config.match, seeds)
@@ -146,17 +141,12 @@ def assign_sparse(
     are built first.
     """
     module = _backend_for(backend, gt_boxes)
-
-    def build(check_gt_boxes: bool) -> tuple[Problem, Kept]:
-        return build_problem(
-            gt_boxes, gt_counts, canvas, config,
-            gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-            image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-            host_check=getattr(module, "boxes_valid", None), check_gt_boxes=check_gt_boxes,
-        )  # fmt: skip
-
     direct = config.match.sample_size == 0 and hasattr(module, "solve_sparse")
-    solved, problem, kept = _solved(module, "solve_sparse" if direct else "solve", build)
+    solved, problem, kept = _solved(
+        module, "solve_sparse" if direct else "solve", gt_boxes, gt_counts, canvas, config,
+        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
+        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+    )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     if direct:
         sparse = solved
@@ -176,19 +166,20 @@ def assign_sparse(
     return sparse
 
 
-def _solved(module, function: str, build: Callable[[bool], tuple[Problem, Kept]]) -> tuple[object, Problem, Kept]:
-    """``module.<function>(problem)``, the problem and what was kept, for ``build(check_gt_boxes)``'s
-    problem: built without the gt boxes' check where that function checks them itself, and
-    built again with it when the function asks (``CheckBoxesFirst``: some box may be invalid,
-    so the check raises or drops as ``drop_invalid`` says)."""
-    solve = getattr(module, function)
+def _solved(module, function: str, *args, **kwargs) -> tuple[object, Problem, Kept]:
+    """``module.<function>(problem)``, the problem and what was kept, for the problem
+    ``build_problem(*args, **kwargs)`` makes: built without the gt boxes' check where that
+    function checks them itself, and built again with it when the function asks
+    (``CheckBoxesFirst``: some box may be invalid, so the check raises or drops as
+    ``drop_invalid`` says)."""
+    solve, host_check = getattr(module, function), getattr(module, "boxes_valid", None)
     if function in getattr(module, "CHECKS_GT_BOXES", ()):
-        problem, kept = build(False)
+        problem, kept = build_problem(*args, **kwargs, host_check=host_check, check_gt_boxes=False)
         try:
             return solve(problem), problem, kept
         except CheckBoxesFirst:
             pass
-    problem, kept = build(True)
+    problem, kept = build_problem(*args, **kwargs, host_check=host_check)
     return solve(problem), problem, kept
 
 
