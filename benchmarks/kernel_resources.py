@@ -97,8 +97,10 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
         return "fp32" if arg in FLOATS else "i32"
 
     signature = {arg: kind(arg) for arg in fn.arg_names}
-    # torch allocations are 16-byte aligned: the JIT gives pointers this hint too.
-    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg.endswith("_ptr")}
+    # torch allocations are 16-byte aligned: the JIT gives pointers this hint too, except
+    # those it is told not to specialise on.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+               if arg.endswith("_ptr") and arg not in fn.do_not_specialize_on_alignment}  # fmt: skip
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                               options=options)  # fmt: skip
     return compiled.asm["cubin"]

@@ -141,7 +141,8 @@ def assign_sparse(
     are built first.
     """
     module = _backend_for(backend, gt_boxes)
-    direct = config.match.sample_size == 0 and hasattr(module, "solve_sparse")
+    # (A config that is not a TargetConfig goes to "solve", whose build_problem refuses it.)
+    direct = isinstance(config, TargetConfig) and config.match.sample_size == 0 and hasattr(module, "solve_sparse")
     solved, problem, kept = _solved(
         module, "solve_sparse" if direct else "solve", gt_boxes, gt_counts, canvas, config,
         gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
@@ -171,13 +172,17 @@ def _solved(module, function: str, *args, **kwargs) -> tuple[object, Problem, Ke
     ``build_problem(*args, **kwargs)`` makes: built without the gt boxes' check where that
     function checks them itself, and built again with it when the function asks
     (``CheckBoxesFirst``: some box may be invalid, so the check raises or drops as
-    ``drop_invalid`` says)."""
+    ``drop_invalid`` says) or raises another ``ValueError`` (an invalid box is named
+    before the backend's own refusals, as when the boxes were checked first).
+
+    With ``drop_invalid`` the caller expects invalid boxes: they are checked first, so
+    that a batch with one is not solved twice (the triton backend finds them at the end)."""
     solve, host_check = getattr(module, function), getattr(module, "boxes_valid", None)
-    if function in getattr(module, "CHECKS_GT_BOXES", ()):
+    if function in getattr(module, "CHECKS_GT_BOXES", ()) and not kwargs.get("drop_invalid"):
         problem, kept = build_problem(*args, **kwargs, host_check=host_check, check_gt_boxes=False)
         try:
             return solve(problem), problem, kept
-        except CheckBoxesFirst:
+        except (CheckBoxesFirst, ValueError):
             pass
     problem, kept = build_problem(*args, **kwargs, host_check=host_check)
     return solve(problem), problem, kept

@@ -115,9 +115,13 @@ _OUTPUT_COUNT = tl.constexpr(1)
 _OUTPUT_SPARSE = tl.constexpr(2)
 
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
-# as a constant, which would bring back one compilation per combination.
+# as a constant, which would bring back one compilation per combination. Nor the sizes
+# that change from batch to batch (boxes, images, segments): Triton also specialises an
+# int on divisibility by 16, so a new size class would compile the kernel again in the
+# middle of a service's traffic. (The anchor count, fixed per config and canvas, keeps
+# its specialisation: with it divisible by 16 the finalize's stores are aligned.)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
-_PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div"]
+_PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
 _FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity"]
 
@@ -370,10 +374,10 @@ def _positive_finite(value):
 
 
 # The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
-# with the batch's parity: specialising on it would compile the kernel twice, the second
-# time in the middle of a service's traffic.
+# with the batch's parity: specialising on it would compile the kernel twice (see _RULES).
 @triton.jit(
-    do_not_specialize=["num_shapes", "center_div", "check_boxes"], do_not_specialize_on_alignment=["invalid_ptr"]
+    do_not_specialize=["num_rows", "batch", "num_shapes", "center_div", "image_steps", "check_boxes"],
+    do_not_specialize_on_alignment=["invalid_ptr"],
 )
 def segments_kernel(
     gt_boxes_ptr,
@@ -767,7 +771,7 @@ def pairs_kernel(
             chunk += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments", "num_shapes"])
 def lift_segments_kernel(rect_ptr, box_key_ptr, seg_max_ptr, pairs_ptr, num_segments, num_shapes, min_pos_iou,
                          BLOCK: tl.constexpr):  # fmt: skip
     """Before the lift: keep the pairs of the segments where a qualifying box reaches its
@@ -788,7 +792,7 @@ def lift_segments_kernel(rect_ptr, box_key_ptr, seg_max_ptr, pairs_ptr, num_segm
     tl.store(pairs_ptr + seg, nx.to(tl.int64) * ny, mask=real)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows, num_anchors, min_pos_iou,
                   BLOCK: tl.constexpr):  # fmt: skip
     """ssd_forced: mark each qualifying box's best anchor with the highest such box + 1.
@@ -811,7 +815,9 @@ def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------
 
 
-@triton.jit(do_not_specialize=_FINALIZE_SWITCHES)
+# The classes are read one per positive (a gather: alignment buys nothing), and a
+# request's slice of a merged batch starts anywhere.
+@triton.jit(do_not_specialize=_FINALIZE_SWITCHES, do_not_specialize_on_alignment=["gt_classes_ptr"])
 def finalize_kernel(
     # Pointers: inputs
     gt_boxes_ptr,
@@ -1031,7 +1037,7 @@ def finalize_kernel(
             tl.store(ignored_anchors_ptr + out, anchor, mask=ignored & (out < ignored_capacity))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])
 def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, num_blocks, batch, BLOCK: tl.constexpr):
     """Exclusive scan of one image's per-block counts.
 

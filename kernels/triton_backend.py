@@ -121,6 +121,11 @@ def _cdiv(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
+def _even(count: int) -> int:
+    """``count`` rounded up to even: int64 parts of a buffer that start 16-byte aligned."""
+    return count + count % 2
+
+
 def _next_power_of_2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
@@ -329,15 +334,19 @@ class _Launch:
         ``invalid`` (int64, zeroed): set to 1 if some gt box may be invalid (the check a
         problem built with ``check_gt_boxes=False`` leaves to the backend)."""
         rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
-        zeroed = torch.zeros(rows + num_segments + 1 + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
+        # Each part starts 16-byte aligned whatever the counts, as the kernels are
+        # specialised on their pointers' alignment (one compilation, not one per parity).
+        keys_at = _even(num_segments + 1)
+        seg_max_at = keys_at + _even(rows)
+        zeroed = torch.zeros(seg_max_at + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
         out = {
             "rect": torch.empty(num_segments, 4, dtype=torch.int32, device=self.device),
-            "prefix": zeroed[rows : rows + num_segments + 1],
+            "prefix": zeroed[: num_segments + 1],
             "pairs": torch.empty(num_segments, dtype=torch.int64, device=self.device),
             "row_image": torch.empty(rows, dtype=torch.int32, device=self.device),
             "row_box": torch.empty(rows, dtype=torch.int32, device=self.device),
-            "box_key": zeroed[:rows],
-            "seg_max": zeroed[rows + num_segments + 1 :].view(torch.int32)[:num_segments],
+            "box_key": zeroed[keys_at : keys_at + rows],
+            "seg_max": zeroed[seg_max_at:].view(torch.int32)[:num_segments],
         }
         check = invalid is not None
         if check:

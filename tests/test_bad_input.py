@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tritarget.kernels import assign, presets
+from tritarget.kernels import assign, assign_sparse, presets
 
 CANVAS = (64, 96)
 CONFIG = presets.get("retinanet_torchvision")
@@ -64,6 +64,13 @@ def test_dropped_boxes_leave_the_other_images_and_indices_as_given(mode, backend
     expected[0] = torch.tensor([-1, 0, 2])[clean.matched_gt[0].long() + 1]  # kept box 1 was given as box 2
     assert torch.equal(dropped.matched_gt, expected)
     assert torch.equal(dropped.labels, clean.labels)
+
+
+@pytest.mark.parametrize("function", [assign, assign_sparse])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_config_that_is_not_a_target_config_is_named(function, backend):
+    with pytest.raises(TypeError, match="config: expected TargetConfig, got str"):
+        function(GOOD, [3], CANVAS, "retinanet_torchvision", backend=backend)
 
 
 def test_drop_invalid_can_empty_an_image():

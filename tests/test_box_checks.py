@@ -147,3 +147,17 @@ def test_ignore_boxes_still_go_through_the_cpu_backends_compiled_check(monkeypat
     with pytest.raises(ValueError, match="ignore_boxes: image 0, box 150: degenerate box"):
         bad = torch.cat([ignore[:150], torch.tensor([INVALID_KINDS[3]]), ignore[150:]])
         assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="cpu", ignore_boxes=bad, ignore_counts=[201])
+
+
+@TRITON
+def test_an_invalid_box_is_named_before_the_backends_own_refusal(monkeypatch):
+    """The triton backend refuses CPU tensors when it runs compiled: an invalid box among
+    them is still the error named, as when build_problem checked the boxes first."""
+    from tritarget.kernels import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
+    boxes = torch.cat([GOOD[:1], torch.tensor([INVALID_KINDS[3]])])
+    with pytest.raises(ValueError, match="gt_boxes: image 0, box 1: degenerate box"):
+        assign_sparse(boxes, [2], CANVAS, CONFIG, backend="triton")
+    with pytest.raises(ValueError, match="CUDA"):
+        assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="triton")
