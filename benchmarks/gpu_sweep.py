@@ -8,21 +8,21 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls of
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
-2. Sweep around the defaults (first the defaults themselves, the baseline of the same
-   run): pairs per chunk (``block_p``), persistent pair programs per SM, the pair
-   kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
-   ``kernel_resources.md``), and the scatter without its pre-check loads (atomics sent
-   unread, compiled to fire-and-forget RED) x programs per SM, and anchors per finalize
-   program (``block_a``: 2 or 4 per thread instead of 1), for ``solve`` and
-   ``solve_sparse`` at B = 32 G ~ 7, B = 32 G = 200 and B = 8 G = 1000; labels checked
-   equal to the defaults' in every cell.
-
-3. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
+2. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
    add a copy of the boxes into the graph's input buffers (and bucketed box counts).
+3. Sweep around the defaults (first the defaults themselves, the baseline of the same
+   run), the cells most likely to change a default first: persistent pair programs per
+   SM (8: one wave), the scatter without its pre-check loads (atomics sent unread,
+   compiled to fire-and-forget RED) x programs per SM, anchors per finalize program
+   (``block_a``: 2 or 4 per thread instead of 1), pairs per chunk (``block_p``), the
+   pair kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
+   ``kernel_resources.md``), for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7,
+   B = 32 G = 200 and B = 8 G = 1000; labels checked equal to the defaults' in every cell.
 
-Writes ``sweep.txt`` (human-readable, with the JSON on its last line) under ``--out``.
+Writes ``sweep.txt`` under ``--out`` line by line as it measures (gpu_check.sh's timeout
+may end it), with the JSON on its last line when it finishes.
 """
 
 from __future__ import annotations
@@ -104,12 +104,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    lines: list[str] = [f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Written line by line: gpu_check.sh stops the sweep at its step's timeout, and what
+    # was measured by then must stay.
+    report = open(out / "sweep.txt", "w")  # open for the whole run, closed at its end
     record: dict = {"host": [], "sweep": []}
 
     def say(text: str) -> None:
         print(text, flush=True)
-        lines.append(text)
+        report.write(text + "\n")
+        report.flush()
+
+    say(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
 
     say("== host versus device (solve, COCO-like G ~ 7) ==")
     for batch in (1, 32):
@@ -144,6 +151,20 @@ def main() -> None:
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
                 say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
 
+    say("== CUDA graphs: solve captured once, replayed ==")
+    record["graphs"] = []
+    for batch in (1, 8, 32):
+        problem = problem_for(batch, None)[0]
+        try:
+            row = graph_replay(problem)
+        except Exception as error:  # the experiment's answer, not the sweep's end
+            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
+            continue
+        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
+            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
+            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
+        record["graphs"].append(dict(batch=batch, **row))
+
     say("== sweep: launch parameters around the defaults ==")
     points = [(32, None), (32, 200), (8, 1000)]
     problems = {point: problem_for(*point)[0] for point in points}
@@ -157,11 +178,14 @@ def main() -> None:
     # against 77 at G = 200, with the same mix of chunks (67% inside one rectangle; bench_gpu.py
     # --pairs), so there it is mostly each program's start-up chain of dependent loads, in
     # four waves.
-    cells = [dict()] + [dict(block_p=block_p) for block_p in (128, 512)]
-    cells += [dict(pair_programs=programs) for programs in (8, 16, 64)]
-    cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]
-    cells += [dict(scatter_precheck=False, pair_programs=programs) for programs in (8, 16, 32, 64)]
+    # The cells most likely to change a default first: the step's timeout may end the sweep.
+    cells = [dict(), dict(pair_programs=8), dict(scatter_precheck=False, pair_programs=8)]
+    cells += [dict(scatter_precheck=False, pair_programs=programs) for programs in (16, 32)]
     cells += [dict(block_a=block_a) for block_a in (256, 512)]
+    cells += [dict(pair_programs=programs) for programs in (16, 64)]
+    cells += [dict(block_p=block_p) for block_p in (128, 512)]
+    cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]
+    cells += [dict(scatter_precheck=False, pair_programs=64)]
     for cell in cells:
         triton_backend._COMPILED = dataclasses.replace(default, **cell)
         triton_backend._pair_programs.cache_clear()
@@ -182,23 +206,8 @@ def main() -> None:
     triton_backend._COMPILED = default
     triton_backend._pair_programs.cache_clear()
 
-    say("== CUDA graphs: solve captured once, replayed ==")
-    record["graphs"] = []
-    for batch in (1, 8, 32):
-        problem = problem_for(batch, None)[0]
-        try:
-            row = graph_replay(problem)
-        except Exception as error:  # the experiment's answer, not the sweep's end
-            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
-            continue
-        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
-            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
-            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
-        record["graphs"].append(dict(batch=batch, **row))
-    lines.append(json.dumps(record))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.txt").write_text("\n".join(lines) + "\n")
+    say(json.dumps(record))
+    report.close()
 
 
 if __name__ == "__main__":
