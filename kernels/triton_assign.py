@@ -120,14 +120,15 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 
 # Runtime switches must not be specialised: Triton compiles an int argument equal to 1
 # as a constant, which would bring back one compilation per combination. Nor the sizes
-# that change from batch to batch (boxes, images, segments): Triton also specialises an
-# int on divisibility by 16, so a new size class would compile the kernel again in the
-# middle of a service's traffic. (The anchor count, fixed per config and canvas, keeps
-# its specialisation: with it divisible by 16 the finalize's stores are aligned.)
+# that change from request to request (boxes, images, segments, and anchors with the
+# canvas): Triton also specialises an int on divisibility by 16, so a new size class
+# would compile the kernel again in the middle of a service's traffic. (Each thread
+# handles one anchor of a block, so no vector access relied on the anchor count's
+# divisibility; the deltas' 16-byte rows are aligned whatever it is.)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
-_PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments"]
+_PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments", "num_anchors"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
-_FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity"]
+_FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity", "num_anchors"]
 
 # Per-level table layout (see triton_backend._level_tables): int64 columns
 # (first anchor, height, width, shapes per cell, first row in the cell table, 1 if the
@@ -380,7 +381,7 @@ def _positive_finite(value):
 # The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
 # with the batch's parity: specialising on it would compile the kernel twice (see _RULES).
 @triton.jit(
-    do_not_specialize=["num_rows", "batch", "num_shapes", "center_div", "image_steps", "check_boxes"],
+    do_not_specialize=["num_rows", "batch", "num_anchors", "num_shapes", "center_div", "image_steps", "check_boxes"],
     do_not_specialize_on_alignment=["invalid_ptr"],
 )
 def segments_kernel(
@@ -796,7 +797,7 @@ def lift_segments_kernel(rect_ptr, box_key_ptr, seg_max_ptr, pairs_ptr, num_segm
     tl.store(pairs_ptr + seg, nx.to(tl.int64) * ny, mask=real)
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit(do_not_specialize=["num_rows", "num_anchors"])
 def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows, num_anchors, min_pos_iou,
                   BLOCK: tl.constexpr):  # fmt: skip
     """ssd_forced: mark each qualifying box's best anchor with the highest such box + 1.
@@ -1041,7 +1042,7 @@ def finalize_kernel(
             tl.store(ignored_anchors_ptr + out, anchor, mask=ignored & (out < ignored_capacity))
 
 
-@triton.jit(do_not_specialize=["batch"])
+@triton.jit(do_not_specialize=["num_blocks", "batch"])
 def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, num_blocks, batch, BLOCK: tl.constexpr):
     """Exclusive scan of one image's per-block counts.
 

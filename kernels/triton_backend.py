@@ -121,6 +121,13 @@ def _cdiv(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
+# Shape rows per segments_kernel tile at least: one compilation for every preset (SSD's
+# 4-6 shapes per cell over 6 levels, RetinaNet's 45 rows, YOLO's 9), where a tile sized to
+# each config compiled the kernel again for each family, in the middle of a service's
+# traffic. Masked lanes cost nothing that matters: the kernel takes ~4 us a batch.
+_SHAPE_TILE = 64
+
+
 def _even(count: int) -> int:
     """``count`` rounded up to even: int64 parts of a buffer that start 16-byte aligned."""
     return count + count % 2
@@ -358,7 +365,7 @@ class _Launch:
             out["row_image"], out["row_box"], canvas, invalid, rows, self.batch, self.num_anchors, self.num_shapes,
             self.center_div, self.search_steps, max(self.batch - 1, 1).bit_length() + 1,
             int(check), GENERATE=self.generate, ROWS=self.meta.segment_rows,
-            SHAPES=_next_power_of_2(self.num_shapes), **_launch_kwargs(),
+            SHAPES=max(_SHAPE_TILE, _next_power_of_2(self.num_shapes)), **_launch_kwargs(),
         )  # fmt: skip
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out

@@ -288,10 +288,15 @@ class Batcher:
         return await future
 
     async def warm_up(self, job: AssignJob) -> None:
-        """Run ``job`` alone, now, on a compute worker, dense and sparse: loads, compiles
-        and caches what either kind of request needs (the sparse path has kernels of its own)."""
-        for sparse in (False, True):
-            await self.run(self._assign, [replace(job, sparse=sparse)])
+        """Run ``job`` alone, now, on a compute worker, dense and sparse, and again with the
+        other kind of low-quality stage (the lift of torchvision's, detectron2's and mmdet's
+        rules, or ssd_forced's marking): loads, compiles and caches every kernel a request
+        can need (the sparse path has kernels of its own), so that none compiles while
+        requests wait (kernels compile once whatever the batch: ``triton_assign``)."""
+        other = "torchvision" if job.config.match.low_quality == "ssd_forced" else "ssd_forced"
+        for config in (job.config, job.config.replace(**{"match.low_quality": other})):
+            for sparse in (False, True):
+                await self.run(self._assign, [replace(job, config=config, sparse=sparse)])
 
     async def submit(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None) -> Any:
         """The job's own targets (``SparseTargets`` when its batch ran sparse), or

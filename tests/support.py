@@ -1,6 +1,12 @@
-"""Shared test helpers: random ragged batches and a comparison that shows mismatches."""
+"""Shared test helpers: random ragged batches, a comparison that shows mismatches, and
+the compile keys of the triton backend's launches."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -70,3 +76,82 @@ def on_device(function, boxes, counts, canvas, config, *, backend: str, **kwargs
     device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
     moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     return function(boxes.to(device), counts, canvas, config, backend=backend, **moved).to("cpu")
+
+
+# The triton backend's kernels, by the names it launches them under.
+TRITON_KERNELS = ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "finalize_kernel",
+                  "scan_kernel")  # fmt: skip
+
+
+def record_launches(monkeypatch) -> list:
+    """Record every launch of the triton backend's kernels from now on (the test's end
+    restores them): [kernel name, arguments (tensors as {"tensor": [dtype, 16-byte
+    aligned]}), constexpr keyword arguments] per launch, for ``compile_keys``."""
+    from tritarget.kernels import triton_backend
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def record(*args, **kwargs):
+                described = [
+                    {"tensor": [str(a.dtype).removeprefix("torch."), a.data_ptr() % 16 == 0]}
+                    if isinstance(a, torch.Tensor) else a
+                    for a in args
+                ]  # fmt: skip
+                launches.append([self.name, described, {k: v for k, v in kwargs.items() if k.isupper()}])
+                return launch(*args, **kwargs)
+
+            return record
+
+    for name in TRITON_KERNELS:
+        monkeypatch.setattr(triton_backend, name, Recorder(name, getattr(triton_backend, name)))
+    return launches
+
+
+# Run without the interpreter, where triton compiles: Triton's own argument binder for
+# sm_90 (no GPU needed) turns each recorded launch into the key of its compiled variant.
+_COMPILE_KEYS = r"""
+import collections, json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from tritarget.kernels import triton_assign
+
+class Tensor:
+    def __init__(self, dtype, aligned):
+        self.dtype, self.address = getattr(torch, dtype), 16 if aligned else 8
+    def data_ptr(self):
+        return self.address
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+keys = collections.defaultdict(set)
+for name, args, constexprs in json.load(sys.stdin):
+    kernel = getattr(triton_assign, name)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args = [Tensor(*a["tensor"]) if isinstance(a, dict) else a for a in args]
+    _, specialization, _ = binder(*args, **constexprs)
+    keys[name].add(json.dumps([sorted(constexprs.items()), str(specialization)]))
+print(json.dumps({name: sorted(found) for name, found in keys.items()}))
+"""
+
+
+def compile_keys(launches: list) -> dict[str, set[str]]:
+    """Each kernel's compile keys over ``launches`` (``record_launches``): its constexprs
+    and Triton's specialisation of its arguments, as the compiled JIT would key them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_KEYS], input=json.dumps(launches), env=env,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {name: set(keys) for name, keys in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+
+
+def modes(keys: set[str]) -> set[str]:
+    """The constexpr sets (modes: stage, output, block sizes) among a kernel's compile keys."""
+    return {json.dumps(json.loads(key)[0]) for key in keys}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_service_harness import sparse_view
 
-from support import assert_targets_equal, random_batch
+from support import assert_targets_equal, compile_keys, random_batch, record_launches
 from tritarget.kernels import Targets, assign, presets
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
 from tritarget.service.errors import InvalidInput
@@ -162,3 +162,43 @@ def test_slices_that_came_back_dense_and_sparse_are_put_back_together(generator)
     assert_targets_equal(got, sparse_view(expected), rtol=0, atol=0)
     assert_targets_equal(Targets.from_sparse(_concat([p.to_sparse() for p in (first, second, third)])),
                          sparse_view(expected), rtol=0, atol=0)  # fmt: skip
+
+
+def test_after_the_warm_up_no_request_compiles_a_kernel(generator, monkeypatch):
+    """The warm-up runs every kernel variant a request can need: requests of every preset
+    family (lift, ssd_forced's marking, sampling, shape-major anchors), dense and sparse,
+    at other batch sizes and canvases, launch only kernels with the compile keys the
+    warm-up's launches had (as Triton's binder keys them: tests/test_triton_backend.py)."""
+    pytest.importorskip("triton")
+    from tritarget.kernels import triton_backend
+
+    if not (torch.cuda.is_available() or triton_backend.interpreting()):
+        pytest.skip("the triton backend needs a CUDA GPU or its interpreter")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launches = record_launches(monkeypatch)
+    requests = [("ssd300_torchvision", (96, 128), [3, 1]), ("retinanet_mmdet", (128, 192), [0, 5, 16]),
+                ("yolov5", (96, 136), [1]), ("fasterrcnn_rpn_torchvision", (64, 96), [2, 2])]  # fmt: skip
+
+    async def run() -> int:
+        batcher = Batcher("triton", BatchOptions(max_batch_images=16), device=device)
+        batcher.start()
+        try:
+            boxes, counts = random_batch(generator, [2], (64, 64))
+            await batcher.warm_up(AssignJob(presets.get(PRESET), (64, 64), boxes, counts))
+            warmed = len(launches)
+            for preset, canvas, counts in requests:
+                boxes, counts = random_batch(generator, counts, canvas)
+                classes = torch.arange(boxes.shape[0], dtype=torch.int32)
+                for sparse in (False, True):
+                    job = AssignJob(presets.get(preset), canvas, boxes, counts, gt_classes=classes, sparse=sparse)
+                    await batcher.submit(job)
+        finally:
+            await batcher.close()
+        return warmed
+
+    warmed = asyncio.run(run())
+    warm_keys, request_keys = compile_keys(launches[:warmed]), compile_keys(launches[warmed:])
+    assert "forced_kernel" in request_keys and "lift_segments_kernel" in request_keys
+    for name, keys in request_keys.items():
+        new = keys - warm_keys.get(name, set())
+        assert not new, f"{name}: requests compiled {len(new)} more variants: {sorted(new)}"

@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import assert_targets_equal, random_batch, random_boxes, with_ties
+from support import assert_targets_equal, compile_keys, modes, random_batch, random_boxes, record_launches, with_ties
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
 from tritarget.kernels.boxes import box_iou
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, MatchConfig
@@ -525,91 +525,29 @@ print(json.dumps(ptx))
 """
 
 
-# Compile keys of captured launches, computed by Triton's own argument binder for sm_90
-# (no GPU needed): stdin holds [kernel name, arguments, keyword arguments] per launch,
-# tensors as [dtype, 16-byte aligned]; prints each kernel's keys and constexpr sets.
-_COMPILE_KEYS = r"""
-import collections, json, sys
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
-from tritarget.kernels import triton_assign
-
-class Tensor:
-    def __init__(self, dtype, aligned):
-        self.dtype, self.address = getattr(torch, dtype), 16 if aligned else 8
-    def data_ptr(self):
-        return self.address
-
-backend = make_backend(GPUTarget("cuda", 90, 32))
-keys = collections.defaultdict(set)
-modes = collections.defaultdict(set)
-for name, args, kwargs in json.load(sys.stdin):
-    kernel = getattr(triton_assign, name)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    args = [Tensor(*a["tensor"]) if isinstance(a, dict) else a for a in args]
-    _, specialization, _ = binder(*args, **kwargs)
-    constexprs = tuple(sorted(kwargs.items()))
-    keys[name].add((constexprs, str(specialization)))
-    modes[name].add(constexprs)
-print(json.dumps({name: [len(keys[name]), len(modes[name])] for name in keys}))
-"""
-
-
 def test_one_compilation_per_kernel_and_mode_whatever_the_batch(monkeypatch):
     """Triton compiles a kernel again for each new specialisation of its arguments: an int
     equal to 1 or divisible by 16, a pointer 16-byte aligned or not. Batches of 1-16 images,
-    box counts of both parities and multiples of 16, and a request's slice of a merged
-    batch (classes starting anywhere) must all share one compilation per kernel and mode
-    (stage, output), or a service would compile in the middle of its traffic."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+    box counts of both parities and multiples of 16, canvases with anchor counts divisible
+    by 16 or not, and a request's slice of a merged batch (classes starting anywhere) must
+    all share one compilation per kernel and mode (stage, output), or a service would
+    compile in the middle of its traffic."""
     from tritarget.kernels import assign_sparse
 
-    launches = []
-
-    class Recorder:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def record(*args, **kwargs):
-                described = [
-                    {"tensor": [str(a.dtype).removeprefix("torch."), a.data_ptr() % 16 == 0]}
-                    if isinstance(a, torch.Tensor) else a
-                    for a in args
-                ]  # fmt: skip
-                constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
-                launches.append([self.name, described, constexprs])
-                return launch(*args, **kwargs)
-
-            return record
-
-    names = ["segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"]
-    for name in names:
-        monkeypatch.setattr(triton_backend, name, Recorder(name, getattr(triton_backend, name)))
-    config, canvas = _dense_config("retinanet_torchvision"), (128, 160)
-    for batch, per_image in ((1, None), (2, 16), (3, 5), (16, 1)):
+    launches = record_launches(monkeypatch)
+    config = _dense_config("retinanet_torchvision")
+    # Anchor counts 4,608 (divisible by 16), 3,852, 2,529 and 1,161.
+    for batch, per_image, canvas in ((1, None, (128, 192)), (2, 16, (128, 160)), (3, 5, (96, 136)), (16, 1, (64, 96))):
         boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=per_image)
         boxes, classes = boxes.to(DEVICE), classes.to(DEVICE)
         assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
         assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
         shifted = torch.cat([classes[:1], classes])[1:]  # int32 elements: 4 bytes past an aligned start
         assign_sparse(boxes, counts, canvas, config, gt_classes=shifted, backend="triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_KEYS], input=json.dumps(launches), env=env,
-                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(counts) == set(names)
-    for name, (keys, modes) in counts.items():
-        assert keys == modes, f"{name}: {keys} compilations for {modes} modes"
+    keys = compile_keys(launches)
+    assert set(keys) == {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}
+    for name, found in keys.items():
+        assert len(found) == len(modes(found)), f"{name}: {len(found)} compilations for {len(modes(found))} modes"
 
 
 def test_kernels_compile_for_hopper_with_exact_arithmetic():
