@@ -50,10 +50,12 @@ Compile once: the matching rules and optional outputs are runtime scalars, not
 ``tl.constexpr``, since every constexpr combination is a separate compilation and a
 rule's branch is uniform within a program. Only the anchor source (generated or
 explicit), the stage and the block sizes are compile-time. Nor do the sizes that change
-from batch to batch, or pointers into a buffer at a count-dependent offset, take part in
-Triton's specialisation (an int equal to 1 or divisible by 16, a pointer 16-byte
-aligned): one compilation per kernel and mode whatever the batch, none in the middle of
-a service's traffic (``tests/test_triton_backend.py`` checks it with Triton's binder).
+from request to request (boxes, images, segments, anchors), or pointers into a buffer at
+a count-dependent offset, take part in Triton's specialisation (an int equal to 1 or
+divisible by 16, a pointer 16-byte aligned): one compilation per kernel and mode
+whatever the batch, preset or canvas, none in the middle of a service's traffic
+(``tests/test_triton_backend.py`` and ``tests/test_service_batcher.py`` check it with
+Triton's binder).
 
 Exactness: IoU, IoF and the anchor formula are evaluated in float32 in the reference's
 operation order, with IEEE division (``tl.div_rn``) and launched with
