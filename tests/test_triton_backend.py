@@ -189,10 +189,12 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     assert not ((ours.labels[0] == 1) & (ours.matched_gt[0] == 0)).any()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])
 def _segment_searches(prefix_ptr, first_ptr, last_ptr, at_ptr, found_ptr, num_segments, BLOCK: tl.constexpr):
     """Program i: the segment holding pair first[i] (``_segment_at``), then from it the
-    last segment starting at or before pair last[i] (``_last_segment``)."""
+    last segment starting at or before pair last[i] (``_last_segment``). ``num_segments``
+    is a runtime value, as in ``pairs_kernel``: specialised to the constant 1, the kernel
+    crashes Triton 3.6's coalesce pass (an assertion in LLVM; 3.9 compiles it)."""
     i = tl.program_id(0)
     seg = triton_assign._segment_at(prefix_ptr, tl.load(first_ptr + i), num_segments, BLOCK)
     tl.store(at_ptr + i, seg)
