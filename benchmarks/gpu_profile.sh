@@ -7,12 +7,14 @@
 # Profiles the pair and finalize kernels of gpu_profile.py's two B = 32 batches (G ~ 7 and
 # G = 200) with the sections that say what bounds them: throughput against the hardware's
 # peaks (SpeedOfLight), occupancy and its limiters, where warps stall (WarpStateStats,
-# SchedulerStats), memory and atomics traffic (MemoryWorkloadAnalysis), instructions
-# executed (InstructionStats: per anchor or pair, against the SASS counts of
-# kernel_resources.md, which count code, not its execution). The clocks are left
+# SchedulerStats), memory and atomics traffic with L1 and L2 requests per kind of access
+# (MemoryWorkloadAnalysis and its _Tables), instructions executed (InstructionStats: per
+# anchor or pair, against the SASS counts of kernel_resources.md, which count code, not
+# its execution) and the source lines they come from (SourceCounters). The clocks are left
 # alone (--clock-control none, the device README's advice). ncu reads no counters on some
-# machines' runtimes (gVisor); the error is then the result. Writes profile.txt (the
-# sections as text) and pairs.ncu-rep under $OUT (default benchmarks/results/gpu_profile).
+# machines' runtimes (gVisor); the error is then the result. Writes profile.txt (ncu's
+# log), profile_details.txt (the sections as text) and pairs.ncu-rep under $OUT (default
+# benchmarks/results/gpu_profile).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,6 +36,10 @@ cd "$REPO"
 timeout -s INT -k 10 150 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
     --kernel-name regex:"pairs_kernel|finalize_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section InstructionStats --section SourceCounters \
     --export "$OUT/pairs" --force-overwrite python3 benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.txt"
-exit "${PIPESTATUS[0]}"
+status="${PIPESTATUS[0]}"
+# An exported report prints no sections: read them back as text (the report needs ncu to open).
+"$NCU" --import "$OUT/pairs.ncu-rep" --page details >"$OUT/profile_details.txt" 2>&1
+exit "$status"
