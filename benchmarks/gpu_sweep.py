@@ -8,11 +8,13 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls of
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
-2. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
+2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
+   ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
+3. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
    add a copy of the boxes into the graph's input buffers (and bucketed box counts).
-3. Sweep around the defaults (first the defaults themselves, the baseline of the same
+4. Sweep around the defaults (first the defaults themselves, the baseline of the same
    run), the cells most likely to change a default first: persistent pair programs per
    SM (8: one wave), the scatter without its pre-check loads (atomics sent unread,
    compiled to fire-and-forget RED) x programs per SM, anchors per finalize program
@@ -67,6 +69,13 @@ def host_us(fn, calls: int = 100) -> float:
     host = (time.perf_counter() - start) / calls * 1e6
     torch.cuda.synchronize()
     return host
+
+
+def set_direct_launches(direct: bool) -> None:
+    """The backend's kernels launched through their compiled variants, or the JIT."""
+    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "finalize_kernel",
+                 "scan_kernel"):  # fmt: skip
+        getattr(triton_backend, name).direct = direct
 
 
 def graph_replay(problem) -> dict:
@@ -150,6 +159,21 @@ def main() -> None:
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
                 say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
+
+    say("== launches: compiled variants directly (triton_launch) against the JIT's launch ==")
+    record["launches"] = []
+    for batch in (1, 32):
+        problem = problem_for(batch, None)[0]
+        row = {"batch": batch}
+        for direct in (False, True):
+            set_direct_launches(direct)
+            labels = triton_backend.solve(problem).labels
+            row[direct] = (host_us(lambda p=problem: triton_backend.solve(p)),
+                           host_us(lambda p=problem: triton_backend.solve_sparse(p)), labels)  # fmt: skip
+        same = torch.equal(row[True][2], row[False][2])
+        say(f"B={batch}: host us per call, JIT -> direct: solve {row[False][0]:.0f} -> {row[True][0]:.0f}, "
+            f"solve_sparse {row[False][1]:.0f} -> {row[True][1]:.0f}{'' if same else '  LABELS DIFFER'}")  # fmt: skip
+        record["launches"].append(dict(batch=batch, jit_us=row[False][:2], direct_us=row[True][:2], same=same))
 
     say("== CUDA graphs: solve captured once, replayed ==")
     record["graphs"] = []

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_assign
 from .anchors import AnchorGrid
 from .problem import CheckBoxesFirst, Problem, canvas_limits
 from .streams import stream_key
@@ -48,13 +49,8 @@ from .triton_assign import (
     SHAPE_INT_FIELDS,
     STAGE_LIFT,
     STAGE_SCATTER,
-    finalize_kernel,
-    forced_kernel,
-    lift_segments_kernel,
-    pairs_kernel,
-    scan_kernel,
-    segments_kernel,
 )
+from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
@@ -108,6 +104,15 @@ _INT32 = (-(2**31), 2**31 - 1)
 # Triton reads TRITON_INTERPRET once, when ``triton_assign`` defines the kernels (this
 # module's import): read here at the same time, not on each of a call's seven lookups.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# The kernels, launched through their compiled variants once known (``triton_launch``).
+segments_kernel = Launcher(triton_assign.segments_kernel, not _INTERPRETING)
+pairs_kernel = Launcher(triton_assign.pairs_kernel, not _INTERPRETING)
+lift_segments_kernel = Launcher(triton_assign.lift_segments_kernel, not _INTERPRETING)
+forced_kernel = Launcher(triton_assign.forced_kernel, not _INTERPRETING)
+finalize_kernel = Launcher(triton_assign.finalize_kernel, not _INTERPRETING)
+scan_kernel = Launcher(triton_assign.scan_kernel, not _INTERPRETING)
 
 
 def interpreting() -> bool:
