@@ -24,7 +24,7 @@ from tritarget.kernels.workload import coco_like_batch
 
 pytest.importorskip("triton")
 from tritarget.kernels import triton_backend  # noqa: E402
-from tritarget.kernels.triton_launch import Launcher, launch_kind  # noqa: E402
+from tritarget.kernels.triton_launch import Launcher, Param, launch_kind  # noqa: E402
 
 # Without the interpreter, where Triton compiles: per kernel, how many compile keys
 # each launch kind of ours spans over the launches and their one-argument changes.
@@ -100,22 +100,25 @@ def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
 def test_launch_kind_keeps_what_triton_specialises_on():
     """The traits by hand: alignment and dtype of tensors, an int's being 1, its
     divisibility by 16 and its width, bools apart from ints, constexpr values, options;
-    and two ints of the same traits (or two tensors at other aligned addresses) share a
-    kind, so a new batch size reuses the variant."""
+    two ints of the same traits (or two tensors at other aligned addresses) share a kind,
+    so a new batch size reuses the variant; and what Triton is told not to specialise (an
+    int's value, a pointer's alignment) is left out, but not an int's width."""
     aligned = torch.empty(64, dtype=torch.float32)
-    plain = (False, False)
 
-    def kind(*arguments, constexpr=None, **options):
-        return launch_kind(list(arguments), constexpr or (False,) * len(arguments), options)
+    def kind(*arguments, params=None, **options):
+        return launch_kind(list(arguments), params or (Param(),) * len(arguments), options)
 
     assert kind(aligned, 17) == kind(aligned[4:], 33)  # +16 bytes: still aligned; both odd
     assert kind(aligned, 17) != kind(aligned[2:], 17)  # +8 bytes
     assert kind(aligned, 17) != kind(aligned.view(torch.int32), 17)
-    for a, b in ((17, 1), (17, 32), (17, 2**40), (2**40, 2**64 - 1), (True, 1), (False, 0), (0.5, 1)):
+    for a, b in ((17, 1), (17, 32), (17, 2**40), (2**40, 2**64 - 1), (True, 1), (False, 0), (0.5, 1), (None, 0)):
         assert kind(a) != kind(b), (a, b)
-    assert kind(256, constexpr=(True,)) != kind(512, constexpr=(True,))
+    assert kind(256, params=(Param(constexpr=True),)) != kind(512, params=(Param(constexpr=True),))
     assert kind(17, num_warps=4) != kind(17, num_warps=8)
-    assert launch_kind([17, 33], plain, {}) == launch_kind([19, 35], plain, {})
+    assert kind(17, 33) == kind(19, 35)
+    loose = (Param(align=False), Param(specialize=False))
+    assert kind(aligned, 17, params=loose) == kind(aligned[2:], 1, params=loose) == kind(aligned, 32, params=loose)
+    assert kind(aligned, 17, params=loose) != kind(aligned, 2**40, params=loose)
 
 
 def test_the_backend_launches_through_its_launchers():
