@@ -72,6 +72,7 @@ PROFILED_CALLS = 5
 PAIRS_SEED = 1  # two COCO-like images with 8 and 6 boxes
 PAIRS_ANCHOR_CHUNK = 32768  # IoU rows of this many anchors at a time: bounded memory at G = 200
 WALK_BATCH = 32  # the batch of the GPU goals, whose pair walk --pairs describes
+GATHER_TILES = (32, 128)  # anchors per tile of the gather --pairs weighs against the walk
 H200_SMS = 132
 
 
@@ -516,6 +517,34 @@ def nonzero_pairs(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor)
     return total
 
 
+def gather_pairs(problem, tile: int) -> dict[str, int]:
+    """The pairs a gather by anchor tile would evaluate instead of the pair walk (each
+    tile of anchors takes every box that overlaps one of its anchors and evaluates all
+    of its anchors against it, reducing in registers: no atomic per pair): over tiles of
+    ``tile`` consecutive anchors of an image, and over runs of ``tile`` cells of one
+    shape along a row (per-shape planes), from the same rectangles as the walk."""
+    launch = triton_backend._Launch(problem)
+    with triton_backend._on(launch.device):
+        rect = launch.segments()["rect"].long()
+    shapes = launch.shape_int.long()
+    segment = torch.arange(rect.shape[0])
+    row, shape = segment // launch.num_shapes, segment % launch.num_shapes
+    cells = rect[:, 1] * rect[:, 3]
+    # Every pair of every rectangle: its segment, then its cell (x, y) in the rectangle.
+    owner = torch.repeat_interleave(segment, cells)
+    local = torch.arange(owner.numel()) - torch.repeat_interleave(torch.cumsum(cells, 0) - cells, cells)
+    x = rect[owner, 0] + local % rect[owner, 1]
+    y = rect[owner, 2] + local // rect[owner, 1]
+    base, step_x, step_y, width = (shapes[shape[owner], column] for column in range(4))
+    anchor_tile = (base + x * step_x + y * step_y) // tile
+    run = ((shape[owner] * COCO_CANVAS[0] + y) * (COCO_CANVAS[1] // tile + 1)) + x // tile
+    counts = {}
+    for name, key in (("anchor_tiles", anchor_tile), ("shape_runs", run)):
+        per_box = torch.unique(row[owner] * (int(key.max()) + 1) + key).numel()
+        counts[name] = per_box * tile
+    return counts
+
+
 def pairs(out: Path) -> None:
     config = presets.get(PRESET)
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
@@ -528,10 +557,15 @@ def pairs(out: Path) -> None:
         point = {"workload": COCO_LABEL if fixed is None else f"G={fixed}", "counts": counts,
                  "anchors": anchors.shape[0], "nonzero": nonzero, **candidates,
                  "ratio": candidates["evaluated"] / nonzero}  # fmt: skip
+        point["gather"] = {tile: gather_pairs(problem, tile) for tile in GATHER_TILES}
         points.append(point)
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
               f"pairs, IoU > 0 {nonzero:,}, ratio {point['ratio']:.2f} {extra or ''}")  # fmt: skip
+        for tile, gathered in point["gather"].items():
+            print(f"{'':>11} a gather by {tile} consecutive anchors would evaluate {gathered['anchor_tiles']:,} "
+                  f"(ratio {gathered['anchor_tiles'] / nonzero:.2f}), by runs of {tile} cells of one shape "
+                  f"{gathered['shape_runs']:,} ({gathered['shape_runs'] / nonzero:.2f})")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(
