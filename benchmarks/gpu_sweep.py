@@ -10,11 +10,14 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
-3. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
+3. The pair walk against the gather by anchor block (``_Meta.matching``): ``solve`` and
+   ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, labels
+   checked equal.
+4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
    add a copy of the boxes into the graph's input buffers (and bucketed box counts).
-4. Sweep around the defaults (first the defaults themselves, the baseline of the same
+5. Sweep around the defaults (first the defaults themselves, the baseline of the same
    run), the cells most likely to change a default first: persistent pair programs per
    SM (8: one wave), the scatter without its pre-check loads (atomics sent unread,
    compiled to fire-and-forget RED) x programs per SM, anchors per finalize program
@@ -73,8 +76,8 @@ def host_us(fn, calls: int = 100) -> float:
 
 def set_direct_launches(direct: bool) -> None:
     """The backend's kernels launched through their compiled variants, or the JIT."""
-    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "finalize_kernel",
-                 "scan_kernel"):  # fmt: skip
+    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
+                 "finalize_kernel", "scan_kernel"):  # fmt: skip
         getattr(triton_backend, name).direct = direct
 
 
@@ -175,6 +178,25 @@ def main() -> None:
             f"solve_sparse {row[False][1]:.0f} -> {row[True][1]:.0f}{'' if same else '  LABELS DIFFER'}")  # fmt: skip
         record["launches"].append(dict(batch=batch, jit_us=row[False][:2], direct_us=row[True][:2], same=same))
 
+    say("== matching: the pair walk against the gather by anchor block (gather_kernel) ==")
+    record["matching"] = []
+    default = triton_backend._COMPILED
+    for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
+        problem = problem_for(*point)[0]
+        row = {"batch": point[0], "boxes": point[1]}
+        for matching in ("walk", "gather"):
+            triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
+            row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
+                             bench(lambda p=problem: triton_backend.solve_sparse(p)),
+                             triton_backend.solve(problem).labels)  # fmt: skip
+        triton_backend._COMPILED = default
+        same = torch.equal(row["walk"][2], row["gather"][2])
+        say(f"B={point[0]} G={point[1] or '~7'}: solve walk {row['walk'][0]:.3f} / gather {row['gather'][0]:.3f} ms, "
+            f"solve_sparse walk {row['walk'][1]:.3f} / gather {row['gather'][1]:.3f} ms"
+            f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
+        record["matching"].append(dict(batch=point[0], boxes=point[1], walk_ms=row["walk"][:2],
+                                       gather_ms=row["gather"][:2], same=same))  # fmt: skip
+
     say("== CUDA graphs: solve captured once, replayed ==")
     record["graphs"] = []
     for batch in (1, 8, 32):
@@ -192,7 +214,6 @@ def main() -> None:
     say("== sweep: launch parameters around the defaults ==")
     points = [(32, None), (32, 200), (8, 1000)]
     problems = {point: problem_for(*point)[0] for point in points}
-    default = triton_backend._COMPILED
     expected = {point: triton_backend.solve(p).labels.clone() for point, p in problems.items()}
     # Around the defaults (256 pairs, 32 programs per SM, 64 registers: run6's sweep):
     # chunk size, programs per SM, the cap, and the scatter's atomics without their

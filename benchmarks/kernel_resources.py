@@ -70,6 +70,8 @@ def kernels() -> list[tuple[str, object, dict]]:
         ),  # fmt: skip
         ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
         ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
+        ("gather: scatter", k.gather_kernel, dict(finalize, STAGE=k.STAGE_SCATTER)),
+        ("gather: lift", k.gather_kernel, dict(finalize, STAGE=k.STAGE_LIFT)),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),

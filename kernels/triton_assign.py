@@ -39,6 +39,16 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    output rows, writes the sparse lists straight away (``OUTPUT_SPARSE``): dense targets
    never exist on the sparse path.
 
+Stages 2-3 may instead run as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
+the walk above stays the default until a GPU run measures both): a program per
+finalize block of anchors visits its image's boxes, skips each box that misses the
+block's bounding box, keeps every anchor's key as a running maximum in registers (no
+atomic per pair), writes every anchor's whole record (the work memory needs no zeroing),
+and for the low-quality modes folds each box's key once per (block, box); its lift marks
+the anchors that reach a qualifying box's maximum the same way. ``bench_gpu.py --pairs``
+counts the pairs it evaluates (1.83x the overlapping ones at G = 200 for 128-anchor
+blocks, before the bounding-box test's slack).
+
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
 which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
 is written by the program that reads its key, after a barrier), so it allocates
@@ -94,6 +104,7 @@ __all__ = [
     "pairs_kernel",
     "lift_segments_kernel",
     "forced_kernel",
+    "gather_kernel",
     "finalize_kernel",
     "scan_kernel",
 ]
@@ -129,6 +140,7 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 # divisibility; the deltas' 16-byte rows are aligned whatever it is.)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
 _PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments", "num_anchors"]
+_GATHER_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "num_anchors"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
 _FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity", "num_anchors"]
 
@@ -817,6 +829,114 @@ def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows
     anchor = (key & _INDEX_MASK) ^ _INDEX_MASK
     slot = (image * num_anchors + anchor) * 4 + 2
     tl.atomic_max(work_ptr.to(tl.pointer_type(tl.int32)) + slot, (box + 1).to(tl.int32), mask=qualifies, sem="relaxed")
+
+
+# --- 2-3, gathered: per block of anchors, its image's boxes ---------------------------------
+
+
+@triton.jit(do_not_specialize=_GATHER_SWITCHES)
+def gather_kernel(
+    # Pointers
+    gt_boxes_ptr,
+    gt_offsets_ptr,
+    anchors_ptr,
+    level_int_ptr,
+    level_float_ptr,
+    cells_ptr,
+    ignore_ptr,
+    ignore_offsets_ptr,
+    border_ptr,
+    pad_ptr,
+    work_ptr,
+    box_key_ptr,
+    # Sizes
+    num_anchors,
+    num_levels,
+    num_shapes,
+    # Scalars and rule switches
+    shape_major,
+    ignore_iof_thr,
+    min_pos_iou,
+    use_ignore,
+    ignore_wrt_anchor,
+    border_rule,
+    pad_rule,
+    low_quality,
+    # Meta-parameters
+    STAGE: tl.constexpr,
+    GENERATE: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Stages 2-3 as a gather (``_Meta.matching == "gather"``): a program per block of
+    BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
+    once and visits its image's boxes, skipping each whose box misses the block's
+    bounding box (a positive intersection with one anchor implies one with their union);
+    no atomic per pair.
+
+    SCATTER: each anchor's key (the walk's ``atomic_max`` result, as a running maximum
+    in registers) and a zero mark, the whole record written (no zeroed work memory
+    needed); for the low-quality modes, each box's key over the block's included anchors,
+    one ``atomic_max`` per (block, box). LIFT: each anchor's mark, the highest box + 1
+    whose qualifying best IoU it reaches (included anchors only), over SCATTER's box keys.
+    work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed
+    before SCATTER). Grid: (cdiv(num_anchors, BLOCK_A), B).
+    """
+    block = tl.program_id(0)
+    image = tl.program_id(1).to(tl.int64)
+    first = block * BLOCK_A
+    last = tl.minimum(first + BLOCK_A, num_anchors)
+    anchor = first + tl.arange(0, BLOCK_A)
+    anchor_mask = anchor < num_anchors
+    ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                             level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE)  # fmt: skip
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    low_x = tl.min(tl.where(anchor_mask, ax1, float("inf")), axis=0)
+    low_y = tl.min(tl.where(anchor_mask, ay1, float("inf")), axis=0)
+    high_x = tl.max(tl.where(anchor_mask, ax2, -float("inf")), axis=0)
+    high_y = tl.max(tl.where(anchor_mask, ay2, -float("inf")), axis=0)
+    included = anchor_mask
+    if low_quality != 0:
+        excluded, _outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
+                                       border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
+                                       BLOCK_G)  # fmt: skip
+        if pad_rule != 0:
+            excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image,
+                                                   num_levels, num_shapes, shape_major)  # fmt: skip
+        included = anchor_mask & ~excluded
+    box_start = tl.load(gt_offsets_ptr + image)
+    box_end = tl.load(gt_offsets_ptr + image + 1)
+    best = tl.zeros((BLOCK_A,), tl.int64)
+    mark = tl.zeros((BLOCK_A,), tl.int32)
+    for row in range(box_start, box_end):
+        b = gt_boxes_ptr + row * 4
+        bx1 = tl.load(b)
+        by1 = tl.load(b + 1)
+        bx2 = tl.load(b + 2)
+        by2 = tl.load(b + 3)
+        near = (bx1 < high_x) & (bx2 > low_x) & (by1 < high_y) & (by2 > low_y)
+        if STAGE == _STAGE_SCATTER:
+            if near:
+                iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
+                bits = iou.to(tl.int32, bitcast=True).to(tl.int64) << 32
+                overlap = anchor_mask & (iou > 0.0)
+                best = tl.maximum(best, tl.where(overlap, bits | ((row - box_start) ^ _INDEX_MASK), 0))
+                if low_quality != 0:
+                    top = tl.max(tl.where(overlap & included, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0), axis=0)
+                    if top > 0:
+                        tl.atomic_max(box_key_ptr + row, top, sem="relaxed")
+        else:
+            box_bits = (tl.load(box_key_ptr + row) >> 32).to(tl.int32)
+            box_max = box_bits.to(tl.float32, bitcast=True)
+            # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
+            if near & (box_max > 0.0) & (box_max >= min_pos_iou):
+                iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
+                hit = included & (iou == box_max)
+                mark = tl.where(hit, (row - box_start + 1).to(tl.int32), mark)
+    dense = image * num_anchors + anchor
+    if STAGE == _STAGE_SCATTER:
+        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, best, mask=anchor_mask)
+    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=anchor_mask)
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------

@@ -65,8 +65,11 @@ class _Meta:
     """Block sizes: anchors per finalize program, pairs per chunk, ignore boxes per tile,
     box rows per segments program, persistent pair programs per SM (compiled) or in all
     (interpreter), warps, a cap on the pair kernels' registers per thread (None: the
-    compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``), and
-    whether the scatter loads each word before its atomic (``triton_assign._chunk``)."""
+    compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``),
+    whether the scatter loads each word before its atomic (``triton_assign._chunk``),
+    and how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
+    pairs, one ``atomic_max`` each) or "gather" (``gather_kernel``: per block of anchors,
+    its image's boxes; to be measured against the walk on a GPU)."""
 
     block_a: int
     block_p: int
@@ -76,6 +79,7 @@ class _Meta:
     num_warps: int
     pair_registers: int | None = None
     scatter_precheck: bool = True
+    matching: str = "walk"
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
@@ -111,6 +115,7 @@ segments_kernel = Launcher(triton_assign.segments_kernel, not _INTERPRETING)
 pairs_kernel = Launcher(triton_assign.pairs_kernel, not _INTERPRETING)
 lift_segments_kernel = Launcher(triton_assign.lift_segments_kernel, not _INTERPRETING)
 forced_kernel = Launcher(triton_assign.forced_kernel, not _INTERPRETING)
+gather_kernel = Launcher(triton_assign.gather_kernel, not _INTERPRETING)
 finalize_kernel = Launcher(triton_assign.finalize_kernel, not _INTERPRETING)
 scan_kernel = Launcher(triton_assign.scan_kernel, not _INTERPRETING)
 
@@ -378,6 +383,9 @@ class _Launch:
     def match_pairs(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
         """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks;
         with ``invalid``, check the gt boxes too (``segments``)."""
+        if self.meta.matching == "gather":
+            self.gather(work, invalid)
+            return
         if self.num_rows == 0 or self.num_anchors == 0:
             return
         candidates = self.segments(invalid)
@@ -412,6 +420,33 @@ class _Launch:
             )  # fmt: skip
             torch.cumsum(pairs, 0, out=prefix[1:])
             pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
+
+    def gather(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+        """Stages 2-3 by ``gather_kernel``: writes every anchor's key and mark into ``work``
+        (zeroed or not). ``segments_kernel`` runs only for what the gather does not do:
+        the gt boxes' check (``invalid``) and ssd_forced's box rows per image."""
+        if self.num_anchors == 0:
+            return
+        forced = self.low_quality == LOW_QUALITY_CODES["ssd_forced"]
+        candidates = self.segments(invalid) if self.num_rows > 0 and (invalid is not None or forced) else None
+        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        common = (
+            self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
+            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, self.num_anchors,
+            self.num_levels, self.num_shapes, self.shape_major, float(self.match.ignore_iof_thr),
+            float(self.match.min_pos_iou), *self.rules, self.low_quality,
+        )  # fmt: skip
+        grid = (self.num_blocks, self.batch)
+        meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, **_launch_kwargs())
+        gather_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta)
+        if forced and candidates is not None:
+            block = 128
+            forced_kernel[(_cdiv(self.num_rows, block),)](
+                self.problem.gt_offsets, candidates["row_image"], box_key, work, self.num_rows, self.num_anchors,
+                float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
+            )  # fmt: skip
+        elif self.low_quality != LOW_QUALITY_CODES["none"] and not forced and self.num_rows > 0:
+            gather_kernel[grid](*common, STAGE=STAGE_LIFT, **meta)
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
         """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""
@@ -449,7 +484,9 @@ class _Launch:
         )  # fmt: skip
 
     def work(self) -> torch.Tensor:
-        """Zeroed per-anchor work words, [B, A, 4] float32 (see triton_assign)."""
+        """Per-anchor work words, [B, A, 4] float32 (see triton_assign): zeroed for the walk."""
+        if self.meta.matching == "gather":  # writes every record itself
+            return torch.empty(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
         return torch.zeros(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
 
 

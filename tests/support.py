@@ -79,8 +79,8 @@ def on_device(function, boxes, counts, canvas, config, *, backend: str, **kwargs
 
 
 # The triton backend's kernels, by the names it launches them under.
-TRITON_KERNELS = ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "finalize_kernel",
-                  "scan_kernel")  # fmt: skip
+TRITON_KERNELS = ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
+                  "finalize_kernel", "scan_kernel")  # fmt: skip
 
 
 def record_launches(monkeypatch) -> list:

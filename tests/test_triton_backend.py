@@ -23,7 +23,7 @@ from support import assert_targets_equal, compile_keys, modes, random_batch, ran
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
 from tritarget.kernels.boxes import box_iou
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, MatchConfig
-from tritarget.kernels.problem import build_problem
+from tritarget.kernels.problem import CheckBoxesFirst, build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 triton = pytest.importorskip("triton")
@@ -651,3 +651,111 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image):
     ref = reference.solve(sub)
     head = Targets(targets.labels[:2], targets.matched_gt[:2], targets.deltas[:2], targets.classes[:2])
     assert_targets_equal(head, ref, rtol=TOL, atol=TOL)
+
+
+# --- matching="gather" (gather_kernel), against the reference ------------------------------
+
+
+def _gather(monkeypatch, gpu_blocks: bool) -> list:
+    """Solve with stages 2-3 as the gather, at the GPU's block sizes (128 anchors per
+    block: bounding boxes of a short stretch of a row, most boxes skipped) or the
+    interpreter's; the list gets each gather launch's STAGE."""
+    launched = _recorded_launches(monkeypatch, "gather_kernel", "STAGE")
+    changed = dataclasses.replace(triton_backend._COMPILED if gpu_blocks else triton_backend._meta(), matching="gather")
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
+    monkeypatch.setattr(triton_backend, "_COMPILED", changed)
+    return launched
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, monkeypatch, generator):
+    """The gather gives the reference's targets, dense and sparse, at the GPU's block
+    sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
+    pre-match border rule and padded sizes (both taking anchors out of each box's
+    maximum), min_pos_iou; and it launches a lift only for the modes that lift
+    (ssd_forced marks with forced_kernel)."""
+    launched = _gather(monkeypatch, gpu_blocks=True)
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
+    boxes = with_ties(boxes, generator)
+    ignore = torch.cat([boxes[:1] + torch.tensor([-2.0, -2.0, 2.0, 2.0]), boxes[20:22]])
+    config = _dense_config("retinanet_mmdet").replace(
+        **{"match.low_quality": mode, "match.min_pos_iou": 0.1, "match.ignore_iof_thr": 0.5,
+           "match.ignore_iof_wrt_anchor": True, "match.allowed_border": 0.0, "match.border_order": "pre_match"}
+    )  # fmt: skip
+    check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0, 0, 2], want_max_iou=True,
+          image_sizes=[[64, 96], [40, 60], [64, 70], [50, 70]], pad_sizes=[[64, 96]] * 2 + [[64, 80]] * 2,
+          sparse=True)  # fmt: skip
+    lifts = mode in ("torchvision", "detectron2", "mmdet")
+    scatter, lift = triton_assign.STAGE_SCATTER, triton_assign.STAGE_LIFT
+    assert launched == ([scatter, lift] * 2 if lifts else [scatter] * 2)
+
+
+@pytest.mark.parametrize("name", ["retinanet_detectron2", "ssd300_torchvision", "yolov5", "d2l_multibox"])
+def test_the_gather_in_every_anchor_layout(name, monkeypatch, generator):
+    """Cell-major and shape-major anchors, mul and div centres, scaled layouts (the
+    interpreter's 2048-anchor blocks: bounding boxes across many rows)."""
+    canvas = (300, 300) if name == "ssd300_torchvision" else (97, 131)
+    boxes, counts = random_batch(generator, [1, 9, 0, 30], canvas)
+    boxes[10:] = with_ties(boxes[10:], generator)
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    _gather(monkeypatch, gpu_blocks=False)
+    check(boxes, counts, canvas, _dense_config(name), gt_classes=classes, want_max_iou=True, sparse=True)
+
+
+@pytest.mark.parametrize("num_anchors, mode", [(0, "torchvision"), (37, "mmdet"), (2049, "ssd_forced")])
+def test_the_gather_with_explicit_anchors(num_anchors, mode, monkeypatch, generator):
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas = (97, 131)
+    anchors = random_boxes(generator, num_anchors, canvas, min_size=1.0, max_frac=0.5)
+    boxes, counts = random_batch(generator, [3, 0, 11], canvas)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
+    check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=True)
+
+
+def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(monkeypatch, generator):
+    """The sparse path's boxes unchecked: the gather still has segments_kernel check them
+    (an invalid box is reported); its work memory is not zeroed (every record written,
+    the same words as the walk writes into zeroed memory)."""
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [4, 6], canvas)
+    config = _dense_config("retinanet_torchvision")
+    checked, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
+    assert_sparse_equal(triton_backend.solve_sparse(problem), triton_backend.solve(checked).to_sparse())
+    bad = boxes.clone()
+    bad[3] = torch.tensor([50.0, 30.0, 40.0, 60.0])  # x2 < x1
+    unchecked, _ = build_problem(bad.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
+    with pytest.raises(CheckBoxesFirst):
+        triton_backend.solve_sparse(unchecked)
+    gather = triton_backend._Launch(problem)
+    work = gather.work().fill_(float("nan"))  # whatever the memory held before
+    walk = triton_backend._Launch(problem)
+    monkeypatch.setattr(walk, "meta", dataclasses.replace(walk.meta, matching="walk"))
+    zeroed = walk.work()
+    with triton_backend._on(gather.device):
+        gather.match_pairs(work)
+        walk.match_pairs(zeroed)
+    assert torch.equal(work.view(torch.int32)[..., :3], zeroed.view(torch.int32)[..., :3])
+
+
+def test_the_gather_compiles_once_per_stage_whatever_the_batch(monkeypatch):
+    """As for the walk's kernels: batches of 1-16 images, box counts of both parities and
+    multiples of 16, four canvases, shifted classes: one compilation of gather_kernel
+    per stage."""
+    from tritarget.kernels import assign_sparse
+
+    launches = record_launches(monkeypatch)
+    changed = dataclasses.replace(triton_backend._meta(), matching="gather")
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
+    monkeypatch.setattr(triton_backend, "_COMPILED", changed)
+    config = _dense_config("retinanet_torchvision")
+    for batch, per_image, canvas in ((1, None, (128, 192)), (2, 16, (128, 160)), (3, 5, (96, 136)), (16, 1, (64, 96))):
+        boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=per_image)
+        boxes, classes = boxes.to(DEVICE), classes.to(DEVICE)
+        assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
+        assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
+    found = compile_keys(launches)["gather_kernel"]
+    assert len(modes(found)) == 2  # SCATTER and LIFT
+    assert len(found) == len(modes(found)), found

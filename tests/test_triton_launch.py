@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def _kinds_against_binder(launches: list) -> dict[str, dict[str, int]]:
 
 def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
     """Over the backend's launches in every stage (dense and sparse, a low-quality lift
-    and ssd_forced) and each of them with one argument changed -- a tensor's alignment
+    and ssd_forced, the pair walk and the gather) and each of them with one argument changed -- a tensor's alignment
     flipped, an int set to 1, a multiple of 16, an odd number, a 64-bit value, 0, -1 --
     Triton's binder picks one compile key per launch kind of ours: a direct launch never
     runs a variant compiled for other arguments. (Dropping any trait from
@@ -86,12 +87,15 @@ def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
     launches = record_launches(monkeypatch)
     canvas = (96, 128)
     boxes, counts, classes = coco_like_batch(2, seed=5, canvas=canvas, boxes_per_image=4)
-    for preset in ("retinanet_torchvision", "ssd300_torchvision"):
-        for function in (assign, assign_sparse):
-            on_device(function, boxes, counts, canvas, presets.get(preset), gt_classes=classes, backend="triton")
+    for matching in ("walk", "gather"):
+        monkeypatch.setattr(triton_backend, "_INTERPRETED", replace(triton_backend._INTERPRETED, matching=matching))
+        monkeypatch.setattr(triton_backend, "_COMPILED", replace(triton_backend._COMPILED, matching=matching))
+        for preset in ("retinanet_torchvision", "ssd300_torchvision"):
+            for function in (assign, assign_sparse):
+                on_device(function, boxes, counts, canvas, presets.get(preset), gt_classes=classes, backend="triton")
     summary = _kinds_against_binder(launches)
     assert set(summary) == {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel",
-                            "finalize_kernel", "scan_kernel"}  # fmt: skip
+                            "gather_kernel", "finalize_kernel", "scan_kernel"}  # fmt: skip
     for name, counts_ in summary.items():
         assert counts_["most_keys_per_kind"] == 1, (name, counts_)
         assert counts_["keys"] > 1, (name, counts_)  # the changes did reach other variants
@@ -124,8 +128,8 @@ def test_launch_kind_keeps_what_triton_specialises_on():
 def test_the_backend_launches_through_its_launchers():
     """The backend's kernels are the direct launchers (the interpreter's launches go
     through the JIT as before; compiled, the variants)."""
-    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "finalize_kernel",
-                 "scan_kernel"):  # fmt: skip
+    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
+                 "finalize_kernel", "scan_kernel"):  # fmt: skip
         launcher = getattr(triton_backend, name)
         assert isinstance(launcher, Launcher), name
         assert launcher.direct == (not triton_backend.interpreting()), name
