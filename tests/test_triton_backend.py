@@ -527,16 +527,25 @@ print(json.dumps(ptx))
 """
 
 
-def test_one_compilation_per_kernel_and_mode_whatever_the_batch(monkeypatch):
+@pytest.mark.parametrize(
+    "matching, kernels",
+    [("walk", {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
+     # segments_kernel checks assign_sparse's boxes; gather_kernel scatters and lifts.
+     ("gather", {"segments_kernel", "gather_kernel", "finalize_kernel", "scan_kernel"})],
+)  # fmt: skip
+def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernels, monkeypatch):
     """Triton compiles a kernel again for each new specialisation of its arguments: an int
     equal to 1 or divisible by 16, a pointer 16-byte aligned or not. Batches of 1-16 images,
     box counts of both parities and multiples of 16, canvases with anchor counts divisible
     by 16 or not, and a request's slice of a merged batch (classes starting anywhere) must
     all share one compilation per kernel and mode (stage, output), or a service would
-    compile in the middle of its traffic."""
+    compile in the middle of its traffic; with the pair walk and with the gather."""
     from tritarget.kernels import assign_sparse
 
     launches = record_launches(monkeypatch)
+    changed = dataclasses.replace(triton_backend._meta(), matching=matching)
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
+    monkeypatch.setattr(triton_backend, "_COMPILED", changed)
     config = _dense_config("retinanet_torchvision")
     # Anchor counts 4,608 (divisible by 16), 3,852, 2,529 and 1,161.
     for batch, per_image, canvas in ((1, None, (128, 192)), (2, 16, (128, 160)), (3, 5, (96, 136)), (16, 1, (64, 96))):
@@ -547,7 +556,7 @@ def test_one_compilation_per_kernel_and_mode_whatever_the_batch(monkeypatch):
         shifted = torch.cat([classes[:1], classes])[1:]  # int32 elements: 4 bytes past an aligned start
         assign_sparse(boxes, counts, canvas, config, gt_classes=shifted, backend="triton")
     keys = compile_keys(launches)
-    assert set(keys) == {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}
+    assert set(keys) == kernels
     for name, found in keys.items():
         assert len(found) == len(modes(found)), f"{name}: {len(found)} compilations for {len(modes(found))} modes"
 
@@ -738,24 +747,3 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(monkeypatch,
         gather.match_pairs(work)
         walk.match_pairs(zeroed)
     assert torch.equal(work.view(torch.int32)[..., :3], zeroed.view(torch.int32)[..., :3])
-
-
-def test_the_gather_compiles_once_per_stage_whatever_the_batch(monkeypatch):
-    """As for the walk's kernels: batches of 1-16 images, box counts of both parities and
-    multiples of 16, four canvases, shifted classes: one compilation of gather_kernel
-    per stage."""
-    from tritarget.kernels import assign_sparse
-
-    launches = record_launches(monkeypatch)
-    changed = dataclasses.replace(triton_backend._meta(), matching="gather")
-    monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
-    monkeypatch.setattr(triton_backend, "_COMPILED", changed)
-    config = _dense_config("retinanet_torchvision")
-    for batch, per_image, canvas in ((1, None, (128, 192)), (2, 16, (128, 160)), (3, 5, (96, 136)), (16, 1, (64, 96))):
-        boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=per_image)
-        boxes, classes = boxes.to(DEVICE), classes.to(DEVICE)
-        assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
-        assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
-    found = compile_keys(launches)["gather_kernel"]
-    assert len(modes(found)) == 2  # SCATTER and LIFT
-    assert len(found) == len(modes(found)), found
