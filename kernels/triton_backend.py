@@ -381,8 +381,8 @@ class _Launch:
         return out
 
     def match_pairs(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
-        """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, zeroed) with keys and marks;
-        with ``invalid``, check the gt boxes too (``segments``)."""
+        """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, from ``work()``) with keys and
+        marks; with ``invalid``, check the gt boxes too (``segments``)."""
         if self.meta.matching == "gather":
             self.gather(work, invalid)
             return
@@ -429,7 +429,10 @@ class _Launch:
             return
         forced = self.low_quality == LOW_QUALITY_CODES["ssd_forced"]
         candidates = self.segments(invalid) if self.num_rows > 0 and (invalid is not None or forced) else None
-        box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        if self.low_quality == LOW_QUALITY_CODES["none"]:
+            box_key = self._placeholder(torch.int64)
+        else:
+            box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
         common = (
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
             self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, self.num_anchors,
@@ -439,13 +442,14 @@ class _Launch:
         grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, **_launch_kwargs())
         gather_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta)
-        if forced and candidates is not None:
-            block = 128
-            forced_kernel[(_cdiv(self.num_rows, block),)](
-                self.problem.gt_offsets, candidates["row_image"], box_key, work, self.num_rows, self.num_anchors,
-                float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
-            )  # fmt: skip
-        elif self.low_quality != LOW_QUALITY_CODES["none"] and not forced and self.num_rows > 0:
+        if forced:
+            if candidates is not None:
+                block = 128
+                forced_kernel[(_cdiv(self.num_rows, block),)](
+                    self.problem.gt_offsets, candidates["row_image"], box_key, work, self.num_rows, self.num_anchors,
+                    float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
+                )  # fmt: skip
+        elif self.low_quality != LOW_QUALITY_CODES["none"] and self.num_rows > 0:
             gather_kernel[grid](*common, STAGE=STAGE_LIFT, **meta)
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
