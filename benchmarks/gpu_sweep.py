@@ -10,7 +10,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
-3. The pair walk against the gather by anchor block (``_Meta.matching``): ``solve`` and
+3. The pair walk against the gather by anchor block (``_Meta.matching``), the gather
+   also with 1, 2 and 8 near boxes visited at once (``gather_near``): ``solve`` and
    ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, labels
    checked equal.
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
@@ -181,21 +182,23 @@ def main() -> None:
     say("== matching: the pair walk against the gather by anchor block (gather_kernel) ==")
     record["matching"] = []
     default = triton_backend._COMPILED
+    variants = {"walk": dict(matching="walk"), "gather": dict(matching="gather")}
+    variants |= {f"gather near={n}": dict(matching="gather", gather_near=n) for n in (1, 2, 8)}
     for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
         problem = problem_for(*point)[0]
-        row = {"batch": point[0], "boxes": point[1]}
-        for matching in ("walk", "gather"):
-            triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
-            row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
-                             bench(lambda p=problem: triton_backend.solve_sparse(p)),
-                             triton_backend.solve(problem).labels)  # fmt: skip
+        row = {}
+        for name, change in variants.items():
+            triton_backend._COMPILED = dataclasses.replace(default, **change)
+            row[name] = (bench(lambda p=problem: triton_backend.solve(p)),
+                         bench(lambda p=problem: triton_backend.solve_sparse(p)),
+                         triton_backend.solve(problem).labels)  # fmt: skip
         triton_backend._COMPILED = default
-        same = torch.equal(row["walk"][2], row["gather"][2])
-        say(f"B={point[0]} G={point[1] or '~7'}: solve walk {row['walk'][0]:.3f} / gather {row['gather'][0]:.3f} ms, "
-            f"solve_sparse walk {row['walk'][1]:.3f} / gather {row['gather'][1]:.3f} ms"
-            f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
-        record["matching"].append(dict(batch=point[0], boxes=point[1], walk_ms=row["walk"][:2],
-                                       gather_ms=row["gather"][:2], same=same))  # fmt: skip
+        differ = [name for name in variants if not torch.equal(row[name][2], row["walk"][2])]
+        times = ", ".join(f"{name} {row[name][0]:.3f} / {row[name][1]:.3f}" for name in variants)
+        say(f"B={point[0]} G={point[1] or '~7'}: solve / solve_sparse ms: {times}"
+            f"{f'  LABELS DIFFER: {differ}' if differ else ''}")  # fmt: skip
+        record["matching"].append(dict(batch=point[0], boxes=point[1], differ=differ,
+                                       ms={name: row[name][:2] for name in variants}))  # fmt: skip
 
     say("== CUDA graphs: solve captured once, replayed ==")
     record["graphs"] = []

@@ -41,11 +41,13 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
 
 Stages 2-3 may instead run as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
 the walk above stays the default until a GPU run measures both): a program per
-finalize block of anchors visits its image's boxes, skips each box that misses the
-block's bounding box, keeps every anchor's key as a running maximum in registers (no
-atomic per pair), writes every anchor's whole record (the work memory needs no zeroing),
-and for the low-quality modes folds each box's key once per (block, box); its lift marks
-the anchors that reach a qualifying box's maximum the same way. ``bench_gpu.py --pairs``
+finalize block of anchors tests its image's boxes 128 at a time against the block's
+bounding box, lists the near ones (a scan; 4 bytes per anchor and image of list memory)
+and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
+a running maximum in registers (no atomic per pair), writes every anchor's whole record
+(the work memory needs no zeroing), and for the low-quality modes folds each box's key
+once per (block, box); its lift marks the anchors that reach a qualifying box's maximum
+the same way. ``bench_gpu.py --pairs``
 counts the pairs it evaluates (1.83x the overlapping ones at G = 200 for 128-anchor
 blocks, before the bounding-box test's slack).
 
@@ -849,6 +851,7 @@ def gather_kernel(
     pad_ptr,
     work_ptr,
     box_key_ptr,
+    near_ptr,
     # Sizes
     num_anchors,
     num_levels,
@@ -867,12 +870,15 @@ def gather_kernel(
     GENERATE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BOXES: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """Stages 2-3 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
-    once and visits its image's boxes, skipping each whose box misses the block's
-    bounding box (a positive intersection with one anchor implies one with their union);
-    no atomic per pair.
+    once, tests its image's boxes BOXES at a time against the block's bounding box (a
+    positive intersection with one anchor implies one with their union), lists the near
+    ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile; no atomic per
+    pair.
 
     SCATTER: each anchor's key (the walk's ``atomic_max`` result, as a running maximum
     in registers) and a zero mark, the whole record written (no zeroed work memory
@@ -880,7 +886,9 @@ def gather_kernel(
     one ``atomic_max`` per (block, box). LIFT: each anchor's mark, the highest box + 1
     whose qualifying best IoU it reaches (included anchors only), over SCATTER's box keys.
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed
-    before SCATTER). Grid: (cdiv(num_anchors, BLOCK_A), B).
+    before SCATTER); near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each
+    program's list of the near boxes among the BOXES it tests at once (contents ignored).
+    Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
     image = tl.program_id(1).to(tl.int64)
@@ -906,37 +914,63 @@ def gather_kernel(
         included = anchor_mask & ~excluded
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
-    best = tl.zeros((BLOCK_A,), tl.int64)
-    mark = tl.zeros((BLOCK_A,), tl.int32)
-    for row in range(box_start, box_end):
-        b = gt_boxes_ptr + row * 4
-        bx1 = tl.load(b)
-        by1 = tl.load(b + 1)
-        bx2 = tl.load(b + 2)
-        by2 = tl.load(b + 3)
-        near = (bx1 < high_x) & (bx2 > low_x) & (by1 < high_y) & (by2 > low_y)
-        if STAGE == _STAGE_SCATTER:
-            if near:
-                iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
-                bits = iou.to(tl.int32, bitcast=True).to(tl.int64) << 32
-                overlap = anchor_mask & (iou > 0.0)
-                best = tl.maximum(best, tl.where(overlap, bits | ((row - box_start) ^ _INDEX_MASK), 0))
-                if low_quality != 0:
-                    top = tl.max(tl.where(overlap & included, bits | (anchor.to(tl.int64) ^ _INDEX_MASK), 0), axis=0)
-                    if top > 0:
-                        tl.atomic_max(box_key_ptr + row, top, sem="relaxed")
-        else:
-            box_bits = (tl.load(box_key_ptr + row) >> 32).to(tl.int32)
-            box_max = box_bits.to(tl.float32, bitcast=True)
+    # Per anchor and column of the visited tile: the best key (SCATTER) or the highest
+    # mark (LIFT) seen there, reduced over the columns once at the end.
+    best = tl.zeros((BLOCK_A, NEAR), tl.int64)
+    mark = tl.zeros((BLOCK_A, NEAR), tl.int32)
+    near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+    for start in range(box_start, box_end, BOXES):
+        # BOXES boxes tested at once (one per thread): a box-by-box test would cost every
+        # thread ~35 instructions per box of the image (SASS); the near ones are listed,
+        # in box order, in this program's slice of near_ptr and visited NEAR at a time, so
+        # that each box's reduction over the block's anchors (low-quality modes) and the
+        # loop's own work are shared by NEAR boxes.
+        rows = start + tl.arange(0, BOXES)
+        in_image = rows < box_end
+        tested = gt_boxes_ptr + rows * 4
+        near = in_image & (tl.load(tested, mask=in_image, other=float("inf")) < high_x)
+        near = near & (tl.load(tested + 1, mask=in_image, other=float("inf")) < high_y)
+        near = near & (tl.load(tested + 2, mask=in_image, other=-float("inf")) > low_x)
+        near = near & (tl.load(tested + 3, mask=in_image, other=-float("inf")) > low_y)
+        if STAGE != _STAGE_SCATTER:
             # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-            if near & (box_max > 0.0) & (box_max >= min_pos_iou):
-                iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
-                hit = included & (iou == box_max)
-                mark = tl.where(hit, (row - box_start + 1).to(tl.int32), mark)
+            maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
+        count = tl.sum(near.to(tl.int32), axis=0)
+        if count > 0:
+            tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
+            tl.debug_barrier()  # every thread's list entries written before any is read
+            for k in range(0, count, NEAR):
+                column = k + tl.arange(0, NEAR)
+                listed = column < count
+                row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
+                box = gt_boxes_ptr + row * 4
+                bx1 = tl.load(box, mask=listed, other=0.0)
+                by1 = tl.load(box + 1, mask=listed, other=0.0)
+                bx2 = tl.load(box + 2, mask=listed, other=0.0)
+                by2 = tl.load(box + 3, mask=listed, other=0.0)
+                iou = _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], ((bx2 - bx1) * (by2 - by1))[None, :],
+                           ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], anchor_area[:, None])  # fmt: skip
+                pair = anchor_mask[:, None] & listed[None, :]
+                if STAGE == _STAGE_SCATTER:
+                    bits = iou.to(tl.int32, bitcast=True).to(tl.int64) << 32
+                    overlap = pair & (iou > 0.0)
+                    best = tl.maximum(best, tl.where(overlap, bits | ((row - box_start) ^ _INDEX_MASK)[None, :], 0))
+                    if low_quality != 0:
+                        top = tl.where(
+                            overlap & included[:, None], bits | (anchor.to(tl.int64) ^ _INDEX_MASK)[:, None], 0
+                        )
+                        top = tl.max(top, axis=0)
+                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
+                else:
+                    box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
+                    hit = pair & included[:, None] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
+                    mark = tl.maximum(mark, tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], 0))
+            tl.debug_barrier()  # every entry read before the next step overwrites the list
     dense = image * num_anchors + anchor
     if STAGE == _STAGE_SCATTER:
-        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, best, mask=anchor_mask)
-    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=anchor_mask)
+        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, tl.max(best, axis=1), mask=anchor_mask)
+    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.max(mark, axis=1), mask=anchor_mask)
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------

@@ -67,9 +67,10 @@ class _Meta:
     (interpreter), warps, a cap on the pair kernels' registers per thread (None: the
     compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``),
     whether the scatter loads each word before its atomic (``triton_assign._chunk``),
-    and how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
+    how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
     pairs, one ``atomic_max`` each) or "gather" (``gather_kernel``: per block of anchors,
-    its image's boxes; to be measured against the walk on a GPU)."""
+    its image's boxes; to be measured against the walk on a GPU), and how many boxes the
+    gather tests at once and how many near ones it visits at once."""
 
     block_a: int
     block_p: int
@@ -80,6 +81,8 @@ class _Meta:
     pair_registers: int | None = None
     scatter_precheck: bool = True
     matching: str = "walk"
+    gather_boxes: int = 128
+    gather_near: int = 4
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
@@ -96,7 +99,8 @@ class _Meta:
 # mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
 _COMPILED = _Meta(block_a=128, block_p=256, block_g=2, segment_rows=2, pair_programs=32, num_warps=4,
                   pair_registers=64)  # fmt: skip
-_INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4)
+_INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4,
+                     gather_boxes=64, gather_near=8)  # fmt: skip
 
 # Grid axis 1 (images) is limited to 65,535 programs by CUDA.
 _MAX_IMAGES = 65_535
@@ -433,14 +437,17 @@ class _Launch:
             box_key = self._placeholder(torch.int64)
         else:
             box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        # Each program's list of near boxes (4 bytes per anchor and image at 128 per block).
+        near = torch.empty(self.batch * self.num_blocks * self.meta.gather_boxes, dtype=torch.int32, device=self.device)
         common = (
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
-            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, self.num_anchors,
+            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, self.num_anchors,
             self.num_levels, self.num_shapes, self.shape_major, float(self.match.ignore_iof_thr),
             float(self.match.min_pos_iou), *self.rules, self.low_quality,
         )  # fmt: skip
         grid = (self.num_blocks, self.batch)
-        meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, **_launch_kwargs())
+        meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
+                    BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near, **_launch_kwargs())  # fmt: skip
         gather_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta)
         if forced:
             if candidates is not None:

@@ -665,12 +665,14 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image):
 # --- matching="gather" (gather_kernel), against the reference ------------------------------
 
 
-def _gather(monkeypatch, gpu_blocks: bool) -> list:
+def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
     """Solve with stages 2-3 as the gather, at the GPU's block sizes (128 anchors per
     block: bounding boxes of a short stretch of a row, most boxes skipped) or the
-    interpreter's; the list gets each gather launch's STAGE."""
+    interpreter's, with other ``gather_boxes`` / ``gather_near`` if given; the list gets
+    each gather launch's STAGE."""
     launched = _recorded_launches(monkeypatch, "gather_kernel", "STAGE")
-    changed = dataclasses.replace(triton_backend._COMPILED if gpu_blocks else triton_backend._meta(), matching="gather")
+    base = triton_backend._COMPILED if gpu_blocks else triton_backend._meta()
+    changed = dataclasses.replace(base, matching="gather", **sizes)
     monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
     monkeypatch.setattr(triton_backend, "_COMPILED", changed)
     return launched
@@ -682,8 +684,9 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, mo
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
     pre-match border rule and padded sizes (both taking anchors out of each box's
     maximum), min_pos_iou; and it launches a lift only for the modes that lift
-    (ssd_forced marks with forced_kernel)."""
-    launched = _gather(monkeypatch, gpu_blocks=True)
+    (ssd_forced marks with forced_kernel). Boxes are tested 8 at a time, so that an
+    image's near boxes span several steps (and tied boxes straddle them)."""
+    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
@@ -698,6 +701,18 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, mo
     lifts = mode in ("torchvision", "detectron2", "mmdet")
     scatter, lift = triton_assign.STAGE_SCATTER, triton_assign.STAGE_LIFT
     assert launched == ([scatter, lift] * 2 if lifts else [scatter] * 2)
+
+
+@pytest.mark.parametrize("near", [2, 4])
+def test_the_gather_on_a_crowded_image(near, monkeypatch, generator):
+    """More boxes in one image than the GPU's gather tests at once (160 against 128),
+    with exact duplicates in different steps: keys, box keys and lifted marks across
+    steps and across the near boxes visited together, ties to the lowest box index."""
+    _gather(monkeypatch, gpu_blocks=True, gather_near=near)
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [160, 2], canvas)
+    boxes[130:140] = boxes[5:15]  # the same boxes in the first and the second step
+    check(boxes, counts, canvas, _dense_config("retinanet_mmdet"), want_max_iou=True, sparse=True)
 
 
 @pytest.mark.parametrize("name", ["retinanet_detectron2", "ssd300_torchvision", "yolov5", "d2l_multibox"])
