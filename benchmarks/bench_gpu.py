@@ -545,6 +545,25 @@ def gather_pairs(problem, tile: int) -> dict[str, int]:
     return counts
 
 
+def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor) -> dict[str, int]:
+    """What ``gather_kernel`` visits with the compiled sizes: per image and block of
+    ``block_a`` consecutive anchors, the boxes that cross the block's bounding box (its
+    test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests."""
+    meta = triton_backend._COMPILED
+    blocks = anchors.split(meta.block_a)
+    low = torch.stack([b[:, :2].min(0).values for b in blocks])
+    high = torch.stack([b[:, 2:].max(0).values for b in blocks])
+    near, steps, start = 0, 0, 0
+    for count in counts:
+        image = boxes[start : start + count]
+        start += count
+        crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
+        crosses &= (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
+        near += int(crosses.sum())
+        steps += len(blocks) * -(-count // meta.gather_boxes)
+    return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a}
+
+
 def pairs(out: Path) -> None:
     config = presets.get(PRESET)
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
@@ -558,6 +577,7 @@ def pairs(out: Path) -> None:
                  "anchors": anchors.shape[0], "nonzero": nonzero, **candidates,
                  "ratio": candidates["evaluated"] / nonzero}  # fmt: skip
         point["gather"] = {tile: gather_pairs(problem, tile) for tile in GATHER_TILES}
+        point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors)
         points.append(point)
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
@@ -566,6 +586,10 @@ def pairs(out: Path) -> None:
             print(f"{'':>11} a gather by {tile} consecutive anchors would evaluate {gathered['anchor_tiles']:,} "
                   f"(ratio {gathered['anchor_tiles'] / nonzero:.2f}), by runs of {tile} cells of one shape "
                   f"{gathered['shape_runs']:,} ({gathered['shape_runs'] / nonzero:.2f})")  # fmt: skip
+        print(f"{'':>11} gather_kernel as built: {built['near']:,} near (box, block) pairs over {built['blocks']:,} "
+              f"blocks ({built['near'] / built['blocks']:.1f} per block, {built['steps'] / built['blocks']:.0f} "
+              f"test steps), evaluating {built['evaluated']:,} pairs "
+              f"(ratio {built['evaluated'] / nonzero:.2f})")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(
