@@ -914,11 +914,18 @@ def gather_kernel(
         included = anchor_mask & ~excluded
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
-    # Per anchor and column of the visited tile: the best key (SCATTER) or the highest
-    # mark (LIFT) seen there, reduced over the columns once at the end.
-    best = tl.zeros((BLOCK_A, NEAR), tl.int64)
+    # Per anchor and column of the visited tile, whose boxes come in increasing order:
+    # the best IoU and its box (SCATTER: a strict comparison keeps the lowest box on a
+    # tie, in 32-bit registers) or the last box marked (LIFT), reduced over the columns
+    # once at the end.
+    best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
+    best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
     mark = tl.zeros((BLOCK_A, NEAR), tl.int32)
     near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+    # The low half of each included anchor's key for a box's maximum, -1 where excluded,
+    # broadcast over the tile's columns here: inside the loop the broadcast would cost a
+    # layout conversion through shared memory (three barriers) per visit.
+    anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
     for start in range(box_start, box_end, BOXES):
         # BOXES boxes tested at once (one per thread): a box-by-box test would cost every
         # thread ~35 instructions per box of the image (SASS); the near ones are listed,
@@ -953,23 +960,23 @@ def gather_kernel(
                            ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], anchor_area[:, None])  # fmt: skip
                 pair = anchor_mask[:, None] & listed[None, :]
                 if STAGE == _STAGE_SCATTER:
-                    bits = iou.to(tl.int32, bitcast=True).to(tl.int64) << 32
-                    overlap = pair & (iou > 0.0)
-                    best = tl.maximum(best, tl.where(overlap, bits | ((row - box_start) ^ _INDEX_MASK)[None, :], 0))
+                    better = pair & (iou > best_iou)
+                    best_iou = tl.where(better, iou, best_iou)
+                    best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
                     if low_quality != 0:
-                        top = tl.where(
-                            overlap & included[:, None], bits | (anchor.to(tl.int64) ^ _INDEX_MASK)[:, None], 0
-                        )
-                        top = tl.max(top, axis=0)
+                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
+                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
                         tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
                 else:
                     box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
                     hit = pair & included[:, None] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
-                    mark = tl.maximum(mark, tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], 0))
+                    mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
             tl.debug_barrier()  # every entry read before the next step overwrites the list
     dense = image * num_anchors + anchor
     if STAGE == _STAGE_SCATTER:
-        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, tl.max(best, axis=1), mask=anchor_mask)
+        key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
+        key = tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
+        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
     tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.max(mark, axis=1), mask=anchor_mask)
 
 

@@ -715,6 +715,19 @@ def test_the_gather_on_a_crowded_image(near, monkeypatch, generator):
     check(boxes, counts, canvas, _dense_config("retinanet_mmdet"), want_max_iou=True, sparse=True)
 
 
+@pytest.mark.parametrize("mode", ["mmdet", "none"])
+def test_the_gather_breaks_ties_within_a_tile_column(mode, monkeypatch):
+    """Overlapping boxes, all near every block they touch, with box 4 a copy of box 0 (the
+    same column of a 2- or 4-wide tile: the later visit must not take the tie) and box 5
+    a copy of box 2 (another column: the columns' reduction must take the lower)."""
+    _gather(monkeypatch, gpu_blocks=True)
+    square = [[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [5.0, 15.0, 30.0, 45.0], [20.0, 20.0, 50.0, 50.0]]
+    boxes = torch.tensor(square + [square[0], square[2]])
+    config = _dense_config("retinanet_mmdet").replace(**{"match.low_quality": mode})
+    matched = check(boxes, [6], (64, 96), config, sparse=True).matched_gt
+    assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
+
+
 @pytest.mark.parametrize("name", ["retinanet_detectron2", "ssd300_torchvision", "yolov5", "d2l_multibox"])
 def test_the_gather_in_every_anchor_layout(name, monkeypatch, generator):
     """Cell-major and shape-major anchors, mul and div centres, scaled layouts (the
