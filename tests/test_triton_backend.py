@@ -728,6 +728,26 @@ def test_the_gather_breaks_ties_within_a_tile_column(mode, monkeypatch):
     assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
 
 
+def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
+    """Boxes inside anchors (image 0) or around them (image 1) reach their maximum IoU at
+    the area ratio, the lift's bound; the anchors' areas are all one value but for float
+    rounding (fractional corners), so each block's area range is that value: rounding
+    must not drop the anchor that reaches the maximum. Each box overlaps only the anchor
+    it was made from, often at IoU < 0.5, where only the low-quality lift makes it
+    positive."""
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas, count = (512, 512), 200
+    grid = torch.stack(torch.meshgrid(torch.arange(10), torch.arange(20), indexing="ij"), -1).reshape(-1, 2)
+    corner = grid.flip(-1).float() * torch.tensor([25.0, 50.0]) + 4.0 + torch.rand(count, 2, generator=generator)
+    anchors = torch.cat([corner, corner + 12.3], 1)
+    scale = 0.5 + 0.4 * torch.rand(count, 2, generator=generator)
+    inside = torch.cat([corner + 12.3 * (1 - scale) / 2, corner + 12.3 * (1 + scale) / 2], 1)
+    around = torch.cat([corner - 12.3 * (1 / scale - 1) / 2, corner + 12.3 * (1 + 1 / scale) / 2], 1)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": "torchvision"})
+    targets = check(torch.cat([inside, around]), [count, count], canvas, config, anchors=anchors, sparse=True)
+    assert int((targets.labels == 1).sum()) == 2 * count
+
+
 @pytest.mark.parametrize("name", ["retinanet_detectron2", "ssd300_torchvision", "yolov5", "d2l_multibox"])
 def test_the_gather_in_every_anchor_layout(name, monkeypatch, generator):
     """Cell-major and shape-major anchors, mul and div centres, scaled layouts (the
