@@ -548,12 +548,16 @@ def gather_pairs(problem, tile: int) -> dict[str, int]:
 def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor) -> dict[str, int]:
     """What ``gather_kernel`` visits with the compiled sizes: per image and block of
     ``block_a`` consecutive anchors, the boxes that cross the block's bounding box (its
-    test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests."""
+    test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests; for
+    the lift, those of them with a best IoU > 0 (over every anchor: no rule excludes
+    any here) that the block's area range lets reach it (the kernel's bound)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     low = torch.stack([b[:, :2].min(0).values for b in blocks])
     high = torch.stack([b[:, 2:].max(0).values for b in blocks])
-    near, steps, start = 0, 0, 0
+    areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
+    area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
+    near = lifted = bounded = steps = start = 0
     for count in counts:
         image = boxes[start : start + count]
         start += count
@@ -561,7 +565,15 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         crosses &= (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
         near += int(crosses.sum())
         steps += len(blocks) * -(-count // meta.gather_boxes)
-    return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a}
+        best = torch.stack([box_iou(image, chunk).max(1).values for chunk in anchors.split(PAIRS_ANCHOR_CHUNK)])
+        best = best.max(0).values[None, :]
+        area = ((image[:, 2] - image[:, 0]) * (image[:, 3] - image[:, 1]))[None, :]
+        nearest = torch.minimum(torch.maximum(area, area_low), area_high)
+        bound = torch.minimum(area, nearest) / torch.maximum(area, nearest)
+        lifted += int((crosses & (best > 0)).sum())
+        bounded += int((crosses & (best > 0) & (bound * 1.0001 >= best)).sum())
+    return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a,
+            "lift_near": lifted, "lift_near_bounded": bounded}  # fmt: skip
 
 
 def pairs(out: Path) -> None:
@@ -589,7 +601,8 @@ def pairs(out: Path) -> None:
         print(f"{'':>11} gather_kernel as built: {built['near']:,} near (box, block) pairs over {built['blocks']:,} "
               f"blocks ({built['near'] / built['blocks']:.1f} per block, {built['steps'] / built['blocks']:.0f} "
               f"test steps), evaluating {built['evaluated']:,} pairs "
-              f"(ratio {built['evaluated'] / nonzero:.2f})")  # fmt: skip
+              f"(ratio {built['evaluated'] / nonzero:.2f}); its lift visits {built['lift_near_bounded']:,} "
+              f"(box, block) pairs, {built['lift_near']:,} without the area bound")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(

@@ -836,6 +836,48 @@ def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows
 # --- 2-3, gathered: per block of anchors, its image's boxes ---------------------------------
 
 
+@triton.jit
+def _bounds(x1, y1, x2, y2, mask):
+    """A block's bounding box and the range of its anchors' areas."""
+    area = (x2 - x1) * (y2 - y1)
+    return (
+        tl.min(tl.where(mask, x1, float("inf")), axis=0),
+        tl.min(tl.where(mask, y1, float("inf")), axis=0),
+        tl.max(tl.where(mask, x2, -float("inf")), axis=0),
+        tl.max(tl.where(mask, y2, -float("inf")), axis=0),
+        tl.min(tl.where(mask, area, float("inf")), axis=0),
+        tl.max(tl.where(mask, area, -float("inf")), axis=0),
+    )
+
+
+@triton.jit
+def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low, area_high,
+                min_pos_iou, STAGE: tl.constexpr):  # fmt: skip
+    """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing its
+    bounding box (a positive intersection with one anchor implies one with their union);
+    for the lift, only those that may reach their maximum IoU in the block."""
+    in_image = rows < box_end
+    tested = gt_boxes_ptr + rows * 4
+    x1 = tl.load(tested, mask=in_image, other=float("inf"))
+    y1 = tl.load(tested + 1, mask=in_image, other=float("inf"))
+    x2 = tl.load(tested + 2, mask=in_image, other=-float("inf"))
+    y2 = tl.load(tested + 3, mask=in_image, other=-float("inf"))
+    near = in_image & (x1 < high_x) & (y1 < high_y) & (x2 > low_x) & (y2 > low_y)
+    if STAGE != _STAGE_SCATTER:
+        # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
+        maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
+        # Nor can a box reach its maximum where every anchor's area is far from its own:
+        # IoU <= min(areas) / max(areas) (the anchors of other levels: 87% of these
+        # visits on COCO-like images, bench_gpu.py --pairs). The slack covers the areas'
+        # and the IoU's float rounding (a few ulps).
+        area = (x2 - x1) * (y2 - y1)
+        nearest = tl.minimum(tl.maximum(area, area_low), area_high)
+        bound = tl.minimum(area, nearest) / tl.maximum(area, nearest)
+        near = near & (bound * 1.0001 >= maxima)
+    return near
+
+
 @triton.jit(do_not_specialize=_GATHER_SWITCHES)
 def gather_kernel(
     # Pointers
@@ -852,6 +894,7 @@ def gather_kernel(
     work_ptr,
     box_key_ptr,
     near_ptr,
+    bounds_ptr,
     # Sizes
     num_anchors,
     num_levels,
@@ -875,10 +918,10 @@ def gather_kernel(
 ):
     """Stages 2-3 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
-    once, tests its image's boxes BOXES at a time against the block's bounding box (a
-    positive intersection with one anchor implies one with their union), lists the near
-    ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile; no atomic per
-    pair.
+    only if some box is near, tests its image's boxes BOXES at a time against the block's
+    bounding box (a positive intersection with one anchor implies one with their union),
+    lists the near ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile;
+    no atomic per pair.
 
     SCATTER: each anchor's key (the walk's ``atomic_max`` result, as a running maximum
     in registers) and a zero mark, the whole record written (no zeroed work memory
@@ -887,7 +930,9 @@ def gather_kernel(
     whose qualifying best IoU it reaches (included anchors only), over SCATTER's box keys.
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed
     before SCATTER); near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each
-    program's list of the near boxes among the BOXES it tests at once (contents ignored).
+    program's list of the near boxes among the BOXES it tests at once (contents ignored);
+    bounds_ptr: [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and
+    area range (generated anchors; ``triton_backend._block_bounds``).
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -896,29 +941,25 @@ def gather_kernel(
     last = tl.minimum(first + BLOCK_A, num_anchors)
     anchor = first + tl.arange(0, BLOCK_A)
     anchor_mask = anchor < num_anchors
-    ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
-                                             level_float_ptr, cells_ptr, num_levels, shape_major, GENERATE)  # fmt: skip
-    anchor_area = (ax2 - ax1) * (ay2 - ay1)
-    low_x = tl.min(tl.where(anchor_mask, ax1, float("inf")), axis=0)
-    low_y = tl.min(tl.where(anchor_mask, ay1, float("inf")), axis=0)
-    high_x = tl.max(tl.where(anchor_mask, ax2, -float("inf")), axis=0)
-    high_y = tl.max(tl.where(anchor_mask, ay2, -float("inf")), axis=0)
-    included = anchor_mask
-    if low_quality != 0:
-        excluded, _outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
-                                       border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
-                                       BLOCK_G)  # fmt: skip
-        if pad_rule != 0:
-            excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image,
-                                                   num_levels, num_shapes, shape_major)  # fmt: skip
-        included = anchor_mask & ~excluded
-    # The included anchors' areas span [area_low, area_high] (empty: inf > -inf).
-    area_low = tl.min(tl.where(included, anchor_area, float("inf")), axis=0)
-    area_high = tl.max(tl.where(included, anchor_area, -float("inf")), axis=0)
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
-    if STAGE != _STAGE_SCATTER:
-        box_end = tl.where(area_low <= area_high, box_end, box_start)  # no anchor to mark
+    if GENERATE:
+        # The block's bounding box and area range from the grid's table (the same anchors
+        # _block_anchor_boxes generates), so that a block near no box generates none.
+        bounds = bounds_ptr + block * 6
+        low_x, low_y, high_x, high_y = tl.load(bounds), tl.load(bounds + 1), tl.load(bounds + 2), tl.load(bounds + 3)
+        area_low, area_high = tl.load(bounds + 4), tl.load(bounds + 5)
+    else:
+        ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                 level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                 GENERATE)  # fmt: skip
+        low_x, low_y, high_x, high_y, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+    visits = 0
+    for start in range(box_start, box_end, BOXES):
+        rows = start + tl.arange(0, BOXES)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
+                           area_high, min_pos_iou, STAGE)  # fmt: skip
+        visits += tl.sum(near.to(tl.int32), axis=0)
     # Per anchor and column of the visited tile, whose boxes come in increasing order:
     # the best IoU and its box (SCATTER: a strict comparison keeps the lowest box on a
     # tie, in 32-bit registers) or the last box marked (LIFT), reduced over the columns
@@ -926,66 +967,70 @@ def gather_kernel(
     best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
     best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
     mark = tl.zeros((BLOCK_A, NEAR), tl.int32)
-    near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
-    # The low half of each included anchor's key for a box's maximum, -1 where excluded,
-    # broadcast over the tile's columns here: inside the loop the broadcast would cost a
-    # layout conversion through shared memory (three barriers) per visit.
-    anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
-    for start in range(box_start, box_end, BOXES):
-        # BOXES boxes tested at once (one per thread): a box-by-box test would cost every
-        # thread ~35 instructions per box of the image (SASS); the near ones are listed,
-        # in box order, in this program's slice of near_ptr and visited NEAR at a time, so
-        # that each box's reduction over the block's anchors (low-quality modes) and the
-        # loop's own work are shared by NEAR boxes.
-        rows = start + tl.arange(0, BOXES)
-        in_image = rows < box_end
-        tested = gt_boxes_ptr + rows * 4
-        tx1 = tl.load(tested, mask=in_image, other=float("inf"))
-        ty1 = tl.load(tested + 1, mask=in_image, other=float("inf"))
-        tx2 = tl.load(tested + 2, mask=in_image, other=-float("inf"))
-        ty2 = tl.load(tested + 3, mask=in_image, other=-float("inf"))
-        near = in_image & (tx1 < high_x) & (ty1 < high_y) & (tx2 > low_x) & (ty2 > low_y)
-        if STAGE != _STAGE_SCATTER:
-            # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-            maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
-            # Nor can a box reach its maximum where every included anchor's area is far
-            # from its own: IoU <= min(areas) / max(areas) (the anchors of other levels:
-            # 86% of these visits on COCO-like images, bench_gpu.py --pairs). The slack
-            # covers the areas' and the IoU's float rounding (a few ulps).
-            box_area = (tx2 - tx1) * (ty2 - ty1)
-            nearest = tl.minimum(tl.maximum(box_area, area_low), area_high)
-            bound = tl.minimum(box_area, nearest) / tl.maximum(box_area, nearest)
-            near = near & (bound * 1.0001 >= maxima)
-        count = tl.sum(near.to(tl.int32), axis=0)
-        if count > 0:
-            tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
-            tl.debug_barrier()  # every thread's list entries written before any is read
-            for k in range(0, count, NEAR):
-                column = k + tl.arange(0, NEAR)
-                listed = column < count
-                row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
-                box = gt_boxes_ptr + row * 4
-                bx1 = tl.load(box, mask=listed, other=0.0)
-                by1 = tl.load(box + 1, mask=listed, other=0.0)
-                bx2 = tl.load(box + 2, mask=listed, other=0.0)
-                by2 = tl.load(box + 3, mask=listed, other=0.0)
-                iou = _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], ((bx2 - bx1) * (by2 - by1))[None, :],
-                           ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], anchor_area[:, None])  # fmt: skip
-                pair = anchor_mask[:, None] & listed[None, :]
-                if STAGE == _STAGE_SCATTER:
-                    better = pair & (iou > best_iou)
-                    best_iou = tl.where(better, iou, best_iou)
-                    best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
-                    if low_quality != 0:
-                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
-                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
-                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
-                else:
-                    box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
-                    hit = pair & included[:, None] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
-                    mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
-            tl.debug_barrier()  # every entry read before the next step overwrites the list
+    if visits > 0:
+        if GENERATE:
+            ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
+                                                     level_int_ptr, level_float_ptr, cells_ptr, num_levels,
+                                                     shape_major, GENERATE)  # fmt: skip
+        anchor_area = (ax2 - ax1) * (ay2 - ay1)
+        included = anchor_mask
+        if low_quality != 0:
+            excluded, _outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
+                                           border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
+                                           BLOCK_G)  # fmt: skip
+            if pad_rule != 0:
+                excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr,
+                                                       image, num_levels, num_shapes, shape_major)  # fmt: skip
+            included = anchor_mask & ~excluded
+            # The lift's area bound over the included anchors only; none: nothing to mark.
+            area_low = tl.min(tl.where(included, anchor_area, float("inf")), axis=0)
+            area_high = tl.max(tl.where(included, anchor_area, -float("inf")), axis=0)
+            if STAGE != _STAGE_SCATTER:
+                box_end = tl.where(area_low <= area_high, box_end, box_start)
+        near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+        # The low half of each included anchor's key for a box's maximum, -1 where
+        # excluded, broadcast over the tile's columns here: inside the loop the broadcast
+        # would cost a layout conversion through shared memory (three barriers) per visit.
+        anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
+        for start in range(box_start, box_end, BOXES):
+            # BOXES boxes tested at once (one per thread): a box-by-box test would cost
+            # every thread ~35 instructions per box of the image (SASS); the near ones are
+            # listed, in box order, in this program's slice of near_ptr and visited NEAR at
+            # a time, so that each box's reduction over the block's anchors (low-quality
+            # modes) and the loop's own work are shared by NEAR boxes.
+            rows = start + tl.arange(0, BOXES)
+            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
+                               area_high, min_pos_iou, STAGE)  # fmt: skip
+            count = tl.sum(near.to(tl.int32), axis=0)
+            if count > 0:
+                tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
+                tl.debug_barrier()  # every thread's list entries written before any is read
+                for k in range(0, count, NEAR):
+                    column = k + tl.arange(0, NEAR)
+                    listed = column < count
+                    row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
+                    box = gt_boxes_ptr + row * 4
+                    bx1 = tl.load(box, mask=listed, other=0.0)
+                    by1 = tl.load(box + 1, mask=listed, other=0.0)
+                    bx2 = tl.load(box + 2, mask=listed, other=0.0)
+                    by2 = tl.load(box + 3, mask=listed, other=0.0)
+                    iou = _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                               ((bx2 - bx1) * (by2 - by1))[None, :], ax1[:, None], ay1[:, None], ax2[:, None],
+                               ay2[:, None], anchor_area[:, None])  # fmt: skip
+                    pair = anchor_mask[:, None] & listed[None, :]
+                    if STAGE == _STAGE_SCATTER:
+                        better = pair & (iou > best_iou)
+                        best_iou = tl.where(better, iou, best_iou)
+                        best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
+                        if low_quality != 0:
+                            top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
+                            top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
+                            tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
+                    else:
+                        box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
+                        hit = pair & included[:, None] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
+                        mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
+                tl.debug_barrier()  # every entry read before the next step overwrites the list
     dense = image * num_anchors + anchor
     if STAGE == _STAGE_SCATTER:
         key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)

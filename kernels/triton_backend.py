@@ -259,6 +259,22 @@ def _level_tables(grid: AnchorGrid, device: torch.device, stream: int | None) ->
     return tables
 
 
+@functools.lru_cache(maxsize=32)
+def _block_bounds(grid: AnchorGrid, block_a: int, device: torch.device, stream: int | None) -> torch.Tensor:
+    """[blocks, 6] float32 per block of ``block_a`` consecutive anchors: the bounding box
+    of its anchors (x1, y1, x2, y2) and the range of their areas, from the anchors the
+    kernels generate (``AnchorGrid.materialize`` gives them bit for bit): the gather tests
+    boxes against it before generating a block's anchors."""
+    anchors = grid.materialize()
+    blocks = _cdiv(anchors.shape[0], block_a)
+    # The last block filled up with copies of its last anchor: its bounds stay its own.
+    filler = anchors[-1:].expand(blocks * block_a - anchors.shape[0], 4)
+    blocked = torch.cat([anchors, filler]).view(blocks, block_a, 4)
+    area = (blocked[..., 2] - blocked[..., 0]) * (blocked[..., 3] - blocked[..., 1])
+    bounds = [blocked[..., :2].amin(1), blocked[..., 2:].amax(1), area.amin(1)[:, None], area.amax(1)[:, None]]
+    return torch.cat(bounds, 1).contiguous().to(device)
+
+
 def _border_limits(problem: Problem) -> torch.Tensor:
     """[B, 3] float32 (-b, w + b, h + b): the reference compares float32 anchors with
     Python floats, which torch rounds to float32; ``w + b`` itself is a double sum."""
@@ -439,10 +455,14 @@ class _Launch:
             box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
         # Each program's list of near boxes (4 bytes per anchor and image at 128 per block).
         near = torch.empty(self.batch * self.num_blocks * self.meta.gather_boxes, dtype=torch.int32, device=self.device)
+        if self.generate:
+            bounds = _block_bounds(self.problem.grid, self.meta.block_a, self.device, stream_key(self.device))
+        else:  # explicit anchors: each block loads its own
+            bounds = self._placeholder(torch.float32)
         common = (
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
-            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, self.num_anchors,
-            self.num_levels, self.num_shapes, self.shape_major, float(self.match.ignore_iof_thr),
+            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, bounds,
+            self.num_anchors, self.num_levels, self.num_shapes, self.shape_major, float(self.match.ignore_iof_thr),
             float(self.match.min_pos_iou), *self.rules, self.low_quality,
         )  # fmt: skip
         grid = (self.num_blocks, self.batch)

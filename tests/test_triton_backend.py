@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from support import assert_targets_equal, compile_keys, modes, random_batch, random_boxes, record_launches, with_ties
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
+from tritarget.kernels.anchors import generate_anchors, resolve_grid
 from tritarget.kernels.boxes import box_iou
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.problem import CheckBoxesFirst, build_problem
@@ -726,6 +727,24 @@ def test_the_gather_breaks_ties_within_a_tile_column(mode, monkeypatch):
     config = _dense_config("retinanet_mmdet").replace(**{"match.low_quality": mode})
     matched = check(boxes, [6], (64, 96), config, sparse=True).matched_gt
     assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
+
+
+@pytest.mark.parametrize("name, block_a", [("retinanet_torchvision", 128), ("yolov5", 100)])
+def test_block_bounds_are_each_blocks_box_and_area_range(name, block_a):
+    """The gather's per-block table (it tests boxes against it before generating a
+    block's anchors): every block's bounding box and area range, the last block short."""
+    canvas = (97, 131)
+    grid = presets.get(name).anchors
+    anchors = generate_anchors(grid, canvas)
+    assert anchors.shape[0] % block_a != 0
+    table = triton_backend._block_bounds(resolve_grid(grid, canvas), block_a, torch.device(DEVICE), None).cpu()
+    for block, expected in zip(table, anchors.split(block_a)):
+        area = (expected[:, 2] - expected[:, 0]) * (expected[:, 3] - expected[:, 1])
+        want = torch.cat(
+            [expected[:, :2].min(0).values, expected[:, 2:].max(0).values, area.min()[None], area.max()[None]]
+        )
+        assert torch.equal(block, want)
+    assert table.shape[0] == -(-anchors.shape[0] // block_a)
 
 
 def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
