@@ -550,14 +550,15 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     ``block_a`` consecutive anchors, the boxes that cross the block's bounding box (its
     test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests; for
     the lift, those of them with a best IoU > 0 (over every anchor: no rule excludes
-    any here) that the block's area range lets reach it (the kernel's bound)."""
+    any here) that the block's area range lets reach it (the kernel's bound); and the
+    blocks with something to visit, the only ones that generate their anchors."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     low = torch.stack([b[:, :2].min(0).values for b in blocks])
     high = torch.stack([b[:, 2:].max(0).values for b in blocks])
     areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
     area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
-    near = lifted = bounded = steps = start = 0
+    near = lifted = bounded = steps = start = generating = lift_generating = 0
     for count in counts:
         image = boxes[start : start + count]
         start += count
@@ -570,10 +571,14 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         area = ((image[:, 2] - image[:, 0]) * (image[:, 3] - image[:, 1]))[None, :]
         nearest = torch.minimum(torch.maximum(area, area_low), area_high)
         bound = torch.minimum(area, nearest) / torch.maximum(area, nearest)
+        visited = crosses & (best > 0) & (bound * 1.0001 >= best)
         lifted += int((crosses & (best > 0)).sum())
-        bounded += int((crosses & (best > 0) & (bound * 1.0001 >= best)).sum())
+        bounded += int(visited.sum())
+        generating += int(crosses.any(1).sum())
+        lift_generating += int(visited.any(1).sum())
     return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a,
-            "lift_near": lifted, "lift_near_bounded": bounded}  # fmt: skip
+            "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
+            "lift_generating": lift_generating}  # fmt: skip
 
 
 def pairs(out: Path) -> None:
@@ -602,7 +607,9 @@ def pairs(out: Path) -> None:
               f"blocks ({built['near'] / built['blocks']:.1f} per block, {built['steps'] / built['blocks']:.0f} "
               f"test steps), evaluating {built['evaluated']:,} pairs "
               f"(ratio {built['evaluated'] / nonzero:.2f}); its lift visits {built['lift_near_bounded']:,} "
-              f"(box, block) pairs, {built['lift_near']:,} without the area bound")  # fmt: skip
+              f"(box, block) pairs, {built['lift_near']:,} without the area bound; blocks that generate "
+              f"their anchors: {built['generating'] / built['blocks']:.0%} (lift "
+              f"{built['lift_generating'] / built['blocks']:.0%})")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(
