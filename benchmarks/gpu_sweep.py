@@ -11,7 +11,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
 3. The pair walk against the gather by anchor block (``_Meta.matching``), the gather
-   also with 1, 2 and 8 near boxes visited at once (``gather_near``): ``solve`` and
+   also with 1, 2 and 8 near boxes visited at once (``gather_near``) and capped at 64
+   registers (``gather_registers``: 8 programs per SM instead of 5): ``solve`` and
    ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, labels
    checked equal.
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
@@ -184,6 +185,7 @@ def main() -> None:
     default = triton_backend._COMPILED
     variants = {"walk": dict(matching="walk"), "gather": dict(matching="gather")}
     variants |= {f"gather near={n}": dict(matching="gather", gather_near=n) for n in (1, 2, 8)}
+    variants["gather <=64 registers"] = dict(matching="gather", gather_registers=64)
     for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
         problem = problem_for(*point)[0]
         row = {}

@@ -84,6 +84,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             )
             for near in (1, 2, 8)
         ),
+        (
+            "gather: scatter, at most 64 registers",
+            k.gather_kernel,
+            dict(finalize, STAGE=k.STAGE_SCATTER, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=64),
+        ),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),

@@ -69,8 +69,9 @@ class _Meta:
     whether the scatter loads each word before its atomic (``triton_assign._chunk``),
     how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
     pairs, one ``atomic_max`` each) or "gather" (``gather_kernel``: per block of anchors,
-    its image's boxes; to be measured against the walk on a GPU), and how many boxes the
-    gather tests at once and how many near ones it visits at once."""
+    its image's boxes; to be measured against the walk on a GPU), how many boxes the
+    gather tests at once, how many near ones it visits at once, and a cap on its
+    registers (None: the compiler's choice)."""
 
     block_a: int
     block_p: int
@@ -83,6 +84,7 @@ class _Meta:
     matching: str = "walk"
     gather_boxes: int = 128
     gather_near: int = 4
+    gather_registers: int | None = None
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
@@ -468,6 +470,8 @@ class _Launch:
         grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
                     BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near, **_launch_kwargs())  # fmt: skip
+        if self.meta.gather_registers is not None:
+            meta["maxnreg"] = self.meta.gather_registers
         gather_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta)
         if forced:
             if candidates is not None:
