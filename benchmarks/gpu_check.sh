@@ -20,8 +20,9 @@
 #    per-kernel device times, time against boxes per image (--time-limit 80: the
 #    points left after 80 s are skipped, and the tables and plots still written).
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
-#    launch parameters around the defaults (labels checked in every cell), and solve
-#    replayed as a CUDA graph against eager (~40 s).
+#    pair walk against the gather and its variants (which matching becomes the default),
+#    the launch parameters around the defaults (labels checked in every cell), and
+#    solve replayed as a CUDA graph against eager (~40 s).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
