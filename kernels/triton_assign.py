@@ -954,12 +954,15 @@ def gather_kernel(
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
                                                  GENERATE)  # fmt: skip
         low_x, low_y, high_x, high_y, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+    # Whether some box is near: the steps up to the first with one.
     visits = 0
-    for start in range(box_start, box_end, BOXES):
+    start = box_start
+    while (visits == 0) & (start < box_end):
         rows = start + tl.arange(0, BOXES)
         near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
                            area_high, min_pos_iou, STAGE)  # fmt: skip
-        visits += tl.sum(near.to(tl.int32), axis=0)
+        visits = tl.sum(near.to(tl.int32), axis=0)
+        start += BOXES
     # Per anchor and column of the visited tile, whose boxes come in increasing order:
     # the best IoU and its box (SCATTER: a strict comparison keeps the lowest box on a
     # tie, in 32-bit registers) or the last box marked (LIFT), reduced over the columns
