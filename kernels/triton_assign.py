@@ -47,9 +47,10 @@ and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor'
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
 (the work memory needs no zeroing), and for the low-quality modes folds each box's key
 once per (block, box); its lift marks the anchors that reach a qualifying box's maximum
-the same way. ``bench_gpu.py --pairs``
-counts the pairs it evaluates (1.83x the overlapping ones at G = 200 for 128-anchor
-blocks, before the bounding-box test's slack).
+the same way; blocks near no box generate no anchors (a per-grid table of block bounds),
+the lift skips boxes whose area is far from every anchor's, and each image's first block
+checks the sparse path's unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
+(2.26x the overlapping pairs at G = 200).
 
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
 which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
@@ -142,7 +143,7 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 # divisibility; the deltas' 16-byte rows are aligned whatever it is.)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
 _PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments", "num_anchors"]
-_GATHER_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "num_anchors"]
+_GATHER_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "num_anchors", "check_boxes"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
 _FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity", "num_anchors"]
 
@@ -394,6 +395,14 @@ def _positive_finite(value):
     return (value > 0.0) & (value <= 3.4028234663852886e38)
 
 
+@triton.jit
+def _valid_boxes(x1, y1, x2, y2, canvas_ptr):
+    """``problem._margins``' rule: width, height, x2, y2, canvas width - x1 and canvas
+    height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height)."""
+    valid = _positive_finite(x2 - x1) & _positive_finite(y2 - y1) & _positive_finite(x2) & _positive_finite(y2)
+    return valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+
+
 # The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
 # with the batch's parity: specialising on it would compile the kernel twice (see _RULES).
 @triton.jit(
@@ -456,8 +465,7 @@ def segments_kernel(
         y1 = tl.load(gt_boxes_ptr + rows * 4 + 1, mask=real_row, other=0.0)
         x2 = tl.load(gt_boxes_ptr + rows * 4 + 2, mask=real_row, other=0.0)
         y2 = tl.load(gt_boxes_ptr + rows * 4 + 3, mask=real_row, other=0.0)
-        valid = _positive_finite(x2 - x1) & _positive_finite(y2 - y1) & _positive_finite(x2) & _positive_finite(y2)
-        valid = valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+        valid = _valid_boxes(x1, y1, x2, y2, canvas_ptr)
         tl.store(invalid_ptr + rows * 0, tl.full((ROWS,), 1, tl.int64), mask=real_row & ~valid)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
@@ -878,7 +886,8 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, 
     return near
 
 
-@triton.jit(do_not_specialize=_GATHER_SWITCHES)
+# The box-check flag sits inside solve_sparse's offsets (see segments_kernel).
+@triton.jit(do_not_specialize=_GATHER_SWITCHES, do_not_specialize_on_alignment=["invalid_ptr"])
 def gather_kernel(
     # Pointers
     gt_boxes_ptr,
@@ -895,6 +904,8 @@ def gather_kernel(
     box_key_ptr,
     near_ptr,
     bounds_ptr,
+    canvas_ptr,
+    invalid_ptr,
     # Sizes
     num_anchors,
     num_levels,
@@ -908,6 +919,7 @@ def gather_kernel(
     border_rule,
     pad_rule,
     low_quality,
+    check_boxes,
     # Meta-parameters
     STAGE: tl.constexpr,
     GENERATE: tl.constexpr,
@@ -932,7 +944,9 @@ def gather_kernel(
     before SCATTER); near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each
     program's list of the near boxes among the BOXES it tests at once (contents ignored);
     bounds_ptr: [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and
-    area range (generated anchors; ``triton_backend._block_bounds``).
+    area range (generated anchors; ``triton_backend._block_bounds``). check_boxes: the
+    SCATTER's first block of each image sets the int64 at invalid_ptr to 1 if one of its
+    boxes may be invalid (as segments_kernel does; canvas_ptr: float32 width, height).
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -943,6 +957,18 @@ def gather_kernel(
     anchor_mask = anchor < num_anchors
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
+    if STAGE == _STAGE_SCATTER:
+        if (check_boxes != 0) & (block == 0):
+            for start in range(box_start, box_end, BOXES):
+                rows = start + tl.arange(0, BOXES)
+                real = rows < box_end
+                box = gt_boxes_ptr + rows * 4
+                x1 = tl.load(box, mask=real, other=0.0)
+                y1 = tl.load(box + 1, mask=real, other=0.0)
+                x2 = tl.load(box + 2, mask=real, other=0.0)
+                y2 = tl.load(box + 3, mask=real, other=0.0)
+                valid = _valid_boxes(x1, y1, x2, y2, canvas_ptr)
+                tl.store(invalid_ptr + rows * 0, tl.full((BOXES,), 1, tl.int64), mask=real & ~valid)
     if GENERATE:
         # The block's bounding box and area range from the grid's table (the same anchors
         # _block_anchor_boxes generates), so that a block near no box generates none.

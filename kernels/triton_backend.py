@@ -445,12 +445,17 @@ class _Launch:
 
     def gather(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
         """Stages 2-3 by ``gather_kernel``: writes every anchor's key and mark into ``work``
-        (zeroed or not). ``segments_kernel`` runs only for what the gather does not do:
-        the gt boxes' check (``invalid``) and ssd_forced's box rows per image."""
+        (zeroed or not), and with ``invalid`` checks the gt boxes too. ``segments_kernel``
+        runs only for ssd_forced's box rows per image."""
         if self.num_anchors == 0:
             return
         forced = self.low_quality == LOW_QUALITY_CODES["ssd_forced"]
-        candidates = self.segments(invalid) if self.num_rows > 0 and (invalid is not None or forced) else None
+        candidates = self.segments() if self.num_rows > 0 and forced else None
+        check = invalid is not None
+        if check:
+            canvas = canvas_limits(self.problem.canvas, self.device, stream_key(self.device))
+        else:
+            canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
         if self.low_quality == LOW_QUALITY_CODES["none"]:
             box_key = self._placeholder(torch.int64)
         else:
@@ -463,9 +468,9 @@ class _Launch:
             bounds = self._placeholder(torch.float32)
         common = (
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
-            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, bounds,
-            self.num_anchors, self.num_levels, self.num_shapes, self.shape_major, float(self.match.ignore_iof_thr),
-            float(self.match.min_pos_iou), *self.rules, self.low_quality,
+            self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, bounds, canvas,
+            invalid, self.num_anchors, self.num_levels, self.num_shapes, self.shape_major,
+            float(self.match.ignore_iof_thr), float(self.match.min_pos_iou), *self.rules, self.low_quality, int(check),
         )  # fmt: skip
         grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,

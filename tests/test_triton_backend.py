@@ -531,8 +531,8 @@ print(json.dumps(ptx))
 @pytest.mark.parametrize(
     "matching, kernels",
     [("walk", {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
-     # segments_kernel checks assign_sparse's boxes; gather_kernel scatters and lifts.
-     ("gather", {"segments_kernel", "gather_kernel", "finalize_kernel", "scan_kernel"})],
+     # gather_kernel checks assign_sparse's boxes, scatters and lifts.
+     ("gather", {"gather_kernel", "finalize_kernel", "scan_kernel"})],
 )  # fmt: skip
 def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernels, monkeypatch):
     """Triton compiles a kernel again for each new specialisation of its arguments: an int
@@ -789,22 +789,29 @@ def test_the_gather_with_explicit_anchors(num_anchors, mode, monkeypatch, genera
     check(boxes, counts, canvas, config, anchors=anchors, want_max_iou=True, sparse=True)
 
 
-def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(monkeypatch, generator):
-    """The sparse path's boxes unchecked: the gather still has segments_kernel check them
-    (an invalid box is reported); its work memory is not zeroed (every record written,
-    the same words as the walk writes into zeroed memory)."""
-    _gather(monkeypatch, gpu_blocks=True)
+@pytest.mark.parametrize("preset", ["retinanet_torchvision", "ssd300_torchvision"])
+def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, monkeypatch, generator):
+    """The sparse path's boxes unchecked: the gather checks them itself (each image's
+    first block, 4 boxes per step here): an invalid box of either image, in any step, of
+    each kind is reported, valid boxes are not; ssd_forced (segments_kernel for its box
+    rows) alike. Its work memory is not zeroed (every record written, the same words as
+    the walk writes into zeroed memory)."""
+    _gather(monkeypatch, gpu_blocks=False, gather_boxes=4)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [4, 6], canvas)
-    config = _dense_config("retinanet_torchvision")
+    config = _dense_config(preset)
     checked, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
     problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
     assert_sparse_equal(triton_backend.solve_sparse(problem), triton_backend.solve(checked).to_sparse())
-    bad = boxes.clone()
-    bad[3] = torch.tensor([50.0, 30.0, 40.0, 60.0])  # x2 < x1
-    unchecked, _ = build_problem(bad.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
-    with pytest.raises(CheckBoxesFirst):
-        triton_backend.solve_sparse(unchecked)
+    invalid = {"x2 < x1": [50.0, 30.0, 40.0, 60.0], "NaN": [float("nan"), 1.0, 5.0, 5.0],
+               "right of the canvas": [96.0, 10.0, 120.0, 20.0], "infinite": [1.0, 1.0, float("inf"), 5.0]}  # fmt: skip
+    for row, (kind, box) in zip([3, 9, 4, 7], invalid.items()):
+        bad = boxes.clone()
+        bad[row] = torch.tensor(box)
+        unchecked, _ = build_problem(bad.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
+        with pytest.raises(CheckBoxesFirst):
+            triton_backend.solve_sparse(unchecked)
+            pytest.fail(f"{kind} at row {row} not reported")
     gather = triton_backend._Launch(problem)
     work = gather.work().fill_(float("nan"))  # whatever the memory held before
     walk = triton_backend._Launch(problem)
