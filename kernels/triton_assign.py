@@ -396,11 +396,18 @@ def _positive_finite(value):
 
 
 @triton.jit
-def _valid_boxes(x1, y1, x2, y2, canvas_ptr):
-    """``problem._margins``' rule: width, height, x2, y2, canvas width - x1 and canvas
-    height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height)."""
+def _flag_invalid_boxes(gt_boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
+    """Set the int64 at invalid_ptr to 1 if one of the boxes ``rows`` (where ``real``)
+    may be invalid by ``problem._margins``' rule: width, height, x2, y2, canvas width - x1
+    and canvas height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height)."""
+    box = gt_boxes_ptr + rows * 4
+    x1 = tl.load(box, mask=real, other=0.0)
+    y1 = tl.load(box + 1, mask=real, other=0.0)
+    x2 = tl.load(box + 2, mask=real, other=0.0)
+    y2 = tl.load(box + 3, mask=real, other=0.0)
     valid = _positive_finite(x2 - x1) & _positive_finite(y2 - y1) & _positive_finite(x2) & _positive_finite(y2)
-    return valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+    valid = valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+    tl.store(invalid_ptr + rows * 0, tl.full(rows.shape, 1, tl.int64), mask=real & ~valid)
 
 
 # The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
@@ -461,12 +468,7 @@ def segments_kernel(
     tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
     tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
     if check_boxes != 0:
-        x1 = tl.load(gt_boxes_ptr + rows * 4, mask=real_row, other=0.0)
-        y1 = tl.load(gt_boxes_ptr + rows * 4 + 1, mask=real_row, other=0.0)
-        x2 = tl.load(gt_boxes_ptr + rows * 4 + 2, mask=real_row, other=0.0)
-        y2 = tl.load(gt_boxes_ptr + rows * 4 + 3, mask=real_row, other=0.0)
-        valid = _valid_boxes(x1, y1, x2, y2, canvas_ptr)
-        tl.store(invalid_ptr + rows * 0, tl.full((ROWS,), 1, tl.int64), mask=real_row & ~valid)
+        _flag_invalid_boxes(gt_boxes_ptr, rows, real_row, canvas_ptr, invalid_ptr)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
     if GENERATE:
@@ -961,14 +963,7 @@ def gather_kernel(
         if (check_boxes != 0) & (block == 0):
             for start in range(box_start, box_end, BOXES):
                 rows = start + tl.arange(0, BOXES)
-                real = rows < box_end
-                box = gt_boxes_ptr + rows * 4
-                x1 = tl.load(box, mask=real, other=0.0)
-                y1 = tl.load(box + 1, mask=real, other=0.0)
-                x2 = tl.load(box + 2, mask=real, other=0.0)
-                y2 = tl.load(box + 3, mask=real, other=0.0)
-                valid = _valid_boxes(x1, y1, x2, y2, canvas_ptr)
-                tl.store(invalid_ptr + rows * 0, tl.full((BOXES,), 1, tl.int64), mask=real & ~valid)
+                _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
     if GENERATE:
         # The block's bounding box and area range from the grid's table (the same anchors
         # _block_anchor_boxes generates), so that a block near no box generates none.
