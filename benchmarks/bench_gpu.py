@@ -545,21 +545,25 @@ def gather_pairs(problem, tile: int) -> dict[str, int]:
     return counts
 
 
-def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor) -> dict[str, int]:
+def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor,
+                    labels: torch.Tensor) -> dict[str, int]:  # fmt: skip
     """What ``gather_kernel`` visits with the compiled sizes: per image and block of
     ``block_a`` consecutive anchors, the boxes that cross the block's bounding box (its
     test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests; for
-    the lift, those of them with a best IoU > 0 (over every anchor: no rule excludes
-    any here) that the block's area range lets reach it (the kernel's bound); and the
-    blocks with something to visit, the only ones that generate their anchors."""
+    the lift (in the finalize), those of them with a best IoU > 0 (over every anchor: no
+    rule excludes any here) that the block's area range lets reach it (the kernel's
+    bound). And the blocks that generate their anchors: in the gather, those with a near
+    box; in the finalize (no rule needs the anchors here), those the lift visits or with
+    a positive to encode (``labels`` [B, A], the targets), which before the lift moved
+    into the finalize generated them once in each."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     low = torch.stack([b[:, :2].min(0).values for b in blocks])
     high = torch.stack([b[:, 2:].max(0).values for b in blocks])
     areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
     area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
-    near = lifted = bounded = steps = start = generating = lift_generating = 0
-    for count in counts:
+    near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
+    for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
         crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
@@ -576,9 +580,13 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         bounded += int(visited.sum())
         generating += int(crosses.any(1).sum())
         lift_generating += int(visited.any(1).sum())
+        encodes = torch.stack([(part == 1).any() for part in labels[index].split(meta.block_a)])
+        positive += int(encodes.sum())
+        finalize_generating += int((encodes | visited.any(1)).sum())
     return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
-            "lift_generating": lift_generating}  # fmt: skip
+            "lift_generating": lift_generating, "positive_blocks": positive,
+            "finalize_generating": finalize_generating}  # fmt: skip
 
 
 def pairs(out: Path) -> None:
@@ -594,7 +602,8 @@ def pairs(out: Path) -> None:
                  "anchors": anchors.shape[0], "nonzero": nonzero, **candidates,
                  "ratio": candidates["evaluated"] / nonzero}  # fmt: skip
         point["gather"] = {tile: gather_pairs(problem, tile) for tile in GATHER_TILES}
-        point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors)
+        labels = assign(boxes, counts, COCO_CANVAS, config, backend="cpu").labels
+        point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors, labels)
         points.append(point)
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
@@ -608,8 +617,10 @@ def pairs(out: Path) -> None:
               f"test steps), evaluating {built['evaluated']:,} pairs "
               f"(ratio {built['evaluated'] / nonzero:.2f}); its lift visits {built['lift_near_bounded']:,} "
               f"(box, block) pairs, {built['lift_near']:,} without the area bound; blocks that generate "
-              f"their anchors: {built['generating'] / built['blocks']:.0%} (lift "
-              f"{built['lift_generating'] / built['blocks']:.0%})")  # fmt: skip
+              f"their anchors: {built['generating'] / built['blocks']:.0%} in the gather, "
+              f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
+              f"two launches: {built['lift_generating'] / built['blocks']:.0%} + "
+              f"{built['positive_blocks'] / built['blocks']:.0%})")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(

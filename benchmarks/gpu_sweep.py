@@ -186,6 +186,7 @@ def main() -> None:
     variants = {"walk": dict(matching="walk"), "gather": dict(matching="gather")}
     variants |= {f"gather near={n}": dict(matching="gather", gather_near=n) for n in (1, 2, 8)}
     variants["gather <=64 registers"] = dict(matching="gather", gather_registers=64)
+    variants["gather lift near=4"] = dict(matching="gather", lift_near=4)  # the finalize's lift tile
     for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
         problem = problem_for(*point)[0]
         row = {}

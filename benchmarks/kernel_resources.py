@@ -70,28 +70,32 @@ def kernels() -> list[tuple[str, object, dict]]:
         ),  # fmt: skip
         ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
         ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
-        (
-            "gather: scatter",
-            k.gather_kernel,
-            dict(finalize, STAGE=k.STAGE_SCATTER, BOXES=m.gather_boxes, NEAR=m.gather_near),
-        ),
-        ("gather: lift", k.gather_kernel, dict(finalize, STAGE=k.STAGE_LIFT, BOXES=m.gather_boxes, NEAR=m.gather_near)),
+        ("gather: scatter", k.gather_kernel, dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near)),
         *(
             (
                 f"gather: scatter, {near} near box{'es' if near > 1 else ''} at a time",
                 k.gather_kernel,
-                dict(finalize, STAGE=k.STAGE_SCATTER, BOXES=m.gather_boxes, NEAR=near),
+                dict(finalize, BOXES=m.gather_boxes, NEAR=near),
             )
             for near in (1, 2, 8)
         ),
         (
             "gather: scatter, at most 64 registers",
             k.gather_kernel,
-            dict(finalize, STAGE=k.STAGE_SCATTER, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=64),
+            dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=64),
         ),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
+        *(
+            (
+                f"finalize: {name} with the gather's lift{f', {near} near boxes at a time' if near > 1 else ''}",
+                k.finalize_kernel,
+                dict(finalize, OUTPUT=output, LIFT=True, NEAR=near),
+            )
+            for name, output in (("dense", k.OUTPUT_DENSE), ("count", k.OUTPUT_COUNT))
+            for near in (m.lift_near, 4)
+        ),
         ("scan", k.scan_kernel, dict(BLOCK=2048)),
     ]
 
@@ -105,6 +109,9 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
     cap = constexprs.pop("maxnreg", default_cap)
     if fn is k.pairs_kernel:  # a constexpr with a default: left out, it would compile as a runtime argument
         constexprs.setdefault("PRECHECK", backend._COMPILED.scatter_precheck)
+    if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
+        constexprs = {"LIFT": False, "BOXES": backend._COMPILED.gather_boxes, "NEAR": backend._COMPILED.lift_near,
+                      **constexprs}  # fmt: skip
     if cap is not None:
         options["maxnreg"] = cap
 

@@ -862,10 +862,10 @@ def _bounds(x1, y1, x2, y2, mask):
 
 @triton.jit
 def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low, area_high,
-                min_pos_iou, STAGE: tl.constexpr):  # fmt: skip
+                min_pos_iou, LIFT: tl.constexpr):  # fmt: skip
     """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing its
     bounding box (a positive intersection with one anchor implies one with their union);
-    for the lift, only those that may reach their maximum IoU in the block."""
+    for the lift (LIFT), only those that may reach their maximum IoU in the block."""
     in_image = rows < box_end
     tested = gt_boxes_ptr + rows * 4
     x1 = tl.load(tested, mask=in_image, other=float("inf"))
@@ -873,7 +873,7 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, 
     x2 = tl.load(tested + 2, mask=in_image, other=-float("inf"))
     y2 = tl.load(tested + 3, mask=in_image, other=-float("inf"))
     near = in_image & (x1 < high_x) & (y1 < high_y) & (x2 > low_x) & (y2 > low_y)
-    if STAGE != _STAGE_SCATTER:
+    if LIFT:
         # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
         maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
@@ -883,9 +883,91 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, 
         # and the IoU's float rounding (a few ulps).
         area = (x2 - x1) * (y2 - y1)
         nearest = tl.minimum(tl.maximum(area, area_low), area_high)
-        bound = tl.minimum(area, nearest) / tl.maximum(area, nearest)
+        bound = tl.div_rn(tl.minimum(area, nearest), tl.maximum(area, nearest))
         near = near & (bound * 1.0001 >= maxima)
     return near
+
+
+@triton.jit
+def _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, area_low, area_high,
+              min_pos_iou, BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
+    """Whether some box is near the block: the steps up to the first with one."""
+    visits = 0
+    start = box_start
+    while (visits == 0) & (start < box_end):
+        rows = start + tl.arange(0, BOXES)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
+                           area_high, min_pos_iou, LIFT)  # fmt: skip
+        visits = tl.sum(near.to(tl.int32), axis=0)
+        start += BOXES
+    return visits > 0
+
+
+@triton.jit
+def _list_near(near_rows, rows, near):
+    """Lists the near ``rows``, in box order, at ``near_rows``; returns how many. BOXES
+    boxes are tested at once (one per thread): a box-by-box test would cost every thread
+    ~35 instructions per box of the image (SASS). The caller visits the list NEAR at a
+    time (``_listed_boxes``), so that each box's reduction over the block's anchors and
+    the loop's own work are shared by NEAR boxes, then calls ``tl.debug_barrier()`` before
+    the next step overwrites the list."""
+    count = tl.sum(near.to(tl.int32), axis=0)
+    if count > 0:
+        tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
+        tl.debug_barrier()  # every thread's list entries written before any is read
+    return count
+
+
+@triton.jit
+def _listed_boxes(near_rows, column, count, gt_boxes_ptr):
+    """The listed boxes ``column`` (a NEAR-wide step of the list): their rows (int64),
+    which are real (``column < count``), and their corners."""
+    listed = column < count
+    row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
+    box = gt_boxes_ptr + row * 4
+    bx1 = tl.load(box, mask=listed, other=0.0)
+    by1 = tl.load(box + 1, mask=listed, other=0.0)
+    bx2 = tl.load(box + 2, mask=listed, other=0.0)
+    by2 = tl.load(box + 3, mask=listed, other=0.0)
+    return row, listed, bx1, by1, bx2, by2
+
+
+@triton.jit
+def _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area):
+    """IoU of every anchor of the block (rows) with every listed box (columns)."""
+    return _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], ((bx2 - bx1) * (by2 - by1))[None, :],
+                ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], anchor_area[:, None])  # fmt: skip
+
+
+@triton.jit
+def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x, low_y, high_x, high_y,
+                ax1, ay1, ax2, ay2, included, min_pos_iou, BLOCK_A: tl.constexpr, BOXES: tl.constexpr,
+                NEAR: tl.constexpr):  # fmt: skip
+    """The low-quality lift of a block of anchors, once every box's key (its best IoU over
+    the included anchors) is known: per anchor, the highest box + 1 whose qualifying best
+    IoU it reaches among the included anchors, else 0. Only the boxes that may reach their
+    maximum here are visited (``_near_boxes``, LIFT)."""
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    # The area bound over the included anchors only; none: nothing to mark.
+    area_low = tl.min(tl.where(included, anchor_area, float("inf")), axis=0)
+    area_high = tl.max(tl.where(included, anchor_area, -float("inf")), axis=0)
+    box_end = tl.where(area_low <= area_high, box_end, box_start)
+    mark = tl.zeros((BLOCK_A, NEAR), tl.int32)  # per tile column: the last box marked
+    for start in range(box_start, box_end, BOXES):
+        rows = start + tl.arange(0, BOXES)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
+                           area_high, min_pos_iou, True)  # fmt: skip
+        count = _list_near(near_rows, rows, near)
+        if count > 0:
+            for k in range(0, count, NEAR):
+                row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, k + tl.arange(0, NEAR), count,
+                                                                gt_boxes_ptr)  # fmt: skip
+                iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
+                box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
+                hit = included[:, None] & listed[None, :] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
+                mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
+            tl.debug_barrier()  # every entry read before the next step overwrites the list
+    return tl.max(mark, axis=1)
 
 
 # The box-check flag sits inside solve_sparse's offsets (see segments_kernel).
@@ -915,7 +997,6 @@ def gather_kernel(
     # Scalars and rule switches
     shape_major,
     ignore_iof_thr,
-    min_pos_iou,
     use_ignore,
     ignore_wrt_anchor,
     border_rule,
@@ -923,32 +1004,30 @@ def gather_kernel(
     low_quality,
     check_boxes,
     # Meta-parameters
-    STAGE: tl.constexpr,
     GENERATE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
 ):
-    """Stages 2-3 as a gather (``_Meta.matching == "gather"``): a program per block of
+    """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
     only if some box is near, tests its image's boxes BOXES at a time against the block's
     bounding box (a positive intersection with one anchor implies one with their union),
     lists the near ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile;
-    no atomic per pair.
+    no atomic per pair. It writes each anchor's key (the walk's ``atomic_max`` result, as
+    a running maximum in registers) and a zero mark, the whole record (no zeroed work
+    memory needed); for the low-quality modes, each box's key over the block's included
+    anchors, one ``atomic_max`` per (block, box). The lift runs in ``finalize_kernel``
+    (LIFT), over these box keys.
 
-    SCATTER: each anchor's key (the walk's ``atomic_max`` result, as a running maximum
-    in registers) and a zero mark, the whole record written (no zeroed work memory
-    needed); for the low-quality modes, each box's key over the block's included anchors,
-    one ``atomic_max`` per (block, box). LIFT: each anchor's mark, the highest box + 1
-    whose qualifying best IoU it reaches (included anchors only), over SCATTER's box keys.
-    work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed
-    before SCATTER); near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each
-    program's list of the near boxes among the BOXES it tests at once (contents ignored);
-    bounds_ptr: [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and
-    area range (generated anchors; ``triton_backend._block_bounds``). check_boxes: the
-    SCATTER's first block of each image sets the int64 at invalid_ptr to 1 if one of its
-    boxes may be invalid (as segments_kernel does; canvas_ptr: float32 width, height).
+    work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed);
+    near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each program's list of the
+    near boxes among the BOXES it tests at once (contents ignored); bounds_ptr:
+    [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and area range
+    (generated anchors; ``triton_backend._block_bounds``). check_boxes: each image's
+    first block sets the int64 at invalid_ptr to 1 if one of its boxes may be invalid (as
+    segments_kernel does; canvas_ptr: float32 width, height).
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -959,39 +1038,27 @@ def gather_kernel(
     anchor_mask = anchor < num_anchors
     box_start = tl.load(gt_offsets_ptr + image)
     box_end = tl.load(gt_offsets_ptr + image + 1)
-    if STAGE == _STAGE_SCATTER:
-        if (check_boxes != 0) & (block == 0):
-            for start in range(box_start, box_end, BOXES):
-                rows = start + tl.arange(0, BOXES)
-                _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
+    if (check_boxes != 0) & (block == 0):
+        for start in range(box_start, box_end, BOXES):
+            rows = start + tl.arange(0, BOXES)
+            _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
     if GENERATE:
-        # The block's bounding box and area range from the grid's table (the same anchors
+        # The block's bounding box from the grid's table (the same anchors
         # _block_anchor_boxes generates), so that a block near no box generates none.
         bounds = bounds_ptr + block * 6
         low_x, low_y, high_x, high_y = tl.load(bounds), tl.load(bounds + 1), tl.load(bounds + 2), tl.load(bounds + 3)
-        area_low, area_high = tl.load(bounds + 4), tl.load(bounds + 5)
     else:
         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
                                                  GENERATE)  # fmt: skip
-        low_x, low_y, high_x, high_y, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
-    # Whether some box is near: the steps up to the first with one.
-    visits = 0
-    start = box_start
-    while (visits == 0) & (start < box_end):
-        rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
-                           area_high, min_pos_iou, STAGE)  # fmt: skip
-        visits = tl.sum(near.to(tl.int32), axis=0)
-        start += BOXES
-    # Per anchor and column of the visited tile, whose boxes come in increasing order:
-    # the best IoU and its box (SCATTER: a strict comparison keeps the lowest box on a
-    # tie, in 32-bit registers) or the last box marked (LIFT), reduced over the columns
-    # once at the end.
+        low_x, low_y, high_x, high_y, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+    # Per anchor and column of the visited tile, whose boxes come in increasing order: the
+    # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
+    # registers), reduced over the columns once at the end.
     best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
     best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
-    mark = tl.zeros((BLOCK_A, NEAR), tl.int32)
-    if visits > 0:
+    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, 0.0, 0.0, 0.0,
+                 BOXES, False):  # fmt: skip
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
@@ -1006,61 +1073,35 @@ def gather_kernel(
                 excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr,
                                                        image, num_levels, num_shapes, shape_major)  # fmt: skip
             included = anchor_mask & ~excluded
-            # The lift's area bound over the included anchors only; none: nothing to mark.
-            area_low = tl.min(tl.where(included, anchor_area, float("inf")), axis=0)
-            area_high = tl.max(tl.where(included, anchor_area, -float("inf")), axis=0)
-            if STAGE != _STAGE_SCATTER:
-                box_end = tl.where(area_low <= area_high, box_end, box_start)
         near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
         # The low half of each included anchor's key for a box's maximum, -1 where
         # excluded, broadcast over the tile's columns here: inside the loop the broadcast
         # would cost a layout conversion through shared memory (three barriers) per visit.
         anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
         for start in range(box_start, box_end, BOXES):
-            # BOXES boxes tested at once (one per thread): a box-by-box test would cost
-            # every thread ~35 instructions per box of the image (SASS); the near ones are
-            # listed, in box order, in this program's slice of near_ptr and visited NEAR at
-            # a time, so that each box's reduction over the block's anchors (low-quality
-            # modes) and the loop's own work are shared by NEAR boxes.
             rows = start + tl.arange(0, BOXES)
-            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
-                               area_high, min_pos_iou, STAGE)  # fmt: skip
-            count = tl.sum(near.to(tl.int32), axis=0)
+            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, 0.0, 0.0,
+                               0.0, False)  # fmt: skip
+            count = _list_near(near_rows, rows, near)
             if count > 0:
-                tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
-                tl.debug_barrier()  # every thread's list entries written before any is read
                 for k in range(0, count, NEAR):
-                    column = k + tl.arange(0, NEAR)
-                    listed = column < count
-                    row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
-                    box = gt_boxes_ptr + row * 4
-                    bx1 = tl.load(box, mask=listed, other=0.0)
-                    by1 = tl.load(box + 1, mask=listed, other=0.0)
-                    bx2 = tl.load(box + 2, mask=listed, other=0.0)
-                    by2 = tl.load(box + 3, mask=listed, other=0.0)
-                    iou = _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                               ((bx2 - bx1) * (by2 - by1))[None, :], ax1[:, None], ay1[:, None], ax2[:, None],
-                               ay2[:, None], anchor_area[:, None])  # fmt: skip
+                    row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, k + tl.arange(0, NEAR), count,
+                                                                    gt_boxes_ptr)  # fmt: skip
+                    iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
                     pair = anchor_mask[:, None] & listed[None, :]
-                    if STAGE == _STAGE_SCATTER:
-                        better = pair & (iou > best_iou)
-                        best_iou = tl.where(better, iou, best_iou)
-                        best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
-                        if low_quality != 0:
-                            top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
-                            top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
-                            tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
-                    else:
-                        box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
-                        hit = pair & included[:, None] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
-                        mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
+                    better = pair & (iou > best_iou)
+                    best_iou = tl.where(better, iou, best_iou)
+                    best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
+                    if low_quality != 0:
+                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
+                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
+                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
                 tl.debug_barrier()  # every entry read before the next step overwrites the list
     dense = image * num_anchors + anchor
-    if STAGE == _STAGE_SCATTER:
-        key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
-        key = tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
-        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
-    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.max(mark, axis=1), mask=anchor_mask)
+    key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
+    key = tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
+    tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
+    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.zeros((BLOCK_A,), tl.int32), mask=anchor_mask)
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------
@@ -1083,6 +1124,9 @@ def finalize_kernel(
     border_ptr,
     pad_ptr,
     work_ptr,
+    box_key_ptr,
+    near_ptr,
+    bounds_ptr,
     # Pointers: dense outputs (OUTPUT_DENSE; deltas go to work_ptr)
     labels_ptr,
     matched_ptr,
@@ -1107,6 +1151,7 @@ def finalize_kernel(
     high,
     low,
     ignore_iof_thr,
+    min_pos_iou,
     # Scalars: encoding
     weight_x,
     weight_y,
@@ -1136,8 +1181,19 @@ def finalize_kernel(
     GENERATE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    LIFT: tl.constexpr,
+    BOXES: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
+
+    LIFT (after ``gather_kernel``, a mode that lifts; OUTPUT_DENSE and OUTPUT_COUNT):
+    the block's marks are found here (``_lift_marks``, BOXES boxes tested and NEAR
+    visited at once, over box_key_ptr [N] int64 and gather_kernel's near_ptr and
+    bounds_ptr) rather than in a launch of their own, which generated the block's anchors
+    a second time; OUTPUT_COUNT stores the marks it found in work_ptr for OUTPUT_SPARSE.
+    Otherwise the marks are read from work_ptr (the walk's lift, forced_kernel's, or
+    OUTPUT_COUNT's).
 
     pad_ptr: [B, R, 2] int32 (see pairs_kernel), read when pad_rule != 0.
     work_ptr: [B, A, 4] 32-bit words (key, mark; see pairs_kernel). OUTPUT_DENSE writes
@@ -1189,6 +1245,7 @@ def finalize_kernel(
             excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr, image,
                                                    num_levels, num_shapes, shape_major)  # fmt: skip
     included = anchor_mask & ~excluded
+    anchors_built = geometry_rules
 
     dense = image * num_anchors + anchor  # int64: B * A may pass 2^31
     key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
@@ -1199,10 +1256,38 @@ def finalize_kernel(
     # An image without boxes: every included anchor is negative, none matched.
     best_box = tl.where(has_boxes, best_box, -1)
     best_iou = tl.where(has_boxes, best_iou, -1.0)
-    if low_quality != 0:
+    mark = tl.zeros((BLOCK_A,), tl.int32)
+    if LIFT:
+        if has_boxes:
+            # The boxes that may reach their maximum in this block (the grid's table of
+            # block bounds: a block far from them builds no anchors for the lift).
+            if GENERATE:
+                bounds = bounds_ptr + block * 6
+                low_x, low_y = tl.load(bounds), tl.load(bounds + 1)
+                high_x, high_y = tl.load(bounds + 2), tl.load(bounds + 3)
+                area_low, area_high = tl.load(bounds + 4), tl.load(bounds + 5)
+            else:
+                bx1, by1, bx2, by2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                         level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                         GENERATE)  # fmt: skip
+                low_x, low_y, high_x, high_y, area_low, area_high = _bounds(bx1, by1, bx2, by2, anchor_mask)
+            box_end = tl.load(gt_offsets_ptr + image + 1)
+            lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, area_low,
+                              area_high, min_pos_iou, BOXES, True)  # fmt: skip
+            if lifts:
+                if ~anchors_built:
+                    ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
+                                                             level_int_ptr, level_float_ptr, cells_ptr, num_levels,
+                                                             shape_major, GENERATE)  # fmt: skip
+                near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+                mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x, low_y, high_x,
+                                   high_y, ax1, ay1, ax2, ay2, included, min_pos_iou, BLOCK_A, BOXES,
+                                   NEAR)  # fmt: skip
+                if OUTPUT == _OUTPUT_COUNT:  # for OUTPUT_SPARSE (gather_kernel wrote zeros)
+                    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=mark > 0)
+            anchors_built = anchors_built | lifts
+    elif low_quality != 0:
         mark = tl.load(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mask=anchor_mask, other=0)
-    else:
-        mark = tl.zeros((BLOCK_A,), tl.int32)
 
     # Thresholds: [low, high) ignored; strict_high (DALI/MLPerf SSD) flips both ends, (low, high].
     strict = strict_high != 0
@@ -1237,7 +1322,7 @@ def finalize_kernel(
         column = tl.arange(0, 4)[None, :]
         deltas = tl.zeros((BLOCK_A, 4), tl.float32)
         if tl.max(positive.to(tl.int32), axis=0) > 0:
-            if ~geometry_rules:
+            if ~anchors_built:
                 ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
                                                          GENERATE)  # fmt: skip

@@ -70,8 +70,10 @@ class _Meta:
     how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
     pairs, one ``atomic_max`` each) or "gather" (``gather_kernel``: per block of anchors,
     its image's boxes; to be measured against the walk on a GPU), how many boxes the
-    gather tests at once, how many near ones it visits at once, and a cap on its
-    registers (None: the compiler's choice)."""
+    gather tests at once, how many near ones it visits at once, a cap on its registers
+    (None: the compiler's choice), and how many near boxes the gather's lift (inside the
+    finalize) visits at once: one on a GPU, where few boxes reach their maximum in a
+    block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers."""
 
     block_a: int
     block_p: int
@@ -85,6 +87,7 @@ class _Meta:
     gather_boxes: int = 128
     gather_near: int = 4
     gather_registers: int | None = None
+    lift_near: int = 1
 
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
@@ -102,7 +105,7 @@ class _Meta:
 _COMPILED = _Meta(block_a=128, block_p=256, block_g=2, segment_rows=2, pair_programs=32, num_warps=4,
                   pair_registers=64)  # fmt: skip
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4,
-                     gather_boxes=64, gather_near=8)  # fmt: skip
+                     gather_boxes=64, gather_near=8, lift_near=8)  # fmt: skip
 
 # Grid axis 1 (images) is limited to 65,535 programs by CUDA.
 _MAX_IMAGES = 65_535
@@ -361,6 +364,9 @@ class _Launch:
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
+        # The gather's box keys, near-box lists and block bounds, which the finalize's lift
+        # reads (``gather``); None: the finalize reads the marks from the work memory.
+        self.lift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return _placeholder(self.device, dtype)
@@ -444,9 +450,10 @@ class _Launch:
             pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
 
     def gather(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
-        """Stages 2-3 by ``gather_kernel``: writes every anchor's key and mark into ``work``
-        (zeroed or not), and with ``invalid`` checks the gt boxes too. ``segments_kernel``
-        runs only for ssd_forced's box rows per image."""
+        """Stage 2 by ``gather_kernel``: writes every anchor's key and a zero mark into
+        ``work`` (zeroed or not), and with ``invalid`` checks the gt boxes too; stage 3 is
+        forced_kernel's marks for ssd_forced (``segments_kernel`` runs for its box rows
+        per image), the finalize's lift for the modes that lift (``self.lift``)."""
         if self.num_anchors == 0:
             return
         forced = self.low_quality == LOW_QUALITY_CODES["ssd_forced"]
@@ -470,23 +477,21 @@ class _Launch:
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
             self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, bounds, canvas,
             invalid, self.num_anchors, self.num_levels, self.num_shapes, self.shape_major,
-            float(self.match.ignore_iof_thr), float(self.match.min_pos_iou), *self.rules, self.low_quality, int(check),
+            float(self.match.ignore_iof_thr), *self.rules, self.low_quality, int(check),
         )  # fmt: skip
         grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
                     BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near, **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
-        gather_kernel[grid](*common, STAGE=STAGE_SCATTER, **meta)
-        if forced:
-            if candidates is not None:
-                block = 128
-                forced_kernel[(_cdiv(self.num_rows, block),)](
-                    self.problem.gt_offsets, candidates["row_image"], box_key, work, self.num_rows, self.num_anchors,
-                    float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
-                )  # fmt: skip
-        elif self.low_quality != LOW_QUALITY_CODES["none"] and self.num_rows > 0:
-            gather_kernel[grid](*common, STAGE=STAGE_LIFT, **meta)
+        gather_kernel[grid](*common, **meta)
+        if forced and candidates is not None:
+            block = 128
+            forced_kernel[(_cdiv(self.num_rows, block),)](
+                self.problem.gt_offsets, candidates["row_image"], box_key, work, self.num_rows, self.num_anchors,
+                float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
+            )  # fmt: skip
+        self.lift = box_key, near, bounds
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
         """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""
@@ -509,18 +514,22 @@ class _Launch:
         problem, encode = self.problem, self.encode
         has_classes = problem.gt_classes is not None
         capacities = [len(outputs[name]) if name in outputs else 0 for name in ("positive_anchors", "ignored_anchors")]
+        # The gather's lift runs here (the sparse pass reads the marks its count pass stored).
+        lifts = self.low_quality not in (LOW_QUALITY_CODES["none"], LOW_QUALITY_CODES["ssd_forced"])
+        lift = self.lift is not None and lifts and output != OUTPUT_SPARSE
+        lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.int32, torch.float32)))
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
             problem.gt_classes if has_classes else self._placeholder(torch.int32),
             self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
-            self.border, self.pad, work, *pointers,
+            self.border, self.pad, work, *lift_inputs, *pointers,
             self.num_anchors, self.num_levels, self.num_shapes, *capacities,
             float(self.match.high), float(self.match.low), float(self.match.ignore_iof_thr),
-            *encode.weights, *encode.means, *encode.stds, problem.config.background_class,
-            self.shape_major, self.low_quality, int(self.match.strict_high), *self.rules,
-            int(has_classes), int(outputs.get("max_iou") is not None),
-            OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
-            **_launch_kwargs(),
+            float(self.match.min_pos_iou), *encode.weights, *encode.means, *encode.stds,
+            problem.config.background_class, self.shape_major, self.low_quality, int(self.match.strict_high),
+            *self.rules, int(has_classes), int(outputs.get("max_iou") is not None),
+            OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, LIFT=lift,
+            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, **_launch_kwargs(),
         )  # fmt: skip
 
     def work(self) -> torch.Tensor:

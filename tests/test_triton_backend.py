@@ -494,10 +494,11 @@ INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr",
          "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
-         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr"}
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr", "near_ptr"}
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
+lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near)  # the walk's finalize
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -506,10 +507,17 @@ for name, fn, constexprs in [
     ("scatter_explicit", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=False, BLOCK_P=m.block_p)),
     ("forced", k.forced_kernel, dict(BLOCK=128)),
     ("lift_segments", k.lift_segments_kernel, dict(BLOCK=1024)),
-    ("dense", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
-    ("count", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_COUNT, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
-    ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)),
+    ("dense", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
+                                        **lift)),
+    ("count", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_COUNT, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
+                                        **lift)),
+    ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
+                                        **lift)),
     ("scan", k.scan_kernel, dict(BLOCK=1024)),
+    ("gather", k.gather_kernel, dict(GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g, BOXES=m.gather_boxes,
+                                     NEAR=m.gather_near)),
+    ("dense_lift", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
+                                           BLOCK_G=m.block_g, **dict(lift, LIFT=True))),
 ]:
     signature = {
         arg: "constexpr" if arg in constexprs else "*i64" if arg in INT64 else "*i32" if arg in INT32
@@ -531,7 +539,7 @@ print(json.dumps(ptx))
 @pytest.mark.parametrize(
     "matching, kernels",
     [("walk", {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
-     # gather_kernel checks assign_sparse's boxes, scatters and lifts.
+     # gather_kernel checks assign_sparse's boxes and scatters; finalize_kernel lifts.
      ("gather", {"gather_kernel", "finalize_kernel", "scan_kernel"})],
 )  # fmt: skip
 def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernels, monkeypatch):
@@ -566,7 +574,7 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     """Both triton versions compile the kernels; the PTX keeps IoU exact: IEEE division
     (div.rn, never div.full/approx) and no mul+add contracted into fma.rn.f32 (the
     fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp); the pair
-    kernels' atomics are relaxed and unfenced."""
+    kernels' and the gather's atomics are relaxed and unfenced."""
     import json
     import os
     import re
@@ -583,9 +591,9 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     for name, code in ptx.items():
         assert "div.full.f32" not in code and "div.approx" not in code, name
         assert "fma.rn.f32" not in code, f"{name}: a mul+add was contracted into an FMA"
-    for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse"):
+    for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse", "gather", "dense_lift"):
         assert "div.rn.f32" in ptx[name], name
-    for name in ("scatter", "lift", "forced"):
+    for name in ("scatter", "lift", "forced", "gather"):
         # Relaxed atomics with no fence around them (acq_rel fenced each one:
         # triton_assign's docstring). Triton 3.9 writes them as reductions (red); 3.6 as
         # atom, whose unread result ptxas drops: fire-and-forget REDG in the SASS either
@@ -593,7 +601,8 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
         atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx[name]))
         assert atomics and all(".relaxed.max." in op for op in atomics), (name, atomics)
         assert "fence" not in ptx[name] and "membar" not in ptx[name], name
-    assert "st.global.v4.b32" in ptx["dense"], "deltas should leave in 16-byte vector stores"
+    for name in ("dense", "dense_lift"):
+        assert "st.global.v4.b32" in ptx[name], f"{name}: deltas should leave in 16-byte vector stores"
 
 
 # --- compiled, full size (skipped without a GPU) -------------------------------------
@@ -669,9 +678,20 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image):
 def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
     """Solve with stages 2-3 as the gather, at the GPU's block sizes (128 anchors per
     block: bounding boxes of a short stretch of a row, most boxes skipped) or the
-    interpreter's, with other ``gather_boxes`` / ``gather_near`` if given; the list gets
-    each gather launch's STAGE."""
-    launched = _recorded_launches(monkeypatch, "gather_kernel", "STAGE")
+    interpreter's, with other ``gather_boxes`` / ``gather_near`` / ``lift_near`` if given;
+    the list gets each finalize launch's (OUTPUT, LIFT)."""
+    launched = []
+    original = triton_backend.finalize_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["OUTPUT"], kwargs["LIFT"]))
+                return original[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "finalize_kernel", Recording())
     base = triton_backend._COMPILED if gpu_blocks else triton_backend._meta()
     changed = dataclasses.replace(base, matching="gather", **sizes)
     monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
@@ -679,15 +699,17 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
     return launched
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, monkeypatch, generator):
+@pytest.mark.parametrize("mode, lift_near", [(mode, 1) for mode in MODES] + [("mmdet", 2), ("torchvision", 2)])
+def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, lift_near, monkeypatch, generator):
     """The gather gives the reference's targets, dense and sparse, at the GPU's block
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
     pre-match border rule and padded sizes (both taking anchors out of each box's
-    maximum), min_pos_iou; and it launches a lift only for the modes that lift
-    (ssd_forced marks with forced_kernel). Boxes are tested 8 at a time, so that an
-    image's near boxes span several steps (and tied boxes straddle them)."""
-    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8)
+    maximum), min_pos_iou; the modes that lift do so in the dense and counting finalize
+    (the sparse pass reads the marks the count stored; ssd_forced marks with
+    forced_kernel, whose marks every pass reads). Boxes are tested 8 at a time, so that an image's near boxes
+    span several steps (and tied boxes straddle them), and the lift visits them 1 and 2
+    at a time."""
+    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
@@ -699,9 +721,10 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, mo
     check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0, 0, 2], want_max_iou=True,
           image_sizes=[[64, 96], [40, 60], [64, 70], [50, 70]], pad_sizes=[[64, 96]] * 2 + [[64, 80]] * 2,
           sparse=True)  # fmt: skip
+    dense, count, sparse = triton_assign.OUTPUT_DENSE, triton_assign.OUTPUT_COUNT, triton_assign.OUTPUT_SPARSE
     lifts = mode in ("torchvision", "detectron2", "mmdet")
-    scatter, lift = triton_assign.STAGE_SCATTER, triton_assign.STAGE_LIFT
-    assert launched == ([scatter, lift] * 2 if lifts else [scatter] * 2)
+    # (The sparse pass runs again when the lists sized from earlier batches overflow.)
+    assert launched[:2] == [(dense, lifts), (count, lifts)] and set(launched[2:]) == {(sparse, False)}
 
 
 @pytest.mark.parametrize("near", [2, 4])
@@ -795,7 +818,7 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, monk
     first block, 4 boxes per step here): an invalid box of either image, in any step, of
     each kind is reported, valid boxes are not; ssd_forced (segments_kernel for its box
     rows) alike. Its work memory is not zeroed (every record written, the same words as
-    the walk writes into zeroed memory)."""
+    the walk writes into zeroed memory, the lift's marks once the count pass stored them)."""
     _gather(monkeypatch, gpu_blocks=False, gather_boxes=4)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [4, 6], canvas)
@@ -817,7 +840,10 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, monk
     walk = triton_backend._Launch(problem)
     monkeypatch.setattr(walk, "meta", dataclasses.replace(walk.meta, matching="walk"))
     zeroed = walk.work()
+    block_counts = torch.empty(gather.batch * gather.num_blocks, 2, dtype=torch.int32, device=gather.device)
     with triton_backend._on(gather.device):
         gather.match_pairs(work)
         walk.match_pairs(zeroed)
+        # The lift's marks come with the finalize, whose count pass stores them.
+        gather.finalize(triton_assign.OUTPUT_COUNT, work, block_counts=block_counts)
     assert torch.equal(work.view(torch.int32)[..., :3], zeroed.view(torch.int32)[..., :3])
