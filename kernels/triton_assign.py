@@ -46,10 +46,12 @@ bounding box, lists the near ones (a scan; 4 bytes per anchor and image of list 
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
 (the work memory needs no zeroing), and for the low-quality modes folds each box's key
-once per (block, box); its lift marks the anchors that reach a qualifying box's maximum
-the same way; blocks near no box generate no anchors (a per-grid table of block bounds),
-the lift skips boxes whose area is far from every anchor's, and each image's first block
-checks the sparse path's unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
+once per (block, box); the lift, which marks the anchors that reach a qualifying box's
+maximum the same way, runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
+block builds its anchors once for the lift and the encoding); blocks near no box
+generate no anchors (a per-grid table of block bounds), the lift skips boxes whose area
+is far from every anchor's, and each image's first block checks the sparse path's
+unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
 (2.26x the overlapping pairs at G = 200).
 
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
