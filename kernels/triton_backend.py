@@ -606,7 +606,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         raise CheckBoxesFirst  # no segments_kernel runs to check the boxes
     has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
-    # back with the totals beside it.
+    # back with the totals beside it; [2, 0]: scan_kernel's count of programs done.
     offsets = torch.zeros(3, batch + 1, dtype=torch.int64, device=device)
     invalid = None if problem.gt_boxes_checked else offsets[2, batch:]
     totals, sparse = (0, 0), None
@@ -620,9 +620,8 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         with _on(device):
             launch.match_pairs(work, invalid)
             launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
-            scan_kernel[(batch,)](block_counts, block_starts, image_totals, launch.num_blocks, batch, BLOCK=2048,
-                                  **_launch_kwargs())  # fmt: skip
-            offsets[:2, 1:] = image_totals.cumsum(dim=1)
+            scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, offsets[2, :1],
+                                  launch.num_blocks, batch, BLOCK=2048, **_launch_kwargs())  # fmt: skip
             if guess is not None:
                 sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
                 sparse = _sparse_lists(*sizes, has_classes, device)

@@ -232,6 +232,29 @@ def test_segment_searches(block):
         assert (found - at).max() > 32 or num_segments < 100  # the window loop runs more than once
 
 
+@pytest.mark.parametrize("batch", [1, 4, 9])
+def test_scan_lays_blocks_and_images_end_to_end(batch, generator):
+    """scan_kernel with 4-entry steps (7 blocks per image: two steps; up to 9 images:
+    three): each block's first rows within its image, and each image's first rows,
+    which the last program to finish writes after counting every program done."""
+    num_blocks = 7
+    counts = torch.randint(0, 5, (batch * num_blocks, 2), generator=generator, dtype=torch.int32)
+    counts[: num_blocks // 2] = 0  # a stretch of empty blocks
+    starts = torch.full((batch * num_blocks, 2), -1, dtype=torch.int64, device=DEVICE)
+    totals = torch.empty(2, batch, dtype=torch.int64, device=DEVICE)
+    offsets = torch.zeros(3, batch + 1, dtype=torch.int64, device=DEVICE)
+    offsets[2, 1:] = 7  # the invalid-box flag's row: left as it was
+    triton_assign.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, offsets[2, :1], num_blocks, batch,
+                                        BLOCK=4)  # fmt: skip
+    per_image = counts.view(batch, num_blocks, 2).to(torch.int64)
+    within = per_image.cumsum(1) - per_image
+    assert torch.equal(starts.cpu(), within.reshape(-1, 2))
+    image_totals = per_image.sum(1).T
+    expected = torch.cat([torch.zeros(2, 1, dtype=torch.int64), image_totals.cumsum(1)], 1)
+    assert torch.equal(offsets[:2].cpu(), expected)
+    assert offsets[2, 0] == batch and (offsets[2, 1:] == 7).all()
+
+
 def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
     """``solve_sparse`` writes its lists before reading their lengths back, into lists
     sized from recent batches: the first batch of an anchor count is written after the
@@ -491,7 +514,7 @@ from tritarget.kernels import triton_backend as backend
 from tritarget.kernels import triton_assign as k
 
 INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
-         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr"}
+         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "done_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
          "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr", "near_ptr"}
@@ -574,7 +597,7 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     """Both triton versions compile the kernels; the PTX keeps IoU exact: IEEE division
     (div.rn, never div.full/approx) and no mul+add contracted into fma.rn.f32 (the
     fma.rn.ftz.f32 in the finalize kernel are libdevice's logf, within 1 ulp); the pair
-    kernels' and the gather's atomics are relaxed and unfenced."""
+    kernels' and the gather's atomics are relaxed and unfenced, the scan's count acq_rel."""
     import json
     import os
     import re
@@ -603,6 +626,10 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
         assert "fence" not in ptx[name] and "membar" not in ptx[name], name
     for name in ("dense", "dense_lift"):
         assert "st.global.v4.b32" in ptx[name], f"{name}: deltas should leave in 16-byte vector stores"
+    # The scan's last program reads what the others stored before they counted themselves
+    # done: its count must release and acquire.
+    atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx["scan"]))
+    assert atomics and all(".acq_rel." in op for op in atomics), atomics
 
 
 # --- compiled, full size (skipped without a GPU) -------------------------------------
