@@ -70,7 +70,7 @@ class AnchorGrid:
 
     @property
     def num_anchors(self) -> int:
-        return sum(lv.num_anchors for lv in self.levels)
+        return self.level_starts[-1]
 
     @functools.cached_property  # read by every assign call (Targets.level_starts)
     def level_starts(self) -> tuple[int, ...]:

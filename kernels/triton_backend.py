@@ -329,6 +329,7 @@ class _Launch:
         self.problem = problem
         self.meta = _meta()
         self.device = device = problem.device
+        self._placeholders = {dtype: _placeholder(device, dtype) for dtype in (torch.float32, torch.int32, torch.int64)}
         config = problem.config
         match = config.match
         self.match, self.encode = match, config.encode
@@ -369,7 +370,7 @@ class _Launch:
         self.lift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
-        return _placeholder(self.device, dtype)
+        return self._placeholders[dtype]  # a call makes up to 21 of these lookups
 
     def segments(self, invalid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, pairs
@@ -513,7 +514,8 @@ class _Launch:
         pointers = [self._placeholder(torch.int32) if p is None else p for p in pointers]
         problem, encode = self.problem, self.encode
         has_classes = problem.gt_classes is not None
-        capacities = [len(outputs[name]) if name in outputs else 0 for name in ("positive_anchors", "ignored_anchors")]
+        capacities = [outputs[name].shape[0] if name in outputs else 0 for name in ("positive_anchors",
+                                                                                    "ignored_anchors")]  # fmt: skip
         # The gather's lift runs here (the sparse pass reads the marks its count pass stored).
         lifts = self.low_quality not in (LOW_QUALITY_CODES["none"], LOW_QUALITY_CODES["ssd_forced"])
         lift = self.lift is not None and lifts and output != OUTPUT_SPARSE
