@@ -1268,19 +1268,20 @@ def finalize_kernel(
                 low_x, low_y = tl.load(bounds), tl.load(bounds + 1)
                 high_x, high_y = tl.load(bounds + 2), tl.load(bounds + 3)
                 area_low, area_high = tl.load(bounds + 4), tl.load(bounds + 5)
-            else:
-                bx1, by1, bx2, by2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+            else:  # explicit anchors: their bounds from the anchors themselves (a load)
+                ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
                                                          GENERATE)  # fmt: skip
-                low_x, low_y, high_x, high_y, area_low, area_high = _bounds(bx1, by1, bx2, by2, anchor_mask)
+                low_x, low_y, high_x, high_y, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
             box_end = tl.load(gt_offsets_ptr + image + 1)
             lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, area_low,
                               area_high, min_pos_iou, BOXES, True)  # fmt: skip
             if lifts:
-                if ~anchors_built:
-                    ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
-                                                             level_int_ptr, level_float_ptr, cells_ptr, num_levels,
-                                                             shape_major, GENERATE)  # fmt: skip
+                if GENERATE:
+                    if ~anchors_built:
+                        ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
+                                                                 level_int_ptr, level_float_ptr, cells_ptr,
+                                                                 num_levels, shape_major, GENERATE)  # fmt: skip
                 near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
                 mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x, low_y, high_x,
                                    high_y, ax1, ay1, ax2, ay2, included, min_pos_iou, BLOCK_A, BOXES,
