@@ -8,10 +8,14 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches:
 1. ``segments_kernel`` and a ``cumsum``: the candidate rectangles and their chunk order;
 2. ``pairs_kernel`` (scatter): every overlapping pair, into per-anchor and per-box keys;
 3. low-quality modes only: ``pairs_kernel`` (lift) or ``forced_kernel`` (ssd_forced);
-4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel``, sparse lists, sized
-   from the recent batches' rows per image and read back once at the end (two totals:
-   the rare batch that overflows is written again, into lists of its own size; and the
-   flag of the gt boxes' check, which ``segments_kernel`` makes for ``solve_sparse``).
+4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel`` (each image's rows and
+   the images' offsets), sparse lists, sized from the recent batches' rows per image
+   and read back once at the end (two totals: the rare batch that overflows is written
+   again, into lists of its own size; and the flag of the gt boxes' check, which
+   ``segments_kernel`` makes for ``solve_sparse``).
+
+With ``_Meta.matching = "gather"``, ``gather_kernel`` does 1-2 (and checks the boxes),
+and the finalize lifts (3; ``forced_kernel`` still marks for ssd_forced).
 
 One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
 on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
