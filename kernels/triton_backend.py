@@ -14,8 +14,9 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches:
    again, into lists of its own size; and the flag of the gt boxes' check, which
    ``segments_kernel`` makes for ``solve_sparse``).
 
-With ``_Meta.matching = "gather"``, ``gather_kernel`` does 1-2 (and checks the boxes),
-and the finalize lifts (3; ``forced_kernel`` still marks for ssd_forced).
+With ``_Meta.matching = "gather"``, ``gather_kernel`` does 1-2 (and checks the boxes)
+and the finalize lifts (3); ssd_forced keeps ``segments_kernel`` for its box rows and
+``forced_kernel``.
 
 One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
 on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
