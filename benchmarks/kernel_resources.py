@@ -34,7 +34,7 @@ from tritarget.kernels import triton_assign as k  # noqa: E402
 from tritarget.kernels import triton_backend as backend  # noqa: E402
 
 INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
-         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "done_ptr"}  # fmt: skip
+         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "flags_ptr"}  # fmt: skip
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
          "row_image_ptr", "row_box_ptr", "seg_max_ptr", "near_ptr"}  # fmt: skip

@@ -1377,7 +1377,7 @@ def finalize_kernel(
 
 
 @triton.jit(do_not_specialize=["num_blocks", "batch"])
-def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, done_ptr, num_blocks, batch,
+def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, flags_ptr, num_blocks, batch,
                 BLOCK: tl.constexpr):  # fmt: skip
     """Exclusive scan of one image's per-block counts; the last program to finish also
     lays the images end to end.
@@ -1385,11 +1385,13 @@ def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, don
     block_counts_ptr: [B * nblocks, 2] int32 (positive, ignored); block_starts_ptr: same
     shape int64 out, each block's first output row within its image; totals_ptr: [2, B]
     int64 scratch, the image's positives (row 0) and ignored anchors (row 1); offsets_ptr:
-    [2, B + 1] int64 out (column 0 zeroed by the caller), each image's first positive and
-    ignored row; done_ptr: an int64, zeroed, counting the programs done. A RetinaNet
-    image has 1,575 blocks: one step of BLOCK = 2048. (A torch cumsum across the outer
-    dimension of [B * nblocks, 2] took milliseconds; the images' offsets, a cumsum and a
-    copy on the host's side, two launches.)
+    [3, B + 1] int64 out, uninitialised: rows 0 and 1 each image's first positive and
+    ignored row, then the totals; [2, B] a copy of the invalid-box flag, to be read back
+    with the totals beside it (the rest of row 2 is left alone); flags_ptr: two zeroed
+    int64, the invalid-box flag (set by the match stage) and the count of programs done.
+    A RetinaNet image has 1,575 blocks: one step of BLOCK = 2048. (A torch cumsum across
+    the outer dimension of [B * nblocks, 2] took milliseconds; the images' offsets, a
+    cumsum and a copy on the host's side, two launches; zeroing the offsets, a memset.)
     Grid: (B,).
     """
     image = tl.program_id(0).to(tl.int64)
@@ -1411,7 +1413,11 @@ def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, don
     # ordered before its count (the barrier, then the count's release), and the last
     # count's acquire orders the reads below after all of them.
     tl.debug_barrier()
-    if tl.atomic_add(done_ptr, 1, sem="acq_rel") == batch - 1:
+    if tl.atomic_add(flags_ptr + 1, 1, sem="acq_rel") == batch - 1:
+        row = batch + 1  # offsets' row length
+        tl.store(offsets_ptr, image * 0)
+        tl.store(offsets_ptr + row, image * 0)
+        tl.store(offsets_ptr + 2 * row + batch, tl.load(flags_ptr))
         carry_positive = image * 0
         carry_ignored = image * 0
         for first in range(0, batch, BLOCK):
@@ -1420,6 +1426,6 @@ def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, don
             positive = tl.load(totals_ptr + images, mask=real, other=0)
             ignored = tl.load(totals_ptr + batch + images, mask=real, other=0)
             tl.store(offsets_ptr + 1 + images, carry_positive + tl.cumsum(positive, axis=0), mask=real)
-            tl.store(offsets_ptr + batch + 2 + images, carry_ignored + tl.cumsum(ignored, axis=0), mask=real)
+            tl.store(offsets_ptr + row + 1 + images, carry_ignored + tl.cumsum(ignored, axis=0), mask=real)
             carry_positive += tl.sum(positive, axis=0)
             carry_ignored += tl.sum(ignored, axis=0)

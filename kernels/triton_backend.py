@@ -377,19 +377,38 @@ class _Launch:
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return self._placeholders[dtype]  # a call makes up to 21 of these lookups
 
-    def segments(self, invalid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def scratch_words(self) -> int:
+        """The int64 words of zeroed memory the match stage fills (``match_pairs``'s
+        ``zeroed``): the walk's prefix sums, box keys and segment maxima (``segments``), the
+        gather's box keys where its mode ranks each box's anchors (not for ``none``)."""
+        if self.meta.matching == "gather":
+            return 0 if self.low_quality == LOW_QUALITY_CODES["none"] else self.num_rows
+        return self._segment_layout()[2]
+
+    def _segment_layout(self) -> tuple[int, int, int]:
+        """Where the box keys and segment maxima start in ``segments``' zeroed memory, and
+        its words in all. Each part starts 16-byte aligned whatever the counts, as the
+        kernels are specialised on their pointers' alignment (one compilation, not one per
+        parity)."""
+        num_segments = self.num_rows * self.num_shapes
+        keys_at = _even(num_segments + 1)
+        seg_max_at = keys_at + _even(self.num_rows)
+        return keys_at, seg_max_at, seg_max_at + (num_segments + 1) // 2
+
+    def segments(
+        self, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The candidate structure, S = N * shape rows segments: rect [S, 4] int32, pairs
         [S] int64 and prefix [S + 1] int64 (its exclusive cumsum), row_image and row_box
         [N] int32, and the zeroed box_key [N] int64 and seg_max [S] int32 the pair kernels
-        fill (one memset for all three zeroed arrays: each launch costs host time).
-        ``invalid`` (int64, zeroed): set to 1 if some gt box may be invalid (the check a
-        problem built with ``check_gt_boxes=False`` leaves to the backend)."""
+        fill, all three in ``zeroed`` (``scratch_words``; allocated here when None: each
+        memset is a launch, which costs host time). ``invalid`` (int64, zeroed): set to 1
+        if some gt box may be invalid (the check a problem built with
+        ``check_gt_boxes=False`` leaves to the backend)."""
         rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
-        # Each part starts 16-byte aligned whatever the counts, as the kernels are
-        # specialised on their pointers' alignment (one compilation, not one per parity).
-        keys_at = _even(num_segments + 1)
-        seg_max_at = keys_at + _even(rows)
-        zeroed = torch.zeros(seg_max_at + (num_segments + 1) // 2, dtype=torch.int64, device=self.device)
+        keys_at, seg_max_at, words = self._segment_layout()
+        if zeroed is None:
+            zeroed = torch.zeros(words, dtype=torch.int64, device=self.device)
         out = {
             "rect": torch.empty(num_segments, 4, dtype=torch.int32, device=self.device),
             "prefix": zeroed[: num_segments + 1],
@@ -414,15 +433,18 @@ class _Launch:
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out
 
-    def match_pairs(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+    def match_pairs(
+        self, work: torch.Tensor, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
+    ) -> None:
         """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, from ``work()``) with keys and
-        marks; with ``invalid``, check the gt boxes too (``segments``)."""
+        marks; with ``invalid``, check the gt boxes too (``segments``). ``zeroed``: the
+        stage's zeroed memory (``scratch_words``), part of the caller's; None: its own."""
         if self.meta.matching == "gather":
-            self.gather(work, invalid)
+            self.gather(work, invalid, zeroed)
             return
         if self.num_rows == 0 or self.num_anchors == 0:
             return
-        candidates = self.segments(invalid)
+        candidates = self.segments(invalid, zeroed)
         rect, prefix, row_image = candidates["rect"], candidates["prefix"], candidates["row_image"]
         box_key, seg_max = candidates["box_key"], candidates["seg_max"]
         num_segments = rect.shape[0]
@@ -455,11 +477,14 @@ class _Launch:
             torch.cumsum(pairs, 0, out=prefix[1:])
             pairs_kernel[grid](*common, STAGE=STAGE_LIFT, **meta, **_launch_kwargs())
 
-    def gather(self, work: torch.Tensor, invalid: torch.Tensor | None = None) -> None:
+    def gather(
+        self, work: torch.Tensor, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
+    ) -> None:
         """Stage 2 by ``gather_kernel``: writes every anchor's key and a zero mark into
         ``work`` (zeroed or not), and with ``invalid`` checks the gt boxes too; stage 3 is
         forced_kernel's marks for ssd_forced (``segments_kernel`` runs for its box rows
-        per image), the finalize's lift for the modes that lift (``self.lift``)."""
+        per image), the finalize's lift for the modes that lift (``self.lift``).
+        ``zeroed``: the box keys' zeroed memory (``scratch_words``); None: its own."""
         if self.num_anchors == 0:
             return
         forced = self.low_quality == LOW_QUALITY_CODES["ssd_forced"]
@@ -471,6 +496,8 @@ class _Launch:
             canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
         if self.low_quality == LOW_QUALITY_CODES["none"]:
             box_key = self._placeholder(torch.int64)
+        elif zeroed is not None:
+            box_key = zeroed[: self.num_rows]
         else:
             box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
         # Each program's list of near boxes (4 bytes per anchor and image at 128 per block).
@@ -613,11 +640,16 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         raise CheckBoxesFirst  # no segments_kernel runs to check the boxes
     has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
-    # back with the totals beside it; [2, 0]: scan_kernel's count of programs done.
-    offsets = torch.zeros(3, batch + 1, dtype=torch.int64, device=device)
-    invalid = None if problem.gt_boxes_checked else offsets[2, batch:]
+    # back with the totals beside it (scan_kernel writes them all).
+    offsets = torch.empty(3, batch + 1, dtype=torch.int64, device=device)
     totals, sparse = (0, 0), None
-    if num_anchors > 0:
+    if num_anchors == 0:
+        offsets.zero_()
+    else:
+        # One memset: the invalid-box flag and scan_kernel's count of programs done, then
+        # the match stage's zeroed memory (16-byte aligned, as when it is its own).
+        zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device)
+        flags, invalid = zeroed[:2], None if problem.gt_boxes_checked else zeroed[:1]
         work = launch.work()
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
@@ -625,10 +657,10 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
         guess = _ROWS_PER_IMAGE.get(num_anchors)
         with _on(device):
-            launch.match_pairs(work, invalid)
+            launch.match_pairs(work, invalid, zeroed[2:])
             launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
-            scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, offsets[2, :1],
-                                  launch.num_blocks, batch, BLOCK=2048, **_launch_kwargs())  # fmt: skip
+            scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, flags, launch.num_blocks, batch,
+                                  BLOCK=2048, **_launch_kwargs())  # fmt: skip
             if guess is not None:
                 sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
                 sparse = _sparse_lists(*sizes, has_classes, device)

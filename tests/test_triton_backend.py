@@ -233,18 +233,20 @@ def test_segment_searches(block):
 
 
 @pytest.mark.parametrize("batch", [1, 4, 9])
-def test_scan_lays_blocks_and_images_end_to_end(batch, generator):
+@pytest.mark.parametrize("flag", [0, 1])
+def test_scan_lays_blocks_and_images_end_to_end(batch, flag, generator):
     """scan_kernel with 4-entry steps (7 blocks per image: two steps; up to 9 images:
-    three): each block's first rows within its image, and each image's first rows,
-    which the last program to finish writes after counting every program done."""
+    three): each block's first rows within its image, and each image's first rows and
+    the invalid-box flag beside the totals, which the last program to finish writes
+    into uninitialised offsets after counting every program done."""
     num_blocks = 7
     counts = torch.randint(0, 5, (batch * num_blocks, 2), generator=generator, dtype=torch.int32)
     counts[: num_blocks // 2] = 0  # a stretch of empty blocks
     starts = torch.full((batch * num_blocks, 2), -1, dtype=torch.int64, device=DEVICE)
     totals = torch.empty(2, batch, dtype=torch.int64, device=DEVICE)
-    offsets = torch.zeros(3, batch + 1, dtype=torch.int64, device=DEVICE)
-    offsets[2, 1:] = 7  # the invalid-box flag's row: left as it was
-    triton_assign.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, offsets[2, :1], num_blocks, batch,
+    offsets = torch.full((3, batch + 1), -7, dtype=torch.int64, device=DEVICE)  # what torch.empty may hold
+    flags = torch.tensor([flag, 0], dtype=torch.int64, device=DEVICE)
+    triton_assign.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, flags, num_blocks, batch,
                                         BLOCK=4)  # fmt: skip
     per_image = counts.view(batch, num_blocks, 2).to(torch.int64)
     within = per_image.cumsum(1) - per_image
@@ -252,7 +254,8 @@ def test_scan_lays_blocks_and_images_end_to_end(batch, generator):
     image_totals = per_image.sum(1).T
     expected = torch.cat([torch.zeros(2, 1, dtype=torch.int64), image_totals.cumsum(1)], 1)
     assert torch.equal(offsets[:2].cpu(), expected)
-    assert offsets[2, 0] == batch and (offsets[2, 1:] == 7).all()
+    assert offsets[2, batch] == flag and (offsets[2, :batch] == -7).all()  # the rest of row 2 left alone
+    assert flags.tolist() == [flag, batch]
 
 
 def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
@@ -514,7 +517,7 @@ from tritarget.kernels import triton_backend as backend
 from tritarget.kernels import triton_assign as k
 
 INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr", "block_starts_ptr", "prefix_ptr",
-         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "done_ptr"}
+         "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "flags_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
          "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr", "near_ptr"}
@@ -635,9 +638,37 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
 # --- compiled, full size (skipped without a GPU) -------------------------------------
 
 
+def _matching(monkeypatch, matching: str) -> None:
+    """Stages 2-3 by the pair walk or the gather (``_Meta.matching``), the rest as compiled."""
+    monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, matching=matching))
+
+
 @gpu
+def test_scan_under_concurrency():
+    """scan_kernel as the backend launches it, with more programs than run at once: the
+    program that finishes last (which one varies from launch to launch) sees every
+    image's totals, launch after launch on the same counter memory."""
+    batch, num_blocks = 300, 1575
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.empty(batch * num_blocks, 2, dtype=torch.int64, device=DEVICE)
+    totals = torch.empty(2, batch, dtype=torch.int64, device=DEVICE)
+    for _ in range(100):
+        counts = torch.randint(0, 3, (batch * num_blocks, 2), generator=generator, dtype=torch.int32)
+        offsets = torch.full((3, batch + 1), -7, dtype=torch.int64, device=DEVICE)
+        flags = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        triton_backend.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, flags, num_blocks, batch,
+                                             BLOCK=2048, **triton_backend._launch_kwargs())  # fmt: skip
+        image_totals = counts.view(batch, num_blocks, 2).to(torch.int64).sum(1).T
+        expected = torch.cat([torch.zeros(2, 1, dtype=torch.int64), image_totals.cumsum(1)], 1)
+        assert torch.equal(offsets[:2].cpu(), expected)
+        assert flags.tolist() == [0, batch] and offsets[2, batch] == 0
+
+
+@gpu
+@pytest.mark.parametrize("matching", ["walk", "gather"])
 @pytest.mark.parametrize("name", presets.names())
-def test_full_size_parity(name):
+def test_full_size_parity(name, matching, monkeypatch):
+    _matching(monkeypatch, matching)
     config = _dense_config(name)
     canvas = (300, 300) if name.startswith("ssd") else (256, 256) if name.startswith("d2l") else COCO_CANVAS
     boxes, counts, classes = coco_like_batch(4, seed=1, canvas=canvas)
@@ -646,8 +677,10 @@ def test_full_size_parity(name):
 
 
 @gpu
+@pytest.mark.parametrize("matching", ["walk", "gather"])
 @pytest.mark.parametrize("mode", MODES)
-def test_full_size_modes_with_crowd_and_ignore(mode):
+def test_full_size_modes_with_crowd_and_ignore(mode, matching, monkeypatch):
+    _matching(monkeypatch, matching)
     boxes, counts, _ = coco_like_batch(3, seed=2, boxes_per_image=150)
     ignore, ignore_counts, _ = coco_like_batch(3, seed=3, boxes_per_image=5)
     config = _dense_config("retinanet_mmdet").replace(
