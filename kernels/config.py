@@ -289,11 +289,6 @@ class MatchConfig:
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise _fail(owner, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
 
-    @property
-    def uses_box_maxima(self) -> bool:
-        """Whether matching needs each box's best IoU over all anchors (a first pass)."""
-        return self.low_quality != "none"
-
 
 @dataclass(frozen=True)
 class EncodeConfig:
