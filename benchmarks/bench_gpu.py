@@ -555,7 +555,10 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     bound). And the blocks that generate their anchors: in the gather, those with a near
     box; in the finalize (no rule needs the anchors here), those the lift visits or with
     a positive to encode (``labels`` [B, A], the targets), which before the lift moved
-    into the finalize generated them once in each."""
+    into the finalize generated them once in each. ``touching``: the (box, block) pairs
+    where the box overlaps one of the block's anchors, what an exact per-block test would
+    list (the rest of the gather's evaluated pairs above the overlapping ones is the
+    tile's granularity: a box visits every anchor of a block it touches)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     low = torch.stack([b[:, :2].min(0).values for b in blocks])
@@ -563,12 +566,18 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
     area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
+    touching = 0
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
         crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
         crosses &= (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
         near += int(crosses.sum())
+        for first in range(0, anchors.shape[0], meta.block_a * 256):  # 256 blocks at a time
+            chunk = anchors[first : first + meta.block_a * 256]
+            overlaps = box_iou(image, chunk) > 0
+            padded = torch.nn.functional.pad(overlaps, (0, -chunk.shape[0] % meta.block_a))
+            touching += int(padded.view(count, -1, meta.block_a).any(2).sum())
         steps += len(blocks) * -(-count // meta.gather_boxes)
         best = torch.stack([box_iou(image, chunk).max(1).values for chunk in anchors.split(PAIRS_ANCHOR_CHUNK)])
         best = best.max(0).values[None, :]
@@ -583,7 +592,8 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         encodes = torch.stack([(part == 1).any() for part in labels[index].split(meta.block_a)])
         positive += int(encodes.sum())
         finalize_generating += int((encodes | visited.any(1)).sum())
-    return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "evaluated": near * meta.block_a,
+    return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "touching": touching,
+            "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
             "finalize_generating": finalize_generating}  # fmt: skip
@@ -615,7 +625,10 @@ def pairs(out: Path) -> None:
         print(f"{'':>11} gather_kernel as built: {built['near']:,} near (box, block) pairs over {built['blocks']:,} "
               f"blocks ({built['near'] / built['blocks']:.1f} per block, {built['steps'] / built['blocks']:.0f} "
               f"test steps), evaluating {built['evaluated']:,} pairs "
-              f"(ratio {built['evaluated'] / nonzero:.2f}); its lift visits {built['lift_near_bounded']:,} "
+              f"(ratio {built['evaluated'] / nonzero:.2f}; boxes touching one of a block's anchors: "
+              f"{built['touching'] / built['blocks']:.1f} per block, ratio "
+              f"{built['touching'] * triton_backend._COMPILED.block_a / nonzero:.2f}); its lift visits "
+              f"{built['lift_near_bounded']:,} "
               f"(box, block) pairs, {built['lift_near']:,} without the area bound; blocks that generate "
               f"their anchors: {built['generating'] / built['blocks']:.0%} in the gather, "
               f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
