@@ -596,23 +596,27 @@ def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernel
         assert len(found) == len(modes(found)), f"{name}: {len(found)} compilations for {len(modes(found))} modes"
 
 
-@pytest.mark.parametrize("matching, operations", [("walk", 12), ("gather", 6)])
-def test_device_operations_of_a_sparse_call(matching, operations, monkeypatch, generator):
-    """What a sparse call costs the GPU in operations (each one a launch and host time),
-    a low-quality preset whose list sizes are known from an earlier batch: kernels,
-    memsets, prefix sums and the one read-back. The walk: two memsets, segments, prefix,
-    scatter, the lift's segments, prefix and pass, count, scan, write, read-back; the
-    gather: one memset, the gather, count (with the lift), scan, write, read-back."""
+@pytest.mark.parametrize("solve, matching, operations",
+                         [("solve_sparse", "walk", 12), ("solve_sparse", "gather", 6), ("solve", "walk", 9),
+                          ("solve", "gather", 3)])  # fmt: skip
+def test_device_operations_of_a_call(solve, matching, operations, monkeypatch, generator):
+    """What a call costs the GPU in operations (each one a launch and host time), for a
+    low-quality preset: kernels, memsets, prefix sums and read-backs. The walk: memsets
+    of the work and candidate memory, segments, prefix, scatter, the lift's segments,
+    prefix and pass, then the finalize (dense), or count, scan, write and the one
+    read-back (sparse, list sizes known from an earlier batch); the gather: one memset,
+    the gather, then the finalize with the lift, or count (with the lift), scan, write,
+    read-back."""
     monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, matching=matching))
     monkeypatch.setattr(triton_backend, "_INTERPRETED",
                         dataclasses.replace(triton_backend._INTERPRETED, matching=matching))  # fmt: skip
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 5], canvas)
     config = _dense_config("retinanet_torchvision")
-    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=False)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=solve == "solve")
     checked, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
     expected = triton_backend.solve(checked).to_sparse()  # (labels as the reference's: the tests above)
-    triton_backend.solve_sparse(problem)  # sizes the lists of the next call
+    getattr(triton_backend, solve)(problem)  # sizes the lists of the next sparse call
     launches = record_launches(monkeypatch)
     other = []
 
@@ -627,11 +631,11 @@ def test_device_operations_of_a_sparse_call(matching, operations, monkeypatch, g
     monkeypatch.setattr(torch, "cumsum", counted("prefix sum", torch.cumsum))
     monkeypatch.setattr(torch.Tensor, "zero_", counted("memset", torch.Tensor.zero_))
     monkeypatch.setattr(torch.Tensor, "tolist", counted("read-back", torch.Tensor.tolist))
-    sparse = triton_backend.solve_sparse(problem)
+    result = getattr(triton_backend, solve)(problem)
     monkeypatch.undo()
-    assert other.count("read-back") == 1
+    assert other.count("read-back") == (solve == "solve_sparse")
     assert len(launches) + len(other) == operations, ([launch[0] for launch in launches], other)
-    assert_sparse_equal(sparse, expected)
+    assert_sparse_equal(result if solve == "solve_sparse" else result.to_sparse(), expected)
 
 
 def test_kernels_compile_for_hopper_with_exact_arithmetic():
