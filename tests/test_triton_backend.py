@@ -801,8 +801,12 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
     return launched
 
 
-@pytest.mark.parametrize("mode, lift_near", [(mode, 1) for mode in MODES] + [("mmdet", 2), ("torchvision", 2)])
-def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, lift_near, monkeypatch, generator):
+@pytest.mark.parametrize(
+    "mode, lift_near, block_a",
+    [(mode, 1, 128) for mode in MODES] + [("mmdet", 2, 128), ("torchvision", 2, 128), ("mmdet", 1, 64)],
+)
+def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, lift_near, block_a, monkeypatch,
+                                                                        generator):  # fmt: skip
     """The gather gives the reference's targets, dense and sparse, at the GPU's block
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
     pre-match border rule and padded sizes (both taking anchors out of each box's
@@ -810,8 +814,8 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, li
     (the sparse pass reads the marks the count stored; ssd_forced marks with
     forced_kernel, whose marks every pass reads). Boxes are tested 8 at a time, so that an image's near boxes
     span several steps (and tied boxes straddle them), and the lift visits them 1 and 2
-    at a time."""
-    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near)
+    at a time; also in blocks of 64 anchors (``gpu_sweep.py`` times them)."""
+    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near, block_a=block_a)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
