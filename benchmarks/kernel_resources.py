@@ -84,6 +84,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             k.gather_kernel,
             dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=64),
         ),
+        (
+            "gather: scatter, 64 anchors per block",
+            k.gather_kernel,
+            dict(finalize, BLOCK_A=64, BOXES=m.gather_boxes, NEAR=m.gather_near),
+        ),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
@@ -95,6 +100,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             )
             for name, output in (("dense", k.OUTPUT_DENSE), ("count", k.OUTPUT_COUNT))
             for near in (m.lift_near, 4)
+        ),
+        (
+            "finalize: dense with the gather's lift, 64 anchors per block",
+            k.finalize_kernel,
+            dict(finalize, OUTPUT=k.OUTPUT_DENSE, LIFT=True, NEAR=m.lift_near, BLOCK_A=64),
         ),
         ("scan", k.scan_kernel, dict(BLOCK=2048)),
     ]
