@@ -37,7 +37,7 @@ INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr",
          "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "flags_ptr"}  # fmt: skip
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
-         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "near_ptr"}  # fmt: skip
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr"}  # fmt: skip
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -129,7 +129,9 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
         if arg in constexprs:
             return "constexpr"
         if arg.endswith("_ptr"):
-            return "*i64" if arg in INT64 else "*i32" if arg in INT32 else "*i8" if arg == "labels_ptr" else "*fp32"
+            if arg in INT64 or arg in INT32:
+                return "*i64" if arg in INT64 else "*i32"
+            return {"labels_ptr": "*i8", "near_ptr": "*u8"}.get(arg, "*fp32")
         return "fp32" if arg in FLOATS else "i32"
 
     signature = {arg: kind(arg) for arg in fn.arg_names}
@@ -212,10 +214,11 @@ def main() -> None:
         "took ~35 per box of the image before any IoU. The gather's lift runs inside the finalize (the "
         "rows 'with the gather's lift'), where a block builds its anchors once for the lift and the "
         "encoding: 57 instructions per near box visiting them one at a time (`lift_near`, its default; 40 "
-        "four at a time), where its own launch took 59 (40 four at a time), for 55 registers in the dense "
-        "finalize instead of 91 at four (40 without the lift: 12 programs per SM, 9 with it; Triton 3.6, "
-        "the GPU image's). The lift visits few (box, block) pairs (`bench_gpu.py --pairs`), and the "
-        "finalize is bound by its writes.",
+        "four at a time), where its own launch took 59 (40 four at a time), for 54 registers in the dense "
+        "finalize instead of 92 at four (40 without the lift: 12 programs per SM, 9 with it; Triton 3.6, "
+        "the GPU image's). The per-box counts were read before the near lists went to a byte per entry "
+        "(2026-12-01), which moved the loops' sizes by under 1%. The lift visits few (box, block) pairs "
+        "(`bench_gpu.py --pairs`), and the finalize is bound by its writes.",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",

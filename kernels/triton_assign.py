@@ -906,26 +906,28 @@ def _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_
 
 
 @triton.jit
-def _list_near(near_rows, rows, near):
-    """Lists the near ``rows``, in box order, at ``near_rows``; returns how many. BOXES
-    boxes are tested at once (one per thread): a box-by-box test would cost every thread
-    ~35 instructions per box of the image (SASS). The caller visits the list NEAR at a
-    time (``_listed_boxes``), so that each box's reduction over the block's anchors and
-    the loop's own work are shared by NEAR boxes, then calls ``tl.debug_barrier()`` before
-    the next step overwrites the list."""
+def _list_near(near_rows, near):
+    """Lists the near boxes of a step (``near``: one per box tested), in box order, at
+    ``near_rows`` as their places in the step (one byte each: a step tests at most 256);
+    returns how many. BOXES boxes are tested at once (one per thread): a box-by-box test
+    would cost every thread ~35 instructions per box of the image (SASS). The caller visits
+    the list NEAR at a time (``_listed_boxes``), so that each box's reduction over the
+    block's anchors and the loop's own work are shared by NEAR boxes, then calls
+    ``tl.debug_barrier()`` before the next step overwrites the list."""
     count = tl.sum(near.to(tl.int32), axis=0)
     if count > 0:
-        tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, rows.to(tl.int32), mask=near)
+        place = tl.arange(0, near.shape[0]).to(tl.uint8)
+        tl.store(near_rows + tl.cumsum(near.to(tl.int32), axis=0) - 1, place, mask=near)
         tl.debug_barrier()  # every thread's list entries written before any is read
     return count
 
 
 @triton.jit
-def _listed_boxes(near_rows, column, count, gt_boxes_ptr):
-    """The listed boxes ``column`` (a NEAR-wide step of the list): their rows (int64),
-    which are real (``column < count``), and their corners."""
+def _listed_boxes(near_rows, start, column, count, gt_boxes_ptr):
+    """The listed boxes ``column`` (a NEAR-wide step of the list of the step at box row
+    ``start``): their rows (int64), which are real (``column < count``), and their corners."""
     listed = column < count
-    row = tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
+    row = start + tl.load(near_rows + column, mask=listed, other=0).to(tl.int64)
     box = gt_boxes_ptr + row * 4
     bx1 = tl.load(box, mask=listed, other=0.0)
     by1 = tl.load(box + 1, mask=listed, other=0.0)
@@ -959,10 +961,10 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x,
         rows = start + tl.arange(0, BOXES)
         near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
                            area_high, min_pos_iou, True)  # fmt: skip
-        count = _list_near(near_rows, rows, near)
+        count = _list_near(near_rows, near)
         if count > 0:
             for k in range(0, count, NEAR):
-                row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, k + tl.arange(0, NEAR), count,
+                row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
                                                                 gt_boxes_ptr)  # fmt: skip
                 iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
                 box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
@@ -1024,8 +1026,8 @@ def gather_kernel(
     (LIFT), over these box keys.
 
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed);
-    near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] int32, each program's list of the
-    near boxes among the BOXES it tests at once (contents ignored); bounds_ptr:
+    near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] uint8, each program's list of the
+    near boxes among the BOXES (at most 256) it tests at once (contents ignored); bounds_ptr:
     [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and area range
     (generated anchors; ``triton_backend._block_bounds``). check_boxes: each image's
     first block sets the int64 at invalid_ptr to 1 if one of its boxes may be invalid (as
@@ -1084,10 +1086,10 @@ def gather_kernel(
             rows = start + tl.arange(0, BOXES)
             near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, 0.0, 0.0,
                                0.0, False)  # fmt: skip
-            count = _list_near(near_rows, rows, near)
+            count = _list_near(near_rows, near)
             if count > 0:
                 for k in range(0, count, NEAR):
-                    row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, k + tl.arange(0, NEAR), count,
+                    row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
                                                                     gt_boxes_ptr)  # fmt: skip
                     iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
                     pair = anchor_mask[:, None] & listed[None, :]

@@ -94,6 +94,10 @@ class _Meta:
     gather_registers: int | None = None
     lift_near: int = 1
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
+            raise ValueError(f"gather_boxes: 1 to 256 boxes tested at once, got {self.gather_boxes}")
+
 
 # Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
 # regions 2 at a time: the [BLOCK_G, BLOCK_A] tile of that loop set the finalize's
@@ -334,7 +338,9 @@ class _Launch:
         self.problem = problem
         self.meta = _meta()
         self.device = device = problem.device
-        self._placeholders = {dtype: _placeholder(device, dtype) for dtype in (torch.float32, torch.int32, torch.int64)}
+        self._placeholders = {
+            dtype: _placeholder(device, dtype) for dtype in (torch.float32, torch.int32, torch.int64, torch.uint8)
+        }
         config = problem.config
         match = config.match
         self.match, self.encode = match, config.encode
@@ -500,8 +506,8 @@ class _Launch:
             box_key = zeroed[: self.num_rows]
         else:
             box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
-        # Each program's list of near boxes (4 bytes per anchor and image at 128 per block).
-        near = torch.empty(self.batch * self.num_blocks * self.meta.gather_boxes, dtype=torch.int32, device=self.device)
+        # Each program's list of near boxes (a byte per anchor and image at 128 per block).
+        near = torch.empty(self.batch * self.num_blocks * self.meta.gather_boxes, dtype=torch.uint8, device=self.device)
         if self.generate:
             bounds = _block_bounds(self.problem.grid, self.meta.block_a, self.device, stream_key(self.device))
         else:  # explicit anchors: each block loads its own
@@ -551,7 +557,7 @@ class _Launch:
         # The gather's lift runs here (the sparse pass reads the marks its count pass stored).
         lifts = self.low_quality not in (LOW_QUALITY_CODES["none"], LOW_QUALITY_CODES["ssd_forced"])
         lift = self.lift is not None and lifts and output != OUTPUT_SPARSE
-        lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.int32, torch.float32)))
+        lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.uint8, torch.float32)))
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
             problem.gt_classes if has_classes else self._placeholder(torch.int32),

@@ -520,7 +520,7 @@ INT64 = {"gt_offsets_ptr", "box_key_ptr", "level_int_ptr", "ignore_offsets_ptr",
          "pairs_ptr", "offsets_ptr", "totals_ptr", "invalid_ptr", "flags_ptr"}
 INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "positive_anchors_ptr",
          "positive_matched_ptr", "positive_classes_ptr", "ignored_anchors_ptr", "shape_int_ptr", "rect_ptr",
-         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr", "near_ptr"}
+         "row_image_ptr", "row_box_ptr", "seg_max_ptr", "pad_ptr"}
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
@@ -547,7 +547,8 @@ for name, fn, constexprs in [
 ]:
     signature = {
         arg: "constexpr" if arg in constexprs else "*i64" if arg in INT64 else "*i32" if arg in INT32
-        else "*i8" if arg == "labels_ptr" else "*fp32" if arg.endswith("_ptr") else "fp32" if arg in FLOATS
+        else "*i8" if arg == "labels_ptr" else "*u8" if arg == "near_ptr" else "*fp32" if arg.endswith("_ptr")
+        else "fp32" if arg in FLOATS
         else "i32"
         for arg in fn.arg_names
     }
@@ -831,6 +832,12 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, li
     lifts = mode in ("torchvision", "detectron2", "mmdet")
     # (The sparse pass runs again when the lists sized from earlier batches overflow.)
     assert launched[:2] == [(dense, lifts), (count, lifts)] and set(launched[2:]) == {(sparse, False)}
+
+
+def test_the_gather_tests_at_most_256_boxes_at_once():
+    """Its near lists hold each box's place in the step in a byte."""
+    with pytest.raises(ValueError, match="gather_boxes: 1 to 256"):
+        dataclasses.replace(triton_backend._COMPILED, gather_boxes=512)
 
 
 @pytest.mark.parametrize("near", [2, 4])
