@@ -42,7 +42,7 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
 Stages 2-3 may instead run as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
 the walk above stays the default until a GPU run measures both): a program per
 finalize block of anchors tests its image's boxes 128 at a time against the block's
-bounding box, lists the near ones (a scan; 4 bytes per anchor and image of list memory)
+bounding box, lists the near ones (a scan; a byte per anchor and image of list memory)
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
 (the work memory needs no zeroing), and for the low-quality modes folds each box's key
