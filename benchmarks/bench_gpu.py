@@ -545,6 +545,42 @@ def gather_pairs(problem, tile: int) -> dict[str, int]:
     return counts
 
 
+def _block_bounds(anchors: torch.Tensor, block_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block of ``block_a`` consecutive anchors' bounding box: low (x1, y1), high (x2, y2)."""
+    blocks = anchors.split(block_a)
+    return torch.stack([b[:, :2].min(0).values for b in blocks]), torch.stack([b[:, 2:].max(0).values for b in blocks])
+
+
+def _crossing(image: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[blocks, G] bool: the boxes the gather lists for each block (its bounding-box test,
+    strict inequalities)."""
+    crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
+    return crosses & (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
+
+
+def _touching(image: torch.Tensor, anchors: torch.Tensor, block_a: int) -> int:
+    """The (box, block) pairs where the box overlaps one of the block's anchors."""
+    touching = 0
+    for first in range(0, anchors.shape[0], block_a * 256):  # 256 blocks at a time
+        chunk = anchors[first : first + block_a * 256]
+        overlaps = torch.nn.functional.pad(box_iou(image, chunk) > 0, (0, -chunk.shape[0] % block_a))
+        touching += int(overlaps.view(image.shape[0], -1, block_a).any(2).sum())
+    return touching
+
+
+def gather_tile(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor, block_a: int) -> dict[str, int]:
+    """The gather's visits with another number of anchors per block: blocks, listed
+    (box, block) pairs and those touching one of the block's anchors."""
+    low, high = _block_bounds(anchors, block_a)
+    near = touching = start = 0
+    for count in counts:
+        image = boxes[start : start + count]
+        start += count
+        near += int(_crossing(image, low, high).sum())
+        touching += _touching(image, anchors, block_a)
+    return {"blocks": low.shape[0] * len(counts), "near": near, "touching": touching, "evaluated": near * block_a}
+
+
 def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor,
                     labels: torch.Tensor) -> dict[str, int]:  # fmt: skip
     """What ``gather_kernel`` visits with the compiled sizes: per image and block of
@@ -561,8 +597,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     tile's granularity: a box visits every anchor of a block it touches)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
-    low = torch.stack([b[:, :2].min(0).values for b in blocks])
-    high = torch.stack([b[:, 2:].max(0).values for b in blocks])
+    low, high = _block_bounds(anchors, meta.block_a)
     areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
     area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
@@ -570,14 +605,9 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
-        crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
-        crosses &= (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
+        crosses = _crossing(image, low, high)
         near += int(crosses.sum())
-        for first in range(0, anchors.shape[0], meta.block_a * 256):  # 256 blocks at a time
-            chunk = anchors[first : first + meta.block_a * 256]
-            overlaps = box_iou(image, chunk) > 0
-            padded = torch.nn.functional.pad(overlaps, (0, -chunk.shape[0] % meta.block_a))
-            touching += int(padded.view(count, -1, meta.block_a).any(2).sum())
+        touching += _touching(image, anchors, meta.block_a)
         steps += len(blocks) * -(-count // meta.gather_boxes)
         best = torch.stack([box_iou(image, chunk).max(1).values for chunk in anchors.split(PAIRS_ANCHOR_CHUNK)])
         best = best.max(0).values[None, :]
@@ -614,6 +644,7 @@ def pairs(out: Path) -> None:
         point["gather"] = {tile: gather_pairs(problem, tile) for tile in GATHER_TILES}
         labels = assign(boxes, counts, COCO_CANVAS, config, backend="cpu").labels
         point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors, labels)
+        point["gather_tiles"] = tiles = {block_a: gather_tile(boxes, counts, anchors, block_a) for block_a in (64,)}
         points.append(point)
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "
@@ -634,6 +665,12 @@ def pairs(out: Path) -> None:
               f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
               f"two launches: {built['lift_generating'] / built['blocks']:.0%} + "
               f"{built['positive_blocks'] / built['blocks']:.0%})")  # fmt: skip
+        for block_a, tile in tiles.items():
+            print(f"{'':>11} in blocks of {block_a} anchors (gpu_sweep.py times them): {tile['near']:,} near "
+                  f"(box, block) pairs ({tile['near'] / built['near']:.2f}x as built, "
+                  f"{tile['near'] / tile['blocks']:.1f} per block), evaluating {tile['evaluated']:,} pairs "
+                  f"(ratio {tile['evaluated'] / nonzero:.2f}; "
+                  f"touching: ratio {tile['touching'] * block_a / nonzero:.2f})")  # fmt: skip
     walk = walk_shape(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(

@@ -597,6 +597,12 @@ def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernel
         assert len(found) == len(modes(found)), f"{name}: {len(found)} compilations for {len(modes(found))} modes"
 
 
+def _matching(monkeypatch, matching: str) -> None:
+    """Stages 2-3 by the pair walk or the gather (``_Meta.matching``), the block sizes as they are."""
+    for meta in ("_COMPILED", "_INTERPRETED"):
+        monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta), matching=matching))
+
+
 @pytest.mark.parametrize("solve, matching, operations",
                          [("solve_sparse", "walk", 12), ("solve_sparse", "gather", 6), ("solve", "walk", 9),
                           ("solve", "gather", 3)])  # fmt: skip
@@ -608,9 +614,7 @@ def test_device_operations_of_a_call(solve, matching, operations, monkeypatch, g
     read-back (sparse, list sizes known from an earlier batch); the gather: one memset,
     the gather, then the finalize with the lift, or count (with the lift), scan, write,
     read-back."""
-    monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, matching=matching))
-    monkeypatch.setattr(triton_backend, "_INTERPRETED",
-                        dataclasses.replace(triton_backend._INTERPRETED, matching=matching))  # fmt: skip
+    _matching(monkeypatch, matching)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 5], canvas)
     config = _dense_config("retinanet_torchvision")
@@ -681,16 +685,12 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
 # --- compiled, full size (skipped without a GPU) -------------------------------------
 
 
-def _matching(monkeypatch, matching: str) -> None:
-    """Stages 2-3 by the pair walk or the gather (``_Meta.matching``), the rest as compiled."""
-    monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, matching=matching))
-
-
 @gpu
 def test_scan_under_concurrency():
     """scan_kernel as the backend launches it, with more programs than run at once: the
     program that finishes last (which one varies from launch to launch) sees every
-    image's totals, launch after launch on the same counter memory."""
+    image's totals, in 100 launches with fresh counts and a zeroed counter each, as in
+    solve_sparse."""
     batch, num_blocks = 300, 1575
     generator = torch.Generator().manual_seed(0)
     starts = torch.empty(batch * num_blocks, 2, dtype=torch.int64, device=DEVICE)
