@@ -545,17 +545,21 @@ def gather_pairs(problem, tile: int) -> dict[str, int]:
     return counts
 
 
-def _block_bounds(anchors: torch.Tensor, block_a: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each block of ``block_a`` consecutive anchors' bounding box: low (x1, y1), high (x2, y2)."""
-    blocks = anchors.split(block_a)
-    return torch.stack([b[:, :2].min(0).values for b in blocks]), torch.stack([b[:, 2:].max(0).values for b in blocks])
+def _block_bounds(grid, block_a: int) -> torch.Tensor:
+    """The gather's table for blocks of ``block_a`` anchors: its parts' bounding boxes
+    [blocks, 0:4] and [blocks, 4:8], its area range [blocks, 8:10]."""
+    return triton_backend._block_bounds(grid, block_a, torch.device("cpu"), None)
 
 
-def _crossing(image: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """[blocks, G] bool: the boxes the gather lists for each block (its bounding-box test,
-    strict inequalities)."""
-    crosses = (image[None, :, 0] < high[:, None, 0]) & (image[None, :, 2] > low[:, None, 0])
-    return crosses & (image[None, :, 1] < high[:, None, 1]) & (image[None, :, 3] > low[:, None, 1])
+def _crossing(image: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """[blocks, G] bool: the boxes the gather lists for each block (its test: crossing the
+    bounding box of one of the block's parts, strict inequalities)."""
+
+    def crosses(part: torch.Tensor) -> torch.Tensor:
+        crossing = (image[None, :, 0] < part[:, None, 2]) & (image[None, :, 2] > part[:, None, 0])
+        return crossing & (image[None, :, 1] < part[:, None, 3]) & (image[None, :, 3] > part[:, None, 1])
+
+    return crosses(bounds[:, :4]) | crosses(bounds[:, 4:8])
 
 
 def _touching(image: torch.Tensor, anchors: torch.Tensor, block_a: int) -> int:
@@ -568,44 +572,45 @@ def _touching(image: torch.Tensor, anchors: torch.Tensor, block_a: int) -> int:
     return touching
 
 
-def gather_tile(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor, block_a: int) -> dict[str, int]:
+def gather_tile(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor, grid,
+                block_a: int) -> dict[str, int]:  # fmt: skip
     """The gather's visits with another number of anchors per block: blocks, listed
     (box, block) pairs and those touching one of the block's anchors."""
-    low, high = _block_bounds(anchors, block_a)
+    bounds = _block_bounds(grid, block_a)
     near = touching = start = 0
     for count in counts:
         image = boxes[start : start + count]
         start += count
-        near += int(_crossing(image, low, high).sum())
+        near += int(_crossing(image, bounds).sum())
         touching += _touching(image, anchors, block_a)
-    return {"blocks": low.shape[0] * len(counts), "near": near, "touching": touching, "evaluated": near * block_a}
+    return {"blocks": bounds.shape[0] * len(counts), "near": near, "touching": touching, "evaluated": near * block_a}
 
 
-def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor,
+def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tensor, grid,
                     labels: torch.Tensor) -> dict[str, int]:  # fmt: skip
     """What ``gather_kernel`` visits with the compiled sizes: per image and block of
-    ``block_a`` consecutive anchors, the boxes that cross the block's bounding box (its
-    test, strict inequalities), and the steps of ``gather_boxes`` boxes it tests; for
-    the lift (in the finalize), those of them with a best IoU > 0 (over every anchor: no
-    rule excludes any here) that the block's area range lets reach it (the kernel's
-    bound). And the blocks that generate their anchors: in the gather, those with a near
-    box; in the finalize (no rule needs the anchors here), those the lift visits or with
-    a positive to encode (``labels`` [B, A], the targets), which before the lift moved
-    into the finalize generated them once in each. ``touching``: the (box, block) pairs
+    ``block_a`` consecutive anchors, the boxes that cross the bounding box of one of the
+    block's two parts (its test, strict inequalities, on the backend's table), and the
+    steps of ``gather_boxes`` boxes it tests; for the lift (in the finalize), those of
+    them with a best IoU > 0 (over every anchor: no rule excludes any here) that the
+    block's area range lets reach it (the kernel's bound). And the blocks that generate
+    their anchors: in the gather, those with a near box; in the finalize (no rule needs
+    the anchors here), those the lift visits or with a positive to encode (``labels``
+    [B, A], the targets), which before the lift moved into the finalize generated them
+    once in each. ``touching``: the (box, block) pairs
     where the box overlaps one of the block's anchors, what an exact per-block test would
     list (the rest of the gather's evaluated pairs above the overlapping ones is the
     tile's granularity: a box visits every anchor of a block it touches)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
-    low, high = _block_bounds(anchors, meta.block_a)
-    areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in blocks]
-    area_low, area_high = torch.stack([a.min() for a in areas])[:, None], torch.stack([a.max() for a in areas])[:, None]
+    bounds = _block_bounds(grid, meta.block_a)
+    area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
     touching = 0
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
-        crosses = _crossing(image, low, high)
+        crosses = _crossing(image, bounds)
         near += int(crosses.sum())
         touching += _touching(image, anchors, meta.block_a)
         steps += len(blocks) * -(-count // meta.gather_boxes)
@@ -643,8 +648,10 @@ def pairs(out: Path) -> None:
                  "ratio": candidates["evaluated"] / nonzero}  # fmt: skip
         point["gather"] = {tile: gather_pairs(problem, tile) for tile in GATHER_TILES}
         labels = assign(boxes, counts, COCO_CANVAS, config, backend="cpu").labels
-        point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors, labels)
-        point["gather_tiles"] = tiles = {block_a: gather_tile(boxes, counts, anchors, block_a) for block_a in (64,)}
+        point["gather_as_built"] = built = gather_as_built(boxes, counts, anchors, problem.grid, labels)
+        point["gather_tiles"] = tiles = {
+            block_a: gather_tile(boxes, counts, anchors, problem.grid, block_a) for block_a in (64,)
+        }
         points.append(point)
         extra = {k: v for k, v in candidates.items() if k != "evaluated"}
         print(f"{point['workload']:>11} boxes {counts}, {anchors.shape[0]} anchors: evaluated {point['evaluated']:,} "

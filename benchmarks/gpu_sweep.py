@@ -14,8 +14,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    also with 1, 2 and 8 near boxes visited at once (``gather_near``), capped at 64
    registers (``gather_registers``: 8 programs per SM instead of 5), with the finalize's
    lift four boxes at a time (``lift_near``) and in blocks of 64 anchors (``block_a``,
-   the finalize's too: 1.79x the overlapping pairs evaluated at G = 200 instead of 2.26x,
-   1.58x the (box, block) visits, 64 registers instead of 94; ``bench_gpu.py --pairs``,
+   the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
+   1.68x the (box, block) visits, 72 registers instead of 96; ``bench_gpu.py --pairs``,
    ``kernel_resources.md``): ``solve`` and ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and
    B = 8 G = 1000, labels checked equal; a variant that fails is reported and skipped.
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem

@@ -214,10 +214,14 @@ def main() -> None:
         "took ~35 per box of the image before any IoU. The gather's lift runs inside the finalize (the "
         "rows 'with the gather's lift'), where a block builds its anchors once for the lift and the "
         "encoding: 57 instructions per near box visiting them one at a time (`lift_near`, its default; 40 "
-        "four at a time), where its own launch took 59 (40 four at a time), for 54 registers in the dense "
-        "finalize instead of 92 at four (40 without the lift: 12 programs per SM, 9 with it; Triton 3.6, "
+        "four at a time), where its own launch took 59 (40 four at a time), for 56 registers in the dense "
+        "finalize instead of 96 at four (40 without the lift: 12 programs per SM, 9 with it; Triton 3.6, "
         "the GPU image's). The per-box counts were read before the near lists went to a byte per entry "
-        "(2026-12-01), which moved the loops' sizes by under 1%. The lift visits few (box, block) pairs "
+        "and before each block's table held two parts' bounding boxes (both 2026-12-01): the byte moved "
+        "the loops' sizes by under 1%; the second box (a test of 4 more comparisons per box, 4 more values "
+        "kept, for 18% fewer near boxes at G = 200) took the gather from 1360 to 1392 instructions and 94 "
+        "to 96 registers (one near box at a time 48 to 56, 64-anchor blocks 64 to 72), the dense finalize "
+        "with the lift from 1840 to 1888 and 54 to 56. The lift visits few (box, block) pairs "
         "(`bench_gpu.py --pairs`), and the finalize is bound by its writes.",
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "

@@ -41,8 +41,9 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
 
 Stages 2-3 may instead run as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
 the walk above stays the default until a GPU run measures both): a program per
-finalize block of anchors tests its image's boxes 128 at a time against the block's
-bounding box, lists the near ones (a scan; a byte per anchor and image of list memory)
+finalize block of anchors tests its image's boxes 128 at a time against the bounding
+boxes of the block's two parts (cut where a block runs from one row of cells into the
+next), lists the near ones (a scan; a byte per anchor and image of list memory)
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
 (the work memory needs no zeroing), and for the low-quality modes folds each box's key
@@ -52,7 +53,7 @@ block builds its anchors once for the lift and the encoding); blocks near no box
 generate no anchors (a per-grid table of block bounds), the lift skips boxes whose area
 is far from every anchor's, and each image's first block checks the sparse path's
 unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
-(2.26x the overlapping pairs at G = 200).
+(1.86x the overlapping pairs at G = 200; 2.26x with one bounding box per block).
 
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
 which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
@@ -98,6 +99,7 @@ __all__ = [
     "BORDER_POST",
     "LEVEL_INT_FIELDS",
     "LEVEL_FLOAT_FIELDS",
+    "BLOCK_BOUNDS",
     "SHAPE_INT_FIELDS",
     "SHAPE_FLOAT_FIELDS",
     "STAGE_SCATTER",
@@ -157,6 +159,11 @@ LEVEL_INT_FIELDS = 6
 LEVEL_FLOAT_FIELDS = 5
 _LEVEL_INT_FIELDS = tl.constexpr(6)
 _LEVEL_FLOAT_FIELDS = tl.constexpr(5)
+
+# The gather's per-block table (triton_backend._block_bounds): the bounding boxes
+# (x1, y1, x2, y2) of the block's two parts, then the smallest and largest anchor area.
+BLOCK_BOUNDS = 10
+_BLOCK_BOUNDS = tl.constexpr(10)
 
 # A key's low half holds 2^31 - 1 - index (indices < 2^31, checked by the launcher), so
 # that on equal IoU bits the lower index gives the larger key. Key 0 means "no overlap".
@@ -850,31 +857,49 @@ def forced_kernel(gt_offsets_ptr, row_image_ptr, box_key_ptr, work_ptr, num_rows
 
 @triton.jit
 def _bounds(x1, y1, x2, y2, mask):
-    """A block's bounding box and the range of its anchors' areas."""
+    """A block's parts (``_table_bounds``), here both its bounding box, and the range of
+    its anchors' areas."""
     area = (x2 - x1) * (y2 - y1)
-    return (
+    box = (
         tl.min(tl.where(mask, x1, float("inf")), axis=0),
         tl.min(tl.where(mask, y1, float("inf")), axis=0),
         tl.max(tl.where(mask, x2, -float("inf")), axis=0),
         tl.max(tl.where(mask, y2, -float("inf")), axis=0),
-        tl.min(tl.where(mask, area, float("inf")), axis=0),
-        tl.max(tl.where(mask, area, -float("inf")), axis=0),
     )
+    area_low = tl.min(tl.where(mask, area, float("inf")), axis=0)
+    return (box, box), area_low, tl.max(tl.where(mask, area, -float("inf")), axis=0)
 
 
 @triton.jit
-def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low, area_high,
-                min_pos_iou, LIFT: tl.constexpr):  # fmt: skip
-    """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing its
-    bounding box (a positive intersection with one anchor implies one with their union);
-    for the lift (LIFT), only those that may reach their maximum IoU in the block."""
+def _table_bounds(bounds_ptr, block):
+    """A block's row of the grid's table (BLOCK_BOUNDS): the bounding boxes of its two
+    parts, and the range of its anchors' areas."""
+    row = bounds_ptr + block * _BLOCK_BOUNDS
+    a = (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3))
+    b = (tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
+    return (a, b), tl.load(row + 8), tl.load(row + 9)
+
+
+@triton.jit
+def _crosses(x1, y1, x2, y2, part):
+    """Whether each box has a positive intersection with the box ``part`` (x1, y1, x2, y2)."""
+    return (x1 < part[2]) & (y1 < part[3]) & (x2 > part[0]) & (y2 > part[1])
+
+
+@triton.jit
+def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou,
+                LIFT: tl.constexpr):  # fmt: skip
+    """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing the
+    bounding box of one of its two ``parts`` (a positive intersection with one anchor
+    implies one with the bounding box of its part); for the lift (LIFT), only those that
+    may reach their maximum IoU in the block."""
     in_image = rows < box_end
     tested = gt_boxes_ptr + rows * 4
     x1 = tl.load(tested, mask=in_image, other=float("inf"))
     y1 = tl.load(tested + 1, mask=in_image, other=float("inf"))
     x2 = tl.load(tested + 2, mask=in_image, other=-float("inf"))
     y2 = tl.load(tested + 3, mask=in_image, other=-float("inf"))
-    near = in_image & (x1 < high_x) & (y1 < high_y) & (x2 > low_x) & (y2 > low_y)
+    near = in_image & (_crosses(x1, y1, x2, y2, parts[0]) | _crosses(x1, y1, x2, y2, parts[1]))
     if LIFT:
         # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
         maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -891,15 +916,14 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, 
 
 
 @triton.jit
-def _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, area_low, area_high,
-              min_pos_iou, BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
+def _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
+              BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
     """Whether some box is near the block: the steps up to the first with one."""
     visits = 0
     start = box_start
     while (visits == 0) & (start < box_end):
         rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
-                           area_high, min_pos_iou, LIFT)  # fmt: skip
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, LIFT)
         visits = tl.sum(near.to(tl.int32), axis=0)
         start += BOXES
     return visits > 0
@@ -944,9 +968,8 @@ def _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area):
 
 
 @triton.jit
-def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x, low_y, high_x, high_y,
-                ax1, ay1, ax2, ay2, included, min_pos_iou, BLOCK_A: tl.constexpr, BOXES: tl.constexpr,
-                NEAR: tl.constexpr):  # fmt: skip
+def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, ax1, ay1, ax2, ay2, included,
+                min_pos_iou, BLOCK_A: tl.constexpr, BOXES: tl.constexpr, NEAR: tl.constexpr):  # fmt: skip
     """The low-quality lift of a block of anchors, once every box's key (its best IoU over
     the included anchors) is known: per anchor, the highest box + 1 whose qualifying best
     IoU it reaches among the included anchors, else 0. Only the boxes that may reach their
@@ -959,8 +982,7 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x,
     mark = tl.zeros((BLOCK_A, NEAR), tl.int32)  # per tile column: the last box marked
     for start in range(box_start, box_end, BOXES):
         rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, area_low,
-                           area_high, min_pos_iou, True)  # fmt: skip
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, True)
         count = _list_near(near_rows, near)
         if count > 0:
             for k in range(0, count, NEAR):
@@ -1016,9 +1038,9 @@ def gather_kernel(
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
-    only if some box is near, tests its image's boxes BOXES at a time against the block's
-    bounding box (a positive intersection with one anchor implies one with their union),
-    lists the near ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile;
+    only if some box is near, tests its image's boxes BOXES at a time against its parts'
+    bounding boxes (a positive intersection with one anchor implies one with the bounding
+    box of its part), lists the near ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile;
     no atomic per pair. It writes each anchor's key (the walk's ``atomic_max`` result, as
     a running maximum in registers) and a zero mark, the whole record (no zeroed work
     memory needed); for the low-quality modes, each box's key over the block's included
@@ -1028,8 +1050,8 @@ def gather_kernel(
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed);
     near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] uint8, each program's list of the
     near boxes among the BOXES (at most 256) it tests at once (contents ignored); bounds_ptr:
-    [cdiv(num_anchors, BLOCK_A), 6] float32, each block's bounding box and area range
-    (generated anchors; ``triton_backend._block_bounds``). check_boxes: each image's
+    [cdiv(num_anchors, BLOCK_A), BLOCK_BOUNDS] float32, each block's parts' bounding boxes
+    and area range (generated anchors; ``triton_backend._block_bounds``). check_boxes: each image's
     first block sets the int64 at invalid_ptr to 1 if one of its boxes may be invalid (as
     segments_kernel does; canvas_ptr: float32 width, height).
     Grid: (cdiv(num_anchors, BLOCK_A), B).
@@ -1047,22 +1069,20 @@ def gather_kernel(
             rows = start + tl.arange(0, BOXES)
             _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
     if GENERATE:
-        # The block's bounding box from the grid's table (the same anchors
+        # The block's parts' bounding boxes from the grid's table (the same anchors
         # _block_anchor_boxes generates), so that a block near no box generates none.
-        bounds = bounds_ptr + block * 6
-        low_x, low_y, high_x, high_y = tl.load(bounds), tl.load(bounds + 1), tl.load(bounds + 2), tl.load(bounds + 3)
+        parts, _area_low, _area_high = _table_bounds(bounds_ptr, block)
     else:
         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
                                                  GENERATE)  # fmt: skip
-        low_x, low_y, high_x, high_y, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+        parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
     # Per anchor and column of the visited tile, whose boxes come in increasing order: the
     # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
     # registers), reduced over the columns once at the end.
     best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
     best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
-    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, 0.0, 0.0, 0.0,
-                 BOXES, False):  # fmt: skip
+    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False):
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
@@ -1084,8 +1104,7 @@ def gather_kernel(
         anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
         for start in range(box_start, box_end, BOXES):
             rows = start + tl.arange(0, BOXES)
-            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, low_x, low_y, high_x, high_y, 0.0, 0.0,
-                               0.0, False)  # fmt: skip
+            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, 0.0, 0.0, 0.0, False)
             count = _list_near(near_rows, near)
             if count > 0:
                 for k in range(0, count, NEAR):
@@ -1266,18 +1285,15 @@ def finalize_kernel(
             # The boxes that may reach their maximum in this block (the grid's table of
             # block bounds: a block far from them builds no anchors for the lift).
             if GENERATE:
-                bounds = bounds_ptr + block * 6
-                low_x, low_y = tl.load(bounds), tl.load(bounds + 1)
-                high_x, high_y = tl.load(bounds + 2), tl.load(bounds + 3)
-                area_low, area_high = tl.load(bounds + 4), tl.load(bounds + 5)
+                parts, area_low, area_high = _table_bounds(bounds_ptr, block)
             else:  # explicit anchors: their bounds from the anchors themselves (a load)
                 ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
                                                          GENERATE)  # fmt: skip
-                low_x, low_y, high_x, high_y, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+                parts, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
             box_end = tl.load(gt_offsets_ptr + image + 1)
-            lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, low_x, low_y, high_x, high_y, area_low,
-                              area_high, min_pos_iou, BOXES, True)  # fmt: skip
+            lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
+                              BOXES, True)  # fmt: skip
             if lifts:
                 if GENERATE:
                     if ~anchors_built:
@@ -1285,9 +1301,8 @@ def finalize_kernel(
                                                                  level_int_ptr, level_float_ptr, cells_ptr,
                                                                  num_levels, shape_major, GENERATE)  # fmt: skip
                 near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
-                mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, low_x, low_y, high_x,
-                                   high_y, ax1, ay1, ax2, ay2, included, min_pos_iou, BLOCK_A, BOXES,
-                                   NEAR)  # fmt: skip
+                mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, ax1, ay1, ax2, ay2,
+                                   included, min_pos_iou, BLOCK_A, BOXES, NEAR)  # fmt: skip
                 if OUTPUT == _OUTPUT_COUNT:  # for OUTPUT_SPARSE (gather_kernel wrote zeros)
                     tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=mark > 0)
             anchors_built = anchors_built | lifts

@@ -364,6 +364,25 @@ def test_evaluated_pairs_are_exactly_the_overlapping_ones(name, canvas, generato
     assert triton_backend.candidate_pairs(problem, block_p=64)["uniform_chunks"] == uniform
 
 
+def test_the_gather_evaluates_at_most_twice_the_overlapping_pairs():
+    """DESIGN §9's bound for the gather at G = 200 (COCO canvas, RetinaNet, one image): a
+    box visits every anchor of each GPU-sized block it is near by the backend's table (it
+    crosses the bounding box of one of the block's two parts). With one bounding box per
+    block it evaluated 2.26x (``bench_gpu.py --pairs``)."""
+    boxes, counts, _ = coco_like_batch(1, seed=3, canvas=COCO_CANVAS, boxes_per_image=200)
+    problem, _ = build_problem(boxes, counts, COCO_CANVAS, _dense_config("retinanet_torchvision"))
+    block_a = triton_backend._COMPILED.block_a
+    table = triton_backend._block_bounds(problem.grid, block_a, torch.device("cpu"), None)
+
+    def crossing(part: torch.Tensor) -> torch.Tensor:  # [blocks, G]
+        x1, y1, x2, y2 = (boxes[None, :, i] for i in range(4))
+        return (x1 < part[:, None, 2]) & (y1 < part[:, None, 3]) & (x2 > part[:, None, 0]) & (y2 > part[:, None, 1])
+
+    evaluated = int((crossing(table[:, :4]) | crossing(table[:, 4:8])).sum()) * block_a
+    overlapping = sum(int((box_iou(boxes, chunk) > 0).sum()) for chunk in problem.anchors.split(50_000))
+    assert overlapping > 0 and evaluated <= 2 * overlapping
+
+
 @pytest.mark.parametrize("num_anchors", [0, 1, 2, 37, 2049, 5000])
 @pytest.mark.parametrize("mode", MODES)
 def test_explicit_anchors(num_anchors, mode, generator):
@@ -866,22 +885,40 @@ def test_the_gather_breaks_ties_within_a_tile_column(mode, monkeypatch):
     assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
 
 
-@pytest.mark.parametrize("name, block_a", [("retinanet_torchvision", 128), ("yolov5", 100)])
-def test_block_bounds_are_each_blocks_box_and_area_range(name, block_a):
+def _bounding_box(anchors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([anchors[:, :2].min(0).values, anchors[:, 2:].max(0).values])
+
+
+@pytest.mark.parametrize("name, block_a", [("retinanet_torchvision", 128), ("yolov5", 96)])
+def test_block_bounds_are_two_parts_boxes_and_the_area_range(name, block_a):
     """The gather's per-block table (it tests boxes against it before generating a
-    block's anchors): every block's bounding box and area range, the last block short."""
-    canvas = (97, 131)
-    grid = presets.get(name).anchors
-    anchors = generate_anchors(grid, canvas)
+    block's anchors): the bounding boxes of the block's anchors before and after a cut,
+    and their area range, the last block short (filled up with copies of its last anchor,
+    which change none of its bounds). Where the anchors are small against the width (the
+    first level, cell-major: [H, W, K]), a block that runs from one row of cells into the
+    next is cut where the row ends: a bounding box of both would span the whole width."""
+    canvas = (97, 640)
+    resolved = resolve_grid(presets.get(name).anchors, canvas)
+    anchors = generate_anchors(presets.get(name).anchors, canvas)
     assert anchors.shape[0] % block_a != 0
-    table = triton_backend._block_bounds(resolve_grid(grid, canvas), block_a, torch.device(DEVICE), None).cpu()
-    for block, expected in zip(table, anchors.split(block_a)):
+    table = triton_backend._block_bounds(resolved, block_a, torch.device(DEVICE), None).cpu()
+    assert table.shape == (-(-anchors.shape[0] // block_a), triton_assign.BLOCK_BOUNDS)
+    first = resolved.levels[0]
+    row_length = first.width * first.cells.shape[0]
+    cut_at_row_end = 0
+    for index, (block, expected) in enumerate(zip(table, anchors.split(block_a))):
+        filled = torch.cat([expected, expected[-1:].expand(block_a - expected.shape[0], 4)])
+        cuts = [c for c in range(1, block_a) if torch.equal(block[:4], _bounding_box(filled[:c]))
+                and torch.equal(block[4:8], _bounding_box(filled[c:]))]  # fmt: skip
+        assert cuts, f"block {index}: no cut gives its two parts {block[:8].tolist()}"
         area = (expected[:, 2] - expected[:, 0]) * (expected[:, 3] - expected[:, 1])
-        want = torch.cat(
-            [expected[:, :2].min(0).values, expected[:, 2:].max(0).values, area.min()[None], area.max()[None]]
-        )
-        assert torch.equal(block, want)
-    assert table.shape[0] == -(-anchors.shape[0] // block_a)
+        assert torch.equal(block[8:], torch.stack([area.min(), area.max()]))
+        start, end = index * block_a, (index + 1) * block_a
+        row_end = (start // row_length + 1) * row_length
+        if not resolved.shape_major and end <= resolved.level_starts[1] and start < row_end < end:
+            assert row_end - start in cuts, f"block {index}: cut at {cuts}, its row ends at {row_end - start}"
+            cut_at_row_end += 1
+    assert cut_at_row_end > 0 or resolved.shape_major
 
 
 def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
