@@ -15,8 +15,8 @@ __all__ = ["box_area", "box_iou", "box_iof", "encode", "decode"]
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """boxes (Tensor[N, 4]) -> Tensor[N]."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """boxes (Tensor[..., 4]) -> Tensor[...]."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:

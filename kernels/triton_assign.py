@@ -1038,10 +1038,10 @@ def gather_kernel(
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
-    only if some box is near, tests its image's boxes BOXES at a time against its parts'
-    bounding boxes (a positive intersection with one anchor implies one with the bounding
-    box of its part), lists the near ones and visits only those, NEAR at a time as a [BLOCK_A, NEAR] tile;
-    no atomic per pair. It writes each anchor's key (the walk's ``atomic_max`` result, as
+    only if some box is near, tests its image's boxes BOXES at a time against its two
+    parts' bounding boxes (a positive intersection with one anchor implies one with the
+    bounding box of its part), lists the near ones and visits only those, NEAR at a time
+    as a [BLOCK_A, NEAR] tile; no atomic per pair. It writes each anchor's key (the walk's ``atomic_max`` result, as
     a running maximum in registers) and a zero mark, the whole record (no zeroed work
     memory needed); for the low-quality modes, each box's key over the block's included
     anchors, one ``atomic_max`` per (block, box). The lift runs in ``finalize_kernel``
@@ -1050,10 +1050,10 @@ def gather_kernel(
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed);
     near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] uint8, each program's list of the
     near boxes among the BOXES (at most 256) it tests at once (contents ignored); bounds_ptr:
-    [cdiv(num_anchors, BLOCK_A), BLOCK_BOUNDS] float32, each block's parts' bounding boxes
-    and area range (generated anchors; ``triton_backend._block_bounds``). check_boxes: each image's
-    first block sets the int64 at invalid_ptr to 1 if one of its boxes may be invalid (as
-    segments_kernel does; canvas_ptr: float32 width, height).
+    [cdiv(num_anchors, BLOCK_A), BLOCK_BOUNDS] float32, each block's parts' bounding
+    boxes and area range (generated anchors; ``triton_backend._block_bounds``).
+    check_boxes: each image's first block sets the int64 at invalid_ptr to 1 if one of its
+    boxes may be invalid (as segments_kernel does; canvas_ptr: float32 width, height).
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)

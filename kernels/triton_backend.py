@@ -38,6 +38,7 @@ import torch
 
 from . import triton_assign
 from .anchors import AnchorGrid
+from .boxes import box_area
 from .problem import CheckBoxesFirst, Problem, canvas_limits
 from .streams import stream_key
 from .targets import SparseTargets, Targets
@@ -295,15 +296,11 @@ def _block_bounds(grid: AnchorGrid, block_a: int, device: torch.device, stream: 
     tail = blocked.flip(1)
     tail = torch.cat([tail[..., :2].cummin(1).values, tail[..., 2:].cummax(1).values], 2).flip(1)
     head, tail = head[:, :-1], tail[:, 1:]  # the cut after anchor i, for i < block_a - 1
-    areas = _box_area(head) + _box_area(tail)
+    areas = box_area(head) + box_area(tail)
     cut = areas.argmin(1)[:, None, None].expand(blocks, 1, 4)
-    area = _box_area(blocked)
+    area = box_area(blocked)
     bounds = [head.gather(1, cut)[:, 0], tail.gather(1, cut)[:, 0], area.amin(1)[:, None], area.amax(1)[:, None]]
     return torch.cat(bounds, 1).contiguous().to(device)
-
-
-def _box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _border_limits(problem: Problem) -> torch.Tensor:
