@@ -17,7 +17,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
    1.68x the (box, block) visits, 72 registers instead of 96; ``bench_gpu.py --pairs``,
    ``kernel_resources.md``): ``solve`` and ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and
-   B = 8 G = 1000, labels checked equal; a variant that fails is reported and skipped.
+   B = 8 G = 1000, labels checked equal; a variant that fails is reported and skipped;
+   then a verdict per variant (points where it beat the walk; labels equal or not).
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
@@ -84,6 +85,21 @@ def set_direct_launches(direct: bool) -> None:
     for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
                  "finalize_kernel", "scan_kernel"):  # fmt: skip
         getattr(triton_backend, name).direct = direct
+
+
+def matching_verdict(points: list[dict]) -> str:
+    """One line per variant: at how many points it beat the walk, ``solve`` and
+    ``solve_sparse`` apart, and whether its labels ever differed (what making the gather
+    the default waits for)."""
+    lines = ["verdict against the walk (points faster: solve, solve_sparse; labels):"]
+    variants = [name for name in points[0]["ms"] if name != "walk"] if points else []
+    for name in variants:
+        timed = [point for point in points if name in point["ms"]]
+        faster = [sum(point["ms"][name][i] < point["ms"]["walk"][i] for point in timed) for i in (0, 1)]
+        same = not any(name in point["differ"] for point in timed)
+        lines.append(f"  {name}: {faster[0]} / {len(timed)}, {faster[1]} / {len(timed)}; "
+                     f"{'equal' if same else 'DIFFER'}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def graph_replay(problem) -> dict:
@@ -213,6 +229,7 @@ def main() -> None:
             f"{f'  LABELS DIFFER: {differ}' if differ else ''}")  # fmt: skip
         record["matching"].append(dict(batch=point[0], boxes=point[1], differ=differ,
                                        ms={name: row[name][:2] for name in row}))  # fmt: skip
+    say(matching_verdict(record["matching"]))
 
     say("== CUDA graphs: solve captured once, replayed ==")
     record["graphs"] = []
