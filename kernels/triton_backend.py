@@ -285,8 +285,9 @@ def _block_bounds(grid: AnchorGrid, block_a: int, device: torch.device, stream: 
     block that runs past the end of a row of cells takes in the start of the next row, and
     one bounding box of both spans the whole width (on the coarse levels most blocks do):
     at G = 200 it listed 30.7 boxes per block where two parts list 25.1 and the boxes that
-    overlap one of the block's anchors are 24.7 (``bench_gpu.py --pairs``)."""
-    anchors = grid.materialize()
+    overlap one of the block's anchors are 24.7 (``bench_gpu.py --pairs``). Computed on
+    ``device``: the scans over every block take tens of milliseconds on a CPU."""
+    anchors = grid.materialize().to(device)
     blocks = _cdiv(anchors.shape[0], block_a)
     # The last block filled up with copies of its last anchor: its bounds stay its own.
     filler = anchors[-1:].expand(blocks * block_a - anchors.shape[0], 4)
@@ -300,7 +301,7 @@ def _block_bounds(grid: AnchorGrid, block_a: int, device: torch.device, stream: 
     cut = areas.argmin(1)[:, None, None].expand(blocks, 1, 4)
     area = box_area(blocked)
     bounds = [head.gather(1, cut)[:, 0], tail.gather(1, cut)[:, 0], area.amin(1)[:, None], area.amax(1)[:, None]]
-    return torch.cat(bounds, 1).contiguous().to(device)
+    return torch.cat(bounds, 1).contiguous()
 
 
 def _border_limits(problem: Problem) -> torch.Tensor:
