@@ -597,10 +597,10 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     their anchors: in the gather, those with a near box; in the finalize (no rule needs
     the anchors here), those the lift visits or with a positive to encode (``labels``
     [B, A], the targets), which before the lift moved into the finalize generated them
-    once in each. ``touching``: the (box, block) pairs
-    where the box overlaps one of the block's anchors, what an exact per-block test would
-    list (the rest of the gather's evaluated pairs above the overlapping ones is the
-    tile's granularity: a box visits every anchor of a block it touches)."""
+    once in each. ``touching``: the (box, block) pairs where the box overlaps one of the
+    block's anchors, what an exact per-block test would list (the rest of the gather's
+    evaluated pairs above the overlapping ones is the tile's granularity: a box visits
+    every anchor of a block it touches)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     bounds = _block_bounds(grid, meta.block_a)
