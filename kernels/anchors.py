@@ -242,14 +242,12 @@ def check_canvas(canvas: object) -> tuple[int, int]:
     """Check a canvas ``(height, width)`` of positive ints."""
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
-    out = []
-    for v in canvas:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
-        if v <= 0:
-            raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
-        out.append(v)
-    return out[0], out[1]
+    height, width = canvas
+    if isinstance(height, bool) or isinstance(width, bool) or not (isinstance(height, int) and isinstance(width, int)):
+        raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
+    return height, width
 
 
 @functools.lru_cache(maxsize=64)

@@ -58,6 +58,9 @@ CHECKS_GT_BOXES = ("solve", "solve_sparse")
 _INVALID_BOX = 2  # tritarget_cpu_solve's status for an invalid gt box
 
 _F32_4, _I64_2 = ctypes.c_float * 4, ctypes.c_int64 * 2
+# The sparse outputs are made by ``new_empty`` on these: ~0.8 us cheaper per tensor than
+# ``torch.empty(..., dtype=...)``, whose keyword costs more to parse than the allocation.
+_INT32, _INT64, _FLOAT32 = (torch.empty(0, dtype=dtype) for dtype in (torch.int32, torch.int64, torch.float32))
 # Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
 # BLOCK, CHUNK, BOUNDS).
 _BLOCK, _CHUNK, _BOUNDS = 64, 512, 6
@@ -114,8 +117,8 @@ def _library() -> ctypes.CDLL:
     pointer, size, problem = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_CProblem)
     signatures = {
         "tritarget_cpu_solve": ([problem], ctypes.c_int),
-        "tritarget_cpu_solve_sparse": ([problem, pointer, pointer, pointer], pointer),
-        "tritarget_cpu_emit_sparse": ([pointer] * 6, None),
+        "tritarget_cpu_solve_sparse": ([problem, pointer], pointer),
+        "tritarget_cpu_emit_sparse": ([pointer] * 8, None),
         "tritarget_cpu_free_sparse": ([pointer], None),
         "tritarget_cpu_bounds": ([pointer, size, pointer], None),
         "tritarget_cpu_boxes_valid": ([pointer, size, ctypes.c_float, ctypes.c_float, ctypes.c_float], ctypes.c_int),
@@ -286,30 +289,29 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     equal to ``solve(problem).to_sparse()`` without building the dense targets."""
     inputs = _Inputs(problem)
     library = _library()
-    batch = problem.batch_size
-    positive_offsets = torch.empty(batch + 1, dtype=torch.int64)
-    ignored_offsets = torch.empty(batch + 1, dtype=torch.int64)
     totals = _I64_2()  # positives, ignored: cheaper to read than a tensor element
-    job = library.tritarget_cpu_solve_sparse(
-        ctypes.byref(inputs.args), positive_offsets.data_ptr(), ignored_offsets.data_ptr(), totals
-    )
+    job = library.tritarget_cpu_solve_sparse(ctypes.byref(inputs.args), totals)
     positives, ignored = totals
     if not job:
         if positives < 0:
             raise CheckBoxesFirst
         raise MemoryError("the CPU kernel could not allocate its scratch memory")
     try:
-        anchors = torch.empty(positives, dtype=torch.int32)
-        matched = torch.empty(positives, dtype=torch.int32)
-        deltas = torch.empty(positives, 4, dtype=torch.float32)
-        classes = None if problem.gt_classes is None else torch.empty(positives, dtype=torch.int32)
-        ignored_anchors = torch.empty(ignored, dtype=torch.int32)
+        batch = problem.host_ints.batch
+        positive_offsets = _INT64.new_empty(batch + 1)
+        ignored_offsets = _INT64.new_empty(batch + 1)
+        anchors = _INT32.new_empty(positives)
+        matched = _INT32.new_empty(positives)
+        deltas = _FLOAT32.new_empty(positives, 4)
+        classes = None if problem.gt_classes is None else _INT32.new_empty(positives)
+        ignored_anchors = _INT32.new_empty(ignored)
     except BaseException:
         library.tritarget_cpu_free_sparse(job)
         raise
     library.tritarget_cpu_emit_sparse(  # frees the job
-        job, anchors.data_ptr(), matched.data_ptr(), deltas.data_ptr(), _pointer(classes), ignored_anchors.data_ptr()
-    )
+        job, positive_offsets.data_ptr(), ignored_offsets.data_ptr(), anchors.data_ptr(), matched.data_ptr(),
+        deltas.data_ptr(), _pointer(classes), ignored_anchors.data_ptr(),
+    )  # fmt: skip
     return SparseTargets(
         num_anchors=problem.num_anchors, positive_offsets=positive_offsets, positive_anchors=anchors,
         positive_matched_gt=matched, positive_deltas=deltas, ignored_offsets=ignored_offsets,

@@ -1159,14 +1159,12 @@ int tritarget_cpu_solve(const Problem *p) {
     return failed;
 }
 
-/* The sparse form, first half: solves, writes each image's row offsets
- * (pos_offsets/ign_offsets [B + 1]: image i owns rows [off[i], off[i + 1]) of the
- * positive/ignored outputs) and totals[2] (their sizes), and returns the solved job for
- * tritarget_cpu_emit_sparse,
- * which the caller must call once (or tritarget_cpu_free_sparse) while p and its
- * inputs are alive. NULL when memory ran out, or with totals[0] = -1 when a gt box is
- * invalid (check_gt_boxes). */
-Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t *ign_offsets, int64_t *totals) {
+/* The sparse form, first half: solves, writes totals[2] (how many positives and ignored
+ * anchors: the sizes of the outputs) and returns the solved job for
+ * tritarget_cpu_emit_sparse, which the caller must call once (or tritarget_cpu_free_sparse)
+ * while p and its inputs are alive. NULL when memory ran out, or with totals[0] = -1 when
+ * a gt box is invalid (check_gt_boxes). */
+Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *totals) {
     if (invalid_gt_boxes(p)) {
         totals[0] = -1;
         return NULL;
@@ -1179,21 +1177,13 @@ Job *tritarget_cpu_solve_sparse(const Problem *p, int64_t *pos_offsets, int64_t 
     }
     int64_t pos = 0, ign = 0;
     for (int64_t item = 0; item < job->num_items; ++item) {
-        if (item % job->chunks_per_image == 0) {
-            pos_offsets[item / job->chunks_per_image] = pos;
-            ign_offsets[item / job->chunks_per_image] = ign;
-        }
         job->pos_start[item] = pos;
         job->ign_start[item] = ign;
         pos += job->items[item].npos;
         ign += job->items[item].nign;
     }
-    for (int64_t image = job->chunks_per_image == 0 ? 0 : p->batch; image <= p->batch; ++image) {
-        pos_offsets[image] = pos; /* the end, and every image's start when there are no anchors */
-        ign_offsets[image] = ign;
-    }
-    totals[0] = pos;
-    totals[1] = ign;
+    job->pos_start[job->num_items] = totals[0] = pos;
+    job->ign_start[job->num_items] = totals[1] = ign;
     return job;
 }
 
@@ -1218,8 +1208,18 @@ static void emit_item(Job *job, int thread, int64_t image, int64_t chunk) {
 /* The sparse form, second half: every image's positives (anchor, matched box, deltas,
  * class) and ignored anchors, ascending anchor index within an image, into outputs
  * sized by the offsets; pos_classes is NULL when there are no classes. Frees the job. */
-void tritarget_cpu_emit_sparse(Job *job, int32_t *pos_anchors, int32_t *pos_matched, float *pos_deltas,
-                               int32_t *pos_classes, int32_t *ign_anchors) {
+/* The sparse form, second half: writes each image's row offsets (pos_offsets/ign_offsets
+ * [B + 1]: image i owns rows [off[i], off[i + 1]) of the positive/ignored outputs) and the
+ * rows into outputs sized by the totals, then frees the job. The offsets are written here,
+ * not by the solve, so that the caller makes every output tensor after the solve: the
+ * first torch allocation after the kernel has evicted the caches costs ~2x the others. */
+void tritarget_cpu_emit_sparse(Job *job, int64_t *pos_offsets, int64_t *ign_offsets, int32_t *pos_anchors,
+                               int32_t *pos_matched, float *pos_deltas, int32_t *pos_classes, int32_t *ign_anchors) {
+    for (int64_t image = 0; image <= job->p->batch; ++image) {
+        const int64_t item = image * job->chunks_per_image; /* num_items for the end; 0 without anchors */
+        pos_offsets[image] = job->pos_start[item];
+        ign_offsets[image] = job->ign_start[item];
+    }
     job->out_pos_anchors = pos_anchors;
     job->out_pos_matched = pos_matched;
     job->out_pos_deltas = pos_deltas;

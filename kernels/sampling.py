@@ -21,7 +21,7 @@ def image_seeds(seed: int | list[int] | tuple[int, ...], batch: int) -> list[int
     if isinstance(seed, bool):
         raise TypeError(f"seed: expected an int or a list of ints, got {seed!r}")
     if isinstance(seed, int):
-        return [seed + i for i in range(batch)]
+        return list(range(seed, seed + batch))
     seeds = list(seed)
     if len(seeds) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seed: expected an int or {batch} ints (one per image), got {seed!r}")
