@@ -19,9 +19,10 @@
  * Two outputs share these passes. tritarget_cpu_solve writes dense [B, A] targets.
  * tritarget_cpu_solve_sparse writes none: each chunk's positives (anchor, matched box)
  * and ignored anchors become rows of per-thread growable lists, pass 2 and ssd_forced
- * replace the rows of the chunks they change, and tritarget_cpu_emit_sparse copies the
- * rows chunk after chunk (so in ascending anchor order) into the caller's outputs, sized
- * by the counts the first call returned, encoding the positives' deltas as it goes. A
+ * replace the rows of the chunks they change, and tritarget_cpu_emit_sparse writes each
+ * image's row offsets and copies the rows chunk after chunk (so in ascending anchor order)
+ * into the caller's outputs, sized by the counts the first call returned, encoding the
+ * positives' deltas as it goes. A
  * RetinaNet image has ~200 rows where the dense form writes 5 MB.
  *
  * Skipping: anchors come in blocks of 64 whose bounds (bounding box, area range) the

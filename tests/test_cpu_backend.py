@@ -333,11 +333,15 @@ def test_full_size_coco_like_crowd():
 
 
 def test_no_anchor_survives_an_empty_canvas():
-    """Zero anchors (explicit) is a valid, empty problem."""
+    """Zero anchors (explicit) is a valid, empty problem, dense and sparse."""
     boxes = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
-    ours, ref = solve_both(boxes, [1], (16, 16), presets.get("retinanet_torchvision"), anchors=torch.zeros(0, 4))
+    config = presets.get("retinanet_torchvision")
+    ours, ref = solve_both(boxes, [1], (16, 16), config, anchors=torch.zeros(0, 4))
     assert ours.labels.shape == (1, 0)
     assert_targets_equal(ours, ref)
+    sparse = assign_sparse(boxes.repeat(2, 1), [1, 1], (16, 16), config, anchors=torch.zeros(0, 4), backend="cpu")
+    assert sparse.positive_offsets.tolist() == sparse.ignored_offsets.tolist() == [0, 0, 0]
+    assert sparse.positive_anchors.numel() == sparse.ignored_anchors.numel() == 0
 
 
 @settings(max_examples=120, deadline=None)
