@@ -213,8 +213,8 @@ def _boxes(name: str, value: object, device: torch.device) -> torch.Tensor:
 
 
 def _counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> list[int]:
-    # The checks of a list run in C (map, min, sum) where they can: Python loops over a
-    # one-image list cost ~5 us of a ~100 us call, most of it cold (after the kernel).
+    # A list's checks run in C where they can (map, min, sum): every call makes them, and
+    # for one image they take ~2 us where a generator and a Python loop took ~3.5 us.
     if isinstance(value, (list, tuple)):
         counts = list(value)
         kinds = set(map(type, counts))
