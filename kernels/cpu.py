@@ -61,7 +61,7 @@ _F32_4, _I64_2 = ctypes.c_float * 4, ctypes.c_int64 * 2
 # The sparse outputs are made by ``new_empty`` on these (dtype and device with it, whatever
 # torch's defaults): ~0.8 us cheaper per tensor than ``torch.empty(..., dtype=...)``, whose
 # keywords cost more to parse than the allocation.
-_INT32, _INT64, _FLOAT32 = (torch.empty(0, dtype=dtype, device="cpu") for dtype in (torch.int32, torch.int64, torch.float32))
+_INT32, _INT64, _FLOAT32 = (torch.empty(0, dtype=t, device="cpu") for t in (torch.int32, torch.int64, torch.float32))
 # Anchors per skipping block and per work item, numbers in their bounds (cpu_kernel.c's
 # BLOCK, CHUNK, BOUNDS).
 _BLOCK, _CHUNK, _BOUNDS = 64, 512, 6

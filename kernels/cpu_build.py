@@ -37,7 +37,10 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # masked lanes did it without; without AVX-512 they stayed scalar: 1.5x slower at G = 200,
 # benchmarks/cpu_technique.md). It changes no value: every operation still rounds as IEEE.
 # -fopenmp-simd: honour `#pragma omp simd` reductions (exact min/max) without OpenMP's runtime.
-FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd", "-march=native")
+FLAGS = (
+    "-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd",
+    "-march=native",
+)  # fmt: skip
 
 
 class CompileError(RuntimeError):
