@@ -42,12 +42,20 @@ def _backend_module(backend: str):
     return importlib.import_module(f".{_BACKEND_MODULES[backend]}", __package__)
 
 
+# (backend name, device) -> the module that solves there: resolved once per pair.
+_MODULE_FOR: dict[tuple[str, torch.device], object] = {}
+_CPU = torch.device("cpu")
+
+
 def _backend_for(backend: str, gt_boxes: object):
     """The module of the backend that will solve boxes where ``gt_boxes`` live (chosen
     before the inputs are checked, so that the cpu backend can check CPU boxes itself;
     ``build_problem`` refuses a ``gt_boxes`` that is not a tensor)."""
-    device = gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else torch.device("cpu")
-    return _backend_module(resolve_backend(backend, device))
+    key = (backend, gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else _CPU)
+    module = _MODULE_FOR.get(key) if isinstance(backend, str) else None
+    if module is None:
+        module = _MODULE_FOR[key] = _backend_module(resolve_backend(*key))
+    return module
 
 
 def assign(

@@ -141,55 +141,76 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-# id(anchors) -> (weak reference, version, bounds), most recent last. Generated anchors
-# are one cached tensor per config and canvas, so a training loop computes its bounds once
-# (reading all 201,600 RetinaNet anchors takes ~0.2 ms, more than a sparse solve of a
-# COCO-like image).
-_BOUNDS_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-_BOUNDS_KEPT = 4
-# Held to change a cache: another thread's eviction iterates over it (lookups need no lock).
-_CACHES_LOCK = threading.Lock()
-
-
-def _remember(cache: dict, key: int, value: tuple, kept: int) -> None:
-    """Store a cache entry, evicting the oldest ones beyond ``kept``."""
-    with _CACHES_LOCK:
-        cache.pop(key, None)
-        while len(cache) >= kept:
-            cache.pop(next(iter(cache)))
-        cache[key] = value
-
-
-def _bounds(anchors: torch.Tensor, generated: bool) -> torch.Tensor:
-    """Tensor[ceil(A / 64) + ceil(A / 512), 6] float32: each block's, then each chunk's,
-    bounding box and area range. ``generated``: tritarget's own cached anchors (never
-    written); explicit anchors are the caller's, and their version counter changes with
-    every in-place write (an inference tensor has none: its bounds are not cached)."""
-    if not generated and anchors.is_inference():
-        return _compute_bounds(anchors)
-    key, version = id(anchors), 0 if generated else anchors._version
-    cached = _BOUNDS_CACHE.get(key)
-    if cached is not None and cached[0]() is anchors and cached[1] == version:
-        return cached[2]
-    bounds = _compute_bounds(anchors)
-    _remember(_BOUNDS_CACHE, key, (weakref.ref(anchors), version, bounds), _BOUNDS_KEPT)
-    return bounds
+# Held to change the cache below: another thread's eviction iterates over it (lookups
+# need no lock).
+_CACHE_LOCK = threading.Lock()
 
 
 def _compute_bounds(anchors: torch.Tensor) -> torch.Tensor:
+    """Tensor[ceil(A / 64) + ceil(A / 512), 6] float32: each block's, then each chunk's,
+    bounding box and area range."""
     count = anchors.shape[0]
     bounds = torch.empty(-(-count // _BLOCK) - (-count // _CHUNK), _BOUNDS, dtype=torch.float32)
     _library().tritarget_cpu_bounds(anchors.data_ptr(), count, bounds.data_ptr())
     return bounds
 
 
-def _border_limits(problem: Problem) -> array.array | None:
+class _Template:
+    """The kernel arguments a config and an anchor set decide (thresholds, encoding, the
+    anchors and their bounds), filled in once and copied for each call.
+
+    Holds the config (so that its id, the cache key, is not reused) and the anchors weakly
+    with their version counter: explicit anchors are the caller's, and an in-place write,
+    ``resize_`` or ``set_`` moves the counter on.
+    """
+
+    __slots__ = ("config", "anchors", "version", "bounds", "args")
+
+    def __init__(self, config: TargetConfig, anchors: torch.Tensor, version: int):
+        self.config, self.anchors, self.version = config, weakref.ref(anchors), version
+        self.bounds = _compute_bounds(anchors)
+        match, encode = config.match, config.encode
+        self.args = _CProblem(
+            anchors=anchors.data_ptr(), bounds=self.bounds.data_ptr(), num_anchors=anchors.shape[0],
+            high=match.high, low=match.low, min_pos_iou=match.min_pos_iou, ignore_iof_thr=match.ignore_iof_thr,
+            strict_high=match.strict_high, low_quality=LOW_QUALITY_MODES.index(match.low_quality),
+            iof_wrt_anchor=match.ignore_iof_wrt_anchor, border_post=match.border_order == "post_match",
+            weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
+            background_class=config.background_class,
+        )  # fmt: skip
+
+
+# (id(config), id(anchors)) -> _Template, most recent last. Generated anchors are one
+# cached tensor per config and canvas, so a training loop computes their bounds once
+# (reading all 201,600 RetinaNet anchors takes ~0.2 ms, more than a sparse solve of a
+# COCO-like image). Keyed by identity: hashing a frozen config walks all its fields.
+_TEMPLATES: dict[tuple[int, int], _Template] = {}
+_TEMPLATES_KEPT = 8
+
+
+def _template(config: TargetConfig, anchors: torch.Tensor, generated: bool) -> _Template:
+    """The template of a call's kernel arguments. ``generated``: tritarget's own cached
+    anchors (never written); an inference tensor has no version counter, so explicit
+    anchors of one get a template of their own on each call."""
+    if not generated and anchors.is_inference():
+        return _Template(config, anchors, 0)
+    key, version = (id(config), id(anchors)), 0 if generated else anchors._version
+    cached = _TEMPLATES.get(key)
+    if cached is not None and cached.config is config and cached.anchors() is anchors and cached.version == version:
+        return cached
+    template = _Template(config, anchors, version)
+    with _CACHE_LOCK:
+        _TEMPLATES.pop(key, None)
+        while len(_TEMPLATES) >= _TEMPLATES_KEPT:
+            _TEMPLATES.pop(next(iter(_TEMPLATES)))
+        _TEMPLATES[key] = template
+    return template
+
+
+def _border_limits(problem: Problem) -> array.array:
     """Float32 ``(-b, -b, w + b, h + b)`` per image, [B, 4], computed in float64 and rounded
-    to float32 as torch rounds a Python scalar it compares a float32 tensor with; None when
-    the rule is off."""
+    to float32 as torch rounds a Python scalar it compares a float32 tensor with."""
     border = problem.config.match.allowed_border
-    if border < 0:
-        return None
     sizes = problem.host_ints.sizes
     limits = array.array("f")  # a C cast from double: round to nearest, as torch's .to(float32)
     for height, width in zip(sizes[::2], sizes[1::2]):
@@ -197,42 +218,16 @@ def _border_limits(problem: Problem) -> array.array | None:
     return limits
 
 
-def _padding_tables(problem: Problem) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _padding_tables(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid_cells [B, L, 2] int32, levels [L, 4] int64: first anchor, height, width,
-    shapes per cell) for the padded-size rule, or (None, None) when it excludes nothing."""
-    if problem.valid_cells is None:
-        return None, None
+    shapes per cell) for the padded-size rule."""
     grid = problem.grid
     levels = [[start, lv.height, lv.width, lv.cells.shape[0]] for lv, start in zip(grid.levels, grid.level_starts)]
     return problem.valid_cells.contiguous(), torch.tensor(levels, dtype=torch.int64)
 
 
-# id(config) -> (config, the kernel arguments it decides), most recent last. Keyed by
-# identity: hashing a frozen config walks all its fields, which costs more than building
-# the arguments; holding the config keeps its id from being reused.
-_CONFIG_ARGUMENTS: dict[int, tuple[TargetConfig, _CProblem]] = {}
-_CONFIGS_KEPT = 16
-
-
-def _config_arguments(config: TargetConfig) -> _CProblem:
-    """The kernel arguments a config decides (copied for each call)."""
-    cached = _CONFIG_ARGUMENTS.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    match, encode = config.match, config.encode
-    args = _CProblem(
-        high=match.high, low=match.low, min_pos_iou=match.min_pos_iou, ignore_iof_thr=match.ignore_iof_thr,
-        strict_high=match.strict_high, low_quality=LOW_QUALITY_MODES.index(match.low_quality),
-        iof_wrt_anchor=match.ignore_iof_wrt_anchor, border_post=match.border_order == "post_match",
-        weights=_F32_4(*encode.weights), means=_F32_4(*encode.means), stds=_F32_4(*encode.stds),
-        background_class=config.background_class,
-    )  # fmt: skip
-    _remember(_CONFIG_ARGUMENTS, id(config), (config, args), _CONFIGS_KEPT)
-    return args
-
-
 class _Inputs:
-    """A problem as the kernel reads it; holds what ``args`` points into.
+    """A problem as the kernel reads it: ``args``, and what they point into, held.
 
     The tensors are read in place: build_problem made them contiguous, of the dtypes
     ``Problem`` documents, and packed the offsets on the host.
@@ -241,23 +236,22 @@ class _Inputs:
     def __init__(self, problem: Problem):
         if not problem.gt_boxes.is_cpu:
             raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
-        self.problem = problem
-        anchors, classes, ignore = problem.anchors, problem.gt_classes, problem.ignore_boxes
-        self.bounds = _bounds(anchors, generated=problem.grid is not None)
-        self.border_limits = _border_limits(problem)
-        self.valid_cells, self.levels = _padding_tables(problem)
-        host = problem.host_ints
-        args = self.args = _CProblem.from_buffer_copy(_config_arguments(problem.config))
-        args.anchors, args.bounds = anchors.data_ptr(), self.bounds.data_ptr()
-        args.gt_boxes, args.gt_offsets = problem.gt_boxes.data_ptr(), host.address(0)
-        args.gt_classes = None if classes is None else classes.data_ptr()
-        args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.address(1)
-        args.border_limits = None if self.border_limits is None else self.border_limits.buffer_info()[0]
-        if self.valid_cells is not None:
+        config, classes, ignore, host = problem.config, problem.gt_classes, problem.ignore_boxes, problem.host_ints
+        self.problem, self.template = problem, _template(config, problem.anchors, problem.grid is not None)
+        args = self.args = _CProblem.from_buffer_copy(self.template.args)
+        args.gt_boxes, args.gt_offsets, args.batch = problem.gt_boxes.data_ptr(), host.gt_offsets_address, host.batch
+        if classes is not None:
+            args.gt_classes = classes.data_ptr()
+        if ignore.shape[0] > 0:
+            args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.ignore_offsets_address
+            args.use_ignore = config.match.ignore_iof_thr >= 0
+        if config.match.allowed_border >= 0:  # the border rule
+            self.border_limits = _border_limits(problem)
+            args.border_limits = self.border_limits.buffer_info()[0]
+        if problem.valid_cells is not None:  # the padded-size rule
+            self.valid_cells, self.levels = _padding_tables(problem)
             args.valid_cells, args.levels = self.valid_cells.data_ptr(), self.levels.data_ptr()
             args.num_levels, args.shape_major = self.levels.shape[0], problem.grid.shape_major
-        args.num_anchors, args.batch = anchors.shape[0], host.batch
-        args.use_ignore = problem.config.match.ignore_iof_thr >= 0 and ignore.shape[0] > 0
         args.num_threads = torch.get_num_threads()
         if not problem.gt_boxes_checked:
             args.check_gt_boxes = True

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import array
 import functools
-import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -57,19 +57,18 @@ class HostInts:
     multiple of 16 bytes as a tensor of its own would (the Triton backend specialises its
     kernels on pointer alignment). The CPU kernel reads the offsets in place."""
 
-    __slots__ = ("batch", "ints", "stride")
+    __slots__ = ("batch", "ints", "stride", "gt_offsets_address", "ignore_offsets_address")
 
     def __init__(self, gt_counts: list[int], ignore_counts: list[int] | None, sizes: list[int]):
         """From the boxes per image (``ignore_counts`` None: no ignore boxes) and the sizes."""
         batch = self.batch = len(gt_counts)
         padding = [0] * ((batch + 1) % 2)
-        self.stride = batch + 1 + len(padding)  # each offsets part
-        ignore = [0] * (batch + 1) if ignore_counts is None else itertools.accumulate(ignore_counts, initial=0)
-        self.ints = array.array("q", [*itertools.accumulate(gt_counts, initial=0), *padding, *ignore, *padding, *sizes])
-
-    def address(self, part: int) -> int:
-        """Address of part 0 (gt offsets), 1 (ignore offsets) or 2 (sizes); valid while this lives."""
-        return self.ints.buffer_info()[0] + 8 * self.stride * part
+        stride = self.stride = batch + 1 + len(padding)  # each offsets part
+        ignore = [0] * (batch + 1) if ignore_counts is None else accumulate(ignore_counts, initial=0)
+        self.ints = array.array("q", [*accumulate(gt_counts, initial=0), *padding, *ignore, *padding, *sizes])
+        # Where the CPU kernel reads the offsets; valid while this lives.
+        self.gt_offsets_address = self.ints.buffer_info()[0]
+        self.ignore_offsets_address = self.gt_offsets_address + 8 * stride
 
     @property
     def sizes(self) -> list[int]:
@@ -90,7 +89,7 @@ class HostInts:
 
 # Problem and Kept are read-only by contract, not frozen: a frozen dataclass sets each field
 # through object.__setattr__, which costs ~3 us per call, twice the rest of their construction.
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Problem:
     """A checked, ragged batch; what ``backend.solve(problem) -> Targets`` receives.
 
@@ -128,22 +127,24 @@ class Problem:
     want_max_iou: bool = False
     valid_cells: torch.Tensor | None = None
     gt_boxes_checked: bool = True
+    _on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
-    @functools.cached_property
     def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.host_ints.to(self.device)
+        if self._on_device is None:
+            self._on_device = self.host_ints.to(self.device)
+        return self._on_device
 
     @property
     def gt_offsets(self) -> torch.Tensor:
-        return self._device_ints[0]
+        return self._device_ints()[0]
 
     @property
     def ignore_offsets(self) -> torch.Tensor:
-        return self._device_ints[1]
+        return self._device_ints()[1]
 
     @property
     def image_sizes(self) -> torch.Tensor:
-        return self._device_ints[2]
+        return self._device_ints()[2]
 
     @property
     def batch_size(self) -> int:
@@ -158,7 +159,7 @@ class Problem:
         return self.gt_boxes.device
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Kept:
     """Which given boxes survived ``drop_invalid``.
 

@@ -459,6 +459,18 @@ def test_sparse_solve_sees_explicit_anchors_changed_in_place(generator):
     assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
 
 
+def test_sparse_solve_sees_explicit_anchors_replaced_in_place(generator):
+    """The kernel arguments cached per anchor tensor hold its address and count: ``set_``
+    (another storage, another count) must not reuse them."""
+    canvas = (120, 150)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
+    boxes, counts = random_batch(generator, [6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    anchors.set_(random_batch(generator, [1300], canvas, min_size=4.0)[0])
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+
+
 def test_sparse_solve_under_inference_mode(generator):
     """Inference tensors have no version counter: explicit ones get fresh bounds each call."""
     canvas = (120, 150)
