@@ -243,11 +243,13 @@ def check_canvas(canvas: object) -> tuple[int, int]:
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
     height, width = canvas
-    if isinstance(height, bool) or isinstance(width, bool) or not (isinstance(height, int) and isinstance(width, int)):
+    if (type(height) is not int or type(width) is not int) and (  # plain ints need no more than this
+        isinstance(height, bool) or isinstance(width, bool) or not (isinstance(height, int) and isinstance(width, int))
+    ):
         raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
     if height <= 0 or width <= 0:
         raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
-    return height, width
+    return canvas if type(canvas) is tuple else (height, width)
 
 
 @functools.lru_cache(maxsize=64)

@@ -110,10 +110,13 @@ def assign(
     """
     module = _backend_for(backend, gt_boxes)
     targets, problem, kept = _solved(
-        module, "solve", gt_boxes, gt_counts, canvas, config,
-        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
-        want_max_iou=return_max_iou,
+        module, "solve", drop_invalid,
+        lambda host_check, check_gt_boxes: build_problem(
+            gt_boxes, gt_counts, canvas, config, gt_classes=gt_classes, ignore_boxes=ignore_boxes,
+            ignore_counts=ignore_counts, image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors,
+            drop_invalid=drop_invalid, want_max_iou=return_max_iou, host_check=host_check,
+            check_gt_boxes=check_gt_boxes,
+        ),
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     if config.match.sample_size > 0:
@@ -152,9 +155,12 @@ def assign_sparse(
     # (A config that is not a TargetConfig goes to "solve", whose build_problem refuses it.)
     direct = isinstance(config, TargetConfig) and config.match.sample_size == 0 and hasattr(module, "solve_sparse")
     solved, problem, kept = _solved(
-        module, "solve_sparse" if direct else "solve", gt_boxes, gt_counts, canvas, config,
-        gt_classes=gt_classes, ignore_boxes=ignore_boxes, ignore_counts=ignore_counts,
-        image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors, drop_invalid=drop_invalid,
+        module, "solve_sparse" if direct else "solve", drop_invalid,
+        lambda host_check, check_gt_boxes: build_problem(
+            gt_boxes, gt_counts, canvas, config, gt_classes=gt_classes, ignore_boxes=ignore_boxes,
+            ignore_counts=ignore_counts, image_sizes=image_sizes, pad_sizes=pad_sizes, anchors=anchors,
+            drop_invalid=drop_invalid, host_check=host_check, check_gt_boxes=check_gt_boxes,
+        ),
     )  # fmt: skip
     seeds = image_seeds(seed, problem.batch_size)
     if direct:
@@ -175,24 +181,25 @@ def assign_sparse(
     return sparse
 
 
-def _solved(module, function: str, *args, **kwargs) -> tuple[object, Problem, Kept]:
+def _solved(module, function: str, drop_invalid: bool, build) -> tuple[object, Problem, Kept]:
     """``module.<function>(problem)``, the problem and what was kept, for the problem
-    ``build_problem(*args, **kwargs)`` makes: built without the gt boxes' check where that
-    function checks them itself, and built again with it when the function asks
-    (``CheckBoxesFirst``: some box may be invalid, so the check raises or drops as
-    ``drop_invalid`` says) or raises another ``ValueError`` (an invalid box is named
-    before the backend's own refusals, as when the boxes were checked first).
+    ``build(host_check, check_gt_boxes)`` makes (``build_problem`` with the caller's
+    arguments): built without the gt boxes' check where that function checks them itself,
+    and built again with it when the function asks (``CheckBoxesFirst``: some box may be
+    invalid, so the check raises or drops as ``drop_invalid`` says) or raises another
+    ``ValueError`` (an invalid box is named before the backend's own refusals, as when the
+    boxes were checked first).
 
     With ``drop_invalid`` the caller expects invalid boxes: they are checked first, so
     that a batch with one is not solved twice (the triton backend finds them at the end)."""
     solve, host_check = getattr(module, function), getattr(module, "boxes_valid", None)
-    if function in getattr(module, "CHECKS_GT_BOXES", ()) and not kwargs.get("drop_invalid"):
-        problem, kept = build_problem(*args, **kwargs, host_check=host_check, check_gt_boxes=False)
+    if function in getattr(module, "CHECKS_GT_BOXES", ()) and not drop_invalid:
+        problem, kept = build(host_check, False)
         try:
             return solve(problem), problem, kept
         except (CheckBoxesFirst, ValueError):
             pass
-    problem, kept = build_problem(*args, **kwargs, host_check=host_check)
+    problem, kept = build(host_check, True)
     return solve(problem), problem, kept
 
 

@@ -285,7 +285,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     inputs = _Inputs(problem)
     library = _library()
     totals = _I64_2()  # positives, ignored: cheaper to read than a tensor element
-    job = library.tritarget_cpu_solve_sparse(ctypes.byref(inputs.args), totals)
+    job = library.tritarget_cpu_solve_sparse(inputs.args, totals)  # passed by reference (argtypes)
     positives, ignored = totals
     if not job:
         if positives < 0:

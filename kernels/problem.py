@@ -200,13 +200,14 @@ def _tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def _boxes(name: str, value: object, device: torch.device) -> torch.Tensor:
+def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tensor:
+    """A box input, float32 and contiguous, on ``device`` (None: the gt boxes, which decide it)."""
     boxes = _tensor(name, value)
     if not boxes.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (float32 xyxy), got {boxes.dtype}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4] (x1, y1, x2, y2), got {list(boxes.shape)}")
-    if boxes.device != device:
+    if device is not None and boxes.device != device:
         raise ValueError(f"{name}: on {boxes.device}, but gt_boxes are on {device}")
     if boxes.dtype is torch.float32 and boxes.is_contiguous():
         return boxes  # what the conversions would return, without their dispatch
@@ -458,35 +459,40 @@ def build_problem(
     if not isinstance(config, TargetConfig):
         raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}")
     canvas = check_canvas(canvas)
-    gt = _tensor("gt_boxes", gt_boxes)
-    device = gt.device
-    boxes = _boxes("gt_boxes", gt, device)
+    boxes = _boxes("gt_boxes", gt_boxes, None)
+    device = boxes.device
     counts = _counts("gt_counts", gt_counts, boxes.shape[0], "gt_boxes", None)
     batch = len(counts)
 
     # Box values are checked after every argument, where the boxes live, with one read-back
     # (``_may_be_invalid``). Each input's boxes used to be checked right after the input, so
     # an invalid box still wins over a bad argument that follows it: ``checked`` holds the
-    # inputs before the argument being checked, for ``_examine`` to look at.
+    # inputs before the argument being checked, for ``_examine`` to look at; ``examined`` those
+    # of them whose values this call checks (not the gt boxes when the backend checks them).
     checked: list[_Boxes] = []
+    examined: list[_Boxes] = []
     if anchors is None:
         grid, anchor_boxes = grid_and_anchors(config.anchors, canvas, device)
     else:
         grid, anchor_boxes = None, _boxes("anchors", anchors, device)
         checked.append(_Boxes("anchors", anchor_boxes, None))
+        examined.append(checked[-1])
     try:
         classes = None
         if gt_classes is not None:
             classes = _tensor("gt_classes", gt_classes)
-            if classes.dtype.is_floating_point or classes.dtype == torch.bool:
-                raise TypeError(f"gt_classes: expected an integer tensor, got {classes.dtype}")
+            dtype = classes.dtype
+            if dtype is not torch.int32 and (dtype.is_floating_point or dtype == torch.bool):
+                raise TypeError(f"gt_classes: expected an integer tensor, got {dtype}")
             if classes.shape != (boxes.shape[0],):
                 raise ValueError(
                     f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
                 )
-            if classes.dtype is not torch.int32 or classes.device != device or not classes.is_contiguous():
+            if dtype is not torch.int32 or classes.device != device or not classes.is_contiguous():
                 classes = classes.to(device=device, dtype=torch.int32).contiguous()
         checked.append(_Boxes("gt_boxes", boxes, counts))
+        if check_gt_boxes:
+            examined.append(checked[-1])
 
         if (ignore_boxes is None) != (ignore_counts is None):
             raise ValueError("ignore_boxes and ignore_counts must be given together")
@@ -496,6 +502,7 @@ def build_problem(
             ignore = _boxes("ignore_boxes", ignore_boxes, device)
             ign_counts = _counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
             checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
+            examined.append(checked[-1])
         sizes = _sizes("image_sizes", image_sizes, batch, canvas)
         cells = None
         if pad_sizes is not None:
@@ -516,8 +523,9 @@ def build_problem(
         _examine(checked, canvas, drop_invalid)
         raise
 
-    examined = checked if check_gt_boxes else [item for item in checked if item.name != "gt_boxes"]
-    dropped = _examine(checked, canvas, drop_invalid) if _may_be_invalid(examined, canvas, host_check) else {}
+    dropped = {}
+    if examined and _may_be_invalid(examined, canvas, host_check):
+        dropped = _examine(checked, canvas, drop_invalid)
     kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]

@@ -18,6 +18,8 @@ __all__ = ["image_seeds", "sample"]
 
 def image_seeds(seed: int | list[int] | tuple[int, ...], batch: int) -> list[int]:
     """One seed per image: ``seed + i`` for an int, or the given list."""
+    if type(seed) is int:  # the usual case, without the checks below
+        return list(range(seed, seed + batch))
     if isinstance(seed, bool):
         raise TypeError(f"seed: expected an int or a list of ints, got {seed!r}")
     if isinstance(seed, int):
