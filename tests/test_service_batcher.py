@@ -164,6 +164,28 @@ def test_slices_that_came_back_dense_and_sparse_are_put_back_together(generator)
                          sparse_view(expected), rtol=0, atol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("with_classes", [True, False])
+def test_a_sparse_batch_splits_into_each_jobs_lists(generator, with_classes):
+    """A merged SPARSE batch is split into each job's lists, offsets from 0, as if each job
+    had run alone (images without targets and jobs of several images included)."""
+    counts = [2, 0, 3, 1, 4]
+    boxes, _ = random_batch(generator, counts, CANVAS)
+    classes = torch.arange(boxes.shape[0], dtype=torch.int32) if with_classes else None
+    dense = assign(boxes, counts, CANVAS, presets.get(PRESET), gt_classes=classes, backend="reference")
+    images = [1, 2, 2]
+    parts = _split(dense.to_sparse(), images)
+    assert [part.batch_size for part in parts] == images
+    for part, alone in zip(parts, _split(dense, images)):
+        expected = alone.to_sparse()
+        for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
+                     "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
+            got, want = getattr(part, name), getattr(expected, name)
+            assert (got is None) == (want is None) == (name == "positive_classes" and not with_classes), name
+            if want is not None:
+                assert got.dtype == want.dtype and torch.equal(got, want), name
+        assert part.num_anchors == expected.num_anchors and len(part.dropped) == part.batch_size
+
+
 def test_after_the_warm_up_no_request_compiles_a_kernel(generator, monkeypatch):
     """The warm-up runs every kernel variant a request can need: requests of every preset
     family (lift, ssd_forced's marking, sampling, shape-major anchors), dense and sparse,
