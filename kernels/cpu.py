@@ -270,7 +270,7 @@ def solve(problem: Problem) -> Targets:
     args = inputs.args
     args.labels, args.matched, args.deltas = labels.data_ptr(), matched.data_ptr(), deltas.data_ptr()
     args.classes, args.max_iou = _pointer(classes), _pointer(max_iou)
-    status = _library().tritarget_cpu_solve(ctypes.byref(args))
+    status = _library().tritarget_cpu_solve(args)  # passed by reference (argtypes)
     if status == _INVALID_BOX:
         raise CheckBoxesFirst
     if status != 0:
