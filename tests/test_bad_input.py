@@ -105,10 +105,13 @@ def test_zero_box_images_are_normal():
         (lambda: _assign(GOOD, [3], image_sizes=[[64, 200]]), ValueError, r"image_sizes\[0\]"),
         (lambda: _assign(GOOD, [3], image_sizes=[[64, 96], [1, 1]]), ValueError, r"image_sizes: expected shape"),
         (lambda: _assign(GOOD, [3], backend="gpu"), ValueError, "backend: must be one of"),
+        (lambda: _assign(GOOD, [3], backend=["cpu"]), ValueError, "backend: must be one of"),
+        (lambda: _assign(GOOD.to("meta"), [3], backend="cpu"), ValueError, "backend 'cpu' needs CPU tensors"),
         (lambda: _assign(GOOD, [3], anchors=torch.zeros(5, 3)), ValueError, r"anchors: expected shape"),
         (lambda: _assign(GOOD, [3], seed=[1, 2]), ValueError, "seed"),
         (lambda: assign(GOOD, [3], (64, 0), CONFIG, backend="reference"), ValueError, "canvas"),
         (lambda: assign(GOOD, [3], (64.0, 96), CONFIG, backend="reference"), TypeError, "canvas"),
+        (lambda: assign(GOOD, [3], (True, 96), CONFIG, backend="cpu"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], CANVAS, "retinanet", backend="reference"), TypeError, "config"),
     ],
 )
