@@ -76,6 +76,7 @@ class _CProblem(ctypes.Structure):
         ("gt_boxes", ctypes.c_void_p),
         ("gt_offsets", ctypes.c_void_p),
         ("gt_classes", ctypes.c_void_p),
+        ("gt_classes64", ctypes.c_void_p),
         ("ignore_boxes", ctypes.c_void_p),
         ("ignore_offsets", ctypes.c_void_p),
         ("border_limits", ctypes.c_void_p),
@@ -240,7 +241,9 @@ class _Inputs:
         self.problem, self.template = problem, _template(config, problem.anchors, problem.grid is not None)
         args = self.args = _CProblem.from_buffer_copy(self.template.args)
         args.gt_boxes, args.gt_offsets, args.batch = problem.gt_boxes.data_ptr(), host.gt_offsets_address, host.batch
-        if classes is not None:
+        if classes is not None and classes.dtype is torch.int64:  # read as given: no conversion
+            args.gt_classes64 = classes.data_ptr()
+        elif classes is not None:
             args.gt_classes = classes.data_ptr()
         if ignore.shape[0] > 0:
             args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.ignore_offsets_address

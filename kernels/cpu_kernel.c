@@ -82,7 +82,8 @@ typedef struct {
     const float *bounds;         /* [ceil(A / BLOCK) + ceil(A / CHUNK), BOUNDS] from tritarget_cpu_bounds */
     const float *gt_boxes;       /* [N, 4] */
     const int64_t *gt_offsets;   /* [B + 1] */
-    const int32_t *gt_classes;   /* [N] or NULL */
+    const int32_t *gt_classes;   /* [N] or NULL; or, int64 (a torchvision / mmdet label), */
+    const int64_t *gt_classes64; /* [N] here: at most one of the two is set */
     const float *ignore_boxes;   /* [M, 4] */
     const int64_t *ignore_offsets; /* [B + 1] */
     const float *border_limits;  /* [B, 4] (-b, -b, w + b, h + b) as float32, or NULL (rule off) */
@@ -415,6 +416,12 @@ static int anchor_excluded(const Problem *p, int64_t image, int64_t a) {
     return 0;
 }
 
+/* The class of gt box g, int32 as the outputs hold it (an int64 class is converted as
+ * torch's .to(torch.int32) would: its low 32 bits). */
+static inline int32_t box_class(const Problem *p, int64_t g) {
+    return p->gt_classes ? p->gt_classes[g] : (int32_t)(uint32_t)(uint64_t)p->gt_classes64[g];
+}
+
 static void encode_one(const Problem *p, const float *g, const float *anchor, float *out) {
     /* reference.encode / torchvision BoxCoder.encode_boxes, same rounding order */
     float aw = anchor[2] - anchor[0], ah = anchor[3] - anchor[1];
@@ -446,7 +453,7 @@ static void write_dense(const Problem *p, int64_t image, int64_t start, int64_t 
         if (label[k] != POSITIVE) continue;
         const int64_t g = g0 + match[k];
         encode_one(p, p->gt_boxes + 4 * g, p->anchors + 4 * (start + k), p->deltas + 4 * (row + k));
-        if (p->classes) p->classes[row + k] = p->gt_classes[g];
+        if (p->classes) p->classes[row + k] = box_class(p, g);
     }
 }
 
@@ -1202,7 +1209,7 @@ static void emit_item(Job *job, int thread, int64_t image, int64_t chunk) {
         job->out_pos_anchors[o] = row.anchor;
         job->out_pos_matched[o] = row.box;
         encode_one(p, p->gt_boxes + 4 * (g0 + row.box), p->anchors + 4 * row.anchor, job->out_pos_deltas + 4 * o);
-        if (job->out_pos_classes) job->out_pos_classes[o] = p->gt_classes[g0 + row.box];
+        if (job->out_pos_classes) job->out_pos_classes[o] = box_class(p, g0 + row.box);
     }
     if (it->nign)
         memcpy(job->out_ign_anchors + job->ign_start[item], it->rows->ign + it->ign_at, sizeof(int32_t) * (size_t)it->nign);

@@ -100,7 +100,8 @@ class Problem:
         (``anchors.grid_and_anchors``): read-only.
     gt_boxes (Tensor[N, 4] float32), gt_offsets (Tensor[B + 1] int64): image i owns rows
         ``gt_offsets[i]:gt_offsets[i + 1]``.
-    gt_classes (Tensor[N] int32 or None).
+    gt_classes (Tensor[N] int32 or int64, or None): int64 as given (torchvision's, detectron2's
+        and mmdet's labels are), not converted on every call; backends write int32 classes.
     ignore_boxes (Tensor[M, 4] float32), ignore_offsets (Tensor[B + 1] int64): crowd
         regions, possibly none.
     image_sizes (Tensor[B, 2] int64): valid (height, width) of each image.
@@ -489,8 +490,10 @@ def build_problem(
                 raise ValueError(
                     f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
                 )
-            if dtype is not torch.int32 or classes.device != device or not classes.is_contiguous():
-                classes = classes.to(device=device, dtype=torch.int32).contiguous()
+            if dtype is not torch.int32 and dtype is not torch.int64:
+                dtype = torch.int32
+            if classes.dtype is not dtype or classes.device != device or not classes.is_contiguous():
+                classes = classes.to(device=device, dtype=dtype).contiguous()
         checked.append(_Boxes("gt_boxes", boxes, counts))
         if check_gt_boxes:
             examined.append(checked[-1])

@@ -199,7 +199,7 @@ def solve(problem: Problem) -> Targets:
             owner = image_matched[positive]
             deltas[i, positive] = encode(boxes[owner], anchors[positive], config.encode)
             if classes is not None:
-                classes[i, positive] = problem.gt_classes[gt_offsets[i] + owner]
+                classes[i, positive] = problem.gt_classes[gt_offsets[i] + owner].to(torch.int32)
         if max_iou is not None and boxes.shape[0] > 0:
             max_iou[i] = iou.max(dim=0).values
     return Targets(labels, matched_gt, deltas, classes, max_iou, background_class=config.background_class)

@@ -189,12 +189,12 @@ def _check(problem: Problem) -> None:
     if problem.grid is None:
         named["anchors"] = (problem.anchors, torch.float32)
     if problem.gt_classes is not None:
-        named["gt_classes"] = (problem.gt_classes, torch.int32)
-    for name, (tensor, dtype) in named.items():
+        named["gt_classes"] = (problem.gt_classes, (torch.int32, torch.int64))
+    for name, (tensor, dtypes) in named.items():
         if tensor.device != device:
             raise ValueError(f"problem.{name}: on {tensor.device}, but gt_boxes are on {device}")
-        if tensor.dtype != dtype:
-            raise TypeError(f"problem.{name}: expected {dtype}, got {tensor.dtype}")
+        if tensor.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
+            raise TypeError(f"problem.{name}: expected {dtypes}, got {tensor.dtype}")
     batch = problem.batch_size
     if not 1 <= batch <= _MAX_IMAGES:
         raise ValueError(f"batch size {batch}: the triton backend takes 1 to {_MAX_IMAGES} images per call")
@@ -361,6 +361,8 @@ class _Launch:
         self.match, self.encode = match, config.encode
         self.batch, self.num_anchors = problem.batch_size, problem.num_anchors
         self.num_rows = problem.gt_boxes.shape[0]
+        # int32, as the kernels read them (one kernel variant whatever the labels' dtype)
+        self.gt_classes = None if problem.gt_classes is None else problem.gt_classes.to(torch.int32)
         self.generate = problem.grid is not None
         if self.generate:
             tables = _level_tables(problem.grid, device, stream_key(device))
@@ -575,7 +577,7 @@ class _Launch:
         lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.uint8, torch.float32)))
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
-            problem.gt_classes if has_classes else self._placeholder(torch.int32),
+            self.gt_classes if has_classes else self._placeholder(torch.int32),
             self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
             self.border, self.pad, work, *lift_inputs, *pointers,
             self.num_anchors, self.num_levels, self.num_shapes, *capacities,
