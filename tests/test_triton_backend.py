@@ -96,6 +96,22 @@ def test_every_preset_matches_reference(name, generator):
     check(boxes, counts, canvas, _dense_config(name), gt_classes=classes, want_max_iou=True, sparse=True)
 
 
+def test_int64_classes_give_the_int32_classes_targets(generator):
+    """int64 classes (torchvision's labels) reach the kernels as int32: the same targets."""
+    from tritarget.kernels import assign_sparse
+
+    canvas = CANVASES[0]
+    boxes, counts = random_batch(generator, [3, 0, 6], canvas)
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator).to(DEVICE)
+    boxes, config = boxes.to(DEVICE), _dense_config("retinanet_torchvision")
+    want = assign(boxes, counts, canvas, config, gt_classes=classes.int(), backend="triton")
+    got = assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
+    assert got.classes.dtype == torch.int32 and torch.equal(got.classes, want.classes)
+    sparse = assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
+    assert torch.equal(sparse.positive_classes, want.to_sparse().positive_classes)
+    assert sparse.positive_classes.numel() > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strict_high, min_pos_iou", [(False, 0.0), (True, 0.3)])
 def test_every_mode_with_ties_and_crowds(mode, strict_high, min_pos_iou, generator):
@@ -610,6 +626,7 @@ def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernel
         assign(boxes, counts, canvas, config, gt_classes=classes, backend="triton")
         shifted = torch.cat([classes[:1], classes])[1:]  # int32 elements: 4 bytes past an aligned start
         assign_sparse(boxes, counts, canvas, config, gt_classes=shifted, backend="triton")
+        assign_sparse(boxes, counts, canvas, config, gt_classes=classes.long(), backend="triton")  # converted
     keys = compile_keys(launches)
     assert set(keys) == kernels
     for name, found in keys.items():
