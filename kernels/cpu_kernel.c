@@ -82,8 +82,8 @@ typedef struct {
     const float *bounds;         /* [ceil(A / BLOCK) + ceil(A / CHUNK), BOUNDS] from tritarget_cpu_bounds */
     const float *gt_boxes;       /* [N, 4] */
     const int64_t *gt_offsets;   /* [B + 1] */
-    const int32_t *gt_classes;   /* [N] or NULL; or, int64 (a torchvision / mmdet label), */
-    const int64_t *gt_classes64; /* [N] here: at most one of the two is set */
+    const int32_t *gt_classes;   /* [N] int32 classes, or NULL */
+    const int64_t *gt_classes64; /* [N] int64 classes (torchvision's labels) read as given, or NULL; not both */
     const float *ignore_boxes;   /* [M, 4] */
     const int64_t *ignore_offsets; /* [B + 1] */
     const float *border_limits;  /* [B, 4] (-b, -b, w + b, h + b) as float32, or NULL (rule off) */

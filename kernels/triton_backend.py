@@ -179,22 +179,22 @@ def _check(problem: Problem) -> None:
             f"backend 'triton' needs CUDA tensors (got tensors on {device}); on a machine without a GPU use "
             "backend 'cpu', or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors"
         )
-    named = {
-        "gt_boxes": (problem.gt_boxes, torch.float32),
-        "gt_offsets": (problem.gt_offsets, torch.int64),
-        "ignore_boxes": (problem.ignore_boxes, torch.float32),
-        "ignore_offsets": (problem.ignore_offsets, torch.int64),
-        "image_sizes": (problem.image_sizes, torch.int64),
+    named = {  # name -> (tensor, the dtypes it may have)
+        "gt_boxes": (problem.gt_boxes, (torch.float32,)),
+        "gt_offsets": (problem.gt_offsets, (torch.int64,)),
+        "ignore_boxes": (problem.ignore_boxes, (torch.float32,)),
+        "ignore_offsets": (problem.ignore_offsets, (torch.int64,)),
+        "image_sizes": (problem.image_sizes, (torch.int64,)),
     }
     if problem.grid is None:
-        named["anchors"] = (problem.anchors, torch.float32)
+        named["anchors"] = (problem.anchors, (torch.float32,))
     if problem.gt_classes is not None:
         named["gt_classes"] = (problem.gt_classes, (torch.int32, torch.int64))
     for name, (tensor, dtypes) in named.items():
         if tensor.device != device:
             raise ValueError(f"problem.{name}: on {tensor.device}, but gt_boxes are on {device}")
-        if tensor.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
-            raise TypeError(f"problem.{name}: expected {dtypes}, got {tensor.dtype}")
+        if tensor.dtype not in dtypes:
+            raise TypeError(f"problem.{name}: expected {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
     batch = problem.batch_size
     if not 1 <= batch <= _MAX_IMAGES:
         raise ValueError(f"batch size {batch}: the triton backend takes 1 to {_MAX_IMAGES} images per call")

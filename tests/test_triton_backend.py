@@ -527,6 +527,10 @@ def test_refuses_what_it_cannot_run(monkeypatch, generator):
     with pytest.raises(TypeError, match="Problem"):
         triton_backend.solve("not a problem")
     boxes, counts = random_batch(generator, [2], (64, 96))
+    problem, _ = build_problem(boxes.to(DEVICE), counts, (64, 96), _dense_config("retinanet_torchvision"))
+    float_classes = dataclasses.replace(problem, gt_classes=torch.zeros(2, device=DEVICE))
+    with pytest.raises(TypeError, match="problem.gt_classes: expected torch.int32 or torch.int64, got torch.float32"):
+        triton_backend.solve(float_classes)
     problem, _ = build_problem(boxes, counts, (64, 96), _dense_config("retinanet_torchvision"))
     monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
     with pytest.raises(ValueError, match="CUDA"):
