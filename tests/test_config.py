@@ -54,6 +54,17 @@ def test_hash_is_computed_once_and_never_travels():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_a_preset_is_one_shared_frozen_instance(name):
+    """``get`` in a training loop costs nothing and lets the per-config caches find it by
+    identity; sharing is safe because a config cannot be changed, only derived from."""
+    config = presets.get(name)
+    assert presets.get(name) is config
+    with pytest.raises(AttributeError):
+        config.match = MatchConfig()
+    assert config.replace(**{"match.high": 0.61}) is not config and presets.get(name) is config
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
 def test_preset_names_its_source(name):
     text = presets.describe(name)
     assert any(peer in text for peer in ("torchvision", "detectron2", "mmdetection", "Deep Learning", "YOLOv5"))

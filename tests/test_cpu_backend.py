@@ -471,6 +471,24 @@ def test_sparse_solve_sees_explicit_anchors_replaced_in_place(generator):
     assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
 
 
+def test_a_new_config_with_anchors_already_seen_reuses_their_bounds(generator, monkeypatch):
+    """A config rebuilt on each call (``from_dict``, ``replace``) misses the per-config
+    template but finds the anchors' bounds cached: computing them reads every anchor (~0.2
+    ms for RetinaNet's) and would leave a fresh block in the heap on each call. The new
+    config's own thresholds still apply."""
+    canvas = (120, 150)
+    boxes, counts = random_batch(generator, [9, 4], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    assign(boxes, counts, canvas, config, backend="cpu")
+    computed, compute = [], cpu._compute_bounds
+    monkeypatch.setattr(cpu, "_compute_bounds", lambda anchors: computed.append(anchors) or compute(anchors))
+    for high in (0.5, 0.5, 0.3):
+        rebuilt = TargetConfig.from_dict(config.replace(**{"match.high": high, "match.low": 0.2}).to_dict())
+        got = assign(boxes, counts, canvas, rebuilt, backend="cpu")
+        assert_targets_equal(got, assign(boxes, counts, canvas, rebuilt, backend="reference"))
+    assert computed == []
+
+
 def test_sparse_solve_under_inference_mode(generator):
     """Inference tensors have no version counter: explicit ones get fresh bounds each call."""
     canvas = (120, 150)
@@ -631,15 +649,16 @@ def test_memory_probe_catches_a_g_by_a_matrix():
 _FAULTS_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
-    from tritarget.kernels import assign, keep_freed_memory, presets
+    from tritarget.kernels import TargetConfig, assign, keep_freed_memory, presets
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
     torch.set_num_threads(1)
     boxes, counts = torch.tensor([[10.0, 10.0, 200.0, 150.0]] * 16), [1] * 16
+    preset = presets.get("retinanet_torchvision").to_dict()
     faults = []
     for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        assign(boxes, counts, (800, 1344), presets.get("retinanet_torchvision"), backend="cpu")
+        assign(boxes, counts, (800, 1344), TargetConfig.from_dict(preset), backend="cpu")
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(faults)
     """
@@ -651,7 +670,8 @@ def test_kept_freed_memory_serves_dense_batches_without_page_faults():
     """16 dense images are 80 MB of outputs, one tensor of 51 MB: above glibc's mmap
     threshold, so by default every call maps them anew and faults every page in. With
     freed memory kept, the heap reaches its steady size within the first calls (how many
-    varies from run to run) and then faults nothing."""
+    varies from run to run) and then faults nothing, even with a new config object on
+    each call (nothing the call caches may be left in the middle of the freed outputs)."""
     faults = {}
     for mode in ("default", "keep"):
         done = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], capture_output=True, text=True,
