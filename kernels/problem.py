@@ -459,7 +459,8 @@ def build_problem(
     module docstring); every other input is checked as always.
     """
     if not isinstance(config, TargetConfig):
-        raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}")
+        hint = f"; a preset's config is presets.get({config!r})" if isinstance(config, str) else ""
+        raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}{hint}")
     canvas = check_canvas(canvas)
     boxes = _boxes("gt_boxes", gt_boxes, None)
     device = boxes.device

@@ -69,8 +69,11 @@ def test_dropped_boxes_leave_the_other_images_and_indices_as_given(mode, backend
 @pytest.mark.parametrize("function", [assign, assign_sparse])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_config_that_is_not_a_target_config_is_named(function, backend):
-    with pytest.raises(TypeError, match="config: expected TargetConfig, got str"):
+    named = r"config: expected TargetConfig, got str; .* presets.get\('retinanet_torchvision'\)"
+    with pytest.raises(TypeError, match=named):
         function(GOOD, [3], CANVAS, "retinanet_torchvision", backend=backend)
+    with pytest.raises(TypeError, match="config: expected TargetConfig, got dict$"):
+        function(GOOD, [3], CANVAS, presets.get("retinanet_torchvision").to_dict(), backend=backend)
 
 
 def test_drop_invalid_can_empty_an_image():
