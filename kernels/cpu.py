@@ -161,14 +161,14 @@ class _Template:
     anchors and their bounds), filled in once and copied for each call.
 
     Holds the config (so that its id, the cache key, is not reused) and the anchors weakly
-    with their version counter: explicit anchors are the caller's, and an in-place write,
-    ``resize_`` or ``set_`` moves the counter on.
+    with their state (``_anchor_state``): explicit anchors are the caller's to change.
     """
 
-    __slots__ = ("config", "anchors", "version", "bounds", "args")
+    __slots__ = ("config", "anchors", "state", "bounds", "args")
 
-    def __init__(self, config: TargetConfig, anchors: torch.Tensor, version: int, bounds: torch.Tensor | None = None):
-        self.config, self.anchors, self.version = config, weakref.ref(anchors), version
+    def __init__(self, config: TargetConfig, anchors: torch.Tensor, state: tuple[int, int, int],
+                 bounds: torch.Tensor | None = None):  # fmt: skip
+        self.config, self.anchors, self.state = config, weakref.ref(anchors), state
         self.bounds = _compute_bounds(anchors) if bounds is None else bounds
         match, encode = config.match, config.encode
         self.args = _CProblem(
@@ -193,19 +193,26 @@ _TEMPLATES: dict[tuple[int, int], _Template] = {}
 _TEMPLATES_KEPT = 8
 
 
+def _anchor_state(anchors: torch.Tensor, generated: bool) -> tuple[int, int, int]:
+    """What a template's anchors must still be: (version, address, count). An in-place
+    write, ``resize_`` or ``set_`` moves the version counter on; ``share_memory_()``,
+    ``.data =`` or a resize through another tensor sharing the storage move the data
+    without it. ``generated``: tritarget's own cached anchors, never written."""
+    return 0 if generated else anchors._version, anchors.data_ptr(), anchors.shape[0]
+
+
 def _template(config: TargetConfig, anchors: torch.Tensor, generated: bool) -> _Template:
-    """The template of a call's kernel arguments. ``generated``: tritarget's own cached
-    anchors (never written); an inference tensor has no version counter, so explicit
-    anchors of one get a template of their own on each call."""
+    """The template of a call's kernel arguments. An inference tensor has no version
+    counter, so explicit anchors of one get a template of their own on each call."""
     if not generated and anchors.is_inference():
-        return _Template(config, anchors, 0)
-    key, version = (id(config), id(anchors)), 0 if generated else anchors._version
+        return _Template(config, anchors, (0, 0, 0))
+    key, state = (id(config), id(anchors)), _anchor_state(anchors, generated)
     cached = _TEMPLATES.get(key)
-    if cached is not None and cached.config is config and cached.anchors() is anchors and cached.version == version:
+    if cached is not None and cached.config is config and cached.anchors() is anchors and cached.state == state:
         return cached
     kept = tuple(_TEMPLATES.values())  # one C call: no other thread's insertion can interrupt it
-    seen = next((t for t in kept if t.anchors() is anchors and t.version == version), None)
-    template = _Template(config, anchors, version, None if seen is None else seen.bounds)
+    seen = next((t for t in kept if t.anchors() is anchors and t.state == state), None)
+    template = _Template(config, anchors, state, None if seen is None else seen.bounds)
     with _CACHE_LOCK:
         _TEMPLATES.pop(key, None)
         while len(_TEMPLATES) >= _TEMPLATES_KEPT:

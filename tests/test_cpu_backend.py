@@ -471,6 +471,26 @@ def test_sparse_solve_sees_explicit_anchors_replaced_in_place(generator):
     assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
 
 
+def test_explicit_anchors_moved_without_a_version_bump(generator):
+    """``share_memory_()`` and ``.data =`` (what ``Module._apply`` does) give a tensor
+    other data, even another count, and leave its version counter where it was: the
+    cached kernel arguments must not keep the old address or count (the old block is
+    refilled here, so a stale read would see other anchors)."""
+    canvas = (120, 150)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
+    boxes, counts = random_batch(generator, [6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    version = anchors._version
+    anchors.share_memory_()
+    refill = torch.full((700, 4), 1000.0)
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    anchors.data = random_batch(generator, [1300], canvas, min_size=4.0)[0]
+    assert anchors._version == version
+    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    del refill
+
+
 def test_a_new_config_with_anchors_already_seen_reuses_their_bounds(generator, monkeypatch):
     """A config rebuilt on each call (``from_dict``, ``replace``) misses the per-config
     template but finds the anchors' bounds cached: computing them reads every anchor (~0.2
