@@ -103,6 +103,16 @@ def test_zero_box_images_are_normal():
         (lambda: _assign(GOOD.tolist(), [3]), TypeError, "gt_boxes: expected a torch.Tensor"),
         (lambda: _assign(GOOD, [3], gt_classes=torch.zeros(2, dtype=torch.int64)), ValueError, "gt_classes"),
         (lambda: _assign(GOOD, [3], gt_classes=torch.zeros(3)), TypeError, "gt_classes: expected an integer"),
+        (
+            lambda: _assign(GOOD, [3], gt_classes=torch.zeros(3, dtype=torch.complex64)),
+            TypeError,
+            "gt_classes: expected an integer tensor, got torch.complex64",
+        ),
+        (
+            lambda: _assign(GOOD, [3], image_sizes=torch.ones(1, 2, dtype=torch.complex64)),
+            TypeError,
+            "image_sizes: expected integers",
+        ),
         (lambda: _assign(GOOD, [3], ignore_boxes=GOOD), ValueError, "ignore_boxes and ignore_counts"),
         (lambda: _assign(GOOD, [3], ignore_boxes=GOOD, ignore_counts=[1, 2]), ValueError, "ignore_counts: has 2"),
         (lambda: _assign(GOOD, [3], image_sizes=[[64, 200]]), ValueError, r"image_sizes\[0\]"),
