@@ -81,8 +81,12 @@ class AssignJob:
 
     @property
     def merge_key(self) -> tuple:
-        """Jobs merge only when this matches: the batch must be one ``assign`` call."""
-        return (self.config, self.canvas, self.drop_invalid, self.return_max_iou, self.gt_classes is not None)
+        """Jobs merge only when this matches: the batch must be one ``assign`` call. Image
+        and pad sizes have no stand-in for a job without them: a pad size of the canvas
+        excludes the cells of a fixed-size feature map beyond it (SSD), and an image size
+        of the canvas would be larger than another job's pad sizes."""
+        return (self.config, self.canvas, self.drop_invalid, self.return_max_iou, self.gt_classes is not None,
+                self.image_sizes is not None, self.pad_sizes is not None)  # fmt: skip
 
     def rows_agree(self) -> bool:
         """Whether every per-box and per-image tensor has the rows its counts say: the one
@@ -153,6 +157,14 @@ class BatchOptions:
         holds up to ~640 MB of dense targets. 64 on a GPU (a launch costs the same for 1 or
         64 images; 64 COCO images of dense targets are ~320 MB)."""
         gpu = device.type == "cuda"
+        batch = self.max_batch_images
+        if batch is None:  # a batch is taken from the queue: never more than it holds
+            batch = min(64 if gpu else 128, self.max_queue_images)
+        elif batch > self.max_queue_images:  # requests are sliced to batches: a larger slice could never queue
+            raise ValueError(
+                f"batching: max_batch_images ({batch}) is over max_queue_images ({self.max_queue_images}); "
+                "a request is queued in slices of up to max_batch_images"
+            )
         workers = self.compute_workers
         if workers is None:
             workers = 2 if gpu else 1
@@ -161,7 +173,7 @@ class BatchOptions:
             threads = max(1, torch.get_num_threads() // workers)
         return replace(
             self,
-            max_batch_images=(64 if gpu else 128) if self.max_batch_images is None else self.max_batch_images,
+            max_batch_images=batch,
             compute_workers=workers,
             threads_per_worker=threads,
         )
@@ -320,12 +332,31 @@ class Batcher:
                 "retry with backoff or use another replica"
             )
         job.enqueued_at = time.perf_counter()
-        future = self._loop.create_future()
-        self._groups.setdefault(job.merge_key, []).append(_Pending(job, future, finish))
+        item = _Pending(job, self._loop.create_future(), finish)
+        self._groups.setdefault(job.merge_key, []).append(item)
         self._queued_images += job.images
         self._idle.clear()
         self._dispatch()
-        return await future
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # the caller has gone (cancelled, past its deadline)
+            self._withdraw(item)
+            raise
+
+    def _withdraw(self, item: _Pending) -> None:
+        """A gone caller's job leaves the queue if it is still there, so that its images no
+        longer count against the queue bound (once taken, its batch runs and its result is
+        dropped)."""
+        key = item.job.merge_key
+        pending = self._groups.get(key)
+        if pending is None or item not in pending:
+            return
+        pending.remove(item)
+        self._queued_images -= item.job.images
+        if not pending:
+            del self._groups[key]
+        if not self._groups and self._free == self.options.compute_workers:
+            self._idle.set()
 
     @property
     def queued_images(self) -> int:
@@ -531,12 +562,9 @@ def _merge(jobs: list[AssignJob]) -> dict:
         merged["ignore_counts"] = [
             c for j in jobs for c in (j.ignore_counts if j.ignore_counts is not None else [0] * j.images)
         ]
-    for name in ("image_sizes", "pad_sizes"):  # a job without them: its images fill the canvas
-        if any(getattr(j, name) is not None for j in jobs):
-            merged[name] = torch.cat([
-                getattr(j, name) if getattr(j, name) is not None else torch.tensor([list(j.canvas)] * j.images)
-                for j in jobs
-            ]).to(torch.int64)  # fmt: skip
+    for name in ("image_sizes", "pad_sizes"):  # every job has them or none (merge_key)
+        if getattr(first, name) is not None:
+            merged[name] = torch.cat([getattr(j, name) for j in jobs]).to(torch.int64)
     return merged
 
 

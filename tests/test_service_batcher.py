@@ -8,6 +8,7 @@ do not add up are never merged, and that ``finish`` runs per request on the work
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -148,6 +149,86 @@ def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, pres
         got = Targets.from_sparse(got)
         expected = sparse_view(expected)
     assert_targets_equal(got, expected, rtol=0, atol=0)
+
+
+def _merging_run(jobs: list[AssignJob], options: BatchOptions) -> tuple[list, list[int]]:
+    """The jobs submitted together to a batcher that waits for them to merge: their
+    results and the batches' image counts."""
+
+    async def run():
+        batcher = Batcher("reference", options)
+        batcher.start()
+        batches = []
+        batcher._on_batch = lambda images, requests, seconds: batches.append(images)
+        try:
+            return await asyncio.gather(*[batcher.submit(job) for job in jobs]), batches
+        finally:
+            await batcher.close()
+
+    return asyncio.run(run())
+
+
+def test_jobs_with_and_without_image_or_pad_sizes_do_not_merge(generator, caplog):
+    """No size stands in for a job without them: SSD's feature maps are fixed, so a pad
+    size of the canvas excludes cells a job without pad sizes keeps (thousands of labels
+    differed), and the canvas as the image size of a job that gave pad sizes only is
+    larger than them (the merged batch failed and ran again job by job)."""
+    canvas, config = (200, 200), presets.get("ssd300_torchvision")
+    boxes, _ = random_batch(generator, [3], canvas)
+    pad, size = torch.tensor([[200, 200]]), torch.tensor([[180, 190]])
+    variants = [{}, {"pad_sizes": pad}, {"image_sizes": size}, {"image_sizes": size, "pad_sizes": pad},
+                {"pad_sizes": torch.tensor([[150, 160]])}]  # fmt: skip
+    jobs = [AssignJob(config, canvas, boxes, [3], **kwargs) for kwargs in variants]
+    results, batches = _merging_run(jobs, BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+    assert sorted(batches) == [1, 1, 1, 2]  # the two jobs with pad sizes only merged
+    for kwargs, got in zip(variants, results):
+        assert_targets_equal(got, assign(boxes, [3], canvas, config, backend="reference", **kwargs), rtol=0, atol=0)
+    assert "batched assign failed" not in caplog.text
+
+
+def test_a_caller_that_has_gone_leaves_the_queue(generator):
+    """A request cancelled (or past its deadline) while queued gives its place back at
+    once: its images no longer count against the queue bound, and the next caller is
+    served instead of refused as overloaded."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=4, max_queue_images=4))
+        batcher.start()
+        release = threading.Event()
+        try:
+            # The one compute worker is held in the first job's finish.
+            busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+            await asyncio.sleep(0.05)
+            gone = asyncio.ensure_future(batcher.submit(_good(generator, (1, 2, 1, 0))))
+            await asyncio.sleep(0.05)
+            assert batcher.queued_images == 4
+            gone.cancel()
+            await asyncio.sleep(0)
+            queued = batcher.queued_images
+            waiting = asyncio.ensure_future(batcher.submit(_good(generator, (2, 1))))  # refused were the 4 still queued
+            await asyncio.sleep(0.05)
+            release.set()
+            await busy
+            return queued, await waiting, gone.cancelled()
+        finally:
+            release.set()
+            await batcher.close()
+
+    queued, targets, cancelled = asyncio.run(run())
+    assert (queued, cancelled, targets.batch_size) == (0, True, 2)
+
+
+def test_batches_are_never_larger_than_the_queue(generator):
+    """A batch is taken from the queue: by default no larger than the queue bound, so a
+    request of more images is queued in slices that fit; a larger batch bound is refused."""
+    cpu = torch.device("cpu")
+    assert BatchOptions(max_queue_images=3).resolved(cpu).max_batch_images == 3
+    with pytest.raises(ValueError, match=r"max_batch_images \(16\) is over max_queue_images \(8\)"):
+        BatchOptions(max_batch_images=16, max_queue_images=8).resolved(cpu)
+    job = _good(generator, (2, 0, 1, 3, 1))
+    (got,), batches = _merging_run([job], BatchOptions(max_queue_images=2))
+    assert max(batches) <= 2
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
 def test_slices_that_came_back_dense_and_sparse_are_put_back_together(generator):
