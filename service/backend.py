@@ -81,12 +81,14 @@ class AssignJob:
 
     @property
     def merge_key(self) -> tuple:
-        """Jobs merge only when this matches: the batch must be one ``assign`` call. Image
-        and pad sizes have no stand-in for a job without them: a pad size of the canvas
-        excludes the cells of a fixed-size feature map beyond it (SSD), and an image size
-        of the canvas would be larger than another job's pad sizes."""
+        """Jobs merge only when this matches: the batch must be one ``assign`` call. A job
+        without image sizes has the canvas as theirs, but one without pad sizes has no
+        stand-in (a pad size of the canvas excludes the cells of a fixed-size feature map
+        beyond it: SSD), and with pad sizes the canvas as an image size could be larger
+        than them: such jobs merge only with jobs that give the same sizes."""
+        sizes = None if self.pad_sizes is None else self.image_sizes is not None
         return (self.config, self.canvas, self.drop_invalid, self.return_max_iou, self.gt_classes is not None,
-                self.image_sizes is not None, self.pad_sizes is not None)  # fmt: skip
+                sizes)  # fmt: skip
 
     def rows_agree(self) -> bool:
         """Whether every per-box and per-image tensor has the rows its counts say: the one
@@ -365,8 +367,10 @@ class Batcher:
 
     def _dispatch(self) -> None:
         """Event loop, on every arrival and every finished batch: while a worker is free,
-        start the oldest group's next batch once it is full or old enough. Requests that
-        arrive while every worker is busy queue up and merge into the next batches.
+        start the oldest group's next batch once it is full or old enough, else any full
+        group's (a group still filling does not hold up another config's or canvas's).
+        Requests that arrive while every worker is busy queue up and merge into the next
+        batches.
 
         No task sits between the caller and the worker: a request costs one hand-over to
         a worker thread and one back (each a futex wake-up, ~0.1 ms on a loaded machine)."""
@@ -375,14 +379,18 @@ class Batcher:
             self._timer = None
         while self._free and self._groups:
             key, pending = min(self._groups.items(), key=lambda kv: kv[1][0].job.enqueued_at)
-            images = sum(p.job.images for p in pending)
             wait = pending[0].job.enqueued_at + self.options.max_queue_delay_s - time.perf_counter()
-            if images < self.options.max_batch_images and wait > 0 and not self._closed:
-                self._timer = self._loop.call_later(wait, self._dispatch)
-                break
+            if wait > 0 and not self._closed and not self._full(pending):
+                key, pending = next(((k, p) for k, p in self._groups.items() if self._full(p)), (None, None))
+                if key is None:
+                    self._timer = self._loop.call_later(wait, self._dispatch)
+                    break
             self._start(self._take(key, pending))
         if not self._groups and self._free == self.options.compute_workers:
             self._idle.set()
+
+    def _full(self, pending: list[_Pending]) -> bool:
+        return sum(item.job.images for item in pending) >= self.options.max_batch_images
 
     def _take(self, key: tuple, pending: list[_Pending]) -> list[_Pending]:
         batch, images = [], 0
@@ -562,9 +570,12 @@ def _merge(jobs: list[AssignJob]) -> dict:
         merged["ignore_counts"] = [
             c for j in jobs for c in (j.ignore_counts if j.ignore_counts is not None else [0] * j.images)
         ]
-    for name in ("image_sizes", "pad_sizes"):  # every job has them or none (merge_key)
-        if getattr(first, name) is not None:
-            merged[name] = torch.cat([getattr(j, name) for j in jobs]).to(torch.int64)
+    if any(j.image_sizes is not None for j in jobs):  # a job without them: its images fill the canvas
+        merged["image_sizes"] = torch.cat([
+            j.image_sizes if j.image_sizes is not None else torch.tensor([list(j.canvas)] * j.images) for j in jobs
+        ]).to(torch.int64)  # fmt: skip
+    if first.pad_sizes is not None:  # every job has them (merge_key)
+        merged["pad_sizes"] = torch.cat([j.pad_sizes for j in jobs]).to(torch.int64)
     return merged
 
 

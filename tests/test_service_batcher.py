@@ -168,11 +168,12 @@ def _merging_run(jobs: list[AssignJob], options: BatchOptions) -> tuple[list, li
     return asyncio.run(run())
 
 
-def test_jobs_with_and_without_image_or_pad_sizes_do_not_merge(generator, caplog):
-    """No size stands in for a job without them: SSD's feature maps are fixed, so a pad
-    size of the canvas excludes cells a job without pad sizes keeps (thousands of labels
-    differed), and the canvas as the image size of a job that gave pad sizes only is
-    larger than them (the merged batch failed and ran again job by job)."""
+def test_jobs_with_and_without_pad_sizes_do_not_merge(generator, caplog):
+    """No pad size stands in for a job without them: SSD's feature maps are fixed, so a
+    pad size of the canvas excludes cells a job without pad sizes keeps (thousands of
+    labels differed), and the canvas as the image size of a job that gave pad sizes only
+    is larger than them (the merged batch failed and ran again job by job). The canvas
+    does stand in for image sizes where no job has pad sizes."""
     canvas, config = (200, 200), presets.get("ssd300_torchvision")
     boxes, _ = random_batch(generator, [3], canvas)
     pad, size = torch.tensor([[200, 200]]), torch.tensor([[180, 190]])
@@ -180,7 +181,8 @@ def test_jobs_with_and_without_image_or_pad_sizes_do_not_merge(generator, caplog
                 {"pad_sizes": torch.tensor([[150, 160]])}]  # fmt: skip
     jobs = [AssignJob(config, canvas, boxes, [3], **kwargs) for kwargs in variants]
     results, batches = _merging_run(jobs, BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
-    assert sorted(batches) == [1, 1, 1, 2]  # the two jobs with pad sizes only merged
+    # Merged: the job without sizes with the one with image sizes, the two with pad sizes only.
+    assert sorted(batches) == [1, 2, 2]
     for kwargs, got in zip(variants, results):
         assert_targets_equal(got, assign(boxes, [3], canvas, config, backend="reference", **kwargs), rtol=0, atol=0)
     assert "batched assign failed" not in caplog.text
@@ -216,6 +218,29 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
 
     queued, targets, cancelled = asyncio.run(run())
     assert (queued, cancelled, targets.batch_size) == (0, True, 2)
+
+
+def test_a_full_batch_does_not_wait_for_an_older_one_still_filling(generator):
+    """With a queue delay, a group of another canvas that is already full starts at once
+    instead of waiting out the delay of an older group that is still filling."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_delay_s=10.0))
+        batcher.start()
+        filling = _good(generator, (2,))
+        full = AssignJob(presets.get(PRESET), (64, 80), *random_batch(generator, [1, 3], (64, 80)))
+        try:
+            waiting = asyncio.ensure_future(batcher.submit(filling))
+            await asyncio.sleep(0.01)
+            done = await asyncio.wait_for(batcher.submit(full), timeout=5)
+            return done, batcher.queued_images, waiting.done(), full
+        finally:
+            await batcher.close()  # starts what is queued, however young
+
+    done, queued, filling_done, full = asyncio.run(run())
+    assert (queued, filling_done) == (1, False)
+    expected = assign(full.gt_boxes, full.gt_counts, full.canvas, full.config, backend="reference")
+    assert_targets_equal(done, expected, rtol=0, atol=0)
 
 
 def test_batches_are_never_larger_than_the_queue(generator):
