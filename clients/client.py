@@ -39,6 +39,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -94,6 +95,11 @@ class TargetServiceError(Exception):
         self.details = details
         self.field_violations = list(field_violations)
         self.request_id = request_id
+
+    def __reduce__(self):
+        # Pickled from a DataLoader worker to the trainer: rebuilt with every field
+        # (Exception's default pickling passes only the message to __init__).
+        return type(self), (self.code, self.details, self.field_violations, self.request_id)
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> TargetServiceError:
@@ -153,6 +159,18 @@ def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -
     ]
 
 
+# Every client of this process: a forked child starts each afresh (``_reset``).
+_CLIENTS: weakref.WeakSet[_Base] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for client in list(_CLIENTS):
+        client._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class _Base:
     """What both clients share: endpoints, credentials, options, retry policy.
 
@@ -197,9 +215,11 @@ class _Base:
         self._extra_options = list(options)
         self._options = _channel_options(max_message_bytes, [*options, *own_pool])
         self._reset()
+        _CLIENTS.add(self)
 
     def _reset(self) -> None:
-        """Forget every per-process thing: channels, stubs, the turn, failures."""
+        """Forget every per-process thing: channels, stubs, the turn, failures, counters
+        and locks (in a forked child, another thread may have held them at the fork)."""
         self._pid: int | None = None
         self._stubs: list[pb_grpc.TargetAssignerStub] = []
         self._channels: list = []
@@ -366,9 +386,21 @@ class _Base:
         return generation, resend, delay
 
     @staticmethod
+    def _ended(unanswered: _Unanswered) -> None:
+        """The stream's call ended: every request sent is answered. Raises what reading
+        the requests raised, if it stopped there."""
+        if unanswered.failure is not None:
+            raise unanswered.failure
+
+    @staticmethod
     def _check_densify(densify: bool, kwargs: Mapping[str, Any]) -> None:
         if not densify and kwargs.get("format", "sparse") != "sparse":
             raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
+
+
+def _earlier(first: float | None, second: float | None) -> float | None:
+    """The earlier of two deadlines (None: none)."""
+    return second if first is None else first if second is None else min(first, second)
 
 
 def _not_ready(addresses: Sequence[str], waited: float, last: str) -> TargetServiceError:
@@ -394,6 +426,11 @@ class _Unanswered:
         self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
         self._generation = 0
         self._state = threading.Lock()  # the blocking client's requests are read on a gRPC thread
+        # What reading the source raised (an item that builds no request, or the caller's
+        # iterable failing): the feed ends there, and the stream raises it once the
+        # requests sent before it are answered. gRPC would otherwise end the call with
+        # "UNKNOWN: Exception iterating requests!" and the answers still in flight.
+        self.failure: Exception | None = None
         self._reading = threading.Lock()  # one reader of the source at a time (old and new feed)
         self._areading = asyncio.Lock()
 
@@ -422,7 +459,11 @@ class _Unanswered:
                 if stopped:
                     return
                 if message is None:
-                    message = next(self._source, None)
+                    try:
+                        message = next(self._source, None)
+                    except Exception as exc:
+                        self.failure = exc
+                        return
                     if message is None or not self._keep(generation, message):
                         return
             yield message
@@ -436,7 +477,11 @@ class _Unanswered:
                 if stopped:
                     return
                 if message is None:
-                    message = await anext(self._source, None)
+                    try:
+                        message = await anext(self._source, None)
+                    except Exception as exc:
+                        self.failure = exc
+                        return
                     if message is None or not self._keep(generation, message):
                         return
             yield message
@@ -558,14 +603,19 @@ class TargetClient(_Base):
         leaves out, e.g. ``preset`` and ``canvas``) or a ready ``AssignRequest``.
         The server works on several items at once; a failed item raises
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
-        ``timeout`` bounds the whole stream. When the stream's server becomes
+        ``timeout`` bounds the whole stream when given; by default a stream has no deadline
+        (it may last an epoch), and after a break the client's timeout bounds the search for
+        a server. An exception raised while reading ``requests`` (an item that makes no
+        request, or the iterable itself failing) ends the stream: the requests before it
+        are answered, then it is raised. When the stream's server becomes
         UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
         on a new stream to the next endpoint: every request gets exactly one answer.
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
         self._check_densify(densify, defaults)
         unanswered = _Unanswered((self._request(item, defaults, i) for i, item in enumerate(requests)), self._count)
-        started, deadline = time.monotonic(), self._deadline(timeout)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         generation, resend, attempt = 0, [], 0
         self._count(calls=1)
         while True:
@@ -577,9 +627,13 @@ class TargetClient(_Base):
                 for response in call:
                     attempt = 0  # progress: a later failure starts its backoff afresh
                     yield self._streamed(unanswered, response, densify, return_exceptions)
+                self._ended(unanswered)
                 return
             except grpc.RpcError as error:
-                generation, resend, delay = self._stream_broke(error, index, attempt, deadline, started, unanswered)
+                if attempt == 0:
+                    reconnect = self._deadline(None)
+                generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
+                                                               started, unanswered)  # fmt: skip
                 attempt += 1
                 time.sleep(delay)
             finally:
@@ -698,7 +752,8 @@ class AsyncTargetClient(_Base):
                     yield self._request(item, defaults, i)
 
         unanswered = _Unanswered(messages(), self._count)
-        started, deadline = time.monotonic(), self._deadline(timeout)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         generation, resend, attempt = 0, [], 0
         self._count(calls=1)
         while True:
@@ -710,9 +765,13 @@ class AsyncTargetClient(_Base):
                 async for response in call:
                     attempt = 0
                     yield self._streamed(unanswered, response, densify, return_exceptions)
+                self._ended(unanswered)
                 return
             except grpc.RpcError as error:
-                generation, resend, delay = self._stream_broke(error, index, attempt, deadline, started, unanswered)
+                if attempt == 0:
+                    reconnect = self._deadline(None)
+                generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
+                                                               started, unanswered)  # fmt: skip
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:

@@ -167,6 +167,99 @@ def test_client_requests_before_a_fork_work_in_the_child(two_servers):
     client.close()
 
 
+def _child_stats(client, queue) -> None:
+    try:
+        before = client.stats.calls
+        _assign(client)
+        queue.put((before, client.stats.calls))
+    except Exception as exc:  # reported to the parent
+        queue.put(repr(exc))
+
+
+def test_a_forked_child_counts_only_its_own_calls(two_servers):
+    """``stats`` are this process's: a child forked after the parent's calls starts at 0."""
+    a, _ = two_servers
+    with TargetClient(a.address) as client:
+        _assign(client)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_child_stats, args=(client, queue))
+        child.start()
+        child.join(60)
+        assert queue.get(timeout=5) == (0, 1)
+        assert client.stats.calls == 1
+
+
+def test_service_errors_pickle_with_every_field():
+    """A DataLoader worker's error reaches the trainer pickled: still a TargetServiceError."""
+    error = TargetServiceError(grpc.StatusCode.INVALID_ARGUMENT, "gt_boxes: bad", [("gt_boxes", "bad")], "r7")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is TargetServiceError and str(copy) == str(error)
+    assert (copy.code, copy.details, copy.field_violations, copy.request_id) == (
+        error.code, error.details, error.field_violations, error.request_id)  # fmt: skip
+
+
+ITEM = {"gt_boxes": BOXES, "gt_counts": [2]}
+
+
+class _DatasetError(Exception):
+    pass
+
+
+def _failing_source(bad_item: bool):
+    yield ITEM
+    yield ITEM
+    if bad_item:
+        yield {"gt_boxes": torch.zeros(2, 5), "gt_counts": [2]}  # makes no request
+    else:
+        raise _DatasetError("corrupt JPEG 17")
+    yield ITEM
+
+
+@pytest.mark.parametrize("bad_item", [True, False])
+def test_a_stream_whose_requests_fail_answers_those_before_and_raises_the_failure(two_servers, bad_item):
+    """An item that makes no request, or the caller's iterable raising (a data loader's
+    own error), ends the stream with that exception once the requests before it are
+    answered, as in-process code would raise it (not gRPC's "Exception iterating
+    requests!", with the answers in flight lost)."""
+    a, _ = two_servers
+    expected = (ValueError, r"gt_boxes: expected shape \[N, 4\]") if bad_item else (_DatasetError, "JPEG 17")
+    got = []
+    with TargetClient(a.address) as client:
+        with pytest.raises(expected[0], match=expected[1]):
+            for targets in client.stream(_failing_source(bad_item), preset="retinanet_torchvision", canvas=CANVAS):
+                got.append(targets)
+    assert len(got) == 2
+
+    async def main():
+        answers = []
+        async with AsyncTargetClient(a.address) as client:
+            with pytest.raises(expected[0], match=expected[1]):
+                async for targets in client.stream(_failing_source(bad_item), preset="retinanet_torchvision",
+                                                   canvas=CANVAS):  # fmt: skip
+                    answers.append(targets)
+        return answers
+
+    assert len(asyncio.run(main())) == 2
+
+
+def test_a_stream_outlives_the_clients_timeout(two_servers):
+    """A stream may last an epoch: the client's per-call timeout does not end it; a
+    timeout given to ``stream`` bounds it."""
+    a, _ = two_servers
+
+    def slow(count: int):
+        for _ in range(count):
+            time.sleep(0.3)
+            yield ITEM
+
+    with TargetClient(a.address, timeout=0.5) as client:
+        assert len(list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS))) == 4
+        with pytest.raises(TargetServiceError) as info:
+            list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS, timeout=0.5))
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_client_pickles_as_its_options():
     client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2,
                           connections=3)  # fmt: skip
