@@ -55,7 +55,7 @@ from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 from tritarget.protos.tensors import decode_tensor
 
-from .wire import build_request, config_ref, decode_response, decode_sparse
+from .wire import build_request, config_ref, decode_response, decode_sparse, level_starts
 
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientStats"]
 
@@ -357,19 +357,21 @@ class _Base:
         return build_request(**kwargs)
 
     @staticmethod
-    def _result(response: pb.AssignResponse, densify: bool = True) -> Targets | SparseTargets:
+    def _result(request: pb.AssignRequest, response: pb.AssignResponse, densify: bool) -> Targets | SparseTargets:
         if response.HasField("error"):
             raise TargetServiceError.from_request_error(response.error, response.request_id)
-        return decode_response(response) if densify else decode_sparse(response)
+        targets = decode_response(response) if densify else decode_sparse(response)
+        targets.level_starts = level_starts(request, response.num_anchors)
+        return targets
 
     def _streamed(self, unanswered: _Unanswered, response: pb.AssignResponse, densify: bool,
                   return_exceptions: bool) -> Targets | SparseTargets | TargetServiceError:  # fmt: skip
         """A stream's next response, its request now answered: the targets, or the item's
         error (raised unless ``return_exceptions``)."""
-        unanswered.answered()
+        request = unanswered.answered()
         self._count(responses=1, response_bytes=response.ByteSize())
         try:
-            return self._result(response, densify)
+            return self._result(request, response, densify)
         except TargetServiceError as error:
             if not return_exceptions:
                 raise
@@ -486,9 +488,9 @@ class _Unanswered:
                         return
             yield message
 
-    def answered(self) -> None:
+    def answered(self) -> pb.AssignRequest:
         with self._state:
-            self._sent.popleft()
+            return self._sent.popleft()
 
     def restart(self) -> tuple[int, list[pb.AssignRequest]]:
         with self._state:
@@ -578,7 +580,7 @@ class TargetClient(_Base):
         self._check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         try:
-            return self._result(self.assign_raw(request, timeout=timeout), densify)
+            return self._result(request, self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:
             if image_ids is None:
                 raise
@@ -720,7 +722,7 @@ class AsyncTargetClient(_Base):
         self._check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         try:
-            return self._result(await self.assign_raw(request, timeout=timeout), densify)
+            return self._result(request, await self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:
             if image_ids is None:
                 raise

@@ -8,17 +8,20 @@ SPARSE responses are densified.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from tritarget.kernels import TargetConfig, presets
+from tritarget.kernels.anchors import check_canvas, resolve_grid
 from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
 
-__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "decode_sparse"]
+__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "decode_sparse", "level_starts"]
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
@@ -41,6 +44,8 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
     if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
         return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
     boxes = torch.as_tensor(boxes)
+    if boxes.is_complex():
+        raise TypeError(f"{name}: expected real coordinates, got {boxes.dtype}")
     if not boxes.is_floating_point():
         boxes = boxes.to(torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -52,9 +57,15 @@ def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == dtype and value.is_cpu
 
 
-def _ints(value: Any) -> torch.Tensor:
-    """int32 on the host, as the wire holds classes and sizes."""
-    return value if _is_cpu_tensor(value, torch.int32) else torch.as_tensor(value).to("cpu", torch.int32)
+def _ints(name: str, value: Any) -> torch.Tensor:
+    """int32 on the host, as the wire holds classes and sizes; other values refused as
+    in-process ``assign`` refuses them (a float class would be truncated to another)."""
+    if _is_cpu_tensor(value, torch.int32):
+        return value
+    values = torch.as_tensor(value)
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integers, got {values.dtype}")
+    return values.to("cpu", torch.int32)
 
 
 def _counts(name: str, counts: Any) -> list[int]:
@@ -77,6 +88,30 @@ def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | N
     for key, value in (overrides or {}).items():
         ref.overrides[key] = json.dumps(value)
     return ref
+
+
+def level_starts(request: pb.AssignRequest, num_anchors: int) -> tuple[int, ...] | None:
+    """The pyramid levels' first anchors of a request's targets (``Targets.levels()``),
+    which the wire does not carry: the service's anchors are the config's generated ones,
+    so they follow from the config and canvas. None where this client cannot resolve the
+    config (a preset of a newer server) or its count disagrees with the response's."""
+    ref = request.config
+    key = (ref.preset, ref.config_json, tuple(sorted(ref.overrides.items())), request.canvas_height,
+           request.canvas_width)  # fmt: skip
+    starts = _level_starts(*key)
+    return starts if starts is not None and starts[-1] == num_anchors else None
+
+
+@functools.lru_cache(maxsize=64)
+def _level_starts(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...], height: int,
+                  width: int) -> tuple[int, ...] | None:  # fmt: skip
+    try:
+        config = presets.get(preset) if preset else TargetConfig.from_dict(json.loads(config_json))
+        if overrides:
+            config = config.replace(**{name: json.loads(value) for name, value in overrides})
+        return resolve_grid(config.anchors, (height, width)).level_starts
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def build_request(
@@ -106,8 +141,12 @@ def build_request(
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:
         raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
-    height, width = canvas
-    height, width = int(height), int(width)
+    height, width = check_canvas(canvas)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed: the service takes one int per request (each image's seed derives from it, as with "
+            f"assign(seed=int) in-process); got {type(seed).__name__}"
+        )
     request = pb.AssignRequest(
         request_id=request_id,
         config=config_ref(preset, config, overrides),
@@ -123,15 +162,15 @@ def build_request(
     )
     encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
     if gt_classes is not None:
-        encode_tensor(_ints(gt_classes), request.gt_classes)
+        encode_tensor(_ints("gt_classes", gt_classes), request.gt_classes)
     if ignore_boxes is not None:
         encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format), request.ignore_boxes)
     if ignore_counts is not None:
         request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
     if image_sizes is not None:
-        encode_tensor(_ints(image_sizes), request.image_sizes)
+        encode_tensor(_ints("image_sizes", image_sizes), request.image_sizes)
     if pad_sizes is not None:
-        encode_tensor(_ints(pad_sizes), request.pad_sizes)
+        encode_tensor(_ints("pad_sizes", pad_sizes), request.pad_sizes)
     return request
 
 

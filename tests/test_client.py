@@ -16,7 +16,7 @@ from test_service_harness import ServerThread, peer_recording_server
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request, decode_response
-from tritarget.kernels import SparseTargets, assign, presets
+from tritarget.kernels import SparseTargets, Targets, assign, presets
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -258,6 +258,44 @@ def test_a_stream_outlives_the_clients_timeout(two_servers):
         with pytest.raises(TargetServiceError) as info:
             list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS, timeout=0.5))
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_targets_from_the_service_know_their_pyramid_levels(two_servers):
+    """``levels()`` works on what the client returns as on in-process targets: the wire
+    carries no levels, the client knows them from the request's config and canvas."""
+    a, _ = two_servers
+    config = presets.get("retinanet_torchvision").replace(**{"anchors.levels[0].aspect_ratios": (1.0,)})
+    expected = assign(BOXES, [2], CANVAS, config, backend="reference").level_starts
+    assert expected is not None and expected != assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"),
+                                                       backend="reference").level_starts  # fmt: skip
+    with TargetClient(a.address) as client:
+        got = [client.assign(BOXES, [2], CANVAS, config=config), client.assign(BOXES, [2], CANVAS, config=config,
+                                                                              densify=False, format="sparse"),
+               client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision",
+                             overrides={"anchors.levels[0].aspect_ratios": [1.0]}, format="dense"),
+               *client.stream([ITEM], config=config, canvas=CANVAS)]  # fmt: skip
+    for targets in got:
+        assert targets.level_starts == expected
+        assert len(targets.levels() if isinstance(targets, Targets) else targets.to_dense().levels()) == 5
+
+
+def test_client_refuses_what_in_process_assign_refuses(two_servers):
+    """A float class would be truncated to another class and a per-image seed list has no
+    place on the wire: refused by name before sending, as in-process ``assign`` refuses
+    the first."""
+    a, _ = two_servers
+    with TargetClient(a.address) as client:
+        cases = [({"gt_classes": torch.tensor([1.9, 0.2])}, "gt_classes: expected integers, got torch.float32"),
+                 ({"gt_classes": torch.tensor([True, False])}, "gt_classes: expected integers, got torch.bool"),
+                 ({"image_sizes": torch.tensor([[90.5, 100.0]])}, "image_sizes: expected integers"),
+                 ({"seed": [1, 2]}, "seed: the service takes one int per request")]  # fmt: skip
+        for kwargs, message in cases:
+            with pytest.raises(TypeError, match=message):
+                _assign(client, **kwargs)
+        with pytest.raises(TypeError, match="canvas: expected two ints"):
+            client.assign(BOXES, [2], (96.5, 128), preset="retinanet_torchvision")
+        with pytest.raises(TypeError, match="gt_boxes: expected real coordinates"):
+            client.assign(BOXES.to(torch.complex64), [2], CANVAS, preset="retinanet_torchvision")
 
 
 def test_client_pickles_as_its_options():
