@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tritarget.kernels import TargetConfig, presets
-from tritarget.kernels.anchors import check_canvas, resolve_grid
+from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
@@ -55,6 +55,16 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
 
 def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == dtype and value.is_cpu
+
+
+def _canvas(canvas: Any) -> tuple[int, int]:
+    """Two ints, as in-process ``assign`` takes them (a float side would be truncated);
+    their values are the server's to check (its errors name canvas_height / canvas_width)."""
+    if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
+        raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
+    if not all(isinstance(side, int) and not isinstance(side, bool) for side in canvas):
+        raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
+    return canvas[0], canvas[1]
 
 
 def _ints(name: str, value: Any) -> torch.Tensor:
@@ -141,7 +151,7 @@ def build_request(
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:
         raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
-    height, width = check_canvas(canvas)
+    height, width = _canvas(canvas)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(
             f"seed: the service takes one int per request (each image's seed derives from it, as with "
