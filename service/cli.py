@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -30,6 +31,14 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
+    try:
+        return _run_demo(args)
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. --backend triton without a GPU
+        print(f"tritarget demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from tritarget.kernels import assign, generate_anchors, presets
@@ -67,6 +76,8 @@ def _server_options(args: argparse.Namespace):
     if args.token_file:
         with open(args.token_file) as f:
             token = f.read().strip()
+        if not token:  # read as "no token", the server would take every caller
+            raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
     read = lambda path: None if path is None else open(path, "rb").read()  # noqa: E731, SIM115
     return ServerOptions(
         host=args.host,
@@ -236,7 +247,11 @@ def _request(args: argparse.Namespace) -> int:
     from tritarget.clients import TargetServiceError
 
     token = args.token or os.environ.get("TRITARGET_TOKEN") or None
-    root = open(args.tls_ca, "rb").read() if args.tls_ca else None  # noqa: SIM115
+    try:
+        root = open(args.tls_ca, "rb").read() if args.tls_ca else None  # noqa: SIM115
+    except OSError as exc:
+        print(f"tritarget request: --tls-ca: {exc}", file=sys.stderr)
+        return 2
     try:
         send_demo_request(args.target, preset=args.preset, batch=args.batch, seed=args.seed, token=token,
                           root_certificates=root)  # fmt: skip
@@ -254,11 +269,19 @@ def _up(args: argparse.Namespace) -> int:
     options = _server_options(args)
     target = f"{options.host}:{{port}}"
 
+    failed = []
+
     async def demo(server) -> None:
-        await asyncio.to_thread(
-            send_demo_request, target.format(port=server.port), preset=args.preset, batch=args.batch,
-            seed=args.seed, token=options.token, root_certificates=options.tls_cert,
-        )  # fmt: skip
+        try:
+            await asyncio.to_thread(
+                send_demo_request, target.format(port=server.port), preset=args.preset, batch=args.batch,
+                seed=args.seed, token=options.token, root_certificates=options.tls_cert,
+            )  # fmt: skip
+        except Exception as exc:  # `up` is there to show targets coming back: it stops instead
+            print(f"tritarget up: the demo request failed: {exc}", file=sys.stderr, flush=True)
+            failed.append(exc)
+            os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop
+            return
         print(f"service running on {options.host}:{server.port} (Ctrl-C to stop); "
               f"try: tritarget request --target {options.host}:{server.port}", flush=True)  # fmt: skip
 
@@ -270,7 +293,7 @@ def _up(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -281,9 +304,15 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
     parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
-    parser.add_argument("--max-message-mb", type=int, default=256, help="max request/response size (default 256)")
-    parser.add_argument("--max-request-images", type=int, default=256, help="images per request (default 256)")
-    parser.add_argument("--max-request-boxes", type=int, default=100_000, help="boxes per request (default 100000)")
+    parser.add_argument(
+        "--max-message-mb", type=_positive_int, default=256, help="max request/response size (default 256)"
+    )
+    parser.add_argument(
+        "--max-request-images", type=_positive_int, default=256, help="images per request (default 256)"
+    )
+    parser.add_argument(
+        "--max-request-boxes", type=_positive_int, default=100_000, help="boxes per request (default 100000)"
+    )
     parser.add_argument("--max-batch-images", type=int,
                         help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0,
@@ -297,7 +326,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds for calls in flight at shutdown")
+    parser.add_argument(
+        "--grace", type=_non_negative_float, default=10.0, help="seconds for calls in flight at shutdown"
+    )
     parser.add_argument("--no-access-log", action="store_true",
                         help="no INFO line per call (method, id, images, boxes, code, ms)")  # fmt: skip
 
@@ -308,11 +339,25 @@ def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
                              "4, with a fixed --port; 1 with --port 0)")  # fmt: skip
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import presets
 
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    parser.add_argument("--batch", type=int, default=4, help="images in the demo request (default 4)")
+    parser.add_argument("--batch", type=_positive_int, default=4, help="images in the demo request (default 4)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -324,8 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="compute targets for a synthetic COCO-like batch in-process")
     demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
-    demo.add_argument("--batch", type=int, default=4, help="images in the batch (default 4)")
-    demo.add_argument("--canvas", type=int, nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)")
+    demo.add_argument("--batch", type=_positive_int, default=4, help="images in the batch (default 4)")
+    demo.add_argument(
+        "--canvas", type=_positive_int, nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
 

@@ -135,6 +135,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
 
     async def wait_idle(self, timeout: float) -> bool:
         """Whether every call in flight finished within ``timeout`` seconds."""
+        if self._idle.is_set():  # a zero timeout would time out even so
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:

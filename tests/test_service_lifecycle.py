@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -121,6 +123,36 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_cli_up_stops_with_an_error_when_its_demo_request_fails():
+    """`up` is there to show targets coming back: a demo request the server refuses (more
+    images than its limit) is printed and ends it with exit code 1, not a silent server."""
+    process = spawn_cli("up", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64", "--batch", "3",
+                        "--max-request-images", "2")  # fmt: skip
+    try:
+        out, _ = process.communicate(timeout=180)  # stderr merged
+        assert process.returncode == 1, out
+        assert "the demo request failed" in out and "gt_counts: 3 images is over the server's limit of 2" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
+    """An empty token file would have been read as "no token": a server open to all."""
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--token-file",
+                           str(empty)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and f"--token-file {empty}: empty" in done.stderr
+    for args, message in ((["serve", "--max-message-mb", "0"], "--max-message-mb: must be >= 1"),
+                          (["serve", "--grace", "-1"], "--grace: must be >= 0"),
+                          (["demo", "--batch", "0"], "--batch: must be >= 1"),
+                          (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
