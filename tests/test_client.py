@@ -153,40 +153,27 @@ def test_dense_decode_is_zero_copy(two_servers):
     assert targets.labels.shape == (1, response.num_anchors)
 
 
-def test_client_requests_before_a_fork_work_in_the_child(two_servers):
-    """DataLoader workers fork: a client used in the parent opens fresh channels in the child."""
-    a, _ = two_servers
-    client = TargetClient(a.address)
-    _assign(client)
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(client, queue))
-    child.start()
-    child.join(60)
-    assert queue.get(timeout=5) is True
-    client.close()
-
-
-def _child_stats(client, queue) -> None:
+def _child(client, queue) -> None:
     try:
         before = client.stats.calls
-        _assign(client)
-        queue.put((before, client.stats.calls))
+        positives = bool((_assign(client).labels == 1).any())
+        queue.put((positives, before, client.stats.calls))
     except Exception as exc:  # reported to the parent
         queue.put(repr(exc))
 
 
-def test_a_forked_child_counts_only_its_own_calls(two_servers):
-    """``stats`` are this process's: a child forked after the parent's calls starts at 0."""
+def test_client_requests_before_a_fork_work_in_the_child(two_servers):
+    """DataLoader workers fork: a client used in the parent opens fresh channels in the
+    child, and its ``stats`` there are the child's own (they start at 0)."""
     a, _ = two_servers
     with TargetClient(a.address) as client:
         _assign(client)
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
-        child = context.Process(target=_child_stats, args=(client, queue))
+        child = context.Process(target=_child, args=(client, queue))
         child.start()
         child.join(60)
-        assert queue.get(timeout=5) == (0, 1)
+        assert queue.get(timeout=5) == (True, 0, 1)
         assert client.stats.calls == 1
 
 
@@ -361,13 +348,6 @@ def test_client_in_data_loader_workers(two_servers, method):
         expected = assign(BOXES[index % 2 :], [2 - index % 2], CANVAS, config, backend="reference").labels
         assert torch.equal(labels, expected)
     client.close()
-
-
-def _child(client, queue) -> None:
-    try:
-        queue.put(bool((_assign(client).labels == 1).any()))
-    except Exception as exc:  # reported to the parent
-        queue.put(repr(exc))
 
 
 def test_async_client_round_robin_and_retry(two_servers):
