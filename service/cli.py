@@ -170,6 +170,21 @@ def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
         stream.flush()
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """``OSError`` if a server already listens on host:port. The workers bind with
+    SO_REUSEPORT, which would let them join another server's port (sharing its traffic)
+    instead of failing as a single process does; a bind without it is refused there."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise OSError(f"could not bind {host}:{port} (in use?): {exc.strerror}") from None
+
+
 def _serve_workers(options, workers: int) -> int:
     """``workers`` server processes on one port (SO_REUSEPORT; the kernel spreads the
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
@@ -177,12 +192,12 @@ def _serve_workers(options, workers: int) -> int:
     ``metrics_port + i``; each gets an equal share of the cores for torch."""
     import dataclasses
     import functools
-    import signal
 
     from .server import serve
 
     if options.port == 0:
         raise ValueError("--workers needs a fixed --port (the workers share it)")
+    _check_port_free(options.host, options.port)
     threads = max(1, _usable_cores() // workers)
     children = []
     for i in range(workers):

@@ -155,6 +155,21 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
 
 
+def test_cli_serve_workers_refuse_a_port_another_server_holds():
+    """Workers bind with SO_REUSEPORT: without a check they would join a listening
+    server's port (one that set it too) and take part of its traffic."""
+    import socket
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port),
+                               "--workers", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and f"could not bind 127.0.0.1:{port} (in use?)" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cli_serve_workers_share_one_port(backend):
     """Worker processes share the port, each with its own backend state (on a GPU each
