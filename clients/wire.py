@@ -17,6 +17,7 @@ import torch
 
 from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
+from tritarget.kernels.problem import integer_dtype
 from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
@@ -73,7 +74,7 @@ def _ints(name: str, value: Any) -> torch.Tensor:
     if _is_cpu_tensor(value, torch.int32):
         return value
     values = torch.as_tensor(value)
-    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+    if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
     return values.to("cpu", torch.int32)
 

@@ -42,7 +42,7 @@ from .config import TargetConfig
 from .streams import stream_key
 from .targets import NOTHING_DROPPED
 
-__all__ = ["CheckBoxesFirst", "HostInts", "Problem", "build_problem", "canvas_limits", "valid_cells"]
+__all__ = ["CheckBoxesFirst", "HostInts", "Problem", "build_problem", "canvas_limits", "integer_dtype", "valid_cells"]
 
 
 class CheckBoxesFirst(Exception):
@@ -216,7 +216,7 @@ def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tenso
     return boxes.to(torch.float32).contiguous()
 
 
-def _integer(dtype: torch.dtype) -> bool:
+def integer_dtype(dtype: torch.dtype) -> bool:
     """Whether a tensor of ``dtype`` holds integers (bool and complex do not count)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
@@ -231,7 +231,7 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
             raise TypeError(f"{name}: expected integers, got {value!r}")
     else:
         tensor = _tensor(name, value)
-        if not _integer(tensor.dtype):
+        if not integer_dtype(tensor.dtype):
             raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")
         if tensor.dim() != 1:
             raise ValueError(f"{name}: expected shape [B], got {list(tensor.shape)}")
@@ -402,7 +402,7 @@ def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> lis
     if value is None:
         return list(canvas) * batch
     sizes = torch.as_tensor(value) if isinstance(value, (list, tuple)) else _tensor(name, value)
-    if not _integer(sizes.dtype):
+    if not integer_dtype(sizes.dtype):
         raise TypeError(f"{name}: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):
         raise ValueError(f"{name}: expected shape [{batch}, 2] (height, width), got {list(sizes.shape)}")
@@ -490,7 +490,7 @@ def build_problem(
         if gt_classes is not None:
             classes = _tensor("gt_classes", gt_classes)
             dtype = classes.dtype
-            if dtype is not torch.int32 and not _integer(dtype):
+            if dtype is not torch.int32 and not integer_dtype(dtype):
                 raise TypeError(f"gt_classes: expected an integer tensor, got {dtype}")
             if classes.shape != (boxes.shape[0],):
                 raise ValueError(

@@ -139,6 +139,13 @@ def test_cli_up_stops_with_an_error_when_its_demo_request_fails():
             process.kill()
 
 
+def test_an_idle_server_stops_without_a_grace_period_warning():
+    """Nothing in flight: waiting a zero grace period succeeds at once (asyncio.wait_for
+    with a zero timeout would time out even on a set event)."""
+    with ServerThread() as srv:
+        assert srv.run(srv.server.servicer.wait_idle(0.0)) is True
+
+
 def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
     """An empty token file would have been read as "no token": a server open to all."""
     empty = tmp_path / "token"
