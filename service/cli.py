@@ -72,13 +72,7 @@ def _server_options(args: argparse.Namespace):
     from .codec import Limits
     from .server import ServerOptions
 
-    token = args.token or os.environ.get("TRITARGET_TOKEN") or None
-    if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
-        if not token:  # read as "no token", the server would take every caller
-            raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
-    read = lambda path: None if path is None else open(path, "rb").read()  # noqa: E731, SIM115
+    tls_cert, tls_key = _tls_files(args.tls_cert, args.tls_key)
     return ServerOptions(
         host=args.host,
         port=args.port,
@@ -96,13 +90,51 @@ def _server_options(args: argparse.Namespace):
         ),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        token=token,
-        tls_cert=read(args.tls_cert),
-        tls_key=read(args.tls_key),
+        token=_server_token(args),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         warmup_canvas=tuple(args.warmup_canvas),
         grace_s=args.grace,
         access_log=not args.no_access_log,
     )
+
+
+def _server_token(args: argparse.Namespace) -> str | None:
+    """The bearer token to require: --token-file, --token or env TRITARGET_TOKEN. An empty
+    one given on purpose is refused: read as "no token", the server would take every
+    caller (``TRITARGET_TOKEN="$SECRET"`` with SECRET unset is the usual way to get one)."""
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
+        return token
+    if args.token is not None:
+        if not args.token.strip():
+            raise ValueError("--token is empty; give the token, or leave --token out to serve without one")
+        return args.token
+    token = os.environ.get("TRITARGET_TOKEN")
+    if token is not None and not token.strip():
+        raise ValueError("TRITARGET_TOKEN is set but empty; unset it to serve without a token")
+    return token
+
+
+def _tls_files(cert_path: str | None, key_path: str | None) -> tuple[bytes | None, bytes | None]:
+    """The PEM certificate chain and key, checked as a pair here: gRPC reports a bad one
+    only as a failed bind, like a busy port."""
+    if cert_path is None and key_path is None:
+        return None, None
+    if cert_path is None or key_path is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    import ssl
+
+    try:  # a password-protected key is refused, not prompted for: gRPC cannot use one
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path, password=b"")
+    except ssl.SSLError as exc:
+        raise ValueError(f"--tls-cert {cert_path} / --tls-key {key_path}: not a PEM certificate chain and its "
+                         f"matching unencrypted key ({exc.reason or exc})") from None  # fmt: skip
+    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+        return cert.read(), key.read()
 
 
 def _passive_openmp() -> None:
@@ -157,6 +189,8 @@ def front_ends(workers: int | None, port: int, cores: int) -> int:
     if workers is not None:
         if workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {workers}")
+        if workers > 1 and port == 0:
+            raise ValueError("--workers needs a fixed --port (the workers share it)")
         return workers
     return 1 if port == 0 else max(1, min(4, cores // 4))
 
@@ -176,13 +210,15 @@ def _check_port_free(host: str, port: int) -> None:
     instead of failing as a single process does; a bind without it is refused there."""
     import socket
 
+    from .server import host_port
+
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as exc:
-            raise OSError(f"could not bind {host}:{port} (in use?): {exc.strerror}") from None
+            raise OSError(f"could not bind {host_port(host, port)} (in use?): {exc.strerror}") from None
 
 
 def _serve_workers(options, workers: int) -> int:
@@ -195,8 +231,6 @@ def _serve_workers(options, workers: int) -> int:
 
     from .server import serve
 
-    if options.port == 0:
-        raise ValueError("--workers needs a fixed --port (the workers share it)")
     _check_port_free(options.host, options.port)
     threads = max(1, _usable_cores() // workers)
     children = []
@@ -278,27 +312,30 @@ def _request(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     _passive_openmp()
-    from .server import serve
+    from .server import host_port, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = _server_options(args)
-    target = f"{options.host}:{{port}}"
+    try:
+        options = _server_options(args)
+    except (ValueError, OSError) as exc:
+        print(f"tritarget up: {exc}", file=sys.stderr)
+        return 2
 
     failed = []
 
     async def demo(server) -> None:
         try:
             await asyncio.to_thread(
-                send_demo_request, target.format(port=server.port), preset=args.preset, batch=args.batch,
-                seed=args.seed, token=options.token, root_certificates=options.tls_cert,
+                send_demo_request, host_port(options.host, server.port), preset=args.preset, batch=args.batch,
+                seed=args.seed, token=options.token, root_certificates=options.tls_cert, timeout=30.0,
             )  # fmt: skip
         except Exception as exc:  # `up` is there to show targets coming back: it stops instead
             print(f"tritarget up: the demo request failed: {exc}", file=sys.stderr, flush=True)
             failed.append(exc)
             os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop
             return
-        print(f"service running on {options.host}:{server.port} (Ctrl-C to stop); "
-              f"try: tritarget request --target {options.host}:{server.port}", flush=True)  # fmt: skip
+        address = host_port(options.host, server.port)
+        print(f"service running on {address} (Ctrl-C to stop); try: tritarget request --target {address}", flush=True)
 
     try:
         asyncio.run(serve(options, on_ready=demo))

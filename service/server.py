@@ -35,11 +35,18 @@ from .codec import Limits
 from .metrics import Metrics
 from .servicer import TargetAssignerServicer, add_to_server
 
-__all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "SERVICE_NAME"]
+__all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC and its users write it: an IPv6 literal in brackets
+    (``[::1]:50051``), whether or not ``host`` came with them."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class TargetServer:
         if options.reflection:
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.grpc)
-        address = f"{options.host}:{options.port}"
+        address = host_port(options.host, options.port)
         reason = "no address bound"
         try:
             if options.tls_cert is not None or options.tls_key is not None:
@@ -124,7 +131,10 @@ class TargetServer:
         except RuntimeError as exc:
             self.port, reason = 0, str(exc).split(";")[0]
         if self.port == 0:
-            raise OSError(f"could not bind {address} (in use?): {reason}")
+            # gRPC says the same for a busy port and for a certificate or key it rejects
+            # (its log above has the detail): name both when TLS was asked for.
+            why = "in use, or the TLS certificate / key rejected?" if options.tls_cert else "in use?"
+            raise OSError(f"could not bind {address} ({why}): {reason}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self.warmup_error: BaseException | None = None
@@ -145,7 +155,7 @@ class TargetServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.batcher.start()
         if self.options.metrics_port is not None:
-            host = self.options.metrics_host or self.options.host
+            host = (self.options.metrics_host or self.options.host).strip("[]")
             self.metrics_port = self.metrics.serve_http(host, self.options.metrics_port)
         await self.grpc.start()
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
@@ -222,15 +232,16 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     scheme = "TLS" if options.tls_cert else "plaintext"
-    announce(f"tritarget serving on {options.host}:{port} ({scheme}, backend {server.backend} on {server.device})",
-             flush=True)  # fmt: skip
+    address = host_port(options.host, port)
+    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
     batching, limits = server.batcher.options, options.limits
     announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
              f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
              f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
              f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
     if server.metrics_port is not None:
-        announce(f"metrics on http://{options.metrics_host or options.host}:{server.metrics_port}/metrics", flush=True)
+        metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
+        announce(f"metrics on http://{metrics_at}/metrics", flush=True)
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
     failed = loop.create_task(_warmup_failed(server))
     stopping = loop.create_task(stop.wait())

@@ -23,7 +23,7 @@ import torch
 from tritarget.kernels import Targets
 from tritarget.service.backend import BatchOptions
 from tritarget.service.codec import Limits
-from tritarget.service.server import ServerOptions, TargetServer, create_server
+from tritarget.service.server import ServerOptions, TargetServer, create_server, host_port
 
 
 class ServerThread:
@@ -65,7 +65,7 @@ class ServerThread:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return host_port(self.options.host, self.port)
 
     @property
     def metrics(self):

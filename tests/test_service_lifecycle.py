@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
 from tritarget.service.cli import front_ends
+from tritarget.service.server import host_port
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -156,10 +159,43 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
     for args, message in ((["serve", "--max-message-mb", "0"], "--max-message-mb: must be >= 1"),
                           (["serve", "--grace", "-1"], "--grace: must be >= 0"),
                           (["demo", "--batch", "0"], "--batch: must be >= 1"),
-                          (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]")):  # fmt: skip
+                          (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]"),
+                          (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert "front-end process" not in done.stdout  # refused before it said what it would start
+
+
+def test_cli_refuses_an_empty_token_given_on_purpose():
+    """``--token ""`` or ``TRITARGET_TOKEN="$UNSET_VARIABLE"`` would serve every caller."""
+    cases = ((["serve", "--token", ""], {}, "--token is empty"),
+             (["up"], {"TRITARGET_TOKEN": ""}, "TRITARGET_TOKEN is set but empty"),
+             (["serve", "--token", " "], {"TRITARGET_TOKEN": "secret"}, "--token is empty"))  # fmt: skip
+    for args, env, message in cases:
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args, "--port", "0"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **env})  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_host_port_brackets_ipv6_literals():
+    assert host_port("127.0.0.1", 50051) == "127.0.0.1:50051"
+    assert host_port("::1", 50051) == host_port("[::1]", 50051) == "[::1]:50051"
+    assert host_port("localhost", 0) == "localhost:0"
+
+
+def test_serves_on_an_ipv6_loopback_given_without_brackets():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with ServerThread(host="::1") as srv:
+        assert srv.address.startswith("[::1]:")
+        with TargetClient(srv.address) as client:
+            assert client.assign(BOXES, [2], CANVAS, preset="yolov5").labels.shape[0] == 1
 
 
 def test_cli_serve_workers_refuse_a_port_another_server_holds():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -75,6 +76,7 @@ def _self_signed(tmp_path) -> tuple[bytes, bytes]:
     """A certificate for 127.0.0.1 / localhost and its key (openssl CLI)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -82,6 +84,23 @@ def _self_signed(tmp_path) -> tuple[bytes, bytes]:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert.read_bytes(), key.read_bytes()
+
+
+def test_cli_refuses_a_certificate_and_key_that_do_not_pair(tmp_path):
+    """gRPC reports a rejected certificate only as a failed bind ("in use?"): the CLI checks
+    the pair first and names both files."""
+    cert, _ = _self_signed(tmp_path / "one")
+    _, other_key = _self_signed(tmp_path / "two")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(other_key)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    cases = ((["--tls-cert", "cert.pem", "--tls-key", "key.pem"], "--tls-cert cert.pem / --tls-key key.pem: not a PEM"),
+             (["--tls-cert", "junk.pem", "--tls-key", "key.pem"], "--tls-cert junk.pem / --tls-key key.pem: not a PEM"),
+             (["--tls-cert", "cert.pem"], "TLS needs both --tls-cert and --tls-key"))  # fmt: skip
+    for args, message in cases:
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", *args],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and "in use" not in done.stderr, (args, done.stderr)
 
 
 def test_tls_with_self_signed_certificate_and_token(tmp_path):
