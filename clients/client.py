@@ -120,17 +120,23 @@ class TargetServiceError(Exception):
         return cls(code, error.message, violations, request_id)
 
     def naming_images(self, image_ids: Sequence[Any]) -> TargetServiceError:
-        """The same error with the request's image indices followed by the caller's ids,
-        e.g. ``image 2, box 5`` -> ``image 2 (id 139), box 5``: errors name dataset images."""
+        """The same error with the request's image indices followed by the caller's ids
+        (``naming_images``)."""
         ids = list(image_ids)
+        return TargetServiceError(self.code, naming_images(self.details, ids),
+                                  [(f, naming_images(d, ids)) for f, d in self.field_violations],
+                                  self.request_id)  # fmt: skip
 
-        def name(match: re.Match) -> str:
-            i = int(match.group(1))
-            return f"{match.group(0)} (id {ids[i]})" if i < len(ids) else match.group(0)
 
-        rewrite = lambda text: re.sub(r"\bimage (\d+)\b", name, text)  # noqa: E731
-        return TargetServiceError(self.code, rewrite(self.details),
-                                  [(f, rewrite(d)) for f, d in self.field_violations], self.request_id)  # fmt: skip
+def naming_images(text: str, image_ids: Sequence[Any]) -> str:
+    """``text`` with each ``image i`` followed by the caller's id of that image, e.g.
+    ``image 2, box 5`` -> ``image 2 (id 139), box 5``: errors name dataset images."""
+
+    def name(match: re.Match) -> str:
+        i = int(match.group(1))
+        return f"{match.group(0)} (id {image_ids[i]})" if i < len(image_ids) else match.group(0)
+
+    return re.sub(r"\bimage (\d+)\b", name, text)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
 
-from .client import TargetClient
+from .client import TargetClient, naming_images
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -42,11 +42,20 @@ def boxes_of(targets: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[i
     for i, target in enumerate(targets):
         if "boxes" not in target:
             raise ValueError(f"targets[{i}]: no 'boxes' (a Tensor[N, 4] of xyxy pixels)")
-        image_boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+        image_boxes = torch.as_tensor(target["boxes"], dtype=torch.float32)
+        if image_boxes.numel() == 0:  # an image without boxes, however its empty tensor is shaped
+            image_boxes = image_boxes.reshape(0, 4)
+        elif image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
+            raise ValueError(f"targets[{i}]['boxes']: expected shape [N, 4], got {list(image_boxes.shape)}")
         boxes.append(image_boxes)
         counts.append(image_boxes.shape[0])
         if "labels" in target:
-            labels.append(torch.as_tensor(target["labels"]).reshape(-1))
+            image_labels = torch.as_tensor(target["labels"]).reshape(-1)
+            if image_labels.numel() == 0:  # often torch.zeros(0), a float: it must not make the batch float
+                image_labels = image_labels.long()
+            elif image_labels.is_floating_point() or image_labels.is_complex() or image_labels.dtype == torch.bool:
+                raise TypeError(f"targets[{i}]['labels']: expected integer class ids, got {image_labels.dtype}")
+            labels.append(image_labels)
     if labels and len(labels) != len(targets):
         raise ValueError("targets: give 'labels' for every image or for none")
     classes = torch.cat(labels) if labels else None
@@ -73,15 +82,27 @@ def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets
     return assigned if device is None else assigned.to(device)
 
 
+# Request options that only shape what the service sends (the deltas' precision on the
+# wire, whether classes travel): in-process targets are float32 with classes, so the same
+# call works with and without a client.
+_WIRE_ONLY = ("delta_dtype", "return_classes")
+
+
 class _InProcess:
     """The in-process fallback: ``assign`` (or ``assign_sparse``) on the given backend."""
 
     def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any]) -> None:
-        self.config, self.backend, self.densify, self.options = config, backend, densify, dict(options)
+        self.config, self.backend, self.densify = config, backend, densify
+        self.options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
 
-    def __call__(self, boxes, counts, classes, canvas) -> Targets | SparseTargets:
+    def __call__(self, boxes, counts, classes, canvas, image_ids=None) -> Targets | SparseTargets:
         solve = assign if self.densify else assign_sparse
-        return solve(boxes, counts, canvas, self.config, gt_classes=classes, backend=self.backend, **self.options)
+        try:
+            return solve(boxes, counts, canvas, self.config, gt_classes=classes, backend=self.backend, **self.options)
+        except ValueError as exc:
+            if image_ids is None:
+                raise
+            raise ValueError(naming_images(str(exc), image_ids)) from exc
 
 
 def _config(preset: str | None, config: TargetConfig | None) -> TargetConfig:
@@ -112,9 +133,10 @@ def with_targets(
     """``(images, targets, assigned)`` for every batch, in order (see the module docstring).
 
     ``options`` go to every request (``seed``, ``delta_dtype``, ...; in-process: to
-    ``assign``). With a ``client``, at most ``in_flight`` batches are read ahead of the
-    one yielded; a server that dies mid-epoch is replaced by the client's next endpoint
-    without losing a batch.
+    ``assign``, where ``delta_dtype`` and ``return_classes``, which only shape the wire,
+    have no effect). Leave ``seed`` out to sample anew each batch. With a ``client``, at
+    most ``in_flight`` batches are read ahead of the one yielded; a server that dies
+    mid-epoch is replaced by the client's next endpoint without losing a batch.
     """
     if in_flight < 1:
         raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
@@ -123,7 +145,8 @@ def with_targets(
         solve = _InProcess(target_config, backend, densify, options)
         for images, targets in batches:
             boxes, counts, classes = boxes_of(targets)
-            yield images, targets, _placed(solve(boxes, counts, classes, _canvas(images, canvas)), densify, device)
+            assigned = solve(boxes, counts, classes, _canvas(images, canvas), _image_ids(targets))
+            yield images, targets, _placed(assigned, densify, device)
         return
     yield from _pipelined(batches, client, _named(preset, config), canvas, in_flight, densify, device, options)
 
@@ -196,7 +219,7 @@ class TargetCollate:
         boxes, counts, classes = boxes_of(targets)
         canvas = _canvas(images, self.canvas)
         if self.client is None:
-            return images, targets, self._in_process(boxes, counts, classes, canvas)
+            return images, targets, self._in_process(boxes, counts, classes, canvas, _image_ids(targets))
         assigned = self.client.assign(boxes, counts, canvas, gt_classes=classes, densify=self.densify,
                                       image_ids=_image_ids(targets), **self.named, **self.options)  # fmt: skip
         return images, targets, assigned

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.problem import integer_dtype
+from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import decode_tensor, encode_tensor
@@ -106,23 +108,32 @@ def level_starts(request: pb.AssignRequest, num_anchors: int) -> tuple[int, ...]
     which the wire does not carry: the service's anchors are the config's generated ones,
     so they follow from the config and canvas. None where this client cannot resolve the
     config (a preset of a newer server) or its count disagrees with the response's."""
-    ref = request.config
-    key = (ref.preset, ref.config_json, tuple(sorted(ref.overrides.items())), request.canvas_height,
-           request.canvas_width)  # fmt: skip
-    starts = _level_starts(*key)
-    return starts if starts is not None and starts[-1] == num_anchors else None
+    config = _resolved(request.config)
+    if config is None:
+        return None
+    starts = _level_starts(config, request.canvas_height, request.canvas_width)
+    return starts if starts[-1] == num_anchors else None
+
+
+def _resolved(ref: pb.ConfigRef) -> TargetConfig | None:
+    """The config a ``ConfigRef`` names, or None where this client cannot resolve it."""
+    return _config(ref.preset, ref.config_json, tuple(sorted(ref.overrides.items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _level_starts(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...], height: int,
-                  width: int) -> tuple[int, ...] | None:  # fmt: skip
+def _config(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...]) -> TargetConfig | None:
     try:
         config = presets.get(preset) if preset else TargetConfig.from_dict(json.loads(config_json))
         if overrides:
             config = config.replace(**{name: json.loads(value) for name, value in overrides})
-        return resolve_grid(config.anchors, (height, width)).level_starts
+        return config
     except (KeyError, ValueError, TypeError):
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _level_starts(config: TargetConfig, height: int, width: int) -> tuple[int, ...]:
+    return resolve_grid(config.anchors, (height, width)).level_starts
 
 
 def build_request(
@@ -144,7 +155,7 @@ def build_request(
     delta_dtype: str = "float32",
     return_classes: bool | None = None,
     return_max_iou: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     request_id: str = "",
 ) -> pb.AssignRequest:
     """The ``AssignRequest`` for a ragged batch (arguments as ``TargetClient.assign``)."""
@@ -153,14 +164,17 @@ def build_request(
     if delta_dtype not in _DELTA_DTYPES:
         raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
     height, width = _canvas(canvas)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(
             f"seed: the service takes one int per request (each image's seed derives from it, as with "
             f"assign(seed=int) in-process); got {type(seed).__name__}"
         )
+    ref = config_ref(preset, config, overrides)
+    if seed is None:
+        seed = _fresh_seed_if_sampled(ref)
     request = pb.AssignRequest(
         request_id=request_id,
-        config=config_ref(preset, config, overrides),
+        config=ref,
         canvas_height=height,
         canvas_width=width,
         gt_counts=_counts("gt_counts", gt_counts),
@@ -169,7 +183,7 @@ def build_request(
         delta_dtype=_DELTA_DTYPES[delta_dtype],
         return_classes=gt_classes is not None if return_classes is None else return_classes,
         return_max_iou=return_max_iou,
-        seed=seed,
+        seed=int(seed),
     )
     encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
     if gt_classes is not None:
@@ -183,6 +197,15 @@ def build_request(
     if pad_sizes is not None:
         encode_tensor(_ints("pad_sizes", pad_sizes), request.pad_sizes)
     return request
+
+
+def _fresh_seed_if_sampled(ref: pb.ConfigRef) -> int:
+    """A fresh seed, drawn in the caller's process (where ``torch.manual_seed`` and a
+    DataLoader's per-worker seeding apply), for a config that samples; 0 otherwise, so
+    requests without sampling stay byte-identical. A config this client cannot resolve
+    gets a fresh one too."""
+    config = _resolved(ref)
+    return fresh_seed() if config is None or config.match.sample_size > 0 else 0
 
 
 def decode_response(response: pb.AssignResponse) -> Targets:

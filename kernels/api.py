@@ -73,7 +73,7 @@ def assign(
     backend: str = "auto",
     drop_invalid: bool = False,
     return_max_iou: bool = False,
-    seed: int | Sequence[int] = 0,
+    seed: int | Sequence[int] | None = None,
 ) -> Targets:
     """Training targets of a ragged batch of images.
 
@@ -107,7 +107,9 @@ def assign(
             of raising ``ValueError``.
         return_max_iou: also return each anchor's best IoU.
         seed: sampling seed (only with ``config.match.sample_size``): image i uses
-            ``seed + i``, or give one seed per image.
+            ``seed + i``, or give one seed per image. None (the default): a fresh one
+            per call from torch's global generator, so each batch samples anew (a fixed
+            seed samples the same anchors every time).
     Returns:
         Targets with labels/matched_gt/deltas of shape [B, A] ([B, A, 4]). matched_gt
         indexes the boxes of its image as given (before dropping).
@@ -146,7 +148,7 @@ def assign_sparse(
     anchors: torch.Tensor | None = None,
     backend: str = "auto",
     drop_invalid: bool = False,
-    seed: int | Sequence[int] = 0,
+    seed: int | Sequence[int] | None = None,
 ) -> SparseTargets:
     """``assign(...).to_sparse()``, compacted on the device where the backend can.
 

@@ -12,12 +12,13 @@ What they equal (tested against torchvision itself):
   over every anchor that is not ignored, and an L1 / smooth-L1 / GIoU box loss over the
   positives, each summed per image, divided by ``max(1, positives of the image)`` and
   averaged over images (``normalize="per_image"``). ``normalize="positives"`` divides the
-  batch sums by ``max(1, positives of the batch)`` instead (mmdet's ``avg_factor``),
-  ``"sum"`` divides by nothing.
+  batch sums by the sum over images of ``max(1, positives of the image)`` instead
+  (mmdet's ``avg_factor``: its ``SamplingResult`` counts at least one positive per
+  image), ``"sum"`` divides by nothing.
 * ``rpn_loss`` == torchvision ``RegionProposalNetwork.compute_loss`` when the sampled
   anchors are the non-ignored ones (sample with ``MatchConfig.sample_size``: anchors not
-  drawn are ignored): binary cross-entropy averaged over them, smooth-L1 (beta 1/9) over
-  the positives divided by their number.
+  drawn are ignored): binary cross-entropy averaged over them, smooth-L1 (beta 1/9) summed
+  over the positives and divided by the number of sampled anchors, as torchvision does.
 
 Sums run in a different order than torchvision's (per image over all anchors rather
 than over the selected rows), so results agree to float32 rounding, not bit for bit.
@@ -78,7 +79,7 @@ def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str
     if normalize == "per_image":
         return (per_image / positives.clamp(min=1).to(per_image.dtype)).mean()
     if normalize == "positives":
-        return per_image.sum() / positives.sum().clamp(min=1).to(per_image.dtype)
+        return per_image.sum() / positives.clamp(min=1).sum().to(per_image.dtype)
     if normalize == "sum":
         return per_image.sum()
     raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
@@ -169,7 +170,9 @@ def box_regression_loss(
     count = targets.positive_anchors.numel()
     image = _rows(targets.positive_offsets, count, device)
     anchor = targets.positive_anchors.to(device).long()
-    predicted = bbox_regression[image, anchor]  # [P, 4]
+    # In at least float32, the targets' precision: torchvision's losses promote float16
+    # predictions against float32 targets rather than round the targets to float16.
+    predicted = bbox_regression[image, anchor].to(torch.promote_types(bbox_regression.dtype, torch.float32))  # [P, 4]
     if loss == "giou":
         per_row = 1 - _generalized_iou(
             *_giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode), eps
@@ -190,6 +193,11 @@ def _giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts
         raise ValueError("loss='giou' needs anchors, gt_boxes, gt_counts and encode (the boxes are decoded)")
     if not isinstance(encode, EncodeConfig):
         raise TypeError(f"encode: expected EncodeConfig (config.encode), got {type(encode).__name__}")
+    for name, boxes in (("anchors", anchors), ("gt_boxes", gt_boxes)):
+        if not isinstance(boxes, torch.Tensor) or not boxes.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point Tensor[N, 4], got {type(boxes).__name__}")
+    if gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
+        raise ValueError(f"gt_boxes: expected shape [N, 4], got {list(gt_boxes.shape)}")
     device = predicted.device
     counts = torch.as_tensor(gt_counts, dtype=torch.int64, device=device)
     if counts.shape != (targets.batch_size,) or int(counts.sum()) != gt_boxes.shape[0]:

@@ -2,10 +2,16 @@
 
 It runs after matching, on the labels, identically for every backend: the random
 draws come from a CPU ``torch.Generator`` seeded per image, so a request gives the
-same sample whichever backend or batch it runs in.
+same sample whichever backend or batch it runs in. Without a seed, each call draws a
+fresh one from torch's global generator (as torchvision's sampler draws from it), so
+every batch samples anew while ``torch.manual_seed`` and a DataLoader's per-worker
+seeding still make a run repeatable.
 """
 
 from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,20 +19,48 @@ import torch
 from .config import MatchConfig
 from .targets import IGNORED, NEGATIVE, POSITIVE, Targets
 
-__all__ = ["image_seeds", "sample"]
+__all__ = ["fresh_seed", "image_seeds", "sample"]
+
+# What torch.Generator.manual_seed takes.
+_SEED_RANGE = range(-(2**63), 2**64)
 
 
-def image_seeds(seed: int | list[int] | tuple[int, ...], batch: int) -> list[int]:
-    """One seed per image: ``seed + i`` for an int, or the given list."""
-    if type(seed) is int:  # the usual case, without the checks below
+def fresh_seed() -> int:
+    """A seed drawn from torch's global CPU generator (one draw)."""
+    return int(torch.randint(2**62, ()))
+
+
+def _one_seed(value) -> int | None:
+    """``value`` as an int if it is one (Python, numpy or a 0-d integer tensor), else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int] | None:
+    """One seed per image: ``seed + i`` for an int, or the given list; None stays None
+    (``sample`` then draws a fresh one)."""
+    if seed is None:
+        return None
+    if type(seed) is int and seed in _SEED_RANGE and seed + batch - 1 in _SEED_RANGE:  # the usual case
         return list(range(seed, seed + batch))
-    if isinstance(seed, bool):
-        raise TypeError(f"seed: expected an int or a list of ints, got {seed!r}")
-    if isinstance(seed, int):
-        return list(range(seed, seed + batch))
-    seeds = list(seed)
-    if len(seeds) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed: expected an int or {batch} ints (one per image), got {seed!r}")
+    first = _one_seed(seed)
+    if first is not None:
+        seeds = list(range(first, first + batch))
+    elif isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor, np.ndarray)):
+        raise TypeError(f"seed: expected an int or {batch} ints (one per image), got {type(seed).__name__}")
+    else:
+        seeds = [_one_seed(s) for s in seed]
+        if len(seeds) != batch or None in seeds:
+            raise ValueError(f"seed: expected an int or {batch} ints (one per image), got {seed!r}")
+    outside = [s for s in seeds if s not in _SEED_RANGE]
+    if outside:
+        raise ValueError(f"seed: {outside[0]} is outside what a torch.Generator takes [-2**63, 2**64)")
     return seeds
 
 
@@ -57,8 +91,9 @@ def _draw(members: np.ndarray, available: int, count: int, generator: torch.Gene
     return np.fromiter(kept, dtype=np.int64, count=count)
 
 
-def sample(targets: Targets, config: MatchConfig, seeds: list[int]) -> Targets:
-    """Keep ``sample_size`` anchors per image (at most ``positive_fraction`` positive).
+def sample(targets: Targets, config: MatchConfig, seeds: list[int] | None) -> Targets:
+    """Keep ``sample_size`` anchors per image (at most ``positive_fraction`` positive),
+    image i drawing with ``seeds[i]`` (None: from a ``fresh_seed()``).
 
     Positives beyond the quota are drawn at random, negatives fill the rest; every
     anchor not drawn becomes ignored (matched_gt -1, zero deltas, background class).
@@ -71,6 +106,8 @@ def sample(targets: Targets, config: MatchConfig, seeds: list[int]) -> Targets:
     other outputs are written only at the dropped positives (a few hundred), by index.
     """
     positive_quota = int(config.sample_size * config.positive_fraction)
+    if seeds is None:
+        seeds = image_seeds(fresh_seed(), targets.labels.shape[0])
     for i, row in enumerate(targets.labels):
         generator = torch.Generator().manual_seed(seeds[i])
         labels = row.cpu().numpy()  # a view of a CPU row

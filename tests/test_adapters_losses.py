@@ -128,7 +128,7 @@ def test_focal_and_box_losses_match_their_definitions(normalize, generator):
     positives = (dense.labels == 1).sum(dim=1).double()
     scale = {
         "per_image": lambda s: (s / positives.clamp(min=1)).mean(),
-        "positives": lambda s: s.sum() / positives.sum().clamp(min=1),
+        "positives": lambda s: s.sum() / positives.clamp(min=1).sum(),  # mmdet: each image counts >= 1
         "sum": lambda s: s.sum(),
     }[normalize]
     focal = sigmoid_focal_loss(logits, sparse, alpha=0.25, gamma=2.0, normalize=normalize)
@@ -155,6 +155,23 @@ def test_losses_refuse_bad_input(generator):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="iou")
     with pytest.raises(ValueError, match="loss='giou' needs anchors"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="giou")
+    giou = dict(loss="giou", anchors=torch.zeros(4, 4), gt_counts=[2, 0], encode=presets.get("yolov5").encode)
+    with pytest.raises(TypeError, match="gt_boxes: expected a floating-point Tensor"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=[[0.0, 0.0, 1.0, 1.0]] * 2, **giou)
+    with pytest.raises(ValueError, match=r"gt_boxes: expected shape \[N, 4\], got \[8\]"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.zeros(8), **giou)
+
+
+@pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
+def test_float16_predictions_meet_float32_targets_unrounded(loss):
+    """As torchvision's losses do (float16 against float32 promotes): the targets are not
+    rounded to float16 first, and the loss comes back in float32."""
+    sparse = _hand_targets().to_sparse()
+    sparse.positive_deltas = sparse.positive_deltas + 1e-3 / 3  # not representable in float16
+    predicted = torch.full((2, 4, 4), 0.25, dtype=torch.float16)
+    got = box_regression_loss(predicted, sparse, loss=loss)
+    assert got.dtype == torch.float32
+    assert got == box_regression_loss(predicted.float(), sparse, loss=loss)
 
 
 # --- against torchvision itself ------------------------------------------------------------

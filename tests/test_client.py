@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from test_service_harness import ServerThread, peer_recording_server
@@ -427,3 +428,16 @@ def test_client_counts_calls_retries_and_bytes(two_servers):
     assert stats.retries >= 1  # the first try went to the dead endpoint
     assert stats.responses == 1 + 3 and stats.response_bytes >= response.ByteSize() * 4
     assert stats.request_bytes > 0 and 0 < stats.max_latency_seconds <= stats.latency_seconds
+
+
+def test_requests_without_a_seed_sample_anew_only_where_the_config_samples():
+    """Drawn in the caller's process, so torch.manual_seed (and a DataLoader's per-worker
+    seeding) governs it; a config without sampling keeps seed 0 and identical bytes."""
+    rpn = [build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed for _ in range(2)]
+    assert rpn[0] != rpn[1]
+    torch.manual_seed(7)
+    first = build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed
+    torch.manual_seed(7)
+    assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed == first
+    assert build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision").seed == 0
+    assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision", seed=np.int64(5)).seed == 5

@@ -122,6 +122,32 @@ def test_target_collate_names_dataset_images_in_errors(server):
     with TargetClient(server.address) as client:
         with pytest.raises(Exception, match=r"image 0 \(id 777\), box 0: degenerate"):
             TargetCollate(_collate, preset=PRESET, client=client)(bad)
+    with pytest.raises(ValueError, match=r"image 0 \(id 777\), box 0: degenerate"):  # in-process too
+        TargetCollate(_collate, preset=PRESET)(bad)
+
+
+def test_the_same_options_work_with_and_without_a_client(server):
+    """Options that only shape the wire (delta_dtype, return_classes) must not break the
+    in-process path: switching a training script off the service keeps it running."""
+    options = dict(preset=PRESET, delta_dtype="float16", return_classes=True)
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets(_batches(1), client=client, **options)
+    (_, targets, local), *_ = with_targets(_batches(1), backend="cpu", **options)
+    assert torch.equal(remote.labels, local.labels) and local.deltas.dtype == torch.float32
+    _same(local, _expected(targets))
+
+
+def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
+    empty_float_labels = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([3])},
+                          {"boxes": torch.zeros(0), "labels": torch.zeros(0)}]  # fmt: skip
+    boxes, counts, classes = boxes_of(empty_float_labels)
+    assert counts == [1, 0] and classes.tolist() == [3] and not classes.is_floating_point()
+    with pytest.raises(ValueError, match=r"targets\[1\]\['boxes'\]: expected shape \[N, 4\], got \[2, 2\]"):
+        boxes_of([{"boxes": torch.zeros(0, 4)}, {"boxes": torch.ones(2, 2)}])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]: expected shape \[N, 4\], got \[1, 5\]"):
+        boxes_of([{"boxes": torch.ones(1, 5)}])
+    with pytest.raises(TypeError, match=r"targets\[0\]\['labels'\]: expected integer class ids, got torch.float32"):
+        boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1.0])}])
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

@@ -234,6 +234,32 @@ class TestSampling:
         dropped = a.labels != 1
         assert (a.deltas[dropped] == 0).all() and (a.matched_gt[dropped] == -1).all()
 
+    def test_without_a_seed_each_call_samples_anew_under_torchs_seed(self, generator):
+        """A fixed default seed kept the same negatives every iteration of a training run;
+        the default draws from torch's global generator, as torchvision's sampler does."""
+        boxes, counts = random_batch(generator, [30, 2], (128, 192))
+        first = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference")
+        second = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference")
+        assert not torch.equal(first.labels, second.labels)
+        torch.manual_seed(1234)
+        reference = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference")
+        torch.manual_seed(1234)
+        assert torch.equal(assign(boxes, counts, (128, 192), self.CONFIG, backend="cpu").labels, reference.labels)
+
+    def test_seed_takes_numpy_and_tensor_integers_and_names_the_rest(self, generator):
+        boxes, counts = random_batch(generator, [30, 2], (128, 192))
+        expected = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=3).labels
+        for seed in (np.int64(3), torch.tensor(3), [np.int32(3), 4], torch.tensor([3, 4])):
+            assert torch.equal(assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=seed).labels,
+                               expected)  # fmt: skip
+        refused = ((3.0, TypeError, "seed: expected an int or 2 ints"),
+                   (torch.tensor([3, 4, 5]), ValueError, "seed: expected an int or 2 ints"),
+                   (True, TypeError, "seed"), ("3", TypeError, "seed"),
+                   (2**70, ValueError, "seed: .* is outside what a torch.Generator takes"))  # fmt: skip
+        for seed, error, message in refused:
+            with pytest.raises(error, match=message):
+                assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=seed)
+
     def test_image_sample_does_not_depend_on_its_batch(self, generator):
         boxes, counts = random_batch(generator, [30, 7], (128, 192))
         batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
