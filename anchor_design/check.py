@@ -115,13 +115,14 @@ class CheckResult:
         return self.boxes.shape[0]
 
     @property
-    def bpr(self) -> float:
-        """Boxes with a positive on IoU >= high alone (no low-quality rule), as a fraction."""
+    def bpr(self) -> float | None:
+        """Boxes with a positive on IoU >= high alone (no low-quality rule), as a fraction
+        (``None`` without boxes)."""
         return _fraction(self.strict.positives > 0)
 
     @property
-    def bpr_low_quality(self) -> float:
-        """Boxes with a positive under the config's own rules, as a fraction."""
+    def bpr_low_quality(self) -> float | None:
+        """Boxes with a positive under the config's own rules, as a fraction (``None`` without boxes)."""
         return _fraction(self.matched.positives > 0)
 
     @property
@@ -156,7 +157,8 @@ class CheckResult:
         return list(zip(_bin_labels(), totals))
 
     def summary(self) -> dict:
-        """The table's numbers as a JSON-compatible dict."""
+        """The table's numbers as a JSON-compatible dict; ``None`` where there is no value
+        (a share or a mean over no boxes), which JSON writes as null."""
         sizes = self.size_class
         by_size = {}
         for k, size in enumerate(SIZE_NAMES):
@@ -196,7 +198,7 @@ class CheckResult:
             "boxes_without_positive": int(self.missing.numel()),
             "boxes_without_positive_strict": int(self.missing_strict.numel()),
             "seconds": self.seconds,
-            "images_per_second": self.num_images / self.seconds if self.seconds > 0 else float("inf"),
+            "images_per_second": self.num_images / self.seconds if self.seconds > 0 else None,
         }
 
 
@@ -207,16 +209,16 @@ def _bin_labels() -> list[str]:
     return labels
 
 
-def _fraction(mask: torch.Tensor) -> float:
-    return float(mask.double().mean()) if mask.numel() else float("nan")
+def _fraction(mask: torch.Tensor) -> float | None:
+    return float(mask.double().mean()) if mask.numel() else None
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.double().mean()) if values.numel() else float("nan")
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.double().mean()) if values.numel() else None
 
 
-def _quantile(values: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(values.double(), q)) if values.numel() else float("nan")
+def _quantile(values: torch.Tensor, q: float) -> float | None:
+    return float(torch.quantile(values.double(), q)) if values.numel() else None
 
 
 def _iou_pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -463,12 +465,12 @@ def check(
     )
 
 
-def _pct(value: float) -> str:
-    return "-" if value != value else f"{100 * value:.1f}%"  # NaN: no boxes in that class
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"  # None: no boxes in that class
 
 
-def _num(value: float, digits: int = 2) -> str:
-    return "-" if value != value else f"{value:.{digits}f}"
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_check_table(results: Sequence[CheckResult]) -> str:
@@ -506,7 +508,10 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
     add("boxes without positive", [
         f"{s['boxes_without_positive']:,} ({s['boxes_without_positive_strict']:,} at IoU>=high)" for s in summaries
     ])  # fmt: skip
-    add("scan", [f"{s['seconds']:.2f} s, {s['images_per_second']:,.0f} img/s" for s in summaries])
+    add("scan", [
+        f"{s['seconds']:.2f} s, " + ("-" if s["images_per_second"] is None else f"{s['images_per_second']:,.0f}")
+        + " img/s" for s in summaries
+    ])  # fmt: skip
     header = ("", [r.name for r in results])
     label_width = max(len(label) for label, _ in [header, *rows])
     widths = [max(len(values[i]) for _, values in [header, *rows]) for i in range(len(results))]

@@ -11,6 +11,7 @@ takes about a minute on a small CPU, which is worth a line but not a dependency 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,36 @@ import time
 
 __all__ = ["add_parser", "main", "run"]
 
-_DEFAULT_SHAPES_CANVAS = (800, 1344)
+# Resizing when no resize flag is given, by anchor layout (see _layout_resize): the FPN
+# frameworks' shortest side 800 / longest 1333, padded to /32; YOLOv5 trains and fits
+# its anchors (autoanchor) on 640 letterboxed images; ssd/d2l stretch to the canvas their
+# fixed feature maps were made for.
+_MIN_SIZE, _MAX_SIZE, _SIZE_DIVISIBLE = 800, 1333, 32
+_YOLO_LETTERBOX = (640, 640)
+_FIXED_LAYOUTS = ("ssd", "d2l")
+
+_INT64_MAX = 2**63 - 1
+
+
+def _int_in(low: int, high: int, wanted: str):
+    """An argparse type: an integer in [low, high], refused with "must be {wanted}"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _int_in(1, _INT64_MAX, "a positive integer")
+_non_negative = _int_in(0, _INT64_MAX, "an integer >= 0")
+_seed = _int_in(0, 2**64 - 1, "an integer in 0 .. 2**64 - 1 (a torch.Generator seed)")
+_image_id = _int_in(-_INT64_MAX - 1, _INT64_MAX, "a 64-bit integer")
 
 
 class _ConfigChoice(argparse.Action):
@@ -61,15 +91,24 @@ class _Progress:
 
 def _add_dataset_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--annotations", required=required, help="COCO-format annotation JSON (iscrowd -> ignore)")
-    resize = parser.add_mutually_exclusive_group()
-    resize.add_argument("--min-size", type=int, default=800,
-                        help="shortest side after resizing, torchvision/detectron2 style (default 800)")  # fmt: skip
-    parser.add_argument("--max-size", type=int, default=1333, help="longest side cap with --min-size (default 1333)")
-    resize.add_argument("--canvas", type=int, nargs=2, metavar=("H", "W"), help="stretch every image to H x W (SSD)")
-    resize.add_argument("--letterbox", type=int, nargs=2, metavar=("H", "W"),
+    sizing = parser.add_argument_group(
+        "resizing (boxes are measured in the model's pixels)",
+        f"Without a flag, by the configs' anchor layout: ssd/d2l stretch to the canvas of their fixed feature "
+        f"maps (--canvas 300 300 for ssd300_torchvision), yolo letterboxes (--letterbox {_YOLO_LETTERBOX[0]} "
+        f"{_YOLO_LETTERBOX[1]}, as YOLOv5 autoanchor), the others resize as the FPN frameworks "
+        f"(--min-size {_MIN_SIZE} --max-size {_MAX_SIZE}).",
+    )
+    resize = sizing.add_mutually_exclusive_group()
+    resize.add_argument("--min-size", type=_positive,
+                        help=f"shortest side after resizing, as torchvision (default {_MIN_SIZE})")  # fmt: skip
+    sizing.add_argument("--max-size", type=_positive, help=f"longest side cap with --min-size (default {_MAX_SIZE})")
+    resize.add_argument("--canvas", type=_positive, nargs=2, metavar=("H", "W"),
+                        help="stretch every image to H x W (SSD)")  # fmt: skip
+    resize.add_argument("--letterbox", type=_positive, nargs=2, metavar=("H", "W"),
                         help="fit inside H x W keeping the aspect ratio (YOLO)")  # fmt: skip
     resize.add_argument("--no-resize", action="store_true", help="boxes are already in model pixels")
-    parser.add_argument("--size-divisible", type=int, default=32, help="canvas padding multiple (default 32)")
+    sizing.add_argument("--size-divisible", type=_positive,
+                        help=f"canvas padding with --min-size, --no-resize (default {_SIZE_DIVISIBLE})")  # fmt: skip
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +121,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import BACKENDS
 
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
-    parser.add_argument("--batch-images", type=int, default=256, help="images per assign call (default 256)")
+    parser.add_argument("--batch-images", type=_positive, default=256, help="images per assign call (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
 
 
@@ -95,7 +134,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_dataset_flags(check)
     _add_config_flags(check)
     _add_run_flags(check)
-    check.add_argument("--missing", type=int, default=10, help="boxes without a positive to list (default 10)")
+    check.add_argument(
+        "--missing", type=_non_negative, default=10, help="boxes without a positive to list (default 10)"
+    )
     check.add_argument("--json", help="also write the numbers as JSON here")
 
     fit = commands.add_parser("fit", help="fit anchor shapes to a dataset, write the config, print before/after")
@@ -103,16 +144,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_config_flags(fit)
     _add_run_flags(fit)
     fit.add_argument("--out", required=True, help="where to write the fitted TargetConfig JSON")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--generations", type=int, default=300, help="evolution steps (default 300)")
-    fit.add_argument("--fit-images", type=int, default=1000, help="images the objective runs on (default 1000)")
+    fit.add_argument("--seed", type=_seed, default=0)
+    fit.add_argument("--generations", type=_non_negative, default=300, help="evolution steps (default 300)")
+    fit.add_argument("--fit-images", type=_positive, default=1000, help="images the objective runs on (default 1000)")
 
     show = commands.add_parser("show", help="PNGs: anchor shapes per level, one image's assignment, check histograms")
     _add_dataset_flags(show, required=False)
     _add_config_flags(show)
     _add_run_flags(show)
     show.add_argument("--out-dir", required=True, help="folder for the PNGs")
-    show.add_argument("--image-id", type=int, help="image to draw (default: the first with the most boxes)")
+    show.add_argument("--image-id", type=_image_id,
+                      help="image to draw, with --annotations (default: the first with the most boxes)")  # fmt: skip
     anchors.set_defaults(handler=run)
     return anchors
 
@@ -121,62 +163,179 @@ class _UsageError(Exception):
     """A problem with the command's input, reported as one line and exit code 2."""
 
 
-def _resize(args: argparse.Namespace):
-    from .dataset import Resize
-
-    if args.no_resize:
-        return Resize(mode="none", size_divisible=args.size_divisible)
-    if args.canvas:
-        return Resize(mode="fixed", canvas=tuple(args.canvas))
-    if args.letterbox:
-        return Resize(mode="letterbox", canvas=tuple(args.letterbox))
-    return Resize(mode="min_max", min_size=args.min_size, max_size=args.max_size, size_divisible=args.size_divisible)
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(name, TargetConfig) of every --preset and --config, in order. Names are unique
+    (yolov5, yolov5_2) even as file names, because ``show`` names its files after them."""
     from tritarget.kernels import TargetConfig, presets
 
     chosen = getattr(args, "configs", None) or []
     if not chosen:
         raise _UsageError("choose a config: --preset NAME or --config FILE.json")
-    out = []
+    out, used = [], set()
     for kind, value in chosen:
         if kind == "preset":
             try:
-                out.append((value, presets.get(value)))
+                name, config = value, presets.get(value)
             except KeyError as exc:
                 raise _UsageError(exc.args[0]) from None
-            continue
-        if not os.path.isfile(value):
-            raise _UsageError(f"config file not found: {value}")
-        try:
-            with open(value, encoding="utf-8") as f:
-                data = json.load(f)
-            config = TargetConfig.from_dict(data)
-        except json.JSONDecodeError as exc:
-            raise _UsageError(f"{value}: not valid JSON ({exc})") from None
-        except (TypeError, ValueError) as exc:
-            raise _UsageError(f"{value}: not a TargetConfig ({exc})") from None
-        out.append((os.path.splitext(os.path.basename(value))[0], config))
+        else:
+            if not os.path.isfile(value):
+                raise _UsageError(f"config file not found: {value}")
+            try:
+                with open(value, encoding="utf-8") as f:
+                    data = json.load(f)
+                config = TargetConfig.from_dict(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _UsageError(f"{value}: not valid JSON ({exc})") from None
+            except (TypeError, ValueError) as exc:
+                raise _UsageError(f"{value}: not a TargetConfig ({exc})") from None
+            name = os.path.splitext(os.path.basename(value))[0]
+        unique, copy = name, 1
+        while _file_safe(unique) in used:
+            copy += 1
+            unique = f"{name}_{copy}"
+        used.add(_file_safe(unique))
+        out.append((unique, config))
     return out
 
 
+def _fixed_canvas(config) -> tuple[int, int]:
+    """The canvas an ssd/d2l config's fixed feature maps were made for: the largest whose
+    ceil(canvas / stride) is every level's feature map (300 x 300 for SSD300)."""
+    levels = config.anchors.levels
+    return (min(lv.feature_size[0] * lv.stride for lv in levels), min(lv.feature_size[1] * lv.stride for lv in levels))
+
+
+def _feature_maps_fit(config, canvas: tuple[int, int]) -> bool:
+    return all(
+        (-(-canvas[0] // lv.stride), -(-canvas[1] // lv.stride)) == tuple(lv.feature_size)
+        for lv in config.anchors.levels
+    )
+
+
+def _layout_resize(config):
+    """The resize a config's layout implies when no resize flag is given."""
+    from .dataset import Resize
+
+    layout = config.anchors.layout
+    if layout in _FIXED_LAYOUTS:
+        return Resize(mode="fixed", canvas=_fixed_canvas(config))
+    if layout == "yolo":
+        return Resize(mode="letterbox", canvas=_YOLO_LETTERBOX)
+    return Resize(mode="min_max", min_size=_MIN_SIZE, max_size=_MAX_SIZE, size_divisible=_SIZE_DIVISIBLE)
+
+
+def _resize_flags(resize) -> str:
+    """The flags that ask for ``resize``."""
+    if resize.mode == "fixed":
+        return f"--canvas {resize.canvas[0]} {resize.canvas[1]}"
+    if resize.mode == "letterbox":
+        return f"--letterbox {resize.canvas[0]} {resize.canvas[1]}"
+    if resize.mode == "none":
+        return "--no-resize"
+    return f"--min-size {resize.min_size} --max-size {resize.max_size}"
+
+
+def _flag_resize(args: argparse.Namespace):
+    """The resize the flags ask for (padding aside), or None when no flag chooses one."""
+    from .dataset import Resize
+
+    if args.max_size is not None and (args.canvas or args.letterbox or args.no_resize):
+        raise _UsageError("--max-size goes with --min-size resizing, not with --canvas, --letterbox or --no-resize")
+    if args.no_resize:
+        return Resize(mode="none")
+    if args.canvas:
+        return Resize(mode="fixed", canvas=tuple(args.canvas))
+    if args.letterbox:
+        return Resize(mode="letterbox", canvas=tuple(args.letterbox))
+    if args.min_size is None and args.max_size is None:
+        return None
+    min_size = _MIN_SIZE if args.min_size is None else args.min_size
+    max_size = _MAX_SIZE if args.max_size is None else args.max_size
+    if min_size > max_size:
+        raise _UsageError(f"--min-size {min_size} is larger than --max-size {max_size}")
+    return Resize(mode="min_max", min_size=min_size, max_size=max_size)
+
+
+def _resize_for(args: argparse.Namespace, configs):
+    """The resize for these configs: the flags', else the one their layouts agree on."""
+    resize = _flag_resize(args)
+    if resize is None:
+        defaults = {name: _layout_resize(config) for name, config in configs}
+        if len(set(defaults.values())) > 1:
+            described = "; ".join(f"{name}: {_resize_flags(r)}" for name, r in defaults.items())
+            raise _UsageError(f"these configs resize differently by default ({described}); "
+                              "give one resize flag to compare them on the same pixels")  # fmt: skip
+        resize = next(iter(defaults.values()))
+    if args.size_divisible is not None:
+        if resize.mode not in ("min_max", "none"):
+            raise _UsageError(f"--size-divisible pads --min-size and --no-resize canvases; "
+                              f"{_resize_flags(resize)} fixes the canvas")  # fmt: skip
+        resize = dataclasses.replace(resize, size_divisible=args.size_divisible)
+    _check_layouts(configs, resize)
+    return resize
+
+
 def _check_layouts(configs, resize) -> None:
+    """ssd/d2l anchors are fractions of a canvas their feature maps were made for: refuse others."""
     for name, config in configs:
-        if config.anchors.layout in ("ssd", "d2l") and resize.mode not in ("fixed", "letterbox"):
-            raise _UsageError(f"{name}: the {config.anchors.layout} layout has fixed feature maps; "
-                              "give its input size with --canvas H W (e.g. --canvas 300 300)")  # fmt: skip
+        layout = config.anchors.layout
+        if layout not in _FIXED_LAYOUTS:
+            continue
+        expected = _fixed_canvas(config)
+        maps = ", ".join(f"{lv.feature_size[0]}x{lv.feature_size[1]} at stride {lv.stride}"
+                         for lv in config.anchors.levels)  # fmt: skip
+        if not _feature_maps_fit(config, expected):
+            raise _UsageError(f"{name}: its {layout} feature maps ({maps}) fit no canvas "
+                              "(ceil(canvas / stride) must give each level's map)")  # fmt: skip
+        if resize.mode not in ("fixed", "letterbox"):
+            raise _UsageError(f"{name}: the {layout} layout has fixed feature maps; give its input size with "
+                              f"--canvas H W (--canvas {expected[0]} {expected[1]})")  # fmt: skip
+        if not _feature_maps_fit(config, resize.canvas):
+            raise _UsageError(f"{name}: its fixed feature maps ({maps}) need a {expected[0]}x{expected[1]} canvas, "
+                              f"not {resize.canvas[0]}x{resize.canvas[1]}")  # fmt: skip
 
 
-def _load(args: argparse.Namespace, configs):
+def _check_backend(backend: str) -> None:
+    """Refuse --backend triton where it cannot run, before any work."""
+    import torch
+
+    if backend != "triton" or torch.cuda.is_available():
+        return
+    from tritarget.kernels.triton_backend import interpreting
+
+    if not interpreting():
+        raise _UsageError("--backend triton needs a CUDA GPU and none is visible (or TRITON_INTERPRET=1 to run "
+                          "its kernels on the CPU); use --backend cpu or auto")  # fmt: skip
+
+
+def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
+    from .output import output_file_problem
+
+    problem = output_file_problem(path)
+    if problem is not None:
+        raise _UsageError(f"{flag} {path}: {problem}")
+    if args.annotations and os.path.realpath(path) == os.path.realpath(args.annotations):
+        raise _UsageError(f"{flag} {path}: that is the --annotations input; give another file")
+
+
+def _load(args: argparse.Namespace, resize):
+    """The dataset, refused when it has no images or no boxes (nothing to measure)."""
     from .dataset import load_coco
 
-    resize = _resize(args)
-    _check_layouts(configs, resize)
     try:
         dataset = load_coco(args.annotations, resize)
     except (FileNotFoundError, ValueError) as exc:
         raise _UsageError(str(exc)) from None
+    if dataset.num_images == 0:
+        raise _UsageError(f"{args.annotations}: no images")
+    if dataset.num_boxes == 0:
+        raise _UsageError(f"{args.annotations}: no boxes to measure ({dataset.skipped:,} annotations "
+                          "were empty after clipping to their image)")  # fmt: skip
     print(f"{args.annotations}: {dataset.num_images:,} images, {dataset.num_boxes:,} boxes, "
           f"{dataset.ignore_boxes.shape[0]:,} crowd regions, {dataset.skipped:,} empty boxes skipped; "
           f"{_describe_resize(resize)}")  # fmt: skip
@@ -198,7 +357,11 @@ def _check(args: argparse.Namespace) -> int:
     from .check import check, format_check_table, format_missing
 
     configs = _configs(args)
-    dataset = _load(args, configs)
+    resize = _resize_for(args, configs)
+    _check_backend(args.backend)
+    if args.json:
+        _check_output_file("--json", args.json, args)
+    dataset = _load(args, resize)
     results = []
     for name, config in configs:
         progress = _Progress(f"check {name}", enabled=not args.quiet)
@@ -215,10 +378,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    from .output import write_atomically
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False)  # NaN and Infinity are not JSON
+            f.write("\n")
+
+    write_atomically(path, write)
 
 
 def _describe_shapes(config) -> str:
@@ -239,21 +406,25 @@ def _describe_shapes(config) -> str:
 
 def _fit(args: argparse.Namespace) -> int:
     from .check import check, format_check_table
-    from .fit import fit_anchors
+    from .fit import check_fittable, fit_anchors
 
     configs = _configs(args)
     if len(configs) != 1:
         raise _UsageError("fit takes one starting config (one --preset or --config)")
     name, config = configs[0]
-    dataset = _load(args, configs)
     try:
-        result = fit_anchors(
-            dataset, config, seed=args.seed, generations=args.generations, fit_images=args.fit_images,
-            backend=args.backend, batch_images=args.batch_images,
-            progress=_Progress("fit generations", enabled=not args.quiet),
-        )  # fmt: skip
+        check_fittable(config)
     except ValueError as exc:
-        raise _UsageError(str(exc)) from None
+        raise _UsageError(f"{name}: {exc}") from None
+    resize = _resize_for(args, configs)
+    _check_backend(args.backend)
+    _check_output_file("--out", args.out, args)
+    dataset = _load(args, resize)
+    result = fit_anchors(
+        dataset, config, seed=args.seed, generations=args.generations, fit_images=args.fit_images,
+        backend=args.backend, batch_images=args.batch_images,
+        progress=_Progress("fit generations", enabled=not args.quiet),
+    )  # fmt: skip
     _write_json(args.out, result.config.to_dict())
     print(f"fit on {result.fit_images:,} images in {result.seconds:.1f} s ({result.generations} generations, "
           f"seed {args.seed}); objective {result.fitness_start:.4f} ({name}) -> k-means "
@@ -270,43 +441,68 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shapes_canvas(resize) -> tuple[int, int]:
+    """A canvas to draw anchor shapes on without a dataset: the resize's fixed canvas, or
+    the largest a min/max resize makes (a landscape image at the longest side)."""
+    if resize.canvas is not None:
+        return resize.canvas
+    d = resize.size_divisible
+    return (-(-resize.min_size // d) * d, -(-resize.max_size // d) * d)
+
+
 def _show(args: argparse.Namespace) -> int:
     from .check import check
+    from .output import output_file_problem, output_folder_problem
     from .plots import plot_anchor_shapes, plot_assignment, plot_check
 
     configs = _configs(args)
-    written = []
-    dataset = _load(args, configs) if args.annotations else None
-    row = None
-    if dataset is not None:
-        if args.image_id is not None:
-            try:
-                row = dataset.row_of(args.image_id)
-            except KeyError as exc:
-                raise _UsageError(exc.args[0]) from None
-        else:
-            row = int(dataset.box_counts.argmax()) if dataset.num_images else None
-    if dataset is not None and row is not None:
-        canvas = tuple(dataset.canvases[row].tolist())
-    elif args.canvas or args.letterbox:
-        canvas = tuple(args.canvas or args.letterbox)
+    if args.annotations:
+        resize = _resize_for(args, configs)
     else:
-        canvas = _DEFAULT_SHAPES_CANVAS
-    for name, config in configs:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        written.append(plot_anchor_shapes(config, canvas, os.path.join(args.out_dir, f"anchors_{safe}.png"),
-                                          title=f"{name}: anchor shapes at one cell (pixels)"))  # fmt: skip
-        if row is not None:
-            image_id = int(dataset.image_ids[row])
-            path = os.path.join(args.out_dir, f"assignment_{safe}_image{image_id}.png")
-            written.append(plot_assignment(dataset, image_id, config, path, backend=args.backend))
+        for flag, given in (("--no-resize", args.no_resize), ("--image-id", args.image_id is not None)):
+            if given:
+                raise _UsageError(f"{flag} needs --annotations (without a dataset there are no images)")
+        # No dataset to share: each config's shapes are drawn on its own canvas.
+        canvases = [_shapes_canvas(_resize_for(args, [(name, config)])) for name, config in configs]
+    _check_backend(args.backend)
+    problem = output_folder_problem(args.out_dir)
+    if problem is not None:
+        raise _UsageError(f"--out-dir {args.out_dir}: {problem}")
+    dataset = row = None
+    if args.annotations:
+        dataset = _load(args, resize)
+        try:
+            row = dataset.row_of(args.image_id) if args.image_id is not None else int(dataset.box_counts.argmax())
+        except KeyError as exc:
+            raise _UsageError(exc.args[0]) from None
+        canvases = [tuple(dataset.canvases[row].tolist())] * len(configs)
+    image_id = int(dataset.image_ids[row]) if dataset is not None else None
+    paths = {}  # every picture's path, checked before anything is computed or drawn
+    for name, _ in configs:
+        paths["anchors", name] = os.path.join(args.out_dir, f"anchors_{_file_safe(name)}.png")
+        if image_id is not None:
+            paths["assignment", name] = os.path.join(args.out_dir, f"assignment_{_file_safe(name)}_image{image_id}.png")
     if dataset is not None:
+        paths["check"] = os.path.join(args.out_dir, "check.png")
+    for path in paths.values():
+        problem = output_file_problem(path)
+        if problem is not None:
+            raise _UsageError(f"{path}: {problem}")
+    results = []
+    if dataset is not None:  # the long part first: a failure here leaves no pictures behind
         results = [
             check(dataset, config, name=name, backend=args.backend, batch_images=args.batch_images,
                   progress=_Progress(f"check {name}", enabled=not args.quiet))
             for name, config in configs
         ]  # fmt: skip
-        written.append(plot_check(results, os.path.join(args.out_dir, "check.png")))
+    written = []
+    for (name, config), canvas in zip(configs, canvases):
+        title = f"{name}: anchor shapes at one cell (pixels)"
+        written.append(plot_anchor_shapes(config, canvas, paths["anchors", name], title=title))
+        if image_id is not None:
+            written.append(plot_assignment(dataset, image_id, config, paths["assignment", name], backend=args.backend))
+    if results:
+        written.append(plot_check(results, paths["check"]))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -319,7 +515,11 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed ``anchors`` command; input problems print one line and return 2."""
     try:
         return _COMMANDS[args.anchors_command](args)
-    except (_UsageError, ImportError) as exc:
+    except OSError as exc:  # a file that cannot be read or written, named by the system
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tritarget anchors {args.anchors_command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (_UsageError, ImportError, ValueError) as exc:  # ValueError: the library's word on bad input
         print(f"tritarget anchors {args.anchors_command}: {exc}", file=sys.stderr)
         return 2
 

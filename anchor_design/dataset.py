@@ -188,7 +188,9 @@ def from_tensors(
     if len(ids) != count:
         raise ValueError(f"image_ids: expected {count} ids, got {len(ids)}")
     gt, gt_rows = _flatten([_as_boxes(f"boxes[{i}]", b) for i, b in enumerate(boxes)])
-    crowd, crowd_rows = _flatten([_as_boxes(f"ignore_boxes[{i}]", b) for i, b in enumerate(ignore_boxes or [])])
+    crowd, crowd_rows = _flatten(
+        [] if ignore_boxes is None else [_as_boxes(f"ignore_boxes[{i}]", b) for i, b in enumerate(ignore_boxes)]
+    )
     sizes = [(int(h), int(w)) for h, w in image_sizes]
     resize = resize if resize is not None else Resize(mode="none")
     unknown_ids = torch.full((gt.shape[0],), -1, dtype=torch.int64)
@@ -264,6 +266,15 @@ def _build(
     )
 
 
+def _is_int64(value: object) -> bool:
+    """An integer as JSON writes one (not a bool, a float or a string) that fits int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDataset:
     """A COCO-format annotation file (``instances_*.json``) as a ``BoxDataset``.
 
@@ -286,10 +297,13 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         raise ValueError(f"{path}: 'annotations' must be a list")
     order, ids, sizes = {}, [], []
     for n, image in enumerate(data["images"]):
-        try:
-            image_id, height, width = int(image["id"]), int(image["height"]), int(image["width"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: images[{n}] needs integer 'id', 'height' and 'width'") from None
+        if not isinstance(image, dict):
+            raise ValueError(f"{path}: images[{n}] needs integer 'id', 'height' and 'width', got {image!r}")
+        for key in ("id", "height", "width"):
+            if not _is_int64(image.get(key)):
+                got = repr(image[key]) if key in image else "nothing"
+                raise ValueError(f"{path}: images[{n}]: {key!r} must be an integer, got {got}")
+        image_id, height, width = image["id"], image["height"], image["width"]
         if image_id in order:
             raise ValueError(f"{path}: images[{n}]: duplicate image id {image_id}")
         order[image_id] = n
@@ -300,18 +314,25 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         where = f"{path}: annotations[{n}]"
         if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
             raise ValueError(f"{where}: needs 'image_id' and 'bbox'")
+        if not _is_int64(ann["image_id"]):
+            raise ValueError(f"{where}: image_id must be an integer, got {ann['image_id']!r}")
         row = order.get(ann["image_id"])
         if row is None:
             raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
         bbox = ann["bbox"]
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):  # fmt: skip
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_finite_number(v) for v in bbox):
             raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+        annotation_id = ann.get("id", -1)
+        if not _is_int64(annotation_id):
+            raise ValueError(f"{where}: id must be an integer, got {annotation_id!r}")
+        crowd = ann.get("iscrowd", 0)
+        if not isinstance(crowd, int) or crowd not in (0, 1):  # JSON false and true pass: bools are ints
+            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
         x, y, w, h = bbox
-        rects, rows, anns = flat[1] if ann.get("iscrowd", 0) else flat[0]
+        rects, rows, anns = flat[1] if crowd else flat[0]
         rects.append((x, y, x + w, y + h))
         rows.append(row)
-        anns.append(int(ann.get("id", -1)))
+        anns.append(annotation_id)
     (boxes, box_rows, ann_ids), (crowd, crowd_rows, _) = flat
     return _build(
         ids, sizes, resize if resize is not None else Resize(),

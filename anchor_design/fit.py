@@ -37,7 +37,7 @@ from tritarget.kernels import AnchorLevel, TargetConfig
 from .check import count_positives, strict_config
 from .dataset import BoxDataset
 
-__all__ = ["FIT_LAYOUTS", "FitResult", "fit_anchors", "fitness", "kmeans_iou"]
+__all__ = ["FIT_LAYOUTS", "FitResult", "check_fittable", "fit_anchors", "fitness", "kmeans_iou"]
 
 FIT_LAYOUTS = ("torchvision", "detectron2", "mmdet", "keras", "yolo")
 _SIZE_LAYOUTS = ("torchvision", "detectron2", "keras")
@@ -63,24 +63,31 @@ def _wh_iou(wh: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return inter / union
 
 
+def _distinct_shapes(wh: torch.Tensor) -> int:
+    """How many different shapes wh (Tensor[N, 2]) holds, shapes within 1e-6 relative of
+    each other counting as one (float noise, as in boxes of one aspect scaled to one area)."""
+    return torch.unique((wh.log() * 1e6).round(), dim=0).shape[0]
+
+
 def kmeans_iou(wh: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100) -> torch.Tensor:
     """k-means of box shapes with distance 1 - IoU (boxes aligned at their centres).
 
-    wh (Tensor[N, 2] positive, N >= k) -> Tensor[k, 2] float64 centres (the mean (w, h) of
-    their members), smallest area first. k-means++ seeding from ``seed``; a cluster left
-    empty restarts at the point farthest from its centre.
+    wh (Tensor[N, 2] positive, with at least k distinct shapes: fewer would force repeated
+    centres) -> Tensor[k, 2] float64 centres (the mean (w, h) of their members), smallest
+    area first. k-means++ seeding from ``seed``; a cluster left empty restarts at the point
+    farthest from its centre.
     """
     wh = wh.to(torch.float64)
     if wh.dim() != 2 or wh.shape[1] != 2 or not bool((wh > 0).all()):
         raise ValueError(f"wh: expected a [N, 2] tensor of positive widths and heights, got shape {tuple(wh.shape)}")
-    if not 0 < k <= wh.shape[0]:
-        raise ValueError(f"kmeans_iou: need 1 <= k <= {wh.shape[0]} boxes, got k={k}")
+    distinct = _distinct_shapes(wh)
+    if not 0 < k <= distinct:
+        raise ValueError(f"kmeans_iou: need 1 <= k <= {distinct}, the distinct shapes among {wh.shape[0]}; got k={k}")
     generator = torch.Generator().manual_seed(seed)
     centres = wh[torch.randint(wh.shape[0], (1,), generator=generator)]
     while centres.shape[0] < k:
         distance = (1 - _wh_iou(wh, centres)).amin(1)
-        weights = distance**2
-        pick = torch.multinomial(weights, 1, generator=generator) if weights.sum() > 0 else torch.tensor([0])
+        pick = torch.multinomial(distance**2, 1, generator=generator)  # k <= distinct: some weight is > 0
         centres = torch.cat([centres, wh[pick]])
     assignment = None
     for _ in range(iterations):
@@ -96,6 +103,26 @@ def kmeans_iou(wh: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100
             else:
                 centres[c] = wh[distance.gather(1, assignment[:, None]).squeeze(1).argmax()]
     return centres[torch.argsort(centres[:, 0] * centres[:, 1])]
+
+
+def _fill_shapes(wh: torch.Tensor, current: torch.Tensor, seed: int) -> torch.Tensor:
+    """As many k-means centres of ``wh`` (Tensor[N, 2]) as ``current`` (Tensor[K, 2], the
+    config's shapes) has rows, smallest area first. When the boxes have fewer than K
+    distinct shapes, their centres are completed with the current shapes farthest (1 - IoU)
+    from the shapes chosen so far, so no shape is repeated."""
+    if wh.shape[0] == 0:
+        return current
+    centres = kmeans_iou(wh, min(current.shape[0], _distinct_shapes(wh)), seed=seed)
+    while centres.shape[0] < current.shape[0]:
+        distance = (1 - _wh_iou(current, centres)).amin(1)
+        centres = torch.cat([centres, current[distance.argmax()][None]])
+    return centres[torch.argsort(centres[:, 0] * centres[:, 1])]
+
+
+def check_fittable(config: TargetConfig) -> None:
+    """Raise ``ValueError`` naming the reason when ``fit_anchors`` cannot fit ``config``'s
+    anchors (checked before any data is loaded)."""
+    _Parameters(config)
 
 
 def fitness(positives: torch.Tensor) -> float:
@@ -173,28 +200,27 @@ class _Parameters:
         return self.config.replace(**{"anchors.levels": [_level_dict(lv) for lv in new_levels]})
 
     def kmeans(self, wh: torch.Tensor, seed: int) -> torch.Tensor:
-        """Step 1: the k-means shapes as a parameter vector."""
+        """Step 1: the k-means shapes as a parameter vector (``_fill_shapes``: the config's
+        own shapes complete them where the boxes have too few distinct shapes)."""
         levels = self.config.anchors.levels
         if self.layout == "yolo":
-            counts = [len(lv.shapes) for lv in levels]
-            centres = kmeans_iou(wh, sum(counts), seed=seed)
-            return centres.log().flatten()
+            current = torch.tensor([wh for lv in levels for wh in lv.shapes], dtype=torch.float64)
+            return _fill_shapes(wh, current, seed).log().flatten()
         side = (wh[:, 0] * wh[:, 1]).sqrt()
         unit = wh / side[:, None]  # one area: 1 - IoU depends on the aspect alone
-        ratio_centres = kmeans_iou(unit, min(self.num_ratios, wh.shape[0]), seed=seed)
+        current_ratios = torch.tensor(levels[0].aspect_ratios, dtype=torch.float64)
+        current_unit = torch.stack([current_ratios.rsqrt(), current_ratios.sqrt()], dim=1)  # h / w = ratio
+        ratio_centres = _fill_shapes(unit, current_unit, seed)
         ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).tolist()
-        ratios += [1.0] * (self.num_ratios - len(ratios))
         current = self.sizes(self.config)
         centre_of_level = torch.tensor([sum(math.log(s) for s in sizes) / len(sizes) for sizes in current])
         level_of_box = (side.log()[:, None] - centre_of_level[None, :]).abs().argmin(1)
         sizes = []
         for i, level_sizes in enumerate(current):
             members = side[level_of_box == i]
-            if members.numel() < len(level_sizes):  # too few boxes to place this level's sizes
-                sizes.extend(level_sizes)
-                continue
             square = torch.stack([members, members], dim=1)  # one aspect: 1 - IoU depends on the size alone
-            sizes.extend(kmeans_iou(square, len(level_sizes), seed=seed)[:, 0].tolist())
+            current_square = torch.tensor(level_sizes, dtype=torch.float64)[:, None].expand(-1, 2)
+            sizes.extend(_fill_shapes(square, current_square, seed)[:, 0].tolist())
         return torch.tensor(sizes + ratios, dtype=torch.float64).log()
 
 
@@ -262,6 +288,8 @@ def fit_anchors(
         raise ValueError("fit: the dataset has no boxes")
     if generations < 0 or fit_images <= 0:
         raise ValueError(f"fit: need generations >= 0 and fit_images > 0, got {generations}, {fit_images}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"fit: seed must be in 0 .. 2**64 - 1 (a torch.Generator seed), got {seed}")
     generator = torch.Generator().manual_seed(seed)
     if dataset.num_images > fit_images:
         dataset = dataset.subset(torch.randperm(dataset.num_images, generator=generator)[:fit_images].sort().values)

@@ -6,6 +6,7 @@ state and no GUI backend, so this works in scripts, servers and tests alike.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from tritarget.kernels import IGNORED, POSITIVE, TargetConfig, assign, generate_
 
 from .check import SIZE_NAMES, CheckResult, _bin_labels, _level_tables, scan_config
 from .dataset import BoxDataset
+from .output import write_atomically
 
 __all__ = ["plot_anchor_shapes", "plot_assignment", "plot_check", "plot_image_assignment"]
 
@@ -44,10 +46,7 @@ def _colour(index: int):
 
 
 def _save(figure, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path)
-    return path
+    return write_atomically(path, figure.savefig)
 
 
 def plot_anchor_shapes(config: TargetConfig, canvas: tuple[int, int], path: str | os.PathLike, title: str = "") -> str:
@@ -159,6 +158,7 @@ def plot_check(results: Sequence[CheckResult], path: str | os.PathLike) -> str:
                  label=result.name, density=True)  # fmt: skip
         summary = result.summary()
         bpr = [summary["by_size"][s]["bpr"] for s in SIZE_NAMES]
+        bpr = [math.nan if value is None else value for value in bpr]  # no boxes of that size: no bar
         sizes.bar([x + offset for x in range(3)], bpr, width, label=result.name, color=_colour(i))
         level_share = summary["level_share"]
         levels.bar([x + offset for x in range(len(level_share))], level_share, width, label=result.name,

@@ -41,10 +41,13 @@ def coco_like(
     """
     generator = torch.Generator().manual_seed(seed)
     counts = coco_like_counts(num_images, generator)
-    # The workload draws sizes for an 800 x 1344 canvas: draw there, scale to the image.
-    boxes = [coco_like_boxes(c, (800, 1344), generator) for c in counts]
-    scale = torch.tensor([image_size[1] / 1344, image_size[0] / 800] * 2)
-    boxes = [b * scale for b in boxes]
+    # The workload's sizes are model pixels after the 800/1333 resize: draw on the image as
+    # that resize makes it, then scale back by the same factor on both axes (which keeps
+    # the drawn aspect ratios).
+    height, width = image_size
+    scale = min(800 / min(height, width), 1333 / max(height, width))
+    resized = (math.floor(height * scale), math.floor(width * scale))
+    boxes = [coco_like_boxes(c, resized, generator) / scale for c in counts]
     crowd = (torch.rand(sum(counts), generator=generator) < crowd_rate).tolist()
     return _document([image_size] * num_images, boxes, crowd)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from tritarget.anchor_design import (
     synthetic,
 )
 from tritarget.anchor_design.cli import main
+from tritarget.anchor_design.output import write_atomically
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 
 
@@ -82,9 +86,49 @@ def test_bad_annotation_files_are_named(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("image", "annotation", "message"),
+    [
+        ({}, {"image_id": [1]}, "annotations[0]: image_id must be an integer, got [1]"),
+        ({}, {"id": "abc"}, "annotations[0]: id must be an integer, got 'abc'"),
+        ({}, {"id": 1.7}, "annotations[0]: id must be an integer, got 1.7"),
+        ({}, {"iscrowd": "yes"}, "annotations[0]: iscrowd must be 0 or 1, got 'yes'"),
+        ({}, {"bbox": [0, 0, True, 1]}, "annotations[0]: bbox must be 4 finite numbers"),
+        ({"height": 100.9}, {}, "images[0]: 'height' must be an integer, got 100.9"),
+        ({"width": "100"}, {}, "images[0]: 'width' must be an integer, got '100'"),
+        ({"id": True}, {}, "images[0]: 'id' must be an integer, got True"),
+    ],
+)
+def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, message):
+    data = {
+        "images": [{"id": 1, "height": 100, "width": 100, **image}],
+        "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 10, 10], **annotation}],
+    }
+    path = _write(tmp_path / "typed.json", data)
+    with pytest.raises(ValueError) as info:
+        load_coco(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
 def test_missing_annotation_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_coco(tmp_path / "nope.json")
+
+
+def test_from_tensors_takes_stacked_tensors():
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0]], [[1.0, 1.0, 5.0, 6.0]]])  # [B, G, 4], as a collate stacks them
+    ignore = torch.tensor([[[2.0, 2.0, 3.0, 3.0]], [[0.0, 0.0, 1.0, 1.0]]])
+    ds = from_tensors(boxes, [(8, 8), (8, 8)], ignore_boxes=ignore)
+    assert ds.box_counts.tolist() == [1, 1] and ds.ignore_counts.tolist() == [1, 1]
+    torch.testing.assert_close(ds.ignore_boxes, ignore.reshape(-1, 4))
+
+
+def test_coco_like_keeps_aspect_ratios_around_one():
+    data = synthetic.coco_like(200, seed=0)
+    bbox = torch.tensor([a["bbox"] for a in data["annotations"]])
+    assert 0.9 < float((bbox[:, 3] / bbox[:, 2]).median()) < 1.1  # the workload draws h / w = exp(0.5 N(0, 1))
+    height, width = data["images"][0]["height"], data["images"][0]["width"]
+    assert float((bbox[:, 0] + bbox[:, 2]).max()) <= width and float((bbox[:, 1] + bbox[:, 3]).max()) <= height
 
 
 # ---------------------------------------------------------------- check against brute force
@@ -208,6 +252,36 @@ def test_kmeans_iou_finds_separated_shapes(generator):
         kmeans_iou(wh, 151)
 
 
+def test_kmeans_iou_never_repeats_a_centre():
+    wh = torch.tensor([[30.0, 40.0]] * 10 + [[60.0, 20.0]] * 10)
+    torch.testing.assert_close(kmeans_iou(wh, 2), torch.tensor([[30.0, 40.0], [60.0, 20.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="k <= 2, the distinct shapes"):
+        kmeans_iou(wh, 5)
+
+
+@pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5"])
+def test_fit_with_fewer_distinct_shapes_than_anchors_keeps_them_distinct(name):
+    # Two boxes of one aspect (h/w 4/3): fewer than the 3 ratios (FPN) or 9 shapes (YOLO) to place.
+    dataset = from_tensors([torch.tensor([[10.0, 10.0, 40.0, 50.0], [100.0, 100.0, 160.0, 180.0]])], [(300, 300)])
+    preset = presets.get(name)
+    result = fit_anchors(dataset, preset, generations=0, backend="cpu")
+    levels = result.kmeans.anchors.levels
+    if name == "yolov5":
+        shapes = [wh for lv in levels for wh in lv.shapes]
+        assert len(shapes) == len({(round(w, 6), round(h, 6)) for w, h in shapes}) == 9
+        assert {(30.0, 40.0), (60.0, 80.0)} <= {(round(w, 6), round(h, 6)) for w, h in shapes}
+    else:
+        ratios = levels[0].aspect_ratios
+        assert len(ratios) == len({round(r, 6) for r in ratios}) == 3 and any(abs(r - 4 / 3) < 1e-9 for r in ratios)
+        assert all(len(lv.sizes) == len({round(s, 6) for s in lv.sizes}) for lv in levels)
+
+
+def test_fit_refuses_a_seed_torch_cannot_take(skewed_path):
+    dataset = load_coco(skewed_path, Resize(mode="none")).subset(torch.arange(2))
+    with pytest.raises(ValueError, match="seed must be in 0 .. 2\\*\\*64 - 1"):
+        fit_anchors(dataset, presets.get("yolov5"), seed=2**64, generations=0, backend="cpu")
+
+
 @pytest.fixture(scope="module")
 def skewed_path(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("anchors") / "skewed.json", synthetic.skewed(60, seed=0))
@@ -284,7 +358,7 @@ def test_cli_show_writes_pictures(skewed_path, tmp_path):
     [
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--config", "missing.json"], "config file not found: missing.json"),
-        (["--preset", "ssd300_torchvision"], "--canvas H W"),
+        (["--preset", "ssd300_torchvision", "--min-size", "800"], "with --canvas H W (--canvas 300 300)"),
         ([], "choose a config"),
     ],
 )
@@ -301,3 +375,220 @@ def test_tritarget_command_has_anchors(skewed_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "BPR, IoU >= high alone" in result.stdout
+
+
+# ---------------------------------------------------------------- CLI: bad input, refused before the work
+
+
+@pytest.fixture
+def tiny_path(tmp_path):
+    """Two 64 x 64 images with small boxes only (no medium or large ones)."""
+    data = {
+        "images": [{"id": 1, "height": 64, "width": 64}, {"id": 2, "height": 64, "width": 64}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [4, 4, 12, 16]},
+            {"id": 2, "image_id": 1, "bbox": [30, 20, 20, 10]},
+            {"id": 3, "image_id": 2, "bbox": [10, 30, 16, 16]},
+        ],
+    }
+    return _write(tmp_path / "tiny.json", data)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--min-size", "0"], "argument --min-size: must be a positive integer, got 0"),
+        (["check", "--size-divisible", "0"], "argument --size-divisible: must be a positive integer"),
+        (["check", "--canvas", "0", "0"], "argument --canvas: must be a positive integer, got 0"),
+        (["check", "--canvas", "-5", "300"], "argument --canvas: must be a positive integer, got -5"),
+        (["check", "--letterbox", "0", "10"], "argument --letterbox: must be a positive integer, got 0"),
+        (["check", "--batch-images", "-3"], "argument --batch-images: must be a positive integer, got -3"),
+        (["check", "--missing", "-1"], "argument --missing: must be an integer >= 0, got -1"),
+        (["show", "--out-dir", "pics", "--batch-images", "0"], "argument --batch-images: must be a positive"),
+        (["fit", "--out", "f.json", "--generations", "-1"], "argument --generations: must be an integer >= 0"),
+        (["fit", "--out", "f.json", "--fit-images", "0"], "argument --fit-images: must be a positive integer"),
+        (["fit", "--out", "f.json", "--seed", str(10**23)], "argument --seed: must be an integer in 0 .. 2**64 - 1"),
+    ],
+)
+def test_cli_numeric_flags_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["anchors", argv[0], "--annotations", "never_read.json", "--preset", "yolov5", *argv[1:]])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--preset", "yolov5", "--min-size", "900", "--max-size", "800"],
+         "--min-size 900 is larger than --max-size 800"),
+        (["check", "--preset", "yolov5", "--letterbox", "64", "64", "--max-size", "800"],
+         "--max-size goes with --min-size resizing"),
+        (["check", "--preset", "yolov5", "--canvas", "64", "64", "--size-divisible", "64"],
+         "--size-divisible pads --min-size and --no-resize canvases; --canvas 64 64 fixes the canvas"),
+        (["check", "--preset", "yolov5", "--preset", "retinanet_torchvision"],
+         "these configs resize differently by default (yolov5: --letterbox 640 640; retinanet_torchvision: "
+         "--min-size 800 --max-size 1333)"),
+        (["check", "--preset", "ssd300_torchvision", "--canvas", "512", "512"],
+         "ssd300_torchvision: its fixed feature maps (38x38 at stride 8, 19x19 at stride 16, 10x10 at stride 32, "
+         "5x5 at stride 64, 3x3 at stride 100, 1x1 at stride 300) need a 300x300 canvas, not 512x512"),
+        (["check", "--preset", "d2l_multibox", "--letterbox", "300", "300"], "need a 256x256 canvas, not 300x300"),
+        (["fit", "--preset", "ssd300_torchvision", "--canvas", "300", "300", "--out", "f.json"],
+         "ssd300_torchvision: fit supports the torchvision, detectron2, mmdet, keras, yolo anchor layouts; "
+         "this config's is 'ssd'"),
+        (["fit", "--preset", "yolov5", "--preset", "yolov5", "--out", "f.json"], "fit takes one starting config"),
+        (["show", "--preset", "yolov5", "--no-resize", "--out-dir", "pics"], "--no-resize needs --annotations"),
+        (["show", "--preset", "yolov5", "--image-id", "999", "--out-dir", "pics"], "--image-id needs --annotations"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_flags_that_contradict_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, here or anywhere
+    annotations = [] if argv[0] == "show" else ["--annotations", "never_read.json"]
+    assert main(["anchors", *argv, *annotations, "--backend", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "never_read.json" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_the_triton_backend_without_a_gpu_before_drawing(tmp_path, monkeypatch, capsys):
+    from tritarget.kernels import triton_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
+    for argv in (["check", "--annotations", "never_read.json"], ["show", "--out-dir", str(tmp_path / "pics")]):
+        assert main(["anchors", *argv, "--preset", "yolov5", "--backend", "triton"]) == 2
+        assert "--backend triton needs a CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "--out", "afile/f.json"], "--out afile/f.json: afile is not a folder"),
+        (["fit", "--out", "folder"], "--out folder: is a folder; give a file name"),
+        (["fit", "--out", "newdir/"], "--out newdir/: is a folder; give a file name"),
+        (["fit", "--out", "bad.json"], "--out bad.json: that is the --annotations input"),
+        (["check", "--json", "afile/x.json"], "--json afile/x.json: afile is not a folder"),
+        (["show", "--out-dir", "afile"], "--out-dir afile: is a file, not a folder"),
+        (["show", "--out-dir", "afile/pics"], "--out-dir afile/pics: afile is not a folder"),
+    ],
+)
+def test_cli_checks_output_paths_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")  # loading it would fail: the output is checked first
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["anchors", *argv, "--annotations", "bad.json", "--preset", "yolov5", "--backend", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "bad.json").read_text() == "{not json"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"images": [], "annotations": []}, "no images"),
+    ({"images": [{"id": 1, "height": 9, "width": 9}], "annotations": [{"image_id": 1, "bbox": [20, 20, 5, 5]}]},
+     "no boxes to measure (1 annotations were empty after clipping to their image)"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["check", "show"])
+def test_cli_refuses_datasets_without_images_or_boxes(data, message, command, tmp_path, capsys):
+    path = _write(tmp_path / "empty.json", data)
+    pics = tmp_path / "pics"
+    argv = ["anchors", command, "--annotations", path, "--preset", "yolov5", "--backend", "cpu", "--quiet"]
+    assert main(argv + (["--out-dir", str(pics)] if command == "show" else [])) == 2
+    assert f"{path}: {message}" in capsys.readouterr().err
+    assert not pics.exists()
+
+
+def test_cli_json_writes_null_where_there_is_no_value(tiny_path, tmp_path):
+    out = tmp_path / "check.json"
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--quiet", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    (summary,) = json.loads(out.read_text(), parse_constant=refuse)
+    assert summary["by_size"]["small"]["boxes"] == 3 and summary["by_size"]["small"]["bpr"] is not None
+    assert summary["by_size"]["large"] == {"boxes": 0, "bpr": None, "bpr_low_quality": None, "mean_positives": None}
+
+
+def test_cli_resizes_by_layout_unless_told(tiny_path, capsys):
+    base = ["anchors", "check", "--annotations", tiny_path, "--backend", "cpu", "--quiet", "--missing", "0"]
+    for preset, resize in (("yolov5", "letterboxed into 640x640"), ("ssd300_torchvision", "stretched to 300x300"),
+                           ("d2l_multibox", "stretched to 256x256"),
+                           ("retinanet_torchvision", "resized to shortest side 800, longest <= 1333")):  # fmt: skip
+        assert main([*base, "--preset", preset]) == 0
+        assert resize in capsys.readouterr().out, preset
+    assert main([*base, "--preset", "yolov5", "--min-size", "320"]) == 0
+    assert "resized to shortest side 320, longest <= 1333, canvas padded to /32" in capsys.readouterr().out
+
+
+def test_cli_show_without_data_draws_each_layout_on_its_own_canvas(tmp_path, monkeypatch, capsys):
+    from tritarget.anchor_design import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_anchor_shapes", lambda config, canvas, path, title: drawn.setdefault(path, canvas))
+    presets_given = ["ssd300_torchvision", "d2l_multibox", "yolov5", "retinanet_torchvision"]
+    argv = ["anchors", "show", "--out-dir", str(tmp_path)]
+    assert main([*argv, *(f for p in presets_given for f in ("--preset", p))]) == 0
+    canvases = {os.path.basename(path): canvas for path, canvas in drawn.items()}
+    assert canvases == {
+        "anchors_ssd300_torchvision.png": (300, 300),  # ssd/d2l sizes are fractions of this canvas
+        "anchors_d2l_multibox.png": (256, 256),
+        "anchors_yolov5.png": (640, 640),
+        "anchors_retinanet_torchvision.png": (800, 1344),
+    }
+
+
+def test_cli_names_configs_apart(tiny_path, tmp_path, monkeypatch, capsys):
+    from tritarget.anchor_design import plots
+
+    config = tmp_path / "yolov5.json"
+    config.write_text(json.dumps(presets.get("yolov5").to_dict()))
+    base = ["--preset", "yolov5", "--config", str(config), "--preset", "yolov5"]
+    assert main(["anchors", "check", "--annotations", tiny_path, *base, "--backend", "cpu", "--quiet"]) == 0
+    header = capsys.readouterr().out.split("\n")[1].split()
+    assert header == ["yolov5", "yolov5_2", "yolov5_3"]
+    drawn = []
+    monkeypatch.setattr(plots, "plot_anchor_shapes", lambda config, canvas, path, title: drawn.append(path))
+    assert main(["anchors", "show", *base, "--out-dir", str(tmp_path)]) == 0
+    assert [os.path.basename(p) for p in drawn] == [f"anchors_{name}.png" for name in header]
+
+
+# ---------------------------------------------------------------- outputs written whole
+
+
+def test_cli_full_disk_is_one_line_and_leaves_the_old_json(tiny_path, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "check.json"
+    out.write_text("old")
+
+    def disk_full(data, f, **options):
+        f.write("[")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--quiet", "--missing", "0", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "tritarget anchors check: No space left on device"
+    assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["check.json", "tiny.json"]
+
+
+def test_write_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def interrupted(path):
+        with open(path, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, interrupted)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
+    write_atomically(target, lambda path: Path(path).write_text("new"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it

@@ -1,0 +1,66 @@
+"""Output files: checked before the work that fills them, written whole or not at all.
+
+A file written in place is left truncated by Ctrl-C or a full disk. ``write_atomically``
+writes a temporary file in the target's folder and renames it over the target
+(``os.replace`` is atomic within a file system), so the target is the old file or the
+new one, never part of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable
+
+__all__ = ["output_file_problem", "output_folder_problem", "write_atomically"]
+
+
+def _existing_folder_problem(folder: str) -> str | None:
+    """Why files cannot be created under ``folder`` (made with its missing parents), or None."""
+    while folder and not os.path.exists(folder):  # the folders write_atomically will create
+        folder = os.path.dirname(folder)
+    folder = folder or "."
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder}"
+    return None
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why ``write_atomically`` cannot write a file at ``path``, in words, or None."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return "is a folder; give a file name"
+    return _existing_folder_problem(os.path.dirname(path))
+
+
+def output_folder_problem(path: str) -> str | None:
+    """Why files cannot be written into the folder ``path`` (created if missing), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    return _existing_folder_problem(path)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> str:
+    """Call ``write(temporary_path)``, then move that file to ``path``; returns ``path``.
+
+    The temporary file sits in the target's folder (created if missing) and ends with the
+    target's extension, so writers that pick a format from the name (matplotlib) see it.
+    It is removed when ``write`` raises, and the target is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    stem, extension = os.path.splitext(os.path.basename(path))
+    temporary = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp{extension}")
+    # Created here with mode 0o666 (less the umask), as open() would create the target.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:  # Ctrl-C too: never leave the temporary file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return path
