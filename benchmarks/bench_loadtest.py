@@ -4,7 +4,8 @@
 Runs, each ``--duration`` seconds after a warm-up, 8 COCO-like images per SPARSE request
 on the 800 x 1344 RetinaNet canvas: closed loop at concurrency 1, 4 and 16 (unary), 4
 streams with 2 requests in flight each, then open loop at 80% of the best closed-loop
-unary rate (latency without coordinated omission). Every run verifies 20 responses.
+unary rate (latency without coordinated omission; skipped when no unary request was
+answered). Every run verifies 20 responses.
 Before the server starts, the same requests' ``assign_sparse`` in this process, one
 after another (the same backend), gives the baseline each run's images/s is divided by
 ("x in-process"; ``bench_service.in_process``): the fastest of four measurements, ``--duration / 2`` seconds each, with
@@ -19,7 +20,8 @@ threads included) and this process's with its client processes', and how busy th
 the machine's cores: on a machine that client and server share, the service's images/s is
 the cores divided by that cost once they are busy.
 Writes ``loadtest.json`` (every report), ``loadtest.csv`` (one row per run) and
-``loadtest.png`` (the open-loop run over time) under ``--out``.
+``loadtest.png`` (the last run, the open-loop one, over time) under ``--out``; also when a
+run fails: the runs before it are kept.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ from tritarget.kernels import assign_sparse
 
 # (stream?, callers); streams keep 2 requests in flight each.
 RUNS = [(False, 1), (False, 4), (False, 16), (True, 4)]
+# Report.percentiles_ms() keys: a run without an answered request has none (None in its row).
+LATENCIES = ("p50", "p90", "p99", "p99.9", "max", "mean")
+CSV_FIELDS = ("run", "requests", "errors", "requests_per_s", "images_per_s", "vs_in_process",
+              *(f"{k}_ms" for k in LATENCIES), "verified", "mismatches", "server_cpu_ms", "client_cpu_ms",
+              "cores_busy")  # fmt: skip
 
 
 def _run_name(stream: bool, callers: int) -> str:
@@ -137,6 +144,54 @@ def _timed_run(options: LoadTestOptions, server_pid: int):
     return report, cpu
 
 
+def _row(name: str, report, cpu: dict, baseline: float) -> dict:
+    summary = report.summary()
+    latency = summary["latency_ms"]
+    return {
+        "run": name, "requests": report.requests, "errors": sum(report.errors.values()),
+        "requests_per_s": round(report.requests_per_s, 1), "images_per_s": round(summary["images_per_s"], 1),
+        "vs_in_process": round(summary["images_per_s"] / baseline, 2),
+        **{f"{k}_ms": round(latency[k], 2) if k in latency else None for k in LATENCIES},
+        "verified": report.verified, "mismatches": len(report.mismatches), **cpu,
+    }  # fmt: skip
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _write_results(out: Path, args: argparse.Namespace, machine: str, rates: dict[str, float],
+                   cpu_ms: dict[str, float], reports: list) -> None:  # fmt: skip
+    """The CSV, the JSON and the plot of the runs that finished, and the README table."""
+    baseline_at = max(rates, key=rates.get)
+    baseline = rates[baseline_at]
+    rows = [_row(name, report, cpu, baseline) for name, report, cpu in reports]
+    with open(out / "loadtest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
+                  "client_processes": args.processes,
+                  "in_process_images_per_s": {label: round(rate, 1) for label, rate in rates.items()},
+                  "in_process_cpu_ms_per_request": {label: round(ms, 2) for label, ms in cpu_ms.items()},
+                  "runs": [{**report.summary(), "series": report.series, "cpu": cpu}
+                           for _, report, cpu in reports]}  # fmt: skip
+    (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
+    if reports:
+        reports[-1][1].plot(out / "loadtest.png")
+    print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s ({baseline_at}), "
+          f"{cpu_ms[baseline_at]:.2f} CPU ms per request")  # fmt: skip
+    print("| run | req/s | images/s | x in-process | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors "
+          "| verified | CPU ms / request: server / clients | cores busy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        latency = " | ".join(_cell(row[f"{k}_ms"], ".1f") for k in ("p50", "p90", "p99", "p99.9", "max"))
+        busy = "–" if row["cores_busy"] is None else f"{row['cores_busy']:.0%}"
+        print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | "
+              f"{row['vs_in_process']:.2f} | {latency} | {row['errors']} | {row['verified']} | "
+              f"{_cell(row['server_cpu_ms'], '.2f')} / {row['client_cpu_ms']:.2f} | {busy} |")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0)
@@ -153,66 +208,37 @@ def main() -> int:
     rates: dict[str, float] = {}
     in_process_cpu_ms: dict[str, float] = {}
     _in_process(rates, in_process_cpu_ms, "before", args)
-    process, address = _serve(args.backend, args.server_args.split())
     reports = []
     try:
-        common = {"targets": (address,), "workload": Workload(), "duration_s": args.duration,
-                  "warmup_s": args.warmup, "verify": 20, "processes": args.processes}  # fmt: skip
-        for stream, callers in RUNS:
-            callers = max(callers * args.scale, args.processes)
-            name = _run_name(stream, callers)
-            kwargs = {"stream": True, "window": 2} if stream else {}
-            reports.append((name, *_timed_run(LoadTestOptions(**common, concurrency=callers, **kwargs), process.pid)))
-            print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
-        best = max((report for name, report, _ in reports if name.startswith("unary")), key=lambda r: r.requests_per_s)
-        rate = round(0.8 * best.requests_per_s, 1)
-        name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
-        # Over as many connections as the best closed loop had callers (one each).
-        open_loop = LoadTestOptions(**common, rate=rate, concurrency=best.options.concurrency)
-        reports.append((name, *_timed_run(open_loop, process.pid)))
-        print(f"{name}: p99 {reports[-1][1].percentiles_ms()['p99']:.1f} ms", flush=True)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    _in_process(rates, in_process_cpu_ms, "after", args)
-    baseline_at = max(rates, key=rates.get)
-    baseline = rates[baseline_at]
-
-    rows = []
-    for name, report, cpu in reports:
-        summary = report.summary()
-        latency = summary["latency_ms"]
-        rows.append({
-            "run": name, "requests": report.requests, "errors": sum(report.errors.values()),
-            "requests_per_s": round(report.requests_per_s, 1), "images_per_s": round(summary["images_per_s"], 1),
-            "vs_in_process": round(summary["images_per_s"] / baseline, 2),
-            **{f"{k}_ms": round(v, 2) for k, v in latency.items()},
-            "verified": report.verified, "mismatches": len(report.mismatches), **cpu,
-        })  # fmt: skip
-    with open(out / "loadtest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
-                  "client_processes": args.processes,
-                  "in_process_images_per_s": {label: round(rate, 1) for label, rate in rates.items()},
-                  "in_process_cpu_ms_per_request": {label: round(ms, 2) for label, ms in in_process_cpu_ms.items()},
-                  "runs": [{**report.summary(), "series": report.series, "cpu": cpu}
-                           for _, report, cpu in reports]}  # fmt: skip
-    (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
-    reports[-1][1].plot(out / "loadtest.png")
-    print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s ({baseline_at}), "
-          f"{in_process_cpu_ms[baseline_at]:.2f} CPU ms per request")  # fmt: skip
-    print("| run | req/s | images/s | x in-process | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors "
-          "| verified | CPU ms / request: server / clients | cores busy |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        server_cpu = "–" if row["server_cpu_ms"] is None else f"{row['server_cpu_ms']:.2f}"
-        busy = "–" if row["cores_busy"] is None else f"{row['cores_busy']:.0%}"
-        print(f"| {row['run']} | {row['requests_per_s']:.1f} | {row['images_per_s']:.0f} | "
-              f"{row['vs_in_process']:.2f} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
-              f"{row['p99.9_ms']:.1f} | {row['max_ms']:.1f} | {row['errors']} | {row['verified']} | "
-              f"{server_cpu} / {row['client_cpu_ms']:.2f} | {busy} |")  # fmt: skip
+        process, address = _serve(args.backend, args.server_args.split())
+        try:
+            common = {"targets": (address,), "workload": Workload(), "duration_s": args.duration,
+                      "warmup_s": args.warmup, "verify": 20, "processes": args.processes}  # fmt: skip
+            for stream, callers in RUNS:
+                callers = max(callers * args.scale, args.processes)
+                name = _run_name(stream, callers)
+                kwargs = {"stream": True, "window": 2} if stream else {}
+                reports.append((name, *_timed_run(LoadTestOptions(**common, concurrency=callers, **kwargs),
+                                                  process.pid)))  # fmt: skip
+                print(f"{name}: {reports[-1][1].summary()['images_per_s']:.0f} images/s", flush=True)
+            best = max((report for name, report, _ in reports if name.startswith("unary")),
+                       key=lambda r: r.requests_per_s)  # fmt: skip
+            rate = round(0.8 * best.requests_per_s, 1)
+            if rate > 0:
+                name = f"unary, open loop at {rate:g} requests/s (80% of the best unary rate)"
+                # Over as many connections as the best closed loop had callers (one each).
+                open_loop = LoadTestOptions(**common, rate=rate, concurrency=best.options.concurrency)
+                reports.append((name, *_timed_run(open_loop, process.pid)))
+                p99 = reports[-1][1].percentiles_ms().get("p99")
+                print(f"{name}: p99 {_cell(p99, '.1f')} ms", flush=True)
+            else:
+                print("open loop skipped: no closed-loop unary request was answered", flush=True)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        _in_process(rates, in_process_cpu_ms, "after", args)
+    finally:  # what ran is written, also when a later step failed
+        _write_results(out, args, machine, rates, in_process_cpu_ms, reports)
     return 0 if all(report.ok for _, report, _ in reports) else 1
 
 

@@ -21,6 +21,12 @@
   gRPC code (stream items by their in-band code).
 * ``verify=K``: K answered requests are recomputed in-process and compared (labels and
   matched boxes exactly, deltas within float tolerance); any difference fails the run.
+* A stream that fails is reopened until the run ends; its unanswered requests count as
+  errors (closed loop: at least one per failed stream; open loop: every scheduled request
+  is answered or counted as an error).
+* Ctrl-C during ``run`` stops the clients, and the report holds what they measured until
+  then, marked ``interrupted``; a client process that fails stops the others and is listed
+  in ``worker_failures``.
 
 No calls are retried: a load test reports what the service did.
 """
@@ -31,13 +37,16 @@ import asyncio
 import csv
 import itertools
 import json
+import math
 import multiprocessing
 import platform
 import queue as queue_module
+import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +72,11 @@ _STREAM = "/tritarget.v1.TargetAssigner/AssignStream"
 # Latencies in microseconds, from 1 us to 1 hour, 3 significant digits (0.1% error).
 _HISTOGRAM = (1, 3_600_000_000, 3)
 _PROGRESS_S = 0.5
+_STOP_POLL_S = 0.1  # how soon a client notices that it is asked to stop
+_REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusing server fails at once
+# A stream that the server closed without error before answering every request (no gRPC
+# code says so).
+_UNANSWERED = "UNANSWERED"
 
 
 def _histogram() -> HdrHistogram:
@@ -84,6 +98,8 @@ class Workload:
 
     def __post_init__(self) -> None:
         presets.get(self.preset)  # KeyError naming the known presets
+        if len(self.canvas) != 2 or min(self.canvas) < 1:
+            raise ValueError(f"canvas: must be (H, W), both >= 1, got {self.canvas}")
         if self.images < 1 or self.variants < 1:
             raise ValueError(f"images and variants must be >= 1, got {self.images} and {self.variants}")
         if self.boxes is not None and self.boxes < 0:
@@ -107,6 +123,13 @@ class Workload:
                 f"{self.format.upper()} {'float16' if self.fp16 else 'float32'} deltas")  # fmt: skip
 
 
+def _check_seconds(name: str, value: float, zero: bool) -> None:
+    """A finite number > 0 (>= 0 if ``zero``): NaN passes every comparison, and a run or
+    a schedule of infinite length never ends."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name}: must be a finite number {'>=' if zero else '>'} 0, got {value}")
+
+
 @dataclass(frozen=True)
 class LoadTestOptions:
     targets: tuple[str, ...]
@@ -125,17 +148,20 @@ class LoadTestOptions:
     verify_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ValueError("targets: give at least one address")
-        if self.duration_s <= 0 or self.warmup_s < 0:
-            raise ValueError(f"duration must be > 0 and warm-up >= 0, got {self.duration_s}, {self.warmup_s}")
+        if not self.targets or not all(target.strip() for target in self.targets):
+            raise ValueError(f"targets: give at least one address, none empty, got {self.targets}")
+        _check_seconds("duration_s", self.duration_s, zero=False)
+        _check_seconds("warmup_s", self.warmup_s, zero=True)
+        _check_seconds("timeout_s", self.timeout_s, zero=False)
+        if self.rate is not None:
+            _check_seconds("rate", self.rate, zero=False)
         if self.concurrency < 1 or self.processes < 1 or self.window < 1:
             raise ValueError("concurrency, processes and window must be >= 1")
+        if self.window != 1 and (not self.stream or self.rate is not None):
+            raise ValueError(f"window: only for closed-loop streams (stream without rate), got {self.window}")
         if self.concurrency < self.processes:
             raise ValueError(f"concurrency ({self.concurrency}) is shared by the processes: give at least "
                              f"{self.processes}")  # fmt: skip
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError(f"rate: must be > 0 requests/s, got {self.rate}")
         if self.verify < 0:
             raise ValueError(f"verify: must be >= 0, got {self.verify}")
 
@@ -169,18 +195,23 @@ class _Recorder:
         self.kept: list[tuple[int, bytes]] = []
         self._keep = keep
 
-    def record(self, scheduled: float, done: float, code: str | None, index: int, response: Any) -> None:
+    def _bucket(self, scheduled: float) -> list | None:
+        """The second ``scheduled`` falls in, None (and counted) in the warm-up."""
         if scheduled < self.measure_from:
             self.warmup_requests += 1
-            return
+            return None
         second = int(scheduled - self.measure_from)
         bucket = self.seconds.get(second)
         if bucket is None:  # not setdefault: a histogram costs ~10% of a caller's CPU per response
             bucket = self.seconds[second] = [0, 0, _histogram()]
+        return bucket
+
+    def record(self, scheduled: float, done: float, code: str | None, index: int, response: Any) -> None:
         if code is not None:
-            self.errors[code] += 1
-            self.interval_errors[code] += 1
-            bucket[1] += 1
+            self.error(scheduled, code)
+            return
+        bucket = self._bucket(scheduled)
+        if bucket is None:
             return
         micros = max(1, int((done - scheduled) * 1e6))
         for histogram in (self.overall, self.interval, bucket[2]):
@@ -188,6 +219,14 @@ class _Recorder:
         bucket[0] += 1
         if len(self.kept) < self._keep:
             self.kept.append((index, response.SerializeToString()))
+
+    def error(self, scheduled: float, code: str) -> None:
+        bucket = self._bucket(scheduled)
+        if bucket is None:
+            return
+        self.errors[code] += 1
+        self.interval_errors[code] += 1
+        bucket[1] += 1
 
     def progress(self) -> dict:
         update = {"histogram": self.interval.encode(), "errors": dict(self.interval_errors)}
@@ -215,13 +254,31 @@ def _in_band_code(response: pb.AssignResponse) -> str | None:
     return next((c.name for c in grpc.StatusCode if c.value[0] == response.error.code), "UNKNOWN")
 
 
+class _Schedule:
+    """One stream's scheduled start times (open loop). The stream waits for ``next`` and
+    takes it when it sends it: a stream that fails while waiting leaves it to the stream
+    that replaces it."""
+
+    def __init__(self, times: Iterator[float]) -> None:
+        self._times = times
+        self.next = next(times, None)  # None: no more
+
+    def take(self) -> float:
+        at, self.next = self.next, next(self._times, None)
+        return at
+
+
 class _Driver:
     """The callers of one process, on one event loop."""
 
-    def __init__(self, options: LoadTestOptions, index: int, updates) -> None:
+    def __init__(self, options: LoadTestOptions, index: int, updates, stop) -> None:
         self.options = options
         self.index = index
         self.updates = updates
+        self.stop = stop  # set by the parent: stop now (Ctrl-C, or another client process failed)
+        # Once set, a cancellation is ours; before, asyncio.CancelledError from a call is
+        # gRPC's: it raises that for any call cancelled on this side, not only by us.
+        self.stopping = False
         self.requests = [options.workload.request(i) for i in range(options.workload.variants)]
         self.metadata = (("authorization", f"Bearer {options.token}"),) if options.token else ()
         # This process's callers or streams: its share of the concurrency.
@@ -248,6 +305,9 @@ class _Driver:
         i = next(self.turn) % len(self.requests)
         return i, self.requests[i]
 
+    def _next_stream(self):
+        return self.streams[next(self.endpoint_turn) % len(self.streams)]
+
     async def run(self) -> dict:
         options = self.options
         channels = self._channels()
@@ -259,27 +319,45 @@ class _Driver:
         self.measure_from = now + options.warmup_s
         self.end = self.measure_from + options.duration_s
         self.recorder = _Recorder(self.measure_from, keep=options.verify)
-        reporter = asyncio.ensure_future(self._report())
         # The load's own CPU, from here: a client process's start-up (Python, torch, gRPC:
         # seconds of CPU) is not the cost of its requests.
         cpu = time.process_time()
+        load = asyncio.ensure_future(self._load())
+        helpers = [asyncio.ensure_future(self._report()), asyncio.ensure_future(self._watch(load))]
+        measured_s = options.duration_s
         try:
-            if options.stream:
-                await asyncio.gather(*[self._stream(k) for k in range(self.share)])
-            elif options.rate:
-                await self._open_loop_unary()
-            else:
-                await asyncio.gather(*[self._closed_caller() for _ in range(self.share)])
+            await load
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            measured_s = min(max(0.0, time.perf_counter() - self.measure_from), options.duration_s)
         finally:
-            reporter.cancel()
+            for helper in helpers:
+                helper.cancel()
             for channel in channels:
                 await channel.close()
-        return {**self.recorder.result(), "cpu_s": time.process_time() - cpu, "window_s": time.perf_counter() - now}
+        return {**self.recorder.result(), "cpu_s": time.process_time() - cpu, "window_s": time.perf_counter() - now,
+                "measured_s": measured_s}  # fmt: skip
+
+    async def _load(self) -> None:
+        if self.options.stream:
+            await asyncio.gather(*[self._stream(k) for k in range(self.share)])
+        elif self.options.rate:
+            await self._open_loop_unary()
+        else:
+            await asyncio.gather(*[self._closed_caller() for _ in range(self.share)])
 
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(_PROGRESS_S)
             self.updates.put(("progress", self.index, self.recorder.progress()))
+
+    async def _watch(self, load: asyncio.Future) -> None:
+        """Stop the load when the parent asks (a process's event can only be polled)."""
+        while not self.stop.is_set():
+            await asyncio.sleep(_STOP_POLL_S)
+        self.stopping = True
+        load.cancel()
 
     async def _unary(self, scheduled: float) -> None:
         i, request = self._next_request()
@@ -289,6 +367,10 @@ class _Driver:
             response = await call(request, timeout=self.options.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             code = _code(error)
+        except asyncio.CancelledError:
+            if self.stopping:
+                raise
+            code = grpc.StatusCode.CANCELLED.name
         self.recorder.record(scheduled, time.perf_counter(), code, i, response)
 
     async def _closed_caller(self) -> None:
@@ -308,77 +390,99 @@ class _Driver:
 
     async def _open_loop_unary(self) -> None:
         tasks = set()
-        for at in self._schedule():
-            await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            task = asyncio.ensure_future(self._unary(at))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+        try:
+            for at in self._schedule():
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                task = asyncio.ensure_future(self._unary(at))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:  # stopped (or a call failed unexpectedly): no call outlives the run
+            for task in tasks:
+                task.cancel()
 
     async def _stream(self, k: int) -> None:
-        """One stream, reopened after a failure (its unanswered requests count as errors)."""
-        if self.options.rate:
-            schedule = itertools.islice(self._schedule(), k, None, self.share)
-        else:
-            schedule = None
-        while time.perf_counter() < self.end:
-            if await self._one_stream(self.streams[next(self.endpoint_turn) % len(self.streams)], schedule):
-                return
+        """One stream, reopened after a failure until the run ends (its unanswered
+        requests count as errors; open loop: so do those it had no time left to send)."""
+        schedule = _Schedule(itertools.islice(self._schedule(), k, None, self.share)) if self.options.rate else None
+        code = await self._one_stream(self._next_stream(), schedule)
+        while code is not None and (left := self.end - time.perf_counter()) > 0:
+            await asyncio.sleep(min(_REOPEN_PAUSE_S, left))
+            code = await self._one_stream(self._next_stream(), schedule)
+        while schedule is not None and schedule.next is not None:  # the last stream failed
+            self.recorder.error(schedule.take(), code)
 
-    async def _one_stream(self, open_stream, schedule) -> bool:
-        """Whether every request this stream was to send has been sent and answered."""
-        in_flight: deque[tuple[int, float]] = deque()
+    async def _one_stream(self, open_stream, schedule: _Schedule | None) -> str | None:
+        """One AssignStream call: None once every request it was to send is answered,
+        else the code it failed with (its unanswered requests are counted as errors)."""
+        in_flight: deque[tuple[int, float]] = deque()  # sent (or being sent), not answered
         slots = asyncio.Semaphore(self.options.window)
-        finished = asyncio.Event()
+        sent_all = False
+        opened = time.perf_counter()
+        call = open_stream(timeout=self.options.timeout_s + self.options.duration_s + self.options.warmup_s,
+                           metadata=self.metadata)  # fmt: skip
 
-        async def requests():
+        async def send() -> None:
+            # Our own writer, not a request iterator handed to gRPC: gRPC's consumer of one
+            # cancels the call on any failure (the reader then gets asyncio.CancelledError)
+            # and leaves it suspended, to be closed mid-await at loop shutdown.
+            nonlocal sent_all
             try:
                 while True:
                     if schedule is None:
                         await slots.acquire()
                         at = time.perf_counter()
                         if at >= self.end:
-                            return
+                            break
                     else:
-                        at = next(schedule, None)
-                        if at is None:
-                            return
-                        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                        if schedule.next is None:
+                            break
+                        await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
+                        at = schedule.take()
                     i, request = self._next_request()
                     in_flight.append((i, at))
-                    yield request
-            finally:
-                finished.set()
+                    await call.write(request)
+                sent_all = True
+                await call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                pass  # the call is over: reading it tells how
 
-        call = open_stream(requests(), timeout=self.options.timeout_s + self.options.duration_s + self.options.warmup_s,
-                           metadata=self.metadata)  # fmt: skip
+        writer = asyncio.ensure_future(send())
         try:
-            async for response in call:
+            while (response := await call.read()) is not grpc.aio.EOF:
                 i, at = in_flight.popleft()
                 self.recorder.record(at, time.perf_counter(), _in_band_code(response), i, response)
                 slots.release()
-            return True
+            if sent_all and not in_flight:
+                return None
+            code = _UNANSWERED
         except grpc.RpcError as error:
-            now = time.perf_counter()
-            while in_flight:
-                i, at = in_flight.popleft()
-                self.recorder.record(at, now, _code(error), i, None)
-            await asyncio.sleep(0.05)  # a refusing server: do not spin
-            return finished.is_set()
+            code = _code(error)
+        except asyncio.CancelledError:
+            if self.stopping:
+                raise
+            code = grpc.StatusCode.CANCELLED.name
         finally:
+            writer.cancel()
             call.cancel()
+            await asyncio.wait([writer])
+        if not in_flight and schedule is None and opened < self.end:
+            self.recorder.error(opened, code)  # closed loop: a stream that failed to open is an error too
+        while in_flight:
+            self.recorder.error(in_flight.popleft()[1], code)
+        return code
 
 
-def _drive_process(options: LoadTestOptions, index: int, updates) -> None:
+def _drive_process(options: LoadTestOptions, index: int, updates, stop) -> None:
     torch.set_num_threads(1)  # a client process builds messages; the cores are the server's
-    _drive(options, index, updates)
+    _drive(options, index, updates, stop)
 
 
-def _drive(options: LoadTestOptions, index: int, updates) -> None:
+def _drive(options: LoadTestOptions, index: int, updates, stop) -> None:
     """One client process (or thread): run, then report the result on ``updates``."""
     try:
-        result = asyncio.run(_Driver(options, index, updates).run())
+        result = asyncio.run(_Driver(options, index, updates, stop).run())
         updates.put(("done", index, result))
     except BaseException as exc:  # the parent reports it
         updates.put(("failed", index, f"{type(exc).__name__}: {exc}"))
@@ -394,7 +498,9 @@ class Report:
     errors: dict[str, int]
     warmup_requests: int
     latency: HdrHistogram  # microseconds
-    series: list[dict]  # per second: second, ok, errors, requests_per_s, images_per_s, p50_ms, p99_ms
+    # Every second of the measured window (the last may be a part of one): second, ok, errors,
+    # requests_per_s, images_per_s, p50_ms, p99_ms (None where no request was answered).
+    series: list[dict]
     verified: int = 0
     mismatches: list[str] = field(default_factory=list)
     # CPU seconds the client processes spent sending and receiving (warm-up included, their
@@ -402,14 +508,21 @@ class Report:
     # the longest of their warm-up + measured windows in seconds.
     client_cpu_s: float = 0.0
     window_s: float = 0.0
+    # Seconds measured: the duration, or less when the run was stopped early (Ctrl-C, a
+    # client process failed); None: the duration.
+    measured_s: float | None = None
+    interrupted: bool = False  # stopped by Ctrl-C
+    worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
 
     @property
     def ok(self) -> bool:
-        return not self.errors and not self.mismatches and self.requests > 0
+        return (not self.errors and not self.mismatches and self.requests > 0 and not self.interrupted
+                and not self.worker_failures)  # fmt: skip
 
     @property
     def requests_per_s(self) -> float:
-        return self.requests / self.options.duration_s
+        seconds = self.options.duration_s if self.measured_s is None else self.measured_s
+        return self.requests / seconds if seconds else 0.0
 
     def percentiles_ms(self) -> dict[str, float]:
         if not self.latency.get_total_count():
@@ -436,6 +549,9 @@ class Report:
             "verified": self.verified,
             "mismatches": self.mismatches,
             "ok": self.ok,
+            "interrupted": self.interrupted,
+            "measured_s": self.options.duration_s if self.measured_s is None else self.measured_s,
+            "worker_failures": self.worker_failures,
             "client_cpu_s": self.client_cpu_s,
             "client_cores_busy": self.client_cpu_s / self.window_s if self.window_s else 0.0,
         }
@@ -443,6 +559,10 @@ class Report:
     def table(self) -> str:
         s = self.summary()
         lines = [f"tritarget loadtest — {s['mode']}", f"workload: {s['workload']}", ""]
+        if self.interrupted:
+            lines[-1:-1] = [f"INTERRUPTED: {s['measured_s']:.1f} of {self.options.duration_s:g} s measured"]
+        if self.worker_failures:
+            lines[-1:-1] = [f"client process failed: {failure}" for failure in self.worker_failures]
         lines.append(f"{'requests':>10} {'errors':>8} {'req/s':>9} {'images/s':>9}")
         lines.append(f"{self.requests:>10,} {sum(self.errors.values()):>8,} {s['requests_per_s']:>9.1f} "
                      f"{s['images_per_s']:>9.1f}")  # fmt: skip
@@ -501,6 +621,9 @@ _SERIES_FIELDS = ("second", "ok", "errors", "requests_per_s", "images_per_s", "p
 
 
 def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
+    """One report of the client processes' results: every second of the measured window
+    in the series, those in which nothing started too (an outage shows as zeros)."""
+    measured_s = max(r["measured_s"] for r in results)
     latency = _histogram()
     errors: Counter[str] = Counter()
     seconds: dict[int, list] = {}
@@ -513,17 +636,18 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
             bucket[1] += bad
             bucket[2].decode_and_add(encoded)
     series = []
-    for second in sorted(s for s in seconds if s < options.duration_s):
-        ok, bad, histogram = seconds[second]
+    for second in range(math.ceil(measured_s)):
+        ok, bad, histogram = seconds.get(second, (0, 0, None))
+        rate = ok / min(1.0, measured_s - second)  # the last second may be a part of one
         series.append({
-            "second": second, "ok": ok, "errors": bad, "requests_per_s": ok,
-            "images_per_s": ok * options.workload.images,
+            "second": second, "ok": ok, "errors": bad, "requests_per_s": rate,
+            "images_per_s": rate * options.workload.images,
             "p50_ms": histogram.get_value_at_percentile(50) / 1000 if ok else None,
             "p99_ms": histogram.get_value_at_percentile(99) / 1000 if ok else None,
         })  # fmt: skip
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
                   latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
-                  window_s=max(r["window_s"] for r in results))  # fmt: skip
+                  window_s=max(r["window_s"] for r in results), measured_s=measured_s)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification
@@ -570,21 +694,52 @@ def _difference(index: int, got: Targets, expected: Targets, fp16: bool) -> str 
 
 
 def run(options: LoadTestOptions, progress: bool = False) -> Report:
-    """Run the load test and return its report (``progress``: a live line on stderr)."""
+    """Run the load test and return its report (``progress``: a live line on stderr).
+
+    Called on the main thread, ``run`` handles Ctrl-C while the load runs: the first stops
+    the clients, and the report holds what they measured until then, ``interrupted`` set;
+    a second raises ``KeyboardInterrupt``. A client process that fails stops the others
+    and the report lists it; ``RuntimeError`` when no client has a result."""
     if options.processes == 1:  # in this process, on a thread: no start-up cost
         updates: Any = queue_module.Queue()
-        workers = [threading.Thread(target=_drive, args=(options, 0, updates), daemon=True)]
+        stop: Any = threading.Event()
+        workers = [threading.Thread(target=_drive, args=(options, 0, updates, stop), daemon=True)]
     else:
         context = multiprocessing.get_context("spawn")  # no inherited gRPC or torch state
-        updates = context.Queue()
-        workers = [context.Process(target=_drive_process, args=(options, i, updates), daemon=True)
+        updates, stop = context.Queue(), context.Event()
+        workers = [context.Process(target=_drive_process, args=(options, i, updates, stop), daemon=True)
                    for i in range(options.processes)]  # fmt: skip
-    for worker in workers:
-        worker.start()
-    results = _collect(options, updates, len(workers), progress)
-    for worker in workers:
-        worker.join(options.timeout_s)
+    interrupted = threading.Event()
+
+    def on_ctrl_c(signum, frame) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        stop.set()  # the clients stop and send what they measured
+
+    # Only the main thread may handle signals (and only it gets Ctrl-C); a handler set
+    # outside Python cannot be put back.
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        if previous is not None:
+            # Client processes start ignoring Ctrl-C, before their seconds of imports: a
+            # terminal sends it to the whole process group, and stopping them is ours.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
+        for worker in workers:
+            worker.start()
+        if previous is not None:
+            signal.signal(signal.SIGINT, on_ctrl_c)
+        results, failures = _collect(options, updates, stop, len(workers), progress)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        stop.set()  # whatever ended the collection, no client goes on loading the server
+        for worker in workers:
+            worker.join(options.timeout_s)
+    if not results:
+        raise RuntimeError("load test failed: " + "; ".join(failures))
     report = _merge(options, results)
+    report.interrupted, report.worker_failures = interrupted.is_set(), failures
     if options.verify:
         kept = [item for result in results for item in result["kept"]][: options.verify]
         for index, raw in kept:
@@ -598,8 +753,9 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     return report
 
 
-def _collect(options: LoadTestOptions, updates, workers: int, progress: bool) -> list[dict]:
-    """Every worker's result; meanwhile a live line: throughput, p50/p99, errors."""
+def _collect(options: LoadTestOptions, updates, stop, workers: int, progress: bool):
+    """Every worker's result, in worker order, and the failures (each stops the others);
+    meanwhile a live line: throughput, p50/p99, errors."""
     from tqdm import tqdm
 
     total = options.warmup_s + options.duration_s
@@ -607,10 +763,11 @@ def _collect(options: LoadTestOptions, updates, workers: int, progress: bool) ->
                bar_format="{desc} {bar:20} {n:.0f}/{total:.0f} s{postfix}")  # fmt: skip
     start = time.monotonic()
     results: dict[int, dict] = {}
+    failures: list[str] = []
     interval, errors = _histogram(), Counter()
     last = time.monotonic()
     deadline = start + total + options.timeout_s + 60
-    while len(results) < workers:
+    while len(results) + len(failures) < workers:
         try:
             kind, index, payload = updates.get(timeout=1.0)
         except queue_module.Empty:
@@ -618,14 +775,16 @@ def _collect(options: LoadTestOptions, updates, workers: int, progress: bool) ->
                 raise RuntimeError("load test workers did not finish") from None
             continue
         if kind == "failed":
-            raise RuntimeError(f"load test worker {index} failed: {payload}")
+            failures.append(f"worker {index}: {payload}")
+            stop.set()
+            continue
         if kind == "done":
             results[index] = payload
             continue
         interval.decode_and_add(payload["histogram"])
         errors.update(payload["errors"])
         now = time.monotonic()
-        if now - last >= _PROGRESS_S * 0.9:
+        if now - last >= _PROGRESS_S * 0.9 and not stop.is_set():
             count = interval.get_total_count()
             if now - start < options.warmup_s:
                 bar.set_postfix_str("warming up")
@@ -638,6 +797,7 @@ def _collect(options: LoadTestOptions, updates, workers: int, progress: bool) ->
             bar.n = round(min(now - start, total), 1)
             bar.refresh()
             interval, last = _histogram(), now
-    bar.n = bar.total
+    if not stop.is_set():
+        bar.n = bar.total
     bar.close()
-    return [results[i] for i in sorted(results)]
+    return [results[i] for i in sorted(results)], failures

@@ -3,16 +3,24 @@
     tritarget loadtest --target 127.0.0.1:50051 --duration 10 --concurrency 16 --verify 20 --json out.json
 
 Prints the report table; exit status 0 only when every measured request was answered
-without error and every verified response equals the in-process targets.
+without error and every verified response equals the in-process targets; 1 otherwise,
+2 for a bad flag (before anything runs), 130 after Ctrl-C (the table and the files then
+hold what was measured until then).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["add_parser"]
+
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+_INTERRUPTED = 130
 
 
 def _boxes(text: str) -> int | None:
@@ -27,6 +35,49 @@ def _boxes(text: str) -> int | None:
     return value
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # NaN passes every comparison; infinity never ends
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _address(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def add_parser(commands) -> None:
     from tritarget.kernels import presets
 
@@ -34,35 +85,36 @@ def add_parser(commands) -> None:
         "loadtest", help="drive a running service: throughput, latency percentiles, errors, verification",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--target", action="append", required=True,
+    parser.add_argument("--target", action="append", required=True, type=_address,
                         help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
+    parser.add_argument("--duration", type=_positive, default=10.0, help="measured seconds (default 10)")
+    parser.add_argument("--warmup", type=_non_negative, default=2.0, help="seconds before measuring (default 2)")
     parser.add_argument(
         "--concurrency",
-        type=int,
+        type=_count(1),
         default=8,
         help="callers, or streams with --stream; with --rate, the connections "
         "the calls are spread over (default 8; one connection per caller or stream)",
     )
-    parser.add_argument("--rate", type=float,
+    parser.add_argument("--rate", type=_positive,
                         help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip
     parser.add_argument("--stream", action="store_true", help="AssignStream calls instead of unary Assign")
-    parser.add_argument("--window", type=int, default=1, help="closed-loop stream: requests in flight per stream")
-    parser.add_argument("--processes", type=int, default=1, help="client processes (default 1)")
+    parser.add_argument("--window", type=_count(1),
+                        help="closed-loop --stream only: requests in flight per stream (default 1)")  # fmt: skip
+    parser.add_argument("--processes", type=_count(1), default=1, help="client processes (default 1)")
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    parser.add_argument("--canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"))
-    parser.add_argument("--images", type=int, default=8, help="images per request (default 8)")
+    parser.add_argument("--canvas", type=_count(1), nargs=2, default=(800, 1344), metavar=("H", "W"))
+    parser.add_argument("--images", type=_count(1), default=8, help="images per request (default 8)")
     parser.add_argument("--boxes", type=_boxes, default=None, metavar="coco|G",
                         help="boxes per image: COCO-like (default) or a fixed number")  # fmt: skip
     parser.add_argument("--format", choices=("sparse", "dense"), default="sparse")
     parser.add_argument("--fp16", action="store_true", help="float16 deltas")
-    parser.add_argument("--variants", type=int, default=16, help="distinct requests cycled through (default 16)")
+    parser.add_argument("--variants", type=_count(1), default=16, help="distinct requests cycled through (default 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--timeout", type=_positive, default=60.0, help="per-call deadline in seconds (default 60)")
     parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
-    parser.add_argument("--verify", type=int, default=0, metavar="K",
+    parser.add_argument("--verify", type=_count(0), default=0, metavar="K",
                         help="recompute K answered requests in-process; any difference fails the run")  # fmt: skip
     parser.add_argument("--json", help="write the summary and the per-second series as JSON")
     parser.add_argument("--csv", help="write the per-second series as CSV")
@@ -71,16 +123,45 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=_loadtest)
 
 
+def _output_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written, found before a run that may take minutes; None if it can."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a folder"
+    folder = target.parent  # Path("out.json").parent is "."
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{path} is not writable"
+    return None
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The first flag that argparse cannot check alone, and what is wrong with it."""
+    if args.window is not None and (not args.stream or args.rate is not None):
+        return "--window: only with --stream, in closed loop (without --rate)"
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None and (problem := _output_problem(path)):
+            return f"{flag}: {problem}"
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        return "--plot: needs matplotlib (pip install matplotlib)"
+    return None
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     from .loadtest import LoadTestOptions, Workload, run
 
+    problem = _usage_problem(args)
+    if problem is not None:
+        print(f"tritarget loadtest: {problem}", file=sys.stderr)
+        return 2
     try:
         options = LoadTestOptions(
             targets=tuple(args.target),
             workload=Workload(preset=args.preset, canvas=tuple(args.canvas), images=args.images, boxes=args.boxes,
                               format=args.format, fp16=args.fp16, variants=args.variants, seed=args.seed),
             duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate,
-            stream=args.stream, window=args.window, processes=args.processes, timeout_s=args.timeout,
+            stream=args.stream, window=args.window or 1, processes=args.processes, timeout_s=args.timeout,
             token=args.token or os.environ.get("TRITARGET_TOKEN") or None,
             tls_ca=open(args.tls_ca, "rb").read() if args.tls_ca else None,  # noqa: SIM115
             verify=args.verify,
@@ -88,10 +169,25 @@ def _loadtest(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"tritarget loadtest: {exc}", file=sys.stderr)
         return 2
-    report = run(options, progress=not args.no_progress)
+    try:
+        report = run(options, progress=not args.no_progress)
+    except KeyboardInterrupt:  # a second Ctrl-C while the clients were stopping
+        print("tritarget loadtest: interrupted", file=sys.stderr)
+        return _INTERRUPTED
+    except RuntimeError as exc:  # no client process came back with a result
+        print(f"tritarget loadtest: {exc}", file=sys.stderr)
+        return 1
     print(report.table())
+    written = True
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
         if path:
-            write(path)
+            try:
+                write(path)
+            except OSError as exc:  # checked before the run, but a disk can fill or a folder go
+                print(f"tritarget loadtest: could not write {path}: {exc}", file=sys.stderr)
+                written = False
+                continue
             print(f"wrote {path}")
-    return 0 if report.ok else 1
+    if report.interrupted:
+        return _INTERRUPTED
+    return 0 if report.ok and written else 1

@@ -3,20 +3,33 @@ verifies; errors and differences fail the run."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
+import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from test_service_harness import ServerThread, limits, peer_recording_server, serve_process
 
-from tritarget.clients.loadtest import LoadTestOptions, Workload, run, verify_response
+from tritarget.clients.loadtest import LoadTestOptions, Report, Workload, _Driver, _histogram, run, verify_response
 from tritarget.kernels import assign
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service import codec
-from tritarget.service.cli import main
+from tritarget.service.cli import build_parser, main
 
 WORKLOAD = Workload(canvas=(256, 320), images=2, variants=4)
 
@@ -137,3 +150,371 @@ def test_cli_against_tritarget_serve(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+# --------------------------------------------------------------------------- failures, Ctrl-C, bad flags
+
+# The load generator's own behaviour: a tiny workload, answered by a server that computes nothing.
+TINY = Workload(canvas=(64, 64), images=1, variants=2)
+
+
+@contextlib.contextmanager
+def _echo_server(end_first_stream: grpc.StatusCode | str | None = None, stall: tuple[int, float] | None = None,
+                 peers: int = 1) -> Iterator[tuple[str, threading.Event, list[int]]]:  # fmt: skip
+    """A gRPC server on loopback that answers Assign and every AssignStream item with an
+    empty response (answered, no error). Its first stream ends after 3 answers, with the
+    status code ``end_first_stream``, or without error ("OK"); ``stall=(n, s)``: the n-th
+    unary answer waits s seconds. Yields its address, an event set once ``peers``
+    connections have been answered, and the count of answers."""
+    seen, answered, streams, lock = set(), [0], [0], threading.Lock()
+    loading = threading.Event()
+
+    def answer(request: bytes, context) -> bytes:
+        with lock:
+            seen.add(context.peer())
+            answered[0] += 1
+            if len(seen) >= peers:
+                loading.set()
+            stalled = stall is not None and answered[0] == stall[0]
+        if stalled:
+            time.sleep(stall[1])  # the server stalls: the behaviour under test
+        return b""
+
+    def answer_stream(requests, context):
+        with lock:
+            streams[0] += 1
+            first = streams[0] == 1
+        for n, _ in enumerate(requests):
+            if first and n == 3 and end_first_stream == "OK":
+                return
+            if first and n == 3 and end_first_stream is not None:
+                context.abort(end_first_stream, "the first stream ends here")
+            yield answer(b"", context)
+
+    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(answer),
+                "AssignStream": grpc.stream_stream_rpc_method_handler(answer_stream)}  # fmt: skip
+    server = grpc.server(ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", loading, answered
+    finally:
+        server.stop(0)
+
+
+def _closed_port() -> str:
+    """An address nothing listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("end, code", [(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"), ("OK", "UNANSWERED")],
+                         ids=["error", "closed-early"])  # fmt: skip
+def test_a_stream_that_fails_is_reopened(end, code):
+    with _echo_server(end_first_stream=end) as (address, _, _):
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=0.5, warmup_s=0, concurrency=1,
+                                     stream=True, window=2))  # fmt: skip
+    assert list(report.errors) == [code] and 1 <= report.errors[code] <= 2, report.table()  # those in flight
+    assert report.requests > 3, report.table()  # answered after the failure, by a new stream
+
+
+@pytest.mark.parametrize("server", ["fails-a-stream", "down"])
+def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
+    """40 requests scheduled: each is answered or an error, however the streams fail."""
+    with _echo_server(end_first_stream=grpc.StatusCode.UNAVAILABLE) as (address, _, _):
+        report = run(
+            LoadTestOptions(
+                targets=(address if server == "fails-a-stream" else _closed_port(),),
+                workload=TINY,
+                duration_s=1.0,
+                warmup_s=0,
+                rate=40,
+                concurrency=2,
+                stream=True,
+            )
+        )
+    assert abs(report.requests + sum(report.errors.values()) - 40) <= 1, report.table()
+    assert list(report.errors) == ["UNAVAILABLE"], report.table()
+    if server == "fails-a-stream":
+        assert report.requests > 30, report.table()  # the failed stream was replaced
+    else:
+        assert report.requests == 0
+
+
+def test_a_closed_loop_stream_keeps_trying_a_server_that_is_down():
+    report = run(LoadTestOptions(targets=(_closed_port(),), workload=TINY, duration_s=0.5, warmup_s=0, concurrency=2,
+                                 stream=True))  # fmt: skip
+    assert report.requests == 0 and list(report.errors) == ["UNAVAILABLE"], report.table()
+    assert report.errors["UNAVAILABLE"] >= 4, report.table()  # a failed open each time, until the end
+    assert report.window_s >= 0.5
+
+
+class _SelfCancellingChannel:
+    """A channel each of whose calls gRPC cancelled on its own: awaiting one raises
+    asyncio.CancelledError (as grpc.aio does for any call cancelled on the client side),
+    though nobody cancelled the caller. Its stream_stream calls are this object too."""
+
+    def unary_unary(self, *args):
+        async def call(request, **kwargs):
+            await asyncio.sleep(0)
+            raise asyncio.CancelledError
+
+        return call
+
+    def stream_stream(self, *args):
+        return lambda **kwargs: self
+
+    async def read(self):
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    async def write(self, request) -> None:
+        pass
+
+    async def done_writing(self) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_call_grpc_cancelled_itself_is_a_cancelled_error(monkeypatch, stream):
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_SelfCancellingChannel()])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=0.2, warmup_s=0, concurrency=1,
+                                 stream=stream))  # fmt: skip
+    assert report.requests == 0 and list(report.errors) == ["CANCELLED"], report.table()
+
+
+def _ctrl_c_when(loading: threading.Event, children: Callable[[], list] | None = None) -> threading.Thread:
+    """Once the load is on, Ctrl-C as a terminal sends it: to the main thread (and, if
+    given, to the client processes too: the process group)."""
+
+    def press() -> None:
+        if loading.wait(60):
+            for process in children() if children else []:
+                os.kill(process.pid, signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    thread = threading.Thread(target=press)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path, capsys):
+    out_json, out_csv = tmp_path / "out.json", tmp_path / "out.csv"
+    with _echo_server() as (address, loading, _):
+        pressing = _ctrl_c_when(loading)
+        try:
+            code = main(["loadtest", "--target", address, "--duration", "60", "--warmup", "0", "--canvas", "64", "64",
+                         "--images", "1", "--variants", "2", "--no-progress", "--json", str(out_json),
+                         "--csv", str(out_csv)])  # fmt: skip
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped the load test")
+        finally:
+            pressing.join()
+    assert code == 130
+    assert "INTERRUPTED" in capsys.readouterr().out
+    summary = json.loads(out_json.read_text())
+    assert summary["interrupted"] is True and summary["ok"] is False and summary["requests"] > 0
+    assert 0 < summary["measured_s"] < 60
+    rows = list(csv.DictReader(open(out_csv)))
+    assert sum(int(row["ok"]) for row in rows) == summary["requests"]
+
+
+def test_ctrl_c_with_client_processes_keeps_every_process_measurements():
+    with _echo_server(peers=2) as (address, loading, answered):
+        pressing = _ctrl_c_when(loading, multiprocessing.active_children)
+        try:
+            report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=60, warmup_s=0, concurrency=2,
+                                         processes=2))  # fmt: skip
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped the load test")
+        finally:
+            pressing.join()
+    assert report.interrupted and not report.worker_failures and not report.errors, report.table()
+    # Both processes' answers, but for the one call each may have had in flight.
+    assert answered[0] - 2 <= report.requests <= answered[0], (answered, report.requests)
+    assert not multiprocessing.active_children()
+
+
+@dataclasses.dataclass(frozen=True)
+class _FailsInOneProcess(Workload):
+    """The workload of which the first client process to build it (``marker`` does not
+    exist yet) fails."""
+
+    marker: str = ""
+
+    def request(self, index: int) -> pb.AssignRequest:
+        if index == 0:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return super().request(index)
+            raise RuntimeError("this client process fails on purpose")
+        return super().request(index)
+
+
+def test_a_client_process_that_fails_stops_the_others(tmp_path):
+    workload = _FailsInOneProcess(canvas=(64, 64), images=1, variants=2, marker=str(tmp_path / "failed"))
+    with _echo_server() as (address, _, _):
+        started = time.monotonic()
+        report = run(LoadTestOptions(targets=(address,), workload=workload, duration_s=60, warmup_s=0, concurrency=2,
+                                     processes=2))  # fmt: skip
+    assert time.monotonic() - started < 50  # the other process did not load the server to the end
+    assert not multiprocessing.active_children()
+    assert len(report.worker_failures) == 1 and "fails on purpose" in report.worker_failures[0]
+    assert not report.ok and "client process failed" in report.table()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--rate", "nan"], ["--rate", "inf"], ["--rate", "0"], ["--duration", "nan"], ["--warmup", "inf"],
+     ["--warmup", "-1"], ["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"], ["--timeout", "-1"],
+     ["--canvas", "0", "0"], ["--canvas", "-5", "5"], ["--target", ""], ["--concurrency", "0"]],
+)  # fmt: skip
+def test_bad_values_are_refused_by_the_parser(flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", *flags])
+    assert exit_.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--window", "4"], "--window: only with --stream"),
+    (["--stream", "--rate", "10", "--window", "2"], "--window: only with --stream"),
+    (["--json", "{tmp}"], "--json: {tmp} is a folder"),
+    (["--csv", "{tmp}/missing/out.csv"], "--csv: folder {tmp}/missing does not exist"),
+])  # fmt: skip
+def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--canvas", "64", "64",
+                 "--no-progress", *flags])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tritarget loadtest: {error.format(tmp=tmp_path)}") and err.count("\n") == 1, err
+
+
+def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what find_spec sees of a missing package
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--no-progress",
+                 "--plot", str(tmp_path / "out.png")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err == "tritarget loadtest: --plot: needs matplotlib (pip install matplotlib)\n"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rate": math.nan}, {"rate": math.inf}, {"duration_s": math.nan}, {"duration_s": math.inf},
+     {"warmup_s": math.inf}, {"timeout_s": math.nan}, {"timeout_s": 0}, {"window": 4},
+     {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}],
+)  # fmt: skip
+def test_library_options_refuse_what_cannot_run(kwargs):
+    with pytest.raises(ValueError):
+        LoadTestOptions(**{"targets": ("127.0.0.1:1",), **kwargs})
+
+
+@pytest.mark.parametrize("canvas", [(0, 0), (-5, 5), (64,)])
+def test_workload_refuses_an_empty_canvas(canvas):
+    with pytest.raises(ValueError, match="canvas"):
+        Workload(canvas=canvas)
+
+
+def test_an_output_that_fails_to_write_is_one_line_and_the_rest_is_written(monkeypatch, tmp_path, capsys):
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Report, "write_csv", full_disk)
+    csv_path = tmp_path / "out.csv"
+    with _echo_server() as (address, _, _):
+        code = main(["loadtest", "--target", address, "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64",
+                     "--images", "1", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(tmp_path / "out.json")])  # fmt: skip
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "requests" in captured.out and json.loads((tmp_path / "out.json").read_text())["ok"] is True
+    assert captured.err == f"tritarget loadtest: could not write {csv_path}: [Errno 28] No space left on device\n"
+
+
+def test_the_series_has_every_second_and_rates_per_second(tmp_path):
+    """A 2.1 s stall in closed loop: second 1 has no request, and shows as such; the last
+    second is half of one (2.5 s), its rate counted over that half."""
+    with _echo_server(stall=(5, 2.1)) as (address, _, _):
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=2.5, warmup_s=0, concurrency=1))
+    seconds = {row["second"]: row for row in report.series}
+    assert list(seconds) == [0, 1, 2], report.series
+    assert seconds[1] == {"second": 1, "ok": 0, "errors": 0, "requests_per_s": 0.0, "images_per_s": 0.0,
+                          "p50_ms": None, "p99_ms": None}  # fmt: skip
+    assert seconds[2]["ok"] > 0 and seconds[2]["requests_per_s"] == pytest.approx(seconds[2]["ok"] / 0.5)
+    report.write_csv(tmp_path / "out.csv")
+    assert [row["p50_ms"] for row in csv.DictReader(open(tmp_path / "out.csv"))][1] == ""
+    report.plot(tmp_path / "out.png")
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- benchmarks/bench_loadtest.py
+
+
+class _NoServer:
+    pid = 0
+
+    def send_signal(self, signum: int) -> None:
+        pass
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+
+def _bench(monkeypatch, tmp_path, reports: list):
+    """``bench_loadtest`` without a server or in-process measurements: its runs return
+    ``reports`` in turn (an exception is raised instead); ``--out tmp_path``."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_loadtest
+
+    def in_process(rates, cpu_ms, when, args) -> None:
+        rates[when], cpu_ms[when] = 1000.0, 1.0
+
+    def timed_run(options, pid):
+        report = reports.pop(0)
+        if isinstance(report, Exception):
+            raise report
+        return dataclasses.replace(report, options=options), {"server_cpu_ms": None, "client_cpu_ms": 0.5,
+                                                              "cores_busy": None}  # fmt: skip
+
+    monkeypatch.setattr(bench_loadtest, "_in_process", in_process)
+    monkeypatch.setattr(bench_loadtest, "_serve", lambda backend, extra: (_NoServer(), "127.0.0.1:1"))
+    monkeypatch.setattr(bench_loadtest, "_timed_run", timed_run)
+    monkeypatch.setattr(sys, "argv", ["bench_loadtest.py", "--out", str(tmp_path)])
+    return bench_loadtest
+
+
+def _bench_report(answered: int) -> Report:
+    latency = _histogram()
+    for _ in range(answered):
+        latency.record_value(5000)
+    errors = {} if answered else {"UNAVAILABLE": 3}
+    return Report(LoadTestOptions(targets=("127.0.0.1:1",)), answered, errors, 0, latency, [])
+
+
+def test_bench_without_an_answered_request_skips_the_open_loop_and_writes_its_results(monkeypatch, tmp_path):
+    reports = [_bench_report(0) for _ in range(5)]
+    bench = _bench(monkeypatch, tmp_path, reports)
+    assert bench.main() == 1
+    assert len(reports) == 1  # four closed-loop runs, no open loop at 0 requests/s
+    rows = list(csv.DictReader(open(tmp_path / "loadtest.csv")))
+    assert len(rows) == 4 and {row["p99_ms"] for row in rows} == {""}
+    assert len(json.loads((tmp_path / "loadtest.json").read_text())["runs"]) == 4
+
+
+def test_bench_keeps_the_runs_before_one_that_fails(monkeypatch, tmp_path):
+    bench = _bench(monkeypatch, tmp_path, [_bench_report(10), _bench_report(0), RuntimeError("the server died")])
+    with pytest.raises(RuntimeError, match="the server died"):
+        bench.main()
+    rows = list(csv.DictReader(open(tmp_path / "loadtest.csv")))
+    assert [row["p99_ms"] for row in rows] == ["5.0", ""]  # a run with latencies, one without
+    assert len(json.loads((tmp_path / "loadtest.json").read_text())["runs"]) == 2
