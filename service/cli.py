@@ -455,7 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
+        print("tritarget: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

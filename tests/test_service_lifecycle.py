@@ -178,6 +178,25 @@ def test_cli_refuses_an_empty_token_given_on_purpose():
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
 
 
+def test_cli_ctrl_c_in_a_command_without_its_own_handler_is_one_line():
+    """``request`` to a server that never answers: once it has connected (its imports are
+    done), Ctrl-C ends it with exit 130 and one line, not a traceback."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(120)
+        process = spawn_cli("request", "--target", f"127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            connection, _ = silent.accept()
+            connection.close()
+            process.send_signal(signal.SIGINT)
+            out, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 130 and "tritarget: interrupted" in out and "Traceback" not in out, out
+
+
 def test_host_port_brackets_ipv6_literals():
     assert host_port("127.0.0.1", 50051) == "127.0.0.1:50051"
     assert host_port("::1", 50051) == host_port("[::1]", 50051) == "[::1]:50051"
