@@ -247,7 +247,8 @@ class MatchConfig:
       ``ssd_forced`` (see ``tritarget.kernels.reference``). A box takes part only
       when its best IoU is ``>= min_pos_iou``.
     * ``ignore_iof_thr``: anchors whose IoF with an ignore (crowd) box exceeds it are
-      ignored and left out of matching (mmdet); ``< 0`` turns it off.
+      ignored and left out of matching (mmdet); ``<= 0`` turns it off (mmdet applies
+      it only when positive).
       ``ignore_iof_wrt_anchor``: IoF is intersection / anchor area (mmdet's
       ``ignore_wrt_candidates=True``), else intersection / ignore-box area.
     * ``allowed_border``: anchors reaching further than this many pixels outside the

@@ -260,7 +260,7 @@ class _Inputs:
             args.gt_classes = classes.data_ptr()
         if ignore.shape[0] > 0:
             args.ignore_boxes, args.ignore_offsets = ignore.data_ptr(), host.ignore_offsets_address
-            args.use_ignore = config.match.ignore_iof_thr >= 0
+            args.use_ignore = config.match.ignore_iof_thr > 0
         if config.match.allowed_border >= 0:  # the border rule
             self.border_limits = _border_limits(problem)
             args.border_limits = self.border_limits.buffer_info()[0]

@@ -52,7 +52,7 @@ __all__ = ["solve", "match_image", "excluded_by_ignore", "outside_border", "outs
 
 def excluded_by_ignore(anchors: torch.Tensor, ignore_boxes: torch.Tensor, config: MatchConfig) -> torch.Tensor:
     """Tensor[A] bool: anchors inside an ignore region (mmdet's ``ignore_iof_thr``)."""
-    if config.ignore_iof_thr < 0 or ignore_boxes.shape[0] == 0:
+    if config.ignore_iof_thr <= 0 or ignore_boxes.shape[0] == 0:  # mmdet: only a positive threshold ignores
         return torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
     if config.ignore_iof_wrt_anchor:
         iof = box_iof(anchors, ignore_boxes)  # [A, M]

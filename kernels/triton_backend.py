@@ -377,7 +377,7 @@ class _Launch:
             self.anchors = problem.anchors.contiguous()
             self.num_levels = self.num_shapes = self.search_steps = 1
             self.center_div = 0
-        self.use_ignore = match.ignore_iof_thr >= 0 and problem.ignore_boxes.shape[0] > 0
+        self.use_ignore = match.ignore_iof_thr > 0 and problem.ignore_boxes.shape[0] > 0
         self.ignore = problem.ignore_boxes.contiguous() if self.use_ignore else self._placeholder(torch.float32)
         if match.allowed_border < 0:
             self.border_rule, self.border = BORDER_OFF, self._placeholder(torch.float32)

@@ -149,7 +149,7 @@ def _brute_force(boxes, crowd, anchors, config, low_quality: bool):
     match = config.match
     count = boxes.shape[0]
     excluded = torch.zeros(anchors.shape[0], dtype=torch.bool)
-    if crowd.shape[0] and match.ignore_iof_thr >= 0:
+    if crowd.shape[0] and match.ignore_iof_thr > 0:
         area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
         w = torch.minimum(crowd[:, None, 2], anchors[None, :, 2]) - torch.maximum(
             crowd[:, None, 0], anchors[None, :, 0]

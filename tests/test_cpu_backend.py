@@ -124,7 +124,7 @@ def test_boxes_sharing_best_anchors(low_quality):
 
 
 @pytest.mark.parametrize("wrt_anchor", [True, False])
-@pytest.mark.parametrize("threshold", [0.0, 0.5])
+@pytest.mark.parametrize("threshold", [0.05, 0.5])
 @pytest.mark.parametrize("low_quality", ["torchvision", "mmdet", "ssd_forced", "detectron2"])
 def test_ignore_regions(low_quality, threshold, wrt_anchor, generator):
     canvas = (160, 224)

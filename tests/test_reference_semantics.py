@@ -109,6 +109,16 @@ def test_ignore_region_excludes_anchor_from_matching():
     assert with_ignore.matched_gt[0].tolist() == [-1, 0]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_ignore_threshold_of_zero_is_off_as_in_mmdet(backend):
+    """mmdet's MaxIoUAssigner applies ``ignore_iof_thr`` only when it is > 0."""
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(high=0.5, low=0.4, ignore_iof_thr=0.0))
+    got = assign(torch.tensor(IGN_BOX, dtype=torch.float32), [1], CANVAS, config,
+                 anchors=torch.tensor(IGN_ANCHORS, dtype=torch.float32),
+                 ignore_boxes=torch.tensor([[0.0, 0.0, 4.0, 10.0]]), ignore_counts=[1], backend=backend)  # fmt: skip
+    assert got.labels[0].tolist() == run_ignore(-1).labels[0].tolist() == [1, -1]
+
+
 def test_ignore_iof_relative_to_the_ignore_box():
     assert run_ignore(0.5, wrt_anchor=True).labels[0].tolist() == [1, -1]  # 0.4 is not > 0.5
     assert run_ignore(0.5, wrt_anchor=False).labels[0].tolist() == [-1, 1]  # 40/40 = 1 > 0.5

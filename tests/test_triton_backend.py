@@ -199,7 +199,7 @@ def test_gpu_block_sizes(mode, monkeypatch, generator):
     regions = torch.tensor([[256.0 + 48 * i, 4.0 * i, 300.0 + 48 * i, 40.0 + 4 * i] for i in range(5)])
     ignore = torch.cat([boxes[:1] + torch.tensor([-1.0, -1.0, 1.0, 1.0]), regions])
     config = _dense_config("retinanet_torchvision").replace(
-        **{"match.low_quality": mode, "match.ignore_iof_thr": 0.0, "match.ignore_iof_wrt_anchor": False}
+        **{"match.low_quality": mode, "match.ignore_iof_thr": 1e-6, "match.ignore_iof_wrt_anchor": False}
     )
     ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 5], want_max_iou=True,
                  sparse=mode in ("torchvision", "ssd_forced"))  # fmt: skip
