@@ -265,9 +265,21 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     return _resolve_cached(config, check_canvas(canvas))
 
 
+# Anchor sets of more anchors than this are built on each call instead of cached: each
+# cache below keeps 16 sets, and on a server's largest canvas (8192 x 8192: 13M RetinaNet
+# anchors, 200 MB) a few small requests with distinct configs would pin gigabytes.
+# 1M anchors (16 MB) covers RetinaNet up to ~1,800 x 1,800.
+_CACHED_ANCHORS_MAX = 1 << 20
+
+
 @functools.lru_cache(maxsize=16)
 def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
     return _resolve_cached(config, canvas).materialize()
+
+
+def _anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
+    grid = _resolve_cached(config, canvas)
+    return grid.materialize() if grid.num_anchors > _CACHED_ANCHORS_MAX else _anchors_cached(config, canvas)
 
 
 @functools.lru_cache(maxsize=16)
@@ -294,13 +306,16 @@ def grid_and_anchors(
     Cached per (config, canvas, device, CUDA stream: ``streams.stream_key``) so that a
     batch pays neither the generation nor the host-to-device copy of its anchors (3.2 MB
     for RetinaNet at 800x1344): every caller shares the tensor and must treat it as
-    read-only.
+    read-only. Sets of over a million anchors are built per call.
     """
     stream = stream_key(device)
     key = (id(config), canvas, device, stream)
     cached = _BY_IDENTITY.get(key)
     if cached is not None and cached[0] is config:
         return cached[1], cached[2]
+    grid = _resolve_cached(config, canvas)
+    if grid.num_anchors > _CACHED_ANCHORS_MAX:
+        return grid, grid.materialize().to(device)
     grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
     if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:
         _BY_IDENTITY.clear()
@@ -324,8 +339,8 @@ def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Ten
 
     Returns:
         Tensor[A, 4] float32, x1 y1 x2 y2 in canvas pixels, grouped by level, cached
-        per (config, canvas); treat it as read-only.
+        per (config, canvas) up to a million anchors; treat it as read-only.
     """
     if not isinstance(config, AnchorConfig):
         raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
-    return _anchors_cached(config, check_canvas(canvas))
+    return _anchors(config, check_canvas(canvas))

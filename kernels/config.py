@@ -45,6 +45,14 @@ BORDER_ORDERS = ("pre_match", "post_match")
 # decode step, which keeps exp() finite for wild network outputs.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
+# Bounds on what an anchor config may ask for. Real detectors use at most 6 levels and a
+# handful of sizes and ratios; a config from the wire could ask for millions of shapes
+# per cell (built before any anchor count is checked) or for sizes whose anchors overflow
+# float32 (every anchor then infinite, every label negative).
+MAX_LEVELS = 16
+MAX_LEVEL_VALUES = 64
+MAX_ANCHOR_MAGNITUDE = 1e6  # pixels, or fractions of the canvas, or multiples of base_size
+
 
 def _fail(owner: str, name: str, message: str) -> ValueError:
     return ValueError(f"{owner}.{name}: {message}")
@@ -119,22 +127,28 @@ class AnchorLevel:
         stride = _check_int(owner, "stride", self.stride)
         if stride <= 0:
             raise _fail(owner, "stride", f"must be positive, got {stride}")
+        for name in ("sizes", "aspect_ratios", "scales", "shapes"):
+            if len(getattr(self, name)) > MAX_LEVEL_VALUES:  # shapes per cell grow with their product
+                raise _fail(owner, name, f"at most {MAX_LEVEL_VALUES} values, got {len(getattr(self, name))}")
+        low = 1 / MAX_ANCHOR_MAGNITUDE
         for name in ("sizes", "aspect_ratios", "scales"):
             values = _as_float_tuple(owner, name, getattr(self, name))
-            if any(v <= 0 for v in values):
-                raise _fail(owner, name, f"values must be positive, got {values}")
+            least = low if name == "aspect_ratios" else 0.0
+            if any(not least < v <= MAX_ANCHOR_MAGNITUDE for v in values):
+                raise _fail(owner, name, f"values must be in ({least:g}, {MAX_ANCHOR_MAGNITUDE:g}], got {values}")
             object.__setattr__(self, name, values)
         shapes = []
         for pair in self.shapes:
             wh = _as_float_tuple(owner, "shapes", pair)
-            if len(wh) != 2 or wh[0] <= 0 or wh[1] <= 0:
-                raise _fail(owner, "shapes", f"each shape is a positive (w, h) pair, got {pair!r}")
+            if len(wh) != 2 or not all(0 < v <= MAX_ANCHOR_MAGNITUDE for v in wh):
+                raise _fail(owner, "shapes", f"each shape is a (w, h) pair in (0, {MAX_ANCHOR_MAGNITUDE:g}], "
+                                             f"got {pair!r}")  # fmt: skip
             shapes.append(wh)
         object.__setattr__(self, "shapes", tuple(shapes))
         if self.base_size is not None:
             base = _check_number(owner, "base_size", self.base_size)
-            if base <= 0:
-                raise _fail(owner, "base_size", f"must be positive, got {base}")
+            if not 0 < base <= MAX_ANCHOR_MAGNITUDE:
+                raise _fail(owner, "base_size", f"must be in (0, {MAX_ANCHOR_MAGNITUDE:g}], got {base}")
             object.__setattr__(self, "base_size", base)
         if self.feature_size is not None:
             fs = tuple(self.feature_size)
@@ -187,8 +201,8 @@ class AnchorConfig:
         owner = "AnchorConfig"
         _check_choice(owner, "layout", self.layout, ANCHOR_LAYOUTS)
         levels = tuple(lv if isinstance(lv, AnchorLevel) else AnchorLevel(**lv) for lv in self.levels)
-        if not levels:
-            raise _fail(owner, "levels", "at least one level is required")
+        if not 1 <= len(levels) <= MAX_LEVELS:
+            raise _fail(owner, "levels", f"between 1 and {MAX_LEVELS} levels, got {len(levels)}")
         object.__setattr__(self, "levels", levels)
         for name in ("offset", "center_offset"):
             value = _check_number(owner, name, getattr(self, name))

@@ -26,7 +26,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, metrics: Metrics | None = None) -> None:
         if not token:
             raise ValueError("token: must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._metrics = metrics
 
     def _refusal(self, metadata) -> Unauthenticated | None:
@@ -36,7 +36,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         # Every copy must match: a proxy or a later handler may read another one than we do.
         for value in values:
             given = value.encode() if isinstance(value, str) else value
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, credentials = given.partition(b" ")
+            # The scheme's name is case-insensitive (RFC 7235); the token is compared whole.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials, self._expected):
                 return Unauthenticated("invalid bearer token")
         return None
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
+from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.api import resolve_backend
 from tritarget.kernels.problem import build_problem
 from tritarget.kernels.sampling import image_seeds
@@ -78,6 +79,10 @@ class AssignJob:
     @property
     def images(self) -> int:
         return len(self.gt_counts)
+
+    @property
+    def anchors_per_image(self) -> int:
+        return resolve_grid(self.config.anchors, self.canvas).num_anchors  # cached per config and canvas
 
     @property
     def merge_key(self) -> tuple:
@@ -134,10 +139,14 @@ class BatchOptions:
     # cannot hold a compute worker for seconds while small requests wait, and the slices
     # of a caller that has gone are never computed.
     max_slice_boxes: int = 20_000
+    # Images x anchors per batch: bounds the [B, A] targets a batch holds, as the request
+    # limit of the same name bounds one request's (merged requests of a large canvas
+    # would otherwise hold ~330 MB per image: max_batch_images x that).
+    max_anchor_rows: int = 1 << 25
 
     def __post_init__(self) -> None:
         for name in ("max_batch_images", "max_queue_images", "compute_workers", "threads_per_worker",
-                     "max_slice_boxes"):  # fmt: skip
+                     "max_slice_boxes", "max_anchor_rows"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"batching: {name} must be an integer >= 1, got {value!r}")
@@ -315,7 +324,7 @@ class Batcher:
     async def submit(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None) -> Any:
         """The job's own targets (``SparseTargets`` when its batch ran sparse), or
         ``finish(targets)`` computed on the compute worker."""
-        slices = _slices(job, self.options.max_batch_images, self.options.max_slice_boxes)
+        slices = _slices(job, self._batch_cap(job), self.options.max_slice_boxes)
         if len(slices) == 1:
             return await self._enqueue(job, finish)
         await self.run(job.check)  # errors name the request's own images, not a slice's
@@ -389,12 +398,18 @@ class Batcher:
         if not self._groups and self._free == self.options.compute_workers:
             self._idle.set()
 
+    def _batch_cap(self, job: AssignJob) -> int:
+        """Images per batch for jobs like ``job`` (one group shares its config and canvas):
+        ``max_batch_images``, fewer where the anchor rows would pass ``max_anchor_rows``."""
+        rows = self.options.max_anchor_rows // job.anchors_per_image
+        return max(1, min(self.options.max_batch_images, rows))
+
     def _full(self, pending: list[_Pending]) -> bool:
-        return sum(item.job.images for item in pending) >= self.options.max_batch_images
+        return sum(item.job.images for item in pending) >= self._batch_cap(pending[0].job)
 
     def _take(self, key: tuple, pending: list[_Pending]) -> list[_Pending]:
-        batch, images = [], 0
-        while pending and (not batch or images + pending[0].job.images <= self.options.max_batch_images):
+        batch, images, cap = [], 0, self._batch_cap(pending[0].job)
+        while pending and (not batch or images + pending[0].job.images <= cap):
             item = pending.pop(0)
             batch.append(item)
             images += item.job.images

@@ -147,7 +147,7 @@ def _json(field: str, text: str) -> Any:
     try:
         value = json.loads(text)
         deep = _depth_exceeds(value, _JSON_DEPTH)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
         raise _invalid(field, f"not valid JSON: {exc}") from None
     except RecursionError:  # the parser recurses once per level; where it stops depends on the Python
         deep = True

@@ -30,6 +30,7 @@ from .status import abort, code_name, request_error, status_of
 __all__ = ["TargetAssignerServicer", "add_to_server"]
 
 access_log = logging.getLogger("tritarget.access")
+_LOGGED_ID_CHARS = 128
 
 _DRAINED = object()  # in a stream's window: the server began shutting down here
 
@@ -123,7 +124,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         """The access log: one line per call (per item of a stream)."""
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
-            access_log.info("%s id=%r images=%d boxes=%d %s %.2f ms", method, getattr(request, "request_id", ""),
+            request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
+            access_log.info("%s id=%r images=%d boxes=%d %s %.2f ms", method, request_id,
                             len(counts), sum(counts), code, (time.perf_counter() - started) * 1000)  # fmt: skip
 
     def drain(self) -> None:

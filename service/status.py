@@ -34,16 +34,31 @@ _CODES: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
 
 INTERNAL_MESSAGE = "internal server error (logged on the server)"
 
+# A status travels in the trailers, and gRPC clients refuse trailers over 8 KiB (at
+# random) or 16 KiB (always), so a message that repeats a long input (a 3,000-dimension
+# shape, a 6,000-character preset name) would reach the caller as RESOURCE_EXHAUSTED
+# without its reason. These caps keep a status under ~6 KiB on the wire.
+_MAX_MESSAGE = 512
+_MAX_FIELD = 128
+_MAX_VIOLATIONS = 4
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def status_of(exc: BaseException) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller sees for ``exc``."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
-            status = status_pb2.Status(code=code.value[0], message=exc.message)
+            status = status_pb2.Status(code=code.value[0], message=_clipped(exc.message, _MAX_MESSAGE))
             if isinstance(exc, InvalidInput) and exc.violations:
                 bad_request = error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=_clipped(f, _MAX_FIELD), description=_clipped(d, _MAX_MESSAGE)
+                        )
+                        for f, d in exc.violations[:_MAX_VIOLATIONS]
                     ]
                 )
                 detail = any_pb2.Any()

@@ -106,6 +106,24 @@ def test_replace_overrides_dotted_fields():
         (lambda: AnchorLevel(stride=8, shapes=((3,),)), ValueError, "AnchorLevel.shapes"),
         (lambda: AnchorConfig(layout="caffe", levels=(AnchorLevel(stride=8, sizes=(32,)),)), ValueError, "layout"),
         (lambda: AnchorConfig(layout="torchvision", levels=()), ValueError, "AnchorConfig.levels"),
+        # Bounds a config from the wire could break: millions of shapes per cell built before
+        # any count is checked, or anchors that overflow float32.
+        (lambda: AnchorLevel(stride=8, sizes=tuple(range(1, 66))), ValueError, "AnchorLevel.sizes: at most 64"),
+        (lambda: AnchorLevel(stride=8, shapes=((4, 4),) * 65), ValueError, "AnchorLevel.shapes: at most 64"),
+        (
+            lambda: AnchorLevel(stride=8, sizes=(3e38,)),
+            ValueError,
+            r"AnchorLevel.sizes: values must be in \(0, 1e\+06\]",
+        ),
+        (lambda: AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1e80,)), ValueError, "AnchorLevel.aspect_ratios"),
+        (lambda: AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1e-80,)), ValueError, "AnchorLevel.aspect_ratios"),
+        (lambda: AnchorLevel(stride=8, shapes=((4, 2e6),)), ValueError, "AnchorLevel.shapes"),
+        (lambda: AnchorLevel(stride=8, scales=(1,), base_size=1e7), ValueError, "AnchorLevel.base_size"),
+        (
+            lambda: AnchorConfig(layout="torchvision", levels=(AnchorLevel(stride=8, sizes=(32,)),) * 17),
+            ValueError,
+            "AnchorConfig.levels: between 1 and 16",
+        ),  # fmt: skip
         (
             lambda: AnchorConfig(layout="mmdet", levels=(AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1,)),)),
             ValueError,

@@ -723,3 +723,23 @@ def test_classes_of_any_integer_dtype(generator, dtype):
         sparse = assign_sparse(boxes, counts, canvas, config, gt_classes=given, backend=backend)
         assert torch.equal(sparse.positive_classes, want.to_sparse().positive_classes), backend
     assert (want.labels == 1).sum() > 0  # some anchor took a class
+
+
+def test_large_anchor_sets_are_built_per_call_not_cached(monkeypatch, generator):
+    """The anchor caches keep 16 sets each: above a million anchors (a server's 8192 x 8192
+    canvas: 200 MB per set) they would let a few small requests pin gigabytes, so such sets
+    are built per call; the targets do not change."""
+    from tritarget.kernels import anchors as anchor_module
+    from tritarget.kernels import generate_anchors
+
+    config, canvas = presets.get("retinanet_torchvision"), (96, 128)
+    boxes, counts = random_batch(generator, [4, 0, 7], canvas)
+    cached = generate_anchors(config.anchors, canvas)
+    assert generate_anchors(config.anchors, canvas) is cached
+    expected = assign(boxes, counts, canvas, config, backend="reference")
+    monkeypatch.setattr(anchor_module, "_CACHED_ANCHORS_MAX", cached.shape[0] - 1)
+    built = generate_anchors(config.anchors, canvas)
+    assert built is not cached and torch.equal(built, cached)
+    assert generate_anchors(config.anchors, canvas) is not built
+    for backend in ("reference", "cpu"):
+        assert_targets_equal(assign(boxes, counts, canvas, config, backend=backend), expected)

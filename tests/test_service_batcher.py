@@ -35,7 +35,8 @@ def test_batch_options_suit_the_device_unless_given():
 
 @pytest.mark.parametrize("field, value", [("max_batch_images", 0), ("compute_workers", -1), ("max_queue_images", 0),
                                           ("threads_per_worker", 1.5), ("max_queue_delay_s", -0.001),
-                                          ("max_queue_delay_s", float("nan")), ("max_slice_boxes", True)])  # fmt: skip
+                                          ("max_queue_delay_s", float("nan")), ("max_slice_boxes", True),
+                                          ("max_anchor_rows", 0)])  # fmt: skip
 def test_batch_options_refuse_what_cannot_work(field, value):
     with pytest.raises(ValueError, match=field):
         BatchOptions(**{field: value})
@@ -254,6 +255,19 @@ def test_batches_are_never_larger_than_the_queue(generator):
     (got,), batches = _merging_run([job], BatchOptions(max_queue_images=2))
     assert max(batches) <= 2
     assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_merged_batches_keep_within_the_anchor_rows_bound(generator):
+    """Requests of a large canvas merge only up to ``max_anchor_rows`` images x anchors (a
+    merged batch's [B, A] targets, ~330 MB per 8192 x 8192 image, are bounded like one
+    request's), and a request of more is sliced to fit."""
+    anchors = AssignJob(presets.get(PRESET), CANVAS, torch.zeros(0, 4), [0]).anchors_per_image
+    assert anchors == 2_313  # 96 x 128: 12x16 + 6x8 + 3x4 + 2x2 + 1x1 = 257 cells, 9 shapes each
+    jobs = [_good(generator, (1, 2)) for _ in range(3)] + [_good(generator, (1, 0, 2, 1, 1))]
+    results, batches = _merging_run(jobs, BatchOptions(max_batch_images=16, max_anchor_rows=3 * anchors))
+    assert max(batches) <= 3 and sum(batches) == 11
+    for job, got in zip(jobs, results):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
 def test_slices_that_came_back_dense_and_sparse_are_put_back_together(generator):

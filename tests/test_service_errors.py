@@ -165,6 +165,8 @@ def _raw(client, mutate):
             "config.config_json: JSON nested too deeply",
         ),
         (lambda r: setattr(r.config, "config_json", "{not json"), "config.config_json: not valid JSON"),
+        # An integer of more digits than Python converts: json raises a plain ValueError.
+        (lambda r: r.config.overrides.__setitem__("match.high", "9" * 5000), "overrides[match.high]: not valid JSON"),
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
     ],
@@ -192,6 +194,25 @@ def test_classes_out_of_range_are_named_by_box(boxes, dtype, bad, text):
     classes[-1] = 2**31 - 1  # the largest class that travels back as int32
     request.gt_classes.CopyFrom(encode_tensor(classes))
     assert codec.decode_assign(request, codec.Limits()).gt_classes[-1] == 2**31 - 1
+
+
+def test_errors_repeating_long_input_stay_readable(client, caplog):
+    """A status travels in the trailers, which gRPC clients refuse over 8-16 KiB: a message
+    repeating a 6,000-character name (or a 3,000-dimension shape) is cut, so the caller
+    gets its code and reason instead of RESOURCE_EXHAUSTED from its own transport."""
+    for _ in range(5):  # the 8 KiB limit refuses at random
+        error = _fails(client, grpc.StatusCode.NOT_FOUND, "unknown preset 'xxxx", "more characters)",
+                       preset="x" * 6000)  # fmt: skip
+        assert len(error.details) < 1000
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.gt_boxes.shape[:] = [1] * 3000 + [2, 4]
+    error = _fails(client, INVALID, "gt_boxes", call=lambda: client.assign_raw(request))
+    assert all(len(description) < 1000 for _, description in error.field_violations)
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", request_id="r" * 100_000)
+    with caplog.at_level(logging.INFO, logger="tritarget.access"):
+        client.assign_raw(request)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"][-1:]
+    assert "r" * 128 in line and len(line) < 400  # a caller's id is not logged whole
 
 
 def test_unknown_preset_is_not_found(client):
