@@ -65,9 +65,9 @@ def _canvas(canvas: Any) -> tuple[int, int]:
     their values are the server's to check (its errors name canvas_height / canvas_width)."""
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
-    if not all(isinstance(side, int) and not isinstance(side, bool) for side in canvas):
+    if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in canvas):
         raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
-    return canvas[0], canvas[1]
+    return int(canvas[0]), int(canvas[1])
 
 
 def _ints(name: str, value: Any) -> torch.Tensor:
@@ -83,9 +83,9 @@ def _ints(name: str, value: Any) -> torch.Tensor:
 
 def _counts(name: str, counts: Any) -> list[int]:
     values = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name}: expected integers, got {values!r}")
-    return values
+    return [int(v) for v in values]
 
 
 def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | None) -> pb.ConfigRef:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -243,10 +244,10 @@ def check_canvas(canvas: object) -> tuple[int, int]:
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
     height, width = canvas
-    if (type(height) is not int or type(width) is not int) and (  # plain ints need no more than this
-        isinstance(height, bool) or isinstance(width, bool) or not (isinstance(height, int) and isinstance(width, int))
-    ):
-        raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
+    if type(height) is not int or type(width) is not int:  # plain ints need no more than this
+        if any(isinstance(side, bool) or not isinstance(side, numbers.Integral) for side in (height, width)):
+            raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
+        height, width = canvas = int(height), int(width)  # numpy's ints
     if height <= 0 or width <= 0:
         raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
     return canvas if type(canvas) is tuple else (height, width)

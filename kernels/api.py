@@ -200,14 +200,17 @@ def _solved(module, function: str, drop_invalid: bool, build) -> tuple[object, P
     With ``drop_invalid`` the caller expects invalid boxes: they are checked first, so
     that a batch with one is not solved twice (the triton backend finds them at the end)."""
     solve, host_check = getattr(module, function), getattr(module, "boxes_valid", None)
-    if function in getattr(module, "CHECKS_GT_BOXES", ()) and not drop_invalid:
-        problem, kept = build(host_check, False)
-        try:
-            return solve(problem), problem, kept
-        except (CheckBoxesFirst, ValueError):
-            pass
-    problem, kept = build(host_check, True)
-    return solve(problem), problem, kept
+    # Targets are data, not a function of the boxes: boxes (or anchors) that require grad
+    # must not tie them to the caller's graph, on any backend.
+    with torch.no_grad():
+        if function in getattr(module, "CHECKS_GT_BOXES", ()) and not drop_invalid:
+            problem, kept = build(host_check, False)
+            try:
+                return solve(problem), problem, kept
+            except (CheckBoxesFirst, ValueError):
+                pass
+        problem, kept = build(host_check, True)
+        return solve(problem), problem, kept
 
 
 def _level_starts(problem: Problem) -> tuple[int, ...] | None:

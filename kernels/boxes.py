@@ -53,6 +53,19 @@ def box_iof(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torch.where(area > 0, inter / area, torch.zeros_like(inter))
 
 
+def _check_rows(name: str, rows: torch.Tensor, anchors: torch.Tensor, config: object) -> None:
+    """Row i of ``rows`` goes with anchor i: both [N, 4] (a batched [B, A, 4] would broadcast
+    against the anchors into wrong values, not fail)."""
+    if not isinstance(config, EncodeConfig):
+        raise TypeError(f"config: expected EncodeConfig (config.encode), got {type(config).__name__}")
+    for label, tensor in ((name, rows), ("anchors", anchors)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[1] != 4:
+            shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{label}: expected shape [N, 4] (one row per anchor; flatten a batch), got {shape}")
+    if rows.shape[0] != anchors.shape[0]:
+        raise ValueError(f"{name} and anchors: {rows.shape[0]} rows against {anchors.shape[0]}")
+
+
 def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> torch.Tensor:
     """Offsets of matched boxes w.r.t. their anchors.
 
@@ -61,6 +74,7 @@ def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> 
     Returns:
         Tensor[N, 4] float32 ``(dx, dy, dw, dh)``; see ``EncodeConfig``.
     """
+    _check_rows("boxes", boxes, anchors, config)
     wx, wy, ww, wh = config.weights
     aw = anchors[:, 2] - anchors[:, 0]
     ah = anchors[:, 3] - anchors[:, 1]
@@ -86,6 +100,7 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
     Returns:
         Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``.
     """
+    _check_rows("deltas", deltas, anchors, config)
     means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
     stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
     d = deltas * stds + means

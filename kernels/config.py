@@ -209,6 +209,9 @@ class AnchorConfig:
             if not 0.0 <= value < 1.0:
                 raise _fail(owner, name, f"must be in [0, 1), got {value}")
             object.__setattr__(self, name, value)
+        for name in ("scale_major", "clip"):  # a "false" from a YAML or a CLI would read as True
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}.{name}: expected a bool, got {getattr(self, name)!r}")
         for i, level in enumerate(levels):
             self._check_level(i, level)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -227,8 +228,10 @@ def _counts(name: str, value: object, total: int, total_name: str, batch: int | 
     if isinstance(value, (list, tuple)):
         counts = list(value)
         kinds = set(map(type, counts))
-        if kinds - {int} and not all(issubclass(kind, int) and kind is not bool for kind in kinds):
-            raise TypeError(f"{name}: expected integers, got {value!r}")
+        if kinds - {int}:  # numpy's ints too (np.int64 is no int subclass), not bools
+            if any(issubclass(kind, bool) or not issubclass(kind, numbers.Integral) for kind in kinds):
+                raise TypeError(f"{name}: expected integers, got {value!r}")
+            counts = [int(count) for count in counts]
     else:
         tensor = _tensor(name, value)
         if not integer_dtype(tensor.dtype):
@@ -401,7 +404,13 @@ def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> lis
     the canvas when omitted."""
     if value is None:
         return list(canvas) * batch
-    sizes = torch.as_tensor(value) if isinstance(value, (list, tuple)) else _tensor(name, value)
+    if isinstance(value, (list, tuple)):
+        try:
+            sizes = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:  # ragged, strings, tensors inside
+            raise TypeError(f"{name}: expected {batch} (height, width) pairs of ints, got {value!r} ({exc})") from None
+    else:
+        sizes = _tensor(name, value)
     if not integer_dtype(sizes.dtype):
         raise TypeError(f"{name}: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):

@@ -32,7 +32,14 @@ IGNORED = -1
 NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
 
 
-@dataclass
+def _device(device: object) -> torch.device:
+    """A device for ``to``: a dtype would turn int8 labels into floats."""
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device or its name (targets keep their dtypes), got {device!r}")
+    return torch.device(device)
+
+
+@dataclass(eq=False)  # tensors have no single truth value: equal only to itself
 class SparseTargets:
     """Per-image CSR lists of positive and ignored anchors.
 
@@ -64,12 +71,13 @@ class SparseTargets:
     def batch_size(self) -> int:
         return self.positive_offsets.numel() - 1
 
-    def to(self, device: torch.device | str) -> SparseTargets:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTargets:
         """The lists on ``device`` (a few small copies; the dense form is never built)."""
+        device = _device(device)
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
+                moved[name] = value.to(device, non_blocking=non_blocking)
         return SparseTargets(**moved)
 
     def to_dense(self, device: torch.device | str | None = None) -> Targets:
@@ -78,7 +86,7 @@ class SparseTargets:
         return Targets.from_sparse(self if device is None else self.to(device))
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value: equal only to itself
 class Targets:
     """Dense targets of a batch of B images over A anchors.
 
@@ -113,8 +121,10 @@ class Targets:
     def num_anchors(self) -> int:
         return self.labels.shape[1]
 
-    def to(self, device: torch.device | str) -> Targets:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
+        """These targets on ``device``; ``dropped`` stays where it is (host bookkeeping)."""
+        device = _device(device)
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Targets(
             move(self.labels), move(self.matched_gt), move(self.deltas), move(self.classes),
             move(self.max_iou), list(self.dropped), self.background_class, self.level_starts,

@@ -1,9 +1,10 @@
 """Every bad input gets a ValueError/TypeError naming what is wrong; drop_invalid drops and reports."""
 
+import numpy as np
 import pytest
 import torch
 
-from tritarget.kernels import assign, assign_sparse, presets
+from tritarget.kernels import assign, assign_sparse, decode, encode, generate_anchors, presets
 
 CANVAS = (64, 96)
 CONFIG = presets.get("retinanet_torchvision")
@@ -126,6 +127,15 @@ def test_zero_box_images_are_normal():
         (lambda: assign(GOOD, [3], (64.0, 96), CONFIG, backend="reference"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], (True, 96), CONFIG, backend="cpu"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], CANVAS, "retinanet", backend="reference"), TypeError, "config"),
+        (lambda: _assign(GOOD, [3], image_sizes=[[60, 90], [64]]), TypeError, r"image_sizes: expected 1 \(height"),
+        (lambda: _assign(GOOD, [3], image_sizes=["60x90"]), TypeError, "image_sizes: expected 1"),
+        (lambda: _assign(GOOD, [3], pad_sizes=[torch.tensor([64, 96])]), TypeError, "pad_sizes: expected 1"),
+        (lambda: _assign(GOOD, [np.float64(3)]), TypeError, "gt_counts: expected integers"),
+        (lambda: assign(GOOD, [3], (np.float32(64), 96), CONFIG, backend="cpu"), TypeError, "canvas"),
+        (lambda: encode(GOOD, GOOD, CONFIG), TypeError, r"config: expected EncodeConfig \(config.encode\)"),
+        (lambda: decode(GOOD[None], GOOD, CONFIG.encode), ValueError, r"deltas: expected shape \[N, 4\]"),
+        (lambda: encode(GOOD, GOOD[:2], CONFIG.encode), ValueError, "boxes and anchors: 3 rows against 2"),
+        (lambda: _assign(GOOD, [3]).to(torch.float16), TypeError, "device: expected a torch.device"),
     ],
 )
 def test_bad_argument_is_named(call, error, message):
@@ -136,6 +146,37 @@ def test_bad_argument_is_named(call, error, message):
 def test_invalid_ignore_box_is_named():
     with pytest.raises(ValueError, match=r"ignore_boxes: image 0, box 0: degenerate"):
         _assign(GOOD, [3], ignore_boxes=torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ignore_counts=[1])
+
+
+def test_numpy_integers_are_integers():
+    expected = _assign(GOOD, [3], backend="cpu")
+    for backend in ("reference", "cpu"):
+        got = assign(GOOD, [np.int64(3)], (np.int64(64), np.int32(96)), CONFIG, backend=backend)
+        assert torch.equal(got.labels, expected.labels)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_targets_never_join_the_callers_graph(backend):
+    """Boxes or anchors that require grad: the targets are data on every backend (the
+    reference's deltas were a function of the boxes, numpy() on them raised)."""
+    boxes = GOOD.clone().requires_grad_()
+    anchors = generate_anchors(CONFIG.anchors, CANVAS).clone().requires_grad_()
+    for targets in (_assign(boxes, [3], backend=backend, return_max_iou=True),
+                    _assign(boxes, [3], backend=backend, anchors=anchors)):  # fmt: skip
+        assert not any(t.requires_grad for t in (targets.deltas, targets.labels, targets.matched_gt))
+        assert targets.max_iou is None or not targets.max_iou.requires_grad
+        targets.deltas.numpy()
+    sparse = assign_sparse(boxes, [3], CANVAS, CONFIG, backend=backend)
+    assert not sparse.positive_deltas.requires_grad
+
+
+def test_targets_compare_by_identity_and_move_without_changing_dtypes():
+    targets = _assign(GOOD, [3])
+    assert targets == targets and targets != _assign(GOOD, [3])  # no "truth value of a tensor" error
+    assert targets.to_sparse() != targets.to_sparse()
+    moved = targets.to("cpu", non_blocking=True)
+    assert moved.labels.dtype == torch.int8 and torch.equal(moved.labels, targets.labels)
+    assert targets.to_sparse().to(torch.device("cpu"), non_blocking=True).positive_anchors.dtype == torch.int32
 
 
 def test_float64_boxes_are_accepted_as_float32():

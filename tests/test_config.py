@@ -106,6 +106,12 @@ def test_replace_overrides_dotted_fields():
         (lambda: AnchorLevel(stride=8, shapes=((3,),)), ValueError, "AnchorLevel.shapes"),
         (lambda: AnchorConfig(layout="caffe", levels=(AnchorLevel(stride=8, sizes=(32,)),)), ValueError, "layout"),
         (lambda: AnchorConfig(layout="torchvision", levels=()), ValueError, "AnchorConfig.levels"),
+        (
+            lambda: presets.get("retinanet_mmdet").replace(**{"anchors.scale_major": "false"}),
+            TypeError,
+            "AnchorConfig.scale_major: expected a bool",
+        ),  # fmt: skip
+        (lambda: presets.get("ssd300_torchvision").replace(**{"anchors.clip": 0}), TypeError, "AnchorConfig.clip"),
         # Bounds a config from the wire could break: millions of shapes per cell built before
         # any count is checked, or anchors that overflow float32.
         (lambda: AnchorLevel(stride=8, sizes=tuple(range(1, 66))), ValueError, "AnchorLevel.sizes: at most 64"),
