@@ -32,6 +32,10 @@ IGNORED = -1
 NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
 
 
+def _pinned(value):
+    return value.pin_memory() if isinstance(value, torch.Tensor) else value
+
+
 def _device(device: object) -> torch.device:
     """A device for ``to``: a dtype would turn int8 labels into floats."""
     if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
@@ -79,6 +83,11 @@ class SparseTargets:
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device, non_blocking=non_blocking)
         return SparseTargets(**moved)
+
+    def pin_memory(self) -> SparseTargets:
+        """The lists in pinned host memory, for ``non_blocking`` copies to a GPU (what
+        ``DataLoader(pin_memory=True)`` calls; without it the lists came back unpinned)."""
+        return SparseTargets(**{f.name: _pinned(getattr(self, f.name)) for f in fields(self)})
 
     def to_dense(self, device: torch.device | str | None = None) -> Targets:
         """The dense ``Targets``, built on ``device`` (default: where the lists are), e.g.
@@ -129,6 +138,10 @@ class Targets:
             move(self.labels), move(self.matched_gt), move(self.deltas), move(self.classes),
             move(self.max_iou), list(self.dropped), self.background_class, self.level_starts,
         )  # fmt: skip
+
+    def pin_memory(self) -> Targets:
+        """These targets in pinned host memory (``DataLoader(pin_memory=True)`` calls it)."""
+        return Targets(**{f.name: _pinned(getattr(self, f.name)) for f in fields(self)})
 
     def levels(self) -> list[Targets]:
         """One ``Targets`` per pyramid level, views of these (no copy): level k holds anchors

@@ -187,3 +187,18 @@ def test_two_retinanet_training_steps_with_targets_from_the_service(server, meth
         if steps == 2:
             break
     assert steps == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+@pytest.mark.parametrize("densify", [True, False])
+def test_targets_come_pinned_from_a_pinning_data_loader(densify):
+    """``DataLoader(pin_memory=True)`` pins objects through their ``pin_memory()``: without
+    one the targets came back unpinned, their copies to the GPU not asynchronous."""
+    collate = TargetCollate(_collate, preset=PRESET, densify=densify)
+    loader = torch.utils.data.DataLoader(_Detection(), batch_size=2, collate_fn=collate, pin_memory=True)
+    _images, targets, assigned = next(iter(loader))
+    assert isinstance(assigned, Targets if densify else SparseTargets)
+    tensors = [t for t in vars(assigned).values() if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.is_pinned() for t in tensors)
+    if densify:
+        _same(assigned, _expected(targets))
