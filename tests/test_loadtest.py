@@ -17,13 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, limits, peer_recording_server, serve_process
+from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
 from tritarget.clients.loadtest import LoadTestOptions, Report, Workload, _Driver, _histogram, run, verify_response
 from tritarget.kernels import assign
@@ -191,16 +190,8 @@ def _echo_server(end_first_stream: grpc.StatusCode | str | None = None, stall: t
                 context.abort(end_first_stream, "the first stream ends here")
             yield answer(b"", context)
 
-    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(answer),
-                "AssignStream": grpc.stream_stream_rpc_method_handler(answer_stream)}  # fmt: skip
-    server = grpc.server(ThreadPoolExecutor(8))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", loading, answered
-    finally:
-        server.stop(0)
+    with fake_assigner(answer, answer_stream) as address:
+        yield address, loading, answered
 
 
 def _closed_port() -> str:

@@ -153,13 +153,21 @@ def peer_recording_server() -> Iterator[tuple[str, set[str]]]:
         for _ in requests:
             yield record(b"", context)
 
-    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(record),
-                "AssignStream": grpc.stream_stream_rpc_method_handler(record_stream)}  # fmt: skip
+    with fake_assigner(record, record_stream) as address:
+        yield address, peers
+
+
+@contextlib.contextmanager
+def fake_assigner(assign, assign_stream) -> Iterator[str]:
+    """A real gRPC server on loopback whose Assign and AssignStream are the given handlers
+    (raw bytes in and out); yields its address."""
+    handlers = {"Assign": grpc.unary_unary_rpc_method_handler(assign),
+                "AssignStream": grpc.stream_stream_rpc_method_handler(assign_stream)}  # fmt: skip
     server = grpc.server(ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield f"127.0.0.1:{port}", peers
+        yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)

@@ -55,15 +55,20 @@ def test_auth_accepts_the_token_and_health_needs_none(auth_server):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _raw_assign(channel: grpc.Channel):
+    """Assign without the client library: the metadata exactly as given."""
+    return channel.unary_unary(
+        "/tritarget.v1.TargetAssigner/Assign",
+        request_serializer=pb.AssignRequest.SerializeToString,
+        response_deserializer=pb.AssignResponse.FromString,
+    )
+
+
 def test_auth_scheme_is_case_insensitive_and_the_token_exact(auth_server):
     """RFC 7235: the scheme's name is case-insensitive (``bearer`` from some clients)."""
     request = build_request(BOXES, [1], CANVAS, preset="retinanet_torchvision")
     with grpc.insecure_channel(auth_server.address) as channel:
-        assign = channel.unary_unary(
-            "/tritarget.v1.TargetAssigner/Assign",
-            request_serializer=pb.AssignRequest.SerializeToString,
-            response_deserializer=pb.AssignResponse.FromString,
-        )
+        assign = _raw_assign(channel)
         for value in (f"bearer {TOKEN}", f"BEARER {TOKEN}"):
             assert assign(request, metadata=(("authorization", value),), timeout=10).batch_size == 1
         for value in (f"Bearer {TOKEN.upper()}", f"Bearer  {TOKEN}", f"Basic {TOKEN}", f"Bearer{TOKEN}"):
@@ -76,11 +81,7 @@ def test_auth_scheme_is_case_insensitive_and_the_token_exact(auth_server):
 def test_auth_needs_every_authorization_header_to_agree(auth_server, second):
     request = build_request(BOXES, [1], CANVAS, preset="retinanet_torchvision")
     with grpc.insecure_channel(auth_server.address) as channel:
-        assign = channel.unary_unary(
-            "/tritarget.v1.TargetAssigner/Assign",
-            request_serializer=pb.AssignRequest.SerializeToString,
-            response_deserializer=pb.AssignResponse.FromString,
-        )
+        assign = _raw_assign(channel)
         both = (("authorization", f"Bearer {TOKEN}"), ("authorization", second))
         for metadata in (both, both[::-1]):
             with pytest.raises(grpc.RpcError) as info:
