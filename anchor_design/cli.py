@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from tritarget.service.arguments import integer
+
 __all__ = ["add_parser", "main", "run"]
 
 # Resizing when no resize flag is given, by anchor layout (see _layout_resize): the FPN
@@ -30,25 +32,10 @@ _FIXED_LAYOUTS = ("ssd", "d2l")
 _INT64_MAX = 2**63 - 1
 
 
-def _int_in(low: int, high: int, wanted: str):
-    """An argparse type: an integer in [low, high], refused with "must be {wanted}"."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = _int_in(1, _INT64_MAX, "a positive integer")
-_non_negative = _int_in(0, _INT64_MAX, "an integer >= 0")
-_seed = _int_in(0, 2**64 - 1, "an integer in 0 .. 2**64 - 1 (a torch.Generator seed)")
-_image_id = _int_in(-_INT64_MAX - 1, _INT64_MAX, "a 64-bit integer")
+_positive = integer(1, _INT64_MAX, "a positive integer")
+_non_negative = integer(0, _INT64_MAX, "an integer >= 0")
+_seed = integer(0, 2**64 - 1, "an integer in 0 .. 2**64 - 1 (a torch.Generator seed)")
+_image_id = integer(-_INT64_MAX - 1, _INT64_MAX, "a 64-bit integer")
 
 
 class _ConfigChoice(argparse.Action):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import sys
 from pathlib import Path
 
+from tritarget.service.arguments import integer, number
+
 __all__ = ["add_parser"]
+
+_positive = number(0, above=True)
 
 # The exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
 _INTERRUPTED = 130
@@ -33,43 +36,6 @@ def _boxes(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"boxes per image must be >= 0, got {value}")
     return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):  # NaN passes every comparison; infinity never ends
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _address(text: str) -> str:
@@ -88,10 +54,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--target", action="append", required=True, type=_address,
                         help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
     parser.add_argument("--duration", type=_positive, default=10.0, help="measured seconds (default 10)")
-    parser.add_argument("--warmup", type=_non_negative, default=2.0, help="seconds before measuring (default 2)")
+    parser.add_argument("--warmup", type=number(0), default=2.0, help="seconds before measuring (default 2)")
     parser.add_argument(
         "--concurrency",
-        type=_count(1),
+        type=integer(1),
         default=8,
         help="callers, or streams with --stream; with --rate, the connections "
         "the calls are spread over (default 8; one connection per caller or stream)",
@@ -99,22 +65,22 @@ def add_parser(commands) -> None:
     parser.add_argument("--rate", type=_positive,
                         help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip
     parser.add_argument("--stream", action="store_true", help="AssignStream calls instead of unary Assign")
-    parser.add_argument("--window", type=_count(1),
+    parser.add_argument("--window", type=integer(1),
                         help="closed-loop --stream only: requests in flight per stream (default 1)")  # fmt: skip
-    parser.add_argument("--processes", type=_count(1), default=1, help="client processes (default 1)")
+    parser.add_argument("--processes", type=integer(1), default=1, help="client processes (default 1)")
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    parser.add_argument("--canvas", type=_count(1), nargs=2, default=(800, 1344), metavar=("H", "W"))
-    parser.add_argument("--images", type=_count(1), default=8, help="images per request (default 8)")
+    parser.add_argument("--canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"))
+    parser.add_argument("--images", type=integer(1), default=8, help="images per request (default 8)")
     parser.add_argument("--boxes", type=_boxes, default=None, metavar="coco|G",
                         help="boxes per image: COCO-like (default) or a fixed number")  # fmt: skip
     parser.add_argument("--format", choices=("sparse", "dense"), default="sparse")
     parser.add_argument("--fp16", action="store_true", help="float16 deltas")
-    parser.add_argument("--variants", type=_count(1), default=16, help="distinct requests cycled through (default 16)")
+    parser.add_argument("--variants", type=integer(1), default=16, help="distinct requests cycled through (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=_positive, default=60.0, help="per-call deadline in seconds (default 60)")
     parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
-    parser.add_argument("--verify", type=_count(0), default=0, metavar="K",
+    parser.add_argument("--verify", type=integer(0), default=0, metavar="K",
                         help="recompute K answered requests in-process; any difference fails the run")  # fmt: skip
     parser.add_argument("--json", help="write the summary and the per-second series as JSON")
     parser.add_argument("--csv", help="write the per-second series as CSV")

@@ -27,6 +27,8 @@ import signal
 import sys
 import time
 
+from .arguments import integer, number
+
 __all__ = ["main"]
 
 
@@ -357,13 +359,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
     parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
     parser.add_argument(
-        "--max-message-mb", type=_positive_int, default=256, help="max request/response size (default 256)"
+        "--max-message-mb", type=integer(1), default=256, help="max request/response size (default 256)"
     )
+    parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(
-        "--max-request-images", type=_positive_int, default=256, help="images per request (default 256)"
-    )
-    parser.add_argument(
-        "--max-request-boxes", type=_positive_int, default=100_000, help="boxes per request (default 100000)"
+        "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"
     )
     parser.add_argument("--max-batch-images", type=int,
                         help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
@@ -378,9 +378,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
-    parser.add_argument(
-        "--grace", type=_non_negative_float, default=10.0, help="seconds for calls in flight at shutdown"
-    )
+    parser.add_argument("--grace", type=number(0), default=10.0, help="seconds for calls in flight at shutdown")
     parser.add_argument("--no-access-log", action="store_true",
                         help="no INFO line per call (method, id, images, boxes, code, ms)")  # fmt: skip
 
@@ -391,25 +389,11 @@ def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
                              "4, with a fixed --port; 1 with --port 0)")  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import presets
 
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    parser.add_argument("--batch", type=_positive_int, default=4, help="images in the demo request (default 4)")
+    parser.add_argument("--batch", type=integer(1), default=4, help="images in the demo request (default 4)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -421,10 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="compute targets for a synthetic COCO-like batch in-process")
     demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
-    demo.add_argument("--batch", type=_positive_int, default=4, help="images in the batch (default 4)")
-    demo.add_argument(
-        "--canvas", type=_positive_int, nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)"
-    )
+    demo.add_argument("--batch", type=integer(1), default=4, help="images in the batch (default 4)")
+    demo.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
 

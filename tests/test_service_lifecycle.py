@@ -157,7 +157,7 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                            str(empty)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and f"--token-file {empty}: empty" in done.stderr
     for args, message in ((["serve", "--max-message-mb", "0"], "--max-message-mb: must be >= 1"),
-                          (["serve", "--grace", "-1"], "--grace: must be >= 0"),
+                          (["serve", "--grace", "-1"], "--grace: must be a finite number >= 0"),
                           (["demo", "--batch", "0"], "--batch: must be >= 1"),
                           (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]"),
                           (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port")):  # fmt: skip
