@@ -23,7 +23,9 @@
   matched boxes exactly, deltas within float tolerance); any difference fails the run.
 * A stream that fails is reopened until the run ends; its unanswered requests count as
   errors (closed loop: at least one per failed stream; open loop: every scheduled request
-  is answered or counted as an error).
+  is answered or counted as an error), under the server's code, ``UNANSWERED`` (closed
+  without error) or ``ENDED_WHILE_SENDING`` (gRPC's client lost the code: the stream ended
+  while a request was being written).
 * Ctrl-C during ``run`` stops the clients, and the report holds what they measured until
   then, marked ``interrupted``; a client process that fails stops the others and is listed
   in ``worker_failures``.
@@ -77,6 +79,10 @@ _REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusin
 # A stream that the server closed without error before answering every request (no gRPC
 # code says so).
 _UNANSWERED = "UNANSWERED"
+# A stream that ended while a request was being written: gRPC's aio client then replaces the
+# server's status (UNAVAILABLE, OK, ...) with a local INTERNAL, so the server's code is lost
+# and INTERNAL would blame the server for a race in the client library.
+_ENDED_WHILE_SENDING = "ENDED_WHILE_SENDING"
 
 
 def _histogram() -> HdrHistogram:
@@ -245,6 +251,8 @@ class _Recorder:
 
 
 def _code(error: grpc.RpcError) -> str:
+    if error.code() == grpc.StatusCode.INTERNAL and "SendMessageOperation" in (error.debug_error_string() or ""):
+        return _ENDED_WHILE_SENDING  # the status the client library made up for a failed send
     return error.code().name
 
 

@@ -161,9 +161,10 @@ TINY = Workload(canvas=(64, 64), images=1, variants=2)
 def _echo_server(end_first_stream: grpc.StatusCode | str | None = None, stall: tuple[int, float] | None = None,
                  peers: int = 1) -> Iterator[tuple[str, threading.Event, list[int]]]:  # fmt: skip
     """A gRPC server on loopback that answers Assign and every AssignStream item with an
-    empty response (answered, no error). Its first stream ends after 3 answers, with the
-    status code ``end_first_stream``, or without error ("OK"); ``stall=(n, s)``: the n-th
-    unary answer waits s seconds. Yields its address, an event set once ``peers``
+    empty response (answered, no error). Its first stream answers 3 requests, reads 2 more
+    (a window of 2 then holds the client: it is not writing when the stream ends) and ends,
+    with the status code ``end_first_stream``, or without error ("OK"); ``stall=(n, s)``:
+    the n-th unary answer waits s seconds. Yields its address, an event set once ``peers``
     connections have been answered, and the count of answers."""
     seen, answered, streams, lock = set(), [0], [0], threading.Lock()
     loading = threading.Event()
@@ -184,9 +185,11 @@ def _echo_server(end_first_stream: grpc.StatusCode | str | None = None, stall: t
             streams[0] += 1
             first = streams[0] == 1
         for n, _ in enumerate(requests):
-            if first and n == 3 and end_first_stream == "OK":
-                return
-            if first and n == 3 and end_first_stream is not None:
+            if first and n >= 3 and end_first_stream is not None:
+                if n == 3:
+                    continue
+                if end_first_stream == "OK":
+                    return
                 context.abort(end_first_stream, "the first stream ends here")
             yield answer(b"", context)
 
@@ -207,8 +210,26 @@ def test_a_stream_that_fails_is_reopened(end, code):
     with _echo_server(end_first_stream=end) as (address, _, _):
         report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=0.5, warmup_s=0, concurrency=1,
                                      stream=True, window=2))  # fmt: skip
-    assert list(report.errors) == [code] and 1 <= report.errors[code] <= 2, report.table()  # those in flight
+    assert report.errors == {code: 2}, report.table()  # the two in flight
     assert report.requests > 3, report.table()  # answered after the failure, by a new stream
+
+
+def test_a_stream_ending_while_a_request_is_written_is_not_blamed_on_the_server():
+    """A server that ends every stream after 3 answers with UNAVAILABLE, while the client
+    still writes (a window of 8): gRPC's aio client reports a made-up INTERNAL for some of
+    them (a few percent of streams, a race); the report must not count them as INTERNAL."""
+
+    def end_after_three(requests, context):
+        for n, _ in enumerate(requests):
+            if n == 3:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this stream ends here")
+            yield b""
+
+    with fake_assigner(lambda request, context: b"", end_after_three) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=8,
+                                     stream=True, window=8))  # fmt: skip
+    assert set(report.errors) <= {"UNAVAILABLE", "ENDED_WHILE_SENDING"}, report.table()
+    assert report.errors["UNAVAILABLE"] > 0 and report.requests >= 3 * 8, report.table()
 
 
 @pytest.mark.parametrize("server", ["fails-a-stream", "down"])
