@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
-from .config import TargetConfig
+from .config import _INT32_MAX, TargetConfig
 from .streams import stream_key
 from .targets import NOTHING_DROPPED
 
@@ -310,11 +310,15 @@ def _invalid_on_host(item: _Boxes, canvas: tuple[int, int], host_check: HostChec
     return False
 
 
-def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: HostCheck | None) -> bool:
-    """Whether some box may be invalid: CPU inputs are decided on the host (small ones in
-    Python, any with ``host_check``), the others with the one read-back from the device in
-    a call."""
+def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: HostCheck | None,
+                    classes: torch.Tensor | None) -> bool:  # fmt: skip
+    """Whether some box (or a device tensor of classes) may be invalid: CPU inputs are
+    decided on the host (small ones in Python, any with ``host_check``), the others with the
+    one read-back from the device in a call."""
     extremes: list[torch.Tensor] = []  # min and max of each input's margins
+    if classes is not None and not classes.is_cpu and classes.numel():
+        low, high = torch.aminmax(classes)  # in range: low + 1 > 0 and high <= _INT32_MAX
+        extremes += [(low + 1).float(), torch.where(high > _INT32_MAX, math.inf, 0.0)]
     for item in items:
         count = item.boxes.shape[0]
         if count == 0:
@@ -326,8 +330,24 @@ def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: Ho
             extremes += torch.aminmax(_margins(item, canvas))
     if not extremes:
         return False
-    values = torch.stack(extremes).tolist()
+    values = torch.stack([value.float() for value in extremes]).tolist()
     return not (min(values[::2]) > 0 and max(values[1::2]) < math.inf)
+
+
+def _check_classes(classes: torch.Tensor) -> None:
+    """``Targets.classes`` is int32: a class outside [0, 2^31) would wrap silently, and
+    a negative one collides with the conventions for unmatched anchors."""
+    if classes.is_cpu and classes.numel() <= _HOST_CHECK_MAX_BOXES:
+        listed = classes.tolist()
+        if not listed or (min(listed) >= 0 and max(listed) <= _INT32_MAX):
+            return
+    elif classes.is_cpu:
+        low, high = torch.aminmax(classes)
+        if low >= 0 and high <= _INT32_MAX:
+            return
+    bad = torch.nonzero((classes < 0) | (classes > _INT32_MAX)).flatten().tolist()
+    if bad:
+        raise ValueError(f"gt_classes[{bad[0]}]: class {int(classes[bad[0]])} is outside [0, {_INT32_MAX}]")
 
 
 def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> list[tuple[int, str]]:
@@ -543,8 +563,11 @@ def build_problem(
         raise
 
     dropped = {}
-    if examined and _may_be_invalid(examined, canvas, host_check):
+    may_be_invalid = (examined or classes is not None) and _may_be_invalid(examined, canvas, host_check, classes)
+    if may_be_invalid:
         dropped = _examine(checked, canvas, drop_invalid)
+    if classes is not None and (may_be_invalid or classes.is_cpu):  # device classes: in the read-back
+        _check_classes(classes)
     kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]

@@ -143,6 +143,26 @@ def test_bad_argument_is_named(call, error, message):
         call()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("many", [False, True], ids=["few", "many"])  # listed / reduced on the host
+@pytest.mark.parametrize("bad", [-1, 2**31, 2**32 + 7])  # 2^32 + 7 used to become class 7 (int32 output)
+def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
+    boxes, counts = (GOOD.repeat(100, 1), [300]) if many else (GOOD, [3])
+    classes = torch.ones(boxes.shape[0], dtype=torch.int64)
+    classes[-2] = bad
+    backends = ["reference", "cpu"] if device == "cpu" else ["reference", "triton"]
+    for function in (assign, assign_sparse):
+        for backend in backends:
+            with pytest.raises(ValueError, match=rf"gt_classes\[{boxes.shape[0] - 2}\]: class {bad} is outside"):
+                function(boxes.to(device), counts, CANVAS, CONFIG, gt_classes=classes.to(device), backend=backend)
+    edge = torch.full_like(classes, 2**31 - 1)  # the largest class passes unchanged
+    targets = assign(boxes.to(device), counts, CANVAS, CONFIG, gt_classes=edge.to(device), backend=backends[1])
+    assert targets.classes.max().item() == 2**31 - 1
+
+
 def test_invalid_ignore_box_is_named():
     with pytest.raises(ValueError, match=r"ignore_boxes: image 0, box 0: degenerate"):
         _assign(GOOD, [3], ignore_boxes=torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ignore_counts=[1])
