@@ -257,6 +257,12 @@ def _anonymous(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
+# Targets saved with ``torch.save`` (precomputed targets cached on disk) load with
+# ``torch.load``'s default ``weights_only=True``: they hold only tensors, ints and lists,
+# and unpickling them runs no code of ours.
+torch.serialization.add_safe_globals([SparseTargets, Targets])
+
+
 def _listed(labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(offsets [B + 1] int64, anchors int32): where ``labels`` [B, A] equal ``label``,
     image by image in anchor order. On the host in numpy, on the calling thread: its nonzero

@@ -199,6 +199,21 @@ def test_targets_compare_by_identity_and_move_without_changing_dtypes():
     assert targets.to_sparse().to(torch.device("cpu"), non_blocking=True).positive_anchors.dtype == torch.int32
 
 
+def test_targets_saved_with_torch_save_load_with_weights_only(tmp_path):
+    for function in (assign, assign_sparse):
+        targets = function(GOOD, [2, 1], CANVAS, CONFIG, gt_classes=torch.tensor([3, 1, 2]), backend="cpu")
+        torch.save(targets, tmp_path / "targets.pt")
+        loaded = torch.load(tmp_path / "targets.pt")  # weights_only=True, torch's default
+        assert type(loaded) is type(targets)
+        for name, value in vars(targets).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(loaded, name), value), name
+            elif name == "dropped":
+                assert [d.tolist() for d in loaded.dropped] == [d.tolist() for d in value]
+            else:
+                assert getattr(loaded, name) == value, name
+
+
 def test_float64_boxes_are_accepted_as_float32():
     assert torch.equal(_assign(GOOD.double(), [3]).labels, _assign(GOOD, [3]).labels)
 
