@@ -11,7 +11,9 @@
 * Retries: UNAVAILABLE (server down, not started yet, restarting, draining) is
   retried with exponential backoff and jitter until the call's deadline (or
   ``retries`` tries, when given); an endpoint that just failed is skipped for a
-  moment while another is available. Other errors are not retried.
+  moment while another is available. Other errors are not retried, except that
+  with ``try_timeout`` (seconds) a unary try that takes longer is abandoned and
+  retried on the next endpoint (a hung replica holds one try, not the whole call).
 * Streams survive a replica dying: the requests a stream sent and got no answer for
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
@@ -191,6 +193,7 @@ class _Base:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = 60.0,
+        try_timeout: float | None = None,
         retries: int | None = None,
         backoff: float = 0.05,
         max_backoff: float = 1.0,
@@ -209,7 +212,10 @@ class _Base:
         # unless each keeps its own subchannel pool.
         self._endpoints = self.targets * connections
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+        if try_timeout is not None and not try_timeout > 0:
+            raise ValueError(f"try_timeout: must be > 0 seconds (or None: the call's timeout), got {try_timeout}")
         self.timeout = timeout
+        self.try_timeout = try_timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -259,8 +265,8 @@ class _Base:
     def __getstate__(self) -> dict[str, Any]:
         return {
             "target": self.targets, "token": self._token, "tls": self._tls,
-            "root_certificates": self._root_certificates, "timeout": self.timeout, "retries": self.retries,
-            "backoff": self.backoff, "max_backoff": self.max_backoff,
+            "root_certificates": self._root_certificates, "timeout": self.timeout, "try_timeout": self.try_timeout,
+            "retries": self.retries, "backoff": self.backoff, "max_backoff": self.max_backoff,
             "max_message_bytes": self._max_message_bytes, "options": self._extra_options,
             "connections": self.connections,
         }  # fmt: skip
@@ -305,7 +311,7 @@ class _Base:
         """Seconds to wait before the next try, or None to give up. A wait that would pass
         the deadline is cut short, so the last try comes just before it (a server that
         comes up late in the deadline is still found)."""
-        if not _transport_failure(error) or (self.retries is not None and attempt >= self.retries):
+        if not self._retryable(error, deadline) or (self.retries is not None and attempt >= self.retries):
             return None
         delay = self._delay(attempt)
         if deadline is not None:
@@ -314,6 +320,20 @@ class _Base:
                 return None
             delay = min(delay, left)
         return delay
+
+    def _retryable(self, error: grpc.RpcError, deadline: float | None) -> bool:
+        """A transport failure, or a try cut short by ``try_timeout`` with time left."""
+        if _transport_failure(error):
+            return True
+        return (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                and (deadline is None or deadline - time.monotonic() > _LAST_TRY_S))  # fmt: skip
+
+    def _try_limit(self, deadline: float | None) -> float | None:
+        """Seconds one try may take: what is left of the call, at most ``try_timeout``."""
+        left = self._remaining(deadline)
+        if self.try_timeout is None:
+            return left
+        return self.try_timeout if left is None else min(left, self.try_timeout)
 
     def _retry_after(self, error: grpc.RpcError, index: int, attempt: int, deadline: float | None,
                      started: float) -> float:  # fmt: skip
@@ -532,7 +552,7 @@ class TargetClient(_Base):
             index = self._endpoint()
             try:
                 rpc = getattr(self._stubs[index], method)
-                response = rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                response = rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:
@@ -693,7 +713,7 @@ class AsyncTargetClient(_Base):
             index = self._endpoint()
             try:
                 rpc = getattr(self._stubs[index], method)
-                response = await rpc(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                response = await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import pickle
 import socket
@@ -130,6 +131,59 @@ def test_deadline_exceeded_is_not_retried():
                 assert time.monotonic() - start < 5
         finally:
             gate.set()
+
+
+@contextlib.contextmanager
+def _hung_server():
+    """A real server whose compute worker never comes back (until the test ends)."""
+    gate = threading.Event()
+    with ServerThread() as srv:
+
+        async def occupy():
+            asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+        srv.run(occupy())
+        try:
+            yield srv
+        finally:
+            gate.set()
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_try_timeout_moves_a_call_off_a_hung_replica(two_servers, client_class):
+    good, _ = two_servers
+    with _hung_server() as hung:
+        client = client_class([hung.address, good.address], timeout=20, try_timeout=0.3)
+        start = time.monotonic()
+        if client_class is TargetClient:
+            with client:
+                results = [_assign(client) for _ in range(2)]
+        else:
+
+            async def calls():
+                async with client:
+                    return [await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision") for _ in range(2)]
+
+            results = asyncio.run(calls())
+        assert all((targets.labels == 1).any() for targets in results)
+        assert time.monotonic() - start < 10  # not the 20 s deadline
+        assert client.stats.retries >= 1
+
+
+def test_try_timeout_still_gives_up_at_the_calls_deadline():
+    with _hung_server() as hung, TargetClient(hung.address, timeout=1.5, try_timeout=0.4) as client:
+        start = time.monotonic()
+        with pytest.raises(TargetServiceError) as info:
+            _assign(client)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 1.4 < time.monotonic() - start < 5
+        assert client.stats.retries >= 2  # tries of 0.4 s until the deadline
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_try_timeout_must_be_positive(bad):
+    with pytest.raises(ValueError, match="try_timeout: must be > 0 seconds"):
+        TargetClient("127.0.0.1:1", try_timeout=bad)
 
 
 def test_error_carries_code_details_and_field_violations(two_servers):
@@ -288,9 +342,10 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
 
 def test_client_pickles_as_its_options():
     client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2,
-                          connections=3)  # fmt: skip
+                          connections=3, try_timeout=2.5)  # fmt: skip
     copy = pickle.loads(pickle.dumps(client))
     assert copy.targets == client.targets and copy.timeout == 7.5 and copy.retries == 4 and copy.backoff == 0.2
+    assert copy.try_timeout == 2.5
     assert copy.connections == 3
     assert copy._metadata == client._metadata and copy._channels == []
     aclient = pickle.loads(pickle.dumps(AsyncTargetClient("127.0.0.1:1", tls=True)))
