@@ -301,7 +301,7 @@ def _check_backend(backend: str) -> None:
 
 
 def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
-    from .output import output_file_problem
+    from tritarget.service.output import output_file_problem
 
     problem = output_file_problem(path)
     if problem is not None:
@@ -365,7 +365,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    from .output import write_atomically
+    from tritarget.service.output import write_atomically
 
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
@@ -438,8 +438,9 @@ def _shapes_canvas(resize) -> tuple[int, int]:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from tritarget.service.output import output_file_problem, output_folder_problem
+
     from .check import check
-    from .output import output_file_problem, output_folder_problem
     from .plots import plot_anchor_shapes, plot_assignment, plot_check
 
     configs = _configs(args)

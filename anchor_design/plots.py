@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from tritarget.kernels import IGNORED, POSITIVE, TargetConfig, assign, generate_anchors
+from tritarget.service.output import write_atomically
 
 from .check import SIZE_NAMES, CheckResult, _bin_labels, _level_tables, scan_config
 from .dataset import BoxDataset
-from .output import write_atomically
 
 __all__ = ["plot_anchor_shapes", "plot_assignment", "plot_check", "plot_image_assignment"]
 

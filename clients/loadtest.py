@@ -60,6 +60,7 @@ from hdrh.histogram import HdrHistogram
 from tritarget.kernels import Targets, assign, presets
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service.output import write_atomically
 
 from .client import _channel_options
 from .wire import build_request, decode_response
@@ -593,13 +594,17 @@ class Report:
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({**self.summary(), "series": self.series}, indent=2) + "\n")
+        text = json.dumps({**self.summary(), "series": self.series}, indent=2) + "\n"
+        write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
     def write_csv(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(_SERIES_FIELDS))
-            writer.writeheader()
-            writer.writerows(self.series)
+        def write(temporary: str) -> None:
+            with open(temporary, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(_SERIES_FIELDS))
+                writer.writeheader()
+                writer.writerows(self.series)
+
+        write_atomically(path, write)
 
     def plot(self, path: str | Path) -> None:
         """Throughput and latency (p50, p99) per second (needs matplotlib)."""
@@ -621,7 +626,7 @@ class Report:
         bottom.set_xlabel(f"second of the run ({self.options.describe()})", fontsize=7)
         bottom.legend()
         figure.tight_layout()
-        figure.savefig(path, dpi=110)
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110))
         plt.close(figure)
 
 

@@ -14,9 +14,9 @@ import argparse
 import importlib.util
 import os
 import sys
-from pathlib import Path
 
 from tritarget.service.arguments import integer, number
+from tritarget.service.output import output_file_problem
 
 __all__ = ["add_parser"]
 
@@ -89,26 +89,13 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=_loadtest)
 
 
-def _output_problem(path: str) -> str | None:
-    """Why ``path`` cannot be written, found before a run that may take minutes; None if it can."""
-    target = Path(path)
-    if target.is_dir():
-        return f"{path} is a folder"
-    folder = target.parent  # Path("out.json").parent is "."
-    if not folder.is_dir():
-        return f"folder {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        return f"{path} is not writable"
-    return None
-
-
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """The first flag that argparse cannot check alone, and what is wrong with it."""
     if args.window is not None and (not args.stream or args.rate is not None):
         return "--window: only with --stream, in closed loop (without --rate)"
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-        if path is not None and (problem := _output_problem(path)):
-            return f"{flag}: {problem}"
+        if path is not None and (problem := output_file_problem(path)):  # before a run that may take minutes
+            return f"{flag} {path}: {problem}"
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return "--plot: needs matplotlib (pip install matplotlib)"
     return None

@@ -4,5 +4,6 @@ Reading order: ``errors`` (domain errors, no grpc), ``backend`` (the dynamic bat
 in front of ``tritarget.kernels.assign``, no grpc), ``codec`` (messages <-> jobs and
 targets, limits), ``status`` (the one error -> status-code mapping), ``servicer``
 (decode -> batcher -> encode), ``auth`` (bearer-token interceptor), ``metrics``
-(Prometheus), ``server`` (wiring, health, reflection, shutdown), ``cli``.
+(Prometheus), ``server`` (wiring, health, reflection, shutdown), ``cli``; ``arguments``
+and ``output`` are what the ``tritarget`` commands share (number flags, output files).
 """

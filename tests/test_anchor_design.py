@@ -23,8 +23,8 @@ from tritarget.anchor_design import (
     synthetic,
 )
 from tritarget.anchor_design.cli import main
-from tritarget.anchor_design.output import write_atomically
 from tritarget.kernels import TargetConfig, generate_anchors, presets
+from tritarget.service.output import write_atomically
 
 
 def _write(path, data) -> str:

@@ -400,11 +400,12 @@ def test_bad_values_are_refused_by_the_parser(flags, capsys):
 @pytest.mark.parametrize("flags, error", [
     (["--window", "4"], "--window: only with --stream"),
     (["--stream", "--rate", "10", "--window", "2"], "--window: only with --stream"),
-    (["--json", "{tmp}"], "--json: {tmp} is a folder"),
-    (["--csv", "{tmp}/missing/out.csv"], "--csv: folder {tmp}/missing does not exist"),
+    (["--json", "{tmp}"], "--json {tmp}: is a folder; give a file name"),
+    (["--csv", "{tmp}/afile/out.csv"], "--csv {tmp}/afile/out.csv: {tmp}/afile is not a folder"),
 ])  # fmt: skip
 def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
     flags = [flag.format(tmp=tmp_path) for flag in flags]
+    (tmp_path / "afile").write_text("")
     code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--canvas", "64", "64",
                  "--no-progress", *flags])  # fmt: skip
     assert code == 2

@@ -1,4 +1,5 @@
-"""Output files: checked before the work that fills them, written whole or not at all.
+"""Output files of the ``tritarget`` commands (load-test reports, anchor reports and
+pictures): checked before the work that fills them, written whole or not at all.
 
 A file written in place is left truncated by Ctrl-C or a full disk. ``write_atomically``
 writes a temporary file in the target's folder and renames it over the target
