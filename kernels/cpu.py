@@ -40,6 +40,7 @@ from __future__ import annotations
 import array
 import ctypes
 import functools
+import os
 import threading
 import weakref
 
@@ -145,6 +146,16 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 # Held to change the cache below: another thread's eviction iterates over it (lookups
 # need no lock).
 _CACHE_LOCK = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    """A forked child (a DataLoader worker) gets a free lock: another thread of the parent
+    may have held this one at the fork, and nothing in the child would release it."""
+    global _CACHE_LOCK
+    _CACHE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _compute_bounds(anchors: torch.Tensor) -> torch.Tensor:

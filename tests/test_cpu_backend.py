@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -312,6 +313,29 @@ def test_a_forked_child_solves_with_threads_after_its_parent_did(generator):
     assert got is not None, "the forked child did not answer within 120 s"
     assert got == [expected.positive_anchors.tolist(), expected.ignored_anchors.tolist()]
     assert child.exitcode == 0
+
+
+def _solve_fresh_config_in_child(problem, connection) -> None:
+    fresh = replace(problem, config=TargetConfig.from_dict(problem.config.to_dict()))  # a template to cache
+    connection.send(cpu.solve_sparse(fresh).positive_anchors.tolist())
+
+
+def test_a_child_forked_while_a_parent_thread_caches_a_template_is_not_stuck():
+    """Another thread of the parent holds the template cache's lock at the fork (held here
+    by the test itself, as that thread would): the child must not wait for it forever."""
+    problem = build_problem(torch.tensor([[10.0, 10.0, 60.0, 50.0]]), [1], (96, 128),
+                            presets.get("retinanet_torchvision"))[0]  # fmt: skip
+    expected = cpu.solve_sparse(problem).positive_anchors.tolist()
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    with cpu._CACHE_LOCK:
+        child = context.Process(target=_solve_fresh_config_in_child, args=(problem, sending))
+        child.start()
+        got = receiving.recv() if receiving.poll(60) else None
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert got == expected, "the forked child did not answer within 60 s"
 
 
 @pytest.mark.parametrize(
