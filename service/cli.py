@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -161,7 +162,10 @@ def _serve(args: argparse.Namespace) -> int:
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
-            return _serve_workers(options, workers)
+            return _serve_workers(options, workers, cores)
+        import torch
+
+        torch.set_num_threads(min(torch.get_num_threads(), cores))  # torch counts a quota's node's cores
         asyncio.run(serve(options))
     except (ValueError, OSError) as exc:
         print(f"tritarget serve: {exc}", file=sys.stderr)
@@ -172,12 +176,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (a container's cpuset; all of them where the
-    platform cannot say, as on macOS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def _usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: those it may run on (a container's cpuset; all of
+    them where the platform cannot say, as on macOS), at most its container's CPU quota
+    rounded up (a Kubernetes CPU limit: threads for every core of the node would spend
+    the quota early in each period and then stall until the next)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: str) -> float | None:
+    """Cores' worth of CPU time per period that the container's cgroup allows (v2
+    ``cpu.max``, else v1 ``cpu.cfs_quota_us``), or None: no quota, or not in a container
+    (the root cgroup has none)."""
+    try:
+        with open(os.path.join(cgroup, "cpu.max")) as f:
+            quota, period = f.read().split()  # "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(cgroup, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(cgroup, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 or period <= 0 else quota / period  # -1: no quota
+    except (OSError, ValueError):
+        return None
 
 
 def front_ends(workers: int | None, port: int, cores: int) -> int:
@@ -223,7 +249,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise OSError(f"could not bind {host_port(host, port)} (in use?): {exc.strerror}") from None
 
 
-def _serve_workers(options, workers: int) -> int:
+def _serve_workers(options, workers: int, cores: int) -> int:
     """``workers`` server processes on one port (SO_REUSEPORT; the kernel spreads the
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
     SIGINT to this parent drains every worker. Worker i serves metrics on
@@ -234,7 +260,7 @@ def _serve_workers(options, workers: int) -> int:
     from .server import serve
 
     _check_port_free(options.host, options.port)
-    threads = max(1, _usable_cores() // workers)
+    threads = max(1, cores // workers)
     children = []
     for i in range(workers):
         metrics_port = None if options.metrics_port is None else options.metrics_port + i

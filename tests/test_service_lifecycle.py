@@ -23,7 +23,7 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
-from tritarget.service.cli import front_ends
+from tritarget.service.cli import _usable_cores, front_ends
 from tritarget.service.server import host_port
 
 CANVAS = (96, 128)
@@ -97,6 +97,23 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize(("files", "cores"), [
+    ({}, 64),  # not in a container: every core it may run on
+    ({"cpu.max": "max 100000\n"}, 64),  # cgroup v2, no limit
+    ({"cpu.max": "250000 100000\n"}, 3),  # a Kubernetes limit of 2.5 CPUs: 3 threads, not 64
+    ({"cpu.max": "20000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64),  # cgroup v1, no limit
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+    ({"cpu.max": "garbled"}, 64),
+])  # fmt: skip
+def test_usable_cores_follow_a_containers_cpu_quota(files, cores, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _usable_cores(str(tmp_path)) == cores
 
 
 def test_front_ends_follow_the_cores_on_a_fixed_port():
