@@ -29,7 +29,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("the anchor pictures need matplotlib: pip install 'tritarget[plot]'") from None
+        raise ImportError("the anchor pictures need matplotlib: pip install matplotlib") from None
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 

@@ -367,6 +367,8 @@ class _Base:
             f"last error: {failure.details}). Is it running? Start one with `tritarget serve --port PORT` "
             "(or `tritarget up`), or check the address; `wait_until_ready(timeout)` waits for a server starting up"
         )
+        if not self._tls:  # a TLS server hangs up on a plaintext client: it looks just like no server
+            failure.details += "; a server with TLS needs tls=True or root_certificates (command line: `--tls-ca`)"
         failure.args = (f"{failure.code.name}: {failure.details}",)
         return failure
 

@@ -331,7 +331,7 @@ def _request(args: argparse.Namespace) -> int:
         return 2
     try:
         send_demo_request(args.target, preset=args.preset, batch=args.batch, seed=args.seed, token=token,
-                          root_certificates=root)  # fmt: skip
+                          root_certificates=root, timeout=args.timeout)  # fmt: skip
     except TargetServiceError as exc:
         print(f"tritarget request: {exc}", file=sys.stderr)
         return 1
@@ -380,9 +380,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import BACKENDS
 
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    port = integer(0, 65535)
+    parser.add_argument("--port", type=port, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
+    parser.add_argument("--metrics-port", type=port, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
     parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
     parser.add_argument(
         "--max-message-mb", type=integer(1), default=256, help="max request/response size (default 256)"
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--target", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     request.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     request.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
+    request.add_argument("--timeout", type=number(0, above=True), default=120.0,
+                         help="seconds to wait for the answer, retrying while none answers (default 120)")  # fmt: skip
     _add_demo_request_flags(request)
     request.set_defaults(handler=_request)
 
@@ -462,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
         return args.handler(args)
     except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
         print("tritarget: interrupted", file=sys.stderr)

@@ -64,7 +64,10 @@ class Metrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on a background thread; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # "[Errno 98] Address already in use" alone does not say which port
+            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror or exc}") from None
         return self._http.server_port
 
     def stop_http(self) -> None:

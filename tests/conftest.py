@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 
 import pytest
 import torch
@@ -9,6 +10,12 @@ from hypothesis import settings
 # kernels in the interpreter for the whole session (an explicit setting wins).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest started in the background by a non-interactive shell (`pytest &`, nohup) ignores
+# SIGINT, and so would the servers and commands the tests start, whose Ctrl-C the tests
+# check: Python's own handler again (a child's exec resets a handled signal to default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Hypothesis draws the same examples on every run (CI, another machine), as the seeded
 # generators below do; HYPOTHESIS_PROFILE=explore draws new ones to hunt for bugs.

@@ -177,11 +177,23 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                           (["serve", "--grace", "-1"], "--grace: must be a finite number >= 0"),
                           (["demo", "--batch", "0"], "--batch: must be >= 1"),
                           (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]"),
+                          (["serve", "--port", "70000"], "--port: must be in 0 .. 65535, got 70000"),
+                          (["up", "--metrics-port", "-1"], "--metrics-port: must be in 0 .. 65535, got -1"),
                           (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert "front-end process" not in done.stdout  # refused before it said what it would start
+
+
+def test_cli_names_a_busy_metrics_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port",
+                               str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and f"metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
 
 
 def test_cli_refuses_an_empty_token_given_on_purpose():
