@@ -261,12 +261,13 @@ def _serve_workers(options, workers: int, cores: int) -> int:
 
     _check_port_free(options.host, options.port)
     threads = max(1, cores // workers)
-    children = []
+    parent, children = os.getpid(), []
     for i in range(workers):
         metrics_port = None if options.metrics_port is None else options.metrics_port + i
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
         pid = os.fork()
         if pid == 0:
+            _end_with(parent)
             import torch
 
             torch.set_num_threads(threads)
@@ -294,6 +295,21 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         _, code = os.waitpid(child, 0)
         status = max(status, os.waitstatus_to_exitcode(code))
     return status
+
+
+def _end_with(parent: int) -> None:
+    """A worker drains and stops (SIGTERM) when its parent dies, even by SIGKILL, instead
+    of serving on as an orphan that holds the port (Linux; elsewhere the parent's SIGTERM
+    and SIGINT still reach every worker)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=None, root_certificates=None,

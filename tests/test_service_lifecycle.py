@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -289,6 +290,46 @@ def test_cli_serve_workers_share_one_port(backend):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_cli_serve_workers_stop_when_their_parent_is_killed():
+    """SIGKILL to `serve --workers 2` (an OOM kill, `kill -9`): its workers must not serve on
+    as orphans holding the port; they drain and exit."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
+                        "64", "--grace", "1")  # fmt: skip
+    workers = []
+    try:
+        read_until(process, r"health is SERVING", count=2)
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            workers += [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers), "orphaned workers"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in workers:  # a failed run leaves no server behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie (an orphan's exit is collected by init, maybe later)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_cli_serve_exits_when_warm_up_fails():
