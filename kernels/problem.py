@@ -567,7 +567,12 @@ def build_problem(
     if may_be_invalid:
         dropped = _examine(checked, canvas, drop_invalid)
     if classes is not None and (may_be_invalid or classes.is_cpu):  # device classes: in the read-back
-        _check_classes(classes)
+        try:
+            _check_classes(classes)
+        except ValueError:
+            if not may_be_invalid:  # boxes left to the backend: an invalid one still wins, on every backend
+                _examine(checked, canvas, drop_invalid)
+            raise
     kept = Kept(None, [NOTHING_DROPPED] * batch)
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import triton_assign
 from .anchors import AnchorGrid
@@ -124,9 +124,10 @@ _MAX_INDEX = 2**31 - 1 - _INTERPRETED.block_a
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-# Triton reads TRITON_INTERPRET once, when ``triton_assign`` defines the kernels (this
-# module's import): read here at the same time, not on each of a call's seven lookups.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+# Triton decides once, when ``triton_assign`` defines the kernels (this module's import),
+# whether they are interpreted (TRITON_INTERPRET, as Triton parses it, or its knob): what
+# it decided, read off a kernel, not on each of a call's seven lookups.
+_INTERPRETING = isinstance(triton_assign.finalize_kernel, InterpretedFunction)
 
 
 # The kernels, launched through their compiled variants once known (``triton_launch``).
@@ -626,8 +627,17 @@ def solve(problem: Problem) -> Targets:
 # Sparse rows per image of recent batches, per anchor count: (positives, ignored), each
 # the maximum of the batch's mean and 0.9 x the previous estimate (a crowded batch
 # raises it at once, it decays over calls). Shared by threads: a lost update only
-# makes one guess worse.
+# makes one guess worse. The most recent anchor counts are kept (explicit anchors, such
+# as proposals, may bring a new count on every call).
 _ROWS_PER_IMAGE: dict[int, tuple[float, float]] = {}
+_ROWS_PER_IMAGE_KEPT = 64
+
+
+def _remember_rows(num_anchors: int, totals: list[int], batch: int) -> None:
+    previous = _ROWS_PER_IMAGE.pop(num_anchors, None) or (0.0, 0.0)
+    if len(_ROWS_PER_IMAGE) >= _ROWS_PER_IMAGE_KEPT:
+        _ROWS_PER_IMAGE.pop(next(iter(_ROWS_PER_IMAGE)), None)  # the least recent
+    _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))
 
 
 def _sparse_lists(positives: int, ignored: int, has_classes: bool, device: torch.device) -> dict[str, torch.Tensor]:
@@ -692,8 +702,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         if found_invalid:
             raise CheckBoxesFirst
         if batch > 0:
-            previous = guess or (0.0, 0.0)
-            _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))
+            _remember_rows(num_anchors, totals, batch)
         if sparse is not None and (totals[0] > len(sparse["positive_anchors"]) or
                                    totals[1] > len(sparse["ignored_anchors"])):  # fmt: skip
             sparse = None  # overflowed: written again below

@@ -163,6 +163,25 @@ def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
     assert targets.classes.max().item() == 2**31 - 1
 
 
+def test_an_invalid_box_wins_over_an_invalid_class_on_every_backend():
+    boxes = torch.cat([GOOD[:1], torch.tensor([[20.0, 20.0, 20.0, 30.0]])])
+    backends = ["reference", "cpu", *(["triton"] if _triton_runs_here() else [])]
+    for function in (assign, assign_sparse):
+        for backend in backends:
+            device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+            with pytest.raises(ValueError, match="gt_boxes: image 0, box 1: degenerate box"):
+                function(boxes.to(device), [2], CANVAS, CONFIG, gt_classes=torch.tensor([1, -1], device=device),
+                         backend=backend)  # fmt: skip
+
+
+def _triton_runs_here() -> bool:
+    try:
+        from tritarget.kernels import triton_backend
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or triton_backend.interpreting()
+
+
 def test_invalid_ignore_box_is_named():
     with pytest.raises(ValueError, match=r"ignore_boxes: image 0, box 0: degenerate"):
         _assign(GOOD, [3], ignore_boxes=torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ignore_counts=[1])

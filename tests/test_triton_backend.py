@@ -304,6 +304,20 @@ def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
         )
 
 
+def test_row_estimates_keep_the_most_recent_anchor_counts(monkeypatch):
+    """Explicit anchors (proposals) may bring a new anchor count on every call: the
+    estimates stay bounded, the least recently used count leaves first."""
+    monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
+    kept = triton_backend._ROWS_PER_IMAGE_KEPT
+    for count in range(1, kept + 1):
+        triton_backend._remember_rows(count, [2 * count, count], 2)
+    triton_backend._remember_rows(1, [4, 2], 2)  # count 1 used again: now the most recent
+    triton_backend._remember_rows(kept + 1, [0, 0], 1)
+    assert len(triton_backend._ROWS_PER_IMAGE) == kept
+    assert 2 not in triton_backend._ROWS_PER_IMAGE and 1 in triton_backend._ROWS_PER_IMAGE
+    assert triton_backend._ROWS_PER_IMAGE[1] == (2.0, 1.0)  # max(4 / 2, 0.9 x 1)
+
+
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
     """``pair_registers`` reaches the pair kernels' launches as Triton's ``maxnreg`` (what
     ``gpu_sweep.py`` varies): compiled on a GPU, the capped kernels still match the

@@ -125,6 +125,18 @@ def test_launch_kind_keeps_what_triton_specialises_on():
     assert kind(aligned, 17, params=loose) != kind(aligned, 2**40, params=loose)
 
 
+@pytest.mark.parametrize("value", ["y", " 1", "0"])
+def test_the_backend_interprets_exactly_when_triton_does(value):
+    """TRITON_INTERPRET as Triton itself reads it ("y" interprets; " 1" does not)."""
+    probe = ("from triton.runtime.interpreter import InterpretedFunction as Interpreted\n"
+             "from tritarget.kernels import triton_assign, triton_backend\n"
+             "print(triton_backend.interpreting(), isinstance(triton_assign.scan_kernel, Interpreted))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": value})  # fmt: skip
+    ours, triton_s = done.stdout.split()
+    assert ours == triton_s, done.stdout + done.stderr
+
+
 def test_the_backend_launches_through_its_launchers():
     """The backend's kernels are the direct launchers (the interpreter's launches go
     through the JIT as before; compiled, the variants)."""
