@@ -302,17 +302,25 @@ def test_a_forked_child_solves_with_threads_after_its_parent_did(generator):
         expected = cpu.solve_sparse(problem)  # the parent now has idle helpers
     finally:
         torch.set_num_threads(before)
-    context = multiprocessing.get_context("fork")
-    receiving, sending = context.Pipe(duplex=False)
-    child = context.Process(target=_solve_in_child, args=(problem, sending))
-    child.start()
-    got = receiving.recv() if receiving.poll(120) else None
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
+    got, exitcode = _in_forked_child(_solve_in_child, problem)
     assert got is not None, "the forked child did not answer within 120 s"
     assert got == [expected.positive_anchors.tolist(), expected.ignored_anchors.tolist()]
-    assert child.exitcode == 0
+    assert exitcode == 0
+
+
+def _in_forked_child(function, problem, wait_s: float = 120.0):
+    """(what ``function(problem, connection)`` sent from a forked child, or None after
+    ``wait_s``; the child's exit code, the child killed if it still runs)."""
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=function, args=(problem, sending))
+    child.start()
+    got = receiving.recv() if receiving.poll(wait_s) else None
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    return got, child.exitcode
 
 
 def _solve_fresh_config_in_child(problem, connection) -> None:
@@ -326,15 +334,8 @@ def test_a_child_forked_while_a_parent_thread_caches_a_template_is_not_stuck():
     problem = build_problem(torch.tensor([[10.0, 10.0, 60.0, 50.0]]), [1], (96, 128),
                             presets.get("retinanet_torchvision"))[0]  # fmt: skip
     expected = cpu.solve_sparse(problem).positive_anchors.tolist()
-    context = multiprocessing.get_context("fork")
-    receiving, sending = context.Pipe(duplex=False)
     with cpu._CACHE_LOCK:
-        child = context.Process(target=_solve_fresh_config_in_child, args=(problem, sending))
-        child.start()
-        got = receiving.recv() if receiving.poll(60) else None
-    child.join(timeout=30)
-    if child.is_alive():
-        child.kill()
+        got, _ = _in_forked_child(_solve_fresh_config_in_child, problem, wait_s=60)
     assert got == expected, "the forked child did not answer within 60 s"
 
 
