@@ -3,6 +3,7 @@ the compile keys of the triton backend's launches."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,6 +68,15 @@ def assert_targets_equal(ours: Targets, ref: Targets, rtol: float = 1e-6, atol: 
         a, b = ours.max_iou.cpu(), ref.max_iou.cpu()
         bad = a != b
         assert not bad.any(), _describe("max_iou", a, b, bad)
+
+
+def triton_runs_here() -> bool:
+    """Whether the triton backend can run: on a CUDA GPU, or in Triton's interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from tritarget.kernels import triton_backend
+
+    return torch.cuda.is_available() or triton_backend.interpreting()
 
 
 def on_device(function, boxes, counts, canvas, config, *, backend: str, **kwargs):

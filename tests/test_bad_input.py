@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from support import on_device, triton_runs_here
 from tritarget.kernels import assign, assign_sparse, decode, encode, generate_anchors, presets
 
 CANVAS = (64, 96)
@@ -165,21 +166,11 @@ def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
 
 def test_an_invalid_box_wins_over_an_invalid_class_on_every_backend():
     boxes = torch.cat([GOOD[:1], torch.tensor([[20.0, 20.0, 20.0, 30.0]])])
-    backends = ["reference", "cpu", *(["triton"] if _triton_runs_here() else [])]
+    backends = ["reference", "cpu", *(["triton"] if triton_runs_here() else [])]
     for function in (assign, assign_sparse):
         for backend in backends:
-            device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
             with pytest.raises(ValueError, match="gt_boxes: image 0, box 1: degenerate box"):
-                function(boxes.to(device), [2], CANVAS, CONFIG, gt_classes=torch.tensor([1, -1], device=device),
-                         backend=backend)  # fmt: skip
-
-
-def _triton_runs_here() -> bool:
-    try:
-        from tritarget.kernels import triton_backend
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or triton_backend.interpreting()
+                on_device(function, boxes, [2], CANVAS, CONFIG, backend=backend, gt_classes=torch.tensor([1, -1]))
 
 
 def test_invalid_ignore_box_is_named():

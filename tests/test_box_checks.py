@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from support import triton_runs_here
 from tritarget.kernels import assign, assign_sparse, cpu, presets
 from tritarget.kernels import problem as problem_module
 from tritarget.kernels.problem import CheckBoxesFirst, build_problem
@@ -34,15 +35,7 @@ INVALID_KINDS = [
 ]
 
 
-def _triton_runs_here() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from tritarget.kernels import triton_backend
-
-    return torch.cuda.is_available() or triton_backend.interpreting()
-
-
-TRITON = pytest.mark.skipif(not _triton_runs_here(), reason="the triton backend needs a CUDA GPU or its interpreter")
+TRITON = pytest.mark.skipif(not triton_runs_here(), reason="the triton backend needs a CUDA GPU or its interpreter")
 SOLVERS = [("cpu", "solve"), ("cpu", "solve_sparse"), pytest.param("triton", "solve_sparse", marks=TRITON)]
 
 

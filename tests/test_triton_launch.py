@@ -133,8 +133,8 @@ def test_the_backend_interprets_exactly_when_triton_does(value):
              "print(triton_backend.interpreting(), isinstance(triton_assign.scan_kernel, Interpreted))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": value})  # fmt: skip
-    ours, triton_s = done.stdout.split()
-    assert ours == triton_s, done.stdout + done.stderr
+    ours, theirs = done.stdout.split()
+    assert ours == theirs, done.stdout + done.stderr
 
 
 def test_the_backend_launches_through_its_launchers():
