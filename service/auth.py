@@ -60,11 +60,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, status) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with ``status``."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    """A handler of the same kind as ``handler`` that ends the call with ``status``,
+    without a request deserializer: a refused caller's message (up to the size limit)
+    is never parsed, so credentials-less traffic costs the server no decoding."""
+    kwargs = {"response_serializer": handler.response_serializer}
     if handler.response_streaming:
 
         async def refuse_stream(request, context):

@@ -136,3 +136,17 @@ def test_tls_with_self_signed_certificate_and_token(tmp_path):
             with pytest.raises(TargetServiceError) as info:
                 _assign(no_token)
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_refused_call_is_not_parsed(auth_server, monkeypatch):
+    """Without credentials the server never decodes the message (parsed, a 64 MB one
+    would cost the server its decoding before the refusal)."""
+    parsed = []
+    real = pb.AssignRequest.FromString
+    monkeypatch.setattr(pb.AssignRequest, "FromString", lambda raw: parsed.append(raw) or real(raw))
+    request = build_request(BOXES, [1], CANVAS, preset="retinanet_torchvision")
+    with grpc.insecure_channel(auth_server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_assign(channel)(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert parsed == []
