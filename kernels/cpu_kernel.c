@@ -952,16 +952,20 @@ static Helper *take_helper(void) {
     return h;
 }
 
+/* The forking thread holds pool_lock across fork(), so the child's copy is in a known
+ * state (locked by the one thread the child has) rather than whatever a helper left. */
+static void lock_pool(void) { pthread_mutex_lock(&pool_lock); }
+
+static void unlock_pool(void) { pthread_mutex_unlock(&pool_lock); }
+
 static void forget_helpers(void) {
-    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
-    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
-    pool_lock = unlocked; /* a parent's helper may have held it at the fork */
-    pool_done = fresh;
-    pool_idle = NULL;     /* the parent's helpers do not exist here (their memory is left) */
+    pool_idle = NULL; /* the parent's helpers do not exist here (their memory is left) */
+    pthread_cond_init(&pool_done, NULL); /* its waiters were the parent's threads */
+    pthread_mutex_unlock(&pool_lock);
 }
 
 __attribute__((constructor)) static void register_fork_handler(void) {
-    pthread_atfork(NULL, NULL, forget_helpers);
+    pthread_atfork(lock_pool, unlock_pool, forget_helpers);
 }
 
 static void run_parallel(Job *job, int threads, void (*body)(Job *, int, int64_t, int64_t)) {
