@@ -2,7 +2,7 @@
 
 Shared by the server and the clients, so both sides agree on one definition.
 Decoding checks ``prod(shape) * itemsize == len(data)`` before touching the bytes
-and returns a tensor that views the message's bytes (no copy).
+and returns a tensor that views the message's bytes (no copy; a 1-byte payload is copied).
 Such a tensor is read-only in spirit: clone it before writing into it.
 """
 
@@ -92,6 +92,12 @@ def decode_tensor(
         return torch.empty(shape, dtype=dtype)
     if not _NATIVE_LITTLE:
         raise RuntimeError("tritarget's wire format needs a little-endian host")
+    if expected == 1:
+        # CPython hands out one shared object for every 1-byte ``bytes`` value: a view of
+        # it written into (a caller marking an anchor in a [1, 1] labels tensor) would
+        # change that byte for the whole process (every b"\x00" reading b"\x01"). One
+        # byte costs nothing to copy.
+        data = bytearray(data)
     # A view of the bytes, no copy: torch's own for a vector (one call), numpy's otherwise
     # (frombuffer, reshape, from_numpy: cheaper than torch's frombuffer and view). Both
     # cost microseconds, and a SPARSE response holds seven tensors.

@@ -75,6 +75,19 @@ def test_decoded_tensors_view_the_bytes_and_outlive_the_message(shape):
     assert torch.equal(back, tensor)
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])  # torch's view of a vector, numpy's of the rest
+def test_writing_into_a_one_byte_tensor_leaves_other_bytes_alone(shape):
+    """CPython shares one object among all equal 1-byte ``bytes``: a decoded [1, 1] labels
+    tensor written into must not change what b"\x07" reads everywhere else."""
+    message = pb.Tensor.FromString(encode_tensor(torch.full(shape, 7, dtype=torch.int8)).SerializeToString())
+    back = decode_tensor(message, "labels")
+    try:
+        back.view(-1)[0] = 8
+        assert b"\x07"[0] == 7 and message.data[0] == 7  # the byte itself (== compares the shared object)
+    finally:
+        back.view(-1)[0] = 7  # on a view of the shared object, undo the damage for the tests after this one
+
+
 def test_little_endian_row_major():
     message = encode_tensor(torch.tensor([[1, 2], [3, 256]], dtype=torch.int32))
     assert message.data == bytes([1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 1, 0, 0])
