@@ -53,6 +53,17 @@ MAX_LEVELS = 16
 MAX_LEVEL_VALUES = 64
 MAX_ANCHOR_MAGNITUDE = 1e6  # pixels, or fractions of the canvas, or multiples of base_size
 
+# Bound on the encoding's weights and stds (within [1/M, M]) and means (|m| <= M), so
+# that no delta overflows float32, the precision every backend encodes in. A delta is
+# (w * r - m) / s, where r is a raw term of a box against its anchor: a centre offset over
+# the anchor's side (for a box on the canvas, about the canvas side over the anchor's at
+# most) or the log of their sides' ratio (under 200 for any two float32 sides). With
+# M = 1e6, |delta| <= 1e12 * (r + 1): finite while r < 3e26, where a 2**31-pixel canvas
+# against a 1e-9-pixel anchor is r = 2e18. The lower bound keeps weights and stds nonzero
+# in float32 (encoding divides by a std, decoding by a weight). Peers use weights up to
+# ~30 and stds down to ~0.03 (cascade stages).
+MAX_ENCODE_MAGNITUDE = 1e6
+
 
 def _fail(owner: str, name: str, message: str) -> ValueError:
     return ValueError(f"{owner}.{name}: {message}")
@@ -328,8 +339,13 @@ class EncodeConfig:
             values = _as_float_tuple(owner, name, getattr(self, name))
             if len(values) != 4:
                 raise _fail(owner, name, f"needs 4 values (x, y, w, h), got {len(values)}")
-            if name != "means" and any(v <= 0 for v in values):
-                raise _fail(owner, name, f"values must be positive, got {values}")
+            if name == "means":
+                if any(abs(v) > MAX_ENCODE_MAGNITUDE for v in values):
+                    raise _fail(owner, name, f"values must be in [-{MAX_ENCODE_MAGNITUDE:g}, "
+                                             f"{MAX_ENCODE_MAGNITUDE:g}], got {values}")  # fmt: skip
+            elif any(not 1 / MAX_ENCODE_MAGNITUDE <= v <= MAX_ENCODE_MAGNITUDE for v in values):
+                raise _fail(owner, name, f"values must be in [{1 / MAX_ENCODE_MAGNITUDE:g}, "
+                                         f"{MAX_ENCODE_MAGNITUDE:g}], got {values}")  # fmt: skip
             object.__setattr__(self, name, values)
         clamp = _check_number(owner, "scale_clamp", self.scale_clamp)
         if clamp <= 0:

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tritarget.kernels import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig, presets
+from tritarget.kernels import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig, assign, presets
 
 EXPECTED_PRESETS = {
     "retinanet_torchvision",
@@ -147,6 +148,34 @@ def test_replace_overrides_dotted_fields():
 def test_bad_field_is_named(build, error, field):
     with pytest.raises(error, match=field):
         build()
+
+
+@pytest.mark.parametrize(
+    "name, values",
+    [
+        ("weights", (1e39,) * 4),  # infinite in float32: NaN and infinite deltas
+        ("weights", (1.0, 1.0, 1.0, 1e-46)),  # zero in float32: decoding divides by it
+        ("stds", (1e-46,) * 4),  # zero in float32: encoding divides by it
+        ("stds", (1e39,) * 4),
+        ("means", (1e39, 0.0, 0.0, 0.0)),
+        ("weights", (1e7,) * 4),  # finite in float32, but deltas of a large canvas overflow
+    ],
+)
+def test_encode_values_that_would_break_float32_deltas_are_refused(name, values):
+    with pytest.raises(ValueError, match=rf"EncodeConfig\.{name}: values must be in \["):
+        EncodeConfig(**{name: values})
+
+
+def test_encode_values_at_their_bounds_keep_deltas_finite_and_peers_values_are_accepted():
+    for weights, stds in [((10.0, 10.0, 5.0, 5.0), (1.0,) * 4), ((1.0,) * 4, (0.1, 0.1, 0.2, 0.2)),
+                          ((30.0, 30.0, 15.0, 15.0), (0.033, 0.033, 0.067, 0.067))]:  # fmt: skip
+        EncodeConfig(weights=weights, stds=stds)
+    extreme = {"encode.weights": (1e6,) * 4, "encode.means": (-1e6,) * 4, "encode.stds": (1e-6,) * 4}
+    config = presets.get("retinanet_torchvision").replace(**extreme)
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.5, 0.5, 127.5, 95.5]])
+    for backend in ("reference", "cpu"):
+        targets = assign(boxes, [2], (96, 128), config, backend=backend)
+        assert (targets.labels == 1).any() and torch.isfinite(targets.deltas).all(), backend
 
 
 def test_from_dict_rejects_unknown_fields():
