@@ -337,6 +337,10 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     if request.return_classes and classes is None:
         raise _invalid("return_classes", "needs gt_classes (one class per box)")
     if classes is not None:
+        # Checked even when the classes are not returned: the request is wrong either way,
+        # and in-process ``assign`` refuses it too.
+        if classes.shape[0] != boxes.shape[0]:
+            raise _invalid("gt_classes", f"expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}")
         _classes_in_range(classes)
     ignore = _tensor(request, "ignore_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     ignore_counts = _counts(request.ignore_counts, "ignore_counts") if request.ignore_counts else None
@@ -405,11 +409,13 @@ def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -
     return response
 
 
-def _half_overflow(largest: float) -> InvalidInput:
+def _half_overflow(overflowing: np.ndarray) -> InvalidInput:
+    """The error for deltas that become infinite as float16; ``overflowing`` are those
+    deltas (never NaN: a NaN stays NaN), so their largest magnitude is a number."""
     return _invalid(
         "delta_dtype",
-        f"a delta of magnitude {largest:.4g} does not fit DTYPE_FLOAT16 (largest 65504; the config's encode "
-        "weights or stds make deltas this large): use DTYPE_FLOAT32",
+        f"a delta of magnitude {float(np.abs(overflowing).max()):.4g} does not fit DTYPE_FLOAT16 (largest 65504; "
+        "the config's encode weights or stds make deltas this large): use DTYPE_FLOAT32",
     )
 
 
@@ -417,15 +423,17 @@ def _half_array(deltas: np.ndarray) -> np.ndarray:
     """``deltas`` as float16, or ``InvalidInput`` where one would become infinite."""
     with np.errstate(over="ignore"):
         half = deltas.astype(np.float16)
-    if np.isinf(half).any():
-        raise _half_overflow(float(np.abs(deltas).max()))
+    overflow = np.isinf(half)
+    if overflow.any():
+        raise _half_overflow(deltas[overflow])
     return half
 
 
 def _half_tensor(deltas: torch.Tensor) -> torch.Tensor:
     half = deltas.to(torch.float16)
-    if torch.isinf(half).any():
-        raise _half_overflow(float(deltas.abs().max()))
+    overflow = torch.isinf(half)
+    if overflow.any():
+        raise _half_overflow(deltas[overflow].numpy())
     return half
 
 
@@ -522,7 +530,7 @@ def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[Targ
     """Config and canvas of a GetAnchors request, within the message limit."""
     config = resolve_config(_decoded(request).config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
-    size = _num_anchors(config, canvas) * 16
+    size = _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT32, [_num_anchors(config, canvas), 4], 4))  # the whole message
     if size > limits.max_message_bytes:
         raise ResourceExhausted(f"the anchors would be {size} bytes, over the {limits.max_message_bytes}-byte limit")
     return config, canvas

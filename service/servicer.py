@@ -182,6 +182,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             code = code_name(status)
             self._metrics.errors.labels("AssignStream", code).inc()
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
+            if response.ByteSize() > self._limits.max_message_bytes:
+                # The echoed id (a caller's, up to the request's own size) pushes the error
+                # over the message limit, and gRPC would end the whole stream. Responses come
+                # in request order, so the client pairs this one by position without the id;
+                # the error alone is small (a status message is clipped).
+                response.ClearField("request_id")
             self._sent("AssignStream", response)
         self._metrics.method("AssignStream").request_seconds.observe(time.perf_counter() - started)
         self._access("AssignStream", request, code, started)

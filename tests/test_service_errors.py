@@ -15,6 +15,7 @@ from test_service_harness import ServerThread, batching, limits
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
+from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
@@ -89,6 +90,8 @@ def test_invalid_ignore_box_names_field(client):
         ({"image_sizes": torch.tensor([[90, 100], [80, 80]])}, "image_sizes", "expected shape [1, 2]"),
         ({"return_classes": True}, "return_classes", "needs gt_classes"),
         ({"gt_classes": torch.tensor([1, 2, 3])}, "gt_classes", "expected shape [2]"),
+        # Not returned, but still wrong: refused as in-process assign refuses it.
+        ({"gt_classes": torch.tensor([1, 2, 3]), "return_classes": False}, "gt_classes", "expected shape [2]"),
         ({"seed": -1}, "seed", "must be >= 0"),
         (
             {"preset": None, "config": {"anchors": {"layout": "nope", "levels": []}}},
@@ -97,6 +100,8 @@ def test_invalid_ignore_box_names_field(client):
         ),
         ({"overrides": {"match.high": 1.5}}, "config.overrides.MatchConfig.high", "must be in [0, 1]"),
         ({"overrides": {"match.nope": 1}}, "config.overrides", "unknown config field 'match.nope'"),
+        # Zero in float32: every delta would be NaN or infinite.
+        ({"overrides": {"encode.stds": [1e-46] * 4}}, "config.overrides.EncodeConfig.stds", "values must be in"),
         # Found by the fuzz test: float16 deltas that would be infinite are refused, not sent as inf.
         (
             {"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16"},
@@ -194,6 +199,17 @@ def test_classes_out_of_range_are_named_by_box(boxes, dtype, bad, text):
     classes[-1] = 2**31 - 1  # the largest class that travels back as int32
     request.gt_classes.CopyFrom(encode_tensor(classes))
     assert codec.decode_assign(request, codec.Limits()).gt_classes[-1] == 2**31 - 1
+
+
+@pytest.mark.parametrize("format", ["sparse", "dense"])  # numpy's float16 check, torch's
+def test_float16_overflow_names_the_overflowing_magnitude_beside_a_nan(format):
+    """A NaN delta (which float16 keeps as NaN) does not turn the reported magnitude into nan."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format=format, delta_dtype="float16")
+    targets = assign(GOOD, [2], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+    positives = torch.nonzero(targets.labels.view(-1) == 1).view(-1)
+    targets.deltas.view(-1, 4)[positives[0]] = torch.tensor([float("nan"), 1e6, 0.0, 0.0])
+    with pytest.raises(InvalidInput, match="a delta of magnitude 1e[+]06 does not fit DTYPE_FLOAT16"):
+        codec.encode_assign(request, targets)
 
 
 def test_errors_repeating_long_input_stay_readable(client, caplog):

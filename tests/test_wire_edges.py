@@ -1,0 +1,60 @@
+"""Responses at the message-size limit: the server's own size checks hold to the byte, so
+a caller gets the codec's error (and the stream goes on), never gRPC's generic one."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread, limits
+
+from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.kernels import generate_anchors, presets
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import encode_tensor
+
+MIB = 1 << 20
+CANVAS = (96, 128)
+GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+
+
+def test_stream_error_too_large_to_echo_its_id_is_answered_and_the_stream_goes_on():
+    """A bad item whose id nearly fills a message: its error response drops the id (the
+    client pairs by position) instead of ending the stream over the message limit."""
+    good = lambda i: build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", request_id=f"id{i}")  # noqa: E731
+    bad = pb.AssignRequest(request_id="X" * (MIB - 40), gt_counts=[-2])
+    assert bad.ByteSize() <= MIB  # the request itself is within the limit
+    with (
+        ServerThread(limits=limits(max_message_bytes=MIB)) as server,
+        TargetClient(server.address, retries=0, timeout=30, max_message_bytes=4 * MIB) as client,
+    ):
+        results = list(client.stream([good(0), bad, good(2)], return_exceptions=True))
+        assert len(results) == 3
+        assert (results[0].labels == 1).any() and (results[2].labels == 1).any()
+        assert isinstance(results[1], TargetServiceError)
+        assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT and "config" in results[1].details
+        assert results[1].request_id == ""  # no room to echo it
+        # A long id that does fit is still echoed.
+        fits = pb.AssignRequest(request_id="Y" * 1000, gt_counts=[-2])
+        (error,) = client.stream([fits], return_exceptions=True)
+        assert error.request_id == "Y" * 1000
+
+
+def test_get_anchors_over_the_limit_by_its_envelope_is_refused_by_the_codec():
+    """The limit counts the whole message (tensor header, field tags), not just A x 16 bytes."""
+    config = presets.get("retinanet_torchvision")
+    anchors = generate_anchors(config.anchors, CANVAS)
+    size = pb.GetAnchorsResponse(anchors=encode_tensor(anchors)).ByteSize()
+    assert size > anchors.shape[0] * 16
+    with (
+        ServerThread(limits=limits(max_message_bytes=size - 1)) as server,
+        TargetClient(server.address, retries=0, timeout=30, max_message_bytes=4 * MIB) as client,
+    ):
+        with pytest.raises(TargetServiceError) as info:
+            client.get_anchors(CANVAS, preset="retinanet_torchvision")
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"the anchors would be {size} bytes, over the {size - 1}-byte limit" in info.value.details
+        errors = {"method": "GetAnchors", "code": "RESOURCE_EXHAUSTED"}
+        assert server.metrics.value("tritarget_errors_total", errors) == 1
+        assert client.get_anchors((64, 64), preset="retinanet_torchvision").shape[1] == 4  # smaller still served
