@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import torch
+from recording import cpu_model, write_json, write_text
 
 from tritarget.anchor_design import Resize, check, format_check_table, load_coco, synthetic
 from tritarget.kernels import presets
@@ -56,7 +56,7 @@ def main() -> None:
         "preset": args.preset,
         "backend": args.backend,
         "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
         "torch": torch.__version__,
         "load_s": load_s,
@@ -67,10 +67,7 @@ def main() -> None:
         "bpr": summary["bpr"],
         "bpr_low_quality": summary["bpr_low_quality"],
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scan.json"), "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(args.out, "scan.json"), record)
     lines = [
         f"# check scan speed ({args.preset}, backend {args.backend}, {args.threads} threads)",
         "",
@@ -87,8 +84,7 @@ def main() -> None:
         format_check_table([result]),
         "```",
     ]
-    with open(os.path.join(args.out, "scan.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(args.out, "scan.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -22,9 +22,6 @@ way costs. Writes ``client_cpu.{csv,json,md,png}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import platform
 import signal
 import statistics
@@ -36,6 +33,7 @@ from pathlib import Path
 import torch
 from bench_cpu import torchvision_targets
 from bench_service import start_server
+from recording import machine_line, save_figure, write_csv, write_json, write_text
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import Workload
@@ -115,7 +113,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
 
 
@@ -160,16 +158,10 @@ def main() -> int:
         )
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "client_cpu.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    write_csv(out / "client_cpu.csv", rows)
+    machine = machine_line()
     versions = f"torch {torch.__version__}, Python {platform.python_version()}"
-    (out / "client_cpu.json").write_text(
-        json.dumps({"machine": machine, "versions": versions, "rows": rows}, indent=2) + "\n"
-    )
+    write_json(out / "client_cpu.json", {"machine": machine, "versions": versions, "rows": rows})
     _plot(rows, out / "client_cpu.png")
     lines = [f"# Data-loader CPU per image: computing targets or asking the service ({machine}; {versions})", "",
              f"One torch thread in the caller; server `tritarget serve --backend cpu` on the same machine; medians of "
@@ -182,7 +174,7 @@ def main() -> int:
                      f"{r['wall_ms_per_image']:.3f} | {ratio} |")  # fmt: skip
     if tv is None:
         lines += ["", "torchvision is not installed here (the `parity` extra): no peer column."]
-    (out / "client_cpu.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "client_cpu.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

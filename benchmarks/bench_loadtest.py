@@ -27,10 +27,7 @@ run fails: the runs before it are kept.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -41,6 +38,7 @@ from pathlib import Path
 
 import torch
 from bench_service import in_process
+from recording import machine_line, write_csv, write_json
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
@@ -166,17 +164,14 @@ def _write_results(out: Path, args: argparse.Namespace, machine: str, rates: dic
     baseline_at = max(rates, key=rates.get)
     baseline = rates[baseline_at]
     rows = [_row(name, report, cpu, baseline) for name, report, cpu in reports]
-    with open(out / "loadtest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "loadtest.csv", rows, CSV_FIELDS)
     everything = {"machine": machine, "server": f"tritarget serve --backend {args.backend} {args.server_args}".strip(),
                   "client_processes": args.processes,
                   "in_process_images_per_s": {label: round(rate, 1) for label, rate in rates.items()},
                   "in_process_cpu_ms_per_request": {label: round(ms, 2) for label, ms in cpu_ms.items()},
                   "runs": [{**report.summary(), "series": report.series, "cpu": cpu}
                            for _, report, cpu in reports]}  # fmt: skip
-    (out / "loadtest.json").write_text(json.dumps(everything, indent=2) + "\n")
+    write_json(out / "loadtest.json", everything)
     if reports:
         reports[-1][1].plot(out / "loadtest.png")
     print(f"machine: {machine}; in-process assign_sparse {baseline:.0f} images/s ({baseline_at}), "
@@ -204,7 +199,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    machine = machine_line()
     rates: dict[str, float] = {}
     in_process_cpu_ms: dict[str, float] = {}
     _in_process(rates, in_process_cpu_ms, "before", args)

@@ -16,14 +16,13 @@ Median ms per image over runs, the median over images, and the ratio. Writes
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 from bench_cpu import _median_and_best_ms, machine
+from recording import save_figure, write_csv, write_json, write_text
 
 from tritarget.kernels import assign, assign_sparse, generate_anchors, presets
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
@@ -94,7 +93,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
 
 
@@ -115,13 +114,8 @@ def main() -> int:
     median = {key: statistics.median(r[key] for r in rows) for key in ("dense_ms", "sparse_ms")}
     if tv is not None:
         median["torchvision_ms"] = statistics.median(r["torchvision_ms"] for r in rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "sampling.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "sampling.json").write_text(json.dumps({"preset": PRESET, "machine": info, "rows": rows,
-                                                        "median": median}, indent=2) + "\n")  # fmt: skip
+    write_csv(args.out / "sampling.csv", rows)
+    write_json(args.out / "sampling.json", {"preset": PRESET, "machine": info, "rows": rows, "median": median})
     _plot(rows, args.out / "sampling.png")
     lines = [f"# RPN targets with sampling, one image per call, one thread ({PRESET}, 800x1344)", "",
              f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, torchvision "
@@ -144,7 +138,7 @@ def main() -> int:
         summary += (f", torchvision {tv_ms:.2f} ms: {tv_ms / median['dense_ms']:.0f}x / "
                     f"{tv_ms / median['sparse_ms']:.0f}x")  # fmt: skip
     lines += ["", summary + "."]
-    (args.out / "sampling.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "sampling.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -22,9 +22,7 @@ per request instead of in a loop.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -34,6 +32,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from recording import machine_line, write_json, write_text
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
@@ -124,13 +124,12 @@ def main() -> int:
     )
     fixed = mean_y - slope * mean_x
     hot_us, after_sleep_us = _decode_us(0.0), _decode_us(0.001)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}"
+    machine = machine_line()
     result = {"machine": machine, "backend": args.backend, "rows": rows, "fixed_us": fixed, "per_image_us": slope,
               "goal": "<= 150 us + 10 us per image",
               "decode_1_image_us": {"back_to_back": hot_us, "after_1ms_sleep": after_sleep_us}}  # fmt: skip
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "service_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "service_overhead.json", result)
     lines = [f"# Server time per request outside compute ({args.backend} backend; {machine})", "",
              "| images / request | requests | request µs | compute µs | encode µs | queue µs | outside compute µs |",
              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -144,7 +143,7 @@ def main() -> int:
         f"calibration: decoding a 1-image request takes {hot_us:.0f} µs back to back and "
         f"{after_sleep_us:.0f} µs after 1 ms asleep ({after_sleep_us / hot_us:.1f}x) on this machine",
     ]
-    (out / "service_overhead.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "service_overhead.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -18,14 +18,12 @@ difference.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import signal
 import sys
 from pathlib import Path
 
 from bench_loadtest import _serve
+from recording import machine_line, write_json, write_text
 
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
 
@@ -67,7 +65,7 @@ def main() -> int:
                      "errors": sum(report.errors.values()), "verified": report.verified,
                      "mismatches": len(report.mismatches)})  # fmt: skip
         print(f"{flags}: {rows[-1]['images_per_s']:.0f} images/s, p99 {rows[-1]['p99_ms']:.1f} ms", flush=True)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    machine = machine_line()
     lines = [f"# Service settings sweep ({args.backend} backend; {machine})", "",
              f"{args.streams} streams x 2 in flight from {args.processes} client processes, 8 COCO-like images per "
              f"SPARSE request, {args.duration:g} s each after {args.warmup:g} s of warm-up.", "",
@@ -77,10 +75,8 @@ def main() -> int:
         lines.append(f"| `{row['serve']}` | {row['images_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
                      f"{row['errors']} | {row['verified']} |")  # fmt: skip
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "service_sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "service_sweep.json").write_text(json.dumps({"machine": machine, "backend": args.backend, "rows": rows},
-                                                       indent=2) + "\n")  # fmt: skip
+    write_text(out / "service_sweep.md", "\n".join(lines) + "\n")
+    write_json(out / "service_sweep.json", {"machine": machine, "backend": args.backend, "rows": rows})
     print("\n".join(lines))
     return 0 if all(row["errors"] == 0 and row["mismatches"] == 0 for row in rows) else 1
 

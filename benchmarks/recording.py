@@ -1,0 +1,55 @@
+"""What the benchmarks record: the machine they ran on, and their result files.
+
+Results compare only between machines of one CPU model (this project's 2-core VMs were an
+Intel Xeon with AVX-512 one day and an AMD EPYC without it the next, both "x86_64"), so
+every script names the model. Result files are
+written whole or not at all (``write_atomically``): gpu_check.sh stops the GPU scripts
+with SIGINT at its timeouts, and a file rewritten in place would be left truncated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+from pathlib import Path
+
+from tritarget.service.output import write_atomically
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """Host name, cores and CPU model, in one line."""
+    return f"{platform.node()}: {os.cpu_count()} cores, {cpu_model()}"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def write_json(path: str | os.PathLike, value: object) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """``rows`` under a header of ``fieldnames`` (the first row's keys by default)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fieldnames or list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def save_figure(figure, path: str | os.PathLike, **options) -> None:
+    """``figure.savefig`` into a temporary file with ``path``'s extension, then renamed."""
+    write_atomically(path, lambda temporary: figure.savefig(temporary, **options))
