@@ -11,9 +11,15 @@ B = 1 and 16. Every implementation runs in this process with the same thread cou
 * cpu: ``assign(..., backend="cpu")``, end to end (input checks included).
 
 Reported: median wall time per batch over several runs (fewer for slow cases, the
-count is in the output), speedup of cpu over torchvision, and the peak resident-memory
-growth of one call (Linux ``VmHWM`` after resetting it). Writes
-``benchmarks/results/cpu_bench_{N}threads.{csv,json,png}``.
+count is in the output), speedup of cpu over torchvision, and each implementation's
+peak memory: the growth of the peak resident memory (Linux ``VmHWM``, reset first)
+during its first call in a fresh process of its own, once imports, inputs, the cached
+anchors and the C library are in place -- what the call takes from the OS at most,
+with no memory freed by another implementation's call to reuse (in one process the
+numbers depended on which ran first). That process's call also sizes the runs (and is
+the one run of a case too slow for more). Writes
+``benchmarks/results/cpu_bench_{N}threads.{csv,json,png}`` (``--quick``:
+``cpu_bench_{N}threads_quick.*``, beside the full tables, not over them).
 
 Then a data-loader worker's case (DESIGN §9): one image per call on one thread, for a
 handful of COCO-like images: torchvision's per-image targets beside ``assign`` (dense)
@@ -22,7 +28,7 @@ its kernel (the two C calls, timed inside each call) and the rest (``build_probl
 checks, argument set-up, output allocation). Medians per image, and the median over
 images. Writes ``benchmarks/results/cpu_bench_one_image.{csv,json,md}``.
 
-    python benchmarks/bench_cpu.py               # full table (about 10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py               # full table (over 10 minutes on 2 cores)
     python benchmarks/bench_cpu.py --threads 1   # the same, single-threaded
     python benchmarks/bench_cpu.py --quick       # G = 7 and 200, B = 1 only
     python benchmarks/bench_cpu.py --one-image   # only the one-image, one-thread rows
@@ -35,16 +41,18 @@ the single-threaded table is the one least affected by that.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from recording import cpu_model, save_figure, write_csv, write_json, write_text
 
 from tritarget.kernels import assign, assign_sparse, cpu, generate_anchors, presets
 from tritarget.kernels.problem import build_problem
@@ -64,17 +72,16 @@ MIN_RUNS, MAX_RUNS = 1, 9
 ONE_IMAGE_SEEDS = tuple(range(11))
 ONE_IMAGE_RUNS = {"torchvision": 5, "ours": 201}
 ONE_IMAGE_TARGET_RATIO, ONE_IMAGE_MAX_OVERHEAD_MS = 40.0, 0.1
+# What the tables' "peak MiB" is (``first_call``).
+PEAK_MEANS = (
+    "growth of the peak resident memory (VmHWM) during each implementation's first call, in a fresh "
+    "process after imports, inputs, cached anchors and the C library; '-' off Linux"
+)
 
 
 def machine() -> dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -136,30 +143,15 @@ def first_run(call: Callable[[], object]) -> tuple[float, float | None]:
     return seconds, None if before is None or after is None else max(after - before, 0) / 1024
 
 
-def timed(calls: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, int, float | None]]:
-    """name -> (median ms, best ms, runs, peak MiB). Per implementation, the first run
-    measures memory and sizes the rest (as many as fit the time budget); the rest run
-    back to back, as a training loop calls one implementation over and over (runs of
-    different implementations interleaved would make the allocator hand each one fresh,
-    page-faulting memory, which is not what a data loader sees)."""
-    out = {}
-    for name, call in calls.items():
-        first, peak = first_run(call)
-        runs = max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(first, 1e-9))))
-        times = [first] if runs == 1 else []
-        for _ in range(runs if runs > 1 else 0):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        out[name] = (statistics.median(times) * 1e3, min(times) * 1e3, len(times), peak)
-    return out
+def case_batch(batch: int, count: int | None) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """The case's boxes, counts and classes (the same in every process)."""
+    return coco_like_batch(batch, seed=batch * 1000 + (count or 0), boxes_per_image=count)
 
 
-def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[str, object]]:
-    boxes, counts, classes = coco_like_batch(batch, seed=batch * 1000 + (count or 0), boxes_per_image=count)
+def case_calls(case: tuple, tv, config, anchors) -> list[tuple[str, Callable[[], object] | None, str]]:
+    """(name, call or None, why not) per implementation, on the case's batch."""
+    boxes, counts, classes = case
     images = list(boxes.split(counts))
-    label = "coco" if count is None else str(count)
-    rows = []
     impls: list[tuple[str, Callable[[], object] | None, str]] = [
         ("torchvision", (lambda: tv(images, anchors)) if tv else None, "torchvision not installed"),
         ("reference", lambda: assign(boxes, counts, COCO_CANVAS, config, gt_classes=classes, backend="reference"),
@@ -168,9 +160,67 @@ def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[st
     ]  # fmt: skip
     if sum(counts) > REFERENCE_MAX_BOXES_PER_BATCH:
         impls[1] = ("reference", None, f"skipped: {sum(counts)} boxes per batch (> {REFERENCE_MAX_BOXES_PER_BATCH})")
-    measured = timed({name: call for name, call, _ in impls if call is not None})
+    return impls
+
+
+def first_call_in_fresh_process(name: str, batch: int, count: int | None) -> tuple[float, float | None]:
+    """(seconds, peak MiB) of ``name``'s first call on the case, in a process of its own:
+    its memory not the memory another implementation's call freed (``first_call``)."""
+    boxes = "coco" if count is None else str(count)
+    command = [sys.executable, __file__, "--first-call", name, "--batch", str(batch), "--boxes", boxes,
+               "--threads", str(torch.get_num_threads())]  # fmt: skip
+    answer = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    measured = json.loads(answer)
+    return measured["seconds"], measured["peak_mib"]
+
+
+def first_call(name: str, batch: int, count: int | None) -> None:
+    """Run in the fresh process: one call of ``name`` on the case, measured after what a
+    process pays once (the cached anchors, the C library) is in place; prints its JSON."""
+    config = presets.get(PRESET)
+    anchors = generate_anchors(config.anchors, COCO_CANVAS)
+    tv = torchvision_targets() if name == "torchvision" else None
+    call = next(call for impl, call, _ in case_calls(case_batch(batch, count), tv, config, anchors) if impl == name)
+    one, one_count, _ = coco_like_batch(1, seed=99, boxes_per_image=1)
+    build_problem(one, one_count, COCO_CANVAS, config)  # the cached anchors, no outputs
+    cpu._library()
+    seconds, peak = first_run(call)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+
+
+def timed(calls: dict[str, Callable[[], object]], batch: int,
+          count: int | None) -> dict[str, tuple[float, float, int, float | None]]:  # fmt: skip
+    """name -> (median ms, best ms, runs, peak MiB). Per implementation, a first call in a
+    fresh process measures memory and sizes the runs here (as many as fit the time
+    budget; a case slower than that keeps that call as its one run); after one warm-up
+    call, they run back to back, as a training loop calls one implementation over and
+    over (runs of different implementations interleaved would make the allocator hand
+    each one fresh, page-faulting memory, which is not what a data loader sees)."""
+    out = {}
+    for name, call in calls.items():
+        first, peak = first_call_in_fresh_process(name, batch, count)
+        runs = max(MIN_RUNS, min(MAX_RUNS, int(TIME_BUDGET_S / max(first, 1e-9))))
+        times = [first]
+        if runs > 1:
+            call()  # warm-up: this process's allocator and caches
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        out[name] = (statistics.median(times) * 1e3, min(times) * 1e3, len(times), peak)
+    return out
+
+
+def run_case(batch: int, count: int | None, tv, config, anchors) -> list[dict[str, object]]:
+    case = case_batch(batch, count)
+    impls = case_calls(case, tv, config, anchors)
+    total = sum(case[1])
+    label = "coco" if count is None else str(count)
+    rows = []
+    measured = timed({name: call for name, call, _ in impls if call is not None}, batch, count)
     for name, call, why in impls:
-        row = {"batch": batch, "boxes_per_image": label, "total_boxes": sum(counts), "impl": name}
+        row = {"batch": batch, "boxes_per_image": label, "total_boxes": total, "impl": name}
         if call is None:
             rows.append({**row, "median_ms": None, "min_ms": None, "runs": 0, "peak_mib": None, "note": why})
             print(f"  B={batch:<3} G={label:<5} {name:<12} {why}", flush=True)
@@ -209,7 +259,7 @@ def _fmt(value: object, digits: int = 1) -> str:
 def print_table(summary: list[dict[str, object]]) -> str:
     header = ("| B | G | torchvision ms | reference ms | cpu ms | cpu vs torchvision (median / best-of) | "
               "peak MiB torchvision / reference / cpu |")  # fmt: skip
-    lines = [header, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"peak MiB: {PEAK_MEANS}.", "", header, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     times = lambda r: "-" if r is None else f"{r:.0f}x"  # noqa: E731
     for c in summary:
         peaks = " / ".join(_fmt(c.get(f"{k}_peak_mib"), 0) for k in ("torchvision", "reference", "cpu"))
@@ -252,7 +302,7 @@ def plot(summary: list[dict[str, object]], info: dict[str, object], path: Path) 
     ratio.legend(fontsize=8)
     fig.suptitle(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _median_and_best_ms(call: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -457,15 +507,11 @@ def run_one_image(tv, config, anchors, info: dict[str, object], out: Path) -> No
     summary = one_image_summary(rows)
     markdown = one_image_markdown(rows, summary, info)
     print(markdown)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "cpu_bench_one_image.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "cpu_bench_one_image.csv", rows)
     payload = {"workload": f"{PRESET}, canvas {COCO_CANVAS}, one COCO-like image per call, 1 thread",
                "machine": {**info, "threads": 1}, "rows": rows, "summary": summary}  # fmt: skip
-    (out / "cpu_bench_one_image.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "cpu_bench_one_image.md").write_text(markdown)
+    write_json(out / "cpu_bench_one_image.json", payload)
+    write_text(out / "cpu_bench_one_image.md", markdown)
     print(f"wrote {out}/cpu_bench_one_image.csv, .json, .md")
     if "sparse_vs_torchvision" in summary:
         verdict = "meets" if summary["sparse_vs_torchvision"] >= ONE_IMAGE_TARGET_RATIO else "MISSES"
@@ -482,9 +528,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="G = 7 and 200, B = 1 only")
     parser.add_argument("--one-image", action="store_true", help="only the one-image, one-thread rows")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--first-call", choices=("torchvision", "reference", "cpu"),
+                        help="(what the table runs in a fresh process) time one call of this implementation on "
+                             "the case --batch, --boxes and print its seconds and peak MiB")  # fmt: skip
+    parser.add_argument("--batch", type=int, help="with --first-call: images per batch")
+    parser.add_argument("--boxes", help="with --first-call: boxes per image, or 'coco'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.first_call:
+        first_call(args.first_call, args.batch, None if args.boxes == "coco" else int(args.boxes))
+        return
     config = presets.get(PRESET)
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
     info = machine()
@@ -509,15 +563,12 @@ def main() -> None:
     summary = speedups(rows)
     table = print_table(summary)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu_bench_{torch.get_num_threads()}threads"
-    with open(args.out / f"{stem}.csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    # A quick run's files sit beside the full run's, not over them.
+    stem = f"cpu_bench_{torch.get_num_threads()}threads{'_quick' if args.quick else ''}"
+    write_csv(args.out / f"{stem}.csv", rows)
     payload = {"workload": f"{PRESET}, canvas {COCO_CANVAS}, {anchors.shape[0]} anchors", "machine": info,
-               "rows": rows, "summary": summary, "table_markdown": table}  # fmt: skip
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+               "peak_mib": PEAK_MEANS, "rows": rows, "summary": summary, "table_markdown": table}  # fmt: skip
+    write_json(args.out / f"{stem}.json", payload)
     plot(summary, info, args.out / f"{stem}.png")
     print(f"wrote {args.out}/{stem}.csv, {stem}.json, {stem}.png")
     if tv is None:
