@@ -15,10 +15,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    registers (``gather_registers``: 8 programs per SM instead of 5), with the finalize's
    lift four boxes at a time (``lift_near``) and in blocks of 64 anchors (``block_a``,
    the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
-   1.68x the (box, block) visits, 72 registers instead of 96; ``bench_gpu.py --pairs``,
-   ``kernel_resources.md``): ``solve`` and ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and
-   B = 8 G = 1000, labels checked equal; a variant that fails is reported and skipped;
-   then a verdict per variant (points where it beat the walk; labels equal or not).
+   1.68x the (box, block) visits, 72 registers instead of 96 under the GPU image's Triton 3.6;
+   ``bench_gpu.py --pairs``, ``results/kernel_resources_triton3.6/``): ``solve`` and
+   ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, labels
+   checked equal; a variant that fails is reported and skipped; then a verdict per
+   variant (points where it beat the walk; labels equal or not).
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
@@ -28,9 +29,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    SM (8: one wave), the scatter without its pre-check loads (atomics sent unread,
    compiled to fire-and-forget RED) x programs per SM, anchors per finalize program
    (``block_a``: 2 or 4 per thread instead of 1), pairs per chunk (``block_p``), the
-   pair kernels' register cap (``maxnreg``: none = the compiler's 80, 48, 56;
-   ``kernel_resources.md``), for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7,
+   pair kernels' register cap (``maxnreg``: none = the compiler's choice, 90 under Triton 3.6,
+   48, 56; ``results/kernel_resources_triton3.6/``), for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7,
    B = 32 G = 200 and B = 8 G = 1000; labels checked equal to the defaults' in every cell.
+
+Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
 Writes ``sweep.txt`` under ``--out`` line by line as it measures (gpu_check.sh's timeout
 may end it), with the JSON on its last line when it finishes.
@@ -65,7 +68,8 @@ def problem_for(batch: int, boxes: int | None):
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60)
+    """Median milliseconds of fn (do_bench's default is the mean; bench_gpu.py reports medians)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def host_us(fn, calls: int = 100) -> float:
@@ -149,7 +153,9 @@ def main() -> None:
         report.write(text + "\n")
         report.flush()
 
-    say(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
+    say(
+        f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}; ms: do_bench medians"
+    )
 
     say("== host versus device (solve, COCO-like G ~ 7) ==")
     for batch in (1, 32):
