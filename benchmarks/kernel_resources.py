@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
 import triton  # noqa: E402
+from recording import write_text  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -173,20 +174,40 @@ def resources(cubin: bytes) -> dict:
     }
 
 
+def register_summary(registers: dict[str, int]) -> str:
+    """The registers the notes compare, read from the table being written (what another
+    Triton allocates differs: a number fixed in the notes would contradict its table)."""
+    near = backend._COMPILED.gather_near
+    gather = [f"{registers['gather: scatter']} visiting {near} near boxes at a time (the default)"]
+    for count in (1, 2, 8):
+        name = f"gather: scatter, {count} near box{'es' if count > 1 else ''} at a time"
+        gather.append(f"{registers[name]} at {count}")
+    lift = "finalize: dense with the gather's lift"
+    return (
+        f"Registers per thread here (triton {triton.__version__}): the gather's scatter {', '.join(gather)}; "
+        "the dense finalize "
+        f"{registers['finalize: dense']} without the gather's lift, {registers[lift]} with it and "
+        f"{registers[lift + ', 4 near boxes at a time']} with it four boxes at a time."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     m = backend._COMPILED
     threads = m.num_warps * 32
-    rows = []
+    rows, registers = [], {}
     for name, fn, constexprs in kernels():
         r = resources(compile_cubin(fn, constexprs))
+        registers[name] = r["registers"]
         fit = 65536 // max(r["registers"] * threads, 1)
         rows.append(f"| {name} | {r['registers']} | {r['spill_bytes']} | {r['stack']} | {r['instructions']} | "
                     f"{r['in_loops']} | {r['fences']} / {r['awaited_atomics']} / {r['reductions']} | "
                     f"{fit} |")  # fmt: skip
         print(rows[-1], flush=True)
+    # The notes explain the table; every count in them is read from it, as the compiler
+    # at hand allocates (Triton 3.6 and 3.9 give several kernels different register counts).
     header = [
         "# Triton kernels compiled for sm_90 (no GPU needed)",
         "",
@@ -195,43 +216,31 @@ def main() -> None:
         "The pair kernels run capped (Triton's `maxnreg`, `pair_registers` above; `gpu_sweep.py` times "
         "the caps): a capped kernel keeps its extra values in a local-memory stack frame, so more "
         "programs fit an SM for a few more instructions and L1-cached loads, which paid on the H200 "
-        "(benchmarks/results/gpu_h200/run6/sweep.txt). Atomics are relaxed (`triton_assign`'s docstring); "
-        "with Triton's default acq_rel the scatter had 10 fences and 10 awaited atomics (each fence "
-        "followed by CCTL.IVALL, dropping the L1 cache) and no fire-and-forget ones, the lift 4 / 4 / 0. "
-        "Most of the finalize's code runs only where it is needed: its blocks build the anchors' boxes (the "
-        "level walk, with its integer divisions) only when a rule needs them (crowd regions, border, "
-        "padding) or the block encodes a positive, and the sparse pass's blocks with nothing to list exit "
-        "after their first two loads; a COCO-like image's other blocks branch past the level walk (about "
-        "500 instructions in each mode) to the key, the labels and the stores. The pair walk's searches "
-        "over the prefix sums take one vector load per step: each persistent program's start a "
-        "BLOCK_P-ary search (2-3 dependent loads for a batch, where a binary search took 15-20), each "
-        "chunk's last segment a 32-entry window (one load where galloping took 2 x log2 of the segments "
-        "spanned). The gather's scatter (read from the SASS's loops, Triton 3.6, low-quality branch taken): "
-        "about 100 instructions per warp per 128 boxes tested (the vector test, the list's scan and "
-        "stores, two barriers), then per near box 123 instructions visiting them one at a time (about half "
-        "of them the reduction of the box's key over the block's anchors), 83 two at a time, 65 four at a "
-        "time, 59 eight at a time, for the registers in the rows below; the box-by-box loop it replaced "
-        "took ~35 per box of the image before any IoU. The gather's lift runs inside the finalize (the "
-        "rows 'with the gather's lift'), where a block builds its anchors once for the lift and the "
-        "encoding: 57 instructions per near box visiting them one at a time (`lift_near`, its default; 40 "
-        "four at a time), where its own launch took 59 (40 four at a time), for 56 registers in the dense "
-        "finalize instead of 96 at four (40 without the lift: 12 programs per SM, 9 with it; Triton 3.6, "
-        "the GPU image's). The per-box counts were read before the near lists went to a byte per entry "
-        "and before each block's table held two parts' bounding boxes (both 2026-12-01): the byte moved "
-        "the loops' sizes by under 1%; the second box (a test of 4 more comparisons per box, 4 more values "
-        "kept, for 18% fewer near boxes at G = 200) took the gather from 1360 to 1392 instructions and 94 "
-        "to 96 registers (one near box at a time 48 to 56, 64-anchor blocks 64 to 72), the dense finalize "
-        "with the lift from 1840 to 1888 and 54 to 56. The lift visits few (box, block) pairs "
-        "(`bench_gpu.py --pairs`), and the finalize is bound by its writes.",
+        "(benchmarks/results/gpu_h200/run6/sweep.txt). Atomics are relaxed (`triton_assign`'s docstring): "
+        "with Triton's default acq_rel each atomic of the scatter and the lift came with a fence (followed "
+        "by CCTL.IVALL, dropping the L1 cache) and waited for its result, where the last column counts "
+        "fire-and-forget ones. Most of the finalize's code runs only where it is needed: its blocks build "
+        "the anchors' boxes (the level walk, with its integer divisions) only when a rule needs them "
+        "(crowd regions, border, padding) or the block encodes a positive, and the sparse pass's blocks "
+        "with nothing to list exit after their first two loads; a COCO-like image's other blocks branch "
+        "past the level walk to the key, the labels and the stores. The pair walk's searches over the "
+        "prefix sums take one vector load per step: each persistent program's start a BLOCK_P-ary search "
+        "(2-3 dependent loads for a batch, where a binary search took 15-20), each chunk's last segment a "
+        "32-entry window (one load where galloping took 2 x log2 of the segments spanned). The gather "
+        "tests an image's boxes 128 at a time against each block's two bounding boxes and visits the "
+        "near ones a few at a time (`gather_near`): more at a time share a box's reduction over the "
+        "block's anchors and the loop's own work, for more registers. Its lift runs inside the finalize "
+        "(the rows 'with the gather's lift'), where a block builds its anchors once for the lift and the "
+        "encoding; it visits few (box, block) pairs (`bench_gpu.py --pairs`), and the finalize is bound by "
+        "its writes. " + register_summary(registers),
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_resources.md").write_text("\n".join(header + rows) + "\n")
-    print(f"wrote {out / 'kernel_resources.md'}")
+    path = Path(args.out) / "kernel_resources.md"
+    write_text(path, "\n".join(header + rows) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
