@@ -9,7 +9,8 @@ image, classes included), requests of ``--images-per-request`` images. Measures:
 * images/s through the service (``tritarget serve`` in a subprocess, one asyncio
   client process keeping ``concurrency`` requests in flight, SPARSE responses
   densified into ``Targets`` by the client) vs two in-process baselines on the same
-  requests one after another with the same backend (target >= 80%): ``assign``
+  requests one after another with the same backend (target >= 90% at concurrency >= 8,
+  DESIGN's; below 8 no target applies): ``assign``
   (dense targets, what a training loop calls) and ``assign_sparse`` (the same
   SPARSE targets the service sends, compacted by the backend). Each baseline runs
   with the machine's torch threads and with one thread, and the faster counts (on
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -47,6 +47,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from recording import cpu_model, save_figure, write_csv, write_json
 
 from tritarget.clients import AsyncTargetClient, TargetClient
 from tritarget.clients.wire import build_request, decode_response
@@ -55,7 +56,8 @@ from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 PRESET = "retinanet_torchvision"
 TARGET_SPARSE_RATIO = 50.0
-TARGET_THROUGHPUT_RATIO = 0.80
+TARGET_THROUGHPUT_RATIO = 0.9  # of in-process, at concurrency >= TARGET_MIN_CONCURRENCY
+TARGET_MIN_CONCURRENCY = 8
 # Row modes: the client densifies every response into Targets (end to end, client and
 # server on the same cores), or keeps the parsed SPARSE response (the server's capacity,
 # densifying left to the data loaders' machines).
@@ -204,10 +206,8 @@ def batch_counters(metrics_url: str) -> tuple[float, float]:
 
 
 def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
     return {
-        "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "gpu": torch.cuda.get_device_name() if backend == "triton" else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -226,15 +226,8 @@ def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
 
 
 def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> None:
-    import csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{prefix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{prefix}.json").write_text(json.dumps({"environment": env, "bytes_per_image": sizes, "rows": rows},
-                                                   indent=2) + "\n")  # fmt: skip
+    write_csv(out / f"{prefix}.csv", rows)
+    write_json(out / f"{prefix}.json", {"environment": env, "bytes_per_image": sizes, "rows": rows})
     try:
         import matplotlib
 
@@ -259,8 +252,8 @@ def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> N
         name = "assign" if row["mode"] == "in_process" else "assign_sparse"
         threads = f"{row['threads']} thread{'s' * (row['threads'] > 1)}"
         ax2.axhline(row["images_per_s"], color=color, ls="--", lw=1, label=f"in-process {name} ({threads})")
-        ax2.axhline(row["images_per_s"] * TARGET_THROUGHPUT_RATIO, color=color, ls=":", lw=1,
-                    label=f"{TARGET_THROUGHPUT_RATIO:.0%} of in-process {name}")  # fmt: skip
+        goal = f"{TARGET_THROUGHPUT_RATIO:.0%} of in-process {name} (target at c >= {TARGET_MIN_CONCURRENCY})"
+        ax2.axhline(row["images_per_s"] * TARGET_THROUGHPUT_RATIO, color=color, ls=":", lw=1, label=goal)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("requests in flight")
     ax2.set_ylabel("images / s")
@@ -281,7 +274,7 @@ def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> N
     where = env["machine"] + (f", {env['gpu']}" if env["gpu"] else "")
     fig.suptitle(f"tritarget service, loopback, backend {env['backend']}: {where}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / f"{prefix}.png", dpi=110)
+    save_figure(fig, out / f"{prefix}.png", dpi=110)
 
 
 def main() -> None:
@@ -373,12 +366,15 @@ def main() -> None:
         }  # fmt: skip
         rows.append(row)
         shares = []
+        targeted = concurrency >= TARGET_MIN_CONCURRENCY
         for b in BASELINES:
             share = row[f"ratio_vs_{b}"]
-            verdict = "meets" if share >= TARGET_THROUGHPUT_RATIO else "misses"
+            verdict = ("meets" if share >= TARGET_THROUGHPUT_RATIO else "misses") if targeted else "no target"
             shares.append(f"{share:.0%} of in-process {b} (median {row[f'median_ratio_vs_{b}']:.0%}; {verdict})")
+        target = (f"target >= {TARGET_THROUGHPUT_RATIO:.0%}" if targeted
+                  else f"the {TARGET_THROUGHPUT_RATIO:.0%} target is for c >= {TARGET_MIN_CONCURRENCY}")  # fmt: skip
         print(f"{MODES[mode]:<37} c={concurrency:>2}: {row['images_per_s']:6.1f} images/s = {', '.join(shares)}"
-              f" [target >= {TARGET_THROUGHPUT_RATIO:.0%}]; p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+              f" [{target}]; p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
               f"{row['mean_batch_images']} images per batched call")  # fmt: skip
     env = environment(backend, note, args)
     env["client_torch_threads"] = 1
