@@ -68,7 +68,9 @@ class TargetAssignerServicer:
 
     def AssignStream(self, request_iterator, context):
         """Ordered: exactly one response per request, in request order, request_id
-        echoed. A bad request gets a response with `error` set; the stream goes on.
+        echoed (except in an error response the id would push over the message
+        limit: responses pair with requests by position). A bad request gets a
+        response with `error` set; the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
