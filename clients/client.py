@@ -26,6 +26,11 @@
 * Errors: every failure is a ``TargetServiceError`` with the gRPC ``code``, the
   server's ``details`` and the ``field_violations`` of a bad request; when no
   server answered, it says which endpoints were tried, for how long, and what to run.
+  A response that breaks the contract (a server bug: a malformed tensor, a stream
+  answering out of order or not once per request) raises ``ValueError`` ("malformed
+  response: ..."), never another image's or another request's targets.
+  A ``TargetServiceError`` raised in a ``DataLoader`` worker reaches the trainer as one,
+  with its ``code`` and ``details`` (torch rebuilds it from its message).
 * Fork-safe and picklable: channels are made lazily per process and are not part of
   the pickled state, so a client handed to ``DataLoader`` workers (fork, spawn or
   forkserver) opens its own channels in each worker.
@@ -87,20 +92,28 @@ class TargetServiceError(Exception):
 
     def __init__(
         self,
-        code: grpc.StatusCode,
-        details: str,
+        code: grpc.StatusCode | str,
+        details: str | None = None,
         field_violations: Sequence[tuple[str, str]] = (),
         request_id: str = "",
     ) -> None:
-        super().__init__(f"{code.name}: {details}")
+        if isinstance(code, str) and details is None:
+            # One message string: how torch's DataLoader re-raises a worker's exception in
+            # the trainer (``type(exc)(text)``, the text ending with the worker's traceback);
+            # a type it cannot build that way reaches the trainer as a bare RuntimeError.
+            message = code
+            code, details = _code_and_details(message)
+        else:
+            message = f"{code.name}: {details}"
+        super().__init__(message)
         self.code = code
         self.details = details
         self.field_violations = list(field_violations)
         self.request_id = request_id
 
     def __reduce__(self):
-        # Pickled from a DataLoader worker to the trainer: rebuilt with every field
-        # (Exception's default pickling passes only the message to __init__).
+        # Pickled (a worker's result sent whole): rebuilt with every field (Exception's
+        # default pickling passes only the message to __init__).
         return type(self), (self.code, self.details, self.field_violations, self.request_id)
 
     @classmethod
@@ -128,6 +141,22 @@ class TargetServiceError(Exception):
         return TargetServiceError(self.code, naming_images(self.details, ids),
                                   [(f, naming_images(d, ids)) for f, d in self.field_violations],
                                   self.request_id)  # fmt: skip
+
+
+# "CODE: details" as str(TargetServiceError) starts, or as a traceback's last line
+# ("...TargetServiceError: CODE: details") shows it.
+_CODE_AND_DETAILS = re.compile(r"(?:^|TargetServiceError: )([A-Z_]+): (.*)", re.DOTALL)
+
+
+def _code_and_details(message: str) -> tuple[grpc.StatusCode, str]:
+    """The code and details in an error's message (its last traceback's, when it holds
+    tracebacks); UNKNOWN and the whole message when it names no code."""
+    last = message.rsplit("Traceback (most recent call last):", 1)[-1]
+    for match in _CODE_AND_DETAILS.finditer(last):
+        code = grpc.StatusCode.__members__.get(match.group(1))
+        if code is not None:
+            return code, match.group(2).rstrip("\n")
+    return grpc.StatusCode.UNKNOWN, message
 
 
 def naming_images(text: str, image_ids: Sequence[Any]) -> str:
@@ -388,7 +417,8 @@ class _Base:
     def _result(request: pb.AssignRequest, response: pb.AssignResponse, densify: bool) -> Targets | SparseTargets:
         if response.HasField("error"):
             raise TargetServiceError.from_request_error(response.error, response.request_id)
-        targets = decode_response(response) if densify else decode_sparse(response)
+        images = len(request.gt_counts)
+        targets = decode_response(response, images) if densify else decode_sparse(response, images)
         targets.level_starts = level_starts(request, response.num_anchors)
         return targets
 
@@ -397,6 +427,13 @@ class _Base:
         """A stream's next response, its request now answered: the targets, or the item's
         error (raised unless ``return_exceptions``)."""
         request = unanswered.answered()
+        # The server echoes request_id (empty for an item it could not parse): one that
+        # differs means responses out of order, each about to get another's targets.
+        if request.request_id and response.request_id and response.request_id != request.request_id:
+            raise ValueError(
+                f"malformed response: request_id {response.request_id!r} where the answer to {request.request_id!r} "
+                "was due (AssignStream answers in request order)"
+            )
         self._count(responses=1, response_bytes=response.ByteSize())
         try:
             return self._result(request, response, densify)
@@ -417,8 +454,14 @@ class _Base:
 
     @staticmethod
     def _ended(unanswered: _Unanswered) -> None:
-        """The stream's call ended: every request sent is answered. Raises what reading
-        the requests raised, if it stopped there."""
+        """The stream's call ended OK: every request sent must be answered (a server that
+        stops early ends UNAVAILABLE, and those requests go to another endpoint). Raises
+        what reading the requests raised, if it stopped there."""
+        if unanswered.outstanding():
+            raise ValueError(
+                f"malformed response: the stream ended OK with {unanswered.outstanding()} of its requests unanswered "
+                "(AssignStream answers every request)"
+            )
         if unanswered.failure is not None:
             raise unanswered.failure
 
@@ -426,6 +469,8 @@ class _Base:
     def _check_densify(densify: bool, kwargs: Mapping[str, Any]) -> None:
         if not densify and kwargs.get("format", "sparse") != "sparse":
             raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
+        if not densify and kwargs.get("return_max_iou"):
+            raise ValueError("densify=False returns SparseTargets, which hold no max IoU: return_max_iou needs densify")
 
 
 def _earlier(first: float | None, second: float | None) -> float | None:
@@ -517,8 +562,17 @@ class _Unanswered:
             yield message
 
     def answered(self) -> pb.AssignRequest:
+        """The oldest unanswered request, now answered."""
         with self._state:
+            if not self._sent:
+                raise ValueError(
+                    "malformed response: an answer with no request outstanding (more answers than requests)"
+                )
             return self._sent.popleft()
+
+    def outstanding(self) -> int:
+        with self._state:
+            return len(self._sent)
 
     def restart(self) -> tuple[int, list[pb.AssignRequest]]:
         with self._state:

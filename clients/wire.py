@@ -11,18 +11,21 @@ from __future__ import annotations
 import functools
 import json
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.problem import integer_dtype
 from tritarget.kernels.sampling import fresh_seed
-from tritarget.kernels.targets import IGNORED, NOTHING_DROPPED, SparseTargets, Targets, filled
+from tritarget.kernels.targets import IGNORED, NEGATIVE, NOTHING_DROPPED, POSITIVE, SparseTargets, Targets, filled
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.protos.tensors import decode_tensor, encode_tensor
+from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
 
 __all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "decode_sparse", "level_starts"]
 
@@ -208,96 +211,213 @@ def _fresh_seed_if_sampled(ref: pb.ConfigRef) -> int:
     return fresh_seed() if config is None or config.match.sample_size > 0 else 0
 
 
-def decode_response(response: pb.AssignResponse) -> Targets:
-    """The ``Targets`` a response holds (densified when SPARSE)."""
-    batch, count = response.batch_size, response.num_anchors
-    kind = response.WhichOneof("targets")
-    if kind == "dense":
-        dense = response.dense
-        labels = decode_tensor(dense.labels, "labels", dtypes=(torch.int8,))
-        matched = decode_tensor(dense.matched_gt, "matched_gt", dtypes=(torch.int32,))
-        deltas = decode_tensor(dense.deltas, "deltas", dtypes=(torch.float32, torch.float16)).to(torch.float32)
-        classes = decode_tensor(dense.classes, "classes") if dense.HasField("classes") else None
-    elif kind == "sparse":
-        labels, matched, deltas, classes = _densify(response.sparse, batch, count, response.background_class)
+def decode_response(response: pb.AssignResponse, images: int | None = None) -> Targets:
+    """The ``Targets`` a response holds (densified when SPARSE). ``images``: how many the
+    request sent, when known. A response that breaks the wire contract (shapes, dtypes,
+    anchor indices, labels) raises ``ValueError`` ("malformed response: ...") naming the field."""
+    batch, count = _checked_header(response, images)
+    if _kind(response) == "dense":
+        dense, rows = response.dense, [batch, count]
+        labels = _field(dense.labels, "labels", _INT8, rows, _ROWS)
+        matched = _field(dense.matched_gt, "matched_gt", _INT32, rows, _ROWS)
+        deltas = _field(dense.deltas, "deltas", _DELTAS, [*rows, 4], "[batch_size, num_anchors, 4]").float()
+        classes = _field(dense.classes, "classes", _INT32, rows, _ROWS) if dense.HasField("classes") else None
     else:
-        raise ValueError("response holds no targets")
-    max_iou = decode_tensor(response.max_iou, "max_iou") if response.HasField("max_iou") else None
+        labels, matched, deltas, classes = _densify(
+            _SparseLists.of(response, batch, count), batch, count, response.background_class
+        )
+    max_iou = None
+    if response.HasField("max_iou"):
+        max_iou = _field(response.max_iou, "max_iou", _FLOAT32, [batch, count], _ROWS)
     dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
     if not dropped:
         dropped = [NOTHING_DROPPED] * batch
     return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
 
 
-def decode_sparse(response: pb.AssignResponse) -> SparseTargets:
+def decode_sparse(response: pb.AssignResponse, images: int | None = None) -> SparseTargets:
     """The ``SparseTargets`` a SPARSE response holds, without densifying (the tensors view
     the response's bytes; ``.to_dense(device=...)`` densifies where the trainer is).
+    ``images`` and malformed responses as ``decode_response``.
 
     When the server listed the negatives (sampling left most anchors ignored), the ignored
     lists are what neither the positives nor the negatives list, found per image."""
-    if response.WhichOneof("targets") != "sparse":
+    if _kind(response) != "sparse":
         raise ValueError("decode_sparse: the response holds DENSE targets (request format='sparse')")
-    sparse, batch, count = response.sparse, response.batch_size, response.num_anchors
-    int64, int32 = (torch.int64,), (torch.int32,)
-    positive_offsets = decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=int64)
-    positive_anchors = decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=int32)
-    listed_offsets = decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=int64)
-    listed_anchors = decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=int32)
-    if sparse.listed_label == IGNORED:
-        ignored_offsets, ignored_anchors = listed_offsets, listed_anchors
+    if response.HasField("max_iou"):
+        raise ValueError("decode_sparse: the response holds max IoU, which SparseTargets cannot (decode_response)")
+    batch, count = _checked_header(response, images)
+    lists = _SparseLists.of(response, batch, count)
+    if lists.listed_label == IGNORED:
+        ignored_offsets, ignored_anchors = lists.listed_offsets, lists.listed_anchors
     else:
         rest = torch.ones(batch * count, dtype=torch.bool)
-        rest[_flat_index(positive_offsets, positive_anchors, count)] = False
-        rest[_flat_index(listed_offsets, listed_anchors, count)] = False
+        rest[_rows(lists.positive_offsets, lists.positive_anchors, count)] = False
+        rest[_rows(lists.listed_offsets, lists.listed_anchors, count)] = False
         image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
         ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
         ignored_anchors = anchor.to(torch.int32)
-    classes = None
-    if sparse.HasField("positive_classes"):
-        classes = decode_tensor(sparse.positive_classes, "positive_classes", dtypes=int32)
     dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
     return SparseTargets(
         num_anchors=count,
-        positive_offsets=positive_offsets,
-        positive_anchors=positive_anchors,
-        positive_matched_gt=decode_tensor(sparse.positive_matched_gt, "positive_matched_gt", dtypes=int32),
-        positive_deltas=decode_tensor(sparse.positive_deltas, "positive_deltas", dtypes=(torch.float32, torch.float16)),
+        positive_offsets=lists.positive_offsets,
+        positive_anchors=lists.positive_anchors,
+        positive_matched_gt=lists.positive_matched_gt,
+        positive_deltas=lists.positive_deltas,
         ignored_offsets=ignored_offsets,
         ignored_anchors=ignored_anchors,
-        positive_classes=classes,
+        positive_classes=lists.positive_classes,
         background_class=response.background_class,
         dropped=dropped or [NOTHING_DROPPED] * batch,
     )
 
 
-def _flat_index(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
+_INT8, _INT32, _INT64, _FLOAT32 = (torch.int8,), (torch.int32,), (torch.int64,), (torch.float32,)
+_DELTAS = (torch.float32, torch.float16)
+_ROWS = "[batch_size, num_anchors]"
+
+
+def _malformed(text: str) -> ValueError:
+    """A response that breaks the wire contract: a server bug, never the caller's input."""
+    return ValueError(f"malformed response: {text}")
+
+
+def _kind(response: pb.AssignResponse) -> str:
+    """ "dense" or "sparse": which targets the response holds."""
+    kind = response.WhichOneof("targets")
+    if kind is None:
+        raise _malformed("holds no targets (neither dense nor sparse)")
+    return kind
+
+
+def _checked_header(response: pb.AssignResponse, images: int | None) -> tuple[int, int]:
+    """(batch_size, num_anchors), checked against the request and the dropped lists."""
+    batch, count = response.batch_size, response.num_anchors
+    if images is not None and batch != images:
+        raise _malformed(f"batch_size: {batch}, but the request sent {images} images")
+    if batch < 1:
+        raise _malformed(f"batch_size: must be >= 1 (a request holds at least one image), got {batch}")
+    if count < 0:
+        raise _malformed(f"num_anchors: must be >= 0, got {count}")
+    if len(response.dropped) not in (0, batch):
+        raise _malformed(f"dropped: {len(response.dropped)} lists, expected none or one per image ({batch})")
+    return batch, count
+
+
+def _field(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: list[int], dims: str) -> torch.Tensor:
+    """A response tensor of one of ``dtypes`` and exactly ``shape`` (``dims`` names its
+    dimensions, for the error): a view of its bytes."""
+    if message.shape != shape:
+        raise _malformed(f"{name}: shape {list(message.shape)}, expected {dims} = {shape}")
+    return _tensor(message, name, dtypes)
+
+
+def _tensor(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], **expected) -> torch.Tensor:
+    """``decode_tensor``, its errors as a malformed response's."""
+    try:
+        return decode_tensor(message, name, dtypes=dtypes, **expected)
+    except TensorError as error:
+        raise _malformed(str(error)) from None
+
+
+@dataclass
+class _SparseLists:
+    """A SPARSE response's lists, checked: offsets start at 0, never decrease and end at
+    their list's length; anchors are in [0, num_anchors) and ascending within each image;
+    the positives' boxes, deltas and classes have one row per positive; the two labels
+    are NEGATIVE and IGNORED. A few array operations per list, whatever its length: the
+    client decodes thousands of responses a second."""
+
+    positive_offsets: torch.Tensor
+    positive_anchors: torch.Tensor
+    positive_matched_gt: torch.Tensor
+    positive_deltas: torch.Tensor
+    positive_classes: torch.Tensor | None
+    listed_label: int
+    listed_offsets: torch.Tensor
+    listed_anchors: torch.Tensor
+    unlisted_label: int
+
+    @classmethod
+    def of(cls, response: pb.AssignResponse, batch: int, count: int) -> _SparseLists:
+        sparse = response.sparse
+        labels = (sparse.listed_label, sparse.unlisted_label)
+        if set(labels) != {NEGATIVE, IGNORED}:
+            raise _malformed(
+                f"listed_label and unlisted_label: expected one NEGATIVE ({NEGATIVE}) and one IGNORED ({IGNORED}), "
+                f"got {labels[0]} and {labels[1]}"
+            )
+        positive_offsets, positive_anchors = _csr(sparse, "positive", batch, count)
+        listed_offsets, listed_anchors = _csr(sparse, "listed", batch, count)
+        positives, one_each = [positive_anchors.shape[0]], "one per positive anchor"
+        classes = None
+        if sparse.HasField("positive_classes"):
+            classes = _field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each)
+        return cls(
+            positive_offsets=positive_offsets,
+            positive_anchors=positive_anchors,
+            positive_matched_gt=_field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each),
+            positive_deltas=_field(sparse.positive_deltas, "positive_deltas", _DELTAS, [*positives, 4], one_each),
+            positive_classes=classes,
+            listed_label=sparse.listed_label,
+            listed_offsets=listed_offsets,
+            listed_anchors=listed_anchors,
+            unlisted_label=sparse.unlisted_label,
+        )
+
+
+def _csr(sparse: pb.SparseTargets, which: str, batch: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CSR list (offsets, anchors), checked."""
+    offsets = _field(getattr(sparse, f"{which}_offsets"), f"{which}_offsets", _INT64, [batch + 1],
+                     "[batch_size + 1]")  # fmt: skip
+    message = getattr(sparse, f"{which}_anchors")
+    anchors = _tensor(message, f"{which}_anchors", _INT32, ndim=1)
+    ends, size = offsets.tolist(), anchors.shape[0]
+    if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
+        raise _malformed(f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); "
+                         f"got {ends}")  # fmt: skip
+    if size:
+        # Ascending within each image: an anchor may be at most its predecessor only where
+        # an image starts. In [0, A): as unsigned, a negative anchor is out of range too
+        # (one outside would land in another image's row). numpy on the message's bytes
+        # costs less per operation than torch on its view.
+        indices = np.frombuffer(message.data, np.int32)
+        descents = (indices[1:] <= indices[:-1]).nonzero()[0].tolist()
+        starts = set(ends[1:-1])
+        if indices.view(np.uint32).max() >= count or not all(i + 1 in starts for i in descents):
+            raise _malformed(_bad_anchor(which, ends, indices, count))
+    return offsets, anchors
+
+
+def _bad_anchor(which: str, ends: list[int], indices: np.ndarray, count: int) -> str:
+    """What is wrong with the first bad anchor of a list (only when there is one)."""
+    image = np.repeat(np.arange(len(ends) - 1), np.diff(ends))
+    outside = np.flatnonzero((indices < 0) | (indices >= count))
+    if outside.size:
+        i = outside[0]
+        return f"{which}_anchors: image {image[i]} lists anchor {indices[i]}, outside [0, num_anchors={count})"
+    i = np.flatnonzero((np.diff(indices) <= 0) & (image[1:] == image[:-1]))[0] + 1
+    return f"{which}_anchors: image {image[i]} lists anchor {indices[i]} after {indices[i - 1]} (must ascend)"
+
+
+def _rows(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
     """Row of each CSR entry in a flattened [B * A] array."""
-    image = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
-    return image * count + anchors.long()
+    image = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets.numpy()))
+    return torch.from_numpy(image * count + anchors.numpy())
 
 
-def _densify(sparse: pb.SparseTargets, batch: int, count: int, background: int):
-    int64, int32 = (torch.int64,), (torch.int32,)
-    positives = _flat_index(
-        decode_tensor(sparse.positive_offsets, "positive_offsets", dtypes=int64),
-        decode_tensor(sparse.positive_anchors, "positive_anchors", dtypes=int32),
-        count,
-    )
-    listed = _flat_index(
-        decode_tensor(sparse.listed_offsets, "listed_offsets", dtypes=int64),
-        decode_tensor(sparse.listed_anchors, "listed_anchors", dtypes=int32),
-        count,
-    )
+def _densify(lists: _SparseLists, batch: int, count: int, background: int):
     host = torch.device("cpu")
-    labels = filled((batch, count), sparse.unlisted_label, torch.int8, host)
-    labels.view(-1)[listed] = sparse.listed_label
-    labels.view(-1)[positives] = 1
+    positives = _rows(lists.positive_offsets, lists.positive_anchors, count)
+    labels = filled((batch, count), lists.unlisted_label, torch.int8, host)
+    labels.view(-1)[_rows(lists.listed_offsets, lists.listed_anchors, count)] = lists.listed_label
+    labels.view(-1)[positives] = POSITIVE
     matched = filled((batch, count), -1, torch.int32, host)
-    matched.view(-1)[positives] = decode_tensor(sparse.positive_matched_gt, "positive_matched_gt", dtypes=int32)
+    matched.view(-1)[positives] = lists.positive_matched_gt
     deltas = filled((batch, count, 4), 0, torch.float32, host)
-    deltas.view(-1, 4).index_copy_(0, positives, decode_tensor(sparse.positive_deltas, "positive_deltas").float())
+    deltas.view(-1, 4).index_copy_(0, positives, lists.positive_deltas.float())
     classes = None
-    if sparse.HasField("positive_classes"):
+    if lists.positive_classes is not None:
         classes = filled((batch, count), background, torch.int32, host)
-        classes.view(-1)[positives] = decode_tensor(sparse.positive_classes, "positive_classes", dtypes=int32)
+        classes.view(-1)[positives] = lists.positive_classes
     return labels, matched, deltas, classes

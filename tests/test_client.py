@@ -223,7 +223,7 @@ def test_client_requests_before_a_fork_work_in_the_child(two_servers):
 
 
 def test_service_errors_pickle_with_every_field():
-    """A DataLoader worker's error reaches the trainer pickled: still a TargetServiceError."""
+    """Pickled (a worker process's result, sent whole): still a TargetServiceError."""
     error = TargetServiceError(grpc.StatusCode.INVALID_ARGUMENT, "gt_boxes: bad", [("gt_boxes", "bad")], "r7")
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is TargetServiceError and str(copy) == str(error)

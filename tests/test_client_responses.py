@@ -1,0 +1,336 @@
+"""The client against servers that break the response contract: every malformed response,
+out-of-order or missing stream answer is a clear error, never another image's or another
+request's targets. The servers are real gRPC servers sending crafted responses (the true
+targets, computed in-process, then broken one field at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from test_service_harness import ServerThread, fake_assigner
+
+from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.kernels import assign, presets
+from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import encode_tensor
+from tritarget.service import codec
+
+CANVAS = (96, 128)
+BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0], [5.0, 5.0, 40.0, 40.0]])
+CLASSES = torch.tensor([1, 2, 3], dtype=torch.int32)
+CONFIG = presets.get("retinanet_torchvision")
+A = assign(BOXES[:1], [1], CANVAS, CONFIG, backend="cpu").num_anchors
+
+
+def _answer(request: pb.AssignRequest) -> pb.AssignResponse:
+    """The response a correct server sends."""
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, gt_classes=job.gt_classes,
+                     return_max_iou=job.return_max_iou, backend="cpu")  # fmt: skip
+    return codec.encode_assign(request, targets)
+
+
+def _values(message: pb.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).clone()
+
+
+def _edit(message: pb.Tensor, dtype: torch.dtype, change) -> None:
+    values = _values(message, dtype)
+    encode_tensor(change(values), message)
+
+
+def _set(values: torch.Tensor, index: int, value: int) -> torch.Tensor:
+    values[index] = value
+    return values
+
+
+def _image_1_start(response: pb.AssignResponse) -> int:
+    return int(_values(response.sparse.positive_offsets, torch.int64)[1])
+
+
+def _swap_first_two(values: torch.Tensor) -> torch.Tensor:
+    values[[0, 1]] = values[[1, 0]]
+    return values
+
+
+def _reshape(message: pb.Tensor, shape: list[int]) -> None:
+    message.shape[:] = shape
+
+
+SPARSE = {
+    "positive anchor past num_anchors (spills into image 1)": (
+        lambda r: _edit(r.sparse.positive_anchors, torch.int32, lambda v: _set(v, 0, int(v[0]) + A)),
+        r"positive_anchors: image 0 lists anchor \d+, outside \[0, num_anchors=",
+    ),
+    "negative positive anchor": (
+        lambda r: _edit(r.sparse.positive_anchors, torch.int32, lambda v: _set(v, _image_1_start(r), -1)),
+        r"positive_anchors: image 1 lists anchor -1, outside",
+    ),
+    "anchors not ascending": (
+        lambda r: _edit(r.sparse.positive_anchors, torch.int32, _swap_first_two),
+        r"positive_anchors: image 0 lists anchor \d+ after \d+ \(must ascend\)",
+    ),
+    "listed anchor past num_anchors": (
+        lambda r: _edit(r.sparse.listed_anchors, torch.int32, lambda v: _set(v, -1, A)),
+        r"listed_anchors: image 1 lists anchor \d+, outside",
+    ),
+    "offsets decrease": (
+        lambda r: _edit(r.sparse.positive_offsets, torch.int64, lambda v: _set(v, 1, int(v[2]) + 1)),
+        r"positive_offsets: must start at 0, never decrease and end at \d+",
+    ),
+    "offsets start past 0": (
+        lambda r: _edit(r.sparse.positive_offsets, torch.int64, lambda v: _set(v, 0, 1)),
+        r"positive_offsets: must start at 0",
+    ),
+    "offsets end short of the list": (
+        lambda r: _edit(r.sparse.listed_offsets, torch.int64, lambda v: _set(v, 2, int(v[2]) - 1)),
+        r"listed_offsets: must start at 0, never decrease and end at",
+    ),
+    "offsets one per image, not one more": (
+        lambda r: _edit(r.sparse.positive_offsets, torch.int64, lambda v: v[:-1].clone()),
+        r"positive_offsets: shape \[2\], expected \[batch_size \+ 1\] = \[3\]",
+    ),
+    "offsets int32": (
+        lambda r: _edit(r.sparse.positive_offsets, torch.int64, lambda v: v.to(torch.int32)),
+        r"positive_offsets: dtype DTYPE_INT32 not allowed here",
+    ),
+    "unlisted label positive": (lambda r: setattr(r.sparse, "unlisted_label", 1), r"listed_label and unlisted_label"),
+    "listed label 7": (lambda r: setattr(r.sparse, "listed_label", 7), r"listed_label and unlisted_label"),
+    "both labels ignored": (
+        lambda r: setattr(r.sparse, "unlisted_label", r.sparse.listed_label),
+        r"listed_label and unlisted_label",
+    ),
+    "batch_size past the lists (phantom images)": (
+        lambda r: setattr(r, "batch_size", 5),
+        r"batch_size: 5, but the request sent 2 images",
+    ),
+    "batch_size short of the request": (
+        lambda r: setattr(r, "batch_size", 1),
+        r"batch_size: 1, but the request sent 2 images",
+    ),
+    "dropped for 1 of 2 images": (
+        lambda r: r.dropped.add().box_index.extend([0]),
+        r"dropped: 1 lists, expected none or one per image \(2\)",
+    ),
+    "matched_gt one short": (
+        lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: v[:-1].clone()),
+        r"positive_matched_gt: shape \[\d+\], expected one per positive anchor",
+    ),
+    "deltas flattened": (
+        lambda r: _edit(r.sparse.positive_deltas, torch.float32, lambda v: v.clone()),
+        r"positive_deltas: shape \[\d+\], expected one per positive anchor = \[\d+, 4\]",
+    ),
+    "classes float32": (
+        lambda r: _edit(r.sparse.positive_classes, torch.int32, lambda v: v.to(torch.float32)),
+        r"positive_classes: dtype DTYPE_FLOAT32 not allowed here",
+    ),
+    "no targets": (lambda r: r.ClearField("sparse"), r"holds no targets"),
+}
+
+DENSE = {
+    "labels [1, 2A]": (
+        lambda r: _reshape(r.dense.labels, [1, 2 * A]),
+        r"labels: shape \[1, \d+\], expected \[batch_size, num_anchors\] = \[2, \d+\]",
+    ),
+    "labels [2A]": (
+        lambda r: _reshape(r.dense.labels, [2 * A]),
+        r"labels: shape \[\d+\], expected \[batch_size, num_anchors\]",
+    ),
+    "deltas [B, 4A]": (
+        lambda r: _reshape(r.dense.deltas, [2, 4 * A]),
+        r"deltas: shape \[2, \d+\], expected \[batch_size, num_anchors, 4\]",
+    ),
+    "matched_gt [A, 2]": (
+        lambda r: _reshape(r.dense.matched_gt, [A, 2]),
+        r"matched_gt: shape \[\d+, 2\], expected \[batch_size, num_anchors\]",
+    ),
+    "classes float32": (
+        lambda r: encode_tensor(torch.zeros(2, A), r.dense.classes),
+        r"classes: dtype DTYPE_FLOAT32 not allowed here",
+    ),
+    "max_iou int8": (
+        lambda r: encode_tensor(torch.zeros(2, A, dtype=torch.int8), r.max_iou),
+        r"max_iou: dtype DTYPE_INT8 not allowed here",
+    ),
+    "max_iou [2A]": (
+        lambda r: encode_tensor(torch.zeros(2 * A), r.max_iou),
+        r"max_iou: shape \[\d+\], expected \[batch_size, num_anchors\]",
+    ),
+    "num_anchors one short": (
+        lambda r: setattr(r, "num_anchors", A - 1),
+        r"labels: shape \[2, \d+\], expected \[batch_size, num_anchors\] = \[2, \d+\]",
+    ),
+    "dropped for 1 of 2 images": (
+        lambda r: r.dropped.add().box_index.extend([0]),
+        r"dropped: 1 lists, expected none or one per image",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def breaking_server_once():
+    """A server whose Assign answers correctly, then applies ``break_it`` to the response;
+    AssignStream answers its requests as ``stream_mode`` says."""
+
+    class Server:
+        break_it = staticmethod(lambda response: None)
+        stream_mode = "in order"
+        calls = 0
+
+    def unary(raw: bytes, context) -> bytes:
+        Server.calls += 1
+        response = _answer(pb.AssignRequest.FromString(raw))
+        Server.break_it(response)
+        return response.SerializeToString()
+
+    def stream(raws, context):
+        Server.calls += 1
+        requests = [pb.AssignRequest.FromString(raw) for raw in raws]
+        responses = [_answer(request) for request in requests]
+        if Server.stream_mode == "swapped":
+            responses[0], responses[1] = responses[1], responses[0]
+        elif Server.stream_mode == "one extra":
+            responses.append(responses[-1])
+        elif Server.stream_mode == "one missing":
+            responses.pop()
+        elif Server.stream_mode == "ids not echoed":
+            for response in responses:
+                response.request_id = ""
+        for response in responses:
+            yield response.SerializeToString()
+
+    with fake_assigner(unary, stream) as address, TargetClient(address, timeout=30) as client:
+        Server.address, Server.client = address, client
+        yield Server
+
+
+@pytest.fixture
+def breaking_server(breaking_server_once):
+    """The module's breaking server, answering correctly again after each test."""
+    yield breaking_server_once
+    breaking_server_once.break_it = staticmethod(lambda response: None)
+    breaking_server_once.stream_mode = "in order"
+
+
+def _assign(client, **kwargs):
+    return client.assign(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", gt_classes=CLASSES, **kwargs)
+
+
+def test_a_correct_response_decodes_to_the_in_process_targets(breaking_server):
+    expected = assign(BOXES, [2, 1], CANVAS, CONFIG, gt_classes=CLASSES, backend="cpu")
+    for kwargs in ({}, {"format": "dense"}, {"return_max_iou": True}):
+        targets = _assign(breaking_server.client, **kwargs)
+        assert torch.equal(targets.labels, expected.labels) and torch.equal(targets.classes, expected.classes)
+    sparse = _assign(breaking_server.client, densify=False)
+    assert torch.equal(sparse.to_dense().labels, expected.labels)
+
+
+@pytest.mark.parametrize("densify", [True, False], ids=["densified", "sparse"])
+@pytest.mark.parametrize("case", list(SPARSE))
+def test_a_malformed_sparse_response_is_refused_naming_the_field(breaking_server, case, densify):
+    breaking_server.break_it, expected = SPARSE[case]
+    with pytest.raises(ValueError, match=rf"^malformed response: {expected}"):
+        _assign(breaking_server.client, densify=densify)
+
+
+@pytest.mark.parametrize("case", list(DENSE))
+def test_a_malformed_dense_response_is_refused_naming_the_field(breaking_server, case):
+    breaking_server.break_it, expected = DENSE[case]
+    with pytest.raises(ValueError, match=rf"^malformed response: {expected}"):
+        _assign(breaking_server.client, format="dense", return_max_iou=True)
+
+
+ITEMS = [{"gt_boxes": BOXES[:1], "gt_counts": [1]}, {"gt_boxes": BOXES, "gt_counts": [2, 1]}]
+STREAM_ERRORS = {
+    "swapped": r"request_id '1' where the answer to '0' was due",
+    "one extra": r"an answer with no request outstanding",
+    "one missing": r"the stream ended OK with 1 of its requests unanswered",
+}
+
+
+@pytest.mark.parametrize("mode", list(STREAM_ERRORS))
+def test_a_stream_answered_out_of_order_or_not_one_for_one_is_refused(breaking_server, mode):
+    breaking_server.stream_mode = mode
+    with pytest.raises(ValueError, match=rf"^malformed response: {STREAM_ERRORS[mode]}"):
+        list(breaking_server.client.stream(ITEMS, preset="retinanet_torchvision", canvas=CANVAS))
+
+
+def test_the_async_stream_refuses_answers_out_of_order(breaking_server):
+    breaking_server.stream_mode = "swapped"
+
+    async def run():
+        async with AsyncTargetClient(breaking_server.address, timeout=30) as client:
+            return [t async for t in client.stream(ITEMS, preset="retinanet_torchvision", canvas=CANVAS)]
+
+    with pytest.raises(ValueError, match=rf"^malformed response: {STREAM_ERRORS['swapped']}"):
+        asyncio.run(run())
+
+
+def test_answers_without_an_echoed_id_pair_by_position(breaking_server):
+    """A server echoes an empty request_id for an item it could not parse: such answers
+    are paired by their place in the stream."""
+    breaking_server.stream_mode = "ids not echoed"
+    got = list(breaking_server.client.stream(ITEMS, preset="retinanet_torchvision", canvas=CANVAS))
+    for item, targets in zip(ITEMS, got, strict=True):
+        assert torch.equal(targets.labels, assign(item["gt_boxes"], item["gt_counts"], CANVAS, CONFIG).labels)
+
+
+def test_sparse_targets_with_max_iou_are_refused_before_any_call(breaking_server):
+    """SparseTargets hold no max IoU: asking for both would drop what the server sent."""
+    calls = breaking_server.calls
+    client = breaking_server.client
+    with pytest.raises(ValueError, match="densify=False returns SparseTargets, which hold no max IoU"):
+        _assign(client, densify=False, return_max_iou=True)
+    with pytest.raises(ValueError, match="densify=False returns SparseTargets, which hold no max IoU"):
+        list(client.stream(ITEMS, densify=False, return_max_iou=True, preset="retinanet_torchvision", canvas=CANVAS))
+    assert breaking_server.calls == calls
+    ready = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", return_max_iou=True)
+    with pytest.raises(ValueError, match="decode_sparse: the response holds max IoU"):
+        list(client.stream([ready], densify=False))
+
+
+class _AssignInCollate:
+    """A collate that gets each batch's targets from the service (the batch's boxes are bad)."""
+
+    def __init__(self, client: TargetClient) -> None:
+        self.client = client
+
+    def __call__(self, batch):
+        boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [float("nan"), 0.0, 10.0, 10.0]])
+        return self.client.assign(boxes, [2], CANVAS, preset="retinanet_torchvision")
+
+
+def test_a_service_error_in_a_data_loader_worker_reaches_the_trainer_with_its_code():
+    """torch re-raises a worker's exception as ``type(exc)(message)``: the trainer catches
+    ``TargetServiceError`` with the server's code, not a RuntimeError."""
+    with ServerThread() as server:
+        client = TargetClient(server.address, timeout=30)
+        loader = torch.utils.data.DataLoader(range(2), batch_size=2, num_workers=1,
+                                             collate_fn=_AssignInCollate(client))  # fmt: skip
+        with pytest.raises(TargetServiceError) as caught:
+            next(iter(loader))
+        client.close()
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details.startswith("gt_boxes: image 0, box 1: coordinates are not finite"), error.details
+    assert "DataLoader worker process 0" in str(error)  # the worker's traceback is kept
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "details"),
+    [
+        ("NOT_FOUND: no preset 'x'", grpc.StatusCode.NOT_FOUND, "no preset 'x'"),
+        ("Caught TargetServiceError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
+         '  File "w.py", line 1, in f\ntritarget.clients.client.TargetServiceError: UNAVAILABLE: gone\nfor good\n',
+         grpc.StatusCode.UNAVAILABLE, "gone\nfor good"),
+        ("no code here", grpc.StatusCode.UNKNOWN, "no code here"),
+        ("NOT_A_CODE: text", grpc.StatusCode.UNKNOWN, "NOT_A_CODE: text"),
+    ],
+)  # fmt: skip
+def test_a_service_error_rebuilt_from_its_message_has_its_code(message, code, details):
+    error = TargetServiceError(message)
+    assert (error.code, error.details, str(error)) == (code, details, message)
