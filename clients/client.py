@@ -416,7 +416,8 @@ class _Base:
     @staticmethod
     def _result(request: pb.AssignRequest, response: pb.AssignResponse, densify: bool) -> Targets | SparseTargets:
         if response.HasField("error"):
-            raise TargetServiceError.from_request_error(response.error, response.request_id)
+            # The server leaves the id out of an error response it would push over the size limit.
+            raise TargetServiceError.from_request_error(response.error, response.request_id or request.request_id)
         images = len(request.gt_counts)
         targets = decode_response(response, images) if densify else decode_sparse(response, images)
         targets.level_starts = level_starts(request, response.num_anchors)

@@ -20,7 +20,8 @@ of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"`
 
 from __future__ import annotations
 
-import threading
+import itertools
+import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,8 @@ import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
 
-from .client import TargetClient, naming_images
+from .client import TargetClient, TargetServiceError, naming_images
+from .wire import build_request, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -82,21 +84,37 @@ def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets
     return assigned if device is None else assigned.to(device)
 
 
-# Request options that only shape what the service sends (the deltas' precision on the
-# wire, whether classes travel): in-process targets are float32 with classes, so the same
-# call works with and without a client.
-_WIRE_ONLY = ("delta_dtype", "return_classes")
+# Request options that only shape what the service sends (the deltas' precision and the
+# response's form on the wire, whether classes travel) or bound a call's time: in-process
+# targets are float32 with classes, so the same call works with and without a client.
+_WIRE_ONLY = ("delta_dtype", "return_classes", "format", "timeout")
+
+
+def _check_options(densify: bool, options: Mapping[str, Any]) -> None:
+    """Refuse, with and without a client alike, what ``SparseTargets`` cannot hold."""
+    if densify:
+        return
+    if options.get("return_max_iou"):
+        raise ValueError("return_max_iou needs densify=True: SparseTargets carry no max IoU")
+    if options.get("format", "sparse") != "sparse":
+        raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
 
 
 class _InProcess:
-    """The in-process fallback: ``assign`` (or ``assign_sparse``) on the given backend."""
+    """The in-process fallback: ``assign`` (or ``assign_sparse``) on the given backend,
+    with the request options a client would send applied here (``overrides`` to the
+    config, ``box_format`` to the boxes)."""
 
     def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any]) -> None:
-        self.config, self.backend, self.densify = config, backend, densify
-        self.options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
+        options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
+        overrides = options.pop("overrides", None)
+        self.config = config.replace(**overrides) if overrides else config
+        self.box_format = options.pop("box_format", "xyxy")
+        self.backend, self.densify, self.options = backend, densify, options
 
     def __call__(self, boxes, counts, classes, canvas, image_ids=None) -> Targets | SparseTargets:
         solve = assign if self.densify else assign_sparse
+        boxes = to_xyxy(boxes, self.box_format)
         try:
             return solve(boxes, counts, canvas, self.config, gt_classes=classes, backend=self.backend, **self.options)
         except ValueError as exc:
@@ -132,14 +150,19 @@ def with_targets(
 ) -> Iterator[tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]]:
     """``(images, targets, assigned)`` for every batch, in order (see the module docstring).
 
-    ``options`` go to every request (``seed``, ``delta_dtype``, ...; in-process: to
-    ``assign``, where ``delta_dtype`` and ``return_classes``, which only shape the wire,
-    have no effect). Leave ``seed`` out to sample anew each batch. With a ``client``, at
-    most ``in_flight`` batches are read ahead of the one yielded; a server that dies
-    mid-epoch is replaced by the client's next endpoint without losing a batch.
+    ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...) and mean
+    the same in-process, where those that only shape the wire or bound a call
+    (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect. Leave
+    ``seed`` out to sample anew each batch (drawn on the caller's thread, so
+    ``torch.manual_seed`` repeats a run). With a ``client``, at most ``in_flight`` batches
+    are read ahead of the one yielded, on the caller's thread; a server that dies
+    mid-epoch is replaced by the client's next endpoint without losing a batch. Errors
+    name the dataset's ``image_id``; a batch that fails, or a loader that raises, raises
+    after the batches before it.
     """
     if in_flight < 1:
         raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
+    _check_options(densify, options)
     target_config = _config(preset, config)
     if client is None:
         solve = _InProcess(target_config, backend, densify, options)
@@ -152,35 +175,56 @@ def with_targets(
 
 
 def _pipelined(batches, client, named, canvas, in_flight, densify, device, options):
-    """One stream; the request generator (read by gRPC's thread) takes a slot per batch
-    and the trainer's side gives it back once that batch is yielded."""
-    slots = threading.Semaphore(in_flight)
-    read: deque = deque()  # batches whose requests are sent, in order
+    """One stream. The trainer's thread reads the batches and builds their requests, so the
+    iterable is never touched once this generator is closed (a persistent-worker
+    DataLoader's iterator is reset for the next epoch), and a fresh sampling seed is drawn
+    where ``torch.manual_seed`` orders it, as in-process. gRPC's thread only sends them.
+    Up to ``in_flight`` batches are sent and not yet yielded."""
+    options = dict(options)
+    timeout = options.pop("timeout", None)  # bounds the stream, not a request
     source = iter(batches)
-    stopped = threading.Event()
+    outbox: queue.SimpleQueue = queue.SimpleQueue()  # requests for gRPC's thread; None ends the stream
+    read: deque = deque()  # (images, targets, image ids) of the batches sent, in order
+    failure: Exception | None = None  # what reading or building a batch raised: after the batches before it
+    more = True
+    ids = itertools.count()
 
-    def requests():
-        while True:
-            slots.acquire()
-            if stopped.is_set():
-                return
-            batch = next(source, None)
-            if batch is None:
-                return
-            images, targets = batch
+    def send_next() -> None:
+        nonlocal failure, more
+        try:
+            images, targets = next(source)
             boxes, counts, classes = boxes_of(targets)
-            read.append(batch)
-            yield {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes, "canvas": _canvas(images, canvas)}
+            request = build_request(boxes, counts, _canvas(images, canvas), gt_classes=classes,
+                                    request_id=str(next(ids)), **named, **options)  # fmt: skip
+        except StopIteration:
+            more = False
+        except Exception as exc:
+            failure, more = exc, False
+        else:
+            read.append((images, targets, _image_ids(targets)))
+            outbox.put(request)
+            return
+        outbox.put(None)
 
-    answers = client.stream(requests(), densify=False, **named, **options)
+    # Sparse lists travel and are densified on ``device`` (a few KB per image instead of
+    # ~5 MB), unless the response must be dense: max IoU, or a DENSE response asked for.
+    dense = densify and (options.get("return_max_iou") or options.get("format", "sparse") != "sparse")
+    answers = client.stream(iter(outbox.get, None), timeout=timeout, return_exceptions=True, densify=dense)
     try:
-        for assigned in answers:
-            images, targets = read.popleft()
+        while more and len(read) < in_flight:
+            send_next()
+        while read:
+            assigned = next(answers)
+            images, targets, image_ids = read.popleft()
+            if more:
+                send_next()
+            if isinstance(assigned, TargetServiceError):
+                raise assigned if image_ids is None else assigned.naming_images(image_ids)
             yield images, targets, _placed(assigned, densify, device)
-            slots.release()
+        if failure is not None:
+            raise failure
     finally:
-        stopped.set()
-        slots.release()  # a generator waiting for a slot sees the stop
+        outbox.put(None)  # gRPC's thread may be waiting for a request
         answers.close()
 
 
@@ -205,6 +249,7 @@ class TargetCollate:
         densify: bool = True,
         **options: Any,
     ) -> None:
+        _check_options(densify, options)
         self.collate_fn = collate_fn
         self.config = _config(preset, config)
         self.named = _named(preset, config)

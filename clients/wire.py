@@ -27,14 +27,15 @@ from tritarget.kernels.targets import IGNORED, NEGATIVE, NOTHING_DROPPED, POSITI
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
 
-__all__ = ["BOX_FORMATS", "build_request", "config_ref", "decode_response", "decode_sparse", "level_starts"]
+__all__ = ["BOX_FORMATS", "build_request", "to_xyxy", "config_ref", "decode_response", "decode_sparse", "level_starts"]
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
 _DELTA_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
-def _to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
+def to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
+    """``boxes`` [N, 4] of ``box_format`` (one of ``BOX_FORMATS``) as xyxy corners."""
     if box_format == "xyxy":
         return boxes
     if box_format == "xywh":
@@ -56,7 +57,7 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
         boxes = boxes.to(torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
-    return _to_xyxy(boxes.detach().to("cpu", torch.float32), box_format).to(torch.float32)
+    return to_xyxy(boxes.detach().to("cpu", torch.float32), box_format).to(torch.float32)
 
 
 def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:

@@ -5,6 +5,8 @@ equal torchvision's own ``compute_loss`` (needs torchvision; skips without it)."
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from test_service_harness import ServerThread
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loader import TargetCollate, boxes_of, with_targets
+from tritarget.clients.wire import to_xyxy
 from tritarget.kernels import SparseTargets, Targets, assign, presets
 
 CANVAS = (128, 160)
@@ -103,6 +106,135 @@ def test_with_targets_in_process_and_stopping_early(server):
         stream.close()  # the trainer stops after one batch: the stream ends, nothing hangs
     with pytest.raises(ValueError, match="canvas"):
         next(with_targets([([torch.zeros(3, 8, 8)], [{"boxes": torch.zeros(0, 4)}])], preset=PRESET))
+
+
+def test_the_batches_are_read_on_the_trainers_thread_and_never_after_the_stream_closes(server):
+    """gRPC's threads never read the caller's iterable: once ``with_targets`` is closed
+    (the trainer broke out of its loop) nothing reads it any more, so a persistent-worker
+    DataLoader can start its next epoch on the same iterator."""
+    reads = []
+
+    def batches():
+        for batch in _batches(6):
+            reads.append(threading.current_thread())
+            time.sleep(0.05)  # a slow loader: reads are in progress when the trainer stops
+            yield batch
+
+    with TargetClient(server.address) as client:
+        stream = with_targets(batches(), preset=PRESET, client=client, in_flight=3)
+        next(stream)
+        stream.close()
+        read_when_closed = len(reads)
+        time.sleep(0.3)
+    assert len(reads) == read_when_closed
+    assert set(reads) == {threading.current_thread()}
+
+
+def test_with_targets_loses_no_batch_when_its_server_shuts_down_mid_epoch():
+    """The stream's server drains (it answers what it read, then ends the stream
+    UNAVAILABLE): the unanswered batches go to the client's next endpoint, in order."""
+    with ServerThread(backend="cpu") as first, ServerThread(backend="cpu") as second:
+        with TargetClient([first.address, second.address], timeout=60) as client:
+            got = []
+            for _images, targets, assigned in with_targets(_batches(8), preset=PRESET, client=client, in_flight=3):
+                _same(assigned, _expected(targets))
+                got.append([t["image_id"] for t in targets])
+                if len(got) == 2:
+                    first.stop(grace=5)
+        streams = second.metrics.value("tritarget_requests_total", {"method": "AssignStream"})
+    assert got == [[1000 + 2 * i, 1001 + 2 * i] for i in range(8)] and streams >= 1
+
+
+def _slowly(index: int):
+    time.sleep(0.05)
+    return _Detection()[index]
+
+
+def test_with_targets_stops_early_every_epoch_of_a_persistent_worker_loader(server):
+    """Breaking out after two batches, epoch after epoch, with workers kept between epochs:
+    the next epoch resets the loader's iterator, which nothing else may be reading."""
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
+                                         collate_fn=lambda indices: _collate([_slowly(i) for i in indices]),
+                                         multiprocessing_context="fork")  # fmt: skip
+    with TargetClient(server.address) as client:
+        for epoch in range(4):
+            seen = []
+            for _images, targets, assigned in with_targets(loader, preset=PRESET, client=client, in_flight=3):
+                _same(assigned, _expected(targets))
+                seen.append([t["image_id"] for t in targets])
+                if epoch < 3 and len(seen) == 2:
+                    break
+            assert seen == [[1000, 1001], [1002, 1003]] if epoch < 3 else len(seen) == 4
+
+
+def test_a_stream_draws_each_fresh_seed_where_torch_manual_seed_orders_it(server):
+    """Without ``seed=``, a sampling preset draws each batch's seed from torch's global
+    generator on the trainer's thread: the same ``manual_seed`` gives the same anchors and
+    leaves the trainer's own draws the same, run after run."""
+
+    def run(client):
+        torch.manual_seed(123)
+        drawn, sampled = [], []
+        for _images, _targets, assigned in with_targets(_batches(4), preset="fasterrcnn_rpn_torchvision",
+                                                        client=client, in_flight=2):  # fmt: skip
+            drawn.append(torch.rand(()).item())  # the trainer's own use of the generator
+            sampled.append(assigned.labels)
+        return drawn, sampled
+
+    with TargetClient(server.address) as client:
+        first, *others = [run(client) for _ in range(3)]
+    for drawn, sampled in others:
+        assert drawn == first[0]
+        assert all(torch.equal(a, b) for a, b in zip(sampled, first[1]))
+
+
+def test_with_targets_names_dataset_images_in_errors_and_answers_what_came_before():
+    """A bad batch raises after the batches before it, naming the dataset's image id, with
+    a client as in-process; so does a loader that fails while being read."""
+    bad = _collate([_Detection()[0]])
+    bad[1][0]["boxes"] = torch.tensor([[5.0, 5.0, 5.0, 9.0]])
+    bad[1][0]["image_id"] = 777
+
+    def batches():
+        yield from _batches(2)
+        yield bad
+
+    def failing():
+        yield from _batches(2)
+        raise OSError("disk gone")
+
+    with ServerThread(backend="cpu") as srv, TargetClient(srv.address) as client:
+        for source, error, message in ((batches, Exception, r"image 0 \(id 777\), box 0: degenerate"),
+                                       (failing, OSError, "disk gone")):  # fmt: skip
+            for kwargs in ({"client": client}, {"backend": "cpu"}):
+                stream = with_targets(source(), preset=PRESET, in_flight=3, **kwargs)
+                assert len([next(stream), next(stream)]) == 2
+                with pytest.raises(error, match=message):
+                    next(stream)
+
+
+def test_request_options_mean_the_same_with_and_without_a_client(server):
+    options = dict(preset=PRESET, overrides={"match.high": 0.6}, format="dense", timeout=30.0, return_max_iou=True,
+                   box_format="xywh")  # fmt: skip
+    as_xywh = [(images, [{**t, "boxes": torch.cat([t["boxes"][:, :2], t["boxes"][:, 2:] - t["boxes"][:, :2]], 1)}
+                         for t in targets]) for images, targets in _batches(1)]  # fmt: skip
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets(as_xywh, client=client, **options)
+    (_, _, local), *_ = with_targets(as_xywh, backend="cpu", **options)
+    boxes, counts, classes = boxes_of(as_xywh[0][1])
+    boxes = to_xyxy(boxes, "xywh")  # what both paths assign for
+    expected = assign(boxes, counts, CANVAS, presets.get(PRESET).replace(**{"match.high": 0.6}), gt_classes=classes,
+                      backend="cpu", return_max_iou=True)  # fmt: skip
+    for got in (remote, local):
+        _same(got, expected)
+        assert torch.equal(got.max_iou, expected.max_iou)
+    for kwargs in ({"client": client}, {"backend": "cpu"}):
+        for option, message in (({"return_max_iou": True}, "return_max_iou needs densify=True"),
+                                ({"format": "dense"}, "it needs format='sparse'")):  # fmt: skip
+            with pytest.raises(ValueError, match=message):
+                next(with_targets(_batches(1), preset=PRESET, densify=False, **option, **kwargs))
+            with pytest.raises(ValueError, match=message):
+                TargetCollate(_collate, preset=PRESET, densify=False, **option, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

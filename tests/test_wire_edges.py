@@ -34,7 +34,7 @@ def test_stream_error_too_large_to_echo_its_id_is_answered_and_the_stream_goes_o
         assert (results[0].labels == 1).any() and (results[2].labels == 1).any()
         assert isinstance(results[1], TargetServiceError)
         assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT and "config" in results[1].details
-        assert results[1].request_id == ""  # no room to echo it
+        assert results[1].request_id == bad.request_id  # no room to echo it: the client's own
         # A long id that does fit is still echoed.
         fits = pb.AssignRequest(request_id="Y" * 1000, gt_counts=[-2])
         (error,) = client.stream([fits], return_exceptions=True)
