@@ -20,8 +20,7 @@ of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"`
 
 from __future__ import annotations
 
-import itertools
-import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,9 +28,10 @@ from typing import Any
 import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
+from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, naming_images
-from .wire import build_request, to_xyxy
+from .wire import to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -100,6 +100,12 @@ def _check_options(densify: bool, options: Mapping[str, Any]) -> None:
         raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
 
 
+def _with_overrides(config: TargetConfig, options: Mapping[str, Any]) -> TargetConfig:
+    """The config a request with these options is assigned with."""
+    overrides = options.get("overrides")
+    return config.replace(**overrides) if overrides else config
+
+
 class _InProcess:
     """The in-process fallback: ``assign`` (or ``assign_sparse``) on the given backend,
     with the request options a client would send applied here (``overrides`` to the
@@ -107,8 +113,8 @@ class _InProcess:
 
     def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any]) -> None:
         options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
-        overrides = options.pop("overrides", None)
-        self.config = config.replace(**overrides) if overrides else config
+        self.config = _with_overrides(config, options)
+        options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
         self.backend, self.densify, self.options = backend, densify, options
 
@@ -153,9 +159,9 @@ def with_targets(
     ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...) and mean
     the same in-process, where those that only shape the wire or bound a call
     (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect. Leave
-    ``seed`` out to sample anew each batch (drawn on the caller's thread, so
-    ``torch.manual_seed`` repeats a run). With a ``client``, at most ``in_flight`` batches
-    are read ahead of the one yielded, on the caller's thread; a server that dies
+    ``seed`` out to sample anew each batch (``torch.manual_seed`` repeats a run). With a
+    ``client``, at most ``in_flight`` batches are read ahead of the one yielded, by gRPC's
+    thread while the trainer works, and none once this is closed; a server that dies
     mid-epoch is replaced by the client's next endpoint without losing a batch. Errors
     name the dataset's ``image_id``; a batch that fails, or a loader that raises, raises
     after the batches before it.
@@ -171,60 +177,62 @@ def with_targets(
             assigned = solve(boxes, counts, classes, _canvas(images, canvas), _image_ids(targets))
             yield images, targets, _placed(assigned, densify, device)
         return
-    yield from _pipelined(batches, client, _named(preset, config), canvas, in_flight, densify, device, options)
+    yield from _pipelined(
+        batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device, options
+    )
 
 
-def _pipelined(batches, client, named, canvas, in_flight, densify, device, options):
-    """One stream. The trainer's thread reads the batches and builds their requests, so the
-    iterable is never touched once this generator is closed (a persistent-worker
-    DataLoader's iterator is reset for the next epoch), and a fresh sampling seed is drawn
-    where ``torch.manual_seed`` orders it, as in-process. gRPC's thread only sends them.
-    Up to ``in_flight`` batches are sent and not yet yielded."""
+def _pipelined(batches, client, named, config, canvas, in_flight, densify, device, options):
+    """One stream. gRPC's thread reads the batches and sends their requests while the
+    trainer works on earlier ones (at most ``in_flight`` batches read and not yet
+    yielded). Closing waits for a read in progress, so nothing reads the iterable once this
+    generator is closed (a persistent-worker DataLoader's iterator is reset for the next
+    epoch). Fresh sampling seeds come from a generator seeded here, on the caller's thread,
+    so ``torch.manual_seed`` repeats a run whatever the threads' timing."""
     options = dict(options)
     timeout = options.pop("timeout", None)  # bounds the stream, not a request
-    source = iter(batches)
-    outbox: queue.SimpleQueue = queue.SimpleQueue()  # requests for gRPC's thread; None ends the stream
+    seeds = None
+    if "seed" not in options and _with_overrides(config, options).match.sample_size > 0:
+        seeds = torch.Generator().manual_seed(fresh_seed())
+    slots = threading.Semaphore(in_flight)
+    reading = threading.Lock()  # held while gRPC's thread reads the iterable
+    stopped = threading.Event()
     read: deque = deque()  # (images, targets, image ids) of the batches sent, in order
-    failure: Exception | None = None  # what reading or building a batch raised: after the batches before it
-    more = True
-    ids = itertools.count()
+    source = iter(batches)
 
-    def send_next() -> None:
-        nonlocal failure, more
-        try:
-            images, targets = next(source)
+    def requests():
+        while True:
+            slots.acquire()
+            with reading:
+                if stopped.is_set():
+                    return
+                batch = next(source, None)
+            if batch is None:
+                return
+            images, targets = batch
             boxes, counts, classes = boxes_of(targets)
-            request = build_request(boxes, counts, _canvas(images, canvas), gt_classes=classes,
-                                    request_id=str(next(ids)), **named, **options)  # fmt: skip
-        except StopIteration:
-            more = False
-        except Exception as exc:
-            failure, more = exc, False
-        else:
+            request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes, "canvas": _canvas(images, canvas)}
+            if seeds is not None:
+                request["seed"] = int(torch.randint(2**62, (), generator=seeds))
             read.append((images, targets, _image_ids(targets)))
-            outbox.put(request)
-            return
-        outbox.put(None)
+            yield request
 
     # Sparse lists travel and are densified on ``device`` (a few KB per image instead of
     # ~5 MB), unless the response must be dense: max IoU, or a DENSE response asked for.
     dense = densify and (options.get("return_max_iou") or options.get("format", "sparse") != "sparse")
-    answers = client.stream(iter(outbox.get, None), timeout=timeout, return_exceptions=True, densify=dense)
+    answers = client.stream(requests(), timeout=timeout, return_exceptions=True, densify=dense, **named, **options)
     try:
-        while more and len(read) < in_flight:
-            send_next()
-        while read:
-            assigned = next(answers)
+        for assigned in answers:
             images, targets, image_ids = read.popleft()
-            if more:
-                send_next()
             if isinstance(assigned, TargetServiceError):
                 raise assigned if image_ids is None else assigned.naming_images(image_ids)
             yield images, targets, _placed(assigned, densify, device)
-        if failure is not None:
-            raise failure
+            slots.release()
     finally:
-        outbox.put(None)  # gRPC's thread may be waiting for a request
+        stopped.set()
+        slots.release()  # a reader waiting for a slot sees the stop
+        with reading:  # a read in progress ends before the caller can touch the iterable again
+            pass
         answers.close()
 
 
