@@ -9,8 +9,8 @@ positive-target value at their class. The box losses read only the positives' ro
 What they equal (tested against torchvision itself):
 
 * ``retinanet_loss`` == torchvision ``RetinaNetHead.compute_loss``: sigmoid focal loss
-  over every anchor that is not ignored, and an L1 / smooth-L1 / GIoU box loss over the
-  positives, each summed per image, divided by ``max(1, positives of the image)`` and
+  over every anchor that is not ignored, and an L1 / smooth-L1 / GIoU / DIoU / CIoU box loss
+  over the positives, each summed per image, divided by ``max(1, positives of the image)`` and
   averaged over images (``normalize="per_image"``). ``normalize="positives"`` divides the
   batch sums by the sum over images of ``max(1, positives of the image)`` instead
   (mmdet's ``avg_factor``: its ``SamplingResult`` counts at least one positive per
@@ -25,6 +25,8 @@ than over the selected rows), so results agree to float32 rounding, not bit for 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,8 @@ __all__ = [
 ]
 
 NORMALIZATIONS = ("per_image", "positives", "sum")
-BOX_LOSSES = ("l1", "smooth_l1", "giou")
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
+_DECODED = ("giou", "diou", "ciou")  # box losses of the decoded prediction against its matched box
 
 
 def _check_sparse(targets: object) -> SparseTargets:
@@ -153,11 +156,14 @@ def box_regression_loss(
 
     Args:
         bbox_regression (Tensor[B, A, 4] float): predicted deltas.
-        targets: the positives' encoded deltas (and matched boxes, for GIoU).
-        loss: ``l1`` | ``smooth_l1`` (with ``beta``) against the encoded deltas, or
-            ``giou``: 1 - generalized IoU of the decoded prediction with the matched box,
-            which needs ``anchors`` (Tensor[A, 4]), the batch's ``gt_boxes`` (Tensor[N, 4])
-            and ``gt_counts`` as given to ``assign_sparse``, and the config's ``encode``.
+        targets: the positives' encoded deltas (and matched boxes, for the IoU losses).
+        loss: ``l1`` | ``smooth_l1`` (with ``beta``) against the encoded deltas, or an IoU
+            loss of the decoded prediction with the matched box: ``giou`` (1 - generalized
+            IoU), ``diou`` (1 - IoU + the centres' squared distance over the enclosing
+            box's squared diagonal), ``ciou`` (DIoU + an aspect-ratio term), as
+            torchvision's ``*_box_iou_loss``. They need ``anchors`` (Tensor[A, 4]), the
+            batch's ``gt_boxes`` (Tensor[N, 4]) and ``gt_counts`` as given to
+            ``assign_sparse``, and the config's ``encode``.
         normalize: ``per_image`` | ``positives`` | ``sum`` (module docstring).
     Returns:
         Tensor[] scalar.
@@ -173,10 +179,11 @@ def box_regression_loss(
     # In at least float32, the targets' precision: torchvision's losses promote float16
     # predictions against float32 targets rather than round the targets to float16.
     predicted = bbox_regression[image, anchor].to(torch.promote_types(bbox_regression.dtype, torch.float32))  # [P, 4]
-    if loss == "giou":
-        per_row = 1 - _generalized_iou(
-            *_giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode), eps
+    if loss in _DECODED:
+        decoded, matched = _decoded_inputs(
+            loss, predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode
         )
+        per_row = _iou_loss(loss, decoded, matched, eps)
     else:
         wanted = targets.positive_deltas.to(device=device, dtype=predicted.dtype)
         if loss == "l1":
@@ -187,10 +194,10 @@ def box_regression_loss(
     return _normalized(per_image, targets.positive_offsets.diff().to(device), normalize)
 
 
-def _giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode):
-    """(decoded predictions [P, 4], matched boxes [P, 4]) for the GIoU loss."""
+def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, gt_counts, encode):
+    """(decoded predictions [P, 4], matched boxes [P, 4]) for an IoU loss."""
     if anchors is None or gt_boxes is None or gt_counts is None or encode is None:
-        raise ValueError("loss='giou' needs anchors, gt_boxes, gt_counts and encode (the boxes are decoded)")
+        raise ValueError(f"loss={loss!r} needs anchors, gt_boxes, gt_counts and encode (the boxes are decoded)")
     if not isinstance(encode, EncodeConfig):
         raise TypeError(f"encode: expected EncodeConfig (config.encode), got {type(encode).__name__}")
     for name, boxes in (("anchors", anchors), ("gt_boxes", gt_boxes)):
@@ -213,21 +220,33 @@ def _giou_inputs(predicted, targets, image, anchor, anchors, gt_boxes, gt_counts
     return decoded, matched
 
 
-def _generalized_iou(boxes: torch.Tensor, others: torch.Tensor, eps: float) -> torch.Tensor:
-    """Row-wise generalized IoU of xyxy boxes (Rezatofighi et al. 2019), Tensor[P]:
-    IoU minus the part of the smallest enclosing box that the union does not cover."""
+def _iou_loss(loss: str, boxes: torch.Tensor, others: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row-wise IoU loss of xyxy boxes, Tensor[P]. GIoU (Rezatofighi et al. 2019): 1 - IoU
+    plus the part of the smallest enclosing box that the union does not cover. DIoU (Zheng
+    et al. 2020): 1 - IoU plus the centres' squared distance over the enclosing box's
+    squared diagonal; CIoU adds the difference of the boxes' aspect angles, weighted by a
+    factor that, as in the paper and torchvision, gets no gradient."""
     low = torch.maximum(boxes[:, :2], others[:, :2])
     high = torch.minimum(boxes[:, 2:], others[:, 2:])
     overlaps = (high > low).all(dim=1)
     sides = (high - low).clamp(min=0)
     inter = torch.where(overlaps, sides[:, 0] * sides[:, 1], 0.0)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    other_area = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    union = area + other_area - inter
+    size, other_size = boxes[:, 2:] - boxes[:, :2], others[:, 2:] - others[:, :2]
+    union = size.prod(dim=1) + other_size.prod(dim=1) - inter
     iou = inter / (union + eps)
     hull = torch.maximum(boxes[:, 2:], others[:, 2:]) - torch.minimum(boxes[:, :2], others[:, :2])
-    hull_area = hull[:, 0] * hull[:, 1]
-    return iou - (hull_area - union) / (hull_area + eps)
+    if loss == "giou":
+        hull_area = hull[:, 0] * hull[:, 1]
+        return 1 - (iou - (hull_area - union) / (hull_area + eps))
+    centre_gap = ((boxes[:, :2] + boxes[:, 2:]) - (others[:, :2] + others[:, 2:])) / 2
+    distance = 1 - iou + centre_gap.pow(2).sum(dim=1) / (hull.pow(2).sum(dim=1) + eps)
+    if loss == "diou":
+        return distance
+    angles = torch.atan(other_size[:, 0] / other_size[:, 1]) - torch.atan(size[:, 0] / size[:, 1])
+    aspect = (4 / math.pi**2) * angles.pow(2)
+    with torch.no_grad():
+        weight = aspect / (1 - iou + aspect + eps)
+    return distance + weight * aspect
 
 
 def retinanet_loss(
@@ -246,7 +265,8 @@ def retinanet_loss(
     Args:
         head_outputs: the head's ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``.
         box_loss: the head's ``_loss_type`` (``l1`` in torchvision's RetinaNet).
-        giou_inputs: ``anchors``, ``gt_boxes``, ``gt_counts``, ``encode`` for ``giou``.
+        giou_inputs: ``anchors``, ``gt_boxes``, ``gt_counts``, ``encode`` for the IoU box
+            losses (``giou``, ``diou``, ``ciou``).
     Returns:
         ``{"classification": ..., "bbox_regression": ...}``, scalars.
     """

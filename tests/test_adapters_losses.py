@@ -162,6 +162,26 @@ def test_losses_refuse_bad_input(generator):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.zeros(8), **giou)
 
 
+def test_iou_box_losses_known_answers():
+    """Zero predicted deltas decode to the anchors: anchor [0, 0, 4, 2] against box
+    [0, 0, 2, 4] (IoU 1/3, centres sqrt(2) apart, enclosing diagonal sqrt(32), aspect angles
+    atan(1/2) and atan(2)) and anchor [0, 0, 2, 2] against [1, 1, 3, 3] (IoU 1/7, centres
+    sqrt(2) apart, diagonal sqrt(18), same aspect), averaged as torchvision does (per
+    image over its 2 positives, then over the 2 images)."""
+    sparse = _hand_targets().to_sparse()
+    inputs = dict(anchors=torch.tensor([[0.0, 0.0, 4.0, 2.0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 2, 2]]),
+                  gt_boxes=torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 4.0]]), gt_counts=[2, 0],
+                  encode=presets.get("retinanet_torchvision").encode)  # fmt: skip
+    wide_tall = 1 - 1 / 3 + 2 / 32
+    aspect = 4 / math.pi**2 * (math.atan(0.5) - math.atan(2.0)) ** 2
+    squares = 1 - 1 / 7 + 2 / 18
+    for loss, first in (("diou", wide_tall), ("ciou", wide_tall + aspect / (1 - 1 / 3 + aspect) * aspect)):
+        got = box_regression_loss(torch.zeros(2, 4, 4), sparse, loss=loss, **inputs)
+        assert math.isclose(got.item(), (first + squares) / 4, rel_tol=1e-5), loss
+    with pytest.raises(ValueError, match="loss='ciou' needs anchors"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="ciou")
+
+
 @pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
 def test_float16_predictions_meet_float32_targets_unrounded(loss):
     """As torchvision's losses do (float16 against float32 promotes): the targets are not
@@ -211,7 +231,7 @@ def test_matched_idxs_equal_torchvisions_matcher(retinanet_batch):
         assert torch.equal(mine, theirs), f"image {image}"
 
 
-@pytest.mark.parametrize("box_loss", ["l1", "smooth_l1", "giou"])
+@pytest.mark.parametrize("box_loss", ["l1", "smooth_l1", "giou", "diou", "ciou"])
 def test_retinanet_loss_equals_torchvisions_compute_loss(retinanet_batch, box_loss):
     from torchvision.models.detection.retinanet import RetinaNetHead
 
@@ -227,9 +247,9 @@ def test_retinanet_loss_equals_torchvisions_compute_loss(retinanet_batch, box_lo
     }
     targets = [{"boxes": b, "labels": c} for b, c in batch["per_image"]]
     theirs = head.compute_loss(targets, outputs, batch["anchors"], batch["matched"])
-    giou = dict(anchors=batch["anchors"][0], gt_boxes=batch["boxes"], gt_counts=batch["counts"],
-                encode=batch["config"].encode)  # fmt: skip
-    ours = retinanet_loss(outputs, batch["sparse"], box_loss=box_loss, **(giou if box_loss == "giou" else {}))
+    decoded = dict(anchors=batch["anchors"][0], gt_boxes=batch["boxes"], gt_counts=batch["counts"],
+                   encode=batch["config"].encode)  # fmt: skip
+    ours = retinanet_loss(outputs, batch["sparse"], box_loss=box_loss, **(decoded if "iou" in box_loss else {}))
     for name in ("classification", "bbox_regression"):
         assert math.isclose(ours[name].item(), theirs[name].item(), rel_tol=LOSS_RTOL), name
         (grad_ours,) = torch.autograd.grad(ours[name], outputs["cls_logits" if name == "classification" else
