@@ -3,7 +3,9 @@
 Batches are what torchvision-style detection loaders yield: ``(images, targets)``, with
 ``images`` a padded ``Tensor[B, C, H, W]`` (or anything, given ``canvas=``) and
 ``targets`` a list of per-image dicts holding ``"boxes"`` (``Tensor[N, 4]`` xyxy pixels
-of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"``.
+of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"``. The
+targets are for that canvas: a model that resizes and pads again (torchvision's
+``model.transform``) must see the same one, so resize in the loader to the model's size.
 
 * ``with_targets(loader, ...)`` wraps an iterable of batches in the trainer's process
   (one per DDP rank): with a ``client`` it keeps up to ``in_flight`` batches' requests
