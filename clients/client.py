@@ -466,12 +466,13 @@ class _Base:
         if unanswered.failure is not None:
             raise unanswered.failure
 
-    @staticmethod
-    def _check_densify(densify: bool, kwargs: Mapping[str, Any]) -> None:
-        if not densify and kwargs.get("format", "sparse") != "sparse":
-            raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
-        if not densify and kwargs.get("return_max_iou"):
-            raise ValueError("densify=False returns SparseTargets, which hold no max IoU: return_max_iou needs densify")
+
+def check_densify(densify: bool, options: Mapping[str, Any]) -> None:
+    """Refuse request options ``SparseTargets`` (``densify=False``) cannot hold."""
+    if not densify and options.get("format", "sparse") != "sparse":
+        raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
+    if not densify and options.get("return_max_iou"):
+        raise ValueError("densify=False returns SparseTargets, which hold no max IoU: return_max_iou needs densify")
 
 
 def _earlier(first: float | None, second: float | None) -> float | None:
@@ -660,7 +661,7 @@ class TargetClient(_Base):
         Returns:
             Targets, as ``tritarget.kernels.assign`` returns them (or SparseTargets).
         """
-        self._check_densify(densify, kwargs)
+        check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         try:
             return self._result(request, self.assign_raw(request, timeout=timeout), densify)
@@ -697,7 +698,7 @@ class TargetClient(_Base):
         on a new stream to the next endpoint: every request gets exactly one answer.
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
-        self._check_densify(densify, defaults)
+        check_densify(densify, defaults)
         unanswered = _Unanswered((self._request(item, defaults, i) for i, item in enumerate(requests)), self._count)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -802,7 +803,7 @@ class AsyncTargetClient(_Base):
         image_ids: Sequence[Any] | None = None, **kwargs,
     ) -> Targets | SparseTargets:  # fmt: skip
         """See ``TargetClient.assign``."""
-        self._check_densify(densify, kwargs)
+        check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         try:
             return self._result(request, await self.assign_raw(request, timeout=timeout), densify)
@@ -824,7 +825,7 @@ class AsyncTargetClient(_Base):
         **defaults: Any,
     ) -> AsyncIterator[Targets | TargetServiceError]:
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
-        self._check_densify(densify, defaults)
+        check_densify(densify, defaults)
 
         async def messages():
             if isinstance(requests, AsyncIterable):

@@ -32,7 +32,7 @@ import torch
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
 from tritarget.kernels.sampling import fresh_seed
 
-from .client import TargetClient, TargetServiceError, naming_images
+from .client import TargetClient, TargetServiceError, check_densify, naming_images
 from .wire import to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
@@ -90,16 +90,6 @@ def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets
 # response's form on the wire, whether classes travel) or bound a call's time: in-process
 # targets are float32 with classes, so the same call works with and without a client.
 _WIRE_ONLY = ("delta_dtype", "return_classes", "format", "timeout")
-
-
-def _check_options(densify: bool, options: Mapping[str, Any]) -> None:
-    """Refuse, with and without a client alike, what ``SparseTargets`` cannot hold."""
-    if densify:
-        return
-    if options.get("return_max_iou"):
-        raise ValueError("return_max_iou needs densify=True: SparseTargets carry no max IoU")
-    if options.get("format", "sparse") != "sparse":
-        raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
 
 
 def _with_overrides(config: TargetConfig, options: Mapping[str, Any]) -> TargetConfig:
@@ -170,7 +160,7 @@ def with_targets(
     """
     if in_flight < 1:
         raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
-    _check_options(densify, options)
+    check_densify(densify, options)
     target_config = _config(preset, config)
     if client is None:
         solve = _InProcess(target_config, backend, densify, options)
@@ -259,7 +249,7 @@ class TargetCollate:
         densify: bool = True,
         **options: Any,
     ) -> None:
-        _check_options(densify, options)
+        check_densify(densify, options)
         self.collate_fn = collate_fn
         self.config = _config(preset, config)
         self.named = _named(preset, config)

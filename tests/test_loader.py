@@ -228,7 +228,7 @@ def test_request_options_mean_the_same_with_and_without_a_client(server):
         _same(got, expected)
         assert torch.equal(got.max_iou, expected.max_iou)
     for kwargs in ({"client": client}, {"backend": "cpu"}):
-        for option, message in (({"return_max_iou": True}, "return_max_iou needs densify=True"),
+        for option, message in (({"return_max_iou": True}, "no max IoU: return_max_iou needs densify"),
                                 ({"format": "dense"}, "it needs format='sparse'")):  # fmt: skip
             with pytest.raises(ValueError, match=message):
                 next(with_targets(_batches(1), preset=PRESET, densify=False, **option, **kwargs))
