@@ -15,6 +15,10 @@ What they equal (tested against torchvision itself):
   batch sums by the sum over images of ``max(1, positives of the image)`` instead
   (mmdet's ``avg_factor``: its ``SamplingResult`` counts at least one positive per
   image), ``"sum"`` divides by nothing.
+* ``ssd_loss`` == torchvision ``SSD.compute_loss``: softmax cross-entropy over the
+  positives and each image's hardest negatives (``neg_to_pos_ratio`` per positive, by
+  their own loss), smooth-L1 over the positives, both divided by ``max(1, positives of
+  the batch)``.
 * ``rpn_loss`` == torchvision ``RegionProposalNetwork.compute_loss`` when the sampled
   anchors are the non-ignored ones (sample with ``MatchConfig.sample_size``: anchors not
   drawn are ignored): binary cross-entropy averaged over them, smooth-L1 (beta 1/9) summed
@@ -42,6 +46,7 @@ __all__ = [
     "box_regression_loss",
     "retinanet_loss",
     "rpn_loss",
+    "ssd_loss",
 ]
 
 NORMALIZATIONS = ("per_image", "positives", "sum")
@@ -314,3 +319,61 @@ def rpn_loss(
     sampled = max(1, targets.batch_size * targets.num_anchors - targets.ignored_anchors.numel())
     box = box_regression_loss(pred_bbox_deltas, targets, loss="smooth_l1", beta=beta, normalize="sum")
     return loss.sum() / sampled, box / sampled
+
+
+def ssd_loss(
+    head_outputs: dict[str, torch.Tensor],
+    targets: SparseTargets,
+    *,
+    neg_to_pos_ratio: int = 3,
+    beta: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """torchvision ``SSD.compute_loss`` from sparse targets.
+
+    Args:
+        head_outputs: the head's ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``,
+            class ``background_class`` (0 in torchvision) the background.
+        targets: with ``positive_classes`` (``assign_sparse(..., gt_classes=...)``), in [0, C).
+        neg_to_pos_ratio: hard negatives per positive of an image (torchvision's 3).
+        beta: the smooth-L1 box loss's (torchvision's 1).
+    Returns:
+        ``{"bbox_regression": ..., "classification": ...}``, scalars. Ignored anchors (SSD
+        has none of its own; ignore regions, border rules) are neither positive nor
+        negative. Where an image has fewer negatives than its quota, all of them count
+        (torchvision would then count positives a second time).
+    """
+    if not isinstance(head_outputs, dict) or not {"cls_logits", "bbox_regression"} <= head_outputs.keys():
+        raise ValueError("head_outputs: expected a dict with 'cls_logits' and 'bbox_regression' (the head's output)")
+    targets = _check_sparse(targets)
+    cls_logits = _check_outputs("cls_logits", head_outputs["cls_logits"], targets, -1)
+    bbox_regression = _check_outputs("bbox_regression", head_outputs["bbox_regression"], targets, 4)
+    if targets.positive_classes is None:
+        raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
+    device = cls_logits.device
+    batch, count, num_classes = cls_logits.shape
+    positive_classes = targets.positive_classes.to(device).long()
+    if not 0 <= targets.background_class < num_classes or (
+        positive_classes.numel() and not bool(((positive_classes >= 0) & (positive_classes < num_classes)).all())
+    ):
+        raise ValueError(f"targets: a class is outside [0, {num_classes}) (cls_logits has {num_classes})")
+    positive = (_rows(targets.positive_offsets, positive_classes.numel(), device),
+                targets.positive_anchors.to(device).long())  # fmt: skip
+    classes = torch.full((batch, count), targets.background_class, dtype=torch.int64, device=device)
+    classes[positive] = positive_classes
+    loss = F.cross_entropy(cls_logits.flatten(0, 1), classes.flatten(), reduction="none").view(batch, count)
+    # The hardest negatives: each image's highest losses among anchors neither positive nor ignored.
+    hardness = loss.detach().clone()
+    hardness[positive] = -torch.inf
+    hardness[_rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device),
+             targets.ignored_anchors.to(device).long()] = -torch.inf  # fmt: skip
+    quota = neg_to_pos_ratio * targets.positive_offsets.diff().to(device).unsqueeze(1)
+    rank = hardness.argsort(dim=1, descending=True).argsort(dim=1)
+    hardest = (rank < quota) & torch.isfinite(hardness)
+    positives = max(1, positive_classes.numel())
+    predicted = bbox_regression[positive]
+    wanted = targets.positive_deltas.to(device=device, dtype=torch.promote_types(predicted.dtype, torch.float32))
+    box = F.smooth_l1_loss(predicted.to(wanted.dtype), wanted, reduction="sum", beta=beta)
+    return {
+        "bbox_regression": box / positives,
+        "classification": (loss[positive].sum() + loss[hardest].sum()) / positives,
+    }

@@ -18,7 +18,7 @@ import torch
 from support import random_batch
 from tritarget.kernels import Targets, assign, assign_sparse, generate_anchors, presets
 from tritarget.kernels.adapters import detectron2_targets, mmdet_targets, torchvision_matched_idxs
-from tritarget.kernels.losses import box_regression_loss, retinanet_loss, rpn_loss, sigmoid_focal_loss
+from tritarget.kernels.losses import box_regression_loss, retinanet_loss, rpn_loss, sigmoid_focal_loss, ssd_loss
 
 LOSS_RTOL = 1e-5
 
@@ -182,6 +182,26 @@ def test_iou_box_losses_known_answers():
         box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="ciou")
 
 
+def test_ssd_loss_known_answers():
+    """Image 0: a positive of class 2, four negatives whose background logits make anchors
+    4 and 3 the hardest (at 2 negatives per positive those two count), and an ignored anchor
+    harder still, which never counts. Image 1 has no positive: no quota, nothing counts."""
+    labels = torch.tensor([[1, 0, 0, 0, 0, -1], [0, -1, 0, 0, 0, 0]], dtype=torch.int8)
+    matched = torch.tensor([[0, -1, -1, -1, -1, -1], [-1] * 6], dtype=torch.int32)
+    deltas = torch.zeros(2, 6, 4)
+    deltas[0, 0] = torch.tensor([0.5, -2.0, 0.0, 0.0])
+    classes = torch.tensor([[2, 0, 0, 0, 0, 0], [0] * 6], dtype=torch.int32)
+    sparse = Targets(labels, matched, deltas, classes).to_sparse()
+    logits = torch.zeros(2, 6, 3)
+    logits[0, 1:, 0] = torch.tensor([0.0, -1.0, -2.0, -3.0, -5.0])
+    background = [math.log(2 + math.exp(b)) - b for b in (0.0, -1.0, -2.0, -3.0)]
+    got = ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(2, 6, 4)}, sparse, neg_to_pos_ratio=2)
+    assert math.isclose(got["classification"].item(), math.log(3) + background[3] + background[2], rel_tol=1e-6)
+    assert math.isclose(got["bbox_regression"].item(), 0.5 * 0.5**2 + (2.0 - 0.5), rel_tol=1e-6)  # smooth-L1, beta 1
+    with pytest.raises(ValueError, match="a class is outside"):
+        ssd_loss({"cls_logits": logits[..., :2], "bbox_regression": torch.zeros(2, 6, 4)}, sparse)
+
+
 @pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
 def test_float16_predictions_meet_float32_targets_unrounded(loss):
     """As torchvision's losses do (float16 against float32 promotes): the targets are not
@@ -289,3 +309,33 @@ def test_rpn_loss_equals_torchvisions_compute_loss():
     assert (dense.labels == 1).sum() > 0 and (dense.labels == -1).sum() > 0
     for mine, reference in zip(ours, theirs):
         assert math.isclose(mine.item(), reference.item(), rel_tol=LOSS_RTOL)
+
+
+def test_ssd_loss_equals_torchvisions_compute_loss():
+    """torchvision's own ``SSD.compute_loss`` (its box coder and ratio) on our assignment,
+    in value and gradient."""
+    pytest.importorskip("torchvision")
+    from types import SimpleNamespace
+
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.ssd import SSD
+
+    generator = torch.Generator().manual_seed(11)
+    canvas, config = (300, 300), presets.get("ssd300_torchvision")
+    boxes, counts = random_batch(generator, [4, 0, 9], canvas)
+    classes = torch.randint(1, NUM_CLASSES, (boxes.shape[0],), generator=generator)
+    sparse = assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    anchors = generate_anchors(config.anchors, canvas)
+    outputs = {
+        "cls_logits": torch.randn(3, anchors.shape[0], NUM_CLASSES, generator=generator).requires_grad_(),
+        "bbox_regression": torch.randn(3, anchors.shape[0], 4, generator=generator).requires_grad_(),
+    }
+    ssd = SimpleNamespace(box_coder=det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)), neg_to_pos_ratio=3)
+    per_image = [{"boxes": b, "labels": c} for b, c in zip(boxes.split(counts), classes.split(counts))]
+    theirs = SSD.compute_loss(ssd, per_image, outputs, [anchors] * 3, torchvision_matched_idxs(sparse))
+    ours = ssd_loss(outputs, sparse)
+    for name, output in (("classification", "cls_logits"), ("bbox_regression", "bbox_regression")):
+        assert math.isclose(ours[name].item(), theirs[name].item(), rel_tol=LOSS_RTOL), name
+        (grad_ours,) = torch.autograd.grad(ours[name], outputs[output])
+        (grad_theirs,) = torch.autograd.grad(theirs[name], outputs[output])
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=LOSS_RTOL, atol=1e-7)
