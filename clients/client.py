@@ -68,7 +68,8 @@ __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientSta
 
 _MIB = 1 << 20
 # What gRPC's C core reports when a stream's message could not be written because the
-# connection broke (seen when a server is killed mid-stream); servers never send it.
+# stream ended under it (a server killed, draining or past the deadline while the client
+# still writes); the client's core makes it up, no server sends it.
 _BROKEN_WRITE = "Internal error from Core"
 _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
 # After an endpoint fails, other endpoints are preferred for this long.

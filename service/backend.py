@@ -327,21 +327,35 @@ class Batcher:
         slices = _slices(job, self._batch_cap(job), self.options.max_slice_boxes)
         if len(slices) == 1:
             return await self._enqueue(job, finish)
-        await self.run(job.check)  # errors name the request's own images, not a slice's
+        # The whole request is checked first (its errors name its own images, not a slice's),
+        # on a compute worker, behind the batch running there. Meanwhile its first slice holds
+        # a place in the queue: a full queue refuses it now, as it refuses any request, and
+        # requests waiting for their check cannot pile up uncounted behind a long batch.
+        held = slices[0].images
+        self._admit(held)
+        self._queued_images += held
+        try:
+            await self.run(job.check)
+        finally:
+            self._queued_images -= held
         parts = []
         for part in slices:  # each queued anew: requests that arrived meanwhile go first
             parts.append(await self._enqueue(part, None))
         targets = _concat(parts)
         return targets if finish is None else await self.run(finish, targets)
 
-    async def _enqueue(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None) -> Any:
+    def _admit(self, images: int) -> None:
+        """Raise unless ``images`` more images may queue now."""
         if self._closed or self._loop is None:
             raise Unavailable("the server is shutting down")
-        if self._queued_images + job.images > self.options.max_queue_images:
+        if self._queued_images + images > self.options.max_queue_images:
             raise Overloaded(
                 f"server overloaded: {self._queued_images} images queued, limit {self.options.max_queue_images}; "
                 "retry with backoff or use another replica"
             )
+
+    async def _enqueue(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None) -> Any:
+        self._admit(job.images)
         job.enqueued_at = time.perf_counter()
         item = _Pending(job, self._loop.create_future(), finish)
         self._groups.setdefault(job.merge_key, []).append(item)

@@ -17,7 +17,7 @@ from test_service_harness import sparse_view
 from support import assert_targets_equal, compile_keys, random_batch, record_launches
 from tritarget.kernels import Targets, assign, presets
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
-from tritarget.service.errors import InvalidInput
+from tritarget.service.errors import InvalidInput, Overloaded
 
 CANVAS = (96, 128)
 PRESET = "retinanet_torchvision"
@@ -219,6 +219,41 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
 
     queued, targets, cancelled = asyncio.run(run())
     assert (queued, cancelled, targets.batch_size) == (0, True, 2)
+
+
+def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator):
+    """A request of more images than a batch is checked whole on the compute worker
+    before its slices queue. While that check waits behind a running batch, its first
+    slice holds a place in the queue: a full queue refuses the next such request at once
+    (it used to wait for the running batch, uncounted, and be refused or served after),
+    and the requests admitted are answered whole once the worker is free."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=4))
+        batcher.start()
+        release = threading.Event()
+        try:
+            # The one compute worker is held in the first job's finish.
+            busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+            await asyncio.sleep(0.05)
+            admitted = [_good(generator, (1, 2, 1)) for _ in range(2)]  # two slices each: 2 images, then 1
+            waiting = [asyncio.ensure_future(batcher.submit(job)) for job in admitted]
+            await asyncio.sleep(0.05)
+            held = batcher.queued_images
+            refused = asyncio.ensure_future(batcher.submit(_good(generator, (2, 0, 1))))
+            await asyncio.sleep(0.05)
+            refused_at_once = refused.done() and isinstance(refused.exception(), Overloaded)
+            release.set()
+            await busy
+            return held, refused_at_once, admitted, await asyncio.gather(*waiting), batcher.queued_images
+        finally:
+            release.set()
+            await batcher.close()
+
+    held, refused_at_once, admitted, answers, queued_after = asyncio.run(run())
+    assert (held, refused_at_once, queued_after) == (4, True, 0)
+    for job, got in zip(admitted, answers):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
 def test_a_full_batch_does_not_wait_for_an_older_one_still_filling(generator):
