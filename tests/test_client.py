@@ -61,6 +61,17 @@ def test_unavailable_endpoint_is_retried_on_the_next(two_servers):
             assert (_assign(client).labels == 1).any()
 
 
+def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers):
+    """After a call's first try fails on a dead endpoint, the calls that follow within the
+    cool-down go to the live one at once: only the first call retries."""
+    a, _ = two_servers
+    dead = f"127.0.0.1:{_free_port()}"
+    with TargetClient([dead, a.address], retries=2, backoff=0.01) as client:
+        for _ in range(4):  # round-robin alone would send two of these to the dead endpoint first
+            assert (_assign(client).labels == 1).any()
+        assert client.stats.retries == 1
+
+
 @pytest.mark.parametrize("wait", [False, True], ids=["call", "wait_until_ready"])
 def test_a_client_started_before_the_server_succeeds_within_its_deadline(wait):
     """A trainer started together with ``tritarget serve``: the server is up 2 s later;

@@ -13,8 +13,9 @@ import torch
 from test_service_harness import ServerThread, fake_assigner
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
-from tritarget.clients.wire import build_request
+from tritarget.clients.wire import build_request, decode_response, decode_sparse
 from tritarget.kernels import assign, presets
+from tritarget.kernels.targets import IGNORED, NEGATIVE
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
@@ -227,6 +228,16 @@ def test_a_correct_response_decodes_to_the_in_process_targets(breaking_server):
         assert torch.equal(targets.labels, expected.labels) and torch.equal(targets.classes, expected.classes)
     sparse = _assign(breaking_server.client, densify=False)
     assert torch.equal(sparse.to_dense().labels, expected.labels)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_a_response_without_images_is_refused_when_the_request_is_not_known(decode):
+    """Decoded on its own (no request to compare with), a response of no images still breaks
+    the contract: every request holds at least one image."""
+    response = pb.AssignResponse(batch_size=0, num_anchors=4)
+    response.sparse.listed_label, response.sparse.unlisted_label = IGNORED, NEGATIVE
+    with pytest.raises(ValueError, match=r"^malformed response: batch_size: must be >= 1"):
+        decode(response)
 
 
 @pytest.mark.parametrize("densify", [True, False], ids=["densified", "sparse"])

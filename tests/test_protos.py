@@ -105,6 +105,8 @@ def test_size_check_and_expectations():
         decode_tensor(encode_tensor(torch.zeros(2, 3)), "x", last_dim=4)
     with pytest.raises(TensorError, match="unknown or unset dtype"):
         decode_tensor(pb.Tensor(), "x")
+    with pytest.raises(TensorError, match=r"x: negative dimension in shape \[-1, 0\]"):  # no bytes, yet no tensor
+        decode_tensor(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, 0]), "x")
     with pytest.raises(TypeError, match="no wire encoding"):
         encode_tensor(torch.zeros(2, dtype=torch.float64))
 

@@ -16,10 +16,11 @@ from test_service_harness import ServerThread, batching, limits
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
+from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
-from tritarget.service.errors import InvalidInput
+from tritarget.service.errors import InvalidInput, ResourceExhausted
 
 CANVAS = (96, 128)
 GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -242,12 +243,23 @@ def test_unknown_preset_is_not_found(client):
     [
         ({"gt_boxes": GOOD.repeat(5, 1), "gt_counts": [1] * 10}, "10 images is over the server's limit of 8"),
         ({"gt_boxes": GOOD.repeat(30, 1), "gt_counts": [60]}, "60 boxes is over the server's limit of 50"),
+        ({"ignore_boxes": GOOD.repeat(26, 1), "ignore_counts": [52]}, "ignore_boxes: 52 boxes is over"),
         ({"canvas": (2048, 128)}, "canvas_height: 2048 is over the server's limit of 1024"),
         ({"canvas": (800, 1000), "format": "dense"}, "the DENSE response would be"),
     ],
 )
 def test_over_limits_is_resource_exhausted(client, kwargs, text):
     _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, text, **kwargs)
+
+
+def test_anchor_rows_up_to_the_limit_are_accepted_and_one_image_more_is_not():
+    anchors = resolve_grid(presets.get("retinanet_torchvision").anchors, CANVAS).num_anchors
+    limits = codec.Limits(max_anchor_rows=2 * anchors)
+    request = build_request(GOOD, [1, 1], CANVAS, preset="retinanet_torchvision")
+    assert codec.decode_assign(request, limits).images == 2
+    request = build_request(GOOD.repeat(2, 1), [1, 1, 1], CANVAS, preset="retinanet_torchvision")
+    with pytest.raises(ResourceExhausted, match=rf"3 images x {anchors} anchors is over the server's limit of "):
+        codec.decode_assign(request, limits)
 
 
 def test_config_over_its_size_limit_is_resource_exhausted(client):  # D3
