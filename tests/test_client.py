@@ -17,6 +17,7 @@ import torch
 from test_service_harness import ServerThread, peer_recording_server
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
+from tritarget.clients import client as client_module
 from tritarget.clients.wire import build_request, decode_response
 from tritarget.kernels import SparseTargets, Targets, assign, presets
 
@@ -59,6 +60,29 @@ def test_unavailable_endpoint_is_retried_on_the_next(two_servers):
     with TargetClient([dead, a.address], retries=2, backoff=0.01) as client:
         for _ in range(4):
             assert (_assign(client).labels == 1).any()
+
+
+class _Status(grpc.RpcError):
+    """A call's outcome as gRPC raises it (``code()``, ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, retried", [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", True),
+    (grpc.StatusCode.INTERNAL, "Internal error from Core", True),  # a stream write cut by a dying server
+    (grpc.StatusCode.INTERNAL, "Exception calling application", False),  # a server's own error: an answer
+    (grpc.StatusCode.INVALID_ARGUMENT, "Internal error from Core", False),
+])  # fmt: skip
+def test_transport_failures_are_told_from_answers(code, details, retried):
+    assert client_module._transport_failure(_Status(code, details)) is retried
 
 
 def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers):

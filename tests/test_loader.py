@@ -279,6 +279,13 @@ def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
         boxes_of([{"boxes": torch.ones(1, 5)}])
     with pytest.raises(TypeError, match=r"targets\[0\]\['labels'\]: expected integer class ids, got torch.float32"):
         boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1.0])}])
+    with pytest.raises(ValueError, match=r"targets: give 'labels' for every image or for none"):
+        boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1])}, {"boxes": torch.ones(1, 4)}])
+
+
+def test_with_targets_refuses_a_pipeline_that_could_never_read():
+    with pytest.raises(ValueError, match="in_flight: must be >= 1, got 0"):
+        next(with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=0))
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

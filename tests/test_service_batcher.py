@@ -169,6 +169,49 @@ def _merging_run(jobs: list[AssignJob], options: BatchOptions) -> tuple[list, li
     return asyncio.run(run())
 
 
+def test_a_batch_fills_up_to_its_bound_exactly(generator):
+    jobs = [_good(generator, (1,)) for _ in range(4)]
+    results, batches = _merging_run(jobs, BatchOptions(max_batch_images=4, max_queue_delay_s=5.0))
+    assert batches == [4]  # full at 4 images: it starts at once, without waiting out the delay
+    for job, got in zip(jobs, results):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_requests_that_drop_invalid_boxes_and_requests_that_refuse_them_do_not_merge(generator):
+    """``drop_invalid`` is the request's own: merged with a request that drops, one that
+    did not ask to would have its invalid box dropped silently instead of refused."""
+    boxes, _ = random_batch(generator, [2], CANVAS)
+    invalid = torch.cat([boxes, torch.tensor([[30.0, 30.0, 30.0, 50.0]])])  # the last box is degenerate
+    dropping = _job(invalid, [3], drop_invalid=True)
+    refusing = _job(invalid.clone(), [3])
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+        batcher.start()
+        try:
+            return await asyncio.gather(batcher.submit(dropping), batcher.submit(refusing), return_exceptions=True)
+        finally:
+            await batcher.close()
+
+    dropped, refused = asyncio.run(run())
+    assert isinstance(refused, InvalidInput) and "image 0, box 2: degenerate box" in str(refused)
+    assert dropped.dropped[0].tolist() == [2]
+
+
+def test_closing_starts_what_is_queued_without_waiting_out_the_delay(generator):
+    job = _good(generator)
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_queue_delay_s=60.0))
+        batcher.start()
+        queued = asyncio.ensure_future(batcher.submit(job))
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(batcher.close(), timeout=10)
+        return await queued
+
+    assert_targets_equal(asyncio.run(run()), _expected(job), rtol=0, atol=0)
+
+
 def test_jobs_with_and_without_pad_sizes_do_not_merge(generator, caplog):
     """No pad size stands in for a job without them: SSD's feature maps are fixed, so a
     pad size of the canvas excludes cells a job without pad sizes keeps (thousands of
