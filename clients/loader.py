@@ -158,20 +158,22 @@ def with_targets(
     name the dataset's ``image_id``; a batch that fails, or a loader that raises, raises
     after the batches before it.
     """
+    # Checked here, when called, not at the first batch (the body is a generator).
     if in_flight < 1:
         raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
     check_densify(densify, options)
     target_config = _config(preset, config)
     if client is None:
-        solve = _InProcess(target_config, backend, densify, options)
-        for images, targets in batches:
-            boxes, counts, classes = boxes_of(targets)
-            assigned = solve(boxes, counts, classes, _canvas(images, canvas), _image_ids(targets))
-            yield images, targets, _placed(assigned, densify, device)
-        return
-    yield from _pipelined(
-        batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device, options
-    )
+        return _in_process(batches, _InProcess(target_config, backend, densify, options), canvas, densify, device)
+    return _pipelined(batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device,
+                      options)  # fmt: skip
+
+
+def _in_process(batches, solve, canvas, densify, device):
+    for images, targets in batches:
+        boxes, counts, classes = boxes_of(targets)
+        assigned = solve(boxes, counts, classes, _canvas(images, canvas), _image_ids(targets))
+        yield images, targets, _placed(assigned, densify, device)
 
 
 def _pipelined(batches, client, named, config, canvas, in_flight, densify, device, options):

@@ -283,9 +283,11 @@ def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
         boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1])}, {"boxes": torch.ones(1, 4)}])
 
 
-def test_with_targets_refuses_a_pipeline_that_could_never_read():
+def test_with_targets_refuses_bad_arguments_when_called_not_at_the_first_batch():
     with pytest.raises(ValueError, match="in_flight: must be >= 1, got 0"):
-        next(with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=0))
+        with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=0)
+    with pytest.raises(ValueError, match="give exactly one of preset= or config="):
+        with_targets([], canvas=(64, 64))
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
