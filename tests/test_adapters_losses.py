@@ -96,6 +96,15 @@ def test_adapters_refuse_bad_input(call, error, message):
         call(_hand_targets())
 
 
+def test_detectron2_targets_refuse_a_class_equal_to_num_classes():
+    """detectron2's class ``num_classes`` is the background: a positive of that class would
+    read as a negative, so it is refused like any class outside [0, num_classes)."""
+    with pytest.raises(ValueError, match=r"image 0, anchor 3 is matched to class 7, outside \[0, num_classes=7\)"):
+        detectron2_targets(_hand_targets(), num_classes=7)
+    labels, _ = detectron2_targets(_hand_targets(), num_classes=8)
+    assert labels[0].tolist() == [3, 8, -1, 7]
+
+
 # --- losses against their definitions ---------------------------------------------------
 
 
@@ -137,6 +146,42 @@ def test_focal_and_box_losses_match_their_definitions(normalize, generator):
     ours = box_regression_loss(regression, sparse, loss="l1", normalize=normalize)
     assert math.isclose(ours.item(), scale(l1).item(), rel_tol=LOSS_RTOL)
     assert positives[1] == 0 and positives.sum() > 0  # an empty image and some positives
+
+
+def test_focal_loss_with_alpha_zero_weighs_the_positive_terms_zero(generator):
+    """alpha = 0 is a weight like any other (alpha_t = 0 for each positive's one-hot
+    class, 1 elsewhere); only a negative alpha means no weighting, as in torchvision."""
+    targets = _hand_targets()
+    logits = torch.randn(2, 4, 8, generator=generator)
+    got = sigmoid_focal_loss(logits, targets.to_sparse(), alpha=0.0, gamma=2.0, normalize="sum")
+    assert math.isclose(got.item(), _dense_focal(logits, targets, 0.0, 2.0).sum().item(), rel_tol=LOSS_RTOL)
+    negatives_only = logits.clone()
+    negatives_only[0, 0, 3] = negatives_only[0, 3, 7] = -30.0  # the positives' terms: any logit, weight 0
+    again = sigmoid_focal_loss(negatives_only, targets.to_sparse(), alpha=0.0, gamma=2.0, normalize="sum")
+    assert again.item() == pytest.approx(got.item(), rel=LOSS_RTOL)
+    unweighted = sigmoid_focal_loss(logits, targets.to_sparse(), alpha=-1.0, gamma=2.0, normalize="sum")
+    halved = _dense_focal(logits, targets, 0.5, 2.0).sum().item()  # alpha_t = 0.5 everywhere
+    assert math.isclose(unweighted.item(), 2 * halved, rel_tol=LOSS_RTOL) and got.item() < unweighted.item()
+
+
+def test_rpn_loss_known_answer_leaves_ignored_anchors_out_of_the_average():
+    """The hand-built batch samples 6 of its 8 anchors (2 ignored): objectness is the
+    binary cross-entropy summed over those 6, divided by 6; the box loss is smooth-L1
+    (beta 1/9) over the 2 positives' deltas against zero predictions, divided by 6 too."""
+    sparse = _hand_targets().to_sparse()
+    objectness = torch.tensor([[1.0, -2.0, 5.0, 0.5], [0.25, -1.0, -7.0, 3.0]])
+
+    def softplus(x: float) -> float:
+        return math.log1p(math.exp(x))
+
+    # Positives (image 0, anchors 0 and 3): -log sigmoid(x); negatives: -log(1 - sigmoid(x)).
+    bce = softplus(-1.0) + softplus(-0.5) + softplus(-2.0) + softplus(0.25) + softplus(-1.0) + softplus(3.0)
+    beta = 1 / 9
+    deltas = [0.1, -0.2, 0.3, -0.4, -0.5, 0.6, -0.7, 0.8]
+    smooth_l1 = sum(0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta for d in deltas)
+    objectness_loss, box_loss = rpn_loss(objectness, torch.zeros(2, 4, 4), sparse)
+    assert math.isclose(objectness_loss.item(), bce / 6, rel_tol=1e-6)
+    assert math.isclose(box_loss.item(), smooth_l1 / 6, rel_tol=1e-6)
 
 
 def test_losses_refuse_bad_input(generator):

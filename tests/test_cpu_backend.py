@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support import assert_targets_equal, random_batch, with_ties
-from tritarget.kernels import TargetConfig, assign, cpu, presets, reference
+from tritarget.kernels import TargetConfig, assign, cpu, generate_anchors, presets, reference
 from tritarget.kernels.api import assign_sparse
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.cpu_build import CompileError, _compiler
@@ -473,15 +473,23 @@ def test_sparse_solve_empty_images(low_quality, generator):
     assert sparse.positive_offsets.tolist() == [0, 0, 0] and sparse.ignored_anchors.numel() == 0
 
 
-def test_sparse_solve_sees_explicit_anchors_changed_in_place(generator):
-    """Block bounds are cached per anchor tensor: an in-place edit must not reuse them."""
+def test_sparse_solve_sees_explicit_anchors_changed_in_place():
+    """Block bounds are cached per anchor tensor: an in-place edit must not reuse them.
+
+    Grid anchors lie in order, so the first blocks' bounds cover only the canvas's top-left;
+    the boxes are in the bottom-right corner, where the edit then moves the first block's
+    64 anchors (onto the boxes): stale bounds would skip that block."""
     canvas = (120, 150)
-    anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
-    boxes, counts = random_batch(generator, [6], canvas)
     config = TargetConfig(anchors=SMALL_ANCHORS)
-    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
-    anchors[:350] = anchors[:350].flip(0) + 3.0  # other anchors where the cached bounds say none are
-    assert_sparse_solve_matches(sparse_problem(boxes, counts, canvas, config, anchors=anchors), threads=(1,))
+    anchors = generate_anchors(SMALL_ANCHORS, canvas).clone()
+    boxes = torch.tensor([[110.0, 90.0, 146.0, 118.0], [120.0, 100.0, 140.0, 116.0]])
+    first = cpu.solve_sparse(sparse_problem(boxes, [2], canvas, config, anchors=anchors))
+    assert_sparse_solve_matches(sparse_problem(boxes, [2], canvas, config, anchors=anchors), threads=(1,))
+    anchors[:64] = boxes[torch.arange(64) % 2] + torch.arange(64).div(16, rounding_mode="floor")[:, None]
+    moved = sparse_problem(boxes, [2], canvas, config, anchors=anchors)
+    assert_sparse_solve_matches(moved, threads=(1,))
+    second = cpu.solve_sparse(moved)
+    assert bool((second.positive_anchors < 64).any()) and not bool((first.positive_anchors < 64).any())
 
 
 def test_sparse_solve_sees_explicit_anchors_replaced_in_place(generator):

@@ -136,6 +136,17 @@ def test_errors_come_in_the_documented_order(kwargs, message):
         build_problem(torch.cat([GOOD, INVALID]), [4], CANVAS, CONFIG, **kwargs)
 
 
+def test_an_image_without_width_is_refused():
+    with pytest.raises(ValueError, match=r"image_sizes\[0\]: \(64, 0\) must be positive"):
+        build_problem(GOOD, [3], CANVAS, CONFIG, image_sizes=[[64, 0]])
+
+
+def test_a_pad_narrower_than_its_image_is_refused():
+    """An image is padded to at least its own size, in width as in height."""
+    with pytest.raises(ValueError, match=r"pad_sizes\[0\]: \(32, 40\) is smaller than image_sizes\[0\] \(32, 64\)"):
+        build_problem(GOOD, [3], CANVAS, CONFIG, image_sizes=[[32, 64]], pad_sizes=[[32, 40]])
+
+
 def test_invalid_anchor_is_named_before_gt_classes():
     anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [5.0, 5.0, 5.0, 9.0]])
     with pytest.raises(ValueError, match="anchors: anchor 1"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from support import random_batch
-from tritarget.kernels import TargetConfig, Targets, assign, decode, encode, generate_anchors, presets
+from tritarget.kernels import TargetConfig, Targets, assign, assign_sparse, decode, encode, generate_anchors, presets
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
 from tritarget.kernels.sampling import _draw
 from tritarget.kernels.targets import filled
@@ -124,6 +124,29 @@ def test_ignore_iof_relative_to_the_ignore_box():
     assert run_ignore(0.5, wrt_anchor=False).labels[0].tolist() == [-1, 1]  # 40/40 = 1 > 0.5
 
 
+# An ignore region's IoF with a0 is exactly the threshold 0.5, with a1 above it; a2 is the
+# box, positive. Relative to the anchor (50/100, 50/80) or to the region (50/100, 60/100):
+# every value is exact in float32.
+IOF_AT_THRESHOLD = [
+    (True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),
+    (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10]),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(("wrt_anchor", "anchors", "region"), IOF_AT_THRESHOLD)
+def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_matching(backend, wrt_anchor, anchors, region):
+    """README: an anchor is taken out when its IoF with a crowd box *exceeds*
+    ``ignore_iof_thr``; at exactly the threshold it stays (negative here), just above it
+    it is ignored."""
+    match = MatchConfig(high=0.5, low=0.4, ignore_iof_thr=0.5, ignore_iof_wrt_anchor=wrt_anchor)
+    anchors, region = torch.tensor(anchors, dtype=torch.float32), torch.tensor([region], dtype=torch.float32)
+    got = assign(torch.tensor([[40.0, 40.0, 50.0, 50.0]]), [1], CANVAS, TargetConfig(anchors=ANCHORS, match=match),
+                 anchors=anchors, ignore_boxes=region, ignore_counts=[1], backend=backend)  # fmt: skip
+    assert got.labels[0].tolist() == [0, -1, 1]
+    assert got.matched_gt[0].tolist() == [-1, -1, 0]
+
+
 def test_border_pre_match_and_post_match():
     anchors = [[-5, 0, 5, 10], [5, 0, 15, 10]]  # a0 crosses the left border
     boxes = [[0, 0, 6, 10]]  # IoU 5/11 with a0, 1/15 with a1
@@ -206,14 +229,31 @@ def test_sparse_round_trip_every_preset(name, generator):
 @pytest.mark.parametrize(
     "shape, value, dtype",
     [((3, 5), -1, torch.int32), ((2, 4), 7, torch.int8), ((2, 3), 0, torch.float32),
-     ((1, 201_600, 4), 0, torch.float32), ((1, 201_600), 91, torch.int32)],
+     ((1, 201_600, 4), 0, torch.float32), ((1, 201_600), 91, torch.int32),
+     ((2, 201_600), -1, torch.int32), ((8, 201_600), -1, torch.int8), ((2, 201_600), 91, torch.int32)],
 )  # fmt: skip
 def test_dense_outputs_are_filled_like_torch_full_each_in_its_own_memory(shape, value, dtype):
-    """``filled`` (numpy's fill, or zero pages from the kernel for a megabyte of zeros)."""
+    """``filled`` (numpy's fill, or zero pages from the kernel for a megabyte of zeros;
+    a megabyte or more of any other value is filled with that value)."""
     first, second = filled(shape, value, dtype, torch.device("cpu")), filled(shape, value, dtype, "cpu")
     assert torch.equal(first, torch.full(shape, value, dtype=dtype))
     first.view(-1)[[0, -1]] = 3
     assert second.view(-1)[0] == value and second.view(-1)[-1] == value
+
+
+def test_dense_targets_from_sparse_of_full_size_images_match_nothing_off_the_positives():
+    """Two RetinaNet images at 800x1344: ``matched_gt`` (1.6 MB of int32) is -1 wherever
+    the anchor is not positive, as the dense solve has it."""
+    canvas, config = (800, 1344), presets.get("retinanet_torchvision")
+    boxes, counts = random_batch(torch.Generator().manual_seed(3), [7, 4], canvas)
+    dense = assign(boxes, counts, canvas, config, backend="cpu")
+    back = Targets.from_sparse(assign_sparse(boxes, counts, canvas, config, backend="cpu"))
+    assert back.matched_gt.shape == (2, 201_600)
+    positive = back.labels == 1
+    assert 0 < int(positive.sum()) < 1000
+    assert bool((back.matched_gt[~positive] == -1).all())
+    assert torch.equal(back.matched_gt, dense.matched_gt)
+    assert torch.equal(back.labels, dense.labels)
 
 
 def test_anchors_grouped_by_level_in_documented_order():
@@ -275,6 +315,32 @@ class TestSampling:
         batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
         alone = assign(boxes[30:], [7], (128, 192), self.CONFIG, backend="reference", seed=12)
         assert torch.equal(batch.labels[1], alone.labels[0])
+
+    def test_positive_quota_rounds_down(self, generator):
+        """At most ``int(sample_size * positive_fraction)`` positives, as torchvision's
+        sampler counts them: 10 x 0.35 = 3.5 keeps 3, and negatives fill the other 7."""
+        config = self.CONFIG.replace(**{"match.sample_size": 10, "match.positive_fraction": 0.35})
+        boxes, counts = random_batch(generator, [30], (128, 192))
+        unsampled = assign(boxes, counts, (128, 192), config.replace(**{"match.sample_size": 0}), backend="reference")
+        assert int((unsampled.labels == 1).sum()) > 10
+        for seed in range(5):
+            got = assign(boxes, counts, (128, 192), config, backend="reference", seed=seed)
+            assert int((got.labels == 1).sum()) == 3 and int((got.labels == 0).sum()) == 7
+
+    @pytest.mark.parametrize("backend", ["reference", "cpu"])
+    def test_detectron2_keeps_the_matched_box_of_positives_sampled_away(self, backend, generator):
+        """detectron2 keeps every anchor's argmax box (its Matcher's ``matches``), and its
+        sampler only relabels: a positive left out of the sample (label -1) keeps the
+        ``matched_gt`` it had before sampling, as does every other anchor."""
+        config, canvas = presets.get("rpn_detectron2"), (128, 160)
+        boxes, counts = random_batch(generator, [60], canvas)
+        unsampled = assign(boxes, counts, canvas, config.replace(**{"match.sample_size": 0}), backend=backend)
+        sampled = assign(boxes, counts, canvas, config, backend=backend, seed=7)
+        assert int((unsampled.labels == 1).sum()) > 128  # more than the quota: some are dropped
+        dropped = (sampled.labels == -1) & (unsampled.labels == 1)
+        assert bool(dropped.any()) and bool((unsampled.matched_gt[dropped] >= 0).all())
+        assert torch.equal(sampled.matched_gt[dropped], unsampled.matched_gt[dropped])
+        assert torch.equal(sampled.matched_gt, unsampled.matched_gt)
 
     @pytest.mark.parametrize("members, count", [(900, 60), (100, 60), (100, 100), (150, 0)])
     def test_draws_are_distinct_members_uniformly(self, members, count):

@@ -341,6 +341,25 @@ def test_ignore_regions(wrt_anchor, mode, generator):
     assert (ours.labels[1] == -1).any()
 
 
+@pytest.mark.parametrize(
+    ("wrt_anchor", "anchors", "region"),
+    [(True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),  # IoF 50/100, 50/80
+     (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10])],  # IoF 50/100, 60/100
+)  # fmt: skip
+def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_matching(wrt_anchor, anchors, region):
+    """An anchor is excluded by a crowd region only when its IoF *exceeds* the threshold
+    (README): a0's is exactly 0.5 and stays negative, a1's is above and is ignored; a2 is
+    the box, positive."""
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": wrt_anchor, "match.low_quality": "none"}
+    )
+    anchors, region = torch.tensor(anchors, dtype=torch.float32), torch.tensor([region], dtype=torch.float32)
+    ours = check(torch.tensor([[40.0, 40.0, 50.0, 50.0]]), [1], (64, 96), config, sparse=True, anchors=anchors,
+                 ignore_boxes=region, ignore_counts=[1])  # fmt: skip
+    assert ours.labels[0].tolist() == [0, -1, 1]
+    assert ours.matched_gt[0].tolist() == [-1, -1, 0]
+
+
 @pytest.mark.parametrize("border, order", [(0.0, "pre_match"), (0.0, "post_match"), (8.5, "pre_match"),
                                            (3.0, "post_match")])  # fmt: skip
 @pytest.mark.parametrize("mode", ("torchvision", "detectron2", "ssd_forced"))
