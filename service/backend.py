@@ -14,7 +14,9 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   default delay is 0 (this "natural" batching alone): a lone request never waits,
   and a busy server still merges; a few milliseconds buy fuller batches on a GPU;
 * the queue is bounded (``max_queue_images``): beyond it ``submit`` raises
-  ``Overloaded`` at once instead of queueing work that would miss its deadline;
+  ``Overloaded`` at once instead of queueing work that would miss its deadline; a
+  request computed in slices holds the place of its largest slice from its admission
+  to its last slice, so it is refused at once or not at all;
 * compute runs on worker threads, never on the event loop;
 * a bad request fails alone: a merged batch whose ``assign`` raises is checked
   request by request, each bad one gets its own error (naming its own images and
@@ -210,14 +212,19 @@ BatchObserver = Callable[[int, int, float], None]
 
 
 class _Pending:
-    __slots__ = ("job", "future", "finish")
+    __slots__ = ("job", "future", "finish", "counted")
 
     def __init__(
-        self, job: AssignJob, future: asyncio.Future, finish: Callable[[Targets | SparseTargets], Any] | None
+        self,
+        job: AssignJob,
+        future: asyncio.Future,
+        finish: Callable[[Targets | SparseTargets], Any] | None,
+        counted: int,
     ) -> None:
         self.job = job
         self.future = future
         self.finish = finish
+        self.counted = counted  # the images it adds to the queue's count (0 in a held place)
 
 
 class Batcher:
@@ -244,7 +251,8 @@ class Batcher:
         self._on_queued = on_queued
         self._on_copied = on_copied
         self._groups: dict[tuple, list[_Pending]] = {}
-        self._queued_images = 0
+        self._queued_images = 0  # in the groups, except the slices of held places
+        self._held_images = 0  # places held by requests in slices (``submit``)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = options.compute_workers  # workers without a batch
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
@@ -327,20 +335,21 @@ class Batcher:
         slices = _slices(job, self._batch_cap(job), self.options.max_slice_boxes)
         if len(slices) == 1:
             return await self._enqueue(job, finish)
-        # The whole request is checked first (its errors name its own images, not a slice's),
-        # on a compute worker, behind the batch running there. Meanwhile its first slice holds
-        # a place in the queue: a full queue refuses it now, as it refuses any request, and
-        # requests waiting for their check cannot pile up uncounted behind a long batch.
-        held = slices[0].images
+        # From its admission to its last slice the request holds a place in the queue for its
+        # largest slice, and its slices queue in that place: a full queue refuses the request
+        # at once, as it refuses any, and never one whose first slices were computed. The
+        # whole request is checked first (its errors name its own images, not a slice's), on
+        # a compute worker, behind the batch running there.
+        held = max(part.images for part in slices)
         self._admit(held)
-        self._queued_images += held
+        self._held_images += held
         try:
             await self.run(job.check)
+            parts = []
+            for part in slices:  # each queued anew: requests that arrived meanwhile go first
+                parts.append(await self._enqueue(part, None, held=True))
         finally:
-            self._queued_images -= held
-        parts = []
-        for part in slices:  # each queued anew: requests that arrived meanwhile go first
-            parts.append(await self._enqueue(part, None))
+            self._held_images -= held
         targets = _concat(parts)
         return targets if finish is None else await self.run(finish, targets)
 
@@ -348,18 +357,22 @@ class Batcher:
         """Raise unless ``images`` more images may queue now."""
         if self._closed or self._loop is None:
             raise Unavailable("the server is shutting down")
-        if self._queued_images + images > self.options.max_queue_images:
+        if self.queued_images + images > self.options.max_queue_images:
             raise Overloaded(
-                f"server overloaded: {self._queued_images} images queued, limit {self.options.max_queue_images}; "
+                f"server overloaded: {self.queued_images} images queued, limit {self.options.max_queue_images}; "
                 "retry with backoff or use another replica"
             )
 
-    async def _enqueue(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None) -> Any:
-        self._admit(job.images)
+    async def _enqueue(
+        self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None, *, held: bool = False
+    ) -> Any:
+        """``held``: a slice queued in its request's held place (admitted, already counted)."""
+        counted = 0 if held else job.images
+        self._admit(counted)
         job.enqueued_at = time.perf_counter()
-        item = _Pending(job, self._loop.create_future(), finish)
+        item = _Pending(job, self._loop.create_future(), finish, counted)
         self._groups.setdefault(job.merge_key, []).append(item)
-        self._queued_images += job.images
+        self._queued_images += counted
         self._idle.clear()
         self._dispatch()
         try:
@@ -377,7 +390,7 @@ class Batcher:
         if pending is None or item not in pending:
             return
         pending.remove(item)
-        self._queued_images -= item.job.images
+        self._queued_images -= item.counted
         if not pending:
             del self._groups[key]
         if not self._groups and self._free == self.options.compute_workers:
@@ -385,8 +398,8 @@ class Batcher:
 
     @property
     def queued_images(self) -> int:
-        """Images waiting for a compute worker."""
-        return self._queued_images
+        """Images waiting for a compute worker, and the places held by requests in slices."""
+        return self._queued_images + self._held_images
 
     def _dispatch(self) -> None:
         """Event loop, on every arrival and every finished batch: while a worker is free,
@@ -427,9 +440,9 @@ class Batcher:
             item = pending.pop(0)
             batch.append(item)
             images += item.job.images
+            self._queued_images -= item.counted
         if not pending:
             del self._groups[key]
-        self._queued_images -= images
         return batch
 
     def _start(self, batch: list[_Pending]) -> None:

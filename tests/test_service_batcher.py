@@ -299,6 +299,43 @@ def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
+def test_a_request_in_slices_once_admitted_is_never_refused_midway(generator):
+    """Requests that arrive while a request's first slice computes cannot take the place
+    its next slices need: they are refused instead, and the request is answered whole
+    (it used to be refused for overload after its first slice was computed)."""
+    sliced = _good(generator, (1, 1, 2, 0, 1, 1))  # three slices of two images
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=4))
+        batcher.start()
+        release, computing = threading.Event(), threading.Event()
+
+        def hold_the_first_batch(images, requests, seconds):
+            computing.set()
+            release.wait()
+
+        batcher._on_batch = hold_the_first_batch
+        try:
+            whole = asyncio.ensure_future(batcher.submit(sliced))
+            while not computing.is_set():  # its first slice is in the worker
+                await asyncio.sleep(0.01)
+            admitted = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))
+            refused = asyncio.ensure_future(batcher.submit(_good(generator, (2, 1))))
+            await asyncio.sleep(0.05)
+            batcher._on_batch = None
+            release.set()
+            outcomes = await asyncio.gather(whole, admitted, refused, return_exceptions=True)
+            return outcomes, batcher.queued_images
+        finally:
+            release.set()
+            await batcher.close()
+
+    (whole, admitted, refused), queued_after = asyncio.run(run())
+    assert isinstance(refused, Overloaded) and queued_after == 0
+    assert admitted.batch_size == 2
+    assert_targets_equal(whole, _expected(sliced), rtol=0, atol=0)
+
+
 def test_a_full_batch_does_not_wait_for_an_older_one_still_filling(generator):
     """With a queue delay, a group of another canvas that is already full starts at once
     instead of waiting out the delay of an older group that is still filling."""
