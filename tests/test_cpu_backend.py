@@ -228,6 +228,34 @@ def test_crowded_images(low_quality, generator):
     assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_ssd_forced_ties_across_threads_go_to_the_lowest_anchor(threads):
+    """Each box's best anchor ties between two copies of one anchor, far apart (chunks k
+    and k + 8 of 16), below the positive threshold: ``ssd_forced`` must force the lower
+    index, whichever threads found the two (each thread keeps its own best per box, and
+    the merge of those decides the tie)."""
+    canvas, chunk = (400, 400), 512
+    corners = torch.tensor([[x, y] for x in (20.0, 120.0, 220.0, 320.0) for y in (20.0, 120.0, 220.0, 320.0)])
+    boxes = torch.cat([corners, corners + 40.0], dim=1)  # 16 boxes of 40 x 40, none overlapping another
+    tied = torch.cat([corners, corners + torch.tensor([40.0, 16.0])], dim=1)  # IoU 0.4 with its box
+    anchors = torch.tensor([[0.0, 0.0, 2.0, 2.0]]).repeat(16 * chunk, 1)  # overlapping no box
+    low = torch.arange(16) * chunk + 7
+    high = (torch.arange(16) + 8) % 16 * chunk + 300
+    anchors[low], anchors[high] = tied, tied
+    config = presets.get("ssd300_torchvision")
+    expected = assign(boxes, [16], canvas, config, anchors=anchors, backend="reference")
+    first = torch.minimum(low, high)
+    assert expected.labels[0, first].eq(1).all() and expected.labels[0, torch.maximum(low, high)].eq(0).all()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(5):  # which thread meets which chunk varies from call to call
+            got = assign(boxes, [16], canvas, config, anchors=anchors, backend="cpu")
+            assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_any_thread_count_gives_the_same_targets(threads, generator):
     canvas = (160, 224)
