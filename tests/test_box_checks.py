@@ -85,8 +85,11 @@ def test_the_backends_compare_with_the_canvas_in_float32(backend, function):
 def test_assign_raises_and_drops_as_before(function, backend):
     device = _device(backend)
     boxes = torch.cat([GOOD[:1], torch.tensor([INVALID_KINDS[3]]), GOOD[1:]]).to(device)
-    with pytest.raises(ValueError, match=r"gt_boxes: image 0, box 1: degenerate box \(x2 <= x1\)"):
-        function(boxes, [3, 1], CANVAS, CONFIG, backend=backend)
+    with pytest.raises(ValueError, match=r"gt_boxes: image 0, box 1: degenerate box \(x2 <= x1\): \[[^]]*\]; pass"):
+        function(boxes, [3, 1], CANVAS, CONFIG, backend=backend)  # the only invalid box: no "more" count
+    twice = torch.cat([boxes, torch.tensor([INVALID_KINDS[3]] * 2).to(device)])
+    with pytest.raises(ValueError, match=r"image 0, box 1: degenerate box .* \(2 more invalid boxes\); pass"):
+        function(twice, [3, 3], CANVAS, CONFIG, backend=backend)
     ours = function(boxes, [3, 1], CANVAS, CONFIG, backend=backend, drop_invalid=True).to("cpu")
     reference = function(boxes.cpu(), [3, 1], CANVAS, CONFIG, backend="reference", drop_invalid=True)
     assert [d.tolist() for d in ours.dropped] == [[1], []]

@@ -51,13 +51,13 @@ def test_level_slices_split_the_anchors_by_feature_map(name):
 
 
 def test_targets_levels_are_views_in_anchor_order(generator):
-    config = presets.get("retinanet_torchvision")
+    config = presets.get("retinanet_torchvision").replace(background_class=91)
     canvas = (128, 160)
     boxes, counts = random_batch(generator, [3, 0], canvas)
     classes = torch.zeros(boxes.shape[0], dtype=torch.int64)
     targets = assign(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
     levels = targets.levels()
-    assert len(levels) == 5
+    assert len(levels) == 5 and all(level.background_class == 91 for level in levels)
     for cut, level in zip(level_slices(config.anchors, canvas), levels):
         assert torch.equal(level.labels, targets.labels[:, cut])
         assert torch.equal(level.deltas, targets.deltas[:, cut])
