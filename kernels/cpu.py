@@ -204,12 +204,15 @@ _TEMPLATES: dict[tuple[int, int], _Template] = {}
 _TEMPLATES_KEPT = 8
 
 
-def _anchor_state(anchors: torch.Tensor, generated: bool) -> tuple[int, int, int]:
-    """What a template's anchors must still be: (version, address, count). An in-place
-    write, ``resize_`` or ``set_`` moves the version counter on; ``share_memory_()``,
-    ``.data =`` or a resize through another tensor sharing the storage move the data
-    without it. ``generated``: tritarget's own cached anchors, never written."""
-    return 0 if generated else anchors._version, anchors.data_ptr(), anchors.shape[0]
+def _anchor_state(anchors: torch.Tensor) -> tuple[int, int, int]:
+    """What a template's explicit anchors must still be: (version, address, count). An
+    in-place write, ``resize_`` or ``set_`` moves the version counter on;
+    ``share_memory_()``, ``.data =`` or a resize through another tensor sharing the storage
+    move the data without it."""
+    return anchors._version, anchors.data_ptr(), anchors.shape[0]
+
+
+_GENERATED = (0, 0, 0)  # the state of tritarget's own cached anchors: never written
 
 
 def _template(config: TargetConfig, anchors: torch.Tensor, generated: bool) -> _Template:
@@ -217,7 +220,7 @@ def _template(config: TargetConfig, anchors: torch.Tensor, generated: bool) -> _
     counter, so explicit anchors of one get a template of their own on each call."""
     if not generated and anchors.is_inference():
         return _Template(config, anchors, (0, 0, 0))
-    key, state = (id(config), id(anchors)), _anchor_state(anchors, generated)
+    key, state = (id(config), id(anchors)), _GENERATED if generated else _anchor_state(anchors)
     cached = _TEMPLATES.get(key)
     if cached is not None and cached.config is config and cached.anchors() is anchors and cached.state == state:
         return cached

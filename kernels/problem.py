@@ -563,7 +563,8 @@ def build_problem(
         raise
 
     dropped = {}
-    may_be_invalid = (examined or classes is not None) and _may_be_invalid(examined, canvas, host_check, classes)
+    device_classes = classes is not None and not classes.is_cpu  # checked in the boxes' read-back
+    may_be_invalid = (examined or device_classes) and _may_be_invalid(examined, canvas, host_check, classes)
     if may_be_invalid:
         dropped = _examine(checked, canvas, drop_invalid)
     if classes is not None and (may_be_invalid or classes.is_cpu):  # device classes: in the read-back

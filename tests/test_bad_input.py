@@ -198,6 +198,9 @@ def test_targets_never_join_the_callers_graph(backend):
         targets.deltas.numpy()
     sparse = assign_sparse(boxes, [3], CANVAS, CONFIG, backend=backend)
     assert not sparse.positive_deltas.requires_grad
+    crowd = GOOD[:1].clone().requires_grad_()
+    targets = _assign(boxes, [3], backend=backend, ignore_boxes=crowd, ignore_counts=[1], return_max_iou=True)
+    assert not any(t.requires_grad for t in (targets.deltas, targets.max_iou))
 
 
 def test_targets_compare_by_identity_and_move_without_changing_dtypes():
