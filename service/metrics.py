@@ -52,7 +52,11 @@ class Metrics:
             "Result bytes copied from the GPU to the host (0 on a CPU backend)",
             registry=reg,
         )
-        self.queued_images = Gauge("tritarget_queued_images", "Images waiting in the batcher", registry=reg)
+        self.queued_images = Gauge(
+            "tritarget_queued_images",
+            "Images waiting in the batcher, and the places held by requests computed in slices",
+            registry=reg,
+        )
         self._http = None
         self._methods: dict[str, MethodMetrics] = {}
 
