@@ -232,6 +232,11 @@ def test_jobs_with_and_without_pad_sizes_do_not_merge(generator, caplog):
     assert "batched assign failed" not in caplog.text
 
 
+def _holding_the_worker(batcher: Batcher, generator, release: threading.Event) -> asyncio.Future:
+    """A job whose finish holds the batcher's one compute worker until ``release`` is set."""
+    return asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+
+
 def test_a_caller_that_has_gone_leaves_the_queue(generator):
     """A request cancelled (or past its deadline) while queued gives its place back at
     once: its images no longer count against the queue bound, and the next caller is
@@ -242,8 +247,7 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
         batcher.start()
         release = threading.Event()
         try:
-            # The one compute worker is held in the first job's finish.
-            busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+            busy = _holding_the_worker(batcher, generator, release)
             await asyncio.sleep(0.05)
             gone = asyncio.ensure_future(batcher.submit(_good(generator, (1, 2, 1, 0))))
             await asyncio.sleep(0.05)
@@ -266,8 +270,8 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
 
 def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator):
     """A request of more images than a batch is checked whole on the compute worker
-    before its slices queue. While that check waits behind a running batch, its first
-    slice holds a place in the queue: a full queue refuses the next such request at once
+    before its slices queue. While that check waits behind a running batch, the request
+    holds a place in the queue for its largest slice: a full queue refuses the next such request at once
     (it used to wait for the running batch, uncounted, and be refused or served after),
     and the requests admitted are answered whole once the worker is free."""
 
@@ -276,8 +280,7 @@ def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator
         batcher.start()
         release = threading.Event()
         try:
-            # The one compute worker is held in the first job's finish.
-            busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+            busy = _holding_the_worker(batcher, generator, release)
             await asyncio.sleep(0.05)
             admitted = [_good(generator, (1, 2, 1)) for _ in range(2)]  # two slices each: 2 images, then 1
             waiting = [asyncio.ensure_future(batcher.submit(job)) for job in admitted]
