@@ -165,3 +165,12 @@ def compile_keys(launches: list) -> dict[str, set[str]]:
 def modes(keys: set[str]) -> set[str]:
     """The constexpr sets (modes: stage, output, block sizes) among a kernel's compile keys."""
     return {json.dumps(json.loads(key)[0]) for key in keys}
+
+
+# An ignore region's IoF with a0 is exactly the threshold 0.5, with a1 above it; a2 is the
+# box, positive. Relative to the anchor (50/100, 50/80) or to the region (50/100, 60/100):
+# every value is exact in float32.
+IOF_AT_THRESHOLD = [
+    (True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),
+    (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10]),
+]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import random_batch
+from support import IOF_AT_THRESHOLD, random_batch
 from tritarget.kernels import TargetConfig, Targets, assign, assign_sparse, decode, encode, generate_anchors, presets
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
 from tritarget.kernels.sampling import _draw
@@ -122,15 +122,6 @@ def test_an_ignore_threshold_of_zero_is_off_as_in_mmdet(backend):
 def test_ignore_iof_relative_to_the_ignore_box():
     assert run_ignore(0.5, wrt_anchor=True).labels[0].tolist() == [1, -1]  # 0.4 is not > 0.5
     assert run_ignore(0.5, wrt_anchor=False).labels[0].tolist() == [-1, 1]  # 40/40 = 1 > 0.5
-
-
-# An ignore region's IoF with a0 is exactly the threshold 0.5, with a1 above it; a2 is the
-# box, positive. Relative to the anchor (50/100, 50/80) or to the region (50/100, 60/100):
-# every value is exact in float32.
-IOF_AT_THRESHOLD = [
-    (True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),
-    (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10]),
-]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -19,7 +19,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import assert_targets_equal, compile_keys, modes, random_batch, random_boxes, record_launches, with_ties
+from support import (
+    IOF_AT_THRESHOLD,
+    assert_targets_equal,
+    compile_keys,
+    modes,
+    random_batch,
+    random_boxes,
+    record_launches,
+    with_ties,
+)
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, presets, reference
 from tritarget.kernels.anchors import generate_anchors, resolve_grid
 from tritarget.kernels.boxes import box_area, box_iou
@@ -341,11 +350,7 @@ def test_ignore_regions(wrt_anchor, mode, generator):
     assert (ours.labels[1] == -1).any()
 
 
-@pytest.mark.parametrize(
-    ("wrt_anchor", "anchors", "region"),
-    [(True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),  # IoF 50/100, 50/80
-     (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10])],  # IoF 50/100, 60/100
-)  # fmt: skip
+@pytest.mark.parametrize(("wrt_anchor", "anchors", "region"), IOF_AT_THRESHOLD)
 def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_matching(wrt_anchor, anchors, region):
     """An anchor is excluded by a crowd region only when its IoF *exceeds* the threshold
     (README): a0's is exactly 0.5 and stays negative, a1's is above and is ignored; a2 is
