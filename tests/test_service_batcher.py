@@ -8,6 +8,7 @@ do not add up are never merged, and that ``finish`` runs per request on the work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -232,9 +233,20 @@ def test_jobs_with_and_without_pad_sizes_do_not_merge(generator, caplog):
     assert "batched assign failed" not in caplog.text
 
 
-def _holding_the_worker(batcher: Batcher, generator, release: threading.Event) -> asyncio.Future:
-    """A job whose finish holds the batcher's one compute worker until ``release`` is set."""
-    return asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+@contextlib.asynccontextmanager
+async def _worker_held(generator, options: BatchOptions):
+    """A started batcher whose one compute worker is held by a job until ``release`` is
+    set: yields (batcher, release, that job's future); closes the batcher on the way out."""
+    batcher = Batcher("reference", options)
+    batcher.start()
+    release = threading.Event()
+    try:
+        busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+        await asyncio.sleep(0.05)
+        yield batcher, release, busy
+    finally:
+        release.set()
+        await batcher.close()
 
 
 def test_a_caller_that_has_gone_leaves_the_queue(generator):
@@ -243,12 +255,8 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
     served instead of refused as overloaded."""
 
     async def run():
-        batcher = Batcher("reference", BatchOptions(max_batch_images=4, max_queue_images=4))
-        batcher.start()
-        release = threading.Event()
-        try:
-            busy = _holding_the_worker(batcher, generator, release)
-            await asyncio.sleep(0.05)
+        options = BatchOptions(max_batch_images=4, max_queue_images=4)
+        async with _worker_held(generator, options) as (batcher, release, busy):
             gone = asyncio.ensure_future(batcher.submit(_good(generator, (1, 2, 1, 0))))
             await asyncio.sleep(0.05)
             assert batcher.queued_images == 4
@@ -260,9 +268,6 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
             release.set()
             await busy
             return queued, await waiting, gone.cancelled()
-        finally:
-            release.set()
-            await batcher.close()
 
     queued, targets, cancelled = asyncio.run(run())
     assert (queued, cancelled, targets.batch_size) == (0, True, 2)
@@ -276,12 +281,8 @@ def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator
     and the requests admitted are answered whole once the worker is free."""
 
     async def run():
-        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=4))
-        batcher.start()
-        release = threading.Event()
-        try:
-            busy = _holding_the_worker(batcher, generator, release)
-            await asyncio.sleep(0.05)
+        options = BatchOptions(max_batch_images=2, max_queue_images=4)
+        async with _worker_held(generator, options) as (batcher, release, busy):
             admitted = [_good(generator, (1, 2, 1)) for _ in range(2)]  # two slices each: 2 images, then 1
             waiting = [asyncio.ensure_future(batcher.submit(job)) for job in admitted]
             await asyncio.sleep(0.05)
@@ -292,9 +293,6 @@ def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator
             release.set()
             await busy
             return held, refused_at_once, admitted, await asyncio.gather(*waiting), batcher.queued_images
-        finally:
-            release.set()
-            await batcher.close()
 
     held, refused_at_once, admitted, answers, queued_after = asyncio.run(run())
     assert (held, refused_at_once, queued_after) == (4, True, 0)
