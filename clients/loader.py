@@ -59,6 +59,10 @@ def boxes_of(targets: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[i
                 image_labels = image_labels.long()
             elif image_labels.is_floating_point() or image_labels.is_complex() or image_labels.dtype == torch.bool:
                 raise TypeError(f"targets[{i}]['labels']: expected integer class ids, got {image_labels.dtype}")
+            if image_labels.numel() != image_boxes.shape[0]:  # joined, a short and a long image add up
+                raise ValueError(
+                    f"targets[{i}]['labels']: {image_labels.numel()} labels for {image_boxes.shape[0]} boxes"
+                )
             labels.append(image_labels)
     if labels and len(labels) != len(targets):
         raise ValueError("targets: give 'labels' for every image or for none")
@@ -66,7 +70,10 @@ def boxes_of(targets: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[i
     return torch.cat(boxes).cpu(), counts, None if classes is None else classes.cpu()
 
 
-def _canvas(images: Any, canvas: Sequence[int] | None) -> tuple[int, int]:
+def _canvas(images: Any, canvas: Sequence[int] | None, batch: int) -> tuple[int, int]:
+    """The canvas of a batch whose targets are for ``batch`` images."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] != batch:
+        raise ValueError(f"images: a Tensor[B, C, H, W] of {images.shape[0]} images, but targets for {batch}")
     if canvas is not None:
         return int(canvas[0]), int(canvas[1])
     if isinstance(images, torch.Tensor) and images.dim() == 4:
@@ -172,7 +179,7 @@ def with_targets(
 def _in_process(batches, solve, canvas, densify, device):
     for images, targets in batches:
         boxes, counts, classes = boxes_of(targets)
-        assigned = solve(boxes, counts, classes, _canvas(images, canvas), _image_ids(targets))
+        assigned = solve(boxes, counts, classes, _canvas(images, canvas, len(targets)), _image_ids(targets))
         yield images, targets, _placed(assigned, densify, device)
 
 
@@ -205,7 +212,8 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
                 return
             images, targets = batch
             boxes, counts, classes = boxes_of(targets)
-            request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes, "canvas": _canvas(images, canvas)}
+            request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
+                       "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
             if seeds is not None:
                 request["seed"] = int(torch.randint(2**62, (), generator=seeds))
             read.append((images, targets, _image_ids(targets)))
@@ -264,7 +272,7 @@ class TargetCollate:
     def __call__(self, samples: list[Any]) -> tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]:
         images, targets = self.collate_fn(samples)
         boxes, counts, classes = boxes_of(targets)
-        canvas = _canvas(images, self.canvas)
+        canvas = _canvas(images, self.canvas, len(targets))
         if self.client is None:
             return images, targets, self._in_process(boxes, counts, classes, canvas, _image_ids(targets))
         assigned = self.client.assign(boxes, counts, canvas, gt_classes=classes, densify=self.densify,

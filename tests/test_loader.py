@@ -168,13 +168,15 @@ def test_with_targets_stops_early_every_epoch_of_a_persistent_worker_loader(serv
 
 def test_a_stream_draws_each_fresh_seed_where_torch_manual_seed_orders_it(server):
     """Without ``seed=``, a sampling preset draws each batch's seed from torch's global
-    generator on the trainer's thread: the same ``manual_seed`` gives the same anchors and
-    leaves the trainer's own draws the same, run after run."""
+    generator on the trainer's thread: the same batch sent again samples other anchors,
+    and the same ``manual_seed`` gives the same anchors and leaves the trainer's own draws
+    the same, run after run."""
+    same_batch = _batches(1) * 4
 
     def run(client):
         torch.manual_seed(123)
         drawn, sampled = [], []
-        for _images, _targets, assigned in with_targets(_batches(4), preset="fasterrcnn_rpn_torchvision",
+        for _images, _targets, assigned in with_targets(same_batch, preset="fasterrcnn_rpn_torchvision",
                                                         client=client, in_flight=2):  # fmt: skip
             drawn.append(torch.rand(()).item())  # the trainer's own use of the generator
             sampled.append(assigned.labels)
@@ -182,6 +184,7 @@ def test_a_stream_draws_each_fresh_seed_where_torch_manual_seed_orders_it(server
 
     with TargetClient(server.address) as client:
         first, *others = [run(client) for _ in range(3)]
+    assert len({tuple(labels.flatten().tolist()) for labels in first[1]}) == len(same_batch)
     for drawn, sampled in others:
         assert drawn == first[0]
         assert all(torch.equal(a, b) for a, b in zip(sampled, first[1]))
@@ -281,6 +284,23 @@ def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
         boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1.0])}])
     with pytest.raises(ValueError, match=r"targets: give 'labels' for every image or for none"):
         boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1])}, {"boxes": torch.ones(1, 4)}])
+    # One label short here and one over there add up to the boxes of the batch: each
+    # image's labels must match its own boxes, or classes land on another image's boxes.
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\]: 1 labels for 2 boxes"):
+        boxes_of([{"boxes": torch.ones(2, 4), "labels": torch.tensor([1])},
+                  {"boxes": torch.ones(1, 4), "labels": torch.tensor([2, 3])}])  # fmt: skip
+
+
+def test_images_and_targets_of_a_batch_must_be_as_many(server):
+    images, targets = _batches(1)[0]
+    mismatched = [(torch.cat([images, images[:1]]), targets)]
+    message = r"images: a Tensor\[B, C, H, W\] of 3 images, but targets for 2"
+    with TargetClient(server.address) as client:
+        for kwargs in ({"client": client}, {"backend": "cpu"}):
+            with pytest.raises(ValueError, match=message):
+                next(with_targets(mismatched, preset=PRESET, **kwargs))
+            with pytest.raises(ValueError, match=message):
+                TargetCollate(lambda samples: samples[0], preset=PRESET, **kwargs)(mismatched)
 
 
 def test_with_targets_refuses_bad_arguments_when_called_not_at_the_first_batch():
