@@ -218,8 +218,12 @@ def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, 
         )
     if anchors.shape != (targets.num_anchors, 4):
         raise ValueError(f"anchors: expected shape [{targets.num_anchors}, 4], got {list(anchors.shape)}")
+    matched_gt = targets.positive_matched_gt.to(device).long()
+    if bool((matched_gt >= counts[image]).any()):  # the same total, counted in another order
+        raise ValueError("gt_counts: a positive's matched box is beyond its image's count; "
+                         "give the counts the targets were assigned with")  # fmt: skip
     first = torch.cumsum(counts, 0) - counts
-    rows = first[image] + targets.positive_matched_gt.to(device).long()
+    rows = first[image] + matched_gt
     matched = gt_boxes.to(device=device, dtype=predicted.dtype)[rows]
     decoded = decode(predicted, anchors.to(device=device, dtype=predicted.dtype)[anchor], encode)
     return decoded, matched
@@ -333,7 +337,9 @@ def ssd_loss(
     Args:
         head_outputs: the head's ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``,
             class ``background_class`` (0 in torchvision) the background.
-        targets: with ``positive_classes`` (``assign_sparse(..., gt_classes=...)``), in [0, C).
+        targets: with ``positive_classes`` (``assign_sparse(..., gt_classes=...)``), in [0, C)
+            and not ``background_class`` (torchvision counts such a positive in N and regresses
+            it, but classifies it as a negative: a box labelled background is refused here).
         neg_to_pos_ratio: hard negatives per positive of an image (torchvision's 3).
         beta: the smooth-L1 box loss's (torchvision's 1).
     Returns:
@@ -356,6 +362,9 @@ def ssd_loss(
         positive_classes.numel() and not bool(((positive_classes >= 0) & (positive_classes < num_classes)).all())
     ):
         raise ValueError(f"targets: a class is outside [0, {num_classes}) (cls_logits has {num_classes})")
+    if bool((positive_classes == targets.background_class).any()):
+        raise ValueError(f"targets: a positive anchor's box has the background class {targets.background_class}; "
+                         "label boxes with the other classes")  # fmt: skip
     positive = (_rows(targets.positive_offsets, positive_classes.numel(), device),
                 targets.positive_anchors.to(device).long())  # fmt: skip
     classes = torch.full((batch, count), targets.background_class, dtype=torch.int64, device=device)

@@ -205,6 +205,10 @@ def test_losses_refuse_bad_input(generator):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=[[0.0, 0.0, 1.0, 1.0]] * 2, **giou)
     with pytest.raises(ValueError, match=r"gt_boxes: expected shape \[N, 4\], got \[8\]"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.zeros(8), **giou)
+    # The boxes' counts in another order add up all the same: image 0's positives would
+    # read image 1's boxes.
+    with pytest.raises(ValueError, match="gt_counts: a positive's matched box is beyond its image's count"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.ones(2, 4), **{**giou, "gt_counts": [0, 2]})
 
 
 def test_iou_box_losses_known_answers():
@@ -245,6 +249,11 @@ def test_ssd_loss_known_answers():
     assert math.isclose(got["bbox_regression"].item(), 0.5 * 0.5**2 + (2.0 - 0.5), rel_tol=1e-6)  # smooth-L1, beta 1
     with pytest.raises(ValueError, match="a class is outside"):
         ssd_loss({"cls_logits": logits[..., :2], "bbox_regression": torch.zeros(2, 6, 4)}, sparse)
+    # A box labelled background: torchvision would regress it and count it in N, yet
+    # classify its anchors as negatives (its foreground is class > 0).
+    sparse.positive_classes = torch.zeros_like(sparse.positive_classes)
+    with pytest.raises(ValueError, match="a positive anchor's box has the background class 0"):
+        ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(2, 6, 4)}, sparse)
 
 
 @pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
