@@ -159,6 +159,9 @@ def _serve(args: argparse.Namespace) -> int:
         options = _server_options(args)
         cores = _usable_cores()
         workers = front_ends(args.workers, options.port, cores)
+        if options.metrics_port and options.metrics_port + workers - 1 > 65535:
+            raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
+                             "metrics on --metrics-port + i, which must be at most 65535")  # fmt: skip
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
@@ -252,8 +255,10 @@ def _check_port_free(host: str, port: int) -> None:
 def _serve_workers(options, workers: int, cores: int) -> int:
     """``workers`` server processes on one port (SO_REUSEPORT; the kernel spreads the
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
-    SIGINT to this parent drains every worker. Worker i serves metrics on
-    ``metrics_port + i``; each gets an equal share of the cores for torch."""
+    SIGINT to this parent drains every worker, and so does a worker's failure: the others
+    stop too and this exits 1, for the supervisor to restart the whole server rather than
+    have it serve on short of workers. Worker i serves metrics on ``metrics_port + i`` (any
+    free port each with 0); each gets an equal share of the cores for torch."""
     import dataclasses
     import functools
 
@@ -263,7 +268,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     threads = max(1, cores // workers)
     parent, children = os.getpid(), []
     for i in range(workers):
-        metrics_port = None if options.metrics_port is None else options.metrics_port + i
+        metrics_port = options.metrics_port and options.metrics_port + i  # None: none; 0: any free port
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
         pid = os.fork()
         if pid == 0:
@@ -290,10 +295,17 @@ def _serve_workers(options, workers: int, cores: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = max(status, os.waitstatus_to_exitcode(code))
+    status, running = 0, set(children)
+    while running:
+        pid, code = os.waitpid(-1, 0)
+        running.discard(pid)
+        code = os.waitstatus_to_exitcode(code)  # negative: killed by that signal
+        if code and not status:
+            status = 1
+            if running:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                _announce_as("tritarget serve:", f"a worker stopped ({how}); stopping the others", sys.stderr)
+                forward(signal.SIGTERM, None)
     return status
 
 

@@ -180,7 +180,9 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                           (["request", "--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca: [Errno 2]"),
                           (["serve", "--port", "70000"], "--port: must be in 0 .. 65535, got 70000"),
                           (["up", "--metrics-port", "-1"], "--metrics-port: must be in 0 .. 65535, got -1"),
-                          (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port")):  # fmt: skip
+                          (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port"),
+                          (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "65535"],
+                           "--metrics-port 65535 with 2 workers: worker i serves metrics on")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
@@ -319,6 +321,42 @@ def test_cli_serve_workers_stop_when_their_parent_is_killed():
         if process.poll() is None:
             process.kill()
         for pid in workers:  # a failed run leaves no server behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_cli_serve_workers_stop_together_when_one_fails():
+    """A worker killed (an OOM kill) or failing stops the others, and the parent exits 1:
+    a supervisor then restarts the whole server instead of it serving on short of
+    workers. With --metrics-port 0 each worker serves metrics on a free port of its own."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
+                        "64", "--grace", "1", "--metrics-port", "0")  # fmt: skip
+    workers = []
+    try:
+        _, started = read_until(process, r"health is SERVING", count=2)
+        metrics_ports = {int(p) for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started)}
+        assert len(metrics_ports) == 2 and min(metrics_ports) > 1024, started
+        for metrics_port in metrics_ports:
+            assert b"tritarget_requests_total" in urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                                         timeout=10).read()  # fmt: skip
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            workers += [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 1, out
+        assert "a worker stopped (killed by signal 9); stopping the others" in out, out
+        assert not os.path.exists(f"/proc/{workers[1]}")  # stopped, and its exit collected by the parent
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
