@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -244,6 +245,14 @@ class _Base:
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         if try_timeout is not None and not try_timeout > 0:
             raise ValueError(f"try_timeout: must be > 0 seconds (or None: the call's timeout), got {try_timeout}")
+        if timeout is not None and not 0 < timeout < math.inf:  # also refuses NaN
+            raise ValueError(f"timeout: must be > 0 seconds (or None: no deadline), got {timeout}")
+        if not 0 <= backoff < math.inf:
+            raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff}")
+        if not 0 < max_backoff < math.inf:
+            raise ValueError(f"max_backoff: must be finite seconds > 0, got {max_backoff}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            raise ValueError(f"retries: must be an integer >= 0 (or None: until the deadline), got {retries!r}")
         self.timeout = timeout
         self.try_timeout = try_timeout
         self.retries = retries
@@ -330,8 +339,9 @@ class _Base:
         self._failed_at[index] = time.monotonic()
 
     def _delay(self, attempt: int) -> float:
-        """Exponential backoff with full jitter."""
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+        """Exponential backoff with full jitter (the exponent capped: without a deadline
+        a call may retry more than a thousand times, and 2.0**1024 overflows)."""
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 64)))
 
     def _deadline(self, timeout: float | None) -> float | None:
         timeout = self.timeout if timeout is None else timeout

@@ -211,6 +211,28 @@ def test_try_timeout_must_be_positive(bad):
         TargetClient("127.0.0.1:1", try_timeout=bad)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"timeout": -1.0}, "timeout: must be > 0 seconds"), ({"timeout": float("nan")}, "timeout: must be > 0 seconds"),
+    ({"backoff": -0.1}, "backoff: must be finite seconds >= 0"),
+    ({"max_backoff": 0}, "max_backoff: must be finite seconds > 0"),
+    ({"max_backoff": float("inf")}, "max_backoff: must be finite seconds > 0"),
+    ({"retries": -1}, "retries: must be an integer >= 0"), ({"retries": 2.5}, "retries: must be an integer >= 0"),
+])  # fmt: skip
+def test_settings_that_cannot_work_are_refused_when_the_client_is_made(setting, message):
+    """Not at the first call (a negative timeout made every call DEADLINE_EXCEEDED at once,
+    a negative backoff failed the first retry with "sleep length must be non-negative")."""
+    for client_class in (TargetClient, AsyncTargetClient):
+        with pytest.raises(ValueError, match=message):
+            client_class("127.0.0.1:1", **setting)
+
+
+def test_backoff_stays_bounded_however_many_tries():
+    """Without a deadline a call retries for as long as the outage lasts: past 1,024 tries
+    the doubling overflowed a float and the call failed with OverflowError."""
+    client = TargetClient("127.0.0.1:1", timeout=None, backoff=0.05, max_backoff=0.5)
+    assert all(0 <= client._delay(attempt) <= 0.5 for attempt in (0, 10, 1023, 1024, 10**6))
+
+
 def test_error_carries_code_details_and_field_violations(two_servers):
     a, _ = two_servers
     with TargetClient(a.address) as client:
