@@ -131,13 +131,20 @@ def _tls_files(cert_path: str | None, key_path: str | None) -> tuple[bytes | Non
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     import ssl
 
+    files = []
+    for flag, path in (("--tls-cert", cert_path), ("--tls-key", key_path)):
+        try:
+            with open(path, "rb") as f:
+                files.append(f.read())
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: {exc.strerror}") from None
     try:  # a password-protected key is refused, not prompted for: gRPC cannot use one
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path, password=b"")
     except ssl.SSLError as exc:
         raise ValueError(f"--tls-cert {cert_path} / --tls-key {key_path}: not a PEM certificate chain and its "
                          f"matching unencrypted key ({exc.reason or exc})") from None  # fmt: skip
-    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
-        return cert.read(), key.read()
+    cert, key = files
+    return cert, key
 
 
 def _passive_openmp() -> None:
@@ -431,7 +438,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="read the bearer token from a file")
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
-    parser.add_argument("--warmup-canvas", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"),
+    parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0, help="seconds for calls in flight at shutdown")
     parser.add_argument("--no-access-log", action="store_true",

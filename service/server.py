@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,15 @@ def host_port(host: str, port: int) -> str:
     (``[::1]:50051``), whether or not ``host`` came with them."""
     host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _resolves(host: str) -> bool:
+    """Whether ``host`` has an address: a failed bind then names the cause, not a busy port."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,8 @@ class TargetServer:
             # gRPC says the same for a busy port and for a certificate or key it rejects
             # (its log above has the detail): name both when TLS was asked for.
             why = "in use, or the TLS certificate / key rejected?" if options.tls_cert else "in use?"
+            if not _resolves(options.host):
+                why = f"no address is known for host {options.host!r}"
             raise OSError(f"could not bind {address} ({why}): {reason}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()

@@ -181,6 +181,9 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                           (["serve", "--port", "70000"], "--port: must be in 0 .. 65535, got 70000"),
                           (["up", "--metrics-port", "-1"], "--metrics-port: must be in 0 .. 65535, got -1"),
                           (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port"),
+                          (["serve", "--warmup-canvas", "0", "64"], "--warmup-canvas: must be >= 1, got 0"),
+                          (["serve", "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(empty)],
+                           f"--tls-cert {tmp_path / 'missing.pem'}: No such file or directory"),
                           (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "65535"],
                            "--metrics-port 65535 with 2 workers: worker i serves metrics on")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
@@ -197,6 +200,14 @@ def test_cli_names_a_busy_metrics_port():
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port",
                                str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and f"metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+
+
+def test_cli_names_a_host_without_an_address():
+    """Not "in use?", as for a busy port (gRPC says the same for both)."""
+    done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--host", "no-such-host.invalid",
+                           "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "could not bind no-such-host.invalid:0 (no address is known for host 'no-such-host.invalid')" in done.stderr
 
 
 def test_cli_refuses_an_empty_token_given_on_purpose():
