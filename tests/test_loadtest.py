@@ -104,6 +104,16 @@ def test_each_caller_has_its_own_connection(loop):
     assert len(peers) == 5, peers
 
 
+def test_asking_to_verify_more_than_was_answered_fails_the_run_and_says_so(server):
+    report = run(_options(server, verify=10**6, duration_s=0.5))
+    assert 0 < report.verified <= report.requests
+    assert report.mismatches == [] and report.unverified == 10**6 - report.verified and not report.ok
+    table = report.table()
+    assert f"verify: {report.verified} responses recomputed in-process, all equal" in table
+    assert f"verify: 1,000,000 asked, only {report.verified:,} answered while measured" in table
+    assert "differ" not in table
+
+
 def test_errors_are_counted_by_code_and_fail_the_run():
     with ServerThread(backend="cpu", limits=limits(max_images=1)) as srv:
         report = run(_options(srv, verify=0, duration_s=1.0))
