@@ -121,6 +121,13 @@ class TargetServer:
                 # Share the port only on purpose (``workers`` > 1): a second server started
                 # by mistake on a busy port must fail, not silently take half the traffic.
                 ("grpc.so_reuseport", 1 if options.reuse_port else 0),
+                # Calls gRPC has taken in but the event loop has not yet picked up: past 1,000
+                # (gRPC's default, dropping at random up to 3,000) gRPC answered them CANCELLED,
+                # which reads as the caller's own doing, before the queue bound could answer
+                # RESOURCE_EXHAUSTED (a burst of 3,000 calls on 2 cores: 715 CANCELLED). A
+                # backlog of 20,000 means the loop cannot keep up even to refuse: gRPC sheds then.
+                ("grpc.server.max_pending_requests", 20_000),
+                ("grpc.server.max_pending_requests_hard_limit", 40_000),
             ],
         )
         add_to_server(self.servicer, self.grpc)
