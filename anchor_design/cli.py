@@ -306,12 +306,32 @@ def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
     problem = output_file_problem(path)
     if problem is not None:
         raise _UsageError(f"{flag} {path}: {problem}")
-    if args.annotations and os.path.realpath(path) == os.path.realpath(args.annotations):
-        raise _UsageError(f"{flag} {path}: that is the --annotations input; give another file")
+    inputs = [("--annotations", args.annotations)]
+    inputs += [("--config", value) for kind, value in getattr(args, "configs", None) or [] if kind == "config"]
+    for input_flag, input_path in inputs:
+        if input_path and os.path.realpath(path) == os.path.realpath(input_path):
+            raise _UsageError(f"{flag} {path}: that is the {input_flag} input; give another file")
 
 
-def _load(args: argparse.Namespace, resize):
-    """The dataset, refused when it has no images or no boxes (nothing to measure)."""
+# Anchors per image the tools take: the service's bound on a request's images x anchors
+# (2**25, ~0.5 GB of float32 boxes); a canvas beyond it ran out of memory with a traceback.
+_MAX_ANCHORS = 1 << 25
+
+
+def _check_anchor_counts(configs, canvases) -> None:
+    from tritarget.kernels.anchors import resolve_grid
+
+    for name, config in configs:
+        for height, width in canvases:
+            anchors = resolve_grid(config.anchors, (height, width)).num_anchors
+            if anchors > _MAX_ANCHORS:
+                raise _UsageError(f"{name} on a {height}x{width} canvas: {anchors:,} anchors per image, over the "
+                                  f"{_MAX_ANCHORS:,} these tools take; resize the images smaller")  # fmt: skip
+
+
+def _load(args: argparse.Namespace, resize, configs):
+    """The dataset, refused when it has no images or no boxes (nothing to measure) or a
+    canvas with more anchors than the tools take."""
     from .dataset import load_coco
 
     try:
@@ -323,6 +343,7 @@ def _load(args: argparse.Namespace, resize):
     if dataset.num_boxes == 0:
         raise _UsageError(f"{args.annotations}: no boxes to measure ({dataset.skipped:,} annotations "
                           "were empty after clipping to their image)")  # fmt: skip
+    _check_anchor_counts(configs, {tuple(canvas) for canvas in dataset.canvases.tolist()})
     print(f"{args.annotations}: {dataset.num_images:,} images, {dataset.num_boxes:,} boxes, "
           f"{dataset.ignore_boxes.shape[0]:,} crowd regions, {dataset.skipped:,} empty boxes skipped; "
           f"{_describe_resize(resize)}")  # fmt: skip
@@ -348,7 +369,7 @@ def _check(args: argparse.Namespace) -> int:
     _check_backend(args.backend)
     if args.json:
         _check_output_file("--json", args.json, args)
-    dataset = _load(args, resize)
+    dataset = _load(args, resize, configs)
     results = []
     for name, config in configs:
         progress = _Progress(f"check {name}", enabled=not args.quiet)
@@ -406,7 +427,7 @@ def _fit(args: argparse.Namespace) -> int:
     resize = _resize_for(args, configs)
     _check_backend(args.backend)
     _check_output_file("--out", args.out, args)
-    dataset = _load(args, resize)
+    dataset = _load(args, resize, configs)
     result = fit_anchors(
         dataset, config, seed=args.seed, generations=args.generations, fit_images=args.fit_images,
         backend=args.backend, batch_images=args.batch_images,
@@ -452,13 +473,15 @@ def _show(args: argparse.Namespace) -> int:
                 raise _UsageError(f"{flag} needs --annotations (without a dataset there are no images)")
         # No dataset to share: each config's shapes are drawn on its own canvas.
         canvases = [_shapes_canvas(_resize_for(args, [(name, config)])) for name, config in configs]
+        for (name, config), canvas in zip(configs, canvases):
+            _check_anchor_counts([(name, config)], [canvas])
     _check_backend(args.backend)
     problem = output_folder_problem(args.out_dir)
     if problem is not None:
         raise _UsageError(f"--out-dir {args.out_dir}: {problem}")
     dataset = row = None
     if args.annotations:
-        dataset = _load(args, resize)
+        dataset = _load(args, resize, configs)
         try:
             row = dataset.row_of(args.image_id) if args.image_id is not None else int(dataset.box_counts.argmax())
         except KeyError as exc:

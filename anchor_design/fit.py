@@ -14,7 +14,7 @@ Two steps, deterministic for a seed:
 2. **Refinement by evolution** on the objective that matters: the matcher's own BPR at
    IoU >= ``match.high`` without the low-quality rule, plus a little for boxes with
    several positives (``fitness``), both computed with the real backend over the
-   dataset (a fixed random subset of ``fit_images`` images). A (1+1) evolution: each
+   dataset (a fixed random subset of ``fit_images`` images with boxes). A (1+1) evolution: each
    generation multiplies a random half of the sizes and ratios by ``exp(sigma * N(0,
    1))`` and keeps the child only when it is strictly fitter, so parameters that no box
    depends on do not drift. It starts from the fitter of the k-means shapes and the
@@ -277,8 +277,8 @@ def fit_anchors(
 ) -> FitResult:
     """Anchor shapes for ``dataset`` in ``config``'s layout (see the module docstring).
 
-    fit_images: images the objective is computed on (a random subset fixed by ``seed``;
-        all when the dataset is smaller). progress(generation, generations).
+    fit_images: images the objective is computed on (a random subset of the images with
+        boxes, fixed by ``seed``; all of them when fewer). progress(generation, generations).
     Raises ``ValueError`` for a layout that cannot be fitted (ssd, d2l) or a dataset
     without boxes.
     """
@@ -291,8 +291,12 @@ def fit_anchors(
     if not 0 <= seed < 2**64:
         raise ValueError(f"fit: seed must be in 0 .. 2**64 - 1 (a torch.Generator seed), got {seed}")
     generator = torch.Generator().manual_seed(seed)
-    if dataset.num_images > fit_images:
-        dataset = dataset.subset(torch.randperm(dataset.num_images, generator=generator)[:fit_images].sort().values)
+    # Images without boxes add nothing to the objective: a sample of mostly empty images
+    # could hold no box at all and "fit" on nothing.
+    with_boxes = (dataset.box_counts > 0).nonzero().flatten()
+    if with_boxes.numel() > fit_images:
+        with_boxes = with_boxes[torch.randperm(with_boxes.numel(), generator=generator)[:fit_images].sort().values]
+    dataset = dataset.subset(with_boxes)
     boxes = dataset.boxes.to(torch.float64)
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
 

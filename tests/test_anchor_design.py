@@ -276,6 +276,16 @@ def test_fit_with_fewer_distinct_shapes_than_anchors_keeps_them_distinct(name):
         assert all(len(lv.sizes) == len({round(s, 6) for s in lv.sizes}) for lv in levels)
 
 
+def test_fit_samples_only_images_with_boxes():
+    """Images without boxes add nothing to the objective: 30 images, boxes in the last 2
+    only, 5 fit images. A sample drawn among all images held no box at all and "fitted"
+    on nothing (objective 0 throughout, the start config written back)."""
+    boxes = [torch.zeros(0, 4)] * 28 + [torch.tensor([[10.0, 10.0, 40.0, 50.0]]), torch.tensor([[5.0, 5, 90, 30]])]
+    dataset = from_tensors(boxes, [(300, 300)] * 30)
+    result = fit_anchors(dataset, presets.get("yolov5"), fit_images=5, generations=0, backend="cpu")
+    assert result.fit_images == 2 and result.fitness_kmeans > 0
+
+
 def test_fit_refuses_a_seed_torch_cannot_take(skewed_path):
     dataset = load_coco(skewed_path, Resize(mode="none")).subset(torch.arange(2))
     with pytest.raises(ValueError, match="seed must be in 0 .. 2\\*\\*64 - 1"):
@@ -482,6 +492,27 @@ def test_cli_checks_output_paths_before_loading(argv, message, tmp_path, monkeyp
     assert main(["anchors", *argv, "--annotations", "bad.json", "--preset", "yolov5", "--backend", "cpu"]) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "bad.json").read_text() == "{not json"
+
+
+def test_cli_refuses_a_canvas_of_more_anchors_than_it_takes(skewed_path, tmp_path, capsys):
+    """2.5 billion anchors per image: refused with one line, not a traceback out of memory."""
+    message = "yolov5 on a 200000x200000 canvas: 2,460,937,500 anchors per image, over the 33,554,432"
+    for argv in (["check", "--annotations", skewed_path], ["show", "--out-dir", str(tmp_path / "pics")]):
+        assert main(["anchors", *argv, "--letterbox", "200000", "200000", "--preset", "yolov5", "--backend", "cpu",
+                     "--quiet"]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "pics").exists()
+
+
+@pytest.mark.parametrize("argv", [["check", "--json"], ["fit", "--out"]])
+def test_cli_refuses_to_write_over_its_config_input(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    text = json.dumps(presets.get("yolov5").to_dict())
+    (tmp_path / "mine.json").write_text(text)
+    assert main(["anchors", *argv, "mine.json", "--config", "mine.json", "--annotations", "never_read.json",
+                 "--backend", "cpu"]) == 2  # fmt: skip
+    assert f"{argv[1]} mine.json: that is the --config input; give another file" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == text
 
 
 @pytest.mark.parametrize(("data", "message"), [
