@@ -187,6 +187,34 @@ class ClientStats:
     max_latency_seconds: float = 0.0
 
 
+def read_root_certificates(path: str) -> bytes:
+    """The PEM certificates in file ``path``; ``ValueError`` naming the file when it cannot
+    be read or holds none (gRPC reports a bad one only as a failed TLS handshake, which a
+    client retries as if no server were there)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    try:
+        check_root_certificates(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return data
+
+
+def check_root_certificates(data: bytes) -> None:
+    """``ValueError`` unless ``data`` holds PEM certificates."""
+    import ssl
+
+    if not data.strip():  # ssl takes no certificates as none to check against
+        raise ValueError("not PEM certificates (empty)")
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not PEM certificates ({exc.reason if isinstance(exc, ssl.SSLError) else exc})") from None
+
+
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
@@ -260,6 +288,11 @@ class _Base:
         self.max_backoff = max_backoff
         self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if root_certificates is not None:
+            try:
+                check_root_certificates(root_certificates)
+            except ValueError as exc:
+                raise ValueError(f"root_certificates: {exc}") from None
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
         self._max_message_bytes = max_message_bytes

@@ -116,7 +116,7 @@ def _loadtest(args: argparse.Namespace) -> int:
             duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate,
             stream=args.stream, window=args.window or 1, processes=args.processes, timeout_s=args.timeout,
             token=args.token or os.environ.get("TRITARGET_TOKEN") or None,
-            tls_ca=open(args.tls_ca, "rb").read() if args.tls_ca else None,  # noqa: SIM115
+            tls_ca=_root_certificates(args.tls_ca),
             verify=args.verify,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
@@ -144,3 +144,12 @@ def _loadtest(args: argparse.Namespace) -> int:
     if report.interrupted:
         return _INTERRUPTED
     return 0 if report.ok and written else 1
+
+
+def _root_certificates(path: str | None) -> bytes | None:
+    from .client import read_root_certificates
+
+    try:
+        return read_root_certificates(path) if path else None
+    except ValueError as exc:
+        raise ValueError(f"--tls-ca {exc}") from None

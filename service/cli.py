@@ -357,12 +357,13 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
 
 def _request(args: argparse.Namespace) -> int:
     from tritarget.clients import TargetServiceError
+    from tritarget.clients.client import read_root_certificates
 
     token = args.token or os.environ.get("TRITARGET_TOKEN") or None
     try:
-        root = open(args.tls_ca, "rb").read() if args.tls_ca else None  # noqa: SIM115
-    except OSError as exc:
-        print(f"tritarget request: --tls-ca: {exc}", file=sys.stderr)
+        root = read_root_certificates(args.tls_ca) if args.tls_ca else None
+    except ValueError as exc:
+        print(f"tritarget request: --tls-ca {exc}", file=sys.stderr)
         return 2
     try:
         send_demo_request(args.target, preset=args.preset, batch=args.batch, seed=args.seed, token=token,

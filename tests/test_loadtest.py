@@ -412,6 +412,8 @@ def test_bad_values_are_refused_by_the_parser(flags, capsys):
     (["--stream", "--rate", "10", "--window", "2"], "--window: only with --stream"),
     (["--json", "{tmp}"], "--json {tmp}: is a folder; give a file name"),
     (["--csv", "{tmp}/afile/out.csv"], "--csv {tmp}/afile/out.csv: {tmp}/afile is not a folder"),
+    (["--tls-ca", "{tmp}/afile"], "--tls-ca {tmp}/afile: not PEM certificates"),
+    (["--tls-ca", "{tmp}/missing.pem"], "--tls-ca {tmp}/missing.pem: No such file or directory"),
 ])  # fmt: skip
 def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
     flags = [flag.format(tmp=tmp_path) for flag in flags]

@@ -136,6 +136,9 @@ def test_tls_with_self_signed_certificate_and_token(tmp_path):
             with pytest.raises(TargetServiceError) as info:
                 _assign(no_token)
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    # The key given as the CA: refused at once, not retried as a server that is not there.
+    with pytest.raises(ValueError, match="root_certificates: not PEM certificates"):
+        TargetClient(srv.address, root_certificates=key)
 
 
 def test_a_refused_call_is_not_parsed(auth_server, monkeypatch):
