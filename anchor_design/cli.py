@@ -341,8 +341,9 @@ def _load(args: argparse.Namespace, resize, configs):
     if dataset.num_images == 0:
         raise _UsageError(f"{args.annotations}: no images")
     if dataset.num_boxes == 0:
+        crowds = dataset.ignore_boxes.shape[0]
         raise _UsageError(f"{args.annotations}: no boxes to measure ({dataset.skipped:,} annotations "
-                          "were empty after clipping to their image)")  # fmt: skip
+                          f"were empty after clipping to their image, {crowds:,} are crowd regions)")  # fmt: skip
     _check_anchor_counts(configs, {tuple(canvas) for canvas in dataset.canvases.tolist()})
     print(f"{args.annotations}: {dataset.num_images:,} images, {dataset.num_boxes:,} boxes, "
           f"{dataset.ignore_boxes.shape[0]:,} crowd regions, {dataset.skipped:,} empty boxes skipped; "

@@ -187,11 +187,18 @@ def from_tensors(
     ids = list(range(count)) if image_ids is None else [int(i) for i in image_ids]
     if len(ids) != count:
         raise ValueError(f"image_ids: expected {count} ids, got {len(ids)}")
+    if len(set(ids)) != count:  # ``row_of`` and the missing-box report look images up by id
+        raise ValueError(f"image_ids: duplicate id {next(i for n, i in enumerate(ids) if i in ids[:n])}")
     gt, gt_rows = _flatten([_as_boxes(f"boxes[{i}]", b) for i, b in enumerate(boxes)])
     crowd, crowd_rows = _flatten(
         [] if ignore_boxes is None else [_as_boxes(f"ignore_boxes[{i}]", b) for i, b in enumerate(ignore_boxes)]
     )
-    sizes = [(int(h), int(w)) for h, w in image_sizes]
+    sizes = []
+    for i, size in enumerate(image_sizes):
+        sides = [float(side) for side in size]  # ints, whole floats, one-element tensors
+        if len(sides) != 2 or not all(side.is_integer() for side in sides):  # 99.9 was cut to 99
+            raise ValueError(f"image_sizes[{i}]: expected (height, width) in whole pixels, got {tuple(size)!r}")
+        sizes.append((int(sides[0]), int(sides[1])))
     resize = resize if resize is not None else Resize(mode="none")
     unknown_ids = torch.full((gt.shape[0],), -1, dtype=torch.int64)
     return _build(ids, sizes, resize, gt, gt_rows, unknown_ids, crowd, crowd_rows)

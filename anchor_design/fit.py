@@ -78,8 +78,9 @@ def kmeans_iou(wh: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100
     farthest from its centre.
     """
     wh = wh.to(torch.float64)
-    if wh.dim() != 2 or wh.shape[1] != 2 or not bool((wh > 0).all()):
-        raise ValueError(f"wh: expected a [N, 2] tensor of positive widths and heights, got shape {tuple(wh.shape)}")
+    if wh.dim() != 2 or wh.shape[1] != 2 or not bool(((wh > 0) & wh.isfinite()).all()):
+        raise ValueError(f"wh: expected a [N, 2] tensor of finite positive widths and heights, got shape "
+                         f"{tuple(wh.shape)}")  # fmt: skip
     distinct = _distinct_shapes(wh)
     if not 0 < k <= distinct:
         raise ValueError(f"kmeans_iou: need 1 <= k <= {distinct}, the distinct shapes among {wh.shape[0]}; got k={k}")

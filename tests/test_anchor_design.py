@@ -123,6 +123,17 @@ def test_from_tensors_takes_stacked_tensors():
     torch.testing.assert_close(ds.ignore_boxes, ignore.reshape(-1, 4))
 
 
+def test_from_tensors_refuses_fractional_sizes_and_repeated_ids():
+    one = [torch.tensor([[1.0, 1.0, 5.0, 6.0]])]
+    assert from_tensors(one, [(100.0, torch.tensor(120))]).canvases.tolist() == [[128, 128]]  # whole, any type
+    with pytest.raises(ValueError, match=r"image_sizes\[0\]: expected \(height, width\) in whole pixels"):
+        from_tensors(one, [(99.9, 100.7)])  # was cut to (99, 100)
+    with pytest.raises(ValueError, match="image_ids: duplicate id 1"):
+        from_tensors(one * 2, [(8, 8)] * 2, image_ids=[1, 1])
+    with pytest.raises(ValueError, match="finite positive widths and heights"):
+        kmeans_iou(torch.tensor([[1.0, float("inf")], [2.0, 3.0], [4.0, 5.0]]), 2)
+
+
 def test_coco_like_keeps_aspect_ratios_around_one():
     data = synthetic.coco_like(200, seed=0)
     bbox = torch.tensor([a["bbox"] for a in data["annotations"]])
@@ -518,7 +529,10 @@ def test_cli_refuses_to_write_over_its_config_input(argv, tmp_path, monkeypatch,
 @pytest.mark.parametrize(("data", "message"), [
     ({"images": [], "annotations": []}, "no images"),
     ({"images": [{"id": 1, "height": 9, "width": 9}], "annotations": [{"image_id": 1, "bbox": [20, 20, 5, 5]}]},
-     "no boxes to measure (1 annotations were empty after clipping to their image)"),
+     "no boxes to measure (1 annotations were empty after clipping to their image, 0 are crowd regions)"),
+    ({"images": [{"id": 1, "height": 9, "width": 9}],
+      "annotations": [{"image_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 1}]},
+     "no boxes to measure (0 annotations were empty after clipping to their image, 1 are crowd regions)"),
 ])  # fmt: skip
 @pytest.mark.parametrize("command", ["check", "show"])
 def test_cli_refuses_datasets_without_images_or_boxes(data, message, command, tmp_path, capsys):
