@@ -270,6 +270,7 @@ class Batcher:
         for worker in self._workers:
             worker.start()
         self._closed = False
+        self._draining = False  # shutting down: batches no longer wait to fill
 
     def _serve(self, threads: int) -> None:
         """A compute worker: its set-up, then tasks until told to stop (None)."""
@@ -291,6 +292,14 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def drain(self) -> None:
+        """The server is shutting down: no new request will fill a batch, so none waits
+        out the queue delay any more (with a delay longer than the grace period, the calls
+        in flight would otherwise be cut off while they waited)."""
+        self._draining = True
+        if self._loop is not None:
+            self._dispatch()
 
     async def close(self) -> None:
         """Finish every queued and running batch, then stop."""
@@ -416,7 +425,7 @@ class Batcher:
         while self._free and self._groups:
             key, pending = min(self._groups.items(), key=lambda kv: kv[1][0].job.enqueued_at)
             wait = pending[0].job.enqueued_at + self.options.max_queue_delay_s - time.perf_counter()
-            if wait > 0 and not self._closed and not self._full(pending):
+            if wait > 0 and not (self._closed or self._draining) and not self._full(pending):
                 key, pending = next(((k, p) for k, p in self._groups.items() if self._full(p)), (None, None))
                 if key is None:
                     self._timer = self._loop.call_later(wait, self._dispatch)

@@ -208,6 +208,7 @@ class TargetServer:
         start = time.monotonic()
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
+        self.batcher.drain()
         if not await self.servicer.wait_idle(grace):
             log.warning("calls still in flight after the %.1f s grace period; cancelling them", grace)
         await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))

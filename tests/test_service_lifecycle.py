@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, read_until, spawn_cli
+from test_service_harness import ServerThread, batching, read_until, spawn_cli
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -158,6 +158,28 @@ def test_cli_up_stops_with_an_error_when_its_demo_request_fails():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_shutdown_does_not_wait_out_the_queue_delay(caplog):
+    """A request waiting for its batch to fill (a 60 s queue delay) is computed at once when
+    the server starts shutting down: nothing can arrive to fill it, and waiting would
+    outlast the grace period, after which the call would be cut off."""
+    srv = ServerThread(batching=batching(max_queue_delay_s=60.0), grace_s=5.0).start()
+    result = {}
+    with TargetClient(srv.address, retries=0, timeout=30) as client:
+
+        def call():
+            result["targets"] = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        _until(lambda: srv.server.batcher.queued_images == 1)
+        start = time.monotonic()
+        srv.stop()
+        caller.join(30)
+    assert time.monotonic() - start < 4 and "grace period" not in caplog.text
+    ref = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+    assert torch.equal(result["targets"].labels, ref.labels)
 
 
 def test_an_idle_server_stops_without_a_grace_period_warning():
