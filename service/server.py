@@ -89,6 +89,14 @@ class ServerOptions:
     access_log: bool = True
     reuse_port: bool = False
 
+    def __post_init__(self) -> None:
+        # Checked here, not by the warm-up: an unknown preset there left the server
+        # NOT_SERVING for good, a bad canvas failed it only after binding.
+        if self.warmup_preset not in presets.names():
+            raise ValueError(f"warmup_preset: unknown preset {self.warmup_preset!r}")
+        if len(self.warmup_canvas) != 2 or not all(isinstance(side, int) and side >= 1 for side in self.warmup_canvas):
+            raise ValueError(f"warmup_canvas: expected (height, width) of integers >= 1, got {self.warmup_canvas!r}")
+
 
 class TargetServer:
     """One bound server; see the module docstring."""

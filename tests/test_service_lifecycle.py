@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -405,11 +406,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_cli_serve_exits_when_warm_up_fails():
-    process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "0", "0")
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 1, out
-    assert "warm-up failed" in out and "canvas" in out
+def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
+    """A server whose warm-up batch fails (a GPU lost, a kernel that does not compile:
+    faults this machine cannot produce, so one is injected) exits 1 instead of lingering
+    NOT_SERVING."""
+    from tritarget.service.backend import Batcher
+    from tritarget.service.cli import main
+
+    async def lost(self, job):
+        raise RuntimeError("CUDA error: device lost")
+
+    monkeypatch.setattr(Batcher, "warm_up", lost)
+    root = logging.getLogger()  # serve's logging.basicConfig would outlive the test
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    assert main(["serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64"]) == 1
+    out = capsys.readouterr()
+    assert "warm-up failed, stopping: CUDA error: device lost" in out.out
+    assert "tritarget serve: warm-up failed: CUDA error: device lost" in out.err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"warmup_preset": "retinanet"}, "warmup_preset: unknown preset 'retinanet'"),
+    ({"warmup_canvas": (0, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
+])  # fmt: skip
+def test_server_options_refuse_a_warm_up_that_cannot_run(options, message):
+    """An unknown preset raised inside the warm-up task, which then never settled: the
+    server stayed NOT_SERVING for good."""
+    from tritarget.service.server import ServerOptions
+
+    with pytest.raises(ValueError, match=message):
+        ServerOptions(**options)
 
 
 def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read():
