@@ -331,7 +331,9 @@ def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: Ho
     if not extremes:
         return False
     values = torch.stack([value.float() for value in extremes]).tolist()
-    return not (min(values[::2]) > 0 and max(values[1::2]) < math.inf)
+    # Each value compared on its own: a NaN (a box with a NaN coordinate) fails its
+    # comparison, where Python's min() and max() skip a NaN that is not listed first.
+    return not (all(low > 0 for low in values[::2]) and all(high < math.inf for high in values[1::2]))
 
 
 def _check_classes(classes: torch.Tensor) -> None:

@@ -157,3 +157,22 @@ def test_an_invalid_box_is_named_before_the_backends_own_refusal(monkeypatch):
         assign_sparse(boxes, [2], CANVAS, CONFIG, backend="triton")
     with pytest.raises(ValueError, match="CUDA"):
         assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("where", ["gt_boxes after explicit anchors", "ignore_boxes after gt_boxes"])
+def test_a_nan_box_among_many_is_refused_whatever_input_comes_first(backend, where):
+    """Over 128 boxes per input, each input's extremes are read back together: a NaN in an
+    input listed after another slipped through Python's min() and max(), which skip a NaN
+    they do not meet first (129 boxes with explicit anchors were solved, NaN and all)."""
+    many = GOOD[:1].repeat(129, 1)
+    bad = many.clone()
+    bad[5, 0] = math.nan
+    if where.startswith("gt_boxes"):
+        kwargs, boxes, name = {"anchors": many.clone()}, bad, "gt_boxes"
+    else:
+        kwargs, boxes, name = {"ignore_boxes": bad, "ignore_counts": [129]}, many, "ignore_boxes"
+    device = _device(backend)
+    kwargs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+    with pytest.raises(ValueError, match=f"{name}: image 0, box 5: coordinates are not finite"):
+        assign(boxes.to(device), [129], CANVAS, CONFIG, backend=backend, **kwargs)
