@@ -230,7 +230,10 @@ static inline float iou_bound(const float *bounds, const float *b, float barea) 
     float inter = w * h;
     inter = inter < bounds[5] ? inter : bounds[5];
     inter = inter < barea ? inter : barea;
-    return BOUND_SLACK * inter / (barea > bounds[4] ? barea : bounds[4]);
+    /* In double: in float the slack times an intersection of a few subnormal ulps rounded
+     * back to it, and the bound fell an ulp below a true IoU (explicit anchors of areas
+     * near 2^-125). Rounding the double result to float keeps it above that IoU. */
+    return (float)(BOUND_SLACK * (double)inter / (double)(barea > bounds[4] ? barea : bounds[4]));
 }
 
 /* Whether box b's IoUs with the anchors inside bounds can be left uncomputed: they are

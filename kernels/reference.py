@@ -58,7 +58,9 @@ def excluded_by_ignore(anchors: torch.Tensor, ignore_boxes: torch.Tensor, config
         iof = box_iof(anchors, ignore_boxes)  # [A, M]
     else:
         iof = box_iof(ignore_boxes, anchors).T  # [A, M]
-    return iof.max(dim=1).values > config.ignore_iof_thr
+    # mmdet compares the max; "any region over" is the same but where an IoF is NaN (inf /
+    # inf: areas past float32's range), which max() spreads to the anchor's other regions.
+    return (iof > config.ignore_iof_thr).any(dim=1)
 
 
 def outside_border(anchors: torch.Tensor, image_size: tuple[int, int], config: MatchConfig) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import assert_targets_equal, random_batch, with_ties
+from support import assert_targets_equal, random_batch, triton_runs_here, with_ties
 from tritarget.kernels import TargetConfig, assign, cpu, generate_anchors, presets, reference
 from tritarget.kernels.api import assign_sparse
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
@@ -804,3 +804,38 @@ def test_large_anchor_sets_are_built_per_call_not_cached(monkeypatch, generator)
     assert generate_anchors(config.anchors, canvas) is not built
     for backend in ("reference", "cpu"):
         assert_targets_equal(assign(boxes, counts, canvas, config, backend=backend), expected)
+
+
+@pytest.mark.parametrize(("preset", "positives"), [("retinanet_torchvision", [0, 512]), ("ssd300_torchvision", [0])])
+def test_explicit_anchors_of_subnormal_area_keep_their_ties(preset, positives):
+    """A box of area 2^-149 inside two equal anchors of area 2^-125: its IoU with them
+    (~6e-8) is its best, so torchvision's low-quality rule lifts both and ssd_forced
+    picks the lower. The kernel's skip bound multiplied its 1.001 slack into an intersection
+    a few subnormal ulps small, where it rounded away: the bound fell an ulp short of the
+    IoU, and the blocks holding the box's best were skipped."""
+    tiny = [0.0, 0.0, 2.0**-62, 2.0**-63]
+    anchors = torch.tensor([tiny] + [[100.0, 100.0, 101.0, 101.0]] * 511 + [tiny])
+    box = torch.tensor([[0.0, 0.0, 2.0**-75, 2.0**-74]])
+    config, canvas = presets.get(preset), (300, 300)
+    want = assign(box, [1], canvas, config, anchors=anchors, backend="reference")
+    assert torch.nonzero(want.labels[0] == 1).flatten().tolist() == positives
+    assert_targets_equal(assign(box, [1], canvas, config, anchors=anchors, backend="cpu"), want, rtol=1e-6, atol=1e-6)
+    sparse = assign_sparse(box, [1], canvas, config, anchors=anchors, backend="cpu")
+    assert sparse.positive_anchors.tolist() == positives
+
+
+def test_an_anchor_inside_any_ignore_region_is_excluded_even_where_another_iof_is_nan():
+    """An anchor and a region of areas past float32's range have IoF inf / inf = NaN; the
+    anchor is still inside the other region (IoF 1). The reference took the max over the
+    regions, which spread the NaN and kept the anchor; every backend now asks whether any
+    region holds it."""
+    match = replace(presets.get("retinanet_mmdet").match, ignore_iof_thr=0.5, ignore_iof_wrt_anchor=False,
+                    low_quality="none")  # fmt: skip
+    config = replace(presets.get("retinanet_mmdet"), match=match)
+    anchors = torch.tensor([[0.0, 0.0, 3e38, 3e38]])
+    ignore = torch.tensor([[0.0, 0.0, 3e38, 3e38], [0.0, 0.0, 20.0, 20.0]])
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    for backend in ("reference", "cpu", *(["triton"] if triton_runs_here() else [])):
+        got = assign(box, [1], (64, 64), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[2],
+                     backend=backend)  # fmt: skip
+        assert got.labels.tolist() == [[-1]], backend
