@@ -313,20 +313,19 @@ def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
             raise _UsageError(f"{flag} {path}: that is the {input_flag} input; give another file")
 
 
-# Anchors per image the tools take: the service's bound on a request's images x anchors
-# (2**25, ~0.5 GB of float32 boxes); a canvas beyond it ran out of memory with a traceback.
-_MAX_ANCHORS = 1 << 25
-
-
 def _check_anchor_counts(configs, canvases) -> None:
+    """Anchors per image at most the service's bound on a request's images x anchors (2**25,
+    ~0.5 GB of float32 boxes): a canvas beyond it ran out of memory with a traceback."""
     from tritarget.kernels.anchors import resolve_grid
+    from tritarget.service.codec import Limits
 
+    limit = Limits().max_anchor_rows
     for name, config in configs:
         for height, width in canvases:
             anchors = resolve_grid(config.anchors, (height, width)).num_anchors
-            if anchors > _MAX_ANCHORS:
+            if anchors > limit:
                 raise _UsageError(f"{name} on a {height}x{width} canvas: {anchors:,} anchors per image, over the "
-                                  f"{_MAX_ANCHORS:,} these tools take; resize the images smaller")  # fmt: skip
+                                  f"{limit:,} these tools take; resize the images smaller")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, resize, configs):

@@ -143,8 +143,7 @@ def _tls_files(cert_path: str | None, key_path: str | None) -> tuple[bytes | Non
     except ssl.SSLError as exc:
         raise ValueError(f"--tls-cert {cert_path} / --tls-key {key_path}: not a PEM certificate chain and its "
                          f"matching unencrypted key ({exc.reason or exc})") from None  # fmt: skip
-    cert, key = files
-    return cert, key
+    return files[0], files[1]
 
 
 def _passive_openmp() -> None:
