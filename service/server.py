@@ -228,7 +228,6 @@ class TargetServer:
         await self.grpc.wait_for_termination()
 
 
-# glibc mallopt parameters (malloc.h).
 def _warmup_boxes(height: int, width: int):
     import torch
 
