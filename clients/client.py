@@ -61,9 +61,8 @@ from grpc_status import rpc_status
 from tritarget.kernels.targets import SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
-from tritarget.protos.tensors import decode_tensor
 
-from .wire import build_request, config_ref, decode_response, decode_sparse, level_starts
+from .wire import anchors_request, build_request, decode_anchors, decode_response, decode_sparse, level_starts
 
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientStats"]
 
@@ -462,9 +461,8 @@ class _Base:
         if response.HasField("error"):
             # The server leaves the id out of an error response it would push over the size limit.
             raise TargetServiceError.from_request_error(response.error, response.request_id or request.request_id)
-        images = len(request.gt_counts)
-        targets = decode_response(response, images) if densify else decode_sparse(response, images)
-        targets.level_starts = level_starts(request, response.num_anchors)
+        targets = decode_response(response, request) if densify else decode_sparse(response, request)
+        targets.level_starts = level_starts(request)
         return targets
 
     def _streamed(self, unanswered: _Unanswered, response: pb.AssignResponse, densify: bool,
@@ -781,10 +779,8 @@ class TargetClient(_Base):
         self, canvas, *, preset: str | None = None, config: Any = None, overrides=None, timeout: float | None = None
     ):
         """The anchors (Tensor[A, 4] float32 xyxy) of a config on a canvas, in target order."""
-        request = pb.GetAnchorsRequest(
-            config=config_ref(preset, config, overrides), canvas_height=int(canvas[0]), canvas_width=int(canvas[1])
-        )
-        return decode_tensor(self._call("GetAnchors", request, timeout).anchors, "anchors")
+        request = anchors_request(canvas, preset, config, overrides)
+        return decode_anchors(self._call("GetAnchors", request, timeout), request)
 
 
 class AsyncTargetClient(_Base):
@@ -917,7 +913,5 @@ class AsyncTargetClient(_Base):
     async def get_anchors(
         self, canvas, *, preset: str | None = None, config: Any = None, overrides=None, timeout: float | None = None
     ):
-        request = pb.GetAnchorsRequest(
-            config=config_ref(preset, config, overrides), canvas_height=int(canvas[0]), canvas_width=int(canvas[1])
-        )
-        return decode_tensor((await self._call("GetAnchors", request, timeout)).anchors, "anchors")
+        request = anchors_request(canvas, preset, config, overrides)
+        return decode_anchors(await self._call("GetAnchors", request, timeout), request)

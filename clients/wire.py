@@ -27,7 +27,10 @@ from tritarget.kernels.targets import IGNORED, NEGATIVE, NOTHING_DROPPED, POSITI
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
 
-__all__ = ["BOX_FORMATS", "build_request", "to_xyxy", "config_ref", "decode_response", "decode_sparse", "level_starts"]
+__all__ = [
+    "BOX_FORMATS", "build_request", "to_xyxy", "config_ref", "decode_response", "decode_sparse", "level_starts",
+    "anchors_request", "decode_anchors",
+]  # fmt: skip
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
@@ -82,7 +85,14 @@ def _ints(name: str, value: Any) -> torch.Tensor:
     values = torch.as_tensor(value)
     if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
+    outside = (values < _INT32_RANGE.min) | (values > _INT32_RANGE.max)
+    if outside.any():  # a cast would wrap it to another, valid value (2**32 + 7 to class 7)
+        where = [int(i) for i in outside.nonzero()[0]]
+        raise ValueError(f"{name}{where}: {int(values[tuple(where)])} does not fit the wire's int32")
     return values.to("cpu", torch.int32)
+
+
+_INT32_RANGE = torch.iinfo(torch.int32)
 
 
 def _counts(name: str, counts: Any) -> list[int]:
@@ -107,16 +117,13 @@ def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | N
     return ref
 
 
-def level_starts(request: pb.AssignRequest, num_anchors: int) -> tuple[int, ...] | None:
-    """The pyramid levels' first anchors of a request's targets (``Targets.levels()``),
-    which the wire does not carry: the service's anchors are the config's generated ones,
-    so they follow from the config and canvas. None where this client cannot resolve the
-    config (a preset of a newer server) or its count disagrees with the response's."""
-    config = _resolved(request.config)
-    if config is None:
-        return None
-    starts = _level_starts(config, request.canvas_height, request.canvas_width)
-    return starts if starts[-1] == num_anchors else None
+def level_starts(request: pb.AssignRequest | pb.GetAnchorsRequest) -> tuple[int, ...] | None:
+    """The pyramid levels' first anchors (the last entry: the anchor count) of a request's
+    targets (``Targets.levels()``), which the wire does not carry: the service's anchors
+    are the config's generated ones, so they follow from the config and canvas. None where
+    this client cannot resolve the config (a preset of a newer server)."""
+    layout = _layout(request)
+    return None if layout is None else layout[1]
 
 
 def _resolved(ref: pb.ConfigRef) -> TargetConfig | None:
@@ -135,9 +142,21 @@ def _config(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...
         return None
 
 
+def _layout(request: pb.AssignRequest | pb.GetAnchorsRequest) -> tuple[TargetConfig, tuple[int, ...]] | None:
+    """(config, level starts) of a request, or None where this client cannot resolve its config."""
+    ref = request.config
+    overrides = tuple(sorted(ref.overrides.items()))
+    return _config_layout(ref.preset, ref.config_json, overrides, request.canvas_height, request.canvas_width)
+
+
 @functools.lru_cache(maxsize=64)
-def _level_starts(config: TargetConfig, height: int, width: int) -> tuple[int, ...]:
-    return resolve_grid(config.anchors, (height, width)).level_starts
+def _config_layout(preset: str, config_json: str, overrides: tuple[tuple[str, str], ...], height: int,
+                   width: int) -> tuple[TargetConfig, tuple[int, ...]] | None:  # fmt: skip
+    # Keyed by the request's strings and ints: hashing a TargetConfig costs more per call.
+    config = _config(preset, config_json, overrides)
+    if config is None:
+        return None
+    return config, resolve_grid(config.anchors, (height, width)).level_starts
 
 
 def build_request(
@@ -203,6 +222,22 @@ def build_request(
     return request
 
 
+def anchors_request(canvas: Sequence[int], preset: str | None, config: Any, overrides) -> pb.GetAnchorsRequest:
+    """The ``GetAnchorsRequest`` of ``TargetClient.get_anchors``."""
+    height, width = _canvas(canvas)
+    return pb.GetAnchorsRequest(config=config_ref(preset, config, overrides), canvas_height=height, canvas_width=width)
+
+
+def decode_anchors(response: pb.GetAnchorsResponse, request: pb.GetAnchorsRequest) -> torch.Tensor:
+    """The anchors [A, 4] float32 a ``GetAnchors`` response holds (a view of its bytes),
+    as many as the request's config has on its canvas where this client can tell."""
+    anchors = _tensor(response.anchors, "anchors", _FLOAT32, ndim=2, last_dim=4)
+    starts = level_starts(request)
+    if starts is not None and anchors.shape[0] != starts[-1]:
+        raise _malformed(f"anchors: {anchors.shape[0]} rows, but the config has {starts[-1]} anchors on the canvas")
+    return anchors
+
+
 def _fresh_seed_if_sampled(ref: pb.ConfigRef) -> int:
     """A fresh seed, drawn in the caller's process (where ``torch.manual_seed`` and a
     DataLoader's per-worker seeding apply), for a config that samples; 0 otherwise, so
@@ -212,34 +247,33 @@ def _fresh_seed_if_sampled(ref: pb.ConfigRef) -> int:
     return fresh_seed() if config is None or config.match.sample_size > 0 else 0
 
 
-def decode_response(response: pb.AssignResponse, images: int | None = None) -> Targets:
-    """The ``Targets`` a response holds (densified when SPARSE). ``images``: how many the
-    request sent, when known. A response that breaks the wire contract (shapes, dtypes,
-    anchor indices, labels) raises ``ValueError`` ("malformed response: ...") naming the field."""
-    batch, count = _checked_header(response, images)
+def decode_response(response: pb.AssignResponse, request: pb.AssignRequest | None = None) -> Targets:
+    """The ``Targets`` a response holds (densified when SPARSE). ``request``: the request it
+    answers, when known. A response that breaks the wire contract (shapes, dtypes, anchor
+    indices, labels, matched boxes) or does not answer ``request`` (its images, anchors,
+    optional outputs) raises ``ValueError`` ("malformed response: ...") naming the field."""
+    batch, count = _checked_header(response, request)
+    boxes = _box_counts(request)
     if _kind(response) == "dense":
         dense, rows = response.dense, [batch, count]
         labels = _field(dense.labels, "labels", _INT8, rows, _ROWS)
         matched = _field(dense.matched_gt, "matched_gt", _INT32, rows, _ROWS)
+        _check_dense(labels.numpy(), matched.numpy(), boxes)
         deltas = _field(dense.deltas, "deltas", _DELTAS, [*rows, 4], "[batch_size, num_anchors, 4]").float()
         classes = _field(dense.classes, "classes", _INT32, rows, _ROWS) if dense.HasField("classes") else None
     else:
-        labels, matched, deltas, classes = _densify(
-            _SparseLists.of(response, batch, count), batch, count, response.background_class
-        )
+        lists = _SparseLists.of(response, batch, count, boxes)
+        labels, matched, deltas, classes = _densify(lists, batch, count, response.background_class)
     max_iou = None
     if response.HasField("max_iou"):
         max_iou = _field(response.max_iou, "max_iou", _FLOAT32, [batch, count], _ROWS)
-    dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
-    if not dropped:
-        dropped = [NOTHING_DROPPED] * batch
-    return Targets(labels, matched, deltas, classes, max_iou, dropped, response.background_class)
+    return Targets(labels, matched, deltas, classes, max_iou, _dropped(response, boxes), response.background_class)
 
 
-def decode_sparse(response: pb.AssignResponse, images: int | None = None) -> SparseTargets:
+def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None = None) -> SparseTargets:
     """The ``SparseTargets`` a SPARSE response holds, without densifying (the tensors view
     the response's bytes; ``.to_dense(device=...)`` densifies where the trainer is).
-    ``images`` and malformed responses as ``decode_response``.
+    ``request`` and malformed responses as ``decode_response``.
 
     When the server listed the negatives (sampling left most anchors ignored), the ignored
     lists are what neither the positives nor the negatives list, found per image."""
@@ -247,18 +281,18 @@ def decode_sparse(response: pb.AssignResponse, images: int | None = None) -> Spa
         raise ValueError("decode_sparse: the response holds DENSE targets (request format='sparse')")
     if response.HasField("max_iou"):
         raise ValueError("decode_sparse: the response holds max IoU, which SparseTargets cannot (decode_response)")
-    batch, count = _checked_header(response, images)
-    lists = _SparseLists.of(response, batch, count)
+    batch, count = _checked_header(response, request)
+    boxes = _box_counts(request)
+    lists = _SparseLists.of(response, batch, count, boxes)
     if lists.listed_label == IGNORED:
         ignored_offsets, ignored_anchors = lists.listed_offsets, lists.listed_anchors
     else:
         rest = torch.ones(batch * count, dtype=torch.bool)
-        rest[_rows(lists.positive_offsets, lists.positive_anchors, count)] = False
-        rest[_rows(lists.listed_offsets, lists.listed_anchors, count)] = False
+        rest[lists.positive_rows] = False
+        rest[lists.listed_rows] = False
         image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
         ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
         ignored_anchors = anchor.to(torch.int32)
-    dropped = [torch.tensor(list(d.box_index), dtype=torch.int64) for d in response.dropped]
     return SparseTargets(
         num_anchors=count,
         positive_offsets=lists.positive_offsets,
@@ -269,7 +303,7 @@ def decode_sparse(response: pb.AssignResponse, images: int | None = None) -> Spa
         ignored_anchors=ignored_anchors,
         positive_classes=lists.positive_classes,
         background_class=response.background_class,
-        dropped=dropped or [NOTHING_DROPPED] * batch,
+        dropped=_dropped(response, boxes),
     )
 
 
@@ -291,18 +325,47 @@ def _kind(response: pb.AssignResponse) -> str:
     return kind
 
 
-def _checked_header(response: pb.AssignResponse, images: int | None) -> tuple[int, int]:
-    """(batch_size, num_anchors), checked against the request and the dropped lists."""
+def _checked_header(response: pb.AssignResponse, request: pb.AssignRequest | None) -> tuple[int, int]:
+    """(batch_size, num_anchors), checked; with the request, also that the response holds
+    what it asked for: its images, its config's anchors and background class, and each
+    optional output (classes, max IoU, dropped lists) exactly when asked."""
+    _kind(response)
     batch, count = response.batch_size, response.num_anchors
-    if images is not None and batch != images:
-        raise _malformed(f"batch_size: {batch}, but the request sent {images} images")
+    if request is not None and batch != len(request.gt_counts):
+        raise _malformed(f"batch_size: {batch}, but the request sent {len(request.gt_counts)} images")
     if batch < 1:
         raise _malformed(f"batch_size: must be >= 1 (a request holds at least one image), got {batch}")
     if count < 0:
         raise _malformed(f"num_anchors: must be >= 0, got {count}")
-    if len(response.dropped) not in (0, batch):
-        raise _malformed(f"dropped: {len(response.dropped)} lists, expected none or one per image ({batch})")
+    if request is None:
+        if len(response.dropped) not in (0, batch):
+            raise _malformed(f"dropped: {len(response.dropped)} lists, expected none or one per image ({batch})")
+        return batch, count
+    layout = _layout(request)
+    if layout is not None:
+        config, anchors = layout[0], layout[1][-1]
+        if count != anchors:
+            raise _malformed(f"num_anchors: {count}, but the request's config has {anchors} anchors on its canvas")
+        if response.background_class != config.background_class:
+            raise _malformed(f"background_class: {response.background_class}, but the request's config has "
+                             f"{config.background_class}")  # fmt: skip
+    holds_classes = response.dense.HasField("classes") or response.sparse.HasField("positive_classes")
+    for field, asked, held in (
+        ("classes", request.return_classes, holds_classes),
+        ("max_iou", request.return_max_iou, response.HasField("max_iou")),
+        ("dropped", request.drop_invalid, len(response.dropped) > 0),
+    ):
+        if held != asked:
+            whether = "missing, but the request asked for it" if asked else "sent, but the request did not ask for it"
+            raise _malformed(f"{field}: {whether}")
+    if request.drop_invalid and len(response.dropped) != batch:
+        raise _malformed(f"dropped: {len(response.dropped)} lists, expected one per image ({batch})")
     return batch, count
+
+
+def _box_counts(request: pb.AssignRequest | None) -> list[int] | None:
+    """Each image's boxes (what its matched indices must stay below), when the request is known."""
+    return None if request is None else list(request.gt_counts)
 
 
 def _field(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: list[int], dims: str) -> torch.Tensor:
@@ -321,26 +384,67 @@ def _tensor(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], **ex
         raise _malformed(str(error)) from None
 
 
+def _check_dense(labels: np.ndarray, matched: np.ndarray, boxes: np.ndarray | None) -> None:
+    """Labels are POSITIVE, NEGATIVE or IGNORED; a positive anchor has a matched box, and
+    every matched box is -1 or one of its image's (when the request is known; configs that
+    keep every anchor's best box give one to anchors not positive too)."""
+    if labels.size == 0:
+        return
+    if labels.min() < IGNORED or labels.max() > POSITIVE:
+        image, anchor = np.argwhere((labels < IGNORED) | (labels > POSITIVE))[0]
+        raise _malformed(f"labels: image {image}, anchor {anchor}: label {labels[image, anchor]} "
+                         f"(expected {POSITIVE}, {NEGATIVE} or {IGNORED})")  # fmt: skip
+    limit = np.iinfo(np.int32).max if boxes is None else np.array(boxes)[:, None]
+    wrong = ((labels == POSITIVE) & (matched < 0)) | (matched < -1) | (matched >= limit)
+    if wrong.any():
+        image, anchor = np.argwhere(wrong)[0]
+        raise _malformed(_bad_match(image, anchor, labels[image, anchor], matched[image, anchor], boxes))
+
+
+def _bad_match(image: int, anchor: int, label: int, box: int, boxes: list[int] | None) -> str:
+    of = "" if boxes is None else f" of its {boxes[image]}"
+    return f"matched_gt: image {image}, anchor {anchor} (label {label}) matches box {box}{of}"
+
+
+def _dropped(response: pb.AssignResponse, boxes: np.ndarray | None) -> list[torch.Tensor]:
+    """Each image's dropped box indices: ascending, each one of its image's boxes."""
+    if not response.dropped:
+        return [NOTHING_DROPPED] * response.batch_size
+    dropped = []
+    for image, lst in enumerate(response.dropped):
+        indices = np.array(lst.box_index, dtype=np.int64)
+        limit = np.iinfo(np.int64).max if boxes is None else boxes[image]
+        if indices.size and (indices[0] < 0 or indices[-1] >= limit or (np.diff(indices) <= 0).any()):
+            of = "" if boxes is None else f" (of {limit} boxes)"
+            raise _malformed(f"dropped: image {image} lists boxes {indices.tolist()}{of}; expected ascending "
+                             "indices of its boxes")  # fmt: skip
+        dropped.append(torch.from_numpy(indices))
+    return dropped
+
+
 @dataclass
 class _SparseLists:
     """A SPARSE response's lists, checked: offsets start at 0, never decrease and end at
     their list's length; anchors are in [0, num_anchors) and ascending within each image;
-    the positives' boxes, deltas and classes have one row per positive; the two labels
-    are NEGATIVE and IGNORED. A few array operations per list, whatever its length: the
+    no anchor is both positive and listed; the positives' boxes, deltas and classes have
+    one row per positive, each matched box one of its image's; the two labels are
+    NEGATIVE and IGNORED. A few array operations per list, whatever its length: the
     client decodes thousands of responses a second."""
 
     positive_offsets: torch.Tensor
     positive_anchors: torch.Tensor
+    positive_rows: torch.Tensor  # each positive's row in the flattened [B * A] targets
     positive_matched_gt: torch.Tensor
     positive_deltas: torch.Tensor
     positive_classes: torch.Tensor | None
     listed_label: int
     listed_offsets: torch.Tensor
     listed_anchors: torch.Tensor
+    listed_rows: torch.Tensor
     unlisted_label: int
 
     @classmethod
-    def of(cls, response: pb.AssignResponse, batch: int, count: int) -> _SparseLists:
+    def of(cls, response: pb.AssignResponse, batch: int, count: int, boxes: np.ndarray | None) -> _SparseLists:
         sparse = response.sparse
         labels = (sparse.listed_label, sparse.unlisted_label)
         if set(labels) != {NEGATIVE, IGNORED}:
@@ -350,19 +454,26 @@ class _SparseLists:
             )
         positive_offsets, positive_anchors = _csr(sparse, "positive", batch, count)
         listed_offsets, listed_anchors = _csr(sparse, "listed", batch, count)
+        positive_rows = _rows(positive_offsets, positive_anchors, count)
+        listed_rows = _rows(listed_offsets, listed_anchors, count)
+        _check_disjoint(positive_rows.numpy(), listed_rows.numpy(), count, sparse.listed_label)
         positives, one_each = [positive_anchors.shape[0]], "one per positive anchor"
+        matched = _field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each)
+        _check_matched(matched.numpy(), positive_offsets.numpy(), boxes)
         classes = None
         if sparse.HasField("positive_classes"):
             classes = _field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each)
         return cls(
             positive_offsets=positive_offsets,
             positive_anchors=positive_anchors,
-            positive_matched_gt=_field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each),
+            positive_rows=positive_rows,
+            positive_matched_gt=matched,
             positive_deltas=_field(sparse.positive_deltas, "positive_deltas", _DELTAS, [*positives, 4], one_each),
             positive_classes=classes,
             listed_label=sparse.listed_label,
             listed_offsets=listed_offsets,
             listed_anchors=listed_anchors,
+            listed_rows=listed_rows,
             unlisted_label=sparse.unlisted_label,
         )
 
@@ -402,16 +513,49 @@ def _bad_anchor(which: str, ends: list[int], indices: np.ndarray, count: int) ->
 
 
 def _rows(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
-    """Row of each CSR entry in a flattened [B * A] array."""
+    """Row of each CSR entry in a flattened [B * A] array (ascending: the lists are checked)."""
+    if offsets.shape[0] == 2:  # one image: its anchors
+        return torch.from_numpy(anchors.numpy().astype(np.int64))
     image = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets.numpy()))
     return torch.from_numpy(image * count + anchors.numpy())
 
 
+def _check_disjoint(positive_rows: np.ndarray, listed_rows: np.ndarray, count: int, listed_label: int) -> None:
+    """No anchor both positive and listed (a binary search of each positive in the listed rows)."""
+    if not (positive_rows.size and listed_rows.size):
+        return
+    at = np.minimum(np.searchsorted(listed_rows, positive_rows), listed_rows.size - 1)
+    both = np.flatnonzero(listed_rows[at] == positive_rows)
+    if both.size:
+        image, anchor = divmod(int(positive_rows[both[0]]), count)
+        listed = "ignored" if listed_label == IGNORED else "negative"
+        raise _malformed(f"positive_anchors: image {image} lists anchor {anchor} as positive and as {listed}")
+
+
+def _check_matched(matched: np.ndarray, offsets: np.ndarray, boxes: list[int] | None) -> None:
+    """Each positive's matched box is one of its image's (>= 0 when the request is not known).
+    As unsigned, a negative box is past every limit: one comparison per positive."""
+    if not matched.size:
+        return
+    unsigned = matched.view(np.uint32)
+    if boxes is None:
+        limit = np.iinfo(np.int32).max + 1
+    elif len(boxes) == 1:
+        limit = boxes[0]
+    else:
+        limit = np.repeat(boxes, np.diff(offsets))
+    if not (unsigned < limit).all():
+        i = np.flatnonzero(unsigned >= limit)[0]
+        image = int(np.searchsorted(offsets, i, side="right")) - 1
+        of = "" if boxes is None else f" of its {boxes[image]}"
+        raise _malformed(f"positive_matched_gt: a positive of image {image} matches box {matched[i]}{of}")
+
+
 def _densify(lists: _SparseLists, batch: int, count: int, background: int):
     host = torch.device("cpu")
-    positives = _rows(lists.positive_offsets, lists.positive_anchors, count)
+    positives = lists.positive_rows
     labels = filled((batch, count), lists.unlisted_label, torch.int8, host)
-    labels.view(-1)[_rows(lists.listed_offsets, lists.listed_anchors, count)] = lists.listed_label
+    labels.view(-1)[lists.listed_rows] = lists.listed_label
     labels.view(-1)[positives] = POSITIVE
     matched = filled((batch, count), -1, torch.int32, host)
     matched.view(-1)[positives] = lists.positive_matched_gt

@@ -31,6 +31,9 @@ DTYPES: dict[int, torch.dtype] = {
 _WIRE = {torch_dtype: wire for wire, torch_dtype in DTYPES.items()}
 _NUMPY = {torch_dtype: torch.empty(0, dtype=torch_dtype).numpy().dtype for torch_dtype in _WIRE}
 
+# No tensor of the protocol has more dimensions (deltas: [batch, anchors, 4]).
+_MAX_NDIM = 8
+
 # The wire is little-endian; a big-endian host would have to byte-swap (not supported).
 _NATIVE_LITTLE = sys.byteorder == "little"
 
@@ -76,6 +79,10 @@ def decode_tensor(
     if dtypes is not None and dtype not in dtypes:
         allowed = ", ".join(DType.Name(_WIRE[d]) for d in dtypes)
         raise TensorError(f"{name}: dtype {DType.Name(message.dtype)} not allowed here (expected {allowed})")
+    if len(message.shape) > _MAX_NDIM:
+        # Refused by its length, before the shape is listed or printed: a message within the
+        # size limit may hold millions of dimensions.
+        raise TensorError(f"{name}: {len(message.shape)} dimensions (at most {_MAX_NDIM})")
     shape = list(message.shape)
     if shape and min(shape) < 0:
         raise TensorError(f"{name}: negative dimension in shape {shape}")

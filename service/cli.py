@@ -343,7 +343,7 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
         start = time.perf_counter()
         response = client.assign_raw(request)
         elapsed = time.perf_counter() - start
-    targets = decode_response(response)
+    targets = decode_response(response, request)
     dense_bytes = targets.num_anchors * batch * (1 + 4 + 16 + 4)
     print(f"demo request to {target}: {batch} COCO-like images ({sum(counts)} boxes), preset {preset}, "
           f"{targets.num_anchors:,} anchors per image")  # fmt: skip

@@ -305,11 +305,15 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     _enum(request, "delta_dtype", pb.DType, (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16))
     config = resolve_config(request.config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
+    # Repeated fields are measured before they are walked: a message within the size
+    # limit may hold tens of millions of counts, and this runs on the event loop.
+    if len(request.gt_counts) > limits.max_images:
+        raise ResourceExhausted(
+            f"gt_counts: {len(request.gt_counts)} images is over the server's limit of {limits.max_images}"
+        )
     counts = _counts(request.gt_counts, "gt_counts")
     if not counts:
         raise _invalid("gt_counts", "the batch is empty (one count per image, 0 for an image without boxes)")
-    if len(counts) > limits.max_images:
-        raise ResourceExhausted(f"gt_counts: {len(counts)} images is over the server's limit of {limits.max_images}")
     if sum(counts) > limits.max_boxes:
         raise ResourceExhausted(f"gt_boxes: {sum(counts)} boxes is over the server's limit of {limits.max_boxes}")
     anchors = _num_anchors(config, canvas)
@@ -343,6 +347,8 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
             raise _invalid("gt_classes", f"expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}")
         _classes_in_range(classes)
     ignore = _tensor(request, "ignore_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
+    if request.ignore_counts and len(request.ignore_counts) != len(counts):
+        raise _invalid("ignore_counts", f"has {len(request.ignore_counts)} images, but gt_counts has {len(counts)}")
     ignore_counts = _counts(request.ignore_counts, "ignore_counts") if request.ignore_counts else None
     if ignore is not None and ignore_counts is None:
         raise _invalid("ignore_counts", "required with ignore_boxes (one count per image)")

@@ -125,8 +125,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
             request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
-            access_log.info("%s id=%r images=%d boxes=%d %s %.2f ms", method, request_id,
-                            len(counts), sum(counts), code, (time.perf_counter() - started) * 1000)  # fmt: skip
+            # Summed only within the image limit: a refused request may hold millions of counts.
+            boxes = sum(counts) if len(counts) <= self._limits.max_images else "?"
+            access_log.info("%s id=%r images=%d boxes=%s %s %.2f ms", method, request_id,
+                            len(counts), boxes, code, (time.perf_counter() - started) * 1000)  # fmt: skip
 
     def drain(self) -> None:
         """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),

@@ -385,6 +385,13 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
             client.assign(BOXES, [2], (96.5, 128), preset="retinanet_torchvision")
         with pytest.raises(TypeError, match="gt_boxes: expected real coordinates"):
             client.assign(BOXES.to(torch.complex64), [2], CANVAS, preset="retinanet_torchvision")
+        # int64 values past int32 would wrap on the wire to other, valid ones (2**32 + 7: class 7).
+        cases = [({"gt_classes": torch.tensor([2**32 + 7, 1])}, r"gt_classes\[0\]: 4294967303 does not fit"),
+                 ({"image_sizes": [[90, 2**32 + 60]]}, r"image_sizes\[0, 1\]: 4294967356 does not fit"),
+                 ({"pad_sizes": [[-(2**31) - 1, 128]]}, r"pad_sizes\[0, 0\]: -2147483649 does not fit")]  # fmt: skip
+        for kwargs, message in cases:
+            with pytest.raises(ValueError, match=rf"^{message} the wire's int32$"):
+                _assign(client, **kwargs)
 
 
 def test_client_pickles_as_its_options():

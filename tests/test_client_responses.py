@@ -58,6 +58,25 @@ def _swap_first_two(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _first_positive(response: pb.AssignResponse) -> int:
+    labels = _values(response.dense.labels, torch.int8)
+    return int(torch.nonzero(labels == 1)[0])
+
+
+def _list_a_positive(response: pb.AssignResponse) -> None:
+    """Image 0's first positive anchor added, in order, to its ignored list."""
+    sparse = response.sparse
+    positive = int(_values(sparse.positive_anchors, torch.int32)[0])
+    listed = _values(sparse.listed_anchors, torch.int32)
+    offsets = _values(sparse.listed_offsets, torch.int64)
+    image_0 = listed[: offsets[1]]
+    at = int((image_0 < positive).sum())
+    encode_tensor(torch.cat([listed[:at], torch.tensor([positive], dtype=torch.int32), listed[at:]]),
+                  sparse.listed_anchors)  # fmt: skip
+    offsets[1:] += 1
+    encode_tensor(offsets, sparse.listed_offsets)
+
+
 def _reshape(message: pb.Tensor, shape: list[int]) -> None:
     message.shape[:] = shape
 
@@ -113,9 +132,33 @@ SPARSE = {
         lambda r: setattr(r, "batch_size", 1),
         r"batch_size: 1, but the request sent 2 images",
     ),
-    "dropped for 1 of 2 images": (
+    "dropped lists the request did not ask for": (
         lambda r: r.dropped.add().box_index.extend([0]),
-        r"dropped: 1 lists, expected none or one per image \(2\)",
+        r"dropped: sent, but the request did not ask for it",
+    ),
+    "an anchor both positive and ignored": (
+        _list_a_positive,
+        r"positive_anchors: image 0 lists anchor \d+ as positive and as ignored",
+    ),
+    "matched box past the image's boxes": (
+        lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, 99)),
+        r"positive_matched_gt: a positive of image 0 matches box 99 of its 2",
+    ),
+    "no matched box on a positive": (
+        lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, _image_1_start(r), -1)),
+        r"positive_matched_gt: a positive of image 1 matches box -1 of its 1",
+    ),
+    "num_anchors one more than the config's": (
+        lambda r: setattr(r, "num_anchors", A + 1),
+        rf"num_anchors: {A + 1}, but the request's config has {A} anchors on its canvas",
+    ),
+    "background class not the config's": (
+        lambda r: setattr(r, "background_class", -3),
+        r"background_class: -3, but the request's config has 0",
+    ),
+    "classes missing": (
+        lambda r: r.sparse.ClearField("positive_classes"),
+        r"classes: missing, but the request asked for it",
     ),
     "matched_gt one short": (
         lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: v[:-1].clone()),
@@ -163,12 +206,29 @@ DENSE = {
     ),
     "num_anchors one short": (
         lambda r: setattr(r, "num_anchors", A - 1),
-        r"labels: shape \[2, \d+\], expected \[batch_size, num_anchors\] = \[2, \d+\]",
+        rf"num_anchors: {A - 1}, but the request's config has {A} anchors on its canvas",
     ),
-    "dropped for 1 of 2 images": (
+    "dropped lists the request did not ask for": (
         lambda r: r.dropped.add().box_index.extend([0]),
-        r"dropped: 1 lists, expected none or one per image",
+        r"dropped: sent, but the request did not ask for it",
     ),
+    "label 5": (
+        lambda r: _edit(r.dense.labels, torch.int8, lambda v: _set(v, 7, 5).view(2, A)),
+        r"labels: image 0, anchor 7: label 5 \(expected 1, 0 or -1\)",
+    ),
+    "matched box past the image's boxes": (
+        lambda r: _edit(r.dense.matched_gt, torch.int32, lambda v: _set(v, _first_positive(r), 1000).view(2, A)),
+        r"matched_gt: image 0, anchor \d+ \(label 1\) matches box 1000 of its 2",
+    ),
+    "no matched box on a positive": (
+        lambda r: _edit(r.dense.matched_gt, torch.int32, lambda v: _set(v, _first_positive(r), -1).view(2, A)),
+        r"matched_gt: image 0, anchor \d+ \(label 1\) matches box -1 of its 2",
+    ),
+    "matched box past the image's boxes on a negative": (
+        lambda r: _edit(r.dense.matched_gt, torch.int32, lambda v: _set(v, A + 3, 1).view(2, A)),
+        r"matched_gt: image 1, anchor 3 \(label 0\) matches box 1 of its 1",
+    ),
+    "max_iou missing": (lambda r: r.ClearField("max_iou"), r"max_iou: missing, but the request asked for it"),
 }
 
 
@@ -253,6 +313,62 @@ def test_a_malformed_dense_response_is_refused_naming_the_field(breaking_server,
     breaking_server.break_it, expected = DENSE[case]
     with pytest.raises(ValueError, match=rf"^malformed response: {expected}"):
         _assign(breaking_server.client, format="dense", return_max_iou=True)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_dropped_lists_hold_ascending_indices_of_their_images_boxes(decode):
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", drop_invalid=True)
+    response = _answer(request)
+    assert [list(d.box_index) for d in response.dropped] == [[], []]
+    decode(response, request)
+    for image, indices, text in [(1, [1], r"image 1 lists boxes \[1\] \(of 1 boxes\)"),
+                                 (0, [1, 0], r"image 0 lists boxes \[1, 0\] \(of 2 boxes\)"),
+                                 (0, [-1], r"image 0 lists boxes \[-1\] \(of 2 boxes\)")]:  # fmt: skip
+        broken = pb.AssignResponse.FromString(response.SerializeToString())
+        broken.dropped[image].box_index.extend(indices)
+        with pytest.raises(ValueError, match=rf"^malformed response: dropped: {text}; expected ascending"):
+            decode(broken, request)
+    del response.dropped[1]
+    with pytest.raises(ValueError, match=r"^malformed response: dropped: 1 lists, expected one per image \(2\)"):
+        decode(response, request)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_without_its_request_a_response_is_still_checked_for_what_no_request_allows(decode):
+    """Decoded on its own: an anchor both positive and ignored, a positive matching no box."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision")
+    _list_a_positive(broken := _answer(request))
+    with pytest.raises(ValueError, match=r"^malformed response: positive_anchors: image 0 lists anchor \d+ as pos"):
+        decode(broken)
+    broken = _answer(request)
+    _edit(broken.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, -1))
+    with pytest.raises(ValueError, match=r"^malformed response: positive_matched_gt: a positive of image 0 "
+                                         r"matches box -1$"):  # fmt: skip
+        decode(broken)
+
+
+@pytest.mark.parametrize(
+    "anchors, text",
+    [(torch.arange(10), r"anchors: dtype DTYPE_INT64 not allowed here"),
+     (torch.zeros(10, 4), r"anchors: 10 rows, but the config has \d+ anchors on the canvas"),
+     (torch.zeros(A, 2), r"anchors: expected last dimension 4")],
+)  # fmt: skip
+def test_anchors_from_a_server_are_checked(anchors, text):
+    def get_anchors(raw: bytes, context) -> bytes:
+        return pb.GetAnchorsResponse(anchors=encode_tensor(anchors)).SerializeToString()
+
+    with (
+        fake_assigner(None, None, get_anchors) as address,
+        TargetClient(address, timeout=30, retries=0) as client,
+    ):
+        with pytest.raises(ValueError, match=rf"^malformed response: {text}"):
+            client.get_anchors(CANVAS, preset="retinanet_torchvision")
+
+
+def test_get_anchors_takes_the_canvas_as_assign_does(breaking_server):
+    """A float side is refused, not truncated to another canvas's anchors."""
+    with pytest.raises(TypeError, match=r"canvas: expected two ints \(height, width\), got \(96.5, 128\)"):
+        breaking_server.client.get_anchors((96.5, 128), preset="retinanet_torchvision")
 
 
 ITEMS = [{"gt_boxes": BOXES[:1], "gt_counts": [1]}, {"gt_boxes": BOXES, "gt_counts": [2, 1]}]

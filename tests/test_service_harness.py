@@ -158,11 +158,13 @@ def peer_recording_server() -> Iterator[tuple[str, set[str]]]:
 
 
 @contextlib.contextmanager
-def fake_assigner(assign, assign_stream) -> Iterator[str]:
-    """A real gRPC server on loopback whose Assign and AssignStream are the given handlers
-    (raw bytes in and out); yields its address."""
+def fake_assigner(assign, assign_stream, get_anchors=None) -> Iterator[str]:
+    """A real gRPC server on loopback whose Assign, AssignStream (and GetAnchors, when
+    given) are the given handlers (raw bytes in and out); yields its address."""
     handlers = {"Assign": grpc.unary_unary_rpc_method_handler(assign),
                 "AssignStream": grpc.stream_stream_rpc_method_handler(assign_stream)}  # fmt: skip
+    if get_anchors is not None:
+        handlers["GetAnchors"] = grpc.unary_unary_rpc_method_handler(get_anchors)
     server = grpc.server(ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tritarget.v1.TargetAssigner", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
