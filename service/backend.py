@@ -227,6 +227,15 @@ class _Pending:
         self.counted = counted  # the images it adds to the queue's count (0 in a held place)
 
 
+def _unless_gone(item: _Pending) -> Callable[[Targets | SparseTargets], Any] | None:
+    """``item.finish``, skipped where the caller went away while its batch computed: its
+    response (megabytes for DENSE) would be encoded for nobody. Read from the worker
+    thread, a future's state is one attribute: at worst a response is encoded in vain."""
+    if item.finish is None:
+        return None
+    return lambda targets: None if item.future.done() else item.finish(targets)
+
+
 class Batcher:
     """Merges concurrent ``AssignJob``s into batched ``assign`` calls.
 
@@ -467,7 +476,7 @@ class Batcher:
     def _work(self, batch: list[_Pending]) -> None:
         """Worker thread: the batch, then its results handed to the event loop."""
         try:
-            results = self._compute([item.job for item in batch], [item.finish for item in batch])
+            results = self._compute([item.job for item in batch], [_unless_gone(item) for item in batch])
         except BaseException as exc:  # never leave a caller waiting
             results = [exc] * len(batch)
         try:

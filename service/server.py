@@ -217,8 +217,8 @@ class TargetServer:
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self.batcher.drain()
-        if not await self.servicer.wait_idle(grace):
-            log.warning("calls still in flight after the %.1f s grace period; cancelling them", grace)
+        if not await self.servicer.wait_settled(grace):
+            log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
         await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
         await self.batcher.close()
         self.servicer.close()

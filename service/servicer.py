@@ -86,6 +86,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._calls = 0  # Assign and AssignStream calls in flight
+        self._arrivals = 0  # calls started, ever (shutdown waits until they stop coming)
         self._readers: set[asyncio.Task] = set()  # each open stream's request reader
 
     def close(self) -> None:
@@ -94,16 +95,19 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def _assign(self, method: str, request: pb.AssignRequest) -> pb.AssignResponse:
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
-        return await self._batcher.submit(job, functools.partial(self._encode, method, request))
+        response, size = await self._batcher.submit(job, functools.partial(self._encode, request))
+        self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
+        return response
 
-    def _encode(self, method: str, request: pb.AssignRequest, targets: Targets | SparseTargets) -> pb.AssignResponse:
+    def _encode(self, request: pb.AssignRequest, targets: Targets | SparseTargets) -> tuple[pb.AssignResponse, int]:
         """Compute worker: the response holding a request's targets (DENSE copies megabytes;
-        SPARSE copies the lists, or scans every anchor's label once when its batch ran dense)."""
+        SPARSE copies the lists, or scans every anchor's label once when its batch ran dense),
+        and its size."""
         start = time.perf_counter()
         response = codec.encode_assign(request, targets)
-        self._metrics.method(method).bytes_out.inc(codec.check_response_size(response, self._limits))
+        size = codec.check_response_size(response, self._limits)
         self._metrics.encode_seconds.observe(time.perf_counter() - start)
-        return response
+        return response, size
 
     def _received(self, method: str, request) -> None:
         metrics = self._metrics.method(method)
@@ -114,11 +118,21 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._metrics.method(method).bytes_out.inc(response.ByteSize())
 
     async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, request,
-                    started: float) -> None:  # fmt: skip
+                    started: float, *, counted: bool = True) -> None:  # fmt: skip
+        """Answer the call with ``exc``'s status; ``counted``: a failed request (a stream's
+        own end is none: its requests are counted, and fail, one by one)."""
         status = status_of(exc)
-        self._metrics.errors.labels(method, code_name(status)).inc()
+        if counted:
+            self._metrics.errors.labels(method, code_name(status)).inc()
         self._access(method, request, code_name(status), started)
         await abort(context, status)
+
+    def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float) -> None:
+        """A request cancelled under its handler: its caller went away, or its deadline passed."""
+        remaining = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        self._metrics.errors.labels(method, code).inc()
+        self._access(method, request, code, started)
 
     def _access(self, method: str, request, code: str, started: float) -> None:
         """The access log: one line per call (per item of a stream)."""
@@ -137,20 +151,39 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         for reader in self._readers:
             reader.cancel()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Whether every call in flight finished within ``timeout`` seconds."""
-        if self._idle.is_set():  # a zero timeout would time out even so
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+    async def wait_settled(self, timeout: float, quiet: float = 0.05) -> bool:
+        """Whether, within ``timeout`` seconds, every call in flight finished and no call
+        arrived for ``quiet`` seconds. gRPC hands the calls it accepted to their handlers
+        only as the event loop gets to them (a busy loop leaves a backlog); those still
+        waiting when gRPC stops are cancelled (CANCELLED, which clients do not retry)
+        instead of refused here (UNAVAILABLE: clients retry on another replica)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if not self._idle.is_set():
+                try:
+                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    return False
+            seen = self._arrivals
+            # In steps: after a stretch of the loop blocked, its timers and gRPC's new calls
+            # are ready together, and a single sleep could end before the calls are seen.
+            for _ in range(5):
+                await asyncio.sleep(max(0.0, min(quiet / 5, deadline - loop.time())))
+            if self._arrivals == seen and self._idle.is_set():
+                return True
+            if loop.time() >= deadline:
+                return False
+
+    def _admit(self) -> None:
+        """A call starts: refused while shutting down, counted either way."""
+        self._arrivals += 1
+        if self._draining.is_set():
+            raise Unavailable("the server is shutting down; retry on another replica")
 
     @contextlib.contextmanager
     def _in_flight(self):
-        if self._draining.is_set():
-            raise Unavailable("the server is shutting down; retry on another replica")
+        self._admit()
         self._calls += 1
         self._idle.clear()
         try:
@@ -166,19 +199,25 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         try:
             with self._in_flight():
                 response = await self._assign("Assign", request)
+        except asyncio.CancelledError:
+            self._gone("Assign", context, request, started)
+            raise
         except Exception as exc:
             await self._fail("Assign", exc, context, request, started)
         self._metrics.method("Assign").request_seconds.observe(time.perf_counter() - started)
         self._access("Assign", request, "OK", started)
         return response
 
-    async def _answer(self, request: pb.AssignRequest) -> pb.AssignResponse:
+    async def _answer(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
         """A stream item's response: its targets, or its error (the stream goes on)."""
         started = time.perf_counter()
         self._received("AssignStream", request)
         code = "OK"
         try:
             response = await self._assign("AssignStream", request)
+        except asyncio.CancelledError:  # the stream ended before its answer
+            self._gone("AssignStream", context, request, started)
+            raise
         except Exception as exc:
             status = status_of(exc)
             code = code_name(status)
@@ -200,12 +239,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     ) -> AsyncIterator[pb.AssignResponse]:
         try:
             with self._in_flight():
-                async for response in self._stream(request_iterator):
+                async for response in self._stream(request_iterator, context):
                     yield response
         except Exception as exc:
-            await self._fail("AssignStream", exc, context, None, time.perf_counter())
+            await self._fail("AssignStream", exc, context, None, time.perf_counter(), counted=False)
 
-    async def _stream(self, request_iterator: AsyncIterator[pb.AssignRequest]) -> AsyncIterator[pb.AssignResponse]:
+    async def _stream(
+        self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AssignResponse]:
         # Up to `stream_window` requests of one stream are in flight at once (so they
         # batch together); responses leave in request order. Draining cancels the reading:
         # what was read is answered, then the stream ends UNAVAILABLE. Per item this is a
@@ -223,7 +264,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         break
-                    answers.put_nowait(asyncio.ensure_future(self._answer(request)))
+                    answers.put_nowait(asyncio.ensure_future(self._answer(request, context)))
                 answers.put_nowait(None)
             except asyncio.CancelledError:  # drained (or the stream is over anyway)
                 answers.put_nowait(_DRAINED)
@@ -254,8 +295,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         started = time.perf_counter()
         self._received("ListPresets", request)
         try:
-            if self._draining.is_set():
-                raise Unavailable("the server is shutting down; retry on another replica")
+            self._admit()
             if isinstance(request, codec.UndecodableRequest):
                 raise request.error()
             response = codec.list_presets()
@@ -268,8 +308,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         started = time.perf_counter()
         self._received("GetAnchors", request)
         try:
-            if self._draining.is_set():
-                raise Unavailable("the server is shutting down; retry on another replica")
+            self._admit()
             config, canvas = codec.anchors_request(request, self._limits)
             anchors = await asyncio.get_running_loop().run_in_executor(
                 self._encoder, generate_anchors, config.anchors, canvas

@@ -226,3 +226,98 @@ def test_a_burst_of_calls_is_refused_as_overload_not_cancelled():
     with ServerThread(batching=batching(max_queue_images=64)) as srv:
         codes = asyncio.run(burst(srv.address))
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
+
+
+def _errors(srv, method: str, code: str) -> float:
+    return srv.metrics.value("tritarget_errors_total", {"method": method, "code": code})
+
+
+def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(caplog):
+    """A call cancelled under its handler (deadline passed, caller gone, its stream cancelled)
+    is a failed request like any other: counted by code and logged (asyncio's
+    CancelledError is no Exception, and slipped past both)."""
+    with ServerThread(batching=batching(max_queue_delay_s=0.5)) as srv:
+
+        async def calls() -> None:
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                unary = channel.unary_unary(ASSIGN, request_serializer=pb.AssignRequest.SerializeToString,
+                                            response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await unary(_good_request(request_id="late"), timeout=0.15)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                call = unary(_good_request(request_id="gone"), timeout=30)
+                await asyncio.sleep(0.15)
+                call.cancel()
+                stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream",
+                                               request_serializer=pb.AssignRequest.SerializeToString,
+                                               response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
+                streaming = stream(iter([_good_request(request_id="streamed")]))
+                await asyncio.sleep(0.15)
+                streaming.cancel()
+
+        with caplog.at_level(logging.INFO, logger="tritarget.access"):
+            asyncio.run(calls())
+            _until(lambda: _errors(srv, "AssignStream", "CANCELLED") == 1)
+        assert _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1 and _errors(srv, "Assign", "CANCELLED") == 1
+        lines = sorted(r.getMessage() for r in caplog.records if r.name == "tritarget.access")
+        assert [line.split(" ")[:2] + line.split(" ")[4:5] for line in lines] == [
+            ["Assign", "id='gone'", "CANCELLED"], ["Assign", "id='late'", "DEADLINE_EXCEEDED"],
+            ["AssignStream", "id='streamed'", "CANCELLED"]]  # fmt: skip
+
+
+def test_a_response_whose_caller_has_gone_is_neither_encoded_nor_counted_as_sent():
+    """The caller's deadline passes while its batch computes (held here until the caller has
+    had its DEADLINE_EXCEEDED): its DENSE response (megabytes) was encoded for nobody and
+    counted as sent."""
+    gone = threading.Event()
+    with ServerThread() as srv, TargetClient(srv.address, retries=0) as client:
+        batcher = srv.server.batcher
+        compute = batcher._assign
+        batcher._assign = lambda jobs: (gone.wait(30), compute(jobs))[1]
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision", format="dense", timeout=0.3)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        _until(lambda: _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1)  # the server has seen it go
+        gone.set()
+        _until(lambda: srv.metrics.value("tritarget_compute_seconds_count") == 1)
+        time.sleep(0.2)  # the encode would follow the batch on its worker
+        assert srv.metrics.value("tritarget_encode_seconds_count") == 0
+        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "Assign"}) == 0
+        client.assign_raw(_good_request())  # one that waits is encoded and counted
+        assert srv.metrics.value("tritarget_encode_seconds_count") == 1
+        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "Assign"}) > 0
+
+
+def test_a_stream_ended_by_the_drain_counts_no_failed_request():
+    """Its three requests were answered; the stream then ends UNAVAILABLE (the client sends
+    the rest elsewhere). Requests are counted one by one, and none of them failed."""
+    srv = ServerThread().start()
+
+    async def stream_then_drain() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream",
+                                           request_serializer=pb.AssignRequest.SerializeToString,
+                                           response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
+            requests: asyncio.Queue = asyncio.Queue()
+
+            async def send():
+                while (request := await requests.get()) is not None:
+                    yield request
+
+            call = stream(send())
+            for _ in range(3):
+                requests.put_nowait(_good_request())
+                assert not (await call.read()).HasField("error")
+            stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.stop(5), srv.loop))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            await stopping
+            return info.value.code()
+
+    try:
+        assert asyncio.run(stream_then_drain()) == grpc.StatusCode.UNAVAILABLE
+        assert srv.metrics.value("tritarget_requests_total", {"method": "AssignStream"}) == 3
+        assert _errors(srv, "AssignStream", "UNAVAILABLE") == 0
+    finally:
+        srv.server = None
+        srv.stop()

@@ -187,7 +187,48 @@ def test_an_idle_server_stops_without_a_grace_period_warning():
     """Nothing in flight: waiting a zero grace period succeeds at once (asyncio.wait_for
     with a zero timeout would time out even on a set event)."""
     with ServerThread() as srv:
-        assert srv.run(srv.server.servicer.wait_idle(0.0)) is True
+        assert srv.run(srv.server.servicer.wait_settled(0.0)) is True
+
+
+def test_calls_waiting_for_a_busy_event_loop_at_shutdown_are_refused_unavailable_not_cancelled():
+    """Calls gRPC accepted while the event loop was busy reach their handlers only when it
+    frees: stopping gRPC as soon as the calls in flight were done cancelled them
+    (CANCELLED, which clients do not retry); they are refused UNAVAILABLE (retried on
+    another replica), well within the grace period."""
+    srv = ServerThread(grace_s=5.0).start()
+    request = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    async def busy_then_stop() -> float:
+        time.sleep(1.0)  # the loop is busy (decoding, encoding) while the calls arrive
+        start = time.monotonic()
+        await srv.server.stop()
+        return time.monotonic() - start
+
+    async def calls() -> tuple[list, float]:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            assign_call = channel.unary_unary("/tritarget.v1.TargetAssigner/Assign",
+                                              request_serializer=pb.AssignRequest.SerializeToString,
+                                              response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
+            await assign_call(request, timeout=30)  # connected
+            stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(busy_then_stop(), srv.loop))
+            await asyncio.sleep(0.2)
+
+            async def one():
+                try:
+                    await assign_call(request, timeout=30)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+
+            return await asyncio.gather(*(one() for _ in range(20))), await stopping
+
+    try:
+        codes, stop_seconds = asyncio.run(calls())
+    finally:
+        srv.server = None
+        srv.stop()
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 20
+    assert stop_seconds < 4
 
 
 def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
