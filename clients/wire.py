@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,18 @@ from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.problem import integer_dtype
 from tritarget.kernels.sampling import fresh_seed
-from tritarget.kernels.targets import IGNORED, NEGATIVE, NOTHING_DROPPED, POSITIVE, SparseTargets, Targets, filled
+from tritarget.kernels.targets import (
+    IGNORED,
+    NEGATIVE,
+    NOTHING_DROPPED,
+    POSITIVE,
+    SparseTargets,
+    Targets,
+    csr_problem,
+    csr_rows,
+    filled,
+    overlap_problem,
+)
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
 
@@ -456,7 +466,10 @@ class _SparseLists:
         listed_offsets, listed_anchors = _csr(sparse, "listed", batch, count)
         positive_rows = _rows(positive_offsets, positive_anchors, count)
         listed_rows = _rows(listed_offsets, listed_anchors, count)
-        _check_disjoint(positive_rows.numpy(), listed_rows.numpy(), count, sparse.listed_label)
+        listed = "ignored" if sparse.listed_label == IGNORED else "negative"
+        problem = overlap_problem(positive_rows.numpy(), listed_rows.numpy(), count, listed)
+        if problem is not None:
+            raise _malformed(problem)
         positives, one_each = [positive_anchors.shape[0]], "one per positive anchor"
         matched = _field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each)
         _check_matched(matched.numpy(), positive_offsets.numpy(), boxes)
@@ -484,52 +497,16 @@ def _csr(sparse: pb.SparseTargets, which: str, batch: int, count: int) -> tuple[
                      "[batch_size + 1]")  # fmt: skip
     message = getattr(sparse, f"{which}_anchors")
     anchors = _tensor(message, f"{which}_anchors", _INT32, ndim=1)
-    ends, size = offsets.tolist(), anchors.shape[0]
-    if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
-        raise _malformed(f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); "
-                         f"got {ends}")  # fmt: skip
-    if size:
-        # Ascending within each image: an anchor may be at most its predecessor only where
-        # an image starts. In [0, A): as unsigned, a negative anchor is out of range too
-        # (one outside would land in another image's row). numpy on the message's bytes
-        # costs less per operation than torch on its view.
-        indices = np.frombuffer(message.data, np.int32)
-        descents = (indices[1:] <= indices[:-1]).nonzero()[0].tolist()
-        starts = set(ends[1:-1])
-        if indices.view(np.uint32).max() >= count or not all(i + 1 in starts for i in descents):
-            raise _malformed(_bad_anchor(which, ends, indices, count))
+    # numpy on the message's bytes costs less per operation than torch on its view.
+    problem = csr_problem(which, offsets.numpy(), np.frombuffer(message.data, np.int32), count)
+    if problem is not None:
+        raise _malformed(problem)
     return offsets, anchors
-
-
-def _bad_anchor(which: str, ends: list[int], indices: np.ndarray, count: int) -> str:
-    """What is wrong with the first bad anchor of a list (only when there is one)."""
-    image = np.repeat(np.arange(len(ends) - 1), np.diff(ends))
-    outside = np.flatnonzero((indices < 0) | (indices >= count))
-    if outside.size:
-        i = outside[0]
-        return f"{which}_anchors: image {image[i]} lists anchor {indices[i]}, outside [0, num_anchors={count})"
-    i = np.flatnonzero((np.diff(indices) <= 0) & (image[1:] == image[:-1]))[0] + 1
-    return f"{which}_anchors: image {image[i]} lists anchor {indices[i]} after {indices[i - 1]} (must ascend)"
 
 
 def _rows(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Tensor:
     """Row of each CSR entry in a flattened [B * A] array (ascending: the lists are checked)."""
-    if offsets.shape[0] == 2:  # one image: its anchors
-        return torch.from_numpy(anchors.numpy().astype(np.int64))
-    image = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets.numpy()))
-    return torch.from_numpy(image * count + anchors.numpy())
-
-
-def _check_disjoint(positive_rows: np.ndarray, listed_rows: np.ndarray, count: int, listed_label: int) -> None:
-    """No anchor both positive and listed (a binary search of each positive in the listed rows)."""
-    if not (positive_rows.size and listed_rows.size):
-        return
-    at = np.minimum(np.searchsorted(listed_rows, positive_rows), listed_rows.size - 1)
-    both = np.flatnonzero(listed_rows[at] == positive_rows)
-    if both.size:
-        image, anchor = divmod(int(positive_rows[both[0]]), count)
-        listed = "ignored" if listed_label == IGNORED else "negative"
-        raise _malformed(f"positive_anchors: image {image} lists anchor {anchor} as positive and as {listed}")
+    return torch.from_numpy(csr_rows(offsets.numpy(), anchors.numpy(), count))
 
 
 def _check_matched(matched: np.ndarray, offsets: np.ndarray, boxes: list[int] | None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -91,8 +92,53 @@ class SparseTargets:
 
     def to_dense(self, device: torch.device | str | None = None) -> Targets:
         """The dense ``Targets``, built on ``device`` (default: where the lists are), e.g.
-        on the trainer's GPU from lists that came over the wire: only the lists travel."""
-        return Targets.from_sparse(self if device is None else self.to(device))
+        on the trainer's GPU from lists that came over the wire: only the lists travel.
+        The lists are checked first (``check``), where they are."""
+        self.check()
+        return Targets.from_sparse(self if device is None else self.to(device), check=False)
+
+    def check(self) -> None:
+        """Raise ``ValueError``, naming the field, where these lists break their contract
+        (the class docstring), instead of densifying into wrong targets: a positive counted
+        in another image, an index wrapped around, one matched box given to every
+        positive, an anchor both positive and ignored. Reads the lists on the host (a
+        small copy from a GPU)."""
+        if not (isinstance(self.num_anchors, int) and self.num_anchors >= 0):
+            raise ValueError(f"num_anchors: expected an int >= 0, got {self.num_anchors!r}")
+        count, batch = self.num_anchors, self.batch_size
+        for name in ("positive_offsets", "ignored_offsets", "positive_anchors", "ignored_anchors",
+                     "positive_matched_gt", "positive_classes"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (value.dtype == torch.bool or value.is_floating_point() or value.is_complex()):
+                raise TypeError(f"{name}: expected integers, got {value.dtype}")
+        for name in ("positive_offsets", "ignored_offsets"):
+            offsets = getattr(self, name)
+            if offsets.dim() != 1 or offsets.numel() != batch + 1:
+                raise ValueError(f"{name}: shape {list(offsets.shape)}, expected [batch_size + 1] = [{batch + 1}]")
+        positives = self.positive_anchors.shape[:1]
+        for name, shape in (("positive_anchors", positives), ("ignored_anchors", self.ignored_anchors.shape[:1]),
+                            ("positive_matched_gt", positives), ("positive_deltas", (*positives, 4)),
+                            ("positive_classes", positives)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {list(value.shape)}, expected {list(shape)} (one per anchor listed)")
+        starts = self.level_starts
+        if starts is not None and (starts[0] != 0 or starts[-1] != count or list(starts) != sorted(starts)):
+            raise ValueError(f"level_starts: {starts}, expected ascending from 0 to num_anchors ({count})")
+        host = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        rows = {}
+        for which in ("positive", "ignored"):
+            offsets, anchors = host(getattr(self, f"{which}_offsets")), host(getattr(self, f"{which}_anchors"))
+            problem = csr_problem(which, offsets, anchors, count)
+            if problem is not None:
+                raise ValueError(problem)
+            rows[which] = csr_rows(offsets, anchors, count)
+        matched = host(self.positive_matched_gt)
+        if matched.size and matched.min() < 0:
+            raise ValueError(f"positive_matched_gt: a positive matches box {matched.min()} (expected >= 0)")
+        problem = overlap_problem(rows["positive"], rows["ignored"], count, "ignored")
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass(eq=False)  # tensors have no single truth value: equal only to itself
@@ -201,8 +247,11 @@ class Targets:
         )
 
     @classmethod
-    def from_sparse(cls, sparse: SparseTargets) -> Targets:
-        """Densify: everything not listed is negative with matched_gt -1 and zero deltas."""
+    def from_sparse(cls, sparse: SparseTargets, *, check: bool = True) -> Targets:
+        """Densify: everything not listed is negative with matched_gt -1 and zero deltas.
+        ``check``: ``sparse.check()`` first (False for lists this package just made)."""
+        if check:
+            sparse.check()
         batch, count = sparse.batch_size, sparse.num_anchors
         device = sparse.positive_anchors.device
         pos_image = _rows(sparse.positive_offsets)
@@ -276,6 +325,51 @@ def _listed(labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tenso
     image, anchor = torch.nonzero(labels == label, as_tuple=True)
     counts = torch.bincount(image, minlength=labels.shape[0])
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), anchor.to(torch.int32)
+
+
+def csr_problem(which: str, offsets: np.ndarray, anchors: np.ndarray, count: int) -> str | None:
+    """What breaks the contract of the ``which`` CSR list (its offsets start at 0, never
+    decrease and end at its length; its anchors are in [0, count) and ascend within each
+    image), or None. A few array operations whatever the list's length: the client checks
+    thousands of responses a second."""
+    ends, size = offsets.tolist(), anchors.shape[0]
+    if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
+        return f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); got {ends}"
+    if not size:
+        return None
+    # An anchor may be at most its predecessor only where an image starts. In [0, A): as
+    # unsigned, a negative anchor is out of range too (it would land in another image's row).
+    descents = (anchors[1:] <= anchors[:-1]).nonzero()[0].tolist()
+    starts = set(ends[1:-1])
+    if anchors.view(f"u{anchors.itemsize}").max() < count and all(i + 1 in starts for i in descents):
+        return None
+    image = np.repeat(np.arange(len(ends) - 1), np.diff(ends))
+    outside = np.flatnonzero((anchors < 0) | (anchors >= count))
+    if outside.size:
+        i = outside[0]
+        return f"{which}_anchors: image {image[i]} lists anchor {anchors[i]}, outside [0, num_anchors={count})"
+    i = np.flatnonzero((np.diff(anchors) <= 0) & (image[1:] == image[:-1]))[0] + 1
+    return f"{which}_anchors: image {image[i]} lists anchor {anchors[i]} after {anchors[i - 1]} (must ascend)"
+
+
+def csr_rows(offsets: np.ndarray, anchors: np.ndarray, count: int) -> np.ndarray:
+    """Row (int64) of each entry of a checked CSR list in the flattened [B * A] targets: ascending."""
+    if offsets.shape[0] == 2:  # one image: its anchors
+        return anchors.astype(np.int64)
+    return np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets)) * count + anchors
+
+
+def overlap_problem(positive_rows: np.ndarray, listed_rows: np.ndarray, count: int, listed: str) -> str | None:
+    """An anchor both positive and in the other (``listed``) list, or None: a binary search
+    of each positive's row among the other's ascending rows."""
+    if not (positive_rows.size and listed_rows.size):
+        return None
+    at = np.minimum(np.searchsorted(listed_rows, positive_rows), listed_rows.size - 1)
+    both = np.flatnonzero(listed_rows[at] == positive_rows)
+    if not both.size:
+        return None
+    image, anchor = divmod(int(positive_rows[both[0]]), count)
+    return f"positive_anchors: image {image} lists anchor {anchor} as positive and as {listed}"
 
 
 def _rows(offsets: torch.Tensor) -> torch.Tensor:

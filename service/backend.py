@@ -702,7 +702,7 @@ def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTarge
     Slices that landed in batches of different kinds (one merged with a DENSE request,
     one alone) come back dense and sparse: then all are made dense."""
     if len({type(part) for part in parts}) > 1:
-        parts = [Targets.from_sparse(p) if isinstance(p, SparseTargets) else p for p in parts]
+        parts = [Targets.from_sparse(p, check=False) if isinstance(p, SparseTargets) else p for p in parts]
     first = parts[0]
     cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     dropped = [d for p in parts for d in p.dropped]

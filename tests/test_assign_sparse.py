@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from support import random_batch
-from tritarget.kernels import assign, assign_sparse, presets
+from tritarget.kernels import SparseTargets, Targets, assign, assign_sparse, presets
 
 CANVAS = (96, 128)
 
@@ -44,3 +44,42 @@ def test_sparse_equals_dense_then_sparse(backend, preset, generator):
     assert [d.tolist() for d in dense.dropped] == [[2], [], []]
     assert (dense.matched_gt[0][dense.labels[0] == 1] != 2).all()
     _equal_sparse(sparse, dense.to_sparse())
+
+
+def _lists(**changes):
+    """Two images over 6 anchors: image 0 positive at 1 and ignored at 2, image 1 positive at 4."""
+    lists = dict(num_anchors=6, positive_offsets=torch.tensor([0, 1, 2]),
+                 positive_anchors=torch.tensor([1, 4], dtype=torch.int32),
+                 positive_matched_gt=torch.tensor([0, 0], dtype=torch.int32), positive_deltas=torch.ones(2, 4),
+                 ignored_offsets=torch.tensor([0, 1, 1]),
+                 ignored_anchors=torch.tensor([2], dtype=torch.int32))  # fmt: skip
+    return SparseTargets(**{**lists, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, error",
+    [({"positive_offsets": torch.tensor([0, 1, 1])}, r"positive_offsets: must start at 0, never decrease and end at 2"),
+     ({"positive_offsets": torch.tensor([0, 0, 0])}, r"positive_offsets: must .* end at 2 \(the positive anchors\)"),
+     ({"positive_anchors": torch.tensor([1, -1], dtype=torch.int32)},
+      r"positive_anchors: image 1 lists anchor -1, outside \[0, num_anchors=6\)"),
+     ({"ignored_anchors": torch.tensor([1], dtype=torch.int32)},
+      r"positive_anchors: image 0 lists anchor 1 as positive and as ignored"),
+     ({"positive_offsets": torch.tensor([0, 2, 2]), "positive_anchors": torch.tensor([4, 1], dtype=torch.int32)},
+      r"positive_anchors: image 0 lists anchor 1 after 4 \(must ascend\)"),
+     ({"positive_matched_gt": torch.tensor([5], dtype=torch.int32)},
+      r"positive_matched_gt: shape \[1\], expected \[2\]"),
+     ({"positive_matched_gt": torch.tensor([0, -1], dtype=torch.int32)},
+      r"positive_matched_gt: a positive matches box -1"),
+     ({"positive_deltas": torch.ones(2)}, r"positive_deltas: shape \[2\], expected \[2, 4\]"),
+     ({"ignored_offsets": torch.tensor([0, 1])}, r"ignored_offsets: shape \[2\], expected \[batch_size \+ 1\] = \[3\]"),
+     ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending from 0 to num_anchors \(6\)"),
+     ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32")],
+)  # fmt: skip
+def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
+    """Hand-made or edited lists (cached on disk, say): a positive counted in another image,
+    an index wrapped around to the last anchor, one matched box given to every positive."""
+    assert _lists().to_dense().labels.tolist() == [[0, 1, -1, 0, 0, 0], [0, 0, 0, 0, 1, 0]]
+    with pytest.raises((ValueError, TypeError), match=f"^{error}"):
+        _lists(**changes).to_dense()
+    with pytest.raises((ValueError, TypeError), match=f"^{error}"):
+        Targets.from_sparse(_lists(**changes))
