@@ -286,7 +286,8 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
     ``request`` and malformed responses as ``decode_response``.
 
     When the server listed the negatives (sampling left most anchors ignored), the ignored
-    lists are what neither the positives nor the negatives list, found per image."""
+    lists are what neither the positives nor the negatives list, found per image. That no
+    anchor is both positive and ignored is checked by ``to_dense`` (``SparseTargets.check``)."""
     if _kind(response) != "sparse":
         raise ValueError("decode_sparse: the response holds DENSE targets (request format='sparse')")
     if response.HasField("max_iou"):
@@ -298,8 +299,8 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
         ignored_offsets, ignored_anchors = lists.listed_offsets, lists.listed_anchors
     else:
         rest = torch.ones(batch * count, dtype=torch.bool)
-        rest[lists.positive_rows] = False
-        rest[lists.listed_rows] = False
+        rest[_rows(lists.positive_offsets, lists.positive_anchors, count)] = False
+        rest[_rows(lists.listed_offsets, lists.listed_anchors, count)] = False
         image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
         ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
         ignored_anchors = anchor.to(torch.int32)
@@ -436,21 +437,20 @@ def _dropped(response: pb.AssignResponse, boxes: np.ndarray | None) -> list[torc
 class _SparseLists:
     """A SPARSE response's lists, checked: offsets start at 0, never decrease and end at
     their list's length; anchors are in [0, num_anchors) and ascending within each image;
-    no anchor is both positive and listed; the positives' boxes, deltas and classes have
-    one row per positive, each matched box one of its image's; the two labels are
-    NEGATIVE and IGNORED. A few array operations per list, whatever its length: the
-    client decodes thousands of responses a second."""
+    the positives' boxes, deltas and classes have one row per positive, each matched box
+    one of its image's; the two labels are NEGATIVE and IGNORED. A few array operations
+    per list, whatever its length: the client decodes thousands of responses a second.
+    That no anchor is both positive and listed is checked where the lists are densified
+    (``_densify``, ``SparseTargets.to_dense``): there it costs one gather."""
 
     positive_offsets: torch.Tensor
     positive_anchors: torch.Tensor
-    positive_rows: torch.Tensor  # each positive's row in the flattened [B * A] targets
     positive_matched_gt: torch.Tensor
     positive_deltas: torch.Tensor
     positive_classes: torch.Tensor | None
     listed_label: int
     listed_offsets: torch.Tensor
     listed_anchors: torch.Tensor
-    listed_rows: torch.Tensor
     unlisted_label: int
 
     @classmethod
@@ -464,29 +464,21 @@ class _SparseLists:
             )
         positive_offsets, positive_anchors = _csr(sparse, "positive", batch, count)
         listed_offsets, listed_anchors = _csr(sparse, "listed", batch, count)
-        positive_rows = _rows(positive_offsets, positive_anchors, count)
-        listed_rows = _rows(listed_offsets, listed_anchors, count)
-        listed = "ignored" if sparse.listed_label == IGNORED else "negative"
-        problem = overlap_problem(positive_rows.numpy(), listed_rows.numpy(), count, listed)
-        if problem is not None:
-            raise _malformed(problem)
         positives, one_each = [positive_anchors.shape[0]], "one per positive anchor"
         matched = _field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each)
-        _check_matched(matched.numpy(), positive_offsets.numpy(), boxes)
+        _check_matched(np.frombuffer(sparse.positive_matched_gt.data, np.int32), positive_offsets.tolist(), boxes)
         classes = None
         if sparse.HasField("positive_classes"):
             classes = _field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each)
         return cls(
             positive_offsets=positive_offsets,
             positive_anchors=positive_anchors,
-            positive_rows=positive_rows,
             positive_matched_gt=matched,
             positive_deltas=_field(sparse.positive_deltas, "positive_deltas", _DELTAS, [*positives, 4], one_each),
             positive_classes=classes,
             listed_label=sparse.listed_label,
             listed_offsets=listed_offsets,
             listed_anchors=listed_anchors,
-            listed_rows=listed_rows,
             unlisted_label=sparse.unlisted_label,
         )
 
@@ -498,7 +490,7 @@ def _csr(sparse: pb.SparseTargets, which: str, batch: int, count: int) -> tuple[
     message = getattr(sparse, f"{which}_anchors")
     anchors = _tensor(message, f"{which}_anchors", _INT32, ndim=1)
     # numpy on the message's bytes costs less per operation than torch on its view.
-    problem = csr_problem(which, offsets.numpy(), np.frombuffer(message.data, np.int32), count)
+    problem = csr_problem(which, offsets.tolist(), np.frombuffer(message.data, np.int32), count)
     if problem is not None:
         raise _malformed(problem)
     return offsets, anchors
@@ -509,30 +501,34 @@ def _rows(offsets: torch.Tensor, anchors: torch.Tensor, count: int) -> torch.Ten
     return torch.from_numpy(csr_rows(offsets.numpy(), anchors.numpy(), count))
 
 
-def _check_matched(matched: np.ndarray, offsets: np.ndarray, boxes: list[int] | None) -> None:
+def _check_matched(matched: np.ndarray, ends: list[int], boxes: list[int] | None) -> None:
     """Each positive's matched box is one of its image's (>= 0 when the request is not known).
-    As unsigned, a negative box is past every limit: one comparison per positive."""
+    As unsigned, a negative box is past every limit: one maximum per image, taken together
+    over the images with positives (``reduceat``: each one's run ends where the next starts)."""
     if not matched.size:
         return
     unsigned = matched.view(np.uint32)
     if boxes is None:
-        limit = np.iinfo(np.int32).max + 1
-    elif len(boxes) == 1:
-        limit = boxes[0]
-    else:
-        limit = np.repeat(boxes, np.diff(offsets))
-    if not (unsigned < limit).all():
-        i = np.flatnonzero(unsigned >= limit)[0]
-        image = int(np.searchsorted(offsets, i, side="right")) - 1
-        of = "" if boxes is None else f" of its {boxes[image]}"
-        raise _malformed(f"positive_matched_gt: a positive of image {image} matches box {matched[i]}{of}")
+        boxes = [np.iinfo(np.int32).max + 1] * (len(ends) - 1)
+    starts = [start for start, end in zip(ends, ends[1:]) if end > start]
+    limits = [limit for start, end, limit in zip(ends, ends[1:], boxes) if end > start]
+    if (np.maximum.reduceat(unsigned, starts) < limits).all():
+        return
+    image = next(i for i, (start, end) in enumerate(zip(ends, ends[1:])) if (unsigned[start:end] >= boxes[i]).any())
+    box = matched[ends[image] : ends[image + 1]][unsigned[ends[image] : ends[image + 1]] >= boxes[image]][0]
+    of = f" of its {boxes[image]}" if boxes[image] <= np.iinfo(np.int32).max else ""
+    raise _malformed(f"positive_matched_gt: a positive of image {image} matches box {box}{of}")
 
 
 def _densify(lists: _SparseLists, batch: int, count: int, background: int):
     host = torch.device("cpu")
-    positives = lists.positive_rows
+    positives = _rows(lists.positive_offsets, lists.positive_anchors, count)
     labels = filled((batch, count), lists.unlisted_label, torch.int8, host)
-    labels.view(-1)[lists.listed_rows] = lists.listed_label
+    listed = _rows(lists.listed_offsets, lists.listed_anchors, count)
+    labels.view(-1)[listed] = lists.listed_label
+    if (labels.view(-1)[positives] != lists.unlisted_label).any():  # a positive listed too
+        name = "ignored" if lists.listed_label == IGNORED else "negative"
+        raise _malformed(overlap_problem(positives.numpy(), listed.numpy(), count, name))
     labels.view(-1)[positives] = POSITIVE
     matched = filled((batch, count), -1, torch.int32, host)
     matched.view(-1)[positives] = lists.positive_matched_gt

@@ -129,7 +129,7 @@ class SparseTargets:
         rows = {}
         for which in ("positive", "ignored"):
             offsets, anchors = host(getattr(self, f"{which}_offsets")), host(getattr(self, f"{which}_anchors"))
-            problem = csr_problem(which, offsets, anchors, count)
+            problem = csr_problem(which, offsets.tolist(), anchors, count)
             if problem is not None:
                 raise ValueError(problem)
             rows[which] = csr_rows(offsets, anchors, count)
@@ -327,12 +327,12 @@ def _listed(labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), anchor.to(torch.int32)
 
 
-def csr_problem(which: str, offsets: np.ndarray, anchors: np.ndarray, count: int) -> str | None:
-    """What breaks the contract of the ``which`` CSR list (its offsets start at 0, never
-    decrease and end at its length; its anchors are in [0, count) and ascend within each
-    image), or None. A few array operations whatever the list's length: the client checks
-    thousands of responses a second."""
-    ends, size = offsets.tolist(), anchors.shape[0]
+def csr_problem(which: str, ends: list[int], anchors: np.ndarray, count: int) -> str | None:
+    """What breaks the contract of the ``which`` CSR list (its offsets, ``ends``, start at 0,
+    never decrease and end at its length; its anchors are in [0, count) and ascend within
+    each image), or None. A few array operations whatever the list's length: the client
+    checks thousands of responses a second."""
+    size = anchors.shape[0]
     if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
         return f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); got {ends}"
     if not size:
@@ -341,7 +341,7 @@ def csr_problem(which: str, offsets: np.ndarray, anchors: np.ndarray, count: int
     # unsigned, a negative anchor is out of range too (it would land in another image's row).
     descents = (anchors[1:] <= anchors[:-1]).nonzero()[0].tolist()
     starts = set(ends[1:-1])
-    if anchors.view(f"u{anchors.itemsize}").max() < count and all(i + 1 in starts for i in descents):
+    if anchors.view(_UNSIGNED[anchors.itemsize]).max() < count and all(i + 1 in starts for i in descents):
         return None
     image = np.repeat(np.arange(len(ends) - 1), np.diff(ends))
     outside = np.flatnonzero((anchors < 0) | (anchors >= count))
@@ -350,6 +350,9 @@ def csr_problem(which: str, offsets: np.ndarray, anchors: np.ndarray, count: int
         return f"{which}_anchors: image {image[i]} lists anchor {anchors[i]}, outside [0, num_anchors={count})"
     i = np.flatnonzero((np.diff(anchors) <= 0) & (image[1:] == image[:-1]))[0] + 1
     return f"{which}_anchors: image {image[i]} lists anchor {anchors[i]} after {anchors[i - 1]} (must ascend)"
+
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def csr_rows(offsets: np.ndarray, anchors: np.ndarray, count: int) -> np.ndarray:

@@ -136,10 +136,6 @@ SPARSE = {
         lambda r: r.dropped.add().box_index.extend([0]),
         r"dropped: sent, but the request did not ask for it",
     ),
-    "an anchor both positive and ignored": (
-        _list_a_positive,
-        r"positive_anchors: image 0 lists anchor \d+ as positive and as ignored",
-    ),
     "matched box past the image's boxes": (
         lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, 99)),
         r"positive_matched_gt: a positive of image 0 matches box 99 of its 2",
@@ -333,13 +329,22 @@ def test_dropped_lists_hold_ascending_indices_of_their_images_boxes(decode):
         decode(response, request)
 
 
+def test_an_anchor_both_positive_and_ignored_is_refused_where_the_lists_are_densified(breaking_server):
+    """Decoding a SPARSE response densifies it (a gather finds it); ``densify=False`` keeps
+    the lists as they came, and ``to_dense`` refuses them."""
+    breaking_server.break_it = _list_a_positive
+    both = r"positive_anchors: image 0 lists anchor \d+ as positive and as ignored"
+    with pytest.raises(ValueError, match=rf"^malformed response: {both}"):
+        _assign(breaking_server.client)
+    sparse = _assign(breaking_server.client, densify=False)
+    with pytest.raises(ValueError, match=rf"^{both}"):
+        sparse.to_dense()
+
+
 @pytest.mark.parametrize("decode", [decode_response, decode_sparse])
 def test_without_its_request_a_response_is_still_checked_for_what_no_request_allows(decode):
-    """Decoded on its own: an anchor both positive and ignored, a positive matching no box."""
+    """Decoded on its own: a positive matching no box."""
     request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision")
-    _list_a_positive(broken := _answer(request))
-    with pytest.raises(ValueError, match=r"^malformed response: positive_anchors: image 0 lists anchor \d+ as pos"):
-        decode(broken)
     broken = _answer(request)
     _edit(broken.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, -1))
     with pytest.raises(ValueError, match=r"^malformed response: positive_matched_gt: a positive of image 0 "
