@@ -20,6 +20,7 @@ import torch
 
 from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
+from tritarget.kernels.config import plain_value
 from tritarget.kernels.problem import integer_dtype
 from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import (
@@ -123,7 +124,7 @@ def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | N
         data = config.to_dict() if hasattr(config, "to_dict") else config
         ref.config_json = json.dumps(data)
     for key, value in (overrides or {}).items():
-        ref.overrides[key] = json.dumps(value)
+        ref.overrides[key] = json.dumps(plain_value(value))  # a config object (AnchorLevel) as its dict
     return ref
 
 

@@ -69,25 +69,34 @@ def _fail(owner: str, name: str, message: str) -> ValueError:
     return ValueError(f"{owner}.{name}: {message}")
 
 
-def _as_float_tuple(owner: str, name: str, values: Any) -> tuple[float, ...]:
+def _check_sequence(owner: str, name: str, values: Any) -> None:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{owner}.{name}: expected a sequence of numbers, got {values!r}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{owner}.{name}: expected numbers, got {v!r}")
-        if not math.isfinite(v):
-            raise _fail(owner, name, f"values must be finite, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
+        raise TypeError(f"{owner}.{name}: expected a sequence, got {values!r}")
+
+
+def _as_float_tuple(owner: str, name: str, values: Any) -> tuple[float, ...]:
+    _check_sequence(owner, name, values)
+    return tuple(_check_number(owner, name, v) for v in values)
 
 
 def _check_number(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}.{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise _fail(owner, name, f"must be finite, got {value!r}")
-    return float(value)
+        raise TypeError(f"{owner}.{name}: expected numbers, got {value!r}")
+    try:
+        number = float(value)  # an int of hundreds of digits (JSON has no bound) overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _fail(owner, name, f"must be finite, got {_shown(value)}")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: an int of thousands of digits by its size (Python
+    refuses to print ints past 4,300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 _INT32_MAX = 2**31 - 1
@@ -136,9 +145,10 @@ class AnchorLevel:
     def __post_init__(self) -> None:
         owner = "AnchorLevel"
         stride = _check_int(owner, "stride", self.stride)
-        if stride <= 0:
-            raise _fail(owner, "stride", f"must be positive, got {stride}")
+        if not 0 < stride <= MAX_ANCHOR_MAGNITUDE:  # mmdet's base size is the stride
+            raise _fail(owner, "stride", f"must be in [1, {MAX_ANCHOR_MAGNITUDE:g}], got {_shown(stride)}")
         for name in ("sizes", "aspect_ratios", "scales", "shapes"):
+            _check_sequence(owner, name, getattr(self, name))
             if len(getattr(self, name)) > MAX_LEVEL_VALUES:  # shapes per cell grow with their product
                 raise _fail(owner, name, f"at most {MAX_LEVEL_VALUES} values, got {len(getattr(self, name))}")
         low = 1 / MAX_ANCHOR_MAGNITUDE
@@ -162,9 +172,12 @@ class AnchorLevel:
                 raise _fail(owner, "base_size", f"must be in (0, {MAX_ANCHOR_MAGNITUDE:g}], got {base}")
             object.__setattr__(self, "base_size", base)
         if self.feature_size is not None:
+            _check_sequence(owner, "feature_size", self.feature_size)
             fs = tuple(self.feature_size)
             if len(fs) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in fs):
                 raise _fail(owner, "feature_size", f"must be two positive ints (h, w), got {self.feature_size!r}")
+            if max(fs) > MAX_ANCHOR_MAGNITUDE:
+                raise _fail(owner, "feature_size", f"at most {MAX_ANCHOR_MAGNITUDE:g} cells a side, got {fs!r}")
             object.__setattr__(self, "feature_size", fs)
 
 
@@ -211,6 +224,7 @@ class AnchorConfig:
     def __post_init__(self) -> None:
         owner = "AnchorConfig"
         _check_choice(owner, "layout", self.layout, ANCHOR_LAYOUTS)
+        _check_sequence(owner, "levels", self.levels)
         levels = tuple(lv if isinstance(lv, AnchorLevel) else AnchorLevel(**lv) for lv in self.levels)
         if not 1 <= len(levels) <= MAX_LEVELS:
             raise _fail(owner, "levels", f"between 1 and {MAX_LEVELS} levels, got {len(levels)}")
@@ -400,12 +414,28 @@ class TargetConfig:
         The copy is validated as a whole, so a bad value names the field it went to.
         """
         data = self.to_dict()
-        for key, value in overrides.items():
+        for key in overrides:
             if not isinstance(key, str) or not key:
                 raise ValueError(f"override {key!r}: expected a dotted field name")
+        _check_disjoint(list(overrides))
+        for key, value in overrides.items():
             container, name = _override_slot(data, key)
-            container[name] = _to_plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+            container[name] = plain_value(value)
         return TargetConfig.from_dict(data)
+
+
+def plain_value(value: Any) -> Any:
+    """An override's value as plain data (a config object as its dict): what JSON carries."""
+    return _to_plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+
+
+def _check_disjoint(keys: list[str]) -> None:
+    """No override inside another (``match`` with ``match.high``): which applies last would
+    depend on their order, which the wire does not keep (overrides are a map)."""
+    for outer in keys:
+        for inner in keys:
+            if inner.startswith((outer + ".", outer + "[")):
+                raise ValueError(f"overrides {outer!r} and {inner!r}: one holds the other; give one of them")
 
 
 # One step of an override path: a field name, optionally indexed (``levels[2]``).
@@ -456,23 +486,13 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    kwargs = dict(data)
+    kwargs = dict(data)  # sequences become tuples where each config checks its fields
     if cls is AnchorConfig and "levels" in kwargs:
+        if not isinstance(kwargs["levels"], (list, tuple)):
+            raise TypeError(f"{where}.levels: expected a list of levels, got {kwargs['levels']!r}")
         kwargs["levels"] = tuple(
             _from_dict(AnchorLevel, lv, f"{where}.levels[{i}]") for i, lv in enumerate(kwargs["levels"])
         )
-    if cls is AnchorLevel:
-        for name in ("sizes", "aspect_ratios", "scales"):
-            if name in kwargs:
-                kwargs[name] = tuple(kwargs[name])
-        if "shapes" in kwargs:
-            kwargs["shapes"] = tuple(tuple(s) for s in kwargs["shapes"])
-        if kwargs.get("feature_size") is not None:
-            kwargs["feature_size"] = tuple(kwargs["feature_size"])
-    if cls is EncodeConfig:
-        for name in ("weights", "means", "stds"):
-            if name in kwargs:
-                kwargs[name] = tuple(kwargs[name])
     if cls is TargetConfig and "anchors" not in kwargs:
         raise ValueError(f"{where}.anchors: required")
     return cls(**kwargs)

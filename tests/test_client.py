@@ -19,7 +19,7 @@ from test_service_harness import ServerThread, peer_recording_server
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients import client as client_module
 from tritarget.clients.wire import build_request, decode_response
-from tritarget.kernels import SparseTargets, Targets, assign, presets
+from tritarget.kernels import AnchorLevel, SparseTargets, Targets, assign, presets
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -366,6 +366,18 @@ def test_targets_from_the_service_know_their_pyramid_levels(two_servers):
     for targets in got:
         assert targets.level_starts == expected
         assert len(targets.levels() if isinstance(targets, Targets) else targets.to_dense().levels()) == 5
+
+
+def test_overrides_holding_config_objects_travel_as_in_process(two_servers):
+    """``replace`` takes a config object as an override's value (a whole level): so does
+    the client, which sent it to json.dumps as it was (TypeError: not JSON serializable)."""
+    a, _ = two_servers
+    level = AnchorLevel(stride=8, sizes=(24.0,), aspect_ratios=(1.0, 2.0))
+    config = presets.get("retinanet_torchvision")
+    expected = assign(BOXES, [2], CANVAS, config.replace(**{"anchors.levels[0]": level}), backend="reference")
+    with TargetClient(a.address) as client:
+        got = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", overrides={"anchors.levels[0]": level})
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
 
 
 def test_client_refuses_what_in_process_assign_refuses(two_servers):

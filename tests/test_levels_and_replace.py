@@ -30,12 +30,43 @@ def test_replace_addresses_one_level():
         ("match.high[0]", "'match.high' is not a list"),
         ("anchors.levels.0", "cannot address '0' after 'anchors.levels'"),
         ("anchors.levels[0].size", r"unknown config field 'anchors.levels\[0\].size'"),
-        ("anchors.levels[0].stride", "AnchorLevel.stride: must be positive"),
+        ("anchors.levels[0].stride", r"AnchorLevel.stride: must be in \[1, 1e\+06\], got -1"),
     ],
 )
 def test_replace_refuses_bad_paths_and_values(key, message):
     with pytest.raises(ValueError, match=message):
         presets.get("retinanet_mmdet").replace(**{key: -1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        # Which of two nested overrides applies last would depend on their order, which the
+        # wire does not keep: in-process and over the wire gave different thresholds.
+        ({"match.high": 0.7, "match": {"high": 0.3, "low": 0.2}}, ValueError,
+         "overrides 'match' and 'match.high': one holds the other"),
+        ({"anchors.levels[0]": {"stride": 8}, "anchors.levels[0].sizes": [32]}, ValueError,
+         r"overrides 'anchors.levels\[0\]' and 'anchors.levels\[0\].sizes': one holds the other"),
+        # JSON integers have no bound: float() of one overflowed (OverflowError; INTERNAL on the server).
+        ({"match.high": 10**400}, ValueError, "MatchConfig.high: must be finite, got an integer of 1329 bits"),
+        ({"encode.weights": [1, 1, 10**400, 1]}, ValueError, "EncodeConfig.weights: must be finite"),
+        # A stride past the anchor bound made infinite or NaN anchors (mmdet's base size is the stride).
+        ({"anchors.levels[0].stride": 2**127}, ValueError, r"AnchorLevel.stride: must be in \[1, 1e\+06\]"),
+        # A scalar where a sequence goes: "'int' object is not iterable", naming nothing.
+        ({"anchors.levels[0].scales": 8}, TypeError, "AnchorLevel.scales: expected a sequence, got 8"),
+        ({"encode.stds": 1.0}, TypeError, "EncodeConfig.stds: expected a sequence, got 1.0"),
+        ({"anchors.levels": 5}, TypeError, "TargetConfig.anchors.levels: expected a list of levels, got 5"),
+    ],
+)  # fmt: skip
+def test_replace_refuses_what_has_no_single_meaning_naming_the_field(overrides, error, message):
+    with pytest.raises(error, match=message):
+        presets.get("retinanet_mmdet").replace(**overrides)
+
+
+def test_a_feature_size_past_the_bound_is_refused_not_overflowed():
+    level = {"stride": 8, "sizes": [0.2], "aspect_ratios": [1.0], "feature_size": [2**64, 1]}
+    with pytest.raises(ValueError, match=r"AnchorLevel.feature_size: at most 1e\+06 cells a side"):
+        presets.get("d2l_multibox").replace(**{"anchors.levels[0]": level})
 
 
 @pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision"])
