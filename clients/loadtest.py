@@ -19,8 +19,13 @@
 * The first ``warmup_s`` seconds are not measured. Latencies go into HDR histograms
   (microseconds, 3 significant digits), per second and overall; errors are counted by
   gRPC code (stream items by their in-band code).
-* ``verify=K``: K answered requests are recomputed in-process and compared (labels and
-  matched boxes exactly, deltas within float tolerance); any difference fails the run.
+* ``verify=K``: K answered requests, drawn at random from the whole window, are checked
+  against their requests (id, format, delta dtype, what the client checks) and recomputed
+  in-process (labels, classes and matched boxes exactly, deltas within float tolerance);
+  any difference fails the run.
+* Throughput counts the time until the last answer where that is past the window (an
+  open loop the server cannot keep up with keeps sending at its rate: its answers come
+  late, and the report says by how much).
 * A stream that fails is reopened until the run ends; its unanswered requests count as
   errors (closed loop: at least one per failed stream; open loop: every scheduled request
   is answered or counted as an error), under the server's code, ``UNANSWERED`` (closed
@@ -43,6 +48,7 @@ import math
 import multiprocessing
 import platform
 import queue as queue_module
+import random
 import signal
 import sys
 import threading
@@ -199,8 +205,13 @@ class _Recorder:
         self.errors: Counter[str] = Counter()
         self.interval_errors: Counter[str] = Counter()
         self.warmup_requests = 0
+        self.last_answer = measure_from  # when the last measured request was answered (or failed)
+        # ``keep`` answers drawn uniformly from the whole window (reservoir sampling): the
+        # first ones alone would miss what goes wrong under sustained load.
         self.kept: list[tuple[int, bytes]] = []
         self._keep = keep
+        self._answered = 0
+        self._draw = random.Random(0)
 
     def _bucket(self, scheduled: float) -> list | None:
         """The second ``scheduled`` falls in, None (and counted) in the warm-up."""
@@ -224,13 +235,18 @@ class _Recorder:
         for histogram in (self.overall, self.interval, bucket[2]):
             histogram.record_value(micros)
         bucket[0] += 1
+        self.last_answer = max(self.last_answer, done)
+        self._answered += 1
         if len(self.kept) < self._keep:
             self.kept.append((index, response.SerializeToString()))
+        elif self._keep and (slot := self._draw.randrange(self._answered)) < self._keep:
+            self.kept[slot] = (index, response.SerializeToString())
 
     def error(self, scheduled: float, code: str) -> None:
         bucket = self._bucket(scheduled)
         if bucket is None:
             return
+        self.last_answer = max(self.last_answer, time.perf_counter())
         self.errors[code] += 1
         self.interval_errors[code] += 1
         bucket[1] += 1
@@ -248,6 +264,7 @@ class _Recorder:
             "warmup_requests": self.warmup_requests,
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
+            "answered_s": self.last_answer - self.measure_from,
         }
 
 
@@ -521,6 +538,9 @@ class Report:
     # Seconds measured: the duration, or less when the run was stopped early (Ctrl-C, a
     # client process failed); None: the duration.
     measured_s: float | None = None
+    # Seconds from the measured window's start to its last request's answer: past the
+    # window when the server fell behind (an open loop keeps sending at its rate).
+    answered_s: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
 
@@ -531,8 +551,16 @@ class Report:
 
     @property
     def requests_per_s(self) -> float:
-        seconds = self.options.duration_s if self.measured_s is None else self.measured_s
+        """Requests answered over the time they took: the measured window, or until the
+        last answer where that came later (else an open loop reads as its own rate)."""
+        seconds = max(self.options.duration_s if self.measured_s is None else self.measured_s, self.answered_s)
         return self.requests / seconds if seconds else 0.0
+
+    @property
+    def behind_s(self) -> float:
+        """How long the answers ran past the measured window."""
+        measured = self.options.duration_s if self.measured_s is None else self.measured_s
+        return max(0.0, self.answered_s - measured)
 
     def percentiles_ms(self) -> dict[str, float]:
         if not self.latency.get_total_count():
@@ -562,6 +590,7 @@ class Report:
             "ok": self.ok,
             "interrupted": self.interrupted,
             "measured_s": self.options.duration_s if self.measured_s is None else self.measured_s,
+            "answered_s": self.answered_s,
             "worker_failures": self.worker_failures,
             "client_cpu_s": self.client_cpu_s,
             "client_cores_busy": self.client_cpu_s / self.window_s if self.window_s else 0.0,
@@ -577,6 +606,9 @@ class Report:
         lines.append(f"{'requests':>10} {'errors':>8} {'req/s':>9} {'images/s':>9}")
         lines.append(f"{self.requests:>10,} {sum(self.errors.values()):>8,} {s['requests_per_s']:>9.1f} "
                      f"{s['images_per_s']:>9.1f}")  # fmt: skip
+        if self.behind_s > max(0.5, 0.05 * s["measured_s"]):
+            lines.append(f"the answers ran {self.behind_s:.1f} s past the {s['measured_s']:g} s window: the server "
+                         "fell behind (req/s counts the time until the last answer)")  # fmt: skip
         latency = s["latency_ms"]
         if latency:
             lines += ["", "latency (ms)   " + "  ".join(f"{k:>8}" for k in latency),
@@ -664,22 +696,33 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
         })  # fmt: skip
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
                   latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
-                  window_s=max(r["window_s"] for r in results), measured_s=measured_s)  # fmt: skip
+                  window_s=max(r["window_s"] for r in results), measured_s=measured_s,
+                  answered_s=max(r["answered_s"] for r in results))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification
 
 
 def verify_response(workload: Workload, index: int, response: pb.AssignResponse, backend: str = "auto") -> str | None:
-    """None if ``response`` holds the targets of request ``index`` of ``workload`` as
+    """None if ``response`` answers request ``index`` of ``workload`` (its id, format and
+    delta dtype, what the client checks of a response against its request) with the targets
     computed in-process, else what differs."""
+    request = workload.request(index)
+    where = f"request {index}"
+    if response.request_id != request.request_id:
+        return f"{where}: request_id {response.request_id!r}, expected {request.request_id!r}"
+    if response.WhichOneof("targets") != workload.format:
+        return f"{where}: {str(response.WhichOneof('targets')).upper()} targets, asked {workload.format.upper()}"
+    deltas = response.dense.deltas if workload.format == "dense" else response.sparse.positive_deltas
+    if deltas.dtype != request.delta_dtype:
+        return f"{where}: deltas {pb.DType.Name(deltas.dtype)}, asked {pb.DType.Name(request.delta_dtype)}"
     boxes, counts, classes = workload.batch(index)
     config = presets.get(workload.preset)
     expected = assign(boxes, counts, workload.canvas, config, gt_classes=classes, backend=backend)
     try:
-        got = decode_response(response)
+        got = decode_response(response, request)
     except Exception as exc:
-        return f"request {index}: the response does not decode: {exc}"
+        return f"{where}: the response does not decode: {exc}"
     return _difference(index, got, expected, workload.fp16)
 
 
@@ -695,8 +738,8 @@ def _difference(index: int, got: Targets, expected: Targets, fp16: bool) -> str 
     positive = expected.labels == 1
     if not torch.equal(got.matched_gt[positive], expected.matched_gt[positive]):
         return f"{where}: matched boxes of positives differ"
-    if got.classes is not None and not torch.equal(got.classes[positive], expected.classes[positive]):
-        return f"{where}: classes of positives differ"
+    if not torch.equal(got.classes, expected.classes):  # background too: SSD's loss reads every anchor's
+        return f"{where}: classes differ"
     want = expected.deltas[positive]
     if fp16:
         want = want.to(torch.float16).float()
@@ -758,7 +801,8 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     report = _merge(options, results)
     report.interrupted, report.worker_failures = interrupted.is_set(), failures
     if options.verify:
-        kept = [item for result in results for item in result["kept"]][: options.verify]
+        kept = [item for result in results for item in result["kept"]]  # each process's draw
+        kept = random.Random(0).sample(kept, min(options.verify, len(kept)))
         for index, raw in kept:
             mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
                                        options.verify_backend)  # fmt: skip

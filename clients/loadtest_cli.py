@@ -77,11 +77,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--fp16", action="store_true", help="float16 deltas")
     parser.add_argument("--variants", type=integer(1), default=16, help="distinct requests cycled through (default 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=_positive, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--timeout", type=_positive, default=60.0,
+                        help="deadline of a call, in seconds (default 60); of a stream: its run plus this")  # fmt: skip
     parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
     parser.add_argument("--verify", type=integer(0), default=0, metavar="K",
-                        help="recompute K answered requests in-process; any difference fails the run")  # fmt: skip
+                        help="check K answered requests (drawn from the whole run) against their requests and "
+                             "in-process targets; any difference fails the run")  # fmt: skip
     parser.add_argument("--json", help="write the summary and the per-second series as JSON")
     parser.add_argument("--csv", help="write the per-second series as CSV")
     parser.add_argument("--plot", help="write a PNG of throughput and latency over time (needs matplotlib)")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing
@@ -135,7 +136,15 @@ def _response(workload: Workload, index: int) -> pb.AssignResponse:
 def test_verification_finds_a_wrong_label_and_a_wrong_delta():
     response = _response(WORKLOAD, 1)
     assert verify_response(WORKLOAD, 1, response) is None
-    assert "labels differ" in verify_response(WORKLOAD, 2, response)  # another request's targets
+    assert "request_id 'loadtest-1', expected 'loadtest-2'" in verify_response(WORKLOAD, 2, response)
+    other = pb.AssignResponse()
+    other.CopyFrom(response)
+    other.request_id = "loadtest-2"
+    assert verify_response(WORKLOAD, 2, other).startswith("request 2: ")  # another request's targets
+    swapped = _response(WORKLOAD, 2)  # ignored anchors listed as negative and the other way round
+    lists = swapped.sparse
+    lists.listed_label, lists.unlisted_label = lists.unlisted_label, lists.listed_label
+    assert "labels differ" in verify_response(WORKLOAD, 2, swapped)
     tampered = pb.AssignResponse()
     tampered.CopyFrom(response)
     deltas = torch.frombuffer(bytearray(tampered.sparse.positive_deltas.data), dtype=torch.float32).clone()
@@ -543,3 +552,43 @@ def test_bench_keeps_the_runs_before_one_that_fails(monkeypatch, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "loadtest.csv")))
     assert [row["p99_ms"] for row in rows] == ["5.0", ""]  # a run with latencies, one without
     assert len(json.loads((tmp_path / "loadtest.json").read_text())["runs"]) == 2
+
+
+def test_an_open_loop_the_server_cannot_keep_up_with_reports_what_was_served():
+    """A server answering ~20 requests/s under an open loop of 100/s: the report counted each
+    request in the second it was scheduled and divided by the window, so it read 100 req/s
+    (the offered rate) however late the answers came."""
+    serving = threading.Lock()
+
+    def slow(raw: bytes, context) -> bytes:
+        index = int(pb.AssignRequest.FromString(raw).request_id.split("-")[1])
+        with serving:  # one at a time, 50 ms each
+            time.sleep(0.05)
+            return _response(WORKLOAD, index).SerializeToString()
+
+    with fake_assigner(slow, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.0, warmup_s=0.0,
+                                     concurrency=8, rate=100.0))  # fmt: skip
+    assert report.requests == 100 and report.behind_s > 2.0
+    assert report.requests_per_s < 30
+    assert "the server fell behind" in report.table() and report.summary()["answered_s"] > 3.0
+
+
+def test_verification_draws_its_responses_from_the_whole_run():
+    """A server wrong only after its first 60 answers (as one wrong only once batches merge
+    under load): the first K answers alone passed."""
+    answered = itertools.count(1)
+
+    def wrong_later(raw: bytes, context) -> bytes:
+        request = pb.AssignRequest.FromString(raw)
+        response = _response(WORKLOAD, int(request.request_id.split("-")[1]))
+        if next(answered) > 60:
+            classes = torch.frombuffer(bytearray(response.sparse.positive_classes.data), dtype=torch.int32) + 1
+            response.sparse.positive_classes.data = classes.numpy().tobytes()
+        return response.SerializeToString()
+
+    with fake_assigner(wrong_later, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.5, warmup_s=0.0,
+                                     concurrency=2, verify=10))  # fmt: skip
+    assert report.requests > 300 and report.verified == 10
+    assert report.mismatches and all("classes differ" in m for m in report.mismatches) and not report.ok
