@@ -81,7 +81,7 @@ def _as_float_tuple(owner: str, name: str, values: Any) -> tuple[float, ...]:
 
 def _check_number(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}.{name}: expected numbers, got {value!r}")
+        raise TypeError(f"{owner}.{name}: expected a number, got {value!r}")
     try:
         number = float(value)  # an int of hundreds of digits (JSON has no bound) overflows
     except OverflowError:
