@@ -225,7 +225,7 @@ class AnchorConfig:
         owner = "AnchorConfig"
         _check_choice(owner, "layout", self.layout, ANCHOR_LAYOUTS)
         _check_sequence(owner, "levels", self.levels)
-        levels = tuple(lv if isinstance(lv, AnchorLevel) else AnchorLevel(**lv) for lv in self.levels)
+        levels = tuple(_level(lv, f"{owner}.levels[{i}]") for i, lv in enumerate(self.levels))
         if not 1 <= len(levels) <= MAX_LEVELS:
             raise _fail(owner, "levels", f"between 1 and {MAX_LEVELS} levels, got {len(levels)}")
         object.__setattr__(self, "levels", levels)
@@ -477,6 +477,18 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _level(data: Any, where: str) -> AnchorLevel:
+    """A pyramid level from its dict; a bad field is named with the level's place
+    (``TargetConfig.anchors.levels[3].sizes``, not ``AnchorLevel.sizes``)."""
+    try:
+        return _from_dict(AnchorLevel, data, where)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        if not message.startswith("AnchorLevel."):
+            raise
+        raise type(exc)(where + message[len("AnchorLevel") :]) from None
+
+
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if isinstance(data, cls):
         return data
@@ -490,9 +502,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     if cls is AnchorConfig and "levels" in kwargs:
         if not isinstance(kwargs["levels"], (list, tuple)):
             raise TypeError(f"{where}.levels: expected a list of levels, got {kwargs['levels']!r}")
-        kwargs["levels"] = tuple(
-            _from_dict(AnchorLevel, lv, f"{where}.levels[{i}]") for i, lv in enumerate(kwargs["levels"])
-        )
+        kwargs["levels"] = tuple(_level(lv, f"{where}.levels[{i}]") for i, lv in enumerate(kwargs["levels"]))
     if cls is TargetConfig and "anchors" not in kwargs:
         raise ValueError(f"{where}.anchors: required")
     return cls(**kwargs)

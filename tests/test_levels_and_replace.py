@@ -9,6 +9,7 @@ import torch
 from support import random_batch
 from tritarget.kernels import AnchorLevel, Targets, assign, assign_sparse, generate_anchors, level_slices, presets
 from tritarget.kernels.anchors import feature_map_size
+from tritarget.kernels.config import AnchorConfig, TargetConfig
 
 
 def test_replace_addresses_one_level():
@@ -30,7 +31,7 @@ def test_replace_addresses_one_level():
         ("match.high[0]", "'match.high' is not a list"),
         ("anchors.levels.0", "cannot address '0' after 'anchors.levels'"),
         ("anchors.levels[0].size", r"unknown config field 'anchors.levels\[0\].size'"),
-        ("anchors.levels[0].stride", r"AnchorLevel.stride: must be in \[1, 1e\+06\], got -1"),
+        ("anchors.levels[0].stride", r"TargetConfig.anchors.levels\[0\].stride: must be in \[1, 1e\+06\], got -1"),
     ],
 )
 def test_replace_refuses_bad_paths_and_values(key, message):
@@ -51,9 +52,11 @@ def test_replace_refuses_bad_paths_and_values(key, message):
         ({"match.high": 10**400}, ValueError, "MatchConfig.high: must be finite, got an integer of 1329 bits"),
         ({"encode.weights": [1, 1, 10**400, 1]}, ValueError, "EncodeConfig.weights: must be finite"),
         # A stride past the anchor bound made infinite or NaN anchors (mmdet's base size is the stride).
-        ({"anchors.levels[0].stride": 2**127}, ValueError, r"AnchorLevel.stride: must be in \[1, 1e\+06\]"),
+        ({"anchors.levels[0].stride": 2**127}, ValueError,
+         r"TargetConfig.anchors.levels\[0\].stride: must be in \[1, 1e\+06\]"),
         # A scalar where a sequence goes: "'int' object is not iterable", naming nothing.
-        ({"anchors.levels[0].scales": 8}, TypeError, "AnchorLevel.scales: expected a sequence, got 8"),
+        ({"anchors.levels[0].scales": 8}, TypeError,
+         r"TargetConfig.anchors.levels\[0\].scales: expected a sequence, got 8"),
         ({"encode.stds": 1.0}, TypeError, "EncodeConfig.stds: expected a sequence, got 1.0"),
         ({"anchors.levels": 5}, TypeError, "TargetConfig.anchors.levels: expected a list of levels, got 5"),
     ],
@@ -63,9 +66,27 @@ def test_replace_refuses_what_has_no_single_meaning_naming_the_field(overrides, 
         presets.get("retinanet_mmdet").replace(**overrides)
 
 
+@pytest.mark.parametrize(
+    ("levels", "error", "message"),
+    [
+        # A level's error named its field only ("AnchorLevel.sizes"), not which of five levels.
+        ([{"stride": 8, "sizes": [32], "aspect_ratios": [1]}, {"stride": 16, "sizes": [-1], "aspect_ratios": [1]}],
+         ValueError, r"AnchorConfig.levels\[1\].sizes: values must be in"),
+        ([{"stride": 8, "sizes": [32], "aspect_ratios": [1]}, {"stride": 16, "size": [64], "aspect_ratios": [1]}],
+         ValueError, r"AnchorConfig.levels\[1\]: unknown field\(s\) size"),
+        ([5], TypeError, r"AnchorConfig.levels\[0\]: expected a dict, got int"),
+    ],
+)  # fmt: skip
+def test_a_bad_level_is_named_by_its_place(levels, error, message):
+    with pytest.raises(error, match=message):
+        AnchorConfig(layout="torchvision", levels=levels)
+    with pytest.raises(error, match=message.replace("AnchorConfig", "TargetConfig.anchors")):
+        TargetConfig.from_dict({"anchors": {"layout": "torchvision", "levels": levels}})
+
+
 def test_a_feature_size_past_the_bound_is_refused_not_overflowed():
     level = {"stride": 8, "sizes": [0.2], "aspect_ratios": [1.0], "feature_size": [2**64, 1]}
-    with pytest.raises(ValueError, match=r"AnchorLevel.feature_size: at most 1e\+06 cells a side"):
+    with pytest.raises(ValueError, match=r"anchors.levels\[0\].feature_size: at most 1e\+06 cells a side"):
         presets.get("d2l_multibox").replace(**{"anchors.levels[0]": level})
 
 
