@@ -203,6 +203,22 @@ def _hash_once(cls: type) -> type:
     return cls
 
 
+# The level fields each layout reads (a level's feature_size: every layout).
+_LAYOUT_LEVEL_FIELDS = {
+    "torchvision": ("sizes", "aspect_ratios"),
+    "detectron2": ("sizes", "aspect_ratios"),
+    "keras": ("sizes", "aspect_ratios"),
+    "mmdet": ("scales", "aspect_ratios", "base_size"),
+    "d2l": ("sizes", "aspect_ratios"),
+    "ssd": ("sizes", "aspect_ratios"),
+    "yolo": ("shapes",),
+}
+# Of those, the ones a level may leave out (mmdet: the stride; ssd: no extra ratios).
+_OPTIONAL_LEVEL_FIELDS = {"mmdet": ("base_size",), "ssd": ("aspect_ratios",)}
+# AnchorConfig fields one layout alone reads.
+_LAYOUT_ONLY = {"offset": "detectron2", "center_offset": "mmdet", "scale_major": "mmdet", "clip": "ssd"}
+
+
 @_hash_once
 @dataclass(frozen=True)
 class AnchorConfig:
@@ -239,21 +255,25 @@ class AnchorConfig:
                 raise TypeError(f"{owner}.{name}: expected a bool, got {getattr(self, name)!r}")
         for i, level in enumerate(levels):
             self._check_level(i, level)
+        for name, layout in _LAYOUT_ONLY.items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+            if self.layout != layout and getattr(self, name) != default:
+                raise ValueError(f"{owner}.{name}: only the {layout} layout uses it, "
+                                 f"got {getattr(self, name)!r} with the {self.layout} layout")  # fmt: skip
 
     def _check_level(self, i: int, level: AnchorLevel) -> None:
         where = f"AnchorConfig.levels[{i}]"
-        needs = {
-            "torchvision": ("sizes", "aspect_ratios"),
-            "detectron2": ("sizes", "aspect_ratios"),
-            "keras": ("sizes", "aspect_ratios"),
-            "mmdet": ("scales", "aspect_ratios"),
-            "d2l": ("sizes", "aspect_ratios"),
-            "ssd": ("sizes",),
-            "yolo": ("shapes",),
-        }[self.layout]
-        for name in needs:
-            if not getattr(level, name):
+        reads = _LAYOUT_LEVEL_FIELDS[self.layout]
+        optional = _OPTIONAL_LEVEL_FIELDS.get(self.layout, ())
+        for name in reads:
+            if name not in optional and not getattr(level, name):
                 raise ValueError(f"{where}.{name}: the {self.layout} layout needs it")
+        # A field the layout does not read would change nothing, silently (scales on a
+        # torchvision level: the user meant more anchors and gets none).
+        for name in ("sizes", "aspect_ratios", "scales", "shapes", "base_size"):
+            if name not in reads and getattr(level, name) not in ((), None):
+                raise ValueError(f"{where}.{name}: the {self.layout} layout does not use it "
+                                 f"(its levels take {', '.join(reads)})")  # fmt: skip
         if self.layout == "ssd" and len(level.sizes) != 2:
             raise ValueError(f"{where}.sizes: the ssd layout takes (s_k, s_k+1), got {level.sizes}")
         if self.layout in ("ssd", "d2l") and level.feature_size is None:

@@ -84,6 +84,41 @@ def test_a_bad_level_is_named_by_its_place(levels, error, message):
         TargetConfig.from_dict({"anchors": {"layout": "torchvision", "levels": levels}})
 
 
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        # Each was accepted and changed nothing: the layout never reads the field.
+        ("retinanet_torchvision", {"anchors.levels[0].scales": (1.0, 2.0)},
+         r"levels\[0\].scales: the torchvision layout does not use it \(its levels take sizes, aspect_ratios\)"),
+        ("retinanet_mmdet", {"anchors.levels[2].sizes": (32.0,)}, r"levels\[2\].sizes: the mmdet layout does not"),
+        ("yolov5", {"anchors.levels[1].aspect_ratios": (1.0,)}, r"levels\[1\].aspect_ratios: the yolo layout"),
+        ("retinanet_detectron2", {"anchors.levels[0].base_size": 16.0}, "base_size: the detectron2 layout"),
+        ("retinanet_torchvision", {"anchors.offset": 0.5},
+         "AnchorConfig.offset: only the detectron2 layout uses it, got 0.5 with the torchvision layout"),
+        ("retinanet_detectron2", {"anchors.center_offset": 0.5}, "center_offset: only the mmdet layout uses it"),
+        ("yolov5", {"anchors.scale_major": False}, "scale_major: only the mmdet layout uses it"),
+        ("retinanet_torchvision", {"anchors.clip": False}, "clip: only the ssd layout uses it"),
+    ],
+)  # fmt: skip
+def test_a_field_the_layout_does_not_read_is_refused(preset, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        presets.get(preset).replace(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("retinanet_detectron2", {"anchors.offset": 0.5}),
+        ("retinanet_mmdet", {"anchors.center_offset": 0.5, "anchors.scale_major": False}),
+        ("retinanet_mmdet", {"anchors.levels[0].base_size": 16.0}),
+        ("ssd300_torchvision", {"anchors.clip": False, "anchors.levels[0].aspect_ratios": ()}),
+    ],
+)
+def test_the_fields_a_layout_reads_are_accepted(preset, overrides):
+    changed = presets.get(preset).replace(**overrides)
+    assert changed != presets.get(preset)
+
+
 def test_a_feature_size_past_the_bound_is_refused_not_overflowed():
     level = {"stride": 8, "sizes": [0.2], "aspect_ratios": [1.0], "feature_size": [2**64, 1]}
     with pytest.raises(ValueError, match=r"anchors.levels\[0\].feature_size: at most 1e\+06 cells a side"):
