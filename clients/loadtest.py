@@ -83,6 +83,7 @@ _HISTOGRAM = (1, 3_600_000_000, 3)
 _PROGRESS_S = 0.5
 _STOP_POLL_S = 0.1  # how soon a client notices that it is asked to stop
 _REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusing server fails at once
+_DETAILS_CHARS = 300  # of an error's message, kept per code for the report
 # A stream that the server closed without error before answering every request (no gRPC
 # code says so).
 _UNANSWERED = "UNANSWERED"
@@ -131,8 +132,9 @@ class Workload:
         )  # fmt: skip
 
     def describe(self) -> str:
-        boxes = "COCO-like" if self.boxes is None else f"{self.boxes} boxes per image,"
-        return (f"{self.preset} {self.canvas[0]}x{self.canvas[1]}, {self.images} {boxes} images per request, "
+        images = (f"{self.images} COCO-like images per request" if self.boxes is None
+                  else f"{self.images} images per request, {self.boxes} boxes per image")  # fmt: skip
+        return (f"{self.preset} {self.canvas[0]}x{self.canvas[1]}, {images}, "
                 f"{self.format.upper()} {'float16' if self.fp16 else 'float32'} deltas")  # fmt: skip
 
 
@@ -204,6 +206,7 @@ class _Recorder:
         self.seconds: dict[int, list] = {}  # second -> [ok, errors, histogram]
         self.errors: Counter[str] = Counter()
         self.interval_errors: Counter[str] = Counter()
+        self.details: dict[str, str] = {}  # code -> the first message that came with it
         self.warmup_requests = 0
         self.last_answer = measure_from  # when the last measured request was answered (or failed)
         # ``keep`` answers drawn uniformly from the whole window (reservoir sampling): the
@@ -251,6 +254,12 @@ class _Recorder:
         self.interval_errors[code] += 1
         bucket[1] += 1
 
+    def explain(self, code: str, details: str | None) -> None:
+        """Keep the first message an error code came with: "INVALID_ARGUMENT 5,000" alone
+        does not say what the server refused."""
+        if details:
+            self.details.setdefault(code, details[:_DETAILS_CHARS])
+
     def progress(self) -> dict:
         update = {"histogram": self.interval.encode(), "errors": dict(self.interval_errors)}
         self.interval = _histogram()
@@ -261,6 +270,7 @@ class _Recorder:
         return {
             "histogram": self.overall.encode(),
             "errors": dict(self.errors),
+            "error_details": self.details,
             "warmup_requests": self.warmup_requests,
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
@@ -393,6 +403,7 @@ class _Driver:
             response = await call(request, timeout=self.options.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             code = _code(error)
+            self.recorder.explain(code, error.details())
         except asyncio.CancelledError:
             if self.stopping:
                 raise
@@ -478,13 +489,16 @@ class _Driver:
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
                 i, at = in_flight.popleft()
-                self.recorder.record(at, time.perf_counter(), _in_band_code(response), i, response)
+                if (in_band := _in_band_code(response)) is not None:
+                    self.recorder.explain(in_band, response.error.message)
+                self.recorder.record(at, time.perf_counter(), in_band, i, response)
                 slots.release()
             if sent_all and not in_flight:
                 return None
             code = _UNANSWERED
         except grpc.RpcError as error:
             code = _code(error)
+            self.recorder.explain(code, error.details())
         except asyncio.CancelledError:
             if self.stopping:
                 raise
@@ -543,6 +557,7 @@ class Report:
     answered_s: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
+    error_details: dict[str, str] = field(default_factory=dict)  # code -> the first message it came with
 
     @property
     def ok(self) -> bool:
@@ -580,6 +595,7 @@ class Report:
             "machine": f"{platform.node()} ({platform.machine()}, {multiprocessing.cpu_count()} cores)",
             "requests": self.requests,
             "errors": self.errors,
+            "error_details": {code: self.error_details[code] for code in self.errors if code in self.error_details},
             "warmup_requests": self.warmup_requests,
             "requests_per_s": self.requests_per_s,
             "images_per_s": self.requests_per_s * images,
@@ -615,6 +631,10 @@ class Report:
                       "               " + "  ".join(f"{v:>8.2f}" for v in latency.values())]  # fmt: skip
         if self.errors:
             lines += ["", "errors by code: " + ", ".join(f"{c} {n:,}" for c, n in sorted(self.errors.items()))]
+            lines += [f"  {code}: {details}" for code, details in sorted(s["error_details"].items())]
+        elif not self.requests and not self.interrupted and not self.worker_failures:
+            lines += ["", "no request was measured: none that started in the measured window ended in the run "
+                          "(a request may take longer than --warmup + --duration)"]  # fmt: skip
         if self.window_s:  # near one core per client process: the load generator may be the limit
             busy, processes = s["client_cores_busy"], self.options.processes
             lines += ["", f"load generator: {self.client_cpu_s:.1f} CPU s in {self.window_s:.1f} s "
@@ -675,10 +695,13 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     measured_s = max(r["measured_s"] for r in results)
     latency = _histogram()
     errors: Counter[str] = Counter()
+    details: dict[str, str] = {}
     seconds: dict[int, list] = {}
     for result in results:
         latency.decode_and_add(result["histogram"])
         errors.update(result["errors"])
+        for code, message in result["error_details"].items():
+            details.setdefault(code, message)
         for second, (ok, bad, encoded) in result["seconds"].items():
             bucket = seconds.setdefault(second, [0, 0, _histogram()])
             bucket[0] += ok
@@ -697,7 +720,7 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
                   latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
                   window_s=max(r["window_s"] for r in results), measured_s=measured_s,
-                  answered_s=max(r["answered_s"] for r in results))  # fmt: skip
+                  answered_s=max(r["answered_s"] for r in results), error_details=details)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification

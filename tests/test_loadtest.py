@@ -121,6 +121,12 @@ def test_errors_are_counted_by_code_and_fail_the_run():
         assert not report.ok
         assert report.requests == 0 and list(report.errors) == ["RESOURCE_EXHAUSTED"]
         assert "errors by code: RESOURCE_EXHAUSTED" in report.table()
+        # What the server said, once per code: the code and a count alone named nothing.
+        said = "gt_counts: 2 images is over the server's limit of 1"
+        assert f"  RESOURCE_EXHAUSTED: {said}" in report.table()
+        assert report.summary()["error_details"] == {"RESOURCE_EXHAUSTED": said}
+        streamed = run(_options(srv, verify=0, duration_s=0.5, stream=True, processes=2))
+        assert streamed.summary()["error_details"] == {"RESOURCE_EXHAUSTED": said}, streamed.table()
         code = main(["loadtest", "--target", srv.address, "--duration", "0.5", "--warmup", "0", "--canvas", "256",
                      "320", "--images", "2", "--no-progress"])  # fmt: skip
     assert code == 1
@@ -572,6 +578,29 @@ def test_an_open_loop_the_server_cannot_keep_up_with_reports_what_was_served():
     assert report.requests == 100 and report.behind_s > 2.0
     assert report.requests_per_s < 30
     assert "the server fell behind" in report.table() and report.summary()["answered_s"] > 3.0
+
+
+def test_a_run_in_which_nothing_was_measured_says_why():
+    """A request longer than the whole run: begun in the warm-up, answered after the
+    window; the table read 0 requests, 0 errors and the run failed with no reason given."""
+
+    def slow(raw: bytes, context) -> bytes:
+        time.sleep(1.0)
+        index = int(pb.AssignRequest.FromString(raw).request_id.split("-")[1])
+        return _response(WORKLOAD, index).SerializeToString()
+
+    with fake_assigner(slow, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=0.2, warmup_s=0.1,
+                                     concurrency=1))  # fmt: skip
+    assert (report.requests, report.errors, report.ok) == (0, {}, False)
+    assert "no request was measured: none that started in the measured window ended" in report.table()
+
+
+def test_the_workload_reads_as_written():
+    assert Workload(images=4, boxes=30).describe() == (
+        "retinanet_torchvision 800x1344, 4 images per request, 30 boxes per image, SPARSE float32 deltas"
+    )  # was "4 30 boxes per image, images per request"
+    assert "8 COCO-like images per request, DENSE float16" in Workload(format="dense", fp16=True).describe()
 
 
 def test_verification_draws_its_responses_from_the_whole_run():
