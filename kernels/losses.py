@@ -55,10 +55,16 @@ _DECODED = ("giou", "diou", "ciou")  # box losses of the decoded prediction agai
 
 
 def _check_sparse(targets: object) -> SparseTargets:
+    """The targets' types and shapes (no list is read: no wait for a GPU). Their values are
+    as ``assign_sparse`` made them; lists built or edited by hand: ``targets.check()``."""
     if not isinstance(targets, SparseTargets):
         raise TypeError(
             f"targets: expected SparseTargets (assign_sparse, or Targets.to_sparse()), got {type(targets).__name__}"
         )
+    try:
+        targets.check_shapes()
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"targets: {exc}") from None
     return targets
 
 
@@ -212,13 +218,15 @@ def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, 
         raise ValueError(f"gt_boxes: expected shape [N, 4], got {list(gt_boxes.shape)}")
     device = predicted.device
     counts = torch.as_tensor(gt_counts, dtype=torch.int64, device=device)
-    if counts.shape != (targets.batch_size,) or int(counts.sum()) != gt_boxes.shape[0]:
+    if counts.shape != (targets.batch_size,) or int(counts.sum()) != gt_boxes.shape[0] or bool((counts < 0).any()):
         raise ValueError(
-            f"gt_counts: expected {targets.batch_size} counts summing to the {gt_boxes.shape[0]} rows of gt_boxes"
+            f"gt_counts: expected {targets.batch_size} counts >= 0 summing to the {gt_boxes.shape[0]} rows of gt_boxes"
         )
     if anchors.shape != (targets.num_anchors, 4):
         raise ValueError(f"anchors: expected shape [{targets.num_anchors}, 4], got {list(anchors.shape)}")
     matched_gt = targets.positive_matched_gt.to(device).long()
+    if bool((matched_gt < 0).any()):  # it would read the previous image's last box
+        raise ValueError("targets: a positive's matched box is negative")
     if bool((matched_gt >= counts[image]).any()):  # the same total, counted in another order
         raise ValueError("gt_counts: a positive's matched box is beyond its image's count; "
                          "give the counts the targets were assigned with")  # fmt: skip
@@ -370,14 +378,17 @@ def ssd_loss(
     classes = torch.full((batch, count), targets.background_class, dtype=torch.int64, device=device)
     classes[positive] = positive_classes
     loss = F.cross_entropy(cls_logits.flatten(0, 1), classes.flatten(), reduction="none").view(batch, count)
-    # The hardest negatives: each image's highest losses among anchors neither positive nor ignored.
-    hardness = loss.detach().clone()
-    hardness[positive] = -torch.inf
-    hardness[_rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device),
-             targets.ignored_anchors.to(device).long()] = -torch.inf  # fmt: skip
+    # The hardest negatives: each image's highest losses among anchors neither positive nor
+    # ignored. A NaN or infinite loss ranks first and is kept (the loss is then NaN, as
+    # torchvision's): a diverging network must not pass for a finite loss.
+    negative = torch.ones_like(loss, dtype=torch.bool)
+    negative[positive] = False
+    negative[_rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device),
+             targets.ignored_anchors.to(device).long()] = False  # fmt: skip
+    hardness = torch.where(negative, loss.detach(), -torch.inf)
     quota = neg_to_pos_ratio * targets.positive_offsets.diff().to(device).unsqueeze(1)
     rank = hardness.argsort(dim=1, descending=True).argsort(dim=1)
-    hardest = (rank < quota) & torch.isfinite(hardness)
+    hardest = (rank < quota) & negative
     positives = max(1, positive_classes.numel())
     predicted = bbox_regression[positive]
     wanted = targets.positive_deltas.to(device=device, dtype=torch.promote_types(predicted.dtype, torch.float32))

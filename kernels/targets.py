@@ -103,6 +103,28 @@ class SparseTargets:
         in another image, an index wrapped around, one matched box given to every
         positive, an anchor both positive and ignored. Reads the lists on the host (a
         small copy from a GPU)."""
+        self.check_shapes()
+        count = self.num_anchors
+        host = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        rows = {}
+        for which in ("positive", "ignored"):
+            offsets, anchors = host(getattr(self, f"{which}_offsets")), host(getattr(self, f"{which}_anchors"))
+            problem = csr_problem(which, offsets.tolist(), anchors, count)
+            if problem is not None:
+                raise ValueError(problem)
+            rows[which] = csr_rows(offsets, anchors, count)
+        matched = host(self.positive_matched_gt)
+        if matched.size and matched.min() < 0:
+            raise ValueError(f"positive_matched_gt: a positive matches box {matched.min()} (expected >= 0)")
+        problem = overlap_problem(rows["positive"], rows["ignored"], count, "ignored")
+        if problem is not None:
+            raise ValueError(problem)
+
+    def check_shapes(self) -> None:
+        """The part of ``check`` that reads no list (no copy, no wait for a GPU): dtypes,
+        one offset per image plus one, one matched box / delta / class per positive, the
+        level starts. The losses run it on every call; ``check`` the rest where lists were
+        made or edited by hand."""
         if not (isinstance(self.num_anchors, int) and self.num_anchors >= 0):
             raise ValueError(f"num_anchors: expected an int >= 0, got {self.num_anchors!r}")
         count, batch = self.num_anchors, self.batch_size
@@ -125,20 +147,6 @@ class SparseTargets:
         starts = self.level_starts
         if starts is not None and (starts[0] != 0 or starts[-1] != count or list(starts) != sorted(starts)):
             raise ValueError(f"level_starts: {starts}, expected ascending from 0 to num_anchors ({count})")
-        host = lambda t: t.detach().cpu().numpy()  # noqa: E731
-        rows = {}
-        for which in ("positive", "ignored"):
-            offsets, anchors = host(getattr(self, f"{which}_offsets")), host(getattr(self, f"{which}_anchors"))
-            problem = csr_problem(which, offsets.tolist(), anchors, count)
-            if problem is not None:
-                raise ValueError(problem)
-            rows[which] = csr_rows(offsets, anchors, count)
-        matched = host(self.positive_matched_gt)
-        if matched.size and matched.min() < 0:
-            raise ValueError(f"positive_matched_gt: a positive matches box {matched.min()} (expected >= 0)")
-        problem = overlap_problem(rows["positive"], rows["ignored"], count, "ignored")
-        if problem is not None:
-            raise ValueError(problem)
 
 
 @dataclass(eq=False)  # tensors have no single truth value: equal only to itself

@@ -256,6 +256,63 @@ def test_ssd_loss_known_answers():
         ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(2, 6, 4)}, sparse)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_ssd_loss_of_a_diverging_negative_is_nan_as_torchvisions(bad):
+    """A negative whose loss is NaN or infinite ranked among the hardest, took a slot of
+    the quota and was then dropped as "not finite": a finite loss (one negative short)
+    where torchvision's is NaN, hiding a diverging network."""
+    labels = torch.tensor([[1, 0, 0, 0, 0, 0]], dtype=torch.int8)
+    matched = torch.tensor([[0, -1, -1, -1, -1, -1]], dtype=torch.int32)
+    classes = torch.tensor([[1, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    sparse = Targets(labels, matched, torch.zeros(1, 6, 4), classes).to_sparse()
+    logits = torch.zeros(1, 6, 3)
+    logits[0, 3, 1] = bad
+    got = ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(1, 6, 4)}, sparse)
+    assert math.isnan(got["classification"].item())
+
+
+def _broken(field: str):
+    sparse = _hand_targets().to_sparse()
+    value = getattr(sparse, field)
+    setattr(sparse, field, torch.tensor([0, 2]) if field == "ignored_offsets" else value[:1])
+    return sparse
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("positive_deltas", r"targets: positive_deltas: shape \[1, 4\], expected \[2, 4\]"),
+        ("positive_classes", r"targets: positive_classes: shape \[1\], expected \[2\]"),
+        ("positive_matched_gt", r"targets: positive_matched_gt: shape \[1\], expected \[2\]"),
+        ("ignored_offsets", r"targets: ignored_offsets: shape \[2\], expected \[batch_size \+ 1\] = \[3\]"),
+    ],
+)
+def test_losses_refuse_lists_of_the_wrong_shape(field, message):
+    """Lists edited by hand: one delta broadcast to every positive, or offsets of another
+    batch, gave another loss (or an allocator's error) instead of naming the field."""
+    calls = [
+        lambda t: sigmoid_focal_loss(torch.zeros(2, 4, 8), t),
+        lambda t: box_regression_loss(torch.zeros(2, 4, 4), t),
+        lambda t: rpn_loss(torch.zeros(2, 4), torch.zeros(2, 4, 4), t),
+        lambda t: ssd_loss({"cls_logits": torch.zeros(2, 4, 8), "bbox_regression": torch.zeros(2, 4, 4)}, t),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call(_broken(field))
+
+
+def test_iou_losses_refuse_a_negative_matched_box_or_count():
+    sparse = _hand_targets().to_sparse()
+    inputs = dict(loss="giou", anchors=torch.zeros(4, 4), gt_boxes=torch.ones(2, 4), gt_counts=[2, 0],
+                  encode=presets.get("yolov5").encode)  # fmt: skip
+    with pytest.raises(ValueError, match=r"gt_counts: expected 2 counts >= 0"):  # was an IndexError
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, **{**inputs, "gt_boxes": torch.ones(2, 4),
+                                                              "gt_counts": [3, -1]})  # fmt: skip
+    sparse.positive_matched_gt = sparse.positive_matched_gt - 1  # image 0's first positive reads box -1
+    with pytest.raises(ValueError, match="targets: a positive's matched box is negative"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, **inputs)
+
+
 @pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
 def test_float16_predictions_meet_float32_targets_unrounded(loss):
     """As torchvision's losses do (float16 against float32 promotes): the targets are not
