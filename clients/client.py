@@ -54,10 +54,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
+import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
@@ -76,14 +78,44 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"].full_name
 _COOLDOWN_S = 1.0
 # The last try before a deadline gets at least this long (a connect on a LAN takes less).
 _LAST_TRY_S = 0.05
+# One health check (wait_until_ready) or one question to a server whose stream broke
+# (asyncio client) waits at most this long: an endpoint that never answers must not hold
+# the wait while another is SERVING.
+_PROBE_S = 1.0
 
 
 def _transport_failure(error: grpc.RpcError) -> bool:
     """The server could not be reached or went away (retry elsewhere); not an answer."""
-    code = error.code()
-    return code == grpc.StatusCode.UNAVAILABLE or (
-        code == grpc.StatusCode.INTERNAL and error.details() == _BROKEN_WRITE
-    )
+    return error.code() == grpc.StatusCode.UNAVAILABLE or _broken_write(error)
+
+
+def _broken_write(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.INTERNAL and error.details() == _BROKEN_WRITE
+
+
+class _Failure(grpc.RpcError):
+    """A failure the client establishes itself (no server sent it); ``silent``: the
+    endpoint answered nothing for a whole try (it is avoided for a while, as one gone)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, silent: bool = False) -> None:
+        super().__init__(details)
+        self._code, self._details, self.silent = code, details, silent
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
+    """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
+    if value is None and meaning_of_none is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:  # NaN too
+        none = "" if meaning_of_none is None else f" (or None: {meaning_of_none})"
+        raise ValueError(f"{name}: must be > 0 seconds{none}, got {value!r}")
+    return float(value)
 
 
 class TargetServiceError(Exception):
@@ -105,6 +137,10 @@ class TargetServiceError(Exception):
             message = code
             code, details = _code_and_details(message)
         else:
+            if isinstance(code, str):  # a code's name: "NOT_FOUND"
+                if code not in grpc.StatusCode.__members__:
+                    raise ValueError(f"code: expected a grpc.StatusCode or its name, got {code!r}")
+                code = grpc.StatusCode[code]
             message = f"{code.name}: {details}"
         super().__init__(message)
         self.code = code
@@ -262,18 +298,21 @@ class _Base:
         self.targets = [target] if isinstance(target, str) else list(target)
         if not self.targets:
             raise ValueError("target: give at least one address")
-        if connections < 1:
-            raise ValueError(f"connections: must be >= 1, got {connections}")
+        for address in self.targets:
+            if not isinstance(address, str) or not address.strip():
+                raise ValueError(f"target: expected 'host:port' addresses, got {address!r}")
+            if address.startswith(("http://", "https://")):  # gRPC would resolve "http" as a host name
+                raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections: must be an integer >= 1, got {connections!r}")
         self.connections = connections
         # One endpoint per connection, the addresses interleaved so that turns alternate
         # between them; channels alike in address and options share one connection
         # unless each keeps its own subchannel pool.
         self._endpoints = self.targets * connections
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
-        if try_timeout is not None and not try_timeout > 0:
-            raise ValueError(f"try_timeout: must be > 0 seconds (or None: the call's timeout), got {try_timeout}")
-        if timeout is not None and not 0 < timeout < math.inf:  # also refuses NaN
-            raise ValueError(f"timeout: must be > 0 seconds (or None: no deadline), got {timeout}")
+        try_timeout = _checked_timeout("try_timeout", try_timeout, "the call's timeout")
+        timeout = _checked_timeout("timeout", timeout, "no deadline")
         if not 0 <= backoff < math.inf:
             raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff}")
         if not 0 < max_backoff < math.inf:
@@ -288,6 +327,9 @@ class _Base:
         self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if root_certificates is not None:
+            if not isinstance(root_certificates, bytes):
+                raise ValueError("root_certificates: expected the PEM file's bytes (read_root_certificates(path)), "
+                                 f"got {type(root_certificates).__name__}")  # fmt: skip
             try:
                 check_root_certificates(root_certificates)
             except ValueError as exc:
@@ -295,6 +337,8 @@ class _Base:
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
         self._max_message_bytes = max_message_bytes
+        if isinstance(options, Mapping) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):
+            raise ValueError(f"options: expected a sequence of (name, value) pairs, got {options!r}")
         self._extra_options = list(options)
         self._options = _channel_options(max_message_bytes, [*options, *own_pool])
         self._reset()
@@ -303,7 +347,7 @@ class _Base:
     def _reset(self) -> None:
         """Forget every per-process thing: channels, stubs, the turn, failures, counters
         and locks (in a forked child, another thread may have held them at the fork)."""
-        self._pid: int | None = None
+        self._owner: Any = None  # what the channels were opened for: this process (and event loop)
         self._stubs: list[pb_grpc.TargetAssignerStub] = []
         self._channels: list = []
         self._turn = itertools.count()
@@ -348,12 +392,16 @@ class _Base:
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
 
+    @staticmethod
+    def _current_owner() -> Any:
+        return os.getpid()
+
     def _open_all(self) -> None:
-        if self._pid != os.getpid():
+        if self._owner != self._current_owner():
             self._channels = [self._open(t) for t in self._endpoints]
             self._stubs = [pb_grpc.TargetAssignerStub(c) for c in self._channels]
             self._failed_at = [float("-inf")] * len(self._endpoints)
-            self._pid = os.getpid()
+            self._owner = self._current_owner()
 
     def _endpoint(self) -> int:
         """The next endpoint in turn, skipping those that failed in the last moment
@@ -376,7 +424,7 @@ class _Base:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 64)))
 
     def _deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self.timeout if timeout is None else _checked_timeout("timeout", timeout, "the client's")
         return None if timeout is None else time.monotonic() + timeout
 
     def _retry_wait(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
@@ -400,6 +448,32 @@ class _Base:
         return (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 and (deadline is None or deadline - time.monotonic() > _LAST_TRY_S))  # fmt: skip
 
+    def _endpoint_failed(self, error: grpc.RpcError) -> bool:
+        """The endpoint, not the request, failed: unreachable, gone, or silent for a try."""
+        return (_transport_failure(error) or getattr(error, "silent", False)
+                or (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED))  # fmt: skip
+
+    def _health_wait(self, attempt: int, deadline: float) -> float | None:
+        """Seconds before the next health check, cut short so that the last comes just
+        before the deadline; None: the deadline is here."""
+        left = deadline - time.monotonic() - _LAST_TRY_S
+        return None if left <= 0 else min(self._delay(min(attempt, 4)), left)
+
+    def _health_limit(self, deadline: float) -> float:
+        return min(self._remaining(deadline), self.try_timeout or _PROBE_S)
+
+    def _watchdog(self, attempt: int, deadline: float | None, reconnect: float | None, unanswered: _Unanswered,
+                  cancel, schedule) -> _Watchdog | None:  # fmt: skip
+        """After a break (``attempt`` > 0), the watchdog of the new call: it must answer
+        within the client's timeout (or ``try_timeout``)."""
+        limit = self._try_limit(_earlier(deadline, reconnect)) if attempt else None
+        return None if limit is None else _Watchdog(limit, unanswered, cancel, schedule)
+
+    def _silent(self, index: int, watchdog: _Watchdog) -> _Failure:
+        return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, silent=True,
+                        details=f"{self._endpoints[index]} answered none of the stream's requests within "
+                                f"{watchdog.seconds:.1f} s of taking over from the server that went away")  # fmt: skip
+
     def _try_limit(self, deadline: float | None) -> float | None:
         """Seconds one try may take: what is left of the call, at most ``try_timeout``."""
         left = self._remaining(deadline)
@@ -411,7 +485,8 @@ class _Base:
                      started: float) -> float:  # fmt: skip
         """After try ``attempt`` on endpoint ``index`` failed: the seconds to wait before the
         next try, or ``TargetServiceError`` raised when the call gives up."""
-        self._failed(index)
+        if self._endpoint_failed(error):  # not for a refused request: other callers' go on here
+            self._failed(index)
         delay = self._retry_wait(error, attempt, deadline)
         if delay is None:
             self._count(errors=1)
@@ -449,12 +524,19 @@ class _Base:
         return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
     @staticmethod
-    def _request(item: pb.AssignRequest | Mapping[str, Any], defaults: Mapping[str, Any], index: int):
+    def _request(item: pb.AssignRequest | Mapping[str, Any], defaults: Mapping[str, Any], index: int,
+                 seeds: torch.Generator):  # fmt: skip
         if isinstance(item, pb.AssignRequest):
             return item
+        if not isinstance(item, Mapping):
+            raise TypeError(f"stream item {index}: expected a dict of assign arguments or an AssignRequest, "
+                            f"got {type(item).__name__}")  # fmt: skip
         kwargs = {**defaults, **item}
         kwargs.setdefault("request_id", str(index))
-        return build_request(**kwargs)
+        try:
+            return build_request(**kwargs, seeds=seeds)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"stream item {index}: {exc}") from None
 
     @staticmethod
     def _result(request: pb.AssignRequest, response: pb.AssignResponse, densify: bool) -> Targets | SparseTargets:
@@ -515,6 +597,13 @@ def check_densify(densify: bool, options: Mapping[str, Any]) -> None:
         raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
     if not densify and options.get("return_max_iou"):
         raise ValueError("densify=False returns SparseTargets, which hold no max IoU: return_max_iou needs densify")
+
+
+def _stream_seeds() -> torch.Generator:
+    """Where a stream's items draw fresh sampling seeds: seeded now, on the caller's thread
+    (gRPC's thread builds the requests), so that ``torch.manual_seed`` repeats a run and the
+    trainer's own draws do not depend on the threads' timing."""
+    return torch.Generator().manual_seed(fresh_seed())
 
 
 def _earlier(first: float | None, second: float | None) -> float | None:
@@ -625,6 +714,42 @@ class _Unanswered:
             return self._generation, list(self._sent)
 
 
+class _Watchdog:
+    """Cancels a stream's call (``fired``) that has requests outstanding and has answered
+    none ``seconds`` after it opened: after a break, a server that accepts connections and
+    hangs would otherwise hold the stream for ever, whatever the client's timeout. While
+    the call has nothing to answer (a slow source) it looks again ``seconds`` later.
+    ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
+
+    def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
+        self._handle = schedule(seconds, self._check)
+
+    def _check(self) -> None:
+        if self._handle is None:  # answered meanwhile
+            return
+        if self._unanswered.outstanding():
+            self.fired = True
+            self._cancel()
+        else:
+            self._handle = self._schedule(self.seconds, self._check)
+
+    def stop(self) -> None:
+        """The call answered (or ended): no more looks."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+
+def _timer(seconds: float, callback) -> threading.Timer:
+    timer = threading.Timer(seconds, callback)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 class TargetClient(_Base):
     """Blocking client; see the module docstring. Use it as a context manager."""
 
@@ -634,10 +759,10 @@ class TargetClient(_Base):
         return grpc.insecure_channel(target, options=self._options)
 
     def close(self) -> None:
-        if self._pid == os.getpid():
+        if self._owner == self._current_owner():
             for channel in self._channels:
                 channel.close()
-        self._channels, self._stubs, self._pid = [], [], None
+        self._channels, self._stubs, self._owner = [], [], None
 
     def __enter__(self) -> TargetClient:
         return self
@@ -662,21 +787,21 @@ class TargetClient(_Base):
         """Return once an endpoint's health check says SERVING (its warm-up done); raise
         ``TargetServiceError`` (UNAVAILABLE) naming the endpoints after ``timeout`` seconds."""
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + _checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
             index = self._endpoint()
             check = health_pb2_grpc.HealthStub(self._channels[index]).Check
             reply, error = None, None
             try:
-                reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._remaining(deadline),
+                reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._health_limit(deadline),
                               metadata=self._metadata)  # fmt: skip
             except grpc.RpcError as failure:
                 error = failure
             last = self._health(index, reply, error)
             if not last:
                 return
-            delay = self._delay(min(attempt, 4))
-            if time.monotonic() + delay >= deadline:
+            delay = self._health_wait(attempt, deadline)
+            if delay is None:
                 raise _not_ready(self.targets, time.monotonic() - started, last)
             time.sleep(delay)
 
@@ -733,7 +858,7 @@ class TargetClient(_Base):
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
         ``timeout`` bounds the whole stream when given; by default a stream has no deadline
         (it may last an epoch), and after a break the client's timeout bounds the search for
-        a server. An exception raised while reading ``requests`` (an item that makes no
+        a server and the new server's first answer. An exception raised while reading ``requests`` (an item that makes no
         request, or the iterable itself failing) ends the stream: the requests before it
         are answered, then it is raised. When the stream's server becomes
         UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
@@ -741,30 +866,39 @@ class TargetClient(_Base):
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
         check_densify(densify, defaults)
-        unanswered = _Unanswered((self._request(item, defaults, i) for i, item in enumerate(requests)), self._count)
+        seeds = _stream_seeds()
+        unanswered = _Unanswered(
+            (self._request(item, defaults, i, seeds) for i, item in enumerate(requests)), self._count
+        )
         started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        generation, resend, attempt = 0, [], 0
+        deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
+        generation, resend, attempt, reconnect = 0, [], 0, None
         self._count(calls=1)
         while True:
             index = self._endpoint()
             call = self._stubs[index].AssignStream(
                 unanswered.feed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
             )
+            watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel, _timer)
             try:
                 for response in call:
                     attempt = 0  # progress: a later failure starts its backoff afresh
+                    if watchdog is not None:
+                        watchdog.stop()
                     yield self._streamed(unanswered, response, densify, return_exceptions)
                 self._ended(unanswered)
                 return
-            except grpc.RpcError as error:
+            except grpc.RpcError as failure:
+                error = self._silent(index, watchdog) if watchdog is not None and watchdog.fired else failure
                 if attempt == 0:
-                    reconnect = self._deadline(None)
+                    broke, reconnect = time.monotonic(), self._deadline(None)
                 generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
-                                                               started, unanswered)  # fmt: skip
+                                                               broke, unanswered)  # fmt: skip
                 attempt += 1
                 time.sleep(delay)
             finally:
+                if watchdog is not None:
+                    watchdog.stop()
                 call.cancel()
 
     def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
@@ -792,11 +926,17 @@ class AsyncTargetClient(_Base):
             return grpc.aio.secure_channel(target, self._credentials(), options=self._options)
         return grpc.aio.insecure_channel(target, options=self._options)
 
+    @staticmethod
+    def _current_owner() -> Any:
+        # An asyncio channel belongs to the event loop it was opened on: a later
+        # asyncio.run() opens its own.
+        return os.getpid(), asyncio.get_running_loop()
+
     async def close(self) -> None:
-        if self._pid == os.getpid():
+        if self._owner == self._current_owner():
             for channel in self._channels:
                 await channel.close()
-        self._channels, self._stubs, self._pid = [], [], None
+        self._channels, self._stubs, self._owner = [], [], None
 
     async def __aenter__(self) -> AsyncTargetClient:
         return self
@@ -820,21 +960,21 @@ class AsyncTargetClient(_Base):
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         """See ``TargetClient.wait_until_ready``."""
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + _checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
             index = self._endpoint()
             check = health_pb2_grpc.HealthStub(self._channels[index]).Check
             reply, error = None, None
             try:
                 reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
-                                    timeout=self._remaining(deadline), metadata=self._metadata)  # fmt: skip
+                                    timeout=self._health_limit(deadline), metadata=self._metadata)  # fmt: skip
             except grpc.RpcError as failure:
                 error = failure
             last = self._health(index, reply, error)
             if not last:
                 return
-            delay = self._delay(min(attempt, 4))
-            if time.monotonic() + delay >= deadline:
+            delay = self._health_wait(attempt, deadline)
+            if delay is None:
                 raise _not_ready(self.targets, time.monotonic() - started, last)
             await asyncio.sleep(delay)
 
@@ -867,41 +1007,70 @@ class AsyncTargetClient(_Base):
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
         check_densify(densify, defaults)
 
+        seeds = _stream_seeds()
+
         async def messages():
             if isinstance(requests, AsyncIterable):
                 i = 0
                 async for item in requests:
-                    yield self._request(item, defaults, i)
+                    yield self._request(item, defaults, i, seeds)
                     i += 1
             else:
                 for i, item in enumerate(requests):
-                    yield self._request(item, defaults, i)
+                    yield self._request(item, defaults, i, seeds)
 
         unanswered = _Unanswered(messages(), self._count)
         started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        generation, resend, attempt = 0, [], 0
+        deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
+        generation, resend, attempt, reconnect = 0, [], 0, None
         self._count(calls=1)
         while True:
             index = self._endpoint()
             call = self._stubs[index].AssignStream(
                 unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
             )
+            watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel,
+                                      asyncio.get_running_loop().call_later)  # fmt: skip
             try:
                 async for response in call:
                     attempt = 0
+                    if watchdog is not None:
+                        watchdog.stop()
                     yield self._streamed(unanswered, response, densify, return_exceptions)
                 self._ended(unanswered)
                 return
-            except grpc.RpcError as error:
+            except (grpc.RpcError, asyncio.CancelledError) as error:
+                if isinstance(error, asyncio.CancelledError):  # the watchdog's cancel, or the caller's
+                    if watchdog is None or not watchdog.fired:
+                        raise
+                    error = self._silent(index, watchdog)
+                elif _broken_write(error):
+                    error = await self._why_broken(error, index, deadline)
                 if attempt == 0:
-                    reconnect = self._deadline(None)
+                    broke, reconnect = time.monotonic(), self._deadline(None)
                 generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
-                                                               started, unanswered)  # fmt: skip
+                                                               broke, unanswered)  # fmt: skip
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:
+                if watchdog is not None:
+                    watchdog.stop()
                 call.cancel()
+
+    async def _why_broken(self, error: grpc.RpcError, index: int, deadline: float | None) -> grpc.RpcError:
+        """gRPC's asyncio client reports a stream that ended while it was writing a request
+        as INTERNAL ("Internal error from Core"), the server's status lost: a wrong token or
+        a passed deadline read as a server gone, and the requests were sent again and again.
+        The stream's own deadline, then the endpoint itself (a cheap call with the same
+        metadata), say which it was; a server that refuses the call is not retried."""
+        if deadline is not None and deadline - time.monotonic() <= _LAST_TRY_S:
+            return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream's deadline passed")
+        try:
+            await self._stubs[index].ListPresets(pb.ListPresetsRequest(), timeout=_PROBE_S, metadata=self._metadata)
+        except grpc.RpcError as refusal:
+            if not _transport_failure(refusal) and refusal.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return refusal
+        return error
 
     async def list_presets(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         response = await self._call("ListPresets", pb.ListPresetsRequest(), timeout)

@@ -215,7 +215,7 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
             request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
                        "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
             if seeds is not None:
-                request["seed"] = int(torch.randint(2**62, (), generator=seeds))
+                request["seed"] = fresh_seed(seeds)
             read.append((images, targets, _image_ids(targets)))
             yield request
 

@@ -191,8 +191,11 @@ def build_request(
     return_max_iou: bool = False,
     seed: int | None = None,
     request_id: str = "",
+    seeds: torch.Generator | None = None,
 ) -> pb.AssignRequest:
-    """The ``AssignRequest`` for a ragged batch (arguments as ``TargetClient.assign``)."""
+    """The ``AssignRequest`` for a ragged batch (arguments as ``TargetClient.assign``).
+    ``seeds``: where a sampling config's fresh seed is drawn (default: torch's global
+    generator; a stream builds its requests on gRPC's thread, so it brings its own)."""
     if format not in _FORMATS:
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:
@@ -203,9 +206,11 @@ def build_request(
             f"seed: the service takes one int per request (each image's seed derives from it, as with "
             f"assign(seed=int) in-process); got {type(seed).__name__}"
         )
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: the service takes an int64, in [-2**63, 2**63), got {seed}")
     ref = config_ref(preset, config, overrides)
     if seed is None:
-        seed = _fresh_seed_if_sampled(ref)
+        seed = _fresh_seed_if_sampled(ref, seeds)
     request = pb.AssignRequest(
         request_id=request_id,
         config=ref,
@@ -249,13 +254,13 @@ def decode_anchors(response: pb.GetAnchorsResponse, request: pb.GetAnchorsReques
     return anchors
 
 
-def _fresh_seed_if_sampled(ref: pb.ConfigRef) -> int:
+def _fresh_seed_if_sampled(ref: pb.ConfigRef, seeds: torch.Generator | None) -> int:
     """A fresh seed, drawn in the caller's process (where ``torch.manual_seed`` and a
     DataLoader's per-worker seeding apply), for a config that samples; 0 otherwise, so
     requests without sampling stay byte-identical. A config this client cannot resolve
     gets a fresh one too."""
     config = _resolved(ref)
-    return fresh_seed() if config is None or config.match.sample_size > 0 else 0
+    return fresh_seed(seeds) if config is None or config.match.sample_size > 0 else 0
 
 
 def decode_response(response: pb.AssignResponse, request: pb.AssignRequest | None = None) -> Targets:

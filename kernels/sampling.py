@@ -25,9 +25,9 @@ __all__ = ["fresh_seed", "image_seeds", "sample"]
 _SEED_RANGE = range(-(2**63), 2**64)
 
 
-def fresh_seed() -> int:
-    """A seed drawn from torch's global CPU generator (one draw)."""
-    return int(torch.randint(2**62, ()))
+def fresh_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn from ``generator`` (default: torch's global CPU generator), one draw."""
+    return int(torch.randint(2**62, (), generator=generator))
 
 
 def _one_seed(value) -> int | None:

@@ -438,7 +438,7 @@ def test_calls_spread_over_the_clients_connections(client_class, connections):
 
             asyncio.run(calls())
     assert len(peers) == connections, peers
-    with pytest.raises(ValueError, match="connections: must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="connections: must be an integer >= 1, got 0"):
         client_class("127.0.0.1:1", connections=0)
 
 
@@ -562,3 +562,211 @@ def test_requests_without_a_seed_sample_anew_only_where_the_config_samples():
     assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed == first
     assert build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision").seed == 0
     assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision", seed=np.int64(5)).seed == 5
+
+
+# ---------------------------------------------------------------- review 2026-12-02: faults and bad input
+
+
+def _items(count: int, pause: float = 0.0):
+    for i in range(count):
+        time.sleep(pause)
+        yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"i{i}"}
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_stream_whose_next_server_hangs_gives_up_within_the_clients_timeout(client_class):
+    """After its server went away a stream moved to a server that accepts the call and
+    never answers: the client's timeout bounded only the search between tries, so the
+    stream waited for ever (45 s and counting, timeout=1.5)."""
+    outcome: dict = {}
+    with _hung_server() as hung:
+        first = ServerThread().start()
+        client = client_class([first.address, hung.address], timeout=1.5)
+
+        def on_answer(count: int) -> None:
+            if count == 5:
+                first.stop(grace=0)
+                outcome["broke"] = time.monotonic()
+
+        def consume() -> None:
+            try:
+                if client_class is TargetClient:
+                    for count, _ in enumerate(client.stream(_items(40, 0.01), preset="retinanet_torchvision",
+                                                            canvas=CANVAS), 1):  # fmt: skip
+                        on_answer(count)
+                else:
+
+                    async def run() -> None:
+                        count = 0
+                        async for _ in client.stream(_items(40, 0.01), preset="retinanet_torchvision", canvas=CANVAS):
+                            count += 1
+                            on_answer(count)
+
+                    asyncio.run(run())
+            except TargetServiceError as error:
+                outcome["error"] = error
+            outcome["ended"] = time.monotonic()
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the stream still waits on the hung server"
+    error = outcome["error"]
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"{hung.address} answered none of the stream's requests within 1.5 s" in error.details
+    assert outcome["ended"] - outcome["broke"] < 6
+
+
+_CORNERS = torch.rand(500, 2, generator=torch.Generator().manual_seed(0)) * 40
+_BIG_ITEM = {"gt_boxes": torch.cat([_CORNERS, _CORNERS + 10], 1), "gt_counts": [500]}  # 8 kB
+
+
+def _async_stream_outcome(address: str, runs: int, timeout: float | None = None, **client_options):
+    """(codes, retries) of ``runs`` async streams of 3,000 8-kB requests: the client still
+    writes when the server's status comes."""
+
+    async def once():
+        async with AsyncTargetClient(address, **client_options) as client:
+            try:
+                async for _ in client.stream([_BIG_ITEM] * 3000, preset="retinanet_torchvision", canvas=(64, 64),
+                                             timeout=timeout):  # fmt: skip
+                    pass
+            except TargetServiceError as error:
+                return error, client.stats.retries
+        return None, client.stats.retries
+
+    return [asyncio.run(once()) for _ in range(runs)]
+
+
+def test_an_async_stream_refused_while_it_writes_is_not_retried():
+    """gRPC's asyncio client reports a stream that ended while it wrote as INTERNAL
+    ("Internal error from Core"): a wrong token read as a server gone, and the requests
+    were sent again, up to 85 times (8 runs of 10)."""
+    with ServerThread(token="s3cret") as srv:
+        outcomes = _async_stream_outcome(srv.address, runs=3, token="wrong")
+    assert [(error.code, retries) for error, retries in outcomes] == [(grpc.StatusCode.UNAUTHENTICATED, 0)] * 3
+
+
+def test_an_async_streams_deadline_passed_while_it_writes_is_deadline_exceeded():
+    """... and a passed deadline as "INTERNAL: no tritarget server answered" (2 runs of 10)."""
+    with ServerThread() as srv:
+        outcomes = _async_stream_outcome(srv.address, runs=5, timeout=0.5)
+    assert [error.code for error, _ in outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
+
+
+def test_wait_until_ready_moves_past_an_endpoint_that_never_answers():
+    """Each health check had the whole timeout: a listener that never answers, first in
+    turn, held the wait until it failed, with the second endpoint SERVING."""
+    with socket.socket() as silent, ServerThread() as good:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections are accepted by the kernel, nothing ever answers
+        with TargetClient([f"127.0.0.1:{silent.getsockname()[1]}", good.address]) as client:
+            start = time.monotonic()
+            client.wait_until_ready(timeout=5.0)
+            assert time.monotonic() - start < 3
+
+
+def test_wait_until_ready_tries_until_its_timeout():
+    """It gave up when the next backoff would pass the deadline: up to 0.6 s early."""
+    with TargetClient(f"127.0.0.1:{_free_port()}") as client:
+        for _ in range(3):
+            start = time.monotonic()
+            with pytest.raises(TargetServiceError):
+                client.wait_until_ready(timeout=2.0)
+            assert time.monotonic() - start > 1.9
+
+
+def test_a_refused_request_does_not_turn_calls_away_from_its_server(two_servers):
+    """A bad request marked its endpoint failed: the next second of calls all went to the
+    other server (10 of 10)."""
+    a, b = two_servers
+    with TargetClient([a.address, b.address]) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(torch.tensor([[5.0, 5.0, 5.0, 9.0]]), [1], CANVAS, preset="retinanet_torchvision")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        before = _assigns(a), _assigns(b)
+        for _ in range(10):
+            _assign(client)
+        assert (_assigns(a) - before[0], _assigns(b) - before[1]) == (5, 5)
+
+
+def test_a_streams_fresh_sampling_seeds_repeat_with_torch_manual_seed(two_servers):
+    """A stream built its requests on gRPC's thread, drawing seeds from torch's global
+    generator there: runs differed, and so did the trainer's own draws in between."""
+    a, _ = two_servers
+
+    def run() -> tuple[list, list]:
+        torch.manual_seed(0)
+        labels, draws = [], []
+        with TargetClient(a.address) as client:
+            for targets in client.stream(_items(30), preset="fasterrcnn_rpn_torchvision", canvas=CANVAS):
+                labels.append(targets.labels)
+                draws.append(torch.rand(()).item())
+        return labels, draws
+
+    first, *others = (run() for _ in range(4))
+    for other in others:
+        assert other[1] == first[1]
+        assert all(torch.equal(x, y) for x, y in zip(other[0], first[0]))
+
+
+def test_an_async_client_serves_one_event_loop_after_another(two_servers):
+    """Its channels belonged to the first loop: the second asyncio.run() failed with
+    "RuntimeError: Event loop is closed"."""
+    a, _ = two_servers
+    client = AsyncTargetClient(a.address)
+
+    async def call():
+        return (await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")).labels
+
+    assert torch.equal(asyncio.run(call()), asyncio.run(call()))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0, 0, "5"])
+def test_a_calls_timeout_is_checked(bad):
+    """inf and NaN gave DEADLINE_EXCEEDED at once, "5" a TypeError from a sum, and
+    wait_until_ready(inf) never returned from a server that is SERVING."""
+    with TargetClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match=r"timeout: must be > 0 seconds \(or None: the client's\)"):
+            _assign(client, timeout=bad)
+        with pytest.raises(ValueError, match="timeout: must be > 0 seconds, got"):
+            client.wait_until_ready(timeout=bad)
+        with pytest.raises(ValueError, match=r"timeout: must be > 0 seconds \(or None: no deadline\)"):
+            next(client.stream([], timeout=bad))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": ["127.0.0.1:1", None]}, "target: expected 'host:port' addresses, got None"),
+        ({"target": "http://127.0.0.1:1"}, "target: 'http://127.0.0.1:1' is a URL; give 'host:port'"),
+        ({"target": "a:1", "connections": 2.0}, "connections: must be an integer >= 1, got 2.0"),
+        ({"target": "a:1", "options": {"grpc.lb_policy_name": "pick_first"}}, "options: expected a sequence of"),
+        ({"target": "a:1", "root_certificates": "-----BEGIN"}, "root_certificates: expected the PEM file's bytes"),
+        ({"target": "a:1", "timeout": "5"}, r"timeout: must be > 0 seconds \(or None: no deadline\), got '5'"),
+    ],
+)
+def test_a_client_made_wrong_says_what_is_wrong(kwargs, message):
+    """Each raised an AttributeError or TypeError naming no argument (some at the first call)."""
+    for client_class in (TargetClient, AsyncTargetClient):
+        with pytest.raises(ValueError, match=message):
+            client_class(**kwargs)
+
+
+def test_a_stream_item_that_makes_no_request_is_named(two_servers):
+    with TargetClient(two_servers[0].address) as client:
+        for item, message in ((torch.zeros(1, 4), "stream item 0: expected a dict of assign arguments"),
+                              ({"gt_boxes": BOXES}, "stream item 0: .*gt_counts")):  # fmt: skip
+            with pytest.raises(TypeError, match=message):
+                list(client.stream([item], preset="retinanet_torchvision", canvas=CANVAS))
+    with pytest.raises(ValueError, match=r"seed: the service takes an int64, in \[-2\*\*63, 2\*\*63\), got 2\*\*63|"
+                                         r"seed: the service takes an int64"):  # fmt: skip
+        build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision", seed=2**63)
+
+
+def test_a_service_error_takes_its_codes_name():
+    error = TargetServiceError("NOT_FOUND", "unknown preset")
+    assert (error.code, error.details, str(error)) == (grpc.StatusCode.NOT_FOUND, "unknown preset",
+                                                       "NOT_FOUND: unknown preset")  # fmt: skip
+    with pytest.raises(ValueError, match="code: expected a grpc.StatusCode or its name, got 'NOPE'"):
+        TargetServiceError("NOPE", "x")
