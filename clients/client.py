@@ -324,6 +324,12 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        if token is not None:
+            if not isinstance(token, str):
+                raise ValueError(f"token: expected a str, got {type(token).__name__}")
+            token = token.strip()  # as the server reads its own (a secret's file ends with a newline)
+            if not all(" " < c <= "~" for c in token):
+                raise ValueError("token: has characters an HTTP header cannot carry (printable ASCII only)")
         self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if root_certificates is not None:
@@ -336,6 +342,12 @@ class _Base:
                 raise ValueError(f"root_certificates: {exc}") from None
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
+        if (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or not (0 < max_message_bytes < 2**31)
+        ):  # gRPC's limits are int32
+            raise ValueError(f"max_message_bytes: must be an integer in [1, 2**31), got {max_message_bytes!r}")
         self._max_message_bytes = max_message_bytes
         if isinstance(options, Mapping) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):
             raise ValueError(f"options: expected a sequence of (name, value) pairs, got {options!r}")
@@ -858,9 +870,9 @@ class TargetClient(_Base):
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
         ``timeout`` bounds the whole stream when given; by default a stream has no deadline
         (it may last an epoch), and after a break the client's timeout bounds the search for
-        a server and the new server's first answer. An exception raised while reading ``requests`` (an item that makes no
-        request, or the iterable itself failing) ends the stream: the requests before it
-        are answered, then it is raised. When the stream's server becomes
+        a server and the new server's first answer. An exception raised while reading
+        ``requests`` (an item that makes no request, or the iterable itself failing) ends the
+        stream: the requests before it are answered, then it is raised. When the stream's server becomes
         UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
         on a new stream to the next endpoint: every request gets exactly one answer.
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).

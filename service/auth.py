@@ -54,8 +54,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None:
             return handler
         status = status_of(refusal)
-        if self._metrics is not None:
-            self._metrics.errors.labels(details.method.rsplit("/", 1)[-1], code_name(status)).inc()
+        if self._metrics is not None:  # a request, refused: errors never outnumber requests
+            method = details.method.rsplit("/", 1)[-1]
+            self._metrics.method(method).requests.inc()
+            self._metrics.errors.labels(method, code_name(status)).inc()
         return _refusing(handler, status)
 
 

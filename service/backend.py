@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import queue
 import threading
 import time
@@ -152,8 +153,8 @@ class BatchOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"batching: {name} must be an integer >= 1, got {value!r}")
-        if not self.max_queue_delay_s >= 0:  # also refuses NaN
-            raise ValueError(f"batching: max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
+        if not 0 <= self.max_queue_delay_s < math.inf:  # NaN too; an infinite wait fills no batch for ever
+            raise ValueError(f"batching: max_queue_delay_s must be finite and >= 0, got {self.max_queue_delay_s!r}")
 
     def resolved(self, device: torch.device) -> BatchOptions:
         """The unset fields filled for ``device``. On a CPU one compute worker with every

@@ -76,6 +76,8 @@ def _server_options(args: argparse.Namespace):
     from .server import ServerOptions
 
     tls_cert, tls_key = _tls_files(args.tls_cert, args.tls_key)
+    if args.metrics_host is not None and args.metrics_port is None:
+        raise ValueError("--metrics-host needs --metrics-port (metrics are off without it)")
     return ServerOptions(
         host=args.host,
         port=args.port,
@@ -107,18 +109,31 @@ def _server_token(args: argparse.Namespace) -> str | None:
     one given on purpose is refused: read as "no token", the server would take every
     caller (``TRITARGET_TOKEN="$SECRET"`` with SECRET unset is the usual way to get one)."""
     if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
-        if not token:
+        try:
+            with open(args.token_file) as f:
+                token = f.read()
+        except OSError as exc:
+            raise ValueError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        if not token.strip():
             raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
-        return token
+        return _header_safe(token, f"--token-file {args.token_file}")
     if args.token is not None:
         if not args.token.strip():
             raise ValueError("--token is empty; give the token, or leave --token out to serve without one")
-        return args.token
+        return _header_safe(args.token, "--token")
     token = os.environ.get("TRITARGET_TOKEN")
     if token is not None and not token.strip():
         raise ValueError("TRITARGET_TOKEN is set but empty; unset it to serve without a token")
+    return None if token is None else _header_safe(token, "TRITARGET_TOKEN")
+
+
+def _header_safe(token: str, source: str) -> str:
+    """The token without surrounding whitespace, as a file's (a secret made from a file
+    ends with a newline: kept, no client could ever send it, gRPC refusing the header as
+    "Invalid metadata"); other characters a header cannot carry are refused."""
+    token = token.strip()
+    if not all(" " < c <= "~" for c in token):
+        raise ValueError(f"{source}: the token has characters an HTTP header cannot carry (printable ASCII only)")
     return token
 
 
@@ -421,21 +436,25 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=port, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
     parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
     parser.add_argument(
-        "--max-message-mb", type=integer(1), default=256, help="max request/response size (default 256)"
+        "--max-message-mb",
+        type=integer(1, 2047),
+        default=256,  # gRPC's limits are int32 bytes
+        help="max request/response size (default 256; at most 2047)",
     )
     parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(
         "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"
     )
-    parser.add_argument("--max-batch-images", type=int,
+    parser.add_argument("--max-batch-images", type=integer(1),
                         help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
-    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+    parser.add_argument("--max-queue-delay-ms", type=number(0), default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
-    parser.add_argument("--max-queue-images", type=int, default=1024, help="queue bound (default 1024 images)")
-    parser.add_argument("--compute-workers", type=int,
+    parser.add_argument("--max-queue-images", type=integer(1), default=1024, help="queue bound (default 1024 images)")
+    parser.add_argument("--compute-workers", type=integer(1),
                         help="concurrent batches (default: 1 on a CPU; 2 on a GPU, one CUDA stream each)")  # fmt: skip
-    parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
-    parser.add_argument("--token-file", help="read the bearer token from a file")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
+    token.add_argument("--token-file", help="read the bearer token from a file")
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
@@ -446,7 +465,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--workers", type=integer(1),
                         help="server processes sharing --port via SO_REUSEPORT (default: one per 4 cores, at most "
                              "4, with a fixed --port; 1 with --port 0)")  # fmt: skip
 

@@ -34,7 +34,7 @@ class Metrics:
         )
         self.request_seconds = Histogram(
             "tritarget_request_seconds", "Time from a request's arrival at the servicer to its response "
-            "(decode, queue, compute, encode), by RPC", ["method"], buckets=_SECONDS, registry=reg,
+            "(decode, queue, compute, encode) or its failure, by RPC", ["method"], buckets=_SECONDS, registry=reg,
         )  # fmt: skip
         self.encode_seconds = Histogram(
             "tritarget_encode_seconds", "Time to encode one response", buckets=_SECONDS, registry=reg

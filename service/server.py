@@ -96,6 +96,9 @@ class ServerOptions:
             raise ValueError(f"warmup_preset: unknown preset {self.warmup_preset!r}")
         if len(self.warmup_canvas) != 2 or not all(isinstance(side, int) and side >= 1 for side in self.warmup_canvas):
             raise ValueError(f"warmup_canvas: expected (height, width) of integers >= 1, got {self.warmup_canvas!r}")
+        if max(self.warmup_canvas) > self.limits.max_canvas_side:  # no request could use it; it may not fit
+            raise ValueError(f"warmup_canvas: {self.warmup_canvas[0]} x {self.warmup_canvas[1]} is over the "
+                             f"server's canvas limit of {self.limits.max_canvas_side} pixels a side")  # fmt: skip
 
 
 class TargetServer:

@@ -124,7 +124,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         status = status_of(exc)
         if counted:
             self._metrics.errors.labels(method, code_name(status)).inc()
-        self._access(method, request, code_name(status), started)
+        self._finished(method, request, code_name(status), started)
         await abort(context, status)
 
     def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float) -> None:
@@ -132,10 +132,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         remaining = context.time_remaining()
         code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         self._metrics.errors.labels(method, code).inc()
-        self._access(method, request, code, started)
+        self._finished(method, request, code, started)
 
-    def _access(self, method: str, request, code: str, started: float) -> None:
-        """The access log: one line per call (per item of a stream)."""
+    def _finished(self, method: str, request, code: str, started: float) -> None:
+        """A request answered (or failed): its time, and its access-log line (one per call,
+        per item of a stream)."""
+        self._metrics.method(method).request_seconds.observe(time.perf_counter() - started)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
             request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
@@ -204,8 +206,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             raise
         except Exception as exc:
             await self._fail("Assign", exc, context, request, started)
-        self._metrics.method("Assign").request_seconds.observe(time.perf_counter() - started)
-        self._access("Assign", request, "OK", started)
+        self._finished("Assign", request, "OK", started)
         return response
 
     async def _answer(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
@@ -230,8 +231,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 # the error alone is small (a status message is clipped).
                 response.ClearField("request_id")
             self._sent("AssignStream", response)
-        self._metrics.method("AssignStream").request_seconds.observe(time.perf_counter() - started)
-        self._access("AssignStream", request, code, started)
+        self._finished("AssignStream", request, code, started)
         return response
 
     async def AssignStream(
@@ -302,6 +302,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         except Exception as exc:
             await self._fail("ListPresets", exc, context, request, started)
         self._sent("ListPresets", response)
+        self._finished("ListPresets", request, "OK", started)
         return response
 
     async def GetAnchors(self, request: pb.GetAnchorsRequest, context) -> pb.GetAnchorsResponse:
@@ -317,4 +318,5 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         except Exception as exc:
             await self._fail("GetAnchors", exc, context, request, started)
         self._sent("GetAnchors", response)
+        self._finished("GetAnchors", request, "OK", started)
         return response

@@ -25,7 +25,7 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
-from tritarget.service.cli import _usable_cores, front_ends
+from tritarget.service.cli import _server_options, _server_token, _usable_cores, build_parser, front_ends
 from tritarget.service.server import host_port
 
 CANVAS = (96, 128)
@@ -238,7 +238,7 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--token-file",
                            str(empty)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and f"--token-file {empty}: empty" in done.stderr
-    for args, message in ((["serve", "--max-message-mb", "0"], "--max-message-mb: must be >= 1"),
+    for args, message in ((["serve", "--max-message-mb", "0"], "--max-message-mb: must be in 1 .. 2047, got 0"),
                           (["serve", "--grace", "-1"], "--grace: must be a finite number >= 0"),
                           (["demo", "--batch", "0"], "--batch: must be >= 1"),
                           (["request", "--tls-ca", str(tmp_path / "missing.pem")],
@@ -512,3 +512,83 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         more.set()
         srv.server = None
         srv.stop()
+
+
+# ---------------------------------------------------------------- review 2026-12-02: flags an operator gets wrong
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # 2048 MiB overflowed gRPC's int32 option: a traceback, exit 1.
+        (["--max-message-mb", "2048"], "--max-message-mb: must be in 1 .. 2047, got 2048"),
+        # An infinite delay: every request waited for a full batch, health SERVING.
+        (["--max-queue-delay-ms", "inf"], "--max-queue-delay-ms: must be a finite number >= 0, got inf"),
+        (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms: must be a finite number >= 0, got -1"),
+        # These named an internal field ("batching: max_batch_images must be ...").
+        (["--max-batch-images", "0"], "--max-batch-images: must be >= 1, got 0"),
+        (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
+        (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
+        (["--workers", "0"], "--workers: must be >= 1, got 0"),
+        # Both: the file won, the flag silently ignored.
+        (["--token", "a", "--token-file", "t"], "argument --token-file: not allowed with argument --token"),
+    ],
+)
+def test_cli_refuses_server_flags_when_parsed(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "--port", "0", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (["--token-file", "/no/such/token"], {}, "--token-file /no/such/token: No such file or directory"),
+        # A canvas no request may use, allocated before the port answered (22.5 GB here).
+        (["--warmup-canvas", "100000", "100000"], {}, "warmup_canvas: 100000 x 100000 is over the server's canvas"),
+        (["--metrics-host", "127.0.0.1"], {}, "--metrics-host needs --metrics-port"),
+        ([], {"TRITARGET_TOKEN": "s3\x01cret"}, "TRITARGET_TOKEN: the token has characters an HTTP header cannot"),
+    ],
+)
+def test_cli_refuses_server_settings_that_cannot_work(flags, env, message, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):  # `serve` prints it and exits 2
+        _server_options(build_parser().parse_args(["serve", "--port", "0", *flags]))
+
+
+def test_a_token_with_a_trailing_newline_is_the_token(monkeypatch):
+    """A secret made from a file ends with a newline: --token-file stripped it, --token and
+    TRITARGET_TOKEN kept it, and no client could authenticate ("Invalid metadata")."""
+    monkeypatch.setenv("TRITARGET_TOKEN", "s3cret\n")
+    args = build_parser().parse_args(["serve"])
+    assert _server_token(args) == "s3cret"
+    with ServerThread(token="s3cret") as srv, TargetClient(srv.address, token="s3cret\n") as client:
+        assert (client.assign(torch.tensor([[8.0, 8.0, 40.0, 40.0]]), [1], (64, 64), preset="retinanet_torchvision")
+                .labels == 1).any()  # fmt: skip
+    with pytest.raises(ValueError, match="token: has characters an HTTP header cannot carry"):
+        TargetClient("127.0.0.1:1", token="s3\ncret")
+    with pytest.raises(ValueError, match=r"max_message_bytes: must be an integer in \[1, 2\*\*31\)"):
+        TargetClient("127.0.0.1:1", max_message_bytes=-1)
+    with pytest.raises(ValueError, match="max_queue_delay_s must be finite and >= 0, got inf"):
+        BatchOptions(max_queue_delay_s=float("inf"))
+
+
+def test_metrics_count_refused_and_failed_requests():
+    """A call refused for its token was an error of no request (errors outnumbered requests:
+    an error ratio of 137%); tritarget_request_seconds timed successful Assign calls only
+    (and never ListPresets / GetAnchors)."""
+    with ServerThread(token="s3cret") as srv:
+        with TargetClient(srv.address, token="wrong", retries=0) as wrong:
+            for _ in range(3):
+                with pytest.raises(TargetServiceError):
+                    wrong.list_presets()
+        with TargetClient(srv.address, token="s3cret", retries=0) as client:
+            with pytest.raises(TargetServiceError):
+                client.assign(torch.tensor([[5.0, 5.0, 5.0, 9.0]]), [1], (64, 64), preset="retinanet_torchvision")
+            client.list_presets()
+        value = srv.metrics.value
+        assert value("tritarget_requests_total", {"method": "ListPresets"}) == 4
+        assert value("tritarget_errors_total", {"method": "ListPresets", "code": "UNAUTHENTICATED"}) == 3
+        assert value("tritarget_request_seconds_count", {"method": "ListPresets"}) == 1  # the answered one
+        assert value("tritarget_request_seconds_count", {"method": "Assign"}) == 1  # the refused box
