@@ -220,9 +220,14 @@ class TargetServer:
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self.batcher.drain()
-        if not await self.servicer.wait_settled(grace):
+        if await self.servicer.wait_settled(grace):
+            # Every call of ours is answered: what gRPC still holds are health Watch (or
+            # reflection) streams, which never end by themselves and would hold the port
+            # for the rest of the grace period.
+            await self.grpc.stop(0)
+        else:
             log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
-        await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
+            await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
         await self.batcher.close()
         self.servicer.close()
         self.metrics.stop_http()

@@ -295,10 +295,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         started = time.perf_counter()
         self._received("ListPresets", request)
         try:
-            self._admit()
-            if isinstance(request, codec.UndecodableRequest):
-                raise request.error()
-            response = codec.list_presets()
+            with self._in_flight():
+                if isinstance(request, codec.UndecodableRequest):
+                    raise request.error()
+                response = codec.list_presets()
         except Exception as exc:
             await self._fail("ListPresets", exc, context, request, started)
         self._sent("ListPresets", response)
@@ -309,12 +309,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         started = time.perf_counter()
         self._received("GetAnchors", request)
         try:
-            self._admit()
-            config, canvas = codec.anchors_request(request, self._limits)
-            anchors = await asyncio.get_running_loop().run_in_executor(
-                self._encoder, generate_anchors, config.anchors, canvas
-            )
-            response = codec.encode_anchors(anchors)
+            with self._in_flight():
+                config, canvas = codec.anchors_request(request, self._limits)
+                anchors = await asyncio.get_running_loop().run_in_executor(
+                    self._encoder, generate_anchors, config.anchors, canvas
+                )
+                response = codec.encode_anchors(anchors)
         except Exception as exc:
             await self._fail("GetAnchors", exc, context, request, started)
         self._sent("GetAnchors", response)

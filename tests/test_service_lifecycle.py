@@ -592,3 +592,28 @@ def test_metrics_count_refused_and_failed_requests():
         assert value("tritarget_errors_total", {"method": "ListPresets", "code": "UNAUTHENTICATED"}) == 3
         assert value("tritarget_request_seconds_count", {"method": "ListPresets"}) == 1  # the answered one
         assert value("tritarget_request_seconds_count", {"method": "Assign"}) == 1  # the refused box
+
+
+def test_an_open_health_watch_does_not_hold_a_graceful_stop():
+    """Clients with health checking keep a Watch stream per connection, which never ends
+    by itself: with every call answered, the port stayed open for the whole grace period."""
+    srv = ServerThread().start()
+    channel = grpc.insecure_channel(srv.address)
+    statuses = []
+
+    def watch() -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+                statuses.append(reply.status)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while not statuses and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    srv.stop(grace=10.0)
+    assert time.monotonic() - start < 3
+    watcher.join(5)
+    channel.close()
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
