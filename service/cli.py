@@ -288,6 +288,21 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     _check_port_free(options.host, options.port)
     threads = max(1, cores // workers)
     parent, children = os.getpid(), []
+
+    def forward(signum, frame) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    # A stop signal that comes while the workers start is held (in the parent until every
+    # worker exists, in each worker until its event loop handles it), not lost in logging's
+    # after-fork hook nor taken by a worker's default action (killed: read as a failure).
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     for i in range(workers):
         metrics_port = options.metrics_port and options.metrics_port + i  # None: none; 0: any free port
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
@@ -306,16 +321,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
                 code = 1
             os._exit(code)
         children.append(pid)
-
-    def forward(signum, frame) -> None:
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     status, running = 0, set(children)
     while running:
         pid, code = os.waitpid(-1, 0)

@@ -265,6 +265,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await server.start()
     scheme = "TLS" if options.tls_cert else "plaintext"
     address = host_port(options.host, port)

@@ -617,3 +617,33 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     watcher.join(5)
     channel.close()
     assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and a process group: Linux")
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
+    """A stop signal while `serve --workers 2` forked its workers: SIGTERM killed a worker
+    before its handler existed (the parent read a failure: "a worker stopped (killed by
+    signal 15)", exit 1); SIGINT became a KeyboardInterrupt in a worker's start-up
+    ("[worker 0] failed:", exit 1) or was swallowed and the server served on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers", "2",
+         "--backend", "cpu", "--warmup-canvas", "64", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = [process.stdout.readline()]
+        while "front-end process" not in seen[-1] and seen[-1]:
+            seen.append(process.stdout.readline())
+        time.sleep(0.03)  # the parent is forking, its workers importing
+        process.send_signal(stop_signal)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = "".join(seen) + out
+    assert process.returncode == 0, output
+    assert "failed" not in output and "killed by" not in output and "Exception ignored" not in output, output
