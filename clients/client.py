@@ -89,6 +89,18 @@ def _transport_failure(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE or _broken_write(error)
 
 
+# How gRPC's C core words a TLS handshake that refused the server's certificate.
+_CERTIFICATE_REFUSED = ("Hostname Verification Check failed", "CERTIFICATE_VERIFY_FAILED")
+
+
+def _certificate_refused(error: grpc.RpcError) -> bool:
+    """The server's certificate does not name the address or is not signed by the given
+    CA: every try fails the same way (it is not retried)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        m in (error.details() or "") for m in _CERTIFICATE_REFUSED
+    )
+
+
 def _broken_write(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.INTERNAL and error.details() == _BROKEN_WRITE
 
@@ -455,6 +467,8 @@ class _Base:
 
     def _retryable(self, error: grpc.RpcError, deadline: float | None) -> bool:
         """A transport failure, or a try cut short by ``try_timeout`` with time left."""
+        if _certificate_refused(error):
+            return False
         if _transport_failure(error):
             return True
         return (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -521,6 +535,14 @@ class _Base:
         if not _transport_failure(error):
             return failure
         tried = ", ".join(self.targets)
+        if _certificate_refused(error):
+            failure.details = (
+                f"the TLS server at {tried} sent a certificate this client refused: it must name the address "
+                "connected to (a certificate for localhost: connect to localhost:PORT) and be signed by "
+                f"root_certificates (command line: `--tls-ca`); last error: {failure.details}"
+            )
+            failure.args = (f"{failure.code.name}: {failure.details}",)
+            return failure
         failure.details = (
             f"no tritarget server answered at {tried} ({attempts} tries over {time.monotonic() - started:.1f} s; "
             f"last error: {failure.details}). Is it running? Start one with `tritarget serve --port PORT` "

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .arguments import integer, number
 
@@ -281,7 +286,6 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     have it serve on short of workers. Worker i serves metrics on ``metrics_port + i`` (any
     free port each with 0); each gets an equal share of the cores for torch."""
     import dataclasses
-    import functools
 
     from .server import serve
 
@@ -408,18 +412,22 @@ def _up(args: argparse.Namespace) -> int:
     failed = []
 
     async def demo(server) -> None:
+        # With TLS the demo connects by the name a local certificate holds: localhost.
+        local = options.tls_cert is not None and options.host in ("127.0.0.1", "0.0.0.0", "::1", "::")
+        address = host_port("localhost" if local else options.host, server.port)
         try:
-            await asyncio.to_thread(
-                send_demo_request, host_port(options.host, server.port), preset=args.preset, batch=args.batch,
-                seed=args.seed, token=options.token, root_certificates=options.tls_cert, timeout=30.0,
-            )  # fmt: skip
+            await _on_a_daemon_thread(functools.partial(
+                send_demo_request, address, preset=args.preset, batch=args.batch, seed=args.seed,
+                token=options.token, root_certificates=options.tls_cert, timeout=30.0,
+            ))  # fmt: skip
         except Exception as exc:  # `up` is there to show targets coming back: it stops instead
             print(f"tritarget up: the demo request failed: {exc}", file=sys.stderr, flush=True)
             failed.append(exc)
             os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop
             return
-        address = host_port(options.host, server.port)
-        print(f"service running on {address} (Ctrl-C to stop); try: tritarget request --target {address}", flush=True)
+        needs = (f" --tls-ca {args.tls_cert}" if options.tls_cert else "") + (" --token TOKEN" if options.token else "")
+        print(f"service running on {address} (Ctrl-C to stop); try: tritarget request --target {address}{needs}",
+              flush=True)  # fmt: skip
 
     try:
         asyncio.run(serve(options, on_ready=demo))
@@ -430,6 +438,29 @@ def _up(args: argparse.Namespace) -> int:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+async def _on_a_daemon_thread(function: Callable[[], Any]) -> Any:
+    """``function()`` on a thread of its own that nothing waits for: ``asyncio.to_thread``'s
+    are joined when the loop closes, so Ctrl-C during a demo request that was retrying
+    waited for its whole timeout (30 s)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not done.done():  # cancelled: the server stopped meanwhile
+            done.set_result(result) if exc is None else done.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result, exc = function(), None
+        except BaseException as failure:  # handed to the awaiting coroutine
+            result, exc = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="tritarget-up-demo", daemon=True).start()
+    return await done
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:

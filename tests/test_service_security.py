@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread
+from test_service_harness import ServerThread, read_until
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -90,15 +92,15 @@ def test_auth_needs_every_authorization_header_to_agree(auth_server, second):
         assert assign(request, metadata=both[:1] * 2, timeout=10).batch_size == 1
 
 
-def _self_signed(tmp_path) -> tuple[bytes, bytes]:
-    """A certificate for 127.0.0.1 / localhost and its key (openssl CLI)."""
+def _self_signed(tmp_path, names: str = "IP:127.0.0.1,DNS:localhost") -> tuple[bytes, bytes]:
+    """A certificate for ``names`` (127.0.0.1 / localhost) and its key (openssl CLI)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate")
     tmp_path.mkdir(parents=True, exist_ok=True)
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+         "-days", "1", "-subj", "/CN=localhost", "-addext", f"subjectAltName={names}"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert.read_bytes(), key.read_bytes()
@@ -153,3 +155,42 @@ def test_a_refused_call_is_not_parsed(auth_server, monkeypatch):
             _raw_assign(channel)(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert parsed == []
+
+
+def test_a_certificate_that_does_not_name_the_address_fails_at_once_and_says_so(tmp_path):
+    """A certificate for localhost, the client connecting to 127.0.0.1: every try fails the
+    same way, yet it was retried for the whole timeout and reported as "no tritarget
+    server answered ... Is it running?"."""
+    cert, key = _self_signed(tmp_path, names="DNS:localhost")
+    with ServerThread(tls_cert=cert, tls_key=key) as srv:
+        with TargetClient(f"127.0.0.1:{srv.port}", root_certificates=cert, timeout=30) as client:
+            start = time.monotonic()
+            with pytest.raises(TargetServiceError) as info:
+                _assign(client)
+            assert time.monotonic() - start < 10
+        assert "sent a certificate this client refused: it must name the address" in info.value.details
+        with TargetClient(f"localhost:{srv.port}", root_certificates=cert) as client:
+            assert (_assign(client).labels == 1).any()
+
+
+def test_up_with_tls_sends_its_demo_by_the_certificates_name(tmp_path):
+    """`tritarget up --tls-cert` with a certificate for localhost: the demo connected to
+    127.0.0.1 and failed its hostname check (after 30 s of retries, exit 1)."""
+    cert, key = _self_signed(tmp_path, names="DNS:localhost")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "up", "--port", "0", "--tls-cert", "cert.pem", "--tls-key",
+         "key.pem", "--warmup-canvas", "64", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        match, output = read_until(process, r"service running on (\S+) .*try: tritarget request --target \S+ --tls-ca "
+                                            r"cert.pem|the demo request failed", timeout=120)  # fmt: skip
+        assert "the demo request failed" not in output, output
+        assert match.group(1).startswith("localhost:")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
