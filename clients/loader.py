@@ -157,7 +157,8 @@ def with_targets(
 
     ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...) and mean
     the same in-process, where those that only shape the wire or bound a call
-    (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect. Leave
+    (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect; with a
+    ``client``, ``timeout`` bounds the epoch's whole stream, not each batch. Leave
     ``seed`` out to sample anew each batch (``torch.manual_seed`` repeats a run). With a
     ``client``, at most ``in_flight`` batches are read ahead of the one yielded, by gRPC's
     thread while the trainer works, and none once this is closed; a server that dies
