@@ -894,9 +894,10 @@ class TargetClient(_Base):
         (it may last an epoch), and after a break the client's timeout bounds the search for
         a server and the new server's first answer. An exception raised while reading
         ``requests`` (an item that makes no request, or the iterable itself failing) ends the
-        stream: the requests before it are answered, then it is raised. When the stream's server becomes
-        UNAVAILABLE (killed, draining), the unanswered requests are sent again, in order,
-        on a new stream to the next endpoint: every request gets exactly one answer.
+        stream: the requests before it are answered, then it is raised. When the stream's
+        server becomes UNAVAILABLE (killed, draining), the unanswered requests are sent
+        again, in order, on a new stream to the next endpoint: every request gets exactly
+        one answer.
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
         check_densify(densify, defaults)

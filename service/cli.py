@@ -133,9 +133,10 @@ def _server_token(args: argparse.Namespace) -> str | None:
 
 
 def _header_safe(token: str, source: str) -> str:
-    """The token without surrounding whitespace, as a file's (a secret made from a file
-    ends with a newline: kept, no client could ever send it, gRPC refusing the header as
-    "Invalid metadata"); other characters a header cannot carry are refused."""
+    """The token without surrounding whitespace, alike from every source (a secret made
+    from a file ends with a newline; kept, it made a token no client can send: gRPC
+    refuses such a header as "Invalid metadata"); other characters a header cannot carry
+    are refused."""
     token = token.strip()
     if not all(" " < c <= "~" for c in token):
         raise ValueError(f"{source}: the token has characters an HTTP header cannot carry (printable ASCII only)")
