@@ -120,6 +120,17 @@ class _Failure(grpc.RpcError):
         return self._details
 
 
+def bearer_token(token: str, source: str) -> str:
+    """``token`` as client and server both read it: without surrounding whitespace (a
+    secret made from a file ends with a newline; kept, it made a token no client can send:
+    gRPC refuses such a header as "Invalid metadata"); other characters a header cannot
+    carry are refused, naming ``source``."""
+    token = token.strip()
+    if not all(" " < c <= "~" for c in token):
+        raise ValueError(f"{source}: the token has characters an HTTP header cannot carry (printable ASCII only)")
+    return token
+
+
 def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
     """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
     if value is None and meaning_of_none is not None:
@@ -339,9 +350,7 @@ class _Base:
         if token is not None:
             if not isinstance(token, str):
                 raise ValueError(f"token: expected a str, got {type(token).__name__}")
-            token = token.strip()  # as the server reads its own (a secret's file ends with a newline)
-            if not all(" " < c <= "~" for c in token):
-                raise ValueError("token: has characters an HTTP header cannot carry (printable ASCII only)")
+            token = bearer_token(token, "token")
         self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if root_certificates is not None:

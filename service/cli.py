@@ -113,6 +113,8 @@ def _server_token(args: argparse.Namespace) -> str | None:
     """The bearer token to require: --token-file, --token or env TRITARGET_TOKEN. An empty
     one given on purpose is refused: read as "no token", the server would take every
     caller (``TRITARGET_TOKEN="$SECRET"`` with SECRET unset is the usual way to get one)."""
+    from tritarget.clients.client import bearer_token
+
     if args.token_file:
         try:
             with open(args.token_file) as f:
@@ -121,26 +123,15 @@ def _server_token(args: argparse.Namespace) -> str | None:
             raise ValueError(f"--token-file {args.token_file}: {exc.strerror}") from None
         if not token.strip():
             raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
-        return _header_safe(token, f"--token-file {args.token_file}")
+        return bearer_token(token, f"--token-file {args.token_file}")
     if args.token is not None:
         if not args.token.strip():
             raise ValueError("--token is empty; give the token, or leave --token out to serve without one")
-        return _header_safe(args.token, "--token")
+        return bearer_token(args.token, "--token")
     token = os.environ.get("TRITARGET_TOKEN")
     if token is not None and not token.strip():
         raise ValueError("TRITARGET_TOKEN is set but empty; unset it to serve without a token")
-    return None if token is None else _header_safe(token, "TRITARGET_TOKEN")
-
-
-def _header_safe(token: str, source: str) -> str:
-    """The token without surrounding whitespace, alike from every source (a secret made
-    from a file ends with a newline; kept, it made a token no client can send: gRPC
-    refuses such a header as "Invalid metadata"); other characters a header cannot carry
-    are refused."""
-    token = token.strip()
-    if not all(" " < c <= "~" for c in token):
-        raise ValueError(f"{source}: the token has characters an HTTP header cannot carry (printable ASCII only)")
-    return token
+    return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
 
 
 def _tls_files(cert_path: str | None, key_path: str | None) -> tuple[bytes | None, bytes | None]:

@@ -566,7 +566,7 @@ def test_a_token_with_a_trailing_newline_is_the_token(monkeypatch):
     with ServerThread(token="s3cret") as srv, TargetClient(srv.address, token="s3cret\n") as client:
         assert (client.assign(torch.tensor([[8.0, 8.0, 40.0, 40.0]]), [1], (64, 64), preset="retinanet_torchvision")
                 .labels == 1).any()  # fmt: skip
-    with pytest.raises(ValueError, match="token: has characters an HTTP header cannot carry"):
+    with pytest.raises(ValueError, match="token: the token has characters an HTTP header cannot carry"):
         TargetClient("127.0.0.1:1", token="s3\ncret")
     with pytest.raises(ValueError, match=r"max_message_bytes: must be an integer in \[1, 2\*\*31\)"):
         TargetClient("127.0.0.1:1", max_message_bytes=-1)
