@@ -254,20 +254,14 @@ def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """``OSError`` if a server already listens on host:port. The workers bind with
-    SO_REUSEPORT, which would let them join another server's port (sharing its traffic)
-    instead of failing as a single process does; a bind without it is refused there."""
-    import socket
+    """``OSError`` if host:port cannot be bound, as when a server already listens there.
+    The workers bind with SO_REUSEPORT, which would let them join another server's port
+    (sharing its traffic) instead of failing as a single process does."""
+    from .server import bind_refusal, host_port
 
-    from .server import host_port
-
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
-        try:
-            probe.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise OSError(f"could not bind {host_port(host, port)} (in use?): {exc.strerror}") from None
+    refusal = bind_refusal(host, port)
+    if refusal is not None:
+        raise OSError(f"could not bind {host_port(host, port)} {refusal}")
 
 
 def _serve_workers(options, workers: int, cores: int) -> int:
@@ -275,7 +269,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
     SIGINT to this parent drains every worker, and so does a worker's failure: the others
     stop too and this exits 1, for the supervisor to restart the whole server rather than
-    have it serve on short of workers. Worker i serves metrics on ``metrics_port + i`` (any
+    have it serve on short of workers (2 where a worker found a usage error, as one process). Worker i serves metrics on ``metrics_port + i`` (any
     free port each with 0); each gets an equal share of the cores for torch."""
     import dataclasses
 
@@ -313,8 +307,8 @@ def _serve_workers(options, workers: int, cores: int) -> int:
                 announce = functools.partial(_announce_as, f"[worker {i}]")
                 asyncio.run(serve(worker, announce=announce))
             except BaseException as exc:  # a worker reports and exits; the parent sees the code
-                print(f"[worker {i}] failed: {exc}", file=sys.stderr, flush=True)
-                code = 1
+                _announce_as(f"[worker {i}]", f"failed: {exc}", sys.stderr)
+                code = 2 if isinstance(exc, (ValueError, OSError)) else 1  # as one process exits
             os._exit(code)
         children.append(pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
@@ -324,7 +318,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         running.discard(pid)
         code = os.waitstatus_to_exitcode(code)  # negative: killed by that signal
         if code and not status:
-            status = 1
+            status = code if code > 0 else 1  # 2: a usage error (bad flag, port taken), as one process
             if running:
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                 _announce_as("tritarget serve:", f"a worker stopped ({how}); stopping the others", sys.stderr)

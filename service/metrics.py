@@ -71,7 +71,7 @@ class Metrics:
         try:
             self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # "[Errno 98] Address already in use" alone does not say which port
-            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror or exc}") from None
+            raise OSError(f"metrics port {host}:{port}: {exc.strerror or exc}") from None
         return self._http.server_port
 
     def stop_http(self) -> None:

@@ -16,6 +16,7 @@ for both the overall server ("") and ``tritarget.v1.TargetAssigner``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -57,6 +58,27 @@ def _resolves(host: str) -> bool:
     except (socket.gaierror, UnicodeError):
         return False
     return True
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "in use?",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "ports below 1024 need privileges",
+}
+
+
+def bind_refusal(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, as ``(hint): reason``, or None where a plain
+    socket binds it (as gRPC binds: a port in TIME_WAIT is free). gRPC's own failure reads
+    the same for a busy port, an address of another machine and a privileged port."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -159,12 +181,12 @@ class TargetServer:
         except RuntimeError as exc:
             self.port, reason = 0, str(exc).split(";")[0]
         if self.port == 0:
-            # gRPC says the same for a busy port and for a certificate or key it rejects
-            # (its log above has the detail): name both when TLS was asked for.
-            why = "in use, or the TLS certificate / key rejected?" if options.tls_cert else "in use?"
             if not _resolves(options.host):
-                why = f"no address is known for host {options.host!r}"
-            raise OSError(f"could not bind {address} ({why}): {reason}")
+                raise OSError(f"could not bind {address} (no address is known for host {options.host!r}): {reason}")
+            refusal = bind_refusal(options.host, options.port)
+            if refusal is None:  # the address binds: what gRPC refused is the certificate or key (its log above says)
+                refusal = f"({'the TLS certificate / key rejected?' if options.tls_cert else 'in use?'}): {reason}"
+            raise OSError(f"could not bind {address} {refusal}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self.warmup_error: BaseException | None = None

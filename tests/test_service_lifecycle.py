@@ -265,7 +265,7 @@ def test_cli_names_a_busy_metrics_port():
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port",
                                str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2 and f"metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert done.returncode == 2 and f"serve: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
 
 
 def test_cli_names_a_host_without_an_address():
@@ -403,6 +403,35 @@ def test_cli_serve_workers_stop_when_their_parent_is_killed():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_cli_serve_workers_exit_2_for_a_usage_error_found_in_a_worker():
+    """A worker whose metrics port is taken fails as one process would: exit 2 (a usage
+    error, not a crash to restart), each worker's error on a line of its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        metrics_port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers",
+                               "2", "--backend", "cpu", "--warmup-canvas", "64", "64", "--metrics-port",
+                               str(metrics_port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    failed = [line for line in done.stderr.splitlines() if "failed:" in line]
+    assert failed and all(re.fullmatch(r"\[worker \d\] failed: metrics port .*Address already in use", line)
+                          for line in failed), done.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cli_serve_names_an_address_of_another_machine(workers):
+    """Not "in use?": gRPC's failure reads the same for a busy port and for an address
+    this machine does not have (192.0.2.1: TEST-NET-1, assigned to no machine)."""
+    done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--host", "192.0.2.1", "--port",
+                           "50999", "--workers", workers], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "could not bind 192.0.2.1:50999 (not an address of this machine)" in done.stderr, done.stderr
+
+
 def test_cli_serve_workers_stop_together_when_one_fails():
     """A worker killed (an OOM kill) or failing stops the others, and the parent exits 1:
     a supervisor then restarts the whole server instead of it serving on short of
