@@ -269,8 +269,9 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
     SIGINT to this parent drains every worker, and so does a worker's failure: the others
     stop too and this exits 1, for the supervisor to restart the whole server rather than
-    have it serve on short of workers (2 where a worker found a usage error, as one process). Worker i serves metrics on ``metrics_port + i`` (any
-    free port each with 0); each gets an equal share of the cores for torch."""
+    have it serve on short of workers (2 where a worker found a usage error, as one
+    process would). Worker i serves metrics on ``metrics_port + i`` (any free port each
+    with 0); each gets an equal share of the cores for torch."""
     import dataclasses
 
     from .server import serve

@@ -265,7 +265,8 @@ def test_cli_names_a_busy_metrics_port():
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port",
                                str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2 and f"serve: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert f"serve: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
 
 
 def test_cli_names_a_host_without_an_address():
