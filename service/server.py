@@ -250,6 +250,7 @@ class TargetServer:
         else:
             log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
             await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
+        await _calls_ended()
         await self.batcher.close()
         self.servicer.close()
         self.metrics.stop_http()
@@ -315,6 +316,16 @@ async def serve(
     announce("shutting down: finishing calls in flight", flush=True)
     await server.stop()
     announce("stopped", flush=True)
+
+
+async def _calls_ended(timeout: float = 1.0) -> None:
+    """Waits for the tasks of the calls gRPC's stop ended (gRPC names them "rpc_task"):
+    its stop returns before they have run their last step, and the event loop's end
+    would cancel them again, which gRPC logs as an ERROR with two tracebacks (every stop
+    with a health Watch or reflection stream open did)."""
+    calls = [task for task in asyncio.all_tasks() if task.get_name() == "rpc_task"]
+    if calls:
+        await asyncio.wait(calls, timeout=timeout)
 
 
 async def _warmup_failed(server: TargetServer) -> None:

@@ -649,6 +649,40 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_cli_serve_stops_without_tracebacks_with_watch_and_reflection_streams_open():
+    """gRPC's stop ends open streams (a health Watch, a grpcurl reflection session) and
+    returned before their tasks finished; the event loop's end cancelled them again and
+    gRPC logged an ERROR with two tracebacks for each, at every stop."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "5")
+    channel = None
+    try:
+        match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
+        read_until(process, r"health is SERVING")
+        channel = grpc.insecure_channel(f"127.0.0.1:{match.group(1)}")
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        asks = threading.Event()
+
+        def ask_once():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            asks.wait(60)  # the stream stays open until the test ends
+
+        session = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask_once())
+        assert next(session).list_services_response.service
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        asks.set()
+    finally:
+        if channel is not None:
+            channel.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "stopped" in out, out
+    assert "Traceback" not in out and "ERROR" not in out, out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and a process group: Linux")
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
