@@ -34,6 +34,14 @@ def test_wheel_installs_only_the_tritarget_namespace(wheel):
     assert "tritarget = tritarget.service.cli:main" in entry_points
 
 
+def test_wheel_states_its_license_as_an_spdx_expression(wheel):
+    """PEP 639: setuptools deprecates the table form (``{ text = ... }``) and stops
+    building it after 2027-02-18."""
+    names = zipfile.ZipFile(wheel).namelist()
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+
+
 def test_wheel_imports_from_its_own_files(wheel, tmp_path):
     site = tmp_path / "site"
     subprocess.run(
