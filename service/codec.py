@@ -329,9 +329,6 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
                 f"format: the DENSE response would be {size} bytes, over the {limits.max_message_bytes}-byte "
                 "message limit; use FORMAT_SPARSE or fewer images per request"
             )
-    if request.seed < 0:
-        raise _invalid("seed", f"must be >= 0, got {request.seed}")
-
     boxes = _tensor(request, "gt_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     if boxes is None:
         if sum(counts):

@@ -216,7 +216,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own(server, client, g
     jobs = []
     for i in range(12):
         boxes, counts, classes = _batch(generator, [1 + i % 5, i % 3], canvas)
-        jobs.append((boxes, counts, classes, 100 + i))
+        # Any int64, as in-process: image i's seed + i may pass 2**63 - 1 (a torch.Generator takes it).
+        jobs.append((boxes, counts, classes, (100 + i, -(2**63) + i, 2**63 - 2 - i)[i % 3]))
     before = server.metrics.value("tritarget_batch_images_count")
     merged_before = server.metrics.value("tritarget_batch_requests_sum")
 

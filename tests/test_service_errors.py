@@ -93,7 +93,6 @@ def test_invalid_ignore_box_names_field(client):
         ({"gt_classes": torch.tensor([1, 2, 3])}, "gt_classes", "expected shape [2]"),
         # Not returned, but still wrong: refused as in-process assign refuses it.
         ({"gt_classes": torch.tensor([1, 2, 3]), "return_classes": False}, "gt_classes", "expected shape [2]"),
-        ({"seed": -1}, "seed", "must be >= 0"),
         (
             {"preset": None, "config": {"anchors": {"layout": "nope", "levels": []}}},
             "config.config_json.AnchorConfig.layout",
