@@ -278,11 +278,6 @@ def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tens
     return _resolve_cached(config, canvas).materialize()
 
 
-def _anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
-    grid = _resolve_cached(config, canvas)
-    return grid.materialize() if grid.num_anchors > _CACHED_ANCHORS_MAX else _anchors_cached(config, canvas)
-
-
 @functools.lru_cache(maxsize=16)
 def _grid_and_anchors_cached(
     config: AnchorConfig, canvas: tuple[int, int], device: torch.device, stream: int | None
@@ -339,9 +334,11 @@ def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Ten
     """All anchors of a config on a canvas ``(height, width)``.
 
     Returns:
-        Tensor[A, 4] float32, x1 y1 x2 y2 in canvas pixels, grouped by level, cached
-        per (config, canvas) up to a million anchors; treat it as read-only.
+        Tensor[A, 4] float32, x1 y1 x2 y2 in canvas pixels, grouped by level: the caller's
+        own (a copy of the set ``assign`` caches, so clipping it in place changes nothing else).
     """
     if not isinstance(config, AnchorConfig):
         raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
-    return _anchors(config, check_canvas(canvas))
+    canvas = check_canvas(canvas)
+    grid = _resolve_cached(config, canvas)
+    return grid.materialize() if grid.num_anchors > _CACHED_ANCHORS_MAX else _anchors_cached(config, canvas).clone()

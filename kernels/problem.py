@@ -336,6 +336,10 @@ def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: Ho
     return not (all(low > 0 for low in values[::2]) and all(high < math.inf for high in values[1::2]))
 
 
+# Unsigned integer types whose values int32 cannot hold (torch has few operations for them).
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
+
+
 def _check_classes(classes: torch.Tensor) -> None:
     """``Targets.classes`` is int32: a class outside [0, 2^31) would wrap silently, and
     a negative one collides with the conventions for unmatched anchors."""
@@ -527,6 +531,11 @@ def build_problem(
                 raise ValueError(
                     f"gt_classes: expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}"
                 )
+            if dtype in _WIDE_UNSIGNED:  # checked as given: int32 would wrap them first
+                too_big = next((i for i, c in enumerate(classes.tolist()) if c > _INT32_MAX), None)
+                if too_big is not None:
+                    raise ValueError(f"gt_classes[{too_big}]: class {classes.tolist()[too_big]} is outside "
+                                     f"[0, {_INT32_MAX}]")  # fmt: skip
             if dtype is not torch.int32 and dtype is not torch.int64:
                 dtype = torch.int32
             if classes.dtype is not dtype or classes.device != device or not classes.is_contiguous():

@@ -49,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from tritarget.kernels import assign, generate_anchors, presets
+    from tritarget.kernels import assign, presets, resolve_grid
     from tritarget.kernels.api import resolve_backend
     from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
@@ -58,7 +58,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     boxes, counts, classes = coco_like_batch(args.batch, seed=args.seed, canvas=canvas)
     device = torch.device("cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu")
     backend = resolve_backend(args.backend, device)
-    num_anchors = generate_anchors(config.anchors, canvas).shape[0]
+    num_anchors = resolve_grid(config.anchors, canvas).num_anchors
     print(f"preset {args.preset}: {num_anchors:,} anchors on a {canvas[0]}x{canvas[1]} canvas")
     print(f"batch of {args.batch} COCO-like images, {sum(counts)} boxes; backend {backend} on {device}")
     boxes, classes = boxes.to(device), classes.to(device)

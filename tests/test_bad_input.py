@@ -137,6 +137,14 @@ def test_zero_box_images_are_normal():
         (lambda: decode(GOOD[None], GOOD, CONFIG.encode), ValueError, r"deltas: expected shape \[N, 4\]"),
         (lambda: encode(GOOD, GOOD[:2], CONFIG.encode), ValueError, "boxes and anchors: 3 rows against 2"),
         (lambda: _assign(GOOD, [3]).to(torch.float16), TypeError, "device: expected a torch.device"),
+        # A "false" from a YAML or a CLI read as True (drop_invalid dropped boxes it should refuse).
+        (lambda: _assign(GOOD, [3], drop_invalid="false"), TypeError, "drop_invalid: expected True or False"),
+        (lambda: _assign(GOOD, [3], return_max_iou="no"), TypeError, "return_max_iou: expected True or False"),
+        (
+            lambda: assign_sparse(GOOD, [3], CANVAS, CONFIG, drop_invalid=1, backend="cpu"),
+            TypeError,
+            "drop_invalid: expected True or False, got 1",
+        ),
     ],
 )
 def test_bad_argument_is_named(call, error, message):
@@ -162,6 +170,25 @@ def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
     edge = torch.full_like(classes, 2**31 - 1)  # the largest class passes unchanged
     targets = assign(boxes.to(device), counts, CANVAS, CONFIG, gt_classes=edge.to(device), backend=backends[1])
     assert targets.classes.max().item() == 2**31 - 1
+
+
+@pytest.mark.parametrize("dtype", ["uint32", "uint64"])
+def test_an_unsigned_class_outside_int32_is_named_not_wrapped(dtype):
+    """Classes of an unsigned type were cast to int32 before the check: 2**32 + 7 became
+    class 7, and 2**32 - 1 was named as class -1."""
+    dtype = getattr(torch, dtype, None)
+    if dtype is None:
+        pytest.skip("this torch has no such dtype")
+    bad = 2**32 - 1 if dtype == torch.uint32 else 2**32 + 7
+    classes = torch.tensor([1, bad, 2], dtype=dtype)
+    for function in (assign, assign_sparse):
+        for backend in ("reference", "cpu"):
+            with pytest.raises(ValueError, match=rf"gt_classes\[1\]: class {bad} is outside \[0, 2147483647\]"):
+                function(GOOD, [3], CANVAS, CONFIG, gt_classes=classes, backend=backend)
+    fine = torch.tensor([1, 2**31 - 1, 0], dtype=dtype)
+    got = assign(GOOD, [3], CANVAS, CONFIG, gt_classes=fine, backend="cpu", return_max_iou=True)
+    want = assign(GOOD, [3], CANVAS, CONFIG, gt_classes=fine.to(torch.int64), backend="reference", return_max_iou=True)
+    assert torch.equal(got.classes, want.classes) and got.classes.max().item() == 2**31 - 1
 
 
 def test_an_invalid_box_wins_over_an_invalid_class_on_every_backend():

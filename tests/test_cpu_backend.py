@@ -791,17 +791,17 @@ def test_large_anchor_sets_are_built_per_call_not_cached(monkeypatch, generator)
     canvas: 200 MB per set) they would let a few small requests pin gigabytes, so such sets
     are built per call; the targets do not change."""
     from tritarget.kernels import anchors as anchor_module
-    from tritarget.kernels import generate_anchors
 
-    config, canvas = presets.get("retinanet_torchvision"), (96, 128)
+    config, canvas, cpu = presets.get("retinanet_torchvision"), (96, 128), torch.device("cpu")
     boxes, counts = random_batch(generator, [4, 0, 7], canvas)
-    cached = generate_anchors(config.anchors, canvas)
-    assert generate_anchors(config.anchors, canvas) is cached
+    _, cached = anchor_module.grid_and_anchors(config.anchors, canvas, cpu)
+    assert anchor_module.grid_and_anchors(config.anchors, canvas, cpu)[1] is cached
     expected = assign(boxes, counts, canvas, config, backend="reference")
     monkeypatch.setattr(anchor_module, "_CACHED_ANCHORS_MAX", cached.shape[0] - 1)
-    built = generate_anchors(config.anchors, canvas)
+    monkeypatch.setattr(anchor_module, "_BY_IDENTITY", {})  # what it holds was cached under the old bound
+    built = anchor_module.grid_and_anchors(config.anchors, canvas, cpu)[1]
     assert built is not cached and torch.equal(built, cached)
-    assert generate_anchors(config.anchors, canvas) is not built
+    assert anchor_module.grid_and_anchors(config.anchors, canvas, cpu)[1] is not built
     for backend in ("reference", "cpu"):
         assert_targets_equal(assign(boxes, counts, canvas, config, backend=backend), expected)
 
@@ -839,3 +839,19 @@ def test_an_anchor_inside_any_ignore_region_is_excluded_even_where_another_iof_i
         got = assign(box, [1], (64, 64), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[2],
                      backend=backend)  # fmt: skip
         assert got.labels.tolist() == [[-1]], backend
+
+
+def test_anchors_a_caller_edits_in_place_change_no_later_call():
+    """generate_anchors handed out the tensor assign caches: shifting or clipping it in
+    place changed every later call, and the cpu backend (its block bounds cached) then
+    disagreed with the reference."""
+    config, canvas = presets.get("retinanet_torchvision"), (128, 128)
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 60.0, 120.0, 127.0]])
+    before = assign(boxes, [2], canvas, config, backend="reference")
+    anchors = generate_anchors(config.anchors, canvas)
+    anchors[:, [0, 2]] += 40.0
+    anchors.clamp_(0, 100)
+    assert not torch.equal(anchors, generate_anchors(config.anchors, canvas))
+    for backend in ("reference", "cpu"):
+        after = assign(boxes, [2], canvas, config, backend=backend)
+        assert torch.equal(after.labels, before.labels) and torch.equal(after.matched_gt, before.matched_gt), backend
