@@ -244,7 +244,9 @@ def _flag_resize(args: argparse.Namespace):
     min_size = _MIN_SIZE if args.min_size is None else args.min_size
     max_size = _MAX_SIZE if args.max_size is None else args.max_size
     if min_size > max_size:
-        raise _UsageError(f"--min-size {min_size} is larger than --max-size {max_size}")
+        given = lambda flag, value, default: f"{flag} {value}" + (" (the default)" if default else "")  # noqa: E731
+        raise _UsageError(f"{given('--min-size', min_size, args.min_size is None)} is larger than "
+                          f"{given('--max-size', max_size, args.max_size is None)}")  # fmt: skip
     return Resize(mode="min_max", min_size=min_size, max_size=max_size)
 
 
@@ -437,6 +439,11 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"fit on {result.fit_images:,} images in {result.seconds:.1f} s ({result.generations} generations, "
           f"seed {args.seed}); objective {result.fitness_start:.4f} ({name}) -> k-means "
           f"{result.fitness_kmeans:.4f} -> fitted {result.fitness:.4f}")  # fmt: skip
+    if result.small_boxes:
+        print(f"note: {result.small_boxes:,} of {result.boxes:,} boxes are under 2 px on a side (model pixels): "
+              "left out of the k-means (anchors stay at least 2 px), still counted in the objective")  # fmt: skip
+    if result.config == config:
+        print(f"note: nothing found beats {name} on these images; it is written back unchanged")
     print("fitted anchor shapes:")
     print(_describe_shapes(result.config))
     results = []

@@ -251,12 +251,13 @@ def _build(
         nonlocal skipped
         limit = original[rows].flip(1).repeat(1, 2)  # [n, 4] (w, h, w, h)
         clipped = torch.minimum(rects.clamp(min=0), limit)
-        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        resized = (clipped.to(torch.float64) * scale[rows]).to(torch.float32)
+        # Empty after the resize too: a sliver the float32 cast closes is no box the matcher takes.
+        keep = (resized[:, 2] > resized[:, 0]) & (resized[:, 3] > resized[:, 1])
         skipped += int((~keep).sum())
         kept_rows = rows[keep]
         order = torch.sort(kept_rows, stable=True).indices  # image after image, file order within
-        resized = (clipped[keep].to(torch.float64) * scale[kept_rows]).to(torch.float32)
-        return resized[order], torch.nonzero(keep).flatten()[order]
+        return resized[keep][order], torch.nonzero(keep).flatten()[order]
 
     gt, gt_index = clip_resize(boxes, box_rows)
     ignore, ignore_index = clip_resize(crowd, crowd_rows)
@@ -279,7 +280,12 @@ def _is_int64(value: object) -> bool:
 
 
 def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits: no float holds it
+        return False
 
 
 def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDataset:

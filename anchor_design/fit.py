@@ -40,7 +40,8 @@ from .dataset import BoxDataset
 __all__ = ["FIT_LAYOUTS", "FitResult", "check_fittable", "fit_anchors", "fitness", "kmeans_iou"]
 
 FIT_LAYOUTS = ("torchvision", "detectron2", "mmdet", "keras", "yolo")
-_SIZE_LAYOUTS = ("torchvision", "detectron2", "keras")
+# Layouts whose generators take one set of scales for every level (times a per-level size).
+_SHARED_SCALE_LAYOUTS = ("mmdet", "keras")
 
 # The objective: BPR first; then up to POSITIVES_WEIGHT more for boxes with several
 # positives, counted up to POSITIVES_TARGET each (a box with 3 positives is served; more
@@ -138,8 +139,15 @@ def fitness(positives: torch.Tensor) -> float:
 class _Parameters:
     """A layout's shapes as one vector of logs, and back to a config.
 
-    FPN layouts: [log size of (level, j) for every level and size j] + [log ratio r];
+    torchvision / detectron2: [log size of (level, j) for every level and size j] +
+    [log ratio r] (a level's sizes are free in those frameworks' generators);
+    keras: [log size of each level] + [log scale j] + [log ratio r] (keras-retinanet's
+    ``AnchorParameters``: one size per level times scales shared by every level);
+    mmdet: [log scale j] + [log ratio r] (``AnchorGenerator(scales=..., ratios=...)``: scales
+    shared by every level, times each level's own base size, kept);
     yolo: [log w, log h] of every shape, levels in order.
+    Ratios are shared by every level in every FPN layout. A fitted config is one the
+    framework's own generator can build, for the model to decode its predictions with.
     """
 
     def __init__(self, config: TargetConfig):
@@ -151,15 +159,35 @@ class _Parameters:
             )
         self.config = config
         self.layout = anchors.layout
-        if self.layout != "yolo":
-            ratio_counts = {len(lv.aspect_ratios) for lv in anchors.levels}
-            if len(ratio_counts) != 1:
-                raise ValueError("fit: every level must have the same number of aspect ratios (they are fitted shared)")
-            self.num_ratios = ratio_counts.pop()
+        if self.layout == "yolo":
+            return
+        levels = anchors.levels
+        for i, lv in enumerate(levels):
+            if lv.aspect_ratios != levels[0].aspect_ratios:
+                raise ValueError(f"fit: every level must have the same aspect ratios (they are fitted shared); "
+                                 f"level {i} has {lv.aspect_ratios}, level 0 {levels[0].aspect_ratios}")  # fmt: skip
+        self.num_ratios = len(levels[0].aspect_ratios)
+        if self.layout in _SHARED_SCALE_LAYOUTS:
+            scales = [self._scales(lv) for lv in levels]
+            for i, level_scales in enumerate(scales):
+                if len(level_scales) != len(scales[0]) or any(
+                    abs(a / b - 1) > 1e-6 for a, b in zip(level_scales, scales[0])
+                ):
+                    what = "scales" if self.layout == "mmdet" else "sizes as multiples of its first"
+                    raise ValueError(f"fit: the {self.layout} layout shares scales across levels; level {i}'s "
+                                     f"{what} {tuple(level_scales)} differ from level 0's "
+                                     f"{tuple(scales[0])}")  # fmt: skip
 
     def base(self, level: AnchorLevel) -> float:
-        """mmdet's base size (an anchor's size is scale x base)."""
+        """A level's base size: mmdet's (an anchor's size is scale x base), keras's the level's first size."""
+        if self.layout == "keras":
+            return min(level.sizes)
         return level.base_size if level.base_size is not None else float(level.stride)
+
+    def _scales(self, level: AnchorLevel) -> list[float]:
+        if self.layout == "mmdet":
+            return sorted(level.scales)
+        return sorted(s / self.base(level) for s in level.sizes)
 
     def sizes(self, config: TargetConfig) -> list[list[float]]:
         """Each level's sizes in pixels (sqrt of the anchor area)."""
@@ -173,8 +201,13 @@ class _Parameters:
         levels = config.anchors.levels
         if self.layout == "yolo":
             return torch.tensor([[w, h] for lv in levels for w, h in lv.shapes], dtype=torch.float64).log().flatten()
-        sizes = [s for level_sizes in self.sizes(config) for s in level_sizes]
         ratios = list(levels[0].aspect_ratios)
+        if self.layout == "mmdet":
+            return torch.tensor(self._scales(levels[0]) + ratios, dtype=torch.float64).log()
+        if self.layout == "keras":
+            bases = [self.base(lv) for lv in levels]
+            return torch.tensor(bases + self._scales(levels[0]) + ratios, dtype=torch.float64).log()
+        sizes = [s for level_sizes in self.sizes(config) for s in level_sizes]
         return torch.tensor(sizes + ratios, dtype=torch.float64).log()
 
     def decode(self, vector: torch.Tensor) -> TargetConfig:
@@ -187,18 +220,29 @@ class _Parameters:
                 shapes.sort(key=lambda wh: wh[0] * wh[1])
                 new_levels.append(_replace_level(lv, shapes=tuple(shapes)))
                 at += 2 * len(lv.shapes)
-        else:
-            ratios = tuple(sorted(min(max(r, 1 / _MAX_RATIO), _MAX_RATIO) for r in values[-self.num_ratios :]))
-            for lv in levels:
-                count = len(lv.scales) if self.layout == "mmdet" else len(lv.sizes)
-                sizes = sorted(_side(v) for v in values[at : at + count])
-                at += count
-                if self.layout == "mmdet":
-                    base = self.base(lv)
-                    new_levels.append(_replace_level(lv, scales=tuple(s / base for s in sizes), aspect_ratios=ratios))
-                else:
-                    new_levels.append(_replace_level(lv, sizes=tuple(sizes), aspect_ratios=ratios))
-        return self.config.replace(**{"anchors.levels": [_level_dict(lv) for lv in new_levels]})
+            return self._with_levels(new_levels)
+        ratios = tuple(sorted(min(max(r, 1 / _MAX_RATIO), _MAX_RATIO) for r in values[-self.num_ratios :]))
+        if self.layout in _SHARED_SCALE_LAYOUTS:
+            count = len(self._scales(levels[0]))
+            scales = sorted(values[-self.num_ratios - count : -self.num_ratios])
+            if self.layout == "mmdet":  # bases kept: the scales keep every level's anchors within bounds
+                bases = [self.base(lv) for lv in levels]
+                scales = [min(max(s, _MIN_SIDE / min(bases)), _MAX_SIDE / max(bases)) for s in scales]
+                new_levels = [_replace_level(lv, scales=tuple(scales), aspect_ratios=ratios) for lv in levels]
+                return self._with_levels(new_levels)
+            # keras: scales kept, each level's size keeps its anchors within bounds
+            bases = [min(max(b, _MIN_SIDE / scales[0]), _MAX_SIDE / scales[-1]) for b in values[: len(levels)]]
+            for lv, base in zip(levels, bases):
+                new_levels.append(_replace_level(lv, sizes=tuple(base * s for s in scales), aspect_ratios=ratios))
+            return self._with_levels(new_levels)
+        for lv in levels:
+            sizes = sorted(_side(v) for v in values[at : at + len(lv.sizes)])
+            at += len(lv.sizes)
+            new_levels.append(_replace_level(lv, sizes=tuple(sizes), aspect_ratios=ratios))
+        return self._with_levels(new_levels)
+
+    def _with_levels(self, levels: list[AnchorLevel]) -> TargetConfig:
+        return self.config.replace(**{"anchors.levels": [_level_dict(lv) for lv in levels]})
 
     def kmeans(self, wh: torch.Tensor, seed: int) -> torch.Tensor:
         """Step 1: the k-means shapes as a parameter vector (``_fill_shapes``: the config's
@@ -212,17 +256,27 @@ class _Parameters:
         current_ratios = torch.tensor(levels[0].aspect_ratios, dtype=torch.float64)
         current_unit = torch.stack([current_ratios.rsqrt(), current_ratios.sqrt()], dim=1)  # h / w = ratio
         ratio_centres = _fill_shapes(unit, current_unit, seed)
-        ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).tolist()
+        ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).log().tolist()
         current = self.sizes(self.config)
         centre_of_level = torch.tensor([sum(math.log(s) for s in sizes) / len(sizes) for sizes in current])
         level_of_box = (side.log()[:, None] - centre_of_level[None, :]).abs().argmin(1)
-        sizes = []
+        log_sizes = []  # [level][j], each level's k-means sizes, smallest first
         for i, level_sizes in enumerate(current):
             members = side[level_of_box == i]
             square = torch.stack([members, members], dim=1)  # one aspect: 1 - IoU depends on the size alone
             current_square = torch.tensor(level_sizes, dtype=torch.float64)[:, None].expand(-1, 2)
-            sizes.extend(_fill_shapes(square, current_square, seed)[:, 0].tolist())
-        return torch.tensor(sizes + ratios, dtype=torch.float64).log()
+            log_sizes.append(_fill_shapes(square, current_square, seed)[:, 0].log().sort().values)
+        if self.layout not in _SHARED_SCALE_LAYOUTS:
+            return torch.cat([*log_sizes, torch.tensor(ratios, dtype=torch.float64)])
+        log_sizes = torch.stack(log_sizes)  # [level, j]: as many per level (__init__)
+        if self.layout == "mmdet":  # one set of scales: each level's sizes over its base, averaged in logs
+            log_bases = torch.tensor([math.log(self.base(lv)) for lv in levels], dtype=torch.float64)
+            return torch.cat([(log_sizes - log_bases[:, None]).mean(0), torch.tensor(ratios, dtype=torch.float64)])
+        # keras: level sizes x shared scales, the least-squares fit in logs
+        log_scales = (log_sizes - log_sizes.mean(1, keepdim=True)).mean(0)
+        log_scales = log_scales - log_scales[0]  # the first scale is 1: a level's size is its smallest anchor's
+        log_bases = (log_sizes - log_scales[None, :]).mean(1)
+        return torch.cat([log_bases, log_scales, torch.tensor(ratios, dtype=torch.float64)])
 
 
 def _side(value: float) -> float:
@@ -244,6 +298,8 @@ class FitResult:
     config: the fitted config (the given one with new anchor shapes).
     start, kmeans: the given config and the k-means shapes (step 1).
     fitness_*: the objective (``fitness``) of each on the fit images.
+    boxes, small_boxes: the fit images' boxes, and those under 2 px on a side (left out of
+        the k-means: anchors stay at least 2 px).
     history: (generation, fitness) at every improvement of the refinement.
     """
 
@@ -254,6 +310,8 @@ class FitResult:
     fitness_kmeans: float
     fitness: float
     fit_images: int
+    boxes: int
+    small_boxes: int
     generations: int
     seconds: float
     history: list[tuple[int, float]] = field(default_factory=list)
@@ -307,13 +365,18 @@ def fit_anchors(
         )
         return fitness(counts.positives)
 
-    kmeans_vector = parameters.kmeans(wh, seed)
+    # Boxes under the smallest anchor side would pull k-means centres below it, which the
+    # bounds then clamp into repeated shapes (as yolov5's autoanchor, they are left out of
+    # the k-means; the objective still counts them).
+    clustered = (wh >= _MIN_SIDE).all(1)
+    kmeans_vector = parameters.kmeans(wh[clustered], seed)
     kmeans_config = parameters.decode(kmeans_vector)
     fitness_start, fitness_kmeans = evaluate(config), evaluate(kmeans_config)
     if fitness_kmeans >= fitness_start:
         best_vector, best = kmeans_vector, fitness_kmeans
-    else:
-        best_vector, best = parameters.encode(config), fitness_start
+    else:  # the start as the refinement sees it (its bounds may move a shape of the given config)
+        best_vector = parameters.encode(config)
+        best = evaluate(parameters.decode(best_vector))
     history = [(0, best)]
     for generation in range(1, generations + 1):
         sigma = _SIGMA_START + (_SIGMA_END - _SIGMA_START) * (generation - 1) / max(generations - 1, 1)
@@ -328,13 +391,18 @@ def fit_anchors(
             history.append((generation, best))
         if progress is not None:
             progress(generation, generations)
+    fitted = parameters.decode(best_vector)
+    if best < fitness_start:  # nothing the refinement reached beats the config as given
+        fitted, best = config, fitness_start
     return FitResult(
-        config=parameters.decode(best_vector),
+        config=fitted,
         start=config,
         kmeans=kmeans_config,
         fitness_start=fitness_start,
         fitness_kmeans=fitness_kmeans,
         fitness=best,
+        small_boxes=int((~clustered).sum()),
+        boxes=wh.shape[0],
         fit_images=dataset.num_images,
         generations=generations,
         seconds=time.perf_counter() - start_time,

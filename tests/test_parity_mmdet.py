@@ -138,6 +138,29 @@ def test_anchors_equal_mmdets_anchor_generator(name, canvas, mm):
     assert _generator(mm, name).num_base_priors == list(config.anchors.anchors_per_cell)
 
 
+def test_fitted_anchors_are_ones_mmdets_anchor_generator_builds(mm):
+    """`tritarget anchors fit` on an mmdet config: the model decodes its predictions with
+    mmdet's own generator, which takes one set of scales for every level."""
+    from tritarget.anchor_design import fit_anchors, from_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for _ in range(12):  # tall and wide boxes (1:4 and 4:1), which the preset serves badly
+        xy = torch.rand(6, 2, generator=generator) * 150
+        side = torch.rand(6, 1, generator=generator) * 40 + 10
+        wh = torch.cat([side, 4 * side], dim=1)[:, torch.randperm(2, generator=generator)]
+        images.append(torch.cat([xy, xy + wh], dim=1))
+    config = presets.get("retinanet_mmdet")
+    fitted = fit_anchors(from_tensors(images, [(320, 320)] * 12), config, generations=8, backend="cpu").config
+    assert fitted != config
+    levels = fitted.anchors.levels
+    theirs = mm.AnchorGenerator(strides=[lv.stride for lv in levels], ratios=list(levels[0].aspect_ratios),
+                                scales=list(levels[0].scales))  # fmt: skip
+    canvas = (320, 320)
+    featmaps = [feature_map_size(canvas, lv) for lv in levels]
+    assert torch.equal(generate_anchors(fitted.anchors, canvas), torch.cat(theirs.grid_priors(featmaps, device="cpu")))
+
+
 # ---------------------------------------------------------------------------------------
 # Random batches: several images, ties, an empty image, a crowded image, padded images
 # ---------------------------------------------------------------------------------------
