@@ -151,25 +151,26 @@ class AnchorLevel:
             _check_sequence(owner, name, getattr(self, name))
             if len(getattr(self, name)) > MAX_LEVEL_VALUES:  # shapes per cell grow with their product
                 raise _fail(owner, name, f"at most {MAX_LEVEL_VALUES} values, got {len(getattr(self, name))}")
+        # Bounded below as above: a size of 1e-300 made anchors of zero area in float32 (no
+        # positive ever), which explicit anchors are refused for.
         low = 1 / MAX_ANCHOR_MAGNITUDE
         for name in ("sizes", "aspect_ratios", "scales"):
             values = _as_float_tuple(owner, name, getattr(self, name))
-            least = low if name == "aspect_ratios" else 0.0
-            if any(not least < v <= MAX_ANCHOR_MAGNITUDE for v in values):
-                raise _fail(owner, name, f"values must be in ({least:g}, {MAX_ANCHOR_MAGNITUDE:g}], got {values}")
+            if any(not low < v <= MAX_ANCHOR_MAGNITUDE for v in values):
+                raise _fail(owner, name, f"values must be in ({low:g}, {MAX_ANCHOR_MAGNITUDE:g}], got {values}")
             object.__setattr__(self, name, values)
         shapes = []
         for pair in self.shapes:
             wh = _as_float_tuple(owner, "shapes", pair)
-            if len(wh) != 2 or not all(0 < v <= MAX_ANCHOR_MAGNITUDE for v in wh):
-                raise _fail(owner, "shapes", f"each shape is a (w, h) pair in (0, {MAX_ANCHOR_MAGNITUDE:g}], "
+            if len(wh) != 2 or not all(low < v <= MAX_ANCHOR_MAGNITUDE for v in wh):
+                raise _fail(owner, "shapes", f"each shape is a (w, h) pair in ({low:g}, {MAX_ANCHOR_MAGNITUDE:g}], "
                                              f"got {pair!r}")  # fmt: skip
             shapes.append(wh)
         object.__setattr__(self, "shapes", tuple(shapes))
         if self.base_size is not None:
             base = _check_number(owner, "base_size", self.base_size)
-            if not 0 < base <= MAX_ANCHOR_MAGNITUDE:
-                raise _fail(owner, "base_size", f"must be in (0, {MAX_ANCHOR_MAGNITUDE:g}], got {base}")
+            if not low < base <= MAX_ANCHOR_MAGNITUDE:
+                raise _fail(owner, "base_size", f"must be in ({low:g}, {MAX_ANCHOR_MAGNITUDE:g}], got {base}")
             object.__setattr__(self, "base_size", base)
         if self.feature_size is not None:
             _check_sequence(owner, "feature_size", self.feature_size)

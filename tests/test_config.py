@@ -120,7 +120,16 @@ def test_replace_overrides_dotted_fields():
         (
             lambda: AnchorLevel(stride=8, sizes=(3e38,)),
             ValueError,
-            r"AnchorLevel.sizes: values must be in \(0, 1e\+06\]",
+            r"AnchorLevel.sizes: values must be in \(1e-06, 1e\+06\]",
+        ),
+        # ... or of zero area in float32 (1e-300: no positive ever; explicit anchors are refused for it).
+        (lambda: AnchorLevel(stride=8, sizes=(1e-300,)), ValueError, r"AnchorLevel.sizes: values must be in \(1e-06"),
+        (lambda: AnchorLevel(stride=8, scales=(1e-7,)), ValueError, r"AnchorLevel.scales: values must be in \(1e-06"),
+        (lambda: AnchorLevel(stride=8, shapes=((4, 1e-30),)), ValueError, r"AnchorLevel.shapes: each shape .*\(1e-06"),
+        (
+            lambda: AnchorLevel(stride=8, scales=(1,), base_size=1e-9),
+            ValueError,
+            r"AnchorLevel.base_size: must be in \(1e-06",
         ),
         (lambda: AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1e80,)), ValueError, "AnchorLevel.aspect_ratios"),
         (lambda: AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1e-80,)), ValueError, "AnchorLevel.aspect_ratios"),
