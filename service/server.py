@@ -51,15 +51,6 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _resolves(host: str) -> bool:
-    """Whether ``host`` has an address: a failed bind then names the cause, not a busy port."""
-    try:
-        socket.getaddrinfo(host.strip("[]"), None)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return True
-
-
 _BIND_HINTS = {
     errno.EADDRINUSE: "in use?",
     errno.EADDRNOTAVAIL: "not an address of this machine",
@@ -70,12 +61,15 @@ _BIND_HINTS = {
 def bind_refusal(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on, as ``(hint): reason``, or None where a plain
     socket binds it (as gRPC binds: a port in TIME_WAIT is free). gRPC's own failure reads
-    the same for a busy port, an address of another machine and a privileged port."""
+    the same for a busy port, an unknown host, an address of another machine and a
+    privileged port."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host.strip("[]"), port))
+        except (socket.gaierror, UnicodeError) as exc:
+            return f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
         except OSError as exc:
             return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}"
     return None
@@ -181,8 +175,6 @@ class TargetServer:
         except RuntimeError as exc:
             self.port, reason = 0, str(exc).split(";")[0]
         if self.port == 0:
-            if not _resolves(options.host):
-                raise OSError(f"could not bind {address} (no address is known for host {options.host!r}): {reason}")
             refusal = bind_refusal(options.host, options.port)
             if refusal is None:  # the address binds: what gRPC refused is the certificate or key (its log above says)
                 refusal = f"({'the TLS certificate / key rejected?' if options.tls_cert else 'in use?'}): {reason}"

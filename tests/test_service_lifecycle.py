@@ -269,12 +269,16 @@ def test_cli_names_a_busy_metrics_port():
     assert f"serve: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
 
 
-def test_cli_names_a_host_without_an_address():
-    """Not "in use?", as for a busy port (gRPC says the same for both)."""
+@pytest.mark.parametrize("workers", [[], ["--port", "50998", "--workers", "2"]])
+def test_cli_names_a_host_without_an_address(workers):
+    """Not "in use?", as for a busy port (gRPC says the same for both), with workers too."""
     done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--host", "no-such-host.invalid",
-                           "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
+                           "--port", "0", *workers], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "could not bind no-such-host.invalid:0 (no address is known for host 'no-such-host.invalid')" in done.stderr
+    port = workers[1] if workers else "0"
+    assert f"could not bind no-such-host.invalid:{port} (no address is known for host 'no-such-host.invalid')" in (
+        done.stderr
+    )
 
 
 def test_cli_refuses_an_empty_token_given_on_purpose():
