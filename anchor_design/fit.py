@@ -65,9 +65,10 @@ def _wh_iou(wh: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def _distinct_shapes(wh: torch.Tensor) -> int:
-    """How many different shapes wh (Tensor[N, 2]) holds, shapes within 1e-6 relative of
-    each other counting as one (float noise, as in boxes of one aspect scaled to one area)."""
-    return torch.unique((wh.log() * 1e6).round(), dim=0).shape[0]
+    """How many different shapes wh (Tensor[N, 2]) holds, shapes within ~0.1% of each other
+    counting as one: float32 coordinates leave square boxes 1e-6 to 1e-4 off square (with
+    1e-6 three k-means "ratios" of squares came out 1, 1, 1)."""
+    return torch.unique((wh.log() * 1e3).round(), dim=0).shape[0]
 
 
 def kmeans_iou(wh: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100) -> torch.Tensor:
@@ -244,13 +245,22 @@ class _Parameters:
     def _with_levels(self, levels: list[AnchorLevel]) -> TargetConfig:
         return self.config.replace(**{"anchors.levels": [_level_dict(lv) for lv in levels]})
 
+    def too_small(self, wh: torch.Tensor) -> torch.Tensor:
+        """The boxes (wh: Tensor[N, 2]) under the smallest anchor the fit makes, left out of
+        the k-means sizes: their centres would fall below it and the bounds would clamp them
+        into repeated shapes. yolo: both sides under 2 px (as yolov5's autoanchor); the FPN
+        layouts, whose ratios take the aspect alone: sqrt(w x h) under 2 px."""
+        if self.layout == "yolo":
+            return (wh < _MIN_SIDE).all(1)
+        return wh[:, 0] * wh[:, 1] < _MIN_SIDE**2
+
     def kmeans(self, wh: torch.Tensor, seed: int) -> torch.Tensor:
         """Step 1: the k-means shapes as a parameter vector (``_fill_shapes``: the config's
         own shapes complete them where the boxes have too few distinct shapes)."""
         levels = self.config.anchors.levels
         if self.layout == "yolo":
             current = torch.tensor([wh for lv in levels for wh in lv.shapes], dtype=torch.float64)
-            return _fill_shapes(wh, current, seed).log().flatten()
+            return _fill_shapes(wh[~self.too_small(wh)], current, seed).log().flatten()
         side = (wh[:, 0] * wh[:, 1]).sqrt()
         unit = wh / side[:, None]  # one area: 1 - IoU depends on the aspect alone
         current_ratios = torch.tensor(levels[0].aspect_ratios, dtype=torch.float64)
@@ -259,6 +269,7 @@ class _Parameters:
         ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).log().tolist()
         current = self.sizes(self.config)
         centre_of_level = torch.tensor([sum(math.log(s) for s in sizes) / len(sizes) for sizes in current])
+        side = side[~self.too_small(wh)]
         level_of_box = (side.log()[:, None] - centre_of_level[None, :]).abs().argmin(1)
         log_sizes = []  # [level][j], each level's k-means sizes, smallest first
         for i, level_sizes in enumerate(current):
@@ -269,11 +280,16 @@ class _Parameters:
         if self.layout not in _SHARED_SCALE_LAYOUTS:
             return torch.cat([*log_sizes, torch.tensor(ratios, dtype=torch.float64)])
         log_sizes = torch.stack(log_sizes)  # [level, j]: as many per level (__init__)
-        if self.layout == "mmdet":  # one set of scales: each level's sizes over its base, averaged in logs
+        # One set of scales: the levels' own, averaged in logs weighted by their boxes (a
+        # level without boxes holds the start's scales, which would outvote the data).
+        members = torch.bincount(level_of_box, minlength=len(levels)).to(torch.float64)
+        weights = members / members.sum() if members.sum() > 0 else torch.full_like(members, 1 / len(levels))
+        if self.layout == "mmdet":  # each level's sizes over its base, which is kept
             log_bases = torch.tensor([math.log(self.base(lv)) for lv in levels], dtype=torch.float64)
-            return torch.cat([(log_sizes - log_bases[:, None]).mean(0), torch.tensor(ratios, dtype=torch.float64)])
+            log_scales = weights @ (log_sizes - log_bases[:, None])
+            return torch.cat([log_scales, torch.tensor(ratios, dtype=torch.float64)])
         # keras: level sizes x shared scales, the least-squares fit in logs
-        log_scales = (log_sizes - log_sizes.mean(1, keepdim=True)).mean(0)
+        log_scales = weights @ (log_sizes - log_sizes.mean(1, keepdim=True))
         log_scales = log_scales - log_scales[0]  # the first scale is 1: a level's size is its smallest anchor's
         log_bases = (log_sizes - log_scales[None, :]).mean(1)
         return torch.cat([log_bases, log_scales, torch.tensor(ratios, dtype=torch.float64)])
@@ -298,8 +314,8 @@ class FitResult:
     config: the fitted config (the given one with new anchor shapes).
     start, kmeans: the given config and the k-means shapes (step 1).
     fitness_*: the objective (``fitness``) of each on the fit images.
-    boxes, small_boxes: the fit images' boxes, and those under 2 px on a side (left out of
-        the k-means: anchors stay at least 2 px).
+    boxes, small_boxes: the fit images' boxes, and those smaller than any anchor the fit
+        makes (left out of the k-means sizes: ``_Parameters.too_small``).
     history: (generation, fitness) at every improvement of the refinement.
     """
 
@@ -365,14 +381,10 @@ def fit_anchors(
         )
         return fitness(counts.positives)
 
-    # Boxes under the smallest anchor side would pull k-means centres below it, which the
-    # bounds then clamp into repeated shapes (as yolov5's autoanchor, they are left out of
-    # the k-means; the objective still counts them).
-    clustered = (wh >= _MIN_SIDE).all(1)
-    kmeans_vector = parameters.kmeans(wh[clustered], seed)
+    kmeans_vector = parameters.kmeans(wh, seed)
     kmeans_config = parameters.decode(kmeans_vector)
     fitness_start, fitness_kmeans = evaluate(config), evaluate(kmeans_config)
-    if fitness_kmeans >= fitness_start:
+    if fitness_kmeans > fitness_start:
         best_vector, best = kmeans_vector, fitness_kmeans
     else:  # the start as the refinement sees it (its bounds may move a shape of the given config)
         best_vector = parameters.encode(config)
@@ -392,8 +404,8 @@ def fit_anchors(
         if progress is not None:
             progress(generation, generations)
     fitted = parameters.decode(best_vector)
-    if best < fitness_start:  # nothing the refinement reached beats the config as given
-        fitted, best = config, fitness_start
+    if best <= fitness_start:  # nothing beats the config as given: it comes back as given
+        fitted, best, history = config, fitness_start, [(0, fitness_start)]
     return FitResult(
         config=fitted,
         start=config,
@@ -401,7 +413,7 @@ def fit_anchors(
         fitness_start=fitness_start,
         fitness_kmeans=fitness_kmeans,
         fitness=best,
-        small_boxes=int((~clustered).sum()),
+        small_boxes=int(parameters.too_small(wh).sum()),
         boxes=wh.shape[0],
         fit_images=dataset.num_images,
         generations=generations,

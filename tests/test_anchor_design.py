@@ -395,7 +395,66 @@ def test_fit_never_returns_a_config_worse_than_the_start():
     dataset = from_tensors([torch.cat([centres - 0.5, centres + 0.5], dim=1)], [(96, 128)])
     result = fit_anchors(dataset, config, generations=5, backend="cpu")
     assert result.fitness_start > 1.0 and result.fitness_kmeans < 1.0
-    assert result.config == config and result.fitness == result.fitness_start
+    assert result.config is config and result.fitness == result.fitness_start
+    assert result.history == [(0, result.fitness_start)]
+
+
+def _squares(images: int, low: float, high: float, seed: int = 0):
+    """``images`` images of 256 x 256 with 6 square boxes each, sides in [low, high)."""
+    generator, boxes = torch.Generator().manual_seed(seed), []
+    for _ in range(images):
+        xy = torch.rand(6, 2, generator=generator) * (250 - high) + 3  # inside: not clipped out of square
+        side = torch.rand(6, 1, generator=generator) * (high - low) + low
+        boxes.append(torch.cat([xy, xy + side.expand(-1, 2)], dim=1))
+    return from_tensors(boxes, [(256, 256)] * images)
+
+
+def test_fit_writes_back_a_start_nothing_beats_as_given():
+    """The start ties k-means, both at the objective's 1.1 maximum: the k-means copy came
+    back instead (ratios 0.9999995, ...), and the CLI's note did not print."""
+    start = presets.get("retinanet_torchvision")
+    result = fit_anchors(_squares(10, 30, 60), start, generations=3, backend="cpu")
+    assert result.fitness_kmeans == result.fitness_start == pytest.approx(1.1)
+    assert result.config is start and result.fitness == result.fitness_start
+    assert result.history == [(0, result.fitness_start)]
+
+
+def test_fit_mmdet_scales_follow_the_levels_that_have_boxes():
+    """14-18 px squares all sit on the lowest level: the levels without boxes (the start's
+    scale 8) outvoted it in an unweighted mean, and k-means scored 0 where scale 4 scores
+    0.86 (torchvision's k-means, free per level, reaches 0.86 too)."""
+    dataset = _squares(20, 14, 18)
+    mmdet = fit_anchors(dataset, presets.get("rpn_mmdet"), generations=0, backend="cpu")
+    torchvision = fit_anchors(dataset, presets.get("fasterrcnn_rpn_torchvision"), generations=0, backend="cpu")
+    assert mmdet.fitness_kmeans > 0.8 and torchvision.fitness_kmeans > 0.8
+    assert mmdet.kmeans.anchors.levels[0].scales[0] * 4 == pytest.approx(16.0, rel=0.1)  # level 0's stride is 4
+
+
+def test_fit_kmeans_ratios_of_square_boxes_do_not_repeat():
+    """float32 coordinates leave squares 1e-6 off square: counted as distinct shapes, they
+    gave three ratios of ~1 (0.9999995, 0.99999998, 1.0000004)."""
+    generator, boxes = torch.Generator().manual_seed(0), []
+    for _ in range(30):  # 40-80 px squares far from the origin: float32 keeps fewer of their digits
+        xy = torch.rand(6, 2, generator=generator) * 600 + 50
+        boxes.append(torch.cat([xy, xy + (torch.rand(6, 1, generator=generator) * 40 + 40).expand(-1, 2)], dim=1))
+    dataset = from_tensors(boxes, [(800, 800)] * 30)
+    wh = (dataset.boxes[:, 2:] - dataset.boxes[:, :2]).double()
+    assert 1e-6 < (wh[:, 1] / wh[:, 0]).log().abs().max() < 1e-5  # the case: squares up to float32 rounding
+    result = fit_anchors(dataset, presets.get("retinanet_torchvision"), generations=0, backend="cpu")
+    ratios = result.kmeans.anchors.levels[0].aspect_ratios
+    assert len({round(r, 3) for r in ratios}) == 3, ratios
+
+
+def test_fit_yolo_keeps_thin_boxes_in_the_kmeans():
+    """1.8 px wide, 20-40 px tall: yolov5's autoanchor leaves out only boxes under 2 px on
+    both sides; the fit left these out and its objective stayed 0."""
+    generator, boxes = torch.Generator().manual_seed(0), []
+    for _ in range(20):
+        xy = torch.rand(6, 2, generator=generator) * 200 + 10
+        wh = torch.cat([torch.full((6, 1), 1.8), torch.rand(6, 1, generator=generator) * 20 + 20], dim=1)
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+    result = fit_anchors(from_tensors(boxes, [(256, 256)] * 20), presets.get("yolov5"), generations=0, backend="cpu")
+    assert result.small_boxes == 0 and result.fitness_kmeans > 0.1 > result.fitness_start
 
 
 def _keras_config() -> TargetConfig:
