@@ -263,10 +263,11 @@ class Batcher:
         self._groups: dict[tuple, list[_Pending]] = {}
         self._queued_images = 0  # in the groups, except the slices of held places
         self._held_images = 0  # places held by requests in slices (``submit``)
+        self._in_slices = 0  # requests in slices, from their admission to their answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = options.compute_workers  # workers without a batch
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
-        self._idle: asyncio.Event | None = None  # nothing queued, nothing running
+        self._idle: asyncio.Event | None = None  # nothing queued, nothing running, no request in slices
         # Compute workers: plain threads fed by one queue. A ThreadPoolExecutor's submit and
         # futures cost up to ~20% of a small request's time outside compute (measured in
         # process: 780 -> 610-750 us per 1-image request on 2 cores).
@@ -362,19 +363,26 @@ class Batcher:
         held = max(part.images for part in slices)
         self._admit(held)
         self._held_images += held
+        self._in_slices += 1  # close() waits for it to the end
+        self._idle.clear()
         try:
-            await self.run(job.check)
-            parts = []
-            for part in slices:  # each queued anew: requests that arrived meanwhile go first
-                parts.append(await self._enqueue(part, None, held=True))
+            try:
+                await self.run(job.check)
+                parts = []
+                for part in slices:  # each queued anew: requests that arrived meanwhile go first
+                    parts.append(await self._enqueue(part, None, held=True))
+            finally:
+                self._held_images -= held
+            targets = _concat(parts)
+            return targets if finish is None else await self.run(finish, targets)
         finally:
-            self._held_images -= held
-        targets = _concat(parts)
-        return targets if finish is None else await self.run(finish, targets)
+            self._in_slices -= 1
+            self._set_if_idle()
 
-    def _admit(self, images: int) -> None:
-        """Raise unless ``images`` more images may queue now."""
-        if self._closed or self._loop is None:
+    def _admit(self, images: int, *, held: bool = False) -> None:
+        """Raise unless ``images`` more images may queue now (``held``: a slice of a request
+        admitted before, which a close lets finish)."""
+        if (self._closed and not held) or self._loop is None:
             raise Unavailable("the server is shutting down")
         if self.queued_images + images > self.options.max_queue_images:
             raise Overloaded(
@@ -387,7 +395,7 @@ class Batcher:
     ) -> Any:
         """``held``: a slice queued in its request's held place (admitted, already counted)."""
         counted = 0 if held else job.images
-        self._admit(counted)
+        self._admit(counted, held=held)
         job.enqueued_at = time.perf_counter()
         item = _Pending(job, self._loop.create_future(), finish, counted)
         self._groups.setdefault(job.merge_key, []).append(item)
@@ -412,7 +420,10 @@ class Batcher:
         self._queued_images -= item.counted
         if not pending:
             del self._groups[key]
-        if not self._groups and self._free == self.options.compute_workers:
+        self._set_if_idle()
+
+    def _set_if_idle(self) -> None:
+        if not self._groups and self._free == self.options.compute_workers and not self._in_slices:
             self._idle.set()
 
     @property
@@ -441,8 +452,7 @@ class Batcher:
                     self._timer = self._loop.call_later(wait, self._dispatch)
                     break
             self._start(self._take(key, pending))
-        if not self._groups and self._free == self.options.compute_workers:
-            self._idle.set()
+        self._set_if_idle()
 
     def _batch_cap(self, job: AssignJob) -> int:
         """Images per batch for jobs like ``job`` (one group shares its config and canvas):

@@ -300,6 +300,28 @@ def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
+def test_closing_finishes_a_request_in_slices(generator):
+    """Between two slices nothing is queued or running: close() found the batcher idle
+    and the request's next slice was refused, "the server is shutting down", after its
+    first slices had been computed (close() promises to finish what is running)."""
+    sliced = _good(generator, (1, 1, 2, 0, 1, 1))  # three slices of two images
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2))
+        batcher.start()
+        computing = threading.Event()
+        batcher._on_batch = lambda images, requests, seconds: computing.set()
+        whole = asyncio.ensure_future(batcher.submit(sliced, lambda targets: ("finished", targets)))
+        while not computing.is_set():  # its first slice has run
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(batcher.close(), timeout=30)
+        return await asyncio.wait_for(whole, timeout=30)
+
+    tag, targets = asyncio.run(run())
+    assert tag == "finished"
+    assert_targets_equal(targets, _expected(sliced), rtol=0, atol=0)
+
+
 def test_a_request_in_slices_once_admitted_is_never_refused_midway(generator):
     """Requests that arrive while a request's first slice computes cannot take the place
     its next slices need: they are refused instead, and the request is answered whole
