@@ -10,7 +10,7 @@
 * Deadlines: ``timeout`` per call (seconds), else the client's default.
 * Retries: UNAVAILABLE (server down, not started yet, restarting, draining) is
   retried with exponential backoff and jitter until the call's deadline (or
-  ``retries`` tries, when given); an endpoint that just failed is skipped for a
+  ``retries`` retries after the first try, when given); an endpoint that just failed is skipped for a
   moment while another is available. Other errors are not retried, except that
   with ``try_timeout`` (seconds) a unary try that takes longer is abandoned and
   retried on the next endpoint (a hung replica holds one try, not the whole call).
