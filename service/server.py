@@ -63,13 +63,14 @@ def bind_refusal(host: str, port: int) -> str | None:
     socket binds it (as gRPC binds: a port in TIME_WAIT is free). gRPC's own failure reads
     the same for a busy port, an unknown host, an address of another machine and a
     privileged port."""
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    try:  # the host's first address, of whichever family (a name may have only IPv6 ones)
+        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host.strip("[]"), port))
-        except (socket.gaierror, UnicodeError) as exc:
-            return f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
+            probe.bind(address)
         except OSError as exc:
             return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}"
     return None
