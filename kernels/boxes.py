@@ -14,12 +14,31 @@ from .config import EncodeConfig
 __all__ = ["box_area", "box_iou", "box_iof", "encode", "decode"]
 
 
+def _upcast(boxes: torch.Tensor) -> torch.Tensor:
+    """16-bit float boxes as float32, as torchvision computes them: in float16 the area of
+    a 300 x 300 box is already infinite (its IoU with itself 0, its IoF NaN)."""
+    return boxes.float() if boxes.is_floating_point() and boxes.element_size() < 4 else boxes
+
+
+def _check_boxes(name: str, boxes: object, *, batched: bool = False) -> None:
+    """[N, 4] boxes, or [..., 4] where ``batched``."""
+    ok = isinstance(boxes, torch.Tensor) and boxes.dim() >= 1 and boxes.shape[-1] == 4
+    if not ok or not (batched or boxes.dim() == 2):
+        shape = list(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"{name}: expected shape [{'...' if batched else 'N'}, 4] (x1, y1, x2, y2), got {shape}")
+
+
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """boxes (Tensor[..., 4]) -> Tensor[...]."""
+    """boxes (Tensor[..., 4]) -> Tensor[...] (float32 for 16-bit float boxes)."""
+    _check_boxes("boxes", boxes, batched=True)
+    boxes = _upcast(boxes)
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    _check_boxes("boxes1", boxes1)
+    _check_boxes("boxes2", boxes2)
+    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
     wh = (rb - lt).clamp(min=0)  # [N, M, 2]
@@ -30,7 +49,8 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Intersection over union.
 
     Args:
-        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy.
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy (16-bit floats are
+            computed in float32, as torchvision does).
     Returns:
         Tensor[N, M]: ``inter / (area1 + area2 - inter)``, and 0 where the union is 0
         (torchvision would give NaN there).
@@ -101,6 +121,8 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
         Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``.
     """
     _check_rows("deltas", deltas, anchors, config)
+    if not deltas.is_floating_point():  # the stds would become integers (0.1 -> 0)
+        raise TypeError(f"deltas: expected floats, got {deltas.dtype}")
     means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
     stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
     d = deltas * stds + means

@@ -31,13 +31,15 @@ than over the selected rows), so results agree to float32 rounding, not bit for 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .boxes import decode
 from .config import EncodeConfig
-from .targets import SparseTargets
+from .problem import checked_counts
+from .targets import SparseTargets, offsets_problem
 
 __all__ = [
     "NORMALIZATIONS",
@@ -55,8 +57,9 @@ _DECODED = ("giou", "diou", "ciou")  # box losses of the decoded prediction agai
 
 
 def _check_sparse(targets: object) -> SparseTargets:
-    """The targets' types and shapes (no list is read: no wait for a GPU). Their values are
-    as ``assign_sparse`` made them; lists built or edited by hand: ``targets.check()``."""
+    """The targets' types and shapes, and their offsets where they are on the host (a GPU's
+    are not read: no wait for it). The rest of the lists' values are as ``assign_sparse``
+    made them; lists built or edited by hand: ``targets.check()``."""
     if not isinstance(targets, SparseTargets):
         raise TypeError(
             f"targets: expected SparseTargets (assign_sparse, or Targets.to_sparse()), got {type(targets).__name__}"
@@ -65,6 +68,14 @@ def _check_sparse(targets: object) -> SparseTargets:
         targets.check_shapes()
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"targets: {exc}") from None
+    if targets.batch_size == 0:  # as assign refuses it; every per-image mean would be NaN
+        raise ValueError("targets: the batch is empty (need at least one image)")
+    for which in ("positive", "ignored"):
+        offsets = getattr(targets, f"{which}_offsets")
+        if offsets.device.type == "cpu":  # decreasing offsets would make _rows write out of bounds
+            problem = offsets_problem(which, offsets.tolist(), getattr(targets, f"{which}_anchors").shape[0])
+            if problem is not None:
+                raise ValueError(f"targets: {problem}")
     return targets
 
 
@@ -97,6 +108,14 @@ def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str
     if normalize == "sum":
         return per_image.sum()
     raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
+
+
+def _check_real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf, note: str = "") -> None:
+    """A real number in [low, high] (NaN is in no range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        limits = ((">=", low), ("<=", high))
+        bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in limits if math.isfinite(bound))
+        raise ValueError(f"{name}: expected a number {bounds}{note}, got {value!r}")
 
 
 def _focal(logits: torch.Tensor, target: float, alpha: float, gamma: float) -> torch.Tensor:
@@ -134,6 +153,8 @@ def sigmoid_focal_loss(
     cls_logits = _check_outputs("cls_logits", cls_logits, targets, -1)
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
+    _check_real("alpha", alpha, high=1.0, note=" (negative: no weighting)")  # above 1 a negative weighs < 0
+    _check_real("gamma", gamma, low=0.0)
     device = cls_logits.device
     num_classes = cls_logits.shape[2]
     positive_classes = targets.positive_classes.to(device).long()
@@ -217,11 +238,10 @@ def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, 
     if gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
         raise ValueError(f"gt_boxes: expected shape [N, 4], got {list(gt_boxes.shape)}")
     device = predicted.device
-    counts = torch.as_tensor(gt_counts, dtype=torch.int64, device=device)
-    if counts.shape != (targets.batch_size,) or int(counts.sum()) != gt_boxes.shape[0] or bool((counts < 0).any()):
-        raise ValueError(
-            f"gt_counts: expected {targets.batch_size} counts >= 0 summing to the {gt_boxes.shape[0]} rows of gt_boxes"
-        )
+    listed = checked_counts("gt_counts", gt_counts, gt_boxes.shape[0], "gt_boxes", None)
+    if len(listed) != targets.batch_size:
+        raise ValueError(f"gt_counts: has {len(listed)} images, but the targets have {targets.batch_size}")
+    counts = torch.tensor(listed, dtype=torch.int64, device=device)
     if anchors.shape != (targets.num_anchors, 4):
         raise ValueError(f"anchors: expected shape [{targets.num_anchors}, 4], got {list(anchors.shape)}")
     matched_gt = targets.positive_matched_gt.to(device).long()
@@ -363,6 +383,8 @@ def ssd_loss(
     bbox_regression = _check_outputs("bbox_regression", head_outputs["bbox_regression"], targets, 4)
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
+    if isinstance(neg_to_pos_ratio, bool) or not isinstance(neg_to_pos_ratio, numbers.Integral) or neg_to_pos_ratio < 0:
+        raise ValueError(f"neg_to_pos_ratio: expected an int >= 0, got {neg_to_pos_ratio!r}")
     device = cls_logits.device
     batch, count, num_classes = cls_logits.shape
     positive_classes = targets.positive_classes.to(device).long()

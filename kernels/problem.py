@@ -222,7 +222,9 @@ def integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def _counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> list[int]:
+def checked_counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> list[int]:
+    """``value`` (a list or 1-D integer tensor of per-image counts) as ints, checked: integers,
+    ``batch`` of them (if given), none negative, summing to ``total`` (the rows of ``total_name``)."""
     # A list's checks run in C where they can (map, min, sum): every call makes them, and
     # for one image they take ~2 us where a generator and a Python loop took ~3.5 us.
     if isinstance(value, (list, tuple)):
@@ -504,7 +506,7 @@ def build_problem(
     canvas = check_canvas(canvas)
     boxes = _boxes("gt_boxes", gt_boxes, None)
     device = boxes.device
-    counts = _counts("gt_counts", gt_counts, boxes.shape[0], "gt_boxes", None)
+    counts = checked_counts("gt_counts", gt_counts, boxes.shape[0], "gt_boxes", None)
     batch = len(counts)
 
     # Box values are checked after every argument, where the boxes live, with one read-back
@@ -550,7 +552,7 @@ def build_problem(
             ignore, ign_counts = _no_boxes(device), None
         else:
             ignore = _boxes("ignore_boxes", ignore_boxes, device)
-            ign_counts = _counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
+            ign_counts = checked_counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
             checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
             examined.append(checked[-1])
         sizes = _sizes("image_sizes", image_sizes, batch, canvas)

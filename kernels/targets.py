@@ -127,6 +127,15 @@ class SparseTargets:
         made or edited by hand."""
         if not (isinstance(self.num_anchors, int) and self.num_anchors >= 0):
             raise ValueError(f"num_anchors: expected an int >= 0, got {self.num_anchors!r}")
+        if isinstance(self.background_class, bool) or not isinstance(self.background_class, int):
+            raise TypeError(f"background_class: expected an int, got {self.background_class!r}")
+        for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
+                     "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) and not (value is None and name == "positive_classes"):
+                raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+        if not self.positive_deltas.is_floating_point():
+            raise TypeError(f"positive_deltas: expected floats, got {self.positive_deltas.dtype}")
         count, batch = self.num_anchors, self.batch_size
         for name in ("positive_offsets", "ignored_offsets", "positive_anchors", "ignored_anchors",
                      "positive_matched_gt", "positive_classes"):  # fmt: skip
@@ -335,16 +344,23 @@ def _listed(labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), anchor.to(torch.int32)
 
 
+def offsets_problem(which: str, ends: list[int], size: int) -> str | None:
+    """What breaks the ``which`` CSR offsets' contract (start at 0, never decrease, end at
+    ``size``, the list's length), or None."""
+    if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
+        return f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); got {ends}"
+    return None
+
+
 def csr_problem(which: str, ends: list[int], anchors: np.ndarray, count: int) -> str | None:
     """What breaks the contract of the ``which`` CSR list (its offsets, ``ends``, start at 0,
     never decrease and end at its length; its anchors are in [0, count) and ascend within
     each image), or None. A few array operations whatever the list's length: the client
     checks thousands of responses a second."""
     size = anchors.shape[0]
-    if ends[0] != 0 or ends[-1] != size or any(map(operator.gt, ends, ends[1:])):
-        return f"{which}_offsets: must start at 0, never decrease and end at {size} (the {which} anchors); got {ends}"
-    if not size:
-        return None
+    problem = offsets_problem(which, ends, size)
+    if problem is not None or not size:
+        return problem
     # An anchor may be at most its predecessor only where an image starts. In [0, A): as
     # unsigned, a negative anchor is out of range too (it would land in another image's row).
     descents = (anchors[1:] <= anchors[:-1]).nonzero()[0].tolist()

@@ -290,24 +290,87 @@ def _broken(field: str):
 def test_losses_refuse_lists_of_the_wrong_shape(field, message):
     """Lists edited by hand: one delta broadcast to every positive, or offsets of another
     batch, gave another loss (or an allocator's error) instead of naming the field."""
-    calls = [
-        lambda t: sigmoid_focal_loss(torch.zeros(2, 4, 8), t),
-        lambda t: box_regression_loss(torch.zeros(2, 4, 4), t),
-        lambda t: rpn_loss(torch.zeros(2, 4), torch.zeros(2, 4, 4), t),
-        lambda t: ssd_loss({"cls_logits": torch.zeros(2, 4, 8), "bbox_regression": torch.zeros(2, 4, 4)}, t),
-    ]
-    for call in calls:
+    for call in _all_losses():
         with pytest.raises(ValueError, match=message):
             call(_broken(field))
+
+
+def _all_losses() -> list:
+    return [
+        lambda t: sigmoid_focal_loss(torch.zeros(t.batch_size, 4, 8), t),
+        lambda t: box_regression_loss(torch.zeros(t.batch_size, 4, 4), t),
+        lambda t: rpn_loss(torch.zeros(t.batch_size, 4), torch.zeros(t.batch_size, 4, 4), t),
+        lambda t: ssd_loss(
+            {"cls_logits": torch.zeros(t.batch_size, 4, 8), "bbox_regression": torch.zeros(t.batch_size, 4, 4)}, t
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("field", ["positive_offsets", "ignored_offsets"])
+def test_losses_refuse_offsets_that_decrease(field):
+    """Offsets [0, 3, 2] gave a negative image count: torch wrote out of bounds and the
+    process died ("double free or corruption"); offsets that do not add up raised an
+    allocator's error."""
+    for offsets in ([0, 3, 2], [0, 1, 1]):
+        for loss in _all_losses():
+            sparse = _hand_targets().to_sparse()
+            setattr(sparse, field, torch.tensor(offsets))
+            with pytest.raises(ValueError, match=f"targets: {field}: must start at 0, never decrease and end at"):
+                loss(sparse)
+
+
+def test_losses_refuse_a_batch_of_no_images():
+    """``assign`` refuses it; a per-image mean over no images was NaN."""
+    empty = _hand_targets().to_sparse()
+    empty.positive_offsets = empty.ignored_offsets = torch.zeros(1, dtype=torch.int64)
+    empty.positive_anchors = empty.positive_matched_gt = empty.ignored_anchors = torch.zeros(0, dtype=torch.int32)
+    empty.positive_classes = torch.zeros(0, dtype=torch.int32)
+    empty.positive_deltas = torch.zeros(0, 4)
+    for loss in _all_losses():
+        with pytest.raises(ValueError, match="targets: the batch is empty"):
+            loss(empty)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t, x: sigmoid_focal_loss(x, t, alpha=2.0), r"alpha: expected a number <= 1 \(negative: no weighting\)"),
+        (lambda t, x: sigmoid_focal_loss(x, t, alpha=float("nan")), "alpha: expected a number <= 1"),
+        (lambda t, x: sigmoid_focal_loss(x, t, gamma=-1), "gamma: expected a number >= 0, got -1"),
+        (
+            lambda t, x: retinanet_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, gamma="2"),
+            "gamma: expected a number >= 0, got '2'",
+        ),
+        (
+            lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio=-1),
+            "neg_to_pos_ratio: expected an int >= 0, got -1",
+        ),
+        (
+            lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio=2.5),
+            "neg_to_pos_ratio: expected an int >= 0, got 2.5",
+        ),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight must be a number, got '2'"),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight must be a number, got nan"),
+    ],
+)
+def test_loss_settings_out_of_range_are_refused(call, message):
+    """alpha = 2 gave a negative focal loss, a negative ratio dropped every hard negative."""
+    with pytest.raises(ValueError, match=message):
+        call(_hand_targets().to_sparse(), torch.zeros(2, 4, 8))
 
 
 def test_iou_losses_refuse_a_negative_matched_box_or_count():
     sparse = _hand_targets().to_sparse()
     inputs = dict(loss="giou", anchors=torch.zeros(4, 4), gt_boxes=torch.ones(2, 4), gt_counts=[2, 0],
                   encode=presets.get("yolov5").encode)  # fmt: skip
-    with pytest.raises(ValueError, match=r"gt_counts: expected 2 counts >= 0"):  # was an IndexError
-        box_regression_loss(torch.zeros(2, 4, 4), sparse, **{**inputs, "gt_boxes": torch.ones(2, 4),
-                                                              "gt_counts": [3, -1]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"gt_counts\[1\]: negative count -1"):  # was an IndexError
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, **{**inputs, "gt_counts": [3, -1]})
+    with pytest.raises(ValueError, match=r"gt_counts: has 3 images, but the targets have 2"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, **{**inputs, "gt_counts": [2, 0, 0]})
+    # Counts that are not integers were truncated into valid ones, as assign refuses them.
+    for counts in ([1.9, 0.4], [True, True], torch.tensor([1.5, 0.5])):
+        with pytest.raises(TypeError, match=r"gt_counts: expected (an )?integer"):
+            box_regression_loss(torch.zeros(2, 4, 4), sparse, **{**inputs, "gt_counts": counts})
     sparse.positive_matched_gt = sparse.positive_matched_gt - 1  # image 0's first positive reads box -1
     with pytest.raises(ValueError, match="targets: a positive's matched box is negative"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, **inputs)

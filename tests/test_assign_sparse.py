@@ -1,5 +1,6 @@
 """assign_sparse equals assign(...).to_sparse() on every backend, dropping and sampling included."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,7 +74,12 @@ def _lists(**changes):
      ({"positive_deltas": torch.ones(2)}, r"positive_deltas: shape \[2\], expected \[2, 4\]"),
      ({"ignored_offsets": torch.tensor([0, 1])}, r"ignored_offsets: shape \[2\], expected \[batch_size \+ 1\] = \[3\]"),
      ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending from 0 to num_anchors \(6\)"),
-     ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32")],
+     ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32"),
+     # Not tensors, or not floats: an AttributeError, or integer deltas densified.
+     ({"positive_anchors": np.array([1, 4], dtype=np.int32)}, r"positive_anchors: expected a tensor, got ndarray"),
+     ({"positive_classes": [3, 7]}, r"positive_classes: expected a tensor, got list"),
+     ({"positive_deltas": torch.ones(2, 4, dtype=torch.int64)}, r"positive_deltas: expected floats, got torch.int64"),
+     ({"background_class": "0"}, r"background_class: expected an int, got '0'")],
 )  # fmt: skip
 def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
     """Hand-made or edited lists (cached on disk, say): a positive counted in another image,

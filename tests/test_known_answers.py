@@ -24,6 +24,7 @@ from tritarget.kernels import (
     MatchConfig,
     TargetConfig,
     assign,
+    box_iof,
     box_iou,
     decode,
     encode,
@@ -31,6 +32,7 @@ from tritarget.kernels import (
     presets,
     resolve_grid,
 )
+from tritarget.kernels.boxes import box_area
 from tritarget.kernels.reference import match_image
 
 # Anchors are passed explicitly in the matcher cases; this layout only fills the config.
@@ -289,16 +291,33 @@ def test_torchvision_box_iou_int_boxes():
     torch.testing.assert_close(box_iou(boxes1, boxes2), expected, rtol=0, atol=1e-4)
 
 
-def test_torchvision_box_iou_float_boxes():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_torchvision_box_iou_float_boxes(dtype):
+    """16-bit boxes are computed in float32, as torchvision does (in float16 these areas,
+    ~600,000, are infinite: every IoU read 0)."""
     boxes = tensor(
         [
             [285.3538, 185.5758, 1193.5110, 851.4551],
             [285.1472, 188.7374, 1192.4984, 851.0669],
             [279.2440, 197.9812, 1189.4746, 849.2019],
         ]
-    )
+    ).to(dtype)
     expected = torch.tensor([[1.0, 0.9933, 0.9673], [0.9933, 1.0, 0.9737], [0.9673, 0.9737, 1.0]])
-    torch.testing.assert_close(box_iou(boxes, boxes), expected, rtol=0, atol=1e-3)
+    atol = 1e-3 if dtype in (torch.float32, torch.float64) else 2e-2  # bfloat16 keeps 8 bits of the corners
+    torch.testing.assert_close(box_iou(boxes, boxes).to(torch.float32), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(box_iof(boxes[:1], boxes[:1]).to(torch.float32), torch.ones(1, 1), rtol=0, atol=0)
+
+
+def test_box_functions_name_a_wrong_shape():
+    with pytest.raises(ValueError, match=r"boxes1: expected shape \[N, 4\] \(x1, y1, x2, y2\), got \[2, 5\]"):
+        box_iou(torch.zeros(2, 5), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"boxes2: expected shape \[N, 4\] .*, got \[1, 2, 4\]"):
+        box_iof(torch.zeros(2, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match=r"boxes: expected shape \[..., 4\] .*, got list"):
+        box_area([[0, 0, 1, 1]])
+    with pytest.raises(TypeError, match="deltas: expected floats, got torch.int64"):  # stds 0.1 became 0
+        decode(torch.ones(1, 4, dtype=torch.int64), torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+               presets.get("fasterrcnn_rpn_torchvision").encode)  # fmt: skip
 
 
 def test_detectron2_pairwise_iou():
