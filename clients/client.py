@@ -59,6 +59,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from tritarget.kernels.problem import check_flags
 from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import SparseTargets, Targets
 from tritarget.protos import target_assigner_pb2 as pb
@@ -636,6 +637,7 @@ class _Base:
 
 def check_densify(densify: bool, options: Mapping[str, Any]) -> None:
     """Refuse request options ``SparseTargets`` (``densify=False``) cannot hold."""
+    check_flags(densify=densify)
     if not densify and options.get("format", "sparse") != "sparse":
         raise ValueError("densify=False returns SparseTargets: it needs format='sparse'")
     if not densify and options.get("return_max_iou"):
@@ -839,6 +841,8 @@ class TargetClient(_Base):
                 reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._health_limit(deadline),
                               metadata=self._metadata)  # fmt: skip
             except grpc.RpcError as failure:
+                if _certificate_refused(failure):  # no retry changes it
+                    raise self._give_up(failure, attempt + 1, started) from None
                 error = failure
             last = self._health(index, reply, error)
             if not last:
@@ -861,7 +865,9 @@ class TargetClient(_Base):
             preset (str) or config (TargetConfig or its dict), overrides (dict, optional).
             gt_classes (Tensor[N] int, optional), ignore_boxes + ignore_counts, image_sizes, pad_sizes
                 (Tensor[B, 2]), drop_invalid, seed: as ``tritarget.kernels.assign``.
-            format: ``"sparse"`` (default, far smaller) or ``"dense"``.
+            format: ``"sparse"`` (default, far smaller) or ``"dense"``. SPARSE lists no
+                matched box for anchors that are not positive: detectron2 mode's argmax
+                boxes of negative and ignored anchors come back -1 (``"dense"`` carries them).
             delta_dtype: ``"float32"`` or ``"float16"`` (half the delta bytes).
             return_classes (default: when gt_classes are given), return_max_iou.
             timeout: seconds for this call (default: the client's).
@@ -1013,6 +1019,8 @@ class AsyncTargetClient(_Base):
                 reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
                                     timeout=self._health_limit(deadline), metadata=self._metadata)  # fmt: skip
             except grpc.RpcError as failure:
+                if _certificate_refused(failure):  # no retry changes it
+                    raise self._give_up(failure, attempt + 1, started) from None
                 error = failure
             last = self._health(index, reply, error)
             if not last:

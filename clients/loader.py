@@ -115,6 +115,8 @@ class _InProcess:
         self.config = _with_overrides(config, options)
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
+        if options.get("ignore_boxes") is not None:  # as the client converts them
+            options["ignore_boxes"] = to_xyxy(options["ignore_boxes"], self.box_format)
         self.backend, self.densify, self.options = backend, densify, options
 
     def __call__(self, boxes, counts, classes, canvas, image_ids=None) -> Targets | SparseTargets:
@@ -157,7 +159,10 @@ def with_targets(
 
     ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...) and mean
     the same in-process, where those that only shape the wire or bound a call
-    (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect; with a
+    (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect. One
+    difference: through a client the default SPARSE responses carry no matched box for
+    anchors that are not positive, so detectron2 mode's argmax boxes of negative and
+    ignored anchors come back -1 (``format="dense"`` carries them). With a
     ``client``, ``timeout`` bounds the epoch's whole stream, not each batch. Leave
     ``seed`` out to sample anew each batch (``torch.manual_seed`` repeats a run). With a
     ``client``, at most ``in_flight`` batches are read ahead of the one yielded, by gRPC's

@@ -21,7 +21,7 @@ import torch
 from tritarget.kernels import TargetConfig, presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.config import plain_value
-from tritarget.kernels.problem import integer_dtype
+from tritarget.kernels.problem import check_flags, integer_dtype
 from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import (
     IGNORED,
@@ -64,8 +64,11 @@ def to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
 def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
     if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
         return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
-    boxes = torch.as_tensor(boxes)
-    if boxes.is_complex():
+    try:
+        boxes = torch.as_tensor(boxes)
+    except (TypeError, ValueError, RuntimeError):  # None, ragged lists, strings
+        raise TypeError(f"{name}: expected a Tensor[N, 4] of coordinates, got {type(boxes).__name__}") from None
+    if boxes.is_complex() or boxes.dtype == torch.bool:  # a bool would travel as 0.0 / 1.0
         raise TypeError(f"{name}: expected real coordinates, got {boxes.dtype}")
     if not boxes.is_floating_point():
         boxes = boxes.to(torch.float32)
@@ -107,6 +110,10 @@ _INT32_RANGE = torch.iinfo(torch.int32)
 
 
 def _counts(name: str, counts: Any) -> list[int]:
+    if isinstance(counts, torch.Tensor) and counts.dim() != 1:
+        raise ValueError(f"{name}: expected shape [B] (one count per image), got {list(counts.shape)}")
+    if not isinstance(counts, (torch.Tensor, Sequence)) or isinstance(counts, (str, bytes)):
+        raise TypeError(f"{name}: expected one int per image (a list or a 1-D tensor), got {type(counts).__name__}")
     values = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name}: expected integers, got {values!r}")
@@ -196,6 +203,14 @@ def build_request(
     """The ``AssignRequest`` for a ragged batch (arguments as ``TargetClient.assign``).
     ``seeds``: where a sampling config's fresh seed is drawn (default: torch's global
     generator; a stream builds its requests on gRPC's thread, so it brings its own)."""
+    check_flags(drop_invalid=drop_invalid, return_max_iou=return_max_iou)
+    if return_classes is not None:
+        check_flags(return_classes=return_classes)
+    for name, value in (("preset", preset), ("request_id", request_id)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides: expected a mapping of dotted names to values, got {type(overrides).__name__}")
     if format not in _FORMATS:
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:

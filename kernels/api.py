@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import TargetConfig
-from .problem import CheckBoxesFirst, Kept, Problem, build_problem
+from .problem import CheckBoxesFirst, Kept, Problem, build_problem, check_flags
 from .sampling import image_seeds, sample
 from .targets import SparseTargets, Targets
 
@@ -115,7 +115,7 @@ def assign(
         Targets with labels/matched_gt/deltas of shape [B, A] ([B, A, 4]). matched_gt
         indexes the boxes of its image as given (before dropping).
     """
-    _check_flags(drop_invalid=drop_invalid, return_max_iou=return_max_iou)
+    check_flags(drop_invalid=drop_invalid, return_max_iou=return_max_iou)
     gt_boxes, ignore_boxes, anchors = _detached(gt_boxes), _detached(ignore_boxes), _detached(anchors)
     module = _backend_for(backend, gt_boxes)
     targets, problem, kept = _solved(
@@ -160,7 +160,7 @@ def assign_sparse(
     without a host round trip; with sampling, or on other backends, the dense targets
     are built first.
     """
-    _check_flags(drop_invalid=drop_invalid)
+    check_flags(drop_invalid=drop_invalid)
     gt_boxes, ignore_boxes, anchors = _detached(gt_boxes), _detached(ignore_boxes), _detached(anchors)
     module = _backend_for(backend, gt_boxes)
     # (A config that is not a TargetConfig goes to "solve", whose build_problem refuses it.)
@@ -190,13 +190,6 @@ def assign_sparse(
     sparse.dropped = kept.dropped
     sparse.level_starts = _level_starts(problem)
     return sparse
-
-
-def _check_flags(**flags) -> None:
-    """``TypeError`` for a flag that is not a bool: a "false" from a YAML or a CLI would read as True."""
-    for name, value in flags.items():
-        if value is not True and value is not False:
-            raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
 def _solved(module, function: str, drop_invalid: bool, build) -> tuple[object, Problem, Kept]:

@@ -217,6 +217,13 @@ def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tenso
     return boxes.to(torch.float32).contiguous()
 
 
+def check_flags(**flags) -> None:
+    """``TypeError`` for a flag that is not a bool: a "false" from a YAML or a CLI would read as True."""
+    for name, value in flags.items():
+        if value is not True and value is not False:
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def integer_dtype(dtype: torch.dtype) -> bool:
     """Whether a tensor of ``dtype`` holds integers (bool and complex do not count)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

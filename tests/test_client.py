@@ -404,6 +404,25 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
         for kwargs, message in cases:
             with pytest.raises(ValueError, match=rf"^{message} the wire's int32$"):
                 _assign(client, **kwargs)
+        # Each named, where they failed deep in protobuf or torch, or a "false" read as True.
+        cases = [({"drop_invalid": "false"}, "drop_invalid: expected True or False, got 'false'"),
+                 ({"return_max_iou": None}, "return_max_iou: expected True or False, got None"),
+                 ({"return_classes": "no"}, "return_classes: expected True or False, got 'no'"),
+                 ({"densify": 1}, "densify: expected True or False, got 1"),
+                 ({"request_id": 5}, "request_id: expected a str, got int"),
+                 ({"overrides": [("match.high", 0.6)]}, "overrides: expected a mapping"),
+                 ({"gt_counts": 2}, r"gt_counts: expected one int per image \(a list or a 1-D tensor\), got int"),
+                 ({"gt_boxes": None}, r"gt_boxes: expected a Tensor\[N, 4\] of coordinates, got NoneType"),
+                 ({"gt_boxes": BOXES > 5}, "gt_boxes: expected real coordinates, got torch.bool")]  # fmt: skip
+        for kwargs, message in cases:
+            arguments = {"gt_boxes": BOXES, "gt_counts": [2], **kwargs}
+            with pytest.raises(TypeError, match=message):
+                client.assign(arguments.pop("gt_boxes"), arguments.pop("gt_counts"), CANVAS,
+                              preset="retinanet_torchvision", gt_classes=torch.tensor([1, 2]), **arguments)  # fmt: skip
+        with pytest.raises(TypeError, match="preset: expected a str, got int"):
+            client.assign(BOXES, [2], CANVAS, preset=5)
+        with pytest.raises(ValueError, match=r"gt_counts: expected shape \[B\] \(one count per image\), got \[\]"):
+            client.assign(BOXES, torch.tensor(2), CANVAS, preset="retinanet_torchvision")
 
 
 def test_client_pickles_as_its_options():

@@ -239,6 +239,38 @@ def test_request_options_mean_the_same_with_and_without_a_client(server):
                 TargetCollate(_collate, preset=PRESET, densify=False, **option, **kwargs)
 
 
+def test_detectron2_argmax_boxes_travel_only_in_dense_responses(server):
+    """As documented: SPARSE carries no matched box for an anchor that is not positive."""
+    options = dict(preset="retinanet_detectron2")
+    (_, targets, local), *_ = with_targets(_batches(1), backend="cpu", **options)
+    kept = (local.labels != 1) & (local.matched_gt >= 0)  # detectron2 keeps their argmax box
+    assert int(kept.sum()) > 0
+    with TargetClient(server.address) as client:
+        (_, _, sparse), *_ = with_targets(_batches(1), client=client, **options)
+        (_, _, dense), *_ = with_targets(_batches(1), client=client, format="dense", **options)
+    assert torch.equal(sparse.labels, local.labels)
+    assert torch.equal(sparse.matched_gt, torch.where(local.labels == 1, local.matched_gt, -1))
+    assert torch.equal(dense.labels, local.labels) and torch.equal(dense.matched_gt, local.matched_gt)
+
+
+def test_box_format_applies_to_ignore_boxes_in_process_too(server):
+    """The client converts ignore boxes from ``box_format``; in-process they went as xyxy
+    (64 anchors ignored against 319 through the service)."""
+    xywh = torch.tensor([[10.0, 10.0, 50.0, 40.0]])
+    batches = [(torch.zeros(1, 3, *CANVAS), [{"boxes": xywh, "labels": torch.tensor([1])}])]
+    options = dict(preset="retinanet_mmdet", overrides={"match.ignore_iof_thr": 0.5}, box_format="xywh",
+                   ignore_boxes=torch.tensor([[40.0, 40.0, 50.0, 50.0]]), ignore_counts=[1])  # fmt: skip
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets(batches, client=client, **options)
+    (_, _, local), *_ = with_targets(batches, backend="cpu", **options)
+    expected = assign(to_xyxy(xywh, "xywh"), [1], CANVAS, presets.get("retinanet_mmdet").replace(
+        **{"match.ignore_iof_thr": 0.5}), gt_classes=torch.tensor([1]), ignore_boxes=torch.tensor(
+        [[40.0, 40.0, 90.0, 90.0]]), ignore_counts=[1], backend="cpu")  # fmt: skip
+    assert int((expected.labels == -1).sum()) > 0
+    for got in (remote, local):
+        assert torch.equal(got.labels, expected.labels)
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_target_collate_in_data_loader_workers(server, method):
     client = TargetClient(server.address)

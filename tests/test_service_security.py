@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_harness import ServerThread, read_until
 
-from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.protos import target_assigner_pb2 as pb
 
@@ -157,6 +158,11 @@ def test_a_refused_call_is_not_parsed(auth_server, monkeypatch):
     assert parsed == []
 
 
+async def _async_wait(cert: bytes, port: int, timeout: float) -> None:
+    async with AsyncTargetClient(f"127.0.0.1:{port}", root_certificates=cert) as client:
+        await client.wait_until_ready(timeout)
+
+
 def test_a_certificate_that_does_not_name_the_address_fails_at_once_and_says_so(tmp_path):
     """A certificate for localhost, the client connecting to 127.0.0.1: every try fails the
     same way, yet it was retried for the whole timeout and reported as "no tritarget
@@ -168,7 +174,13 @@ def test_a_certificate_that_does_not_name_the_address_fails_at_once_and_says_so(
             with pytest.raises(TargetServiceError) as info:
                 _assign(client)
             assert time.monotonic() - start < 10
-        assert "sent a certificate this client refused: it must name the address" in info.value.details
+            assert "sent a certificate this client refused: it must name the address" in info.value.details
+            # wait_until_ready too: it retried for its whole timeout and said to start a server.
+            for wait in (client.wait_until_ready, lambda timeout: asyncio.run(_async_wait(cert, srv.port, timeout))):
+                start = time.monotonic()
+                with pytest.raises(TargetServiceError, match="sent a certificate this client refused"):
+                    wait(timeout=30)
+                assert time.monotonic() - start < 10
         with TargetClient(f"localhost:{srv.port}", root_certificates=cert) as client:
             assert (_assign(client).labels == 1).any()
 
