@@ -17,7 +17,9 @@
 * Streams survive a replica dying: the requests a stream sent and got no answer for
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
-  the request).
+  the request). A request waits for its call's first answer at most ``try_timeout``
+  (then the stream moves to the next endpoint), else the client's timeout (then it
+  ends DEADLINE_EXCEEDED): a server that hangs does not hold a stream for good.
 * ``connections``: connections per address (default 1). A server's front-end processes
   sharing a port (``tritarget serve --workers N``) are handed connections, not calls:
   one process that sends many requests to such a server reaches all of them only over
@@ -500,15 +502,17 @@ class _Base:
 
     def _watchdog(self, attempt: int, deadline: float | None, reconnect: float | None, unanswered: _Unanswered,
                   cancel, schedule) -> _Watchdog | None:  # fmt: skip
-        """After a break (``attempt`` > 0), the watchdog of the new call: it must answer
-        within the client's timeout (or ``try_timeout``)."""
-        limit = self._try_limit(_earlier(deadline, reconnect)) if attempt else None
-        return None if limit is None else _Watchdog(limit, unanswered, cancel, schedule)
+        """The watchdog of a stream's call: its first answer must come within ``try_timeout``,
+        else the client's timeout (after a break, that of the search for a server), and
+        before the stream's deadline. None where there is no bound at all."""
+        limit = self._try_limit(_earlier(deadline, reconnect if attempt else self._deadline(None)))
+        return None if limit is None else _Watchdog(limit, unanswered, cancel, schedule, takeover=attempt > 0)
 
     def _silent(self, index: int, watchdog: _Watchdog) -> _Failure:
+        after = " of taking over from the server that went away" if watchdog.takeover else ""
         return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, silent=True,
                         details=f"{self._endpoints[index]} answered none of the stream's requests within "
-                                f"{watchdog.seconds:.1f} s of taking over from the server that went away")  # fmt: skip
+                                f"{watchdog.seconds:.1f} s{after}")  # fmt: skip
 
     def _try_limit(self, deadline: float | None) -> float | None:
         """Seconds one try may take: what is left of the call, at most ``try_timeout``."""
@@ -672,10 +676,13 @@ class _Unanswered:
     was still reading when that happened is handed on to the new feed, so every request
     is on exactly one live call and the order is kept."""
 
-    def __init__(self, source: Iterator[pb.AssignRequest] | AsyncIterator[pb.AssignRequest], count) -> None:
+    def __init__(self, source: Iterator[pb.AssignRequest] | AsyncIterator[pb.AssignRequest], count,
+                 max_bytes: int) -> None:  # fmt: skip
         self._source = source
         self._count = count  # the client's counters
+        self._max_bytes = max_bytes  # the client's max_message_bytes
         self._sent: deque[pb.AssignRequest] = deque()
+        self._sent_at: deque[float] = deque()  # when each was read and handed to gRPC
         self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
         self._generation = 0
         self._state = threading.Lock()  # the blocking client's requests are read on a gRPC thread
@@ -686,6 +693,7 @@ class _Unanswered:
         self.failure: Exception | None = None
         self._reading = threading.Lock()  # one reader of the source at a time (old and new feed)
         self._areading = asyncio.Lock()
+        self._next: asyncio.Future | None = None  # the asyncio source's read in progress (``_anext``)
 
     def _take_late(self, generation: int) -> tuple[bool, pb.AssignRequest | None]:
         """(stopped, a late request to send first)."""
@@ -695,10 +703,22 @@ class _Unanswered:
             return False, self._late.popleft() if self._late else None
 
     def _keep(self, generation: int, message: pb.AssignRequest) -> bool:
-        """Record a request read from the source; False if its feed was stopped meanwhile."""
-        self._count(request_bytes=message.ByteSize())
+        """Record a request read from the source; False if its feed was stopped meanwhile,
+        or if the request is over the client's message limit (then the stream's failure:
+        gRPC's asyncio client reports such a write as a server gone, and it was sent again
+        to every endpoint until the deadline)."""
+        size = message.ByteSize()
+        if size > self._max_bytes:
+            self.failure = TargetServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a request of {size} bytes (request_id {message.request_id!r}) is over this client's "
+                f"max_message_bytes ({self._max_bytes}); send fewer images per request",
+            )
+            return False
+        self._count(request_bytes=size)
         with self._state:
             self._sent.append(message)
+            self._sent_at.append(time.monotonic())
             if generation != self._generation:
                 self._late.append(message)
                 return False
@@ -731,13 +751,39 @@ class _Unanswered:
                     return
                 if message is None:
                     try:
-                        message = await anext(self._source, None)
+                        message = await self._anext()
                     except Exception as exc:
                         self.failure = exc
                         return
                     if message is None or not self._keep(generation, message):
                         return
             yield message
+
+    async def _anext(self) -> pb.AssignRequest | None:
+        """The asyncio source's next request, read in a task of its own and awaited through
+        a shield. grpc.aio cancels a feed when its call is cancelled (the watchdog, a
+        retry); awaited directly, the cancellation reached the caller's async generator and
+        ended it, and the stream ended as if complete with the requests after it never
+        sent. A cancelled feed leaves the read to the next one."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._source, None))
+        read = self._next
+        try:
+            message = await asyncio.shield(read)
+        except asyncio.CancelledError:
+            if read.cancelled():  # by close()
+                self._next = None
+            raise  # else the read, done or not, is the next feed's
+        except Exception:
+            self._next = None
+            raise
+        self._next = None
+        return message
+
+    def close(self) -> None:
+        """The stream is over: a read of the asyncio source still in progress is cancelled."""
+        if self._next is not None:
+            self._next.cancel()
 
     def answered(self) -> pb.AssignRequest:
         """The oldest unanswered request, now answered."""
@@ -746,11 +792,17 @@ class _Unanswered:
                 raise ValueError(
                     "malformed response: an answer with no request outstanding (more answers than requests)"
                 )
+            self._sent_at.popleft()
             return self._sent.popleft()
 
     def outstanding(self) -> int:
         with self._state:
             return len(self._sent)
+
+    def oldest_sent(self) -> float | None:
+        """When the oldest unanswered request was sent (``time.monotonic()``), or None."""
+        with self._state:
+            return self._sent_at[0] if self._sent_at else None
 
     def restart(self) -> tuple[int, list[pb.AssignRequest]]:
         with self._state:
@@ -760,26 +812,30 @@ class _Unanswered:
 
 
 class _Watchdog:
-    """Cancels a stream's call (``fired``) that has requests outstanding and has answered
-    none ``seconds`` after it opened: after a break, a server that accepts connections and
-    hangs would otherwise hold the stream for ever, whatever the client's timeout. While
-    the call has nothing to answer (a slow source) it looks again ``seconds`` later.
-    ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
+    """Cancels a stream's call (``fired``) once a request has waited ``seconds`` for the
+    call's first answer (counted from the later of its sending and the call's opening): a
+    server that accepts connections and hangs would otherwise hold the stream for ever,
+    whatever the client's timeout. A slow source or a request sent late is given its own
+    ``seconds``. ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
 
-    def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule) -> None:
+    def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule, *, takeover: bool) -> None:
         self.seconds = seconds
+        self.takeover = takeover  # the call took the stream over from a server that went away
         self.fired = False
         self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
+        self._opened = time.monotonic()
         self._handle = schedule(seconds, self._check)
 
     def _check(self) -> None:
         if self._handle is None:  # answered meanwhile
             return
-        if self._unanswered.outstanding():
+        oldest = self._unanswered.oldest_sent()
+        waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened)
+        if oldest is not None and waited >= self.seconds:
             self.fired = True
             self._cancel()
         else:
-            self._handle = self._schedule(self.seconds, self._check)
+            self._handle = self._schedule(self.seconds - waited, self._check)
 
     def stop(self) -> None:
         """The call answered (or ended): no more looks."""
@@ -918,7 +974,9 @@ class TargetClient(_Base):
         check_densify(densify, defaults)
         seeds = _stream_seeds()
         unanswered = _Unanswered(
-            (self._request(item, defaults, i, seeds) for i, item in enumerate(requests)), self._count
+            (self._request(item, defaults, i, seeds) for i, item in enumerate(requests)),
+            self._count,
+            self._max_message_bytes,
         )
         started = time.monotonic()
         deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
@@ -1071,43 +1129,46 @@ class AsyncTargetClient(_Base):
                 for i, item in enumerate(requests):
                     yield self._request(item, defaults, i, seeds)
 
-        unanswered = _Unanswered(messages(), self._count)
+        unanswered = _Unanswered(messages(), self._count, self._max_message_bytes)
         started = time.monotonic()
         deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
         generation, resend, attempt, reconnect = 0, [], 0, None
         self._count(calls=1)
-        while True:
-            index = self._endpoint()
-            call = self._stubs[index].AssignStream(
-                unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
-            )
-            watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel,
-                                      asyncio.get_running_loop().call_later)  # fmt: skip
-            try:
-                async for response in call:
-                    attempt = 0
+        try:
+            while True:
+                index = self._endpoint()
+                call = self._stubs[index].AssignStream(
+                    unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
+                )
+                watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel,
+                                          asyncio.get_running_loop().call_later)  # fmt: skip
+                try:
+                    async for response in call:
+                        attempt = 0
+                        if watchdog is not None:
+                            watchdog.stop()
+                        yield self._streamed(unanswered, response, densify, return_exceptions)
+                    self._ended(unanswered)
+                    return
+                except (grpc.RpcError, asyncio.CancelledError) as error:
+                    if isinstance(error, asyncio.CancelledError):  # the watchdog's cancel, or the caller's
+                        if watchdog is None or not watchdog.fired:
+                            raise
+                        error = self._silent(index, watchdog)
+                    elif _broken_write(error):
+                        error = await self._why_broken(error, index, deadline)
+                    if attempt == 0:
+                        broke, reconnect = time.monotonic(), self._deadline(None)
+                    generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
+                                                                   broke, unanswered)  # fmt: skip
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                finally:
                     if watchdog is not None:
                         watchdog.stop()
-                    yield self._streamed(unanswered, response, densify, return_exceptions)
-                self._ended(unanswered)
-                return
-            except (grpc.RpcError, asyncio.CancelledError) as error:
-                if isinstance(error, asyncio.CancelledError):  # the watchdog's cancel, or the caller's
-                    if watchdog is None or not watchdog.fired:
-                        raise
-                    error = self._silent(index, watchdog)
-                elif _broken_write(error):
-                    error = await self._why_broken(error, index, deadline)
-                if attempt == 0:
-                    broke, reconnect = time.monotonic(), self._deadline(None)
-                generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
-                                                               broke, unanswered)  # fmt: skip
-                attempt += 1
-                await asyncio.sleep(delay)
-            finally:
-                if watchdog is not None:
-                    watchdog.stop()
-                call.cancel()
+                    call.cancel()
+        finally:
+            unanswered.close()  # a read of the source in progress
 
     async def _why_broken(self, error: grpc.RpcError, index: int, deadline: float | None) -> grpc.RpcError:
         """gRPC's asyncio client reports a stream that ended while it was writing a request
