@@ -175,9 +175,10 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
             try:
                 with open(value, encoding="utf-8") as f:
                     data = json.load(f)
-                config = TargetConfig.from_dict(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, a huge integer
                 raise _UsageError(f"{value}: not valid JSON ({exc})") from None
+            try:
+                config = TargetConfig.from_dict(data)
             except (TypeError, ValueError) as exc:
                 raise _UsageError(f"{value}: not a TargetConfig ({exc})") from None
             name = os.path.splitext(os.path.basename(value))[0]

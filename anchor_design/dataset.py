@@ -301,7 +301,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, an integer of thousands of digits
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: not COCO annotation JSON (needs an 'images' list)")

@@ -273,7 +273,8 @@ def check_root_certificates(data: bytes) -> None:
     try:
         ssl.create_default_context(cadata=data.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not PEM certificates ({exc.reason if isinstance(exc, ssl.SSLError) else exc})") from None
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else None  # None for a key, say
+        raise ValueError(f"not PEM certificates ({reason or exc})") from None
 
 
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -325,10 +326,7 @@ class _Base:
         if not self.targets:
             raise ValueError("target: give at least one address")
         for address in self.targets:
-            if not isinstance(address, str) or not address.strip():
-                raise ValueError(f"target: expected 'host:port' addresses, got {address!r}")
-            if address.startswith(("http://", "https://")):  # gRPC would resolve "http" as a host name
-                raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
+            check_target(address)
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections: must be an integer >= 1, got {connections!r}")
         self.connections = connections
@@ -637,6 +635,27 @@ class _Base:
             )
         if unanswered.failure is not None:
             raise unanswered.failure
+
+
+# gRPC's other name schemes ("unix:/path", "ipv4:1.2.3.4:5", ...): passed on unchecked.
+_SCHEMES = re.compile(r"^(unix|unix-abstract|ipv4|ipv6|vsock):")
+
+
+def check_target(address: object) -> None:
+    """``ValueError`` unless ``address`` is a gRPC target this client can dial: 'host:port'
+    ('[v6]:port'), 'dns:///host:port', or another of gRPC's schemes. The port is checked
+    here: gRPC takes it modulo 65536 (port 102505 reached a server on 36969) and one left
+    out as 443."""
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"target: expected 'host:port' addresses, got {address!r}")
+    if address.startswith(("http://", "https://")):  # gRPC would resolve "http" as a host name
+        raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
+    if _SCHEMES.match(address):
+        return
+    name = re.sub(r"^dns:(//[^/]*/)?", "", address)
+    host, colon, port = name.rpartition(":") if not name.startswith("[") or "]:" in name else ("", "", "")
+    if not colon or not host or not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"target: expected 'host:port' with a port in 1..65535, got {address!r}")
 
 
 def check_densify(densify: bool, options: Mapping[str, Any]) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import sys
 
-from tritarget.service.arguments import integer, number
+from tritarget.service.arguments import batch_seed, integer, number, target_address, timeout_seconds
 from tritarget.service.output import output_file_problem
 
 __all__ = ["add_parser"]
@@ -38,12 +39,6 @@ def _boxes(text: str) -> int | None:
     return value
 
 
-def _address(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def add_parser(commands) -> None:
     from tritarget.kernels import presets
 
@@ -51,7 +46,7 @@ def add_parser(commands) -> None:
         "loadtest", help="drive a running service: throughput, latency percentiles, errors, verification",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--target", action="append", required=True, type=_address,
+    parser.add_argument("--target", action="append", required=True, type=target_address,
                         help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
     parser.add_argument("--duration", type=_positive, default=10.0, help="measured seconds (default 10)")
     parser.add_argument("--warmup", type=number(0), default=2.0, help="seconds before measuring (default 2)")
@@ -76,8 +71,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--format", choices=("sparse", "dense"), default="sparse")
     parser.add_argument("--fp16", action="store_true", help="float16 deltas")
     parser.add_argument("--variants", type=integer(1), default=16, help="distinct requests cycled through (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=_positive, default=60.0,
+    parser.add_argument("--seed", type=batch_seed, default=0)
+    parser.add_argument("--timeout", type=timeout_seconds, default=60.0,
                         help="deadline of a call, in seconds (default 60); of a stream: its run plus this")  # fmt: skip
     parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
@@ -95,9 +90,14 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     """The first flag that argparse cannot check alone, and what is wrong with it."""
     if args.window is not None and (not args.stream or args.rate is not None):
         return "--window: only with --stream, in closed loop (without --rate)"
-    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-        if path is not None and (problem := output_file_problem(path)):  # before a run that may take minutes
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot))
+               if path is not None]  # fmt: skip
+    for flag, path in outputs:
+        if problem := output_file_problem(path):  # before a run that may take minutes
             return f"{flag} {path}: {problem}"
+    for (flag, path), (other, other_path) in itertools.combinations(outputs, 2):
+        if os.path.realpath(path) == os.path.realpath(other_path):  # the later file would replace the earlier
+            return f"{flag} and {other} name the same file, {path}"
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return "--plot: needs matplotlib (pip install matplotlib)"
     return None

@@ -7,7 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["integer", "number"]
+__all__ = ["batch_seed", "integer", "number", "target_address", "timeout_seconds"]
 
 
 def integer(low: int, high: int | None = None, wanted: str | None = None) -> Callable[[str], int]:
@@ -26,18 +26,37 @@ def integer(low: int, high: int | None = None, wanted: str | None = None) -> Cal
     return parse
 
 
-def number(low: float, above: bool = False) -> Callable[[str], float]:
-    """A finite number >= low (> low with ``above``): NaN passes every comparison, and an
-    infinite duration or rate never ends."""
-    wanted = f"a finite number {'>' if above else '>='} {low:g}"
+def number(low: float, above: bool = False, high: float = math.inf) -> Callable[[str], float]:
+    """A finite number >= low (> low with ``above``) and <= high: NaN passes every
+    comparison, and an infinite duration or rate never ends."""
+    wanted = f"a finite number {'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (above and value == low):
+        if not math.isfinite(value) or value < low or (above and value == low) or value > high:
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
     return parse
+
+
+# Seconds a call may wait: gRPC's deadline overflows past ~1e9 s from now (1e10 failed at
+# once, DEADLINE_EXCEEDED) and a thread's join past ~9e9 (OverflowError).
+timeout_seconds = number(0, above=True, high=1e6)
+# A seed for the demo and load-test batches (torch.Generator), with room for the index
+# each request adds.
+batch_seed = integer(0, 2**62, "an integer in 0 .. 2**62")
+
+
+def target_address(text: str) -> str:
+    """A server address the client can dial (``tritarget.clients.client.check_target``)."""
+    from tritarget.clients.client import check_target  # grpc: loaded only when a command parses one
+
+    try:
+        check_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("target: ")) from None
+    return text

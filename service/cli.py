@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .arguments import integer, number
+from .arguments import batch_seed, integer, number, target_address, timeout_seconds
 
 __all__ = ["main"]
 
@@ -382,6 +382,9 @@ def _request(args: argparse.Namespace) -> int:
     except TargetServiceError as exc:
         print(f"tritarget request: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # an address, token or option the client refuses before sending
+        print(f"tritarget request: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -421,7 +424,10 @@ def _up(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tritarget up: {exc} (another port: --port N, or --port 0 for any free one)", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:  # options the server refuses as it starts: a usage error, as for serve
+        print(f"tritarget up: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the warm-up failed
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 1
     return 1 if failed else 0
@@ -471,7 +477,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch-images", type=integer(1),
                         help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
-    parser.add_argument("--max-queue-delay-ms", type=number(0), default=0.0,
+    parser.add_argument("--max-queue-delay-ms", type=number(0, high=10_000), default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=integer(1), default=1024, help="queue bound (default 1024 images)")
     parser.add_argument("--compute-workers", type=integer(1),
@@ -499,7 +505,7 @@ def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
     parser.add_argument("--batch", type=integer(1), default=4, help="images in the demo request (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=batch_seed, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.add_argument("--batch", type=integer(1), default=4, help="images in the batch (default 4)")
     demo.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=batch_seed, default=0)
     demo.set_defaults(handler=_demo)
 
     up = commands.add_parser("up", help="serve on localhost, send a demo request, keep serving until Ctrl-C")
@@ -526,10 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     request = commands.add_parser("request", help="send a demo request to a running service")
-    request.add_argument("--target", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    request.add_argument(
+        "--target", type=target_address, default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)"
+    )
     request.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")
     request.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
-    request.add_argument("--timeout", type=number(0, above=True), default=120.0,
+    request.add_argument("--timeout", type=timeout_seconds, default=120.0,
                          help="seconds to wait for the answer, retrying while none answers (default 120)")  # fmt: skip
     _add_demo_request_flags(request)
     request.set_defaults(handler=_request)

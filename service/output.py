@@ -4,7 +4,9 @@ pictures): checked before the work that fills them, written whole or not at all.
 A file written in place is left truncated by Ctrl-C or a full disk. ``write_atomically``
 writes a temporary file in the target's folder and renames it over the target
 (``os.replace`` is atomic within a file system), so the target is the old file or the
-new one, never part of one.
+new one, never part of one. A symbolic link is followed (the file it names is replaced,
+keeping its mode), and a target that is no regular file (``/dev/null``, a pipe) is
+written directly: renaming over it would replace the device or the link itself.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 
 __all__ = ["output_file_problem", "output_folder_problem", "write_atomically"]
@@ -24,16 +27,29 @@ def _existing_folder_problem(folder: str) -> str | None:
     folder = folder or "."
     if not os.path.isdir(folder):
         return f"{folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot write in {folder}"
+    # A file made and removed: os.access says yes to root everywhere, /proc included.
+    probe = os.path.join(folder, f".tritarget-probe-{secrets.token_hex(6)}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror})"
     return None
+
+
+def _followed(path: str) -> str:
+    """The file a symbolic link names (renamed over, the link would become a file)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def output_file_problem(path: str) -> str | None:
     """Why ``write_atomically`` cannot write a file at ``path``, in words, or None."""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         return "is a folder; give a file name"
-    return _existing_folder_problem(os.path.dirname(path))
+    target = _followed(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        return None if os.access(target, os.W_OK) else "cannot be written"  # written directly
+    return _existing_folder_problem(os.path.dirname(target))
 
 
 def output_folder_problem(path: str) -> str | None:
@@ -51,15 +67,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     It is removed when ``write`` raises, and the target is left as it was.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
+    target = _followed(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        write(target)
+        return path
+    folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    stem, extension = os.path.splitext(os.path.basename(path))
+    stem, extension = os.path.splitext(os.path.basename(target))
     temporary = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp{extension}")
     # Created here with mode 0o666 (less the umask), as open() would create the target.
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        if os.path.exists(target):
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
         write(temporary)
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:  # Ctrl-C too: never leave the temporary file behind
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,17 +286,8 @@ async def serve(
     if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await server.start()
-    scheme = "TLS" if options.tls_cert else "plaintext"
-    address = host_port(options.host, port)
-    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
-    batching, limits = server.batcher.options, options.limits
-    announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
-             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
-             f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
-             f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
-    if server.metrics_port is not None:
-        metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
-        announce(f"metrics on http://{metrics_at}/metrics", flush=True)
+    announce = _while_read(announce)
+    _announce_serving(server, port, announce)
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
     failed = loop.create_task(_warmup_failed(server))
     stopping = loop.create_task(stop.wait())
@@ -309,6 +302,36 @@ async def serve(
     announce("shutting down: finishing calls in flight", flush=True)
     await server.stop()
     announce("stopped", flush=True)
+
+
+def _while_read(announce):
+    """``announce``, silent once its reader has gone (``serve | head -2``): the status lines
+    are for whoever reads them, and a server stopped by a closed pipe (or left running
+    while the interpreter exits, which aborts) serves nobody better. The closed stream is
+    pointed at /dev/null, so that the exit's flush does not fail again."""
+
+    def say(*args, **kwargs) -> None:
+        try:
+            announce(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    return say
+
+
+def _announce_serving(server: TargetServer, port: int, announce) -> None:
+    options = server.options
+    scheme = "TLS" if options.tls_cert else "plaintext"
+    address = host_port(options.host, port)
+    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
+    batching, limits = server.batcher.options, options.limits
+    announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
+             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
+             f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
+             f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
+    if server.metrics_port is not None:
+        metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
+        announce(f"metrics on http://{metrics_at}/metrics", flush=True)
 
 
 async def _calls_ended(timeout: float = 1.0) -> None:

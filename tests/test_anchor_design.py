@@ -6,8 +6,10 @@ import errno
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from tritarget.anchor_design import (
 )
 from tritarget.anchor_design.cli import main
 from tritarget.kernels import TargetConfig, generate_anchors, presets
-from tritarget.service.output import write_atomically
+from tritarget.service.output import output_file_problem, write_atomically
 
 
 def _write(path, data) -> str:
@@ -71,6 +73,8 @@ def test_coco_boxes_are_resized_clipped_and_crowds_become_ignore_regions(tmp_pat
     ("content", "message"),
     [
         ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # a RecursionError's traceback before
+        ('{"images": [{"width": ' + "9" * 5000 + "}]}", "not valid JSON"),  # the file was not named
         ('{"annotations": []}', "needs an 'images' list"),
         ('{"images": [{"id": 1, "height": 10, "width": 10}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}',
          "image_id 2 is not in 'images'"),
@@ -800,3 +804,32 @@ def test_write_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
     os.umask(umask)
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
+
+
+def test_write_atomically_writes_through_links_and_into_special_files(tmp_path):
+    """The rename replaced the path itself: a symbolic link became a file (its target kept
+    the old text), an existing file's mode was lost, and run as root `--out /dev/null`
+    turned the device into a regular file."""
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert write_atomically(link, lambda path: Path(path).write_text("new")) == str(link)
+    assert link.is_symlink() and real.read_text() == "new" and real.stat().st_mode & 0o777 == 0o600
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    write_atomically(fifo, lambda path: Path(path).write_text("through"))
+    reader.join(10)
+    assert received == ["through"] and stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "pipe", "real.json"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_is_checked_by_writing_in_it():
+    """os.access says yes to root everywhere: a report for /proc was refused only after the
+    whole run, naming the hidden temporary file."""
+    assert output_file_problem("/proc/report.json").startswith("cannot write in /proc (")

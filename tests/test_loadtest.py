@@ -429,6 +429,8 @@ def test_bad_values_are_refused_by_the_parser(flags, capsys):
     (["--csv", "{tmp}/afile/out.csv"], "--csv {tmp}/afile/out.csv: {tmp}/afile is not a folder"),
     (["--tls-ca", "{tmp}/afile"], "--tls-ca {tmp}/afile: not PEM certificates"),
     (["--tls-ca", "{tmp}/missing.pem"], "--tls-ca {tmp}/missing.pem: No such file or directory"),
+    # The CSV replaced the JSON, and both were reported written.
+    (["--json", "{tmp}/same.txt", "--csv", "{tmp}/./same.txt"], "--json and --csv name the same file, {tmp}/same.txt"),
 ])  # fmt: skip
 def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
     flags = [flag.format(tmp=tmp_path) for flag in flags]

@@ -25,7 +25,7 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
-from tritarget.service.cli import _server_options, _server_token, _usable_cores, build_parser, front_ends
+from tritarget.service.cli import _server_options, _server_token, _usable_cores, build_parser, front_ends, main
 from tritarget.service.server import host_port
 
 CANVAS = (96, 128)
@@ -557,8 +557,10 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         # 2048 MiB overflowed gRPC's int32 option: a traceback, exit 1.
         (["--max-message-mb", "2048"], "--max-message-mb: must be in 1 .. 2047, got 2048"),
         # An infinite delay: every request waited for a full batch, health SERVING.
-        (["--max-queue-delay-ms", "inf"], "--max-queue-delay-ms: must be a finite number >= 0, got inf"),
-        (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms: must be a finite number >= 0, got -1"),
+        (["--max-queue-delay-ms", "inf"], "--max-queue-delay-ms: must be a finite number >= 0 and <= 10000, got inf"),
+        (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms: must be a finite number >= 0 and <= 10000, got -1"),
+        # Every lone request then waited out its deadline.
+        (["--max-queue-delay-ms", "1e12"], "--max-queue-delay-ms: must be a finite number >= 0 and <= 10000, got 1e12"),
         # These named an internal field ("batching: max_batch_images must be ...").
         (["--max-batch-images", "0"], "--max-batch-images: must be >= 1, got 0"),
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
@@ -572,6 +574,61 @@ def test_cli_refuses_server_flags_when_parsed(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["serve", "--port", "0", *flags])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # gRPC takes a port modulo 65536: port 102505 reached a server on 36969.
+        (["request", "--target", "127.0.0.1:102505"], "expected 'host:port' with a port in 1..65535"),
+        (["loadtest", "--target", "127.0.0.1:102505"], "expected 'host:port' with a port in 1..65535"),
+        (["loadtest", "--target", "127.0.0.1"], "got '127.0.0.1'"),  # gRPC's default port, 443
+        (["loadtest", "--target", "http://127.0.0.1:1"], "is a URL"),  # it ran the whole test, all UNAVAILABLE
+        # "Overflow when unpacking long long", or a traceback.
+        (["demo", "--seed", "99999999999999999999999"], "--seed: must be an integer in 0 .. 2**62"),
+        (["up", "--seed", "99999999999999999999999"], "--seed: must be an integer in 0 .. 2**62"),
+        (["loadtest", "--target", "h:1", "--seed", "-1"], "--seed: must be an integer in 0 .. 2**62"),
+        # gRPC's deadline overflowed (DEADLINE_EXCEEDED at once), a thread's join raised OverflowError.
+        (["request", "--timeout", "1e10"], "--timeout: must be a finite number > 0 and <= 1e+06"),
+        (["loadtest", "--target", "h:1", "--timeout", "1e10"], "--timeout: must be a finite number > 0 and <= 1e+06"),
+    ],
+)
+def test_cli_refuses_client_flags_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_request_names_a_bad_token_in_one_line(capsys):
+    """A ValueError from the client was a traceback with exit 1."""
+    assert main(["request", "--target", "127.0.0.1:1", "--token", "a\nb"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tritarget request: token: the token has characters an HTTP header cannot carry (printable ASCII only)"
+    )
+
+
+def test_cli_serve_goes_on_serving_when_its_stdout_closes():
+    """`serve | head -2`: the status line written after the reader had gone raised
+    BrokenPipeError, the started gRPC server was never stopped, and the interpreter
+    aborted at exit ("terminate called without an active exception", status 134)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", "reference",
+         "--warmup-canvas", "64", "64", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        match = re.search(r"serving on 127\.0\.0\.1:(\d+)", process.stdout.readline() + process.stdout.readline())
+        process.stdout.close()  # the reader goes; the server has more to say (its settings, its metrics port)
+        with TargetClient(f"127.0.0.1:{match.group(1)}") as client:
+            client.wait_until_ready(60)
+            assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        errors = process.stderr.read()
+        assert "terminate called" not in errors and "Broken pipe" not in errors, errors
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.mark.parametrize(
