@@ -68,7 +68,7 @@ from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.output import write_atomically
 
-from .client import _channel_options
+from .client import _channel_options, bearer_token, check_target
 from .wire import build_request, decode_response
 
 __all__ = ["Workload", "LoadTestOptions", "Report", "run", "verify_response"]
@@ -97,6 +97,11 @@ def _histogram() -> HdrHistogram:
     return HdrHistogram(*_HISTOGRAM)
 
 
+_COCO_MEAN_BOXES = 7.3  # boxes per COCO-like image (``coco_like_batch``), on average
+_MAX_WORKLOAD_IMAGES = 1 << 20
+_MAX_WORKLOAD_BOXES = 50_000_000  # 800 MB of float32 boxes per client process
+
+
 @dataclass(frozen=True)
 class Workload:
     """What every request carries; request ``i`` of the cycle is built from seed ``seed + i``."""
@@ -120,6 +125,14 @@ class Workload:
             raise ValueError(f"boxes: must be >= 0 per image, got {self.boxes}")
         if self.format not in ("sparse", "dense"):
             raise ValueError(f"format: must be 'sparse' or 'dense', got {self.format!r}")
+        # Every client process builds every variant before the run: a million images ran
+        # past any --duration, silent, and no server takes requests that large anyway.
+        boxes = self.variants * self.images * (_COCO_MEAN_BOXES if self.boxes is None else self.boxes)
+        if self.variants * self.images > _MAX_WORKLOAD_IMAGES or boxes > _MAX_WORKLOAD_BOXES:
+            raise ValueError(
+                f"the workload's {self.variants} variants x {self.images} images ({boxes:,.0f} boxes) are over "
+                f"{_MAX_WORKLOAD_IMAGES:,} images or {_MAX_WORKLOAD_BOXES:,} boxes: fewer variants, images or boxes"
+            )
 
     def batch(self, index: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         return coco_like_batch(self.images, seed=self.seed + index, canvas=self.canvas, boxes_per_image=self.boxes)
@@ -163,8 +176,12 @@ class LoadTestOptions:
     verify_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if not self.targets or not all(target.strip() for target in self.targets):
-            raise ValueError(f"targets: give at least one address, none empty, got {self.targets}")
+        if not self.targets:
+            raise ValueError("targets: give at least one address")
+        for target in self.targets:  # as the client checks them: a URL ran the whole test, all UNAVAILABLE
+            check_target(target)
+        if self.token is not None:  # 33 lines of gRPC's "Illegal header value" and a traceback
+            object.__setattr__(self, "token", bearer_token(self.token, "token"))
         _check_seconds("duration_s", self.duration_s, zero=False)
         _check_seconds("warmup_s", self.warmup_s, zero=True)
         _check_seconds("timeout_s", self.timeout_s, zero=False)
@@ -874,7 +891,7 @@ def _collect(options: LoadTestOptions, updates, stop, workers: int, progress: bo
                 bar.set_postfix_str(
                     f"{count / (now - last):.0f} req/s, p50 {interval.get_value_at_percentile(50) / 1000:.1f} ms, "
                     f"p99 {interval.get_value_at_percentile(99) / 1000:.1f} ms, "
-                    f"errors {dict(errors) if errors else 0}"
+                    f"errors {', '.join(f'{code} {n:,}' for code, n in errors.items()) if errors else 0}"
                 )  # fmt: skip
             bar.n = round(min(now - start, total), 1)
             bar.refresh()

@@ -53,12 +53,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     from tritarget.kernels.api import resolve_backend
     from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
+    from .codec import Limits
+
     config = presets.get(args.preset)
     canvas = tuple(args.canvas) if args.canvas else COCO_CANVAS
+    num_anchors = resolve_grid(config.anchors, canvas).num_anchors
+    limit = Limits().max_anchor_rows  # the service's bound on one request: 20000 x 20000 took minutes and 9 GB
+    if args.batch * num_anchors > limit:
+        raise ValueError(f"{args.batch} images x {num_anchors:,} anchors is over {limit:,} (a request's bound in the "
+                         "service); use a smaller --batch or --canvas")  # fmt: skip
     boxes, counts, classes = coco_like_batch(args.batch, seed=args.seed, canvas=canvas)
     device = torch.device("cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu")
     backend = resolve_backend(args.backend, device)
-    num_anchors = resolve_grid(config.anchors, canvas).num_anchors
     print(f"preset {args.preset}: {num_anchors:,} anchors on a {canvas[0]}x{canvas[1]} canvas")
     print(f"batch of {args.batch} COCO-like images, {sum(counts)} boxes; backend {backend} on {device}")
     boxes, classes = boxes.to(device), classes.to(device)

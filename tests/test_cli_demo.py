@@ -30,3 +30,15 @@ def test_demo_rejects_unknown_preset():
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_demo_refuses_a_batch_over_a_requests_bound_at_once(capsys):
+    """20000 x 20000 (75 M anchors per image) ran for minutes in 9 GB; --batch 100000 failed
+    allocating 80 GB."""
+    from tritarget.service.cli import main
+
+    assert main(["demo", "--canvas", "20000", "20000"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tritarget demo: 4 images x 74,931,687 anchors is over 33,554,432 (a request's bound in the service); "
+        "use a smaller --batch or --canvas"
+    )

@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import sys
@@ -454,11 +455,23 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path
     "kwargs",
     [{"rate": math.nan}, {"rate": math.inf}, {"duration_s": math.nan}, {"duration_s": math.inf},
      {"warmup_s": math.inf}, {"timeout_s": math.nan}, {"timeout_s": 0}, {"window": 4},
-     {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}],
+     {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}, {"targets": ()},
+     {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"}],
 )  # fmt: skip
 def test_library_options_refuse_what_cannot_run(kwargs):
     with pytest.raises(ValueError):
         LoadTestOptions(**{"targets": ("127.0.0.1:1",), **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "total"),
+    [({"images": 10**6}, "(116,800,000 boxes)"), ({"boxes": 10**8, "variants": 1}, "(800,000,000 boxes)")],
+)
+def test_workload_refuses_one_too_large_to_build(kwargs, total):
+    """Built before the run by every client process: a million images ran silent past any
+    --duration."""
+    with pytest.raises(ValueError, match=re.escape(total) + " are over 1,048,576 images or 50,000,000 boxes"):
+        Workload(**kwargs)
 
 
 @pytest.mark.parametrize("canvas", [(0, 0), (-5, 5), (64,)])
