@@ -296,6 +296,8 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     and the offending entry for anything that is not COCO detection JSON.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"annotations file: {path} is a folder; give the COCO JSON file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotations file not found: {path}")
     try:

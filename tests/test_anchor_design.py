@@ -833,3 +833,9 @@ def test_an_output_folder_is_checked_by_writing_in_it():
     """os.access says yes to root everywhere: a report for /proc was refused only after the
     whole run, naming the hidden temporary file."""
     assert output_file_problem("/proc/report.json").startswith("cannot write in /proc (")
+
+
+def test_a_folder_given_as_annotations_is_named_a_folder(tmp_path, capsys):
+    """It was "annotations file not found" for a folder that exists."""
+    assert main(["anchors", "check", "--annotations", str(tmp_path), "--preset", "yolov5"]) == 2
+    assert f"annotations file: {tmp_path} is a folder; give the COCO JSON file" in capsys.readouterr().err
