@@ -751,6 +751,8 @@ class _Unanswered:
                 if stopped:
                     return
                 if message is None:
+                    if self.failure is not None:  # the stream ends there: nothing after it is sent
+                        return
                     try:
                         message = next(self._source, None)
                     except Exception as exc:
@@ -769,6 +771,8 @@ class _Unanswered:
                 if stopped:
                     return
                 if message is None:
+                    if self.failure is not None:  # the stream ends there: nothing after it is sent
+                        return
                     try:
                         message = await self._anext()
                     except Exception as exc:
@@ -843,22 +847,25 @@ class _Watchdog:
         self.fired = False
         self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
         self._opened = time.monotonic()
+        self._looking = threading.Lock()  # a look (a timer's thread) and stop() (the stream's), one at a time
         self._handle = schedule(seconds, self._check)
 
     def _check(self) -> None:
-        if self._handle is None:  # answered meanwhile
-            return
-        oldest = self._unanswered.oldest_sent()
-        waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened)
-        if oldest is not None and waited >= self.seconds:
-            self.fired = True
-            self._cancel()
-        else:
-            self._handle = self._schedule(self.seconds - waited, self._check)
+        with self._looking:
+            if self._handle is None:  # answered meanwhile
+                return
+            oldest = self._unanswered.oldest_sent()
+            waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened)
+            if oldest is not None and waited >= self.seconds:
+                self.fired = True
+                self._cancel()
+            else:
+                self._handle = self._schedule(self.seconds - waited, self._check)
 
     def stop(self) -> None:
         """The call answered (or ended): no more looks."""
-        handle, self._handle = self._handle, None
+        with self._looking:
+            handle, self._handle = self._handle, None
         if handle is not None:
             handle.cancel()
 

@@ -17,7 +17,7 @@ import os
 import sys
 
 from tritarget.service.arguments import batch_seed, integer, number, target_address, timeout_seconds
-from tritarget.service.output import output_file_problem
+from tritarget.service.output import output_file_problem, written_in_place
 
 __all__ = ["add_parser"]
 
@@ -96,7 +96,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if problem := output_file_problem(path):  # before a run that may take minutes
             return f"{flag} {path}: {problem}"
     for (flag, path), (other, other_path) in itertools.combinations(outputs, 2):
-        if os.path.realpath(path) == os.path.realpath(other_path):  # the later file would replace the earlier
+        # The later file would replace the earlier (a device or pipe takes both: /dev/null).
+        if os.path.realpath(path) == os.path.realpath(other_path) and not written_in_place(path):
             return f"{flag} and {other} name the same file, {path}"
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return "--plot: needs matplotlib (pip install matplotlib)"

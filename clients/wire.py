@@ -110,11 +110,11 @@ _INT32_RANGE = torch.iinfo(torch.int32)
 
 
 def _counts(name: str, counts: Any) -> list[int]:
-    if isinstance(counts, torch.Tensor) and counts.dim() != 1:
+    if isinstance(counts, (torch.Tensor, np.ndarray)) and counts.ndim != 1:
         raise ValueError(f"{name}: expected shape [B] (one count per image), got {list(counts.shape)}")
-    if not isinstance(counts, (torch.Tensor, Sequence)) or isinstance(counts, (str, bytes)):
+    if not isinstance(counts, (torch.Tensor, np.ndarray, Sequence)) or isinstance(counts, (str, bytes)):
         raise TypeError(f"{name}: expected one int per image (a list or a 1-D tensor), got {type(counts).__name__}")
-    values = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    values = counts.tolist() if isinstance(counts, (torch.Tensor, np.ndarray)) else list(counts)
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name}: expected integers, got {values!r}")
     return [int(v) for v in values]

@@ -126,7 +126,8 @@ def mmdet_targets(
     else:
         classes = _classes(dense, num_classes, "mmdet_targets")
     labels = torch.where(positive, classes, num_classes)
-    if isinstance(pos_weight, bool) or not isinstance(pos_weight, numbers.Real) or math.isnan(pos_weight):
+    number = isinstance(pos_weight, numbers.Real) and not isinstance(pos_weight, bool) and not math.isnan(pos_weight)
+    if not (number or (isinstance(pos_weight, torch.Tensor) and pos_weight.numel() == 1)):
         raise ValueError(f"mmdet_targets: pos_weight must be a number, got {pos_weight!r}")
     weight = pos_weight if pos_weight > 0 else 1.0
     label_weights = torch.where(positive, weight, (dense.labels == NEGATIVE).to(torch.float32))

@@ -111,7 +111,10 @@ def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str
 
 
 def _check_real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf, note: str = "") -> None:
-    """A real number in [low, high] (NaN is in no range)."""
+    """A real number in [low, high] (NaN is in no range); a one-element tensor is taken as
+    given (reading a GPU's would wait for it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         limits = ((">=", low), ("<=", high))
         bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in limits if math.isfinite(bound))
@@ -357,7 +360,7 @@ def ssd_loss(
     head_outputs: dict[str, torch.Tensor],
     targets: SparseTargets,
     *,
-    neg_to_pos_ratio: int = 3,
+    neg_to_pos_ratio: float = 3.0,
     beta: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """torchvision ``SSD.compute_loss`` from sparse targets.
@@ -368,7 +371,7 @@ def ssd_loss(
         targets: with ``positive_classes`` (``assign_sparse(..., gt_classes=...)``), in [0, C)
             and not ``background_class`` (torchvision counts such a positive in N and regresses
             it, but classifies it as a negative: a box labelled background is refused here).
-        neg_to_pos_ratio: hard negatives per positive of an image (torchvision's 3).
+        neg_to_pos_ratio: hard negatives per positive of an image (torchvision's 3.0).
         beta: the smooth-L1 box loss's (torchvision's 1).
     Returns:
         ``{"bbox_regression": ..., "classification": ...}``, scalars. Ignored anchors (SSD
@@ -383,8 +386,7 @@ def ssd_loss(
     bbox_regression = _check_outputs("bbox_regression", head_outputs["bbox_regression"], targets, 4)
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
-    if isinstance(neg_to_pos_ratio, bool) or not isinstance(neg_to_pos_ratio, numbers.Integral) or neg_to_pos_ratio < 0:
-        raise ValueError(f"neg_to_pos_ratio: expected an int >= 0, got {neg_to_pos_ratio!r}")
+    _check_real("neg_to_pos_ratio", neg_to_pos_ratio, low=0.0)  # torchvision's is 3.0, from its positive fraction
     device = cls_logits.device
     batch, count, num_classes = cls_logits.shape
     positive_classes = targets.positive_classes.to(device).long()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
@@ -218,9 +219,10 @@ def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tenso
 
 
 def check_flags(**flags) -> None:
-    """``TypeError`` for a flag that is not a bool: a "false" from a YAML or a CLI would read as True."""
+    """``TypeError`` for a flag that is not a bool (numpy's included): a "false" from a YAML
+    or a CLI would read as True."""
     for name, value in flags.items():
-        if value is not True and value is not False:
+        if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 

@@ -5,8 +5,9 @@ A file written in place is left truncated by Ctrl-C or a full disk. ``write_atom
 writes a temporary file in the target's folder and renames it over the target
 (``os.replace`` is atomic within a file system), so the target is the old file or the
 new one, never part of one. A symbolic link is followed (the file it names is replaced,
-keeping its mode), and a target that is no regular file (``/dev/null``, a pipe) is
-written directly: renaming over it would replace the device or the link itself.
+keeping its mode), and a device, a pipe or a descriptor (``/dev/null``, ``/dev/stdout``)
+is written directly (``written_in_place``): renaming over it would replace the device,
+or the file the shell opened for the process.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 
-__all__ = ["output_file_problem", "output_folder_problem", "write_atomically"]
+__all__ = ["output_file_problem", "output_folder_problem", "write_atomically", "written_in_place"]
 
 
 def _existing_folder_problem(folder: str) -> str | None:
@@ -37,6 +40,15 @@ def _existing_folder_problem(folder: str) -> str | None:
     return None
 
 
+def written_in_place(path: str) -> bool:
+    """Whether ``path`` is written directly, not replaced: a device or pipe (``/dev/null``),
+    or a descriptor of this process (``/dev/stdout``, ``/dev/fd/N``: replacing the file the
+    shell opened, for appending perhaps, would drop what it held)."""
+    if not os.path.exists(path):
+        return False
+    return path.startswith("/dev/") or os.path.realpath(path).startswith("/proc/") or not os.path.isfile(path)
+
+
 def _followed(path: str) -> str:
     """The file a symbolic link names (renamed over, the link would become a file)."""
     return os.path.realpath(path) if os.path.islink(path) else path
@@ -46,10 +58,9 @@ def output_file_problem(path: str) -> str | None:
     """Why ``write_atomically`` cannot write a file at ``path``, in words, or None."""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         return "is a folder; give a file name"
-    target = _followed(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        return None if os.access(target, os.W_OK) else "cannot be written"  # written directly
-    return _existing_folder_problem(os.path.dirname(target))
+    if written_in_place(path):
+        return None if os.access(path, os.W_OK) else "cannot be written"
+    return _existing_folder_problem(os.path.dirname(_followed(path)))
 
 
 def output_folder_problem(path: str) -> str | None:
@@ -67,10 +78,14 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     It is removed when ``write`` raises, and the target is left as it was.
     """
     path = os.fspath(path)
-    target = _followed(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        write(target)
+    if written_in_place(path):  # whole, then appended: opening /dev/stdout for writing truncates a `>>` log
+        with tempfile.TemporaryDirectory() as folder:
+            temporary = os.path.join(folder, os.path.basename(path))
+            write(temporary)
+            with open(temporary, "rb") as source, open(path, "ab") as sink:
+                shutil.copyfileobj(source, sink)
         return path
+    target = _followed(path)
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
     stem, extension = os.path.splitext(os.path.basename(target))
@@ -78,9 +93,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     # Created here with mode 0o666 (less the umask), as open() would create the target.
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        if os.path.exists(target):
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
         write(temporary)
+        if os.path.exists(target):  # after writing: the old mode may not let this process write
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(temporary, target)
     except BaseException:  # Ctrl-C too: never leave the temporary file behind
         with contextlib.suppress(FileNotFoundError):

@@ -343,11 +343,11 @@ def test_losses_refuse_a_batch_of_no_images():
         ),
         (
             lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio=-1),
-            "neg_to_pos_ratio: expected an int >= 0, got -1",
+            "neg_to_pos_ratio: expected a number >= 0, got -1",
         ),
         (
-            lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio=2.5),
-            "neg_to_pos_ratio: expected an int >= 0, got 2.5",
+            lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio="3"),
+            "neg_to_pos_ratio: expected a number >= 0, got '3'",
         ),
         (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight must be a number, got '2'"),
         (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight must be a number, got nan"),
@@ -357,6 +357,17 @@ def test_loss_settings_out_of_range_are_refused(call, message):
     """alpha = 2 gave a negative focal loss, a negative ratio dropped every hard negative."""
     with pytest.raises(ValueError, match=message):
         call(_hand_targets().to_sparse(), torch.zeros(2, 4, 8))
+
+
+def test_loss_settings_as_torchvision_passes_them_are_taken():
+    """torchvision's SSD ratio is a float (3.0), and a setting may be a one-element tensor."""
+    sparse, logits = _hand_targets().to_sparse(), torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    outputs = {"cls_logits": logits, "bbox_regression": torch.zeros(2, 4, 4)}
+    assert ssd_loss(outputs, sparse, neg_to_pos_ratio=3.0) == ssd_loss(outputs, sparse, neg_to_pos_ratio=3)
+    as_tensors = sigmoid_focal_loss(logits, sparse, alpha=torch.tensor(0.25), gamma=torch.tensor(2.0))
+    torch.testing.assert_close(as_tensors, sigmoid_focal_loss(logits, sparse, alpha=0.25, gamma=2.0))
+    weights = mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor(2.0))["label_weights"]
+    assert torch.equal(weights, mmdet_targets(_hand_targets(), 8, pos_weight=2.0)["label_weights"])
 
 
 def test_iou_losses_refuse_a_negative_matched_box_or_count():

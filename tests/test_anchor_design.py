@@ -828,6 +828,36 @@ def test_write_atomically_writes_through_links_and_into_special_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["link.json", "pipe", "real.json"]
 
 
+def test_write_atomically_gives_a_read_only_files_mode_after_writing(tmp_path):
+    """The mode was copied onto the temporary file first: a 0o444 report could not be
+    written by its owner (not root), after the whole run."""
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    target.chmod(0o444)
+    modes = []
+
+    def write(path):
+        modes.append(os.stat(path).st_mode & 0o777)
+        Path(path).write_text("new")
+
+    write_atomically(target, write)
+    assert modes[0] & 0o200 and target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o444
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_write_atomically_appends_to_standard_output_redirected_to_a_file(tmp_path):
+    """/dev/stdout resolved to the file the shell opened, which was replaced: what the log
+    held before, and the command's own output, were lost."""
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    script = ("from pathlib import Path; from tritarget.service.output import output_file_problem, write_atomically;"
+              "print('table', flush=True); assert output_file_problem('/dev/stdout') is None;"
+              "write_atomically('/dev/stdout', lambda path: Path(path).write_text('report\\n'))")  # fmt: skip
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=60)
+    assert log.read_text() == "earlier\ntable\nreport\n"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_an_output_folder_is_checked_by_writing_in_it():
     """os.access says yes to root everywhere: a report for /proc was refused only after the

@@ -427,6 +427,14 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
             client.assign(BOXES, torch.tensor(2), CANVAS, preset="retinanet_torchvision")
 
 
+def test_client_takes_numpy_flags_and_counts_as_assign_does(two_servers):
+    a, _ = two_servers
+    expected = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), drop_invalid=np.True_, backend="cpu")
+    with TargetClient(a.address) as client:
+        got = client.assign(BOXES, np.array([2]), CANVAS, preset="retinanet_torchvision", drop_invalid=np.True_)
+    assert torch.equal(got.labels, expected.labels) and len(got.dropped) == 1
+
+
 def test_client_pickles_as_its_options():
     client = TargetClient(["127.0.0.1:1", "127.0.0.1:2"], token="t", timeout=7.5, retries=4, backoff=0.2,
                           connections=3, try_timeout=2.5)  # fmt: skip
@@ -698,6 +706,33 @@ def test_a_stream_request_over_the_clients_message_limit_fails_at_once_after_the
         info.value
     )
     assert len(answers) == 1 and (answers[0].labels == 1).any()
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_request_over_the_message_limit_ends_a_stream_that_moves_to_another_server(client_class):
+    """After the refused request the next call read on: the requests after it were answered
+    in its place (answers for s0, s2, s3 to requests s0, BIG, s2), then the error came."""
+    small = [[10.0, 10.0, 60.0, 50.0], [40.0, 30.0, 120.0, 90.0], [5.0, 50.0, 45.0, 95.0]]
+    items = [{"gt_boxes": torch.tensor([small[0]]), "gt_counts": [1]},
+             {"gt_boxes": torch.tensor([[0.0, 0.0, 30.0, 30.0]]).repeat(2000, 1), "gt_counts": [2000]},
+             *({"gt_boxes": torch.tensor([box]), "gt_counts": [1]} for box in small[1:])]  # fmt: skip
+    answers = []
+
+    async def consume(client) -> None:
+        async with client:
+            async for targets in client.stream(items, preset="retinanet_torchvision", canvas=CANVAS):
+                answers.append(targets)
+
+    with _hung_server() as hung, ServerThread() as good:  # the stream moves once the hung server's try is up
+        client = client_class([hung.address, good.address], timeout=10, try_timeout=1.0, max_message_bytes=20_000)
+        with pytest.raises(TargetServiceError, match="over this client's max_message_bytes"):
+            if client_class is TargetClient:
+                with client:
+                    answers.extend(client.stream(items, preset="retinanet_torchvision", canvas=CANVAS))
+            else:
+                asyncio.run(consume(client))
+    expected = assign(items[0]["gt_boxes"], [1], CANVAS, presets.get("retinanet_torchvision"), backend="cpu")
+    assert len(answers) == 1 and torch.equal(answers[0].labels, expected.labels)
 
 
 def test_a_streams_first_server_that_hangs_is_left_for_the_next_within_try_timeout():
