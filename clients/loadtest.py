@@ -46,6 +46,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import platform
 import queue as queue_module
 import random
@@ -699,7 +700,9 @@ class Report:
         bottom.set_xlabel(f"second of the run ({self.options.describe()})", fontsize=7)
         bottom.legend()
         figure.tight_layout()
-        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110))
+        # The format named, not left to the temporary file's name (/dev/stdout has no extension).
+        kind = os.path.splitext(path)[1][1:] or "png"
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format=kind))
         plt.close(figure)
 
 

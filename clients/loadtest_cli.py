@@ -96,8 +96,9 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if problem := output_file_problem(path):  # before a run that may take minutes
             return f"{flag} {path}: {problem}"
     for (flag, path), (other, other_path) in itertools.combinations(outputs, 2):
-        # The later file would replace the earlier (a device or pipe takes both: /dev/null).
-        if os.path.realpath(path) == os.path.realpath(other_path) and not written_in_place(path):
+        # The later file would replace the earlier; a device or a pipe takes both (/dev/null).
+        same = os.path.realpath(path) == os.path.realpath(other_path)
+        if same and not (written_in_place(path) and written_in_place(other_path) and not os.path.isfile(path)):
             return f"{flag} and {other} name the same file, {path}"
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return "--plot: needs matplotlib (pip install matplotlib)"

@@ -244,7 +244,7 @@ def checked_counts(name: str, value: object, total: int, total_name: str, batch:
                 raise TypeError(f"{name}: expected integers, got {value!r}")
             counts = [int(count) for count in counts]
     else:
-        tensor = _tensor(name, value)
+        tensor = _tensor(name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
         if not integer_dtype(tensor.dtype):
             raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")
         if tensor.dim() != 1:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -44,9 +46,37 @@ def written_in_place(path: str) -> bool:
     """Whether ``path`` is written directly, not replaced: a device or pipe (``/dev/null``),
     or a descriptor of this process (``/dev/stdout``, ``/dev/fd/N``: replacing the file the
     shell opened, for appending perhaps, would drop what it held)."""
-    if not os.path.exists(path):
-        return False
-    return path.startswith("/dev/") or os.path.realpath(path).startswith("/proc/") or not os.path.isfile(path)
+    return os.path.exists(path) and (not os.path.isfile(path) or _through_a_descriptor(path))
+
+
+def _through_a_descriptor(path: str) -> bool:
+    """Whether ``path`` or a link on its way names an open descriptor (``/proc/PID/fd/N``)."""
+    return _descriptor_link(path) is not None
+
+
+def _descriptor_link(path: str) -> str | None:
+    """The first path on ``path``'s way of links that lies under /proc or /dev/fd, or None."""
+    for _ in range(40):  # the kernel's own bound on links followed
+        path = os.path.abspath(path)
+        if path.startswith(("/proc/", "/dev/fd/")):
+            return path
+        if not os.path.islink(path):
+            return None
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return None
+
+
+_DESCRIPTOR = re.compile(r"^/(?:proc/(self|thread-self|\d+)|dev)/fd/(\d+)$")
+
+
+def _descriptor(path: str) -> int | None:
+    """The descriptor of this process that ``path`` names through its links (``/dev/stdout``
+    is 1), or None."""
+    link = _descriptor_link(path)
+    match = None if link is None else _DESCRIPTOR.match(link)
+    if match is None or match.group(1) not in (None, "self", "thread-self", str(os.getpid())):
+        return None
+    return int(match.group(2))
 
 
 def _followed(path: str) -> str:
@@ -61,6 +91,23 @@ def output_file_problem(path: str) -> str | None:
     if written_in_place(path):
         return None if os.access(path, os.W_OK) else "cannot be written"
     return _existing_folder_problem(os.path.dirname(_followed(path)))
+
+
+def _append(source: str, path: str) -> None:
+    """``source``'s bytes after what ``path`` holds. A descriptor of this process is written
+    through itself, after Python's own buffers: opened anew, /dev/stdout would truncate a
+    `>>` log, or start at 0 behind a `>` redirect where the table printed before is still
+    to come, and a socket cannot be opened at all."""
+    descriptor = _descriptor(path)
+    if descriptor is None:
+        with open(source, "rb") as data, open(path, "ab") as sink:
+            shutil.copyfileobj(data, sink)
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    with open(source, "rb") as data, open(descriptor, "wb", closefd=False) as sink:  # at the shell's offset
+        shutil.copyfileobj(data, sink)
 
 
 def output_folder_problem(path: str) -> str | None:
@@ -78,12 +125,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     It is removed when ``write`` raises, and the target is left as it was.
     """
     path = os.fspath(path)
-    if written_in_place(path):  # whole, then appended: opening /dev/stdout for writing truncates a `>>` log
+    if written_in_place(path):
         with tempfile.TemporaryDirectory() as folder:
             temporary = os.path.join(folder, os.path.basename(path))
             write(temporary)
-            with open(temporary, "rb") as source, open(path, "ab") as sink:
-                shutil.copyfileobj(source, sink)
+            _append(temporary, path)
         return path
     target = _followed(path)
     folder = os.path.dirname(target) or "."

@@ -366,8 +366,15 @@ def test_loss_settings_as_torchvision_passes_them_are_taken():
     assert ssd_loss(outputs, sparse, neg_to_pos_ratio=3.0) == ssd_loss(outputs, sparse, neg_to_pos_ratio=3)
     as_tensors = sigmoid_focal_loss(logits, sparse, alpha=torch.tensor(0.25), gamma=torch.tensor(2.0))
     torch.testing.assert_close(as_tensors, sigmoid_focal_loss(logits, sparse, alpha=0.25, gamma=2.0))
-    weights = mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor(2.0))["label_weights"]
+    weights = mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor([[2.0]]))["label_weights"]  # no broadcast
     assert torch.equal(weights, mmdet_targets(_hand_targets(), 8, pos_weight=2.0)["label_weights"])
+    # A tensor is checked as its number is.
+    with pytest.raises(ValueError, match="alpha: expected a number <= 1"):
+        sigmoid_focal_loss(logits, sparse, alpha=torch.tensor(2.0))
+    with pytest.raises(ValueError, match="neg_to_pos_ratio: expected a number >= 0, got nan"):
+        ssd_loss(outputs, sparse, neg_to_pos_ratio=torch.tensor(math.nan))
+    with pytest.raises(ValueError, match="pos_weight must be a number, got tensor\\(True\\)"):
+        mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor(True))
 
 
 def test_iou_losses_refuse_a_negative_matched_box_or_count():

@@ -845,17 +845,35 @@ def test_write_atomically_gives_a_read_only_files_mode_after_writing(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
-def test_write_atomically_appends_to_standard_output_redirected_to_a_file(tmp_path):
-    """/dev/stdout resolved to the file the shell opened, which was replaced: what the log
-    held before, and the command's own output, were lost."""
+@pytest.mark.parametrize("mode", ["w", "a"])  # `> log`, `>> log`
+@pytest.mark.parametrize("name", ["/dev/stdout", "/proc/self/fd/1", "link"])
+def test_write_atomically_writes_standard_output_where_the_shell_points_it(tmp_path, mode, name):
+    """/dev/stdout resolved to the file the shell opened, which was replaced (what a `>>` log
+    held and the table printed before were lost); opened anew for appending, the report went
+    before the table still in Python's buffer, or was overwritten by it behind a `>`."""
     log = tmp_path / "log.txt"
     log.write_text("earlier\n")
-    script = ("from pathlib import Path; from tritarget.service.output import output_file_problem, write_atomically;"
-              "print('table', flush=True); assert output_file_problem('/dev/stdout') is None;"
-              "write_atomically('/dev/stdout', lambda path: Path(path).write_text('report\\n'))")  # fmt: skip
-    with open(log, "a") as out:
-        subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=60)
-    assert log.read_text() == "earlier\ntable\nreport\n"
+    (tmp_path / "link").symlink_to("/dev/stdout")
+    script = ("import sys; from pathlib import Path; from tritarget.service.output import output_file_problem, "
+              "write_atomically; print('table'); assert output_file_problem(sys.argv[1]) is None; "
+              "write_atomically(sys.argv[1], lambda path: Path(path).write_text('report\\n'));"
+              "print('wrote')")  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # block-buffered
+    with open(log, mode) as out:
+        subprocess.run([sys.executable, "-c", script, name], stdout=out, check=True, timeout=60, cwd=tmp_path,
+                       env=environment)  # fmt: skip
+    assert log.read_text() == ("earlier\n" if mode == "a" else "") + "table\nreport\nwrote\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_a_regular_file_under_dev_is_replaced_not_appended_to():
+    path = f"/dev/shm/tritarget-test-{os.getpid()}.json"
+    try:
+        Path(path).write_text("old")
+        write_atomically(path, lambda temporary: Path(temporary).write_text("new"))
+        assert Path(path).read_text() == "new"
+    finally:
+        os.unlink(path)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")

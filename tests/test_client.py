@@ -429,7 +429,8 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
 
 def test_client_takes_numpy_flags_and_counts_as_assign_does(two_servers):
     a, _ = two_servers
-    expected = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), drop_invalid=np.True_, backend="cpu")
+    expected = assign(BOXES, np.array([2], dtype=np.uint8), CANVAS, presets.get("retinanet_torchvision"),
+                      drop_invalid=np.True_, backend="cpu")  # fmt: skip
     with TargetClient(a.address) as client:
         got = client.assign(BOXES, np.array([2]), CANVAS, preset="retinanet_torchvision", drop_invalid=np.True_)
     assert torch.equal(got.labels, expected.labels) and len(got.dropped) == 1
