@@ -81,7 +81,7 @@ def assign(
         gt_boxes (Tensor[N, 4] float32): every image's boxes, xyxy canvas pixels,
             image after image (float64 is rounded to float32 first: IoU is float32 on
             every backend, so an IoU a hair under a threshold in float64 may reach it).
-        gt_counts (Tensor[B] or list of B ints): boxes per image (0 is fine).
+        gt_counts (Tensor[B], numpy array or list of B ints): boxes per image (0 is fine).
         canvas ((int, int)): padded batch (height, width).
         config (TargetConfig): anchors, matching, encoding (``presets.get(name)``).
         gt_classes (Tensor[N] int, optional): class of each box -> ``Targets.classes``.
