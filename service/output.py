@@ -46,12 +46,7 @@ def written_in_place(path: str) -> bool:
     """Whether ``path`` is written directly, not replaced: a device or pipe (``/dev/null``),
     or a descriptor of this process (``/dev/stdout``, ``/dev/fd/N``: replacing the file the
     shell opened, for appending perhaps, would drop what it held)."""
-    return os.path.exists(path) and (not os.path.isfile(path) or _through_a_descriptor(path))
-
-
-def _through_a_descriptor(path: str) -> bool:
-    """Whether ``path`` or a link on its way names an open descriptor (``/proc/PID/fd/N``)."""
-    return _descriptor_link(path) is not None
+    return os.path.exists(path) and (not os.path.isfile(path) or _descriptor_link(path) is not None)
 
 
 def _descriptor_link(path: str) -> str | None:
@@ -122,7 +117,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
 
     The temporary file sits in the target's folder (created if missing) and ends with the
     target's extension, so writers that pick a format from the name (matplotlib) see it.
-    It is removed when ``write`` raises, and the target is left as it was.
+    It is removed when ``write`` raises, and the target is left as it was. A target
+    ``written_in_place`` gets the whole file appended once ``write`` is done.
     """
     path = os.fspath(path)
     if written_in_place(path):
