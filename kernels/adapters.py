@@ -25,12 +25,9 @@ detectron2 ``modeling/meta_arch/retinanet.py`` (``label_anchors``) and
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from .problem import integer_dtype
+from .problem import checked_real
 from .targets import IGNORED, NEGATIVE, POSITIVE, SparseTargets, Targets
 
 __all__ = [
@@ -127,11 +124,7 @@ def mmdet_targets(
     else:
         classes = _classes(dense, num_classes, "mmdet_targets")
     labels = torch.where(positive, classes, num_classes)
-    real = isinstance(pos_weight, torch.Tensor) and (pos_weight.is_floating_point() or integer_dtype(pos_weight.dtype))
-    if real and pos_weight.numel() == 1:
-        pos_weight = pos_weight.item()  # its dimensions would broadcast into the weights
-    if isinstance(pos_weight, bool) or not isinstance(pos_weight, numbers.Real) or math.isnan(pos_weight):
-        raise ValueError(f"mmdet_targets: pos_weight must be a number, got {pos_weight!r}")
+    pos_weight = checked_real("pos_weight", pos_weight)
     weight = pos_weight if pos_weight > 0 else 1.0
     label_weights = torch.where(positive, weight, (dense.labels == NEGATIVE).to(torch.float32))
     bbox_weights = positive.to(torch.float32)[..., None].expand(-1, -1, 4).contiguous()

@@ -31,14 +31,13 @@ than over the selected rows), so results agree to float32 rounding, not bit for 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .boxes import decode
 from .config import EncodeConfig
-from .problem import checked_counts, integer_dtype
+from .problem import checked_counts, checked_real
 from .targets import SparseTargets, offsets_problem
 
 __all__ = [
@@ -110,20 +109,6 @@ def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str
     raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
 
 
-def _checked_real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
-                  note: str = "") -> float:  # fmt: skip
-    """``value``, a real number in [low, high] (NaN is in no range), as a number: a
-    one-element tensor's value (it would broadcast its dimensions into the loss)."""
-    real = isinstance(value, torch.Tensor) and (value.is_floating_point() or integer_dtype(value.dtype))
-    if real and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
-        limits = ((">=", low), ("<=", high))
-        bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in limits if math.isfinite(bound))
-        raise ValueError(f"{name}: expected a number {bounds}{note}, got {value!r}")
-    return value
-
-
 def _focal(logits: torch.Tensor, target: float, alpha: float, gamma: float) -> torch.Tensor:
     """Element-wise sigmoid focal loss against a constant target 0 or 1 (torchvision
     ``ops.sigmoid_focal_loss``'s formula, operation for operation)."""
@@ -159,8 +144,8 @@ def sigmoid_focal_loss(
     cls_logits = _check_outputs("cls_logits", cls_logits, targets, -1)
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
-    alpha = _checked_real("alpha", alpha, high=1.0, note=" (negative: no weighting)")  # above 1 negatives weigh < 0
-    gamma = _checked_real("gamma", gamma, low=0.0)
+    alpha = checked_real("alpha", alpha, high=1.0, note=" (negative: no weighting)")  # above 1 negatives weigh < 0
+    gamma = checked_real("gamma", gamma, low=0.0)
     device = cls_logits.device
     num_classes = cls_logits.shape[2]
     positive_classes = targets.positive_classes.to(device).long()
@@ -389,7 +374,7 @@ def ssd_loss(
     bbox_regression = _check_outputs("bbox_regression", head_outputs["bbox_regression"], targets, 4)
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
-    neg_to_pos_ratio = _checked_real("neg_to_pos_ratio", neg_to_pos_ratio, low=0.0)  # torchvision's: 3.0
+    neg_to_pos_ratio = checked_real("neg_to_pos_ratio", neg_to_pos_ratio, low=0.0)  # torchvision's: 3.0
     device = cls_logits.device
     batch, count, num_classes = cls_logits.shape
     positive_classes = targets.positive_classes.to(device).long()

@@ -231,8 +231,22 @@ def integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def checked_real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
+                 note: str = "") -> float:  # fmt: skip
+    """``value``, a real number in [low, high] (NaN is in no range), as a number: a
+    one-element tensor's value (its dimensions would broadcast into what it weighs)."""
+    real = isinstance(value, torch.Tensor) and (value.is_floating_point() or integer_dtype(value.dtype))
+    if real and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        limits = ((">=", low), ("<=", high))
+        bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in limits if math.isfinite(bound))
+        raise ValueError(f"{name}: expected a number{' ' + bounds if bounds else ''}{note}, got {value!r}")
+    return value
+
+
 def checked_counts(name: str, value: object, total: int, total_name: str, batch: int | None) -> list[int]:
-    """``value`` (a list or 1-D integer tensor of per-image counts) as ints, checked: integers,
+    """``value`` (a list, 1-D integer tensor or numpy array of per-image counts) as ints, checked: integers,
     ``batch`` of them (if given), none negative, summing to ``total`` (the rows of ``total_name``)."""
     # A list's checks run in C where they can (map, min, sum): every call makes them, and
     # for one image they take ~2 us where a generator and a Python loop took ~3.5 us.

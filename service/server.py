@@ -287,7 +287,17 @@ async def serve(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await server.start()
     announce = _while_read(announce)
-    _announce_serving(server, port, announce)
+    scheme = "TLS" if options.tls_cert else "plaintext"
+    address = host_port(options.host, port)
+    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
+    batching, limits = server.batcher.options, options.limits
+    announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
+             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
+             f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
+             f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
+    if server.metrics_port is not None:
+        metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
+        announce(f"metrics on http://{metrics_at}/metrics", flush=True)
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
     failed = loop.create_task(_warmup_failed(server))
     stopping = loop.create_task(stop.wait())
@@ -314,24 +324,11 @@ def _while_read(announce):
         try:
             announce(*args, **kwargs)
         except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     return say
-
-
-def _announce_serving(server: TargetServer, port: int, announce) -> None:
-    options = server.options
-    scheme = "TLS" if options.tls_cert else "plaintext"
-    address = host_port(options.host, port)
-    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
-    batching, limits = server.batcher.options, options.limits
-    announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
-             f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
-             f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
-             f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
-    if server.metrics_port is not None:
-        metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
-        announce(f"metrics on http://{metrics_at}/metrics", flush=True)
 
 
 async def _calls_ended(timeout: float = 1.0) -> None:

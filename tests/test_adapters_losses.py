@@ -349,8 +349,8 @@ def test_losses_refuse_a_batch_of_no_images():
             lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio="3"),
             "neg_to_pos_ratio: expected a number >= 0, got '3'",
         ),
-        (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight must be a number, got '2'"),
-        (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight must be a number, got nan"),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight: expected a number, got '2'"),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight: expected a number, got nan"),
     ],
 )
 def test_loss_settings_out_of_range_are_refused(call, message):
@@ -373,7 +373,7 @@ def test_loss_settings_as_torchvision_passes_them_are_taken():
         sigmoid_focal_loss(logits, sparse, alpha=torch.tensor(2.0))
     with pytest.raises(ValueError, match="neg_to_pos_ratio: expected a number >= 0, got nan"):
         ssd_loss(outputs, sparse, neg_to_pos_ratio=torch.tensor(math.nan))
-    with pytest.raises(ValueError, match="pos_weight must be a number, got tensor\\(True\\)"):
+    with pytest.raises(ValueError, match="pos_weight: expected a number, got tensor\\(True\\)"):
         mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor(True))
 
 
