@@ -92,6 +92,13 @@ _UNANSWERED = "UNANSWERED"
 # server's status (UNAVAILABLE, OK, ...) with a local INTERNAL, so the server's code is lost
 # and INTERNAL would blame the server for a race in the client library.
 _ENDED_WHILE_SENDING = "ENDED_WHILE_SENDING"
+# Open loop: a scheduled request still unsent when the window has closed (plus a little
+# slack for the event loop's own timing). Sending it anyway made a load generator short of
+# CPU run on for as long as it took to catch up: a 2 s run at 20,000 requests/s lasted 20 s.
+_NOT_SENT = "NOT_SENT"
+_SEND_SLACK_S = 0.1
+# Open loop: a request that goes out this much after its scheduled start counts as late.
+_LATE_S = 0.01
 
 
 def _histogram() -> HdrHistogram:
@@ -227,6 +234,10 @@ class _Recorder:
         self.details: dict[str, str] = {}  # code -> the first message that came with it
         self.warmup_requests = 0
         self.last_answer = measure_from  # when the last measured request was answered (or failed)
+        # Open loop: requests sent, those sent more than _LATE_S after their scheduled start,
+        # and the latest start (seconds after its schedule).
+        self.sends = self.late_sends = 0
+        self.latest_send_s = 0.0
         # ``keep`` answers drawn uniformly from the whole window (reservoir sampling): the
         # first ones alone would miss what goes wrong under sustained load.
         self.kept: list[tuple[int, bytes]] = []
@@ -263,6 +274,14 @@ class _Recorder:
         elif self._keep and (slot := self._draw.randrange(self._answered)) < self._keep:
             self.kept[slot] = (index, response.SerializeToString())
 
+    def sent(self, scheduled: float) -> None:
+        """An open-loop request going out now, ``scheduled`` being when it was due."""
+        late = time.perf_counter() - scheduled
+        self.sends += 1
+        if late > _LATE_S:
+            self.late_sends += 1
+            self.latest_send_s = max(self.latest_send_s, late)
+
     def error(self, scheduled: float, code: str) -> None:
         bucket = self._bucket(scheduled)
         if bucket is None:
@@ -293,6 +312,7 @@ class _Recorder:
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
             "answered_s": self.last_answer - self.measure_from,
+            "sends": (self.sends, self.late_sends, self.latest_send_s),
         }
 
 
@@ -443,11 +463,19 @@ class _Driver:
                 return
             yield at
 
+    def _window_closed(self) -> bool:
+        """Open loop: too late to send what is still scheduled (the generator fell behind)."""
+        return time.perf_counter() >= self.end + _SEND_SLACK_S
+
     async def _open_loop_unary(self) -> None:
         tasks = set()
         try:
             for at in self._schedule():
                 await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                if self._window_closed():
+                    self.recorder.error(at, _NOT_SENT)
+                    continue
+                self.recorder.sent(at)
                 task = asyncio.ensure_future(self._unary(at))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -495,6 +523,10 @@ class _Driver:
                             break
                         await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
                         at = schedule.take()
+                        if self._window_closed():
+                            self.recorder.error(at, _NOT_SENT)
+                            continue
+                        self.recorder.sent(at)
                     i, request = self._next_request()
                     in_flight.append((i, at))
                     await call.write(request)
@@ -573,6 +605,11 @@ class Report:
     # Seconds from the measured window's start to its last request's answer: past the
     # window when the server fell behind (an open loop keeps sending at its rate).
     answered_s: float = 0.0
+    # Open loop: requests sent, how many went out more than 10 ms after their scheduled
+    # start (the load generator could not keep its schedule), and the latest of those.
+    sends: int = 0
+    late_sends: int = 0
+    latest_send_s: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
     error_details: dict[str, str] = field(default_factory=dict)  # code -> the first message it came with
@@ -625,6 +662,9 @@ class Report:
             "interrupted": self.interrupted,
             "measured_s": self.options.duration_s if self.measured_s is None else self.measured_s,
             "answered_s": self.answered_s,
+            "sends": self.sends,
+            "late_sends": self.late_sends,
+            "latest_send_s": self.latest_send_s,
             "worker_failures": self.worker_failures,
             "client_cpu_s": self.client_cpu_s,
             "client_cores_busy": self.client_cpu_s / self.window_s if self.window_s else 0.0,
@@ -640,8 +680,17 @@ class Report:
         lines.append(f"{'requests':>10} {'errors':>8} {'req/s':>9} {'images/s':>9}")
         lines.append(f"{self.requests:>10,} {sum(self.errors.values()):>8,} {s['requests_per_s']:>9.1f} "
                      f"{s['images_per_s']:>9.1f}")  # fmt: skip
-        if self.behind_s > max(0.5, 0.05 * s["measured_s"]):
-            lines.append(f"the answers ran {self.behind_s:.1f} s past the {s['measured_s']:g} s window: the server "
+        generator_behind = self.late_sends > 0.01 * self.sends or _NOT_SENT in self.errors
+        if generator_behind:
+            lines.append(f"the load generator could not keep its schedule: {self.late_sends:,} of {self.sends:,} "
+                         f"requests went out more than {_LATE_S * 1000:g} ms late (up to {self.latest_send_s:.2f} s; "
+                         "latencies count from the schedule, so they include that wait)")  # fmt: skip
+            if _NOT_SENT in self.errors:
+                lines.append(f"{self.errors[_NOT_SENT]:,} scheduled requests were not sent before the window "
+                             f"closed (errors {_NOT_SENT}): lower --rate, or more --processes")  # fmt: skip
+        if self.requests and self.behind_s > max(0.5, 0.05 * s["measured_s"]):
+            who = "the load generator or the server" if generator_behind else "the server"
+            lines.append(f"the answers ran {self.behind_s:.1f} s past the {s['measured_s']:g} s window: {who} "
                          "fell behind (req/s counts the time until the last answer)")  # fmt: skip
         latency = s["latency_ms"]
         if latency:
@@ -740,7 +789,9 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
                   latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
                   window_s=max(r["window_s"] for r in results), measured_s=measured_s,
-                  answered_s=max(r["answered_s"] for r in results), error_details=details)  # fmt: skip
+                  answered_s=max(r["answered_s"] for r in results), error_details=details,
+                  sends=sum(r["sends"][0] for r in results), late_sends=sum(r["sends"][1] for r in results),
+                  latest_send_s=max(r["sends"][2] for r in results))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification

@@ -595,6 +595,46 @@ def test_an_open_loop_the_server_cannot_keep_up_with_reports_what_was_served():
     assert "the server fell behind" in report.table() and report.summary()["answered_s"] > 3.0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_an_open_loop_faster_than_the_load_generator_ends_with_its_window(stream):
+    """An open loop at a rate the generator cannot send (50,000 requests/s from one Python
+    process): it went on sending every scheduled request, late, for as long as that took (a
+    2 s run at 20,000/s lasted 20 s) and blamed the server. Now what is not sent when the
+    window closes counts as NOT_SENT, the run ends within its window plus the deadline, and
+    the table says the generator fell behind."""
+    answer = _response(WORKLOAD, 0).SerializeToString()
+
+    def assign_stream(requests, context):
+        for _ in requests:
+            yield answer
+
+    with fake_assigner(lambda raw, context: answer, assign_stream) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=Workload(canvas=(256, 320), images=2, variants=1),
+                                     duration_s=1.0, warmup_s=0.0, concurrency=2, rate=50_000.0, timeout_s=2.0,
+                                     stream=stream))  # fmt: skip
+    assert report.errors.get("NOT_SENT", 0) > 10_000 and not report.ok
+    assert report.window_s < 1.0 + 2.0 + 1.0
+    assert report.sends + report.errors["NOT_SENT"] >= 49_500  # every scheduled request is accounted for
+    table = report.table()
+    assert "the load generator could not keep its schedule" in table and "were not sent before the window" in table
+    assert ": the server fell behind" not in table
+
+
+def test_an_endpoint_that_never_answers_is_not_said_to_fall_behind():
+    """Every request timed out: the table said the server "fell behind" its answers, of
+    which there were none; the deadline errors say what happened."""
+
+    def silent(raw: bytes, context) -> bytes:
+        time.sleep(2.0)
+        return b""
+
+    with fake_assigner(silent, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.0, warmup_s=0.0,
+                                     concurrency=2, rate=20.0, timeout_s=1.0))  # fmt: skip
+    assert report.requests == 0 and report.errors.get("DEADLINE_EXCEEDED", 0) >= 18
+    assert "fell behind" not in report.table() and "DEADLINE_EXCEEDED" in report.table()
+
+
 def test_a_run_in_which_nothing_was_measured_says_why():
     """A request longer than the whole run: begun in the warm-up, answered after the
     window; the table read 0 requests, 0 errors and the run failed with no reason given."""
