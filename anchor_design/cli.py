@@ -26,7 +26,6 @@ __all__ = ["add_parser", "main", "run"]
 # its anchors (autoanchor) on 640 letterboxed images; ssd/d2l stretch to the canvas their
 # fixed feature maps were made for.
 _MIN_SIZE, _MAX_SIZE, _SIZE_DIVISIBLE = 800, 1333, 32
-_YOLO_LETTERBOX = (640, 640)
 _FIXED_LAYOUTS = ("ssd", "d2l")
 
 _INT64_MAX = 2**63 - 1
@@ -81,8 +80,8 @@ def _add_dataset_flags(parser: argparse.ArgumentParser, required: bool = True) -
     sizing = parser.add_argument_group(
         "resizing (boxes are measured in the model's pixels)",
         f"Without a flag, by the configs' anchor layout: ssd/d2l stretch to the canvas of their fixed feature "
-        f"maps (--canvas 300 300 for ssd300_torchvision), yolo letterboxes (--letterbox {_YOLO_LETTERBOX[0]} "
-        f"{_YOLO_LETTERBOX[1]}, as YOLOv5 autoanchor), the others resize as the FPN frameworks "
+        f"maps (--canvas 300 300 for ssd300_torchvision), yolo letterboxes (--letterbox 640 640, "
+        f"as YOLOv5 autoanchor), the others resize as the FPN frameworks "
         f"(--min-size {_MIN_SIZE} --max-size {_MAX_SIZE}).",
     )
     resize = sizing.add_mutually_exclusive_group()
@@ -191,13 +190,6 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
     return out
 
 
-def _fixed_canvas(config) -> tuple[int, int]:
-    """The canvas an ssd/d2l config's fixed feature maps were made for: the largest whose
-    ceil(canvas / stride) is every level's feature map (300 x 300 for SSD300)."""
-    levels = config.anchors.levels
-    return (min(lv.feature_size[0] * lv.stride for lv in levels), min(lv.feature_size[1] * lv.stride for lv in levels))
-
-
 def _feature_maps_fit(config, canvas: tuple[int, int]) -> bool:
     return all(
         (-(-canvas[0] // lv.stride), -(-canvas[1] // lv.stride)) == tuple(lv.feature_size)
@@ -207,13 +199,16 @@ def _feature_maps_fit(config, canvas: tuple[int, int]) -> bool:
 
 def _layout_resize(config):
     """The resize a config's layout implies when no resize flag is given."""
+    from tritarget.kernels.anchors import fixed_canvas
+    from tritarget.kernels.workload import YOLO_CANVAS
+
     from .dataset import Resize
 
     layout = config.anchors.layout
     if layout in _FIXED_LAYOUTS:
-        return Resize(mode="fixed", canvas=_fixed_canvas(config))
+        return Resize(mode="fixed", canvas=fixed_canvas(config.anchors))
     if layout == "yolo":
-        return Resize(mode="letterbox", canvas=_YOLO_LETTERBOX)
+        return Resize(mode="letterbox", canvas=YOLO_CANVAS)
     return Resize(mode="min_max", min_size=_MIN_SIZE, max_size=_MAX_SIZE, size_divisible=_SIZE_DIVISIBLE)
 
 
@@ -272,11 +267,13 @@ def _resize_for(args: argparse.Namespace, configs):
 
 def _check_layouts(configs, resize) -> None:
     """ssd/d2l anchors are fractions of a canvas their feature maps were made for: refuse others."""
+    from tritarget.kernels.anchors import fixed_canvas
+
     for name, config in configs:
         layout = config.anchors.layout
         if layout not in _FIXED_LAYOUTS:
             continue
-        expected = _fixed_canvas(config)
+        expected = fixed_canvas(config.anchors)
         maps = ", ".join(f"{lv.feature_size[0]}x{lv.feature_size[1]} at stride {lv.stride}"
                          for lv in config.anchors.levels)  # fmt: skip
         if not _feature_maps_fit(config, expected):

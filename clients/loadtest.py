@@ -65,7 +65,7 @@ import torch
 from hdrh.histogram import HdrHistogram
 
 from tritarget.kernels import Targets, assign, presets
-from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+from tritarget.kernels.workload import coco_like_batch, default_canvas
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.output import write_atomically
 
@@ -115,7 +115,7 @@ class Workload:
     """What every request carries; request ``i`` of the cycle is built from seed ``seed + i``."""
 
     preset: str = "retinanet_torchvision"
-    canvas: tuple[int, int] = COCO_CANVAS
+    canvas: tuple[int, int] | None = None  # None: the preset's own (``default_canvas``)
     images: int = 8  # per request
     boxes: int | None = None  # per image; None: COCO-like (log-normal, mean ~7)
     format: str = "sparse"
@@ -124,7 +124,9 @@ class Workload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        presets.get(self.preset)  # KeyError naming the known presets
+        config = presets.get(self.preset)  # KeyError naming the known presets
+        if self.canvas is None:
+            object.__setattr__(self, "canvas", default_canvas(config))
         if len(self.canvas) != 2 or min(self.canvas) < 1:
             raise ValueError(f"canvas: must be (H, W), both >= 1, got {self.canvas}")
         if self.images < 1 or self.variants < 1:

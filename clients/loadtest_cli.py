@@ -64,7 +64,9 @@ def add_parser(commands) -> None:
                         help="closed-loop --stream only: requests in flight per stream (default 1)")  # fmt: skip
     parser.add_argument("--processes", type=integer(1), default=1, help="client processes (default 1)")
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    parser.add_argument("--canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"))
+    parser.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"),
+                        help="canvas size (default: the preset's: 800 1344; SSD300 300 300, d2l 256 256, "
+                             "yolov5 640 640)")  # fmt: skip
     parser.add_argument("--images", type=integer(1), default=8, help="images per request (default 8)")
     parser.add_argument("--boxes", type=_boxes, default=None, metavar="coco|G",
                         help="boxes per image: COCO-like (default) or a fixed number")  # fmt: skip
@@ -115,8 +117,9 @@ def _loadtest(args: argparse.Namespace) -> int:
     try:
         options = LoadTestOptions(
             targets=tuple(args.target),
-            workload=Workload(preset=args.preset, canvas=tuple(args.canvas), images=args.images, boxes=args.boxes,
-                              format=args.format, fp16=args.fp16, variants=args.variants, seed=args.seed),
+            workload=Workload(preset=args.preset, canvas=tuple(args.canvas) if args.canvas else None,
+                              images=args.images, boxes=args.boxes, format=args.format, fp16=args.fp16,
+                              variants=args.variants, seed=args.seed),
             duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate,
             stream=args.stream, window=args.window or 1, processes=args.processes, timeout_s=args.timeout,
             token=args.token or os.environ.get("TRITARGET_TOKEN") or None,

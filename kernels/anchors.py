@@ -34,6 +34,7 @@ __all__ = [
     "GridLevel",
     "check_canvas",
     "feature_map_size",
+    "fixed_canvas",
     "resolve_grid",
     "generate_anchors",
     "level_slices",
@@ -122,6 +123,16 @@ def feature_map_size(canvas: tuple[int, int], level: AnchorLevel) -> tuple[int, 
 
 def _float32(values: list[list[float]]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64).to(torch.float32).reshape(-1, 4)
+
+
+def fixed_canvas(config: AnchorConfig) -> tuple[int, int]:
+    """The canvas fixed feature maps were made for (every level's ``feature_size`` given,
+    as SSD's and d2l's): the largest whose ``ceil(canvas / stride)`` is every level's
+    feature map (300 x 300 for SSD300)."""
+    levels = config.levels
+    if any(lv.feature_size is None for lv in levels):
+        raise ValueError("fixed_canvas: every level needs a feature_size")
+    return (min(lv.feature_size[0] * lv.stride for lv in levels), min(lv.feature_size[1] * lv.stride for lv in levels))
 
 
 def _torchvision_cells(level: AnchorLevel) -> torch.Tensor:

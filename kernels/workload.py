@@ -16,9 +16,24 @@ import math
 
 import torch
 
-__all__ = ["COCO_CANVAS", "coco_like_counts", "coco_like_boxes", "coco_like_batch"]
+from .anchors import fixed_canvas
+from .config import TargetConfig
+
+__all__ = ["COCO_CANVAS", "YOLO_CANVAS", "default_canvas", "coco_like_counts", "coco_like_boxes", "coco_like_batch"]
 
 COCO_CANVAS = (800, 1344)
+YOLO_CANVAS = (640, 640)  # YOLOv5 trains, and fits its anchors (autoanchor), on 640 x 640 letterboxes
+
+
+def default_canvas(config: TargetConfig) -> tuple[int, int]:
+    """The canvas a model with ``config`` trains on unless told otherwise: that of its
+    fixed feature maps (SSD300: 300 x 300, d2l: 256 x 256), YOLOv5's 640 x 640, or COCO's
+    800 x 1344 (the FPN detectors' shortest side 800, longest 1333, padded to 32)."""
+    if all(level.feature_size is not None for level in config.anchors.levels):
+        return fixed_canvas(config.anchors)
+    return YOLO_CANVAS if config.anchors.layout == "yolo" else COCO_CANVAS
+
+
 _MAX_BOXES = 100
 
 

@@ -51,12 +51,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from tritarget.kernels import assign, presets, resolve_grid
     from tritarget.kernels.api import resolve_backend
-    from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+    from tritarget.kernels.workload import coco_like_batch, default_canvas
 
     from .codec import Limits
 
     config = presets.get(args.preset)
-    canvas = tuple(args.canvas) if args.canvas else COCO_CANVAS
+    canvas = tuple(args.canvas) if args.canvas else default_canvas(config)
     num_anchors = resolve_grid(config.anchors, canvas).num_anchors
     limit = Limits().max_anchor_rows  # the service's bound on one request: 20000 x 20000 took minutes and 9 GB
     if args.batch * num_anchors > limit:
@@ -353,10 +353,12 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
     """One COCO-like batch through ``TargetClient``; prints what came back per image."""
     from tritarget.clients import TargetClient
     from tritarget.clients.wire import build_request, decode_response
-    from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+    from tritarget.kernels import presets
+    from tritarget.kernels.workload import coco_like_batch, default_canvas
 
-    boxes, counts, classes = coco_like_batch(batch, seed=seed)
-    request = build_request(boxes, counts, COCO_CANVAS, preset=preset, gt_classes=classes, format="sparse")
+    canvas = default_canvas(presets.get(preset))
+    boxes, counts, classes = coco_like_batch(batch, seed=seed, canvas=canvas)
+    request = build_request(boxes, counts, canvas, preset=preset, gt_classes=classes, format="sparse")
     with TargetClient(target, token=token, root_certificates=root_certificates, timeout=timeout) as client:
         start = time.perf_counter()
         response = client.assign_raw(request)
@@ -364,7 +366,7 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
     targets = decode_response(response, request)
     dense_bytes = targets.num_anchors * batch * (1 + 4 + 16 + 4)
     print(f"demo request to {target}: {batch} COCO-like images ({sum(counts)} boxes), preset {preset}, "
-          f"{targets.num_anchors:,} anchors per image")  # fmt: skip
+          f"{targets.num_anchors:,} anchors per image on a {canvas[0]}x{canvas[1]} canvas")  # fmt: skip
     print(f"{'image':>5} {'boxes':>5} {'positive':>9} {'negative':>9} {'ignored':>9}")
     for i, (count, row) in enumerate(zip(counts, targets.summary())):
         print(f"{i:>5} {count:>5} {row['positive']:>9,} {row['negative']:>9,} {row['ignored']:>9,}")
@@ -523,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.add_argument("--batch", type=integer(1), default=4, help="images in the batch (default 4)")
-    demo.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"), help="canvas size (default 800 1344)")
+    demo.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"),
+                      help="canvas size (default: the preset's: 800 1344; SSD300 300 300, d2l 256 256, "
+                           "yolov5 640 640)")  # fmt: skip
     demo.add_argument("--seed", type=batch_seed, default=0)
     demo.set_defaults(handler=_demo)
 

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_prints_a_summary():
     result = subprocess.run(
@@ -42,3 +44,31 @@ def test_demo_refuses_a_batch_over_a_requests_bound_at_once(capsys):
         "tritarget demo: 4 images x 74,931,687 anchors is over 33,554,432 (a request's bound in the service); "
         "use a smaller --batch or --canvas"
     )
+
+
+@pytest.mark.parametrize(
+    ("preset", "canvas", "anchors"),
+    [("ssd300_torchvision", (300, 300), 8_732), ("d2l_multibox", (256, 256), 5_444), ("yolov5", (640, 640), 25_200),
+     ("retinanet_mmdet", (800, 1344), 201_600)],
+)  # fmt: skip
+def test_demo_and_load_tests_use_the_canvas_a_preset_trains_on(preset, canvas, anchors, capsys):
+    """SSD300's default boxes were stretched over 800 x 1344 (a canvas SSD never sees, its
+    feature maps made for 300 x 300) and YOLOv5 ran on it instead of its 640 x 640."""
+    from tritarget.clients.loadtest import Workload
+    from tritarget.kernels import presets
+    from tritarget.kernels.workload import default_canvas
+    from tritarget.service.cli import main
+
+    assert default_canvas(presets.get(preset)) == canvas
+    assert Workload(preset=preset).canvas == canvas
+    assert main(["demo", "--preset", preset, "--batch", "1", "--backend", "cpu"]) == 0
+    assert f"{anchors:,} anchors on a {canvas[0]}x{canvas[1]} canvas" in capsys.readouterr().out
+
+
+def test_a_fixed_canvas_needs_every_levels_feature_map():
+    from tritarget.kernels import AnchorConfig, AnchorLevel
+    from tritarget.kernels.anchors import fixed_canvas
+
+    config = AnchorConfig(layout="torchvision", levels=(AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,)),))
+    with pytest.raises(ValueError, match="every level needs a feature_size"):
+        fixed_canvas(config)
