@@ -17,9 +17,10 @@
 * Streams survive a replica dying: the requests a stream sent and got no answer for
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
-  the request). A request waits for its call's first answer at most ``try_timeout``
-  (then the stream moves to the next endpoint), else the client's timeout (then it
-  ends DEADLINE_EXCEEDED): a server that hangs does not hold a stream for good.
+  the request). A stream's call may leave its requests without an answer at most
+  ``try_timeout``, else the client's timeout (then the stream moves to the next endpoint
+  with what is unanswered, or ends DEADLINE_EXCEEDED where there is none): a server that
+  hangs, at once or after answering for a while, does not hold a stream for good.
 * ``connections``: connections per address (default 1). A server's front-end processes
   sharing a port (``tritarget serve --workers N``) are handed connections, not calls:
   one process that sends many requests to such a server reaches all of them only over
@@ -500,17 +501,21 @@ class _Base:
 
     def _watchdog(self, attempt: int, deadline: float | None, reconnect: float | None, unanswered: _Unanswered,
                   cancel, schedule) -> _Watchdog | None:  # fmt: skip
-        """The watchdog of a stream's call: its first answer must come within ``try_timeout``,
-        else the client's timeout (after a break, that of the search for a server), and
-        before the stream's deadline. None where there is no bound at all."""
+        """The watchdog of a stream's call: a request waiting for it must get an answer
+        within ``try_timeout``, else the client's timeout (after a break, that of the search
+        for a server), and before the stream's deadline. None where there is no bound at all."""
         limit = self._try_limit(_earlier(deadline, reconnect if attempt else self._deadline(None)))
         return None if limit is None else _Watchdog(limit, unanswered, cancel, schedule, takeover=attempt > 0)
 
     def _silent(self, index: int, watchdog: _Watchdog) -> _Failure:
-        after = " of taking over from the server that went away" if watchdog.takeover else ""
-        return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, silent=True,
-                        details=f"{self._endpoints[index]} answered none of the stream's requests within "
-                                f"{watchdog.seconds:.1f} s{after}")  # fmt: skip
+        if watchdog.answers:
+            details = (f"{self._endpoints[index]} answered {watchdog.answers} of the stream's requests, then "
+                       f"none for {watchdog.seconds:.1f} s")  # fmt: skip
+        else:
+            after = " of taking over from the server that went away" if watchdog.takeover else ""
+            details = (f"{self._endpoints[index]} answered none of the stream's requests within "
+                       f"{watchdog.seconds:.1f} s{after}")  # fmt: skip
+        return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, silent=True, details=details)
 
     def _try_limit(self, deadline: float | None) -> float | None:
         """Seconds one try may take: what is left of the call, at most ``try_timeout``."""
@@ -835,11 +840,13 @@ class _Unanswered:
 
 
 class _Watchdog:
-    """Cancels a stream's call (``fired``) once a request has waited ``seconds`` for the
-    call's first answer (counted from the later of its sending and the call's opening): a
-    server that accepts connections and hangs would otherwise hold the stream for ever,
-    whatever the client's timeout. A slow source or a request sent late is given its own
-    ``seconds``. ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
+    """Cancels a stream's call (``fired``) once a request has waited ``seconds`` with no
+    answer from the call (counted from the latest of its sending, the call's opening and
+    the call's last answer): a server that accepts connections and hangs, at once or after
+    answering for a while, would otherwise hold the stream for ever, whatever the client's
+    timeout. A slow source or a request sent late is given its own ``seconds``; a slow
+    server that answers is not cut off. ``schedule(seconds, callback)`` returns a handle
+    with ``cancel()``."""
 
     def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule, *, takeover: bool) -> None:
         self.seconds = seconds
@@ -847,6 +854,8 @@ class _Watchdog:
         self.fired = False
         self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
         self._opened = time.monotonic()
+        self.answers = 0
+        self._last_answer = self._opened
         self._looking = threading.Lock()  # a look (a timer's thread) and stop() (the stream's), one at a time
         self._handle = schedule(seconds, self._check)
 
@@ -855,15 +864,20 @@ class _Watchdog:
             if self._handle is None:  # answered meanwhile
                 return
             oldest = self._unanswered.oldest_sent()
-            waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened)
+            waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened, self._last_answer)
             if oldest is not None and waited >= self.seconds:
                 self.fired = True
                 self._cancel()
             else:
                 self._handle = self._schedule(self.seconds - waited, self._check)
 
+    def answered(self) -> None:
+        """The call answered a request: the silence starts again."""
+        self.answers += 1
+        self._last_answer = time.monotonic()
+
     def stop(self) -> None:
-        """The call answered (or ended): no more looks."""
+        """The call ended: no more looks."""
         with self._looking:
             handle, self._handle = self._handle, None
         if handle is not None:
@@ -988,8 +1002,9 @@ class TargetClient(_Base):
         The server works on several items at once; a failed item raises
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
         ``timeout`` bounds the whole stream when given; by default a stream has no deadline
-        (it may last an epoch), and after a break the client's timeout bounds the search for
-        a server and the new server's first answer. An exception raised while reading
+        (it may last an epoch); the client's timeout (``try_timeout`` where given) bounds
+        how long the call may leave its requests without an answer, and after a break the
+        search for a server. An exception raised while reading
         ``requests`` (an item that makes no request, or the iterable itself failing) ends the
         stream: the requests before it are answered, then it is raised. When the stream's
         server becomes UNAVAILABLE (killed, draining), the unanswered requests are sent
@@ -1018,7 +1033,7 @@ class TargetClient(_Base):
                 for response in call:
                     attempt = 0  # progress: a later failure starts its backoff afresh
                     if watchdog is not None:
-                        watchdog.stop()
+                        watchdog.answered()
                     yield self._streamed(unanswered, response, densify, return_exceptions)
                 self._ended(unanswered)
                 return
@@ -1172,7 +1187,7 @@ class AsyncTargetClient(_Base):
                     async for response in call:
                         attempt = 0
                         if watchdog is not None:
-                            watchdog.stop()
+                            watchdog.answered()
                         yield self._streamed(unanswered, response, densify, return_exceptions)
                     self._ended(unanswered)
                     return

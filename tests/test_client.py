@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import pickle
 import re
@@ -932,3 +933,89 @@ def test_a_service_error_takes_its_codes_name():
                                                        "NOT_FOUND: unknown preset")  # fmt: skip
     with pytest.raises(ValueError, match="code: expected a grpc.StatusCode or its name, got 'NOPE'"):
         TargetServiceError("NOPE", "x")
+
+
+@contextlib.contextmanager
+def _server_that_hangs_after_one_batch():
+    """A real server whose compute worker stops coming back after its first batch (a
+    deadlocked worker): connections and calls are still taken."""
+    gate = threading.Event()
+    with ServerThread() as srv:
+        batcher = srv.server.batcher
+        assign_batch, batches = batcher._assign, itertools.count()
+
+        def assign_then_hang(jobs):
+            if next(batches):
+                gate.wait()
+            return assign_batch(jobs)
+
+        batcher._assign = assign_then_hang
+        try:
+            yield srv
+        finally:
+            gate.set()
+
+
+def _one_then_more(answered: threading.Event, more: int):
+    """A stream's source: one request, then (once that is answered) ``more``."""
+    yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": "first"}
+    answered.wait(10)
+    for i in range(more):
+        yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"later-{i}"}
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_stream_whose_server_hangs_after_answering_moves_on_within_try_timeout(client_class):
+    """The watchdog watched a call only until its first answer: a server that answered and
+    then hung (its compute worker deadlocked) held the stream for good, whatever the
+    timeouts. Now the requests it holds go to the next endpoint after try_timeout of silence."""
+    answered = threading.Event()
+    outcome: dict = {}
+    with _server_that_hangs_after_one_batch() as hanging, ServerThread() as good:
+        client = client_class([hanging.address, good.address], timeout=5, try_timeout=0.5)
+
+        def consume() -> None:
+            ids = []
+            if client_class is TargetClient:
+                for targets in client.stream(_one_then_more(answered, 3), preset="retinanet_torchvision",
+                                             canvas=CANVAS):  # fmt: skip
+                    ids.append(targets)
+                    answered.set()
+            else:
+
+                async def run() -> None:
+                    first = asyncio.Event()
+
+                    async def source():  # the same, without blocking the event loop
+                        yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": "first"}
+                        await first.wait()
+                        for i in range(3):
+                            yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"later-{i}"}
+
+                    async for targets in client.stream(source(), preset="retinanet_torchvision", canvas=CANVAS):
+                        ids.append(targets)
+                        first.set()
+
+                asyncio.run(run())
+            outcome["answers"], outcome["resent"] = len(ids), client.stats.resent
+
+        start = time.monotonic()
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        thread.join(15)
+        assert not thread.is_alive(), "the stream still waits on the server that hung"
+    assert outcome == {"answers": 4, "resent": 3}
+    assert time.monotonic() - start < 8
+
+
+def test_a_stream_whose_only_server_hangs_after_answering_ends_deadline_exceeded():
+    answered = threading.Event()
+    with _server_that_hangs_after_one_batch() as hanging, TargetClient(hanging.address, timeout=1.0) as client:
+        answers, start = 0, time.monotonic()
+        with pytest.raises(TargetServiceError) as info:
+            for _ in client.stream(_one_then_more(answered, 3), preset="retinanet_torchvision", canvas=CANVAS):
+                answers += 1
+                answered.set()
+        assert time.monotonic() - start < 6
+    assert answers == 1 and info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"{hanging.address} answered 1 of the stream's requests, then none for 1.0 s" in info.value.details
