@@ -845,8 +845,10 @@ class _Watchdog:
     the call's last answer): a server that accepts connections and hangs, at once or after
     answering for a while, would otherwise hold the stream for ever, whatever the client's
     timeout. A slow source or a request sent late is given its own ``seconds``; a slow
-    server that answers is not cut off. ``schedule(seconds, callback)`` returns a handle
-    with ``cancel()``."""
+    server that answers is not cut off. Only a call being read is watched: while the
+    caller holds an answer (a training loop saving a checkpoint) the server's later
+    answers wait unread, so from ``answered()`` until ``reading()`` the clock rests.
+    ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
 
     def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule, *, takeover: bool) -> None:
         self.seconds = seconds
@@ -855,26 +857,31 @@ class _Watchdog:
         self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
         self._opened = time.monotonic()
         self.answers = 0
-        self._last_answer = self._opened
+        self._reading_since: float | None = self._opened  # None: the caller holds an answer
         self._looking = threading.Lock()  # a look (a timer's thread) and stop() (the stream's), one at a time
         self._handle = schedule(seconds, self._check)
 
     def _check(self) -> None:
         with self._looking:
-            if self._handle is None:  # answered meanwhile
+            if self._handle is None:  # stopped meanwhile
                 return
-            oldest = self._unanswered.oldest_sent()
-            waited = 0.0 if oldest is None else time.monotonic() - max(oldest, self._opened, self._last_answer)
-            if oldest is not None and waited >= self.seconds:
+            oldest, since = self._unanswered.oldest_sent(), self._reading_since
+            waited = 0.0 if oldest is None or since is None else time.monotonic() - max(oldest, since)
+            if waited >= self.seconds:
                 self.fired = True
                 self._cancel()
             else:
                 self._handle = self._schedule(self.seconds - waited, self._check)
 
     def answered(self) -> None:
-        """The call answered a request: the silence starts again."""
+        """The call answered a request, now handed to the caller: no look counts until
+        ``reading()``."""
         self.answers += 1
-        self._last_answer = time.monotonic()
+        self._reading_since = None
+
+    def reading(self) -> None:
+        """The caller is back for the next answer: the silence counts from now."""
+        self._reading_since = time.monotonic()
 
     def stop(self) -> None:
         """The call ended: no more looks."""
@@ -1035,6 +1042,8 @@ class TargetClient(_Base):
                     if watchdog is not None:
                         watchdog.answered()
                     yield self._streamed(unanswered, response, densify, return_exceptions)
+                    if watchdog is not None:
+                        watchdog.reading()
                 self._ended(unanswered)
                 return
             except grpc.RpcError as failure:
@@ -1189,6 +1198,8 @@ class AsyncTargetClient(_Base):
                         if watchdog is not None:
                             watchdog.answered()
                         yield self._streamed(unanswered, response, densify, return_exceptions)
+                        if watchdog is not None:
+                            watchdog.reading()
                     self._ended(unanswered)
                     return
                 except (grpc.RpcError, asyncio.CancelledError) as error:

@@ -1019,3 +1019,31 @@ def test_a_stream_whose_only_server_hangs_after_answering_ends_deadline_exceeded
         assert time.monotonic() - start < 6
     assert answers == 1 and info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert f"{hanging.address} answered 1 of the stream's requests, then none for 1.0 s" in info.value.details
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_caller_that_holds_an_answer_longer_than_the_timeout_keeps_its_stream(client_class):
+    """The watchdog watches a server that leaves requests unanswered while the stream is
+    read, not a training loop that pauses (a checkpoint): the answers meanwhile wait
+    unread, and the stream goes on, cut off by nothing."""
+    items = [{"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"r{i}"} for i in range(4)]
+    with ServerThread() as srv:
+        if client_class is TargetClient:
+            with TargetClient(srv.address, timeout=0.5) as client:
+                answers = []
+                for targets in client.stream(items, preset="retinanet_torchvision", canvas=CANVAS):
+                    answers.append(targets)
+                    time.sleep(1.2)
+                resent = client.stats.resent
+        else:
+
+            async def run():
+                async with AsyncTargetClient(srv.address, timeout=0.5) as client:
+                    answers = []
+                    async for targets in client.stream(items, preset="retinanet_torchvision", canvas=CANVAS):
+                        answers.append(targets)
+                        await asyncio.sleep(1.2)
+                    return answers, client.stats.resent
+
+            answers, resent = asyncio.run(run())
+    assert len(answers) == 4 and resent == 0
