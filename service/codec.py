@@ -45,6 +45,7 @@ _INT32_MAX = 2**31 - 1
 # A TargetConfig nests four levels (config, anchors, levels, a level's sizes); deeper JSON
 # is refused by name rather than left to the parser's or the config code's recursion.
 _JSON_DEPTH = 32
+_NAME_CHARS = 64  # of an unknown preset's name, quoted back
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,14 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
             config = presets.get(preset)
         except KeyError:
             raise NotFound(
-                f"config.preset: unknown preset {preset!r}; known presets: {', '.join(presets.names())}"
+                f"config.preset: unknown preset {_clipped(preset)}; known presets: {', '.join(presets.names())}"
             ) from None
     elif config_json:
         data = _json("config.config_json", config_json)
         try:
             config = TargetConfig.from_dict(data)
         except (ValueError, TypeError) as exc:
-            raise invalid_from_exception(exc, prefix="config.config_json.") from None
+            raise _config_error(exc, "config.config_json") from None
     else:
         raise _invalid("config", "set either preset or config_json")
     if overrides:
@@ -139,8 +140,47 @@ def _config_from(preset: str, config_json: str, overrides: tuple[tuple[str, str]
         try:
             config = config.replace(**values)
         except (ValueError, TypeError) as exc:
-            raise invalid_from_exception(exc, prefix="config.overrides.") from None
+            raise _override_error(config, values, exc) from None
     return config
+
+
+def _clipped(name: str) -> str:
+    """A caller's name quoted back: its start, and how much more there was."""
+    more = len(name) - _NAME_CHARS
+    return f"{name[:_NAME_CHARS]!r}" + (f" ({more} more characters)" if more > 0 else "")
+
+
+# The config classes name themselves in their messages ("MatchConfig.high: ..."); a caller
+# wrote the path in its JSON or its override key ("match.high").
+_CONFIG_PATHS = {"TargetConfig": "", "AnchorConfig": "anchors", "MatchConfig": "match", "EncodeConfig": "encode"}
+
+
+def _config_path(text: str) -> tuple[str, str]:
+    """(path in the caller's config, description) of a config class's message; an empty
+    path where it names no field of the config."""
+    name, sep, description = text.partition(": ")
+    head, _, rest = name.partition(".")
+    if not sep or " " in name or head not in _CONFIG_PATHS:
+        return "", text
+    return ".".join(part for part in (_CONFIG_PATHS[head], rest) if part), description
+
+
+def _config_error(exc: Exception, field: str) -> InvalidInput:
+    path, description = _config_path(str(exc))
+    return _invalid(f"{field}.{path}" if path else field, description)
+
+
+def _override_error(config: TargetConfig, values: dict[str, Any], exc: Exception) -> InvalidInput:
+    """The refusal of ``values`` as overrides of ``config``, named by the first key refused
+    on its own (the caller's key, not the config class's field); by none where only the
+    keys together are refused."""
+    for key, value in values.items():
+        try:
+            config.replace(**{key: value})
+        except (ValueError, TypeError) as alone:
+            path, description = _config_path(str(alone))
+            return _invalid(f"config.overrides[{key}]", f"{path}: {description}" if path else description)
+    return _config_error(exc, "config.overrides")
 
 
 def _json(field: str, text: str) -> Any:
@@ -174,12 +214,12 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 def resolve_config(ref: pb.ConfigRef, limits: Limits) -> TargetConfig:
     """The ``TargetConfig`` a request names (cached: data loaders repeat theirs)."""
     overrides = ref.overrides
-    size = len(ref.config_json)
+    size = len(ref.config_json) + len(ref.preset)  # a preset's name too: it is hashed, and quoted when unknown
     if overrides:  # most requests have none: walking an empty map still costs microseconds
         size += sum(len(k) + len(v) for k, v in overrides.items())
     if size > limits.max_config_bytes:
         raise ResourceExhausted(
-            f"config: config_json and overrides are {size} characters, over the server's limit of "
+            f"config: preset, config_json and overrides are {size} characters, over the server's limit of "
             f"{limits.max_config_bytes}"
         )
     source = ref.WhichOneof("source")

@@ -95,13 +95,25 @@ def test_invalid_ignore_box_names_field(client):
         ({"gt_classes": torch.tensor([1, 2, 3]), "return_classes": False}, "gt_classes", "expected shape [2]"),
         (
             {"preset": None, "config": {"anchors": {"layout": "nope", "levels": []}}},
-            "config.config_json.AnchorConfig.layout",
+            "config.config_json.anchors.layout",
             "must be one of",
         ),
-        ({"overrides": {"match.high": 1.5}}, "config.overrides.MatchConfig.high", "must be in [0, 1]"),
-        ({"overrides": {"match.nope": 1}}, "config.overrides", "unknown config field 'match.nope'"),
+        (
+            {"preset": None, "config": {"anchors": {"layout": "torchvision", "levels": [{"stride": -8}]}}},
+            "config.config_json.anchors.levels[0].stride",
+            "must be in [1, ",
+        ),
+        # Overrides are named by the caller's key (the config classes' names meant nothing to it).
+        ({"overrides": {"match.high": 1.5}}, "config.overrides[match.high]", "match.high: must be in [0, 1]"),
+        ({"overrides": {"match.low": 0.3, "match.high": 1.5}}, "config.overrides[match.high]", "must be in [0, 1]"),
+        ({"overrides": {"match.nope": 1}}, "config.overrides[match.nope]", "unknown config field 'match.nope'"),
+        (
+            {"overrides": {"anchors.levels": [{"stride": -8}]}},
+            "config.overrides[anchors.levels]",
+            "anchors.levels[0].stride: must be in [1, ",
+        ),
         # Zero in float32: every delta would be NaN or infinite.
-        ({"overrides": {"encode.stds": [1e-46] * 4}}, "config.overrides.EncodeConfig.stds", "values must be in"),
+        ({"overrides": {"encode.stds": [1e-46] * 4}}, "config.overrides[encode.stds]", "values must be in"),
         # Found by the fuzz test: float16 deltas that would be infinite are refused, not sent as inf.
         (
             {"overrides": {"encode.weights": [1e6] * 4}, "delta_dtype": "float16"},
@@ -286,8 +298,22 @@ def test_anchor_rows_up_to_the_limit_are_accepted_and_one_image_more_is_not():
 def test_config_over_its_size_limit_is_resource_exhausted(client):  # D3
     request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
     request.config.config_json = "[" * 100000 + "]" * 100000
-    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, "config: config_json and overrides are 200000 characters",
+    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+           "config: preset, config_json and overrides are 200000 characters",
            call=lambda: client.assign_raw(request))  # fmt: skip
+
+
+def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):
+    """A preset name had no bound below the message size: 200 MB of name was hashed and
+    quoted whole (twice) into the NOT_FOUND message, seconds on the event loop."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.preset = "x" * 100_000
+    _fails(client, grpc.StatusCode.RESOURCE_EXHAUSTED, "config: preset, config_json and overrides are 100000",
+           call=lambda: client.assign_raw(request))  # fmt: skip
+    request.config.preset = "y" * 1000
+    error = _fails(client, grpc.StatusCode.NOT_FOUND, "config.preset: unknown preset 'yyyy",
+                   call=lambda: client.assign_raw(request))  # fmt: skip
+    assert "y" * 65 not in error.details
 
 
 def test_request_over_message_size_is_rejected_by_grpc(client):
