@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from bench_cpu import torchvision_targets
 from bench_service import start_server
-from recording import machine_line, save_figure, write_csv, write_json, write_text
+from recording import machine_line, pyplot, save_figure, write_csv, write_json, write_text
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import Workload
@@ -92,11 +92,9 @@ def _measure(one_pass: Callable[[], int], seconds: float) -> tuple[float, float]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     ways = list(dict.fromkeys(r["way"] for r in rows))
     figure, axis = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(SIZES)

@@ -52,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from recording import cpu_model, save_figure, write_csv, write_json, write_text
+from recording import cpu_model, pyplot, save_figure, write_csv, write_json, write_text
 
 from tritarget.kernels import assign, assign_sparse, cpu, generate_anchors, presets
 from tritarget.kernels.problem import build_problem
@@ -273,12 +273,11 @@ def print_table(summary: list[dict[str, object]]) -> str:
     return table
 
 
-def plot(summary: list[dict[str, object]], info: dict[str, object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(summary: list[dict[str, object]], info: dict[str, object], path: Path) -> bool:
+    """Whether the PNG was written (not without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, (times, ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"torchvision": "o-", "reference": "s--", "cpu": "^-"}
     for batch in sorted({c["batch"] for c in summary}):
@@ -303,6 +302,7 @@ def plot(summary: list[dict[str, object]], info: dict[str, object], path: Path) 
     fig.suptitle(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+    return True
 
 
 def _median_and_best_ms(call: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -569,8 +569,8 @@ def main() -> None:
     payload = {"workload": f"{PRESET}, canvas {COCO_CANVAS}, {anchors.shape[0]} anchors", "machine": info,
                "peak_mib": PEAK_MEANS, "rows": rows, "summary": summary, "table_markdown": table}  # fmt: skip
     write_json(args.out / f"{stem}.json", payload)
-    plot(summary, info, args.out / f"{stem}.png")
-    print(f"wrote {args.out}/{stem}.csv, {stem}.json, {stem}.png")
+    plotted = plot(summary, info, args.out / f"{stem}.png")
+    print(f"wrote {args.out}/{stem}.csv, {stem}.json" + (f", {stem}.png" if plotted else ""))
     if tv is None:
         print("*** no torchvision baseline: torchvision is not installed (pip install -e '.[parity]') ***")
     else:

@@ -61,7 +61,7 @@ if "--smoke" in sys.argv or "--pairs" in sys.argv:  # must precede the first imp
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from recording import cpu_model, save_figure, write_csv, write_json, write_text  # noqa: E402
+from recording import cpu_model, pyplot, save_figure, write_csv, write_json, write_text  # noqa: E402
 
 from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
@@ -455,19 +455,6 @@ def write_tables(results: dict, env: dict, out: Path) -> None:
     write_csv(out / "bench_gpu.csv", [{"device": env["device"], **row} for row in rows], ["device", *columns])
     write_json(out / "bench_gpu.json", {"environment": env, **results})
     write_text(out / "bench_gpu.md", markdown_table(rows, env))
-
-
-def pyplot():
-    """matplotlib.pyplot on a file backend, or None (with a note) when not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
-        return None
-    return plt
 
 
 def plot(rows: list[dict], env: dict, out: Path) -> None:

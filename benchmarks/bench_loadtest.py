@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from bench_service import in_process
 from recording import machine_line, write_csv, write_json
+from serving import start_server
 
-from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
 from tritarget.kernels import assign_sparse
 
@@ -60,20 +58,7 @@ def _run_name(stream: bool, callers: int) -> str:
 
 
 def _serve(backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", backend, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    for line in process.stdout:
-        match = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
-        if match:
-            address = match.group(1)
-            break
-    else:
-        raise RuntimeError("the server did not start")
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # its access log must not block it
-    with TargetClient(address) as client:
-        client.wait_until_ready(timeout=120)
+    process, address, _ = start_server("--backend", backend, *extra)
     return process, address
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_cpu import _median_and_best_ms, machine
-from recording import save_figure, write_csv, write_json, write_text
+from recording import pyplot, save_figure, write_csv, write_json, write_text
 
 from tritarget.kernels import assign, assign_sparse, generate_anchors, presets
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
@@ -77,11 +77,9 @@ def _row(seed: int, config, anchors: torch.Tensor, tv) -> dict:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     figure, axis = plt.subplots(figsize=(8, 4))
     boxes = [r["boxes"] for r in rows]
     for key, label in (("torchvision_ms", "torchvision"), ("dense_ms", "assign (cpu)"),

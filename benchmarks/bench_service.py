@@ -40,19 +40,19 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import serving
 import torch
-from recording import cpu_model, save_figure, write_csv, write_json
+from recording import cpu_model, pyplot, save_figure, write_csv, write_json
 
 from tritarget.clients import AsyncTargetClient, TargetClient
 from tritarget.clients.wire import build_request, decode_response
 from tritarget.kernels import assign, assign_sparse, presets
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+from tritarget.service.arguments import integer
 
 PRESET = "retinanet_torchvision"
 TARGET_SPARSE_RATIO = 50.0
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
                         help="server compute workers, the cores split between them (default 2: on 2 cores, one "
                              "torch thread each beats one worker with two)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each side (default 3)")
-    parser.add_argument("--size-images", type=int, default=64, help="images for the bytes-per-image figures")
+    parser.add_argument("--size-images", type=integer(1), default=64, help="images for the bytes-per-image figures")
     return parser.parse_args()
 
 
@@ -125,25 +125,9 @@ def in_process(items: list[dict], backend: str, function=assign) -> float:
 def start_server(
     backend: str, max_batch_images: int, delay_ms: float, workers: int = 1
 ) -> tuple[subprocess.Popen, str, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
-         "--backend", backend, "--max-batch-images", str(max_batch_images), "--max-queue-delay-ms", str(delay_ms),
-         "--compute-workers", str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    address = metrics = None
-    while address is None or metrics is None:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the server exited before it was ready")
-        if m := re.search(r"serving on (\S+:\d+)", line):
-            address = m.group(1)
-        if m := re.search(r"metrics on (\S+)", line):
-            metrics = m.group(1)
-    while "health is SERVING" not in process.stdout.readline():
-        pass
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # its access log must not block it
-    return process, address, metrics
+    return serving.start_server("--backend", backend, "--max-batch-images", str(max_batch_images),
+                                "--max-queue-delay-ms", str(delay_ms), "--compute-workers", str(workers),
+                                metrics=True)  # fmt: skip
 
 
 def response_bytes(address: str, items: list[dict]) -> dict[str, float]:
@@ -228,13 +212,8 @@ def environment(backend: str, note: str, args: argparse.Namespace) -> dict:
 def write(rows: list[dict], env: dict, sizes: dict, out: Path, prefix: str) -> None:
     write_csv(out / f"{prefix}.csv", rows)
     write_json(out / f"{prefix}.json", {"environment": env, "bytes_per_image": sizes, "rows": rows})
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(sizes)
@@ -298,8 +277,8 @@ def main() -> None:
     batch_images: dict[tuple[str, int], list[float]] = {run: [0.0, 0.0] for run in runs}
     try:
         torch.set_num_threads(1)  # the client side, as in a DataLoader worker
-        sizes = response_bytes(address, workload(args.size_images // args.images_per_request, args.images_per_request,
-                                                 seed=10_000))  # fmt: skip
+        requests = -(-args.size_images // args.images_per_request)  # whole requests, rounded up
+        sizes = response_bytes(address, workload(requests, args.images_per_request, seed=10_000))
         ratio = sizes["dense_float32"] / sizes["sparse_float32"]
         for name, size in sizes.items():
             print(f"bytes per image {name:>15}: {size:>12,.0f}")

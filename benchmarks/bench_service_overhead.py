@@ -22,28 +22,25 @@ per request instead of in a loop.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from recording import machine_line, write_json, write_text
+from serving import start_server
 
-from tritarget.clients import TargetClient
 from tritarget.clients.loadtest import LoadTestOptions, Workload, run
 from tritarget.service.codec import Limits, decode_assign
 
 SIZES = (1, 8, 32)
 
 
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def _metrics(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
     pattern = re.compile(r"(tritarget_(?:request|compute|encode|queue)_seconds_(?:sum|count))"
                          r'(\{method="Assign"\})? (\S+)')  # fmt: skip
     values = {}
@@ -71,33 +68,18 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--out", default="benchmarks/results/service")
     args = parser.parse_args()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port", "0",
-         "--backend", args.backend, "--no-access-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    address = metrics_port = None
-    for line in process.stdout:
-        if match := re.search(r"serving on (127\.0\.0\.1:\d+)", line):
-            address = match.group(1)
-        if match := re.search(r"metrics on http://[^:]+:(\d+)", line):
-            metrics_port = int(match.group(1))
-        if address and metrics_port:
-            break
-    threading.Thread(target=process.stdout.read, daemon=True).start()
+    process, address, metrics_url = start_server("--backend", args.backend, "--no-access-log", metrics=True)
     rows = []
     try:
-        with TargetClient(address) as client:
-            client.wait_until_ready(timeout=120)
         for images in SIZES:
             workload = Workload(images=images)
             options = LoadTestOptions(targets=(address,), workload=workload, duration_s=1.0, warmup_s=0.0,
                                       concurrency=1)  # fmt: skip
             run(options)  # warm-up: caches, allocator, the first batches of this size
-            before = _metrics(metrics_port)
+            before = _metrics(metrics_url)
             report = run(LoadTestOptions(targets=(address,), workload=workload, duration_s=args.duration,
                                          warmup_s=0.0, concurrency=1))  # fmt: skip
-            after = _metrics(metrics_port)
+            after = _metrics(metrics_url)
             delta = {k: after[k] - before.get(k, 0.0) for k in after}
             requests = delta["tritarget_request_seconds_count"]
             assert delta["tritarget_compute_seconds_count"] == requests, "batches merged requests"

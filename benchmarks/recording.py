@@ -53,3 +53,18 @@ def write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list[str] |
 def save_figure(figure, path: str | os.PathLike, **options) -> None:
     """``figure.savefig`` into a temporary file with ``path``'s extension, then renamed."""
     write_atomically(path, lambda temporary: figure.savefig(temporary, **options))
+
+
+def pyplot():
+    """matplotlib.pyplot on a file backend, or None (with a note) when matplotlib is not
+    installed: it is an extra (``plot``, ``dev``), and a benchmark's numbers matter more
+    than its picture."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return None
+    return plt
