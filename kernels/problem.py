@@ -460,8 +460,8 @@ def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> lis
             sizes = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as exc:  # ragged, strings, tensors inside
             raise TypeError(f"{name}: expected {batch} (height, width) pairs of ints, got {value!r} ({exc})") from None
-    else:
-        sizes = _tensor(name, value)
+    else:  # numpy's too: mmdet's img_shape / pad_shape often are
+        sizes = _tensor(name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
     if not integer_dtype(sizes.dtype):
         raise TypeError(f"{name}: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):

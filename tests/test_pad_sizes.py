@@ -14,6 +14,7 @@ import math
 import threading
 
 import mmdet_modules
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +178,20 @@ def test_pad_equal_to_the_canvas_changes_nothing(backend, generator):
     plain = on_device(assign, boxes, counts, canvas, config, backend=backend)
     padded = on_device(assign, boxes, counts, canvas, config, pad_sizes=[list(canvas)] * 2, backend=backend)
     assert_targets_equal(padded, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sizes_may_be_numpy_arrays_as_mmdets_shapes_are(backend, generator):
+    """Counts took numpy arrays; image and pad sizes (mmdet's img_shape and pad_shape, often
+    numpy) were refused: "expected a torch.Tensor, got ndarray"."""
+    config = presets.get("retinanet_mmdet")
+    canvas = (96, 128)
+    boxes, counts = random_batch(generator, [4, 2], canvas)
+    sizes = {"image_sizes": [[80, 100], [96, 120]], "pad_sizes": [[96, 128], [96, 120]]}
+    as_lists = assign(boxes, counts, canvas, config, backend=backend, **sizes)
+    as_numpy = assign(boxes, np.array(counts), canvas, config, backend=backend,
+                      **{name: np.array(value) for name, value in sizes.items()})  # fmt: skip
+    assert_targets_equal(as_numpy, as_lists, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
