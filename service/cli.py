@@ -97,6 +97,7 @@ def _server_options(args: argparse.Namespace):
             max_message_bytes=args.max_message_mb << 20,
             max_images=args.max_request_images,
             max_boxes=args.max_request_boxes,
+            max_unsent_bytes=args.max_unsent_mb << 20,
         ),
         batching=BatchOptions(
             max_batch_images=args.max_batch_images,
@@ -479,6 +480,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=256,  # gRPC's limits are int32 bytes
         help="max request/response size (default 256; at most 2047)",
     )
+    parser.add_argument("--max-unsent-mb", type=integer(1, 1 << 30), default=4096,
+                        help="responses built and not yet read by their callers, all calls together; past it a "
+                             "call is refused RESOURCE_EXHAUSTED (default 4096)")  # fmt: skip
     parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(
         "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"

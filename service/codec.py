@@ -54,7 +54,8 @@ class Limits:
 
     ``max_message_bytes`` bounds requests and responses on the wire (gRPC enforces
     it for requests; responses are checked before computing when their size is
-    known in advance, which it is for DENSE).
+    known in advance, which it is for DENSE). ``max_unsent_bytes`` bounds the responses
+    in memory that their callers have not read yet (one response always fits).
     """
 
     max_message_bytes: int = 256 * _MIB
@@ -65,6 +66,11 @@ class Limits:
     max_anchor_rows: int = 1 << 25
     # config_json plus every override's key and value: a real config is ~1 KB.
     max_config_bytes: int = 64 << 10
+    # Responses built and not yet taken by their callers, all calls together: a caller that
+    # never reads held each of its responses (up to max_message_bytes from a 62-byte
+    # request), and 8 of them pinned 5 GB. Callers that read hold theirs for as long as
+    # sending takes: 4 GiB is ~100 8-image DENSE responses on their way.
+    max_unsent_bytes: int = 4 << 30
 
 
 def _invalid(field: str, description: str) -> InvalidInput:

@@ -57,6 +57,11 @@ class Metrics:
             "Images waiting in the batcher, and the places held by requests computed in slices",
             registry=reg,
         )
+        self.unsent_bytes = Gauge(
+            "tritarget_unsent_response_bytes",
+            "Bytes of responses built and not yet taken by their callers (bounded by max_unsent_bytes)",
+            registry=reg,
+        )
         self._http = None
         self._methods: dict[str, MethodMetrics] = {}
 

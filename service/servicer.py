@@ -23,7 +23,7 @@ from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from . import codec
 from .backend import Batcher
-from .errors import Unavailable
+from .errors import Overloaded, Unavailable
 from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
@@ -99,16 +99,42 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._calls = 0  # Assign and AssignStream calls in flight
         self._arrivals = 0  # calls started, ever (shutdown waits until they stop coming)
         self._readers: set[asyncio.Task] = set()  # each open stream's request reader
+        self._unsent = 0  # bytes of Assign and GetAnchors responses not yet taken by their callers
 
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
 
-    async def _assign(self, method: str, request: pb.AssignRequest) -> pb.AssignResponse:
+    async def _assign(self, method: str, request: pb.AssignRequest) -> tuple[pb.AssignResponse, int]:
+        """The response and its size, held (``_hold``) until the caller lets it go."""
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
         response, size = await self._batcher.submit(job, functools.partial(self._encode, request))
+        self._hold(size)
         self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
-        return response
+        return response, size
+
+    def _hold(self, size: int) -> None:
+        """Count a response of ``size`` bytes as built and not yet taken by its caller;
+        refused (RESOURCE_EXHAUSTED) where that would pass ``max_unsent_bytes``, unless it
+        is the only one (the message limit bounds it)."""
+        limit = self._limits.max_unsent_bytes
+        if self._unsent and self._unsent + size > limit:
+            raise Overloaded(
+                f"server busy: {self._unsent} bytes of responses are waiting for their callers to read them "
+                f"(limit {limit}); this {size}-byte response was dropped: retry with backoff or use another replica"
+            )
+        self._unsent += size
+        self._metrics.unsent_bytes.set(self._unsent)
+
+    def _let_go(self, size: int) -> None:
+        """A held response was taken by gRPC's transport, or its call ended."""
+        self._unsent -= size
+        self._metrics.unsent_bytes.set(self._unsent)
+
+    def _held_until_done(self, context: grpc.aio.ServicerContext, size: int) -> None:
+        """A unary response is held until its call ends: gRPC keeps its bytes while the
+        caller does not read them."""
+        context.add_done_callback(lambda _: self._let_go(size))
 
     def _encode(self, request: pb.AssignRequest, targets: Targets | SparseTargets) -> tuple[pb.AssignResponse, int]:
         """Compute worker: the response holding a request's targets (DENSE copies megabytes;
@@ -213,7 +239,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._received("Assign", request)
         try:
             with self._in_flight():
-                response = await self._assign("Assign", request)
+                response, size = await self._assign("Assign", request)
+                self._held_until_done(context, size)
         except asyncio.CancelledError:
             self._gone("Assign", context, request, started)
             raise
@@ -222,13 +249,16 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._finished("Assign", request, "OK", started)
         return response
 
-    async def _answer(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> pb.AssignResponse:
-        """A stream item's response: its targets, or its error (the stream goes on)."""
+    async def _answer(
+        self, request: pb.AssignRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[pb.AssignResponse, int]:
+        """A stream item's response, and the bytes held for it: its targets, or its error
+        (the stream goes on; an error holds none)."""
         started = time.perf_counter()
         self._received("AssignStream", request)
-        code = "OK"
+        code, size = "OK", 0
         try:
-            response = await self._assign("AssignStream", request)
+            response, size = await self._assign("AssignStream", request)
         except asyncio.CancelledError:  # the stream ended before its answer
             self._gone("AssignStream", context, request, started)
             raise
@@ -245,7 +275,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 response.ClearField("request_id")
             self._sent("AssignStream", response)
         self._finished("AssignStream", request, code, started)
-        return response
+        return response, size
 
     async def AssignStream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
@@ -294,7 +324,15 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                     raise Unavailable("the server is shutting down; resend the unanswered requests to another replica")
                 if isinstance(answer, Exception):
                     raise answer
-                yield await answer
+                try:
+                    response, size = await answer
+                except asyncio.CancelledError:  # the stream ended, maybe just as its answer came
+                    answer.add_done_callback(self._let_go_unsent)
+                    raise
+                try:
+                    yield response  # back here once gRPC's transport has taken it
+                finally:
+                    self._let_go(size)
                 slots.release()
         finally:
             self._readers.discard(reader)
@@ -303,6 +341,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 answer = answers.get_nowait()
                 if isinstance(answer, asyncio.Future):
                     answer.cancel()
+                    answer.add_done_callback(self._let_go_unsent)
+
+    def _let_go_unsent(self, answer: asyncio.Future) -> None:
+        """A stream's answer that will not be sent (the stream ended first)."""
+        if not answer.cancelled() and answer.exception() is None:
+            self._let_go(answer.result()[1])
 
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
         started = time.perf_counter()
@@ -328,6 +372,9 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 response = await asyncio.get_running_loop().run_in_executor(
                     self._encoder, lambda: codec.encode_anchors(generate_anchors(config.anchors, canvas))
                 )
+                size = response.ByteSize()
+                self._hold(size)
+                self._held_until_done(context, size)
         except Exception as exc:
             await self._fail("GetAnchors", exc, context, request, started)
         self._sent("GetAnchors", response)

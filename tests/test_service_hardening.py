@@ -10,6 +10,7 @@ import collections
 import logging
 import random
 import re
+import socket
 import threading
 import time
 
@@ -338,3 +339,55 @@ def test_a_call_cut_off_at_its_deadline_counts_as_deadline_exceeded(remaining, c
     with the compute worker busy, a race too rare to pin in a test of its own), as if their
     callers had hung up."""
     assert servicer.cut_off_code(remaining) == code
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
+    """A call whose caller never reads: HTTP/2 spoken by hand over a real socket, with a
+    receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+    path = f"/tritarget.v1.TargetAssigner/{method}".encode()
+    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"127.0.0.1"),
+               (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
+    block = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in headers)  # HPACK literals
+    connection.sendall(_frame(1, 0x4, 1, block))
+    for i, request in enumerate(requests):
+        last = method != "AssignStream" and i == len(requests) - 1
+        connection.sendall(_frame(0, 0x1 if last else 0, 1, b"\x00" + len(request).to_bytes(4, "big") + request))
+    return connection
+
+
+def test_responses_their_callers_do_not_read_are_bounded():
+    """A 30-byte GetAnchors request (or a DENSE Assign) makes a response of up to the message
+    limit, which gRPC keeps while its caller does not read: 8 such calls pinned 5 GB, with
+    nothing to refuse the next. Now responses waiting for their callers are bounded
+    (max_unsent_bytes, one response always fits) and the calls beyond are refused."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12.6 MB of anchors
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")  # 15.7 MB
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=30 << 20)) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        refused = lambda method: _errors(srv, method, "RESOURCE_EXHAUSTED")  # noqa: E731
+        calls = [_unread_call(srv.port, "GetAnchors", anchors.SerializeToString())]
+        _until(lambda: unsent() > 12e6)
+        calls.append(_unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
+        _until(lambda: unsent() > 24e6)
+        calls.append(_unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
+        calls.append(_unread_call(srv.port, "Assign", dense.SerializeToString()))
+        _until(lambda: refused("GetAnchors") == 1 and refused("Assign") == 1)
+        calls.append(_unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3))
+        _until(lambda: refused("AssignStream") == 3)  # in the stream: each item refused alone
+        assert unsent() <= 30 << 20
+        for call in calls:
+            call.close()
+        _until(lambda: unsent() == 0)
+        with TargetClient(srv.address, retries=0) as client:  # callers that read are served, and let go
+            assert client.get_anchors((2048, 2048), preset="retinanet_torchvision").shape[1] == 4
+            client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+            assert len(list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2]}] * 3,
+                                          preset="retinanet_torchvision", canvas=(2048, 2048)))) == 3  # fmt: skip
+        _until(lambda: unsent() == 0)

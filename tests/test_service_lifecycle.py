@@ -565,6 +565,7 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         (["--max-batch-images", "0"], "--max-batch-images: must be >= 1, got 0"),
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
         (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
+        (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
         (["--workers", "0"], "--workers: must be >= 1, got 0"),
         # Both: the file won, the flag silently ignored.
         (["--token", "a", "--token-file", "t"], "argument --token-file: not allowed with argument --token"),
@@ -772,3 +773,9 @@ def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
     output = "".join(seen) + out
     assert process.returncode == 0, output
     assert "failed" not in output and "killed by" not in output and "Exception ignored" not in output, output
+
+
+def test_the_unsent_response_bound_is_the_flags():
+    options = _server_options(build_parser().parse_args(["serve", "--port", "0", "--max-unsent-mb", "512"]))
+    assert options.limits.max_unsent_bytes == 512 << 20
+    assert _server_options(build_parser().parse_args(["serve", "--port", "0"])).limits.max_unsent_bytes == 4 << 30
