@@ -502,10 +502,14 @@ class _Base:
     def _watchdog(self, attempt: int, deadline: float | None, reconnect: float | None, unanswered: _Unanswered,
                   cancel, schedule) -> _Watchdog | None:  # fmt: skip
         """The watchdog of a stream's call: a request waiting for it must get an answer
-        within ``try_timeout``, else the client's timeout (after a break, that of the search
-        for a server), and before the stream's deadline. None where there is no bound at all."""
-        limit = self._try_limit(_earlier(deadline, reconnect if attempt else self._deadline(None)))
-        return None if limit is None else _Watchdog(limit, unanswered, cancel, schedule, takeover=attempt > 0)
+        within ``try_timeout``, else the client's timeout, and before the stream's deadline;
+        after a break the first answer must also come before the search for a server ends.
+        None where there is no bound at all."""
+        steady = self._try_limit(_earlier(deadline, self._deadline(None)))
+        if steady is None:
+            return None
+        first = self._try_limit(_earlier(deadline, reconnect)) if attempt else steady
+        return _Watchdog(first, steady, unanswered, cancel, schedule, takeover=attempt > 0)
 
     def _silent(self, index: int, watchdog: _Watchdog) -> _Failure:
         if watchdog.answers:
@@ -850,8 +854,10 @@ class _Watchdog:
     answers wait unread, so from ``answered()`` until ``reading()`` the clock rests.
     ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
 
-    def __init__(self, seconds: float, unanswered: _Unanswered, cancel, schedule, *, takeover: bool) -> None:
-        self.seconds = seconds
+    def __init__(self, first: float, steady: float, unanswered: _Unanswered, cancel, schedule, *,
+                 takeover: bool) -> None:  # fmt: skip
+        self.seconds = first  # until the call's first answer (a takeover's: what is left of the search)
+        self._steady = steady  # from then on
         self.takeover = takeover  # the call took the stream over from a server that went away
         self.fired = False
         self._unanswered, self._cancel, self._schedule = unanswered, cancel, schedule
@@ -859,7 +865,7 @@ class _Watchdog:
         self.answers = 0
         self._reading_since: float | None = self._opened  # None: the caller holds an answer
         self._looking = threading.Lock()  # a look (a timer's thread) and stop() (the stream's), one at a time
-        self._handle = schedule(seconds, self._check)
+        self._handle = schedule(first, self._check)
 
     def _check(self) -> None:
         with self._looking:
@@ -877,6 +883,7 @@ class _Watchdog:
         """The call answered a request, now handed to the caller: no look counts until
         ``reading()``."""
         self.answers += 1
+        self.seconds = self._steady
         self._reading_since = None
 
     def reading(self) -> None:

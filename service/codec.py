@@ -177,15 +177,17 @@ def _config_error(exc: Exception, field: str) -> InvalidInput:
 
 
 def _override_error(config: TargetConfig, values: dict[str, Any], exc: Exception) -> InvalidInput:
-    """The refusal of ``values`` as overrides of ``config``, named by the first key refused
-    on its own (the caller's key, not the config class's field); by none where only the
-    keys together are refused."""
+    """The refusal of ``values`` as overrides of ``config``, named by the caller's key
+    where one key alone is refused for the same reason (not the config class's field); as
+    the overrides together otherwise (a value valid only beside the others, keys that
+    overlap)."""
     for key, value in values.items():
         try:
             config.replace(**{key: value})
         except (ValueError, TypeError) as alone:
-            path, description = _config_path(str(alone))
-            return _invalid(f"config.overrides[{key}]", f"{path}: {description}" if path else description)
+            if str(alone) == str(exc):
+                path, description = _config_path(str(alone))
+                return _invalid(f"config.overrides[{key}]", f"{path}: {description}" if path else description)
     return _config_error(exc, "config.overrides")
 
 

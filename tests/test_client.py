@@ -1047,3 +1047,39 @@ def test_a_caller_that_holds_an_answer_longer_than_the_timeout_keeps_its_stream(
 
             answers, resent = asyncio.run(run())
     assert len(answers) == 4 and resent == 0
+
+
+def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answered():
+    """After a break the first answer must come before the search for a server ends; the
+    watchdog then kept that leftover (0.6 s of a 4 s timeout) for the rest of the call,
+    and cut off a healthy server that paused 2 s: DEADLINE_EXCEEDED for the whole stream."""
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+    server = ServerThread(port=port, batching=BatchOptions(max_batch_images=1))  # a batch per request
+    paused = threading.Event()
+
+    def start_late() -> None:
+        time.sleep(1.6)  # the stream searches for a server meanwhile
+        server.start()
+        compute = server.server.batcher._assign
+        calls = itertools.count()
+
+        def pause_once(jobs):
+            if next(calls) == 2:
+                paused.set()
+                time.sleep(1.8)  # within the timeout, beyond what was left of the search
+            return compute(jobs)
+
+        server.server.batcher._assign = pause_once
+
+    starter = threading.Thread(target=start_late)
+    starter.start()
+    try:
+        with TargetClient(f"127.0.0.1:{port}", timeout=3.0) as client:
+            items = [{"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"r{i}"} for i in range(4)]
+            answers = list(client.stream(iter(items), preset="retinanet_torchvision", canvas=CANVAS))
+        assert len(answers) == 4 and paused.is_set()
+    finally:
+        starter.join()
+        server.stop()

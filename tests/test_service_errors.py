@@ -107,6 +107,17 @@ def test_invalid_ignore_box_names_field(client):
         ({"overrides": {"match.high": 1.5}}, "config.overrides[match.high]", "match.high: must be in [0, 1]"),
         ({"overrides": {"match.low": 0.3, "match.high": 1.5}}, "config.overrides[match.high]", "must be in [0, 1]"),
         ({"overrides": {"match.nope": 1}}, "config.overrides[match.nope]", "unknown config field 'match.nope'"),
+        # A value valid only beside the others is not blamed for what another key did.
+        (
+            {"overrides": {"match.high": 0.3, "match.low": 0.2, "match.nope": 1}},
+            "config.overrides[match.nope]",
+            "unknown config field 'match.nope'",
+        ),
+        (
+            {"overrides": {"match": {"high": 0.3}, "match.low": 0.1}},
+            "config.overrides",
+            "overrides 'match' and 'match.low'",
+        ),
         (
             {"overrides": {"anchors.levels": [{"stride": -8}]}},
             "config.overrides[anchors.levels]",
