@@ -845,8 +845,8 @@ class _Unanswered:
 
 class _Watchdog:
     """Cancels a stream's call (``fired``) once a request has waited ``seconds`` with no
-    answer from the call (counted from the latest of its sending, the call's opening and
-    the call's last answer): a server that accepts connections and hangs, at once or after
+    answer from the call (counted from the later of its sending and the last time the call
+    was read from: its opening, or the caller's return for the next answer): a server that accepts connections and hangs, at once or after
     answering for a while, would otherwise hold the stream for ever, whatever the client's
     timeout. A slow source or a request sent late is given its own ``seconds``; a slow
     server that answers is not cut off. Only a call being read is watched: while the
