@@ -846,13 +846,14 @@ class _Unanswered:
 class _Watchdog:
     """Cancels a stream's call (``fired``) once a request has waited ``seconds`` with no
     answer from the call (counted from the later of its sending and the last time the call
-    was read from: its opening, or the caller's return for the next answer): a server that accepts connections and hangs, at once or after
-    answering for a while, would otherwise hold the stream for ever, whatever the client's
-    timeout. A slow source or a request sent late is given its own ``seconds``; a slow
-    server that answers is not cut off. Only a call being read is watched: while the
-    caller holds an answer (a training loop saving a checkpoint) the server's later
-    answers wait unread, so from ``answered()`` until ``reading()`` the clock rests.
-    ``schedule(seconds, callback)`` returns a handle with ``cancel()``."""
+    was read from: its opening, or the caller's return for the next answer): a server that
+    accepts connections and hangs, at once or after answering for a while, would otherwise
+    hold the stream for ever, whatever the client's timeout. A slow source or a request
+    sent late is given its own ``seconds``; a slow server that answers is not cut off.
+    Only a call being read is watched: while the caller holds an answer (a training loop
+    saving a checkpoint) the server's later answers wait unread, so from ``answered()``
+    until ``reading()`` the clock rests. ``schedule(seconds, callback)`` returns a handle
+    with ``cancel()``."""
 
     def __init__(self, first: float, steady: float, unanswered: _Unanswered, cancel, schedule, *,
                  takeover: bool) -> None:  # fmt: skip
