@@ -8,8 +8,8 @@ targets are for that canvas: a model that resizes and pads again (torchvision's
 ``model.transform``) must see the same one, so resize in the loader to the model's size.
 
 * ``with_targets(loader, ...)`` wraps an iterable of batches in the trainer's process
-  (one per DDP rank): with a ``client`` it keeps up to ``in_flight`` batches' requests
-  in flight on one stream while the trainer works on earlier ones, and yields
+  (one per DDP rank): with a ``client`` it keeps up to ``in_flight`` later batches'
+  requests in flight on one stream while the trainer works on a batch, and yields
   ``(images, targets, assigned)`` in order; without one it computes in-process
   (``backend=``).
 * ``TargetCollate(collate_fn, ...)`` computes the targets inside the ``DataLoader``
@@ -22,7 +22,7 @@ targets are for that canvas: a model that resizes and pads again (torchvision's
 
 from __future__ import annotations
 
-import threading
+import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -115,8 +115,10 @@ class _InProcess:
         self.config = _with_overrides(config, options)
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
-        if options.get("ignore_boxes") is not None:  # as the client converts them
-            options["ignore_boxes"] = to_xyxy(options["ignore_boxes"], self.box_format)
+        ignore = options.get("ignore_boxes")
+        if ignore is not None:  # as the client converts them: numpy or lists too
+            ignore = ignore if isinstance(ignore, torch.Tensor) else torch.as_tensor(ignore, dtype=torch.float32)
+            options["ignore_boxes"] = to_xyxy(ignore, self.box_format)
         self.backend, self.densify, self.options = backend, densify, options
 
     def __call__(self, boxes, counts, classes, canvas, image_ids=None) -> Targets | SparseTargets:
@@ -128,6 +130,12 @@ class _InProcess:
             if image_ids is None:
                 raise
             raise ValueError(naming_images(str(exc), image_ids)) from exc
+
+
+def _check_client(client: Any) -> None:
+    if client is not None and not isinstance(client, TargetClient):
+        raise TypeError(f"client: expected a TargetClient (the blocking client: a DataLoader's batches are read "
+                        f"without an event loop), got {type(client).__name__}")  # fmt: skip
 
 
 def _config(preset: str | None, config: TargetConfig | None) -> TargetConfig:
@@ -165,15 +173,17 @@ def with_targets(
     ignored anchors come back -1 (``format="dense"`` carries them). With a
     ``client``, ``timeout`` bounds the epoch's whole stream, not each batch. Leave
     ``seed`` out to sample anew each batch (``torch.manual_seed`` repeats a run). With a
-    ``client``, at most ``in_flight`` batches are read ahead of the one yielded, by gRPC's
-    thread while the trainer works, and none once this is closed; a server that dies
+    ``client``, up to ``in_flight`` batches are read ahead of the one yielded (on the
+    caller's thread, before yielding it) and computed while the trainer works, and none
+    once this is closed; a server that dies
     mid-epoch is replaced by the client's next endpoint without losing a batch. Errors
     name the dataset's ``image_id``; a batch that fails, or a loader that raises, raises
     after the batches before it.
     """
     # Checked here, when called, not at the first batch (the body is a generator).
-    if in_flight < 1:
-        raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+        raise ValueError(f"in_flight: must be an int >= 1, got {in_flight!r}")
+    _check_client(client)
     check_densify(densify, options)
     target_config = _config(preset, config)
     if client is None:
@@ -183,65 +193,81 @@ def with_targets(
 
 
 def _in_process(batches, solve, canvas, densify, device):
-    for images, targets in batches:
+    for batch in batches:
+        images, targets = _pair(batch)
         boxes, counts, classes = boxes_of(targets)
         assigned = solve(boxes, counts, classes, _canvas(images, canvas, len(targets)), _image_ids(targets))
         yield images, targets, _placed(assigned, densify, device)
 
 
 def _pipelined(batches, client, named, config, canvas, in_flight, densify, device, options):
-    """One stream. gRPC's thread reads the batches and sends their requests while the
-    trainer works on earlier ones (at most ``in_flight`` batches read and not yet
-    yielded). Closing waits for a read in progress, so nothing reads the iterable once this
-    generator is closed (a persistent-worker DataLoader's iterator is reset for the next
-    epoch). Fresh sampling seeds come from a generator seeded here, on the caller's thread,
-    so ``torch.manual_seed`` repeats a run whatever the threads' timing."""
+    """One stream, fed from this generator's own thread: before yielding a batch it reads
+    ahead, so up to ``in_flight`` later batches are on their way while the trainer works
+    on it. The iterable is read on the caller's thread only (a ``num_workers=0`` loader's
+    transforms draw from torch's global generator: read from another thread, their draws
+    and the trainer's interleaved differently every run), and never once this generator
+    is closed; sampling seeds are drawn in reading order, so ``torch.manual_seed`` repeats
+    a run. A batch that cannot be read, or makes no request, is raised after the batches
+    before it."""
     options = dict(options)
     timeout = options.pop("timeout", None)  # bounds the stream, not a request
     seeds = None
     if "seed" not in options and _with_overrides(config, options).match.sample_size > 0:
         seeds = torch.Generator().manual_seed(fresh_seed())
-    slots = threading.Semaphore(in_flight)
-    reading = threading.Lock()  # held while gRPC's thread reads the iterable
-    stopped = threading.Event()
+    sending: queue.SimpleQueue = queue.SimpleQueue()  # requests for gRPC's thread; None ends the stream
     read: deque = deque()  # (images, targets, image ids) of the batches sent, in order
     source = iter(batches)
+    failure: list[Exception] = []  # what reading the batches raised, once they stopped
 
-    def requests():
-        while True:
-            slots.acquire()
-            with reading:
-                if stopped.is_set():
-                    return
-                batch = next(source, None)
-            if batch is None:
+    def read_ahead() -> None:
+        while not failure and len(read) < in_flight:
+            try:
+                images, targets = _pair(next(source))
+                boxes, counts, classes = boxes_of(targets)
+                request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
+                           "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
+            except Exception as exc:  # StopIteration too: the end
+                failure.append(exc)
+                sending.put(None)
                 return
-            images, targets = batch
-            boxes, counts, classes = boxes_of(targets)
-            request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
-                       "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
             if seeds is not None:
                 request["seed"] = fresh_seed(seeds)
             read.append((images, targets, _image_ids(targets)))
+            sending.put(request)
+
+    def requests():
+        while (request := sending.get()) is not None:
             yield request
 
     # Sparse lists travel and are densified on ``device`` (a few KB per image instead of
     # ~5 MB), unless the response must be dense: max IoU, or a DENSE response asked for.
     dense = densify and (options.get("return_max_iou") or options.get("format", "sparse") != "sparse")
+    read_ahead()
     answers = client.stream(requests(), timeout=timeout, return_exceptions=True, densify=dense, **named, **options)
     try:
         for assigned in answers:
             images, targets, image_ids = read.popleft()
             if isinstance(assigned, TargetServiceError):
                 raise assigned if image_ids is None else assigned.naming_images(image_ids)
+            read_ahead()
             yield images, targets, _placed(assigned, densify, device)
-            slots.release()
     finally:
-        stopped.set()
-        slots.release()  # a reader waiting for a slot sees the stop
-        with reading:  # a read in progress ends before the caller can touch the iterable again
-            pass
+        sending.put(None)  # gRPC's thread may wait for a request that will not come
         answers.close()
+    if not isinstance(failure[0], StopIteration):
+        raise failure[0]
+
+
+def _pair(batch: Any) -> tuple[Any, Sequence[Mapping[str, Any]]]:
+    """A batch's ``(images, targets)``, or an error saying what a batch must be."""
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) == 2:
+        images, targets = batch
+        if isinstance(targets, Sequence) and all(isinstance(target, Mapping) for target in targets):
+            return images, targets
+    raise TypeError(
+        "a batch must be (images, targets) with targets a list of per-image dicts ({'boxes', 'labels'}), got "
+        f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, Sequence) else "")
+    )
 
 
 class TargetCollate:
@@ -265,6 +291,7 @@ class TargetCollate:
         densify: bool = True,
         **options: Any,
     ) -> None:
+        _check_client(client)
         check_densify(densify, options)
         self.collate_fn = collate_fn
         self.config = _config(preset, config)
@@ -273,13 +300,13 @@ class TargetCollate:
         self.client = client
         self.densify = densify
         self.options = options
-        self._in_process = _InProcess(self.config, backend, densify, options)
+        self._in_process = _InProcess(self.config, backend, densify, options) if client is None else None
 
     def __call__(self, samples: list[Any]) -> tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]:
-        images, targets = self.collate_fn(samples)
+        images, targets = _pair(self.collate_fn(samples))
         boxes, counts, classes = boxes_of(targets)
         canvas = _canvas(images, self.canvas, len(targets))
-        if self.client is None:
+        if self._in_process is not None:
             return images, targets, self._in_process(boxes, counts, classes, canvas, _image_ids(targets))
         assigned = self.client.assign(boxes, counts, canvas, gt_classes=classes, densify=self.densify,
                                       image_ids=_image_ids(targets), **self.named, **self.options)  # fmt: skip

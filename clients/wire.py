@@ -65,7 +65,7 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
     if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
         return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
     try:
-        boxes = torch.as_tensor(boxes)
+        boxes = _as_tensor(boxes)
     except (TypeError, ValueError, RuntimeError):  # None, ragged lists, strings
         raise TypeError(f"{name}: expected a Tensor[N, 4] of coordinates, got {type(boxes).__name__}") from None
     if boxes.is_complex() or boxes.dtype == torch.bool:  # a bool would travel as 0.0 / 1.0
@@ -91,12 +91,18 @@ def _canvas(canvas: Any) -> tuple[int, int]:
     return int(canvas[0]), int(canvas[1])
 
 
+def _as_tensor(value: Any) -> torch.Tensor:
+    """``torch.as_tensor``, also of numpy views torch cannot share (negative strides:
+    ``array[::-1]``), which it refuses."""
+    return torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
+
+
 def _ints(name: str, value: Any) -> torch.Tensor:
     """int32 on the host, as the wire holds classes and sizes; other values refused as
     in-process ``assign`` refuses them (a float class would be truncated to another)."""
     if _is_cpu_tensor(value, torch.int32):
         return value
-    values = torch.as_tensor(value)
+    values = _as_tensor(value)
     if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
     outside = (values < _INT32_RANGE.min) | (values > _INT32_RANGE.max)

@@ -336,8 +336,10 @@ def test_images_and_targets_of_a_batch_must_be_as_many(server):
 
 
 def test_with_targets_refuses_bad_arguments_when_called_not_at_the_first_batch():
-    with pytest.raises(ValueError, match="in_flight: must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="in_flight: must be an int >= 1, got 0"):
         with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=0)
+    with pytest.raises(ValueError, match="in_flight: must be an int >= 1, got 2.5"):  # a float never blocked
+        with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=2.5)
     with pytest.raises(ValueError, match="give exactly one of preset= or config="):
         with_targets([], canvas=(64, 64))
 
@@ -394,3 +396,102 @@ def test_targets_come_pinned_from_a_pinning_data_loader(densify):
     assert tensors and all(t.is_pinned() for t in tensors)
     if densify:
         _same(assigned, _expected(targets))
+
+
+class _RandomFlips(_Detection):
+    """Items whose transform draws from torch's global generator, as torchvision's
+    RandomHorizontalFlip does."""
+
+    def __getitem__(self, index: int):
+        image, target = super().__getitem__(index)
+        if torch.rand(()) < 0.5:
+            boxes = target["boxes"]
+            target = {**target, "boxes": torch.stack([CANVAS[1] - boxes[:, 2], boxes[:, 1], CANVAS[1] - boxes[:, 0],
+                                                      boxes[:, 3]], dim=1)}  # fmt: skip
+        return image, target
+
+
+def test_a_run_with_a_loader_that_draws_at_random_repeats_with_a_client(server):
+    """gRPC's thread read the loader: with num_workers=0 its random transforms and the
+    trainer's own draws took turns on torch's generator in a different order each run, so
+    torch.manual_seed no longer repeated a run (it does in-process)."""
+
+    def run(client) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(_RandomFlips(), batch_size=2, shuffle=True, collate_fn=_collate)
+        boxes, draws = [], []
+        for _, targets, _ in with_targets(loader, preset=PRESET, client=client, in_flight=3):
+            boxes.append(torch.cat([t["boxes"] for t in targets]))
+            draws.append(torch.randn(1000))  # the trainer's own randomness (dropout, sampling)
+            time.sleep(0.01)
+        return boxes, draws
+
+    with TargetClient(server.address) as client:
+        runs = [run(client) for _ in range(3)]
+    for boxes, draws in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(boxes, runs[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(draws, runs[0][1]))
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_in_flight_batches_are_read_ahead_of_the_one_the_trainer_holds(server, in_flight):
+    """The batch the trainer held kept its slot: in_flight=1 read nothing ahead (no
+    overlap at all), in_flight=4 three."""
+    read = []
+
+    def batches():
+        for i, batch in enumerate(_batches(8)):
+            read.append(i)
+            yield batch
+
+    with TargetClient(server.address) as client:
+        for held, _ in enumerate(with_targets(batches(), preset=PRESET, client=client, in_flight=in_flight)):
+            assert len(read) == min(8, held + 1 + in_flight)
+
+
+def test_bad_batches_and_clients_are_named(server):
+    from tritarget.clients import AsyncTargetClient
+
+    detectron2_batch = [{"image": torch.zeros(3, 8, 8), "instances": None}] * 2
+    for kwargs in ({"backend": "cpu"}, {"client": TargetClient(server.address)}):
+        with pytest.raises(TypeError, match=r"a batch must be \(images, targets\) .* got list of 2"):
+            list(with_targets([detectron2_batch], preset=PRESET, canvas=CANVAS, **kwargs))
+        with pytest.raises(TypeError, match=r"a batch must be \(images, targets\) .* got dict"):
+            list(with_targets([{"inputs": [], "data_samples": []}], preset=PRESET, canvas=CANVAS, **kwargs))
+    async_client = AsyncTargetClient(server.address)
+    with pytest.raises(TypeError, match="client: expected a TargetClient .* got AsyncTargetClient"):
+        with_targets(_batches(1), preset=PRESET, client=async_client)
+    with pytest.raises(TypeError, match="client: expected a TargetClient .* got AsyncTargetClient"):
+        TargetCollate(_collate, preset=PRESET, client=async_client)
+
+
+def test_ignore_boxes_may_be_numpy_or_lists_with_or_without_a_client(server):
+    """The client took numpy and list ignore boxes; in-process (and TargetCollate, which
+    built its in-process fallback even with a client) failed on them."""
+    import numpy as np
+
+    options = {"preset": "retinanet_mmdet", "overrides": {"match.ignore_iof_thr": 0.5}, "box_format": "xywh",
+               "ignore_counts": [1, 1]}  # fmt: skip
+    ignore = [[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 40.0, 40.0]]
+    batch = _batches(1)
+    expected = [a for _, _, a in with_targets(batch, ignore_boxes=torch.tensor(ignore), backend="cpu", **options)]
+    assert (expected[0].labels == -1).any()
+    with TargetClient(server.address) as client:
+        for given in (np.array(ignore), ignore):
+            for kwargs in ({"backend": "cpu"}, {"client": client}):
+                got = [a for _, _, a in with_targets(batch, ignore_boxes=given, **options, **kwargs)]
+                assert torch.equal(got[0].labels, expected[0].labels)
+            collate = TargetCollate(lambda samples: samples[0], client=client, ignore_boxes=given, **options)
+            assert torch.equal(collate(batch)[2].labels, expected[0].labels)
+
+
+def test_numpy_views_with_negative_strides_are_sent():
+    """torch cannot share such a view: "expected a Tensor[N, 4] of coordinates, got ndarray"."""
+    import numpy as np
+
+    from tritarget.clients.wire import build_request
+
+    boxes = np.array([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 40.0, 40.0]], dtype=np.float32)
+    request = build_request(boxes[::-1], [2], CANVAS, preset=PRESET, gt_classes=np.array([1, 2])[::-1])
+    expected = build_request(boxes[::-1].copy(), [2], CANVAS, preset=PRESET, gt_classes=np.array([2, 1]))
+    assert request.SerializeToString() == expected.SerializeToString()
