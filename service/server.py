@@ -151,6 +151,10 @@ class TargetServer:
                 # Share the port only on purpose (``workers`` > 1): a second server started
                 # by mistake on a busy port must fail, not silently take half the traffic.
                 ("grpc.so_reuseport", 1 if options.reuse_port else 0),
+                # Clients ping every 30 s to find dead connections (ours do: keepalive_time_ms):
+                # gRPC's default (a ping per 5 min without data, 2 strikes) ended an idle stream
+                # with GOAWAY "too_many_pings" after 2.5 min (a trainer validating between epochs).
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 # Calls gRPC has taken in but the event loop has not yet picked up: past 1,000
                 # (gRPC's default, dropping at random up to 3,000) gRPC answered them CANCELLED,
                 # which reads as the caller's own doing, before the queue bound could answer
