@@ -153,7 +153,7 @@ class TargetServer:
                 ("grpc.so_reuseport", 1 if options.reuse_port else 0),
                 # Clients ping every 30 s to find dead connections (ours do: keepalive_time_ms):
                 # gRPC's default (a ping per 5 min without data, 2 strikes) ended an idle stream
-                # with GOAWAY "too_many_pings" after 2.5 min (a trainer validating between epochs).
+                # with GOAWAY "too_many_pings" after 2-2.5 min (a trainer validating between epochs).
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 # Calls gRPC has taken in but the event loop has not yet picked up: past 1,000
                 # (gRPC's default, dropping at random up to 3,000) gRPC answered them CANCELLED,
