@@ -226,13 +226,14 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
                 boxes, counts, classes = boxes_of(targets)
                 request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
                            "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
+                image_ids = _image_ids(targets)
             except Exception as exc:  # StopIteration too: the end
                 failure.append(exc)
                 sending.put(None)
                 return
             if seeds is not None:
                 request["seed"] = fresh_seed(seeds)
-            read.append((images, targets, _image_ids(targets)))
+            read.append((images, targets, image_ids))
             sending.put(request)
 
     def requests():
