@@ -38,14 +38,22 @@ from .wire import to_xyxy
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
 
-def boxes_of(targets: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-    """(gt_boxes [N, 4] float32, gt_counts [B], gt_classes [N] or None) of per-image dicts."""
+def boxes_of(
+    targets: Sequence[Mapping[str, Any]], box_format: str = "xyxy"
+) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """(gt_boxes [N, 4] float32, gt_counts [B], gt_classes [N] or None) of per-image dicts
+    whose boxes are in ``box_format`` (torchvision's ``tv_tensors.BoundingBoxes`` of
+    another format are refused: read as ``box_format``, they made other targets)."""
     if not targets:
         raise ValueError("targets: the batch has no images")
     boxes, counts, labels = [], [], []
     for i, target in enumerate(targets):
         if "boxes" not in target:
             raise ValueError(f"targets[{i}]: no 'boxes' (a Tensor[N, 4] of xyxy pixels)")
+        tagged = getattr(getattr(target["boxes"], "format", None), "name", None)  # tv_tensors.BoundingBoxes
+        if tagged is not None and tagged.lower() != box_format:
+            raise ValueError(f"targets[{i}]['boxes']: BoundingBoxes in format {tagged}, but box_format is "
+                             f"{box_format!r}: pass box_format={tagged.lower()!r}")  # fmt: skip
         image_boxes = torch.as_tensor(target["boxes"], dtype=torch.float32)
         if image_boxes.numel() == 0:  # an image without boxes, however its empty tensor is shaped
             image_boxes = image_boxes.reshape(0, 4)
@@ -195,7 +203,7 @@ def with_targets(
 def _in_process(batches, solve, canvas, densify, device):
     for batch in batches:
         images, targets = _pair(batch)
-        boxes, counts, classes = boxes_of(targets)
+        boxes, counts, classes = boxes_of(targets, solve.box_format)
         assigned = solve(boxes, counts, classes, _canvas(images, canvas, len(targets)), _image_ids(targets))
         yield images, targets, _placed(assigned, densify, device)
 
@@ -223,7 +231,7 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
         while not failure and len(read) < in_flight:
             try:
                 images, targets = _pair(next(source))
-                boxes, counts, classes = boxes_of(targets)
+                boxes, counts, classes = boxes_of(targets, options.get("box_format", "xyxy"))
                 request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
                            "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
                 image_ids = _image_ids(targets)
@@ -305,7 +313,7 @@ class TargetCollate:
 
     def __call__(self, samples: list[Any]) -> tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]:
         images, targets = _pair(self.collate_fn(samples))
-        boxes, counts, classes = boxes_of(targets)
+        boxes, counts, classes = boxes_of(targets, self.options.get("box_format", "xyxy"))
         canvas = _canvas(images, self.canvas, len(targets))
         if self._in_process is not None:
             return images, targets, self._in_process(boxes, counts, classes, canvas, _image_ids(targets))

@@ -495,3 +495,19 @@ def test_numpy_views_with_negative_strides_are_sent():
     request = build_request(boxes[::-1], [2], CANVAS, preset=PRESET, gt_classes=np.array([1, 2])[::-1])
     expected = build_request(boxes[::-1].copy(), [2], CANVAS, preset=PRESET, gt_classes=np.array([2, 1]))
     assert request.SerializeToString() == expected.SerializeToString()
+
+
+def test_torchvision_boxes_of_another_format_than_box_format_are_refused(server):
+    """tv_tensors.BoundingBoxes carry their format; XYWH boxes read as xyxy made other
+    targets, silently, with a client and in-process alike."""
+    tv_tensors = pytest.importorskip("torchvision.tv_tensors")
+    images, targets = _batches(1)[0]
+    as_xywh = [torch.cat([t["boxes"][:, :2], t["boxes"][:, 2:] - t["boxes"][:, :2]], dim=1) for t in targets]
+    xywh = [{**t, "boxes": tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=CANVAS)}
+            for t, boxes in zip(targets, as_xywh)]  # fmt: skip
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            with pytest.raises(ValueError, match=r"BoundingBoxes in format XYWH, but box_format is 'xyxy': pass box_"):
+                list(with_targets([(images, xywh)], preset=PRESET, **kwargs))
+            got = [a for _, _, a in with_targets([(images, xywh)], preset=PRESET, box_format="xywh", **kwargs)]
+            _same(got[0], _expected(targets))
