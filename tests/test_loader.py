@@ -51,6 +51,13 @@ def _batches(count: int = 4):
     return [_collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(count)]
 
 
+def _counted(count: int, read: list[int]):
+    """``count`` batches, each noted in ``read`` as it is read."""
+    for i, batch in enumerate(_batches(count)):
+        read.append(i)
+        yield batch
+
+
 def _same(got: Targets, expected: Targets) -> None:
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.classes, expected.classes)
     positive = expected.labels == 1
@@ -67,15 +74,9 @@ def server():
 @pytest.mark.parametrize("densify", [True, False])
 def test_with_targets_pipelines_over_one_stream_in_order(server, densify):
     pulled = []
-
-    def batches():
-        for i, batch in enumerate(_batches(6)):
-            pulled.append(i)
-            yield batch
-
     with TargetClient(server.address) as client:
         before = server.metrics.value("tritarget_requests_total", {"method": "AssignStream"})
-        for i, (images, targets, assigned) in enumerate(with_targets(batches(), preset=PRESET, client=client,
+        for i, (images, targets, assigned) in enumerate(with_targets(_counted(6, pulled), preset=PRESET, client=client,
                                                                      in_flight=2, densify=densify)):  # fmt: skip
             assert len(pulled) <= i + 1 + 2  # never more than in_flight batches read ahead
             assert images.shape == (2, 3, *CANVAS)
@@ -438,14 +439,8 @@ def test_in_flight_batches_are_read_ahead_of_the_one_the_trainer_holds(server, i
     """The batch the trainer held kept its slot: in_flight=1 read nothing ahead (no
     overlap at all), in_flight=4 three."""
     read = []
-
-    def batches():
-        for i, batch in enumerate(_batches(8)):
-            read.append(i)
-            yield batch
-
     with TargetClient(server.address) as client:
-        for held, _ in enumerate(with_targets(batches(), preset=PRESET, client=client, in_flight=in_flight)):
+        for held, _ in enumerate(with_targets(_counted(8, read), preset=PRESET, client=client, in_flight=in_flight)):
             assert len(read) == min(8, held + 1 + in_flight)
 
 
