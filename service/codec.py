@@ -577,14 +577,15 @@ def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:
     return response
 
 
-def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[TargetConfig, tuple[int, int]]:
-    """Config and canvas of a GetAnchors request, within the message limit."""
+def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[TargetConfig, tuple[int, int], int]:
+    """Config and canvas of a GetAnchors request, and its response's size (within the
+    message limit)."""
     config = resolve_config(_decoded(request).config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
     size = _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT32, [_num_anchors(config, canvas), 4], 4))  # the whole message
     if size > limits.max_message_bytes:
         raise ResourceExhausted(f"the anchors would be {size} bytes, over the {limits.max_message_bytes}-byte limit")
-    return config, canvas
+    return config, canvas, size
 
 
 def list_presets() -> pb.ListPresetsResponse:

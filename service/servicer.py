@@ -11,13 +11,14 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
 
-from tritarget.kernels import SparseTargets, Targets, generate_anchors
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, generate_anchors
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
@@ -108,13 +109,30 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         """The response and its size, held (``_hold``) until the caller lets it go."""
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
-        response, size = await self._batcher.submit(job, functools.partial(self._encode, request))
-        self._hold(size)
+        finish = functools.partial(self._encode, request)
+        if job.sparse:  # its size is known only once computed
+            response, size = await self._batcher.submit(job, finish)
+            self._hold(size)
+        else:  # megabytes, known before: held from the start, so refused without doing the work
+            bound = codec.dense_response_bytes(job.images, job.anchors_per_image, request, job.config.background_class)
+            response, size = await self._held_while(bound, lambda: self._batcher.submit(job, finish))
         self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
         return response, size
 
+    async def _held_while(self, bound: int, compute: Callable[[], Awaitable[tuple[Any, int]]]) -> tuple[Any, int]:
+        """``compute()``'s response and size, with ``bound`` bytes (at least its size) held
+        for it before it starts; what it did not use is let go."""
+        self._hold(bound)
+        try:
+            response, size = await compute()
+        except BaseException:
+            self._let_go(bound)
+            raise
+        self._let_go(bound - size)
+        return response, size
+
     def _hold(self, size: int) -> None:
-        """Count a response of ``size`` bytes as built and not yet taken by its caller;
+        """Count a response of ``size`` bytes as built (or about to be) and not yet taken by its caller;
         refused (RESOURCE_EXHAUSTED) where that would pass ``max_unsent_bytes``, unless it
         is the only one (the message limit bounds it)."""
         limit = self._limits.max_unsent_bytes
@@ -348,6 +366,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         if not answer.cancelled() and answer.exception() is None:
             self._let_go(answer.result()[1])
 
+    async def _anchors(self, config: TargetConfig, canvas: tuple[int, int]) -> tuple[pb.GetAnchorsResponse, int]:
+        response = await asyncio.get_running_loop().run_in_executor(
+            self._encoder, lambda: codec.encode_anchors(generate_anchors(config.anchors, canvas))
+        )
+        return response, response.ByteSize()
+
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
         started = time.perf_counter()
         self._received("ListPresets", request)
@@ -367,13 +391,9 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._received("GetAnchors", request)
         try:
             with self._in_flight():
-                config, canvas = codec.anchors_request(request, self._limits)
+                config, canvas, size = codec.anchors_request(request, self._limits)
                 # Built and encoded off the loop: up to 256 MB (a copy of 0.3 s at 8192 x 8192).
-                response = await asyncio.get_running_loop().run_in_executor(
-                    self._encoder, lambda: codec.encode_anchors(generate_anchors(config.anchors, canvas))
-                )
-                size = response.ByteSize()
-                self._hold(size)
+                response, size = await self._held_while(size, lambda: self._anchors(config, canvas))
                 self._held_until_done(context, size)
         except Exception as exc:
             await self._fail("GetAnchors", exc, context, request, started)

@@ -365,7 +365,8 @@ def test_responses_their_callers_do_not_read_are_bounded():
     """A 30-byte GetAnchors request (or a DENSE Assign) makes a response of up to the message
     limit, which gRPC keeps while its caller does not read: 8 such calls pinned 5 GB, with
     nothing to refuse the next. Now responses waiting for their callers are bounded
-    (max_unsent_bytes, one response always fits) and the calls beyond are refused."""
+    (max_unsent_bytes, one response always fits) and the calls beyond are refused, before
+    their work where their size is known before (DENSE, GetAnchors)."""
     anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
     anchors.config.preset = "retinanet_torchvision"  # 12.6 MB of anchors
     dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")  # 15.7 MB
@@ -382,12 +383,18 @@ def test_responses_their_callers_do_not_read_are_bounded():
         calls.append(_unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3))
         _until(lambda: refused("AssignStream") == 3)  # in the stream: each item refused alone
         assert unsent() <= 30 << 20
+        # Their sizes are known before the work: refused without computing (it was done, then dropped).
+        assert srv.metrics.value("tritarget_compute_seconds_count") == 0
         for call in calls:
             call.close()
         _until(lambda: unsent() == 0)
         with TargetClient(srv.address, retries=0) as client:  # callers that read are served, and let go
             assert client.get_anchors((2048, 2048), preset="retinanet_torchvision").shape[1] == 4
             client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+            # Held at its largest size before the work (every box dropped), then at its own size.
+            client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense", drop_invalid=True)
+            with pytest.raises(TargetServiceError, match="INVALID_ARGUMENT"):  # failed in the work: let go
+                client.assign(GOOD.flip(1), [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
             assert len(list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2]}] * 3,
                                           preset="retinanet_torchvision", canvas=(2048, 2048)))) == 3  # fmt: skip
         _until(lambda: unsent() == 0)
