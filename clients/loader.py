@@ -3,7 +3,10 @@
 Batches are what torchvision-style detection loaders yield: ``(images, targets)``, with
 ``images`` a padded ``Tensor[B, C, H, W]`` (or anything, given ``canvas=``) and
 ``targets`` a list of per-image dicts holding ``"boxes"`` (``Tensor[N, 4]`` xyxy pixels
-of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"``. The
+of the padded canvas) and ``"labels"`` (``Tensor[N]``), optionally ``"image_id"``,
+``"ignore_boxes"`` (``Tensor[M, 4]`` crowd regions, in the boxes' format) and
+``"image_size"`` / ``"pad_size"`` (the image's valid and padded ``(height, width)``,
+mmdet's ``img_shape`` / ``pad_shape``; every image or none). The
 targets are for that canvas: a model that resizes and pads again (torchvision's
 ``model.transform``) must see the same one, so resize in the loader to the model's size.
 
@@ -50,15 +53,7 @@ def boxes_of(
     for i, target in enumerate(targets):
         if "boxes" not in target:
             raise ValueError(f"targets[{i}]: no 'boxes' (a Tensor[N, 4] of xyxy pixels)")
-        tagged = getattr(getattr(target["boxes"], "format", None), "name", None)  # tv_tensors.BoundingBoxes
-        if tagged is not None and tagged.lower() != box_format:
-            raise ValueError(f"targets[{i}]['boxes']: BoundingBoxes in format {tagged}, but box_format is "
-                             f"{box_format!r}: pass box_format={tagged.lower()!r}")  # fmt: skip
-        image_boxes = torch.as_tensor(target["boxes"], dtype=torch.float32)
-        if image_boxes.numel() == 0:  # an image without boxes, however its empty tensor is shaped
-            image_boxes = image_boxes.reshape(0, 4)
-        elif image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
-            raise ValueError(f"targets[{i}]['boxes']: expected shape [N, 4], got {list(image_boxes.shape)}")
+        image_boxes = _box_rows(target["boxes"], f"targets[{i}]['boxes']", box_format)
         boxes.append(image_boxes)
         counts.append(image_boxes.shape[0])
         if "labels" in target:
@@ -76,6 +71,71 @@ def boxes_of(
         raise ValueError("targets: give 'labels' for every image or for none")
     classes = torch.cat(labels) if labels else None
     return torch.cat(boxes).cpu(), counts, None if classes is None else classes.cpu()
+
+
+def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
+    """One image's boxes as ``Tensor[N, 4]`` float32, however an empty set is shaped."""
+    tagged = getattr(getattr(value, "format", None), "name", None)  # tv_tensors.BoundingBoxes
+    if tagged is not None and tagged.lower() != box_format:
+        raise ValueError(f"{where}: BoundingBoxes in format {tagged}, but box_format is {box_format!r}: "
+                         f"pass box_format={tagged.lower()!r}")  # fmt: skip
+    rows = torch.as_tensor(value, dtype=torch.float32)
+    if rows.numel() == 0:
+        return rows.reshape(0, 4)
+    if rows.dim() != 2 or rows.shape[1] != 4:
+        raise ValueError(f"{where}: expected shape [N, 4], got {list(rows.shape)}")
+    return rows
+
+
+# Per-image keys of a target dict beyond boxes and labels, and the request fields they make:
+# each image's valid and padded size (mmdet's img_shape and pad_shape, for the border rules
+# and each level's valid anchors). Crowd regions come as "ignore_boxes".
+_SIZE_KEYS = {"image_size": "image_sizes", "pad_size": "pad_sizes"}
+
+
+def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[str, Any]:
+    """The request fields the batch's images carry: ``ignore_boxes`` + ``ignore_counts``
+    (an image without the key has none), ``image_sizes``, ``pad_sizes`` (every image or none)."""
+    fields: dict[str, Any] = {}
+    if any("ignore_boxes" in target for target in targets):
+        ignore = [_box_rows(target.get("ignore_boxes", ()), f"targets[{i}]['ignore_boxes']", box_format)
+                  for i, target in enumerate(targets)]  # fmt: skip
+        fields["ignore_boxes"] = torch.cat(ignore).cpu()
+        fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
+    for key, field in _SIZE_KEYS.items():
+        carried = [key in target for target in targets]
+        if not any(carried):
+            continue
+        if not all(carried):
+            raise ValueError(f"targets[{carried.index(False)}]: no {key!r}, but other images have one: "
+                             "give it for every image or for none")  # fmt: skip
+        fields[field] = torch.stack([_size(target[key], f"targets[{i}][{key!r}]") for i, target in enumerate(targets)])
+    return fields
+
+
+def _size(value: Any, where: str) -> torch.Tensor:
+    """An image's (height, width) in integer pixels."""
+    size = torch.as_tensor(value).reshape(-1)
+    if size.is_floating_point() or size.is_complex() or size.dtype == torch.bool:
+        raise TypeError(f"{where}: expected integer pixels (height, width), got {size.dtype}")
+    if size.numel() != 2:
+        raise ValueError(f"{where}: expected (height, width), got {size.numel()} values")
+    return size.to(torch.int64).cpu()
+
+
+def _batch_request(images: Any, targets: Sequence[Mapping[str, Any]], canvas: Sequence[int] | None,
+                   options: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The assign arguments of one batch: its boxes, counts, classes and canvas, and the
+    per-image fields its target dicts carry (refused when also given as options)."""
+    box_format = options.get("box_format", "xyxy")
+    boxes, counts, classes = boxes_of(targets, box_format)
+    request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
+               "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
+    for field, value in _per_image(targets, box_format).items():
+        if field in options:
+            raise ValueError(f"{field}: given as an option and by the batch's target dicts: give one")
+        request[field] = value
+    return request
 
 
 def _canvas(images: Any, canvas: Sequence[int] | None, batch: int) -> tuple[int, int]:
@@ -129,11 +189,16 @@ class _InProcess:
             options["ignore_boxes"] = to_xyxy(ignore, self.box_format)
         self.backend, self.densify, self.options = backend, densify, options
 
-    def __call__(self, boxes, counts, classes, canvas, image_ids=None) -> Targets | SparseTargets:
+    def __call__(self, request: Mapping[str, Any], image_ids=None) -> Targets | SparseTargets:
+        """Targets of a batch's ``_batch_request``."""
         solve = assign if self.densify else assign_sparse
-        boxes = to_xyxy(boxes, self.box_format)
+        request = dict(request)
+        for field in ("gt_boxes", "ignore_boxes"):
+            if field in request:
+                request[field] = to_xyxy(request[field], self.box_format)
+        boxes, counts, canvas = request.pop("gt_boxes"), request.pop("gt_counts"), request.pop("canvas")
         try:
-            return solve(boxes, counts, canvas, self.config, gt_classes=classes, backend=self.backend, **self.options)
+            return solve(boxes, counts, canvas, self.config, backend=self.backend, **self.options, **request)
         except ValueError as exc:
             if image_ids is None:
                 raise
@@ -173,7 +238,8 @@ def with_targets(
 ) -> Iterator[tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]]:
     """``(images, targets, assigned)`` for every batch, in order (see the module docstring).
 
-    ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...) and mean
+    ``options`` go to every request (``seed``, ``overrides``, ``delta_dtype``, ...; what
+    differs per image comes in its target dict, see the module docstring) and mean
     the same in-process, where those that only shape the wire or bound a call
     (``delta_dtype``, ``return_classes``, ``format``, ``timeout``) have no effect. One
     difference: through a client the default SPARSE responses carry no matched box for
@@ -195,16 +261,16 @@ def with_targets(
     check_densify(densify, options)
     target_config = _config(preset, config)
     if client is None:
-        return _in_process(batches, _InProcess(target_config, backend, densify, options), canvas, densify, device)
+        solve = _InProcess(target_config, backend, densify, options)
+        return _in_process(batches, solve, canvas, densify, device, options)
     return _pipelined(batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device,
                       options)  # fmt: skip
 
 
-def _in_process(batches, solve, canvas, densify, device):
+def _in_process(batches, solve, canvas, densify, device, options):
     for batch in batches:
         images, targets = _pair(batch)
-        boxes, counts, classes = boxes_of(targets, solve.box_format)
-        assigned = solve(boxes, counts, classes, _canvas(images, canvas, len(targets)), _image_ids(targets))
+        assigned = solve(_batch_request(images, targets, canvas, options), _image_ids(targets))
         yield images, targets, _placed(assigned, densify, device)
 
 
@@ -231,9 +297,7 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
         while not failure and len(read) < in_flight:
             try:
                 images, targets = _pair(next(source))
-                boxes, counts, classes = boxes_of(targets, options.get("box_format", "xyxy"))
-                request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
-                           "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
+                request = _batch_request(images, targets, canvas, options)
                 image_ids = _image_ids(targets)
             except Exception as exc:  # StopIteration too: the end
                 failure.append(exc)
@@ -313,10 +377,9 @@ class TargetCollate:
 
     def __call__(self, samples: list[Any]) -> tuple[Any, Sequence[Mapping[str, Any]], Targets | SparseTargets]:
         images, targets = _pair(self.collate_fn(samples))
-        boxes, counts, classes = boxes_of(targets, self.options.get("box_format", "xyxy"))
-        canvas = _canvas(images, self.canvas, len(targets))
+        request = _batch_request(images, targets, self.canvas, self.options)
         if self._in_process is not None:
-            return images, targets, self._in_process(boxes, counts, classes, canvas, _image_ids(targets))
-        assigned = self.client.assign(boxes, counts, canvas, gt_classes=classes, densify=self.densify,
-                                      image_ids=_image_ids(targets), **self.named, **self.options)  # fmt: skip
+            return images, targets, self._in_process(request, _image_ids(targets))
+        assigned = self.client.assign(**request, densify=self.densify, image_ids=_image_ids(targets),
+                                      **self.named, **self.options)  # fmt: skip
         return images, targets, assigned

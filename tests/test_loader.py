@@ -506,3 +506,74 @@ def test_torchvision_boxes_of_another_format_than_box_format_are_refused(server)
                 list(with_targets([(images, xywh)], preset=PRESET, **kwargs))
             got = [a for _, _, a in with_targets([(images, xywh)], preset=PRESET, box_format="xywh", **kwargs)]
             _same(got[0], _expected(targets))
+
+
+# The pad size limits each level's valid anchors; the image size feeds the border rule,
+# which ignores every anchor past the pad size too.
+@pytest.mark.parametrize(("border", "telling"), [(-1, "pad_sizes"), (0, "image_sizes")])
+def test_crowd_regions_and_image_sizes_come_per_image_from_the_target_dicts(server, border, telling):
+    """mmdet's crowd boxes (its ignored instances), img_shape and pad_shape differ per image:
+    as fixed options they fit no loader, so a target dict's "ignore_boxes" (an image without
+    the key has none), "image_size" and "pad_size" go into its batch's request."""
+    options = dict(preset="retinanet_mmdet", overrides={"match.ignore_iof_thr": 0.5, "match.allowed_border": border})
+    config = presets.get("retinanet_mmdet").replace(**options["overrides"])
+    extras = [
+        [{"ignore_boxes": torch.tensor([[60.0, 60.0, 128.0, 120.0]]), "image_size": (100, 150), "pad_size": (104, 160)},
+         {"image_size": (128, 128), "pad_size": (128, 128)}],
+        [{"ignore_boxes": torch.zeros(0), "image_size": torch.tensor([128, 160]), "pad_size": [128, 160]},
+         {"ignore_boxes": [[0.0, 0.0, 64.0, 64.0], [70.0, 70.0, 128.0, 128.0]], "image_size": (90, 120),
+          "pad_size": (96, 128)}],
+    ]  # fmt: skip
+    batches = _batches(2)
+    carried = [
+        (images, [{**t, **e} for t, e in zip(targets, more)]) for (images, targets), more in zip(batches, extras)
+    ]
+
+    def assigned(targets, more, dropped=None):
+        boxes, counts, classes = boxes_of(targets)
+        ignore = [torch.as_tensor(e.get("ignore_boxes", ()), dtype=torch.float32).reshape(-1, 4) for e in more]
+        fields = {"ignore_boxes": torch.cat(ignore), "ignore_counts": [len(rows) for rows in ignore],
+                  "image_sizes": [list(map(int, e["image_size"])) for e in more],
+                  "pad_sizes": [list(map(int, e["pad_size"])) for e in more]}  # fmt: skip
+        for name in dropped or ():
+            fields.pop(name)
+        return assign(boxes, counts, CANVAS, config, gt_classes=classes, backend="cpu", **fields)
+
+    expected = [assigned(targets, more) for (_, targets), more in zip(batches, extras)]
+    for dropped in (("ignore_boxes", "ignore_counts"), (telling,)):  # these fields change the targets
+        without = [assigned(targets, more, dropped) for (_, targets), more in zip(batches, extras)]
+        assert any(not torch.equal(a.labels, e.labels) for a, e in zip(without, expected)), dropped
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            got = [a for _, _, a in with_targets(carried, **options, **kwargs)]
+            collate = TargetCollate(lambda samples: samples[0], **options, **kwargs)
+            collated = [collate([batch])[2] for batch in carried]
+            for a, b, e in zip(got, collated, expected):
+                _same(a, e)
+                _same(b, e)
+
+
+def test_per_image_fields_that_cannot_be_read_are_named(server):
+    images, targets = _batches(1)[0]
+    cases = [
+        ([{"image_size": (100, 150)}, {}], ValueError,
+         r"targets\[1\]: no 'image_size', but other images have one: give it for every image or for none"),
+        ([{"pad_size": (100.0, 150.0)}, {"pad_size": (128, 160)}], TypeError,
+         r"targets\[0\]\['pad_size'\]: expected integer pixels \(height, width\), got torch.float32"),
+        ([{"image_size": (3, 100, 150)}, {"image_size": (128, 160)}], ValueError,
+         r"targets\[0\]\['image_size'\]: expected \(height, width\), got 3 values"),
+        ([{}, {"ignore_boxes": torch.ones(2, 5)}], ValueError,
+         r"targets\[1\]\['ignore_boxes'\]: expected shape \[N, 4\], got \[2, 5\]"),
+    ]  # fmt: skip
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            for extras, error, message in cases:
+                batch = (images, [{**t, **e} for t, e in zip(targets, extras)])
+                with pytest.raises(error, match=message):
+                    list(with_targets([batch], preset=PRESET, **kwargs))
+                with pytest.raises(error, match=message):
+                    TargetCollate(lambda samples: samples[0], preset=PRESET, **kwargs)([batch])
+            both = (images, [{**t, "ignore_boxes": torch.zeros(0, 4)} for t in targets])
+            with pytest.raises(ValueError, match="ignore_boxes: given as an option and by the batch's target dicts"):
+                list(with_targets([both], preset=PRESET, ignore_boxes=torch.zeros(0, 4), ignore_counts=[0, 0],
+                                  **kwargs))  # fmt: skip
