@@ -278,15 +278,27 @@ def check_root_certificates(data: bytes) -> None:
         raise ValueError(f"not PEM certificates ({reason or exc})") from None
 
 
+# Pings on a connection whose call waits, to find a server gone without a word.
+_KEEPALIVE_MS = 30_000
+# How gRPC words the GOAWAY of a server that was pinged more often than it allows.
+_TOO_MANY_PINGS = "Too many pings"
+
+# Channel options the client's own arguments set (its checks rely on them).
+_ARGUMENT_OPTIONS = {"grpc.max_send_message_length": "max_message_bytes",
+                     "grpc.max_receive_message_length": "max_message_bytes"}  # fmt: skip
+
+
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.service_config", json.dumps(service_config)),
-        ("grpc.keepalive_time_ms", 30_000),
-        *extra,
-    ]
+    """Ours, each replaced by the caller's of the same name: gRPC takes the first of two
+    (a caller's keepalive time after ours was ignored)."""
+    options = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.service_config": json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}),
+        "grpc.keepalive_time_ms": _KEEPALIVE_MS,
+    }
+    options.update(extra)
+    return list(options.items())
 
 
 # Every client of this process: a forked child starts each afresh (``_reset``).
@@ -374,6 +386,9 @@ class _Base:
         self._max_message_bytes = max_message_bytes
         if isinstance(options, Mapping) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):
             raise ValueError(f"options: expected a sequence of (name, value) pairs, got {options!r}")
+        for name, _ in options:
+            if name in _ARGUMENT_OPTIONS:
+                raise ValueError(f"options: {name} is set by the client's {_ARGUMENT_OPTIONS[name]}= argument")
         self._extra_options = list(options)
         self._options = _channel_options(max_message_bytes, [*options, *own_pool])
         self._reset()
@@ -561,6 +576,15 @@ class _Base:
                 f"the TLS server at {tried} sent a certificate this client refused: it must name the address "
                 "connected to (a certificate for localhost: connect to localhost:PORT) and be signed by "
                 f"root_certificates (command line: `--tls-ca`); last error: {failure.details}"
+            )
+            failure.args = (f"{failure.code.name}: {failure.details}",)
+            return failure
+        if error.details() == _TOO_MANY_PINGS:  # it did answer: its ping policy ended the connection
+            failure.details = (
+                f"the server at {tried} closed the connection (GOAWAY: too many pings): this client pings every "
+                f"{_KEEPALIVE_MS // 1000} s while a call waits, and the server (or a proxy in between) must allow it "
+                f"(gRPC's grpc.http2.min_ping_interval_without_data_ms <= {_KEEPALIVE_MS}; `tritarget serve` allows "
+                "10 s) or the client ping less often (options=[('grpc.keepalive_time_ms', ms)]); retries reconnect"
             )
             failure.args = (f"{failure.code.name}: {failure.details}",)
             return failure

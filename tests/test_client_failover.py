@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from test_service_harness import serve_process, sparse_view
+from test_service_harness import fake_assigner, serve_process, sparse_view
 
 from support import assert_targets_equal
-from tritarget.clients import AsyncTargetClient, TargetClient
+from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.kernels import assign, presets
 
 CANVAS = (128, 160)
@@ -87,3 +87,31 @@ def test_async_stream_survives_a_killed_replica(two_processes):
         return results
 
     _check_all(asyncio.run(run()), items)
+
+
+def _never_answers(requests, context):
+    for _ in requests:
+        pass
+    while context.is_active():
+        time.sleep(0.05)
+    return iter(())
+
+
+def test_the_callers_channel_options_take_effect_and_a_ping_policy_goaway_is_named():
+    """gRPC takes the first of two options of one name, and a caller's came after the
+    client's own: a keepalive time given in ``options=`` was ignored. A server whose ping
+    policy (gRPC's default: one ping per 5 min without data) ended the connection with
+    GOAWAY "too_many_pings" was reported as "no tritarget server answered ... Is it running?"."""
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.http2.max_pings_without_data", 0)]
+    with fake_assigner(lambda request, context: b"", _never_answers) as address:
+        with TargetClient(address, retries=0, timeout=60, options=options) as client:
+            start = time.monotonic()
+            with pytest.raises(TargetServiceError) as info:
+                list(client.stream(_requests(1), preset=PRESET, canvas=CANVAS))
+    assert time.monotonic() - start < 30  # pinged every second, not every 30
+    assert info.value.code.name == "UNAVAILABLE"
+    assert f"the server at {address} closed the connection (GOAWAY: too many pings)" in info.value.details
+    assert "Is it running?" not in info.value.details
+    for name in ("grpc.max_send_message_length", "grpc.max_receive_message_length"):
+        with pytest.raises(ValueError, match=f"options: {name} is set by the client's max_message_bytes= argument"):
+            TargetClient(address, options=[(name, 1 << 20)])
