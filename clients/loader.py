@@ -98,9 +98,9 @@ def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[st
     (an image without the key has none), ``image_sizes``, ``pad_sizes`` (every image or none)."""
     fields: dict[str, Any] = {}
     if any("ignore_boxes" in target for target in targets):
-        ignore = [_box_rows(target.get("ignore_boxes", ()), f"targets[{i}]['ignore_boxes']", box_format)
+        ignore = [_box_rows(target.get("ignore_boxes", ()), f"targets[{i}]['ignore_boxes']", box_format).cpu()
                   for i, target in enumerate(targets)]  # fmt: skip
-        fields["ignore_boxes"] = torch.cat(ignore).cpu()
+        fields["ignore_boxes"] = torch.cat(ignore)
         fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
     for key, field in _SIZE_KEYS.items():
         carried = [key in target for target in targets]
