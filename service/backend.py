@@ -373,8 +373,9 @@ class Batcher:
                     parts.append(await self._enqueue(part, None, held=True))
             finally:
                 self._held_images -= held
-            targets = _concat(parts)
-            return targets if finish is None else await self.run(finish, targets)
+            # Joined on the compute worker (megabytes of dense targets: hundreds of ms that
+            # held the event loop, and every other call with it), and finished in the same hop.
+            return await self.run(_joined, parts, finish)
         finally:
             self._in_slices -= 1
             self._set_if_idle()
@@ -706,6 +707,12 @@ def _slices(job: AssignJob, max_images: int, max_boxes: int) -> list[AssignJob]:
         ))  # fmt: skip
         start, box, ignore = end, box + boxes, ignore + ignored
     return slices
+
+
+def _joined(parts: list[Targets | SparseTargets], finish: Callable[[Targets | SparseTargets], Any] | None) -> Any:
+    """A sliced request's targets, from its slices' (or ``finish`` of them)."""
+    targets = _concat(parts)
+    return targets if finish is None else finish(targets)
 
 
 def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTargets:

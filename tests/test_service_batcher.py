@@ -17,6 +17,7 @@ from test_service_harness import sparse_view
 
 from support import assert_targets_equal, compile_keys, random_batch, record_launches
 from tritarget.kernels import Targets, assign, presets
+from tritarget.service import backend
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
 from tritarget.service.errors import InvalidInput, Overloaded
 
@@ -122,7 +123,7 @@ def test_submit_returns_what_finish_made_of_the_own_rows(generator):
 
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("preset", ["retinanet_torchvision", "fasterrcnn_rpn_torchvision"])
-def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, preset, sparse):
+def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, preset, sparse, monkeypatch):
     """Sliced by images and boxes (with ignore boxes, classes, sizes and sampling seeds per
     image), computed slice after slice, and put back together: the same targets."""
     counts = [4, 0, 9, 2, 3, 12, 1, 5]
@@ -134,6 +135,10 @@ def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, pres
                     ignore_counts=ignore_counts, image_sizes=sizes, seed=11, sparse=sparse)  # fmt: skip
     expected = assign(boxes, counts, CANVAS, presets.get(preset), gt_classes=classes, ignore_boxes=ignore_boxes,
                       ignore_counts=ignore_counts, image_sizes=sizes, seed=11, backend="reference")  # fmt: skip
+
+    joined_on = []
+    real_concat = backend._concat
+    monkeypatch.setattr(backend, "_concat", lambda parts: joined_on.append(threading.get_ident()) or real_concat(parts))
 
     async def run():
         batcher = Batcher("reference", BatchOptions(max_batch_images=3, max_slice_boxes=10))
@@ -147,6 +152,9 @@ def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, pres
 
     got, batches = asyncio.run(run())
     assert len(batches) > 3 and max(batches) <= 3  # it did run in slices
+    # Put together on a compute worker: megabytes of dense targets held the event loop for
+    # hundreds of milliseconds, and every other call with it.
+    assert joined_on and threading.get_ident() not in joined_on
     if not isinstance(got, Targets):
         got = Targets.from_sparse(got)
         expected = sparse_view(expected)
