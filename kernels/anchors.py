@@ -221,12 +221,18 @@ def _d2l_cells(level: AnchorLevel) -> torch.Tensor:
     return torch.stack((-w, -h, w, h)).T / 2
 
 
-def _resolve_level(config: AnchorConfig, level: AnchorLevel, canvas: tuple[int, int]) -> GridLevel:
+def _resolve_level(config: AnchorConfig, index: int, level: AnchorLevel, canvas: tuple[int, int]) -> GridLevel:
     fh, fw = feature_map_size(canvas, level)
     layout = config.layout
     if layout == "torchvision":
         # torchvision derives the stride from the padded canvas and the feature map,
         # per axis and by integer division (800 // 13 = 61 for P6 at 800 x 1344).
+        if fh > canvas[0] or fw > canvas[1]:
+            raise ValueError(
+                f"anchors.levels[{index}].feature_size: {fh} x {fw} is larger than the "
+                f"{canvas[0]} x {canvas[1]} canvas: "
+                "torchvision's stride (canvas // feature_size) would be 0, every anchor at the corner"
+            )
         return GridLevel(fh, fw, 0.0, canvas[1] // fw, canvas[0] // fh, "mul", _torchvision_cells(level))
     if layout == "detectron2":
         s = level.stride
@@ -266,7 +272,7 @@ def check_canvas(canvas: object) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
-    levels = tuple(_resolve_level(config, lv, canvas) for lv in config.levels)
+    levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     return AnchorGrid(levels, shape_major=config.layout == "yolo")
 
 

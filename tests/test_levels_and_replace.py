@@ -125,6 +125,22 @@ def test_a_feature_size_past_the_bound_is_refused_not_overflowed():
         presets.get("d2l_multibox").replace(**{"anchors.levels[0]": level})
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_torchvision_feature_map_larger_than_the_canvas_is_refused_by_every_backend(backend):
+    """torchvision's stride is canvas // feature_size: 0 here, every anchor at the corner.
+    The reference and cpu backends placed them so; the triton one refused it as "factors
+    and scales must be positive", which the caller never set."""
+    level = {"stride": 8, "sizes": [32], "aspect_ratios": [1.0], "feature_size": [20, 8]}
+    config = presets.get("retinanet_torchvision").replace(**{"anchors.levels": [level], "match.sample_size": 0})
+    boxes = torch.tensor([[1.0, 1.0, 10.0, 12.0]])
+    message = (r"anchors.levels\[0\].feature_size: 20 x 8 is larger than the 16 x 64 canvas: torchvision's stride "
+               r"\(canvas // feature_size\) would be 0")  # fmt: skip
+    for solve in (assign, assign_sparse):
+        with pytest.raises(ValueError, match=message):
+            solve(boxes, [1], (16, 64), config, backend=backend)
+    assert assign(boxes, [1], (20, 64), config, backend=backend).labels.shape == (1, 160)  # as large: fine
+
+
 @pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision"])
 def test_level_slices_split_the_anchors_by_feature_map(name):
     config = presets.get(name)
