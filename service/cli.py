@@ -89,6 +89,13 @@ def _server_options(args: argparse.Namespace):
     tls_cert, tls_key = _tls_files(args.tls_cert, args.tls_key)
     if args.metrics_host is not None and args.metrics_port is None:
         raise ValueError("--metrics-host needs --metrics-port (metrics are off without it)")
+    # Checked here, by their flags' names, not in each worker after forking.
+    if args.max_batch_images is not None and args.max_batch_images > args.max_queue_images:
+        raise ValueError(f"--max-batch-images {args.max_batch_images} is over --max-queue-images "
+                         f"{args.max_queue_images}: requests queue in slices of up to --max-batch-images")  # fmt: skip
+    if max(args.warmup_canvas) > Limits.max_canvas_side:
+        raise ValueError(f"--warmup-canvas {args.warmup_canvas[0]} {args.warmup_canvas[1]}: over the server's "
+                         f"canvas limit of {Limits.max_canvas_side} pixels a side")  # fmt: skip
     return ServerOptions(
         host=args.host,
         port=args.port,
@@ -124,10 +131,12 @@ def _server_token(args: argparse.Namespace) -> str | None:
 
     if args.token_file:
         try:
-            with open(args.token_file) as f:
+            with open(args.token_file, encoding="utf-8") as f:
                 token = f.read()
         except OSError as exc:
             raise ValueError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--token-file {args.token_file}: not UTF-8 text; put the token in it") from None
         if not token.strip():
             raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
         return bearer_token(token, f"--token-file {args.token_file}")
@@ -175,11 +184,14 @@ def _passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
+
+
 def _serve(args: argparse.Namespace) -> int:
     _passive_openmp()
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT.format(who=""))
     try:
         options = _server_options(args)
         cores = _usable_cores()
@@ -187,6 +199,9 @@ def _serve(args: argparse.Namespace) -> int:
         if options.metrics_port and options.metrics_port + workers - 1 > 65535:
             raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
                              "metrics on --metrics-port + i, which must be at most 65535")  # fmt: skip
+        if options.metrics_port and options.metrics_port <= options.port < options.metrics_port + workers:
+            raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
+                             f"metrics on --metrics-port + i, and one would be --port {options.port}")  # fmt: skip
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
@@ -281,13 +296,21 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     with 0); each gets an equal share of the cores for torch."""
     import dataclasses
 
-    from .server import serve
+    from .server import bind_refusal, host_port, serve
 
     _check_port_free(options.host, options.port)
+    for i in range(workers if options.metrics_port else 0):  # else one worker would serve, then all stop
+        port = options.metrics_port + i
+        host = options.metrics_host or options.host
+        refusal = bind_refusal(host, port)
+        if refusal is not None:
+            raise OSError(f"metrics port {host_port(host, port)} (worker {i}) {refusal}")
     threads = max(1, cores // workers)
     parent, children = os.getpid(), []
+    stopping = []  # set once the workers are told to stop: until then any worker's exit is a failure
 
     def forward(signum, frame) -> None:
+        stopping.append(signum)
         for child in children:
             try:
                 os.kill(child, signum)
@@ -307,6 +330,8 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         pid = os.fork()
         if pid == 0:
             _end_with(parent)
+            for handler in logging.getLogger().handlers:  # the workers share stderr
+                handler.setFormatter(logging.Formatter(_LOG_FORMAT.format(who=f"[worker {i}] ")))
             import torch
 
             torch.set_num_threads(threads)
@@ -325,7 +350,9 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         pid, code = os.waitpid(-1, 0)
         running.discard(pid)
         code = os.waitstatus_to_exitcode(code)  # negative: killed by that signal
-        if code and not status:
+        # A worker that failed, or stopped on its own (a signal sent to it alone drains it
+        # and it exits 0): the others would serve on, short of it, with nothing said.
+        if (code or not stopping) and not status:
             status = code if code > 0 else 1  # 2: a usage error (bad flag, port taken), as one process
             if running:
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -401,7 +428,7 @@ def _up(args: argparse.Namespace) -> int:
     _passive_openmp()
     from .server import host_port, serve
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT.format(who=""))
     try:
         options = _server_options(args)
     except (ValueError, OSError) as exc:

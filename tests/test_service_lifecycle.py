@@ -251,7 +251,9 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                           (["serve", "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(empty)],
                            f"--tls-cert {tmp_path / 'missing.pem'}: No such file or directory"),
                           (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "65535"],
-                           "--metrics-port 65535 with 2 workers: worker i serves metrics on")):  # fmt: skip
+                           "--metrics-port 65535 with 2 workers: worker i serves metrics on"),
+                          (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "50050"],
+                           "on --metrics-port + i, and one would be --port 50051")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
@@ -407,24 +409,75 @@ def test_cli_serve_workers_stop_when_their_parent_is_killed():
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend loads where there is a GPU")
 def test_cli_serve_workers_exit_2_for_a_usage_error_found_in_a_worker():
-    """A worker whose metrics port is taken fails as one process would: exit 2 (a usage
-    error, not a crash to restart), each worker's error on a line of its own."""
+    """A worker that finds a usage error (here: the triton backend without a GPU or its
+    interpreter) fails as one process would: exit 2 (not a crash to restart), each
+    worker's error on a line of its own."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        metrics_port = busy.getsockname()[1]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers",
+                           "2", "--backend", "triton", "--warmup-canvas", "64", "64"], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    failed = [line for line in done.stderr.splitlines() if "failed:" in line]
+    assert failed and all(re.fullmatch(r"\[worker \d\] failed: backend 'triton' .*cannot run here.*", line)
+                          for line in failed), done.stderr  # fmt: skip
+
+
+def test_cli_serve_workers_refuse_a_busy_metrics_port_before_any_starts():
+    """Worker 1's metrics port (--metrics-port + 1) taken: worker 0 served, worker 1
+    failed, and then all stopped. Now every worker's port is checked before any starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with contextlib.ExitStack() as held:
+        for _ in range(50):  # a busy port whose predecessor is free
+            busy = held.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            metrics_port = busy.getsockname()[1] - 1
+            with socket.socket() as probe:
+                if metrics_port != port and probe.connect_ex(("127.0.0.1", metrics_port)) != 0:
+                    break
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers",
                                "2", "--backend", "cpu", "--warmup-canvas", "64", "64", "--metrics-port",
                                str(metrics_port)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr
-    failed = [line for line in done.stderr.splitlines() if "failed:" in line]
-    assert failed and all(re.fullmatch(r"\[worker \d\] failed: metrics port .*Address already in use", line)
-                          for line in failed), done.stderr  # fmt: skip
+    assert (f"tritarget serve: metrics port 127.0.0.1:{metrics_port + 1} (worker 1) (in use?): Address already in use"
+            in done.stderr), done.stderr  # fmt: skip
+    assert "[worker" not in done.stdout + done.stderr  # none started
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_cli_serve_workers_stop_together_when_one_stops_on_its_own():
+    """A worker sent SIGTERM alone drains and exits 0: the parent served on with one worker
+    fewer and said nothing. Now the others stop too and the parent exits 1. The workers'
+    log lines say which worker wrote them (they share stderr)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
+                        "64", "--grace", "1")  # fmt: skip
+    workers = []
+    try:
+        _, started = read_until(process, r"health is SERVING", count=2)
+        assert "INFO [worker 0] tritarget." in started and "INFO [worker 1] tritarget." in started, started
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            workers += [int(pid) for pid in f.read().split()]
+        os.kill(workers[0], signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 1, out
+        assert "a worker stopped (exit code 0); stopping the others" in out, out
+        assert not os.path.exists(f"/proc/{workers[1]}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -637,8 +690,10 @@ def test_cli_serve_goes_on_serving_when_its_stdout_closes():
     [
         (["--token-file", "/no/such/token"], {}, "--token-file /no/such/token: No such file or directory"),
         # A canvas no request may use, allocated before the port answered (22.5 GB here).
-        (["--warmup-canvas", "100000", "100000"], {}, "warmup_canvas: 100000 x 100000 is over the server's canvas"),
+        (["--warmup-canvas", "100000", "100000"], {}, "--warmup-canvas 100000 100000: over the server's canvas"),
         (["--metrics-host", "127.0.0.1"], {}, "--metrics-host needs --metrics-port"),
+        # Refused by their flags' names, before any worker starts (not as max_batch_images in each).
+        (["--max-batch-images", "2000"], {}, "--max-batch-images 2000 is over --max-queue-images 1024"),
         ([], {"TRITARGET_TOKEN": "s3\x01cret"}, "TRITARGET_TOKEN: the token has characters an HTTP header cannot"),
     ],
 )
@@ -647,6 +702,13 @@ def test_cli_refuses_server_settings_that_cannot_work(flags, env, message, monke
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=re.escape(message)):  # `serve` prints it and exits 2
         _server_options(build_parser().parse_args(["serve", "--port", "0", *flags]))
+
+
+def test_cli_names_a_token_file_that_is_not_text(tmp_path):
+    binary = tmp_path / "token"
+    binary.write_bytes(b"abc\xff\n")
+    with pytest.raises(ValueError, match=re.escape(f"--token-file {binary}: not UTF-8 text")):
+        _server_options(build_parser().parse_args(["serve", "--port", "0", "--token-file", str(binary)]))
 
 
 def test_a_token_with_a_trailing_newline_is_the_token(monkeypatch):
