@@ -142,6 +142,9 @@ class SparseTargets:
             value = getattr(self, name)
             if value is not None and (value.dtype == torch.bool or value.is_floating_point() or value.is_complex()):
                 raise TypeError(f"{name}: expected integers, got {value.dtype}")
+        if self.positive_offsets.dim() != 1 or batch < 0:  # the batch size is read from it
+            raise ValueError(f"positive_offsets: shape {list(self.positive_offsets.shape)}, expected [batch_size + 1] "
+                             "(at least the one offset of an empty batch)")  # fmt: skip
         for name in ("positive_offsets", "ignored_offsets"):
             offsets = getattr(self, name)
             if offsets.dim() != 1 or offsets.numel() != batch + 1:

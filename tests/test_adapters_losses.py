@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from support import random_batch
-from tritarget.kernels import Targets, assign, assign_sparse, generate_anchors, presets
+from tritarget.kernels import SparseTargets, Targets, assign, assign_sparse, generate_anchors, presets
 from tritarget.kernels.adapters import detectron2_targets, mmdet_targets, torchvision_matched_idxs
 from tritarget.kernels.losses import box_regression_loss, retinanet_loss, rpn_loss, sigmoid_focal_loss, ssd_loss
 
@@ -293,6 +293,19 @@ def test_losses_refuse_lists_of_the_wrong_shape(field, message):
     for call in _all_losses():
         with pytest.raises(ValueError, match=message):
             call(_broken(field))
+
+
+def test_lists_without_offsets_are_refused_naming_them():
+    """No offsets read as a batch of -1 images: the shape check passed and every use failed
+    with an IndexError."""
+    none = torch.zeros(0, dtype=torch.int64)
+    sparse = SparseTargets(num_anchors=4, positive_offsets=none, positive_anchors=none.int(),
+                           positive_matched_gt=none.int(), positive_deltas=torch.zeros(0, 4), ignored_offsets=none,
+                           ignored_anchors=none.int())  # fmt: skip
+    message = r"positive_offsets: shape \[0\], expected \[batch_size \+ 1\] \(at least the one offset"
+    for use in (sparse.check, sparse.to_dense, lambda: rpn_loss(torch.zeros(0, 4), torch.zeros(0, 4, 4), sparse)):
+        with pytest.raises(ValueError, match=message):
+            use()
 
 
 def _all_losses() -> list:
