@@ -36,7 +36,11 @@
   with its ``code`` and ``details`` (torch rebuilds it from its message).
 * Fork-safe and picklable: channels are made lazily per process and are not part of
   the pickled state, so a client handed to ``DataLoader`` workers (fork, spawn or
-  forkserver) opens its own channels in each worker.
+  forkserver) opens its own channels in each worker. gRPC's asyncio channels do not
+  survive ``fork()``: an ``AsyncTargetClient`` whose channels were open when its process
+  forked refuses to work in the child (spawn or forkserver, or a client opened there).
+  An ``AsyncTargetClient`` serves one event loop at a time (another loop reopens its
+  channels): give each loop of a multi-threaded program its own.
 """
 
 from __future__ import annotations
@@ -1107,9 +1111,35 @@ class TargetClient(_Base):
         return decode_anchors(self._call("GetAnchors", request, timeout), request)
 
 
+def _cancelled_by_caller() -> bool:
+    """Whether the running task itself is being cancelled, not only a gRPC call it awaits
+    (which raises the same CancelledError). Python 3.10 cannot say: False there."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+def _closed_under_call() -> TargetServiceError:
+    return TargetServiceError(grpc.StatusCode.CANCELLED, "the client was closed while this call waited")
+
+
 class AsyncTargetClient(_Base):
     """asyncio client with the same methods as ``TargetClient`` (coroutines; ``stream``
     is an async iterator). Use it as an ``async with`` context manager."""
+
+    def _reset(self) -> None:
+        # Channels open at a fork() crash or hang the child when it uses gRPC: refused there.
+        owner = getattr(self, "_owner", None)
+        self._forked_open = owner is not None and owner[0] != os.getpid()
+        super()._reset()
+
+    def _open_all(self) -> None:
+        if self._forked_open:
+            raise RuntimeError(
+                "AsyncTargetClient: this process was forked while the client's channels were open, and gRPC's "
+                "asyncio channels do not survive fork() (the child crashes or hangs): start workers with spawn or "
+                "forkserver, close the client before forking, or open a client in the child"
+            )
+        super()._open_all()
 
     def _open(self, target: str) -> grpc.aio.Channel:
         if self._tls:
@@ -1139,6 +1169,7 @@ class AsyncTargetClient(_Base):
         self._count(calls=1)
         for attempt in itertools.count():
             index = self._endpoint()
+            channels = self._channels
             try:
                 rpc = getattr(self._stubs[index], method)
                 response = await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
@@ -1146,6 +1177,12 @@ class AsyncTargetClient(_Base):
                 return response
             except grpc.RpcError as error:
                 await asyncio.sleep(self._retry_after(error, index, attempt, deadline, started))
+            except asyncio.CancelledError:
+                # grpc.aio cancels the calls of a channel being closed: an error of the call,
+                # as the blocking client raises, not the caller's task cancelled.
+                if self._channels is not channels and not _cancelled_by_caller():
+                    raise _closed_under_call() from None
+                raise
 
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         """See ``TargetClient.wait_until_ready``."""
@@ -1219,6 +1256,7 @@ class AsyncTargetClient(_Base):
         try:
             while True:
                 index = self._endpoint()
+                channels = self._channels
                 call = self._stubs[index].AssignStream(
                     unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
                 )
@@ -1235,7 +1273,11 @@ class AsyncTargetClient(_Base):
                     self._ended(unanswered)
                     return
                 except (grpc.RpcError, asyncio.CancelledError) as error:
-                    if isinstance(error, asyncio.CancelledError):  # the watchdog's cancel, or the caller's
+                    if isinstance(error, asyncio.CancelledError):  # the caller's, the watchdog's or close()'s
+                        if _cancelled_by_caller():
+                            raise
+                        if self._channels is not channels:
+                            raise _closed_under_call() from None
                         if watchdog is None or not watchdog.fired:
                             raise
                         error = self._silent(index, watchdog)

@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import os
 import pickle
 import re
+import select
+import signal
 import socket
+import sys
 import threading
 import time
 
@@ -16,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from test_service_harness import ServerThread, peer_recording_server
+from test_service_harness import ServerThread, fake_assigner, peer_recording_server
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients import client as client_module
@@ -26,6 +30,7 @@ from tritarget.service.backend import BatchOptions
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+PRESET = "retinanet_torchvision"
 
 
 def _free_port() -> int:
@@ -1083,3 +1088,101 @@ def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answer
     finally:
         starter.join()
         server.stop()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 cannot tell a task's cancellation from a call's")
+def test_a_callers_cancellation_as_the_watchdog_fires_is_not_lost():
+    """The watchdog cancels a silent endpoint's call, and the stream moves on; the caller's
+    own cancellation arriving within the milliseconds that takes (``wait_for`` with the
+    same timeout) was taken for the watchdog's: the answer came back late instead. Here
+    the caller cancels in the very moment the watchdog fires."""
+    with _hung_server() as hung, ServerThread() as good:
+
+        async def run():
+            async with AsyncTargetClient([hung.address, good.address], timeout=30, try_timeout=0.5) as client:
+                answers = client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}], preset=PRESET, canvas=CANVAS)
+                waiting = asyncio.ensure_future(answers.__anext__())
+                watchdog = client._watchdog
+
+                def cancelled_as_it_fires(attempt, deadline, reconnect, unanswered, cancel, schedule):
+                    def both():
+                        cancel()
+                        waiting.cancel()
+
+                    return watchdog(attempt, deadline, reconnect, unanswered, both, schedule)
+
+                client._watchdog = cancelled_as_it_fires
+                try:
+                    with pytest.raises(asyncio.CancelledError):
+                        await waiting
+                finally:
+                    await answers.aclose()
+
+        asyncio.run(run())
+
+
+def _slow(request, context):
+    time.sleep(1.0)
+    return b""
+
+
+def _slow_stream(requests, context):
+    for _ in requests:
+        time.sleep(1.0)
+        yield b""
+
+
+def test_closing_the_async_client_under_its_calls_fails_them_as_the_blocking_one_does():
+    """grpc.aio cancels the calls of a channel being closed: they raised a bare
+    CancelledError in tasks nobody cancelled (a TaskGroup reads that as its own
+    cancellation); the blocking client raises TargetServiceError CANCELLED."""
+    with fake_assigner(_slow, _slow_stream) as address:
+
+        async def run(use):
+            client = AsyncTargetClient(address, timeout=10)
+            closing = asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(client.close()))
+            try:
+                with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
+                    await use(client)
+            finally:
+                closing.cancel()
+                await client.close()
+
+        async def stream(client):
+            return [t async for t in client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}], preset=PRESET,
+                                                   canvas=CANVAS)]  # fmt: skip
+
+        asyncio.run(run(lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET)))
+        asyncio.run(run(stream))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork()")
+def test_an_async_client_open_at_a_fork_refuses_to_work_in_the_child():
+    """gRPC's asyncio channels do not survive fork(): a child that used the parent's open
+    client crashed (SIGSEGV, abort) or hung. It now refuses, naming what to do instead."""
+    with ServerThread() as srv:
+
+        async def used(client):
+            await client.assign(BOXES, [2], CANVAS, preset=PRESET)
+
+        client = AsyncTargetClient(srv.address)
+        asyncio.run(used(client))  # its channels stay open: never closed
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what the first use raised, and leave without cleanup
+            try:
+                asyncio.run(used(client))
+                said = "no error"
+            except BaseException as exc:  # noqa: BLE001 - whatever it is goes to the parent
+                said = f"{type(exc).__name__}: {exc}"
+            os.write(write, said.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            answered, _, _ = select.select([pipe], [], [], 60)
+            if not answered:  # it hung in gRPC, as before
+                os.kill(pid, signal.SIGKILL)
+            said = pipe.read() if answered else "hung"
+        os.waitpid(pid, 0)
+    assert said.startswith("RuntimeError: AsyncTargetClient: this process was forked while the client's channels"), said
+    assert "spawn or forkserver" in said
