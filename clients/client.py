@@ -584,11 +584,12 @@ class _Base:
             failure.args = (f"{failure.code.name}: {failure.details}",)
             return failure
         if error.details() == _TOO_MANY_PINGS:  # it did answer: its ping policy ended the connection
+            every = dict(self._options)["grpc.keepalive_time_ms"]
             failure.details = (
                 f"the server at {tried} closed the connection (GOAWAY: too many pings): this client pings every "
-                f"{_KEEPALIVE_MS // 1000} s while a call waits, and the server (or a proxy in between) must allow it "
-                f"(gRPC's grpc.http2.min_ping_interval_without_data_ms <= {_KEEPALIVE_MS}; `tritarget serve` allows "
-                "10 s) or the client ping less often (options=[('grpc.keepalive_time_ms', ms)]); retries reconnect"
+                f"{every} ms while a call waits, and the server (or a proxy in between) must allow it (gRPC's "
+                f"grpc.http2.min_ping_interval_without_data_ms <= {every}; `tritarget serve` allows 10000) or the "
+                "client ping less often (options=[('grpc.keepalive_time_ms', ms)]); retries reconnect"
             )
             failure.args = (f"{failure.code.name}: {failure.details}",)
             return failure
@@ -1111,11 +1112,17 @@ class TargetClient(_Base):
         return decode_anchors(self._call("GetAnchors", request, timeout), request)
 
 
-def _cancelled_by_caller() -> bool:
-    """Whether the running task itself is being cancelled, not only a gRPC call it awaits
-    (which raises the same CancelledError). Python 3.10 cannot say: False there."""
+def _cancellations() -> int:
+    """The running task's cancellation requests so far (Python 3.10 does not count: 0).
+    One that grows while a gRPC call is awaited is the caller's; the call's own
+    cancellation (a watchdog's, a channel closed) raises the same CancelledError without
+    it. Compared with the count before, not with 0: a task may have caught one earlier."""
     cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
+    return cancelling() if cancelling is not None else 0
+
+
+# Asyncio channels (and their stubs) a forked child inherited open: never freed there.
+_INHERITED: list = []
 
 
 def _closed_under_call() -> TargetServiceError:
@@ -1127,9 +1134,12 @@ class AsyncTargetClient(_Base):
     is an async iterator). Use it as an ``async with`` context manager."""
 
     def _reset(self) -> None:
-        # Channels open at a fork() crash or hang the child when it uses gRPC: refused there.
+        # Channels open at a fork() crash or hang the child when it uses gRPC: refused there,
+        # and kept (freed, they crashed the child at once).
         owner = getattr(self, "_owner", None)
         self._forked_open = owner is not None and owner[0] != os.getpid()
+        if self._forked_open:
+            _INHERITED.append((self._channels, self._stubs))
         super()._reset()
 
     def _open_all(self) -> None:
@@ -1169,7 +1179,7 @@ class AsyncTargetClient(_Base):
         self._count(calls=1)
         for attempt in itertools.count():
             index = self._endpoint()
-            channels = self._channels
+            channels, cancellations = self._channels, _cancellations()
             try:
                 rpc = getattr(self._stubs[index], method)
                 response = await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
@@ -1180,7 +1190,7 @@ class AsyncTargetClient(_Base):
             except asyncio.CancelledError:
                 # grpc.aio cancels the calls of a channel being closed: an error of the call,
                 # as the blocking client raises, not the caller's task cancelled.
-                if self._channels is not channels and not _cancelled_by_caller():
+                if self._channels is not channels and _cancellations() == cancellations:
                     raise _closed_under_call() from None
                 raise
 
@@ -1256,7 +1266,7 @@ class AsyncTargetClient(_Base):
         try:
             while True:
                 index = self._endpoint()
-                channels = self._channels
+                channels, cancellations = self._channels, _cancellations()
                 call = self._stubs[index].AssignStream(
                     unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
                 )
@@ -1268,13 +1278,14 @@ class AsyncTargetClient(_Base):
                         if watchdog is not None:
                             watchdog.answered()
                         yield self._streamed(unanswered, response, densify, return_exceptions)
+                        cancellations = _cancellations()  # resumed, maybe by another task (wait_for)
                         if watchdog is not None:
                             watchdog.reading()
                     self._ended(unanswered)
                     return
                 except (grpc.RpcError, asyncio.CancelledError) as error:
                     if isinstance(error, asyncio.CancelledError):  # the caller's, the watchdog's or close()'s
-                        if _cancelled_by_caller():
+                        if _cancellations() > cancellations:
                             raise
                         if self._channels is not channels:
                             raise _closed_under_call() from None

@@ -95,10 +95,11 @@ _SIZE_KEYS = {"image_size": "image_sizes", "pad_size": "pad_sizes"}
 
 def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[str, Any]:
     """The request fields the batch's images carry: ``ignore_boxes`` + ``ignore_counts``
-    (an image without the key has none), ``image_sizes``, ``pad_sizes`` (every image or none)."""
+    (an image without the key, or with None, has none), ``image_sizes``, ``pad_sizes``
+    (every image or none)."""
     fields: dict[str, Any] = {}
-    if any("ignore_boxes" in target for target in targets):
-        ignore = [_box_rows(target.get("ignore_boxes", ()), f"targets[{i}]['ignore_boxes']", box_format).cpu()
+    if any(target.get("ignore_boxes") is not None for target in targets):
+        ignore = [_box_rows(_or_none(target.get("ignore_boxes")), f"targets[{i}]['ignore_boxes']", box_format).cpu()
                   for i, target in enumerate(targets)]  # fmt: skip
         fields["ignore_boxes"] = torch.cat(ignore)
         fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
@@ -111,6 +112,11 @@ def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[st
                              "give it for every image or for none")  # fmt: skip
         fields[field] = torch.stack([_size(target[key], f"targets[{i}][{key!r}]") for i, target in enumerate(targets)])
     return fields
+
+
+def _or_none(boxes: Any) -> Any:
+    """An image's ignore boxes; it has none without the key or with None."""
+    return () if boxes is None else boxes
 
 
 def _size(value: Any, where: str) -> torch.Tensor:

@@ -514,7 +514,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"
     )
-    parser.add_argument("--max-batch-images", type=integer(1),
+    # At most what one triton launch takes (CUDA's grid limit on the image axis).
+    parser.add_argument("--max-batch-images", type=integer(1, 65_535),
                         help="images per merged batch (default: 128 on a CPU, 64 on a GPU)")  # fmt: skip
     parser.add_argument("--max-queue-delay-ms", type=number(0, high=10_000), default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip

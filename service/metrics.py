@@ -59,7 +59,8 @@ class Metrics:
         )
         self.unsent_bytes = Gauge(
             "tritarget_unsent_response_bytes",
-            "Bytes of responses built and not yet taken by their callers (bounded by max_unsent_bytes)",
+            "Bytes of responses built, or being built (DENSE, GetAnchors), and not yet taken by their callers "
+            "(bounded by max_unsent_bytes)",
             registry=reg,
         )
         self._http = None

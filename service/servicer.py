@@ -122,7 +122,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def _held_while(self, bound: int, compute: Callable[[], Awaitable[tuple[Any, int]]]) -> tuple[Any, int]:
         """``compute()``'s response and size, with ``bound`` bytes (at least its size) held
         for it before it starts; what it did not use is let go."""
-        self._hold(bound)
+        self._hold(bound, built=False)
         try:
             response, size = await compute()
         except BaseException:
@@ -131,15 +131,17 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._let_go(bound - size)
         return response, size
 
-    def _hold(self, size: int) -> None:
-        """Count a response of ``size`` bytes as built (or about to be) and not yet taken by its caller;
-        refused (RESOURCE_EXHAUSTED) where that would pass ``max_unsent_bytes``, unless it
-        is the only one (the message limit bounds it)."""
+    def _hold(self, size: int, *, built: bool = True) -> None:
+        """Count a response of ``size`` bytes, ``built`` or about to be, as not yet taken by
+        its caller; refused (RESOURCE_EXHAUSTED) where that would pass ``max_unsent_bytes``,
+        unless it is the only one (the message limit bounds it)."""
         limit = self._limits.max_unsent_bytes
         if self._unsent and self._unsent + size > limit:
+            fate = "was dropped" if built else "is refused before it is computed"
             raise Overloaded(
-                f"server busy: {self._unsent} bytes of responses are waiting for their callers to read them "
-                f"(limit {limit}); this {size}-byte response was dropped: retry with backoff or use another replica"
+                f"server busy: {self._unsent} bytes of responses are being built or waiting for their callers to "
+                f"read them (limit {limit}); this {size}-byte response {fate}: retry with backoff or use another "
+                "replica"
             )
         self._unsent += size
         self._metrics.unsent_bytes.set(self._unsent)

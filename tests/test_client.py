@@ -9,9 +9,8 @@ import multiprocessing
 import os
 import pickle
 import re
-import select
-import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from test_service_harness import ServerThread, fake_assigner, peer_recording_server
+from test_service_harness import ServerThread, fake_assigner, peer_recording_server, serve_process
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients import client as client_module
@@ -1121,6 +1120,24 @@ def test_a_callers_cancellation_as_the_watchdog_fires_is_not_lost():
         asyncio.run(run())
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 does not count a task's cancellations")
+def test_a_stream_fails_over_in_a_task_that_once_caught_a_cancellation():
+    """A task that caught a cancellation without ``uncancel()`` counts it for good: read as
+    the caller cancelling, a silent endpoint's call ended the stream (CancelledError)
+    instead of moving on."""
+    with _hung_server() as hung, ServerThread() as good:
+
+        async def run():
+            asyncio.current_task().cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(1)
+            async with AsyncTargetClient([hung.address, good.address], timeout=30, try_timeout=0.5) as client:
+                items = [{"gt_boxes": BOXES, "gt_counts": [2]}]
+                return [t async for t in client.stream(items, preset=PRESET, canvas=CANVAS)]
+
+        assert len(asyncio.run(run())) == 1
+
+
 def _slow(request, context):
     time.sleep(1.0)
     return b""
@@ -1156,33 +1173,43 @@ def test_closing_the_async_client_under_its_calls_fails_them_as_the_blocking_one
         asyncio.run(run(stream))
 
 
+# Run in a fresh interpreter: gRPC's state at a fork depends on what the process did
+# before (servers in this one change it), and a deployment's trainer ran no server.
+_FORK_WITH_AN_OPEN_CLIENT = """
+import asyncio, os, sys, torch
+from tritarget.clients import AsyncTargetClient
+
+async def used(client):
+    await client.assign(torch.tensor([[10.0, 10.0, 60.0, 50.0]]), [1], (96, 128), preset="retinanet_torchvision")
+
+client = AsyncTargetClient(sys.argv[1])
+asyncio.run(used(client))  # its channels stay open: never closed
+pid = os.fork()
+if pid == 0:
+    try:
+        asyncio.run(used(client))
+        said = "no error"
+    except BaseException as exc:
+        said = f"{type(exc).__name__}: {exc}"
+    print(f"child: {said}", flush=True)
+    os._exit(0)
+print(f"child status: {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}", flush=True)
+os._exit(0)
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork()")
 def test_an_async_client_open_at_a_fork_refuses_to_work_in_the_child():
     """gRPC's asyncio channels do not survive fork(): a child that used the parent's open
-    client crashed (SIGSEGV, abort) or hung. It now refuses, naming what to do instead."""
-    with ServerThread() as srv:
-
-        async def used(client):
-            await client.assign(BOXES, [2], CANVAS, preset=PRESET)
-
-        client = AsyncTargetClient(srv.address)
-        asyncio.run(used(client))  # its channels stay open: never closed
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report what the first use raised, and leave without cleanup
-            try:
-                asyncio.run(used(client))
-                said = "no error"
-            except BaseException as exc:  # noqa: BLE001 - whatever it is goes to the parent
-                said = f"{type(exc).__name__}: {exc}"
-            os.write(write, said.encode())
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as pipe:
-            answered, _, _ = select.select([pipe], [], [], 60)
-            if not answered:  # it hung in gRPC, as before
-                os.kill(pid, signal.SIGKILL)
-            said = pipe.read() if answered else "hung"
-        os.waitpid(pid, 0)
-    assert said.startswith("RuntimeError: AsyncTargetClient: this process was forked while the client's channels"), said
-    assert "spawn or forkserver" in said
+    client crashed (SIGSEGV, abort) or hung. It now refuses, naming what to do instead.
+    The server is another process, as in a deployment."""
+    server, port = serve_process("--backend", "cpu", "--warmup-canvas", "64", "64")
+    try:
+        done = subprocess.run([sys.executable, "-c", _FORK_WITH_AN_OPEN_CLIENT, f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        server.kill()
+    assert "child status: 0" in done.stdout, (done.stdout, done.stderr)  # not killed by a signal
+    assert ("child: RuntimeError: AsyncTargetClient: this process was forked while the client's channels were open"
+            in done.stdout), done.stdout  # fmt: skip
+    assert "spawn or forkserver" in done.stdout

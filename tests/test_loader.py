@@ -520,7 +520,7 @@ def test_crowd_regions_and_image_sizes_come_per_image_from_the_target_dicts(serv
     extras = [
         [{"ignore_boxes": torch.tensor([[60.0, 60.0, 128.0, 120.0]]), "image_size": (100, 150), "pad_size": (104, 160)},
          {"image_size": (128, 128), "pad_size": (128, 128)}],
-        [{"ignore_boxes": torch.zeros(0), "image_size": torch.tensor([128, 160]), "pad_size": [128, 160]},
+        [{"ignore_boxes": None, "image_size": torch.tensor([128, 160]), "pad_size": [128, 160]},
          {"ignore_boxes": [[0.0, 0.0, 64.0, 64.0], [70.0, 70.0, 128.0, 128.0]], "image_size": (90, 120),
           "pad_size": (96, 128)}],
     ]  # fmt: skip
@@ -531,7 +531,8 @@ def test_crowd_regions_and_image_sizes_come_per_image_from_the_target_dicts(serv
 
     def assigned(targets, more, dropped=None):
         boxes, counts, classes = boxes_of(targets)
-        ignore = [torch.as_tensor(e.get("ignore_boxes", ()), dtype=torch.float32).reshape(-1, 4) for e in more]
+        given = [() if e.get("ignore_boxes") is None else e["ignore_boxes"] for e in more]  # None: none
+        ignore = [torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) for boxes in given]
         fields = {"ignore_boxes": torch.cat(ignore), "ignore_counts": [len(rows) for rows in ignore],
                   "image_sizes": [list(map(int, e["image_size"])) for e in more],
                   "pad_sizes": [list(map(int, e["pad_size"])) for e in more]}  # fmt: skip
