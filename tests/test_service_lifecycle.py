@@ -245,6 +245,8 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                            f"--tls-ca {tmp_path / 'missing.pem'}: No such file or directory"),
                           (["request", "--tls-ca", str(empty)], f"--tls-ca {empty}: not PEM certificates"),
                           (["serve", "--port", "70000"], "--port: must be in 0 .. 65535, got 70000"),
+                          (["serve", "--max-batch-images", "70000"],
+                           "--max-batch-images: must be in 1 .. 65535, got 70000"),
                           (["up", "--metrics-port", "-1"], "--metrics-port: must be in 0 .. 65535, got -1"),
                           (["serve", "--port", "0", "--workers", "2"], "--workers needs a fixed --port"),
                           (["serve", "--warmup-canvas", "0", "64"], "--warmup-canvas: must be >= 1, got 0"),
