@@ -13,11 +13,13 @@ loader workers, forked server processes) never load a half-written file.
 
 from __future__ import annotations
 
+import _ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from ctypes import CDLL
@@ -57,15 +59,38 @@ def cache_dir() -> Path:
 
 def _writable_cache() -> Path:
     # A read-only home (some containers) falls back to a per-user temporary folder.
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if folder.is_dir() and os.access(folder, os.W_OK):
+        return folder
+    private, refusal = _private_temp_folder()
+    if private is not None:
+        return private
+    raise CompileError(f"no writable folder for the compiled CPU kernel ({folder} is not; {refusal}): "
+                       "set TRITARGET_CACHE_DIR")  # fmt: skip
+
+
+def _private_temp_folder() -> tuple[Path | None, str]:
+    """``$TMPDIR/tritarget-<uid>``, only if it is this user's own and no one else may write
+    to it, else why not: its name is predictable, and on a shared /tmp another user could
+    make it first and put there a library that this process would load and run."""
     uid = getattr(os, "getuid", lambda: 0)()
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"tritarget-{uid}"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    raise CompileError("no writable folder for the compiled CPU kernel: set TRITARGET_CACHE_DIR")
+    folder = Path(tempfile.gettempdir()) / f"tritarget-{uid}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        return None, f"{folder}: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return None, f"{folder} is not a folder of its own (a link?)"
+    if info.st_uid != uid or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return None, f"{folder} is another user's or writable by others"
+    if not os.access(folder, os.W_OK):
+        return None, f"{folder} is not writable"
+    return folder, ""
 
 
 def _compiler() -> str:
@@ -107,6 +132,8 @@ def _build(compiler: str, target: Path) -> None:
                 break
         else:
             raise CompileError(f"building the CPU kernel failed: {' '.join(command)}\n{done.stderr.strip()}")
+        with open(partial, "rb") as built:  # on disk before it has its name: a crash leaves no cut-short library
+            os.fsync(built.fileno())
         os.replace(partial, target)  # atomic: another process sees the old file or the whole new one
     finally:
         if os.path.exists(partial):
@@ -125,7 +152,21 @@ def load_library() -> CDLL:
     if not target.is_file():
         _build(compiler, target)
     try:
-        return CDLL(str(target))
+        return _loaded(target)
     except OSError:  # a damaged cache entry: build it again
         _build(compiler, target)
-        return CDLL(str(target))
+    try:
+        return _loaded(target)
+    except OSError as exc:
+        raise CompileError(
+            f"the CPU kernel built in {target.parent} does not load ({exc}); a folder mounted noexec? "
+            "set TRITARGET_CACHE_DIR to another, or use backend='reference'"
+        ) from None
+
+
+def _loaded(path: Path) -> CDLL:
+    library = CDLL(str(path))
+    if not hasattr(library, "tritarget_cpu_solve"):  # some other library under the kernel's name
+        _ctypes.dlclose(library._handle)  # while loaded, dlopen would hand it back for this name
+        raise OSError(f"{path}: not the CPU kernel (no tritarget_cpu_solve)")
+    return library

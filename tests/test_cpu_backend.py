@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support import assert_targets_equal, random_batch, triton_runs_here, with_ties
-from tritarget.kernels import TargetConfig, assign, cpu, generate_anchors, presets, reference
+from tritarget.kernels import TargetConfig, assign, cpu, cpu_build, generate_anchors, presets, reference
 from tritarget.kernels.api import assign_sparse
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
 from tritarget.kernels.cpu_build import CompileError, _compiler
@@ -645,6 +645,65 @@ def test_kernel_is_built_once_into_the_cache(tmp_path):
         (library,) = tmp_path.glob("cpu_kernel-*.so")
         stamps.append(library.stat().st_mtime_ns)
     assert stamps[0] == stamps[1]
+
+
+def test_a_cached_file_that_is_not_the_kernel_is_built_again(tmp_path):
+    """A loadable library without the kernel's functions under the cached name (a cache
+    synced from elsewhere, a partial restore) failed every call with AttributeError."""
+    code = (
+        "import torch; from tritarget.kernels import assign, presets; "
+        "assign(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), [1], (64, 64), presets.get('retinanet_torchvision'), "
+        "backend='cpu')"
+    )
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode == 0
+    (library,) = tmp_path.glob("cpu_kernel-*.so")
+    other = tmp_path / "other.c"
+    other.write_text("int other(void) { return 1; }\n")
+    subprocess.run([_compiler(), "-shared", "-fPIC", str(other), "-o", str(library)], check=True, timeout=120)
+    foreign = library.read_bytes()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert library.read_bytes() != foreign
+
+
+def test_a_kernel_that_does_not_load_where_it_was_built_is_named(tmp_path, monkeypatch):
+    """A cache folder mounted noexec: the library is built, fails to load, is built again
+    and fails again; that ended in a bare OSError naming neither cause nor remedy."""
+    monkeypatch.setenv("TRITARGET_CACHE_DIR", str(tmp_path))
+
+    def refused(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(cpu_build, "CDLL", refused)  # what dlopen says on a noexec mount (root only here)
+    cpu_build.load_library.cache_clear()
+    try:
+        with pytest.raises(CompileError, match=f"the CPU kernel built in {tmp_path} does not load .*noexec"):
+            cpu_build.load_library()
+    finally:
+        cpu_build.load_library.cache_clear()
+
+
+def test_the_temporary_cache_folder_must_be_this_users_own(tmp_path, monkeypatch):
+    """With no writable cache folder the kernel goes to $TMPDIR/tritarget-<uid>, a name
+    anyone can predict: on a shared /tmp another user could make it first and plant a
+    library there, which was loaded and run. A folder others may write to, or a link,
+    is refused."""
+    monkeypatch.delenv("TRITARGET_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")  # no folder can be made there
+    monkeypatch.setattr(cpu_build.tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"tritarget-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(CompileError, match="is another user's or writable by others"):
+        cpu_build._writable_cache()
+    folder.chmod(0o700)
+    assert cpu_build._writable_cache() == folder
+    folder.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    folder.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CompileError, match=r"is not a folder of its own \(a link\?\)"):
+        cpu_build._writable_cache()
 
 
 def test_missing_compiler_says_what_to_do(monkeypatch):
