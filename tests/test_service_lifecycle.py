@@ -617,7 +617,7 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         # Every lone request then waited out its deadline.
         (["--max-queue-delay-ms", "1e12"], "--max-queue-delay-ms: must be a finite number >= 0 and <= 10000, got 1e12"),
         # These named an internal field ("batching: max_batch_images must be ...").
-        (["--max-batch-images", "0"], "--max-batch-images: must be >= 1, got 0"),
+        (["--max-batch-images", "0"], "--max-batch-images: must be in 1 .. 65535, got 0"),
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
         (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
         (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
