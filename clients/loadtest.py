@@ -197,6 +197,10 @@ class LoadTestOptions:
         _check_seconds("timeout_s", self.timeout_s, zero=False)
         if self.rate is not None:
             _check_seconds("rate", self.rate, zero=False)
+            scheduled = self.rate * (self.warmup_s + self.duration_s)
+            if scheduled > _MAX_SCHEDULED:  # each costs the generator a step, sent or not
+                raise ValueError(f"rate: {self.rate:g} requests/s over {self.warmup_s + self.duration_s:g} s schedules "
+                                 f"{scheduled:.3g} requests; at most {_MAX_SCHEDULED:,} per run")  # fmt: skip
         if self.concurrency < 1 or self.processes < 1 or self.window < 1:
             raise ValueError("concurrency, processes and window must be >= 1")
         if self.window != 1 and (not self.stream or self.rate is not None):
@@ -235,7 +239,9 @@ class _Recorder:
         self.interval_errors: Counter[str] = Counter()
         self.details: dict[str, str] = {}  # code -> the first message that came with it
         self.warmup_requests = 0
-        self.last_answer = measure_from  # when the last measured request was answered (or failed)
+        # When the last measured request was answered: req/s counts the time until then (a
+        # request that failed after its timeout would stretch it, the answers all in).
+        self.last_answer = measure_from
         # Open loop: requests sent, those sent more than _LATE_S after their scheduled start,
         # and the latest start (seconds after its schedule).
         self.sends = self.late_sends = 0
@@ -291,7 +297,6 @@ class _Recorder:
         bucket = self._bucket(scheduled)
         if bucket is None:
             return
-        self.last_answer = max(self.last_answer, time.perf_counter())
         self.errors[code] += 1
         self.interval_errors[code] += 1
         bucket[1] += 1
@@ -331,6 +336,12 @@ def _in_band_code(response: pb.AssignResponse) -> str | None:
     if not response.HasField("error"):
         return None
     return next((c.name for c in grpc.StatusCode if c.value[0] == response.error.code), "UNKNOWN")
+
+
+# Requests an open-loop run may schedule, far beyond what one machine's clients can send
+# (a few thousand per second per process): a rate past it only made the run last for
+# ever, counting its unsent requests one by one.
+_MAX_SCHEDULED = 10_000_000
 
 
 class _Schedule:
@@ -476,6 +487,9 @@ class _Driver:
         tasks = set()
         try:
             for at in self._schedule():
+                if self._window_closed():  # what is left is not sent: counted without a wait each
+                    self.recorder.error(at, _NOT_SENT)
+                    continue
                 await asyncio.sleep(max(0.0, at - time.perf_counter()))
                 if self._window_closed():
                     self.recorder.error(at, _NOT_SENT)
@@ -526,7 +540,8 @@ class _Driver:
                     else:
                         if schedule.next is None:
                             break
-                        await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
+                        if not self._window_closed():  # else counted at once below, one by one
+                            await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
                         at = schedule.take()
                         if self._window_closed():
                             self.recorder.error(at, _NOT_SENT)
@@ -890,7 +905,7 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
             worker.start()
         if previous is not None:
             signal.signal(signal.SIGINT, on_ctrl_c)
-        results, failures = _collect(options, updates, stop, len(workers), progress)
+        results, failures = _collect(options, updates, stop, workers, progress)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -913,7 +928,7 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     return report
 
 
-def _collect(options: LoadTestOptions, updates, stop, workers: int, progress: bool):
+def _collect(options: LoadTestOptions, updates, stop, workers: list, progress: bool):
     """Every worker's result, in worker order, and the failures (each stops the others);
     meanwhile a live line: throughput, p50/p99, errors."""
     from tqdm import tqdm
@@ -927,19 +942,27 @@ def _collect(options: LoadTestOptions, updates, stop, workers: int, progress: bo
     interval, errors = _histogram(), Counter()
     last = time.monotonic()
     deadline = start + total + options.timeout_s + 60
-    while len(results) + len(failures) < workers:
+    reported: set[int] = set()  # the workers whose result or failure is in
+    while len(reported) < len(workers):
         try:
             kind, index, payload = updates.get(timeout=1.0)
         except queue_module.Empty:
+            for index, worker in enumerate(workers):  # killed (the OOM killer): it reports nothing
+                if index not in reported and not worker.is_alive() and getattr(worker, "exitcode", 0):
+                    failures.append(f"worker {index}: exited with code {worker.exitcode}")
+                    reported.add(index)
+                    stop.set()
             if time.monotonic() > deadline:
                 raise RuntimeError("load test workers did not finish") from None
             continue
         if kind == "failed":
             failures.append(f"worker {index}: {payload}")
+            reported.add(index)
             stop.set()
             continue
         if kind == "done":
             results[index] = payload
+            reported.add(index)
             continue
         interval.decode_and_add(payload["histogram"])
         errors.update(payload["errors"])

@@ -26,6 +26,7 @@ import pytest
 import torch
 from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
+from tritarget.clients import loadtest
 from tritarget.clients.loadtest import LoadTestOptions, Report, Workload, _Driver, _histogram, run, verify_response
 from tritarget.kernels import assign
 from tritarget.protos import target_assigner_pb2 as pb
@@ -411,6 +412,27 @@ def test_a_client_process_that_fails_stops_the_others(tmp_path):
     assert not report.ok and "client process failed" in report.table()
 
 
+def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
+    """A client process killed (the OOM killer) reports nothing: the run waited a minute
+    past its end and then dropped every other process's measurements."""
+    with _echo_server() as (address, _, _):
+        options = LoadTestOptions(targets=(address,), workload=Workload(canvas=(64, 64), images=1, variants=2),
+                                  duration_s=4.0, warmup_s=0.0, concurrency=2, processes=2)  # fmt: skip
+        started = time.monotonic()
+        reports = []
+        runner = threading.Thread(target=lambda: reports.append(run(options)))
+        runner.start()
+        while len(multiprocessing.active_children()) < 2:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        runner.join(60)
+    assert time.monotonic() - started < 30
+    (report,) = reports
+    assert len(report.worker_failures) == 1 and "exited with code -9" in report.worker_failures[0]
+    assert report.requests > 0  # the other process's
+
+
 @pytest.mark.parametrize(
     "flags",
     [["--rate", "nan"], ["--rate", "inf"], ["--rate", "0"], ["--duration", "nan"], ["--warmup", "inf"],
@@ -457,7 +479,8 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path
     [{"rate": math.nan}, {"rate": math.inf}, {"duration_s": math.nan}, {"duration_s": math.inf},
      {"warmup_s": math.inf}, {"timeout_s": math.nan}, {"timeout_s": 0}, {"window": 4},
      {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}, {"targets": ()},
-     {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"}],
+     {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"},
+     {"rate": 1e308}, {"rate": 6e6}],  # a run that counted its unsent requests for ever (or minutes)
 )  # fmt: skip
 def test_library_options_refuse_what_cannot_run(kwargs):
     with pytest.raises(ValueError):
@@ -677,3 +700,13 @@ def test_verification_draws_its_responses_from_the_whole_run():
                                      concurrency=2, verify=10))  # fmt: skip
     assert report.requests > 300 and report.verified == 10
     assert report.mismatches and all("classes differ" in m for m in report.mismatches) and not report.ok
+
+
+def test_a_request_that_fails_late_does_not_stretch_the_requests_per_second():
+    """req/s counts the time until the last answer: a request failing at its timeout,
+    after every answer was in, stretched it (95 req/s against 200-259 in the series)."""
+    recorder = loadtest._Recorder(measure_from=100.0, keep=0)
+    recorder.record(100.1, 100.2, None, 0, None)
+    answered = recorder.last_answer
+    recorder.error(100.3, "DEADLINE_EXCEEDED")  # at perf_counter() now: long after 100.2
+    assert recorder.last_answer == answered == 100.2 and recorder.errors["DEADLINE_EXCEEDED"] == 1
