@@ -453,35 +453,6 @@ def test_cli_serve_workers_refuse_a_busy_metrics_port_before_any_starts():
     assert "[worker" not in done.stdout + done.stderr  # none started
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
-def test_cli_serve_workers_stop_together_when_one_stops_on_its_own():
-    """A worker sent SIGTERM alone drains and exits 0: the parent served on with one worker
-    fewer and said nothing. Now the others stop too and the parent exits 1. The workers'
-    log lines say which worker wrote them (they share stderr)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
-                        "64", "--grace", "1")  # fmt: skip
-    workers = []
-    try:
-        _, started = read_until(process, r"health is SERVING", count=2)
-        assert "INFO [worker 0] tritarget." in started and "INFO [worker 1] tritarget." in started, started
-        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
-            workers += [int(pid) for pid in f.read().split()]
-        os.kill(workers[0], signal.SIGTERM)
-        out, _ = process.communicate(timeout=60)
-        assert process.returncode == 1, out
-        assert "a worker stopped (exit code 0); stopping the others" in out, out
-        assert not os.path.exists(f"/proc/{workers[1]}")
-    finally:
-        if process.poll() is None:
-            process.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cli_serve_names_an_address_of_another_machine(workers):
     """Not "in use?": gRPC's failure reads the same for a busy port and for an address
@@ -492,10 +463,13 @@ def test_cli_serve_names_an_address_of_another_machine(workers):
     assert "could not bind 192.0.2.1:50999 (not an address of this machine)" in done.stderr, done.stderr
 
 
-def test_cli_serve_workers_stop_together_when_one_fails():
+@pytest.mark.parametrize(("stop", "how"), [(signal.SIGKILL, "killed by signal 9"), (signal.SIGTERM, "exit code 0")])
+def test_cli_serve_workers_stop_together_when_one_stops(stop, how):
     """A worker killed (an OOM kill) or failing stops the others, and the parent exits 1:
     a supervisor then restarts the whole server instead of it serving on short of
-    workers. With --metrics-port 0 each worker serves metrics on a free port of its own."""
+    workers. So does one sent SIGTERM alone, which drains and exits 0: the parent served
+    on with a worker fewer and said nothing. With --metrics-port 0 each worker serves
+    metrics on a free port of its own; their log lines say which worker wrote them."""
     import urllib.request
 
     with socket.socket() as s:
@@ -506,6 +480,7 @@ def test_cli_serve_workers_stop_together_when_one_fails():
     workers = []
     try:
         _, started = read_until(process, r"health is SERVING", count=2)
+        assert "INFO [worker 0] tritarget." in started and "INFO [worker 1] tritarget." in started, started
         metrics_ports = {int(p) for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started)}
         assert len(metrics_ports) == 2 and min(metrics_ports) > 1024, started
         for metrics_port in metrics_ports:
@@ -514,10 +489,10 @@ def test_cli_serve_workers_stop_together_when_one_fails():
         with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
             workers += [int(pid) for pid in f.read().split()]
         assert len(workers) == 2
-        os.kill(workers[0], signal.SIGKILL)
+        os.kill(workers[0], stop)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 1, out
-        assert "a worker stopped (killed by signal 9); stopping the others" in out, out
+        assert f"a worker stopped ({how}); stopping the others" in out, out
         assert not os.path.exists(f"/proc/{workers[1]}")  # stopped, and its exit collected by the parent
     finally:
         if process.poll() is None:
