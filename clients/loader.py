@@ -99,7 +99,7 @@ def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[st
     (every image or none)."""
     fields: dict[str, Any] = {}
     if any(target.get("ignore_boxes") is not None for target in targets):
-        ignore = [_box_rows(_or_none(target.get("ignore_boxes")), f"targets[{i}]['ignore_boxes']", box_format).cpu()
+        ignore = [_box_rows(_or_empty(target.get("ignore_boxes")), f"targets[{i}]['ignore_boxes']", box_format).cpu()
                   for i, target in enumerate(targets)]  # fmt: skip
         fields["ignore_boxes"] = torch.cat(ignore)
         fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
@@ -114,7 +114,7 @@ def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[st
     return fields
 
 
-def _or_none(boxes: Any) -> Any:
+def _or_empty(boxes: Any) -> Any:
     """An image's ignore boxes; it has none without the key or with None."""
     return () if boxes is None else boxes
 
