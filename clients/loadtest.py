@@ -10,10 +10,11 @@
   the latencies instead of silently slowing the senders (no coordinated omission).
 * Unary ``Assign`` calls, or ``stream=True``: ``concurrency`` ``AssignStream`` calls with
   up to ``window`` requests in flight each (closed loop) or fed on the schedule (open).
-* ``processes`` client processes share the work (one machine's cores); the targets are
-  addresses, several of them (round robin) or a ``dns:///`` name. Each caller or stream
-  has its own connection (open loop: ``concurrency`` connections), as separate data
-  loaders would, so front ends sharing a port (``serve --workers N``) share the load.
+* ``processes`` client processes share the work (one machine's cores) and begin their
+  windows together, once all are ready; the targets are addresses, several of them
+  (round robin) or a ``dns:///`` name. Each caller or stream has its own connection
+  (open loop: ``concurrency`` connections), as separate data loaders would, so front
+  ends sharing a port (``serve --workers N``) share the load.
 * The workload (``Workload``) is a cycle of distinct requests built once: COCO-like or
   ``boxes`` per image, ``images`` per request, SPARSE or DENSE, float16 deltas.
 * The first ``warmup_s`` seconds are not measured. Latencies go into HDR histograms
@@ -99,6 +100,8 @@ _NOT_SENT = "NOT_SENT"
 _SEND_SLACK_S = 0.1
 # Open loop: a request that goes out this much after its scheduled start counts as late.
 _LATE_S = 0.01
+# Client processes that began their windows further apart than this are reported.
+_START_SKEW_S = 0.1
 
 
 def _histogram() -> HdrHistogram:
@@ -242,9 +245,11 @@ class _Recorder:
         # When the last measured request was answered: req/s counts the time until then (a
         # request that failed after its timeout would stretch it, the answers all in).
         self.last_answer = measure_from
-        # Open loop: requests sent, those sent more than _LATE_S after their scheduled start,
-        # and the latest start (seconds after its schedule).
-        self.sends = self.late_sends = 0
+        # Open loop: requests sent, those sent more than _LATE_S after their scheduled start
+        # by the load generator, and the latest start (seconds after its schedule); those
+        # that waited longer for their stream (a write the server did not take, a stream
+        # being reopened after a failure).
+        self.sends = self.late_sends = self.held_sends = 0
         self.latest_send_s = 0.0
         # ``keep`` answers drawn uniformly from the whole window (reservoir sampling): the
         # first ones alone would miss what goes wrong under sustained load.
@@ -282,14 +287,17 @@ class _Recorder:
         elif self._keep and (slot := self._draw.randrange(self._answered)) < self._keep:
             self.kept[slot] = (index, response.SerializeToString())
 
-    def sent(self, scheduled: float) -> None:
-        """An open-loop request going out now, ``scheduled`` being when it was due (the
-        warm-up's are not measured: connections open and caches fill then)."""
+    def sent(self, scheduled: float, stream_free: float = -math.inf) -> None:
+        """An open-loop request going out now, ``scheduled`` being when it was due and
+        ``stream_free`` when its stream could take it (the warm-up's are not measured:
+        connections open and caches fill then)."""
         if scheduled < self.measure_from:
             return
         late = time.perf_counter() - scheduled
         self.sends += 1
-        if late > _LATE_S:
+        if stream_free - scheduled > _LATE_S:  # late for the server's or the network's sake, not the generator's
+            self.held_sends += 1
+        elif late > _LATE_S:
             self.late_sends += 1
             self.latest_send_s = max(self.latest_send_s, late)
 
@@ -322,7 +330,7 @@ class _Recorder:
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
             "answered_s": self.last_answer - self.measure_from,
-            "sends": (self.sends, self.late_sends, self.latest_send_s),
+            "sends": (self.sends, self.late_sends, self.latest_send_s, self.held_sends),
         }
 
 
@@ -358,14 +366,40 @@ class _Schedule:
         return at
 
 
+class _StartLine:
+    """Client processes begin their windows together. Each one's start-up differs (imports,
+    building its requests: two processes began 0.9 s apart), and windows that do not line
+    up leave their first and last seconds under-loaded while req/s counts them as loaded.
+    Each process says when it is ready; once all are, the parent gives one wall-clock start."""
+
+    _LEAD_S = 0.1  # from the parent's word to the start: every process sees it in time
+
+    def __init__(self, context) -> None:
+        self._go = context.Event()
+        self._at = context.Value("d", 0.0, lock=False)
+
+    def open(self) -> None:
+        self._at.value = time.time() + self._LEAD_S
+        self._go.set()
+
+    async def wait(self, stop) -> None:
+        """Until the start, or until asked to stop (another process failed first)."""
+        while not self._go.is_set():
+            if stop.is_set():
+                return
+            await asyncio.sleep(self._LEAD_S / 10)
+        await asyncio.sleep(max(0.0, self._at.value - time.time()))
+
+
 class _Driver:
     """The callers of one process, on one event loop."""
 
-    def __init__(self, options: LoadTestOptions, index: int, updates, stop) -> None:
+    def __init__(self, options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine | None) -> None:
         self.options = options
         self.index = index
         self.updates = updates
         self.stop = stop  # set by the parent: stop now (Ctrl-C, or another client process failed)
+        self.start_line = start_line  # None: the only client, it starts at once
         # Once set, a cancellation is ours; before, asyncio.CancelledError from a call is
         # gRPC's: it raises that for any call cancelled on this side, not only by us.
         self.stopping = False
@@ -405,7 +439,11 @@ class _Driver:
                       for c in channels]  # fmt: skip
         self.streams = [c.stream_stream(_STREAM, pb.AssignRequest.SerializeToString, pb.AssignResponse.FromString)
                         for c in channels]  # fmt: skip
+        if self.start_line is not None:
+            self.updates.put(("ready", self.index, None))
+            await self.start_line.wait(self.stop)
         now = time.perf_counter()
+        started = time.time()
         self.measure_from = now + options.warmup_s
         self.end = self.measure_from + options.duration_s
         self.recorder = _Recorder(self.measure_from, keep=options.verify)
@@ -427,7 +465,7 @@ class _Driver:
             for channel in channels:
                 await channel.close()
         return {**self.recorder.result(), "cpu_s": time.process_time() - cpu, "window_s": time.perf_counter() - now,
-                "measured_s": measured_s}  # fmt: skip
+                "measured_s": measured_s, "started": started}  # fmt: skip
 
     async def _load(self) -> None:
         if self.options.stream:
@@ -540,13 +578,14 @@ class _Driver:
                     else:
                         if schedule.next is None:
                             break
+                        free = time.perf_counter()  # the stream can take a request from now
                         if not self._window_closed():  # else counted at once below, one by one
                             await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
                         at = schedule.take()
                         if self._window_closed():
                             self.recorder.error(at, _NOT_SENT)
                             continue
-                        self.recorder.sent(at)
+                        self.recorder.sent(at, free)
                     i, request = self._next_request()
                     in_flight.append((i, at))
                     await call.write(request)
@@ -584,15 +623,15 @@ class _Driver:
         return code
 
 
-def _drive_process(options: LoadTestOptions, index: int, updates, stop) -> None:
+def _drive_process(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine) -> None:
     torch.set_num_threads(1)  # a client process builds messages; the cores are the server's
-    _drive(options, index, updates, stop)
+    _drive(options, index, updates, stop, start_line)
 
 
-def _drive(options: LoadTestOptions, index: int, updates, stop) -> None:
+def _drive(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine | None = None) -> None:
     """One client process (or thread): run, then report the result on ``updates``."""
     try:
-        result = asyncio.run(_Driver(options, index, updates, stop).run())
+        result = asyncio.run(_Driver(options, index, updates, stop, start_line).run())
         updates.put(("done", index, result))
     except BaseException as exc:  # the parent reports it
         updates.put(("failed", index, f"{type(exc).__name__}: {exc}"))
@@ -631,9 +670,13 @@ class Report:
     sends: int = 0
     late_sends: int = 0
     latest_send_s: float = 0.0
+    # Open-loop streams: requests that went out more than 10 ms late because their stream
+    # could not take them sooner (a write the server had not taken, the stream reopening).
+    held_sends: int = 0
     interrupted: bool = False  # stopped by Ctrl-C
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
     error_details: dict[str, str] = field(default_factory=dict)  # code -> the first message it came with
+    start_skew_s: float = 0.0  # between the first and the last client process's start
 
     @property
     def ok(self) -> bool:
@@ -686,9 +729,11 @@ class Report:
             "sends": self.sends,
             "late_sends": self.late_sends,
             "latest_send_s": self.latest_send_s,
+            "held_sends": self.held_sends,
             "worker_failures": self.worker_failures,
             "client_cpu_s": self.client_cpu_s,
             "client_cores_busy": self.client_cpu_s / self.window_s if self.window_s else 0.0,
+            "client_start_skew_s": self.start_skew_s,
         }
 
     def table(self) -> str:
@@ -710,10 +755,17 @@ class Report:
             if _NOT_SENT in self.errors:
                 lines.append(f"{self.errors[_NOT_SENT]:,} scheduled requests were not sent before the window "
                              f"closed (errors {_NOT_SENT}): lower --rate, or more --processes")  # fmt: skip
+        if self.held_sends > max(2, 0.01 * self.sends):
+            lines.append(f"{self.held_sends:,} of {self.sends:,} requests waited more than {_LATE_S * 1000:g} ms for "
+                         "their stream (a write the server had not taken, or the stream reopening after a failure); "
+                         "latencies count from the schedule, so they include that wait")  # fmt: skip
         if self.requests and self.behind_s > max(0.5, 0.05 * s["measured_s"]):
             who = "the load generator or the server" if generator_behind else "the server"
             lines.append(f"the answers ran {self.behind_s:.1f} s past the {s['measured_s']:g} s window: {who} "
                          "fell behind (req/s counts the time until the last answer)")  # fmt: skip
+        if self.start_skew_s > _START_SKEW_S:  # each process's start is late by its event loop's lag
+            lines.append(f"the client processes began {self.start_skew_s:.2f} s apart (a busy machine): the first "
+                         "and last seconds carry less load")  # fmt: skip
         latency = s["latency_ms"]
         if latency:
             lines += ["", "latency (ms)   " + "  ".join(f"{k:>8}" for k in latency),
@@ -784,6 +836,7 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     """One report of the client processes' results: every second of the measured window
     in the series, those in which nothing started too (an outage shows as zeros)."""
     measured_s = max(r["measured_s"] for r in results)
+    started = [r["started"] for r in results]
     latency = _histogram()
     errors: Counter[str] = Counter()
     details: dict[str, str] = {}
@@ -813,7 +866,8 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
                   window_s=max(r["window_s"] for r in results), measured_s=measured_s,
                   answered_s=max(r["answered_s"] for r in results), error_details=details,
                   sends=sum(r["sends"][0] for r in results), late_sends=sum(r["sends"][1] for r in results),
-                  latest_send_s=max(r["sends"][2] for r in results))  # fmt: skip
+                  latest_send_s=max(r["sends"][2] for r in results), held_sends=sum(r["sends"][3] for r in results),
+                  start_skew_s=max(started) - min(started))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification
@@ -879,11 +933,12 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     if options.processes == 1:  # in this process, on a thread: no start-up cost
         updates: Any = queue_module.Queue()
         stop: Any = threading.Event()
+        start_line = None
         workers = [threading.Thread(target=_drive, args=(options, 0, updates, stop), daemon=True)]
     else:
         context = multiprocessing.get_context("spawn")  # no inherited gRPC or torch state
-        updates, stop = context.Queue(), context.Event()
-        workers = [context.Process(target=_drive_process, args=(options, i, updates, stop), daemon=True)
+        updates, stop, start_line = context.Queue(), context.Event(), _StartLine(context)
+        workers = [context.Process(target=_drive_process, args=(options, i, updates, stop, start_line), daemon=True)
                    for i in range(options.processes)]  # fmt: skip
     interrupted = threading.Event()
 
@@ -905,7 +960,7 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
             worker.start()
         if previous is not None:
             signal.signal(signal.SIGINT, on_ctrl_c)
-        results, failures = _collect(options, updates, stop, workers, progress)
+        results, failures = _collect(options, updates, stop, start_line, workers, progress)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -928,9 +983,10 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     return report
 
 
-def _collect(options: LoadTestOptions, updates, stop, workers: list, progress: bool):
+def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | None, workers: list, progress: bool):
     """Every worker's result, in worker order, and the failures (each stops the others);
-    meanwhile a live line: throughput, p50/p99, errors."""
+    the workers started together once all are ready; meanwhile a live line: throughput,
+    p50/p99, errors."""
     from tqdm import tqdm
 
     total = options.warmup_s + options.duration_s
@@ -943,6 +999,7 @@ def _collect(options: LoadTestOptions, updates, stop, workers: list, progress: b
     last = time.monotonic()
     deadline = start + total + options.timeout_s + 60
     reported: set[int] = set()  # the workers whose result or failure is in
+    ready: set[int] = set()
     while len(reported) < len(workers):
         try:
             kind, index, payload = updates.get(timeout=1.0)
@@ -963,6 +1020,13 @@ def _collect(options: LoadTestOptions, updates, stop, workers: list, progress: b
         if kind == "done":
             results[index] = payload
             reported.add(index)
+            continue
+        if kind == "ready":
+            ready.add(index)
+            if len(ready) == len(workers):  # the progress and the deadline count from the start
+                start_line.open()
+                start = last = time.monotonic()
+                deadline = start + total + options.timeout_s + 60
             continue
         interval.decode_and_add(payload["histogram"])
         errors.update(payload["errors"])

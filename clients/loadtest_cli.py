@@ -92,6 +92,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     """The first flag that argparse cannot check alone, and what is wrong with it."""
     if args.window is not None and (not args.stream or args.rate is not None):
         return "--window: only with --stream, in closed loop (without --rate)"
+    if args.concurrency < args.processes:
+        return f"--concurrency {args.concurrency} is shared by --processes {args.processes}: give at least that many"
     outputs = [(flag, path) for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot))
                if path is not None]  # fmt: skip
     for flag, path in outputs:
@@ -122,7 +124,7 @@ def _loadtest(args: argparse.Namespace) -> int:
                               variants=args.variants, seed=args.seed),
             duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate,
             stream=args.stream, window=args.window or 1, processes=args.processes, timeout_s=args.timeout,
-            token=args.token or os.environ.get("TRITARGET_TOKEN") or None,
+            token=_token(args),
             tls_ca=_root_certificates(args.tls_ca),
             verify=args.verify,
         )  # fmt: skip
@@ -151,6 +153,16 @@ def _loadtest(args: argparse.Namespace) -> int:
     if report.interrupted:
         return _INTERRUPTED
     return 0 if report.ok and written else 1
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token, checked under the name the user gave it by."""
+    from .client import bearer_token
+
+    if args.token:
+        return bearer_token(args.token, "--token")
+    token = os.environ.get("TRITARGET_TOKEN")
+    return bearer_token(token, "TRITARGET_TOKEN") if token else None
 
 
 def _root_certificates(path: str | None) -> bytes | None:

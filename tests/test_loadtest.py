@@ -94,6 +94,9 @@ def test_several_client_processes(server):
     assert report.window_s >= report.options.warmup_s + report.options.duration_s
     assert report.summary()["client_cpu_s"] == report.client_cpu_s
     assert "load generator: " in report.table() and "2 process(es)" in report.table()
+    # The processes began their windows together (0.9 s apart before: each its own start-up).
+    assert 0 <= report.start_skew_s < 0.05
+    assert report.summary()["client_start_skew_s"] == report.start_skew_s
 
 
 @pytest.mark.parametrize("loop", [{}, {"rate": 60}, {"stream": True}], ids=["closed", "open", "stream"])
@@ -277,10 +280,14 @@ def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
         )
     assert abs(report.requests + sum(report.errors.values()) - 40) <= 1, report.table()
     assert list(report.errors) == ["UNAVAILABLE"], report.table()
+    # Requests that waited for their stream to reopen are the server's doing, not a load
+    # generator short of CPU (which the table said of a server that was down).
+    assert report.late_sends == 0 and "could not keep its schedule" not in report.table(), report.table()
     if server == "fails-a-stream":
         assert report.requests > 30, report.table()  # the failed stream was replaced
     else:
         assert report.requests == 0
+        assert report.held_sends > 2 and "waited more than 10 ms for their stream" in report.table(), report.table()
 
 
 def test_a_closed_loop_stream_keeps_trying_a_server_that_is_down():
@@ -415,16 +422,15 @@ def test_a_client_process_that_fails_stops_the_others(tmp_path):
 def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
     """A client process killed (the OOM killer) reports nothing: the run waited a minute
     past its end and then dropped every other process's measurements."""
-    with _echo_server() as (address, _, _):
+    with _echo_server(peers=2) as (address, loading, _):
         options = LoadTestOptions(targets=(address,), workload=Workload(canvas=(64, 64), images=1, variants=2),
                                   duration_s=4.0, warmup_s=0.0, concurrency=2, processes=2)  # fmt: skip
         started = time.monotonic()
         reports = []
         runner = threading.Thread(target=lambda: reports.append(run(options)))
         runner.start()
-        while len(multiprocessing.active_children()) < 2:
-            time.sleep(0.1)
-        time.sleep(2.0)
+        assert loading.wait(30)  # both processes are loading the server
+        time.sleep(1.0)
         os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
         runner.join(60)
     assert time.monotonic() - started < 30
@@ -455,6 +461,9 @@ def test_bad_values_are_refused_by_the_parser(flags, capsys):
     (["--tls-ca", "{tmp}/missing.pem"], "--tls-ca {tmp}/missing.pem: No such file or directory"),
     # The CSV replaced the JSON, and both were reported written.
     (["--json", "{tmp}/same.txt", "--csv", "{tmp}/./same.txt"], "--json and --csv name the same file, {tmp}/same.txt"),
+    # The library's own names (concurrency, token) said nothing of which flag.
+    (["--concurrency", "2", "--processes", "3"], "--concurrency 2 is shared by --processes 3: give at least that many"),
+    (["--token", "a\tb"], "--token: the token has characters"),
 ])  # fmt: skip
 def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
     flags = [flag.format(tmp=tmp_path) for flag in flags]
@@ -464,6 +473,13 @@ def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, t
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tritarget loadtest: {error.format(tmp=tmp_path)}") and err.count("\n") == 1, err
+
+
+def test_a_bad_token_from_the_environment_is_named_so(monkeypatch, capsys):
+    monkeypatch.setenv("TRITARGET_TOKEN", "a\nb")
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("tritarget loadtest: TRITARGET_TOKEN: the token has characters")
 
 
 def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
@@ -578,6 +594,12 @@ def _bench_report(answered: int) -> Report:
         latency.record_value(5000)
     errors = {} if answered else {"UNAVAILABLE": 3}
     return Report(LoadTestOptions(targets=("127.0.0.1:1",)), answered, errors, 0, latency, [])
+
+
+@pytest.mark.parametrize("skew, said", [(0.01, False), (0.3, True)])
+def test_client_processes_that_began_apart_are_reported(skew, said):
+    report = dataclasses.replace(_bench_report(10), start_skew_s=skew)
+    assert ("began 0.30 s apart" in report.table()) is said
 
 
 def test_bench_without_an_answered_request_skips_the_open_loop_and_writes_its_results(monkeypatch, tmp_path):
