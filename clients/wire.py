@@ -36,7 +36,7 @@ from tritarget.kernels.targets import (
     overlap_problem,
 )
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
+from tritarget.protos.tensors import MAX_ANCHOR_ROWS, TensorError, decode_tensor, encode_tensor
 
 __all__ = [
     "BOX_FORMATS", "build_request", "to_xyxy", "config_ref", "decode_response", "decode_sparse", "level_starts",
@@ -88,13 +88,15 @@ def _canvas(canvas: Any) -> tuple[int, int]:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
     if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in canvas):
         raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
-    return int(canvas[0]), int(canvas[1])
+    return _int32("canvas[0]", int(canvas[0])), _int32("canvas[1]", int(canvas[1]))
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
-    """``torch.as_tensor``, also of numpy views torch cannot share (negative strides:
-    ``array[::-1]``), which it refuses."""
-    return torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
+    """``torch.as_tensor``, also of numpy arrays torch cannot share, which it refuses:
+    views with negative strides (``array[::-1]``) and non-native byte order (``>f4``)."""
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
+    return torch.as_tensor(value)
 
 
 def _ints(name: str, value: Any) -> torch.Tensor:
@@ -105,14 +107,26 @@ def _ints(name: str, value: Any) -> torch.Tensor:
     values = _as_tensor(value)
     if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
-    outside = (values < _INT32_RANGE.min) | (values > _INT32_RANGE.max)
-    if outside.any():  # a cast would wrap it to another, valid value (2**32 + 7 to class 7)
-        where = [int(i) for i in outside.nonzero()[0]]
-        raise ValueError(f"{name}{where}: {int(values[tuple(where)])} does not fit the wire's int32")
+    if values.dtype not in _WITHIN_INT32:
+        # numpy compares every integer type by value: torch has no comparison of unsigned
+        # tensors, and compares int8 with the bounds wrapped into int8.
+        array = values.detach().cpu().numpy()
+        outside = (array < _INT32_RANGE.min) | (array > _INT32_RANGE.max)
+        if outside.any():  # a cast would wrap it to another, valid value (2**32 + 7 to class 7)
+            where = [int(i) for i in np.argwhere(outside)[0]]
+            raise ValueError(f"{name}{where}: {int(array[tuple(where)])} does not fit the wire's int32")
     return values.to("cpu", torch.int32)
 
 
 _INT32_RANGE = torch.iinfo(torch.int32)
+_WITHIN_INT32 = (torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32)
+
+
+def _int32(name: str, value: int) -> int:
+    """``value`` for an int32 field of the message (protobuf's own refusal names no field)."""
+    if not _INT32_RANGE.min <= value <= _INT32_RANGE.max:
+        raise ValueError(f"{name}: {value} does not fit the wire's int32")
+    return value
 
 
 def _counts(name: str, counts: Any) -> list[int]:
@@ -123,7 +137,7 @@ def _counts(name: str, counts: Any) -> list[int]:
     values = counts.tolist() if isinstance(counts, (torch.Tensor, np.ndarray)) else list(counts)
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name}: expected integers, got {values!r}")
-    return [int(v) for v in values]
+    return [_int32(f"{name}[{i}]", int(v)) for i, v in enumerate(values)]
 
 
 def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | None) -> pb.ConfigRef:
@@ -375,11 +389,14 @@ def _checked_header(response: pb.AssignResponse, request: pb.AssignRequest | Non
         raise _malformed(f"batch_size: must be >= 1 (a request holds at least one image), got {batch}")
     if count < 0:
         raise _malformed(f"num_anchors: must be >= 0, got {count}")
+    layout = None if request is None else _layout(request)
+    if layout is None and batch * count > MAX_ANCHOR_ROWS:  # else it is the request's, counted here
+        raise _malformed(f"num_anchors: {count} x batch_size {batch} is over the service's {MAX_ANCHOR_ROWS:,} "
+                         "anchor rows per request")  # fmt: skip
     if request is None:
         if len(response.dropped) not in (0, batch):
             raise _malformed(f"dropped: {len(response.dropped)} lists, expected none or one per image ({batch})")
         return batch, count
-    layout = _layout(request)
     if layout is not None:
         config, anchors = layout[0], layout[1][-1]
         if count != anchors:
@@ -493,7 +510,7 @@ class _SparseLists:
         listed_offsets, listed_anchors = _csr(sparse, "listed", batch, count)
         positives, one_each = [positive_anchors.shape[0]], "one per positive anchor"
         matched = _field(sparse.positive_matched_gt, "positive_matched_gt", _INT32, positives, one_each)
-        _check_matched(np.frombuffer(sparse.positive_matched_gt.data, np.int32), positive_offsets.tolist(), boxes)
+        _check_matched(matched.numpy(), positive_offsets.tolist(), boxes)
         classes = None
         if sparse.HasField("positive_classes"):
             classes = _field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each)
@@ -516,8 +533,8 @@ def _csr(sparse: pb.SparseTargets, which: str, batch: int, count: int) -> tuple[
                      "[batch_size + 1]")  # fmt: skip
     message = getattr(sparse, f"{which}_anchors")
     anchors = _tensor(message, f"{which}_anchors", _INT32, ndim=1)
-    # numpy on the message's bytes costs less per operation than torch on its view.
-    problem = csr_problem(which, offsets.tolist(), np.frombuffer(message.data, np.int32), count)
+    # numpy costs less per operation than torch (the same bytes).
+    problem = csr_problem(which, offsets.tolist(), anchors.numpy(), count)
     if problem is not None:
         raise _malformed(problem)
     return offsets, anchors

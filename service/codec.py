@@ -22,7 +22,7 @@ from tritarget.kernels import AnchorConfig, SparseTargets, TargetConfig, Targets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.kernels.targets import IGNORED, NEGATIVE, POSITIVE
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.protos.tensors import TensorError, decode_tensor, encode_tensor
+from tritarget.protos.tensors import MAX_ANCHOR_ROWS, TensorError, decode_tensor, encode_tensor
 
 from .backend import AssignJob
 from .errors import InvalidInput, NotFound, ResourceExhausted, invalid_from_exception
@@ -62,8 +62,8 @@ class Limits:
     max_images: int = 256
     max_boxes: int = 100_000
     max_canvas_side: int = 8192
-    # images x anchors per request: bounds the [B, A] outputs (32 COCO images = 6.5M).
-    max_anchor_rows: int = 1 << 25
+    # images x anchors per request: bounds the [B, A] outputs.
+    max_anchor_rows: int = MAX_ANCHOR_ROWS
     # config_json plus every override's key and value: a real config is ~1 KB.
     max_config_bytes: int = 64 << 10
     # Responses built and not yet taken by their callers, all calls together: a caller that

@@ -411,6 +411,13 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
         for kwargs, message in cases:
             with pytest.raises(ValueError, match=rf"^{message} the wire's int32$"):
                 _assign(client, **kwargs)
+        # Counts and the canvas too: protobuf's own refusal ("Value out of range") named none.
+        for counts, canvas, message in [([2**31], CANVAS, r"gt_counts\[0\]: 2147483648"),
+                                        ([2], (CANVAS[0], 2**31), r"canvas\[1\]: 2147483648")]:  # fmt: skip
+            with pytest.raises(ValueError, match=rf"^{message} does not fit the wire's int32$"):
+                client.assign(BOXES, counts, canvas, preset="retinanet_torchvision")
+        with pytest.raises(ValueError, match=r"^ignore_counts\[1\]: 8589934592 does not fit the wire's int32$"):
+            _assign(client, ignore_boxes=BOXES, ignore_counts=[2, 2**33])
         # Each named, where they failed deep in protobuf or torch, or a "false" read as True.
         cases = [({"drop_invalid": "false"}, "drop_invalid: expected True or False, got 'false'"),
                  ({"return_max_iou": None}, "return_max_iou: expected True or False, got None"),
@@ -430,6 +437,21 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
             client.assign(BOXES, [2], CANVAS, preset=5)
         with pytest.raises(ValueError, match=r"gt_counts: expected shape \[B\] \(one count per image\), got \[\]"):
             client.assign(BOXES, torch.tensor(2), CANVAS, preset="retinanet_torchvision")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+def test_client_takes_every_integer_dtype_assign_takes(two_servers, dtype):
+    """int8/int16 classes and sizes were refused as not fitting int32 (torch compared them
+    with the bounds wrapped into their own type), unsigned ones raised NotImplementedError."""
+    a, _ = two_servers
+    kwargs = {"gt_classes": torch.tensor([3, 1], dtype=dtype), "image_sizes": torch.tensor([[90, 100]], dtype=dtype)}
+    expected = assign(BOXES, [2], CANVAS, presets.get("retinanet_torchvision"), backend="cpu", **kwargs)
+    with TargetClient(a.address) as client:
+        got = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", **kwargs)
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.classes, expected.classes)
+    if dtype in (torch.uint32, torch.uint64):
+        with pytest.raises(ValueError, match=r"^gt_classes\[1\]: 2147483648 does not fit the wire's int32$"):
+            build_request(BOXES, [2], CANVAS, preset="yolov5", gt_classes=torch.tensor([1, 2**31], dtype=dtype))
 
 
 def test_client_takes_numpy_flags_and_counts_as_assign_does(two_servers):
@@ -537,6 +559,11 @@ def test_requests_hold_the_same_bytes_whatever_form_the_inputs_take():
                           (BOXES.tolist(), classes)):  # fmt: skip
         request = build_request(boxes, (2,), list(CANVAS), preset="yolov5", gt_classes=labels)
         assert request.SerializeToString() == expected
+    # numpy arrays of the other byte order are converted (boxes were "expected a Tensor",
+    # classes failed with numpy's own message).
+    big_endian = build_request(BOXES.numpy().astype(">f4"), [2], CANVAS, preset="yolov5",
+                               gt_classes=classes.numpy().astype(">i8"))  # fmt: skip
+    assert big_endian.SerializeToString() == expected
     with pytest.raises(ValueError, match=r"gt_boxes: expected shape \[N, 4\], got \[2, 5\]"):
         build_request(torch.zeros(2, 5), [2], CANVAS, preset="yolov5")
 

@@ -17,7 +17,7 @@ from tritarget.clients.wire import build_request, decode_response, decode_sparse
 from tritarget.kernels import assign, presets
 from tritarget.kernels.targets import IGNORED, NEGATIVE
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.protos.tensors import encode_tensor
+from tritarget.protos.tensors import MAX_ANCHOR_ROWS, encode_tensor
 from tritarget.service import codec
 
 CANVAS = (96, 128)
@@ -294,6 +294,22 @@ def test_a_response_without_images_is_refused_when_the_request_is_not_known(deco
     response.sparse.listed_label, response.sparse.unlisted_label = IGNORED, NEGATIVE
     with pytest.raises(ValueError, match=r"^malformed response: batch_size: must be >= 1"):
         decode(response)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+@pytest.mark.parametrize("known", [False, True], ids=["no-request", "unknown-preset"])
+def test_a_response_whose_anchors_the_client_cannot_count_is_bounded(decode, known):
+    """A 100-byte SPARSE response claiming 2**40 anchors (a preset this client does not
+    know, or no request) made the client allocate terabytes (an OSError) to densify it."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision")
+    response = _answer(request)
+    request.config.preset = "a_newer_servers_preset"
+    response.num_anchors = 2**40
+    with pytest.raises(ValueError, match=r"^malformed response: num_anchors: 1099511627776 x batch_size 2 is over"):
+        decode(response, request if known else None)
+    response.num_anchors = MAX_ANCHOR_ROWS // 2 + 1
+    with pytest.raises(ValueError, match=r"num_anchors: \d+ x batch_size 2 is over the service's 33,554,432"):
+        decode(response, request if known else None)
 
 
 @pytest.mark.parametrize("densify", [True, False], ids=["densified", "sparse"])
