@@ -2,9 +2,11 @@
 
 Anchor statistics only mean something in the pixels the anchors live in, so boxes are
 resized the way the model's input transform resizes images (``Resize``): shortest side
-to ``min_size`` capped by ``max_size`` (torchvision ``GeneralizedRCNNTransform``,
-detectron2 ``ResizeShortestEdge``, mmdet ``keep_ratio``), stretched to a fixed canvas
-(SSD), letterboxed into one (YOLO, top-left as the others pad), or left as they are.
+to ``min_size`` capped by ``max_size`` (torchvision ``GeneralizedRCNNTransform``, whose
+resized size is floored; detectron2 ``ResizeShortestEdge`` and mmdet ``keep_ratio`` round
+it half up instead: a pixel more on some sides, ~0.2% at 416 px), stretched to a
+fixed canvas (SSD), letterboxed into one (YOLO, top-left as the others pad), or left as
+they are.
 Each image's canvas is its resized size padded up to ``size_divisible`` (the batch
 padding of the FPN frameworks) or the fixed canvas.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,9 +53,12 @@ class Resize:
         if self.mode not in _RESIZE_MODES:
             raise ValueError(f"Resize.mode: must be one of {', '.join(_RESIZE_MODES)}; got {self.mode!r}")
         if self.mode in ("fixed", "letterbox"):
-            if self.canvas is None or len(self.canvas) != 2 or min(self.canvas) <= 0:
-                raise ValueError(f"Resize.canvas: the {self.mode} mode needs a positive (height, width)")
-            object.__setattr__(self, "canvas", (int(self.canvas[0]), int(self.canvas[1])))
+            sides = () if self.canvas is None else tuple(self.canvas)
+            whole = all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in sides)
+            if len(sides) != 2 or not whole or min(sides) <= 0:  # 0.5 was cut to 0
+                raise ValueError(f"Resize.canvas: the {self.mode} mode needs a (height, width) of positive integers, "
+                                 f"got {self.canvas!r}")  # fmt: skip
+            object.__setattr__(self, "canvas", (int(sides[0]), int(sides[1])))
         if self.mode == "min_max" and not 0 < self.min_size <= self.max_size:
             raise ValueError(f"Resize: need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.size_divisible <= 0:
@@ -184,7 +190,7 @@ def from_tensors(
         raise ValueError(f"image_sizes: expected {count} (height, width) pairs, one per image, got {len(image_sizes)}")
     if ignore_boxes is not None and len(ignore_boxes) != count:
         raise ValueError(f"ignore_boxes: expected {count} tensors, one per image, got {len(ignore_boxes)}")
-    ids = list(range(count)) if image_ids is None else [int(i) for i in image_ids]
+    ids = list(range(count)) if image_ids is None else [_image_id(n, i) for n, i in enumerate(image_ids)]
     if len(ids) != count:
         raise ValueError(f"image_ids: expected {count} ids, got {len(ids)}")
     if len(set(ids)) != count:  # ``row_of`` and the missing-box report look images up by id
@@ -202,6 +208,15 @@ def from_tensors(
     resize = resize if resize is not None else Resize(mode="none")
     unknown_ids = torch.full((gt.shape[0],), -1, dtype=torch.int64)
     return _build(ids, sizes, resize, gt, gt_rows, unknown_ids, crowd, crowd_rows)
+
+
+def _image_id(n: int, value: object) -> int:
+    """An integer id (7.9 was cut to 7): a Python or numpy int, or a one-element integer tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"image_ids[{n}]: expected an integer, got {value!r}")
+    return int(value)
 
 
 def _flatten(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +334,8 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
                 got = repr(image[key]) if key in image else "nothing"
                 raise ValueError(f"{path}: images[{n}]: {key!r} must be an integer, got {got}")
         image_id, height, width = image["id"], image["height"], image["width"]
+        if height <= 0 or width <= 0:
+            raise ValueError(f"{path}: images[{n}]: size must be positive, got height {height}, width {width}")
         if image_id in order:
             raise ValueError(f"{path}: images[{n}]: duplicate image id {image_id}")
         order[image_id] = n

@@ -102,6 +102,7 @@ def test_bad_annotation_files_are_named(tmp_path, content, message):
         ({"height": 100.9}, {}, "images[0]: 'height' must be an integer, got 100.9"),
         ({"width": "100"}, {}, "images[0]: 'width' must be an integer, got '100'"),
         ({"id": True}, {}, "images[0]: 'id' must be an integer, got True"),
+        ({"height": 0}, {}, "images[0]: size must be positive, got height 0, width 100"),  # the file was not named
     ],
 )
 def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, message):
@@ -152,8 +153,19 @@ def test_from_tensors_refuses_fractional_sizes_and_repeated_ids():
         from_tensors(one, [(99.9, 100.7)])  # was cut to (99, 100)
     with pytest.raises(ValueError, match="image_ids: duplicate id 1"):
         from_tensors(one * 2, [(8, 8)] * 2, image_ids=[1, 1])
+    with pytest.raises(ValueError, match=r"image_ids\[0\]: expected an integer, got 7.9"):  # was cut to 7
+        from_tensors(one, [(8, 8)], image_ids=[7.9])
+    assert from_tensors(one, [(8, 8)], image_ids=[torch.tensor(7)]).image_ids.tolist() == [7]
     with pytest.raises(ValueError, match="finite positive widths and heights"):
         kmeans_iou(torch.tensor([[1.0, float("inf")], [2.0, 3.0], [4.0, 5.0]]), 2)
+
+
+@pytest.mark.parametrize("canvas", [(0.5, 300), (300.7, 300), (True, 300), (300,), None])
+def test_a_fixed_canvas_is_whole_positive_pixels(canvas):
+    """(0.5, 300) passed the check and was cut to (0, 300), refused later by the kernels
+    without naming Resize."""
+    with pytest.raises(ValueError, match=r"^Resize.canvas: the letterbox mode needs a \(height, width\) of positive"):
+        Resize(mode="letterbox", canvas=canvas)
 
 
 def test_coco_like_keeps_aspect_ratios_around_one():
