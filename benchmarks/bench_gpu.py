@@ -318,7 +318,6 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_tables(results, env, out)  # after every batch: a timeout still leaves results
-    add_ratios(rows)
     return results
 
 
@@ -449,8 +448,10 @@ def environment(smoke: bool) -> dict:
 
 
 def write_tables(results: dict, env: dict, out: Path) -> None:
-    """bench_gpu.csv (one row per point), bench_gpu.json (environment + results), bench_gpu.md."""
+    """bench_gpu.csv (one row per point), bench_gpu.json (environment + results), bench_gpu.md,
+    each with the ratios of the rows so far."""
     rows = results["rows"]
+    add_ratios(rows)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     write_csv(out / "bench_gpu.csv", [{"device": env["device"], **row} for row in rows], ["device", *columns])
     write_json(out / "bench_gpu.json", {"environment": env, **results})
@@ -736,9 +737,9 @@ def main() -> None:
     print(json.dumps(env))
     results = run(args, env, out)
     rows = results["rows"]
+    write_tables(results, env, out)  # the ratios too
     print("\n".join(summary(rows)))
     print("\n".join(kernel_table(results["kernels"], "CPU" if args.smoke else "GPU")))
-    write_tables(results, env, out)
     plot(rows, env, out)
     plot_vs_boxes(rows, env, out, *((2, 1) if args.smoke else (32, 8)))
     print(markdown_table(rows, env))

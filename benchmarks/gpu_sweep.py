@@ -17,9 +17,10 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
    1.68x the (box, block) visits, 72 registers instead of 96 under the GPU image's Triton 3.6;
    ``bench_gpu.py --pairs``, ``results/kernel_resources_triton3.6/``): ``solve`` and
-   ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, labels
-   checked equal; a variant that fails is reported and skipped; then a verdict per
-   variant (points where it beat the walk; labels equal or not).
+   ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, targets
+   (labels, matched boxes, deltas, classes) checked equal to the walk's; a variant that
+   fails is reported and skipped; then a verdict per variant (points where it beat the
+   walk; targets equal or not).
 4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
@@ -93,17 +94,22 @@ def set_direct_launches(direct: bool) -> None:
 
 def matching_verdict(points: list[dict]) -> str:
     """One line per variant: at how many points it beat the walk, ``solve`` and
-    ``solve_sparse`` apart, and whether its labels ever differed (what making the gather
-    the default waits for)."""
-    lines = ["verdict against the walk (points faster: solve, solve_sparse; labels):"]
-    variants = [name for name in points[0]["ms"] if name != "walk"] if points else []
+    ``solve_sparse`` apart, and whether its targets ever differed (what making the gather
+    the default waits for). Points where the walk failed compare nothing."""
+    lines = ["verdict against the walk (points faster: solve, solve_sparse; targets):"]
+    variants = list(dict.fromkeys(name for point in points for name in point["ms"] if name != "walk"))
     for name in variants:
-        timed = [point for point in points if name in point["ms"]]
+        timed = [point for point in points if name in point["ms"] and "walk" in point["ms"]]
         faster = [sum(point["ms"][name][i] < point["ms"]["walk"][i] for point in timed) for i in (0, 1)]
         same = not any(name in point["differ"] for point in timed)
         lines.append(f"  {name}: {faster[0]} / {len(timed)}, {faster[1]} / {len(timed)}; "
                      f"{'equal' if same else 'DIFFER'}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _outputs(targets) -> list:
+    """What a matching variant must reproduce exactly: labels, matched boxes, deltas, classes."""
+    return [t for t in (targets.labels, targets.matched_gt, targets.deltas, targets.classes) if t is not None]
 
 
 def graph_replay(problem) -> dict:
@@ -224,12 +230,13 @@ def main() -> None:
             try:
                 row[name] = (bench(lambda p=problem: triton_backend.solve(p)),
                              bench(lambda p=problem: triton_backend.solve_sparse(p)),
-                             triton_backend.solve(problem).labels)  # fmt: skip
+                             _outputs(triton_backend.solve(problem)))  # fmt: skip
             except Exception as error:  # the variant's answer, not the sweep's end
                 say(f"{name}: failed: {type(error).__name__}: {error}")
                 failed.add(name)
         triton_backend._COMPILED = default
-        differ = [name for name in row if not torch.equal(row[name][2], row["walk"][2])]
+        walk = row["walk"][2] if "walk" in row else None
+        differ = [name for name in row if walk is not None and not all(map(torch.equal, row[name][2], walk))]
         times = ", ".join(f"{name} {row[name][0]:.3f} / {row[name][1]:.3f}" for name in row)
         say(f"B={point[0]} G={point[1] or '~7'}: solve / solve_sparse ms: {times}"
             f"{f'  LABELS DIFFER: {differ}' if differ else ''}")  # fmt: skip

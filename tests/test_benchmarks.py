@@ -35,3 +35,26 @@ def test_a_started_server_is_serving_with_its_metrics():
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_gpu_ratios_are_the_others_time_over_ours():
+    import bench_gpu
+
+    rows = [{"workload": "w", "batch": 1, "method": "triton", "median_ms": 2.0},
+            {"workload": "w", "batch": 1, "method": "triton_assign", "median_ms": 4.0},
+            {"workload": "w", "batch": 1, "method": "torchvision", "median_ms": 10.0},
+            {"workload": "w", "batch": 8, "method": "torchvision", "median_ms": 10.0}]  # fmt: skip
+    bench_gpu.add_ratios(rows)
+    assert rows[2]["speedup_of_triton"] == 5.0 and rows[2]["speedup_of_triton_assign"] == 2.5
+    assert rows[1]["speedup_of_triton"] == 2.0  # end to end against the kernels alone
+    assert "speedup_of_triton" not in rows[0] and "speedup_of_triton" not in rows[3]  # no solve row at B = 8
+
+
+def test_the_matching_verdict_compares_with_the_walk_where_it_ran():
+    """A point where the walk failed crashed the verdict (and the sweep's last lines)."""
+    import gpu_sweep
+
+    points = [{"batch": 1, "boxes": None, "differ": [], "ms": {"walk": (1.0, 2.0), "gather": (0.5, 3.0)}},
+              {"batch": 8, "boxes": None, "differ": ["gather"], "ms": {"walk": (1.0, 2.0), "gather": (0.9, 1.0)}},
+              {"batch": 32, "boxes": None, "differ": [], "ms": {"gather": (0.1, 0.1)}}]  # fmt: skip
+    assert gpu_sweep.matching_verdict(points).splitlines()[1] == "  gather: 2 / 2, 1 / 2; DIFFER"
