@@ -318,7 +318,8 @@ def decode_response(response: pb.AssignResponse, request: pb.AssignRequest | Non
     max_iou = None
     if response.HasField("max_iou"):
         max_iou = _field(response.max_iou, "max_iou", _FLOAT32, [batch, count], _ROWS)
-    return Targets(labels, matched, deltas, classes, max_iou, _dropped(response, boxes), response.background_class)
+    return Targets(labels, matched, deltas, classes, max_iou, _dropped(response, boxes), response.background_class,
+                   dropped_ignore=_dropped(response, _ignore_counts(request), ignore=True))  # fmt: skip
 
 
 def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None = None) -> SparseTargets:
@@ -356,6 +357,7 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
         positive_classes=lists.positive_classes,
         background_class=response.background_class,
         dropped=_dropped(response, boxes),
+        dropped_ignore=_dropped(response, _ignore_counts(request), ignore=True),
     )
 
 
@@ -423,6 +425,11 @@ def _box_counts(request: pb.AssignRequest | None) -> list[int] | None:
     return None if request is None else list(request.gt_counts)
 
 
+def _ignore_counts(request: pb.AssignRequest | None) -> list[int] | None:
+    """Each image's ignore regions, when the request is known."""
+    return None if request is None else list(request.ignore_counts) or [0] * len(request.gt_counts)
+
+
 def _field(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: list[int], dims: str) -> torch.Tensor:
     """A response tensor of one of ``dtypes`` and exactly ``shape`` (``dims`` names its
     dimensions, for the error): a view of its bytes."""
@@ -461,18 +468,20 @@ def _bad_match(image: int, anchor: int, label: int, box: int, boxes: list[int] |
     return f"matched_gt: image {image}, anchor {anchor} (label {label}) matches box {box}{of}"
 
 
-def _dropped(response: pb.AssignResponse, boxes: np.ndarray | None) -> list[torch.Tensor]:
-    """Each image's dropped box indices: ascending, each one of its image's boxes."""
+def _dropped(response: pb.AssignResponse, boxes: list[int] | None, ignore: bool = False) -> list[torch.Tensor]:
+    """Each image's dropped box (``ignore``: ignore region) indices: ascending, each one
+    of its image's ``boxes`` (when the request is known)."""
     if not response.dropped:
         return [NOTHING_DROPPED] * response.batch_size
+    what = "ignore regions" if ignore else "boxes"
     dropped = []
     for image, lst in enumerate(response.dropped):
-        indices = np.array(lst.box_index, dtype=np.int64)
+        indices = np.array(lst.ignore_box_index if ignore else lst.box_index, dtype=np.int64)
         limit = np.iinfo(np.int64).max if boxes is None else boxes[image]
         if indices.size and (indices[0] < 0 or indices[-1] >= limit or (np.diff(indices) <= 0).any()):
-            of = "" if boxes is None else f" (of {limit} boxes)"
-            raise _malformed(f"dropped: image {image} lists boxes {indices.tolist()}{of}; expected ascending "
-                             "indices of its boxes")  # fmt: skip
+            of = "" if boxes is None else f" (of {limit} {what})"
+            raise _malformed(f"dropped: image {image} lists {what} {indices.tolist()}{of}; expected ascending "
+                             f"indices of its {what}")  # fmt: skip
         dropped.append(torch.from_numpy(indices))
     return dropped
 

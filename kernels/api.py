@@ -132,7 +132,7 @@ def assign(
         targets = sample(targets, config.match, seeds)
     if kept.original_index is not None:
         _restore_given_indices(targets.matched_gt, problem, kept)
-    targets.dropped = kept.dropped
+    targets.dropped, targets.dropped_ignore = kept.dropped, kept.dropped_ignore
     targets.level_starts = _level_starts(problem)
     return targets
 
@@ -187,7 +187,7 @@ def assign_sparse(
             torch.arange(counts.numel(), device=counts.device), counts, output_size=sparse.positive_anchors.numel()
         )  # output_size: no sync to size the result
         sparse.positive_matched_gt = _original_indices(sparse.positive_matched_gt, image, problem.gt_offsets, kept)
-    sparse.dropped = kept.dropped
+    sparse.dropped, sparse.dropped_ignore = kept.dropped, kept.dropped_ignore
     sparse.level_starts = _level_starts(problem)
     return sparse
 

@@ -170,10 +170,13 @@ class Kept:
     original_index (Tensor[N_kept] int64): index within its image of each kept box;
         None when no box was dropped.
     dropped (list of B Tensor[D_i] int64): indices within each image of dropped boxes.
+    dropped_ignore (list of B Tensor[E_i] int64): likewise of dropped ignore regions
+        (set by ``build_problem``).
     """
 
     original_index: torch.Tensor | None
     dropped: list[torch.Tensor]
+    dropped_ignore: list[torch.Tensor] = field(default_factory=list)
 
 
 class _Boxes(NamedTuple):
@@ -618,9 +621,11 @@ def build_problem(
         boxes = boxes[rows]
         if classes is not None:
             classes = classes[rows]
+    kept.dropped_ignore = [NOTHING_DROPPED] * batch
     if "ignore_boxes" in dropped:
         ign_counts = dropped["ignore_boxes"].counts
         ignore = ignore[dropped["ignore_boxes"].rows.to(device)]
+        kept.dropped_ignore = dropped["ignore_boxes"].kept.dropped
 
     problem = Problem(
         config=config,

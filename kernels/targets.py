@@ -58,6 +58,8 @@ class SparseTargets:
     dropped (list of B Tensor[D_i] int64): boxes dropped from each image (drop_invalid).
     level_starts (tuple of L + 1 ints or None): first anchor of each pyramid level, then A
         (set by ``assign_sparse`` for generated anchors; see ``Targets.levels``).
+    dropped_ignore (list of B Tensor[E_i] int64): ignore regions dropped from each image,
+        likewise (``Targets.dropped_ignore``).
     """
 
     num_anchors: int
@@ -71,6 +73,7 @@ class SparseTargets:
     background_class: int = 0
     dropped: list[torch.Tensor] = field(default_factory=list)
     level_starts: tuple[int, ...] | None = None
+    dropped_ignore: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -177,6 +180,9 @@ class Targets:
         each image (``drop_invalid=True``); empty otherwise.
     level_starts (tuple of L + 1 ints or None): first anchor of each pyramid level, then
         A; set by ``assign`` for generated anchors (None for explicit anchors).
+    dropped_ignore (list of B Tensor[E_i] int64): indices of invalid ignore regions
+        dropped from each image (``drop_invalid=True``; they would have ignored nothing,
+        or only anchors outside the canvas); empty otherwise.
     """
 
     labels: torch.Tensor
@@ -187,6 +193,7 @@ class Targets:
     dropped: list[torch.Tensor] = field(default_factory=list)
     background_class: int = 0
     level_starts: tuple[int, ...] | None = None
+    dropped_ignore: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -203,6 +210,7 @@ class Targets:
         return Targets(
             move(self.labels), move(self.matched_gt), move(self.deltas), move(self.classes),
             move(self.max_iou), list(self.dropped), self.background_class, self.level_starts,
+            list(self.dropped_ignore),
         )  # fmt: skip
 
     def pin_memory(self) -> Targets:
@@ -232,6 +240,7 @@ class Targets:
                 list(self.dropped),
                 self.background_class,
                 (0, b - a),
+                list(self.dropped_ignore),
             )  # fmt: skip
             for a, b in zip(starts, starts[1:])
         ]
@@ -264,6 +273,7 @@ class Targets:
             background_class=self.background_class,
             dropped=list(self.dropped),
             level_starts=self.level_starts,
+            dropped_ignore=list(self.dropped_ignore),
         )
 
     @classmethod
@@ -290,7 +300,7 @@ class Targets:
             classes[pos_image, pos_anchor] = sparse.positive_classes.to(torch.int32)
         return cls(
             labels, matched, deltas, classes, dropped=list(sparse.dropped), background_class=sparse.background_class,
-            level_starts=sparse.level_starts,
+            level_starts=sparse.level_starts, dropped_ignore=list(sparse.dropped_ignore),
         )  # fmt: skip
 
 

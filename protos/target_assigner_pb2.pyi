@@ -131,10 +131,12 @@ class SparseTargets(_message.Message):
     def __init__(self, positive_offsets: _Optional[_Union[Tensor, _Mapping]] = ..., positive_anchors: _Optional[_Union[Tensor, _Mapping]] = ..., positive_matched_gt: _Optional[_Union[Tensor, _Mapping]] = ..., positive_deltas: _Optional[_Union[Tensor, _Mapping]] = ..., positive_classes: _Optional[_Union[Tensor, _Mapping]] = ..., listed_label: _Optional[int] = ..., listed_offsets: _Optional[_Union[Tensor, _Mapping]] = ..., listed_anchors: _Optional[_Union[Tensor, _Mapping]] = ..., unlisted_label: _Optional[int] = ...) -> None: ...
 
 class DroppedBoxes(_message.Message):
-    __slots__ = ("box_index",)
+    __slots__ = ("box_index", "ignore_box_index")
     BOX_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_BOX_INDEX_FIELD_NUMBER: _ClassVar[int]
     box_index: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, box_index: _Optional[_Iterable[int]] = ...) -> None: ...
+    ignore_box_index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, box_index: _Optional[_Iterable[int]] = ..., ignore_box_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FieldViolation(_message.Message):
     __slots__ = ("field", "description")

@@ -724,9 +724,11 @@ def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTarge
     first = parts[0]
     cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     dropped = [d for p in parts for d in p.dropped]
+    dropped_ignore = [d for p in parts for d in p.dropped_ignore]
     if isinstance(first, Targets):
         return Targets(cat("labels"), cat("matched_gt"), cat("deltas"), cat("classes"), cat("max_iou"), dropped,
-                       first.background_class, level_starts=first.level_starts)  # fmt: skip
+                       first.background_class, level_starts=first.level_starts,
+                       dropped_ignore=dropped_ignore)  # fmt: skip
 
     def offsets(name: str) -> torch.Tensor:
         shifted, base = [getattr(first, name)[:1]], 0
@@ -747,6 +749,7 @@ def _concat(parts: list[Targets] | list[SparseTargets]) -> Targets | SparseTarge
         background_class=first.background_class,
         dropped=dropped,
         level_starts=first.level_starts,
+        dropped_ignore=dropped_ignore,
     )
 
 
@@ -764,6 +767,7 @@ def _split(targets: Targets | SparseTargets, images: list[int]) -> list[Targets]
             Targets(
                 rows(targets.labels), rows(targets.matched_gt), rows(targets.deltas), rows(targets.classes),
                 rows(targets.max_iou), list(targets.dropped[start : start + count]), targets.background_class,
+                dropped_ignore=list(targets.dropped_ignore[start : start + count]),
             )
         )  # fmt: skip
         start += count
@@ -795,6 +799,7 @@ def _split_sparse(sparse: SparseTargets, images: list[int]) -> list[SparseTarget
                 positive_classes=None if classes is None else wrap(classes[rows]),
                 background_class=sparse.background_class,
                 dropped=list(sparse.dropped[start:end]),
+                dropped_ignore=list(sparse.dropped_ignore[start:end]),
             )
         )
         start = end

@@ -293,7 +293,7 @@ def _tensor_bytes(dtype: int, shape: list[int], itemsize: int) -> int:
 def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest, background_class: int) -> int:
     """The exact serialized size of a request's DENSE response (the limit gRPC enforces
     on it), known before computing; with ``drop_invalid`` the dropped-box lists are
-    counted at their largest (every box dropped)."""
+    counted at their largest (every box and ignore region dropped)."""
     half = request.delta_dtype == pb.DTYPE_FLOAT16
     rows = [images, anchors]
     dense = _field_bytes(_tensor_bytes(pb.DTYPE_INT8, rows, 1))
@@ -308,10 +308,15 @@ def dense_response_bytes(images: int, anchors: int, request: pb.AssignRequest, b
     if request.return_max_iou:
         size += _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT32, rows, 4))
     if request.drop_invalid:
-        for count in request.gt_counts:
-            indices = count * _varint_bytes(max(count - 1, 0))
-            size += _field_bytes(_field_bytes(indices) if count else 0)
+        ignore_counts = request.ignore_counts or [0] * len(request.gt_counts)
+        for count, ignore in zip(request.gt_counts, ignore_counts):
+            size += _field_bytes(_indices_bytes(count) + _indices_bytes(ignore))
     return size
+
+
+def _indices_bytes(count: int) -> int:
+    """A packed field of ``count`` indices below ``count``, at its largest (absent when empty)."""
+    return _field_bytes(count * _varint_bytes(max(count - 1, 0))) if count else 0
 
 
 def check_response_size(response: pb.AssignResponse, limits: Limits) -> int:
@@ -455,8 +460,10 @@ def encode_assign(request: pb.AssignRequest, targets: Targets | SparseTargets) -
     if request.return_max_iou and isinstance(targets, Targets) and targets.max_iou is not None:
         encode_tensor(targets.max_iou, response.max_iou)
     if request.drop_invalid:
-        for dropped in targets.dropped:
-            response.dropped.add().box_index.extend(dropped.tolist())
+        for dropped, dropped_ignore in zip(targets.dropped, targets.dropped_ignore, strict=True):
+            lists = response.dropped.add()
+            lists.box_index.extend(dropped.tolist())
+            lists.ignore_box_index.extend(dropped_ignore.tolist())
     return response
 
 

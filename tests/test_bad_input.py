@@ -248,8 +248,8 @@ def test_targets_saved_with_torch_save_load_with_weights_only(tmp_path):
         for name, value in vars(targets).items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(getattr(loaded, name), value), name
-            elif name == "dropped":
-                assert [d.tolist() for d in loaded.dropped] == [d.tolist() for d in value]
+            elif name in ("dropped", "dropped_ignore"):
+                assert [d.tolist() for d in getattr(loaded, name)] == [d.tolist() for d in value], name
             else:
                 assert getattr(loaded, name) == value, name
 

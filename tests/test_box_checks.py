@@ -133,6 +133,27 @@ def test_assign_sparse_makes_no_pass_over_the_gt_boxes_before_the_backend(backen
     assert examined[-1] == ["gt_boxes"]
 
 
+@pytest.mark.parametrize("function", [assign, assign_sparse])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=TRITON)])
+def test_dropped_ignore_regions_are_reported(function, backend):
+    """Invalid ignore regions were dropped under drop_invalid without a word: a crowd
+    region malformed in the data left its anchors negative, and nothing said so."""
+    device = _device(backend)
+    config = presets.get("retinanet_mmdet")  # ignore regions: mmdet's IoF rule
+    ignore = torch.tensor([[0.0, 0.0, 40.0, 40.0], INVALID_KINDS[3], [0.0, 0.0, 30.0, 30.0], INVALID_KINDS[2]])
+    kwargs = dict(gt_classes=torch.tensor([1, 2, 3]).to(device), backend=backend)
+    got = function(GOOD.to(device), [2, 1], CANVAS, config, ignore_boxes=ignore.to(device), ignore_counts=[2, 2],
+                   drop_invalid=True, **kwargs).to("cpu")  # fmt: skip
+    assert [d.tolist() for d in got.dropped_ignore] == [[1], [1]] and [d.tolist() for d in got.dropped] == [[], []]
+    valid = function(GOOD.to(device), [2, 1], CANVAS, config, ignore_boxes=ignore[[0, 2]].to(device),
+                     ignore_counts=[1, 1], **kwargs).to("cpu")  # fmt: skip
+    dense = [t.to_dense() if function is assign_sparse else t for t in (got, valid)]
+    assert torch.equal(dense[0].labels, dense[1].labels) and (dense[0].labels == -1).any()
+    # Carried by every conversion: to_dense, to_sparse, levels.
+    converted = [dense[0], dense[0].to_sparse(), *dense[0].levels()]
+    assert all([d.tolist() for d in t.dropped_ignore] == [[1], [1]] for t in converted)
+
+
 def test_ignore_boxes_still_go_through_the_cpu_backends_compiled_check(monkeypatch):
     calls = []
     compiled = cpu.boxes_valid

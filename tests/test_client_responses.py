@@ -340,6 +340,11 @@ def test_dropped_lists_hold_ascending_indices_of_their_images_boxes(decode):
         broken.dropped[image].box_index.extend(indices)
         with pytest.raises(ValueError, match=rf"^malformed response: dropped: {text}; expected ascending"):
             decode(broken, request)
+    broken = pb.AssignResponse.FromString(response.SerializeToString())
+    broken.dropped[1].ignore_box_index.append(0)  # the request sent no ignore region
+    with pytest.raises(ValueError, match=r"^malformed response: dropped: image 1 lists ignore regions \[0\] \(of 0 "
+                                         r"ignore regions\); expected ascending"):  # fmt: skip
+        decode(broken, request)
     del response.dropped[1]
     with pytest.raises(ValueError, match=r"^malformed response: dropped: 1 lists, expected one per image \(2\)"):
         decode(response, request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import threading
 import urllib.request
 
@@ -112,6 +113,19 @@ def test_drop_invalid_reports_dropped_boxes(client, generator):
     ref = _reference(boxes, [2, 2], canvas, "retinanet_torchvision", drop_invalid=True)
     assert_targets_equal(got, ref, rtol=0, atol=0)
     assert [d.tolist() for d in got.dropped] == [[1], [1]]
+
+
+@pytest.mark.parametrize("kwargs", [{"format": "dense"}, {"densify": False}], ids=["dense", "sparse"])
+def test_drop_invalid_reports_dropped_ignore_regions(client, kwargs):
+    canvas = (96, 128)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 40.0], [0.0, 0.0, 30.0, 20.0]])
+    ignore = torch.tensor([[0.0, 0.0, 50.0, 50.0], [60.0, 10.0, 60.0, 30.0], [math.nan, 0.0, 4.0, 4.0]])
+    got = client.assign(boxes, [1, 1], canvas, preset="retinanet_mmdet", ignore_boxes=ignore, ignore_counts=[2, 1],
+                        drop_invalid=True, **kwargs)  # fmt: skip
+    ref = _reference(boxes, [1, 1], canvas, "retinanet_mmdet", ignore_boxes=ignore, ignore_counts=[2, 1],
+                     drop_invalid=True)  # fmt: skip
+    assert [d.tolist() for d in got.dropped_ignore] == [[1], [0]] and [d.tolist() for d in got.dropped] == [[], []]
+    assert_targets_equal(got if kwargs.get("format") else got.to_dense(), ref, rtol=0, atol=0)
 
 
 def test_box_formats_are_converted_at_the_edge(client):

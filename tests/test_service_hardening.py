@@ -96,6 +96,22 @@ def test_dense_response_size_is_exact(kwargs):  # D5
     assert predicted == codec.encode_assign(request, targets).ByteSize()
 
 
+def test_dense_response_size_with_every_box_and_ignore_region_dropped_is_exact():
+    """drop_invalid: the size held before computing counts every box and ignore region
+    dropped; when they all are, it is the response's size (fewer: a bound)."""
+    invalid = torch.tensor([[5.0, 5.0, 5.0, 9.0]] * 12)
+    request = build_request(invalid, [12], CANVAS, preset="retinanet_mmdet", ignore_boxes=invalid[:3],
+                            ignore_counts=[3], drop_invalid=True, format="dense")  # fmt: skip
+    job = codec.decode_assign(request, codec.Limits())
+    from tritarget.kernels import assign
+
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, ignore_boxes=job.ignore_boxes,
+                     ignore_counts=job.ignore_counts, drop_invalid=True, backend="cpu")  # fmt: skip
+    assert [len(d) for d in targets.dropped] == [12] and [len(d) for d in targets.dropped_ignore] == [3]
+    anchors = targets.num_anchors
+    assert codec.dense_response_bytes(1, anchors, request, 0) == codec.encode_assign(request, targets).ByteSize()
+
+
 def test_dense_response_one_byte_over_the_limit_is_refused_before_computing(server):  # D5
     anchors = resolve_grid(presets.get("retinanet_torchvision").anchors, CANVAS).num_anchors
     base = codec.dense_response_bytes(1, anchors, _good_request(format="dense"), 0)
