@@ -159,6 +159,10 @@ fi
 # GPU_CHECK_TESTS (default: tests, the whole suite) and GPU_CHECK_BENCH_ARGS (extra
 # bench_gpu.py arguments) narrow a re-run when device time is short.
 budget="${GPU_CHECK_BUDGET:-270}"
+if ! [[ "$budget" =~ ^[0-9]+$ ]] || ((budget < 120)); then
+    echo "gpu_check: GPU_CHECK_BUDGET must be a whole number of seconds, at least 120; got $budget" >&2
+    exit 2
+fi
 tests_timeout=$((budget * 45 / 100 < 250 ? budget * 45 / 100 : 250))
 bench_timeout=$((budget * 20 / 100 < 100 ? budget * 20 / 100 : 100))
 bench_limit=$((bench_timeout - 20))  # seconds, after which bench_gpu.py starts no new point

@@ -568,6 +568,10 @@ class _Driver:
             # cancels the call on any failure (the reader then gets asyncio.CancelledError)
             # and leaves it suspended, to be closed mid-await at loop shutdown.
             nonlocal sent_all
+            # Since when the stream could take the next request: its opening (a request due
+            # before waited for a reopen), then the end of a write that blocked (the server
+            # had not taken the last), else never in the way (lateness is the generator's).
+            free = opened
             try:
                 while True:
                     if schedule is None:
@@ -578,7 +582,6 @@ class _Driver:
                     else:
                         if schedule.next is None:
                             break
-                        free = time.perf_counter()  # the stream can take a request from now
                         if not self._window_closed():  # else counted at once below, one by one
                             await asyncio.sleep(max(0.0, schedule.next - time.perf_counter()))
                         at = schedule.take()
@@ -588,7 +591,10 @@ class _Driver:
                         self.recorder.sent(at, free)
                     i, request = self._next_request()
                     in_flight.append((i, at))
+                    writing = time.perf_counter()
                     await call.write(request)
+                    written = time.perf_counter()
+                    free = written if written - writing > _LATE_S else -math.inf
                 sent_all = True
                 await call.done_writing()
             except (grpc.RpcError, asyncio.InvalidStateError):

@@ -95,7 +95,7 @@ def test_several_client_processes(server):
     assert report.summary()["client_cpu_s"] == report.client_cpu_s
     assert "load generator: " in report.table() and "2 process(es)" in report.table()
     # The processes began their windows together (0.9 s apart before: each its own start-up).
-    assert 0 <= report.start_skew_s < 0.05
+    assert 0 <= report.start_skew_s < 0.25  # a few ms on a quiet machine
     assert report.summary()["client_start_skew_s"] == report.start_skew_s
 
 
@@ -282,7 +282,7 @@ def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
     assert list(report.errors) == ["UNAVAILABLE"], report.table()
     # Requests that waited for their stream to reopen are the server's doing, not a load
     # generator short of CPU (which the table said of a server that was down).
-    assert report.late_sends == 0 and "could not keep its schedule" not in report.table(), report.table()
+    assert "could not keep its schedule" not in report.table(), report.table()
     if server == "fails-a-stream":
         assert report.requests > 30, report.table()  # the failed stream was replaced
     else:
@@ -336,6 +336,54 @@ def test_a_call_grpc_cancelled_itself_is_a_cancelled_error(monkeypatch, stream):
     report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=0.2, warmup_s=0, concurrency=1,
                                  stream=stream))  # fmt: skip
     assert report.requests == 0 and list(report.errors) == ["CANCELLED"], report.table()
+
+
+class _StallingStream:
+    """A stream that takes every write at once and answers it; every 20th answer costs
+    the client 30 ms of its own CPU (decoding a burst, a garbage collection): the load
+    generator's event loop stalls, the stream never does."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue = asyncio.Queue()
+        self.reads = 0
+
+    def unary_unary(self, *args) -> None:
+        return None  # the load test makes both kinds of call; this one is not used
+
+    def stream_stream(self, *args):
+        return lambda **kwargs: self
+
+    async def write(self, request) -> None:
+        self.answers.put_nowait(pb.AssignResponse())
+
+    async def done_writing(self) -> None:
+        self.answers.put_nowait(grpc.aio.EOF)
+
+    async def read(self):
+        answer = await self.answers.get()
+        self.reads += 1
+        if self.reads % 20 == 0:
+            busy_until = time.perf_counter() + 0.03
+            while time.perf_counter() < busy_until:
+                pass
+        return answer
+
+    def cancel(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+def test_an_open_loop_stream_late_for_the_generators_sake_says_so(monkeypatch):
+    """Requests late because the client's own loop stalled were put down to their stream
+    ("waited for their stream", "the server fell behind"): the case the lateness report
+    is for. Only a write that blocked holds the stream."""
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_StallingStream()])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.5, warmup_s=0, concurrency=1,
+                                 rate=500, stream=True))  # fmt: skip
+    assert report.held_sends == 0 and report.late_sends > 2, report.table()
+    assert "could not keep its schedule" in report.table() and "for their stream" not in report.table()
 
 
 def _ctrl_c_when(loading: threading.Event, children: Callable[[], list] | None = None) -> threading.Thread:
