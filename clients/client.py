@@ -8,12 +8,14 @@
   every replica and balances with its ``round_robin`` policy (a Kubernetes
   headless Service gives exactly that).
 * Deadlines: ``timeout`` per call (seconds), else the client's default.
-* Retries: UNAVAILABLE (server down, not started yet, restarting, draining) is
-  retried with exponential backoff and jitter until the call's deadline (or
-  ``retries`` retries after the first try, when given); an endpoint that just failed is skipped for a
-  moment while another is available. Other errors are not retried, except that
-  with ``try_timeout`` (seconds) a unary try that takes longer is abandoned and
-  retried on the next endpoint (a hung replica holds one try, not the whole call).
+* Retries: UNAVAILABLE (server down, not started yet, restarting, draining) and a
+  server's full queue (RESOURCE_EXHAUSTED with the ErrorInfo reason ``OVERLOADED``; a
+  request over a limit is not retried) are retried with exponential backoff and jitter
+  until the call's deadline (or ``retries`` retries after the first try, when given);
+  an endpoint that just failed is skipped for a moment while another is available.
+  Other errors are not retried, except that with ``try_timeout`` (seconds) a unary try
+  that takes longer is abandoned and retried on the next endpoint (a hung replica holds
+  one try, not the whole call).
 * Streams survive a replica dying: the requests a stream sent and got no answer for
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
@@ -69,6 +71,7 @@ from grpc_status import rpc_status
 from tritarget.kernels.problem import check_flags
 from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import SparseTargets, Targets
+from tritarget.protos import ERROR_DOMAIN, OVERLOADED_REASON
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
@@ -95,6 +98,21 @@ _PROBE_S = 1.0
 def _transport_failure(error: grpc.RpcError) -> bool:
     """The server could not be reached or went away (retry elsewhere); not an answer."""
     return error.code() == grpc.StatusCode.UNAVAILABLE or _broken_write(error)
+
+
+def _overloaded(error: grpc.RpcError) -> bool:
+    """The server's queue was full (retry, elsewhere first): a RESOURCE_EXHAUSTED whose
+    ErrorInfo says so, where a request over a limit would fail again anywhere."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not hasattr(error, "trailing_metadata"):
+        return False
+    status = rpc_status.from_call(error)
+    for detail in () if status is None else status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if (info.reason, info.domain) == (OVERLOADED_REASON, ERROR_DOMAIN):
+                return True
+    return False
 
 
 # How gRPC's C core words a TLS handshake that refused the server's certificate.
@@ -499,14 +517,14 @@ class _Base:
         """A transport failure, or a try cut short by ``try_timeout`` with time left."""
         if _certificate_refused(error):
             return False
-        if _transport_failure(error):
+        if _transport_failure(error) or _overloaded(error):
             return True
         return (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 and (deadline is None or deadline - time.monotonic() > _LAST_TRY_S))  # fmt: skip
 
     def _endpoint_failed(self, error: grpc.RpcError) -> bool:
-        """The endpoint, not the request, failed: unreachable, gone, or silent for a try."""
-        return (_transport_failure(error) or getattr(error, "silent", False)
+        """The endpoint, not the request, failed: unreachable, gone, overloaded, or silent for a try."""
+        return (_transport_failure(error) or _overloaded(error) or getattr(error, "silent", False)
                 or (self.try_timeout is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED))  # fmt: skip
 
     def _health_wait(self, attempt: int, deadline: float) -> float | None:

@@ -213,8 +213,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             reader.cancel()
 
     async def wait_settled(self, timeout: float, quiet: float = 0.05) -> bool:
-        """Whether, within ``timeout`` seconds, every call in flight finished and no call
-        arrived for ``quiet`` seconds. gRPC hands the calls it accepted to their handlers
+        """Whether, within ``timeout`` seconds, every call in flight finished, its response
+        taken by the transport (a unary call's handler returns before its caller has the
+        bytes: stopping gRPC then dropped 40 MB DENSE answers already logged OK), and no
+        call arrived for ``quiet`` seconds. gRPC hands the calls it accepted to their handlers
         only as the event loop gets to them (a busy loop leaves a backlog); those still
         waiting when gRPC stops are cancelled (CANCELLED, which clients do not retry)
         instead of refused here (UNAVAILABLE: clients retry on another replica)."""
@@ -231,7 +233,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             # are ready together, and a single sleep could end before the calls are seen.
             for _ in range(5):
                 await asyncio.sleep(max(0.0, min(quiet / 5, deadline - loop.time())))
-            if self._arrivals == seen and self._idle.is_set():
+            if self._arrivals == seen and self._idle.is_set() and not self._unsent:
                 return True
             if loop.time() >= deadline:
                 return False
@@ -397,6 +399,9 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 # Built and encoded off the loop: up to 256 MB (a copy of 0.3 s at 8192 x 8192).
                 response, size = await self._held_while(size, lambda: self._anchors(config, canvas))
                 self._held_until_done(context, size)
+        except asyncio.CancelledError:  # its deadline or its caller: counted, timed and logged as Assign's
+            self._gone("GetAnchors", context, request, started)
+            raise
         except Exception as exc:
             await self._fail("GetAnchors", exc, context, request, started)
         self._sent("GetAnchors", response)

@@ -2,8 +2,11 @@
 
 ``ServiceError`` subclasses map to their codes; ``InvalidInput`` adds a
 ``google.rpc.BadRequest`` with one field violation per problem (read it with
-``grpc_status.rpc_status.from_call``). Anything else is a bug: INTERNAL with a
-generic message, and the traceback goes to the log, not to the caller.
+``grpc_status.rpc_status.from_call``), and ``Overloaded`` (a full queue: it passes)
+a ``google.rpc.ErrorInfo`` with reason ``OVERLOADED`` and a ``RetryInfo``, which tell it
+from a request over a limit (never served) under the same RESOURCE_EXHAUSTED. Anything
+else is a bug: INTERNAL with a generic message, and the traceback goes to the log, not
+to the caller.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tritarget.protos import ERROR_DOMAIN, OVERLOADED_REASON
 from tritarget.protos import target_assigner_pb2 as pb
 
-from .errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
+from .errors import InvalidInput, NotFound, Overloaded, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
 
 __all__ = ["status_of", "abort", "request_error"]
 
@@ -33,6 +37,7 @@ _CODES: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
 )
 
 INTERNAL_MESSAGE = "internal server error (logged on the server)"
+_OVERLOADED_RETRY_S = 0.1  # a batch takes milliseconds to tens of milliseconds
 
 # A status travels in the trailers, and gRPC clients refuse trailers over 8 KiB (at
 # random) or 16 KiB (always), so a message that repeats a long input (a 3,000-dimension
@@ -61,12 +66,21 @@ def status_of(exc: BaseException) -> status_pb2.Status:
                         for f, d in exc.violations[:_MAX_VIOLATIONS]
                     ]
                 )
-                detail = any_pb2.Any()
-                detail.Pack(bad_request)
-                status.details.append(detail)
+                _attach(status, bad_request)
+            if isinstance(exc, Overloaded):
+                _attach(status, error_details_pb2.ErrorInfo(reason=OVERLOADED_REASON, domain=ERROR_DOMAIN))
+                retry = error_details_pb2.RetryInfo()
+                retry.retry_delay.FromMilliseconds(round(_OVERLOADED_RETRY_S * 1000))
+                _attach(status, retry)
             return status
     log.error("unexpected error while serving a request", exc_info=exc)
     return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
+
+
+def _attach(status: status_pb2.Status, detail_message) -> None:
+    detail = any_pb2.Any()
+    detail.Pack(detail_message)
+    status.details.append(detail)
 
 
 def code_name(status: status_pb2.Status) -> str:

@@ -364,12 +364,59 @@ def test_full_queue_is_resource_exhausted_and_others_finish():
                     call()
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "overloaded" in info.value.details
+                # A full queue passes: a client of two replicas goes on to the other (it gave
+                # up at once, as for a request over a limit).
+                with ServerThread() as idle, TargetClient([srv.address, idle.address], timeout=30) as both:
+                    assert (both.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+                    assert idle.metrics.value("tritarget_requests_total", {"method": "Assign"}) == 1
+                    assert both.stats.retries == 1
                 gate.set()
                 for future in waiting:
                     assert (future.result(30).labels == 1).any()
             errors = srv.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "RESOURCE_EXHAUSTED"})
-            assert errors == 1
+            assert errors == 2
             _still_serving(client)
+
+
+def test_a_full_queue_says_it_passes_and_a_limit_does_not():
+    """Both are RESOURCE_EXHAUSTED; only a full queue carries ErrorInfo OVERLOADED and a
+    RetryInfo (what a client retries on), a request over a limit nothing (retried, it
+    fails again anywhere)."""
+    from google.rpc import error_details_pb2
+
+    from tritarget.service.errors import Overloaded, ResourceExhausted
+    from tritarget.service.status import status_of
+
+    overloaded = status_of(Overloaded("server overloaded"))
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert [d.Unpack(m) for d, m in zip(overloaded.details, (info, retry))] == [True, True]
+    assert (info.reason, info.domain, retry.retry_delay.ToMilliseconds()) == ("OVERLOADED", "tritarget.v1", 100)
+    assert overloaded.code == status_of(ResourceExhausted("gt_boxes: over")).code
+    assert not status_of(ResourceExhausted("gt_boxes: over")).details
+    with ServerThread() as srv, TargetClient(srv.address, timeout=30) as client:
+        with pytest.raises(TargetServiceError, match="RESOURCE_EXHAUSTED"):
+            client.assign(torch.zeros(0, 4), [0] * 300, CANVAS, preset="retinanet_torchvision")  # over 256 images
+        assert client.stats.retries == 0
+
+
+def test_a_get_anchors_call_past_its_deadline_is_counted_timed_and_logged(caplog):
+    """Cut off by its deadline (its anchors take ~0.5 s at 4096 x 4096), a GetAnchors call
+    was counted as a request but not as an error, with no latency and no access-log line."""
+    from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+
+    request = pb.GetAnchorsRequest(config=pb.ConfigRef(preset="retinanet_torchvision"), canvas_height=4096,
+                                   canvas_width=4096)  # fmt: skip
+    with ServerThread(access_log=True) as srv, grpc.insecure_channel(srv.address) as channel:
+        with caplog.at_level(logging.INFO, logger="tritarget.access"):
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.TargetAssignerStub(channel).GetAnchors(request, timeout=0.05)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            seconds = {"method": "GetAnchors"}
+            _until(lambda: srv.metrics.value("tritarget_request_seconds_count", seconds) == 1)
+        errors = {"method": "GetAnchors", "code": "DEADLINE_EXCEEDED"}
+        assert srv.metrics.value("tritarget_errors_total", errors) == 1
+        assert any(r.getMessage().startswith("GetAnchors ") and "DEADLINE_EXCEEDED" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
 
 
 async def _occupy(srv, gate):
