@@ -9,6 +9,7 @@ clear text.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -20,6 +21,9 @@ from .status import abort, code_name, status_of
 __all__ = ["BearerTokenInterceptor"]
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# The methods the metrics count (reflection's calls are not: counting only its refusals
+# read as every reflection call failing).
+_COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -54,22 +58,33 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None:
             return handler
         status = status_of(refusal)
-        if self._metrics is not None:  # a request, refused: errors never outnumber requests
-            method = details.method.rsplit("/", 1)[-1]
-            self._metrics.method(method).requests.inc()
-            self._metrics.errors.labels(method, code_name(status)).inc()
-        return _refusing(handler, status)
+        finished = None
+        if self._metrics is not None and details.method.startswith(_COUNTED_PREFIX):
+            # A request, refused: counted, failed and timed as the servicer does its own.
+            metrics, started = self._metrics.method(details.method.rsplit("/", 1)[-1]), time.perf_counter()
+            metrics.requests.inc()
+            self._metrics.errors.labels(details.method.rsplit("/", 1)[-1], code_name(status)).inc()
+            finished = lambda: metrics.request_seconds.observe(time.perf_counter() - started)  # noqa: E731
+        return _refusing(handler, status, finished)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, status) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with ``status``,
-    without a request deserializer: a refused caller's message (up to the size limit)
-    is never parsed, so credentials-less traffic costs the server no decoding."""
+def _refusing(handler: grpc.RpcMethodHandler, status, finished: Callable[[], None] | None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends the call with ``status`` (then
+    calls ``finished``), without a request deserializer: a refused caller's message (up to
+    the size limit) is never parsed, so credentials-less traffic costs the server no decoding."""
     kwargs = {"response_serializer": handler.response_serializer}
+
+    async def end(context) -> None:
+        try:
+            await abort(context, status)
+        finally:
+            if finished is not None:
+                finished()
+
     if handler.response_streaming:
 
         async def refuse_stream(request, context):
-            await abort(context, status)
+            await end(context)
             yield  # pragma: no cover - abort raises; the yield makes this an async generator
 
         if handler.request_streaming:
@@ -77,7 +92,7 @@ def _refusing(handler: grpc.RpcMethodHandler, status) -> grpc.RpcMethodHandler:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
 
     async def refuse(request, context):
-        await abort(context, status)
+        await end(context)
 
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)

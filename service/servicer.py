@@ -44,6 +44,11 @@ def cut_off_code(remaining: float | None) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= _DEADLINE_SLACK_S else "CANCELLED"
 
 
+def _call_name(method: str, request) -> str:
+    """A call as the log names it, matching its access-log line (method and request id)."""
+    return f"{method} id={getattr(request, 'request_id', '')[:_LOGGED_ID_CHARS]!r}"
+
+
 _DRAINED = object()  # in a stream's window: the server began shutting down here
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"]
@@ -179,7 +184,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         """Answer the call with ``exc``'s status; ``counted``: a failed request (a stream's
         own end is none: its requests are counted, timed and logged one by one, and the end
         gets a line of its own)."""
-        status = status_of(exc)
+        status = status_of(exc, _call_name(method, request))
         if counted:
             self._metrics.errors.labels(method, code_name(status)).inc()
             self._finished(method, request, code_name(status), started)
@@ -285,7 +290,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             self._gone("AssignStream", context, request, started)
             raise
         except Exception as exc:
-            status = status_of(exc)
+            status = status_of(exc, _call_name("AssignStream", request))
             code = code_name(status)
             self._metrics.errors.labels("AssignStream", code).inc()
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))

@@ -4,9 +4,10 @@
 ``google.rpc.BadRequest`` with one field violation per problem (read it with
 ``grpc_status.rpc_status.from_call``), and ``Overloaded`` (a full queue: it passes)
 a ``google.rpc.ErrorInfo`` with reason ``OVERLOADED`` and a ``RetryInfo``, which tell it
-from a request over a limit (never served) under the same RESOURCE_EXHAUSTED. Anything
-else is a bug: INTERNAL with a generic message, and the traceback goes to the log, not
-to the caller.
+from a request over a limit (never served) under the same RESOURCE_EXHAUSTED. Running
+out of memory (host or GPU) is RESOURCE_EXHAUSTED too: the request was too large for
+this server now. Anything else is a bug: INTERNAL with a generic message, and the
+traceback goes to the log, naming the call, not to the caller.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import torch
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -52,8 +54,25 @@ def _clipped(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
-def status_of(exc: BaseException) -> status_pb2.Status:
-    """The ``google.rpc.Status`` a caller sees for ``exc``."""
+# What torch's host allocator raises when an allocation fails (a RuntimeError).
+_HOST_ALLOCATOR_FAILED = "can't allocate memory"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and _HOST_ALLOCATOR_FAILED in str(exc)
+    )
+
+
+def status_of(exc: BaseException, call: str = "a request") -> status_pb2.Status:
+    """The ``google.rpc.Status`` a caller sees for ``exc``; ``call`` names the call in the
+    log (method and request id), where its traceback goes when ``exc`` is a bug."""
+    if _out_of_memory(exc):
+        log.warning("out of memory while serving %s: %s", call, _clipped(str(exc), _MAX_MESSAGE))
+        exc = ResourceExhausted(
+            "the server ran out of memory computing this request (its targets are sized by images x anchors and "
+            "boxes); send fewer images or boxes per request, or retry later"
+        )
     for cls, code in _CODES:
         if isinstance(exc, cls):
             status = status_pb2.Status(code=code.value[0], message=_clipped(exc.message, _MAX_MESSAGE))
@@ -73,7 +92,7 @@ def status_of(exc: BaseException) -> status_pb2.Status:
                 retry.retry_delay.FromMilliseconds(round(_OVERLOADED_RETRY_S * 1000))
                 _attach(status, retry)
             return status
-    log.error("unexpected error while serving a request", exc_info=exc)
+    log.error("unexpected error while serving %s", call, exc_info=exc)
     return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
 
 

@@ -344,6 +344,31 @@ def test_unexpected_error_is_internal_and_generic(client, monkeypatch, caplog):
     assert "secret" not in info.value.details and "internal server error" in info.value.details
     assert any("secret detail of a bug" in r.getMessage() or (r.exc_info and "secret" in str(r.exc_info[1]))
                for r in caplog.records)  # fmt: skip
+    # The traceback names its call, as its access-log line does (only the time matched them).
+    assert any(r.getMessage() == "unexpected error while serving Assign id=''" for r in caplog.records)
+    monkeypatch.undo()
+    _still_serving(client)
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 201129984000 bytes"),
+], ids=["MemoryError", "cuda", "host-allocator"])  # fmt: skip
+def test_running_out_of_memory_is_resource_exhausted_not_a_bug(client, monkeypatch, caplog, error):
+    """A request within every limit can still be too large for the server's memory now:
+    that was INTERNAL, "a bug"; it is RESOURCE_EXHAUSTED saying what to send less of."""
+
+    def out_of_memory(request, targets):
+        raise error
+
+    monkeypatch.setattr(codec, "encode_assign", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="tritarget.service.status"):
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details.startswith("the server ran out of memory computing this request")
+    assert any(r.getMessage().startswith("out of memory while serving Assign") for r in caplog.records)
     monkeypatch.undo()
     _still_serving(client)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,29 @@ def test_auth_rejects_missing_or_wrong_token(auth_server, token, message):
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
             assert message in info.value.details
     assert auth_server.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "UNAUTHENTICATED"}) >= 1
+
+
+def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_counted():
+    """A refusal was counted as a request and an error but never timed (request_seconds
+    covers every request), and reflection got a series of refusals only (every one of its
+    calls read as failing)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with ServerThread(token=TOKEN) as srv:
+        for token in (None, "wrong", TOKEN):
+            with TargetClient(srv.address, token=token, retries=0) as client:
+                with contextlib.suppress(TargetServiceError):
+                    _assign(client)
+        assign = {"method": "Assign"}
+        assert srv.metrics.value("tritarget_requests_total", assign) == 3
+        assert srv.metrics.value("tritarget_request_seconds_count", assign) == 3
+        assert srv.metrics.value("tritarget_errors_total", {**assign, "code": "UNAUTHENTICATED"}) == 2
+        with grpc.insecure_channel(srv.address) as channel:
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.RpcError) as info:
+                list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([ask]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert srv.metrics.value("tritarget_requests_total", {"method": "ServerReflectionInfo"}) == 0
 
 
 def test_auth_accepts_the_token_and_health_needs_none(auth_server):
