@@ -68,7 +68,8 @@ def status_of(exc: BaseException, call: str = "a request") -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller sees for ``exc``; ``call`` names the call in the
     log (method and request id), where its traceback goes when ``exc`` is a bug."""
     if _out_of_memory(exc):
-        log.warning("out of memory while serving %s: %s", call, _clipped(str(exc), _MAX_MESSAGE))
+        # With its traceback: a size computed wrong (a bug) fails the same way.
+        log.warning("out of memory while serving %s: %s", call, _clipped(str(exc), _MAX_MESSAGE), exc_info=exc)
         exc = ResourceExhausted(
             "the server ran out of memory computing this request (its targets are sized by images x anchors and "
             "boxes); send fewer images or boxes per request, or retry later"

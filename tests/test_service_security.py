@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -69,6 +70,19 @@ def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_coun
                 list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([ask]), timeout=10))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert srv.metrics.value("tritarget_requests_total", {"method": "ServerReflectionInfo"}) == 0
+        # A caller gone before its message arrived never reaches the refusal: counted as a
+        # request and an error but never timed before; now none of the three.
+        with grpc.insecure_channel(srv.address) as channel:
+            opened = channel.stream_stream("/tritarget.v1.TargetAssigner/Assign", request_serializer=bytes,
+                                           response_deserializer=bytes)  # fmt: skip
+            never = threading.Event()
+            call = opened(iter(lambda: never.wait() and b"", b""), timeout=10)  # its one message never comes
+            time.sleep(0.3)
+            call.cancel()
+            never.set()
+        time.sleep(0.3)
+        assert srv.metrics.value("tritarget_requests_total", assign) == 3
+        assert srv.metrics.value("tritarget_request_seconds_count", assign) == 3
 
 
 def test_auth_accepts_the_token_and_health_needs_none(auth_server):
