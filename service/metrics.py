@@ -33,8 +33,9 @@ class Metrics:
             "tritarget_compute_seconds", "Time of one batched assign call", buckets=_SECONDS, registry=reg
         )
         self.request_seconds = Histogram(
-            "tritarget_request_seconds", "Time from a request's arrival at the servicer to its response "
-            "(decode, queue, compute, encode) or its failure, by RPC", ["method"], buckets=_SECONDS, registry=reg,
+            "tritarget_request_seconds", "Time from a request's arrival to its response (decode, queue, "
+            "compute, encode) or its failure (a refused token's included), by RPC", ["method"], buckets=_SECONDS,
+            registry=reg,
         )  # fmt: skip
         self.encode_seconds = Histogram(
             "tritarget_encode_seconds", "Time to encode one response", buckets=_SECONDS, registry=reg
