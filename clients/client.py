@@ -514,7 +514,7 @@ class _Base:
         return delay
 
     def _retryable(self, error: grpc.RpcError, deadline: float | None) -> bool:
-        """A transport failure, or a try cut short by ``try_timeout`` with time left."""
+        """A transport failure, a full queue, or a try cut short by ``try_timeout`` with time left."""
         if _certificate_refused(error):
             return False
         if _transport_failure(error) or _overloaded(error):
