@@ -46,7 +46,8 @@ def boxes_of(
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """(gt_boxes [N, 4] float32, gt_counts [B], gt_classes [N] or None) of per-image dicts
     whose boxes are in ``box_format`` (torchvision's ``tv_tensors.BoundingBoxes`` of
-    another format are refused: read as ``box_format``, they made other targets)."""
+    another format are refused: read as ``box_format``, they made other targets), on the
+    device the dicts' tensors are on (a GPU's boxes are solved there)."""
     if not targets:
         raise ValueError("targets: the batch has no images")
     boxes, counts, labels = [], [], []
@@ -70,7 +71,7 @@ def boxes_of(
     if labels and len(labels) != len(targets):
         raise ValueError("targets: give 'labels' for every image or for none")
     classes = torch.cat(labels) if labels else None
-    return torch.cat(boxes).cpu(), counts, None if classes is None else classes.cpu()
+    return torch.cat(boxes), counts, None if classes is None else classes.to(boxes[0].device)
 
 
 def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
@@ -93,14 +94,14 @@ def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
 _SIZE_KEYS = {"image_size": "image_sizes", "pad_size": "pad_sizes"}
 
 
-def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str) -> dict[str, Any]:
+def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str, device: torch.device) -> dict[str, Any]:
     """The request fields the batch's images carry: ``ignore_boxes`` + ``ignore_counts``
-    (an image without the key, or with None, has none), ``image_sizes``, ``pad_sizes``
-    (every image or none)."""
+    (an image without the key, or with None, has none; on ``device``, the gt boxes'),
+    ``image_sizes``, ``pad_sizes`` (every image or none)."""
     fields: dict[str, Any] = {}
     if any(target.get("ignore_boxes") is not None for target in targets):
-        ignore = [_box_rows(_or_empty(target.get("ignore_boxes")), f"targets[{i}]['ignore_boxes']", box_format).cpu()
-                  for i, target in enumerate(targets)]  # fmt: skip
+        ignore = [_box_rows(_or_empty(target.get("ignore_boxes")), f"targets[{i}]['ignore_boxes']", box_format)
+                  .to(device) for i, target in enumerate(targets)]  # fmt: skip
         fields["ignore_boxes"] = torch.cat(ignore)
         fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
     for key, field in _SIZE_KEYS.items():
@@ -137,7 +138,7 @@ def _batch_request(images: Any, targets: Sequence[Mapping[str, Any]], canvas: Se
     boxes, counts, classes = boxes_of(targets, box_format)
     request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
                "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
-    for field, value in _per_image(targets, box_format).items():
+    for field, value in _per_image(targets, box_format, boxes.device).items():
         if field in options:
             raise ValueError(f"{field}: given as an option and by the batch's target dicts: give one")
         request[field] = value
@@ -184,8 +185,13 @@ class _InProcess:
     with the request options a client would send applied here (``overrides`` to the
     config, ``box_format`` to the boxes)."""
 
-    def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any]) -> None:
+    def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any],
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
         options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
+        # Solved where the targets are wanted when that is a GPU and the backend may use it
+        # (the boxes travel, a few KB; the targets would be megabytes), else where the boxes are.
+        device = None if device is None else torch.device(device)
+        self.device = device if device is not None and device.type == "cuda" and backend in ("auto", "triton") else None
         self.config = _with_overrides(config, options)
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
@@ -199,6 +205,9 @@ class _InProcess:
         """Targets of a batch's ``_batch_request``."""
         solve = assign if self.densify else assign_sparse
         request = dict(request)
+        for field in ("gt_boxes", "ignore_boxes", "gt_classes"):
+            if self.device is not None and request.get(field) is not None:
+                request[field] = request[field].to(self.device)
         for field in ("gt_boxes", "ignore_boxes"):
             if field in request:
                 request[field] = to_xyxy(request[field], self.box_format)
@@ -267,7 +276,7 @@ def with_targets(
     check_densify(densify, options)
     target_config = _config(preset, config)
     if client is None:
-        solve = _InProcess(target_config, backend, densify, options)
+        solve = _InProcess(target_config, backend, densify, options, device)
         return _in_process(batches, solve, canvas, densify, device, options)
     return _pipelined(batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device,
                       options)  # fmt: skip

@@ -384,6 +384,28 @@ def test_two_retinanet_training_steps_with_targets_from_the_service(server, meth
     assert steps == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("where", ["device", "targets"])
+def test_in_process_targets_are_solved_on_the_gpu_they_go_to(backend, where):
+    """The boxes went to the host whatever their device: backend="triton" always failed
+    ("needs CUDA tensors") and "auto" never chose the GPU. Targets wanted on a GPU (or
+    boxes already there) are solved there now."""
+    batches = _batches(2)
+    if where == "targets":
+        on_gpu = lambda target: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in target.items()}  # noqa: E731
+        batches = [(images, [on_gpu(t) for t in targets]) for images, targets in batches]
+    device = "cuda" if where == "device" else None
+    for (_images, _targets, assigned), (_, host_targets) in zip(
+        with_targets(batches, preset=PRESET, backend=backend, device=device), _batches(2)
+    ):
+        assert assigned.labels.is_cuda
+        expected = _expected(host_targets)
+        assert torch.equal(assigned.labels.cpu(), expected.labels)
+        assert torch.equal(assigned.matched_gt.cpu(), expected.matched_gt)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
 @pytest.mark.parametrize("densify", [True, False])
 def test_targets_come_pinned_from_a_pinning_data_loader(densify):
