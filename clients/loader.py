@@ -226,10 +226,20 @@ def _check_client(client: Any) -> None:
                         f"without an event loop), got {type(client).__name__}")  # fmt: skip
 
 
-def _config(preset: str | None, config: TargetConfig | None) -> TargetConfig:
+def _config(preset: str | None, config: TargetConfig | Mapping[str, Any] | None,
+            client: TargetClient | None) -> TargetConfig | None:  # fmt: skip
+    """The config (a dict as ``TargetConfig.from_dict`` reads it, as the client takes one),
+    or None for a preset only the service knows (a client's server newer than this
+    package): the service resolves it, and its requests get sampling seeds in case it samples."""
     if (preset is None) == (config is None):
         raise ValueError("give exactly one of preset= or config=")
-    return presets.get(preset) if preset is not None else config
+    if preset is not None:
+        return None if client is not None and preset not in presets.names() else presets.get(preset)
+    if isinstance(config, Mapping):
+        return TargetConfig.from_dict(dict(config))
+    if not isinstance(config, TargetConfig):
+        raise TypeError(f"config: expected a TargetConfig or its dict, got {type(config).__name__}")
+    return config
 
 
 def _named(preset: str | None, config: TargetConfig | None) -> dict[str, Any]:
@@ -274,12 +284,12 @@ def with_targets(
         raise ValueError(f"in_flight: must be an int >= 1, got {in_flight!r}")
     _check_client(client)
     check_densify(densify, options)
-    target_config = _config(preset, config)
+    target_config = _config(preset, config, client)
     if client is None:
         solve = _InProcess(target_config, backend, densify, options, device)
         return _in_process(batches, solve, canvas, densify, device, options)
-    return _pipelined(batches, client, _named(preset, config), target_config, canvas, in_flight, densify, device,
-                      options)  # fmt: skip
+    return _pipelined(batches, client, _named(preset, target_config), target_config, canvas, in_flight, densify,
+                      device, options)  # fmt: skip
 
 
 def _in_process(batches, solve, canvas, densify, device, options):
@@ -301,7 +311,7 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
     options = dict(options)
     timeout = options.pop("timeout", None)  # bounds the stream, not a request
     seeds = None
-    if "seed" not in options and _with_overrides(config, options).match.sample_size > 0:
+    if "seed" not in options and (config is None or _with_overrides(config, options).match.sample_size > 0):
         seeds = torch.Generator().manual_seed(fresh_seed())
     sending: queue.SimpleQueue = queue.SimpleQueue()  # requests for gRPC's thread; None ends the stream
     read: deque = deque()  # (images, targets, image ids) of the batches sent, in order
@@ -331,6 +341,10 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
     # ~5 MB), unless the response must be dense: max IoU, or a DENSE response asked for.
     dense = densify and (options.get("return_max_iou") or options.get("format", "sparse") != "sparse")
     read_ahead()
+    if not read:  # an empty epoch (a rank or sampler with no batch): no stream, no server asked
+        if not isinstance(failure[0], StopIteration):
+            raise failure[0]
+        return
     answers = client.stream(requests(), timeout=timeout, return_exceptions=True, densify=dense, **named, **options)
     try:
         for assigned in answers:
@@ -382,8 +396,8 @@ class TargetCollate:
         _check_client(client)
         check_densify(densify, options)
         self.collate_fn = collate_fn
-        self.config = _config(preset, config)
-        self.named = _named(preset, config)
+        self.config = _config(preset, config, client)
+        self.named = _named(preset, self.config)
         self.canvas = canvas
         self.client = client
         self.densify = densify

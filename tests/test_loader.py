@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from test_service_harness import ServerThread
+from test_service_harness import ServerThread, serve_process
 
 from tritarget.clients import TargetClient
 from tritarget.clients.loader import TargetCollate, boxes_of, with_targets
@@ -480,6 +480,49 @@ def test_bad_batches_and_clients_are_named(server):
         with_targets(_batches(1), preset=PRESET, client=async_client)
     with pytest.raises(TypeError, match="client: expected a TargetClient .* got AsyncTargetClient"):
         TargetCollate(_collate, preset=PRESET, client=async_client)
+
+
+def test_a_config_dict_works_as_with_the_client_and_a_bad_config_is_named(server):
+    """``client.assign(config=dict)`` works; through the loader it failed with
+    "'dict' object has no attribute 'match'"."""
+    config = presets.get(PRESET)
+    with TargetClient(server.address) as client:
+        for kwargs in ({"client": client}, {"backend": "cpu"}):
+            ((_, targets, assigned),) = with_targets(_batches(1), config=config.to_dict(), **kwargs)
+            assert torch.equal(assigned.labels, _expected(targets).labels)
+            with pytest.raises(TypeError, match="config: expected a TargetConfig or its dict, got str"):
+                with_targets(_batches(1), config="retinanet", **kwargs)
+
+
+def test_a_preset_only_the_server_knows_is_its_to_resolve(monkeypatch):
+    """A newer server's preset worked with ``client.assign`` (the wire leaves it to the
+    server) but the loader refused it naming this package's presets. The server runs in a
+    process of its own: it knows the preset, this one does not."""
+    from tritarget.kernels import presets as presets_module
+
+    server, port = serve_process("--backend", "cpu", "--warmup-canvas", "64", "64")
+    try:
+        mine = {name: make for name, make in presets_module._PRESETS.items() if name != PRESET}
+        monkeypatch.setattr(presets_module, "_PRESETS", mine)
+        with TargetClient(f"127.0.0.1:{port}") as client:
+            ((_, targets, assigned),) = with_targets(_batches(1), preset=PRESET, client=client)
+            collated = TargetCollate(_collate, preset=PRESET, client=client)([_Detection()[0], _Detection()[1]])
+        with pytest.raises(KeyError, match="unknown preset"):  # in-process: nobody else to resolve it
+            with_targets(_batches(1), preset=PRESET, backend="cpu")
+    finally:
+        server.kill()
+    monkeypatch.undo()
+    assert torch.equal(assigned.labels, _expected(targets).labels)
+    assert torch.equal(collated[2].labels, _expected(targets).labels)
+
+
+def test_an_empty_epoch_asks_no_server():
+    """A rank or sampler without a batch: through a service that was down it raised
+    UNAVAILABLE after the client's timeout instead of yielding nothing."""
+    with TargetClient("127.0.0.1:1", timeout=3) as client:
+        started = time.monotonic()
+        assert list(with_targets([], preset=PRESET, client=client)) == []
+    assert time.monotonic() - started < 1
 
 
 def test_ignore_boxes_may_be_numpy_or_lists_with_or_without_a_client(server):
