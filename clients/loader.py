@@ -188,10 +188,14 @@ class _InProcess:
     def __init__(self, config: TargetConfig, backend: str, densify: bool, options: Mapping[str, Any],
                  device: torch.device | str | None = None) -> None:  # fmt: skip
         options = {name: value for name, value in options.items() if name not in _WIRE_ONLY}
-        # Solved where the targets are wanted when that is a GPU and the backend may use it
-        # (the boxes travel, a few KB; the targets would be megabytes), else where the boxes are.
+        # Solved on the host for the host backends; where the targets are wanted when that is
+        # a GPU and the backend may use it (the boxes travel, a few KB; the targets would be
+        # megabytes); else where the boxes are.
         device = None if device is None else torch.device(device)
-        self.device = device if device is not None and device.type == "cuda" and backend in ("auto", "triton") else None
+        if backend in ("cpu", "reference"):
+            self.device = torch.device("cpu")
+        else:
+            self.device = device if device is not None and device.type == "cuda" else None
         self.config = _with_overrides(config, options)
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")

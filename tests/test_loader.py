@@ -406,6 +406,18 @@ def test_in_process_targets_are_solved_on_the_gpu_they_go_to(backend, where):
         assert torch.equal(assigned.matched_gt.cpu(), expected.matched_gt)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_host_backend_takes_boxes_from_the_gpu():
+    """backend="cpu" with targets already on the GPU: solved on the host, as before the
+    boxes kept their device."""
+    on_gpu = lambda target: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in target.items()}  # noqa: E731
+    batches = [(images, [on_gpu(t) for t in targets]) for images, targets in _batches(1)]
+    ((_, _, assigned),) = with_targets(batches, preset=PRESET, backend="cpu")
+    assert not assigned.labels.is_cuda
+    assert torch.equal(assigned.labels, _expected(_batches(1)[0][1]).labels)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
 @pytest.mark.parametrize("densify", [True, False])
 def test_targets_come_pinned_from_a_pinning_data_loader(densify):
