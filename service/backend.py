@@ -84,6 +84,10 @@ class AssignJob:
         return len(self.gt_counts)
 
     @property
+    def boxes(self) -> int:
+        return sum(self.gt_counts)
+
+    @property
     def anchors_per_image(self) -> int:
         return resolve_grid(self.config.anchors, self.canvas).num_anchors  # cached per config and canvas
 
@@ -264,6 +268,8 @@ class Batcher:
         self._queued_images = 0  # in the groups, except the slices of held places
         self._held_images = 0  # places held by requests in slices (``submit``)
         self._in_slices = 0  # requests in slices, from their admission to their answer
+        self._waiting = 0  # stream requests waiting for room in a full queue (``submit(wait=True)``)
+        self._room: list[asyncio.Future] = []  # what they wait on: set as the queue empties
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = options.compute_workers  # workers without a batch
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
@@ -315,6 +321,7 @@ class Batcher:
     async def close(self) -> None:
         """Finish every queued and running batch, then stop."""
         self._closed = True
+        self._room_freed()  # the jobs waiting for room are refused
         if self._loop is not None:
             self._dispatch()  # whatever is queued goes now, however young
             await self._idle.wait()
@@ -349,19 +356,28 @@ class Batcher:
             for sparse in (False, True):
                 await self.run(self._assign, [replace(job, config=config, sparse=sparse)])
 
-    async def submit(self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None) -> Any:
+    async def submit(
+        self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None = None, *, wait: bool = False
+    ) -> Any:
         """The job's own targets (``SparseTargets`` when its batch ran sparse), or
-        ``finish(targets)`` computed on the compute worker."""
+        ``finish(targets)`` computed on the compute worker.
+
+        A full queue refuses the job (``Overloaded``: its caller retries, another replica
+        first), or with ``wait`` holds it until there is room: a stream's request, which its
+        stream's window already bounds and which has no other replica to go to. Jobs that
+        wait go before any new job that does not."""
         slices = _slices(job, self._batch_cap(job), self.options.max_slice_boxes)
         if len(slices) == 1:
-            return await self._enqueue(job, finish)
+            return await self._enqueue(job, finish, wait=wait)
         # From its admission to its last slice the request holds a place in the queue for its
         # largest slice, and its slices queue in that place: a full queue refuses the request
         # at once, as it refuses any, and never one whose first slices were computed. The
         # whole request is checked first (its errors name its own images, not a slice's), on
         # a compute worker, behind the batch running there.
         held = max(part.images for part in slices)
-        self._admit(held)
+        if wait:
+            await self._room_for(held)
+        self._admit(held, waited=wait)
         self._held_images += held
         self._in_slices += 1  # close() waits for it to the end
         self._idle.clear()
@@ -373,6 +389,7 @@ class Batcher:
                     parts.append(await self._enqueue(part, None, held=True))
             finally:
                 self._held_images -= held
+                self._room_freed()
             # Joined on the compute worker (megabytes of dense targets: hundreds of ms that
             # held the event loop, and every other call with it), and finished in the same hop.
             return await self.run(_joined, parts, finish)
@@ -380,23 +397,60 @@ class Batcher:
             self._in_slices -= 1
             self._set_if_idle()
 
-    def _admit(self, images: int, *, held: bool = False) -> None:
+    def _admit(self, images: int, *, held: bool = False, waited: bool = False) -> None:
         """Raise unless ``images`` more images may queue now (``held``: a slice of a request
-        admitted before, which a close lets finish)."""
+        admitted before, which a close lets finish; ``waited``: a job that waited for room,
+        which the jobs still waiting do not hold back)."""
         if (self._closed and not held) or self._loop is None:
             raise Unavailable("the server is shutting down")
-        if self.queued_images + images > self.options.max_queue_images:
+        ahead = 0 if held or waited else self._waiting
+        if self.queued_images + images > self.options.max_queue_images or ahead:
+            waiting = f", {ahead} stream requests waiting for room" if ahead else ""
             raise Overloaded(
-                f"server overloaded: {self.queued_images} images queued, limit {self.options.max_queue_images}; "
-                "retry with backoff or use another replica"
+                f"server overloaded: {self.queued_images} images queued{waiting}, limit "
+                f"{self.options.max_queue_images}; retry with backoff or use another replica"
             )
 
+    async def _room_for(self, images: int) -> None:
+        """Return once ``images`` more images fit in the queue, or the batcher closes (then
+        ``_admit`` refuses them as it refuses any job). They fit in an empty queue: a job is
+        queued in slices of at most a batch, and a batch is at most the queue."""
+        self._waiting += 1
+        try:
+            while not self._closed and self.queued_images + images > self.options.max_queue_images:
+                room = self._loop.create_future()
+                self._room.append(room)
+                await room
+        finally:
+            self._waiting -= 1
+
+    def _room_freed(self) -> None:
+        """Images left the queue: the jobs waiting for room look again, oldest first."""
+        if self._room:
+            room, self._room = self._room, []
+            for waiter in room:
+                if not waiter.done():  # a waiter cancelled meanwhile
+                    waiter.set_result(None)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Stream requests waiting for room in a full queue."""
+        return self._waiting
+
     async def _enqueue(
-        self, job: AssignJob, finish: Callable[[Targets | SparseTargets], Any] | None, *, held: bool = False
+        self,
+        job: AssignJob,
+        finish: Callable[[Targets | SparseTargets], Any] | None,
+        *,
+        held: bool = False,
+        wait: bool = False,
     ) -> Any:
-        """``held``: a slice queued in its request's held place (admitted, already counted)."""
+        """``held``: a slice queued in its request's held place (admitted, already counted);
+        ``wait``: wait for room in a full queue (``submit``)."""
         counted = 0 if held else job.images
-        self._admit(counted, held=held)
+        if wait:
+            await self._room_for(counted)
+        self._admit(counted, held=held, waited=wait)
         job.enqueued_at = time.perf_counter()
         item = _Pending(job, self._loop.create_future(), finish, counted)
         self._groups.setdefault(job.merge_key, []).append(item)
@@ -421,6 +475,7 @@ class Batcher:
         self._queued_images -= item.counted
         if not pending:
             del self._groups[key]
+        self._room_freed()
         self._set_if_idle()
 
     def _set_if_idle(self) -> None:
@@ -462,17 +517,25 @@ class Batcher:
         return max(1, min(self.options.max_batch_images, rows))
 
     def _full(self, pending: list[_Pending]) -> bool:
-        return sum(item.job.images for item in pending) >= self._batch_cap(pending[0].job)
+        return (sum(item.job.images for item in pending) >= self._batch_cap(pending[0].job)
+                or sum(item.job.boxes for item in pending) >= self.options.max_slice_boxes)  # fmt: skip
 
     def _take(self, key: tuple, pending: list[_Pending]) -> list[_Pending]:
-        batch, images, cap = [], 0, self._batch_cap(pending[0].job)
-        while pending and (not batch or images + pending[0].job.images <= cap):
+        """The group's next batch, oldest first, within the batch's images and the slices'
+        boxes (merged slices would otherwise hold a worker as the request they came from)."""
+        batch, images, boxes, cap = [], 0, 0, self._batch_cap(pending[0].job)
+        while pending:
+            job = pending[0].job
+            if batch and (images + job.images > cap or boxes + job.boxes > self.options.max_slice_boxes):
+                break
             item = pending.pop(0)
             batch.append(item)
             images += item.job.images
+            boxes += item.job.boxes
             self._queued_images -= item.counted
         if not pending:
             del self._groups[key]
+        self._room_freed()
         return batch
 
     def _start(self, batch: list[_Pending]) -> None:

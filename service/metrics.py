@@ -58,6 +58,11 @@ class Metrics:
             "Images waiting in the batcher, and the places held by requests computed in slices",
             registry=reg,
         )
+        self.waiting_requests = Gauge(
+            "tritarget_stream_requests_waiting",
+            "Stream requests waiting for room in the batcher's full queue (a unary request would be refused)",
+            registry=reg,
+        )
         self.unsent_bytes = Gauge(
             "tritarget_unsent_response_bytes",
             "Bytes of responses built, or being built (DENSE, GetAnchors), and not yet taken by their callers "

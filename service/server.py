@@ -137,6 +137,7 @@ class TargetServer:
         )
         # Read when /metrics is scraped, not set on every arrival and batch.
         self.metrics.queued_images.set_function(lambda: self.batcher.queued_images)
+        self.metrics.waiting_requests.set_function(lambda: self.batcher.waiting_requests)
         self.servicer = TargetAssignerServicer(
             self.batcher, options.limits, self.metrics, access_log=options.access_log
         )

@@ -115,12 +115,15 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
         finish = functools.partial(self._encode, request)
+        # A stream's request waits for room in a full queue: refused, it would fail in the
+        # middle of a data loader's epoch, its stream having no other replica to go to.
+        wait = method == "AssignStream"
         if job.sparse:  # its size is known only once computed
-            response, size = await self._batcher.submit(job, finish)
+            response, size = await self._batcher.submit(job, finish, wait=wait)
             self._hold(size)
         else:  # megabytes, known before: held from the start, so refused without doing the work
             bound = codec.dense_response_bytes(job.images, job.anchors_per_image, request, job.config.background_class)
-            response, size = await self._held_while(bound, lambda: self._batcher.submit(job, finish))
+            response, size = await self._held_while(bound, lambda: self._batcher.submit(job, finish, wait=wait))
         self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
         return response, size
 

@@ -19,7 +19,7 @@ from support import assert_targets_equal, compile_keys, random_batch, record_lau
 from tritarget.kernels import Targets, assign, presets
 from tritarget.service import backend
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
-from tritarget.service.errors import InvalidInput, Overloaded
+from tritarget.service.errors import InvalidInput, Overloaded, Unavailable
 
 CANVAS = (96, 128)
 PRESET = "retinanet_torchvision"
@@ -281,6 +281,69 @@ def test_a_caller_that_has_gone_leaves_the_queue(generator):
     assert (queued, cancelled, targets.batch_size) == (0, True, 2)
 
 
+def test_a_waiting_job_gets_room_in_a_full_queue_before_new_ones(generator):
+    """With ``wait`` (a stream's request) a full queue holds the job until there is room
+    instead of refusing it; while it waits, a job that does not wait is refused (the
+    waiting one goes first); both kinds of request, one image or in slices, are answered
+    exactly once the worker is free, and nothing stays counted."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            queued = _good(generator, (1, 2))
+            first = asyncio.ensure_future(batcher.submit(queued))
+            jobs = [_good(generator, (2,)), _good(generator, (1, 0, 2))]  # the second in two slices
+            waiting = [asyncio.ensure_future(batcher.submit(job, wait=True)) for job in jobs]
+            await asyncio.sleep(0.05)
+            seen = (batcher.queued_images, batcher.waiting_requests, any(w.done() for w in waiting))
+            refused = asyncio.ensure_future(batcher.submit(_good(generator, (1,))))
+            await asyncio.sleep(0)
+            refused_while_waiting = refused.done() and isinstance(refused.exception(), Overloaded)
+            release.set()
+            await busy
+            answers = await asyncio.gather(first, *waiting)
+            return seen, refused_while_waiting, refused.exception(), [queued, *jobs], answers, batcher
+
+    seen, refused_while_waiting, refusal, jobs, answers, batcher = asyncio.run(run())
+    assert seen == (2, 2, False)
+    assert refused_while_waiting and "2 stream requests waiting for room" in str(refusal)
+    for job, got in zip(jobs, answers):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+    assert (batcher.queued_images, batcher.waiting_requests) == (0, 0)
+
+
+def test_a_job_waiting_for_room_leaves_when_cancelled_and_is_refused_on_close(generator):
+    """A waiting job whose caller has gone no longer waits (nor holds back the others);
+    closing the batcher refuses the jobs still waiting, one image or in slices (as it
+    refuses new ones), and finishes the queued ones."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=2))
+        batcher.start()
+        release = threading.Event()
+        busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))
+        gone = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), wait=True))
+        stays = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), wait=True))
+        sliced = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1, 1)), wait=True))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        after_cancel = batcher.waiting_requests
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        outcomes = await asyncio.gather(busy, queued, stays, sliced, return_exceptions=True)
+        return after_cancel, outcomes, batcher.waiting_requests
+
+    after_cancel, (busy, queued, stays, sliced), waiting_after = asyncio.run(run())
+    assert (after_cancel, waiting_after) == (2, 0)
+    assert isinstance(stays, Unavailable) and isinstance(sliced, Unavailable)
+    assert queued.batch_size == 2
+
+
 def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator):
     """A request of more images than a batch is checked whole on the compute worker
     before its slices queue. While that check waits behind a running batch, the request
@@ -412,6 +475,18 @@ def test_merged_batches_keep_within_the_anchor_rows_bound(generator):
     jobs = [_good(generator, (1, 2)) for _ in range(3)] + [_good(generator, (1, 0, 2, 1, 1))]
     results, batches = _merging_run(jobs, BatchOptions(max_batch_images=16, max_anchor_rows=3 * anchors))
     assert max(batches) <= 3 and sum(batches) == 11
+    for job, got in zip(jobs, results):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_merged_batches_keep_within_the_slices_box_bound(generator):
+    """Requests (and slices of a request) merge only up to ``max_slice_boxes`` boxes:
+    slices of 20,000 boxes merged again into batches of 10**5 (up to 128 images of 19,999
+    boxes into one), holding a worker as the request they were cut from."""
+    jobs = [_good(generator, (3,)) for _ in range(5)] + [_good(generator, (3, 3, 3))]  # the last in slices
+    options = BatchOptions(max_batch_images=16, max_queue_delay_s=0.2, max_slice_boxes=6)
+    results, batches = _merging_run(jobs, options)
+    assert max(batches) == 2 and sum(batches) == 8  # at most 2 images of 3 boxes
     for job, got in zip(jobs, results):
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 

@@ -403,6 +403,40 @@ def test_full_queue_is_resource_exhausted_and_others_finish():
             _still_serving(client)
 
 
+def test_a_stream_waits_for_room_in_a_full_queue_and_unary_calls_are_refused():
+    """A stream's requests are not refused by a full queue (a data loader's epoch would
+    fail midway, its stream having no other replica to go to): they wait for room,
+    counted by a gauge, while a new unary call is refused as overloaded; once the queue
+    moves, every item is answered as in-process."""
+    gate = threading.Event()
+    items = [{"gt_boxes": GOOD[: 1 + i % 2], "gt_counts": [1 + i % 2]} for i in range(4)]
+    with ServerThread(batching=batching(max_queue_images=2, max_batch_images=2, max_queue_delay_s=0.0)) as srv:
+        srv.run(_occupy(srv, gate))
+        with TargetClient(srv.address, retries=0, timeout=30) as client:
+            call = lambda: client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")  # noqa: E731
+            stream = lambda: list(client.stream(items, preset="retinanet_torchvision", canvas=CANVAS))  # noqa: E731
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                taken = pool.submit(call)
+                # Taken by the batcher (its queue time is observed), stuck behind the gate.
+                _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)
+                queued = [pool.submit(call), pool.submit(call)]  # one image each: the queue is full
+                _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
+                streamed = pool.submit(stream)
+                _until(lambda: srv.metrics.value("tritarget_stream_requests_waiting") >= 1)
+                with pytest.raises(TargetServiceError) as info:
+                    client.assign(GOOD[:1], [1], CANVAS, preset="retinanet_torchvision")
+                assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "stream requests waiting for room" in info.value.details
+                gate.set()
+                assert all((call.result(30).labels == 1).any() for call in (taken, *queued))
+                for item, got in zip(items, streamed.result(30), strict=True):
+                    want = assign(item["gt_boxes"], item["gt_counts"], CANVAS, presets.get("retinanet_torchvision"))
+                    assert torch.equal(got.labels, want.labels) and torch.equal(got.matched_gt, want.matched_gt)
+        assert srv.metrics.value("tritarget_stream_requests_waiting") == 0
+        refused = srv.metrics.value("tritarget_errors_total", {"method": "AssignStream", "code": "RESOURCE_EXHAUSTED"})
+        assert not refused
+
+
 def test_a_full_queue_says_it_passes_and_a_limit_does_not():
     """Both are RESOURCE_EXHAUSTED; only a full queue carries ErrorInfo OVERLOADED and a
     RetryInfo (what a client retries on), a request over a limit nothing (retried, it
