@@ -48,6 +48,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -263,7 +264,7 @@ class ClientStats:
     calls: int = 0  # unary calls and streams
     errors: int = 0  # calls or streams that failed for good
     retries: int = 0  # tries after a call's first, and stream restarts on another endpoint
-    resent: int = 0  # stream requests sent again after a restart
+    resent: int = 0  # stream requests sent again after a break: those unanswered when their server went away
     responses: int = 0
     request_bytes: int = 0
     response_bytes: int = 0
@@ -420,6 +421,7 @@ class _Base:
         """Forget every per-process thing: channels, stubs, the turn, failures, counters
         and locks (in a forked child, another thread may have held them at the fork)."""
         self._owner: Any = None  # what the channels were opened for: this process (and event loop)
+        self._closes = 0  # close() calls so far: a call that sees it change was closed under
         self._stubs: list[pb_grpc.TargetAssignerStub] = []
         self._channels: list = []
         self._turn = itertools.count()
@@ -475,17 +477,36 @@ class _Base:
             self._failed_at = [float("-inf")] * len(self._endpoints)
             self._owner = self._current_owner()
 
-    def _endpoint(self) -> int:
+    def _endpoint(self, closes: int) -> tuple[int, pb_grpc.TargetAssignerStub, Any]:
         """The next endpoint in turn, skipping those that failed in the last moment
-        (unless all did): channels opened on first use in this process."""
+        (unless all did), with its stub and channel: channels opened on first use in this
+        process. ``closes``: ``self._closes`` when the call began; a call the client was
+        closed under gets ``TargetServiceError`` CANCELLED (it would open channels again)."""
         with self._lock:
+            if self._closes != closes:
+                raise self._closed_under_call()
             self._open_all()
             now = time.monotonic()
             for _ in range(len(self._endpoints)):
                 index = next(self._turn) % len(self._endpoints)
                 if now - self._failed_at[index] >= _COOLDOWN_S:
-                    return index
-            return next(self._turn) % len(self._endpoints)
+                    break
+            else:
+                index = next(self._turn) % len(self._endpoints)
+            return index, self._stubs[index], self._channels[index]
+
+    def _closed_under_call(self) -> TargetServiceError:
+        self._count(errors=1)
+        return TargetServiceError(grpc.StatusCode.CANCELLED, "the client was closed while this call waited")
+
+    def _closing(self) -> list:
+        """For ``close()``: the channels to close (those of this process), forgotten here
+        under the lock, so that no call takes one of them any more."""
+        with self._lock:
+            channels = self._channels if self._owner == self._current_owner() else []
+            self._channels, self._stubs, self._owner = [], [], None
+            self._closes += 1
+        return channels
 
     def _failed(self, index: int) -> None:
         self._failed_at[index] = time.monotonic()
@@ -657,6 +678,7 @@ class _Base:
         # The server echoes request_id (empty for an item it could not parse): one that
         # differs means responses out of order, each about to get another's targets.
         if request.request_id and response.request_id and response.request_id != request.request_id:
+            self._count(errors=1)
             raise ValueError(
                 f"malformed response: request_id {response.request_id!r} where the answer to {request.request_id!r} "
                 "was due (AssignStream answers in request order)"
@@ -666,6 +688,7 @@ class _Base:
             return self._result(request, response, densify)
         except TargetServiceError as error:
             if not return_exceptions:
+                self._count(errors=1)  # the stream ends here
                 raise
             return error
 
@@ -676,14 +699,16 @@ class _Base:
         first; ``TargetServiceError`` raised when the stream gives up."""
         delay = self._retry_after(error, index, attempt, deadline, started)
         generation, resend = unanswered.restart()
-        self._count(resent=len(resend))
+        if attempt == 0:  # counted once per break, not again for each try to reconnect
+            self._count(resent=len(resend))
         return generation, resend, delay
 
-    @staticmethod
-    def _ended(unanswered: _Unanswered) -> None:
+    def _ended(self, unanswered: _Unanswered) -> None:
         """The stream's call ended OK: every request sent must be answered (a server that
         stops early ends UNAVAILABLE, and those requests go to another endpoint). Raises
         what reading the requests raised, if it stopped there."""
+        if unanswered.outstanding() or unanswered.failure is not None:
+            self._count(errors=1)
         if unanswered.outstanding():
             raise ValueError(
                 f"malformed response: the stream ended OK with {unanswered.outstanding()} of its requests unanswered "
@@ -962,10 +987,10 @@ class TargetClient(_Base):
         return grpc.insecure_channel(target, options=self._options)
 
     def close(self) -> None:
-        if self._owner == self._current_owner():
-            for channel in self._channels:
-                channel.close()
-        self._channels, self._stubs, self._owner = [], [], None
+        """Close the channels; calls in flight, in any thread, fail with
+        ``TargetServiceError`` CANCELLED. The client opens new ones if used again."""
+        for channel in self._closing():
+            channel.close()
 
     def __enter__(self) -> TargetClient:
         return self
@@ -974,30 +999,43 @@ class TargetClient(_Base):
         self.close()
 
     def _call(self, method: str, request, timeout: float | None):
-        started, deadline = time.monotonic(), self._deadline(timeout)
+        started, deadline, closes = time.monotonic(), self._deadline(timeout), self._closes
         self._count(calls=1)
         for attempt in itertools.count():
-            index = self._endpoint()
+            index, stub, _ = self._endpoint(closes)
             try:
-                rpc = getattr(self._stubs[index], method)
-                response = rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
+                with self._closed_channel(closes):
+                    response = getattr(stub, method)(request, timeout=self._try_limit(deadline),
+                                                     metadata=self._metadata)  # fmt: skip
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:
                 time.sleep(self._retry_after(error, index, attempt, deadline, started))
 
+    @contextlib.contextmanager
+    def _closed_channel(self, closes: int):
+        """Where another thread closed the client as a call began: gRPC's ValueError
+        ("Cannot invoke RPC on closed channel!") raised as the call's CANCELLED."""
+        try:
+            yield
+        except ValueError:
+            if self._closes != closes:
+                raise self._closed_under_call() from None
+            raise
+
     def wait_until_ready(self, timeout: float = 60.0) -> None:
         """Return once an endpoint's health check says SERVING (its warm-up done); raise
         ``TargetServiceError`` (UNAVAILABLE) naming the endpoints after ``timeout`` seconds."""
-        started = time.monotonic()
+        started, closes = time.monotonic(), self._closes
         deadline = started + _checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
-            index = self._endpoint()
-            check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            index, _, channel = self._endpoint(closes)
+            check = health_pb2_grpc.HealthStub(channel).Check
             reply, error = None, None
             try:
-                reply = check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=self._health_limit(deadline),
-                              metadata=self._metadata)  # fmt: skip
+                with self._closed_channel(closes):
+                    reply = check(health_pb2.HealthCheckRequest(service=_SERVICE),
+                                  timeout=self._health_limit(deadline), metadata=self._metadata)  # fmt: skip
             except grpc.RpcError as failure:
                 if _certificate_refused(failure):  # no retry changes it
                     raise self._give_up(failure, attempt + 1, started) from None
@@ -1083,13 +1121,14 @@ class TargetClient(_Base):
         )
         started = time.monotonic()
         deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
-        generation, resend, attempt, reconnect = 0, [], 0, None
+        generation, resend, attempt, reconnect, closes = 0, [], 0, None, self._closes
         self._count(calls=1)
         while True:
-            index = self._endpoint()
-            call = self._stubs[index].AssignStream(
-                unanswered.feed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
-            )
+            index, stub, _ = self._endpoint(closes)
+            with self._closed_channel(closes):
+                call = stub.AssignStream(
+                    unanswered.feed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
+                )
             watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel, _timer)
             try:
                 for response in call:
@@ -1143,10 +1182,6 @@ def _cancellations() -> int:
 _INHERITED: list = []
 
 
-def _closed_under_call() -> TargetServiceError:
-    return TargetServiceError(grpc.StatusCode.CANCELLED, "the client was closed while this call waited")
-
-
 class AsyncTargetClient(_Base):
     """asyncio client with the same methods as ``TargetClient`` (coroutines; ``stream``
     is an async iterator). Use it as an ``async with`` context manager."""
@@ -1181,10 +1216,9 @@ class AsyncTargetClient(_Base):
         return os.getpid(), asyncio.get_running_loop()
 
     async def close(self) -> None:
-        if self._owner == self._current_owner():
-            for channel in self._channels:
-                await channel.close()
-        self._channels, self._stubs, self._owner = [], [], None
+        """See ``TargetClient.close``."""
+        for channel in self._closing():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncTargetClient:
         return self
@@ -1193,13 +1227,13 @@ class AsyncTargetClient(_Base):
         await self.close()
 
     async def _call(self, method: str, request, timeout: float | None):
-        started, deadline = time.monotonic(), self._deadline(timeout)
+        started, deadline, closes = time.monotonic(), self._deadline(timeout), self._closes
         self._count(calls=1)
         for attempt in itertools.count():
-            index = self._endpoint()
-            channels, cancellations = self._channels, _cancellations()
+            index, stub, _ = self._endpoint(closes)
+            cancellations = _cancellations()
             try:
-                rpc = getattr(self._stubs[index], method)
+                rpc = getattr(stub, method)
                 response = await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
                 self._answered(request, response, started)
                 return response
@@ -1208,17 +1242,17 @@ class AsyncTargetClient(_Base):
             except asyncio.CancelledError:
                 # grpc.aio cancels the calls of a channel being closed: an error of the call,
                 # as the blocking client raises, not the caller's task cancelled.
-                if self._channels is not channels and _cancellations() == cancellations:
-                    raise _closed_under_call() from None
+                if self._closes != closes and _cancellations() == cancellations:
+                    raise self._closed_under_call() from None
                 raise
 
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         """See ``TargetClient.wait_until_ready``."""
-        started = time.monotonic()
+        started, closes = time.monotonic(), self._closes
         deadline = started + _checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
-            index = self._endpoint()
-            check = health_pb2_grpc.HealthStub(self._channels[index]).Check
+            index, _, channel = self._endpoint(closes)
+            check = health_pb2_grpc.HealthStub(channel).Check
             reply, error = None, None
             try:
                 reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
@@ -1279,13 +1313,13 @@ class AsyncTargetClient(_Base):
         unanswered = _Unanswered(messages(), self._count, self._max_message_bytes)
         started = time.monotonic()
         deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
-        generation, resend, attempt, reconnect = 0, [], 0, None
+        generation, resend, attempt, reconnect, closes = 0, [], 0, None, self._closes
         self._count(calls=1)
         try:
             while True:
-                index = self._endpoint()
-                channels, cancellations = self._channels, _cancellations()
-                call = self._stubs[index].AssignStream(
+                index, stub, _ = self._endpoint(closes)
+                cancellations = _cancellations()
+                call = stub.AssignStream(
                     unanswered.afeed(generation, resend), timeout=self._remaining(deadline), metadata=self._metadata
                 )
                 watchdog = self._watchdog(attempt, deadline, reconnect, unanswered, call.cancel,
@@ -1305,13 +1339,13 @@ class AsyncTargetClient(_Base):
                     if isinstance(error, asyncio.CancelledError):  # the caller's, the watchdog's or close()'s
                         if _cancellations() > cancellations:
                             raise
-                        if self._channels is not channels:
-                            raise _closed_under_call() from None
+                        if self._closes != closes:
+                            raise self._closed_under_call() from None
                         if watchdog is None or not watchdog.fired:
                             raise
                         error = self._silent(index, watchdog)
                     elif _broken_write(error):
-                        error = await self._why_broken(error, index, deadline)
+                        error = await self._why_broken(error, index, stub, deadline)
                     if attempt == 0:
                         broke, reconnect = time.monotonic(), self._deadline(None)
                     generation, resend, delay = self._stream_broke(error, index, attempt, _earlier(deadline, reconnect),
@@ -1325,7 +1359,8 @@ class AsyncTargetClient(_Base):
         finally:
             unanswered.close()  # a read of the source in progress
 
-    async def _why_broken(self, error: grpc.RpcError, index: int, deadline: float | None) -> grpc.RpcError:
+    async def _why_broken(self, error: grpc.RpcError, index: int, stub: pb_grpc.TargetAssignerStub,
+                          deadline: float | None) -> grpc.RpcError:  # fmt: skip
         """gRPC's asyncio client reports a stream that ended while it was writing a request
         as INTERNAL ("Internal error from Core"), the server's status lost: a wrong token or
         a passed deadline read as a server gone, and the requests were sent again and again.
@@ -1334,7 +1369,7 @@ class AsyncTargetClient(_Base):
         if deadline is not None and deadline - time.monotonic() <= _LAST_TRY_S:
             return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream's deadline passed")
         try:
-            await self._stubs[index].ListPresets(pb.ListPresetsRequest(), timeout=_PROBE_S, metadata=self._metadata)
+            await stub.ListPresets(pb.ListPresetsRequest(), timeout=_PROBE_S, metadata=self._metadata)
         except grpc.RpcError as refusal:
             if not _transport_failure(refusal) and refusal.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 return refusal

@@ -613,6 +613,20 @@ def test_client_counts_calls_retries_and_bytes(two_servers):
     assert stats.request_bytes > 0 and 0 < stats.max_latency_seconds <= stats.latency_seconds
 
 
+def test_a_stream_that_ends_with_an_error_is_counted_as_one(two_servers):
+    """A stream ended by a bad item's error (no ``return_exceptions``) counted no error,
+    where the same request through ``assign`` counted one."""
+    a, _ = two_servers
+    bad = {"gt_boxes": torch.tensor([[50.0, 10.0, 10.0, 50.0]]), "gt_counts": [1]}
+    with TargetClient(a.address) as client:
+        with pytest.raises(TargetServiceError, match="degenerate box"):
+            list(client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}, bad], preset=PRESET, canvas=CANVAS))
+        answers = list(client.stream([bad], preset=PRESET, canvas=CANVAS, return_exceptions=True))
+        stats = client.stats
+    assert isinstance(answers[0], TargetServiceError)
+    assert (stats.calls, stats.errors, stats.responses) == (2, 1, 3)
+
+
 def test_requests_without_a_seed_sample_anew_only_where_the_config_samples():
     """Drawn in the caller's process, so torch.manual_seed (and a DataLoader's per-worker
     seeding) governs it; a config without sampling keeps seed 0 and identical bytes."""
@@ -778,6 +792,18 @@ def test_a_streams_first_server_that_hangs_is_left_for_the_next_within_try_timeo
                                          canvas=CANVAS))  # fmt: skip
             assert time.monotonic() - start < 5
             assert len(answers) == 3 and client.stats.resent == 3
+
+
+def test_requests_sent_again_are_counted_once_per_break():
+    """``stats.resent`` counted the unanswered requests again on every try to reconnect:
+    a stream of 3 requests whose server hung, then a dead endpoint, read 6."""
+    dead = f"127.0.0.1:{_free_port()}"
+    with _hung_server() as hung, ServerThread() as good:
+        with TargetClient([hung.address, dead, good.address], timeout=5, try_timeout=0.5, backoff=0.01) as client:
+            answers = list(client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}] * 3, preset="retinanet_torchvision",
+                                         canvas=CANVAS))  # fmt: skip
+            stats = client.stats
+    assert len(answers) == 3 and stats.retries == 2 and stats.resent == 3
 
 
 def test_the_watchdog_gives_a_request_sent_late_its_own_time():
@@ -1198,6 +1224,75 @@ def test_closing_the_async_client_under_its_calls_fails_them_as_the_blocking_one
 
         asyncio.run(run(lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET)))
         asyncio.run(run(stream))
+
+
+def test_closing_a_client_stops_its_calls_that_look_for_a_server():
+    """A call retrying a dead endpoint went on until its deadline after ``close()`` (4 s of
+    a 4 s timeout) and opened channels again that nothing would close; unary calls,
+    streams and health waits, blocking and asyncio, now end CANCELLED within a backoff."""
+    dead = f"127.0.0.1:{_free_port()}"
+    calls = {
+        "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
+        "stream": lambda client: client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}], preset=PRESET, canvas=CANVAS),
+        "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
+    }
+    for name, use in calls.items():
+        with TargetClient(dead, timeout=20, backoff=0.05, max_backoff=0.2) as client:
+            threading.Timer(0.3, client.close).start()
+            start = time.monotonic()
+            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
+                result = use(client)
+                if name == "stream":
+                    list(result)
+            assert time.monotonic() - start < 2, name
+            assert client._channels == [], name
+
+        async def run(use=use, name=name):
+            client = AsyncTargetClient(dead, timeout=20, backoff=0.05, max_backoff=0.2)
+            asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(client.close()))
+            start = time.monotonic()
+            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
+                result = use(client)
+                if name == "stream":
+                    [t async for t in result]
+                else:
+                    await result
+            await asyncio.sleep(0.05)  # the close() task has finished
+            return time.monotonic() - start, client._channels
+
+        took, channels = asyncio.run(run())
+        assert took < 2 and channels == [], name
+
+
+def test_a_client_closed_by_another_thread_fails_its_calls_cancelled(two_servers):
+    """Threads sharing a client while another closes it got gRPC's ValueError ("Cannot
+    invoke RPC on closed channel!") and IndexError among the CANCELLED errors."""
+    a, _ = two_servers
+    client = TargetClient(a.address, timeout=10)
+    outcomes, stop = [], threading.Event()
+
+    def call() -> None:
+        while not stop.is_set():
+            try:
+                client.list_presets()
+                outcomes.append("OK")
+            except TargetServiceError as error:
+                outcomes.append(error.code.name)
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        time.sleep(0.002)
+        client.close()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    client.close()
+    assert set(outcomes) <= {"OK", "CANCELLED"} and "CANCELLED" in outcomes, sorted(set(outcomes))
 
 
 # Run in a fresh interpreter: gRPC's state at a fork depends on what the process did
