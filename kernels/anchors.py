@@ -114,7 +114,9 @@ def feature_map_size(canvas: tuple[int, int], level: AnchorLevel) -> tuple[int, 
 
     A chain of stride-2 convolutions with "same" padding rounds up at every step
     (ResNet stem, max-pool, stages, FPN P6/P7 and torchvision's "pool" level), and
-    nested ceilings of halvings equal one ceiling: ceil(canvas / stride).
+    nested ceilings of halvings equal one ceiling: ceil(canvas / stride). YOLOv5's stem
+    (a 6x6 convolution, stride 2, padding 2) rounds down instead: on the canvases it
+    trains on, multiples of 32 (its letterbox pads to them), the two agree.
     """
     if level.feature_size is not None:
         return level.feature_size

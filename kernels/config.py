@@ -225,8 +225,10 @@ _LAYOUT_ONLY = {"offset": "detectron2", "center_offset": "mmdet", "scale_major":
 class AnchorConfig:
     """Anchors of a detector: a layout convention and its pyramid levels.
 
-    ``offset`` is detectron2's cell-centre offset (0.0 or 0.5, fraction of the
-    stride); ``center_offset`` is mmdet's (fraction of the base size);
+    ``offset`` is detectron2's cell-centre offset (a fraction of the stride in [0, 1);
+    0.0 and 0.5, detectron2's values, give its anchors bit for bit, another offset with a
+    stride that is not a power of two may differ from detectron2's by a float32 ulp: it
+    rounds offset * stride + i * stride once, in float64); ``center_offset`` is mmdet's (fraction of the base size);
     ``scale_major`` is mmdet's shape order flag (True: ratio-outer, scale-inner);
     ``clip`` is torchvision SSD's clamp of (w, h) to [0, 1].
     """

@@ -192,6 +192,8 @@ def yolov5() -> TargetConfig:
     62,45, 59,119), P5/32 (116,90, 156,198, 373,326)), centred in each cell, in YOLOv5's
     anchor-major order, with max-IoU matching (0.5 / 0.4, torchvision low-quality rule).
     YOLOv5's own width/height-ratio assigner is not a max-IoU rule and is not reproduced.
+    Canvases are multiples of 32, as YOLOv5's letterbox makes them: on others its stem
+    rounds the feature maps down where this preset rounds them up (``feature_map_size``).
     """
     shapes = (
         ((10, 13), (16, 30), (33, 23)),
