@@ -101,12 +101,24 @@ def _transport_failure(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE or _broken_write(error)
 
 
+def _rich_status(error: grpc.RpcError):
+    """The call's ``google.rpc.Status`` from its trailers, or None: none sent, or one whose
+    code or message differs from the call's (a proxy that rewrote the status; grpcio's
+    reader raises ValueError there, and the call's own status is the one to trust)."""
+    if not hasattr(error, "trailing_metadata"):
+        return None
+    try:
+        return rpc_status.from_call(error)
+    except ValueError:
+        return None
+
+
 def _overloaded(error: grpc.RpcError) -> bool:
     """The server's queue was full (retry, elsewhere first): a RESOURCE_EXHAUSTED whose
     ErrorInfo says so, where a request over a limit would fail again anywhere."""
-    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not hasattr(error, "trailing_metadata"):
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
-    status = rpc_status.from_call(error)
+    status = _rich_status(error)
     for detail in () if status is None else status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -206,7 +218,7 @@ class TargetServiceError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> TargetServiceError:
         violations = []
-        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+        status = _rich_status(error)
         if status is not None:
             for detail in status.details:
                 if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):

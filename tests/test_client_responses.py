@@ -487,3 +487,20 @@ def test_a_service_error_in_a_data_loader_worker_reaches_the_trainer_with_its_co
 def test_a_service_error_rebuilt_from_its_message_has_its_code(message, code, details):
     error = TargetServiceError(message)
     assert (error.code, error.details, str(error)) == (code, details, message)
+
+
+def test_a_status_whose_trailers_disagree_with_it_is_the_calls_own():
+    """A proxy may rewrite a call's status and keep the server's ``google.rpc.Status``
+    trailer: grpcio's reader raised ValueError ("Code in Status proto ... mismatches"),
+    which escaped the client unnamed. The call's own code and message are what it gets."""
+    from google.rpc import status_pb2
+
+    def unary(request, context):
+        rich = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="server overloaded")
+        context.set_trailing_metadata((("grpc-status-details-bin", rich.SerializeToString()),))
+        context.abort(grpc.StatusCode.INTERNAL, "rewritten by a proxy")
+
+    with fake_assigner(unary, None) as address, TargetClient(address, timeout=30) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(BOXES, [3], CANVAS, preset="retinanet_torchvision")
+    assert (info.value.code, info.value.details) == (grpc.StatusCode.INTERNAL, "rewritten by a proxy")
