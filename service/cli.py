@@ -429,6 +429,8 @@ def _up(args: argparse.Namespace) -> int:
     from .server import host_port, serve
 
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT.format(who=""))
+    if not args.no_access_log:  # the calls `tritarget request` makes show up here, as with serve
+        logging.getLogger("tritarget.access").setLevel(logging.INFO)
     try:
         options = _server_options(args)
     except (ValueError, OSError) as exc:

@@ -137,8 +137,10 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
         assert "SPARSE response" in out
         port = int(match.group(1))
         assert process.poll() is None
+        assert re.search(r"tritarget\.access.*Assign id='.*' images=3 boxes=\d+ OK", out), out  # the demo's call
         with TargetClient(f"127.0.0.1:{port}") as client:
             assert len(client.list_presets()) == len(presets.names())
+        read_until(process, r"ListPresets id='' images=0 boxes=0 OK", timeout=30)  # `--no-access-log` turns it off
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
         assert process.returncode == 0
