@@ -31,6 +31,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"backend 'auto': tensors on {device}; move them to the CPU or a CUDA GPU")
         return "triton" if device.type == "cuda" else "cpu"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")

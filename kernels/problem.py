@@ -204,12 +204,31 @@ def _no_boxes(device: torch.device) -> torch.Tensor:
 def _tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name}: a tensor on the meta device has no values")
     return value
+
+
+def _from_numpy(name: str, value: object) -> object:
+    """A numpy array as a tensor (any strides; numbers only), anything else as it is."""
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected integers, got a numpy array of {value.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(value))  # torch refuses negative strides ([::-1])
 
 
 def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tensor:
     """A box input, float32 and contiguous, on ``device`` (None: the gt boxes, which decide it)."""
     boxes = _tensor(name, value)
+    if type(boxes) is not torch.Tensor and getattr(boxes, "format", None) is not None:
+        # torchvision's BoundingBoxes carry their format; read as xyxy, XYWH boxes would be
+        # wrong targets without an error.
+        form = getattr(boxes.format, "name", boxes.format)
+        if form != "XYXY":
+            raise ValueError(f"{name}: torchvision BoundingBoxes in format {form}, but boxes are xyxy here: convert "
+                             "them (torchvision.ops.box_convert, or v2.ConvertBoundingBoxFormat('XYXY'))")  # fmt: skip
+        boxes = boxes.as_subclass(torch.Tensor)
     if not boxes.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (float32 xyxy), got {boxes.dtype}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -261,7 +280,7 @@ def checked_counts(name: str, value: object, total: int, total_name: str, batch:
                 raise TypeError(f"{name}: expected integers, got {value!r}")
             counts = [int(count) for count in counts]
     else:
-        tensor = _tensor(name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+        tensor = _tensor(name, _from_numpy(name, value))
         if not integer_dtype(tensor.dtype):
             raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")
         if tensor.dim() != 1:
@@ -464,7 +483,7 @@ def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> lis
         except (TypeError, ValueError, RuntimeError) as exc:  # ragged, strings, tensors inside
             raise TypeError(f"{name}: expected {batch} (height, width) pairs of ints, got {value!r} ({exc})") from None
     else:  # numpy's too: mmdet's img_shape / pad_shape often are
-        sizes = _tensor(name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+        sizes = _tensor(name, _from_numpy(name, value))
     if not integer_dtype(sizes.dtype):
         raise TypeError(f"{name}: expected integers (height, width), got {sizes.dtype}")
     if sizes.shape != (batch, 2):

@@ -212,6 +212,32 @@ def test_numpy_integers_are_integers():
         assert torch.equal(got.labels, expected.labels)
 
 
+def test_numpy_arrays_of_any_strides_are_taken_and_other_dtypes_named():
+    """A reversed view ([::-1], negative strides) raised torch's "At least one stride in
+    the given numpy array is negative"; an object array, "can't convert np.ndarray of
+    type numpy.object_": neither named its argument."""
+    sizes = np.array([[60, 90], [64, 80]])
+    expected = _assign(GOOD, [1, 2], image_sizes=torch.tensor([[64, 80], [60, 90]]))
+    got = _assign(GOOD, np.array([2, 1])[::-1], image_sizes=sizes[::-1])
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
+    with pytest.raises(TypeError, match="gt_counts: expected integers, got a numpy array of object"):
+        _assign(GOOD, np.array([1, 2], dtype=object))
+    with pytest.raises(TypeError, match="image_sizes: expected integers, got a numpy array of <U2"):
+        _assign(GOOD, [3], image_sizes=np.array([["64", "96"]]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+def test_meta_tensors_are_refused_by_name(backend):
+    """torch's "Cannot copy out of meta tensor; no data!" named no argument, and "auto"
+    took a device it cannot run on for the cpu backend's."""
+    meta = GOOD.to("meta")
+    message = "backend 'cpu' needs CPU tensors" if backend == "cpu" else "(gt_boxes: a tensor on the meta device|auto)"
+    with pytest.raises(ValueError, match=message):
+        _assign(meta, [3], backend=backend)
+    with pytest.raises(ValueError, match="gt_counts: a tensor on the meta device has no values"):
+        _assign(GOOD, torch.tensor([3], device="meta"))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_targets_never_join_the_callers_graph(backend):
     """Boxes or anchors that require grad: the targets are data on every backend (the

@@ -213,3 +213,23 @@ def test_rpn_sampling_keeps_torchvisions_counts(models, generator):
         assert int((ours.labels[i] == 0).sum()) == int(neg_idx[0].sum())
         assert (labels[ours.labels[i] == 1] == 1).all()
         assert (labels[ours.labels[i] == 0] == 0).all()
+
+
+def test_bounding_boxes_are_taken_in_xyxy_and_refused_in_another_format():
+    """torchvision's ``BoundingBoxes`` carry their format: XYWH ones were read as xyxy
+    (33 positives instead of 41 for one box, no error), the targets silently wrong."""
+    from torchvision import tv_tensors
+
+    canvas, config = (96, 128), presets.get("retinanet_torchvision")
+    xyxy = torch.tensor([[10.0, 12.0, 60.0, 50.0]])
+    expected = assign(xyxy, [1], canvas, config, backend="cpu")
+    boxes = tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=canvas)
+    for backend in ("reference", "cpu"):
+        got = assign(boxes, [1], canvas, config, backend=backend)
+        assert torch.equal(got.labels, expected.labels) and type(got.deltas) is torch.Tensor
+        for form in ("XYWH", "CXCYWH"):
+            other = tv_tensors.BoundingBoxes(xyxy, format=form, canvas_size=canvas)
+            with pytest.raises(ValueError, match=f"gt_boxes: torchvision BoundingBoxes in format {form}"):
+                assign(other, [1], canvas, config, backend=backend)
+            with pytest.raises(ValueError, match=f"ignore_boxes: torchvision BoundingBoxes in format {form}"):
+                assign(xyxy, [1], canvas, config, ignore_boxes=other, ignore_counts=[1], backend=backend)
