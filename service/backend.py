@@ -40,6 +40,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -269,7 +270,10 @@ class Batcher:
         self._held_images = 0  # places held by requests in slices (``submit``)
         self._in_slices = 0  # requests in slices, from their admission to their answer
         self._waiting = 0  # stream requests waiting for room in a full queue (``submit(wait=True)``)
-        self._room: list[asyncio.Future] = []  # what they wait on: set as the queue empties
+        # Theirs in arrival order: (images, future set once room is kept for them), and the
+        # images of the room kept for those let in and not yet queued (they resume later).
+        self._room: deque[tuple[int, asyncio.Future]] = deque()
+        self._reserved = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = options.compute_workers  # workers without a batch
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
@@ -412,25 +416,41 @@ class Batcher:
             )
 
     async def _room_for(self, images: int) -> None:
-        """Return once ``images`` more images fit in the queue, or the batcher closes (then
-        ``_admit`` refuses them as it refuses any job). They fit in an empty queue: a job is
-        queued in slices of at most a batch, and a batch is at most the queue."""
+        """Return once ``images`` more images fit in the queue, after every job that began
+        waiting before, or once the batcher closes (then ``_admit`` refuses them as it
+        refuses any job). They fit in an empty queue: a job is queued in slices of at most a
+        batch, and a batch is at most the queue. The caller queues them at once (no await
+        in between): the room kept for them is theirs until then."""
+        if self._closed or (not self._room and self.queued_images + images <= self.options.max_queue_images):
+            return
+        waiter = self._loop.create_future()
+        self._room.append((images, waiter))
         self._waiting += 1
         try:
-            while not self._closed and self.queued_images + images > self.options.max_queue_images:
-                room = self._loop.create_future()
-                self._room.append(room)
-                await room
+            kept = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():  # let in, then gone
+                self._reserved -= images
+            self._room_freed()  # the next in line may fit now
+            raise
         finally:
             self._waiting -= 1
+        if kept:
+            self._reserved -= images
 
     def _room_freed(self) -> None:
-        """Images left the queue: the jobs waiting for room look again, oldest first."""
-        if self._room:
-            room, self._room = self._room, []
-            for waiter in room:
-                if not waiter.done():  # a waiter cancelled meanwhile
-                    waiter.set_result(None)
+        """Images left the queue: let in the jobs waiting for room that fit, in their
+        order, keeping the room for each (all of them, without room, once closing)."""
+        room, limit = self._room, self.options.max_queue_images
+        while room:
+            images, waiter = room[0]
+            if not waiter.done() and not self._closed and self.queued_images + images > limit:
+                return
+            room.popleft()
+            if not waiter.done():  # else cancelled meanwhile
+                if not self._closed:
+                    self._reserved += images
+                waiter.set_result(not self._closed)
 
     @property
     def waiting_requests(self) -> int:
@@ -484,8 +504,9 @@ class Batcher:
 
     @property
     def queued_images(self) -> int:
-        """Images waiting for a compute worker, and the places held by requests in slices."""
-        return self._queued_images + self._held_images
+        """Images waiting for a compute worker, the places held by requests in slices, and
+        the room kept for stream requests let in from their wait (``_room_for``)."""
+        return self._queued_images + self._held_images + self._reserved
 
     def _dispatch(self) -> None:
         """Event loop, on every arrival and every finished batch: while a worker is free,

@@ -312,6 +312,34 @@ def test_a_waiting_job_gets_room_in_a_full_queue_before_new_ones(generator):
     assert (batcher.queued_images, batcher.waiting_requests) == (0, 0)
 
 
+def test_jobs_waiting_for_room_are_let_in_in_their_order(generator):
+    """Woken all at once as room came, the waiting jobs raced for it: a later 1-image job
+    took the place a 2-image job was waiting for (and could for ever, while small ones
+    kept coming). Room is now kept for the oldest waiting job until it is queued."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            other_group = _job(*random_batch(generator, [1], CANVAS), return_max_iou=True)  # does not merge
+            queued = [asyncio.ensure_future(batcher.submit(job)) for job in (_good(generator, (1,)), other_group)]
+            await asyncio.sleep(0.05)
+            big, small = _good(generator, (1, 2)), _good(generator, (2,))
+            waiting = [asyncio.ensure_future(batcher.submit(big, wait=True))]
+            await asyncio.sleep(0.01)
+            waiting.append(asyncio.ensure_future(batcher.submit(small, wait=True)))
+            await asyncio.sleep(0.05)
+            release.set()
+            await busy
+            answers = await asyncio.gather(*waiting)
+            await asyncio.gather(*queued)
+            return big, small, answers, batcher.queued_images
+
+    big, small, answers, queued_after = asyncio.run(run())
+    assert 0 < big.enqueued_at < small.enqueued_at and queued_after == 0
+    for job, got in zip((big, small), answers):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
 def test_a_job_waiting_for_room_leaves_when_cancelled_and_is_refused_on_close(generator):
     """A waiting job whose caller has gone no longer waits (nor holds back the others);
     closing the batcher refuses the jobs still waiting, one image or in slices (as it
