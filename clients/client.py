@@ -276,7 +276,7 @@ class ClientStats:
     calls: int = 0  # unary calls and streams
     errors: int = 0  # calls or streams that failed for good
     retries: int = 0  # tries after a call's first, and stream restarts on another endpoint
-    resent: int = 0  # stream requests sent again after a break: those unanswered when their server went away
+    resent: int = 0  # stream requests sent again after a break (unanswered when their server went away), each once
     responses: int = 0
     request_bytes: int = 0
     response_bytes: int = 0
@@ -710,9 +710,8 @@ class _Base:
         requests it sends again (in order, on the next endpoint) and the seconds to wait
         first; ``TargetServiceError`` raised when the stream gives up."""
         delay = self._retry_after(error, index, attempt, deadline, started)
-        generation, resend = unanswered.restart()
-        if attempt == 0:  # counted once per break, not again for each try to reconnect
-            self._count(resent=len(resend))
+        generation, resend, first_time = unanswered.restart()
+        self._count(resent=first_time)
         return generation, resend, delay
 
     def _ended(self, unanswered: _Unanswered) -> None:
@@ -794,6 +793,7 @@ class _Unanswered:
         self._count = count  # the client's counters
         self._max_bytes = max_bytes  # the client's max_message_bytes
         self._sent: deque[pb.AssignRequest] = deque()
+        self._resent: set[int] = set()  # ids of the requests in ``_sent`` already sent again
         self._sent_at: deque[float] = deque()  # when each was read and handed to gRPC
         self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
         self._generation = 0
@@ -909,7 +909,9 @@ class _Unanswered:
                     "malformed response: an answer with no request outstanding (more answers than requests)"
                 )
             self._sent_at.popleft()
-            return self._sent.popleft()
+            request = self._sent.popleft()
+            self._resent.discard(id(request))  # an id is unique only while its object lives
+            return request
 
     def outstanding(self) -> int:
         with self._state:
@@ -920,11 +922,17 @@ class _Unanswered:
         with self._state:
             return self._sent_at[0] if self._sent_at else None
 
-    def restart(self) -> tuple[int, list[pb.AssignRequest]]:
+    def restart(self) -> tuple[int, list[pb.AssignRequest], int]:
+        """The new feed's generation, the requests it sends again, and how many of those
+        are sent again for the first time (``stats.resent`` counts each request once,
+        however many servers it goes through)."""
         with self._state:
             self._generation += 1
             self._late.clear()  # they are unanswered, so among the ones sent again
-            return self._generation, list(self._sent)
+            resend = list(self._sent)
+            first = [request for request in resend if id(request) not in self._resent]
+            self._resent.update(map(id, first))  # they stay referenced until answered
+            return self._generation, resend, len(first)
 
 
 class _Watchdog:

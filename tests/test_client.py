@@ -794,9 +794,10 @@ def test_a_streams_first_server_that_hangs_is_left_for_the_next_within_try_timeo
             assert len(answers) == 3 and client.stats.resent == 3
 
 
-def test_requests_sent_again_are_counted_once_per_break():
+def test_requests_sent_again_are_counted_once_each():
     """``stats.resent`` counted the unanswered requests again on every try to reconnect:
-    a stream of 3 requests whose server hung, then a dead endpoint, read 6."""
+    a stream of 3 requests whose server hung, then a dead endpoint, read 6. Each request is
+    counted once, also one first sent to a server that then hung too."""
     dead = f"127.0.0.1:{_free_port()}"
     with _hung_server() as hung, ServerThread() as good:
         with TargetClient([hung.address, dead, good.address], timeout=5, try_timeout=0.5, backoff=0.01) as client:
@@ -804,6 +805,20 @@ def test_requests_sent_again_are_counted_once_per_break():
                                          canvas=CANVAS))  # fmt: skip
             stats = client.stats
     assert len(answers) == 3 and stats.retries == 2 and stats.resent == 3
+
+    def paced():  # the second hung server takes the first 4 again and the last 4 first
+        for _ in range(8):
+            yield {"gt_boxes": BOXES, "gt_counts": [2]}
+            time.sleep(0.25)
+
+    with _hung_server() as first, _hung_server() as second, ServerThread() as good:
+        with TargetClient([first.address, second.address, good.address], timeout=30, try_timeout=1.0,
+                          backoff=0.01) as client:  # fmt: skip
+            answers = list(client.stream(paced(), preset="retinanet_torchvision", canvas=CANVAS))
+            stats = client.stats
+        taken = second.metrics.value("tritarget_requests_total", {"method": "AssignStream"})
+    # Every request the second server took was sent again (the first's, and its own after).
+    assert len(answers) == 8 and stats.retries == 2 and taken > 4 and stats.resent == taken
 
 
 def test_the_watchdog_gives_a_request_sent_late_its_own_time():
