@@ -242,9 +242,12 @@ class _Recorder:
         self.interval_errors: Counter[str] = Counter()
         self.details: dict[str, str] = {}  # code -> the first message that came with it
         self.warmup_requests = 0
-        # When the last measured request was answered: req/s counts the time until then (a
-        # request that failed after its timeout would stretch it, the answers all in).
-        self.last_answer = measure_from
+        # When the first and the last measured request were answered: req/s counts the time
+        # between them, at least the window (the answers to a window's requests come one
+        # latency later: counting from the window's start, the last latency read as lost
+        # time; a request that failed after its timeout would stretch it, the answers all in).
+        self.first_answer, self.last_answer = math.inf, measure_from
+        self.answered_in: Counter[int] = Counter()  # second of the window -> answers that came then
         # Open loop: requests sent, those sent more than _LATE_S after their scheduled start
         # by the load generator, and the latest start (seconds after its schedule); those
         # that waited longer for their stream (a write the server did not take, a stream
@@ -280,7 +283,9 @@ class _Recorder:
         for histogram in (self.overall, self.interval, bucket[2]):
             histogram.record_value(micros)
         bucket[0] += 1
+        self.first_answer = min(self.first_answer, done)
         self.last_answer = max(self.last_answer, done)
+        self.answered_in[int(done - self.measure_from)] += 1
         self._answered += 1
         if len(self.kept) < self._keep:
             self.kept.append((index, response.SerializeToString()))
@@ -330,6 +335,8 @@ class _Recorder:
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
             "answered_s": self.last_answer - self.measure_from,
+            "first_answered_s": self.first_answer - self.measure_from,
+            "answered_in": dict(self.answered_in),
             "sends": (self.sends, self.late_sends, self.latest_send_s, self.held_sends),
         }
 
@@ -481,13 +488,15 @@ class _Driver:
             self.updates.put(("progress", self.index, self.recorder.progress()))
 
     async def _watch(self, load: asyncio.Future) -> None:
-        """Stop the load when the parent asks (a process's event can only be polled)."""
-        while not self.stop.is_set():
+        """Stop the load when the parent asks (a process's event can only be polled), or
+        has gone."""
+        while not self.stop.is_set() and not _orphaned():
             await asyncio.sleep(_STOP_POLL_S)
         self.stopping = True
         load.cancel()
 
-    async def _unary(self, scheduled: float) -> None:
+    async def _unary(self, scheduled: float) -> str | None:
+        """One call, recorded; its error code (None: answered)."""
         i, request = self._next_request()
         call = self.unary[next(self.endpoint_turn) % len(self.unary)]
         code, response = None, None
@@ -501,10 +510,14 @@ class _Driver:
                 raise
             code = grpc.StatusCode.CANCELLED.name
         self.recorder.record(scheduled, time.perf_counter(), code, i, response)
+        return code
 
     async def _closed_caller(self) -> None:
         while (now := time.perf_counter()) < self.end:
-            await self._unary(now)
+            if await self._unary(now) == grpc.StatusCode.UNAVAILABLE.name:
+                # No server: calls fail at once, and a caller that went on would count its own
+                # speed in errors, taking the CPU of a server starting on the same machine.
+                await asyncio.sleep(min(_REOPEN_PAUSE_S, max(0.0, self.end - time.perf_counter())))
 
     def _schedule(self):
         """This process's scheduled start times: its share of ``rate``, interleaved with
@@ -632,6 +645,14 @@ class _Driver:
 def _drive_process(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine) -> None:
     torch.set_num_threads(1)  # a client process builds messages; the cores are the server's
     _drive(options, index, updates, stop, start_line)
+    if _orphaned():  # nobody reads its result: exit without waiting for the queue to take it
+        updates.cancel_join_thread()
+
+
+def _orphaned() -> bool:
+    """A client process whose parent has gone (killed): it stops loading the server."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 def _drive(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine | None = None) -> None:
@@ -653,8 +674,10 @@ class Report:
     errors: dict[str, int]
     warmup_requests: int
     latency: HdrHistogram  # microseconds
-    # Every second of the measured window (the last may be a part of one): second, ok, errors,
-    # requests_per_s, images_per_s, p50_ms, p99_ms (None where no request was answered).
+    # Every second of the measured window (the last may be a part of one): second; ok, errors,
+    # p50_ms and p99_ms of the requests sent (scheduled) in it (None where none was answered);
+    # answered, requests_per_s and images_per_s: the answers that came in it (an open loop the
+    # server cannot keep up with sends at its rate, but is answered at the server's).
     series: list[dict]
     verified: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -667,9 +690,11 @@ class Report:
     # Seconds measured: the duration, or less when the run was stopped early (Ctrl-C, a
     # client process failed); None: the duration.
     measured_s: float | None = None
-    # Seconds from the measured window's start to its last request's answer: past the
-    # window when the server fell behind (an open loop keeps sending at its rate).
+    # Seconds from the measured window's start to its first and its last request's answer:
+    # apart by more than the window when the server fell behind (an open loop keeps
+    # sending at its rate).
     answered_s: float = 0.0
+    first_answered_s: float = 0.0
     # Open loop, measured window: requests sent, how many went out more than 10 ms after
     # their scheduled start (the load generator could not keep its schedule), and the
     # latest of those.
@@ -691,16 +716,22 @@ class Report:
 
     @property
     def requests_per_s(self) -> float:
-        """Requests answered over the time they took: the measured window, or until the
-        last answer where that came later (else an open loop reads as its own rate)."""
-        seconds = max(self.options.duration_s if self.measured_s is None else self.measured_s, self.answered_s)
+        """Requests answered over the time they took. Closed loop: the requests sent in the
+        window over the window (each caller sends its next when answered). Open loop: over
+        the time from the first answer to the last, where that is longer than the window
+        (the server fell behind: else an open loop reads as its own rate)."""
+        seconds = self.options.duration_s if self.measured_s is None else self.measured_s
+        if self.options.rate:
+            seconds += self.behind_s
         return self.requests / seconds if seconds else 0.0
 
     @property
     def behind_s(self) -> float:
-        """How long the answers ran past the measured window."""
+        """Open loop: how much longer than the measured window its answers took to come."""
+        if not self.options.rate or not self.requests:
+            return 0.0
         measured = self.options.duration_s if self.measured_s is None else self.measured_s
-        return max(0.0, self.answered_s - measured)
+        return max(0.0, self.answered_s - self.first_answered_s - measured)
 
     def percentiles_ms(self) -> dict[str, float]:
         if not self.latency.get_total_count():
@@ -732,6 +763,7 @@ class Report:
             "interrupted": self.interrupted,
             "measured_s": self.options.duration_s if self.measured_s is None else self.measured_s,
             "answered_s": self.answered_s,
+            "first_answered_s": self.first_answered_s if self.requests else None,
             "sends": self.sends,
             "late_sends": self.late_sends,
             "latest_send_s": self.latest_send_s,
@@ -767,8 +799,8 @@ class Report:
                          "latencies count from the schedule, so they include that wait")  # fmt: skip
         if self.requests and self.behind_s > max(0.5, 0.05 * s["measured_s"]):
             who = "the load generator or the server" if generator_behind else "the server"
-            lines.append(f"the answers ran {self.behind_s:.1f} s past the {s['measured_s']:g} s window: {who} "
-                         "fell behind (req/s counts the time until the last answer)")  # fmt: skip
+            lines.append(f"the answers took {self.behind_s:.1f} s longer to come than the {s['measured_s']:g} s "
+                         f"window: {who} fell behind (req/s counts from the first answer to the last)")  # fmt: skip
         if self.start_skew_s > _START_SKEW_S:  # each process's start is late by its event loop's lag
             lines.append(f"the client processes began {self.start_skew_s:.2f} s apart (a busy machine): the first "
                          "and last seconds carry less load")  # fmt: skip
@@ -790,10 +822,11 @@ class Report:
             if self.mismatches:
                 lines += ["", f"verify: {len(self.mismatches)} of {self.verified} responses differ:"]
                 lines += [f"  {m}" for m in self.mismatches[:10]]
-            else:
+            elif self.verified:
                 lines += ["", f"verify: {self.verified} responses recomputed in-process, all equal"]
             if self.unverified:
-                lines += [f"verify: {self.options.verify:,} asked, only {self.verified:,} answered while measured"]
+                why = "before the interruption" if self.interrupted else "(no more were answered while measured)"
+                lines += [f"verify: {self.options.verify:,} asked, only {self.verified:,} verified {why}"]
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
@@ -835,7 +868,7 @@ class Report:
         plt.close(figure)
 
 
-_SERIES_FIELDS = ("second", "ok", "errors", "requests_per_s", "images_per_s", "p50_ms", "p99_ms")
+_SERIES_FIELDS = ("second", "ok", "errors", "answered", "requests_per_s", "images_per_s", "p50_ms", "p99_ms")
 
 
 def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
@@ -847,9 +880,11 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     errors: Counter[str] = Counter()
     details: dict[str, str] = {}
     seconds: dict[int, list] = {}
+    answered_in: Counter[int] = Counter()
     for result in results:
         latency.decode_and_add(result["histogram"])
         errors.update(result["errors"])
+        answered_in.update(result["answered_in"])
         for code, message in result["error_details"].items():
             details.setdefault(code, message)
         for second, (ok, bad, encoded) in result["seconds"].items():
@@ -860,9 +895,9 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     series = []
     for second in range(math.ceil(measured_s)):
         ok, bad, histogram = seconds.get(second, (0, 0, None))
-        rate = ok / min(1.0, measured_s - second)  # the last second may be a part of one
+        rate = answered_in[second] / min(1.0, measured_s - second)  # the last second may be a part of one
         series.append({
-            "second": second, "ok": ok, "errors": bad, "requests_per_s": rate,
+            "second": second, "ok": ok, "errors": bad, "answered": answered_in[second], "requests_per_s": rate,
             "images_per_s": rate * options.workload.images,
             "p50_ms": histogram.get_value_at_percentile(50) / 1000 if ok else None,
             "p99_ms": histogram.get_value_at_percentile(99) / 1000 if ok else None,
@@ -870,7 +905,8 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     return Report(options, latency.get_total_count(), dict(errors), sum(r["warmup_requests"] for r in results),
                   latency, series, client_cpu_s=sum(r["cpu_s"] for r in results),
                   window_s=max(r["window_s"] for r in results), measured_s=measured_s,
-                  answered_s=max(r["answered_s"] for r in results), error_details=details,
+                  answered_s=max(r["answered_s"] for r in results),
+                  first_answered_s=min(r["first_answered_s"] for r in results), error_details=details,
                   sends=sum(r["sends"][0] for r in results), late_sends=sum(r["sends"][1] for r in results),
                   latest_send_s=max(r["sends"][2] for r in results), held_sends=sum(r["sends"][3] for r in results),
                   start_skew_s=max(started) - min(started))  # fmt: skip
@@ -879,10 +915,12 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_response(workload: Workload, index: int, response: pb.AssignResponse, backend: str = "auto") -> str | None:
+def verify_response(workload: Workload, index: int, response: pb.AssignResponse, backend: str = "auto",
+                    expected: dict[int, Targets] | None = None) -> str | None:  # fmt: skip
     """None if ``response`` answers request ``index`` of ``workload`` (its id, format and
     delta dtype, what the client checks of a response against its request) with the targets
-    computed in-process, else what differs."""
+    computed in-process, else what differs. ``expected``: targets already computed, by
+    request index (filled as they are)."""
     request = workload.request(index)
     where = f"request {index}"
     if response.request_id != request.request_id:
@@ -892,14 +930,18 @@ def verify_response(workload: Workload, index: int, response: pb.AssignResponse,
     deltas = response.dense.deltas if workload.format == "dense" else response.sparse.positive_deltas
     if deltas.dtype != request.delta_dtype:
         return f"{where}: deltas {pb.DType.Name(deltas.dtype)}, asked {pb.DType.Name(request.delta_dtype)}"
-    boxes, counts, classes = workload.batch(index)
-    config = presets.get(workload.preset)
-    expected = assign(boxes, counts, workload.canvas, config, gt_classes=classes, backend=backend)
+    if expected is None or index not in expected:
+        boxes, counts, classes = workload.batch(index)
+        config = presets.get(workload.preset)
+        targets = assign(boxes, counts, workload.canvas, config, gt_classes=classes, backend=backend)
+        if expected is None:
+            expected = {}
+        expected[index] = targets
     try:
         got = decode_response(response, request)
     except Exception as exc:
         return f"{where}: the response does not decode: {exc}"
-    return _difference(index, got, expected, workload.fp16)
+    return _difference(index, got, expected[index], workload.fp16)
 
 
 def _difference(index: int, got: Targets, expected: Targets, fp16: bool) -> str | None:
@@ -932,10 +974,12 @@ def _difference(index: int, got: Targets, expected: Targets, fp16: bool) -> str 
 def run(options: LoadTestOptions, progress: bool = False) -> Report:
     """Run the load test and return its report (``progress``: a live line on stderr).
 
-    Called on the main thread, ``run`` handles Ctrl-C while the load runs: the first stops
-    the clients, and the report holds what they measured until then, ``interrupted`` set;
-    a second raises ``KeyboardInterrupt``. A client process that fails stops the others
-    and the report lists it; ``RuntimeError`` when no client has a result."""
+    Called on the main thread, ``run`` handles Ctrl-C (and SIGTERM: a ``timeout`` or a CI
+    job cancelled) while the load runs and while its answers are verified: the first stops
+    the clients, or the verification, and the report holds what was measured and verified
+    until then, ``interrupted`` set; a second raises ``KeyboardInterrupt``. A client
+    process that fails stops the others and the report lists it; ``RuntimeError`` when no
+    client has a result."""
     if options.processes == 1:  # in this process, on a thread: no start-up cost
         updates: Any = queue_module.Queue()
         stop: Any = threading.Event()
@@ -956,37 +1000,58 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
 
     # Only the main thread may handle signals (and only it gets Ctrl-C); a handler set
     # outside Python cannot be put back.
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in _STOPPING_SIGNALS} if main else {}
+    if None in previous.values():
+        previous = {}
     try:
-        if previous is not None:
+        if previous:
             # Client processes start ignoring Ctrl-C, before their seconds of imports: a
             # terminal sends it to the whole process group, and stopping them is ours.
             signal.signal(signal.SIGINT, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
         for worker in workers:
             worker.start()
-        if previous is not None:
-            signal.signal(signal.SIGINT, on_ctrl_c)
-        results, failures = _collect(options, updates, stop, start_line, workers, progress)
+        for signum in previous:
+            signal.signal(signum, on_ctrl_c)
+        try:
+            results, failures = _collect(options, updates, stop, start_line, workers, progress)
+        finally:
+            stop.set()  # whatever ended the collection, no client goes on loading the server
+            for worker in workers:
+                worker.join(options.timeout_s)
+        if not results:
+            raise RuntimeError("load test failed: " + "; ".join(failures))
+        report = _merge(options, results)
+        report.worker_failures = failures
+        if options.verify:
+            _verify(report, results, interrupted)
+        report.interrupted = interrupted.is_set()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-        stop.set()  # whatever ended the collection, no client goes on loading the server
-        for worker in workers:
-            worker.join(options.timeout_s)
-    if not results:
-        raise RuntimeError("load test failed: " + "; ".join(failures))
-    report = _merge(options, results)
-    report.interrupted, report.worker_failures = interrupted.is_set(), failures
-    if options.verify:
-        kept = [item for result in results for item in result["kept"]]  # each process's draw
-        kept = random.Random(0).sample(kept, min(options.verify, len(kept)))
-        for index, raw in kept:
-            mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
-                                       options.verify_backend)  # fmt: skip
-            if mismatch is not None:
-                report.mismatches.append(mismatch)
-        report.verified, report.unverified = len(kept), options.verify - len(kept)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return report
+
+
+_STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _verify(report: Report, results: list[dict], interrupted: threading.Event) -> None:
+    """Recompute ``options.verify`` of the kept answers, drawn from every process's, until
+    done or interrupted; each request's targets computed once (answers repeat the
+    workload's variants)."""
+    options = report.options
+    kept = [item for result in results for item in result["kept"]]  # each process's draw
+    kept = random.Random(0).sample(kept, min(options.verify, len(kept)))
+    expected: dict[int, Targets] = {}
+    for index, raw in kept:
+        if interrupted.is_set():
+            break
+        mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
+                                   options.verify_backend, expected)  # fmt: skip
+        report.verified += 1
+        if mismatch is not None:
+            report.mismatches.append(mismatch)
+    report.unverified = options.verify - report.verified
 
 
 def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | None, workers: list, progress: bool):
@@ -1007,14 +1072,15 @@ def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | N
     reported: set[int] = set()  # the workers whose result or failure is in
     ready: set[int] = set()
     while len(reported) < len(workers):
+        # Every pass, not only when no update comes: the others' progress comes every 0.5 s.
+        for index, worker in enumerate(workers):  # killed (the OOM killer): it reports nothing
+            if index not in reported and not worker.is_alive() and getattr(worker, "exitcode", 0):
+                failures.append(f"worker {index}: exited with code {worker.exitcode}")
+                reported.add(index)
+                stop.set()
         try:
             kind, index, payload = updates.get(timeout=1.0)
         except queue_module.Empty:
-            for index, worker in enumerate(workers):  # killed (the OOM killer): it reports nothing
-                if index not in reported and not worker.is_alive() and getattr(worker, "exitcode", 0):
-                    failures.append(f"worker {index}: exited with code {worker.exitcode}")
-                    reported.add(index)
-                    stop.set()
             if time.monotonic() > deadline:
                 raise RuntimeError("load test workers did not finish") from None
             continue
