@@ -467,11 +467,11 @@ class Batcher:
     ) -> Any:
         """``held``: a slice queued in its request's held place (admitted, already counted);
         ``wait``: wait for room in a full queue (``submit``)."""
-        counted = 0 if held else job.images
+        counted, arrived = 0 if held else job.images, time.perf_counter()
         if wait:
             await self._room_for(counted)
         self._admit(counted, held=held, waited=wait)
-        job.enqueued_at = time.perf_counter()
+        job.enqueued_at = arrived  # a wait for room is time spent queueing (tritarget_queue_seconds)
         item = _Pending(job, self._loop.create_future(), finish, counted)
         self._groups.setdefault(job.merge_key, []).append(item)
         self._queued_images += counted

@@ -306,6 +306,7 @@ def test_a_waiting_job_gets_room_in_a_full_queue_before_new_ones(generator):
 
     seen, refused_while_waiting, refusal, jobs, answers, batcher = asyncio.run(run())
     assert seen == (2, 2, False)
+    assert jobs[1].enqueued_at < jobs[0].enqueued_at + 0.05  # its queue time counts its wait for room
     assert refused_while_waiting and "2 stream requests waiting for room" in str(refusal)
     for job, got in zip(jobs, answers):
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
@@ -323,19 +324,23 @@ def test_jobs_waiting_for_room_are_let_in_in_their_order(generator):
             other_group = _job(*random_batch(generator, [1], CANVAS), return_max_iou=True)  # does not merge
             queued = [asyncio.ensure_future(batcher.submit(job)) for job in (_good(generator, (1,)), other_group)]
             await asyncio.sleep(0.05)
-            big, small = _good(generator, (1, 2)), _good(generator, (2,))
-            waiting = [asyncio.ensure_future(batcher.submit(big, wait=True))]
+            big, small, computed = _good(generator, (1, 2)), _good(generator, (2,)), []
+
+            def computing(name):  # on the worker, in the order the batches run
+                return lambda targets: computed.append(name) or targets
+
+            waiting = [asyncio.ensure_future(batcher.submit(big, computing("big"), wait=True))]
             await asyncio.sleep(0.01)
-            waiting.append(asyncio.ensure_future(batcher.submit(small, wait=True)))
+            waiting.append(asyncio.ensure_future(batcher.submit(small, computing("small"), wait=True)))
             await asyncio.sleep(0.05)
             release.set()
             await busy
             answers = await asyncio.gather(*waiting)
             await asyncio.gather(*queued)
-            return big, small, answers, batcher.queued_images
+            return big, small, computed, answers, batcher.queued_images
 
-    big, small, answers, queued_after = asyncio.run(run())
-    assert 0 < big.enqueued_at < small.enqueued_at and queued_after == 0
+    big, small, computed, answers, queued_after = asyncio.run(run())
+    assert computed == ["big", "small"] and queued_after == 0
     for job, got in zip((big, small), answers):
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
