@@ -24,17 +24,19 @@
   against their requests (id, format, delta dtype, what the client checks) and recomputed
   in-process (labels, classes and matched boxes exactly, deltas within float tolerance);
   any difference fails the run.
-* Throughput counts the time until the last answer where that is past the window (an
-  open loop the server cannot keep up with keeps sending at its rate: its answers come
-  late, and the report says by how much).
+* Throughput: the requests sent in the window and answered, over the window; in an open
+  loop whose answers took longer to come than the window (the server cannot keep up: the
+  loop keeps sending at its rate), over the time from the first answer to the last, and
+  the report says by how much.
 * A stream that fails is reopened until the run ends; its unanswered requests count as
   errors (closed loop: at least one per failed stream; open loop: every scheduled request
   is answered or counted as an error), under the server's code, ``UNANSWERED`` (closed
   without error) or ``ENDED_WHILE_SENDING`` (gRPC's client lost the code: the stream ended
   while a request was being written).
-* Ctrl-C during ``run`` stops the clients, and the report holds what they measured until
-  then, marked ``interrupted``; a client process that fails stops the others and is listed
-  in ``worker_failures``.
+* Ctrl-C (or SIGTERM) during ``run`` stops the clients, or, once the load is over, the
+  verification; the report holds what was measured and verified until then, marked
+  ``interrupted``; a client process that fails stops the others and is listed in
+  ``worker_failures``.
 
 No calls are retried: a load test reports what the service did.
 """
@@ -233,8 +235,8 @@ class _Recorder:
     """One process's measurements: overall and per-second histograms, errors by code,
     and answered responses kept for verification."""
 
-    def __init__(self, measure_from: float, keep: int) -> None:
-        self.measure_from = measure_from
+    def __init__(self, measure_from: float, keep: int, measure_until: float = math.inf) -> None:
+        self.measure_from, self.measure_until = measure_from, measure_until
         self.overall = _histogram()
         self.interval = _histogram()  # since the last progress update
         self.seconds: dict[int, list] = {}  # second -> [ok, errors, histogram]
@@ -285,7 +287,8 @@ class _Recorder:
         bucket[0] += 1
         self.first_answer = min(self.first_answer, done)
         self.last_answer = max(self.last_answer, done)
-        self.answered_in[int(done - self.measure_from)] += 1
+        if done < self.measure_until:  # the series covers the window
+            self.answered_in[int(done - self.measure_from)] += 1
         self._answered += 1
         if len(self.kept) < self._keep:
             self.kept.append((index, response.SerializeToString()))
@@ -392,7 +395,7 @@ class _StartLine:
     async def wait(self, stop) -> None:
         """Until the start, or until asked to stop (another process failed first)."""
         while not self._go.is_set():
-            if stop.is_set():
+            if stop.is_set() or _orphaned():  # then stopped at once by ``_Driver._watch``
                 return
             await asyncio.sleep(self._LEAD_S / 10)
         await asyncio.sleep(max(0.0, self._at.value - time.time()))
@@ -453,7 +456,7 @@ class _Driver:
         started = time.time()
         self.measure_from = now + options.warmup_s
         self.end = self.measure_from + options.duration_s
-        self.recorder = _Recorder(self.measure_from, keep=options.verify)
+        self.recorder = _Recorder(self.measure_from, keep=options.verify, measure_until=self.end)
         # The load's own CPU, from here: a client process's start-up (Python, torch, gRPC:
         # seconds of CPU) is not the cost of its requests.
         cpu = time.process_time()
@@ -704,7 +707,8 @@ class Report:
     # Open-loop streams: requests that went out more than 10 ms late because their stream
     # could not take them sooner (a write the server had not taken, the stream reopening).
     held_sends: int = 0
-    interrupted: bool = False  # stopped by Ctrl-C
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM (the load, or its verification)
+    verify_interrupted: bool = False  # the verification was stopped
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
     error_details: dict[str, str] = field(default_factory=dict)  # code -> the first message it came with
     start_skew_s: float = 0.0  # between the first and the last client process's start
@@ -761,6 +765,7 @@ class Report:
             "unverified": self.unverified,
             "ok": self.ok,
             "interrupted": self.interrupted,
+            "verify_interrupted": self.verify_interrupted,
             "measured_s": self.options.duration_s if self.measured_s is None else self.measured_s,
             "answered_s": self.answered_s,
             "first_answered_s": self.first_answered_s if self.requests else None,
@@ -825,7 +830,7 @@ class Report:
             elif self.verified:
                 lines += ["", f"verify: {self.verified} responses recomputed in-process, all equal"]
             if self.unverified:
-                why = "before the interruption" if self.interrupted else "(no more were answered while measured)"
+                why = "before the interruption" if self.verify_interrupted else "(no more were answered while measured)"
                 lines += [f"verify: {self.options.verify:,} asked, only {self.verified:,} verified {why}"]
         return "\n".join(lines)
 
@@ -990,9 +995,16 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
         updates, stop, start_line = context.Queue(), context.Event(), _StartLine(context)
         workers = [context.Process(target=_drive_process, args=(options, i, updates, stop, start_line), daemon=True)
                    for i in range(options.processes)]  # fmt: skip
-    interrupted = threading.Event()
+    # Set by the first Ctrl-C: during the load it stops the clients (what they kept is
+    # still verified), once verifying it stops the verification; the second raises.
+    interrupted, verifying, verify_interrupted = threading.Event(), threading.Event(), threading.Event()
 
     def on_ctrl_c(signum, frame) -> None:
+        if verifying.is_set():
+            if verify_interrupted.is_set():
+                raise KeyboardInterrupt
+            verify_interrupted.set()
+            return
         if interrupted.is_set():
             raise KeyboardInterrupt
         interrupted.set()
@@ -1005,10 +1017,11 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     if None in previous.values():
         previous = {}
     try:
-        if previous:
-            # Client processes start ignoring Ctrl-C, before their seconds of imports: a
-            # terminal sends it to the whole process group, and stopping them is ours.
-            signal.signal(signal.SIGINT, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
+        for signum in previous:
+            # Client processes start ignoring Ctrl-C and SIGTERM, before their seconds of
+            # imports: a terminal, `timeout` and a service manager send them to the whole
+            # process group, and stopping them is ours.
+            signal.signal(signum, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
         for worker in workers:
             worker.start()
         for signum in previous:
@@ -1024,8 +1037,10 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
         report = _merge(options, results)
         report.worker_failures = failures
         if options.verify:
-            _verify(report, results, interrupted)
-        report.interrupted = interrupted.is_set()
+            verifying.set()
+            _verify(report, results, verify_interrupted)
+        report.verify_interrupted = verify_interrupted.is_set()
+        report.interrupted = interrupted.is_set() or report.verify_interrupted
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -1037,20 +1052,23 @@ _STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _verify(report: Report, results: list[dict], interrupted: threading.Event) -> None:
     """Recompute ``options.verify`` of the kept answers, drawn from every process's, until
-    done or interrupted; each request's targets computed once (answers repeat the
-    workload's variants)."""
+    done or interrupted. Answers repeat the workload's variants: each request's targets
+    are computed once, for all its answers, then let go (tens of MB each)."""
     options = report.options
     kept = [item for result in results for item in result["kept"]]  # each process's draw
-    kept = random.Random(0).sample(kept, min(options.verify, len(kept)))
-    expected: dict[int, Targets] = {}
-    for index, raw in kept:
-        if interrupted.is_set():
-            break
-        mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
-                                   options.verify_backend, expected)  # fmt: skip
-        report.verified += 1
-        if mismatch is not None:
-            report.mismatches.append(mismatch)
+    by_request: dict[int, list[bytes]] = {}
+    for index, raw in random.Random(0).sample(kept, min(options.verify, len(kept))):
+        by_request.setdefault(index, []).append(raw)
+    for index, answers in by_request.items():
+        expected: dict[int, Targets] = {}
+        for raw in answers:
+            if interrupted.is_set():
+                break
+            mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
+                                       options.verify_backend, expected)  # fmt: skip
+            report.verified += 1
+            if mismatch is not None:
+                report.mismatches.append(mismatch)
     report.unverified = options.verify - report.verified
 
 
