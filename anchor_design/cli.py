@@ -439,7 +439,7 @@ def _fit(args: argparse.Namespace) -> int:
           f"{result.fitness_kmeans:.4f} -> fitted {result.fitness:.4f}")  # fmt: skip
     if result.small_boxes:
         print(f"note: {result.small_boxes:,} of {result.boxes:,} boxes are under 2 px (model pixels; both sides for "
-              "yolo, sqrt(w x h) otherwise): left out of the k-means sizes (anchors stay at least 2 px), still "
+              "yolo, sqrt(w x h) otherwise): left out of the k-means sizes (anchors' sides stay at least 2 px), still "
               "counted in the objective")  # fmt: skip
     if result.config == config:
         print(f"note: nothing found beats {name} on these images; it is written back unchanged")

@@ -238,6 +238,10 @@ def _as_boxes(name: str, value: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# Sides beyond any canvas: anchors are counted in int64, and no canvas of 2**31 px fits in memory.
+_MAX_SIDE = 2**31 - 1
+
+
 def _build(
     image_ids: list[int],
     sizes: list[tuple[int, int]],
@@ -258,6 +262,10 @@ def _build(
             raise ValueError(f"image {image_id}: size must be positive, got height {height}, width {width}")
     count = len(image_ids)
     applied = [resize.apply(h, w) for h, w in sizes]
+    for (_, _, size, canvas), image_id in zip(applied, image_ids):
+        if max(*size, *canvas) > _MAX_SIDE:  # torch's int64 overflowed with an error naming nothing
+            raise ValueError(f"image {image_id}: resized to {size}, on a canvas of {canvas}: a side is over "
+                             f"{_MAX_SIDE:,} px (the resize's sizes?)")  # fmt: skip
     original = torch.tensor(sizes, dtype=torch.float32).reshape(-1, 2)  # [B, 2] (h, w)
     scale = torch.tensor([(sx, sy, sx, sy) for sy, sx, _, _ in applied], dtype=torch.float64).reshape(-1, 4)
     skipped = 0
@@ -336,6 +344,8 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         image_id, height, width = image["id"], image["height"], image["width"]
         if height <= 0 or width <= 0:
             raise ValueError(f"{path}: images[{n}]: size must be positive, got height {height}, width {width}")
+        if max(height, width) > _MAX_SIDE:
+            raise ValueError(f"{path}: images[{n}]: height {height}, width {width}: a side is over {_MAX_SIDE:,} px")
         if image_id in order:
             raise ValueError(f"{path}: images[{n}]: duplicate image id {image_id}")
         order[image_id] = n

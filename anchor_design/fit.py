@@ -223,21 +223,26 @@ class _Parameters:
                 at += 2 * len(lv.shapes)
             return self._with_levels(new_levels)
         ratios = tuple(sorted(min(max(r, 1 / _MAX_RATIO), _MAX_RATIO) for r in values[-self.num_ratios :]))
+        # A size is sqrt(w x h); the ratios stretch it into sides up to `stretch` times
+        # shorter or longer, which must stay within the bounds too (a size held at 2 px made
+        # 0.5 px sides at ratio 16: zero-area anchors once torchvision rounds them).
+        stretch = math.sqrt(max(max(r, 1 / r) for r in ratios))
+        low, high = _MIN_SIDE * stretch, _MAX_SIDE / stretch
         if self.layout in _SHARED_SCALE_LAYOUTS:
             count = len(self._scales(levels[0]))
             scales = sorted(values[-self.num_ratios - count : -self.num_ratios])
             if self.layout == "mmdet":  # bases kept: the scales keep every level's anchors within bounds
                 bases = [self.base(lv) for lv in levels]
-                scales = [min(max(s, _MIN_SIDE / min(bases)), _MAX_SIDE / max(bases)) for s in scales]
+                scales = [min(max(s, low / min(bases)), high / max(bases)) for s in scales]
                 new_levels = [_replace_level(lv, scales=tuple(scales), aspect_ratios=ratios) for lv in levels]
                 return self._with_levels(new_levels)
             # keras: scales kept, each level's size keeps its anchors within bounds
-            bases = [min(max(b, _MIN_SIDE / scales[0]), _MAX_SIDE / scales[-1]) for b in values[: len(levels)]]
+            bases = [min(max(b, low / scales[0]), high / scales[-1]) for b in values[: len(levels)]]
             for lv, base in zip(levels, bases):
                 new_levels.append(_replace_level(lv, sizes=tuple(base * s for s in scales), aspect_ratios=ratios))
             return self._with_levels(new_levels)
         for lv in levels:
-            sizes = sorted(_side(v) for v in values[at : at + len(lv.sizes)])
+            sizes = sorted(min(max(v, low), high) for v in values[at : at + len(lv.sizes)])
             at += len(lv.sizes)
             new_levels.append(_replace_level(lv, sizes=tuple(sizes), aspect_ratios=ratios))
         return self._with_levels(new_levels)

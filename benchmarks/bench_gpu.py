@@ -236,6 +236,17 @@ def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> di
     return methods
 
 
+def _points_in_order(boxes: list[str], batches: list[int]) -> list[tuple[str, int]]:
+    """Every (boxes, B) point, those with a goal first (the GPU goals' points, then B = 1's
+    end-to-end one): a --time-limit that cuts the run short cuts the others."""
+    labels = {"coco": COCO_LABEL}
+    goals = [*TARGET_SPEEDUP_VS_TORCHVISION, (COCO_LABEL, 1)]
+    points = [(b, batch) for b in boxes for batch in batches]
+    rank = {point: goals.index(key) if (key := (labels.get(point[0], f"G={point[0]}"), point[1])) in goals
+            else len(goals) for point in points}  # fmt: skip
+    return sorted(points, key=rank.__getitem__)
+
+
 def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
     """Every (boxes, B) point: {"rows": timings, "kernels": per-kernel device times,
     "skipped": points or methods left out, with why}."""
@@ -256,68 +267,67 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
     results = {"rows": [], "kernels": [], "skipped": []}
     rows = results["rows"]
     started = time.perf_counter()
-    for boxes_arg in args.boxes:
+    for boxes_arg, batch in _points_in_order(args.boxes, args.batches):
         fixed = None if boxes_arg == "coco" else int(boxes_arg)
         label = COCO_LABEL if fixed is None else f"G={fixed}"
-        for batch in args.batches:
-            if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-                print(f"{label:>11} B={batch:<3} skipped: past --time-limit {args.time_limit:g} s")
-                results["skipped"].append({"workload": label, "batch": batch, "why": "time limit"})
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            print(f"{label:>11} B={batch:<3} skipped: past --time-limit {args.time_limit:g} s")
+            results["skipped"].append({"workload": label, "batch": batch, "why": "time limit"})
+            continue
+        boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=fixed)
+        boxes, classes = boxes.to(device), classes.to(device)
+        problem, _ = build_problem(boxes, counts, canvas, config, gt_classes=classes)
+        methods = methods_for(problem, boxes, counts, classes, canvas, have_torchvision)
+        for name in args.methods:
+            if name not in methods:
                 continue
-            boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=fixed)
-            boxes, classes = boxes.to(device), classes.to(device)
-            problem, _ = build_problem(boxes, counts, canvas, config, gt_classes=classes)
-            methods = methods_for(problem, boxes, counts, classes, canvas, have_torchvision)
-            for name in args.methods:
-                if name not in methods:
-                    continue
-                fn = methods[name]
-                try:
-                    first, peak = one_call(fn, device)  # also compiles the kernels
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{label:>11} B={batch:<3} {name:>14}: out of memory")
-                    results["skipped"].append({"workload": label, "batch": batch, "method": name, "why": "OOM"})
-                    torch.cuda.empty_cache()
-                    continue
-                if name in ("torchvision", "reference") and first > args.max_slow_seconds and not args.smoke:
-                    times, timing = {"median_ms": first * 1e3}, "single call"
-                else:
-                    times = time_ms(fn, device)
-                    timing = "do_bench" if device.type == "cuda" else "perf_counter, 3 runs"
-                    peak = one_call(fn, device)[1]  # warm: without first-use allocations
-                median = times["median_ms"]
-                row = {
-                    "workload": label, "boxes_per_image": fixed if fixed is not None else "coco",
-                    "total_boxes": int(sum(counts)), "batch": batch, "anchors": problem.num_anchors,
-                    "method": name, **times, "timing": timing, "peak_extra_bytes": peak,
-                }  # fmt: skip
-                if name == "triton" and bandwidth:
-                    written = bytes_written(batch, problem.num_anchors)
-                    row["bytes_written"] = written
-                    row["floor_ms"] = written / bandwidth * 1e3
-                    row["vs_floor"] = median / row["floor_ms"]
-                if name == "triton":
-                    # The box-anchor pairs the kernels evaluate (each pair pass walks them once).
-                    row["pairs_evaluated"] = triton_backend.candidate_pairs(problem)["evaluated"]
-                rows.append(row)
-                floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
-                if "pairs_evaluated" in row:
-                    floor += f", {row['pairs_evaluated']:,} pairs evaluated"
-                print(f"{label:>11} B={batch:<3} {name:>14}: {median:10.3f} ms{spread(row)}{floor}")
-                if name in ("triton", "triton_sparse"):
-                    try:
-                        kernels = kernel_times(fn, device)
-                    except RuntimeError as exc:  # the profiler (CUPTI) unusable here: the timings still count
-                        print(f"{label:>11} B={batch:<3} {name:>14}: no kernel times ({exc})")
-                        results["skipped"].append({"workload": label, "batch": batch, "method": name,
-                                                   "why": f"profiler: {exc}"})  # fmt: skip
-                    else:
-                        results["kernels"].append({"workload": label, "batch": batch, "method": name,
-                                                   "calls": PROFILED_CALLS, "kernels": kernels})  # fmt: skip
-            del problem, boxes, classes, methods
-            if device.type == "cuda":
+            fn = methods[name]
+            try:
+                first, peak = one_call(fn, device)  # also compiles the kernels
+            except torch.cuda.OutOfMemoryError:
+                print(f"{label:>11} B={batch:<3} {name:>14}: out of memory")
+                results["skipped"].append({"workload": label, "batch": batch, "method": name, "why": "OOM"})
                 torch.cuda.empty_cache()
-            write_tables(results, env, out)  # after every batch: a timeout still leaves results
+                continue
+            if name in ("torchvision", "reference") and first > args.max_slow_seconds and not args.smoke:
+                times, timing = {"median_ms": first * 1e3}, "single call"
+            else:
+                times = time_ms(fn, device)
+                timing = "do_bench" if device.type == "cuda" else "perf_counter, 3 runs"
+                peak = one_call(fn, device)[1]  # warm: without first-use allocations
+            median = times["median_ms"]
+            row = {
+                "workload": label, "boxes_per_image": fixed if fixed is not None else "coco",
+                "total_boxes": int(sum(counts)), "batch": batch, "anchors": problem.num_anchors,
+                "method": name, **times, "timing": timing, "peak_extra_bytes": peak,
+            }  # fmt: skip
+            if name == "triton" and bandwidth:
+                written = bytes_written(batch, problem.num_anchors)
+                row["bytes_written"] = written
+                row["floor_ms"] = written / bandwidth * 1e3
+                row["vs_floor"] = median / row["floor_ms"]
+            if name == "triton":
+                # The box-anchor pairs the kernels evaluate (each pair pass walks them once).
+                row["pairs_evaluated"] = triton_backend.candidate_pairs(problem)["evaluated"]
+            rows.append(row)
+            floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
+            if "pairs_evaluated" in row:
+                floor += f", {row['pairs_evaluated']:,} pairs evaluated"
+            print(f"{label:>11} B={batch:<3} {name:>14}: {median:10.3f} ms{spread(row)}{floor}")
+            if name in ("triton", "triton_sparse"):
+                try:
+                    kernels = kernel_times(fn, device)
+                except RuntimeError as exc:  # the profiler (CUPTI) unusable here: the timings still count
+                    print(f"{label:>11} B={batch:<3} {name:>14}: no kernel times ({exc})")
+                    results["skipped"].append({"workload": label, "batch": batch, "method": name,
+                                               "why": f"profiler: {exc}"})  # fmt: skip
+                else:
+                    results["kernels"].append({"workload": label, "batch": batch, "method": name,
+                                               "calls": PROFILED_CALLS, "kernels": kernels})  # fmt: skip
+        del problem, boxes, classes, methods
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_tables(results, env, out)  # after every batch: a timeout still leaves results
     return results
 
 
@@ -451,6 +461,10 @@ def write_tables(results: dict, env: dict, out: Path) -> None:
     """bench_gpu.csv (one row per point), bench_gpu.json (environment + results), bench_gpu.md,
     each with the ratios of the rows so far."""
     rows = results["rows"]
+    # In the tables' order (the run measures the points with goals first); sorted stably,
+    # so each point's methods stay in their order.
+    rows.sort(key=lambda r: (r["workload"] != COCO_LABEL, r["boxes_per_image"] if r["workload"] != COCO_LABEL else 0,
+                             r["batch"]))  # fmt: skip
     add_ratios(rows)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     write_csv(out / "bench_gpu.csv", [{"device": env["device"], **row} for row in rows], ["device", *columns])

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from ctypes import CDLL
@@ -149,7 +150,7 @@ def load_library() -> CDLL:
     identity = [" ".join(FLAGS), _compiler_version(compiler), _cpu_signature()]
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(identity).encode()).hexdigest()[:16]
     target = _writable_cache() / f"cpu_kernel-{key}.so"
-    if not target.is_file():
+    if not target.is_file() or _cut_short(target):
         _build(compiler, target)
     try:
         return _loaded(target)
@@ -162,6 +163,24 @@ def load_library() -> CDLL:
             f"the CPU kernel built in {target.parent} does not load ({exc}); a folder mounted noexec? "
             "set TRITARGET_CACHE_DIR to another, or use backend='reference'"
         ) from None
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether a cached library ends before its section headers, which come last: a copy
+    cut short (an interrupted sync or restore; our own builds are whole or absent), whose
+    dlopen faults (SIGBUS, the process killed) instead of failing. Not ELF: left to
+    dlopen (a library of another format fails it)."""
+    with open(path, "rb") as file:
+        header, size = file.read(64), os.fstat(file.fileno()).st_size
+    if len(header) < 64 or header[:4] != b"\x7fELF":
+        return len(header) < 64
+    order = "<" if header[5] == 1 else ">"
+    # The section header table's offset (its width and place: 64- or 32-bit), then its
+    # entries' size and count.
+    offset_format, offset_at, sizes_at = ("Q", 0x28, 0x3A) if header[4] == 2 else ("I", 0x20, 0x2E)
+    (table,) = struct.unpack_from(order + offset_format, header, offset_at)
+    entry, entries = struct.unpack_from(order + "HH", header, sizes_at)
+    return table + entry * entries > size
 
 
 def _loaded(path: Path) -> CDLL:

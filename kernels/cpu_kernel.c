@@ -163,6 +163,11 @@ typedef struct {
     /* per work item, from pass 1: best IoU of an included anchor; pass 2 skips the chunks
      * no lift can reach */
     float *chunk_reach;
+    /* [threads * 2N] torchvision / detectron2 lifts only, each thread's 2N: the boxes that
+     * touch the chunk pass 2 is lifting in, then those touching one of its blocks, in box
+     * order, where a lifted anchor looks for its own best box (all G boxes for each lifted
+     * anchor made pass 2 quadratic in G) */
+    int32_t *near;
     /* IoUs below this one change no output when they are not a box's maximum (see
      * iou_bound); 0 when every anchor's exact best IoU and box are outputs */
     float iou_floor;
@@ -705,14 +710,30 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
 
 /* ---- pass 2: low-quality lifts ------------------------------------------------------- */
 
-/* An anchor's best box, as pass 1 found it (same IoUs, same strictly-greater order).
- * Starting from (0, box 0) is what box 0 gives at worst, and a box that does not touch
- * the anchor has IoU 0, which never beats it: such boxes are skipped. */
-static int32_t best_box(const Problem *p, const Chunk *c, int64_t k) {
-    const int64_t g0 = p->gt_offsets[c->image], g1 = p->gt_offsets[c->image + 1];
+/* Of the chunk's image's boxes (image-local indices: those listed in from, or all of
+ * them when from is NULL), those that touch bounds, in box order, into out; their count. */
+static int64_t touching_boxes(const Problem *p, const Chunk *c, const float *bounds, const int32_t *from,
+                              int64_t from_count, int32_t *out) {
+    const int64_t g0 = p->gt_offsets[c->image];
+    const int64_t n = from ? from_count : p->gt_offsets[c->image + 1] - g0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int32_t local = from ? from[i] : (int32_t)i;
+        if (!box_misses(bounds, p->gt_boxes + 4 * (g0 + local))) out[count++] = local;
+    }
+    return count;
+}
+
+/* An anchor's best box, as pass 1 found it (same IoUs, same strictly-greater order),
+ * among the boxes touching its chunk (near, in box order). Starting from (0, box 0) is
+ * what box 0 gives at worst, and a box that does not touch the anchor has IoU 0, which
+ * never beats it: such boxes are skipped. */
+static int32_t best_box(const Problem *p, const Chunk *c, int64_t k, const int32_t *near, int64_t count) {
+    const int64_t g0 = p->gt_offsets[c->image];
     float top = 0.0f;
     int32_t at = 0;
-    for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t g = g0 + near[i];
         const float *b = p->gt_boxes + 4 * g;
         if (b[2] <= c->x1[k] || b[0] >= c->x2[k] || b[3] <= c->y1[k] || b[1] >= c->y2[k]) continue;
         float v = iou_one(b[0], b[1], b[2], b[3], (b[2] - b[0]) * (b[3] - b[1]), c->x1[k], c->y1[k], c->x2[k],
@@ -785,11 +806,18 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
     int32_t match[CHUNK];
     uint8_t changed[CHUNK];
     int any_change = 0;
+    /* The boxes touching the chunk, then those touching a block: listed on the first lift
+     * that needs them (in a crowded image a chunk's list alone left most of the time in
+     * best_box). */
+    const int64_t N = p->gt_offsets[p->batch];
+    int32_t *near = job->near ? job->near + 2 * (int64_t)thread * N : NULL, *block_near = near ? near + N : NULL;
+    int64_t near_count = -1;
     read_chunk(job, &c, label, match);
     memset(changed, 0, (size_t)c.n);
     const float *lim = p->border_limits && p->border_post ? p->border_limits + 4 * image : NULL;
     for (int j = 0; j < c.nblocks; ++j) {
         if (!(tied & (1u << j))) continue;
+        int64_t block_count = -1;
         for (int64_t k = (int64_t)j * BLOCK; k < block_end(&c, j); ++k) {
             if (!lifted[k]) continue;
             if (lim && !anchor_inside(lim, c.x1[k], c.y1[k], c.x2[k], c.y2[k])) continue; /* stays ignored */
@@ -800,7 +828,11 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
                 if (was_positive && match[k] == m) continue;
             } else { /* torchvision / detectron2: matched to its own best box */
                 if (was_positive) continue;
-                m = best_box(p, &c, k);
+                if (block_count < 0) {
+                    if (near_count < 0) near_count = touching_boxes(p, &c, c.bounds, NULL, 0, near);
+                    block_count = touching_boxes(p, &c, c.block_bounds + BOUNDS * j, near, near_count, block_near);
+                }
+                m = best_box(p, &c, k, block_near, block_count);
             }
             label[k] = POSITIVE;
             match[k] = m;
@@ -1008,7 +1040,7 @@ static void free_job(Job *job) {
             free(job->rows[t].ign);
         }
     free(job->partials); free(job->part_max); free(job->part_best); free(job->box_found); free(job->box_max); free(job->box_best); free(job->chunk_reach);
-    free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
+    free(job->near); free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
     free(job);
 }
 
@@ -1040,6 +1072,10 @@ static Job *new_job(const Problem *p, int sparse) {
     job->chunk_reach = malloc(sizeof(float) * (size_t)(job->num_items + 1));
     int ok = job->partials && job->part_max && job->part_best && job->box_found && job->box_max && job->box_best &&
              job->chunk_reach;
+    if (ok && (p->low_quality == LQ_TORCHVISION || p->low_quality == LQ_DETECTRON2)) {
+        job->near = malloc(sizeof(int32_t) * (size_t)(2 * threads * N + 1));
+        ok = job->near != NULL;
+    }
     if (ok && sparse) {
         job->rows = calloc((size_t)(2 * threads), sizeof(Rows));
         job->items = malloc(sizeof(ItemRows) * (size_t)(job->num_items + 1));

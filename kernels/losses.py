@@ -13,8 +13,10 @@ What they equal (tested against torchvision itself):
   over the positives, each summed per image, divided by ``max(1, positives of the image)`` and
   averaged over images (``normalize="per_image"``). ``normalize="positives"`` divides the
   batch sums by the sum over images of ``max(1, positives of the image)`` instead
-  (mmdet's ``avg_factor``: its ``SamplingResult`` counts at least one positive per
-  image), ``"sum"`` divides by nothing.
+  (mmdet's ``avg_factor`` with the ``PseudoSampler`` of its RetinaNet: its
+  ``SamplingResult`` counts at least one positive per image; with a ``RandomSampler``,
+  as its RPN's, mmdet divides by at least one positive and one negative per image: not
+  this), ``"sum"`` divides by nothing.
 * ``ssd_loss`` == torchvision ``SSD.compute_loss``: softmax cross-entropy over the
   positives and each image's hardest negatives (``neg_to_pos_ratio`` per positive, by
   their own loss), smooth-L1 over the positives, both divided by ``max(1, positives of
@@ -195,6 +197,7 @@ def box_regression_loss(
     bbox_regression = _check_outputs("bbox_regression", bbox_regression, targets, 4)
     if loss not in BOX_LOSSES:
         raise ValueError(f"loss: must be one of {', '.join(BOX_LOSSES)}; got {loss!r}")
+    beta, eps = _finite_at_least_zero("beta", beta), _finite_at_least_zero("eps", eps)
     device = bbox_regression.device
     count = targets.positive_anchors.numel()
     image = _rows(targets.positive_offsets, count, device)
@@ -247,6 +250,15 @@ def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, 
     matched = gt_boxes.to(device=device, dtype=predicted.dtype)[rows]
     decoded = decode(predicted, anchors.to(device=device, dtype=predicted.dtype)[anchor], encode)
     return decoded, matched
+
+
+def _finite_at_least_zero(name: str, value: object) -> float:
+    """A smooth-L1 ``beta`` or an IoU loss's ``eps``: torch refused a negative beta as
+    its own error (a NaN one too, called negative), and an infinite one gave no box loss."""
+    value = checked_real(name, value, low=0.0)
+    if math.isinf(value):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
 
 
 def _iou_loss(loss: str, boxes: torch.Tensor, others: torch.Tensor, eps: float) -> torch.Tensor:
@@ -376,6 +388,7 @@ def ssd_loss(
     if targets.positive_classes is None:
         raise ValueError("targets: no classes for the classification loss; pass gt_classes to assign_sparse")
     neg_to_pos_ratio = checked_real("neg_to_pos_ratio", neg_to_pos_ratio, low=0.0)  # torchvision's: 3.0
+    beta = _finite_at_least_zero("beta", beta)
     device = cls_logits.device
     batch, count, num_classes = cls_logits.shape
     positive_classes = targets.positive_classes.to(device).long()

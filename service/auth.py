@@ -9,6 +9,7 @@ clear text.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +21,8 @@ from .status import abort, code_name, status_of
 
 __all__ = ["BearerTokenInterceptor"]
 
+access_log = logging.getLogger("tritarget.access")  # the servicer's: one line per call
+
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # The methods the metrics count (reflection's calls are not: counting only its refusals
 # read as every reflection call failing).
@@ -27,11 +30,15 @@ _COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str, metrics: Metrics | None = None) -> None:
+    """``metrics``: refusals of the service's calls are counted, timed and (``access_log``)
+    logged as the servicer does its own calls."""
+
+    def __init__(self, token: str, metrics: Metrics | None = None, *, access_log: bool = False) -> None:
         if not token:
             raise ValueError("token: must not be empty")
         self._expected = token.encode()
         self._metrics = metrics
+        self._access_log = access_log
 
     def _refusal(self, metadata) -> Unauthenticated | None:
         values = [v for k, v in (metadata or ()) if k == "authorization"]
@@ -66,10 +73,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 # A request, refused: counted, failed and timed together when it is
                 # answered, as the servicer does its own (a caller gone before its
                 # message arrived never reaches the handler: none of the three).
-                metrics = self._metrics.method(method)
+                metrics, seconds = self._metrics.method(method), time.perf_counter() - started
                 metrics.requests.inc()
                 self._metrics.errors.labels(method, code_name(status)).inc()
-                metrics.request_seconds.observe(time.perf_counter() - started)
+                metrics.request_seconds.observe(seconds)
+                if self._access_log:  # its message unread: no id, images or boxes to name
+                    access_log.info("%s (request not read) %s %.2f ms", method, code_name(status), seconds * 1000)
 
         return _refusing(handler, status, finished)
 

@@ -332,7 +332,9 @@ class Batcher:
         self.stop_workers()
 
     async def run(self, fn: Callable, *args, **kwargs):
-        """``fn(*args, **kwargs)`` on a compute worker."""
+        """``fn(*args, **kwargs)`` on a compute worker, which counts as busy meanwhile:
+        requests queue up behind it and merge into the next batch (instead of each taking
+        a place behind it on the worker)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -342,12 +344,19 @@ class Batcher:
             except BaseException as exc:
                 outcome = (None, exc)
             try:
-                loop.call_soon_threadsafe(_settle, future, *outcome)
+                loop.call_soon_threadsafe(self._ran, future, *outcome)
             except RuntimeError:  # the loop has closed: nobody waits for this any more
                 pass
 
+        self._free -= 1  # below 0 while every worker is busy: the task waits its turn
+        self._idle.clear()
         self._tasks.put(task)
         return await future
+
+    def _ran(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        self._free += 1
+        _settle(future, result, error)
+        self._dispatch()
 
     async def warm_up(self, job: AssignJob) -> None:
         """Run ``job`` alone, now, on a compute worker, dense and sparse, and again with the
@@ -520,7 +529,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._free and self._groups:
+        while self._free > 0 and self._groups:
             key, pending = min(self._groups.items(), key=lambda kv: kv[1][0].job.enqueued_at)
             wait = pending[0].job.enqueued_at + self.options.max_queue_delay_s - time.perf_counter()
             if wait > 0 and not (self._closed or self._draining) and not self._full(pending):

@@ -187,6 +187,18 @@ def _passive_openmp() -> None:
 _LOG_FORMAT = "%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
 
 
+def _check_metrics_ports(options, workers: int) -> None:
+    """Worker i serves /metrics on --metrics-port + i: each a port, none the service's."""
+    if options.metrics_port and options.metrics_port + workers - 1 > 65535:
+        raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
+                         "metrics on --metrics-port + i, which must be at most 65535")  # fmt: skip
+    if options.metrics_port and options.metrics_port == options.port and workers == 1:
+        raise ValueError(f"--metrics-port {options.metrics_port} is --port {options.port}: give each its own port")
+    if options.metrics_port and options.metrics_port <= options.port < options.metrics_port + workers:
+        raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
+                         f"metrics on --metrics-port + i, and one would be --port {options.port}")  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     _passive_openmp()
     from .server import serve
@@ -196,12 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
         options = _server_options(args)
         cores = _usable_cores()
         workers = front_ends(args.workers, options.port, cores)
-        if options.metrics_port and options.metrics_port + workers - 1 > 65535:
-            raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
-                             "metrics on --metrics-port + i, which must be at most 65535")  # fmt: skip
-        if options.metrics_port and options.metrics_port <= options.port < options.metrics_port + workers:
-            raise ValueError(f"--metrics-port {options.metrics_port} with {workers} workers: worker i serves "
-                             f"metrics on --metrics-port + i, and one would be --port {options.port}")  # fmt: skip
+        _check_metrics_ports(options, workers)
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
@@ -433,6 +440,7 @@ def _up(args: argparse.Namespace) -> int:
         logging.getLogger("tritarget.access").setLevel(logging.INFO)
     try:
         options = _server_options(args)
+        _check_metrics_ports(options, 1)
     except (ValueError, OSError) as exc:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 2
@@ -460,7 +468,8 @@ def _up(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(options, on_ready=demo))
     except OSError as exc:
-        print(f"tritarget up: {exc} (another port: --port N, or --port 0 for any free one)", file=sys.stderr)
+        flag = "--metrics-port" if str(exc).startswith("metrics port") else "--port"
+        print(f"tritarget up: {exc} (another port: {flag} N, or {flag} 0 for any free one)", file=sys.stderr)
         return 2
     except ValueError as exc:  # options the server refuses as it starts: a usage error, as for serve
         print(f"tritarget up: {exc}", file=sys.stderr)
@@ -510,8 +519,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="max request/response size (default 256; at most 2047)",
     )
     parser.add_argument("--max-unsent-mb", type=integer(1, 1 << 30), default=4096,
-                        help="responses built and not yet read by their callers, all calls together; past it a "
-                             "call is refused RESOURCE_EXHAUSTED (default 4096)")  # fmt: skip
+                        help="responses built and not yet read by their callers, all calls together; past it "
+                             "a unary call is refused RESOURCE_EXHAUSTED, a stream's request waits "
+                             "(default 4096)")  # fmt: skip
     parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(
         "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"

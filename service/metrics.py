@@ -60,7 +60,8 @@ class Metrics:
         )
         self.waiting_requests = Gauge(
             "tritarget_stream_requests_waiting",
-            "Stream requests waiting for room in the batcher's full queue (a unary request would be refused)",
+            "Stream requests waiting for room in the batcher's full queue or under max_unsent_bytes (a unary "
+            "request would be refused)",
             registry=reg,
         )
         self.unsent_bytes = Gauge(

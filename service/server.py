@@ -137,13 +137,19 @@ class TargetServer:
         )
         # Read when /metrics is scraped, not set on every arrival and batch.
         self.metrics.queued_images.set_function(lambda: self.batcher.queued_images)
-        self.metrics.waiting_requests.set_function(lambda: self.batcher.waiting_requests)
         self.servicer = TargetAssignerServicer(
             self.batcher, options.limits, self.metrics, access_log=options.access_log
         )
+        self.metrics.waiting_requests.set_function(
+            lambda: self.batcher.waiting_requests + self.servicer.waiting_requests
+        )
         self.health = health.aio.HealthServicer()
         size = options.limits.max_message_bytes
-        interceptors = [BearerTokenInterceptor(options.token, self.metrics)] if options.token else []
+        interceptors = (
+            [BearerTokenInterceptor(options.token, self.metrics, access_log=options.access_log)]
+            if options.token
+            else []
+        )
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[

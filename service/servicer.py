@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -106,6 +107,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._arrivals = 0  # calls started, ever (shutdown waits until they stop coming)
         self._readers: set[asyncio.Task] = set()  # each open stream's request reader
         self._unsent = 0  # bytes of Assign and GetAnchors responses not yet taken by their callers
+        # Stream items waiting for room under ``max_unsent_bytes``, in order: (bytes, future).
+        self._unsent_room: deque[tuple[int, asyncio.Future]] = deque()
 
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
@@ -115,22 +118,35 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         job = codec.decode_assign(request, self._limits)
         # Encoded on the compute worker right after its batch: one thread hop per request.
         finish = functools.partial(self._encode, request)
-        # A stream's request waits for room in a full queue: refused, it would fail in the
-        # middle of a data loader's epoch, its stream having no other replica to go to.
-        wait = method == "AssignStream"
+        # A stream's request waits for room in a full queue, and under the unsent bound:
+        # refused, it would fail in the middle of a data loader's epoch, its stream having
+        # no other replica to go to (its stream's window bounds what it holds).
+        stream = method == "AssignStream"
         if job.sparse:  # its size is known only once computed
-            response, size = await self._batcher.submit(job, finish, wait=wait)
-            self._hold(size)
-        else:  # megabytes, known before: held from the start, so refused without doing the work
+            if stream and self._unsent_room:
+                # Its turn in the line (no bytes): held before the items ahead of it, its
+                # bytes could keep a DENSE one of its own stream waiting for good (its
+                # stream answers in order) and every item in line behind it.
+                await self._unsent_room_for(0)
+            response, size = await self._batcher.submit(job, finish, wait=stream)
+            self._hold(size, whatever=stream)  # a stream's is built: dropping it would free nothing
+        else:  # megabytes, known before: held from the start, so refused (or waiting) without doing the work
             bound = codec.dense_response_bytes(job.images, job.anchors_per_image, request, job.config.background_class)
-            response, size = await self._held_while(bound, lambda: self._batcher.submit(job, finish, wait=wait))
+            compute = lambda: self._batcher.submit(job, finish, wait=stream)  # noqa: E731
+            response, size = await self._held_while(bound, compute, wait=stream)
         self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
         return response, size
 
-    async def _held_while(self, bound: int, compute: Callable[[], Awaitable[tuple[Any, int]]]) -> tuple[Any, int]:
+    async def _held_while(
+        self, bound: int, compute: Callable[[], Awaitable[tuple[Any, int]]], *, wait: bool = False
+    ) -> tuple[Any, int]:
         """``compute()``'s response and size, with ``bound`` bytes (at least its size) held
-        for it before it starts; what it did not use is let go."""
-        self._hold(bound, built=False)
+        for it before it starts (``wait``: once there is room for them); what it did not use
+        is let go."""
+        if wait:
+            await self._unsent_room_for(bound)
+        else:
+            self._hold(bound, built=False)
         try:
             response, size = await compute()
         except BaseException:
@@ -139,25 +155,64 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._let_go(bound - size)
         return response, size
 
-    def _hold(self, size: int, *, built: bool = True) -> None:
+    def _hold(self, size: int, *, built: bool = True, whatever: bool = False) -> None:
         """Count a response of ``size`` bytes, ``built`` or about to be, as not yet taken by
         its caller; refused (RESOURCE_EXHAUSTED) where that would pass ``max_unsent_bytes``,
-        unless it is the only one (the message limit bounds it)."""
+        unless it is the only one (the message limit bounds it), or while stream items wait
+        for room (``whatever``: counted anyway)."""
         limit = self._limits.max_unsent_bytes
-        if self._unsent and self._unsent + size > limit:
+        if not whatever and (self._unsent_room or (self._unsent and self._unsent + size > limit)):
             fate = "was dropped" if built else "is refused before it is computed"
+            waiting = f", {len(self._unsent_room)} stream requests waiting for room" if self._unsent_room else ""
             raise Overloaded(
                 f"server busy: {self._unsent} bytes of responses are being built or waiting for their callers to "
-                f"read them (limit {limit}); this {size}-byte response {fate}: retry with backoff or use another "
-                "replica"
+                f"read them (limit {limit}{waiting}); this {size}-byte response {fate}: retry with backoff or use "
+                "another replica"
             )
         self._unsent += size
         self._metrics.unsent_bytes.set(self._unsent)
+
+    async def _unsent_room_for(self, size: int) -> None:
+        """Hold ``size`` bytes once they fit under ``max_unsent_bytes`` (or nothing else is
+        held), after every stream item that began waiting before."""
+        if not self._unsent_room and self._fits(size):
+            self._hold(size, whatever=True)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._unsent_room.append((size, waiter))
+        try:
+            await waiter  # held for it by ``_unsent_room_freed``
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # let in, then gone
+                self._let_go(size)
+            else:
+                self._unsent_room_freed()  # it leaves the line: the next may fit now
+            raise
+
+    def _fits(self, size: int) -> bool:
+        return not self._unsent or self._unsent + size <= self._limits.max_unsent_bytes
+
+    def _unsent_room_freed(self) -> None:
+        """Let in the stream items waiting for room that fit, in their order, holding their
+        bytes for them (those gone meanwhile leave the line)."""
+        room = self._unsent_room
+        while room and (room[0][1].done() or self._fits(room[0][0])):
+            size, waiter = room.popleft()
+            if not waiter.done():
+                self._hold(size, whatever=True)
+                waiter.set_result(None)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Stream requests waiting for room under ``max_unsent_bytes``."""
+        return len(self._unsent_room)
 
     def _let_go(self, size: int) -> None:
         """A held response was taken by gRPC's transport, or its call ended."""
         self._unsent -= size
         self._metrics.unsent_bytes.set(self._unsent)
+        if size:
+            self._unsent_room_freed()
 
     def _held_until_done(self, context: grpc.aio.ServicerContext, size: int) -> None:
         """A unary response is held until its call ends: gRPC keeps its bytes while the

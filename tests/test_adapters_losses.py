@@ -364,6 +364,32 @@ def test_losses_refuse_a_batch_of_no_images():
         ),
         (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight: expected a number, got '2'"),
         (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight: expected a number, got nan"),
+        # torch's own error (NaN called negative), or no box loss at all (inf), or True as 1.
+        (
+            lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="smooth_l1", beta=-1),
+            "beta: expected a number >= 0, got -1",
+        ),
+        (
+            lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="smooth_l1", beta=math.nan),
+            "beta: expected a number >= 0, got nan",
+        ),
+        (
+            lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="smooth_l1", beta=math.inf),
+            "beta: expected a finite number >= 0, got inf",
+        ),
+        (
+            lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="smooth_l1", beta=True),
+            "beta: expected a number >= 0, got True",
+        ),
+        (lambda t, x: rpn_loss(x[..., 0], torch.zeros(2, 4, 4), t, beta=-1), "beta: expected a number >= 0"),
+        (
+            lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, beta=-1),
+            "beta: expected a number >= 0, got -1",
+        ),
+        (
+            lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="giou", eps=-1),
+            "eps: expected a number >= 0, got -1",
+        ),
     ],
 )
 def test_loss_settings_out_of_range_are_refused(call, message):

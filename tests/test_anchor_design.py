@@ -103,6 +103,8 @@ def test_bad_annotation_files_are_named(tmp_path, content, message):
         ({"width": "100"}, {}, "images[0]: 'width' must be an integer, got '100'"),
         ({"id": True}, {}, "images[0]: 'id' must be an integer, got True"),
         ({"height": 0}, {}, "images[0]: size must be positive, got height 0, width 100"),  # the file was not named
+        # torch's "Overflow when unpacking long long", naming nothing.
+        ({"height": 2**63 - 1}, {}, f"images[0]: height {2**63 - 1}, width 100: a side is over 2,147,483,647 px"),
     ],
 )
 def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, message):
@@ -114,6 +116,13 @@ def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, messa
     with pytest.raises(ValueError) as info:
         load_coco(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_a_resize_to_sides_past_any_canvas_is_named(tmp_path):
+    """--min-size / --max-size of 2**63 - 1 overflowed torch's int64 with an error naming nothing."""
+    path = _write(tmp_path / "one.json", {"images": [{"id": 7, "height": 100, "width": 100}], "annotations": []})
+    with pytest.raises(ValueError, match=r"image 7: resized to \(\d+, \d+\).*a side is over 2,147,483,647 px"):
+        load_coco(path, Resize(min_size=2**63 - 1, max_size=2**63 - 1))
 
 
 def test_a_box_the_resize_closes_is_skipped_not_kept(tmp_path):
@@ -471,6 +480,26 @@ def test_fit_yolo_keeps_thin_boxes_in_the_kmeans():
         boxes.append(torch.cat([xy, xy + wh], dim=1))
     result = fit_anchors(from_tensors(boxes, [(256, 256)] * 20), presets.get("yolov5"), generations=0, backend="cpu")
     assert result.small_boxes == 0 and result.fitness_kmeans > 0.1 > result.fitness_start
+
+
+@pytest.mark.parametrize("name", ["retinanet_torchvision", "retinanet_detectron2", "rpn_mmdet", "keras"])
+def test_fit_keeps_every_anchor_side_at_least_two_pixels(name):
+    """Boxes of ~1 x 12 and ~12 x 1 px: the fit held sizes (sqrt(w x h)) at 2 px and took
+    ratios up to 16, making sides of 0.5 px: zero-area anchors once torchvision rounds
+    them (3 of its 9 cell shapes), and the note said anchors stay at least 2 px."""
+    generator, boxes = torch.Generator().manual_seed(0), []
+    for _ in range(40):
+        xy = torch.rand(8, 2, generator=generator) * 200 + 10
+        thin = torch.rand(8, 1, generator=generator) * 0.3 + 1
+        long = torch.rand(8, 1, generator=generator) * 3 + 11
+        tall = torch.rand(8, 1, generator=generator) < 0.5
+        wh = torch.where(tall, torch.cat([thin, long], 1), torch.cat([long, thin], 1))
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+    config = _keras_config() if name == "keras" else presets.get(name)
+    result = fit_anchors(from_tensors(boxes, [(256, 256)] * 40), config, seed=0, generations=40, backend="cpu")
+    anchors = generate_anchors(result.config.anchors, (256, 256))
+    sides = anchors[:, 2:] - anchors[:, :2]
+    assert sides.min() >= 2 - 1e-4, sides.min()
 
 
 def _keras_config() -> TargetConfig:

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -630,17 +631,22 @@ def test_assign_sparse_on_cpu_equals_the_reference(generator):
     assert_sparse_equal(ours, ref, delta_tolerance=1e-6)
 
 
-def test_kernel_is_built_once_into_the_cache(tmp_path):
-    """A fresh cache gets one library on first use; a second process reuses it."""
+def _one_cpu_call(cache: Path) -> subprocess.CompletedProcess:
+    """A fresh process's CPU assign call, with ``cache`` as its kernel cache."""
     code = (
         "import torch; from tritarget.kernels import assign, presets; "
         "assign(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), [1], (64, 64), presets.get('retinanet_torchvision'), "
         "backend='cpu')"
     )
-    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_kernel_is_built_once_into_the_cache(tmp_path):
+    """A fresh cache gets one library on first use; a second process reuses it."""
     stamps = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        done = _one_cpu_call(tmp_path)
         assert done.returncode == 0, done.stderr
         (library,) = tmp_path.glob("cpu_kernel-*.so")
         stamps.append(library.stat().st_mtime_ns)
@@ -650,21 +656,28 @@ def test_kernel_is_built_once_into_the_cache(tmp_path):
 def test_a_cached_file_that_is_not_the_kernel_is_built_again(tmp_path):
     """A loadable library without the kernel's functions under the cached name (a cache
     synced from elsewhere, a partial restore) failed every call with AttributeError."""
-    code = (
-        "import torch; from tritarget.kernels import assign, presets; "
-        "assign(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), [1], (64, 64), presets.get('retinanet_torchvision'), "
-        "backend='cpu')"
-    )
-    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path)}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode == 0
+    assert _one_cpu_call(tmp_path).returncode == 0
     (library,) = tmp_path.glob("cpu_kernel-*.so")
     other = tmp_path / "other.c"
     other.write_text("int other(void) { return 1; }\n")
     subprocess.run([_compiler(), "-shared", "-fPIC", str(other), "-o", str(library)], check=True, timeout=120)
     foreign = library.read_bytes()
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = _one_cpu_call(tmp_path)
     assert done.returncode == 0, done.stderr
     assert library.read_bytes() != foreign
+
+
+@pytest.mark.parametrize("kept", [1000, 20000, 40])
+def test_a_cached_kernel_cut_short_is_built_again(tmp_path, kept):
+    """A cached library cut short (an interrupted copy into a shared cache) killed the
+    process with SIGBUS in dlopen instead of being built again."""
+    assert _one_cpu_call(tmp_path).returncode == 0
+    (library,) = tmp_path.glob("cpu_kernel-*.so")
+    whole = library.read_bytes()
+    library.write_bytes(whole[:kept])
+    done = _one_cpu_call(tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert len(library.read_bytes()) == len(whole)
 
 
 def test_a_kernel_that_does_not_load_where_it_was_built_is_named(tmp_path, monkeypatch):

@@ -314,6 +314,27 @@ def test_config_over_its_size_limit_is_resource_exhausted(client):  # D3
            call=lambda: client.assign_raw(request))  # fmt: skip
 
 
+def test_many_overrides_are_refused_by_their_count_and_checked_in_linear_time():
+    """8,000 overrides within the size limit held the event loop for 27 s (their keys
+    checked pair by pair, then one by one to name the refused one): refused by their
+    count now, and a config's overrides are checked in time linear in their keys."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.overrides.update({f"k{i:05d}": "1" for i in range(8000)})
+    started = time.process_time()
+    with pytest.raises(ResourceExhausted, match="config.overrides: 8000 overrides is over the server's limit of 64"):
+        codec.decode_assign(request, codec.Limits())
+    assert time.process_time() - started < 0.05
+    request.config.ClearField("overrides")
+    request.config.overrides.update({f"k{i:05d}": "1" for i in range(64)})
+    with pytest.raises(InvalidInput, match=r"config.overrides\[k00000\]: override 'k00000': unknown config field"):
+        codec.decode_assign(request, codec.Limits())
+    # In process, no count limit: 5,000 keys took ~5 s of pairs before the first was refused.
+    started = time.process_time()
+    with pytest.raises(ValueError, match="unknown config field 'k00000'"):
+        presets.get("retinanet_torchvision").replace(**{f"k{i:05d}": 1 for i in range(5000)})
+    assert time.process_time() - started < 0.5
+
+
 def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):
     """A preset name had no bound below the message size: 200 MB of name was hashed and
     quoted whole (twice) into the NOT_FOUND message, seconds on the event loop."""
@@ -380,10 +401,8 @@ def test_full_queue_is_resource_exhausted_and_others_finish():
         with TargetClient(srv.address, retries=0, timeout=30) as client:
             call = lambda: client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")  # noqa: E731
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                waiting = [pool.submit(call)]
-                # Taken by the batcher (its queue time is observed), stuck behind the gate.
-                _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)
-                waiting += [pool.submit(call), pool.submit(call)]
+                # Queued behind the busy worker (work run on it counts as a batch): the queue is full.
+                waiting = [pool.submit(call), pool.submit(call)]
                 _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
                 with pytest.raises(TargetServiceError) as info:
                     call()
@@ -398,6 +417,9 @@ def test_full_queue_is_resource_exhausted_and_others_finish():
                 gate.set()
                 for future in waiting:
                     assert (future.result(30).labels == 1).any()
+            # They waited together, and ran as one batch (one took the worker's turn behind
+            # the gate, and the other a turn after it).
+            assert srv.metrics.value("tritarget_batch_requests_count") == 1
             errors = srv.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "RESOURCE_EXHAUSTED"})
             assert errors == 2
             _still_serving(client)
@@ -416,10 +438,8 @@ def test_a_stream_waits_for_room_in_a_full_queue_and_unary_calls_are_refused():
             call = lambda: client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")  # noqa: E731
             stream = lambda: list(client.stream(items, preset="retinanet_torchvision", canvas=CANVAS))  # noqa: E731
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                taken = pool.submit(call)
-                # Taken by the batcher (its queue time is observed), stuck behind the gate.
-                _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)
-                queued = [pool.submit(call), pool.submit(call)]  # one image each: the queue is full
+                # One image each, queued behind the busy worker: the queue is full.
+                queued = [pool.submit(call), pool.submit(call)]
                 _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
                 streamed = pool.submit(stream)
                 _until(lambda: srv.metrics.value("tritarget_stream_requests_waiting") >= 1)
@@ -428,7 +448,7 @@ def test_a_stream_waits_for_room_in_a_full_queue_and_unary_calls_are_refused():
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "stream requests waiting for room" in info.value.details
                 gate.set()
-                assert all((call.result(30).labels == 1).any() for call in (taken, *queued))
+                assert all((call.result(30).labels == 1).any() for call in queued)
                 for item, got in zip(items, streamed.result(30), strict=True):
                     want = assign(item["gt_boxes"], item["gt_counts"], CANVAS, presets.get("retinanet_torchvision"))
                     assert torch.equal(got.labels, want.labels) and torch.equal(got.matched_gt, want.matched_gt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import random
 import re
@@ -361,6 +362,68 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
+def test_stream_items_wait_for_room_under_the_unsent_bound():
+    """A stream's item is not refused by the unsent bound (it failed in-band, in the middle
+    of a data loader's epoch, its stream having no other replica to go to): it waits, in
+    order, without its work or its bytes (a DENSE one's were held while it waited for
+    queue room); meanwhile unary calls are refused, and a stream's SPARSE response, built
+    past the bound, is sent (dropping it freed nothing)."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12.6 MB of anchors
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+    sparse = {"gt_boxes": GOOD, "gt_counts": [2]}
+    # Room for the anchors (12,570,642 bytes) and less than a SPARSE response beside them.
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=12_570_642 + 64)) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
+        computed = lambda: srv.metrics.value("tritarget_compute_seconds_count")  # noqa: E731
+        with TargetClient(srv.address, retries=0) as client:
+            dense_response = client.assign_raw(dense).SerializeToString()
+            held = _unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+            _until(lambda: unsent() > 12e6)
+            # Built past the bound: a unary SPARSE response is dropped (documented), a stream's sent.
+            with pytest.raises(TargetServiceError, match="RESOURCE_EXHAUSTED"):
+                client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="sparse")
+            answers = list(client.stream([sparse] * 3, preset="retinanet_torchvision", canvas=(2048, 2048)))
+            assert len(answers) == 3
+            assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
+            before = computed()
+            stream = _unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
+            _until(lambda: waiting() == 3)
+            assert computed() == before  # waiting without their work
+            with pytest.raises(TargetServiceError, match="3 stream requests waiting for room"):
+                client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+            held.close()  # room: the first item is computed and held until its caller reads it
+            # One DENSE response, held from the start (alone, it passes the bound).
+            _until(lambda: computed() > before and waiting() == 2 and unsent() == len(dense_response))
+            stream.close()  # the stream ends: its waiting items leave, its held bytes are let go
+            _until(lambda: unsent() == 0 and waiting() == 0)
+            assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+
+
+def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
+    """A stream of [DENSE, SPARSE] while another caller held bytes: the SPARSE item was
+    computed at once and held its bytes, the DENSE one ahead of it waited for them, and
+    its stream answers in order: stuck for good, every unary call refused meanwhile."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12,570,642 bytes of anchors
+    items = [build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format=kind)
+             for kind in ("dense", "sparse")]  # fmt: skip
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=12_570_642 + 64)) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
+        held = _unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+        _until(lambda: unsent() > 12e6)
+        with TargetClient(srv.address, retries=0) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            streamed = pool.submit(lambda: list(client.stream(items, timeout=20)))
+            _until(lambda: waiting() == 2)  # the SPARSE one in line behind the DENSE one
+            held.close()
+            dense, sparse = streamed.result(20)
+            assert dense.labels.shape == sparse.labels.shape and torch.equal(dense.labels, sparse.labels)
+        _until(lambda: unsent() == 0 and waiting() == 0)
+
+
 def _unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
     """A call whose caller never reads: HTTP/2 spoken by hand over a real socket, with a
     receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
@@ -396,8 +459,6 @@ def test_responses_their_callers_do_not_read_are_bounded():
         calls.append(_unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
         calls.append(_unread_call(srv.port, "Assign", dense.SerializeToString()))
         _until(lambda: refused("GetAnchors") == 1 and refused("Assign") == 1)
-        calls.append(_unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3))
-        _until(lambda: refused("AssignStream") == 3)  # in the stream: each item refused alone
         assert unsent() <= 30 << 20
         # Their sizes are known before the work: refused without computing (it was done, then dropped).
         assert srv.metrics.value("tritarget_compute_seconds_count") == 0

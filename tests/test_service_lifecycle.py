@@ -56,7 +56,7 @@ def test_graceful_shutdown_finishes_calls_in_flight():
 
         caller = threading.Thread(target=call)
         caller.start()
-        _until(lambda: srv.metrics.value("tritarget_queue_seconds_count") == 1)  # taken, stuck behind the gate
+        _until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
         stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
         time.sleep(0.3)
         with TargetClient(srv.address, retries=0, timeout=5) as late:
@@ -274,22 +274,29 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path):
                           (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "65535"],
                            "--metrics-port 65535 with 2 workers: worker i serves metrics on"),
                           (["serve", "--port", "50051", "--workers", "2", "--metrics-port", "50050"],
-                           "on --metrics-port + i, and one would be --port 50051")):  # fmt: skip
+                           "on --metrics-port + i, and one would be --port 50051"),
+                          # up went on to fail binding, its hint naming --port
+                          (["up", "--port", "50340", "--metrics-port", "50340"],
+                           "--metrics-port 50340 is --port 50340: give each its own port")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *args], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert "front-end process" not in done.stdout  # refused before it said what it would start
 
 
-def test_cli_names_a_busy_metrics_port():
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_cli_names_a_busy_metrics_port(command):
+    """up's hint named --port, not the flag at fault."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--metrics-port",
-                               str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", command, "--port", "0", "--metrics-port",
+                               str(port), "--warmup-canvas", "64", "64"], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert f"serve: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert f"{command}: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert "--port N" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("workers", [[], ["--port", "50998", "--workers", "2"]])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +49,20 @@ def test_auth_rejects_missing_or_wrong_token(auth_server, token, message):
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
             assert message in info.value.details
     assert auth_server.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "UNAUTHENTICATED"}) >= 1
+
+
+def test_refused_calls_get_their_access_log_line(caplog):
+    """Counted and timed, a call refused for its credentials had no access-log line: an
+    operator chasing refusals found them in the metrics only."""
+    with ServerThread(token=TOKEN, access_log=True) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
+        for token in ("wrong", TOKEN):
+            with TargetClient(srv.address, token=token, retries=0) as client:
+                with contextlib.suppress(TargetServiceError):
+                    _assign(client)
+        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"Assign \(request not read\) UNAUTHENTICATED [0-9.]+ ms", lines[0]), lines
+    assert " OK " in lines[1], lines
 
 
 def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_counted():
