@@ -23,10 +23,12 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -209,6 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         cores = _usable_cores()
         workers = front_ends(args.workers, options.port, cores)
         _check_metrics_ports(options, workers)
+        _warn_of_a_token_in_the_clear("serve", options)
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
@@ -273,6 +276,23 @@ def front_ends(workers: int | None, port: int, cores: int) -> int:
     return 1 if port == 0 else max(1, min(4, cores // 4))
 
 
+def _warn_of_a_token_in_the_clear(command: str, options) -> None:
+    """A bearer token sent over plaintext beyond this machine is readable on the way: served
+    all the same (a private network, a proxy that ends TLS), but said."""
+    if options.token and options.tls_cert is None and not _loopback_only(options.host):
+        print(f"tritarget {command}: warning: a bearer token without TLS on {options.host}: callers send it "
+              "across the network in the clear; give --tls-cert and --tls-key, or bind a loopback address",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _loopback_only(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
 def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
     # One write per line: the workers share one stdout, and print() writes the text and
     # the newline separately, so two workers' lines could interleave on one line.
@@ -318,9 +338,9 @@ def _serve_workers(options, workers: int, cores: int) -> int:
 
     def forward(signum, frame) -> None:
         stopping.append(signum)
-        for child in children:
+        for child in children:  # as SIGTERM, the one stop signal a worker takes
             try:
-                os.kill(child, signum)
+                os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
@@ -336,6 +356,10 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
         pid = os.fork()
         if pid == 0:
+            # Ctrl-C reaches every process of the terminal's group: taken by the workers
+            # too, each Ctrl-C would count twice there, and the first would already cut
+            # their grace period short. The parent forwards it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _end_with(parent)
             for handler in logging.getLogger().handlers:  # the workers share stderr
                 handler.setFormatter(logging.Formatter(_LOG_FORMAT.format(who=f"[worker {i}] ")))
@@ -345,7 +369,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
             code = 0
             try:
                 announce = functools.partial(_announce_as, f"[worker {i}]")
-                asyncio.run(serve(worker, announce=announce))
+                asyncio.run(serve(worker, announce=announce, stop_signals=(signal.SIGTERM,)))
             except BaseException as exc:  # a worker reports and exits; the parent sees the code
                 _announce_as(f"[worker {i}]", f"failed: {exc}", sys.stderr)
                 code = 2 if isinstance(exc, (ValueError, OSError)) else 1  # as one process exits
@@ -444,6 +468,7 @@ def _up(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 2
+    _warn_of_a_token_in_the_clear("up", options)
 
     failed = []
 

@@ -3,7 +3,8 @@
 ``create_server(options) -> (server, port)`` binds (port 0 picks a free port, which
 is what the tests do) without serving; ``await server.start()`` serves;
 ``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health answers
-NOT_SERVING while calls in flight finish (up to ``grace_s``), new calls get UNAVAILABLE.
+NOT_SERVING while calls in flight finish (up to ``grace_s``), new calls get UNAVAILABLE;
+a second stop signal cuts the grace period short (the calls still in flight are cancelled).
 
 ``serve`` also tunes glibc's allocator for a long-running process
 (``tritarget.kernels.keep_freed_memory``).
@@ -237,25 +238,30 @@ class TargetServer:
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
         """Graceful: health NOT_SERVING while calls in flight finish (up to ``grace``
-        seconds; new calls get UNAVAILABLE, streams end UNAVAILABLE after answering what
-        they read), then the port closes."""
+        seconds, or until ``hurry`` is set; new calls get UNAVAILABLE, streams end
+        UNAVAILABLE after answering what they read), then the port closes."""
         grace = self.options.grace_s if grace is None else grace
+        hurry = hurry or asyncio.Event()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
         start = time.monotonic()
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self.batcher.drain()
-        if await self.servicer.wait_settled(grace):
+        settling = asyncio.ensure_future(self.servicer.wait_settled(grace))
+        if await _finished_unless(hurry, settling) and settling.result():
             # Every call of ours is answered: what gRPC still holds are health Watch (or
             # reflection) streams, which never end by themselves and would hold the port
             # for the rest of the grace period.
             await self.grpc.stop(0)
         else:
-            log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
-            await self.grpc.stop(max(0.0, grace - (time.monotonic() - start)))
+            if not hurry.is_set():
+                log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
+            left = 0.0 if hurry.is_set() else max(0.0, grace - (time.monotonic() - start))
+            if not await _finished_unless(hurry, asyncio.ensure_future(self.grpc.stop(left))):
+                await self.grpc.stop(0)  # gRPC's stop again, with no grace: cancels what is left
         await _calls_ended()
         await self.batcher.close()
         self.servicer.close()
@@ -263,6 +269,18 @@ class TargetServer:
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
+
+
+async def _finished_unless(hurry: asyncio.Event, work: asyncio.Future) -> bool:
+    """Whether ``work`` finished before ``hurry`` was set (if not, it is cancelled)."""
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait((work, hurried), return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if work.done():
+        return True
+    work.cancel()
+    await asyncio.wait((work,))
+    return False
 
 
 def _warmup_boxes(height: int, width: int):
@@ -279,9 +297,13 @@ def create_server(options: ServerOptions = ServerOptions()) -> tuple[TargetServe
 
 
 async def serve(
-    options: ServerOptions, on_ready: Callable[[TargetServer], object] | None = None, announce=print
+    options: ServerOptions,
+    on_ready: Callable[[TargetServer], object] | None = None,
+    announce=print,
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+    """Serve until one of ``stop_signals``, then shut down gracefully; a second one cuts
+    the grace period short.
 
     ``on_ready(server)`` (a coroutine function or a plain function) runs once health
     is SERVING; ``tritarget up`` sends its demo request from there. If the warm-up
@@ -290,10 +312,17 @@ async def serve(
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
     server, port = create_server(options)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stop_signalled() -> None:
+        if stop.is_set() and not hurry.is_set():
+            announce("second stop signal: cancelling the calls still in flight", flush=True)
+            hurry.set()
+        stop.set()
+
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop_signalled)
     if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await server.start()
@@ -320,8 +349,8 @@ async def serve(
         await server.stop(grace=0)
         raise RuntimeError(f"warm-up failed: {server.warmup_error}")
     failed.cancel()
-    announce("shutting down: finishing calls in flight", flush=True)
-    await server.stop()
+    announce("shutting down: finishing calls in flight (a second stop signal cancels them)", flush=True)
+    await server.stop(hurry=hurry)
     announce("stopped", flush=True)
 
 

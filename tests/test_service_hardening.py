@@ -11,14 +11,13 @@ import concurrent.futures
 import logging
 import random
 import re
-import socket
 import threading
 import time
 
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, batching, limits
+from test_service_harness import ServerThread, batching, limits, unread_call
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -358,10 +357,6 @@ def test_a_call_cut_off_at_its_deadline_counts_as_deadline_exceeded(remaining, c
     assert servicer.cut_off_code(remaining) == code
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
 def test_stream_items_wait_for_room_under_the_unsent_bound():
     """A stream's item is not refused by the unsent bound (it failed in-band, in the middle
     of a data loader's epoch, its stream having no other replica to go to): it waits, in
@@ -379,7 +374,7 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
         computed = lambda: srv.metrics.value("tritarget_compute_seconds_count")  # noqa: E731
         with TargetClient(srv.address, retries=0) as client:
             dense_response = client.assign_raw(dense).SerializeToString()
-            held = _unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+            held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
             _until(lambda: unsent() > 12e6)
             # Built past the bound: a unary SPARSE response is dropped (documented), a stream's sent.
             with pytest.raises(TargetServiceError, match="RESOURCE_EXHAUSTED"):
@@ -388,7 +383,7 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
             assert len(answers) == 3
             assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
             before = computed()
-            stream = _unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
+            stream = unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
             _until(lambda: waiting() == 3)
             assert computed() == before  # waiting without their work
             with pytest.raises(TargetServiceError, match="3 stream requests waiting for room"):
@@ -413,7 +408,7 @@ def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
     with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=12_570_642 + 64)) as srv:
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
-        held = _unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+        held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
         _until(lambda: unsent() > 12e6)
         with TargetClient(srv.address, retries=0) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
             streamed = pool.submit(lambda: list(client.stream(items, timeout=20)))
@@ -422,22 +417,6 @@ def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
             dense, sparse = streamed.result(20)
             assert dense.labels.shape == sparse.labels.shape and torch.equal(dense.labels, sparse.labels)
         _until(lambda: unsent() == 0 and waiting() == 0)
-
-
-def _unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
-    """A call whose caller never reads: HTTP/2 spoken by hand over a real socket, with a
-    receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
-    connection = socket.create_connection(("127.0.0.1", port))
-    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
-    path = f"/tritarget.v1.TargetAssigner/{method}".encode()
-    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"127.0.0.1"),
-               (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
-    block = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in headers)  # HPACK literals
-    connection.sendall(_frame(1, 0x4, 1, block))
-    for i, request in enumerate(requests):
-        last = method != "AssignStream" and i == len(requests) - 1
-        connection.sendall(_frame(0, 0x1 if last else 0, 1, b"\x00" + len(request).to_bytes(4, "big") + request))
-    return connection
 
 
 def test_responses_their_callers_do_not_read_are_bounded():
@@ -452,12 +431,12 @@ def test_responses_their_callers_do_not_read_are_bounded():
     with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=30 << 20)) as srv:
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         refused = lambda method: _errors(srv, method, "RESOURCE_EXHAUSTED")  # noqa: E731
-        calls = [_unread_call(srv.port, "GetAnchors", anchors.SerializeToString())]
+        calls = [unread_call(srv.port, "GetAnchors", anchors.SerializeToString())]
         _until(lambda: unsent() > 12e6)
-        calls.append(_unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
+        calls.append(unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
         _until(lambda: unsent() > 24e6)
-        calls.append(_unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
-        calls.append(_unread_call(srv.port, "Assign", dense.SerializeToString()))
+        calls.append(unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
+        calls.append(unread_call(srv.port, "Assign", dense.SerializeToString()))
         _until(lambda: refused("GetAnchors") == 1 and refused("Assign") == 1)
         assert unsent() <= 30 << 20
         # Their sizes are known before the work: refused without computing (it was done, then dropped).

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -135,6 +136,26 @@ def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
         raise
     threading.Thread(target=process.stdout.read, daemon=True).start()
     return process, int(match.group(1))
+
+
+def unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
+    """A call whose caller never reads: HTTP/2 spoken by hand over a real socket, with a
+    receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+    path = f"/tritarget.v1.TargetAssigner/{method}".encode()
+    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"127.0.0.1"),
+               (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
+    block = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in headers)  # HPACK literals
+    connection.sendall(_http2_frame(1, 0x4, 1, block))
+    for i, request in enumerate(requests):
+        last = method != "AssignStream" and i == len(requests) - 1
+        connection.sendall(_http2_frame(0, 0x1 if last else 0, 1, b"\x00" + len(request).to_bytes(4, "big") + request))
+    return connection
+
+
+def _http2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, batching, read_until, spawn_cli
+from test_service_harness import ServerThread, batching, read_until, spawn_cli, unread_call
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -838,6 +838,55 @@ def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
     output = "".join(seen) + out
     assert process.returncode == 0, output
     assert "failed" not in output and "killed by" not in output and "Exception ignored" not in output, output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group: Linux")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_serve_a_second_ctrl_c_cuts_the_grace_period_short(workers):
+    """Ctrl-C (SIGINT to the terminal's process group) drains; a second one cancels the
+    calls still in flight instead of waiting out --grace, as operators expect. With
+    --workers the group holds the workers too: each Ctrl-C counts once."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers", str(workers),
+         "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "120", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    held = None
+    try:
+        _, started = read_until(process, r"health is SERVING", count=workers)
+        metrics_ports = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started)
+
+        def unsent() -> float:
+            pages = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode()
+                     for p in metrics_ports]  # fmt: skip
+            return sum(float(m) for page in pages for m in re.findall(r"^tritarget_unsent_response_bytes (\S+)$",
+                                                                         page, re.MULTILINE))  # fmt: skip
+
+        anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+        anchors.config.preset = "retinanet_torchvision"  # 12.6 MB its caller never reads: a call in flight
+        held = unread_call(port, "GetAnchors", anchors.SerializeToString())
+        _until(lambda: unsent() > 12e6)
+        os.killpg(process.pid, signal.SIGINT)
+        read_until(process, r"shutting down: finishing calls in flight", count=workers)
+        time.sleep(1.5)
+        assert process.poll() is None  # waiting for the held call, up to --grace
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        assert time.monotonic() - started < 30, out
+    finally:
+        if held is not None:
+            held.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, out
+    assert "second stop signal: cancelling the calls still in flight" in out and "stopped" in out, out
+    assert "Traceback" not in out, out
 
 
 def test_the_unsent_response_bound_is_the_flags():

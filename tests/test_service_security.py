@@ -260,3 +260,23 @@ def test_up_with_tls_sends_its_demo_by_the_certificates_name(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False),
+                                                      ("localhost", False, False), ("::1", False, False),
+                                                      ("0.0.0.0", True, False)])  # fmt: skip
+def test_a_token_served_over_plaintext_beyond_loopback_is_warned_of(host, tls, warned, capsys):
+    """Anyone on the path reads a bearer token sent over plaintext: served all the same
+    (a private network, a proxy that ends TLS), but the operator is told."""
+    import dataclasses
+
+    from tritarget.service.cli import _server_options, _warn_of_a_token_in_the_clear, build_parser
+
+    options = _server_options(build_parser().parse_args(["serve", "--host", host, "--token", TOKEN]))
+    if tls:
+        options = dataclasses.replace(options, tls_cert=b"certificate", tls_key=b"key")
+    _warn_of_a_token_in_the_clear("serve", options)
+    said = capsys.readouterr().err
+    assert ("a bearer token without TLS on " + host in said) is warned, said
+    if warned:
+        assert "--tls-cert" in said
