@@ -216,9 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
         _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
             return _serve_workers(options, workers, cores)
-        import torch
-
-        torch.set_num_threads(min(torch.get_num_threads(), cores))  # torch counts a quota's node's cores
+        _cap_torch_threads(cores)
         asyncio.run(serve(options))
     except (ValueError, OSError) as exc:
         print(f"tritarget serve: {exc}", file=sys.stderr)
@@ -227,6 +225,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tritarget serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cap_torch_threads(cores: int) -> None:
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), cores))  # torch counts a quota's node's cores
 
 
 def _usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
@@ -469,6 +473,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 2
     _warn_of_a_token_in_the_clear("up", options)
+    _cap_torch_threads(_usable_cores())
 
     failed = []
 

@@ -118,6 +118,27 @@ def test_usable_cores_follow_a_containers_cpu_quota(files, cores, tmp_path, monk
     assert _usable_cores(str(tmp_path)) == cores
 
 
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_serve_and_up_give_torch_no_more_threads_than_the_usable_cores(command, monkeypatch):
+    """Under a container's CPU quota torch counts the node's cores: threads for all of them
+    spend the quota early in each period and then stall (``up`` gave torch them all)."""
+    from tritarget.service import cli, server
+
+    seen = []
+
+    async def serve(options, **kwargs):  # stands in for the server: what matters is before it
+        seen.append(torch.get_num_threads())
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cli, "_usable_cores", lambda: 1)
+    monkeypatch.setattr(server, "serve", serve)
+    try:
+        assert main([command, "--port", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]
+
+
 def test_front_ends_follow_the_cores_on_a_fixed_port():
     assert [front_ends(None, 50051, cores) for cores in (1, 2, 4, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
     assert front_ends(None, 0, 16) == 1  # port 0: each process would get a port of its own
