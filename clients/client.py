@@ -323,14 +323,21 @@ _ARGUMENT_OPTIONS = {"grpc.max_send_message_length": "max_message_bytes",
                      "grpc.max_receive_message_length": "max_message_bytes"}  # fmt: skip
 
 
-def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _channel_options(max_message_bytes: int, backoff: float, max_backoff: float,
+                     extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:  # fmt: skip
     """Ours, each replaced by the caller's of the same name: gRPC takes the first of two
     (a caller's keepalive time after ours was ignored)."""
+    # gRPC's own reconnect backoff (1 s, x1.6, up to 120 s) bounded by the client's: while
+    # it runs, every try fails at once without dialling, and a server that came up late in
+    # the deadline was not found (up 17 s after the client: 10.7 s more, or the deadline).
+    reconnect_ms = max(1, round(backoff * 1000))
     options = {
         "grpc.max_send_message_length": max_message_bytes,
         "grpc.max_receive_message_length": max_message_bytes,
         "grpc.service_config": json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}),
         "grpc.keepalive_time_ms": _KEEPALIVE_MS,
+        "grpc.initial_reconnect_backoff_ms": reconnect_ms,
+        "grpc.max_reconnect_backoff_ms": max(reconnect_ms, round(max_backoff * 1000)),
     }
     options.update(extra)
     return list(options.items())
@@ -425,7 +432,7 @@ class _Base:
             if name in _ARGUMENT_OPTIONS:
                 raise ValueError(f"options: {name} is set by the client's {_ARGUMENT_OPTIONS[name]}= argument")
         self._extra_options = list(options)
-        self._options = _channel_options(max_message_bytes, [*options, *own_pool])
+        self._options = _channel_options(max_message_bytes, backoff, max_backoff, [*options, *own_pool])
         self._reset()
         _CLIENTS.add(self)
 
@@ -521,7 +528,11 @@ class _Base:
         return channels
 
     def _failed(self, index: int) -> None:
-        self._failed_at[index] = time.monotonic()
+        """The endpoint's address is skipped for a moment on every connection to it: with
+        ``connections=N`` a dead address was tried once on each of them."""
+        now = time.monotonic()
+        for same_address in range(index % len(self.targets), len(self._endpoints), len(self.targets)):
+            self._failed_at[same_address] = now
 
     def _delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter (the exponent capped: without a deadline
@@ -715,15 +726,21 @@ class _Base:
         return generation, resend, delay
 
     def _ended(self, unanswered: _Unanswered) -> None:
-        """The stream's call ended OK: every request sent must be answered (a server that
-        stops early ends UNAVAILABLE, and those requests go to another endpoint). Raises
-        what reading the requests raised, if it stopped there."""
-        if unanswered.outstanding() or unanswered.failure is not None:
+        """The stream's call ended OK: every request must have been sent and answered (a
+        server that stops early ends UNAVAILABLE, and those requests go to another
+        endpoint). Raises what reading the requests raised, if it stopped there."""
+        cut_short = not unanswered.exhausted and unanswered.failure is None
+        if unanswered.outstanding() or unanswered.failure is not None or cut_short:
             self._count(errors=1)
         if unanswered.outstanding():
             raise ValueError(
                 f"malformed response: the stream ended OK with {unanswered.outstanding()} of its requests unanswered "
                 "(AssignStream answers every request)"
+            )
+        if cut_short:
+            raise ValueError(
+                "malformed response: the stream ended OK before all its requests were sent (AssignStream reads "
+                "every request)"
             )
         if unanswered.failure is not None:
             raise unanswered.failure
@@ -803,6 +820,7 @@ class _Unanswered:
         # requests sent before it are answered. gRPC would otherwise end the call with
         # "UNKNOWN: Exception iterating requests!" and the answers still in flight.
         self.failure: Exception | None = None
+        self.exhausted = False  # every request of the source read (a call that ends before is cut short)
         self._reading = threading.Lock()  # one reader of the source at a time (old and new feed)
         self._areading = asyncio.Lock()
         self._next: asyncio.Future | None = None  # the asyncio source's read in progress (``_anext``)
@@ -851,6 +869,7 @@ class _Unanswered:
                     except Exception as exc:
                         self.failure = exc
                         return
+                    self.exhausted = message is None
                     if message is None or not self._keep(generation, message):
                         return
             yield message
@@ -871,6 +890,7 @@ class _Unanswered:
                     except Exception as exc:
                         self.failure = exc
                         return
+                    self.exhausted = message is None
                     if message is None or not self._keep(generation, message):
                         return
             yield message

@@ -36,7 +36,7 @@ from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assi
 from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, check_densify, naming_images
-from .wire import to_xyxy
+from .wire import as_tensor, checked_canvas, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -58,7 +58,7 @@ def boxes_of(
         boxes.append(image_boxes)
         counts.append(image_boxes.shape[0])
         if "labels" in target:
-            image_labels = torch.as_tensor(target["labels"]).reshape(-1)
+            image_labels = as_tensor(target["labels"]).reshape(-1)
             if image_labels.numel() == 0:  # often torch.zeros(0), a float: it must not make the batch float
                 image_labels = image_labels.long()
             elif image_labels.is_floating_point() or image_labels.is_complex() or image_labels.dtype == torch.bool:
@@ -80,7 +80,7 @@ def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
     if tagged is not None and tagged.lower() != box_format:
         raise ValueError(f"{where}: BoundingBoxes in format {tagged}, but box_format is {box_format!r}: "
                          f"pass box_format={tagged.lower()!r}")  # fmt: skip
-    rows = torch.as_tensor(value, dtype=torch.float32)
+    rows = as_tensor(value).to(torch.float32)
     if rows.numel() == 0:
         return rows.reshape(0, 4)
     if rows.dim() != 2 or rows.shape[1] != 4:
@@ -150,7 +150,7 @@ def _canvas(images: Any, canvas: Sequence[int] | None, batch: int) -> tuple[int,
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] != batch:
         raise ValueError(f"images: a Tensor[B, C, H, W] of {images.shape[0]} images, but targets for {batch}")
     if canvas is not None:
-        return int(canvas[0]), int(canvas[1])
+        return canvas
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         return int(images.shape[-2]), int(images.shape[-1])
     raise ValueError("canvas: give canvas=(H, W), or batches whose images are one padded Tensor[B, C, H, W]")
@@ -288,6 +288,7 @@ def with_targets(
         raise ValueError(f"in_flight: must be an int >= 1, got {in_flight!r}")
     _check_client(client)
     check_densify(densify, options)
+    canvas = None if canvas is None else checked_canvas(canvas)
     target_config = _config(preset, config, client)
     if client is None:
         solve = _InProcess(target_config, backend, densify, options, device)
@@ -402,7 +403,7 @@ class TargetCollate:
         self.collate_fn = collate_fn
         self.config = _config(preset, config, client)
         self.named = _named(preset, self.config)
-        self.canvas = canvas
+        self.canvas = None if canvas is None else checked_canvas(canvas)
         self.client = client
         self.densify = densify
         self.options = options

@@ -428,7 +428,7 @@ class _Driver:
         job's data-loader workers each hold their own)."""
         # Channels alike in target and options share one connection unless each keeps
         # its own subchannel pool.
-        channel_options = [*_channel_options(1 << 30, ()), ("grpc.use_local_subchannel_pool", 1)]
+        channel_options = [*_channel_options(1 << 30, _REOPEN_PAUSE_S, 1.0, ()), ("grpc.use_local_subchannel_pool", 1)]
         targets = [t for _ in range(min(self.share, _MAX_CONNECTIONS)) for t in self.options.targets]
         if self.options.tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.options.tls_ca)

@@ -65,7 +65,7 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
     if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
         return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
     try:
-        boxes = _as_tensor(boxes)
+        boxes = as_tensor(boxes)
     except (TypeError, ValueError, RuntimeError):  # None, ragged lists, strings
         raise TypeError(f"{name}: expected a Tensor[N, 4] of coordinates, got {type(boxes).__name__}") from None
     if boxes.is_complex() or boxes.dtype == torch.bool:  # a bool would travel as 0.0 / 1.0
@@ -81,7 +81,7 @@ def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == dtype and value.is_cpu
 
 
-def _canvas(canvas: Any) -> tuple[int, int]:
+def checked_canvas(canvas: Any) -> tuple[int, int]:
     """Two ints, as in-process ``assign`` takes them (a float side would be truncated);
     their values are the server's to check (its errors name canvas_height / canvas_width)."""
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
@@ -91,7 +91,7 @@ def _canvas(canvas: Any) -> tuple[int, int]:
     return _int32("canvas[0]", int(canvas[0])), _int32("canvas[1]", int(canvas[1]))
 
 
-def _as_tensor(value: Any) -> torch.Tensor:
+def as_tensor(value: Any) -> torch.Tensor:
     """``torch.as_tensor``, also of numpy arrays torch cannot share, which it refuses:
     views with negative strides (``array[::-1]``) and non-native byte order (``>f4``)."""
     if isinstance(value, np.ndarray):
@@ -104,7 +104,7 @@ def _ints(name: str, value: Any) -> torch.Tensor:
     in-process ``assign`` refuses them (a float class would be truncated to another)."""
     if _is_cpu_tensor(value, torch.int32):
         return value
-    values = _as_tensor(value)
+    values = as_tensor(value)
     if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
     if values.dtype not in _WITHIN_INT32:
@@ -235,7 +235,7 @@ def build_request(
         raise ValueError(f"format: must be 'sparse' or 'dense', got {format!r}")
     if delta_dtype not in _DELTA_DTYPES:
         raise ValueError(f"delta_dtype: must be 'float32' or 'float16', got {delta_dtype!r}")
-    height, width = _canvas(canvas)
+    height, width = checked_canvas(canvas)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(
             f"seed: the service takes one int per request (each image's seed derives from it, as with "
@@ -275,7 +275,7 @@ def build_request(
 
 def anchors_request(canvas: Sequence[int], preset: str | None, config: Any, overrides) -> pb.GetAnchorsRequest:
     """The ``GetAnchorsRequest`` of ``TargetClient.get_anchors``."""
-    height, width = _canvas(canvas)
+    height, width = checked_canvas(canvas)
     return pb.GetAnchorsRequest(config=config_ref(preset, config, overrides), canvas_height=height, canvas_width=width)
 
 

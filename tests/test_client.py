@@ -92,12 +92,14 @@ def test_transport_failures_are_told_from_answers(code, details, retried):
     assert client_module._transport_failure(_Status(code, details)) is retried
 
 
-def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers):
+@pytest.mark.parametrize("connections", [1, 4])
+def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers, connections):
     """After a call's first try fails on a dead endpoint, the calls that follow within the
-    cool-down go to the live one at once: only the first call retries."""
+    cool-down go to the live one at once: only the first call retries (with several
+    connections per address, the dead address was tried once on each)."""
     a, _ = two_servers
     dead = f"127.0.0.1:{_free_port()}"
-    with TargetClient([dead, a.address], retries=2, backoff=0.01) as client:
+    with TargetClient([dead, a.address], retries=2, backoff=0.01, connections=connections) as client:
         for _ in range(4):  # round-robin alone would send two of these to the dead endpoint first
             assert (_assign(client).labels == 1).any()
         assert client.stats.retries == 1
@@ -122,6 +124,32 @@ def test_a_client_started_before_the_server_succeeds_within_its_deadline(wait):
     finally:
         starter.join()
         srv.stop()
+
+
+def test_a_client_waiting_for_a_server_redials_at_its_own_backoff():
+    """gRPC's own reconnect backoff (1 s, x1.6, up to 120 s) made every try in between fail
+    at once without dialling: a server up 17 s after its client was found 10.7 s later, or
+    not within the deadline. Redials now come at most ``max_backoff`` (1 s) apart. The
+    port accepts and hangs up (no HTTP/2), so each dial is seen and fails."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    dials = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                dials.append(time.monotonic())
+                connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with TargetClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=4) as client:
+            with pytest.raises(TargetServiceError, match="UNAVAILABLE"):
+                _assign(client)
+    finally:
+        listener.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(dials)]
+    assert len(dials) >= 6 and max(gaps) < 1.6, gaps  # gRPC's own: 3 dials, 1.2 and 1.8 s apart
 
 
 def test_gives_up_at_the_deadline_and_says_what_was_tried():

@@ -6,6 +6,7 @@ targets, computed in-process, then broken one field at a time)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
@@ -246,6 +247,9 @@ def breaking_server_once():
 
     def stream(raws, context):
         Server.calls += 1
+        if Server.stream_mode == "ends early":  # answers the first request and ends, reading no more
+            yield _answer(pb.AssignRequest.FromString(next(raws))).SerializeToString()
+            return
         requests = [pb.AssignRequest.FromString(raw) for raw in raws]
         responses = [_answer(request) for request in requests]
         if Server.stream_mode == "swapped":
@@ -410,6 +414,38 @@ def test_a_stream_answered_out_of_order_or_not_one_for_one_is_refused(breaking_s
     breaking_server.stream_mode = mode
     with pytest.raises(ValueError, match=rf"^malformed response: {STREAM_ERRORS[mode]}"):
         list(breaking_server.client.stream(ITEMS, preset="retinanet_torchvision", canvas=CANVAS))
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_stream_ended_ok_before_its_requests_were_all_sent_is_refused(breaking_server, asynchronous):
+    """The requests a stream had not read from its source yet were never sent, and nothing
+    said so: the caller got fewer answers than requests (a data loader: an IndexError)."""
+    breaking_server.stream_mode = "ends early"
+    later = threading.Event()
+
+    def items():  # the second request is not ready when the server ends the stream
+        yield ITEMS[0]
+        later.wait(10)
+        yield ITEMS[1]
+
+    async def async_items():
+        yield ITEMS[0]
+        await asyncio.sleep(10)
+        yield ITEMS[1]
+
+    async def run():
+        async with AsyncTargetClient(breaking_server.address, timeout=30) as client:
+            return [t async for t in client.stream(async_items(), preset="retinanet_torchvision", canvas=CANVAS)]
+
+    def sync_run():
+        return list(breaking_server.client.stream(items(), preset="retinanet_torchvision", canvas=CANVAS))
+
+    try:
+        with pytest.raises(ValueError, match=r"^malformed response: the stream ended OK before all its requests were "
+                                             r"sent"):  # fmt: skip
+            asyncio.run(run()) if asynchronous else sync_run()
+    finally:
+        later.set()
 
 
 def test_the_async_stream_refuses_answers_out_of_order(breaking_server):

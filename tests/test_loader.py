@@ -569,6 +569,28 @@ def test_numpy_views_with_negative_strides_are_sent():
     assert request.SerializeToString() == expected.SerializeToString()
 
 
+def test_numpy_views_with_negative_strides_in_target_dicts_are_taken():
+    """The client took them; the loader refused them with torch's error, naming no field."""
+    import numpy as np
+
+    boxes = np.array([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 40.0, 40.0]], dtype=np.float32)
+    reversed_views = [{"boxes": boxes[::-1], "labels": np.array([1, 2])[::-1]}]
+    copies = [{"boxes": boxes[::-1].copy(), "labels": np.array([2, 1])}]
+    for got, expected in zip(boxes_of(reversed_views), boxes_of(copies), strict=True):
+        assert got == expected if isinstance(got, list) else torch.equal(got, expected)
+
+
+def test_the_canvas_is_checked_as_the_client_checks_it_with_or_without_one():
+    """A float side was truncated to another canvas in process (the client refused it), and
+    a single number failed with "'int' object is not subscriptable"."""
+    for canvas, error, message in (((64.9, 64.9), TypeError, r"canvas: expected two ints \(height, width\)"),
+                                   (64, TypeError, r"canvas: expected \(height, width\), got 64")):  # fmt: skip
+        with pytest.raises(error, match=message):
+            with_targets([], preset=PRESET, canvas=canvas)
+        with pytest.raises(error, match=message):
+            TargetCollate(lambda samples: samples[0], preset=PRESET, canvas=canvas)
+
+
 def test_torchvision_boxes_of_another_format_than_box_format_are_refused(server):
     """tv_tensors.BoundingBoxes carry their format; XYWH boxes read as xyxy made other
     targets, silently, with a client and in-process alike."""
