@@ -275,7 +275,24 @@ def check_canvas(canvas: object) -> tuple[int, int]:
 @functools.lru_cache(maxsize=64)
 def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
+    for i, level in enumerate(levels):
+        _check_cells(config.layout, i, level.cells)
     return AnchorGrid(levels, shape_major=config.layout == "yolo")
+
+
+def _check_cells(layout: str, index: int, cells: torch.Tensor) -> None:
+    """Refuse anchor shapes of zero width or height, as explicit anchors are refused: no
+    box ever matches one (or, with ``match.high`` 0, every box does, with infinite
+    deltas). The bounds on sizes and ratios do not rule them out: torchvision's layout
+    rounds half sides to whole pixels (size 0.5 makes 0 x 0 anchors)."""
+    flat = (cells[:, 2] <= cells[:, 0]) | (cells[:, 3] <= cells[:, 1])
+    if flat.any():
+        k = int(flat.nonzero()[0])
+        width, height = float(cells[k, 2] - cells[k, 0]), float(cells[k, 3] - cells[k, 1])
+        raise ValueError(
+            f"anchors.levels[{index}]: the {layout} layout makes the level's anchor shape {k} "
+            f"{width:g} x {height:g} px (a size too small or an aspect ratio too extreme): no box could ever match it"
+        )
 
 
 def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:

@@ -141,6 +141,22 @@ def test_a_torchvision_feature_map_larger_than_the_canvas_is_refused_by_every_ba
     assert assign(boxes, [1], (20, 64), config, backend=backend).labels.shape == (1, 160)  # as large: fine
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize(("sizes", "ratios", "shape"), [([0.5], [1.0], "0 x 0"), ([32], [10000.0], "0 x 3200")])
+def test_generated_anchor_shapes_of_zero_width_or_height_are_refused(backend, sizes, ratios, shape):
+    """torchvision's layout rounds half sides to whole pixels: these levels made anchors of
+    zero area, which explicit anchors are refused for. No box matched them (default
+    thresholds), or every box did with infinite deltas (match.high 0)."""
+    level = {"stride": 8, "sizes": sizes, "aspect_ratios": ratios}
+    config = presets.get("retinanet_torchvision").replace(**{"anchors.levels": [level], "match.sample_size": 0})
+    message = rf"anchors.levels\[0\]: the torchvision layout makes the level's anchor shape 0 {shape} px \(a size"
+    for solve in (assign, assign_sparse):
+        with pytest.raises(ValueError, match=message):
+            solve(torch.tensor([[2.0, 2.0, 10.0, 10.0]]), [1], (16, 16), config, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        generate_anchors(config.anchors, (16, 16))
+
+
 @pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision"])
 def test_level_slices_split_the_anchors_by_feature_map(name):
     config = presets.get(name)
