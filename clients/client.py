@@ -1152,7 +1152,13 @@ class TargetClient(_Base):
         one answer.
         ``densify=False`` yields ``SparseTargets`` (SPARSE requests only).
         """
+        # Checked here, when called, not at the first answer (the stream is a generator).
         check_densify(densify, defaults)
+        seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
+        return self._stream(requests, seconds, return_exceptions, densify, defaults)
+
+    def _stream(self, requests, timeout: float | None, return_exceptions: bool, densify: bool,
+                defaults: Mapping[str, Any]) -> Iterator[Targets | TargetServiceError]:  # fmt: skip
         seeds = _stream_seeds()
         unanswered = _Unanswered(
             (self._request(item, defaults, i, seeds) for i, item in enumerate(requests)),
@@ -1160,7 +1166,7 @@ class TargetClient(_Base):
             self._max_message_bytes,
         )
         started = time.monotonic()
-        deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
+        deadline = None if timeout is None else started + timeout
         generation, resend, attempt, reconnect, closes = 0, [], 0, None, self._closes
         self._count(calls=1)
         while True:
@@ -1326,7 +1332,7 @@ class AsyncTargetClient(_Base):
     async def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         return await self._call("Assign", request, timeout)
 
-    async def stream(
+    def stream(
         self,
         requests: Iterable[Mapping[str, Any] | pb.AssignRequest] | AsyncIterable[Mapping[str, Any] | pb.AssignRequest],
         *,
@@ -1337,7 +1343,11 @@ class AsyncTargetClient(_Base):
     ) -> AsyncIterator[Targets | TargetServiceError]:
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
         check_densify(densify, defaults)
+        seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
+        return self._stream(requests, seconds, return_exceptions, densify, defaults)
 
+    async def _stream(self, requests, timeout: float | None, return_exceptions: bool, densify: bool,
+                      defaults: Mapping[str, Any]) -> AsyncIterator[Targets | TargetServiceError]:  # fmt: skip
         seeds = _stream_seeds()
 
         async def messages():
@@ -1352,7 +1362,7 @@ class AsyncTargetClient(_Base):
 
         unanswered = _Unanswered(messages(), self._count, self._max_message_bytes)
         started = time.monotonic()
-        deadline = None if timeout is None else started + _checked_timeout("timeout", timeout, "no deadline")
+        deadline = None if timeout is None else started + timeout
         generation, resend, attempt, reconnect, closes = 0, [], 0, None, self._closes
         self._count(calls=1)
         try:

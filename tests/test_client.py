@@ -261,6 +261,16 @@ def test_settings_that_cannot_work_are_refused_when_the_client_is_made(setting, 
             client_class("127.0.0.1:1", **setting)
 
 
+@pytest.mark.parametrize(("arguments", "message"), [({"timeout": -1.0}, "timeout: must be > 0 seconds"),
+                                                     ({"densify": False, "format": "dense"}, "densify=False returns "
+                                                      "SparseTargets: it needs format='sparse'")])  # fmt: skip
+def test_a_streams_bad_arguments_are_refused_when_it_is_called(arguments, message):
+    """Not where it is first iterated (a data loader's first batch, far from the call)."""
+    for client_class in (TargetClient, AsyncTargetClient):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            client_class("127.0.0.1:1").stream([], **arguments)
+
+
 def test_backoff_stays_bounded_however_many_tries():
     """Without a deadline a call retries for as long as the outage lasts: past 1,024 tries
     the doubling overflowed a float and the call failed with OverflowError."""
