@@ -101,6 +101,12 @@ def _transport_failure(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE or _broken_write(error)
 
 
+def _unreachable(error: grpc.RpcError) -> bool:
+    """No connection could be made to the address (gRPC's words for it), unlike a server
+    that answered UNAVAILABLE (draining) or a connection that broke."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or "").lower()
+
+
 def _rich_status(error: grpc.RpcError):
     """The call's ``google.rpc.Status`` from its trailers, or None: none sent, or one whose
     code or message differs from the call's (a proxy that rewrote the status; grpcio's
@@ -330,14 +336,15 @@ def _channel_options(max_message_bytes: int, backoff: float, max_backoff: float,
     # gRPC's own reconnect backoff (1 s, x1.6, up to 120 s) bounded by the client's: while
     # it runs, every try fails at once without dialling, and a server that came up late in
     # the deadline was not found (up 17 s after the client: 10.7 s more, or the deadline).
-    reconnect_ms = max(1, round(backoff * 1000))
+    longest = 2**31 - 1  # gRPC's channel arguments are C ints
+    reconnect_ms = min(longest, max(1, round(backoff * 1000)))
     options = {
         "grpc.max_send_message_length": max_message_bytes,
         "grpc.max_receive_message_length": max_message_bytes,
         "grpc.service_config": json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}),
         "grpc.keepalive_time_ms": _KEEPALIVE_MS,
         "grpc.initial_reconnect_backoff_ms": reconnect_ms,
-        "grpc.max_reconnect_backoff_ms": max(reconnect_ms, round(max_backoff * 1000)),
+        "grpc.max_reconnect_backoff_ms": min(longest, max(reconnect_ms, round(max_backoff * 1000))),
     }
     options.update(extra)
     return list(options.items())
@@ -527,10 +534,14 @@ class _Base:
             self._closes += 1
         return channels
 
-    def _failed(self, index: int) -> None:
-        """The endpoint's address is skipped for a moment on every connection to it: with
-        ``connections=N`` a dead address was tried once on each of them."""
+    def _failed(self, index: int, error: grpc.RpcError) -> None:
+        """The endpoint is skipped for a moment; an address nothing could connect to, on
+        every connection to it (with ``connections=N`` a dead address was tried once on
+        each). Otherwise only this connection: the others may reach other front ends."""
         now = time.monotonic()
+        if not _unreachable(error):
+            self._failed_at[index] = now
+            return
         for same_address in range(index % len(self.targets), len(self._endpoints), len(self.targets)):
             self._failed_at[same_address] = now
 
@@ -614,7 +625,7 @@ class _Base:
         """After try ``attempt`` on endpoint ``index`` failed: the seconds to wait before the
         next try, or ``TargetServiceError`` raised when the call gives up."""
         if self._endpoint_failed(error):  # not for a refused request: other callers' go on here
-            self._failed(index)
+            self._failed(index, error)
         delay = self._retry_wait(error, attempt, deadline)
         if delay is None:
             self._count(errors=1)
@@ -625,7 +636,7 @@ class _Base:
     def _health(self, index: int, reply: health_pb2.HealthCheckResponse | None, error: grpc.RpcError | None) -> str:
         """'' when endpoint ``index`` is SERVING, else what it said (for the error message)."""
         if error is not None:
-            self._failed(index)
+            self._failed(index, error)
             return f"{self._endpoints[index]}: {error.code().name}"
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return ""

@@ -145,6 +145,15 @@ def _batch_request(images: Any, targets: Sequence[Mapping[str, Any]], canvas: Se
     return request
 
 
+def _given_canvas(canvas: Any) -> tuple[int, int] | None:
+    """``canvas=`` checked as the client checks it (a float side was truncated to another
+    canvas), also given as an integer array or tensor of two sides (``image.shape``'s
+    kin), as the loader always took it."""
+    if isinstance(canvas, torch.Tensor) or type(canvas).__module__ == "numpy":
+        canvas = canvas.tolist()
+    return None if canvas is None else checked_canvas(canvas)
+
+
 def _canvas(images: Any, canvas: Sequence[int] | None, batch: int) -> tuple[int, int]:
     """The canvas of a batch whose targets are for ``batch`` images."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] != batch:
@@ -288,7 +297,7 @@ def with_targets(
         raise ValueError(f"in_flight: must be an int >= 1, got {in_flight!r}")
     _check_client(client)
     check_densify(densify, options)
-    canvas = None if canvas is None else checked_canvas(canvas)
+    canvas = _given_canvas(canvas)
     target_config = _config(preset, config, client)
     if client is None:
         solve = _InProcess(target_config, backend, densify, options, device)
@@ -403,7 +412,7 @@ class TargetCollate:
         self.collate_fn = collate_fn
         self.config = _config(preset, config, client)
         self.named = _named(preset, self.config)
-        self.canvas = None if canvas is None else checked_canvas(canvas)
+        self.canvas = _given_canvas(canvas)
         self.client = client
         self.densify = densify
         self.options = options

@@ -291,7 +291,7 @@ def _check_cells(layout: str, index: int, cells: torch.Tensor) -> None:
         width, height = float(cells[k, 2] - cells[k, 0]), float(cells[k, 3] - cells[k, 1])
         raise ValueError(
             f"anchors.levels[{index}]: the {layout} layout makes the level's anchor shape {k} "
-            f"{width:g} x {height:g} px (a size too small or an aspect ratio too extreme): no box could ever match it"
+            f"{width:g} x {height:g} (a size too small or an aspect ratio too extreme): no box could ever match it"
         )
 
 

@@ -292,7 +292,7 @@ def _warn_of_a_token_in_the_clear(command: str, options) -> None:
 def _loopback_only(host: str) -> bool:
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
-    except (socket.gaierror, UnicodeError):
+    except (socket.gaierror, UnicodeError, ValueError):
         return False
     return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
@@ -389,7 +389,7 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         # and it exits 0): the others would serve on, short of it, with nothing said.
         if (code or not stopping) and not status:
             status = code if code > 0 else 1  # 2: a usage error (bad flag, port taken), as one process
-            if running:
+            if running and not stopping:  # (once stopping, another SIGTERM would cut their grace short)
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                 _announce_as("tritarget serve:", f"a worker stopped ({how}); stopping the others", sys.stderr)
                 forward(signal.SIGTERM, None)

@@ -271,6 +271,12 @@ class TargetServer:
         await self.grpc.wait_for_termination()
 
 
+# A stop signal this soon after the first is the same stop reaching the process twice: a
+# signal to the process group (systemd, `timeout`, `kill -TERM -PGID`) reaches a
+# `serve --workers` worker both directly and forwarded by its parent.
+_SAME_STOP_S = 1.0
+
+
 async def _finished_unless(hurry: asyncio.Event, work: asyncio.Future) -> bool:
     """Whether ``work`` finished before ``hurry`` was set (if not, it is cancelled)."""
     hurried = asyncio.ensure_future(hurry.wait())
@@ -302,8 +308,8 @@ async def serve(
     announce=print,
     stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Serve until one of ``stop_signals``, then shut down gracefully; a second one cuts
-    the grace period short.
+    """Serve until one of ``stop_signals``, then shut down gracefully; a second one (a
+    second or more after the first) cuts the grace period short.
 
     ``on_ready(server)`` (a coroutine function or a plain function) runs once health
     is SERVING; ``tritarget up`` sends its demo request from there. If the warm-up
@@ -312,21 +318,24 @@ async def serve(
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
     server, port = create_server(options)
+    announce = _while_read(announce)
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+    first_signal = []
 
     def stop_signalled() -> None:
-        if stop.is_set() and not hurry.is_set():
+        if not stop.is_set():
+            first_signal.append(loop.time())
+            stop.set()
+        elif not hurry.is_set() and loop.time() - first_signal[0] >= _SAME_STOP_S:
             announce("second stop signal: cancelling the calls still in flight", flush=True)
             hurry.set()
-        stop.set()
 
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop_signalled)
     if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await server.start()
-    announce = _while_read(announce)
     scheme = "TLS" if options.tls_cert else "plaintext"
     address = host_port(options.host, port)
     announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)

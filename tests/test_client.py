@@ -105,6 +105,17 @@ def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers, 
         assert client.stats.retries == 1
 
 
+def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():
+    """With ``connections=N`` to one address of ``serve --workers`` front ends, each
+    connection reaches its own front end: one draining, overloaded or silent is skipped
+    on its connection, not on all (which skipped none, all having failed)."""
+    with TargetClient("127.0.0.1:1", connections=4) as client:
+        client._endpoint(client._closes)  # its channels open
+        client._failed(0, client_module._Failure(grpc.StatusCode.UNAVAILABLE, "server draining"))
+        picks = [client._endpoint(client._closes)[0] for _ in range(12)]
+    assert sorted(set(picks)) == [1, 2, 3], picks
+
+
 @pytest.mark.parametrize("wait", [False, True], ids=["call", "wait_until_ready"])
 def test_a_client_started_before_the_server_succeeds_within_its_deadline(wait):
     """A trainer started together with ``tritarget serve``: the server is up 2 s later;
@@ -269,6 +280,14 @@ def test_a_streams_bad_arguments_are_refused_when_it_is_called(arguments, messag
     for client_class in (TargetClient, AsyncTargetClient):
         with pytest.raises(ValueError, match=re.escape(message)):
             client_class("127.0.0.1:1").stream([], **arguments)
+
+
+def test_backoffs_of_weeks_still_make_a_client_that_calls():
+    """gRPC's reconnect backoff follows the client's, and its channel arguments are C ints:
+    a max_backoff of 10**7 s made every call fail with OverflowError."""
+    with TargetClient("127.0.0.1:1", backoff=10**7, max_backoff=10**7, timeout=0.5) as client:
+        with pytest.raises(TargetServiceError, match="UNAVAILABLE"):
+            _assign(client)
 
 
 def test_backoff_stays_bounded_however_many_tries():

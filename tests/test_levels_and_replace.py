@@ -149,7 +149,7 @@ def test_generated_anchor_shapes_of_zero_width_or_height_are_refused(backend, si
     thresholds), or every box did with infinite deltas (match.high 0)."""
     level = {"stride": 8, "sizes": sizes, "aspect_ratios": ratios}
     config = presets.get("retinanet_torchvision").replace(**{"anchors.levels": [level], "match.sample_size": 0})
-    message = rf"anchors.levels\[0\]: the torchvision layout makes the level's anchor shape 0 {shape} px \(a size"
+    message = rf"anchors.levels\[0\]: the torchvision layout makes the level's anchor shape 0 {shape} \(a size"
     for solve in (assign, assign_sparse):
         with pytest.raises(ValueError, match=message):
             solve(torch.tensor([[2.0, 2.0, 10.0, 10.0]]), [1], (16, 16), config, backend=backend)

@@ -583,12 +583,21 @@ def test_numpy_views_with_negative_strides_in_target_dicts_are_taken():
 def test_the_canvas_is_checked_as_the_client_checks_it_with_or_without_one():
     """A float side was truncated to another canvas in process (the client refused it), and
     a single number failed with "'int' object is not subscriptable"."""
+    import numpy as np
+
     for canvas, error, message in (((64.9, 64.9), TypeError, r"canvas: expected two ints \(height, width\)"),
-                                   (64, TypeError, r"canvas: expected \(height, width\), got 64")):  # fmt: skip
+                                   (64, TypeError, r"canvas: expected \(height, width\), got 64"),
+                                   (torch.tensor([64.5, 64.0]), TypeError, r"canvas: expected two ints")):  # fmt: skip
         with pytest.raises(error, match=message):
             with_targets([], preset=PRESET, canvas=canvas)
         with pytest.raises(error, match=message):
             TargetCollate(lambda samples: samples[0], preset=PRESET, canvas=canvas)
+    images, targets = _batches(1)[0]
+    height, width = images.shape[-2:]
+    expected = next(with_targets([(images, targets)], preset=PRESET, canvas=(height, width)))[2]
+    for canvas in (np.array([height, width]), torch.tensor([height, width]), (np.int64(height), width)):  # taken
+        got = next(with_targets([(images, targets)], preset=PRESET, canvas=canvas))[2]
+        assert torch.equal(got.labels, expected.labels)
 
 
 def test_torchvision_boxes_of_another_format_than_box_format_are_refused(server):

@@ -862,11 +862,13 @@ def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group: Linux")
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_cli_serve_a_second_ctrl_c_cuts_the_grace_period_short(workers):
-    """Ctrl-C (SIGINT to the terminal's process group) drains; a second one cancels the
-    calls still in flight instead of waiting out --grace, as operators expect. With
-    --workers the group holds the workers too: each Ctrl-C counts once."""
+def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, stop_signal):
+    """Ctrl-C (SIGINT to the terminal's process group; SIGTERM to it from systemd or
+    `timeout`) drains; a second one cancels the calls still in flight instead of waiting
+    out --grace, as operators expect. With --workers the group holds the workers too:
+    each signal counts once, though a worker gets it directly and from its parent."""
     import urllib.request
 
     with socket.socket() as s:
@@ -892,12 +894,12 @@ def test_cli_serve_a_second_ctrl_c_cuts_the_grace_period_short(workers):
         anchors.config.preset = "retinanet_torchvision"  # 12.6 MB its caller never reads: a call in flight
         held = unread_call(port, "GetAnchors", anchors.SerializeToString())
         _until(lambda: unsent() > 12e6)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, stop_signal)
         read_until(process, r"shutting down: finishing calls in flight", count=workers)
         time.sleep(1.5)
         assert process.poll() is None  # waiting for the held call, up to --grace
         started = time.monotonic()
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, stop_signal)
         out, _ = process.communicate(timeout=60)
         assert time.monotonic() - started < 30, out
     finally:
