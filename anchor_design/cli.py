@@ -528,8 +528,17 @@ def _show(args: argparse.Namespace) -> int:
 _COMMANDS = {"check": _check, "fit": _fit, "show": _show}
 
 
+def _print_any_file_name() -> None:
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) is printed
+    escaped: a strict stdout (a UTF-8 locale) refused it, after ``fit`` had written its
+    file, and the command failed as if its input were bad."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``anchors`` command; input problems print one line and return 2."""
+    _print_any_file_name()
     try:
         return _COMMANDS[args.anchors_command](args)
     except OSError as exc:  # a file that cannot be read or written, named by the system

@@ -370,7 +370,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, int) or crowd not in (0, 1):  # JSON false and true pass: bools are ints
             raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
-        x, y, w, h = bbox
+        x, y, w, h = map(float, bbox)  # JSON integers sum exactly, past what a float holds
         rects, rows, anns = flat[1] if crowd else flat[0]
         rects.append((x, y, x + w, y + h))
         rows.append(row)

@@ -118,6 +118,16 @@ def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, messa
     assert str(info.value).startswith(f"{path}: {message}")
 
 
+def test_a_bbox_of_huge_json_integers_is_read_as_floats(tmp_path):
+    """Each value fits a float, their exact integer sum does not: OverflowError, a traceback.
+    Read as floats, the box lies outside its image, as a float bbox of the same size does."""
+    data = {"images": [{"id": 1, "height": 100, "width": 100}],
+            "annotations": [{"id": 5, "image_id": 1, "bbox": [10**308, 0, 10**308, 50]},
+                            {"id": 6, "image_id": 1, "bbox": [0, 0, 10, 10]}]}  # fmt: skip
+    dataset = load_coco(_write(tmp_path / "huge.json", data))
+    assert dataset.num_boxes == 1
+
+
 def test_a_resize_to_sides_past_any_canvas_is_named(tmp_path):
     """--min-size / --max-size of 2**63 - 1 overflowed torch's int64 with an error naming nothing."""
     path = _write(tmp_path / "one.json", {"images": [{"id": 7, "height": 100, "width": 100}], "annotations": []})
@@ -602,6 +612,26 @@ def test_tritarget_command_has_anchors(skewed_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "BPR, IoU >= high alone" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names of any bytes: Linux")
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(skewed_path, tmp_path):
+    """Under a UTF-8 locale stdout refused the name's undecodable bytes: `fit` failed (exit 2)
+    after writing its file, and `check` printed nothing."""
+    annotations = os.path.join(os.fsencode(tmp_path), b"caf\xe9.json")
+    with open(skewed_path, "rb") as source, open(annotations, "wb") as copy:
+        copy.write(source.read())
+    out = os.path.join(os.fsencode(tmp_path), b"fitted\xe9.json")
+    for argv in ([b"check", b"--annotations", annotations, b"--missing", b"0"],
+                 [b"fit", b"--annotations", annotations, b"--generations", b"2", b"--out", out]):  # fmt: skip
+        result = subprocess.run(
+            [os.fsencode(sys.executable), b"-m", b"tritarget.service.cli", b"anchors", *argv, b"--no-resize",
+             b"--preset", b"yolov5", b"--backend", b"cpu"],
+            capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert b"caf\\udce9.json" in result.stdout, result.stdout
+    assert os.path.exists(out)
 
 
 # ---------------------------------------------------------------- CLI: bad input, refused before the work
