@@ -492,10 +492,11 @@ def test_a_get_anchors_call_past_its_deadline_is_counted_timed_and_logged(caplog
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             seconds = {"method": "GetAnchors"}
             _until(lambda: srv.metrics.value("tritarget_request_seconds_count", seconds) == 1)
+            # Written on the server's thread just after the latency is observed.
+            _until(lambda: any(r.getMessage().startswith("GetAnchors ") and "DEADLINE_EXCEEDED" in r.getMessage()
+                               for r in caplog.records))  # fmt: skip
         errors = {"method": "GetAnchors", "code": "DEADLINE_EXCEEDED"}
         assert srv.metrics.value("tritarget_errors_total", errors) == 1
-        assert any(r.getMessage().startswith("GetAnchors ") and "DEADLINE_EXCEEDED" in r.getMessage()
-                   for r in caplog.records)  # fmt: skip
 
 
 async def _occupy(srv, gate):
