@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
@@ -147,9 +148,9 @@ def _batch_request(images: Any, targets: Sequence[Mapping[str, Any]], canvas: Se
 
 def _given_canvas(canvas: Any) -> tuple[int, int] | None:
     """``canvas=`` checked as the client checks it (a float side was truncated to another
-    canvas), also given as an integer array or tensor of two sides (``image.shape``'s
-    kin), as the loader always took it."""
-    if isinstance(canvas, torch.Tensor) or type(canvas).__module__ == "numpy":
+    canvas); an integer array or tensor of the two sides is taken too, as the loader
+    always took it."""
+    if isinstance(canvas, (torch.Tensor, np.ndarray)):
         canvas = canvas.tolist()
     return None if canvas is None else checked_canvas(canvas)
 

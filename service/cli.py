@@ -360,9 +360,8 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
         pid = os.fork()
         if pid == 0:
-            # Ctrl-C reaches every process of the terminal's group: taken by the workers
-            # too, each Ctrl-C would count twice there, and the first would already cut
-            # their grace period short. The parent forwards it.
+            # Ctrl-C reaches every process of the terminal's group: the parent forwards
+            # it, once, as SIGTERM (taken here too, it would reach a worker twice).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _end_with(parent)
             for handler in logging.getLogger().handlers:  # the workers share stderr
