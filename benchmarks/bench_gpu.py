@@ -247,9 +247,9 @@ def _points_in_order(boxes: list[str], batches: list[int]) -> list[tuple[str, in
     return sorted(points, key=rank.__getitem__)
 
 
-def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
-    """Every (boxes, B) point: {"rows": timings, "kernels": per-kernel device times,
-    "skipped": points or methods left out, with why}."""
+def run(args: argparse.Namespace, env: dict, out: Path, results: dict) -> None:
+    """Every (boxes, B) point, into ``results``: {"rows": timings, "kernels": per-kernel
+    device times, "skipped": points or methods left out, with why}."""
     device = torch.device("cpu" if args.smoke else "cuda")
     canvas = (64, 96) if args.smoke else COCO_CANVAS
     config = presets.get(PRESET)
@@ -264,7 +264,6 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
     bandwidth = copy_bandwidth(device)
     if bandwidth:
         print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
-    results = {"rows": [], "kernels": [], "skipped": []}
     rows = results["rows"]
     started = time.perf_counter()
     for boxes_arg, batch in _points_in_order(args.boxes, args.batches):
@@ -328,7 +327,6 @@ def run(args: argparse.Namespace, env: dict, out: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_tables(results, env, out)  # after every batch: a timeout still leaves results
-    return results
 
 
 PEERS = ("torchvision", "reference")
@@ -749,7 +747,12 @@ def main() -> None:
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke for a tiny interpreter run on the CPU)")
     env = environment(args.smoke)
     print(json.dumps(env))
-    results = run(args, env, out)
+    results = {"rows": [], "kernels": [], "skipped": []}
+    try:
+        run(args, env, out, results)
+    except KeyboardInterrupt:  # gpu_check.sh's step timeout (SIGINT): the points measured are still written
+        print("interrupted: tables and plots of the points measured so far")
+        results["skipped"].append({"why": "interrupted (SIGINT) in the middle of a point"})
     rows = results["rows"]
     write_tables(results, env, out)  # the ratios too
     print("\n".join(summary(rows)))

@@ -19,7 +19,8 @@
 #    from the source tree run alongside in a process of their own, one build at a time.
 # 2. benchmarks/bench_gpu.py: triton vs torchvision vs our reference on COCO-RetinaNet,
 #    per-kernel device times, time against boxes per image (--time-limit: the points
-#    left after it are skipped, and the tables and plots still written).
+#    left after it are skipped, and the tables and plots still written; so they are
+#    when the step's timeout interrupts a point).
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
 #    pair walk against the gather and its variants (which matching becomes the default),
 #    the launch parameters around the defaults (labels checked in every cell), and

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
 import recording  # noqa: E402
 import serving  # noqa: E402
@@ -58,3 +64,26 @@ def test_the_matching_verdict_compares_with_the_walk_where_it_ran():
               {"batch": 8, "boxes": None, "differ": ["gather"], "ms": {"walk": (1.0, 2.0), "gather": (0.9, 1.0)}},
               {"batch": 32, "boxes": None, "differ": [], "ms": {"gather": (0.1, 0.1)}}]  # fmt: skip
     assert gpu_sweep.matching_verdict(points).splitlines()[1] == "  gather: 2 / 2, 1 / 2; DIFFER"
+
+
+def test_an_interrupted_gpu_bench_still_writes_its_tables_and_plots(tmp_path):
+    """gpu_check.sh stops the bench with SIGINT at its step's timeout: a point still running
+    then lost the plots (drawn at the end), which the device run brings back."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "bench_gpu.py"), "--smoke", "--methods", "triton", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        for line in process.stdout:
+            if re.search(r"B=1 +triton: ", line):  # the first point measured, the next one under way
+                process.send_signal(signal.SIGINT)
+                break
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "interrupted: tables and plots" in out, out
+    assert (tmp_path / "bench_gpu.png").exists() and (tmp_path / "bench_gpu_vs_g.png").exists()
+    results = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert [row["batch"] for row in results["rows"]][:1] == [1]
+    assert results["skipped"][-1]["why"].startswith("interrupted")
