@@ -41,6 +41,14 @@ _IS_ZERO = (0).__eq__
 _LOW_FOUR_BITS = (15).__and__
 
 
+def _int_type(value: int) -> str:
+    """The type Triton's binder gives an int argument (its range, not its bit length:
+    -2**31 is an i32 and 2**31 an i64, -2**63 an i64 and 2**63 a u64)."""
+    if -(2**31) <= value < 2**31:
+        return "i32"
+    return "u64" if value >= 2**63 else "i64"
+
+
 def _picker(positions: list[int]):
     """A function of a sequence giving its items at ``positions``, as a tuple."""
     if not positions:
@@ -93,8 +101,8 @@ class _Plan:
             tuple(map(_IS_ONE, specialized)),
             tuple(map(_IS_ZERO, map(_LOW_FOUR_BITS, specialized))),  # divisible by 16
             # Triton types an int i32 when it fits, else i64 or u64 (specialised or not):
-            # when one of them does not fit in 31 bits, each one's width.
-            tuple(map(int.bit_length, ints)) if ints and max(map(int.bit_length, ints)) > 31 else None,
+            # when one of them may not fit (31 bits always do), each one's type.
+            tuple(map(_int_type, ints)) if ints and max(map(int.bit_length, ints)) > 31 else None,
         )
 
 

@@ -49,7 +49,7 @@ def changed(args):
         if isinstance(a, dict):
             yield args[:i] + [{"tensor": [a["tensor"][0], not a["tensor"][1]]}] + args[i + 1:]
         elif isinstance(a, int) and not isinstance(a, bool):
-            for value in (1, 16 * 7, 17, 2**40, 0, -1):
+            for value in (1, 16 * 7, 17, 2**40, 0, -1, -(2**31), 2**31, -(2**63), 2**63):
                 yield args[:i] + [value] + args[i + 1:]
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
@@ -80,7 +80,8 @@ def _kinds_against_binder(launches: list) -> dict[str, dict[str, int]]:
 def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
     """Over the backend's launches in every stage (dense and sparse, a low-quality lift
     and ssd_forced, the pair walk and the gather) and each of them with one argument changed -- a tensor's alignment
-    flipped, an int set to 1, a multiple of 16, an odd number, a 64-bit value, 0, -1 --
+    flipped, an int set to 1, a multiple of 16, an odd number, a 64-bit value, 0, -1,
+    the ends of the i32 and i64 ranges --
     Triton's binder picks one compile key per launch kind of ours: a direct launch never
     runs a variant compiled for other arguments. (Dropping any trait from
     ``_argument_kind`` fails this.)"""
@@ -103,10 +104,11 @@ def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
 
 def test_launch_kind_keeps_what_triton_specialises_on():
     """The traits by hand: alignment and dtype of tensors, an int's being 1, its
-    divisibility by 16 and its width, bools apart from ints, constexpr values, options;
+    divisibility by 16 and its type (by range: -2**31 is an i32, 2**31 an i64), bools
+    apart from ints, constexpr values, options;
     two ints of the same traits (or two tensors at other aligned addresses) share a kind,
     so a new batch size reuses the variant; and what Triton is told not to specialise (an
-    int's value, a pointer's alignment) is left out, but not an int's width."""
+    int's value, a pointer's alignment) is left out, but not an int's type."""
     aligned = torch.empty(64, dtype=torch.float32)
 
     def kind(*arguments, params=None, **options):
@@ -115,7 +117,9 @@ def test_launch_kind_keeps_what_triton_specialises_on():
     assert kind(aligned, 17) == kind(aligned[4:], 33)  # +16 bytes: still aligned; both odd
     assert kind(aligned, 17) != kind(aligned[2:], 17)  # +8 bytes
     assert kind(aligned, 17) != kind(aligned.view(torch.int32), 17)
-    for a, b in ((17, 1), (17, 32), (17, 2**40), (2**40, 2**64 - 1), (True, 1), (False, 0), (0.5, 1), (None, 0)):
+    pairs = ((17, 1), (17, 32), (17, 2**40), (2**40, 2**64 - 1), (-(2**31), 2**31), (-(2**63), 2**63),
+             (True, 1), (False, 0), (0.5, 1), (None, 0))  # fmt: skip
+    for a, b in pairs:
         assert kind(a) != kind(b), (a, b)
     assert kind(256, params=(Param(constexpr=True),)) != kind(512, params=(Param(constexpr=True),))
     assert kind(17, num_warps=4) != kind(17, num_warps=8)
