@@ -167,9 +167,19 @@ def _canvas(images: Any, canvas: Sequence[int] | None, batch: int) -> tuple[int,
 
 
 def _image_ids(targets: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+    """The dataset's id of each image, for error messages only: a tensor id as its value,
+    or its list of values (torchvision's detection references carry ``image_id`` as an
+    int; some datasets as ``Tensor[1]``, a few as several numbers)."""
     if all("image_id" in t for t in targets):
-        return [t["image_id"].item() if isinstance(t["image_id"], torch.Tensor) else t["image_id"] for t in targets]
+        return [_id_value(t["image_id"]) for t in targets]
     return None
+
+
+def _id_value(image_id: Any) -> Any:
+    if isinstance(image_id, (torch.Tensor, np.ndarray)):
+        values = torch.as_tensor(image_id).reshape(-1).tolist()
+        return values[0] if len(values) == 1 else values
+    return image_id
 
 
 def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets | SparseTargets:

@@ -5,8 +5,10 @@ equal torchvision's own ``compute_loss`` (needs torchvision; skips without it)."
 from __future__ import annotations
 
 import math
+import re
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_service_harness import ServerThread, serve_process
@@ -291,6 +293,12 @@ def test_target_collate_names_dataset_images_in_errors(server):
             TargetCollate(_collate, preset=PRESET, client=client)(bad)
     with pytest.raises(ValueError, match=r"image 0 \(id 777\), box 0: degenerate"):  # in-process too
         TargetCollate(_collate, preset=PRESET)(bad)
+    # Ids as datasets carry them: one number in a tensor or array, or several numbers.
+    for image_id, shown in ((torch.tensor([777]), "777"), (np.array(777), "777"), (torch.tensor([7, 77]), "[7, 77]"),
+                            (np.array([[7], [77]]), "[7, 77]"), ("a.jpg", "a.jpg")):  # fmt: skip
+        bad[0][1]["image_id"] = image_id
+        with pytest.raises(ValueError, match=rf"image 0 \(id {re.escape(shown)}\), box 0: degenerate"):
+            TargetCollate(_collate, preset=PRESET)(bad)
 
 
 def test_the_same_options_work_with_and_without_a_client(server):
