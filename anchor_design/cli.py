@@ -172,7 +172,7 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
             if not os.path.isfile(value):
                 raise _UsageError(f"config file not found: {value}")
             try:
-                with open(value, encoding="utf-8") as f:
+                with open(value, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
                     data = json.load(f)
             except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, a huge integer
                 raise _UsageError(f"{value}: not valid JSON ({exc})") from None

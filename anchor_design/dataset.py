@@ -324,7 +324,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotations file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
             data = json.load(f)
     except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, an integer of thousands of digits
         raise ValueError(f"{path}: not valid JSON ({exc})") from None

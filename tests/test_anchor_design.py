@@ -68,6 +68,11 @@ def test_coco_boxes_are_resized_clipped_and_crowds_become_ignore_regions(tmp_pat
     letter = load_coco(path, Resize(mode="letterbox", canvas=(640, 640)))
     assert letter.image_sizes.tolist() == [[480, 640], [640, 427]] and letter.canvases.tolist() == [[640, 640]] * 2
 
+    # A file some Windows tools wrote, with a UTF-8 byte-order mark: the same dataset.
+    with_mark = tmp_path / "bom.json"
+    with_mark.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    assert torch.equal(load_coco(str(with_mark), Resize(min_size=800, max_size=1333)).boxes, ds.boxes)
+
 
 @pytest.mark.parametrize(
     ("content", "message"),
@@ -828,7 +833,7 @@ def test_cli_names_configs_apart(tiny_path, tmp_path, monkeypatch, capsys):
     from tritarget.anchor_design import plots
 
     config = tmp_path / "yolov5.json"
-    config.write_text(json.dumps(presets.get("yolov5").to_dict()))
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps(presets.get("yolov5").to_dict()).encode())  # a byte-order mark
     base = ["--preset", "yolov5", "--config", str(config), "--preset", "yolov5"]
     assert main(["anchors", "check", "--annotations", tiny_path, *base, "--backend", "cpu", "--quiet"]) == 0
     header = capsys.readouterr().out.split("\n")[1].split()
