@@ -185,8 +185,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # let in, then gone
                 self._let_go(size)
-            else:
-                self._unsent_room_freed()  # it leaves the line: the next may fit now
+            else:  # it leaves the line (counted waiting no more): the next may fit now
+                with contextlib.suppress(ValueError):  # unless let out of it meanwhile
+                    self._unsent_room.remove((size, waiter))
+                self._unsent_room_freed()
             raise
 
     def _fits(self, size: int) -> bool:

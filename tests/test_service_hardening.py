@@ -397,6 +397,34 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
             client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
 
 
+def test_a_stream_that_ends_leaves_the_line_for_unsent_room_at_once():
+    """Two streams wait behind an unread response; the second ends: its items leave the
+    line, and the gauge and the "server busy" message count the first one's only (they
+    counted the gone ones until the line moved past them)."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12,570,642 bytes of anchors
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense").SerializeToString()
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=12_570_642 + 64)) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
+        held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+        _until(lambda: unsent() > 12e6)
+        first = unread_call(srv.port, "AssignStream", dense, dense)
+        _until(lambda: waiting() == 2)
+        second = unread_call(srv.port, "AssignStream", dense, dense, dense)
+        _until(lambda: waiting() == 5)
+        second.close()
+        _until(lambda: waiting() == 2, timeout=10)
+        with TargetClient(srv.address, retries=0) as client:
+            with pytest.raises(
+                TargetServiceError, match=r"server busy: .*\(limit \d+, 2 stream requests waiting for room\)"
+            ):
+                client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+        first.close()
+        held.close()
+        _until(lambda: unsent() == 0 and waiting() == 0)
+
+
 def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
     """A stream of [DENSE, SPARSE] while another caller held bytes: the SPARSE item was
     computed at once and held its bytes, the DENSE one ahead of it waited for them, and
