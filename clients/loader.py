@@ -236,8 +236,11 @@ class _InProcess:
             if field in request:
                 request[field] = to_xyxy(request[field], self.box_format)
         boxes, counts, canvas = request.pop("gt_boxes"), request.pop("gt_counts"), request.pop("canvas")
+        options = self.options
+        if options.get("ignore_boxes") is not None:  # the loader's own: where this batch's boxes are
+            options = {**options, "ignore_boxes": options["ignore_boxes"].to(boxes.device)}
         try:
-            return solve(boxes, counts, canvas, self.config, backend=self.backend, **self.options, **request)
+            return solve(boxes, counts, canvas, self.config, backend=self.backend, **options, **request)
         except ValueError as exc:
             if image_ids is None:
                 raise

@@ -412,6 +412,14 @@ def test_in_process_targets_are_solved_on_the_gpu_they_go_to(backend, where):
         expected = _expected(host_targets)
         assert torch.equal(assigned.labels.cpu(), expected.labels)
         assert torch.equal(assigned.matched_gt.cpu(), expected.matched_gt)
+    # The loader's own ignore regions, given on the host, go where the boxes are solved
+    # ("ignore_boxes: on cpu, but gt_boxes are on cuda:0" before).
+    options = {"preset": "retinanet_mmdet", "overrides": {"match.ignore_iof_thr": 0.5},
+               "ignore_boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 40.0, 40.0]]),
+               "ignore_counts": [1, 1]}  # fmt: skip
+    ((*_, on_host),) = with_targets(_batches(1), backend="cpu", **options)
+    ((*_, assigned),) = with_targets(batches[:1], backend=backend, device=device, **options)
+    assert (on_host.labels == -1).any() and torch.equal(assigned.labels.cpu(), on_host.labels)
 
 
 @pytest.mark.gpu
