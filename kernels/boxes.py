@@ -90,11 +90,13 @@ def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> 
     """Offsets of matched boxes w.r.t. their anchors.
 
     Args:
-        boxes (Tensor[N, 4]), anchors (Tensor[N, 4]): float32 xyxy, row i with row i.
+        boxes (Tensor[N, 4]), anchors (Tensor[N, 4]): float32 xyxy, row i with row i
+            (16-bit floats are computed in float32, as mmdet's ``bbox2delta`` does).
     Returns:
         Tensor[N, 4] float32 ``(dx, dy, dw, dh)``; see ``EncodeConfig``.
     """
     _check_rows("boxes", boxes, anchors, config)
+    boxes, anchors = _upcast(boxes), _upcast(anchors)
     wx, wy, ww, wh = config.weights
     aw = anchors[:, 2] - anchors[:, 0]
     ah = anchors[:, 3] - anchors[:, 1]
@@ -116,13 +118,15 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
     """The inverse of ``encode``: ``decode(encode(b, a), a) == b`` up to rounding.
 
     Args:
-        deltas (Tensor[N, 4]), anchors (Tensor[N, 4]) float32.
+        deltas (Tensor[N, 4]), anchors (Tensor[N, 4]) float32 (16-bit floats are computed
+            in float32).
     Returns:
         Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``.
     """
     _check_rows("deltas", deltas, anchors, config)
     if not deltas.is_floating_point():  # the stds would become integers (0.1 -> 0)
         raise TypeError(f"deltas: expected floats, got {deltas.dtype}")
+    deltas, anchors = _upcast(deltas), _upcast(anchors)
     means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
     stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
     d = deltas * stds + means

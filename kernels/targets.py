@@ -32,6 +32,8 @@ IGNORED = -1
 # torch op each, microseconds in a call that should take few.
 NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
 
+_INT32_MAX = 2**31 - 1  # matched box indices and classes are int32 in dense targets
+
 
 def _pinned(value):
     return value.pin_memory() if isinstance(value, torch.Tensor) else value
@@ -116,9 +118,12 @@ class SparseTargets:
             if problem is not None:
                 raise ValueError(problem)
             rows[which] = csr_rows(offsets, anchors, count)
-        matched = host(self.positive_matched_gt)
-        if matched.size and matched.min() < 0:
-            raise ValueError(f"positive_matched_gt: a positive matches box {matched.min()} (expected >= 0)")
+        # Densified as int32 (a wider value would wrap around to another box or class).
+        for name, what in (("positive_matched_gt", "matches box"), ("positive_classes", "has class")):
+            values = None if getattr(self, name) is None else host(getattr(self, name))
+            if values is not None and values.size and (values.min() < 0 or values.max() > _INT32_MAX):
+                bad = values.min() if values.min() < 0 else values.max()
+                raise ValueError(f"{name}: a positive {what} {bad} (expected 0 to {_INT32_MAX})")
         problem = overlap_problem(rows["positive"], rows["ignored"], count, "ignored")
         if problem is not None:
             raise ValueError(problem)
@@ -132,6 +137,8 @@ class SparseTargets:
             raise ValueError(f"num_anchors: expected an int >= 0, got {self.num_anchors!r}")
         if isinstance(self.background_class, bool) or not isinstance(self.background_class, int):
             raise TypeError(f"background_class: expected an int, got {self.background_class!r}")
+        if not 0 <= self.background_class <= _INT32_MAX:  # as TargetConfig's
+            raise ValueError(f"background_class: {self.background_class}, expected 0 to {_INT32_MAX}")
         for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_deltas",
                      "ignored_offsets", "ignored_anchors", "positive_classes"):  # fmt: skip
             value = getattr(self, name)
@@ -160,7 +167,8 @@ class SparseTargets:
             if value is not None and tuple(value.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {list(value.shape)}, expected {list(shape)} (one per anchor listed)")
         starts = self.level_starts
-        if starts is not None and (starts[0] != 0 or starts[-1] != count or list(starts) != sorted(starts)):
+        ends_ok = bool(starts) and starts[0] == 0 and starts[-1] == count
+        if starts is not None and not (ends_ok and list(starts) == sorted(starts)):
             raise ValueError(f"level_starts: {starts}, expected ascending from 0 to num_anchors ({count})")
 
 

@@ -73,13 +73,22 @@ def _lists(**changes):
       r"positive_matched_gt: a positive matches box -1"),
      ({"positive_deltas": torch.ones(2)}, r"positive_deltas: shape \[2\], expected \[2, 4\]"),
      ({"ignored_offsets": torch.tensor([0, 1])}, r"ignored_offsets: shape \[2\], expected \[batch_size \+ 1\] = \[3\]"),
+     # int64 lists past int32: densified, they wrapped around to box 1 and class 7.
+     ({"positive_matched_gt": torch.tensor([0, 2**32 + 1])},
+      r"positive_matched_gt: a positive matches box 4294967297 \(expected 0 to 2147483647\)"),
+     ({"positive_classes": torch.tensor([3, 2**32 + 7])},
+      r"positive_classes: a positive has class 4294967303 \(expected 0 to 2147483647\)"),
+     ({"positive_classes": torch.tensor([3, -2])}, r"positive_classes: a positive has class -2 \(expected 0 to"),
      ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending from 0 to num_anchors \(6\)"),
+     ({"level_starts": ()}, r"level_starts: \(\), expected ascending from 0 to num_anchors \(6\)"),
      ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32"),
      # Not tensors, or not floats: an AttributeError, or integer deltas densified.
      ({"positive_anchors": np.array([1, 4], dtype=np.int32)}, r"positive_anchors: expected a tensor, got ndarray"),
      ({"positive_classes": [3, 7]}, r"positive_classes: expected a tensor, got list"),
      ({"positive_deltas": torch.ones(2, 4, dtype=torch.int64)}, r"positive_deltas: expected floats, got torch.int64"),
-     ({"background_class": "0"}, r"background_class: expected an int, got '0'")],
+     ({"background_class": "0"}, r"background_class: expected an int, got '0'"),
+     ({"background_class": 2**31, "positive_classes": torch.tensor([3, 7])},
+      r"background_class: 2147483648, expected 0 to 2147483647")],
 )  # fmt: skip
 def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
     """Hand-made or edited lists (cached on disk, say): a positive counted in another image,

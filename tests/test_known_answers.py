@@ -308,6 +308,20 @@ def test_torchvision_box_iou_float_boxes(dtype):
     torch.testing.assert_close(box_iof(boxes[:1], boxes[:1]).to(torch.float32), torch.ones(1, 1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_encode_and_decode_compute_16_bit_floats_in_float32(dtype):
+    """As documented and as mmdet's ``bbox2delta`` does (it upcasts): float16 deltas were
+    returned, rounded to 3 digits (-0.0692 for -0.0690)."""
+    config = presets.get("fasterrcnn_rpn_torchvision").encode
+    boxes, anchors = tensor([[10.0, 20.0, 110.0, 170.0]]), tensor([[12.0, 15.0, 118.0, 180.0]])
+    deltas = encode(boxes, anchors, config)
+    assert encode(boxes.to(dtype), anchors.to(dtype), config).dtype == torch.float32
+    torch.testing.assert_close(encode(boxes.to(dtype), anchors.to(dtype), config), deltas, rtol=0, atol=1e-6)
+    decoded = decode(deltas.to(dtype), anchors.to(dtype), config)
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, decode(deltas.to(dtype).float(), anchors, config), rtol=0, atol=1e-4)
+
+
 def test_box_functions_name_a_wrong_shape():
     with pytest.raises(ValueError, match=r"boxes1: expected shape \[N, 4\] \(x1, y1, x2, y2\), got \[2, 5\]"):
         box_iou(torch.zeros(2, 5), torch.zeros(3, 4))
