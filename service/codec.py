@@ -397,6 +397,10 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         if sum(counts):
             raise _invalid("gt_boxes", f"missing, but gt_counts sum to {sum(counts)}")
         boxes = torch.zeros(0, 4)
+    # Rows against counts here, before anything is copied (the batcher's merge copies the
+    # boxes, and the sizes are widened below), as ``build_problem`` words it.
+    if boxes.shape[0] != sum(counts):
+        raise _invalid("gt_counts", f"counts sum to {sum(counts)}, but gt_boxes has {boxes.shape[0]} rows")
     classes = _tensor(request, "gt_classes", dtypes=(torch.int32, torch.int64), ndim=1)
     if request.return_classes and classes is None:
         raise _invalid("return_classes", "needs gt_classes (one class per box)")
@@ -420,8 +424,15 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         raise ResourceExhausted(
             f"ignore_boxes: {ignore.shape[0]} boxes is over the server's limit of {limits.max_boxes}"
         )
+    if ignore is not None and ignore.shape[0] != sum(ignore_counts):
+        raise _invalid(
+            "ignore_counts", f"counts sum to {sum(ignore_counts)}, but ignore_boxes has {ignore.shape[0]} rows"
+        )
     sizes = _tensor(request, "image_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
     pads = _tensor(request, "pad_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
+    for name, given in (("image_sizes", sizes), ("pad_sizes", pads)):
+        if given is not None and given.shape[0] != len(counts):
+            raise _invalid(name, f"expected shape [{len(counts)}, 2] (height, width), got {list(given.shape)}")
     return AssignJob(
         config=config,
         canvas=canvas,

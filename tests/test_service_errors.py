@@ -276,6 +276,29 @@ def test_millions_of_counts_or_dimensions_are_refused_by_their_length(field, err
     assert time.process_time() - started < 0.05
 
 
+@pytest.mark.parametrize(
+    "field, rows, text",
+    [("gt_boxes", 3, "gt_counts: counts sum to 2, but gt_boxes has 3 rows"),
+     ("ignore_boxes", 4, "ignore_counts: counts sum to 1, but ignore_boxes has 4 rows"),
+     ("image_sizes", 4_000_000, "image_sizes: expected shape [2, 2] (height, width), got [4000000, 2]"),
+     ("pad_sizes", 3, "pad_sizes: expected shape [2, 2] (height, width), got [3, 2]")],
+)  # fmt: skip
+def test_rows_that_do_not_match_the_counts_are_refused_when_decoded(field, rows, text):
+    """On the event loop, before anything is copied: 4 million int32 sizes (32 MB) were
+    widened to int64 there and merged into a batch before the compute worker refused them."""
+    request = build_request(GOOD, [1, 1], CANVAS, preset="retinanet_torchvision",
+                            ignore_boxes=GOOD[:1], ignore_counts=[1, 0])  # fmt: skip
+    value = {"gt_boxes": GOOD[:1].repeat(rows, 1), "ignore_boxes": GOOD[:1].repeat(rows, 1),
+             "image_sizes": torch.full((rows, 2), 64, dtype=torch.int32),
+             "pad_sizes": torch.full((rows, 2), 64, dtype=torch.int64)}[field]  # fmt: skip
+    getattr(request, field).CopyFrom(encode_tensor(value))
+    started = time.process_time()
+    with pytest.raises(InvalidInput) as info:
+        codec.decode_assign(request, codec.Limits())
+    assert str(info.value) == text and info.value.violations[0][0] == text.split(":")[0]
+    assert time.process_time() - started < 0.05
+
+
 def test_unknown_preset_is_not_found(client):
     _fails(client, grpc.StatusCode.NOT_FOUND, "unknown preset 'retinanet_nope'", "retinanet_torchvision",
            preset="retinanet_nope")  # fmt: skip
