@@ -335,10 +335,21 @@ def check_response_size(response: pb.AssignResponse, limits: Limits) -> int:
     size = response.ByteSize()
     if size > limits.max_message_bytes:
         raise ResourceExhausted(
-            f"format: the response would be {size} bytes, over the {limits.max_message_bytes}-byte message limit; "
-            "send fewer images per request"
+            _too_big("the response", size, response.request_id, limits, "send fewer images per request")
         )
     return size
+
+
+def _too_big(what: str, size: int, request_id: str, limits: Limits, advice: str) -> str:
+    """The refusal of a response over the message limit, naming the echoed request id
+    where that is what does not fit (fewer images would not help)."""
+    id_bytes = len(request_id.encode())
+    if id_bytes > size // 2:
+        field, advice = "request_id", "send a shorter request_id"
+        what += f" (echoing the {id_bytes}-byte request_id)"
+    else:
+        field = "format"
+    return f"{field}: {what} would be {size} bytes, over the {limits.max_message_bytes}-byte message limit; {advice}"
 
 
 # Up to this many classes are scanned as Python ints: a numpy reduction's fixed cost
@@ -388,10 +399,8 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     if request.format == pb.FORMAT_DENSE:
         size = dense_response_bytes(len(counts), anchors, request, config.background_class)
         if size > limits.max_message_bytes:
-            raise ResourceExhausted(
-                f"format: the DENSE response would be {size} bytes, over the {limits.max_message_bytes}-byte "
-                "message limit; use FORMAT_SPARSE or fewer images per request"
-            )
+            advice = "use FORMAT_SPARSE or fewer images per request"
+            raise ResourceExhausted(_too_big("the DENSE response", size, request.request_id, limits, advice))
     boxes = _tensor(request, "gt_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     if boxes is None:
         if sum(counts):

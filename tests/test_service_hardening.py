@@ -25,6 +25,7 @@ from tritarget.kernels import presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service import codec, servicer
+from tritarget.service.errors import ResourceExhausted
 
 CANVAS = (96, 128)
 GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -129,8 +130,14 @@ def test_dense_response_one_byte_over_the_limit_is_refused_before_computing(serv
             client.assign_raw(over)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"would be {MIB + 1} bytes, over the {MIB}-byte message limit" in info.value.details
+        # The id is what does not fit: named, not the format and the images (one already).
+        assert info.value.details.startswith(f"request_id: the DENSE response (echoing the {padding + 1}-byte")
         assert server.metrics.value("tritarget_compute_seconds_count") == batches  # refused before computing
         assert client.assign_raw(at_limit).ByteSize() == MIB
+    with pytest.raises(
+        ResourceExhausted, match=r"^format: the DENSE response would be \d+ bytes, .* use FORMAT_SPARSE"
+    ):
+        codec.decode_assign(_good_request(format="dense", request_id="r" * 100), codec.Limits(max_message_bytes=base))
 
 
 def test_over_size_response_in_a_stream_is_an_in_band_error_and_the_stream_goes_on(server):  # D6
@@ -143,6 +150,7 @@ def test_over_size_response_in_a_stream_is_an_in_band_error_and_the_stream_goes_
     assert (results[0].labels == 1).any() and (results[2].labels == 1).any()
     assert isinstance(results[1], TargetServiceError)
     assert results[1].code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in results[1].details
+    assert results[1].details.startswith(f"request_id: the response (echoing the {MIB - 200}-byte request_id)")
 
 
 def _crowded(images: int, per_image: int, side: int) -> torch.Tensor:
