@@ -784,6 +784,8 @@ class Report:
         lines = [f"tritarget loadtest — {s['mode']}", f"workload: {s['workload']}", ""]
         if self.interrupted:
             lines[-1:-1] = [f"INTERRUPTED: {s['measured_s']:.1f} of {self.options.duration_s:g} s measured"]
+        elif s["measured_s"] < self.options.duration_s:  # a client process failed: the others stopped
+            lines[-1:-1] = [f"{s['measured_s']:.1f} of {self.options.duration_s:g} s measured"]
         if self.worker_failures:
             lines[-1:-1] = [f"client process failed: {failure}" for failure in self.worker_failures]
         lines.append(f"{'requests':>10} {'errors':>8} {'req/s':>9} {'images/s':>9}")
@@ -816,6 +818,9 @@ class Report:
         if self.errors:
             lines += ["", "errors by code: " + ", ".join(f"{c} {n:,}" for c, n in sorted(self.errors.items()))]
             lines += [f"  {code}: {details}" for code, details in sorted(s["error_details"].items())]
+        elif not self.requests and not self.interrupted and not self.worker_failures and self.options.rate \
+                and not self.sends:  # fmt: skip
+            lines += ["", "no request was measured: none was due in the measured window (raise --rate or --duration)"]
         elif not self.requests and not self.interrupted and not self.worker_failures:
             lines += ["", "no request was measured: none that started in the measured window ended in the run "
                           "(a request may take longer than --warmup + --duration)"]  # fmt: skip
@@ -868,12 +873,16 @@ class Report:
         bottom.legend()
         figure.tight_layout()
         # The format named, not left to the temporary file's name (/dev/stdout has no extension).
-        kind = os.path.splitext(path)[1][1:] or "png"
-        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format=kind))
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format=plot_format(path)))
         plt.close(figure)
 
 
 _SERIES_FIELDS = ("second", "ok", "errors", "answered", "requests_per_s", "images_per_s", "p50_ms", "p99_ms")
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The picture format ``--plot`` writes: the file's extension (PNG without one)."""
+    return os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
 
 
 def _merge(options: LoadTestOptions, results: list[dict]) -> Report:

@@ -3,7 +3,8 @@
     tritarget loadtest --target 127.0.0.1:50051 --duration 10 --concurrency 16 --verify 20 --json out.json
 
 Prints the report table; exit status 0 only when every measured request was answered
-without error and every verified response equals the in-process targets; 1 otherwise,
+without error and each of the ``--verify K`` responses asked for was verified and equals
+the in-process targets (a run that answered fewer than K fails); 1 otherwise,
 2 for a bad flag (before anything runs), 130 after Ctrl-C (the table and the files then
 hold what was measured until then).
 """
@@ -80,7 +81,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
     parser.add_argument("--verify", type=integer(0), default=0, metavar="K",
                         help="check K answered requests (drawn from the whole run) against their requests and "
-                             "in-process targets; any difference fails the run")  # fmt: skip
+                             "in-process targets; any difference, or fewer than K answered, fails the run")  # fmt: skip
     parser.add_argument("--json", help="write the summary and the per-second series as JSON")
     parser.add_argument("--csv", help="write the per-second series as CSV")
     parser.add_argument("--plot", help="write a PNG of throughput and latency over time (needs matplotlib)")
@@ -104,8 +105,16 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         same = os.path.realpath(path) == os.path.realpath(other_path)
         if same and not (written_in_place(path) and written_in_place(other_path) and not os.path.isfile(path)):
             return f"{flag} and {other} name the same file, {path}"
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        return "--plot: needs matplotlib (pip install matplotlib)"
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            return "--plot: needs matplotlib (pip install matplotlib)"
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        from .loadtest import plot_format
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if plot_format(args.plot) not in kinds:
+            return f"--plot {args.plot}: matplotlib draws no .{plot_format(args.plot)} files ({', '.join(kinds)})"
     return None
 
 

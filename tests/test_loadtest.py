@@ -28,7 +28,16 @@ import torch
 from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
 from tritarget.clients import loadtest
-from tritarget.clients.loadtest import LoadTestOptions, Report, Workload, _Driver, _histogram, run, verify_response
+from tritarget.clients.loadtest import (
+    LoadTestOptions,
+    Report,
+    Workload,
+    _Driver,
+    _histogram,
+    plot_format,
+    run,
+    verify_response,
+)
 from tritarget.kernels import assign
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service import codec
@@ -507,6 +516,7 @@ def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
     (report,) = reports
     assert len(report.worker_failures) == 1 and "exited with code -9" in report.worker_failures[0]
     assert report.requests > 0 and report.measured_s < 10  # the other process's, stopped early
+    assert f"\n{report.measured_s:.1f} of 20 s measured\n" in report.table()  # req/s is over those
 
 
 _PARENT = """
@@ -711,6 +721,17 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path
                  "--plot", str(tmp_path / "out.png")])  # fmt: skip
     assert code == 2
     assert capsys.readouterr().err == "tritarget loadtest: --plot: needs matplotlib (pip install matplotlib)\n"
+
+
+def test_a_plot_format_matplotlib_does_not_draw_is_refused_before_the_run(tmp_path, capsys):
+    """After the whole run, the table and the JSON written, it failed with a traceback."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "out.txt"
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--no-progress",
+                 "--plot", str(plot)])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"tritarget loadtest: --plot {plot}: matplotlib draws no .txt files (")
+    assert plot_format(tmp_path / "a.SVG") == "svg" and plot_format("/dev/stdout") == "png"
 
 
 @pytest.mark.parametrize(
@@ -922,6 +943,12 @@ def test_a_run_in_which_nothing_was_measured_says_why():
                                      concurrency=1))  # fmt: skip
     assert (report.requests, report.errors, report.ok) == (0, {}, False)
     assert "no request was measured: none that started in the measured window ended" in report.table()
+    # An open loop whose only request was due in the warm-up (answered at once): none was due.
+    with fake_assigner(lambda raw, context: _response(WORKLOAD, 0).SerializeToString(), None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=0.5, warmup_s=0.2, rate=0.5,
+                                     concurrency=1))  # fmt: skip
+    assert (report.requests, report.errors, report.ok) == (0, {}, False)
+    assert "no request was measured: none was due in the measured window (raise --rate or --duration)" in report.table()
 
 
 def test_the_workload_reads_as_written():
