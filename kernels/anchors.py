@@ -272,12 +272,20 @@ def check_canvas(canvas: object) -> tuple[int, int]:
     return canvas if type(canvas) is tuple else (height, width)
 
 
+# Anchor indices travel as int32 (the sparse lists, the kernels' outputs).
+_MAX_ANCHORS = 2**31 - 1
+
+
 @functools.lru_cache(maxsize=64)
 def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     for i, level in enumerate(levels):
         _check_cells(config.layout, i, level.cells)
-    return AnchorGrid(levels, shape_major=config.layout == "yolo")
+    grid = AnchorGrid(levels, shape_major=config.layout == "yolo")
+    if grid.num_anchors > _MAX_ANCHORS:  # else an allocator's error for exabytes, or indices wrapped
+        raise ValueError(f"canvas: {canvas[0]} x {canvas[1]} makes {grid.num_anchors:,} anchors per image, more "
+                         f"than {_MAX_ANCHORS:,} (anchor indices are int32)")  # fmt: skip
+    return grid
 
 
 def _check_cells(layout: str, index: int, cells: torch.Tensor) -> None:
