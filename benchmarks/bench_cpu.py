@@ -28,7 +28,7 @@ its kernel (the two C calls, timed inside each call) and the rest (``build_probl
 checks, argument set-up, output allocation). Medians per image, and the median over
 images. Writes ``benchmarks/results/cpu_bench_one_image.{csv,json,md}``.
 
-    python benchmarks/bench_cpu.py               # full table (over 10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py               # full table (~5-7 minutes on 2 cores)
     python benchmarks/bench_cpu.py --threads 1   # the same, single-threaded
     python benchmarks/bench_cpu.py --quick       # G = 7 and 200, B = 1 only
     python benchmarks/bench_cpu.py --one-image   # only the one-image, one-thread rows
