@@ -14,6 +14,8 @@ import io
 import json
 import os
 import platform
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tritarget.service.output import write_atomically
@@ -37,7 +39,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
+def recorded() -> dict[str, str | None]:
+    """When a result was written (UTC) and from which commit of this repository
+    (``-dirty`` with uncommitted changes; None outside a git checkout, as on a device
+    machine's copy), so that a README figure can be traced to its run."""
+    try:
+        described = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
+                                   capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        commit = described.stdout.strip() if described.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": commit or None}
+
+
 def write_json(path: str | os.PathLike, value: object) -> None:
+    """``value`` as JSON; a dict (every benchmark's record) leads with ``recorded()``."""
+    if isinstance(value, dict):
+        value = {"recorded": recorded(), **value}
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 

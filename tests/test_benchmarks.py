@@ -27,6 +27,18 @@ def test_a_benchmark_without_matplotlib_skips_its_picture(monkeypatch, capsys):
     assert "matplotlib is not installed: no PNG" in capsys.readouterr().out
 
 
+def test_a_json_record_says_when_and_from_which_commit_it_was_written(tmp_path):
+    """The benches wrote no date (the README's dates were hand-written) nor commit."""
+    recording.write_json(tmp_path / "r.json", {"rows": [1]})
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert list(record) == ["recorded", "rows"] and record["rows"] == [1]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", record["recorded"]["utc"])
+    head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()  # fmt: skip
+    if head:  # a git checkout (CI's clone is one)
+        assert record["recorded"]["commit"].startswith(head[:7])
+
+
 def test_a_server_that_cannot_start_says_why():
     """The server's own refusal was read and thrown away; the benchmark then failed with
     "'NoneType' object is not iterable" from the client it gave no address."""
