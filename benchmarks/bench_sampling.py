@@ -44,9 +44,10 @@ def torchvision_rpn_targets():
     coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def run(boxes: torch.Tensor, anchors: torch.Tensor) -> None:
-        if boxes.numel() == 0:  # every anchor negative, no regression target
+        if boxes.numel() == 0:  # every anchor negative; its RPN still encodes every anchor (against zeros)
             labels = torch.zeros(anchors.shape[0])
             sampler([labels])
+            coder.encode_single(torch.zeros_like(anchors), anchors)
             return
         matched = matcher(box_iou(boxes, anchors))
         labels = (matched >= 0).float()
