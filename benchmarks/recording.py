@@ -39,17 +39,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
+def _git(*arguments: str) -> str | None:
+    try:
+        run = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), *arguments], capture_output=True,
+                             text=True, timeout=30, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
 def recorded() -> dict[str, str | None]:
     """When a result was written (UTC) and from which commit of this repository
-    (``-dirty`` with uncommitted changes; None outside a git checkout, as on a device
-    machine's copy), so that a README figure can be traced to its run."""
-    try:
-        described = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
-                                   capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
-        commit = described.stdout.strip() if described.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": commit or None}
+    (``-dirty`` with uncommitted changes outside ``benchmarks/results``, which the run
+    itself writes; None outside a git checkout, as on a device machine's copy), so that
+    a README figure can be traced to its run."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"):
+        commit += "-dirty"
+    return {"utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": commit}
 
 
 def write_json(path: str | os.PathLike, value: object) -> None:
