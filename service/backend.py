@@ -292,6 +292,7 @@ class Batcher:
             worker.start()
         self._closed = False
         self._draining = False  # shutting down: batches no longer wait to fill
+        self._abandoned = False  # closed without finishing: the workers skip what is queued
 
     def _serve(self, threads: int) -> None:
         """A compute worker: its set-up, then tasks until told to stop (None)."""
@@ -300,14 +301,18 @@ class Batcher:
         except Exception:  # its tasks still run (and fail with their own errors): nobody waits forever
             log.exception("compute worker set-up failed")
         while (task := self._tasks.get()) is not None:
-            task()
+            if not self._abandoned:
+                task()
 
     def stop_workers(self) -> None:
         """Let the compute workers finish the tasks queued so far, then end them."""
-        for _ in self._workers:
-            self._tasks.put(None)
+        self._end_workers()
         for worker in self._workers:
             worker.join()
+
+    def _end_workers(self) -> None:
+        for _ in self._workers:
+            self._tasks.put(None)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -322,10 +327,18 @@ class Batcher:
         if self._loop is not None:
             self._dispatch()
 
-    async def close(self) -> None:
-        """Finish every queued and running batch, then stop."""
+    async def close(self, finish: bool = True) -> None:
+        """Finish every queued and running batch, then stop. With ``finish`` False (the
+        calls were cut off: the grace period ran out, or a second stop signal came, and
+        nobody waits for their targets) nothing more starts and this returns at once: a
+        batch still running ends on its worker, a daemon thread the process does not
+        wait for (a 40 s batch of the reference backend held the process that long)."""
         self._closed = True
         self._room_freed()  # the jobs waiting for room are refused
+        if not finish:
+            self._abandoned = True
+            self._end_workers()
+            return
         if self._loop is not None:
             self._dispatch()  # whatever is queued goes now, however young
             await self._idle.wait()

@@ -251,7 +251,8 @@ class TargetServer:
         self.servicer.drain()
         self.batcher.drain()
         settling = asyncio.ensure_future(self.servicer.wait_settled(grace))
-        if await _finished_unless(hurry, settling) and settling.result():
+        settled = await _finished_unless(hurry, settling) and settling.result()
+        if settled:
             # Every call of ours is answered: what gRPC still holds are health Watch (or
             # reflection) streams, which never end by themselves and would hold the port
             # for the rest of the grace period.
@@ -263,7 +264,9 @@ class TargetServer:
             if not await _finished_unless(hurry, asyncio.ensure_future(self.grpc.stop(left))):
                 await self.grpc.stop(0)  # gRPC's stop again, with no grace: cancels what is left
         await _calls_ended()
-        await self.batcher.close()
+        # Calls cut off (or let finish in what was left of the grace) wait for no batch:
+        # one still computing does not hold the stop.
+        await self.batcher.close(finish=settled)
         self.servicer.close()
         self.metrics.stop_http()
 
