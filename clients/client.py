@@ -176,6 +176,22 @@ def bearer_token(token: str, source: str) -> str:
     return token
 
 
+def command_line_token(flag: str | None, verb: str) -> str | None:
+    """The bearer token of a command: ``--token``, else env TRITARGET_TOKEN, else none. One
+    given empty on purpose is refused (``TRITARGET_TOKEN="$SECRET"`` with SECRET unset is
+    the usual way to get one): read as "no token", a server would take every caller, and
+    a client's calls fail UNAUTHENTICATED far from the cause. ``verb``: what the command
+    does without a token ("serve", "call")."""
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError(f"--token is empty; give the token, or leave --token out to {verb} without one")
+        return bearer_token(flag, "--token")
+    token = os.environ.get("TRITARGET_TOKEN")
+    if token is not None and not token.strip():
+        raise ValueError(f"TRITARGET_TOKEN is set but empty; unset it to {verb} without a token")
+    return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
+
+
 def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
     """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
     if value is None and meaning_of_none is not None:

@@ -166,12 +166,9 @@ def _loadtest(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> str | None:
     """The bearer token, checked under the name the user gave it by."""
-    from .client import bearer_token
+    from .client import command_line_token
 
-    if args.token:
-        return bearer_token(args.token, "--token")
-    token = os.environ.get("TRITARGET_TOKEN")
-    return bearer_token(token, "TRITARGET_TOKEN") if token else None
+    return command_line_token(args.token, "call")
 
 
 def _root_certificates(path: str | None) -> bytes | None:

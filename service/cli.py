@@ -126,10 +126,9 @@ def _server_options(args: argparse.Namespace):
 
 
 def _server_token(args: argparse.Namespace) -> str | None:
-    """The bearer token to require: --token-file, --token or env TRITARGET_TOKEN. An empty
-    one given on purpose is refused: read as "no token", the server would take every
-    caller (``TRITARGET_TOKEN="$SECRET"`` with SECRET unset is the usual way to get one)."""
-    from tritarget.clients.client import bearer_token
+    """The bearer token to require: --token-file, --token or env TRITARGET_TOKEN (an empty
+    one given on purpose is refused: ``command_line_token``)."""
+    from tritarget.clients.client import bearer_token, command_line_token
 
     if args.token_file:
         try:
@@ -142,14 +141,7 @@ def _server_token(args: argparse.Namespace) -> str | None:
         if not token.strip():
             raise ValueError(f"--token-file {args.token_file}: empty; put the token in it")
         return bearer_token(token, f"--token-file {args.token_file}")
-    if args.token is not None:
-        if not args.token.strip():
-            raise ValueError("--token is empty; give the token, or leave --token out to serve without one")
-        return bearer_token(args.token, "--token")
-    token = os.environ.get("TRITARGET_TOKEN")
-    if token is not None and not token.strip():
-        raise ValueError("TRITARGET_TOKEN is set but empty; unset it to serve without a token")
-    return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
+    return command_line_token(args.token, "serve")
 
 
 def _tls_files(cert_path: str | None, key_path: str | None) -> tuple[bytes | None, bytes | None]:
@@ -438,9 +430,13 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
 
 def _request(args: argparse.Namespace) -> int:
     from tritarget.clients import TargetServiceError
-    from tritarget.clients.client import read_root_certificates
+    from tritarget.clients.client import command_line_token, read_root_certificates
 
-    token = args.token or os.environ.get("TRITARGET_TOKEN") or None
+    try:
+        token = command_line_token(args.token, "call")
+    except ValueError as exc:
+        print(f"tritarget request: {exc}", file=sys.stderr)
+        return 2
     try:
         root = read_root_certificates(args.tls_ca) if args.tls_ca else None
     except ValueError as exc:

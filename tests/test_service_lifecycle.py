@@ -383,6 +383,19 @@ def test_cli_refuses_an_empty_token_given_on_purpose():
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
 
 
+@pytest.mark.parametrize("command", ["request", "loadtest"])
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    (["--token", " "], {}, "--token is empty; give the token, or leave --token out to call without one"),
+    ([], {"TRITARGET_TOKEN": ""}, "TRITARGET_TOKEN is set but empty; unset it to call without a token")])  # fmt: skip
+def test_client_commands_refuse_an_empty_token_given_on_purpose(command, flags, env, message, monkeypatch, capsys):
+    """As ``serve`` refuses it: sent as no token, the calls failed UNAUTHENTICATED
+    ("missing credentials"), far from the cause."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main([command, "--target", "127.0.0.1:9", *flags]) == 2
+    assert capsys.readouterr().err == f"tritarget {command}: {message}\n"
+
+
 def test_cli_ctrl_c_in_a_command_without_its_own_handler_is_one_line():
     """``request`` to a server that never answers: once it has connected (its imports are
     done), Ctrl-C ends it with exit 130 and one line, not a traceback."""
