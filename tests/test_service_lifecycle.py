@@ -734,7 +734,7 @@ def test_cli_request_names_a_bad_token_in_one_line(capsys):
     """A ValueError from the client was a traceback with exit 1."""
     assert main(["request", "--target", "127.0.0.1:1", "--token", "a\nb"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "tritarget request: token: the token has characters an HTTP header cannot carry (printable ASCII only)"
+        "tritarget request: --token: the token has characters an HTTP header cannot carry (printable ASCII only)"
     )
 
 
