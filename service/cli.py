@@ -281,6 +281,15 @@ def _warn_of_a_token_in_the_clear(command: str, options) -> None:
               file=sys.stderr, flush=True)  # fmt: skip
 
 
+def _demo_address(host: str, port: int, tls: bool) -> str:
+    """Where ``up``'s demo request goes: with TLS to a loopback or any-address host, by the
+    name a local certificate holds, localhost (``--host [::1]`` went to ``[::1]``)."""
+    from .server import host_port
+
+    local = tls and host.strip("[]") in ("127.0.0.1", "0.0.0.0", "::1", "::")
+    return host_port("localhost" if local else host, port)
+
+
 def _loopback_only(host: str) -> bool:
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
@@ -456,7 +465,7 @@ def _request(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     _passive_openmp()
-    from .server import host_port, serve
+    from .server import serve
 
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT.format(who=""))
     if not args.no_access_log:  # the calls `tritarget request` makes show up here, as with serve
@@ -473,9 +482,7 @@ def _up(args: argparse.Namespace) -> int:
     failed = []
 
     async def demo(server) -> None:
-        # With TLS the demo connects by the name a local certificate holds: localhost.
-        local = options.tls_cert is not None and options.host in ("127.0.0.1", "0.0.0.0", "::1", "::")
-        address = host_port("localhost" if local else options.host, server.port)
+        address = _demo_address(options.host, server.port, tls=options.tls_cert is not None)
         try:
             await _on_a_daemon_thread(functools.partial(
                 send_demo_request, address, preset=args.preset, batch=args.batch, seed=args.seed,

@@ -25,7 +25,15 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
-from tritarget.service.cli import _server_options, _server_token, _usable_cores, build_parser, front_ends, main
+from tritarget.service.cli import (
+    _demo_address,
+    _server_options,
+    _server_token,
+    _usable_cores,
+    build_parser,
+    front_ends,
+    main,
+)
 from tritarget.service.server import host_port
 
 CANVAS = (96, 128)
@@ -728,6 +736,15 @@ def test_cli_refuses_client_flags_when_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_up_sends_its_tls_demo_to_localhost_for_any_loopback_or_any_address_host():
+    """``up --host [::1]`` with TLS sent its demo to [::1], which a localhost certificate
+    does not name (the bracketed form was not recognised)."""
+    for host in ("127.0.0.1", "0.0.0.0", "::1", "[::1]", "::", "[::]"):
+        assert _demo_address(host, 5, tls=True) == "localhost:5"
+    assert _demo_address("[::1]", 5, tls=False) == "[::1]:5"
+    assert _demo_address("10.0.0.7", 5, tls=True) == "10.0.0.7:5"
 
 
 def test_cli_request_names_a_bad_token_in_one_line(capsys):
