@@ -501,7 +501,9 @@ def _up(args: argparse.Namespace) -> int:
         asyncio.run(serve(options, on_ready=demo))
     except OSError as exc:
         flag = "--metrics-port" if str(exc).startswith("metrics port") else "--port"
-        print(f"tritarget up: {exc} (another port: {flag} N, or {flag} 0 for any free one)", file=sys.stderr)
+        # Another port helps where the port is taken, not where the host is wrong.
+        hint = f" (another port: {flag} N, or {flag} 0 for any free one)" if "in use" in str(exc) else ""
+        print(f"tritarget up: {exc}{hint}", file=sys.stderr)
         return 2
     except ValueError as exc:  # options the server refuses as it starts: a usage error, as for serve
         print(f"tritarget up: {exc}", file=sys.stderr)

@@ -366,6 +366,7 @@ def test_cli_names_a_busy_metrics_port(command):
     assert done.returncode == 2, done.stderr
     assert f"{command}: metrics port 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
     assert "--port N" not in done.stderr, done.stderr
+    assert ("(another port: --metrics-port N" in done.stderr) == (command == "up"), done.stderr
 
 
 @pytest.mark.parametrize("workers", [[], ["--port", "50998", "--workers", "2"]])
@@ -378,6 +379,11 @@ def test_cli_names_a_host_without_an_address(workers):
     assert f"could not bind no-such-host.invalid:{port} (no address is known for host 'no-such-host.invalid')" in (
         done.stderr
     )
+    if not workers:  # up's hint is for a port in use, not for a host
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "up", "--host", "no-such-host.invalid",
+                               "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and "(no address is known for host" in done.stderr, done.stderr
+        assert "another port" not in done.stderr, done.stderr
 
 
 def test_cli_refuses_an_empty_token_given_on_purpose():
