@@ -176,8 +176,8 @@ def _image_ids(targets: Sequence[Mapping[str, Any]]) -> list[Any] | None:
 
 
 def _id_value(image_id: Any) -> Any:
-    if isinstance(image_id, (torch.Tensor, np.ndarray)):
-        values = torch.as_tensor(image_id).reshape(-1).tolist()
+    if isinstance(image_id, (torch.Tensor, np.ndarray)):  # numbers, or a numpy array of names
+        values = image_id.reshape(-1).tolist()
         return values[0] if len(values) == 1 else values
     return image_id
 

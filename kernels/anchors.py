@@ -281,10 +281,19 @@ def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     for i, level in enumerate(levels):
         _check_cells(config.layout, i, level.cells)
-    grid = AnchorGrid(levels, shape_major=config.layout == "yolo")
-    if grid.num_anchors > _MAX_ANCHORS:  # else an allocator's error for exabytes, or indices wrapped
-        raise ValueError(f"canvas: {canvas[0]} x {canvas[1]} makes {grid.num_anchors:,} anchors per image, more "
-                         f"than {_MAX_ANCHORS:,} (anchor indices are int32)")  # fmt: skip
+    return AnchorGrid(levels, shape_major=config.layout == "yolo")
+
+
+def _grid_to_build(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
+    """The grid of anchors about to be built or assigned: refused past int32 anchor indices
+    (an allocator's error for tens of gigabytes, or on a larger machine indices wrapped
+    around). Counting them (``resolve_grid``) stays possible: the service refuses such a
+    request by its own limits, as RESOURCE_EXHAUSTED."""
+    grid = _resolve_cached(config, canvas)
+    if grid.num_anchors > _MAX_ANCHORS:
+        raise ValueError(f"anchors: {grid.num_anchors:,} per image on the {canvas[0]} x {canvas[1]} canvas, more "
+                         f"than {_MAX_ANCHORS:,} (anchor indices are int32): a smaller canvas or fewer anchor "
+                         "shapes")  # fmt: skip
     return grid
 
 
@@ -353,7 +362,7 @@ def grid_and_anchors(
     cached = _BY_IDENTITY.get(key)
     if cached is not None and cached[0] is config:
         return cached[1], cached[2]
-    grid = _resolve_cached(config, canvas)
+    grid = _grid_to_build(config, canvas)
     if grid.num_anchors > _CACHED_ANCHORS_MAX:
         return grid, grid.materialize().to(device)
     grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
@@ -384,5 +393,5 @@ def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Ten
     if not isinstance(config, AnchorConfig):
         raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
     canvas = check_canvas(canvas)
-    grid = _resolve_cached(config, canvas)
+    grid = _grid_to_build(config, canvas)
     return grid.materialize() if grid.num_anchors > _CACHED_ANCHORS_MAX else _anchors_cached(config, canvas).clone()

@@ -344,7 +344,7 @@ def _too_big(what: str, size: int, request_id: str, limits: Limits, advice: str)
     """The refusal of a response over the message limit, naming the echoed request id
     where that is what does not fit (fewer images would not help)."""
     id_bytes = len(request_id.encode())
-    if id_bytes > size // 2:
+    if size - id_bytes <= limits.max_message_bytes:  # it would fit without the id
         field, advice = "request_id", "send a shorter request_id"
         what += f" (echoing the {id_bytes}-byte request_id)"
     else:

@@ -295,7 +295,8 @@ def test_target_collate_names_dataset_images_in_errors(server):
         TargetCollate(_collate, preset=PRESET)(bad)
     # Ids as datasets carry them: one number in a tensor or array, or several numbers.
     for image_id, shown in ((torch.tensor([777]), "777"), (np.array(777), "777"), (torch.tensor([7, 77]), "[7, 77]"),
-                            (np.array([[7], [77]]), "[7, 77]"), ("a.jpg", "a.jpg")):  # fmt: skip
+                            (np.array([[7], [77]]), "[7, 77]"), ("a.jpg", "a.jpg"),
+                            (np.array("b.jpg"), "b.jpg")):  # fmt: skip
         bad[0][1]["image_id"] = image_id
         with pytest.raises(ValueError, match=rf"image 0 \(id {re.escape(shown)}\), box 0: degenerate"):
             TargetCollate(_collate, preset=PRESET)(bad)

@@ -134,10 +134,18 @@ def test_dense_response_one_byte_over_the_limit_is_refused_before_computing(serv
         assert info.value.details.startswith(f"request_id: the DENSE response (echoing the {padding + 1}-byte")
         assert server.metrics.value("tritarget_compute_seconds_count") == batches  # refused before computing
         assert client.assign_raw(at_limit).ByteSize() == MIB
+    # Too big without the id too: the format and the images are named.
     with pytest.raises(
         ResourceExhausted, match=r"^format: the DENSE response would be \d+ bytes, .* use FORMAT_SPARSE"
     ):
-        codec.decode_assign(_good_request(format="dense", request_id="r" * 100), codec.Limits(max_message_bytes=base))
+        codec.decode_assign(
+            _good_request(format="dense", request_id="r" * 100), codec.Limits(max_message_bytes=base - 1)
+        )
+    # A short id, but the response fits without it: the id is named.
+    with pytest.raises(ResourceExhausted, match=r"^request_id: the DENSE response \(echoing the 100-byte request_id\)"):
+        codec.decode_assign(
+            _good_request(format="dense", request_id="r" * 100), codec.Limits(max_message_bytes=base + 50)
+        )
 
 
 def test_over_size_response_in_a_stream_is_an_in_band_error_and_the_stream_goes_on(server):  # D6
