@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -628,18 +629,21 @@ def solve(problem: Problem) -> Targets:
 
 # Sparse rows per image of recent batches, per anchor count: (positives, ignored), each
 # the maximum of the batch's mean and 0.9 x the previous estimate (a crowded batch
-# raises it at once, it decays over calls). Shared by threads: a lost update only
-# makes one guess worse. The most recent anchor counts are kept (explicit anchors, such
-# as proposals, may bring a new count on every call).
+# raises it at once, it decays over calls). The most recent anchor counts are kept
+# (explicit anchors, such as proposals, may bring a new count on every call). Updated by
+# the service's compute workers at once: under a lock, as finding the least recent
+# while another thread added a count raised "dictionary changed size during iteration".
 _ROWS_PER_IMAGE: dict[int, tuple[float, float]] = {}
 _ROWS_PER_IMAGE_KEPT = 64
+_ROWS_LOCK = threading.Lock()
 
 
 def _remember_rows(num_anchors: int, totals: list[int], batch: int) -> None:
-    previous = _ROWS_PER_IMAGE.pop(num_anchors, None) or (0.0, 0.0)
-    if len(_ROWS_PER_IMAGE) >= _ROWS_PER_IMAGE_KEPT:
-        _ROWS_PER_IMAGE.pop(next(iter(_ROWS_PER_IMAGE)), None)  # the least recent
-    _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))
+    with _ROWS_LOCK:
+        previous = _ROWS_PER_IMAGE.pop(num_anchors, None) or (0.0, 0.0)
+        if len(_ROWS_PER_IMAGE) >= _ROWS_PER_IMAGE_KEPT:
+            _ROWS_PER_IMAGE.pop(next(iter(_ROWS_PER_IMAGE)), None)  # the least recent
+        _ROWS_PER_IMAGE[num_anchors] = tuple(max(t / batch, 0.9 * p) for t, p in zip(totals, previous))
 
 
 def _sparse_lists(positives: int, ignored: int, has_classes: bool, device: torch.device) -> dict[str, torch.Tensor]:

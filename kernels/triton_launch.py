@@ -11,7 +11,7 @@ a compiled kernel) when the arguments are of the same kind again.
 
 "The same kind" is a superset of what Triton specialises a compilation on, so a launch
 the JIT would compile differently never reuses a variant: each tensor's dtype and
-(unless Triton is told not to look) whether it is 16-byte aligned, each int's width and
+(unless Triton is told not to look) whether it is 16-byte aligned, each int's type (i32, i64 or u64, by its range) and
 (unless told not to) its being 1 or divisible by 16, every other argument's type, every
 ``tl.constexpr`` argument's value, and the launch options (warps, register cap, ...).
 The JIT also specialises nothing else of our kernels' arguments (their globals are

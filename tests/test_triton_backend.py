@@ -13,6 +13,8 @@ the GPU's logf is a different implementation again.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 
 import pytest
 import torch
@@ -325,6 +327,33 @@ def test_row_estimates_keep_the_most_recent_anchor_counts(monkeypatch):
     assert len(triton_backend._ROWS_PER_IMAGE) == kept
     assert 2 not in triton_backend._ROWS_PER_IMAGE and 1 in triton_backend._ROWS_PER_IMAGE
     assert triton_backend._ROWS_PER_IMAGE[1] == (2.0, 1.0)  # max(4 / 2, 0.9 x 1)
+
+
+def test_row_estimates_are_updated_by_threads_at_once(monkeypatch):
+    """The service's compute workers (two on a GPU) update the estimates together: finding
+    the least recent count while another thread added one raised "dictionary changed size
+    during iteration" (in most runs of this test, with thread switches every microsecond)."""
+    monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
+    failures = []
+
+    def update(offset: int) -> None:
+        try:
+            for i in range(20_000):
+                triton_backend._remember_rows(offset + i % 200, [5, 7], 2)
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=update, args=(1000 * k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert failures == [] and len(triton_backend._ROWS_PER_IMAGE) == triton_backend._ROWS_PER_IMAGE_KEPT
 
 
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
