@@ -568,7 +568,7 @@ def build_problem(
         checked.append(_Boxes("anchors", anchor_boxes, None))
         examined.append(checked[-1])
     try:
-        classes = None
+        classes = host_classes = None  # the classes as given, where given on the host: checked there
         if gt_classes is not None:
             classes = _tensor("gt_classes", gt_classes)
             dtype = classes.dtype
@@ -585,6 +585,7 @@ def build_problem(
                                      f"[0, {_INT32_MAX}]")  # fmt: skip
             if dtype is not torch.int32 and dtype is not torch.int64:
                 dtype = torch.int32
+            host_classes = classes if classes.is_cpu else None
             if classes.dtype is not dtype or classes.device != device or not classes.is_contiguous():
                 classes = classes.to(device=device, dtype=dtype).contiguous()
         checked.append(_Boxes("gt_boxes", boxes, counts))
@@ -621,13 +622,17 @@ def build_problem(
         raise
 
     dropped = {}
-    device_classes = classes is not None and not classes.is_cpu  # checked in the boxes' read-back
-    may_be_invalid = (examined or device_classes) and _may_be_invalid(examined, canvas, host_check, classes)
+    # Classes given on a device are checked in the boxes' read-back; given on the host (the
+    # service's, a loader's), there, before they went to the device: not one more read-back.
+    device_classes = classes if classes is not None and host_classes is None else None
+    may_be_invalid = (examined or device_classes is not None) and _may_be_invalid(
+        examined, canvas, host_check, device_classes
+    )
     if may_be_invalid:
         dropped = _examine(checked, canvas, drop_invalid)
-    if classes is not None and (may_be_invalid or classes.is_cpu):  # device classes: in the read-back
+    if classes is not None and (may_be_invalid or host_classes is not None):
         try:
-            _check_classes(classes)
+            _check_classes(classes if host_classes is None else host_classes)
         except ValueError:
             if not may_be_invalid:  # boxes left to the backend: an invalid one still wins, on every backend
                 _examine(checked, canvas, drop_invalid)

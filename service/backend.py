@@ -685,8 +685,8 @@ class Batcher:
         need them."""
         args = _merge(jobs)
         host = self.device.type == "cpu"
-        if not host:  # requests arrive and responses leave on the host
-            for name in ("gt_boxes", "gt_classes", "ignore_boxes", "image_sizes", "pad_sizes"):
+        if not host:  # requests arrive and responses leave on the host (sizes are read there)
+            for name in ("gt_boxes", "gt_classes", "ignore_boxes"):
                 if args.get(name) is not None:
                     args[name] = args[name].to(self.device, non_blocking=True)
         if all(job.sparse for job in jobs) and not args["return_max_iou"] and args["config"].match.sample_size == 0:

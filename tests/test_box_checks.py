@@ -131,6 +131,15 @@ def test_assign_sparse_makes_no_pass_over_the_gt_boxes_before_the_backend(backen
     assert examined == [["ignore_boxes"]]
     assign_sparse(boxes, [200], CANVAS, CONFIG, backend="reference")
     assert examined[-1] == ["gt_boxes"]
+    # Classes given on the host (the service's, a loader's) are checked there, not in a
+    # read-back from the device they were moved to (a second one, before any launch).
+    given = []
+    monkeypatch.setattr(problem_module, "_may_be_invalid", lambda items, canvas, check, classes: given.append(classes))
+    assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200, dtype=torch.int64))
+    assert given == []
+    with pytest.raises(ValueError, match=r"gt_classes\[7\]: class -1 is outside"):
+        assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200).long().index_fill(0,
+                      torch.tensor([7]), -1))  # fmt: skip
 
 
 @pytest.mark.parametrize("function", [assign, assign_sparse])
