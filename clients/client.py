@@ -1081,12 +1081,13 @@ class TargetClient(_Base):
 
     @contextlib.contextmanager
     def _closed_channel(self, closes: int):
-        """Where another thread closed the client as a call began: gRPC's ValueError
-        ("Cannot invoke RPC on closed channel!") raised as the call's CANCELLED."""
+        """Where another thread closed the client as a call began or while it waited: gRPC's
+        ValueError ("Cannot invoke RPC on closed channel!") or CANCELLED ("Channel closed!")
+        raised as the call's CANCELLED, in the words of every other call the close ends."""
         try:
             yield
-        except ValueError:
-            if self._closes != closes:
+        except (ValueError, grpc.RpcError) as error:
+            if self._closes != closes and (isinstance(error, ValueError) or error.code() == grpc.StatusCode.CANCELLED):
                 raise self._closed_under_call() from None
             raise
 
@@ -1326,7 +1327,7 @@ class AsyncTargetClient(_Base):
         for attempt in itertools.count():
             index, _, channel = self._endpoint(closes)
             check = health_pb2_grpc.HealthStub(channel).Check
-            reply, error = None, None
+            reply, error, cancellations = None, None, _cancellations()
             try:
                 reply = await check(health_pb2.HealthCheckRequest(service=_SERVICE),
                                     timeout=self._health_limit(deadline), metadata=self._metadata)  # fmt: skip
@@ -1334,6 +1335,10 @@ class AsyncTargetClient(_Base):
                 if _certificate_refused(failure):  # no retry changes it
                     raise self._give_up(failure, attempt + 1, started) from None
                 error = failure
+            except asyncio.CancelledError:  # close() during the check: as in _call
+                if self._closes != closes and _cancellations() == cancellations:
+                    raise self._closed_under_call() from None
+                raise
             last = self._health(index, reply, error)
             if not last:
                 return

@@ -1336,6 +1336,35 @@ def test_closing_a_client_stops_its_calls_that_look_for_a_server():
         assert took < 2 and channels == [], name
 
 
+def test_closing_a_client_during_a_call_in_flight_fails_it_cancelled():
+    """close() while a call waited on the wire (a listener that never answers): the asyncio
+    health wait raised asyncio.CancelledError, as if its task were cancelled (it was
+    caught only when close() came between two checks: CI saw it once in ~10 runs)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        calls = {
+            "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
+            "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
+        }
+        for name, use in calls.items():
+            client = TargetClient(address, timeout=20)
+            threading.Timer(0.5, client.close).start()
+            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
+                use(client)
+
+            async def run(use=use):
+                client = AsyncTargetClient(address, timeout=20)
+                asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(client.close()))
+                start = time.monotonic()
+                with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
+                    await use(client)
+                return time.monotonic() - start
+
+            assert asyncio.run(run()) < 3, name
+
+
 def test_a_client_closed_by_another_thread_fails_its_calls_cancelled(two_servers):
     """Threads sharing a client while another closes it got gRPC's ValueError ("Cannot
     invoke RPC on closed channel!") and IndexError among the CANCELLED errors."""
