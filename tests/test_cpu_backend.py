@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import assert_targets_equal, random_batch, triton_runs_here, with_ties
+from support import assert_targets_equal, on_device, random_batch, triton_runs_here, with_ties
 from tritarget.kernels import TargetConfig, assign, cpu, cpu_build, generate_anchors, presets, reference
 from tritarget.kernels.api import assign_sparse
 from tritarget.kernels.config import LOW_QUALITY_MODES, AnchorConfig, AnchorLevel, MatchConfig
@@ -908,8 +908,8 @@ def test_an_anchor_inside_any_ignore_region_is_excluded_even_where_another_iof_i
     ignore = torch.tensor([[0.0, 0.0, 3e38, 3e38], [0.0, 0.0, 20.0, 20.0]])
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     for backend in ("reference", "cpu", *(["triton"] if triton_runs_here() else [])):
-        got = assign(box, [1], (64, 64), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[2],
-                     backend=backend)  # fmt: skip
+        got = on_device(assign, box, [1], (64, 64), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[2],
+                        backend=backend)  # fmt: skip
         assert got.labels.tolist() == [[-1]], backend
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import random_batch
+from support import on_device, random_batch
 from tritarget.kernels import AnchorLevel, Targets, assign, assign_sparse, generate_anchors, level_slices, presets
 from tritarget.kernels.anchors import feature_map_size, resolve_grid
 from tritarget.kernels.config import AnchorConfig, TargetConfig
@@ -137,8 +137,8 @@ def test_a_torchvision_feature_map_larger_than_the_canvas_is_refused_by_every_ba
                r"\(canvas // feature_size\) would be 0")  # fmt: skip
     for solve in (assign, assign_sparse):
         with pytest.raises(ValueError, match=message):
-            solve(boxes, [1], (16, 64), config, backend=backend)
-    assert assign(boxes, [1], (20, 64), config, backend=backend).labels.shape == (1, 160)  # as large: fine
+            on_device(solve, boxes, [1], (16, 64), config, backend=backend)
+    assert on_device(assign, boxes, [1], (20, 64), config, backend=backend).labels.shape == (1, 160)  # as large: fine
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
