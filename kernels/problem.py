@@ -233,6 +233,9 @@ def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tenso
         raise TypeError(f"{name}: expected a floating-point tensor (float32 xyxy), got {boxes.dtype}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4] (x1, y1, x2, y2), got {list(boxes.shape)}")
+    if boxes.shape[0] > _INT32_MAX:  # before any copy: an expanded tensor may hold them in 16 bytes
+        raise ValueError(f"{name}: {boxes.shape[0]:,} boxes, more than {_INT32_MAX:,} (box and anchor indices are "
+                         "int32)")  # fmt: skip
     if device is not None and boxes.device != device:
         raise ValueError(f"{name}: on {boxes.device}, but gt_boxes are on {device}")
     if boxes.dtype is torch.float32 and boxes.is_contiguous():

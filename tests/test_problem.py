@@ -99,6 +99,22 @@ def test_explicit_anchors_may_leave_the_canvas_but_not_be_infinite():
         build_problem(GOOD, [3], CANVAS, CONFIG, anchors=torch.tensor([[0.0, 0.0, 8.0, 8.0], [-math.inf, 0, 8, 8]]))
 
 
+@pytest.mark.parametrize("name", ["anchors", "gt_boxes", "ignore_boxes"])
+def test_more_boxes_than_int32_indices_are_refused_before_any_copy(name):
+    """Explicit anchors past int32 indices reached the cpu kernel (writes out of bounds
+    there, wrapped sparse indices); an expanded tensor holds them in 16 bytes, so the
+    refusal must come before the float32 contiguous copy (32 GiB)."""
+    many = torch.zeros(1, 4, dtype=torch.float64).expand(2**31, 4)
+    box = torch.tensor([[1.0, 1.0, 5.0, 5.0]])
+    inputs = {"gt_boxes": box, "counts": [1], "anchors": box}
+    inputs |= {name: many, **({"counts": [2**31]} if name == "gt_boxes" else {})}
+    inputs |= {"ignore_counts": [2**31]} if name == "ignore_boxes" else {}
+    message = rf"{name}: 2,147,483,648 boxes, more than 2,147,483,647 \(box and anchor indices are int32\)"
+    with pytest.raises(ValueError, match=message):
+        build_problem(inputs.pop("gt_boxes"), inputs.pop("counts"), (8, 8), presets.get("retinanet_torchvision"),
+                      **inputs)  # fmt: skip
+
+
 @pytest.mark.usefixtures("box_check")
 def test_a_valid_box_wider_than_float32_is_kept():
     # Its width overflows float32 to inf: the torch check is unsure, and the host finds it
