@@ -22,9 +22,9 @@
 #    left after it are skipped, and the tables and plots still written; so they are
 #    when the step's timeout interrupts a point).
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
-#    pair walk against the gather and its variants (which matching becomes the default),
-#    the launch parameters around the defaults (labels checked in every cell), and
-#    solve replayed as a CUDA graph against eager (~40 s).
+#    pair walk against the gather and its variants (run10's verdict made the gather the
+#    default), solve replayed as a CUDA graph against eager, and both matchings over
+#    B x G (targets checked equal in every cell; where a per-batch choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
@@ -252,8 +252,8 @@ fits() {  # fits LIMIT NAME: whether a step of at most LIMIT seconds ends within
     fi
 }
 
-# benchmarks/gpu_sweep.py (launch parameters around the defaults, host vs device time;
-# ~30 s on the H200, run6), unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
+# benchmarks/gpu_sweep.py (host vs device time, the matchings; ~60 s on the H200, run10),
+# unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
 if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits 90 sweep; then
     echo "== sweep =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60

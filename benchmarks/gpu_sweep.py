@@ -1,4 +1,4 @@
-"""GPU sweep of the triton backend's launch parameters, and where a call's time goes.
+"""GPU sweep of the triton backend: where a call's time goes, and which matching wins where.
 
 Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 
@@ -25,14 +25,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
    add a copy of the boxes into the graph's input buffers (and bucketed box counts).
-5. Sweep around the defaults (first the defaults themselves, the baseline of the same
-   run), the cells most likely to change a default first: persistent pair programs per
-   SM (8: one wave), the scatter without its pre-check loads (atomics sent unread,
-   compiled to fire-and-forget RED) x programs per SM, anchors per finalize program
-   (``block_a``: 2 or 4 per thread instead of 1), pairs per chunk (``block_p``), the
-   pair kernels' register cap (``maxnreg``: none = the compiler's choice, 90 under Triton 3.6,
-   48, 56; ``results/kernel_resources_triton3.6/``), for ``solve`` and ``solve_sparse`` at B = 32 G ~ 7,
-   B = 32 G = 200 and B = 8 G = 1000; labels checked equal to the defaults' in every cell.
+5. Where each matching is faster: ``solve`` and ``solve_sparse``, walk and gather, over
+   B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch
+   choice of the matching would be placed by).
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
@@ -152,7 +147,7 @@ def main() -> None:
     # Written line by line: gpu_check.sh stops the sweep at its step's timeout, and what
     # was measured by then must stay.
     report = open(out / "sweep.txt", "w")  # open for the whole run, closed at its end
-    record: dict = {"host": [], "sweep": []}
+    record: dict = {"host": []}
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -258,45 +253,29 @@ def main() -> None:
             f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
         record["graphs"].append(dict(batch=batch, **row))
 
-    say("== sweep: launch parameters around the defaults ==")
-    points = [(32, None), (32, 200), (8, 1000)]
-    problems = {point: problem_for(*point)[0] for point in points}
-    expected = {point: triton_backend.solve(p).labels.clone() for point, p in problems.items()}
-    # Around the defaults (256 pairs, 32 programs per SM, 64 registers: run6's sweep):
-    # chunk size, programs per SM, the cap, and the scatter's atomics without their
-    # pre-check (fire-and-forget reductions: the lanes stop waiting for a load each).
-    # 8 programs per SM is one wave at 64 registers (65,536 / (64 x 128 threads)): at
-    # B = 32, G ~ 7 the walk has ~11,000 chunks, 2.6 per program of 4,224 (32 per SM)
-    # against 77 at G = 200, with the same mix of chunks (67% inside one rectangle; bench_gpu.py
-    # --pairs), so there it is mostly each program's start-up chain of dependent loads, in
-    # four waves.
-    # The cells most likely to change a default first: the step's timeout may end the sweep.
-    cells = [dict(), dict(pair_programs=8), dict(scatter_precheck=False, pair_programs=8)]
-    cells += [dict(scatter_precheck=False, pair_programs=programs) for programs in (16, 32)]
-    cells += [dict(block_a=block_a) for block_a in (256, 512)]
-    cells += [dict(pair_programs=programs) for programs in (16, 64)]
-    cells += [dict(block_p=block_p) for block_p in (128, 512)]
-    cells += [dict(pair_registers=registers) for registers in (None, 48, 56)]
-    cells += [dict(scatter_precheck=False, pair_programs=64)]
-    for cell in cells:
-        triton_backend._COMPILED = dataclasses.replace(default, **cell)
-        triton_backend._pair_programs.cache_clear()
-        meta = triton_backend._COMPILED
-        for point, problem in problems.items():
-            same = torch.equal(triton_backend.solve(problem).labels, expected[point])
-            dense = bench(lambda p=problem: triton_backend.solve(p))
-            sparse = bench(lambda p=problem: triton_backend.solve_sparse(p))
-            label = f"B={point[0]} G={point[1] or '~7'}"
-            say(f"block_a {meta.block_a:4d} block_p {meta.block_p:4d} programs/SM {meta.pair_programs:3d} registers "
-                f"{meta.pair_registers or '-':>3} precheck {meta.scatter_precheck:d} {label:12s} solve {dense:8.3f} ms "
-                f"sparse {sparse:8.3f} ms"
-                f"{'' if same else '  LABELS DIFFER'}")  # fmt: skip
-            record["sweep"].append(dict(block_a=meta.block_a, block_p=meta.block_p, programs_per_sm=meta.pair_programs,
-                                        registers=meta.pair_registers, precheck=meta.scatter_precheck,
-                                        batch=point[0], boxes=point[1],
-                                        solve_ms=dense, sparse_ms=sparse, same=same))  # fmt: skip
-    triton_backend._COMPILED = default
-    triton_backend._pair_programs.cache_clear()
+    # Neither matching wins everywhere (run10 against run11, GPU time): the gather on
+    # crowded images and small batches, the walk on large batches of few boxes (B = 32
+    # and 64 at G ~ 7) and on one image of 1,000 boxes. Where the boundary lies decides
+    # whether a per-batch rule pays; the walk's own launch parameters were swept in
+    # run6, run8 and run10 and stood.
+    say("== matching over batch x boxes per image: solve / solve_sparse ms, walk against gather ==")
+    record["boundary"] = []
+    for batch in (1, 8, 32, 64):
+        for boxes in (None, 50, 200, 1000):
+            problem = problem_for(batch, boxes)[0]
+            row = {}
+            for matching in ("walk", "gather"):
+                triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
+                row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
+                                 bench(lambda p=problem: triton_backend.solve_sparse(p)),
+                                 _outputs(triton_backend.solve(problem)))  # fmt: skip
+            triton_backend._COMPILED = default
+            same = all(map(torch.equal, row["walk"][2], row["gather"][2]))
+            walk, gather = row["walk"][:2], row["gather"][:2]
+            say(f"B={batch:<3} G={boxes or '~7':<5} walk {walk[0]:7.3f} / {walk[1]:7.3f}  gather {gather[0]:7.3f} / "
+                f"{gather[1]:7.3f}  gather / walk {gather[0] / walk[0]:.2f} / {gather[1] / walk[1]:.2f}"
+                f"{'' if same else '  TARGETS DIFFER'}")  # fmt: skip
+            record["boundary"].append(dict(batch=batch, boxes=boxes, walk_ms=walk, gather_ms=gather, same=same))
 
     say(json.dumps(record))
     report.close()

@@ -3,20 +3,22 @@
 ``solve(problem) -> Targets`` gives the dense targets before sampling (``api.assign``
 samples and restores dropped indices); ``solve_sparse(problem) -> SparseTargets``
 writes the sparse form directly, without dense targets. The kernels and the design
-live in ``triton_assign``; this module turns a ``Problem`` into launches:
+live in ``triton_assign``; this module turns a ``Problem`` into launches. By default
+(``_Meta.matching = "gather"``):
 
-1. ``segments_kernel`` and a ``cumsum``: the candidate rectangles and their chunk order;
-2. ``pairs_kernel`` (scatter): every overlapping pair, into per-anchor and per-box keys;
-3. low-quality modes only: ``pairs_kernel`` (lift) or ``forced_kernel`` (ssd_forced);
-4. ``finalize_kernel``: dense targets; or counts, ``scan_kernel`` (each image's rows and
-   the images' offsets), sparse lists, sized from the recent batches' rows per image
-   and read back once at the end (two totals: the rare batch that overflows is written
-   again, into lists of its own size; and the flag of the gt boxes' check, which
-   ``segments_kernel`` makes for ``solve_sparse``).
+1. ``gather_kernel``: per block of anchors, the boxes near it, each anchor's best box and,
+   for the low-quality modes, each box's best IoU (it also checks the boxes);
+2. ``finalize_kernel``: the lift (low-quality modes), then dense targets; or counts,
+   ``scan_kernel`` (each image's rows and the images' offsets), sparse lists, sized from
+   the recent batches' rows per image and read back once at the end (two totals: the
+   rare batch that overflows is written again, into lists of its own size; and the flag
+   of the gt boxes' check).
 
-With ``_Meta.matching = "gather"``, ``gather_kernel`` does 1-2 (and checks the boxes)
-and the finalize lifts (3); ssd_forced keeps ``segments_kernel`` for its box rows and
-``forced_kernel``.
+The pair walk (``matching = "walk"``, the baseline ``gpu_sweep.py`` times) does 1 as
+``segments_kernel`` and a ``cumsum`` (the candidate rectangles and their chunk order),
+``pairs_kernel`` (scatter: every overlapping pair, into per-anchor and per-box keys) and,
+for the low-quality modes, ``pairs_kernel`` (lift). ssd_forced keeps ``segments_kernel``
+for its box rows and ``forced_kernel`` with either matching.
 
 One launch per stage for the whole ragged batch. Tensors must be on a CUDA device, or
 on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI runs it).
@@ -76,9 +78,10 @@ class _Meta:
     (interpreter), warps, a cap on the pair kernels' registers per thread (None: the
     compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``),
     whether the scatter loads each word before its atomic (``triton_assign._chunk``),
-    how stages 2-3 find the overlapping pairs: "walk" (the candidate rectangles'
-    pairs, one ``atomic_max`` each) or "gather" (``gather_kernel``: per block of anchors,
-    its image's boxes; to be measured against the walk on a GPU), how many boxes the
+    how stages 2-3 find the overlapping pairs: "gather" (``gather_kernel``: per block of
+    anchors, its image's boxes; the default since the H200 timed both, run10: faster at
+    every point, dense and sparse) or "walk" (the candidate rectangles' pairs, one
+    ``atomic_max`` each; kept as the baseline gpu_sweep.py times), how many boxes the
     gather tests at once, how many near ones it visits at once, a cap on its registers
     (None: the compiler's choice), and how many near boxes the gather's lift (inside the
     finalize) visits at once: one on a GPU, where few boxes reach their maximum in a
@@ -92,7 +95,7 @@ class _Meta:
     num_warps: int
     pair_registers: int | None = None
     scatter_precheck: bool = True
-    matching: str = "walk"
+    matching: str = "gather"
     gather_boxes: int = 128
     gather_near: int = 4
     gather_registers: int | None = None
