@@ -103,6 +103,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             for near in (m.lift_near, 4)
         ),
         (
+            "finalize: dense with the gather's lift, at most 40 registers",
+            k.finalize_kernel,
+            dict(finalize, OUTPUT=k.OUTPUT_DENSE, LIFT=True, NEAR=m.lift_near, maxnreg=40),
+        ),
+        (
             "finalize: dense with the gather's lift, 64 anchors per block",
             k.finalize_kernel,
             dict(finalize, OUTPUT=k.OUTPUT_DENSE, LIFT=True, NEAR=m.lift_near, BLOCK_A=64),

@@ -85,7 +85,10 @@ class _Meta:
     gather tests at once, how many near ones it visits at once, a cap on its registers
     (None: the compiler's choice), and how many near boxes the gather's lift (inside the
     finalize) visits at once: one on a GPU, where few boxes reach their maximum in a
-    block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers."""
+    block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers; and
+    a cap on the registers of a finalize that lifts (None: the compiler's choice, 56 on
+    sm_90 under Triton 3.6 against 40 without the lift: 9 programs resident per SM
+    instead of 12, for a pass bound by its memory traffic)."""
 
     block_a: int
     block_p: int
@@ -100,6 +103,7 @@ class _Meta:
     gather_near: int = 4
     gather_registers: int | None = None
     lift_near: int = 1
+    finalize_registers: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -582,6 +586,7 @@ class _Launch:
         lifts = self.low_quality not in (LOW_QUALITY_CODES["none"], LOW_QUALITY_CODES["ssd_forced"])
         lift = self.lift is not None and lifts and output != OUTPUT_SPARSE
         lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.uint8, torch.float32)))
+        cap = {"maxnreg": self.meta.finalize_registers} if lift and self.meta.finalize_registers is not None else {}
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
             self.gt_classes if has_classes else self._placeholder(torch.int32),
@@ -593,7 +598,7 @@ class _Launch:
             problem.config.background_class, self.shape_major, self.low_quality, int(self.match.strict_high),
             *self.rules, int(has_classes), int(outputs.get("max_iou") is not None),
             OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, LIFT=lift,
-            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, **_launch_kwargs(),
+            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, **_launch_kwargs(), **cap,
         )  # fmt: skip
 
     def work(self) -> torch.Tensor:

@@ -367,6 +367,21 @@ def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
     assert launched == [48, 48]  # scatter, then lift
 
 
+def test_register_cap_of_a_finalize_that_lifts(monkeypatch, generator):
+    """``finalize_registers`` reaches the finalize's launches as ``maxnreg`` where it runs
+    the gather's lift (dense, and the sparse count pass), and no other (``gpu_sweep.py``
+    times it); the targets stay the reference's."""
+    launched = _recorded_launches(monkeypatch, "finalize_kernel", "maxnreg")
+    _matching(monkeypatch, "gather")
+    for meta in ("_INTERPRETED", "_COMPILED"):
+        monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta),
+                                                                      finalize_registers=40))  # fmt: skip
+    boxes, counts = random_batch(generator, [6, 3], (64, 256), max_frac=0.2)
+    check(boxes, counts, (64, 256), _dense_config("retinanet_torchvision"), sparse=True)
+    check(boxes, counts, (64, 256), _dense_config("retinanet_torchvision").replace(**{"match.low_quality": "none"}))
+    assert launched == [40, 40, None, None]  # dense; sparse count, then its writing pass; no lift: no cap
+
+
 @pytest.mark.parametrize("wrt_anchor", [True, False])
 @pytest.mark.parametrize("mode", ("torchvision", "mmdet", "none"))
 def test_ignore_regions(wrt_anchor, mode, generator):
