@@ -560,16 +560,22 @@ def test_a_sparse_batch_splits_into_each_jobs_lists(generator, with_classes):
         assert part.num_anchors == expected.num_anchors and len(part.dropped) == part.batch_size
 
 
-def test_after_the_warm_up_no_request_compiles_a_kernel(generator, monkeypatch):
+@pytest.mark.parametrize("matching", ["gather", "walk"])
+def test_after_the_warm_up_no_request_compiles_a_kernel(matching, generator, monkeypatch):
     """The warm-up runs every kernel variant a request can need: requests of every preset
     family (lift, ssd_forced's marking, sampling, shape-major anchors), dense and sparse,
     at other batch sizes and canvases, launch only kernels with the compile keys the
-    warm-up's launches had (as Triton's binder keys them: tests/test_triton_backend.py)."""
+    warm-up's launches had (as Triton's binder keys them: tests/test_triton_backend.py),
+    by either matching (``_Meta.matching``)."""
     pytest.importorskip("triton")
+    import dataclasses
+
     from tritarget.kernels import triton_backend
 
     if not (torch.cuda.is_available() or triton_backend.interpreting()):
         pytest.skip("the triton backend needs a CUDA GPU or its interpreter")
+    for meta in ("_INTERPRETED", "_COMPILED"):
+        monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta), matching=matching))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     launches = record_launches(monkeypatch)
     requests = [("ssd300_torchvision", (96, 128), [3, 1]), ("retinanet_mmdet", (128, 192), [0, 5, 16]),
@@ -594,7 +600,10 @@ def test_after_the_warm_up_no_request_compiles_a_kernel(generator, monkeypatch):
 
     warmed = asyncio.run(run())
     warm_keys, request_keys = compile_keys(launches[:warmed]), compile_keys(launches[warmed:])
-    assert "forced_kernel" in request_keys and "lift_segments_kernel" in request_keys
+    # ssd_forced's marking, and the lift: the walk's own launch, or the gather's finalize.
+    lifts = ("lift_segments_kernel" in request_keys if matching == "walk"
+             else any('["LIFT", true]' in key for key in request_keys["finalize_kernel"]))  # fmt: skip
+    assert "forced_kernel" in request_keys and lifts
     for name, keys in request_keys.items():
         new = keys - warm_keys.get(name, set())
         assert not new, f"{name}: requests compiled {len(new)} more variants: {sorted(new)}"
