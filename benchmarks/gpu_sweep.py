@@ -14,7 +14,8 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    also with 1, 2 and 8 near boxes visited at once (``gather_near``), capped at 64
    registers (``gather_registers``: 8 programs per SM instead of 5), with the finalize's
    lift four boxes at a time (``lift_near``), the finalize that lifts capped at 40
-   registers (``finalize_registers``), and in blocks of 64 anchors (``block_a``,
+   registers (``finalize_registers``), with a generated grid's anchors loaded instead of
+   built in every block (``load_anchors``), and in blocks of 64 anchors (``block_a``,
    the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
    1.68x the (box, block) visits, 72 registers instead of 96 under the GPU image's Triton 3.6;
    ``bench_gpu.py --pairs``, ``results/kernel_resources_triton3.6/``): ``solve`` and
@@ -218,6 +219,9 @@ def main() -> None:
     # The finalize that lifts holds 56 registers against 40 (9 programs per SM, not 12):
     # at B = 32, G ~ 7 it took 0.116 ms against the walk's 0.071 (run11).
     variants["gather, lifting finalize <=40 registers"] = dict(matching="gather", finalize_registers=40)
+    # A generated grid's anchors loaded (3.2 MB for RetinaNet, L2-resident) instead of each
+    # block building them from the level tables in every image (~500 instructions a block).
+    variants["gather, anchors loaded"] = dict(matching="gather", load_anchors=True)
     failed = set()
     for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
         problem = problem_for(*point)[0]

@@ -46,7 +46,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 def kernels() -> list[tuple[str, object, dict]]:
     m = backend._COMPILED
-    finalize = dict(GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)
+    finalize = dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g)
     return [
         ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=64)),
         ("pairs: scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
@@ -86,6 +86,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=64),
         ),
         (
+            "gather: scatter, anchors loaded",
+            k.gather_kernel,
+            dict(finalize, BUILD_ANCHORS=False, BOXES=m.gather_boxes, NEAR=m.gather_near),
+        ),
+        (
             "gather: scatter, 64 anchors per block",
             k.gather_kernel,
             dict(finalize, BLOCK_A=64, BOXES=m.gather_boxes, NEAR=m.gather_near),
@@ -101,6 +106,11 @@ def kernels() -> list[tuple[str, object, dict]]:
             )
             for name, output in (("dense", k.OUTPUT_DENSE), ("count", k.OUTPUT_COUNT))
             for near in (m.lift_near, 4)
+        ),
+        (
+            "finalize: dense with the gather's lift, anchors loaded",
+            k.finalize_kernel,
+            dict(finalize, OUTPUT=k.OUTPUT_DENSE, LIFT=True, NEAR=m.lift_near, BUILD_ANCHORS=False),
         ),
         (
             "finalize: dense with the gather's lift, at most 40 registers",

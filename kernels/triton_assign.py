@@ -1031,6 +1031,7 @@ def gather_kernel(
     check_boxes,
     # Meta-parameters
     GENERATE: tl.constexpr,
+    BUILD_ANCHORS: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BOXES: tl.constexpr,
@@ -1054,6 +1055,10 @@ def gather_kernel(
     boxes and area range (generated anchors; ``triton_backend._block_bounds``).
     check_boxes: each image's first block sets the int64 at invalid_ptr to 1 if one of its
     boxes may be invalid (as segments_kernel does; canvas_ptr: float32 width, height).
+    BUILD_ANCHORS: a generated grid's anchor boxes built from the level tables (the
+    level walk, with its integer divisions) or, False, loaded from anchors_ptr (the same
+    float32 values, built once per device: ``triton_backend._Meta.load_anchors``); False
+    for explicit anchors. The same in finalize_kernel.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -1075,7 +1080,7 @@ def gather_kernel(
     else:
         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                 GENERATE)  # fmt: skip
+                                                 BUILD_ANCHORS)  # fmt: skip
         parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
     # Per anchor and column of the visited tile, whose boxes come in increasing order: the
     # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
@@ -1086,7 +1091,7 @@ def gather_kernel(
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
-                                                     shape_major, GENERATE)  # fmt: skip
+                                                     shape_major, BUILD_ANCHORS)  # fmt: skip
         anchor_area = (ax2 - ax1) * (ay2 - ay1)
         included = anchor_mask
         if low_quality != 0:
@@ -1202,6 +1207,7 @@ def finalize_kernel(
     # Meta-parameters
     OUTPUT: tl.constexpr,
     GENERATE: tl.constexpr,
+    BUILD_ANCHORS: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
     LIFT: tl.constexpr,
@@ -1260,7 +1266,7 @@ def finalize_kernel(
     if geometry_rules:
         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                 GENERATE)  # fmt: skip
+                                                 BUILD_ANCHORS)  # fmt: skip
         excluded, outside = _excluded(image, ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1), ignore_ptr,
                                       ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor,
                                       border_rule, BLOCK_G)  # fmt: skip
@@ -1289,7 +1295,7 @@ def finalize_kernel(
             else:  # explicit anchors: their bounds from the anchors themselves (a load)
                 ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                         GENERATE)  # fmt: skip
+                                                         BUILD_ANCHORS)  # fmt: skip
                 parts, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
             box_end = tl.load(gt_offsets_ptr + image + 1)
             lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
@@ -1299,7 +1305,7 @@ def finalize_kernel(
                     if ~anchors_built:
                         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                                  level_int_ptr, level_float_ptr, cells_ptr,
-                                                                 num_levels, shape_major, GENERATE)  # fmt: skip
+                                                                 num_levels, shape_major, BUILD_ANCHORS)  # fmt: skip
                 near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
                 mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, ax1, ay1, ax2, ay2,
                                    included, min_pos_iou, BLOCK_A, BOXES, NEAR)  # fmt: skip
@@ -1345,7 +1351,7 @@ def finalize_kernel(
             if ~anchors_built:
                 ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
                                                          level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                         GENERATE)  # fmt: skip
+                                                         BUILD_ANCHORS)  # fmt: skip
             row = gt_boxes_ptr + (box_start + tl.where(positive, matched, 0).to(tl.int64)) * 4
             gx1 = tl.load(row, mask=positive, other=0.0)
             gy1 = tl.load(row + 1, mask=positive, other=0.0)

@@ -88,7 +88,9 @@ class _Meta:
     block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers; and
     a cap on the registers of a finalize that lifts (None: the compiler's choice, 56 on
     sm_90 under Triton 3.6 against 40 without the lift: 9 programs resident per SM
-    instead of 12, for a pass bound by its memory traffic)."""
+    instead of 12, for a pass bound by its memory traffic); and whether the gather and the
+    finalize load a generated grid's anchors (``problem.anchors``, built once per device
+    and canvas) instead of building each block's from the level tables in every image."""
 
     block_a: int
     block_p: int
@@ -104,6 +106,7 @@ class _Meta:
     gather_registers: int | None = None
     lift_near: int = 1
     finalize_registers: int | None = None
+    load_anchors: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -375,11 +378,13 @@ class _Launch:
         # int32, as the kernels read them (one kernel variant whatever the labels' dtype)
         self.gt_classes = None if problem.gt_classes is None else problem.gt_classes.to(torch.int32)
         self.generate = problem.grid is not None
+        self.build_anchors = self.generate and not self.meta.load_anchors
         if self.generate:
             tables = _level_tables(problem.grid, device, stream_key(device))
             self.level_int, self.level_float, self.cells = tables.level_int, tables.level_float, tables.cells
             self.shape_int, self.shape_float = tables.shape_int, tables.shape_float
-            self.anchors = self._placeholder(torch.float32)
+            # Built once per device and canvas (build_problem's cache), read as explicit ones are.
+            self.anchors = problem.anchors if self.meta.load_anchors else self._placeholder(torch.float32)
             self.num_levels, self.num_shapes = tables.level_int.shape[0], tables.shape_int.shape[0]
             self.center_div, self.search_steps = tables.center_div, tables.search_steps
         else:
@@ -547,8 +552,9 @@ class _Launch:
             float(self.match.ignore_iof_thr), *self.rules, self.low_quality, int(check),
         )  # fmt: skip
         grid = (self.num_blocks, self.batch)
-        meta = dict(GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g,
-                    BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near, **_launch_kwargs())  # fmt: skip
+        meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
+                    BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
+                    **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
         gather_kernel[grid](*common, **meta)
@@ -597,7 +603,8 @@ class _Launch:
             float(self.match.min_pos_iou), *encode.weights, *encode.means, *encode.stds,
             problem.config.background_class, self.shape_major, self.low_quality, int(self.match.strict_high),
             *self.rules, int(has_classes), int(outputs.get("max_iou") is not None),
-            OUTPUT=output, GENERATE=self.generate, BLOCK_A=self.meta.block_a, BLOCK_G=self.meta.block_g, LIFT=lift,
+            OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
+            BLOCK_G=self.meta.block_g, LIFT=lift,
             BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, **_launch_kwargs(), **cap,
         )  # fmt: skip
 

@@ -646,7 +646,7 @@ INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "po
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
-lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near)  # the walk's finalize
+lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True)  # the walk's finalize
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -662,8 +662,8 @@ for name, fn, constexprs in [
     ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                         **lift)),
     ("scan", k.scan_kernel, dict(BLOCK=1024)),
-    ("gather", k.gather_kernel, dict(GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g, BOXES=m.gather_boxes,
-                                     NEAR=m.gather_near)),
+    ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
+                                     BOXES=m.gather_boxes, NEAR=m.gather_near)),
     ("dense_lift", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
                                            BLOCK_G=m.block_g, **dict(lift, LIFT=True))),
 ]:
@@ -912,14 +912,17 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image, match
 def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
     """Solve with stages 2-3 as the gather, at the GPU's block sizes (128 anchors per
     block: bounding boxes of a short stretch of a row, most boxes skipped) or the
-    interpreter's, with other ``gather_boxes`` / ``gather_near`` / ``lift_near`` if given;
-    the list gets each finalize launch's (OUTPUT, LIFT)."""
+    interpreter's, with other ``gather_boxes`` / ``gather_near`` / ``lift_near`` (or
+    ``load_anchors``) if given; the list gets each finalize launch's (OUTPUT, LIFT), and
+    fails a launch whose BUILD_ANCHORS is not what ``load_anchors`` asks for."""
     launched = []
     original = triton_backend.finalize_kernel
+    build = not sizes.get("load_anchors", False)
 
     class Recording:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
+                assert kwargs["BUILD_ANCHORS"] is build
                 launched.append((kwargs["OUTPUT"], kwargs["LIFT"]))
                 return original[grid](*args, **kwargs)
 
@@ -934,11 +937,12 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
 
 
 @pytest.mark.parametrize(
-    "mode, lift_near, block_a",
-    [(mode, 1, 128) for mode in MODES] + [("mmdet", 2, 128), ("mmdet", 1, 64)],
-)
-def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, lift_near, block_a, monkeypatch,
-                                                                        generator):  # fmt: skip
+    "mode, lift_near, block_a, load_anchors",
+    [(mode, 1, 128, False) for mode in MODES] + [("mmdet", 2, 128, False), ("mmdet", 1, 64, False)]
+    + [(mode, 1, 128, True) for mode in MODES],
+)  # fmt: skip
+def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, lift_near, block_a, load_anchors,
+                                                                        monkeypatch, generator):  # fmt: skip
     """The gather gives the reference's targets, dense and sparse, at the GPU's block
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
     pre-match border rule and padded sizes (both taking anchors out of each box's
@@ -946,8 +950,10 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(mode, li
     (the sparse pass reads the marks the count stored; ssd_forced marks with
     forced_kernel, whose marks every pass reads). Boxes are tested 8 at a time, so that an image's near boxes
     span several steps (and tied boxes straddle them), and the lift visits them 1 and 2
-    at a time; also in blocks of 64 anchors (``gpu_sweep.py`` times them)."""
-    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near, block_a=block_a)
+    at a time; also in blocks of 64 anchors, and with the grid's anchors loaded instead of
+    built in each block (``gpu_sweep.py`` times both)."""
+    launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near, block_a=block_a,
+                       load_anchors=load_anchors)  # fmt: skip
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
