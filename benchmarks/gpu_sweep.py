@@ -22,14 +22,14 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, targets
    (labels, matched boxes, deltas, classes) checked equal to the walk's; a variant that
    fails is reported and skipped; then a verdict per variant (points where it beat the
-   walk; targets equal or not).
-4. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
+   walk, then where it beat the gather as it is, the default; targets equal or not).
+4. Where each matching is faster: ``solve`` and ``solve_sparse``, walk and gather, over
+   B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch
+   choice of the matching would be placed by).
+5. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
    add a copy of the boxes into the graph's input buffers (and bucketed box counts).
-5. Where each matching is faster: ``solve`` and ``solve_sparse``, walk and gather, over
-   B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch
-   choice of the matching would be placed by).
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
@@ -89,15 +89,16 @@ def set_direct_launches(direct: bool) -> None:
         getattr(triton_backend, name).direct = direct
 
 
-def matching_verdict(points: list[dict]) -> str:
-    """One line per variant: at how many points it beat the walk, ``solve`` and
-    ``solve_sparse`` apart, and whether its targets ever differed (what making the gather
-    the default waits for). Points where the walk failed compare nothing."""
-    lines = ["verdict against the walk (points faster: solve, solve_sparse; targets):"]
-    variants = list(dict.fromkeys(name for point in points for name in point["ms"] if name != "walk"))
+def matching_verdict(points: list[dict], baseline: str = "walk") -> str:
+    """One line per variant: at how many points it beat ``baseline`` (the walk, or the
+    default gather for its variants), ``solve`` and ``solve_sparse`` apart, and whether
+    its targets ever differed from the walk's. Points where the baseline failed compare
+    nothing."""
+    lines = [f"verdict against the {baseline} (points faster: solve, solve_sparse; targets):"]
+    variants = list(dict.fromkeys(name for point in points for name in point["ms"] if name != baseline))
     for name in variants:
-        timed = [point for point in points if name in point["ms"] and "walk" in point["ms"]]
-        faster = [sum(point["ms"][name][i] < point["ms"]["walk"][i] for point in timed) for i in (0, 1)]
+        timed = [point for point in points if name in point["ms"] and baseline in point["ms"]]
+        faster = [sum(point["ms"][name][i] < point["ms"][baseline][i] for point in timed) for i in (0, 1)]
         same = not any(name in point["differ"] for point in timed)
         lines.append(f"  {name}: {faster[0]} / {len(timed)}, {faster[1]} / {len(timed)}; "
                      f"{'equal' if same else 'DIFFER'}")  # fmt: skip
@@ -246,20 +247,7 @@ def main() -> None:
         record["matching"].append(dict(batch=point[0], boxes=point[1], differ=differ,
                                        ms={name: row[name][:2] for name in row}))  # fmt: skip
     say(matching_verdict(record["matching"]))
-
-    say("== CUDA graphs: solve captured once, replayed ==")
-    record["graphs"] = []
-    for batch in (1, 8, 32):
-        problem = problem_for(batch, None)[0]
-        try:
-            row = graph_replay(problem)
-        except Exception as error:  # the experiment's answer, not the sweep's end
-            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
-            continue
-        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
-            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
-            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
-        record["graphs"].append(dict(batch=batch, **row))
+    say(matching_verdict(record["matching"], baseline="gather"))  # which variant becomes the default next
 
     # Neither matching wins everywhere (run10 against run11, GPU time): the gather on
     # crowded images and small batches, the walk on large batches of few boxes (B = 32
@@ -284,6 +272,20 @@ def main() -> None:
                 f"{gather[1]:7.3f}  gather / walk {gather[0] / walk[0]:.2f} / {gather[1] / walk[1]:.2f}"
                 f"{'' if same else '  TARGETS DIFFER'}")  # fmt: skip
             record["boundary"].append(dict(batch=batch, boxes=boxes, walk_ms=walk, gather_ms=gather, same=same))
+
+    say("== CUDA graphs: solve captured once, replayed ==")
+    record["graphs"] = []
+    for batch in (1, 8, 32):
+        problem = problem_for(batch, None)[0]
+        try:
+            row = graph_replay(problem)
+        except Exception as error:  # the experiment's answer, not the sweep's end
+            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
+            continue
+        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
+            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
+            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
+        record["graphs"].append(dict(batch=batch, **row))
 
     say(json.dumps(record))
     report.close()

@@ -78,6 +78,9 @@ def test_the_matching_verdict_compares_with_the_walk_where_it_ran():
               {"batch": 8, "boxes": None, "differ": ["gather"], "ms": {"walk": (1.0, 2.0), "gather": (0.9, 1.0)}},
               {"batch": 32, "boxes": None, "differ": [], "ms": {"gather": (0.1, 0.1)}}]  # fmt: skip
     assert gpu_sweep.matching_verdict(points).splitlines()[1] == "  gather: 2 / 2, 1 / 2; DIFFER"
+    against_gather = gpu_sweep.matching_verdict(points, baseline="gather").splitlines()
+    assert against_gather == ["verdict against the gather (points faster: solve, solve_sparse; targets):",
+                              "  walk: 0 / 2, 1 / 2; equal"]  # fmt: skip
 
 
 @pytest.mark.skipif(
