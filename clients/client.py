@@ -1215,6 +1215,8 @@ class TargetClient(_Base):
                 self._ended(unanswered)
                 return
             except grpc.RpcError as failure:
+                if self._closes != closes and failure.code() == grpc.StatusCode.CANCELLED:  # close() under it
+                    raise self._closed_under_call() from None
                 error = self._silent(index, watchdog) if watchdog is not None and watchdog.fired else failure
                 if attempt == 0:
                     broke, reconnect = time.monotonic(), self._deadline(None)

@@ -1344,22 +1344,30 @@ def test_closing_a_client_during_a_call_in_flight_fails_it_cancelled():
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         address = f"127.0.0.1:{silent.getsockname()[1]}"
+        item = {"gt_boxes": BOXES, "gt_counts": [2]}
         calls = {
             "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
+            "stream": lambda client: client.stream([item], preset=PRESET, canvas=CANVAS),
             "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
         }
         for name, use in calls.items():
             client = TargetClient(address, timeout=20)
             threading.Timer(0.5, client.close).start()
             with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                use(client)
+                result = use(client)
+                if name == "stream":
+                    list(result)
 
-            async def run(use=use):
+            async def run(use=use, name=name):
                 client = AsyncTargetClient(address, timeout=20)
                 asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(client.close()))
                 start = time.monotonic()
                 with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                    await use(client)
+                    result = use(client)
+                    if name == "stream":
+                        [t async for t in result]
+                    else:
+                        await result
                 return time.monotonic() - start
 
             assert asyncio.run(run()) < 3, name
