@@ -47,7 +47,7 @@
 # whole check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); each
 # later step (sweep 120 s, service 90 s twice, anchor scan 60 s) is skipped when it could
 # end past the budget, and says so. On the H200 (run10, 2026-12-04) the whole suite
-# (1,773 tests on 12 workers) took ~210 s, the bench ~80 s, and every step ran in 504 s
+# (1,776 tests: 1,771 on 12 workers, the 5 wheel-building ones beside them) took ~210 s, the bench ~80 s, and every step ran in 504 s
 # at GPU_CHECK_BUDGET=560 in a 590 s device call; the sweep has grown since, so at that
 # budget the last step (the service on 8 front ends) may be skipped. At the default
 # budget the tests get 121 s (the `gpu` and Triton-path ones come first) and the service

@@ -228,9 +228,10 @@ def main() -> None:
         "",
         f"triton {triton.__version__}; {m.num_warps} warps per program; block sizes {m}. "
         "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin). "
-        "The pair kernels run capped (Triton's `maxnreg`, `pair_registers` above; `gpu_sweep.py` times "
-        "the caps): a capped kernel keeps its extra values in a local-memory stack frame, so more "
-        "programs fit an SM for a few more instructions and L1-cached loads, which paid on the H200 "
+        "The pair kernels run capped (Triton's `maxnreg`, `pair_registers` above; the H200 sweeps "
+        "of run6 and run8 timed the caps): a capped kernel keeps its extra values in a local-memory "
+        "stack frame, so more programs fit an SM for a few more instructions and L1-cached loads, "
+        "which paid on the H200 "
         "(benchmarks/results/gpu_h200/run6/sweep.txt). Atomics are relaxed (`triton_assign`'s docstring): "
         "with Triton's default acq_rel each atomic of the scatter and the lift came with a fence (followed "
         "by CCTL.IVALL, dropping the L1 cache) and waited for its result, where the last column counts "

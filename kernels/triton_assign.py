@@ -39,8 +39,8 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    output rows, writes the sparse lists straight away (``OUTPUT_SPARSE``): dense targets
    never exist on the sparse path.
 
-Stages 2-3 may instead run as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
-the walk above stays the default until a GPU run measures both): a program per
+Stages 2-3 run by default as a gather (``gather_kernel``, ``_Meta.matching = "gather"``;
+the default since the H200 timed both, run10; the walk above is the baseline): a program per
 finalize block of anchors tests its image's boxes 128 at a time against the bounding
 boxes of the block's two parts (cut where a block runs from one row of cells into the
 next), lists the near ones (a scan; a byte per anchor and image of list memory)

@@ -65,8 +65,8 @@ from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
-# solve_sparse checks the gt boxes in segments_kernel and reads the flag back with the
-# lists' lengths (``problem.CheckBoxesFirst``): no read-back before its launches. The dense
+# solve_sparse checks the gt boxes in gather_kernel (segments_kernel with the walk) and
+# reads the flag back with the lists' lengths (``problem.CheckBoxesFirst``): no read-back before its launches. The dense
 # solve reads nothing back, so its boxes are checked before it, as build_problem does.
 CHECKS_GT_BOXES = ("solve_sparse",)
 
@@ -685,13 +685,14 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     image, ``_ROWS_PER_IMAGE``; at most B x A rows), then the two totals are read back
     once, and the lists are returned cut to length. A batch with more rows than that, or
     the first batch of an anchor count, is written again into lists of its exact length.
-    For a problem whose gt boxes are unchecked, ``segments_kernel`` checks them and its
-    flag comes back beside the totals (24 bytes in all): ``CheckBoxesFirst`` if it is set.
+    For a problem whose gt boxes are unchecked, ``gather_kernel`` (``segments_kernel``
+    with the walk) checks them and its flag comes back beside the totals (24 bytes in
+    all): ``CheckBoxesFirst`` if it is set.
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
     if not problem.gt_boxes_checked and num_anchors == 0 and launch.num_rows > 0:
-        raise CheckBoxesFirst  # no segments_kernel runs to check the boxes
+        raise CheckBoxesFirst  # no kernel runs to check the boxes
     has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
     # back with the totals beside it (scan_kernel writes them all).

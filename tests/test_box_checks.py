@@ -1,6 +1,7 @@
 """Backends that read every gt box check them as they read them (``CHECKS_GT_BOXES``):
 the cpu backend in the C call that solves them, the triton backend's sparse path in
-``segments_kernel``, whose flag comes back with the lists' lengths. ``build_problem`` then
+``gather_kernel`` (``segments_kernel`` with the pair walk: every test runs with both
+matchings), whose flag comes back with the lists' lengths. ``build_problem`` then
 skips its own pass over the gt boxes (on a GPU, a read-back before the launches); a
 backend that finds a box which may be invalid raises ``CheckBoxesFirst``, and ``assign``
 builds the problem again with the full check, which raises or drops as it always did."""
@@ -36,6 +37,22 @@ INVALID_KINDS = [
 
 
 TRITON = pytest.mark.skipif(not triton_runs_here(), reason="the triton backend needs a CUDA GPU or its interpreter")
+
+
+@pytest.fixture(autouse=True, params=["gather", "walk"])
+def matching(request, monkeypatch):
+    """The triton backend's matching (``_Meta.matching``): each checks the boxes in its own kernel."""
+    if importlib.util.find_spec("triton") is None:
+        return
+    import dataclasses
+
+    from tritarget.kernels import triton_backend
+
+    for meta in ("_INTERPRETED", "_COMPILED"):
+        changed = dataclasses.replace(getattr(triton_backend, meta), matching=request.param)
+        monkeypatch.setattr(triton_backend, meta, changed)
+
+
 SOLVERS = [("cpu", "solve"), ("cpu", "solve_sparse"), pytest.param("triton", "solve_sparse", marks=TRITON)]
 
 

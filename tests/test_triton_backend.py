@@ -176,7 +176,7 @@ def _pair_launches(monkeypatch, option: str, **meta) -> list:
 
 def test_scatter_without_precheck(monkeypatch, generator):
     """``scatter_precheck=False`` (every overlapping pair sends its atomics, unread: what
-    ``gpu_sweep.py`` times against the default) reaches the scatter launch and gives the
+    the H200 sweeps of run6-run10 timed against the walk's default) reaches the scatter launch and gives the
     same targets, ties to the lowest box and low-quality matches included, over chunks
     inside one rectangle and chunks across many (the GPU's 256-pair chunks)."""
     launched = _pair_launches(monkeypatch, "PRECHECK", scatter_precheck=False, pair_programs=3)
@@ -359,7 +359,7 @@ def test_row_estimates_are_updated_by_threads_at_once(monkeypatch):
 
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
     """``pair_registers`` reaches the pair kernels' launches as Triton's ``maxnreg`` (what
-    ``gpu_sweep.py`` varies): compiled on a GPU, the capped kernels still match the
+    the H200 sweeps of run6-run10 varied): compiled on a GPU, the capped kernels still match the
     reference; the interpreter takes the option and ignores it."""
     launched = _pair_launches(monkeypatch, "maxnreg", pair_registers=48)
     boxes, counts = random_batch(generator, [6, 3], (64, 256), max_frac=0.2)
