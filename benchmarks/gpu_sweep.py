@@ -260,12 +260,17 @@ def main() -> None:
         for boxes in (None, 50, 200, 1000):
             problem = problem_for(batch, boxes)[0]
             row = {}
-            for matching in ("walk", "gather"):
-                triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
-                row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
-                                 bench(lambda p=problem: triton_backend.solve_sparse(p)),
-                                 _outputs(triton_backend.solve(problem)))  # fmt: skip
-            triton_backend._COMPILED = default
+            try:
+                for matching in ("walk", "gather"):
+                    triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
+                    row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
+                                     bench(lambda p=problem: triton_backend.solve_sparse(p)),
+                                     _outputs(triton_backend.solve(problem)))  # fmt: skip
+            except Exception as error:  # the cell's answer, not the sweep's end
+                say(f"B={batch} G={boxes or '~7'}: failed: {type(error).__name__}: {error}")
+                continue
+            finally:
+                triton_backend._COMPILED = default
             same = all(map(torch.equal, row["walk"][2], row["gather"][2]))
             walk, gather = row["walk"][:2], row["gather"][:2]
             say(f"B={batch:<3} G={boxes or '~7':<5} walk {walk[0]:7.3f} / {walk[1]:7.3f}  gather {gather[0]:7.3f} / "
