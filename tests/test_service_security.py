@@ -59,8 +59,9 @@ def test_refused_calls_get_their_access_log_line(caplog):
             with TargetClient(srv.address, token=token, retries=0) as client:
                 with contextlib.suppress(TargetServiceError):
                     _assign(client)
-        # This test's unary calls: once in CI a stray AssignStream (an earlier test's client
-        # reconnecting to a port this server had been given) logged a refusal here too.
+        # This test's unary calls: the module's auth_server logs the previous test's refused
+        # stream when its handler ends, which came after that test once in CI, inside this
+        # capture (the logger is the process's).
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
         lines = [line for line in lines if line.startswith("Assign ")]
     assert len(lines) == 2, lines
