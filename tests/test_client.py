@@ -1298,79 +1298,69 @@ def test_closing_the_async_client_under_its_calls_fails_them_as_the_blocking_one
         asyncio.run(run(stream))
 
 
+# Calls that wait for a server, and what each must raise when the client is closed under it.
+CALLS_THAT_WAIT = {
+    "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
+    "stream": lambda client: client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}], preset=PRESET, canvas=CANVAS),
+    "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
+}
+CLOSED_UNDER_IT = "CANCELLED: the client was closed while this call waited"
+
+
+def _closed_while_waiting(address: str, name: str, after: float, **options) -> tuple[float, list]:
+    """Seconds until the blocking call ``name`` ended CANCELLED, its client closed by another
+    thread ``after`` seconds in, and the channels the client then held."""
+    with TargetClient(address, **options) as client:
+        threading.Timer(after, client.close).start()
+        start = time.monotonic()
+        with pytest.raises(TargetServiceError, match=CLOSED_UNDER_IT):
+            result = CALLS_THAT_WAIT[name](client)
+            if name == "stream":
+                list(result)
+        return time.monotonic() - start, list(client._channels)  # before the with's own close()
+
+
+async def _closed_while_waiting_async(address: str, name: str, after: float, **options) -> tuple[float, list]:
+    """The same with the asyncio client, closed by another task."""
+    client = AsyncTargetClient(address, **options)
+    asyncio.get_running_loop().call_later(after, lambda: asyncio.ensure_future(client.close()))
+    start = time.monotonic()
+    with pytest.raises(TargetServiceError, match=CLOSED_UNDER_IT):
+        result = CALLS_THAT_WAIT[name](client)
+        if name == "stream":
+            [t async for t in result]
+        else:
+            await result
+    took = time.monotonic() - start
+    await asyncio.sleep(0.05)  # the close() task has finished
+    return took, client._channels
+
+
 def test_closing_a_client_stops_its_calls_that_look_for_a_server():
     """A call retrying a dead endpoint went on until its deadline after ``close()`` (4 s of
     a 4 s timeout) and opened channels again that nothing would close; unary calls,
     streams and health waits, blocking and asyncio, now end CANCELLED within a backoff."""
     dead = f"127.0.0.1:{_free_port()}"
-    calls = {
-        "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
-        "stream": lambda client: client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}], preset=PRESET, canvas=CANVAS),
-        "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
-    }
-    for name, use in calls.items():
-        with TargetClient(dead, timeout=20, backoff=0.05, max_backoff=0.2) as client:
-            threading.Timer(0.3, client.close).start()
-            start = time.monotonic()
-            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                result = use(client)
-                if name == "stream":
-                    list(result)
-            assert time.monotonic() - start < 2, name
-            assert client._channels == [], name
-
-        async def run(use=use, name=name):
-            client = AsyncTargetClient(dead, timeout=20, backoff=0.05, max_backoff=0.2)
-            asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(client.close()))
-            start = time.monotonic()
-            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                result = use(client)
-                if name == "stream":
-                    [t async for t in result]
-                else:
-                    await result
-            await asyncio.sleep(0.05)  # the close() task has finished
-            return time.monotonic() - start, client._channels
-
-        took, channels = asyncio.run(run())
+    options = dict(timeout=20, backoff=0.05, max_backoff=0.2)
+    for name in CALLS_THAT_WAIT:
+        took, channels = _closed_while_waiting(dead, name, 0.3, **options)
+        assert took < 2 and channels == [], name
+        took, channels = asyncio.run(_closed_while_waiting_async(dead, name, 0.3, **options))
         assert took < 2 and channels == [], name
 
 
 def test_closing_a_client_during_a_call_in_flight_fails_it_cancelled():
     """close() while a call waited on the wire (a listener that never answers): the asyncio
     health wait raised asyncio.CancelledError, as if its task were cancelled (it was
-    caught only when close() came between two checks: CI saw it once in ~10 runs)."""
+    caught only when close() came between two checks: CI saw it once in ~10 runs), and
+    the blocking client's calls and streams ended with gRPC's "Channel closed!"."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         address = f"127.0.0.1:{silent.getsockname()[1]}"
-        item = {"gt_boxes": BOXES, "gt_counts": [2]}
-        calls = {
-            "assign": lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET),
-            "stream": lambda client: client.stream([item], preset=PRESET, canvas=CANVAS),
-            "wait_until_ready": lambda client: client.wait_until_ready(timeout=20),
-        }
-        for name, use in calls.items():
-            client = TargetClient(address, timeout=20)
-            threading.Timer(0.5, client.close).start()
-            with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                result = use(client)
-                if name == "stream":
-                    list(result)
-
-            async def run(use=use, name=name):
-                client = AsyncTargetClient(address, timeout=20)
-                asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(client.close()))
-                start = time.monotonic()
-                with pytest.raises(TargetServiceError, match="CANCELLED: the client was closed while this call waited"):
-                    result = use(client)
-                    if name == "stream":
-                        [t async for t in result]
-                    else:
-                        await result
-                return time.monotonic() - start
-
-            assert asyncio.run(run()) < 3, name
+        for name in CALLS_THAT_WAIT:
+            assert _closed_while_waiting(address, name, 0.5, timeout=20)[0] < 3, name
+            assert asyncio.run(_closed_while_waiting_async(address, name, 0.5, timeout=20))[0] < 3, name
 
 
 def test_a_client_closed_by_another_thread_fails_its_calls_cancelled(two_servers):
