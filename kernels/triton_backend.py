@@ -66,8 +66,9 @@ from .triton_launch import Launcher
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
 # solve_sparse checks the gt boxes in gather_kernel (segments_kernel with the walk) and
-# reads the flag back with the lists' lengths (``problem.CheckBoxesFirst``): no read-back before its launches. The dense
-# solve reads nothing back, so its boxes are checked before it, as build_problem does.
+# reads the flag back with the lists' lengths (``problem.CheckBoxesFirst``): no read-back
+# before its launches. The dense solve reads nothing back, so its boxes are checked
+# before it, as build_problem does.
 CHECKS_GT_BOXES = ("solve_sparse",)
 
 
@@ -79,8 +80,9 @@ class _Meta:
     compiler's choice, 80 on sm_90; ``benchmarks/results/kernel_resources.md``),
     whether the scatter loads each word before its atomic (``triton_assign._chunk``),
     how stages 2-3 find the overlapping pairs: "gather" (``gather_kernel``: per block of
-    anchors, its image's boxes; the default since the H200 timed both, run10: faster at
-    every point, dense and sparse) or "walk" (the candidate rectangles' pairs, one
+    anchors, its image's boxes; the default since the H200 timed both: faster calls at
+    every point of run10's sweep, dense and sparse, but more GPU time than the walk on
+    large batches of few boxes, run11) or "walk" (the candidate rectangles' pairs, one
     ``atomic_max`` each; kept as the baseline gpu_sweep.py times), how many boxes the
     gather tests at once, how many near ones it visits at once, a cap on its registers
     (None: the compiler's choice), and how many near boxes the gather's lift (inside the
