@@ -10,22 +10,21 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
-3. The pair walk against the gather by anchor block (``_Meta.matching``), the gather
-   also with 1, 2 and 8 near boxes visited at once (``gather_near``), capped at 64
-   registers (``gather_registers``: 8 programs per SM instead of 5), with the finalize's
-   lift four boxes at a time (``lift_near``), the finalize that lifts capped at 40
-   registers (``finalize_registers``), with a generated grid's anchors loaded instead of
-   built in every block (``load_anchors``), and in blocks of 64 anchors (``block_a``,
-   the finalize's too: 1.56x the overlapping pairs evaluated at G = 200 instead of 1.86x,
-   1.68x the (box, block) visits, 72 registers instead of 96 under the GPU image's Triton 3.6;
-   ``bench_gpu.py --pairs``, ``results/kernel_resources_triton3.6/``): ``solve`` and
-   ``solve_sparse`` at B = 1, 8, 32 (G ~ 7), B = 32 G = 200 and B = 8 G = 1000, targets
-   (labels, matched boxes, deltas, classes) checked equal to the walk's; a variant that
-   fails is reported and skipped; then a verdict per variant (points where it beat the
-   walk, then where it beat the gather as it is, the default; targets equal or not).
-4. Where each matching is faster: ``solve`` and ``solve_sparse``, walk and gather, over
-   B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch
-   choice of the matching would be placed by).
+3. The pair walk against the gather by anchor block (``_Meta.matching``) and the
+   gather's variants: 1 and 2 near boxes visited at once (``gather_near``; 8, the lift
+   four boxes at a time and blocks of 64 anchors lost in run10-run12 and left), and
+   without each of the three settings run12 made the defaults -- a generated grid's
+   anchors loaded (``load_anchors``), the gather capped at 64 registers
+   (``gather_registers``), the finalize that lifts at 40 (``finalize_registers``) -- and
+   without all three: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32 G = 200,
+   B = 8 and B = 1 at G = 1000, targets (labels, matched boxes, deltas, classes) checked
+   equal to the walk's; a variant that fails is reported and skipped; then a verdict per
+   variant (points where it beat the walk, then where it beat the default gather, and
+   its time over theirs as a geometric mean; targets equal or not).
+4. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather
+   and the gather as run10 left it (built anchors, uncapped), over B = 1, 8, 32, 64 x
+   G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch choice of the
+   matching would be placed by).
 5. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
@@ -33,6 +32,7 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
+``--sections`` picks some of host, launches, matching, boundary, graphs (default: all).
 Writes ``sweep.txt`` under ``--out`` line by line as it measures (gpu_check.sh's timeout
 may end it), with the JSON on its last line when it finishes.
 """
@@ -44,7 +44,9 @@ import cProfile
 import dataclasses
 import io
 import json
+import math
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -56,6 +58,9 @@ from tritarget.kernels.problem import build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 PRESET = "retinanet_torchvision"
+SECTIONS = ("host", "launches", "matching", "boundary", "graphs")
+# (batch, boxes per image; None: COCO-like, G ~ 7) where the variants of the matching run.
+MATCHING_POINTS = [(1, None), (8, None), (32, None), (64, None), (32, 200), (8, 1000), (1, 1000)]
 
 
 def problem_for(batch: int, boxes: int | None):
@@ -94,14 +99,17 @@ def matching_verdict(points: list[dict], baseline: str = "walk") -> str:
     default gather for its variants), ``solve`` and ``solve_sparse`` apart, and whether
     its targets ever differed from the walk's. Points where the baseline failed compare
     nothing."""
-    lines = [f"verdict against the {baseline} (points faster: solve, solve_sparse; targets):"]
+    lines = [f"verdict against the {baseline} (points faster: solve, solve_sparse; time / its (geomean); targets):"]
     variants = list(dict.fromkeys(name for point in points for name in point["ms"] if name != baseline))
     for name in variants:
         timed = [point for point in points if name in point["ms"] and baseline in point["ms"]]
         faster = [sum(point["ms"][name][i] < point["ms"][baseline][i] for point in timed) for i in (0, 1)]
         same = not any(name in point["differ"] for point in timed)
+        # How much faster, not only where: the geometric mean of time / the baseline's.
+        ratios = [math.exp(statistics.fmean(math.log(p["ms"][name][i] / p["ms"][baseline][i]) for p in timed))
+                  if timed else math.nan for i in (0, 1)]  # fmt: skip
         lines.append(f"  {name}: {faster[0]} / {len(timed)}, {faster[1]} / {len(timed)}; "
-                     f"{'equal' if same else 'DIFFER'}")  # fmt: skip
+                     f"time x{ratios[0]:.3f}, x{ratios[1]:.3f}; {'equal' if same else 'DIFFER'}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -144,7 +152,12 @@ def graph_replay(problem) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which of {', '.join(SECTIONS)} to run, comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Written line by line: gpu_check.sh stops the sweep at its step's timeout, and what
@@ -162,7 +175,7 @@ def main() -> None:
     )
 
     say("== host versus device (solve, COCO-like G ~ 7) ==")
-    for batch in (1, 32):
+    for batch in (1, 32) if "host" in sections else ():
         problem, (gt, counts, classes, config) = problem_for(batch, None)
         solve_ms = bench(lambda p=problem: triton_backend.solve(p))
         sparse_ms = bench(lambda p=problem: triton_backend.solve_sparse(p))
@@ -196,7 +209,7 @@ def main() -> None:
 
     say("== launches: compiled variants directly (triton_launch) against the JIT's launch ==")
     record["launches"] = []
-    for batch in (1, 32):
+    for batch in (1, 32) if "launches" in sections else ():
         problem = problem_for(batch, None)[0]
         row = {"batch": batch}
         for direct in (False, True):
@@ -213,18 +226,18 @@ def main() -> None:
     record["matching"] = []
     default = triton_backend._COMPILED
     variants = {"walk": dict(matching="walk"), "gather": dict(matching="gather")}
-    variants |= {f"gather near={n}": dict(matching="gather", gather_near=n) for n in (1, 2, 8)}
-    variants["gather <=64 registers"] = dict(matching="gather", gather_registers=64)
-    variants["gather lift near=4"] = dict(matching="gather", lift_near=4)  # the finalize's lift tile
-    variants["gather block_a=64"] = dict(matching="gather", block_a=64)  # the tile's granularity
-    # The finalize that lifts holds 56 registers against 40 (9 programs per SM, not 12):
-    # at B = 32, G ~ 7 it took 0.116 ms against the walk's 0.071 (run11).
-    variants["gather, lifting finalize <=40 registers"] = dict(matching="gather", finalize_registers=40)
-    # A generated grid's anchors loaded (3.2 MB for RetinaNet, L2-resident) instead of each
-    # block building them from the level tables in every image (~500 instructions a block).
-    variants["gather, anchors loaded"] = dict(matching="gather", load_anchors=True)
+    variants |= {f"gather near={n}": dict(matching="gather", gather_near=n) for n in (1, 2)}
+    # Each of the three settings run12 made the defaults, undone alone, then all three:
+    # the gather uncapped holds 96 registers (5 programs per SM, not 8), the finalize that
+    # lifts 56 (9, not 12), and a block builds its anchors from the level tables (~500
+    # instructions a block) instead of loading the grid's (3.2 MB for RetinaNet, L2-resident).
+    variants["gather uncapped"] = dict(matching="gather", gather_registers=None)
+    variants["gather, lifting finalize uncapped"] = dict(matching="gather", finalize_registers=None)
+    variants["gather, anchors built"] = dict(matching="gather", load_anchors=False)
+    as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None)
+    variants["gather as run10 left it"] = as_run10
     failed = set()
-    for point in [(1, None), (8, None), (32, None), (32, 200), (8, 1000)]:
+    for point in MATCHING_POINTS if "matching" in sections else ():
         problem = problem_for(*point)[0]
         row = {}
         for name, change in variants.items():
@@ -246,41 +259,47 @@ def main() -> None:
             f"{f'  LABELS DIFFER: {differ}' if differ else ''}")  # fmt: skip
         record["matching"].append(dict(batch=point[0], boxes=point[1], differ=differ,
                                        ms={name: row[name][:2] for name in row}))  # fmt: skip
-    say(matching_verdict(record["matching"]))
-    say(matching_verdict(record["matching"], baseline="gather"))  # which variant becomes the default next
+    if record["matching"]:
+        say(matching_verdict(record["matching"]))
+        say(matching_verdict(record["matching"], baseline="gather"))  # which variant becomes the default next
 
     # Neither matching wins everywhere (run10 against run11, GPU time): the gather on
     # crowded images and small batches, the walk on large batches of few boxes (B = 32
     # and 64 at G ~ 7) and on one image of 1,000 boxes. Where the boundary lies decides
     # whether a per-batch rule pays; the walk's own launch parameters were swept in
     # run6, run8 and run10 and stood.
-    say("== matching over batch x boxes per image: solve / solve_sparse ms, walk against gather ==")
+    say("== matching over batch x boxes per image: solve / solve_sparse ms, walk against the gathers ==")
     record["boundary"] = []
-    for batch in (1, 8, 32, 64):
+    contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10}
+    for batch in (1, 8, 32, 64) if "boundary" in sections else ():
         for boxes in (None, 50, 200, 1000):
             problem = problem_for(batch, boxes)[0]
             row = {}
             try:
-                for matching in ("walk", "gather"):
-                    triton_backend._COMPILED = dataclasses.replace(default, matching=matching)
-                    row[matching] = (bench(lambda p=problem: triton_backend.solve(p)),
-                                     bench(lambda p=problem: triton_backend.solve_sparse(p)),
-                                     _outputs(triton_backend.solve(problem)))  # fmt: skip
+                for name, change in contenders.items():
+                    triton_backend._COMPILED = dataclasses.replace(default, **change)
+                    row[name] = (bench(lambda p=problem: triton_backend.solve(p)),
+                                 bench(lambda p=problem: triton_backend.solve_sparse(p)),
+                                 _outputs(triton_backend.solve(problem)))  # fmt: skip
             except Exception as error:  # the cell's answer, not the sweep's end
                 say(f"B={batch} G={boxes or '~7'}: failed: {type(error).__name__}: {error}")
                 continue
             finally:
                 triton_backend._COMPILED = default
-            same = all(map(torch.equal, row["walk"][2], row["gather"][2]))
-            walk, gather = row["walk"][:2], row["gather"][:2]
-            say(f"B={batch:<3} G={boxes or '~7':<5} walk {walk[0]:7.3f} / {walk[1]:7.3f}  gather {gather[0]:7.3f} / "
-                f"{gather[1]:7.3f}  gather / walk {gather[0] / walk[0]:.2f} / {gather[1] / walk[1]:.2f}"
-                f"{'' if same else '  TARGETS DIFFER'}")  # fmt: skip
-            record["boundary"].append(dict(batch=batch, boxes=boxes, walk_ms=walk, gather_ms=gather, same=same))
+            same = all(all(map(torch.equal, row["walk"][2], row[name][2])) for name in row)
+            walk = row["walk"]
+            cells = "  ".join(
+                f"{name} {row[name][0]:7.3f} / {row[name][1]:7.3f}"
+                + ("" if name == "walk" else f" (x{row[name][0] / walk[0]:.2f} / x{row[name][1] / walk[1]:.2f})")
+                for name in row
+            )
+            say(f"B={batch:<3} G={boxes or '~7':<5} {cells}{'' if same else '  TARGETS DIFFER'}")
+            record["boundary"].append(dict(batch=batch, boxes=boxes, same=same,
+                                           ms={name: row[name][:2] for name in row}))  # fmt: skip
 
     say("== CUDA graphs: solve captured once, replayed ==")
     record["graphs"] = []
-    for batch in (1, 8, 32):
+    for batch in (1, 8, 32) if "graphs" in sections else ():
         problem = problem_for(batch, None)[0]
         try:
             row = graph_replay(problem)

@@ -115,7 +115,13 @@ class _Meta:
             raise ValueError(f"gather_boxes: 1 to 256 boxes tested at once, got {self.gather_boxes}")
 
 
-# Compiled: 128 anchors per finalize program (one per thread at 4 warps), testing crowd
+# Compiled, the gather's three (run12, benchmarks/results/gpu_h200/run12/combos/sweep.txt):
+# anchors loaded, the gather capped at 64 registers and the lifting finalize at 40 beat
+# the gather as run10 left it at 5 of 7 points for solve and 6 for solve_sparse, 0.88x
+# and 0.94x its time (geometric means; each alone 0.94-0.99x), and the gather so set
+# beat the walk in 15 of the 16 cells of B = 1-64 x G ~ 7-1,000 (all but one image of
+# 1,000 boxes), where the gather as it was had lost 4-5. 128 anchors per finalize
+# program (one per thread at 4 warps), testing crowd
 # regions 2 at a time: the [BLOCK_G, BLOCK_A] tile of that loop set the finalize's
 # registers (8 per tile: 56-67 per thread, 7-9 programs resident per SM; 2: 35-40,
 # 12-14; kernel_resources.md), and an image has few crowd regions. Pairs: the
@@ -128,7 +134,7 @@ class _Meta:
 # Interpreter: every tl operation is one numpy call whatever its size, so larger blocks
 # mean fewer Python-level steps (CI time); 3 pair programs still exercise the split.
 _COMPILED = _Meta(block_a=128, block_p=256, block_g=2, segment_rows=2, pair_programs=32, num_warps=4,
-                  pair_registers=64)  # fmt: skip
+                  pair_registers=64, gather_registers=64, finalize_registers=40, load_anchors=True)  # fmt: skip
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4,
                      gather_boxes=64, gather_near=8, lift_near=8)  # fmt: skip
 

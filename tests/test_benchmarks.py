@@ -77,10 +77,11 @@ def test_the_matching_verdict_compares_with_the_walk_where_it_ran():
     points = [{"batch": 1, "boxes": None, "differ": [], "ms": {"walk": (1.0, 2.0), "gather": (0.5, 3.0)}},
               {"batch": 8, "boxes": None, "differ": ["gather"], "ms": {"walk": (1.0, 2.0), "gather": (0.9, 1.0)}},
               {"batch": 32, "boxes": None, "differ": [], "ms": {"gather": (0.1, 0.1)}}]  # fmt: skip
-    assert gpu_sweep.matching_verdict(points).splitlines()[1] == "  gather: 2 / 2, 1 / 2; DIFFER"
+    # Time ratios: solve sqrt(0.5 * 0.9), solve_sparse sqrt(1.5 * 0.5).
+    assert gpu_sweep.matching_verdict(points).splitlines()[1] == "  gather: 2 / 2, 1 / 2; time x0.671, x0.866; DIFFER"
     against_gather = gpu_sweep.matching_verdict(points, baseline="gather").splitlines()
-    assert against_gather == ["verdict against the gather (points faster: solve, solve_sparse; targets):",
-                              "  walk: 0 / 2, 1 / 2; equal"]  # fmt: skip
+    assert against_gather == ["verdict against the gather (points faster: solve, solve_sparse; time / its (geomean); "
+                              "targets):", "  walk: 0 / 2, 1 / 2; time x1.491, x1.155; equal"]  # fmt: skip
 
 
 @pytest.mark.skipif(
