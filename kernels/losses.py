@@ -3,8 +3,10 @@
 A dense target tensor for RetinaNet is [B, A, C] (a one-hot class per anchor); the
 sparse form lists only positives and ignored anchors. Each loss here is computed
 element-wise over the network's outputs as if every anchor were negative, then the
-listed anchors are patched in place: ignored anchors are zeroed, positives get their
-positive-target value at their class. The box losses read only the positives' rows.
+listed anchors are patched in place: ignored anchors are zeroed (their outputs replaced
+by 0 before, so that no gradient reaches them, as none does in torchvision's, which
+index the anchors they count), positives get their positive-target value at their
+class. The box losses read only the positives' rows.
 
 What they equal (tested against torchvision itself):
 
@@ -100,6 +102,24 @@ def _rows(offsets: torch.Tensor, total: int, device: torch.device) -> torch.Tens
     return torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=total)
 
 
+def _ignored(targets: SparseTargets, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, anchor) int64 indices of the ignored anchors."""
+    return (_rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device),
+            targets.ignored_anchors.to(device).long())  # fmt: skip
+
+
+def _unread(outputs: torch.Tensor, ignored: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``outputs`` with the ignored anchors' rows replaced by 0, out of place.
+
+    torchvision's losses index the anchors they count, so an ignored anchor's output
+    reaches neither the loss nor the gradient. Ours run element-wise over every anchor
+    and zero the ignored anchors' losses after: the loss's value is right, but its
+    gradient there is 0 times the element-wise loss's derivative, NaN for a NaN or
+    infinite output (a diverging or float16-overflowing head). Replaced before the loss,
+    the rows get an exact 0 gradient, as torchvision's do."""
+    return outputs.index_put(ignored, outputs.new_zeros(()))
+
+
 def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str) -> torch.Tensor:
     """Per-image sums [B] -> the loss under a normalization (see the module docstring)."""
     if normalize == "per_image":
@@ -153,9 +173,9 @@ def sigmoid_focal_loss(
     positive_classes = targets.positive_classes.to(device).long()
     if positive_classes.numel() and not bool(((positive_classes >= 0) & (positive_classes < num_classes)).all()):
         raise ValueError(f"targets: a positive's class is outside [0, {num_classes}) (cls_logits has {num_classes})")
-    loss = _focal(cls_logits, 0.0, alpha, gamma)  # [B, A, C]: every anchor negative
-    ignored_image = _rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device)
-    loss[ignored_image, targets.ignored_anchors.to(device).long()] = 0.0
+    ignored = _ignored(targets, device)
+    loss = _focal(_unread(cls_logits, ignored), 0.0, alpha, gamma)  # [B, A, C]: every anchor negative
+    loss[ignored] = 0.0
     positive_image = _rows(targets.positive_offsets, positive_classes.numel(), device)
     positive_anchor = targets.positive_anchors.to(device).long()
     loss[positive_image, positive_anchor, positive_classes] = _focal(
@@ -340,11 +360,11 @@ def rpn_loss(
     targets = _check_sparse(targets)
     objectness = _check_outputs("objectness", objectness, targets, None)
     device = objectness.device
+    ignored = _ignored(targets, device)
     loss = F.binary_cross_entropy_with_logits(
-        objectness, objectness.new_zeros(()).expand_as(objectness), reduction="none"
+        _unread(objectness, ignored), objectness.new_zeros(()).expand_as(objectness), reduction="none"
     )  # every anchor negative
-    ignored_image = _rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device)
-    loss[ignored_image, targets.ignored_anchors.to(device).long()] = 0.0
+    loss[ignored] = 0.0
     positive_image = _rows(targets.positive_offsets, targets.positive_anchors.numel(), device)
     positive_anchor = targets.positive_anchors.to(device).long()
     picked = objectness[positive_image, positive_anchor]
@@ -403,14 +423,15 @@ def ssd_loss(
                 targets.positive_anchors.to(device).long())  # fmt: skip
     classes = torch.full((batch, count), targets.background_class, dtype=torch.int64, device=device)
     classes[positive] = positive_classes
-    loss = F.cross_entropy(cls_logits.flatten(0, 1), classes.flatten(), reduction="none").view(batch, count)
+    ignored = _ignored(targets, device)
+    loss = F.cross_entropy(_unread(cls_logits, ignored).flatten(0, 1), classes.flatten(), reduction="none")
+    loss = loss.view(batch, count)
     # The hardest negatives: each image's highest losses among anchors neither positive nor
     # ignored. A NaN or infinite loss ranks first and is kept (the loss is then NaN, as
     # torchvision's): a diverging network must not pass for a finite loss.
     negative = torch.ones_like(loss, dtype=torch.bool)
     negative[positive] = False
-    negative[_rows(targets.ignored_offsets, targets.ignored_anchors.numel(), device),
-             targets.ignored_anchors.to(device).long()] = False  # fmt: skip
+    negative[ignored] = False
     hardness = torch.where(negative, loss.detach(), -torch.inf)
     quota = neg_to_pos_ratio * targets.positive_offsets.diff().to(device).unsqueeze(1)
     rank = hardness.argsort(dim=1, descending=True).argsort(dim=1)

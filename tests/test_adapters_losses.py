@@ -271,6 +271,34 @@ def test_ssd_loss_of_a_diverging_negative_is_nan_as_torchvisions(bad):
     assert math.isnan(got["classification"].item())
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_diverging_output_at_an_ignored_anchor_reaches_neither_loss_nor_gradient(bad, generator):
+    """torchvision's losses index the anchors they count, so an ignored anchor's output,
+    NaN or infinite, changes neither the loss nor any gradient, and its own gradient is
+    exactly 0. Ours zeroed the ignored anchors' element-wise losses after computing them:
+    the values were right, but the gradient there was 0 x NaN."""
+    sparse = _hand_targets().to_sparse()  # anchor 2 of each image ignored
+    regression = torch.randn(2, 4, 4, generator=generator)
+    losses = {
+        "focal": lambda out: sigmoid_focal_loss(out, sparse),
+        "rpn": lambda out: rpn_loss(out[..., 0], regression, sparse)[0],
+        "ssd": lambda out: ssd_loss({"cls_logits": out, "bbox_regression": regression}, sparse)["classification"],
+    }
+    finite = torch.randn(2, 4, 8, generator=generator)
+    diverged = finite.clone()
+    diverged[0, 2, 1] = diverged[1, 2, 5] = bad
+    for name, loss in losses.items():
+        expected_input = finite.clone().requires_grad_()
+        expected = loss(expected_input)
+        (expected_grad,) = torch.autograd.grad(expected, expected_input)
+        got_input = diverged.clone().requires_grad_()
+        got = loss(got_input)
+        (got_grad,) = torch.autograd.grad(got, got_input)
+        assert got.item() == expected.item(), name
+        assert torch.equal(got_grad, expected_grad), name
+        assert not got_grad[:, 2].any() and got_grad.abs().sum() > 0, name
+
+
 def _broken(field: str):
     sparse = _hand_targets().to_sparse()
     value = getattr(sparse, field)
