@@ -16,15 +16,17 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    without each of the three settings run12 made the defaults -- a generated grid's
    anchors loaded (``load_anchors``), the gather capped at 64 registers
    (``gather_registers``), the finalize that lifts at 40 (``finalize_registers``) -- and
-   without all three: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32 G = 200,
-   B = 8 and B = 1 at G = 1000, targets (labels, matched boxes, deltas, classes) checked
-   equal to the walk's; a variant that fails is reported and skipped; then a verdict per
-   variant (points where it beat the walk, then where it beat the default gather, and
-   its time over theirs as a geometric mean; targets equal or not).
-4. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather
-   and the gather as run10 left it (built anchors, uncapped), over B = 1, 8, 32, 64 x
-   G ~ 7, 50, 200, 1000, targets checked equal (the data a per-batch choice of the
-   matching would be placed by).
+   without all three; and the finalize matching each block itself (``inline_match``),
+   capped as the gather or not: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
+   (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at G = 1000, targets (labels, matched
+   boxes, deltas, classes) checked equal to the walk's; a variant that fails is
+   reported and skipped; then a verdict per variant (points where it beat the walk,
+   then where it beat the default gather, and its time over theirs as a geometric
+   mean; targets equal or not).
+4. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
+   the gather as run10 left it (built anchors, uncapped) and the gather matching inline,
+   over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a
+   per-batch choice of the matching would be placed by).
 5. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
    per replay beside the eager call's, targets checked equal. A product version would
@@ -236,6 +238,12 @@ def main() -> None:
     variants["gather, anchors built"] = dict(matching="gather", load_anchors=False)
     as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None)
     variants["gather as run10 left it"] = as_run10
+    # The finalize matching each block itself: no 16-byte record per anchor written and read
+    # back between the passes (the G ~ 7 batches' floor above the targets' writes), the
+    # search twice where the gather runs for the box keys; under the gather's cap or none.
+    inline = dict(matching="gather", inline_match=True)
+    variants["gather, matching inline"] = inline
+    variants["gather, matching inline, uncapped"] = dict(inline, gather_registers=None)
     failed = set()
     for point in MATCHING_POINTS if "matching" in sections else ():
         problem = problem_for(*point)[0]
@@ -270,7 +278,8 @@ def main() -> None:
     # run6, run8 and run10 and stood.
     say("== matching over batch x boxes per image: solve / solve_sparse ms, walk against the gathers ==")
     record["boundary"] = []
-    contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10}
+    contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10,
+                  "inline": inline}  # fmt: skip
     for batch in (1, 8, 32, 64) if "boundary" in sections else ():
         for boxes in (None, 50, 200, 1000):
             problem = problem_for(batch, boxes)[0]

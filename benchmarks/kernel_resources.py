@@ -50,6 +50,7 @@ def kernels() -> list[tuple[str, object, dict]]:
     finalize = dict(GENERATE=True, BUILD_ANCHORS=not m.load_anchors, BLOCK_A=m.block_a, BLOCK_G=m.block_g)
     gather = dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=m.gather_registers)
     lifting = dict(finalize, LIFT=True, NEAR=m.lift_near, maxnreg=m.finalize_registers)
+    inline = dict(lifting, INLINE=True, maxnreg=m.gather_registers)
     return [
         ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=64)),
         ("pairs: scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
@@ -86,6 +87,7 @@ def kernels() -> list[tuple[str, object, dict]]:
         ("gather: scatter, uncapped registers", k.gather_kernel, dict(gather, maxnreg=None)),
         ("gather: scatter, anchors built in every block", k.gather_kernel, dict(gather, BUILD_ANCHORS=True)),
         ("gather: scatter, 64 anchors per block", k.gather_kernel, dict(gather, BLOCK_A=64)),
+        ("gather: box keys only (the finalize matching inline)", k.gather_kernel, dict(gather, RECORDS=False)),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
@@ -113,6 +115,16 @@ def kernels() -> list[tuple[str, object, dict]]:
             k.finalize_kernel,
             dict(lifting, OUTPUT=k.OUTPUT_DENSE, BLOCK_A=64),
         ),
+        # Matching inline (``_Meta.inline_match``): the gather's search in the finalize,
+        # under the gather's cap.
+        ("finalize: dense, matching inline", k.finalize_kernel, dict(inline, OUTPUT=k.OUTPUT_DENSE, LIFT=False)),
+        ("finalize: dense with the lift, matching inline", k.finalize_kernel, dict(inline, OUTPUT=k.OUTPUT_DENSE)),
+        ("finalize: count with the lift, matching inline", k.finalize_kernel, dict(inline, OUTPUT=k.OUTPUT_COUNT)),
+        (
+            "finalize: dense with the lift, matching inline, uncapped registers",
+            k.finalize_kernel,
+            dict(inline, OUTPUT=k.OUTPUT_DENSE, maxnreg=None),
+        ),
         ("scan", k.scan_kernel, dict(BLOCK=2048)),
     ]
 
@@ -128,7 +140,9 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
         constexprs.setdefault("PRECHECK", backend._COMPILED.scatter_precheck)
     if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
         constexprs = {"LIFT": False, "BOXES": backend._COMPILED.gather_boxes, "NEAR": backend._COMPILED.lift_near,
-                      **constexprs}  # fmt: skip
+                      "INLINE": False, **constexprs}  # fmt: skip
+    if fn is k.gather_kernel:  # with its records unless the row says otherwise
+        constexprs.setdefault("RECORDS", True)
     if cap is not None:
         options["maxnreg"] = cap
 
@@ -249,7 +263,9 @@ def main() -> None:
         "each block's from the level tables, and both run capped (`gather_registers`, and "
         "`finalize_registers` for the finalize that lifts): together 0.88x the gather's solve time "
         "(geometric mean of 7 points) on the H200 (benchmarks/results/gpu_h200/run12/combos/sweep.txt). "
-        + register_summary(registers),
+        "The rows 'matching inline' are a variant not yet timed (`inline_match`): the finalize runs the "
+        "gather's search itself, under the gather's cap, and the gather only folds the box keys, so no "
+        "per-anchor record passes between them. " + register_summary(registers),
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",

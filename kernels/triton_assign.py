@@ -54,6 +54,10 @@ generate no anchors (a per-grid table of block bounds), the lift skips boxes who
 is far from every anchor's, and each image's first block checks the sparse path's
 unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
 (1.86x the overlapping pairs at G = 200; 2.26x with one bounding box per block).
+Matching inline (``_Meta.inline_match``, a variant): ``finalize_kernel`` (INLINE) runs
+the gather's search itself (``_block_keys``) instead of reading the records, and
+``gather_kernel`` (RECORDS False) runs only for the box keys of the modes that lift or
+to check unchecked boxes: no per-anchor record between the passes.
 
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
 which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
@@ -996,6 +1000,45 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
     return tl.max(mark, axis=1)
 
 
+@triton.jit
+def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1, ax2, ay2,
+                anchor_low, low_quality, BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr, BOXES: tl.constexpr,
+                NEAR: tl.constexpr):  # fmt: skip
+    """Each anchor's key over the boxes near its block (``pairs_kernel``'s key: IoU bits,
+    then 2^31 - 1 - box; 0 where no box overlaps it): the image's boxes tested BOXES at a
+    time against the block's two ``parts``, the near ones listed at ``near_rows`` and
+    visited NEAR at a time as a [BLOCK_A, NEAR] tile. With BOX_KEYS, for the low-quality
+    modes (``low_quality``), also each box's key over the included anchors (``anchor_low``:
+    2^31 - 1 - anchor, -1 where excluded, [BLOCK_A, 1]), one ``atomic_max`` per (block, box)."""
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    # Per anchor and column of the visited tile, whose boxes come in increasing order: the
+    # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
+    # registers), reduced over the columns once at the end.
+    best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
+    best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
+    for start in range(box_start, box_end, BOXES):
+        rows = start + tl.arange(0, BOXES)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, 0.0, 0.0, 0.0, False)
+        count = _list_near(near_rows, near)
+        if count > 0:
+            for k in range(0, count, NEAR):
+                row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
+                                                                gt_boxes_ptr)  # fmt: skip
+                iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
+                pair = anchor_mask[:, None] & listed[None, :]
+                better = pair & (iou > best_iou)
+                best_iou = tl.where(better, iou, best_iou)
+                best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
+                if BOX_KEYS:
+                    if low_quality != 0:
+                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
+                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
+                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
+            tl.debug_barrier()  # every entry read before the next step overwrites the list
+    key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
+    return tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
+
+
 # The box-check flag sits inside solve_sparse's offsets (see segments_kernel).
 @triton.jit(do_not_specialize=_GATHER_SWITCHES, do_not_specialize_on_alignment=["invalid_ptr"])
 def gather_kernel(
@@ -1036,6 +1079,7 @@ def gather_kernel(
     BLOCK_G: tl.constexpr,
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
+    RECORDS: tl.constexpr,
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
@@ -1059,6 +1103,8 @@ def gather_kernel(
     level walk, with its integer divisions) or, False, loaded from anchors_ptr (the same
     float32 values, built once per device: ``triton_backend._Meta.load_anchors``); False
     for explicit anchors. The same in finalize_kernel.
+    RECORDS: write the records; False (finalize_kernel's INLINE, which matches each block
+    itself), only the box keys and the box check: no work memory is written or needed.
     Grid: (cdiv(num_anchors, BLOCK_A), B).
     """
     block = tl.program_id(0)
@@ -1082,22 +1128,17 @@ def gather_kernel(
                                                  level_float_ptr, cells_ptr, num_levels, shape_major,
                                                  BUILD_ANCHORS)  # fmt: skip
         parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
-    # Per anchor and column of the visited tile, whose boxes come in increasing order: the
-    # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
-    # registers), reduced over the columns once at the end.
-    best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
-    best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
+    key = tl.zeros((BLOCK_A,), tl.int64)
     if _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False):
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
                                                      shape_major, BUILD_ANCHORS)  # fmt: skip
-        anchor_area = (ax2 - ax1) * (ay2 - ay1)
         included = anchor_mask
         if low_quality != 0:
-            excluded, _outside = _excluded(image, ax1, ay1, ax2, ay2, anchor_area, ignore_ptr, ignore_offsets_ptr,
-                                           border_ptr, ignore_iof_thr, use_ignore, ignore_wrt_anchor, border_rule,
-                                           BLOCK_G)  # fmt: skip
+            excluded, _outside = _excluded(image, ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1), ignore_ptr,
+                                           ignore_offsets_ptr, border_ptr, ignore_iof_thr, use_ignore,
+                                           ignore_wrt_anchor, border_rule, BLOCK_G)  # fmt: skip
             if pad_rule != 0:
                 excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr,
                                                        image, num_levels, num_shapes, shape_major)  # fmt: skip
@@ -1107,29 +1148,13 @@ def gather_kernel(
         # excluded, broadcast over the tile's columns here: inside the loop the broadcast
         # would cost a layout conversion through shared memory (three barriers) per visit.
         anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
-        for start in range(box_start, box_end, BOXES):
-            rows = start + tl.arange(0, BOXES)
-            near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, 0.0, 0.0, 0.0, False)
-            count = _list_near(near_rows, near)
-            if count > 0:
-                for k in range(0, count, NEAR):
-                    row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
-                                                                    gt_boxes_ptr)  # fmt: skip
-                    iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
-                    pair = anchor_mask[:, None] & listed[None, :]
-                    better = pair & (iou > best_iou)
-                    best_iou = tl.where(better, iou, best_iou)
-                    best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
-                    if low_quality != 0:
-                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
-                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
-                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
-                tl.debug_barrier()  # every entry read before the next step overwrites the list
-    dense = image * num_anchors + anchor
-    key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
-    key = tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
-    tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
-    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.zeros((BLOCK_A,), tl.int32), mask=anchor_mask)
+        key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
+                          ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR)  # fmt: skip
+    if RECORDS:
+        dense = image * num_anchors + anchor
+        tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
+        tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, tl.zeros((BLOCK_A,), tl.int32),
+                 mask=anchor_mask)  # fmt: skip
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------
@@ -1213,8 +1238,16 @@ def finalize_kernel(
     LIFT: tl.constexpr,
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
+    INLINE: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
+
+    INLINE: the keys are found here (``_block_keys``, as gather_kernel finds them, over
+    its near_ptr and bounds_ptr) instead of read from the work memory, which then holds
+    nothing between the passes (OUTPUT_DENSE writes the deltas there, the other outputs
+    do not touch it); the marks come from the lift (LIFT, in every output) and
+    gather_kernel, if it ran, wrote only the box keys. No mode that marks with
+    forced_kernel.
 
     LIFT (after ``gather_kernel``, a mode that lifts; OUTPUT_DENSE and OUTPUT_COUNT):
     the block's marks are found here (``_lift_marks``, BOXES boxes tested and NEAR
@@ -1277,7 +1310,30 @@ def finalize_kernel(
     anchors_built = geometry_rules
 
     dense = image * num_anchors + anchor  # int64: B * A may pass 2^31
-    key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
+    if INLINE:
+        key = tl.zeros((BLOCK_A,), tl.int64)
+        box_end = tl.load(gt_offsets_ptr + image + 1)
+        if GENERATE:
+            parts, _area_low, _area_high = _table_bounds(bounds_ptr, block)
+        else:  # explicit anchors: their bounds from the anchors themselves (a load)
+            ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                     level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                     BUILD_ANCHORS)  # fmt: skip
+            parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+            anchors_built = anchors_built | True
+        visits = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+        if visits:
+            if GENERATE:
+                if ~anchors_built:
+                    ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
+                                                             level_int_ptr, level_float_ptr, cells_ptr, num_levels,
+                                                             shape_major, BUILD_ANCHORS)  # fmt: skip
+            near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+            key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
+                              ax2, ay2, anchor_mask[:, None].to(tl.int64), 0, False, BLOCK_A, BOXES, NEAR)  # fmt: skip
+        anchors_built = anchors_built | visits
+    else:
+        key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
     bits = (key >> 32).to(tl.int32)
     # No overlapping box: IoU 0 with every box, and the lowest box index is 0.
     best_box = tl.where(bits > 0, ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32), 0)
@@ -1309,8 +1365,9 @@ def finalize_kernel(
                 near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
                 mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, ax1, ay1, ax2, ay2,
                                    included, min_pos_iou, BLOCK_A, BOXES, NEAR)  # fmt: skip
-                if OUTPUT == _OUTPUT_COUNT:  # for OUTPUT_SPARSE (gather_kernel wrote zeros)
-                    tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=mark > 0)
+                if OUTPUT == _OUTPUT_COUNT:
+                    if not INLINE:  # for OUTPUT_SPARSE (gather_kernel wrote zeros; INLINE: it lifts again)
+                        tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=mark > 0)
             anchors_built = anchors_built | lifts
     elif low_quality != 0:
         mark = tl.load(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mask=anchor_mask, other=0)

@@ -90,9 +90,14 @@ class _Meta:
     block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers; and
     a cap on the registers of a finalize that lifts (None: the compiler's choice, 56 on
     sm_90 under Triton 3.6 against 40 without the lift: 9 programs resident per SM
-    instead of 12, for a pass bound by its memory traffic); and whether the gather and the
+    instead of 12, for a pass bound by its memory traffic); whether the gather and the
     finalize load a generated grid's anchors (``problem.anchors``, built once per device
-    and canvas) instead of building each block's from the level tables in every image."""
+    and canvas) instead of building each block's from the level tables in every image;
+    and whether the finalize matches each block itself (``inline_match``: the gather's
+    search in ``finalize_kernel``, INLINE, so that no per-anchor record is written and
+    read back between the passes -- 16 bytes per anchor and image each way; the gather
+    then runs only for the modes that lift, for its box keys, or to check unchecked
+    boxes; for every mode but ssd_forced, whose marks live in the records)."""
 
     block_a: int
     block_p: int
@@ -109,6 +114,7 @@ class _Meta:
     lift_near: int = 1
     finalize_registers: int | None = None
     load_anchors: bool = False
+    inline_match: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -414,6 +420,9 @@ class _Launch:
             self.pad_rule, self.pad = 1, _pad_table(problem, device)
         self.gt_boxes = problem.gt_boxes.contiguous()
         self.low_quality = LOW_QUALITY_CODES[match.low_quality]
+        # The finalize matches each block itself (``_Meta.inline_match``).
+        self.inline = (self.meta.matching == "gather" and self.meta.inline_match
+                       and self.low_quality != LOW_QUALITY_CODES["ssd_forced"])  # fmt: skip
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
@@ -562,10 +571,12 @@ class _Launch:
         grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
                     BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
-                    **_launch_kwargs())  # fmt: skip
+                    RECORDS=not self.inline, **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
-        gather_kernel[grid](*common, **meta)
+        # Matching inline, the finalize needs the gather only for box keys and box checks.
+        if not self.inline or check or self.low_quality != LOW_QUALITY_CODES["none"]:
+            gather_kernel[grid](*common, **meta)
         if forced and candidates is not None:
             block = 128
             forced_kernel[(_cdiv(self.num_rows, block),)](
@@ -596,11 +607,15 @@ class _Launch:
         has_classes = problem.gt_classes is not None
         capacities = [outputs[name].shape[0] if name in outputs else 0 for name in ("positive_anchors",
                                                                                     "ignored_anchors")]  # fmt: skip
-        # The gather's lift runs here (the sparse pass reads the marks its count pass stored).
+        # The gather's lift runs here (the sparse pass reads the marks its count pass
+        # stored, or, matching inline, with no records to keep them in, lifts again).
         lifts = self.low_quality not in (LOW_QUALITY_CODES["none"], LOW_QUALITY_CODES["ssd_forced"])
-        lift = self.lift is not None and lifts and output != OUTPUT_SPARSE
+        lift = self.lift is not None and lifts and (output != OUTPUT_SPARSE or self.inline)
         lift_inputs = self.lift or tuple(map(self._placeholder, (torch.int64, torch.uint8, torch.float32)))
-        cap = {"maxnreg": self.meta.finalize_registers} if lift and self.meta.finalize_registers is not None else {}
+        # Registers: a finalize matching inline holds the gather's tile, and its cap; one that
+        # lifts, its own.
+        registers = self.meta.gather_registers if self.inline else self.meta.finalize_registers if lift else None
+        cap = {} if registers is None else {"maxnreg": registers}
         finalize_kernel[(self.num_blocks, self.batch)](
             self.gt_boxes, problem.gt_offsets,
             self.gt_classes if has_classes else self._placeholder(torch.int32),
@@ -613,11 +628,14 @@ class _Launch:
             *self.rules, int(has_classes), int(outputs.get("max_iou") is not None),
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
-            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, **_launch_kwargs(), **cap,
+            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline, **_launch_kwargs(), **cap,
         )  # fmt: skip
 
-    def work(self) -> torch.Tensor:
-        """Per-anchor work words, [B, A, 4] float32 (see triton_assign): zeroed for the walk."""
+    def work(self, dense: bool = True) -> torch.Tensor:
+        """Per-anchor work words, [B, A, 4] float32 (see triton_assign): zeroed for the walk;
+        for the sparse path (not ``dense``) matching inline, none (a placeholder)."""
+        if self.inline and not dense:
+            return self._placeholder(torch.float32)
         if self.meta.matching == "gather":  # writes every record itself
             return torch.empty(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
         return torch.zeros(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
@@ -713,7 +731,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         # the match stage's zeroed memory (16-byte aligned, as when it is its own).
         zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device)
         flags, invalid = zeroed[:2], None if problem.gt_boxes_checked else zeroed[:1]
-        work = launch.work()
+        work = launch.work(dense=False)
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
         image_totals = torch.empty(2, batch, dtype=torch.int64, device=device)
