@@ -140,7 +140,7 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
         constexprs.setdefault("PRECHECK", backend._COMPILED.scatter_precheck)
     if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
         constexprs = {"LIFT": False, "BOXES": backend._COMPILED.gather_boxes, "NEAR": backend._COMPILED.lift_near,
-                      "INLINE": False, **constexprs}  # fmt: skip
+                      "INLINE": False, "MATCH_NEAR": backend._COMPILED.gather_near, **constexprs}  # fmt: skip
     if fn is k.gather_kernel:  # with its records unless the row says otherwise
         constexprs.setdefault("RECORDS", True)
     if cap is not None:

@@ -1129,7 +1129,9 @@ def gather_kernel(
                                                  BUILD_ANCHORS)  # fmt: skip
         parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
     key = tl.zeros((BLOCK_A,), tl.int64)
-    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False):
+    # Without records or box keys to fold (a launch for the box check alone), no search.
+    searched_end = tl.where((low_quality != 0) | RECORDS, box_end, box_start)
+    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, searched_end, parts, 0.0, 0.0, 0.0, BOXES, False):
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
@@ -1239,23 +1241,24 @@ def finalize_kernel(
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
     INLINE: tl.constexpr,
+    MATCH_NEAR: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
 
     INLINE: the keys are found here (``_block_keys``, as gather_kernel finds them, over
-    its near_ptr and bounds_ptr) instead of read from the work memory, which then holds
-    nothing between the passes (OUTPUT_DENSE writes the deltas there, the other outputs
-    do not touch it); the marks come from the lift (LIFT, in every output) and
-    gather_kernel, if it ran, wrote only the box keys. No mode that marks with
-    forced_kernel.
+    its near_ptr and bounds_ptr, MATCH_NEAR boxes visited at once: the gather's width)
+    instead of read from the work memory, which then holds nothing between the passes
+    (OUTPUT_DENSE writes the deltas there, the other outputs do not touch it); the marks
+    come from the lift (LIFT, in every output) and gather_kernel, if it ran, wrote only
+    the box keys. No mode that marks with forced_kernel.
 
-    LIFT (after ``gather_kernel``, a mode that lifts; OUTPUT_DENSE and OUTPUT_COUNT):
-    the block's marks are found here (``_lift_marks``, BOXES boxes tested and NEAR
-    visited at once, over box_key_ptr [N] int64 and gather_kernel's near_ptr and
-    bounds_ptr) rather than in a launch of their own, which generated the block's anchors
-    a second time; OUTPUT_COUNT stores the marks it found in work_ptr for OUTPUT_SPARSE.
-    Otherwise the marks are read from work_ptr (the walk's lift, forced_kernel's, or
-    OUTPUT_COUNT's).
+    LIFT (after ``gather_kernel``, a mode that lifts; OUTPUT_DENSE and OUTPUT_COUNT, and
+    with INLINE OUTPUT_SPARSE too): the block's marks are found here (``_lift_marks``,
+    BOXES boxes tested and NEAR visited at once, over box_key_ptr [N] int64 and
+    gather_kernel's near_ptr and bounds_ptr) rather than in a launch of their own, which
+    generated the block's anchors a second time; OUTPUT_COUNT stores the marks it found
+    in work_ptr for OUTPUT_SPARSE (not with INLINE: no records). Otherwise the marks are
+    read from work_ptr (the walk's lift, forced_kernel's, or OUTPUT_COUNT's).
 
     pad_ptr: [B, R, 2] int32 (see pairs_kernel), read when pad_rule != 0.
     work_ptr: [B, A, 4] 32-bit words (key, mark; see pairs_kernel). OUTPUT_DENSE writes
@@ -1330,7 +1333,8 @@ def finalize_kernel(
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
             near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
             key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
-                              ax2, ay2, anchor_mask[:, None].to(tl.int64), 0, False, BLOCK_A, BOXES, NEAR)  # fmt: skip
+                              ax2, ay2, anchor_mask[:, None].to(tl.int64), 0, False, BLOCK_A, BOXES,
+                              MATCH_NEAR)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
         key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)

@@ -93,8 +93,8 @@ class _Meta:
     instead of 12, for a pass bound by its memory traffic); whether the gather and the
     finalize load a generated grid's anchors (``problem.anchors``, built once per device
     and canvas) instead of building each block's from the level tables in every image;
-    and whether the finalize matches each block itself (``inline_match``: the gather's
-    search in ``finalize_kernel``, INLINE, so that no per-anchor record is written and
+    and whether the finalize matches each block itself (``inline_match``, with the gather
+    only: the gather's search in ``finalize_kernel``, INLINE, so that no per-anchor record is written and
     read back between the passes -- 16 bytes per anchor and image each way; the gather
     then runs only for the modes that lift, for its box keys, or to check unchecked
     boxes; for every mode but ssd_forced, whose marks live in the records)."""
@@ -537,9 +537,11 @@ class _Launch:
         self, work: torch.Tensor, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
     ) -> None:
         """Stage 2 by ``gather_kernel``: writes every anchor's key and a zero mark into
-        ``work`` (zeroed or not), and with ``invalid`` checks the gt boxes too; stage 3 is
-        forced_kernel's marks for ssd_forced (``segments_kernel`` runs for its box rows
-        per image), the finalize's lift for the modes that lift (``self.lift``).
+        ``work`` (zeroed or not; matching inline, nothing: the finalize finds the keys, and
+        the gather runs only for the box keys of the modes that lift and for the box
+        check), and with ``invalid`` checks the gt boxes too; stage 3 is forced_kernel's
+        marks for ssd_forced (``segments_kernel`` runs for its box rows per image), the
+        finalize's lift for the modes that lift (``self.lift``).
         ``zeroed``: the box keys' zeroed memory (``scratch_words``); None: its own."""
         if self.num_anchors == 0:
             return
@@ -628,7 +630,8 @@ class _Launch:
             *self.rules, int(has_classes), int(outputs.get("max_iou") is not None),
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
-            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline, **_launch_kwargs(), **cap,
+            BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline,
+            MATCH_NEAR=self.meta.gather_near, **_launch_kwargs(), **cap,
         )  # fmt: skip
 
     def work(self, dense: bool = True) -> torch.Tensor:

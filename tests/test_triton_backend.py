@@ -661,7 +661,8 @@ INT32 = {"gt_classes_ptr", "matched_ptr", "classes_ptr", "block_counts_ptr", "po
 FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
-lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True, INLINE=False)  # the walk's
+lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True, INLINE=False,
+            MATCH_NEAR=m.gather_near)  # the walk's finalize unless changed
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -685,6 +686,9 @@ for name, fn, constexprs in [
                                            BLOCK_G=m.block_g, **dict(lift, LIFT=True))),
     ("dense_inline", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
                                              BLOCK_G=m.block_g, **dict(lift, LIFT=True, INLINE=True))),
+    ("sparse_inline_explicit", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=False, BLOCK_A=m.block_a,
+                                                       BLOCK_G=m.block_g, **dict(lift, LIFT=True, INLINE=True,
+                                                                                 BUILD_ANCHORS=False))),
 ]:
     signature = {
         arg: "constexpr" if arg in constexprs else "*i64" if arg in INT64 else "*i32" if arg in INT32
@@ -705,22 +709,24 @@ print(json.dumps(ptx))
 
 
 @pytest.mark.parametrize(
-    "matching, kernels",
-    [("walk", {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
+    "matching, inline, kernels",
+    [("walk", False, {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
      # gather_kernel checks assign_sparse's boxes and scatters; finalize_kernel lifts.
-     ("gather", {"gather_kernel", "finalize_kernel", "scan_kernel"})],
+     ("gather", False, {"gather_kernel", "finalize_kernel", "scan_kernel"}),
+     ("gather", True, {"gather_kernel", "finalize_kernel", "scan_kernel"})],
 )  # fmt: skip
-def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, kernels, monkeypatch):
+def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, inline, kernels, monkeypatch):
     """Triton compiles a kernel again for each new specialisation of its arguments: an int
     equal to 1 or divisible by 16, a pointer 16-byte aligned or not. Batches of 1-16 images,
     box counts of both parities and multiples of 16, canvases with anchor counts divisible
     by 16 or not, and a request's slice of a merged batch (classes starting anywhere) must
     all share one compilation per kernel and mode (stage, output), or a service would
-    compile in the middle of its traffic; with the pair walk and with the gather."""
+    compile in the middle of its traffic; with the pair walk and with the gather (and the
+    finalize matching inline)."""
     from tritarget.kernels import assign_sparse
 
     launches = record_launches(monkeypatch)
-    changed = dataclasses.replace(triton_backend._meta(), matching=matching)
+    changed = dataclasses.replace(triton_backend._meta(), matching=matching, inline_match=inline)
     monkeypatch.setattr(triton_backend, "_INTERPRETED", changed)
     monkeypatch.setattr(triton_backend, "_COMPILED", changed)
     config = _dense_config("retinanet_torchvision")
@@ -1033,6 +1039,16 @@ def test_the_gather_on_a_crowded_image(inline_match, monkeypatch, generator):
     boxes, counts = random_batch(generator, [160, 2], canvas)
     boxes[130:140] = boxes[5:15]  # the same boxes in the first and the second step
     check(boxes, counts, canvas, _dense_config("retinanet_mmdet"), want_max_iou=True, sparse=True)
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "none"])
+def test_matching_inline_with_no_box_in_the_batch(mode, monkeypatch):
+    """Every anchor negative, none matched, dense and sparse: the finalize's search and
+    lift find nothing, and without the lift no gather runs at all."""
+    _gather(monkeypatch, gpu_blocks=True, inline_match=True)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
+    targets = check(torch.zeros(0, 4), [0, 0], (64, 96), config, want_max_iou=True, sparse=True)
+    assert bool((targets.labels == 0).all()) and bool((targets.matched_gt == -1).all())
 
 
 @pytest.mark.parametrize("inline_match", [False, True])
