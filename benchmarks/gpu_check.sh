@@ -23,8 +23,9 @@
 #    when the step's timeout interrupts a point).
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
 #    pair walk against the gather and its variants (run10's verdict made the gather the
-#    default), solve replayed as a CUDA graph against eager, and both matchings over
-#    B x G (targets checked equal in every cell; where a per-batch choice would switch).
+#    default, run12's set its launch; the finalize matching inline is the variant to read
+#    next), solve replayed as a CUDA graph against eager, and the matchings over B x G
+#    (targets checked equal in every cell; where a per-batch choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
