@@ -48,7 +48,7 @@
 # whole check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); each
 # later step (sweep 150 s, service 90 s twice, anchor scan 60 s) is skipped when it could
 # end past the budget, and says so. On the H200 (run12, 2026-12-04) the whole suite
-# (1,838 tests on 12 workers, the 5 wheel-building ones beside them) took ~185 s and every
+# (1,842 tests on 12 workers, the 5 wheel-building ones beside them) took ~185 s and every
 # step ran in 446 s at GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started
 # in ~30 s). At the default
 # budget the tests get 121 s (the `gpu` and Triton-path ones come first) and the service
