@@ -885,6 +885,23 @@ def _table_bounds(bounds_ptr, block):
 
 
 @triton.jit
+def _block_parts(block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
+                 cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE: tl.constexpr,
+                 BUILD_ANCHORS: tl.constexpr):  # fmt: skip
+    """A block's two parts and its anchors' area range, with its anchors' boxes: a
+    generated grid's from its table (``_table_bounds``: no anchor built; ax1..ay2 come
+    back as given), explicit anchors' from the anchors themselves, loaded."""
+    if GENERATE:
+        parts, area_low, area_high = _table_bounds(bounds_ptr, block)
+    else:
+        ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
+                                                 level_float_ptr, cells_ptr, num_levels, shape_major,
+                                                 BUILD_ANCHORS)  # fmt: skip
+        parts, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+    return parts, area_low, area_high, ax1, ay1, ax2, ay2
+
+
+@triton.jit
 def _crosses(x1, y1, x2, y2, part):
     """Whether each box has a positive intersection with the box ``part`` (x1, y1, x2, y2)."""
     return (x1 < part[2]) & (y1 < part[3]) & (x2 > part[0]) & (y2 > part[1])
@@ -1119,15 +1136,13 @@ def gather_kernel(
         for start in range(box_start, box_end, BOXES):
             rows = start + tl.arange(0, BOXES)
             _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
-    if GENERATE:
-        # The block's parts' bounding boxes from the grid's table (the same anchors
-        # _block_anchor_boxes generates), so that a block near no box generates none.
-        parts, _area_low, _area_high = _table_bounds(bounds_ptr, block)
-    else:
-        ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
-                                                 level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                 BUILD_ANCHORS)  # fmt: skip
-        parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+    # A generated grid's parts from its table (the same anchors _block_anchor_boxes
+    # generates), so that a block near no box generates none.
+    ax1 = tl.zeros((BLOCK_A,), tl.float32)
+    ay1, ax2, ay2 = ax1, ax1, ax1
+    parts, _area_low, _area_high, ax1, ay1, ax2, ay2 = _block_parts(
+        block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr,
+        num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
     key = tl.zeros((BLOCK_A,), tl.int64)
     # Without records or box keys to fold (a launch for the box check alone), no search.
     searched_end = tl.where((low_quality != 0) | RECORDS, box_end, box_start)
@@ -1316,14 +1331,10 @@ def finalize_kernel(
     if INLINE:
         key = tl.zeros((BLOCK_A,), tl.int64)
         box_end = tl.load(gt_offsets_ptr + image + 1)
-        if GENERATE:
-            parts, _area_low, _area_high = _table_bounds(bounds_ptr, block)
-        else:  # explicit anchors: their bounds from the anchors themselves (a load)
-            ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
-                                                     level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                     BUILD_ANCHORS)  # fmt: skip
-            parts, _area_low, _area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
-            anchors_built = anchors_built | True
+        parts, _area_low, _area_high, ax1, ay1, ax2, ay2 = _block_parts(
+            block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
+            cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
+        anchors_built = anchors_built | (not GENERATE)  # explicit anchors: loaded for their bounds
         visits = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False)
         if visits:
             if GENERATE:
@@ -1350,13 +1361,9 @@ def finalize_kernel(
         if has_boxes:
             # The boxes that may reach their maximum in this block (the grid's table of
             # block bounds: a block far from them builds no anchors for the lift).
-            if GENERATE:
-                parts, area_low, area_high = _table_bounds(bounds_ptr, block)
-            else:  # explicit anchors: their bounds from the anchors themselves (a load)
-                ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr,
-                                                         level_float_ptr, cells_ptr, num_levels, shape_major,
-                                                         BUILD_ANCHORS)  # fmt: skip
-                parts, area_low, area_high = _bounds(ax1, ay1, ax2, ay2, anchor_mask)
+            parts, area_low, area_high, ax1, ay1, ax2, ay2 = _block_parts(
+                block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
+                cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
             box_end = tl.load(gt_offsets_ptr + image + 1)
             lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
                               BOXES, True)  # fmt: skip
