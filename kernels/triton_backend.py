@@ -94,10 +94,11 @@ class _Meta:
     finalize load a generated grid's anchors (``problem.anchors``, built once per device
     and canvas) instead of building each block's from the level tables in every image;
     and whether the finalize matches each block itself (``inline_match``, with the gather
-    only: the gather's search in ``finalize_kernel``, INLINE, so that no per-anchor record is written and
-    read back between the passes -- 16 bytes per anchor and image each way; the gather
-    then runs only for the modes that lift, for its box keys, or to check unchecked
-    boxes; for every mode but ssd_forced, whose marks live in the records)."""
+    only: the gather's search in ``finalize_kernel``, INLINE, so that no per-anchor
+    record is written and read back between the passes -- 16 bytes per anchor and image
+    each way; the gather then runs only for the modes that lift, for its box keys, or to
+    check unchecked boxes; for every mode but ssd_forced, whose marks live in the
+    records)."""
 
     block_a: int
     block_p: int
