@@ -17,7 +17,10 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   ``Overloaded`` at once instead of queueing work that would miss its deadline; a
   request computed in slices holds the place of its largest slice from its admission
   to its last slice, so it is refused at once or not at all;
-* compute runs on worker threads, never on the event loop;
+* compute runs on worker threads, not on the event loop, except a small sparse batch
+  on the cpu backend that reaches an idle server (``inline_max_images``): computed
+  where it arrives, it skips the two thread hand-overs, about half of a small
+  request's time in the server outside compute, and holds the loop ~0.2-2 ms;
 * a bad request fails alone: a merged batch whose ``assign`` raises is checked
   request by request, each bad one gets its own error (naming its own images and
   boxes), and the good ones run again without it; a batch that succeeds is not
@@ -151,13 +154,17 @@ class BatchOptions:
     # limit of the same name bounds one request's (merged requests of a large canvas
     # would otherwise hold ~330 MB per image: max_batch_images x that).
     max_anchor_rows: int = 1 << 25
+    # On the cpu backend, a SPARSE batch of at most this many images (and few boxes and
+    # anchors: ``Batcher._inline``) that reaches an idle server is computed on the event
+    # loop; 0: never.
+    inline_max_images: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_batch_images", "max_queue_images", "compute_workers", "threads_per_worker",
-                     "max_slice_boxes", "max_anchor_rows"):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"batching: {name} must be an integer >= 1, got {value!r}")
+                     "max_slice_boxes", "max_anchor_rows", "inline_max_images"):  # fmt: skip
+            value, low = getattr(self, name), 0 if name == "inline_max_images" else 1
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"batching: {name} must be an integer >= {low}, got {value!r}")
         if not 0 <= self.max_queue_delay_s < math.inf:  # NaN too; an infinite wait fills no batch for ever
             raise ValueError(f"batching: max_queue_delay_s must be finite and >= 0, got {self.max_queue_delay_s!r}")
 
@@ -215,6 +222,13 @@ def load_backend(name: str) -> tuple[str, torch.device]:
 
 # Called with (images, requests, compute seconds) after each batch; and (seconds) per job queued.
 BatchObserver = Callable[[int, int, float], None]
+
+# An inline batch's bounds beyond its images, per image of ``inline_max_images`` (the C
+# kernel's time grows with boxes and anchors): boxes (ignore regions included) and anchor
+# rows. At the default, 8 COCO-like images of 16 boxes, 201,600 anchors each, take
+# ~1.5 ms on 2 cores, one image of 128 boxes ~1 ms.
+_INLINE_BOXES_PER_IMAGE = 16
+_INLINE_ANCHORS_PER_IMAGE = 1 << 18
 
 
 class _Pending:
@@ -276,6 +290,7 @@ class Batcher:
         self._reserved = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = options.compute_workers  # workers without a batch
+        self._inline_images = options.inline_max_images if backend == "cpu" else 0
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
         self._idle: asyncio.Event | None = None  # nothing queued, nothing running, no request in slices
         # Compute workers: plain threads fed by one queue. A ThreadPoolExecutor's submit and
@@ -475,6 +490,11 @@ class Batcher:
                 waiter.set_result(not self._closed)
 
     @property
+    def inline_images(self) -> int:
+        """The most images of a batch computed on the event loop at an idle server (0: never)."""
+        return self._inline_images
+
+    @property
     def waiting_requests(self) -> int:
         """Stream requests waiting for room in a full queue."""
         return self._waiting
@@ -498,9 +518,9 @@ class Batcher:
         self._groups.setdefault(job.merge_key, []).append(item)
         self._queued_images += counted
         self._idle.clear()
-        self._dispatch()
+        self._dispatch(arrival=item)
         try:
-            return await item.future
+            return await item.future  # done already where it was computed inline
         except asyncio.CancelledError:  # the caller has gone (cancelled, past its deadline)
             self._withdraw(item)
             raise
@@ -530,7 +550,7 @@ class Batcher:
         the room kept for stream requests let in from their wait (``_room_for``)."""
         return self._queued_images + self._held_images + self._reserved
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, arrival: _Pending | None = None) -> None:
         """Event loop, on every arrival and every finished batch: while a worker is free,
         start the oldest group's next batch once it is full or old enough, else any full
         group's (a group still filling does not hold up another config's or canvas's).
@@ -538,7 +558,8 @@ class Batcher:
         batches.
 
         No task sits between the caller and the worker: a request costs one hand-over to
-        a worker thread and one back (each a futex wake-up, ~0.1 ms on a loaded machine)."""
+        a worker thread and one back (each a futex wake-up, ~0.1 ms on a loaded machine),
+        or none when ``arrival``, the job that just came, is computed inline (``_inline``)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -550,7 +571,7 @@ class Batcher:
                 if key is None:
                     self._timer = self._loop.call_later(wait, self._dispatch)
                     break
-            self._start(self._take(key, pending))
+            self._start(self._take(key, pending), arrival)
         self._set_if_idle()
 
     def _batch_cap(self, job: AssignJob) -> int:
@@ -581,36 +602,55 @@ class Batcher:
         self._room_freed()
         return batch
 
-    def _start(self, batch: list[_Pending]) -> None:
+    def _start(self, batch: list[_Pending], arrival: _Pending | None = None) -> None:
         if self._on_queued is not None:
             now = time.perf_counter()
             for item in batch:
                 self._on_queued(now - item.job.enqueued_at)
         live = [item for item in batch if not item.future.cancelled()]  # callers gone: not computed
-        if live:
+        if live == [arrival] and self._inline(arrival.job):
+            _settle_all(live, self._results(live))
+        elif live:
             self._free -= 1
             self._tasks.put(functools.partial(self._work, live))
 
+    def _inline(self, job: AssignJob) -> bool:
+        """Whether ``job``, alone in its batch, is computed here on the event loop: at an
+        idle server (no batch running or queued, no request in slices), a SPARSE batch of
+        the cpu backend's C kernel within ``inline_max_images`` images and the boxes and
+        anchor rows above for as many. That skips the hand-over to a worker and back (two
+        thread wake-ups and the loop's turn to resume the caller), ~0.15 ms of a 1-image
+        request's ~0.33 ms in the server outside compute on 2 cores (2026-12-04). The
+        loop, and with it every other call's progress, waits meanwhile: hence only where
+        nothing else waits on compute, and only bounded work (a DENSE response's encoding
+        copies megabytes; other backends are slow or wait on a device)."""
+        most = self._inline_images
+        return (
+            job.images <= most
+            and self._free == self.options.compute_workers and not self._groups and not self._in_slices
+            and _runs_sparse([job])
+            and job.boxes + sum(job.ignore_counts or ()) <= _INLINE_BOXES_PER_IMAGE * most
+            and job.images * job.anchors_per_image <= _INLINE_ANCHORS_PER_IMAGE * most
+        )  # fmt: skip
+
     def _work(self, batch: list[_Pending]) -> None:
         """Worker thread: the batch, then its results handed to the event loop."""
-        try:
-            results = self._compute([item.job for item in batch], [_unless_gone(item) for item in batch])
-        except BaseException as exc:  # never leave a caller waiting
-            results = [exc] * len(batch)
+        results = self._results(batch)
         try:
             self._loop.call_soon_threadsafe(self._finished, batch, results)
         except RuntimeError:  # the loop has closed: nobody waits for these any more
             pass
 
+    def _results(self, batch: list[_Pending]) -> list[Any]:
+        """The batch's targets, each finished (encoded), or each job's error."""
+        try:
+            return self._compute([item.job for item in batch], [_unless_gone(item) for item in batch])
+        except BaseException as exc:  # never leave a caller waiting
+            return [exc] * len(batch)
+
     def _finished(self, batch: list[_Pending], results: list[Any]) -> None:
         self._free += 1
-        for item, result in zip(batch, results):
-            if item.future.done():  # cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+        _settle_all(batch, results)
         self._dispatch()
 
     def _compute(
@@ -689,7 +729,7 @@ class Batcher:
             for name in ("gt_boxes", "gt_classes", "ignore_boxes"):
                 if args.get(name) is not None:
                     args[name] = args[name].to(self.device, non_blocking=True)
-        if all(job.sparse for job in jobs) and not args["return_max_iou"] and args["config"].match.sample_size == 0:
+        if _runs_sparse(jobs):
             del args["return_max_iou"]
             sparse = assign_sparse(**args, backend=self.backend)
             if host:
@@ -703,6 +743,19 @@ class Batcher:
         if self._on_copied is not None:
             self._on_copied(copied)
         return result
+
+
+def _runs_sparse(jobs: list[AssignJob]) -> bool:
+    """Whether the batch of ``jobs`` calls ``assign_sparse`` (see ``Batcher._assign``);
+    they share their config and ``return_max_iou`` (``merge_key``)."""
+    first = jobs[0]
+    return all(job.sparse for job in jobs) and not first.return_max_iou and first.config.match.sample_size == 0
+
+
+def _settle_all(batch: list[_Pending], results: list[Any]) -> None:
+    for item, result in zip(batch, results):
+        error = result if isinstance(result, BaseException) else None
+        _settle(item.future, None if error else result, error)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -345,7 +345,8 @@ async def serve(
     batching, limits = server.batcher.options, options.limits
     announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
              f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
-             f"thread(s), queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
+             f"thread(s), inline up to {server.batcher.inline_images} images at an idle server, "
+             f"queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
              f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
     if server.metrics_port is not None:
         metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)

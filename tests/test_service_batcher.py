@@ -38,10 +38,94 @@ def test_batch_options_suit_the_device_unless_given():
 @pytest.mark.parametrize("field, value", [("max_batch_images", 0), ("compute_workers", -1), ("max_queue_images", 0),
                                           ("threads_per_worker", 1.5), ("max_queue_delay_s", -0.001),
                                           ("max_queue_delay_s", float("nan")), ("max_slice_boxes", True),
-                                          ("max_anchor_rows", 0)])  # fmt: skip
+                                          ("max_anchor_rows", 0), ("inline_max_images", -1)])  # fmt: skip
 def test_batch_options_refuse_what_cannot_work(field, value):
     with pytest.raises(ValueError, match=field):
         BatchOptions(**{field: value})
+
+
+def _computed_on(backend_name: str, jobs: list[AssignJob], options: BatchOptions | None = None,
+                 hold_the_worker: bool = False) -> tuple[list, list[bool]]:  # fmt: skip
+    """The jobs submitted one after another to a started batcher, each with a finisher:
+    their outcomes (finished results or errors), and for each batch whether it was
+    computed on the event loop's thread. ``hold_the_worker``: a task holds the one
+    compute worker while they queue."""
+
+    async def run():
+        batcher = Batcher(backend_name, options or BatchOptions())
+        batcher.start()
+        on_loop, compute = [], batcher._compute
+        batcher._compute = lambda *args: on_loop.append(threading.get_ident() == loop_thread) or compute(*args)
+        release = threading.Event()
+        held = asyncio.ensure_future(batcher.run(release.wait)) if hold_the_worker else None
+        try:
+            submitted = [asyncio.ensure_future(batcher.submit(job, lambda t: ("finished", t))) for job in jobs]
+            await asyncio.sleep(0.02)
+            release.set()
+            return await asyncio.gather(*submitted, return_exceptions=True), on_loop
+        finally:
+            release.set()
+            if held is not None:
+                await held
+            await batcher.close()
+
+    loop_thread = threading.get_ident()
+    return asyncio.run(run())
+
+
+def test_a_small_sparse_request_at_an_idle_server_is_computed_on_the_event_loop(generator):
+    """The cpu backend's small SPARSE batch that finds nothing queued or running skips the
+    hand-over to a compute worker and back; its targets and finisher are the worker's."""
+    jobs = [_job(*random_batch(generator, [3, 0, 5], CANVAS), sparse=True, seed=7)]
+    jobs.append(_job(*random_batch(generator, [2], CANVAS), sparse=True))  # arrives once the first is done
+    results, on_loop = _computed_on("cpu", jobs)
+    assert on_loop == [True, True]
+    for job, (tag, got) in zip(jobs, results):
+        assert tag == "finished"
+        in_process = assign(job.gt_boxes, job.gt_counts, CANVAS, presets.get(PRESET), backend="cpu", seed=job.seed)
+        assert_targets_equal(Targets.from_sparse(got), sparse_view(in_process), rtol=0, atol=0)
+
+
+def test_a_failing_request_computed_on_the_event_loop_gets_its_own_error(generator):
+    boxes, counts = random_batch(generator, [2], CANVAS)
+    boxes[1, 2] = boxes[1, 0] - 1  # x2 < x1
+    (outcome,), on_loop = _computed_on("cpu", [_job(boxes, counts, sparse=True)])
+    assert on_loop == [True]
+    assert isinstance(outcome, InvalidInput) and "image 0, box 1: degenerate box" in str(outcome)
+
+
+def _large_canvas_job(generator) -> AssignJob:
+    """One image whose anchors are over the inline bound for a batch of one image."""
+    canvas = (1024, 1600)
+    assert backend.resolve_grid(presets.get(PRESET).anchors, canvas).num_anchors > backend._INLINE_ANCHORS_PER_IMAGE
+    return AssignJob(presets.get(PRESET), canvas, *random_batch(generator, [1], canvas), sparse=True)
+
+
+@pytest.mark.parametrize("case", ["at the bounds", "dense", "over the images", "over the boxes", "over the anchors",
+                                  "turned off", "reference backend", "worker busy"])  # fmt: skip
+def test_other_batches_are_computed_on_a_compute_worker(generator, case):
+    """Inline only where nothing else waits on compute, and only bounded work: DENSE
+    responses copy megabytes, other backends are slow or wait on a device, and a batch over
+    the images, boxes or anchor rows would hold the event loop for long."""
+    options, name, hold = BatchOptions(inline_max_images=2), "cpu", False
+    job = _job(*random_batch(generator, [1, 2 * backend._INLINE_BOXES_PER_IMAGE - 1], CANVAS), sparse=True)
+    if case == "dense":
+        job = _job(job.gt_boxes, job.gt_counts)
+    elif case == "over the images":
+        job = _job(*random_batch(generator, [1, 1, 0], CANVAS), sparse=True)
+    elif case == "over the boxes":
+        job = _job(*random_batch(generator, [backend._INLINE_BOXES_PER_IMAGE * 2 + 1], CANVAS), sparse=True)
+    elif case == "over the anchors":
+        options, job = BatchOptions(inline_max_images=1), _large_canvas_job(generator)
+    elif case == "turned off":
+        options = BatchOptions(inline_max_images=0)
+    elif case == "reference backend":
+        name = "reference"
+    elif case == "worker busy":
+        hold = True
+    (result,), on_loop = _computed_on(name, [job], options, hold_the_worker=hold)
+    assert on_loop == [case == "at the bounds"]
+    assert result[0] == "finished"
 
 
 @pytest.fixture
