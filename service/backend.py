@@ -229,6 +229,14 @@ BatchObserver = Callable[[int, int, float], None]
 # ~1.5 ms on 2 cores, one image of 128 boxes ~1 ms.
 _INLINE_BOXES_PER_IMAGE = 16
 _INLINE_ANCHORS_PER_IMAGE = 1 << 18
+# And the server idle that long before it arrives. While the loop computes, the calls that
+# arrive wait in gRPC, undecoded; once it is done they reach an idle batcher one by one, and
+# each would run alone on the loop while the workers idle: batches stopped merging and a
+# 2-image load at 32 in flight lost 20-25% (2026-11-30). Between a lone caller's requests
+# the server idled 0.71-1.2 ms (1st-90th percentile, 2-image requests, 2026-12-04); under
+# load, between calls computed on the loop, 0.16-0.7 ms, and the first call that goes to a
+# worker ends the run: the calls behind it queue while it computes and merge.
+_INLINE_AFTER_IDLE_S = 0.5e-3
 
 
 class _Pending:
@@ -293,6 +301,7 @@ class Batcher:
         self._inline_images = options.inline_max_images if backend == "cpu" else 0
         self._timer: asyncio.TimerHandle | None = None  # the next look at a batch still filling up
         self._idle: asyncio.Event | None = None  # nothing queued, nothing running, no request in slices
+        self._idle_since = 0.0  # when it last became so
         # Compute workers: plain threads fed by one queue. A ThreadPoolExecutor's submit and
         # futures cost up to ~20% of a small request's time outside compute (measured in
         # process: 780 -> 610-750 us per 1-image request on 2 cores).
@@ -333,6 +342,7 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._idle_since = time.perf_counter()
 
     def drain(self) -> None:
         """The server is shutting down: no new request will fill a batch, so none waits
@@ -542,6 +552,8 @@ class Batcher:
 
     def _set_if_idle(self) -> None:
         if not self._groups and self._free == self.options.compute_workers and not self._in_slices:
+            if not self._idle.is_set():
+                self._idle_since = time.perf_counter()
             self._idle.set()
 
     @property
@@ -616,18 +628,20 @@ class Batcher:
 
     def _inline(self, job: AssignJob) -> bool:
         """Whether ``job``, alone in its batch, is computed here on the event loop: at an
-        idle server (no batch running or queued, no request in slices), a SPARSE batch of
-        the cpu backend's C kernel within ``inline_max_images`` images and the boxes and
-        anchor rows above for as many. That skips the hand-over to a worker and back (two
-        thread wake-ups and the loop's turn to resume the caller), ~0.15 ms of a 1-image
-        request's ~0.33 ms in the server outside compute on 2 cores (2026-12-04). The
-        loop, and with it every other call's progress, waits meanwhile: hence only where
-        nothing else waits on compute, and only bounded work (a DENSE response's encoding
-        copies megabytes; other backends are slow or wait on a device)."""
+        idle server (no batch running or queued, no request in slices, and none for a
+        while), a SPARSE batch of the cpu backend's C kernel within ``inline_max_images``
+        images and the boxes and anchor rows above for as many. That skips the hand-over
+        to a worker and back (two thread wake-ups and the loop's turn to resume the
+        caller), ~0.15 ms of a 1-image request's ~0.33 ms in the server outside compute
+        on 2 cores (2026-12-04). The loop, and with it every other call's progress, waits
+        meanwhile: hence only where nothing else waits on compute, and only bounded work
+        (a DENSE response's encoding copies megabytes; other backends are slow or wait
+        on a device)."""
         most = self._inline_images
         return (
             job.images <= most
             and self._free == self.options.compute_workers and not self._groups and not self._in_slices
+            and job.enqueued_at - self._idle_since >= _INLINE_AFTER_IDLE_S
             and _runs_sparse([job])
             and job.boxes + sum(job.ignore_counts or ()) <= _INLINE_BOXES_PER_IMAGE * most
             and job.images * job.anchors_per_image <= _INLINE_ANCHORS_PER_IMAGE * most

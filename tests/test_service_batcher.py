@@ -45,11 +45,11 @@ def test_batch_options_refuse_what_cannot_work(field, value):
 
 
 def _computed_on(backend_name: str, jobs: list[AssignJob], options: BatchOptions | None = None,
-                 hold_the_worker: bool = False) -> tuple[list, list[bool]]:  # fmt: skip
-    """The jobs submitted one after another to a started batcher, each with a finisher:
-    their outcomes (finished results or errors), and for each batch whether it was
-    computed on the event loop's thread. ``hold_the_worker``: a task holds the one
-    compute worker while they queue."""
+                 hold_the_worker: bool = False, pause_s: float = 0.01) -> tuple[list, list[bool]]:  # fmt: skip
+    """The jobs submitted one by one to a started batcher, each ``pause_s`` after it
+    started or the last one was answered, each with a finisher: their outcomes (finished
+    results or errors), and for each batch whether it was computed on the event loop's
+    thread. ``hold_the_worker``: a task holds the one compute worker while they queue."""
 
     async def run():
         batcher = Batcher(backend_name, options or BatchOptions())
@@ -59,7 +59,12 @@ def _computed_on(backend_name: str, jobs: list[AssignJob], options: BatchOptions
         release = threading.Event()
         held = asyncio.ensure_future(batcher.run(release.wait)) if hold_the_worker else None
         try:
-            submitted = [asyncio.ensure_future(batcher.submit(job, lambda t: ("finished", t))) for job in jobs]
+            submitted = []
+            for job in jobs:
+                await asyncio.sleep(pause_s)
+                submitted.append(asyncio.ensure_future(batcher.submit(job, lambda t: ("finished", t))))
+                if not hold_the_worker:
+                    await asyncio.wait(submitted[-1:])
             await asyncio.sleep(0.02)
             release.set()
             return await asyncio.gather(*submitted, return_exceptions=True), on_loop
@@ -77,7 +82,7 @@ def test_a_small_sparse_request_at_an_idle_server_is_computed_on_the_event_loop(
     """The cpu backend's small SPARSE batch that finds nothing queued or running skips the
     hand-over to a compute worker and back; its targets and finisher are the worker's."""
     jobs = [_job(*random_batch(generator, [3, 0, 5], CANVAS), sparse=True, seed=7)]
-    jobs.append(_job(*random_batch(generator, [2], CANVAS), sparse=True))  # arrives once the first is done
+    jobs.append(_job(*random_batch(generator, [2], CANVAS), sparse=True))  # arrives 10 ms after the first is done
     results, on_loop = _computed_on("cpu", jobs)
     assert on_loop == [True, True]
     for job, (tag, got) in zip(jobs, results):
@@ -92,6 +97,20 @@ def test_a_failing_request_computed_on_the_event_loop_gets_its_own_error(generat
     (outcome,), on_loop = _computed_on("cpu", [_job(boxes, counts, sparse=True)])
     assert on_loop == [True]
     assert isinstance(outcome, InvalidInput) and "image 0, box 1: degenerate box" in str(outcome)
+
+
+def test_requests_that_follow_each_other_closely_go_to_a_compute_worker(generator, monkeypatch):
+    """A call that comes right after the last one was answered is likely one that waited
+    in gRPC while the loop computed: computed on the loop too, it would leave the workers
+    idle and every batch unmerged. Only after a lull (``_INLINE_AFTER_IDLE_S``, here
+    0.2 s so that a slow machine cannot blur the two cases) is a request computed on the
+    loop again."""
+    monkeypatch.setattr(backend, "_INLINE_AFTER_IDLE_S", 0.2)
+    jobs = [_job(*random_batch(generator, [2], CANVAS), sparse=True) for _ in range(3)]
+    _, on_loop = _computed_on("cpu", jobs, pause_s=0.05)
+    assert on_loop == [False, False, False]
+    _, on_loop = _computed_on("cpu", jobs, pause_s=0.25)
+    assert on_loop == [True, True, True]
 
 
 def _large_canvas_job(generator) -> AssignJob:
