@@ -343,9 +343,10 @@ async def serve(
     address = host_port(options.host, port)
     announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
     batching, limits = server.batcher.options, options.limits
+    inline = server.batcher.inline_images
     announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "
              f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
-             f"thread(s), inline up to {server.batcher.inline_images} images at an idle server, "
+             f"thread(s), {f'inline up to {inline} images at an idle server' if inline else 'no inline compute'}, "
              f"queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
              f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
     if server.metrics_port is not None:

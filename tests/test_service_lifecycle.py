@@ -134,7 +134,12 @@ def test_cli_serve_port_zero_and_stop_on_signal(sig):
         read_until(process, r"1 front-end process\(es\) \(--workers auto: \d+ cores, port 0\)")
         match, _ = read_until(process, r"serving on 127\.0\.0\.1:(\d+)")
         port = int(match.group(1))
-        settings, _ = read_until(process, r"batching: up to (\d+) images per batch, 0 ms queue delay, (\d+) compute")
+        # The reference backend never computes on the event loop.
+        settings, _ = read_until(
+            process,
+            r"batching: up to (\d+) images per batch, 0 ms queue delay, (\d+) compute "
+            r"worker\(s\) x \d+ torch thread\(s\), no inline compute",
+        )
         defaults = BatchOptions().resolved(torch.device("cpu"))  # the defaults it runs with are printed
         assert settings.groups() == (str(defaults.max_batch_images), str(defaults.compute_workers))
         read_until(process, r"health is SERVING")
@@ -709,6 +714,7 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         (["--max-batch-images", "0"], "--max-batch-images: must be in 1 .. 65535, got 0"),
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
         (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
+        (["--inline-max-images", "-1"], "--inline-max-images: must be >= 0, got -1"),
         (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
         (["--workers", "0"], "--workers: must be >= 1, got 0"),
         # Both: the file won, the flag silently ignored.
@@ -986,6 +992,12 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
     assert process.returncode == 0, out
     assert "second stop signal: cancelling the calls still in flight" in out and "stopped" in out, out
     assert "Traceback" not in out, out
+
+
+def test_inline_compute_is_the_flags():
+    options = _server_options(build_parser().parse_args(["serve", "--port", "0", "--inline-max-images", "0"]))
+    assert options.batching.inline_max_images == 0
+    assert _server_options(build_parser().parse_args(["serve", "--port", "0"])).batching.inline_max_images == 8
 
 
 def test_the_unsent_response_bound_is_the_flags():
