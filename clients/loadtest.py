@@ -87,6 +87,8 @@ _HISTOGRAM = (1, 3_600_000_000, 3)
 _PROGRESS_S = 0.5
 _STOP_POLL_S = 0.1  # how soon a client notices that it is asked to stop
 _REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusing server fails at once
+# Codes after which a closed-loop caller pauses as long before its next call.
+_PAUSE_AFTER = (grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.RESOURCE_EXHAUSTED.name)
 _DETAILS_CHARS = 300  # of an error's message, kept per code for the report
 # A stream that the server closed without error before answering every request (no gRPC
 # code says so).
@@ -517,9 +519,10 @@ class _Driver:
 
     async def _closed_caller(self) -> None:
         while (now := time.perf_counter()) < self.end:
-            if await self._unary(now) == grpc.StatusCode.UNAVAILABLE.name:
-                # No server: calls fail at once, and a caller that went on would count its own
-                # speed in errors, taking the CPU of a server starting on the same machine.
+            if await self._unary(now) in _PAUSE_AFTER:
+                # No server, or one that refuses (a full queue): calls fail at once, and a
+                # caller that went on would count its own speed in errors, taking the CPU of
+                # the server on the same machine (a client library backs off there too).
                 await asyncio.sleep(min(_REOPEN_PAUSE_S, max(0.0, self.end - time.perf_counter())))
 
     def _schedule(self):

@@ -643,6 +643,20 @@ def test_closed_loop_callers_pause_between_calls_to_no_server():
     assert 0 < report.errors.get("UNAVAILABLE", 0) <= 2 * (1.0 / 0.05 + 5), report.errors
 
 
+def test_closed_loop_callers_pause_after_a_refusal():
+    """A server that refuses every call at once (RESOURCE_EXHAUSTED, as a full queue does):
+    callers that resent at once made thousands of refusals a second, taking the CPU of the
+    server they load."""
+
+    def refuse(request: bytes, context) -> bytes:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded")
+
+    with fake_assigner(refuse, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=1.0, warmup_s=0.0,
+                                     concurrency=2))  # fmt: skip
+    assert 0 < report.errors.get("RESOURCE_EXHAUSTED", 0) <= 2 * (1.0 / 0.05 + 5), report.errors
+
+
 def test_ctrl_c_while_verifying_keeps_the_report(monkeypatch):
     """The Ctrl-C handler was put back before the answers were verified (tens of seconds
     for hundreds): Ctrl-C then lost the whole report. Each request's targets are computed
