@@ -25,7 +25,7 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    mean; targets equal or not).
 4. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
    the gather as run10 left it (built anchors, uncapped) and the gather matching inline,
-   over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 1000, targets checked equal (the data a
+   over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a
    per-batch choice of the matching would be placed by).
 5. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
    (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
@@ -284,7 +284,7 @@ def main() -> None:
     contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10,
                   "inline": inline}  # fmt: skip
     for batch in (1, 8, 32, 64) if "boundary" in sections else ():
-        for boxes in (None, 50, 200, 1000):
+        for boxes in (None, 50, 200, 500, 1000):  # 500: B = 1 flips between 200 and 1000 (run12)
             problem = problem_for(batch, boxes)[0]
             row = {}
             try:
