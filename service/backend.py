@@ -18,9 +18,10 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   request computed in slices holds the place of its largest slice from its admission
   to its last slice, so it is refused at once or not at all;
 * compute runs on worker threads, not on the event loop, except a small sparse batch
-  on the cpu backend that reaches an idle server (``inline_max_images``): computed
-  where it arrives, it skips the two thread hand-overs, about half of a small
-  request's time in the server outside compute, and holds the loop ~0.2-2 ms;
+  on the cpu backend that reaches a server idle for a while (``inline_max_images``,
+  ``Batcher._inline``): computed where it arrives, it skips the two thread hand-overs,
+  about half of a small request's time in the server outside compute, and holds the
+  loop ~0.2-2 ms;
 * a bad request fails alone: a merged batch whose ``assign`` raises is checked
   request by request, each bad one gets its own error (naming its own images and
   boxes), and the good ones run again without it; a batch that succeeds is not
@@ -28,9 +29,10 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   thread under load). Each caller gets exactly its own images back (row slices of
   the batch), and sampling seeds stay per request (image i of a request uses
   ``seed + i`` whatever batch it lands in);
-* ``submit(job, finish)`` runs ``finish(targets)`` (the response encoder) on the
-  compute worker right after the batch, so a request costs one thread hop, not
-  two (on a loaded machine every hop is a GIL hand-over and a futex wake-up).
+* ``submit(job, finish)`` runs ``finish(targets)`` (the response encoder) right after
+  the batch where the batch ran (the compute worker, or the event loop for a batch
+  computed there), so a request costs one thread hop, not two (on a loaded machine
+  every hop is a GIL hand-over and a futex wake-up), or none.
   ``targets`` is ``SparseTargets`` when the batch ran sparse, else ``Targets``.
 """
 
