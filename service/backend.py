@@ -282,6 +282,7 @@ class Batcher:
         on_batch: BatchObserver | None = None,
         on_queued: Callable[[float], None] | None = None,
         on_copied: Callable[[int], None] | None = None,
+        on_inline: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.device = torch.device(device)
@@ -289,6 +290,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_queued = on_queued
         self._on_copied = on_copied
+        self._on_inline = on_inline
         self._groups: dict[tuple, list[_Pending]] = {}
         self._queued_images = 0  # in the groups, except the slices of held places
         self._held_images = 0  # places held by requests in slices (``submit``)
@@ -623,6 +625,8 @@ class Batcher:
                 self._on_queued(now - item.job.enqueued_at)
         live = [item for item in batch if not item.future.cancelled()]  # callers gone: not computed
         if live == [arrival] and self._inline(arrival.job):
+            if self._on_inline is not None:
+                self._on_inline()
             _settle_all(live, self._results(live))
         elif live:
             self._free -= 1

@@ -48,6 +48,12 @@ class Metrics:
         )
         self.bytes_in = Counter("tritarget_request_bytes", "Serialized request bytes", ["method"], registry=reg)
         self.bytes_out = Counter("tritarget_response_bytes", "Serialized response bytes", ["method"], registry=reg)
+        self.inline_batches = Counter(
+            "tritarget_inline_batches",
+            "Batches computed on the event loop: small SPARSE requests that found the cpu backend's server idle "
+            "(--inline-max-images)",
+            registry=reg,
+        )
         self.device_to_host_bytes = Counter(
             "tritarget_device_to_host_bytes",
             "Result bytes copied from the GPU to the host (0 on a CPU backend)",

@@ -135,6 +135,7 @@ class TargetServer:
             on_batch=self._observe_batch,
             on_queued=self.metrics.queue_seconds.observe,
             on_copied=self.metrics.device_to_host_bytes.inc,
+            on_inline=self.metrics.inline_batches.inc,
         )
         # Read when /metrics is scraped, not set on every arrival and batch.
         self.metrics.queued_images.set_function(lambda: self.batcher.queued_images)

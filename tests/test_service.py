@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import math
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -253,6 +254,22 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own(server, client, g
     le1 = next(float(line.split()[-1]) for line in sizes if 'le="1.0"' in line)
     total = next(float(line.split()[-1]) for line in sizes if 'le="+Inf"' in line)
     assert total > le1, "the /metrics endpoint shows no batch of more than one request"
+
+
+def test_a_lone_small_sparse_request_is_computed_on_the_event_loop(generator):
+    """Over gRPC, the cpu backend's server computes a small SPARSE request that finds it idle
+    on its event loop (counted in /metrics), with the targets computed in process; a DENSE
+    one goes to a compute worker."""
+    canvas, preset = (96, 128), "retinanet_torchvision"
+    boxes, counts, classes = _batch(generator, [3, 1], canvas)
+    with ServerThread(backend="cpu") as srv, TargetClient(srv.address, timeout=60) as client:
+        for fmt, inline in (("sparse", 1), ("dense", 1), ("sparse", 2)):
+            time.sleep(0.01)  # the server idles (a call right after another goes to a worker)
+            got = client.assign(boxes, counts, canvas, preset=preset, gt_classes=classes, format=fmt)
+            expected = assign(boxes, counts, canvas, presets.get(preset), gt_classes=classes, backend="cpu")
+            assert_targets_equal(got, expected if fmt == "dense" else sparse_view(expected), rtol=0, atol=0)
+            assert srv.metrics.value("tritarget_inline_batches_total") == inline
+        assert srv.metrics.value("tritarget_batch_images_count") == 3
 
 
 def test_health_is_serving_after_warm_up(server):
