@@ -8,7 +8,9 @@ every batch is one request. Per request, from ``/metrics``:
                       - tritarget_compute_seconds (the batched assign call)
 
 which is decoding, batching hand-offs, encoding the response and bookkeeping (gRPC's
-own transport and (de)serialization are outside both). A straight line through the
+own transport and (de)serialization are outside both). The share of requests computed
+on the event loop (no hand-off: ``--inline-max-images``, 8 by default, so 32-image
+requests never are) is listed beside them. A straight line through the
 per-request figures gives the fixed and the per-image part, the issue's
 "<= 150 us + 10 us per image". Writes ``service_overhead.json`` and ``.md`` under ``--out``.
 
@@ -41,7 +43,7 @@ SIZES = (1, 8, 32)
 
 def _metrics(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    pattern = re.compile(r"(tritarget_(?:request|compute|encode|queue)_seconds_(?:sum|count))"
+    pattern = re.compile(r"(tritarget_(?:(?:request|compute|encode|queue)_seconds_(?:sum|count)|inline_batches_total))"
                          r'(\{method="Assign"\})? (\S+)')  # fmt: skip
     values = {}
     for line in text.splitlines():
@@ -90,6 +92,8 @@ def main() -> int:
                 "encode_us": 1e6 * delta["tritarget_encode_seconds_sum"] / requests,
                 "queue_us": 1e6 * delta["tritarget_queue_seconds_sum"] / requests,
                 "outside_compute_us": request_us - compute_us,
+                # computed on the event loop, without the hand-over to a worker (``--inline-max-images``)
+                "inline_share": delta["tritarget_inline_batches_total"] / requests,
                 "client_latency_us": 1000 * report.percentiles_ms()["mean"],
             })  # fmt: skip
             outside = rows[-1]["outside_compute_us"]
@@ -113,11 +117,13 @@ def main() -> int:
     out = Path(args.out)
     write_json(out / "service_overhead.json", result)
     lines = [f"# Server time per request outside compute ({args.backend} backend; {machine})", "",
-             "| images / request | requests | request µs | compute µs | encode µs | queue µs | outside compute µs |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| images / request | requests | on the event loop | request µs | compute µs | encode µs | queue µs "
+             "| outside compute µs |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['images']} | {r['requests']} | {r['request_us']:.0f} | {r['compute_us']:.0f} | "
-                     f"{r['encode_us']:.0f} | {r['queue_us']:.0f} | {r['outside_compute_us']:.0f} |")  # fmt: skip
+        lines.append(f"| {r['images']} | {r['requests']} | {100 * r['inline_share']:.0f}% | {r['request_us']:.0f} | "
+                     f"{r['compute_us']:.0f} | {r['encode_us']:.0f} | {r['queue_us']:.0f} | "
+                     f"{r['outside_compute_us']:.0f} |")  # fmt: skip
     lines += [
         "",
         f"fit: {fixed:.0f} µs + {slope:.1f} µs per image (goal: <= 150 µs + 10 µs per image)",
