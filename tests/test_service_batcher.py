@@ -92,6 +92,8 @@ def test_a_small_sparse_request_at_an_idle_server_is_computed_on_the_event_loop(
 
 
 def test_a_failing_request_computed_on_the_event_loop_gets_its_own_error(generator):
+    """An invalid box raises inside the inline compute: the caller gets its error, naming
+    the image and box, as from a worker (the loop goes on)."""
     boxes, counts = random_batch(generator, [2], CANVAS)
     boxes[1, 2] = boxes[1, 0] - 1  # x2 < x1
     (outcome,), on_loop = _computed_on("cpu", [_job(boxes, counts, sparse=True)])
