@@ -123,6 +123,7 @@ def _server_options(args: argparse.Namespace):
         warmup_canvas=tuple(args.warmup_canvas),
         grace_s=args.grace,
         access_log=not args.no_access_log,
+        gpu_wait=args.gpu_wait,
     )
 
 
@@ -541,6 +542,8 @@ async def _on_a_daemon_thread(function: Callable[[], Any]) -> Any:
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import BACKENDS
 
+    from .gpu_wait import GPU_WAITS
+
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     port = integer(0, 65535)
     parser.add_argument("--port", type=port, default=50051, help="gRPC port (default 50051; 0 = any free port)")
@@ -569,6 +572,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-images", type=integer(1), default=1024, help="queue bound (default 1024 images)")
     parser.add_argument("--compute-workers", type=integer(1),
                         help="concurrent batches (default: 1 on a CPU; 2 on a GPU, one CUDA stream each)")  # fmt: skip
+    parser.add_argument("--gpu-wait", choices=GPU_WAITS, default="block",
+                        help="how compute threads wait for the GPU: block (asleep until it signals; default) or "
+                             "spin (a core busy per waiting thread, a wake-up sooner)")  # fmt: skip
     parser.add_argument("--inline-max-images", type=integer(0), default=8,
                         help="cpu backend: a SPARSE request of up to this many images, and 16 boxes and 2^18 "
                              "anchors times as many, that finds the server idle (for 0.5 ms) is computed on the "

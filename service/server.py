@@ -37,6 +37,7 @@ from tritarget.protos import target_assigner_pb2 as pb
 from .auth import BearerTokenInterceptor
 from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
+from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .metrics import Metrics
 from .servicer import TargetAssignerServicer, add_to_server
 
@@ -90,6 +91,7 @@ class ServerOptions:
     reuse_port: let several processes bind the same port (SO_REUSEPORT; ``--workers``).
     access_log: one INFO line per call on the ``tritarget.access`` logger (method, request
         id, images, boxes, code, milliseconds).
+    gpu_wait: how threads wait for the GPU, "block" (asleep) or "spin" (``gpu_wait``).
     """
 
     host: str = "127.0.0.1"
@@ -108,8 +110,11 @@ class ServerOptions:
     reflection: bool = True
     access_log: bool = True
     reuse_port: bool = False
+    gpu_wait: str = "block"
 
     def __post_init__(self) -> None:
+        if self.gpu_wait not in GPU_WAITS:
+            raise ValueError(f"gpu_wait: expected one of {', '.join(GPU_WAITS)}, got {self.gpu_wait!r}")
         # Checked here, not by the warm-up: an unknown preset there left the server
         # NOT_SERVING for good, a bad canvas failed it only after binding.
         if self.warmup_preset not in presets.names():
@@ -126,7 +131,9 @@ class TargetServer:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.backend, self.device = load_backend(options.backend)
+        self.backend, self.device = load_backend(options.backend, options.gpu_wait)
+        # What the process has (a context created before the server keeps its own); None on a CPU.
+        self.gpu_wait = gpu_wait_in_effect(self.device) if self.device.type == "cuda" else None
         self.metrics = Metrics()
         self.batcher = Batcher(
             self.backend,
@@ -342,7 +349,9 @@ async def serve(
     await server.start()
     scheme = "TLS" if options.tls_cert else "plaintext"
     address = host_port(options.host, port)
-    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device})", flush=True)
+    waits = f", GPU waits: {server.gpu_wait}" if server.gpu_wait else ""
+    announce(f"tritarget serving on {address} ({scheme}, backend {server.backend} on {server.device}{waits})",
+             flush=True)  # fmt: skip
     batching, limits = server.batcher.options, options.limits
     inline = server.batcher.inline_images
     announce(f"batching: up to {batching.max_batch_images} images per batch, {batching.max_queue_delay_s * 1000:g} ms "

@@ -34,7 +34,7 @@ from tritarget.service.cli import (
     front_ends,
     main,
 )
-from tritarget.service.server import host_port
+from tritarget.service.server import ServerOptions, host_port
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -657,8 +657,6 @@ def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
 def test_server_options_refuse_a_warm_up_that_cannot_run(options, message):
     """An unknown preset raised inside the warm-up task, which then never settled: the
     server stayed NOT_SERVING for good."""
-    from tritarget.service.server import ServerOptions
-
     with pytest.raises(ValueError, match=message):
         ServerOptions(**options)
 
@@ -715,6 +713,7 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
         (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
         (["--inline-max-images", "-1"], "--inline-max-images: must be >= 0, got -1"),
+        (["--gpu-wait", "yield"], "argument --gpu-wait: invalid choice: 'yield'"),  # the choices' quoting varies
         (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
         (["--workers", "0"], "--workers: must be >= 1, got 0"),
         # Both: the file won, the flag silently ignored.
@@ -998,6 +997,14 @@ def test_inline_compute_is_the_flags():
     options = _server_options(build_parser().parse_args(["serve", "--port", "0", "--inline-max-images", "0"]))
     assert options.batching.inline_max_images == 0
     assert _server_options(build_parser().parse_args(["serve", "--port", "0"])).batching.inline_max_images == 8
+
+
+def test_the_gpu_wait_is_the_flag():
+    options = _server_options(build_parser().parse_args(["serve", "--port", "0", "--gpu-wait", "spin"]))
+    assert options.gpu_wait == "spin"
+    assert _server_options(build_parser().parse_args(["serve", "--port", "0"])).gpu_wait == "block"
+    with pytest.raises(ValueError, match="gpu_wait: expected one of block, spin, got 'yield'"):
+        ServerOptions(gpu_wait="yield")
 
 
 def test_the_unsent_response_bound_is_the_flags():
