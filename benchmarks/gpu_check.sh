@@ -31,15 +31,13 @@
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
 #    front-end processes on one port, default 4, what `serve` picks on 16 cores;
 #    service_workersN.txt).
-# 5. The service against more front ends (GPU_SERVICE_WORKERS_MORE, default 8;
+# 5. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
+#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
+# 6. The service against more front ends (GPU_SERVICE_WORKERS_MORE, default 8;
 #    service_workers8.txt): at 4 (run8, run9) each front end's process spent ~1.5 cores
 #    per second at the open-loop point (p99 29-32 ms against a 20 ms goal), so its event
 #    loop, under one GIL, is where requests wait. One front end was measured in run4-run8.
-# 6. The same with `--gpu-wait spin` (GPU_SERVICE_SPIN=0 skips it), how run5-run12 waited,
-#    appended to service_workers8.txt: what the default blocking waits change, in one run.
-# 7. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
-#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
-# Steps 4-7 in the order of what is still unmeasured: when time runs short, the last go.
+# Steps 4-6 in the order of what is still unmeasured: when time runs short, the last go.
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): sweep.txt, pytest.txt,
 # bench.txt, bench_gpu.{json,png}, service_workers4.txt, service_workers8.txt as plain files; when
@@ -48,7 +46,7 @@
 #
 # Time: GPU_CHECK_BUDGET seconds (default 270: give the device call 300 s) bound the
 # whole check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); each
-# later step (sweep 150 s, service 90 s three times, anchor scan 60 s) is skipped when it could
+# later step (sweep 150 s, service 90 s twice, anchor scan 60 s) is skipped when it could
 # end past the budget, and says so. On the H200 (run12, 2026-12-04) the whole suite
 # (1,842 tests on 12 workers, the 5 wheel-building ones beside them) took ~185 s and every
 # step ran in 446 s at GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started
@@ -283,6 +281,14 @@ if fits 90 "service, $workers front ends"; then
     [ "$service" -eq 0 ] || status=1
 fi
 
+# The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
+# took 8.6-13.6 s in run4-run6, so 20,000 by default now).
+if fits 60 "anchor scan"; then
+    echo "== anchor scan =="
+    timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
+        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+fi
+
 # The same load against more front ends (not in a dry run: the same command as step 4,
 # and a second server's open loop on 2 busy cores was refused RESOURCE_EXHAUSTED at times).
 more="${GPU_SERVICE_WORKERS_MORE:-8}"
@@ -295,28 +301,6 @@ if [ "$DRY" != 1 ] && fits 90 "service, $more front ends"; then
         2>&1 | tail -n 12 | tee "$OUT/service_workers$more.txt"
     more_status=${PIPESTATUS[0]}
     [ "$more_status" -eq 0 ] || status=1
-fi
-
-# The same again with the waits of run5-run12 (`--gpu-wait spin`: CUDA's automatic choice
-# spins there), for what sleeping waits change in one run: the server's CPU per request and
-# the open loop's p99. Its lines follow the step before's in service_workers8.txt.
-spin_status=skipped
-if [ "$DRY" != 1 ] && [ "${GPU_SERVICE_SPIN:-1}" = 1 ] && fits 90 "service, $more front ends, spinning"; then
-    echo "== service, $more front-end processes, --gpu-wait spin ==" | tee -a "$OUT/service_workers$more.txt"
-    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
-        "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $more --port 50063 --gpu-wait spin ${GPU_SERVICE_ARGS:-}" \
-        --out "$OUT/loadtest_workers${more}_spin" 2>&1 | tail -n 12 | tee -a "$OUT/service_workers$more.txt"
-    spin_status=${PIPESTATUS[0]}
-    [ "$spin_status" -eq 0 ] || status=1
-fi
-
-# The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
-# took 8.6-13.6 s in run4-run6, so 20,000 by default now).
-if fits 60 "anchor scan"; then
-    echo "== anchor scan =="
-    timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
-        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
 fi
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
@@ -347,5 +331,5 @@ if [ "${#files[@]}" -gt 8 ]; then
     find "$OUT" -mindepth 1 -type d -empty -delete
 fi
 
-echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service ($workers front ends) / $more_status ($more) / $spin_status ($more, spinning); results in $OUT"
+echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service ($workers front ends) / $more_status ($more); results in $OUT"
 exit $status
