@@ -92,28 +92,11 @@ SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
 status=0
 
-wheels=(.whl/*.whl)
-if [ -e "${wheels[0]}" ]; then
-    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SCRATCH/site" "${wheels[@]}" >"$SCRATCH/pip.txt" 2>&1; then
-        export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
-        wheel_note="installed ${#wheels[@]} wheels from .whl into $SCRATCH/site"
-    else
-        # A development machine with another Python: its own packages stay in use.
-        wheel_note="could not install the wheels in .whl: $(tail -n 1 "$SCRATCH/pip.txt")"
-        [ "$DRY" = 1 ] || status=1
-    fi
-else
-    wheel_note="no .whl folder: the image's own grpcio/protobuf"
-fi
-
 # shellcheck source=benchmarks/tritarget_shim.sh
 source "$REPO/benchmarks/tritarget_shim.sh"
+install_carried_wheels "$PYTHON" "$SCRATCH/site" || { [ "$DRY" = 1 ] || status=1; }
 use_tritarget_uninstalled "$REPO" "$SCRATCH/shim"
-mkdir -p "$SCRATCH/bin"
-printf '#!/bin/sh\nexec "%s" "$@"\n' "$PYTHON" >"$SCRATCH/bin/python"
-chmod +x "$SCRATCH/bin/python"
-export PATH="$SCRATCH/bin:$PATH"
+python_on_path "$PYTHON" "$SCRATCH/bin"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
