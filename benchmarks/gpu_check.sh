@@ -30,7 +30,9 @@
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS
 #    front-end processes on one port, default 4, what `serve` picks on 16 cores;
-#    service_workersN.txt).
+#    service_workersN.txt). Since run13 the server's compute workers sleep while they wait
+#    for the GPU (`serve --gpu-wait block`); run5-run12 spun (GPU_SERVICE_ARGS="--gpu-wait
+#    spin" for theirs; benchmarks/gpu_service_ab.sh compares the two, and MPS, in one run).
 # 5. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
 #    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
 # 6. The service against more front ends (GPU_SERVICE_WORKERS_MORE, default 8;

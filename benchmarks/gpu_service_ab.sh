@@ -14,7 +14,9 @@
 #          (nvidia-cuda-mps-control), so that their kernels share the GPU instead of taking
 #          turns; skipped where the machine has no MPS or its daemon does not start
 # The issue's figures to read: images/s, the open loop's p99 (goal <= 20 ms) and the
-# server's CPU ms per request. Writes service_ab.txt (each run's table, one after another)
+# server's CPU ms per request. (The tables' in-process baseline waits as CUDA chooses in
+# every run: the flag is the server's.) Runs go one after another, so the machine's drift
+# shows only when a run is repeated: AB_RUNS="block spin mps block" where time allows. Writes service_ab.txt (each run's table, one after another)
 # and service_ab.tar.gz (the runs' JSON, CSV and plots) under $OUT (default
 # benchmarks/results/gpu_service_ab). AB_RUNS picks and orders the runs (default
 # "block spin mps"); AB_WORKERS the front ends (default 8); AB_BACKEND=cpu AB_WORKERS=2
@@ -23,16 +25,25 @@ set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/benchmarks/results/gpu_service_ab}"
-PYTHON="$(command -v "${PYTHON:-python3}")" || { echo "gpu_service_ab: no Python interpreter" >&2; exit 1; }
+if [ -x "$REPO/.venv/bin/python" ]; then  # as gpu_check.sh: a development machine's venv, else the image's
+    PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+else
+    PYTHON="${PYTHON:-python3}"
+fi
+PYTHON="$(command -v "$PYTHON")" || { echo "gpu_service_ab: no Python interpreter" >&2; exit 1; }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO"
 SCRATCH="$(mktemp -d)"
-trap 'rm -rf "$SCRATCH"' EXIT
+stop_mps() {  # a daemon this script started, if any
+    [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+trap 'stop_mps; rm -rf "$SCRATCH"' EXIT
 
 # shellcheck source=benchmarks/tritarget_shim.sh
 source "$REPO/benchmarks/tritarget_shim.sh"
-install_carried_wheels "$PYTHON" "$SCRATCH/site" || exit 1
+install_carried_wheels "$PYTHON" "$SCRATCH/site" || [ "${AB_BACKEND:-triton}" = cpu ] || exit 1
 use_tritarget_uninstalled "$REPO" "$SCRATCH/shim"
 python_on_path "$PYTHON" "$SCRATCH/bin"
 unset TRITON_INTERPRET
@@ -47,6 +58,7 @@ report="$OUT/service_ab.txt"
 } | tee "$report"
 
 status=0
+unknown=0
 port=50081
 load() {  # load NAME [SERVER FLAGS...]: one bench_loadtest.py run against a fresh server
     local name="$1"
@@ -56,6 +68,8 @@ load() {  # load NAME [SERVER FLAGS...]: one bench_loadtest.py run against a fre
         --duration 3 --warmup 1 --server-args "--workers $workers --port $port $*" --out "$OUT/$name" 2>&1 |
         tail -n 12 | tee -a "$report"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # A run its timeout killed leaves its server's front ends holding the GPU and cores.
+    pkill -f -- "--workers $workers --port $port" && sleep 2
     port=$((port + 1))  # the last server's port may linger in TIME_WAIT
 }
 
@@ -66,21 +80,23 @@ mps() {  # the run under an MPS daemon of its own, stopped after it
     fi
     export CUDA_MPS_PIPE_DIRECTORY="$SCRATCH/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$SCRATCH/mps-log"
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    if nvidia-cuda-mps-control -d; then
+    # The control daemon returns at once; its server starts with the first client, so one
+    # short CUDA program tells whether MPS can serve here at all.
+    if nvidia-cuda-mps-control -d &&
+        timeout 60 "$PYTHON" -c 'import torch; torch.zeros(1, device="cuda"); torch.cuda.synchronize()'; then
         load mps --gpu-wait block
-        echo quit | nvidia-cuda-mps-control
-        tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null | sed 's/^/mps log: /' | tee -a "$report"
     else
-        echo "== mps: skipped, the MPS daemon did not start ==" | tee -a "$report"
+        echo "== mps: skipped, no MPS server answered a CUDA program ==" | tee -a "$report"
     fi
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null | sed 's/^/mps log: /' | tee -a "$report"
+    stop_mps
 }
 
 for run in ${AB_RUNS:-block spin mps}; do
     case "$run" in
         block | spin) load "$run" --gpu-wait "$run" ;;
         mps) mps ;;
-        *) echo "gpu_service_ab: unknown run '$run' in AB_RUNS (block, spin, mps)" | tee -a "$report"; status=2 ;;
+        *) echo "gpu_service_ab: unknown run '$run' in AB_RUNS (block, spin, mps)" | tee -a "$report"; unknown=1 ;;
     esac
 done
 
@@ -91,4 +107,5 @@ done
 if [ "${#runs[@]}" -gt 0 ]; then
     tar -czf "$OUT/service_ab.tar.gz" -C "$OUT" "${runs[@]}" && (cd "$OUT" && rm -rf "${runs[@]}")
 fi
+[ "$unknown" = 1 ] && status=2
 exit "$status"

@@ -211,14 +211,14 @@ class BatchOptions:
 def load_backend(name: str, gpu_wait: str | None = None) -> tuple[str, torch.device]:
     """The concrete backend for ``name`` (``auto`` -> triton with CUDA, else cpu), imported
     now, and the device its inputs must be on. On a GPU, ``gpu_wait`` ("block" or "spin";
-    None: CUDA's choice) sets how threads wait for it, before the first CUDA work
-    (``gpu_wait``).
+    None: CUDA's choice) sets how the process's threads wait for it, before the first CUDA
+    work (``gpu_wait``).
 
     Raises ``ValueError`` when the backend does not exist or cannot load here.
     """
     device = torch.device("cuda" if torch.cuda.is_available() and name in ("auto", "triton") else "cpu")
     if device.type == "cuda" and gpu_wait is not None:
-        set_gpu_wait(gpu_wait)
+        set_gpu_wait(gpu_wait, ordinal=0)  # "cuda": the current device, 0 in a process that has not used CUDA
     concrete = resolve_backend(name, device)
     try:  # the smallest batch there is: loads the backend's module (and its compiler)
         assign(torch.zeros(0, 4, device=device), [0], (32, 32), presets.get("retinanet_torchvision"), backend=concrete)

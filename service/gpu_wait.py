@@ -2,19 +2,21 @@
 
 A thread that waits for the GPU -- a compute worker reading back its batch's list lengths,
 or synchronising its stream before the lists are encoded -- spins by default: CUDA's
-automatic schedule spins while a process has fewer CUDA contexts than the machine has
-cores, and a front end has one context on a machine of many cores. On the H200 machine
-(``benchmarks/results/gpu_h200/run12/service_workers8.txt``, 8 front ends, spinning) the
-server spent 4.2 ms of CPU per 8-image request with 8 callers, about 0.9 of a core per
+automatic schedule spins unless a process has more CUDA contexts than the machine has
+cores, and a front end has one context on a machine of many. On the H200 machine
+(``benchmarks/results/gpu_h200/run12/service_workers8.txt``, 8 front ends, CUDA's default)
+the server spent 4.2 ms of CPU per 8-image request with 8 callers, about 0.9 of a core per
 front end with one request in flight each, and 2.7-3.1 ms under full load, against 0.55
-ms for the same requests computed in one process: each front end's workers spin through
-waits that grow while 8 contexts take turns on the GPU, on cores that the event loops and
-the callers need. Blocking puts a waiting thread to sleep until the GPU signals it, at the
-price of a wake-up (microseconds) per wait.
+ms for the same requests computed in one process (spinning too, but through its own short
+waits only). Spinning through waits that grow while 8 contexts take turns on the GPU, on
+cores the event loops and the callers need, would explain the difference; how much of it
+it is, ``benchmarks/gpu_service_ab.sh`` measures. Blocking puts a waiting thread to sleep
+until the GPU signals it, for a wake-up (microseconds) per wait.
 
-The schedule belongs to each device's primary context (the one torch and Triton use) and
-is fixed when that context is created, so it is set before the server's first CUDA work,
-through the CUDA driver API (torch has no call for it).
+The schedule is a flag of a device's primary context (the one torch and Triton use), set
+here through the CUDA driver API (torch has no call for it) before the server's first CUDA
+work. It holds for every thread of the process: a context that already exists (a process
+that used the GPU before it started a server) is left as it is.
 """
 
 from __future__ import annotations
@@ -55,27 +57,25 @@ def _primary_state(driver: ctypes.CDLL, ordinal: int) -> tuple[ctypes.c_int, int
     return device, flags.value, bool(active.value)
 
 
-def set_gpu_wait(wait: str) -> None:
-    """Every visible GPU's primary context to wait as ``wait`` says: "block" or "spin".
+def set_gpu_wait(wait: str, ordinal: int) -> None:
+    """GPU ``ordinal``'s primary context, unless it exists already, to wait as ``wait``
+    says: "block" or "spin". ``gpu_wait_in_effect`` tells what the process has.
 
-    A context that already exists keeps its schedule (it is fixed at creation):
-    ``gpu_wait_in_effect`` tells what the process has. Raises ``ValueError`` for an
-    unknown ``wait``, ``RuntimeError`` when the CUDA driver does not load or refuses."""
+    Raises ``ValueError`` for an unknown ``wait``, ``RuntimeError`` when the CUDA driver
+    does not load or refuses."""
     if wait not in _SCHEDULES:
         raise ValueError(f"gpu_wait: expected one of {', '.join(GPU_WAITS)}, got {wait!r}")
     driver = _driver()
-    count = ctypes.c_int()
-    _call(driver, "cuDeviceGetCount", ctypes.byref(count))
-    for ordinal in range(count.value):
-        device, flags, active = _primary_state(driver, ordinal)
-        if not active:
-            _call(driver, "cuDevicePrimaryCtxSetFlags_v2", device,
-                  ctypes.c_uint(flags & ~_SCHEDULE_BITS | _SCHEDULES[wait]))  # fmt: skip
+    device, flags, active = _primary_state(driver, ordinal)
+    if not active:
+        schedule = flags & ~_SCHEDULE_BITS | _SCHEDULES[wait]
+        _call(driver, "cuDevicePrimaryCtxSetFlags_v2", device, ctypes.c_uint(schedule))
 
 
 def gpu_wait_in_effect(device: torch.device) -> str:
     """How threads wait for CUDA ``device`` in this process: "block", "spin", "yield" or
-    "auto" (CUDA's choice: spin while the process has fewer contexts than cores)."""
+    "auto" (CUDA's choice: spin unless the process has more contexts than the machine has
+    cores)."""
     ordinal = torch.cuda.current_device() if device.index is None else device.index
     _, flags, _ = _primary_state(_driver(), ordinal)
     return _NAMES.get(flags & _SCHEDULE_BITS, f"flags {flags & _SCHEDULE_BITS}")

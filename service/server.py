@@ -91,7 +91,8 @@ class ServerOptions:
     reuse_port: let several processes bind the same port (SO_REUSEPORT; ``--workers``).
     access_log: one INFO line per call on the ``tritarget.access`` logger (method, request
         id, images, boxes, code, milliseconds).
-    gpu_wait: how threads wait for the GPU, "block" (asleep) or "spin" (``gpu_wait``).
+    gpu_wait: how threads wait for the GPU, "block" (asleep) or "spin" (``gpu_wait``): a
+        setting of the whole process, made only where the server is its first CUDA user.
     """
 
     host: str = "127.0.0.1"
