@@ -264,7 +264,11 @@ def front_ends(workers: int | None, port: int, cores: int) -> int:
     One Python front end decodes, batches and encodes ~1,500-1,850 8-image requests/s,
     whatever computes them: on a 16-core H200 machine 1 / 2 / 4 front ends served 12.4k /
     19.9k / 29.5k images/s (README, "On a GPU"); each costs a CUDA context or its share
-    of the cores' torch threads, and more than 4 were not measured."""
+    of the cores' torch threads. Eight served 10-43% more than four in the two runs that
+    had both (run10, run12: 26.3k against 18.4k, 31.5k against 28.7k), with front ends
+    whose workers spun while waiting for the GPU; the default stays 4 until a run with
+    sleeping waits (``--gpu-wait``) compares them again (``gpu_service_ab.sh``,
+    ``AB_WORKERS``)."""
     if workers is not None:
         if workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {workers}")
