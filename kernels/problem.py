@@ -21,8 +21,8 @@ may be invalid. A backend that reads every gt box anyway can take their check ov
 (``check_gt_boxes=False``): it tests each box as it reads it and raises
 ``CheckBoxesFirst`` on a box that may be invalid, and the caller builds the problem again
 with the check here, which raises or drops as it always does. That spares the cpu backend
-a pass over the boxes and the triton backend's sparse path its read-back before the
-launches (it reads one flag back with the lists' lengths).
+a pass over the boxes and the triton backend its read-back before the launches (it reads
+one flag back after them, with the lists' lengths on the sparse path).
 """
 
 from __future__ import annotations

@@ -65,11 +65,11 @@ from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
-# solve_sparse checks the gt boxes in gather_kernel (segments_kernel with the walk) and
-# reads the flag back with the lists' lengths (``problem.CheckBoxesFirst``): no read-back
-# before its launches. The dense solve reads nothing back, so its boxes are checked
-# before it, as build_problem does.
-CHECKS_GT_BOXES = ("solve_sparse",)
+# Both check the gt boxes in gather_kernel (segments_kernel with the walk) and read the
+# flag back once, after their launches (``problem.CheckBoxesFirst``): solve_sparse with
+# the lists' lengths, solve alone. build_problem's check of boxes on a GPU would read
+# back their extremes before the launches, after five more device operations.
+CHECKS_GT_BOXES = ("solve", "solve_sparse")
 
 
 @dataclass(frozen=True)
@@ -648,15 +648,20 @@ class _Launch:
 def solve(problem: Problem) -> Targets:
     """Dense targets of a checked batch (before sampling), in one launch per stage.
 
+    For a problem whose gt boxes are unchecked, ``gather_kernel`` (``segments_kernel``
+    with the walk) checks them, and its flag is read back after the launches:
+    ``CheckBoxesFirst`` if it is set. A checked problem reads nothing back.
+
     Returns:
         Targets: labels [B, A] int8, matched_gt [B, A] int32, deltas [B, A, 4] float32,
         classes [B, A] int32 when the problem has gt_classes, max_iou [B, A] float32
         when asked; on the problem's device. The deltas double as the work memory.
     """
     launch = _Launch(problem)
-    if not problem.gt_boxes_checked:  # nothing is read back here to report an invalid box
-        raise CheckBoxesFirst
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    check = not problem.gt_boxes_checked
+    if check and num_anchors == 0 and launch.num_rows > 0:
+        raise CheckBoxesFirst  # no kernel runs to check the boxes
     labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
     matched = torch.empty(batch, num_anchors, dtype=torch.int32, device=device)
     deltas = launch.work()
@@ -666,9 +671,17 @@ def solve(problem: Problem) -> Targets:
     targets = Targets(labels, matched, deltas, classes, max_iou, background_class=problem.config.background_class)
     if num_anchors == 0:
         return targets
+    # One memset: the invalid-box flag, then the match stage's zeroed memory (16-byte
+    # aligned, as when it is its own).
+    zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device) if check else None
     with _on(device):
-        launch.match_pairs(deltas)
+        if check:
+            launch.match_pairs(deltas, zeroed[:1], zeroed[2:])
+        else:
+            launch.match_pairs(deltas)
         launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
+    if check and zeroed[0].item():
+        raise CheckBoxesFirst
     return targets
 
 

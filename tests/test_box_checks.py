@@ -1,7 +1,7 @@
 """Backends that read every gt box check them as they read them (``CHECKS_GT_BOXES``):
-the cpu backend in the C call that solves them, the triton backend's sparse path in
-``gather_kernel`` (``segments_kernel`` with the pair walk: every test runs with both
-matchings), whose flag comes back with the lists' lengths. ``build_problem`` then
+the cpu backend in the C call that solves them, the triton backend in ``gather_kernel``
+(``segments_kernel`` with the pair walk: every test runs with both matchings), whose
+flag comes back after the launches (with the lists' lengths, sparse). ``build_problem`` then
 skips its own pass over the gt boxes (on a GPU, a read-back before the launches); a
 backend that finds a box which may be invalid raises ``CheckBoxesFirst``, and ``assign``
 builds the problem again with the full check, which raises or drops as it always did."""
@@ -53,7 +53,12 @@ def matching(request, monkeypatch):
         monkeypatch.setattr(triton_backend, meta, changed)
 
 
-SOLVERS = [("cpu", "solve"), ("cpu", "solve_sparse"), pytest.param("triton", "solve_sparse", marks=TRITON)]
+SOLVERS = [
+    ("cpu", "solve"),
+    ("cpu", "solve_sparse"),
+    pytest.param("triton", "solve", marks=TRITON),
+    pytest.param("triton", "solve_sparse", marks=TRITON),
+]
 
 
 def _device(backend: str) -> torch.device:
@@ -130,10 +135,12 @@ def test_a_box_only_float32_doubts_is_solved_after_the_full_check():
         assert torch.equal(getattr(ours, name), getattr(reference, name)), name
 
 
+@pytest.mark.parametrize("function", [assign, assign_sparse])
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=TRITON)])
-def test_assign_sparse_makes_no_pass_over_the_gt_boxes_before_the_backend(backend, monkeypatch):
+def test_no_pass_over_the_gt_boxes_before_the_backend(function, backend, monkeypatch):
     """Only the inputs the backend does not check (here the crowd regions) are examined
-    before it: on a GPU that pass is the read-back the sparse path no longer makes."""
+    before it: on a GPU that pass is a read-back before the launches, which neither the
+    sparse nor the dense path makes."""
     examined = []
     may_be_invalid = problem_module._may_be_invalid
 
@@ -144,18 +151,18 @@ def test_assign_sparse_makes_no_pass_over_the_gt_boxes_before_the_backend(backen
     monkeypatch.setattr(problem_module, "_may_be_invalid", record)
     device = _device(backend)
     boxes = GOOD.repeat(70, 1)[:200].to(device)
-    assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, ignore_boxes=GOOD[:1].to(device), ignore_counts=[1])
+    function(boxes, [200], CANVAS, CONFIG, backend=backend, ignore_boxes=GOOD[:1].to(device), ignore_counts=[1])
     assert examined == [["ignore_boxes"]]
-    assign_sparse(boxes, [200], CANVAS, CONFIG, backend="reference")
+    function(boxes, [200], CANVAS, CONFIG, backend="reference")
     assert examined[-1] == ["gt_boxes"]
     # Classes given on the host (the service's, a loader's) are checked there, not in a
     # read-back from the device they were moved to (a second one, before any launch).
     given = []
     monkeypatch.setattr(problem_module, "_may_be_invalid", lambda items, canvas, check, classes: given.append(classes))
-    assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200, dtype=torch.int64))
+    function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200, dtype=torch.int64))
     assert given == []
     with pytest.raises(ValueError, match=r"gt_classes\[7\]: class -1 is outside"):
-        assign_sparse(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200).long().index_fill(0,
+        function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200).long().index_fill(0,
                       torch.tensor([7]), -1))  # fmt: skip
 
 

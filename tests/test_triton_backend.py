@@ -751,22 +751,31 @@ def _matching(monkeypatch, matching: str) -> None:
         monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta), matching=matching))
 
 
-@pytest.mark.parametrize("solve, matching, inline, mode, operations",
-                         [("solve_sparse", "walk", False, "torchvision", 12),
-                          ("solve_sparse", "gather", False, "torchvision", 6),
-                          ("solve", "walk", False, "torchvision", 9), ("solve", "gather", False, "torchvision", 3),
-                          ("solve", "gather", True, "torchvision", 3), ("solve", "gather", True, "none", 1),
-                          ("solve_sparse", "gather", True, "none", 6)])  # fmt: skip
-def test_device_operations_of_a_call(solve, matching, inline, mode, operations, monkeypatch, generator):
+@pytest.mark.parametrize("solve, matching, inline, mode, boxes_checked, operations",
+                         [("solve_sparse", "walk", False, "torchvision", False, 12),
+                          ("solve_sparse", "gather", False, "torchvision", False, 6),
+                          ("solve", "walk", False, "torchvision", False, 10),
+                          ("solve", "gather", False, "torchvision", False, 4),
+                          ("solve", "gather", True, "torchvision", False, 4),
+                          ("solve", "gather", True, "none", False, 4),
+                          ("solve_sparse", "gather", True, "none", False, 6),
+                          ("solve", "walk", False, "torchvision", True, 9),
+                          ("solve", "gather", False, "torchvision", True, 3),
+                          ("solve", "gather", True, "none", True, 1)])  # fmt: skip
+def test_device_operations_of_a_call(solve, matching, inline, mode, boxes_checked, operations, monkeypatch,
+                                     generator):  # fmt: skip
     """What a call costs the GPU in operations (each one a launch and host time), for a
     low-quality preset: kernels, memsets, prefix sums and read-backs. The walk: memsets
     of the work and candidate memory, segments, prefix, scatter, the lift's segments,
-    prefix and pass, then the finalize (dense), or count, scan, write and the one
-    read-back (sparse, list sizes known from an earlier batch); the gather: one memset,
-    the gather, then the finalize with the lift, or count (with the lift), scan, write,
-    read-back. Matching inline (``inline_match``) without the low-quality rule, a dense
-    call is the finalize alone; the sparse path's unchecked boxes still take the gather,
-    which checks them."""
+    prefix and pass, then the finalize (dense), or count, scan, write (sparse, list sizes
+    known from an earlier batch), and the one read-back of the box check's flag (with the
+    lists' lengths, sparse); the gather: one memset, the gather, then the finalize with
+    the lift, or count (with the lift), scan, write, and the read-back. Matching inline
+    (``inline_match``) without the low-quality rule, the unchecked boxes still take the
+    gather, which checks them. A problem whose boxes were checked before (``boxes_checked``:
+    on a GPU, after build_problem's five operations and read-back) reads nothing back:
+    a dense call is then its launches alone, matching inline without the lift the
+    finalize alone."""
     _matching(monkeypatch, matching)
     for meta in ("_COMPILED", "_INTERPRETED"):
         monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta),
@@ -774,7 +783,7 @@ def test_device_operations_of_a_call(solve, matching, inline, mode, operations, 
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 5], canvas)
     config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
-    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=solve == "solve")
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, check_gt_boxes=boxes_checked)
     checked, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
     expected = triton_backend.solve(checked).to_sparse()  # (labels as the reference's: the tests above)
     getattr(triton_backend, solve)(problem)  # sizes the lists of the next sparse call
@@ -792,9 +801,10 @@ def test_device_operations_of_a_call(solve, matching, inline, mode, operations, 
     monkeypatch.setattr(torch, "cumsum", counted("prefix sum", torch.cumsum))
     monkeypatch.setattr(torch.Tensor, "zero_", counted("memset", torch.Tensor.zero_))
     monkeypatch.setattr(torch.Tensor, "tolist", counted("read-back", torch.Tensor.tolist))
+    monkeypatch.setattr(torch.Tensor, "item", counted("read-back", torch.Tensor.item))
     result = getattr(triton_backend, solve)(problem)
     monkeypatch.undo()
-    assert other.count("read-back") == (solve == "solve_sparse")
+    assert other.count("read-back") == (solve == "solve_sparse" or not boxes_checked)
     assert len(launches) + len(other) == operations, ([launch[0] for launch in launches], other)
     assert_sparse_equal(result if solve == "solve_sparse" else result.to_sparse(), expected)
 
