@@ -7,7 +7,10 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 1. Host versus device: for COCO-RetinaNet B = 1 and 32 (G ~ 7), ``solve`` timed by
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls of
-   ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it.
+   ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it, and
+   ``assign`` with its gt boxes checked by build_problem before the launches (five device
+   operations and a read-back), as before 2026-12-04, against the check in the gather
+   and its flag read back after the launches (today's).
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
 3. The pair walk against the gather by anchor block (``_Meta.matching``) and the
@@ -189,13 +192,22 @@ def main() -> None:
 
         assign_ms = bench(end_to_end)
         host_assign = host_us(end_to_end)
+        checks = triton_backend.CHECKS_GT_BOXES
+        triton_backend.CHECKS_GT_BOXES = tuple(name for name in checks if name != "solve")
+        try:
+            checked_first_ms, checked_first_host = bench(end_to_end), host_us(end_to_end)
+        finally:
+            triton_backend.CHECKS_GT_BOXES = checks
         say(
             f"B={batch}: solve {solve_ms:.3f} ms (host {host:.0f} us/call), solve_sparse {sparse_ms:.3f} ms "
-            f"(host {host_sparse:.0f} us/call), assign {assign_ms:.3f} ms (host {host_assign:.0f} us/call)"
+            f"(host {host_sparse:.0f} us/call), assign {assign_ms:.3f} ms (host {host_assign:.0f} us/call); "
+            f"assign with its boxes checked before the launches {checked_first_ms:.3f} ms "
+            f"(host {checked_first_host:.0f} us/call)"
         )
         record["host"].append(
             dict(batch=batch, solve_ms=solve_ms, solve_host_us=host, sparse_ms=sparse_ms,
-                 sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign)
+                 sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign,
+                 assign_checked_first_ms=checked_first_ms, assign_checked_first_host_us=checked_first_host)
         )  # fmt: skip
         if batch == 1:  # where the host time goes: the solve, and what assign adds to it
             for name, call in (("solve", lambda p=problem: triton_backend.solve(p)), ("assign", end_to_end)):
