@@ -121,15 +121,18 @@ def test_assign_raises_and_drops_as_before(function, backend):
 
 
 @TRITON
-def test_a_box_only_float32_doubts_is_solved_after_the_full_check():
-    # Its width overflows float32: segments_kernel flags it, the host check (in float64)
+@pytest.mark.parametrize(("function", "solver"), [(assign, "solve"), (assign_sparse, "solve_sparse")])
+def test_a_box_only_float32_doubts_is_solved_after_the_full_check(function, solver):
+    # Its width overflows float32: the kernel flags it, the host check (in float64)
     # finds it valid, and the batch is solved again as checked.
     huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
     boxes = torch.cat([GOOD, huge])
     with pytest.raises(CheckBoxesFirst):
-        _solve("triton", "solve_sparse", boxes, [2, 2], check=False)
-    ours = assign_sparse(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton").to("cpu")
-    reference = assign_sparse(boxes, [2, 2], CANVAS, CONFIG, backend="reference")
+        _solve("triton", solver, boxes, [2, 2], check=False)
+    ours = function(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton").to("cpu")
+    reference = function(boxes, [2, 2], CANVAS, CONFIG, backend="reference")
+    if function is assign:
+        ours, reference = ours.to_sparse(), reference.to_sparse()
     assert ours.dropped[1].numel() == 0
     for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "ignored_anchors"):
         assert torch.equal(getattr(ours, name), getattr(reference, name)), name
