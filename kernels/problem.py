@@ -20,9 +20,11 @@ live with one read-back per call, and looked at one by one on the host only when
 may be invalid. A backend that reads every gt box anyway can take their check over
 (``check_gt_boxes=False``): it tests each box as it reads it and raises
 ``CheckBoxesFirst`` on a box that may be invalid, and the caller builds the problem again
-with the check here, which raises or drops as it always does. That spares the cpu backend
-a pass over the boxes and the triton backend its read-back before the launches (it reads
-one flag back after them, with the lists' lengths on the sparse path).
+with the check here, which raises or drops as it always does. Classes given on a device
+go with them (classes on the host are checked there, cheaply). That spares the cpu
+backend a pass over the boxes and the triton backend its read-back before the launches
+(it reads one flag back after them, and the classes' extremes, with the lists' lengths on
+the sparse path).
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class Problem:
         backend (``check_gt_boxes=False``), which must then test them by
         ``_invalid_on_host``'s rule (or the device rule of ``_margins``) and raise
         ``CheckBoxesFirst`` if one may be invalid, before returning any targets.
+    gt_classes_checked: False when it left the gt classes too (given on a device, with
+        ``check_gt_boxes=False``): the backend raises ``CheckBoxesFirst`` if one lies
+        outside [0, 2^31), or if it cannot check them.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
     buffer, made on first use from ``host_ints``: read-only.
     """
@@ -131,6 +136,7 @@ class Problem:
     want_max_iou: bool = False
     valid_cells: torch.Tensor | None = None
     gt_boxes_checked: bool = True
+    gt_classes_checked: bool = True
     _on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -545,8 +551,9 @@ def build_problem(
 
     ``host_check`` checks CPU boxes by the same rule as Python would, faster (``assign``
     passes the cpu backend's compiled one when that backend will solve the problem).
-    ``check_gt_boxes=False`` leaves the values of the gt boxes to the backend (see the
-    module docstring); every other input is checked as always.
+    ``check_gt_boxes=False`` leaves the values of the gt boxes, and of gt classes given on
+    a device, to the backend (see the module docstring); every other input is checked as
+    always.
     """
     if not isinstance(config, TargetConfig):
         hint = f"; a preset's config is presets.get({config!r})" if isinstance(config, str) else ""
@@ -591,6 +598,8 @@ def build_problem(
             host_classes = classes if classes.is_cpu else None
             if classes.dtype is not dtype or classes.device != device or not classes.is_contiguous():
                 classes = classes.to(device=device, dtype=dtype).contiguous()
+            if host_classes is None and classes.is_cpu:  # given on a device, moved to the boxes' host
+                host_classes = classes
         checked.append(_Boxes("gt_boxes", boxes, counts))
         if check_gt_boxes:
             examined.append(checked[-1])
@@ -625,9 +634,13 @@ def build_problem(
         raise
 
     dropped = {}
-    # Classes given on a device are checked in the boxes' read-back; given on the host (the
-    # service's, a loader's), there, before they went to the device: not one more read-back.
+    # Classes on the host (the service's, a loader's) are checked there, before they went to
+    # the device: not one more read-back. Classes on a device are checked in the boxes'
+    # read-back, or, with the gt boxes, left to the backend, which reads them back with its
+    # flag after its launches.
     device_classes = classes if classes is not None and host_classes is None else None
+    if not check_gt_boxes:
+        device_classes = None
     may_be_invalid = (examined or device_classes is not None) and _may_be_invalid(
         examined, canvas, host_check, device_classes
     )
@@ -666,5 +679,6 @@ def build_problem(
         want_max_iou=want_max_iou,
         valid_cells=cells,
         gt_boxes_checked=check_gt_boxes,
+        gt_classes_checked=check_gt_boxes or host_classes is not None or classes is None,
     )
     return problem, kept

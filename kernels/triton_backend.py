@@ -648,9 +648,10 @@ class _Launch:
 def solve(problem: Problem) -> Targets:
     """Dense targets of a checked batch (before sampling), in one launch per stage.
 
-    For a problem whose gt boxes are unchecked, ``gather_kernel`` (``segments_kernel``
-    with the walk) checks them, and its flag is read back after the launches:
-    ``CheckBoxesFirst`` if it is set. A checked problem reads nothing back.
+    For a problem whose gt values are unchecked (``_unchecked``), ``gather_kernel``
+    (``segments_kernel`` with the walk) checks the boxes, and its flag is read back after
+    the launches with the classes' extremes: ``CheckBoxesFirst`` if one may be invalid. A
+    checked problem reads nothing back.
 
     Returns:
         Targets: labels [B, A] int8, matched_gt [B, A] int32, deltas [B, A, 4] float32,
@@ -659,7 +660,7 @@ def solve(problem: Problem) -> Targets:
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
-    check = not problem.gt_boxes_checked
+    check = _unchecked(problem)
     if check and num_anchors == 0 and launch.num_rows > 0:
         raise CheckBoxesFirst  # no kernel runs to check the boxes
     labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
@@ -676,13 +677,41 @@ def solve(problem: Problem) -> Targets:
     zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device) if check else None
     with _on(device):
         if check:
+            extremes = _class_extremes(problem)
             launch.match_pairs(deltas, zeroed[:1], zeroed[2:])
         else:
             launch.match_pairs(deltas)
         launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
-    if check and zeroed[0].item():
+    if check and _found_invalid(*_read_back([zeroed[0], *extremes])):
         raise CheckBoxesFirst
     return targets
+
+
+def _unchecked(problem: Problem) -> bool:
+    """Whether the gt values are left to the backend: the boxes, and classes given on a
+    device (``build_problem``'s ``check_gt_boxes=False``)."""
+    return not (problem.gt_boxes_checked and problem.gt_classes_checked)
+
+
+def _class_extremes(problem: Problem) -> list[torch.Tensor]:
+    """The gt classes' minimum and maximum where they are left to the backend, to be read
+    back with the box check's flag after the launches (one device operation here, where
+    build_problem's check of the classes took five and a read-back before them)."""
+    classes = problem.gt_classes
+    if problem.gt_classes_checked or classes is None or classes.numel() == 0:
+        return []
+    return list(torch.aminmax(classes))
+
+
+def _read_back(values: list[torch.Tensor]) -> list[int]:
+    """Integers of 0-dim tensors on one device, in one copy to the host."""
+    return [values[0].item()] if len(values) == 1 else torch.stack(values).tolist()
+
+
+def _found_invalid(flag: int, *extremes: int) -> bool:
+    """Whether some gt box may be invalid (the kernels' ``flag``) or some class lies
+    outside [0, 2^31) (``extremes``: the least and the greatest, if read back)."""
+    return flag != 0 or (len(extremes) == 2 and not (extremes[0] >= 0 and extremes[1] <= _INT32[1]))
 
 
 # Sparse rows per image of recent batches, per anchor count: (positives, ignored), each
@@ -728,13 +757,15 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     image, ``_ROWS_PER_IMAGE``; at most B x A rows), then the two totals are read back
     once, and the lists are returned cut to length. A batch with more rows than that, or
     the first batch of an anchor count, is written again into lists of its exact length.
-    For a problem whose gt boxes are unchecked, ``gather_kernel`` (``segments_kernel``
-    with the walk) checks them and its flag comes back beside the totals (24 bytes in
-    all): ``CheckBoxesFirst`` if it is set.
+    For a problem whose gt values are unchecked (``_unchecked``), ``gather_kernel``
+    (``segments_kernel`` with the walk) checks the boxes and its flag comes back beside
+    the totals (24 bytes in all, 40 with the classes' extremes): ``CheckBoxesFirst`` if
+    one may be invalid.
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
-    if not problem.gt_boxes_checked and num_anchors == 0 and launch.num_rows > 0:
+    check = _unchecked(problem)
+    if check and num_anchors == 0 and launch.num_rows > 0:
         raise CheckBoxesFirst  # no kernel runs to check the boxes
     has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
@@ -747,7 +778,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         # One memset: the invalid-box flag and scan_kernel's count of programs done, then
         # the match stage's zeroed memory (16-byte aligned, as when it is its own).
         zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device)
-        flags, invalid = zeroed[:2], None if problem.gt_boxes_checked else zeroed[:1]
+        flags, invalid = zeroed[:2], zeroed[:1] if check else None
         work = launch.work(dense=False)
         block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
         block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
@@ -755,6 +786,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
         rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
         guess = _ROWS_PER_IMAGE.get(num_anchors)
         with _on(device):
+            extremes = _class_extremes(problem) if check else []
             launch.match_pairs(work, invalid, zeroed[2:])
             launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
             scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, flags, launch.num_blocks, batch,
@@ -763,9 +795,12 @@ def solve_sparse(problem: Problem) -> SparseTargets:
                 sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
                 sparse = _sparse_lists(*sizes, has_classes, device)
                 launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
-        *totals, found_invalid = offsets[:, batch].tolist()
-        if found_invalid:
+        positives, ignored, *checks = (
+            offsets[:, batch].tolist() if not extremes else _read_back([*offsets[:, batch], *extremes])
+        )
+        if _found_invalid(*checks):
             raise CheckBoxesFirst
+        totals = (positives, ignored)
         if batch > 0:
             _remember_rows(num_anchors, totals, batch)
         if sparse is not None and (totals[0] > len(sparse["positive_anchors"]) or

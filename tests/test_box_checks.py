@@ -6,6 +6,7 @@ skips its own pass over the gt boxes (on a GPU, a read-back before the launches)
 backend that finds a box which may be invalid raises ``CheckBoxesFirst``, and ``assign``
 builds the problem again with the full check, which raises or drops as it always did."""
 
+import dataclasses
 import importlib
 import math
 
@@ -44,8 +45,6 @@ def matching(request, monkeypatch):
     """The triton backend's matching (``_Meta.matching``): each checks the boxes in its own kernel."""
     if importlib.util.find_spec("triton") is None:
         return
-    import dataclasses
-
     from tritarget.kernels import triton_backend
 
     for meta in ("_INTERPRETED", "_COMPILED"):
@@ -90,6 +89,35 @@ def test_valid_boxes_left_to_the_backend_give_the_checked_targets(backend, funct
     names = ("labels", "matched_gt", "deltas") if function == "solve" else ("positive_anchors", "ignored_anchors")
     for name in names:
         assert torch.equal(getattr(unchecked, name), getattr(checked, name)), name
+
+
+@pytest.mark.parametrize(("backend", "function"), SOLVERS)
+@pytest.mark.parametrize("bad_class", [-1, 2**31])
+def test_classes_left_to_the_backend_are_checked_there(backend, function, bad_class):
+    """Classes given on a device go to the backend unchecked with the boxes
+    (``Problem.gt_classes_checked``): the triton backend reads their extremes back with
+    its flag. The cpu backend is given CPU tensors, whose classes build_problem checks:
+    left them all the same, it refuses."""
+    boxes = torch.cat([GOOD, BESIDE_THE_HEIGHT])
+    classes = torch.tensor([1, 2, 3, 4])
+    device = _device(backend)
+    module = importlib.import_module(f"tritarget.kernels.{'triton_backend' if backend == 'triton' else 'cpu'}")
+    solve = getattr(module, function)
+    problem, _ = build_problem(boxes.to(device), [2, 2], CANVAS, CONFIG, gt_classes=classes.to(device),
+                               check_gt_boxes=False)  # fmt: skip
+    assert problem.gt_classes_checked == (device.type == "cpu")  # on a GPU, left to the backend
+    left = dataclasses.replace(problem, gt_classes_checked=False)
+    if backend == "cpu":
+        with pytest.raises(CheckBoxesFirst):
+            solve(left)
+        return
+    checked, _ = build_problem(boxes.to(device), [2, 2], CANVAS, CONFIG, gt_classes=classes.to(device))
+    got, expected = solve(left), solve(checked)
+    names = ("labels", "matched_gt", "classes") if function == "solve" else ("positive_anchors", "positive_classes")
+    for name in names:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    with pytest.raises(CheckBoxesFirst):
+        solve(dataclasses.replace(left, gt_classes=classes.index_fill(0, torch.tensor([2]), bad_class).to(device)))
 
 
 @pytest.mark.parametrize(("backend", "function"), SOLVERS)
@@ -159,14 +187,16 @@ def test_no_pass_over_the_gt_boxes_before_the_backend(function, backend, monkeyp
     function(boxes, [200], CANVAS, CONFIG, backend="reference")
     assert examined[-1] == ["gt_boxes"]
     # Classes given on the host (the service's, a loader's) are checked there, not in a
-    # read-back from the device they were moved to (a second one, before any launch).
-    given = []
-    monkeypatch.setattr(problem_module, "_may_be_invalid", lambda items, canvas, check, classes: given.append(classes))
-    function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200, dtype=torch.int64))
-    assert given == []
-    with pytest.raises(ValueError, match=r"gt_classes\[7\]: class -1 is outside"):
-        function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=torch.ones(200).long().index_fill(0,
-                      torch.tensor([7]), -1))  # fmt: skip
+    # read-back from the device they were moved to (a second one, before any launch);
+    # given on the boxes' device, by the backend with the boxes. Either way a bad class is
+    # refused by name, as it always was.
+    for classes in (torch.ones(200, dtype=torch.int64), torch.ones(200, dtype=torch.int64).to(device)):
+        examined.clear()
+        function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=classes)
+        assert examined == []
+        bad = classes.index_fill(0, torch.tensor([7], device=classes.device), -1)
+        with pytest.raises(ValueError, match=r"gt_classes\[7\]: class -1 is outside"):
+            function(boxes, [200], CANVAS, CONFIG, backend=backend, gt_classes=bad)
 
 
 @pytest.mark.parametrize("function", [assign, assign_sparse])
