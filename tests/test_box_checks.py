@@ -263,3 +263,15 @@ def test_a_nan_box_among_many_is_refused_whatever_input_comes_first(backend, whe
     kwargs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
     with pytest.raises(ValueError, match=f"{name}: image 0, box 5: coordinates are not finite"):
         assign(boxes.to(device), [129], CANVAS, CONFIG, backend=backend, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("function", [assign, assign_sparse])
+def test_classes_on_a_gpu_for_boxes_on_the_host_are_checked_there(function):
+    """Moved to the CPU boxes, the classes are checked on the host. They were taken for
+    classes on a device, whose check rides on a read-back of device values that CPU
+    classes never joined: a class past int32 reached the cpu backend and wrapped."""
+    classes = torch.tensor([1, 2**31, 3]).cuda()
+    with pytest.raises(ValueError, match=r"gt_classes\[1\]: class 2147483648 is outside"):
+        function(GOOD, [3], CANVAS, CONFIG, backend="cpu", gt_classes=classes)
