@@ -795,9 +795,7 @@ def solve_sparse(problem: Problem) -> SparseTargets:
                 sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
                 sparse = _sparse_lists(*sizes, has_classes, device)
                 launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
-        positives, ignored, *checks = (
-            offsets[:, batch].tolist() if not extremes else _read_back([*offsets[:, batch], *extremes])
-        )
+        positives, ignored, *checks = _read_back([*offsets[:, batch], *extremes])
         if _found_invalid(*checks):
             raise CheckBoxesFirst
         totals = (positives, ignored)
