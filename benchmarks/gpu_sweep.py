@@ -10,7 +10,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it, and
    ``assign`` with its gt boxes checked by build_problem before the launches (five device
    operations and a read-back), as before 2026-12-04, against the check in the gather
-   and its flag read back after the launches (today's).
+   and its flag read back after the launches (today's). Both wait for the GPU once per
+   call (before the launches, or after them): their host microseconds per call include
+   that wait, end-to-end latency rather than launch cost.
 2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
 3. The pair walk against the gather by anchor block (``_Meta.matching``) and the

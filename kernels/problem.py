@@ -21,10 +21,11 @@ may be invalid. A backend that reads every gt box anyway can take their check ov
 (``check_gt_boxes=False``): it tests each box as it reads it and raises
 ``CheckBoxesFirst`` on a box that may be invalid, and the caller builds the problem again
 with the check here, which raises or drops as it always does. Classes given on a device
-go with them (classes on the host are checked there, cheaply). That spares the cpu
-backend a pass over the boxes and the triton backend its read-back before the launches
-(it reads one flag back after them, and the classes' extremes, with the lists' lengths on
-the sparse path).
+go with them (classes on the host are checked there, cheaply), unless another input
+(crowd regions, explicit anchors on the device) is read back here anyway. That spares the
+cpu backend a pass over the boxes and the triton backend its read-back of the boxes before
+the launches (it reads one flag back after them, and the classes' extremes, with the
+lists' lengths on the sparse path).
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ class Problem:
         ``_invalid_on_host``'s rule (or the device rule of ``_margins``) and raise
         ``CheckBoxesFirst`` if one may be invalid, before returning any targets.
     gt_classes_checked: False when it left the gt classes too (given on a device, with
-        ``check_gt_boxes=False``): the backend raises ``CheckBoxesFirst`` if one lies
-        outside [0, 2^31), or if it cannot check them.
+        ``check_gt_boxes=False``, where no other input was read back from the device):
+        the backend raises ``CheckBoxesFirst`` if one lies outside [0, 2^31), or if it
+        cannot check them.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
     buffer, made on first use from ``host_ints``: read-only.
     """
@@ -635,11 +637,14 @@ def build_problem(
 
     dropped = {}
     # Classes on the host (the service's, a loader's) are checked there, before they went to
-    # the device: not one more read-back. Classes on a device are checked in the boxes'
-    # read-back, or, with the gt boxes, left to the backend, which reads them back with its
-    # flag after its launches.
+    # the device: not one more read-back. Classes on a device are checked in the read-back
+    # of the inputs examined here, or, where none of those is read back from the device,
+    # left with the gt boxes to the backend, which reads them back with its flag after its
+    # launches.
     device_classes = classes if classes is not None and host_classes is None else None
-    if not check_gt_boxes:
+    reads_back = any(not item.boxes.is_cpu and item.boxes.shape[0] for item in examined)
+    left_classes = device_classes is not None and not check_gt_boxes and not reads_back
+    if left_classes:
         device_classes = None
     may_be_invalid = (examined or device_classes is not None) and _may_be_invalid(
         examined, canvas, host_check, device_classes
@@ -679,6 +684,6 @@ def build_problem(
         want_max_iou=want_max_iou,
         valid_cells=cells,
         gt_boxes_checked=check_gt_boxes,
-        gt_classes_checked=check_gt_boxes or host_classes is not None or classes is None,
+        gt_classes_checked=not left_classes or bool(may_be_invalid),
     )
     return problem, kept

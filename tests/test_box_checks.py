@@ -91,26 +91,23 @@ def test_valid_boxes_left_to_the_backend_give_the_checked_targets(backend, funct
         assert torch.equal(getattr(unchecked, name), getattr(checked, name)), name
 
 
-@pytest.mark.parametrize(("backend", "function"), SOLVERS)
+@TRITON
+@pytest.mark.parametrize("function", ["solve", "solve_sparse"])
 @pytest.mark.parametrize("bad_class", [-1, 2**31])
-def test_classes_left_to_the_backend_are_checked_there(backend, function, bad_class):
-    """Classes given on a device go to the backend unchecked with the boxes
-    (``Problem.gt_classes_checked``): the triton backend reads their extremes back with
-    its flag. The cpu backend is given CPU tensors, whose classes build_problem checks:
-    left them all the same, it refuses."""
+def test_classes_left_to_the_backend_are_checked_there(function, bad_class):
+    """Classes given on a device go to the triton backend unchecked with the boxes
+    (``Problem.gt_classes_checked``), which reads their extremes back with its flag:
+    the largest int32 class passes, one past it or below 0 does not."""
+    from tritarget.kernels import triton_backend
+
     boxes = torch.cat([GOOD, BESIDE_THE_HEIGHT])
-    classes = torch.tensor([1, 2, 3, 4])
-    device = _device(backend)
-    module = importlib.import_module(f"tritarget.kernels.{'triton_backend' if backend == 'triton' else 'cpu'}")
-    solve = getattr(module, function)
+    classes = torch.tensor([1, 2, 2**31 - 1, 4])
+    device = _device("triton")
+    solve = getattr(triton_backend, function)
     problem, _ = build_problem(boxes.to(device), [2, 2], CANVAS, CONFIG, gt_classes=classes.to(device),
                                check_gt_boxes=False)  # fmt: skip
     assert problem.gt_classes_checked == (device.type == "cpu")  # on a GPU, left to the backend
     left = dataclasses.replace(problem, gt_classes_checked=False)
-    if backend == "cpu":
-        with pytest.raises(CheckBoxesFirst):
-            solve(left)
-        return
     checked, _ = build_problem(boxes.to(device), [2, 2], CANVAS, CONFIG, gt_classes=classes.to(device))
     got, expected = solve(left), solve(checked)
     names = ("labels", "matched_gt", "classes") if function == "solve" else ("positive_anchors", "positive_classes")
@@ -118,6 +115,30 @@ def test_classes_left_to_the_backend_are_checked_there(backend, function, bad_cl
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     with pytest.raises(CheckBoxesFirst):
         solve(dataclasses.replace(left, gt_classes=classes.index_fill(0, torch.tensor([2]), bad_class).to(device)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_classes_on_the_gpu_ride_on_a_read_back_made_anyway():
+    """Crowd regions on the GPU are read back before the launches: classes there join
+    that read rather than the backend's after them."""
+    classes, ignore = torch.tensor([1, 2, 3]).cuda(), GOOD[:1].cuda()
+    alone, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, check_gt_boxes=False)
+    assert not alone.gt_classes_checked
+    with_crowd, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, ignore_boxes=ignore,
+                                  ignore_counts=[1], check_gt_boxes=False)  # fmt: skip
+    assert with_crowd.gt_classes_checked
+    with pytest.raises(ValueError, match=r"gt_classes\[1\]: class -1 is outside"):
+        build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, -1, 3]).cuda(), ignore_boxes=ignore,
+                      ignore_counts=[1], check_gt_boxes=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("function", ["solve", "solve_sparse"])
+def test_the_cpu_backend_refuses_classes_left_to_it(function):
+    """It is given CPU tensors, whose classes build_problem checks: its kernel does not."""
+    problem, _ = build_problem(GOOD, [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, 2, 3]), check_gt_boxes=False)
+    with pytest.raises(CheckBoxesFirst):
+        getattr(cpu, function)(dataclasses.replace(problem, gt_classes_checked=False))
 
 
 @pytest.mark.parametrize(("backend", "function"), SOLVERS)
