@@ -264,8 +264,8 @@ class _Inputs:
     def __init__(self, problem: Problem):
         if not problem.gt_boxes.is_cpu:
             raise ValueError(f"the cpu backend needs CPU tensors, got tensors on {problem.device}")
-        if not problem.gt_classes_checked:  # build_problem checks CPU classes: the kernel does not
-            raise CheckBoxesFirst
+        if not (problem.gt_classes_checked and problem.ignore_boxes_checked):
+            raise CheckBoxesFirst  # build_problem checks classes and ignore boxes on the host: the kernel does not
         config, classes, ignore, host = problem.config, problem.gt_classes, problem.ignore_boxes, problem.host_ints
         self.problem, self.template = problem, _template(config, problem.anchors, problem.grid is not None)
         args = self.args = _CProblem.from_buffer_copy(self.template.args)

@@ -20,12 +20,12 @@ live with one read-back per call, and looked at one by one on the host only when
 may be invalid. A backend that reads every gt box anyway can take their check over
 (``check_gt_boxes=False``): it tests each box as it reads it and raises
 ``CheckBoxesFirst`` on a box that may be invalid, and the caller builds the problem again
-with the check here, which raises or drops as it always does. Classes given on a device
-go with them (classes on the host are checked there, cheaply), unless another input
-(crowd regions, explicit anchors on the device) is read back here anyway. That spares the
-cpu backend a pass over the boxes and the triton backend its read-back of the boxes before
-the launches (it reads one flag back after them, and the classes' extremes, with the
-lists' lengths on the sparse path).
+with the check here, which raises or drops as it always does. Classes and crowd regions
+given on a device go with them (on the host they are checked there, cheaply), unless
+explicit anchors on the device are read back here anyway. That spares the cpu backend a
+pass over the boxes and the triton backend its read-back of the boxes before the launches
+(it reads one flag back after them, and the classes' extremes, with the lists' lengths on
+the sparse path).
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ class Problem:
         ``check_gt_boxes=False``, where no other input was read back from the device):
         the backend raises ``CheckBoxesFirst`` if one lies outside [0, 2^31), or if it
         cannot check them.
+    ignore_boxes_checked: False when it left the ignore boxes too (on a device, with
+        ``check_gt_boxes=False``, where no explicit anchors were read back from it): the
+        backend tests them as it tests the gt boxes.
     Every tensor is contiguous. gt_offsets, ignore_offsets and image_sizes are views of one
     buffer, made on first use from ``host_ints``: read-only.
     """
@@ -139,6 +142,7 @@ class Problem:
     valid_cells: torch.Tensor | None = None
     gt_boxes_checked: bool = True
     gt_classes_checked: bool = True
+    ignore_boxes_checked: bool = True
     _on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _device_ints(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,6 +372,11 @@ def _invalid_on_host(item: _Boxes, canvas: tuple[int, int], host_check: HostChec
     return False
 
 
+def _reads_back(items: list[_Boxes]) -> bool:
+    """Whether ``_may_be_invalid`` reads some of ``items`` back from a device."""
+    return any(not item.boxes.is_cpu and item.boxes.shape[0] for item in items)
+
+
 def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: HostCheck | None,
                     classes: torch.Tensor | None) -> bool:  # fmt: skip
     """Whether some box (or a device tensor of classes) may be invalid: CPU inputs are
@@ -581,6 +590,7 @@ def build_problem(
         examined.append(checked[-1])
     try:
         classes = host_classes = None  # the classes as given, where given on the host: checked there
+        left_ignore = False  # crowd regions left to the backend with the gt boxes
         if gt_classes is not None:
             classes = _tensor("gt_classes", gt_classes)
             dtype = classes.dtype
@@ -614,7 +624,12 @@ def build_problem(
             ignore = _boxes("ignore_boxes", ignore_boxes, device)
             ign_counts = checked_counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
             checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
-            examined.append(checked[-1])
+            # Crowd regions on a device go with the gt boxes to the backend (its kernels
+            # flag them too), unless explicit anchors are read back from the device here.
+            on_device = not ignore.is_cpu and ignore.shape[0] > 0
+            left_ignore = on_device and not check_gt_boxes and not _reads_back(examined)
+            if not left_ignore:
+                examined.append(checked[-1])
         sizes = _sizes("image_sizes", image_sizes, batch, canvas)
         cells = None
         if pad_sizes is not None:
@@ -642,8 +657,7 @@ def build_problem(
     # left with the gt boxes to the backend, which reads them back with its flag after its
     # launches.
     device_classes = classes if classes is not None and host_classes is None else None
-    reads_back = any(not item.boxes.is_cpu and item.boxes.shape[0] for item in examined)
-    left_classes = device_classes is not None and not check_gt_boxes and not reads_back
+    left_classes = device_classes is not None and not check_gt_boxes and not _reads_back(examined)
     if left_classes:
         device_classes = None
     may_be_invalid = (examined or device_classes is not None) and _may_be_invalid(
@@ -685,5 +699,6 @@ def build_problem(
         valid_cells=cells,
         gt_boxes_checked=check_gt_boxes,
         gt_classes_checked=not left_classes or bool(may_be_invalid),
+        ignore_boxes_checked=not left_ignore or bool(may_be_invalid),
     )
     return problem, kept

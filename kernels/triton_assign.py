@@ -409,11 +409,11 @@ def _positive_finite(value):
 
 
 @triton.jit
-def _flag_invalid_boxes(gt_boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
+def _flag_invalid_boxes(boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
     """Set the int64 at invalid_ptr to 1 if one of the boxes ``rows`` (where ``real``)
     may be invalid by ``problem._margins``' rule: width, height, x2, y2, canvas width - x1
     and canvas height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height)."""
-    box = gt_boxes_ptr + rows * 4
+    box = boxes_ptr + rows * 4
     x1 = tl.load(box, mask=real, other=0.0)
     y1 = tl.load(box + 1, mask=real, other=0.0)
     x2 = tl.load(box + 2, mask=real, other=0.0)
@@ -423,12 +423,13 @@ def _flag_invalid_boxes(gt_boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
     tl.store(invalid_ptr + rows * 0, tl.full(rows.shape, 1, tl.int64), mask=real & ~valid)
 
 
+_SEGMENTS_SWITCHES = ["num_rows", "batch", "num_anchors", "num_shapes", "center_div", "image_steps", "check_boxes",
+                      "num_ignore"]  # fmt: skip
+
+
 # The box-check flag sits inside solve_sparse's offsets ([2, B]), 16-byte aligned or not
 # with the batch's parity: specialising on it would compile the kernel twice (see _RULES).
-@triton.jit(
-    do_not_specialize=["num_rows", "batch", "num_anchors", "num_shapes", "center_div", "image_steps", "check_boxes"],
-    do_not_specialize_on_alignment=["invalid_ptr"],
-)
+@triton.jit(do_not_specialize=_SEGMENTS_SWITCHES, do_not_specialize_on_alignment=["invalid_ptr"])
 def segments_kernel(
     gt_boxes_ptr,
     gt_offsets_ptr,
@@ -440,6 +441,7 @@ def segments_kernel(
     row_box_ptr,
     canvas_ptr,
     invalid_ptr,
+    ignore_ptr,
     num_rows,
     batch,
     num_anchors,
@@ -448,6 +450,7 @@ def segments_kernel(
     search_steps,
     image_steps,
     check_boxes,
+    num_ignore,
     GENERATE: tl.constexpr,
     ROWS: tl.constexpr,
     SHAPES: tl.constexpr,
@@ -458,7 +461,8 @@ def segments_kernel(
     check_boxes: set the int64 at invalid_ptr to 1 if some box may be invalid by
         ``problem._margins``' rule (width, height, x2, y2, canvas width - x1 and canvas
         height - y1 in (0, inf), float32; canvas_ptr: float32 (width, height)), the check
-        ``build_problem`` left to the backend.
+        ``build_problem`` left to the backend; the first program checks the num_ignore
+        ignore boxes at ignore_ptr ([M, 4] float32) too.
     rect_ptr: [N, R, 4] int32 out (first x, cells along x, first y, cells along y) for
         the R = num_shapes shape rows; pairs_ptr: [N, R] int64 out, nx * ny;
         row_image_ptr, row_box_ptr: [N] int32 out, the image of each box row and its
@@ -482,6 +486,10 @@ def segments_kernel(
     tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
     if check_boxes != 0:
         _flag_invalid_boxes(gt_boxes_ptr, rows, real_row, canvas_ptr, invalid_ptr)
+        if tl.program_id(0) == 0:  # crowd regions are few: one program's loop
+            for start in range(0, num_ignore, ROWS):
+                ignore_rows = start + tl.arange(0, ROWS).to(tl.int64)
+                _flag_invalid_boxes(ignore_ptr, ignore_rows, ignore_rows < num_ignore, canvas_ptr, invalid_ptr)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
     if GENERATE:
@@ -1115,7 +1123,8 @@ def gather_kernel(
     [cdiv(num_anchors, BLOCK_A), BLOCK_BOUNDS] float32, each block's parts' bounding
     boxes and area range (generated anchors; ``triton_backend._block_bounds``).
     check_boxes: each image's first block sets the int64 at invalid_ptr to 1 if one of its
-    boxes may be invalid (as segments_kernel does; canvas_ptr: float32 width, height).
+    gt boxes or ignore boxes may be invalid (as segments_kernel does; canvas_ptr: float32
+    width, height).
     BUILD_ANCHORS: a generated grid's anchor boxes built from the level tables (the
     level walk, with its integer divisions) or, False, loaded from anchors_ptr (the same
     float32 values, built once per device: ``triton_backend._Meta.load_anchors``); False
@@ -1136,6 +1145,10 @@ def gather_kernel(
         for start in range(box_start, box_end, BOXES):
             rows = start + tl.arange(0, BOXES)
             _flag_invalid_boxes(gt_boxes_ptr, rows, rows < box_end, canvas_ptr, invalid_ptr)
+        ignore_end = tl.load(ignore_offsets_ptr + image + 1)
+        for start in range(tl.load(ignore_offsets_ptr + image), ignore_end, BOXES):
+            rows = start + tl.arange(0, BOXES)
+            _flag_invalid_boxes(ignore_ptr, rows, rows < ignore_end, canvas_ptr, invalid_ptr)
     # A generated grid's parts from its table (the same anchors _block_anchor_boxes
     # generates), so that a block near no box generates none.
     ax1 = tl.zeros((BLOCK_A,), tl.float32)

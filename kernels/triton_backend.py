@@ -65,10 +65,11 @@ from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
 
-# Both check the gt boxes in gather_kernel (segments_kernel with the walk) and read the
-# flag back once, after their launches (``problem.CheckBoxesFirst``): solve_sparse with
-# the lists' lengths, solve alone. build_problem's check of boxes on a GPU would read
-# back their extremes before the launches, after five more device operations.
+# Both check the gt boxes (and the ignore boxes left with them) in gather_kernel
+# (segments_kernel with the walk) and read the flag back once, after their launches
+# (``problem.CheckBoxesFirst``): solve_sparse with the lists' lengths, solve alone.
+# build_problem's check of boxes on a GPU would read back their extremes before the
+# launches, after five more device operations.
 CHECKS_GT_BOXES = ("solve", "solve_sparse")
 
 
@@ -409,7 +410,9 @@ class _Launch:
             self.num_levels = self.num_shapes = self.search_steps = 1
             self.center_div = 0
         self.use_ignore = match.ignore_iof_thr > 0 and problem.ignore_boxes.shape[0] > 0
-        self.ignore = problem.ignore_boxes.contiguous() if self.use_ignore else self._placeholder(torch.float32)
+        # Read by the rules, and by the box check (an unchecked problem's kernels test them).
+        self.unchecked = _unchecked(problem)
+        self.ignore = problem.ignore_boxes if self.use_ignore or self.unchecked else self._placeholder(torch.float32)
         if match.allowed_border < 0:
             self.border_rule, self.border = BORDER_OFF, self._placeholder(torch.float32)
         else:
@@ -430,6 +433,15 @@ class _Launch:
         # The gather's box keys, near-box lists and block bounds, which the finalize's lift
         # reads (``gather``); None: the finalize reads the marks from the work memory.
         self.lift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def leaves_boxes_unchecked(self) -> bool:
+        """Whether no launch would check the boxes of an unchecked problem: none runs
+        without anchors, and with the walk ``segments_kernel``, which checks the ignore
+        boxes with the gt boxes, none without gt boxes."""
+        ignore = 0 if self.problem.ignore_boxes_checked else self.problem.ignore_boxes.shape[0]
+        if self.num_anchors == 0:
+            return self.num_rows + ignore > 0
+        return self.meta.matching != "gather" and self.num_rows == 0 and ignore > 0
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         return self._placeholders[dtype]  # a call makes up to 21 of these lookups
@@ -460,7 +472,7 @@ class _Launch:
         [N] int32, and the zeroed box_key [N] int64 and seg_max [S] int32 the pair kernels
         fill, all three in ``zeroed`` (``scratch_words``; allocated here when None: each
         memset is a launch, which costs host time). ``invalid`` (int64, zeroed): set to 1
-        if some gt box may be invalid (the check a problem built with
+        if some gt box or ignore box may be invalid (the check a problem built with
         ``check_gt_boxes=False`` leaves to the backend)."""
         rows, num_segments = self.num_rows, self.num_rows * self.num_shapes
         keys_at, seg_max_at, words = self._segment_layout()
@@ -482,10 +494,10 @@ class _Launch:
             canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
         segments_kernel[(_cdiv(rows, self.meta.segment_rows),)](
             self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], out["pairs"],
-            out["row_image"], out["row_box"], canvas, invalid, rows, self.batch, self.num_anchors, self.num_shapes,
-            self.center_div, self.search_steps, max(self.batch - 1, 1).bit_length() + 1,
-            int(check), GENERATE=self.generate, ROWS=self.meta.segment_rows,
-            SHAPES=max(_SHAPE_TILE, _next_power_of_2(self.num_shapes)), **_launch_kwargs(),
+            out["row_image"], out["row_box"], canvas, invalid, self.ignore, rows, self.batch, self.num_anchors,
+            self.num_shapes, self.center_div, self.search_steps, max(self.batch - 1, 1).bit_length() + 1,
+            int(check), self.problem.ignore_boxes.shape[0] if check else 0, GENERATE=self.generate,
+            ROWS=self.meta.segment_rows, SHAPES=max(_SHAPE_TILE, _next_power_of_2(self.num_shapes)), **_launch_kwargs(),
         )  # fmt: skip
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out
@@ -494,7 +506,7 @@ class _Launch:
         self, work: torch.Tensor, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
     ) -> None:
         """Stages 1-3: fill ``work`` ([B, A, 4] 32-bit words, from ``work()``) with keys and
-        marks; with ``invalid``, check the gt boxes too (``segments``). ``zeroed``: the
+        marks; with ``invalid``, check the gt and ignore boxes too (``segments``). ``zeroed``: the
         stage's zeroed memory (``scratch_words``), part of the caller's; None: its own."""
         if self.meta.matching == "gather":
             self.gather(work, invalid, zeroed)
@@ -540,7 +552,7 @@ class _Launch:
         """Stage 2 by ``gather_kernel``: writes every anchor's key and a zero mark into
         ``work`` (zeroed or not; matching inline, nothing: the finalize finds the keys, and
         the gather runs only for the box keys of the modes that lift and for the box
-        check), and with ``invalid`` checks the gt boxes too; stage 3 is forced_kernel's
+        check), and with ``invalid`` checks the gt and ignore boxes too; stage 3 is forced_kernel's
         marks for ssd_forced (``segments_kernel`` runs for its box rows per image), the
         finalize's lift for the modes that lift (``self.lift``).
         ``zeroed``: the box keys' zeroed memory (``scratch_words``); None: its own."""
@@ -660,9 +672,9 @@ def solve(problem: Problem) -> Targets:
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
-    check = _unchecked(problem)
-    if check and num_anchors == 0 and launch.num_rows > 0:
-        raise CheckBoxesFirst  # no kernel runs to check the boxes
+    check = launch.unchecked
+    if check and launch.leaves_boxes_unchecked():
+        raise CheckBoxesFirst
     labels = torch.empty(batch, num_anchors, dtype=torch.int8, device=device)
     matched = torch.empty(batch, num_anchors, dtype=torch.int32, device=device)
     deltas = launch.work()
@@ -688,9 +700,9 @@ def solve(problem: Problem) -> Targets:
 
 
 def _unchecked(problem: Problem) -> bool:
-    """Whether the gt values are left to the backend: the boxes, and classes given on a
-    device (``build_problem``'s ``check_gt_boxes=False``)."""
-    return not (problem.gt_boxes_checked and problem.gt_classes_checked)
+    """Whether the gt values are left to the backend: the boxes, and classes and ignore
+    boxes given on a device (``build_problem``'s ``check_gt_boxes=False``)."""
+    return not (problem.gt_boxes_checked and problem.gt_classes_checked and problem.ignore_boxes_checked)
 
 
 def _class_extremes(problem: Problem) -> list[torch.Tensor]:
@@ -764,9 +776,9 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     """
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
-    check = _unchecked(problem)
-    if check and num_anchors == 0 and launch.num_rows > 0:
-        raise CheckBoxesFirst  # no kernel runs to check the boxes
+    check = launch.unchecked
+    if check and launch.leaves_boxes_unchecked():
+        raise CheckBoxesFirst
     has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
     # back with the totals beside it (scan_kernel writes them all).

@@ -43,13 +43,13 @@ TRITON = pytest.mark.skipif(not triton_runs_here(), reason="the triton backend n
 @pytest.fixture(autouse=True, params=["gather", "walk"])
 def matching(request, monkeypatch):
     """The triton backend's matching (``_Meta.matching``): each checks the boxes in its own kernel."""
-    if importlib.util.find_spec("triton") is None:
-        return
-    from tritarget.kernels import triton_backend
+    if importlib.util.find_spec("triton") is not None:
+        from tritarget.kernels import triton_backend
 
-    for meta in ("_INTERPRETED", "_COMPILED"):
-        changed = dataclasses.replace(getattr(triton_backend, meta), matching=request.param)
-        monkeypatch.setattr(triton_backend, meta, changed)
+        for meta in ("_INTERPRETED", "_COMPILED"):
+            changed = dataclasses.replace(getattr(triton_backend, meta), matching=request.param)
+            monkeypatch.setattr(triton_backend, meta, changed)
+    return request.param
 
 
 SOLVERS = [
@@ -117,28 +117,74 @@ def test_classes_left_to_the_backend_are_checked_there(function, bad_class):
         solve(dataclasses.replace(left, gt_classes=classes.index_fill(0, torch.tensor([2]), bad_class).to(device)))
 
 
+@TRITON
+@pytest.mark.parametrize("function", ["solve", "solve_sparse"])
+@pytest.mark.parametrize("config", ["retinanet_mmdet", "retinanet_torchvision"])  # with and without the IoF rule
+def test_ignore_boxes_left_to_the_backend_are_checked_there(function, config, matching):
+    """Ignore boxes on a device go to the triton backend unchecked with the gt boxes
+    (``Problem.ignore_boxes_checked``; on a GPU, see the test below), whose kernels test
+    them whether or not the config's rules read them: an invalid one in any image raises
+    ``CheckBoxesFirst``, valid ones give the checked targets."""
+    from tritarget.kernels import triton_backend
+
+    device, config = _device("triton"), presets.get(config)
+    solve = getattr(triton_backend, function)
+    ignore = torch.tensor([[0.0, 0.0, 40.0, 40.0], [50.0, 10.0, 90.0, 60.0], [0.0, 0.0, 30.0, 30.0]])
+
+    def problem(gt_counts, checked, invalid=None):
+        """Image 1's last ignore box replaced by ``invalid``, after build_problem's check."""
+        built, _ = build_problem(GOOD[: sum(gt_counts)].to(device), gt_counts, CANVAS, config,
+                                 ignore_boxes=ignore.to(device), ignore_counts=[1, 2],
+                                 check_gt_boxes=checked)  # fmt: skip
+        if checked:
+            return built
+        boxes = ignore if invalid is None else ignore.index_copy(0, torch.tensor([2]), torch.tensor([invalid]))
+        return dataclasses.replace(built, ignore_boxes=boxes.to(device), ignore_boxes_checked=False)
+
+    names = ("labels", "matched_gt") if function == "solve" else ("positive_anchors", "ignored_anchors")
+    for counts in ([2, 1], [0, 0]):
+        if counts == [0, 0] and matching == "walk":  # segments_kernel runs per gt box: none runs
+            with pytest.raises(CheckBoxesFirst):
+                solve(problem(counts, checked=False))
+            continue
+        got, expected = solve(problem(counts, checked=False)), solve(problem(counts, checked=True))
+        for name in names:
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (counts, name)
+        for box in INVALID_KINDS:
+            with pytest.raises(CheckBoxesFirst):
+                solve(problem(counts, checked=False, invalid=box))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_classes_on_the_gpu_ride_on_a_read_back_made_anyway():
-    """Crowd regions on the GPU are read back before the launches: classes there join
-    that read rather than the backend's after them."""
-    classes, ignore = torch.tensor([1, 2, 3]).cuda(), GOOD[:1].cuda()
-    alone, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, check_gt_boxes=False)
-    assert not alone.gt_classes_checked
-    with_crowd, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, ignore_boxes=ignore,
-                                  ignore_counts=[1], check_gt_boxes=False)  # fmt: skip
-    assert with_crowd.gt_classes_checked
+def test_classes_and_crowd_regions_on_the_gpu_ride_on_a_read_back_made_anyway():
+    """Explicit anchors on the GPU are read back before the launches: classes and crowd
+    regions there join that read rather than the backend's after them. Without explicit
+    anchors both go to the backend with the gt boxes."""
+    classes, ignore, anchors = torch.tensor([1, 2, 3]).cuda(), GOOD[:1].cuda(), GOOD.cuda()
+    crowd = dict(ignore_boxes=ignore, ignore_counts=[1], check_gt_boxes=False)
+    alone, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, **crowd)
+    assert not alone.gt_classes_checked and not alone.ignore_boxes_checked
+    with_anchors, _ = build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=classes, anchors=anchors, **crowd)
+    assert with_anchors.gt_classes_checked and with_anchors.ignore_boxes_checked
     with pytest.raises(ValueError, match=r"gt_classes\[1\]: class -1 is outside"):
-        build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, -1, 3]).cuda(), ignore_boxes=ignore,
-                      ignore_counts=[1], check_gt_boxes=False)  # fmt: skip
+        build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, -1, 3]).cuda(), anchors=anchors,
+                      **crowd)  # fmt: skip
+    with pytest.raises(ValueError, match="ignore_boxes: image 0, box 0: degenerate box"):
+        build_problem(GOOD.cuda(), [3], CANVAS, CONFIG, anchors=anchors,
+                      **{**crowd, "ignore_boxes": torch.tensor([INVALID_KINDS[3]]).cuda()})  # fmt: skip
 
 
 @pytest.mark.parametrize("function", ["solve", "solve_sparse"])
-def test_the_cpu_backend_refuses_classes_left_to_it(function):
-    """It is given CPU tensors, whose classes build_problem checks: its kernel does not."""
-    problem, _ = build_problem(GOOD, [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, 2, 3]), check_gt_boxes=False)
+@pytest.mark.parametrize("left", ["gt_classes_checked", "ignore_boxes_checked"])
+def test_the_cpu_backend_refuses_classes_and_ignore_boxes_left_to_it(function, left):
+    """It is given CPU tensors, whose classes and ignore boxes build_problem checks: its
+    kernel does not."""
+    problem, _ = build_problem(GOOD, [3], CANVAS, CONFIG, gt_classes=torch.tensor([1, 2, 3]), ignore_boxes=GOOD[:1],
+                               ignore_counts=[1], check_gt_boxes=False)  # fmt: skip
+    assert getattr(cpu, function)(problem) is not None
     with pytest.raises(CheckBoxesFirst):
-        getattr(cpu, function)(dataclasses.replace(problem, gt_classes_checked=False))
+        getattr(cpu, function)(dataclasses.replace(problem, **{left: False}))
 
 
 @pytest.mark.parametrize(("backend", "function"), SOLVERS)
@@ -190,9 +236,10 @@ def test_a_box_only_float32_doubts_is_solved_after_the_full_check(function, solv
 @pytest.mark.parametrize("function", [assign, assign_sparse])
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=TRITON)])
 def test_no_pass_over_the_gt_boxes_before_the_backend(function, backend, monkeypatch):
-    """Only the inputs the backend does not check (here the crowd regions) are examined
-    before it: on a GPU that pass is a read-back before the launches, which neither the
-    sparse nor the dense path makes."""
+    """Only the inputs the backend does not check are examined before it (on a GPU such
+    a pass is a read-back before the launches, which neither the sparse nor the dense
+    path makes): crowd regions on the host, which cost little there; on a GPU the triton
+    backend checks them with the gt boxes."""
     examined = []
     may_be_invalid = problem_module._may_be_invalid
 
@@ -204,7 +251,7 @@ def test_no_pass_over_the_gt_boxes_before_the_backend(function, backend, monkeyp
     device = _device(backend)
     boxes = GOOD.repeat(70, 1)[:200].to(device)
     function(boxes, [200], CANVAS, CONFIG, backend=backend, ignore_boxes=GOOD[:1].to(device), ignore_counts=[1])
-    assert examined == [["ignore_boxes"]]
+    assert examined == ([] if device.type == "cuda" else [["ignore_boxes"]])
     function(boxes, [200], CANVAS, CONFIG, backend="reference")
     assert examined[-1] == ["gt_boxes"]
     # Classes given on the host (the service's, a loader's) are checked there, not in a
