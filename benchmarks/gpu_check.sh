@@ -298,7 +298,7 @@ if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep"; then
         --out "$OUT/service_sweep" 2>&1 | tail -n 12
     for backend in "$steps_backend" cpu; do
         echo "== server time outside compute, $backend backend =="
-        timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 \
+        timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 --rounds 1 \
             --out "$OUT/service_overhead_$backend" 2>&1 | tail -n 12
     done
 fi
