@@ -562,9 +562,9 @@ def build_problem(
 
     ``host_check`` checks CPU boxes by the same rule as Python would, faster (``assign``
     passes the cpu backend's compiled one when that backend will solve the problem).
-    ``check_gt_boxes=False`` leaves the values of the gt boxes, and of gt classes given on
-    a device, to the backend (see the module docstring); every other input is checked as
-    always.
+    ``check_gt_boxes=False`` leaves the values of the gt boxes, and of gt classes and
+    ignore boxes given on a device, to the backend (see the module docstring); every
+    other input is checked as always.
     """
     if not isinstance(config, TargetConfig):
         hint = f"; a preset's config is presets.get({config!r})" if isinstance(config, str) else ""

@@ -117,28 +117,47 @@ def test_classes_left_to_the_backend_are_checked_there(function, bad_class):
         solve(dataclasses.replace(left, gt_classes=classes.index_fill(0, torch.tensor([2]), bad_class).to(device)))
 
 
+# Every preset leaves crowd regions unused (ignore_iof_thr -1): mmdet's IoF rule is a setting.
+CROWD_CONFIGS = {
+    "IoF rule": presets.get("retinanet_mmdet").replace(**{"match.ignore_iof_thr": 0.5}),
+    "no rule": CONFIG,
+    "no low-quality stage": CONFIG.replace(**{"match.low_quality": "none"}),
+    "ssd_forced": presets.get("ssd300_torchvision"),
+}
+
+
 @TRITON
 @pytest.mark.parametrize("function", ["solve", "solve_sparse"])
-@pytest.mark.parametrize("config", ["retinanet_mmdet", "retinanet_torchvision"])  # with and without the IoF rule
-def test_ignore_boxes_left_to_the_backend_are_checked_there(function, config, matching):
+@pytest.mark.parametrize("config", CROWD_CONFIGS)
+@pytest.mark.parametrize("inline", [False, True], ids=["", "matching inline"])
+def test_ignore_boxes_left_to_the_backend_are_checked_there(function, config, inline, matching, monkeypatch):
     """Ignore boxes on a device go to the triton backend unchecked with the gt boxes
     (``Problem.ignore_boxes_checked``; on a GPU, see the test below), whose kernels test
     them whether or not the config's rules read them: an invalid one in any image raises
-    ``CheckBoxesFirst``, valid ones give the checked targets."""
+    ``CheckBoxesFirst``, valid ones give the checked targets. Image 1 has more of them
+    than one step of either kernel's loop takes (64 at a time in the gather, 256 in the
+    walk's first program, interpreted)."""
     from tritarget.kernels import triton_backend
 
-    device, config = _device("triton"), presets.get(config)
+    if inline and matching == "walk":
+        pytest.skip("matching inline is the gather's variant")
+    for meta in ("_INTERPRETED", "_COMPILED"):
+        changed = dataclasses.replace(getattr(triton_backend, meta), inline_match=inline)
+        monkeypatch.setattr(triton_backend, meta, changed)
+    device, config = _device("triton"), CROWD_CONFIGS[config]
     solve = getattr(triton_backend, function)
-    ignore = torch.tensor([[0.0, 0.0, 40.0, 40.0], [50.0, 10.0, 90.0, 60.0], [0.0, 0.0, 30.0, 30.0]])
+    ignore = torch.cat([torch.tensor([[0.0, 0.0, 40.0, 40.0]]),
+                        torch.tensor([[50.0, 10.0, 90.0, 60.0], [0.0, 0.0, 30.0, 30.0]]).repeat(150, 1)])  # fmt: skip
+    last = ignore.shape[0] - 1
 
     def problem(gt_counts, checked, invalid=None):
         """Image 1's last ignore box replaced by ``invalid``, after build_problem's check."""
         built, _ = build_problem(GOOD[: sum(gt_counts)].to(device), gt_counts, CANVAS, config,
-                                 ignore_boxes=ignore.to(device), ignore_counts=[1, 2],
+                                 ignore_boxes=ignore.to(device), ignore_counts=[1, last],
                                  check_gt_boxes=checked)  # fmt: skip
         if checked:
             return built
-        boxes = ignore if invalid is None else ignore.index_copy(0, torch.tensor([2]), torch.tensor([invalid]))
+        boxes = ignore if invalid is None else ignore.index_copy(0, torch.tensor([last]), torch.tensor([invalid]))
         return dataclasses.replace(built, ignore_boxes=boxes.to(device), ignore_boxes_checked=False)
 
     names = ("labels", "matched_gt") if function == "solve" else ("positive_anchors", "ignored_anchors")
@@ -150,7 +169,9 @@ def test_ignore_boxes_left_to_the_backend_are_checked_there(function, config, ma
         got, expected = solve(problem(counts, checked=False)), solve(problem(counts, checked=True))
         for name in names:
             assert torch.equal(getattr(got, name), getattr(expected, name)), (counts, name)
-        for box in INVALID_KINDS:
+        # The rule is the gt boxes' (every kind in the test above): a NaN, a degenerate box
+        # and one past the canvas's height here.
+        for box in [INVALID_KINDS[2], INVALID_KINDS[3], INVALID_KINDS[8]][: 3 if counts == [2, 1] else 1]:
             with pytest.raises(CheckBoxesFirst):
                 solve(problem(counts, checked=False, invalid=box))
 
@@ -273,7 +294,7 @@ def test_dropped_ignore_regions_are_reported(function, backend):
     """Invalid ignore regions were dropped under drop_invalid without a word: a crowd
     region malformed in the data left its anchors negative, and nothing said so."""
     device = _device(backend)
-    config = presets.get("retinanet_mmdet")  # ignore regions: mmdet's IoF rule
+    config = CROWD_CONFIGS["IoF rule"]
     ignore = torch.tensor([[0.0, 0.0, 40.0, 40.0], INVALID_KINDS[3], [0.0, 0.0, 30.0, 30.0], INVALID_KINDS[2]])
     kwargs = dict(gt_classes=torch.tensor([1, 2, 3]).to(device), backend=backend)
     got = function(GOOD.to(device), [2, 1], CANVAS, config, ignore_boxes=ignore.to(device), ignore_counts=[2, 2],
