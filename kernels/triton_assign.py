@@ -462,7 +462,7 @@ def segments_kernel(
         ``problem._margins``' rule (width, height, x2, y2, canvas width - x1 and canvas
         height - y1 in (0, inf), float32; canvas_ptr: float32 (width, height)), the check
         ``build_problem`` left to the backend; the first program checks the num_ignore
-        ignore boxes at ignore_ptr ([M, 4] float32) too.
+        ignore boxes at ignore_ptr ([M, 4] float32) too, 128 at a time.
     rect_ptr: [N, R, 4] int32 out (first x, cells along x, first y, cells along y) for
         the R = num_shapes shape rows; pairs_ptr: [N, R] int64 out, nx * ny;
         row_image_ptr, row_box_ptr: [N] int32 out, the image of each box row and its
@@ -486,9 +486,9 @@ def segments_kernel(
     tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
     if check_boxes != 0:
         _flag_invalid_boxes(gt_boxes_ptr, rows, real_row, canvas_ptr, invalid_ptr)
-        if tl.program_id(0) == 0:  # crowd regions are few: one program's loop
-            for start in range(0, num_ignore, ROWS):
-                ignore_rows = start + tl.arange(0, ROWS).to(tl.int64)
+        if tl.program_id(0) == 0:  # crowd regions are few: one program's loop, a row per thread
+            for start in range(0, num_ignore, 128):
+                ignore_rows = start + tl.arange(0, 128).to(tl.int64)
                 _flag_invalid_boxes(ignore_ptr, ignore_rows, ignore_rows < num_ignore, canvas_ptr, invalid_ptr)
     shape = tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)

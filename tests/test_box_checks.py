@@ -135,8 +135,8 @@ def test_ignore_boxes_left_to_the_backend_are_checked_there(function, config, in
     (``Problem.ignore_boxes_checked``; on a GPU, see the test below), whose kernels test
     them whether or not the config's rules read them: an invalid one in any image raises
     ``CheckBoxesFirst``, valid ones give the checked targets. Image 1 has more of them
-    than one step of either kernel's loop takes (64 at a time in the gather, 256 in the
-    walk's first program, interpreted)."""
+    than one step of either kernel's loop takes (64 at a time in the gather, interpreted;
+    128 in the walk's first program)."""
     from tritarget.kernels import triton_backend
 
     if inline and matching == "walk":
