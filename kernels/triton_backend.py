@@ -7,12 +7,13 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches. By def
 (``_Meta.matching = "gather"``):
 
 1. ``gather_kernel``: per block of anchors, the boxes near it, each anchor's best box and,
-   for the low-quality modes, each box's best IoU (it also checks the boxes);
+   for the low-quality modes, each box's best IoU (it also checks the gt boxes, and the
+   ignore boxes a problem left unchecked);
 2. ``finalize_kernel``: the lift (low-quality modes), then dense targets; or counts,
    ``scan_kernel`` (each image's rows and the images' offsets), sparse lists, sized from
    the recent batches' rows per image and read back once at the end (two totals: the
    rare batch that overflows is written again, into lists of its own size; and the flag
-   of the gt boxes' check).
+   of the boxes' check).
 
 The pair walk (``matching = "walk"``, the baseline ``gpu_sweep.py`` times) does 1 as
 ``segments_kernel`` and a ``cumsum`` (the candidate rectangles and their chunk order),
