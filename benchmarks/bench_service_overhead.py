@@ -13,7 +13,8 @@ on the event loop (no hand-off: ``--inline-max-images``, 8 by default, so 32-ima
 requests never are) is listed beside them. A straight line through the
 per-request figures gives the fixed and the per-image part, the issue's
 "<= 150 us + 10 us per image". The sizes are measured in ``--rounds`` interleaved rounds
-(1, 8, 32, 1, 8, 32, ...) and each size's row is its median round: a shared VM's
+(1, 8, 32, 1, 8, 32, ...) and each size's row is its median round (the lower of the
+middle two of an even number): a shared VM's
 neighbours come and go within minutes (single passes on 2026-12-04 fitted anywhere from
 133 us + 7 us to 194 us + 17 us per image). Every round's figure is listed beside it.
 Writes ``service_overhead.json`` and ``.md`` under ``--out``.
@@ -75,6 +76,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/service")
     args = parser.parse_args()
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error(f"--rounds must be at least 1 and --duration positive, got {args.rounds} and {args.duration}")
     process, address, metrics_url = start_server("--backend", args.backend, "--no-access-log", metrics=True)
     rounds: dict[int, list[dict]] = {images: [] for images in SIZES}
     try:

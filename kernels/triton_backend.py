@@ -7,8 +7,8 @@ live in ``triton_assign``; this module turns a ``Problem`` into launches. By def
 (``_Meta.matching = "gather"``):
 
 1. ``gather_kernel``: per block of anchors, the boxes near it, each anchor's best box and,
-   for the low-quality modes, each box's best IoU (it also checks the gt boxes, and the
-   ignore boxes a problem left unchecked);
+   for the low-quality modes, each box's best IoU (for a problem that left the check to
+   it, it also checks the gt boxes and the ignore boxes);
 2. ``finalize_kernel``: the lift (low-quality modes), then dense targets; or counts,
    ``scan_kernel`` (each image's rows and the images' offsets), sparse lists, sized from
    the recent batches' rows per image and read back once at the end (two totals: the
