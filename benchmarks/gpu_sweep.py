@@ -21,8 +21,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    without each of the three settings run12 made the defaults -- a generated grid's
    anchors loaded (``load_anchors``), the gather capped at 64 registers
    (``gather_registers``), the finalize that lifts at 40 (``finalize_registers``) -- and
-   without all three; and the finalize matching each block itself (``inline_match``),
-   capped as the gather or not, or visiting 2 near boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
+   without all three; the gather capped tighter, at 48 registers; and the finalize
+   matching each block itself (``inline_match``), capped as the gather or not, or
+   visiting 2 near boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
    (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at G = 1000, targets (labels, matched
    boxes, deltas, classes) checked equal to the walk's; a variant that fails is
    reported and skipped; then a verdict per variant (points where it beat the walk,
@@ -259,6 +260,8 @@ def main() -> None:
     # lifts 56 (9, not 12), and a block builds its anchors from the level tables (~500
     # instructions a block) instead of loading the grid's (3.2 MB for RetinaNet, L2-resident).
     variants["gather uncapped"] = dict(matching="gather", gather_registers=None)
+    # Tighter: 10 programs per SM instead of 8, for a larger stack frame (kernel_resources.md).
+    variants["gather <=48 registers"] = dict(matching="gather", gather_registers=48)
     variants["gather, lifting finalize uncapped"] = dict(matching="gather", finalize_registers=None)
     variants["gather, anchors built"] = dict(matching="gather", load_anchors=False)
     as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None)

@@ -85,6 +85,7 @@ def kernels() -> list[tuple[str, object, dict]]:
             for near in (1, 2, 8)
         ),
         ("gather: scatter, uncapped registers", k.gather_kernel, dict(gather, maxnreg=None)),
+        ("gather: scatter, at most 48 registers", k.gather_kernel, dict(gather, maxnreg=48)),
         ("gather: scatter, anchors built in every block", k.gather_kernel, dict(gather, BUILD_ANCHORS=True)),
         ("gather: scatter, 64 anchors per block", k.gather_kernel, dict(gather, BLOCK_A=64)),
         ("gather: box keys only (the finalize matching inline)", k.gather_kernel, dict(gather, RECORDS=False)),

@@ -46,9 +46,10 @@ boxes of the block's two parts (cut where a block runs from one row of cells int
 next), lists the near ones (a scan; a byte per anchor and image of list memory)
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
-(the work memory needs no zeroing), and for the low-quality modes folds each box's key
-once per (block, box); the lift, which marks the anchors that reach a qualifying box's
-maximum the same way, runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
+(the work memory needs no zeroing), and for the low-quality modes folds each box's best
+IoU once per (block, box) (in 32 bits; ssd_forced's whole key, which names the anchor);
+the lift, which marks the anchors that reach a qualifying box's maximum the same way,
+runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
 block builds its anchors once for the lift and the encoding); blocks near no box
 generate no anchors (a per-grid table of block bounds), the lift skips boxes whose area
 is far from every anchor's, and each image's first block checks the sparse path's
@@ -124,6 +125,7 @@ __all__ = [
 LOW_QUALITY_CODES = {"none": 0, "torchvision": 1, "detectron2": 2, "mmdet": 3, "ssd_forced": 4}
 _LQ_TORCHVISION = tl.constexpr(1)
 _LQ_DETECTRON2 = tl.constexpr(2)
+_LQ_SSD_FORCED = tl.constexpr(4)
 
 # Border rule (MatchConfig.allowed_border / border_order) as kernel codes.
 BORDER_OFF = 0
@@ -916,6 +918,13 @@ def _crosses(x1, y1, x2, y2, part):
 
 
 @triton.jit
+def _box_best_iou(box_key_ptr, rows, mask):
+    """The boxes' best IoU: the high word of each one's key (little-endian: the int32 above
+    the low one), read alone, as the gather folds it."""
+    return tl.load(box_key_ptr.to(tl.pointer_type(tl.float32)) + rows * 2 + 1, mask=mask, other=0.0)
+
+
+@triton.jit
 def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou,
                 LIFT: tl.constexpr):  # fmt: skip
     """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing the
@@ -931,7 +940,7 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_
     near = in_image & (_crosses(x1, y1, x2, y2, parts[0]) | _crosses(x1, y1, x2, y2, parts[1]))
     if LIFT:
         # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
-        maxima = (tl.load(box_key_ptr + rows, mask=near, other=0) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        maxima = _box_best_iou(box_key_ptr, rows, near)
         near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
         # Nor can a box reach its maximum where every anchor's area is far from its own:
         # IoU <= min(areas) / max(areas) (the anchors of other levels: 87% of these
@@ -1018,8 +1027,8 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
                 row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
                                                                 gt_boxes_ptr)  # fmt: skip
                 iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
-                box_max = (tl.load(box_key_ptr + row, mask=listed, other=0) >> 32).to(tl.int32)
-                hit = included[:, None] & listed[None, :] & (iou == box_max.to(tl.float32, bitcast=True)[None, :])
+                box_max = _box_best_iou(box_key_ptr, row, listed)
+                hit = included[:, None] & listed[None, :] & (iou == box_max[None, :])
                 mark = tl.where(hit, (row - box_start + 1).to(tl.int32)[None, :], mark)
             tl.debug_barrier()  # every entry read before the next step overwrites the list
     return tl.max(mark, axis=1)
@@ -1033,8 +1042,10 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
     then 2^31 - 1 - box; 0 where no box overlaps it): the image's boxes tested BOXES at a
     time against the block's two ``parts``, the near ones listed at ``near_rows`` and
     visited NEAR at a time as a [BLOCK_A, NEAR] tile. With BOX_KEYS, for the low-quality
-    modes (``low_quality``), also each box's key over the included anchors (``anchor_low``:
-    2^31 - 1 - anchor, -1 where excluded, [BLOCK_A, 1]), one ``atomic_max`` per (block, box)."""
+    modes (``low_quality``), also each box's best IoU over the included anchors
+    (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded, [BLOCK_A, 1] int32), one
+    ``atomic_max`` per (block, box) into the high word of its key; for ssd_forced into the
+    whole key, with the best anchor (lowest on a tie) below."""
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
     # Per anchor and column of the visited tile, whose boxes come in increasing order: the
     # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
@@ -1055,10 +1066,20 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
                 best_iou = tl.where(better, iou, best_iou)
                 best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
                 if BOX_KEYS:
-                    if low_quality != 0:
-                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low
-                        top = tl.max(tl.where(pair & (iou > 0.0) & (anchor_low >= 0), top, 0), axis=0)
+                    counted = pair & (anchor_low >= 0)
+                    if low_quality == _LQ_SSD_FORCED:  # forces each box's best anchor: the key names it
+                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low.to(tl.int64)
+                        top = tl.max(tl.where(counted & (iou > 0.0), top, 0), axis=0)
                         tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
+                    elif low_quality != 0:
+                        # The lift reads only each box's best IoU, its key's high word
+                        # (_box_best_iou), so the fold over the block's anchors takes
+                        # 32-bit values: a float max per step of the reduction and one
+                        # register per shuffle, where the 64-bit key took two compares,
+                        # two selects and two shuffles (SASS).
+                        best = tl.max(tl.where(counted, iou, 0.0), axis=0)
+                        tl.atomic_max(box_key_ptr.to(tl.pointer_type(tl.int32)) + row * 2 + 1,
+                                      best.to(tl.int32, bitcast=True), mask=best > 0.0, sem="relaxed")  # fmt: skip
             tl.debug_barrier()  # every entry read before the next step overwrites the list
     key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
     return tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
@@ -1113,9 +1134,10 @@ def gather_kernel(
     bounding box of its part), lists the near ones and visits only those, NEAR at a time
     as a [BLOCK_A, NEAR] tile; no atomic per pair. It writes each anchor's key (the walk's ``atomic_max`` result, as
     a running maximum in registers) and a zero mark, the whole record (no zeroed work
-    memory needed); for the low-quality modes, each box's key over the block's included
-    anchors, one ``atomic_max`` per (block, box). The lift runs in ``finalize_kernel``
-    (LIFT), over these box keys.
+    memory needed); for the low-quality modes, each box's best IoU over the block's
+    included anchors, one ``atomic_max`` per (block, box) on its key's high word (ssd_forced:
+    on the whole key, with the anchor). The lift runs in ``finalize_kernel`` (LIFT), over
+    these box keys.
 
     work_ptr: [B, A, 4] 32-bit words (see pairs_kernel); box_key_ptr: [N] int64 (zeroed);
     near_ptr: [B * cdiv(num_anchors, BLOCK_A) * BOXES] uint8, each program's list of the
@@ -1175,9 +1197,10 @@ def gather_kernel(
             included = anchor_mask & ~excluded
         near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
         # The low half of each included anchor's key for a box's maximum, -1 where
-        # excluded, broadcast over the tile's columns here: inside the loop the broadcast
-        # would cost a layout conversion through shared memory (three barriers) per visit.
-        anchor_low = tl.where(included, anchor.to(tl.int64) ^ _INDEX_MASK, -1)[:, None]
+        # excluded (32 bits: one register per anchor through the loop), broadcast over the
+        # tile's columns here: inside the loop the broadcast would cost a layout conversion
+        # through shared memory (three barriers) per visit.
+        anchor_low = tl.where(included, anchor ^ _INDEX_MASK, -1)[:, None]
         key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
                           ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR)  # fmt: skip
     if RECORDS:
@@ -1357,8 +1380,7 @@ def finalize_kernel(
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
             near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
             key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
-                              ax2, ay2, anchor_mask[:, None].to(tl.int64), 0, False, BLOCK_A, BOXES,
-                              MATCH_NEAR)  # fmt: skip
+                              ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
         key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
