@@ -635,13 +635,16 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     once in each. ``touching``: the (box, block) pairs where the box overlaps one of the
     block's anchors, what an exact per-block test would list (the rest of the gather's
     evaluated pairs above the overlapping ones is the tile's granularity: a box visits
-    every anchor of a block it touches)."""
+    every anchor of a block it touches). ``lift_testing``: the blocks whose lift tests
+    boxes at all, those with an anchor whose best IoU is positive and at least
+    min_pos_iou (the finalize's gate; no rule excludes an anchor here)."""
     meta = triton_backend._COMPILED
     blocks = anchors.split(meta.block_a)
     bounds = _block_bounds(grid, meta.block_a)
     area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
-    touching = 0
+    touching = lift_testing = 0
+    min_pos_iou = presets.get(PRESET).match.min_pos_iou
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
@@ -649,8 +652,14 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         near += int(crosses.sum())
         touching += _touching(image, anchors, meta.block_a)
         steps += len(blocks) * -(-count // meta.gather_boxes)
-        best = torch.stack([box_iou(image, chunk).max(1).values for chunk in anchors.split(PAIRS_ANCHOR_CHUNK)])
-        best = best.max(0).values[None, :]
+        best, anchor_best = torch.zeros(count), torch.zeros(anchors.shape[0])  # per box, per anchor
+        for first in range(0, anchors.shape[0], PAIRS_ANCHOR_CHUNK) if count else ():
+            iou = box_iou(image, anchors[first : first + PAIRS_ANCHOR_CHUNK])
+            best = torch.maximum(best, iou.max(1).values)
+            anchor_best[first : first + iou.shape[1]] = iou.max(0).values
+        best = best[None, :]
+        block_best = torch.stack([part.max() for part in anchor_best.split(meta.block_a)])
+        lift_testing += int(((block_best > 0) & (block_best >= min_pos_iou)).sum())
         area = ((image[:, 2] - image[:, 0]) * (image[:, 3] - image[:, 1]))[None, :]
         nearest = torch.minimum(torch.maximum(area, area_low), area_high)
         bound = torch.minimum(area, nearest) / torch.maximum(area, nearest)
@@ -666,7 +675,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
             "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
-            "finalize_generating": finalize_generating}  # fmt: skip
+            "finalize_generating": finalize_generating, "lift_testing": lift_testing}  # fmt: skip
 
 
 def pairs(out: Path) -> None:
@@ -700,7 +709,8 @@ def pairs(out: Path) -> None:
               f"test steps), evaluating {built['evaluated']:,} pairs "
               f"(ratio {built['evaluated'] / nonzero:.2f}; boxes touching one of a block's anchors: "
               f"{built['touching'] / built['blocks']:.1f} per block, ratio "
-              f"{built['touching'] * triton_backend._COMPILED.block_a / nonzero:.2f}); its lift visits "
+              f"{built['touching'] * triton_backend._COMPILED.block_a / nonzero:.2f}); its lift tests boxes in "
+              f"{built['lift_testing'] / built['blocks']:.0%} of the blocks and visits "
               f"{built['lift_near_bounded']:,} "
               f"(box, block) pairs, {built['lift_near']:,} without the area bound; blocks that generate "
               f"their anchors: {built['generating'] / built['blocks']:.0%} in the gather, "

@@ -1393,7 +1393,12 @@ def finalize_kernel(
     best_iou = tl.where(has_boxes, best_iou, -1.0)
     mark = tl.zeros((BLOCK_A,), tl.int32)
     if LIFT:
-        if has_boxes:
+        # An anchor is lifted where its IoU with a box is that box's maximum, which is
+        # positive and at least min_pos_iou: so is the anchor's own best IoU. A block whose
+        # included anchors all fall short (most blocks of a COCO-like image; every block of
+        # an image without boxes, whose best IoU is -1) tests no box.
+        block_best = tl.max(tl.where(included, best_iou, 0.0), axis=0)
+        if (block_best > 0.0) & (block_best >= min_pos_iou):
             # The boxes that may reach their maximum in this block (the grid's table of
             # block bounds: a block far from them builds no anchors for the lift).
             parts, area_low, area_high, ax1, ay1, ax2, ay2 = _block_parts(
