@@ -954,17 +954,19 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_
 
 
 @triton.jit
-def _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
-              BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
-    """Whether some box is near the block: the steps up to the first with one."""
-    visits = 0
+def _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
+                BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
+    """The first step of BOXES boxes with one near the block: its first box row (box_end:
+    none), and which of its boxes are near (``_block_keys`` starts from there)."""
+    found = box_end
     start = box_start
-    while (visits == 0) & (start < box_end):
+    near = tl.zeros((BOXES,), tl.int1)
+    while (found == box_end) & (start < box_end):
         rows = start + tl.arange(0, BOXES)
         near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, LIFT)
-        visits = tl.sum(near.to(tl.int32), axis=0)
+        found = tl.where(tl.sum(near.to(tl.int32), axis=0) > 0, start, box_end)
         start += BOXES
-    return visits > 0
+    return found, near
 
 
 @triton.jit
@@ -1035,13 +1037,14 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
 
 
 @triton.jit
-def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1, ax2, ay2,
-                anchor_low, low_quality, BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr, BOXES: tl.constexpr,
-                NEAR: tl.constexpr):  # fmt: skip
+def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_near, box_end, parts, anchor_mask,
+                ax1, ay1, ax2, ay2, anchor_low, low_quality, BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr,
+                BOXES: tl.constexpr, NEAR: tl.constexpr):  # fmt: skip
     """Each anchor's key over the boxes near its block (``pairs_kernel``'s key: IoU bits,
     then 2^31 - 1 - box; 0 where no box overlaps it): the image's boxes tested BOXES at a
-    time against the block's two ``parts``, the near ones listed at ``near_rows`` and
-    visited NEAR at a time as a [BLOCK_A, NEAR] tile. With BOX_KEYS, for the low-quality
+    time against the block's two ``parts``, from the first step with a near box
+    (``_first_near``: ``found``, whose test ``found_near`` is not repeated), the near ones
+    listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. With BOX_KEYS, for the low-quality
     modes (``low_quality``), also each box's best IoU over the included anchors
     (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded, [BLOCK_A, 1] int32), one
     ``atomic_max`` per (block, box) into the high word of its key; for ssd_forced into the
@@ -1052,9 +1055,11 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
     # registers), reduced over the columns once at the end.
     best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
     best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
-    for start in range(box_start, box_end, BOXES):
-        rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, 0.0, 0.0, 0.0, False)
+    near = found_near
+    for start in range(found, box_end, BOXES):
+        if start != found:
+            near = _near_boxes(gt_boxes_ptr, box_key_ptr, start + tl.arange(0, BOXES), box_end, parts, 0.0, 0.0, 0.0,
+                               False)  # fmt: skip
         count = _list_near(near_rows, near)
         if count > 0:
             for k in range(0, count, NEAR):
@@ -1181,7 +1186,8 @@ def gather_kernel(
     key = tl.zeros((BLOCK_A,), tl.int64)
     # Without records or box keys to fold (a launch for the box check alone), no search.
     searched_end = tl.where((low_quality != 0) | RECORDS, box_end, box_start)
-    if _any_near(gt_boxes_ptr, box_key_ptr, box_start, searched_end, parts, 0.0, 0.0, 0.0, BOXES, False):
+    found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, searched_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+    if found < searched_end:
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                      level_int_ptr, level_float_ptr, cells_ptr, num_levels,
@@ -1201,8 +1207,8 @@ def gather_kernel(
         # tile's columns here: inside the loop the broadcast would cost a layout conversion
         # through shared memory (three barriers) per visit.
         anchor_low = tl.where(included, anchor ^ _INDEX_MASK, -1)[:, None]
-        key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
-                          ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR)  # fmt: skip
+        key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts, anchor_mask,
+                          ax1, ay1, ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR)  # fmt: skip
     if RECORDS:
         dense = image * num_anchors + anchor
         tl.store(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, key, mask=anchor_mask)
@@ -1371,7 +1377,8 @@ def finalize_kernel(
             block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
             cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
         anchors_built = anchors_built | (not GENERATE)  # explicit anchors: loaded for their bounds
-        visits = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+        found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+        visits = found < box_end
         if visits:
             if GENERATE:
                 if ~anchors_built:
@@ -1379,8 +1386,8 @@ def finalize_kernel(
                                                              level_int_ptr, level_float_ptr, cells_ptr, num_levels,
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
             near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
-            key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, anchor_mask, ax1, ay1,
-                              ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
+            key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts,
+                              anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
         key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
@@ -1405,8 +1412,10 @@ def finalize_kernel(
                 block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
                 cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
             box_end = tl.load(gt_offsets_ptr + image + 1)
-            lifts = _any_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
-                              BOXES, True)  # fmt: skip
+            found, _near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high,
+                                       min_pos_iou, BOXES, True)  # fmt: skip
+            # _lift_marks tests again from the start: it bounds the areas by the included anchors only.
+            lifts = found < box_end
             if lifts:
                 if GENERATE:
                     if ~anchors_built:
