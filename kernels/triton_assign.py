@@ -1046,10 +1046,9 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
     (``_first_near``: ``found``, whose test ``found_near`` is not repeated), the near ones
     listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. With
     BOX_KEYS, for the low-quality modes (``low_quality``), also each box's best IoU over
-    the included anchors
-    (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded, [BLOCK_A, 1] int32), one
-    ``atomic_max`` per (block, box) into the high word of its key; for ssd_forced into the
-    whole key, with the best anchor (lowest on a tie) below."""
+    the included anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded,
+    [BLOCK_A, 1] int32), one ``atomic_max`` per (block, box) into the high word of its
+    key; for ssd_forced into the whole key, with the best anchor (lowest on a tie) below."""
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
     # Per anchor and column of the visited tile, whose boxes come in increasing order: the
     # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
