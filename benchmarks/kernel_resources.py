@@ -89,6 +89,10 @@ def kernels() -> list[tuple[str, object, dict]]:
         ("gather: scatter, anchors built in every block", k.gather_kernel, dict(gather, BUILD_ANCHORS=True)),
         ("gather: scatter, 64 anchors per block", k.gather_kernel, dict(gather, BLOCK_A=64)),
         ("gather: box keys only (the finalize matching inline)", k.gather_kernel, dict(gather, RECORDS=False)),
+        # low_quality is a runtime argument, so the visit loop holds every mode's fold;
+        # compiled as a constant, the loop is one mode's path.
+        ("gather: scatter, the lift modes' fold alone", k.gather_kernel, dict(gather, low_quality=1)),
+        ("gather: scatter, ssd_forced's fold alone", k.gather_kernel, dict(gather, low_quality=4)),
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
@@ -176,17 +180,24 @@ def resources(cubin: bytes) -> dict:
     # SASS lines look like "/*0a40*/   IMAD R4, R2, ... ;" ; branches name their target.
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", sass.stdout)]
     opcodes = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for _, text in code]
-    in_loops = set()
+    atomic_at = {a for (a, _), op in zip(code, opcodes) if op.split(".")[0] in ("ATOM", "ATOMG", "RED", "REDG")}
+    loops = []  # (first, last) address of each loop
     for address, text in code:
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            in_loops.update(a for a, _ in code if int(target.group(1), 16) <= a <= address)
+            loops.append((int(target.group(1), 16), address))
+    in_loops = {a for a, _ in code for first, last in loops if first <= a <= last}
+    # The loop that does the per-visit work of a kernel with atomics (the gather's visits
+    # of its near boxes, the pair walk's chunks): the smallest holding one.
+    with_atomic = [(first, last) for first, last in loops if any(first <= a <= last for a in atomic_at)]
+    innermost = min(with_atomic, key=lambda loop: loop[1] - loop[0], default=None)
     return {
         "registers": int(fields.get("REG", 0)),
         "spill_bytes": int(fields.get("LOCAL", 0)),
         "stack": int(fields.get("STACK", 0)),
         "instructions": len(code),
         "in_loops": len(in_loops),
+        "atomic_loop": 0 if innermost is None else sum(innermost[0] <= a <= innermost[1] for a, _ in code),
         # Memory fences, atomics whose result the thread waits for (ATOM, ATOMG) and
         # fire-and-forget ones (RED, REDG; not the warp reduction REDUX).
         "fences": sum(op.startswith("MEMBAR") for op in opcodes),
@@ -230,8 +241,8 @@ def main() -> None:
         registers[name] = r["registers"]
         fit = 65536 // max(r["registers"] * threads, 1)
         rows.append(f"| {name} | {r['registers']} | {r['spill_bytes']} | {r['stack']} | {r['instructions']} | "
-                    f"{r['in_loops']} | {r['fences']} / {r['awaited_atomics']} / {r['reductions']} | "
-                    f"{fit} |")  # fmt: skip
+                    f"{r['in_loops']} | {r['atomic_loop'] or '-'} | {r['fences']} / {r['awaited_atomics']} / "
+                    f"{r['reductions']} | {fit} |")  # fmt: skip
         print(rows[-1], flush=True)
     # The notes explain the table; every count in them is read from it, as the compiler
     # at hand allocates (Triton 3.6 and 3.9 give several kernels different register counts).
@@ -266,11 +277,16 @@ def main() -> None:
         "(geometric mean of 7 points) on the H200 (benchmarks/results/gpu_h200/run12/combos/sweep.txt). "
         "The rows 'matching inline' are a variant not yet timed (`inline_match`): the finalize runs the "
         "gather's search itself, under the gather's cap, and the gather only folds the box keys, so no "
-        "per-anchor record passes between them. " + register_summary(registers),
+        "per-anchor record passes between them. 'Innermost loop with an atomic' is the smallest loop "
+        "holding one, the per-visit work: the gather's pass over its near boxes (`gather_near` at a time, "
+        "with the fold of their best IoUs), the pair walk's chunk; the rows 'fold alone' compile "
+        "`low_quality` as a constant, so that loop is one mode's path (the lift modes fold a 32-bit IoU, "
+        "ssd_forced a 64-bit key that names the anchor). " + register_summary(registers),
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
-        "fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | programs per SM by registers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "innermost loop with an atomic | fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | "
+        "programs per SM by registers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     path = Path(args.out) / "kernel_resources.md"
     write_text(path, "\n".join(header + rows) + "\n")
