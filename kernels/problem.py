@@ -86,7 +86,11 @@ class HostInts:
         # From an array's bytes: several times cheaper than torch.tensor parsing a list.
         # non_blocking: CUDA has copied pageable memory out before the call returns, so this
         # is safe, and it skips the stream synchronisation torch adds to a blocking copy.
-        packed = torch.frombuffer(self.ints, dtype=torch.int64).to(device, non_blocking=True)
+        return self.views(torch.frombuffer(self.ints, dtype=torch.int64).to(device, non_blocking=True))
+
+    def views(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gt_offsets, ignore_offsets, image_sizes [B, 2]) of ``packed``, int64 laid out
+        as ``ints``."""
         stride, batch = self.stride, self.batch
         gt, _, ignore, _, sizes = packed.split_with_sizes((batch + 1, stride - batch - 1) * 2 + (2 * batch,))
         return gt, ignore, sizes.view(batch, 2)

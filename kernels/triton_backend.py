@@ -62,6 +62,7 @@ from .triton_assign import (
     STAGE_LIFT,
     STAGE_SCATTER,
 )
+from .triton_graphs import DenseGraphs
 from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
@@ -100,7 +101,8 @@ class _Meta:
     record is written and read back between the passes -- 16 bytes per anchor and image
     each way; the gather then runs only for the modes that lift, for its box keys, or to
     check unchecked boxes; for every mode but ssd_forced, whose marks live in the
-    records)."""
+    records); and up to how many images a dense ``solve`` replays its launches as a CUDA
+    graph (``triton_graphs``; 0: never, the default until a GPU run has timed it)."""
 
     block_a: int
     block_p: int
@@ -118,6 +120,7 @@ class _Meta:
     finalize_registers: int | None = None
     load_anchors: bool = False
     inline_match: bool = False
+    graph_batches: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -664,13 +667,30 @@ def solve(problem: Problem) -> Targets:
     For a problem whose gt values are unchecked (``_unchecked``), ``gather_kernel``
     (``segments_kernel`` with the walk) checks the boxes, and its flag is read back after
     the launches with the classes' extremes: ``CheckBoxesFirst`` if one may be invalid. A
-    checked problem reads nothing back.
+    checked problem reads nothing back. Batches of up to ``_Meta.graph_batches`` images
+    replay their launches as a CUDA graph (``triton_graphs``).
 
     Returns:
         Targets: labels [B, A] int8, matched_gt [B, A] int32, deltas [B, A, 4] float32,
         classes [B, A] int32 when the problem has gt_classes, max_iou [B, A] float32
         when asked; on the problem's device. The deltas double as the work memory.
     """
+    extremes = _class_extremes(problem)
+    if _replayable(problem):
+        targets, read = _GRAPHS.solve(problem, extremes)
+    else:
+        targets, flag = launch_dense(problem)
+        read = None if flag is None else _read_back([flag, *extremes])
+    if read is not None and _found_invalid(*read):
+        raise CheckBoxesFirst
+    return targets
+
+
+def launch_dense(problem: Problem) -> tuple[Targets, torch.Tensor | None]:
+    """``solve``'s launches, nothing read back: its targets, and for an unchecked problem
+    the box check's flag (a 0-dim int64 tensor, non-zero if some box may be invalid;
+    None for a checked problem). Raises ``CheckBoxesFirst`` before launching where no
+    launch would check an unchecked problem's boxes."""
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
     check = launch.unchecked
@@ -684,20 +704,41 @@ def solve(problem: Problem) -> Targets:
     max_iou = torch.empty(batch, num_anchors, dtype=torch.float32, device=device) if problem.want_max_iou else None
     targets = Targets(labels, matched, deltas, classes, max_iou, background_class=problem.config.background_class)
     if num_anchors == 0:
-        return targets
+        return targets, None
     # One memset: the invalid-box flag, then the match stage's zeroed memory (16-byte
     # aligned, as when it is its own).
     zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device) if check else None
     with _on(device):
         if check:
-            extremes = _class_extremes(problem)
             launch.match_pairs(deltas, zeroed[:1], zeroed[2:])
         else:
             launch.match_pairs(deltas)
         launch.finalize(OUTPUT_DENSE, deltas, labels=labels, matched=matched, classes=classes, max_iou=max_iou)
-    if check and _found_invalid(*_read_back([zeroed[0], *extremes])):
-        raise CheckBoxesFirst
-    return targets
+    return targets, zeroed[0] if check else None
+
+
+# The graphs ``solve`` replays (``_replayable``), captured from ``launch_dense``.
+_GRAPHS = DenseGraphs(lambda problem: launch_dense(problem))
+
+
+def _replayable(problem: Problem) -> bool:
+    """Whether ``solve`` replays ``problem``'s launches as a CUDA graph: a batch of at most
+    ``graph_batches`` images on a GPU, generated anchors (explicit ones, proposals, are
+    new on every call), no pad sizes (their table is built per call on the host), the
+    gather reading each image's boxes through its offsets (the walk, and ssd_forced's
+    box rows, read every row of the graph's buffer, past the call's own), and not inside
+    the caller's own capture (where the launches are captured as they are)."""
+    meta = _meta()
+    return (
+        problem.batch_size <= meta.graph_batches
+        and problem.device.type == "cuda"
+        and problem.grid is not None
+        and problem.valid_cells is None
+        and problem.num_anchors > 0
+        and meta.matching == "gather"
+        and problem.config.match.low_quality != "ssd_forced"
+        and not torch.cuda.is_current_stream_capturing()
+    )
 
 
 def _unchecked(problem: Problem) -> bool:

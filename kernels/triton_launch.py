@@ -27,13 +27,16 @@ JIT runs before the rest of its launch (a same-process A/B; the machine drifts 2
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
+import threading
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["Launcher", "Param", "launch_kind"]
+__all__ = ["Launcher", "Param", "keeping_arguments", "launch_kind"]
 
 _DTYPE = operator.attrgetter("dtype")
 _IS_ONE = (1).__eq__
@@ -113,6 +116,24 @@ def launch_kind(arguments: list, params: tuple[Param, ...], options: dict) -> tu
     return types, _Plan(types, params).key(arguments), tuple(sorted(options.items()))
 
 
+_KEEPING = threading.local()
+
+
+@contextlib.contextmanager
+def keeping_arguments() -> Iterator[list[torch.Tensor]]:
+    """A list that collects every tensor this thread passes to a ``Launcher`` launch while
+    open. A CUDA graph captured meanwhile reads them again on every replay, so its owner
+    keeps them: the backend's caches (tables, anchors, block bounds) may evict and free
+    theirs."""
+    kept: list[torch.Tensor] = []
+    outer = getattr(_KEEPING, "tensors", None)
+    _KEEPING.tensors = kept
+    try:
+        yield kept
+    finally:
+        _KEEPING.tensors = outer
+
+
 class Launcher:
     """``Launcher(kernel, direct)[grid](*args, **kwargs)`` launches like
     ``kernel[grid](...)`` (positional arguments first, then ``tl.constexpr`` ones and
@@ -127,9 +148,19 @@ class Launcher:
         self._plans: dict[tuple[type, ...], _Plan] = {}
 
     def __getitem__(self, grid: tuple[int, ...]):
+        kept = getattr(_KEEPING, "tensors", None)
+        if kept is not None:
+            return lambda *args, **kwargs: self._keep_and_launch(kept, grid, args, kwargs)
         if not self.direct:
             return self.kernel[grid]
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _keep_and_launch(self, kept: list, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        kept.extend(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+        if self.direct:
+            self._launch(grid, args, kwargs)
+        else:
+            self.kernel[grid](*args, **kwargs)
 
     def _parameters(self) -> tuple[list[str], frozenset[str], dict[str, object], tuple[Param, ...]]:
         if self._signature is None:

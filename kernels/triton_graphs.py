@@ -1,0 +1,186 @@
+"""Dense ``solve`` replayed as a CUDA graph: small batches, whose launches cost more host
+time than their kernels.
+
+On the H200 machine a B = 1 ``solve`` ran 0.017 ms of kernels for 0.09-0.24 ms of host
+time, and the same launches replayed from a CUDA graph cost 2 us of host time (run12,
+``benchmarks/results/gpu_h200/run12/sweep.txt``). A graph replays fixed launches on
+fixed memory, so each one is captured for one kind of problem -- device, stream, config,
+canvas, batch size, gt and ignore rows rounded up to a power of two, classes or not, max
+IoU or not, which values the kernels check -- with its inputs in buffers of that size
+(``_Inputs``). A call copies its boxes, classes and offsets in, replays, and copies the
+targets out, since the next replay writes the same memory. The kernels read each
+image's rows through its offsets, so rows past the call's own are never read (they
+start as NaN; tests run the kernels on such buffers).
+
+The backend replays where ``_Meta.graph_batches`` says (``triton_backend._replayable``).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .problem import Problem
+from .streams import stream_key
+from .targets import Targets
+from .triton_launch import keeping_arguments
+
+__all__ = ["DenseGraphs", "capacity"]
+
+# Graphs kept per process, the least recently used evicted: each holds its batch's
+# outputs and work memory (~5 MB per image for RetinaNet at 800x1344).
+GRAPHS_KEPT = 8
+
+
+def capacity(rows: int, least: int) -> int:
+    """Rows of a graph's buffer for ``rows`` (a power of two, at least ``least``; none
+    for none where ``least`` is 0): calls whose counts round alike share a graph."""
+    if rows == 0 and least == 0:
+        return 0
+    return max(least, 1 << max(rows - 1, 0).bit_length())
+
+
+class _Inputs:
+    """A problem like the callers' whose gt boxes, classes, ignore boxes and offsets live
+    in buffers of fixed size (``problem``), and the copies that load a caller's problem
+    into them (``load``)."""
+
+    def __init__(self, problem: Problem) -> None:
+        device = problem.device
+        rows, ignore_rows = capacity(problem.gt_boxes.shape[0], 16), capacity(problem.ignore_boxes.shape[0], 0)
+        self.gt_boxes = torch.full((rows, 4), float("nan"), device=device)
+        self.gt_classes = (
+            None if problem.gt_classes is None else torch.full((rows,), -1, dtype=torch.int32, device=device)
+        )
+        self.ignore_boxes = torch.full((ignore_rows, 4), float("nan"), device=device)
+        host_ints = problem.host_ints
+        self.ints = torch.empty(len(host_ints.ints), dtype=torch.int64, device=device)
+        self.problem = Problem(
+            config=problem.config, canvas=problem.canvas, grid=problem.grid, anchors=problem.anchors,
+            gt_boxes=self.gt_boxes, gt_classes=self.gt_classes, ignore_boxes=self.ignore_boxes,
+            host_ints=host_ints, want_max_iou=problem.want_max_iou, valid_cells=problem.valid_cells,
+            gt_boxes_checked=problem.gt_boxes_checked, gt_classes_checked=problem.gt_classes_checked,
+            ignore_boxes_checked=problem.ignore_boxes_checked,
+        )  # fmt: skip
+        self.problem._on_device = host_ints.views(self.ints)
+
+    def load(self, problem: Problem) -> None:
+        """Copy ``problem``'s gt boxes, classes, ignore boxes and offsets in (on the current
+        stream, before the replay that reads them)."""
+        rows, ignore_rows = problem.gt_boxes.shape[0], problem.ignore_boxes.shape[0]
+        if rows:
+            self.gt_boxes[:rows].copy_(problem.gt_boxes, non_blocking=True)
+            if self.gt_classes is not None:
+                self.gt_classes[:rows].copy_(problem.gt_classes, non_blocking=True)
+        if ignore_rows:
+            self.ignore_boxes[:ignore_rows].copy_(problem.ignore_boxes, non_blocking=True)
+        # Pageable memory: CUDA has copied it out when the call returns.
+        self.ints.copy_(torch.frombuffer(problem.host_ints.ints, dtype=torch.int64), non_blocking=True)
+
+
+class _Graph:
+    """One captured ``launch``: its inputs' buffers, its targets and flag (the memory
+    every replay writes), and every tensor its kernels read."""
+
+    def __init__(self, problem: Problem, launch, capture_stream: torch.cuda.Stream) -> None:
+        self.inputs = _Inputs(problem)
+        self.inputs.load(problem)
+        self.lock = threading.Lock()  # one replay at a time: the buffers are shared
+        current = torch.cuda.current_stream(problem.device)
+        capture_stream.wait_stream(current)
+        with torch.cuda.stream(capture_stream):
+            # Compiles the kernels' variants and fills the caches the capture stream reads,
+            # through the JIT's launch and then the direct one, which the capture records.
+            for _ in range(2):
+                launch(self.inputs.problem)
+        current.wait_stream(capture_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the service's other compute workers may launch meanwhile.
+        with (
+            keeping_arguments() as kept,
+            torch.cuda.graph(self.graph, stream=capture_stream, capture_error_mode="thread_local"),
+        ):
+            self.targets, self.flag = launch(self.inputs.problem)
+        self.kept = kept
+
+    def replay(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None]:
+        """``problem``'s targets (copies: the next replay writes the graph's), and the flag
+        then ``extremes`` read back where the graph checks the boxes (else None)."""
+        with self.lock:
+            self.inputs.load(problem)
+            self.graph.replay()
+            t = self.targets
+            targets = Targets(
+                t.labels.clone(), t.matched_gt.clone(), t.deltas.clone(),
+                None if t.classes is None else t.classes.clone(), None if t.max_iou is None else t.max_iou.clone(),
+                background_class=t.background_class,
+            )  # fmt: skip
+            # Read before the lock is let go: the next replay sets the flag anew.
+            read = None if self.flag is None else torch.stack([self.flag, *extremes]).tolist()
+        return targets, read
+
+
+class DenseGraphs:
+    """The graphs of ``launch`` (``triton_backend.launch_dense``: a problem -> its targets
+    and the box check's flag, nothing read back), captured on first use per kind of
+    problem, the ``GRAPHS_KEPT`` most recently used kept. A kind whose capture fails is
+    launched as it is from then on (with a warning that names the error)."""
+
+    def __init__(self, launch: Callable[[Problem], tuple[Targets, torch.Tensor | None]]) -> None:
+        self._launch = launch
+        self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self._refused: set[tuple] = set()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    @staticmethod
+    def kind(problem: Problem) -> tuple:
+        """What a graph is captured for: calls of the same kind replay the same graph."""
+        return (
+            problem.device, stream_key(problem.device), problem.config, problem.canvas, problem.batch_size,
+            capacity(problem.gt_boxes.shape[0], 16), capacity(problem.ignore_boxes.shape[0], 0),
+            problem.gt_classes is not None, problem.want_max_iou, problem.gt_boxes_checked,
+            problem.gt_classes_checked, problem.ignore_boxes_checked,
+        )  # fmt: skip
+
+    def solve(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None]:
+        """``launch(problem)`` replayed: the targets, and the flag then ``extremes`` read back
+        (None where the problem's values are checked); launched as it is where the kind's
+        capture failed."""
+        key = self.kind(problem)
+        graph = self._graph(key, problem)
+        if graph is None:
+            targets, flag = self._launch(problem)
+            return targets, None if flag is None else torch.stack([flag, *extremes]).tolist()
+        return graph.replay(problem, extremes)
+
+    def _graph(self, key: tuple, problem: Problem) -> _Graph | None:
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self._graphs.move_to_end(key)
+                return graph
+            if key in self._refused:
+                return None
+            stream = self._streams.get(problem.device)
+            if stream is None:
+                stream = self._streams[problem.device] = torch.cuda.Stream(problem.device)
+            try:
+                graph = _Graph(problem, self._launch, stream)
+            except RuntimeError as error:
+                self._refused.add(key)
+                warnings.warn(f"tritarget: capturing a CUDA graph for {problem.batch_size} images on canvas "
+                              f"{problem.canvas} failed ({error}); such calls launch without one",
+                              RuntimeWarning, stacklevel=4)  # fmt: skip
+                return None
+            self._graphs[key] = graph
+            if len(self._graphs) > GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
+            return graph

@@ -1,0 +1,222 @@
+"""Dense ``solve`` replayed as a CUDA graph (``kernels/triton_graphs.py``).
+
+Without a GPU: the buffers a graph reads, loaded with one call's inputs after another's
+and padded with NaN, give the reference's targets under the interpreter (the kernels
+read only each call's own rows); the kinds that share a graph; the tensors a capture
+keeps. With a GPU (``gpu``): replays against the launches and the reference, the
+targets of earlier calls kept, the box check, streams, the caller's own capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from support import assert_targets_equal, random_batch
+from tritarget.kernels import assign, presets, reference
+from tritarget.kernels.problem import CheckBoxesFirst, build_problem
+
+pytest.importorskip("triton")
+
+from tritarget.kernels import triton_backend, triton_graphs  # noqa: E402
+from tritarget.kernels.triton_launch import keeping_arguments  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = triton_backend.interpreting()
+if not (HAS_CUDA or INTERPRETED):
+    pytest.skip("the triton backend needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+TOL = 1e-6 if INTERPRETED else 1e-5
+CANVAS = (97, 131)
+_needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU with compiled Triton")
+
+
+def gpu(test):
+    return pytest.mark.gpu(_needs_gpu(test))
+
+
+def _config(mode: str = "torchvision"):
+    return presets.get("retinanet_torchvision").replace(**{"match.sample_size": 0, "match.low_quality": mode})
+
+
+def _problem(generator, counts, config, *, ignore_counts=None, checked=False, **kwargs):
+    boxes, counts = random_batch(generator, counts, CANVAS)
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    extra = {}
+    if ignore_counts is not None:
+        ignore, _ = random_batch(generator, ignore_counts, CANVAS, max_frac=0.4)
+        extra = dict(ignore_boxes=ignore.to(DEVICE), ignore_counts=ignore_counts)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, CANVAS, config, gt_classes=classes.to(DEVICE),
+                               check_gt_boxes=checked, **extra, **kwargs)  # fmt: skip
+    return problem
+
+
+def test_capacity_rounds_rows_up_to_powers_of_two():
+    assert [triton_graphs.capacity(rows, 16) for rows in (0, 1, 16, 17, 100)] == [16, 16, 16, 32, 128]
+    assert [triton_graphs.capacity(rows, 0) for rows in (0, 1, 3, 4, 5)] == [0, 1, 4, 4, 8]
+
+
+def test_calls_whose_rows_round_alike_share_a_kind(generator):
+    config = _config()
+    kind = triton_graphs.DenseGraphs.kind
+    few, more = _problem(generator, [3, 2], config), _problem(generator, [9, 7], config)
+    assert kind(few) == kind(more)  # 5 and 16 boxes: 16 rows each
+    assert kind(few) != kind(_problem(generator, [9, 8], config))  # 17: 32 rows
+    assert kind(few) != kind(_problem(generator, [3, 2, 0], config))  # another batch size
+    assert kind(few) != kind(_problem(generator, [3, 2], config, ignore_counts=[1, 0]))
+    assert kind(few) != kind(_problem(generator, [3, 2], config, want_max_iou=True))
+    assert kind(few) != kind(_problem(generator, [3, 2], _config("mmdet")))
+
+
+@pytest.mark.parametrize("mode", ("none", "torchvision", "mmdet"))
+def test_the_kernels_read_only_each_calls_rows_of_a_graphs_buffers(mode, generator):
+    """A graph's buffers hold the rows of the call that made them, of later calls, and NaN
+    past them; loaded with a call of fewer boxes and crowd regions, the launches on them
+    give that call's reference targets, and its unchecked boxes pass the kernels' check
+    (a NaN row read would fail it)."""
+    config = _config(mode).replace(**{"match.ignore_iof_thr": 0.5})
+    first = _problem(generator, [9, 14], config, ignore_counts=[2, 3], want_max_iou=True)
+    inputs = triton_graphs._Inputs(first)
+    assert inputs.gt_boxes.shape[0] == 32 and inputs.ignore_boxes.shape[0] == 8
+    inputs.load(first)
+    for counts, ignore_counts in (([9, 14], [2, 3]), ([4, 0], [1, 1]), ([0, 2], [0, 0])):
+        problem = _problem(generator, counts, config, ignore_counts=ignore_counts, want_max_iou=True)
+        assert not problem.gt_boxes_checked
+        inputs.load(problem)
+        assert_targets_equal(triton_backend.solve(inputs.problem), reference.solve(problem), rtol=TOL, atol=TOL)
+
+
+def test_solve_replays_only_on_a_gpu(monkeypatch, generator):
+    """graph_batches on the CPU: the interpreter launches as before (no graph)."""
+    for meta in ("_INTERPRETED", "_COMPILED"):
+        monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta), graph_batches=8))
+    problem = _problem(generator, [3, 5], _config())
+    assert triton_backend._replayable(problem) == (DEVICE.type == "cuda")
+    if DEVICE.type == "cpu":
+        assert_targets_equal(triton_backend.solve(problem), reference.solve(problem), rtol=TOL, atol=TOL)
+
+
+def test_a_capture_keeps_every_launched_tensor(generator):
+    problem = _problem(generator, [3, 5], _config())
+    with keeping_arguments() as kept:
+        triton_backend.solve(problem)
+    assert any(tensor is problem.gt_boxes for tensor in kept)
+    assert any(tensor is problem.gt_offsets for tensor in kept)
+    with keeping_arguments() as again:
+        pass
+    triton_backend.solve(problem)
+    assert again == []  # closed: nothing collected
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Graphs for batches of up to 8 images, in a cache of this test's own; no capture
+    may fail (the backend would launch without a graph, with a warning)."""
+    monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, graph_batches=8))
+    cache = triton_graphs.DenseGraphs(triton_backend.launch_dense)
+    monkeypatch.setattr(triton_backend, "_GRAPHS", cache)
+    yield cache
+    assert not cache._refused, f"captures failed: {cache._refused}"
+
+
+def _launched(problem):
+    """The targets of ``problem`` without a graph."""
+    targets, flag = triton_backend.launch_dense(problem)
+    assert flag is None or int(flag) == 0
+    return targets
+
+
+@gpu
+@pytest.mark.parametrize("mode", ("none", "torchvision", "detectron2", "mmdet"))
+@pytest.mark.parametrize("batch", (1, 3, 8))
+def test_replays_give_the_launches_targets(mode, batch, graphs, generator):
+    config = _config(mode)
+    for round_ in range(4):  # the first call of each kind captures; the others replay
+        counts = torch.randint(0, 16 // batch + 1, (batch,), generator=generator).tolist()
+        problem = _problem(generator, counts, config, want_max_iou=round_ % 2 == 1)
+        ours = triton_backend.solve(problem)
+        assert_targets_equal(ours, _launched(problem), rtol=0, atol=0)
+        assert_targets_equal(ours, reference.solve(problem), rtol=TOL, atol=TOL)
+    assert len(graphs) == 2  # max IoU or not: up to 16 boxes, rows rounded alike
+
+
+@gpu
+def test_targets_of_earlier_calls_stay_as_they_were(graphs, generator):
+    config = _config()
+    problems = [_problem(generator, [5, 2], config) for _ in range(3)]
+    results = [triton_backend.solve(p) for p in problems]
+    assert len(graphs) == 1
+    for problem, targets in zip(problems, results):
+        assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
+
+
+@gpu
+def test_crowd_regions_classes_and_image_sizes_through_assign(graphs, generator):
+    config = _config("mmdet").replace(**{"match.ignore_iof_thr": 0.5, "match.allowed_border": 0.0})
+    for counts in ([4, 1], [0, 7]):
+        boxes, _ = random_batch(generator, counts, CANVAS)
+        ignore, _ = random_batch(generator, [1, 2], CANVAS, max_frac=0.4)
+        classes = torch.randint(0, 80, (boxes.shape[0],), generator=generator)
+        kwargs = dict(gt_classes=classes.to(DEVICE), ignore_boxes=ignore.to(DEVICE), ignore_counts=[1, 2],
+                      image_sizes=[[90, 120], [97, 100]])  # fmt: skip
+        ours = assign(boxes.to(DEVICE), counts, CANVAS, config, backend="triton", **kwargs)
+        want = assign(boxes, counts, CANVAS, config, backend="reference",
+                      **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})  # fmt: skip
+        assert_targets_equal(ours, want, rtol=TOL, atol=TOL)
+    assert len(graphs) == 1
+
+
+@gpu
+def test_invalid_boxes_are_refused_or_dropped_as_without_a_graph(graphs, generator):
+    config = _config()
+    boxes, counts = random_batch(generator, [3, 2], CANVAS)
+    boxes[4] = torch.tensor([50.0, 50.0, 40.0, 60.0])  # x2 < x1
+    with pytest.raises(ValueError, match="gt_boxes: image 1, box 1"):
+        assign(boxes.to(DEVICE), counts, CANVAS, config, backend="triton")
+    kept = assign(boxes.to(DEVICE), counts, CANVAS, config, backend="triton", drop_invalid=True)
+    want = assign(boxes, counts, CANVAS, config, backend="reference", drop_invalid=True)
+    assert_targets_equal(kept, want, rtol=TOL, atol=TOL)
+    assert [d.tolist() for d in kept.dropped] == [[], [1]]
+    # A replay that finds an invalid box says so (the backend then checks on the host).
+    problem = _problem(generator, [3, 2], config)
+    triton_backend.solve(problem)
+    problem.gt_boxes[1] = torch.tensor([50.0, 50.0, 40.0, 60.0], device=DEVICE)
+    with pytest.raises(CheckBoxesFirst):
+        triton_backend.solve(problem)
+
+
+@gpu
+def test_each_stream_replays_its_own_graph(graphs, generator):
+    config = _config()
+    problem = _problem(generator, [4, 4], config)
+    want = _launched(problem)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ours = triton_backend.solve(problem)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_targets_equal(triton_backend.solve(problem), want, rtol=0, atol=0)
+    assert_targets_equal(ours, want, rtol=0, atol=0)
+    assert len(graphs) == 2
+
+
+@gpu
+def test_the_callers_own_capture_records_the_launches(graphs, generator):
+    problem = _problem(generator, [4, 4], _config(), checked=True)
+    want = _launched(problem)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: the stream's cached tables, the launches' variants
+            triton_backend.launch_dense(problem)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = triton_backend.solve(problem)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_targets_equal(captured, want, rtol=0, atol=0)
+    assert len(graphs) == 0
