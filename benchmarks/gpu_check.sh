@@ -21,11 +21,12 @@
 #    per-kernel device times, time against boxes per image (--time-limit: the points
 #    left after it are skipped, and the tables and plots still written; so they are
 #    when the step's timeout interrupts a point).
-# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call, the
-#    pair walk against the gather and its variants (run10's verdict made the gather the
-#    default, run12's set its launch; the finalize matching inline is the variant to read
-#    next), solve replayed as a CUDA graph against eager, and the matchings over B x G
-#    (targets checked equal in every cell; where a per-batch choice would switch).
+# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call,
+#    assign and solve launched against replayed as CUDA graphs (``graph_batches``, off
+#    until this times it), the pair walk against the gather and its variants (run10's
+#    verdict made the gather the default, run12's set its launch; the finalize matching
+#    inline is the variant to read next), and the matchings over B x G (targets checked
+#    equal in every cell; where a per-batch choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS

@@ -13,9 +13,13 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    and its flag read back after the launches (today's). Both wait for the GPU once per
    call (before the launches, or after them): their host microseconds per call include
    that wait, end-to-end latency rather than launch cost.
-2. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
+2. CUDA graphs (``_Meta.graph_batches``, ``triton_graphs``): ``assign`` end to end and
+   ``solve`` at B = 1, 8, 32 (G ~ 7), launched and replayed, host microseconds and
+   do_bench milliseconds per call each way, the first replayed call (its capture), and
+   the targets checked equal; ``graph_batches`` is 0 (off) until this says what it saves.
+3. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
-3. The pair walk against the gather by anchor block (``_Meta.matching``) and the
+4. The pair walk against the gather by anchor block (``_Meta.matching``) and the
    gather's variants: 2 near boxes visited at once (``gather_near``; 1, 8, the lift
    four boxes at a time and blocks of 64 anchors lost in run10-run12 and left), and
    without each of the three settings run12 made the defaults -- a generated grid's
@@ -29,18 +33,14 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    reported and skipped; then a verdict per variant (points where it beat the walk,
    then where it beat the default gather, and its time over theirs as a geometric
    mean; targets equal or not).
-4. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
+5. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
    the gather as run10 left it (built anchors, uncapped) and the gather matching inline,
    over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a
    per-batch choice of the matching would be placed by).
-5. CUDA graphs, an upper bound on what they would save: ``solve`` of one fixed problem
-   (B = 1, 8, 32, G ~ 7) captured once and replayed, host microseconds and GPU time
-   per replay beside the eager call's, targets checked equal. A product version would
-   add a copy of the boxes into the graph's input buffers (and bucketed box counts).
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
-``--sections`` picks some of host, launches, matching, boundary, graphs (default: all).
+``--sections`` picks some of host, graphs, launches, matching, boundary (default: all).
 Writes ``sweep.txt`` under ``--out`` line by line as it measures (gpu_check.sh's timeout
 may end it), with the JSON on its last line when it finishes.
 """
@@ -66,7 +66,7 @@ from tritarget.kernels.problem import build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 PRESET = "retinanet_torchvision"
-SECTIONS = ("host", "launches", "matching", "boundary", "graphs")
+SECTIONS = ("host", "graphs", "launches", "matching", "boundary")
 # (batch, boxes per image; None: COCO-like, G ~ 7) where the variants of the matching run.
 MATCHING_POINTS = [(1, None), (8, None), (32, None), (64, None), (32, 200), (8, 1000), (1, 1000)]
 
@@ -126,35 +126,40 @@ def _outputs(targets) -> list:
     return [t for t in (targets.labels, targets.matched_gt, targets.deltas, targets.classes) if t is not None]
 
 
-def graph_replay(problem) -> dict:
-    """``solve(problem)`` eager and as a replayed CUDA graph (same inputs, same output
-    buffers): time and host cost of each, and whether the replay's targets are the eager
-    call's. Warmed on the capture stream first, so compiled kernels, level tables and
-    the problem's device offsets exist before capture (a copy from pageable host memory
-    cannot be captured)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eager = triton_backend.solve(problem)
-        for _ in range(2):
-            triton_backend.solve(problem)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        captured = triton_backend.solve(problem)
-    graph.replay()
-    torch.cuda.synchronize()
-    same = all(
-        torch.equal(getattr(captured, name), getattr(eager, name)) for name in ("labels", "matched_gt", "classes")
-    ) and torch.allclose(captured.deltas, eager.deltas)
-    return dict(
-        eager_ms=bench(lambda: triton_backend.solve(problem)),
-        eager_host_us=host_us(lambda: triton_backend.solve(problem)),
-        replay_ms=bench(graph.replay),
-        replay_host_us=host_us(graph.replay),
-        same=same,
-    )
+def graphed_calls(batch: int) -> dict:
+    """``assign`` and ``solve`` of COCO-like batches of ``batch`` images launched and
+    replayed as CUDA graphs (``_Meta.graph_batches``, ``triton_graphs``): do_bench
+    milliseconds and host microseconds per call each way, the first replayed call (its
+    capture), and whether the targets are the launches' (labels, matched boxes, classes
+    equal, deltas bit for bit)."""
+    problem, (gt, counts, classes, config) = problem_for(batch, None)
+
+    def end_to_end():
+        return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton")
+
+    def solve():
+        return triton_backend.solve(problem)
+
+    default = triton_backend._COMPILED
+    row: dict = {"batch": batch}
+    try:
+        for graphs in (0, batch):
+            triton_backend._COMPILED = dataclasses.replace(default, graph_batches=graphs)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            targets = end_to_end()
+            torch.cuda.synchronize()
+            first_ms = (time.perf_counter() - start) * 1e3
+            row[graphs] = dict(assign_ms=bench(end_to_end), assign_host_us=host_us(end_to_end),
+                               solve_ms=bench(solve), solve_host_us=host_us(solve), first_call_ms=first_ms,
+                               targets=_outputs(targets))  # fmt: skip
+    finally:
+        triton_backend._COMPILED = default
+    launched, replayed = row.pop(0), row.pop(batch)
+    row["same"] = all(torch.equal(a, b) for a, b in zip(launched.pop("targets"), replayed.pop("targets")))
+    row["launched"], row["replayed"] = launched, replayed
+    row["graphs_kept"] = len(triton_backend._GRAPHS)
+    return row
 
 
 def main() -> None:
@@ -234,6 +239,22 @@ def main() -> None:
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
                 say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
+
+    say("== CUDA graphs: assign and solve launched, and replayed (graph_batches) ==")
+    record["graphs"] = []
+    for batch in (1, 8, 32) if "graphs" in sections else ():
+        try:
+            row = graphed_calls(batch)
+        except Exception as error:  # the experiment's answer, not the sweep's end
+            say(f"B={batch}: failed: {type(error).__name__}: {error}")
+            continue
+        launched, replayed = row["launched"], row["replayed"]
+        say(f"B={batch}: assign {launched['assign_ms']:.3f} -> {replayed['assign_ms']:.3f} ms "
+            f"(host {launched['assign_host_us']:.0f} -> {replayed['assign_host_us']:.0f} us/call), solve "
+            f"{launched['solve_ms']:.3f} -> {replayed['solve_ms']:.3f} ms (host {launched['solve_host_us']:.0f} -> "
+            f"{replayed['solve_host_us']:.0f} us/call); first replayed call {replayed['first_call_ms']:.1f} ms "
+            f"(the capture); {'targets equal' if row['same'] else 'TARGETS DIFFER'}")  # fmt: skip
+        record["graphs"].append(row)
 
     say("== launches: compiled variants directly (triton_launch) against the JIT's launch ==")
     record["launches"] = []
@@ -336,20 +357,6 @@ def main() -> None:
             say(f"B={batch:<3} G={boxes or '~7':<5} {cells}{'' if same else '  TARGETS DIFFER'}")
             record["boundary"].append(dict(batch=batch, boxes=boxes, same=same,
                                            ms={name: row[name][:2] for name in row}))  # fmt: skip
-
-    say("== CUDA graphs: solve captured once, replayed ==")
-    record["graphs"] = []
-    for batch in (1, 8, 32) if "graphs" in sections else ():
-        problem = problem_for(batch, None)[0]
-        try:
-            row = graph_replay(problem)
-        except Exception as error:  # the experiment's answer, not the sweep's end
-            say(f"B={batch}: capture failed: {type(error).__name__}: {error}")
-            continue
-        say(f"B={batch}: eager solve {row['eager_ms']:.3f} ms (host {row['eager_host_us']:.0f} us/call), replay "
-            f"{row['replay_ms']:.3f} ms (host {row['replay_host_us']:.0f} us/call)"
-            f"{'' if row['same'] else '  TARGETS DIFFER'}")  # fmt: skip
-        record["graphs"].append(dict(batch=batch, **row))
 
     say(json.dumps(record))
     report.close()

@@ -718,7 +718,7 @@ def launch_dense(problem: Problem) -> tuple[Targets, torch.Tensor | None]:
 
 
 # The graphs ``solve`` replays (``_replayable``), captured from ``launch_dense``.
-_GRAPHS = DenseGraphs(lambda problem: launch_dense(problem))
+_GRAPHS = DenseGraphs(launch_dense)
 
 
 def _replayable(problem: Problem) -> bool:

@@ -89,28 +89,34 @@ class _Graph:
     def __init__(self, problem: Problem, launch, capture_stream: torch.cuda.Stream) -> None:
         self.inputs = _Inputs(problem)
         self.inputs.load(problem)
+        self.device = problem.device
         self.lock = threading.Lock()  # one replay at a time: the buffers are shared
-        current = torch.cuda.current_stream(problem.device)
-        capture_stream.wait_stream(current)
-        with torch.cuda.stream(capture_stream):
-            # Compiles the kernels' variants and fills the caches the capture stream reads,
-            # through the JIT's launch and then the direct one, which the capture records.
-            for _ in range(2):
-                launch(self.inputs.problem)
-        current.wait_stream(capture_stream)
+        self.closed = False
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the service's other compute workers may launch meanwhile.
-        with (
-            keeping_arguments() as kept,
-            torch.cuda.graph(self.graph, stream=capture_stream, capture_error_mode="thread_local"),
-        ):
-            self.targets, self.flag = launch(self.inputs.problem)
+        with torch.cuda.device(self.device):  # the capture's device, not only the current one
+            current = torch.cuda.current_stream()
+            capture_stream.wait_stream(current)
+            with torch.cuda.stream(capture_stream):
+                # Compiles the kernels' variants and fills the caches the capture stream
+                # reads, through the JIT's launch and then the direct one the capture records.
+                for _ in range(2):
+                    launch(self.inputs.problem)
+            current.wait_stream(capture_stream)
+            # thread_local: the service's other compute workers may launch meanwhile.
+            with (
+                keeping_arguments() as kept,
+                torch.cuda.graph(self.graph, stream=capture_stream, capture_error_mode="thread_local"),
+            ):
+                self.targets, self.flag = launch(self.inputs.problem)
         self.kept = kept
 
-    def replay(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None]:
+    def replay(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None] | None:
         """``problem``'s targets (copies: the next replay writes the graph's), and the flag
-        then ``extremes`` read back where the graph checks the boxes (else None)."""
+        then ``extremes`` read back where the graph checks the boxes (else None); None once
+        closed."""
         with self.lock:
+            if self.closed:
+                return None
             self.inputs.load(problem)
             self.graph.replay()
             t = self.targets
@@ -122,6 +128,14 @@ class _Graph:
             # Read before the lock is let go: the next replay sets the flag anew.
             read = None if self.flag is None else torch.stack([self.flag, *extremes]).tolist()
         return targets, read
+
+    def close(self) -> None:
+        """No more replays, and none in flight: the memory its kernels read (its buffers,
+        and tables that caches may since have evicted) is freed with it, for use by
+        allocations that would not wait for a replay still running."""
+        with self.lock:
+            self.closed = True
+            torch.cuda.synchronize(self.device)
 
 
 class DenseGraphs:
@@ -154,12 +168,12 @@ class DenseGraphs:
         """``launch(problem)`` replayed: the targets, and the flag then ``extremes`` read back
         (None where the problem's values are checked); launched as it is where the kind's
         capture failed."""
-        key = self.kind(problem)
-        graph = self._graph(key, problem)
-        if graph is None:
-            targets, flag = self._launch(problem)
-            return targets, None if flag is None else torch.stack([flag, *extremes]).tolist()
-        return graph.replay(problem, extremes)
+        graph = self._graph(self.kind(problem), problem)
+        replayed = None if graph is None else graph.replay(problem, extremes)
+        if replayed is not None:
+            return replayed
+        targets, flag = self._launch(problem)  # no graph, or one evicted meanwhile
+        return targets, None if flag is None else torch.stack([flag, *extremes]).tolist()
 
     def _graph(self, key: tuple, problem: Problem) -> _Graph | None:
         with self._lock:
@@ -182,5 +196,5 @@ class DenseGraphs:
                 return None
             self._graphs[key] = graph
             if len(self._graphs) > GRAPHS_KEPT:
-                self._graphs.popitem(last=False)
+                self._graphs.popitem(last=False)[1].close()
             return graph

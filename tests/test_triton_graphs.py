@@ -220,3 +220,36 @@ def test_the_callers_own_capture_records_the_launches(graphs, generator):
     torch.cuda.synchronize()
     assert_targets_equal(captured, want, rtol=0, atol=0)
     assert len(graphs) == 0
+
+
+@gpu
+def test_graphs_beyond_the_kept_are_closed_and_captured_again(graphs, monkeypatch, generator):
+    monkeypatch.setattr(triton_graphs, "GRAPHS_KEPT", 1)
+    few, many = _problem(generator, [2, 3], _config()), _problem(generator, [20, 3], _config())
+    triton_backend.solve(few)
+    first = next(iter(graphs._graphs.values()))
+    triton_backend.solve(many)  # a second kind: the first is closed and let go
+    assert first.closed and len(graphs) == 1
+    assert first.replay(few, []) is None  # closed: the caller launches instead
+    assert_targets_equal(triton_backend.solve(few), _launched(few), rtol=0, atol=0)
+
+
+@gpu
+def test_a_failed_capture_launches_as_before_with_a_warning(generator):
+    """A launch that reads back (not capturable) makes the capture fail: that kind is
+    launched as it is from then on, and the targets are the same."""
+
+    def reading_back(problem):
+        targets, flag = triton_backend.launch_dense(problem)
+        targets.labels.sum().item()
+        return targets, flag
+
+    cache = triton_graphs.DenseGraphs(reading_back)
+    problem = _problem(generator, [2, 3], _config())
+    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph for 2 images on canvas"):
+        targets, read = cache.solve(problem, [])
+    assert len(cache) == 0 and len(cache._refused) == 1
+    assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
+    assert read == [0]
+    targets, _ = cache.solve(problem, [])  # refused before: no second capture
+    assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
