@@ -675,12 +675,12 @@ def solve(problem: Problem) -> Targets:
         classes [B, A] int32 when the problem has gt_classes, max_iou [B, A] float32
         when asked; on the problem's device. The deltas double as the work memory.
     """
-    extremes = _class_extremes(problem)
     if _replayable(problem):
-        targets, read = _GRAPHS.solve(problem, extremes)
+        _check(problem)  # the graph's own problem holds copies, converted to its dtypes
+        targets, read = _GRAPHS.solve(problem, _class_extremes(problem))
     else:
         targets, flag = launch_dense(problem)
-        read = None if flag is None else _read_back([flag, *extremes])
+        read = None if flag is None else _read_back([flag, *_class_extremes(problem)])
     if read is not None and _found_invalid(*read):
         raise CheckBoxesFirst
     return targets
@@ -730,7 +730,9 @@ def _replayable(problem: Problem) -> bool:
     the caller's own capture (where the launches are captured as they are)."""
     meta = _meta()
     return (
-        problem.batch_size <= meta.graph_batches
+        meta.graph_batches > 0
+        and isinstance(problem, Problem)
+        and problem.batch_size <= meta.graph_batches
         and problem.device.type == "cuda"
         and problem.grid is not None
         and problem.valid_cells is None

@@ -253,3 +253,14 @@ def test_a_failed_capture_launches_as_before_with_a_warning(generator):
     assert read == [0]
     targets, _ = cache.solve(problem, [])  # refused before: no second capture
     assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
+
+
+@gpu
+def test_a_problem_the_backend_refuses_is_refused_before_any_capture(graphs, generator):
+    """The graph's buffers would convert float classes to int32: the caller's problem is
+    checked as the launches check it."""
+    problem = _problem(generator, [2, 3], _config())
+    float_classes = dataclasses.replace(problem, gt_classes=problem.gt_classes.float())
+    with pytest.raises(TypeError, match="problem.gt_classes: expected torch.int32 or torch.int64, got torch.float32"):
+        triton_backend.solve(float_classes)
+    assert len(graphs) == 0
