@@ -13,10 +13,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    and its flag read back after the launches (today's). Both wait for the GPU once per
    call (before the launches, or after them): their host microseconds per call include
    that wait, end-to-end latency rather than launch cost.
-2. CUDA graphs (``_Meta.graph_batches``, ``triton_graphs``): ``assign`` end to end and
-   ``solve`` at B = 1, 8, 32 (G ~ 7), launched and replayed, host microseconds and
-   do_bench milliseconds per call each way, the first replayed call (its capture), and
-   the targets checked equal; ``graph_batches`` is 0 (off) until this says what it saves.
+2. CUDA graphs (``_Meta.graph_batches``, ``triton_graphs``): ``assign`` and
+   ``assign_sparse`` end to end, ``solve`` and ``solve_sparse`` at B = 1, 8, 32 (G ~ 7),
+   launched and replayed, host microseconds and do_bench milliseconds per call each way,
+   the first replayed call (its capture), and the targets checked equal; ``graph_batches``
+   is 0 (off) until this says what it saves.
 3. Direct launches (``triton_launch``) against the JIT's launch: host microseconds per
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
 4. The pair walk against the gather by anchor block (``_Meta.matching``) and the
@@ -61,7 +62,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from tritarget.kernels import assign, presets, triton_backend
+from tritarget.kernels import assign, assign_sparse, presets, triton_backend
 from tritarget.kernels.problem import build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
@@ -127,39 +128,44 @@ def _outputs(targets) -> list:
 
 
 def graphed_calls(batch: int) -> dict:
-    """``assign`` and ``solve`` of COCO-like batches of ``batch`` images launched and
-    replayed as CUDA graphs (``_Meta.graph_batches``, ``triton_graphs``): do_bench
-    milliseconds and host microseconds per call each way, the first replayed call (its
-    capture), and whether the targets are the launches' (labels, matched boxes, classes
-    equal, deltas bit for bit)."""
+    """``assign``, ``assign_sparse``, ``solve`` and ``solve_sparse`` of a COCO-like batch of
+    ``batch`` images launched and replayed as CUDA graphs (``_Meta.graph_batches``,
+    ``triton_graphs``): do_bench milliseconds and host microseconds per call each way, the
+    first replayed call of each (its capture), and whether the targets are the launches'
+    (every output bit for bit)."""
     problem, (gt, counts, classes, config) = problem_for(batch, None)
-
-    def end_to_end():
-        return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton")
-
-    def solve():
-        return triton_backend.solve(problem)
-
+    calls = {
+        "assign": lambda: assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton"),
+        "assign_sparse": lambda: assign_sparse(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton"),
+        "solve": lambda: triton_backend.solve(problem),
+        "solve_sparse": lambda: triton_backend.solve_sparse(problem),
+    }
     default = triton_backend._COMPILED
     row: dict = {"batch": batch}
+    outputs: dict = {}
     try:
         for graphs in (0, batch):
             triton_backend._COMPILED = dataclasses.replace(default, graph_batches=graphs)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            targets = end_to_end()
-            torch.cuda.synchronize()
-            first_ms = (time.perf_counter() - start) * 1e3
-            row[graphs] = dict(assign_ms=bench(end_to_end), assign_host_us=host_us(end_to_end),
-                               solve_ms=bench(solve), solve_host_us=host_us(solve), first_call_ms=first_ms,
-                               targets=_outputs(targets))  # fmt: skip
+            timed = row["replayed" if graphs else "launched"] = {}
+            for name, call in calls.items():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                call()  # replayed: the capture (sparse: the launched round has sized the lists)
+                torch.cuda.synchronize()
+                first_ms = (time.perf_counter() - start) * 1e3
+                outputs[name, graphs] = _all_outputs(call())
+                timed[name] = dict(ms=bench(call), host_us=host_us(call), first_ms=first_ms)
     finally:
         triton_backend._COMPILED = default
-    launched, replayed = row.pop(0), row.pop(batch)
-    row["same"] = all(torch.equal(a, b) for a, b in zip(launched.pop("targets"), replayed.pop("targets")))
-    row["launched"], row["replayed"] = launched, replayed
+    row["same"] = {name: all(map(torch.equal, outputs[name, 0], outputs[name, batch])) for name in calls}
     row["graphs_kept"] = len(triton_backend._GRAPHS)
     return row
+
+
+def _all_outputs(targets) -> list[torch.Tensor]:
+    """Every tensor of dense or sparse targets."""
+    values = (getattr(targets, field.name) for field in dataclasses.fields(targets))
+    return [value for value in values if isinstance(value, torch.Tensor)]
 
 
 def main() -> None:
@@ -240,7 +246,7 @@ def main() -> None:
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
                 say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
 
-    say("== CUDA graphs: assign and solve launched, and replayed (graph_batches) ==")
+    say("== CUDA graphs: calls launched, then replayed (graph_batches); ms and host us per call ==")
     record["graphs"] = []
     for batch in (1, 8, 32) if "graphs" in sections else ():
         try:
@@ -248,12 +254,12 @@ def main() -> None:
         except Exception as error:  # the experiment's answer, not the sweep's end
             say(f"B={batch}: failed: {type(error).__name__}: {error}")
             continue
-        launched, replayed = row["launched"], row["replayed"]
-        say(f"B={batch}: assign {launched['assign_ms']:.3f} -> {replayed['assign_ms']:.3f} ms "
-            f"(host {launched['assign_host_us']:.0f} -> {replayed['assign_host_us']:.0f} us/call), solve "
-            f"{launched['solve_ms']:.3f} -> {replayed['solve_ms']:.3f} ms (host {launched['solve_host_us']:.0f} -> "
-            f"{replayed['solve_host_us']:.0f} us/call); first replayed call {replayed['first_call_ms']:.1f} ms "
-            f"(the capture); {'targets equal' if row['same'] else 'TARGETS DIFFER'}")  # fmt: skip
+        for name, launched in row["launched"].items():
+            replayed = row["replayed"][name]
+            say(f"B={batch} {name}: {launched['ms']:.3f} -> {replayed['ms']:.3f} ms (host {launched['host_us']:.0f} -> "
+                f"{replayed['host_us']:.0f} us/call); first call {launched['first_ms']:.1f} -> "
+                f"{replayed['first_ms']:.1f} ms (the capture); "
+                f"{'targets equal' if row['same'][name] else 'TARGETS DIFFER'}")  # fmt: skip
         record["graphs"].append(row)
 
     say("== launches: compiled variants directly (triton_launch) against the JIT's launch ==")

@@ -38,6 +38,7 @@ import contextlib
 import functools
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
@@ -62,7 +63,7 @@ from .triton_assign import (
     STAGE_LIFT,
     STAGE_SCATTER,
 )
-from .triton_graphs import DenseGraphs
+from .triton_graphs import Graphs, capacity
 from .triton_launch import Launcher
 
 __all__ = ["CHECKS_GT_BOXES", "solve", "solve_sparse", "candidate_pairs", "interpreting"]
@@ -677,13 +678,23 @@ def solve(problem: Problem) -> Targets:
     """
     if _replayable(problem):
         _check(problem)  # the graph's own problem holds copies, converted to its dtypes
-        targets, read = _GRAPHS.solve(problem, _class_extremes(problem))
-    else:
-        targets, flag = launch_dense(problem)
-        read = None if flag is None else _read_back([flag, *_class_extremes(problem)])
-    if read is not None and _found_invalid(*read):
+        extremes = _class_extremes(problem)
+        return _GRAPHS.run(problem, launch_dense, lambda out, copy: _dense_finished(out, extremes, copy), ("dense",))
+    launched = launch_dense(problem)
+    return _dense_finished(launched, _class_extremes(problem), False)
+
+
+def _dense_finished(launched: tuple[Targets, torch.Tensor | None], extremes: list[torch.Tensor], copy: bool) -> Targets:
+    """``launch_dense``'s targets (copies where ``copy``: a graph's), after its flag and
+    the classes' ``extremes`` read back: ``CheckBoxesFirst`` if some value may be invalid."""
+    targets, flag = launched
+    if flag is not None and _found_invalid(*_read_back([flag, *extremes])):
         raise CheckBoxesFirst
-    return targets
+    if not copy:
+        return targets
+    optional = [None if t is None else t.clone() for t in (targets.classes, targets.max_iou)]
+    return Targets(targets.labels.clone(), targets.matched_gt.clone(), targets.deltas.clone(), *optional,
+                   background_class=targets.background_class)  # fmt: skip
 
 
 def launch_dense(problem: Problem) -> tuple[Targets, torch.Tensor | None]:
@@ -717,12 +728,13 @@ def launch_dense(problem: Problem) -> tuple[Targets, torch.Tensor | None]:
     return targets, zeroed[0] if check else None
 
 
-# The graphs ``solve`` replays (``_replayable``), captured from ``launch_dense``.
-_GRAPHS = DenseGraphs(launch_dense)
+# The graphs ``solve`` and ``solve_sparse`` replay (``_replayable``).
+_GRAPHS = Graphs()
 
 
 def _replayable(problem: Problem) -> bool:
-    """Whether ``solve`` replays ``problem``'s launches as a CUDA graph: a batch of at most
+    """Whether ``solve`` and ``solve_sparse`` replay ``problem``'s launches as a CUDA graph
+    (sparse: once an earlier call has sized the lists): a batch of at most
     ``graph_batches`` images on a GPU, generated anchors (explicit ones, proposals, are
     new on every call), no pad sizes (their table is built per call on the host), the
     gather reading each image's boxes through its offsets (the walk, and ssd_forced's
@@ -816,68 +828,123 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     For a problem whose gt values are unchecked (``_unchecked``), ``gather_kernel``
     (``segments_kernel`` with the walk) checks the boxes and its flag comes back beside
     the totals (24 bytes in all, 40 with the classes' extremes): ``CheckBoxesFirst`` if
-    one may be invalid.
+    one may be invalid. Batches of up to ``_Meta.graph_batches`` images replay their
+    launches as a CUDA graph once an earlier call has sized the lists (``triton_graphs``;
+    the lists' sizes rounded up to powers of two).
     """
+    if _replayable(problem):
+        _check(problem)  # the graph's own problem holds copies, converted to its dtypes
+        sizes = _list_sizes(problem.batch_size, problem.num_anchors, bucketed=True)
+        if sizes is not None:
+            extremes = _class_extremes(problem)
+            return _GRAPHS.run(problem, functools.partial(launch_sparse, bucketed=True),
+                               lambda out, copy: _sparse_finished(out, extremes, copy), ("sparse", sizes))  # fmt: skip
+    launched = launch_sparse(problem)
+    return _sparse_finished(launched, _class_extremes(problem), False)
+
+
+class _SparseLaunch(NamedTuple):
+    """What ``launch_sparse`` launched: the problem's launch, its work memory, the rows the
+    sparse pass reads (``block_counts``, ``block_starts``, ``offsets`` [3, B + 1]: the
+    positive and ignored offsets, then the box check's flag at [2, B]) and the lists it
+    wrote, sized from recent batches (None: not written)."""
+
+    launch: _Launch
+    work: torch.Tensor | None
+    rows: dict[str, torch.Tensor]
+    lists: dict[str, torch.Tensor | None] | None
+
+
+def _list_sizes(batch: int, num_anchors: int, bucketed: bool = False) -> tuple[int, int] | None:
+    """Rows of the positive and ignored lists for a batch, from recent batches (twice their
+    rows per image, ``_ROWS_PER_IMAGE``, at most B x A; ``bucketed``: rounded up to a power
+    of two, so that a graph's lists serve calls alike); None before any batch of the anchor
+    count."""
+    guess = _ROWS_PER_IMAGE.get(num_anchors)
+    if guess is None:
+        return None
+    sizes = (int(2 * per_image * batch) + 64 for per_image in guess)
+    return tuple(min(capacity(size, 64) if bucketed else size, batch * num_anchors) for size in sizes)
+
+
+def launch_sparse(problem: Problem, bucketed: bool = False) -> _SparseLaunch:
+    """``solve_sparse``'s launches, nothing read back: the match stage, the count pass, the
+    scan and, once recent batches have sized them (``_list_sizes``), the sparse pass into
+    lists of those sizes. Raises ``CheckBoxesFirst`` before launching where no launch
+    would check an unchecked problem's boxes."""
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
     check = launch.unchecked
     if check and launch.leaves_boxes_unchecked():
         raise CheckBoxesFirst
-    has_classes = problem.gt_classes is not None
     # Rows 0 and 1: the positive and ignored offsets; [2, B]: the invalid-box flag, read
     # back with the totals beside it (scan_kernel writes them all).
     offsets = torch.empty(3, batch + 1, dtype=torch.int64, device=device)
-    totals, sparse = (0, 0), None
     if num_anchors == 0:
         offsets.zero_()
-    else:
-        # One memset: the invalid-box flag and scan_kernel's count of programs done, then
-        # the match stage's zeroed memory (16-byte aligned, as when it is its own).
-        zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device)
-        flags, invalid = zeroed[:2], zeroed[:1] if check else None
-        work = launch.work(dense=False)
-        block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
-        block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
-        image_totals = torch.empty(2, batch, dtype=torch.int64, device=device)
-        rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
-        guess = _ROWS_PER_IMAGE.get(num_anchors)
-        with _on(device):
-            extremes = _class_extremes(problem) if check else []
-            launch.match_pairs(work, invalid, zeroed[2:])
-            launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
-            scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, flags, launch.num_blocks, batch,
-                                  BLOCK=2048, **_launch_kwargs())  # fmt: skip
-            if guess is not None:
-                sizes = (min(int(2 * per_image * batch) + 64, batch * num_anchors) for per_image in guess)
-                sparse = _sparse_lists(*sizes, has_classes, device)
-                launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
+        return _SparseLaunch(launch, None, dict(offsets=offsets), None)
+    # One memset: the invalid-box flag and scan_kernel's count of programs done, then
+    # the match stage's zeroed memory (16-byte aligned, as when it is its own).
+    zeroed = torch.zeros(2 + launch.scratch_words(), dtype=torch.int64, device=device)
+    flags, invalid = zeroed[:2], zeroed[:1] if check else None
+    work = launch.work(dense=False)
+    block_counts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int32, device=device)
+    block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
+    image_totals = torch.empty(2, batch, dtype=torch.int64, device=device)
+    rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
+    sizes = _list_sizes(batch, num_anchors, bucketed)
+    lists = None
+    with _on(device):
+        launch.match_pairs(work, invalid, zeroed[2:])
+        launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
+        scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, flags, launch.num_blocks, batch,
+                              BLOCK=2048, **_launch_kwargs())  # fmt: skip
+        if sizes is not None:
+            lists = _sparse_lists(*sizes, problem.gt_classes is not None, device)
+            launch.finalize(OUTPUT_SPARSE, work, **rows, **lists)
+    return _SparseLaunch(launch, work, rows, lists)
+
+
+def _sparse_finished(launched: _SparseLaunch, extremes: list[torch.Tensor], copy: bool) -> SparseTargets:
+    """The sparse targets of ``launch_sparse``'s launches, after its totals, its flag and
+    the classes' ``extremes`` read back (``CheckBoxesFirst`` if some value may be invalid):
+    its lists cut to length, or, where they were not written or overflowed, lists of the
+    totals' lengths written now; copies where ``copy`` (a graph's lists and offsets)."""
+    launch, offsets, lists = launched.launch, launched.rows["offsets"], launched.lists
+    batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
+    totals = (0, 0)
+    if num_anchors > 0:
         positives, ignored, *checks = _read_back([*offsets[:, batch], *extremes])
         if _found_invalid(*checks):
             raise CheckBoxesFirst
         totals = (positives, ignored)
-        if batch > 0:
-            _remember_rows(num_anchors, totals, batch)
-        if sparse is not None and (totals[0] > len(sparse["positive_anchors"]) or
-                                   totals[1] > len(sparse["ignored_anchors"])):  # fmt: skip
-            sparse = None  # overflowed: written again below
-    if sparse is None:
-        sparse = _sparse_lists(*totals, has_classes, device)
+        _remember_rows(num_anchors, totals, batch)
+        if lists is not None and (positives > len(lists["positive_anchors"]) or
+                                  ignored > len(lists["ignored_anchors"])):  # fmt: skip
+            lists = None  # overflowed: written again below
+    fresh = lists is None
+    if fresh:
+        lists = _sparse_lists(*totals, launch.problem.gt_classes is not None, device)
         if sum(totals) > 0:
             with _on(device):
-                launch.finalize(OUTPUT_SPARSE, work, **rows, **sparse)
+                launch.finalize(OUTPUT_SPARSE, launched.work, **launched.rows, **lists)
     positives, ignored = totals
-    lists = {name: None if tensor is None else tensor[: ignored if name == "ignored_anchors" else positives]
-             for name, tensor in sparse.items()}  # fmt: skip
+    cut = {name: None if tensor is None else tensor[: ignored if name == "ignored_anchors" else positives]
+           for name, tensor in lists.items()}  # fmt: skip
+    if copy:
+        offsets = offsets.clone()
+        if not fresh:
+            cut = {name: None if tensor is None else tensor.clone() for name, tensor in cut.items()}
     return SparseTargets(
         num_anchors=num_anchors,
         positive_offsets=offsets[0],
-        positive_anchors=lists["positive_anchors"],
-        positive_matched_gt=lists["positive_matched"],
-        positive_deltas=lists["positive_deltas"],
+        positive_anchors=cut["positive_anchors"],
+        positive_matched_gt=cut["positive_matched"],
+        positive_deltas=cut["positive_deltas"],
         ignored_offsets=offsets[1],
-        ignored_anchors=lists["ignored_anchors"],
-        positive_classes=lists["positive_classes"],
-        background_class=problem.config.background_class,
+        ignored_anchors=cut["ignored_anchors"],
+        positive_classes=cut["positive_classes"],
+        background_class=launch.problem.config.background_class,
     )
 
 

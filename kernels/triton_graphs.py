@@ -1,14 +1,15 @@
-"""Dense ``solve`` replayed as a CUDA graph: small batches, whose launches cost more host
-time than their kernels.
+"""The triton backend's launches replayed as CUDA graphs: small batches, whose launches
+cost more host time than their kernels.
 
 On the H200 machine a B = 1 ``solve`` ran 0.017 ms of kernels for 0.09-0.24 ms of host
 time, and the same launches replayed from a CUDA graph cost 2 us of host time (run12,
 ``benchmarks/results/gpu_h200/run12/sweep.txt``). A graph replays fixed launches on
-fixed memory, so each one is captured for one kind of problem -- device, stream, config,
+fixed memory, so each one is captured for one kind of call -- device, stream, config,
 canvas, batch size, gt and ignore rows rounded up to a power of two, classes or not, max
-IoU or not, which values the kernels check -- with its inputs in buffers of that size
-(``_Inputs``). A call copies its boxes, classes and offsets in, replays, and copies the
-targets out, since the next replay writes the same memory. The kernels read each
+IoU or not, which values the kernels check, and what else the launches are specialised
+on (dense or sparse, the sparse lists' sizes) -- with its inputs in buffers of that size
+(``_Inputs``). A call copies its boxes, classes and offsets in, replays, and copies out
+what it returns, since the next replay writes the same memory. The kernels read each
 image's rows through its offsets, so rows past the call's own are never read (they
 start as NaN; tests run the kernels on such buffers).
 
@@ -21,15 +22,15 @@ import collections
 import threading
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .problem import Problem
 from .streams import stream_key
-from .targets import Targets
 from .triton_launch import keeping_arguments
 
-__all__ = ["DenseGraphs", "capacity"]
+__all__ = ["Graphs", "capacity"]
 
 # Graphs kept per process, the least recently used evicted: each holds its batch's
 # outputs and work memory (~5 MB per image for RetinaNet at 800x1344).
@@ -82,11 +83,15 @@ class _Inputs:
         self.ints.copy_(torch.frombuffer(problem.host_ints.ints, dtype=torch.int64), non_blocking=True)
 
 
-class _Graph:
-    """One captured ``launch``: its inputs' buffers, its targets and flag (the memory
-    every replay writes), and every tensor its kernels read."""
+# What a closed graph's replay gives: its caller launches instead.
+_CLOSED = object()
 
-    def __init__(self, problem: Problem, launch, capture_stream: torch.cuda.Stream) -> None:
+
+class _Graph:
+    """One captured ``launch``: its inputs' buffers, its outputs (the memory every replay
+    writes), and every tensor its kernels read."""
+
+    def __init__(self, problem: Problem, launch: Callable[[Problem], Any], capture_stream: torch.cuda.Stream) -> None:
         self.inputs = _Inputs(problem)
         self.inputs.load(problem)
         self.device = problem.device
@@ -107,27 +112,19 @@ class _Graph:
                 keeping_arguments() as kept,
                 torch.cuda.graph(self.graph, stream=capture_stream, capture_error_mode="thread_local"),
             ):
-                self.targets, self.flag = launch(self.inputs.problem)
+                self.outputs = launch(self.inputs.problem)
         self.kept = kept
 
-    def replay(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None] | None:
-        """``problem``'s targets (copies: the next replay writes the graph's), and the flag
-        then ``extremes`` read back where the graph checks the boxes (else None); None once
-        closed."""
+    def replay(self, problem: Problem, finish: Callable[[Any, bool], Any]) -> Any:
+        """``finish(outputs, True)`` after a replay on ``problem``'s inputs (it copies out
+        what it returns and reads back what it needs before the next replay may begin);
+        ``_CLOSED`` once closed."""
         with self.lock:
             if self.closed:
-                return None
+                return _CLOSED
             self.inputs.load(problem)
             self.graph.replay()
-            t = self.targets
-            targets = Targets(
-                t.labels.clone(), t.matched_gt.clone(), t.deltas.clone(),
-                None if t.classes is None else t.classes.clone(), None if t.max_iou is None else t.max_iou.clone(),
-                background_class=t.background_class,
-            )  # fmt: skip
-            # Read before the lock is let go: the next replay sets the flag anew.
-            read = None if self.flag is None else torch.stack([self.flag, *extremes]).tolist()
-        return targets, read
+            return finish(self.outputs, True)
 
     def close(self) -> None:
         """No more replays, and none in flight: the memory its kernels read (its buffers,
@@ -138,14 +135,12 @@ class _Graph:
             torch.cuda.synchronize(self.device)
 
 
-class DenseGraphs:
-    """The graphs of ``launch`` (``triton_backend.launch_dense``: a problem -> its targets
-    and the box check's flag, nothing read back), captured on first use per kind of
-    problem, the ``GRAPHS_KEPT`` most recently used kept. A kind whose capture fails is
-    launched as it is from then on (with a warning that names the error)."""
+class Graphs:
+    """Graphs of the backend's launches, captured on first use per kind of call, the
+    ``GRAPHS_KEPT`` most recently used kept. A kind whose capture fails is launched as it
+    is from then on (with a warning that names the error)."""
 
-    def __init__(self, launch: Callable[[Problem], tuple[Targets, torch.Tensor | None]]) -> None:
-        self._launch = launch
+    def __init__(self) -> None:
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._refused: set[tuple] = set()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -156,7 +151,8 @@ class DenseGraphs:
 
     @staticmethod
     def kind(problem: Problem) -> tuple:
-        """What a graph is captured for: calls of the same kind replay the same graph."""
+        """What of a problem a graph is captured for: calls of the same kind (and launches)
+        replay the same graph."""
         return (
             problem.device, stream_key(problem.device), problem.config, problem.canvas, problem.batch_size,
             capacity(problem.gt_boxes.shape[0], 16), capacity(problem.ignore_boxes.shape[0], 0),
@@ -164,18 +160,18 @@ class DenseGraphs:
             problem.gt_classes_checked, problem.ignore_boxes_checked,
         )  # fmt: skip
 
-    def solve(self, problem: Problem, extremes: list[torch.Tensor]) -> tuple[Targets, list[int] | None]:
-        """``launch(problem)`` replayed: the targets, and the flag then ``extremes`` read back
-        (None where the problem's values are checked); launched as it is where the kind's
-        capture failed."""
-        graph = self._graph(self.kind(problem), problem)
-        replayed = None if graph is None else graph.replay(problem, extremes)
-        if replayed is not None:
-            return replayed
-        targets, flag = self._launch(problem)  # no graph, or one evicted meanwhile
-        return targets, None if flag is None else torch.stack([flag, *extremes]).tolist()
+    def run(self, problem: Problem, launch: Callable[[Problem], Any], finish: Callable[[Any, bool], Any],
+            launches: tuple) -> Any:  # fmt: skip
+        """``finish(launch(problem), replayed)``: ``launch`` (a problem -> its outputs,
+        nothing read back) replayed from the graph of ``problem``'s kind and ``launches``
+        (what else ``launch`` is specialised on), captured first where there is none;
+        launched as it is where the kind's capture failed, or its graph was let go meanwhile
+        (``replayed`` False: nothing to copy out)."""
+        graph = self._graph((self.kind(problem), launches), problem, launch)
+        result = _CLOSED if graph is None else graph.replay(problem, finish)
+        return finish(launch(problem), False) if result is _CLOSED else result
 
-    def _graph(self, key: tuple, problem: Problem) -> _Graph | None:
+    def _graph(self, key: tuple, problem: Problem, launch: Callable[[Problem], Any]) -> _Graph | None:
         with self._lock:
             graph = self._graphs.get(key)
             if graph is not None:
@@ -187,7 +183,7 @@ class DenseGraphs:
             if stream is None:
                 stream = self._streams[problem.device] = torch.cuda.Stream(problem.device)
             try:
-                graph = _Graph(problem, self._launch, stream)
+                graph = _Graph(problem, launch, stream)
             except RuntimeError as error:
                 self._refused.add(key)
                 warnings.warn(f"tritarget: capturing a CUDA graph for {problem.batch_size} images on canvas "

@@ -61,7 +61,7 @@ def test_capacity_rounds_rows_up_to_powers_of_two():
 
 def test_calls_whose_rows_round_alike_share_a_kind(generator):
     config = _config()
-    kind = triton_graphs.DenseGraphs.kind
+    kind = triton_graphs.Graphs.kind
     few, more = _problem(generator, [3, 2], config), _problem(generator, [9, 7], config)
     assert kind(few) == kind(more)  # 5 and 16 boxes: 16 rows each
     assert kind(few) != kind(_problem(generator, [9, 8], config))  # 17: 32 rows
@@ -87,6 +87,61 @@ def test_the_kernels_read_only_each_calls_rows_of_a_graphs_buffers(mode, generat
         assert not problem.gt_boxes_checked
         inputs.load(problem)
         assert_targets_equal(triton_backend.solve(inputs.problem), reference.solve(problem), rtol=TOL, atol=TOL)
+
+
+def assert_sparse_equal(ours, want, tol: float = 0.0) -> None:
+    """Every list and offset exactly, the deltas within ``tol`` (0: exactly)."""
+    for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "positive_classes", "ignored_offsets",
+                 "ignored_anchors"):  # fmt: skip
+        a, b = getattr(ours, name), getattr(want, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b.cpu())), name
+    torch.testing.assert_close(ours.positive_deltas.cpu(), want.positive_deltas.cpu(), rtol=tol, atol=tol)
+    assert (ours.num_anchors, ours.background_class) == (want.num_anchors, want.background_class)
+
+
+def _shares_memory(targets, launched) -> bool:
+    ours = {t.untyped_storage().data_ptr() for t in targets if t is not None and t.numel()}
+    return bool(ours & {t.untyped_storage().data_ptr() for t in launched if t is not None and t.numel()})
+
+
+def test_what_a_replay_returns_is_copied_out_of_the_graphs_memory(monkeypatch, generator):
+    """Dense: the targets copied (the next replay writes the graph's). Sparse: the lists
+    cut and copied, the offsets copied; lists that overflowed, or that no earlier batch
+    sized, written afresh after the read-back (nothing to copy but the offsets)."""
+    config = _config("mmdet").replace(**{"match.ignore_iof_thr": 0.5})
+    first = _problem(generator, [9, 14], config, ignore_counts=[2, 3])
+    inputs = triton_graphs._Inputs(first)
+    problem = _problem(generator, [4, 6], config, ignore_counts=[1, 1])
+    inputs.load(problem)
+    want = reference.solve(problem)
+
+    launched = triton_backend.launch_dense(inputs.problem)
+    dense = triton_backend._dense_finished(launched, [], True)
+    assert_targets_equal(dense, want, rtol=TOL, atol=TOL)
+    assert not _shares_memory(dataclasses.astuple(dense)[:5], dataclasses.astuple(launched[0])[:5])
+
+    num_anchors = problem.num_anchors
+    monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
+    for guess in ((50.0, 500.0), (0.0, 0.0), None):  # lists sized, overflowing, unsized
+        triton_backend._ROWS_PER_IMAGE.pop(num_anchors, None)
+        if guess is not None:
+            triton_backend._ROWS_PER_IMAGE[num_anchors] = guess
+        launched = triton_backend.launch_sparse(inputs.problem, bucketed=True)
+        assert (launched.lists is None) == (guess is None)
+        sparse = triton_backend._sparse_finished(launched, [], True)
+        assert_sparse_equal(sparse, want.to_sparse(), TOL)
+        graph_memory = [launched.rows["offsets"], *(launched.lists or {}).values()]
+        assert not _shares_memory([sparse.positive_offsets, sparse.positive_anchors, sparse.positive_deltas,
+                                   sparse.ignored_anchors], graph_memory)  # fmt: skip
+
+
+def test_sparse_lists_are_sized_in_powers_of_two_for_a_graph(monkeypatch):
+    monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, 1000, (10.2, 3.0))
+    assert triton_backend._list_sizes(2, 1000) == (104, 76)  # twice the rows per image, + 64
+    assert triton_backend._list_sizes(2, 1000, bucketed=True) == (128, 128)
+    assert triton_backend._list_sizes(1, 100, bucketed=True) is None  # no batch of 100 anchors yet
+    monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, 100, (90.0, 0.0))
+    assert triton_backend._list_sizes(1, 100, bucketed=True) == (100, 64)  # at most B x A
 
 
 def test_solve_replays_only_on_a_gpu(monkeypatch, generator):
@@ -116,7 +171,7 @@ def graphs(monkeypatch):
     """Graphs for batches of up to 8 images, in a cache of this test's own; no capture
     may fail (the backend would launch without a graph, with a warning)."""
     monkeypatch.setattr(triton_backend, "_COMPILED", dataclasses.replace(triton_backend._COMPILED, graph_batches=8))
-    cache = triton_graphs.DenseGraphs(triton_backend.launch_dense)
+    cache = triton_graphs.Graphs()
     monkeypatch.setattr(triton_backend, "_GRAPHS", cache)
     yield cache
     assert not cache._refused, f"captures failed: {cache._refused}"
@@ -230,7 +285,7 @@ def test_graphs_beyond_the_kept_are_closed_and_captured_again(graphs, monkeypatc
     first = next(iter(graphs._graphs.values()))
     triton_backend.solve(many)  # a second kind: the first is closed and let go
     assert first.closed and len(graphs) == 1
-    assert first.replay(few, []) is None  # closed: the caller launches instead
+    assert first.replay(few, lambda outputs, copy: outputs) is triton_graphs._CLOSED  # the caller launches
     assert_targets_equal(triton_backend.solve(few), _launched(few), rtol=0, atol=0)
 
 
@@ -244,15 +299,38 @@ def test_a_failed_capture_launches_as_before_with_a_warning(generator):
         targets.labels.sum().item()
         return targets, flag
 
-    cache = triton_graphs.DenseGraphs(reading_back)
+    def finish(launched, copy):
+        return launched[0], copy
+
+    cache = triton_graphs.Graphs()
     problem = _problem(generator, [2, 3], _config())
     with pytest.warns(RuntimeWarning, match="capturing a CUDA graph for 2 images on canvas"):
-        targets, read = cache.solve(problem, [])
-    assert len(cache) == 0 and len(cache._refused) == 1
+        targets, replayed = cache.run(problem, reading_back, finish, ("dense",))
+    assert len(cache) == 0 and len(cache._refused) == 1 and not replayed
     assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
-    assert read == [0]
-    targets, _ = cache.solve(problem, [])  # refused before: no second capture
+    targets, _ = cache.run(problem, reading_back, finish, ("dense",))  # refused before: no second capture
     assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ("none", "torchvision", "mmdet"))
+@pytest.mark.parametrize("batch", (1, 8))
+def test_sparse_replays_give_the_launches_lists(mode, batch, graphs, monkeypatch, generator):
+    """The first call of an anchor count sizes the lists (launched as it is); later calls
+    replay, their lists cut from the graph's; a batch whose rows overflow them is written
+    again after the read-back."""
+    config = _config(mode).replace(**{"match.ignore_iof_thr": 0.5})
+    monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})  # no batch of these anchors yet
+    for _ in range(4):
+        counts = torch.randint(0, 16 // batch + 1, (batch,), generator=generator).tolist()
+        problem = _problem(generator, counts, config, ignore_counts=[1] * batch)
+        ours = triton_backend.solve_sparse(problem)
+        assert_sparse_equal(ours, _launched(problem).to_sparse())
+        assert_sparse_equal(ours, reference.solve(problem).to_sparse(), TOL)
+    assert len(graphs) >= 1
+    crowded = _problem(generator, [16] + [0] * (batch - 1), config.replace(**{"match.low": 0.0, "match.high": 0.01}),
+                       ignore_counts=[1] * batch)  # fmt: skip
+    assert_sparse_equal(triton_backend.solve_sparse(crowded), reference.solve(crowded).to_sparse(), TOL)
 
 
 @gpu
