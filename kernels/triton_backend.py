@@ -205,7 +205,10 @@ def _meta() -> _Meta:
     return _INTERPRETED if interpreting() else _COMPILED
 
 
-def _check(problem: Problem) -> None:
+def _check(problem: Problem, offsets: bool = True) -> None:
+    """Refuse what the kernels cannot run: a problem's tensors of the wrong dtype or device,
+    too many images, anchors or boxes. ``offsets``: its offsets and image sizes too (made
+    by ``HostInts``, always int64 on the problem's device; looking copies them there)."""
     if not isinstance(problem, Problem):
         raise TypeError(f"problem: expected a tritarget.kernels.problem.Problem, got {type(problem).__name__}")
     device = problem.device
@@ -216,11 +219,11 @@ def _check(problem: Problem) -> None:
         )
     named = {  # name -> (tensor, the dtypes it may have)
         "gt_boxes": (problem.gt_boxes, (torch.float32,)),
-        "gt_offsets": (problem.gt_offsets, (torch.int64,)),
         "ignore_boxes": (problem.ignore_boxes, (torch.float32,)),
-        "ignore_offsets": (problem.ignore_offsets, (torch.int64,)),
-        "image_sizes": (problem.image_sizes, (torch.int64,)),
     }
+    if offsets:
+        for name in ("gt_offsets", "ignore_offsets", "image_sizes"):
+            named[name] = (getattr(problem, name), (torch.int64,))
     if problem.grid is None:
         named["anchors"] = (problem.anchors, (torch.float32,))
     if problem.gt_classes is not None:
@@ -677,7 +680,7 @@ def solve(problem: Problem) -> Targets:
         when asked; on the problem's device. The deltas double as the work memory.
     """
     if _replayable(problem):
-        _check(problem)  # the graph's own problem holds copies, converted to its dtypes
+        _check(problem, offsets=False)  # the graph's own problem holds copies, converted to its dtypes
         extremes = _class_extremes(problem)
         return _GRAPHS.run(problem, launch_dense, lambda out, copy: _dense_finished(out, extremes, copy), ("dense",))
     launched = launch_dense(problem)
@@ -833,11 +836,11 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     the lists' sizes rounded up to powers of two).
     """
     if _replayable(problem):
-        _check(problem)  # the graph's own problem holds copies, converted to its dtypes
+        _check(problem, offsets=False)  # the graph's own problem holds copies, converted to its dtypes
         sizes = _list_sizes(problem.batch_size, problem.num_anchors, bucketed=True)
         if sizes is not None:
             extremes = _class_extremes(problem)
-            return _GRAPHS.run(problem, functools.partial(launch_sparse, bucketed=True),
+            return _GRAPHS.run(problem, functools.partial(launch_sparse, sizes=sizes),
                                lambda out, copy: _sparse_finished(out, extremes, copy), ("sparse", sizes))  # fmt: skip
     launched = launch_sparse(problem)
     return _sparse_finished(launched, _class_extremes(problem), False)
@@ -867,11 +870,12 @@ def _list_sizes(batch: int, num_anchors: int, bucketed: bool = False) -> tuple[i
     return tuple(min(capacity(size, 64) if bucketed else size, batch * num_anchors) for size in sizes)
 
 
-def launch_sparse(problem: Problem, bucketed: bool = False) -> _SparseLaunch:
+def launch_sparse(problem: Problem, sizes: tuple[int, int] | None = None) -> _SparseLaunch:
     """``solve_sparse``'s launches, nothing read back: the match stage, the count pass, the
-    scan and, once recent batches have sized them (``_list_sizes``), the sparse pass into
-    lists of those sizes. Raises ``CheckBoxesFirst`` before launching where no launch
-    would check an unchecked problem's boxes."""
+    scan and the sparse pass into lists of ``sizes`` rows (positive, ignored; None: sized
+    from recent batches, ``_list_sizes``, and not written before the first). Raises
+    ``CheckBoxesFirst`` before launching where no launch would check an unchecked
+    problem's boxes."""
     launch = _Launch(problem)
     batch, num_anchors, device = launch.batch, launch.num_anchors, launch.device
     check = launch.unchecked
@@ -892,7 +896,8 @@ def launch_sparse(problem: Problem, bucketed: bool = False) -> _SparseLaunch:
     block_starts = torch.empty(batch * launch.num_blocks, 2, dtype=torch.int64, device=device)
     image_totals = torch.empty(2, batch, dtype=torch.int64, device=device)
     rows = dict(block_counts=block_counts, block_starts=block_starts, offsets=offsets)
-    sizes = _list_sizes(batch, num_anchors, bucketed)
+    if sizes is None:
+        sizes = _list_sizes(batch, num_anchors)
     lists = None
     with _on(device):
         launch.match_pairs(work, invalid, zeroed[2:])

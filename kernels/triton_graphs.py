@@ -19,6 +19,7 @@ The backend replays where ``_Meta.graph_batches`` says (``triton_backend._replay
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -32,8 +33,8 @@ from .triton_launch import keeping_arguments
 
 __all__ = ["Graphs", "capacity"]
 
-# Graphs kept per process, the least recently used evicted: each holds its batch's
-# outputs and work memory (~5 MB per image for RetinaNet at 800x1344).
+# Graphs kept per CUDA stream, the least recently used evicted: each holds its batch's
+# outputs and work memory (~5 MB per image for RetinaNet at 800x1344, dense).
 GRAPHS_KEPT = 8
 
 
@@ -87,6 +88,17 @@ class _Inputs:
 _CLOSED = object()
 
 
+def _release_pool(pool: tuple[int, int]) -> None:
+    """Give back the memory pool of a capture that failed: torch's capture ends its
+    allocations to the pool only when the capture itself ends, and frees the pool only
+    for a graph that was captured, so a failed one would leave the current device's
+    allocator routing to it and the pool held for the life of the process."""
+    device = torch.cuda.current_device()
+    for release in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+        with contextlib.suppress(RuntimeError):  # the capture failed before it began
+            release(device, pool)
+
+
 class _Graph:
     """One captured ``launch``: its inputs' buffers, its outputs (the memory every replay
     writes), and every tensor its kernels read."""
@@ -107,12 +119,20 @@ class _Graph:
                 for _ in range(2):
                     launch(self.inputs.problem)
             current.wait_stream(capture_stream)
-            # thread_local: the service's other compute workers may launch meanwhile.
-            with (
-                keeping_arguments() as kept,
-                torch.cuda.graph(self.graph, stream=capture_stream, capture_error_mode="thread_local"),
-            ):
-                self.outputs = launch(self.inputs.problem)
+            pool = torch.cuda.graph_pool_handle()
+            try:
+                # The outer stream context: torch.cuda.graph leaves the capture stream current
+                # when its capture fails. thread_local: the service's other compute workers
+                # may launch meanwhile.
+                with (
+                    torch.cuda.stream(capture_stream),
+                    keeping_arguments() as kept,
+                    torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"),
+                ):
+                    self.outputs = launch(self.inputs.problem)
+            except BaseException:
+                _release_pool(pool)
+                raise
         self.kept = kept
 
     def replay(self, problem: Problem, finish: Callable[[Any, bool], Any]) -> Any:
@@ -137,14 +157,18 @@ class _Graph:
 
 class Graphs:
     """Graphs of the backend's launches, captured on first use per kind of call, the
-    ``GRAPHS_KEPT`` most recently used kept. A kind whose capture fails is launched as it
-    is from then on (with a warning that names the error)."""
+    ``GRAPHS_KEPT`` most recently used per CUDA stream kept. Replays of captured graphs
+    never wait for a capture (captures take one at a time). A capture that fails (what is
+    launched reads back, say) turns graphs off for the process, with a warning that names
+    the error, since a failed capture may leave torch's allocator in an undefined state;
+    running out of memory in one is raised as the launches would raise it."""
 
     def __init__(self) -> None:
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
-        self._refused: set[tuple] = set()
+        self._lock = threading.Lock()  # the graphs' table
+        self._capturing = threading.Lock()  # one capture at a time, on one stream per device
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._lock = threading.Lock()
+        self.failed: str | None = None  # why graphs are off
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -165,32 +189,45 @@ class Graphs:
         """``finish(launch(problem), replayed)``: ``launch`` (a problem -> its outputs,
         nothing read back) replayed from the graph of ``problem``'s kind and ``launches``
         (what else ``launch`` is specialised on), captured first where there is none;
-        launched as it is where the kind's capture failed, or its graph was let go meanwhile
+        launched as it is where graphs are off, or the graph was let go meanwhile
         (``replayed`` False: nothing to copy out)."""
         graph = self._graph((self.kind(problem), launches), problem, launch)
         result = _CLOSED if graph is None else graph.replay(problem, finish)
         return finish(launch(problem), False) if result is _CLOSED else result
 
-    def _graph(self, key: tuple, problem: Problem, launch: Callable[[Problem], Any]) -> _Graph | None:
+    def _kept(self, key: tuple) -> _Graph | None:
         with self._lock:
             graph = self._graphs.get(key)
             if graph is not None:
                 self._graphs.move_to_end(key)
+            return graph
+
+    def _graph(self, key: tuple, problem: Problem, launch: Callable[[Problem], Any]) -> _Graph | None:
+        graph = self._kept(key)
+        if graph is not None or self.failed is not None:
+            return graph
+        with self._capturing:
+            graph = self._kept(key)  # captured by another thread meanwhile
+            if graph is not None or self.failed is not None:
                 return graph
-            if key in self._refused:
-                return None
             stream = self._streams.get(problem.device)
             if stream is None:
                 stream = self._streams[problem.device] = torch.cuda.Stream(problem.device)
             try:
                 graph = _Graph(problem, launch, stream)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as error:
-                self._refused.add(key)
+                cause = error.__context__ or error  # what failed inside the capture, if anything did
+                self.failed = f"{type(cause).__name__}: {cause}"
                 warnings.warn(f"tritarget: capturing a CUDA graph for {problem.batch_size} images on canvas "
-                              f"{problem.canvas} failed ({error}); such calls launch without one",
+                              f"{problem.canvas} failed ({self.failed}); CUDA graphs are off for this process",
                               RuntimeWarning, stacklevel=4)  # fmt: skip
                 return None
+        with self._lock:
             self._graphs[key] = graph
-            if len(self._graphs) > GRAPHS_KEPT:
-                self._graphs.popitem(last=False)[1].close()
-            return graph
+            same_stream = [k for k in self._graphs if k[0][:2] == key[0][:2]]
+            evicted = [self._graphs.pop(k) for k in same_stream[: max(len(same_stream) - GRAPHS_KEPT, 0)]]
+        for old in evicted:
+            old.close()
+        return graph

@@ -126,10 +126,13 @@ def test_what_a_replay_returns_is_copied_out_of_the_graphs_memory(monkeypatch, g
         triton_backend._ROWS_PER_IMAGE.pop(num_anchors, None)
         if guess is not None:
             triton_backend._ROWS_PER_IMAGE[num_anchors] = guess
-        launched = triton_backend.launch_sparse(inputs.problem, bucketed=True)
+        launched = triton_backend.launch_sparse(inputs.problem, triton_backend._list_sizes(2, num_anchors, True))
         assert (launched.lists is None) == (guess is None)
         sparse = triton_backend._sparse_finished(launched, [], True)
         assert_sparse_equal(sparse, want.to_sparse(), TOL)
+        if guess is not None:  # the first lists hold every row; the second overflow
+            fits = sparse.positive_anchors.numel() <= launched.lists["positive_anchors"].numel()
+            assert fits == (guess[0] > 0)
         graph_memory = [launched.rows["offsets"], *(launched.lists or {}).values()]
         assert not _shares_memory([sparse.positive_offsets, sparse.positive_anchors, sparse.positive_deltas,
                                    sparse.ignored_anchors], graph_memory)  # fmt: skip
@@ -174,7 +177,7 @@ def graphs(monkeypatch):
     cache = triton_graphs.Graphs()
     monkeypatch.setattr(triton_backend, "_GRAPHS", cache)
     yield cache
-    assert not cache._refused, f"captures failed: {cache._refused}"
+    assert cache.failed is None
 
 
 def _launched(problem):
@@ -290,9 +293,10 @@ def test_graphs_beyond_the_kept_are_closed_and_captured_again(graphs, monkeypatc
 
 
 @gpu
-def test_a_failed_capture_launches_as_before_with_a_warning(generator):
-    """A launch that reads back (not capturable) makes the capture fail: that kind is
-    launched as it is from then on, and the targets are the same."""
+def test_a_failed_capture_turns_graphs_off_with_a_warning(generator):
+    """A launch that reads back (not capturable) makes the capture fail: graphs are off for
+    the process from then on, the call's stream is its own again, and the targets are the
+    launches'."""
 
     def reading_back(problem):
         targets, flag = triton_backend.launch_dense(problem)
@@ -304,12 +308,16 @@ def test_a_failed_capture_launches_as_before_with_a_warning(generator):
 
     cache = triton_graphs.Graphs()
     problem = _problem(generator, [2, 3], _config())
-    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph for 2 images on canvas"):
+    stream = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph for 2 images on canvas .* off for this process"):
         targets, replayed = cache.run(problem, reading_back, finish, ("dense",))
-    assert len(cache) == 0 and len(cache._refused) == 1 and not replayed
+    assert torch.cuda.current_stream() == stream
+    assert len(cache) == 0 and cache.failed is not None and not replayed
     assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
-    targets, _ = cache.run(problem, reading_back, finish, ("dense",))  # refused before: no second capture
-    assert_targets_equal(targets, _launched(problem), rtol=0, atol=0)
+    other = _problem(generator, [20, 3], _config())
+    targets, replayed = cache.run(other, triton_backend.launch_dense, finish, ("dense",))  # no capture now
+    assert not replayed and len(cache) == 0
+    assert_targets_equal(targets, _launched(other), rtol=0, atol=0)
 
 
 @gpu
