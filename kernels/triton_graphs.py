@@ -89,13 +89,14 @@ _CLOSED = object()
 
 
 def _release_pool(pool: tuple[int, int]) -> None:
-    """Give back the memory pool of a capture that failed: torch's capture ends its
-    allocations to the pool only when the capture itself ends, and frees the pool only
-    for a graph that was captured, so a failed one would leave the current device's
-    allocator routing to it and the pool held for the life of the process."""
+    """Give back the memory pool of a capture whose end failed: torch ends a capture's
+    allocations to its pool only when the capture ends, and frees the pool only for a
+    graph that was captured, so the current device's allocator would go on routing to it
+    and hold it for the life of the process (torch's private calls, as its own graph
+    tools make them)."""
     device = torch.cuda.current_device()
     for release in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
-        with contextlib.suppress(RuntimeError):  # the capture failed before it began
+        with contextlib.suppress(RuntimeError):
             release(device, pool)
 
 
@@ -119,20 +120,21 @@ class _Graph:
                 for _ in range(2):
                     launch(self.inputs.problem)
             current.wait_stream(capture_stream)
+            # capture_begin/end rather than torch.cuda.graph, whose exit leaves the capture
+            # stream current when the capture fails, and whose entry empties the allocator's
+            # cache (every other stream's too). thread_local: the service's other compute
+            # workers may launch meanwhile.
             pool = torch.cuda.graph_pool_handle()
-            try:
-                # The outer stream context: torch.cuda.graph leaves the capture stream current
-                # when its capture fails. thread_local: the service's other compute workers
-                # may launch meanwhile.
-                with (
-                    torch.cuda.stream(capture_stream),
-                    keeping_arguments() as kept,
-                    torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"),
-                ):
+            with torch.cuda.stream(capture_stream), keeping_arguments() as kept:
+                self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
                     self.outputs = launch(self.inputs.problem)
-            except BaseException:
-                _release_pool(pool)
-                raise
+                finally:
+                    try:
+                        self.graph.capture_end()
+                    except BaseException:
+                        _release_pool(pool)
+                        raise
         self.kept = kept
 
     def replay(self, problem: Problem, finish: Callable[[Any, bool], Any]) -> Any:
