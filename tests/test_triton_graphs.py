@@ -1,10 +1,12 @@
-"""Dense ``solve`` replayed as a CUDA graph (``kernels/triton_graphs.py``).
+"""``solve`` and ``solve_sparse`` replayed as CUDA graphs (``kernels/triton_graphs.py``).
 
 Without a GPU: the buffers a graph reads, loaded with one call's inputs after another's
 and padded with NaN, give the reference's targets under the interpreter (the kernels
-read only each call's own rows); the kinds that share a graph; the tensors a capture
-keeps. With a GPU (``gpu``): replays against the launches and the reference, the
-targets of earlier calls kept, the box check, streams, the caller's own capture.
+read only each call's own rows); what a replay returns is copied out of the graph's
+memory; the kinds that share a graph; the tensors a capture keeps. With a GPU (``gpu``):
+replays against the launches and the reference, dense and sparse, the targets of
+earlier calls kept, the box check, streams, the caller's own capture, eviction, a
+failed capture.
 """
 
 from __future__ import annotations
@@ -22,20 +24,9 @@ pytest.importorskip("triton")
 
 from tritarget.kernels import triton_backend, triton_graphs  # noqa: E402
 from tritarget.kernels.triton_launch import keeping_arguments  # noqa: E402
+from triton_support import DEVICE, TOL, gpu  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = triton_backend.interpreting()
-if not (HAS_CUDA or INTERPRETED):
-    pytest.skip("the triton backend needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
-TOL = 1e-6 if INTERPRETED else 1e-5
 CANVAS = (97, 131)
-_needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU with compiled Triton")
-
-
-def gpu(test):
-    return pytest.mark.gpu(_needs_gpu(test))
 
 
 def _config(mode: str = "torchvision"):
