@@ -22,8 +22,8 @@
 #    left after it are skipped, and the tables and plots still written; so they are
 #    when the step's timeout interrupts a point).
 # 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call,
-#    assign and solve launched against replayed as CUDA graphs (``graph_batches``, off
-#    until this times it), the pair walk against the gather and its variants (run10's
+#    dense and sparse calls launched against replayed as CUDA graphs (``graph_batches``,
+#    off until this times it), the pair walk against the gather and its variants (run10's
 #    verdict made the gather the default, run12's set its launch; the finalize matching
 #    inline is the variant to read next), and the matchings over B x G (targets checked
 #    equal in every cell; where a per-batch choice would switch).

@@ -102,8 +102,9 @@ class _Meta:
     record is written and read back between the passes -- 16 bytes per anchor and image
     each way; the gather then runs only for the modes that lift, for its box keys, or to
     check unchecked boxes; for every mode but ssd_forced, whose marks live in the
-    records); and up to how many images a dense ``solve`` replays its launches as a CUDA
-    graph (``triton_graphs``; 0: never, the default until a GPU run has timed it)."""
+    records); and up to how many images ``solve`` and ``solve_sparse`` replay their
+    launches as a CUDA graph (``triton_graphs``; 0: never, the default until a GPU run has
+    timed it)."""
 
     block_a: int
     block_p: int
