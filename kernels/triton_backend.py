@@ -834,11 +834,11 @@ def solve_sparse(problem: Problem) -> SparseTargets:
     the totals (24 bytes in all, 40 with the classes' extremes): ``CheckBoxesFirst`` if
     one may be invalid. Batches of up to ``_Meta.graph_batches`` images replay their
     launches as a CUDA graph once an earlier call has sized the lists (``triton_graphs``;
-    the lists' sizes rounded up to powers of two).
+    the lists' sizes rounded up to powers of two, ``_graph_list_sizes``).
     """
     if _replayable(problem):
         _check(problem, offsets=False)  # the graph's own problem holds copies, converted to its dtypes
-        sizes = _list_sizes(problem.batch_size, problem.num_anchors, bucketed=True)
+        sizes = _graph_list_sizes(problem)
         if sizes is not None:
             extremes = _class_extremes(problem)
             return _GRAPHS.run(problem, functools.partial(launch_sparse, sizes=sizes),
@@ -869,6 +869,22 @@ def _list_sizes(batch: int, num_anchors: int, bucketed: bool = False) -> tuple[i
         return None
     sizes = (int(2 * per_image * batch) + 64 for per_image in guess)
     return tuple(min(capacity(size, 64) if bucketed else size, batch * num_anchors) for size in sizes)
+
+
+def _graph_list_sizes(problem: Problem) -> tuple[int, int] | None:
+    """The lists' sizes of ``problem``'s sparse graph: ``_list_sizes`` rounded up to powers
+    of two, or the smallest lists of a kept graph of its kind that hold them and are at
+    most twice as long. The estimate decays by 0.9 per call, so a workload whose rows
+    hover near a power of two would otherwise alternate between two sizes, and capture a
+    graph for each."""
+    sizes = _list_sizes(problem.batch_size, problem.num_anchors, bucketed=True)
+    if sizes is None:
+        return None
+    larger = [
+        kept[1] for kept in _GRAPHS.launches_kept(problem)
+        if kept[0] == "sparse" and all(size <= rows <= 2 * size for size, rows in zip(sizes, kept[1]))
+    ]  # fmt: skip
+    return min(larger, key=sum, default=sizes)
 
 
 def launch_sparse(problem: Problem, sizes: tuple[int, int] | None = None) -> _SparseLaunch:

@@ -186,6 +186,13 @@ class Graphs:
             problem.gt_classes_checked, problem.ignore_boxes_checked,
         )  # fmt: skip
 
+    def launches_kept(self, problem: Problem) -> list[tuple]:
+        """What the kept graphs of ``problem``'s kind were launched with (``run``'s
+        ``launches``), least recently used first."""
+        kind = self.kind(problem)
+        with self._lock:
+            return [launches for k, launches in self._graphs if k == kind]
+
     def run(self, problem: Problem, launch: Callable[[Problem], Any], finish: Callable[[Any, bool], Any],
             launches: tuple) -> Any:  # fmt: skip
         """``finish(launch(problem), replayed)``: ``launch`` (a problem -> its outputs,

@@ -138,6 +138,28 @@ def test_sparse_lists_are_sized_in_powers_of_two_for_a_graph(monkeypatch):
     assert triton_backend._list_sizes(1, 100, bucketed=True) == (100, 64)  # at most B x A
 
 
+def test_a_kept_graphs_larger_lists_are_reused(monkeypatch, generator):
+    """An estimate that falls below a power of two replays the kept graph with lists up to
+    twice as long, rather than capturing another."""
+    graphs = triton_graphs.Graphs()
+    monkeypatch.setattr(triton_backend, "_GRAPHS", graphs)
+    problem = _problem(generator, [3, 5], _config())
+    kind = graphs.kind(problem)
+    other = graphs.kind(_problem(generator, [3, 5, 1], _config()))  # another batch size
+    monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, problem.num_anchors, (14.0, 0.0))
+    assert triton_backend._graph_list_sizes(problem) == (128, 64)  # none kept
+    for launches in [("sparse", (512, 64)), ("sparse", (256, 128)), ("sparse", (256, 64)), ("dense",)]:
+        graphs._graphs[(kind, launches)] = None
+    graphs._graphs[(other, ("sparse", (128, 64)))] = None
+    assert graphs.launches_kept(problem) == [("sparse", (512, 64)), ("sparse", (256, 128)), ("sparse", (256, 64)),
+                                             ("dense",)]  # fmt: skip
+    assert triton_backend._graph_list_sizes(problem) == (256, 64)  # the smallest that holds 2x as much
+    monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, problem.num_anchors, (40.0, 0.0))
+    assert triton_backend._graph_list_sizes(problem) == (256, 64)  # its own size, kept
+    monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, problem.num_anchors, (0.0, 0.0))
+    assert triton_backend._graph_list_sizes(problem) == (64, 64)  # the kept ones are over twice as long
+
+
 def test_solve_replays_only_on_a_gpu(monkeypatch, generator):
     """graph_batches on the CPU: the interpreter launches as before (no graph)."""
     for meta in ("_INTERPRETED", "_COMPILED"):
