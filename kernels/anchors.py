@@ -281,6 +281,7 @@ def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     for i, level in enumerate(levels):
         _check_cells(config.layout, i, level.cells)
+        _check_placed(i, level, canvas)
     return AnchorGrid(levels, shape_major=config.layout == "yolo")
 
 
@@ -310,6 +311,30 @@ def _check_cells(layout: str, index: int, cells: torch.Tensor) -> None:
             f"anchors.levels[{index}]: the {layout} layout makes the level's anchor shape {k} "
             f"{width:g} x {height:g} (a size too small or an aspect ratio too extreme): no box could ever match it"
         )
+
+
+def _check_placed(index: int, level: GridLevel, canvas: tuple[int, int]) -> None:
+    """Refuse a level whose anchors float32 rounds flat where they are placed: far from
+    the origin (a 1-pixel shape at x = 2e7, where float32 steps by 2) a centre plus the
+    shape's two edges may round to one value. Each axis's edges depend only on that
+    axis's centre, so every anchor is checked from the W + H centres, computed as
+    ``_level_anchors`` computes them (which is how every backend generates them)."""
+    for axis, count, factor, scale in ((0, level.width, level.factor_x, level.scale_x),
+                                       (1, level.height, level.factor_y, level.scale_y)):  # fmt: skip
+        centers = _centers(count, level.offset, factor, level.center_op)[:, None]
+        low, high = centers + level.cells[None, :, axis], centers + level.cells[None, :, axis + 2]
+        if scale is not None:
+            scale32 = torch.tensor(scale, dtype=torch.float32)
+            low, high = low * scale32, high * scale32
+        flat = ~(high > low)
+        if flat.any():
+            cell, shape = (int(i) for i in flat.nonzero()[0])
+            raise ValueError(
+                f"anchors.levels[{index}]: on the {canvas[0]} x {canvas[1]} canvas, anchor shape {shape} at "
+                f"{'column' if axis == 0 else 'row'} {cell} of the feature map has zero "
+                f"{'width' if axis == 0 else 'height'} in float32 (its edges round to {float(low[cell, shape]):g}): "
+                "a shape too small for coordinates that large"
+            )
 
 
 def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:

@@ -440,9 +440,12 @@ class TargetConfig:
         for key in overrides:
             if not isinstance(key, str) or not key:
                 raise ValueError(f"override {key!r}: expected a dotted field name")
-        _check_disjoint(list(overrides))
+        # Every key resolved before any is applied: the fields are disjoint, so none
+        # replaces a dict or list that another one's slot lies in.
+        slots = {key: _override_slot(data, key) for key in overrides}
+        _check_disjoint({key: path for key, (_, _, path) in slots.items()})
         for key, value in overrides.items():
-            container, name = _override_slot(data, key)
+            container, name, _ = slots[key]
             container[name] = plain_value(value)
         return TargetConfig.from_dict(data)
 
@@ -452,29 +455,36 @@ def plain_value(value: Any) -> Any:
     return _to_plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
 
 
-def _check_disjoint(keys: list[str]) -> None:
+def _check_disjoint(paths: dict[str, tuple]) -> None:
     """No override inside another (``match`` with ``match.high``): which applies last would
-    depend on their order, which the wire does not keep (overrides are a map)."""
-    given = set(keys)
-    for inner in keys:  # each key's own prefixes: linear in the keys' length (pairs were quadratic)
-        for end, char in enumerate(inner):
-            if char in ".[" and inner[:end] in given:
-                raise ValueError(f"overrides {inner[:end]!r} and {inner!r}: one holds the other; give one of them")
+    depend on their order, which the wire does not keep (overrides are a map). ``paths``:
+    each key's field as resolved (``_override_slot``), a few steps deep, so that checking
+    every prefix is linear in the keys (prefixes of the keys' text were quadratic in a
+    key's length: a 64 KiB key of dots took a second)."""
+    given = {path: key for key, path in paths.items()}
+    for key, path in paths.items():
+        for end in range(1, len(path)):
+            if path[:end] in given:
+                raise ValueError(f"overrides {given[path[:end]]!r} and {key!r}: one holds the other; give one of them")
 
 
-# One step of an override path: a field name, optionally indexed (``levels[2]``).
-_PATH_STEP = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
+# One step of an override path: a field name, optionally indexed (``levels[2]``), matched
+# whole (``$`` would let a trailing newline through) and with one spelling per index (no
+# leading zero), so that two keys never name one field unnoticed.
+_PATH_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(0|[1-9][0-9]*)\])?")
 
 
-def _override_slot(data: dict[str, Any], key: str) -> tuple[Any, Any]:
-    """(the dict or list that holds the field named by ``key``, its key or index)."""
+def _override_slot(data: dict[str, Any], key: str) -> tuple[Any, Any, tuple]:
+    """(the dict or list that holds the field named by ``key``, its key or index, the path
+    to it: its names and indices)."""
     container: Any = data
     slot: Any = None
+    path: tuple = ()
     walked = ""
     for step in key.split("."):
         if slot is not None:
             container = container[slot]
-        match = _PATH_STEP.match(step)
+        match = _PATH_STEP.fullmatch(step)
         if match is None or not isinstance(container, dict):
             raise ValueError(f"override {key!r}: cannot address {step!r} after {walked.rstrip('.') or 'the config'!r}")
         name, index = match.group(1), match.group(2)
@@ -482,15 +492,17 @@ def _override_slot(data: dict[str, Any], key: str) -> tuple[Any, Any]:
             raise ValueError(f"override {key!r}: unknown config field {walked + name!r}")
         walked += name
         slot = name
+        path += (name,)
         if index is not None:
             if not isinstance(container[name], list):
                 raise ValueError(f"override {key!r}: {walked!r} is not a list of levels")
             if int(index) >= len(container[name]):
                 raise ValueError(f"override {key!r}: {walked!r} has {len(container[name])} entries, no [{index}]")
             container, slot = container[name], int(index)
+            path += (slot,)
             walked += f"[{index}]"
         walked += "."
-    return container, slot
+    return container, slot, path
 
 
 def _to_plain(value: Any) -> Any:

@@ -424,10 +424,10 @@ static int anchor_excluded(const Problem *p, int64_t image, int64_t a) {
     return 0;
 }
 
-/* The class of gt box g, int32 as the outputs hold it (an int64 class is converted as
- * torch's .to(torch.int32) would: its low 32 bits). */
+/* The class of gt box g, int32 as the outputs hold it (build_problem refused an int64
+ * class outside [0, 2^31)). */
 static inline int32_t box_class(const Problem *p, int64_t g) {
-    return p->gt_classes ? p->gt_classes[g] : (int32_t)(uint32_t)(uint64_t)p->gt_classes64[g];
+    return p->gt_classes ? p->gt_classes[g] : (int32_t)p->gt_classes64[g];
 }
 
 static void encode_one(const Problem *p, const float *g, const float *anchor, float *out) {

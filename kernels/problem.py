@@ -414,6 +414,10 @@ _WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint32", "uint64") if 
 def _check_classes(classes: torch.Tensor) -> None:
     """``Targets.classes`` is int32: a class outside [0, 2^31) would wrap silently, and
     a negative one collides with the conventions for unmatched anchors."""
+    if classes.dtype is not torch.int32 and classes.dtype is not torch.int64:
+        # Compared in int64: int8 and int16 comparisons wrap the bound 2^31 - 1 to -1, and
+        # torch's aminmax has no kernel for uint16-64 (wider ones were checked as given).
+        classes = classes.long()
     if classes.is_cpu and classes.numel() <= _HOST_CHECK_MAX_BOXES:
         listed = classes.tolist()
         if not listed or (min(listed) >= 0 and max(listed) <= _INT32_MAX):

@@ -152,6 +152,10 @@ class SparseTargets:
             value = getattr(self, name)
             if value is not None and (value.dtype == torch.bool or value.is_floating_point() or value.is_complex()):
                 raise TypeError(f"{name}: expected integers, got {value.dtype}")
+        for name in ("positive_offsets", "ignored_offsets"):
+            dtype = getattr(self, name).dtype
+            if dtype is not torch.int64 and dtype is not torch.int32:  # torch's repeat_interleave takes no other
+                raise TypeError(f"{name}: expected int64 (or int32) offsets, got {dtype}")
         if self.positive_offsets.dim() != 1 or batch < 0:  # the batch size is read from it
             raise ValueError(f"positive_offsets: shape {list(self.positive_offsets.shape)}, expected [batch_size + 1] "
                              "(at least the one offset of an empty batch)")  # fmt: skip

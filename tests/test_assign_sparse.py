@@ -82,6 +82,11 @@ def _lists(**changes):
      ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending from 0 to num_anchors \(6\)"),
      ({"level_starts": ()}, r"level_starts: \(\), expected ascending from 0 to num_anchors \(6\)"),
      ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32"),
+     # Offsets of a narrow type passed the check and stopped in torch's repeat_interleave.
+     ({"positive_offsets": torch.tensor([0, 1, 2], dtype=torch.int16)},
+      r"positive_offsets: expected int64 \(or int32\) offsets, got torch.int16"),
+     ({"ignored_offsets": torch.tensor([0, 1, 1], dtype=torch.uint8)},
+      r"ignored_offsets: expected int64 \(or int32\) offsets, got torch.uint8"),
      # Not tensors, or not floats: an AttributeError, or integer deltas densified.
      ({"positive_anchors": np.array([1, 4], dtype=np.int32)}, r"positive_anchors: expected a tensor, got ndarray"),
      ({"positive_classes": [3, 7]}, r"positive_classes: expected a tensor, got list"),

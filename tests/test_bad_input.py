@@ -191,6 +191,29 @@ def test_an_unsigned_class_outside_int32_is_named_not_wrapped(dtype):
     assert torch.equal(got.classes, want.classes) and got.classes.max().item() == 2**31 - 1
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["few", "many"])  # listed / reduced on the host
+@pytest.mark.parametrize("dtype", ["int8", "int16", "uint8", "uint16", "uint32", "uint64"])
+def test_classes_of_a_narrow_type_are_checked_by_value(dtype, many):
+    """int8 and int16 classes were compared with 2^31 - 1 in their own type, which wraps it
+    to -1: past 128 boxes every class was refused, and below a valid one was named instead
+    of the negative one; uint16-64 past 128 boxes stopped in torch's aminmax, which has no
+    kernel for them."""
+    dtype = getattr(torch, dtype, None)
+    if dtype is None:
+        pytest.skip("this torch has no such dtype")
+    boxes, counts = (GOOD.repeat(100, 1), [300]) if many else (GOOD, [3])
+    classes = torch.arange(boxes.shape[0]) % 7 + 1
+    want = assign(boxes, counts, CANVAS, CONFIG, gt_classes=classes, backend="reference")
+    for function in (assign, assign_sparse):
+        for backend in ("reference", "cpu"):
+            got = function(boxes, counts, CANVAS, CONFIG, gt_classes=classes.to(dtype), backend=backend)
+            assert torch.equal(got.classes if function is assign else got.to_dense().classes, want.classes)
+    if dtype.is_signed:
+        classes[-2] = -1
+        with pytest.raises(ValueError, match=rf"gt_classes\[{boxes.shape[0] - 2}\]: class -1 is outside"):
+            assign(boxes, counts, CANVAS, CONFIG, gt_classes=classes.to(dtype), backend="cpu")
+
+
 def test_an_invalid_box_wins_over_an_invalid_class_on_every_backend():
     boxes = torch.cat([GOOD[:1], torch.tensor([[20.0, 20.0, 20.0, 30.0]])])
     backends = ["reference", "cpu", *(["triton"] if triton_runs_here() else [])]

@@ -48,6 +48,12 @@ def test_replace_refuses_bad_paths_and_values(key, message):
          "overrides 'match' and 'match.high': one holds the other"),
         ({"anchors.levels[0]": {"stride": 8}, "anchors.levels[0].sizes": [32]}, ValueError,
          r"overrides 'anchors.levels\[0\]' and 'anchors.levels\[0\].sizes': one holds the other"),
+        # Two spellings of one field were both applied, one silently lost: a trailing
+        # newline, a leading zero, a digit of another script.
+        ({"match.high": 0.5, "match.high\n": 0.9}, ValueError, r"override 'match.high\\n': cannot address 'high\\n'"),
+        ({"anchors.levels[0]": {"stride": 8}, "anchors.levels[00].stride": 4}, ValueError,
+         r"override 'anchors.levels\[00\].stride': cannot address 'levels\[00\]' after 'anchors'"),
+        ({"anchors.levels[\u0663].stride": 4}, ValueError, r"cannot address 'levels\[\u0663\]' after 'anchors'"),
         # JSON integers have no bound: float() of one overflowed (OverflowError; INTERNAL on the server).
         ({"match.high": 10**400}, ValueError, "MatchConfig.high: must be finite, got an integer of 1329 bits"),
         ({"encode.weights": [1, 1, 10**400, 1]}, ValueError, "EncodeConfig.weights: must be finite"),
@@ -155,6 +161,26 @@ def test_generated_anchor_shapes_of_zero_width_or_height_are_refused(backend, si
             solve(torch.tensor([[2.0, 2.0, 10.0, 10.0]]), [1], (16, 16), config, backend=backend)
     with pytest.raises(ValueError, match=message):
         generate_anchors(config.anchors, (16, 16))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_generated_anchors_that_float32_rounds_flat_where_placed_are_refused(backend):
+    """A 1-pixel yolo shape with a 1e6 stride on a 2^25-pixel-wide canvas: from column 8
+    (x = 8.5e6, where float32 steps by 1) its edges round to one value. Such anchors were
+    made and, with match.high 0, encoded to NaN and infinite deltas; the same anchor
+    given explicitly is refused as degenerate."""
+    level = {"stride": 1_000_000, "shapes": [[1, 1]]}
+    config = presets.get("yolov5").replace(**{"anchors.levels": [level], "match.high": 0.0, "match.low": 0.0})
+    message = (r"anchors.levels\[0\]: on the 1 x 33554432 canvas, anchor shape 0 at column 8 of the feature map "
+               r"has zero width in float32 \(its edges round to 8.5e\+06\)")  # fmt: skip
+    boxes = torch.tensor([[8_499_990.0, 0.0, 8_500_010.0, 1.0]])
+    for solve in (assign, assign_sparse):
+        with pytest.raises(ValueError, match=message):
+            solve(boxes, [1], (1, 2**25), config, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        generate_anchors(config.anchors, (1, 2**25))
+    fine = generate_anchors(config.anchors, (1, 8_000_000))  # up to x = 7.5e6: every anchor 1 pixel wide
+    assert ((fine[:, 2] - fine[:, 0]) == 1).all()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

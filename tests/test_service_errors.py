@@ -356,6 +356,14 @@ def test_many_overrides_are_refused_by_their_count_and_checked_in_linear_time():
     with pytest.raises(ValueError, match="unknown config field 'k00000'"):
         presets.get("retinanet_torchvision").replace(**{f"k{i:05d}": 1 for i in range(5000)})
     assert time.process_time() - started < 0.5
+    # One long key: its text's prefixes were compared at every dot, 1 s for 64 KiB of dots.
+    for key in ("." * 65_000, "match" + ".high" * 13_000):
+        request.config.ClearField("overrides")
+        request.config.overrides[key] = "1"
+        started = time.process_time()
+        with pytest.raises(InvalidInput, match="cannot address"):
+            codec.decode_assign(request, codec.Limits())
+        assert time.process_time() - started < 0.05, key[:10]
 
 
 def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):
