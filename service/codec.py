@@ -196,10 +196,26 @@ def _override_error(config: TargetConfig, values: dict[str, Any], exc: Exception
     return _config_error(exc, "config.overrides")
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refused where a key repeats: json keeps the last value, which
+    would drop the other without a word (as overlapping overrides would)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
 def _json(field: str, text: str) -> Any:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
         deep = _depth_exceeds(value, _JSON_DEPTH)
+    except _RepeatedKey as exc:
+        raise _invalid(field, f"the key {_clipped(exc.args[0])} appears twice in one object; give it once") from None
     except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
         raise _invalid(field, f"not valid JSON: {exc}") from None
     except RecursionError:  # the parser recurses once per level; where it stops depends on the Python
@@ -396,11 +412,6 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
             f"gt_counts: {len(counts)} images x {anchors} anchors is over the server's limit of "
             f"{limits.max_anchor_rows} anchor rows per request; send fewer images per request"
         )
-    if request.format == pb.FORMAT_DENSE:
-        size = dense_response_bytes(len(counts), anchors, request, config.background_class)
-        if size > limits.max_message_bytes:
-            advice = "use FORMAT_SPARSE or fewer images per request"
-            raise ResourceExhausted(_too_big("the DENSE response", size, request.request_id, limits, advice))
     boxes = _tensor(request, "gt_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     if boxes is None:
         if sum(counts):
@@ -437,6 +448,13 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         raise _invalid(
             "ignore_counts", f"counts sum to {sum(ignore_counts)}, but ignore_boxes has {ignore.shape[0]} rows"
         )
+    if request.format == pb.FORMAT_DENSE:
+        # After the ignore counts are checked (with drop_invalid they size the dropped
+        # lists: made-up counts were refused as a response too large); before any output.
+        size = dense_response_bytes(len(counts), anchors, request, config.background_class)
+        if size > limits.max_message_bytes:
+            advice = "use FORMAT_SPARSE or fewer images per request"
+            raise ResourceExhausted(_too_big("the DENSE response", size, request.request_id, limits, advice))
     sizes = _tensor(request, "image_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
     pads = _tensor(request, "pad_sizes", dtypes=(torch.int32, torch.int64), ndim=2, last_dim=2)
     for name, given in (("image_sizes", sizes), ("pad_sizes", pads)):

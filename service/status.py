@@ -44,14 +44,25 @@ _OVERLOADED_RETRY_S = 0.1  # a batch takes milliseconds to tens of milliseconds
 # A status travels in the trailers, and gRPC clients refuse trailers over 8 KiB (at
 # random) or 16 KiB (always), so a message that repeats a long input (a 3,000-dimension
 # shape, a 6,000-character preset name) would reach the caller as RESOURCE_EXHAUSTED
-# without its reason. These caps keep a status under ~6 KiB on the wire.
+# without its reason. These caps, in bytes on the wire (``_clipped``), keep a status
+# under ~5 KiB there: the message in grpc-message, and again with the violations in
+# grpc-status-details-bin (base64).
 _MAX_MESSAGE = 512
 _MAX_FIELD = 128
 _MAX_VIOLATIONS = 4
 
 
 def _clipped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+    """``text`` cut to ``limit`` bytes on the wire: a character outside printable ASCII
+    (and ``%``) counts three times its UTF-8 bytes, as gRPC percent-encodes each of them
+    in grpc-message (a count of characters let 512 emoji through: 6 KiB of grpc-message
+    alone, and a caller's override of them got RESOURCE_EXHAUSTED from its transport)."""
+    cost = 0
+    for end, char in enumerate(text):
+        cost += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "surrogatepass"))
+        if cost > limit:
+            return f"{text[:end]}... ({len(text) - end} more characters)"
+    return text
 
 
 # What torch's host allocator raises when an allocation fails (a RuntimeError).

@@ -3,7 +3,9 @@ server keeps serving afterwards (each test ends with a good request)."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -21,6 +23,7 @@ from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
 from tritarget.service.errors import InvalidInput, ResourceExhausted
+from tritarget.service.status import status_of
 
 CANVAS = (96, 128)
 GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -243,6 +246,15 @@ def test_errors_repeating_long_input_stay_readable(client, caplog):
         error = _fails(client, grpc.StatusCode.NOT_FOUND, "unknown preset 'xxxx", "more characters)",
                        preset="x" * 6000)  # fmt: skip
         assert len(error.details) < 1000
+    # Cut by bytes on the wire, not characters: gRPC percent-encodes each byte of an emoji
+    # in grpc-message (12 bytes), and 512 of them in a value or a key went over 8 KiB.
+    for overrides in ({"match.high": '"' + "\U0001f600" * 3000 + '"'}, {"\U0001f600" * 3000: "1"}):
+        request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+        request.config.overrides.update(overrides)
+        for _ in range(5):
+            error = _fails(client, INVALID, "config.overrides", "more characters)",
+                           call=functools.partial(client.assign_raw, request))  # fmt: skip
+            assert "\U0001f600" * 30 in error.details
     request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
     request.gt_boxes.shape[:] = [1] * 3000 + [2, 4]
     error = _fails(client, INVALID, "gt_boxes", call=lambda: client.assign_raw(request))
@@ -252,6 +264,41 @@ def test_errors_repeating_long_input_stay_readable(client, caplog):
         client.assign_raw(request)
     (line,) = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"][-1:]
     assert "r" * 128 in line and len(line) < 400  # a caller's id is not logged whole
+
+
+def test_a_key_repeated_in_config_json_or_an_override_is_refused():
+    """JSON keeps a repeated key's last value: background_class 5 then 9 served 9, the 5
+    dropped without a word, where overlapping overrides are refused."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.ClearField("preset")
+    request.config.config_json = '{"background_class": 5, "background_class": 9}'
+    with pytest.raises(InvalidInput, match=r"^config.config_json: the key 'background_class' appears twice in one"):
+        codec.decode_assign(request, codec.Limits())
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.overrides["match"] = '{"high": 0.5, "low": 0.4, "high": 0.7}'
+    with pytest.raises(InvalidInput, match=r"^config.overrides\[match\]: the key 'high' appears twice in one object"):
+        codec.decode_assign(request, codec.Limits())
+
+
+@pytest.mark.parametrize("format", ["sparse", "dense"])
+def test_made_up_ignore_counts_are_named_in_either_format(format):
+    """With drop_invalid the ignore counts size a DENSE response's dropped lists: counts
+    that sum to 2e9 without ignore boxes were refused as a response too large."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format=format, drop_invalid=True)
+    request.ignore_counts[:] = [2_000_000_000]
+    with pytest.raises(InvalidInput, match="ignore_boxes: missing, but ignore_counts sum to 2000000000"):
+        codec.decode_assign(request, codec.Limits())
+
+
+@pytest.mark.parametrize("char", ["x", "%", "\u00e9", "\U0001f600", "\n"])
+def test_a_status_fits_the_trailers_whatever_its_characters(char):
+    """grpc-message percent-encodes every byte outside printable ASCII (and %), and the
+    details travel again in base64: their sum stays well under the 8 KiB that clients
+    accept at random."""
+    text = char * 5000
+    status = status_of(InvalidInput(f"gt_boxes: {text}", [(text, text)] * 10))
+    message = sum(1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode()) for c in status.message)
+    assert message <= 512 + 40 and message + len(base64.b64encode(status.SerializeToString())) < 6 * 1024
 
 
 @pytest.mark.parametrize(
