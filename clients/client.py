@@ -52,6 +52,7 @@ import contextlib
 import itertools
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -64,6 +65,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -192,11 +194,21 @@ def command_line_token(flag: str | None, verb: str) -> str | None:
     return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
 
 
+def _real(value: Any) -> bool:
+    """A number of seconds: Python's or numpy's (not a bool, whose True would read as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(value: Any) -> bool:
+    """A count: Python's or numpy's int (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
     """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
     if value is None and meaning_of_none is not None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:  # NaN too
+    if not _real(value) or not 0 < value < math.inf:  # NaN too
         none = "" if meaning_of_none is None else f" (or None: {meaning_of_none})"
         raise ValueError(f"{name}: must be > 0 seconds{none}, got {value!r}")
     return float(value)
@@ -405,9 +417,9 @@ class _Base:
             raise ValueError("target: give at least one address")
         for address in self.targets:
             check_target(address)
-        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+        if not _integer(connections) or connections < 1:
             raise ValueError(f"connections: must be an integer >= 1, got {connections!r}")
-        self.connections = connections
+        self.connections = connections = int(connections)
         # One endpoint per connection, the addresses interleaved so that turns alternate
         # between them; channels alike in address and options share one connection
         # unless each keeps its own subchannel pool.
@@ -415,15 +427,15 @@ class _Base:
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         try_timeout = _checked_timeout("try_timeout", try_timeout, "the call's timeout")
         timeout = _checked_timeout("timeout", timeout, "no deadline")
-        if not 0 <= backoff < math.inf:
-            raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff}")
-        if not 0 < max_backoff < math.inf:
-            raise ValueError(f"max_backoff: must be finite seconds > 0, got {max_backoff}")
-        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+        if not _real(backoff) or not 0 <= backoff < math.inf:
+            raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff!r}")
+        if not _real(max_backoff) or not 0 < max_backoff < math.inf:
+            raise ValueError(f"max_backoff: must be finite seconds > 0, got {max_backoff!r}")
+        if retries is not None and (not _integer(retries) or retries < 0):
             raise ValueError(f"retries: must be an integer >= 0 (or None: until the deadline), got {retries!r}")
         self.timeout = timeout
         self.try_timeout = try_timeout
-        self.retries = retries
+        self.retries = None if retries is None else int(retries)
         self.backoff = backoff
         self.max_backoff = max_backoff
         if token is not None:
@@ -440,15 +452,12 @@ class _Base:
                 check_root_certificates(root_certificates)
             except ValueError as exc:
                 raise ValueError(f"root_certificates: {exc}") from None
+        check_flags(tls=tls)
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
-        if (
-            isinstance(max_message_bytes, bool)
-            or not isinstance(max_message_bytes, int)
-            or not (0 < max_message_bytes < 2**31)
-        ):  # gRPC's limits are int32
+        if not _integer(max_message_bytes) or not (0 < max_message_bytes < 2**31):  # gRPC's limits are int32
             raise ValueError(f"max_message_bytes: must be an integer in [1, 2**31), got {max_message_bytes!r}")
-        self._max_message_bytes = max_message_bytes
+        self._max_message_bytes = max_message_bytes = int(max_message_bytes)
         if isinstance(options, Mapping) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):
             raise ValueError(f"options: expected a sequence of (name, value) pairs, got {options!r}")
         for name, _ in options:
@@ -698,16 +707,23 @@ class _Base:
 
     @staticmethod
     def _request(item: pb.AssignRequest | Mapping[str, Any], defaults: Mapping[str, Any], index: int,
-                 seeds: torch.Generator):  # fmt: skip
+                 seeds: torch.Generator, densify: bool):  # fmt: skip
+        """Stream item ``index`` as a request, refused before it is sent where it is not one
+        or asks for what ``densify=False`` cannot return (the stream's defaults were
+        checked when it was called; an item's own options were found out only by its
+        answer, which ended the stream)."""
         if isinstance(item, pb.AssignRequest):
-            return item
-        if not isinstance(item, Mapping):
+            options = {"format": "dense" if item.format == pb.FORMAT_DENSE else "sparse",
+                       "return_max_iou": item.return_max_iou}  # fmt: skip
+        elif isinstance(item, Mapping):
+            options = {**defaults, **item}
+            options.setdefault("request_id", str(index))
+        else:
             raise TypeError(f"stream item {index}: expected a dict of assign arguments or an AssignRequest, "
                             f"got {type(item).__name__}")  # fmt: skip
-        kwargs = {**defaults, **item}
-        kwargs.setdefault("request_id", str(index))
         try:
-            return build_request(**kwargs, seeds=seeds)
+            check_densify(densify, options)
+            return item if isinstance(item, pb.AssignRequest) else build_request(**options, seeds=seeds)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"stream item {index}: {exc}") from None
 
@@ -775,6 +791,7 @@ class _Base:
 
 # gRPC's other name schemes ("unix:/path", "ipv4:1.2.3.4:5", ...): passed on unchecked.
 _SCHEMES = re.compile(r"^(unix|unix-abstract|ipv4|ipv6|vsock):")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_target(address: object) -> None:
@@ -784,14 +801,32 @@ def check_target(address: object) -> None:
     out as 443."""
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"target: expected 'host:port' addresses, got {address!r}")
-    if address.startswith(("http://", "https://")):  # gRPC would resolve "http" as a host name
-        raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
     if _SCHEMES.match(address):
         return
+    if _URL.match(address) and not address.startswith("dns:"):  # gRPC would resolve "http" as a host name
+        raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
+    if re.search(r"[\s,]", address):
+        raise ValueError(f"target: {address!r} holds a space or a comma; give one 'host:port' per address (a list "
+                         "of them for several)")  # fmt: skip
     name = re.sub(r"^dns:(//[^/]*/)?", "", address)
     host, colon, port = name.rpartition(":") if not name.startswith("[") or "]:" in name else ("", "", "")
-    if not colon or not host or not (port.isdigit() and 1 <= int(port) <= 65535):
+    if not colon or not host or not (re.fullmatch("[0-9]+", port) and 1 <= int(port) <= 65535):
         raise ValueError(f"target: expected 'host:port' with a port in 1..65535, got {address!r}")
+    if ":" in host and not host.startswith("["):
+        raise ValueError(f"target: {address!r}: an IPv6 address goes in brackets, '[{host}]:{port}'")
+
+
+def _image_ids(image_ids: Any, request: pb.AssignRequest) -> list[Any] | None:
+    """The caller's ids of a request's images, one per image, checked before it is sent
+    (read only when the call fails, a wrong one replaced the server's error)."""
+    if image_ids is None:
+        return None
+    if isinstance(image_ids, (str, bytes)) or not isinstance(image_ids, Iterable):
+        raise TypeError(f"image_ids: expected one id per image (a list), got {type(image_ids).__name__}")
+    ids = list(image_ids)
+    if len(ids) != len(request.gt_counts):
+        raise ValueError(f"image_ids: {len(ids)} ids for {len(request.gt_counts)} images")
+    return ids
 
 
 def check_densify(densify: bool, options: Mapping[str, Any]) -> None:
@@ -1143,12 +1178,13 @@ class TargetClient(_Base):
         """
         check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
+        ids = _image_ids(image_ids, request)
         try:
             return self._result(request, self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:
-            if image_ids is None:
+            if ids is None:
                 raise
-            raise error.naming_images(image_ids) from None
+            raise error.naming_images(ids) from None
 
     def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         """One Assign call with a ready request; the response as it came."""
@@ -1182,6 +1218,7 @@ class TargetClient(_Base):
         """
         # Checked here, when called, not at the first answer (the stream is a generator).
         check_densify(densify, defaults)
+        check_flags(return_exceptions=return_exceptions)
         seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
         return self._stream(requests, seconds, return_exceptions, densify, defaults)
 
@@ -1189,7 +1226,7 @@ class TargetClient(_Base):
                 defaults: Mapping[str, Any]) -> Iterator[Targets | TargetServiceError]:  # fmt: skip
         seeds = _stream_seeds()
         unanswered = _Unanswered(
-            (self._request(item, defaults, i, seeds) for i, item in enumerate(requests)),
+            (self._request(item, defaults, i, seeds, densify) for i, item in enumerate(requests)),
             self._count,
             self._max_message_bytes,
         )
@@ -1356,12 +1393,13 @@ class AsyncTargetClient(_Base):
         """See ``TargetClient.assign``."""
         check_densify(densify, kwargs)
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
+        ids = _image_ids(image_ids, request)
         try:
             return self._result(request, await self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:
-            if image_ids is None:
+            if ids is None:
                 raise
-            raise error.naming_images(image_ids) from None
+            raise error.naming_images(ids) from None
 
     async def assign_raw(self, request: pb.AssignRequest, *, timeout: float | None = None) -> pb.AssignResponse:
         return await self._call("Assign", request, timeout)
@@ -1377,6 +1415,7 @@ class AsyncTargetClient(_Base):
     ) -> AsyncIterator[Targets | TargetServiceError]:
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
         check_densify(densify, defaults)
+        check_flags(return_exceptions=return_exceptions)
         seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
         return self._stream(requests, seconds, return_exceptions, densify, defaults)
 
@@ -1388,11 +1427,11 @@ class AsyncTargetClient(_Base):
             if isinstance(requests, AsyncIterable):
                 i = 0
                 async for item in requests:
-                    yield self._request(item, defaults, i, seeds)
+                    yield self._request(item, defaults, i, seeds, densify)
                     i += 1
             else:
                 for i, item in enumerate(requests):
-                    yield self._request(item, defaults, i, seeds)
+                    yield self._request(item, defaults, i, seeds, densify)
 
         unanswered = _Unanswered(messages(), self._count, self._max_message_bytes)
         started = time.monotonic()

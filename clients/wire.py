@@ -104,7 +104,10 @@ def _ints(name: str, value: Any) -> torch.Tensor:
     in-process ``assign`` refuses them (a float class would be truncated to another)."""
     if _is_cpu_tensor(value, torch.int32):
         return value
-    values = as_tensor(value)
+    try:
+        values = as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:  # None, ragged lists, strings, ints past int64
+        raise TypeError(f"{name}: expected integers (a list or a tensor), got {type(value).__name__}: {exc}") from None
     if not integer_dtype(values.dtype):
         raise TypeError(f"{name}: expected integers, got {values.dtype}")
     if values.dtype not in _WITHIN_INT32:
@@ -151,7 +154,12 @@ def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | N
         data = config.to_dict() if hasattr(config, "to_dict") else config
         ref.config_json = json.dumps(data)
     for key, value in (overrides or {}).items():
-        ref.overrides[key] = json.dumps(plain_value(value))  # a config object (AnchorLevel) as its dict
+        if not isinstance(key, str):
+            raise TypeError(f"overrides: keys are dotted field names ('match.high'), got {key!r}")
+        try:
+            ref.overrides[key] = json.dumps(plain_value(value))  # a config object (AnchorLevel) as its dict
+        except (TypeError, ValueError) as exc:  # a numpy scalar, a set: nothing JSON carries
+            raise TypeError(f"overrides[{key!r}]: {value!r} cannot travel as JSON ({exc})") from None
     return ref
 
 

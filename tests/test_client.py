@@ -263,6 +263,9 @@ def test_try_timeout_must_be_positive(bad):
     ({"max_backoff": 0}, "max_backoff: must be finite seconds > 0"),
     ({"max_backoff": float("inf")}, "max_backoff: must be finite seconds > 0"),
     ({"retries": -1}, "retries: must be an integer >= 0"), ({"retries": 2.5}, "retries: must be an integer >= 0"),
+    # A comparison's TypeError, naming nothing.
+    ({"backoff": None}, "backoff: must be finite seconds >= 0, got None"),
+    ({"max_backoff": "1"}, "max_backoff: must be finite seconds > 0, got '1'"),
 ])  # fmt: skip
 def test_settings_that_cannot_work_are_refused_when_the_client_is_made(setting, message):
     """Not at the first call (a negative timeout made every call DEADLINE_EXCEEDED at once,
@@ -274,12 +277,22 @@ def test_settings_that_cannot_work_are_refused_when_the_client_is_made(setting, 
 
 @pytest.mark.parametrize(("arguments", "message"), [({"timeout": -1.0}, "timeout: must be > 0 seconds"),
                                                      ({"densify": False, "format": "dense"}, "densify=False returns "
-                                                      "SparseTargets: it needs format='sparse'")])  # fmt: skip
+                                                      "SparseTargets: it needs format='sparse'"),
+                                                     ({"return_exceptions": "no"},  # read as True
+                                                      "return_exceptions: expected True or False")])  # fmt: skip
 def test_a_streams_bad_arguments_are_refused_when_it_is_called(arguments, message):
     """Not where it is first iterated (a data loader's first batch, far from the call)."""
     for client_class in (TargetClient, AsyncTargetClient):
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
             client_class("127.0.0.1:1").stream([], **arguments)
+
+
+def test_settings_of_numpy_types_are_taken():
+    """Read from a config as numpy scalars: refused as "not an integer"."""
+    for client_class in (TargetClient, AsyncTargetClient):
+        client = client_class("127.0.0.1:1", timeout=np.int64(5), connections=np.int64(2), retries=np.int32(3),
+                              backoff=np.float32(0.1), max_message_bytes=np.int64(2**20))  # fmt: skip
+        assert (client.timeout, client.connections, client.retries) == (5.0, 2, 3)
 
 
 def test_backoffs_of_weeks_still_make_a_client_that_calls():
@@ -1032,6 +1045,13 @@ def test_a_calls_timeout_is_checked(bad):
     [
         ({"target": ["127.0.0.1:1", None]}, "target: expected 'host:port' addresses, got None"),
         ({"target": "http://127.0.0.1:1"}, "target: 'http://127.0.0.1:1' is a URL; give 'host:port'"),
+        # Addresses gRPC never dials: every call retried to its deadline, "is it running?".
+        ({"target": "grpc://127.0.0.1:1"}, "target: 'grpc://127.0.0.1:1' is a URL; give 'host:port'"),
+        ({"target": "a:1,b:2"}, "target: 'a:1,b:2' holds a space or a comma; give one 'host:port' per address"),
+        ({"target": " a:1"}, "target: ' a:1' holds a space or a comma"),
+        ({"target": "::1:50051"}, r"target: '::1:50051': an IPv6 address goes in brackets, '\[::1\]:50051'"),
+        ({"target": "a:\uff15\uff10"}, "target: expected 'host:port' with a port in 1..65535"),  # fullwidth digits
+        ({"target": "a:1", "tls": "false"}, "tls: expected True or False, got 'false'"),  # read as True
         ({"target": "a:1", "connections": 2.0}, "connections: must be an integer >= 1, got 2.0"),
         ({"target": "a:1", "options": {"grpc.lb_policy_name": "pick_first"}}, "options: expected a sequence of"),
         ({"target": "a:1", "root_certificates": "-----BEGIN"}, "root_certificates: expected the PEM file's bytes"),
@@ -1041,16 +1061,60 @@ def test_a_calls_timeout_is_checked(bad):
 def test_a_client_made_wrong_says_what_is_wrong(kwargs, message):
     """Each raised an AttributeError or TypeError naming no argument (some at the first call)."""
     for client_class in (TargetClient, AsyncTargetClient):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises((ValueError, TypeError), match=message):
             client_class(**kwargs)
+    for address in ("dns:///a:1", "[::1]:50051", "unix:/tmp/socket", "localhost:50051"):
+        TargetClient(address).close()  # still taken
 
 
 def test_a_stream_item_that_makes_no_request_is_named(two_servers):
     with TargetClient(two_servers[0].address) as client:
         for item, message in ((torch.zeros(1, 4), "stream item 0: expected a dict of assign arguments"),
-                              ({"gt_boxes": BOXES}, "stream item 0: .*gt_counts")):  # fmt: skip
+                              ({"gt_boxes": BOXES}, "stream item 0: .*gt_counts"),
+                              # torch's own "Could not infer dtype of NoneType", a RuntimeError
+                              ({"gt_boxes": BOXES, "gt_counts": [2], "pad_sizes": [[96, None]]},
+                               r"stream item 0: pad_sizes: expected integers \(a list or a tensor\)")):  # fmt: skip
             with pytest.raises(TypeError, match=message):
                 list(client.stream([item], preset="retinanet_torchvision", canvas=CANVAS))
+
+
+def test_a_stream_item_densify_false_cannot_return_is_refused_before_it_is_sent(two_servers):
+    """An item's own format='dense' (or return_max_iou) with densify=False was sent and
+    computed, then its answer ended the stream, even with return_exceptions, unnamed."""
+    good = {"gt_boxes": BOXES, "gt_counts": [2]}
+    ready = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision", format="dense")
+    dense = "stream item 1: densify=False returns SparseTargets: it needs format='sparse'"
+    max_iou = "stream item 1: densify=False returns SparseTargets, which hold no max IoU"
+    for item, message in (({**good, "format": "dense"}, dense), ({**good, "return_max_iou": True}, max_iou),
+                          (ready, dense)):  # fmt: skip
+        with TargetClient(two_servers[0].address) as client:
+            answers = client.stream([good, item, good], preset="retinanet_torchvision", canvas=CANVAS,
+                                    densify=False, return_exceptions=True)  # fmt: skip
+            with pytest.raises(ValueError, match=re.escape(message)):
+                list(answers)
+            assert client.stats.request_bytes < 2 * ready.ByteSize()  # item 1 never sent
+
+
+def test_image_ids_are_checked_before_the_call(two_servers):
+    """Read only when the call failed: an int in place of a list replaced the server's
+    error with "'int' object is not iterable", and a list of the wrong length was ignored."""
+    with TargetClient(two_servers[0].address) as client:
+        for ids, error, message in ((9140, TypeError, "image_ids: expected one id per image (a list), got int"),
+                                    ([1, 2], ValueError, "image_ids: 2 ids for 1 images")):  # fmt: skip
+            with pytest.raises(error, match=re.escape(message)):
+                client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", image_ids=ids)
+        assert client.stats.calls == 0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({1: 0.6}, "overrides: keys are dotted field names ('match.high'), got 1"),
+    ({"match.high": np.float32(0.6)}, "overrides['match.high']: np.float32(0.6) cannot travel as JSON"),
+    ({"match.high": {0.6}}, "overrides['match.high']: {0.6} cannot travel as JSON"),
+])  # fmt: skip
+def test_overrides_json_cannot_carry_are_named(overrides, message):
+    """json.dumps's own errors named neither the argument nor the key."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision", overrides=overrides)
     # Was protobuf's "Value out of range: 9223372036854775808", naming no field.
     with pytest.raises(ValueError, match=rf"seed: the service takes an int64, in \[-2\*\*63, 2\*\*63\), got {2**63}$"):
         build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision", seed=2**63)

@@ -690,7 +690,9 @@ def test_ctrl_c_while_verifying_keeps_the_report(monkeypatch):
     "flags",
     [["--rate", "nan"], ["--rate", "inf"], ["--rate", "0"], ["--duration", "nan"], ["--warmup", "inf"],
      ["--warmup", "-1"], ["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"], ["--timeout", "-1"],
-     ["--canvas", "0", "0"], ["--canvas", "-5", "5"], ["--target", ""], ["--concurrency", "0"]],
+     ["--canvas", "0", "0"], ["--canvas", "-5", "5"], ["--target", ""], ["--concurrency", "0"],
+     # A stream's deadline (timeout + duration + warmup) overflowed: every stream DEADLINE_EXCEEDED at once.
+     ["--duration", "1e10"], ["--warmup", "1e10"], ["--target", "grpc://127.0.0.1:1"]],
 )  # fmt: skip
 def test_bad_values_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
