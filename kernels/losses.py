@@ -361,15 +361,18 @@ def rpn_loss(
     objectness = _check_outputs("objectness", objectness, targets, None)
     device = objectness.device
     ignored = _ignored(targets, device)
+    # float32 labels, as torchvision's: 16-bit logits are promoted, and the loss summed in
+    # float32 (in float16, 512 sampled anchors of loss ~200 summed to inf).
+    dtype = torch.promote_types(objectness.dtype, torch.float32)
     loss = F.binary_cross_entropy_with_logits(
-        _unread(objectness, ignored), objectness.new_zeros(()).expand_as(objectness), reduction="none"
+        _unread(objectness, ignored), objectness.new_zeros((), dtype=dtype).expand_as(objectness), reduction="none"
     )  # every anchor negative
     loss[ignored] = 0.0
     positive_image = _rows(targets.positive_offsets, targets.positive_anchors.numel(), device)
     positive_anchor = targets.positive_anchors.to(device).long()
     picked = objectness[positive_image, positive_anchor]
     loss[positive_image, positive_anchor] = F.binary_cross_entropy_with_logits(
-        picked, torch.ones_like(picked), reduction="none"
+        picked, torch.ones_like(picked, dtype=dtype), reduction="none"
     )
     # At least 1: a batch where every anchor is ignored has losses 0 (torchvision: NaN).
     sampled = max(1, targets.batch_size * targets.num_anchors - targets.ignored_anchors.numel())

@@ -184,6 +184,27 @@ def test_rpn_loss_known_answer_leaves_ignored_anchors_out_of_the_average():
     assert math.isclose(box_loss.item(), smooth_l1 / 6, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rpn_loss_of_16_bit_logits_is_computed_in_float32(dtype):
+    """As torchvision's (float32 labels promote the logits): the loss was computed and summed
+    in the logits' type, 1.7e-4 off in float16 and 4e-3 in bfloat16, and infinite in
+    float16 where 512 sampled anchors of loss ~200 passed 65504."""
+    sparse = _hand_targets().to_sparse()
+    objectness = torch.tensor([[1.0, -2.0, 5.0, 0.5], [0.25, -1.0, -7.0, 3.0]]).to(dtype)
+    got = rpn_loss(objectness, torch.zeros(2, 4, 4, dtype=dtype), sparse)
+    want = rpn_loss(objectness.float(), torch.zeros(2, 4, 4), sparse)
+    # (torch evaluates the logits' terms in their type: as close as that allows; equal to
+    # torchvision's in test_rpn_loss_equals_torchvisions_compute_loss)
+    assert all(g.dtype == torch.float32 and math.isclose(g, w, rel_tol=1e-3) for g, w in zip(got, want))
+    crowded = SparseTargets(num_anchors=512, positive_offsets=torch.tensor([0, 512]),
+                            positive_anchors=torch.arange(512, dtype=torch.int32),
+                            positive_matched_gt=torch.zeros(512, dtype=torch.int32),
+                            positive_deltas=torch.zeros(512, 4), ignored_offsets=torch.tensor([0, 0]),
+                            ignored_anchors=torch.zeros(0, dtype=torch.int32))  # fmt: skip
+    objectness_loss, _ = rpn_loss(torch.full((1, 512), -200.0, dtype=dtype), torch.zeros(1, 512, 4), crowded)
+    assert objectness_loss.item() == 200.0
+
+
 def test_losses_refuse_bad_input(generator):
     targets = _hand_targets()
     sparse = targets.to_sparse()
@@ -560,14 +581,16 @@ def test_rpn_loss_equals_torchvisions_compute_loss():
     for image, image_boxes in enumerate(boxes.split(counts)):
         matched = image_boxes[dense.matched_gt[image].clamp(min=0).long()]
         regression_targets.append(rpn.box_coder.encode_single(matched, anchors))
-    objectness = torch.randn(2, anchors.shape[0], generator=generator)
-    deltas = torch.randn(2, anchors.shape[0], 4, generator=generator)
     labels = [row.to(torch.float32) for row in dense.labels]
-    theirs = rpn.compute_loss(objectness.reshape(-1, 1), deltas.reshape(-1, 4), labels, regression_targets)
-    ours = rpn_loss(objectness, deltas, dense.to_sparse())
     assert (dense.labels == 1).sum() > 0 and (dense.labels == -1).sum() > 0
-    for mine, reference in zip(ours, theirs):
-        assert math.isclose(mine.item(), reference.item(), rel_tol=LOSS_RTOL)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # a model.half()'s outputs
+        objectness = torch.randn(2, anchors.shape[0], generator=generator).to(dtype)
+        deltas = torch.randn(2, anchors.shape[0], 4, generator=generator).to(dtype)
+        theirs = rpn.compute_loss(objectness.reshape(-1, 1), deltas.reshape(-1, 4), labels, regression_targets)
+        ours = rpn_loss(objectness, deltas, dense.to_sparse())
+        for mine, reference in zip(ours, theirs):
+            assert mine.dtype == reference.dtype == torch.float32
+            assert math.isclose(mine.item(), reference.item(), rel_tol=LOSS_RTOL), dtype
 
 
 def test_ssd_loss_equals_torchvisions_compute_loss():
