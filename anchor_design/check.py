@@ -170,7 +170,7 @@ class CheckResult:
                 "mean_positives": _mean(self.matched.positives[rows]),
             }
         level_totals = self.matched.by_level.sum(0)
-        iou = self.best_iou
+        iou, high = self.best_iou, self.config.match.high
         return {
             "name": self.name,
             "images": self.num_images,
@@ -178,6 +178,7 @@ class CheckResult:
             "ignore_boxes": self.num_ignore_boxes,
             "anchors_per_image": self.matched.total_anchors / max(self.num_images, 1),
             "high": self.config.match.high,
+            "strict_high": self.config.match.strict_high,
             "low_quality": self.config.match.low_quality,
             "bpr": self.bpr,
             "bpr_low_quality": self.bpr_low_quality,
@@ -192,7 +193,8 @@ class CheckResult:
                 "p10": _quantile(iou, 0.1),
                 "p50": _quantile(iou, 0.5),
                 "p90": _quantile(iou, 0.9),
-                "below_high": _fraction(iou < self.config.match.high),
+                # short of a positive: IoU <= high where positives need IoU > high
+                "below_high": _fraction(iou <= high if self.config.match.strict_high else iou < high),
             },
             "ignored_fraction": self.matched.ignored_anchors / max(self.matched.total_anchors, 1),
             "boxes_without_positive": int(self.missing.numel()),
@@ -481,7 +483,8 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
     add("images", [f"{s['images']:,}" for s in summaries])
     add("boxes (crowd regions)", [f"{s['boxes']:,} ({s['ignore_boxes']:,})" for s in summaries])
     add("anchors per image", [f"{s['anchors_per_image']:,.0f}" for s in summaries])
-    add("matching", [f"IoU>={s['high']:g}, low-quality {s['low_quality']}" for s in summaries])
+    add("matching", [f"IoU{'>' if s['strict_high'] else '>='}{s['high']:g}, low-quality {s['low_quality']}"
+                     for s in summaries])  # fmt: skip
     add("BPR, IoU >= high alone", [_pct(s["bpr"]) for s in summaries])
     add("BPR, with low-quality rule", [_pct(s["bpr_low_quality"]) for s in summaries])
     for size in SIZE_NAMES:
@@ -503,7 +506,7 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
         f"{_num(s['best_iou']['p10'])} / {_num(s['best_iou']['p50'])} / {_num(s['best_iou']['p90'])}"
         for s in summaries
     ])  # fmt: skip
-    add("best-anchor IoU < high", [_pct(s["best_iou"]["below_high"]) for s in summaries])
+    add("best-anchor IoU short of high", [_pct(s["best_iou"]["below_high"]) for s in summaries])
     add("ignored anchors", [f"{100 * s['ignored_fraction']:.3f}%" for s in summaries])
     add("boxes without positive", [
         f"{s['boxes_without_positive']:,} ({s['boxes_without_positive_strict']:,} at IoU>=high)" for s in summaries

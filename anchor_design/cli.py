@@ -169,7 +169,9 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
             except KeyError as exc:
                 raise _UsageError(exc.args[0]) from None
         else:
-            if not os.path.isfile(value):
+            if os.path.isdir(value):
+                raise _UsageError(f"config file: {value} is a folder; give the config's JSON file")
+            if not os.path.exists(value):  # a pipe or /dev/stdin is read as a file
                 raise _UsageError(f"config file not found: {value}")
             try:
                 with open(value, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
@@ -282,7 +284,7 @@ def _check_layouts(configs, resize) -> None:
         if resize.mode not in ("fixed", "letterbox"):
             raise _UsageError(f"{name}: the {layout} layout has fixed feature maps; give its input size with "
                               f"--canvas H W (--canvas {expected[0]} {expected[1]})")  # fmt: skip
-        if not _feature_maps_fit(config, resize.canvas):
+        if tuple(resize.canvas) != tuple(expected):  # 297 x 297 gives SSD300's maps too, and other anchors
             raise _UsageError(f"{name}: its fixed feature maps ({maps}) need a {expected[0]}x{expected[1]} canvas, "
                               f"not {resize.canvas[0]}x{resize.canvas[1]}")  # fmt: skip
 
@@ -367,7 +369,7 @@ def _check(args: argparse.Namespace) -> int:
     configs = _configs(args)
     resize = _resize_for(args, configs)
     _check_backend(args.backend)
-    if args.json:
+    if args.json is not None:
         _check_output_file("--json", args.json, args)
     dataset = _load(args, resize, configs)
     results = []
@@ -379,7 +381,7 @@ def _check(args: argparse.Namespace) -> int:
     for result in results:
         if args.missing > 0:
             print(format_missing(result, args.missing, strict=True))
-    if args.json:
+    if args.json is not None:
         _write_json(args.json, [r.summary() for r in results])
         print(f"wrote {args.json}")
     return 0

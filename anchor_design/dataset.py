@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["BoxDataset", "Resize", "from_tensors", "load_coco"]
@@ -201,6 +202,8 @@ def from_tensors(
     )
     sizes = []
     for i, size in enumerate(image_sizes):
+        if any(isinstance(side, (bool, np.bool_)) for side in size):  # True would read as 1 pixel
+            raise ValueError(f"image_sizes[{i}]: expected (height, width) in whole pixels, got {tuple(size)!r}")
         sides = [float(side) for side in size]  # ints, whole floats, one-element tensors
         if len(sides) != 2 or not all(side.is_integer() for side in sides):  # 99.9 was cut to 99
             raise ValueError(f"image_sizes[{i}]: expected (height, width) in whole pixels, got {tuple(size)!r}")
@@ -228,18 +231,19 @@ def _flatten(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _as_boxes(name: str, value: torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(value, dtype=torch.float32)
+    tensor = torch.as_tensor(value)
     if tensor.numel() == 0:
         return torch.zeros(0, 4)
     if tensor.dim() != 2 or tensor.shape[1] != 4:
         raise ValueError(f"{name}: expected a [G, 4] tensor of xyxy boxes, got shape {tuple(tensor.shape)}")
-    if not torch.isfinite(tensor).all():
+    if not torch.isfinite(tensor).all():  # as given: float64 past float32's range is finite, and clipped as in JSON
         raise ValueError(f"{name}: boxes must be finite")
-    return tensor
+    return tensor.to(torch.float64).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).to(torch.float32)
 
 
 # Sides beyond any canvas: anchors are counted in int64, and no canvas of 2**31 px fits in memory.
 _MAX_SIDE = 2**31 - 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _build(
@@ -302,6 +306,12 @@ def _is_int64(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
+def _in_int64(value: object) -> str:
+    """What to add to "must be an integer" for ``value``: that it must fit int64, where it
+    is an integer that does not."""
+    return " in the int64 range" if isinstance(value, int) and not isinstance(value, bool) else ""
+
+
 def _is_finite_number(value: object) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -321,7 +331,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     path = os.fspath(path)
     if os.path.isdir(path):
         raise FileNotFoundError(f"annotations file: {path} is a folder; give the COCO JSON file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a pipe (<(zcat instances.json.gz)) or /dev/stdin is read as a file
         raise FileNotFoundError(f"annotations file not found: {path}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
@@ -340,7 +350,8 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         for key in ("id", "height", "width"):
             if not _is_int64(image.get(key)):
                 got = repr(image[key]) if key in image else "nothing"
-                raise ValueError(f"{path}: images[{n}]: {key!r} must be an integer, got {got}")
+                raise ValueError(f"{path}: images[{n}]: {key!r} must be an integer{_in_int64(image.get(key))}, "
+                                 f"got {got}")  # fmt: skip
         image_id, height, width = image["id"], image["height"], image["width"]
         if height <= 0 or width <= 0:
             raise ValueError(f"{path}: images[{n}]: size must be positive, got height {height}, width {width}")
@@ -357,7 +368,8 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
         if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
             raise ValueError(f"{where}: needs 'image_id' and 'bbox'")
         if not _is_int64(ann["image_id"]):
-            raise ValueError(f"{where}: image_id must be an integer, got {ann['image_id']!r}")
+            image_id = ann["image_id"]
+            raise ValueError(f"{where}: image_id must be an integer{_in_int64(image_id)}, got {image_id!r}")
         row = order.get(ann["image_id"])
         if row is None:
             raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
@@ -366,7 +378,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
             raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
         annotation_id = ann.get("id", -1)
         if not _is_int64(annotation_id):
-            raise ValueError(f"{where}: id must be an integer, got {annotation_id!r}")
+            raise ValueError(f"{where}: id must be an integer{_in_int64(annotation_id)}, got {annotation_id!r}")
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, int) or crowd not in (0, 1):  # JSON false and true pass: bools are ints
             raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")

@@ -102,7 +102,10 @@ def plot_image_assignment(
     )  # fmt: skip
     anchors = generate_anchors(config.anchors, canvas)
     labels, matched = targets.labels[0].cpu(), targets.matched_gt[0].cpu()
-    figure = _figure(8, 8 * canvas[0] / canvas[1] + 0.6)
+    # At most 8 inches on the longer side: a tall image (400,000 x 20 pixels) asked for a
+    # figure past matplotlib's 2^23-pixel limit, and a 60,000 x 40 one made a 14 MB PNG.
+    width, height = (8, 8 * canvas[0] / canvas[1]) if canvas[1] >= canvas[0] else (8 * canvas[1] / canvas[0], 8)
+    figure = _figure(max(width, 3.0), max(height, 1.0) + 0.6)
     axis = figure.subplots()
     axis.add_patch(_rectangle(0, 0, canvas[1], canvas[0], fill=False, ec="0.7", ls=":"))
     axis.add_patch(_rectangle(0, 0, size[1], size[0], fill=False, ec="0.4"))

@@ -81,6 +81,8 @@ def _followed(path: str) -> str:
 
 def output_file_problem(path: str) -> str | None:
     """Why ``write_atomically`` cannot write a file at ``path``, in words, or None."""
+    if not path:  # the folder of '' is '', which the check below takes for the working one
+        return "is empty; give a file name"
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         return "is a folder; give a file name"
     if written_in_place(path):

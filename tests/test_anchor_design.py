@@ -24,6 +24,7 @@ from tritarget.anchor_design import (
     load_coco,
     synthetic,
 )
+from tritarget.anchor_design.check import format_check_table
 from tritarget.anchor_design.cli import main
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.service.output import output_file_problem, write_atomically
@@ -180,6 +181,10 @@ def test_from_tensors_refuses_fractional_sizes_and_repeated_ids():
     with pytest.raises(ValueError, match=r"image_ids\[0\]: expected an integer, got 7.9"):  # was cut to 7
         from_tensors(one, [(8, 8)], image_ids=[7.9])
     assert from_tensors(one, [(8, 8)], image_ids=[torch.tensor(7)]).image_ids.tolist() == [7]
+    with pytest.raises(ValueError, match=r"image_sizes\[0\]: expected \(height, width\) in whole pixels"):
+        from_tensors(one, [(True, True)])  # was a 1 x 1 image
+    wide = from_tensors([torch.tensor([[0.0, 0.0, 1e39, 10.0]], dtype=torch.float64)], [(80, 800)])
+    assert wide.boxes.tolist() == [[0.0, 0.0, 800.0, 10.0]]  # clipped as load_coco does, not "not finite"
     with pytest.raises(ValueError, match="finite positive widths and heights"):
         kmeans_iou(torch.tensor([[1.0, float("inf")], [2.0, 3.0], [4.0, 5.0]]), 2)
 
@@ -601,6 +606,10 @@ def test_cli_show_writes_pictures(skewed_path, tmp_path):
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--config", "missing.json"], "config file not found: missing.json"),
         (["--preset", "ssd300_torchvision", "--min-size", "800"], "with --canvas H W (--canvas 300 300)"),
+        # Its feature maps fit 297 x 297 too, and were checked alone: other anchors, another BPR.
+        (["--preset", "ssd300_torchvision", "--canvas", "297", "297"], "need a 300x300 canvas, not 297x297"),
+        (["--preset", "d2l_multibox", "--canvas", "250", "249"], "need a 256x256 canvas, not 250x249"),
+        (["--config", "."], "config file: . is a folder; give the config's JSON file"),  # was "not found"
         ([], "choose a config"),
     ],
 )
@@ -735,6 +744,9 @@ def test_cli_refuses_the_triton_backend_without_a_gpu_before_drawing(tmp_path, m
         (["check", "--json", "afile/x.json"], "--json afile/x.json: afile is not a folder"),
         (["show", "--out-dir", "afile"], "--out-dir afile: is a file, not a folder"),
         (["show", "--out-dir", "afile/pics"], "--out-dir afile/pics: afile is not a folder"),
+        # The whole fit ran, then failed naming a temporary file; --json '' wrote nothing, silently.
+        (["fit", "--out", ""], "--out : is empty; give a file name"),
+        (["check", "--json", ""], "--json : is empty; give a file name"),
     ],
 )
 def test_cli_checks_output_paths_before_loading(argv, message, tmp_path, monkeypatch, capsys):
@@ -957,6 +969,42 @@ def test_an_output_folder_is_checked_by_writing_in_it():
     """os.access says yes to root everywhere: a report for /proc was refused only after the
     whole run, naming the hidden temporary file."""
     assert output_file_problem("/proc/report.json").startswith("cannot write in /proc (")
+
+
+def test_annotations_and_configs_are_read_from_pipes(skewed_path, tmp_path, capsys):
+    """A pipe (``<(zcat instances.json.gz)``) or /dev/stdin is no regular file: both were
+    refused as "not found"."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(presets.get("yolov5").to_dict()))
+    with open(skewed_path, "rb") as annotations, open(config, "rb") as config_file:
+        argv = ["anchors", "check", "--annotations", f"/dev/fd/{annotations.fileno()}", "--config",
+                f"/dev/fd/{config_file.fileno()}", "--backend", "cpu"]  # fmt: skip
+        assert main(argv) == 0
+    assert "BPR, IoU >= high alone" in capsys.readouterr().out
+
+
+def test_a_tall_images_picture_is_drawn_within_bounds(tmp_path):
+    """400,000 x 20 pixels asked matplotlib for a figure past its 2^23-pixel limit."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from tritarget.anchor_design.plots import plot_image_assignment
+
+    path = plot_image_assignment(torch.tensor([[2.0, 10.0, 18.0, 90.0]]), (400_000, 20), presets.get("yolov5"),
+                                 tmp_path / "tall.png", backend="cpu")  # fmt: skip
+    assert max(Image.open(path).size) <= 900
+
+
+def test_the_check_table_says_when_positives_need_iou_above_high():
+    """strict_high (IoU > high): the table said "IoU>=0.5", and a box whose best IoU is
+    exactly high (half of the 10 x 13 anchor at cell (1, 1)) counted as reaching it."""
+    config = presets.get("yolov5")
+    dataset = from_tensors([torch.tensor([[7.0, 8.75, 17.0, 15.25]])], [(64, 64)], resize=Resize(mode="none"))
+    strict = check(dataset, config.replace(**{"match.strict_high": True}), backend="cpu")
+    plain = check(dataset, config, backend="cpu")
+    assert strict.best_iou.tolist() == [0.5] and (strict.bpr, plain.bpr) == (0.0, 1.0)
+    assert "IoU>0.5" in format_check_table([strict]) and "IoU>=0.5" in format_check_table([plain])
+    assert (strict.summary()["best_iou"]["below_high"], plain.summary()["best_iou"]["below_high"]) == (1.0, 0.0)
 
 
 def test_a_folder_given_as_annotations_is_named_a_folder(tmp_path, capsys):

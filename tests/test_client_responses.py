@@ -478,8 +478,20 @@ def test_sparse_targets_with_max_iou_are_refused_before_any_call(breaking_server
         list(client.stream(ITEMS, densify=False, return_max_iou=True, preset="retinanet_torchvision", canvas=CANVAS))
     assert breaking_server.calls == calls
     ready = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", return_max_iou=True)
+    with pytest.raises(ValueError, match="stream item 0: densify=False returns SparseTargets, which hold no max IoU"):
+        list(client.stream([ready], densify=False))  # a ready request too (its answer was refused)
+
+
+def test_decode_sparse_refuses_a_response_that_holds_max_iou():
+    """What the stream now refuses before sending: a server's answer with max IoU, which
+    SparseTargets would drop."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", return_max_iou=True)
+    targets = assign(BOXES, [2, 1], CANVAS, presets.get("retinanet_torchvision"), return_max_iou=True,
+                     backend="reference")  # fmt: skip
+    response = codec.encode_assign(request, targets)
+    assert response.HasField("max_iou")
     with pytest.raises(ValueError, match="decode_sparse: the response holds max IoU"):
-        list(client.stream([ready], densify=False))
+        decode_sparse(response, request)
 
 
 class _AssignInCollate:
