@@ -25,6 +25,7 @@ targets are for that canvas: a model that resizes and pads again (torchvision's
 
 from __future__ import annotations
 
+import inspect
 import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,10 +35,11 @@ import numpy as np
 import torch
 
 from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
+from tritarget.kernels.api import BACKENDS
 from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, check_densify, naming_images
-from .wire import as_tensor, checked_canvas, to_xyxy
+from .wire import as_tensor, build_request, checked_canvas, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -193,6 +195,21 @@ def _placed(assigned: Targets | SparseTargets, densify: bool, device) -> Targets
 # targets are float32 with classes, so the same call works with and without a client.
 _WIRE_ONLY = ("delta_dtype", "return_classes", "format", "timeout")
 
+# What ``options`` may hold: a request's options (what each batch brings aside) and a call's timeout.
+_OPTIONS = frozenset(inspect.signature(build_request).parameters) - {
+    "gt_boxes", "gt_counts", "canvas", "preset", "config", "gt_classes", "request_id", "seeds"
+} | {"timeout"}  # fmt: skip
+
+
+def _check_options(backend: str, options: Mapping[str, Any]) -> None:
+    """Refuse a misspelt option or backend when the loader is made (in a DataLoader's
+    collate, the first batch would find it out in a worker, after they started)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(sorted(_OPTIONS))}")
+
 
 def _with_overrides(config: TargetConfig, options: Mapping[str, Any]) -> TargetConfig:
     """The config a request with these options is assigned with."""
@@ -310,6 +327,7 @@ def with_targets(
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
         raise ValueError(f"in_flight: must be an int >= 1, got {in_flight!r}")
     _check_client(client)
+    _check_options(backend, options)
     check_densify(densify, options)
     canvas = _given_canvas(canvas)
     target_config = _config(preset, config, client)
@@ -422,6 +440,7 @@ class TargetCollate:
         **options: Any,
     ) -> None:
         _check_client(client)
+        _check_options(backend, options)
         check_densify(densify, options)
         self.collate_fn = collate_fn
         self.config = _config(preset, config, client)

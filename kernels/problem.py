@@ -411,9 +411,11 @@ def _may_be_invalid(items: list[_Boxes], canvas: tuple[int, int], host_check: Ho
 _WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint32", "uint64") if hasattr(torch, name))
 
 
-def _check_classes(classes: torch.Tensor) -> None:
+def _check_classes(classes: torch.Tensor, counts: list[int]) -> None:
     """``Targets.classes`` is int32: a class outside [0, 2^31) would wrap silently, and
-    a negative one collides with the conventions for unmatched anchors."""
+    a negative one collides with the conventions for unmatched anchors. A bad one is named
+    by image and box, as a bad box is (a data loader's error names the image's id after
+    "image i")."""
     if classes.dtype is not torch.int32 and classes.dtype is not torch.int64:
         # Compared in int64: int8 and int16 comparisons wrap the bound 2^31 - 1 to -1, and
         # torch's aminmax has no kernel for uint16-64 (wider ones were checked as given).
@@ -428,7 +430,18 @@ def _check_classes(classes: torch.Tensor) -> None:
             return
     bad = torch.nonzero((classes < 0) | (classes > _INT32_MAX)).flatten().tolist()
     if bad:
-        raise ValueError(f"gt_classes[{bad[0]}]: class {int(classes[bad[0]])} is outside [0, {_INT32_MAX}]")
+        image, box = image_and_box(bad[0], counts)
+        raise ValueError(f"gt_classes: image {image}, box {box}: class {int(classes[bad[0]])} is outside "
+                         f"[0, {_INT32_MAX}]")  # fmt: skip
+
+
+def image_and_box(row: int, counts: list[int]) -> tuple[int, int]:
+    """The image of the row-th box of a batch of ``counts`` boxes per image, and its index there."""
+    for image, count in enumerate(counts):
+        if row < count:
+            return image, row
+        row -= count
+    raise IndexError("row past the batch's boxes")
 
 
 def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> list[tuple[int, str]]:
@@ -611,8 +624,9 @@ def build_problem(
             if dtype in _WIDE_UNSIGNED:  # checked as given: int32 would wrap them first
                 too_big = next((i for i, c in enumerate(classes.tolist()) if c > _INT32_MAX), None)
                 if too_big is not None:
-                    raise ValueError(f"gt_classes[{too_big}]: class {classes.tolist()[too_big]} is outside "
-                                     f"[0, {_INT32_MAX}]")  # fmt: skip
+                    image, box = image_and_box(too_big, counts)
+                    raise ValueError(f"gt_classes: image {image}, box {box}: class {classes.tolist()[too_big]} is "
+                                     f"outside [0, {_INT32_MAX}]")  # fmt: skip
             if dtype is not torch.int32 and dtype is not torch.int64:
                 dtype = torch.int32
             host_classes = classes if classes.is_cpu else None
@@ -675,7 +689,7 @@ def build_problem(
         dropped = _examine(checked, canvas, drop_invalid)
     if classes is not None and (may_be_invalid or host_classes is not None):
         try:
-            _check_classes(classes if host_classes is None else host_classes)
+            _check_classes(classes if host_classes is None else host_classes, counts)
         except ValueError:
             if not may_be_invalid:  # boxes left to the backend: an invalid one still wins, on every backend
                 _examine(checked, canvas, drop_invalid)

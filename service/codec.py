@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from tritarget.kernels import AnchorConfig, SparseTargets, TargetConfig, Targets, presets
 from tritarget.kernels.anchors import resolve_grid
+from tritarget.kernels.problem import image_and_box
 from tritarget.kernels.targets import IGNORED, NEGATIVE, POSITIVE
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import MAX_ANCHOR_ROWS, TensorError, decode_tensor, encode_tensor
@@ -373,8 +374,9 @@ def _too_big(what: str, size: int, request_id: str, limits: Limits, advice: str)
 _LISTED_CLASSES = 256
 
 
-def _classes_in_range(classes: torch.Tensor) -> None:
-    """Classes travel back as int32 and negative ids collide with the ignore conventions."""
+def _classes_in_range(classes: torch.Tensor, counts: list[int]) -> None:
+    """Classes travel back as int32 and negative ids collide with the ignore conventions; a
+    bad one is named by image and box, as in-process."""
     if classes.numel() <= _LISTED_CLASSES:
         listed = classes.tolist()
         in_range = not listed or (min(listed) >= 0 and max(listed) <= _INT32_MAX)
@@ -385,7 +387,8 @@ def _classes_in_range(classes: torch.Tensor) -> None:
     if not in_range:
         values = classes.numpy()
         bad = int(np.flatnonzero((values < 0) | (values > _INT32_MAX))[0])
-        raise _invalid("gt_classes", f"box {bad}: class {int(values[bad])} is outside [0, {_INT32_MAX}]")
+        image, box = image_and_box(bad, counts)
+        raise _invalid("gt_classes", f"image {image}, box {box}: class {int(values[bad])} is outside [0, {_INT32_MAX}]")
 
 
 def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
@@ -429,7 +432,7 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         # and in-process ``assign`` refuses it too.
         if classes.shape[0] != boxes.shape[0]:
             raise _invalid("gt_classes", f"expected shape [{boxes.shape[0]}] (one per box), got {list(classes.shape)}")
-        _classes_in_range(classes)
+        _classes_in_range(classes, counts)
     ignore = _tensor(request, "ignore_boxes", dtypes=(torch.float32,), ndim=2, last_dim=4)
     if request.ignore_counts and len(request.ignore_counts) != len(counts):
         raise _invalid("ignore_counts", f"has {len(request.ignore_counts)} images, but gt_counts has {len(counts)}")

@@ -165,7 +165,8 @@ def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
     backends = ["reference", "cpu"] if device == "cpu" else ["reference", "triton"]
     for function in (assign, assign_sparse):
         for backend in backends:
-            with pytest.raises(ValueError, match=rf"gt_classes\[{boxes.shape[0] - 2}\]: class {bad} is outside"):
+            message = rf"gt_classes: image 0, box {boxes.shape[0] - 2}: class {bad} is outside"
+            with pytest.raises(ValueError, match=message):
                 function(boxes.to(device), counts, CANVAS, CONFIG, gt_classes=classes.to(device), backend=backend)
     edge = torch.full_like(classes, 2**31 - 1)  # the largest class passes unchanged
     targets = assign(boxes.to(device), counts, CANVAS, CONFIG, gt_classes=edge.to(device), backend=backends[1])
@@ -183,12 +184,20 @@ def test_an_unsigned_class_outside_int32_is_named_not_wrapped(dtype):
     classes = torch.tensor([1, bad, 2], dtype=dtype)
     for function in (assign, assign_sparse):
         for backend in ("reference", "cpu"):
-            with pytest.raises(ValueError, match=rf"gt_classes\[1\]: class {bad} is outside \[0, 2147483647\]"):
+            with pytest.raises(ValueError, match=rf"gt_classes: image 0, box 1: class {bad} is outside \[0, 2147"):
                 function(GOOD, [3], CANVAS, CONFIG, gt_classes=classes, backend=backend)
     fine = torch.tensor([1, 2**31 - 1, 0], dtype=dtype)
     got = assign(GOOD, [3], CANVAS, CONFIG, gt_classes=fine, backend="cpu", return_max_iou=True)
     want = assign(GOOD, [3], CANVAS, CONFIG, gt_classes=fine.to(torch.int64), backend="reference", return_max_iou=True)
     assert torch.equal(got.classes, want.classes) and got.classes.max().item() == 2**31 - 1
+
+
+def test_a_bad_class_is_named_by_its_image_and_box():
+    """As a bad box is: it was named by its place in the batch's joined classes."""
+    classes = torch.tensor([1, 2, 3, 4, -1])
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=r"^gt_classes: image 1, box 1: class -1 is outside"):
+            assign(torch.cat([GOOD, GOOD[:2]]), [3, 2], CANVAS, CONFIG, gt_classes=classes, backend=backend)
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["few", "many"])  # listed / reduced on the host
@@ -210,7 +219,7 @@ def test_classes_of_a_narrow_type_are_checked_by_value(dtype, many):
             assert torch.equal(got.classes if function is assign else got.to_dense().classes, want.classes)
     if dtype.is_signed:
         classes[-2] = -1
-        with pytest.raises(ValueError, match=rf"gt_classes\[{boxes.shape[0] - 2}\]: class -1 is outside"):
+        with pytest.raises(ValueError, match=rf"gt_classes: image 0, box {boxes.shape[0] - 2}: class -1 is outside"):
             assign(boxes, counts, CANVAS, CONFIG, gt_classes=classes.to(dtype), backend="cpu")
 
 

@@ -218,6 +218,33 @@ def test_with_targets_names_dataset_images_in_errors_and_answers_what_came_befor
                     next(stream)
 
 
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"backend": "bogus"}, ValueError, "backend: must be one of reference, cpu, triton, auto; got 'bogus'"),
+    ({"drop_invald": True}, TypeError, "unknown option 'drop_invald'; the options are box_format, "),
+])  # fmt: skip
+def test_a_misspelt_option_or_backend_is_refused_when_the_loader_is_made(kwargs, error, message):
+    """Not at the first batch: in a DataLoader's collate, that is in a worker, after they started."""
+    with pytest.raises(error, match=re.escape(message)):
+        with_targets(_batches(1), preset=PRESET, **kwargs)
+    with pytest.raises(error, match=re.escape(message)):
+        TargetCollate(_collate, preset=PRESET, **kwargs)
+
+
+def test_a_bad_class_is_named_by_image_id_with_and_without_a_client():
+    """It was "gt_classes[4]" in-process and "gt_classes: box 4" through the service: a
+    place in the batch's joined labels, not an image the loader could name."""
+    images, targets = _collate([_Detection()[0], _Detection()[1]])
+    targets[1]["labels"] = targets[1]["labels"].clone()
+    targets[1]["labels"][-1] = -1
+    targets[1]["image_id"] = 222
+    box = targets[1]["labels"].numel() - 1
+    message = rf"gt_classes: image 1 \(id 222\), box {box}: class -1 is outside"
+    with ServerThread(backend="cpu") as srv, TargetClient(srv.address) as client:
+        for kwargs in ({"client": client}, {"backend": "cpu"}):
+            with pytest.raises(Exception, match=message):
+                next(with_targets([(images, targets)], preset=PRESET, **kwargs))
+
+
 def test_request_options_mean_the_same_with_and_without_a_client(server):
     options = dict(preset=PRESET, overrides={"match.high": 0.6}, format="dense", timeout=30.0, return_max_iou=True,
                    box_format="xywh")  # fmt: skip

@@ -180,7 +180,7 @@ def _raw(client, mutate):
         (lambda r: r.config.overrides.__setitem__("background_class", "-7"), "must be in [0, 2147483647]"),
         (
             lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([3, -1], dtype=torch.int32))),
-            "gt_classes: box 1: class -1 is outside [0, 2147483647]",
+            "gt_classes: image 0, box 1: class -1 is outside [0, 2147483647]",
         ),
         (lambda r: r.gt_classes.CopyFrom(encode_tensor(torch.tensor([2**40, 1]))), "box 0: class 1099511627776"),
         # D3: deep JSON is a clear INVALID_ARGUMENT, not a RecursionError.
@@ -220,7 +220,7 @@ def test_classes_out_of_range_are_named_by_box(boxes, dtype, bad, text):
     classes = torch.arange(boxes, dtype=dtype)
     classes[-1] = bad
     request.gt_classes.CopyFrom(encode_tensor(classes))
-    with pytest.raises(InvalidInput, match=f"gt_classes: box {boxes - 1}: {text}"):
+    with pytest.raises(InvalidInput, match=f"gt_classes: image 0, box {boxes - 1}: {text}"):
         codec.decode_assign(request, codec.Limits())
     classes[-1] = 2**31 - 1  # the largest class that travels back as int32
     request.gt_classes.CopyFrom(encode_tensor(classes))
