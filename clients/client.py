@@ -292,15 +292,20 @@ def _code_and_details(message: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.UNKNOWN, message
 
 
+# "image i", and the per-image arguments indexed by image ("image_sizes[i]").
+_IMAGE_INDEX = re.compile(r"\bimage (\d+)\b|\b(?:image_sizes|pad_sizes|gt_counts|ignore_counts)\[(\d+)\]")
+
+
 def naming_images(text: str, image_ids: Sequence[Any]) -> str:
-    """``text`` with each ``image i`` followed by the caller's id of that image, e.g.
-    ``image 2, box 5`` -> ``image 2 (id 139), box 5``: errors name dataset images."""
+    """``text`` with each ``image i`` (or ``image_sizes[i]``, ...) followed by the caller's
+    id of that image, e.g. ``image 2, box 5`` -> ``image 2 (id 139), box 5``: errors name
+    dataset images."""
 
     def name(match: re.Match) -> str:
-        i = int(match.group(1))
+        i = int(match.group(1) or match.group(2))
         return f"{match.group(0)} (id {image_ids[i]})" if i < len(image_ids) else match.group(0)
 
-    return re.sub(r"\bimage (\d+)\b", name, text)
+    return _IMAGE_INDEX.sub(name, text)
 
 
 @dataclass

@@ -218,6 +218,18 @@ def test_with_targets_names_dataset_images_in_errors_and_answers_what_came_befor
                     next(stream)
 
 
+def test_a_bad_image_size_is_named_by_image_id_with_and_without_a_client():
+    """An image size refused as "image_sizes[1]: ..." named no image the loader knew."""
+    images, targets = _collate([_Detection()[0], _Detection()[1]])
+    for index, target in enumerate(targets):
+        target["image_size"] = (64, 64) if index == 0 else (4000, 64)
+    targets[1]["image_id"] = 222
+    with ServerThread(backend="cpu") as srv, TargetClient(srv.address) as client:
+        for kwargs in ({"client": client}, {"backend": "cpu"}):
+            with pytest.raises(Exception, match=r"image_sizes\[1\] \(id 222\): \(4000, 64\) must be positive"):
+                next(with_targets([(images, targets)], preset=PRESET, **kwargs))
+
+
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"backend": "bogus"}, ValueError, "backend: must be one of reference, cpu, triton, auto; got 'bogus'"),
     ({"drop_invald": True}, TypeError, "unknown option 'drop_invald'; the options are box_format, "),
