@@ -656,7 +656,9 @@ class Batcher:
             and job.enqueued_at - self._idle_since >= _INLINE_AFTER_IDLE_S
             and _runs_sparse([job])
             and job.boxes + sum(job.ignore_counts or ()) <= _INLINE_BOXES_PER_IMAGE * most
-            and job.images * job.anchors_per_image <= _INLINE_ANCHORS_PER_IMAGE * most
+            # per image, not per batch: one image of 1.7 M anchors (3000 x 3000) is built anew
+            # on every call (anchors.py caches sets of up to 2^20), 64-100 ms on the loop
+            and job.anchors_per_image <= _INLINE_ANCHORS_PER_IMAGE
         )  # fmt: skip
 
     def _work(self, batch: list[_Pending]) -> None:

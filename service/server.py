@@ -273,9 +273,17 @@ class TargetServer:
             if not await _finished_unless(hurry, asyncio.ensure_future(self.grpc.stop(left))):
                 await self.grpc.stop(0)  # gRPC's stop again, with no grace: cancels what is left
         await _calls_ended()
-        # Calls cut off (or let finish in what was left of the grace) wait for no batch:
-        # one still computing does not hold the stop.
-        await self.batcher.close(finish=settled)
+        if settled:
+            # Every call is answered, but a batch whose callers went away (their deadline
+            # passed) may still be computing: waited for only within what is left of the
+            # grace period, or until a second signal (it held a stop 10 s past --grace 1).
+            left = max(0.0, grace - (time.monotonic() - start))
+            finishing = asyncio.ensure_future(asyncio.wait_for(self.batcher.close(finish=True), left))
+            settled = await _finished_unless(hurry, finishing) and finishing.exception() is None
+        if not settled:
+            # Calls cut off (or let finish in what was left of the grace) wait for no batch:
+            # one still computing does not hold the stop.
+            await self.batcher.close(finish=False)
         self.servicer.close()
         self.metrics.stop_http()
 

@@ -127,6 +127,34 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
         srv.stop()
 
 
+@pytest.mark.parametrize("hurried", [False, True], ids=["grace", "second signal"])
+def test_a_batch_whose_callers_went_away_holds_the_stop_no_longer_than_the_grace_period(hurried):
+    """No call in flight (its caller's deadline passed), its batch still computing: the
+    stop waited for the batch without bound (10 s past --grace 1 in a review's run), and
+    a second signal changed nothing."""
+    gate = threading.Event()
+    srv = ServerThread().start()
+    hurry = asyncio.Event()
+
+    async def occupy():
+        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+    async def stop():
+        if hurried:
+            asyncio.get_running_loop().call_later(0.2, hurry.set)
+        await srv.server.stop(grace=30.0 if hurried else 0.5, hurry=hurry)
+
+    try:
+        srv.run(occupy())
+        started = time.monotonic()
+        srv.run(stop(), timeout=20)
+        assert time.monotonic() - started < 5 and not gate.is_set()
+    finally:
+        gate.set()
+        srv.server = None
+        srv.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_serve_port_zero_and_stop_on_signal(sig):
     process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
