@@ -313,17 +313,6 @@ def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
         stream.flush()
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """``OSError`` if host:port cannot be bound, as when a server already listens there.
-    The workers bind with SO_REUSEPORT, which would let them join another server's port
-    (sharing its traffic) instead of failing as a single process does."""
-    from .server import bind_refusal, host_port
-
-    refusal = bind_refusal(host, port)
-    if refusal is not None:
-        raise OSError(f"could not bind {host_port(host, port)} {refusal}")
-
-
 def _serve_workers(options, workers: int, cores: int) -> int:
     """``workers`` server processes on one port (SO_REUSEPORT; the kernel spreads the
     connections), forked before any gRPC object or torch thread pool exists. SIGTERM /
@@ -332,11 +321,24 @@ def _serve_workers(options, workers: int, cores: int) -> int:
     have it serve on short of workers (2 where a worker found a usage error, as one
     process would). Worker i serves metrics on ``metrics_port + i`` (any free port each
     with 0); each gets an equal share of the cores for torch."""
+    from .server import hold_port
+
+    # The workers bind with SO_REUSEPORT, which would let them join another server's port
+    # (sharing its traffic) instead of failing as a single process does: the port is
+    # held from this check on, for the life of the workers.
+    held = hold_port(options.host, options.port)
+    try:
+        return _run_workers(options, workers, cores, held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _run_workers(options, workers: int, cores: int, held) -> int:
     import dataclasses
 
     from .server import bind_refusal, host_port, serve
 
-    _check_port_free(options.host, options.port)
     for i in range(workers if options.metrics_port else 0):  # else one worker would serve, then all stop
         port = options.metrics_port + i
         host = options.metrics_host or options.host
@@ -367,6 +369,8 @@ def _serve_workers(options, workers: int, cores: int) -> int:
         worker = dataclasses.replace(options, reuse_port=True, metrics_port=metrics_port)
         pid = os.fork()
         if pid == 0:
+            for sock in held:  # the parent's hold on the port; this worker binds its own
+                sock.close()
             # Ctrl-C reaches every process of the terminal's group: the parent forwards
             # it, once, as SIGTERM (taken here too, it would reach a worker twice).
             signal.signal(signal.SIGINT, signal.SIG_IGN)

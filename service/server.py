@@ -41,7 +41,7 @@ from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .metrics import Metrics
 from .servicer import TargetAssignerServicer, add_to_server
 
-__all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "SERVICE_NAME"]
+__all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "hold_port", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,60 @@ _BIND_HINTS = {
 }
 
 
+def _addresses(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, address) of every address of ``host`` (``localhost``: ::1 and 127.0.0.1),
+    as gRPC binds them; ``socket.gaierror`` for a host without one."""
+    found = []
+    for family, _, _, _, address in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM):
+        if (family, address) not in found:
+            found.append((family, address))
+    return found
+
+
 def bind_refusal(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on, as ``(hint): reason``, or None where a plain
-    socket binds it (as gRPC binds: a port in TIME_WAIT is free). gRPC's own failure reads
-    the same for a busy port, an unknown host, an address of another machine and a
-    privileged port."""
-    try:  # the host's first address, of whichever family (a name may have only IPv6 ones)
-        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    socket binds every address of the host (as gRPC binds: a port in TIME_WAIT is free).
+    gRPC's own failure reads the same for a busy port, an unknown host, an address of
+    another machine and a privileged port; and gRPC serves where one address of several
+    binds (``localhost`` on ::1 alone, another process on 127.0.0.1)."""
+    try:
+        addresses = _addresses(host, port)
     except (socket.gaierror, UnicodeError) as exc:
         return f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}"
+    for family, address in addresses:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                where = f" on {address[0]}" if len(addresses) > 1 else ""
+                return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}{where}"
     return None
+
+
+def hold_port(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound, not listening, to every address of ``host`` on ``port`` with
+    SO_REUSEPORT alone, held while ``serve --workers`` runs: its workers, which bind with
+    SO_REUSEPORT, join them, where another server's check (``bind_refusal``) and any bind
+    without SO_REUSEPORT fail (Linux). Between a check and the workers' binds (each loads
+    its backend first: seconds on a GPU) a second ``serve --workers`` passed the check and
+    shared the port. Not listening, they take no connections. ``OSError`` naming the
+    reason if one cannot bind."""
+    refusal = bind_refusal(host, port)
+    if refusal is not None:
+        raise OSError(f"could not bind {host_port(host, port)} {refusal}")
+    held = []
+    try:
+        for family, address in _addresses(host, port):
+            held.append(socket.socket(family, socket.SOCK_STREAM))
+            held[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # no SO_REUSEADDR: a check with it fails
+            held[-1].bind(address)
+    except OSError as exc:  # taken since the check
+        for sock in held:
+            sock.close()
+        raise OSError(f"could not bind {host_port(host, port)} ({_BIND_HINTS.get(exc.errno, 'cannot bind')}): "
+                      f"{exc.strerror}") from None  # fmt: skip
+    return held
 
 
 @dataclass(frozen=True)
@@ -188,6 +226,13 @@ class TargetServer:
             reflection.enable_server_reflection(names, self.grpc)
         address = host_port(options.host, options.port)
         reason = "no address bound"
+        if options.port and not options.reuse_port:
+            # gRPC serves where one of the host's addresses binds: on localhost's ::1 alone,
+            # with 127.0.0.1's port another process's. (Workers bind beside their parent's
+            # hold on the port, which checked it.)
+            refusal = bind_refusal(options.host, options.port)
+            if refusal is not None:
+                raise OSError(f"could not bind {address} {refusal}")
         try:
             if options.tls_cert is not None or options.tls_key is not None:
                 if options.tls_cert is None or options.tls_key is None:
@@ -337,7 +382,6 @@ async def serve(
     """
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
-    server, port = create_server(options)
     announce = _while_read(announce)
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -355,6 +399,10 @@ async def serve(
         loop.add_signal_handler(sig, stop_signalled)
     if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    # After the handlers: a stop signal while the backend loads (seconds on a GPU) is a
+    # stop once the server has started, where asyncio's own Ctrl-C handling cancelled
+    # this coroutine inside gRPC's start (its "invalid state" error in the log).
+    server, port = create_server(options)
     await server.start()
     scheme = "TLS" if options.tls_cert else "plaintext"
     address = host_port(options.host, port)

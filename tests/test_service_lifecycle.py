@@ -34,7 +34,7 @@ from tritarget.service.cli import (
     front_ends,
     main,
 )
-from tritarget.service.server import ServerOptions, host_port
+from tritarget.service.server import ServerOptions, bind_refusal, hold_port, host_port
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -482,6 +482,61 @@ def test_serves_on_an_ipv6_loopback_given_without_brackets():
             assert client.assign(BOXES, [2], CANVAS, preset="yolov5").labels.shape[0] == 1
 
 
+# `tritarget` whose backend takes 2 s to load, as CUDA's start or a compilation does on a GPU.
+_SLOW_START = """
+import sys, time
+import tritarget.service.server as server
+load = server.load_backend
+def slow(*args, **kwargs):
+    print("loading the backend", flush=True)
+    time.sleep(2)
+    return load(*args, **kwargs)
+server.load_backend = slow
+from tritarget.service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_while_the_backend_loads_stops_the_server_cleanly(stop_signal):
+    """Before serve() set its handlers, asyncio's own Ctrl-C handling cancelled it inside
+    gRPC's start: an "invalid state" error in the log and, at worst, a never-awaited
+    coroutine and an event loop's traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_START, "serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    read_until(process, "loading the backend")
+    time.sleep(0.5)
+    process.send_signal(stop_signal)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    assert "stopped" in output and "invalid state" not in output and "Traceback" not in output, output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT's rules are Linux's")
+def test_a_port_held_for_workers_lets_them_in_and_keeps_other_servers_out():
+    """The check and the workers' binds were apart (each worker loads its backend first:
+    seconds on a GPU), and a second `serve --workers` that checked in between joined the
+    port. Held from the check on: the workers' binds (SO_REUSEPORT) succeed, another
+    server's check and a second hold fail."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (held,) = hold_port("127.0.0.1", port)
+    try:
+        assert bind_refusal("127.0.0.1", port) == "(in use?): Address already in use"
+        with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{port} \\(in use\\?\\)"):
+            hold_port("127.0.0.1", port)
+        with socket.socket() as worker:  # as gRPC binds a worker's port
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen()
+    finally:
+        held.close()
+
+
 def test_cli_serve_workers_refuse_a_port_another_server_holds():
     """Workers bind with SO_REUSEPORT: without a check they would join a listening
     server's port (one that set it too) and take part of its traffic."""
@@ -598,6 +653,22 @@ def test_cli_serve_workers_refuse_a_busy_metrics_port_before_any_starts():
     assert (f"tritarget serve: metrics port 127.0.0.1:{metrics_port + 1} (worker 1) (in use?): Address already in use"
             in done.stderr), done.stderr  # fmt: skip
     assert "[worker" not in done.stdout + done.stderr  # none started
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cli_serve_on_localhost_refuses_a_port_another_process_holds_on_one_of_its_addresses(workers):
+    """gRPC binds localhost's ::1 and 127.0.0.1 and serves where one binds: with 127.0.0.1's
+    port another process's, `serve --host localhost` served on ::1 alone, and callers of
+    127.0.0.1 reached the other process."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["serve", "--host", "localhost", "--port", str(port), "--workers", workers]
+        done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *argv], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"could not bind localhost:{port} (in use?): Address already in use" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
