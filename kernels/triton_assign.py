@@ -1452,7 +1452,8 @@ def finalize_kernel(
 
     if OUTPUT == _OUTPUT_COUNT:
         # Both counts in one block reduction: positives in the low 16 bits, ignored above
-        # (a block has at most BLOCK_A <= 2^15 of each).
+        # (a block has at most BLOCK_A < 2^15 of each: 2^15 ignored would reach the sign
+        # bit; _Meta refuses such a block).
         both = tl.sum((positive & anchor_mask).to(tl.int32) + (ignored.to(tl.int32) << 16), axis=0)
         counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
         tl.store(counts, both & 0xFFFF)

@@ -127,6 +127,8 @@ class _Meta:
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
             raise ValueError(f"gather_boxes: 1 to 256 boxes tested at once, got {self.gather_boxes}")
+        if not 1 <= self.block_a < 2**15:  # finalize_kernel counts a block's ignored anchors in bits 16-30
+            raise ValueError(f"block_a: 1 to 2^15 - 1 anchors per block, got {self.block_a}")
 
 
 # Compiled, the gather's three (run12, benchmarks/results/gpu_h200/run12/combos/sweep.txt):

@@ -1022,6 +1022,13 @@ def test_the_gather_tests_at_most_256_boxes_at_once():
         dataclasses.replace(triton_backend._COMPILED, gather_boxes=512)
 
 
+def test_a_finalize_block_holds_fewer_than_2_to_the_15_anchors():
+    """Its count pass packs the ignored anchors in bits 16-30: a block of 2^15 ignored
+    anchors would count negative (none of the shipped sizes, 128 and 2048, is near)."""
+    with pytest.raises(ValueError, match=r"block_a: 1 to 2\^15 - 1 anchors per block, got 32768"):
+        dataclasses.replace(triton_backend._INTERPRETED, block_a=2**15)
+
+
 @pytest.mark.parametrize("inline_match", [False, True])
 def test_the_gather_on_a_crowded_image(inline_match, monkeypatch, generator):
     """More boxes in one image than the GPU's gather tests at once (160 against 128),
