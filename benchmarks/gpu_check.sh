@@ -42,20 +42,26 @@
 #    loop, under one GIL, is where requests wait. One front end was measured in run4-run8.
 # Steps 4-6 in the order of what is still unmeasured: when time runs short, the last go.
 #
-# Results land under $OUT (default benchmarks/results/gpu_check): sweep.txt, pytest.txt,
-# bench.txt, bench_gpu.{json,png}, service_workers4.txt, service_workers8.txt as plain files; when
-# there are more than 8 files (what the device tool brings back), the rest (env.txt and
-# anchor_scan.txt among them) go into extras.tar.gz.
+# Results land under $OUT (default benchmarks/results/gpu_check): pytest.txt, bench.txt,
+# bench_gpu.{json,png}, sweep.txt, service_workers4.txt, service_workers8.txt as plain
+# files, everything else (env.txt, sweep_console.txt, the bench's CSV and other plot, the
+# load tests' folders, anchor_scan.txt) in extras.tar.gz, packed after every step: the
+# device tool brings back at most 8 files, and what is there when a call is cut.
 #
+# Steps: GPU_CHECK_STEPS (default "tests bench sweep service service_more anchors"; the
+# numbers above are their order) picks some, so that a session's device time splits into
+# calls that each fit: one call of ~8 minutes does not hold them all.
 # Time: GPU_CHECK_BUDGET seconds (default 270: give the device call 300 s) bound the
-# whole check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); each
-# later step (sweep 150 s, service 90 s twice, anchor scan 60 s) is skipped when it could
-# end past the budget, and says so. On the H200 (run12, 2026-12-04) the whole suite
-# (1,842 tests on 12 workers, the 5 wheel-building ones beside them) took ~185 s and every
-# step ran in 446 s at GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started
-# in ~30 s). At the default
-# budget the tests get 121 s (the `gpu` and Triton-path ones come first) and the service
-# steps do not fit.
+# check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); the sweep what
+# is left, up to GPU_SWEEP_S (150 s), if that is at least 60 s; each later step (service
+# 90 s twice, anchor scan 60 s) is skipped when it could end past the budget, and says so.
+# On the H200 (run12, 2026-12-04) the whole suite (1,842 tests on 12 workers, the 5
+# wheel-building ones beside them) took ~185 s and every step ran in 446 s at
+# GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started in ~30 s); the suite
+# has 2,053 tests since 2026-12-05 (83 `gpu`). For a session's 15 minutes, two calls:
+#   GPU_CHECK_BUDGET=480 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 510)
+#   GPU_CHECK_BUDGET=220 GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh (timeout 250,
+#   at once: a warm machine is let go after 30 s idle)
 # Exit status: non-zero if the wheels did not install, the service stack does not import
 # (then only the kernels' tests, the bench, the sweep and the anchor scan run: nothing
 # is spent on failures), a test failed, a service step failed or the bench did not finish.
@@ -94,6 +100,32 @@ cd "$REPO"
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
 status=0
+
+# GPU_CHECK_STEPS: which steps run (default all), in this order whatever the order given.
+steps=" ${GPU_CHECK_STEPS:-tests bench sweep service service_more anchors} "
+for step in $steps; do
+    [[ " tests bench sweep service service_more anchors " == *" $step "* ]] || {
+        echo "gpu_check: GPU_CHECK_STEPS: unknown step $step (tests bench sweep service service_more anchors)" >&2
+        exit 2
+    }
+done
+wanted() { [[ "$steps" == *" $1 "* ]]; }
+
+# The device tool brings back at most 8 files from $OUT, and a call cut at its limit
+# brings back what is there then: after every step, every file but these 7 goes into
+# extras.tar.gz (staged outside $OUT), so $OUT never holds more than 8.
+keep=" pytest.txt bench.txt bench_gpu.json bench_gpu.png sweep.txt "  # and the two service_workers*.txt
+pack() {
+    local f moved=0
+    while IFS= read -r f; do
+        [[ "$keep" == *" $f "* || "$f" == service_workers*.txt ]] && continue
+        mkdir -p "$SCRATCH/extras/$(dirname "$f")" && mv "$OUT/$f" "$SCRATCH/extras/$f" && moved=1
+    done < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
+    find "$OUT" -mindepth 1 -type d -empty -delete
+    if ((moved)); then
+        tar -czf "$OUT/extras.tar.gz.part" -C "$SCRATCH/extras" . && mv "$OUT/extras.tar.gz.part" "$OUT/extras.tar.gz"
+    fi
+}
 
 # shellcheck source=benchmarks/tritarget_shim.sh
 source "$REPO/benchmarks/tritarget_shim.sh"
@@ -179,6 +211,8 @@ fi
 bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit "$bench_limit" ${GPU_CHECK_BENCH_ARGS:-})
 [ "$DRY" = 1 ] && bench_cmd+=(--smoke)
 
+tests=skipped wheel=skipped
+if wanted tests; then
 echo "== tests (at most $tests_timeout s): ${main_cmd[*]:1} ==" | tee "$OUT/pytest.txt"
 if [ "${#wheel_tests[@]}" -gt 0 ]; then
     timeout -k 10 "$((tests_timeout - 10))" "${pytest_cmd[@]}" "${wheel_tests[@]}" >"$SCRATCH/wheel_tests.txt" 2>&1 &
@@ -220,17 +254,26 @@ wheel=$?
     cat "$SCRATCH/wheel_tests.txt"
 } | tee -a "$OUT/pytest.txt"
 [ "$tests" -eq 0 ] && [ "$wheel" -eq 0 ] || status=1
+fi
+pack
 
-echo "== benchmark: ${bench_cmd[*]:1} =="
-timeout -s INT -k 10 "$bench_timeout" "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
-bench=${PIPESTATUS[0]}
-[ "$bench" -eq 0 ] || status=1
+bench=skipped
+if wanted bench; then
+    echo "== benchmark: ${bench_cmd[*]:1} =="
+    timeout -s INT -k 10 "$bench_timeout" "${bench_cmd[@]}" 2>&1 | tee "$OUT/bench.txt"
+    bench=${PIPESTATUS[0]}
+    [ "$bench" -eq 0 ] || status=1
+fi
+pack
 
 # The device call's limit stops the script wherever it is, before the files are packed
 # below: from here on, a step that could run past the budget is skipped, and says so.
-fits() {  # fits LIMIT NAME: whether a step of at most LIMIT seconds ends within the budget
+fits() {  # fits LIMIT NAME STEP: whether STEP is wanted and a step of at most LIMIT seconds ends within the budget
     if [[ "$2" == service* ]] && [ "$service_stack" = 0 ]; then
         echo "== $2: skipped, the service stack does not import =="
+        return 1
+    fi
+    if ! wanted "$3"; then
         return 1
     fi
     if ((SECONDS + $1 > budget)); then
@@ -243,10 +286,16 @@ fits() {  # fits LIMIT NAME: whether a step of at most LIMIT seconds ends within
 # before the walk-against-gather grid over B x G was added; its matching and grid sections
 # took ~55 s in run12, before the inline variants, whose kernels compile on first use),
 # unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
-if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits 150 sweep; then
-    echo "== sweep =="
-    timeout -s INT -k 10 150 "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" 2>&1 | tail -n 60
+# It gets GPU_SWEEP_S (150) or what is left of the budget, if that is 60 s or more: it
+# writes sweep.txt line by line, so a cut sweep keeps what it measured (GPU_SWEEP_ARGS:
+# e.g. --sections graphs,host). Its console (warnings, a traceback) goes to sweep_console.txt.
+sweep_s=$((budget - SECONDS - 10 < ${GPU_SWEEP_S:-150} ? budget - SECONDS - 10 : ${GPU_SWEEP_S:-150}))
+if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits "$((sweep_s < 60 ? 60 : sweep_s))" sweep sweep; then
+    echo "== sweep (at most $sweep_s s) =="
+    timeout -s INT -k 10 "$sweep_s" "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" ${GPU_SWEEP_ARGS:-} 2>&1 |
+        tee "$OUT/sweep_console.txt" | tail -n 60
 fi
+pack
 
 # The service on the GPU (issue "The service at GPU scale"): tritarget serve --backend triton
 # under tritarget loadtest from 8 client processes, 8 COCO-like images per SPARSE request,
@@ -257,7 +306,7 @@ fi
 workers="${GPU_SERVICE_WORKERS:-4}"
 [ "$DRY" = 1 ] && workers=2  # 2 cores
 service=skipped
-if fits 90 "service, $workers front ends"; then
+if fits 90 "service, $workers front ends" service; then
     echo "== service, $workers front-end processes =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 \
@@ -266,20 +315,13 @@ if fits 90 "service, $workers front ends"; then
     service=${PIPESTATUS[0]}
     [ "$service" -eq 0 ] || status=1
 fi
-
-# The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
-# took 8.6-13.6 s in run4-run6, so 20,000 by default now).
-if fits 60 "anchor scan"; then
-    echo "== anchor scan =="
-    timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
-        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
-fi
+pack
 
 # The same load against more front ends (not in a dry run: the same command as step 4,
 # and a second server's open loop on 2 busy cores was refused RESOURCE_EXHAUSTED at times).
 more="${GPU_SERVICE_WORKERS_MORE:-8}"
 more_status=skipped
-if [ "$DRY" != 1 ] && fits 90 "service, $more front ends"; then
+if [ "$DRY" != 1 ] && fits 90 "service, $more front ends" service_more; then
     echo "== service, $more front-end processes =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 \
@@ -288,12 +330,22 @@ if [ "$DRY" != 1 ] && fits 90 "service, $more front ends"; then
     more_status=${PIPESTATUS[0]}
     [ "$more_status" -eq 0 ] || status=1
 fi
+pack
+
+# The anchor-design scan (issue "Anchor design tools": COCO-like images on one GPU; 100,000
+# took 8.6-13.6 s in run4-run6, so 20,000 by default now).
+if fits 60 "anchor scan" anchors; then
+    echo "== anchor scan =="
+    timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
+        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+fi
+pack
 
 # GPU_SERVICE_SWEEP=1: also benchmarks/service_sweep.py (compute workers, batch size, queue
 # delay, front-end processes on the GPU) and bench_service_overhead.py (the server's time per
 # request outside compute, from its metrics, on this machine's cores: the GPU backend and the
 # cpu one); their tables go into extras.tar.gz.
-if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep"; then
+if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep" service; then
     echo "== service sweep =="
     timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
         --out "$OUT/service_sweep" 2>&1 | tail -n 12
@@ -304,18 +356,7 @@ if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep"; then
     done
 fi
 
-keep=(sweep.txt pytest.txt bench.txt bench_gpu.json bench_gpu.png "service_workers$workers.txt" "service_workers$more.txt")
-
-# The device tool brings back at most 8 files from $OUT.
-mapfile -t files < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
-if [ "${#files[@]}" -gt 8 ]; then
-    extras=()
-    for f in "${files[@]}"; do
-        [[ " ${keep[*]} " == *" $f "* ]] || extras+=("$f")
-    done
-    tar -czf "$OUT/extras.tar.gz" -C "$OUT" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
-    find "$OUT" -mindepth 1 -type d -empty -delete
-fi
+pack
 
 echo "wheels: $wheel_note; tests exit $tests, wheel-building tests exit $wheel, bench exit $bench, service exit $service ($workers front ends) / $more_status ($more); results in $OUT"
 exit $status

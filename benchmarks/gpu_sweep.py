@@ -49,6 +49,7 @@ may end it), with the JSON on its last line when it finishes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import dataclasses
 import io
@@ -159,6 +160,9 @@ def graphed_calls(batch: int) -> dict:
         triton_backend._COMPILED = default
     row["same"] = {name: all(map(torch.equal, outputs[name, 0], outputs[name, batch])) for name in calls}
     row["graphs_kept"] = len(triton_backend._GRAPHS)
+    # A failed capture turns graphs off for the process (a warning on stderr): the
+    # "replayed" times are then launches, which must not read as "graphs save nothing".
+    row["failed"] = triton_backend._GRAPHS.failed
     return row
 
 
@@ -189,62 +193,71 @@ def main() -> None:
         report.write(text + "\n")
         report.flush()
 
+    @contextlib.contextmanager
+    def surviving(section: str):
+        """A section that raises says so in the report, and the sweep goes on."""
+        try:
+            yield
+        except Exception as error:
+            say(f"{section}: failed: {type(error).__name__}: {error}")
+
     say(
         f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}; ms: do_bench medians"
     )
 
     say("== host versus device (solve, COCO-like G ~ 7) ==")
-    for batch in (1, 32) if "host" in sections else ():
-        problem, (gt, counts, classes, config) = problem_for(batch, None)
-        solve_ms = bench(lambda p=problem: triton_backend.solve(p))
-        sparse_ms = bench(lambda p=problem: triton_backend.solve_sparse(p))
-        host = host_us(lambda p=problem: triton_backend.solve(p))
-        host_sparse = host_us(lambda p=problem: triton_backend.solve_sparse(p))
+    with surviving("host"):
+        for batch in (1, 32) if "host" in sections else ():
+            problem, (gt, counts, classes, config) = problem_for(batch, None)
+            solve_ms = bench(lambda p=problem: triton_backend.solve(p))
+            sparse_ms = bench(lambda p=problem: triton_backend.solve_sparse(p))
+            host = host_us(lambda p=problem: triton_backend.solve(p))
+            host_sparse = host_us(lambda p=problem: triton_backend.solve_sparse(p))
 
-        def end_to_end(gt=gt, counts=counts, config=config, classes=classes):
-            return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton")
+            def end_to_end(gt=gt, counts=counts, config=config, classes=classes):
+                return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, backend="triton")
 
-        assign_ms = bench(end_to_end)
-        host_assign = host_us(end_to_end)
-        # A crowd region per image on the GPU: checked with the gt boxes in the kernels
-        # since 2026-12-04, where it alone cost a read-back before the launches.
-        crowd = torch.tensor([[100.0, 100.0, 300.0, 300.0]], device=gt.device).repeat(batch, 1)
+            assign_ms = bench(end_to_end)
+            host_assign = host_us(end_to_end)
+            # A crowd region per image on the GPU: checked with the gt boxes in the kernels
+            # since 2026-12-04, where it alone cost a read-back before the launches.
+            crowd = torch.tensor([[100.0, 100.0, 300.0, 300.0]], device=gt.device).repeat(batch, 1)
 
-        def with_crowd(gt=gt, counts=counts, config=config, classes=classes, crowd=crowd):
-            return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, ignore_boxes=crowd,
-                          ignore_counts=[1] * len(counts), backend="triton")  # fmt: skip
+            def with_crowd(gt=gt, counts=counts, config=config, classes=classes, crowd=crowd):
+                return assign(gt, counts, COCO_CANVAS, config, gt_classes=classes, ignore_boxes=crowd,
+                              ignore_counts=[1] * len(counts), backend="triton")  # fmt: skip
 
-        crowd_ms, host_crowd = bench(with_crowd), host_us(with_crowd)
-        checks = triton_backend.CHECKS_GT_BOXES
-        triton_backend.CHECKS_GT_BOXES = tuple(name for name in checks if name != "solve")
-        try:
-            checked_first_ms, checked_first_host = bench(end_to_end), host_us(end_to_end)
-        finally:
-            triton_backend.CHECKS_GT_BOXES = checks
-        say(
-            f"B={batch}: solve {solve_ms:.3f} ms (host {host:.0f} us/call), solve_sparse {sparse_ms:.3f} ms "
-            f"(host {host_sparse:.0f} us/call), assign {assign_ms:.3f} ms (host {host_assign:.0f} us/call); "
-            f"assign with its boxes checked before the launches {checked_first_ms:.3f} ms "
-            f"(host {checked_first_host:.0f} us/call); assign with a crowd region per image {crowd_ms:.3f} ms "
-            f"(host {host_crowd:.0f} us/call)"
-        )
-        record["host"].append(
-            dict(batch=batch, solve_ms=solve_ms, solve_host_us=host, sparse_ms=sparse_ms,
-                 sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign,
-                 assign_checked_first_ms=checked_first_ms, assign_checked_first_host_us=checked_first_host,
-                 assign_crowd_ms=crowd_ms, assign_crowd_host_us=host_crowd)
-        )  # fmt: skip
-        if batch == 1:  # where the host time goes: the solve, and what assign adds to it
-            for name, call in (("solve", lambda p=problem: triton_backend.solve(p)), ("assign", end_to_end)):
-                profiler = cProfile.Profile()
-                profiler.enable()
-                for _ in range(200):
-                    call()
-                profiler.disable()
-                torch.cuda.synchronize()
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-                say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
+            crowd_ms, host_crowd = bench(with_crowd), host_us(with_crowd)
+            checks = triton_backend.CHECKS_GT_BOXES
+            triton_backend.CHECKS_GT_BOXES = tuple(name for name in checks if name != "solve")
+            try:
+                checked_first_ms, checked_first_host = bench(end_to_end), host_us(end_to_end)
+            finally:
+                triton_backend.CHECKS_GT_BOXES = checks
+            say(
+                f"B={batch}: solve {solve_ms:.3f} ms (host {host:.0f} us/call), solve_sparse {sparse_ms:.3f} ms "
+                f"(host {host_sparse:.0f} us/call), assign {assign_ms:.3f} ms (host {host_assign:.0f} us/call); "
+                f"assign with its boxes checked before the launches {checked_first_ms:.3f} ms "
+                f"(host {checked_first_host:.0f} us/call); assign with a crowd region per image {crowd_ms:.3f} ms "
+                f"(host {host_crowd:.0f} us/call)"
+            )
+            record["host"].append(
+                dict(batch=batch, solve_ms=solve_ms, solve_host_us=host, sparse_ms=sparse_ms,
+                     sparse_host_us=host_sparse, assign_ms=assign_ms, assign_host_us=host_assign,
+                     assign_checked_first_ms=checked_first_ms, assign_checked_first_host_us=checked_first_host,
+                     assign_crowd_ms=crowd_ms, assign_crowd_host_us=host_crowd)
+            )  # fmt: skip
+            if batch == 1:  # where the host time goes: the solve, and what assign adds to it
+                for name, call in (("solve", lambda p=problem: triton_backend.solve(p)), ("assign", end_to_end)):
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for _ in range(200):
+                        call()
+                    profiler.disable()
+                    torch.cuda.synchronize()
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+                    say(f"-- cProfile, 200 calls of {name} --\n{text.getvalue()}")
 
     say("== CUDA graphs: calls launched, then replayed (graph_batches); ms and host us per call ==")
     record["graphs"] = []
@@ -254,28 +267,32 @@ def main() -> None:
         except Exception as error:  # the experiment's answer, not the sweep's end
             say(f"B={batch}: failed: {type(error).__name__}: {error}")
             continue
+        off = f", GRAPHS OFF: {row['failed']}" if row["failed"] else ""
         for name, launched in row["launched"].items():
             replayed = row["replayed"][name]
             say(f"B={batch} {name}: {launched['ms']:.3f} -> {replayed['ms']:.3f} ms (host {launched['host_us']:.0f} -> "
                 f"{replayed['host_us']:.0f} us/call); first call {launched['first_ms']:.1f} -> "
                 f"{replayed['first_ms']:.1f} ms (the capture); "
-                f"{'targets equal' if row['same'][name] else 'TARGETS DIFFER'}")  # fmt: skip
+                f"{'targets equal' if row['same'][name] else 'TARGETS DIFFER'}; "
+                f"graphs kept {row['graphs_kept']}{off}")  # fmt: skip
         record["graphs"].append(row)
 
     say("== launches: compiled variants directly (triton_launch) against the JIT's launch ==")
     record["launches"] = []
-    for batch in (1, 32) if "launches" in sections else ():
-        problem = problem_for(batch, None)[0]
-        row = {"batch": batch}
-        for direct in (False, True):
-            set_direct_launches(direct)
-            labels = triton_backend.solve(problem).labels
-            row[direct] = (host_us(lambda p=problem: triton_backend.solve(p)),
-                           host_us(lambda p=problem: triton_backend.solve_sparse(p)), labels)  # fmt: skip
-        same = torch.equal(row[True][2], row[False][2])
-        say(f"B={batch}: host us per call, JIT -> direct: solve {row[False][0]:.0f} -> {row[True][0]:.0f}, "
-            f"solve_sparse {row[False][1]:.0f} -> {row[True][1]:.0f}{'' if same else '  LABELS DIFFER'}")  # fmt: skip
-        record["launches"].append(dict(batch=batch, jit_us=row[False][:2], direct_us=row[True][:2], same=same))
+    with surviving("launches"):
+        for batch in (1, 32) if "launches" in sections else ():
+            problem = problem_for(batch, None)[0]
+            row = {"batch": batch}
+            for direct in (False, True):
+                set_direct_launches(direct)
+                labels = triton_backend.solve(problem).labels
+                row[direct] = (host_us(lambda p=problem: triton_backend.solve(p)),
+                               host_us(lambda p=problem: triton_backend.solve_sparse(p)), labels)  # fmt: skip
+            same = torch.equal(row[True][2], row[False][2])
+            differ = "" if same else "  LABELS DIFFER"
+            say(f"B={batch}: host us per call, JIT -> direct: solve {row[False][0]:.0f} -> {row[True][0]:.0f}, "
+                f"solve_sparse {row[False][1]:.0f} -> {row[True][1]:.0f}{differ}")  # fmt: skip
+            record["launches"].append(dict(batch=batch, jit_us=row[False][:2], direct_us=row[True][:2], same=same))
 
     say("== matching: the pair walk against the gather by anchor block (gather_kernel) ==")
     record["matching"] = []
