@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A prepared service experiment for a lent GPU machine, after gpu_check.sh when device time
-# is left (about 4 minutes; carry .whl, as for gpu_check.sh):
+# is left (about 100 s per run, 5-6 minutes for the three; carry .whl, as for gpu_check.sh):
 #
 #   bash benchmarks/gpu_service_ab.sh
 #
@@ -65,9 +65,13 @@ load() {  # load NAME [SERVER FLAGS...]: one bench_loadtest.py run against a fre
     shift
     echo "== $name: serve --workers $workers $* ==" | tee -a "$report"
     timeout -s INT -k 10 100 "$PYTHON" benchmarks/bench_loadtest.py --backend "${AB_BACKEND:-triton}" --processes 8 --scale 4 \
-        --duration 3 --warmup 1 --server-args "--workers $workers --port $port $*" --out "$OUT/$name" 2>&1 |
+        --duration 3 --warmup 1 --server-args "--workers $workers --port $port $*" --out "$SCRATCH/runs/$name" 2>&1 |
         tail -n 12 | tee -a "$report"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # Packed after every run: a call cut at its limit brings back what $OUT holds then,
+    # at most 8 files (each run writes 3 and a plot folder).
+    [ -d "$SCRATCH/runs" ] && tar -czf "$OUT/service_ab.tar.gz.part" -C "$SCRATCH/runs" . &&
+        mv "$OUT/service_ab.tar.gz.part" "$OUT/service_ab.tar.gz"
     # A run its timeout killed leaves its server's front ends holding the GPU and cores.
     pkill -f -- "--workers $workers --port $port" && sleep 2
     port=$((port + 1))  # the last server's port may linger in TIME_WAIT
@@ -100,12 +104,5 @@ for run in ${AB_RUNS:-block spin mps}; do
     esac
 done
 
-runs=()
-for run in block spin mps; do
-    [ -d "$OUT/$run" ] && runs+=("$run")
-done
-if [ "${#runs[@]}" -gt 0 ]; then
-    tar -czf "$OUT/service_ab.tar.gz" -C "$OUT" "${runs[@]}" && (cd "$OUT" && rm -rf "${runs[@]}")
-fi
 [ "$unknown" = 1 ] && status=2
 exit "$status"
