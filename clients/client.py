@@ -52,7 +52,6 @@ import contextlib
 import itertools
 import json
 import math
-import numbers
 import os
 import random
 import re
@@ -65,7 +64,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,7 +76,16 @@ from tritarget.protos import ERROR_DOMAIN, OVERLOADED_REASON
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
-from .wire import anchors_request, build_request, decode_anchors, decode_response, decode_sparse, level_starts
+from .wire import (
+    anchors_request,
+    build_request,
+    decode_anchors,
+    decode_response,
+    decode_sparse,
+    is_integer,
+    is_real,
+    level_starts,
+)
 
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientStats"]
 
@@ -194,21 +201,11 @@ def command_line_token(flag: str | None, verb: str) -> str | None:
     return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
 
 
-def _real(value: Any) -> bool:
-    """A number of seconds: Python's or numpy's (not a bool, whose True would read as 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _integer(value: Any) -> bool:
-    """A count: Python's or numpy's int (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
     """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
     if value is None and meaning_of_none is not None:
         return None
-    if not _real(value) or not 0 < value < math.inf:  # NaN too
+    if not is_real(value) or not 0 < value < math.inf:  # NaN too
         none = "" if meaning_of_none is None else f" (or None: {meaning_of_none})"
         raise ValueError(f"{name}: must be > 0 seconds{none}, got {value!r}")
     return float(value)
@@ -422,7 +419,7 @@ class _Base:
             raise ValueError("target: give at least one address")
         for address in self.targets:
             check_target(address)
-        if not _integer(connections) or connections < 1:
+        if not is_integer(connections) or connections < 1:
             raise ValueError(f"connections: must be an integer >= 1, got {connections!r}")
         self.connections = connections = int(connections)
         # One endpoint per connection, the addresses interleaved so that turns alternate
@@ -432,11 +429,11 @@ class _Base:
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         try_timeout = _checked_timeout("try_timeout", try_timeout, "the call's timeout")
         timeout = _checked_timeout("timeout", timeout, "no deadline")
-        if not _real(backoff) or not 0 <= backoff < math.inf:
+        if not is_real(backoff) or not 0 <= backoff < math.inf:
             raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff!r}")
-        if not _real(max_backoff) or not 0 < max_backoff < math.inf:
+        if not is_real(max_backoff) or not 0 < max_backoff < math.inf:
             raise ValueError(f"max_backoff: must be finite seconds > 0, got {max_backoff!r}")
-        if retries is not None and (not _integer(retries) or retries < 0):
+        if retries is not None and (not is_integer(retries) or retries < 0):
             raise ValueError(f"retries: must be an integer >= 0 (or None: until the deadline), got {retries!r}")
         self.timeout = timeout
         self.try_timeout = try_timeout
@@ -460,7 +457,7 @@ class _Base:
         check_flags(tls=tls)
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
-        if not _integer(max_message_bytes) or not (0 < max_message_bytes < 2**31):  # gRPC's limits are int32
+        if not is_integer(max_message_bytes) or not (0 < max_message_bytes < 2**31):  # gRPC's limits are int32
             raise ValueError(f"max_message_bytes: must be an integer in [1, 2**31), got {max_message_bytes!r}")
         self._max_message_bytes = max_message_bytes = int(max_message_bytes)
         if isinstance(options, Mapping) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):

@@ -81,12 +81,22 @@ def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == dtype and value.is_cpu
 
 
+def is_integer(value: Any) -> bool:
+    """An int, Python's or numpy's (not a bool, whose True would read as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """A number, Python's or numpy's (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def checked_canvas(canvas: Any) -> tuple[int, int]:
     """Two ints, as in-process ``assign`` takes them (a float side would be truncated);
     their values are the server's to check (its errors name canvas_height / canvas_width)."""
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
         raise TypeError(f"canvas: expected (height, width), got {canvas!r}")
-    if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in canvas):
+    if not all(is_integer(side) for side in canvas):
         raise TypeError(f"canvas: expected two ints (height, width), got {canvas!r}")
     return _int32("canvas[0]", int(canvas[0])), _int32("canvas[1]", int(canvas[1]))
 
@@ -138,7 +148,7 @@ def _counts(name: str, counts: Any) -> list[int]:
     if not isinstance(counts, (torch.Tensor, np.ndarray, Sequence)) or isinstance(counts, (str, bytes)):
         raise TypeError(f"{name}: expected one int per image (a list or a 1-D tensor), got {type(counts).__name__}")
     values = counts.tolist() if isinstance(counts, (torch.Tensor, np.ndarray)) else list(counts)
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+    if not all(is_integer(v) for v in values):
         raise TypeError(f"{name}: expected integers, got {values!r}")
     return [_int32(f"{name}[{i}]", int(v)) for i, v in enumerate(values)]
 

@@ -489,19 +489,18 @@ def _examine(items: list[_Boxes], canvas: tuple[int, int], drop: bool) -> dict[s
 def _drop_or_raise(
     name: str, boxes: torch.Tensor, counts: list[int], reasons: list[tuple[int, str]], drop: bool
 ) -> _Dropped:
-    batch = len(counts)
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    offsets = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)])
-    image_of_row = torch.repeat_interleave(torch.arange(batch), counts_t)
     if not drop:
         row, reason = reasons[0]
-        image = int(image_of_row[row])
-        box = int(row - offsets[image])
+        image, box = image_and_box(row, counts)
         more = f" ({len(reasons) - 1} more invalid boxes)" if len(reasons) > 1 else ""
         raise ValueError(
             f"{name}: image {image}, box {box}: {reason}: {boxes[row].tolist()}{more}; "
             "pass drop_invalid=True to drop invalid boxes instead"
         )
+    batch = len(counts)
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    offsets = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)])
+    image_of_row = torch.repeat_interleave(torch.arange(batch), counts_t)
     bad = torch.zeros(boxes.shape[0], dtype=torch.bool)
     bad[[row for row, _ in reasons]] = True
     within = torch.arange(boxes.shape[0]) - offsets[image_of_row]

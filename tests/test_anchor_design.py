@@ -971,15 +971,22 @@ def test_an_output_folder_is_checked_by_writing_in_it():
     assert output_file_problem("/proc/report.json").startswith("cannot write in /proc (")
 
 
-def test_annotations_and_configs_are_read_from_pipes(skewed_path, tmp_path, capsys):
+def test_annotations_and_configs_are_read_from_pipes(skewed_path, capsys):
     """A pipe (``<(zcat instances.json.gz)``) or /dev/stdin is no regular file: both were
     refused as "not found"."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(presets.get("yolov5").to_dict()))
-    with open(skewed_path, "rb") as annotations, open(config, "rb") as config_file:
-        argv = ["anchors", "check", "--annotations", f"/dev/fd/{annotations.fileno()}", "--config",
-                f"/dev/fd/{config_file.fileno()}", "--backend", "cpu"]  # fmt: skip
+    pipes = []
+    for content in (Path(skewed_path).read_bytes(), json.dumps(presets.get("yolov5").to_dict()).encode()):
+        read, write = os.pipe()
+        pipes.append(read)
+        threading.Thread(target=lambda w=write, c=content: (os.write(w, c), os.close(w)), daemon=True).start()
+    try:
+        assert stat.S_ISFIFO(os.fstat(pipes[0]).st_mode)
+        argv = ["anchors", "check", "--annotations", f"/dev/fd/{pipes[0]}", "--config", f"/dev/fd/{pipes[1]}",
+                "--backend", "cpu"]  # fmt: skip
         assert main(argv) == 0
+    finally:
+        for read in pipes:
+            os.close(read)
     assert "BPR, IoU >= high alone" in capsys.readouterr().out
 
 
