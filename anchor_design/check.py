@@ -149,10 +149,10 @@ class CheckResult:
             start += count
         return out
 
-    def positive_histogram(self, strict: bool = False) -> list[tuple[str, int]]:
-        """Boxes per bin of positives per box: [(label, boxes)] for 0, 1, 2-3, 4-7, 8-15, 16+."""
-        counts = (self.strict if strict else self.matched).positives
-        bins = torch.bucketize(counts, torch.tensor(_POSITIVE_EDGES[1:]), right=True)
+    def positive_histogram(self) -> list[tuple[str, int]]:
+        """Boxes per bin of positives per box under the config's rules: [(label, boxes)] for
+        0, 1, 2-3, 4-7, 8-15, 16+."""
+        bins = torch.bucketize(self.matched.positives, torch.tensor(_POSITIVE_EDGES[1:]), right=True)
         totals = torch.bincount(bins, minlength=len(_POSITIVE_EDGES)).tolist()
         return list(zip(_bin_labels(), totals))
 

@@ -34,12 +34,12 @@
 #    service_workersN.txt). Since run13 the server's compute workers sleep while they wait
 #    for the GPU (`serve --gpu-wait block`); run5-run12 spun (GPU_SERVICE_ARGS="--gpu-wait
 #    spin" for theirs; benchmarks/gpu_service_ab.sh compares the two, and MPS, in one run).
-# 5. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
-#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
-# 6. The service against more front ends (GPU_SERVICE_WORKERS_MORE, default 8;
+# 5. The service against more front ends (GPU_SERVICE_WORKERS_MORE, default 8;
 #    service_workers8.txt): at 4 (run8, run9) each front end's process spent ~1.5 cores
 #    per second at the open-loop point (p99 29-32 ms against a 20 ms goal), so its event
 #    loop, under one GIL, is where requests wait. One front end was measured in run4-run8.
+# 6. benchmarks/bench_anchor_design.py: the anchor check scan on the GPU (20,000 images;
+#    GPU_ANCHOR_IMAGES=100000 for the issue's figure, 9-14 s on the H200).
 # Steps 4-6 in the order of what is still unmeasured: when time runs short, the last go.
 #
 # Results land under $OUT (default benchmarks/results/gpu_check): pytest.txt, bench.txt,

@@ -23,9 +23,6 @@ from tritarget.service.output import output_file_problem, written_in_place
 __all__ = ["add_parser"]
 
 _positive = number(0, above=True)
-# A stream's deadline is --timeout + --duration + --warmup: each bounded as --timeout is
-# (1e10 s made every stream's deadline overflow, DEADLINE_EXCEEDED at once).
-_seconds = number(0, above=True, high=1e6)
 
 # The exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
 _INTERRUPTED = 130
@@ -52,7 +49,9 @@ def add_parser(commands) -> None:
     )  # fmt: skip
     parser.add_argument("--target", action="append", required=True, type=target_address,
                         help="server address (repeat for several; or dns:///name:port)")  # fmt: skip
-    parser.add_argument("--duration", type=_seconds, default=10.0, help="measured seconds (default 10)")
+    # A stream's deadline is --timeout + --duration + --warmup: each bounded as --timeout is
+    # (1e10 s made every stream's deadline overflow, DEADLINE_EXCEEDED at once).
+    parser.add_argument("--duration", type=timeout_seconds, default=10.0, help="measured seconds (default 10)")
     parser.add_argument("--warmup", type=number(0, high=1e6), default=2.0, help="seconds before measuring (default 2)")
     parser.add_argument(
         "--concurrency",

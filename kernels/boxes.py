@@ -86,6 +86,14 @@ def _check_rows(name: str, rows: torch.Tensor, anchors: torch.Tensor, config: ob
         raise ValueError(f"{name} and anchors: {rows.shape[0]} rows against {anchors.shape[0]}")
 
 
+def _centers(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Centre x, centre y, width and height of xyxy rows, in the peers' order of operations
+    (x1 + 0.5 * w: the deltas are exact with theirs)."""
+    width = boxes[:, 2] - boxes[:, 0]
+    height = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * width, boxes[:, 1] + 0.5 * height, width, height
+
+
 def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> torch.Tensor:
     """Offsets of matched boxes w.r.t. their anchors.
 
@@ -98,14 +106,8 @@ def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> 
     _check_rows("boxes", boxes, anchors, config)
     boxes, anchors = _upcast(boxes), _upcast(anchors)
     wx, wy, ww, wh = config.weights
-    aw = anchors[:, 2] - anchors[:, 0]
-    ah = anchors[:, 3] - anchors[:, 1]
-    acx = anchors[:, 0] + 0.5 * aw
-    acy = anchors[:, 1] + 0.5 * ah
-    gw = boxes[:, 2] - boxes[:, 0]
-    gh = boxes[:, 3] - boxes[:, 1]
-    gcx = boxes[:, 0] + 0.5 * gw
-    gcy = boxes[:, 1] + 0.5 * gh
+    acx, acy, aw, ah = _centers(anchors)
+    gcx, gcy, gw, gh = _centers(boxes)
     deltas = torch.stack(
         [wx * (gcx - acx) / aw, wy * (gcy - acy) / ah, ww * torch.log(gw / aw), wh * torch.log(gh / ah)], dim=1
     )
@@ -131,10 +133,7 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
     stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
     d = deltas * stds + means
     wx, wy, ww, wh = config.weights
-    aw = anchors[:, 2] - anchors[:, 0]
-    ah = anchors[:, 3] - anchors[:, 1]
-    acx = anchors[:, 0] + 0.5 * aw
-    acy = anchors[:, 1] + 0.5 * ah
+    acx, acy, aw, ah = _centers(anchors)
     dw = (d[:, 2] / ww).clamp(max=config.scale_clamp)
     dh = (d[:, 3] / wh).clamp(max=config.scale_clamp)
     cx = d[:, 0] / wx * aw + acx

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Launcher", "Param", "keeping_arguments", "launch_kind"]
+__all__ = ["Launcher", "Param", "keeping_arguments"]
 
 _DTYPE = operator.attrgetter("dtype")
 _IS_ONE = (1).__eq__
@@ -109,13 +109,6 @@ class _Plan:
         )
 
 
-def launch_kind(arguments: list, params: tuple[Param, ...], options: dict) -> tuple:
-    """What a launch's compiled variant depends on (see the module docstring):
-    ``arguments`` in the kernel's parameter order, ``params`` how Triton treats each."""
-    types = tuple(map(type, arguments))
-    return types, _Plan(types, params).key(arguments), tuple(sorted(options.items()))
-
-
 _KEEPING = threading.local()
 
 
@@ -174,8 +167,9 @@ class Launcher:
         return self._signature
 
     def kind(self, args: tuple, kwargs: dict) -> tuple[list, tuple]:
-        """A launch's arguments in parameter order (defaults filled in) and its
-        ``launch_kind``, for ``kernel[grid](*args, **kwargs)``."""
+        """A launch's arguments in parameter order (defaults filled in) and its kind, what
+        its compiled variant depends on (see the module docstring), for
+        ``kernel[grid](*args, **kwargs)``."""
         names, name_set, defaults, params = self._parameters()
         arguments = [*args, *(kwargs[name] if name in kwargs else defaults[name] for name in names[len(args) :])]
         options = tuple(sorted(item for item in kwargs.items() if item[0] not in name_set))

@@ -304,13 +304,12 @@ def _loopback_only(host: str) -> bool:
     return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
-def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
+def _announce_as(prefix: str, text: str, file=None) -> None:
     # One write per line: the workers share one stdout, and print() writes the text and
     # the newline separately, so two workers' lines could interleave on one line.
     stream = file if file is not None else sys.stdout
     stream.write(f"{prefix} {text}\n")
-    if flush:
-        stream.flush()
+    stream.flush()
 
 
 def _serve_workers(options, workers: int, cores: int) -> int:

@@ -55,15 +55,15 @@ class Unavailable(ServiceError):
     """The server cannot take the request now (starting, shutting down); retryable."""
 
 
-def invalid_from_exception(exc: Exception, prefix: str = "") -> InvalidInput:
+def invalid_from_exception(exc: Exception) -> InvalidInput:
     """An ``InvalidInput`` from a library ``ValueError``/``TypeError``.
 
     The kernels' messages start with the offending field (``"gt_boxes: image 0, box 3:
-    ..."``, ``"MatchConfig.high: ..."``); that becomes the field violation's field.
+    ..."``, ``"MatchConfig.high: ..."``); that becomes the field violation's field, and
+    a message that starts otherwise is the request's.
     """
     text = str(exc)
     field, sep, description = text.partition(": ")
     if not sep or " " in field:
-        return InvalidInput(f"{prefix.rstrip('.') or 'request'}: {text}", [(prefix.rstrip(".") or "request", text)])
-    field = prefix + field
+        return InvalidInput(f"request: {text}", [("request", text)])
     return InvalidInput(f"{field}: {description}", [(field, description)])

@@ -24,8 +24,11 @@ from tritarget.kernels import assign, assign_sparse, presets
 from tritarget.kernels.workload import coco_like_batch
 
 pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
 from tritarget.kernels import triton_backend  # noqa: E402
-from tritarget.kernels.triton_launch import Launcher, Param, launch_kind  # noqa: E402
+from tritarget.kernels.triton_launch import Launcher  # noqa: E402
 
 # Without the interpreter, where Triton compiles: per kernel, how many compile keys
 # each launch kind of ours spans over the launches and their one-argument changes.
@@ -84,7 +87,7 @@ def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
     the ends of the i32 and i64 ranges --
     Triton's binder picks one compile key per launch kind of ours: a direct launch never
     runs a variant compiled for other arguments. (Dropping any trait from
-    ``_argument_kind`` fails this.)"""
+    ``_Plan.key`` fails this.)"""
     launches = record_launches(monkeypatch)
     canvas = (96, 128)
     boxes, counts, classes = coco_like_batch(2, seed=5, canvas=canvas, boxes_per_image=4)
@@ -102,6 +105,24 @@ def test_a_launch_kind_never_spans_two_compiled_variants(monkeypatch):
         assert counts_["keys"] > 1, (name, counts_)  # the changes did reach other variants
 
 
+# Kernels to take launch kinds of (``Launcher.kind`` reads a JIT function's parameters,
+# never runs it): made with JITFunction itself, which the interpreter's triton.jit is not.
+def _one(a):
+    pass
+
+
+def _two(a, b):
+    pass
+
+
+def _constexpr(a: tl.constexpr):
+    pass
+
+
+_ONE, _TWO, _CONSTEXPR = map(JITFunction, (_one, _two, _constexpr))
+_LOOSE = JITFunction(_two, do_not_specialize=["b"], do_not_specialize_on_alignment=["a"])
+
+
 def test_launch_kind_keeps_what_triton_specialises_on():
     """The traits by hand: alignment and dtype of tensors, an int's being 1, its
     divisibility by 16 and its type (by range: -2**31 is an i32, 2**31 an i64), bools
@@ -111,8 +132,9 @@ def test_launch_kind_keeps_what_triton_specialises_on():
     int's value, a pointer's alignment) is left out, but not an int's type."""
     aligned = torch.empty(64, dtype=torch.float32)
 
-    def kind(*arguments, params=None, **options):
-        return launch_kind(list(arguments), params or (Param(),) * len(arguments), options)
+    def kind(*arguments, probe=None, **options):
+        launcher = Launcher(probe or (_ONE, _TWO)[len(arguments) - 1], direct=True)
+        return launcher.kind(arguments, options)[1]
 
     assert kind(aligned, 17) == kind(aligned[4:], 33)  # +16 bytes: still aligned; both odd
     assert kind(aligned, 17) != kind(aligned[2:], 17)  # +8 bytes
@@ -121,12 +143,11 @@ def test_launch_kind_keeps_what_triton_specialises_on():
              (True, 1), (False, 0), (0.5, 1), (None, 0))  # fmt: skip
     for a, b in pairs:
         assert kind(a) != kind(b), (a, b)
-    assert kind(256, params=(Param(constexpr=True),)) != kind(512, params=(Param(constexpr=True),))
+    assert kind(256, probe=_CONSTEXPR) != kind(512, probe=_CONSTEXPR)
     assert kind(17, num_warps=4) != kind(17, num_warps=8)
     assert kind(17, 33) == kind(19, 35)
-    loose = (Param(align=False), Param(specialize=False))
-    assert kind(aligned, 17, params=loose) == kind(aligned[2:], 1, params=loose) == kind(aligned, 32, params=loose)
-    assert kind(aligned, 17, params=loose) != kind(aligned, 2**40, params=loose)
+    assert kind(aligned, 17, probe=_LOOSE) == kind(aligned[2:], 1, probe=_LOOSE) == kind(aligned, 32, probe=_LOOSE)
+    assert kind(aligned, 17, probe=_LOOSE) != kind(aligned, 2**40, probe=_LOOSE)
 
 
 @pytest.mark.parametrize("value", ["y", " 1", "0"])
