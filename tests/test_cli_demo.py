@@ -1,5 +1,6 @@
 """`tritarget demo` prints a per-image summary of real targets."""
 
+import os
 import re
 import subprocess
 import sys
@@ -72,3 +73,19 @@ def test_a_fixed_canvas_needs_every_levels_feature_map():
     config = AnchorConfig(layout="torchvision", levels=(AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,)),))
     with pytest.raises(ValueError, match="every level needs a feature_size"):
         fixed_canvas(config)
+
+
+def test_output_read_by_a_reader_that_stops_ends_quietly():
+    """`tritarget demo | head -1`: the reader closes the pipe; the command stops with 141
+    (128 + SIGPIPE, as a shell reports it) and no traceback, as Unix tools do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that stopped before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "tritarget.service.cli", "demo", "--backend", "reference", "--batch", "1"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
