@@ -18,6 +18,12 @@ import sys
 import time
 
 from tritarget.service.arguments import integer
+from tritarget.service.output import (
+    output_file_problem,
+    output_folder_problem,
+    reader_gone,
+    write_atomically,
+)
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -303,7 +309,6 @@ def _check_backend(backend: str) -> None:
 
 
 def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
-    from tritarget.service.output import output_file_problem
 
     problem = output_file_problem(path)
     if problem is not None:
@@ -388,7 +393,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    from tritarget.service.output import write_atomically
 
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
@@ -467,7 +471,6 @@ def _shapes_canvas(resize) -> tuple[int, int]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from tritarget.service.output import output_file_problem, output_folder_problem
 
     from .check import check
     from .plots import plot_anchor_shapes, plot_assignment, plot_check
@@ -543,6 +546,8 @@ def run(args: argparse.Namespace) -> int:
     _print_any_file_name()
     try:
         return _COMMANDS[args.anchors_command](args)
+    except BrokenPipeError:  # stdout's reader stopped reading: the entry point's to end quietly
+        raise
     except OSError as exc:  # a file that cannot be read or written, named by the system
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"tritarget anchors {args.anchors_command}: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -556,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritarget")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrokenPipeError:
+        return reader_gone()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .arguments import batch_seed, integer, number, target_address, timeout_seconds
+from .output import reader_gone
 
 __all__ = ["main"]
 
@@ -664,10 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
         print("tritarget: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # whoever read the output stopped reading (`tritarget demo | head -1`)
-        # Python flushes stdout once more at exit, into the same closed pipe: devnull instead.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE  # as a shell reports a command its pipe stopped
+    except BrokenPipeError:  # whoever read the output stopped reading
+        return reader_gone()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["output_file_problem", "output_folder_problem", "write_atomically", "written_in_place"]
+__all__ = ["output_file_problem", "output_folder_problem", "reader_gone", "write_atomically", "written_in_place"]
 
 
 def _existing_folder_problem(folder: str) -> str | None:
@@ -146,3 +146,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
             os.unlink(temporary)
         raise
     return path
+
+
+def reader_gone() -> int:
+    """After a ``BrokenPipeError`` on stdout, whose reader stopped reading (``tritarget demo
+    | head -1``): points stdout at the null device, as Python flushes it once more at exit
+    into the same closed pipe (a second error, printed), and returns the exit status a
+    shell reports for a command its pipe stopped, 128 + SIGPIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141

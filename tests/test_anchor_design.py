@@ -628,6 +628,24 @@ def test_tritarget_command_has_anchors(skewed_path):
     assert "BPR, IoU >= high alone" in result.stdout
 
 
+@pytest.mark.parametrize("command", [["tritarget.service.cli", "anchors"], ["tritarget.anchor_design.cli"]])
+def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command):
+    """`tritarget anchors check ... | head -1`: 141 (128 + SIGPIPE, as a shell reports it),
+    no traceback; the closed pipe was reported as a file error (exit 2)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that stopped before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", *command, "check", "--annotations", skewed_path, "--no-resize", "--preset",
+             "yolov5", "--backend", "cpu", "--missing", "0"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Broken pipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names of any bytes: Linux")
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(skewed_path, tmp_path):
     """Under a UTF-8 locale stdout refused the name's undecodable bytes: `fit` failed (exit 2)
