@@ -281,20 +281,25 @@ def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     for i, level in enumerate(levels):
         _check_cells(config.layout, i, level.cells)
-        _check_placed(i, level, canvas)
     return AnchorGrid(levels, shape_major=config.layout == "yolo")
 
 
+@functools.lru_cache(maxsize=64)
 def _grid_to_build(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     """The grid of anchors about to be built or assigned: refused past int32 anchor indices
     (an allocator's error for tens of gigabytes, or on a larger machine indices wrapped
-    around). Counting them (``resolve_grid``) stays possible: the service refuses such a
-    request by its own limits, as RESOURCE_EXHAUSTED."""
+    around), then where float32 rounds anchors flat (``_check_placed``). Counting them
+    (``resolve_grid``) stays cheap, O(shapes) per level: the service refuses such a request
+    by its own limits, as RESOURCE_EXHAUSTED, before anything per cell is computed (the
+    placement check, run while counting, took seconds and gigabytes for one level 10^6
+    cells wide with 256 shapes)."""
     grid = _resolve_cached(config, canvas)
     if grid.num_anchors > _MAX_ANCHORS:
         raise ValueError(f"anchors: {grid.num_anchors:,} per image on the {canvas[0]} x {canvas[1]} canvas, more "
                          f"than {_MAX_ANCHORS:,} (anchor indices are int32): a smaller canvas or fewer anchor "
                          "shapes")  # fmt: skip
+    for i, level in enumerate(grid.levels):
+        _check_placed(i, level, canvas)
     return grid
 
 

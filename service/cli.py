@@ -565,9 +565,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="max request/response size (default 256; at most 2047)",
     )
     parser.add_argument("--max-unsent-mb", type=integer(1, 1 << 30), default=4096,
-                        help="responses built and not yet read by their callers, all calls together; past it "
-                             "a unary call is refused RESOURCE_EXHAUSTED, a stream's request waits "
-                             "(default 4096)")  # fmt: skip
+                        help="responses built and not yet read by their callers, all calls together, in "
+                             "bytes on the wire (memory: up to 4x that); past it a unary call is refused "
+                             "RESOURCE_EXHAUSTED, a stream's request waits (default 4096)")  # fmt: skip
     parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(
         "--max-request-boxes", type=integer(1), default=100_000, help="boxes per request (default 100000)"

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -181,6 +184,34 @@ def test_generated_anchors_that_float32_rounds_flat_where_placed_are_refused(bac
         generate_anchors(config.anchors, (1, 2**25))
     fine = generate_anchors(config.anchors, (1, 8_000_000))  # up to x = 7.5e6: every anchor 1 pixel wide
     assert ((fine[:, 2] - fine[:, 0]) == 1).all()
+
+
+# Counts one level of 10^6 x 1 cells and 256 shapes, with at most 512 MB of address space
+# more than the process has after its imports.
+_COUNT_WITHIN_AN_ALLOWANCE = """
+import resource
+from tritarget.kernels import presets, resolve_grid
+
+level = {"stride": 8, "sizes": [8.0 + i for i in range(64)], "aspect_ratios": [0.5, 1.0, 2.0, 4.0],
+         "feature_size": [1, 1_000_000]}
+config = presets.get("retinanet_detectron2").replace(**{"anchors.levels": [level]})
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+print(resolve_grid(config.anchors, (64, 64)).num_anchors)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_counting_anchors_computes_nothing_per_cell():
+    """The service counts a request's anchors (``resolve_grid``) before its limits refuse
+    it, on its event loop: the float32 placement check ran there too, and a 1 KB config of
+    one level 10^6 cells wide with 256 shapes took 1.7-2.8 s and 2.4 GB to count. That
+    check now runs only where anchors are built (``generate_anchors``, ``assign``)."""
+    counted = subprocess.run([sys.executable, "-c", _COUNT_WITHIN_AN_ALLOWANCE], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    assert counted.stdout.split() == [str(256 * 10**6)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
