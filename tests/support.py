@@ -174,3 +174,15 @@ IOF_AT_THRESHOLD = [
     (True, [[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], [0, 0, 10, 5]),
     (False, [[0, 0, 10, 5], [0, 0, 10, 6], [40, 40, 50, 50]], [0, 0, 10, 10]),
 ]
+
+
+def run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python argv`` with stdout a pipe whose reader stopped before the first line (``| head
+    -1`` after its line), stderr captured."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import run_into_a_closed_pipe
 from tritarget.anchor_design import (
     Resize,
     check,
@@ -632,16 +633,8 @@ def test_tritarget_command_has_anchors(skewed_path):
 def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command):
     """`tritarget anchors check ... | head -1`: 141 (128 + SIGPIPE, as a shell reports it),
     no traceback; the closed pipe was reported as a file error (exit 2)."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # a reader that stopped before the first line
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", *command, "check", "--annotations", skewed_path, "--no-resize", "--preset",
-             "yolov5", "--backend", "cpu", "--missing", "0"],
-            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
-        )  # fmt: skip
-    finally:
-        os.close(write_end)
+    result = run_into_a_closed_pipe(["-m", *command, "check", "--annotations", skewed_path, "--no-resize",
+                                     "--preset", "yolov5", "--backend", "cpu", "--missing", "0"])  # fmt: skip
     assert result.returncode == 141, result.stderr
     assert "Broken pipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 

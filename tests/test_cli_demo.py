@@ -1,11 +1,12 @@
 """`tritarget demo` prints a per-image summary of real targets."""
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
+
+from support import run_into_a_closed_pipe
 
 
 def test_demo_prints_a_summary():
@@ -78,14 +79,6 @@ def test_a_fixed_canvas_needs_every_levels_feature_map():
 def test_output_read_by_a_reader_that_stops_ends_quietly():
     """`tritarget demo | head -1`: the reader closes the pipe; the command stops with 141
     (128 + SIGPIPE, as a shell reports it) and no traceback, as Unix tools do."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # a reader that stopped before the first line
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "tritarget.service.cli", "demo", "--backend", "reference", "--batch", "1"],
-            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
-        )  # fmt: skip
-    finally:
-        os.close(write_end)
+    result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "demo", "--backend", "reference", "--batch", "1"])
     assert result.returncode == 141, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
