@@ -26,13 +26,13 @@ from tritarget.kernels.sampling import fresh_seed
 from tritarget.kernels.targets import (
     IGNORED,
     NEGATIVE,
-    NOTHING_DROPPED,
     POSITIVE,
     SparseTargets,
     Targets,
     csr_problem,
     csr_rows,
     filled,
+    nothing_dropped,
     overlap_problem,
 )
 from tritarget.protos import target_assigner_pb2 as pb
@@ -490,7 +490,7 @@ def _dropped(response: pb.AssignResponse, boxes: list[int] | None, ignore: bool 
     """Each image's dropped box (``ignore``: ignore region) indices: ascending, each one
     of its image's ``boxes`` (when the request is known)."""
     if not response.dropped:
-        return [NOTHING_DROPPED] * response.batch_size
+        return nothing_dropped(response.batch_size)
     what = "ignore regions" if ignore else "boxes"
     dropped = []
     for image, lst in enumerate(response.dropped):

@@ -343,7 +343,9 @@ def _check_placed(index: int, level: GridLevel, canvas: tuple[int, int]) -> None
 
 
 def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
-    """The per-level anchor tables of a config on a canvas (cached)."""
+    """The per-level anchor tables of a config on a canvas (cached): the grid ``assign`` and
+    ``generate_anchors`` build anchors from, shared, so read-only (an in-place edit of a
+    level's ``cells`` would move the anchors of later calls; clone them to change them)."""
     if not isinstance(config, AnchorConfig):
         raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
     return _resolve_cached(config, check_canvas(canvas))

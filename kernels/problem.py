@@ -45,7 +45,7 @@ import torch
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import _INT32_MAX, TargetConfig
 from .streams import stream_key
-from .targets import NOTHING_DROPPED
+from .targets import nothing_dropped
 
 __all__ = ["CheckBoxesFirst", "HostInts", "Problem", "build_problem", "canvas_limits", "integer_dtype", "valid_cells"]
 
@@ -693,7 +693,7 @@ def build_problem(
             if not may_be_invalid:  # boxes left to the backend: an invalid one still wins, on every backend
                 _examine(checked, canvas, drop_invalid)
             raise
-    kept = Kept(None, [NOTHING_DROPPED] * batch)
+    kept = Kept(None, nothing_dropped(batch))
     if "gt_boxes" in dropped:
         gt_dropped = dropped["gt_boxes"]
         counts, kept = gt_dropped.counts, gt_dropped.kept
@@ -701,7 +701,7 @@ def build_problem(
         boxes = boxes[rows]
         if classes is not None:
             classes = classes[rows]
-    kept.dropped_ignore = [NOTHING_DROPPED] * batch
+    kept.dropped_ignore = nothing_dropped(batch)
     if "ignore_boxes" in dropped:
         ign_counts = dropped["ignore_boxes"].counts
         ignore = ignore[dropped["ignore_boxes"].rows.to(device)]

@@ -328,3 +328,18 @@ def test_degenerate_explicit_anchor_is_named(bad_anchor, reason):
     anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], bad_anchor])
     with pytest.raises(ValueError, match=rf"anchors: anchor 1: .*{reason}"):
         _assign(GOOD, [3], anchors=anchors)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("function", [assign, assign_sparse])
+def test_the_empty_dropped_lists_of_a_result_are_its_own(function, backend):
+    """One tensor shared by every image that lost no box, resized and filled through one
+    result (``resize_``), showed in every later result."""
+    config = presets.get("retinanet_torchvision")
+    boxes = torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 8.0, 50.0, 40.0]])
+    first = function(boxes, [1, 1], (64, 96), config, backend=backend)
+    first.dropped[0].resize_(3).fill_(5)
+    first.dropped_ignore[1].resize_(2).fill_(7)
+    later = function(boxes, [1, 1], (64, 96), config, backend=backend)
+    assert [d.tolist() for d in later.dropped + later.dropped_ignore] == [[]] * 4
+    assert [d.tolist() for d in first.dropped] == [[5, 5, 5], []]

@@ -354,6 +354,18 @@ def test_dropped_lists_hold_ascending_indices_of_their_images_boxes(decode):
         decode(response, request)
 
 
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_a_decoded_responses_empty_dropped_lists_are_its_own(decode):
+    """One tensor shared by every image that lost no box, resized and filled through one
+    decoded response, showed in every later one."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision")
+    response = _answer(request)
+    first = decode(response, request)
+    first.dropped[0].resize_(2).fill_(5)
+    later = decode(response, request)
+    assert [d.tolist() for d in later.dropped + later.dropped_ignore] == [[]] * 4
+
+
 def test_an_anchor_both_positive_and_ignored_is_refused_where_the_lists_are_densified(breaking_server):
     """Decoding a SPARSE response densifies it (a gather finds it); ``densify=False`` keeps
     the lists as they came, and ``to_dense`` refuses them."""
