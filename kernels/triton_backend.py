@@ -168,13 +168,13 @@ _INTERPRETING = isinstance(triton_assign.finalize_kernel, InterpretedFunction)
 
 
 # The kernels, launched through their compiled variants once known (``triton_launch``).
-segments_kernel = Launcher(triton_assign.segments_kernel, not _INTERPRETING)
-pairs_kernel = Launcher(triton_assign.pairs_kernel, not _INTERPRETING)
-lift_segments_kernel = Launcher(triton_assign.lift_segments_kernel, not _INTERPRETING)
-forced_kernel = Launcher(triton_assign.forced_kernel, not _INTERPRETING)
-gather_kernel = Launcher(triton_assign.gather_kernel, not _INTERPRETING)
-finalize_kernel = Launcher(triton_assign.finalize_kernel, not _INTERPRETING)
-scan_kernel = Launcher(triton_assign.scan_kernel, not _INTERPRETING)
+segments_kernel = Launcher(triton_assign.segments_kernel, _INTERPRETING)
+pairs_kernel = Launcher(triton_assign.pairs_kernel, _INTERPRETING)
+lift_segments_kernel = Launcher(triton_assign.lift_segments_kernel, _INTERPRETING)
+forced_kernel = Launcher(triton_assign.forced_kernel, _INTERPRETING)
+gather_kernel = Launcher(triton_assign.gather_kernel, _INTERPRETING)
+finalize_kernel = Launcher(triton_assign.finalize_kernel, _INTERPRETING)
+scan_kernel = Launcher(triton_assign.scan_kernel, _INTERPRETING)
 
 
 def interpreting() -> bool:

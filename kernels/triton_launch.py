@@ -111,6 +111,12 @@ class _Plan:
 
 _KEEPING = threading.local()
 
+# Triton's interpreter swaps triton.language's functions for its own while it runs a
+# kernel, so two threads interpreting at once break each other's kernels: errors ("Did
+# you forget to add @triton.jit ?") or silently wrong values (4 threads x 20 launches of
+# a 6-line kernel, 2026-12-05). Interpreted launches go one at a time.
+_INTERPRETER = threading.Lock()
+
 
 @contextlib.contextmanager
 def keeping_arguments() -> Iterator[list[torch.Tensor]]:
@@ -128,14 +134,16 @@ def keeping_arguments() -> Iterator[list[torch.Tensor]]:
 
 
 class Launcher:
-    """``Launcher(kernel, direct)[grid](*args, **kwargs)`` launches like
+    """``Launcher(kernel, interpreted)[grid](*args, **kwargs)`` launches like
     ``kernel[grid](...)`` (positional arguments first, then ``tl.constexpr`` ones and
-    launch options by name), through the known compiled variants when ``direct`` (False
-    under the interpreter; ``gpu_sweep.py`` times both)."""
+    launch options by name): compiled, through the known compiled variants (``direct``;
+    ``gpu_sweep.py`` sets it False to time the JIT's own launch); ``interpreted``, through
+    the interpreter, one launch at a time in the process."""
 
-    def __init__(self, kernel, direct: bool) -> None:
+    def __init__(self, kernel, interpreted: bool) -> None:
         self.kernel = kernel
-        self.direct = direct
+        self.interpreted = interpreted
+        self.direct = not interpreted
         self._signature = None
         self._variants: dict[tuple, object] = {}
         self._plans: dict[tuple[type, ...], _Plan] = {}
@@ -144,14 +152,21 @@ class Launcher:
         kept = getattr(_KEEPING, "tensors", None)
         if kept is not None:
             return lambda *args, **kwargs: self._keep_and_launch(kept, grid, args, kwargs)
-        if not self.direct:
-            return self.kernel[grid]
-        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+        if self.direct:
+            return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+        return lambda *args, **kwargs: self._launch_through_jit(grid, args, kwargs)
 
     def _keep_and_launch(self, kept: list, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         kept.extend(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
         if self.direct:
             self._launch(grid, args, kwargs)
+        else:
+            self._launch_through_jit(grid, args, kwargs)
+
+    def _launch_through_jit(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        if self.interpreted:
+            with _INTERPRETER:
+                self.kernel[grid](*args, **kwargs)
         else:
             self.kernel[grid](*args, **kwargs)
 

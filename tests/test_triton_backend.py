@@ -343,6 +343,40 @@ def test_row_estimates_are_updated_by_threads_at_once(monkeypatch):
     assert failures == [] and len(triton_backend._ROWS_PER_IMAGE) == triton_backend._ROWS_PER_IMAGE_KEPT
 
 
+def test_threads_solving_at_once_get_the_reference_targets():
+    """Data-loader threads and the service's compute workers call the backend at once.
+    Triton's interpreter swaps triton.language's functions while it runs a kernel: two
+    threads interpreting at once raised "Did you forget to add @triton.jit ?" or gave
+    wrong targets, until interpreted launches went one at a time (``triton_launch``)."""
+    canvas, config = (32, 48), presets.get("retinanet_torchvision")
+    boxes, counts, classes = coco_like_batch(2, seed=3, canvas=canvas)
+    expected = assign(boxes, counts, canvas, config, gt_classes=classes, backend="reference")
+    results, failures = [], []
+
+    def solve() -> None:
+        try:
+            for _ in range(3):
+                results.append(assign(boxes.to(DEVICE), counts, canvas, config, gt_classes=classes.to(DEVICE),
+                                      backend="triton"))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 -- any failure of a thread fails the test
+            failures.append(exc)
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=solve) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert failures == []
+    assert len(results) == 12
+    for targets in results:
+        assert_targets_equal(targets.to("cpu"), expected)
+
+
 def test_register_cap_of_the_pair_kernels(monkeypatch, generator):
     """``pair_registers`` reaches the pair kernels' launches as Triton's ``maxnreg`` (what
     the H200 sweeps of run6-run10 varied): compiled on a GPU, the capped kernels still match the

@@ -60,7 +60,7 @@ found = collections.defaultdict(lambda: collections.defaultdict(set))
 for name, args, constexprs in json.load(sys.stdin):
     kernel = getattr(triton_assign, name)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    launcher = Launcher(kernel, direct=True)
+    launcher = Launcher(kernel, interpreted=False)
     for variant in [args, *changed(args)]:
         real = [tensor(*a["tensor"]) if isinstance(a, dict) else a for a in variant]
         _, specialization, _ = binder(*real, **constexprs)
@@ -133,7 +133,7 @@ def test_launch_kind_keeps_what_triton_specialises_on():
     aligned = torch.empty(64, dtype=torch.float32)
 
     def kind(*arguments, probe=None, **options):
-        launcher = Launcher(probe or (_ONE, _TWO)[len(arguments) - 1], direct=True)
+        launcher = Launcher(probe or (_ONE, _TWO)[len(arguments) - 1], interpreted=False)
         return launcher.kind(arguments, options)[1]
 
     assert kind(aligned, 17) == kind(aligned[4:], 33)  # +16 bytes: still aligned; both odd
