@@ -305,12 +305,14 @@ def _loopback_only(host: str) -> bool:
     return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
-def _announce_as(prefix: str, text: str, file=None) -> None:
+def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
     # One write per line: the workers share one stdout, and print() writes the text and
-    # the newline separately, so two workers' lines could interleave on one line.
+    # the newline separately, so two workers' lines could interleave on one line. A
+    # worker's server announces through it as through print (``flush`` included).
     stream = file if file is not None else sys.stdout
     stream.write(f"{prefix} {text}\n")
-    stream.flush()
+    if flush:
+        stream.flush()
 
 
 def _serve_workers(options, workers: int, cores: int) -> int:
@@ -566,7 +568,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-unsent-mb", type=integer(1, 1 << 30), default=4096,
                         help="responses built and not yet read by their callers, all calls together, in "
-                             "bytes on the wire (memory: up to 4x that); past it a unary call is refused "
+                             "bytes on the wire (memory: up to 2.5x that); past it a unary call is refused "
                              "RESOURCE_EXHAUSTED, a stream's request waits (default 4096)")  # fmt: skip
     parser.add_argument("--max-request-images", type=integer(1), default=256, help="images per request (default 256)")
     parser.add_argument(

@@ -73,7 +73,7 @@ class Metrics:
         self.unsent_bytes = Gauge(
             "tritarget_unsent_response_bytes",
             "Bytes on the wire of responses built, or being built (DENSE, GetAnchors), and not yet taken by their "
-            "callers (bounded by max_unsent_bytes; the process holds a waiting unary response 3-4 times over)",
+            "callers (bounded by max_unsent_bytes; the process holds a waiting response about twice over)",
             registry=reg,
         )
         self._http = None
