@@ -7,8 +7,9 @@ every batch is one request. Per request, from ``/metrics``:
     outside compute = tritarget_request_seconds (arrival at the servicer -> response ready)
                       - tritarget_compute_seconds (the batched assign call)
 
-which is decoding, batching hand-offs, encoding the response and bookkeeping (gRPC's
-own transport and (de)serialization are outside both). The share of requests computed
+which is decoding, batching hand-offs, encoding and serializing the response (on the
+compute worker since 2026-12-05; gRPC serialized it after the handler before) and
+bookkeeping (gRPC's own transport and the request's deserialization are outside both). The share of requests computed
 on the event loop (no hand-off: ``--inline-max-images``, 8 by default, so 32-image
 requests never are) is listed beside them. A straight line through the
 per-request figures gives the fixed and the per-image part, the issue's

@@ -77,8 +77,8 @@ class Limits:
     # max_message_bytes from a 62-byte request), and 8 of them pinned 5 GB. Callers that
     # read hold theirs for as long as sending takes: 4 GiB is ~100 8-image DENSE responses
     # on their way. The process holds a waiting response about twice over (its
-    # serialization and gRPC's send buffer): 2.0-2.5x its bytes in RSS for unary calls
-    # whose callers did not read, 1.8x for streams (2026-12-05), which the README states.
+    # serialization and gRPC's send buffer): ~2x its bytes in RSS for unary calls whose
+    # callers did not read, 1.6x for streams (benchmarks/bench_unsent_memory.py).
     max_unsent_bytes: int = 4 << 30
 
 

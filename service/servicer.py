@@ -234,7 +234,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         SPARSE copies the lists, or scans every anchor's label once when its batch ran dense),
         serialized, and its size. Serialized here, the message is let go at once: a unary
         response waiting for a caller that does not read was held as the message, its
-        serialization and gRPC's send buffer (3.1x its bytes in RSS; 2x now), and gRPC
+        serialization and gRPC's send buffer (3.07x its bytes in RSS; 1.98x now,
+        ``benchmarks/bench_unsent_memory.py``), and gRPC
         serialized it on the event loop (a 40 MB DENSE one in tens of milliseconds)."""
         start = time.perf_counter()
         response = codec.encode_assign(request, targets)
