@@ -330,17 +330,22 @@ def test_row_estimates_are_updated_by_threads_at_once(monkeypatch):
         except RuntimeError as exc:
             failures.append(exc)
 
+    _at_once(update, 1e-6)
+    assert failures == [] and len(triton_backend._ROWS_PER_IMAGE) == triton_backend._ROWS_PER_IMAGE_KEPT
+
+
+def _at_once(work, switch_s: float, threads: int = 4) -> None:
+    """``work(1000 * k)`` on ``threads`` threads at once, switching every ``switch_s``."""
     switching = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
+    sys.setswitchinterval(switch_s)
     try:
-        threads = [threading.Thread(target=update, args=(1000 * k,)) for k in range(4)]
-        for thread in threads:
+        running = [threading.Thread(target=work, args=(1000 * k,)) for k in range(threads)]
+        for thread in running:
             thread.start()
-        for thread in threads:
+        for thread in running:
             thread.join()
     finally:
         sys.setswitchinterval(switching)
-    assert failures == [] and len(triton_backend._ROWS_PER_IMAGE) == triton_backend._ROWS_PER_IMAGE_KEPT
 
 
 def test_threads_solving_at_once_get_the_reference_targets():
@@ -353,7 +358,7 @@ def test_threads_solving_at_once_get_the_reference_targets():
     expected = assign(boxes, counts, canvas, config, gt_classes=classes, backend="reference")
     results, failures = [], []
 
-    def solve() -> None:
+    def solve(_offset: int) -> None:
         try:
             for _ in range(3):
                 results.append(assign(boxes.to(DEVICE), counts, canvas, config, gt_classes=classes.to(DEVICE),
@@ -361,16 +366,7 @@ def test_threads_solving_at_once_get_the_reference_targets():
         except Exception as exc:  # noqa: BLE001 -- any failure of a thread fails the test
             failures.append(exc)
 
-    switching = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=solve) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switching)
+    _at_once(solve, 1e-5)
     assert failures == []
     assert len(results) == 12
     for targets in results:
