@@ -309,7 +309,6 @@ def _check_backend(backend: str) -> None:
 
 
 def _check_output_file(flag: str, path: str, args: argparse.Namespace) -> None:
-
     problem = output_file_problem(path)
     if problem is not None:
         raise _UsageError(f"{flag} {path}: {problem}")
@@ -393,7 +392,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data) -> None:
-
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, allow_nan=False)  # NaN and Infinity are not JSON
@@ -471,7 +469,6 @@ def _shapes_canvas(resize) -> tuple[int, int]:
 
 
 def _show(args: argparse.Namespace) -> int:
-
     from .check import check
     from .plots import plot_anchor_shapes, plot_assignment, plot_check
 

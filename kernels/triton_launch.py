@@ -15,7 +15,8 @@ the JIT would compile differently never reuses a variant: each tensor's dtype an
 (unless told not to) its being 1 or divisible by 16, every other argument's type, every
 ``tl.constexpr`` argument's value, and the launch options (warps, register cap, ...).
 The JIT also specialises nothing else of our kernels' arguments (their globals are
-constants). Under ``TRITON_INTERPRET=1`` there is nothing compiled: the JIT's launch as is.
+constants). Under ``TRITON_INTERPRET=1`` there is nothing compiled: the JIT's launch as is,
+one at a time in the process (``_INTERPRETER``).
 
 Measured: the first version walked the arguments one Python step each; run9's sweep
 (same process, H200 host) took a B = 1 ``solve`` from 405 to 291 us of host time. The

@@ -177,8 +177,8 @@ IOF_AT_THRESHOLD = [
 
 
 def run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python argv`` with stdout a pipe whose reader stopped before the first line (``| head
-    -1`` after its line), stderr captured."""
+    """``python argv`` with stdout a pipe whose reader has already stopped reading (as ``head
+    -1`` does once it has its line), stderr captured."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
