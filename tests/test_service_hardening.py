@@ -290,9 +290,15 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
 
         with caplog.at_level(logging.INFO, logger="tritarget.access"):
             asyncio.run(calls())
-            _until(lambda: _errors(srv, "AssignStream", "CANCELLED") == 1)
+
+            def logged() -> list[str]:
+                return sorted(r.getMessage() for r in caplog.records if r.name == "tritarget.access")
+
+            # The server counts a failed call before it logs it: wait for the last line, not the count.
+            _until(lambda: len(logged()) == 3)
         assert _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1 and _errors(srv, "Assign", "CANCELLED") == 1
-        lines = sorted(r.getMessage() for r in caplog.records if r.name == "tritarget.access")
+        assert _errors(srv, "AssignStream", "CANCELLED") == 1
+        lines = logged()
         assert [line.split(" ")[:2] + line.split(" ")[4:5] for line in lines] == [
             ["Assign", "id='gone'", "CANCELLED"], ["Assign", "id='late'", "DEADLINE_EXCEEDED"],
             ["AssignStream", "id='streamed'", "CANCELLED"]]  # fmt: skip
