@@ -381,12 +381,13 @@ def _check(args: argparse.Namespace) -> int:
         progress = _Progress(f"check {name}", enabled=not args.quiet)
         results.append(check(dataset, config, name=name, backend=args.backend, batch_images=args.batch_images,
                              progress=progress))  # fmt: skip
+    if args.json is not None:  # before the report: a reader of stdout that stops (`| head -3`) ends the command
+        _write_json(args.json, [r.summary() for r in results])
     print(format_check_table(results))
     for result in results:
         if args.missing > 0:
             print(format_missing(result, args.missing, strict=True))
     if args.json is not None:
-        _write_json(args.json, [r.summary() for r in results])
         print(f"wrote {args.json}")
     return 0
 
@@ -559,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a pipe's reader gone (`| head -1`) is then answered below
+        return status
     except BrokenPipeError:
         return reader_gone()
 

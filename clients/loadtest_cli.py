@@ -18,7 +18,7 @@ import os
 import sys
 
 from tritarget.service.arguments import batch_seed, integer, number, target_address, timeout_seconds
-from tritarget.service.output import output_file_problem, written_in_place
+from tritarget.service.output import output_file_problem, reader_gone, written_in_place
 
 __all__ = ["add_parser"]
 
@@ -150,17 +150,25 @@ def _loadtest(args: argparse.Namespace) -> int:
     except RuntimeError as exc:  # no client process came back with a result
         print(f"tritarget loadtest: {exc}", file=sys.stderr)
         return 1
-    print(report.table())
-    written = True
+    # The files before the table: a reader of stdout that stops (`| head -3`) ends the command at its next line.
+    written, wrote, reader_left = True, [], False
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
-        if path:
-            try:
-                write(path)
-            except OSError as exc:  # checked before the run, but a disk can fill or a folder go
-                print(f"tritarget loadtest: could not write {path}: {exc}", file=sys.stderr)
-                written = False
-                continue
-            print(f"wrote {path}")
+        if not path:
+            continue
+        try:
+            write(path)
+        except BrokenPipeError:  # `--json /dev/stdout | head -1`: the other files are written all the same
+            reader_left = True
+        except OSError as exc:  # checked before the run, but a disk can fill or a folder go
+            print(f"tritarget loadtest: could not write {path}: {exc}", file=sys.stderr)
+            written = False
+        else:
+            wrote.append(path)
+    if reader_left:
+        return reader_gone()
+    print(report.table())
+    for path in wrote:
+        print(f"wrote {path}")
     if report.interrupted:
         return _INTERRUPTED
     return 0 if report.ok and written else 1

@@ -663,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a pipe's reader gone (`| head -1`) is then answered below
+        return status
     except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
         print("tritarget: interrupted", file=sys.stderr)
         return 130

@@ -153,5 +153,7 @@ def reader_gone() -> int:
     | head -1``): points stdout at the null device, as Python flushes it once more at exit
     into the same closed pipe (a second error, printed), and returns the exit status a
     shell reports for a command its pipe stopped, 128 + SIGPIPE."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return 141

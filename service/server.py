@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
 from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .metrics import Metrics
+from .output import reader_gone
 from .servicer import TargetAssignerServicer, add_to_server
 
 __all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "hold_port", "SERVICE_NAME"]
@@ -445,9 +444,7 @@ def _while_read(announce):
         try:
             announce(*args, **kwargs)
         except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            reader_gone()
 
     return say
 

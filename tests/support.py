@@ -176,13 +176,18 @@ IOF_AT_THRESHOLD = [
 ]
 
 
-def run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
+def run_into_a_closed_pipe(argv: list[str], buffered: bool) -> subprocess.CompletedProcess:
     """``python argv`` with stdout a pipe whose reader has already stopped reading (as ``head
-    -1`` does once it has its line), stderr captured."""
+    -1`` does once it has its line), stderr captured. ``buffered``: stdout as Python has it
+    by default, written at exit or when its buffer fills; else as under PYTHONUNBUFFERED
+    (container images set it), every line written at once."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         return subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                              timeout=120)  # fmt: skip
+                              env=env, timeout=120)  # fmt: skip
     finally:
         os.close(write_end)

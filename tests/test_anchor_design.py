@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from tritarget.anchor_design import (
     load_coco,
     synthetic,
 )
+from tritarget.anchor_design import cli as anchor_design_cli
 from tritarget.anchor_design.check import format_check_table
 from tritarget.anchor_design.cli import main
 from tritarget.kernels import TargetConfig, generate_anchors, presets
@@ -645,14 +647,43 @@ def test_tritarget_command_has_anchors(skewed_path):
     assert "BPR, IoU >= high alone" in result.stdout
 
 
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
 @pytest.mark.parametrize("command", [["tritarget.service.cli", "anchors"], ["tritarget.anchor_design.cli"]])
-def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command):
-    """`tritarget anchors check ... | head -1`: 141 (128 + SIGPIPE, as a shell reports it),
-    no traceback; the closed pipe was reported as a file error (exit 2)."""
-    result = run_into_a_closed_pipe(["-m", *command, "check", "--annotations", skewed_path, "--no-resize",
-                                     "--preset", "yolov5", "--backend", "cpu", "--missing", "0"])  # fmt: skip
-    assert result.returncode == 141, result.stderr
-    assert "Broken pipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command, buffered, tmp_path):
+    """`tritarget anchors check ... --json out.json | head -1`: 141 (128 + SIGPIPE, as a
+    shell reports it), no traceback. Buffered (Python's default), the lines reach the pipe
+    at exit, after the JSON (the exit's flush failed: status 120, "Exception ignored").
+    Unbuffered, the reader already gone stops the command at its first line, the dataset's,
+    before any check is computed; a reader gone after it stops it at the table, which now
+    follows the JSON. The closed pipe was reported as a file error (exit 2)."""
+    out = tmp_path / "check.json"
+    result = run_into_a_closed_pipe(["-m", *command, "check", "--annotations", skewed_path, "--no-resize", "--quiet",
+                                     "--preset", "yolov5", "--backend", "cpu", "--missing", "0", "--json", str(out)],
+                                    buffered)  # fmt: skip
+    assert (result.returncode, result.stderr) == (141, "")
+    if buffered:
+        assert json.loads(out.read_text())[0]["name"] == "yolov5"
+    else:
+        assert not out.exists()
+
+
+def test_a_reader_gone_after_the_first_line_stops_the_check_after_its_json(skewed_path, tmp_path, monkeypatch):
+    """`anchors check --json out.json | head -1` with every line written at once
+    (PYTHONUNBUFFERED): the reader has the dataset's line and goes; the table's line then
+    ends the command (141), after the JSON, which the table used to precede."""
+
+    class ClosedAfterOneLine(io.StringIO):
+        def write(self, text: str) -> int:
+            if "\n" in self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", ClosedAfterOneLine())
+    monkeypatch.setattr(anchor_design_cli, "reader_gone", lambda: 141)  # it points the real stdout at /dev/null
+    out = tmp_path / "check.json"
+    assert main(["anchors", "check", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5",
+                 "--backend", "cpu", "--quiet", "--json", str(out)]) == 141  # fmt: skip
+    assert json.loads(out.read_text())[0]["name"] == "yolov5"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names of any bytes: Linux")

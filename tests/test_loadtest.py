@@ -27,6 +27,7 @@ import pytest
 import torch
 from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
+from support import run_into_a_closed_pipe
 from tritarget.clients import loadtest
 from tritarget.clients.loadtest import (
     LoadTestOptions,
@@ -794,6 +795,26 @@ def test_an_output_that_fails_to_write_is_one_line_and_the_rest_is_written(monke
     captured = capsys.readouterr()
     assert "requests" in captured.out and json.loads((tmp_path / "out.json").read_text())["ok"] is True
     assert captured.err == f"tritarget loadtest: could not write {csv_path}: [Errno 28] No space left on device\n"
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("json_to", ["file", "stdout"])
+def test_a_reader_that_stops_reading_ends_the_run_quietly_with_its_files_written(json_to, buffered, tmp_path):
+    """`tritarget loadtest ... --csv out.csv | head -3`: the files written, then 141 (128 +
+    SIGPIPE, as a shell reports it), nothing on stderr. Unbuffered, the table's line ended
+    the command before its files (the run's measurements lost); `--json /dev/stdout` into
+    the closed pipe was "could not write /dev/stdout" (exit 1)."""
+    json_path = "/dev/stdout" if json_to == "stdout" else str(tmp_path / "out.json")
+    csv_path = tmp_path / "out.csv"
+    with _echo_server() as (address, _, _):
+        result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "loadtest", "--target", address,
+                                         "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64", "--images", "1",
+                                         "--no-progress", "--json", json_path, "--csv", str(csv_path)],
+                                        buffered)  # fmt: skip
+    assert (result.returncode, result.stderr) == (141, "")
+    assert "requests_per_s" in csv_path.read_text()
+    if json_to == "file":
+        assert json.loads(Path(json_path).read_text())["ok"] is True
 
 
 def test_the_series_has_every_second_and_rates_per_second(tmp_path):
