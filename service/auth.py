@@ -70,7 +70,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             method, started = details.method.rsplit("/", 1)[-1], time.perf_counter()
 
             def finished() -> None:
-                # A request, refused: counted, failed and timed together when it is
+                # A request, refused: counted, failed and timed together as it is
                 # answered, as the servicer does its own (a caller gone before its
                 # message arrived never reaches the handler: none of the three).
                 metrics, seconds = self._metrics.method(method), time.perf_counter() - started
@@ -84,17 +84,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, status, finished: Callable[[], None] | None) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with ``status`` (then
-    calls ``finished``), without a request deserializer: a refused caller's message (up to
-    the size limit) is never parsed, so credentials-less traffic costs the server no decoding."""
+    """A handler of the same kind as ``handler`` that calls ``finished`` and ends the call
+    with ``status``, without a request deserializer: a refused caller's message (up to the
+    size limit) is never parsed, so credentials-less traffic costs the server no decoding."""
     kwargs = {"response_serializer": handler.response_serializer}
 
     async def end(context) -> None:
-        try:
-            await abort(context, status)
-        finally:
-            if finished is not None:
-                finished()
+        if finished is not None:
+            finished()  # before the answer, as the servicer's failures: counted once the caller has it
+        await abort(context, status)
 
     if handler.response_streaming:
 

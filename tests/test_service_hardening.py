@@ -396,6 +396,7 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
         computed = lambda: srv.metrics.value("tritarget_compute_seconds_count")  # noqa: E731
         with TargetClient(srv.address, retries=0) as client:
             dense_response = client.assign_raw(dense).SerializeToString()
+            _until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
             held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
             _until(lambda: unsent() > 12e6)
             # Built past the bound: a unary SPARSE response is dropped (documented), a stream's sent.
@@ -497,8 +498,10 @@ def test_responses_their_callers_do_not_read_are_bounded():
         with TargetClient(srv.address, retries=0) as client:  # callers that read are served, and let go
             assert client.get_anchors((2048, 2048), preset="retinanet_torchvision").shape[1] == 4
             client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+            _until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
             # Held at its largest size before the work (every box dropped), then at its own size.
             client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense", drop_invalid=True)
+            _until(lambda: unsent() == 0)
             with pytest.raises(TargetServiceError, match="INVALID_ARGUMENT"):  # failed in the work: let go
                 client.assign(GOOD.flip(1), [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
             assert len(list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2]}] * 3,
