@@ -822,9 +822,10 @@ _FAULTS_PROBE = textwrap.dedent(
 def test_kept_freed_memory_serves_dense_batches_without_page_faults():
     """16 dense images are 80 MB of outputs, one tensor of 51 MB: above glibc's mmap
     threshold, so by default every call maps them anew and faults every page in. With
-    freed memory kept, the heap reaches its steady size within the first calls (how many
-    varies from run to run) and then faults nothing, even with a new config object on
-    each call (nothing the call caches may be left in the middle of the freed outputs)."""
+    freed memory kept, the heap reaches its steady size within the first 4 calls and then
+    faults nothing, even with a new config object on each call (nothing the call caches
+    may be left in the middle of the freed outputs). The outputs allocated smallest first,
+    it grew for up to ~10 calls (3 runs in 8 here; in CI once past the 12th)."""
     faults = {}
     for mode in ("default", "keep"):
         done = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], capture_output=True, text=True,
