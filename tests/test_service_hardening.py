@@ -269,7 +269,11 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
     """A call cancelled under its handler (deadline passed, caller gone, its stream cancelled)
     is a failed request like any other: counted by code and logged (asyncio's
     CancelledError is no Exception, and slipped past both)."""
-    with ServerThread(batching=batching(max_queue_delay_s=0.5)) as srv:
+    with ServerThread(batching=batching(max_queue_delay_s=5.0)) as srv:  # the batch never runs while they wait
+
+        async def received(method: str, count: int) -> None:  # cancelled before the server had it, it logs nothing
+            while srv.metrics.value("tritarget_requests_total", {"method": method}) < count:
+                await asyncio.sleep(0.01)
 
         async def calls() -> None:
             async with grpc.aio.insecure_channel(srv.address) as channel:
@@ -279,13 +283,13 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
                     await unary(_good_request(request_id="late"), timeout=0.15)
                 assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 call = unary(_good_request(request_id="gone"), timeout=30)
-                await asyncio.sleep(0.15)
+                await received("Assign", 2)
                 call.cancel()
                 stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream",
                                                request_serializer=pb.AssignRequest.SerializeToString,
                                                response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
                 streaming = stream(iter([_good_request(request_id="streamed")]))
-                await asyncio.sleep(0.15)
+                await received("AssignStream", 1)
                 streaming.cancel()
 
         with caplog.at_level(logging.INFO, logger="tritarget.access"):
