@@ -345,14 +345,14 @@ pack
 # delay, front-end processes on the GPU) and bench_service_overhead.py (the server's time per
 # request outside compute, from its metrics, on this machine's cores: the GPU backend and the
 # cpu one); their tables go into extras.tar.gz.
-if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 340 "service sweep" service; then
+if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 400 "service sweep" service; then
     echo "== service sweep =="
     timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
         --out "$OUT/service_sweep" 2>&1 | tail -n 12
     for backend in "$steps_backend" cpu; do
         echo "== server time outside compute, $backend backend =="
-        timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 --rounds 1 \
-            --out "$OUT/service_overhead_$backend" 2>&1 | tail -n 12
+        timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 --rounds 1 \
+            --out "$OUT/service_overhead_$backend" 2>&1 | tail -n 40
     done
 fi
 
