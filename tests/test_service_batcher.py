@@ -105,13 +105,13 @@ def test_requests_that_follow_each_other_closely_go_to_a_compute_worker(generato
     """A call that comes right after the last one was answered is likely one that waited
     in gRPC while the loop computed: computed on the loop too, it would leave the workers
     idle and every batch unmerged. Only after a lull (``_INLINE_AFTER_IDLE_S``, here
-    0.2 s so that a slow machine cannot blur the two cases) is a request computed on the
+    0.5 s so that a slow machine cannot blur the two cases) is a request computed on the
     loop again."""
-    monkeypatch.setattr(backend, "_INLINE_AFTER_IDLE_S", 0.2)
+    monkeypatch.setattr(backend, "_INLINE_AFTER_IDLE_S", 0.5)
     jobs = [_job(*random_batch(generator, [2], CANVAS), sparse=True) for _ in range(3)]
     _, on_loop = _computed_on("cpu", jobs, pause_s=0.05)
     assert on_loop == [False, False, False]
-    _, on_loop = _computed_on("cpu", jobs, pause_s=0.25)
+    _, on_loop = _computed_on("cpu", jobs, pause_s=0.55)
     assert on_loop == [True, True, True]
 
 
