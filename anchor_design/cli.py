@@ -19,6 +19,7 @@ import time
 
 from tritarget.service.arguments import integer
 from tritarget.service.output import (
+    WhileRead,
     output_file_problem,
     output_folder_problem,
     reader_gone,
@@ -58,6 +59,7 @@ class _Progress:
 
     def __init__(self, label: str, enabled: bool = True):
         self.label, self.enabled = label, enabled
+        self.stream = WhileRead(sys.stderr)  # a reader of stderr gone (`2>&1 | head -1`) stops no check
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
         self.last_write, self.last_decile = 0.0, -1
@@ -71,13 +73,13 @@ class _Progress:
         text = f"{self.label}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%), {rate:,.0f}/s"
         if self.tty:
             if now - self.last_write >= 0.2 or done == total:
-                sys.stderr.write("\r" + text + ("\n" if done == total else ""))
-                sys.stderr.flush()
+                self.stream.write("\r" + text + ("\n" if done == total else ""))
+                self.stream.flush()
                 self.last_write = now
         else:
             decile = 10 * done // max(total, 1)
             if decile > self.last_decile:
-                sys.stderr.write(text + "\n")
+                self.stream.write(text + "\n")
                 self.last_decile = decile
 
 
@@ -381,12 +383,18 @@ def _check(args: argparse.Namespace) -> int:
         progress = _Progress(f"check {name}", enabled=not args.quiet)
         results.append(check(dataset, config, name=name, backend=args.backend, batch_images=args.batch_images,
                              progress=progress))  # fmt: skip
+    unwritten = None
     if args.json is not None:  # before the report: a reader of stdout that stops (`| head -3`) ends the command
-        _write_json(args.json, [r.summary() for r in results])
+        try:
+            _write_json(args.json, [r.summary() for r in results])
+        except OSError as exc:  # the report is printed all the same, then the error
+            unwritten = exc
     print(format_check_table(results))
     for result in results:
         if args.missing > 0:
             print(format_missing(result, args.missing, strict=True))
+    if unwritten is not None:
+        raise unwritten
     if args.json is not None:
         print(f"wrote {args.json}")
     return 0
@@ -558,11 +566,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritarget")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
     try:
-        status = args.handler(args)
-        sys.stdout.flush()  # here, not at exit: a pipe's reader gone (`| head -1`) is then answered below
-        return status
+        try:
+            args = parser.parse_args(argv)
+            return args.handler(args)
+        finally:  # here, not at exit (--help's too): a pipe's reader gone (`| head -1`) is then answered below
+            sys.stdout.flush()
     except BrokenPipeError:
         return reader_gone()
 

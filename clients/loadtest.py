@@ -70,7 +70,7 @@ from hdrh.histogram import HdrHistogram
 from tritarget.kernels import Targets, assign, presets
 from tritarget.kernels.workload import coco_like_batch, default_canvas
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.service.output import write_atomically
+from tritarget.service.output import WhileRead, write_atomically
 
 from .client import _channel_options, bearer_token, check_target
 from .wire import build_request, decode_response
@@ -1091,8 +1091,9 @@ def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | N
     from tqdm import tqdm
 
     total = options.warmup_s + options.duration_s
-    bar = tqdm(total=round(total, 1), file=sys.stderr, disable=not progress, dynamic_ncols=True, desc="loadtest",
-               bar_format="{desc} {bar:20} {n:.0f}/{total:.0f} s{postfix}")  # fmt: skip
+    # Through WhileRead: a reader of stderr gone (`2>&1 | head -1`) ends the line, not the run.
+    bar = tqdm(total=round(total, 1), file=WhileRead(sys.stderr), disable=not progress, dynamic_ncols=True,
+               desc="loadtest", bar_format="{desc} {bar:20} {n:.0f}/{total:.0f} s{postfix}")  # fmt: skip
     start = time.monotonic()
     results: dict[int, dict] = {}
     failures: list[str] = []

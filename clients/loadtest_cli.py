@@ -159,8 +159,8 @@ def _loadtest(args: argparse.Namespace) -> int:
             write(path)
         except BrokenPipeError:  # `--json /dev/stdout | head -1`: the other files are written all the same
             reader_left = True
-        except OSError as exc:  # checked before the run, but a disk can fill or a folder go
-            print(f"tritarget loadtest: could not write {path}: {exc}", file=sys.stderr)
+        except OSError as exc:  # checked before the run, but a disk can fill, a folder go or a pipe close
+            print(f"tritarget loadtest: could not write {path}: {exc.strerror or exc}", file=sys.stderr)
             written = False
         else:
             wrote.append(path)

@@ -208,7 +208,10 @@ def _serve(args: argparse.Namespace) -> int:
         _check_metrics_ports(options, workers)
         _warn_of_a_token_in_the_clear("serve", options)
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
-        _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
+        try:
+            _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
+        except BrokenPipeError:  # nobody reads the status lines: served all the same, as after the first
+            reader_gone()
         if workers > 1:
             return _serve_workers(options, workers, cores)
         _cap_torch_threads(cores)
@@ -662,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
-        status = args.handler(args)
-        sys.stdout.flush()  # here, not at exit: a pipe's reader gone (`| head -1`) is then answered below
-        return status
+        try:
+            args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
+            return args.handler(args)
+        finally:  # here, not at exit (--help's too): a pipe's reader gone (`| head -1`) is then answered below
+            sys.stdout.flush()
     except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
         print("tritarget: interrupted", file=sys.stderr)
         return 130

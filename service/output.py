@@ -22,7 +22,15 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["output_file_problem", "output_folder_problem", "reader_gone", "write_atomically", "written_in_place"]
+__all__ = [
+    "ClosedPipe",
+    "output_file_problem",
+    "output_folder_problem",
+    "WhileRead",
+    "reader_gone",
+    "write_atomically",
+    "written_in_place",
+]
 
 
 def _existing_folder_problem(folder: str) -> str | None:
@@ -90,21 +98,35 @@ def output_file_problem(path: str) -> str | None:
     return _existing_folder_problem(os.path.dirname(_followed(path)))
 
 
+class ClosedPipe(OSError):
+    """A pipe, other than stdout, whose reader stopped reading while a file was written
+    into it (``--json >(head -c 10)``): that file not written, an error like a full disk.
+    Stdout's reader gone stays a ``BrokenPipeError``, which ends a command quietly
+    (``reader_gone``)."""
+
+
 def _append(source: str, path: str) -> None:
     """``source``'s bytes after what ``path`` holds. A descriptor of this process is written
     through itself, after Python's own buffers: opened anew, /dev/stdout would truncate a
     `>>` log, or start at 0 behind a `>` redirect where the table printed before is still
-    to come, and a socket cannot be opened at all."""
+    to come, and a socket cannot be opened at all. A pipe other than stdout whose reader
+    has gone raises ``ClosedPipe``."""
     descriptor = _descriptor(path)
-    if descriptor is None:
-        with open(source, "rb") as data, open(path, "ab") as sink:
-            shutil.copyfileobj(data, sink)
-        return
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
-    with open(source, "rb") as data, open(descriptor, "wb", closefd=False) as sink:  # at the shell's offset
-        shutil.copyfileobj(data, sink)
+    if descriptor is not None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    try:
+        if descriptor is None:
+            with open(source, "rb") as data, open(path, "ab") as sink:
+                shutil.copyfileobj(data, sink)
+        else:
+            with open(source, "rb") as data, open(descriptor, "wb", closefd=False) as sink:  # at the shell's offset
+                shutil.copyfileobj(data, sink)
+    except BrokenPipeError as exc:
+        if descriptor == 1:  # stdout
+            raise
+        raise ClosedPipe(exc.errno, exc.strerror, path) from None
 
 
 def output_folder_problem(path: str) -> str | None:
@@ -150,10 +172,39 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
 
 def reader_gone() -> int:
     """After a ``BrokenPipeError`` on stdout, whose reader stopped reading (``tritarget demo
-    | head -1``): points stdout at the null device, as Python flushes it once more at exit
-    into the same closed pipe (a second error, printed), and returns the exit status a
-    shell reports for a command its pipe stopped, 128 + SIGPIPE."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    | head -1``): points stdout at the null device (``_to_null``) and returns the exit
+    status a shell reports for a command its pipe stopped, 128 + SIGPIPE."""
+    _to_null(sys.stdout)
     return 141
+
+
+def _to_null(stream) -> None:
+    """Points ``stream``'s descriptor at the null device, its reader gone: Python flushes
+    the stream once more at exit, into the same closed pipe (a second error, printed)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class WhileRead:
+    """``stream`` (stderr) for a progress line, silent once its reader has gone (``2>&1 |
+    head -1``): the work goes on, and the files it was asked for are written."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _to_null(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _to_null(self._stream)
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()

@@ -3,11 +3,13 @@ the compile keys of the triton backend's launches."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -176,18 +178,25 @@ IOF_AT_THRESHOLD = [
 ]
 
 
-def run_into_a_closed_pipe(argv: list[str], buffered: bool) -> subprocess.CompletedProcess:
-    """``python argv`` with stdout a pipe whose reader has already stopped reading (as ``head
-    -1`` does once it has its line), stderr captured. ``buffered``: stdout as Python has it
-    by default, written at exit or when its buffer fills; else as under PYTHONUNBUFFERED
-    (container images set it), every line written at once."""
+def run_into_a_closed_pipe(argv: list[str], buffered: bool, closed: str = "stdout") -> subprocess.CompletedProcess:
+    """``python argv`` with ``closed`` (stdout or stderr) a pipe whose reader has already
+    stopped reading (as ``head -1`` does once it has its line), the other stream captured.
+    ``buffered``: stdout as Python has it by default, written at exit or when its buffer
+    fills; else as under PYTHONUNBUFFERED (container images set it), every line at once."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     if not buffered:
         env["PYTHONUNBUFFERED"] = "1"
+    with closed_pipe() as write_end:
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, closed: write_end}
+        return subprocess.run([sys.executable, *argv], **streams, text=True, env=env, timeout=120)
+
+
+@contextlib.contextmanager
+def closed_pipe() -> Iterator[int]:
+    """The write end of a pipe whose reader has gone: writing it raises BrokenPipeError."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                              env=env, timeout=120)  # fmt: skip
+        yield write_end
     finally:
         os.close(write_end)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import run_into_a_closed_pipe
+from support import closed_pipe, run_into_a_closed_pipe
 from tritarget.anchor_design import (
     Resize,
     check,
@@ -652,7 +652,8 @@ def test_tritarget_command_has_anchors(skewed_path):
 def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command, buffered, tmp_path):
     """`tritarget anchors check ... --json out.json | head -1`: 141 (128 + SIGPIPE, as a
     shell reports it), no traceback. Buffered (Python's default), the lines reach the pipe
-    at exit, after the JSON (the exit's flush failed: status 120, "Exception ignored").
+    at the entry point's flush, after the JSON (the exit's flush failed: status 120,
+    "Exception ignored").
     Unbuffered, the reader already gone stops the command at its first line, the dataset's,
     before any check is computed; a reader gone after it stops it at the table, which now
     follows the JSON. The closed pipe was reported as a file error (exit 2)."""
@@ -665,6 +666,31 @@ def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, comman
         assert json.loads(out.read_text())[0]["name"] == "yolov5"
     else:
         assert not out.exists()
+
+
+def test_a_json_into_a_pipe_whose_reader_has_gone_is_a_file_not_written(skewed_path):
+    """`anchors check --json >(true)`: that pipe's reader gone is a file not written (exit
+    2, named), the report printed all the same; it was taken for stdout's (exit 141)."""
+    with closed_pipe() as pipe:
+        result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "anchors", "check", "--annotations",
+                                 skewed_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu", "--quiet",
+                                 "--json", f"/dev/fd/{pipe}"],
+                                capture_output=True, text=True, pass_fds=(pipe,), timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"tritarget anchors check: /dev/fd/{pipe}: Broken pipe\n"
+    assert "BPR, IoU >= high alone" in result.stdout
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_of_the_progress_lines_that_stops_ends_them_not_the_check(skewed_path, tmp_path, buffered):
+    """`anchors check ... 2>&1 >/dev/null | head -1`: the progress lines' reader gone ended
+    the command (status 120 or 141) before its JSON."""
+    out = tmp_path / "check.json"
+    result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "anchors", "check", "--annotations", skewed_path,
+                                     "--no-resize", "--preset", "yolov5", "--backend", "cpu", "--json", str(out)],
+                                    buffered, closed="stderr")  # fmt: skip
+    assert result.returncode == 0
+    assert "BPR, IoU >= high alone" in result.stdout and json.loads(out.read_text())[0]["name"] == "yolov5"
 
 
 def test_a_reader_gone_after_the_first_line_stops_the_check_after_its_json(skewed_path, tmp_path, monkeypatch):

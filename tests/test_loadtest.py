@@ -27,7 +27,7 @@ import pytest
 import torch
 from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
-from support import run_into_a_closed_pipe
+from support import closed_pipe, run_into_a_closed_pipe
 from tritarget.clients import loadtest
 from tritarget.clients.loadtest import (
     LoadTestOptions,
@@ -794,7 +794,7 @@ def test_an_output_that_fails_to_write_is_one_line_and_the_rest_is_written(monke
     assert code == 1
     captured = capsys.readouterr()
     assert "requests" in captured.out and json.loads((tmp_path / "out.json").read_text())["ok"] is True
-    assert captured.err == f"tritarget loadtest: could not write {csv_path}: [Errno 28] No space left on device\n"
+    assert captured.err == f"tritarget loadtest: could not write {csv_path}: No space left on device\n"
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
@@ -815,6 +815,43 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly_with_its_files_written
     assert "requests_per_s" in csv_path.read_text()
     if json_to == "file":
         assert json.loads(Path(json_path).read_text())["ok"] is True
+
+
+def test_a_file_into_a_pipe_whose_reader_has_gone_is_a_file_not_written(tmp_path):
+    """`--json >(true)`: that pipe's reader gone is a file not written ("could not write",
+    exit 1), the table and the other files kept; it was taken for stdout's reader gone
+    (exit 141, the table lost)."""
+    csv_path = tmp_path / "out.csv"
+    with closed_pipe() as pipe, _echo_server() as (address, _, _):
+        result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "loadtest", "--target", address,
+                                 "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64", "--images", "1",
+                                 "--no-progress", "--json", f"/dev/fd/{pipe}", "--csv", str(csv_path)],
+                                capture_output=True, text=True, pass_fds=(pipe,), timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == f"tritarget loadtest: could not write /dev/fd/{pipe}: Broken pipe\n"
+    assert "latency (ms)" in result.stdout and f"wrote {csv_path}" in result.stdout
+    assert "requests_per_s" in csv_path.read_text()
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_of_the_progress_line_that_stops_ends_the_line_not_the_run(buffered, tmp_path):
+    """`tritarget loadtest ... 2>&1 >/dev/null | head -c 40`: the progress line's reader
+    gone ended the run (status 120 or 141) and its files were never written."""
+    json_path = tmp_path / "out.json"
+    with _echo_server() as (address, _, _):
+        result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "loadtest", "--target", address,
+                                         "--duration", "1", "--warmup", "0", "--canvas", "64", "64", "--images", "1",
+                                         "--json", str(json_path)], buffered, closed="stderr")  # fmt: skip
+    assert result.returncode == 0
+    assert "latency (ms)" in result.stdout and json.loads(json_path.read_text())["ok"] is True
+
+
+def test_help_read_by_a_reader_that_stops_ends_quietly():
+    """`tritarget loadtest --help | head -1`, stdout buffered: argparse's exit skipped the
+    flush before the interpreter's (status 120 and "Exception ignored ... BrokenPipeError").
+    Unbuffered, argparse itself ignores the failed write (status 0)."""
+    result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "loadtest", "--help"], buffered=True)
+    assert (result.returncode, result.stderr) == (141, "")
 
 
 def test_the_series_has_every_second_and_rates_per_second(tmp_path):

@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_harness import ServerThread, batching, read_until, spawn_cli, unread_call
 
+from support import closed_pipe
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
@@ -884,6 +885,31 @@ def test_cli_serve_goes_on_serving_when_its_stdout_closes():
         assert process.wait(timeout=60) == 0
         errors = process.stderr.read()
         assert "terminate called" not in errors and "Broken pipe" not in errors, errors
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_serve_serves_when_nobody_reads_even_its_first_line():
+    """`serve | true`: the reader gone before the first status line, which raised
+    BrokenPipeError into the settings' error handler: "tritarget serve: [Errno 32] Broken
+    pipe" and exit 2 (141 buffered), the server never started."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with closed_pipe() as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
+             "--warmup-canvas", "64", "64"],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        with TargetClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_ready(60)
+            assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert "Broken pipe" not in process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()
