@@ -1,6 +1,6 @@
 """Server time per request outside compute, from the server's own metrics.
 
-``tritarget serve`` (a subprocess, ``--backend``, metrics on) gets SPARSE COCO-like
+``tritarget serve`` (subprocesses, ``--backend``, metrics on) gets SPARSE COCO-like
 requests of 1, 8 and 32 images from ``tritarget loadtest`` at concurrency 1, so that
 every batch is one request. Per request, from ``/metrics``:
 
@@ -10,14 +10,15 @@ every batch is one request. Per request, from ``/metrics``:
 which is decoding, batching hand-offs, encoding and serializing the response (on the
 compute worker since 2026-12-05; gRPC serialized it after the handler before) and
 bookkeeping (gRPC's own transport and the request's deserialization are outside both). The share of requests computed
-on the event loop (no hand-off: ``--inline-max-images``, 8 by default, so 32-image
-requests never are) is listed beside them. A straight line through the
+on the event loop (no hand-off: ``--inline-max-images``, 8 by default, so that the
+default server computes no 32-image request there) is listed beside them. A straight line through the
 per-request figures gives the fixed and the per-image part, the issue's
 "<= 150 us + 10 us per image". With the default bound the 32-image requests alone take
 the hand-over to a worker and back, whose cost that line reads as per image; two more
 servers (``--inline-max-images 32`` and ``0``) put every size on one path, the loop or a
 worker, so that each of their lines splits its own path's cost in two. The sizes are
-measured in ``--rounds`` interleaved rounds (1, 8, 32, 1, 8, 32, ...) and each size's
+measured in ``--rounds`` rounds, interleaved (each server's 1, 8, 32, then the next
+server's, then the next round) and each size's
 row is its median round (the lower of the middle two of an even number): a shared VM's
 neighbours come and go within minutes (single passes on 2026-12-04 fitted anywhere from
 133 us + 7 us to 194 us + 17 us per image). Every round's figure is listed beside it.
@@ -138,9 +139,10 @@ def main() -> int:
         parser.error(f"--rounds must be at least 1 and --duration positive, got {args.rounds} and {args.duration}")
     kinds = SERVERS if args.backend == "cpu" else SERVERS[:1]
     # All servers up at once (an idle one costs nothing), their rounds interleaved with the sizes'.
-    servers = [start_server("--backend", args.backend, "--no-access-log", *flags, metrics=True) for _, flags in kinds]
-    rounds: list[list[dict]] = [[] for _ in kinds]
+    servers, rounds = [], [[] for _ in kinds]
     try:
+        for _, flags in kinds:
+            servers.append(start_server("--backend", args.backend, "--no-access-log", *flags, metrics=True))
         for _ in range(args.rounds):
             for (name, _), (_, address, metrics_url), measured in zip(kinds, servers, rounds):
                 for images in SIZES:
