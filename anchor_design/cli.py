@@ -23,6 +23,7 @@ from tritarget.service.output import (
     output_file_problem,
     output_folder_problem,
     reader_gone,
+    stdout_flushed,
     write_atomically,
 )
 
@@ -567,13 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritarget")
     add_parser(parser.add_subparsers(dest="command", required=True))
     try:
-        try:
-            args = parser.parse_args(argv)
-            return args.handler(args)
-        finally:  # here, not at exit (--help's too): a pipe's reader gone (`| head -1`) is then answered below
-            sys.stdout.flush()
+        args = parser.parse_args(argv)
+        status = args.handler(args)
     except BrokenPipeError:
         return reader_gone()
+    except SystemExit as done:  # --help, a usage error: argparse has printed (the error's status stands)
+        if stdout_flushed() or done.code:
+            raise
+        return 141
+    return status if stdout_flushed() else status or 141  # as tritarget's main
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .arguments import batch_seed, integer, number, target_address, timeout_seconds
-from .output import reader_gone
+from .output import reader_gone, stdout_flushed
 
 __all__ = ["main"]
 
@@ -313,6 +313,8 @@ def _announce_as(prefix: str, text: str, file=None, flush: bool = True) -> None:
     # the newline separately, so two workers' lines could interleave on one line. A
     # worker's server announces through it as through print (``flush`` included).
     stream = file if file is not None else sys.stdout
+    if stream is None:  # stdout closed (`>&-`): nobody to tell
+        return
     stream.write(f"{prefix} {text}\n")
     if flush:
         stream.flush()
@@ -665,16 +667,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        try:
-            args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
-            return args.handler(args)
-        finally:  # here, not at exit (--help's too): a pipe's reader gone (`| head -1`) is then answered below
-            sys.stdout.flush()
+        args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
+        status = args.handler(args)
     except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
         print("tritarget: interrupted", file=sys.stderr)
-        return 130
+        status = 130
     except BrokenPipeError:  # whoever read the output stopped reading
         return reader_gone()
+    except SystemExit as done:  # --help, a usage error: argparse has printed (the error's status stands)
+        if stdout_flushed() or done.code:
+            raise
+        return 141
+    # A failure's status stands; a success whose reader went is a pipe writer's, 128 + SIGPIPE.
+    return status if stdout_flushed() else status or 141
 
 
 if __name__ == "__main__":

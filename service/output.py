@@ -28,6 +28,7 @@ __all__ = [
     "output_folder_problem",
     "WhileRead",
     "reader_gone",
+    "stdout_flushed",
     "write_atomically",
     "written_in_place",
 ]
@@ -100,7 +101,7 @@ def output_file_problem(path: str) -> str | None:
 
 class ClosedPipe(OSError):
     """A pipe, other than stdout, whose reader stopped reading while a file was written
-    into it (``--json >(head -c 10)``): that file not written, an error like a full disk.
+    into it (``--json >(true)``): that file not written, an error like a full disk.
     Stdout's reader gone stays a ``BrokenPipeError``, which ends a command quietly
     (``reader_gone``)."""
 
@@ -170,6 +171,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     return path
 
 
+def stdout_flushed() -> bool:
+    """Whether stdout, flushed here rather than at exit, reached its reader (or there is no
+    stdout: ``>&-``). At exit, a reader gone (``| head -1``) made Python print "Exception
+    ignored ... BrokenPipeError" and end with status 120; here stdout then leads to the
+    null device (``_to_null``) and the caller picks the status."""
+    if sys.stdout is None:
+        return True
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _to_null(sys.stdout)
+        return False
+    return True
+
+
 def reader_gone() -> int:
     """After a ``BrokenPipeError`` on stdout, whose reader stopped reading (``tritarget demo
     | head -1``): points stdout at the null device (``_to_null``) and returns the exit
@@ -206,5 +222,5 @@ class WhileRead:
         except BrokenPipeError:
             _to_null(self._stream)
 
-    def isatty(self) -> bool:
-        return self._stream.isatty()
+    def __getattr__(self, name: str):  # the rest as the stream's (tqdm reads its encoding and width)
+        return getattr(self._stream, name)

@@ -1,5 +1,6 @@
 """`tritarget demo` prints a per-image summary of real targets."""
 
+import os
 import re
 import subprocess
 import sys
@@ -86,3 +87,46 @@ def test_output_read_by_a_reader_that_stops_ends_quietly(buffered):
                                     buffered)  # fmt: skip
     assert result.returncode == 141, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
+# A command that prints a line into a pipe whose reader has gone (buffered: the line is
+# still in Python's buffer when the command ends), then ends as ``sys.argv[1]`` says.
+_ENDING = """
+import sys
+import tritarget.service.cli as cli
+
+def demo(args):
+    print("a line nobody reads")
+    if sys.argv[1] == "interrupted":
+        raise KeyboardInterrupt
+    if sys.argv[1] == "bug":
+        raise RuntimeError("a bug's traceback")
+    return int(sys.argv[1])
+
+cli._demo = demo  # `tritarget demo` runs it
+sys.exit(cli.main(["demo"]))
+"""
+
+
+@pytest.mark.parametrize(("ending", "status", "said"), [("0", 141, ""), ("1", 1, ""),
+                                                       ("interrupted", 130, "tritarget: interrupted\n")])  # fmt: skip
+def test_a_reader_gone_keeps_a_failure_s_status_and_a_success_becomes_141(ending, status, said):
+    """Stdout is flushed in the entry point: a success whose reader went is 141, a failure
+    or Ctrl-C keeps its status and message (a flush in a `finally` made every one 141)."""
+    result = run_into_a_closed_pipe(["-c", _ENDING, ending], buffered=True)
+    assert (result.returncode, result.stderr) == (status, said)
+
+
+def test_a_bug_s_traceback_is_shown_when_stdout_s_reader_has_gone():
+    """An unexpected error's traceback is not hidden behind the closed pipe."""
+    result = run_into_a_closed_pipe(["-c", _ENDING, "bug"], buffered=True)
+    assert "RuntimeError: a bug's traceback" in result.stderr
+
+
+@pytest.mark.parametrize(("argv", "status"), [(["--help"], 0), (["no-such-command"], 2)])
+def test_help_and_usage_errors_with_stdout_closed(argv, status):
+    """`tritarget --help >&-`: no stdout at all (Python's sys.stdout is None); the flush
+    in a `finally` raised AttributeError (status 1)."""
+    result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr

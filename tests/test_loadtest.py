@@ -43,6 +43,7 @@ from tritarget.kernels import assign
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service import codec
 from tritarget.service.cli import build_parser, main
+from tritarget.service.output import WhileRead
 
 WORKLOAD = Workload(canvas=(256, 320), images=2, variants=4)
 
@@ -831,6 +832,13 @@ def test_a_file_into_a_pipe_whose_reader_has_gone_is_a_file_not_written(tmp_path
     assert result.stderr == f"tritarget loadtest: could not write /dev/fd/{pipe}: Broken pipe\n"
     assert "latency (ms)" in result.stdout and f"wrote {csv_path}" in result.stdout
     assert "requests_per_s" in csv_path.read_text()
+
+
+def test_the_progress_line_s_stream_is_stderr_to_tqdm():
+    """tqdm reads its stream's encoding (a Unicode bar, or '#') and width (``dynamic_ncols``):
+    without them, through ``WhileRead`` on a terminal, its bar turned ASCII and overran the line."""
+    stream = WhileRead(sys.stderr)
+    assert (stream.encoding, stream.fileno()) == (sys.stderr.encoding, sys.stderr.fileno())
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])

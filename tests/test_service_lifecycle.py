@@ -890,18 +890,22 @@ def test_cli_serve_goes_on_serving_when_its_stdout_closes():
             process.kill()
 
 
-def test_cli_serve_serves_when_nobody_reads_even_its_first_line():
+@pytest.mark.parametrize("stdout", ["closed pipe", "none"])
+def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
     """`serve | true`: the reader gone before the first status line, which raised
     BrokenPipeError into the settings' error handler: "tritarget serve: [Errno 32] Broken
-    pipe" and exit 2 (141 buffered), the server never started."""
+    pipe" and exit 2 (141 buffered), the server never started. `serve >&-` (no stdout:
+    Python's sys.stdout is None) failed on the same line (AttributeError, exit 1)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with closed_pipe() as stdout:
+    closed = stdout == "closed pipe"
+    with closed_pipe() as pipe:
         process = subprocess.Popen(
             [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
              "--warmup-canvas", "64", "64"],
-            stdout=stdout, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=pipe if closed else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=None if closed else lambda: os.close(1),
         )  # fmt: skip
     try:
         with TargetClient(f"127.0.0.1:{port}") as client:
