@@ -8,6 +8,11 @@ new one, never part of one. A symbolic link is followed (the file it names is re
 keeping its mode), and a device, a pipe or a descriptor (``/dev/null``, ``/dev/stdout``)
 is written directly (``written_in_place``): renaming over it would replace the device,
 or the file the shell opened for the process.
+
+Stdout and stderr whose reader stops reading (``| head -1``): ``reader_gone`` and
+``stdout_flushed`` end a command as a shell's pipe writer (status 141, no message),
+``WhileRead`` keeps a progress line from ending the work, and ``ClosedPipe`` tells
+another pipe's reader gone (a file not written) from stdout's.
 """
 
 from __future__ import annotations
