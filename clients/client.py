@@ -771,9 +771,10 @@ class _Base:
         return generation, resend, delay
 
     def _ended(self, unanswered: _Unanswered) -> None:
-        """The stream's call ended OK: every request must have been sent and answered (a
-        server that stops early ends UNAVAILABLE, and those requests go to another
-        endpoint). Raises what reading the requests raised, if it stopped there."""
+        """The stream's call ended OK, or broke with nothing left (``complete``): every
+        request must have been sent and answered (a server that stops early ends
+        UNAVAILABLE, and those requests go to another endpoint). Raises what reading the
+        requests raised, if it stopped there."""
         cut_short = not unanswered.exhausted and unanswered.failure is None
         if unanswered.outstanding() or unanswered.failure is not None or cut_short:
             self._count(errors=1)
@@ -1000,6 +1001,13 @@ class _Unanswered:
     def outstanding(self) -> int:
         with self._state:
             return len(self._sent)
+
+    def complete(self) -> bool:
+        """Every request of the source read (or reading it failed) and every one sent
+        answered: a call that breaks now (a server that drains answers what it read, then
+        ends the stream UNAVAILABLE) leaves nothing to send again."""
+        with self._state:
+            return not self._sent and (self.exhausted or self.failure is not None)
 
     def oldest_sent(self) -> float | None:
         """When the oldest unanswered request was sent (``time.monotonic()``), or None."""
@@ -1256,6 +1264,9 @@ class TargetClient(_Base):
             except grpc.RpcError as failure:
                 if self._closes != closes and failure.code() == grpc.StatusCode.CANCELLED:  # close() under it
                     raise self._closed_under_call() from None
+                if unanswered.complete():
+                    self._ended(unanswered)
+                    return
                 error = self._silent(index, watchdog) if watchdog is not None and watchdog.fired else failure
                 if attempt == 0:
                     broke, reconnect = time.monotonic(), self._deadline(None)
@@ -1469,7 +1480,10 @@ class AsyncTargetClient(_Base):
                         if watchdog is None or not watchdog.fired:
                             raise
                         error = self._silent(index, watchdog)
-                    elif _broken_write(error):
+                    if unanswered.complete():
+                        self._ended(unanswered)
+                        return
+                    if _broken_write(error):
                         error = await self._why_broken(error, index, stub, deadline)
                     if attempt == 0:
                         broke, reconnect = time.monotonic(), self._deadline(None)

@@ -8,13 +8,15 @@ import asyncio
 import signal
 import time
 
+import grpc
 import pytest
 import torch
-from test_service_harness import fake_assigner, serve_process, sparse_view
+from test_service_harness import ServerThread, fake_assigner, serve_process, sparse_view
 
 from support import assert_targets_equal
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.kernels import assign, presets
+from tritarget.protos import target_assigner_pb2 as pb
 
 CANVAS = (128, 160)
 PRESET = "retinanet_torchvision"
@@ -87,6 +89,62 @@ def test_async_stream_survives_a_killed_replica(two_processes):
         return results
 
     _check_all(asyncio.run(run()), items)
+
+
+@pytest.fixture
+def answers_then_drains():
+    """A server whose streams answer every request they read, through a real server, and
+    then end UNAVAILABLE, as tritarget's own server does when it drains: yields its address."""
+    with ServerThread() as real, TargetClient(real.address) as helper:
+
+        def answer(request, context):
+            return helper.assign_raw(pb.AssignRequest.FromString(request)).SerializeToString()
+
+        def answer_then_drain(requests, context):
+            for request in requests:
+                yield answer(request, context)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+        with fake_assigner(answer, answer_then_drain) as address:
+            yield address
+
+
+@pytest.mark.parametrize("api", ["blocking", "asyncio"])
+@pytest.mark.parametrize("last_item", ["good", "bad"])
+def test_a_stream_whose_server_drains_after_the_last_answer_ends_there(answers_then_drains, api, last_item):
+    """Every request answered, and the source read to its end (or to an item that builds no
+    request): the stream's end UNAVAILABLE loses nothing, so the stream ends as complete
+    (or raises the item's error). It went looking for another server until its deadline,
+    then raised UNAVAILABLE, though the caller held every answer."""
+    items = _requests(3)
+    if last_item == "bad":
+        items.append({"gt_boxes": "not boxes", "gt_counts": [1]})
+    error = (TypeError, "stream item 3: gt_boxes: expected a Tensor") if last_item == "bad" else None
+    results = []
+
+    async def read_async():
+        async with AsyncTargetClient(answers_then_drains, timeout=60) as client:
+            async for targets in client.stream(items, preset=PRESET, canvas=CANVAS):
+                results.append(targets)
+            return client.stats
+
+    def read() -> object:
+        if api == "asyncio":
+            return asyncio.run(read_async())
+        with TargetClient(answers_then_drains, timeout=60) as client:
+            for targets in client.stream(items, preset=PRESET, canvas=CANVAS):
+                results.append(targets)
+            return client.stats
+
+    start = time.monotonic()
+    if error is None:
+        stats = read()
+        assert (stats.retries, stats.errors, stats.responses) == (0, 0, 3)
+    else:
+        with pytest.raises(error[0], match=error[1]):
+            read()
+    assert time.monotonic() - start < 30  # not the stream's 60 s deadline
+    _check_all(results, items[:3])
 
 
 def _never_answers(requests, context):
