@@ -20,9 +20,9 @@
   are sent again, in order, on a new stream to the next endpoint, then the stream
   goes on; nothing is lost or answered twice (a request's targets depend only on
   the request). A stream's call may leave its requests without an answer at most
-  ``try_timeout``, else the client's timeout (then the stream moves to the next endpoint
-  with what is unanswered, or ends DEADLINE_EXCEEDED where there is none): a server that
-  hangs, at once or after answering for a while, does not hold a stream for good.
+  ``try_timeout`` (then the stream moves to the next endpoint with what is unanswered),
+  else the client's timeout (then it ends DEADLINE_EXCEEDED): a server that hangs, at
+  once or after answering for a while, does not hold a stream for good.
 * ``connections``: connections per address (default 1). A server's front-end processes
   sharing a port (``tritarget serve --workers N``) are handed connections, not calls:
   one process that sends many requests to such a server reaches all of them only over
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -88,6 +89,9 @@ from .wire import (
 )
 
 __all__ = ["TargetClient", "AsyncTargetClient", "TargetServiceError", "ClientStats"]
+
+# What a request is built from: a stream item's keys, a stream's defaults, assign's keywords.
+_REQUEST_ARGUMENTS = frozenset(inspect.signature(build_request).parameters) - {"seeds"}
 
 _MIB = 1 << 20
 # What gRPC's C core reports when a stream's message could not be written because the
@@ -201,7 +205,7 @@ def command_line_token(flag: str | None, verb: str) -> str | None:
     return None if token is None else bearer_token(token, "TRITARGET_TOKEN")
 
 
-def _checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
+def checked_timeout(name: str, value: Any, meaning_of_none: str | None) -> float | None:
     """``value`` as seconds > 0, or None where it has a meaning (``meaning_of_none``)."""
     if value is None and meaning_of_none is not None:
         return None
@@ -427,8 +431,8 @@ class _Base:
         # unless each keeps its own subchannel pool.
         self._endpoints = self.targets * connections
         own_pool = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
-        try_timeout = _checked_timeout("try_timeout", try_timeout, "the call's timeout")
-        timeout = _checked_timeout("timeout", timeout, "no deadline")
+        try_timeout = checked_timeout("try_timeout", try_timeout, "the call's timeout")
+        timeout = checked_timeout("timeout", timeout, "no deadline")
         if not is_real(backoff) or not 0 <= backoff < math.inf:
             raise ValueError(f"backoff: must be finite seconds >= 0, got {backoff!r}")
         if not is_real(max_backoff) or not 0 < max_backoff < math.inf:
@@ -578,7 +582,7 @@ class _Base:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 64)))
 
     def _deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else _checked_timeout("timeout", timeout, "the client's")
+        timeout = self.timeout if timeout is None else checked_timeout("timeout", timeout, "the client's")
         return None if timeout is None else time.monotonic() + timeout
 
     def _retry_wait(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
@@ -718,6 +722,7 @@ class _Base:
             options = {"format": "dense" if item.format == pb.FORMAT_DENSE else "sparse",
                        "return_max_iou": item.return_max_iou}  # fmt: skip
         elif isinstance(item, Mapping):
+            _check_request_arguments(item, f"stream item {index}")
             options = {**defaults, **item}
             options.setdefault("request_id", str(index))
         else:
@@ -830,6 +835,16 @@ def _image_ids(image_ids: Any, request: pb.AssignRequest) -> list[Any] | None:
     if len(ids) != len(request.gt_counts):
         raise ValueError(f"image_ids: {len(ids)} ids for {len(request.gt_counts)} images")
     return ids
+
+
+def _check_request_arguments(names: Iterable[str], where: str) -> None:
+    """``TypeError`` naming the first of ``names`` that builds no request (the message
+    named ``build_request()``, which callers never see)."""
+    unknown = sorted(set(names) - _REQUEST_ARGUMENTS, key=str)
+    if unknown:
+        own = " (one of stream()'s own arguments, for all its items)" if unknown[0] in ("timeout", "densify") else ""
+        raise TypeError(f"{where}: unknown argument {unknown[0]!r}{own}; a request's arguments are "
+                        f"{', '.join(sorted(_REQUEST_ARGUMENTS))}")  # fmt: skip
 
 
 def check_densify(densify: bool, options: Mapping[str, Any]) -> None:
@@ -1140,7 +1155,7 @@ class TargetClient(_Base):
         """Return once an endpoint's health check says SERVING (its warm-up done); raise
         ``TargetServiceError`` (UNAVAILABLE) naming the endpoints after ``timeout`` seconds."""
         started, closes = time.monotonic(), self._closes
-        deadline = started + _checked_timeout("timeout", timeout, None)
+        deadline = started + checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
             index, _, channel = self._endpoint(closes)
             check = health_pb2_grpc.HealthStub(channel).Check
@@ -1187,6 +1202,7 @@ class TargetClient(_Base):
             Targets, as ``tritarget.kernels.assign`` returns them (or SparseTargets).
         """
         check_densify(densify, kwargs)
+        _check_request_arguments(kwargs, "assign")
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         ids = _image_ids(image_ids, request)
         try:
@@ -1211,8 +1227,10 @@ class TargetClient(_Base):
     ) -> Iterator[Targets | TargetServiceError]:
         """Targets for each request, in order, over one AssignStream call.
 
-        Each item is a dict of ``assign`` arguments (``defaults`` fill in what it
-        leaves out, e.g. ``preset`` and ``canvas``) or a ready ``AssignRequest``.
+        Each item is a dict of ``assign`` arguments but ``timeout``, ``densify`` (the
+        stream's, for every item) and ``image_ids`` (``request_id`` names an item in
+        errors), with ``defaults`` filling in what it leaves out, e.g. ``preset`` and
+        ``canvas``; or a ready ``AssignRequest``.
         The server works on several items at once; a failed item raises
         ``TargetServiceError`` (or is yielded, with ``return_exceptions=True``).
         ``timeout`` bounds the whole stream when given; by default a stream has no deadline
@@ -1228,8 +1246,9 @@ class TargetClient(_Base):
         """
         # Checked here, when called, not at the first answer (the stream is a generator).
         check_densify(densify, defaults)
+        _check_request_arguments(defaults, "stream")
         check_flags(return_exceptions=return_exceptions)
-        seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
+        seconds = None if timeout is None else checked_timeout("timeout", timeout, "no deadline")
         return self._stream(requests, seconds, return_exceptions, densify, defaults)
 
     def _stream(self, requests, timeout: float | None, return_exceptions: bool, densify: bool,
@@ -1375,7 +1394,7 @@ class AsyncTargetClient(_Base):
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         """See ``TargetClient.wait_until_ready``."""
         started, closes = time.monotonic(), self._closes
-        deadline = started + _checked_timeout("timeout", timeout, None)
+        deadline = started + checked_timeout("timeout", timeout, None)
         for attempt in itertools.count():
             index, _, channel = self._endpoint(closes)
             check = health_pb2_grpc.HealthStub(channel).Check
@@ -1405,6 +1424,7 @@ class AsyncTargetClient(_Base):
     ) -> Targets | SparseTargets:  # fmt: skip
         """See ``TargetClient.assign``."""
         check_densify(densify, kwargs)
+        _check_request_arguments(kwargs, "assign")
         request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
         ids = _image_ids(image_ids, request)
         try:
@@ -1428,8 +1448,9 @@ class AsyncTargetClient(_Base):
     ) -> AsyncIterator[Targets | TargetServiceError]:
         """See ``TargetClient.stream``; ``requests`` may also be an async iterable."""
         check_densify(densify, defaults)
+        _check_request_arguments(defaults, "stream")
         check_flags(return_exceptions=return_exceptions)
-        seconds = None if timeout is None else _checked_timeout("timeout", timeout, "no deadline")
+        seconds = None if timeout is None else checked_timeout("timeout", timeout, "no deadline")
         return self._stream(requests, seconds, return_exceptions, densify, defaults)
 
     async def _stream(self, requests, timeout: float | None, return_exceptions: bool, densify: bool,

@@ -38,7 +38,7 @@ from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assi
 from tritarget.kernels.api import BACKENDS
 from tritarget.kernels.sampling import fresh_seed
 
-from .client import TargetClient, TargetServiceError, check_densify, naming_images
+from .client import TargetClient, TargetServiceError, check_densify, checked_timeout, naming_images
 from .wire import as_tensor, build_request, checked_canvas, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
@@ -209,6 +209,8 @@ def _check_options(backend: str, options: Mapping[str, Any]) -> None:
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(sorted(_OPTIONS))}")
+    if "timeout" in options:  # a client's stream checks it at the first batch; in-process, nothing would
+        checked_timeout("timeout", options["timeout"], "no deadline")
 
 
 def _with_overrides(config: TargetConfig, options: Mapping[str, Any]) -> TargetConfig:

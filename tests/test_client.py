@@ -1079,6 +1079,44 @@ def test_a_stream_item_that_makes_no_request_is_named(two_servers):
                 list(client.stream([item], preset="retinanet_torchvision", canvas=CANVAS))
 
 
+def test_arguments_that_build_no_request_are_named_as_the_caller_wrote_them(two_servers):
+    """A stream item's ``timeout`` (the stream's own), ``image_ids`` or a misspelt key, a
+    stream's or an assign's unknown keyword: each said ``build_request() got an unexpected
+    keyword argument``, naming a function the caller never called (the stream's, at its
+    first item, and after the call went out)."""
+    good = {"gt_boxes": BOXES, "gt_counts": [2]}
+    options = {"preset": "retinanet_torchvision", "canvas": CANVAS}
+    items = (({"timeout": 5}, "stream item 1: unknown argument 'timeout' (one of stream()'s own arguments, "
+                              "for all its items); a request's arguments are box_format, canvas, config, "),
+             ({"image_ids": [7]}, "stream item 1: unknown argument 'image_ids'; a request's arguments are "),
+             ({"gt_clases": torch.tensor([1, 2])}, "stream item 1: unknown argument 'gt_clases'; "))  # fmt: skip
+
+    async def async_calls(client: AsyncTargetClient) -> None:
+        for extra, message in items:
+            with pytest.raises(TypeError, match=re.escape(message)):
+                [answer async for answer in client.stream([good, {**good, **extra}], **options)]
+        with pytest.raises(TypeError, match=re.escape("stream: unknown argument 'sed'; a request's arguments")):
+            client.stream([good], sed=3, **options)
+        with pytest.raises(TypeError, match=re.escape("assign: unknown argument 'sed'; a request's arguments")):
+            await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", sed=3)
+
+    with TargetClient(two_servers[0].address) as client:
+        for extra, message in items:
+            with pytest.raises(TypeError, match=re.escape(message)):
+                list(client.stream([good, {**good, **extra}], **options))
+        with pytest.raises(TypeError, match=re.escape("stream: unknown argument 'sed'; a request's arguments")):
+            client.stream([good], sed=3, **options)  # when called, not at its first item
+        with pytest.raises(TypeError, match=re.escape("assign: unknown argument 'sed'; a request's arguments")):
+            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", sed=3)
+        assert client.stats.responses == 3  # item 0 of each stream, answered before item 1 raised
+
+    async def run() -> None:
+        async with AsyncTargetClient(two_servers[0].address) as client:
+            await async_calls(client)
+
+    asyncio.run(run())
+
+
 def test_a_stream_item_densify_false_cannot_return_is_refused_before_it_is_sent(two_servers):
     """An item's own format='dense' (or return_max_iou) with densify=False was sent and
     computed, then its answer ended the stream, even with return_exceptions, unnamed."""

@@ -233,9 +233,12 @@ def test_a_bad_image_size_is_named_by_image_id_with_and_without_a_client():
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"backend": "bogus"}, ValueError, "backend: must be one of reference, cpu, triton, auto; got 'bogus'"),
     ({"drop_invald": True}, TypeError, "unknown option 'drop_invald'; the options are box_format, "),
+    ({"timeout": -1}, ValueError, "timeout: must be > 0 seconds (or None: no deadline), got -1"),
+    ({"timeout": "30"}, ValueError, "timeout: must be > 0 seconds (or None: no deadline), got '30'"),
 ])  # fmt: skip
 def test_a_misspelt_option_or_backend_is_refused_when_the_loader_is_made(kwargs, error, message):
-    """Not at the first batch: in a DataLoader's collate, that is in a worker, after they started."""
+    """Not at the first batch: in a DataLoader's collate, that is in a worker, after they started.
+    A bad timeout, which only a client's stream uses, too: in-process it went unnoticed."""
     with pytest.raises(error, match=re.escape(message)):
         with_targets(_batches(1), preset=PRESET, **kwargs)
     with pytest.raises(error, match=re.escape(message)):
