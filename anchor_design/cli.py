@@ -61,7 +61,7 @@ class _Progress:
     def __init__(self, label: str, enabled: bool = True):
         self.label, self.enabled = label, enabled
         self.stream = WhileRead(sys.stderr)  # a reader of stderr gone (`2>&1 | head -1`) stops no check
-        self.tty = sys.stderr.isatty()
+        self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self.last_write, self.last_decile = 0.0, -1
 

@@ -209,10 +209,11 @@ def _to_null(stream) -> None:
 
 class WhileRead:
     """``stream`` (stderr) for a progress line, silent once its reader has gone (``2>&1 |
-    head -1``): the work goes on, and the files it was asked for are written."""
+    head -1``), or where there is none (``2>&-``: Python's ``sys.stderr`` is None): the
+    work goes on, and the files it was asked for are written."""
 
     def __init__(self, stream) -> None:
-        self._stream = stream
+        self._stream = open(os.devnull, "w") if stream is None else stream
 
     def write(self, text: str) -> int:
         try:

@@ -191,6 +191,13 @@ def run_into_a_closed_pipe(argv: list[str], buffered: bool, closed: str = "stdou
         return subprocess.run([sys.executable, *argv], **streams, text=True, env=env, timeout=120)
 
 
+def run_without_stderr(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python argv`` with no stderr at all (``2>&-``, as some daemons and cron jobs run
+    commands: Python's ``sys.stderr`` is None), stdout captured."""
+    command = ["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, *argv]
+    return subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=120)
+
+
 @contextlib.contextmanager
 def closed_pipe() -> Iterator[int]:
     """The write end of a pipe whose reader has gone: writing it raises BrokenPipeError."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import closed_pipe, run_into_a_closed_pipe
+from support import closed_pipe, run_into_a_closed_pipe, run_without_stderr
 from tritarget.anchor_design import (
     Resize,
     check,
@@ -691,6 +691,23 @@ def test_a_reader_of_the_progress_lines_that_stops_ends_them_not_the_check(skewe
                                     buffered, closed="stderr")  # fmt: skip
     assert result.returncode == 0
     assert "BPR, IoU >= high alone" in result.stdout and json.loads(out.read_text())[0]["name"] == "yolov5"
+
+
+@pytest.mark.parametrize("progress", [[], ["--quiet"]], ids=["progress", "quiet"])
+def test_check_and_fit_run_with_no_stderr_at_all(skewed_path, tmp_path, progress):
+    """`2>&-`: the progress lines go nowhere and the commands run (with or without --quiet);
+    they ended at once in an AttributeError nobody saw, exit 1, no report, no file."""
+    out = tmp_path / "check.json"
+    dataset = ["--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu"]
+    result = run_without_stderr(["-m", "tritarget.service.cli", "anchors", "check", *dataset, "--missing", "0",
+                                 "--json", str(out), *progress])  # fmt: skip
+    assert result.returncode == 0
+    assert "BPR, IoU >= high alone" in result.stdout and json.loads(out.read_text())[0]["name"] == "yolov5"
+    fitted = tmp_path / "fit.json"
+    result = run_without_stderr(["-m", "tritarget.service.cli", "anchors", "fit", *dataset, "--generations", "2",
+                                 "--out", str(fitted), *progress])  # fmt: skip
+    assert result.returncode == 0
+    assert json.loads(fitted.read_text())["anchors"]["levels"]
 
 
 def test_a_reader_gone_after_the_first_line_stops_the_check_after_its_json(skewed_path, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ import pytest
 import torch
 from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
 
-from support import closed_pipe, run_into_a_closed_pipe
+from support import closed_pipe, run_into_a_closed_pipe, run_without_stderr
 from tritarget.clients import loadtest
 from tritarget.clients.loadtest import (
     LoadTestOptions,
@@ -816,6 +816,17 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly_with_its_files_written
     assert "requests_per_s" in csv_path.read_text()
     if json_to == "file":
         assert json.loads(Path(json_path).read_text())["ok"] is True
+
+
+def test_a_run_with_no_stderr_at_all_writes_its_table_and_files(tmp_path):
+    """`2>&-` (Python's sys.stderr is None): the progress bar goes nowhere, the run goes on."""
+    json_path = tmp_path / "out.json"
+    with _echo_server() as (address, _, _):
+        result = run_without_stderr(["-m", "tritarget.service.cli", "loadtest", "--target", address, "--duration",
+                                     "0.3", "--warmup", "0", "--canvas", "64", "64", "--images", "1", "--json",
+                                     str(json_path)])  # fmt: skip
+    assert result.returncode == 0
+    assert f"wrote {json_path}" in result.stdout and json.loads(json_path.read_text())["ok"] is True
 
 
 def test_a_file_into_a_pipe_whose_reader_has_gone_is_a_file_not_written(tmp_path):
