@@ -216,11 +216,15 @@ class _Parameters:
         values = vector.exp().tolist()
         new_levels, at = [], 0
         if self.layout == "yolo":
+            # Smallest area to the finest level across all levels, as YOLOv5's autoanchor
+            # orders its evolved anchors (sorted per level, a stride-32 level kept an anchor
+            # smaller than a stride-8 one).
+            shapes = sorted(
+                ((_side(w), _side(h)) for w, h in zip(values[::2], values[1::2])), key=lambda wh: wh[0] * wh[1]
+            )
             for lv in levels:
-                shapes = [(_side(values[at + 2 * j]), _side(values[at + 2 * j + 1])) for j in range(len(lv.shapes))]
-                shapes.sort(key=lambda wh: wh[0] * wh[1])
-                new_levels.append(_replace_level(lv, shapes=tuple(shapes)))
-                at += 2 * len(lv.shapes)
+                new_levels.append(_replace_level(lv, shapes=tuple(shapes[at : at + len(lv.shapes)])))
+                at += len(lv.shapes)
             return self._with_levels(new_levels)
         ratios = tuple(sorted(min(max(r, 1 / _MAX_RATIO), _MAX_RATIO) for r in values[-self.num_ratios :]))
         # A size is sqrt(w x h); the ratios stretch it into sides up to `stretch` times
@@ -261,20 +265,27 @@ class _Parameters:
 
     def kmeans(self, wh: torch.Tensor, seed: int) -> torch.Tensor:
         """Step 1: the k-means shapes as a parameter vector (``_fill_shapes``: the config's
-        own shapes complete them where the boxes have too few distinct shapes)."""
+        own shapes complete them where the boxes have too few distinct shapes). The boxes'
+        shapes are held within ``decode``'s bounds first: centres beyond a bound came out
+        of it as one repeated anchor (three ratios of boxes 20-50 times wider than tall,
+        all 1/16), the distinct shapes counted before the bound."""
         levels = self.config.anchors.levels
         if self.layout == "yolo":
             current = torch.tensor([wh for lv in levels for wh in lv.shapes], dtype=torch.float64)
-            return _fill_shapes(wh[~self.too_small(wh)], current, seed).log().flatten()
+            bounded = wh[~self.too_small(wh)].clamp(_MIN_SIDE, _MAX_SIDE)
+            return _fill_shapes(bounded, current, seed).log().flatten()
         side = (wh[:, 0] * wh[:, 1]).sqrt()
-        unit = wh / side[:, None]  # one area: 1 - IoU depends on the aspect alone
+        box_ratio = (wh[:, 1] / wh[:, 0]).clamp(1 / _MAX_RATIO, _MAX_RATIO)
+        # One area: 1 - IoU depends on the aspect alone.
+        unit = torch.stack([box_ratio.rsqrt(), box_ratio.sqrt()], dim=1)
         current_ratios = torch.tensor(levels[0].aspect_ratios, dtype=torch.float64)
         current_unit = torch.stack([current_ratios.rsqrt(), current_ratios.sqrt()], dim=1)  # h / w = ratio
         ratio_centres = _fill_shapes(unit, current_unit, seed)
         ratios = (ratio_centres[:, 1] / ratio_centres[:, 0]).log().tolist()
         current = self.sizes(self.config)
         centre_of_level = torch.tensor([sum(math.log(s) for s in sizes) / len(sizes) for sizes in current])
-        side = side[~self.too_small(wh)]
+        stretch = math.exp(max(abs(r) for r in ratios) / 2)  # as decode bounds the sizes for these ratios
+        side = side[~self.too_small(wh)].clamp(_MIN_SIDE * stretch, _MAX_SIDE / stretch)
         level_of_box = (side.log()[:, None] - centre_of_level[None, :]).abs().argmin(1)
         log_sizes = []  # [level][j], each level's k-means sizes, smallest first
         for i, level_sizes in enumerate(current):

@@ -29,6 +29,8 @@ from tritarget.anchor_design import (
 from tritarget.anchor_design import cli as anchor_design_cli
 from tritarget.anchor_design.check import format_check_table
 from tritarget.anchor_design.cli import main
+from tritarget.anchor_design.dataset import BoxDataset
+from tritarget.anchor_design.fit import _Parameters
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.service.output import output_file_problem, write_atomically
 
@@ -351,6 +353,46 @@ def test_fit_with_fewer_distinct_shapes_than_anchors_keeps_them_distinct(name):
         ratios = levels[0].aspect_ratios
         assert len(ratios) == len({round(r, 6) for r in ratios}) == 3 and any(abs(r - 4 / 3) < 1e-9 for r in ratios)
         assert all(len(lv.sizes) == len({round(s, 6) for s in lv.sizes}) for lv in levels)
+
+
+def _boxes_of_shapes(shapes: list[tuple[float, float]], images: int) -> BoxDataset:
+    """``images`` images of 640 x 640, each with one box of every (w, h) in ``shapes``, in a row."""
+    boxes = torch.tensor([[10.0 + 70 * i, 300.0, 10.0 + 70 * i + w, 300.0 + h] for i, (w, h) in enumerate(shapes)])
+    return from_tensors([boxes] * images, [(640, 640)] * images)
+
+
+@pytest.mark.parametrize(("name", "shapes"), [
+    ("retinanet_torchvision", [(60.0, 3.0), (100.0, 3.0), (150.0, 3.0), (200.0, 4.0), (60.0, 40.0)]),  # h/w 1/20-1/50
+    ("rpn_mmdet", [(60.0, 3.0), (100.0, 3.0), (150.0, 3.0), (200.0, 4.0), (60.0, 40.0)]),
+    ("yolov5", [(0.6, 40.0), (1.0, 40.0), (1.5, 40.0), (12.0, 48.0), (48.0, 12.0), (24.0, 96.0), (96.0, 24.0),
+                (60.0, 60.0), (200.0, 50.0)]),  # 0.6-1.5 px wide: under 2 px on one side only
+])  # fmt: skip
+def test_fit_kmeans_shapes_beyond_the_bounds_do_not_repeat(name, shapes):
+    """Boxes beyond a bound the fit holds anchors to (h/w within 1/16-16, sides of 2 px or
+    more): their k-means centres, distinct, all came out as the bound (ratios 1/16, 1/16,
+    1/16; yolo shapes 2 x 40 three times), a head's anchors repeated. Bounded first, they
+    count as one shape, and the config's own fill the rest."""
+    result = fit_anchors(_boxes_of_shapes(shapes, 4), presets.get(name), generations=0, backend="cpu")
+    levels = result.kmeans.anchors.levels
+    if name == "yolov5":
+        fitted = [(round(w, 3), round(h, 3)) for lv in levels for w, h in lv.shapes]
+        assert len(set(fitted)) == len(fitted) == 9 and (2.0, 40.0) in fitted, fitted
+    else:
+        ratios = [round(r, 6) for r in levels[0].aspect_ratios]
+        assert len(set(ratios)) == len(ratios) == 3 and 1 / 16 in ratios, ratios
+
+
+def test_fit_yolo_orders_shapes_by_area_across_levels():
+    """As YOLOv5's autoanchor orders its evolved anchors: smallest to the finest level. The
+    evolution moves shapes, and each level was sorted on its own (a stride-32 anchor of
+    875 px^2 beside a stride-8 one of 1,974 px^2)."""
+    parameters = _Parameters(presets.get("yolov5"))
+    given = [(100.0, 90.0), (150.0, 200.0), (370.0, 320.0), (30.0, 60.0), (60.0, 45.0), (60.0, 120.0),
+             (10.0, 13.0), (16.0, 30.0), (33.0, 23.0)]  # fmt: skip
+    decoded = parameters.decode(torch.tensor(given, dtype=torch.float64).log().flatten())
+    shapes = [[(round(w, 6), round(h, 6)) for w, h in lv.shapes] for lv in decoded.anchors.levels]
+    assert shapes == [[(10.0, 13.0), (16.0, 30.0), (33.0, 23.0)], [(30.0, 60.0), (60.0, 45.0), (60.0, 120.0)],
+                      [(100.0, 90.0), (150.0, 200.0), (370.0, 320.0)]]  # fmt: skip
 
 
 def test_fit_samples_only_images_with_boxes():
