@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .boxes import decode
 from .config import EncodeConfig
-from .problem import checked_counts, checked_real
+from .problem import checked_counts, checked_real, plain_xyxy
 from .targets import SparseTargets, offsets_problem
 
 __all__ = [
@@ -82,10 +82,15 @@ def _check_sparse(targets: object) -> SparseTargets:
     return targets
 
 
+def _kind(value: object) -> str:
+    """What an input is, for an error: a tensor's dtype, else its type."""
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _check_outputs(name: str, outputs: object, targets: SparseTargets, trailing: int | None) -> torch.Tensor:
     """A network output of shape [B, A] (trailing None) or [B, A, trailing] (-1: any)."""
     if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {type(outputs).__name__}")
+        raise TypeError(f"{name}: expected a floating-point tensor, got {_kind(outputs)}")
     batch, anchors = targets.batch_size, targets.num_anchors
     ok = outputs.dim() == (2 if trailing is None else 3) and tuple(outputs.shape[:2]) == (batch, anchors)
     if ok and trailing is not None and trailing > 0:
@@ -249,7 +254,8 @@ def _decoded_inputs(loss, predicted, targets, image, anchor, anchors, gt_boxes, 
         raise TypeError(f"encode: expected EncodeConfig (config.encode), got {type(encode).__name__}")
     for name, boxes in (("anchors", anchors), ("gt_boxes", gt_boxes)):
         if not isinstance(boxes, torch.Tensor) or not boxes.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point Tensor[N, 4], got {type(boxes).__name__}")
+            raise TypeError(f"{name}: expected a floating-point Tensor[N, 4], got {_kind(boxes)}")
+    anchors, gt_boxes = plain_xyxy("anchors", anchors), plain_xyxy("gt_boxes", gt_boxes)  # as assign_sparse takes them
     if gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
         raise ValueError(f"gt_boxes: expected shape [N, 4], got {list(gt_boxes.shape)}")
     device = predicted.device

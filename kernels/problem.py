@@ -234,17 +234,22 @@ def _from_numpy(name: str, value: object) -> object:
     return torch.from_numpy(np.ascontiguousarray(value))  # torch refuses negative strides ([::-1])
 
 
+def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
+    """``boxes`` as a plain tensor of xyxy rows. torchvision's BoundingBoxes carry their
+    format: read as xyxy, XYWH boxes would be wrong targets (or a wrong loss) without an
+    error, so another format is refused by name."""
+    if type(boxes) is torch.Tensor or getattr(boxes, "format", None) is None:
+        return boxes
+    form = getattr(boxes.format, "name", boxes.format)
+    if form != "XYXY":
+        raise ValueError(f"{name}: torchvision BoundingBoxes in format {form}, but boxes are xyxy here: convert "
+                         "them (torchvision.ops.box_convert, or v2.ConvertBoundingBoxFormat('XYXY'))")  # fmt: skip
+    return boxes.as_subclass(torch.Tensor)
+
+
 def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tensor:
     """A box input, float32 and contiguous, on ``device`` (None: the gt boxes, which decide it)."""
-    boxes = _tensor(name, value)
-    if type(boxes) is not torch.Tensor and getattr(boxes, "format", None) is not None:
-        # torchvision's BoundingBoxes carry their format; read as xyxy, XYWH boxes would be
-        # wrong targets without an error.
-        form = getattr(boxes.format, "name", boxes.format)
-        if form != "XYXY":
-            raise ValueError(f"{name}: torchvision BoundingBoxes in format {form}, but boxes are xyxy here: convert "
-                             "them (torchvision.ops.box_convert, or v2.ConvertBoundingBoxFormat('XYXY'))")  # fmt: skip
-        boxes = boxes.as_subclass(torch.Tensor)
+    boxes = plain_xyxy(name, _tensor(name, value))
     if not boxes.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (float32 xyxy), got {boxes.dtype}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:

@@ -224,6 +224,11 @@ def test_losses_refuse_bad_input(generator):
     giou = dict(loss="giou", anchors=torch.zeros(4, 4), gt_counts=[2, 0], encode=presets.get("yolov5").encode)
     with pytest.raises(TypeError, match="gt_boxes: expected a floating-point Tensor"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=[[0.0, 0.0, 1.0, 1.0]] * 2, **giou)
+    # A tensor of integers is named by its dtype ("got Tensor" read as if a tensor were wrong).
+    with pytest.raises(TypeError, match=r"gt_boxes: expected a floating-point Tensor\[N, 4\], got torch.int64$"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.ones(2, 4, dtype=torch.int64), **giou)
+    with pytest.raises(TypeError, match="cls_logits: expected a floating-point tensor, got torch.int32$"):
+        sigmoid_focal_loss(torch.zeros(2, 4, 8, dtype=torch.int32), sparse)
     with pytest.raises(ValueError, match=r"gt_boxes: expected shape \[N, 4\], got \[8\]"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.zeros(8), **giou)
     # The boxes' counts in another order add up all the same: image 0's positives would
@@ -250,6 +255,28 @@ def test_iou_box_losses_known_answers():
         assert math.isclose(got.item(), (first + squares) / 4, rel_tol=1e-5), loss
     with pytest.raises(ValueError, match="loss='ciou' needs anchors"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="ciou")
+
+
+def test_iou_box_losses_take_bounding_boxes_as_assign_sparse_takes_them():
+    """torchvision's ``BoundingBoxes`` in XYXY give the plain tensor's loss; in another
+    format they are refused by name, as ``assign_sparse`` refuses them (XYWH rows were read
+    as xyxy: a wrong GIoU loss and gradient, no error)."""
+    tv_tensors = pytest.importorskip("torchvision.tv_tensors")
+    sparse = _hand_targets().to_sparse()
+    xyxy = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 4.0]])
+    inputs = dict(anchors=torch.tensor([[0.0, 0.0, 4.0, 2.0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 2, 2]]),
+                  gt_counts=[2, 0], encode=presets.get("retinanet_torchvision").encode, loss="giou")  # fmt: skip
+    deltas = torch.full((2, 4, 4), 0.1)
+    expected = box_regression_loss(deltas, sparse, gt_boxes=xyxy, **inputs)
+    boxes = tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(8, 8))
+    assert torch.equal(box_regression_loss(deltas, sparse, gt_boxes=boxes, **inputs), expected)
+    for form in ("XYWH", "CXCYWH"):
+        other = tv_tensors.BoundingBoxes(xyxy, format=form, canvas_size=(8, 8))
+        with pytest.raises(ValueError, match=f"gt_boxes: torchvision BoundingBoxes in format {form}, but boxes are"):
+            box_regression_loss(deltas, sparse, gt_boxes=other, **inputs)
+        anchors = tv_tensors.BoundingBoxes(inputs["anchors"], format=form, canvas_size=(8, 8))
+        with pytest.raises(ValueError, match=f"anchors: torchvision BoundingBoxes in format {form}, but boxes are"):
+            box_regression_loss(deltas, sparse, gt_boxes=xyxy, **{**inputs, "anchors": anchors})
 
 
 def test_ssd_loss_known_answers():
