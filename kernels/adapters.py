@@ -25,6 +25,8 @@ detectron2 ``modeling/meta_arch/retinanet.py`` (``label_anchors``) and
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .problem import checked_real
@@ -51,10 +53,19 @@ def _dense(targets: Targets | SparseTargets) -> Targets:
     raise TypeError(f"targets: expected Targets or SparseTargets, got {type(targets).__name__}")
 
 
+def _num_classes(value: object, name: str) -> int:
+    """``value`` as a positive int: any integer (a numpy one too, as a config may hold it), not a bool."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count <= 0:
+        raise ValueError(f"{name}: num_classes must be a positive int, got {value!r}")
+    return count
+
+
 def _classes(targets: Targets, num_classes: int, name: str) -> torch.Tensor:
     """Tensor[B, A] int64: each positive's class (checked to be in [0, num_classes))."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
     if targets.classes is None:
         raise ValueError(f"{name}: the targets have no classes; pass gt_classes to assign")
     positive = targets.labels == POSITIVE
@@ -96,6 +107,7 @@ def detectron2_targets(
     dense = _dense(targets)
     labels = dense.labels.long()
     if num_classes is not None:
+        num_classes = _num_classes(num_classes, "detectron2_targets")
         classes = _classes(dense, num_classes, "detectron2_targets")
         labels = torch.where(labels == POSITIVE, classes, torch.where(labels == NEGATIVE, num_classes, IGNORED))
     return list(labels.unbind(0)), list(dense.deltas.unbind(0))
@@ -116,10 +128,9 @@ def mmdet_targets(
     * ``bbox_weights`` (Tensor[B, A, 4] float32): 1 for positives, 0 elsewhere.
     """
     dense = _dense(targets)
+    num_classes = _num_classes(num_classes, "mmdet_targets")
     positive = dense.labels == POSITIVE
     if dense.classes is None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"mmdet_targets: num_classes must be a positive int, got {num_classes!r}")
         classes = torch.zeros_like(dense.labels, dtype=torch.int64)
     else:
         classes = _classes(dense, num_classes, "mmdet_targets")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,17 @@ def test_mmdet_conventions():
     agnostic = Targets(targets.labels, targets.matched_gt, targets.deltas)  # RPN: no classes
     assert mmdet_targets(agnostic, num_classes=1)["labels"].tolist() == [[0, 1, 1, 0], [1, 1, 1, 1]]
     assert mmdet_targets(targets, num_classes=80, pos_weight=-1)["label_weights"][0, 0] == 1.0
+
+
+def test_num_classes_may_be_a_numpy_integer():
+    """A config read with numpy (or a dataset's class count from an array) holds np.int64:
+    refused as not a positive int."""
+    targets = _hand_targets()
+    assert torch.equal(mmdet_targets(targets, np.int64(80))["labels"], mmdet_targets(targets, 80)["labels"])
+    assert torch.equal(detectron2_targets(targets, np.int64(80))[0][0], detectron2_targets(targets, 80)[0][0])
+    for bad in (True, 2.0, np.float64(80), "80", np.int64(0)):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            mmdet_targets(targets, bad)
 
 
 def test_mmdet_label_weights_exclude_padding():
