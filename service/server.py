@@ -71,25 +71,43 @@ def _addresses(host: str, port: int) -> list[tuple[int, tuple]]:
     return found
 
 
-def bind_refusal(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on, as ``(hint): reason``, or None where a plain
-    socket binds every address of the host (as gRPC binds: a port in TIME_WAIT is free).
-    gRPC's own failure reads the same for a busy port, an unknown host, an address of
-    another machine and a privileged port; and gRPC serves where one address of several
-    binds (``localhost`` on ::1 alone, another process on 127.0.0.1)."""
+# An address of a family or an address this machine has not (IPv6 switched off, where the
+# hosts file still lists ::1 for localhost, as container runtimes write it): skipped while
+# another of the host's addresses binds, as gRPC skips it.
+_ABSENT = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
+def _bindable(host: str, port: int) -> tuple[list[tuple[int, tuple]], str | None]:
+    """(the addresses of ``host`` a plain socket binds on ``port``, None), or ([], why not
+    as ``(hint): reason``)."""
     try:
         addresses = _addresses(host, port)
     except (socket.gaierror, UnicodeError) as exc:
-        return f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
+        return [], f"(no address is known for host {host!r}): {getattr(exc, 'strerror', None) or exc}"
+    bindable, absent = [], None
     for family, address in addresses:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
-            except OSError as exc:
-                where = f" on {address[0]}" if len(addresses) > 1 else ""
-                return f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}{where}"
-    return None
+        except OSError as exc:
+            where = f" on {address[0]}" if len(addresses) > 1 else ""
+            refusal = f"({_BIND_HINTS.get(exc.errno, 'cannot bind')}): {exc.strerror}{where}"
+            if exc.errno not in _ABSENT:
+                return [], refusal
+            absent = absent or refusal
+            continue
+        bindable.append((family, address))
+    return (bindable, None) if bindable else ([], absent)
+
+
+def bind_refusal(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, as ``(hint): reason``, or None where a plain
+    socket binds every address of the host this machine has (as gRPC binds: a port in
+    TIME_WAIT is free). gRPC's own failure reads the same for a busy port, an unknown host,
+    an address of another machine and a privileged port; and gRPC serves where one address
+    of several binds (``localhost`` on ::1 alone, another process on 127.0.0.1)."""
+    return _bindable(host, port)[1]
 
 
 def hold_port(host: str, port: int) -> list[socket.socket]:
@@ -100,12 +118,12 @@ def hold_port(host: str, port: int) -> list[socket.socket]:
     its backend first: seconds on a GPU) a second ``serve --workers`` passed the check and
     shared the port. Not listening, they take no connections. ``OSError`` naming the
     reason if one cannot bind."""
-    refusal = bind_refusal(host, port)
+    addresses, refusal = _bindable(host, port)
     if refusal is not None:
         raise OSError(f"could not bind {host_port(host, port)} {refusal}")
     held = []
     try:
-        for family, address in _addresses(host, port):
+        for family, address in addresses:
             held.append(socket.socket(family, socket.SOCK_STREAM))
             held[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # no SO_REUSEADDR: a check with it fails
             held[-1].bind(address)
@@ -244,8 +262,9 @@ class TargetServer:
             self.port, reason = 0, str(exc).split(";")[0]
         if self.port == 0:
             refusal = bind_refusal(options.host, options.port)
-            if refusal is None:  # the address binds: what gRPC refused is the certificate or key (its log above says)
-                refusal = f"({'the TLS certificate / key rejected?' if options.tls_cert else 'in use?'}): {reason}"
+            if refusal is None:  # the port is free: gRPC refused the certificate or key, or the host (its log says)
+                hint = "the TLS certificate / key rejected?" if options.tls_cert else "gRPC cannot use it: check --host"
+                refusal = f"({hint}): {reason}"
             raise OSError(f"could not bind {address} {refusal}")
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()

@@ -142,7 +142,6 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             bound = codec.dense_response_bytes(job.images, job.anchors_per_image, request, job.config.background_class)
             compute = lambda: self._batcher.submit(job, finish, wait=stream)  # noqa: E731
             response, size = await self._held_while(bound, compute, wait=stream)
-        self._metrics.method(method).bytes_out.inc(size)  # here: not for a caller gone meanwhile
         return response, size
 
     async def _held_while(
@@ -265,6 +264,11 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             access_log.info("%s ended %s", method, code_name(status))
         await abort(context, status)
 
+    @staticmethod
+    def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+        remaining = context.time_remaining()
+        return remaining is not None and remaining <= 0
+
     def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float) -> None:
         """A request cancelled under its handler: its caller went away, or its deadline passed."""
         code = cut_off_code(context.time_remaining())
@@ -346,6 +350,13 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             raise
         except Exception as exc:
             await self._fail("Assign", exc, context, request, started)
+        if self._past_deadline(context):
+            # Computed on the event loop (inline), the handler ran past the deadline with no
+            # await for gRPC's cancellation to reach: the caller has DEADLINE_EXCEEDED, not
+            # these bytes (they were counted as sent, the call logged OK).
+            self._gone("Assign", context, request, started)
+            return response  # gRPC drops it
+        self._sent("Assign", size)
         self._finished("Assign", request, "OK", started)
         return response
 
@@ -359,6 +370,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         code, size = "OK", 0
         try:
             response, size = await self._assign("AssignStream", request)
+            self._sent("AssignStream", size)
         except asyncio.CancelledError:  # the stream ended before its answer
             self._gone("AssignStream", context, request, started)
             raise

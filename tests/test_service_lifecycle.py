@@ -682,6 +682,42 @@ def test_cli_serve_names_an_address_of_another_machine(workers):
     assert "could not bind 192.0.2.1:50999 (not an address of this machine)" in done.stderr, done.stderr
 
 
+def test_an_address_this_machine_has_not_among_the_hosts_is_skipped_as_grpc_skips_it(monkeypatch):
+    """A hosts file listing ``::1 localhost`` (container runtimes write it) on a machine with
+    IPv6 switched off: the check refused the whole host ("not an address of this machine"
+    on ::1) where gRPC serves on 127.0.0.1. Another machine's address stands in for the
+    absent one (192.0.2.1: TEST-NET-1); the host's other address is checked as before."""
+    from tritarget.service import server as server_module
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    resolved = [(socket.AF_INET, ("192.0.2.1", port)), (socket.AF_INET, ("127.0.0.1", port))]
+    monkeypatch.setattr(server_module, "_addresses", lambda host, port: resolved)
+    assert bind_refusal("localhost", port) is None
+    (held,) = hold_port("localhost", port)  # the address there is
+    try:
+        assert held.getsockname() == ("127.0.0.1", port)
+        assert bind_refusal("localhost", port) == "(in use?): Address already in use on 127.0.0.1"
+    finally:
+        held.close()
+    resolved.pop()  # only the absent one: refused, naming it
+    assert bind_refusal("localhost", port) == "(not an address of this machine): Cannot assign requested address"
+
+
+def test_cli_serve_names_a_host_grpc_cannot_use_not_a_busy_port():
+    """``--host 0``: Python reads it as 0.0.0.0, gRPC's resolver refuses it, and the free
+    port was blamed ("in use?")."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--host", "0", "--port", str(port),
+                           "--backend", "cpu"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"could not bind 0:{port} (gRPC cannot use it: check --host)" in done.stderr, done.stderr
+    assert "in use?" not in done.stderr
+
+
 @pytest.mark.parametrize(("stop", "how"), [(signal.SIGKILL, "killed by signal 9"), (signal.SIGTERM, "exit code 0")])
 def test_cli_serve_workers_stop_together_when_one_stops(stop, how):
     """A worker killed (an OOM kill) or failing stops the others, and the parent exits 1:
