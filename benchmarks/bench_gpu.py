@@ -44,12 +44,14 @@ kernels evaluate against the pairs with IoU > 0: the pair walk's
 its last line is ``evaluated/nonzero pairs: <ratio at G = 200>`` for the compiled
 default's matching (``_Meta.matching``); writes ``pairs.json``,
 with the shape of the compiled pair walk for B = 32 (chunks, the share inside one
-rectangle, chunks per persistent program on an H200).
+rectangle, chunks per persistent program on an H200), and the gather's programs
+list-scheduled in the order they start, the grid's against heavy first (``gather_schedule``).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import platform
@@ -678,6 +680,63 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
             "finalize_generating": finalize_generating, "lift_testing": lift_testing}  # fmt: skip
 
 
+# The gather's cost per block, in SASS instructions per warp (Triton 3.6 on sm_90,
+# benchmarks/results/kernel_resources_triton3.6/): a test step of 128 boxes ~100, a visit
+# of 4 near boxes 229 (the lift modes' innermost loop), a block's straight path ~100 and
+# ~300 more where a near box makes it load its anchors and apply the rules.
+SCHEDULE_COSTS = {"step": 100, "visit": 229, "block": 100, "near_block": 300}
+# Programs resident at once on an H200: 132 SMs x 8 (64 registers x 128 threads).
+SCHEDULE_SLOTS = H200_SMS * 8
+SCHEDULE_POINTS = [(32, None), (32, 200), (8, 1000), (1, 1000)]  # (B, G; None: COCO-like)
+
+
+def block_costs(boxes: torch.Tensor, counts: list[int], grid) -> torch.Tensor:
+    """[B, blocks] each gather program's instructions by SCHEDULE_COSTS, from the near
+    boxes the kernel's test lists for its block (``_crossing``) and its test steps."""
+    meta = triton_backend._COMPILED
+    bounds = _block_bounds(grid, meta.block_a)
+    costs, start = [], 0
+    for count in counts:
+        near = _crossing(boxes[start : start + count], bounds).sum(1)
+        start += count
+        steps = -(-count // meta.gather_boxes)
+        visits = torch.div(near + meta.gather_near - 1, meta.gather_near, rounding_mode="floor")
+        costs.append(SCHEDULE_COSTS["block"] + SCHEDULE_COSTS["step"] * steps + SCHEDULE_COSTS["visit"] * visits
+                     + SCHEDULE_COSTS["near_block"] * (near > 0))  # fmt: skip
+    return torch.stack(costs).double()
+
+
+def list_schedule(costs: list[float], slots: int = SCHEDULE_SLOTS) -> float:
+    """When the last program ends if each starts, in order, on the first free slot of
+    ``slots`` (the GPU's block scheduler), every slot running at one speed."""
+    free = [0.0] * slots
+    for cost in costs:
+        heapq.heappush(free, heapq.heappop(free) + cost)
+    return max(free)
+
+
+def gather_schedule() -> list[dict]:
+    """The gather's programs in the grid's order (an image's blocks in turn, image after
+    image) against heavy first (every image's last block, the coarsest level's, then the
+    last but one; ``_Meta.heavy_first``), list-scheduled: the end of each, in thousands of
+    instructions per warp, against the balanced bound (the work spread evenly). A model:
+    a slot's speed does not change as the GPU empties (it rises), and the costs are the
+    SASS's, not timed."""
+    config = presets.get(PRESET)
+    points = []
+    for batch, fixed in SCHEDULE_POINTS:
+        boxes, counts, _ = coco_like_batch(batch, seed=batch, canvas=COCO_CANVAS, boxes_per_image=fixed)
+        problem, _ = build_problem(boxes, counts, COCO_CANVAS, config)
+        costs = block_costs(boxes, counts, problem.grid)
+        grid_order = list_schedule(costs.reshape(-1).tolist())
+        heavy_first = list_schedule(costs.flip(1).t().reshape(-1).tolist())
+        balanced = max(float(costs.sum()) / SCHEDULE_SLOTS, float(costs.max()))
+        points.append({"batch": batch, "boxes": fixed, "grid_order": grid_order / 1e3,
+                       "heavy_first": heavy_first / 1e3, "balanced": balanced / 1e3,
+                       "longest_block": float(costs.max()) / 1e3})  # fmt: skip
+    return points
+
+
 def pairs(out: Path) -> None:
     config = presets.get(PRESET)
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
@@ -724,7 +783,16 @@ def pairs(out: Path) -> None:
                   f"(ratio {tile['evaluated'] / nonzero:.2f}; "
                   f"touching: ratio {tile['touching'] * block_a / nonzero:.2f})")  # fmt: skip
     walk = walk_shape(config)
-    write_json(out / "pairs.json", {"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points, "walk": walk})
+    schedule = gather_schedule()
+    print(f"the gather's programs on {SCHEDULE_SLOTS} resident (an H200), list-scheduled in start order "
+          f"(k instructions per warp; costs {SCHEDULE_COSTS}):")  # fmt: skip
+    for point in schedule:
+        print(f"{'':>11} B = {point['batch']}, G = {point['boxes'] or '~7'}: grid order {point['grid_order']:.0f}, "
+              f"heavy first {point['heavy_first']:.0f} ({point['heavy_first'] / point['grid_order']:.2f}x), "
+              f"balanced {point['balanced']:.0f}, longest block {point['longest_block']:.1f}")  # fmt: skip
+    write_json(out / "pairs.json", {"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points, "walk": walk,
+                                    "schedule": {"costs": SCHEDULE_COSTS, "slots": SCHEDULE_SLOTS,
+                                                 "points": schedule}})  # fmt: skip
     matching, last = triton_backend._COMPILED.matching, points[-1]
     evaluated = last["gather_as_built"]["evaluated"] if matching == "gather" else last["evaluated"]
     print(f"target (DESIGN §9): at most 2x at G = 200; wrote {out / 'pairs.json'}; the compiled default: {matching}")

@@ -1,9 +1,10 @@
-"""The kernels of two COCO-RetinaNet batches, for Nsight Compute (``gpu_profile.sh``).
+"""The kernels of three COCO-RetinaNet batches, for Nsight Compute (``gpu_profile.sh``).
 
-Builds B = 32 images with G ~ 7 (COCO-like) and with G = 200 boxes each, solves each
-a few times to compile and warm up, then once more inside an NVTX range named after
-the batch (``coco/``, ``g200/``): ``ncu --nvtx --nvtx-include`` profiles those launches
-only. Prints each batch's pair count, the work the hardware counters are read against.
+Builds B = 32 images with G ~ 7 (COCO-like) and with G = 200 boxes each, and B = 8 with
+G = 1,000 (the points of DESIGN section 9's goals), solves each a few times to compile
+and warm up, then once more inside an NVTX range named after the batch (``coco/``,
+``g200/``, ``g1000/``): ``ncu --nvtx --nvtx-include`` profiles those launches only.
+Prints each batch's pair count, the work the hardware counters are read against.
 
     python benchmarks/gpu_profile.py
 """
@@ -16,13 +17,13 @@ from tritarget.kernels import presets, triton_backend
 from tritarget.kernels.problem import build_problem
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
-BATCHES = {"coco": None, "g200": 200}  # NVTX range -> boxes per image (None: COCO-like)
+BATCHES = {"coco": (32, None), "g200": (32, 200), "g1000": (8, 1000)}  # NVTX range -> B, G (None: COCO-like)
 
 
 def main() -> None:
     config = presets.get("retinanet_torchvision")
-    for name, boxes in BATCHES.items():
-        gt, counts, classes = coco_like_batch(32, seed=32, boxes_per_image=boxes)
+    for name, (batch, boxes) in BATCHES.items():
+        gt, counts, classes = coco_like_batch(batch, seed=batch, boxes_per_image=boxes)
         problem, _ = build_problem(gt.cuda(), counts, COCO_CANVAS, config, gt_classes=classes.cuda())
         for _ in range(3):  # compiled, and the sparse lists sized as in steady use
             triton_backend.solve(problem)
@@ -34,7 +35,7 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_pop()
         work = triton_backend.candidate_pairs(problem)
-        print(f"{name}: B = 32, {sum(counts)} boxes, {work['evaluated']:,} box-anchor pairs in "
+        print(f"{name}: B = {batch}, {sum(counts)} boxes, {work['evaluated']:,} box-anchor pairs in "
               f"{work['chunks']:,} chunks per pass", flush=True)  # fmt: skip
 
 

@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu_profile.sh
 #
-# Profiles the pair and finalize kernels of gpu_profile.py's two B = 32 batches (G ~ 7 and
-# G = 200) with the sections that say what bounds them: throughput against the hardware's
+# Profiles the matching (the gather, or the pair walk's kernels) and the finalize of
+# gpu_profile.py's batches (B = 32 at G ~ 7 and G = 200, B = 8 at G = 1,000) with the sections that say what bounds them: throughput against the hardware's
 # peaks (SpeedOfLight), occupancy and its limiters, where warps stall (WarpStateStats,
 # SchedulerStats), memory and atomics traffic with L1 and L2 requests per kind of access
 # (MemoryWorkloadAnalysis and its _Tables), instructions executed (InstructionStats: per
@@ -34,7 +34,7 @@ if [ -z "$NCU" ]; then
 fi
 cd "$REPO"
 timeout -s INT -k 10 150 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
-    --kernel-name regex:"pairs_kernel|finalize_kernel" \
+    --nvtx-include "g1000/" --kernel-name regex:"pairs_kernel|gather_kernel|finalize_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section InstructionStats --section SourceCounters \

@@ -22,22 +22,22 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    ``solve`` and ``solve_sparse`` at B = 1 and 32, labels checked equal.
 4. The pair walk against the gather by anchor block (``_Meta.matching``) and the
    gather's variants: 2 near boxes visited at once (``gather_near``; 1, 8, the lift
-   four boxes at a time and blocks of 64 anchors lost in run10-run12 and left), and
-   without each of the three settings run12 made the defaults -- a generated grid's
-   anchors loaded (``load_anchors``), the gather capped at 64 registers
-   (``gather_registers``), the finalize that lifts at 40 (``finalize_registers``) -- and
-   without all three; the gather capped tighter, at 48 registers; and the finalize
-   matching each block itself (``inline_match``), capped as the gather or not, or
-   visiting 2 near boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
+   four boxes at a time and blocks of 64 anchors lost in run10-run12 and left), its
+   programs in the grid's own order instead of every image's coarsest blocks first
+   (``heavy_first``), the gather as run10 left it (without the three settings run12
+   made the defaults -- a generated grid's anchors loaded, the gather capped at 64
+   registers, the finalize that lifts at 40 -- whose each alone run12 timed, and in
+   the grid's order); and the finalize matching each block itself (``inline_match``),
+   capped as the gather or not, or visiting 2 near boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
    (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at G = 1000, targets (labels, matched
    boxes, deltas, classes) checked equal to the walk's; a variant that fails is
    reported and skipped; then a verdict per variant (points where it beat the walk,
    then where it beat the default gather, and its time over theirs as a geometric
    mean; targets equal or not).
 5. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
-   the gather as run10 left it (built anchors, uncapped) and the gather matching inline,
-   over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a
-   per-batch choice of the matching would be placed by).
+   the gather as run10 left it (built anchors, uncapped, in grid order) and the gather
+   matching inline, over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked
+   equal (the data a per-batch choice of the matching would be placed by).
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
@@ -299,16 +299,15 @@ def main() -> None:
     default = triton_backend._COMPILED
     variants = {"walk": dict(matching="walk"), "gather": dict(matching="gather")}
     variants["gather near=2"] = dict(matching="gather", gather_near=2)
-    # Each of the three settings run12 made the defaults, undone alone, then all three:
-    # the gather uncapped holds 96 registers (5 programs per SM, not 8), the finalize that
-    # lifts 56 (9, not 12), and a block builds its anchors from the level tables (~500
-    # instructions a block) instead of loading the grid's (3.2 MB for RetinaNet, L2-resident).
-    variants["gather uncapped"] = dict(matching="gather", gather_registers=None)
-    # Tighter: 10 programs per SM instead of 8, for a larger stack frame (kernel_resources.md).
-    variants["gather <=48 registers"] = dict(matching="gather", gather_registers=48)
-    variants["gather, lifting finalize uncapped"] = dict(matching="gather", finalize_registers=None)
-    variants["gather, anchors built"] = dict(matching="gather", load_anchors=False)
-    as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None)
+    # The programs in the grid's own order, an image's blocks in turn, as before
+    # 2026-12-05 (heavy first: every image's coarsest blocks start first; the list
+    # schedule of bench_gpu.py --pairs ends a third sooner at B = 8, G = 1,000).
+    variants["gather, grid order"] = dict(matching="gather", heavy_first=False)
+    # The three settings run12 made the defaults, undone together (each alone was timed
+    # in run12: 0.94-1.01x): the gather uncapped, the lifting finalize uncapped, a block's
+    # anchors built from the level tables instead of loaded.
+    as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None,
+                    heavy_first=False)  # fmt: skip
     variants["gather as run10 left it"] = as_run10
     # The finalize matching each block itself: no 16-byte record per anchor written and read
     # back between the passes (the G ~ 7 batches' floor above the targets' writes), the

@@ -47,7 +47,9 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 def kernels() -> list[tuple[str, object, dict]]:
     m = backend._COMPILED
     # The backend's defaults: a generated grid, its anchors built or loaded, registers capped or not.
-    finalize = dict(GENERATE=True, BUILD_ANCHORS=not m.load_anchors, BLOCK_A=m.block_a, BLOCK_G=m.block_g)
+    finalize = dict(
+        GENERATE=True, BUILD_ANCHORS=not m.load_anchors, BLOCK_A=m.block_a, BLOCK_G=m.block_g, HEAVY_FIRST=m.heavy_first
+    )
     gather = dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=m.gather_registers)
     lifting = dict(finalize, LIFT=True, NEAR=m.lift_near, maxnreg=m.finalize_registers)
     inline = dict(lifting, INLINE=True, maxnreg=m.gather_registers)

@@ -52,8 +52,9 @@ the lift, which marks the anchors that reach a qualifying box's maximum the same
 runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
 block builds its anchors once for the lift and the encoding); blocks near no box
 generate no anchors (a per-grid table of block bounds), the lift skips boxes whose area
-is far from every anchor's, and each image's first block checks the sparse path's
-unchecked boxes. ``bench_gpu.py --pairs`` counts what it visits
+is far from every anchor's, each image's first block checks the sparse path's
+unchecked boxes, and every image's coarsest blocks, which list the most boxes, start
+first (``_program_block``). ``bench_gpu.py --pairs`` counts what it visits
 (1.86x the overlapping pairs at G = 200; 2.26x with one bounding box per block).
 Matching inline (``_Meta.inline_match``, a variant): ``finalize_kernel`` (INLINE) runs
 the gather's search itself (``_block_keys``) instead of reading the records, and
@@ -174,6 +175,30 @@ _BLOCK_BOUNDS = tl.constexpr(10)
 # A key's low half holds 2^31 - 1 - index (indices < 2^31, checked by the launcher), so
 # that on equal IoU bits the lower index gives the larger key. Key 0 means "no overlap".
 _INDEX_MASK = tl.constexpr(2**31 - 1)
+
+
+# --- which block of which image a program takes ----------------------------------------
+
+
+@triton.jit
+def _program_block(HEAVY_FIRST: tl.constexpr):
+    """This program's block and image (int64), the blocks per image and the images. The
+    GPU starts programs in the order of their index, axis 0 fastest, so the grid's
+    layout decides what runs last. HEAVY_FIRST: a grid of (images, blocks per image)
+    taken from an image's last block down -- every image's last block first, then every
+    image's last but one, and so on. An image's last blocks hold the coarsest level's
+    anchors, the largest, which overlap the most boxes (at G = 1,000 the last tenth of an
+    image's blocks lists 6x the near boxes of the first tenth, ``bench_gpu.py --pairs``),
+    so the long blocks start first and short ones fill the end. Otherwise a grid of
+    (blocks per image, images), an image's blocks in turn, image after image, in which
+    the last image's coarsest blocks started last and ran on alone. (The layout, not a
+    start index divided by the batch: no division is spent, and the ids are read again
+    where needed rather than held in registers.)"""
+    if HEAVY_FIRST:
+        num_blocks = tl.num_programs(1)
+        return num_blocks - 1 - tl.program_id(1), tl.program_id(0).to(tl.int64), num_blocks, tl.num_programs(0)
+    else:
+        return tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), tl.num_programs(1)
 
 
 # --- anchors ---------------------------------------------------------------------------
@@ -1131,6 +1156,7 @@ def gather_kernel(
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
     RECORDS: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
     BLOCK_A consecutive anchors of one image (the finalize's blocks) builds their boxes
@@ -1158,10 +1184,10 @@ def gather_kernel(
     for explicit anchors. The same in finalize_kernel.
     RECORDS: write the records; False (finalize_kernel's INLINE, which matches each block
     itself), only the box keys and the box check: no work memory is written or needed.
-    Grid: (cdiv(num_anchors, BLOCK_A), B).
+    Grid: (cdiv(num_anchors, BLOCK_A), B), or with HEAVY_FIRST (B, cdiv(num_anchors,
+    BLOCK_A)): ``_program_block``.
     """
-    block = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    block, image, num_blocks, _ = _program_block(HEAVY_FIRST)
     first = block * BLOCK_A
     last = tl.minimum(first + BLOCK_A, num_anchors)
     anchor = first + tl.arange(0, BLOCK_A)
@@ -1201,7 +1227,7 @@ def gather_kernel(
                 excluded = excluded | _outside_padding(anchor, anchor_mask, first, last, level_int_ptr, pad_ptr,
                                                        image, num_levels, num_shapes, shape_major)  # fmt: skip
             included = anchor_mask & ~excluded
-        near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+        near_rows = near_ptr + (image * num_blocks + block) * BOXES
         # The low half of each included anchor's key for a box's maximum, -1 where
         # excluded (32 bits: one register per anchor through the loop), broadcast over the
         # tile's columns here: inside the loop the broadcast would cost a layout conversion
@@ -1299,6 +1325,7 @@ def finalize_kernel(
     NEAR: tl.constexpr,
     INLINE: tl.constexpr,
     MATCH_NEAR: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
 
@@ -1328,17 +1355,17 @@ def finalize_kernel(
         (anchor int32, matched int32, deltas [P, 4] float32, class int32) and ignored
         anchors (int32), in anchor order; rows at or past ``positive_capacity`` /
         ``ignored_capacity`` (the lists' lengths) are not written.
-    Grid: (cdiv(num_anchors, BLOCK_A), B).
+    Grid: (cdiv(num_anchors, BLOCK_A), B), or with HEAVY_FIRST (B, cdiv(num_anchors,
+    BLOCK_A)): ``_program_block``.
 
     Ties (worked example): anchor 7 has IoU 0.3 with boxes 2 and 5 -> box 2 (its key
     holds the larger 2^31 - 1 - box).
     """
-    block = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    block, image, num_blocks, batch = _program_block(HEAVY_FIRST)
     if OUTPUT == _OUTPUT_SPARSE:
         # Most blocks list nothing (COCO-like images: ~1% of anchors are listed): they
         # stop here, before any per-anchor work.
-        counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
+        counts = block_counts_ptr + (image * num_blocks + block) * 2
         if tl.load(counts) + tl.load(counts + 1) == 0:
             return
     box_start = tl.load(gt_offsets_ptr + image)
@@ -1385,7 +1412,7 @@ def finalize_kernel(
                     ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                              level_int_ptr, level_float_ptr, cells_ptr, num_levels,
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
-            near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+            near_rows = near_ptr + (image * num_blocks + block) * BOXES
             key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts,
                               anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
         anchors_built = anchors_built | visits
@@ -1422,7 +1449,7 @@ def finalize_kernel(
                         ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
                                                                  level_int_ptr, level_float_ptr, cells_ptr,
                                                                  num_levels, shape_major, BUILD_ANCHORS)  # fmt: skip
-                near_rows = near_ptr + (image * tl.num_programs(0) + block) * BOXES
+                near_rows = near_ptr + (image * num_blocks + block) * BOXES
                 mark = _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts, ax1, ay1, ax2, ay2,
                                    included, min_pos_iou, BLOCK_A, BOXES, NEAR)  # fmt: skip
                 if OUTPUT == _OUTPUT_COUNT:
@@ -1455,7 +1482,7 @@ def finalize_kernel(
         # (a block has at most BLOCK_A < 2^15 of each: 2^15 ignored would reach the sign
         # bit; _Meta refuses such a block).
         both = tl.sum((positive & anchor_mask).to(tl.int32) + (ignored.to(tl.int32) << 16), axis=0)
-        counts = block_counts_ptr + (image * tl.num_programs(0) + block) * 2
+        counts = block_counts_ptr + (image * num_blocks + block) * 2
         tl.store(counts, both & 0xFFFF)
         tl.store(counts + 1, both >> 16)
     else:
@@ -1503,7 +1530,7 @@ def finalize_kernel(
             if want_max_iou != 0:
                 tl.store(max_iou_ptr + dense, tl.where(has_boxes, best_iou, 0.0), mask=anchor_mask)
         else:
-            starts = block_starts_ptr + (image * tl.num_programs(0) + block) * 2
+            starts = block_starts_ptr + (image * num_blocks + block) * 2
             first_positive = tl.load(offsets_ptr + image) + tl.load(starts)
             out = first_positive + tl.cumsum(positive.to(tl.int32), axis=0).to(tl.int64) - 1
             fits = positive & (out < positive_capacity)
@@ -1512,7 +1539,7 @@ def finalize_kernel(
             tl.store(positive_deltas_ptr + out[:, None] * 4 + column, deltas, mask=fits[:, None])
             if has_classes != 0:
                 tl.store(positive_classes_ptr + out, box_class, mask=fits)
-            first_ignored = tl.load(offsets_ptr + tl.num_programs(1) + 1 + image) + tl.load(starts + 1)
+            first_ignored = tl.load(offsets_ptr + batch + 1 + image) + tl.load(starts + 1)
             out = first_ignored + tl.cumsum(ignored.to(tl.int32), axis=0).to(tl.int64) - 1
             tl.store(ignored_anchors_ptr + out, anchor, mask=ignored & (out < ignored_capacity))
 

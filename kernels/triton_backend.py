@@ -102,9 +102,13 @@ class _Meta:
     record is written and read back between the passes -- 16 bytes per anchor and image
     each way; the gather then runs only for the modes that lift, for its box keys, or to
     check unchecked boxes; for every mode but ssd_forced, whose marks live in the
-    records); and up to how many images ``solve`` and ``solve_sparse`` replay their
+    records); up to how many images ``solve`` and ``solve_sparse`` replay their
     launches as a CUDA graph (``triton_graphs``; 0: never, the default until a GPU run has
-    timed it)."""
+    timed it); and whether the gather and the finalize take every image's last blocks,
+    the coarsest level's, first (``triton_assign._program_block``): the gather's counted
+    work, list-scheduled on an H200's resident programs, ends a third sooner at B = 8,
+    G = 1,000 and 9% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
+    --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order")."""
 
     block_a: int
     block_p: int
@@ -123,6 +127,7 @@ class _Meta:
     load_anchors: bool = False
     inline_match: bool = False
     graph_batches: int = 0
+    heavy_first: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -154,8 +159,10 @@ _COMPILED = _Meta(block_a=128, block_p=256, block_g=2, segment_rows=2, pair_prog
 _INTERPRETED = _Meta(block_a=2048, block_p=4096, block_g=64, segment_rows=256, pair_programs=3, num_warps=4,
                      gather_boxes=64, gather_near=8, lift_near=8)  # fmt: skip
 
-# Grid axis 1 (images) is limited to 65,535 programs by CUDA.
-_MAX_IMAGES = 65_535
+# CUDA limits grid axes 1 and 2 to 65,535 programs: the images lie on axis 1 in the
+# grid's own order (``triton_assign._program_block``), the blocks per image heavy first.
+_MAX_GRID_Y = 65_535
+_MAX_IMAGES = _MAX_GRID_Y
 # Anchor and box indices are int32 in the kernels and packed into 31 bits.
 _MAX_INDEX = 2**31 - 1 - _INTERPRETED.block_a
 _INT32 = (-(2**31), 2**31 - 1)
@@ -441,6 +448,10 @@ class _Launch:
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
+        # Heavy first, the blocks lie on grid axis 1 (``_program_block``): an image of more
+        # blocks (8.4 M anchors at 128 a block) runs in the grid's own order.
+        self.heavy_first = self.meta.heavy_first and self.num_blocks <= _MAX_GRID_Y
+        self.block_grid = (self.batch, self.num_blocks) if self.heavy_first else (self.num_blocks, self.batch)
         # The gather's box keys, near-box lists and block bounds, which the finalize's lift
         # reads (``gather``); None: the finalize reads the marks from the work memory.
         self.lift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -594,15 +605,14 @@ class _Launch:
             invalid, self.num_anchors, self.num_levels, self.num_shapes, self.shape_major,
             float(self.match.ignore_iof_thr), *self.rules, self.low_quality, int(check),
         )  # fmt: skip
-        grid = (self.num_blocks, self.batch)
         meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
                     BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
-                    RECORDS=not self.inline, **_launch_kwargs())  # fmt: skip
+                    RECORDS=not self.inline, HEAVY_FIRST=self.heavy_first, **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
         # Matching inline, the finalize needs the gather only for box keys and box checks.
         if not self.inline or check or self.low_quality != LOW_QUALITY_CODES["none"]:
-            gather_kernel[grid](*common, **meta)
+            gather_kernel[self.block_grid](*common, **meta)
         if forced and candidates is not None:
             block = 128
             forced_kernel[(_cdiv(self.num_rows, block),)](
@@ -642,7 +652,7 @@ class _Launch:
         # lifts, its own.
         registers = self.meta.gather_registers if self.inline else self.meta.finalize_registers if lift else None
         cap = {} if registers is None else {"maxnreg": registers}
-        finalize_kernel[(self.num_blocks, self.batch)](
+        finalize_kernel[self.block_grid](
             self.gt_boxes, problem.gt_offsets,
             self.gt_classes if has_classes else self._placeholder(torch.int32),
             self.anchors, self.level_int, self.level_float, self.cells, self.ignore, problem.ignore_offsets,
@@ -655,7 +665,7 @@ class _Launch:
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
             BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline,
-            MATCH_NEAR=self.meta.gather_near, **_launch_kwargs(), **cap,
+            MATCH_NEAR=self.meta.gather_near, HEAVY_FIRST=self.heavy_first, **_launch_kwargs(), **cap,
         )  # fmt: skip
 
     def work(self, dense: bool = True) -> torch.Tensor:

@@ -246,6 +246,49 @@ def test_segment_searches(block):
         assert (found - at).max() > 32 or num_segments < 100  # the window loop runs more than once
 
 
+@triton.jit
+def _start_order(block_ptr, image_ptr, HEAVY_FIRST: tl.constexpr):
+    """Each program writes the block and image it takes (``_program_block``) at the place
+    of its start: the GPU starts programs in the order of their index, axis 0 fastest."""
+    block, image, num_blocks, batch = triton_assign._program_block(HEAVY_FIRST)
+    start = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(block_ptr + start, block)
+    tl.store(image_ptr + start, image)
+    tl.store(block_ptr + num_blocks * batch, num_blocks)
+    tl.store(image_ptr + num_blocks * batch, batch)
+
+
+@pytest.mark.parametrize("blocks, batch", [(1, 1), (7, 1), (1, 5), (13, 4)])
+def test_programs_start_with_every_images_last_block(blocks, batch):
+    """Heavy first, the programs take every image's last block (the coarsest anchors, the
+    most boxes), then every image's last but one, down to the first blocks; in the grid's
+    own order, an image's blocks in turn. Every (block, image) once either way."""
+    for heavy_first, grid in ((True, (batch, blocks)), (False, (blocks, batch))):
+        block = torch.full((blocks * batch + 1,), -1, dtype=torch.int32, device=DEVICE)
+        image = torch.full((blocks * batch + 1,), -1, dtype=torch.int64, device=DEVICE)
+        _start_order[grid](block, image, HEAVY_FIRST=heavy_first)
+        assert (int(block[-1]), int(image[-1])) == (blocks, batch)  # the sizes it reads off the grid
+        started = list(zip(block[:-1].tolist(), image[:-1].tolist()))
+        if heavy_first:
+            assert started == [(b, i) for b in reversed(range(blocks)) for i in range(batch)]
+        else:
+            assert started == [(b, i) for i in range(batch) for b in range(blocks)]
+
+
+def test_an_image_of_more_blocks_than_a_grid_axis_holds_runs_in_grid_order(monkeypatch):
+    """Heavy first, the blocks lie on grid axis 1, which CUDA holds to 65,535 programs: an
+    image of more blocks runs in the grid's own order, its blocks on axis 0."""
+    for name in ("_INTERPRETED", "_COMPILED"):
+        monkeypatch.setattr(triton_backend, name, dataclasses.replace(getattr(triton_backend, name), block_a=1))
+    config = _dense_config("retinanet_torchvision")
+    for anchors, heavy_first in ((65_535, True), (65_536, False)):
+        boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(anchors, 4)
+        problem, _ = build_problem(torch.zeros(0, 4), [0, 0], (64, 96), config, anchors=boxes)
+        launch = triton_backend._Launch(problem)
+        assert launch.heavy_first is heavy_first
+        assert launch.block_grid == ((2, anchors) if heavy_first else (anchors, 2))
+
+
 @pytest.mark.parametrize("batch", [1, 4, 9])
 @pytest.mark.parametrize("flag", [0, 1])
 def test_scan_lays_blocks_and_images_end_to_end(batch, flag, generator):
@@ -678,7 +721,7 @@ FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
 lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True, INLINE=False,
-            MATCH_NEAR=m.gather_near)  # the walk's finalize unless changed
+            MATCH_NEAR=m.gather_near, HEAVY_FIRST=m.heavy_first)  # the walk's finalize unless changed
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -695,9 +738,11 @@ for name, fn, constexprs in [
                                         **lift)),
     ("scan", k.scan_kernel, dict(BLOCK=1024)),
     ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
-                                     BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True)),
+                                     BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
+                                     HEAVY_FIRST=m.heavy_first)),
     ("gather_keys", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
-                                          BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=False)),
+                                          BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=False,
+                                          HEAVY_FIRST=m.heavy_first)),
     ("dense_lift", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
                                            BLOCK_G=m.block_g, **dict(lift, LIFT=True))),
     ("dense_inline", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
@@ -1006,13 +1051,15 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
 
 
 @pytest.mark.parametrize(
-    "mode, lift_near, block_a, load_anchors, inline_match",
-    [(mode, 1, 128, False, False) for mode in MODES] + [("mmdet", 2, 128, False, False), ("mmdet", 1, 64, False, False)]
-    + [(mode, 1, 128, True, False) for mode in MODES] + [(mode, 1, 128, True, True) for mode in MODES]
-    + [("torchvision", 2, 64, False, True)],
+    "mode, lift_near, block_a, load_anchors, inline_match, heavy_first",
+    [(mode, 1, 128, False, False, True) for mode in MODES]
+    + [("mmdet", 2, 128, False, False, True), ("mmdet", 1, 64, False, False, True)]
+    + [(mode, 1, 128, True, False, True) for mode in MODES] + [(mode, 1, 128, True, True, True) for mode in MODES]
+    + [("torchvision", 2, 64, False, True, True)]
+    + [("torchvision", 1, 128, True, False, False), ("mmdet", 1, 128, True, True, False)],
 )  # fmt: skip
 def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(
-    mode, lift_near, block_a, load_anchors, inline_match, monkeypatch, generator
+    mode, lift_near, block_a, load_anchors, inline_match, heavy_first, monkeypatch, generator
 ):
     """The gather gives the reference's targets, dense and sparse, at the GPU's block
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
@@ -1023,9 +1070,10 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(
     span several steps (and tied boxes straddle them), and the lift visits them 1 and 2
     at a time; also in blocks of 64 anchors, with the grid's anchors loaded instead of
     built in each block, and with the finalize matching each block itself, no record
-    between the passes (``inline_match``; ``gpu_sweep.py`` times each)."""
+    between the passes (``inline_match``), and with the programs in the grid's own order
+    rather than heavy first (``heavy_first``; ``gpu_sweep.py`` times each)."""
     launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near, block_a=block_a,
-                       load_anchors=load_anchors, inline_match=inline_match)  # fmt: skip
+                       load_anchors=load_anchors, inline_match=inline_match, heavy_first=heavy_first)  # fmt: skip
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
