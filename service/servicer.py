@@ -370,7 +370,6 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         code, size = "OK", 0
         try:
             response, size = await self._assign("AssignStream", request)
-            self._sent("AssignStream", size)
         except asyncio.CancelledError:  # the stream ended before its answer
             self._gone("AssignStream", context, request, started)
             raise
@@ -386,6 +385,11 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 # the error alone is small (a status message is clipped).
                 response.ClearField("request_id")
             self._sent("AssignStream", response.ByteSize())
+        else:
+            if self._past_deadline(context):  # computed on the event loop past the stream's deadline, as Assign's
+                self._gone("AssignStream", context, request, started)
+                return response, size  # gRPC drops it; its bytes are let go after the yield
+            self._sent("AssignStream", size)
         self._finished("AssignStream", request, code, started)
         return response, size
 

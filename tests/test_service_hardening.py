@@ -330,6 +330,29 @@ def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_excee
         assert len(lines) == 1 and lines[0].startswith("Assign id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
 
 
+def test_a_stream_item_computed_on_the_event_loop_past_the_streams_deadline_is_counted_as_exceeded(caplog):
+    """As a unary call's (above): a stream's item computed on the event loop ran past the
+    stream's deadline, and the stream ended DEADLINE_EXCEEDED for its caller; the server
+    logged the item OK and counted its response's bytes as sent."""
+    with ServerThread(backend="cpu") as srv, TargetClient(srv.address, retries=0) as client:
+        batcher = srv.server.batcher
+        compute = batcher._assign
+        batcher._assign = lambda jobs: (time.sleep(1.5), compute(jobs))[1]  # the loop held past the deadline
+        inline = srv.metrics.value("tritarget_inline_batches_total")
+        time.sleep(0.05)  # the server idles: the item is computed where it arrives
+        item = {"gt_boxes": GOOD, "gt_counts": [2], "request_id": "late"}
+        with caplog.at_level(logging.INFO, logger="tritarget.access"):
+            with pytest.raises(TargetServiceError) as info:
+                list(client.stream([item], timeout=0.75, canvas=CANVAS, preset="retinanet_torchvision"))
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            _until(lambda: _errors(srv, "AssignStream", "DEADLINE_EXCEEDED") == 1)
+        assert srv.metrics.value("tritarget_inline_batches_total") == inline + 1
+        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"}) == 0
+        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("AssignStream id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
+
+
 def test_a_response_whose_caller_has_gone_is_neither_encoded_nor_counted_as_sent():
     """The caller's deadline passes while its batch computes (held here until the caller has
     had its DEADLINE_EXCEEDED): its DENSE response (megabytes) was encoded for nobody and
