@@ -690,20 +690,40 @@ SCHEDULE_SLOTS = H200_SMS * 8
 SCHEDULE_POINTS = [(32, None), (32, 200), (8, 1000), (1, 1000)]  # (B, G; None: COCO-like)
 
 
-def block_costs(boxes: torch.Tensor, counts: list[int], grid) -> torch.Tensor:
-    """[B, blocks] each gather program's instructions by SCHEDULE_COSTS, from the near
-    boxes the kernel's test lists for its block (``_crossing``) and its test steps."""
+def block_near(boxes: torch.Tensor, counts: list[int], grid) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image, each gather program's near boxes (its test of the block's two parts,
+    ``_crossing``) and its visits: the near boxes of each test step of ``gather_boxes``
+    visited ``gather_near`` at a time, the last visit of a step part-filled."""
     meta = triton_backend._COMPILED
     bounds = _block_bounds(grid, meta.block_a)
-    costs, start = [], 0
+    near, visits, start = [], [], 0
     for count in counts:
-        near = _crossing(boxes[start : start + count], bounds).sum(1)
+        crossing = _crossing(boxes[start : start + count], bounds)
         start += count
-        steps = -(-count // meta.gather_boxes)
-        visits = torch.div(near + meta.gather_near - 1, meta.gather_near, rounding_mode="floor")
-        costs.append(SCHEDULE_COSTS["block"] + SCHEDULE_COSTS["step"] * steps + SCHEDULE_COSTS["visit"] * visits
-                     + SCHEDULE_COSTS["near_block"] * (near > 0))  # fmt: skip
-    return torch.stack(costs).double()
+        steps = torch.nn.functional.pad(crossing, (0, -count % meta.gather_boxes)).view(crossing.shape[0], -1,
+                                                                                        meta.gather_boxes)  # fmt: skip
+        per_step = steps.sum(2)
+        near.append(per_step.sum(1))
+        visits.append(torch.div(per_step + meta.gather_near - 1, meta.gather_near, rounding_mode="floor").sum(1))
+    return near, visits
+
+
+def block_costs(boxes: torch.Tensor, counts: list[int], grid) -> torch.Tensor:
+    """[B, blocks] each gather program's instructions by SCHEDULE_COSTS: its test steps,
+    visits (``block_near``) and, with a near box, its anchors loaded and rules applied."""
+    steps = [-(-count // triton_backend._COMPILED.gather_boxes) for count in counts]
+    near, visits = block_near(boxes, counts, grid)
+    return torch.stack([SCHEDULE_COSTS["block"] + SCHEDULE_COSTS["step"] * step + SCHEDULE_COSTS["visit"] * visit
+                        + SCHEDULE_COSTS["near_block"] * (image > 0)
+                        for step, image, visit in zip(steps, near, visits)]).double()  # fmt: skip
+
+
+def tenths(boxes: torch.Tensor, counts: list[int], grid) -> float:
+    """How many times the near boxes of the first tenth of an image's blocks its last tenth
+    lists (over the batch): the coarsest level's blocks against the finest's."""
+    near = torch.stack(block_near(boxes, counts, grid)[0]).double()
+    tenth = near.shape[1] // 10
+    return float(near[:, -tenth:].sum() / near[:, :tenth].sum())
 
 
 def list_schedule(costs: list[float], slots: int = SCHEDULE_SLOTS) -> float:
@@ -733,7 +753,8 @@ def gather_schedule() -> list[dict]:
         balanced = max(float(costs.sum()) / SCHEDULE_SLOTS, float(costs.max()))
         points.append({"batch": batch, "boxes": fixed, "grid_order": grid_order / 1e3,
                        "heavy_first": heavy_first / 1e3, "balanced": balanced / 1e3,
-                       "longest_block": float(costs.max()) / 1e3})  # fmt: skip
+                       "longest_block": float(costs.max()) / 1e3,
+                       "last_tenth_near": tenths(boxes, counts, problem.grid)})  # fmt: skip
     return points
 
 
@@ -789,7 +810,8 @@ def pairs(out: Path) -> None:
     for point in schedule:
         print(f"{'':>11} B = {point['batch']}, G = {point['boxes'] or '~7'}: grid order {point['grid_order']:.0f}, "
               f"heavy first {point['heavy_first']:.0f} ({point['heavy_first'] / point['grid_order']:.2f}x), "
-              f"balanced {point['balanced']:.0f}, longest block {point['longest_block']:.1f}")  # fmt: skip
+              f"balanced {point['balanced']:.0f}, longest block {point['longest_block']:.1f}; an image's last "
+              f"tenth of blocks lists {point['last_tenth_near']:.1f}x the near boxes of its first")  # fmt: skip
     write_json(out / "pairs.json", {"preset": PRESET, "canvas": list(COCO_CANVAS), "points": points, "walk": walk,
                                     "schedule": {"costs": SCHEDULE_COSTS, "slots": SCHEDULE_SLOTS,
                                                  "points": schedule}})  # fmt: skip

@@ -63,7 +63,7 @@
 #   GPU_CHECK_BUDGET=220 GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh (timeout 250,
 #   at once: a warm machine is let go after 30 s idle)
 # or, second, the kernels' Nsight profile (the gather has none yet; ~2-3 minutes):
-#   OUT="$OUT/profile" bash benchmarks/gpu_profile.sh                                       (timeout 200)
+#   OUT="$OUT/profile" bash benchmarks/gpu_profile.sh                                       (timeout 210)
 # Exit status: non-zero if the wheels did not install, the service stack does not import
 # (then only the kernels' tests, the bench, the sweep and the anchor scan run: nothing
 # is spent on failures), a test failed, a service step failed or the bench did not finish.

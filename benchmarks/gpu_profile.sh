@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A prepared Nsight Compute profile for a lent GPU machine, after gpu_check.sh when time is
-# left (about 2 minutes):
+# left (about 3 minutes):
 #
 #   bash benchmarks/gpu_profile.sh
 #
@@ -33,7 +33,7 @@ if [ -z "$NCU" ]; then
     exit 1
 fi
 cd "$REPO"
-timeout -s INT -k 10 150 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
+timeout -s INT -k 10 180 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
     --nvtx-include "g1000/" --kernel-name regex:"pairs_kernel|gather_kernel|finalize_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \

@@ -301,7 +301,7 @@ def main() -> None:
     variants["gather near=2"] = dict(matching="gather", gather_near=2)
     # The programs in the grid's own order, an image's blocks in turn, as before
     # 2026-12-05 (heavy first: every image's coarsest blocks start first; the list
-    # schedule of bench_gpu.py --pairs ends a third sooner at B = 8, G = 1,000).
+    # schedule of bench_gpu.py --pairs ends 31% sooner at B = 8, G = 1,000).
     variants["gather, grid order"] = dict(matching="gather", heavy_first=False)
     # The three settings run12 made the defaults, undone together (each alone was timed
     # in run12: 0.94-1.01x): the gather uncapped, the lifting finalize uncapped, a block's

@@ -188,7 +188,7 @@ def _program_block(HEAVY_FIRST: tl.constexpr):
     taken from an image's last block down -- every image's last block first, then every
     image's last but one, and so on. An image's last blocks hold the coarsest level's
     anchors, the largest, which overlap the most boxes (at G = 1,000 the last tenth of an
-    image's blocks lists 6x the near boxes of the first tenth, ``bench_gpu.py --pairs``),
+    image's blocks lists 7x the near boxes of the first tenth, ``bench_gpu.py --pairs``),
     so the long blocks start first and short ones fill the end. Otherwise a grid of
     (blocks per image, images), an image's blocks in turn, image after image, in which
     the last image's coarsest blocks started last and ran on alone. (The layout, not a

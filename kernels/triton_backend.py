@@ -106,8 +106,8 @@ class _Meta:
     launches as a CUDA graph (``triton_graphs``; 0: never, the default until a GPU run has
     timed it); and whether the gather and the finalize take every image's last blocks,
     the coarsest level's, first (``triton_assign._program_block``): the gather's counted
-    work, list-scheduled on an H200's resident programs, ends a third sooner at B = 8,
-    G = 1,000 and 9% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
+    work, list-scheduled on an H200's resident programs, ends 31% sooner at B = 8,
+    G = 1,000 and 8% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
     --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order")."""
 
     block_a: int

@@ -275,13 +275,16 @@ def test_programs_start_with_every_images_last_block(blocks, batch):
             assert started == [(b, i) for i in range(batch) for b in range(blocks)]
 
 
-def test_an_image_of_more_blocks_than_a_grid_axis_holds_runs_in_grid_order(monkeypatch):
+@pytest.mark.parametrize("asked", [True, False])
+def test_an_image_of_more_blocks_than_a_grid_axis_holds_runs_in_grid_order(asked, monkeypatch):
     """Heavy first, the blocks lie on grid axis 1, which CUDA holds to 65,535 programs: an
-    image of more blocks runs in the grid's own order, its blocks on axis 0."""
+    image of more blocks runs in the grid's own order, its blocks on axis 0; and so does
+    every image where the grid's order is asked for (``heavy_first`` False)."""
     for name in ("_INTERPRETED", "_COMPILED"):
-        monkeypatch.setattr(triton_backend, name, dataclasses.replace(getattr(triton_backend, name), block_a=1))
+        changed = dataclasses.replace(getattr(triton_backend, name), block_a=1, heavy_first=asked)
+        monkeypatch.setattr(triton_backend, name, changed)
     config = _dense_config("retinanet_torchvision")
-    for anchors, heavy_first in ((65_535, True), (65_536, False)):
+    for anchors, heavy_first in ((65_535, asked), (65_536, False)):
         boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(anchors, 4)
         problem, _ = build_problem(torch.zeros(0, 4), [0, 0], (64, 96), config, anchors=boxes)
         launch = triton_backend._Launch(problem)
@@ -1039,6 +1042,9 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 assert kwargs["BUILD_ANCHORS"] is (build and kwargs["GENERATE"])  # explicit anchors: loaded
+                assert kwargs["HEAVY_FIRST"] is changed.heavy_first  # the order asked for, and its grid
+                images = args[1].shape[0] - 1  # gt_offsets
+                assert (grid[0] == images) if changed.heavy_first else (grid[1] == images)
                 launched.append((kwargs["OUTPUT"], kwargs["LIFT"], kwargs["INLINE"]))
                 return original[grid](*args, **kwargs)
 
