@@ -666,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:  # no stderr at all (`2>&-`): print(file=None) would put errors into stdout's report
+        sys.stderr = open(os.devnull, "w")  # the process's stderr from now on, open until it exits
     try:
         args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
         status = args.handler(args)

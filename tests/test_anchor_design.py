@@ -752,6 +752,16 @@ def test_check_and_fit_run_with_no_stderr_at_all(skewed_path, tmp_path, progress
     assert json.loads(fitted.read_text())["anchors"]["levels"]
 
 
+def test_an_error_with_no_stderr_at_all_goes_nowhere_not_into_stdout(tmp_path):
+    """`2>&-`: Python's print(file=sys.stderr) with no stderr writes to stdout, so a
+    command's error line went into what its caller reads (a report, a JSON pipe); it goes
+    nowhere, and the status says it."""
+    missing = tmp_path / "missing.json"
+    result = run_without_stderr(["-m", "tritarget.service.cli", "anchors", "check", "--annotations", str(missing),
+                                 "--preset", "yolov5", "--backend", "cpu"])  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+
+
 def test_a_reader_gone_after_the_first_line_stops_the_check_after_its_json(skewed_path, tmp_path, monkeypatch):
     """`anchors check --json out.json | head -1` with every line written at once
     (PYTHONUNBUFFERED): the reader has the dataset's line and goes; the table's line then
