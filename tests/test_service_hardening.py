@@ -308,49 +308,32 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
             ["AssignStream", "id='streamed'", "CANCELLED"]]  # fmt: skip
 
 
-def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_exceeded(caplog):
-    """A small SPARSE call at an idle cpu server is computed on the event loop: no await
-    lets gRPC's cancellation reach its handler, which returned after the deadline had
-    passed. The caller had DEADLINE_EXCEEDED; the server logged OK, counted no error and
-    counted the response's bytes as sent."""
+@pytest.mark.parametrize("method", ["Assign", "AssignStream"])
+def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_exceeded(method, caplog):
+    """A small SPARSE call (or a stream's item) at an idle cpu server is computed on the
+    event loop: no await lets gRPC's cancellation reach its handler, which returned after
+    the deadline (the stream's) had passed. The caller had DEADLINE_EXCEEDED; the server
+    logged OK, counted no error and counted the response's bytes as sent."""
     with ServerThread(backend="cpu") as srv, TargetClient(srv.address, retries=0) as client:
         batcher = srv.server.batcher
         compute = batcher._assign
         batcher._assign = lambda jobs: (time.sleep(1.5), compute(jobs))[1]  # the loop held past the deadline
         inline = srv.metrics.value("tritarget_inline_batches_total")
         time.sleep(0.05)  # the server idles: the call is computed where it arrives
+        arguments = {"canvas": CANVAS, "preset": "retinanet_torchvision", "timeout": 0.75}
         with caplog.at_level(logging.INFO, logger="tritarget.access"):
             with pytest.raises(TargetServiceError) as info:
-                client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision", request_id="late", timeout=0.75)
+                if method == "Assign":
+                    client.assign(GOOD, [2], request_id="late", **arguments)
+                else:
+                    list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2], "request_id": "late"}], **arguments))
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            _until(lambda: _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1)
+            _until(lambda: _errors(srv, method, "DEADLINE_EXCEEDED") == 1)
         assert srv.metrics.value("tritarget_inline_batches_total") == inline + 1
-        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "Assign"}) == 0
-        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
-        assert len(lines) == 1 and lines[0].startswith("Assign id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
-
-
-def test_a_stream_item_computed_on_the_event_loop_past_the_streams_deadline_is_counted_as_exceeded(caplog):
-    """As a unary call's (above): a stream's item computed on the event loop ran past the
-    stream's deadline, and the stream ended DEADLINE_EXCEEDED for its caller; the server
-    logged the item OK and counted its response's bytes as sent."""
-    with ServerThread(backend="cpu") as srv, TargetClient(srv.address, retries=0) as client:
-        batcher = srv.server.batcher
-        compute = batcher._assign
-        batcher._assign = lambda jobs: (time.sleep(1.5), compute(jobs))[1]  # the loop held past the deadline
-        inline = srv.metrics.value("tritarget_inline_batches_total")
-        time.sleep(0.05)  # the server idles: the item is computed where it arrives
-        item = {"gt_boxes": GOOD, "gt_counts": [2], "request_id": "late"}
-        with caplog.at_level(logging.INFO, logger="tritarget.access"):
-            with pytest.raises(TargetServiceError) as info:
-                list(client.stream([item], timeout=0.75, canvas=CANVAS, preset="retinanet_torchvision"))
-            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            _until(lambda: _errors(srv, "AssignStream", "DEADLINE_EXCEEDED") == 1)
-        assert srv.metrics.value("tritarget_inline_batches_total") == inline + 1
-        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"}) == 0
+        assert srv.metrics.value("tritarget_response_bytes_total", {"method": method}) == 0
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
         assert len(lines) == 1, lines
-        assert lines[0].startswith("AssignStream id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
+        assert lines[0].startswith(f"{method} id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
 
 
 def test_a_response_whose_caller_has_gone_is_neither_encoded_nor_counted_as_sent():
