@@ -70,6 +70,34 @@ def test_gpu_ratios_are_the_others_time_over_ours():
     assert "speedup_of_triton" not in rows[0] and "speedup_of_triton" not in rows[3]  # no solve row at B = 8
 
 
+def test_the_schedule_model_starts_each_program_in_order_on_the_first_free_slot():
+    """``bench_gpu.py --pairs``'s model of the gather's start order: a long program started
+    last runs on alone, started first it overlaps the short ones."""
+    import bench_gpu
+
+    assert bench_gpu.list_schedule([3.0, 1.0, 1.0, 1.0], slots=2) == 3.0
+    assert bench_gpu.list_schedule([1.0, 1.0, 1.0, 3.0], slots=2) == 4.0
+
+
+def test_the_schedule_model_visits_each_test_steps_near_boxes_apart():
+    """The gather lists and visits the near boxes of each step of ``gather_boxes`` apart: a
+    block near 2 boxes of one step and 1 of the next visits twice, not once (4 at a time)."""
+    import bench_gpu
+
+    from tritarget.kernels import AnchorGrid, presets, triton_backend
+    from tritarget.kernels.anchors import resolve_grid
+
+    meta = triton_backend._COMPILED
+    grid = resolve_grid(presets.get("retinanet_torchvision").anchors, (64, 64))
+    assert isinstance(grid, AnchorGrid)
+    far = [60.0, 60.0, 61.0, 61.0]  # near the last blocks only (the coarsest anchors cover the canvas)
+    near = [1.0, 1.0, 3.0, 3.0]
+    rows = [far] * meta.gather_boxes + [near] * 2 + [far] * (meta.gather_boxes - 2) + [near]
+    near_boxes, visits = bench_gpu.block_near(torch.tensor(rows), [len(rows)], grid)
+    first = 0  # the first block: a corner's smallest anchors, near the corner's boxes alone
+    assert int(near_boxes[0][first]) == 3 and int(visits[0][first]) == 2
+
+
 def test_the_matching_verdict_compares_with_the_walk_where_it_ran():
     """A point where the walk failed crashed the verdict (and the sweep's last lines)."""
     import gpu_sweep
