@@ -28,9 +28,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    made the defaults -- a generated grid's anchors loaded, the gather capped at 64
    registers, the finalize that lifts at 40 -- whose each alone run12 timed, and in
    the grid's order); and the finalize matching each block itself (``inline_match``),
-   capped as the gather or not, or visiting 2 near boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64
-   (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at G = 1000, targets (labels, matched
-   boxes, deltas, classes) checked equal to the walk's; a variant that fails is
+   capped as the gather or not, or visiting 2 near boxes at once: ``solve`` and
+   ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at
+   G = 1000, targets (labels, matched boxes, deltas, classes) checked equal to the walk's; a variant that fails is
    reported and skipped; then a verdict per variant (points where it beat the walk,
    then where it beat the default gather, and its time over theirs as a geometric
    mean; targets equal or not).
