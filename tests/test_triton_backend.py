@@ -906,9 +906,14 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
         assert "fence" not in ptx[name] and "membar" not in ptx[name], name
     for name in ("dense", "dense_lift", "dense_inline"):
         assert "st.global.v4.b32" in ptx[name], f"{name}: deltas should leave in 16-byte vector stores"
-    # Without records the gather stores no anchor's mark (int32; its other stores: the
-    # near lists' bytes and the box-check flag).
-    assert "st.global.b32" in ptx["gather"] and "st.global.b32" not in ptx["gather_keys"]
+
+    # With records the gather writes each whole, in two 8-byte stores (the key, then the zero
+    # mark with the unused word; no 4-byte store, which left sectors written in part); without
+    # records, neither (its other stores: the near lists' bytes and the box-check flag).
+    def stores(name: str, bits: int) -> int:
+        return len(re.findall(rf"st\.global\.b{bits}\b", ptx[name]))
+
+    assert stores("gather", 64) == stores("gather_keys", 64) + 2 and stores("gather", 32) == 0
     # The scan's last program reads what the others stored before they counted themselves
     # done: its count must release and acquire.
     atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx["scan"]))
