@@ -634,7 +634,9 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     their anchors: in the gather, those with a near box; in the finalize (no rule needs
     the anchors here), those the lift visits or with a positive to encode (``labels``
     [B, A], the targets), which before the lift moved into the finalize generated them
-    once in each. ``touching``: the (box, block) pairs where the box overlaps one of the
+    once in each; ``recorded``, the anchors of the blocks with a near box, whose 16-byte
+    records the gather writes and the finalize reads (``_Meta.skip_empty``; every anchor's
+    without it). ``touching``: the (box, block) pairs where the box overlaps one of the
     block's anchors, what an exact per-block test would list (the rest of the gather's
     evaluated pairs above the overlapping ones is the tile's granularity: a box visits
     every anchor of a block it touches). ``lift_testing``: the blocks whose lift tests
@@ -645,7 +647,8 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     bounds = _block_bounds(grid, meta.block_a)
     area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
-    touching = lift_testing = 0
+    touching = lift_testing = recorded = 0
+    sizes = torch.tensor([len(block) for block in blocks])
     min_pos_iou = presets.get(PRESET).match.min_pos_iou
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
@@ -669,6 +672,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         lifted += int((crosses & (best > 0)).sum())
         bounded += int(visited.sum())
         generating += int(crosses.any(1).sum())
+        recorded += int(sizes[crosses.any(1)].sum())
         lift_generating += int(visited.any(1).sum())
         encodes = torch.stack([(part == 1).any() for part in labels[index].split(meta.block_a)])
         positive += int(encodes.sum())
@@ -677,7 +681,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
             "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
-            "finalize_generating": finalize_generating, "lift_testing": lift_testing}  # fmt: skip
+            "finalize_generating": finalize_generating, "lift_testing": lift_testing, "recorded": recorded}  # fmt: skip
 
 
 # The gather's cost per block, in SASS instructions per warp (Triton 3.6 on sm_90,
@@ -797,6 +801,10 @@ def pairs(out: Path) -> None:
               f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
               f"two launches: {built['lift_generating'] / built['blocks']:.0%} + "
               f"{built['positive_blocks'] / built['blocks']:.0%})")  # fmt: skip
+        every, per_image = anchors.shape[0] * len(counts), built["recorded"] * 16 / len(counts) / 1e6
+        print(f"{'':>11} records between the passes (16 bytes per anchor, skip_empty): "
+              f"{built['recorded'] / every:.0%} of the anchors', {per_image:.2f} MB per image written and read "
+              f"back, against {anchors.shape[0] * 16 / 1e6:.2f} MB for every record")  # fmt: skip
         for block_a, tile in tiles.items():
             print(f"{'':>11} in blocks of {block_a} anchors (gpu_sweep.py times them): {tile['near']:,} near "
                   f"(box, block) pairs ({tile['near'] / built['near']:.2f}x as built, "

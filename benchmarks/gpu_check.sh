@@ -25,8 +25,10 @@
 #    dense and sparse calls launched against replayed as CUDA graphs (``graph_batches``,
 #    off until this times it), the pair walk against the gather and its variants (run10's
 #    verdict made the gather the default, run12's set its launch; the finalize matching
-#    inline is the variant to read next), and the matchings over B x G (targets checked
-#    equal in every cell; where a per-batch choice would switch).
+#    inline, the grid's order and every record are the variants to read next: heavy
+#    first and skipping empty blocks' records became defaults untimed), and the
+#    matchings over B x G (targets checked equal in every cell; where a per-batch
+#    choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS

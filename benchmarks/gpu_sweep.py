@@ -7,7 +7,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 1. Host versus device: for COCO-RetinaNet B = 1 and 32 (G ~ 7), ``solve`` timed by
    ``do_bench`` (device-bound when the GPU is busy), by host time per call with no
    synchronisation (the launch cost), and the top host functions of 200 calls of
-   ``solve`` and of ``assign`` under cProfile; ``assign`` end to end beside it, and
+   ``solve``, of ``solve_sparse`` (host-bound in run12: 289 us per call at B = 1, its
+   wait for the lists' lengths included, against 122 for ``solve``) and of ``assign``
+   under cProfile; ``assign`` end to end beside it, and
    ``assign`` with its gt boxes checked by build_problem before the launches (five device
    operations and a read-back), as before 2026-12-04, against the check in the gather
    and its flag read back after the launches (today's). Both wait for the GPU once per
@@ -24,10 +26,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    gather's variants: 2 near boxes visited at once (``gather_near``; 1, 8, the lift
    four boxes at a time and blocks of 64 anchors lost in run10-run12 and left), its
    programs in the grid's own order instead of every image's coarsest blocks first
-   (``heavy_first``), the gather as run10 left it (without the three settings run12
+   (``heavy_first``), every block's records written and read back (``skip_empty``
+   off), the gather as run10 left it (without the three settings run12
    made the defaults -- a generated grid's anchors loaded, the gather capped at 64
-   registers, the finalize that lifts at 40 -- whose each alone run12 timed, and in
-   the grid's order); and the finalize matching each block itself (``inline_match``),
+   registers, the finalize that lifts at 40 -- whose each alone run12 timed, in the
+   grid's order and with every record); and the finalize matching each block itself (``inline_match``),
    capped as the gather or not, or visiting 2 near boxes at once: ``solve`` and
    ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32 G = 200, B = 8 and B = 1 at
    G = 1000, targets (labels, matched boxes, deltas, classes) checked equal to the walk's; a variant that fails is
@@ -35,7 +38,7 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    then where it beat the default gather, and its time over theirs as a geometric
    mean; targets equal or not).
 5. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
-   the gather as run10 left it (built anchors, uncapped, in grid order) and the gather
+   the gather as run10 left it (built anchors, uncapped, in grid order, every record) and the gather
    matching inline, over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked
    equal (the data a per-batch choice of the matching would be placed by).
 
@@ -247,8 +250,11 @@ def main() -> None:
                      assign_checked_first_ms=checked_first_ms, assign_checked_first_host_us=checked_first_host,
                      assign_crowd_ms=crowd_ms, assign_crowd_host_us=host_crowd)
             )  # fmt: skip
-            if batch == 1:  # where the host time goes: the solve, and what assign adds to it
-                for name, call in (("solve", lambda p=problem: triton_backend.solve(p)), ("assign", end_to_end)):
+            if batch == 1:  # where the host time goes: the solves, and what assign adds to them
+                calls = (("solve", lambda p=problem: triton_backend.solve(p)),
+                         ("solve_sparse", lambda p=problem: triton_backend.solve_sparse(p)),
+                         ("assign", end_to_end))  # fmt: skip
+                for name, call in calls:
                     profiler = cProfile.Profile()
                     profiler.enable()
                     for _ in range(200):
@@ -303,11 +309,15 @@ def main() -> None:
     # 2026-12-05 (heavy first: every image's coarsest blocks start first; the list
     # schedule of bench_gpu.py --pairs ends 31% sooner at B = 8, G = 1,000).
     variants["gather, grid order"] = dict(matching="gather", heavy_first=False)
+    # Every block's records written and read back, as before 2026-12-05 (skip_empty: a
+    # block near no box, 62% of them at G ~ 7, writes a flag instead, and the finalize
+    # reads its records only where the flag is set).
+    variants["gather, every record"] = dict(matching="gather", skip_empty=False)
     # The three settings run12 made the defaults, undone together (each alone was timed
     # in run12: 0.94-1.01x): the gather uncapped, the lifting finalize uncapped, a block's
     # anchors built from the level tables instead of loaded.
     as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None,
-                    heavy_first=False)  # fmt: skip
+                    heavy_first=False, skip_empty=False)  # fmt: skip
     variants["gather as run10 left it"] = as_run10
     # The finalize matching each block itself: no 16-byte record per anchor written and read
     # back between the passes (the G ~ 7 batches' floor above the targets' writes), the

@@ -50,9 +50,10 @@ def kernels() -> list[tuple[str, object, dict]]:
     finalize = dict(
         GENERATE=True, BUILD_ANCHORS=not m.load_anchors, BLOCK_A=m.block_a, BLOCK_G=m.block_g, HEAVY_FIRST=m.heavy_first
     )
-    gather = dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, maxnreg=m.gather_registers)
-    lifting = dict(finalize, LIFT=True, NEAR=m.lift_near, maxnreg=m.finalize_registers)
-    inline = dict(lifting, INLINE=True, maxnreg=m.gather_registers)
+    gather = dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, SKIP_EMPTY=m.skip_empty,
+                  maxnreg=m.gather_registers)  # fmt: skip
+    lifting = dict(finalize, LIFT=True, NEAR=m.lift_near, SKIP_EMPTY=m.skip_empty, maxnreg=m.finalize_registers)
+    inline = dict(lifting, INLINE=True, SKIP_EMPTY=False, maxnreg=m.gather_registers)
     return [
         ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=64)),
         ("pairs: scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
@@ -90,7 +91,12 @@ def kernels() -> list[tuple[str, object, dict]]:
         ("gather: scatter, at most 48 registers", k.gather_kernel, dict(gather, maxnreg=48)),
         ("gather: scatter, anchors built in every block", k.gather_kernel, dict(gather, BUILD_ANCHORS=True)),
         ("gather: scatter, 64 anchors per block", k.gather_kernel, dict(gather, BLOCK_A=64)),
-        ("gather: box keys only (the finalize matching inline)", k.gather_kernel, dict(gather, RECORDS=False)),
+        (
+            "gather: box keys only (the finalize matching inline)",
+            k.gather_kernel,
+            dict(gather, RECORDS=False, SKIP_EMPTY=False),
+        ),  # fmt: skip
+        ("gather: scatter, every block's records", k.gather_kernel, dict(gather, SKIP_EMPTY=False)),
         # low_quality is a runtime argument, so the visit loop holds every mode's fold;
         # compiled as a constant, the loop is one mode's path.
         ("gather: scatter, the lift modes' fold alone", k.gather_kernel, dict(gather, low_quality=1)),
@@ -98,6 +104,15 @@ def kernels() -> list[tuple[str, object, dict]]:
         ("finalize: dense", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_DENSE)),
         ("finalize: count", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_COUNT)),
         ("finalize: sparse", k.finalize_kernel, dict(finalize, OUTPUT=k.OUTPUT_SPARSE)),
+        # After the gather (skip_empty): the records read only where a block's flag says so.
+        *(
+            (
+                f"finalize: {name}, the gather's records where flagged",
+                k.finalize_kernel,
+                dict(finalize, OUTPUT=output, SKIP_EMPTY=m.skip_empty),
+            )
+            for name, output in (("dense", k.OUTPUT_DENSE), ("sparse", k.OUTPUT_SPARSE))
+        ),  # fmt: skip
         *(
             (
                 f"finalize: {name} with the gather's lift{f', {near} near boxes at a time' if near > 1 else ''}",
@@ -147,7 +162,8 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
         constexprs.setdefault("PRECHECK", backend._COMPILED.scatter_precheck)
     if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
         constexprs = {"LIFT": False, "BOXES": backend._COMPILED.gather_boxes, "NEAR": backend._COMPILED.lift_near,
-                      "INLINE": False, "MATCH_NEAR": backend._COMPILED.gather_near, **constexprs}  # fmt: skip
+                      "INLINE": False, "MATCH_NEAR": backend._COMPILED.gather_near, "SKIP_EMPTY": False,
+                      **constexprs}  # fmt: skip
     if fn is k.gather_kernel:  # with its records unless the row says otherwise
         constexprs.setdefault("RECORDS", True)
     if cap is not None:
@@ -279,7 +295,10 @@ def main() -> None:
         "(geometric mean of 7 points) on the H200 (benchmarks/results/gpu_h200/run12/combos/sweep.txt). "
         "The rows 'matching inline' are a variant not yet timed (`inline_match`): the finalize runs the "
         "gather's search itself, under the gather's cap, and the gather only folds the box keys, so no "
-        "per-anchor record passes between them. 'Innermost loop with an atomic' is the smallest loop "
+        "per-anchor record passes between them. The gather writes the records of the blocks near a box "
+        "only, and a flag per block that the finalize reads before them (`skip_empty`, not yet timed; "
+        "the rows 'every block's records' and the finalize's rows without 'where flagged' or 'the gather's "
+        "lift' are without it). 'Innermost loop with an atomic' is the smallest loop "
         "holding one, the per-visit work: the gather's pass over its near boxes (`gather_near` at a time, "
         "with the fold of their best IoUs), the pair walk's chunk; the rows 'fold alone' compile "
         "`low_quality` as a constant, so that loop is one mode's path (the lift modes fold a 32-bit IoU, "

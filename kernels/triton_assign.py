@@ -46,7 +46,9 @@ boxes of the block's two parts (cut where a block runs from one row of cells int
 next), lists the near ones (a scan; a byte per anchor and image of list memory)
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
-(the work memory needs no zeroing), and for the low-quality modes folds each box's best
+(the work memory needs no zeroing) -- only in blocks near a box, with a byte per block
+that tells the finalize which records to read (``_Meta.skip_empty``: 62% of a COCO-like
+image's blocks write none) -- and for the low-quality modes folds each box's best
 IoU once per (block, box) (in 32 bits; ssd_forced's whole key, which names the anchor);
 the lift, which marks the anchors that reach a qualifying box's maximum the same way,
 runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
@@ -62,9 +64,10 @@ the gather's search itself (``_block_keys``) instead of reading the records, and
 to check unchecked boxes: no per-anchor record between the passes.
 
 Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int32) --
-which the dense path keeps in its own deltas output (zeroed first; each anchor's delta
-is written by the program that reads its key, after a barrier), so it allocates
-nothing beyond its outputs; the sparse path allocates them. Per box: its key, image and
+which the dense path keeps in its own deltas output (zeroed first for the walk; each
+anchor's delta is written by the program that reads its key, after a barrier), so it
+allocates nothing beyond its outputs; the sparse path allocates them. The gather's near
+lists: a byte per anchor and image, and one per block for its flags. Per box: its key, image and
 index (16 bytes) and per (box, level, shape) a rectangle, a pair count, a prefix entry
 and a best IoU (36 bytes).
 
@@ -1026,6 +1029,14 @@ def _listed_boxes(near_rows, start, column, count, gt_boxes_ptr):
 
 
 @triton.jit
+def _filled_flag(near_ptr, image, block, num_blocks, batch, BOXES: tl.constexpr):
+    """Where gather_kernel (SKIP_EMPTY) says whether it wrote a block's records: a byte
+    per block of each image, after every program's near list (int64: the lists may pass
+    2^31 bytes)."""
+    return near_ptr + (batch.to(tl.int64) * BOXES + image) * num_blocks + block
+
+
+@triton.jit
 def _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area):
     """IoU of every anchor of the block (rows) with every listed box (columns)."""
     return _iou(bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], ((bx2 - bx1) * (by2 - by1))[None, :],
@@ -1156,6 +1167,7 @@ def gather_kernel(
     BOXES: tl.constexpr,
     NEAR: tl.constexpr,
     RECORDS: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
@@ -1184,10 +1196,13 @@ def gather_kernel(
     for explicit anchors. The same in finalize_kernel.
     RECORDS: write the records; False (finalize_kernel's INLINE, which matches each block
     itself), only the box keys and the box check: no work memory is written or needed.
+    SKIP_EMPTY (with RECORDS): a block near no box writes no records, only a zero byte
+    where ``_filled_flag`` puts it (near_ptr then holds B * cdiv(num_anchors, BLOCK_A)
+    bytes more), and finalize_kernel (SKIP_EMPTY) reads the records of the others only.
     Grid: (cdiv(num_anchors, BLOCK_A), B), or with HEAVY_FIRST (B, cdiv(num_anchors,
     BLOCK_A)): ``_program_block``.
     """
-    block, image, num_blocks, _ = _program_block(HEAVY_FIRST)
+    block, image, num_blocks, batch = _program_block(HEAVY_FIRST)
     first = block * BLOCK_A
     last = tl.minimum(first + BLOCK_A, num_anchors)
     anchor = first + tl.arange(0, BLOCK_A)
@@ -1241,8 +1256,16 @@ def gather_kernel(
         # sector written in part, which the L2 cache fills from memory before writing it
         # back (a read of the records for nothing: 103 MB at B = 32).
         records = work_ptr.to(tl.pointer_type(tl.int64)) + (image * num_anchors + anchor) * 2
-        tl.store(records, key, mask=anchor_mask)
-        tl.store(records + 1, tl.zeros((BLOCK_A,), tl.int64), mask=anchor_mask)
+        written = anchor_mask
+        if SKIP_EMPTY:
+            # A block near no box (62% of them on COCO-like images) leaves its records
+            # alone, which the finalize then does not read: 16 bytes per anchor written and
+            # read back for nothing, 64 of 103 MB each way at B = 32 (bench_gpu.py --pairs).
+            filled = found < searched_end
+            tl.store(_filled_flag(near_ptr, image, block, num_blocks, batch, BOXES), filled.to(tl.uint8))
+            written = tl.where(filled, written, False)  # (block & scalar fails in Triton's interpreter)
+        tl.store(records, key, mask=written)
+        tl.store(records + 1, tl.zeros((BLOCK_A,), tl.int64), mask=written)
 
 
 # --- 4. per anchor: decide, encode, write ---------------------------------------------------
@@ -1328,6 +1351,7 @@ def finalize_kernel(
     NEAR: tl.constexpr,
     INLINE: tl.constexpr,
     MATCH_NEAR: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
@@ -1338,6 +1362,11 @@ def finalize_kernel(
     (OUTPUT_DENSE writes the deltas there, the other outputs do not touch it); the marks
     come from the lift (LIFT, in every output) and gather_kernel, if it ran, wrote only
     the box keys. No mode that marks with forced_kernel.
+
+    SKIP_EMPTY (after gather_kernel's SKIP_EMPTY, not INLINE): a block reads its records
+    only where its flag (``_filled_flag``, in near_ptr) says the gather wrote them; the
+    others hold key 0 and mark 0 (no box near: every IoU is 0, and nothing is lifted or
+    forced there).
 
     LIFT (after ``gather_kernel``, a mode that lifts; OUTPUT_DENSE and OUTPUT_COUNT, and
     with INLINE OUTPUT_SPARSE too): the block's marks are found here (``_lift_marks``,
@@ -1400,6 +1429,7 @@ def finalize_kernel(
     anchors_built = geometry_rules
 
     dense = image * num_anchors + anchor  # int64: B * A may pass 2^31
+    records = anchor_mask  # the anchors whose key and mark are read from work_ptr
     if INLINE:
         key = tl.zeros((BLOCK_A,), tl.int64)
         box_end = tl.load(gt_offsets_ptr + image + 1)
@@ -1420,7 +1450,10 @@ def finalize_kernel(
                               anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
-        key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=anchor_mask, other=0)
+        if SKIP_EMPTY:
+            filled = tl.load(_filled_flag(near_ptr, image, block, num_blocks, batch, BOXES)) != 0
+            records = tl.where(filled, records, False)
+        key = tl.load(work_ptr.to(tl.pointer_type(tl.int64)) + dense * 2, mask=records, other=0)
     bits = (key >> 32).to(tl.int32)
     # No overlapping box: IoU 0 with every box, and the lowest box index is 0.
     best_box = tl.where(bits > 0, ((key & _INDEX_MASK) ^ _INDEX_MASK).to(tl.int32), 0)
@@ -1460,7 +1493,7 @@ def finalize_kernel(
                         tl.store(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mark, mask=mark > 0)
             anchors_built = anchors_built | lifts
     elif low_quality != 0:
-        mark = tl.load(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mask=anchor_mask, other=0)
+        mark = tl.load(work_ptr.to(tl.pointer_type(tl.int32)) + dense * 4 + 2, mask=records, other=0)
 
     # Thresholds: [low, high) ignored; strict_high (DALI/MLPerf SSD) flips both ends, (low, high].
     strict = strict_high != 0

@@ -108,7 +108,11 @@ class _Meta:
     the coarsest level's, first (``triton_assign._program_block``): the gather's counted
     work, list-scheduled on an H200's resident programs, ends 31% sooner at B = 8,
     G = 1,000 and 8% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
-    --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order")."""
+    --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order"); and whether
+    the gather writes the records of the blocks near a box only, with a byte per block
+    that tells the finalize which to read (``skip_empty``: 62% of a COCO-like image's
+    blocks are near none, ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's
+    "gather, every record")."""
 
     block_a: int
     block_p: int
@@ -128,6 +132,7 @@ class _Meta:
     inline_match: bool = False
     graph_batches: int = 0
     heavy_first: bool = True
+    skip_empty: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -445,6 +450,8 @@ class _Launch:
         # The finalize matches each block itself (``_Meta.inline_match``).
         self.inline = (self.meta.matching == "gather" and self.meta.inline_match
                        and self.low_quality != LOW_QUALITY_CODES["ssd_forced"])  # fmt: skip
+        # The gather's records only where a box is near, and a flag per block (``gather``).
+        self.skip_empty = self.meta.matching == "gather" and self.meta.skip_empty and not self.inline
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
@@ -571,8 +578,9 @@ class _Launch:
     def gather(
         self, work: torch.Tensor, invalid: torch.Tensor | None = None, zeroed: torch.Tensor | None = None
     ) -> None:
-        """Stage 2 by ``gather_kernel``: writes every anchor's key and a zero mark into
-        ``work`` (zeroed or not; matching inline, nothing: the finalize finds the keys, and
+        """Stage 2 by ``gather_kernel``: writes each anchor's key and a zero mark into
+        ``work`` (zeroed or not; ``skip_empty``, only in the blocks near a box, and a flag per
+        block in the near lists' memory; matching inline, nothing: the finalize finds the keys, and
         the gather runs only for the box keys of the modes that lift and for the box
         check), and with ``invalid`` checks the gt and ignore boxes too; stage 3 is forced_kernel's
         marks for ssd_forced (``segments_kernel`` runs for its box rows per image), the
@@ -593,8 +601,10 @@ class _Launch:
             box_key = zeroed[: self.num_rows]
         else:
             box_key = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
-        # Each program's list of near boxes (a byte per anchor and image at 128 per block).
-        near = torch.empty(self.batch * self.num_blocks * self.meta.gather_boxes, dtype=torch.uint8, device=self.device)
+        # Each program's list of near boxes (a byte per anchor and image at 128 per block),
+        # then skipping empty blocks, a byte per block: whether its records were written.
+        lists = self.meta.gather_boxes + int(self.skip_empty)
+        near = torch.empty(self.batch * self.num_blocks * lists, dtype=torch.uint8, device=self.device)
         if self.generate:
             bounds = _block_bounds(self.problem.grid, self.meta.block_a, self.device, stream_key(self.device))
         else:  # explicit anchors: each block loads its own
@@ -607,7 +617,8 @@ class _Launch:
         )  # fmt: skip
         meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
                     BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
-                    RECORDS=not self.inline, HEAVY_FIRST=self.heavy_first, **_launch_kwargs())  # fmt: skip
+                    RECORDS=not self.inline, SKIP_EMPTY=self.skip_empty, HEAVY_FIRST=self.heavy_first,
+                    **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
         # Matching inline, the finalize needs the gather only for box keys and box checks.
@@ -665,7 +676,8 @@ class _Launch:
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
             BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline,
-            MATCH_NEAR=self.meta.gather_near, HEAVY_FIRST=self.heavy_first, **_launch_kwargs(), **cap,
+            MATCH_NEAR=self.meta.gather_near, SKIP_EMPTY=self.skip_empty, HEAVY_FIRST=self.heavy_first,
+            **_launch_kwargs(), **cap,
         )  # fmt: skip
 
     def work(self, dense: bool = True) -> torch.Tensor:
@@ -673,7 +685,7 @@ class _Launch:
         for the sparse path (not ``dense``) matching inline, none (a placeholder)."""
         if self.inline and not dense:
             return self._placeholder(torch.float32)
-        if self.meta.matching == "gather":  # writes every record itself
+        if self.meta.matching == "gather":  # writes the records it needs itself (skip_empty: flags the others)
             return torch.empty(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
         return torch.zeros(self.batch, self.num_anchors, 4, dtype=torch.float32, device=self.device)
 

@@ -724,7 +724,7 @@ FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
 lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True, INLINE=False,
-            MATCH_NEAR=m.gather_near, HEAVY_FIRST=m.heavy_first)  # the walk's finalize unless changed
+            MATCH_NEAR=m.gather_near, SKIP_EMPTY=False, HEAVY_FIRST=m.heavy_first)  # the walk's finalize unless changed
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -738,16 +738,16 @@ for name, fn, constexprs in [
     ("count", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_COUNT, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                         **lift)),
     ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
-                                        **lift)),
+                                        **dict(lift, SKIP_EMPTY=m.skip_empty))),  # the gather's
     ("scan", k.scan_kernel, dict(BLOCK=1024)),
     ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                      BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
-                                     HEAVY_FIRST=m.heavy_first)),
+                                     SKIP_EMPTY=m.skip_empty, HEAVY_FIRST=m.heavy_first)),
     ("gather_keys", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                           BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=False,
-                                          HEAVY_FIRST=m.heavy_first)),
+                                          SKIP_EMPTY=False, HEAVY_FIRST=m.heavy_first)),
     ("dense_lift", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
-                                           BLOCK_G=m.block_g, **dict(lift, LIFT=True))),
+                                           BLOCK_G=m.block_g, **dict(lift, LIFT=True, SKIP_EMPTY=m.skip_empty))),
     ("dense_inline", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
                                              BLOCK_G=m.block_g, **dict(lift, LIFT=True, INLINE=True))),
     ("sparse_inline_explicit", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=False, BLOCK_A=m.block_a,
@@ -908,12 +908,14 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
         assert "st.global.v4.b32" in ptx[name], f"{name}: deltas should leave in 16-byte vector stores"
 
     # With records the gather writes each whole, in two 8-byte stores (the key, then the zero
-    # mark with the unused word; no 4-byte store, which left sectors written in part); without
-    # records, neither (its other stores: the near lists' bytes and the box-check flag).
+    # mark with the unused word; no 4-byte store, which left sectors written in part), and
+    # its block's flag in one byte; without records, none of these (its other stores: the
+    # near lists' bytes and the box-check flag).
     def stores(name: str, bits: int) -> int:
         return len(re.findall(rf"st\.global\.b{bits}\b", ptx[name]))
 
     assert stores("gather", 64) == stores("gather_keys", 64) + 2 and stores("gather", 32) == 0
+    assert stores("gather", 8) == stores("gather_keys", 8) + 1
     # The scan's last program reads what the others stored before they counted themselves
     # done: its count must release and acquire.
     atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx["scan"]))
@@ -1012,10 +1014,10 @@ def test_large_batches_stream_in_o_a_plus_g_memory(batch, boxes_per_image, match
     shape_rows = sum(level.cells.shape[0] for level in problem.grid.levels)
     per_box = 12 + 36 * shape_rows
     # The gather's near lists: a byte per anchor and image at the GPU's sizes (12.9 MB of
-    # the 335 MB at B = 64, G ~ 7 on the H200, run11).
+    # the 335 MB at B = 64, G ~ 7 on the H200, run11), and its blocks' flags, a byte each.
     meta = triton_backend._meta()
     blocks = -(-problem.num_anchors // meta.block_a)
-    near_lists = batch * blocks * meta.gather_boxes if matching == "gather" else 0
+    near_lists = batch * blocks * (meta.gather_boxes + int(meta.skip_empty)) if matching == "gather" else 0
     bound = outputs + near_lists + 2 * per_box * boxes.shape[0] + (2 << 20)
     assert extra <= bound, (extra, outputs, near_lists, iou_matrix)
     # Parity on the first two images (matching is per image).
@@ -1245,8 +1247,9 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, mode
     """The sparse path's boxes unchecked: the gather checks them itself (each image's
     first block, 4 boxes per step here): an invalid box of either image, in any step, of
     each kind is reported, valid boxes are not; ssd_forced (segments_kernel for its box
-    rows) alike. Its work memory is not zeroed (every record written whole, the same 16
-    bytes as the walk leaves in zeroed memory, the lift's marks once the count pass stored them);
+    rows) alike. Its work memory is not zeroed (each record of a block near a box written
+    whole, the same 16 bytes as the walk leaves in zeroed memory, the lift's marks once the
+    count pass stored them; the other blocks' left as they were, where the walk's are 0);
     matching inline, nothing is written there, and without the lift the gather runs for
     the check alone."""
     _gather(monkeypatch, gpu_blocks=False, gather_boxes=4, inline_match=inline_match)
@@ -1281,5 +1284,65 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, mode
     if gather.inline:  # no records: the finalize matches each block itself
         assert work.isnan().all()
     else:
-        # Whole records, their unused word too: a sector written in part is filled from memory.
-        assert torch.equal(work.view(torch.int32), zeroed.view(torch.int32))
+        # Whole records, their unused word too (a sector written in part is filled from
+        # memory), in the blocks near a box; the others' left as they were, where the walk's are 0.
+        written = _written_records(gather)
+        assert work.cpu()[~written].isnan().all() and not zeroed.cpu()[~written].any()
+        assert torch.equal(work.view(torch.int32).cpu()[written], zeroed.view(torch.int32).cpu()[written])
+
+
+def _written_records(launch) -> torch.Tensor:
+    """[B, A] bool: the anchors whose records the gather wrote, by its blocks' flags
+    (every anchor where it does not skip empty blocks)."""
+    if not launch.skip_empty:
+        return torch.ones(launch.batch, launch.num_anchors, dtype=torch.bool)
+    flags = launch.lift[1][-launch.batch * launch.num_blocks :].view(launch.batch, launch.num_blocks).cpu()
+    assert set(flags.unique().tolist()) <= {0, 1}
+    return flags.bool().repeat_interleave(launch.meta.block_a, dim=1)[:, : launch.num_anchors]
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "ssd_forced", "none"])
+def test_the_gather_leaves_the_records_of_blocks_near_no_box(mode, monkeypatch):
+    """Skipping empty blocks (``_Meta.skip_empty``): a block near no box writes only its
+    flag, and its records keep whatever the memory held, which no pass may read (here
+    a stale record: IoU 0.45 with box 0, which would make its anchor ignored where it is
+    negative). The boxes sit in one corner, crowd regions in another (blocks with ignored
+    anchors and no box near, which the sparse pass lists), the middle image has no box;
+    dense and sparse targets equal the reference in each mode (ssd_forced's marks live
+    in the records, the lift's come from the count pass). Every block with an
+    overlapping pair is flagged, its records written whole; a third or more are not."""
+    _gather(monkeypatch, gpu_blocks=True)
+    iou_bits = torch.tensor([0.45]).view(torch.int32).item()
+    stale = torch.tensor([2**31 - 1, iou_bits, 0, 0], dtype=torch.int32)  # key (box 0), mark, unused word
+
+    def allocate(launch, dense=True):
+        work = original(launch, dense)
+        work.view(torch.int32)[:] = stale.to(work.device)
+        return work
+
+    original = triton_backend._Launch.work
+    monkeypatch.setattr(triton_backend._Launch, "work", allocate)
+    canvas = (128, 192)  # 36 blocks of 128 anchors per image
+    boxes = torch.tensor([[2.0, 3.0, 30.0, 41.0], [10.0, 5.0, 22.0, 17.0], [4.0, 8.0, 9.0, 20.0],
+                          [0.0, 0.0, 60.0, 50.0]])  # fmt: skip
+    counts = [3, 0, 1]
+    ignore = torch.tensor([[150.0, 90.0, 190.0, 126.0], [120.0, 70.0, 180.0, 120.0]])
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.low_quality": mode, "match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": True}
+    )
+    ours = check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0, 1], want_max_iou=True,
+                 sparse=True)  # fmt: skip
+    assert (ours.labels == -1).any() and (ours.labels == 1).any()
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, ignore_boxes=ignore.to(DEVICE),
+                               ignore_counts=[1, 0, 1])  # fmt: skip
+    launch = triton_backend._Launch(problem)
+    assert launch.skip_empty
+    work = launch.work()
+    with triton_backend._on(launch.device):
+        launch.match_pairs(work)
+    written = _written_records(launch)
+    assert not (ours.max_iou.cpu() > 0)[~written].any()
+    assert (~written).float().mean() >= 1 / 3
+    records = work.view(torch.int32).cpu()
+    assert torch.equal(records[~written], stale.expand(int((~written).sum()), 4))
+    assert not records[written][:, 3].any()  # the unused word, zeroed
