@@ -636,7 +636,9 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     [B, A], the targets), which before the lift moved into the finalize generated them
     once in each; ``recorded``, the anchors of the blocks with a near box, whose 16-byte
     records the gather writes and the finalize reads (``_Meta.skip_empty``; every anchor's
-    without it). ``touching``: the (box, block) pairs where the box overlaps one of the
+    without it); ``tiles``, the visits of ``gather_near`` boxes, and ``lone_steps``, the
+    steps whose last near box is alone in its tile (``_Meta.lone_visits`` visits it alone).
+    ``touching``: the (box, block) pairs where the box overlaps one of the
     block's anchors, what an exact per-block test would list (the rest of the gather's
     evaluated pairs above the overlapping ones is the tile's granularity: a box visits
     every anchor of a block it touches). ``lift_testing``: the blocks whose lift tests
@@ -647,7 +649,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     bounds = _block_bounds(grid, meta.block_a)
     area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
-    touching = lift_testing = recorded = 0
+    touching = lift_testing = recorded = tiles = lone_steps = 0
     sizes = torch.tensor([len(block) for block in blocks])
     min_pos_iou = presets.get(PRESET).match.min_pos_iou
     for index, count in enumerate(counts):
@@ -657,6 +659,10 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         near += int(crosses.sum())
         touching += _touching(image, anchors, meta.block_a)
         steps += len(blocks) * -(-count // meta.gather_boxes)
+        for first in range(0, count, meta.gather_boxes):
+            listed = crosses[:, first : first + meta.gather_boxes].sum(1)
+            tiles += int((-(-listed // meta.gather_near)).sum())
+            lone_steps += int((listed % meta.gather_near == 1).sum()) if meta.gather_near > 1 else 0
         best, anchor_best = torch.zeros(count), torch.zeros(anchors.shape[0])  # per box, per anchor
         for first in range(0, anchors.shape[0], PAIRS_ANCHOR_CHUNK) if count else ():
             iou = box_iou(image, anchors[first : first + PAIRS_ANCHOR_CHUNK])
@@ -681,7 +687,8 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
             "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_bounded": bounded, "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
-            "finalize_generating": finalize_generating, "lift_testing": lift_testing, "recorded": recorded}  # fmt: skip
+            "finalize_generating": finalize_generating, "lift_testing": lift_testing, "recorded": recorded,
+            "tiles": tiles, "lone_steps": lone_steps}  # fmt: skip
 
 
 # The gather's cost per block, in SASS instructions per warp (Triton 3.6 on sm_90,
@@ -805,6 +812,9 @@ def pairs(out: Path) -> None:
         print(f"{'':>11} records between the passes (16 bytes per anchor, skip_empty): "
               f"{built['recorded'] / every:.0%} of the anchors', {per_image:.2f} MB per image written and read "
               f"back, against {anchors.shape[0] * 16 / 1e6:.2f} MB for every record")  # fmt: skip
+        print(f"{'':>11} visits of {triton_backend._COMPILED.gather_near} near boxes: {built['tiles']:,}; a step's "
+              f"last near box alone in its tile (lone_visits visits it alone): {built['lone_steps']:,} "
+              f"({built['lone_steps'] / built['tiles']:.0%} of the visits)")  # fmt: skip
         for block_a, tile in tiles.items():
             print(f"{'':>11} in blocks of {block_a} anchors (gpu_sweep.py times them): {tile['near']:,} near "
                   f"(box, block) pairs ({tile['near'] / built['near']:.2f}x as built, "

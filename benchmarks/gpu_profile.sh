@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_profile.sh
 #
 # Profiles the matching (the gather, or the pair walk's kernels) and the finalize of
-# gpu_profile.py's batches (B = 32 at G ~ 7 and G = 200, B = 8 at G = 1,000) with the
+# gpu_profile.py's batches (B = 32 at G ~ 7 and G = 200, B = 8 at G = 1,000; the sparse
+# passes at G ~ 7 alone: 9 kernels, each replayed once per pass of its sections) with the
 # sections that say what bounds them: throughput against the hardware's peaks (SpeedOfLight), occupancy and its limiters, where warps stall (WarpStateStats,
 # SchedulerStats), memory and atomics traffic with L1 and L2 requests per kind of access
 # (MemoryWorkloadAnalysis and its _Tables), instructions executed (InstructionStats: per

@@ -25,23 +25,24 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
 4. The pair walk against the gather by anchor block (``_Meta.matching``) and the
    gather's variants: 2 or 1 near boxes visited at once (``gather_near``; 8, the lift
    four boxes at a time and blocks of 64 anchors lost in run10-run12 and left; 1 lost
-   overall but won at B = 32, G ~ 7), its programs in the grid's own order instead of
-   every image's coarsest blocks first (``heavy_first``), every block's records written
-   and read back (``skip_empty`` off), the gather as run10 left it (without the three
-   settings run12 made the defaults -- a generated grid's anchors loaded, the gather
-   capped at 64 registers, the finalize that lifts at 40 -- whose each alone run12
-   timed, in the grid's order and with every record); and the finalize matching each
-   block itself (``inline_match``), capped as the gather or not, or visiting 2 near
-   boxes at once: ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32,
-   G = 200, B = 8 and B = 1 at G = 1000, targets (labels, matched boxes, deltas, classes)
-   checked equal to the walk's; a variant that fails is reported and skipped; then a
-   verdict per variant (points where it beat the walk, then where it beat the default
-   gather, and its time over theirs as a geometric mean; targets equal or not).
+   overall but won at B = 32, G ~ 7), a step's lone last near box visited alone
+   (``lone_visits``), its programs in the grid's own order instead of every image's
+   coarsest blocks first (``heavy_first``), every block's records written and read back
+   (``skip_empty`` off), the gather as run10 left it (without the three settings run12
+   made the defaults -- a generated grid's anchors loaded, the gather capped at 64
+   registers, the finalize that lifts at 40 -- whose each alone run12 timed, in the
+   grid's order and with every record); and the finalize matching each block itself
+   (``inline_match``), capped as the gather or not, or visiting 2 near boxes at once:
+   ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32, G = 200, B = 8
+   and B = 1 at G = 1000, targets (labels, matched boxes, deltas, classes) checked equal
+   to the walk's; a variant that fails is reported and skipped; then a verdict per
+   variant (points where it beat the walk, then where it beat the default gather, and
+   its time over theirs as a geometric mean; targets equal or not).
 5. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
    the gather as run10 left it (built anchors, uncapped, in grid order, every record),
-   the gather matching inline and visiting one near box at a time, over B = 1, 8, 32, 64
-   x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a per-batch choice of
-   the matching would be placed by).
+   the gather matching inline, visiting one near box at a time and a lone one alone,
+   over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a
+   per-batch choice of the matching would be placed by).
 
 Every "ms" is a ``triton.testing.do_bench`` median, as in ``bench_gpu.py``.
 
@@ -311,6 +312,9 @@ def main() -> None:
     # caps since, and over B x G below, where a width chosen per batch would switch.
     near_one = dict(matching="gather", gather_near=1)
     variants["gather near=1"] = near_one
+    # A step's last near box visited alone where it would be alone in its tile of 4
+    # (lone_visits): one box at a time where most steps list one (G ~ 7), tiles elsewhere.
+    variants["gather, lone visits"] = dict(matching="gather", lone_visits=True)
     # The programs in the grid's own order, an image's blocks in turn, as before
     # 2026-12-05 (heavy first: every image's coarsest blocks start first; the list
     # schedule of bench_gpu.py --pairs ends 31% sooner at B = 8, G = 1,000).
@@ -369,7 +373,8 @@ def main() -> None:
     say("== matching over batch x boxes per image: solve / solve_sparse ms, walk against the gathers ==")
     record["boundary"] = []
     contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10,
-                  "inline": inline, "gather near=1": near_one}  # fmt: skip
+                  "inline": inline, "gather near=1": near_one,
+                  "gather, lone visits": dict(matching="gather", lone_visits=True)}  # fmt: skip
     for batch in (1, 8, 32, 64) if "boundary" in sections else ():
         for boxes in (None, 50, 200, 500, 1000):  # 500: B = 1 flips between 200 and 1000 (run12)
             problem = problem_for(batch, boxes)[0]

@@ -51,9 +51,9 @@ def kernels() -> list[tuple[str, object, dict]]:
         GENERATE=True, BUILD_ANCHORS=not m.load_anchors, BLOCK_A=m.block_a, BLOCK_G=m.block_g, HEAVY_FIRST=m.heavy_first
     )
     gather = dict(finalize, BOXES=m.gather_boxes, NEAR=m.gather_near, SKIP_EMPTY=m.skip_empty,
-                  maxnreg=m.gather_registers)  # fmt: skip
+                  LONE=m.lone_visits, maxnreg=m.gather_registers)  # fmt: skip
     lifting = dict(finalize, LIFT=True, NEAR=m.lift_near, SKIP_EMPTY=m.skip_empty, maxnreg=m.finalize_registers)
-    inline = dict(lifting, INLINE=True, SKIP_EMPTY=False, maxnreg=m.gather_registers)
+    inline = dict(lifting, INLINE=True, SKIP_EMPTY=False, LONE=m.lone_visits, maxnreg=m.gather_registers)
     return [
         ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=64)),
         ("pairs: scatter", k.pairs_kernel, dict(STAGE=k.STAGE_SCATTER, GENERATE=True, BLOCK_P=m.block_p)),
@@ -97,6 +97,7 @@ def kernels() -> list[tuple[str, object, dict]]:
             dict(gather, RECORDS=False, SKIP_EMPTY=False),
         ),  # fmt: skip
         ("gather: scatter, every block's records", k.gather_kernel, dict(gather, SKIP_EMPTY=False)),
+        ("gather: scatter, a lone near box visited alone", k.gather_kernel, dict(gather, LONE=True)),
         # low_quality is a runtime argument, so the visit loop holds every mode's fold;
         # compiled as a constant, the loop is one mode's path.
         ("gather: scatter, the lift modes' fold alone", k.gather_kernel, dict(gather, low_quality=1)),
@@ -163,7 +164,7 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
     if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
         constexprs = {"LIFT": False, "BOXES": backend._COMPILED.gather_boxes, "NEAR": backend._COMPILED.lift_near,
                       "INLINE": False, "MATCH_NEAR": backend._COMPILED.gather_near, "SKIP_EMPTY": False,
-                      **constexprs}  # fmt: skip
+                      "LONE": False, **constexprs}  # fmt: skip
     if fn is k.gather_kernel:  # with its records unless the row says otherwise
         constexprs.setdefault("RECORDS", True)
     if cap is not None:
@@ -298,7 +299,9 @@ def main() -> None:
         "per-anchor record passes between them. The gather writes the records of the blocks near a box "
         "only, and a flag per block that the finalize reads before them (`skip_empty`, not yet timed; "
         "the rows 'every block's records' and the finalize's rows without 'where flagged' or 'the gather's "
-        "lift' are without it). 'Innermost loop with an atomic' is the smallest loop "
+        "lift' are without it). The row 'a lone near box visited alone' is a variant not yet timed "
+        "(`lone_visits`): a step's last near box, where it would be alone in its tile, visited as a "
+        "[BLOCK_A] pass. 'Innermost loop with an atomic' is the smallest loop "
         "holding one, the per-visit work: the gather's pass over its near boxes (`gather_near` at a time, "
         "with the fold of their best IoUs), the pair walk's chunk; the rows 'fold alone' compile "
         "`low_quality` as a constant, so that loop is one mode's path (the lift modes fold a 32-bit IoU, "

@@ -1073,24 +1073,67 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
 
 
 @triton.jit
+def _keep_best(iou, pair, box, best_iou, best_box, box_key_ptr, row, anchor_low, low_quality, BOX_KEYS: tl.constexpr):
+    """One visit folded in: per anchor, the best IoU and its box (a strict comparison
+    keeps the lowest box on a tie: boxes come in increasing order), and with BOX_KEYS each
+    visited box's best over the counted pairs into its key (``_block_keys``). Any shape:
+    a [BLOCK_A, NEAR] tile (``box``, ``row`` per column, ``anchor_low`` [BLOCK_A, 1]) or
+    one box ([BLOCK_A], scalars)."""
+    better = pair & (iou > best_iou)
+    best_iou = tl.where(better, iou, best_iou)
+    best_box = tl.where(better, box, best_box)
+    if BOX_KEYS:
+        counted = pair & (anchor_low >= 0)
+        if low_quality == _LQ_SSD_FORCED:  # forces each box's best anchor: the key names it
+            top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low.to(tl.int64)
+            top = tl.max(tl.where(counted & (iou > 0.0), top, 0), axis=0)
+            tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
+        elif low_quality != 0:
+            # The lift reads only each box's best IoU, its key's high word
+            # (_box_best_iou), so the fold over the block's anchors takes 32-bit values: a
+            # float max per step of the reduction and one register per shuffle, where the
+            # 64-bit key took two compares, two selects and two shuffles (SASS).
+            best = tl.max(tl.where(counted, iou, 0.0), axis=0)
+            tl.atomic_max(box_key_ptr.to(tl.pointer_type(tl.int32)) + row * 2 + 1,
+                          best.to(tl.int32, bitcast=True), mask=best > 0.0, sem="relaxed")  # fmt: skip
+    return best_iou, best_box
+
+
+@triton.jit
+def _keys(best_iou, best_box):
+    """pairs_kernel's key of a best IoU and its box; 0 where no box overlaps."""
+    key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
+    return tl.where(best_iou > 0.0, key, 0)
+
+
+@triton.jit
 def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_near, box_end, parts, anchor_mask,
                 ax1, ay1, ax2, ay2, anchor_low, low_quality, BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr,
-                BOXES: tl.constexpr, NEAR: tl.constexpr):  # fmt: skip
+                BOXES: tl.constexpr, NEAR: tl.constexpr, LONE: tl.constexpr):  # fmt: skip
     """Each anchor's key over the boxes near its block (``pairs_kernel``'s key: IoU bits,
     then 2^31 - 1 - box; 0 where no box overlaps it): the image's boxes tested BOXES at a
     time against the block's two ``parts``, from the first step with a near box
     (``_first_near``: ``found``, whose test ``found_near`` is not repeated), the near ones
-    listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. With
-    BOX_KEYS, for the low-quality modes (``low_quality``), also each box's best IoU over
-    the included anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded,
-    [BLOCK_A, 1] int32), one ``atomic_max`` per (block, box) into the high word of its
-    key; for ssd_forced into the whole key, with the best anchor (lowest on a tie) below."""
+    listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. LONE: a
+    step's last near box, where it would be alone in its tile, is visited alone (a
+    [BLOCK_A] pass, half the tile's instructions: 64% of the steps with a near box list
+    one box on COCO-like images, ``bench_gpu.py --pairs``). With BOX_KEYS, for the
+    low-quality modes (``low_quality``), also each box's best IoU over the included
+    anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded, [BLOCK_A]
+    int32), one ``atomic_max`` per (block, box) into the high word of its key; for
+    ssd_forced into the whole key, with the best anchor (lowest on a tie) below."""
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
-    # Per anchor and column of the visited tile, whose boxes come in increasing order: the
-    # best IoU and its box (a strict comparison keeps the lowest box on a tie, in 32-bit
-    # registers), reduced over the columns once at the end.
+    # anchor_low broadcast over the tile's columns here: inside the loop the broadcast
+    # would cost a layout conversion through shared memory (three barriers) per visit.
+    low_tile = anchor_low
+    if BOX_KEYS:
+        low_tile = anchor_low[:, None]
+    # Per anchor and column of the tile, and for the lone visits: the best IoU and its
+    # box, in 32-bit registers, reduced to keys once at the end.
     best_iou = tl.zeros((BLOCK_A, NEAR), tl.float32)
     best_box = tl.zeros((BLOCK_A, NEAR), tl.int32)
+    lone_iou = tl.zeros((BLOCK_A,), tl.float32)
+    lone_box = tl.zeros((BLOCK_A,), tl.int32)
     near = found_near
     for start in range(found, box_end, BOXES):
         if start != found:
@@ -1098,32 +1141,36 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
                                False)  # fmt: skip
         count = _list_near(near_rows, near)
         if count > 0:
-            for k in range(0, count, NEAR):
+            tiled = count  # the entries visited as tiles
+            if LONE:
+                if NEAR > 1:
+                    lone = count % NEAR == 1
+                    tiled -= lone.to(tl.int32)
+            for k in range(0, tiled, NEAR):
                 row, listed, bx1, by1, bx2, by2 = _listed_boxes(near_rows, start, k + tl.arange(0, NEAR), count,
                                                                 gt_boxes_ptr)  # fmt: skip
                 iou = _tile_iou(bx1, by1, bx2, by2, ax1, ay1, ax2, ay2, anchor_area)
-                pair = anchor_mask[:, None] & listed[None, :]
-                better = pair & (iou > best_iou)
-                best_iou = tl.where(better, iou, best_iou)
-                best_box = tl.where(better, (row - box_start).to(tl.int32)[None, :], best_box)
-                if BOX_KEYS:
-                    counted = pair & (anchor_low >= 0)
-                    if low_quality == _LQ_SSD_FORCED:  # forces each box's best anchor: the key names it
-                        top = (iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | anchor_low.to(tl.int64)
-                        top = tl.max(tl.where(counted & (iou > 0.0), top, 0), axis=0)
-                        tl.atomic_max(box_key_ptr + row, top, mask=top > 0, sem="relaxed")
-                    elif low_quality != 0:
-                        # The lift reads only each box's best IoU, its key's high word
-                        # (_box_best_iou), so the fold over the block's anchors takes
-                        # 32-bit values: a float max per step of the reduction and one
-                        # register per shuffle, where the 64-bit key took two compares,
-                        # two selects and two shuffles (SASS).
-                        best = tl.max(tl.where(counted, iou, 0.0), axis=0)
-                        tl.atomic_max(box_key_ptr.to(tl.pointer_type(tl.int32)) + row * 2 + 1,
-                                      best.to(tl.int32, bitcast=True), mask=best > 0.0, sem="relaxed")  # fmt: skip
+                best_iou, best_box = _keep_best(iou, anchor_mask[:, None] & listed[None, :],
+                                                (row - box_start).to(tl.int32)[None, :], best_iou, best_box,
+                                                box_key_ptr, row, low_tile, low_quality, BOX_KEYS)  # fmt: skip
+            if LONE:
+                if tiled < count:  # the last entry, alone
+                    row = start + tl.load(near_rows + tiled).to(tl.int64)
+                    box = gt_boxes_ptr + row * 4
+                    bx1 = tl.load(box)
+                    by1 = tl.load(box + 1)
+                    bx2 = tl.load(box + 2)
+                    by2 = tl.load(box + 3)
+                    iou = _iou(bx1, by1, bx2, by2, (bx2 - bx1) * (by2 - by1), ax1, ay1, ax2, ay2, anchor_area)
+                    lone_iou, lone_box = _keep_best(iou, anchor_mask, (row - box_start).to(tl.int32), lone_iou,
+                                                    lone_box, box_key_ptr, row, anchor_low, low_quality,
+                                                    BOX_KEYS)  # fmt: skip
             tl.debug_barrier()  # every entry read before the next step overwrites the list
-    key = (best_iou.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best_box ^ _INDEX_MASK).to(tl.int64)
-    return tl.max(tl.where(best_iou > 0.0, key, 0), axis=1)
+    # The highest key: the best IoU, then the lowest box, over the columns (and the lone visits).
+    key = tl.max(_keys(best_iou, best_box), axis=1)
+    if LONE:
+        key = tl.maximum(key, _keys(lone_iou, lone_box))
+    return key
 
 
 # The box-check flag sits inside solve_sparse's offsets (see segments_kernel).
@@ -1168,6 +1215,7 @@ def gather_kernel(
     NEAR: tl.constexpr,
     RECORDS: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
+    LONE: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
     """Stage 2 as a gather (``_Meta.matching == "gather"``): a program per block of
@@ -1196,6 +1244,8 @@ def gather_kernel(
     for explicit anchors. The same in finalize_kernel.
     RECORDS: write the records; False (finalize_kernel's INLINE, which matches each block
     itself), only the box keys and the box check: no work memory is written or needed.
+    LONE: a step's last near box, where it would be alone in its tile, is visited alone
+    (``_block_keys``; the same in finalize_kernel's INLINE).
     SKIP_EMPTY (with RECORDS): a block near no box writes no records, only a zero byte
     where ``_filled_flag`` puts it (near_ptr then holds B * cdiv(num_anchors, BLOCK_A)
     bytes more), and finalize_kernel (SKIP_EMPTY) reads the records of the others only.
@@ -1244,12 +1294,10 @@ def gather_kernel(
             included = anchor_mask & ~excluded
         near_rows = near_ptr + (image * num_blocks + block) * BOXES
         # The low half of each included anchor's key for a box's maximum, -1 where
-        # excluded (32 bits: one register per anchor through the loop), broadcast over the
-        # tile's columns here: inside the loop the broadcast would cost a layout conversion
-        # through shared memory (three barriers) per visit.
-        anchor_low = tl.where(included, anchor ^ _INDEX_MASK, -1)[:, None]
+        # excluded (32 bits: one register per anchor through the loop).
+        anchor_low = tl.where(included, anchor ^ _INDEX_MASK, -1)
         key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts, anchor_mask,
-                          ax1, ay1, ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR)  # fmt: skip
+                          ax1, ay1, ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR, LONE)  # fmt: skip
     if RECORDS:
         # The whole 16-byte record: the key, then a zero mark with the unused word after it
         # (one 8-byte store). The key and the mark alone, 12 bytes, left every 32-byte
@@ -1352,6 +1400,7 @@ def finalize_kernel(
     INLINE: tl.constexpr,
     MATCH_NEAR: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
+    LONE: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
     """Match a block of anchors of one image from their keys and marks, encode, write.
@@ -1447,7 +1496,8 @@ def finalize_kernel(
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
             near_rows = near_ptr + (image * num_blocks + block) * BOXES
             key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts,
-                              anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR)  # fmt: skip
+                              anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR,
+                              LONE)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
         if SKIP_EMPTY:

@@ -112,7 +112,11 @@ class _Meta:
     the gather writes the records of the blocks near a box only, with a byte per block
     that tells the finalize which to read (``skip_empty``: 62% of a COCO-like image's
     blocks are near none, ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's
-    "gather, every record")."""
+    "gather, every record"); and whether a step's last near box, where it would be alone
+    in its tile of ``gather_near``, is visited alone (``lone_visits``, a variant: half the
+    tile's instructions, and 64% of the steps with a near box list one on COCO-like
+    images; run12 timed one box at a time at 0.76x the gather's solve at B = 32, G ~ 7 and
+    1.19x at G = 1,000)."""
 
     block_a: int
     block_p: int
@@ -133,6 +137,7 @@ class _Meta:
     graph_batches: int = 0
     heavy_first: bool = True
     skip_empty: bool = True
+    lone_visits: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -452,6 +457,7 @@ class _Launch:
                        and self.low_quality != LOW_QUALITY_CODES["ssd_forced"])  # fmt: skip
         # The gather's records only where a box is near, and a flag per block (``gather``).
         self.skip_empty = self.meta.matching == "gather" and self.meta.skip_empty and not self.inline
+        self.lone = self.meta.lone_visits and self.meta.gather_near > 1  # a tile of one is alone anyway
         self.shape_major = int(self.generate and problem.grid.shape_major)
         self.rules = (int(self.use_ignore), int(match.ignore_iof_wrt_anchor), self.border_rule, self.pad_rule)
         self.num_blocks = _cdiv(self.num_anchors, self.meta.block_a)
@@ -617,8 +623,8 @@ class _Launch:
         )  # fmt: skip
         meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
                     BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
-                    RECORDS=not self.inline, SKIP_EMPTY=self.skip_empty, HEAVY_FIRST=self.heavy_first,
-                    **_launch_kwargs())  # fmt: skip
+                    RECORDS=not self.inline, SKIP_EMPTY=self.skip_empty, LONE=self.lone,
+                    HEAVY_FIRST=self.heavy_first, **_launch_kwargs())  # fmt: skip
         if self.meta.gather_registers is not None:
             meta["maxnreg"] = self.meta.gather_registers
         # Matching inline, the finalize needs the gather only for box keys and box checks.
@@ -676,8 +682,8 @@ class _Launch:
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
             BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline,
-            MATCH_NEAR=self.meta.gather_near, SKIP_EMPTY=self.skip_empty, HEAVY_FIRST=self.heavy_first,
-            **_launch_kwargs(), **cap,
+            MATCH_NEAR=self.meta.gather_near, SKIP_EMPTY=self.skip_empty, LONE=self.lone and self.inline,
+            HEAVY_FIRST=self.heavy_first, **_launch_kwargs(), **cap,
         )  # fmt: skip
 
     def work(self, dense: bool = True) -> torch.Tensor:

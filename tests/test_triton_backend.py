@@ -724,7 +724,8 @@ FLOATS = {"high", "low", "min_pos_iou", "ignore_iof_thr"}
 FLOATS |= {f"{a}_{b}" for a in ("weight", "mean", "std") for b in "xywh"}
 m = backend._COMPILED
 lift = dict(LIFT=False, BOXES=m.gather_boxes, NEAR=m.lift_near, BUILD_ANCHORS=True, INLINE=False,
-            MATCH_NEAR=m.gather_near, SKIP_EMPTY=False, HEAVY_FIRST=m.heavy_first)  # the walk's finalize unless changed
+            MATCH_NEAR=m.gather_near, SKIP_EMPTY=False, LONE=False,
+            HEAVY_FIRST=m.heavy_first)  # the walk's finalize unless changed
 ptx = {}
 for name, fn, constexprs in [
     ("segments", k.segments_kernel, dict(GENERATE=True, ROWS=m.segment_rows, SHAPES=16)),
@@ -742,10 +743,13 @@ for name, fn, constexprs in [
     ("scan", k.scan_kernel, dict(BLOCK=1024)),
     ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                      BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
-                                     SKIP_EMPTY=m.skip_empty, HEAVY_FIRST=m.heavy_first)),
+                                     SKIP_EMPTY=m.skip_empty, LONE=m.lone_visits, HEAVY_FIRST=m.heavy_first)),
+    ("gather_lone", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
+                                          BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
+                                          SKIP_EMPTY=m.skip_empty, LONE=True, HEAVY_FIRST=m.heavy_first)),
     ("gather_keys", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                           BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=False,
-                                          SKIP_EMPTY=False, HEAVY_FIRST=m.heavy_first)),
+                                          SKIP_EMPTY=False, LONE=m.lone_visits, HEAVY_FIRST=m.heavy_first)),
     ("dense_lift", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
                                            BLOCK_G=m.block_g, **dict(lift, LIFT=True, SKIP_EMPTY=m.skip_empty))),
     ("dense_inline", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_DENSE, GENERATE=True, BLOCK_A=m.block_a,
@@ -894,9 +898,10 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     for name, code in ptx.items():
         assert "div.full.f32" not in code and "div.approx" not in code, name
         assert "fma.rn.f32" not in code, f"{name}: a mul+add was contracted into an FMA"
-    for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse", "gather", "dense_lift", "dense_inline"):
+    for name in ("scatter", "lift", "scatter_explicit", "dense", "sparse", "gather", "gather_lone", "dense_lift",
+                 "dense_inline"):  # fmt: skip
         assert "div.rn.f32" in ptx[name], name
-    for name in ("scatter", "lift", "forced", "gather", "gather_keys"):
+    for name in ("scatter", "lift", "forced", "gather", "gather_lone", "gather_keys"):
         # Relaxed atomics with no fence around them (acq_rel fenced each one:
         # triton_assign's docstring). Triton 3.9 writes them as reductions (red); 3.6 as
         # atom, whose unread result ptxas drops: fire-and-forget REDG in the SASS either
@@ -1064,15 +1069,18 @@ def _gather(monkeypatch, gpu_blocks: bool, **sizes: int) -> list:
 
 
 @pytest.mark.parametrize(
-    "mode, lift_near, block_a, load_anchors, inline_match, heavy_first",
-    [(mode, 1, 128, False, False, True) for mode in MODES]
-    + [("mmdet", 2, 128, False, False, True), ("mmdet", 1, 64, False, False, True)]
-    + [(mode, 1, 128, True, False, True) for mode in MODES] + [(mode, 1, 128, True, True, True) for mode in MODES]
-    + [("torchvision", 2, 64, False, True, True)]
-    + [("torchvision", 1, 128, True, False, False), ("mmdet", 1, 128, True, True, False)],
+    "mode, lift_near, block_a, load_anchors, inline_match, heavy_first, lone_visits",
+    [(mode, 1, 128, False, False, True, False) for mode in MODES]
+    + [("mmdet", 2, 128, False, False, True, False), ("mmdet", 1, 64, False, False, True, False)]
+    + [(mode, 1, 128, True, False, True, False) for mode in MODES]
+    + [(mode, 1, 128, True, True, True, False) for mode in MODES]
+    + [("torchvision", 2, 64, False, True, True, False)]
+    + [("torchvision", 1, 128, True, False, False, False), ("mmdet", 1, 128, True, True, False, False)]
+    + [(mode, 1, 128, True, False, True, True) for mode in ("detectron2", "ssd_forced")]
+    + [("mmdet", 1, 128, True, True, True, True)],
 )  # fmt: skip
 def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(
-    mode, lift_near, block_a, load_anchors, inline_match, heavy_first, monkeypatch, generator
+    mode, lift_near, block_a, load_anchors, inline_match, heavy_first, lone_visits, monkeypatch, generator
 ):
     """The gather gives the reference's targets, dense and sparse, at the GPU's block
     sizes: ties, an empty image, a crowded one, crowd regions (IoF over the anchor), the
@@ -1083,10 +1091,12 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(
     span several steps (and tied boxes straddle them), and the lift visits them 1 and 2
     at a time; also in blocks of 64 anchors, with the grid's anchors loaded instead of
     built in each block, and with the finalize matching each block itself, no record
-    between the passes (``inline_match``), and with the programs in the grid's own order
-    rather than heavy first (``heavy_first``; ``gpu_sweep.py`` times each)."""
+    between the passes (``inline_match``), with the programs in the grid's own order
+    rather than heavy first (``heavy_first``), and with a step's lone last near box
+    visited alone (``lone_visits``; ``gpu_sweep.py`` times each)."""
     launched = _gather(monkeypatch, gpu_blocks=True, gather_boxes=8, lift_near=lift_near, block_a=block_a,
-                       load_anchors=load_anchors, inline_match=inline_match, heavy_first=heavy_first)  # fmt: skip
+                       load_anchors=load_anchors, inline_match=inline_match, heavy_first=heavy_first,
+                       lone_visits=lone_visits)  # fmt: skip
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
     boxes = with_ties(boxes, generator)
@@ -1120,15 +1130,15 @@ def test_a_finalize_block_holds_fewer_than_2_to_the_15_anchors():
         dataclasses.replace(triton_backend._INTERPRETED, block_a=2**15)
 
 
-@pytest.mark.parametrize("inline_match", [False, True])
-def test_the_gather_on_a_crowded_image(inline_match, monkeypatch, generator):
+@pytest.mark.parametrize("inline_match, lone_visits", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_gather_on_a_crowded_image(inline_match, lone_visits, monkeypatch, generator):
     """More boxes in one image than the GPU's gather tests at once (160 against 128),
     with exact duplicates in different steps: keys, box keys and lifted marks across
-    steps and across the near boxes visited together (4, the GPU's), ties to the lowest
-    box index; the keys found by the gather or by the finalize itself. (8 at a time: the
-    tests at the interpreter's block sizes; ``gpu_sweep.py`` checks its other widths'
-    labels against the default's.)"""
-    _gather(monkeypatch, gpu_blocks=True, inline_match=inline_match)
+    steps and across the near boxes visited together (4, the GPU's, and a lone last one
+    alone), ties to the lowest box index; the keys found by the gather or by the finalize
+    itself. (8 at a time: the tests at the interpreter's block sizes; ``gpu_sweep.py``
+    checks its other widths' labels against the default's.)"""
+    _gather(monkeypatch, gpu_blocks=True, inline_match=inline_match, lone_visits=lone_visits)
     canvas = (64, 96)
     boxes, counts = random_batch(generator, [160, 2], canvas)
     boxes[130:140] = boxes[5:15]  # the same boxes in the first and the second step
@@ -1145,18 +1155,23 @@ def test_matching_inline_with_no_box_in_the_batch(mode, monkeypatch):
     assert bool((targets.labels == 0).all()) and bool((targets.matched_gt == -1).all())
 
 
-@pytest.mark.parametrize("inline_match", [False, True])
-@pytest.mark.parametrize("mode", ["mmdet", "none"])
-def test_the_gather_breaks_ties_within_a_tile_column(mode, inline_match, monkeypatch):
+@pytest.mark.parametrize("inline_match, lone_visits", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("mode", ["mmdet", "ssd_forced", "none"])
+def test_the_gather_breaks_ties_within_a_tile_column(mode, inline_match, lone_visits, monkeypatch):
     """Overlapping boxes, all near every block they touch, with box 4 a copy of box 0 (the
     same column of a 2- or 4-wide tile: the later visit must not take the tie) and box 5
-    a copy of box 2 (another column: the columns' reduction must take the lower)."""
-    _gather(monkeypatch, gpu_blocks=True, inline_match=inline_match)
+    a copy of box 2 (another column: the columns' reduction must take the lower); and
+    without box 5, box 4 is a step's lone last near box (``lone_visits``: visited alone,
+    its tie with box 0's column resolved at the end, where box 0 must win, for the anchors'
+    keys and for the box keys whose ties name the lowest anchor)."""
+    _gather(monkeypatch, gpu_blocks=True, inline_match=inline_match, lone_visits=lone_visits)
     square = [[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [5.0, 15.0, 30.0, 45.0], [20.0, 20.0, 50.0, 50.0]]
-    boxes = torch.tensor(square + [square[0], square[2]])
     config = _dense_config("retinanet_mmdet").replace(**{"match.low_quality": mode})
-    matched = check(boxes, [6], (64, 96), config, sparse=True).matched_gt
-    assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
+    for boxes in (square + [square[0], square[2]], square + [square[0]]):
+        matched = check(torch.tensor(boxes), [len(boxes)], (64, 96), config, sparse=True).matched_gt
+        assert int((matched == 0).sum()) > 0 and int((matched == 2).sum()) > 0  # the ties were there to break
+        if mode == "none":  # (the low-quality rules of mmdet and ssd_forced give a shared maximum to the later box)
+            assert not bool((matched == 4).any())
 
 
 def _bounding_box(anchors: torch.Tensor) -> torch.Tensor:
