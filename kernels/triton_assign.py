@@ -67,9 +67,9 @@ Work memory: per anchor and image 16 bytes -- the key (int64) and the mark (int3
 which the dense path keeps in its own deltas output (zeroed first for the walk; each
 anchor's delta is written by the program that reads its key, after a barrier), so it
 allocates nothing beyond its outputs; the sparse path allocates them. The gather's near
-lists: a byte per anchor and image, and one per block for its flags. Per box: its key, image and
-index (16 bytes) and per (box, level, shape) a rectangle, a pair count, a prefix entry
-and a best IoU (36 bytes).
+lists: a byte per anchor and image, and one per block for its flags. Per box: its key,
+image and index (16 bytes) and per (box, level, shape) a rectangle, a pair count, a
+prefix entry and a best IoU (36 bytes).
 
 Compile once: the matching rules and optional outputs are runtime scalars, not
 ``tl.constexpr``, since every constexpr combination is a separate compilation and a
@@ -1116,12 +1116,12 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
     (``_first_near``: ``found``, whose test ``found_near`` is not repeated), the near ones
     listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. LONE: a
     step's last near box, where it would be alone in its tile, is visited alone (a
-    [BLOCK_A] pass, half the tile's instructions: 64% of the steps with a near box list
-    one box on COCO-like images, ``bench_gpu.py --pairs``). With BOX_KEYS, for the
-    low-quality modes (``low_quality``), also each box's best IoU over the included
-    anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded, [BLOCK_A]
-    int32), one ``atomic_max`` per (block, box) into the high word of its key; for
-    ssd_forced into the whole key, with the best anchor (lowest on a tie) below."""
+    [BLOCK_A] pass, about half the tile's instructions: on COCO-like images, where most
+    steps with a near box list one, 70% of the tile visits, ``bench_gpu.py --pairs``).
+    With BOX_KEYS, for the low-quality modes (``low_quality``), also each box's best IoU
+    over the included anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded,
+    [BLOCK_A] int32), one ``atomic_max`` per (block, box) into the high word of its key;
+    for ssd_forced into the whole key, with the best anchor (lowest on a tie) below."""
     anchor_area = (ax2 - ax1) * (ay2 - ay1)
     # anchor_low broadcast over the tile's columns here: inside the loop the broadcast
     # would cost a layout conversion through shared memory (three barriers) per visit.

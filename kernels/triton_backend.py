@@ -113,10 +113,10 @@ class _Meta:
     that tells the finalize which to read (``skip_empty``: 62% of a COCO-like image's
     blocks are near none, ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's
     "gather, every record"); and whether a step's last near box, where it would be alone
-    in its tile of ``gather_near``, is visited alone (``lone_visits``, a variant: half the
-    tile's instructions, and 64% of the steps with a near box list one on COCO-like
-    images; run12 timed one box at a time at 0.76x the gather's solve at B = 32, G ~ 7 and
-    1.19x at G = 1,000)."""
+    in its tile of ``gather_near``, is visited alone (``lone_visits``, a variant: about
+    half the tile's instructions, for 70% of the tile visits on COCO-like images and 7% at
+    G = 200, ``bench_gpu.py --pairs``; run12 timed one box at a time at 0.76x the gather's
+    solve at B = 32, G ~ 7 and 1.19x at G = 1,000)."""
 
     block_a: int
     block_p: int
