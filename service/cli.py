@@ -585,8 +585,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-ms", type=number(0, high=10_000), default=0.0,
                         help="extra wait to fill a batch (default 0: merge what queues while busy)")  # fmt: skip
     parser.add_argument("--max-queue-images", type=integer(1), default=1024, help="queue bound (default 1024 images)")
-    parser.add_argument("--compute-workers", type=integer(1),
-                        help="concurrent batches (default: 1 on a CPU; 2 on a GPU, one CUDA stream each)")  # fmt: skip
+    # A thread (and on a GPU a CUDA stream and buffers) each: thousands only cost memory.
+    parser.add_argument("--compute-workers", type=integer(1, 256),
+                        help="concurrent batches (default: 1 on a CPU; 2 on a GPU, one CUDA stream each; "
+                             "at most 256)")  # fmt: skip
     parser.add_argument("--gpu-wait", choices=GPU_WAITS, default="block",
                         help="how compute threads wait for the GPU: block (asleep until it signals; default) or "
                              "spin (a core busy per waiting thread, a wake-up sooner)")  # fmt: skip
@@ -608,9 +610,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=integer(1),
+    # A process each, with torch and on a GPU its own CUDA context: 10,000 would start
+    # 10,000 of them before the first failed.
+    parser.add_argument("--workers", type=integer(1, 256),
                         help="server processes sharing --port via SO_REUSEPORT (default: one per 4 cores, at most "
-                             "4, with a fixed --port; 1 with --port 0)")  # fmt: skip
+                             "4, with a fixed --port; 1 with --port 0; at most 256)")  # fmt: skip
 
 
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:

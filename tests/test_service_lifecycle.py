@@ -847,11 +847,14 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         # These named an internal field ("batching: max_batch_images must be ...").
         (["--max-batch-images", "0"], "--max-batch-images: must be in 1 .. 65535, got 0"),
         (["--max-queue-images", "0"], "--max-queue-images: must be >= 1, got 0"),
-        (["--compute-workers", "0"], "--compute-workers: must be >= 1, got 0"),
+        (["--compute-workers", "0"], "--compute-workers: must be in 1 .. 256, got 0"),
+        # A thread each, with no bound: 10**6 of them started before the first failed.
+        (["--compute-workers", "1000000"], "--compute-workers: must be in 1 .. 256, got 1000000"),
         (["--inline-max-images", "-1"], "--inline-max-images: must be >= 0, got -1"),
         (["--gpu-wait", "yield"], "argument --gpu-wait: invalid choice: 'yield'"),  # the choices' quoting varies
         (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
-        (["--workers", "0"], "--workers: must be >= 1, got 0"),
+        (["--workers", "0"], "--workers: must be in 1 .. 256, got 0"),
+        (["--workers", "10000"], "--workers: must be in 1 .. 256, got 10000"),  # a process each
         # Both: the file won, the flag silently ignored.
         (["--token", "a", "--token-file", "t"], "argument --token-file: not allowed with argument --token"),
     ],
