@@ -126,13 +126,18 @@ def _unread(outputs: torch.Tensor, ignored: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def _normalized(per_image: torch.Tensor, positives: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Per-image sums [B] -> the loss under a normalization (see the module docstring)."""
+    """Per-image sums [B] -> the loss under a normalization (see the module docstring), in
+    the sums' dtype. Divided in at least float32: a count past 65,504 is inf in float16 (a
+    batch of 32 COCO images at ~2,100 positives each), which made a float16 loss 0, and
+    the images' sums are added without overflowing where each fits."""
+    dtype = torch.promote_types(per_image.dtype, torch.float32)
+    counts = positives.clamp(min=1).to(dtype)
     if normalize == "per_image":
-        return (per_image / positives.clamp(min=1).to(per_image.dtype)).mean()
+        return (per_image.to(dtype) / counts).mean().to(per_image.dtype)
     if normalize == "positives":
-        return per_image.sum() / positives.clamp(min=1).sum().to(per_image.dtype)
+        return (per_image.to(dtype).sum() / counts.sum()).to(per_image.dtype)
     if normalize == "sum":
-        return per_image.sum()
+        return per_image.to(dtype).sum().to(per_image.dtype)
     raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
 
 

@@ -533,6 +533,29 @@ def test_float16_predictions_meet_float32_targets_unrounded(loss):
     assert got == box_regression_loss(predicted.float(), sparse, loss=loss)
 
 
+@pytest.mark.parametrize("normalize", ["per_image", "positives"])
+def test_a_float16_focal_loss_divides_by_counts_past_float16s_range(normalize):
+    """70,000 positives (one image, or 20 of 3,500: a batch of COCO images has that many):
+    the count was converted to float16 before dividing, inf, and the loss came back 0.
+    Each positive at logit 0 costs 0.25 * 0.5^2 * ln 2 (torchvision's formula), so the
+    loss is that, in float16."""
+    batch = 1 if normalize == "per_image" else 20
+    per_image = 70_000 // batch
+    sparse = SparseTargets(
+        num_anchors=per_image,
+        positive_offsets=torch.arange(batch + 1) * per_image,
+        positive_anchors=torch.arange(per_image, dtype=torch.int32).repeat(batch),
+        positive_matched_gt=torch.zeros(70_000, dtype=torch.int32),
+        positive_deltas=torch.zeros(70_000, 4),
+        ignored_offsets=torch.zeros(batch + 1, dtype=torch.int64),
+        ignored_anchors=torch.zeros(0, dtype=torch.int32),
+        positive_classes=torch.zeros(70_000, dtype=torch.int32),
+    )
+    got = sigmoid_focal_loss(torch.zeros(batch, per_image, 1, dtype=torch.float16), sparse, normalize=normalize)
+    assert got.dtype == torch.float16
+    assert got.item() == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-3)
+
+
 # --- against torchvision itself ------------------------------------------------------------
 
 CANVAS = (128, 160)
