@@ -293,8 +293,8 @@ def _code_and_details(message: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.UNKNOWN, message
 
 
-# "image i", and the per-image arguments indexed by image ("image_sizes[i]").
-_IMAGE_INDEX = re.compile(r"\bimage (\d+)\b|\b(?:image_sizes|pad_sizes|gt_counts|ignore_counts)\[(\d+)\]")
+# "image i", and the per-image arguments indexed by image ("image_sizes[i]", "image_sizes[i, j]").
+_IMAGE_INDEX = re.compile(r"\bimage (\d+)\b|\b(?:image_sizes|pad_sizes|gt_counts|ignore_counts)\[(\d+)(?:, \d+)?\]")
 
 
 def naming_images(text: str, image_ids: Sequence[Any]) -> str:
@@ -824,17 +824,23 @@ def check_target(address: object) -> None:
         raise ValueError(f"target: {address!r}: an IPv6 address goes in brackets, '[{host}]:{port}'")
 
 
-def _image_ids(image_ids: Any, request: pb.AssignRequest) -> list[Any] | None:
-    """The caller's ids of a request's images, one per image, checked before it is sent
-    (read only when the call fails, a wrong one replaced the server's error)."""
-    if image_ids is None:
-        return None
-    if isinstance(image_ids, (str, bytes)) or not isinstance(image_ids, Iterable):
+def _named_request(gt_boxes, gt_counts, canvas, image_ids: Any, kwargs) -> tuple[pb.AssignRequest, list | None]:
+    """``build_request``'s request and the caller's ids of its images, one per image,
+    checked before it is sent (read only when the call fails, a wrong one replaced the
+    server's error). A value the wire cannot carry (a class past int32) is refused naming
+    its image's id, as the server's refusals are."""
+    if image_ids is not None and (isinstance(image_ids, (str, bytes)) or not isinstance(image_ids, Iterable)):
         raise TypeError(f"image_ids: expected one id per image (a list), got {type(image_ids).__name__}")
-    ids = list(image_ids)
-    if len(ids) != len(request.gt_counts):
+    ids = None if image_ids is None else list(image_ids)
+    try:
+        request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
+    except ValueError as exc:
+        if ids is None:
+            raise
+        raise ValueError(naming_images(str(exc), ids)) from None
+    if ids is not None and len(ids) != len(request.gt_counts):
         raise ValueError(f"image_ids: {len(ids)} ids for {len(request.gt_counts)} images")
-    return ids
+    return request, ids
 
 
 def _check_request_arguments(names: Iterable[str], where: str) -> None:
@@ -1203,8 +1209,7 @@ class TargetClient(_Base):
         """
         check_densify(densify, kwargs)
         _check_request_arguments(kwargs, "assign")
-        request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
-        ids = _image_ids(image_ids, request)
+        request, ids = _named_request(gt_boxes, gt_counts, canvas, image_ids, kwargs)
         try:
             return self._result(request, self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:
@@ -1425,8 +1430,7 @@ class AsyncTargetClient(_Base):
         """See ``TargetClient.assign``."""
         check_densify(densify, kwargs)
         _check_request_arguments(kwargs, "assign")
-        request = build_request(gt_boxes, gt_counts, canvas, **kwargs)
-        ids = _image_ids(image_ids, request)
+        request, ids = _named_request(gt_boxes, gt_counts, canvas, image_ids, kwargs)
         try:
             return self._result(request, await self.assign_raw(request, timeout=timeout), densify)
         except TargetServiceError as error:

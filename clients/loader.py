@@ -266,6 +266,19 @@ class _InProcess:
             raise ValueError(naming_images(str(exc), image_ids)) from exc
 
 
+def _naming_refused_batch(answers: Iterator, read: deque) -> Iterator:
+    """A stream's ``answers``; where the client refuses to send a batch (a ValueError: a
+    value the wire cannot carry, a class past int32), after answering the ones before it,
+    the error names the dataset ids of that batch's images, the first unanswered in
+    ``read``."""
+    try:
+        yield from answers
+    except ValueError as exc:
+        if not read or read[0][2] is None:
+            raise
+        raise ValueError(naming_images(str(exc), read[0][2])) from None
+
+
 def _check_client(client: Any) -> None:
     if client is not None and not isinstance(client, TargetClient):
         raise TypeError(f"client: expected a TargetClient (the blocking client: a DataLoader's batches are read "
@@ -395,7 +408,7 @@ def _pipelined(batches, client, named, config, canvas, in_flight, densify, devic
         return
     answers = client.stream(requests(), timeout=timeout, return_exceptions=True, densify=dense, **named, **options)
     try:
-        for assigned in answers:
+        for assigned in _naming_refused_batch(answers, read):
             images, targets, image_ids = read.popleft()
             if isinstance(assigned, TargetServiceError):
                 raise assigned if image_ids is None else assigned.naming_images(image_ids)

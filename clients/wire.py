@@ -109,9 +109,11 @@ def as_tensor(value: Any) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
-def _ints(name: str, value: Any) -> torch.Tensor:
+def _ints(name: str, value: Any, counts: list[int] | None = None) -> torch.Tensor:
     """int32 on the host, as the wire holds classes and sizes; other values refused as
-    in-process ``assign`` refuses them (a float class would be truncated to another)."""
+    in-process ``assign`` refuses them (a float class would be truncated to another). A
+    value past int32 is named by its index, and for a value per box (``counts``: boxes
+    per image) by its image and box too."""
     if _is_cpu_tensor(value, torch.int32):
         return value
     try:
@@ -127,7 +129,11 @@ def _ints(name: str, value: Any) -> torch.Tensor:
         outside = (array < _INT32_RANGE.min) | (array > _INT32_RANGE.max)
         if outside.any():  # a cast would wrap it to another, valid value (2**32 + 7 to class 7)
             where = [int(i) for i in np.argwhere(outside)[0]]
-            raise ValueError(f"{name}{where}: {int(array[tuple(where)])} does not fit the wire's int32")
+            place = ""
+            if counts is not None and array.ndim == 1:
+                image = int(np.searchsorted(np.cumsum(counts), where[0], side="right"))
+                place = f" (image {image}, box {where[0] - sum(counts[:image])})"
+            raise ValueError(f"{name}{where}{place}: {int(array[tuple(where)])} does not fit the wire's int32")
     return values.to("cpu", torch.int32)
 
 
@@ -279,7 +285,7 @@ def build_request(
     )
     encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
     if gt_classes is not None:
-        encode_tensor(_ints("gt_classes", gt_classes), request.gt_classes)
+        encode_tensor(_ints("gt_classes", gt_classes, list(request.gt_counts)), request.gt_classes)
     if ignore_boxes is not None:
         encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format), request.ignore_boxes)
     if ignore_counts is not None:

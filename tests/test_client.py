@@ -475,11 +475,11 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
         with pytest.raises(TypeError, match="gt_boxes: expected real coordinates"):
             client.assign(BOXES.to(torch.complex64), [2], CANVAS, preset="retinanet_torchvision")
         # int64 values past int32 would wrap on the wire to other, valid ones (2**32 + 7: class 7).
-        cases = [({"gt_classes": torch.tensor([2**32 + 7, 1])}, r"gt_classes\[0\]: 4294967303 does not fit"),
-                 ({"image_sizes": [[90, 2**32 + 60]]}, r"image_sizes\[0, 1\]: 4294967356 does not fit"),
-                 ({"pad_sizes": [[-(2**31) - 1, 128]]}, r"pad_sizes\[0, 0\]: -2147483649 does not fit")]  # fmt: skip
+        cases = [({"gt_classes": torch.tensor([2**32 + 7, 1])}, r"gt_classes\[0\] \(image 0, box 0\): 4294967303 does"),
+                 ({"image_sizes": [[90, 2**32 + 60]]}, r"image_sizes\[0, 1\]: 4294967356 does"),
+                 ({"pad_sizes": [[-(2**31) - 1, 128]]}, r"pad_sizes\[0, 0\]: -2147483649 does")]  # fmt: skip
         for kwargs, message in cases:
-            with pytest.raises(ValueError, match=rf"^{message} the wire's int32$"):
+            with pytest.raises(ValueError, match=rf"^{message} not fit the wire's int32$"):
                 _assign(client, **kwargs)
         # Counts and the canvas too: protobuf's own refusal ("Value out of range") named none.
         for counts, canvas, message in [([2**31], CANVAS, r"gt_counts\[0\]: 2147483648"),
@@ -520,7 +520,8 @@ def test_client_takes_every_integer_dtype_assign_takes(two_servers, dtype):
         got = client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", **kwargs)
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.classes, expected.classes)
     if dtype in (torch.uint32, torch.uint64):
-        with pytest.raises(ValueError, match=r"^gt_classes\[1\]: 2147483648 does not fit the wire's int32$"):
+        message = r"^gt_classes\[1\] \(image 0, box 1\): 2147483648 does not fit the wire's int32$"
+        with pytest.raises(ValueError, match=message):
             build_request(BOXES, [2], CANVAS, preset="yolov5", gt_classes=torch.tensor([1, 2**31], dtype=dtype))
 
 

@@ -258,6 +258,22 @@ def test_a_bad_class_is_named_by_image_id_with_and_without_a_client():
         for kwargs in ({"client": client}, {"backend": "cpu"}):
             with pytest.raises(Exception, match=message):
                 next(with_targets([(images, targets)], preset=PRESET, **kwargs))
+        # Past int32 the client refuses to send it: that named "gt_classes[k]", a place in the
+        # joined labels, and "image_sizes[1, 0]", without the id; named by the stream
+        # (with_targets) and by the call (TargetCollate), after the batches before it.
+        targets[1]["labels"][-1] = 2**31
+        _, wide = _collate([_Detection()[0], _Detection()[1]])
+        wide = [{**t, "image_id": 111 + 111 * i, "image_size": (CANVAS[0], CANVAS[1] if i == 0 else 2**31)}
+                for i, t in enumerate(wide)]  # fmt: skip
+        for bad, message in ((targets, rf"gt_classes\[\d+\] \(image 1 \(id 222\), box {box}\): 2147483648 does not"),
+                             (wide, r"image_sizes\[1, 1\] \(id 222\): 2147483648 does not")):  # fmt: skip
+            good = _collate([_Detection()[0], _Detection()[1]])
+            batches = with_targets([good, (images, bad)], preset=PRESET, client=client)
+            assert next(batches)[2].labels.shape[0] == 2
+            with pytest.raises(ValueError, match=message):
+                next(batches)
+            with pytest.raises(ValueError, match=message):
+                TargetCollate(lambda samples: samples, preset=PRESET, client=client)((images, bad))
 
 
 def test_request_options_mean_the_same_with_and_without_a_client(server):
