@@ -352,8 +352,10 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
     ``request`` and malformed responses as ``decode_response``.
 
     When the server listed the negatives (sampling left most anchors ignored), the ignored
-    lists are what neither the positives nor the negatives list, found per image. That no
-    anchor is both positive and ignored is checked by ``to_dense`` (``SparseTargets.check``)."""
+    lists are what neither the positives nor the negatives list, found per image; an
+    anchor listed as both positive and negative is refused as ``decode_response`` refuses
+    it. That no anchor is both positive and ignored (lists the server sent) is checked by
+    ``to_dense`` (``SparseTargets.check``)."""
     if _kind(response) != "sparse":
         raise ValueError("decode_sparse: the response holds DENSE targets (request format='sparse')")
     if response.HasField("max_iou"):
@@ -365,8 +367,12 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
         ignored_offsets, ignored_anchors = lists.listed_offsets, lists.listed_anchors
     else:
         rest = torch.ones(batch * count, dtype=torch.bool)
-        rest[_rows(lists.positive_offsets, lists.positive_anchors, count)] = False
-        rest[_rows(lists.listed_offsets, lists.listed_anchors, count)] = False
+        positives = _rows(lists.positive_offsets, lists.positive_anchors, count)
+        negatives = _rows(lists.listed_offsets, lists.listed_anchors, count)
+        rest[positives] = False
+        if not rest[negatives].all():  # a positive listed as negative too
+            raise _malformed(overlap_problem(positives.numpy(), negatives.numpy(), count, "negative"))
+        rest[negatives] = False
         image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
         ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
         ignored_anchors = anchor.to(torch.int32)

@@ -379,6 +379,22 @@ def test_an_anchor_both_positive_and_ignored_is_refused_where_the_lists_are_dens
 
 
 @pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_an_anchor_listed_positive_and_negative_is_refused_densified_or_not(decode):
+    """Where sampling leaves most anchors ignored the response lists the negatives; one
+    listed as positive too was refused where the lists were densified, and kept as a
+    positive by ``decode_sparse`` (review 48)."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="rpn_mmdet", seed=1)
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, seed=1, backend="cpu")
+    response = codec.encode_assign(request, targets)
+    assert response.sparse.listed_label == NEGATIVE
+    _list_a_positive(response)
+    with pytest.raises(ValueError, match=r"^malformed response: positive_anchors: image 0 lists anchor \d+ as "
+                                         r"positive and as negative$"):  # fmt: skip
+        decode(response, request)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
 def test_without_its_request_a_response_is_still_checked_for_what_no_request_allows(decode):
     """Decoded on its own: a positive matching no box."""
     request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision")
