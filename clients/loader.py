@@ -239,8 +239,10 @@ class _InProcess:
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
         ignore = options.get("ignore_boxes")
-        if ignore is not None:  # as the client converts them: numpy or lists too
+        if ignore is not None:  # as the client converts them: numpy or lists too, float32 before corners
             ignore = ignore if isinstance(ignore, torch.Tensor) else torch.as_tensor(ignore, dtype=torch.float32)
+            if ignore.is_floating_point():  # (x + w in float64, then rounded, made a box the wire's refused)
+                ignore = ignore.to(torch.float32)
             options["ignore_boxes"] = to_xyxy(ignore, self.box_format)
         self.backend, self.densify, self.options = backend, densify, options
 

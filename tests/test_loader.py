@@ -300,6 +300,24 @@ def test_request_options_mean_the_same_with_and_without_a_client(server):
                 TargetCollate(_collate, preset=PRESET, densify=False, **option, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_an_ignore_box_option_is_rounded_as_the_wire_rounds_it(server, dtype):
+    """x + w in the option's own type (in-process), then rounded to float32, made a box a
+    fraction of a float32 step wide one step wide, which the client, rounding first, found
+    degenerate; and a float16 box 2^-10 wide at x = 100 degenerate, which the client kept
+    (review 48). Both now round first: the first dropped, the second kept."""
+    step = 2.0**-17  # float32's spacing at 100
+    x, width = (100 + 0.49 * step, 0.02 * step) if dtype == torch.float64 else (100.0, 2.0**-10)
+    ignore = torch.tensor([[x, 10.0, width, 20.0]], dtype=torch.float64).to(dtype)  # xywh
+    options = dict(preset=PRESET, box_format="xywh", ignore_boxes=ignore, ignore_counts=[1, 0], drop_invalid=True)
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets(_batches(1), client=client, **options)
+    (_, _, local), *_ = with_targets(_batches(1), backend="cpu", **options)
+    assert [d.tolist() for d in remote.dropped_ignore] == [d.tolist() for d in local.dropped_ignore]
+    assert remote.dropped_ignore[0].tolist() == ([0] if dtype == torch.float64 else [])
+    _same(local, remote)
+
+
 def test_detectron2_argmax_boxes_travel_only_in_dense_responses(server):
     """As documented: SPARSE carries no matched box for an anchor that is not positive."""
     options = dict(preset="retinanet_detectron2")
