@@ -312,6 +312,13 @@ def _in_int64(value: object) -> str:
     return " in the int64 range" if isinstance(value, int) and not isinstance(value, bool) else ""
 
 
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error, cut at 200 characters: a bbox of a million numbers
+    made a one-line error of 8 MB."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text):,} characters)"
+
+
 def _is_finite_number(value: object) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -346,10 +353,10 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     order, ids, sizes = {}, [], []
     for n, image in enumerate(data["images"]):
         if not isinstance(image, dict):
-            raise ValueError(f"{path}: images[{n}] needs integer 'id', 'height' and 'width', got {image!r}")
+            raise ValueError(f"{path}: images[{n}] needs integer 'id', 'height' and 'width', got {_shown(image)}")
         for key in ("id", "height", "width"):
             if not _is_int64(image.get(key)):
-                got = repr(image[key]) if key in image else "nothing"
+                got = _shown(image[key]) if key in image else "nothing"
                 raise ValueError(f"{path}: images[{n}]: {key!r} must be an integer{_in_int64(image.get(key))}, "
                                  f"got {got}")  # fmt: skip
         image_id, height, width = image["id"], image["height"], image["width"]
@@ -369,19 +376,19 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
             raise ValueError(f"{where}: needs 'image_id' and 'bbox'")
         if not _is_int64(ann["image_id"]):
             image_id = ann["image_id"]
-            raise ValueError(f"{where}: image_id must be an integer{_in_int64(image_id)}, got {image_id!r}")
+            raise ValueError(f"{where}: image_id must be an integer{_in_int64(image_id)}, got {_shown(image_id)}")
         row = order.get(ann["image_id"])
         if row is None:
-            raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+            raise ValueError(f"{where}: image_id {_shown(ann['image_id'])} is not in 'images'")
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_finite_number(v) for v in bbox):
-            raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+            raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {_shown(bbox)}")
         annotation_id = ann.get("id", -1)
         if not _is_int64(annotation_id):
-            raise ValueError(f"{where}: id must be an integer{_in_int64(annotation_id)}, got {annotation_id!r}")
+            raise ValueError(f"{where}: id must be an integer{_in_int64(annotation_id)}, got {_shown(annotation_id)}")
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, int) or crowd not in (0, 1):  # JSON false and true pass: bools are ints
-            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {_shown(crowd)}")
         x, y, w, h = map(float, bbox)  # JSON integers sum exactly, past what a float holds
         rects, rows, anns = flat[1] if crowd else flat[0]
         rects.append((x, y, x + w, y + h))

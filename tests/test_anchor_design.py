@@ -129,6 +129,19 @@ def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, messa
     assert str(info.value).startswith(f"{path}: {message}")
 
 
+@pytest.mark.parametrize("image, annotation", [({}, {"bbox": list(range(100_000))}), ({"id": "x" * 100_000}, {})])
+def test_a_huge_bad_value_is_shown_cut_short(tmp_path, image, annotation):
+    """The whole value went into the error: a bbox of a million numbers, one line of 8 MB
+    (review 48)."""
+    data = {
+        "images": [{"id": 1, "height": 100, "width": 100, **image}],
+        "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 10, 10], **annotation}],
+    }
+    with pytest.raises(ValueError, match=r"\.\.\. \([\d,]+ characters\)$") as info:
+        load_coco(_write(tmp_path / "huge.json", data))
+    assert len(str(info.value)) < 400
+
+
 def test_a_bbox_of_huge_json_integers_is_read_as_floats(tmp_path):
     """Each value fits a float, their exact integer sum does not: OverflowError, a traceback.
     Read as floats, the box lies outside its image, as a float bbox of the same size does."""
