@@ -269,7 +269,13 @@ def check_canvas(canvas: object) -> tuple[int, int]:
         height, width = canvas = int(height), int(width)  # numpy's ints
     if height <= 0 or width <= 0:
         raise ValueError(f"canvas: height and width must be positive, got {tuple(canvas)}")
+    if height > _MAX_SIDE or width > _MAX_SIDE:  # 2^63 overflowed int64 tables, SSD's anchors reached inf
+        raise ValueError(f"canvas: a side is over {_MAX_SIDE:,} pixels, got {tuple(canvas)}")
     return canvas if type(canvas) is tuple else (height, width)
+
+
+# A canvas side, as the wire and the kernels' indices hold it (int32).
+_MAX_SIDE = 2**31 - 1
 
 
 # Anchor indices travel as int32 (the sparse lists, the kernels' outputs).

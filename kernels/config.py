@@ -531,7 +531,8 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"{where}: expected a dict, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    # A YAML key may be an int (or None): named as Python writes it, sorted among the names.
+    unknown = sorted(key if isinstance(key, str) else repr(key) for key in set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
     kwargs = dict(data)  # sequences become tuples where each config checks its fields

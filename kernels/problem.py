@@ -222,6 +222,9 @@ def _tensor(name: str, value: object) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.is_meta:
         raise ValueError(f"{name}: a tensor on the meta device has no values")
+    if value.is_nested or value.layout != torch.strided:  # torch's own errors named neither
+        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one (.to_dense() it)")
     return value
 
 

@@ -52,6 +52,9 @@ def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int] | Non
     first = _one_seed(seed)
     if first is not None:
         seeds = list(range(first, first + batch))
+    elif isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim == 0:  # a float or bool: not iterable
+        raise TypeError(f"seed: expected an int or {batch} ints (one per image), got a 0-d {seed.dtype} "
+                        f"{type(seed).__name__}")  # fmt: skip
     elif isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor, np.ndarray)):
         raise TypeError(f"seed: expected an int or {batch} ints (one per image), got {type(seed).__name__}")
     else:

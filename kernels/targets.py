@@ -395,10 +395,14 @@ def csr_problem(which: str, ends: list[int], anchors: np.ndarray, count: int) ->
     if problem is not None or not size:
         return problem
     # An anchor may be at most its predecessor only where an image starts. In [0, A): as
-    # unsigned, a negative anchor is out of range too (it would land in another image's row).
+    # unsigned, a negative anchor is out of range too (it would land in another image's
+    # row), where the count fits the signed type; past it (int16 lists of 201,600 anchors)
+    # a negative one wraps below the count, and the minimum is checked too.
     descents = (anchors[1:] <= anchors[:-1]).nonzero()[0].tolist()
     starts = set(ends[1:-1])
-    if anchors.view(_UNSIGNED[anchors.itemsize]).max() < count and all(i + 1 in starts for i in descents):
+    wraps_out = anchors.dtype.kind == "u" or count <= np.iinfo(anchors.dtype).max + 1
+    in_range = anchors.view(_UNSIGNED[anchors.itemsize]).max() < count and (wraps_out or anchors.min() >= 0)
+    if in_range and all(i + 1 in starts for i in descents):
         return None
     image = np.repeat(np.arange(len(ends) - 1), np.diff(ends))
     outside = np.flatnonzero((anchors < 0) | (anchors >= count))

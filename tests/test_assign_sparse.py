@@ -63,6 +63,10 @@ def _lists(**changes):
      ({"positive_offsets": torch.tensor([0, 0, 0])}, r"positive_offsets: must .* end at 2 \(the positive anchors\)"),
      ({"positive_anchors": torch.tensor([1, -1], dtype=torch.int32)},
       r"positive_anchors: image 1 lists anchor -1, outside \[0, num_anchors=6\)"),
+     # int8 at more anchors than int8 holds: read as unsigned, -3 was 253, under 300, and
+     # to_dense marked anchor 297 (review 48).
+     ({"num_anchors": 300, "positive_anchors": torch.tensor([-3, 4], dtype=torch.int8)},
+      r"positive_anchors: image 0 lists anchor -3, outside \[0, num_anchors=300\)"),
      ({"ignored_anchors": torch.tensor([1], dtype=torch.int32)},
       r"positive_anchors: image 0 lists anchor 1 as positive and as ignored"),
      ({"positive_offsets": torch.tensor([0, 2, 2]), "positive_anchors": torch.tensor([4, 1], dtype=torch.int32)},

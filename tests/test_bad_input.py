@@ -133,6 +133,34 @@ def test_zero_box_images_are_normal():
         (lambda: _assign(GOOD, [3], pad_sizes=[torch.tensor([64, 96])]), TypeError, "pad_sizes: expected 1"),
         (lambda: _assign(GOOD, [np.float64(3)]), TypeError, "gt_counts: expected integers"),
         (lambda: assign(GOOD, [3], (np.float32(64), 96), CONFIG, backend="cpu"), TypeError, "canvas"),
+        # Review 48: 2^63 overflowed the level tables (OverflowError), SSD's anchors turned inf.
+        (
+            lambda: assign(GOOD, [3], (300, 2**63), presets.get("ssd300_torchvision"), backend="cpu"),
+            ValueError,
+            r"canvas: a side is over 2,147,483,647 pixels, got \(300, 9223372036854775808\)",
+        ),
+        (
+            lambda: generate_anchors(presets.get("ssd300_torchvision").anchors, (10**39, 10**39)),
+            ValueError,
+            "canvas: a side is over",
+        ),
+        # torch's own errors ("unsupported memory format option", "Cannot access data pointer").
+        (
+            lambda: _assign(GOOD.to_sparse(), [3], backend="cpu"),
+            TypeError,
+            r"gt_boxes: expected a dense \(strided\) tensor, got a sparse_coo one",
+        ),
+        (
+            lambda: _assign(GOOD, torch.tensor([3]).to_sparse(), backend="reference"),
+            TypeError,
+            r"gt_counts: expected a dense \(strided\) tensor, got a sparse_coo one",
+        ),
+        # "iteration over a 0-d tensor", after the batch was solved.
+        (
+            lambda: _assign(GOOD, [3], seed=torch.tensor(1.5)),
+            TypeError,
+            r"seed: expected an int or 1 ints \(one per image\), got a 0-d torch.float32 Tensor",
+        ),
         (lambda: encode(GOOD, GOOD, CONFIG), TypeError, r"config: expected EncodeConfig \(config.encode\)"),
         (lambda: decode(GOOD[None], GOOD, CONFIG.encode), ValueError, r"deltas: expected shape \[N, 4\]"),
         (lambda: encode(GOOD, GOOD[:2], CONFIG.encode), ValueError, "boxes and anchors: 3 rows against 2"),

@@ -83,6 +83,9 @@ def test_replace_refuses_what_has_no_single_meaning_naming_the_field(overrides, 
          ValueError, r"AnchorConfig.levels\[1\].sizes: values must be in"),
         ([{"stride": 8, "sizes": [32], "aspect_ratios": [1]}, {"stride": 16, "size": [64], "aspect_ratios": [1]}],
          ValueError, r"AnchorConfig.levels\[1\]: unknown field\(s\) size"),
+        # A YAML key read as an int: "sequence item 0: expected str instance, int found".
+        ([{"stride": 8, "sizes": [32], "aspect_ratios": [1], 1: 2, "x": 0}],
+         ValueError, r"AnchorConfig.levels\[0\]: unknown field\(s\) 1, x$"),
         ([5], TypeError, r"AnchorConfig.levels\[0\]: expected a dict, got int"),
     ],
 )  # fmt: skip
