@@ -35,6 +35,7 @@ from tritarget.clients.loadtest import (
     Workload,
     _Driver,
     _histogram,
+    _value_at,
     plot_format,
     run,
     verify_response,
@@ -153,7 +154,8 @@ def test_errors_are_counted_by_code_and_fail_the_run():
 def _response(workload: Workload, index: int) -> pb.AssignResponse:
     request = workload.request(index)
     job = codec.decode_assign(request, codec.Limits())
-    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, gt_classes=job.gt_classes, backend="cpu")
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, gt_classes=job.gt_classes, seed=job.seed,
+                     backend="cpu")  # fmt: skip
     return codec.encode_assign(request, targets)
 
 
@@ -175,6 +177,64 @@ def test_verification_finds_a_wrong_label_and_a_wrong_delta():
     deltas[0] += 0.01
     tampered.sparse.positive_deltas.data = deltas.numpy().tobytes()
     assert "deltas of positives differ by up to 0.01" in verify_response(WORKLOAD, 1, tampered)
+
+
+@pytest.mark.parametrize("change", ["deltas", "matched"])
+def test_verification_reads_every_anchor_of_a_dense_answer(change):
+    """DENSE carries a matched box and deltas for every anchor: a wrong one of an anchor that
+    is not positive passed, as only the positives' were compared (review 48)."""
+    workload = dataclasses.replace(WORKLOAD, format="dense", preset="retinanet_detectron2")
+    response = _response(workload, 1)
+    assert verify_response(workload, 1, response) is None
+    labels = torch.frombuffer(bytearray(response.dense.labels.data), dtype=torch.int8)
+    anchor = int(torch.nonzero(labels == 0)[0])  # a negative anchor
+    field = response.dense.deltas if change == "deltas" else response.dense.matched_gt
+    values = torch.frombuffer(bytearray(field.data), dtype=torch.float32 if change == "deltas" else torch.int32)
+    if change == "deltas":
+        values.view(-1, 4)[anchor] += 1000
+    else:
+        values[anchor] = 0 if values[anchor] != 0 else 1
+    field.data = values.numpy().tobytes()
+    assert f"{'deltas' if change == 'deltas' else 'matched boxes'} of anchors differ" in verify_response(
+        workload, 1, response
+    )
+
+
+def test_a_sampling_presets_answers_verify():
+    """Each request was built with a fresh sampling seed and recomputed with none: a correct
+    server failed --verify on every RPN preset (review 48). Built with ``seed + index`` now,
+    recomputed with the request's."""
+    workload = dataclasses.replace(WORKLOAD, preset="rpn_detectron2")
+    assert workload.request(1).seed == workload.request(1).seed == workload.seed + 1
+    with ServerThread(backend="cpu") as srv:
+        report = run(_options(srv, workload=workload, duration_s=0.5, warmup_s=0.1, concurrency=2, verify=3))
+    assert report.ok and report.verified == 3, report.table()
+
+
+def test_the_deadline_counts_from_the_start_line_not_while_requests_are_built(server, monkeypatch):
+    """One client process built its requests under the collector's deadline (the run, the
+    timeout and a minute): the largest workload, two minutes to build, failed before any
+    load (review 48). Here the slack is 0.5 s and the build 1.5 s."""
+    build = Workload.request
+
+    def slow(self, index):
+        time.sleep(0.5)
+        return build(self, index)
+
+    monkeypatch.setattr(Workload, "request", slow)
+    monkeypatch.setattr(loadtest, "_FINISH_SLACK_S", 0.5)
+    workload = dataclasses.replace(WORKLOAD, variants=3)
+    report = run(_options(server, workload=workload, duration_s=0.3, warmup_s=0.0, timeout_s=0.2, verify=0))
+    assert report.ok and report.requests > 0, report.table()
+
+
+def test_percentiles_are_nearest_rank():
+    """hdrhistogram rounds the rank to the nearest count: of 160 answers, 2 slow ones, the
+    p99 was the 158th, fast (review 48); the 159th by nearest rank."""
+    latency = _histogram()
+    for micros in [9_000] * 158 + [302_000, 502_000]:
+        latency.record_value(micros)
+    assert [_value_at(latency, p) // 1000 for p in (50, 99, 99.9, 100)] == [9, 302, 502, 502]
 
 
 def test_cli_against_tritarget_serve(tmp_path):
@@ -758,7 +818,8 @@ def test_a_plot_format_matplotlib_does_not_draw_is_refused_before_the_run(tmp_pa
      {"warmup_s": math.inf}, {"timeout_s": math.nan}, {"timeout_s": 0}, {"window": 4},
      {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}, {"targets": ()},
      {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"},
-     {"rate": 1e308}, {"rate": 6e6}],  # a run that counted its unsent requests for ever (or minutes)
+     {"rate": 1e308}, {"rate": 6e6},  # a run that counted its unsent requests for ever (or minutes)
+     {"rate": 1e-309}],  # 1 / rate inf, every start time NaN: calls sent at once, then a crash (review 48)
 )  # fmt: skip
 def test_library_options_refuse_what_cannot_run(kwargs):
     with pytest.raises(ValueError):
