@@ -141,7 +141,7 @@ class SparseTargets:
         one offset per image plus one, one matched box / delta / class per positive, the
         level starts. The losses run it on every call; ``check`` the rest where lists were
         made or edited by hand."""
-        if not (isinstance(self.num_anchors, int) and self.num_anchors >= 0):
+        if not (isinstance(self.num_anchors, int) and not isinstance(self.num_anchors, bool) and self.num_anchors >= 0):
             raise ValueError(f"num_anchors: expected an int >= 0, got {self.num_anchors!r}")
         if isinstance(self.background_class, bool) or not isinstance(self.background_class, int):
             raise TypeError(f"background_class: expected an int, got {self.background_class!r}")
@@ -178,10 +178,17 @@ class SparseTargets:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {list(value.shape)}, expected {list(shape)} (one per anchor listed)")
+        for name in ("dropped", "dropped_ignore"):  # to_dense copies them: an int failed there, unnamed
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in value):
+                raise TypeError(f"{name}: expected a list of tensors (one per image, or none), got {value!r}")
         starts = self.level_starts
         ends_ok = bool(starts) and starts[0] == 0 and starts[-1] == count
-        if starts is not None and not (ends_ok and list(starts) == sorted(starts)):
-            raise ValueError(f"level_starts: {starts}, expected ascending from 0 to num_anchors ({count})")
+        # Integers: levels() slices by them (10.5 failed there).
+        integers = starts is not None and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                              for s in starts)  # fmt: skip
+        if starts is not None and not (integers and ends_ok and list(starts) == sorted(starts)):
+            raise ValueError(f"level_starts: {starts}, expected ascending integers from 0 to num_anchors ({count})")
 
 
 @dataclass(eq=False)  # tensors have no single truth value: equal only to itself

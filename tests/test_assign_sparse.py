@@ -83,8 +83,8 @@ def _lists(**changes):
      ({"positive_classes": torch.tensor([3, 2**32 + 7])},
       r"positive_classes: a positive has class 4294967303 \(expected 0 to 2147483647\)"),
      ({"positive_classes": torch.tensor([3, -2])}, r"positive_classes: a positive has class -2 \(expected 0 to"),
-     ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending from 0 to num_anchors \(6\)"),
-     ({"level_starts": ()}, r"level_starts: \(\), expected ascending from 0 to num_anchors \(6\)"),
+     ({"level_starts": (0, 3, 99)}, r"level_starts: \(0, 3, 99\), expected ascending integers from 0 to num"),
+     ({"level_starts": ()}, r"level_starts: \(\), expected ascending integers from 0 to num_anchors \(6\)"),
      ({"positive_anchors": torch.tensor([1.0, 4.0])}, r"positive_anchors: expected integers, got torch.float32"),
      # Offsets of a narrow type passed the check and stopped in torch's repeat_interleave.
      ({"positive_offsets": torch.tensor([0, 1, 2], dtype=torch.int16)},
@@ -97,7 +97,11 @@ def _lists(**changes):
      ({"positive_deltas": torch.ones(2, 4, dtype=torch.int64)}, r"positive_deltas: expected floats, got torch.int64"),
      ({"background_class": "0"}, r"background_class: expected an int, got '0'"),
      ({"background_class": 2**31, "positive_classes": torch.tensor([3, 7])},
-      r"background_class: 2147483648, expected 0 to 2147483647")],
+      r"background_class: 2147483648, expected 0 to 2147483647"),
+     # Review 48: each passed check and failed later, unnamed (numpy, slicing, iterating).
+     ({"num_anchors": True}, r"num_anchors: expected an int >= 0, got True"),
+     ({"level_starts": (0, 2.5, 6)}, r"level_starts: \(0, 2.5, 6\), expected ascending integers"),
+     ({"dropped": 5}, r"dropped: expected a list of tensors \(one per image, or none\), got 5")],
 )  # fmt: skip
 def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
     """Hand-made or edited lists (cached on disk, say): a positive counted in another image,
