@@ -314,9 +314,9 @@ def _in_int64(value: object) -> str:
 
 def _shown(value: object) -> str:
     """``repr(value)`` for an error, cut at 200 characters: a bbox of a million numbers
-    made a one-line error of 8 MB."""
+    made a one-line error of 8 MB. Worded as the service's cut messages (``service/status.py``)."""
     text = repr(value)
-    return text if len(text) <= 200 else f"{text[:200]}... ({len(text):,} characters)"
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text) - 200:,} more characters)"
 
 
 def _is_finite_number(value: object) -> bool:

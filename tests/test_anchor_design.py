@@ -137,7 +137,7 @@ def test_a_huge_bad_value_is_shown_cut_short(tmp_path, image, annotation):
         "images": [{"id": 1, "height": 100, "width": 100, **image}],
         "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 10, 10], **annotation}],
     }
-    with pytest.raises(ValueError, match=r"\.\.\. \([\d,]+ characters\)$") as info:
+    with pytest.raises(ValueError, match=r"\.\.\. \([\d,]+ more characters\)$") as info:
         load_coco(_write(tmp_path / "huge.json", data))
     assert len(str(info.value)) < 400
 
