@@ -45,7 +45,7 @@ import torch
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
 from .config import _INT32_MAX, TargetConfig
 from .streams import stream_key
-from .targets import nothing_dropped
+from .targets import check_strided, nothing_dropped
 
 __all__ = ["CheckBoxesFirst", "HostInts", "Problem", "build_problem", "canvas_limits", "integer_dtype", "valid_cells"]
 
@@ -222,9 +222,7 @@ def _tensor(name: str, value: object) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.is_meta:
         raise ValueError(f"{name}: a tensor on the meta device has no values")
-    if value.is_nested or value.layout != torch.strided:  # torch's own errors named neither
-        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one (.to_dense() it)")
+    check_strided(name, value)
     return value
 
 

@@ -28,6 +28,14 @@ NEGATIVE = 0
 IGNORED = -1
 
 
+def check_strided(name: str, value: torch.Tensor) -> None:
+    """Refuse a sparse, mkldnn or nested tensor by name (torch's own errors, or numpy's
+    when read on the host, named neither the field nor the fix)."""
+    if value.is_nested or value.layout != torch.strided:
+        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one (.to_dense() it)")
+
+
 _NO_INDICES = torch.empty(0, dtype=torch.int64)  # never handed out: new tensors are made from it
 
 
@@ -152,6 +160,8 @@ class SparseTargets:
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) and not (value is None and name == "positive_classes"):
                 raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+            if value is not None:
+                check_strided(name, value)
         if not self.positive_deltas.is_floating_point():
             raise TypeError(f"positive_deltas: expected floats, got {self.positive_deltas.dtype}")
         count, batch = self.num_anchors, self.batch_size

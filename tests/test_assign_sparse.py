@@ -101,7 +101,10 @@ def _lists(**changes):
      # Review 48: each passed check and failed later, unnamed (numpy, slicing, iterating).
      ({"num_anchors": True}, r"num_anchors: expected an int >= 0, got True"),
      ({"level_starts": (0, 2.5, 6)}, r"level_starts: \(0, 2.5, 6\), expected ascending integers"),
-     ({"dropped": 5}, r"dropped: expected a list of tensors \(one per image, or none\), got 5")],
+     ({"dropped": 5}, r"dropped: expected a list of tensors \(one per image, or none\), got 5"),
+     # A list in sparse layout failed in numpy ("can't convert Sparse layout tensor"), unnamed.
+     ({"positive_anchors": torch.tensor([1, 4]).to_sparse()},
+      r"positive_anchors: expected a dense \(strided\) tensor, got a sparse_coo one \(.to_dense\(\) it\)")],
 )  # fmt: skip
 def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
     """Hand-made or edited lists (cached on disk, say): a positive counted in another image,
