@@ -527,7 +527,8 @@ def _half_overflow(overflowing: np.ndarray) -> InvalidInput:
     return _invalid(
         "delta_dtype",
         f"a delta of magnitude {float(np.abs(overflowing).max()):.4g} does not fit DTYPE_FLOAT16 (largest 65504; "
-        "the config's encode weights or stds make deltas this large): use DTYPE_FLOAT32",
+        "a box far larger than, smaller than or away from the anchor it matches makes deltas this large, as do "
+        "large encode weights or small stds): use DTYPE_FLOAT32",
     )
 
 

@@ -238,6 +238,17 @@ def test_float16_overflow_names_the_overflowing_magnitude_beside_a_nan(format):
         codec.encode_assign(request, targets)
 
 
+def test_float16_overflow_from_a_box_does_not_blame_the_config():
+    """A box 10^30 wide overflows float16 deltas under the preset's own weights: the error
+    names boxes as a cause (it said only "the config's encode weights or stds"; review 49)."""
+    boxes = torch.tensor([[-1e30, 0.0, 10.0, 10.0]])
+    request = build_request(boxes, [1], CANVAS, preset="retinanet_torchvision", delta_dtype="float16")
+    targets = assign(boxes, [1], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+    assert (targets.labels == 1).any()  # low-quality matching gives the box its best anchors
+    with pytest.raises(InvalidInput, match="does not fit DTYPE_FLOAT16 .* a box far larger than, smaller than or away"):
+        codec.encode_assign(request, targets)
+
+
 def test_errors_repeating_long_input_stay_readable(client, caplog):
     """A status travels in the trailers, which gRPC clients refuse over 8-16 KiB: a message
     repeating a 6,000-character name (or a 3,000-dimension shape) is cut, so the caller
