@@ -125,7 +125,7 @@ def _or_empty(boxes: Any) -> Any:
 
 def _size(value: Any, where: str) -> torch.Tensor:
     """An image's (height, width) in integer pixels."""
-    size = torch.as_tensor(value).reshape(-1)
+    size = torch.as_tensor(value, device="cpu").reshape(-1)
     if size.is_floating_point() or size.is_complex() or size.dtype == torch.bool:
         raise TypeError(f"{where}: expected integer pixels (height, width), got {size.dtype}")
     if size.numel() != 2:
@@ -240,7 +240,11 @@ class _InProcess:
         self.box_format = options.pop("box_format", "xyxy")
         ignore = options.get("ignore_boxes")
         if ignore is not None:  # as the client converts them: numpy or lists too, float32 before corners
-            ignore = ignore if isinstance(ignore, torch.Tensor) else torch.as_tensor(ignore, dtype=torch.float32)
+            ignore = (
+                ignore
+                if isinstance(ignore, torch.Tensor)
+                else torch.as_tensor(ignore, dtype=torch.float32, device="cpu")
+            )
             if ignore.is_floating_point():  # (x + w in float64, then rounded, made a box the wire's refused)
                 ignore = ignore.to(torch.float32)
             options["ignore_boxes"] = to_xyxy(ignore, self.box_format)

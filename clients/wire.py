@@ -106,7 +106,7 @@ def as_tensor(value: Any) -> torch.Tensor:
     views with negative strides (``array[::-1]``) and non-native byte order (``>f4``)."""
     if isinstance(value, np.ndarray):
         value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
-    return torch.as_tensor(value)
+    return torch.as_tensor(value, device="cpu")
 
 
 def _ints(name: str, value: Any, counts: list[int] | None = None) -> torch.Tensor:
@@ -366,7 +366,7 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
     if lists.listed_label == IGNORED:
         ignored_offsets, ignored_anchors = lists.listed_offsets, lists.listed_anchors
     else:
-        rest = torch.ones(batch * count, dtype=torch.bool)
+        rest = torch.ones(batch * count, dtype=torch.bool, device="cpu")
         positives = _rows(lists.positive_offsets, lists.positive_anchors, count)
         negatives = _rows(lists.listed_offsets, lists.listed_anchors, count)
         rest[positives] = False
@@ -374,7 +374,7 @@ def decode_sparse(response: pb.AssignResponse, request: pb.AssignRequest | None 
             raise _malformed(overlap_problem(positives.numpy(), negatives.numpy(), count, "negative"))
         rest[negatives] = False
         image, anchor = torch.nonzero(rest.view(batch, count), as_tuple=True)
-        ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1))
+        ignored_offsets = torch.searchsorted(image, torch.arange(batch + 1, device="cpu"))
         ignored_anchors = anchor.to(torch.int32)
     return SparseTargets(
         num_anchors=count,

@@ -88,8 +88,8 @@ class AnchorGrid:
 
 
 def _centers(count: int, offset: float, factor: float, op: str) -> torch.Tensor:
-    position = torch.arange(count, dtype=torch.float32) + offset
-    factor32 = torch.tensor(factor, dtype=torch.float32)
+    position = torch.arange(count, dtype=torch.float32, device="cpu") + offset
+    factor32 = torch.tensor(factor, dtype=torch.float32, device="cpu")
     return position * factor32 if op == "mul" else position / factor32
 
 
@@ -104,7 +104,7 @@ def _level_anchors(lv: GridLevel, shape_major: bool) -> torch.Tensor:
         anchors = shifts[:, None, :] + lv.cells[None, :, :]  # [HW, K, 4]
     anchors = anchors.reshape(-1, 4)
     if lv.scale_x is not None:
-        scale = torch.tensor([lv.scale_x, lv.scale_y, lv.scale_x, lv.scale_y], dtype=torch.float32)
+        scale = torch.tensor([lv.scale_x, lv.scale_y, lv.scale_x, lv.scale_y], dtype=torch.float32, device="cpu")
         anchors = anchors * scale
     return anchors
 
@@ -124,7 +124,7 @@ def feature_map_size(canvas: tuple[int, int], level: AnchorLevel) -> tuple[int, 
 
 
 def _float32(values: list[list[float]]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64).to(torch.float32).reshape(-1, 4)
+    return torch.tensor(values, dtype=torch.float64, device="cpu").to(torch.float32).reshape(-1, 4)
 
 
 def fixed_canvas(config: AnchorConfig) -> tuple[int, int]:
@@ -139,8 +139,8 @@ def fixed_canvas(config: AnchorConfig) -> tuple[int, int]:
 
 def _torchvision_cells(level: AnchorLevel) -> torch.Tensor:
     # AnchorGenerator.generate_anchors: float32, ratio-outer, halved, then rounded.
-    scales = torch.tensor(level.sizes, dtype=torch.float32)
-    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
+    scales = torch.tensor(level.sizes, dtype=torch.float32, device="cpu")
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32, device="cpu")
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
     ws = (w_ratios[:, None] * scales[None, :]).view(-1)
@@ -166,8 +166,8 @@ def _mmdet_cells(level: AnchorLevel, config: AnchorConfig) -> torch.Tensor:
     w = h = base
     x_center = config.center_offset * w
     y_center = config.center_offset * h
-    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
-    scales = torch.tensor(level.scales, dtype=torch.float32)
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32, device="cpu")
+    scales = torch.tensor(level.scales, dtype=torch.float32, device="cpu")
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
     if config.scale_major:
@@ -205,7 +205,7 @@ def _ssd_cells(level: AnchorLevel, clip: bool) -> torch.Tensor:
         root = math.sqrt(ar)
         w, h = s_k * root, s_k / root
         pairs.extend([[w, h], [h, w]])
-    wh = torch.tensor(pairs, dtype=torch.float32)
+    wh = torch.tensor(pairs, dtype=torch.float32, device="cpu")
     if clip:
         wh = wh.clamp(min=0, max=1)
     half = 0.5 * wh
@@ -216,8 +216,8 @@ def _d2l_cells(level: AnchorLevel) -> torch.Tensor:
     # d2l multibox_prior: float32; sizes with the first ratio, then the first size with
     # the other ratios; widths scaled by in_height / in_width; halved.
     fh, fw = level.feature_size
-    sizes = torch.tensor(level.sizes, dtype=torch.float32)
-    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32)
+    sizes = torch.tensor(level.sizes, dtype=torch.float32, device="cpu")
+    ratios = torch.tensor(level.aspect_ratios, dtype=torch.float32, device="cpu")
     w = torch.cat((sizes * torch.sqrt(ratios[0]), level.sizes[0] * torch.sqrt(ratios[1:]))) * fh / fw
     h = torch.cat((sizes / torch.sqrt(ratios[0]), level.sizes[0] / torch.sqrt(ratios[1:])))
     return torch.stack((-w, -h, w, h)).T / 2
@@ -335,7 +335,7 @@ def _check_placed(index: int, level: GridLevel, canvas: tuple[int, int]) -> None
         centers = _centers(count, level.offset, factor, level.center_op)[:, None]
         low, high = centers + level.cells[None, :, axis], centers + level.cells[None, :, axis + 2]
         if scale is not None:
-            scale32 = torch.tensor(scale, dtype=torch.float32)
+            scale32 = torch.tensor(scale, dtype=torch.float32, device="cpu")
             low, high = low * scale32, high * scale32
         flat = ~(high > low)
         if flat.any():

@@ -162,7 +162,7 @@ def _compute_bounds(anchors: torch.Tensor) -> torch.Tensor:
     """Tensor[ceil(A / 64) + ceil(A / 512), 6] float32: each block's, then each chunk's,
     bounding box and area range."""
     count = anchors.shape[0]
-    bounds = torch.empty(-(-count // _BLOCK) - (-count // _CHUNK), _BOUNDS, dtype=torch.float32)
+    bounds = torch.empty(-(-count // _BLOCK) - (-count // _CHUNK), _BOUNDS, dtype=torch.float32, device="cpu")
     _library().tritarget_cpu_bounds(anchors.data_ptr(), count, bounds.data_ptr())
     return bounds
 
@@ -251,7 +251,7 @@ def _padding_tables(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     shapes per cell) for the padded-size rule."""
     grid = problem.grid
     levels = [[start, lv.height, lv.width, lv.cells.shape[0]] for lv, start in zip(grid.levels, grid.level_starts)]
-    return problem.valid_cells.contiguous(), torch.tensor(levels, dtype=torch.int64)
+    return problem.valid_cells.contiguous(), torch.tensor(levels, dtype=torch.int64, device="cpu")
 
 
 class _Inputs:
@@ -298,11 +298,11 @@ def solve(problem: Problem) -> Targets:
     # deltas leave whole (glibc's best fit), before smaller outputs can split it. Smallest
     # first, the heap grew by ~50 MB (and faulted) per 16-image call for up to ~10 calls, to
     # 546 MB; largest first it settles within 4 calls at 250-300 MB (mallinfo2, this VM).
-    deltas = torch.empty(batch, num_anchors, 4, dtype=torch.float32)
-    matched = torch.empty(batch, num_anchors, dtype=torch.int32)
-    classes = None if problem.gt_classes is None else torch.empty(batch, num_anchors, dtype=torch.int32)
-    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32) if problem.want_max_iou else None
-    labels = torch.empty(batch, num_anchors, dtype=torch.int8)
+    deltas = torch.empty(batch, num_anchors, 4, dtype=torch.float32, device="cpu")
+    matched = torch.empty(batch, num_anchors, dtype=torch.int32, device="cpu")
+    classes = None if problem.gt_classes is None else torch.empty(batch, num_anchors, dtype=torch.int32, device="cpu")
+    max_iou = torch.empty(batch, num_anchors, dtype=torch.float32, device="cpu") if problem.want_max_iou else None
+    labels = torch.empty(batch, num_anchors, dtype=torch.int8, device="cpu")
     args = inputs.args
     args.labels, args.matched, args.deltas = labels.data_ptr(), matched.data_ptr(), deltas.data_ptr()
     args.classes, args.max_iou = _pointer(classes), _pointer(max_iou)

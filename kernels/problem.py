@@ -504,12 +504,12 @@ def _drop_or_raise(
             "pass drop_invalid=True to drop invalid boxes instead"
         )
     batch = len(counts)
-    counts_t = torch.tensor(counts, dtype=torch.int64)
+    counts_t = torch.tensor(counts, dtype=torch.int64, device="cpu")
     offsets = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)])
-    image_of_row = torch.repeat_interleave(torch.arange(batch), counts_t)
-    bad = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    image_of_row = torch.repeat_interleave(torch.arange(batch, device="cpu"), counts_t)
+    bad = torch.zeros(boxes.shape[0], dtype=torch.bool, device="cpu")
     bad[[row for row, _ in reasons]] = True
-    within = torch.arange(boxes.shape[0]) - offsets[image_of_row]
+    within = torch.arange(boxes.shape[0], device="cpu") - offsets[image_of_row]
     keep = ~bad
     return _Dropped(
         counts=torch.bincount(image_of_row[keep], minlength=batch).tolist(),
@@ -525,7 +525,7 @@ def _sizes(name: str, value: object, batch: int, canvas: tuple[int, int]) -> lis
         return list(canvas) * batch
     if isinstance(value, (list, tuple)):
         try:
-            sizes = torch.as_tensor(value)
+            sizes = torch.as_tensor(value, device="cpu")
         except (TypeError, ValueError, RuntimeError) as exc:  # ragged, strings, tensors inside
             raise TypeError(f"{name}: expected {batch} (height, width) pairs of ints, got {value!r} ({exc})") from None
     else:  # numpy's too: mmdet's img_shape / pad_shape often are
@@ -564,7 +564,7 @@ def valid_cells(config: TargetConfig, grid: AnchorGrid, pad_sizes: list[int]) ->
         rows.append(image)
     if full:
         return None
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), len(grid.levels), 2)
+    return torch.tensor(rows, dtype=torch.int32, device="cpu").reshape(len(rows), len(grid.levels), 2)
 
 
 def build_problem(

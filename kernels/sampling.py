@@ -27,7 +27,7 @@ _SEED_RANGE = range(-(2**63), 2**64)
 
 def fresh_seed(generator: torch.Generator | None = None) -> int:
     """A seed drawn from ``generator`` (default: torch's global CPU generator), one draw."""
-    return int(torch.randint(2**62, (), generator=generator))
+    return int(torch.randint(2**62, (), generator=generator, device="cpu"))
 
 
 def _one_seed(value) -> int | None:
@@ -81,12 +81,12 @@ def _draw(members: np.ndarray, available: int, count: int, generator: torch.Gene
         return np.zeros(0, dtype=np.int64)
     size = members.size
     if 4 * available < size or 2 * count > available:
-        return np.flatnonzero(members)[torch.randperm(available, generator=generator)[:count].numpy()]
+        return np.flatnonzero(members)[torch.randperm(available, generator=generator, device="cpu")[:count].numpy()]
     kept: dict[int, None] = {}  # insertion-ordered: the order drawn
     while len(kept) < count:
         # Members are at least a quarter of the row: 8x the draws still needed all but
         # never fall short, and when they do the next round draws again.
-        draws = torch.randint(size, (8 * (count - len(kept)),), generator=generator).numpy()
+        draws = torch.randint(size, (8 * (count - len(kept)),), generator=generator, device="cpu").numpy()
         for index in draws[members[draws]].tolist():
             kept.setdefault(index)
             if len(kept) == count:
@@ -119,7 +119,7 @@ def sample(targets: Targets, config: MatchConfig, seeds: list[int] | None) -> Ta
         negatives = int(np.count_nonzero(negative))
         num_pos = min(positives.size, positive_quota)
         num_neg = min(negatives, config.sample_size - num_pos)
-        dropped = positives[torch.randperm(positives.size, generator=generator)[num_pos:].numpy()]
+        dropped = positives[torch.randperm(positives.size, generator=generator, device="cpu")[num_pos:].numpy()]
         kept_negatives = _draw(negative, negatives, num_neg, generator)
         np.putmask(labels, negative, IGNORED)
         labels[kept_negatives] = NEGATIVE

@@ -36,7 +36,7 @@ def check_strided(name: str, value: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one (.to_dense() it)")
 
 
-_NO_INDICES = torch.empty(0, dtype=torch.int64)  # never handed out: new tensors are made from it
+_NO_INDICES = torch.empty(0, dtype=torch.int64, device="cpu")  # never handed out: new tensors are made from it
 
 
 def nothing_dropped(batch: int) -> list[torch.Tensor]:
@@ -343,7 +343,9 @@ class Targets:
 
 # Zero-filled host outputs from this size up come from an anonymous mapping.
 _LAZY_ZEROS_BYTES = 1 << 20
-_NUMPY_DTYPES = {dtype: torch.empty(0, dtype=dtype).numpy().dtype for dtype in (torch.int8, torch.int32, torch.float32)}
+_NUMPY_DTYPES = {
+    dtype: torch.empty(0, dtype=dtype, device="cpu").numpy().dtype for dtype in (torch.int8, torch.int32, torch.float32)
+}
 
 
 def filled(shape: tuple[int, ...], value: int | float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

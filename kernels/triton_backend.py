@@ -316,7 +316,7 @@ def _level_tables(grid: AnchorGrid, device: torch.device, stream: int | None) ->
 
     def table(rows: list, dtype: torch.dtype, width: int) -> torch.Tensor:
         # Through float64, so float32 columns round once, as torch.tensor(value, float32) does.
-        exact = torch.tensor(rows, dtype=torch.float64 if dtype.is_floating_point else torch.int64)
+        exact = torch.tensor(rows, dtype=torch.float64 if dtype.is_floating_point else torch.int64, device="cpu")
         return exact.to(dtype).reshape(-1, width).contiguous().to(device)
 
     tables = _Tables(
@@ -374,7 +374,7 @@ def _border_limits(problem: Problem) -> torch.Tensor:
 def _pad_table(problem: Problem, device: torch.device) -> torch.Tensor:
     """[B, R, 2] int32: each image's valid rows and columns (``problem.valid_cells``, per
     level) repeated for every shape row of the level, as the pair kernels index them."""
-    shapes = torch.tensor([level.cells.shape[0] for level in problem.grid.levels])
+    shapes = torch.tensor([level.cells.shape[0] for level in problem.grid.levels], device="cpu")
     return problem.valid_cells.repeat_interleave(shapes, dim=1).contiguous().to(device)
 
 

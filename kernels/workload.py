@@ -39,7 +39,7 @@ _MAX_BOXES = 100
 
 def coco_like_counts(batch: int, generator: torch.Generator) -> list[int]:
     """Boxes per image: log-normal, mean ~7, capped at 100, zero now and then."""
-    normal = torch.randn(batch, generator=generator, dtype=torch.float64)
+    normal = torch.randn(batch, generator=generator, dtype=torch.float64, device="cpu")
     counts = torch.exp(1.55 + 0.95 * normal).floor().clamp(max=_MAX_BOXES)
     return [int(c) for c in counts]
 
@@ -48,12 +48,12 @@ def coco_like_boxes(count: int, canvas: tuple[int, int], generator: torch.Genera
     """Tensor[count, 4] float32 valid xyxy boxes inside the canvas."""
     height, width = canvas
     # sqrt(area) log-uniform over [8, 640] canvas pixels: the module docstring's size mix.
-    side = torch.exp(math.log(8.0) + torch.rand(count, generator=generator) * math.log(640.0 / 8.0))
-    ratio = torch.exp(0.5 * torch.randn(count, generator=generator))  # h / w
+    side = torch.exp(math.log(8.0) + torch.rand(count, generator=generator, device="cpu") * math.log(640.0 / 8.0))
+    ratio = torch.exp(0.5 * torch.randn(count, generator=generator, device="cpu"))  # h / w
     w = (side / ratio.sqrt()).clamp(min=2.0, max=width - 1.0)
     h = (side * ratio.sqrt()).clamp(min=2.0, max=height - 1.0)
-    x1 = torch.rand(count, generator=generator) * (width - w)
-    y1 = torch.rand(count, generator=generator) * (height - h)
+    x1 = torch.rand(count, generator=generator, device="cpu") * (width - w)
+    y1 = torch.rand(count, generator=generator, device="cpu") * (height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)
 
 
@@ -66,6 +66,8 @@ def coco_like_batch(
     """
     generator = torch.Generator().manual_seed(seed)
     counts = [boxes_per_image] * batch if boxes_per_image is not None else coco_like_counts(batch, generator)
-    boxes = torch.cat([coco_like_boxes(c, canvas, generator) for c in counts]) if batch else torch.zeros(0, 4)
-    classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    boxes = (
+        torch.cat([coco_like_boxes(c, canvas, generator) for c in counts]) if batch else torch.zeros(0, 4, device="cpu")
+    )
+    classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32, device="cpu")
     return boxes, counts, classes
