@@ -311,8 +311,7 @@ def run(args: argparse.Namespace, env: dict, out: Path, results: dict) -> None:
                 row["floor_ms"] = written / bandwidth * 1e3
                 row["vs_floor"] = median / row["floor_ms"]
             if name == "triton":
-                # The box-anchor pairs the kernels evaluate (each pair pass walks them once).
-                row["pairs_evaluated"] = triton_backend.candidate_pairs(problem)["evaluated"]
+                row["matching"], row["pairs_evaluated"] = evaluated_pairs(problem, boxes, counts)
             rows.append(row)
             floor = f"  floor {row['floor_ms']:.3f} ms, x{row['vs_floor']:.2f}" if "floor_ms" in row else ""
             if "pairs_evaluated" in row:
@@ -597,6 +596,18 @@ def _crossing(image: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         return crossing & (image[None, :, 1] < part[:, None, 3]) & (image[None, :, 3] > part[:, None, 1])
 
     return crosses(bounds[:, :4]) | crosses(bounds[:, 4:8])
+
+
+def evaluated_pairs(problem, boxes: torch.Tensor, counts: list[int]) -> tuple[str, int]:
+    """The compiled matching and the box-anchor pairs it evaluates: the gather, every anchor
+    of a block for each box its test lists there; the pair walk, its rectangles (each pair
+    pass walks them once)."""
+    matching = triton_backend._COMPILED.matching
+    if matching != "gather":
+        return matching, triton_backend.candidate_pairs(problem)["evaluated"]
+    block_a = triton_backend._COMPILED.block_a
+    bounds = triton_backend._block_bounds(problem.grid, block_a, boxes.device, None)
+    return matching, block_a * sum(int(_crossing(image, bounds).sum()) for image in boxes.split(counts))
 
 
 def _touching(image: torch.Tensor, anchors: torch.Tensor, block_a: int) -> int:

@@ -10,7 +10,7 @@ image, classes included), requests of ``--images-per-request`` images. Measures:
   client process keeping ``concurrency`` requests in flight, SPARSE responses
   densified into ``Targets`` by the client) vs two in-process baselines on the same
   requests one after another with the same backend (target >= 90% at concurrency >= 8,
-  DESIGN's; below 8 no target applies): ``assign``
+  the issue "The service at GPU scale"; below 8 no target applies): ``assign``
   (dense targets, what a training loop calls) and ``assign_sparse`` (the same
   SPARSE targets the service sends, compacted by the backend). Each baseline runs
   with the machine's torch threads and with one thread, and the faster counts (on
