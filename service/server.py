@@ -328,14 +328,14 @@ class TargetServer:
             # Every call of ours is answered: what gRPC still holds are health Watch (or
             # reflection) streams, which never end by themselves and would hold the port
             # for the rest of the grace period.
-            await self.grpc.stop(0)
+            stopped = await self._grpc_stopped(0.0, hurry)
         else:
             if not hurry.is_set():
                 log.warning("calls still in flight or arriving after the %.1f s grace period; cancelling them", grace)
             left = 0.0 if hurry.is_set() else max(0.0, grace - (time.monotonic() - start))
-            if not await _finished_unless(hurry, asyncio.ensure_future(self.grpc.stop(left))):
-                await self.grpc.stop(0)  # gRPC's stop again, with no grace: cancels what is left
-        await _calls_ended()
+            stopped = await self._grpc_stopped(left, hurry)
+        if stopped:  # else the call that holds gRPC's stop holds its task too
+            await _calls_ended()
         if settled:
             # Every call is answered, but a batch whose callers went away (their deadline
             # passed) may still be computing: waited for only within what is left of the
@@ -350,6 +350,27 @@ class TargetServer:
         self.servicer.close()
         self.metrics.stop_http()
 
+    async def _grpc_stopped(self, grace: float, hurry: asyncio.Event) -> bool:
+        """Whether gRPC's stop ended: calls may finish for ``grace`` seconds (until
+        ``hurry``), then are cancelled, and the stop is waited for at most
+        ``_GRPC_STOP_SLACK_S`` past that. A call whose peer reads nothing (a hung or
+        cut-off client with a response gRPC cannot flush) holds gRPC's stop until its
+        connection dies, ~20 s past any grace: the stop goes on without it. Its task is
+        never cancelled: cancelling it cancels gRPC's own shutdown future, which its stop
+        called again then raised (CancelledError out of ``stop``)."""
+        stopping = asyncio.ensure_future(self.grpc.stop(grace))
+        hurried = asyncio.ensure_future(hurry.wait())
+        done, _ = await asyncio.wait((stopping, hurried), timeout=grace + _GRPC_STOP_SLACK_S,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        hurried.cancel()
+        if hurried in done and not stopping.done():
+            # gRPC's stop again, with no grace: it cancels the calls now and waits as the first does.
+            cancelling = asyncio.ensure_future(self.grpc.stop(0))
+            await asyncio.wait((stopping, cancelling), timeout=_GRPC_STOP_SLACK_S)
+        if not stopping.done():
+            log.warning("a call's connection still holds gRPC's stop (a client that reads nothing): not waited for")
+        return stopping.done()
+
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
 
@@ -358,6 +379,9 @@ class TargetServer:
 # signal to the process group (systemd, `timeout`, `kill -TERM -PGID`) reaches a
 # `serve --workers` worker both directly and forwarded by its parent.
 _SAME_STOP_S = 1.0
+# How long past its grace gRPC's stop is waited for: once calls are cancelled it returns in
+# milliseconds, unless a connection's peer reads nothing (then ~20 s, until it dies).
+_GRPC_STOP_SLACK_S = 1.0
 
 
 async def _finished_unless(hurry: asyncio.Event, work: asyncio.Future) -> bool:

@@ -143,6 +143,26 @@ def unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
     receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
     connection = socket.create_connection(("127.0.0.1", port))
     connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+    return _call(connection, method, requests)
+
+
+def stalled_call(port: int, method: str, request: bytes) -> socket.socket:
+    """A call whose caller stopped reading its socket (a hung or SIGSTOPped process): the
+    largest HTTP/2 windows and a small socket buffer, never read, so that the server's
+    writes block in TCP, where a frame to end the call cannot pass either. The socket's
+    close ends the call."""
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.connect(("127.0.0.1", port))
+    largest = 2**31 - 1
+    settings = _http2_frame(4, 0, 0, (4).to_bytes(2, "big") + largest.to_bytes(4, "big"))
+    window = _http2_frame(8, 0, 0, (largest - 65535).to_bytes(4, "big"))  # the connection's, past its 65,535
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + window)
+    return _call(connection, method, (request,))
+
+
+def _call(connection: socket.socket, method: str, requests: tuple[bytes, ...]) -> socket.socket:
+    """Opens stream 1 for ``method`` and sends ``requests`` (HPACK literals, no compression)."""
     path = f"/tritarget.v1.TargetAssigner/{method}".encode()
     headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"127.0.0.1"),
                (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, batching, read_until, spawn_cli, unread_call
+from test_service_harness import ServerThread, batching, read_until, spawn_cli, stalled_call, unread_call
 
 from support import closed_pipe
 from tritarget.clients import TargetClient, TargetServiceError
@@ -1115,6 +1115,77 @@ def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
     assert "failed" not in output and "killed by" not in output and "Exception ignored" not in output, output
 
 
+_ANCHORS_12MB = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+_ANCHORS_12MB.config.preset = "retinanet_torchvision"  # 12.6 MB of anchors: a response that takes a while to read
+
+
+def _unsent_bytes(metrics_ports) -> float:
+    """The servers' responses not yet sent, from their /metrics pages."""
+    import urllib.request
+
+    pages = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode() for p in metrics_ports]
+    return sum(float(m) for page in pages for m in re.findall(r"^tritarget_unsent_response_bytes (\S+)$", page, re.M))
+
+
+@pytest.mark.parametrize("hurried", [False, True], ids=["grace", "second signal"])
+def test_a_client_that_stopped_reading_holds_the_stop_no_longer_than_its_grace(hurried):
+    """A call whose client stopped reading its socket (a hung process: the response fills
+    TCP's buffers) held gRPC's stop ~18 s past any grace, until the connection died; and a
+    second stop signal then (during gRPC's stop) made ``stop`` raise CancelledError, so
+    that the batcher and the servicer were never closed and ``serve`` exited 1 with a
+    traceback (review 49). The stop goes on without that connection's end."""
+    srv = ServerThread(backend="cpu").start()
+    held = stalled_call(srv.port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
+    try:
+        _until(lambda: _unsent_bytes([srv.server.metrics_port]) > 12e6)
+
+        async def stop() -> float:
+            hurry = asyncio.Event()
+            if hurried:  # after the grace: while gRPC's stop waits for the call's end
+                asyncio.get_running_loop().call_later(1.0, hurry.set)
+            started = time.monotonic()
+            await srv.server.stop(grace=0.5, hurry=hurry)
+            return time.monotonic() - started
+
+        assert srv.run(stop()) < 4.0  # the grace, then at most 1 s for gRPC's stop (twice when hurried)
+        srv.server = None
+    finally:
+        srv.stop()
+        held.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group: Linux")
+@pytest.mark.parametrize("signals", [1, 2])
+def test_cli_serve_stops_within_its_grace_while_a_client_reads_nothing(signals):
+    """``serve --grace 1`` with a call whose client stopped reading its socket: one stop
+    signal exits 0 in about the grace (it took ~19 s); a second one while gRPC's stop waits
+    exits 0 too, without a traceback (it raised CancelledError, exit 1; review 49)."""
+    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "1",
+                        "--metrics-port", "0", "--no-access-log")  # fmt: skip
+    held = None
+    try:
+        _, started = read_until(process, r"health is SERVING")
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
+        metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
+        held = stalled_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
+        _until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+        begun = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        if signals == 2:
+            time.sleep(1.5)  # past the grace: gRPC's stop is waiting for the call
+            process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        took = time.monotonic() - begun
+    finally:
+        if held is not None:
+            held.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "stopped" in out, out
+    assert "Traceback" not in out and "still holds gRPC's stop" in out, out
+    assert took < 8.0, (took, out)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group: Linux")
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("workers", [1, 2])
@@ -1123,7 +1194,6 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
     `timeout`) drains; a second one cancels the calls still in flight instead of waiting
     out --grace, as operators expect. With --workers the group holds the workers too:
     each signal counts once, though a worker gets it directly and from its parent."""
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1138,16 +1208,8 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
         _, started = read_until(process, r"health is SERVING", count=workers)
         metrics_ports = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started)
 
-        def unsent() -> float:
-            pages = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode()
-                     for p in metrics_ports]  # fmt: skip
-            return sum(float(m) for page in pages for m in re.findall(r"^tritarget_unsent_response_bytes (\S+)$",
-                                                                         page, re.MULTILINE))  # fmt: skip
-
-        anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
-        anchors.config.preset = "retinanet_torchvision"  # 12.6 MB its caller never reads: a call in flight
-        held = unread_call(port, "GetAnchors", anchors.SerializeToString())
-        _until(lambda: unsent() > 12e6)
+        held = unread_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
+        _until(lambda: _unsent_bytes(metrics_ports) > 12e6)
         os.killpg(process.pid, stop_signal)
         read_until(process, r"shutting down: finishing calls in flight", count=workers)
         time.sleep(1.5)
