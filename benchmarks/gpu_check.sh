@@ -78,10 +78,10 @@
 #       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl grpcio==1.85.3 grpcio-status==1.85.3 grpcio-health-checking==1.85.1 \
 #       grpcio-reflection==1.85.1 grpcio-tools==1.85.1 protobuf==7.36.2 \
-#       googleapis-common-protos==1.76.0 typing_extensions==4.16.0 hdrhistogram==0.10.8 pbr tqdm \
+#       googleapis-common-protos==1.76.0 typing_extensions==4.16.0 hdrhistogram==0.10.8 pbr tqdm mmdet==3.3.0 \
 #       "setuptools>=77"
 #   (manylinux_2_28_x86_64 and manylinux1_x86_64 platforms too, for hdrhistogram; setuptools
-#   for the tests that build a wheel without build isolation: pyproject.toml needs >= 77)
+#   for the tests that build a wheel without build isolation: pyproject.toml needs >= 77; mmdet for the parity tests against its own code)
 #
 # GPU_CHECK_DRY=1 checks the script itself on a machine without a GPU (about two
 # minutes on 2 cores): a few test files, `bench_gpu.py --smoke`, the anchor scan (2,000
