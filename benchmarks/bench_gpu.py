@@ -657,6 +657,12 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     records the gather writes and the finalize reads (``_Meta.skip_empty``; every anchor's
     without it); ``tiles``, the visits of ``gather_near`` boxes, and ``lone_steps``, the
     steps whose last near box is alone in its tile (``_Meta.lone_visits`` visits it alone).
+    ``near_box_floor``, ``near_image_floor``: the near pairs a matching pass would keep
+    if it skipped those whose IoU bound (the lift's) is below the low threshold and the
+    box's best IoU (``box_floor``: no label, positive's box or box's best changes; mmdet's
+    and the forced lift, no lift) or the image's lowest best IoU (``image_floor``:
+    torchvision's lift too, whose lifted anchors keep their own best box) -- not built:
+    the kernel would need each box's best IoU, or a floor under it, before the pass.
     ``touching``: the (box, block) pairs where the box overlaps one of the
     block's anchors, what an exact per-block test would list (the rest of the gather's
     evaluated pairs above the overlapping ones is the tile's granularity: a box visits
@@ -668,7 +674,8 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     bounds = _block_bounds(grid, meta.block_a)
     area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
-    touching = lift_testing = recorded = tiles = lone_steps = area_bounded = 0
+    touching = lift_testing = recorded = tiles = lone_steps = area_bounded = box_floor = image_floor = 0
+    low = presets.get(PRESET).match.low
     sizes = torch.tensor([len(block) for block in blocks])
     min_pos_iou = presets.get(PRESET).match.min_pos_iou
     for index, count in enumerate(counts):
@@ -694,12 +701,12 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         nearest = torch.minimum(torch.maximum(area, area_low), area_high)
         overlap = torch.maximum(_part_overlap(image, bounds[:, :4]), _part_overlap(image, bounds[:, 4:8]))
         bound = torch.minimum(overlap, nearest) / torch.maximum(area, nearest)
-        area_bounded += int(
-            (
-                crosses & (best > 0) & (torch.minimum(area, nearest) / torch.maximum(area, nearest) * 1.0001 >= best)
-            ).sum()
-        )
+        area_bound = torch.minimum(area, nearest) / torch.maximum(area, nearest)
+        area_bounded += int((crosses & (best > 0) & (area_bound * 1.0001 >= best)).sum())
         visited = crosses & (best > 0) & (bound * 1.0001 >= best)
+        floor = torch.clamp(best, max=low)  # below it a pair changes no label, positive's box or box's best
+        box_floor += int((crosses & (bound * 1.0001 >= floor)).sum())
+        image_floor += int((crosses & (bound * 1.0001 >= floor.min())).sum()) if count else 0
         lifted += int((crosses & (best > 0)).sum())
         bounded += int(visited.sum())
         generating += int(crosses.any(1).sum())
@@ -711,6 +718,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "touching": touching,
             "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_area_bounded": area_bounded, "lift_near_bounded": bounded,
+            "near_box_floor": box_floor, "near_image_floor": image_floor,
             "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
             "finalize_generating": finalize_generating, "lift_testing": lift_testing, "recorded": recorded,
@@ -797,6 +805,7 @@ def gather_schedule() -> list[dict]:
 
 def pairs(out: Path) -> None:
     config = presets.get(PRESET)
+    low_threshold = config.match.low
     anchors = generate_anchors(config.anchors, COCO_CANVAS)
     points = []
     for fixed in (None, 200):
@@ -836,6 +845,12 @@ def pairs(out: Path) -> None:
               f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
               f"two launches: {built['lift_generating'] / built['blocks']:.0%} + "
               f"{built['positive_blocks'] / built['blocks']:.0%})")  # fmt: skip
+        print(f"{'':>11} not built: a matching pass that skips the pairs whose IoU bound is below the low "
+              f"threshold ({low_threshold:g}) and the box's best IoU would visit {built['near_box_floor']:,} near "
+              f"pairs (ratio {built['near_box_floor'] * triton_backend._COMPILED.block_a / nonzero:.2f}; mmdet's "
+              f"lift, the forced one, none), below the image's lowest best IoU {built['near_image_floor']:,} "
+              f"(ratio {built['near_image_floor'] * triton_backend._COMPILED.block_a / nonzero:.2f}; torchvision's "
+              f"lift too)")  # fmt: skip
         every, per_image = anchors.shape[0] * len(counts), built["recorded"] * 16 / len(counts) / 1e6
         print(f"{'':>11} records between the passes (16 bytes per anchor, skip_empty): "
               f"{built['recorded'] / every:.0%} of the anchors', {per_image:.2f} MB per image written and read "
