@@ -54,11 +54,13 @@ class _Inputs:
     def __init__(self, problem: Problem) -> None:
         device = problem.device
         rows, ignore_rows = capacity(problem.gt_boxes.shape[0], 16), capacity(problem.ignore_boxes.shape[0], 0)
-        self.gt_boxes = torch.full((rows, 4), float("nan"), device=device)
+        # float32 named: under torch.set_default_dtype(torch.float64) the buffers were
+        # float64, and every replayable call failed its launch's check (a TypeError).
+        self.gt_boxes = torch.full((rows, 4), float("nan"), dtype=torch.float32, device=device)
         self.gt_classes = (
             None if problem.gt_classes is None else torch.full((rows,), -1, dtype=torch.int32, device=device)
         )
-        self.ignore_boxes = torch.full((ignore_rows, 4), float("nan"), device=device)
+        self.ignore_boxes = torch.full((ignore_rows, 4), float("nan"), dtype=torch.float32, device=device)
         host_ints = problem.host_ints
         self.ints = torch.empty(len(host_ints.ints), dtype=torch.int64, device=device)
         self.problem = Problem(
@@ -114,12 +116,14 @@ class _Graph:
         with torch.cuda.device(self.device):  # the capture's device, not only the current one
             current = torch.cuda.current_stream()
             capture_stream.wait_stream(current)
-            with torch.cuda.stream(capture_stream):
-                # Compiles the kernels' variants and fills the caches the capture stream
-                # reads, through the JIT's launch and then the direct one the capture records.
-                for _ in range(2):
-                    launch(self.inputs.problem)
-            current.wait_stream(capture_stream)
+            try:
+                with torch.cuda.stream(capture_stream):
+                    # Compiles the kernels' variants and fills the caches the capture stream
+                    # reads, through the JIT's launch and then the direct one the capture records.
+                    for _ in range(2):
+                        launch(self.inputs.problem)
+            finally:  # also when a launch failed: the inputs go back to the caller's stream's pool
+                current.wait_stream(capture_stream)
             # capture_begin/end rather than torch.cuda.graph, whose exit leaves the capture
             # stream current when the capture fails, and whose entry empties the allocator's
             # cache (every other stream's too). thread_local: the service's other compute

@@ -48,12 +48,15 @@ def coco_like_boxes(count: int, canvas: tuple[int, int], generator: torch.Genera
     """Tensor[count, 4] float32 valid xyxy boxes inside the canvas."""
     height, width = canvas
     # sqrt(area) log-uniform over [8, 640] canvas pixels: the module docstring's size mix.
-    side = torch.exp(math.log(8.0) + torch.rand(count, generator=generator, device="cpu") * math.log(640.0 / 8.0))
-    ratio = torch.exp(0.5 * torch.randn(count, generator=generator, device="cpu"))  # h / w
+    side = torch.exp(
+        math.log(8.0)
+        + torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * math.log(640.0 / 8.0)
+    )
+    ratio = torch.exp(0.5 * torch.randn(count, generator=generator, dtype=torch.float32, device="cpu"))  # h / w
     w = (side / ratio.sqrt()).clamp(min=2.0, max=width - 1.0)
     h = (side * ratio.sqrt()).clamp(min=2.0, max=height - 1.0)
-    x1 = torch.rand(count, generator=generator, device="cpu") * (width - w)
-    y1 = torch.rand(count, generator=generator, device="cpu") * (height - h)
+    x1 = torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * (width - w)
+    y1 = torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * (height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)
 
 
@@ -67,7 +70,9 @@ def coco_like_batch(
     generator = torch.Generator().manual_seed(seed)
     counts = [boxes_per_image] * batch if boxes_per_image is not None else coco_like_counts(batch, generator)
     boxes = (
-        torch.cat([coco_like_boxes(c, canvas, generator) for c in counts]) if batch else torch.zeros(0, 4, device="cpu")
+        torch.cat([coco_like_boxes(c, canvas, generator) for c in counts])
+        if batch
+        else torch.zeros(0, 4, dtype=torch.float32, device="cpu")
     )
     classes = torch.randint(1, 81, (boxes.shape[0],), generator=generator, dtype=torch.int32, device="cpu")
     return boxes, counts, classes

@@ -1,5 +1,5 @@
-"""The library under ``torch.set_default_device(...)``: host inputs give host targets, equal
-to those of a process without a default device.
+"""The library under ``torch.set_default_device(...)`` and ``torch.set_default_dtype(...)``:
+host inputs give host targets, equal to those of a process without either.
 
 A training script that calls ``torch.set_default_device("cuda")`` sends every factory call
 without a ``device=`` there: sampling's draws met their CPU generator on the GPU (an
@@ -52,6 +52,17 @@ def meta_default():
         torch.set_default_device(None)
 
 
+@pytest.fixture
+def float64_default():
+    """``torch.set_default_dtype(torch.float64)`` (scientific code sets it): float factories
+    without a dtype make float64; the library's own tensors must not follow."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def _equal(got, expected) -> None:
     assert type(got) is type(expected)
     if isinstance(got, torch.Tensor):
@@ -72,17 +83,21 @@ def _equal(got, expected) -> None:
         assert got == expected
 
 
-def _both(call, meta_default_fixture_request):
-    """``call()`` in a plain process state, then under the meta default device."""
+DEFAULTS = ["meta_default", "float64_default"]
+
+
+def _both(call, request):
+    """``call()`` in a plain process state, then under the test's default (``default``)."""
     expected = call()
-    meta_default_fixture_request.getfixturevalue("meta_default")
+    request.getfixturevalue(request.node.callspec.params["default"])
     return call(), expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("function", [assign, assign_sparse])
 @pytest.mark.parametrize("preset", ["retinanet_torchvision", "fasterrcnn_rpn_torchvision", "ssd300_torchvision"])
-def test_host_targets_under_a_default_device(function, backend, preset, request):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_host_targets_under_a_default_device(function, backend, preset, default, request):
     config = presets.get(preset)
 
     extra = {"return_max_iou": True} if function is assign else {}
@@ -95,7 +110,8 @@ def test_host_targets_under_a_default_device(function, backend, preset, request)
     _equal(got, expected)
 
 
-def test_anchors_boxes_and_conversions_under_a_default_device(request):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_anchors_boxes_and_conversions_under_a_default_device(default, request):
     config = presets.get("retinanet_torchvision")
     boxes = BOXES[:3]
 
@@ -113,7 +129,8 @@ def test_anchors_boxes_and_conversions_under_a_default_device(request):
     _equal(got, expected)
 
 
-def test_losses_under_a_default_device(request):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_losses_under_a_default_device(default, request):
     config = presets.get("retinanet_torchvision")
     sparse = assign_sparse(BOXES[:3], [2, 1], CANVAS, config, gt_classes=CLASSES[:3], backend="reference")
     rpn = assign_sparse(BOXES[:3], [2, 1], CANVAS, presets.get("fasterrcnn_rpn_torchvision"), seed=0)
@@ -131,7 +148,8 @@ def test_losses_under_a_default_device(request):
 
 
 @pytest.mark.parametrize("format", ["dense", "sparse"])
-def test_decoded_responses_under_a_default_device(format, request):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_decoded_responses_under_a_default_device(format, default, request):
     """What the client decodes: a response of the server's own encoder."""
     wire = build_request(BOXES[:3], [2, 1], CANVAS, preset="fasterrcnn_rpn_torchvision", gt_classes=CLASSES[:3],
                          format=format, seed=5)  # fmt: skip

@@ -95,6 +95,23 @@ def _shares_memory(targets, launched) -> bool:
     return bool(ours & {t.untyped_storage().data_ptr() for t in launched if t is not None and t.numel()})
 
 
+def test_a_graphs_buffers_are_float32_whatever_torchs_default_dtype(generator):
+    """Under ``torch.set_default_dtype(torch.float64)`` the box buffers were float64, and
+    every call a graph would replay failed its launch's check with a TypeError (review 49)."""
+    problem = _problem(generator, [3, 5], _config())
+    torch.set_default_dtype(torch.float64)
+    try:
+        inputs = triton_graphs._Inputs(problem)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert inputs.gt_boxes.dtype == inputs.ignore_boxes.dtype == torch.float32
+    inputs.load(problem)
+    launched = triton_backend.launch_dense(inputs.problem)
+    assert_targets_equal(
+        triton_backend._dense_finished(launched, [], True), reference.solve(problem), rtol=TOL, atol=TOL
+    )
+
+
 def test_what_a_replay_returns_is_copied_out_of_the_graphs_memory(monkeypatch, generator):
     """Dense: the targets copied (the next replay writes the graph's). Sparse: the lists
     cut and copied, the offsets copied; lists that overflowed, or that no earlier batch
