@@ -593,10 +593,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="how compute threads wait for the GPU: block (asleep until it signals; default) or "
                              "spin (a core busy per waiting thread, a wake-up sooner)")  # fmt: skip
     parser.add_argument("--inline-max-images", type=integer(0), default=8,
-                        help="cpu backend: a SPARSE request of up to this many images, and 16 boxes and 2^18 "
-                             "anchors times as many, that finds the server idle (for 0.5 ms) is computed on the "
-                             "event loop, without the hand-over to a compute worker and back "
-                             "(default 8; 0: never)")  # fmt: skip
+                        help="cpu backend: a SPARSE request of up to this many images, 16 boxes and crowd "
+                             "regions times as many in all and 2^18 anchors per image, that finds the server idle "
+                             "(for 0.5 ms) is computed on the event loop, without the hand-over to a compute worker "
+                             "and back (default 8; 0: never)")  # fmt: skip
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or env TRITARGET_TOKEN)")
     token.add_argument("--token-file", help="read the bearer token from a file")
