@@ -606,8 +606,51 @@ def evaluated_pairs(problem, boxes: torch.Tensor, counts: list[int]) -> tuple[st
     if matching != "gather":
         return matching, triton_backend.candidate_pairs(problem)["evaluated"]
     block_a = triton_backend._COMPILED.block_a
-    bounds = triton_backend._block_bounds(problem.grid, block_a, boxes.device, None)
-    return matching, block_a * sum(int(_crossing(image, bounds).sum()) for image in boxes.split(counts))
+    bounds = triton_backend._block_bounds(problem.grid, block_a, torch.device("cpu"), None)
+    anchors = problem.grid.materialize()
+    near = 0
+    for image in boxes.cpu().split(counts):  # the pruned near boxes (this bench's preset prunes)
+        need = box_needs(image, problem.grid, anchors, problem.config)
+        near += int((_crossing(image, bounds) & (_iou_bounds(image, bounds) * 1.0001 >= need[None, :])).sum())
+    return matching, block_a * near
+
+
+def _iou_bounds(image: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """[blocks, G]: ``triton_assign._iou_bound``, each box's bound on its IoU with the
+    anchors of each block (the intersection with the parts' bounding boxes over the
+    nearest anchor area, over the larger of that and the box's)."""
+    area = ((image[:, 2] - image[:, 0]) * (image[:, 3] - image[:, 1]))[None, :]
+    nearest = torch.minimum(torch.maximum(area, bounds[:, 8:9]), bounds[:, 9:10])
+    overlap = torch.maximum(_part_overlap(image, bounds[:, :4]), _part_overlap(image, bounds[:, 4:8]))
+    return torch.minimum(overlap, nearest) / torch.maximum(area, nearest)
+
+
+def box_needs(image: torch.Tensor, grid, anchors: torch.Tensor, config, per_image: bool | None = None) -> torch.Tensor:
+    """[G]: ``floor_kernel``'s need of each box (min(low, its best IoU over one anchor per
+    level and cell shape, at the cell nearest its centre)); ``per_image`` (default: for
+    torchvision's lift) the image's lowest for every box."""
+    low = config.match.low
+    per_image = config.match.low_quality == "torchvision" if per_image is None else per_image
+    centre = (image[:, :2] + image[:, 2:]) / 2
+    best = torch.zeros(image.shape[0])
+    for level, first in zip(grid.levels, grid.level_starts, strict=False):
+        cell = []
+        for axis, factor, scale, count in ((0, level.factor_x, level.scale_x, level.width),
+                                           (1, level.factor_y, level.scale_y, level.height)):  # fmt: skip
+            position = centre[:, axis] / (1.0 if scale is None else scale)
+            i = position * factor - level.offset if level.center_op == "div" else position / factor - level.offset
+            cell.append((i + 0.5).clamp(0, count - 1).to(torch.int64))
+        col, row = cell
+        shapes = level.cells.shape[0]
+        for k in range(shapes):
+            if grid.shape_major:
+                index = first + k * level.height * level.width + row * level.width + col
+            else:
+                index = first + (row * level.width + col) * shapes + k
+            candidate = anchors[index]
+            best = torch.maximum(best, box_iou(image, candidate).diagonal())
+    need = best.clamp(max=low)
+    return need.min().expand_as(need) if per_image and need.numel() else need
 
 
 def _part_overlap(image: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
@@ -657,12 +700,11 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     records the gather writes and the finalize reads (``_Meta.skip_empty``; every anchor's
     without it); ``tiles``, the visits of ``gather_near`` boxes, and ``lone_steps``, the
     steps whose last near box is alone in its tile (``_Meta.lone_visits`` visits it alone).
-    ``near_box_floor``, ``near_image_floor``: the near pairs a matching pass would keep
-    if it skipped those whose IoU bound (the lift's) is below the low threshold and the
-    box's best IoU (``box_floor``: no label, positive's box or box's best changes; mmdet's
-    and the forced lift, no lift) or the image's lowest best IoU (``image_floor``:
-    torchvision's lift too, whose lifted anchors keep their own best box) -- not built:
-    the kernel would need each box's best IoU, or a floor under it, before the pass.
+    ``near`` counts the pairs the matching keeps after the threshold pruning
+    (``_Meta.threshold_prune``: the box's IoU bound at least what it needs,
+    ``box_needs``; the preset's lift, torchvision's, prunes by the image's lowest need),
+    ``near_crossing`` every near box before it, ``near_box_floor`` what each box's own
+    need would keep (mmdet's lift, the forced one, none).
     ``touching``: the (box, block) pairs where the box overlaps one of the
     block's anchors, what an exact per-block test would list (the rest of the gather's
     evaluated pairs above the overlapping ones is the tile's granularity: a box visits
@@ -674,19 +716,23 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     bounds = _block_bounds(grid, meta.block_a)
     area_low, area_high = bounds[:, 8:9], bounds[:, 9:10]
     near = lifted = bounded = steps = start = generating = lift_generating = positive = finalize_generating = 0
-    touching = lift_testing = recorded = tiles = lone_steps = area_bounded = box_floor = image_floor = 0
-    low = presets.get(PRESET).match.low
+    touching = lift_testing = recorded = tiles = lone_steps = area_bounded = box_floor = crossing = 0
+    config = presets.get(PRESET)
     sizes = torch.tensor([len(block) for block in blocks])
-    min_pos_iou = presets.get(PRESET).match.min_pos_iou
+    min_pos_iou = config.match.min_pos_iou
     for index, count in enumerate(counts):
         image = boxes[start : start + count]
         start += count
         crosses = _crossing(image, bounds)
-        near += int(crosses.sum())
+        bound = _iou_bounds(image, bounds)
+        kept = crosses & (bound * 1.0001 >= box_needs(image, grid, anchors, config)[None, :])
+        crossing += int(crosses.sum())
+        box_floor += int((crosses & (bound * 1.0001 >= box_needs(image, grid, anchors, config, False))).sum())
+        near += int(kept.sum())
         touching += _touching(image, anchors, meta.block_a)
         steps += len(blocks) * -(-count // meta.gather_boxes)
         for first in range(0, count, meta.gather_boxes):
-            listed = crosses[:, first : first + meta.gather_boxes].sum(1)
+            listed = kept[:, first : first + meta.gather_boxes].sum(1)
             tiles += int((-(-listed // meta.gather_near)).sum())
             lone_steps += int((listed % meta.gather_near == 1).sum()) if meta.gather_near > 1 else 0
         best, anchor_best = torch.zeros(count), torch.zeros(anchors.shape[0])  # per box, per anchor
@@ -699,18 +745,13 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         lift_testing += int(((block_best > 0) & (block_best >= min_pos_iou)).sum())
         area = ((image[:, 2] - image[:, 0]) * (image[:, 3] - image[:, 1]))[None, :]
         nearest = torch.minimum(torch.maximum(area, area_low), area_high)
-        overlap = torch.maximum(_part_overlap(image, bounds[:, :4]), _part_overlap(image, bounds[:, 4:8]))
-        bound = torch.minimum(overlap, nearest) / torch.maximum(area, nearest)
         area_bound = torch.minimum(area, nearest) / torch.maximum(area, nearest)
         area_bounded += int((crosses & (best > 0) & (area_bound * 1.0001 >= best)).sum())
         visited = crosses & (best > 0) & (bound * 1.0001 >= best)
-        floor = torch.clamp(best, max=low)  # below it a pair changes no label, positive's box or box's best
-        box_floor += int((crosses & (bound * 1.0001 >= floor)).sum())
-        image_floor += int((crosses & (bound * 1.0001 >= floor.min())).sum()) if count else 0
         lifted += int((crosses & (best > 0)).sum())
         bounded += int(visited.sum())
-        generating += int(crosses.any(1).sum())
-        recorded += int(sizes[crosses.any(1)].sum())
+        generating += int(kept.any(1).sum())
+        recorded += int(sizes[kept.any(1)].sum())
         lift_generating += int(visited.any(1).sum())
         encodes = torch.stack([(part == 1).any() for part in labels[index].split(meta.block_a)])
         positive += int(encodes.sum())
@@ -718,7 +759,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
     return {"blocks": len(blocks) * len(counts), "steps": steps, "near": near, "touching": touching,
             "evaluated": near * meta.block_a,
             "lift_near": lifted, "lift_near_area_bounded": area_bounded, "lift_near_bounded": bounded,
-            "near_box_floor": box_floor, "near_image_floor": image_floor,
+            "near_crossing": crossing, "near_box_floor": box_floor,
             "generating": generating,
             "lift_generating": lift_generating, "positive_blocks": positive,
             "finalize_generating": finalize_generating, "lift_testing": lift_testing, "recorded": recorded,
@@ -845,12 +886,11 @@ def pairs(out: Path) -> None:
               f"{built['finalize_generating'] / built['blocks']:.0%} in the finalize (lift and encoding; as "
               f"two launches: {built['lift_generating'] / built['blocks']:.0%} + "
               f"{built['positive_blocks'] / built['blocks']:.0%})")  # fmt: skip
-        print(f"{'':>11} not built: a matching pass that skips the pairs whose IoU bound is below the low "
-              f"threshold ({low_threshold:g}) and the box's best IoU would visit {built['near_box_floor']:,} near "
-              f"pairs (ratio {built['near_box_floor'] * triton_backend._COMPILED.block_a / nonzero:.2f}; mmdet's "
-              f"lift, the forced one, none), below the image's lowest best IoU {built['near_image_floor']:,} "
-              f"(ratio {built['near_image_floor'] * triton_backend._COMPILED.block_a / nonzero:.2f}; torchvision's "
-              f"lift too)")  # fmt: skip
+        block_a = triton_backend._COMPILED.block_a
+        print(f"{'':>11} the threshold pruning (low {low_threshold:g}): {built['near']:,} near pairs kept of "
+              f"{built['near_crossing']:,} crossing (ratio {built['near_crossing'] * block_a / nonzero:.2f} "
+              f"unpruned); by each box's own need (mmdet's lift, the forced one, none) "
+              f"{built['near_box_floor']:,} (ratio {built['near_box_floor'] * block_a / nonzero:.2f})")  # fmt: skip
         every, per_image = anchors.shape[0] * len(counts), built["recorded"] * 16 / len(counts) / 1e6
         print(f"{'':>11} records between the passes (16 bytes per anchor, skip_empty): "
               f"{built['recorded'] / every:.0%} of the anchors', {per_image:.2f} MB per image written and read "
@@ -860,7 +900,7 @@ def pairs(out: Path) -> None:
               f"({built['lone_steps'] / built['tiles']:.0%} of the visits)")  # fmt: skip
         for block_a, tile in tiles.items():
             print(f"{'':>11} in blocks of {block_a} anchors (gpu_sweep.py times them): {tile['near']:,} near "
-                  f"(box, block) pairs ({tile['near'] / built['near']:.2f}x as built, "
+                  f"(box, block) pairs unpruned ({tile['near'] / built['near_crossing']:.2f}x as built unpruned, "
                   f"{tile['near'] / tile['blocks']:.1f} per block), evaluating {tile['evaluated']:,} pairs "
                   f"(ratio {tile['evaluated'] / nonzero:.2f}; "
                   f"touching: ratio {tile['touching'] * block_a / nonzero:.2f})")  # fmt: skip

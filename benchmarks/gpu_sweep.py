@@ -28,10 +28,11 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    overall but won at B = 32, G ~ 7), a step's lone last near box visited alone
    (``lone_visits``), its programs in the grid's own order instead of every image's
    coarsest blocks first (``heavy_first``), every block's records written and read back
-   (``skip_empty`` off), the gather as run10 left it (without the three settings run12
-   made the defaults -- a generated grid's anchors loaded, the gather capped at 64
-   registers, the finalize that lifts at 40 -- whose each alone run12 timed, in the
-   grid's order and with every record); and the finalize matching each block itself
+   (``skip_empty`` off), every near box visited (``threshold_prune`` off), the gather as
+   run10 left it (without the three settings run12 made the defaults -- a generated
+   grid's anchors loaded, the gather capped at 64 registers, the finalize that lifts at
+   40 -- whose each alone run12 timed, in the grid's order, with every record and every
+   near box); and the finalize matching each block itself
    (``inline_match``), capped as the gather or not, or visiting 2 near boxes at once:
    ``solve`` and ``solve_sparse`` at B = 1, 8, 32, 64 (G ~ 7), B = 32, G = 200, B = 8
    and B = 1 at G = 1000, targets (labels, matched boxes, deltas, classes) checked equal
@@ -323,11 +324,15 @@ def main() -> None:
     # block near no box, 62% of them at G ~ 7, writes a flag instead, and the finalize
     # reads its records only where the flag is set).
     variants["gather, every record"] = dict(matching="gather", skip_empty=False)
+    # Every near box visited, as before 2026-12-06 (threshold_prune: the matching skips the
+    # pairs below the thresholds that no target depends on, floor_kernel's need; 0.64x the
+    # overlapping pairs at G = 200 instead of 1.86x, bench_gpu.py --pairs).
+    variants["gather, every near box"] = dict(matching="gather", threshold_prune=False)
     # The three settings run12 made the defaults, undone together (each alone was timed
     # in run12: 0.94-1.01x): the gather uncapped, the lifting finalize uncapped, a block's
     # anchors built from the level tables instead of loaded.
     as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None,
-                    heavy_first=False, skip_empty=False)  # fmt: skip
+                    heavy_first=False, skip_empty=False, threshold_prune=False)  # fmt: skip
     variants["gather as run10 left it"] = as_run10
     # The finalize matching each block itself: no 16-byte record per anchor written and read
     # back between the passes (the G ~ 7 batches' floor above the targets' writes), the
@@ -374,7 +379,8 @@ def main() -> None:
     record["boundary"] = []
     contenders = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather as run10": as_run10,
                   "inline": inline, "gather near=1": near_one,
-                  "gather, lone visits": dict(matching="gather", lone_visits=True)}  # fmt: skip
+                  "gather, lone visits": dict(matching="gather", lone_visits=True),
+                  "gather, every near box": dict(matching="gather", threshold_prune=False)}  # fmt: skip
     for batch in (1, 8, 32, 64) if "boundary" in sections else ():
         for boxes in (None, 50, 200, 500, 1000):  # 500: B = 1 flips between 200 and 1000 (run12)
             problem = problem_for(batch, boxes)[0]

@@ -78,6 +78,7 @@ def kernels() -> list[tuple[str, object, dict]]:
         ),  # fmt: skip
         ("lift segments", k.lift_segments_kernel, dict(BLOCK=1024)),
         ("forced (ssd)", k.forced_kernel, dict(BLOCK=128)),
+        ("floor (before the pruned gather)", k.floor_kernel, dict(BOXES=m.gather_boxes)),
         ("gather: scatter", k.gather_kernel, gather),
         *(
             (

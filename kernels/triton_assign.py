@@ -57,7 +57,11 @@ generate no anchors (a per-grid table of block bounds), the lift skips boxes who
 is far from every anchor's, each image's first block checks the sparse path's
 unchecked boxes, and every image's coarsest blocks, which list the most boxes, start
 first (``_program_block``). ``bench_gpu.py --pairs`` counts what it visits
-(1.86x the overlapping pairs at G = 200; 2.26x with one bounding box per block).
+(0.64x the overlapping pairs at G = 200, 1.86x without its threshold pruning, 2.26x with
+one bounding box per block). The pruning (``prune``): ``floor_kernel``, a program per
+image before the gather, gives each box what its pairs must reach to matter -- below the
+low threshold and the box's best IoU a pair changes no target -- and the gather skips
+the near boxes whose IoU bound (``_iou_bound``) falls short.
 Matching inline (``_Meta.inline_match``, a variant): ``finalize_kernel`` (INLINE) runs
 the gather's search itself (``_block_keys``) instead of reading the records, and
 ``gather_kernel`` (RECORDS False) runs only for the box keys of the modes that lift or
@@ -120,6 +124,7 @@ __all__ = [
     "pairs_kernel",
     "lift_segments_kernel",
     "forced_kernel",
+    "floor_kernel",
     "gather_kernel",
     "finalize_kernel",
     "scan_kernel",
@@ -157,7 +162,7 @@ _OUTPUT_SPARSE = tl.constexpr(2)
 # divisibility; the deltas' 16-byte rows are aligned whatever it is.)
 _RULES = ["use_ignore", "ignore_wrt_anchor", "border_rule", "pad_rule", "low_quality"]
 _PAIRS_SWITCHES = [*_RULES, "num_shapes", "center_div", "num_segments", "num_anchors"]
-_GATHER_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "num_anchors", "check_boxes"]
+_GATHER_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "num_anchors", "check_boxes", "prune"]
 _FINALIZE_SWITCHES = [*_RULES, "num_levels", "num_shapes", "shape_major", "strict_high", "background_class"]
 _FINALIZE_SWITCHES += ["has_classes", "want_max_iou", "positive_capacity", "ignored_capacity", "num_anchors"]
 
@@ -953,12 +958,31 @@ def _box_best_iou(box_key_ptr, rows, mask):
 
 
 @triton.jit
-def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou,
+def _iou_bound(x1, y1, x2, y2, parts, area_low, area_high):
+    """Per box, a bound on its IoU with every anchor of a block whose two ``parts`` have
+    these bounding boxes and whose anchors' areas lie in [area_low, area_high]: an anchor
+    of area a in a part overlaps the box by at most the box's intersection I with the
+    part's bounding box, so IoU <= min(I, a) / max(area, a), largest at the a of the
+    range nearest the box's area (I <= area). Rounding is monotone, so I as computed is
+    at least any anchor's intersection as computed; the callers' slack (10^-4) covers the
+    IoU's own rounding (a few ulps)."""
+    area = (x2 - x1) * (y2 - y1)
+    a, b = parts
+    overlap = tl.maximum(_intersection(x1, y1, x2, y2, a[0], a[1], a[2], a[3]),
+                         _intersection(x1, y1, x2, y2, b[0], b[1], b[2], b[3]))  # fmt: skip
+    nearest = tl.minimum(tl.maximum(area, area_low), area_high)
+    return tl.div_rn(tl.minimum(overlap, nearest), tl.maximum(area, nearest))
+
+
+@triton.jit
+def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, need_ptr, prune,
                 LIFT: tl.constexpr):  # fmt: skip
     """Which of the boxes ``rows`` (up to ``box_end``) a block visits: those crossing the
     bounding box of one of its two ``parts`` (a positive intersection with one anchor
     implies one with the bounding box of its part); for the lift (LIFT), only those that
-    may reach their maximum IoU in the block."""
+    may reach their maximum IoU in the block; for the matching with ``prune``, only those
+    whose IoU with an anchor of the block may reach the box's ``need_ptr`` value
+    (``floor_kernel``)."""
     in_image = rows < box_end
     tested = gt_boxes_ptr + rows * 4
     x1 = tl.load(tested, mask=in_image, other=float("inf"))
@@ -970,27 +994,23 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_
         # A box whose best IoU is 0 lifts nothing (the peers' zero-IoU pitfall).
         maxima = _box_best_iou(box_key_ptr, rows, near)
         near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
-        # Nor can a box reach its maximum where no anchor's IoU can: an anchor of area a in
-        # a part overlaps the box by at most the box's intersection I with the part's
-        # bounding box, so IoU <= min(I, a) / max(area, a), largest at the a of the block's
-        # range nearest the box's area (I <= area). The area range alone rules out the
-        # anchors of other levels (87% of these visits on COCO-like images), the
-        # intersection 61% of the rest, the blocks the box only grazes (bench_gpu.py
-        # --pairs). Rounding is monotone, so I as computed is at least any anchor's
-        # intersection as computed; the slack covers the IoU's own rounding (a few ulps).
-        area = (x2 - x1) * (y2 - y1)
-        a, b = parts
-        overlap = tl.maximum(_intersection(x1, y1, x2, y2, a[0], a[1], a[2], a[3]),
-                             _intersection(x1, y1, x2, y2, b[0], b[1], b[2], b[3]))  # fmt: skip
-        nearest = tl.minimum(tl.maximum(area, area_low), area_high)
-        bound = tl.div_rn(tl.minimum(overlap, nearest), tl.maximum(area, nearest))
-        near = near & (bound * 1.0001 >= maxima)
+        # Nor can a box reach its maximum where no anchor's IoU can (_iou_bound): the area
+        # range alone rules out the anchors of other levels (87% of these visits on
+        # COCO-like images), the intersection 61% of the rest, the blocks the box only
+        # grazes (bench_gpu.py --pairs).
+        near = near & (_iou_bound(x1, y1, x2, y2, parts, area_low, area_high) * 1.0001 >= maxima)
+    elif prune != 0:
+        # A pair below its box's need changes no label, positive's box or box's best IoU
+        # (floor_kernel): 0.20-0.64x the overlapping pairs are visited at G = 200, where
+        # every near box was 1.86x (bench_gpu.py --pairs).
+        need = tl.load(need_ptr + rows, mask=near, other=0.0)
+        near = near & (_iou_bound(x1, y1, x2, y2, parts, area_low, area_high) * 1.0001 >= need)
     return near
 
 
 @triton.jit
-def _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou,
-                BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
+def _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high, min_pos_iou, need_ptr,
+                prune, BOXES: tl.constexpr, LIFT: tl.constexpr):  # fmt: skip
     """The first step of BOXES boxes with one near the block: its first box row (box_end:
     none), and which of its boxes are near (``_block_keys`` starts from there)."""
     found = box_end
@@ -998,7 +1018,8 @@ def _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, 
     near = tl.zeros((BOXES,), tl.int1)
     while (found == box_end) & (start < box_end):
         rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, LIFT)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou,
+                           need_ptr, prune, LIFT)  # fmt: skip
         found = tl.where(tl.sum(near.to(tl.int32), axis=0) > 0, start, box_end)
         start += BOXES
     return found, near
@@ -1065,7 +1086,8 @@ def _lift_marks(gt_boxes_ptr, box_key_ptr, near_rows, box_start, box_end, parts,
     mark = tl.zeros((BLOCK_A, NEAR), tl.int32)  # per tile column: the last box marked
     for start in range(box_start, box_end, BOXES):
         rows = start + tl.arange(0, BOXES)
-        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou, True)
+        near = _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_high, min_pos_iou,
+                           gt_boxes_ptr, 0, True)  # fmt: skip
         count = _list_near(near_rows, near)
         if count > 0:
             for k in range(0, count, NEAR):
@@ -1114,9 +1136,10 @@ def _keys(best_iou, best_box):
 
 
 @triton.jit
-def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_near, box_end, parts, anchor_mask,
-                ax1, ay1, ax2, ay2, anchor_low, low_quality, BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr,
-                BOXES: tl.constexpr, NEAR: tl.constexpr, LONE: tl.constexpr):  # fmt: skip
+def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_near, box_end, parts, area_low,
+                area_high, need_ptr, prune, anchor_mask, ax1, ay1, ax2, ay2, anchor_low, low_quality,
+                BOX_KEYS: tl.constexpr, BLOCK_A: tl.constexpr, BOXES: tl.constexpr, NEAR: tl.constexpr,
+                LONE: tl.constexpr):  # fmt: skip
     """Each anchor's key over the boxes near its block (``pairs_kernel``'s key: IoU bits,
     then 2^31 - 1 - box; 0 where no box overlaps it): the image's boxes tested BOXES at a
     time against the block's two ``parts``, from the first step with a near box
@@ -1144,8 +1167,8 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
     near = found_near
     for start in range(found, box_end, BOXES):
         if start != found:
-            near = _near_boxes(gt_boxes_ptr, box_key_ptr, start + tl.arange(0, BOXES), box_end, parts, 0.0, 0.0, 0.0,
-                               False)  # fmt: skip
+            near = _near_boxes(gt_boxes_ptr, box_key_ptr, start + tl.arange(0, BOXES), box_end, parts, area_low,
+                               area_high, 0.0, need_ptr, prune, False)  # fmt: skip
         count = _list_near(near_rows, near)
         if count > 0:
             tiled = count  # the entries visited as tiles
@@ -1180,6 +1203,74 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
     return key
 
 
+@triton.jit
+def _nearest_cell(center, offset, factor, scale, center_div, count):
+    """Per box, a cell index in [0, count) whose centre lies about at ``center`` (any cell
+    would do for floor_kernel: the nearest gives the tightest floor)."""
+    position = center / scale
+    if center_div != 0:
+        i = position * factor - offset
+    else:
+        i = position / factor - offset
+    i = tl.where(i == i, i, 0.0)  # NaN (an unchecked box)
+    return tl.minimum(tl.maximum(i + 0.5, 0.0), (count - 1).to(tl.float32)).to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["num_levels", "per_image"])
+def floor_kernel(gt_boxes_ptr, gt_offsets_ptr, level_int_ptr, level_float_ptr, cells_ptr, need_ptr, num_levels, low,
+                 per_image, BOXES: tl.constexpr):  # fmt: skip
+    """What gather_kernel's matching pass needs of each box (prune): need_ptr [N] float32,
+    min(low, a floor under the box's best IoU), below which a pair changes no label (the
+    anchor is negative with or without it), no positive's box (its IoU >= low) and no
+    box's best IoU (it is below the floor); with ``per_image`` the image's lowest, for
+    torchvision's lift, which keeps a lifted anchor's own best box: that box's IoU is at
+    least the lifting box's best, at least the image's lowest floor.
+
+    The floor is the box's best IoU over one anchor per level and cell shape, at the cell
+    nearest its centre: anchors of a generated grid, built by the same float32 formula
+    as ``_block_anchor_boxes``, whose IoU the gather computes alike, so the floor is at
+    most the box's best when no rule excludes an anchor (the launcher prunes only then).
+    On COCO-like images it equals the best or passes ``low`` for every box (``bench_gpu.py
+    --pairs``). Grid: (B,)."""
+    image = tl.program_id(0)
+    box_start = tl.load(gt_offsets_ptr + image)
+    box_end = tl.load(gt_offsets_ptr + image + 1)
+    lowest = low
+    for start in range(box_start, box_end, BOXES):
+        rows = start + tl.arange(0, BOXES)
+        in_image = rows < box_end
+        box = gt_boxes_ptr + rows * 4
+        bx1 = tl.load(box, mask=in_image, other=0.0)
+        by1 = tl.load(box + 1, mask=in_image, other=0.0)
+        bx2 = tl.load(box + 2, mask=in_image, other=1.0)
+        by2 = tl.load(box + 3, mask=in_image, other=1.0)
+        area = (bx2 - bx1) * (by2 - by1)
+        best = tl.zeros((BOXES,), tl.float32)
+        for lv in range(num_levels):
+            _start, height, width, shapes, cell_row, center_div, offset, factor_x, factor_y, scale_x, scale_y = _level(
+                level_int_ptr, level_float_ptr, lv
+            )
+            cx = _center(_nearest_cell(0.5 * (bx1 + bx2), offset, factor_x, scale_x, center_div, width), offset,
+                         factor_x, center_div)  # fmt: skip
+            cy = _center(_nearest_cell(0.5 * (by1 + by2), offset, factor_y, scale_y, center_div, height), offset,
+                         factor_y, center_div)  # fmt: skip
+            for k in range(shapes):
+                cell = cells_ptr + (cell_row + k) * 4
+                ax1 = (cx + tl.load(cell)) * scale_x
+                ay1 = (cy + tl.load(cell + 1)) * scale_y
+                ax2 = (cx + tl.load(cell + 2)) * scale_x
+                ay2 = (cy + tl.load(cell + 3)) * scale_y
+                iou = _iou(bx1, by1, bx2, by2, area, ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1))
+                best = tl.maximum(best, iou)
+        need = tl.minimum(tl.where(best > 0.0, best, 0.0), low)  # NaN (an unchecked box): 0, no pruning
+        tl.store(need_ptr + rows, need, mask=in_image)
+        lowest = tl.minimum(lowest, tl.min(tl.where(in_image, need, low), axis=0))
+    if per_image != 0:
+        for start in range(box_start, box_end, BOXES):
+            rows = start + tl.arange(0, BOXES)
+            tl.store(need_ptr + rows, tl.zeros((BOXES,), tl.float32) + lowest, mask=rows < box_end)
+
+
 # The box-check flag sits inside solve_sparse's offsets (see segments_kernel).
 @triton.jit(do_not_specialize=_GATHER_SWITCHES, do_not_specialize_on_alignment=["invalid_ptr"])
 def gather_kernel(
@@ -1200,6 +1291,7 @@ def gather_kernel(
     bounds_ptr,
     canvas_ptr,
     invalid_ptr,
+    need_ptr,
     # Sizes
     num_anchors,
     num_levels,
@@ -1213,6 +1305,7 @@ def gather_kernel(
     pad_rule,
     low_quality,
     check_boxes,
+    prune,
     # Meta-parameters
     GENERATE: tl.constexpr,
     BUILD_ANCHORS: tl.constexpr,
@@ -1249,6 +1342,8 @@ def gather_kernel(
     level walk, with its integer divisions) or, False, loaded from anchors_ptr (the same
     float32 values, built once per device: ``triton_backend._Meta.load_anchors``); False
     for explicit anchors. The same in finalize_kernel.
+    prune: visits only the pairs whose IoU may reach their box's value at need_ptr ([N]
+    float32, ``floor_kernel``'s).
     RECORDS: write the records; False (finalize_kernel's INLINE, which matches each block
     itself), only the box keys and the box check: no work memory is written or needed.
     LONE: a step's last near box, where it would be alone in its tile, is visited alone
@@ -1278,13 +1373,14 @@ def gather_kernel(
     # generates), so that a block near no box generates none.
     ax1 = tl.zeros((BLOCK_A,), tl.float32)
     ay1, ax2, ay2 = ax1, ax1, ax1
-    parts, _area_low, _area_high, ax1, ay1, ax2, ay2 = _block_parts(
+    parts, area_low, area_high, ax1, ay1, ax2, ay2 = _block_parts(
         block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr, cells_ptr,
         num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
     key = tl.zeros((BLOCK_A,), tl.int64)
     # Without records or box keys to fold (a launch for the box check alone), no search.
     searched_end = tl.where((low_quality != 0) | RECORDS, box_end, box_start)
-    found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, searched_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+    found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, searched_end, parts, area_low, area_high, 0.0,
+                              need_ptr, prune, BOXES, False)  # fmt: skip
     if found < searched_end:
         if GENERATE:
             ax1, ay1, ax2, ay2 = _block_anchor_boxes(anchor, anchor_mask, first, last, anchors_ptr,
@@ -1303,8 +1399,9 @@ def gather_kernel(
         # The low half of each included anchor's key for a box's maximum, -1 where
         # excluded (32 bits: one register per anchor through the loop).
         anchor_low = tl.where(included, anchor ^ _INDEX_MASK, -1)
-        key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts, anchor_mask,
-                          ax1, ay1, ax2, ay2, anchor_low, low_quality, True, BLOCK_A, BOXES, NEAR, LONE)  # fmt: skip
+        key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts, area_low,
+                          area_high, need_ptr, prune, anchor_mask, ax1, ay1, ax2, ay2, anchor_low, low_quality, True,
+                          BLOCK_A, BOXES, NEAR, LONE)  # fmt: skip
     if RECORDS:
         # The whole 16-byte record: the key, then a zero mark with the unused word after it
         # (one 8-byte store). The key and the mark alone, 12 bytes, left every 32-byte
@@ -1493,7 +1590,8 @@ def finalize_kernel(
             block, bounds_ptr, anchor, anchor_mask, first, last, anchors_ptr, level_int_ptr, level_float_ptr,
             cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
         anchors_built = anchors_built | (not GENERATE)  # explicit anchors: loaded for their bounds
-        found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, BOXES, False)
+        found, near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, 0.0, 0.0, 0.0, gt_boxes_ptr,
+                                  0, BOXES, False)  # fmt: skip
         visits = found < box_end
         if visits:
             if GENERATE:
@@ -1502,9 +1600,9 @@ def finalize_kernel(
                                                              level_int_ptr, level_float_ptr, cells_ptr, num_levels,
                                                              shape_major, BUILD_ANCHORS)  # fmt: skip
             near_rows = near_ptr + (image * num_blocks + block) * BOXES
-            key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts,
-                              anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES, MATCH_NEAR,
-                              LONE)  # fmt: skip
+            key = _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, near, box_end, parts, 0.0,
+                              0.0, gt_boxes_ptr, 0, anchor_mask, ax1, ay1, ax2, ay2, 0, 0, False, BLOCK_A, BOXES,
+                              MATCH_NEAR, LONE)  # fmt: skip
         anchors_built = anchors_built | visits
     else:
         if SKIP_EMPTY:
@@ -1533,7 +1631,7 @@ def finalize_kernel(
                 cells_ptr, num_levels, shape_major, ax1, ay1, ax2, ay2, GENERATE, BUILD_ANCHORS)  # fmt: skip
             box_end = tl.load(gt_offsets_ptr + image + 1)
             found, _near = _first_near(gt_boxes_ptr, box_key_ptr, box_start, box_end, parts, area_low, area_high,
-                                       min_pos_iou, BOXES, True)  # fmt: skip
+                                       min_pos_iou, gt_boxes_ptr, 0, BOXES, True)  # fmt: skip
             # _lift_marks tests again from the start: it bounds the areas by the included anchors only.
             lifts = found < box_end
             if lifts:

@@ -116,7 +116,11 @@ class _Meta:
     in its tile of ``gather_near``, is visited alone (``lone_visits``, a variant: about
     half the tile's instructions, for 70% of the tile visits on COCO-like images and 7% at
     G = 200, ``bench_gpu.py --pairs``; run12 timed one box at a time at 0.76x the gather's
-    solve at B = 32, G ~ 7 and 1.19x at G = 1,000)."""
+    solve at B = 32, G ~ 7 and 1.19x at G = 1,000); and whether the gather's matching
+    skips the pairs below the thresholds that no target depends on (``threshold_prune``:
+    ``floor_kernel``; 0.20-0.64x the overlapping pairs at G = 200 instead of 1.86x,
+    ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, every near
+    box")."""
 
     block_a: int
     block_p: int
@@ -138,6 +142,7 @@ class _Meta:
     heavy_first: bool = True
     skip_empty: bool = True
     lone_visits: bool = False
+    threshold_prune: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.gather_boxes <= 256:  # the near lists hold a box's place in its step in a byte
@@ -189,6 +194,7 @@ segments_kernel = Launcher(triton_assign.segments_kernel, _INTERPRETING)
 pairs_kernel = Launcher(triton_assign.pairs_kernel, _INTERPRETING)
 lift_segments_kernel = Launcher(triton_assign.lift_segments_kernel, _INTERPRETING)
 forced_kernel = Launcher(triton_assign.forced_kernel, _INTERPRETING)
+floor_kernel = Launcher(triton_assign.floor_kernel, _INTERPRETING)
 gather_kernel = Launcher(triton_assign.gather_kernel, _INTERPRETING)
 finalize_kernel = Launcher(triton_assign.finalize_kernel, _INTERPRETING)
 scan_kernel = Launcher(triton_assign.scan_kernel, _INTERPRETING)
@@ -601,6 +607,7 @@ class _Launch:
             canvas = canvas_limits(self.problem.canvas, self.device, stream_key(self.device))
         else:
             canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
+        need, prune = self._pruning()
         if self.low_quality == LOW_QUALITY_CODES["none"]:
             box_key = self._placeholder(torch.int64)
         elif zeroed is not None:
@@ -618,8 +625,8 @@ class _Launch:
         common = (
             self.gt_boxes, self.problem.gt_offsets, self.anchors, self.level_int, self.level_float, self.cells,
             self.ignore, self.problem.ignore_offsets, self.border, self.pad, work, box_key, near, bounds, canvas,
-            invalid, self.num_anchors, self.num_levels, self.num_shapes, self.shape_major,
-            float(self.match.ignore_iof_thr), *self.rules, self.low_quality, int(check),
+            invalid, need, self.num_anchors, self.num_levels, self.num_shapes, self.shape_major,
+            float(self.match.ignore_iof_thr), *self.rules, self.low_quality, int(check), int(prune),
         )  # fmt: skip
         meta = dict(GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
                     BLOCK_G=self.meta.block_g, BOXES=self.meta.gather_boxes, NEAR=self.meta.gather_near,
@@ -637,6 +644,26 @@ class _Launch:
                 float(self.match.min_pos_iou), BLOCK=block, **_launch_kwargs(),
             )  # fmt: skip
         self.lift = box_key, near, bounds
+
+    def _pruning(self) -> tuple[torch.Tensor, bool]:
+        """What each box needs of the gather's matching (``floor_kernel``), and whether it
+        prunes: a generated grid whose anchors no rule excludes (the floor's anchors would
+        have to be included), targets that hold no IoU below the thresholds (max IoU) and
+        no box of a negative anchor (detectron2's matched boxes), and its records kept
+        (matching inline, the finalize matches alone)."""
+        codes = LOW_QUALITY_CODES
+        prune = (self.meta.threshold_prune and self.generate and not self.inline and self.num_rows > 0
+                 and self.match.low > 0 and not self.problem.want_max_iou and self.low_quality != codes["detectron2"]
+                 and not self.use_ignore and self.border_rule != BORDER_PRE and self.pad_rule == 0)  # fmt: skip
+        if not prune:
+            return self._placeholder(torch.float32), False
+        need = torch.empty(self.num_rows, dtype=torch.float32, device=self.device)
+        floor_kernel[(self.batch,)](
+            self.gt_boxes, self.problem.gt_offsets, self.level_int, self.level_float, self.cells, need,
+            self.num_levels, float(self.match.low), int(self.low_quality == codes["torchvision"]),
+            BOXES=self.meta.gather_boxes, **_launch_kwargs(),
+        )  # fmt: skip
+        return need, True
 
     def finalize(self, output: int, work: torch.Tensor, **outputs: torch.Tensor) -> None:
         """Stage 4 for one OUTPUT_* mode; outputs the mode does not write are placeholders."""

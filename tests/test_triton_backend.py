@@ -1224,6 +1224,74 @@ def test_block_bounds_are_two_parts_boxes_and_the_area_range(name, block_a):
     assert cut_at_row_end > 0 or resolved.shape_major
 
 
+@pytest.mark.parametrize("mode", ["torchvision", "mmdet", "ssd_forced", "none"])
+def test_the_floor_is_under_each_boxs_best_iou_and_the_threshold(mode, generator):
+    """floor_kernel: what the gather's matching needs of each box, at most min(low, its
+    best IoU) (a pair below it changes no target); for torchvision's lift, the image's
+    lowest. On these images most boxes need low or their best exactly."""
+    canvas = CANVASES[2]
+    boxes, counts = random_batch(generator, [9, 0, 25], canvas)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
+    need, prune = triton_backend._Launch(problem)._pruning()
+    assert prune
+    need = need.cpu()
+    best = box_iou(boxes, generate_anchors(config.anchors, canvas)).amax(1).clamp(max=config.match.low)
+    assert (need <= best).all() and (need > 0).all()
+    images = [need[:9], need[9:]]
+    if mode == "torchvision":
+        assert all(torch.equal(image, image.min().expand_as(image)) for image in images)
+        assert [float(image[0]) for image in images] == [float(image.min()) for image in (best[:9], best[9:])]
+    else:
+        assert int((need == best).sum()) >= 0.9 * need.numel()
+
+
+@pytest.mark.parametrize(
+    ("changes", "extra"),
+    [({"match.low_quality": "detectron2"}, {}),  # a negative anchor's matched box is a target
+     ({}, {"want_max_iou": True}),
+     ({"match.ignore_iof_thr": 0.5}, {"ignore": True}),
+     ({"match.allowed_border": 0.0, "match.border_order": "pre_match"}, {}),
+     ({}, {"pad_sizes": torch.tensor([[100, 200]])}),
+     ({}, {"explicit": True}),
+     ({"match.low": 0.0}, {})],
+)  # fmt: skip
+def test_the_gather_prunes_only_where_no_target_depends_on_the_pairs_it_skips(changes, extra):
+    """Where an IoU below the thresholds is a target, an excluded anchor could hold a box's
+    floor, or nothing lies below the thresholds, the gather visits every near box."""
+    canvas = CANVASES[2]
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 90.0], [100.0, 40.0, 150.0, 80.0]])
+    config = _dense_config("retinanet_torchvision").replace(**changes)
+    kwargs = {"want_max_iou": extra.get("want_max_iou", False)}
+    if extra.get("ignore"):
+        kwargs.update(ignore_boxes=torch.tensor([[0.0, 0.0, 30.0, 30.0]]).to(DEVICE), ignore_counts=[1])
+    if "pad_sizes" in extra:
+        kwargs["pad_sizes"] = extra["pad_sizes"]
+    if extra.get("explicit"):
+        kwargs["anchors"] = generate_anchors(config.anchors, canvas).to(DEVICE)
+    problem, _ = build_problem(boxes.to(DEVICE), [2], canvas, config, **kwargs)
+    assert triton_backend._Launch(problem)._pruning()[1] is False
+    assert triton_backend._Launch(
+        build_problem(boxes.to(DEVICE), [2], canvas, _dense_config("retinanet_torchvision"))[0]
+    )._pruning()[1]
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "mmdet"])
+def test_a_lifted_anchor_keeps_its_own_best_box_below_that_boxs_floor(mode, monkeypatch):
+    """torchvision's lift keeps a lifted anchor's own best box. Here anchor 3840 is lifted
+    and its best box, 23, overlaps it at IoU 0.16, where box 23 needs 0.4 and the block's
+    bound for it is 0.394: pruning by each box's own need would skip that pair and
+    match the anchor to another box; the image's lowest need keeps it (a seed found by
+    search, GPU-sized blocks). mmdet's lift matches the lifting box: each box's own need."""
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas = CANVASES[2]
+    boxes, counts = random_batch(torch.Generator().manual_seed(10), [40], canvas)
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": mode})
+    targets = check(boxes, counts, canvas, config, sparse=True)
+    if mode == "torchvision":
+        assert int(targets.labels[0, 3840]) == 1 and int(targets.matched_gt[0, 3840]) == 23
+
+
 def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
     """Boxes inside anchors (image 0) or around them (image 1) reach their maximum IoU at
     the area ratio, the lift's bound; the anchors' areas are all one value but for float
@@ -1300,6 +1368,9 @@ def test_the_gather_checks_unchecked_boxes_and_writes_unzeroed_work(preset, mode
             triton_backend.solve_sparse(unchecked)
             pytest.fail(f"{kind} at row {row} not reported")
     gather = triton_backend._Launch(problem)
+    # Every near pair visited: the records equal the walk's (pruned, an anchor below the
+    # thresholds keeps a lower IoU, which changes none of its targets).
+    monkeypatch.setattr(gather, "meta", dataclasses.replace(gather.meta, threshold_prune=False))
     work = gather.work().fill_(float("nan"))  # whatever the memory held before
     walk = triton_backend._Launch(problem)
     monkeypatch.setattr(walk, "meta", dataclasses.replace(walk.meta, matching="walk"))
