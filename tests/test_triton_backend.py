@@ -1292,6 +1292,33 @@ def test_a_lifted_anchor_keeps_its_own_best_box_below_that_boxs_floor(mode, monk
         assert int(targets.labels[0, 3840]) == 1 and int(targets.matched_gt[0, 3840]) == 23
 
 
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("retinanet_torchvision", None), ("retinanet_mmdet", None), ("ssd300_torchvision", None), ("yolov5", None),
+     ("retinanet_torchvision", "none")],
+)  # fmt: skip
+def test_the_pruned_gather_on_crowded_tied_and_tiny_boxes(name, mode, monkeypatch, generator):
+    """The threshold pruning at the GPU's block sizes, with each lift it prunes under
+    (torchvision's, mmdet's, the forced one, none; detectron2's it leaves alone), cell-
+    and shape-major anchors, div centres (SSD): a crowded image
+    with exact duplicates, boxes too small for any anchor to reach low (their best IoU
+    sets what they and, for torchvision's lift, their image's boxes need), an empty image;
+    dense and sparse targets equal the reference's."""
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas = (300, 300) if name == "ssd300_torchvision" else (97, 131)
+    boxes, counts = random_batch(generator, [1, 40, 0, 12], canvas)
+    boxes[41:] = with_ties(boxes[41:], generator)
+    boxes[30:36] = random_boxes(generator, 6, canvas, min_size=1.0, max_frac=0.02)  # best IoU far below low
+    boxes[5:10] = boxes[20:25]  # duplicates in one image
+    config = _dense_config(name)
+    if mode is not None:
+        config = config.replace(**{"match.low_quality": mode})
+    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
+    assert triton_backend._Launch(problem)._pruning()[1]
+    check(boxes, counts, canvas, config, gt_classes=classes, sparse=True)
+
+
 def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
     """Boxes inside anchors (image 0) or around them (image 1) reach their maximum IoU at
     the area ratio, the lift's bound; the anchors' areas are all one value but for float
