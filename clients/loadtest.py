@@ -266,6 +266,10 @@ class _Recorder:
         self.interval_errors: Counter[str] = Counter()
         self.details: dict[str, str] = {}  # code -> the first message that came with it
         self.warmup_requests = 0
+        # The warm-up's failures, not measured but reported (a server still starting up, a
+        # wrong token): by code, and each code's first message.
+        self.warmup_errors: Counter[str] = Counter()
+        self.warmup_details: dict[str, str] = {}
         # When the first and the last measured request were answered: req/s counts the time
         # between them, at least the window (the answers to a window's requests come one
         # latency later: counting from the window's start, the last latency read as lost
@@ -334,6 +338,7 @@ class _Recorder:
     def error(self, scheduled: float, code: str) -> None:
         bucket = self._bucket(scheduled)
         if bucket is None:
+            self.warmup_errors[code] += 1
             return
         self.errors[code] += 1
         self.interval_errors[code] += 1
@@ -343,7 +348,10 @@ class _Recorder:
         """Keep the first message an error code came with: "INVALID_ARGUMENT 5,000" alone
         does not say what the server refused."""
         if details:
-            self.details.setdefault(code, details[:_DETAILS_CHARS])
+            # A message that comes before the window opens is the warm-up's: it must not
+            # stand for the measured errors of its code.
+            kept = self.warmup_details if time.perf_counter() < self.measure_from else self.details
+            kept.setdefault(code, details[:_DETAILS_CHARS])
 
     def progress(self) -> dict:
         update = {"histogram": self.interval.encode(), "errors": dict(self.interval_errors)}
@@ -357,6 +365,8 @@ class _Recorder:
             "errors": dict(self.errors),
             "error_details": self.details,
             "warmup_requests": self.warmup_requests,
+            "warmup_errors": dict(self.warmup_errors),
+            "warmup_error_details": self.warmup_details,
             "seconds": {s: (ok, bad, h.encode()) for s, (ok, bad, h) in self.seconds.items()},
             "kept": self.kept,
             "answered_s": self.last_answer - self.measure_from,
@@ -734,6 +744,9 @@ class Report:
     verify_interrupted: bool = False  # the verification was stopped
     worker_failures: list[str] = field(default_factory=list)  # client processes that failed, and why
     error_details: dict[str, str] = field(default_factory=dict)  # code -> the first message it came with
+    # The warm-up's failures (not measured, not in ``errors``) and their first messages.
+    warmup_errors: dict[str, int] = field(default_factory=dict)
+    warmup_error_details: dict[str, str] = field(default_factory=dict)
     start_skew_s: float = 0.0  # between the first and the last client process's start
 
     @property
@@ -780,6 +793,8 @@ class Report:
             "errors": self.errors,
             "error_details": {code: self.error_details[code] for code in self.errors if code in self.error_details},
             "warmup_requests": self.warmup_requests,
+            "warmup_errors": self.warmup_errors,
+            "warmup_error_details": self.warmup_error_details,
             "requests_per_s": self.requests_per_s,
             "images_per_s": self.requests_per_s * images,
             "latency_ms": self.percentiles_ms(),
@@ -841,6 +856,11 @@ class Report:
         if self.errors:
             lines += ["", "errors by code: " + ", ".join(f"{c} {n:,}" for c, n in sorted(self.errors.items()))]
             lines += [f"  {code}: {details}" for code, details in sorted(s["error_details"].items())]
+        if self.warmup_errors:
+            failed = sum(self.warmup_errors.values())
+            lines += ["", f"warm-up (not measured): {failed:,} of {self.warmup_requests:,} requests failed: "
+                          + ", ".join(f"{c} {n:,}" for c, n in sorted(self.warmup_errors.items()))]  # fmt: skip
+            lines += [f"  {code}: {details}" for code, details in sorted(self.warmup_error_details.items())]
         elif not self.requests and not self.interrupted and not self.worker_failures and self.options.rate \
                 and not self.sends:  # fmt: skip
             lines += ["", "no request was measured: none was due in the measured window (raise --rate or --duration)"]
@@ -916,6 +936,8 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
     latency = _histogram()
     errors: Counter[str] = Counter()
     details: dict[str, str] = {}
+    warmup_errors: Counter[str] = Counter()
+    warmup_details: dict[str, str] = {}
     seconds: dict[int, list] = {}
     answered_in: Counter[int] = Counter()
     for result in results:
@@ -924,6 +946,9 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
         answered_in.update(result["answered_in"])
         for code, message in result["error_details"].items():
             details.setdefault(code, message)
+        warmup_errors.update(result["warmup_errors"])
+        for code, message in result["warmup_error_details"].items():
+            warmup_details.setdefault(code, message)
         for second, (ok, bad, encoded) in result["seconds"].items():
             bucket = seconds.setdefault(second, [0, 0, _histogram()])
             bucket[0] += ok
@@ -946,7 +971,8 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
                   first_answered_s=min(r["first_answered_s"] for r in results), error_details=details,
                   sends=sum(r["sends"][0] for r in results), late_sends=sum(r["sends"][1] for r in results),
                   latest_send_s=max(r["sends"][2] for r in results), held_sends=sum(r["sends"][3] for r in results),
-                  start_skew_s=max(started) - min(started))  # fmt: skip
+                  start_skew_s=max(started) - min(started), warmup_errors=dict(warmup_errors),
+                  warmup_error_details=warmup_details)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- verification

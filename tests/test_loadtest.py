@@ -151,6 +151,31 @@ def test_errors_are_counted_by_code_and_fail_the_run():
     assert code == 1
 
 
+def test_the_warm_ups_errors_are_reported_apart_not_measured():
+    """A server that fails its first calls (still starting up) then answers: the warm-up's
+    failures are reported apart, with their message, and fail nothing; they were counted
+    nowhere (review 49), and a warm-up message could stand for a measured error's code."""
+    first_call = []
+
+    def answer(request: bytes, context) -> bytes:
+        first_call.append(first_call[0] if first_call else time.monotonic())
+        if time.monotonic() - first_call[0] < 0.3:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "still warming up")
+        return b""
+
+    with fake_assigner(answer, lambda requests, context: (answer(b"", context) for _ in requests)) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=0.5, warmup_s=0.8, concurrency=2,
+                                     verify=0))  # fmt: skip
+    assert report.ok and report.requests > 0 and report.errors == {}, report.table()
+    failed = report.warmup_errors.get("UNAVAILABLE", 0)
+    assert 0 < failed <= report.warmup_requests and set(report.warmup_errors) == {"UNAVAILABLE"}, report.table()
+    assert f"warm-up (not measured): {failed:,} of {report.warmup_requests:,} requests failed: UNAVAILABLE" in (
+        report.table()
+    )
+    assert "  UNAVAILABLE: still warming up" in report.table() and report.summary()["error_details"] == {}
+    assert report.summary()["warmup_errors"] == {"UNAVAILABLE": failed}
+
+
 def _response(workload: Workload, index: int) -> pb.AssignResponse:
     request = workload.request(index)
     job = codec.decode_assign(request, codec.Limits())
