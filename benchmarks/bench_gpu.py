@@ -608,11 +608,17 @@ def evaluated_pairs(problem, boxes: torch.Tensor, counts: list[int]) -> tuple[st
     block_a = triton_backend._COMPILED.block_a
     bounds = triton_backend._block_bounds(problem.grid, block_a, torch.device("cpu"), None)
     anchors = problem.grid.materialize()
-    near = 0
-    for image in boxes.cpu().split(counts):  # the pruned near boxes (this bench's preset prunes)
-        need = box_needs(image, problem.grid, anchors, problem.config)
-        near += int((_crossing(image, bounds) & (_iou_bounds(image, bounds) * 1.0001 >= need[None, :])).sum())
+    near = sum(int(_kept_near(image, bounds, problem.grid, anchors, problem.config).sum())
+               for image in boxes.cpu().split(counts))  # fmt: skip
     return matching, block_a * near
+
+
+def _kept_near(image: torch.Tensor, bounds: torch.Tensor, grid, anchors: torch.Tensor, config=None) -> torch.Tensor:
+    """[blocks, G]: the near boxes the gather visits, its test of the block's two parts
+    (``_crossing``) after the threshold pruning (the bound at least what the box needs,
+    ``box_needs``; ``config``: this bench's preset's)."""
+    need = box_needs(image, grid, anchors, presets.get(PRESET) if config is None else config)
+    return _crossing(image, bounds) & (_iou_bounds(image, bounds) * 1.0001 >= need[None, :])
 
 
 def _iou_bounds(image: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -725,7 +731,7 @@ def gather_as_built(boxes: torch.Tensor, counts: list[int], anchors: torch.Tenso
         start += count
         crosses = _crossing(image, bounds)
         bound = _iou_bounds(image, bounds)
-        kept = crosses & (bound * 1.0001 >= box_needs(image, grid, anchors, config)[None, :])
+        kept = _kept_near(image, bounds, grid, anchors, config)
         crossing += int(crosses.sum())
         box_floor += int((crosses & (bound * 1.0001 >= box_needs(image, grid, anchors, config, False))).sum())
         near += int(kept.sum())
@@ -777,14 +783,15 @@ SCHEDULE_POINTS = [(32, None), (32, 200), (8, 1000), (1, 1000)]  # (B, G; None: 
 
 
 def block_near(boxes: torch.Tensor, counts: list[int], grid) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per image, each gather program's near boxes (its test of the block's two parts,
-    ``_crossing``) and its visits: the near boxes of each test step of ``gather_boxes``
-    visited ``gather_near`` at a time, the last visit of a step part-filled."""
+    """Per image, each gather program's near boxes (``_kept_near``) and its visits: the
+    near boxes of each test step of ``gather_boxes`` visited ``gather_near`` at a time,
+    the last visit of a step part-filled."""
     meta = triton_backend._COMPILED
     bounds = _block_bounds(grid, meta.block_a)
+    anchors = grid.materialize()
     near, visits, start = [], [], 0
     for count in counts:
-        crossing = _crossing(boxes[start : start + count], bounds)
+        crossing = _kept_near(boxes[start : start + count], bounds, grid, anchors)
         start += count
         steps = torch.nn.functional.pad(crossing, (0, -count % meta.gather_boxes)).view(crossing.shape[0], -1,
                                                                                         meta.gather_boxes)  # fmt: skip
