@@ -25,9 +25,9 @@
 #    dense and sparse calls launched against replayed as CUDA graphs (``graph_batches``,
 #    off until this times it), the pair walk against the gather and its variants (run10's
 #    verdict made the gather the default, run12's set its launch; the finalize matching
-#    inline, the grid's order, every record, one near box at a time and lone visits are
-#    the variants to read next: heavy first and skipping empty blocks' records became
-#    defaults untimed), and the
+#    inline, the grid's order, every record, every near box, one near box at a time and
+#    lone visits are the variants to read next: heavy first, skipping empty blocks'
+#    records and the threshold pruning became defaults untimed), and the
 #    matchings over B x G (targets checked equal in every cell; where a per-batch
 #    choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
