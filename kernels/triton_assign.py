@@ -72,8 +72,9 @@ which the dense path keeps in its own deltas output (zeroed first for the walk; 
 anchor's delta is written by the program that reads its key, after a barrier), so it
 allocates nothing beyond its outputs; the sparse path allocates them. The gather's near
 lists: a byte per anchor and image, and one per block for its flags. Per box: its key,
-image and index (16 bytes) and per (box, level, shape) a rectangle, a pair count, a
-prefix entry and a best IoU (36 bytes).
+image and index (16 bytes), what the pruned gather needs of it (4 bytes, ``floor_kernel``)
+and, for the walk, per (box, level, shape) a rectangle, a pair count, a prefix entry and
+a best IoU (36 bytes).
 
 Compile once: the matching rules and optional outputs are runtime scalars, not
 ``tl.constexpr``, since every constexpr combination is a separate compilation and a
