@@ -73,7 +73,8 @@ anchor's delta is written by the program that reads its key, after a barrier), s
 allocates nothing beyond its outputs; the sparse path allocates them. The gather's near
 lists: a byte per anchor and image, and one per block for its flags. Per box: its key,
 image and index (16 bytes), what the pruned gather needs of it (4 bytes, ``floor_kernel``)
-and, for the walk, per (box, level, shape) a rectangle, a pair count, a prefix entry and
+and, where segments_kernel runs (the walk, ssd_forced), per (box, level, shape) a
+rectangle, a pair count, a prefix entry and
 a best IoU (36 bytes).
 
 Compile once: the matching rules and optional outputs are runtime scalars, not
