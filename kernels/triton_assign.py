@@ -74,8 +74,7 @@ allocates nothing beyond its outputs; the sparse path allocates them. The gather
 lists: a byte per anchor and image, and one per block for its flags. Per box: its key,
 image and index (16 bytes), what the pruned gather needs of it (4 bytes, ``floor_kernel``)
 and, where segments_kernel runs (the walk, ssd_forced), per (box, level, shape) a
-rectangle, a pair count, a prefix entry and
-a best IoU (36 bytes).
+rectangle, a pair count, a prefix entry and a best IoU (36 bytes).
 
 Compile once: the matching rules and optional outputs are runtime scalars, not
 ``tl.constexpr``, since every constexpr combination is a separate compilation and a
