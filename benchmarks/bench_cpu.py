@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from recording import cpu_model, pyplot, save_figure, write_csv, write_json, write_text
+from torchvision_peer import load as load_torchvision
 
 from tritarget.kernels import assign, assign_sparse, cpu, generate_anchors, presets
 from tritarget.kernels.problem import build_problem
@@ -91,20 +92,17 @@ def machine() -> dict[str, object]:
 
 
 def _torchvision_version() -> str | None:
-    try:
-        import torchvision
-    except ImportError:
-        return None
-    return torchvision.__version__
+    torchvision = load_torchvision()
+    return None if torchvision is None else torchvision.__version__
 
 
 def torchvision_targets() -> Callable[[list[torch.Tensor], torch.Tensor], None] | None:
     """torchvision RetinaNet's per-image target computation, or None without torchvision."""
-    try:
-        from torchvision.models.detection import _utils as det_utils
-        from torchvision.ops import box_iou
-    except ImportError:
+    if load_torchvision() is None:
         return None
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.ops import box_iou
+
     matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
     coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 

@@ -67,6 +67,7 @@ if "--smoke" in sys.argv or "--pairs" in sys.argv:  # must precede the first imp
 
 import torch  # noqa: E402
 from recording import cpu_model, pyplot, save_figure, write_csv, write_json, write_text  # noqa: E402
+from torchvision_peer import load as load_torchvision  # noqa: E402
 
 from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
@@ -258,12 +259,8 @@ def run(args: argparse.Namespace, env: dict, out: Path, results: dict) -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     canvas = (64, 96) if args.smoke else COCO_CANVAS
     config = presets.get(PRESET)
-    try:
-        import torchvision  # noqa: F401
-
-        have_torchvision = True
-    except ImportError:
-        have_torchvision = False
+    have_torchvision = load_torchvision() is not None
+    if not have_torchvision:
         print("torchvision is not installed: its column is skipped")
 
     bandwidth = copy_bandwidth(device)
@@ -450,12 +447,8 @@ def environment(smoke: bool) -> dict:
         info.update(device=props.name, multiprocessors=props.multi_processor_count, memory_bytes=props.total_memory)
     else:
         info["device"] = f"cpu ({info['host_cpu']})"
-    try:
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        info["torchvision"] = None
+    torchvision = load_torchvision()
+    info["torchvision"] = None if torchvision is None else torchvision.__version__
     return info
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from bench_cpu import _median_and_best_ms, machine
 from recording import pyplot, save_figure, write_csv, write_json, write_text
+from torchvision_peer import load as load_torchvision
 
 from tritarget.kernels import assign, assign_sparse, generate_anchors, presets
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
@@ -34,11 +35,11 @@ RUNS = {"torchvision": 5, "ours": 21}
 
 def torchvision_rpn_targets():
     """torchvision's RPN targets of one image, or None without torchvision."""
-    try:
-        from torchvision.models.detection import _utils as det_utils
-        from torchvision.ops import box_iou
-    except ImportError:
+    if load_torchvision() is None:
         return None
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.ops import box_iou
+
     matcher = det_utils.Matcher(0.7, 0.3, allow_low_quality_matches=True)
     sampler = det_utils.BalancedPositiveNegativeSampler(256, 0.5)
     coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))

@@ -1,6 +1,8 @@
+import importlib.util
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,16 @@ from hypothesis import settings
 # kernels in the interpreter for the whole session (an explicit setting wins).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torchvision (an optional peer), also where its compiled ops cannot load: the README's test
+# command installs PyPI's torchvision beside a CPU torch, and the parity tests run its
+# Python (benchmarks/torchvision_peer.py says why). Loaded here, before any test imports it.
+_spec = importlib.util.spec_from_file_location(
+    "torchvision_peer", Path(__file__).parents[1] / "benchmarks" / "torchvision_peer.py"
+)
+torchvision_peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(torchvision_peer)
+torchvision_peer.load()
 
 # pytest started in the background by a non-interactive shell (`pytest &`, nohup) ignores
 # SIGINT, and so would the servers and commands the tests start, whose Ctrl-C the tests
