@@ -335,7 +335,9 @@ def decode_response(response: pb.AssignResponse, request: pb.AssignRequest | Non
         matched = _field(dense.matched_gt, "matched_gt", _INT32, rows, _ROWS)
         _check_dense(labels.numpy(), matched.numpy(), boxes)
         deltas = _field(dense.deltas, "deltas", _DELTAS, [*rows, 4], "[batch_size, num_anchors, 4]").float()
-        classes = _field(dense.classes, "classes", _INT32, rows, _ROWS) if dense.HasField("classes") else None
+        classes = None
+        if dense.HasField("classes"):
+            classes = _classes(_field(dense.classes, "classes", _INT32, rows, _ROWS), "classes")
     else:
         lists = _SparseLists.of(response, batch, count, boxes)
         labels, matched, deltas, classes = _densify(lists, batch, count, response.background_class)
@@ -419,8 +421,8 @@ def _checked_header(response: pb.AssignResponse, request: pb.AssignRequest | Non
         raise _malformed(f"batch_size: {batch}, but the request sent {len(request.gt_counts)} images")
     if batch < 1:
         raise _malformed(f"batch_size: must be >= 1 (a request holds at least one image), got {batch}")
-    if count < 0:
-        raise _malformed(f"num_anchors: must be >= 0, got {count}")
+    if count < 1:  # a config has anchors on any canvas; 0 let a few bytes claim billions of images
+        raise _malformed(f"num_anchors: must be >= 1 (every config has anchors on its canvas), got {count}")
     layout = None if request is None else _layout(request)
     if layout is None and batch * count > MAX_ANCHOR_ROWS:  # else it is the request's, counted here
         raise _malformed(f"num_anchors: {count} x batch_size {batch} is over the service's {MAX_ANCHOR_ROWS:,} "
@@ -474,6 +476,16 @@ def _tensor(message: pb.Tensor, name: str, dtypes: tuple[torch.dtype, ...], **ex
         return decode_tensor(message, name, dtypes=dtypes, **expected)
     except TensorError as error:
         raise _malformed(str(error)) from None
+
+
+def _classes(classes: torch.Tensor, name: str) -> torch.Tensor:
+    """``classes``, refused where one is negative (a request's classes, and the background
+    class, are 0 to 2**31 - 1)."""
+    if classes.numel() and int(classes.min()) < 0:
+        where = tuple(int(i) for i in np.argwhere(classes.numpy() < 0)[0])
+        at = f"image {where[0]}, anchor {where[1]}" if len(where) == 2 else f"positive {where[0]}"
+        raise _malformed(f"{name}: {at}: class {int(classes[where])} (expected 0 to 2147483647)")
+    return classes
 
 
 def _check_dense(labels: np.ndarray, matched: np.ndarray, boxes: np.ndarray | None) -> None:
@@ -552,7 +564,8 @@ class _SparseLists:
         _check_matched(matched.numpy(), positive_offsets.tolist(), boxes)
         classes = None
         if sparse.HasField("positive_classes"):
-            classes = _field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each)
+            classes = _classes(_field(sparse.positive_classes, "positive_classes", _INT32, positives, one_each),
+                               "positive_classes")  # fmt: skip
         return cls(
             positive_offsets=positive_offsets,
             positive_anchors=positive_anchors,
