@@ -178,6 +178,14 @@ class _Failure(grpc.RpcError):
         return self._details
 
 
+def _parsed(response):
+    """A response grpc.aio received; it logs one whose bytes do not parse and hands over
+    None (the blocking client's call fails): that failure, as the blocking client's."""
+    if response is None:
+        raise _Failure(grpc.StatusCode.INTERNAL, "Exception deserializing response!")
+    return response
+
+
 def bearer_token(token: str, source: str) -> str:
     """``token`` as client and server both read it: without surrounding whitespace (a
     secret made from a file ends with a newline; kept, it made a token no client can send:
@@ -1384,7 +1392,7 @@ class AsyncTargetClient(_Base):
             cancellations = _cancellations()
             try:
                 rpc = getattr(stub, method)
-                response = await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata)
+                response = _parsed(await rpc(request, timeout=self._try_limit(deadline), metadata=self._metadata))
                 self._answered(request, response, started)
                 return response
             except grpc.RpcError as error:
@@ -1487,6 +1495,7 @@ class AsyncTargetClient(_Base):
                                           asyncio.get_running_loop().call_later)  # fmt: skip
                 try:
                     async for response in call:
+                        response = _parsed(response)
                         attempt = 0
                         if watchdog is not None:
                             watchdog.answered()
