@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -60,6 +61,20 @@ _HANDLERS = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """A stream item's answer, recorded (access log, metrics) once its fate is known: an
+    answer computed is not an answer sent (a caller that reads slowly, then goes away)."""
+
+    request: pb.AssignRequest
+    started: float
+    computed: float  # its time counts to here, as a unary call's to its handler's return
+    response: pb.AssignResponse | bytes
+    held: int  # bytes held for it (``_hold``) until it is sent or let go
+    size: int  # its bytes on the wire
+    code: str | None  # "OK" or its error's; None: recorded already (computed past the deadline)
 
 
 def _serialized(response: bytes | Message) -> bytes:
@@ -269,23 +284,26 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         remaining = context.time_remaining()
         return remaining is not None and remaining <= 0
 
-    def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float) -> None:
-        """A request cancelled under its handler: its caller went away, or its deadline passed."""
+    def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float,
+              ended: float | None = None) -> None:  # fmt: skip
+        """A request cancelled under its handler, or answered for a stream that ended before
+        its answer was sent: its caller went away, or its deadline passed."""
         code = cut_off_code(context.time_remaining())
         self._metrics.errors.labels(method, code).inc()
-        self._finished(method, request, code, started)
+        self._finished(method, request, code, started, ended)
 
-    def _finished(self, method: str, request, code: str, started: float) -> None:
-        """A request answered (or failed): its time, and its access-log line (one per call,
-        per item of a stream)."""
-        self._metrics.method(method).request_seconds.observe(time.perf_counter() - started)
+    def _finished(self, method: str, request, code: str, started: float, ended: float | None = None) -> None:
+        """A request answered (or failed) at ``ended`` (now where None): its time, and its
+        access-log line (one per call, per item of a stream)."""
+        ended = time.perf_counter() if ended is None else ended
+        self._metrics.method(method).request_seconds.observe(ended - started)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
             request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
             # Summed only within the image limit: a refused request may hold millions of counts.
             boxes = sum(counts) if len(counts) <= self._limits.max_images else "?"
             access_log.info("%s id=%r images=%d boxes=%s %s %.2f ms", method, request_id,
-                            len(counts), boxes, code, (time.perf_counter() - started) * 1000)  # fmt: skip
+                            len(counts), boxes, code, (ended - started) * 1000)  # fmt: skip
 
     def drain(self) -> None:
         """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),
@@ -360,14 +378,11 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._finished("Assign", request, "OK", started)
         return response
 
-    async def _answer(
-        self, request: pb.AssignRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[pb.AssignResponse | bytes, int]:
-        """A stream item's response, and the bytes held for it: its targets, or its error
-        (the stream goes on; an error holds none)."""
+    async def _answer(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> _Answer:
+        """A stream item's answer: its targets, or its error (the stream goes on; an error
+        holds no bytes). Recorded once sent (``_delivered``) or left unsent (``_not_delivered``)."""
         started = time.perf_counter()
         self._received("AssignStream", request)
-        code, size = "OK", 0
         try:
             response, size = await self._assign("AssignStream", request)
         except asyncio.CancelledError:  # the stream ended before its answer
@@ -384,14 +399,25 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 # in request order, so the client pairs this one by position without the id;
                 # the error alone is small (a status message is clipped).
                 response.ClearField("request_id")
-            self._sent("AssignStream", response.ByteSize())
-        else:
-            if self._past_deadline(context):  # computed on the event loop past the stream's deadline, as Assign's
-                self._gone("AssignStream", context, request, started)
-                return response, size  # gRPC drops it; its bytes are let go after the yield
-            self._sent("AssignStream", size)
-        self._finished("AssignStream", request, code, started)
-        return response, size
+            return _Answer(request, started, time.perf_counter(), response, 0, response.ByteSize(), code)
+        if self._past_deadline(context):  # computed on the event loop past the stream's deadline, as Assign's
+            self._gone("AssignStream", context, request, started)
+            return _Answer(request, started, time.perf_counter(), response, size, size, None)  # gRPC drops it
+        return _Answer(request, started, time.perf_counter(), response, size, size, "OK")
+
+    def _delivered(self, answer: _Answer) -> None:
+        """A stream item's answer taken by gRPC's transport."""
+        if answer.code is not None:
+            self._sent("AssignStream", answer.size)
+            self._finished("AssignStream", answer.request, answer.code, answer.started, answer.computed)
+
+    def _not_delivered(self, answer: _Answer, context: grpc.aio.ServicerContext) -> None:
+        """A stream item's answer that its stream ended before sending: its caller went away
+        or its deadline passed (counted so, not as sent); an error keeps its own code."""
+        if answer.code == "OK":
+            self._gone("AssignStream", context, answer.request, answer.started, answer.computed)
+        elif answer.code is not None:
+            self._finished("AssignStream", answer.request, answer.code, answer.started, answer.computed)
 
     async def AssignStream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
@@ -441,14 +467,18 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 if isinstance(answer, Exception):
                     raise answer
                 try:
-                    response, size = await answer
+                    answered = await answer
                 except asyncio.CancelledError:  # the stream ended, maybe just as its answer came
-                    answer.add_done_callback(self._let_go_unsent)
+                    answer.add_done_callback(functools.partial(self._dropped_answer, context))
                     raise
                 try:
-                    yield response  # back here once gRPC's transport has taken it
+                    yield answered.response  # back here once gRPC's transport has taken it
+                except BaseException:  # the stream ended first (cancelled, or closed: GeneratorExit)
+                    self._not_delivered(answered, context)
+                    raise
                 finally:
-                    self._let_go(size)
+                    self._let_go(answered.held)
+                self._delivered(answered)
                 slots.release()
         finally:
             self._readers.discard(reader)
@@ -457,12 +487,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 answer = answers.get_nowait()
                 if isinstance(answer, asyncio.Future):
                     answer.cancel()
-                    answer.add_done_callback(self._let_go_unsent)
+                    answer.add_done_callback(functools.partial(self._dropped_answer, context))
 
-    def _let_go_unsent(self, answer: asyncio.Future) -> None:
+    def _dropped_answer(self, context: grpc.aio.ServicerContext, answer: asyncio.Future) -> None:
         """A stream's answer that will not be sent (the stream ended first)."""
         if not answer.cancelled() and answer.exception() is None:
-            self._let_go(answer.result()[1])
+            answered = answer.result()
+            self._let_go(answered.held)
+            self._not_delivered(answered, context)
 
     async def _anchors(self, config: TargetConfig, canvas: tuple[int, int]) -> tuple[bytes, int]:
         """The anchors' response, serialized (as ``_encode``'s), and its size."""

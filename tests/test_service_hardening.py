@@ -328,10 +328,12 @@ def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_excee
                 else:
                     list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2], "request_id": "late"}], **arguments))
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            _until(lambda: _errors(srv, method, "DEADLINE_EXCEEDED") == 1)
+            # The error is counted, then logged (by the server's thread): wait for both.
+            access = lambda: [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]  # noqa: E731
+            _until(lambda: _errors(srv, method, "DEADLINE_EXCEEDED") == 1 and access())
         assert srv.metrics.value("tritarget_inline_batches_total") == inline + 1
         assert srv.metrics.value("tritarget_response_bytes_total", {"method": method}) == 0
-        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+        lines = access()
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"{method} id='late' images=1 boxes=2 DEADLINE_EXCEEDED"), lines
 
@@ -450,6 +452,30 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
             _until(lambda: unsent() == 0 and waiting() == 0)
             assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
             client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+
+
+def test_stream_answers_never_sent_count_as_their_callers_gone_not_as_sent(caplog):
+    """A stream whose caller read none of its answers, then went away: its three computed
+    DENSE answers were logged OK and counted in the response bytes, none as CANCELLED."""
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+    with ServerThread(backend="cpu") as srv, caplog.at_level(logging.INFO, logger="tritarget.access"):
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        with TargetClient(srv.address, retries=0) as client:
+            size = len(client.assign_raw(dense).SerializeToString())
+        _until(lambda: unsent() == 0)
+        caplog.clear()
+        sent = srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"})
+        encoded = lambda: srv.metrics.value("tritarget_encode_seconds_count")  # noqa: E731
+        before = encoded()
+        stream = unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
+        _until(lambda: encoded() == before + 3)  # all three computed
+        assert unsent() == 3 * size  # none taken by the transport
+        stream.close()
+        _until(lambda: unsent() == 0 and _errors(srv, "AssignStream", "CANCELLED") == 3)
+        assert srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"}) == sent
+        assert srv.metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"}) == 3
+        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+        assert [line.split(" boxes=2 ")[1].split()[0] for line in lines] == ["CANCELLED"] * 3, lines
 
 
 def test_a_stream_that_ends_leaves_the_line_for_unsent_room_at_once():
