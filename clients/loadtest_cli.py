@@ -43,6 +43,8 @@ def _boxes(text: str) -> int | None:
 def add_parser(commands) -> None:
     from tritarget.kernels import presets
 
+    from .loadtest import MAX_CONCURRENCY, MAX_PROCESSES, MAX_WINDOW
+
     parser = commands.add_parser(
         "loadtest", help="drive a running service: throughput, latency percentiles, errors, verification",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,17 +57,18 @@ def add_parser(commands) -> None:
     parser.add_argument("--warmup", type=number(0, high=1e6), default=2.0, help="seconds before measuring (default 2)")
     parser.add_argument(
         "--concurrency",
-        type=integer(1),
+        type=integer(1, MAX_CONCURRENCY),
         default=8,
         help="callers, or streams with --stream; with --rate, the connections "
-        "the calls are spread over (default 8; one connection per caller or stream)",
+        f"the calls are spread over (default 8; one connection per caller or stream; at most {MAX_CONCURRENCY:,})",
     )
     parser.add_argument("--rate", type=_positive,
                         help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip
     parser.add_argument("--stream", action="store_true", help="AssignStream calls instead of unary Assign")
-    parser.add_argument("--window", type=integer(1),
+    parser.add_argument("--window", type=integer(1, MAX_WINDOW),
                         help="closed-loop --stream only: requests in flight per stream (default 1)")  # fmt: skip
-    parser.add_argument("--processes", type=integer(1), default=1, help="client processes (default 1)")
+    parser.add_argument("--processes", type=integer(1, MAX_PROCESSES), default=1,
+                        help=f"client processes (default 1, at most {MAX_PROCESSES})")  # fmt: skip
     parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
     parser.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"),
                         help="canvas size (default: the preset's: 800 1344; SSD300 300 300, d2l 256 256, "

@@ -779,7 +779,9 @@ def test_ctrl_c_while_verifying_keeps_the_report(monkeypatch):
      ["--warmup", "-1"], ["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"], ["--timeout", "-1"],
      ["--canvas", "0", "0"], ["--canvas", "-5", "5"], ["--target", ""], ["--concurrency", "0"],
      # A stream's deadline (timeout + duration + warmup) overflowed: every stream DEADLINE_EXCEEDED at once.
-     ["--duration", "1e10"], ["--warmup", "1e10"], ["--target", "grpc://127.0.0.1:1"]],
+     ["--duration", "1e10"], ["--warmup", "1e10"], ["--target", "grpc://127.0.0.1:1"],
+     # 3 million callers took a 1-second run 61 s and 3.2 GB before it measured anything.
+     ["--concurrency", "16385"], ["--processes", "257"], ["--window", "1025"]],
 )  # fmt: skip
 def test_bad_values_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -844,7 +846,8 @@ def test_a_plot_format_matplotlib_does_not_draw_is_refused_before_the_run(tmp_pa
      {"window": 2, "stream": True, "rate": 10}, {"targets": ("",)}, {"targets": ()},
      {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"},
      {"rate": 1e308}, {"rate": 6e6},  # a run that counted its unsent requests for ever (or minutes)
-     {"rate": 1e-309}],  # 1 / rate inf, every start time NaN: calls sent at once, then a crash (review 48)
+     {"rate": 1e-309},  # 1 / rate inf, every start time NaN: calls sent at once, then a crash (review 48)
+     {"concurrency": 16_385}, {"processes": 257, "concurrency": 300}, {"window": 1_025, "stream": True}],
 )  # fmt: skip
 def test_library_options_refuse_what_cannot_run(kwargs):
     with pytest.raises(ValueError):
@@ -1106,6 +1109,8 @@ def test_an_endpoint_that_never_answers_is_not_said_to_fall_behind():
                                      concurrency=2, rate=20.0, timeout_s=1.0))  # fmt: skip
     assert report.requests == 0 and report.errors.get("DEADLINE_EXCEEDED", 0) >= 18
     assert "fell behind" not in report.table() and "DEADLINE_EXCEEDED" in report.table()
+    # Every request ended, in an error: the table said none had ended.
+    assert "no request was measured" not in report.table()
 
 
 def test_a_run_in_which_nothing_was_measured_says_why():
