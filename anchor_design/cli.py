@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import sys
@@ -156,6 +158,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 class _UsageError(Exception):
     """A problem with the command's input, reported as one line and exit code 2."""
+
+
+class _Unwritten(Exception):
+    """An output that could not be written (a full disk): one line naming it, exit code 1,
+    after whatever the command has to show."""
+
+
+def _writing(path: str, write, *args):
+    """``write(*args)``, whose output is ``path``; an OSError as the ``_Unwritten`` naming it
+    (a failed write's error carries no file name)."""
+    try:
+        return write(*args)
+    except OSError as exc:
+        raise _Unwritten(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def _file_safe(name: str) -> str:
@@ -388,7 +404,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.json is not None:  # before the report: a reader of stdout that stops (`| head -3`) ends the command
         try:
             _write_json(args.json, [r.summary() for r in results])
-        except OSError as exc:  # the report is printed all the same, then the error
+        except _Unwritten as exc:  # the report is printed all the same, then the error
             unwritten = exc
     print(format_check_table(results))
     for result in results:
@@ -407,7 +423,7 @@ def _write_json(path: str, data) -> None:
             json.dump(data, f, indent=2, allow_nan=False)  # NaN and Infinity are not JSON
             f.write("\n")
 
-    write_atomically(path, write)
+    _writing(path, write_atomically, path, write)
 
 
 def _describe_shapes(config) -> str:
@@ -447,7 +463,11 @@ def _fit(args: argparse.Namespace) -> int:
         backend=args.backend, batch_images=args.batch_images,
         progress=_Progress("fit generations", enabled=not args.quiet),
     )  # fmt: skip
-    _write_json(args.out, result.config.to_dict())
+    unwritten = None
+    try:
+        _write_json(args.out, result.config.to_dict())
+    except _Unwritten as exc:  # minutes of fitting: the shapes and the table are shown all the same
+        unwritten = exc
     print(f"fit on {result.fit_images:,} images in {result.seconds:.1f} s ({result.generations} generations, "
           f"seed {args.seed}); objective {result.fitness_start:.4f} ({name}) -> k-means "
           f"{result.fitness_kmeans:.4f} -> fitted {result.fitness:.4f}")  # fmt: skip
@@ -465,6 +485,8 @@ def _fit(args: argparse.Namespace) -> int:
         results.append(check(dataset, candidate, name=label, backend=args.backend, batch_images=args.batch_images,
                              progress=progress))  # fmt: skip
     print(format_check_table(results))
+    if unwritten is not None:
+        raise unwritten
     print(f"wrote {args.out}")
     return 0
 
@@ -494,6 +516,8 @@ def _show(args: argparse.Namespace) -> int:
         for (name, config), canvas in zip(configs, canvases):
             _check_anchor_counts([(name, config)], [canvas])
     _check_backend(args.backend)
+    if importlib.util.find_spec("matplotlib") is None:  # before a scan of the dataset
+        raise _UsageError("the anchor pictures need matplotlib: pip install matplotlib")
     problem = output_folder_problem(args.out_dir)
     if problem is not None:
         raise _UsageError(f"--out-dir {args.out_dir}: {problem}")
@@ -524,16 +548,18 @@ def _show(args: argparse.Namespace) -> int:
                   progress=_Progress(f"check {name}", enabled=not args.quiet))
             for name, config in configs
         ]  # fmt: skip
-    written = []
+    drawings = []  # (path, the call that draws it there)
     for (name, config), canvas in zip(configs, canvases):
-        title = f"{name}: anchor shapes at one cell (pixels)"
-        written.append(plot_anchor_shapes(config, canvas, paths["anchors", name], title=title))
+        path, title = paths["anchors", name], f"{name}: anchor shapes at one cell (pixels)"
+        drawings.append((path, functools.partial(plot_anchor_shapes, config, canvas, path, title=title)))
         if image_id is not None:
-            written.append(plot_assignment(dataset, image_id, config, paths["assignment", name], backend=args.backend))
+            path = paths["assignment", name]
+            drawings.append((path, functools.partial(plot_assignment, dataset, image_id, config, path,
+                                                     backend=args.backend)))  # fmt: skip
     if results:
-        written.append(plot_check(results, paths["check"]))
-    for path in written:
-        print(f"wrote {path}")
+        drawings.append((paths["check"], functools.partial(plot_check, results, paths["check"])))
+    for path, draw in drawings:
+        print(f"wrote {_writing(path, draw)}")  # each as it is written: a full disk stops the rest
     return 0
 
 
@@ -562,6 +588,9 @@ def run(args: argparse.Namespace) -> int:
     except (_UsageError, ImportError, ValueError) as exc:  # ValueError: the library's word on bad input
         print(f"tritarget anchors {args.anchors_command}: {exc}", file=sys.stderr)
         return 2
+    except _Unwritten as exc:
+        print(f"tritarget anchors {args.anchors_command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

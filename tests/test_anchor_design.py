@@ -1036,9 +1036,54 @@ def test_cli_full_disk_is_one_line_and_leaves_the_old_json(tiny_path, tmp_path, 
     monkeypatch.setattr(json, "dump", disk_full)
     argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
             "--quiet", "--missing", "0", "--json", str(out)]  # fmt: skip
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == "tritarget anchors check: No space left on device"
+    assert main(argv) == 1  # not bad input (2): the output's failure, named (it was not)
+    assert capsys.readouterr().err.strip() == f"tritarget anchors check: could not write {out}: No space left on device"
     assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["check.json", "tiny.json"]
+
+
+def test_cli_fit_on_a_full_disk_still_shows_what_it_fitted(skewed_path, tmp_path, monkeypatch, capsys):
+    """The fitted config was written before anything was printed: a full disk lost the
+    fitted shapes and the before/after table (minutes of work on a real dataset)."""
+
+    def disk_full(data, f, **options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    out = tmp_path / "fitted.json"
+    argv = ["anchors", "fit", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--out", str(out),
+            "--generations", "2", "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 1
+    printed = capsys.readouterr()
+    assert "fitted anchor shapes:" in printed.out and "after: fitted" in printed.out and "wrote" not in printed.out
+    assert printed.err.strip() == f"tritarget anchors fit: could not write {out}: No space left on device"
+    assert not out.exists()
+
+
+def test_cli_show_names_the_picture_it_could_not_write(skewed_path, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from tritarget.anchor_design import plots
+
+    def disk_full(results, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_check", disk_full)
+    argv = ["anchors", "show", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--image-id", "2",
+            "--out-dir", str(tmp_path), "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 1
+    printed = capsys.readouterr()
+    written = [tmp_path / "anchors_yolov5.png", tmp_path / "assignment_yolov5_image2.png"]
+    assert printed.out.splitlines()[-2:] == [f"wrote {path}" for path in written]  # those on disk, said so
+    check_png = tmp_path / "check.png"
+    assert printed.err.strip() == f"tritarget anchors show: could not write {check_png}: No space left on device"
+
+
+def test_cli_show_without_matplotlib_is_refused_before_the_dataset_is_read(skewed_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what find_spec sees of a missing package
+    argv = ["anchors", "show", "--annotations", skewed_path, "--preset", "yolov5", "--out-dir", str(tmp_path)]
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip() == "tritarget anchors show: the anchor pictures need matplotlib: pip install matplotlib"
+    assert skewed_path not in printed.out  # the dataset was not loaded (its summary line names it)
 
 
 def test_write_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
