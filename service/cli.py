@@ -49,22 +49,32 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from tritarget.kernels import assign, presets, resolve_grid
-    from tritarget.kernels.api import resolve_backend
-    from tritarget.kernels.workload import coco_like_batch, default_canvas
+def _check_demo_batch(batch: int, config, canvas: tuple[int, int]) -> int:
+    """A demo batch's anchors per image; a batch over a request's bound in the service
+    (images x anchors) refused before it is built: 20000 x 20000 took minutes and 9 GB,
+    `request --batch 1000000` 3.5 minutes and 1.1 GB before the server refused it."""
+    from tritarget.kernels import resolve_grid
 
     from .codec import Limits
 
+    num_anchors = resolve_grid(config.anchors, canvas).num_anchors
+    limit = Limits().max_anchor_rows
+    if batch * num_anchors > limit:
+        raise ValueError(f"{batch} images x {num_anchors:,} anchors is over {limit:,} (a request's bound in the "
+                         "service); use a smaller --batch or --canvas")  # fmt: skip
+    return num_anchors
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from tritarget.kernels import assign, presets
+    from tritarget.kernels.api import resolve_backend
+    from tritarget.kernels.workload import coco_like_batch, default_canvas
+
     config = presets.get(args.preset)
     canvas = tuple(args.canvas) if args.canvas else default_canvas(config)
-    num_anchors = resolve_grid(config.anchors, canvas).num_anchors
-    limit = Limits().max_anchor_rows  # the service's bound on one request: 20000 x 20000 took minutes and 9 GB
-    if args.batch * num_anchors > limit:
-        raise ValueError(f"{args.batch} images x {num_anchors:,} anchors is over {limit:,} (a request's bound in the "
-                         "service); use a smaller --batch or --canvas")  # fmt: skip
+    num_anchors = _check_demo_batch(args.batch, config, canvas)
     boxes, counts, classes = coco_like_batch(args.batch, seed=args.seed, canvas=canvas)
     device = torch.device("cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu")
     backend = resolve_backend(args.backend, device)
@@ -437,6 +447,7 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
     from tritarget.kernels.workload import coco_like_batch, default_canvas
 
     canvas = default_canvas(presets.get(preset))
+    _check_demo_batch(batch, presets.get(preset), canvas)
     boxes, counts, classes = coco_like_batch(batch, seed=seed, canvas=canvas)
     request = build_request(boxes, counts, canvas, preset=preset, gt_classes=classes, format="sparse")
     with TargetClient(target, token=token, root_certificates=root_certificates, timeout=timeout) as client:
@@ -472,6 +483,8 @@ def _request(args: argparse.Namespace) -> int:
         send_demo_request(args.target, preset=args.preset, batch=args.batch, seed=args.seed, token=token,
                           root_certificates=root, timeout=args.timeout)  # fmt: skip
     except TargetServiceError as exc:
+        if exc.code.name == "DEADLINE_EXCEEDED":  # a hung server, or a listener that is none: say which
+            exc = f"no answer from {args.target} within --timeout {args.timeout:g} s ({exc})"
         print(f"tritarget request: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # an address, token or option the client refuses before sending
@@ -482,6 +495,9 @@ def _request(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     _passive_openmp()
+    from tritarget.kernels import presets
+    from tritarget.kernels.workload import default_canvas
+
     from .server import serve
 
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT.format(who=""))
@@ -490,6 +506,9 @@ def _up(args: argparse.Namespace) -> int:
     try:
         options = _server_options(args)
         _check_metrics_ports(options, 1)
+        if args.batch > options.limits.max_images:  # the demo request this server would refuse
+            raise ValueError(f"--batch {args.batch} is over --max-request-images {options.limits.max_images}")
+        _check_demo_batch(args.batch, presets.get(args.preset), default_canvas(presets.get(args.preset)))
     except (ValueError, OSError) as exc:
         print(f"tritarget up: {exc}", file=sys.stderr)
         return 2

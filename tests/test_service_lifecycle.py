@@ -382,7 +382,12 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path, c
                            "on --metrics-port + i, and one would be --port 50051"),
                           # up went on to fail binding, its hint naming --port
                           (["up", "--port", "50340", "--metrics-port", "50340"],
-                           "--metrics-port 50340 is --port 50340: give each its own port")):  # fmt: skip
+                           "--metrics-port 50340 is --port 50340: give each its own port"),
+                          # up started a server whose limit then refused its own demo request
+                          (["up", "--port", "0", "--batch", "300"], "--batch 300 is over --max-request-images 256"),
+                          # built a million images (3.5 minutes, 1.1 GB) for the server to refuse at once
+                          (["request", "--batch", "1000000", "--target", "127.0.0.1:1"],
+                           "1000000 images x 201,600 anchors is over 33,554,432")):  # fmt: skip
         try:
             status = main(args)
         except SystemExit as usage:  # argparse's refusal
@@ -908,6 +913,18 @@ def test_cli_request_names_a_bad_token_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == (
         "tritarget request: --token: the token has characters an HTTP header cannot carry (printable ASCII only)"
     )
+
+
+def test_cli_request_to_a_listener_that_never_answers_names_it(capsys):
+    """A hung server (or a port held by something else): the one line read
+    "DEADLINE_EXCEEDED: Deadline Exceeded", naming neither the address nor the wait."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        assert main(["request", "--target", target, "--timeout", "1"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"tritarget request: no answer from {target} within --timeout 1 s (DEADLINE_EXCEEDED")
 
 
 def test_cli_serve_goes_on_serving_when_its_stdout_closes():
