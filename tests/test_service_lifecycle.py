@@ -254,13 +254,14 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
 
 def test_cli_up_stops_with_an_error_when_its_demo_request_fails():
     """`up` is there to show targets coming back: a demo request the server refuses (more
-    images than its limit) is printed and ends it with exit code 1, not a silent server."""
+    boxes than its limit; more images is refused before the server starts) is printed and
+    ends it with exit code 1, not a silent server."""
     process = spawn_cli("up", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64", "--batch", "3",
-                        "--max-request-images", "2")  # fmt: skip
+                        "--max-request-boxes", "2")  # fmt: skip
     try:
         out, _ = process.communicate(timeout=180)  # stderr merged
         assert process.returncode == 1, out
-        assert "the demo request failed" in out and "gt_counts: 3 images is over the server's limit of 2" in out
+        assert "the demo request failed" in out and "boxes is over the server's limit of 2" in out
     finally:
         if process.poll() is None:
             process.kill()
