@@ -102,6 +102,8 @@ def _server_options(args: argparse.Namespace):
     tls_cert, tls_key = _tls_files(args.tls_cert, args.tls_key)
     if args.metrics_host is not None and args.metrics_port is None:
         raise ValueError("--metrics-host needs --metrics-port (metrics are off without it)")
+    if args.metrics_host is not None and not args.metrics_host.strip("[] "):  # was --host's, silently
+        raise ValueError("--metrics-host: empty; give an address, or leave it out to use --host's")
     # Checked here, by their flags' names, not in each worker after forking.
     if args.max_batch_images is not None and args.max_batch_images > args.max_queue_images:
         raise ValueError(f"--max-batch-images {args.max_batch_images} is over --max-queue-images "

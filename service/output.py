@@ -137,6 +137,8 @@ def _append(source: str, path: str) -> None:
 
 def output_folder_problem(path: str) -> str | None:
     """Why files cannot be written into the folder ``path`` (created if missing), or None."""
+    if not path:  # os.path.join('', name) is name: the working folder, unasked
+        return "is empty; give a folder (. for the working one)"
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a folder"
     return _existing_folder_problem(path)

@@ -171,6 +171,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if self.gpu_wait not in GPU_WAITS:
             raise ValueError(f"gpu_wait: expected one of {', '.join(GPU_WAITS)}, got {self.gpu_wait!r}")
+        if self.metrics_host is not None and not self.metrics_host.strip("[] "):  # was --host's, silently
+            raise ValueError("metrics_host: empty; give an address, or none to use host's")
         # Checked here, not by the warm-up: an unknown preset there left the server
         # NOT_SERVING for good, a bad canvas failed it only after binding.
         if self.warmup_preset not in presets.names():

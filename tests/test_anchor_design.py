@@ -913,6 +913,7 @@ def test_cli_refuses_the_triton_backend_without_a_gpu_before_drawing(tmp_path, m
         # The whole fit ran, then failed naming a temporary file; --json '' wrote nothing, silently.
         (["fit", "--out", ""], "--out : is empty; give a file name"),
         (["check", "--json", ""], "--json : is empty; give a file name"),
+        (["show", "--out-dir", ""], "--out-dir : is empty; give a folder (. for the working one)"),  # wrote into .
     ],
 )
 def test_cli_checks_output_paths_before_loading(argv, message, tmp_path, monkeypatch, capsys):

@@ -386,6 +386,9 @@ def test_cli_refuses_an_empty_token_file_and_values_that_cannot_work(tmp_path, c
                            "--metrics-port 50340 is --port 50340: give each its own port"),
                           # up started a server whose limit then refused its own demo request
                           (["up", "--port", "0", "--batch", "300"], "--batch 300 is over --max-request-images 256"),
+                          # metrics quietly bound to --host
+                          (["serve", "--port", "0", "--metrics-port", "0", "--metrics-host", ""],
+                           "--metrics-host: empty; give an address, or leave it out to use --host's"),
                           # built a million images (3.5 minutes, 1.1 GB) for the server to refuse at once
                           (["request", "--batch", "1000000", "--target", "127.0.0.1:1"],
                            "1000000 images x 201,600 anchors is over 33,554,432")):  # fmt: skip
@@ -800,10 +803,11 @@ def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
 @pytest.mark.parametrize("options, message", [
     ({"warmup_preset": "retinanet"}, "warmup_preset: unknown preset 'retinanet'"),
     ({"warmup_canvas": (0, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
+    ({"metrics_host": "", "metrics_port": 0}, "metrics_host: empty; give an address, or none to use host's"),
 ])  # fmt: skip
 def test_server_options_refuse_a_warm_up_that_cannot_run(options, message):
     """An unknown preset raised inside the warm-up task, which then never settled: the
-    server stayed NOT_SERVING for good."""
+    server stayed NOT_SERVING for good. (An empty metrics host was the host, silently.)"""
     with pytest.raises(ValueError, match=message):
         ServerOptions(**options)
 
