@@ -105,8 +105,7 @@ def host_us(fn, calls: int = 100) -> float:
 
 def set_direct_launches(direct: bool) -> None:
     """The backend's kernels launched through their compiled variants, or the JIT."""
-    for name in ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
-                 "finalize_kernel", "scan_kernel"):  # fmt: skip
+    for name in triton_backend.LAUNCHERS:
         getattr(triton_backend, name).direct = direct
 
 

@@ -198,6 +198,10 @@ floor_kernel = Launcher(triton_assign.floor_kernel, _INTERPRETING)
 gather_kernel = Launcher(triton_assign.gather_kernel, _INTERPRETING)
 finalize_kernel = Launcher(triton_assign.finalize_kernel, _INTERPRETING)
 scan_kernel = Launcher(triton_assign.scan_kernel, _INTERPRETING)
+# Every kernel above by its name here: what tools switch (gpu_sweep's direct launches)
+# or record (the tests' launches) by name.
+LAUNCHERS = ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "floor_kernel",
+             "gather_kernel", "finalize_kernel", "scan_kernel")  # fmt: skip
 
 
 def interpreting() -> bool:
@@ -709,7 +713,10 @@ class _Launch:
             OUTPUT=output, GENERATE=self.generate, BUILD_ANCHORS=self.build_anchors, BLOCK_A=self.meta.block_a,
             BLOCK_G=self.meta.block_g, LIFT=lift,
             BOXES=self.meta.gather_boxes, NEAR=self.meta.lift_near, INLINE=self.inline,
-            MATCH_NEAR=self.meta.gather_near, SKIP_EMPTY=self.skip_empty, LONE=self.lone and self.inline,
+            # Read only when matching inline: fixed otherwise, so the gather's width variants
+            # share the finalize's compiled variant (each compiled three more in the sweep).
+            MATCH_NEAR=self.meta.gather_near if self.inline else 1, SKIP_EMPTY=self.skip_empty,
+            LONE=self.lone and self.inline,
             HEAVY_FIRST=self.heavy_first, **_launch_kwargs(), **cap,
         )  # fmt: skip
 

@@ -90,11 +90,6 @@ def on_device(function, boxes, counts, canvas, config, *, backend: str, **kwargs
     return function(boxes.to(device), counts, canvas, config, backend=backend, **moved).to("cpu")
 
 
-# The triton backend's kernels, by the names it launches them under.
-TRITON_KERNELS = ("segments_kernel", "pairs_kernel", "lift_segments_kernel", "forced_kernel", "gather_kernel",
-                  "finalize_kernel", "scan_kernel")  # fmt: skip
-
-
 def record_launches(monkeypatch) -> list:
     """Record every launch of the triton backend's kernels from now on (the test's end
     restores them): [kernel name, arguments (tensors as {"tensor": [dtype, 16-byte
@@ -121,7 +116,7 @@ def record_launches(monkeypatch) -> list:
 
             return record
 
-    for name in TRITON_KERNELS:
+    for name in triton_backend.LAUNCHERS:
         monkeypatch.setattr(triton_backend, name, Recorder(name, getattr(triton_backend, name)))
     return launches
 

@@ -110,7 +110,9 @@ def test_the_bench_counts_the_pairs_of_the_compiled_matching():
 
     canvas, config = (160, 224), presets.get("retinanet_torchvision")
     boxes, counts, _ = coco_like_batch(2, seed=3, canvas=canvas, boxes_per_image=12)
-    problem, _ = build_problem(boxes, counts, canvas, config)
+    # On the GPU where there is one: compiled, the triton backend's counts take CUDA tensors.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem, _ = build_problem(boxes.to(device), counts, canvas, config)
     labels = assign(boxes, counts, canvas, config, backend="cpu").labels
     built = bench_gpu.gather_as_built(boxes, counts, generate_anchors(config.anchors, canvas), problem.grid, labels)
     assert triton_backend._COMPILED.matching == "gather"

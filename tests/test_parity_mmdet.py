@@ -38,7 +38,7 @@ import mmdet_modules
 import pytest
 import torch
 
-from support import random_batch, with_ties
+from support import on_device, random_batch, with_ties
 from tritarget.kernels import POSITIVE, assign, generate_anchors, presets
 from tritarget.kernels.adapters import mmdet_targets
 from tritarget.kernels.anchors import feature_map_size
@@ -215,7 +215,8 @@ def _images(boxes, counts, classes):
 def _ours(name, canvas, boxes, counts, classes, pads, backend, config=None):
     config = config or _config(name)
     gt_classes = classes if name == "retinanet_mmdet" else None
-    return assign(boxes, counts, canvas, config, gt_classes=gt_classes, pad_sizes=pads, backend=backend)
+    # On the triton backend's device: a GPU machine runs it compiled, which takes CUDA tensors.
+    return on_device(assign, boxes, counts, canvas, config, gt_classes=gt_classes, pad_sizes=pads, backend=backend)
 
 
 def _unmapped(flags: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:

@@ -794,8 +794,9 @@ print(json.dumps(ptx))
 @pytest.mark.parametrize(
     "matching, inline, kernels",
     [("walk", False, {"segments_kernel", "pairs_kernel", "lift_segments_kernel", "finalize_kernel", "scan_kernel"}),
-     # gather_kernel checks assign_sparse's boxes and scatters; finalize_kernel lifts.
-     ("gather", False, {"gather_kernel", "finalize_kernel", "scan_kernel"}),
+     # gather_kernel checks assign_sparse's boxes and scatters; finalize_kernel lifts;
+     # floor_kernel gives each box its need (the threshold pruning; not matching inline).
+     ("gather", False, {"floor_kernel", "gather_kernel", "finalize_kernel", "scan_kernel"}),
      ("gather", True, {"gather_kernel", "finalize_kernel", "scan_kernel"})],
 )  # fmt: skip
 def test_one_compilation_per_kernel_and_mode_whatever_the_batch(matching, inline, kernels, monkeypatch):
@@ -836,14 +837,14 @@ def _matching(monkeypatch, matching: str) -> None:
 
 @pytest.mark.parametrize("solve, matching, inline, mode, boxes_checked, operations",
                          [("solve_sparse", "walk", False, "torchvision", False, 12),
-                          ("solve_sparse", "gather", False, "torchvision", False, 6),
+                          ("solve_sparse", "gather", False, "torchvision", False, 7),
                           ("solve", "walk", False, "torchvision", False, 10),
-                          ("solve", "gather", False, "torchvision", False, 4),
+                          ("solve", "gather", False, "torchvision", False, 5),
                           ("solve", "gather", True, "torchvision", False, 4),
                           ("solve", "gather", True, "none", False, 4),
                           ("solve_sparse", "gather", True, "none", False, 6),
                           ("solve", "walk", False, "torchvision", True, 9),
-                          ("solve", "gather", False, "torchvision", True, 3),
+                          ("solve", "gather", False, "torchvision", True, 4),
                           ("solve", "gather", True, "none", True, 1)])  # fmt: skip
 def test_device_operations_of_a_call(solve, matching, inline, mode, boxes_checked, operations, monkeypatch,
                                      generator):  # fmt: skip
@@ -852,10 +853,11 @@ def test_device_operations_of_a_call(solve, matching, inline, mode, boxes_checke
     of the work and candidate memory, segments, prefix, scatter, the lift's segments,
     prefix and pass, then the finalize (dense), or count, scan, write (sparse, list sizes
     known from an earlier batch), and the one read-back of the box check's flag (with the
-    lists' lengths, sparse); the gather: one memset, the gather, then the finalize with
-    the lift, or count (with the lift), scan, write, and the read-back. Matching inline
-    (``inline_match``) without the low-quality rule, the unchecked boxes still take the
-    gather, which checks them. A problem whose boxes were checked before (``boxes_checked``:
+    lists' lengths, sparse); the gather: one memset, the floor (what each box needs, for
+    the threshold pruning), the gather, then the finalize with the lift, or count (with
+    the lift), scan, write, and the read-back. Matching inline (``inline_match``; no
+    pruning) without the low-quality rule, the unchecked boxes still take the gather,
+    which checks them. A problem whose boxes were checked before (``boxes_checked``:
     on a GPU, after build_problem's five operations and read-back) reads nothing back:
     a dense call is then its launches alone, matching inline without the lift the
     finalize alone."""
