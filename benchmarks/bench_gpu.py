@@ -70,6 +70,7 @@ from recording import cpu_model, pyplot, save_figure, write_csv, write_json, wri
 from torchvision_peer import load as load_torchvision  # noqa: E402
 
 from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
+from tritarget.kernels.boxes import box_area  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch  # noqa: E402
 
@@ -646,10 +647,20 @@ def box_needs(image: torch.Tensor, grid, anchors: torch.Tensor, config, per_imag
                 index = first + k * level.height * level.width + row * level.width + col
             else:
                 index = first + (row * level.width + col) * shapes + k
-            candidate = anchors[index]
-            best = torch.maximum(best, box_iou(image, candidate).diagonal())
+            best = torch.maximum(best, _paired_iou(image, anchors[index]))
     need = best.clamp(max=low)
     return need.min().expand_as(need) if per_image and need.numel() else need
+
+
+def _paired_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """[G]: each box's IoU with its own row of ``others``, as ``box_iou`` computes a pair
+    (its diagonal, without the [G, G] matrix: 45 of them per image took 3.7 s at G = 1000)."""
+    lt = torch.maximum(boxes[:, :2], others[:, :2])
+    rb = torch.minimum(boxes[:, 2:], others[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(boxes) + box_area(others) - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
 
 
 def _part_overlap(image: torch.Tensor, part: torch.Tensor) -> torch.Tensor:

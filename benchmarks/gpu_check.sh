@@ -104,6 +104,8 @@ cd "$REPO"
 
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
+EXTRAS="$SCRATCH/extras"
+mkdir -p "$EXTRAS"
 status=0
 
 # GPU_CHECK_STEPS: which steps run (default all), in this order whatever the order given.
@@ -118,17 +120,19 @@ wanted() { [[ "$steps" == *" $1 "* ]]; }
 
 # The device tool brings back at most 8 files from $OUT, and a call cut at its limit
 # brings back what is there then: after every step, every file but these 7 goes into
-# extras.tar.gz (staged outside $OUT), so $OUT never holds more than 8.
+# extras.tar.gz (staged outside $OUT), so $OUT never holds more than 8. The steps that
+# write folders of results (the service, the anchor scan) write them into the staging
+# folder itself ($EXTRAS): in $OUT they made 9-11 files until the step ended.
 keep=" pytest.txt bench.txt bench_gpu.json bench_gpu.png sweep.txt "  # and the two service_workers*.txt
 pack() {
-    local f moved=0
+    local f
     while IFS= read -r f; do
         [[ "$keep" == *" $f "* || "$f" == service_workers*.txt ]] && continue
-        mkdir -p "$SCRATCH/extras/$(dirname "$f")" && mv "$OUT/$f" "$SCRATCH/extras/$f" && moved=1
+        mkdir -p "$EXTRAS/$(dirname "$f")" && mv "$OUT/$f" "$EXTRAS/$f"
     done < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
     find "$OUT" -mindepth 1 -type d -empty -delete
-    if ((moved)); then
-        tar -czf "$OUT/extras.tar.gz.part" -C "$SCRATCH/extras" . && mv "$OUT/extras.tar.gz.part" "$OUT/extras.tar.gz"
+    if [ -n "$(ls -A "$EXTRAS")" ]; then
+        tar -czf "$OUT/extras.tar.gz.part" -C "$EXTRAS" . && mv "$OUT/extras.tar.gz.part" "$OUT/extras.tar.gz"
     fi
 }
 
@@ -183,7 +187,9 @@ fi
 wheel_tests=(tests/test_packaging.py tests/test_protos.py::test_generated_code_imports_from_a_wheel)
 main_cmd=("${pytest_cmd[@]}" --ignore=tests/test_packaging.py --deselect "${wheel_tests[1]}")
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
-    main_cmd+=(-n "${GPU_CHECK_WORKERS:-12}")
+    workers_default=12
+    [ "$DRY" = 1 ] && workers_default=2  # 2 cores: 12 workers ran no test in the 120 s
+    main_cmd+=(-n "${GPU_CHECK_WORKERS:-$workers_default}")
 fi
 # GPU_CHECK_TESTS (default: tests, the whole suite) and GPU_CHECK_BENCH_ARGS (extra
 # bench_gpu.py arguments) narrow a re-run when device time is short.
@@ -315,7 +321,7 @@ if fits 90 "service, $workers front ends" service; then
     echo "== service, $workers front-end processes =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest_workers$workers" \
+        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$workers" \
         2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
     service=${PIPESTATUS[0]}
     [ "$service" -eq 0 ] || status=1
@@ -330,7 +336,7 @@ if [ "$DRY" != 1 ] && fits 90 "service, $more front ends" service_more; then
     echo "== service, $more front-end processes =="
     timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $more --port 50062 ${GPU_SERVICE_ARGS:-}" --out "$OUT/loadtest_workers$more" \
+        --server-args "--workers $more --port 50062 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$more" \
         2>&1 | tail -n 12 | tee "$OUT/service_workers$more.txt"
     more_status=${PIPESTATUS[0]}
     [ "$more_status" -eq 0 ] || status=1
@@ -342,7 +348,7 @@ pack
 if fits 60 "anchor scan" anchors; then
     echo "== anchor scan =="
     timeout -s INT -k 10 60 "$PYTHON" benchmarks/bench_anchor_design.py --images "$anchor_images" \
-        --backend "$steps_backend" --out "$OUT/anchor_scan" 2>&1 | tail -n 30 | tee "$OUT/anchor_scan.txt"
+        --backend "$steps_backend" --out "$EXTRAS/anchor_scan" 2>&1 | tail -n 30 | tee "$EXTRAS/anchor_scan.txt"
 fi
 pack
 
@@ -353,11 +359,11 @@ pack
 if [ "${GPU_SERVICE_SWEEP:-0}" = 1 ] && fits 400 "service sweep" service; then
     echo "== service sweep =="
     timeout -s INT -k 10 200 "$PYTHON" benchmarks/service_sweep.py --backend "$steps_backend" \
-        --out "$OUT/service_sweep" 2>&1 | tail -n 12
+        --out "$EXTRAS/service_sweep" 2>&1 | tail -n 12
     for backend in "$steps_backend" cpu; do
         echo "== server time outside compute, $backend backend =="
         timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_service_overhead.py --backend "$backend" --duration 2 --rounds 1 \
-            --out "$OUT/service_overhead_$backend" 2>&1 | tail -n 40
+            --out "$EXTRAS/service_overhead_$backend" 2>&1 | tail -n 40
     done
 fi
 
