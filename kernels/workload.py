@@ -44,6 +44,13 @@ def coco_like_counts(batch: int, generator: torch.Generator) -> list[int]:
     return [int(c) for c in counts]
 
 
+def _fitted(sides: torch.Tensor, extent: int) -> torch.Tensor:
+    """Box sides of at least 2 and at most ``extent - 1`` pixels, room left to place them; on
+    a canvas of 1 or 2 pixels, half of it (clamped to 2 .. 0 there, the boxes had no area)."""
+    most = extent - 1.0 if extent > 2 else extent / 2.0
+    return sides.clamp(min=min(2.0, most), max=most)
+
+
 def coco_like_boxes(count: int, canvas: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """Tensor[count, 4] float32 valid xyxy boxes inside the canvas."""
     height, width = canvas
@@ -53,8 +60,8 @@ def coco_like_boxes(count: int, canvas: tuple[int, int], generator: torch.Genera
         + torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * math.log(640.0 / 8.0)
     )
     ratio = torch.exp(0.5 * torch.randn(count, generator=generator, dtype=torch.float32, device="cpu"))  # h / w
-    w = (side / ratio.sqrt()).clamp(min=2.0, max=width - 1.0)
-    h = (side * ratio.sqrt()).clamp(min=2.0, max=height - 1.0)
+    w = _fitted(side / ratio.sqrt(), width)
+    h = _fitted(side * ratio.sqrt(), height)
     x1 = torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * (width - w)
     y1 = torch.rand(count, generator=generator, dtype=torch.float32, device="cpu") * (height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)

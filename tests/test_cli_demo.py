@@ -49,6 +49,22 @@ def test_demo_refuses_a_batch_over_a_requests_bound_at_once(capsys):
     )
 
 
+@pytest.mark.parametrize("canvas", [(1, 1), (1, 9), (2, 2), (2, 5), (3, 3), (800, 1344)])
+def test_the_synthetic_boxes_are_valid_on_any_canvas(canvas, capsys):
+    """On a canvas of 1 or 2 pixels a side the boxes' sides were clamped to 2 .. 0: no area,
+    and `tritarget demo --canvas 1 1` failed on its own boxes, naming a library argument."""
+    from tritarget.kernels.workload import coco_like_batch
+    from tritarget.service.cli import main
+
+    boxes, counts, _ = coco_like_batch(8, seed=1, canvas=canvas)
+    height, width = canvas
+    assert sum(counts) == boxes.shape[0] > 0
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert main(["demo", "--canvas", *map(str, canvas), "--batch", "2", "--backend", "cpu"]) == 0
+    assert "assigned in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("preset", "canvas", "anchors"),
     [("ssd300_torchvision", (300, 300), 8_732), ("d2l_multibox", (256, 256), 5_444), ("yolov5", (640, 640), 25_200),
