@@ -123,7 +123,8 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
         deltas (Tensor[N, 4]), anchors (Tensor[N, 4]) float32 (16-bit floats are computed
             in float32).
     Returns:
-        Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``.
+        Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``
+        (and to ``-config.scale_clamp`` with ``config.symmetric_clamp``).
     """
     _check_rows("deltas", deltas, anchors, config)
     if not deltas.is_floating_point():  # the stds would become integers (0.1 -> 0)
@@ -134,8 +135,9 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
     d = deltas * stds + means
     wx, wy, ww, wh = config.weights
     acx, acy, aw, ah = _centers(anchors)
-    dw = (d[:, 2] / ww).clamp(max=config.scale_clamp)
-    dh = (d[:, 3] / wh).clamp(max=config.scale_clamp)
+    least = -config.scale_clamp if config.symmetric_clamp else None
+    dw = (d[:, 2] / ww).clamp(min=least, max=config.scale_clamp)
+    dh = (d[:, 3] / wh).clamp(min=least, max=config.scale_clamp)
     cx = d[:, 0] / wx * aw + acx
     cy = d[:, 1] / wy * ah + acy
     w = torch.exp(dw) * aw

@@ -361,17 +361,22 @@ class EncodeConfig:
     """Box-offset encoding ``(dx, dy, dw, dh)`` of a box w.r.t. its anchor.
 
     ``dx = wx * (gcx - acx) / aw``, ``dw = ww * log(gw / aw)`` (torchvision/detectron2
-    weights), then ``(d - means) / stds`` (mmdet). Decoding clamps dw/dh to
-    ``scale_clamp`` before ``exp``.
+    weights), then ``(d - means) / stds`` (mmdet). Decoding clamps dw/dh to at most
+    ``scale_clamp`` before ``exp`` (torchvision, detectron2) and, with ``symmetric_clamp``,
+    to at least ``-scale_clamp`` too (mmdet's ``delta2bbox`` clamps both ways: a box
+    predicted under 16/1000 of its anchor's side decodes to that fraction).
     """
 
     weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     scale_clamp: float = DEFAULT_SCALE_CLAMP
+    symmetric_clamp: bool = False
 
     def __post_init__(self) -> None:
         owner = "EncodeConfig"
+        if not isinstance(self.symmetric_clamp, bool):
+            raise TypeError(f"{owner}.symmetric_clamp: expected a bool, got {self.symmetric_clamp!r}")
         for name in ("weights", "means", "stds"):
             values = _as_float_tuple(owner, name, getattr(self, name))
             if len(values) != 4:

@@ -50,6 +50,8 @@ def describe(name: str) -> str:
 
 _FPN_STRIDES_P3_P7 = (8, 16, 32, 64, 128)
 _FPN_STRIDES_P2_P6 = (4, 8, 16, 32, 64)
+# DeltaXYWHBBoxCoder: means 0, stds 1; its decode clamps dw/dh both ways.
+_MMDET_ENCODE = EncodeConfig(symmetric_clamp=True)
 _RATIOS = (0.5, 1.0, 2.0)
 
 
@@ -145,6 +147,7 @@ def retinanet_mmdet() -> TargetConfig:
     return TargetConfig(
         anchors=AnchorConfig(layout="mmdet", levels=levels, center_offset=0.0),
         match=MatchConfig(high=0.5, low=0.4, low_quality="mmdet", min_pos_iou=0.0),
+        encode=_MMDET_ENCODE,
     )
 
 
@@ -160,6 +163,7 @@ def rpn_mmdet() -> TargetConfig:
         anchors=AnchorConfig(layout="mmdet", levels=levels),
         match=MatchConfig(high=0.7, low=0.3, low_quality="mmdet", min_pos_iou=0.3,
                           sample_size=256, positive_fraction=0.5),
+        encode=_MMDET_ENCODE,
     )  # fmt: skip
 
 

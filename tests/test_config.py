@@ -101,6 +101,7 @@ def test_replace_overrides_dotted_fields():
         (lambda: MatchConfig(strict_high="yes"), TypeError, "MatchConfig.strict_high"),
         (lambda: EncodeConfig(weights=(1, 1, 1)), ValueError, "EncodeConfig.weights"),
         (lambda: EncodeConfig(stds=(1, 1, 0, 1)), ValueError, "EncodeConfig.stds"),
+        (lambda: EncodeConfig(symmetric_clamp="false"), TypeError, "EncodeConfig.symmetric_clamp"),
         (lambda: AnchorLevel(stride=0, sizes=(32,)), ValueError, "AnchorLevel.stride"),
         (lambda: AnchorLevel(stride=8, sizes=(-1,)), ValueError, "AnchorLevel.sizes"),
         (lambda: AnchorLevel(stride=8, sizes=("a",)), TypeError, "AnchorLevel.sizes"),

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from support import on_device, random_batch, with_ties
-from tritarget.kernels import POSITIVE, assign, generate_anchors, presets
+from tritarget.kernels import POSITIVE, assign, decode, generate_anchors, presets
 from tritarget.kernels.adapters import mmdet_targets
 from tritarget.kernels.anchors import feature_map_size
 
@@ -291,6 +291,19 @@ def test_deltas_equal_delta_xywh_encode(name, canvas, encode, mm, generator):
         for result in (ours, reference):
             torch.testing.assert_close(result.deltas[image], expected, rtol=DELTA_RTOL, atol=DELTA_ATOL)
             assert torch.all(result.deltas[image][~pos] == 0)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decode_equals_delta_xywh_decode(name, mm, generator):
+    """Predictions far past the clamp both ways (dw, dh in [-9, 9]) decode as mmdet's
+    ``delta2bbox`` decodes them (no ``max_shape``: nothing clipped to the image)."""
+    config = presets.get(name)
+    coder = mm.DeltaXYWHBBoxCoder(**MMDET[name]["bbox_coder"])
+    anchors = generate_anchors(config.anchors, CANVASES[0])[::97]
+    deltas = torch.rand(anchors.shape[0], 4, generator=generator) * 18 - 9
+    expected = coder.decode(anchors, deltas)
+    torch.testing.assert_close(decode(deltas, anchors, config.encode), expected, rtol=DELTA_RTOL, atol=DELTA_ATOL)
+    assert bool((deltas[:, 2:] < -config.encode.scale_clamp).any())  # the lower clamp was reached
 
 
 def _expected_head_targets(mm, name, canvas, boxes, counts, classes, pads, num_classes, pos_weight):
