@@ -15,8 +15,10 @@ __all__ = ["box_area", "box_iou", "box_iof", "encode", "decode"]
 
 
 def _upcast(boxes: torch.Tensor) -> torch.Tensor:
-    """16-bit float boxes as float32, as torchvision computes them: in float16 the area of
-    a 300 x 300 box is already infinite (its IoU with itself 0, its IoF NaN)."""
+    """16-bit float boxes as float32: in float16 the area of a 300 x 300 box is already
+    infinite (its IoU with itself 0, its IoF NaN). torchvision upcasts later, after taking
+    the corners' differences in 16 bits, so its 16-bit IoUs differ from these (by up to
+    ~1e-3 in float16); these are the float32 IoUs of the same boxes."""
     return boxes.float() if boxes.is_floating_point() and boxes.element_size() < 4 else boxes
 
 
@@ -50,10 +52,11 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
     Args:
         boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy (16-bit floats are
-            computed in float32, as torchvision does).
+            converted to float32 first; float64 stays float64).
     Returns:
-        Tensor[N, M]: ``inter / (area1 + area2 - inter)``, and 0 where the union is 0
-        (torchvision would give NaN there).
+        Tensor[N, M] of the inputs' dtype (float32 for 16-bit floats):
+        ``inter / (area1 + area2 - inter)``, and 0 where the union is 0 (torchvision would
+        give NaN there).
     """
     inter = _intersection(boxes1, boxes2)
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
@@ -100,8 +103,11 @@ def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> 
     Args:
         boxes (Tensor[N, 4]), anchors (Tensor[N, 4]): float32 xyxy, row i with row i
             (16-bit floats are computed in float32, as mmdet's ``bbox2delta`` does).
+            Rows are not checked: a degenerate or non-finite box gives infinite or NaN
+            deltas, as the peers' coders do (``assign`` checks its boxes before encoding).
     Returns:
-        Tensor[N, 4] float32 ``(dx, dy, dw, dh)``; see ``EncodeConfig``.
+        Tensor[N, 4] ``(dx, dy, dw, dh)``, float32 (float64 for float64 inputs); see
+        ``EncodeConfig``.
     """
     _check_rows("boxes", boxes, anchors, config)
     boxes, anchors = _upcast(boxes), _upcast(anchors)
@@ -123,8 +129,9 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
         deltas (Tensor[N, 4]), anchors (Tensor[N, 4]) float32 (16-bit floats are computed
             in float32).
     Returns:
-        Tensor[N, 4] float32 xyxy boxes. dw/dh are clamped to ``config.scale_clamp``
-        (and to ``-config.scale_clamp`` with ``config.symmetric_clamp``).
+        Tensor[N, 4] xyxy boxes, float32 (float64 for float64 inputs). dw/dh are clamped
+        to ``config.scale_clamp`` (and to ``-config.scale_clamp`` with
+        ``config.symmetric_clamp``).
     """
     _check_rows("deltas", deltas, anchors, config)
     if not deltas.is_floating_point():  # the stds would become integers (0.1 -> 0)

@@ -202,6 +202,7 @@ class _Boxes(NamedTuple):
     name: str
     boxes: torch.Tensor
     counts: list[int] | None
+    given: torch.dtype = torch.float32  # as passed: a float64 box is checked, and shown, rounded to float32
 
 
 class _Dropped(NamedTuple):
@@ -248,8 +249,9 @@ def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
     return boxes.as_subclass(torch.Tensor)
 
 
-def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tensor:
-    """A box input, float32 and contiguous, on ``device`` (None: the gt boxes, which decide it)."""
+def _boxes(name: str, value: object, device: torch.device | None) -> tuple[torch.Tensor, torch.dtype]:
+    """A box input, float32 and contiguous, on ``device`` (None: the gt boxes, which decide
+    it), and the dtype it was given in."""
     boxes = plain_xyxy(name, _tensor(name, value))
     if not boxes.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (float32 xyxy), got {boxes.dtype}")
@@ -261,8 +263,8 @@ def _boxes(name: str, value: object, device: torch.device | None) -> torch.Tenso
     if device is not None and boxes.device != device:
         raise ValueError(f"{name}: on {boxes.device}, but gt_boxes are on {device}")
     if boxes.dtype is torch.float32 and boxes.is_contiguous():
-        return boxes  # what the conversions would return, without their dispatch
-    return boxes.to(torch.float32).contiguous()
+        return boxes, boxes.dtype  # what the conversions would return, without their dispatch
+    return boxes.to(torch.float32).contiguous(), boxes.dtype
 
 
 def check_flags(**flags) -> None:
@@ -484,23 +486,27 @@ def _examine(items: list[_Boxes], canvas: tuple[int, int], drop: bool) -> dict[s
             invalid = _invalid_reasons(boxes, None)
             if invalid:
                 row, reason = invalid[0]
-                raise ValueError(f"{item.name}: anchor {row}: {reason}: {boxes[row].tolist()}")
+                raise ValueError(f"{item.name}: anchor {row}: {reason}: {boxes[row].tolist()}{_rounded(item)}")
         else:
             reasons = _invalid_reasons(boxes, canvas)
             if reasons:
-                dropped[item.name] = _drop_or_raise(item.name, boxes, item.counts, reasons, drop)
+                dropped[item.name] = _drop_or_raise(item, boxes, reasons, drop)
     return dropped
 
 
-def _drop_or_raise(
-    name: str, boxes: torch.Tensor, counts: list[int], reasons: list[tuple[int, str]], drop: bool
-) -> _Dropped:
+def _rounded(item: _Boxes) -> str:
+    """What an error adds to the values it shows of boxes not given in float32."""
+    return "" if item.given is torch.float32 else f" (given as {item.given}, checked rounded to float32)"
+
+
+def _drop_or_raise(item: _Boxes, boxes: torch.Tensor, reasons: list[tuple[int, str]], drop: bool) -> _Dropped:
+    counts = item.counts
     if not drop:
         row, reason = reasons[0]
         image, box = image_and_box(row, counts)
         more = f" ({len(reasons) - 1} more invalid boxes)" if len(reasons) > 1 else ""
         raise ValueError(
-            f"{name}: image {image}, box {box}: {reason}: {boxes[row].tolist()}{more}; "
+            f"{item.name}: image {image}, box {box}: {reason}: {boxes[row].tolist()}{_rounded(item)}{more}; "
             "pass drop_invalid=True to drop invalid boxes instead"
         )
     batch = len(counts)
@@ -596,7 +602,7 @@ def build_problem(
         hint = f"; a preset's config is presets.get({config!r})" if isinstance(config, str) else ""
         raise TypeError(f"config: expected TargetConfig, got {type(config).__name__}{hint}")
     canvas = check_canvas(canvas)
-    boxes = _boxes("gt_boxes", gt_boxes, None)
+    boxes, boxes_given = _boxes("gt_boxes", gt_boxes, None)
     device = boxes.device
     counts = checked_counts("gt_counts", gt_counts, boxes.shape[0], "gt_boxes", None)
     batch = len(counts)
@@ -611,8 +617,9 @@ def build_problem(
     if anchors is None:
         grid, anchor_boxes = grid_and_anchors(config.anchors, canvas, device)
     else:
-        grid, anchor_boxes = None, _boxes("anchors", anchors, device)
-        checked.append(_Boxes("anchors", anchor_boxes, None))
+        anchor_boxes, anchors_given = _boxes("anchors", anchors, device)
+        grid = None
+        checked.append(_Boxes("anchors", anchor_boxes, None, anchors_given))
         examined.append(checked[-1])
     try:
         classes = host_classes = None  # the classes as given, where given on the host: checked there
@@ -639,7 +646,7 @@ def build_problem(
                 classes = classes.to(device=device, dtype=dtype).contiguous()
             if host_classes is None and classes.is_cpu:  # given on a device, moved to the boxes' host
                 host_classes = classes
-        checked.append(_Boxes("gt_boxes", boxes, counts))
+        checked.append(_Boxes("gt_boxes", boxes, counts, boxes_given))
         if check_gt_boxes:
             examined.append(checked[-1])
 
@@ -648,9 +655,9 @@ def build_problem(
         if ignore_boxes is None:
             ignore, ign_counts = _no_boxes(device), None
         else:
-            ignore = _boxes("ignore_boxes", ignore_boxes, device)
+            ignore, ignore_given = _boxes("ignore_boxes", ignore_boxes, device)
             ign_counts = checked_counts("ignore_counts", ignore_counts, ignore.shape[0], "ignore_boxes", batch)
-            checked.append(_Boxes("ignore_boxes", ignore, ign_counts))
+            checked.append(_Boxes("ignore_boxes", ignore, ign_counts, ignore_given))
             # Crowd regions on a device go with the gt boxes to the backend (its kernels
             # flag them too), unless explicit anchors are read back from the device here.
             on_device = not ignore.is_cpu and ignore.shape[0] > 0

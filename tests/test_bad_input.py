@@ -344,6 +344,30 @@ def test_float64_boxes_are_accepted_as_float32():
     assert torch.equal(_assign(GOOD.double(), [3]).labels, _assign(GOOD, [3]).labels)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    ("name", "bad_box", "reason"),
+    [
+        ("gt_boxes", [10.0, 10.0, 1e39, 50.0], "not finite"),  # finite in float64
+        ("gt_boxes", [10.0, 10.0, 10.000000001, 50.0], r"x2 <= x1"),  # not degenerate in float64
+        ("ignore_boxes", [10.0, 10.0, 1e39, 50.0], "not finite"),
+        ("anchors", [10.0, 10.0, 10.000000001, 50.0], r"x2 <= x1"),
+    ],
+)
+def test_a_float64_box_invalid_once_rounded_says_so(name, bad_box, reason, backend):
+    """Its values are shown as checked, rounded: the error says why they differ from the caller's."""
+    boxes = {"gt_boxes": GOOD, "ignore_boxes": GOOD[:1], "anchors": GOOD}
+    boxes[name] = torch.cat([boxes[name], torch.tensor([bad_box], dtype=torch.float64)])
+    counts = {"gt_boxes": [3], "ignore_boxes": [1]}
+    counts[name] = [counts.get(name, [0])[0] + 1]
+    rounded = r"\(given as torch.float64, checked rounded to float32\)"
+    with pytest.raises(ValueError, match=rf"{name}: .*{reason}.*{rounded}"):
+        _assign(boxes["gt_boxes"], counts["gt_boxes"], ignore_boxes=boxes["ignore_boxes"],
+                ignore_counts=counts["ignore_boxes"], anchors=boxes["anchors"], backend=backend)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^(?!.*given as)"):  # float32 boxes: shown as given
+        _assign(GOOD, [3], anchors=torch.tensor([[10.0, 10.0, 10.0, 50.0]]), backend=backend)
+
+
 @pytest.mark.parametrize(
     ("bad_anchor", "reason"),
     [
