@@ -6,13 +6,59 @@ Exposed on an HTTP port (``tritarget serve --metrics-port``) under ``/metrics``.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 __all__ = ["Metrics", "MethodMetrics"]
 
 # Latency buckets from 0.1 ms (a queue hop) to 10 s (a huge dense batch on a CPU).
 _SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+# prometheus_client's own endpoint (start_http_server) serves each connection on a thread
+# of its own with no timeout: 1,016 connections that sent half a request line held 1,016
+# threads and file descriptors for good, and under a 1,024-descriptor limit gRPC could
+# accept no caller. Here a connection silent for IDLE_S is closed, and past MAX_SCRAPES at
+# once a new one is closed unanswered (a scraper retries at its next interval).
+IDLE_S = 10.0
+MAX_SCRAPES = 16
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    timeout = IDLE_S  # on every read of the connection (StreamRequestHandler.setup)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the overridden method's name
+        """Scrapes are not logged."""
+
+
+class _ScrapeServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold the process at exit
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        # The address decides the family: "::" or "[::1]" need IPv6.
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class Metrics:
@@ -88,9 +134,11 @@ class Metrics:
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on a background thread; returns the bound port."""
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = make_server(host, port, make_wsgi_app(self.registry), _ScrapeServer,
+                                     _ScrapeHandler)  # fmt: skip
         except OSError as exc:  # "[Errno 98] Address already in use" alone does not say which port
             raise OSError(f"metrics port {host}:{port}: {exc.strerror or exc}") from None
+        threading.Thread(target=self._http.serve_forever, name="tritarget-metrics", daemon=True).start()
         return self._http.server_port
 
     def stop_http(self) -> None:

@@ -8,10 +8,12 @@ import logging
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -284,3 +286,40 @@ def test_a_token_served_over_plaintext_beyond_loopback_is_warned_of(host, tls, w
     assert ("a bearer token without TLS on " + host in said) is warned, said
     if warned:
         assert "--tls-cert" in said
+
+
+def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
+    """Connections to /metrics that never finish a request hold at most MAX_SCRAPES threads
+    and file descriptors, each for IDLE_S (prometheus_client's own endpoint kept a thread
+    and a descriptor per connection for good: enough of them starved gRPC of descriptors)."""
+    from tritarget.service import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 0.5)
+    served = metrics_module.Metrics()
+    port = served.serve_http("127.0.0.1", 0)
+    threads = threading.active_count()
+    idle = []
+    try:
+        for _ in range(3 * metrics_module.MAX_SCRAPES):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
+            idle.append(sock)
+        time.sleep(0.2)
+        assert threading.active_count() - threads <= metrics_module.MAX_SCRAPES
+        # Past the idle limit the server has closed every one of them (a read sees the end).
+        for sock in idle:
+            assert sock.recv(1) == b""
+        _wait_for(lambda: threading.active_count() == threads)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b"tritarget_requests_total" in page or b"tritarget_queued_images" in page
+    finally:
+        for sock in idle:
+            sock.close()
+        served.stop_http()
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
