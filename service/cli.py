@@ -590,7 +590,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--max-message-mb",
         type=integer(1, 2047),
         default=256,  # gRPC's limits are int32 bytes
-        help="max request/response size (default 256; at most 2047)",
+        help="max response size (default 256; at most 2047); requests are bounded by "
+        "--max-request-boxes and --max-request-images",
     )
     parser.add_argument("--max-unsent-mb", type=integer(1, 1 << 30), default=4096,
                         help="responses built and not yet read by their callers, all calls together, in "

@@ -53,11 +53,11 @@ _NAME_CHARS = 64  # of an unknown preset's name, quoted back
 class Limits:
     """Per-request limits (RESOURCE_EXHAUSTED beyond them).
 
-    ``max_message_bytes`` bounds requests and responses on the wire (gRPC enforces
-    it for requests; responses are checked before computing when their size is
-    known in advance, which it is for DENSE). ``max_unsent_bytes`` bounds the responses
-    in memory that their callers have not read yet (one response always fits; a stream's
-    request waits for room under it).
+    ``max_message_bytes`` bounds responses on the wire (checked before computing when
+    their size is known in advance, which it is for DENSE); requests are bounded by what
+    the other limits let them hold (``max_request_bytes``, which gRPC enforces).
+    ``max_unsent_bytes`` bounds the responses in memory that their callers have not read
+    yet (one response always fits; a stream's request waits for room under it).
     """
 
     max_message_bytes: int = 256 * _MIB
@@ -80,6 +80,21 @@ class Limits:
     # serialization and gRPC's send buffer): ~2x its bytes in RSS for unary calls whose
     # callers did not read, 1.6x for streams (benchmarks/bench_unsent_memory.py).
     max_unsent_bytes: int = 4 << 30
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Bytes a request may take on the wire: twice what the largest one the other
+        limits allow takes (``max_boxes`` boxes with int64 classes and as many crowd
+        regions, ``max_images`` counts, image and pad sizes, a config of
+        ``max_config_bytes``), so that a request somewhat past a limit still reaches the
+        servicer and is refused by name, plus a MiB for its id and framing: 8.8 MiB with
+        the defaults, and never more than ``max_message_bytes``. gRPC refuses a bigger one
+        before any handler sees it. Requests shared the responses' 256 MiB before: padding
+        in a field the server does not know took 1.1 GB of server memory per call, whose
+        token was refused too, and the process kept it."""
+        boxes = self.max_boxes * (16 + 8 + 16)
+        images = self.max_images * (2 * 5 + 2 * 2 * 8)
+        return min(self.max_message_bytes, 2 * (boxes + images + self.max_config_bytes) + _MIB)
 
 
 def _invalid(field: str, description: str) -> InvalidInput:

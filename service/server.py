@@ -211,7 +211,7 @@ class TargetServer:
             lambda: self.batcher.waiting_requests + self.servicer.waiting_requests
         )
         self.health = health.aio.HealthServicer()
-        size = options.limits.max_message_bytes
+        limits = options.limits
         interceptors = (
             [BearerTokenInterceptor(options.token, self.metrics, access_log=options.access_log)]
             if options.token
@@ -220,8 +220,8 @@ class TargetServer:
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
+                ("grpc.max_send_message_length", limits.max_message_bytes),
                 # Share the port only on purpose (``workers`` > 1): a second server started
                 # by mistake on a busy port must fail, not silently take half the traffic.
                 ("grpc.so_reuseport", 1 if options.reuse_port else 0),
@@ -459,7 +459,8 @@ async def serve(
              f"queue delay, {batching.compute_workers} compute worker(s) x {batching.threads_per_worker} torch "
              f"thread(s), {f'inline up to {inline} images at an idle server' if inline else 'no inline compute'}, "
              f"queue bound {batching.max_queue_images} images; limits: {limits.max_images} images, "
-             f"{limits.max_boxes} boxes, {limits.max_message_bytes >> 20} MiB per message", flush=True)  # fmt: skip
+             f"{limits.max_boxes} boxes, {limits.max_request_bytes / (1 << 20):.1f} MiB per request, "
+             f"{limits.max_message_bytes >> 20} MiB per response", flush=True)  # fmt: skip
     if server.metrics_port is not None:
         metrics_at = host_port(options.metrics_host or options.host, server.metrics_port)
         announce(f"metrics on http://{metrics_at}/metrics", flush=True)

@@ -24,6 +24,7 @@ from tritarget.clients.wire import build_request
 from tritarget.kernels import presets
 from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec, servicer
 from tritarget.service.errors import ResourceExhausted
 
@@ -565,3 +566,51 @@ def test_responses_their_callers_do_not_read_are_bounded():
             assert len(list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2]}] * 3,
                                           preset="retinanet_torchvision", canvas=(2048, 2048)))) == 3  # fmt: skip
         _until(lambda: unsent() == 0)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def test_the_largest_request_the_limits_allow_fits_the_request_bound():
+    """max_boxes boxes with int64 classes and as many crowd regions, max_images images with
+    counts, image and pad sizes, a config of max_config_bytes: within the bound, twice over."""
+    bound = codec.Limits()
+    images, boxes = bound.max_images, bound.max_boxes
+    counts = [boxes // images] * images
+    counts[-1] += boxes - sum(counts)
+    request = build_request(torch.tensor([[1.0, 1.0, 5.0, 5.0]]).expand(boxes, 4), counts, (4096, 4096),
+                            preset="retinanet_torchvision",
+                            ignore_boxes=torch.tensor([[1.0, 1.0, 5.0, 5.0]]).expand(boxes, 4),
+                            ignore_counts=counts)  # fmt: skip
+    # The widest types the server takes (the client sends int32).
+    encode_tensor(torch.arange(boxes), request.gt_classes)
+    encode_tensor(torch.full((images, 2), 4096), request.image_sizes)
+    request.pad_sizes.CopyFrom(request.image_sizes)
+    request.config.config_json = "x" * bound.max_config_bytes
+    assert request.gt_classes.dtype == pb.DTYPE_INT64 and request.image_sizes.dtype == pb.DTYPE_INT64
+    assert 2 * request.ByteSize() <= bound.max_request_bytes < 9 * MIB
+    assert codec.Limits(max_message_bytes=MIB).max_request_bytes == MIB
+
+
+def test_a_request_past_the_bound_is_refused_before_the_server_takes_it_in():
+    """12 MiB of padding in a field the server does not know: refused by gRPC (it was read
+    whole, up to the 256 MiB response limit); a request of 150,000 boxes, past the box limit
+    but inside the bound, is refused by name."""
+    padding = 12 * MIB
+    with ServerThread() as srv, grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length",
+                                                                              64 * MIB)]) as channel:  # fmt: skip
+        call = channel.unary_unary(ASSIGN, response_deserializer=pb.AssignResponse.FromString)
+        padded = _good_request().SerializeToString() + _varint(1000 << 3 | 2) + _varint(padding) + bytes(padding)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(padded, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        many = build_request(GOOD[:1].expand(150_000, 4), [150_000], CANVAS, preset="retinanet_torchvision")
+        with pytest.raises(grpc.RpcError) as named:
+            call(many.SerializeToString(), timeout=60)
+        assert named.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "150000 boxes is over the server's limit of 100000" in named.value.details()
