@@ -13,14 +13,12 @@ loader workers, forked server processes) never load a half-written file.
 
 from __future__ import annotations
 
-import _ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 from ctypes import CDLL
@@ -46,16 +44,22 @@ FLAGS = (
 )  # fmt: skip
 
 
+# Every build ends with these bytes and the SHA-256 of the bytes before them (``_sealed``).
+_SEAL = b"tritarget-cpu-kernel-sha256:"
+_SEAL_BYTES = len(_SEAL) + 32
+
+
 class CompileError(RuntimeError):
     """The C kernel could not be built (no compiler, or the compiler failed)."""
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
+    """Where compiled libraries are kept, as an absolute path: dlopen looks a name without
+    a slash up in the system's folders (``TRITARGET_CACHE_DIR=.`` made one)."""
     if os.environ.get("TRITARGET_CACHE_DIR"):
-        return Path(os.environ["TRITARGET_CACHE_DIR"])
+        return Path(os.environ["TRITARGET_CACHE_DIR"]).absolute()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tritarget"
+    return (Path(base) / "tritarget").absolute()
 
 
 def _writable_cache() -> Path:
@@ -133,8 +137,9 @@ def _build(compiler: str, target: Path) -> None:
                 break
         else:
             raise CompileError(f"building the CPU kernel failed: {' '.join(command)}\n{done.stderr.strip()}")
-        with open(partial, "rb") as built:  # on disk before it has its name: a crash leaves no cut-short library
-            os.fsync(built.fileno())
+        with open(partial, "r+b") as built:
+            built.write(_SEAL + hashlib.sha256(built.read()).digest())  # past the ELF's end: dlopen ignores it
+            os.fsync(built.fileno())  # on disk before it has its name: a crash leaves no cut-short library
         os.replace(partial, target)  # atomic: another process sees the old file or the whole new one
     finally:
         if os.path.exists(partial):
@@ -150,42 +155,23 @@ def load_library() -> CDLL:
     identity = [" ".join(FLAGS), _compiler_version(compiler), _cpu_signature()]
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(identity).encode()).hexdigest()[:16]
     target = _writable_cache() / f"cpu_kernel-{key}.so"
-    if not target.is_file() or _cut_short(target):
+    if not target.is_file() or not _sealed(target):
         _build(compiler, target)
     try:
-        return _loaded(target)
-    except OSError:  # a damaged cache entry: build it again
-        _build(compiler, target)
-    try:
-        return _loaded(target)
-    except OSError as exc:
+        return CDLL(str(target))
+    except OSError as exc:  # our own build, whole (sealed): the folder's doing
         raise CompileError(
             f"the CPU kernel built in {target.parent} does not load ({exc}); a folder mounted noexec? "
             "set TRITARGET_CACHE_DIR to another, or use backend='reference'"
         ) from None
 
 
-def _cut_short(path: Path) -> bool:
-    """Whether a cached library ends before its section headers, which come last: a copy
-    cut short (an interrupted sync or restore; our own builds are whole or absent), whose
-    dlopen faults (SIGBUS, the process killed) instead of failing. Not ELF: left to
-    dlopen (a library of another format fails it)."""
-    with open(path, "rb") as file:
-        header, size = file.read(64), os.fstat(file.fileno()).st_size
-    if len(header) < 64 or header[:4] != b"\x7fELF":
-        return len(header) < 64
-    order = "<" if header[5] == 1 else ">"
-    # The section header table's offset (its width and place: 64- or 32-bit), then its
-    # entries' size and count.
-    offset_format, offset_at, sizes_at = ("Q", 0x28, 0x3A) if header[4] == 2 else ("I", 0x20, 0x2E)
-    (table,) = struct.unpack_from(order + offset_format, header, offset_at)
-    entry, entries = struct.unpack_from(order + "HH", header, sizes_at)
-    return table + entry * entries > size
-
-
-def _loaded(path: Path) -> CDLL:
-    library = CDLL(str(path))
-    if not hasattr(library, "tritarget_cpu_solve"):  # some other library under the kernel's name
-        _ctypes.dlclose(library._handle)  # while loaded, dlopen would hand it back for this name
-        raise OSError(f"{path}: not the CPU kernel (no tritarget_cpu_solve)")
-    return library
+def _sealed(path: Path) -> bool:
+    """Whether a cached library ends with the seal ``_build`` gave it: a copy cut short
+    (an interrupted sync or restore) faulted in dlopen (SIGBUS), one damaged inside with
+    its length intact crashed in its initialisers (SIGSEGV), in every process that loaded
+    it, and another library under the kernel's name failed every call; none of them is
+    loaded now, each is built again."""
+    data = path.read_bytes()
+    body, seal = data[:-_SEAL_BYTES], data[-_SEAL_BYTES:]
+    return len(data) > _SEAL_BYTES and seal == _SEAL + hashlib.sha256(body).digest()

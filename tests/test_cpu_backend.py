@@ -631,7 +631,7 @@ def test_assign_sparse_on_cpu_equals_the_reference(generator):
     assert_sparse_equal(ours, ref, delta_tolerance=1e-6)
 
 
-def _one_cpu_call(cache: Path) -> subprocess.CompletedProcess:
+def _one_cpu_call(cache: Path | str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A fresh process's CPU assign call, with ``cache`` as its kernel cache."""
     code = (
         "import torch; from tritarget.kernels import assign, presets; "
@@ -639,7 +639,17 @@ def _one_cpu_call(cache: Path) -> subprocess.CompletedProcess:
         "backend='cpu')"
     )
     env = {**os.environ, "TRITARGET_CACHE_DIR": str(cache)}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.parametrize("cache", [".", "./"])
+def test_the_working_folder_as_the_cache(tmp_path, cache):
+    """``TRITARGET_CACHE_DIR=.``: the library's path had no slash, so dlopen searched the
+    system's folders for it, not this one; it was built, and never loaded."""
+    done = _one_cpu_call(cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(tmp_path.glob("cpu_kernel-*.so"))) == 1
 
 
 def test_kernel_is_built_once_into_the_cache(tmp_path):
@@ -680,9 +690,22 @@ def test_a_cached_kernel_cut_short_is_built_again(tmp_path, kept):
     assert len(library.read_bytes()) == len(whole)
 
 
+def test_a_cached_kernel_damaged_inside_is_built_again(tmp_path):
+    """Its length and ELF headers intact, its code zeroed (bit rot, a bad restore): dlopen
+    ran the broken initialisers, and every process that loaded it died of SIGSEGV."""
+    assert _one_cpu_call(tmp_path).returncode == 0
+    (library,) = tmp_path.glob("cpu_kernel-*.so")
+    whole = library.read_bytes()
+    damaged = whole[:0x1000] + bytes(0x2000) + whole[0x3000:]
+    library.write_bytes(damaged)
+    done = _one_cpu_call(tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert library.read_bytes() != damaged and cpu_build._sealed(library)
+
+
 def test_a_kernel_that_does_not_load_where_it_was_built_is_named(tmp_path, monkeypatch):
-    """A cache folder mounted noexec: the library is built, fails to load, is built again
-    and fails again; that ended in a bare OSError naming neither cause nor remedy."""
+    """A cache folder mounted noexec: the library is built and fails to load; that ended
+    in a bare OSError naming neither cause nor remedy."""
     monkeypatch.setenv("TRITARGET_CACHE_DIR", str(tmp_path))
 
     def refused(path):
