@@ -124,7 +124,7 @@ def _library() -> ctypes.CDLL:
         "tritarget_cpu_emit_sparse": ([pointer] * 8, None),
         "tritarget_cpu_free_sparse": ([pointer], None),
         "tritarget_cpu_bounds": ([pointer, size, pointer], None),
-        "tritarget_cpu_boxes_valid": ([pointer, size, ctypes.c_float, ctypes.c_float, ctypes.c_float], ctypes.c_int),
+        "tritarget_cpu_boxes_valid": ([pointer, size, *[ctypes.c_float] * 4], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(library, name)
@@ -132,11 +132,11 @@ def _library() -> ctypes.CDLL:
     return library
 
 
-def boxes_valid(boxes: torch.Tensor, low: float, width: float, height: float) -> bool:
+def boxes_valid(boxes: torch.Tensor, low: float, width: float, height: float, reach: float) -> bool:
     """``build_problem``'s host check of contiguous float32 CPU boxes, compiled: whether
     every box is valid against these limits (``problem.HostCheck``). A call costs ~2 us
     whatever the count, where Python's loop costs ~0.6 us per box."""
-    return bool(_library().tritarget_cpu_boxes_valid(boxes.data_ptr(), boxes.shape[0], low, width, height))
+    return bool(_library().tritarget_cpu_boxes_valid(boxes.data_ptr(), boxes.shape[0], low, width, height, reach))
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

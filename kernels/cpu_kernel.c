@@ -71,6 +71,8 @@ _Static_assert(CHUNK % BLOCK == 0 && CHUNK / BLOCK <= 32, "a chunk's blocks are 
 #define BOUND_SLACK 1.001f
 /* Sparse rows one thread emits, at least, before another thread is worth starting. */
 #define EMIT_ROWS_PER_THREAD 16384
+/* How far a gt box may reach from the origin: tritarget.kernels.problem.BOX_REACH. */
+#define BOX_REACH 2147483648.0f
 
 enum { LQ_NONE = 0, LQ_TORCHVISION = 1, LQ_DETECTRON2 = 2, LQ_MMDET = 3, LQ_SSD_FORCED = 4 };
 enum { POSITIVE = 1, NEGATIVE = 0, IGNORED = -1 };
@@ -1148,13 +1150,15 @@ static void bounds_of(const float *anchors, int64_t n, float *out) {
  * and height in (0, inf) taken in double (the exact sign of a float32 difference, no
  * overflow; false for NaN and for infinite coordinates), x2 and y2 above low, x1 below
  * width and y1 below height (float32 compares, as torch compares a float32 tensor with
- * the canvas). Anchors pass low = -inf and width = height = inf. */
-int tritarget_cpu_boxes_valid(const float *boxes, int64_t count, float low, float width, float height) {
+ * the canvas), every coordinate within (-reach, reach). Anchors pass low = -inf and
+ * width = height = reach = inf. */
+int tritarget_cpu_boxes_valid(const float *boxes, int64_t count, float low, float width, float height,
+                              float reach) {
     for (int64_t i = 0; i < count; ++i) {
         const float *b = boxes + 4 * i;
         const double w = (double)b[2] - (double)b[0], h = (double)b[3] - (double)b[1];
         if (!(w > 0.0 && w < INFINITY && h > 0.0 && h < INFINITY && b[2] > low && b[3] > low && b[0] < width &&
-              b[1] < height))
+              b[1] < height && b[0] > -reach && b[1] > -reach && b[2] < reach && b[3] < reach))
             return 0;
     }
     return 1;
@@ -1192,7 +1196,8 @@ static void advise_huge_pages(void *data, size_t bytes) {
 /* Whether the gt boxes are to be checked here and some box is invalid. */
 static int invalid_gt_boxes(const Problem *p) {
     return p->check_gt_boxes &&
-           !tritarget_cpu_boxes_valid(p->gt_boxes, p->gt_offsets[p->batch], 0.0f, p->canvas_width, p->canvas_height);
+           !tritarget_cpu_boxes_valid(p->gt_boxes, p->gt_offsets[p->batch], 0.0f, p->canvas_width, p->canvas_height,
+                                      BOX_REACH);
 }
 
 /* Dense targets into p's outputs. Returns 0 on success, 1 when scratch memory could not

@@ -5,10 +5,11 @@ and every box, drops invalid boxes when asked (remembering where each kept box c
 from), and fills in defaults (valid sizes = canvas, no ignore boxes), and turns padded sizes into
 each image's valid feature-map cells.
 
-Invalid boxes are degenerate (x2 <= x1 or y2 <= y1), not finite, or wholly outside
-the canvas. They are refused rather than matched because a box with IoU 0 against
-every anchor would, under torchvision's and mmdet's low-quality rule, turn every
-zero-IoU anchor positive.
+Invalid boxes are degenerate (x2 <= x1 or y2 <= y1), not finite, wholly outside
+the canvas, or reach beyond ±2**31 pixels (``BOX_REACH``). They are refused rather than
+matched because a box with IoU 0 against every anchor would, under torchvision's and
+mmdet's low-quality rule, turn every zero-IoU anchor positive; a box reaching farther
+could be matched and encoded into infinite deltas.
 
 A call costs little besides the backend: generated anchors come from a cache (one
 copy per config, canvas and device), and the small integers (offsets, image sizes) stay
@@ -195,6 +196,13 @@ class Kept:
     dropped_ignore: list[torch.Tensor] = field(default_factory=list)
 
 
+# How far from the origin a gt box or crowd region may reach, in pixels (in float32,
+# exactly): with boxes that only have to touch a canvas of at most 2**31 pixels a side,
+# a side of ~1e37 pixels was matched and its centre offset overflowed into an infinite
+# delta. Within this, config.MAX_ENCODE_MAGNITUDE keeps every delta finite.
+BOX_REACH = 2.0**31
+
+
 class _Boxes(NamedTuple):
     """An input whose box values are checked: ``counts`` per image, or None for anchors
     (explicit anchors may lie outside the canvas, and are never dropped)."""
@@ -334,37 +342,40 @@ def canvas_limits(canvas: tuple[int, int], device: torch.device, stream: int | N
 
 def _margins(item: _Boxes, canvas: tuple[int, int]) -> torch.Tensor:
     """Every quantity a valid box keeps in (0, inf): width and height, and for boxes (not
-    anchors) x2, y2, canvas width - x1 and canvas height - y1.
+    anchors) x2, y2, canvas width - x1, canvas height - y1, BOX_REACH - x2, BOX_REACH - y2,
+    x1 + BOX_REACH and y1 + BOX_REACH (each with the exact sign in float32: 2**31 is a
+    float32, and a difference of two float32 values rounds to 0 only where it is 0).
 
     A NaN or infinite coordinate makes its box's width or height NaN or infinite, so the
-    range also catches those. A finite box whose width overflows float32 falls outside it
-    too, and the host then finds the box valid.
+    range also catches those. A finite anchor whose width overflows float32 falls outside
+    it too, and the host then finds the anchor valid (a box reaching that far is invalid).
     """
     low, high = item.boxes[:, :2], item.boxes[:, 2:]
     if item.counts is None:
         return high - low
     device = item.boxes.device
-    return torch.cat([high - low, high, canvas_limits(canvas, device, stream_key(device)) - low], dim=1)
+    canvas_margins = canvas_limits(canvas, device, stream_key(device)) - low
+    return torch.cat([high - low, high, canvas_margins, BOX_REACH - high, low + BOX_REACH], dim=1)
 
 
 # An input of up to this many boxes on the CPU is checked with Python floats: below ~100
 # boxes that costs less than the few torch ops that check a tensor of boxes.
 _HOST_CHECK_MAX_BOXES = 128
 
-# ``host_check(boxes, low, width, height)``: whether every box of a contiguous float32 CPU
-# tensor is valid against ``_host_limits`` -- the rule of ``_invalid_on_host``, offered by
-# a backend that checks faster than Python (the cpu backend's compiled ``boxes_valid``).
-HostCheck = Callable[[torch.Tensor, float, float, float], bool]
+# ``host_check(boxes, low, width, height, reach)``: whether every box of a contiguous
+# float32 CPU tensor is valid against ``_host_limits`` -- the rule of ``_invalid_on_host``,
+# offered by a backend that checks faster than Python (the cpu backend's ``boxes_valid``).
+HostCheck = Callable[[torch.Tensor, float, float, float, float], bool]
 
 
-def _host_limits(item: _Boxes, canvas: tuple[int, int]) -> tuple[float, float, float]:
-    """(low, width, height): a valid box's x2 and y2 exceed low, its x1 stays below width
-    and its y1 below height."""
+def _host_limits(item: _Boxes, canvas: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(low, width, height, reach): a valid box's x2 and y2 exceed low, its x1 stays below
+    width and its y1 below height, and every coordinate within (-reach, reach)."""
     if item.counts is None:  # anchors may lie anywhere: limits no finite box reaches
-        return -math.inf, math.inf, math.inf
+        return -math.inf, math.inf, math.inf, math.inf
     # torch compares float32 coordinates with the canvas's Python ints in float32
     width, height = array.array("f", (canvas[1], canvas[0]))
-    return 0.0, width, height
+    return 0.0, width, height, BOX_REACH
 
 
 def _invalid_on_host(item: _Boxes, canvas: tuple[int, int], host_check: HostCheck | None) -> bool:
@@ -374,12 +385,13 @@ def _invalid_on_host(item: _Boxes, canvas: tuple[int, int], host_check: HostChec
     overflows, and ``0 < d < inf`` fails for a NaN: it holds exactly when both coordinates
     are finite and the box is not degenerate along that axis.
     """
-    low, width, height = _host_limits(item, canvas)
+    low, width, height, reach = _host_limits(item, canvas)
     if host_check is not None:
-        return not host_check(item.boxes, low, width, height)
+        return not host_check(item.boxes, low, width, height, reach)
     inf = math.inf
     for x1, y1, x2, y2 in item.boxes.tolist():
-        if not (0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > low and y2 > low and x1 < width and y1 < height):
+        if not (0 < x2 - x1 < inf and 0 < y2 - y1 < inf and x2 > low and y2 > low and x1 < width and y1 < height
+                and -reach < x1 and -reach < y1 and x2 < reach and y2 < reach):  # fmt: skip
             return True
     return False
 
@@ -464,6 +476,8 @@ def _invalid_reasons(boxes: torch.Tensor, canvas: tuple[int, int] | None) -> lis
         height, width = canvas
         outside = (x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height)
         checks.append((outside, f"wholly outside the {height}x{width} canvas"))
+        far = (x1 <= -BOX_REACH) | (y1 <= -BOX_REACH) | (x2 >= BOX_REACH) | (y2 >= BOX_REACH)
+        checks.append((far, f"reaches beyond ±{BOX_REACH:.0f} pixels"))
     reasons: dict[int, str] = {}
     for bad, reason in checks:
         for row in torch.nonzero(bad).flatten().tolist():

@@ -448,7 +448,8 @@ def _positive_finite(value):
 def _flag_invalid_boxes(boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
     """Set the int64 at invalid_ptr to 1 if one of the boxes ``rows`` (where ``real``)
     may be invalid by ``problem._margins``' rule: width, height, x2, y2, canvas width - x1
-    and canvas height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height)."""
+    and canvas height - y1 in (0, inf), in float32 (canvas_ptr: float32 width, height), and
+    every coordinate within (-2**31, 2**31) (``problem.BOX_REACH``)."""
     box = boxes_ptr + rows * 4
     x1 = tl.load(box, mask=real, other=0.0)
     y1 = tl.load(box + 1, mask=real, other=0.0)
@@ -456,6 +457,7 @@ def _flag_invalid_boxes(boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
     y2 = tl.load(box + 3, mask=real, other=0.0)
     valid = _positive_finite(x2 - x1) & _positive_finite(y2 - y1) & _positive_finite(x2) & _positive_finite(y2)
     valid = valid & _positive_finite(tl.load(canvas_ptr) - x1) & _positive_finite(tl.load(canvas_ptr + 1) - y1)
+    valid = valid & (x1 > -2147483648.0) & (y1 > -2147483648.0) & (x2 < 2147483648.0) & (y2 < 2147483648.0)
     tl.store(invalid_ptr + rows * 0, tl.full(rows.shape, 1, tl.int64), mask=real & ~valid)
 
 

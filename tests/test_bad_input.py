@@ -28,6 +28,7 @@ GOOD = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 20.0, 60.0, 60.0], [0.0, 0.0
         ([10.0, 10.0, float("inf"), 20.0], "not finite"),
         ([100.0, 10.0, 120.0, 20.0], "wholly outside the 64x96 canvas"),
         ([-30.0, 10.0, 0.0, 20.0], "wholly outside"),
+        ([10.0, 10.0, 3e38, 10.5], "reaches beyond ±2147483648 pixels"),  # matched, its delta was inf
     ],
 )
 def test_invalid_box_is_named_by_image_and_box(bad_box, reason):

@@ -238,18 +238,21 @@ def test_assign_raises_and_drops_as_before(function, backend):
 
 @TRITON
 @pytest.mark.parametrize(("function", "solver"), [(assign, "solve"), (assign_sparse, "solve_sparse")])
-def test_a_box_only_float32_doubts_is_solved_after_the_full_check(function, solver):
-    # Its width overflows float32: the kernel flags it, the host check (in float64)
-    # finds it valid, and the batch is solved again as checked.
+def test_a_box_reaching_past_2_31_pixels_is_flagged_and_refused_by_the_full_check(function, solver):
+    # Its width overflows float32 (it was a box only float32 doubted, solved as valid): the
+    # kernel flags it, and the check on the host names it or drops it.
     huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
     boxes = torch.cat([GOOD, huge])
     with pytest.raises(CheckBoxesFirst):
         _solve("triton", solver, boxes, [2, 2], check=False)
-    ours = function(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton").to("cpu")
-    reference = function(boxes, [2, 2], CANVAS, CONFIG, backend="reference")
+    with pytest.raises(ValueError, match=r"gt_boxes: image 1, box 1: reaches beyond ±2147483648 pixels"):
+        function(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton")
+    ours = function(boxes.to(_device("triton")), [2, 2], CANVAS, CONFIG, backend="triton", drop_invalid=True)
+    reference = function(boxes, [2, 2], CANVAS, CONFIG, backend="reference", drop_invalid=True)
+    ours = ours.to("cpu")
     if function is assign:
         ours, reference = ours.to_sparse(), reference.to_sparse()
-    assert ours.dropped[1].numel() == 0
+    assert ours.dropped[1].tolist() == [1]
     for name in ("positive_offsets", "positive_anchors", "positive_matched_gt", "ignored_anchors"):
         assert torch.equal(getattr(ours, name), getattr(reference, name)), name
 

@@ -917,21 +917,25 @@ def test_explicit_anchors_of_subnormal_area_keep_their_ties(preset, positives):
     assert sparse.positive_anchors.tolist() == positives
 
 
-def test_an_anchor_inside_any_ignore_region_is_excluded_even_where_another_iof_is_nan():
-    """An anchor and a region of areas past float32's range have IoF inf / inf = NaN; the
-    anchor is still inside the other region (IoF 1). The reference took the max over the
-    regions, which spread the NaN and kept the anchor; every backend now asks whether any
-    region holds it."""
+def test_an_anchor_past_float32_inside_a_crowd_region_is_ignored_and_a_region_that_far_refused():
+    """An anchor and a region of areas past float32's range had IoF inf / inf = NaN (the
+    reference's max over the regions spread it and kept the anchor; every backend asks
+    whether any region holds it). Crowd regions now stay within 2**31 pixels, so only the
+    anchor's area may overflow: the region's IoF is finite, and the anchor is ignored."""
     match = replace(presets.get("retinanet_mmdet").match, ignore_iof_thr=0.5, ignore_iof_wrt_anchor=False,
                     low_quality="none")  # fmt: skip
     config = replace(presets.get("retinanet_mmdet"), match=match)
     anchors = torch.tensor([[0.0, 0.0, 3e38, 3e38]])
-    ignore = torch.tensor([[0.0, 0.0, 3e38, 3e38], [0.0, 0.0, 20.0, 20.0]])
+    reach = 2.0**31 - 128  # the farthest float32 inside the bound
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     for backend in ("reference", "cpu", *(["triton"] if triton_runs_here() else [])):
-        got = on_device(assign, box, [1], (64, 64), config, anchors=anchors, ignore_boxes=ignore, ignore_counts=[2],
-                        backend=backend)  # fmt: skip
-        assert got.labels.tolist() == [[-1]], backend
+        for ignore in ([[0.0, 0.0, reach, reach], [0.0, 0.0, 20.0, 20.0]], [[0.0, 0.0, reach, reach]]):
+            got = on_device(assign, box, [1], (64, 64), config, anchors=anchors, ignore_boxes=torch.tensor(ignore),
+                            ignore_counts=[len(ignore)], backend=backend)  # fmt: skip
+            assert got.labels.tolist() == [[-1]], (backend, ignore)
+        with pytest.raises(ValueError, match=r"ignore_boxes: image 0, box 0: reaches beyond ±2147483648 pixels"):
+            on_device(assign, box, [1], (64, 64), config, anchors=anchors, ignore_boxes=anchors, ignore_counts=[1],
+                      backend=backend)  # fmt: skip
 
 
 def test_anchors_a_caller_edits_in_place_change_no_later_call():

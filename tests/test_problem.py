@@ -116,13 +116,21 @@ def test_more_boxes_than_int32_indices_are_refused_before_any_copy(name):
 
 
 @pytest.mark.usefixtures("box_check")
-def test_a_valid_box_wider_than_float32_is_kept():
-    # Its width overflows float32 to inf: the torch check is unsure, and the host finds it
-    # valid; in Python floats it does not overflow.
+def test_a_box_reaching_past_2_31_pixels_is_invalid_an_anchor_is_not():
+    """A box only has to touch the canvas, but one reaching ~1e37 pixels was matched and
+    its delta overflowed to inf (ssd300's weights of 10). An explicit anchor may lie
+    anywhere: one wider than float32 is kept (its width overflows float32, not Python's)."""
+    below, at = 2.0**31 - 128, 2.0**31  # float32 neighbours
+    for inside in ([-below, 0.0, 10.0, 10.0], [0.0, -below, 10.0, below]):
+        build_problem(torch.tensor([inside]), [1], CANVAS, CONFIG)
+    for far in ([-at, 0.0, 10.0, 10.0], [0.0, -at, 10.0, 10.0], [0.0, 0.0, at, 10.0], [0.0, 0.0, 10.0, 3e38]):
+        with pytest.raises(ValueError, match=r"gt_boxes: image 0, box 0: reaches beyond ±2147483648 pixels"):
+            build_problem(torch.tensor([far]), [1], CANVAS, CONFIG)
     huge = torch.tensor([[-3e38, 0.0, 3e38, 10.0]])
     problem, kept = build_problem(huge, [1], CANVAS, CONFIG, drop_invalid=True)
-    assert kept.original_index is None and kept.dropped[0].numel() == 0
-    assert torch.equal(problem.gt_boxes, huge)
+    assert kept.dropped[0].tolist() == [0]
+    problem, _ = build_problem(GOOD, [2, 1], CANVAS, CONFIG, anchors=torch.cat([GOOD, huge]))
+    assert torch.equal(problem.anchors[-1:], huge)
 
 
 @pytest.mark.usefixtures("box_check")
@@ -213,7 +221,8 @@ def test_dropping_renumbers_offsets_and_rows():
 @pytest.mark.parametrize("anchors", [False, True])
 def test_the_host_checks_agree_with_the_torch_rules(anchors, compiled):
     # Coordinates drawn from values on and around every rule's edge, box by box.
-    edges = [-math.inf, -3e38, -1.0, -0.0, 0.0, 1e-30, 5.0, 63.99, 64.0, 95.99, 96.0, 100.0, 3e38, math.inf, math.nan]
+    edges = [-math.inf, -3e38, -(2.0**31), 128 - 2.0**31, -1.0, -0.0, 0.0, 1e-30, 5.0, 63.99, 64.0, 95.99, 96.0,
+             100.0, 2.0**31 - 128, 2.0**31, 3e38, math.inf, math.nan]  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     boxes = torch.tensor(edges)[torch.randint(len(edges), (2000, 4), generator=generator)]
     counts = None if anchors else [1]
