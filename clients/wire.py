@@ -159,6 +159,21 @@ def _counts(name: str, counts: Any) -> list[int]:
     return [_int32(f"{name}[{i}]", int(v)) for i, v in enumerate(values)]
 
 
+# Config fields added since the first release, each with the value that behaves as the
+# config did before it: a TargetConfig's JSON leaves them out at that value, so that a
+# server from before them (it refuses fields it does not know, by name) still reads
+# every config that does not use them, while clients are upgraded first.
+_ADDED_FIELDS = {("encode", "symmetric_clamp"): False}
+
+
+def _wire_dict(config: TargetConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    for (section, name), before in _ADDED_FIELDS.items():
+        if data[section][name] is before:
+            del data[section][name]
+    return data
+
+
 def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | None) -> pb.ConfigRef:
     """A ``ConfigRef``: a preset name, or a config (``TargetConfig`` or its dict), plus overrides."""
     if (preset is None) == (config is None):
@@ -167,7 +182,11 @@ def config_ref(preset: str | None, config: Any, overrides: Mapping[str, Any] | N
     if preset is not None:
         ref.preset = preset
     else:
-        data = config.to_dict() if hasattr(config, "to_dict") else config
+        data = config
+        if isinstance(config, TargetConfig):
+            data = _wire_dict(config)
+        elif hasattr(config, "to_dict"):
+            data = config.to_dict()
         ref.config_json = json.dumps(data)
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):

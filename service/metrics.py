@@ -7,6 +7,7 @@ Exposed on an HTTP port (``tritarget serve --metrics-port``) under ``/metrics``.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -59,6 +60,12 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection closed for its silence, or by its client, is not an error
+        (socketserver printed a traceback for each)."""
+        if not isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+            super().handle_error(request, client_address)
 
 
 class Metrics:

@@ -288,7 +288,7 @@ def test_a_token_served_over_plaintext_beyond_loopback_is_warned_of(host, tls, w
         assert "--tls-cert" in said
 
 
-def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
+def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch, capfd):
     """Connections to /metrics that never finish a request hold at most MAX_SCRAPES threads
     and file descriptors, each for IDLE_S (prometheus_client's own endpoint kept a thread
     and a descriptor per connection for good: enough of them starved gRPC of descriptors)."""
@@ -312,6 +312,7 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
         _wait_for(lambda: threading.active_count() == threads)
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b"tritarget_requests_total" in page or b"tritarget_queued_images" in page
+        assert "Traceback" not in capfd.readouterr().err  # closing a silent connection is no error
     finally:
         for sock in idle:
             sock.close()

@@ -3,14 +3,16 @@ a caller gets the codec's error (and the stream goes on), never gRPC's generic o
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 import torch
 from test_service_harness import ServerThread, limits
 
-from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients import TargetClient, TargetServiceError, wire
 from tritarget.clients.wire import build_request
-from tritarget.kernels import generate_anchors, presets
+from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 
@@ -58,3 +60,15 @@ def test_get_anchors_over_the_limit_by_its_envelope_is_refused_by_the_codec():
         errors = {"method": "GetAnchors", "code": "RESOURCE_EXHAUSTED"}
         assert server.metrics.value("tritarget_errors_total", errors) == 1
         assert client.get_anchors((64, 64), preset="retinanet_torchvision").shape[1] == 4  # smaller still served
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_a_config_travels_without_fields_added_later_at_their_old_value(name):
+    """encode.symmetric_clamp came after the first release; a server from before it refuses
+    a config naming it. At False (the config as it was before) the JSON leaves it out, and
+    the server still reads the same config."""
+    config = presets.get(name)
+    sent = json.loads(wire.config_ref(None, config, None).config_json)
+    assert ("symmetric_clamp" in sent["encode"]) == config.encode.symmetric_clamp
+    assert TargetConfig.from_dict(sent) == config
+    assert config.to_dict()["encode"]["symmetric_clamp"] is config.encode.symmetric_clamp  # the library's own: whole
