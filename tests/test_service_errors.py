@@ -239,9 +239,10 @@ def test_float16_overflow_names_the_overflowing_magnitude_beside_a_nan(format):
 
 
 def test_float16_overflow_from_a_box_does_not_blame_the_config():
-    """A box 10^30 wide overflows float16 deltas under the preset's own weights: the error
-    names boxes as a cause (it said only "the config's encode weights or stds"; review 49)."""
-    boxes = torch.tensor([[-1e30, 0.0, 10.0, 10.0]])
+    """A box 2^31 pixels wide (as wide as a valid box reaches) overflows float16 deltas
+    under the preset's own weights: the error names boxes as a cause (it said only "the
+    config's encode weights or stds"; review 49)."""
+    boxes = torch.tensor([[128 - 2.0**31, 0.0, 10.0, 10.0]])
     request = build_request(boxes, [1], CANVAS, preset="retinanet_torchvision", delta_dtype="float16")
     targets = assign(boxes, [1], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
     assert (targets.labels == 1).any()  # low-quality matching gives the box its best anchors
