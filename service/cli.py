@@ -135,6 +135,9 @@ def _server_options(args: argparse.Namespace):
         tls_key=tls_key,
         warmup_canvas=tuple(args.warmup_canvas),
         grace_s=args.grace,
+        max_streams_per_connection=args.max_streams_per_connection,
+        connection_idle_s=args.connection_idle_s,
+        connection_age_s=args.connection_age_s,
         access_log=not args.no_access_log,
         gpu_wait=args.gpu_wait,
     )
@@ -627,6 +630,13 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0, help="seconds for calls in flight at shutdown")
+    parser.add_argument("--max-streams-per-connection", type=integer(1), default=1024,
+                        help="calls one connection may have open at once (default 1024)")  # fmt: skip
+    parser.add_argument("--connection-idle-s", type=number(0, above=True), default=300.0,
+                        help="a connection with no call open for this long is closed (default 300)")  # fmt: skip
+    parser.add_argument("--connection-age-s", type=number(0, above=True), default=1800.0,
+                        help="a connection this old is asked to reconnect, its calls given 60 s more: a caller "
+                             "that never reads holds no memory for longer (default 1800)")  # fmt: skip
     parser.add_argument("--no-access-log", action="store_true",
                         help="no INFO line per call (method, id, images, boxes, code, ms)")  # fmt: skip
 

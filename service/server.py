@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import signal
 import socket
 import time
@@ -75,6 +76,15 @@ def _addresses(host: str, port: int) -> list[tuple[int, tuple]]:
 # hosts file still lists ::1 for localhost, as container runtimes write it): skipped while
 # another of the host's addresses binds, as gRPC skips it.
 _ABSENT = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+# Time a connection past ServerOptions.connection_age_s gets for its calls in flight: a
+# DENSE batch takes seconds; a caller that reads nothing is let go after it.
+_CONNECTION_AGE_GRACE_S = 60.0
+
+
+def _milliseconds(seconds: float) -> int:
+    """gRPC's int32 milliseconds, at most ~24.8 days (its limit)."""
+    return min(max(round(seconds * 1000), 1), 2**31 - 1)
 
 
 def _bindable(host: str, port: int) -> tuple[list[tuple[int, tuple]], str | None]:
@@ -148,6 +158,14 @@ class ServerOptions:
         id, images, boxes, code, milliseconds).
     gpu_wait: how threads wait for the GPU, "block" (asleep) or "spin" (``gpu_wait``): a
         setting of the whole process, made only where the server is its first CUDA user.
+    max_streams_per_connection, connection_idle_s, connection_age_s: what one connection
+        may hold, and for how long (``_CONNECTION_AGE_GRACE_S`` more for its calls in
+        flight once it is too old). gRPC sets no limit: one connection opened 30,000
+        streams (1.1 GB), 20,000 connections that sent the HTTP/2 preface and then nothing
+        took every file descriptor, and a caller that never read its DENSE responses held
+        ``max_unsent_bytes`` (every other DENSE call refused) for as long as it kept its
+        connection. Clients reconnect and retry UNAVAILABLE, and streams send their
+        unanswered requests again, so a closed connection costs them a handshake.
     """
 
     host: str = "127.0.0.1"
@@ -167,8 +185,18 @@ class ServerOptions:
     access_log: bool = True
     reuse_port: bool = False
     gpu_wait: str = "block"
+    max_streams_per_connection: int = 1024
+    connection_idle_s: float = 300.0
+    connection_age_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.max_streams_per_connection, int) and self.max_streams_per_connection >= 1):
+            raise ValueError(f"max_streams_per_connection: expected an integer >= 1, got "
+                             f"{self.max_streams_per_connection!r}")  # fmt: skip
+        for name in ("connection_idle_s", "connection_age_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name}: expected a finite number of seconds > 0, got {value!r}")
         if self.gpu_wait not in GPU_WAITS:
             raise ValueError(f"gpu_wait: expected one of {', '.join(GPU_WAITS)}, got {self.gpu_wait!r}")
         if self.metrics_host is not None and not self.metrics_host.strip("[] "):  # was --host's, silently
@@ -236,6 +264,10 @@ class TargetServer:
                 # backlog of 20,000 means the loop cannot keep up even to refuse: gRPC sheds then.
                 ("grpc.server.max_pending_requests", 20_000),
                 ("grpc.server.max_pending_requests_hard_limit", 40_000),
+                ("grpc.max_concurrent_streams", options.max_streams_per_connection),
+                ("grpc.max_connection_idle_ms", _milliseconds(options.connection_idle_s)),
+                ("grpc.max_connection_age_ms", _milliseconds(options.connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", _milliseconds(_CONNECTION_AGE_GRACE_S)),
             ],
         )
         add_to_server(self.servicer, self.grpc)

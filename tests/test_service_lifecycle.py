@@ -804,6 +804,9 @@ def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
     ({"warmup_preset": "retinanet"}, "warmup_preset: unknown preset 'retinanet'"),
     ({"warmup_canvas": (0, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
     ({"metrics_host": "", "metrics_port": 0}, "metrics_host: empty; give an address, or none to use host's"),
+    ({"max_streams_per_connection": 0}, "max_streams_per_connection: expected an integer >= 1, got 0"),
+    ({"connection_idle_s": float("inf")}, "connection_idle_s: expected a finite number of seconds > 0, got inf"),
+    ({"connection_age_s": 0}, "connection_age_s: expected a finite number of seconds > 0, got 0"),
 ])  # fmt: skip
 def test_server_options_refuse_a_warm_up_that_cannot_run(options, message):
     """An unknown preset raised inside the warm-up task, which then never settled: the

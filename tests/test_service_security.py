@@ -324,3 +324,71 @@ def _wait_for(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_SETTINGS, _GOAWAY = 4, 7
+
+
+def _frame(kind: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + (0).to_bytes(4, "big") + payload
+
+
+def _frames_until_closed(sock: socket.socket, timeout_s: float) -> list[tuple[int, bytes]]:
+    """(type, payload) of every HTTP/2 frame the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    return frames
+
+
+def test_a_connection_is_told_its_stream_limit_and_closed_once_idle():
+    """A connection that opens the HTTP/2 session and then sends nothing (20,000 of them
+    took every file descriptor, and gRPC kept them for good) is closed after
+    connection_idle_s; the server's settings cap the streams it may open at once."""
+    with ServerThread(max_streams_per_connection=7, connection_idle_s=1.0) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        started = time.monotonic()
+        sock.sendall(_PREFACE + _frame(_SETTINGS) + _frame(_SETTINGS, flags=1))
+        frames = _frames_until_closed(sock, timeout_s=15)
+        closed_after = time.monotonic() - started
+        sock.close()
+    settings = next(payload for kind, payload in frames if kind == _SETTINGS and payload)
+    values = {int.from_bytes(settings[i : i + 2], "big"): int.from_bytes(settings[i + 2 : i + 6], "big")
+              for i in range(0, len(settings), 6)}  # fmt: skip
+    assert values[3] == 7  # SETTINGS_MAX_CONCURRENT_STREAMS
+    assert any(kind == _GOAWAY for kind, _ in frames)
+    assert 0.5 < closed_after < 12
+
+
+def test_calls_and_streams_go_on_across_connections_closed_for_their_age(monkeypatch):
+    """Past connection_age_s the server asks the caller to reconnect and, after the grace,
+    closes the connection (a caller that never read its responses held the server's unsent
+    bound for as long as it kept its connection): unary calls retry, a stream sends its
+    unanswered requests again; none is lost or answered twice."""
+    from tritarget.service import server as server_module
+
+    monkeypatch.setattr(server_module, "_CONNECTION_AGE_GRACE_S", 0.3)
+    items = [{"gt_boxes": BOXES, "gt_counts": [1], "request_id": f"r{i}"} for i in range(12)]
+
+    def slowly():
+        for item in items:
+            time.sleep(0.25)
+            yield item
+
+    with ServerThread(connection_age_s=0.5) as srv, TargetClient(srv.address, timeout=60) as client:
+        expected = _assign(client)
+        for _ in range(6):
+            time.sleep(0.3)
+            assert torch.equal(_assign(client).labels, expected.labels)
+        before = client.stats.retries
+        answers = list(client.stream(slowly(), preset="retinanet_torchvision", canvas=CANVAS))
+        assert len(answers) == len(items)
+        assert all(torch.equal(answer.labels, expected.labels) for answer in answers)
+        assert client.stats.retries > before, client.stats  # the stream was cut, and started again
