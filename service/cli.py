@@ -630,8 +630,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0, help="seconds for calls in flight at shutdown")
-    parser.add_argument("--max-streams-per-connection", type=integer(1), default=1024,
-                        help="calls one connection may have open at once (default 1024)")  # fmt: skip
+    parser.add_argument("--max-streams-per-connection", type=integer(1), default=4096,
+                        help="calls one connection may have open at once (default 4096)")  # fmt: skip
     parser.add_argument("--connection-idle-s", type=number(0, above=True), default=300.0,
                         help="a connection with no call open for this long is closed (default 300)")  # fmt: skip
     parser.add_argument("--connection-age-s", type=number(0, above=True), default=1800.0,
