@@ -95,6 +95,12 @@ _PROGRESS_S = 0.5
 _FINISH_SLACK_S = 60.0
 _STOP_POLL_S = 0.1  # how soon a client notices that it is asked to stop
 _REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusing server fails at once
+# A stream stops sending after this long and, once its requests are all answered, another
+# takes over: a server closes connections older than its --connection-age-s (1800 s by
+# default, then 60 s of grace), which cut a stream held for a longer run and counted its
+# requests in flight as errors.
+_STREAM_ROTATE_S = 60.0
+_ROTATED = object()  # what ``_one_stream`` returns for a stream that made way for the next
 # Codes after which a closed-loop caller pauses as long before its next call.
 _PAUSE_AFTER = (grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.RESOURCE_EXHAUSTED.name)
 _DETAILS_CHARS = 300  # of an error's message, kept per code for the report
@@ -604,18 +610,20 @@ class _Driver:
         requests count as errors; open loop: so do those it had no time left to send)."""
         schedule = _Schedule(itertools.islice(self._schedule(), k, None, self.share)) if self.options.rate else None
         code = await self._one_stream(self._next_stream(), schedule)
-        while code is not None and (left := self.end - time.perf_counter()) > 0:
-            await asyncio.sleep(min(_REOPEN_PAUSE_S, left))
+        while code is _ROTATED or (code is not None and (left := self.end - time.perf_counter()) > 0):
+            if code is not _ROTATED:
+                await asyncio.sleep(min(_REOPEN_PAUSE_S, left))
             code = await self._one_stream(self._next_stream(), schedule)
         while schedule is not None and schedule.next is not None:  # the last stream failed
             self.recorder.error(schedule.take(), code)
 
-    async def _one_stream(self, open_stream, schedule: _Schedule | None) -> str | None:
+    async def _one_stream(self, open_stream, schedule: _Schedule | None) -> str | object | None:
         """One AssignStream call: None once every request it was to send is answered,
-        else the code it failed with (its unanswered requests are counted as errors)."""
+        ``_ROTATED`` once those it sent in its ``_STREAM_ROTATE_S`` are, else the code it
+        failed with (its unanswered requests are counted as errors)."""
         in_flight: deque[tuple[int, float]] = deque()  # sent (or being sent), not answered
         slots = asyncio.Semaphore(self.options.window)
-        sent_all = False
+        sent_all = rotated = False
         opened = time.perf_counter()
         call = open_stream(timeout=self.options.timeout_s + self.options.duration_s + self.options.warmup_s,
                            metadata=self.metadata)  # fmt: skip
@@ -624,13 +632,16 @@ class _Driver:
             # Our own writer, not a request iterator handed to gRPC: gRPC's consumer of one
             # cancels the call on any failure (the reader then gets asyncio.CancelledError)
             # and leaves it suspended, to be closed mid-await at loop shutdown.
-            nonlocal sent_all
+            nonlocal sent_all, rotated
             # Since when the stream could take the next request: its opening (a request due
             # before waited for a reopen), then the end of a write that blocked (the server
             # had not taken the last), else never in the way (lateness is the generator's).
             free = opened
             try:
                 while True:
+                    if time.perf_counter() - opened >= _STREAM_ROTATE_S:
+                        rotated = True
+                        break
                     if schedule is None:
                         await slots.acquire()
                         at = time.perf_counter()
@@ -666,7 +677,7 @@ class _Driver:
                 self.recorder.record(at, time.perf_counter(), in_band, i, response)
                 slots.release()
             if sent_all and not in_flight:
-                return None
+                return _ROTATED if rotated else None
             code = _UNANSWERED
         except grpc.RpcError as error:
             code = _code(error)

@@ -166,9 +166,9 @@ class ServerOptions:
         ``max_unsent_bytes`` (every other DENSE call refused) for as long as it kept its
         connection. Clients reconnect and retry UNAVAILABLE, and streams send their
         unanswered requests again, so a closed connection costs them a handshake. Calls a
-        new connection opens past the stream limit before the server's settings reach its
-        caller are refused UNAVAILABLE (a burst of 3,000 at once, with a limit of 1,024:
-        1,861 refused), hence a limit well above any one caller's concurrency.
+        connection opens past the stream limit are refused UNAVAILABLE (gRPC's client does
+        not queue them; ours retry: a burst of 3,000 at once on one channel, with a limit
+        of 1,024, had 1,861 refused), hence a limit well above one caller's concurrency.
     """
 
     host: str = "127.0.0.1"

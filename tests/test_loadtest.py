@@ -96,6 +96,22 @@ def test_open_loop_sends_on_schedule(server, stream):
     assert report.sends >= 78 and "could not keep its schedule" not in report.table()
 
 
+@pytest.mark.parametrize("rate", [None, 40.0], ids=["closed", "open"])
+def test_streams_make_way_before_the_server_closes_their_connections(monkeypatch, rate):
+    """A server closes connections past its --connection-age-s (then a grace): a stream held
+    for the whole run was cut, and its requests in flight counted as errors. Streams now
+    make way for fresh ones in time; every request is answered."""
+    from tritarget.service import server as server_module
+
+    monkeypatch.setattr(server_module, "_CONNECTION_AGE_GRACE_S", 0.5)
+    monkeypatch.setattr(loadtest, "_STREAM_ROTATE_S", 0.4)
+    with ServerThread(backend="cpu", connection_age_s=1.0) as srv:
+        window = {} if rate else {"window": 2}
+        report = run(_options(srv, stream=True, rate=rate, duration_s=3.0, concurrency=2, **window))
+    assert report.ok and report.errors == {}, report.table()
+    assert report.requests > 0 and report.mismatches == []
+
+
 def test_several_client_processes(server):
     report = run(_options(server, processes=2, duration_s=2.0))
     assert report.ok, report.table()
