@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, batching, limits
+from test_service_harness import ServerThread, batching, limits, until
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -493,7 +493,7 @@ def test_full_queue_is_resource_exhausted_and_others_finish():
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
                 # Queued behind the busy worker (work run on it counts as a batch): the queue is full.
                 waiting = [pool.submit(call), pool.submit(call)]
-                _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
+                until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
                 with pytest.raises(TargetServiceError) as info:
                     call()
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -530,9 +530,9 @@ def test_a_stream_waits_for_room_in_a_full_queue_and_unary_calls_are_refused():
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 # One image each, queued behind the busy worker: the queue is full.
                 queued = [pool.submit(call), pool.submit(call)]
-                _until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
+                until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
                 streamed = pool.submit(stream)
-                _until(lambda: srv.metrics.value("tritarget_stream_requests_waiting") >= 1)
+                until(lambda: srv.metrics.value("tritarget_stream_requests_waiting") >= 1)
                 with pytest.raises(TargetServiceError) as info:
                     client.assign(GOOD[:1], [1], CANVAS, preset="retinanet_torchvision")
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -581,9 +581,9 @@ def test_a_get_anchors_call_past_its_deadline_is_counted_timed_and_logged(caplog
                 pb_grpc.TargetAssignerStub(channel).GetAnchors(request, timeout=0.05)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             seconds = {"method": "GetAnchors"}
-            _until(lambda: srv.metrics.value("tritarget_request_seconds_count", seconds) == 1)
+            until(lambda: srv.metrics.value("tritarget_request_seconds_count", seconds) == 1)
             # Written on the server's thread just after the latency is observed.
-            _until(lambda: any(r.getMessage().startswith("GetAnchors ") and "DEADLINE_EXCEEDED" in r.getMessage()
+            until(lambda: any(r.getMessage().startswith("GetAnchors ") and "DEADLINE_EXCEEDED" in r.getMessage()
                                for r in caplog.records))  # fmt: skip
         errors = {"method": "GetAnchors", "code": "DEADLINE_EXCEEDED"}
         assert srv.metrics.value("tritarget_errors_total", errors) == 1
@@ -594,10 +594,3 @@ async def _occupy(srv, gate):
     import asyncio
 
     asyncio.ensure_future(srv.server.batcher.run(gate.wait))
-
-
-def _until(predicate, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)

@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, batching, limits, unread_call
+from test_service_harness import ServerThread, batching, limits, unread_call, until
 
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -182,7 +182,7 @@ def test_a_huge_request_does_not_hold_the_compute_worker():
             before = srv.metrics.value("tritarget_compute_seconds_count")
             thread = threading.Thread(target=huge)
             thread.start()
-            _until(lambda: srv.metrics.value("tritarget_compute_seconds_count") >= before + 2)  # slices running
+            until(lambda: srv.metrics.value("tritarget_compute_seconds_count") >= before + 2)  # slices running
             client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
             finished["small"] = time.monotonic()
             thread.join(120)
@@ -208,13 +208,6 @@ def test_slices_of_a_caller_that_has_gone_are_not_computed():
                 time.sleep(1.5)
                 counts.append(srv.metrics.value("tritarget_compute_seconds_count"))
             assert counts[-1] - before < 64 / 2
-
-
-def _until(predicate, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -300,7 +293,7 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
                 return sorted(r.getMessage() for r in caplog.records if r.name == "tritarget.access")
 
             # The server counts a failed call before it logs it: wait for the last line, not the count.
-            _until(lambda: len(logged()) == 3)
+            until(lambda: len(logged()) == 3)
         assert _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1 and _errors(srv, "Assign", "CANCELLED") == 1
         assert _errors(srv, "AssignStream", "CANCELLED") == 1
         lines = logged()
@@ -331,7 +324,7 @@ def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_excee
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # The error is counted, then logged (by the server's thread): wait for both.
             access = lambda: [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]  # noqa: E731
-            _until(lambda: _errors(srv, method, "DEADLINE_EXCEEDED") == 1 and access())
+            until(lambda: _errors(srv, method, "DEADLINE_EXCEEDED") == 1 and access())
         assert srv.metrics.value("tritarget_inline_batches_total") == inline + 1
         assert srv.metrics.value("tritarget_response_bytes_total", {"method": method}) == 0
         lines = access()
@@ -351,9 +344,9 @@ def test_a_response_whose_caller_has_gone_is_neither_encoded_nor_counted_as_sent
         with pytest.raises(TargetServiceError) as info:
             client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision", format="dense", timeout=0.3)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        _until(lambda: _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1)  # the server has seen it go
+        until(lambda: _errors(srv, "Assign", "DEADLINE_EXCEEDED") == 1)  # the server has seen it go
         gone.set()
-        _until(lambda: srv.metrics.value("tritarget_compute_seconds_count") == 1)
+        until(lambda: srv.metrics.value("tritarget_compute_seconds_count") == 1)
         time.sleep(0.2)  # the encode would follow the batch on its worker
         assert srv.metrics.value("tritarget_encode_seconds_count") == 0
         assert srv.metrics.value("tritarget_response_bytes_total", {"method": "Assign"}) == 0
@@ -431,9 +424,9 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
         computed = lambda: srv.metrics.value("tritarget_compute_seconds_count")  # noqa: E731
         with TargetClient(srv.address, retries=0) as client:
             dense_response = client.assign_raw(dense).SerializeToString()
-            _until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
+            until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
             held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
-            _until(lambda: unsent() > 12e6)
+            until(lambda: unsent() > 12e6)
             # Built past the bound: a unary SPARSE response is dropped (documented), a stream's sent.
             with pytest.raises(TargetServiceError, match="RESOURCE_EXHAUSTED"):
                 client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="sparse")
@@ -442,15 +435,15 @@ def test_stream_items_wait_for_room_under_the_unsent_bound():
             assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
             before = computed()
             stream = unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
-            _until(lambda: waiting() == 3)
+            until(lambda: waiting() == 3)
             assert computed() == before  # waiting without their work
             with pytest.raises(TargetServiceError, match="3 stream requests waiting for room"):
                 client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
             held.close()  # room: the first item is computed and held until its caller reads it
             # One DENSE response, held from the start (alone, it passes the bound).
-            _until(lambda: computed() > before and waiting() == 2 and unsent() == len(dense_response))
+            until(lambda: computed() > before and waiting() == 2 and unsent() == len(dense_response))
             stream.close()  # the stream ends: its waiting items leave, its held bytes are let go
-            _until(lambda: unsent() == 0 and waiting() == 0)
+            until(lambda: unsent() == 0 and waiting() == 0)
             assert _errors(srv, "AssignStream", "RESOURCE_EXHAUSTED") == 0
             client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
 
@@ -463,16 +456,16 @@ def test_stream_answers_never_sent_count_as_their_callers_gone_not_as_sent(caplo
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         with TargetClient(srv.address, retries=0) as client:
             size = len(client.assign_raw(dense).SerializeToString())
-        _until(lambda: unsent() == 0)
+        until(lambda: unsent() == 0)
         caplog.clear()
         sent = srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"})
         encoded = lambda: srv.metrics.value("tritarget_encode_seconds_count")  # noqa: E731
         before = encoded()
         stream = unread_call(srv.port, "AssignStream", *[dense.SerializeToString()] * 3)
-        _until(lambda: encoded() == before + 3)  # all three computed
+        until(lambda: encoded() == before + 3)  # all three computed
         assert unsent() == 3 * size  # none taken by the transport
         stream.close()
-        _until(lambda: unsent() == 0 and _errors(srv, "AssignStream", "CANCELLED") == 3)
+        until(lambda: unsent() == 0 and _errors(srv, "AssignStream", "CANCELLED") == 3)
         assert srv.metrics.value("tritarget_response_bytes_total", {"method": "AssignStream"}) == sent
         assert srv.metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"}) == 3
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
@@ -490,13 +483,13 @@ def test_a_stream_that_ends_leaves_the_line_for_unsent_room_at_once():
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
         held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
-        _until(lambda: unsent() > 12e6)
+        until(lambda: unsent() > 12e6)
         first = unread_call(srv.port, "AssignStream", dense, dense)
-        _until(lambda: waiting() == 2)
+        until(lambda: waiting() == 2)
         second = unread_call(srv.port, "AssignStream", dense, dense, dense)
-        _until(lambda: waiting() == 5)
+        until(lambda: waiting() == 5)
         second.close()
-        _until(lambda: waiting() == 2, timeout=10)
+        until(lambda: waiting() == 2, timeout=10)
         with TargetClient(srv.address, retries=0) as client:
             with pytest.raises(
                 TargetServiceError, match=r"server busy: .*\(limit \d+, 2 stream requests waiting for room\)"
@@ -504,7 +497,7 @@ def test_a_stream_that_ends_leaves_the_line_for_unsent_room_at_once():
                 client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
         first.close()
         held.close()
-        _until(lambda: unsent() == 0 and waiting() == 0)
+        until(lambda: unsent() == 0 and waiting() == 0)
 
 
 def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
@@ -519,14 +512,14 @@ def test_a_sparse_stream_item_waits_its_turn_behind_a_dense_one():
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
         held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
-        _until(lambda: unsent() > 12e6)
+        until(lambda: unsent() > 12e6)
         with TargetClient(srv.address, retries=0) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
             streamed = pool.submit(lambda: list(client.stream(items, timeout=20)))
-            _until(lambda: waiting() == 2)  # the SPARSE one in line behind the DENSE one
+            until(lambda: waiting() == 2)  # the SPARSE one in line behind the DENSE one
             held.close()
             dense, sparse = streamed.result(20)
             assert dense.labels.shape == sparse.labels.shape and torch.equal(dense.labels, sparse.labels)
-        _until(lambda: unsent() == 0 and waiting() == 0)
+        until(lambda: unsent() == 0 and waiting() == 0)
 
 
 def test_responses_their_callers_do_not_read_are_bounded():
@@ -542,30 +535,30 @@ def test_responses_their_callers_do_not_read_are_bounded():
         unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
         refused = lambda method: _errors(srv, method, "RESOURCE_EXHAUSTED")  # noqa: E731
         calls = [unread_call(srv.port, "GetAnchors", anchors.SerializeToString())]
-        _until(lambda: unsent() > 12e6)
+        until(lambda: unsent() > 12e6)
         calls.append(unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
-        _until(lambda: unsent() > 24e6)
+        until(lambda: unsent() > 24e6)
         calls.append(unread_call(srv.port, "GetAnchors", anchors.SerializeToString()))
         calls.append(unread_call(srv.port, "Assign", dense.SerializeToString()))
-        _until(lambda: refused("GetAnchors") == 1 and refused("Assign") == 1)
+        until(lambda: refused("GetAnchors") == 1 and refused("Assign") == 1)
         assert unsent() <= 30 << 20
         # Their sizes are known before the work: refused without computing (it was done, then dropped).
         assert srv.metrics.value("tritarget_compute_seconds_count") == 0
         for call in calls:
             call.close()
-        _until(lambda: unsent() == 0)
+        until(lambda: unsent() == 0)
         with TargetClient(srv.address, retries=0) as client:  # callers that read are served, and let go
             assert client.get_anchors((2048, 2048), preset="retinanet_torchvision").shape[1] == 4
             client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
-            _until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
+            until(lambda: unsent() == 0)  # let go when gRPC has sent it, which may follow the caller's having it
             # Held at its largest size before the work (every box dropped), then at its own size.
             client.assign(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense", drop_invalid=True)
-            _until(lambda: unsent() == 0)
+            until(lambda: unsent() == 0)
             with pytest.raises(TargetServiceError, match="INVALID_ARGUMENT"):  # failed in the work: let go
                 client.assign(GOOD.flip(1), [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
             assert len(list(client.stream([{"gt_boxes": GOOD, "gt_counts": [2]}] * 3,
                                           preset="retinanet_torchvision", canvas=(2048, 2048)))) == 3  # fmt: skip
-        _until(lambda: unsent() == 0)
+        until(lambda: unsent() == 0)
 
 
 def _varint(value: int) -> bytes:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -138,11 +139,22 @@ def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
     return process, int(match.group(1))
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a client sends first on a connection
+
+
+def until(predicate, timeout: float = 30.0) -> None:
+    """Wait for ``predicate()`` to hold, failing the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
 def unread_call(port: int, method: str, *requests: bytes) -> socket.socket:
     """A call whose caller never reads: HTTP/2 spoken by hand over a real socket, with a
     receive window of 0 (gRPC's clients always read). The socket's close ends the call."""
     connection = socket.create_connection(("127.0.0.1", port))
-    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _http2_frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+    connection.sendall(HTTP2_PREFACE + http2_frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
     return _call(connection, method, requests)
 
 
@@ -155,9 +167,9 @@ def stalled_call(port: int, method: str, request: bytes) -> socket.socket:
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     connection.connect(("127.0.0.1", port))
     largest = 2**31 - 1
-    settings = _http2_frame(4, 0, 0, (4).to_bytes(2, "big") + largest.to_bytes(4, "big"))
-    window = _http2_frame(8, 0, 0, (largest - 65535).to_bytes(4, "big"))  # the connection's, past its 65,535
-    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + window)
+    settings = http2_frame(4, 0, 0, (4).to_bytes(2, "big") + largest.to_bytes(4, "big"))
+    window = http2_frame(8, 0, 0, (largest - 65535).to_bytes(4, "big"))  # the connection's, past its 65,535
+    connection.sendall(HTTP2_PREFACE + settings + window)
     return _call(connection, method, (request,))
 
 
@@ -167,14 +179,14 @@ def _call(connection: socket.socket, method: str, requests: tuple[bytes, ...]) -
     headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"127.0.0.1"),
                (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
     block = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in headers)  # HPACK literals
-    connection.sendall(_http2_frame(1, 0x4, 1, block))
+    connection.sendall(http2_frame(1, 0x4, 1, block))
     for i, request in enumerate(requests):
         last = method != "AssignStream" and i == len(requests) - 1
-        connection.sendall(_http2_frame(0, 0x1 if last else 0, 1, b"\x00" + len(request).to_bytes(4, "big") + request))
+        connection.sendall(http2_frame(0, 0x1 if last else 0, 1, b"\x00" + len(request).to_bytes(4, "big") + request))
     return connection
 
 
-def _http2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+def http2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, batching, read_until, spawn_cli, stalled_call, unread_call
+from test_service_harness import ServerThread, batching, read_until, spawn_cli, stalled_call, unread_call, until
 
 from support import closed_pipe
 from tritarget.clients import TargetClient, TargetServiceError
@@ -41,13 +41,6 @@ CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
 
 
-def _until(predicate, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)
-
-
 def test_graceful_shutdown_finishes_calls_in_flight():
     gate = threading.Event()
     srv = ServerThread().start()
@@ -65,7 +58,7 @@ def test_graceful_shutdown_finishes_calls_in_flight():
 
         caller = threading.Thread(target=call)
         caller.start()
-        _until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
+        until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
         stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
         time.sleep(0.3)
         with TargetClient(srv.address, retries=0, timeout=5) as late:
@@ -113,7 +106,7 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
         with TargetClient(srv.address, retries=0, timeout=30) as client:
             caller = threading.Thread(target=call)
             caller.start()
-            _until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
+            until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
             started = time.monotonic()
             srv.run(srv.server.stop(grace=0.3), timeout=20)
             assert time.monotonic() - started < 10 and not gate.is_set()
@@ -280,7 +273,7 @@ def test_shutdown_does_not_wait_out_the_queue_delay(caplog):
 
         caller = threading.Thread(target=call)
         caller.start()
-        _until(lambda: srv.server.batcher.queued_images == 1)
+        until(lambda: srv.server.batcher.queued_images == 1)
         start = time.monotonic()
         srv.stop()
         caller.join(30)
@@ -1162,7 +1155,7 @@ def test_a_client_that_stopped_reading_holds_the_stop_no_longer_than_its_grace(h
     srv = ServerThread(backend="cpu").start()
     held = stalled_call(srv.port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
     try:
-        _until(lambda: _unsent_bytes([srv.server.metrics_port]) > 12e6)
+        until(lambda: _unsent_bytes([srv.server.metrics_port]) > 12e6)
 
         async def stop() -> float:
             hurry = asyncio.Event()
@@ -1193,7 +1186,7 @@ def test_cli_serve_stops_within_its_grace_while_a_client_reads_nothing(signals):
         port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
         metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
         held = stalled_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
-        _until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+        until(lambda: _unsent_bytes([metrics_port]) > 12e6)
         begun = time.monotonic()
         process.send_signal(signal.SIGTERM)
         if signals == 2:
@@ -1234,7 +1227,7 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
         metrics_ports = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started)
 
         held = unread_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
-        _until(lambda: _unsent_bytes(metrics_ports) > 12e6)
+        until(lambda: _unsent_bytes(metrics_ports) > 12e6)
         os.killpg(process.pid, stop_signal)
         read_until(process, r"shutting down: finishing calls in flight", count=workers)
         time.sleep(1.5)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, read_until
+from test_service_harness import HTTP2_PREFACE, ServerThread, http2_frame, read_until, until
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
@@ -309,7 +309,7 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch, capfd):
         # Past the idle limit the server has closed every one of them (a read sees the end).
         for sock in idle:
             assert sock.recv(1) == b""
-        _wait_for(lambda: threading.active_count() == threads)
+        until(lambda: threading.active_count() == threads)
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b"tritarget_requests_total" in page or b"tritarget_queued_images" in page
         assert "Traceback" not in capfd.readouterr().err  # closing a silent connection is no error
@@ -319,19 +319,7 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch, capfd):
         served.stop_http()
 
 
-def _wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_SETTINGS, _GOAWAY = 4, 7
-
-
-def _frame(kind: int, flags: int = 0, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + (0).to_bytes(4, "big") + payload
+_SETTINGS, _GOAWAY = 4, 7  # HTTP/2 frame types
 
 
 def _frames_until_closed(sock: socket.socket, timeout_s: float) -> list[tuple[int, bytes]]:
@@ -355,7 +343,7 @@ def test_a_connection_is_told_its_stream_limit_and_closed_once_idle():
     with ServerThread(max_streams_per_connection=7, connection_idle_s=1.0) as srv:
         sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         started = time.monotonic()
-        sock.sendall(_PREFACE + _frame(_SETTINGS) + _frame(_SETTINGS, flags=1))
+        sock.sendall(HTTP2_PREFACE + http2_frame(_SETTINGS, 0, 0, b"") + http2_frame(_SETTINGS, 1, 0, b""))
         frames = _frames_until_closed(sock, timeout_s=15)
         closed_after = time.monotonic() - started
         sock.close()
