@@ -52,6 +52,8 @@ def _call_name(method: str, request) -> str:
     return f"{method} id={getattr(request, 'request_id', '')[:_LOGGED_ID_CHARS]!r}"
 
 
+_WriteFailed = grpc._cython.cygrpc.ExecuteBatchError  # what a send on an ended call raises (no public name)
+
 _DRAINED = object()  # in a stream's window: the server began shutting down here
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"]
@@ -75,6 +77,17 @@ class _Answer:
     held: int  # bytes held for it (``_hold``) until it is sent or let go
     size: int  # its bytes on the wire
     code: str | None  # "OK" or its error's; None: recorded already (computed past the deadline)
+
+
+async def _write(context: grpc.aio.ServicerContext, response: bytes | Message) -> None:
+    """Send a stream's response; the stream ended under it (its caller cancelled, its
+    connection closed) is a cancelled call. Written here, not yielded to gRPC: gRPC logs a
+    write that fails before it has seen the stream end (most of them, with megabyte
+    answers) as an ERROR with a traceback, for what is ordinary client behaviour."""
+    try:
+        await context.write(response)
+    except _WriteFailed as exc:
+        raise asyncio.CancelledError("the stream ended while its response was being sent") from exc
 
 
 def _serialized(response: bytes | Message) -> bytes:
@@ -421,11 +434,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
 
     async def AssignStream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.AssignResponse | bytes]:
+    ) -> None:
         try:
             with self._in_flight():
-                async for response in self._stream(request_iterator, context):
-                    yield response
+                async with contextlib.aclosing(self._stream(request_iterator, context)) as responses:
+                    async for response in responses:
+                        await _write(context, response)
         except Exception as exc:
             await self._fail("AssignStream", exc, context, None, time.perf_counter(), counted=False)
 
