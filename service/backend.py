@@ -85,6 +85,7 @@ class AssignJob:
     # The response lists positives and ignored anchors (SPARSE): the batch may skip dense targets.
     sparse: bool = False
     enqueued_at: float = field(default=0.0, repr=False)
+    queued_s: float = field(default=0.0, repr=False)  # from enqueued_at to its batch's start
 
     @property
     def images(self) -> int:
@@ -248,7 +249,7 @@ _INLINE_AFTER_IDLE_S = 0.5e-3
 
 
 class _Pending:
-    __slots__ = ("job", "future", "finish", "counted")
+    __slots__ = ("job", "future", "finish", "counted", "held")
 
     def __init__(
         self,
@@ -256,11 +257,13 @@ class _Pending:
         future: asyncio.Future,
         finish: Callable[[Targets | SparseTargets], Any] | None,
         counted: int,
+        held: bool,
     ) -> None:
         self.job = job
         self.future = future
         self.finish = finish
         self.counted = counted  # the images it adds to the queue's count (0 in a held place)
+        self.held = held  # a slice of a request, queued in its request's held place
 
 
 def _unless_gone(item: _Pending) -> Callable[[Targets | SparseTargets], Any] | None:
@@ -448,6 +451,8 @@ class Batcher:
                 parts = []
                 for part in slices:  # each queued anew: requests that arrived meanwhile go first
                     parts.append(await self._enqueue(part, None, held=True))
+                if self._on_queued is not None:  # one request, one wait: its slices' together
+                    self._on_queued(sum(part.queued_s for part in slices))
             finally:
                 self._held_images -= held
                 self._room_freed()
@@ -534,7 +539,7 @@ class Batcher:
             await self._room_for(counted)
         self._admit(counted, held=held, waited=wait)
         job.enqueued_at = arrived  # a wait for room is time spent queueing (tritarget_queue_seconds)
-        item = _Pending(job, self._loop.create_future(), finish, counted)
+        item = _Pending(job, self._loop.create_future(), finish, counted, held)
         self._groups.setdefault(job.merge_key, []).append(item)
         self._queued_images += counted
         self._idle.clear()
@@ -625,10 +630,11 @@ class Batcher:
         return batch
 
     def _start(self, batch: list[_Pending], arrival: _Pending | None = None) -> None:
-        if self._on_queued is not None:
-            now = time.perf_counter()
-            for item in batch:
-                self._on_queued(now - item.job.enqueued_at)
+        now = time.perf_counter()
+        for item in batch:
+            item.job.queued_s = now - item.job.enqueued_at
+            if self._on_queued is not None and not item.held:  # a sliced request's is its slices' sum (submit)
+                self._on_queued(item.job.queued_s)
         live = [item for item in batch if not item.future.cancelled()]  # callers gone: not computed
         if live == [arrival] and self._inline(arrival.job):
             if self._on_inline is not None:

@@ -534,6 +534,26 @@ def test_closing_finishes_a_request_in_slices(generator):
     assert_targets_equal(targets, _expected(sliced), rtol=0, atol=0)
 
 
+def test_a_request_in_slices_waits_once_in_the_queue_time(generator):
+    """tritarget_queue_seconds is a request's wait: one computed in slices was observed once
+    per slice (three small waits for one request, its percentiles understated), now once,
+    its slices' waits together."""
+
+    async def run():
+        async with _worker_held(generator, BatchOptions(max_batch_images=2)) as (batcher, release, busy):
+            observed = []
+            batcher._on_queued = observed.append
+            sliced = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1, 2, 0, 1, 1))))  # three slices
+            whole = asyncio.ensure_future(batcher.submit(_good(generator, (2,))))
+            await asyncio.sleep(0.2)  # the whole one waits for the held worker (the sliced one for its check)
+            release.set()
+            await asyncio.gather(busy, sliced, whole)
+            return observed
+
+    observed = asyncio.run(run())
+    assert len(observed) == 2 and max(observed) >= 0.2, observed
+
+
 def test_a_request_in_slices_once_admitted_is_never_refused_midway(generator):
     """Requests that arrive while a request's first slice computes cannot take the place
     its next slices need: they are refused instead, and the request is answered whole
