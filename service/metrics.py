@@ -80,8 +80,10 @@ class Metrics:
             "tritarget_errors", "Requests failed, by RPC and status code", ["method", "code"], registry=reg
         )
         self.queue_seconds = Histogram(
-            "tritarget_queue_seconds", "Time a request waited in the batcher (one computed in slices: its "
-            "slices' waits together)", buckets=_SECONDS, registry=reg
+            "tritarget_queue_seconds",
+            "Time a request waited in the batcher (one computed in slices: its slices' waits together)",
+            buckets=_SECONDS,
+            registry=reg,
         )
         self.compute_seconds = Histogram(
             "tritarget_compute_seconds", "Time of one batched assign call", buckets=_SECONDS, registry=reg
@@ -98,8 +100,10 @@ class Metrics:
             "tritarget_batch_images", "Images per batched assign call", buckets=_IMAGES, registry=reg
         )
         self.batch_requests = Histogram(
-            "tritarget_batch_requests", "Requests merged into one assign call (a request computed in slices "
-            "counts in each of its slices' calls)", buckets=_IMAGES, registry=reg
+            "tritarget_batch_requests",
+            "Requests merged into one assign call (a request computed in slices counts in each of its slices' calls)",
+            buckets=_IMAGES,
+            registry=reg,
         )
         self.bytes_in = Counter("tritarget_request_bytes", "Serialized request bytes", ["method"], registry=reg)
         self.bytes_out = Counter("tritarget_response_bytes", "Serialized response bytes", ["method"], registry=reg)
