@@ -30,8 +30,8 @@ _COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """``metrics``: refusals of the service's calls are counted, timed and (``access_log``)
-    logged as the servicer does its own calls."""
+    """``metrics``: refusals of the service's calls are counted and timed as the servicer
+    does its own calls; ``access_log``: every refusal is logged (reflection's too)."""
 
     def __init__(self, token: str, metrics: Metrics | None = None, *, access_log: bool = False) -> None:
         if not token:
@@ -65,33 +65,37 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None:
             return handler
         status = status_of(refusal)
-        finished = None
-        if self._metrics is not None and details.method.startswith(_COUNTED_PREFIX):
-            method, started = details.method.rsplit("/", 1)[-1], time.perf_counter()
+        counted = self._metrics is not None and details.method.startswith(_COUNTED_PREFIX)
+        method = details.method.rsplit("/", 1)[-1] if counted else details.method  # reflection's: named whole
+        started = time.perf_counter()
 
-            def finished() -> None:
-                # A request, refused: counted, failed and timed together as it is
-                # answered, as the servicer does its own (a caller gone before its
-                # message arrived never reaches the handler: none of the three).
-                metrics, seconds = self._metrics.method(method), time.perf_counter() - started
+        def finished(context: grpc.aio.ServicerContext) -> None:
+            # A request of the service, refused: counted, failed and timed together as it
+            # is answered, as the servicer does its own (a caller gone before its message
+            # arrived never reaches the handler: none of the three). Any refusal is logged:
+            # one of reflection's too, or tokens could be tried there without a trace.
+            seconds = time.perf_counter() - started
+            if counted:
+                metrics = self._metrics.method(method)
                 metrics.requests.inc()
                 self._metrics.errors.labels(method, code_name(status)).inc()
                 metrics.request_seconds.observe(seconds)
-                if self._access_log:  # its message unread: no id, images or boxes to name
-                    access_log.info("%s (request not read) %s %.2f ms", method, code_name(status), seconds * 1000)
+            if self._access_log:  # its message unread: no id, images or boxes to name
+                access_log.info("%s (request not read) %s %.2f ms peer=%s reason=%r", method, code_name(status),
+                                seconds * 1000, context.peer(), status.message)  # fmt: skip
 
         return _refusing(handler, status, finished)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, status, finished: Callable[[], None] | None) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, status,
+              finished: Callable[[grpc.aio.ServicerContext], None]) -> grpc.RpcMethodHandler:  # fmt: skip
     """A handler of the same kind as ``handler`` that calls ``finished`` and ends the call
     with ``status``, without a request deserializer: a refused caller's message (up to the
     size limit) is never parsed, so credentials-less traffic costs the server no decoding."""
     kwargs = {"response_serializer": handler.response_serializer}
 
     async def end(context) -> None:
-        if finished is not None:
-            finished()  # before the answer, as the servicer's failures: counted once the caller has it
+        finished(context)  # before the answer, as the servicer's failures: counted once the caller has it
         await abort(context, status)
 
     if handler.response_streaming:

@@ -52,6 +52,21 @@ def _call_name(method: str, request) -> str:
     return f"{method} id={getattr(request, 'request_id', '')[:_LOGGED_ID_CHARS]!r}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """An RPC as its metrics and access-log lines name it. ``peer``, the caller's address,
+    is read as the call starts: gRPC frees the call once it is over, and a stream's answer
+    left unsent may be recorded after that."""
+
+    method: str
+    context: grpc.aio.ServicerContext
+    peer: str
+
+    @classmethod
+    def of(cls, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        return cls(method, context, context.peer())
+
+
 _WriteFailed = grpc._cython.cygrpc.ExecuteBatchError  # what a send on an ended call raises (no public name)
 
 _DRAINED = object()  # in a stream's window: the server began shutting down here
@@ -77,6 +92,7 @@ class _Answer:
     held: int  # bytes held for it (``_hold``) until it is sent or let go
     size: int  # its bytes on the wire
     code: str | None  # "OK" or its error's; None: recorded already (computed past the deadline)
+    reason: str = ""  # its error's message
 
 
 async def _write(context: grpc.aio.ServicerContext, response: bytes | Message) -> None:
@@ -279,44 +295,44 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     def _sent(self, method: str, size: int) -> None:
         self._metrics.method(method).bytes_out.inc(size)
 
-    async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, request,
-                    started: float, *, counted: bool = True) -> None:  # fmt: skip
+    async def _fail(self, call: _Call, exc: Exception, request, started: float, *, counted: bool = True) -> None:
         """Answer the call with ``exc``'s status; ``counted``: a failed request (a stream's
         own end is none: its requests are counted, timed and logged one by one, and the end
         gets a line of its own)."""
-        status = status_of(exc, _call_name(method, request))
+        status = status_of(exc, _call_name(call.method, request))
         if counted:
-            self._metrics.errors.labels(method, code_name(status)).inc()
-            self._finished(method, request, code_name(status), started)
+            self._metrics.errors.labels(call.method, code_name(status)).inc()
+            self._finished(call, request, code_name(status), started, reason=status.message)
         elif self._access_log:
-            access_log.info("%s ended %s", method, code_name(status))
-        await abort(context, status)
+            access_log.info("%s ended %s peer=%s reason=%r", call.method, code_name(status), call.peer, status.message)
+        await abort(call.context, status)
 
     @staticmethod
     def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
         remaining = context.time_remaining()
         return remaining is not None and remaining <= 0
 
-    def _gone(self, method: str, context: grpc.aio.ServicerContext, request, started: float,
-              ended: float | None = None) -> None:  # fmt: skip
+    def _gone(self, call: _Call, request, started: float, ended: float | None = None) -> None:
         """A request cancelled under its handler, or answered for a stream that ended before
         its answer was sent: its caller went away, or its deadline passed."""
-        code = cut_off_code(context.time_remaining())
-        self._metrics.errors.labels(method, code).inc()
-        self._finished(method, request, code, started, ended)
+        code = cut_off_code(call.context.time_remaining())
+        self._metrics.errors.labels(call.method, code).inc()
+        self._finished(call, request, code, started, ended)
 
-    def _finished(self, method: str, request, code: str, started: float, ended: float | None = None) -> None:
-        """A request answered (or failed) at ``ended`` (now where None): its time, and its
-        access-log line (one per call, per item of a stream)."""
+    def _finished(self, call: _Call, request, code: str, started: float, ended: float | None = None, *,
+                  reason: str = "") -> None:  # fmt: skip
+        """A request answered (or failed, for ``reason``) at ``ended`` (now where None): its
+        time, and its access-log line (one per call, per item of a stream)."""
         ended = time.perf_counter() if ended is None else ended
-        self._metrics.method(method).request_seconds.observe(ended - started)
+        self._metrics.method(call.method).request_seconds.observe(ended - started)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
             request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
             # Summed only within the image limit: a refused request may hold millions of counts.
             boxes = sum(counts) if len(counts) <= self._limits.max_images else "?"
-            access_log.info("%s id=%r images=%d boxes=%s %s %.2f ms", method, request_id,
-                            len(counts), boxes, code, (ended - started) * 1000)  # fmt: skip
+            because = f" reason={reason!r}" if reason else ""
+            access_log.info("%s id=%r images=%d boxes=%s %s %.2f ms peer=%s%s", call.method, request_id, len(counts),
+                            boxes, code, (ended - started) * 1000, call.peer, because)  # fmt: skip
 
     def drain(self) -> None:
         """Shutting down: new calls get UNAVAILABLE (the client retries them elsewhere),
@@ -370,28 +386,28 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 self._idle.set()
 
     async def Assign(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> bytes:
-        started = time.perf_counter()
+        started, call = time.perf_counter(), _Call.of("Assign", context)
         self._received("Assign", request)
         try:
             with self._in_flight():
                 response, size = await self._assign("Assign", request)
                 self._held_until_done(context, size)
         except asyncio.CancelledError:
-            self._gone("Assign", context, request, started)
+            self._gone(call, request, started)
             raise
         except Exception as exc:
-            await self._fail("Assign", exc, context, request, started)
+            await self._fail(call, exc, request, started)
         if self._past_deadline(context):
             # Computed on the event loop (inline), the handler ran past the deadline with no
             # await for gRPC's cancellation to reach: the caller has DEADLINE_EXCEEDED, not
             # these bytes (they were counted as sent, the call logged OK).
-            self._gone("Assign", context, request, started)
+            self._gone(call, request, started)
             return response  # gRPC drops it
         self._sent("Assign", size)
-        self._finished("Assign", request, "OK", started)
+        self._finished(call, request, "OK", started)
         return response
 
-    async def _answer(self, request: pb.AssignRequest, context: grpc.aio.ServicerContext) -> _Answer:
+    async def _answer(self, request: pb.AssignRequest, call: _Call) -> _Answer:
         """A stream item's answer: its targets, or its error (the stream goes on; an error
         holds no bytes). Recorded once sent (``_delivered``) or left unsent (``_not_delivered``)."""
         started = time.perf_counter()
@@ -399,7 +415,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         try:
             response, size = await self._assign("AssignStream", request)
         except asyncio.CancelledError:  # the stream ended before its answer
-            self._gone("AssignStream", context, request, started)
+            self._gone(call, request, started)
             raise
         except Exception as exc:
             status = status_of(exc, _call_name("AssignStream", request))
@@ -412,39 +428,41 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 # in request order, so the client pairs this one by position without the id;
                 # the error alone is small (a status message is clipped).
                 response.ClearField("request_id")
-            return _Answer(request, started, time.perf_counter(), response, 0, response.ByteSize(), code)
-        if self._past_deadline(context):  # computed on the event loop past the stream's deadline, as Assign's
-            self._gone("AssignStream", context, request, started)
+            size = response.ByteSize()
+            return _Answer(request, started, time.perf_counter(), response, 0, size, code, status.message)
+        if self._past_deadline(call.context):  # computed on the event loop past the stream's deadline, as Assign's
+            self._gone(call, request, started)
             return _Answer(request, started, time.perf_counter(), response, size, size, None)  # gRPC drops it
         return _Answer(request, started, time.perf_counter(), response, size, size, "OK")
 
-    def _delivered(self, answer: _Answer) -> None:
+    def _delivered(self, call: _Call, answer: _Answer) -> None:
         """A stream item's answer taken by gRPC's transport."""
         if answer.code is not None:
             self._sent("AssignStream", answer.size)
-            self._finished("AssignStream", answer.request, answer.code, answer.started, answer.computed)
+            self._finished(call, answer.request, answer.code, answer.started, answer.computed, reason=answer.reason)
 
-    def _not_delivered(self, answer: _Answer, context: grpc.aio.ServicerContext) -> None:
+    def _not_delivered(self, call: _Call, answer: _Answer) -> None:
         """A stream item's answer that its stream ended before sending: its caller went away
         or its deadline passed (counted so, not as sent); an error keeps its own code."""
         if answer.code == "OK":
-            self._gone("AssignStream", context, answer.request, answer.started, answer.computed)
+            self._gone(call, answer.request, answer.started, answer.computed)
         elif answer.code is not None:
-            self._finished("AssignStream", answer.request, answer.code, answer.started, answer.computed)
+            self._finished(call, answer.request, answer.code, answer.started, answer.computed, reason=answer.reason)
 
     async def AssignStream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        call = _Call.of("AssignStream", context)
         try:
             with self._in_flight():
-                async with contextlib.aclosing(self._stream(request_iterator, context)) as responses:
+                async with contextlib.aclosing(self._stream(request_iterator, call)) as responses:
                     async for response in responses:
                         await _write(context, response)
         except Exception as exc:
-            await self._fail("AssignStream", exc, context, None, time.perf_counter(), counted=False)
+            await self._fail(call, exc, None, time.perf_counter(), counted=False)
 
     async def _stream(
-        self, request_iterator: AsyncIterator[pb.AssignRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.AssignRequest], call: _Call
     ) -> AsyncIterator[pb.AssignResponse | bytes]:
         # Up to `stream_window` requests of one stream are in flight at once (so they
         # batch together); responses leave in request order. Draining cancels the reading:
@@ -463,7 +481,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         break
-                    answers.put_nowait(asyncio.ensure_future(self._answer(request, context)))
+                    answers.put_nowait(asyncio.ensure_future(self._answer(request, call)))
                 answers.put_nowait(None)
             except asyncio.CancelledError:  # drained (or the stream is over anyway)
                 answers.put_nowait(_DRAINED)
@@ -483,16 +501,16 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 try:
                     answered = await answer
                 except asyncio.CancelledError:  # the stream ended, maybe just as its answer came
-                    answer.add_done_callback(functools.partial(self._dropped_answer, context))
+                    answer.add_done_callback(functools.partial(self._dropped_answer, call))
                     raise
                 try:
                     yield answered.response  # back here once gRPC's transport has taken it
                 except BaseException:  # the stream ended first (cancelled, or closed: GeneratorExit)
-                    self._not_delivered(answered, context)
+                    self._not_delivered(call, answered)
                     raise
                 finally:
                     self._let_go(answered.held)
-                self._delivered(answered)
+                self._delivered(call, answered)
                 slots.release()
         finally:
             self._readers.discard(reader)
@@ -501,14 +519,14 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 answer = answers.get_nowait()
                 if isinstance(answer, asyncio.Future):
                     answer.cancel()
-                    answer.add_done_callback(functools.partial(self._dropped_answer, context))
+                    answer.add_done_callback(functools.partial(self._dropped_answer, call))
 
-    def _dropped_answer(self, context: grpc.aio.ServicerContext, answer: asyncio.Future) -> None:
+    def _dropped_answer(self, call: _Call, answer: asyncio.Future) -> None:
         """A stream's answer that will not be sent (the stream ended first)."""
         if not answer.cancelled() and answer.exception() is None:
             answered = answer.result()
             self._let_go(answered.held)
-            self._not_delivered(answered, context)
+            self._not_delivered(call, answered)
 
     async def _anchors(self, config: TargetConfig, canvas: tuple[int, int]) -> tuple[bytes, int]:
         """The anchors' response, serialized (as ``_encode``'s), and its size."""
@@ -518,7 +536,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         return serialized, len(serialized)
 
     async def ListPresets(self, request: pb.ListPresetsRequest, context) -> pb.ListPresetsResponse:
-        started = time.perf_counter()
+        started, call = time.perf_counter(), _Call.of("ListPresets", context)
         self._received("ListPresets", request)
         try:
             with self._in_flight():
@@ -526,13 +544,13 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                     raise request.error()
                 response = codec.list_presets()
         except Exception as exc:
-            await self._fail("ListPresets", exc, context, request, started)
+            await self._fail(call, exc, request, started)
         self._sent("ListPresets", response.ByteSize())
-        self._finished("ListPresets", request, "OK", started)
+        self._finished(call, request, "OK", started)
         return response
 
     async def GetAnchors(self, request: pb.GetAnchorsRequest, context) -> bytes:
-        started = time.perf_counter()
+        started, call = time.perf_counter(), _Call.of("GetAnchors", context)
         self._received("GetAnchors", request)
         try:
             with self._in_flight():
@@ -541,10 +559,10 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
                 response, size = await self._held_while(size, lambda: self._anchors(config, canvas))
                 self._held_until_done(context, size)
         except asyncio.CancelledError:  # its deadline or its caller: counted, timed and logged as Assign's
-            self._gone("GetAnchors", context, request, started)
+            self._gone(call, request, started)
             raise
         except Exception as exc:
-            await self._fail("GetAnchors", exc, context, request, started)
+            await self._fail(call, exc, request, started)
         self._sent("GetAnchors", size)
-        self._finished("GetAnchors", request, "OK", started)
+        self._finished(call, request, "OK", started)
         return response

@@ -223,8 +223,11 @@ def test_access_log_has_one_line_per_call(enabled, caplog):
         assert lines == []
         return
     assert len(lines) == 4, lines
-    assert re.fullmatch(r"Assign id='job-7' images=1 boxes=2 OK \d+\.\d\d ms", lines[0])
-    assert lines[1].startswith("Assign id='bad-1' images=1 boxes=1 INVALID_ARGUMENT")
+    # The caller's address on every line, and a failure's reason (an operator could tell
+    # neither who sent a bad request nor what was wrong with it).
+    assert re.fullmatch(r"Assign id='job-7' images=1 boxes=2 OK \d+\.\d\d ms peer=ipv4:127\.0\.0\.1:\d+", lines[0])
+    assert re.fullmatch(r"Assign id='bad-1' images=1 boxes=1 INVALID_ARGUMENT \d+\.\d\d ms peer=ipv4:127\.0\.0\.1:\d+ "
+                        r"reason='gt_counts: counts sum to 1, but gt_boxes has 2 rows'", lines[1])  # fmt: skip
     assert lines[2].startswith("AssignStream id='s0' images=1 boxes=2 OK")
     assert lines[3].startswith("AssignStream id='s1'")
 
@@ -415,7 +418,8 @@ def test_a_stream_ended_by_the_drain_counts_no_failed_request(caplog):
         assert srv.metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"}) == 3
         assert _errors(srv, "AssignStream", "UNAVAILABLE") == 0
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
-        assert len(lines) == 4 and lines[-1] == "AssignStream ended UNAVAILABLE", lines
+        assert len(lines) == 4 and lines[-1].startswith("AssignStream ended UNAVAILABLE peer=ipv4:127.0.0.1:"), lines
+        assert "reason='the server is shutting down; resend the unanswered requests" in lines[-1], lines
     finally:
         srv.server = None
         srv.stop()

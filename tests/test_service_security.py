@@ -55,20 +55,34 @@ def test_auth_rejects_missing_or_wrong_token(auth_server, token, message):
 
 def test_refused_calls_get_their_access_log_line(caplog):
     """Counted and timed, a call refused for its credentials had no access-log line: an
-    operator chasing refusals found them in the metrics only."""
+    operator chasing refusals found them in the metrics only. The line names the caller
+    and the reason; reflection's refusals (not counted) are logged too: tokens tried there
+    left no trace."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     with ServerThread(token=TOKEN, access_log=True) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
         for token in ("wrong", TOKEN):
             with TargetClient(srv.address, token=token, retries=0) as client:
                 with contextlib.suppress(TargetServiceError):
                     _assign(client)
+        with grpc.insecure_channel(srv.address) as channel, pytest.raises(grpc.RpcError):
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([ask]), timeout=10))
+        reflection = [r.getMessage() for r in caplog.records if "ServerReflection" in r.getMessage()]
         # This test's unary calls: the module's auth_server logs the previous test's refused
         # stream when its handler ends, which came after that test once in CI, inside this
         # capture (the logger is the process's).
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
         lines = [line for line in lines if line.startswith("Assign ")]
+    peer = r"peer=ipv4:127\.0\.0\.1:\d+"
     assert len(lines) == 2, lines
-    assert re.fullmatch(r"Assign \(request not read\) UNAUTHENTICATED [0-9.]+ ms", lines[0]), lines
-    assert " OK " in lines[1], lines
+    assert re.fullmatch(rf"Assign \(request not read\) UNAUTHENTICATED [0-9.]+ ms {peer} reason='invalid bearer token'",
+                        lines[0]), lines  # fmt: skip
+    assert re.fullmatch(rf"Assign id='' images=1 boxes=1 OK [0-9.]+ ms {peer}", lines[1]), lines
+    assert len(reflection) == 1, reflection
+    method = r"/grpc\.reflection\.v1alpha\.ServerReflection/ServerReflectionInfo"
+    assert re.fullmatch(rf"{method} \(request not read\) UNAUTHENTICATED [0-9.]+ ms {peer} "
+                        r"reason=\"missing credentials: .*\"", reflection[0])  # fmt: skip
 
 
 def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_counted():
