@@ -61,6 +61,9 @@ from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "retinanet_torchvision"
+# torchvision's release for the installed torch (0.28.0 for torch 2.13), without letting pip
+# replace a CPU torch with its newest CUDA build.
+_INSTALL_TORCHVISION = "Install the torchvision that matches torch: pip install --no-deps torchvision==0.28.0"
 BOX_COUNTS = (1, 7, 50, 200, 1000)
 BATCHES = (1, 16)
 # The reference builds [G, A] matrices image by image: ~1-5 s per image at G = 200 here.
@@ -543,8 +546,7 @@ def main() -> None:
     print(f"machine: {info}")
     tv = torchvision_targets()
     if tv is None:
-        print("*** torchvision is not installed: no baseline, no ratio column. "
-              "Install the parity extra: pip install -e '.[parity]' ***")  # fmt: skip
+        print(f"*** torchvision is not installed: no baseline, no ratio column. {_INSTALL_TORCHVISION} ***")
     # Warm-up: the cpu kernel's one-time build, anchors, allocator.
     small, small_counts, _ = coco_like_batch(1, seed=99, boxes_per_image=3)
     assign(small, small_counts, COCO_CANVAS, config, backend="cpu")
@@ -570,7 +572,7 @@ def main() -> None:
     plotted = plot(summary, info, args.out / f"{stem}.png")
     print(f"wrote {args.out}/{stem}.csv, {stem}.json" + (f", {stem}.png" if plotted else ""))
     if tv is None:
-        print("*** no torchvision baseline: torchvision is not installed (pip install -e '.[parity]') ***")
+        print(f"*** no torchvision baseline: torchvision is not installed. {_INSTALL_TORCHVISION} ***")
     else:
         for target in ("7", "200"):
             case = next((c for c in summary if c["batch"] == 1 and c["boxes_per_image"] == target), None)

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -13,15 +14,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+def sdist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sdist")
+    build = f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True, capture_output=True)
+    (path,) = out.glob("tritarget-*.tar.gz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel(sdist, tmp_path_factory) -> Path:
+    """Built from the unpacked sdist, as ``python -m build`` builds it: the sdist must hold
+    what the wheel needs, and nothing left in the tree's ``build/`` ships (a wheel built in
+    the tree reused ``build/lib``: a module deleted from the source still shipped)."""
+    unpacked, out = tmp_path_factory.mktemp("unpacked"), tmp_path_factory.mktemp("wheel")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(unpacked, filter="data")
+    (source,) = unpacked.iterdir()
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )
     (path,) = out.glob("tritarget-*.whl")
     return path
+
+
+def test_sdist_holds_the_schema_the_license_and_the_whole_test_suite(sdist):
+    """The source release: the .proto and the script that generate the protobuf modules,
+    the license text, and the tests with their helpers (the test files alone, as before,
+    failed to import ``support`` from an unpacked sdist)."""
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    for path in ("LICENSE", "protos/tritarget/v1/target_assigner.proto", "protos/generate.sh", "tests/conftest.py",
+                 "tests/support.py", "tests/test_service_harness.py", "tests/test_packaging.py"):  # fmt: skip
+        assert path in names, path
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
 
 def test_wheel_installs_only_the_tritarget_namespace(wheel):
@@ -40,6 +67,19 @@ def test_wheel_states_its_license_as_an_spdx_expression(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines()  # and its text beside it (Apache-2.0, section 4a)
+    license_text = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    assert b"Apache License" in zipfile.ZipFile(wheel).read(license_text)
+
+
+def test_wheel_declares_what_it_imports_and_ships_its_schema(wheel):
+    """``google.rpc`` is imported by the service and the client: only grpcio-status brought it,
+    accepting a googleapis-common-protos that cannot load under protobuf 7 (every command
+    failed at import). The .proto ships for clients in other languages."""
+    archive = zipfile.ZipFile(wheel)
+    metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Requires-Dist: googleapis-common-protos>=1.56.1" in metadata.splitlines()
+    assert "tritarget/protos/tritarget/v1/target_assigner.proto" in archive.namelist()
 
 
 def test_wheel_imports_from_its_own_files(wheel, tmp_path):
