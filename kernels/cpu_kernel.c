@@ -467,15 +467,15 @@ static void write_dense(const Problem *p, int64_t image, int64_t start, int64_t 
     }
 }
 
-static int reserve(void **data, int64_t *cap, int64_t need, size_t size) {
-    if (need <= *cap) return 1;
-    int64_t grown = *cap > 0 ? *cap : 1024;
-    while (grown < need) grown *= 2;
-    void *moved = realloc(*data, (size_t)grown * size);
-    if (!moved) return 0;
-    *data = moved;
-    *cap = grown;
-    return 1;
+/* `data` grown to hold `need` items of `size` bytes (its capacity `cap` doubled until they
+ * fit), or NULL where that failed: `data` is then untouched, still the caller's. Returned,
+ * not stored through a void ** (writing an int32_t * through one breaks strict aliasing). */
+static void *grown(void *data, int64_t *cap, int64_t need, size_t size) {
+    int64_t room = *cap > 0 ? *cap : 1024;
+    while (room < need) room *= 2;
+    void *moved = realloc(data, (size_t)room * size);
+    if (moved) *cap = room;
+    return moved;
 }
 
 /* Sparse: append the positives and ignored anchors of a chunk's blocks in `blocks` (every
@@ -492,9 +492,17 @@ static void store_rows(Job *job, Rows *r, const Chunk *c, unsigned blocks, const
     }
     job->items[item] = (ItemRows){r, r->npos, r->nign, npos, nign};
     if (npos == 0 && nign == 0) return;
-    if (!reserve((void **)&r->pos, &r->pos_cap, r->npos + npos, sizeof(PositiveRow)) ||
-        !reserve((void **)&r->ign, &r->ign_cap, r->nign + nign, sizeof(int32_t))) {
-        r->failed = 1;
+    if (r->npos + npos > r->pos_cap) {
+        PositiveRow *pos = grown(r->pos, &r->pos_cap, r->npos + npos, sizeof *pos);
+        if (pos) r->pos = pos;
+        else r->failed = 1;
+    }
+    if (!r->failed && r->nign + nign > r->ign_cap) {
+        int32_t *ign = grown(r->ign, &r->ign_cap, r->nign + nign, sizeof *ign);
+        if (ign) r->ign = ign;
+        else r->failed = 1;
+    }
+    if (r->failed) {
         job->items[item].npos = job->items[item].nign = 0;
         return;
     }
