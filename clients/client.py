@@ -365,6 +365,16 @@ def check_root_certificates(data: bytes) -> None:
 _KEEPALIVE_MS = 30_000
 # How gRPC words the GOAWAY of a server that was pinged more often than it allows.
 _TOO_MANY_PINGS = "Too many pings"
+# How gRPC refuses a message over a size limit: it names the sizes, not what to do.
+_TOO_LARGE = re.compile(r"(SERVER|CLIENT): (Received|Sent) message larger than max")
+_TOO_LARGE_ADVICE = {
+    ("SERVER", "Received"): "this request is over the server's request size limit (sized by its "
+    "--max-request-images and --max-request-boxes): send fewer images or boxes per request",
+    ("SERVER", "Sent"): "the response is over the server's --max-message-mb: ask for fewer images per request",
+    ("CLIENT", "Received"): "the response is over this client's max_message_bytes: raise it "
+    "(TargetClient(..., max_message_bytes=...)) or ask for fewer images per request",
+    ("CLIENT", "Sent"): "this request is over this client's max_message_bytes: send fewer images or boxes per request",
+}
 
 # Channel options the client's own arguments set (its checks rely on them).
 _ARGUMENT_OPTIONS = {"grpc.max_send_message_length": "max_message_bytes",
@@ -684,6 +694,10 @@ class _Base:
     def _give_up(self, error: grpc.RpcError, attempts: int, started: float) -> TargetServiceError:
         """The error for a call that failed for good; when no server answered, it says so."""
         failure = TargetServiceError.from_rpc_error(error)
+        too_large = _TOO_LARGE.search(failure.details)
+        if too_large is not None:
+            failure.details += f": {_TOO_LARGE_ADVICE[too_large.groups()]}"
+            failure.args = (f"{failure.code.name}: {failure.details}",)
         if not _transport_failure(error):
             return failure
         tried = ", ".join(self.targets)

@@ -637,3 +637,27 @@ def test_a_request_past_the_bound_is_refused_before_the_server_takes_it_in():
             call(many.SerializeToString(), timeout=60)
         assert named.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "150000 boxes is over the server's limit of 100000" in named.value.details()
+
+
+def test_a_message_over_a_size_limit_says_what_to_do():
+    """gRPC refuses a message over a size limit with its sizes only ("SERVER: Received message
+    larger than max (3200058 vs. 1260320)"), which tells a caller neither which limit nor
+    what to change: the client's error says it, for the server's request bound and for its
+    own limit on a response, on unary calls and streams."""
+    many = _crowded(1, 100_000, 96)  # 1.6 MB: over the 1.26 MB these limits let a request take
+    with ServerThread(limits=limits(max_boxes=1000, max_images=8)) as srv:
+        with TargetClient(srv.address, retries=0) as client:
+            for call in (lambda: client.assign(many, [100_000], CANVAS, preset="retinanet_torchvision"),
+                         lambda: list(client.stream([{"gt_boxes": many, "gt_counts": [100_000]}], canvas=CANVAS,
+                                                    preset="retinanet_torchvision"))):  # fmt: skip
+                with pytest.raises(TargetServiceError) as over:
+                    call()
+                assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "SERVER: Received message larger than max" in over.value.details, over.value.details
+                assert "over the server's request size limit" in over.value.details
+                assert "send fewer images or boxes per request" in str(over.value)
+        with TargetClient(srv.address, retries=0, max_message_bytes=MIB) as small:
+            with pytest.raises(TargetServiceError) as over:
+                small.assign(GOOD, [2], (800, 1344), preset="retinanet_torchvision", format="dense")
+            assert "CLIENT: Received message larger than max" in over.value.details, over.value.details
+            assert "the response is over this client's max_message_bytes: raise it" in over.value.details
