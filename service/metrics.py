@@ -6,6 +6,7 @@ Exposed on an HTTP port (``tritarget serve --metrics-port``) under ``/metrics``.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
@@ -23,9 +24,12 @@ _IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # prometheus_client's own endpoint (start_http_server) serves each connection on a thread
 # of its own with no timeout: 1,016 connections that sent half a request line held 1,016
 # threads and file descriptors for good, and under a 1,024-descriptor limit gRPC could
-# accept no caller. Here a connection silent for IDLE_S is closed, and past MAX_SCRAPES at
-# once a new one is closed unanswered (a scraper retries at its next interval).
+# accept no caller. Here a connection silent for IDLE_S is closed, one open for SCRAPE_S in
+# all too (a byte every few seconds kept one open for good: 16 such held every slot), and
+# past MAX_SCRAPES at once a new one is closed unanswered (a scraper retries at its next
+# interval). A scrape takes milliseconds; Prometheus gives one 10 s by default.
 IDLE_S = 10.0
+SCRAPE_S = 30.0
 MAX_SCRAPES = 16
 
 
@@ -56,9 +60,13 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        cut_off = threading.Timer(SCRAPE_S, _cut_off, (request,))
+        cut_off.daemon = True
+        cut_off.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cut_off.cancel()
             self._slots.release()
 
     def handle_error(self, request, client_address) -> None:
@@ -66,6 +74,14 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
         (socketserver printed a traceback for each)."""
         if not isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
             super().handle_error(request, client_address)
+
+
+def _cut_off(connection: socket.socket) -> None:
+    """End a scrape's connection (its handler's next read or write fails, and it is closed);
+    one closed meanwhile is left alone (a closed socket object refuses, whatever reuses its
+    descriptor number)."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class Metrics:

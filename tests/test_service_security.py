@@ -333,6 +333,32 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch, capfd):
         served.stop_http()
 
 
+def test_a_metrics_connection_that_trickles_is_closed_in_time(monkeypatch, capfd):
+    """A byte before each idle limit kept a /metrics connection, its thread and its slot
+    for good (16 such held every slot: scrapes refused); each has SCRAPE_S in all."""
+    from tritarget.service import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 0.5)
+    monkeypatch.setattr(metrics_module, "SCRAPE_S", 1.5)
+    served = metrics_module.Metrics()
+    port = served.serve_http("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started, sent = time.monotonic(), 0
+            with contextlib.suppress(OSError):  # the write after the server closed it
+                for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 10:
+                    sock.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.25)
+            assert 1.4 < time.monotonic() - started < 4, sent
+            assert sent < 20, sent
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b"tritarget_queued_images" in page
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        served.stop_http()
+
+
 _SETTINGS, _GOAWAY = 4, 7  # HTTP/2 frame types
 
 
