@@ -217,7 +217,10 @@ def test_access_log_has_one_line_per_call(enabled, caplog):
             client.assign_raw(_good_request(request_id="job-7"))
             with pytest.raises(TargetServiceError):
                 client.assign(GOOD, [1], CANVAS, preset="retinanet_torchvision", request_id="bad-1")
-            list(client.stream([_good_request(request_id="s0"), _good_request(request_id="s1")]))
+            bad = build_request(GOOD, [1, 1], CANVAS, preset="retinanet_torchvision", request_id="s1")
+            bad.gt_counts[:] = [1, 2]  # 3 counted, 2 boxes
+            with pytest.raises(TargetServiceError):
+                list(client.stream([_good_request(request_id="s0"), bad]))
     lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
     if not enabled:
         assert lines == []
@@ -229,7 +232,8 @@ def test_access_log_has_one_line_per_call(enabled, caplog):
     assert re.fullmatch(r"Assign id='bad-1' images=1 boxes=1 INVALID_ARGUMENT \d+\.\d\d ms peer=ipv4:127\.0\.0\.1:\d+ "
                         r"reason='gt_counts: counts sum to 1, but gt_boxes has 2 rows'", lines[1])  # fmt: skip
     assert lines[2].startswith("AssignStream id='s0' images=1 boxes=2 OK")
-    assert lines[3].startswith("AssignStream id='s1'")
+    assert re.fullmatch(r"AssignStream id='s1' images=2 boxes=3 INVALID_ARGUMENT \d+\.\d\d ms "
+                        r"peer=ipv4:127\.0\.0\.1:\d+ reason='gt_counts: .*'", lines[3]), lines[3]  # fmt: skip
 
 
 def test_a_burst_of_calls_is_refused_as_overload_not_cancelled():
