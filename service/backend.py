@@ -85,7 +85,7 @@ class AssignJob:
     # The response lists positives and ignored anchors (SPARSE): the batch may skip dense targets.
     sparse: bool = False
     enqueued_at: float = field(default=0.0, repr=False)
-    queued_s: float = field(default=0.0, repr=False)  # from enqueued_at to its batch's start
+    queued_s: float | None = field(default=None, repr=False)  # from enqueued_at to its batch's start
 
     @property
     def images(self) -> int:
@@ -451,11 +451,14 @@ class Batcher:
                 parts = []
                 for part in slices:  # each queued anew: requests that arrived meanwhile go first
                     parts.append(await self._enqueue(part, None, held=True))
-                if self._on_queued is not None:  # one request, one wait: its slices' together
-                    self._on_queued(sum(part.queued_s for part in slices))
             finally:
                 self._held_images -= held
                 self._room_freed()
+                # One request, one wait: its slices' together, those that started (its caller
+                # gone or a slice failed, as a request that is not sliced once it started).
+                waits = [part.queued_s for part in slices if part.queued_s is not None]
+                if self._on_queued is not None and waits:
+                    self._on_queued(sum(waits))
             # Joined on the compute worker (megabytes of dense targets: hundreds of ms that
             # held the event loop, and every other call with it), and finished in the same hop.
             return await self.run(_joined, parts, finish)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -552,6 +553,33 @@ def test_a_request_in_slices_waits_once_in_the_queue_time(generator):
 
     observed = asyncio.run(run())
     assert len(observed) == 2 and max(observed) >= 0.2, observed
+
+
+def test_a_request_in_slices_whose_caller_goes_is_still_in_the_queue_time(generator):
+    """A request in slices whose caller goes away after a slice started (a deadline passing
+    in a long queue) left no wait at all, the tail's longest waits among them; a request not
+    sliced is observed once it starts, whatever comes after."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2))
+        batcher.start()
+        assign = batcher._assign
+        batcher._assign = lambda jobs: (time.sleep(0.3), assign(jobs))[1]  # every batch 0.3 s
+        observed = []
+        batcher._on_queued = observed.append
+        try:
+            sliced = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1, 2, 0, 1, 1))))  # three slices
+            await asyncio.sleep(0.1)  # its first slice computes
+            other = asyncio.ensure_future(batcher.submit(_good(generator, (2, 2))))  # ahead of its second
+            await asyncio.sleep(0.35)
+            sliced.cancel()
+            await other
+            return observed
+        finally:
+            await batcher.close()
+
+    observed = asyncio.run(run())
+    assert len(observed) == 2, observed  # the other request's, and the sliced one's (its started slices)
 
 
 def test_a_request_in_slices_once_admitted_is_never_refused_midway(generator):
