@@ -638,7 +638,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="a connection this old is asked to reconnect, its calls given 60 s more: a caller "
                              "that never reads holds no memory for longer (default 1800)")  # fmt: skip
     parser.add_argument("--no-access-log", action="store_true",
-                        help="no INFO line per call (method, id, images, boxes, code, ms)")  # fmt: skip
+                        help="no INFO line per call (method, id, images, boxes, code, ms, peer, reason)")  # fmt: skip
 
 
 def _add_workers_flag(parser: argparse.ArgumentParser) -> None:

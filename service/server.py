@@ -155,7 +155,7 @@ class ServerOptions:
     warmup_preset, warmup_canvas: the warm-up batch that runs before SERVING.
     reuse_port: let several processes bind the same port (SO_REUSEPORT; ``--workers``).
     access_log: one INFO line per call on the ``tritarget.access`` logger (method, request
-        id, images, boxes, code, milliseconds).
+        id, images, boxes, code, milliseconds, the caller's address, a failure's reason).
     gpu_wait: how threads wait for the GPU, "block" (asleep) or "spin" (``gpu_wait``): a
         setting of the whole process, made only where the server is its first CUDA user.
     max_streams_per_connection, connection_idle_s, connection_age_s: what one connection
