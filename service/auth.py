@@ -27,6 +27,7 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # The methods the metrics count (reflection's calls are not: counting only its refusals
 # read as every reflection call failing).
 _COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
+_LOGGED_METHOD_CHARS = 128
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -66,7 +67,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         status = status_of(refusal)
         counted = self._metrics is not None and details.method.startswith(_COUNTED_PREFIX)
-        method = details.method.rsplit("/", 1)[-1] if counted else details.method  # reflection's: named whole
+        # Another service's method is named whole, quoted: a caller's, for a method no
+        # service has (``servicer._UnknownMethods``).
+        method = details.method.rsplit("/", 1)[-1] if counted else repr(details.method[:_LOGGED_METHOD_CHARS])
         started = time.perf_counter()
 
         def finished(context: grpc.aio.ServicerContext) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "Overloaded",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "invalid_from_exception",
 ]
 
@@ -53,6 +54,10 @@ class Unauthenticated(ServiceError):
 
 class Unavailable(ServiceError):
     """The server cannot take the request now (starting, shutting down); retryable."""
+
+
+class Unimplemented(ServiceError):
+    """No service of this server has the method called."""
 
 
 def invalid_from_exception(exc: Exception) -> InvalidInput:

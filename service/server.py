@@ -39,7 +39,7 @@ from .codec import Limits
 from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .metrics import Metrics
 from .output import reader_gone
-from .servicer import TargetAssignerServicer, add_to_server
+from .servicer import TargetAssignerServicer, add_to_server, add_unknown_method_handler
 
 __all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "hold_port", "SERVICE_NAME"]
 
@@ -275,9 +275,11 @@ class TargetServer:
         )
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         if options.reflection:
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            names += (reflection.SERVICE_NAME,)
             reflection.enable_server_reflection(names, self.grpc)
+        add_unknown_method_handler(self.grpc, names, access_log=options.access_log)
         address = host_port(options.host, options.port)
         reason = "no address bound"
         if options.port and not options.reuse_port:

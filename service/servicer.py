@@ -27,11 +27,11 @@ from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from . import codec
 from .backend import Batcher
-from .errors import Overloaded, Unavailable
+from .errors import Overloaded, Unavailable, Unimplemented
 from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
-__all__ = ["TargetAssignerServicer", "add_to_server"]
+__all__ = ["TargetAssignerServicer", "add_to_server", "add_unknown_method_handler"]
 
 access_log = logging.getLogger("tritarget.access")
 _LOGGED_ID_CHARS = 128
@@ -129,6 +129,33 @@ def add_to_server(servicer: TargetAssignerServicer, server: grpc.aio.Server) -> 
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(_SERVICE.full_name, handlers)
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    """A call to a method no service of the server has: refused UNIMPLEMENTED, naming the
+    services there are, and logged (gRPC's own answer, "Method not found!", named neither,
+    and a client built for another service or version went unseen)."""
+
+    def __init__(self, services: tuple[str, ...], access_log: bool) -> None:
+        self._services = ", ".join(services)
+        self._access_log = access_log
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method[:_LOGGED_ID_CHARS]  # a caller's: may be long
+
+        async def refuse(requests, context: grpc.aio.ServicerContext) -> None:  # any kind of call: reads nothing
+            if self._access_log:
+                access_log.info("%r (unknown method) UNIMPLEMENTED peer=%s", method, context.peer())
+            await abort(
+                context, status_of(Unimplemented(f"unknown method {method!r}: this server has {self._services}"))
+            )
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+def add_unknown_method_handler(server: grpc.aio.Server, services: tuple[str, ...], *, access_log: bool) -> None:
+    """After every service is added: the handler of the methods none of them has."""
+    server.add_generic_rpc_handlers((_UnknownMethods(services, access_log),))
 
 
 class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):

@@ -23,7 +23,16 @@ from grpc_status import rpc_status
 from tritarget.protos import ERROR_DOMAIN, OVERLOADED_REASON
 from tritarget.protos import target_assigner_pb2 as pb
 
-from .errors import InvalidInput, NotFound, Overloaded, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
+from .errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 
 __all__ = ["status_of", "abort", "request_error"]
 
@@ -36,6 +45,7 @@ _CODES: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
 )
 
 INTERNAL_MESSAGE = "internal server error (logged on the server)"

@@ -80,7 +80,7 @@ def test_refused_calls_get_their_access_log_line(caplog):
                         lines[0]), lines  # fmt: skip
     assert re.fullmatch(rf"Assign id='' images=1 boxes=1 OK [0-9.]+ ms {peer}", lines[1]), lines
     assert len(reflection) == 1, reflection
-    method = r"/grpc\.reflection\.v1alpha\.ServerReflection/ServerReflectionInfo"
+    method = r"'/grpc\.reflection\.v1alpha\.ServerReflection/ServerReflectionInfo'"
     assert re.fullmatch(rf"{method} \(request not read\) UNAUTHENTICATED [0-9.]+ ms {peer} "
                         r"reason=\"missing credentials: .*\"", reflection[0])  # fmt: skip
 
@@ -119,6 +119,36 @@ def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_coun
         time.sleep(0.3)
         assert srv.metrics.value("tritarget_requests_total", assign) == 3
         assert srv.metrics.value("tritarget_request_seconds_count", assign) == 3
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_call_to_an_unknown_method_names_the_services_and_is_logged(token, caplog):
+    """gRPC answered a method no service has with "Method not found!" and logged nothing: a
+    client built for another version went unseen. Now the error names the services there
+    are, whatever the kind of call, and the access log has a line; behind a token the
+    token is checked first (a caller without one learns nothing of the server)."""
+    method = "/tritarget.v2.TargetAssigner/Assign"
+    with ServerThread(token=token, access_log=True) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
+        with grpc.insecure_channel(srv.address) as channel:
+            for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+                call = getattr(channel, kind)(method, request_serializer=bytes, response_deserializer=bytes)
+                with pytest.raises(grpc.RpcError) as info:
+                    answer = call(b"x" if kind.startswith("unary") else iter([b"x"]), timeout=10)
+                    if kind.endswith("stream"):  # a stream's status comes as it is read
+                        list(answer)
+                if token is None:
+                    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, kind
+                    assert info.value.details() == (f"unknown method {method!r}: this server has "
+                                                    "tritarget.v1.TargetAssigner, grpc.health.v1.Health, "
+                                                    "grpc.reflection.v1alpha.ServerReflection"), kind  # fmt: skip
+                else:
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, kind
+        lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+        lines = [line for line in lines if "v2" in line]
+    code = r"\(unknown method\) UNIMPLEMENTED" if token is None else r"\(request not read\) UNAUTHENTICATED [0-9.]+ ms"
+    assert len(lines) == 4, lines
+    for line in lines:
+        assert re.fullmatch(rf"'/tritarget\.v2\.TargetAssigner/Assign' {code} peer=ipv4:127\.0\.0\.1:\d+.*", line), line
 
 
 def test_auth_accepts_the_token_and_health_needs_none(auth_server):
