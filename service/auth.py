@@ -17,6 +17,7 @@ import grpc
 
 from .errors import Unauthenticated
 from .metrics import Metrics
+from .servicer import LOGGED_CHARS
 from .status import abort, code_name, status_of
 
 __all__ = ["BearerTokenInterceptor"]
@@ -27,7 +28,6 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # The methods the metrics count (reflection's calls are not: counting only its refusals
 # read as every reflection call failing).
 _COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
-_LOGGED_METHOD_CHARS = 128
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -69,7 +69,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         counted = self._metrics is not None and details.method.startswith(_COUNTED_PREFIX)
         # Another service's method is named whole, quoted: a caller's, for a method no
         # service has (``servicer._UnknownMethods``).
-        method = details.method.rsplit("/", 1)[-1] if counted else repr(details.method[:_LOGGED_METHOD_CHARS])
+        method = details.method.rsplit("/", 1)[-1] if counted else repr(details.method[:LOGGED_CHARS])
         started = time.perf_counter()
 
         def finished(context: grpc.aio.ServicerContext) -> None:

@@ -34,7 +34,7 @@ from .status import abort, code_name, request_error, status_of
 __all__ = ["TargetAssignerServicer", "add_to_server", "add_unknown_method_handler"]
 
 access_log = logging.getLogger("tritarget.access")
-_LOGGED_ID_CHARS = 128
+LOGGED_CHARS = 128  # a caller's string in a log line (request id, method name) is cut to this
 
 # The server's deadline runs from when the call reached it, so the caller's own deadline
 # passes (and its cancellation arrives) while the server still has a little time left:
@@ -49,7 +49,7 @@ def cut_off_code(remaining: float | None) -> str:
 
 def _call_name(method: str, request) -> str:
     """A call as the log names it, matching its access-log line (method and request id)."""
-    return f"{method} id={getattr(request, 'request_id', '')[:_LOGGED_ID_CHARS]!r}"
+    return f"{method} id={getattr(request, 'request_id', '')[:LOGGED_CHARS]!r}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         self._access_log = access_log
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method = details.method[:_LOGGED_ID_CHARS]  # a caller's: may be long
+        method = details.method[:LOGGED_CHARS]  # a caller's: may be long
 
         async def refuse(requests, context: grpc.aio.ServicerContext) -> None:  # any kind of call: reads nothing
             if self._access_log:
@@ -354,7 +354,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._metrics.method(call.method).request_seconds.observe(ended - started)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             counts = getattr(request, "gt_counts", ())
-            request_id = getattr(request, "request_id", "")[:_LOGGED_ID_CHARS]  # a caller's id may be megabytes
+            request_id = getattr(request, "request_id", "")[:LOGGED_CHARS]  # a caller's id may be megabytes
             # Summed only within the image limit: a refused request may hold millions of counts.
             boxes = sum(counts) if len(counts) <= self._limits.max_images else "?"
             because = f" reason={reason!r}" if reason else ""
