@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tritarget.kernels import keep_freed_memory, presets
@@ -37,6 +37,7 @@ from .auth import BearerTokenInterceptor
 from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
 from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
+from .health import Health
 from .metrics import Metrics
 from .output import reader_gone
 from .servicer import TargetAssignerServicer, add_to_server, add_unknown_method_handler
@@ -147,7 +148,8 @@ def hold_port(host: str, port: int) -> list[socket.socket]:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """Everything ``tritarget serve`` can set.
+    """The server's settings: what ``tritarget serve``'s flags set, and the warm-up batch
+    (set from code only; reflection is always on, for grpcurl and other languages' clients).
 
     token: bearer token every call must carry (None: no auth).
     tls_cert, tls_key: PEM server certificate chain and key (None: plaintext).
@@ -184,7 +186,6 @@ class ServerOptions:
     warmup_preset: str = "retinanet_torchvision"
     warmup_canvas: tuple[int, int] = (800, 1344)
     grace_s: float = 10.0
-    reflection: bool = True
     access_log: bool = True
     reuse_port: bool = False
     gpu_wait: str = "block"
@@ -241,7 +242,7 @@ class TargetServer:
         self.metrics.waiting_requests.set_function(
             lambda: self.batcher.waiting_requests + self.servicer.waiting_requests
         )
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         limits = options.limits
         interceptors = (
             [BearerTokenInterceptor(options.token, self.metrics, access_log=options.access_log)]
@@ -260,6 +261,10 @@ class TargetServer:
                 # gRPC's default (a ping per 5 min without data, 2 strikes) ended an idle stream
                 # with GOAWAY "too_many_pings" after 2-2.5 min (a trainer validating between epochs).
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # The same with no call open (grpc-js and grpc-go keep idle connections so;
+                # gRPC allowed one ping per 2 h there: the 4th, 30 s apart, got GOAWAY).
+                # Idle connections still close after connection_idle_s.
+                ("grpc.keepalive_permit_without_calls", 1),
                 # Calls gRPC has taken in but the event loop has not yet picked up: past 1,000
                 # (gRPC's default, dropping at random up to 3,000) gRPC answered them CANCELLED,
                 # which reads as the caller's own doing, before the queue bound could answer
@@ -275,10 +280,8 @@ class TargetServer:
         )
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        if options.reflection:
-            names += (reflection.SERVICE_NAME,)
-            reflection.enable_server_reflection(names, self.grpc)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
         add_unknown_method_handler(self.grpc, names, access_log=options.access_log)
         address = host_port(options.host, options.port)
         reason = "no address bound"
@@ -363,10 +366,11 @@ class TargetServer:
         self.batcher.drain()
         settling = asyncio.ensure_future(self.servicer.wait_settled(grace))
         settled = await _finished_unless(hurry, settling) and settling.result()
+        await self.health.end_watches()
         if settled:
-            # Every call of ours is answered: what gRPC still holds are health Watch (or
-            # reflection) streams, which never end by themselves and would hold the port
-            # for the rest of the grace period.
+            # Every call of ours is answered: what gRPC still holds are reflection streams,
+            # which never end by themselves and would hold the port for the rest of the
+            # grace period.
             stopped = await self._grpc_stopped(0.0, hurry)
         else:
             if not hurry.is_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import math
 import threading
 import time
@@ -24,7 +25,7 @@ from test_service_harness import ServerThread, batching, sparse_view
 from support import assert_targets_equal, random_batch
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.kernels import assign, generate_anchors, presets
-from tritarget.service.server import create_server
+from tritarget.service.server import SERVICE_NAME, create_server
 
 # Small canvases keep the reference backend fast; ssd300 fixes its own 300 x 300 grid.
 CASES = [
@@ -278,6 +279,16 @@ def test_health_is_serving_after_warm_up(server):
         for name in ("", "tritarget.v1.TargetAssigner"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_list_gives_every_status_and_logs_no_error(server, caplog):
+    """grpcio-health-checking leaves List unimplemented: each call was answered
+    UNIMPLEMENTED and logged an ERROR with a traceback (health needs no token)."""
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert {name: s.status for name, s in reply.statuses.items()} == {"": serving, SERVICE_NAME: serving}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_health_not_serving_until_warm_up_done():

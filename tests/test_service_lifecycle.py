@@ -1046,15 +1046,19 @@ def test_metrics_count_refused_and_failed_requests():
 
 def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     """Clients with health checking keep a Watch stream per connection, which never ends
-    by itself: with every call answered, the port stayed open for the whole grace period."""
+    by itself: with every call answered, the port stayed open for the whole grace period.
+    It is ended UNAVAILABLE with a reason after NOT_SERVING (gRPC's stop cut it: grpc-js
+    read the reset stream as INTERNAL)."""
     srv = ServerThread().start()
     channel = grpc.insecure_channel(srv.address)
-    statuses = []
+    statuses, ends = [], []
 
     def watch() -> None:
-        with contextlib.suppress(grpc.RpcError):
+        try:
             for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
                 statuses.append(reply.status)
+        except grpc.RpcError as exc:
+            ends.append((exc.code(), exc.details()))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -1066,7 +1070,8 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     assert time.monotonic() - start < 3
     watcher.join(5)
     channel.close()
-    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert ends == [(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")]
 
 
 def test_cli_serve_stops_without_tracebacks_with_watch_and_reflection_streams_open():
