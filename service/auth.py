@@ -48,8 +48,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         # Every copy must match: a proxy or a later handler may read another one than we do.
         for value in values:
             given = value.encode() if isinstance(value, str) else value
+            # "Bearer" 1*SP token (RFC 6750); the scheme's name is case-insensitive (RFC 7235),
+            # the token compared whole.
             scheme, _, credentials = given.partition(b" ")
-            # The scheme's name is case-insensitive (RFC 7235); the token is compared whole.
+            credentials = credentials.lstrip(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials, self._expected):
                 return Unauthenticated("invalid bearer token")
         return None

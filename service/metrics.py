@@ -10,6 +10,7 @@ import contextlib
 import socket
 import sys
 import threading
+import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -47,6 +48,8 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
         # The address decides the family: "::" or "[::1]" need IPv6.
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}  # each open connection's SCRAPE_S end
         super().__init__(address, handler)
 
     def process_request(self, request, client_address) -> None:
@@ -60,14 +63,24 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
-        cut_off = threading.Timer(SCRAPE_S, _cut_off, (request,))
-        cut_off.daemon = True
-        cut_off.start()
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + SCRAPE_S
         try:
             super().process_request_thread(request, client_address)
         finally:
-            cut_off.cancel()
+            with self._lock:
+                del self._deadlines[request]
             self._slots.release()
+
+    def service_actions(self) -> None:
+        """``serve_forever``'s thread, at each poll (every 0.5 s at most): the connections
+        open for SCRAPE_S are ended (a timer thread per connection doubled the threads the
+        scrapes hold)."""
+        now = time.monotonic()
+        with self._lock:
+            for connection, deadline in self._deadlines.items():
+                if deadline <= now:
+                    _cut_off(connection)
 
     def handle_error(self, request, client_address) -> None:
         """A connection closed for its silence, or by its client, is not an error
