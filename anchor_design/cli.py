@@ -132,7 +132,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_config_flags(check)
     _add_run_flags(check)
     check.add_argument(
-        "--missing", type=_non_negative, default=10, help="boxes without a positive to list (default 10)"
+        "--missing",
+        type=_non_negative,
+        default=10,
+        help="boxes to list, per config, that no anchor reaches at IoU >= its high threshold (the low-quality rule "
+        "left out; default 10)",
     )
     check.add_argument("--json", help="also write the numbers as JSON here")
 

@@ -40,8 +40,9 @@ Run on a GPU machine after ``gpu_check.sh`` (same PYTHONPATH), one file out:
    variant (points where it beat the walk, then where it beat the default gather, and
    its time over theirs as a geometric mean; targets equal or not).
 5. Where each matching is faster: ``solve`` and ``solve_sparse``, the walk, the gather,
-   the gather as run10 left it (built anchors, uncapped, in grid order, every record),
-   the gather matching inline, visiting one near box at a time and a lone one alone,
+   the gather as run10 left it (built anchors, uncapped, in grid order, every record,
+   every near box), the gather matching inline, visiting one near box at a time, a lone
+   one alone, and every near box (the threshold pruning off),
    over B = 1, 8, 32, 64 x G ~ 7, 50, 200, 500, 1000, targets checked equal (the data a
    per-batch choice of the matching would be placed by).
 
@@ -327,9 +328,10 @@ def main() -> None:
     # pairs below the thresholds that no target depends on, floor_kernel's need; 0.64x the
     # overlapping pairs at G = 200 instead of 1.86x, bench_gpu.py --pairs).
     variants["gather, every near box"] = dict(matching="gather", threshold_prune=False)
-    # The three settings run12 made the defaults, undone together (each alone was timed
-    # in run12: 0.94-1.01x): the gather uncapped, the lifting finalize uncapped, a block's
-    # anchors built from the level tables instead of loaded.
+    # The gather as run10 timed it: the three settings run12 made the defaults undone
+    # (each alone was timed in run12: 0.94-1.01x: the gather uncapped, the lifting
+    # finalize uncapped, a block's anchors built from the level tables instead of loaded),
+    # and the three built since (blocks in grid order, every block's records, every near box).
     as_run10 = dict(matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None,
                     heavy_first=False, skip_empty=False, threshold_prune=False)  # fmt: skip
     variants["gather as run10 left it"] = as_run10

@@ -219,7 +219,6 @@ class LoadTestOptions:
     token: str | None = None
     tls_ca: bytes | None = None
     verify: int = 0
-    verify_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -997,8 +996,9 @@ def _merge(options: LoadTestOptions, results: list[dict]) -> Report:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_response(workload: Workload, index: int, response: pb.AssignResponse, backend: str = "auto",
-                    expected: dict[int, Targets] | None = None) -> str | None:  # fmt: skip
+def verify_response(
+    workload: Workload, index: int, response: pb.AssignResponse, expected: dict[int, Targets] | None = None
+) -> str | None:
     """None if ``response`` answers request ``index`` of ``workload`` (its id, format and
     delta dtype, what the client checks of a response against its request) with the targets
     computed in-process, else what differs. ``expected``: targets already computed, by
@@ -1015,8 +1015,7 @@ def verify_response(workload: Workload, index: int, response: pb.AssignResponse,
     if expected is None or index not in expected:
         boxes, counts, classes = workload.batch(index)
         config = presets.get(workload.preset)
-        targets = assign(boxes, counts, workload.canvas, config, gt_classes=classes, seed=request.seed,
-                         backend=backend)  # fmt: skip
+        targets = assign(boxes, counts, workload.canvas, config, gt_classes=classes, seed=request.seed)
         if expected is None:
             expected = {}
         expected[index] = targets
@@ -1146,8 +1145,7 @@ def _verify(report: Report, results: list[dict], interrupted: threading.Event) -
         for raw in answers:
             if interrupted.is_set():
                 break
-            mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw),
-                                       options.verify_backend, expected)  # fmt: skip
+            mismatch = verify_response(options.workload, index, pb.AssignResponse.FromString(raw), expected)
             report.verified += 1
             if mismatch is not None:
                 report.mismatches.append(mismatch)

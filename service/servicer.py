@@ -35,6 +35,8 @@ __all__ = ["TargetAssignerServicer", "add_to_server", "add_unknown_method_handle
 
 access_log = logging.getLogger("tritarget.access")
 LOGGED_CHARS = 128  # a caller's string in a log line (request id, method name) is cut to this
+# Requests of one stream in flight at once, so that they batch together (README: "up to 8").
+STREAM_WINDOW = 8
 
 # The server's deadline runs from when the call reached it, so the caller's own deadline
 # passes (and its cancellation arrives) while the server still has a little time left:
@@ -165,8 +167,6 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         limits: codec.Limits,
         metrics: Metrics,
         *,
-        encode_workers: int = 1,
-        stream_window: int = 8,
         access_log: bool = True,
     ) -> None:
         self._batcher = batcher
@@ -175,9 +175,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         # Assign responses are encoded on the batcher's compute worker (``_encode``); this
         # single-threaded pool only builds and encodes GetAnchors' anchors off the loop.
         self._encoder = ThreadPoolExecutor(
-            encode_workers, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
+            1, thread_name_prefix="tritarget-encode", initializer=torch.set_num_threads, initargs=(1,)
         )
-        self._stream_window = stream_window
         self._access_log = access_log
         self._draining = asyncio.Event()
         self._idle = asyncio.Event()
@@ -491,12 +490,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
     async def _stream(
         self, request_iterator: AsyncIterator[pb.AssignRequest], call: _Call
     ) -> AsyncIterator[pb.AssignResponse | bytes]:
-        # Up to `stream_window` requests of one stream are in flight at once (so they
-        # batch together); responses leave in request order. Draining cancels the reading:
-        # what was read is answered, then the stream ends UNAVAILABLE. Per item this is a
-        # task for the answer and a few queue operations (no asyncio.wait: it costs tens
-        # of microseconds per call).
-        slots = asyncio.Semaphore(self._stream_window)
+        # Up to STREAM_WINDOW requests of one stream are in flight at once; responses
+        # leave in request order. Draining cancels the reading: what was read is
+        # answered, then the stream ends UNAVAILABLE. Per item this is a task for the
+        # answer and a few queue operations (no asyncio.wait: it costs tens of
+        # microseconds per call).
+        slots = asyncio.Semaphore(STREAM_WINDOW)
         answers: asyncio.Queue = asyncio.Queue()  # answer futures, then an end marker
 
         async def read() -> None:

@@ -27,7 +27,7 @@ from tritarget.anchor_design import (
     synthetic,
 )
 from tritarget.anchor_design import cli as anchor_design_cli
-from tritarget.anchor_design.check import format_check_table
+from tritarget.anchor_design.check import format_check_table, format_missing
 from tritarget.anchor_design.cli import main
 from tritarget.anchor_design.dataset import BoxDataset
 from tritarget.anchor_design.fit import _Parameters
@@ -328,6 +328,17 @@ def test_check_equals_brute_force(small_dataset, name):
     assert result.bpr == pytest.approx(float((torch.cat(want_strict) > 0).float().mean()))
     missing = result.missing.tolist()
     assert missing == torch.nonzero(torch.cat(want_pos) == 0).flatten().tolist()
+    missing_strict = result.missing_strict.tolist()
+    assert missing_strict == torch.nonzero(torch.cat(want_strict) == 0).flatten().tolist()
+    assert len(missing_strict) > 2
+    # The listing: the config's rules, or IoU >= high alone (the CLI's), at most `limit` rows.
+    for strict, rows in ((False, missing), (True, missing_strict)):
+        lines = format_missing(result, limit=2, strict=strict).splitlines()
+        rule = "at IoU >= high alone" if strict else "under the config's rules"
+        assert lines[0] == f"{result.name}: {len(rows)} boxes without a positive {rule}"
+        listed = [int(line.split("annotation ")[1].split(":")[0]) for line in lines[1:] if "annotation" in line]
+        assert listed == result.annotation_ids[rows[:2]].tolist()
+        assert (lines[-1] == f"  ... {len(rows) - 2} more") == (len(rows) > 2)
     assert result.box_image_ids.tolist() == [11] * 3 + [13] * 6 + [14] + [15] * 4
 
 

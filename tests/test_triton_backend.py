@@ -922,7 +922,7 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
         # Relaxed atomics with no fence around them (acq_rel fenced each one:
         # triton_assign's docstring). Triton 3.9 writes them as reductions (red); 3.6 as
         # atom, whose unread result ptxas drops: fire-and-forget REDG in the SASS either
-        # way (benchmarks/kernel_resources.md).
+        # way (benchmarks/results/kernel_resources.md).
         atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx[name]))
         assert atomics and all(".relaxed.max." in op for op in atomics), (name, atomics)
         assert "fence" not in ptx[name] and "membar" not in ptx[name], name
