@@ -49,9 +49,9 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
-import queue as queue_module
 import random
 import signal
 import sys
@@ -430,20 +430,34 @@ class _StartLine:
     _LEAD_S = 0.1  # from the parent's word to the start: every process sees it in time
 
     def __init__(self, context) -> None:
-        self._go = context.Event()
-        self._at = context.Value("d", 0.0, lock=False)
+        self._at = context.RawValue("d", 0.0)  # the start (time.time()); 0 until given (no lock: _StopFlag)
 
     def open(self) -> None:
         self._at.value = time.time() + self._LEAD_S
-        self._go.set()
 
     async def wait(self, stop) -> None:
         """Until the start, or until asked to stop (another process failed first)."""
-        while not self._go.is_set():
+        while not self._at.value:
             if stop.is_set() or _orphaned():  # then stopped at once by ``_Driver._watch``
                 return
             await asyncio.sleep(self._LEAD_S / 10)
         await asyncio.sleep(max(0.0, self._at.value - time.time()))
+
+
+class _StopFlag:
+    """The parent's word to its client processes to stop, as a shared byte with no lock: a
+    multiprocessing.Event takes a lock even to be read, and a process killed holding it
+    (the OOM killer, SIGKILL) left the parent's ``set()`` and every other process waiting
+    for good. The same methods as threading.Event's, which the one-process run uses."""
+
+    def __init__(self, context) -> None:
+        self._flag = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
 
 
 class _Driver:
@@ -494,7 +508,7 @@ class _Driver:
                       for c in channels]  # fmt: skip
         self.streams = [c.stream_stream(_STREAM, pb.AssignRequest.SerializeToString, pb.AssignResponse.FromString)
                         for c in channels]  # fmt: skip
-        self.updates.put(("ready", self.index, None))  # the collector's deadline counts from here
+        self.updates.send(("ready", self.index, None))  # the collector's deadline counts from here
         if self.start_line is not None:
             await self.start_line.wait(self.stop)
         now = time.perf_counter()
@@ -533,7 +547,7 @@ class _Driver:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(_PROGRESS_S)
-            self.updates.put(("progress", self.index, self.recorder.progress()))
+            self.updates.send(("progress", self.index, self.recorder.progress()))
 
     async def _watch(self, load: asyncio.Future) -> None:
         """Stop the load when the parent asks (a process's event can only be polled), or
@@ -699,8 +713,6 @@ class _Driver:
 def _drive_process(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine) -> None:
     torch.set_num_threads(1)  # a client process builds messages; the cores are the server's
     _drive(options, index, updates, stop, start_line)
-    if _orphaned():  # nobody reads its result: exit without waiting for the queue to take it
-        updates.cancel_join_thread()
 
 
 def _orphaned() -> bool:
@@ -710,12 +722,17 @@ def _orphaned() -> bool:
 
 
 def _drive(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine | None = None) -> None:
-    """One client process (or thread): run, then report the result on ``updates``."""
+    """One client process (or thread): run, then report the result on ``updates``, its
+    own pipe to the parent (a queue shared by the processes has a lock too: _StopFlag)."""
     try:
-        result = asyncio.run(_Driver(options, index, updates, stop, start_line).run())
-        updates.put(("done", index, result))
+        message = ("done", index, asyncio.run(_Driver(options, index, updates, stop, start_line).run()))
     except BaseException as exc:  # the parent reports it
-        updates.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+        message = ("failed", index, f"{type(exc).__name__}: {exc}")
+    try:
+        updates.send(message)
+    except OSError:  # the parent is gone (killed): nobody reads it
+        if not _orphaned():
+            raise
 
 
 # --------------------------------------------------------------------------- the report
@@ -1066,16 +1083,17 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     until then, ``interrupted`` set; a second raises ``KeyboardInterrupt``. A client
     process that fails stops the others and the report lists it; ``RuntimeError`` when no
     client has a result."""
+    # Each client's pipe for its progress and result: (the parent's end, the client's).
+    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(options.processes)]
     if options.processes == 1:  # in this process, on a thread: no start-up cost
-        updates: Any = queue_module.Queue()
         stop: Any = threading.Event()
         start_line = None
-        workers = [threading.Thread(target=_drive, args=(options, 0, updates, stop), daemon=True)]
+        workers = [threading.Thread(target=_drive, args=(options, 0, pipes[0][1], stop), daemon=True)]
     else:
         context = multiprocessing.get_context("spawn")  # no inherited gRPC or torch state
-        updates, stop, start_line = context.Queue(), context.Event(), _StartLine(context)
-        workers = [context.Process(target=_drive_process, args=(options, i, updates, stop, start_line), daemon=True)
-                   for i in range(options.processes)]  # fmt: skip
+        stop, start_line = _StopFlag(context), _StartLine(context)
+        workers = [context.Process(target=_drive_process, args=(options, i, sending, stop, start_line), daemon=True)
+                   for i, (_, sending) in enumerate(pipes)]  # fmt: skip
     # Set by the first Ctrl-C: during the load it stops the clients (what they kept is
     # still verified), once verifying it stops the verification; the second raises.
     interrupted, verifying, verify_interrupted = threading.Event(), threading.Event(), threading.Event()
@@ -1105,10 +1123,14 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
             signal.signal(signum, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
         for worker in workers:
             worker.start()
+        if options.processes > 1:  # the clients' ends are theirs: a client's death ends its pipe
+            for _, sending in pipes:
+                sending.close()
         for signum in previous:
             signal.signal(signum, on_ctrl_c)
         try:
-            results, failures = _collect(options, updates, stop, start_line, workers, progress)
+            results, failures = _collect(options, [receiving for receiving, _ in pipes], stop, start_line, workers,
+                                         progress)  # fmt: skip
         finally:
             stop.set()  # whatever ended the collection, no client goes on loading the server
             for worker in workers:
@@ -1152,10 +1174,11 @@ def _verify(report: Report, results: list[dict], interrupted: threading.Event) -
     report.unverified = options.verify - report.verified
 
 
-def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | None, workers: list, progress: bool):
-    """Every worker's result, in worker order, and the failures (each stops the others);
-    the workers started together once all are ready; meanwhile a live line: throughput,
-    p50/p99, errors."""
+def _collect(options: LoadTestOptions, pipes: list, stop, start_line: _StartLine | None, workers: list,
+             progress: bool):  # fmt: skip
+    """Every worker's result, in worker order, and the failures (each stops the others),
+    read from each worker's pipe (``pipes``, in worker order); the workers started together
+    once all are ready; meanwhile a live line: throughput, p50/p99, errors."""
     from tqdm import tqdm
 
     total = options.warmup_s + options.duration_s
@@ -1172,19 +1195,25 @@ def _collect(options: LoadTestOptions, updates, stop, start_line: _StartLine | N
     deadline = math.inf
     reported: set[int] = set()  # the workers whose result or failure is in
     ready: set[int] = set()
+    open_pipes = dict(zip(pipes, range(len(pipes))))
+    updates: deque = deque()
     while len(reported) < len(workers):
-        # Every pass, not only when no update comes: the others' progress comes every 0.5 s.
-        for index, worker in enumerate(workers):  # killed (the OOM killer): it reports nothing
-            if index not in reported and not worker.is_alive() and getattr(worker, "exitcode", 0):
-                failures.append(f"worker {index}: exited with code {worker.exitcode}")
-                reported.add(index)
-                stop.set()
-        try:
-            kind, index, payload = updates.get(timeout=1.0)
-        except queue_module.Empty:
-            if time.monotonic() > deadline:
-                raise RuntimeError("load test workers did not finish") from None
-            continue
+        if not updates:
+            for pipe in multiprocessing.connection.wait(list(open_pipes), timeout=1.0):
+                try:
+                    updates.append(pipe.recv())
+                except (EOFError, OSError):  # its client ended (OSError: in the middle of a message)
+                    index = open_pipes.pop(pipe)
+                    if index not in reported:  # killed (the OOM killer): it said nothing
+                        workers[index].join(1.0)
+                        failures.append(f"worker {index}: exited with code {workers[index].exitcode}")
+                        reported.add(index)
+                        stop.set()
+            if not updates:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("load test workers did not finish") from None
+                continue
+        kind, index, payload = updates.popleft()
         if kind == "failed":
             failures.append(f"worker {index}: {payload}")
             reported.add(index)
