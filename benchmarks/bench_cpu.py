@@ -6,7 +6,7 @@ B = 1 and 16. Every implementation runs in this process with the same thread cou
 
 * torchvision: ``box_iou`` + ``Matcher(0.5, 0.4, allow_low_quality_matches=True)`` +
   ``BoxCoder.encode_single`` of the foreground, image by image, as torchvision's
-  RetinaNet does (the ``parity`` extra; the table says so when it is absent);
+  RetinaNet does (torchvision installed; the table says so when it is absent);
 * reference: ``assign(..., backend="reference")`` (skipped where it would take long);
 * cpu: ``assign(..., backend="cpu")``, end to end (input checks included).
 

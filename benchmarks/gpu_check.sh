@@ -314,16 +314,21 @@ pack
 # GPU_SERVICE_WORKERS, default 4, what `serve` picks on 16 cores): one Python process's event
 # loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
 # run6; 4 gave 29.5k, run7). GPU_SERVICE_ARGS adds server flags.
+# service_under_load N PORT: that load against N front ends on PORT; its exit status.
+service_under_load() {
+    echo "== service, $1 front-end processes =="
+    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
+        "${service_load[@]}" --duration 3 --warmup 1 \
+        --server-args "--workers $1 --port $2 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$1" \
+        2>&1 | tail -n 12 | tee "$OUT/service_workers$1.txt"
+    return "${PIPESTATUS[0]}"
+}
 workers="${GPU_SERVICE_WORKERS:-4}"
 [ "$DRY" = 1 ] && workers=2  # 2 cores
 service=skipped
 if fits 90 "service, $workers front ends" service; then
-    echo "== service, $workers front-end processes =="
-    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
-        "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $workers --port 50061 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$workers" \
-        2>&1 | tail -n 12 | tee "$OUT/service_workers$workers.txt"
-    service=${PIPESTATUS[0]}
+    service_under_load "$workers" 50061
+    service=$?
     [ "$service" -eq 0 ] || status=1
 fi
 pack
@@ -333,12 +338,8 @@ pack
 more="${GPU_SERVICE_WORKERS_MORE:-8}"
 more_status=skipped
 if [ "$DRY" != 1 ] && fits 90 "service, $more front ends" service_more; then
-    echo "== service, $more front-end processes =="
-    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
-        "${service_load[@]}" --duration 3 --warmup 1 \
-        --server-args "--workers $more --port 50062 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$more" \
-        2>&1 | tail -n 12 | tee "$OUT/service_workers$more.txt"
-    more_status=${PIPESTATUS[0]}
+    service_under_load "$more" 50062
+    more_status=$?
     [ "$more_status" -eq 0 ] || status=1
 fi
 pack

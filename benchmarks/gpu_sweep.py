@@ -321,7 +321,7 @@ def main() -> None:
     # schedule of bench_gpu.py --pairs ends 31% sooner at B = 8, G = 1,000).
     variants["gather, grid order"] = dict(matching="gather", heavy_first=False)
     # Every block's records written and read back, as before 2026-12-05 (skip_empty: a
-    # block near no box, 62% of them at G ~ 7, writes a flag instead, and the finalize
+    # block near no box, 83% of them at G ~ 7, writes a flag instead, and the finalize
     # reads its records only where the flag is set).
     variants["gather, every record"] = dict(matching="gather", skip_empty=False)
     # Every near box visited, as before 2026-12-06 (threshold_prune: the matching skips the

@@ -47,8 +47,8 @@ next), lists the near ones (a scan; a byte per anchor and image of list memory)
 and visits them a few at a time as an [anchors, boxes] tile, keeps every anchor's key as
 a running maximum in registers (no atomic per pair), writes every anchor's whole record
 (the work memory needs no zeroing) -- only in blocks near a box, with a byte per block
-that tells the finalize which records to read (``_Meta.skip_empty``: 62% of a COCO-like
-image's blocks write none) -- and for the low-quality modes folds each box's best
+that tells the finalize which records to read (``_Meta.skip_empty``: 83% of a COCO-like
+image's blocks write none, 62% without the threshold pruning) -- and for the low-quality modes folds each box's best
 IoU once per (block, box) (in 32 bits; ssd_forced's whole key, which names the anchor);
 the lift, which marks the anchors that reach a qualifying box's maximum the same way,
 runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
@@ -1150,7 +1150,7 @@ def _block_keys(gt_boxes_ptr, box_key_ptr, near_rows, box_start, found, found_ne
     listed at ``near_rows`` and visited NEAR at a time as a [BLOCK_A, NEAR] tile. LONE: a
     step's last near box, where it would be alone in its tile, is visited alone (a
     [BLOCK_A] pass, about half the tile's instructions: on COCO-like images, where most
-    steps with a near box list one, 70% of the tile visits, ``bench_gpu.py --pairs``).
+    steps with a near box list one, 79% of the tile visits, ``bench_gpu.py --pairs``).
     With BOX_KEYS, for the low-quality modes (``low_quality``), also each box's best IoU
     over the included anchors (``anchor_low`` >= 0: 2^31 - 1 - anchor, -1 where excluded,
     [BLOCK_A] int32), one ``atomic_max`` per (block, box) into the high word of its key;
@@ -1413,9 +1413,10 @@ def gather_kernel(
         records = work_ptr.to(tl.pointer_type(tl.int64)) + (image * num_anchors + anchor) * 2
         written = anchor_mask
         if SKIP_EMPTY:
-            # A block near no box (62% of them on COCO-like images) leaves its records
-            # alone, which the finalize then does not read: 16 bytes per anchor written and
-            # read back for nothing, 64 of 103 MB each way at B = 32 (bench_gpu.py --pairs).
+            # A block near no box (83% of them on COCO-like images, 62% without the
+            # threshold pruning) leaves its records alone, which the finalize then does not
+            # read: 16 bytes per anchor written and read back for nothing, 86 of 103 MB each
+            # way at B = 32 (64 without the pruning; bench_gpu.py --pairs).
             filled = found < searched_end
             tl.store(_filled_flag(near_ptr, image, block, num_blocks, batch, BOXES), filled.to(tl.uint8))
             written = tl.where(filled, written, False)  # (block & scalar fails in Triton's interpreter)

@@ -110,13 +110,14 @@ class _Meta:
     G = 1,000 and 8% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
     --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order"); and whether
     the gather writes the records of the blocks near a box only, with a byte per block
-    that tells the finalize which to read (``skip_empty``: 62% of a COCO-like image's
-    blocks are near none, ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's
-    "gather, every record"); and whether a step's last near box, where it would be alone
-    in its tile of ``gather_near``, is visited alone (``lone_visits``, a variant: about
-    half the tile's instructions, for 70% of the tile visits on COCO-like images and 7% at
-    G = 200, ``bench_gpu.py --pairs``; run12 timed one box at a time at 0.76x the gather's
-    solve at B = 32, G ~ 7 and 1.19x at G = 1,000); and whether the gather's matching
+    that tells the finalize which to read (``skip_empty``: 83% of a COCO-like image's
+    blocks are near none, 62% without the threshold pruning, ``bench_gpu.py --pairs``;
+    not yet timed on a GPU: gpu_sweep.py's "gather, every record"); and whether a step's
+    last near box, where it would be alone in its tile of ``gather_near``, is visited
+    alone (``lone_visits``, a variant: about half the tile's instructions, for 79% of the
+    tile visits on COCO-like images and 21% at G = 200, ``bench_gpu.py --pairs``; run12
+    timed one box at a time at 0.76x the gather's solve at B = 32, G ~ 7 and 1.19x at
+    G = 1,000); and whether the gather's matching
     skips the pairs below the thresholds that no target depends on (``threshold_prune``:
     ``floor_kernel``; 0.20-0.64x the overlapping pairs at G = 200 instead of 1.86x,
     ``bench_gpu.py --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, every near

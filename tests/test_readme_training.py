@@ -1,10 +1,10 @@
 """The README's "Use it in your training loop" snippets run as written.
 
 Each ``python`` block of that section is executed on its own; a block that imports a
-framework which is not installed is skipped (torchvision: the ``parity`` extra). The
-blocks end in assertions of their own (losses equal to the framework's, the anchors a
-framework trains as foreground those we assign positive, excluded anchors present),
-so a snippet that drifts from the API fails here.
+framework which is not installed is skipped (torchvision: its Python alone, as
+conftest.py loads it). The blocks end in assertions of their own (losses equal to the
+framework's, the anchors a framework trains as foreground those we assign positive,
+excluded anchors present), so a snippet that drifts from the API fails here.
 """
 
 from __future__ import annotations
