@@ -145,7 +145,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_config_flags(fit)
     _add_run_flags(fit)
     fit.add_argument("--out", required=True, help="where to write the fitted TargetConfig JSON")
-    fit.add_argument("--seed", type=_seed, default=0)
+    fit.add_argument("--seed", type=_seed, default=0, help="seed of the evolution (default 0)")
     fit.add_argument("--generations", type=_non_negative, default=300, help="evolution steps (default 300)")
     fit.add_argument("--fit-images", type=_positive, default=1000, help="images the objective runs on (default 1000)")
 

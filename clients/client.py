@@ -834,7 +834,8 @@ def check_target(address: object) -> None:
     if _SCHEMES.match(address):
         return
     if _URL.match(address) and not address.startswith("dns:"):  # gRPC would resolve "http" as a host name
-        raise ValueError(f"target: {address!r} is a URL; give 'host:port' (tls=True for a TLS server)")
+        raise ValueError(f"target: {address!r} is a URL; give 'host:port' (a TLS server: the client's tls=True, "
+                         "the command line's --tls-ca)")  # fmt: skip
     if re.search(r"[\s,]", address):
         raise ValueError(f"target: {address!r} holds a space or a comma; give one 'host:port' per address (a list "
                          "of them for several)")  # fmt: skip

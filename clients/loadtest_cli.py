@@ -69,17 +69,19 @@ def add_parser(commands) -> None:
                         help="closed-loop --stream only: requests in flight per stream (default 1)")  # fmt: skip
     parser.add_argument("--processes", type=integer(1, MAX_PROCESSES), default=1,
                         help=f"client processes (default 1, at most {MAX_PROCESSES})")  # fmt: skip
-    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
+    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names(),
+                        help="default retinanet_torchvision")  # fmt: skip
     parser.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"),
                         help="canvas size (default: the preset's: 800 1344; SSD300 300 300, d2l 256 256, "
                              "yolov5 640 640)")  # fmt: skip
     parser.add_argument("--images", type=integer(1), default=8, help="images per request (default 8)")
     parser.add_argument("--boxes", type=_boxes, default=None, metavar="coco|G",
                         help="boxes per image: COCO-like (default) or a fixed number")  # fmt: skip
-    parser.add_argument("--format", choices=("sparse", "dense"), default="sparse")
+    parser.add_argument("--format", choices=("sparse", "dense"), default="sparse", help="default sparse")
     parser.add_argument("--fp16", action="store_true", help="float16 deltas")
     parser.add_argument("--variants", type=integer(1), default=16, help="distinct requests cycled through (default 16)")
-    parser.add_argument("--seed", type=batch_seed, default=0)
+    parser.add_argument("--seed", type=batch_seed, default=0,
+                        help="request i's images from seed + i (default 0)")  # fmt: skip
     parser.add_argument("--timeout", type=timeout_seconds, default=60.0,
                         help="deadline of a call, in seconds (default 60); of a stream: its run plus this")  # fmt: skip
     parser.add_argument("--token", help="bearer token (or env TRITARGET_TOKEN)")

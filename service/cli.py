@@ -629,7 +629,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
-    parser.add_argument("--grace", type=number(0), default=10.0, help="seconds for calls in flight at shutdown")
+    parser.add_argument("--grace", type=number(0), default=10.0,
+                        help="seconds for calls in flight at shutdown (default 10)")  # fmt: skip
     parser.add_argument("--max-streams-per-connection", type=integer(1), default=4096,
                         help="calls one connection may have open at once (default 4096)")  # fmt: skip
     parser.add_argument("--connection-idle-s", type=number(0, above=True), default=300.0,
@@ -652,9 +653,10 @@ def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
     from tritarget.kernels import presets
 
-    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
+    parser.add_argument("--preset", default="retinanet_torchvision", choices=presets.names(),
+                        help="the demo request's preset (default retinanet_torchvision)")  # fmt: skip
     parser.add_argument("--batch", type=integer(1), default=4, help="images in the demo request (default 4)")
-    parser.add_argument("--seed", type=batch_seed, default=0)
+    parser.add_argument("--seed", type=batch_seed, default=0, help="seed of the COCO-like images (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,13 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritarget", description="Object-detection training targets.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="compute targets for a synthetic COCO-like batch in-process")
-    demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names())
-    demo.add_argument("--backend", default="auto", choices=BACKENDS)
+    demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names(),
+                      help="default retinanet_torchvision")  # fmt: skip
+    demo.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
     demo.add_argument("--batch", type=integer(1), default=4, help="images in the batch (default 4)")
     demo.add_argument("--canvas", type=integer(1), nargs=2, metavar=("H", "W"),
                       help="canvas size (default: the preset's: 800 1344; SSD300 300 300, d2l 256 256, "
                            "yolov5 640 640)")  # fmt: skip
-    demo.add_argument("--seed", type=batch_seed, default=0)
+    demo.add_argument("--seed", type=batch_seed, default=0, help="seed of the COCO-like images (default 0)")
     demo.set_defaults(handler=_demo)
 
     up = commands.add_parser("up", help="serve on localhost, send a demo request, keep serving until Ctrl-C")
