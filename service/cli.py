@@ -368,12 +368,15 @@ def _run_workers(options, workers: int, cores: int, held) -> int:
         if refusal is not None:
             raise OSError(f"metrics port {host_port(host, port)} (worker {i}) {refusal}")
     threads = max(1, cores // workers)
-    parent, children = os.getpid(), []
+    parent = os.getpid()
+    running: dict[int, int] = {}  # pid -> worker index, of the workers not yet reaped
     stopping = []  # set once the workers are told to stop: until then any worker's exit is a failure
 
     def forward(signum, frame) -> None:
         stopping.append(signum)
-        for child in children:  # as SIGTERM, the one stop signal a worker takes
+        # Only to the workers not yet reaped: a reaped one's PID may be another process's
+        # by now (a second stop signal during the drain SIGTERMed one that had taken it).
+        for child in list(running):  # as SIGTERM, the one stop signal a worker takes
             try:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
@@ -410,22 +413,33 @@ def _run_workers(options, workers: int, cores: int, held) -> int:
                 _announce_as(f"[worker {i}]", f"failed: {exc}", sys.stderr)
                 code = 2 if isinstance(exc, (ValueError, OSError)) else 1  # as one process exits
             os._exit(code)
-        children.append(pid)
+        running[pid] = i
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-    status, running = 0, set(children)
+    status = 0
     while running:
-        pid, code = os.waitpid(-1, 0)
-        running.discard(pid)
-        code = os.waitstatus_to_exitcode(code)  # negative: killed by that signal
+        pid, index, code = _reap(running)
+        if index is None:
+            continue
         # A worker that failed, or stopped on its own (a signal sent to it alone drains it
         # and it exits 0): the others would serve on, short of it, with nothing said.
         if (code or not stopping) and not status:
             status = code if code > 0 else 1  # 2: a usage error (bad flag, port taken), as one process
             if running and not stopping:  # (once stopping, another SIGTERM would cut their grace short)
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                _announce_as("tritarget serve:", f"a worker stopped ({how}); stopping the others", sys.stderr)
+                _announce_as("tritarget serve:", f"worker {index} (pid {pid}) stopped ({how}); stopping the others",
+                             sys.stderr)  # fmt: skip
                 forward(signal.SIGTERM, None)
     return status
+
+
+def _reap(running: dict[int, int]) -> tuple[int, int | None, int]:
+    """The next child to end: (pid, its worker index, exit code; negative: killed by that
+    signal), taken out of ``running`` before it is reaped, so that no signal is sent to
+    its PID once another process may have it (an unreaped child keeps its PID). The index
+    is None for a child that is no worker."""
+    pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
+    index = running.pop(pid, None)
+    return pid, index, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _end_with(parent: int) -> None:
@@ -587,7 +601,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     port = integer(0, 65535)
     parser.add_argument("--port", type=port, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: triton on a GPU, else cpu")
-    parser.add_argument("--metrics-port", type=port, help="Prometheus /metrics HTTP port (default: off; 0 = any)")
+    parser.add_argument("--metrics-port", type=port,
+                        help="Prometheus /metrics HTTP port (default: off; 0 = any; worker i of --workers: "
+                             "port + i)")  # fmt: skip
     parser.add_argument("--metrics-host", help="address for /metrics (default: --host)")
     parser.add_argument(
         "--max-message-mb",
@@ -647,7 +663,8 @@ def _add_workers_flag(parser: argparse.ArgumentParser) -> None:
     # 10,000 of them before the first failed.
     parser.add_argument("--workers", type=integer(1, 256),
                         help="server processes sharing --port via SO_REUSEPORT (default: one per 4 cores, at most "
-                             "4, with a fixed --port; 1 with --port 0; at most 256)")  # fmt: skip
+                             "4, with a fixed --port; 1 with --port 0; at most 256); worker i serves metrics on "
+                             "--metrics-port + i")  # fmt: skip
 
 
 def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
@@ -723,5 +740,19 @@ def main(argv: list[str] | None = None) -> int:
     return status if stdout_flushed() else status or 141
 
 
+def entry() -> None:
+    """The ``tritarget`` command: ``main``'s exit status, kept. The stop signals are
+    ignored once it is decided: in the interpreter's teardown (half a second with torch
+    imported) their default action was back, and a SIGTERM then (a supervisor's, a
+    Ctrl-C's second press) replaced a failed server's 1 with death by that signal, which a
+    supervisor reads as a clean stop and does not restart. (Ignored, not blocked: a
+    process's signal goes to any of its threads that does not block it, torch's and
+    gRPC's included.)"""
+    status = main()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

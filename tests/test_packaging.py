@@ -58,7 +58,7 @@ def test_wheel_installs_only_the_tritarget_namespace(wheel):
     for module in ("kernels/anchors.py", "kernels/cpu_kernel.c", "service/cli.py", "clients/__init__.py"):
         assert f"tritarget/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "tritarget = tritarget.service.cli:main" in entry_points
+    assert "tritarget = tritarget.service.cli:entry" in entry_points
 
 
 def test_wheel_states_its_license_as_an_spdx_expression(wheel):

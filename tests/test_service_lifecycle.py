@@ -725,6 +725,39 @@ def test_cli_serve_names_a_host_grpc_cannot_use_not_a_busy_port():
     assert "in use?" not in done.stderr
 
 
+_REAP = """
+import os, signal
+from tritarget.service import cli
+pids = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+    pids.append(pid)
+running = {pids[0]: 0, pids[1]: 1}
+seen, waitpid = [], os.waitpid
+os.waitpid = lambda pid, options: seen.append((pid, pid in running)) or waitpid(pid, options)
+os.kill(pids[1], signal.SIGKILL)
+assert cli._reap(running) == (pids[1], 1, -9) and running == {pids[0]: 0}
+os.kill(pids[0], signal.SIGTERM)
+assert cli._reap(running) == (pids[0], 0, -15) and running == {}
+assert seen == [(pids[1], False), (pids[0], False)], seen
+print("reaped")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork: Linux")
+def test_a_worker_leaves_the_running_set_before_it_is_reaped():
+    """The workers' parent forwards a stop signal to the workers in its running set: a
+    worker was taken out of it after it was reaped, so a signal in between, or a second
+    stop signal during the drain, went to a PID another process may have by then (one
+    such SIGTERMed an unrelated process). Reaped only once out of the set, a worker
+    keeps its PID (a zombie) for as long as it could be signalled. In a process of its
+    own: the test's other children are not to be reaped here."""
+    done = subprocess.run([sys.executable, "-c", _REAP], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "reaped\n", done.stderr
+
+
 @pytest.mark.parametrize(("stop", "how"), [(signal.SIGKILL, "killed by signal 9"), (signal.SIGTERM, "exit code 0")])
 def test_cli_serve_workers_stop_together_when_one_stops(stop, how):
     """A worker killed (an OOM kill) or failing stops the others, and the parent exits 1:
@@ -754,7 +787,9 @@ def test_cli_serve_workers_stop_together_when_one_stops(stop, how):
         os.kill(workers[0], stop)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 1, out
-        assert f"a worker stopped ({how}); stopping the others" in out, out
+        # Which worker: an OOM killer's log names the PID.
+        stopped = rf"worker [01] \(pid {workers[0]}\) stopped \({re.escape(how)}\); stopping the others"
+        assert re.search(stopped, out), out
         assert not os.path.exists(f"/proc/{workers[1]}")  # stopped, and its exit collected by the parent
     finally:
         if process.poll() is None:
@@ -1072,6 +1107,24 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     channel.close()
     assert statuses == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
     assert ends == [(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")]
+
+
+def test_cli_serve_keeps_its_exit_status_through_a_stop_signal_while_it_exits():
+    """A stop signal in the half second the interpreter takes to exit (torch imported), once
+    the server has stopped: the default action was back, and the process died of it, its
+    exit status lost (a failed server's 1 read as a clean stop by a supervisor)."""
+    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64")
+    try:
+        read_until(process, r"health is SERVING")
+        process.send_signal(signal.SIGTERM)
+        read_until(process, r"\nstopped\n")
+        time.sleep(0.2)  # the event loop closed, its handlers gone: the interpreter exits
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
 
 
 def test_cli_serve_stops_without_tracebacks_with_watch_and_reflection_streams_open():
