@@ -52,6 +52,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import queue
 import random
 import signal
 import sys
@@ -460,6 +461,67 @@ class _StopFlag:
         return bool(self._flag.value)
 
 
+class _ThreadInbox:
+    """What the one client thread (``processes`` 1) reports: in this process, neither
+    pickled nor ever blocking (through a pipe, a result over its 64 KiB buffer waited for
+    a reader, and the answers kept for ``verify`` took three times their memory)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+
+    def sender(self, index: int) -> _ThreadInbox:
+        return self
+
+    def send(self, message: tuple) -> None:
+        self._queue.put(message)
+
+    def started(self) -> None:
+        pass
+
+    def receive(self, timeout: float) -> list[tuple]:
+        try:
+            return [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+
+    def close(self) -> None:
+        pass
+
+
+class _ProcessInbox:
+    """What the client processes report, each on a pipe of its own (a queue they share has
+    a writers' lock, which a process killed while writing kept: _StopFlag). A pipe that
+    ends, or is cut in the middle of a message, says ("ended", index, None): its process
+    has exited, and without its result, was killed (the OOM killer)."""
+
+    def __init__(self, count: int) -> None:
+        self._pipes = [multiprocessing.Pipe(duplex=False) for _ in range(count)]
+        self._open = {receiving: index for index, (receiving, _) in enumerate(self._pipes)}
+
+    def sender(self, index: int):
+        return self._pipes[index][1]
+
+    def started(self) -> None:
+        """The clients' ends are theirs now: once a client exits, its pipe ends."""
+        for _, sending in self._pipes:
+            sending.close()
+
+    def receive(self, timeout: float) -> list[tuple]:
+        messages = []
+        for pipe in multiprocessing.connection.wait(list(self._open), timeout=timeout):
+            try:
+                messages.append(pipe.recv())
+            except (EOFError, OSError):  # OSError: ended in the middle of a message
+                messages.append(("ended", self._open.pop(pipe), None))
+        return messages
+
+    def close(self) -> None:
+        """No more reading: a client still sending (the run cut short) fails at once
+        instead of waiting for a reader."""
+        for receiving in self._open:
+            receiving.close()
+
+
 class _Driver:
     """The callers of one process, on one event loop."""
 
@@ -547,7 +609,10 @@ class _Driver:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(_PROGRESS_S)
-            self.updates.send(("progress", self.index, self.recorder.progress()))
+            try:
+                self.updates.send(("progress", self.index, self.recorder.progress()))
+            except OSError:  # the parent stopped reading (its run was cut short) or is gone
+                return
 
     async def _watch(self, load: asyncio.Future) -> None:
         """Stop the load when the parent asks (a process's event can only be polled), or
@@ -722,16 +787,16 @@ def _orphaned() -> bool:
 
 
 def _drive(options: LoadTestOptions, index: int, updates, stop, start_line: _StartLine | None = None) -> None:
-    """One client process (or thread): run, then report the result on ``updates``, its
-    own pipe to the parent (a queue shared by the processes has a lock too: _StopFlag)."""
+    """One client process (or thread): run, then report the result on ``updates`` (its
+    inbox's sender)."""
     try:
         message = ("done", index, asyncio.run(_Driver(options, index, updates, stop, start_line).run()))
     except BaseException as exc:  # the parent reports it
         message = ("failed", index, f"{type(exc).__name__}: {exc}")
     try:
         updates.send(message)
-    except OSError:  # the parent is gone (killed): nobody reads it
-        if not _orphaned():
+    except OSError:  # the parent stopped reading (its run was cut short) or is gone: nobody wants it
+        if not (stop.is_set() or _orphaned()):
             raise
 
 
@@ -1083,17 +1148,16 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
     until then, ``interrupted`` set; a second raises ``KeyboardInterrupt``. A client
     process that fails stops the others and the report lists it; ``RuntimeError`` when no
     client has a result."""
-    # Each client's pipe for its progress and result: (the parent's end, the client's).
-    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(options.processes)]
+    inbox: _ThreadInbox | _ProcessInbox
     if options.processes == 1:  # in this process, on a thread: no start-up cost
         stop: Any = threading.Event()
-        start_line = None
-        workers = [threading.Thread(target=_drive, args=(options, 0, pipes[0][1], stop), daemon=True)]
+        start_line, inbox = None, _ThreadInbox()
+        workers = [threading.Thread(target=_drive, args=(options, 0, inbox, stop), daemon=True)]
     else:
         context = multiprocessing.get_context("spawn")  # no inherited gRPC or torch state
-        stop, start_line = _StopFlag(context), _StartLine(context)
-        workers = [context.Process(target=_drive_process, args=(options, i, sending, stop, start_line), daemon=True)
-                   for i, (_, sending) in enumerate(pipes)]  # fmt: skip
+        stop, start_line, inbox = _StopFlag(context), _StartLine(context), _ProcessInbox(options.processes)
+        workers = [context.Process(target=_drive_process, args=(options, i, inbox.sender(i), stop, start_line),
+                                   daemon=True) for i in range(options.processes)]  # fmt: skip
     # Set by the first Ctrl-C: during the load it stops the clients (what they kept is
     # still verified), once verifying it stops the verification; the second raises.
     interrupted, verifying, verify_interrupted = threading.Event(), threading.Event(), threading.Event()
@@ -1123,16 +1187,14 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
             signal.signal(signum, signal.SIG_IGN if options.processes > 1 else on_ctrl_c)
         for worker in workers:
             worker.start()
-        if options.processes > 1:  # the clients' ends are theirs: a client's death ends its pipe
-            for _, sending in pipes:
-                sending.close()
+        inbox.started()
         for signum in previous:
             signal.signal(signum, on_ctrl_c)
         try:
-            results, failures = _collect(options, [receiving for receiving, _ in pipes], stop, start_line, workers,
-                                         progress)  # fmt: skip
+            results, failures = _collect(options, inbox, stop, start_line, workers, progress)
         finally:
             stop.set()  # whatever ended the collection, no client goes on loading the server
+            inbox.close()
             for worker in workers:
                 worker.join(options.timeout_s)
         if not results:
@@ -1174,11 +1236,11 @@ def _verify(report: Report, results: list[dict], interrupted: threading.Event) -
     report.unverified = options.verify - report.verified
 
 
-def _collect(options: LoadTestOptions, pipes: list, stop, start_line: _StartLine | None, workers: list,
-             progress: bool):  # fmt: skip
+def _collect(options: LoadTestOptions, inbox: _ThreadInbox | _ProcessInbox, stop, start_line: _StartLine | None,
+             workers: list, progress: bool):  # fmt: skip
     """Every worker's result, in worker order, and the failures (each stops the others),
-    read from each worker's pipe (``pipes``, in worker order); the workers started together
-    once all are ready; meanwhile a live line: throughput, p50/p99, errors."""
+    as the workers report them to ``inbox``; the workers started together once all are
+    ready; meanwhile a live line: throughput, p50/p99, errors."""
     from tqdm import tqdm
 
     total = options.warmup_s + options.duration_s
@@ -1195,25 +1257,22 @@ def _collect(options: LoadTestOptions, pipes: list, stop, start_line: _StartLine
     deadline = math.inf
     reported: set[int] = set()  # the workers whose result or failure is in
     ready: set[int] = set()
-    open_pipes = dict(zip(pipes, range(len(pipes))))
     updates: deque = deque()
     while len(reported) < len(workers):
         if not updates:
-            for pipe in multiprocessing.connection.wait(list(open_pipes), timeout=1.0):
-                try:
-                    updates.append(pipe.recv())
-                except (EOFError, OSError):  # its client ended (OSError: in the middle of a message)
-                    index = open_pipes.pop(pipe)
-                    if index not in reported:  # killed (the OOM killer): it said nothing
-                        workers[index].join(1.0)
-                        failures.append(f"worker {index}: exited with code {workers[index].exitcode}")
-                        reported.add(index)
-                        stop.set()
+            updates.extend(inbox.receive(timeout=1.0))
             if not updates:
                 if time.monotonic() > deadline:
                     raise RuntimeError("load test workers did not finish") from None
                 continue
         kind, index, payload = updates.popleft()
+        if kind == "ended":
+            if index not in reported:  # killed (the OOM killer): it said nothing
+                workers[index].join(1.0)
+                failures.append(f"worker {index}: exited with code {workers[index].exitcode}")
+                reported.add(index)
+                stop.set()
+            continue
         if kind == "failed":
             failures.append(f"worker {index}: {payload}")
             reported.add(index)

@@ -82,6 +82,14 @@ class _ScrapeServer(ThreadingMixIn, WSGIServer):
                 if deadline <= now:
                     _cut_off(connection)
 
+    def server_close(self) -> None:
+        """Closed, it ends the scrapes still open too: the poll that ended them at
+        SCRAPE_S stops with ``serve_forever``, and one that trickled kept its thread."""
+        super().server_close()
+        with self._lock:
+            for connection in self._deadlines:
+                _cut_off(connection)
+
     def handle_error(self, request, client_address) -> None:
         """A connection closed for its silence, or by its client, is not an error
         (socketserver printed a traceback for each)."""

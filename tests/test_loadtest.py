@@ -554,6 +554,39 @@ def test_ctrl_c_during_the_load_still_verifies_what_was_kept():
     assert report.verified == min(5, report.requests) and not report.mismatches
 
 
+def test_the_clients_reports_never_wait_for_a_reader_that_stopped():
+    """A run cut short (a second Ctrl-C) stops reading and joins its clients: the client
+    thread's result, sent through a pipe, waited for a reader once over the pipe's 64 KiB
+    (the answers kept for verify), and the run for its --timeout; pickled, those answers
+    took three times their memory. A client process's send fails at once instead."""
+    result = ("done", 0, {"kept": [b"x" * 1_000_000]})
+    inbox = loadtest._ThreadInbox()
+    sending = threading.Thread(target=inbox.sender(0).send, args=(result,), daemon=True)
+    sending.start()
+    sending.join(5)
+    assert not sending.is_alive()
+    (message,) = inbox.receive(timeout=1.0)
+    assert message is result  # handed over, not copied
+    assert inbox.receive(timeout=0.01) == []
+
+    inbox = loadtest._ProcessInbox(1)
+    failed = []
+
+    def send() -> None:
+        try:
+            inbox.sender(0).send(result)
+        except OSError as exc:
+            failed.append(exc)
+
+    sending = threading.Thread(target=send, daemon=True)
+    sending.start()
+    sending.join(0.5)
+    assert sending.is_alive()  # 1 MB in a pipe nobody reads
+    inbox.close()
+    sending.join(5)
+    assert not sending.is_alive() and isinstance(failed[0], BrokenPipeError)
+
+
 def test_ctrl_c_with_client_processes_keeps_every_process_measurements():
     with _echo_server(peers=2) as (address, loading, answered):
         pressing = _ctrl_c_when(loading, multiprocessing.active_children)

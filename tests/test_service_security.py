@@ -394,6 +394,36 @@ def test_a_metrics_connection_that_trickles_is_closed_in_time(monkeypatch, capfd
         served.stop_http()
 
 
+def test_stopping_the_metrics_endpoint_ends_its_open_scrapes(monkeypatch, capfd):
+    """The cut at SCRAPE_S runs in the serving thread's poll, which the stop ends: a
+    connection that trickled on kept its thread and socket for good."""
+    from tritarget.service import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 0.5)
+    served = metrics_module.Metrics()
+    port = served.serve_http("127.0.0.1", 0)
+    before = set(threading.enumerate())
+    ended = []
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the write after the server ended it
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 10:  # a byte before each idle limit
+                sock.sendall(bytes([byte]))
+                time.sleep(0.25)
+        ended.append(time.monotonic())
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        trickling = threading.Thread(target=trickle, args=(sock,), daemon=True)
+        trickling.start()
+        time.sleep(0.6)
+        served.stop_http()
+        stopped = time.monotonic()
+        trickling.join(5)
+    assert ended and ended[0] - stopped < 2
+    until(lambda: not set(threading.enumerate()) - before - {trickling}, timeout=5)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 _SETTINGS, _PING, _GOAWAY = 4, 6, 7  # HTTP/2 frame types
 
 
