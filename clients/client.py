@@ -721,8 +721,9 @@ class _Base:
             return failure
         failure.details = (
             f"no tritarget server answered at {tried} ({attempts} tries over {time.monotonic() - started:.1f} s; "
-            f"last error: {failure.details}). Is it running? Start one with `tritarget serve --port PORT` "
-            "(or `tritarget up`), or check the address; `wait_until_ready(timeout)` waits for a server starting up"
+            f"last error: {failure.details}). Is it running, and reachable from here? Start one with `tritarget "
+            "serve --port PORT` (or `tritarget up`), or check the address and the network between; "
+            "`wait_until_ready(timeout)` waits for a server starting up"
         )
         if not self._tls:  # a TLS server hangs up on a plaintext client: it looks just like no server
             failure.details += "; a server with TLS needs tls=True or root_certificates (command line: `--tls-ca`)"
