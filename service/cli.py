@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import functools
 import ipaddress
@@ -741,17 +742,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``tritarget`` command: ``main``'s exit status, kept. The stop signals are
-    ignored once it is decided: in the interpreter's teardown (half a second with torch
-    imported) their default action was back, and a SIGTERM then (a supervisor's, a
-    Ctrl-C's second press) replaced a failed server's 1 with death by that signal, which a
-    supervisor reads as a clean stop and does not restart. (Ignored, not blocked: a
-    process's signal goes to any of its threads that does not block it, torch's and
-    gRPC's included.)"""
-    status = main()
+    """The ``tritarget`` command: ``main``'s exit status, kept. In the interpreter's
+    teardown (half a second with torch imported) the stop signals' default action was
+    back, and a SIGTERM then (a supervisor's, a Ctrl-C's second press) replaced a failed
+    server's 1 with death by that signal, which a supervisor reads as a clean stop and
+    does not restart. Once the status is decided, a stop signal ends the process at once
+    with it while exit handlers run (one may wait: multiprocessing's for client processes
+    still alive), and is ignored after them, when Python would have put the default action
+    back. (Ignored, not blocked: a process's signal goes to any of its threads that does
+    not block it, torch's and gRPC's included.)"""
+    atexit.register(_ignore_stop_signals)  # registered first, it runs after every exit handler registered later
+    try:
+        status = main()
+    except SystemExit as done:  # --help, a usage error: argparse's status
+        status = done.code
+    code = status if isinstance(status, int) else int(status is not None)
+
+    def exit_now(signum, frame) -> None:
+        with contextlib.suppress(Exception):  # a reader gone: what is unflushed is lost either way
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, exit_now)
+    sys.exit(status)
+
+
+def _ignore_stop_signals() -> None:
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
-    sys.exit(status)
 
 
 if __name__ == "__main__":

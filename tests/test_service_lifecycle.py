@@ -1127,6 +1127,50 @@ def test_cli_serve_keeps_its_exit_status_through_a_stop_signal_while_it_exits():
     assert process.returncode == 0
 
 
+def test_cli_usage_error_keeps_its_exit_status_through_a_stop_signal_while_it_exits():
+    """argparse's status leaves main as SystemExit: it was not kept (died of the SIGTERM)."""
+    process = spawn_cli("serve", "--port", "99999")
+    try:
+        read_until(process, r"error: argument --port")
+        time.sleep(0.1)  # the status decided: the interpreter exits for half a second (torch imported)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2
+
+
+_EXIT_WAITS = """
+import atexit, sys, time
+from tritarget.service import cli
+def main():
+    atexit.register(time.sleep, 60)  # an exit handler that waits (multiprocessing's join of a hung client)
+    print("decided", flush=True)
+    return 3
+cli.main = main
+cli.entry()
+"""
+
+
+def test_a_stop_signal_while_an_exit_handler_waits_ends_the_process_with_its_status():
+    """Ignored from the moment the status was decided, a stop signal could no longer end a
+    command whose exit waited (a load test's client process that ignores SIGTERM, joined
+    at exit): only SIGKILL did. It ends the process at once, with the status."""
+    process = subprocess.Popen([sys.executable, "-c", _EXIT_WAITS], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "decided\n"
+        time.sleep(0.5)  # in the exit handler
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - start < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3
+
+
 def test_cli_serve_stops_without_tracebacks_with_watch_and_reflection_streams_open():
     """gRPC's stop ends open streams (a health Watch, a grpcurl reflection session) and
     returned before their tasks finished; the event loop's end cancelled them again and
