@@ -1109,36 +1109,30 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     assert ends == [(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")]
 
 
-def test_cli_serve_keeps_its_exit_status_through_a_stop_signal_while_it_exits():
+@pytest.mark.parametrize(
+    ("args", "signalled_after", "status"),
+    [
+        (("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64"),
+         (r"health is SERVING", r"\nstopped\n"), 0),
+        (("serve", "--port", "99999"), (r"error: argument --port",), 2),  # argparse's: SystemExit out of main
+    ],
+    ids=["stopped", "usage-error"],
+)  # fmt: skip
+def test_cli_keeps_its_exit_status_through_a_stop_signal_while_it_exits(args, signalled_after, status):
     """A stop signal in the half second the interpreter takes to exit (torch imported), once
-    the server has stopped: the default action was back, and the process died of it, its
+    the status is decided: the default action was back, and the process died of it, its
     exit status lost (a failed server's 1 read as a clean stop by a supervisor)."""
-    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64")
+    process = spawn_cli(*args)
     try:
-        read_until(process, r"health is SERVING")
-        process.send_signal(signal.SIGTERM)
-        read_until(process, r"\nstopped\n")
-        time.sleep(0.2)  # the event loop closed, its handlers gone: the interpreter exits
-        process.send_signal(signal.SIGTERM)
+        for line in signalled_after:  # a SIGTERM after each: the last one while it exits
+            read_until(process, line)
+            time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0
-
-
-def test_cli_usage_error_keeps_its_exit_status_through_a_stop_signal_while_it_exits():
-    """argparse's status leaves main as SystemExit: it was not kept (died of the SIGTERM)."""
-    process = spawn_cli("serve", "--port", "99999")
-    try:
-        read_until(process, r"error: argument --port")
-        time.sleep(0.1)  # the status decided: the interpreter exits for half a second (torch imported)
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 2
+    assert process.returncode == status
 
 
 _EXIT_WAITS = """
