@@ -796,7 +796,8 @@ def test_a_server_that_keeps_up_is_measured_over_the_window(rate):
     with _sleepy_server(0.3) as address:
         report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.5, warmup_s=0.0,
                                      concurrency=2, rate=rate, timeout_s=5.0))  # fmt: skip
-    assert report.requests >= (14 if rate else 9) and not report.errors, report.table()
+    # Of 15 (open) and 10 (closed) at best: one answer late on a busy 2-core CI (0.6 s) costs one.
+    assert report.requests >= (13 if rate else 8) and not report.errors, report.table()
     assert report.behind_s == 0 and "fell behind" not in report.table()
     assert report.requests_per_s == pytest.approx(report.requests / 1.5)
     # The series counts the answers that came in each second of the window: those after
