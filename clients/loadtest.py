@@ -1195,8 +1195,7 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
         finally:
             stop.set()  # whatever ended the collection, no client goes on loading the server
             inbox.close()
-            for worker in workers:
-                worker.join(options.timeout_s)
+            _end(workers, options.timeout_s)
         if not results:
             raise RuntimeError("load test failed: " + "; ".join(failures))
         report = _merge(options, results)
@@ -1213,6 +1212,20 @@ def run(options: LoadTestOptions, progress: bool = False) -> Report:
 
 
 _STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _end(workers: list, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` in all for the clients to end; kill a client process still
+    running then (stopped, stuck in a call): it ignores SIGTERM, so multiprocessing's exit,
+    which terminates and joins every child, would wait for it for ever. A thread cannot be
+    killed; it is a daemon and ends with the process."""
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _verify(report: Report, results: list[dict], interrupted: threading.Event) -> None:

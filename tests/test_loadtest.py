@@ -655,6 +655,41 @@ def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
     assert f"\n{report.measured_s:.1f} of 20 s measured\n" in report.table()  # req/s is over those
 
 
+def test_a_client_process_that_never_ends_is_killed_at_the_end_of_the_run(monkeypatch):
+    """A client process that stops answering (stopped here; stuck in a call in life) fails
+    the run at its deadline, and is killed: it was left running, and since client
+    processes ignore SIGTERM, multiprocessing's exit (terminate, then join every child)
+    waited for it for ever."""
+    monkeypatch.setattr(loadtest, "_FINISH_SLACK_S", 0.5)
+    with _echo_server(peers=2) as (address, loading, _):
+        options = LoadTestOptions(targets=(address,), workload=Workload(canvas=(64, 64), images=1, variants=2),
+                                  duration_s=1.0, warmup_s=0.0, timeout_s=1.0, concurrency=2, processes=2)  # fmt: skip
+        errors: list[Exception] = []
+        runner = threading.Thread(target=lambda: errors.extend(_raised(run, options)))
+        runner.start()
+        assert loading.wait(30)
+        stopped = multiprocessing.active_children()[0]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            runner.join(30)
+            assert not runner.is_alive()
+            assert not stopped.is_alive() and stopped.exitcode == -signal.SIGKILL
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped.pid, signal.SIGKILL)
+    (error,) = errors
+    assert "load test workers did not finish" in str(error)
+    assert not multiprocessing.active_children()
+
+
+def _raised(function, *args) -> list[Exception]:
+    try:
+        function(*args)
+    except Exception as error:
+        return [error]
+    return []
+
+
 def _step_like_a_busy_client(stop, sending) -> None:
     def write() -> None:  # over and over: blocked in the middle of a message once the pipe is full
         while True:
