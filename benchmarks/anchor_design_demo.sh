@@ -9,7 +9,7 @@ mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 $py - "$data" <<'PY'
 import json, sys
-from tritarget.anchor_design import synthetic
+from tritarget.clients.anchor_design import synthetic
 json.dump(synthetic.skewed(300, seed=0), open(f"{sys.argv[1]}/skewed.json", "w"))
 json.dump(synthetic.coco_like(2000, seed=1), open(f"{sys.argv[1]}/coco_like.json", "w"))
 PY

@@ -1,6 +1,6 @@
 """Scan speed of ``tritarget anchors check`` over many COCO-like images.
 
-Writes a synthetic COCO-format file (``tritarget.anchor_design.synthetic.coco_like``:
+Writes a synthetic COCO-format file (``tritarget.clients.anchor_design.synthetic.coco_like``:
 480 x 640 images, ~7 boxes each, 1% crowd), loads it as a torchvision RetinaNet sees it
 (shortest side 800, longest <= 1333, canvas 800 x 1088) and times ``check`` with the
 ``retinanet_torchvision`` preset: both matcher runs (with and without the low-quality
@@ -21,7 +21,7 @@ import time
 import torch
 from recording import cpu_model, write_json, write_text
 
-from tritarget.anchor_design import Resize, check, format_check_table, load_coco, synthetic
+from tritarget.clients.anchor_design import Resize, check, format_check_table, load_coco, synthetic
 from tritarget.kernels import presets
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "anchor_design")

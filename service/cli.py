@@ -14,7 +14,7 @@ targets that came back, and keep serving until Ctrl-C.
 
 ``tritarget loadtest``: drive a running server (``tritarget.clients.loadtest``).
 
-``tritarget anchors``: fit and check anchors on a dataset (``tritarget.anchor_design``).
+``tritarget anchors``: fit and check anchors on a dataset (``tritarget.clients.anchor_design``).
 """
 
 from __future__ import annotations
@@ -714,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_request_flags(request)
     request.set_defaults(handler=_request)
 
-    from tritarget.anchor_design.cli import add_parser as add_anchors_parser
+    from tritarget.clients.anchor_design.cli import add_parser as add_anchors_parser
     from tritarget.clients.loadtest_cli import add_parser as add_loadtest_parser
 
     add_anchors_parser(commands)  # tritarget anchors {check,fit,show}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from support import closed_pipe, run_into_a_closed_pipe, run_without_stderr
-from tritarget.anchor_design import (
+from tritarget.clients.anchor_design import (
     Resize,
     check,
     fit_anchors,
@@ -26,11 +26,11 @@ from tritarget.anchor_design import (
     load_coco,
     synthetic,
 )
-from tritarget.anchor_design import cli as anchor_design_cli
-from tritarget.anchor_design.check import format_check_table, format_missing
-from tritarget.anchor_design.cli import main
-from tritarget.anchor_design.dataset import BoxDataset
-from tritarget.anchor_design.fit import _Parameters
+from tritarget.clients.anchor_design import cli as anchor_design_cli
+from tritarget.clients.anchor_design.check import format_check_table, format_missing
+from tritarget.clients.anchor_design.cli import main
+from tritarget.clients.anchor_design.dataset import BoxDataset
+from tritarget.clients.anchor_design.fit import _Parameters
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.service.output import output_file_problem, write_atomically
 
@@ -714,7 +714,7 @@ def test_tritarget_command_has_anchors(skewed_path):
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
-@pytest.mark.parametrize("command", [["tritarget.service.cli", "anchors"], ["tritarget.anchor_design.cli"]])
+@pytest.mark.parametrize("command", [["tritarget.service.cli", "anchors"], ["tritarget.clients.anchor_design.cli"]])
 def test_a_reader_that_stops_reading_ends_the_report_quietly(skewed_path, command, buffered, tmp_path):
     """`tritarget anchors check ... --json out.json | head -1`: 141 (128 + SIGPIPE, as a
     shell reports it), no traceback. Buffered (Python's default), the lines reach the pipe
@@ -1004,7 +1004,7 @@ def test_cli_resizes_by_layout_unless_told(tiny_path, capsys):
 
 
 def test_cli_show_without_data_draws_each_layout_on_its_own_canvas(tmp_path, monkeypatch, capsys):
-    from tritarget.anchor_design import plots
+    from tritarget.clients.anchor_design import plots
 
     drawn = {}
     monkeypatch.setattr(plots, "plot_anchor_shapes", lambda config, canvas, path, title: drawn.setdefault(path, canvas))
@@ -1021,7 +1021,7 @@ def test_cli_show_without_data_draws_each_layout_on_its_own_canvas(tmp_path, mon
 
 
 def test_cli_names_configs_apart(tiny_path, tmp_path, monkeypatch, capsys):
-    from tritarget.anchor_design import plots
+    from tritarget.clients.anchor_design import plots
 
     config = tmp_path / "yolov5.json"
     config.write_bytes(b"\xef\xbb\xbf" + json.dumps(presets.get("yolov5").to_dict()).encode())  # a byte-order mark
@@ -1074,7 +1074,7 @@ def test_cli_fit_on_a_full_disk_still_shows_what_it_fitted(skewed_path, tmp_path
 
 def test_cli_show_names_the_picture_it_could_not_write(skewed_path, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    from tritarget.anchor_design import plots
+    from tritarget.clients.anchor_design import plots
 
     def disk_full(results, path):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1219,7 +1219,7 @@ def test_a_tall_images_picture_is_drawn_within_bounds(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from tritarget.anchor_design.plots import plot_image_assignment
+    from tritarget.clients.anchor_design.plots import plot_image_assignment
 
     path = plot_image_assignment(torch.tensor([[2.0, 10.0, 18.0, 90.0]]), (400_000, 20), presets.get("yolov5"),
                                  tmp_path / "tall.png", backend="cpu")  # fmt: skip

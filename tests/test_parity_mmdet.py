@@ -141,7 +141,7 @@ def test_anchors_equal_mmdets_anchor_generator(name, canvas, mm):
 def test_fitted_anchors_are_ones_mmdets_anchor_generator_builds(mm):
     """`tritarget anchors fit` on an mmdet config: the model decodes its predictions with
     mmdet's own generator, which takes one set of scales for every level."""
-    from tritarget.anchor_design import fit_anchors, from_tensors
+    from tritarget.clients.anchor_design import fit_anchors, from_tensors
 
     generator = torch.Generator().manual_seed(0)
     images = []

@@ -1,4 +1,4 @@
-"""tritarget.anchor_design: fit anchors to a dataset, check what the matcher does with them, see it.
+"""tritarget.clients.anchor_design: fit anchors to a dataset, check what the matcher does with them, see it.
 
 Library first, the ``tritarget anchors`` command on top (``cli``):
 

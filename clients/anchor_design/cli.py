@@ -1,7 +1,7 @@
 """``tritarget anchors {check,fit,show}``: a thin command line over the library.
 
 ``service/cli.py`` registers it with ``add_parser(subcommands)``; ``main(argv)`` runs it
-alone (``python -m tritarget.anchor_design.cli check ...``).
+alone (``python -m tritarget.clients.anchor_design.cli check ...``).
 
 Progress goes to stderr as one line rewritten in place on a terminal (a line per 10%
 otherwise), through the library's ``progress(done, total)`` callback: a scan of COCO
