@@ -6,7 +6,9 @@ so these tests also check that each preset copies the model's numbers: anchor
 generator, feature-map sizes of the real backbone, matcher thresholds, box-coder
 weights. Labels and matched indices must be equal; deltas agree within 1e-5.
 
-Run with the ``parity`` extra installed (torchvision); skipped cleanly otherwise.
+Skipped cleanly without torchvision. The README's test command installs torchvision
+0.28.0 with ``--no-deps`` (its wheel pins a CUDA torch); the README's paragraph "Parity
+with real torchvision" gives the command for another release, in a venv of its own.
 """
 
 from __future__ import annotations
