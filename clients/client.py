@@ -1213,7 +1213,9 @@ class TargetClient(_Base):
         """Targets of a ragged batch.
 
         Args:
-            gt_boxes (Tensor[N, 4]): every image's boxes (``box_format``, default xyxy pixels).
+            gt_boxes (Tensor[N, 4]): every image's boxes, in ``box_format``: ``"xyxy"`` pixels
+                (default), ``"xywh"``, ``"cxcywh"``, or one of those normalised (``"xyxyn"``...:
+                fractions of each image's ``image_sizes``, else of the canvas).
             gt_counts (list of B ints or Tensor[B]): boxes per image.
             canvas ((int, int)): padded batch (height, width).
             preset (str) or config (TargetConfig or its dict), overrides (dict, optional).

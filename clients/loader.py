@@ -39,7 +39,7 @@ from tritarget.kernels.api import BACKENDS
 from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, check_densify, checked_timeout, naming_images
-from .wire import as_tensor, build_request, checked_canvas, to_xyxy
+from .wire import BOX_FORMATS, as_tensor, build_request, checked_canvas, row_sizes, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -247,7 +247,7 @@ class _InProcess:
             )
             if ignore.is_floating_point():  # (x + w in float64, then rounded, made a box the wire's refused)
                 ignore = ignore.to(torch.float32)
-            options["ignore_boxes"] = to_xyxy(ignore, self.box_format)
+            options["ignore_boxes"] = ignore  # in box_format: a normalised one is scaled per batch
         self.backend, self.densify, self.options = backend, densify, options
 
     def __call__(self, request: Mapping[str, Any], image_ids=None) -> Targets | SparseTargets:
@@ -257,19 +257,33 @@ class _InProcess:
         for field in ("gt_boxes", "ignore_boxes", "gt_classes"):
             if self.device is not None and request.get(field) is not None:
                 request[field] = request[field].to(self.device)
-        for field in ("gt_boxes", "ignore_boxes"):
-            if field in request:
-                request[field] = to_xyxy(request[field], self.box_format)
-        boxes, counts, canvas = request.pop("gt_boxes"), request.pop("gt_counts"), request.pop("canvas")
-        options = self.options
+        options = dict(self.options)
         if options.get("ignore_boxes") is not None:  # the loader's own: where this batch's boxes are
-            options = {**options, "ignore_boxes": options["ignore_boxes"].to(boxes.device)}
+            options["ignore_boxes"] = options["ignore_boxes"].to(request["gt_boxes"].device)
+        image_sizes = request.get("image_sizes", options.get("image_sizes"))
+        for given in (request, options):
+            for field, counts_field in (("gt_boxes", "gt_counts"), ("ignore_boxes", "ignore_counts")):
+                if given.get(field) is not None:
+                    given[field] = self._pixels(given[field], field, counts_field,
+                                                given.get(counts_field, options.get(counts_field)),
+                                                request["canvas"], image_sizes)  # fmt: skip
+        boxes, counts, canvas = request.pop("gt_boxes"), request.pop("gt_counts"), request.pop("canvas")
         try:
             return solve(boxes, counts, canvas, self.config, backend=self.backend, **options, **request)
         except ValueError as exc:
             if image_ids is None:
                 raise
             raise ValueError(naming_images(str(exc), image_ids)) from exc
+
+    def _pixels(self, boxes: torch.Tensor, name: str, counts_name: str, counts: Any, canvas: tuple[int, int],
+                image_sizes: Any) -> torch.Tensor:  # fmt: skip
+        """``boxes`` of ``box_format`` as xyxy pixels, as the client converts them."""
+        sizes = None
+        if self.box_format in BOX_FORMATS and self.box_format.endswith("n"):
+            if counts is None:
+                raise ValueError(f"{counts_name}: required with {name} (one count per image)")
+            sizes = row_sizes(name, boxes.shape[0], counts_name, counts, canvas, image_sizes)
+        return to_xyxy(boxes, self.box_format, sizes)
 
 
 def _naming_refused_batch(answers: Iterator, read: deque) -> Iterator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,29 +39,61 @@ from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import MAX_ANCHOR_ROWS, TensorError, decode_tensor, encode_tensor
 
 __all__ = [
-    "BOX_FORMATS", "build_request", "to_xyxy", "config_ref", "decode_response", "decode_sparse", "level_starts",
-    "anchors_request", "decode_anchors",
+    "BOX_FORMATS", "build_request", "to_xyxy", "row_sizes", "config_ref", "decode_response", "decode_sparse",
+    "level_starts", "anchors_request", "decode_anchors",
 ]  # fmt: skip
 
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+# Pixels, or normalised ("n"): coordinates as fractions of the box's image, as YOLO labels
+# are (ultralytics' "xywhn" is "cxcywhn" here: torchvision's xywh is a corner and a size).
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh", "xyxyn", "xywhn", "cxcywhn")
 _FORMATS = {"sparse": pb.FORMAT_SPARSE, "dense": pb.FORMAT_DENSE}
 _DELTA_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
-def to_xyxy(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
-    """``boxes`` [N, 4] of ``box_format`` (one of ``BOX_FORMATS``) as xyxy corners."""
-    if box_format == "xyxy":
-        return boxes
-    if box_format == "xywh":
+def to_xyxy(boxes: torch.Tensor, box_format: str, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """``boxes`` [N, 4] of ``box_format`` (one of ``BOX_FORMATS``) as xyxy pixel corners. A
+    normalised format's corners are then scaled by each box's image (height, width):
+    ``sizes`` [N, 2] (``row_sizes``), as ultralytics' ``xywhn2xyxy`` scales them."""
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format: must be one of {', '.join(BOX_FORMATS)}; got {box_format!r}")
+    corners = boxes
+    if box_format.startswith("xywh"):
         x, y, w, h = boxes.unbind(-1)
-        return torch.stack([x, y, x + w, y + h], dim=-1)
-    if box_format == "cxcywh":
+        corners = torch.stack([x, y, x + w, y + h], dim=-1)
+    elif box_format.startswith("cxcywh"):
         cx, cy, w, h = boxes.unbind(-1)
-        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    raise ValueError(f"box_format: must be one of {', '.join(BOX_FORMATS)}; got {box_format!r}")
+        corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    if not box_format.endswith("n"):
+        return corners
+    if sizes is None:
+        raise ValueError(f"box_format {box_format!r}: normalised boxes need their images' sizes")
+    height, width = sizes.to(corners).unbind(-1)
+    return corners * torch.stack([width, height, width, height], dim=-1)
 
 
-def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
+def row_sizes(
+    name: str, rows: int, counts_name: str, counts: Sequence[int], canvas: Sequence[int], image_sizes: Any = None
+) -> torch.Tensor:
+    """Each of ``rows`` boxes' image (height, width) [rows, 2], the images holding ``counts``
+    boxes each: ``image_sizes`` [B, 2] where given (each image's valid size), else the
+    canvas: what a normalised box_format's fractions are of."""
+    counts = [int(count) for count in counts]
+    if sum(counts) != rows:
+        raise ValueError(f"{name}: {rows} rows, but {counts_name} add up to {sum(counts)} (a normalised "
+                         "box_format scales each image's boxes by that image's size)")  # fmt: skip
+    if image_sizes is None:
+        sizes = torch.tensor([[int(side) for side in canvas]]).expand(len(counts), 2)
+    else:
+        sizes = torch.as_tensor(image_sizes, device="cpu")
+        if sizes.shape != (len(counts), 2):
+            raise ValueError(f"image_sizes: expected shape [{len(counts)}, 2] (height, width per image), "
+                             f"got {list(sizes.shape)}")  # fmt: skip
+    return sizes.to(torch.float32).repeat_interleave(torch.tensor(counts), dim=0)
+
+
+def _boxes(name: str, boxes: Any, box_format: str, sizes: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """``boxes`` as the wire holds them: float32 xyxy pixels on the host. ``sizes(rows)``:
+    the boxes' image sizes (``row_sizes``), asked for by a normalised format only."""
     if box_format == "xyxy" and _is_cpu_tensor(boxes, torch.float32) and boxes.dim() == 2 and boxes.shape[1] == 4:
         return boxes  # already what the wire holds: no torch op (a call's own cost is the caller's CPU)
     try:
@@ -74,7 +106,9 @@ def _boxes(name: str, boxes: Any, box_format: str) -> torch.Tensor:
         boxes = boxes.to(torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
-    return to_xyxy(boxes.detach().to("cpu", torch.float32), box_format).to(torch.float32)
+    normalised = box_format in BOX_FORMATS and box_format.endswith("n")
+    return to_xyxy(boxes.detach().to("cpu", torch.float32), box_format,
+                   sizes(boxes.shape[0]) if normalised else None).to(torch.float32)  # fmt: skip
 
 
 def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
@@ -302,15 +336,28 @@ def build_request(
         return_max_iou=return_max_iou,
         seed=int(seed),
     )
-    encode_tensor(_boxes("gt_boxes", gt_boxes, box_format), request.gt_boxes)
+    if image_sizes is not None:
+        image_sizes = _ints("image_sizes", image_sizes)
+        encode_tensor(image_sizes, request.image_sizes)
+    if ignore_counts is not None:
+        request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
+
+    def sizes(name: str, counts_name: str, counts: Sequence[int] | None) -> Callable[[int], torch.Tensor]:
+        def of_rows(rows: int) -> torch.Tensor:
+            if counts is None:
+                raise ValueError(f"{counts_name}: required with {name} (one count per image)")
+            return row_sizes(name, rows, counts_name, counts, (height, width), image_sizes)
+
+        return of_rows
+
+    encode_tensor(_boxes("gt_boxes", gt_boxes, box_format, sizes("gt_boxes", "gt_counts", request.gt_counts)),
+                  request.gt_boxes)  # fmt: skip
     if gt_classes is not None:
         encode_tensor(_ints("gt_classes", gt_classes, list(request.gt_counts)), request.gt_classes)
     if ignore_boxes is not None:
-        encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format), request.ignore_boxes)
-    if ignore_counts is not None:
-        request.ignore_counts.extend(_counts("ignore_counts", ignore_counts))
-    if image_sizes is not None:
-        encode_tensor(_ints("image_sizes", image_sizes), request.image_sizes)
+        counts = request.ignore_counts if ignore_counts is not None else None
+        encode_tensor(_boxes("ignore_boxes", ignore_boxes, box_format, sizes("ignore_boxes", "ignore_counts", counts)),
+                      request.ignore_boxes)  # fmt: skip
     if pad_sizes is not None:
         encode_tensor(_ints("pad_sizes", pad_sizes), request.pad_sizes)
     return request

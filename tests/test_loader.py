@@ -350,6 +350,31 @@ def test_box_format_applies_to_ignore_boxes_in_process_too(server):
         assert torch.equal(got.labels, expected.labels)
 
 
+def test_normalised_boxes_are_fractions_of_each_images_size_in_process_too(server):
+    """``box_format="cxcywhn"`` (YOLO labels): each image's boxes, and the loader's own
+    crowd regions, scaled by its ``image_size`` in-process as the client scales them."""
+    images = torch.zeros(2, 3, *CANVAS)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "labels": torch.tensor([1]), "image_size": (64, 80)},
+               {"boxes": torch.tensor([[0.3, 0.6, 0.25, 0.5], [0.7, 0.2, 0.3, 0.3]]), "labels": torch.tensor([2, 3]),
+                "image_size": (128, 160)}]  # fmt: skip
+    crowd = torch.tensor([[0.75, 0.75, 0.5, 0.5]])
+    options = dict(preset="retinanet_mmdet", overrides={"match.ignore_iof_thr": 0.5}, box_format="cxcywhn",
+                   ignore_boxes=crowd, ignore_counts=[1, 0])  # fmt: skip
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets([(images, targets)], client=client, **options)
+    (_, _, local), *_ = with_targets([(images, targets)], backend="cpu", **options)
+    sizes = torch.tensor([[64, 80], [128, 160], [128, 160]])
+    pixels = to_xyxy(torch.cat([t["boxes"] for t in targets]), "cxcywhn", sizes)
+    assert pixels[0].tolist() == [20.0, 16.0, 60.0, 48.0]  # in the first image's 80 x 64
+    config = presets.get("retinanet_mmdet").replace(**{"match.ignore_iof_thr": 0.5})
+    expected = assign(pixels, [1, 2], CANVAS, config, gt_classes=torch.tensor([1, 2, 3]), image_sizes=sizes[:2],
+                      ignore_boxes=torch.tensor([[40.0, 32.0, 80.0, 64.0]]), ignore_counts=[1, 0],
+                      backend="cpu")  # fmt: skip
+    assert int((expected.labels[0] == -1).sum()) > 0
+    for got in (remote, local):
+        _same(got, expected)
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_target_collate_in_data_loader_workers(server, method):
     client = TargetClient(server.address)

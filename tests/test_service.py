@@ -141,6 +141,47 @@ def test_box_formats_are_converted_at_the_edge(client):
         assert_targets_equal(got, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sized", [False, True], ids=["of-the-canvas", "of-image_sizes"])
+def test_normalised_boxes_are_fractions_of_each_images_size(client, sized):
+    """DESIGN §3: normalised boxes are converted at the edge, as fractions of each image's
+    valid size where ``image_sizes`` gives it, else of the canvas (powers of two here, so
+    that the fractions are exact and the targets equal bit for bit)."""
+    canvas = (128, 256)
+    sizes = torch.tensor([[64, 128], [128, 256]]) if sized else torch.tensor([canvas, canvas])
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 60.0], [30.0, 5.0, 90.0, 45.0], [100.0, 40.0, 220.0, 120.0]])
+    counts, crowd = [2, 1], torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+    per_box = sizes.repeat_interleave(torch.tensor(counts), dim=0).flip(1).repeat(1, 2).float()  # w, h, w, h
+    kwargs = dict(preset="retinanet_mmdet", overrides={"match.ignore_iof_thr": 0.5}, ignore_counts=[0, 1],
+                  **({"image_sizes": sizes} if sized else {}))  # fmt: skip
+    ref = client.assign(xyxy, counts, canvas, ignore_boxes=crowd, **kwargs)
+    assert int((ref.labels == -1).sum()) > 0 and int((ref.labels == 1).sum()) > 0
+    crowd_scale = torch.tensor([[256.0, 128.0, 256.0, 128.0]])  # the crowd's image is the canvas's size
+
+    def xywh(b):
+        return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1)
+
+    def cxcywh(b):
+        return torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], dim=1)
+
+    for convert, box_format in ((lambda b: b, "xyxyn"), (xywh, "xywhn"), (cxcywh, "cxcywhn")):
+        got = client.assign(convert(xyxy) / per_box, counts, canvas, box_format=box_format,
+                            ignore_boxes=convert(crowd) / crowd_scale, **kwargs)  # fmt: skip
+        assert_targets_equal(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"gt_counts": [1, 1]}, r"gt_boxes: 3 rows, but gt_counts add up to 2 \(a normalised box_format scales"),
+     ({"image_sizes": [[64, 128]]}, r"image_sizes: expected shape \[2, 2\] \(height, width per image\), got \[1, 2\]"),
+     ({"ignore_boxes": [[0.0, 0.0, 0.5, 0.5]]}, "ignore_counts: required with ignore_boxes")],
+)  # fmt: skip
+def test_normalised_boxes_whose_images_cannot_be_told_are_refused(client, kwargs, message):
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.6], [0.0, 0.5, 1.0, 1.0]])
+    arguments = {"gt_boxes": boxes, "gt_counts": [2, 1], "canvas": (128, 256), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        client.assign(preset="retinanet_torchvision", box_format="xyxyn", **arguments)
+
+
 @pytest.mark.parametrize("fmt", ["dense", "sparse"])
 def test_stream_is_ordered_and_equals_in_process(client, generator, fmt):
     items, refs = [], []
