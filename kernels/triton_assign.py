@@ -507,28 +507,30 @@ def segments_kernel(
         index within the image.
     Explicit anchors (not GENERATE, R = 1): the rectangle is all anchors (x0 = 0,
     nx = num_anchors, y0 = 0, ny = 1).
-    Grid: (cdiv(N, ROWS),), a [ROWS, SHAPES] tile per program; SHAPES >= R.
+    Grid: (cdiv(N, ROWS), cdiv(R, SHAPES)), a [ROWS, SHAPES] tile of rows and shapes per
+    program; the first column of programs finds the rows' images and checks the boxes.
     """
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     real_row = rows < num_rows
-    # The image owning each row: the last image whose first row is <= row.
-    lo = tl.zeros((ROWS,), tl.int64)
-    hi = lo + batch - 1
-    for _step in range(image_steps):
-        mid = (lo + hi + 1) // 2
-        before = tl.load(gt_offsets_ptr + mid) <= rows
-        open_ = lo < hi
-        hi = tl.where(open_ & ~before, mid - 1, hi)
-        lo = tl.where(open_ & before, mid, lo)
-    tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
-    tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
-    if check_boxes != 0:
-        _flag_invalid_boxes(gt_boxes_ptr, rows, real_row, canvas_ptr, invalid_ptr)
-        if tl.program_id(0) == 0:  # crowd regions are few: one program's loop, a row per thread
-            for start in range(0, num_ignore, 128):
-                ignore_rows = start + tl.arange(0, 128).to(tl.int64)
-                _flag_invalid_boxes(ignore_ptr, ignore_rows, ignore_rows < num_ignore, canvas_ptr, invalid_ptr)
-    shape = tl.arange(0, SHAPES)[None, :]
+    if tl.program_id(1) == 0:
+        # The image owning each row: the last image whose first row is <= row.
+        lo = tl.zeros((ROWS,), tl.int64)
+        hi = lo + batch - 1
+        for _step in range(image_steps):
+            mid = (lo + hi + 1) // 2
+            before = tl.load(gt_offsets_ptr + mid) <= rows
+            open_ = lo < hi
+            hi = tl.where(open_ & ~before, mid - 1, hi)
+            lo = tl.where(open_ & before, mid, lo)
+        tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
+        tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
+        if check_boxes != 0:
+            _flag_invalid_boxes(gt_boxes_ptr, rows, real_row, canvas_ptr, invalid_ptr)
+            if tl.program_id(0) == 0:  # crowd regions are few: one program's loop, a row per thread
+                for start in range(0, num_ignore, 128):
+                    ignore_rows = start + tl.arange(0, 128).to(tl.int64)
+                    _flag_invalid_boxes(ignore_ptr, ignore_rows, ignore_rows < num_ignore, canvas_ptr, invalid_ptr)
+    shape = tl.program_id(1) * SHAPES + tl.arange(0, SHAPES)[None, :]
     real = real_row[:, None] & (shape < num_shapes)
     if GENERATE:
         box = gt_boxes_ptr + rows[:, None] * 4

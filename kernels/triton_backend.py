@@ -221,6 +221,10 @@ def _cdiv(numerator: int, denominator: int) -> int:
 # each config compiled the kernel again for each family, in the middle of a service's
 # traffic. Masked lanes cost nothing that matters: the kernel takes ~4 us a batch.
 _SHAPE_TILE = 64
+# And at most, the rest in more programs: a config may have thousands (16 levels of up to
+# 64 sizes x 64 ratios), and one tile for them all was past Triton's largest block (2^20
+# elements, the interpreter's 256 rows x 8,192 shapes) or a compiled program's registers.
+_SHAPE_TILE_MAX = 1024
 
 
 def _even(count: int) -> int:
@@ -538,12 +542,13 @@ class _Launch:
             canvas = canvas_limits(self.problem.canvas, self.device, stream_key(self.device))
         else:
             canvas, invalid = self._placeholder(torch.float32), self._placeholder(torch.int64)
-        segments_kernel[(_cdiv(rows, self.meta.segment_rows),)](
+        shapes = min(max(_SHAPE_TILE, _next_power_of_2(self.num_shapes)), _SHAPE_TILE_MAX)
+        segments_kernel[(_cdiv(rows, self.meta.segment_rows), _cdiv(self.num_shapes, shapes))](
             self.gt_boxes, self.problem.gt_offsets, self.shape_int, self.shape_float, out["rect"], out["pairs"],
             out["row_image"], out["row_box"], canvas, invalid, self.ignore, rows, self.batch, self.num_anchors,
             self.num_shapes, self.center_div, self.search_steps, max(self.batch - 1, 1).bit_length() + 1,
             int(check), self.problem.ignore_boxes.shape[0] if check else 0, GENERATE=self.generate,
-            ROWS=self.meta.segment_rows, SHAPES=max(_SHAPE_TILE, _next_power_of_2(self.num_shapes)), **_launch_kwargs(),
+            ROWS=self.meta.segment_rows, SHAPES=shapes, **_launch_kwargs(),
         )  # fmt: skip
         torch.cumsum(out["pairs"], 0, out=out["prefix"][1:])
         return out

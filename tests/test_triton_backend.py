@@ -131,6 +131,23 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
+def test_a_config_of_thousands_of_anchor_shapes(monkeypatch, generator):
+    """ssd_forced finds each box's rectangle of cells per anchor shape in [rows, shapes]
+    tiles: 4,224 shapes (2 levels of 64 sizes x 33 ratios, within a config's limits) in
+    one tile was past Triton's largest block (interpreted: 'numel (2097152) exceeds triton
+    maximum tensor numel'); now tiles of at most 1,024 shapes. (Without the threshold
+    pruning, whose loop over every shape takes the interpreter half a minute.)"""
+    monkeypatch.setattr(triton_backend, "_INTERPRETED", dataclasses.replace(triton_backend._INTERPRETED,
+                                                                            threshold_prune=False))  # fmt: skip
+    levels = tuple(AnchorLevel(stride=8 * 2**i, sizes=tuple(16.0 + 4 * j for j in range(64)),
+                               aspect_ratios=tuple(0.5 + 0.02 * j for j in range(33))) for i in range(2))  # fmt: skip
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"anchors.levels": levels, "match.low_quality": "ssd_forced"}
+    )
+    boxes, counts = random_batch(generator, [3, 2], (16, 16), max_frac=0.6)
+    assert check(boxes, counts, (16, 16), config).labels.eq(1).any()
+
+
 def _recorded_launches(monkeypatch, kernel: str, option: str) -> list:
     """The triton backend's ``kernel`` wrapped: the list gets each launch's ``option``
     keyword as it is launched."""
