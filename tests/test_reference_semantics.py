@@ -301,6 +301,24 @@ class TestSampling:
             with pytest.raises(error, match=message):
                 assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=seed)
 
+    def test_seeds_at_the_edges_of_what_a_generator_takes(self, generator):
+        """torch.Generator takes seeds in [-2**63, 2**64): each end samples (the last image's
+        seed included), one past it is refused by name; a one-element seed tensor is one
+        image's seed, not an int for every image."""
+        boxes, counts = random_batch(generator, [30, 2], (128, 192))
+
+        def labels(seed):
+            return assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=seed).labels
+
+        low, high = -(2**63), 2**64 - 1
+        assert torch.equal(labels(low), labels([low, low + 1]))
+        assert torch.equal(labels(high - 1), labels([high - 1, high]))
+        for seed in (high, [high + 1, 0], [low - 1, 0], low - 1):
+            with pytest.raises(ValueError, match=r"seed: -?\d+ is outside what a torch.Generator takes"):
+                labels(seed)
+        with pytest.raises(ValueError, match="seed: expected an int or 2 ints"):
+            labels(torch.tensor([3]))
+
     def test_image_sample_does_not_depend_on_its_batch(self, generator):
         boxes, counts = random_batch(generator, [30, 7], (128, 192))
         batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
