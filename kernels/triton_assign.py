@@ -461,6 +461,19 @@ def _flag_invalid_boxes(boxes_ptr, rows, real, canvas_ptr, invalid_ptr):
     tl.store(invalid_ptr + rows * 0, tl.full(rows.shape, 1, tl.int64), mask=real & ~valid)
 
 
+@triton.jit
+def _last_at_or_below(sorted_ptr, value, lo, hi, steps):
+    """Per lane, the last index in [lo, hi] whose entry of the ascending sorted_ptr is <=
+    value, given that lo's is: ``steps`` halvings (bit_length(hi - lo) suffice)."""
+    for _step in range(steps):
+        mid = (lo + hi + 1) // 2
+        before = tl.load(sorted_ptr + mid) <= value
+        open_ = lo < hi
+        hi = tl.where(open_ & ~before, mid - 1, hi)
+        lo = tl.where(open_ & before, mid, lo)
+    return lo
+
+
 _SEGMENTS_SWITCHES = ["num_rows", "batch", "num_anchors", "num_shapes", "center_div", "image_steps", "check_boxes",
                       "num_ignore"]  # fmt: skip
 
@@ -514,14 +527,8 @@ def segments_kernel(
     real_row = rows < num_rows
     if tl.program_id(1) == 0:
         # The image owning each row: the last image whose first row is <= row.
-        lo = tl.zeros((ROWS,), tl.int64)
-        hi = lo + batch - 1
-        for _step in range(image_steps):
-            mid = (lo + hi + 1) // 2
-            before = tl.load(gt_offsets_ptr + mid) <= rows
-            open_ = lo < hi
-            hi = tl.where(open_ & ~before, mid - 1, hi)
-            lo = tl.where(open_ & before, mid, lo)
+        first = tl.zeros((ROWS,), tl.int64)
+        lo = _last_at_or_below(gt_offsets_ptr, rows, first, first + batch - 1, image_steps)
         tl.store(row_image_ptr + rows, lo.to(tl.int32), mask=real_row)
         tl.store(row_box_ptr + rows, (rows - tl.load(gt_offsets_ptr + lo)).to(tl.int32), mask=real_row)
         if check_boxes != 0:
@@ -841,14 +848,8 @@ def pairs_kernel(
                 while span > 0:
                     steps += 1
                     span = span // 2
-                lane_seg = tl.zeros((BLOCK_P,), tl.int64) + seg
-                lane_hi = tl.zeros((BLOCK_P,), tl.int64) + last_seg
-                for _step in range(steps):
-                    mid = (lane_seg + lane_hi + 1) // 2
-                    before = tl.load(prefix_ptr + mid) <= pair
-                    open_ = lane_seg < lane_hi
-                    lane_hi = tl.where(open_ & ~before, mid - 1, lane_hi)
-                    lane_seg = tl.where(open_ & before, mid, lane_seg)
+                lane_seg = _last_at_or_below(prefix_ptr, pair, tl.zeros((BLOCK_P,), tl.int64) + seg,
+                                             tl.zeros((BLOCK_P,), tl.int64) + last_seg, steps)  # fmt: skip
                 local = (pair - tl.load(prefix_ptr + lane_seg)).to(tl.int32)
                 # Masked lanes (past the last pair) may stand on any segment: they load
                 # valid table rows and write nothing.
