@@ -319,6 +319,25 @@ class TestSampling:
         with pytest.raises(ValueError, match="seed: expected an int or 2 ints"):
             labels(torch.tensor([3]))
 
+    # (row size, every k-th anchor a member, members to keep, seed) -> the members kept, in
+    # the order drawn: a permutation where members are rare (under a quarter of the row) or
+    # most are kept; draws over the whole row otherwise, at both boundaries in the first.
+    PINNED = {(64, 4, 8, 1): [12, 8, 0, 16, 60, 20, 28, 4],
+              (64, 8, 3, 2): [0, 32, 56],
+              (200, 2, 30, 3): [186, 48, 160, 80, 40, 114, 14, 84, 156, 6, 72, 18, 94, 170, 50, 4, 82, 0, 62, 74, 96,
+                                134, 16, 136, 54, 166, 12, 44, 110, 192]}  # fmt: skip
+
+    @pytest.mark.parametrize("case", PINNED)
+    def test_the_members_a_seed_draws_are_pinned(self, case):
+        """What a seed samples is part of the contract: a training run repeated with its
+        seeds, on any backend or release, gets the same anchors (a mutation review: the
+        way of drawing and its boundaries were pinned by no test)."""
+        size, every, count, seed = case
+        members = np.zeros(size, dtype=bool)
+        members[::every] = True
+        drawn = _draw(members, int(members.sum()), count, torch.Generator().manual_seed(seed))
+        assert drawn.tolist() == self.PINNED[case]
+
     def test_image_sample_does_not_depend_on_its_batch(self, generator):
         boxes, counts = random_batch(generator, [30, 7], (128, 192))
         batch = assign(boxes, counts, (128, 192), self.CONFIG, backend="reference", seed=[11, 12])
