@@ -39,7 +39,7 @@ from tritarget.kernels.api import BACKENDS
 from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, check_densify, checked_timeout, naming_images
-from .wire import BOX_FORMATS, as_tensor, build_request, checked_canvas, row_sizes, to_xyxy
+from .wire import as_tensor, build_request, checked_canvas, normalised, row_sizes, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -279,7 +279,7 @@ class _InProcess:
                 image_sizes: Any) -> torch.Tensor:  # fmt: skip
         """``boxes`` of ``box_format`` as xyxy pixels, as the client converts them."""
         sizes = None
-        if self.box_format in BOX_FORMATS and self.box_format.endswith("n"):
+        if normalised(self.box_format):
             if counts is None:
                 raise ValueError(f"{counts_name}: required with {name} (one count per image)")
             sizes = row_sizes(name, boxes.shape[0], counts_name, counts, canvas, image_sizes)

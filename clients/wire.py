@@ -39,8 +39,8 @@ from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import MAX_ANCHOR_ROWS, TensorError, decode_tensor, encode_tensor
 
 __all__ = [
-    "BOX_FORMATS", "build_request", "to_xyxy", "row_sizes", "config_ref", "decode_response", "decode_sparse",
-    "level_starts", "anchors_request", "decode_anchors",
+    "BOX_FORMATS", "build_request", "to_xyxy", "normalised", "row_sizes", "config_ref", "decode_response",
+    "decode_sparse", "level_starts", "anchors_request", "decode_anchors",
 ]  # fmt: skip
 
 # Pixels, or normalised ("n"): coordinates as fractions of the box's image, as YOLO labels
@@ -63,12 +63,17 @@ def to_xyxy(boxes: torch.Tensor, box_format: str, sizes: torch.Tensor | None = N
     elif box_format.startswith("cxcywh"):
         cx, cy, w, h = boxes.unbind(-1)
         corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    if not box_format.endswith("n"):
+    if not normalised(box_format):
         return corners
     if sizes is None:
         raise ValueError(f"box_format {box_format!r}: normalised boxes need their images' sizes")
     height, width = sizes.to(corners).unbind(-1)
     return corners * torch.stack([width, height, width, height], dim=-1)
+
+
+def normalised(box_format: str) -> bool:
+    """Whether ``box_format`` is one of the normalised ``BOX_FORMATS`` (fractions of an image)."""
+    return box_format in BOX_FORMATS and box_format.endswith("n")
 
 
 def row_sizes(
@@ -106,9 +111,8 @@ def _boxes(name: str, boxes: Any, box_format: str, sizes: Callable[[int], torch.
         boxes = boxes.to(torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
-    normalised = box_format in BOX_FORMATS and box_format.endswith("n")
     return to_xyxy(boxes.detach().to("cpu", torch.float32), box_format,
-                   sizes(boxes.shape[0]) if normalised else None).to(torch.float32)  # fmt: skip
+                   sizes(boxes.shape[0]) if normalised(box_format) else None).to(torch.float32)  # fmt: skip
 
 
 def _is_cpu_tensor(value: Any, dtype: torch.dtype) -> bool:
