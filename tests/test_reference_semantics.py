@@ -3,6 +3,8 @@
 Anchors are explicit so each case is a few boxes; IoUs are exact fractions.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -191,6 +193,17 @@ def test_encode_decode_round_trip(generator):
         EncodeConfig(means=(0.1, -0.1, 0.0, 0.2), stds=(0.1, 0.1, 0.2, 0.2)),
     ):
         torch.testing.assert_close(decode(encode(boxes, anchors, config), anchors, config), boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_each_weight_scales_its_own_offset():
+    """Every preset's weights pair x with y and w with h (10, 10, 5, 5): a weight applied to
+    another offset went unseen (a mutation review). Known answer: centres (8, 4) -> (20, 6),
+    sizes 16 x 8 -> 32 x 8."""
+    config = EncodeConfig(weights=(1.0, 2.0, 3.0, 4.0))
+    anchors, boxes = torch.tensor([[0.0, 0.0, 16.0, 8.0]]), torch.tensor([[4.0, 2.0, 36.0, 10.0]])
+    deltas = encode(boxes, anchors, config)
+    torch.testing.assert_close(deltas, torch.tensor([[0.75, 0.5, 3 * math.log(2.0), 0.0]]))
+    torch.testing.assert_close(decode(deltas, anchors, config), boxes)
 
 
 def test_decode_clamps_huge_scales():
