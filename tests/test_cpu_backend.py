@@ -181,10 +181,11 @@ def test_explicit_anchors(low_quality, generator):
 def test_encoding_weights_means_and_stds(generator):
     canvas = (97, 131)
     boxes, counts = random_batch(generator, [7, 3], canvas)
+    # Each coordinate its own weight and std: the presets pair x with y and w with h.
     config = presets.get("retinanet_mmdet").replace(
         **{"encode.weights": (10.0, 9.0, 5.0, 4.0), "encode.means": (0.1, -0.2, 0.0, 0.3),
            "encode.stds": (0.1, 0.15, 0.2, 0.25), "background_class": 80}
-    )  # fmt: skip  (each coordinate its own weight and std: the presets pair x with y and w with h)
+    )  # fmt: skip
     ours, ref = solve_both(boxes, counts, canvas, config, gt_classes=classes_for(boxes, generator))
     assert_targets_equal(ours, ref)
     assert (ours.classes[ours.labels != 1] == 80).all()
