@@ -10,7 +10,18 @@ import pytest
 import torch
 
 from support import IOF_AT_THRESHOLD, random_batch
-from tritarget.kernels import TargetConfig, Targets, assign, assign_sparse, decode, encode, generate_anchors, presets
+from tritarget.kernels import (
+    TargetConfig,
+    Targets,
+    assign,
+    assign_sparse,
+    box_iof,
+    box_iou,
+    decode,
+    encode,
+    generate_anchors,
+    presets,
+)
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
 from tritarget.kernels.sampling import _draw
 from tritarget.kernels.targets import filled
@@ -193,6 +204,16 @@ def test_encode_decode_round_trip(generator):
         EncodeConfig(means=(0.1, -0.1, 0.0, 0.2), stds=(0.1, 0.1, 0.2, 0.2)),
     ):
         torch.testing.assert_close(decode(encode(boxes, anchors, config), anchors, config), boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_iou_and_iof_are_zero_where_they_divide_by_zero():
+    """As the docstrings say (torchvision gives NaN): IoU where the union is 0 (two boxes
+    of no area), IoF where the first box has no area; a box of area meets one (a
+    mutation review: no test held either)."""
+    point, line, box = [[5.0, 5.0, 5.0, 5.0]], [[0.0, 5.0, 10.0, 5.0]], [[0.0, 0.0, 10.0, 10.0]]
+    assert box_iou(torch.tensor(point), torch.tensor(point + line)).tolist() == [[0.0, 0.0]]
+    assert box_iof(torch.tensor(line), torch.tensor(box)).tolist() == [[0.0]]
+    assert box_iof(torch.tensor(box), torch.tensor(line)).tolist() == [[0.0]]
 
 
 def test_each_weight_scales_its_own_offset():
