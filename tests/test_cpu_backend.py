@@ -230,6 +230,34 @@ def test_crowded_images(low_quality, generator):
     assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
 
 
+def tall_crowd(generator: torch.Generator, count: int, canvas: tuple[int, int]) -> torch.Tensor:
+    """count boxes of heights from 2 to ~590 pixels (log-uniform: every height class of
+    the box index from 1 to 10), 4 to 64 wide, spread over the canvas, some past its edges."""
+    height, width = canvas
+    h = 2.0 ** (1 + torch.rand(count, generator=generator) * 8.2)
+    w = 4 + torch.rand(count, generator=generator) * 60
+    cx, cy = torch.rand(count, generator=generator) * width, torch.rand(count, generator=generator) * height
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+    return boxes.clamp(
+        min=torch.tensor([-8.0, -8.0, 1.0, 1.0]), max=torch.tensor([width - 1, height - 1, width + 8, height + 8])
+    )
+
+
+@pytest.mark.parametrize("low_quality", LOW_QUALITY_MODES)
+def test_crowded_tall_images_through_the_box_index(low_quality, generator):
+    """An image of 64 boxes or more has them indexed by height and top, and a chunk of
+    anchors (a strip a few cells high) tests only those that can reach it. On a tall canvas
+    a strip's candidates are a small part of the boxes (an image of 63 boxes is not
+    indexed); ties and duplicates among them, every low-quality rule."""
+    canvas = (1024, 96)
+    counts = [150, 0, 64, 63, 230]
+    boxes = tall_crowd(generator, sum(counts), canvas)
+    boxes[::3] = with_ties(boxes[::3], generator)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
+    classes = classes_for(boxes, generator)
+    assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
+
+
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_ssd_forced_ties_across_threads_go_to_the_lowest_anchor(threads):
     """Each box's best anchor ties between two copies of one anchor, far apart (chunks k
