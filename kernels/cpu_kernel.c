@@ -155,6 +155,12 @@ typedef struct {
     double reach;
 } HeightClass;
 
+/* A box's coordinates and its index within its image, as the index keeps them. */
+typedef struct {
+    float box[4];
+    int32_t index;
+} IndexedBox;
+
 /* ---- one call ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -182,11 +188,10 @@ typedef struct {
      * order, where a lifted anchor looks for its own best box (all G boxes for each lifted
      * anchor made pass 2 quadratic in G) */
     int32_t *near;
-    /* Each image of at least INDEX_MIN_BOXES boxes has them indexed by height and top (see
-     * index_boxes); NULL when none has. by_top, top and classes are [N], an image's entries
+    /* Each image of at least INDEX_MIN_BOXES boxes has its boxes indexed by height and top
+     * (see index_boxes); NULL when none has. by_top and classes are [N], an image's entries
      * from its first box's slot; class_count [B] (0: the image is not indexed). */
-    int32_t *by_top;
-    float *top;
+    IndexedBox *by_top;
     HeightClass *classes;
     int32_t *class_count;
     /* [threads * most boxes of an image] candidate lists, and [threads * mark_words] bits
@@ -385,24 +390,20 @@ static inline float box_floor(const Job *job, int thread, int64_t g) {
     return found < job->iou_floor ? found : job->iou_floor;
 }
 
-/* ---- the boxes that may touch a chunk ---------------------------------------------------- */
+/* ---- the boxes that touch a chunk ---------------------------------------------------------- */
 
 /* A chunk of generated anchors is a strip a few cells high (512 anchors of one level's
- * rows), so of a crowded image's boxes only those whose vertical extent meets the strip's
- * can touch it. Each image with enough boxes has them grouped by the binary exponent of
- * their height and each group sorted by top (y1): a group's boxes that can reach down to a
- * chunk's top edge are a range of it, found by binary search. Testing every box against
- * every chunk instead cost 12 s for 100,000 boxes on an 8192 x 8192 canvas. Memory: 16
- * bytes per box, and per thread 4.125 bytes per box of the largest image. */
-
-typedef struct {
-    float top;
-    int32_t box;
-} TopBox;
+ * rows), so of a crowded image's boxes only a few touch it. Each image with enough boxes
+ * has them grouped by the binary exponent of their height, each group sorted by top (y1)
+ * with their coordinates beside them: a group's boxes that can reach down to a chunk's
+ * top edge are a range of it, found by binary search, read in order. Testing every box
+ * against every chunk instead cost 40 s for 100,000 boxes on an 8192 x 8192 canvas
+ * (24,600 chunks, twice with low-quality matches). Memory: 36 bytes per box, and per
+ * thread 4.125 bytes per box of the largest image. */
 
 static int by_top(const void *x, const void *y) {
-    const TopBox *a = x, *b = y;
-    return (a->top > b->top) - (a->top < b->top);
+    const IndexedBox *a = x, *b = y;
+    return (a->box[1] > b->box[1]) - (a->box[1] < b->box[1]);
 }
 
 static int height_class(double height) {
@@ -424,17 +425,12 @@ static int index_boxes(Job *job) {
     if (most < INDEX_MIN_BOXES) return 0;
     job->most_boxes = most;
     job->mark_words = (most + 63) / 64;
-    job->by_top = malloc(sizeof(int32_t) * (size_t)N);
-    job->top = malloc(sizeof(float) * (size_t)N);
+    job->by_top = malloc(sizeof(IndexedBox) * (size_t)N);
     job->classes = malloc(sizeof(HeightClass) * (size_t)N);
     job->class_count = calloc((size_t)p->batch, sizeof(int32_t));
     job->candidates = malloc(sizeof(int32_t) * (size_t)(job->threads * most));
     job->marks = calloc((size_t)(job->threads * job->mark_words), sizeof(uint64_t));
-    TopBox *sorted = malloc(sizeof(TopBox) * (size_t)most);
-    if (!(job->by_top && job->top && job->classes && job->class_count && job->candidates && job->marks && sorted)) {
-        free(sorted);
-        return 1;
-    }
+    if (!(job->by_top && job->classes && job->class_count && job->candidates && job->marks)) return 1;
     for (int64_t image = 0; image < p->batch; ++image) {
         const int64_t g0 = p->gt_offsets[image], G = p->gt_offsets[image + 1] - g0;
         if (G < INDEX_MIN_BOXES) continue;
@@ -450,42 +446,38 @@ static int index_boxes(Job *job) {
         for (int k = 1; k < HEIGHT_CLASSES; ++k) end[k] += end[k - 1];
         int64_t at[HEIGHT_CLASSES];
         for (int k = 0; k < HEIGHT_CLASSES; ++k) at[k] = k ? end[k - 1] : 0;
+        IndexedBox *sorted = job->by_top + g0;
         for (int64_t i = 0; i < G; ++i) {
             const float *b = p->gt_boxes + 4 * (g0 + i);
-            sorted[at[height_class((double)b[3] - (double)b[1])]++] = (TopBox){b[1], (int32_t)i};
+            sorted[at[height_class((double)b[3] - (double)b[1])]++] = (IndexedBox){{b[0], b[1], b[2], b[3]}, (int32_t)i};
         }
         HeightClass *classes = job->classes + g0;
         int32_t count = 0;
         for (int k = 0; k < HEIGHT_CLASSES; ++k) {
             const int64_t begin = k ? end[k - 1] : 0;
             if (begin == end[k]) continue;
-            qsort(sorted + begin, (size_t)(end[k] - begin), sizeof(TopBox), by_top);
+            qsort(sorted + begin, (size_t)(end[k] - begin), sizeof(IndexedBox), by_top);
             classes[count++] = (HeightClass){(int32_t)begin, (int32_t)end[k], reach[k]};
-        }
-        for (int64_t i = 0; i < G; ++i) {
-            job->by_top[g0 + i] = sorted[i].box;
-            job->top[g0 + i] = sorted[i].top;
         }
         job->class_count[image] = count;
     }
-    free(sorted);
     return 0;
 }
 
-/* The first of entries [begin, end) of a sorted top whose value is at least v. */
-static int64_t first_at_least(const float *top, int64_t begin, int64_t end, double v) {
+/* The first of entries [begin, end) of a sorted index whose top is at least v. */
+static int64_t first_at_least(const IndexedBox *sorted, int64_t begin, int64_t end, double v) {
     while (begin < end) {
         const int64_t mid = begin + (end - begin) / 2;
-        if ((double)top[mid] < v) begin = mid + 1;
+        if ((double)sorted[mid].box[1] < v) begin = mid + 1;
         else end = mid;
     }
     return begin;
 }
 
-/* The boxes of the chunk's image that may touch the chunk (every one whose vertical
- * extent meets the chunk's, and some others) in box order (image-local indices): their
- * count, and *list, or NULL for all of the image's boxes (an image not indexed, or one
- * where that is most of them: testing each then costs less than listing them). */
+/* The boxes of the chunk's image that touch the chunk's bounds (box_misses is false; every
+ * other box's IoUs there are 0), in box order (image-local indices): their count, and *list,
+ * or NULL for all of the image's boxes (an image not indexed, or one where the boxes whose
+ * tops are near the chunk's are most of them: testing each then costs less than listing). */
 static int64_t box_candidates(const Job *job, int thread, const Chunk *c, const int32_t **list) {
     const Problem *p = job->p;
     const int64_t g0 = p->gt_offsets[c->image], G = p->gt_offsets[c->image + 1] - g0;
@@ -493,7 +485,7 @@ static int64_t box_candidates(const Job *job, int thread, const Chunk *c, const 
     *list = NULL;
     if (!classes) return G;
     const HeightClass *hc = job->classes + g0;
-    const float *top = job->top + g0;
+    const IndexedBox *sorted = job->by_top + g0;
     const double chunk_top = c->bounds[1];
     int64_t lo[HEIGHT_CLASSES], hi[HEIGHT_CLASSES], total = 0;
     for (int k = 0; k < classes; ++k) {
@@ -501,16 +493,17 @@ static int64_t box_candidates(const Job *job, int thread, const Chunk *c, const 
          * the rounding of the heights and of this sum), a box whose top is at or below the
          * chunk's bottom edge starts below it: both miss every anchor of the chunk. */
         const double margin = (fabs(chunk_top) + hc[k].reach) * 0x1p-40;
-        lo[k] = first_at_least(top, hc[k].begin, hc[k].end, chunk_top - hc[k].reach - margin);
-        hi[k] = first_at_least(top, lo[k], hc[k].end, c->bounds[3]);
+        lo[k] = first_at_least(sorted, hc[k].begin, hc[k].end, chunk_top - hc[k].reach - margin);
+        hi[k] = first_at_least(sorted, lo[k], hc[k].end, c->bounds[3]);
         total += hi[k] - lo[k];
     }
     if (4 * total > G) return G;
-    /* The candidates' bits, read back in box order and cleared. */
+    /* The touching boxes' bits, read back in box order and cleared. */
     uint64_t *marks = job->marks + thread * job->mark_words;
-    const int32_t *by_top = job->by_top + g0;
     for (int k = 0; k < classes; ++k)
-        for (int64_t i = lo[k]; i < hi[k]; ++i) marks[by_top[i] / 64] |= (uint64_t)1 << (by_top[i] % 64);
+        for (int64_t i = lo[k]; i < hi[k]; ++i)
+            if (!box_misses(c->bounds, sorted[i].box))
+                marks[sorted[i].index / 64] |= (uint64_t)1 << (sorted[i].index % 64);
     int32_t *out = job->candidates + thread * job->most_boxes;
     int64_t count = 0;
     for (int64_t w = 0; w < (G + 63) / 64; ++w) {
@@ -1215,7 +1208,7 @@ static void free_job(Job *job) {
             free(job->rows[t].ign);
         }
     free(job->partials); free(job->part_max); free(job->part_best); free(job->box_found); free(job->box_max); free(job->box_best); free(job->chunk_reach);
-    free(job->near); free(job->by_top); free(job->top); free(job->classes); free(job->class_count);
+    free(job->near); free(job->by_top); free(job->classes); free(job->class_count);
     free(job->candidates); free(job->marks); free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
     free(job);
 }
