@@ -1265,14 +1265,16 @@ def test_the_workload_reads_as_written():
 
 
 def test_verification_draws_its_responses_from_the_whole_run():
-    """A server wrong only after its first 60 answers (as one wrong only once batches merge
-    under load): the first K answers alone passed."""
+    """A server wrong only after its first 20 answers (as one wrong only once batches merge
+    under load): the first K answers alone passed. 10 draws from 100 answers or more all
+    land in the first 20 with odds of 1 in 10^8 (it asked for 300 in 1.5 s, and a CI
+    machine loaded by other work made 287)."""
     answered = itertools.count(1)
 
     def wrong_later(raw: bytes, context) -> bytes:
         request = pb.AssignRequest.FromString(raw)
         response = _response(WORKLOAD, int(request.request_id.split("-")[1]))
-        if next(answered) > 60:
+        if next(answered) > 20:
             classes = torch.frombuffer(bytearray(response.sparse.positive_classes.data), dtype=torch.int32) + 1
             response.sparse.positive_classes.data = classes.numpy().tobytes()
         return response.SerializeToString()
@@ -1280,7 +1282,7 @@ def test_verification_draws_its_responses_from_the_whole_run():
     with fake_assigner(wrong_later, None) as address:
         report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.5, warmup_s=0.0,
                                      concurrency=2, verify=10))  # fmt: skip
-    assert report.requests > 300 and report.verified == 10
+    assert report.requests > 100 and report.verified == 10
     assert report.mismatches and all("classes differ" in m for m in report.mismatches) and not report.ok
 
 
