@@ -36,14 +36,18 @@
  * COCO-like image reads a small fraction of the 201,600 RetinaNet anchors, which alone
  * take ~0.2 ms to read.
  *
- * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, plus the
- * sparse rows (a chunk pass 2 or ssd_forced changes is stored twice). Exactness: every
- * IoU is computed with torchvision's operation order in float32, one rounding per
- * operation. The build passes -ffp-contract=off and never -ffast-math, so the compiler
- * fuses no multiply-add and keeps IEEE semantics (-fno-trapping-math only lets it
- * evaluate both sides of a select, so that the pair loops vectorise without AVX-512's
- * masks); vectorised and scalar evaluations then give the same bits, which is what makes
- * the equality tests of the low-quality rule agree with torch.
+ * A crowded image's boxes are indexed so that a chunk meets only those that touch it (see
+ * "the boxes that touch a chunk").
+ *
+ * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, the index
+ * (36 bytes per box of an image of INDEX_MIN_BOXES boxes or more), plus the sparse rows
+ * (a chunk pass 2 or ssd_forced changes is stored twice). Exactness: every IoU is computed
+ * with torchvision's operation order in float32, one rounding per operation. The build
+ * passes -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add
+ * and keeps IEEE semantics (-fno-trapping-math only lets it evaluate both sides of a
+ * select, so that the pair loops vectorise without AVX-512's masks); vectorised and scalar
+ * evaluations then give the same bits, which is what makes the equality tests of the
+ * low-quality rule agree with torch.
  */
 
 #include <math.h>
