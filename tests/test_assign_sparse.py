@@ -104,7 +104,18 @@ def _lists(**changes):
      ({"dropped": 5}, r"dropped: expected a list of tensors \(one per image, or none\), got 5"),
      # A list in sparse layout failed in numpy ("can't convert Sparse layout tensor"), unnamed.
      ({"positive_anchors": torch.tensor([1, 4]).to_sparse()},
-      r"positive_anchors: expected a dense \(strided\) tensor, got a sparse_coo one \(.to_dense\(\) it\)")],
+      r"positive_anchors: expected a dense \(strided\) tensor, got a sparse_coo one \(.to_dense\(\) it\)"),
+     # A mutation review: no case held these checks.
+     ({"background_class": True}, r"background_class: expected an int, got True"),
+     ({"positive_matched_gt": torch.tensor([False, False])}, r"positive_matched_gt: expected integers, got torch.bool"),
+     ({"dropped": [0, 1]}, r"dropped: expected a list of tensors \(one per image, or none\), got \[0, 1\]"),
+     ({"level_starts": (1, 6)}, r"level_starts: \(1, 6\), expected ascending integers from 0"),
+     ({"level_starts": (0, 4, 2, 6)}, r"level_starts: \(0, 4, 2, 6\), expected ascending integers"),
+     ({"level_starts": (0, True, 6)}, r"level_starts: \(0, True, 6\), expected ascending integers"),
+     ({"positive_offsets": torch.tensor([0, 2, 2]), "positive_anchors": torch.tensor([1, 1], dtype=torch.int32)},
+      r"positive_anchors: image 0 lists anchor 1 after 1 \(must ascend\)"),
+     ({"ignored_offsets": torch.tensor([0, 1, 2]), "ignored_anchors": torch.tensor([1, 4], dtype=torch.int32)},
+      r"positive_anchors: image 0 lists anchor 1 as positive and as ignored")],  # the first of two overlaps
 )  # fmt: skip
 def test_lists_that_break_their_contract_are_refused_not_densified_into_other_targets(changes, error):
     """Hand-made or edited lists (cached on disk, say): a positive counted in another image,
@@ -114,3 +125,20 @@ def test_lists_that_break_their_contract_are_refused_not_densified_into_other_ta
         _lists(**changes).to_dense()
     with pytest.raises((ValueError, TypeError), match=f"^{error}"):
         Targets.from_sparse(_lists(**changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "positives"),
+    [({"positive_classes": torch.tensor([3, 2**31 - 1])}, [[1], [4]]),  # the largest class an int32 holds
+     # int16 anchors past int16's range of num_anchors, all of them valid
+     ({"num_anchors": 40_000, "positive_anchors": torch.tensor([1, 30_000], dtype=torch.int16)}, [[1], [30_000]]),
+     ({"num_anchors": 0, "positive_offsets": torch.tensor([0, 0, 0]),
+       "positive_anchors": torch.zeros(0, dtype=torch.int32), "positive_matched_gt": torch.zeros(0, dtype=torch.int32),
+       "positive_deltas": torch.zeros(0, 4), "ignored_offsets": torch.tensor([0, 0, 0]),
+       "ignored_anchors": torch.zeros(0, dtype=torch.int32)}, [[], []])],
+)  # fmt: skip
+def test_lists_at_the_edges_of_their_contract_are_accepted(changes, positives):
+    dense = _lists(**changes).to_dense()
+    assert [torch.nonzero(row == 1).flatten().tolist() for row in dense.labels] == positives
+    if "positive_classes" in changes:
+        assert dense.classes[1, 4].item() == 2**31 - 1

@@ -510,6 +510,17 @@ def test_client_refuses_what_in_process_assign_refuses(two_servers):
             client.assign(BOXES, torch.tensor(2), CANVAS, preset="retinanet_torchvision")
 
 
+def test_the_int32_bounds_themselves_go_on_the_wire():
+    """Only values past int32 are refused on the client (the server judges the rest)."""
+    request = build_request(BOXES, [2], (-(2**31), 2**31 - 1), preset="yolov5", ignore_boxes=BOXES[:1],
+                            ignore_counts=[-(2**31)])  # fmt: skip
+    assert (request.canvas_height, request.canvas_width, list(request.ignore_counts)) == (
+        -(2**31),
+        2**31 - 1,
+        [-(2**31)],
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
 def test_client_takes_every_integer_dtype_assign_takes(two_servers, dtype):
     """int8/int16 classes and sizes were refused as not fitting int32 (torch compared them
@@ -616,6 +627,8 @@ def test_async_client_round_robin_and_retry(two_servers):
 def test_config_and_preset_are_exclusive():
     with pytest.raises(ValueError, match="exactly one of preset= or config="):
         build_request(BOXES, [2], CANVAS)
+    with pytest.raises(ValueError, match="exactly one of preset= or config="):
+        build_request(BOXES, [2], CANVAS, preset="yolov5", config=presets.get("yolov5"))
     with pytest.raises(ValueError, match="format"):
         build_request(BOXES, [2], CANVAS, preset="yolov5", format="csv")
 

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import functools
 import logging
+import re
 import threading
 import time
 
@@ -200,11 +201,31 @@ def _raw(client, mutate):
         (lambda r: r.config.overrides.__setitem__("match.high", "9" * 5000), "overrides[match.high]: not valid JSON"),
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
+        (lambda r: r.gt_counts.extend([-1]), "gt_counts: image 1: negative count -1"),
+        (lambda r: r.ignore_boxes.CopyFrom(encode_tensor(GOOD[:1])), "ignore_counts: required with ignore_boxes"),
     ],
 )
 def test_malformed_messages(client, mutate, text):
     error = _fails(client, INVALID, text, call=_raw(client, mutate))
     assert error.field_violations
+
+
+@pytest.mark.parametrize(
+    ("limits_at", "over", "text"),
+    [({"max_canvas_side": 128}, {"canvas": (129, 128)}, "canvas_height: 129 is over the server's limit of 128 pixels"),
+     ({"max_canvas_side": 128}, {"canvas": (128, 129)}, "canvas_width: 129 is over the server's limit of 128 pixels"),
+     ({"max_images": 2}, {"gt_counts": [1, 0, 1]}, "gt_counts: 3 images is over the server's limit of 2"),
+     ({"max_boxes": 2}, {"gt_counts": [3], "gt_boxes": GOOD[[0, 1, 1]]}, "gt_boxes: 3 boxes is over")],
+)  # fmt: skip
+def test_a_request_at_a_limit_is_served_and_one_past_it_refused(limits_at, over, text):
+    at = {"gt_boxes": GOOD, "gt_counts": [1, 1], "canvas": (128, 128)}
+    limited = codec.Limits(**limits_at)
+    request = build_request(at["gt_boxes"], at["gt_counts"], at["canvas"], preset="retinanet_torchvision")
+    assert list(codec.decode_assign(request, limited).gt_counts) == [1, 1]
+    past = {**at, **over}
+    request = build_request(past["gt_boxes"], past["gt_counts"], past["canvas"], preset="retinanet_torchvision")
+    with pytest.raises(ResourceExhausted, match=re.escape(text)):
+        codec.decode_assign(request, limited)
 
 
 @pytest.mark.parametrize("boxes", [3, 300])  # listed as Python ints, or scanned in numpy
