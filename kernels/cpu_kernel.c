@@ -75,7 +75,7 @@ _Static_assert(CHUNK % BLOCK == 0 && CHUNK / BLOCK <= 32, "a chunk's blocks are 
 #define BOUND_SLACK 1.001f
 /* Sparse rows one thread emits, at least, before another thread is worth starting. */
 #define EMIT_ROWS_PER_THREAD 16384
-/* Boxes of an image from which they are indexed (box_candidates): below, testing each box
+/* Boxes of an image from which they are indexed (touching): below, testing each box
  * against a chunk costs about what looking them up does. Height classes: binary exponents
  * of a box's height, those under 2 in the first (heights are below 2^33, BOX_REACH). */
 #define INDEX_MIN_BOXES 64
@@ -165,6 +165,23 @@ typedef struct {
     int32_t index;
 } IndexedBox;
 
+/* Boxes of a batch (gt boxes, or ignore regions), those of each image with at least
+ * INDEX_MIN_BOXES of them indexed by height and top (see build_index). by_top and classes
+ * are [N], an image's entries from its first box's slot; class_count [B] (0: the image is
+ * not indexed; NULL: none is). Each thread lists the boxes touching a chunk in its own
+ * slice of lists ([threads * most boxes of an image]), put in box order by its bits in
+ * marks ([threads * words]). */
+typedef struct {
+    const float *boxes;
+    const int64_t *offsets;
+    IndexedBox *by_top;
+    HeightClass *classes;
+    int32_t *class_count;
+    int32_t *lists;
+    uint64_t *marks;
+    int64_t most, words;
+} BoxIndex;
+
 /* ---- one call ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -192,17 +209,8 @@ typedef struct {
      * order, where a lifted anchor looks for its own best box (all G boxes for each lifted
      * anchor made pass 2 quadratic in G) */
     int32_t *near;
-    /* Each image of at least INDEX_MIN_BOXES boxes has its boxes indexed by height and top
-     * (see index_boxes); NULL when none has. by_top and classes are [N], an image's entries
-     * from its first box's slot; class_count [B] (0: the image is not indexed). */
-    IndexedBox *by_top;
-    HeightClass *classes;
-    int32_t *class_count;
-    /* [threads * most boxes of an image] candidate lists, and [threads * mark_words] bits
-     * that put them in box order (see box_candidates) */
-    int32_t *candidates;
-    uint64_t *marks;
-    int64_t most_boxes, mark_words;
+    /* the gt boxes and (with use_ignore) the ignore regions, indexed per crowded image */
+    BoxIndex boxes, regions;
     /* IoUs below this one change no output when they are not a box's maximum (see
      * iou_bound); 0 when every anchor's exact best IoU and box are outputs */
     float iou_floor;
@@ -397,13 +405,14 @@ static inline float box_floor(const Job *job, int thread, int64_t g) {
 /* ---- the boxes that touch a chunk ---------------------------------------------------------- */
 
 /* A chunk of generated anchors is a strip a few cells high (512 anchors of one level's
- * rows), so of a crowded image's boxes only a few touch it. Each image with enough boxes
- * has them grouped by the binary exponent of their height, each group sorted by top (y1)
- * with their coordinates beside them: a group's boxes that can reach down to a chunk's
- * top edge are a range of it, found by binary search, read in order. Testing every box
- * against every chunk instead cost 40 s for 100,000 boxes on an 8192 x 8192 canvas
- * (24,600 chunks, twice with low-quality matches). Memory: 36 bytes per box, and per
- * thread 4.125 bytes per box of the largest image. */
+ * rows), so of a crowded image's boxes (or ignore regions) only a few touch it. Each image
+ * with enough of them has them grouped by the binary exponent of their height, each group
+ * sorted by top (y1) with their coordinates beside them: a group's boxes that can reach
+ * down to a chunk's top edge are a range of it, found by binary search, read in order.
+ * Testing every box against every chunk instead cost 40 s for 100,000 boxes on an
+ * 8192 x 8192 canvas (24,600 chunks, twice with low-quality matches), and 22 s for as many
+ * ignore regions. Memory: 36 bytes per box, and per thread 4.125 bytes per box of the
+ * largest image. */
 
 static int by_top(const void *x, const void *y) {
     const IndexedBox *a = x, *b = y;
@@ -416,32 +425,34 @@ static int height_class(double height) {
     return exponent < 1 ? 0 : exponent >= HEIGHT_CLASSES ? HEIGHT_CLASSES - 1 : exponent;
 }
 
-/* Builds the index of every image with at least INDEX_MIN_BOXES boxes, and the threads'
- * candidate lists. Returns 0, or 1 when memory ran out. */
-static int index_boxes(Job *job) {
-    const Problem *p = job->p;
-    const int64_t N = p->gt_offsets[p->batch];
+/* Indexes the boxes of every image that has at least INDEX_MIN_BOXES of them, for
+ * `threads` threads to list. Returns 0, or 1 when memory ran out (free_index frees what
+ * was allocated). */
+static int build_index(BoxIndex *index, const float *boxes, const int64_t *offsets, int64_t batch, int threads) {
+    index->boxes = boxes;
+    index->offsets = offsets;
+    const int64_t N = offsets[batch];
     int64_t most = 0;
-    for (int64_t image = 0; image < p->batch; ++image) {
-        const int64_t count = p->gt_offsets[image + 1] - p->gt_offsets[image];
+    for (int64_t image = 0; image < batch; ++image) {
+        const int64_t count = offsets[image + 1] - offsets[image];
         most = count > most ? count : most;
     }
     if (most < INDEX_MIN_BOXES) return 0;
-    job->most_boxes = most;
-    job->mark_words = (most + 63) / 64;
-    job->by_top = malloc(sizeof(IndexedBox) * (size_t)N);
-    job->classes = malloc(sizeof(HeightClass) * (size_t)N);
-    job->class_count = calloc((size_t)p->batch, sizeof(int32_t));
-    job->candidates = malloc(sizeof(int32_t) * (size_t)(job->threads * most));
-    job->marks = calloc((size_t)(job->threads * job->mark_words), sizeof(uint64_t));
-    if (!(job->by_top && job->classes && job->class_count && job->candidates && job->marks)) return 1;
-    for (int64_t image = 0; image < p->batch; ++image) {
-        const int64_t g0 = p->gt_offsets[image], G = p->gt_offsets[image + 1] - g0;
+    index->most = most;
+    index->words = (most + 63) / 64;
+    index->by_top = malloc(sizeof(IndexedBox) * (size_t)N);
+    index->classes = malloc(sizeof(HeightClass) * (size_t)N);
+    index->class_count = calloc((size_t)batch, sizeof(int32_t));
+    index->lists = malloc(sizeof(int32_t) * (size_t)(threads * most));
+    index->marks = calloc((size_t)(threads * index->words), sizeof(uint64_t));
+    if (!(index->by_top && index->classes && index->class_count && index->lists && index->marks)) return 1;
+    for (int64_t image = 0; image < batch; ++image) {
+        const int64_t g0 = offsets[image], G = offsets[image + 1] - g0;
         if (G < INDEX_MIN_BOXES) continue;
         int64_t end[HEIGHT_CLASSES] = {0};
         double reach[HEIGHT_CLASSES] = {0};
         for (int64_t i = 0; i < G; ++i) {
-            const float *b = p->gt_boxes + 4 * (g0 + i);
+            const float *b = boxes + 4 * (g0 + i);
             const double height = (double)b[3] - (double)b[1];
             const int k = height_class(height);
             ++end[k];
@@ -450,12 +461,12 @@ static int index_boxes(Job *job) {
         for (int k = 1; k < HEIGHT_CLASSES; ++k) end[k] += end[k - 1];
         int64_t at[HEIGHT_CLASSES];
         for (int k = 0; k < HEIGHT_CLASSES; ++k) at[k] = k ? end[k - 1] : 0;
-        IndexedBox *sorted = job->by_top + g0;
+        IndexedBox *sorted = index->by_top + g0;
         for (int64_t i = 0; i < G; ++i) {
-            const float *b = p->gt_boxes + 4 * (g0 + i);
+            const float *b = boxes + 4 * (g0 + i);
             sorted[at[height_class((double)b[3] - (double)b[1])]++] = (IndexedBox){{b[0], b[1], b[2], b[3]}, (int32_t)i};
         }
-        HeightClass *classes = job->classes + g0;
+        HeightClass *classes = index->classes + g0;
         int32_t count = 0;
         for (int k = 0; k < HEIGHT_CLASSES; ++k) {
             const int64_t begin = k ? end[k - 1] : 0;
@@ -463,9 +474,13 @@ static int index_boxes(Job *job) {
             qsort(sorted + begin, (size_t)(end[k] - begin), sizeof(IndexedBox), by_top);
             classes[count++] = (HeightClass){(int32_t)begin, (int32_t)end[k], reach[k]};
         }
-        job->class_count[image] = count;
+        index->class_count[image] = count;
     }
     return 0;
+}
+
+static void free_index(BoxIndex *index) {
+    free(index->by_top); free(index->classes); free(index->class_count); free(index->lists); free(index->marks);
 }
 
 /* The first of entries [begin, end) of a sorted index whose top is at least v. */
@@ -478,37 +493,36 @@ static int64_t first_at_least(const IndexedBox *sorted, int64_t begin, int64_t e
     return begin;
 }
 
-/* The boxes of the chunk's image that touch the chunk's bounds (box_misses is false; every
- * other box's IoUs there are 0), in box order (image-local indices): their count, and *list,
- * or NULL for all of the image's boxes (an image not indexed, or one where the boxes whose
- * tops are near the chunk's are most of them: testing each then costs less than listing). */
-static int64_t box_candidates(const Job *job, int thread, const Chunk *c, const int32_t **list) {
-    const Problem *p = job->p;
-    const int64_t g0 = p->gt_offsets[c->image], G = p->gt_offsets[c->image + 1] - g0;
-    const int classes = job->class_count ? job->class_count[c->image] : 0;
+/* The boxes of an image that touch bounds (x1, y1, x2, y2: box_misses is false; a box
+ * that misses them has IoU and IoF 0 with what lies inside), in box order (image-local
+ * indices): their count, and *list, or NULL for all of the image's boxes (an image not
+ * indexed, or one where the boxes whose tops are near the bounds' are most of them: testing
+ * each then costs less than listing). */
+static int64_t touching(const BoxIndex *index, int thread, int64_t image, const float *bounds, const int32_t **list) {
+    const int64_t g0 = index->offsets[image], G = index->offsets[image + 1] - g0;
+    const int classes = index->class_count ? index->class_count[image] : 0;
     *list = NULL;
     if (!classes) return G;
-    const HeightClass *hc = job->classes + g0;
-    const IndexedBox *sorted = job->by_top + g0;
-    const double chunk_top = c->bounds[1];
+    const HeightClass *hc = index->classes + g0;
+    const IndexedBox *sorted = index->by_top + g0;
+    const double top = bounds[1];
     int64_t lo[HEIGHT_CLASSES], hi[HEIGHT_CLASSES], total = 0;
     for (int k = 0; k < classes; ++k) {
-        /* A box whose top is below chunk_top - reach ends above chunk_top (the margin covers
-         * the rounding of the heights and of this sum), a box whose top is at or below the
-         * chunk's bottom edge starts below it: both miss every anchor of the chunk. */
-        const double margin = (fabs(chunk_top) + hc[k].reach) * 0x1p-40;
-        lo[k] = first_at_least(sorted, hc[k].begin, hc[k].end, chunk_top - hc[k].reach - margin);
-        hi[k] = first_at_least(sorted, lo[k], hc[k].end, c->bounds[3]);
+        /* A box whose top is below top - reach ends above top (the margin covers the
+         * rounding of the heights and of this sum), a box whose top is at or below the
+         * bounds' bottom edge starts below it: both miss. */
+        const double margin = (fabs(top) + hc[k].reach) * 0x1p-40;
+        lo[k] = first_at_least(sorted, hc[k].begin, hc[k].end, top - hc[k].reach - margin);
+        hi[k] = first_at_least(sorted, lo[k], hc[k].end, bounds[3]);
         total += hi[k] - lo[k];
     }
     if (4 * total > G) return G;
     /* The touching boxes' bits, read back in box order and cleared. */
-    uint64_t *marks = job->marks + thread * job->mark_words;
+    uint64_t *marks = index->marks + thread * index->words;
     for (int k = 0; k < classes; ++k)
         for (int64_t i = lo[k]; i < hi[k]; ++i)
-            if (!box_misses(c->bounds, sorted[i].box))
-                marks[sorted[i].index / 64] |= (uint64_t)1 << (sorted[i].index % 64);
-    int32_t *out = job->candidates + thread * job->most_boxes;
+            if (!box_misses(bounds, sorted[i].box)) marks[sorted[i].index / 64] |= (uint64_t)1 << (sorted[i].index % 64);
+    int32_t *out = index->lists + thread * index->most;
     int64_t count = 0;
     for (int64_t w = 0; w < (G + 63) / 64; ++w) {
         for (uint64_t bits = marks[w]; bits; bits &= bits - 1) out[count++] = (int32_t)(64 * w + __builtin_ctzll(bits));
@@ -518,9 +532,10 @@ static int64_t box_candidates(const Job *job, int thread, const Chunk *c, const 
     return count;
 }
 
-/* Whether some box (of the candidates box_candidates gives), ignore region or border rule
- * of the image changes an anchor of the chunk; when none does, every anchor in it is included and negative (its IoUs are 0 or
- * below job->iou_floor), and no box reaches its maximum there. */
+/* Whether some box (of those touching the chunk: boxes, count), ignore region or border
+ * rule of the image changes an anchor of the chunk; when none does, every anchor in it is
+ * included and negative (its IoUs are 0 or below job->iou_floor), and no box reaches its
+ * maximum there. */
 static int chunk_is_touched(const Job *job, int thread, const Chunk *c, const int32_t *boxes, int64_t count) {
     const Problem *p = job->p;
     for (int64_t i = 0; i < count; ++i) {
@@ -528,9 +543,14 @@ static int chunk_is_touched(const Job *job, int thread, const Chunk *c, const in
         const float *b = p->gt_boxes + 4 * g;
         if (!box_skips(c->bounds, b, (b[2] - b[0]) * (b[3] - b[1]), box_floor(job, thread, g))) return 1;
     }
-    if (p->use_ignore)
-        for (int64_t m = p->ignore_offsets[c->image]; m < p->ignore_offsets[c->image + 1]; ++m)
+    if (p->use_ignore) {
+        const int32_t *regions;
+        const int64_t n = touching(&job->regions, thread, c->image, c->bounds, &regions);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t m = p->ignore_offsets[c->image] + (regions ? regions[i] : i);
             if (!box_misses(c->bounds, p->ignore_boxes + 4 * m)) return 1;
+        }
+    }
     return c->inside != (1u << c->nblocks) - 1;
 }
 
@@ -538,7 +558,8 @@ static int chunk_is_touched(const Job *job, int thread, const Chunk *c, const in
  * the border, or on a cell beyond the image's padded size (reference.excluded_by_ignore /
  * outside_border / outside_padding). Only blocks a region touches or the border or the
  * padding crosses can have any. */
-static void mark_excluded(const Problem *p, Chunk *c) {
+static void mark_excluded(const Job *job, int thread, Chunk *c) {
+    const Problem *p = job->p;
     memset(c->excluded, 0, (size_t)c->n);
     const int border_pre = p->border_limits && !p->border_post;
     if (border_pre || p->valid_cells) {
@@ -556,8 +577,10 @@ static void mark_excluded(const Problem *p, Chunk *c) {
         }
     }
     if (!p->use_ignore) return;
-    for (int64_t m = p->ignore_offsets[c->image]; m < p->ignore_offsets[c->image + 1]; ++m) {
-        const float *r = p->ignore_boxes + 4 * m;
+    const int32_t *regions;
+    const int64_t n = touching(&job->regions, thread, c->image, c->bounds, &regions);
+    for (int64_t i = 0; i < n; ++i) {
+        const float *r = p->ignore_boxes + 4 * (p->ignore_offsets[c->image] + (regions ? regions[i] : i));
         if (box_misses(c->bounds, r)) continue; /* IoF 0 never exceeds a threshold >= 0 */
         const float rarea = (r[2] - r[0]) * (r[3] - r[1]);
         for (int j = 0; j < c->nblocks; ++j) {
@@ -567,21 +590,6 @@ static void mark_excluded(const Problem *p, Chunk *c) {
                 c->excluded[k] |= (uint8_t)iof_exceeds(p, r, rarea, c->x1[k], c->y1[k], c->x2[k], c->y2[k], c->area[k]);
         }
     }
-}
-
-/* mark_excluded for the single anchor a (same operations, so the same decision). */
-static int anchor_excluded(const Problem *p, int64_t image, int64_t a) {
-    const float *an = p->anchors + 4 * a;
-    if (p->border_limits && !p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
-        return 1;
-    if (p->valid_cells && outside_padding(p, image, a)) return 1;
-    if (!p->use_ignore) return 0;
-    const float area = (an[2] - an[0]) * (an[3] - an[1]);
-    for (int64_t m = p->ignore_offsets[image]; m < p->ignore_offsets[image + 1]; ++m) {
-        const float *r = p->ignore_boxes + 4 * m;
-        if (iof_exceeds(p, r, (r[2] - r[0]) * (r[3] - r[1]), an[0], an[1], an[2], an[3], area)) return 1;
-    }
-    return 0;
 }
 
 /* The class of gt box g, int32 as the outputs hold it (build_problem refused an int64
@@ -776,7 +784,7 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
      * an ignore region or the border changes something have rows. */
     const int untouched_negative = job->rows && (g0 == g1 || job->zero_label == NEGATIVE);
     const int32_t *boxes;
-    const int64_t count = box_candidates(job, thread, &c, &boxes);
+    const int64_t count = touching(&job->boxes, thread, image, c.bounds, &boxes);
     if (untouched_negative && !chunk_is_touched(job, thread, &c, boxes, count)) {
         job->items[item] = (ItemRows){&job->rows[thread], 0, 0, 0, 0};
         job->chunk_reach[item] = 0.0f; /* no box reaches above 0 here */
@@ -792,7 +800,7 @@ static void pass1_item(Job *job, int thread, int64_t image, int64_t chunk) {
         int32_t i[CHUNK];
     } masked;
 
-    mark_excluded(p, &c); /* loads the blocks where some anchor may be excluded */
+    mark_excluded(job, thread, &c); /* loads the blocks where some anchor may be excluded */
     /* live: blocks whose best IoUs are computed (all without the sparse shortcut); decided:
      * blocks where an anchor may not be negative: an exclusion, the border, or an IoU at
      * or above iou_floor */
@@ -939,7 +947,7 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
     Chunk c;
     open_chunk(p, image, chunk, &c);
     const int32_t *boxes;
-    const int64_t count = box_candidates(job, thread, &c, &boxes);
+    const int64_t count = touching(&job->boxes, thread, image, c.bounds, &boxes);
     uint8_t lifted[CHUNK];
     int32_t lift_box[CHUNK];
     unsigned tied = 0; /* blocks with a lifted anchor */
@@ -954,7 +962,7 @@ static void pass2_item(Job *job, int thread, int64_t image, int64_t chunk) {
         if (box_skips(c.bounds, b, barea, target)) continue; /* only IoUs equal to target > 0 matter */
         if (!prepared) {
             prepared = 1;
-            mark_excluded(p, &c);
+            mark_excluded(job, thread, &c);
             memset(lifted, 0, (size_t)c.n);
         }
         const int32_t local = (int32_t)(g - g0);
@@ -1041,7 +1049,7 @@ static int apply_forced(Job *job) {
         int64_t count = 0;
         for (int64_t g = g0; g < p->gt_offsets[image + 1]; ++g) {
             const int64_t a = job->box_best[g];
-            if (!box_qualifies(job, g) || anchor_excluded(p, image, a)) continue;
+            if (!box_qualifies(job, g)) continue; /* its best anchor is included: pass 1's maxima skip the others */
             const float *an = p->anchors + 4 * a;
             if (p->border_limits && p->border_post && !anchor_inside(p->border_limits + 4 * image, an[0], an[1], an[2], an[3]))
                 continue; /* stays ignored */
@@ -1212,8 +1220,8 @@ static void free_job(Job *job) {
             free(job->rows[t].ign);
         }
     free(job->partials); free(job->part_max); free(job->part_best); free(job->box_found); free(job->box_max); free(job->box_best); free(job->chunk_reach);
-    free(job->near); free(job->by_top); free(job->classes); free(job->class_count);
-    free(job->candidates); free(job->marks); free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
+    free_index(&job->boxes); free_index(&job->regions);
+    free(job->near); free(job->rows); free(job->items); free(job->pos_start); free(job->ign_start);
     free(job);
 }
 
@@ -1256,7 +1264,8 @@ static Job *new_job(const Problem *p, int sparse) {
         job->ign_start = malloc(sizeof(int64_t) * (size_t)(job->num_items + 1));
         ok = job->rows && job->items && job->pos_start && job->ign_start;
     }
-    if (ok) ok = !index_boxes(job);
+    if (ok) ok = !build_index(&job->boxes, p->gt_boxes, p->gt_offsets, B, threads);
+    if (ok && p->use_ignore) ok = !build_index(&job->regions, p->ignore_boxes, p->ignore_offsets, B, threads);
     if (!ok) {
         free_job(job);
         return NULL;

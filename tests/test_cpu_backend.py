@@ -230,11 +230,12 @@ def test_crowded_images(low_quality, generator):
     assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
 
 
-def tall_crowd(generator: torch.Generator, count: int, canvas: tuple[int, int]) -> torch.Tensor:
-    """count boxes of heights from 2 to ~590 pixels (log-uniform: every height class of
-    the box index from 1 to 10), 4 to 64 wide, spread over the canvas, some past its edges."""
+def tall_crowd(generator: torch.Generator, count: int, canvas: tuple[int, int], tallest: float = 590.0) -> torch.Tensor:
+    """count boxes of heights from 2 to ``tallest`` pixels (log-uniform: by default every
+    height class of the box index from 1 to 10), 4 to 64 wide, spread over the canvas,
+    some past its edges."""
     height, width = canvas
-    h = 2.0 ** (1 + torch.rand(count, generator=generator) * 8.2)
+    h = 2.0 ** (1 + torch.rand(count, generator=generator) * (torch.tensor(tallest).log2() - 1))
     w = 4 + torch.rand(count, generator=generator) * 60
     cx, cy = torch.rand(count, generator=generator) * width, torch.rand(count, generator=generator) * height
     boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
@@ -256,6 +257,26 @@ def test_crowded_tall_images_through_the_box_index(low_quality, generator):
     config = TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(low_quality=low_quality, min_pos_iou=0.1))
     classes = classes_for(boxes, generator)
     assert_both_forms_match(boxes, counts, canvas, config, threads=(1, 3), gt_classes=classes, want_max_iou=True)
+
+
+@pytest.mark.parametrize("wrt_anchor", [True, False])
+@pytest.mark.parametrize("low_quality", ["mmdet", "ssd_forced"])
+def test_crowded_ignore_regions_through_the_index(low_quality, wrt_anchor, generator):
+    """Ignore regions are indexed like boxes (64 or more in an image): each chunk meets only
+    the regions that touch it. Small regions (up to 48 pixels high) and few boxes: chunks
+    that only a region touches, listed rather than all regions tested."""
+    canvas = (1024, 96)
+    counts, region_counts = [10, 3, 6], [120, 63, 64]
+    boxes = tall_crowd(generator, sum(counts), canvas)
+    regions = tall_crowd(generator, sum(region_counts), canvas, tallest=48.0)
+    config = TargetConfig(
+        anchors=SMALL_ANCHORS,
+        match=MatchConfig(low_quality=low_quality, ignore_iof_thr=0.3, ignore_iof_wrt_anchor=wrt_anchor),
+    )
+    ours = assert_both_forms_match(
+        boxes, counts, canvas, config, threads=(1, 3), ignore_boxes=regions, ignore_counts=region_counts
+    )
+    assert (ours.labels == -1).sum(1).gt(0).all()  # every image has anchors its regions ignore
 
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
