@@ -165,14 +165,13 @@ typedef struct {
     int32_t index;
 } IndexedBox;
 
-/* Boxes of a batch (gt boxes, or ignore regions), those of each image with at least
- * INDEX_MIN_BOXES of them indexed by height and top (see build_index). by_top and classes
- * are [N], an image's entries from its first box's slot; class_count [B] (0: the image is
- * not indexed; NULL: none is). Each thread lists the boxes touching a chunk in its own
- * slice of lists ([threads * most boxes of an image]), put in box order by its bits in
- * marks ([threads * words]). */
+/* Boxes of a batch (gt boxes, or ignore regions; offsets [B + 1] as the Problem's), those
+ * of each image with at least INDEX_MIN_BOXES of them indexed by height and top, their
+ * coordinates copied (see build_index). by_top and classes are [N], an image's entries
+ * from its first box's slot; class_count [B] (0: the image is not indexed; NULL: none is).
+ * Each thread lists the boxes touching a chunk in its own slice of lists ([threads * most
+ * boxes of an image]), put in box order by its bits in marks ([threads * words]). */
 typedef struct {
-    const float *boxes;
     const int64_t *offsets;
     IndexedBox *by_top;
     HeightClass *classes;
@@ -429,7 +428,6 @@ static int height_class(double height) {
  * `threads` threads to list. Returns 0, or 1 when memory ran out (free_index frees what
  * was allocated). */
 static int build_index(BoxIndex *index, const float *boxes, const int64_t *offsets, int64_t batch, int threads) {
-    index->boxes = boxes;
     index->offsets = offsets;
     const int64_t N = offsets[batch];
     int64_t most = 0;
