@@ -6,7 +6,10 @@ boxes of log-uniform sizes and aspect ratios 1:2 to 2:1 spread over the canvas:
 
 * G = 1,000 and 10,000 boxes of 6-48 pixels on the COCO canvas (800 x 1344, 201,600 anchors);
 * G = 100,000 boxes of 5-15 pixels on an 8192 x 8192 canvas (12.6 M anchors): the
-  service's ``--max-request-boxes`` default in one image.
+  service's ``--max-request-boxes`` default in one image;
+* 100 boxes and 100,000 crowd (ignore) regions of 5-15 pixels on that canvas, with
+  mmdet's rule (an anchor whose IoF with a region is over 0.5 is ignored); torchvision's
+  RetinaNet has no crowd regions, so no peer there.
 
 Timed: ``assign_sparse`` and ``assign`` (dense) with ``backend="cpu"``, end to end, and
 torchvision's per-image targets (``box_iou`` + ``Matcher(0.5, 0.4, allow_low_quality_matches
@@ -41,12 +44,14 @@ from tritarget.kernels.workload import COCO_CANVAS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "retinanet_torchvision"
-# (name, boxes, canvas (height, width), box sizes in pixels (least, greatest))
+# (name, boxes, crowd regions, canvas (height, width), box and region sizes in pixels (least, greatest))
 CASES = (
-    ("G=1,000 on 800x1344", 1_000, COCO_CANVAS, (6.0, 48.0)),
-    ("G=10,000 on 800x1344", 10_000, COCO_CANVAS, (6.0, 48.0)),
-    ("G=100,000 on 8192x8192", 100_000, (8192, 8192), (5.0, 15.0)),
+    ("G=1,000 on 800x1344", 1_000, 0, COCO_CANVAS, (6.0, 48.0)),
+    ("G=10,000 on 800x1344", 10_000, 0, COCO_CANVAS, (6.0, 48.0)),
+    ("G=100,000 on 8192x8192", 100_000, 0, (8192, 8192), (5.0, 15.0)),
+    ("G=100, 100,000 crowd regions on 8192x8192", 100, 100_000, (8192, 8192), (5.0, 15.0)),
 )
+CROWD_IOF = 0.5  # mmdet's ignore_iof_thr where crowd regions are used
 TORCHVISION_MAX_MATRIX_GIB = 2.0
 TIME_BUDGET_S, MAX_RUNS = 20.0, 7
 
@@ -79,22 +84,30 @@ def median_ms(call: Callable[[], object]) -> tuple[float, int]:
     return statistics.median(times) * 1e3, runs
 
 
-def run_case(name: str, count: int, canvas: tuple[int, int], sizes: tuple[float, float], tv) -> dict[str, object]:
+def run_case(
+    name: str, count: int, regions: int, canvas: tuple[int, int], sizes: tuple[float, float], tv
+) -> dict[str, object]:
     config = presets.get(PRESET)
     boxes = crowded_image(count, canvas, sizes)
+    crowd = {}
+    if regions:
+        config = config.replace(**{"match.ignore_iof_thr": CROWD_IOF})
+        crowd = {"ignore_boxes": crowded_image(regions, canvas, sizes, seed=1), "ignore_counts": [regions]}
     anchors = generate_anchors(config.anchors, canvas)
-    row: dict[str, object] = {"case": name, "boxes": count, "canvas": f"{canvas[0]}x{canvas[1]}",
-                              "anchors": anchors.shape[0]}  # fmt: skip
-    sparse = assign_sparse(boxes, [count], canvas, config, backend="cpu")
+    row: dict[str, object] = {"case": name, "boxes": count, "crowd_regions": regions,
+                              "canvas": f"{canvas[0]}x{canvas[1]}", "anchors": anchors.shape[0]}  # fmt: skip
+    sparse = assign_sparse(boxes, [count], canvas, config, backend="cpu", **crowd)
     row["positives"], row["ignored"] = sparse.positive_anchors.numel(), sparse.ignored_anchors.numel()
     row["sparse_ms"], row["sparse_runs"] = median_ms(
-        lambda: assign_sparse(boxes, [count], canvas, config, backend="cpu")
+        lambda: assign_sparse(boxes, [count], canvas, config, backend="cpu", **crowd)
     )
-    row["dense_ms"], row["dense_runs"] = median_ms(lambda: assign(boxes, [count], canvas, config, backend="cpu"))
+    row["dense_ms"], row["dense_runs"] = median_ms(
+        lambda: assign(boxes, [count], canvas, config, backend="cpu", **crowd)
+    )
     matrix_gib = count * anchors.shape[0] * 4 / 2**30
     row["torchvision_matrix_gib"] = round(matrix_gib, 2)
     row["torchvision_ms"] = row["torchvision_runs"] = None
-    if tv is not None and matrix_gib <= TORCHVISION_MAX_MATRIX_GIB:
+    if tv is not None and not regions and matrix_gib <= TORCHVISION_MAX_MATRIX_GIB:
         row["torchvision_ms"], row["torchvision_runs"] = median_ms(lambda: tv([boxes], anchors))
     for form in ("sparse", "dense"):
         row[f"{form}_vs_torchvision"] = (
@@ -141,6 +154,8 @@ def markdown(rows: list[dict[str, object]], info: dict[str, object], previous: s
                 if info["torchvision"] is None
                 else f"not run: a {r['torchvision_matrix_gib']:,} GiB matrix"
             )
+            if r["crowd_regions"]:
+                tv = "no crowd regions"
         ratios = (
             "-"
             if not r["torchvision_ms"]
@@ -190,7 +205,7 @@ def main() -> None:
     info = {**machine(), "threads": 1}
     print(f"machine: {info}")
     tv = torchvision_targets()
-    rows = [run_case(name, count, canvas, sizes, tv) for name, count, canvas, sizes in CASES]
+    rows = [run_case(*case, tv) for case in CASES]
     previous = add_previous(rows, json.loads(args.previous.read_text())) if args.previous else None
     text = markdown(rows, info, previous)
     print(text)
