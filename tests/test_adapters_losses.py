@@ -160,6 +160,14 @@ def test_focal_and_box_losses_match_their_definitions(normalize, generator):
     assert positives[1] == 0 and positives.sum() > 0  # an empty image and some positives
 
 
+def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy(generator):
+    """gamma = 0, the bound itself, is taken (a mutation review: no test held it)."""
+    targets = _hand_targets()
+    logits = torch.randn(2, 4, 8, generator=generator)
+    got = sigmoid_focal_loss(logits, targets.to_sparse(), alpha=0.25, gamma=0.0, normalize="sum")
+    assert math.isclose(got.item(), _dense_focal(logits, targets, 0.25, 0.0).sum().item(), rel_tol=LOSS_RTOL)
+
+
 def test_focal_loss_with_alpha_zero_weighs_the_positive_terms_zero(generator):
     """alpha = 0 is a weight like any other (alpha_t = 0 for each positive's one-hot
     class, 1 elsewhere); only a negative alpha means no weighting, as in torchvision."""

@@ -37,6 +37,18 @@ def test_invalid_box_is_named_by_image_and_box(bad_box, reason):
         _assign(boxes, [2, 2])
 
 
+def test_an_invalid_box_is_named_by_its_own_image():
+    """The first box of the second image (row 1): not "image 0, box 1"."""
+    boxes = torch.cat([GOOD[:1], torch.tensor([[30.0, 10.0, 20.0, 50.0]]), GOOD[:1]])
+    with pytest.raises(ValueError, match=r"gt_boxes: image 1, box 0: degenerate box \(x2 <= x1\)"):
+        _assign(boxes, [1, 2])
+
+
+def test_numpy_flags_and_narrow_classes_are_taken():
+    targets = _assign(GOOD, [3], drop_invalid=np.bool_(False), gt_classes=torch.tensor([3, 1, 2], dtype=torch.int16))
+    assert (targets.labels == 1).any() and targets.classes.dtype == torch.int32
+
+
 def test_drop_invalid_reports_and_keeps_original_indices():
     bad = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
     boxes = torch.cat([GOOD[:1], bad, GOOD[1:]])  # image 0: good, bad, good; image 1: good
@@ -96,6 +108,21 @@ def test_zero_box_images_are_normal():
     ("call", "error", "message"),
     [
         (lambda: _assign(GOOD, [2, 2]), ValueError, "gt_counts: counts sum to 4, but gt_boxes has 3 rows"),
+        # A mutation review: no case held these (a sum below the rows, bools as counts, a 2-D count
+        # tensor, counts for crowd regions that are not there).
+        (lambda: _assign(GOOD, [2]), ValueError, "gt_counts: counts sum to 2, but gt_boxes has 3 rows"),
+        (
+            lambda: _assign(GOOD[:1], torch.tensor([True])),
+            TypeError,
+            "gt_counts: expected an integer tensor, got torch.bool",
+        ),
+        (lambda: _assign(GOOD[:1], [True]), TypeError, "gt_counts: expected integers"),
+        (lambda: _assign(GOOD[:1], torch.tensor([[1]])), ValueError, r"gt_counts: expected shape \[B\], got \[1, 1\]"),
+        (
+            lambda: _assign(GOOD, [3], ignore_counts=[0]),
+            ValueError,
+            "ignore_boxes and ignore_counts must be given together",
+        ),
         (lambda: _assign(GOOD, [4, -1]), ValueError, r"gt_counts\[1\]: negative count"),
         (lambda: _assign(GOOD, []), ValueError, "gt_counts: the batch is empty"),
         (lambda: _assign(torch.zeros(0, 4), []), ValueError, "batch is empty"),

@@ -1,6 +1,7 @@
 """Configs: validation names the bad field; dict round trips; presets are complete."""
 
 import json
+import math
 import pickle
 import re
 import subprocess
@@ -11,6 +12,8 @@ import torch
 
 from tritarget.kernels import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig, TargetConfig, assign, presets
 
+LEVEL = AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,))
+SSD_THREE_SIZES = AnchorLevel(stride=8, sizes=(0.1, 0.2, 0.3), feature_size=(4, 4))
 EXPECTED_PRESETS = {
     "retinanet_torchvision",
     "fasterrcnn_rpn_torchvision",
@@ -151,13 +154,55 @@ def test_replace_overrides_dotted_fields():
             ValueError,
             "feature_size",
         ),
-        (lambda: AnchorConfig(layout="detectron2", levels=(), offset=1.0), ValueError, "AnchorConfig"),
         (lambda: TargetConfig(anchors="retinanet"), TypeError, "TargetConfig.anchors"),
+        # A mutation review: no case held these (the offset's had no valid level, and failed on that first).
+        (lambda: AnchorConfig(layout="detectron2", levels=(LEVEL,), offset=1.0), ValueError,
+         r"AnchorConfig.offset: must be in \[0, 1\)"),
+        (lambda: AnchorConfig(layout="detectron2", levels=(LEVEL,), offset=-0.5), ValueError,
+         r"AnchorConfig.offset: must be in \[0, 1\)"),
+        (lambda: AnchorLevel(stride=8, sizes=b" "), TypeError, "AnchorLevel.sizes: expected a sequence, got b' '"),
+        (lambda: MatchConfig(high=True), TypeError, "MatchConfig.high: expected a number, got True"),
+        (lambda: MatchConfig(sample_size=True), TypeError, "MatchConfig.sample_size: expected an integer, got True"),
+        (lambda: AnchorLevel(stride=8, sizes=(1e-6,)), ValueError, r"AnchorLevel.sizes: values must be in \(1e-06"),
+        (lambda: AnchorLevel(stride=8, sizes=(32.0,), feature_size=(0, 5)), ValueError, "AnchorLevel.feature_size"),
+        (lambda: AnchorLevel(stride=8, sizes=(32.0,), feature_size=(True, 5)), ValueError, "AnchorLevel.feature_size"),
+        (lambda: AnchorConfig(layout="ssd", levels=(SSD_THREE_SIZES,)), ValueError,
+         r"levels\[0\].sizes: the ssd layout takes \(s_k, s_k\+1\)"),
+        (lambda: AnchorConfig(layout="d2l", levels=(AnchorLevel(stride=8, sizes=(0.1,), aspect_ratios=(1.0,)),)),
+         ValueError, r"levels\[0\].feature_size: the d2l layout needs a fixed feature map size"),
+        (lambda: MatchConfig(low=-0.1), ValueError, r"MatchConfig.low: must be in \[0, high=0.5\], got -0.1"),
+        (lambda: MatchConfig(allowed_border=-0.5), ValueError, "MatchConfig.allowed_border: must be >= 0, or -1"),
+        (lambda: MatchConfig(positive_fraction=1.5), ValueError, r"MatchConfig.positive_fraction: must be in \[0, 1\]"),
+        (lambda: MatchConfig(ignore_iof_wrt_anchor="false"), TypeError,
+         "MatchConfig.ignore_iof_wrt_anchor: expected a bool"),
+        (lambda: EncodeConfig(weights=(1.0,) * 5), ValueError,
+         r"EncodeConfig.weights: needs 4 values \(x, y, w, h\), got 5"),
+        (lambda: EncodeConfig(scale_clamp=0.0), ValueError, "EncodeConfig.scale_clamp: must be positive, got 0.0"),
+        (lambda: presets.get("retinanet_torchvision").replace(background_class=-1), ValueError,
+         r"TargetConfig.background_class: must be in \[0, 2147483647\], got -1"),
+        (lambda: presets.get("retinanet_torchvision").replace(background_class=1.5), TypeError,
+         "TargetConfig.background_class: expected an integer, got 1.5"),
+        (lambda: TargetConfig.from_dict({"background_class": 0}), ValueError, "TargetConfig.anchors: required"),
+        (lambda: presets.get("retinanet_torchvision").replace(**{"": 1}), ValueError,
+         "override '': expected a dotted field name"),
     ],
-)
+)  # fmt: skip
 def test_bad_field_is_named(build, error, field):
     with pytest.raises(error, match=field):
         build()
+
+
+def test_values_at_their_bounds_are_accepted():
+    assert AnchorLevel(stride=8, sizes=(1e6,)).sizes == (1e6,)
+    assert len(AnchorConfig(layout="torchvision", levels=(LEVEL,) * 16).levels) == 16
+    assert MatchConfig(sample_size=256, positive_fraction=1.0).positive_fraction == 1.0
+    assert presets.get("retinanet_torchvision").replace(background_class=2**31 - 1).background_class == 2**31 - 1
+
+
+def test_defaults_are_the_peers():
+    """torchvision's RetinaNet thresholds; detectron2's (and torchvision's) delta clamp."""
+    assert (MatchConfig().high, MatchConfig().low) == (0.5, 0.4)
+    assert EncodeConfig().scale_clamp == math.log(1000.0 / 16)
 
 
 @pytest.mark.parametrize(

@@ -265,3 +265,11 @@ def test_each_cuda_stream_reads_cached_anchors_it_filled_itself():
     assert copies[0].data_ptr() != copies[1].data_ptr()
     assert torch.equal(copies[0], copies[1])
     assert torch.equal(copies[0].cpu(), generate_anchors(CONFIG.anchors, canvas))
+
+
+def test_narrow_classes_are_widened_to_int32_once():
+    """Problem.gt_classes is int32 (its documented type: what the kernels read) for int8/int16 classes."""
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
+    problem, _ = build_problem(boxes, [1], (96, 128), presets.get("retinanet_torchvision"),
+                               gt_classes=torch.tensor([3], dtype=torch.int16))  # fmt: skip
+    assert problem.gt_classes.dtype is torch.int32 and problem.gt_classes.tolist() == [3]
