@@ -70,6 +70,19 @@ def test_gpu_ratios_are_the_others_time_over_ours():
     assert "speedup_of_triton" not in rows[0] and "speedup_of_triton" not in rows[3]  # no solve row at B = 8
 
 
+def test_crowded_images_are_valid_boxes_and_the_gain_is_before_over_now():
+    import bench_crowded
+
+    boxes = bench_crowded.crowded_image(500, (64, 96), (4.0, 8.0))
+    assert boxes.shape == (500, 4) and (boxes[:, 2:] > boxes[:, :2]).all()
+    assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 96).all() and (boxes[:, [1, 3]] <= 64).all()
+    rows = [{"case": "a", "sparse_ms": 2.0, "dense_ms": 5.0}, {"case": "new", "sparse_ms": 1.0, "dense_ms": 1.0}]
+    earlier = {"rows": [{"case": "a", "sparse_ms": 8.0, "dense_ms": 5.0}], "recorded": {"commit": "abc", "utc": "t"}}
+    assert bench_crowded.add_previous(rows, earlier) == "commit abc (t UTC)"
+    assert (rows[0]["sparse_vs_previous"], rows[0]["dense_vs_previous"]) == (4.0, 1.0)
+    assert rows[1]["sparse_vs_previous"] is None  # a case the earlier run did not have
+
+
 def test_the_schedule_model_starts_each_program_in_order_on_the_first_free_slot():
     """``bench_gpu.py --pairs``'s model of the gather's start order: a long program started
     last runs on alone, started first it overlaps the short ones."""
