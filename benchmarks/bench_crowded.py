@@ -7,9 +7,9 @@ boxes of log-uniform sizes and aspect ratios 1:2 to 2:1 spread over the canvas:
 * G = 1,000 and 10,000 boxes of 6-48 pixels on the COCO canvas (800 x 1344, 201,600 anchors);
 * G = 100,000 boxes of 5-15 pixels on an 8192 x 8192 canvas (12.6 M anchors): the
   service's ``--max-request-boxes`` default in one image;
-* 100 boxes and 100,000 crowd (ignore) regions of 5-15 pixels on that canvas, with
-  mmdet's rule (an anchor whose IoF with a region is over 0.5 is ignored); torchvision's
-  RetinaNet has no crowd regions, so no peer there.
+* 100 boxes of 5-15 pixels and 100,000 crowd (ignore) regions of 16-128 pixels on that
+  canvas, with mmdet's rule (an anchor whose IoF with a region is over 0.5 is ignored);
+  torchvision's RetinaNet has no crowd regions, so no peer there.
 
 Timed: ``assign_sparse`` and ``assign`` (dense) with ``backend="cpu"``, end to end, and
 torchvision's per-image targets (``box_iou`` + ``Matcher(0.5, 0.4, allow_low_quality_matches
@@ -44,12 +44,12 @@ from tritarget.kernels.workload import COCO_CANVAS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "retinanet_torchvision"
-# (name, boxes, crowd regions, canvas (height, width), box and region sizes in pixels (least, greatest))
+# (name, boxes, crowd regions, canvas (height, width), box sizes and region sizes in pixels (least, greatest))
 CASES = (
-    ("G=1,000 on 800x1344", 1_000, 0, COCO_CANVAS, (6.0, 48.0)),
-    ("G=10,000 on 800x1344", 10_000, 0, COCO_CANVAS, (6.0, 48.0)),
-    ("G=100,000 on 8192x8192", 100_000, 0, (8192, 8192), (5.0, 15.0)),
-    ("G=100, 100,000 crowd regions on 8192x8192", 100, 100_000, (8192, 8192), (5.0, 15.0)),
+    ("G=1,000 on 800x1344", 1_000, 0, COCO_CANVAS, (6.0, 48.0), None),
+    ("G=10,000 on 800x1344", 10_000, 0, COCO_CANVAS, (6.0, 48.0), None),
+    ("G=100,000 on 8192x8192", 100_000, 0, (8192, 8192), (5.0, 15.0), None),
+    ("G=100, 100,000 crowd regions on 8192x8192", 100, 100_000, (8192, 8192), (5.0, 15.0), (16.0, 128.0)),
 )
 CROWD_IOF = 0.5  # mmdet's ignore_iof_thr where crowd regions are used
 TORCHVISION_MAX_MATRIX_GIB = 2.0
@@ -85,14 +85,20 @@ def median_ms(call: Callable[[], object]) -> tuple[float, int]:
 
 
 def run_case(
-    name: str, count: int, regions: int, canvas: tuple[int, int], sizes: tuple[float, float], tv
+    name: str,
+    count: int,
+    regions: int,
+    canvas: tuple[int, int],
+    sizes: tuple[float, float],
+    region_sizes: tuple[float, float] | None,
+    tv,
 ) -> dict[str, object]:
     config = presets.get(PRESET)
     boxes = crowded_image(count, canvas, sizes)
     crowd = {}
     if regions:
         config = config.replace(**{"match.ignore_iof_thr": CROWD_IOF})
-        crowd = {"ignore_boxes": crowded_image(regions, canvas, sizes, seed=1), "ignore_counts": [regions]}
+        crowd = {"ignore_boxes": crowded_image(regions, canvas, region_sizes, seed=1), "ignore_counts": [regions]}
     anchors = generate_anchors(config.anchors, canvas)
     row: dict[str, object] = {"case": name, "boxes": count, "crowd_regions": regions,
                               "canvas": f"{canvas[0]}x{canvas[1]}", "anchors": anchors.shape[0]}  # fmt: skip
