@@ -232,7 +232,7 @@ def test_crowded_images(low_quality, generator):
 
 def tall_crowd(generator: torch.Generator, count: int, canvas: tuple[int, int], tallest: float = 590.0) -> torch.Tensor:
     """count boxes of heights from 2 to ``tallest`` pixels (log-uniform: by default every
-    height class of the box index from 1 to 10), 4 to 64 wide, spread over the canvas,
+    height class of the box index from 2 to 10), 4 to 64 wide, spread over the canvas,
     some past its edges."""
     height, width = canvas
     h = 2.0 ** (1 + torch.rand(count, generator=generator) * (torch.tensor(tallest).log2() - 1))
