@@ -239,14 +239,11 @@ class _InProcess:
         options.pop("overrides", None)
         self.box_format = options.pop("box_format", "xyxy")
         ignore = options.get("ignore_boxes")
-        if ignore is not None:  # as the client converts them: numpy or lists too, float32 before corners
-            ignore = (
-                ignore
-                if isinstance(ignore, torch.Tensor)
-                else torch.as_tensor(ignore, dtype=torch.float32, device="cpu")
-            )
-            if ignore.is_floating_point():  # (x + w in float64, then rounded, made a box the wire's refused)
-                ignore = ignore.to(torch.float32)
+        if ignore is not None:  # as the client converts them: numpy, lists, integers; float32 before corners
+            if not isinstance(ignore, torch.Tensor):
+                ignore = torch.as_tensor(ignore, dtype=torch.float32, device="cpu")
+            elif ignore.dtype != torch.bool and not ignore.is_complex():  # those: refused by name, as by the client
+                ignore = ignore.to(torch.float32)  # (x + w in float64, then rounded, made a box the wire's refused)
             options["ignore_boxes"] = ignore  # in box_format: a normalised one is scaled per batch
         self.backend, self.densify, self.options = backend, densify, options
 

@@ -276,6 +276,33 @@ def test_a_bad_class_is_named_by_image_id_with_and_without_a_client():
                 TargetCollate(lambda samples: samples, preset=PRESET, client=client)((images, bad))
 
 
+def test_a_batch_the_client_refuses_to_send_is_named_by_its_own_image_ids(server):
+    """The refused batch's ids, not those of a batch read ahead of it."""
+    images, targets = _collate([_Detection()[0], _Detection()[1]])
+    targets[1]["labels"] = targets[1]["labels"].clone()
+    targets[1]["labels"][-1] = 2**31
+    targets[1]["image_id"] = 222
+    with TargetClient(server.address) as client:
+        batches = with_targets([_batches(1)[0], (images, targets), _batches(2)[1]], preset=PRESET, client=client,
+                               in_flight=3)  # fmt: skip
+        next(batches)
+        with pytest.raises(ValueError, match=r"gt_classes\[\d+\] \(image 1 \(id 222\), box \d+\): 2147483648 does not"):
+            next(batches)
+
+
+def test_a_batch_the_client_refuses_to_send_without_image_ids_raises_the_clients_error(server):
+    """Targets without ``image_id``: the client's error, naming the image by its place."""
+    images, targets = _collate([_Detection()[0], _Detection()[1]])
+    targets = [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
+    targets[1]["labels"] = targets[1]["labels"].clone()
+    targets[1]["labels"][-1] = 2**31
+    with TargetClient(server.address) as client:
+        batches = with_targets([_batches(1)[0], (images, targets)], preset=PRESET, client=client)
+        next(batches)
+        with pytest.raises(ValueError, match=r"gt_classes\[\d+\] \(image 1, box \d+\): 2147483648 does not"):
+            next(batches)
+
+
 def test_request_options_mean_the_same_with_and_without_a_client(server):
     options = dict(preset=PRESET, overrides={"match.high": 0.6}, format="dense", timeout=30.0, return_max_iou=True,
                    box_format="xywh")  # fmt: skip
@@ -298,6 +325,27 @@ def test_request_options_mean_the_same_with_and_without_a_client(server):
                 next(with_targets(_batches(1), preset=PRESET, densify=False, **option, **kwargs))
             with pytest.raises(ValueError, match=message):
                 TargetCollate(_collate, preset=PRESET, densify=False, **option, **kwargs)
+
+
+def test_max_iou_comes_through_a_client_with_the_default_sparse_format(server):
+    """``return_max_iou`` alone (no ``format="dense"``): the stream asks for the dense
+    response that carries it, and the max IoU is the in-process one."""
+    (_, targets, local), *_ = with_targets(_batches(1), preset=PRESET, backend="cpu", return_max_iou=True)
+    with TargetClient(server.address) as client:
+        (_, _, remote), *_ = with_targets(_batches(1), preset=PRESET, client=client, return_max_iou=True)
+    assert torch.equal(remote.max_iou, local.max_iou)
+    _same(remote, _expected(targets))
+
+
+def test_a_seed_option_samples_the_same_anchors_with_and_without_a_client(server):
+    """``seed=`` fixes a sampling preset's draw for every batch, through the service as
+    in-process (no fresh seed per batch replaces it)."""
+    same_batch = _batches(1) * 2
+    options = dict(preset="fasterrcnn_rpn_torchvision", seed=7)
+    local = [assigned.labels for *_, assigned in with_targets(same_batch, backend="cpu", **options)]
+    with TargetClient(server.address) as client:
+        remote = [assigned.labels for *_, assigned in with_targets(same_batch, client=client, **options)]
+    assert all(torch.equal(labels, local[0]) for labels in local + remote)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
@@ -434,6 +482,19 @@ def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
                   {"boxes": torch.ones(1, 4), "labels": torch.tensor([2, 3])}])  # fmt: skip
 
 
+def test_boxes_of_names_an_empty_batch_missing_boxes_boolean_labels_and_boxes_of_another_rank():
+    """Each refused with what the batch lacks, not torch's "expected a non-empty list of
+    Tensors", a KeyError, a mask read as class ids or [N, 1, 4] read as N boxes."""
+    with pytest.raises(ValueError, match="targets: the batch has no images"):
+        boxes_of([])
+    with pytest.raises(ValueError, match=r"targets\[1\]: no 'boxes' \(a Tensor\[N, 4\] of xyxy pixels\)"):
+        boxes_of([{"boxes": torch.ones(1, 4)}, {"labels": torch.tensor([1])}])
+    with pytest.raises(TypeError, match=r"targets\[0\]\['labels'\]: expected integer class ids, got torch.bool"):
+        boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([True])}])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]: expected shape \[N, 4\], got \[2, 1, 4\]"):
+        boxes_of([{"boxes": torch.ones(2, 1, 4)}])
+
+
 def test_images_and_targets_of_a_batch_must_be_as_many(server):
     images, targets = _batches(1)[0]
     mismatched = [(torch.cat([images, images[:1]]), targets)]
@@ -446,11 +507,54 @@ def test_images_and_targets_of_a_batch_must_be_as_many(server):
                 TargetCollate(lambda samples: samples[0], preset=PRESET, **kwargs)(mismatched)
 
 
+def test_a_given_canvas_is_the_one_the_targets_are_for_whatever_the_images_size(server):
+    """``canvas=`` (the model's padded size) wins over the batch's own H x W, with a client,
+    in-process and in a collate."""
+    images, targets = _batches(1)[0]
+    canvas = (160, 192)  # the model pads further than the loader did
+    boxes, counts, classes = boxes_of(targets)
+    expected = assign(boxes, counts, canvas, presets.get(PRESET), gt_classes=classes, backend="cpu")
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            ((*_, got),) = with_targets([(images, targets)], preset=PRESET, canvas=canvas, **kwargs)
+            _same(got, expected)
+            collate = TargetCollate(lambda samples: samples[0], preset=PRESET, canvas=canvas, **kwargs)
+            _same(collate([(images, targets)])[2], expected)
+
+
+def test_a_batch_where_only_some_images_carry_an_image_id_gets_its_targets(server):
+    """Ids only name images in errors: an image without one (others having theirs) must not
+    stop the batch."""
+    images, targets = _batches(1)[0]
+    targets = [{k: v for k, v in targets[0].items() if k != "image_id"}, targets[1]]
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            ((*_, got),) = with_targets([(images, targets)], preset=PRESET, **kwargs)
+            _same(got, _expected(targets))
+            _same(TargetCollate(lambda samples: samples[0], preset=PRESET, **kwargs)([(images, targets)])[2],
+                  _expected(targets))  # fmt: skip
+
+
+def test_a_batch_must_be_a_pair_of_images_and_per_image_dicts():
+    """A loader yielding (images, targets, metadata), or targets that are tensors, is told
+    what a batch must be (not "too many values to unpack" or a tensor's own error)."""
+    images, targets = _batches(1)[0]
+    for batch, shown in (((images, targets, {"epoch": 0}), "tuple of 3"),
+                         ((images, [t["boxes"] for t in targets]), "tuple of 2")):  # fmt: skip
+        message = rf"a batch must be \(images, targets\) with targets a list of per-image dicts .* got {shown}"
+        with pytest.raises(TypeError, match=message):
+            next(with_targets([batch], preset=PRESET))
+        with pytest.raises(TypeError, match=message):
+            TargetCollate(lambda samples: samples[0], preset=PRESET)([batch])
+
+
 def test_with_targets_refuses_bad_arguments_when_called_not_at_the_first_batch():
     with pytest.raises(ValueError, match="in_flight: must be an int >= 1, got 0"):
         with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=0)
     with pytest.raises(ValueError, match="in_flight: must be an int >= 1, got 2.5"):  # a float never blocked
         with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=2.5)
+    with pytest.raises(ValueError, match="in_flight: must be an int >= 1, got True"):  # a flag, not a count
+        with_targets([], preset="retinanet_torchvision", canvas=(64, 64), in_flight=True)
     with pytest.raises(ValueError, match="give exactly one of preset= or config="):
         with_targets([], canvas=(64, 64))
 
@@ -586,14 +690,15 @@ def test_a_run_with_a_loader_that_draws_at_random_repeats_with_a_client(server):
         assert all(torch.equal(a, b) for a, b in zip(draws, runs[0][1]))
 
 
-@pytest.mark.parametrize("in_flight", [1, 2, 4])
+@pytest.mark.parametrize("in_flight", [1, 2, 4, None])
 def test_in_flight_batches_are_read_ahead_of_the_one_the_trainer_holds(server, in_flight):
-    """The batch the trainer held kept its slot: in_flight=1 read nothing ahead (no
-    overlap at all), in_flight=4 three."""
+    """``in_flight`` batches are read ahead of the one the trainer holds, which keeps no
+    slot (when it did, in_flight=1 read nothing ahead). The default is 4 (None: left out)."""
     read = []
+    given = {} if in_flight is None else {"in_flight": in_flight}
     with TargetClient(server.address) as client:
-        for held, _ in enumerate(with_targets(_counted(8, read), preset=PRESET, client=client, in_flight=in_flight)):
-            assert len(read) == min(8, held + 1 + in_flight)
+        for held, _ in enumerate(with_targets(_counted(8, read), preset=PRESET, client=client, **given)):
+            assert len(read) == min(8, held + 1 + (in_flight or 4))
 
 
 def test_bad_batches_and_clients_are_named(server):
@@ -673,6 +778,32 @@ def test_ignore_boxes_may_be_numpy_or_lists_with_or_without_a_client(server):
                 assert torch.equal(got[0].labels, expected[0].labels)
             collate = TargetCollate(lambda samples: samples[0], client=client, ignore_boxes=given, **options)
             assert torch.equal(collate(batch)[2].labels, expected[0].labels)
+
+
+def test_integer_ignore_boxes_are_taken_with_or_without_a_client(server):
+    """Whole-pixel crowd regions as a list, a numpy array or a tensor of ints: the client
+    sends them as float32, and so does the in-process path."""
+    options = {"preset": "retinanet_mmdet", "overrides": {"match.ignore_iof_thr": 0.5}, "box_format": "xywh",
+               "ignore_counts": [1, 1]}  # fmt: skip
+    ignore = [[35, 31, 51, 41], [21, 33, 41, 43]]
+    ((*_, expected),) = with_targets(_batches(1), ignore_boxes=torch.tensor(ignore, dtype=torch.float32),
+                                     backend="cpu", **options)  # fmt: skip
+    assert (expected.labels == -1).any()
+    with TargetClient(server.address) as client:
+        for given in (ignore, np.array(ignore, dtype=np.int32), torch.tensor(ignore)):
+            for kwargs in ({"backend": "cpu"}, {"client": client}):
+                ((*_, got),) = with_targets(_batches(1), ignore_boxes=given, **options, **kwargs)
+                assert torch.equal(got.labels, expected.labels)
+
+
+def test_normalised_ignore_boxes_without_counts_are_refused_with_or_without_a_client(server):
+    """A normalised box_format scales each image's crowd regions by that image's size, so
+    ``ignore_counts`` must say whose they are; in-process as through the client."""
+    options = dict(preset="retinanet_mmdet", box_format="cxcywhn", ignore_boxes=torch.tensor([[0.5, 0.5, 0.2, 0.2]]))
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            with pytest.raises(ValueError, match=r"ignore_counts: required with ignore_boxes \(one count per image\)"):
+                list(with_targets(_batches(1), **options, **kwargs))
 
 
 def test_numpy_views_with_negative_strides_are_sent():
@@ -789,6 +920,8 @@ def test_per_image_fields_that_cannot_be_read_are_named(server):
          r"targets\[0\]\['pad_size'\]: expected integer pixels \(height, width\), got torch.float32"),
         ([{"image_size": (3, 100, 150)}, {"image_size": (128, 160)}], ValueError,
          r"targets\[0\]\['image_size'\]: expected \(height, width\), got 3 values"),
+        ([{"image_size": (128, 160)}, {"image_size": 128}], ValueError,
+         r"targets\[1\]\['image_size'\]: expected \(height, width\), got 1 values"),
         ([{}, {"ignore_boxes": torch.ones(2, 5)}], ValueError,
          r"targets\[1\]\['ignore_boxes'\]: expected shape \[N, 4\], got \[2, 5\]"),
     ]  # fmt: skip
