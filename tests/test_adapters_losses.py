@@ -70,6 +70,12 @@ def test_mmdet_conventions():
     assert mmdet_targets(targets, num_classes=80, pos_weight=-1)["label_weights"][0, 0] == 1.0
 
 
+def test_mmdet_pos_weight_zero_weighs_positives_one():
+    """mmdet's ``pos_weight <= 0`` means weight 1: 0 weighs the positives 1, not 0 (which would drop them)."""
+    weights = mmdet_targets(_hand_targets(), num_classes=80, pos_weight=0.0)["label_weights"]
+    assert weights.tolist() == [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]]
+
+
 def test_num_classes_may_be_a_numpy_integer():
     """A config read with numpy (or a dataset's class count from an array) holds np.int64:
     refused as not a positive int."""
@@ -101,6 +107,18 @@ def test_mmdet_label_weights_exclude_padding():
         (lambda t: mmdet_targets(t, num_classes=0), ValueError, "num_classes must be a positive int"),
         (lambda t: torchvision_matched_idxs(t.labels), TypeError, "expected Targets or SparseTargets"),
         (lambda t: detectron2_targets(Targets(t.labels, t.matched_gt, t.deltas), 3), ValueError, "no classes"),
+        (lambda t: detectron2_targets(t, num_classes=0), ValueError, "num_classes must be a positive int, got 0"),
+        # A negative class: detectron2 would read -1 as ignored, mmdet index its logits from the end.
+        (
+            lambda t: detectron2_targets(Targets(t.labels, t.matched_gt, t.deltas, -t.classes), 80),
+            ValueError,
+            r"image 0, anchor 0 is matched to class -3, outside \[0, num_classes=80\)",
+        ),
+        (
+            lambda t: mmdet_targets(Targets(t.labels, t.matched_gt, t.deltas, -t.classes), 80),
+            ValueError,
+            "image 0, anchor 0 is matched to class -3",
+        ),
     ],
 )
 def test_adapters_refuse_bad_input(call, error, message):
@@ -184,6 +202,21 @@ def test_focal_loss_with_alpha_zero_weighs_the_positive_terms_zero(generator):
     assert math.isclose(unweighted.item(), 2 * halved, rel_tol=LOSS_RTOL) and got.item() < unweighted.item()
 
 
+def test_retinanet_loss_passes_its_settings_to_both_losses(generator):
+    """alpha and gamma reach the focal loss, beta the box loss, normalize both: the two
+    parts equal the losses called on their own with the same settings."""
+    sparse = _hand_targets().to_sparse()
+    outputs = {"cls_logits": torch.randn(2, 4, 8, generator=generator),
+               "bbox_regression": torch.randn(2, 4, 4, generator=generator) / 4}  # fmt: skip
+    settings = dict(alpha=0.5, gamma=1.0, beta=0.5, normalize="sum")
+    got = retinanet_loss(outputs, sparse, box_loss="smooth_l1", **settings)
+    focal = sigmoid_focal_loss(outputs["cls_logits"], sparse, alpha=0.5, gamma=1.0, normalize="sum")
+    box = box_regression_loss(outputs["bbox_regression"], sparse, loss="smooth_l1", beta=0.5, normalize="sum")
+    assert got["classification"] == focal and got["bbox_regression"] == box
+    defaults = retinanet_loss(outputs, sparse, box_loss="smooth_l1")  # the settings matter here
+    assert defaults["classification"] != focal and defaults["bbox_regression"] != box
+
+
 def test_rpn_loss_known_answer_leaves_ignored_anchors_out_of_the_average():
     """The hand-built batch samples 6 of its 8 anchors (2 ignored): objectness is the
     binary cross-entropy summed over those 6, divided by 6; the box loss is smooth-L1
@@ -202,6 +235,14 @@ def test_rpn_loss_known_answer_leaves_ignored_anchors_out_of_the_average():
     objectness_loss, box_loss = rpn_loss(objectness, torch.zeros(2, 4, 4), sparse)
     assert math.isclose(objectness_loss.item(), bce / 6, rel_tol=1e-6)
     assert math.isclose(box_loss.item(), smooth_l1 / 6, rel_tol=1e-6)
+
+
+def test_rpn_loss_of_a_batch_with_every_anchor_ignored_is_zero():
+    """No sampled anchor: both losses are 0 (torchvision's mean over nothing is NaN)."""
+    labels = torch.full((2, 4), -1, dtype=torch.int8)
+    sparse = Targets(labels, torch.full((2, 4), -1, dtype=torch.int32), torch.zeros(2, 4, 4)).to_sparse()
+    objectness_loss, box_loss = rpn_loss(torch.ones(2, 4), torch.ones(2, 4, 4), sparse)
+    assert objectness_loss.item() == 0.0 and box_loss.item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -257,6 +298,21 @@ def test_losses_refuse_bad_input(generator):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_boxes=torch.ones(2, 4), **{**giou, "gt_counts": [0, 2]})
 
 
+def test_box_losses_refuse_predictions_of_other_than_four_deltas():
+    """A head's regression of 5 values per anchor is named, not broadcast against the 4 deltas."""
+    sparse = _hand_targets().to_sparse()
+    with pytest.raises(ValueError, match=r"bbox_regression: expected shape \[2, 4, 4\] .* got \[2, 4, 5\]"):
+        box_regression_loss(torch.zeros(2, 4, 5), sparse)
+    with pytest.raises(ValueError, match=r"bbox_regression: expected shape \[2, 4, 4\]"):
+        ssd_loss({"cls_logits": torch.zeros(2, 4, 8), "bbox_regression": torch.zeros(2, 4, 5)}, sparse)
+
+
+def test_focal_loss_refuses_a_class_equal_to_the_number_of_logits():
+    """Classes run from 0 to C - 1: class 7 of 7 logits is refused by name, not indexed past them."""
+    with pytest.raises(ValueError, match=r"targets: a positive's class is outside \[0, 7\)"):
+        sigmoid_focal_loss(torch.zeros(2, 4, 7), _hand_targets().to_sparse())
+
+
 def test_iou_box_losses_known_answers():
     """Zero predicted deltas decode to the anchors: anchor [0, 0, 4, 2] against box
     [0, 0, 2, 4] (IoU 1/3, centres sqrt(2) apart, enclosing diagonal sqrt(32), aspect angles
@@ -275,6 +331,19 @@ def test_iou_box_losses_known_answers():
         assert math.isclose(got.item(), (first + squares) / 4, rel_tol=1e-5), loss
     with pytest.raises(ValueError, match="loss='ciou' needs anchors"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, loss="ciou")
+
+
+def test_iou_box_losses_of_degenerate_boxes_are_finite():
+    """Zero-area anchors (the decoded predictions) against zero-area boxes: a union of 0, so
+    IoU is 0 (eps keeps it from 0 / 0), and each positive's GIoU and DIoU loss is 2 (hull of
+    side 2, centres as far apart as its diagonal); per image (2 positives), over 2 images: 1."""
+    sparse = _hand_targets().to_sparse()
+    inputs = dict(anchors=torch.tensor([[1.0, 1.0, 1.0, 1.0], [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2]]),
+                  gt_boxes=torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 3.0, 3.0, 3.0]]), gt_counts=[2, 0],
+                  encode=presets.get("retinanet_torchvision").encode)  # fmt: skip
+    for loss in ("giou", "diou"):
+        got = box_regression_loss(torch.zeros(2, 4, 4), sparse, loss=loss, **inputs)
+        assert got.item() == pytest.approx(1.0, rel=1e-6), loss
 
 
 def test_iou_box_losses_take_bounding_boxes_as_assign_sparse_takes_them():
@@ -302,7 +371,8 @@ def test_iou_box_losses_take_bounding_boxes_as_assign_sparse_takes_them():
 def test_ssd_loss_known_answers():
     """Image 0: a positive of class 2, four negatives whose background logits make anchors
     4 and 3 the hardest (at 2 negatives per positive those two count), and an ignored anchor
-    harder still, which never counts. Image 1 has no positive: no quota, nothing counts."""
+    whose logits are the hardest of all, which never counts (its outputs are read as 0).
+    Image 1 has no positive: no quota, nothing counts."""
     labels = torch.tensor([[1, 0, 0, 0, 0, -1], [0, -1, 0, 0, 0, 0]], dtype=torch.int8)
     matched = torch.tensor([[0, -1, -1, -1, -1, -1], [-1] * 6], dtype=torch.int32)
     deltas = torch.zeros(2, 6, 4)
@@ -322,6 +392,60 @@ def test_ssd_loss_known_answers():
     sparse.positive_classes = torch.zeros_like(sparse.positive_classes)
     with pytest.raises(ValueError, match="a positive anchor's box has the background class 0"):
         ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(2, 6, 4)}, sparse)
+
+
+def test_ssd_loss_never_counts_an_ignored_anchor_as_a_hard_negative():
+    """The ignored anchor's loss (log 3, its outputs read as 0) is above every negative's
+    (confident background logits 4 to 7): still the 2 hardest negatives count, not it."""
+    labels = torch.tensor([[1, 0, 0, 0, 0, -1]], dtype=torch.int8)
+    matched = torch.tensor([[0, -1, -1, -1, -1, -1]], dtype=torch.int32)
+    classes = torch.tensor([[1, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    sparse = Targets(labels, matched, torch.zeros(1, 6, 4), classes).to_sparse()
+    logits = torch.zeros(1, 6, 3)
+    logits[0, 1:, 0] = torch.tensor([4.0, 5.0, 6.0, 7.0, 9.0])
+    background = [math.log(math.exp(b) + 2) - b for b in (4.0, 5.0)]
+    got = ssd_loss({"cls_logits": logits, "bbox_regression": torch.zeros(1, 6, 4)}, sparse, neg_to_pos_ratio=2)
+    assert math.isclose(got["classification"].item(), math.log(3) + sum(background), rel_tol=1e-6)
+
+
+def test_ssd_loss_counts_each_anchor_once_when_the_quota_exceeds_the_negatives():
+    """2 positives, 1 negative, 1 ignored, a quota of 6: the negative counts, the positives
+    once (torchvision's would count them again), the ignored anchor not. Every logit 0:
+    each counted anchor costs log 3, over 2 positives."""
+    labels = torch.tensor([[1, 1, 0, -1]], dtype=torch.int8)
+    matched = torch.tensor([[0, 0, -1, -1]], dtype=torch.int32)
+    classes = torch.tensor([[1, 2, 0, 0]], dtype=torch.int32)
+    sparse = Targets(labels, matched, torch.zeros(1, 4, 4), classes).to_sparse()
+    got = ssd_loss({"cls_logits": torch.zeros(1, 4, 3), "bbox_regression": torch.zeros(1, 4, 4)}, sparse)
+    assert math.isclose(got["classification"].item(), 3 * math.log(3) / 2, rel_tol=1e-6)
+
+
+def test_ssd_loss_of_a_batch_without_positives_is_zero():
+    """No positive: no hard negatives either, and both losses are 0 over max(1, 0) (not 0 / 0)."""
+    labels = torch.tensor([[0, 0, -1, 0], [0, 0, 0, 0]], dtype=torch.int8)
+    sparse = Targets(labels, torch.full((2, 4), -1, dtype=torch.int32), torch.zeros(2, 4, 4),
+                     torch.zeros(2, 4, dtype=torch.int32)).to_sparse()  # fmt: skip
+    got = ssd_loss({"cls_logits": torch.ones(2, 4, 3), "bbox_regression": torch.ones(2, 4, 4)}, sparse)
+    assert got["classification"].item() == 0.0 and got["bbox_regression"].item() == 0.0
+
+
+def test_ssd_loss_box_term_uses_its_beta():
+    """Deltas 0.5 and -2 against zero predictions, smooth-L1 with beta 0.5: both past beta,
+    (0.5 - 0.25) + (2 - 0.25) = 2, over the one positive (beta 1 gives 1.625)."""
+    labels = torch.tensor([[1, 0]], dtype=torch.int8)
+    deltas = torch.zeros(1, 2, 4)
+    deltas[0, 0] = torch.tensor([0.5, -2.0, 0.0, 0.0])
+    targets = Targets(labels, torch.tensor([[0, -1]], dtype=torch.int32), deltas, torch.tensor([[1, 0]]))
+    outputs = {"cls_logits": torch.zeros(1, 2, 3), "bbox_regression": torch.zeros(1, 2, 4)}
+    assert ssd_loss(outputs, targets.to_sparse(), beta=0.5)["bbox_regression"].item() == pytest.approx(2.0, rel=1e-6)
+
+
+def test_ssd_loss_refuses_a_background_class_beyond_the_logits():
+    """The background class indexes the logits as the others do: 8 of 8 logits is refused."""
+    sparse = _hand_targets().to_sparse()
+    sparse.background_class = 8
+    with pytest.raises(ValueError, match=r"targets: a class is outside \[0, 8\) \(cls_logits has 8\)"):
+        ssd_loss({"cls_logits": torch.zeros(2, 4, 8), "bbox_regression": torch.zeros(2, 4, 4)}, sparse)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -527,6 +651,25 @@ def test_iou_losses_refuse_a_negative_matched_box_or_count():
     sparse.positive_matched_gt = sparse.positive_matched_gt - 1  # image 0's first positive reads box -1
     with pytest.raises(ValueError, match="targets: a positive's matched box is negative"):
         box_regression_loss(torch.zeros(2, 4, 4), sparse, **inputs)
+
+
+def test_iou_losses_refuse_anchors_of_another_count():
+    """The anchors must be the targets' (one per anchor): extra rows are refused, not read past."""
+    sparse = _hand_targets().to_sparse()
+    inputs = dict(loss="giou", gt_boxes=torch.ones(2, 4), gt_counts=[2, 0], encode=presets.get("yolov5").encode)
+    with pytest.raises(ValueError, match=r"anchors: expected shape \[4, 4\], got \[5, 4\]"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, anchors=torch.zeros(5, 4), **inputs)
+
+
+def test_iou_losses_refuse_a_matched_box_equal_to_its_images_count():
+    """Image 0's positives match its boxes 0 and 1: with counts [1, 1], box 1 is past its
+    image's one box (it would read image 1's), though the total is right."""
+    sparse = _hand_targets().to_sparse()
+    inputs = dict(
+        loss="giou", anchors=torch.zeros(4, 4), gt_boxes=torch.ones(2, 4), encode=presets.get("yolov5").encode
+    )
+    with pytest.raises(ValueError, match="gt_counts: a positive's matched box is beyond its image's count"):
+        box_regression_loss(torch.zeros(2, 4, 4), sparse, gt_counts=[1, 1], **inputs)
 
 
 @pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
