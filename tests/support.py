@@ -193,6 +193,14 @@ def run_without_stderr(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=120)
 
 
+def without_stdout(argv: list[str]) -> list[str]:
+    """The command ``python argv`` with no stdout at all (``>&-``: Python's ``sys.stdout`` is
+    None). A shell closes it: a ``preexec_fn`` closing it made subprocess fork the test
+    process itself, where gRPC's fork handlers (its threads busy) could abort the child
+    before its exec (SIGABRT, "epoll_wait error: Bad file descriptor")."""
+    return ["bash", "-c", 'exec "$@" >&-', "bash", sys.executable, *argv]
+
+
 @contextlib.contextmanager
 def closed_pipe() -> Iterator[int]:
     """The write end of a pipe whose reader has gone: writing it raises BrokenPipeError."""

@@ -1,13 +1,12 @@
 """`tritarget demo` prints a per-image summary of real targets."""
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from support import run_into_a_closed_pipe
+from support import run_into_a_closed_pipe, without_stdout
 
 
 def test_demo_prints_a_summary():
@@ -143,6 +142,6 @@ def test_a_bug_s_traceback_is_shown_when_stdout_s_reader_has_gone():
 def test_help_and_usage_errors_with_stdout_closed(argv, status):
     """`tritarget --help >&-`: no stdout at all (Python's sys.stdout is None); the flush
     in a `finally` raised AttributeError (status 1)."""
-    result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
+    command = without_stdout(["-m", "tritarget.service.cli", *argv])
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == status and "Traceback" not in result.stderr, result.stderr

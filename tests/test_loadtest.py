@@ -90,12 +90,14 @@ def test_closed_loop_answers_and_verifies(server, kwargs, tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_open_loop_sends_on_schedule(server, stream):
-    """Nearly every request goes out within 10 ms of its time. Not every one: on a CI
-    machine whose 2 cores another test worker kept busy, 3 of 80 went out 10 ms late."""
+    """Most requests go out within 10 ms of their time. Not every one: on a CI machine
+    whose 2 cores another test worker kept busy, 3 of 80 went out 10 ms late, and 15 where
+    other jobs loaded those cores three times over. A generator that falls behind its
+    schedule (waiting for answers, or for its own work) is late on nearly every send."""
     report = run(_options(server, rate=40, duration_s=2.0, stream=stream, concurrency=2))
     assert report.ok, report.table()
     assert abs(report.requests - 80) <= 2  # the schedule, whatever the answers did
-    assert report.sends >= 78 and report.late_sends <= 8, report.table()
+    assert report.sends >= 78 and report.late_sends < report.sends / 2, report.table()
 
 
 @pytest.mark.parametrize("rate", [None, 40.0], ids=["closed", "open"])

@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_harness import ServerThread, batching, read_until, spawn_cli, stalled_call, unread_call, until
 
-from support import closed_pipe
+from support import closed_pipe, without_stdout
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
@@ -998,11 +998,11 @@ def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
         port = s.getsockname()[1]
     closed = stdout == "closed pipe"
     with closed_pipe() as pipe:
+        argv = ["-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
+                "--warmup-canvas", "64", "64"]  # fmt: skip
         process = subprocess.Popen(
-            [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
-             "--warmup-canvas", "64", "64"],
-            stdout=pipe if closed else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=None if closed else lambda: os.close(1),
+            [sys.executable, *argv] if closed else without_stdout(argv), stdout=pipe if closed else None,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     try:
         with TargetClient(f"127.0.0.1:{port}") as client:
