@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from support import on_device, triton_runs_here
-from tritarget.kernels import assign, assign_sparse, decode, encode, generate_anchors, presets
+from tritarget.kernels import assign, assign_sparse, decode, encode, generate_anchors, level_slices, presets
+from tritarget.kernels.anchors import check_canvas, feature_map_size, resolve_grid
 
 CANVAS = (64, 96)
 CONFIG = presets.get("retinanet_torchvision")
@@ -153,6 +154,15 @@ def test_zero_box_images_are_normal():
         (lambda: _assign(GOOD, [3], anchors=torch.zeros(5, 3)), ValueError, r"anchors: expected shape"),
         (lambda: _assign(GOOD, [3], seed=[1, 2]), ValueError, "seed"),
         (lambda: assign(GOOD, [3], (64, 0), CONFIG, backend="reference"), ValueError, "canvas"),
+        (lambda: assign(GOOD, [3], (0, 96), CONFIG, backend="cpu"), ValueError, r"must be positive, got \(0, 96\)"),
+        (
+            lambda: assign(GOOD, [3], (64, 96, 3), CONFIG, backend="reference"),
+            TypeError,
+            r"canvas: expected \(height, width\), got \(64, 96, 3\)",
+        ),
+        # The whole TargetConfig where its anchors go: "'TargetConfig' object has no attribute 'levels'".
+        (lambda: level_slices(CONFIG, CANVAS), TypeError, "config: expected AnchorConfig, got TargetConfig"),
+        (lambda: resolve_grid(CONFIG, CANVAS), TypeError, "config: expected AnchorConfig, got TargetConfig"),
         (lambda: assign(GOOD, [3], (64.0, 96), CONFIG, backend="reference"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], (True, 96), CONFIG, backend="cpu"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], CANVAS, "retinanet", backend="reference"), TypeError, "config"),
@@ -298,6 +308,24 @@ def test_numpy_integers_are_integers():
     for backend in ("reference", "cpu"):
         got = assign(GOOD, [np.int64(3)], (np.int64(64), np.int32(96)), CONFIG, backend=backend)
         assert torch.equal(got.labels, expected.labels)
+
+
+@pytest.mark.parametrize(
+    "canvas",
+    [[61, 99], (np.uint16(61), np.uint8(99)), [np.uint64(61), np.uint32(99)]],
+    ids=["list", "uint", "uint_list"],
+)
+def test_a_canvas_as_a_list_or_of_unsigned_numpy_ints_is_taken_as_its_ints(canvas):
+    """As (61, 99), a tuple of plain ints (what keys the anchor caches): negating an unsigned
+    side, as the feature maps' ceiling division does, wraps around (uint8 -99 is 157)."""
+    checked = check_canvas(canvas)
+    assert checked == (61, 99) and all(type(side) is int for side in checked)
+    maps = [feature_map_size((61, 99), level) for level in CONFIG.anchors.levels]
+    assert generate_anchors(CONFIG.anchors, canvas).shape == (9 * sum(h * w for h, w in maps), 4)
+    for backend in ("reference", "cpu"):
+        got = assign(GOOD, [3], canvas, CONFIG, backend=backend)
+        expected = assign(GOOD, [3], (61, 99), CONFIG, backend=backend)
+        assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
 
 
 def test_numpy_arrays_of_any_strides_are_taken_and_other_dtypes_named():

@@ -92,6 +92,23 @@ def test_a_fixed_canvas_needs_every_levels_feature_map():
         fixed_canvas(config)
 
 
+def test_a_fixed_canvas_is_the_largest_each_feature_map_comes_from():
+    """Per side: 304 x 504 is the largest canvas whose ceil(canvas / stride) gives both maps;
+    one level without a feature map is refused like all of them."""
+    from tritarget.kernels import AnchorConfig, AnchorLevel
+    from tritarget.kernels.anchors import feature_map_size, fixed_canvas
+
+    levels = (AnchorLevel(stride=8, sizes=(0.1, 0.2), aspect_ratios=(2.0,), feature_size=(38, 63)),
+              AnchorLevel(stride=32, sizes=(0.2, 0.4), aspect_ratios=(2.0,), feature_size=(10, 16)))  # fmt: skip
+    canvas = fixed_canvas(AnchorConfig(layout="ssd", levels=levels))
+    assert canvas == (304, 504)
+    assert [feature_map_size(canvas, lv) for lv in levels] == [(38, 63), (10, 16)]
+    mixed = (AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,), feature_size=(8, 8)),
+             AnchorLevel(stride=16, sizes=(64.0,), aspect_ratios=(1.0,)))  # fmt: skip
+    with pytest.raises(ValueError, match="every level needs a feature_size"):
+        fixed_canvas(AnchorConfig(layout="torchvision", levels=mixed))
+
+
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
 def test_output_read_by_a_reader_that_stops_ends_quietly(buffered):
     """`tritarget demo | head -1`: the reader closes the pipe; the command stops with 141

@@ -402,6 +402,25 @@ def test_d2l_multibox_prior_example():
     torch.testing.assert_close(box, torch.tensor([0.06, 0.07, 0.63, 0.82]), rtol=0, atol=0.005)
 
 
+def test_d2l_multibox_prior_orders_sizes_then_ratios():
+    # The same example's five anchors centred on pixel (250, 250): every size with the first
+    # ratio, then the first size with the other ratios; w = s * sqrt(r) * 561 / 728, h = s / sqrt(r).
+    height, width = 561, 728
+    level = AnchorLevel(stride=1, sizes=(0.75, 0.5, 0.25), aspect_ratios=(1, 2, 0.5), feature_size=(height, width))
+    index = (250 * width + 250) * 5
+    boxes = generate_anchors(AnchorConfig(layout="d2l", levels=(level,)), (height, width))[index : index + 5]
+    expected = torch.tensor(
+        [
+            [0.0551, 0.0715, 0.6331, 0.8215],
+            [0.1514, 0.1965, 0.5367, 0.6965],
+            [0.2478, 0.3215, 0.4404, 0.5715],
+            [-0.0646, 0.1814, 0.7528, 0.7117],
+            [0.1398, -0.0838, 0.5484, 0.9769],
+        ]
+    )
+    torch.testing.assert_close(boxes / torch.tensor([width, height, width, height]), expected, rtol=0, atol=1e-4)
+
+
 def test_d2l_tinyssd_anchor_count():
     # Chapter "Single Shot Multibox Detection": TinySSD on 256 x 256 has 5444 anchors.
     assert generate_anchors(presets.get("d2l_multibox").anchors, (256, 256)).shape == (5444, 4)

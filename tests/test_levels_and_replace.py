@@ -153,8 +153,19 @@ def test_a_torchvision_feature_map_larger_than_the_canvas_is_refused_by_every_ba
     assert on_device(assign, boxes, [1], (20, 64), config, backend=backend).labels.shape == (1, 160)  # as large: fine
 
 
+def test_a_torchvision_feature_map_wider_than_the_canvas_is_refused():
+    """As a taller one is: the stride across (canvas width // feature map width) would be 0."""
+    level = AnchorLevel(stride=8, sizes=(32,), aspect_ratios=(1.0,), feature_size=(8, 80))
+    config = AnchorConfig(layout="torchvision", levels=(level,))
+    with pytest.raises(ValueError, match=r"anchors.levels\[0\].feature_size: 8 x 80 is larger than the 16 x 64 canvas"):
+        generate_anchors(config, (16, 64))
+    assert generate_anchors(config, (16, 80)).shape == (640, 4)  # as wide: fine
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize(("sizes", "ratios", "shape"), [([0.5], [1.0], "0 x 0"), ([32], [10000.0], "0 x 3200")])
+@pytest.mark.parametrize(
+    ("sizes", "ratios", "shape"), [([0.5], [1.0], "0 x 0"), ([32], [10000.0], "0 x 3200"), ([32], [0.0001], "3200 x 0")]
+)
 def test_generated_anchor_shapes_of_zero_width_or_height_are_refused(backend, sizes, ratios, shape):
     """torchvision's layout rounds half sides to whole pixels: these levels made anchors of
     zero area, which explicit anchors are refused for. No box matched them (default
@@ -187,6 +198,20 @@ def test_generated_anchors_that_float32_rounds_flat_where_placed_are_refused(bac
         generate_anchors(config.anchors, (1, 2**25))
     fine = generate_anchors(config.anchors, (1, 8_000_000))  # up to x = 7.5e6: every anchor 1 pixel wide
     assert ((fine[:, 2] - fine[:, 0]) == 1).all()
+
+
+def test_rows_of_every_level_are_checked_for_float32_rounding():
+    """The placement check covers each level's rows, spaced by their own stride: here
+    2^25 // 34 = 986,895 pixels down, against 64 across. Level 1's 2-pixel shape has its edges
+    rounded together from row 19 (y = 18,751,005, where float32 steps by 2); level 0's 64-pixel
+    one does not."""
+    levels = [{"stride": 1_000_000, "sizes": [size], "aspect_ratios": [1.0]} for size in (64, 2)]
+    config = presets.get("retinanet_torchvision").replace(**{"anchors.levels": levels}).anchors
+    message = (r"anchors.levels\[1\]: on the 33554432 x 64 canvas, anchor shape 0 at row 19 of the feature map has "
+               r"zero height in float32")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        generate_anchors(config, (2**25, 64))
+    assert generate_anchors(config, (2**24, 64)).shape == (34, 4)  # rows up to y = 16,283,784: fine
 
 
 # Counts one level of 10^6 x 1 cells and 256 shapes, with at most 512 MB of address space

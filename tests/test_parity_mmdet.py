@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from support import on_device, random_batch, with_ties
-from tritarget.kernels import POSITIVE, assign, decode, generate_anchors, presets
+from tritarget.kernels import POSITIVE, AnchorConfig, AnchorLevel, assign, decode, generate_anchors, presets
 from tritarget.kernels.adapters import mmdet_targets
 from tritarget.kernels.anchors import feature_map_size
 
@@ -136,6 +136,19 @@ def test_anchors_equal_mmdets_anchor_generator(name, canvas, mm):
     assert ours.dtype == torch.float32
     assert torch.equal(ours, torch.cat(theirs))
     assert _generator(mm, name).num_base_priors == list(config.anchors.anchors_per_cell)
+
+
+def test_base_sizes_and_a_center_offset_equal_mmdets_anchor_generator(mm):
+    """The AnchorGenerator options no preset sets: base sizes other than the strides, and
+    base anchors centred at center_offset * base_size (both axes), on a non-square canvas."""
+    strides, base_sizes, ratios, scales = [8, 16], [6.0, 20.0], [0.5, 1.0, 2.0], [1.0, 2.0]
+    levels = tuple(AnchorLevel(stride=s, scales=tuple(scales), aspect_ratios=tuple(ratios), base_size=b)
+                   for s, b in zip(strides, base_sizes))  # fmt: skip
+    config = AnchorConfig(layout="mmdet", levels=levels, center_offset=0.5)
+    theirs = mm.AnchorGenerator(strides=strides, ratios=ratios, scales=scales, base_sizes=base_sizes, center_offset=0.5)
+    canvas = (40, 72)
+    featmaps = [feature_map_size(canvas, lv) for lv in levels]
+    assert torch.equal(generate_anchors(config, canvas), torch.cat(theirs.grid_priors(featmaps, device="cpu")))
 
 
 def test_fitted_anchors_are_ones_mmdets_anchor_generator_builds(mm):

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from support import random_batch, with_ties
-from tritarget.kernels import assign, box_iou, decode, generate_anchors, presets
+from tritarget.kernels import AnchorConfig, AnchorLevel, assign, box_iou, decode, generate_anchors, presets
 from tritarget.kernels.anchors import feature_map_size
 
 torchvision = pytest.importorskip("torchvision")
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator  # noqa: E402
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
 from torchvision.ops import box_iou as tv_box_iou  # noqa: E402
 
@@ -89,6 +90,22 @@ def test_ssd300_anchors_equal_default_box_generator(models):
     theirs = torchvision_anchors(model, (300, 300))
     ours = generate_anchors(config.anchors, (300, 300))
     assert ours.shape == theirs.shape == (8732, 4)
+    assert torch.equal(ours, theirs)
+
+
+def test_ssd_anchors_on_a_non_square_canvas_equal_default_box_generator():
+    """DefaultBoxGenerator with steps on a wide image: centres (j + 0.5) / (width / step) across,
+    (i + 0.5) / (height / step) down, and the normalised boxes scaled by width and height."""
+    canvas, maps = (60, 100), [(6, 10), (3, 5)]
+    generator = DefaultBoxGenerator([[2], [2, 3]], scales=[0.2, 0.5, 0.8], steps=[10, 20])
+    images = torch.zeros(1, 3, *canvas)
+    theirs = generator(ImageList(images, [canvas]), [torch.zeros(1, 1, *m) for m in maps])[0]
+    levels = (
+        AnchorLevel(stride=10, sizes=(0.2, 0.5), aspect_ratios=(2,), feature_size=maps[0]),
+        AnchorLevel(stride=20, sizes=(0.5, 0.8), aspect_ratios=(2, 3), feature_size=maps[1]),
+    )
+    ours = generate_anchors(AnchorConfig(layout="ssd", levels=levels), canvas)
+    assert ours.shape == theirs.shape == (6 * 10 * 4 + 3 * 5 * 6, 4)
     assert torch.equal(ours, theirs)
 
 
