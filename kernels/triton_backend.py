@@ -41,7 +41,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ModuleNotFoundError as missing:  # not a dependency of ours: CUDA builds of torch bring it
+    if missing.name is None or missing.name.split(".")[0] != "triton":
+        raise
+    raise ModuleNotFoundError(
+        "the triton backend needs the triton package, which is not installed here: CUDA builds of "
+        "torch on Linux install it; elsewhere pip install 'tritarget[gpu]' (or the CPU backend: 'cpu')",
+        name="triton",
+    ) from missing
 
 from . import triton_assign
 from .anchors import AnchorGrid

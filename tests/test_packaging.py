@@ -82,6 +82,63 @@ def test_wheel_declares_what_it_imports_and_ships_its_schema(wheel):
     assert "tritarget/protos/tritarget/v1/target_assigner.proto" in archive.namelist()
 
 
+def test_wheel_leaves_triton_to_torch_or_the_gpu_extra(wheel):
+    """triton (~1 GB installed) runs only on a GPU, where CUDA builds of torch bring it: a
+    CPU machine (a data-loader worker) installs none. The gpu extra names it for the rest,
+    and dev for the tests, which run the kernels in its interpreter."""
+    archive = zipfile.ZipFile(wheel)
+    metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    triton = [line for line in requires if line.startswith("Requires-Dist: triton")]
+    assert triton and all('extra == "gpu"' in line for line in triton), triton
+    assert any(line.startswith("Requires-Dist: tritarget[gpu]") and 'extra == "dev"' in line for line in requires)
+
+
+_WITHOUT_TRITON = "import sys; sys.modules['triton'] = None  # import triton: ModuleNotFoundError\n"
+
+
+def test_without_triton_the_cpu_path_runs_and_the_triton_backend_names_what_is_missing(tmp_path):
+    code = _WITHOUT_TRITON + (
+        "import torch\n"
+        "from tritarget.kernels import assign, presets\n"
+        "boxes, config = torch.tensor([[4.0, 4.0, 40.0, 30.0]]), presets.get('retinanet_torchvision')\n"
+        "print(int((assign(boxes, [1], (64, 96), config, backend='auto').labels == 1).sum()))\n"
+        "try:\n"
+        "    assign(boxes, [1], (64, 96), config, backend='triton')\n"
+        "except ModuleNotFoundError as missing:\n"
+        "    print(missing)\n"
+    )
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    positives, message = result.stdout.splitlines()
+    assert int(positives) > 0
+    assert message.startswith("the triton backend needs the triton package, which is not installed here")
+    assert "pip install 'tritarget[gpu]'" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["serve", "--backend", "triton", "--port", "0"],
+            "backend 'triton' (from 'triton') cannot run here: the triton",
+        ),
+        (
+            ["anchors", "check", "--annotations", "never_read.json", "--preset", "yolov5", "--backend", "triton"],
+            "--backend triton: the",
+        ),
+    ],
+    ids=["serve", "anchors"],
+)
+def test_without_triton_the_commands_that_would_run_it_say_so(argv, said, tmp_path):
+    code = _WITHOUT_TRITON + f"from tritarget.service.cli import entry; sys.argv = ['tritarget', *{argv!r}]; entry()\n"
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "not installed here" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_wheel_imports_from_its_own_files(wheel, tmp_path):
     site = tmp_path / "site"
     subprocess.run(

@@ -322,11 +322,13 @@ def _check_backend(backend: str) -> None:
     """Refuse --backend triton where it cannot run, before any work."""
     import torch
 
-    if backend != "triton" or torch.cuda.is_available():
+    if backend != "triton":
         return
-    from tritarget.kernels.triton_backend import interpreting
-
-    if not interpreting():
+    try:
+        from tritarget.kernels.triton_backend import interpreting
+    except ModuleNotFoundError as missing:  # triton not installed
+        raise _UsageError(f"--backend triton: {missing}") from None
+    if not torch.cuda.is_available() and not interpreting():
         raise _UsageError("--backend triton needs a CUDA GPU and none is visible (or TRITON_INTERPRET=1 to run "
                           "its kernels on the CPU); use --backend cpu or auto")  # fmt: skip
 
