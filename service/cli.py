@@ -677,10 +677,40 @@ def _add_demo_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=batch_seed, default=0, help="seed of the COCO-like images (default 0)")
 
 
+def versions() -> str:
+    """This package's version and those of the stack under it, as a bug report needs them
+    (a package missing says so: triton on a CPU machine, tritarget itself run from a source
+    tree that was never installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{package} {of(package)}" for package in ("torch", "triton", "grpcio", "protobuf"))
+    return f"tritarget {of('tritarget')} ({stack}, Python {platform.python_version()})"
+
+
+class _PrintVersions(argparse.Action):
+    """``--version``: one line, unwrapped (argparse's own version action wraps it to the
+    terminal), read only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of tritarget and its stack, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tritarget.kernels import BACKENDS, presets
 
     parser = argparse.ArgumentParser(prog="tritarget", description="Object-detection training targets.")
+    parser.add_argument("--version", action=_PrintVersions)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="compute targets for a synthetic COCO-like batch in-process")
     demo.add_argument("--preset", default="retinanet_torchvision", choices=presets.names(),

@@ -162,3 +162,34 @@ def test_help_and_usage_errors_with_stdout_closed(argv, status):
     command = without_stdout(["-m", "tritarget.service.cli", *argv])
     result = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+
+
+def test_version_names_tritarget_and_its_stack(capsys, monkeypatch):
+    """``tritarget --version``: one line a bug report can quote; a package not installed
+    (triton on a CPU machine) says so."""
+    import importlib.metadata
+    import platform
+
+    import google.protobuf
+    import grpc
+    import torch
+
+    from tritarget.service import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    triton, protobuf = importlib.metadata.version("triton"), google.protobuf.__version__
+    stack = f"torch {torch.__version__}, triton {triton}, grpcio {grpc.__version__}, protobuf {protobuf}"
+    version = importlib.metadata.version("tritarget")
+    assert capsys.readouterr().out == f"tritarget {version} ({stack}, Python {platform.python_version()})\n"
+
+    installed = importlib.metadata.version
+
+    def without_triton(package: str) -> str:
+        if package == "triton":
+            raise importlib.metadata.PackageNotFoundError(package)
+        return installed(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_triton)
+    assert f"triton not installed, grpcio {grpc.__version__}" in cli.versions()
