@@ -963,7 +963,7 @@ def _split(targets: Targets | SparseTargets, images: list[int]) -> list[Targets]
             Targets(
                 rows(targets.labels), rows(targets.matched_gt), rows(targets.deltas), rows(targets.classes),
                 rows(targets.max_iou), list(targets.dropped[start : start + count]), targets.background_class,
-                dropped_ignore=list(targets.dropped_ignore[start : start + count]),
+                level_starts=targets.level_starts, dropped_ignore=list(targets.dropped_ignore[start : start + count]),
             )
         )  # fmt: skip
         start += count
@@ -995,6 +995,7 @@ def _split_sparse(sparse: SparseTargets, images: list[int]) -> list[SparseTarget
                 positive_classes=None if classes is None else wrap(classes[rows]),
                 background_class=sparse.background_class,
                 dropped=list(sparse.dropped[start:end]),
+                level_starts=sparse.level_starts,
                 dropped_ignore=list(sparse.dropped_ignore[start:end]),
             )
         )

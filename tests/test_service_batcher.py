@@ -125,7 +125,7 @@ def _large_canvas_job(generator) -> AssignJob:
 
 @pytest.mark.parametrize("case", ["at the bounds", "dense", "over the images", "over the boxes", "over the anchors",
                                   "one image over the anchors", "turned off", "reference backend",
-                                  "worker busy"])  # fmt: skip
+                                  "worker busy", "over the boxes with ignore regions"])  # fmt: skip
 def test_other_batches_are_computed_on_a_compute_worker(generator, case):
     """Inline only where nothing else waits on compute, and only bounded work: DENSE
     responses copy megabytes, other backends are slow or wait on a device, and a batch over
@@ -148,6 +148,9 @@ def test_other_batches_are_computed_on_a_compute_worker(generator, case):
         name = "reference"
     elif case == "worker busy":
         hold = True
+    elif case == "over the boxes with ignore regions":  # at the bound in boxes, one ignore region over it
+        ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
+        job = _job(job.gt_boxes, job.gt_counts, ignore_boxes=ignore, ignore_counts=[1, 0], sparse=True)
     (result,), on_loop = _computed_on(name, [job], options, hold_the_worker=hold)
     assert on_loop == [case == "at the bounds"]
     assert result[0] == "finished"
@@ -478,10 +481,10 @@ def test_a_job_waiting_for_room_leaves_when_cancelled_and_is_refused_on_close(ge
         release.set()
         await closing
         outcomes = await asyncio.gather(busy, queued, stays, sliced, return_exceptions=True)
-        return after_cancel, outcomes, batcher.waiting_requests
+        return after_cancel, outcomes, (batcher.waiting_requests, batcher.queued_images)
 
-    after_cancel, (busy, queued, stays, sliced), waiting_after = asyncio.run(run())
-    assert (after_cancel, waiting_after) == (2, 0)
+    after_cancel, (busy, queued, stays, sliced), left = asyncio.run(run())
+    assert (after_cancel, left) == (2, (0, 0))  # no room stays kept for the jobs refused
     assert isinstance(stays, Unavailable) and isinstance(sliced, Unavailable)
     assert queued.batch_size == 2
 
@@ -522,12 +525,15 @@ def test_closing_finishes_a_request_in_slices(generator):
     async def run():
         batcher = Batcher("reference", BatchOptions(max_batch_images=2))
         batcher.start()
-        computing = threading.Event()
-        batcher._on_batch = lambda images, requests, seconds: computing.set()
+        computing, release = threading.Event(), threading.Event()
+        batcher._on_batch = lambda images, requests, seconds: computing.set() or release.wait()
         whole = asyncio.ensure_future(batcher.submit(sliced, lambda targets: ("finished", targets)))
-        while not computing.is_set():  # its first slice has run
+        while not computing.is_set():  # its first slice computes, held there until the close has begun
             await asyncio.sleep(0.001)
-        await asyncio.wait_for(batcher.close(), timeout=30)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(closing, timeout=30)
         return await asyncio.wait_for(whole, timeout=30)
 
     tag, targets = asyncio.run(run())
@@ -714,6 +720,280 @@ def test_a_sparse_batch_splits_into_each_jobs_lists(generator, with_classes):
             if want is not None:
                 assert got.dtype == want.dtype and torch.equal(got, want), name
         assert part.num_anchors == expected.num_anchors and len(part.dropped) == part.batch_size
+
+
+def test_requests_with_and_without_classes_do_not_merge(generator, caplog):
+    """A merged batch has classes for all its images or none: a request without classes
+    merged first would drop the classes of the one that gave them."""
+    without = _good(generator, (2, 1))
+    given = _good(generator, (3,))
+    given.gt_classes = torch.arange(3, dtype=torch.int32)
+    results, batches = _merging_run([without, given], BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+    assert sorted(batches) == [1, 2]
+    assert_targets_equal(results[0], _expected(without), rtol=0, atol=0)
+    expected = assign(given.gt_boxes, given.gt_counts, CANVAS, presets.get(PRESET), gt_classes=given.gt_classes,
+                      backend="reference")  # fmt: skip
+    assert results[1].classes is not None
+    assert_targets_equal(results[1], expected, rtol=0, atol=0)
+    assert "batched assign failed" not in caplog.text
+
+
+def test_jobs_without_ignore_regions_or_image_sizes_merge_with_jobs_that_have_them(generator, caplog):
+    """A job of several images without ignore regions (or image sizes) merged with one that
+    has them stands in with none per image (and the canvas per image): one batch, which
+    neither fails nor runs again job by job."""
+    plain = _good(generator, (2, 0, 1))
+    boxes, counts = random_batch(generator, [2], CANVAS)
+    ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
+    sized = _job(boxes, counts, ignore_boxes=ignore, ignore_counts=[1], image_sizes=torch.tensor([[90, 100]]))
+    results, batches = _merging_run([plain, sized], BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+    assert batches == [4]
+    assert_targets_equal(results[0], _expected(plain), rtol=0, atol=0)
+    expected = assign(boxes, counts, CANVAS, presets.get(PRESET), ignore_boxes=ignore, ignore_counts=[1],
+                      image_sizes=sized.image_sizes, backend="reference")  # fmt: skip
+    assert_targets_equal(results[1], expected, rtol=0, atol=0)
+    assert "batched assign failed" not in caplog.text
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_each_request_gets_its_own_dropped_ignore_regions(generator, sparse):
+    """Requests that drop invalid ignore regions, merged into one batch or computed in
+    slices, each get the indices dropped from their own images, and the pyramid's level
+    starts (``levels()``) as a request computed alone does."""
+    degenerate, valid = [20.0, 20.0, 20.0, 40.0], [5.0, 5.0, 30.0, 30.0]
+    specs = [([1, 2], [[valid], [degenerate]]), ([1], [[degenerate, valid]]),
+             ([1, 1, 1, 1, 1], [[valid], [], [valid, degenerate], [], [degenerate]])]  # fmt: skip
+    jobs = []
+    for counts, regions in specs:
+        boxes, _ = random_batch(generator, counts, CANVAS)
+        ignore = torch.tensor([box for image in regions for box in image]).reshape(-1, 4)
+        jobs.append(_job(boxes, counts, ignore_boxes=ignore, ignore_counts=[len(image) for image in regions],
+                         drop_invalid=True, sparse=sparse))  # fmt: skip
+    results, batches = _merging_run(jobs, BatchOptions(max_batch_images=4, max_queue_delay_s=0.05))
+    assert sorted(batches) == [1, 3, 4]  # the first two merged, the last in slices
+    for job, got in zip(jobs, results):
+        expected = assign(job.gt_boxes, job.gt_counts, CANVAS, presets.get(PRESET), ignore_boxes=job.ignore_boxes,
+                          ignore_counts=job.ignore_counts, drop_invalid=True, backend="reference")  # fmt: skip
+        assert [d.tolist() for d in got.dropped_ignore] == [d.tolist() for d in expected.dropped_ignore]
+        assert got.level_starts == expected.level_starts is not None
+
+
+@pytest.mark.parametrize("field", ["ignore_counts", "image_sizes"])
+def test_per_image_rows_that_add_up_only_together_are_not_merged(batcher, generator, field):
+    """Ignore counts or image sizes with one row too few in one request and one too many in
+    the next add up in a merged batch: each request must fail on its own, naming the field."""
+    boxes, _ = random_batch(generator, [1, 1, 1], CANVAS)
+    if field == "ignore_counts":
+        ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]] * 3)
+        short = _job(boxes[:2], [1, 1], ignore_boxes=ignore[:1], ignore_counts=[1])
+        long = _job(boxes[2:], [1], ignore_boxes=ignore[1:], ignore_counts=[1, 1])
+    else:
+        sizes = torch.tensor([[96, 128], [90, 100], [80, 120]])
+        short = _job(boxes[:2], [1, 1], image_sizes=sizes[:1])
+        long = _job(boxes[2:], [1], image_sizes=sizes[1:])
+    good = _good(generator)
+    results = batcher._compute([short, long, good])
+    for bad in results[:2]:
+        assert isinstance(bad, InvalidInput) and field in str(bad), bad
+    assert_targets_equal(results[2], _expected(good), rtol=0, atol=0)
+
+
+def test_a_seed_out_of_range_fails_alone_as_invalid_input(batcher, generator):
+    """A seed a torch.Generator cannot take is the request's own error, as any bad input."""
+    good, bad = _good(generator), _good(generator, (2,))
+    bad.seed = 2**64
+    for results in (batcher._compute([good, bad]), batcher._compute([bad])):
+        error = results[-1]
+        assert isinstance(error, InvalidInput) and "seed: 18446744073709551616 is outside" in str(error), error
+    assert_targets_equal(batcher._compute([good, bad])[0], _expected(good), rtol=0, atol=0)
+
+
+def test_a_batch_of_failed_requests_is_not_observed(batcher, generator):
+    """``on_batch`` counts the images and requests computed: a batch whose every request
+    failed its check computed nothing."""
+    observed = []
+    batcher._on_batch = lambda images, requests, seconds: observed.append((images, requests))
+    bad = _job(torch.tensor([[50.0, 20.0, 50.0, 60.0]]), [1])  # x2 == x1
+    good = _good(generator)
+    batcher._compute([bad, bad])
+    batcher._compute([bad, good, bad])
+    assert observed == [(2, 1)]
+
+
+def test_the_cores_are_split_evenly_between_the_compute_workers():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        cpu, gpu = (BatchOptions().resolved(torch.device(name)) for name in ("cpu", "cuda"))
+        many = BatchOptions(compute_workers=8).resolved(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (cpu.threads_per_worker, gpu.threads_per_worker, many.threads_per_worker) == (6, 3, 1)
+
+
+def test_the_slices_of_a_request_are_computed_on_a_compute_worker(generator):
+    """A request in slices is not an idle server's lone request: its small SPARSE slices
+    are computed on a worker, not on the event loop."""
+    job = _job(*random_batch(generator, [1, 2], CANVAS), sparse=True)
+    (result,), on_loop = _computed_on("cpu", [job], BatchOptions(max_batch_images=1))
+    assert on_loop == [False, False] and result[0] == "finished"
+
+
+def test_an_abandoning_close_skips_the_tasks_queued_behind_the_running_one():
+    """close(finish=False): nobody waits for the work still queued on the compute worker,
+    so it never runs (the task running then ends on its own)."""
+    ran = []
+
+    async def run():
+        batcher = Batcher("reference")
+        batcher.start()
+        gate = threading.Event()
+        running = asyncio.ensure_future(batcher.run(gate.wait))
+        queued = asyncio.ensure_future(batcher.run(ran.append, "queued"))
+        await asyncio.sleep(0.05)
+        await batcher.close(finish=False)
+        gate.set()
+        running.cancel()
+        queued.cancel()
+        return batcher
+
+    batcher = asyncio.run(run())
+    batcher.stop_workers()
+    assert ran == []
+
+
+def test_a_waiting_job_that_would_fit_still_waits_behind_those_before_it(generator):
+    """Room goes to the jobs waiting for it in their order: a later one that would fit in
+    what is left waits behind an earlier one that does not fit yet."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=3)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            jobs = [_good(generator, (1, 1)), _good(generator, (2, 1)), _good(generator, (1,))]
+            queued = asyncio.ensure_future(batcher.submit(jobs[0]))  # 2 of 3 places
+            await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(batcher.submit(job, wait=True)) for job in jobs[1:]]
+            await asyncio.sleep(0.05)
+            seen = (batcher.waiting_requests, batcher.queued_images)
+            release.set()
+            await busy
+            return seen, jobs, await asyncio.gather(queued, *waiting), batcher.queued_images
+
+    seen, jobs, answers, queued_after = asyncio.run(run())
+    assert seen == (2, 2) and queued_after == 0
+    for job, got in zip(jobs, answers):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_caller_that_goes_lets_a_job_waiting_for_room_in_at_once(generator):
+    """The place a gone caller gives back goes to the job waiting for room right away, not
+    once a compute worker is free."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            gone = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))
+            await asyncio.sleep(0.01)
+            job = _good(generator, (2, 1))
+            waiting = asyncio.ensure_future(batcher.submit(job, wait=True))
+            await asyncio.sleep(0.05)
+            before = batcher.waiting_requests
+            gone.cancel()
+            await asyncio.sleep(0.01)
+            after = (batcher.waiting_requests, batcher.queued_images)
+            release.set()
+            await busy
+            return before, after, job, await asyncio.wait_for(waiting, timeout=10)
+
+    before, after, job, got = asyncio.run(run())
+    assert (before, after) == (1, (0, 2))
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_the_oldest_group_is_computed_first(generator):
+    """When a worker frees, the group whose oldest request has waited longest goes first."""
+    computed = []
+
+    def computing(name):  # on the worker, in the order the batches run
+        return lambda targets: computed.append(name) or targets
+
+    async def run():
+        async with _worker_held(generator, BatchOptions(max_batch_images=4)) as (batcher, release, busy):
+            older = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), computing("older")))
+            await asyncio.sleep(0.01)
+            other_group = _job(*random_batch(generator, [2], CANVAS), return_max_iou=True)
+            newer = asyncio.ensure_future(batcher.submit(other_group, computing("newer")))
+            await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.gather(busy, older, newer)
+
+    asyncio.run(run())
+    assert computed == ["older", "newer"]
+
+
+def test_a_batch_full_of_boxes_starts_without_waiting_out_the_delay(generator):
+    """A group that holds ``max_slice_boxes`` boxes is full, as one that holds
+    ``max_batch_images`` images: it starts at once."""
+    jobs = [_good(generator, (3,)) for _ in range(2)]
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=16, max_queue_delay_s=60.0, max_slice_boxes=6))
+        batcher.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*[batcher.submit(job) for job in jobs]), timeout=5)
+        finally:
+            await batcher.close()
+
+    for job, got in zip(jobs, asyncio.run(run())):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_slice_holds_up_to_exactly_the_box_bound(generator):
+    job = _good(generator, (3, 3, 3))
+    (got,), batches = _merging_run([job], BatchOptions(max_batch_images=16, max_slice_boxes=6))
+    assert batches == [2, 1]
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_batch_whose_callers_have_all_gone_is_not_computed(generator):
+    """A caller that goes just as its batch is taken (here by the drain, before its task
+    has left the queue) is not computed for."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_queue_delay_s=60.0))
+        batcher.start()
+        batches = []
+        batcher._on_batch = lambda images, requests, seconds: batches.append(images)
+        gone = asyncio.ensure_future(batcher.submit(_good(generator)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        batcher.drain()
+        await asyncio.wait_for(batcher.close(), timeout=10)
+        return batches, gone.cancelled()
+
+    assert asyncio.run(run()) == ([], True)
+
+
+def test_a_response_is_not_finished_for_a_caller_that_went_away_while_its_batch_computed(generator):
+    """``finish`` (the response's encoding: megabytes for DENSE) is skipped for a caller
+    that went away while its batch computed."""
+    finished = []
+
+    async def run():
+        batcher = Batcher("reference")
+        batcher.start()
+        release, computing = threading.Event(), threading.Event()
+        batcher._on_batch = lambda images, requests, seconds: computing.set() or release.wait()
+        call = asyncio.ensure_future(batcher.submit(_good(generator), finished.append))
+        while not computing.is_set():
+            await asyncio.sleep(0.001)
+        call.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(batcher.close(), timeout=10)
+        return call.cancelled()
+
+    assert asyncio.run(run()) and finished == []
 
 
 @pytest.mark.parametrize("matching", ["gather", "walk"])
