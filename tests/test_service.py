@@ -20,10 +20,11 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, batching, sparse_view
+from test_service_harness import ServerThread, batching, sparse_view, until
 
 from support import assert_targets_equal, random_batch
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, generate_anchors, presets
 from tritarget.service.server import SERVICE_NAME, create_server
 
@@ -379,6 +380,31 @@ def test_metrics_count_requests_and_bytes(server, client, generator):
     for name in ("tritarget_queue_seconds_count", "tritarget_compute_seconds_count", "tritarget_encode_seconds_count"):
         assert server.metrics.value(name) > 0, name
     json.dumps(client.list_presets())  # configs are JSON all the way
+
+
+def test_metrics_count_each_requests_bytes(server, client, generator):
+    boxes, counts, _ = _batch(generator, [3], (96, 128))
+    request = build_request(boxes, counts, (96, 128), preset="retinanet_torchvision", request_id="sized")
+    received = lambda: server.metrics.value("tritarget_request_bytes_total", {"method": "Assign"})  # noqa: E731
+    before = received()
+    client.assign_raw(request)
+    assert received() == before + request.ByteSize()
+
+
+def test_a_bad_stream_item_is_counted_as_a_failed_request_and_holds_no_bytes(server, client):
+    metrics = server.metrics
+    invalid = {"method": "AssignStream", "code": "INVALID_ARGUMENT"}
+    failed = lambda: metrics.value("tritarget_errors_total", invalid)  # noqa: E731
+    timed = lambda: metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"})  # noqa: E731
+    unsent = lambda: metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+    before, answered = failed(), timed()
+    bad = torch.tensor([[10.0, 10.0, 5.0, 30.0]])
+    with pytest.raises(TargetServiceError, match="degenerate"):
+        list(client.stream([dict(gt_boxes=bad, gt_counts=[1])], preset="retinanet_torchvision", canvas=(96, 128)))
+    until(lambda: timed() == answered + 1)  # recorded once gRPC took its answer: the client may read it first
+    assert failed() == before + 1
+    until(lambda: unsent() <= 0)  # earlier calls' responses are let go as their calls end
+    assert unsent() == 0
 
 
 @pytest.mark.gpu

@@ -482,6 +482,36 @@ def test_unexpected_error_is_internal_and_generic(client, monkeypatch, caplog):
     _still_serving(client)
 
 
+def test_an_unexpected_errors_log_line_cuts_a_long_request_id(client, monkeypatch, caplog):
+    def broken(request, targets):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(codec, "encode_assign", broken)
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", request_id="r" * 100_000)
+    with caplog.at_level(logging.ERROR, logger="tritarget.service.status"):
+        with pytest.raises(TargetServiceError, match="INTERNAL"):
+            client.assign_raw(request)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("unexpected error")] == [
+        f"unexpected error while serving Assign id={'r' * 128!r}"
+    ]
+    monkeypatch.undo()
+    _still_serving(client)
+
+
+def test_the_access_log_sums_the_boxes_of_a_request_within_the_image_limit_only(client, caplog):
+    """Up to max_images (8 here) a request's boxes are summed in its access-log line; past
+    it (a refused request may hold millions of counts) they are not."""
+    with caplog.at_level(logging.INFO, logger="tritarget.access"):
+        client.assign(GOOD[:1].repeat(8, 1), [1] * 8, CANVAS, preset="retinanet_torchvision", request_id="eight")
+        with pytest.raises(TargetServiceError, match="RESOURCE_EXHAUSTED"):
+            client.assign(GOOD[:1].repeat(9, 1), [1] * 9, CANVAS, preset="retinanet_torchvision", request_id="nine")
+    lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+    assert [line.split(" ")[1:5] for line in lines] == [
+        ["id='eight'", "images=8", "boxes=8", "OK"],
+        ["id='nine'", "images=9", "boxes=?", "RESOURCE_EXHAUSTED"],
+    ], lines
+
+
 @pytest.mark.parametrize("error", [
     MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import random
 import re
@@ -26,7 +27,7 @@ from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec, servicer
-from tritarget.service.errors import ResourceExhausted
+from tritarget.service.errors import Overloaded, ResourceExhausted
 
 CANVAS = (96, 128)
 GOOD = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
@@ -73,6 +74,31 @@ def test_undecodable_stream_item_gets_an_in_band_error_and_the_stream_goes_on(se
     assert [r.request_id for r in replies] == ["a", "", "c"]
     assert replies[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert not replies[0].HasField("error") and not replies[2].HasField("error")
+
+
+def test_undecodable_list_presets_and_get_anchors_requests_are_invalid_argument(server):
+    with grpc.insecure_channel(server.address) as channel:
+        for method in ("ListPresets", "GetAnchors"):
+            call = channel.unary_unary(f"/tritarget.v1.TargetAssigner/{method}")
+            with pytest.raises(grpc.RpcError) as info:
+                call(_garbage(1), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"1024 bytes that do not parse as a tritarget.v1.{method}Request" in info.value.details()
+
+
+def test_a_stream_items_error_that_cannot_echo_its_id_comes_without_it(server):
+    """A refused stream item whose id (within the request limit) would take its error
+    response past the message limit: the error comes without the id, in its item's place,
+    and the stream goes on (gRPC ends the whole stream on a response over the limit)."""
+    bad = _good_request(request_id="z" * (MIB - 100))
+    bad.gt_counts[:] = [3]  # 2 boxes
+    assert bad.ByteSize() <= MIB  # the request fits; its error (112 bytes) beside the id does not
+    with TargetClient(server.address, retries=0, timeout=30, max_message_bytes=4 * MIB) as client:
+        results = list(client.stream([bad, _good_request(request_id="c")], return_exceptions=True))
+    assert len(results) == 2
+    assert isinstance(results[0], TargetServiceError) and results[0].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "counts sum to 3, but gt_boxes has 2 rows" in results[0].details
+    assert (results[1].labels == 1).any()
 
 
 DENSE_CASES = [
@@ -239,6 +265,24 @@ def test_access_log_has_one_line_per_call(enabled, caplog):
     assert lines[2].startswith("AssignStream id='s0' images=1 boxes=2 OK")
     assert re.fullmatch(r"AssignStream id='s1' images=2 boxes=3 INVALID_ARGUMENT \d+\.\d\d ms "
                         r"peer=ipv4:127\.0\.0\.1:\d+ reason='gt_counts: .*'", lines[3]), lines[3]  # fmt: skip
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_stream_refused_while_draining_is_logged_only_with_the_access_log(enabled, caplog):
+    """A stream's own end (here refused as the server drains) gets a line of its own in the
+    access log, and none where the access log is off."""
+    with ServerThread(access_log=enabled) as srv, TargetClient(srv.address, retries=0) as client:
+        srv.loop.call_soon_threadsafe(srv.server.servicer.drain)
+        with caplog.at_level(logging.INFO, logger="tritarget.access"):
+            with pytest.raises(TargetServiceError) as info:
+                list(client.stream([_good_request()]))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            time.sleep(0.1)  # the line is written by the server's thread as the call ends
+    lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
+    if not enabled:
+        assert lines == []
+        return
+    assert len(lines) == 1 and lines[0].startswith("AssignStream ended UNAVAILABLE peer=ipv4:127.0.0.1:"), lines
 
 
 def test_a_burst_of_calls_is_refused_as_overload_not_cancelled():
@@ -435,8 +479,8 @@ def test_a_stream_ended_by_the_drain_counts_no_failed_request(caplog):
 
 
 @pytest.mark.parametrize(("remaining", "code"), [(-0.2, "DEADLINE_EXCEEDED"), (0.0, "DEADLINE_EXCEEDED"),
-                                                 (0.0015, "DEADLINE_EXCEEDED"), (0.2, "CANCELLED"),
-                                                 (None, "CANCELLED")])  # fmt: skip
+                                                 (0.0015, "DEADLINE_EXCEEDED"), (0.05, "DEADLINE_EXCEEDED"),
+                                                 (0.2, "CANCELLED"), (None, "CANCELLED")])  # fmt: skip
 def test_a_call_cut_off_at_its_deadline_counts_as_deadline_exceeded(remaining, code):
     """The caller's deadline passes a moment before the server's (which runs from the call's
     arrival): its cancellation came while the server had 1-2 ms left, and the queued items
@@ -509,6 +553,134 @@ def test_stream_answers_never_sent_count_as_their_callers_gone_not_as_sent(caplo
         assert srv.metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"}) == 3
         lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]
         assert [line.split(" boxes=2 ")[1].split()[0] for line in lines] == ["CANCELLED"] * 3, lines
+
+
+def test_an_error_answer_its_stream_never_sent_is_recorded_with_its_own_code(caplog):
+    """A stream whose caller read none of its answers, then went away: its refused item's
+    answer (an in-band error, never sent) is timed and logged all the same, with its own
+    code, and its DENSE item's as CANCELLED."""
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense")
+    bad = _good_request(request_id="bad")
+    bad.gt_counts[:] = [3]  # 2 boxes
+    with ServerThread(backend="cpu") as srv, caplog.at_level(logging.INFO, logger="tritarget.access"):
+        encoded = lambda: srv.metrics.value("tritarget_encode_seconds_count")  # noqa: E731
+        logged = lambda: [r.getMessage() for r in caplog.records if r.name == "tritarget.access"]  # noqa: E731
+        before = encoded()
+        stream = unread_call(srv.port, "AssignStream", dense.SerializeToString(), bad.SerializeToString())
+        until(lambda: encoded() == before + 1 and _errors(srv, "AssignStream", "INVALID_ARGUMENT") == 1)
+        stream.close()
+        until(lambda: len(logged()) == 2, timeout=10)
+        assert srv.metrics.value("tritarget_request_seconds_count", {"method": "AssignStream"}) == 2
+        lines = logged()
+    assert lines[0].startswith("AssignStream id='' images=1 boxes=2 CANCELLED"), lines
+    assert lines[1].startswith("AssignStream id='bad' images=1 boxes=3 INVALID_ARGUMENT"), lines
+
+
+def test_sparse_stream_items_are_not_held_back_by_a_lone_response_past_the_bound():
+    """One response always fits, so a lone unread one may pass max_unsent_bytes: a stream's
+    SPARSE items (whose size is known only once computed) wait for room only behind other
+    items waiting; with none, they are computed and sent at once."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12.6 MB of anchors
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=MIB)) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+        until(lambda: unsent() > 12e6)
+        with TargetClient(srv.address, retries=0) as client:
+            items = [{"gt_boxes": GOOD, "gt_counts": [2]}] * 3
+            assert len(list(client.stream(items, preset="retinanet_torchvision", canvas=CANVAS, timeout=5))) == 3
+        held.close()
+        until(lambda: unsent() == 0)
+
+
+def test_a_unary_call_that_fits_is_refused_while_stream_items_wait_for_room():
+    """Stream items waiting for room under max_unsent_bytes come first: a unary call is
+    refused while they wait, even one whose response fits beside the bytes held."""
+    anchors = pb.GetAnchorsRequest(canvas_height=2048, canvas_width=2048)
+    anchors.config.preset = "retinanet_torchvision"  # 12,570,642 bytes of anchors
+    dense = build_request(GOOD, [2], (2048, 2048), preset="retinanet_torchvision", format="dense").SerializeToString()
+    with ServerThread(backend="cpu", limits=limits(max_unsent_bytes=12_570_642 + (64 << 10))) as srv:
+        unsent = lambda: srv.metrics.value("tritarget_unsent_response_bytes")  # noqa: E731
+        waiting = lambda: srv.metrics.value("tritarget_stream_requests_waiting")  # noqa: E731
+        held = unread_call(srv.port, "GetAnchors", anchors.SerializeToString())
+        until(lambda: unsent() > 12e6)
+        with TargetClient(srv.address, retries=0) as client:
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")  # a small response fits beside them
+            stream = unread_call(srv.port, "AssignStream", dense)  # 15.7 MB: waits
+            until(lambda: waiting() == 1)
+            with pytest.raises(TargetServiceError, match=r"\(limit \d+, 1 stream requests waiting for room\)"):
+                client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+            stream.close()
+            until(lambda: waiting() == 0)
+            client.assign(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+        held.close()
+        until(lambda: unsent() == 0)
+
+
+def test_unsent_bytes_up_to_the_bound_fit_and_one_more_does_not():
+    """max_unsent_bytes is the most held: a response (or a stream item) that brings the
+    bytes held exactly to it is taken, one byte more is refused (or waits)."""
+    with ServerThread(limits=limits(max_unsent_bytes=1000)) as srv:
+        held = srv.server.servicer
+
+        async def at_the_bound() -> None:
+            held._hold(600)
+            held._hold(400)  # 1,000 bytes
+            with pytest.raises(Overloaded, match=r"1000 bytes .* \(limit 1000\); this 1-byte response"):
+                held._hold(1)
+            held._let_go(400)
+            await asyncio.wait_for(held._unsent_room_for(400), 2)  # a stream item: let in at once
+            item = asyncio.ensure_future(held._unsent_room_for(1))
+            await asyncio.sleep(0.05)
+            assert not item.done() and held.waiting_requests == 1
+            held._let_go(1000)
+            await asyncio.wait_for(item, 2)
+            held._let_go(1)
+
+        srv.run(at_the_bound())
+        assert srv.metrics.value("tritarget_unsent_response_bytes") == 0
+
+
+def test_a_stream_item_that_leaves_the_line_lets_the_next_in_at_once():
+    """A stream item waiting for room goes away (its stream ended): the item behind it,
+    which fits, is let in then, not once some other response is let go."""
+    with ServerThread(limits=limits(max_unsent_bytes=1000)) as srv:
+        held = srv.server.servicer
+
+        async def first_goes() -> None:
+            held._hold(800)  # a response not yet taken by its caller
+            first = asyncio.ensure_future(held._unsent_room_for(900))  # waits for the 800 bytes
+            second = asyncio.ensure_future(held._unsent_room_for(200))  # fits, but waits its turn
+            await asyncio.sleep(0.05)
+            assert held.waiting_requests == 2
+            first.cancel()
+            await asyncio.wait_for(second, 2)
+            assert held.waiting_requests == 0
+            held._let_go(200)
+            held._let_go(800)
+
+        srv.run(first_goes())
+        assert srv.metrics.value("tritarget_unsent_response_bytes") == 0
+
+
+def test_a_stream_item_let_in_as_its_stream_ends_gives_its_room_back():
+    """A stream item is let in (its bytes held for it) and its stream ends before it runs
+    on: the bytes held for it are let go, not held for good."""
+    with ServerThread(limits=limits(max_unsent_bytes=1000)) as srv:
+        held = srv.server.servicer
+
+        async def let_in_then_gone() -> None:
+            held._hold(800)
+            item = asyncio.ensure_future(held._unsent_room_for(600))
+            await asyncio.sleep(0.05)
+            assert held.waiting_requests == 1
+            held._let_go(800)  # room: the item is let in, its 600 bytes held for it
+            item.cancel()  # and its stream ends before it runs again
+            with contextlib.suppress(asyncio.CancelledError):
+                await item
+
+        srv.run(let_in_then_gone())
+        assert srv.metrics.value("tritarget_unsent_response_bytes") == 0
 
 
 def test_a_stream_that_ends_leaves_the_line_for_unsent_room_at_once():

@@ -301,6 +301,55 @@ def test_a_response_its_caller_does_not_have_yet_holds_the_shutdown():
         assert srv.run(servicer.wait_settled(0.3)) is True
 
 
+def test_an_open_stream_keeps_the_server_unsettled_after_other_calls_end():
+    """Calls in flight are counted: another call that begins and ends while a stream is
+    open (idle, like a data loader's between epochs) leaves the server unsettled."""
+    more = threading.Event()
+    request = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    def requests():
+        yield request
+        more.wait(30)
+
+    with ServerThread() as srv, grpc.insecure_channel(srv.address) as channel:
+        servicer = srv.server.servicer
+        stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream",
+                                       request_serializer=pb.AssignRequest.SerializeToString,
+                                       response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
+        try:
+            call = stream(requests(), timeout=30)
+            assert not next(call).HasField("error")
+            with TargetClient(srv.address, retries=0) as client:
+                client.list_presets()
+            assert srv.run(servicer.wait_settled(0.3)) is False
+        finally:
+            more.set()
+        assert list(call) == []
+        assert srv.run(servicer.wait_settled(5.0)) is True
+
+
+def test_a_server_whose_calls_keep_arriving_is_not_settled():
+    """Calls that keep arriving, each over at once, leave the server idle between them but
+    never quiet: it is not settled (stopping gRPC then would cancel the calls it took in
+    that the event loop has not reached yet)."""
+    stop = threading.Event()
+    with ServerThread() as srv, TargetClient(srv.address, retries=0) as client:
+
+        def keep_calling() -> None:
+            while not stop.is_set():
+                client.list_presets()
+
+        caller = threading.Thread(target=keep_calling)
+        caller.start()
+        try:
+            until(lambda: srv.metrics.value("tritarget_requests_total", {"method": "ListPresets"}) >= 3)
+            assert srv.run(srv.server.servicer.wait_settled(2.0, quiet=0.5)) is False  # calls are ms apart
+        finally:
+            stop.set()
+            caller.join(10)
+        assert srv.run(srv.server.servicer.wait_settled(5.0, quiet=0.25)) is True
+
+
 async def _call_soon(function, *args):
     """``function(*args)`` on the server's event loop, as gRPC's callbacks run."""
     function(*args)

@@ -151,6 +151,40 @@ def test_a_call_to_an_unknown_method_names_the_services_and_is_logged(token, cap
         assert re.fullmatch(rf"'/tritarget\.v2\.TargetAssigner/Assign' {code} peer=ipv4:127\.0\.0\.1:\d+.*", line), line
 
 
+@pytest.mark.parametrize("logged", [True, False])
+def test_an_unknown_methods_long_name_is_cut_in_its_error_and_its_log_line(logged, caplog):
+    """A caller's method name may be long: its error and its access-log line (only where the
+    access log is on) quote its first 128 characters."""
+    method = "/tritarget.v2.TargetAssigner/" + "A" * 2000
+    with ServerThread(access_log=logged) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
+        with grpc.insecure_channel(srv.address) as channel:
+            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"x", timeout=10)
+        lines = [r.getMessage() for r in caplog.records if "v2" in r.getMessage()]
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.details().startswith(f"unknown method {method[:128]!r}: this server has ")
+    if logged:
+        assert len(lines) == 1 and lines[0].startswith(f"{method[:128]!r} (unknown method) UNIMPLEMENTED"), lines
+    else:
+        assert lines == []
+
+
+def test_a_streaming_call_to_an_unknown_method_is_refused_before_its_first_message():
+    """The refusal reads nothing: a client stream that has sent no message yet (and may
+    never) is answered at once, not left to its deadline."""
+    never = threading.Event()
+    with ServerThread() as srv, grpc.insecure_channel(srv.address) as channel:
+        call = channel.stream_stream("/tritarget.v2.TargetAssigner/AssignStream", request_serializer=bytes,
+                                     response_deserializer=bytes)  # fmt: skip
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(iter(lambda: never.wait() and b"", b""), timeout=5))  # its first message never comes
+        finally:
+            never.set()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_auth_accepts_the_token_and_health_needs_none(auth_server):
     with TargetClient(auth_server.address, token=TOKEN) as client:
         assert (_assign(client).labels == 1).any()
