@@ -48,6 +48,41 @@ def test_demo_refuses_a_batch_over_a_requests_bound_at_once(capsys):
     )
 
 
+def test_a_demo_batch_of_exactly_a_requests_bound_is_accepted():
+    """The bound is images x anchors <= the service's limit: a batch that reaches it exactly
+    is one the server takes, one image more is refused (one anchor per 8 x 8 cell on an
+    8192 x 4096 canvas: 524,288 anchors, 64 images = 2**25 rows)."""
+    import dataclasses
+
+    from tritarget.kernels import AnchorConfig, AnchorLevel, presets
+    from tritarget.service.cli import _check_demo_batch
+
+    level = AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,))
+    anchors = AnchorConfig(layout="torchvision", levels=(level,))
+    config = dataclasses.replace(presets.get("retinanet_torchvision"), anchors=anchors)
+    assert _check_demo_batch(64, config, (8192, 4096)) == 524_288
+    with pytest.raises(ValueError, match="65 images x 524,288 anchors is over 33,554,432"):
+        _check_demo_batch(65, config, (8192, 4096))
+
+
+def test_demo_names_a_cpu_kernel_that_cannot_be_built_in_one_line(monkeypatch, capsys):
+    """No C compiler for the cpu backend's kernel (a RuntimeError): one line and exit 2, not a
+    traceback."""
+    from tritarget.kernels import cpu, cpu_build
+    from tritarget.service.cli import main
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    cpu._library.cache_clear()
+    cpu_build.load_library.cache_clear()
+    try:
+        assert main(["demo", "--backend", "cpu", "--batch", "1", "--canvas", "64", "64"]) == 2
+    finally:
+        cpu._library.cache_clear()
+        cpu_build.load_library.cache_clear()
+    assert capsys.readouterr().err.startswith("tritarget demo: the CPU backend compiles a small C kernel on first use")
+
+
 @pytest.mark.parametrize("canvas", [(1, 1), (1, 9), (2, 2), (2, 5), (3, 3), (800, 1344)])
 def test_the_synthetic_boxes_are_valid_on_any_canvas(canvas, capsys):
     """On a canvas of 1 or 2 pixels a side the boxes' sides were clamped to 2 .. 0: no area,

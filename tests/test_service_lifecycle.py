@@ -214,10 +214,41 @@ def test_serve_and_up_give_torch_no_more_threads_than_the_usable_cores(command, 
     assert seen == [1]
 
 
+def test_an_openmp_wait_policy_given_in_the_environment_wins(monkeypatch):
+    """serve and up make idle OpenMP threads sleep, unless OMP_WAIT_POLICY says otherwise."""
+    from tritarget.service import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli._passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli._passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_up_takes_a_demo_batch_as_large_as_the_request_bound(monkeypatch, capsys):
+    """``up --batch N`` with ``--max-request-images N``: a demo request the server takes; one
+    image more is refused before the server starts."""
+    from tritarget.service import server
+
+    async def serve(options, **kwargs):  # stands in for the server: the check is before it
+        pass
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(server, "serve", serve)
+    try:
+        assert main(["up", "--port", "0", "--batch", "4", "--max-request-images", "4"]) == 0
+        assert main(["up", "--port", "0", "--batch", "5", "--max-request-images", "4"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err == "tritarget up: --batch 5 is over --max-request-images 4\n"
+
+
 def test_front_ends_follow_the_cores_on_a_fixed_port():
     assert [front_ends(None, 50051, cores) for cores in (1, 2, 4, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
     assert front_ends(None, 0, 16) == 1  # port 0: each process would get a port of its own
     assert front_ends(3, 50051, 2) == 3  # asked for: as given
+    assert front_ends(1, 0, 16) == 1  # one process may take any free port
     with pytest.raises(ValueError, match="--workers: must be >= 1, got 0"):
         front_ends(0, 50051, 16)
 
@@ -1071,6 +1102,8 @@ def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
         (["--token-file", "/no/such/token"], {}, "--token-file /no/such/token: No such file or directory"),
         # A canvas no request may use, allocated before the port answered (22.5 GB here).
         (["--warmup-canvas", "100000", "100000"], {}, "--warmup-canvas 100000 100000: over the server's canvas"),
+        (["--warmup-canvas", "64", "100000"], {}, "--warmup-canvas 64 100000: over the server's canvas"),  # either side
+        (["--metrics-port", "0", "--metrics-host", "[ ]"], {}, "--metrics-host: empty"),  # brackets around nothing
         (["--metrics-host", "127.0.0.1"], {}, "--metrics-host needs --metrics-port"),
         # Refused by their flags' names, before any worker starts (not as max_batch_images in each).
         (["--max-batch-images", "2000"], {}, "--max-batch-images 2000 is over --max-queue-images 1024"),
@@ -1082,6 +1115,44 @@ def test_cli_refuses_server_settings_that_cannot_work(flags, env, message, monke
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=re.escape(message)):  # `serve` prints it and exits 2
         _server_options(build_parser().parse_args(["serve", "--port", "0", *flags]))
+
+
+def test_cli_takes_server_settings_at_their_bounds():
+    """Each bound is inclusive: a merged batch as large as the queue, a warm-up canvas of the
+    server's largest side, worker metrics ports up to 65535 and right beside --port."""
+    from tritarget.service.cli import _check_metrics_ports
+
+    parse = build_parser().parse_args
+    options = _server_options(parse(["serve", "--max-batch-images", "1024", "--warmup-canvas", "8192", "64"]))
+    assert (options.batching.max_batch_images, options.warmup_canvas) == (1024, (8192, 64))
+    for metrics_port in ("65534", "50049", "50052"):  # 2 workers: ports 65534-65535, 50049-50050, 50052-50053
+        _check_metrics_ports(_server_options(parse(["serve", "--port", "50051", "--metrics-port", metrics_port])), 2)
+    with pytest.raises(ValueError, match=r"with 2 workers: .* and one would be --port 50051"):
+        _check_metrics_ports(_server_options(parse(["serve", "--port", "50051", "--metrics-port", "50051"])), 2)
+
+
+def test_the_server_options_are_the_flags():
+    """Each server flag reaches the server's options, in the server's units (MiB as bytes,
+    milliseconds as seconds); without flags the server is on 127.0.0.1:50051."""
+    argv = ["serve", "--port", "0", "--max-message-mb", "3", "--max-request-images", "7", "--max-request-boxes", "9",
+            "--max-queue-delay-ms", "250", "--compute-workers", "3", "--warmup-canvas", "64", "96", "--grace", "2.5",
+            "--connection-idle-s", "30", "--connection-age-s", "60", "--no-access-log", "--metrics-port", "0",
+            "--metrics-host", "::1"]  # fmt: skip
+    options = _server_options(build_parser().parse_args(argv))
+    assert (options.limits.max_message_bytes, options.limits.max_images, options.limits.max_boxes) == (3 << 20, 7, 9)
+    assert (options.batching.max_queue_delay_s, options.batching.compute_workers) == (0.25, 3)
+    assert (options.warmup_canvas, options.grace_s, options.access_log) == ((64, 96), 2.5, False)
+    assert (options.connection_idle_s, options.connection_age_s) == (30.0, 60.0)
+    assert (options.metrics_port, options.metrics_host) == (0, "::1")
+    defaults = _server_options(build_parser().parse_args(["serve"]))
+    assert (defaults.host, defaults.port, defaults.metrics_port) == ("127.0.0.1", 50051, None) and defaults.access_log
+
+
+def test_a_token_file_s_trailing_newline_is_no_part_of_the_token(tmp_path):
+    """``echo s3cret > token``: the token is s3cret, as from --token or TRITARGET_TOKEN."""
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    assert _server_token(build_parser().parse_args(["serve", "--token-file", str(path)])) == "s3cret"
 
 
 def test_cli_names_a_token_file_that_is_not_text(tmp_path):

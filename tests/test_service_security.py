@@ -326,20 +326,22 @@ def test_a_certificate_that_does_not_name_the_address_fails_at_once_and_says_so(
 
 def test_up_with_tls_sends_its_demo_by_the_certificates_name(tmp_path):
     """`tritarget up --tls-cert` with a certificate for localhost: the demo connected to
-    127.0.0.1 and failed its hostname check (after 30 s of retries, exit 1)."""
+    127.0.0.1 and failed its hostname check (after 30 s of retries, exit 1). The hint it
+    prints names what a `tritarget request` to it needs: the CA and a token."""
     cert, key = _self_signed(tmp_path, names="DNS:localhost")
     (tmp_path / "cert.pem").write_bytes(cert)
     (tmp_path / "key.pem").write_bytes(key)
     process = subprocess.Popen(
         [sys.executable, "-m", "tritarget.service.cli", "up", "--port", "0", "--tls-cert", "cert.pem", "--tls-key",
-         "key.pem", "--warmup-canvas", "64", "64"],
+         "key.pem", "--warmup-canvas", "64", "64", "--token", TOKEN],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        match, output = read_until(process, r"service running on (\S+) .*try: tritarget request --target \S+ --tls-ca "
-                                            r"cert.pem|the demo request failed", timeout=120)  # fmt: skip
+        match, output = read_until(process, r"service running on (\S+) .*try: tritarget request (.*)|the demo request "
+                                            r"failed", timeout=120)  # fmt: skip
         assert "the demo request failed" not in output, output
         assert match.group(1).startswith("localhost:")
+        assert re.fullmatch(r"--target \S+ --tls-ca cert.pem --token TOKEN", match.group(2)), match.group(2)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
@@ -365,6 +367,26 @@ def test_a_token_served_over_plaintext_beyond_loopback_is_warned_of(host, tls, w
     assert ("a bearer token without TLS on " + host in said) is warned, said
     if warned:
         assert "--tls-cert" in said
+
+
+def test_a_host_is_loopback_only_when_every_address_it_resolves_to_is(monkeypatch, capsys):
+    """Without a token there is nothing to warn of; a host that does not resolve, or that
+    resolves to a loopback address and another, is not loopback only (callers may reach it
+    over the network)."""
+    from tritarget.service.cli import _loopback_only, _server_options, _warn_of_a_token_in_the_clear, build_parser
+
+    monkeypatch.delenv("TRITARGET_TOKEN", raising=False)
+    _warn_of_a_token_in_the_clear("serve", _server_options(build_parser().parse_args(["serve", "--host", "0.0.0.0"])))
+    assert capsys.readouterr().err == ""
+    both = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in ("127.0.0.1", "192.0.2.1")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+    assert not _loopback_only("mixed.example")
+
+    def unresolvable(*args, **kwargs):  # no name server asked: CI's machine may have none
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    assert not _loopback_only("no-such-host.invalid")
 
 
 def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch, capfd):
