@@ -256,6 +256,24 @@ def test_a_sampling_presets_answers_verify():
     assert report.ok and report.verified == 3, report.table()
 
 
+def test_verification_names_a_response_in_another_format_or_delta_dtype():
+    """A response must carry its targets as its request asked: DENSE targets for a SPARSE
+    request, or float16 deltas for float32 ones, are named as such."""
+    dense = dataclasses.replace(WORKLOAD, format="dense")
+    assert verify_response(WORKLOAD, 1, _response(dense, 1)) == "request 1: DENSE targets, asked SPARSE"
+    fp16 = dataclasses.replace(WORKLOAD, fp16=True)
+    assert verify_response(WORKLOAD, 1, _response(fp16, 1)) == "request 1: deltas DTYPE_FLOAT16, asked DTYPE_FLOAT32"
+
+
+def test_verification_holds_float32_deltas_to_a_tight_tolerance():
+    """float32 deltas are compared within 1e-5: one off by 1e-4 differs (float16's 1e-3 would pass it)."""
+    response = _response(WORKLOAD, 1)
+    deltas = torch.frombuffer(bytearray(response.sparse.positive_deltas.data), dtype=torch.float32).clone()
+    deltas[0] += 1e-4
+    response.sparse.positive_deltas.data = deltas.numpy().tobytes()
+    assert "deltas of positives differ by up to" in verify_response(WORKLOAD, 1, response)
+
+
 def test_the_deadline_counts_from_the_start_line_not_while_requests_are_built(server, monkeypatch):
     """One client process built its requests under the collector's deadline (the run, the
     timeout and a minute): the largest workload, two minutes to build, failed before any
@@ -415,6 +433,14 @@ def test_a_closed_loop_stream_keeps_trying_a_server_that_is_down():
     assert report.window_s >= 0.5
 
 
+def test_a_stream_may_outlast_the_timeout_of_one_request():
+    """``timeout_s`` bounds each request: a stream held for a run longer than it is not cut."""
+    with _echo_server() as (address, _, _):
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
+                                     stream=True, timeout_s=0.3))  # fmt: skip
+    assert report.ok and report.errors == {} and report.requests > 0, report.table()
+
+
 class _SelfCancellingChannel:
     """A channel each of whose calls gRPC cancelled on its own: awaiting one raises
     asyncio.CancelledError (as grpc.aio does for any call cancelled on the client side),
@@ -501,6 +527,128 @@ def test_an_open_loop_stream_late_for_the_generators_sake_says_so(monkeypatch):
                                  rate=500, stream=True))  # fmt: skip
     assert report.held_sends == 0 and report.late_sends > 2, report.table()
     assert "could not keep its schedule" in report.table() and "for their stream" not in report.table()
+
+
+class _Streams:
+    """A channel each of whose streams ``open_stream`` makes (its unary calls are not used)."""
+
+    def __init__(self, open_stream: Callable[[], object]) -> None:
+        self.open_stream = open_stream
+
+    def unary_unary(self, *args) -> None:
+        return None
+
+    def stream_stream(self, *args):
+        return lambda **kwargs: self.open_stream()
+
+    async def close(self) -> None:
+        pass
+
+
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class _FakeStream:
+    """A stream that takes every write at once; subclasses say how it answers."""
+
+    async def write(self, request) -> None:
+        pass
+
+    async def done_writing(self) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _RefusedStream(_FakeStream):
+    """Fails at once, before its first request is written (a server refusing every stream)."""
+
+    async def read(self):
+        raise _unavailable("refused")
+
+
+def test_a_closed_loop_stream_that_fails_before_sending_counts_an_error(monkeypatch):
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_RefusedStream)])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=0.3, warmup_s=0, concurrency=1,
+                                 stream=True))  # fmt: skip
+    assert report.requests == 0 and report.errors.get("UNAVAILABLE", 0) >= 1, report.table()
+    assert report.error_details == {"UNAVAILABLE": "refused"}
+
+
+class _StuckStream(_FakeStream):
+    """Takes no request (its first write never ends) and fails 0.7 s after it is opened."""
+
+    async def write(self, request) -> None:
+        await asyncio.Event().wait()
+
+    async def read(self):
+        await asyncio.sleep(0.7)
+        raise _unavailable("stuck")
+
+
+def test_an_open_loop_stream_failing_after_the_window_counts_what_it_never_took(monkeypatch):
+    """5 requests due in 0.5 s, the stream stuck on the first and failing after the window:
+    the 4 it never took are errors under its code too (no time is left to reopen it)."""
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_StuckStream)])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=0.5, warmup_s=0, concurrency=1,
+                                 rate=10, stream=True))  # fmt: skip
+    assert report.requests == 0 and report.errors == {"UNAVAILABLE": 5}, report.table()
+
+
+class _SlowStream(_FakeStream):
+    """Answers each request in turn, 0.6 s after the last answer (or its opening)."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue = asyncio.Queue()
+
+    async def write(self, request) -> None:
+        self.answers.put_nowait(pb.AssignResponse())
+
+    async def done_writing(self) -> None:
+        self.answers.put_nowait(grpc.aio.EOF)
+
+    async def read(self):
+        answer = await self.answers.get()
+        if answer is not grpc.aio.EOF:
+            await asyncio.sleep(0.6)
+        return answer
+
+
+def test_a_stream_that_made_way_after_the_window_leaves_its_schedule_to_the_next(monkeypatch):
+    """Requests at 0, 0.25, 0.5 and 0.75 s; the stream makes way after 0.4 s and its last
+    answer comes after the window: what it left is taken by its successor (here too late:
+    NOT_SENT), not dropped or counted under no code."""
+    monkeypatch.setattr(loadtest, "_STREAM_ROTATE_S", 0.4)
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_SlowStream)])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
+                                 rate=4, stream=True))  # fmt: skip
+    assert list(report.errors) == ["NOT_SENT"], report.table()
+    assert report.requests + report.errors["NOT_SENT"] == 4, report.table()
+
+
+class _UnansweringStream(_FakeStream):
+    """Takes every request and, once the client is done writing, ends without error and
+    without an answer."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+    async def done_writing(self) -> None:
+        self.done.set()
+
+    async def read(self):
+        await self.done.wait()
+        return grpc.aio.EOF
+
+
+def test_an_open_loop_stream_closed_without_its_answers_counts_them_unanswered(monkeypatch):
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_UnansweringStream)])
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=0.5, warmup_s=0, concurrency=1,
+                                 rate=10, stream=True))  # fmt: skip
+    assert report.requests == 0 and report.errors.get("UNANSWERED", 0) >= 4, report.table()
+    assert sum(report.errors.values()) == 5 and set(report.errors) <= {"UNANSWERED", "NOT_SENT"}, report.table()
 
 
 def _ctrl_c_when(loading: threading.Event, children: Callable[[], list] | None = None) -> threading.Thread:
@@ -973,7 +1121,8 @@ def test_a_plot_format_matplotlib_does_not_draw_is_refused_before_the_run(tmp_pa
      {"targets": ("http://127.0.0.1:1",)}, {"targets": ("127.0.0.1:70000",)}, {"token": "a\nb"},
      {"rate": 1e308}, {"rate": 6e6},  # a run that counted its unsent requests for ever (or minutes)
      {"rate": 1e-309},  # 1 / rate inf, every start time NaN: calls sent at once, then a crash (review 48)
-     {"concurrency": 16_385}, {"processes": 257, "concurrency": 300}, {"window": 1_025, "stream": True}],
+     {"concurrency": 16_385}, {"processes": 257, "concurrency": 300}, {"window": 1_025, "stream": True},
+     {"warmup_s": -0.5}, {"processes": 0}, {"window": 0, "stream": True}, {"verify": -1}],
 )  # fmt: skip
 def test_library_options_refuse_what_cannot_run(kwargs):
     with pytest.raises(ValueError):
@@ -995,6 +1144,22 @@ def test_workload_refuses_one_too_large_to_build(kwargs, total):
 def test_workload_refuses_an_empty_canvas(canvas):
     with pytest.raises(ValueError, match="canvas"):
         Workload(canvas=canvas)
+
+
+@pytest.mark.parametrize("kwargs", [{"images": 0}, {"variants": 0}, {"boxes": -1}, {"format": "DENSE"}])
+def test_workload_refuses_what_it_cannot_build(kwargs):
+    with pytest.raises(ValueError):
+        Workload(**kwargs)
+
+
+def test_workload_limits_are_the_largest_it_builds():
+    """1,048,576 images and 50,000,000 boxes per client process are allowed; one more is not."""
+    assert Workload(images=1 << 20, variants=1, boxes=0).images == 1 << 20
+    assert Workload(images=1, variants=1, boxes=50_000_000).boxes == 50_000_000
+    with pytest.raises(ValueError, match="are over 1,048,576 images"):
+        Workload(images=(1 << 20) + 1, variants=1, boxes=0)
+    with pytest.raises(ValueError, match=re.escape("(50,000,001 boxes) are over")):
+        Workload(images=1, variants=1, boxes=50_000_001)
 
 
 def test_an_output_that_fails_to_write_is_one_line_and_the_rest_is_written(monkeypatch, tmp_path, capsys):
@@ -1268,6 +1433,18 @@ def test_the_workload_reads_as_written():
     assert "8 COCO-like images per request, DENSE float16" in Workload(format="dense", fp16=True).describe()
 
 
+@pytest.mark.parametrize(("kwargs", "who"), [
+    ({"stream": True, "window": 2}, "stream, closed loop, 3 streams x 2 in flight,"),
+    ({"stream": True, "rate": 5.0}, "stream, open loop at 5 requests/s, 3 streams,"),
+    ({"rate": 5.0}, "unary, open loop at 5 requests/s, a call per scheduled request over 3 connections,"),
+    ({}, "unary, closed loop, 3 callers,"),
+])  # fmt: skip
+def test_the_mode_reads_as_run(kwargs, who):
+    """A window is a closed-loop stream's; an open loop's unary calls are one per scheduled request."""
+    options = LoadTestOptions(targets=("127.0.0.1:1",), concurrency=3, duration_s=5, warmup_s=1, **kwargs)
+    assert options.describe() == f"127.0.0.1:1: {who} 1 process(es), 5 s (+1 s warm-up)"
+
+
 def test_verification_draws_its_responses_from_the_whole_run():
     """A server wrong only after its first 20 answers (as one wrong only once batches merge
     under load): the first K answers alone passed. 10 draws from 100 answers or more all
@@ -1298,3 +1475,69 @@ def test_a_request_that_fails_late_does_not_stretch_the_requests_per_second():
     answered = recorder.last_answer
     recorder.error(100.3, "DEADLINE_EXCEEDED")  # at perf_counter() now: long after 100.2
     assert recorder.last_answer == answered == 100.2 and recorder.errors["DEADLINE_EXCEEDED"] == 1
+
+
+def test_an_error_code_keeps_its_first_message_cut_short():
+    """The report quotes one message per code: the first that came, at most 300 characters."""
+    recorder = loadtest._Recorder(measure_from=time.perf_counter() - 1.0, keep=0)  # measuring since a second ago
+    recorder.explain("INVALID_ARGUMENT", "first " + "x" * 500)
+    recorder.explain("INVALID_ARGUMENT", "second")
+    recorder.explain("UNAVAILABLE", "")  # no message: nothing to keep
+    assert recorder.details == {"INVALID_ARGUMENT": "first " + "x" * 294}
+
+
+def test_the_table_passes_over_a_stray_held_send_or_a_small_lag():
+    """Up to 1% of the sends held by their stream, or answers up to 0.5 s (5% of the window)
+    behind it, say nothing (a garbage collection, one slow answer); beyond, the table says so."""
+    options = LoadTestOptions(targets=("127.0.0.1:1",), rate=100.0, duration_s=10.0)
+    quiet = dataclasses.replace(_bench_report(10), options=options, sends=1000, held_sends=10, answered_s=10.3)
+    assert quiet.behind_s == pytest.approx(0.3)
+    assert "for their stream" not in quiet.table() and "fell behind" not in quiet.table()
+    loud = dataclasses.replace(quiet, held_sends=11, answered_s=10.6)
+    assert "11 of 1,000 requests waited more than 10 ms for their stream" in loud.table()
+    assert "the answers took 0.6 s longer to come than the 10 s window" in loud.table()
+
+
+def test_the_summary_quotes_the_messages_of_the_measured_errors_only():
+    """A warm-up request that failed once the window was open brings its message, not its
+    count, into the measured window: the summary quotes only codes it counts."""
+    report = dataclasses.replace(_bench_report(0), error_details={"UNAVAILABLE": "down", "INTERNAL": "late"})
+    assert report.summary()["error_details"] == {"UNAVAILABLE": "down"}
+    assert "INTERNAL" not in report.table()
+
+
+def test_a_run_without_answers_has_no_first_answer():
+    """No answer came: the time of the first is none (JSON null), not an infinity."""
+    report = dataclasses.replace(_bench_report(0), first_answered_s=math.inf)
+    assert report.summary()["first_answered_s"] is None
+
+
+def _result(recorder: loadtest._Recorder, measured_s: float, started: float) -> dict:
+    return {**recorder.result(), "cpu_s": 0.5, "window_s": 1.2, "measured_s": measured_s, "started": started}
+
+
+def test_client_processes_results_merge_into_one_report():
+    """Counts add up; answers span from the earliest first answer to the latest last one; the
+    measured time is the longest process's (one stopped early measured less)."""
+    first, second = loadtest._Recorder(100.0, keep=0), loadtest._Recorder(100.0, keep=0)
+    first.record(100.1, 100.2, None, 0, None)
+    second.record(100.5, 100.9, None, 1, None)
+    second.error(100.6, "UNAVAILABLE")
+    options = LoadTestOptions(targets=("127.0.0.1:1",), duration_s=1.0, rate=4.0, processes=2, concurrency=2)
+    report = loadtest._merge(options, [_result(first, 0.8, started=5.0), _result(second, 1.0, started=5.05)])
+    assert (report.requests, report.errors, report.client_cpu_s) == (2, {"UNAVAILABLE": 1}, 1.0)
+    assert (report.first_answered_s, report.answered_s) == pytest.approx((0.2, 0.9))
+    assert report.measured_s == 1.0 and report.start_skew_s == pytest.approx(0.05)
+
+
+def test_client_processes_interleave_their_share_of_the_rate():
+    """Two processes at 4 requests/s together: each sends every 0.5 s, the second 0.25 s after
+    the first, so that 4 requests go out in a second, evenly spread."""
+    options = LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.0, rate=4.0, processes=2,
+                              concurrency=2)  # fmt: skip
+    drivers = [_Driver(options, index, None, None, None) for index in (0, 1)]
+    end = time.perf_counter() + 1.0  # the window: their schedules start now and end then
+    for driver in drivers:
+        driver.end = end
+    first, second = schedules = [list(driver._schedule()) for driver in drivers]
+    assert len(first) == len(second) == 2 and first[0] < second[0] < first[1] < second[1], schedules
