@@ -47,6 +47,20 @@ def test_sparse_equals_dense_then_sparse(backend, preset, generator):
     _equal_sparse(sparse, dense.to_sparse())
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_matched_indices_are_as_given_when_an_images_first_box_is_dropped(backend, generator):
+    """Dropping box 0 of an image makes its box 1 the first kept one (index 0 among the kept):
+    the sparse form still names it 1, as the dense form does."""
+    boxes, counts = random_batch(generator, [5, 3, 4], CANVAS)
+    boxes[0] = boxes[5] = torch.tensor([30.0, 30.0, 20.0, 40.0])  # invalid: each image's first box but the last
+    sparse = assign_sparse(boxes, counts, CANVAS, presets.get("retinanet_torchvision"), backend=backend,
+                           drop_invalid=True)  # fmt: skip
+    dense = assign(boxes, counts, CANVAS, presets.get("retinanet_torchvision"), backend=backend, drop_invalid=True)
+    assert [d.tolist() for d in dense.dropped] == [[0], [0], []]
+    assert 1 in dense.matched_gt[0].tolist() and 0 not in dense.matched_gt[0].tolist()
+    _equal_sparse(sparse, dense.to_sparse())
+
+
 def _lists(**changes):
     """Two images over 6 anchors: image 0 positive at 1 and ignored at 2, image 1 positive at 4."""
     lists = dict(num_anchors=6, positive_offsets=torch.tensor([0, 1, 2]),

@@ -7,6 +7,7 @@ import torch
 from support import on_device, triton_runs_here
 from tritarget.kernels import assign, assign_sparse, decode, encode, generate_anchors, level_slices, presets
 from tritarget.kernels.anchors import check_canvas, feature_map_size, resolve_grid
+from tritarget.kernels.api import resolve_backend
 
 CANVAS = (64, 96)
 CONFIG = presets.get("retinanet_torchvision")
@@ -352,6 +353,20 @@ def test_meta_tensors_are_refused_by_name(backend):
         _assign(meta, [3], backend=backend)
     with pytest.raises(ValueError, match="gt_counts: a tensor on the meta device has no values"):
         _assign(GOOD, torch.tensor([3], device="meta"))
+
+
+def test_backends_resolve_by_the_device_of_the_tensors():
+    """``auto`` is triton on a CUDA device and cpu on the host, and names any other device;
+    a named backend stays as named, except cpu for tensors that are not on the host (no GPU
+    is needed to resolve a CUDA device)."""
+    cuda, host, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
+    assert resolve_backend("auto", cuda) == "triton" and resolve_backend("auto", host) == "cpu"
+    assert [resolve_backend(name, host) for name in ("reference", "cpu", "triton")] == ["reference", "cpu", "triton"]
+    assert resolve_backend("reference", meta) == "reference" and resolve_backend("triton", cuda) == "triton"
+    with pytest.raises(ValueError, match="backend 'auto': tensors on meta; move them to the CPU or a CUDA GPU"):
+        resolve_backend("auto", meta)
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors, got tensors on cuda"):
+        resolve_backend("cpu", cuda)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -312,6 +312,20 @@ def test_dropped_ignore_regions_are_reported(function, backend):
     assert all([d.tolist() for d in t.dropped_ignore] == [[1], [1]] for t in converted)
 
 
+@pytest.mark.parametrize(("function", "solver"), [(assign, "solve"), (assign_sparse, "solve_sparse")])
+def test_under_drop_invalid_the_boxes_are_checked_before_the_only_solve(function, solver, monkeypatch):
+    """A caller passing drop_invalid expects invalid boxes: they are checked and dropped on
+    the host first, not found by the backend after a solve of the whole batch for nothing."""
+    checked, solve = [], getattr(cpu, solver)
+    monkeypatch.setattr(cpu, solver, lambda problem: checked.append(problem.gt_boxes_checked) or solve(problem))
+    boxes = torch.cat([GOOD, torch.tensor([INVALID_KINDS[3]])])
+    got = function(boxes, [2, 2], CANVAS, CONFIG, backend="cpu", drop_invalid=True)
+    assert checked == [True] and [d.tolist() for d in got.dropped] == [[], [1]]
+    checked.clear()
+    function(GOOD, [3], CANVAS, CONFIG, backend="cpu")  # valid boxes, no drop_invalid: left to the backend
+    assert checked == [False]
+
+
 def test_ignore_boxes_still_go_through_the_cpu_backends_compiled_check(monkeypatch):
     calls = []
     compiled = cpu.boxes_valid

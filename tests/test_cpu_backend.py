@@ -4,6 +4,7 @@ exactly, deltas within 1e-6, for every preset and matching mode; and it never bu
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -1002,3 +1004,92 @@ def test_anchors_a_caller_edits_in_place_change_no_later_call():
     for backend in ("reference", "cpu"):
         after = assign(boxes, [2], canvas, config, backend=backend)
         assert torch.equal(after.labels, before.labels) and torch.equal(after.matched_gt, before.matched_gt), backend
+
+
+def test_max_iou_comes_back_only_when_asked(generator):
+    """Without ``return_max_iou`` the targets hold no best IoU (None, as the reference's); with it,
+    each anchor's best IoU equals the reference's."""
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [4, 0, 6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    assert assign(boxes, counts, canvas, config, backend="cpu").max_iou is None
+    got = assign(boxes, counts, canvas, config, backend="cpu", return_max_iou=True)
+    want = assign(boxes, counts, canvas, config, backend="reference", return_max_iou=True)
+    assert torch.equal(got.max_iou, want.max_iou)
+
+
+def test_dense_and_sparse_targets_carry_the_configs_background_class(generator):
+    """A background class other than 0 (mmdet's is the number of classes) is written to the
+    negatives' classes and carried by both forms, so that densifying the sparse form fills it in."""
+    canvas = (97, 131)
+    boxes, counts = random_batch(generator, [5, 0, 3], canvas)
+    classes = classes_for(boxes, generator)
+    config = TargetConfig(anchors=SMALL_ANCHORS, background_class=80)
+    dense = assign(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    sparse = assign_sparse(boxes, counts, canvas, config, gt_classes=classes, backend="cpu")
+    assert dense.background_class == sparse.background_class == 80
+    assert bool((dense.classes[dense.labels == 0] == 80).all())
+    assert torch.equal(sparse.to_dense().classes, dense.classes)
+
+
+def test_explicit_anchors_given_other_data_of_the_same_count_are_read_anew(generator):
+    """``.data =`` with as many anchors leaves the version counter and the count as they were,
+    and the old data may still be alive elsewhere: the cached kernel arguments must follow the
+    new address, not read the old anchors."""
+    canvas = (120, 150)
+    boxes, counts = random_batch(generator, [6], canvas)
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    anchors, _ = random_batch(generator, [700], canvas, min_size=4.0)
+    old = anchors.data  # keeps the old data alive and unchanged
+    assign_sparse(boxes, counts, canvas, config, anchors=anchors, backend="cpu")
+    version = anchors._version
+    anchors.data = boxes[torch.arange(700) % boxes.shape[0]] + torch.rand(700, 1, generator=generator)
+    assert anchors._version == version and not torch.equal(anchors, old)
+    for function in (assign, assign_sparse):
+        got = function(boxes, counts, canvas, config, anchors=anchors, backend="cpu")
+        want = function(boxes, counts, canvas, config, anchors=anchors, backend="reference")
+        assert_sparse_equal(*(t if function is assign_sparse else t.to_sparse() for t in (got, want)),
+                            delta_tolerance=1e-6)  # fmt: skip
+
+
+def test_configs_of_past_calls_are_not_kept_alive(generator):
+    """The kernel arguments are cached for a few recent (config, anchors) pairs only: a config
+    made per call (``presets.get``, ``from_dict``) is released once later calls pushed it out."""
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [3], canvas)
+    first = TargetConfig(anchors=SMALL_ANCHORS)
+    assign(boxes, counts, canvas, first, backend="cpu")
+    released = weakref.ref(first)
+    del first
+    for step in range(20):
+        assign(boxes, counts, canvas, TargetConfig(anchors=SMALL_ANCHORS, match=MatchConfig(high=0.5 + step / 100)),
+               backend="cpu")  # fmt: skip
+    gc.collect()
+    assert released() is None
+
+
+def test_alternating_canvases_compute_each_ones_bounds_once(generator, monkeypatch):
+    """Multi-scale training alternates among a few canvases (one generated anchor set each):
+    their blocks' bounds stay cached side by side, not recomputed on every switch."""
+    config = TargetConfig(anchors=SMALL_ANCHORS)
+    canvases = [(64, 96), (97, 131), (120, 150)]
+    batches = {canvas: random_batch(generator, [4, 2], canvas) for canvas in canvases}
+    for canvas in canvases:
+        assign(*batches[canvas], canvas, config, backend="cpu")
+    computed, compute = [], cpu._compute_bounds
+    monkeypatch.setattr(cpu, "_compute_bounds", lambda anchors: computed.append(anchors) or compute(anchors))
+    for _ in range(2):
+        for canvas in canvases:
+            got = assign(*batches[canvas], canvas, config, backend="cpu")
+            assert_targets_equal(got, assign(*batches[canvas], canvas, config, backend="reference"))
+    assert computed == []
+
+
+def test_a_problem_whose_tensors_are_not_on_the_cpu_is_refused_by_name():
+    """The kernel reads host pointers: boxes on another device are named, never read."""
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 20.0, 60.0, 60.0]])
+    problem, _ = build_problem(boxes, [2], (64, 96), TargetConfig(anchors=SMALL_ANCHORS))
+    elsewhere = replace(problem, gt_boxes=problem.gt_boxes.to("meta"))
+    for function in (cpu.solve, cpu.solve_sparse):
+        with pytest.raises(ValueError, match="the cpu backend needs CPU tensors, got tensors on meta"):
+            function(elsewhere)

@@ -389,6 +389,16 @@ class TestSampling:
             got = assign(boxes, counts, (128, 192), config, backend="reference", seed=seed)
             assert int((got.labels == 1).sum()) == 3 and int((got.labels == 0).sum()) == 7
 
+    def test_a_sample_of_one_anchor(self, generator):
+        """The smallest sample: one anchor per image, a negative (1 x 0.25 positives rounds
+        down to none), every other anchor ignored; the sparse form samples the same one."""
+        config = self.CONFIG.replace(**{"match.sample_size": 1})
+        boxes, counts = random_batch(generator, [30, 2], (128, 192))
+        got = assign(boxes, counts, (128, 192), config, backend="reference", seed=4)
+        assert (got.labels != -1).sum(dim=1).tolist() == [1, 1] and int((got.labels == 1).sum()) == 0
+        sparse = assign_sparse(boxes, counts, (128, 192), config, backend="reference", seed=4)
+        assert torch.equal(sparse.to_dense().labels, got.labels)
+
     @pytest.mark.parametrize("backend", ["reference", "cpu"])
     def test_detectron2_keeps_the_matched_box_of_positives_sampled_away(self, backend, generator):
         """detectron2 keeps every anchor's argmax box (its Matcher's ``matches``), and its
