@@ -121,6 +121,92 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
         srv.stop()
 
 
+def test_a_stop_that_cuts_calls_off_ends_the_compute_workers_once_their_batch_ends():
+    """Calls cut off: the stop does not wait for the batch computing, but its worker threads
+    end once that batch does instead of serving on for a server that is gone."""
+    before = set(threading.enumerate())
+    gate = threading.Event()
+    srv = ServerThread().start()
+    workers = {thread for thread in set(threading.enumerate()) - before if thread.name.startswith("tritarget-compute")}
+
+    async def occupy():
+        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+    def call() -> None:
+        with contextlib.suppress(TargetServiceError):  # UNAVAILABLE: cut off
+            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    try:
+        srv.run(occupy())
+        with TargetClient(srv.address, retries=0, timeout=30) as client:
+            caller = threading.Thread(target=call)
+            caller.start()
+            until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
+            srv.run(srv.server.stop(grace=0.2), timeout=20)
+            caller.join(20)
+        assert any(thread.is_alive() for thread in workers)  # the batch still computes
+        gate.set()
+        until(lambda: not any(thread.is_alive() for thread in workers), timeout=5)
+    finally:
+        gate.set()
+        srv.server = None
+        srv.stop()
+
+
+def test_a_stop_that_cuts_calls_off_takes_the_grace_period_once():
+    """A call still in flight when the grace period ends is cancelled then: gRPC's stop gets
+    what is left of the grace period, not a grace period of its own."""
+    gate = threading.Event()
+    srv = ServerThread().start()
+
+    async def occupy():
+        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+    def call() -> None:
+        with contextlib.suppress(TargetServiceError):  # UNAVAILABLE: cut off
+            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    try:
+        srv.run(occupy())
+        with TargetClient(srv.address, retries=0, timeout=30) as client:
+            caller = threading.Thread(target=call)
+            caller.start()
+            until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
+            started = time.monotonic()
+            srv.run(srv.server.stop(grace=1.5), timeout=20)
+            took = time.monotonic() - started
+            caller.join(20)
+        assert 1.4 < took < 2.7, took  # not two grace periods (3 s)
+    finally:
+        gate.set()
+        srv.server = None
+        srv.stop()
+
+
+def test_an_open_reflection_stream_does_not_hold_a_graceful_stop():
+    """A grpcurl session keeps its reflection stream open: with every call answered, the
+    stop does not wait out the grace period for it."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    srv = ServerThread().start()
+    asks = threading.Event()
+
+    def ask_once():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        asks.wait(30)  # the stream stays open
+
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            session = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask_once())
+            assert next(session).list_services_response.service
+            started = time.monotonic()
+            srv.stop(grace=10.0)
+            assert time.monotonic() - started < 3
+    finally:
+        asks.set()
+        srv.stop()
+
+
 @pytest.mark.parametrize("hurried", [False, True], ids=["grace", "second signal"])
 def test_a_batch_whose_callers_went_away_holds_the_stop_no_longer_than_the_grace_period(hurried):
     """No call in flight (its caller's deadline passed), its batch still computing: the
@@ -792,6 +878,50 @@ def test_an_address_this_machine_has_not_among_the_hosts_is_skipped_as_grpc_skip
     assert bind_refusal("localhost", port) == "(not an address of this machine): Cannot assign requested address"
 
 
+def test_a_host_name_that_cannot_be_encoded_is_named_not_raised():
+    """A label over 63 characters fails IDNA encoding (UnicodeError, not socket.gaierror): it
+    is a host without an address, refused with the others' reason rather than a traceback."""
+    host = "a" * 64 + ".example"
+    assert bind_refusal(host, 50051).startswith(f"(no address is known for host {host!r}): ")
+    with pytest.raises(OSError, match=re.escape(f"could not bind {host}:50051 (no address is known for host")):
+        hold_port(host, 50051)
+
+
+def test_a_port_whose_old_connections_are_in_time_wait_is_free():
+    """A restarted server's port still has the old server's connections in TIME_WAIT; gRPC
+    binds it (SO_REUSEADDR), so the check must not refuse it as "in use?"."""
+    with socket.socket() as listener:  # as gRPC's listener, SO_REUSEADDR
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's end closes first: its port's connection waits in TIME_WAIT
+    with socket.socket() as plain, pytest.raises(OSError):  # the port is not free to a bind without SO_REUSEADDR
+        plain.bind(("127.0.0.1", port))
+    assert bind_refusal("127.0.0.1", port) is None
+    with ServerThread(port=port) as srv, TargetClient(srv.address) as client:
+        assert len(client.list_presets()) == len(presets.names())
+
+
+def test_a_bracketed_ipv6_host_is_checked_as_its_address():
+    """``[::1]``, as users write an IPv6 literal beside a port, names the address ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert bind_refusal("[::1]", port) is None
+    (held,) = hold_port("[::1]", port)
+    try:
+        assert held.getsockname()[:2] == ("::1", port)
+        assert bind_refusal("[::1]", port) == "(in use?): Address already in use"
+    finally:
+        held.close()
+
+
 def test_cli_serve_names_a_host_grpc_cannot_use_not_a_busy_port():
     """``--host 0``: Python reads it as 0.0.0.0, gRPC's resolver refuses it, and the free
     port was blamed ("in use?")."""
@@ -915,12 +1045,21 @@ def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
     ({"max_streams_per_connection": 0}, "max_streams_per_connection: expected an integer >= 1, got 0"),
     ({"connection_idle_s": float("inf")}, "connection_idle_s: expected a finite number of seconds > 0, got inf"),
     ({"connection_age_s": 0}, "connection_age_s: expected a finite number of seconds > 0, got 0"),
+    ({"max_streams_per_connection": 2.5}, "max_streams_per_connection: expected an integer >= 1, got 2.5"),
+    ({"metrics_host": " ", "metrics_port": 0}, "metrics_host: empty; give an address, or none to use host's"),
+    ({"warmup_canvas": (64, 64, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
+    ({"warmup_canvas": (64, 8193)}, "warmup_canvas: 64 x 8193 is over the server's canvas limit of 8192 pixels a side"),
 ])  # fmt: skip
 def test_server_options_refuse_a_warm_up_that_cannot_run(options, message):
     """An unknown preset raised inside the warm-up task, which then never settled: the
     server stayed NOT_SERVING for good. (An empty metrics host was the host, silently.)"""
     with pytest.raises(ValueError, match=message):
         ServerOptions(**options)
+
+
+def test_a_warm_up_canvas_at_the_canvas_limit_is_accepted():
+    """The limit is a side no request may exceed: a warm-up canvas of exactly that side is one a request may use."""
+    assert ServerOptions(warmup_canvas=(8192, 8192)).warmup_canvas == (8192, 8192)
 
 
 def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read():
@@ -1062,6 +1201,28 @@ def test_cli_serve_goes_on_serving_when_its_stdout_closes():
         assert process.wait(timeout=60) == 0
         errors = process.stderr.read()
         assert "terminate called" not in errors and "Broken pipe" not in errors, errors
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_serve_whose_reader_went_exits_0_with_a_block_buffered_stdout():
+    """Without PYTHONUNBUFFERED a pipe's stdout is block-buffered: the status lines the
+    closed pipe refused stayed in the buffer, and the final flush failed again, so that a
+    clean stop exited as a pipe writer stopped by its reader (141) instead of 0."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", "0", "--backend", "reference",
+         "--warmup-canvas", "64", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    try:
+        match = re.search(r"serving on 127\.0\.0\.1:(\d+)", process.stdout.readline() + process.stdout.readline())
+        process.stdout.close()  # the reader goes; "shutting down" and "stopped" are still to be said
+        with TargetClient(f"127.0.0.1:{match.group(1)}") as client:
+            client.wait_until_ready(60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
@@ -1460,6 +1621,31 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
     assert process.returncode == 0, out
     assert "second stop signal: cancelling the calls still in flight" in out and "stopped" in out, out
     assert "Traceback" not in out, out
+
+
+def test_cli_serve_takes_two_stop_signals_a_moment_apart_as_one():
+    """One stop reaching the process twice within a second (a signal to the process group
+    and its forward) is one stop: the calls in flight keep their grace period."""
+    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "2",
+                        "--metrics-port", "0")  # fmt: skip
+    held = None
+    try:
+        _, started = read_until(process, r"health is SERVING")
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
+        metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
+        held = unread_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
+        until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if held is not None:
+            held.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "stopped" in out, out
+    assert "second stop signal: cancelling" not in out and "grace period; cancelling them" in out, out
 
 
 def test_inline_compute_is_the_flags():

@@ -24,6 +24,7 @@ from test_service_harness import HTTP2_PREFACE, ServerThread, http2_frame, read_
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service.server import ServerOptions, create_server, host_port
 
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
@@ -263,6 +264,14 @@ def test_cli_refuses_a_certificate_and_key_that_do_not_pair(tmp_path):
         assert done.returncode == 2 and message in done.stderr and "in use" not in done.stderr, (args, done.stderr)
 
 
+@pytest.mark.parametrize("half", [{"tls_cert": b"certificate"}, {"tls_key": b"key"}], ids=["cert", "key"])
+def test_a_server_with_half_of_tls_is_refused_by_name(half):
+    """A certificate without its key (or a key alone) is not served as plaintext, nor left to
+    gRPC's credentials to refuse with a TypeError."""
+    with pytest.raises(ValueError, match="TLS needs both a certificate and a key"):
+        create_server(ServerOptions(port=0, backend="reference", warmup_canvas=(64, 64), **half))
+
+
 def test_tls_with_self_signed_certificate_and_token(tmp_path):
     cert, key = _self_signed(tmp_path)
     with ServerThread(tls_cert=cert, tls_key=key, token=TOKEN) as srv:
@@ -480,6 +489,30 @@ def test_stopping_the_metrics_endpoint_ends_its_open_scrapes(monkeypatch, capfd)
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("metrics_host", ["127.0.0.2", "[::1]"])
+def test_metrics_are_served_on_the_metrics_host_and_stop_with_the_server(metrics_host):
+    """``metrics_host`` puts /metrics on an address of its own (an IPv6 literal in brackets
+    too), not on the gRPC host's; the server's stop closes the endpoint."""
+    address = metrics_host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        pytest.skip(f"no {address} here")
+    srv = ServerThread(metrics_host=metrics_host).start()
+    try:
+        port = srv.server.metrics_port
+        page = urllib.request.urlopen(f"http://{host_port(metrics_host, port)}/metrics", timeout=10).read()
+        assert b"tritarget_queued_images" in page
+        with socket.socket() as other:  # the gRPC host's address has no /metrics
+            assert other.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        srv.stop()
+    with socket.socket(family) as late:
+        assert late.connect_ex((address, port)) != 0
+
+
 _SETTINGS, _PING, _GOAWAY = 4, 6, 7  # HTTP/2 frame types
 
 
@@ -533,6 +566,14 @@ def test_a_connection_is_told_its_stream_limit_and_closed_once_idle():
     assert values[3] == 7  # SETTINGS_MAX_CONCURRENT_STREAMS
     assert any(kind == _GOAWAY for kind, _ in frames)
     assert 0.5 < closed_after < 12
+
+
+def test_connection_limits_past_grpcs_int32_milliseconds_serve():
+    """30 days is more milliseconds than gRPC's int32 option holds: the server serves with
+    its longest limit instead of failing to start (OverflowError)."""
+    month = 30 * 86400.0
+    with ServerThread(connection_idle_s=month, connection_age_s=month) as srv, TargetClient(srv.address) as client:
+        assert _assign(client).labels.shape[0] == 1
 
 
 def test_calls_and_streams_go_on_across_connections_closed_for_their_age(monkeypatch):
