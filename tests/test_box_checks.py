@@ -34,6 +34,7 @@ INVALID_KINDS = [
     [0.0, -10.0, 10.0, 0.0],
     [96.0, 0.0, 100.0, 10.0],
     [0.0, 64.0, 10.0, 70.0],
+    [0.0, 0.0, 2.0**31, 10.0],  # x2 exactly at BOX_REACH: the reach is an open interval
 ]
 
 

@@ -135,6 +135,22 @@ def test_excluded_anchor_does_not_count_for_a_boxs_best(backend):
     assert padded.matched_gt[0].tolist() == [0 if a == cell(1, 3) else -1 for a in range(16)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_major_anchors_padded_in_rows_only(backend):
+    """YOLOv5's anchors come shape by shape ([K, H, W]), so 64 consecutive anchors may hold
+    one shape's last rows and the next shape's first ones. An image padded in its rows
+    alone excludes the last rows of every shape, and only those."""
+    config = presets.get("yolov5").replace(**{"match.sample_size": 0})
+    canvas, pad = (160, 224), (96, 224)  # P3: 20 x 28 cells, 560 per shape, not a multiple of 64
+    labels = on_device(assign, torch.zeros(0, 4), [0], canvas, config, pad_sizes=[list(pad)], backend=backend).labels
+    expected = []
+    for level, shapes in zip(config.anchors.levels, config.anchors.anchors_per_cell):
+        feat_h, feat_w = feature_map_size(canvas, level)
+        valid_h = min(math.ceil(pad[0] / level.stride), feat_h)
+        expected.append((torch.arange(feat_h) < valid_h).repeat_interleave(feat_w).repeat(shapes))
+    assert torch.equal(labels[0], torch.where(torch.cat(expected), 0, -1).to(torch.int8))
+
+
 _CASES = [
     ("retinanet_mmdet", "mmdet", -1, "pre_match"),
     # A border rule as tight as the padding would exclude the same anchors: 32 pixels.

@@ -435,11 +435,12 @@ class TestSampling:
             assert spread < 1.5 * (expected * (1 - count / members)) ** 0.5  # binomial spread
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("mode", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
-def test_box_with_zero_best_iou_lifts_nothing(mode):
+def test_box_with_zero_best_iou_lifts_nothing(mode, backend):
     # Box 1 touches only a1, which the border rule takes out: its best IoU is 0. The
     # peers would make every zero-IoU anchor (a2) positive; it lifts nothing here.
     anchors = [[0, 0, 10, 10], [-4, 30, 6, 40], [50, 0, 60, 10]]
     boxes = [[0, 0, 10, 10], [0, 30, 5, 40]]
-    t = run(anchors, boxes, high=0.5, low=0.3, low_quality=mode, allowed_border=0)
+    t = run(anchors, boxes, backend=backend, high=0.5, low=0.3, low_quality=mode, allowed_border=0)
     assert t.labels[0].tolist() == [1, -1, 0]
