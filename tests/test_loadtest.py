@@ -441,7 +441,20 @@ def test_a_stream_may_outlast_the_timeout_of_one_request():
     assert report.ok and report.errors == {} and report.requests > 0, report.table()
 
 
-class _SelfCancellingChannel:
+class _FakeStream:
+    """A stream that takes every write at once; subclasses say how it answers."""
+
+    async def write(self, request) -> None:
+        pass
+
+    async def done_writing(self) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _SelfCancellingChannel(_FakeStream):
     """A channel each of whose calls gRPC cancelled on its own: awaiting one raises
     asyncio.CancelledError (as grpc.aio does for any call cancelled on the client side),
     though nobody cancelled the caller. Its stream_stream calls are this object too."""
@@ -459,15 +472,6 @@ class _SelfCancellingChannel:
     async def read(self):
         await asyncio.sleep(0)
         raise asyncio.CancelledError
-
-    async def write(self, request) -> None:
-        pass
-
-    async def done_writing(self) -> None:
-        pass
-
-    def cancel(self) -> bool:
-        return False
 
     async def close(self) -> None:
         pass
@@ -547,19 +551,6 @@ class _Streams:
 
 def _unavailable(details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class _FakeStream:
-    """A stream that takes every write at once; subclasses say how it answers."""
-
-    async def write(self, request) -> None:
-        pass
-
-    async def done_writing(self) -> None:
-        pass
-
-    def cancel(self) -> bool:
-        return False
 
 
 class _RefusedStream(_FakeStream):

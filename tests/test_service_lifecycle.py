@@ -121,43 +121,15 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
         srv.stop()
 
 
-def test_a_stop_that_cuts_calls_off_ends_the_compute_workers_once_their_batch_ends():
-    """Calls cut off: the stop does not wait for the batch computing, but its worker threads
-    end once that batch does instead of serving on for a server that is gone."""
+def test_a_stop_that_cuts_calls_off_takes_the_grace_period_once_and_ends_the_compute_workers():
+    """A call still in flight when the grace period ends is cancelled then: gRPC's stop gets
+    what is left of the grace period, not a grace period of its own. The stop does not wait
+    for the batch computing, but the worker threads end once that batch does instead of
+    serving on for a server that is gone."""
     before = set(threading.enumerate())
     gate = threading.Event()
     srv = ServerThread().start()
     workers = {thread for thread in set(threading.enumerate()) - before if thread.name.startswith("tritarget-compute")}
-
-    async def occupy():
-        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
-
-    def call() -> None:
-        with contextlib.suppress(TargetServiceError):  # UNAVAILABLE: cut off
-            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
-
-    try:
-        srv.run(occupy())
-        with TargetClient(srv.address, retries=0, timeout=30) as client:
-            caller = threading.Thread(target=call)
-            caller.start()
-            until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
-            srv.run(srv.server.stop(grace=0.2), timeout=20)
-            caller.join(20)
-        assert any(thread.is_alive() for thread in workers)  # the batch still computes
-        gate.set()
-        until(lambda: not any(thread.is_alive() for thread in workers), timeout=5)
-    finally:
-        gate.set()
-        srv.server = None
-        srv.stop()
-
-
-def test_a_stop_that_cuts_calls_off_takes_the_grace_period_once():
-    """A call still in flight when the grace period ends is cancelled then: gRPC's stop gets
-    what is left of the grace period, not a grace period of its own."""
-    gate = threading.Event()
-    srv = ServerThread().start()
 
     async def occupy():
         asyncio.ensure_future(srv.server.batcher.run(gate.wait))
@@ -177,6 +149,9 @@ def test_a_stop_that_cuts_calls_off_takes_the_grace_period_once():
             took = time.monotonic() - started
             caller.join(20)
         assert 1.4 < took < 2.7, took  # not two grace periods (3 s)
+        assert workers and any(thread.is_alive() for thread in workers)  # the batch still computes
+        gate.set()
+        until(lambda: not any(thread.is_alive() for thread in workers), timeout=5)
     finally:
         gate.set()
         srv.server = None
