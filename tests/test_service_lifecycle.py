@@ -85,9 +85,14 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
     """Past the grace period the calls are cut off, and nobody waits for their targets: the
     stop returned only once the batch computing ended (with the reference backend and
     2,000 boxes a review measured 32 s after SIGTERM with --grace 2, a second signal
-    changing nothing), and the batch queued behind it then ran too."""
+    changing nothing), and the batch queued behind it then ran too. The stop takes the
+    grace period once (gRPC's own stop gets what is left of it, not a grace period of its
+    own), and the compute workers end once their batch does instead of serving on for a
+    server that is gone."""
+    before = set(threading.enumerate())
     gate = threading.Event()
     srv = ServerThread().start()
+    workers = {thread for thread in set(threading.enumerate()) - before if thread.name.startswith("tritarget-compute")}
 
     async def occupy():
         asyncio.ensure_future(srv.server.batcher.run(gate.wait))
@@ -108,50 +113,15 @@ def test_a_stop_that_cuts_calls_off_waits_for_no_batch():
             caller.start()
             until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
             started = time.monotonic()
-            srv.run(srv.server.stop(grace=0.3), timeout=20)
-            assert time.monotonic() - started < 10 and not gate.is_set()
-            caller.join(20)
-            assert failed == [grpc.StatusCode.UNAVAILABLE], failed
-        gate.set()
-        time.sleep(0.3)
-        assert srv.metrics.value("tritarget_compute_seconds_count") == computed  # the queued batch never ran
-    finally:
-        gate.set()
-        srv.server = None
-        srv.stop()
-
-
-def test_a_stop_that_cuts_calls_off_takes_the_grace_period_once_and_ends_the_compute_workers():
-    """A call still in flight when the grace period ends is cancelled then: gRPC's stop gets
-    what is left of the grace period, not a grace period of its own. The stop does not wait
-    for the batch computing, but the worker threads end once that batch does instead of
-    serving on for a server that is gone."""
-    before = set(threading.enumerate())
-    gate = threading.Event()
-    srv = ServerThread().start()
-    workers = {thread for thread in set(threading.enumerate()) - before if thread.name.startswith("tritarget-compute")}
-
-    async def occupy():
-        asyncio.ensure_future(srv.server.batcher.run(gate.wait))
-
-    def call() -> None:
-        with contextlib.suppress(TargetServiceError):  # UNAVAILABLE: cut off
-            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
-
-    try:
-        srv.run(occupy())
-        with TargetClient(srv.address, retries=0, timeout=30) as client:
-            caller = threading.Thread(target=call)
-            caller.start()
-            until(lambda: srv.metrics.value("tritarget_queued_images") == 1)  # queued behind the busy worker
-            started = time.monotonic()
             srv.run(srv.server.stop(grace=1.5), timeout=20)
             took = time.monotonic() - started
+            assert 1.4 < took < 2.7 and not gate.is_set(), took  # not two grace periods (3 s), nor the batch
             caller.join(20)
-        assert 1.4 < took < 2.7, took  # not two grace periods (3 s)
+            assert failed == [grpc.StatusCode.UNAVAILABLE], failed
         assert workers and any(thread.is_alive() for thread in workers)  # the batch still computes
         gate.set()
         until(lambda: not any(thread.is_alive() for thread in workers), timeout=5)
+        assert srv.metrics.value("tritarget_compute_seconds_count") == computed  # the queued batch never ran
     finally:
         gate.set()
         srv.server = None
