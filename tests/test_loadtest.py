@@ -398,6 +398,20 @@ def test_a_stream_ending_while_a_request_is_written_is_not_blamed_on_the_server(
     assert report.errors["UNAVAILABLE"] > 0 and report.requests >= 3 * 8, report.table()
 
 
+def test_the_failed_send_grpc_reports_as_internal_is_told_from_the_servers_internal():
+    """The race above, without the race: grpc.aio's error for a write to a stream that ended
+    (as grpcio 1.85 words it, read from a real one) counts as ENDED_WHILE_SENDING; an INTERNAL
+    from the server, or another code, counts as itself."""
+    failed_send = 'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object at 0x7f4cae5321b0>,)'
+
+    def error(code: grpc.StatusCode, debug: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "", debug)
+
+    assert loadtest._code(error(grpc.StatusCode.INTERNAL, failed_send)) == "ENDED_WHILE_SENDING"
+    assert loadtest._code(error(grpc.StatusCode.INTERNAL, "")) == "INTERNAL"
+    assert loadtest._code(error(grpc.StatusCode.UNAVAILABLE, failed_send)) == "UNAVAILABLE"
+
+
 @pytest.mark.parametrize("server", ["fails-a-stream", "down"])
 def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
     """40 requests scheduled: each is answered or an error, however the streams fail."""
