@@ -499,20 +499,11 @@ def test_a_call_grpc_cancelled_itself_is_a_cancelled_error(monkeypatch, stream):
     assert report.requests == 0 and list(report.errors) == ["CANCELLED"], report.table()
 
 
-class _StallingStream:
-    """A stream that takes every write at once and answers it; every 20th answer costs
-    the client 30 ms of its own CPU (decoding a burst, a garbage collection): the load
-    generator's event loop stalls, the stream never does."""
+class _AnsweringStream(_FakeStream):
+    """Answers each request written to it, in order, and ends once the client is done writing."""
 
     def __init__(self) -> None:
         self.answers: asyncio.Queue = asyncio.Queue()
-        self.reads = 0
-
-    def unary_unary(self, *args) -> None:
-        return None  # the load test makes both kinds of call; this one is not used
-
-    def stream_stream(self, *args):
-        return lambda **kwargs: self
 
     async def write(self, request) -> None:
         self.answers.put_nowait(pb.AssignResponse())
@@ -521,16 +512,32 @@ class _StallingStream:
         self.answers.put_nowait(grpc.aio.EOF)
 
     async def read(self):
-        answer = await self.answers.get()
+        return await self.answers.get()
+
+
+class _StallingStream(_AnsweringStream):
+    """A stream that takes every write at once and answers it; every 20th answer costs
+    the client 30 ms of its own CPU (decoding a burst, a garbage collection): the load
+    generator's event loop stalls, the stream never does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def unary_unary(self, *args) -> None:
+        return None  # the load test makes both kinds of call; this one is not used
+
+    def stream_stream(self, *args):
+        return lambda **kwargs: self
+
+    async def read(self):
+        answer = await super().read()
         self.reads += 1
         if self.reads % 20 == 0:
             busy_until = time.perf_counter() + 0.03
             while time.perf_counter() < busy_until:
                 pass
         return answer
-
-    def cancel(self) -> bool:
-        return False
 
     async def close(self) -> None:
         pass
@@ -602,20 +609,11 @@ def test_an_open_loop_stream_failing_after_the_window_counts_what_it_never_took(
     assert report.requests == 0 and report.errors == {"UNAVAILABLE": 5}, report.table()
 
 
-class _SlowStream(_FakeStream):
+class _SlowStream(_AnsweringStream):
     """Answers each request in turn, 0.6 s after the last answer (or its opening)."""
 
-    def __init__(self) -> None:
-        self.answers: asyncio.Queue = asyncio.Queue()
-
-    async def write(self, request) -> None:
-        self.answers.put_nowait(pb.AssignResponse())
-
-    async def done_writing(self) -> None:
-        self.answers.put_nowait(grpc.aio.EOF)
-
     async def read(self):
-        answer = await self.answers.get()
+        answer = await super().read()
         if answer is not grpc.aio.EOF:
             await asyncio.sleep(0.6)
         return answer

@@ -1467,6 +1467,27 @@ def _unsent_bytes(metrics_ports) -> float:
     return sum(float(m) for page in pages for m in re.findall(r"^tritarget_unsent_response_bytes (\S+)$", page, re.M))
 
 
+@contextlib.contextmanager
+def _cli_serving_a_held_call(hold, *flags: str):
+    """``tritarget serve FLAGS`` on the cpu backend with /metrics, once a 12 MB response to
+    a call that ``hold`` (``stalled_call`` or ``unread_call``) keeps unread waits unsent."""
+    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--metrics-port",
+                        "0", *flags)  # fmt: skip
+    held = None
+    try:
+        _, started = read_until(process, r"health is SERVING")
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
+        metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
+        held = hold(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
+        until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+        yield process
+    finally:
+        if held is not None:
+            held.close()
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.mark.parametrize("hurried", [False, True], ids=["grace", "second signal"])
 def test_a_client_that_stopped_reading_holds_the_stop_no_longer_than_its_grace(hurried):
     """A call whose client stopped reading its socket (a hung process: the response fills
@@ -1500,15 +1521,7 @@ def test_cli_serve_stops_within_its_grace_while_a_client_reads_nothing(signals):
     """``serve --grace 1`` with a call whose client stopped reading its socket: one stop
     signal exits 0 in about the grace (it took ~19 s); a second one while gRPC's stop waits
     exits 0 too, without a traceback (it raised CancelledError, exit 1; review 49)."""
-    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "1",
-                        "--metrics-port", "0", "--no-access-log")  # fmt: skip
-    held = None
-    try:
-        _, started = read_until(process, r"health is SERVING")
-        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
-        metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
-        held = stalled_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
-        until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+    with _cli_serving_a_held_call(stalled_call, "--grace", "1", "--no-access-log") as process:
         begun = time.monotonic()
         process.send_signal(signal.SIGTERM)
         if signals == 2:
@@ -1516,11 +1529,6 @@ def test_cli_serve_stops_within_its_grace_while_a_client_reads_nothing(signals):
             process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=60)
         took = time.monotonic() - begun
-    finally:
-        if held is not None:
-            held.close()
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 0 and "stopped" in out, out
     assert "Traceback" not in out and "still holds gRPC's stop" in out, out
     assert took < 8.0, (took, out)
@@ -1571,24 +1579,11 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
 def test_cli_serve_takes_two_stop_signals_a_moment_apart_as_one():
     """One stop reaching the process twice within a second (a signal to the process group
     and its forward) is one stop: the calls in flight keep their grace period."""
-    process = spawn_cli("serve", "--port", "0", "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "2",
-                        "--metrics-port", "0")  # fmt: skip
-    held = None
-    try:
-        _, started = read_until(process, r"health is SERVING")
-        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", started).group(1))
-        metrics_port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", started).group(1)
-        held = unread_call(port, "GetAnchors", _ANCHORS_12MB.SerializeToString())
-        until(lambda: _unsent_bytes([metrics_port]) > 12e6)
+    with _cli_serving_a_held_call(unread_call, "--grace", "2") as process:
         process.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=60)
-    finally:
-        if held is not None:
-            held.close()
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 0 and "stopped" in out, out
     assert "second stop signal: cancelling" not in out and "grace period; cancelling them" in out, out
 
