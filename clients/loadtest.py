@@ -96,10 +96,9 @@ _PROGRESS_S = 0.5
 _FINISH_SLACK_S = 60.0
 _STOP_POLL_S = 0.1  # how soon a client notices that it is asked to stop
 _REOPEN_PAUSE_S = 0.05  # between a failed stream and its replacement: a refusing server fails at once
-# A stream stops sending after this long and, once its requests are all answered, another
-# takes over: a server closes connections older than its --connection-age-s (1800 s by
-# default, then 60 s of grace), which cut a stream held for a longer run and counted its
-# requests in flight as errors.
+# A stream stops sending after this long and another takes over: a server closes
+# connections older than its --connection-age-s (1800 s by default, then 60 s of grace),
+# which cut a stream held for a longer run and counted its requests in flight as errors.
 _STREAM_ROTATE_S = 60.0
 _ROTATED = object()  # what ``_one_stream`` returns for a stream that made way for the next
 # Codes after which a closed-loop caller pauses as long before its next call.
@@ -687,18 +686,39 @@ class _Driver:
         """One stream, reopened after a failure until the run ends (its unanswered
         requests count as errors; open loop: so do those it had no time left to send)."""
         schedule = _Schedule(itertools.islice(self._schedule(), k, None, self.share)) if self.options.rate else None
-        code = await self._one_stream(self._next_stream(), schedule)
-        while code is _ROTATED or (code is not None and (left := self.end - time.perf_counter()) > 0):
-            if code is not _ROTATED:
-                await asyncio.sleep(min(_REOPEN_PAUSE_S, left))
-            code = await self._one_stream(self._next_stream(), schedule)
-        while schedule is not None and schedule.next is not None:  # the last stream failed
-            self.recorder.error(schedule.take(), code)
+        streams: list[asyncio.Future] = []  # this caller's, the last one sending
+        try:
+            code = await self._turn(schedule, streams)
+            while code is _ROTATED or (code is not None and (left := self.end - time.perf_counter()) > 0):
+                if code is not _ROTATED:
+                    await asyncio.sleep(min(_REOPEN_PAUSE_S, left))
+                code = await self._turn(schedule, streams)
+            while schedule is not None and schedule.next is not None:  # the last stream failed
+                self.recorder.error(schedule.take(), code)
+            await asyncio.gather(*streams)  # those that made way, reading their last answers
+        finally:
+            for stream in streams:
+                stream.cancel()
 
-    async def _one_stream(self, open_stream, schedule: _Schedule | None) -> str | object | None:
+    async def _turn(self, schedule: _Schedule | None, streams: list[asyncio.Future]) -> str | object | None:
+        """A new stream (added to ``streams``): its code once it ends (see ``_one_stream``).
+        Open loop: ``_ROTATED`` as soon as it stops sending to make way, while it goes on
+        reading its answers; a successor opened only after them left the requests due
+        meanwhile waiting a round trip. Closed loop: its successor waits (two open at once
+        would double the caller's window)."""
+        made_way = asyncio.get_running_loop().create_future() if schedule is not None else None
+        stream = asyncio.ensure_future(self._one_stream(self._next_stream(), schedule, made_way))
+        streams.append(stream)
+        await asyncio.wait([stream] + ([made_way] if made_way is not None else []), return_when=asyncio.FIRST_COMPLETED)
+        return stream.result() if stream.done() else _ROTATED
+
+    async def _one_stream(
+        self, open_stream, schedule: _Schedule | None, made_way: asyncio.Future | None
+    ) -> str | object | None:
         """One AssignStream call: None once every request it was to send is answered,
-        ``_ROTATED`` once those it sent in its ``_STREAM_ROTATE_S`` are, else the code it
-        failed with (its unanswered requests are counted as errors)."""
+        ``_ROTATED`` once those it sent in its ``_STREAM_ROTATE_S`` are (``made_way`` is
+        done when it stops sending them), else the code it failed with (its unanswered
+        requests are counted as errors)."""
         in_flight: deque[tuple[int, float]] = deque()  # sent (or being sent), not answered
         slots = asyncio.Semaphore(self.options.window)
         sent_all = rotated = False
@@ -719,6 +739,8 @@ class _Driver:
                 while True:
                     if time.perf_counter() - opened >= _STREAM_ROTATE_S:
                         rotated = True
+                        if made_way is not None:
+                            made_way.set_result(None)
                         break
                     if schedule is None:
                         await slots.acquire()

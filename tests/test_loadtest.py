@@ -619,16 +619,50 @@ class _SlowStream(_AnsweringStream):
         return answer
 
 
-def test_a_stream_that_made_way_after_the_window_leaves_its_schedule_to_the_next(monkeypatch):
-    """Requests at 0, 0.25, 0.5 and 0.75 s; the stream makes way after 0.4 s and its last
-    answer comes after the window: what it left is taken by its successor (here too late:
-    NOT_SENT), not dropped or counted under no code."""
+def test_an_open_loop_stream_making_way_hands_its_schedule_over_at_once(monkeypatch):
+    """Requests at 0, 0.25, 0.5 and 0.75 s; the stream makes way after 0.4 s (having sent
+    the one due at 0.5) and its last answer comes after the window. Its successor opens at
+    once and sends the one due at 0.75 on time: opened only after those answers, it found
+    that request too late to send (NOT_SENT)."""
     monkeypatch.setattr(loadtest, "_STREAM_ROTATE_S", 0.4)
     monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_SlowStream)])
     report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
                                  rate=4, stream=True))  # fmt: skip
-    assert list(report.errors) == ["NOT_SENT"], report.table()
-    assert report.requests + report.errors["NOT_SENT"] == 4, report.table()
+    assert report.errors == {} and report.requests == 4, report.table()
+    assert report.sends == 4 and report.late_sends == report.held_sends == 0, report.table()
+
+
+class _CountedStream(_AnsweringStream):
+    """Answers as _AnsweringStream, 0.1 s after each request; counts the streams open at
+    once (opened, not yet ended)."""
+
+    open_now = most_open = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).open_now += 1
+        type(self).most_open = max(self.most_open, self.open_now)
+
+    async def read(self):
+        answer = await super().read()
+        if answer is grpc.aio.EOF:
+            type(self).open_now -= 1
+        else:
+            await asyncio.sleep(0.1)
+        return answer
+
+
+def test_a_closed_loop_stream_making_way_lets_its_successor_wait(monkeypatch):
+    """Closed loop: a successor opened while its predecessor still waits for answers would
+    double the caller's window (the load it holds in flight)."""
+    monkeypatch.setattr(loadtest, "_STREAM_ROTATE_S", 0.15)
+    monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_CountedStream)])
+    monkeypatch.setattr(_CountedStream, "open_now", 0)
+    monkeypatch.setattr(_CountedStream, "most_open", 0)
+    report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
+                                 window=2, stream=True))  # fmt: skip
+    assert report.errors == {} and report.requests >= 10, report.table()
+    assert _CountedStream.most_open == 1
 
 
 class _UnansweringStream(_FakeStream):
