@@ -55,18 +55,20 @@
 # numbers above are their order) picks some, so that a session's device time splits into
 # calls that each fit: one call of ~8 minutes does not hold them all.
 # Time: GPU_CHECK_BUDGET seconds (default 270: give the device call 300 s) bound the
-# check. The tests get at most 45% of it (250 s) and the bench 20% (100 s); the sweep what
+# check. The tests get at most 55% of it (300 s) and the bench 20% (100 s); the sweep what
 # is left, up to GPU_SWEEP_S (150 s), if that is at least 60 s; each later step (service
 # 90 s twice, anchor scan 60 s) is skipped when it could end past the budget, and says so.
 # On the H200 (run12, 2026-12-04) the whole suite (1,842 tests on 12 workers, the 5
 # wheel-building ones beside them) took ~185 s and every step ran in 446 s at
 # GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started in ~30 s); the suite
-# has 2,053 tests since 2026-12-05 (83 `gpu`). For a session's 15 minutes, two calls:
-#   GPU_CHECK_BUDGET=480 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 510)
-#   GPU_CHECK_BUDGET=220 GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh (timeout 250,
-#   at once: a warm machine is let go after 30 s idle)
-# or, second, the kernels' Nsight profile (the gather has none yet; ~2-3 minutes):
+# has 2,650 tests since 2026-12-06 (83 `gpu`): ~275 s there, scaled by the count. For a
+# session's 15 minutes, two calls:
+#   GPU_CHECK_BUDGET=570 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 595)
+# then at once (a warm machine is let go after 30 s idle), where 4 minutes are left, the
+# kernels' Nsight profile (~2-3 minutes):
 #   OUT="$OUT/profile" bash benchmarks/gpu_profile.sh                                       (timeout 210)
+# or the service:
+#   GPU_CHECK_BUDGET=220 GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh (timeout 250)
 # Exit status: non-zero if the wheels did not install, the service stack does not import
 # (then only the kernels' tests, the bench, the sweep and the anchor scan run: nothing
 # is spent on failures), a test failed, a service step failed or the bench did not finish.
@@ -198,7 +200,7 @@ if ! [[ "$budget" =~ ^[0-9]+$ ]] || ((budget < 120)); then
     echo "gpu_check: GPU_CHECK_BUDGET must be a whole number of seconds, at least 120; got $budget" >&2
     exit 2
 fi
-tests_timeout=$((budget * 45 / 100 < 250 ? budget * 45 / 100 : 250))
+tests_timeout=$((budget * 55 / 100 < 300 ? budget * 55 / 100 : 300))
 bench_timeout=$((budget * 20 / 100 < 100 ? budget * 20 / 100 : 100))
 bench_limit=$((bench_timeout - 20))  # seconds, after which bench_gpu.py starts no new point
 steps_backend=triton  # the anchor scan and the service

@@ -112,6 +112,10 @@ class _Graph:
         self.device = problem.device
         self.lock = threading.Lock()  # one replay at a time: the buffers are shared
         self.closed = False
+        # Recorded after each replay and its copies out (one stream: the kind's): what close
+        # waits for, instead of the whole device (cudaDeviceSynchronize from this thread
+        # breaks a capture another compute worker may have under way).
+        self.done = torch.cuda.Event()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device):  # the capture's device, not only the current one
             current = torch.cuda.current_stream()
@@ -150,7 +154,10 @@ class _Graph:
                 return _CLOSED
             self.inputs.load(problem)
             self.graph.replay()
-            return finish(self.outputs, True)
+            try:
+                return finish(self.outputs, True)
+            finally:
+                self.done.record(torch.cuda.current_stream(self.device))
 
     def close(self) -> None:
         """No more replays, and none in flight: the memory its kernels read (its buffers,
@@ -158,7 +165,7 @@ class _Graph:
         allocations that would not wait for a replay still running."""
         with self.lock:
             self.closed = True
-            torch.cuda.synchronize(self.device)
+            self.done.synchronize()  # never recorded: returns at once (never replayed)
 
 
 class Graphs:
@@ -225,7 +232,10 @@ class Graphs:
                 return graph
             stream = self._streams.get(problem.device)
             if stream is None:
-                stream = self._streams[problem.device] = torch.cuda.Stream(problem.device)
+                # From torch's pool of high-priority streams: the compute workers' come from
+                # the pool of 32 of normal priority, round robin, so the 32nd worker's would
+                # be this one, and its launches during a capture would join the graph.
+                stream = self._streams[problem.device] = torch.cuda.Stream(problem.device, priority=-1)
             try:
                 graph = _Graph(problem, launch, stream)
             except torch.OutOfMemoryError:

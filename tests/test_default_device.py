@@ -6,13 +6,14 @@ without a ``device=`` there: sampling's draws met their CPU generator on the GPU
 error), and the cpu backend's outputs were allocated on the GPU and handed to C as host
 pointers (a segfault; review 49). These tests set ``meta`` as the default device, which
 no GPU is needed for and no value can be read from: any tensor the library makes on the
-default device instead of the host fails them.
+default device instead of the host fails them. On a GPU machine the triton case passes
+CUDA inputs (compiled, the backend refuses host ones) and compares its targets on the host.
 """
 
 import pytest
 import torch
 
-from support import triton_runs_here
+from support import on_device, triton_runs_here
 from tritarget.clients.wire import build_request, decode_response, decode_sparse
 from tritarget.kernels import (
     SparseTargets,
@@ -102,9 +103,9 @@ def test_host_targets_under_a_default_device(function, backend, preset, default,
 
     extra = {"return_max_iou": True} if function is assign else {}
 
-    def call():
-        return function(BOXES, COUNTS, CANVAS, config, gt_classes=CLASSES, ignore_boxes=IGNORE, ignore_counts=[1, 0, 0],
-                        drop_invalid=True, seed=3, backend=backend, **extra)  # fmt: skip
+    def call():  # on a GPU machine the triton backend's inputs are CUDA tensors, its targets copied back
+        return on_device(function, BOXES, COUNTS, CANVAS, config, gt_classes=CLASSES, ignore_boxes=IGNORE,
+                         ignore_counts=[1, 0, 0], drop_invalid=True, seed=3, backend=backend, **extra)  # fmt: skip
 
     got, expected = _both(call, request)
     _equal(got, expected)

@@ -302,8 +302,8 @@ def test_an_image_of_more_blocks_than_a_grid_axis_holds_runs_in_grid_order(asked
         monkeypatch.setattr(triton_backend, name, changed)
     config = _dense_config("retinanet_torchvision")
     for anchors, heavy_first in ((65_535, asked), (65_536, False)):
-        boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(anchors, 4)
-        problem, _ = build_problem(torch.zeros(0, 4), [0, 0], (64, 96), config, anchors=boxes)
+        boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=DEVICE).expand(anchors, 4)  # compiled: CUDA tensors only
+        problem, _ = build_problem(torch.zeros(0, 4, device=DEVICE), [0, 0], (64, 96), config, anchors=boxes)
         launch = triton_backend._Launch(problem)
         assert launch.heavy_first is heavy_first
         assert launch.block_grid == ((2, anchors) if heavy_first else (anchors, 2))
