@@ -696,9 +696,11 @@ class _Driver:
             while schedule is not None and schedule.next is not None:  # the last stream failed
                 self.recorder.error(schedule.take(), code)
             await asyncio.gather(*streams)  # those that made way, reading their last answers
-        finally:
+        finally:  # stopped, or a stream failed unexpectedly: none outlives its caller
             for stream in streams:
                 stream.cancel()
+            if streams:
+                await asyncio.wait(streams)
 
     async def _turn(self, schedule: _Schedule | None, streams: list[asyncio.Future]) -> str | object | None:
         """A new stream (added to ``streams``): its code once it ends (see ``_one_stream``).

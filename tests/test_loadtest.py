@@ -724,6 +724,22 @@ def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path, capsys):
     assert sum(int(row["ok"]) for row in rows) == summary["requests"]
 
 
+@pytest.mark.parametrize("rate", [None, 200.0], ids=["closed", "open"])
+def test_ctrl_c_ends_every_stream_counting_nothing_after_it(rate):
+    """Each stream runs as a task of its own (open loop: one that made way reads its last
+    answers beside its successor): Ctrl-C ends them all, and nothing they do after it is
+    counted (their calls cancelled or their channels closed, as errors)."""
+    with _echo_server() as (address, loading, _):
+        pressing = _ctrl_c_when(loading)
+        try:
+            report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=60, warmup_s=0.0,
+                                         concurrency=2, stream=True, rate=rate))  # fmt: skip
+        finally:
+            pressing.join()
+    assert report.interrupted and report.requests > 0 and 0 < report.measured_s < 60, report.table()
+    assert report.errors == {}, report.table()
+
+
 def test_ctrl_c_during_the_load_still_verifies_what_was_kept():
     """One Ctrl-C stopped the load and the verification both: a run cut short verified
     nothing (5 asked, 0 verified)."""
