@@ -165,7 +165,7 @@ class _Graph:
         allocations that would not wait for a replay still running."""
         with self.lock:
             self.closed = True
-            self.done.synchronize()  # never recorded: returns at once (never replayed)
+            self.done.synchronize()  # at once for a graph never replayed (an event never recorded)
 
 
 class Graphs:
@@ -232,9 +232,9 @@ class Graphs:
                 return graph
             stream = self._streams.get(problem.device)
             if stream is None:
-                # From torch's pool of high-priority streams: the compute workers' come from
-                # the pool of 32 of normal priority, round robin, so the 32nd worker's would
-                # be this one, and its launches during a capture would join the graph.
+                # From torch's pool of high-priority streams: the compute workers' come round
+                # robin from its 32 of normal priority, so with 32 or more workers one would
+                # share this one, and its launches during a capture would join the graph.
                 stream = self._streams[problem.device] = torch.cuda.Stream(problem.device, priority=-1)
             try:
                 graph = _Graph(problem, launch, stream)
