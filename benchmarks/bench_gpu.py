@@ -26,7 +26,9 @@ the bytes the triton backend writes divided by the measured device-to-device cop
 bandwidth (bytes read + written per second); peak memory is the largest extra
 allocation during the first call. For each point, ``solve`` and ``solve_sparse`` also
 run a few times under ``torch.profiler``: the device time per kernel name (whatever
-kernels the backend launches, memsets and copies included). Writes ``bench_gpu.csv``,
+kernels the backend launches, memsets and copies included), and ``solve_sparse``'s
+kernels over ``solve``'s (the do_bench ratio adds what a sparse call waits for beyond
+its kernels: the read-back of its lists' lengths, and the host's work around it). Writes ``bench_gpu.csv``,
 ``bench_gpu.json`` (rows, per-kernel times, skipped points), ``bench_gpu.png`` (time
 against B), ``bench_gpu_vs_g.png`` (time against boxes per image at B = 32) and
 ``bench_gpu.md`` (a table for the README) under ``--out`` and prints every peer/ours
@@ -381,17 +383,22 @@ def summary(rows: list[dict]) -> list[str]:
 
 def kernel_table(kernels: list[dict], device: str, most: int = 8) -> list[str]:
     """Per (workload, B, method): the ``most`` longest kernels' device time and launches
-    per call, and the total over all of them."""
+    per call, and the total over all of them; for ``triton_sparse``, that total over
+    ``triton``'s at the same point."""
     lines = ["", f"{device} time per kernel (torch.profiler, mean of {PROFILED_CALLS} calls):",
              f"  {'boxes':>11} {'B':>3} {'method':>13}  {'ms/call':>9} {'launches':>8}  kernel"]  # fmt: skip
+    totals = {(p["workload"], p["batch"], p["method"]): sum(k["ms_per_call"] for k in p["kernels"]) for p in kernels}
     for point in kernels:
         head = f"  {point['workload']:>11} {point['batch']:>3} {point['method']:>13}"
         for kernel in point["kernels"][:most]:
             lines.append(f"{head}  {kernel['ms_per_call']:9.4f} {kernel['launches_per_call']:8.3g}  {kernel['name']}")
             head = " " * len(head)
-        total = sum(k["ms_per_call"] for k in point["kernels"])
+        total = totals[point["workload"], point["batch"], point["method"]]
         rest = len(point["kernels"]) - most
         lines.append(f"{head}  {total:9.4f} {'':>8}  (total{f', {rest} more kernels' if rest > 0 else ''})")
+        dense = totals.get((point["workload"], point["batch"], "triton"))
+        if point["method"] == "triton_sparse" and dense:
+            lines.append(f"{head}  {total / dense:8.2f}x {'':>8}  (over triton's total: sparse / dense, kernels alone)")
     return lines
 
 

@@ -70,6 +70,21 @@ def test_gpu_ratios_are_the_others_time_over_ours():
     assert "speedup_of_triton" not in rows[0] and "speedup_of_triton" not in rows[3]  # no solve row at B = 8
 
 
+def test_gpu_kernel_table_puts_the_sparse_kernels_over_the_dense_ones():
+    """run12's do_bench put solve_sparse at 1.6x solve (B = 32, G ~ 7) where the profiler's
+    kernels summed to 1.09x: the rest is the call's read-back and host work."""
+    import bench_gpu
+
+    def point(method: str, batch: int, *times: float) -> dict:
+        kernels = [{"name": f"k{i}", "ms_per_call": t, "launches_per_call": 1} for i, t in enumerate(times)]
+        return {"workload": "w", "batch": batch, "method": method, "kernels": kernels}
+
+    table = bench_gpu.kernel_table([point("triton", 32, 0.2, 0.05), point("triton_sparse", 32, 0.2, 0.1, 0.025),
+                                    point("triton_sparse", 8, 0.1)], "GPU")  # fmt: skip
+    ratios = [line for line in table if "sparse / dense" in line]
+    assert len(ratios) == 1 and ratios[0].split()[0] == "1.30x"  # 0.325 over 0.25; none at B = 8 (no dense point)
+
+
 def test_crowded_images_are_valid_boxes_and_the_gain_is_before_over_now():
     import bench_crowded
 
