@@ -610,20 +610,22 @@ def test_an_open_loop_stream_failing_after_the_window_counts_what_it_never_took(
 
 
 class _SlowStream(_AnsweringStream):
-    """Answers each request in turn, 0.6 s after the last answer (or its opening)."""
+    """Answers each request in turn, ``delay_s`` after the last answer (or its opening)."""
+
+    delay_s = 0.6
 
     async def read(self):
         answer = await super().read()
         if answer is not grpc.aio.EOF:
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(self.delay_s)
         return answer
 
 
 def test_an_open_loop_stream_making_way_hands_its_schedule_over_at_once(monkeypatch):
     """Requests at 0, 0.25, 0.5 and 0.75 s; the stream makes way after 0.4 s (having sent
     the one due at 0.5) and its last answer comes after the window. Its successor opens at
-    once and sends the one due at 0.75 on time: opened only after those answers, it found
-    that request too late to send (NOT_SENT)."""
+    once and sends the one due at 0.75 on time (opened only after those answers, as it was
+    before, it found that request too late to send: NOT_SENT)."""
     monkeypatch.setattr(loadtest, "_STREAM_ROTATE_S", 0.4)
     monkeypatch.setattr(_Driver, "_channels", lambda self: [_Streams(_SlowStream)])
     report = run(LoadTestOptions(targets=("127.0.0.1:1",), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
@@ -632,10 +634,11 @@ def test_an_open_loop_stream_making_way_hands_its_schedule_over_at_once(monkeypa
     assert report.sends == 4 and report.late_sends == report.held_sends == 0, report.table()
 
 
-class _CountedStream(_AnsweringStream):
-    """Answers as _AnsweringStream, 0.1 s after each request; counts the streams open at
-    once (opened, not yet ended)."""
+class _CountedStream(_SlowStream):
+    """A _SlowStream answering in 0.1 s that counts the streams open at once (opened, not
+    yet ended)."""
 
+    delay_s = 0.1
     open_now = most_open = 0
 
     def __init__(self) -> None:
@@ -647,8 +650,6 @@ class _CountedStream(_AnsweringStream):
         answer = await super().read()
         if answer is grpc.aio.EOF:
             type(self).open_now -= 1
-        else:
-            await asyncio.sleep(0.1)
         return answer
 
 
@@ -727,8 +728,9 @@ def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path, capsys):
 @pytest.mark.parametrize("rate", [None, 200.0], ids=["closed", "open"])
 def test_ctrl_c_ends_every_stream_counting_nothing_after_it(rate):
     """Each stream runs as a task of its own (open loop: one that made way reads its last
-    answers beside its successor): Ctrl-C ends them all, and nothing they do after it is
-    counted (their calls cancelled or their channels closed, as errors)."""
+    answers beside its successor): Ctrl-C ends them all before the report is taken, and
+    nothing is counted after it (a stream left running counted its cancelled requests as
+    errors)."""
     with _echo_server() as (address, loading, _):
         pressing = _ctrl_c_when(loading)
         try:
