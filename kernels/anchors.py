@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import AnchorConfig, AnchorLevel
+from .host_memory import check_host_fits
 from .streams import stream_key
 
 __all__ = [
@@ -363,6 +364,11 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
 # 1M anchors (16 MB) covers RetinaNet up to ~1,800 x 1,800.
 _CACHED_ANCHORS_MAX = 1 << 20
 
+# Host memory ``AnchorGrid.materialize`` takes at its peak, per anchor: every level's
+# anchors (float32 xyxy, 16 bytes), then all of them concatenated (16 more), and the
+# largest level's cell centers (32.0-32.2 bytes measured, tests/test_host_memory.py).
+_BUILD_BYTES_PER_ANCHOR = 34
+
 
 @functools.lru_cache(maxsize=16)
 def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
@@ -402,6 +408,11 @@ def grid_and_anchors(
         return cached[1], cached[2]
     grid = _grid_to_build(config, canvas)
     if grid.num_anchors > _CACHED_ANCHORS_MAX:
+        check_host_fits(
+            _BUILD_BYTES_PER_ANCHOR * grid.num_anchors,
+            f"anchors: the {grid.num_anchors:,} anchors of the {canvas[0]} x {canvas[1]} canvas",
+            "a smaller canvas (in pixels), or fewer anchor shapes",
+        )
         return grid, grid.materialize().to(device)
     grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
     if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:

@@ -17,7 +17,7 @@ import torch
 from .config import TargetConfig
 from .problem import CheckBoxesFirst, Kept, Problem, build_problem, check_flags
 from .sampling import image_seeds, sample
-from .targets import SparseTargets, Targets
+from .targets import SparseTargets, Targets, check_dense_fits
 
 __all__ = ["BACKENDS", "assign", "assign_sparse", "resolve_backend"]
 
@@ -204,8 +204,16 @@ def _solved(module, function: str, drop_invalid: bool, build) -> tuple[object, P
     boxes were checked first).
 
     With ``drop_invalid`` the caller expects invalid boxes: they are checked first, so
-    that a batch with one is not solved twice (the triton backend finds them at the end)."""
-    solve, host_check = getattr(module, function), getattr(module, "boxes_valid", None)
+    that a batch with one is not solved twice (the triton backend finds them at the end).
+    Dense targets on the host are refused first where they would not fit
+    (``_check_dense_fits``)."""
+    host_check = getattr(module, "boxes_valid", None)
+
+    def solve(problem: Problem) -> object:
+        if function == "solve":
+            _check_dense_fits(problem)
+        return getattr(module, function)(problem)
+
     if function in getattr(module, "CHECKS_GT_BOXES", ()) and not drop_invalid:
         problem, kept = build(host_check, False)
         try:
@@ -214,6 +222,17 @@ def _solved(module, function: str, drop_invalid: bool, build) -> tuple[object, P
             pass
     problem, kept = build(host_check, True)
     return solve(problem), problem, kept
+
+
+def _check_dense_fits(problem: Problem) -> None:
+    """``MemoryError`` where the dense targets of ``problem``, on the host, would not fit
+    in its memory (``host_memory``)."""
+    if problem.device.type != "cpu":
+        return  # a device's allocator refuses what does not fit (torch.OutOfMemoryError)
+    check_dense_fits(
+        problem.batch_size, problem.num_anchors, problem.gt_classes is not None, problem.want_max_iou,
+        "fewer images per call, a smaller canvas, or assign_sparse (positives and ignored anchors only)",
+    )  # fmt: skip
 
 
 def _detached(value: object) -> object:

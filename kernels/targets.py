@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from .host_memory import check_host_fits
+
 __all__ = ["POSITIVE", "NEGATIVE", "IGNORED", "Targets", "SparseTargets"]
 
 POSITIVE = 1
@@ -49,6 +51,16 @@ def nothing_dropped(batch: int) -> list[torch.Tensor]:
 
 
 _INT32_MAX = 2**31 - 1  # matched box indices and classes are int32 in dense targets
+
+
+def check_dense_fits(batch: int, num_anchors: int, classes: bool, max_iou: bool, advice: str) -> None:
+    """``MemoryError`` where dense targets of ``batch`` images x ``num_anchors`` anchors
+    (with ``classes``, ``max_iou``) would not fit in the host's memory (``host_memory``)."""
+    check_host_fits(
+        batch * num_anchors * Targets.bytes_per_anchor(classes, max_iou),
+        f"dense targets: {batch:,} images x {num_anchors:,} anchors",
+        advice,
+    )
 
 
 def _pinned(value):
@@ -232,6 +244,11 @@ class Targets:
     level_starts: tuple[int, ...] | None = None
     dropped_ignore: list[torch.Tensor] = field(default_factory=list)
 
+    @staticmethod
+    def bytes_per_anchor(classes: bool, max_iou: bool) -> int:
+        """Bytes per image and anchor of dense targets with (or without) classes and max_iou."""
+        return 1 + 4 + 16 + 4 * classes + 4 * max_iou
+
     @property
     def batch_size(self) -> int:
         return self.labels.shape[0]
@@ -321,6 +338,9 @@ class Targets:
             sparse.check()
         batch, count = sparse.batch_size, sparse.num_anchors
         device = sparse.positive_anchors.device
+        if device.type == "cpu":
+            check_dense_fits(batch, count, sparse.positive_classes is not None, False,
+                             "keep the sparse form, or densify fewer images at a time")  # fmt: skip
         pos_image = _rows(sparse.positive_offsets)
         ign_image = _rows(sparse.ignored_offsets)
         pos_anchor = sparse.positive_anchors.long()

@@ -1,0 +1,106 @@
+"""Refusing, by name, a call whose host memory cannot fit.
+
+A canvas in the wrong unit (100,000 pixels a side: 1.9 billion RetinaNet anchors) or a
+dense batch far too large asks for tens of gigabytes of host memory. Linux does not fail
+such an allocation: it lets the process touch its pages until the OOM killer ends it,
+which in a data-loader worker reads as "worker killed by signal", with nothing naming
+the call. Before the few allocations that can be that large (the anchors of a large
+canvas, dense targets on the host), the size is compared with what the host and the
+process's cgroup can still give, and a ``MemoryError`` names both.
+
+Only sizes of ``_CHECKED_FROM`` and above are checked: reading ``/proc`` costs tens of
+microseconds, a tenth of a one-image call's budget, and a smaller allocation is not what
+kills a process. Where the figures cannot be read (not Linux), nothing is refused.
+"""
+
+from __future__ import annotations
+
+__all__ = ["available_bytes", "check_host_fits"]
+
+_CHECKED_FROM = 256 << 20
+
+_GIB = float(1 << 30)
+
+
+def check_host_fits(needed: int, what: str, advice: str) -> None:
+    """Raise ``MemoryError`` if ``needed`` bytes are more than the host can still give this
+    process (``available_bytes``): "``what`` take(s) ~N GiB ..., and M GiB is available:
+    ``advice``"."""
+    if needed < _CHECKED_FROM:
+        return
+    available = available_bytes()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"{what} take ~{needed / _GIB:,.1f} GiB of host memory, and {available / _GIB:,.1f} GiB is "
+            f"available: {advice}"
+        )
+
+
+def available_bytes() -> int | None:
+    """The memory this process can still allocate without being killed, in bytes: the
+    host's (``MemAvailable`` and free swap) or, where lower, what its memory cgroup's limit
+    leaves (the limit less what the cgroup holds beyond reclaimable page cache: a
+    container's or a Kubernetes pod's limit, which ``/proc/meminfo`` does not show). None
+    where neither can be read. Limits of the cgroup's parents are not read."""
+    host = _host_available()
+    group = _cgroup_available()
+    if host is None or group is None:
+        return group if host is None else host
+    return min(host, group)
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        # Values are in kB (KiB).
+        return sum(int(fields[name].split()[0]) for name in ("MemAvailable", "SwapFree")) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# The files of a memory cgroup, v2 then v1: its limit, its usage, and the memory.stat field
+# of its page cache (reclaimable, so counted as available, as MemAvailable counts it).
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "file"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache"),
+}
+
+
+def _cgroup_available() -> int | None:
+    """What this process's memory cgroup's limit leaves, or None (no limit, no cgroup)."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as cgroups:
+            lines = cgroups.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            version, mount = "v2", "/sys/fs/cgroup"
+        elif "memory" in controllers.split(","):
+            version, mount = "v1", "/sys/fs/cgroup/memory"
+        else:
+            continue
+        # Inside a container's own cgroup namespace the path is "/" and the mount is the
+        # container's cgroup; where the path is not mounted, the mount's root is read.
+        for directory in (mount + path.rstrip("/"), mount):
+            available = _cgroup_left(directory, *_CGROUP_FILES[version])
+            if available is not None:
+                return available
+    return None
+
+
+def _cgroup_left(directory: str, limit_file: str, usage_file: str, cache_field: str) -> int | None:
+    try:
+        with open(f"{directory}/{limit_file}", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a page-rounded 2**63 - 1)
+            return None
+        with open(f"{directory}/{usage_file}", encoding="ascii") as f:
+            usage = int(f.read())
+        with open(f"{directory}/memory.stat", encoding="ascii") as f:
+            stat = dict(line.split() for line in f if line.strip())
+        return max(0, int(limit) - usage + int(stat.get(cache_field, 0)))
+    except (OSError, ValueError):
+        return None
