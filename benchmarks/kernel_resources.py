@@ -149,7 +149,7 @@ def kernels() -> list[tuple[str, object, dict]]:
             k.finalize_kernel,
             dict(inline, OUTPUT=k.OUTPUT_DENSE, maxnreg=None),
         ),
-        ("scan", k.scan_kernel, dict(BLOCK=2048)),
+        ("scan", k.scan_kernel, dict(backend.SCAN_STEPS, num_warps=backend.SCAN_WARPS)),
     ]
 
 
@@ -160,6 +160,7 @@ def compile_cubin(fn, constexprs: dict) -> bytes:
     # unless the row names its own (None: the compiler's choice).
     default_cap = backend._COMPILED.pair_registers if fn is k.pairs_kernel else None
     cap = constexprs.pop("maxnreg", default_cap)
+    options["num_warps"] = constexprs.pop("num_warps", options["num_warps"])  # a row's own, as its launch has
     if fn is k.pairs_kernel:  # a constexpr with a default: left out, it would compile as a runtime argument
         constexprs.setdefault("PRECHECK", backend._COMPILED.scatter_precheck)
     if fn is k.finalize_kernel:  # the walk's finalize unless the row says otherwise
@@ -254,11 +255,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     m = backend._COMPILED
-    threads = m.num_warps * 32
     rows, registers = [], {}
     for name, fn, constexprs in kernels():
         r = resources(compile_cubin(fn, constexprs))
         registers[name] = r["registers"]
+        threads = constexprs.get("num_warps", m.num_warps) * 32
         fit = 65536 // max(r["registers"] * threads, 1)
         rows.append(f"| {name} | {r['registers']} | {r['spill_bytes']} | {r['stack']} | {r['instructions']} | "
                     f"{r['in_loops']} | {r['atomic_loop'] or '-'} | {r['fences']} / {r['awaited_atomics']} / "
@@ -269,7 +270,8 @@ def main() -> None:
     header = [
         "# Triton kernels compiled for sm_90 (no GPU needed)",
         "",
-        f"triton {triton.__version__}; {m.num_warps} warps per program; block sizes {m}. "
+        f"triton {triton.__version__}; {m.num_warps} warps per program (the scan {backend.SCAN_WARPS}); "
+        f"block sizes {m}. "
         "`python benchmarks/kernel_resources.py` (cuobjdump -res-usage / -sass on the cubin). "
         "The pair kernels run capped (Triton's `maxnreg`, `pair_registers` above; the H200 sweeps "
         "of run6 and run8 timed the caps): a capped kernel keeps its extra values in a local-memory "
@@ -306,7 +308,11 @@ def main() -> None:
         "holding one, the per-visit work: the gather's pass over its near boxes (`gather_near` at a time, "
         "with the fold of their best IoUs), the pair walk's chunk; the rows 'fold alone' compile "
         "`low_quality` as a constant, so that loop is one mode's path (the lift modes fold a 32-bit IoU, "
-        "ssd_forced a 64-bit key that names the anchor). " + register_summary(registers),
+        "ssd_forced a 64-bit key that names the anchor). The scan is one program per image, a chain of "
+        "dependent instructions per thread: in int32 and over 16 warps (`triton_backend.SCAN_STEPS`) each "
+        "thread's chain is about a third of what it was in int64 over 4 warps (3,960 SASS instructions, 251 "
+        "registers, ~11 us a call on the H200 whatever the batch, run12), with 4 warps to interleave on each "
+        "scheduler where there was one; not yet timed. " + register_summary(registers),
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
         "innermost loop with an atomic | fences (MEMBAR) / awaited atomics (ATOM) / fire-and-forget (RED) | "

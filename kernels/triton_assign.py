@@ -1744,7 +1744,7 @@ def finalize_kernel(
 
 @triton.jit(do_not_specialize=["num_blocks", "batch"])
 def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, flags_ptr, num_blocks, batch,
-                BLOCK: tl.constexpr):  # fmt: skip
+                BLOCK: tl.constexpr, IMAGES: tl.constexpr):  # fmt: skip
     """Exclusive scan of one image's per-block counts; the last program to finish also
     lays the images end to end.
 
@@ -1755,26 +1755,31 @@ def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, fla
     ignored row, then the totals; [2, B] a copy of the invalid-box flag, to be read back
     with the totals beside it (the rest of row 2 is left alone); flags_ptr: two zeroed
     int64, the invalid-box flag (set by the match stage) and the count of programs done.
-    A RetinaNet image has 1,575 blocks: one step of BLOCK = 2048. (A torch cumsum across
+    A RetinaNet image has 1,575 blocks: one step of BLOCK = 2048; the last program scans
+    the images IMAGES at a time (``triton_backend.SCAN_STEPS``). (A torch cumsum across
     the outer dimension of [B * nblocks, 2] took milliseconds; the images' offsets, a
     cumsum and a copy on the host's side, two launches; zeroing the offsets, a memset.)
     Grid: (B,).
     """
     image = tl.program_id(0).to(tl.int64)
-    carry_positive = image * 0
-    carry_ignored = image * 0
+    # An image's rows are fewer than its anchors (int32 indices): its scan in int32, half
+    # the registers of int64 (the images' scan below stays int64).
+    image_positive = tl.program_id(0) * 0
+    image_ignored = tl.program_id(0) * 0
     for first in range(0, num_blocks, BLOCK):
         block = first + tl.arange(0, BLOCK)
         real = block < num_blocks
         flat = image * num_blocks + block
-        positive = tl.load(block_counts_ptr + flat * 2, mask=real, other=0).to(tl.int64)
-        ignored = tl.load(block_counts_ptr + flat * 2 + 1, mask=real, other=0).to(tl.int64)
-        tl.store(block_starts_ptr + flat * 2, carry_positive + tl.cumsum(positive, axis=0) - positive, mask=real)
-        tl.store(block_starts_ptr + flat * 2 + 1, carry_ignored + tl.cumsum(ignored, axis=0) - ignored, mask=real)
-        carry_positive += tl.sum(positive, axis=0)
-        carry_ignored += tl.sum(ignored, axis=0)
-    tl.store(totals_ptr + image, carry_positive)
-    tl.store(totals_ptr + batch + image, carry_ignored)
+        positive = tl.load(block_counts_ptr + flat * 2, mask=real, other=0)
+        ignored = tl.load(block_counts_ptr + flat * 2 + 1, mask=real, other=0)
+        positive_start = image_positive + tl.cumsum(positive, axis=0) - positive
+        ignored_start = image_ignored + tl.cumsum(ignored, axis=0) - ignored
+        tl.store(block_starts_ptr + flat * 2, positive_start.to(tl.int64), mask=real)
+        tl.store(block_starts_ptr + flat * 2 + 1, ignored_start.to(tl.int64), mask=real)
+        image_positive += tl.sum(positive, axis=0)
+        image_ignored += tl.sum(ignored, axis=0)
+    tl.store(totals_ptr + image, image_positive.to(tl.int64))
+    tl.store(totals_ptr + batch + image, image_ignored.to(tl.int64))
     # The program that finishes last sees every image's totals: the stores above are
     # ordered before its count (the barrier, then the count's release), and the last
     # count's acquire orders the reads below after all of them.
@@ -1786,8 +1791,8 @@ def scan_kernel(block_counts_ptr, block_starts_ptr, totals_ptr, offsets_ptr, fla
         tl.store(offsets_ptr + 2 * row + batch, tl.load(flags_ptr))
         carry_positive = image * 0
         carry_ignored = image * 0
-        for first in range(0, batch, BLOCK):
-            images = first + tl.arange(0, BLOCK)
+        for first in range(0, batch, IMAGES):
+            images = first + tl.arange(0, IMAGES)
             real = images < batch
             positive = tl.load(totals_ptr + images, mask=real, other=0)
             ignored = tl.load(totals_ptr + batch + images, mask=real, other=0)

@@ -408,9 +408,19 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch_kwargs() -> dict:
+def _launch_kwargs(num_warps: int | None = None) -> dict:
     # IEEE semantics need each mul and add rounded on its own: no FMA contraction.
-    return {"num_warps": _meta().num_warps, "enable_fp_fusion": False}
+    return {"num_warps": num_warps or _meta().num_warps, "enable_fp_fusion": False}
+
+
+# scan_kernel's steps (block counts of an image, then images, at once) and warps. One
+# program per image scans its block counts (RetinaNet's 1,575 in one step), each thread a
+# chain of dependent instructions: with 4 warps, 2,664 SASS instructions a thread and no
+# other warp on its scheduler to hide their latency (the int64 scan before, 3,960 and
+# 251 registers, took ~11 us whatever the batch on the H200, run12); with 16 warps and
+# the images' scan 256 wide, 1,192 and 75 registers (benchmarks/kernel_resources.py).
+SCAN_STEPS = dict(BLOCK=2048, IMAGES=256)
+SCAN_WARPS = 16
 
 
 @functools.lru_cache(maxsize=8)
@@ -1000,7 +1010,7 @@ def launch_sparse(problem: Problem, sizes: tuple[int, int] | None = None) -> _Sp
         launch.match_pairs(work, invalid, zeroed[2:])
         launch.finalize(OUTPUT_COUNT, work, block_counts=block_counts)
         scan_kernel[(batch,)](block_counts, block_starts, image_totals, offsets, flags, launch.num_blocks, batch,
-                              BLOCK=2048, **_launch_kwargs())  # fmt: skip
+                              **SCAN_STEPS, **_launch_kwargs(SCAN_WARPS))  # fmt: skip
         if sizes is not None:
             lists = _sparse_lists(*sizes, problem.gt_classes is not None, device)
             launch.finalize(OUTPUT_SPARSE, work, **rows, **lists)

@@ -324,7 +324,7 @@ def test_scan_lays_blocks_and_images_end_to_end(batch, flag, generator):
     offsets = torch.full((3, batch + 1), -7, dtype=torch.int64, device=DEVICE)  # what torch.empty may hold
     flags = torch.tensor([flag, 0], dtype=torch.int64, device=DEVICE)
     triton_assign.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, flags, num_blocks, batch,
-                                        BLOCK=4)  # fmt: skip
+                                        BLOCK=4, IMAGES=4)  # fmt: skip
     per_image = counts.view(batch, num_blocks, 2).to(torch.int64)
     within = per_image.cumsum(1) - per_image
     assert torch.equal(starts.cpu(), within.reshape(-1, 2))
@@ -771,7 +771,7 @@ for name, fn, constexprs in [
                                         **lift)),
     ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                         **dict(lift, SKIP_EMPTY=m.skip_empty))),  # the gather's
-    ("scan", k.scan_kernel, dict(BLOCK=1024)),
+    ("scan", k.scan_kernel, dict(BLOCK=1024, IMAGES=256)),
     ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                      BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
                                      SKIP_EMPTY=m.skip_empty, LONE=m.lone_visits, HEAVY_FIRST=m.heavy_first)),
@@ -966,9 +966,9 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
 
 @gpu
 def test_scan_under_concurrency():
-    """scan_kernel as the backend launches it, with more programs than run at once: the
-    program that finishes last (which one varies from launch to launch) sees every
-    image's totals, in 100 launches with fresh counts and a zeroed counter each, as in
+    """scan_kernel as the backend launches it, with more programs than run at once (and
+    more images than its images' step): the program that finishes last (which one varies
+    from launch to launch) sees every image's totals, in 100 launches with fresh counts and a zeroed counter each, as in
     solve_sparse."""
     batch, num_blocks = 300, 1575
     generator = torch.Generator().manual_seed(0)
@@ -979,7 +979,8 @@ def test_scan_under_concurrency():
         offsets = torch.full((3, batch + 1), -7, dtype=torch.int64, device=DEVICE)
         flags = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         triton_backend.scan_kernel[(batch,)](counts.to(DEVICE), starts, totals, offsets, flags, num_blocks, batch,
-                                             BLOCK=2048, **triton_backend._launch_kwargs())  # fmt: skip
+                                             **triton_backend.SCAN_STEPS,
+                                             **triton_backend._launch_kwargs(triton_backend.SCAN_WARPS))  # fmt: skip
         image_totals = counts.view(batch, num_blocks, 2).to(torch.int64).sum(1).T
         expected = torch.cat([torch.zeros(2, 1, dtype=torch.int64), image_totals.cumsum(1)], 1)
         assert torch.equal(offsets[:2].cpu(), expected)
