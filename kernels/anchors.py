@@ -64,12 +64,19 @@ class GridLevel:
         return self.height * self.width * self.cells.shape[0]
 
 
+# Host memory ``AnchorGrid.materialize`` takes at its peak, per anchor: every level's
+# anchors (float32 xyxy, 16 bytes), then all of them concatenated (16 more), and the
+# largest level's cell centers (32.0-32.2 bytes measured, tests/test_host_memory.py).
+_BUILD_BYTES_PER_ANCHOR = 34
+
+
 @dataclass(frozen=True, eq=False)
 class AnchorGrid:
     """Anchors of one (config, canvas), as per-level tables instead of [A, 4] boxes."""
 
     levels: tuple[GridLevel, ...]
     shape_major: bool
+    canvas: tuple[int, int]
 
     @property
     def num_anchors(self) -> int:
@@ -84,7 +91,14 @@ class AnchorGrid:
         return tuple(starts)
 
     def materialize(self) -> torch.Tensor:
-        """All anchors, Tensor[A, 4] float32, in the documented order."""
+        """All anchors, Tensor[A, 4] float32, in the documented order; ``MemoryError``
+        first where the host could not hold them while they are built (``host_memory``)."""
+        height, width = self.canvas
+        check_host_fits(
+            _BUILD_BYTES_PER_ANCHOR * self.num_anchors,
+            f"anchors: the {self.num_anchors:,} anchors of the {height} x {width} canvas",
+            "a smaller canvas (in pixels), or fewer anchor shapes",
+        )
         return torch.cat([_level_anchors(lv, self.shape_major) for lv in self.levels]).contiguous()
 
 
@@ -288,7 +302,7 @@ def _resolve_cached(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid
     levels = tuple(_resolve_level(config, i, lv, canvas) for i, lv in enumerate(config.levels))
     for i, level in enumerate(levels):
         _check_cells(config.layout, i, level.cells)
-    return AnchorGrid(levels, shape_major=config.layout == "yolo")
+    return AnchorGrid(levels, shape_major=config.layout == "yolo", canvas=canvas)
 
 
 @functools.lru_cache(maxsize=64)
@@ -364,11 +378,6 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
 # 1M anchors (16 MB) covers RetinaNet up to ~1,800 x 1,800.
 _CACHED_ANCHORS_MAX = 1 << 20
 
-# Host memory ``AnchorGrid.materialize`` takes at its peak, per anchor: every level's
-# anchors (float32 xyxy, 16 bytes), then all of them concatenated (16 more), and the
-# largest level's cell centers (32.0-32.2 bytes measured, tests/test_host_memory.py).
-_BUILD_BYTES_PER_ANCHOR = 34
-
 
 @functools.lru_cache(maxsize=16)
 def _anchors_cached(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Tensor:
@@ -408,11 +417,6 @@ def grid_and_anchors(
         return cached[1], cached[2]
     grid = _grid_to_build(config, canvas)
     if grid.num_anchors > _CACHED_ANCHORS_MAX:
-        check_host_fits(
-            _BUILD_BYTES_PER_ANCHOR * grid.num_anchors,
-            f"anchors: the {grid.num_anchors:,} anchors of the {canvas[0]} x {canvas[1]} canvas",
-            "a smaller canvas (in pixels), or fewer anchor shapes",
-        )
         return grid, grid.materialize().to(device)
     grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
     if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:

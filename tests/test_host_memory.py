@@ -83,7 +83,8 @@ def test_sparse_targets_of_the_same_batch_are_not_refused():
 
 
 @linux_only
-def test_anchors_beyond_the_host_are_refused_by_canvas():
+@pytest.mark.parametrize("call", ["assign_sparse", "generate_anchors"])
+def test_anchors_beyond_the_host_are_refused_by_canvas(call):
     canvas = (100_000, 100_000)  # 1.87 billion RetinaNet anchors: a canvas given in the wrong unit
     count = anchors_module.resolve_grid(RETINANET.anchors, canvas).num_anchors
     if anchors_module._BUILD_BYTES_PER_ANCHOR * count <= available_bytes():
@@ -94,10 +95,13 @@ def test_anchors_beyond_the_host_are_refused_by_canvas():
 import resource
 resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
 import torch
-from tritarget.kernels import assign_sparse, presets
+from tritarget.kernels import assign_sparse, generate_anchors, presets
+config = presets.get("retinanet_torchvision")
 try:
-    assign_sparse(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), [1], {canvas}, presets.get("retinanet_torchvision"),
-                  backend="cpu")
+    if {call!r} == "generate_anchors":
+        generate_anchors(config.anchors, {canvas})
+    else:
+        assign_sparse(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), [1], {canvas}, config, backend="cpu")
 except Exception as error:
     print(type(error).__name__, error)
 """
