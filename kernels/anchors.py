@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -372,11 +374,49 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     return _resolve_cached(config, check_canvas(canvas))
 
 
-# Anchor sets of more anchors than this are built on each call instead of cached: each
-# cache below keeps 16 sets, and on a server's largest canvas (8192 x 8192: 13M RetinaNet
-# anchors, 200 MB) a few small requests with distinct configs would pin gigabytes.
-# 1M anchors (16 MB) covers RetinaNet up to ~1,800 x 1,800.
+# Anchor sets of more anchors than this are kept apart (``_LargeSets``): each cache below
+# keeps 16 sets, and on a server's largest canvas (8192 x 8192: 13M RetinaNet anchors,
+# 200 MB) a few small requests with distinct configs would pin gigabytes. 1M anchors
+# (16 MB) covers RetinaNet up to ~1,800 x 1,800.
 _CACHED_ANCHORS_MAX = 1 << 20
+
+# Larger sets are kept while together they take at most this many bytes, the most
+# recently used first; a set larger than that is built on each call. Built on each call,
+# as all of them were, a one-image cpu call on a 2,304 x 2,560 canvas (1.1M RetinaNet
+# anchors) took 13 ms against 0.23 ms at 2,048 x 2,560 (0.98M, cached), and the triton
+# backend built the set on the host and copied it to the device every time.
+_LARGE_SETS_BYTES = 512 << 20
+
+
+class _LargeSets:
+    """Anchor sets of over ``_CACHED_ANCHORS_MAX`` anchors per (grid, device, CUDA stream),
+    kept by bytes (``_LARGE_SETS_BYTES``), least recently used out first."""
+
+    def __init__(self) -> None:
+        self._sets: OrderedDict[tuple[AnchorGrid, torch.device, int | None], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # compute workers share it
+
+    def get(self, grid: AnchorGrid, device: torch.device, stream: int | None) -> torch.Tensor:
+        key = (grid, device, stream)  # the grid compares by identity; held here, its id is not reused
+        with self._lock:
+            anchors = self._sets.get(key)
+            if anchors is not None:
+                self._sets.move_to_end(key)
+                return anchors
+        anchors = grid.materialize().to(device)  # outside the lock: the largest take seconds
+        if anchors.nbytes > _LARGE_SETS_BYTES:
+            return anchors
+        with self._lock:
+            kept = self._sets.setdefault(key, anchors)  # another thread's, where it got here first
+            if kept is anchors:
+                self._bytes += anchors.nbytes
+                while self._bytes > _LARGE_SETS_BYTES:
+                    self._bytes -= self._sets.popitem(last=False)[1].nbytes
+            return kept
+
+
+_LARGE_SETS = _LargeSets()
 
 
 @functools.lru_cache(maxsize=16)
@@ -408,7 +448,7 @@ def grid_and_anchors(
     Cached per (config, canvas, device, CUDA stream: ``streams.stream_key``) so that a
     batch pays neither the generation nor the host-to-device copy of its anchors (3.2 MB
     for RetinaNet at 800x1344): every caller shares the tensor and must treat it as
-    read-only. Sets of over a million anchors are built per call.
+    read-only. Sets of over a million anchors are kept by bytes (``_LargeSets``).
     """
     stream = stream_key(device)
     key = (id(config), canvas, device, stream)
@@ -416,8 +456,8 @@ def grid_and_anchors(
     if cached is not None and cached[0] is config:
         return cached[1], cached[2]
     grid = _grid_to_build(config, canvas)
-    if grid.num_anchors > _CACHED_ANCHORS_MAX:
-        return grid, grid.materialize().to(device)
+    if grid.num_anchors > _CACHED_ANCHORS_MAX:  # not in _BY_IDENTITY either: its 16 entries would pin them
+        return grid, _LARGE_SETS.get(grid, device, stream)
     grid, anchors = _grid_and_anchors_cached(config, canvas, device, stream)
     if len(_BY_IDENTITY) >= _BY_IDENTITY_KEPT:
         _BY_IDENTITY.clear()
