@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ class GridLevel:
 
 # Host memory ``AnchorGrid.materialize`` takes at its peak, per anchor: every level's
 # anchors (float32 xyxy, 16 bytes), then all of them concatenated (16 more), and the
-# largest level's cell centers (32.0-32.2 bytes measured, tests/test_host_memory.py).
+# largest level's cell centers: 32.1-32.5 bytes measured on sets of 7-9M anchors, the
+# sizes the check reads (tests/test_host_memory.py; smaller sets add a few fixed MB).
 _BUILD_BYTES_PER_ANCHOR = 34
 
 
@@ -122,7 +124,7 @@ def _level_anchors(lv: GridLevel, shape_major: bool) -> torch.Tensor:
     anchors = anchors.reshape(-1, 4)
     if lv.scale_x is not None:
         scale = torch.tensor([lv.scale_x, lv.scale_y, lv.scale_x, lv.scale_y], dtype=torch.float32, device="cpu")
-        anchors = anchors * scale
+        anchors.mul_(scale)  # in place: a second copy would raise the build's peak by half
     return anchors
 
 
@@ -390,7 +392,11 @@ _LARGE_SETS_BYTES = 512 << 20
 
 class _LargeSets:
     """Anchor sets of over ``_CACHED_ANCHORS_MAX`` anchors per (grid, device, CUDA stream),
-    kept by bytes (``_LARGE_SETS_BYTES``), least recently used out first."""
+    kept by bytes (``_LARGE_SETS_BYTES``), least recently used out first. Each stream has
+    its copy, as in the caches below (a copy is filled on its stream, and freed memory is
+    reused on the stream it was allocated on): N compute workers on one GPU keep N copies
+    of a set, so of a server's 8192 x 8192 canvas (200 MB a RetinaNet set) two copies are
+    kept and a third is built per call."""
 
     def __init__(self) -> None:
         self._sets: OrderedDict[tuple[AnchorGrid, torch.device, int | None], torch.Tensor] = OrderedDict()
@@ -407,16 +413,27 @@ class _LargeSets:
         anchors = grid.materialize().to(device)  # outside the lock: the largest take seconds
         if anchors.nbytes > _LARGE_SETS_BYTES:
             return anchors
+        evicted = []  # freed after the lock is let go: hundreds of megabytes
         with self._lock:
             kept = self._sets.setdefault(key, anchors)  # another thread's, where it got here first
             if kept is anchors:
                 self._bytes += anchors.nbytes
                 while self._bytes > _LARGE_SETS_BYTES:
-                    self._bytes -= self._sets.popitem(last=False)[1].nbytes
-            return kept
+                    evicted.append(self._sets.popitem(last=False)[1])
+                    self._bytes -= evicted[-1].nbytes
+        return kept
 
 
 _LARGE_SETS = _LargeSets()
+
+
+def _new_lock_after_fork() -> None:
+    """A forked child (a DataLoader worker) gets a free lock: another thread of the parent
+    may have held this one at the fork, and nothing in the child would release it."""
+    _LARGE_SETS._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 @functools.lru_cache(maxsize=16)

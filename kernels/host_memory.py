@@ -41,9 +41,14 @@ def available_bytes() -> int | None:
     host's (``MemAvailable`` and free swap) or, where lower, what its memory cgroup's limit
     leaves (the limit less what the cgroup holds beyond reclaimable page cache: a
     container's or a Kubernetes pod's limit, which ``/proc/meminfo`` does not show). None
-    where neither can be read. Limits of the cgroup's parents are not read."""
+    where neither can be read. Limits of the cgroup's parents are not read, nor the
+    cgroup's own swap."""
     host = _host_available()
-    group = _cgroup_available()
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as cgroups:
+            group = cgroup_available(cgroups.read().splitlines())
+    except OSError:
+        group = None
     if host is None or group is None:
         return group if host is None else host
     return min(host, group)
@@ -59,39 +64,36 @@ def _host_available() -> int | None:
         return None
 
 
-# The files of a memory cgroup, v2 then v1: its limit, its usage, and the memory.stat field
-# of its page cache (reclaimable, so counted as available, as MemAvailable counts it).
+# The files of a memory cgroup, v2 then v1: its limit, its usage, and the memory.stat
+# fields of its page cache and of the shared memory within it (tmpfs, /dev/shm: where
+# DataLoader workers hand their batches over), which cannot be reclaimed.
 _CGROUP_FILES = {
-    "v2": ("memory.max", "memory.current", "file"),
-    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache"),
+    "v2": ("memory.max", "memory.current", "file", "shmem"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"),
 }
 
 
-def _cgroup_available() -> int | None:
-    """What this process's memory cgroup's limit leaves, or None (no limit, no cgroup)."""
-    try:
-        with open("/proc/self/cgroup", encoding="ascii") as cgroups:
-            lines = cgroups.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+def cgroup_available(proc_self_cgroup: list[str], root: str = "/sys/fs/cgroup") -> int | None:
+    """What the limit of the memory cgroup that the lines of ``/proc/self/cgroup`` name
+    leaves, read under ``root``; None where it has no limit or cannot be read."""
+    for line in proc_self_cgroup:
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and not controllers:
-            version, mount = "v2", "/sys/fs/cgroup"
+            version, mount = "v2", root
         elif "memory" in controllers.split(","):
-            version, mount = "v1", "/sys/fs/cgroup/memory"
+            version, mount = "v1", f"{root}/memory"
         else:
             continue
         # Inside a container's own cgroup namespace the path is "/" and the mount is the
         # container's cgroup; where the path is not mounted, the mount's root is read.
-        for directory in (mount + path.rstrip("/"), mount):
+        for directory in dict.fromkeys((mount + path.rstrip("/"), mount)):
             available = _cgroup_left(directory, *_CGROUP_FILES[version])
             if available is not None:
                 return available
     return None
 
 
-def _cgroup_left(directory: str, limit_file: str, usage_file: str, cache_field: str) -> int | None:
+def _cgroup_left(directory: str, limit_file: str, usage_file: str, cache_field: str, shared_field: str) -> int | None:
     try:
         with open(f"{directory}/{limit_file}", encoding="ascii") as f:
             limit = f.read().strip()
@@ -101,6 +103,7 @@ def _cgroup_left(directory: str, limit_file: str, usage_file: str, cache_field: 
             usage = int(f.read())
         with open(f"{directory}/memory.stat", encoding="ascii") as f:
             stat = dict(line.split() for line in f if line.strip())
-        return max(0, int(limit) - usage + int(stat.get(cache_field, 0)))
-    except (OSError, ValueError):
-        return None
+        reclaimable = int(stat[cache_field]) - int(stat.get(shared_field, 0))
+        return max(0, int(limit) - usage + reclaimable)
+    except (OSError, KeyError, ValueError):
+        return None  # a field missing: nothing refused rather than all page cache counted as held

@@ -968,6 +968,27 @@ def test_large_anchor_sets_are_kept_by_their_bytes(monkeypatch, generator):
     assert_targets_equal(assign(boxes, counts, canvases[0], config, backend="cpu"), expected)
 
 
+def _large_set_in_child(canvas, connection) -> None:
+    from tritarget.kernels import anchors as anchor_module
+
+    connection.send(anchor_module.grid_and_anchors(presets.get("retinanet_torchvision").anchors, canvas,
+                                                   torch.device("cpu"))[1].shape[0])  # fmt: skip
+
+
+def test_a_child_forked_while_a_parent_thread_keeps_a_large_anchor_set_is_not_stuck(monkeypatch):
+    """Another thread of the parent holds the large anchor sets' lock at the fork (held
+    here by the test itself): the child must not wait for it forever."""
+    from tritarget.kernels import anchors as anchor_module
+
+    monkeypatch.setattr(anchor_module, "_CACHED_ANCHORS_MAX", 0)  # every set is a large one
+    monkeypatch.setattr(anchor_module, "_BY_IDENTITY", {})
+    canvas = (96, 128)
+    count = anchor_module.resolve_grid(presets.get("retinanet_torchvision").anchors, canvas).num_anchors
+    with anchor_module._LARGE_SETS._lock:
+        got, _ = _in_forked_child(_large_set_in_child, canvas, wait_s=30)
+    assert got == count, "the forked child did not answer within 30 s"
+
+
 @pytest.mark.parametrize(("preset", "positives"), [("retinanet_torchvision", [0, 512]), ("ssd300_torchvision", [0])])
 def test_explicit_anchors_of_subnormal_area_keep_their_ties(preset, positives):
     """A box of area 2^-149 inside two equal anchors of area 2^-125: its IoU with them

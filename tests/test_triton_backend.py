@@ -771,7 +771,7 @@ for name, fn, constexprs in [
                                         **lift)),
     ("sparse", k.finalize_kernel, dict(OUTPUT=k.OUTPUT_SPARSE, GENERATE=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                         **dict(lift, SKIP_EMPTY=m.skip_empty))),  # the gather's
-    ("scan", k.scan_kernel, dict(BLOCK=1024, IMAGES=256)),
+    ("scan", k.scan_kernel, dict(backend.SCAN_STEPS, num_warps=backend.SCAN_WARPS)),  # as launched
     ("gather", k.gather_kernel, dict(GENERATE=True, BUILD_ANCHORS=True, BLOCK_A=m.block_a, BLOCK_G=m.block_g,
                                      BOXES=m.gather_boxes, NEAR=m.gather_near, RECORDS=True,
                                      SKIP_EMPTY=m.skip_empty, LONE=m.lone_visits, HEAVY_FIRST=m.heavy_first)),
@@ -801,8 +801,9 @@ for name, fn, constexprs in [
     # those it is told not to specialise on.
     aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
                if arg.endswith("_ptr") and arg not in fn.do_not_specialize_on_alignment}  # fmt: skip
+    warps = constexprs.pop("num_warps", m.num_warps)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs=aligned), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": m.num_warps, "enable_fp_fusion": False})
+                            options={"num_warps": warps, "enable_fp_fusion": False})
     ptx[name] = kernel.asm["ptx"]
 print(json.dumps(ptx))
 """
@@ -959,6 +960,7 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic():
     # done: its count must release and acquire.
     atomics = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]+", ptx["scan"]))
     assert atomics and all(".acq_rel." in op for op in atomics), atomics
+    assert ".reqntid 512" in ptx["scan"] and ".reqntid 128" in ptx["gather"]  # the scan's 16 warps, as launched
 
 
 # --- compiled, full size (skipped without a GPU) -------------------------------------
