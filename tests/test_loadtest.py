@@ -128,7 +128,7 @@ def test_several_client_processes(server):
     assert report.summary()["client_cpu_s"] == report.client_cpu_s
     assert "load generator: " in report.table() and "2 process(es)" in report.table()
     # The processes began their windows together (0.9 s apart before: each its own start-up).
-    assert 0 <= report.start_skew_s < 0.25  # a few ms on a quiet machine
+    assert 0 <= report.start_skew_s < 0.5  # a few ms on a quiet machine; room for a busy one
     assert report.summary()["client_start_skew_s"] == report.start_skew_s
 
 
@@ -414,8 +414,13 @@ def test_the_failed_send_grpc_reports_as_internal_is_told_from_the_servers_inter
 
 
 @pytest.mark.parametrize("server", ["fails-a-stream", "down"])
-def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
-    """40 requests scheduled: each is answered or an error, however the streams fail."""
+def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server, monkeypatch):
+    """40 requests scheduled: each is answered or an error, however the streams fail.
+    A stream reopens 0.2 s after a failure and a send is late past 50 ms: the waits for a
+    stream are well past the bound, a busy machine's scheduling well within it (at 10 ms
+    a busy CI machine sent 3 of 80 late)."""
+    monkeypatch.setattr(loadtest, "_REOPEN_PAUSE_S", 0.2)
+    monkeypatch.setattr(loadtest, "_LATE_S", 0.05)
     with _echo_server(end_first_stream=grpc.StatusCode.UNAVAILABLE) as (address, _, _):
         report = run(
             LoadTestOptions(
@@ -437,7 +442,7 @@ def test_an_open_loop_stream_answers_or_counts_every_scheduled_request(server):
         assert report.requests > 30, report.table()  # the failed stream was replaced
     else:
         assert report.requests == 0
-        assert report.held_sends > 2 and "waited more than 10 ms for their stream" in report.table(), report.table()
+        assert report.held_sends > 2 and "waited more than 50 ms for their stream" in report.table(), report.table()
 
 
 def test_a_closed_loop_stream_keeps_trying_a_server_that_is_down():
@@ -449,10 +454,11 @@ def test_a_closed_loop_stream_keeps_trying_a_server_that_is_down():
 
 
 def test_a_stream_may_outlast_the_timeout_of_one_request():
-    """``timeout_s`` bounds each request: a stream held for a run longer than it is not cut."""
+    """``timeout_s`` bounds each request: a stream held for a run longer than it is not cut
+    (a run 2.5 times its timeout, each answer a second of room)."""
     with _echo_server() as (address, _, _):
-        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=1.0, warmup_s=0, concurrency=1,
-                                     stream=True, timeout_s=0.3))  # fmt: skip
+        report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=2.5, warmup_s=0, concurrency=1,
+                                     stream=True, timeout_s=1.0))  # fmt: skip
     assert report.ok and report.errors == {} and report.requests > 0, report.table()
 
 

@@ -627,9 +627,10 @@ def test_a_get_anchors_call_past_its_deadline_is_counted_timed_and_logged(caplog
     request = pb.GetAnchorsRequest(config=pb.ConfigRef(preset="retinanet_torchvision"), canvas_height=4096,
                                    canvas_width=4096)  # fmt: skip
     with ServerThread(access_log=True) as srv, grpc.insecure_channel(srv.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)  # connected: the deadline is the call's alone
         with caplog.at_level(logging.INFO, logger="tritarget.access"):
             with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.TargetAssignerStub(channel).GetAnchors(request, timeout=0.05)
+                pb_grpc.TargetAssignerStub(channel).GetAnchors(request, timeout=0.15)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             seconds = {"method": "GetAnchors"}
             until(lambda: srv.metrics.value("tritarget_request_seconds_count", seconds) == 1)

@@ -322,11 +322,15 @@ def test_calls_ended_by_their_deadline_or_their_caller_are_counted_and_logged(ca
     with ServerThread(batching=batching(max_queue_delay_s=5.0)) as srv:  # the batch never runs while they wait
 
         async def received(method: str, count: int) -> None:  # cancelled before the server had it, it logs nothing
-            while srv.metrics.value("tritarget_requests_total", {"method": method}) < count:
+            for _ in range(3000):
+                if srv.metrics.value("tritarget_requests_total", {"method": method}) >= count:
+                    return
                 await asyncio.sleep(0.01)
+            raise AssertionError(f"the server had not received {count} {method} calls within 30 s")
 
         async def calls() -> None:
             async with grpc.aio.insecure_channel(srv.address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)  # connected: the deadline is the call's alone
                 unary = channel.unary_unary(ASSIGN, request_serializer=pb.AssignRequest.SerializeToString,
                                             response_deserializer=pb.AssignResponse.FromString)  # fmt: skip
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -420,6 +424,7 @@ def test_a_response_whose_caller_has_gone_is_neither_encoded_nor_counted_as_sent
     counted as sent."""
     gone = threading.Event()
     with ServerThread() as srv, TargetClient(srv.address, retries=0) as client:
+        client.wait_until_ready(timeout=30)  # connected: the deadline is the call's alone
         batcher = srv.server.batcher
         compute = batcher._assign
         batcher._assign = lambda jobs: (gone.wait(30), compute(jobs))[1]
