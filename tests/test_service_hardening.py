@@ -395,6 +395,7 @@ def test_a_call_computed_on_the_event_loop_past_its_deadline_is_counted_as_excee
     the deadline (the stream's) had passed. The caller had DEADLINE_EXCEEDED; the server
     logged OK, counted no error and counted the response's bytes as sent."""
     with ServerThread(backend="cpu") as srv, TargetClient(srv.address, retries=0) as client:
+        client.wait_until_ready(timeout=30)  # connected (a health check: no batch): the deadline is the call's alone
         batcher = srv.server.batcher
         compute = batcher._assign
         batcher._assign = lambda jobs: (time.sleep(1.5), compute(jobs))[1]  # the loop held past the deadline
