@@ -417,13 +417,13 @@ def test_a_stream_outlives_the_clients_timeout(two_servers):
 
     def slow(count: int):
         for _ in range(count):
-            time.sleep(0.3)
+            time.sleep(0.4)
             yield ITEM
 
-    with TargetClient(a.address, timeout=0.5) as client:
-        assert len(list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS))) == 4
+    with TargetClient(a.address, timeout=1.0) as client:  # each answer has 1 s: room on a busy machine
+        assert len(list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS))) == 4  # 1.6 s
         with pytest.raises(TargetServiceError) as info:
-            list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS, timeout=0.5))
+            list(client.stream(slow(4), preset="retinanet_torchvision", canvas=CANVAS, timeout=1.0))
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -1274,22 +1274,22 @@ def test_a_caller_that_holds_an_answer_longer_than_the_timeout_keeps_its_stream(
     read, not a training loop that pauses (a checkpoint): the answers meanwhile wait
     unread, and the stream goes on, cut off by nothing."""
     items = [{"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"r{i}"} for i in range(4)]
-    with ServerThread() as srv:
+    with ServerThread() as srv:  # each answer has 1 s (room on a busy machine); the caller holds each 2 s
         if client_class is TargetClient:
-            with TargetClient(srv.address, timeout=0.5) as client:
+            with TargetClient(srv.address, timeout=1.0) as client:
                 answers = []
                 for targets in client.stream(items, preset="retinanet_torchvision", canvas=CANVAS):
                     answers.append(targets)
-                    time.sleep(1.2)
+                    time.sleep(2.0)
                 resent = client.stats.resent
         else:
 
             async def run():
-                async with AsyncTargetClient(srv.address, timeout=0.5) as client:
+                async with AsyncTargetClient(srv.address, timeout=1.0) as client:
                     answers = []
                     async for targets in client.stream(items, preset="retinanet_torchvision", canvas=CANVAS):
                         answers.append(targets)
-                        await asyncio.sleep(1.2)
+                        await asyncio.sleep(2.0)
                     return answers, client.stats.resent
 
             answers, resent = asyncio.run(run())
@@ -1299,7 +1299,8 @@ def test_a_caller_that_holds_an_answer_longer_than_the_timeout_keeps_its_stream(
 def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answered():
     """After a break the first answer must come before the search for a server ends; the
     watchdog then kept that leftover (0.6 s of a 4 s timeout) for the rest of the call,
-    and cut off a healthy server that paused 2 s: DEADLINE_EXCEEDED for the whole stream."""
+    and cut off a healthy server that paused 2 s: DEADLINE_EXCEEDED for the whole stream.
+    Here the search has 5 s, the server starts after 1.6 and pauses 4 s."""
     with socket.socket() as spare:
         spare.bind(("127.0.0.1", 0))
         port = spare.getsockname()[1]
@@ -1315,7 +1316,7 @@ def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answer
         def pause_once(jobs):
             if next(calls) == 2:
                 paused.set()
-                time.sleep(1.8)  # within the timeout, beyond what was left of the search
+                time.sleep(4.0)  # within the timeout, beyond what was left of the search
             return compute(jobs)
 
         server.server.batcher._assign = pause_once
@@ -1323,7 +1324,7 @@ def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answer
     starter = threading.Thread(target=start_late)
     starter.start()
     try:
-        with TargetClient(f"127.0.0.1:{port}", timeout=3.0) as client:
+        with TargetClient(f"127.0.0.1:{port}", timeout=5.0) as client:
             items = [{"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"r{i}"} for i in range(4)]
             answers = list(client.stream(iter(items), preset="retinanet_torchvision", canvas=CANVAS))
         assert len(answers) == 4 and paused.is_set()
