@@ -15,7 +15,7 @@ kills a process. Where the figures cannot be read (not Linux), nothing is refuse
 
 from __future__ import annotations
 
-__all__ = ["available_bytes", "check_host_fits"]
+__all__ = ["available_bytes", "cgroup_available", "check_host_fits"]
 
 _CHECKED_FROM = 256 << 20
 
