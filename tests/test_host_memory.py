@@ -79,6 +79,45 @@ def test_the_cgroup_named_for_memory_is_read_v1_v2_or_hybrid(tmp_path):
     assert cgroup_available(["1:name=systemd:/"], str(tmp_path)) is None
 
 
+def test_a_parents_limit_counts_where_it_leaves_less(tmp_path):
+    """A Slurm job's limit sits on the job's cgroup, above the step's and the task's, which
+    have none; a pod's may be lower than its container's. Each level's own usage counts
+    against its own limit, and the least left wins."""
+    job = tmp_path / "system.slice/slurmstepd.scope/job_7"
+    _cgroup(job, str(4096 * MIB), 3000 * MIB, f"file {100 * MIB}\nshmem 0\n")
+    _cgroup(job / "step_0", "max", 500 * MIB, "file 0\nshmem 0\n")
+    _cgroup(job / "step_0/user/task_0", "max", 400 * MIB, "file 0\nshmem 0\n")
+    lines = ["0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0"]
+    assert cgroup_available(lines, str(tmp_path)) == (4096 - 3000 + 100) * MIB
+    _cgroup(job / "step_0", str(1024 * MIB), 500 * MIB, "file 0\nshmem 0\n")  # the step's is lower
+    assert cgroup_available(lines, str(tmp_path)) == (1024 - 500) * MIB
+    v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    _cgroup(tmp_path / "memory/kubepods/pod1", str(512 * MIB), 300 * MIB, "total_cache 0\n", v1)
+    _cgroup(tmp_path / "memory/kubepods/pod1/c1", str(1024 * MIB), 200 * MIB, "total_cache 0\n", v1)
+    assert cgroup_available(["4:memory:/kubepods/pod1/c1"], str(tmp_path)) == (512 - 300) * MIB
+
+
+def test_the_swap_a_cgroup_may_use_counts_up_to_the_hosts_free_swap(tmp_path):
+    """v2 bounds swap alone (memory.swap.max), v1 memory and swap together (memsw)."""
+    stat = f"file {100 * MIB}\nshmem 0\n"
+    _cgroup(tmp_path, str(1024 * MIB), 900 * MIB, stat)
+    ram_left = (1024 - 900 + 100) * MIB
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=8192 * MIB) == ram_left  # swap not accounted
+    (tmp_path / "memory.swap.max").write_text(f"{512 * MIB}\n")
+    (tmp_path / "memory.swap.current").write_text(f"{112 * MIB}\n")
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=8192 * MIB) == ram_left + 400 * MIB
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=300 * MIB) == ram_left + 300 * MIB
+    assert cgroup_available(["0::/"], str(tmp_path)) == ram_left  # the host has no swap
+    (tmp_path / "memory.swap.max").write_text("max\n")
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=8192 * MIB) == ram_left + 8192 * MIB
+    v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    group = tmp_path / "memory/docker/a"
+    _cgroup(group, str(1024 * MIB), 900 * MIB, "total_cache 0\n", v1)
+    (group / "memory.memsw.limit_in_bytes").write_text(f"{1536 * MIB}\n")  # 512 MiB of swap
+    (group / "memory.memsw.usage_in_bytes").write_text(f"{1000 * MIB}\n")  # 100 MiB of it used
+    assert cgroup_available(["4:memory:/docker/a"], str(tmp_path), swap_free=8192 * MIB) == (124 + 412) * MIB
+
+
 @readable
 def test_a_size_beyond_the_host_is_refused_with_both_figures():
     with pytest.raises(MemoryError, match=r"^the thing take ~4,194,304.0 GiB of host memory, and [\d,.]+ GiB is "
