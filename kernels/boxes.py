@@ -22,29 +22,41 @@ def _upcast(boxes: torch.Tensor) -> torch.Tensor:
     return boxes.float() if boxes.is_floating_point() and boxes.element_size() < 4 else boxes
 
 
-def _check_boxes(name: str, boxes: object, *, batched: bool = False) -> None:
-    """[N, 4] boxes, or [..., 4] where ``batched``."""
+def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
+    """``boxes`` as a plain tensor of xyxy rows. torchvision's BoundingBoxes carry their
+    format: read as xyxy, XYWH boxes would be wrong targets (or a wrong loss) without an
+    error, so another format is refused by name."""
+    if type(boxes) is torch.Tensor or getattr(boxes, "format", None) is None:
+        return boxes
+    form = getattr(boxes.format, "name", boxes.format)
+    if form != "XYXY":
+        raise ValueError(f"{name}: torchvision BoundingBoxes in format {form}, but boxes are xyxy here: convert "
+                         "them (torchvision.ops.box_convert, or v2.ConvertBoundingBoxFormat('XYXY'))")  # fmt: skip
+    return boxes.as_subclass(torch.Tensor)
+
+
+def _checked_boxes(name: str, boxes: object, *, batched: bool = False) -> torch.Tensor:
+    """[N, 4] boxes, or [..., 4] where ``batched``, as a plain xyxy tensor."""
     ok = isinstance(boxes, torch.Tensor) and boxes.dim() >= 1 and boxes.shape[-1] == 4
     if not ok or not (batched or boxes.dim() == 2):
         shape = list(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
         raise ValueError(f"{name}: expected shape [{'...' if batched else 'N'}, 4] (x1, y1, x2, y2), got {shape}")
+    return plain_xyxy(name, boxes)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     """boxes (Tensor[..., 4]) -> Tensor[...] (float32 for 16-bit float boxes)."""
-    _check_boxes("boxes", boxes, batched=True)
-    boxes = _upcast(boxes)
+    boxes = _upcast(_checked_boxes("boxes", boxes, batched=True))
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    _check_boxes("boxes1", boxes1)
-    _check_boxes("boxes2", boxes2)
-    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The [N, M] intersections, and both inputs checked and upcast."""
+    boxes1, boxes2 = _upcast(_checked_boxes("boxes1", boxes1)), _upcast(_checked_boxes("boxes2", boxes2))
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
     wh = (rb - lt).clamp(min=0)  # [N, M, 2]
-    return wh[..., 0] * wh[..., 1]  # [N, M]
+    return wh[..., 0] * wh[..., 1], boxes1, boxes2  # [N, M]
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -56,11 +68,12 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor[N, M] of the inputs' dtype (float32 for 16-bit floats):
         ``inter / (area1 + area2 - inter)``, and 0 where the union is 0 (torchvision would
-        give NaN there).
+        give NaN there); NaN where a coordinate is NaN, as torchvision gives.
     """
-    inter = _intersection(boxes1, boxes2)
+    inter, boxes1, boxes2 = _intersection(boxes1, boxes2)
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
-    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+    # inter * 0: 0, or NaN where a NaN coordinate made the intersection NaN (bad data stays visible)
+    return torch.where(union > 0, inter / union, inter * 0)
 
 
 def box_iof(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -69,16 +82,18 @@ def box_iof(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     Args:
         boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy.
     Returns:
-        Tensor[N, M], 0 where ``boxes1`` has no area.
+        Tensor[N, M], 0 where ``boxes1`` has no area; NaN where a coordinate is NaN.
     """
-    inter = _intersection(boxes1, boxes2)
+    inter, boxes1, _ = _intersection(boxes1, boxes2)
     area = box_area(boxes1)[:, None].expand_as(inter)
-    return torch.where(area > 0, inter / area, torch.zeros_like(inter))
+    return torch.where(area > 0, inter / area, inter * 0)  # inter * 0: as in box_iou
 
 
-def _check_rows(name: str, rows: torch.Tensor, anchors: torch.Tensor, config: object) -> None:
+def _checked_rows(
+    name: str, rows: torch.Tensor, anchors: torch.Tensor, config: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row i of ``rows`` goes with anchor i: both [N, 4] (a batched [B, A, 4] would broadcast
-    against the anchors into wrong values, not fail)."""
+    against the anchors into wrong values, not fail); as plain xyxy tensors, upcast."""
     if not isinstance(config, EncodeConfig):
         raise TypeError(f"config: expected EncodeConfig (config.encode), got {type(config).__name__}")
     for label, tensor in ((name, rows), ("anchors", anchors)):
@@ -87,6 +102,7 @@ def _check_rows(name: str, rows: torch.Tensor, anchors: torch.Tensor, config: ob
             raise ValueError(f"{label}: expected shape [N, 4] (one row per anchor; flatten a batch), got {shape}")
     if rows.shape[0] != anchors.shape[0]:
         raise ValueError(f"{name} and anchors: {rows.shape[0]} rows against {anchors.shape[0]}")
+    return _upcast(plain_xyxy(name, rows)), _upcast(plain_xyxy("anchors", anchors))
 
 
 def _centers(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -109,8 +125,7 @@ def encode(boxes: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) -> 
         Tensor[N, 4] ``(dx, dy, dw, dh)``, float32 (float64 for float64 inputs); see
         ``EncodeConfig``.
     """
-    _check_rows("boxes", boxes, anchors, config)
-    boxes, anchors = _upcast(boxes), _upcast(anchors)
+    boxes, anchors = _checked_rows("boxes", boxes, anchors, config)
     wx, wy, ww, wh = config.weights
     acx, acy, aw, ah = _centers(anchors)
     gcx, gcy, gw, gh = _centers(boxes)
@@ -133,10 +148,9 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, config: EncodeConfig) ->
         to ``config.scale_clamp`` (and to ``-config.scale_clamp`` with
         ``config.symmetric_clamp``).
     """
-    _check_rows("deltas", deltas, anchors, config)
+    deltas, anchors = _checked_rows("deltas", deltas, anchors, config)
     if not deltas.is_floating_point():  # the stds would become integers (0.1 -> 0)
         raise TypeError(f"deltas: expected floats, got {deltas.dtype}")
-    deltas, anchors = _upcast(deltas), _upcast(anchors)
     means = torch.tensor(config.means, dtype=deltas.dtype, device=deltas.device)
     stds = torch.tensor(config.stds, dtype=deltas.dtype, device=deltas.device)
     d = deltas * stds + means

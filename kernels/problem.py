@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .anchors import AnchorGrid, check_canvas, grid_and_anchors
+from .boxes import plain_xyxy
 from .config import _INT32_MAX, TargetConfig
 from .streams import stream_key
 from .targets import check_strided, nothing_dropped
@@ -242,19 +243,6 @@ def _from_numpy(name: str, value: object) -> object:
     if value.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected integers, got a numpy array of {value.dtype}")
     return torch.from_numpy(np.ascontiguousarray(value))  # torch refuses negative strides ([::-1])
-
-
-def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
-    """``boxes`` as a plain tensor of xyxy rows. torchvision's BoundingBoxes carry their
-    format: read as xyxy, XYWH boxes would be wrong targets (or a wrong loss) without an
-    error, so another format is refused by name."""
-    if type(boxes) is torch.Tensor or getattr(boxes, "format", None) is None:
-        return boxes
-    form = getattr(boxes.format, "name", boxes.format)
-    if form != "XYXY":
-        raise ValueError(f"{name}: torchvision BoundingBoxes in format {form}, but boxes are xyxy here: convert "
-                         "them (torchvision.ops.box_convert, or v2.ConvertBoundingBoxFormat('XYXY'))")  # fmt: skip
-    return boxes.as_subclass(torch.Tensor)
 
 
 def _boxes(name: str, value: object, device: torch.device | None) -> tuple[torch.Tensor, torch.dtype]:

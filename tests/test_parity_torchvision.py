@@ -17,7 +17,17 @@ import pytest
 import torch
 
 from support import random_batch, with_ties
-from tritarget.kernels import AnchorConfig, AnchorLevel, assign, box_iou, decode, generate_anchors, presets
+from tritarget.kernels import (
+    AnchorConfig,
+    AnchorLevel,
+    assign,
+    box_iof,
+    box_iou,
+    decode,
+    encode,
+    generate_anchors,
+    presets,
+)
 from tritarget.kernels.anchors import feature_map_size
 
 torchvision = pytest.importorskip("torchvision")
@@ -252,3 +262,29 @@ def test_bounding_boxes_are_taken_in_xyxy_and_refused_in_another_format():
                 assign(other, [1], canvas, config, backend=backend)
             with pytest.raises(ValueError, match=f"ignore_boxes: torchvision BoundingBoxes in format {form}"):
                 assign(xyxy, [1], canvas, config, ignore_boxes=other, ignore_counts=[1], backend=backend)
+
+
+def test_the_box_helpers_take_bounding_boxes_as_assign_takes_them():
+    """box_iou, box_iof, encode and decode read XYWH ``BoundingBoxes`` as xyxy (IoU 0.375 of
+    a box with itself, nonzero deltas for a box on its anchor) until they refused another
+    format by name, as ``assign`` does; XYXY ones give the plain tensors' values."""
+    from torchvision import tv_tensors
+
+    config = presets.get("retinanet_torchvision").encode
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 60.0]])
+    boxes = tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(64, 96))
+    deltas = torch.tensor([[0.1, -0.2, 0.3, 0.0]])
+    assert box_iou(boxes, xyxy).tolist() == [[1.0]] and box_iof(xyxy, boxes).tolist() == [[1.0]]
+    assert torch.equal(encode(boxes, xyxy, config), torch.zeros(1, 4))
+    assert torch.equal(decode(deltas, boxes, config), decode(deltas, xyxy, config))
+    for form in ("XYWH", "CXCYWH"):
+        other = tv_tensors.BoundingBoxes(xyxy, format=form, canvas_size=(64, 96))
+        refused = {
+            "boxes1": (box_iou, other, xyxy),
+            "boxes2": (box_iof, xyxy, other),
+            "boxes": (encode, other, xyxy, config),
+            "anchors": (decode, deltas, other, config),
+        }
+        for name, (helper, *args) in refused.items():
+            with pytest.raises(ValueError, match=f"^{name}: torchvision BoundingBoxes in format {form}, but boxes"):
+                helper(*args)

@@ -216,6 +216,18 @@ def test_iou_and_iof_are_zero_where_they_divide_by_zero():
     assert box_iof(torch.tensor(box), torch.tensor(line)).tolist() == [[0.0]]
 
 
+def test_iou_and_iof_are_nan_where_a_coordinate_is_nan():
+    """As torchvision's ``box_iou`` gives them: they read 0 (no overlap), hiding the bad data
+    (``assign`` refuses such a box by name; the helpers compute what they are given)."""
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    for column in range(4):
+        bad = box.clone()
+        bad[0, column] = float("nan")
+        assert box_iou(bad, box).isnan().all() and box_iou(box, bad).isnan().all(), column
+        assert box_iof(bad, box).isnan().all() and box_iof(box, bad).isnan().all(), column
+    assert box_iou(box, torch.tensor([[0.0, 0.0, float("inf"), 10.0]])).tolist() == [[0.0]]
+
+
 def test_each_weight_scales_its_own_offset():
     """Every preset's weights pair x with y and w with h (10, 10, 5, 5): a weight applied to
     another offset went unseen (a mutation review). Known answer: centres (8, 4) -> (20, 6),
