@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "ANCHOR_LAYOUTS",
@@ -79,8 +82,13 @@ def _as_float_tuple(owner: str, name: str, values: Any) -> tuple[float, ...]:
     return tuple(_check_number(owner, name, v) for v in values)
 
 
+# Numbers, ints and bools are taken in every Python and numpy type (a threshold read from
+# an array, np.float32(0.5); a sample size from np.int64) and kept as Python's own, which
+# the configs' JSON, hashes and wire form need. bool is no number here, nor a number a bool.
+
+
 def _check_number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}.{name}: expected a number, got {value!r}")
     try:
         number = float(value)  # an int of hundreds of digits (JSON has no bound) overflows
@@ -103,9 +111,16 @@ _INT32_MAX = 2**31 - 1
 
 
 def _check_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}.{name}: expected an integer, got {value!r}")
-    return value
+    return int(value)
+
+
+def _check_bool(owner: str, name: str, value: Any) -> bool:
+    """A bool, or numpy's (a "false" from a YAML or a CLI would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}.{name}: expected a bool, got {value!r}")
+    return bool(value)
 
 
 def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -145,6 +160,7 @@ class AnchorLevel:
     def __post_init__(self) -> None:
         owner = "AnchorLevel"
         stride = _check_int(owner, "stride", self.stride)
+        object.__setattr__(self, "stride", stride)
         if not 0 < stride <= MAX_ANCHOR_MAGNITUDE:  # mmdet's base size is the stride
             raise _fail(owner, "stride", f"must be in [1, {MAX_ANCHOR_MAGNITUDE:g}], got {_shown(stride)}")
         for name in ("sizes", "aspect_ratios", "scales", "shapes"):
@@ -175,8 +191,9 @@ class AnchorLevel:
         if self.feature_size is not None:
             _check_sequence(owner, "feature_size", self.feature_size)
             fs = tuple(self.feature_size)
-            if len(fs) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in fs):
+            if len(fs) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in fs):
                 raise _fail(owner, "feature_size", f"must be two positive ints (h, w), got {self.feature_size!r}")
+            fs = tuple(int(v) for v in fs)
             if max(fs) > MAX_ANCHOR_MAGNITUDE:
                 raise _fail(owner, "feature_size", f"at most {MAX_ANCHOR_MAGNITUDE:g} cells a side, got {fs!r}")
             object.__setattr__(self, "feature_size", fs)
@@ -253,9 +270,8 @@ class AnchorConfig:
             if not 0.0 <= value < 1.0:
                 raise _fail(owner, name, f"must be in [0, 1), got {value}")
             object.__setattr__(self, name, value)
-        for name in ("scale_major", "clip"):  # a "false" from a YAML or a CLI would read as True
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{owner}.{name}: expected a bool, got {getattr(self, name)!r}")
+        for name in ("scale_major", "clip"):
+            object.__setattr__(self, name, _check_bool(owner, name, getattr(self, name)))
         for i, level in enumerate(levels):
             self._check_level(i, level)
         for name, layout in _LAYOUT_ONLY.items():
@@ -340,8 +356,7 @@ class MatchConfig:
         for name in ("high", "low", "min_pos_iou", "ignore_iof_thr", "allowed_border", "positive_fraction"):
             object.__setattr__(self, name, _check_number(owner, name, getattr(self, name)))
         for name in ("strict_high", "ignore_iof_wrt_anchor"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{owner}.{name}: expected a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _check_bool(owner, name, getattr(self, name)))
         if not 0.0 <= self.high <= 1.0:
             raise _fail(owner, "high", f"must be in [0, 1], got {self.high}")
         if not 0.0 <= self.low <= self.high:
@@ -350,7 +365,8 @@ class MatchConfig:
         _check_choice(owner, "border_order", self.border_order, BORDER_ORDERS)
         if self.allowed_border < 0 and self.allowed_border != -1:
             raise _fail(owner, "allowed_border", f"must be >= 0, or -1 for off; got {self.allowed_border}")
-        if _check_int(owner, "sample_size", self.sample_size) < 0:
+        object.__setattr__(self, "sample_size", _check_int(owner, "sample_size", self.sample_size))
+        if self.sample_size < 0:
             raise _fail(owner, "sample_size", f"must be >= 0 (0 = no sampling), got {self.sample_size}")
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise _fail(owner, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
@@ -375,8 +391,7 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         owner = "EncodeConfig"
-        if not isinstance(self.symmetric_clamp, bool):
-            raise TypeError(f"{owner}.symmetric_clamp: expected a bool, got {self.symmetric_clamp!r}")
+        object.__setattr__(self, "symmetric_clamp", _check_bool(owner, "symmetric_clamp", self.symmetric_clamp))
         for name in ("weights", "means", "stds"):
             values = _as_float_tuple(owner, name, getattr(self, name))
             if len(values) != 4:
@@ -418,7 +433,9 @@ class TargetConfig:
                 object.__setattr__(self, name, value)
             if not isinstance(value, cls):
                 raise TypeError(f"TargetConfig.{name}: expected {cls.__name__}, got {type(value).__name__}")
-        _check_int("TargetConfig", "background_class", self.background_class)
+        object.__setattr__(
+            self, "background_class", _check_int("TargetConfig", "background_class", self.background_class)
+        )
         # Classes travel as int32 (Targets.classes, the wire); a negative background would
         # collide with the ignore conventions (-1, -2) of the frameworks' adapters.
         if not 0 <= self.background_class <= _INT32_MAX:

@@ -199,6 +199,32 @@ def test_values_at_their_bounds_are_accepted():
     assert presets.get("retinanet_torchvision").replace(background_class=2**31 - 1).background_class == 2**31 - 1
 
 
+def test_numpy_numbers_are_taken_and_kept_as_pythons():
+    """A threshold read from an array (np.float32), a size or stride from one (np.int64), a
+    flag from a comparison (np.bool_) were refused ("expected a number, got np.float32(0.5)")
+    while whole arrays were taken; they are kept as Python's own, which the configs' JSON
+    and wire form need."""
+    np = pytest.importorskip("numpy")
+    match = MatchConfig(high=np.float32(0.5), low=np.float64(0.25), sample_size=np.int64(256), strict_high=np.True_)
+    assert (match.high, match.low, match.sample_size, match.strict_high) == (0.5, 0.25, 256, True)
+    level = AnchorLevel(stride=np.int64(8), sizes=tuple(np.float32([32, 64])), aspect_ratios=(np.float16(0.5),))
+    ssd = AnchorLevel(stride=8, sizes=(0.1, 0.2), feature_size=(np.int32(4), np.int64(4)))
+    encode = EncodeConfig(weights=tuple(np.float32([10, 10, 5, 5])), symmetric_clamp=np.False_)
+    config = presets.get("retinanet_torchvision").replace(background_class=np.int64(80))
+    values = [match.high, match.sample_size, match.strict_high, level.stride, *level.sizes, *ssd.feature_size,
+              *encode.weights, encode.symmetric_clamp, config.background_class]  # fmt: skip
+    assert [type(v) for v in values] == [float, int, bool, int, float, float, int, int] + [float] * 4 + [bool, int]
+    json.dumps(config.to_dict())  # np.int64 is not JSON
+    assert TargetConfig.from_dict(config.to_dict()) == config
+    for build, message in (
+        (lambda: MatchConfig(high=np.True_), "MatchConfig.high: expected a number"),
+        (lambda: MatchConfig(sample_size=np.float64(256.0)), "MatchConfig.sample_size: expected an integer"),
+        (lambda: MatchConfig(strict_high=np.int64(1)), "MatchConfig.strict_high: expected a bool"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            build()
+
+
 def test_defaults_are_the_peers():
     """torchvision's RetinaNet thresholds; detectron2's (and torchvision's) delta clamp."""
     assert (MatchConfig().high, MatchConfig().low) == (0.5, 0.4)
