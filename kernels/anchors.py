@@ -277,6 +277,12 @@ def _resolve_level(config: AnchorConfig, index: int, level: AnchorLevel, canvas:
     return GridLevel(fh, fw, 0.5, 1.0 / fw, 1.0 / fh, "mul", _d2l_cells(level), float(canvas[1]), float(canvas[0]))
 
 
+def _kind(config: object) -> str:
+    """What was given for an AnchorConfig, with the hint a whole TargetConfig needs."""
+    name = type(config).__name__
+    return f"{name} (pass its .anchors)" if name == "TargetConfig" else name
+
+
 def check_canvas(canvas: object) -> tuple[int, int]:
     """Check a canvas ``(height, width)`` of positive ints."""
     if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
@@ -372,7 +378,7 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
     ``generate_anchors`` build anchors from, shared, so read-only (an in-place edit of a
     level's ``cells`` would move the anchors of later calls; clone them to change them)."""
     if not isinstance(config, AnchorConfig):
-        raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
+        raise TypeError(f"config: expected AnchorConfig, got {_kind(config)}")
     return _resolve_cached(config, check_canvas(canvas))
 
 
@@ -501,7 +507,7 @@ def generate_anchors(config: AnchorConfig, canvas: tuple[int, int]) -> torch.Ten
         own (a copy of the set ``assign`` caches, so clipping it in place changes nothing else).
     """
     if not isinstance(config, AnchorConfig):
-        raise TypeError(f"config: expected AnchorConfig, got {type(config).__name__}")
+        raise TypeError(f"config: expected AnchorConfig, got {_kind(config)}")
     canvas = check_canvas(canvas)
     grid = _grid_to_build(config, canvas)
     return grid.materialize() if grid.num_anchors > _CACHED_ANCHORS_MAX else _anchors_cached(config, canvas).clone()

@@ -87,7 +87,9 @@ def assign(
         canvas ((int, int)): padded batch (height, width).
         config (TargetConfig): anchors, matching, encoding (``presets.get(name)``).
         gt_classes (Tensor[N] int, optional): class of each box -> ``Targets.classes``.
-        ignore_boxes (Tensor[M, 4]), ignore_counts (B ints), optional: crowd regions.
+        ignore_boxes (Tensor[M, 4]), ignore_counts (B ints), optional: crowd regions,
+            read only where ``config.match.ignore_iof_thr`` > 0 (mmdet's rule; every preset
+            has it off, as its peer does).
         image_sizes (Tensor[B, 2] int, optional): valid (height, width) per image,
             for the border rule; the canvas when omitted.
         pad_sizes (Tensor[B, 2] int, optional): padded (height, width) per image, as

@@ -330,15 +330,20 @@ def retinanet_loss(
     gamma: float = 2.0,
     beta: float = 1.0,
     normalize: str = "per_image",
-    **giou_inputs,
+    anchors: torch.Tensor | None = None,
+    gt_boxes: torch.Tensor | None = None,
+    gt_counts: torch.Tensor | list[int] | None = None,
+    encode: EncodeConfig | None = None,
+    eps: float = 1e-7,
 ) -> dict[str, torch.Tensor]:
     """torchvision ``RetinaNetHead.compute_loss`` from sparse targets.
 
     Args:
         head_outputs: the head's ``{"cls_logits": [B, A, C], "bbox_regression": [B, A, 4]}``.
         box_loss: the head's ``_loss_type`` (``l1`` in torchvision's RetinaNet).
-        giou_inputs: ``anchors``, ``gt_boxes``, ``gt_counts``, ``encode`` for the IoU box
-            losses (``giou``, ``diou``, ``ciou``).
+        anchors, gt_boxes, gt_counts, encode, eps: for the IoU box losses (``giou``,
+            ``diou``, ``ciou``), as ``box_regression_loss`` takes them; the others do not
+            read them (a config may switch the loss and pass them always).
     Returns:
         ``{"classification": ..., "bbox_regression": ...}``, scalars.
     """
@@ -349,8 +354,17 @@ def retinanet_loss(
             head_outputs["cls_logits"], targets, alpha=alpha, gamma=gamma, normalize=normalize
         ),
         "bbox_regression": box_regression_loss(
-            head_outputs["bbox_regression"], targets, loss=box_loss, beta=beta, normalize=normalize, **giou_inputs
-        ),
+            head_outputs["bbox_regression"],
+            targets,
+            loss=box_loss,
+            beta=beta,
+            normalize=normalize,
+            anchors=anchors,
+            gt_boxes=gt_boxes,
+            gt_counts=gt_counts,
+            encode=encode,
+            eps=eps,
+        ),  # fmt: skip
     }
 
 

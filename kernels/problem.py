@@ -303,6 +303,9 @@ def checked_counts(name: str, value: object, total: int, total_name: str, batch:
                 raise TypeError(f"{name}: expected integers, got {value!r}")
             counts = [int(count) for count in counts]
     else:
+        if not isinstance(value, (torch.Tensor, np.ndarray)):  # an int, a range: one count per image is wanted
+            raise TypeError(f"{name}: expected a list, 1-D integer tensor or numpy array of per-image counts, "
+                            f"got {type(value).__name__}")  # fmt: skip
         tensor = _tensor(name, _from_numpy(name, value))
         if not integer_dtype(tensor.dtype):
             raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")

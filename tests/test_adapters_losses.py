@@ -215,6 +215,10 @@ def test_retinanet_loss_passes_its_settings_to_both_losses(generator):
     assert got["classification"] == focal and got["bbox_regression"] == box
     defaults = retinanet_loss(outputs, sparse, box_loss="smooth_l1")  # the settings matter here
     assert defaults["classification"] != focal and defaults["bbox_regression"] != box
+    # A misspelt setting names the function called (it reached box_regression_loss's error).
+    for typo in ("gama", "normalise"):
+        with pytest.raises(TypeError, match=f"retinanet_loss\\(\\) got an unexpected keyword argument '{typo}'"):
+            retinanet_loss(outputs, sparse, **{typo: 1.0})
 
 
 def test_rpn_loss_known_answer_leaves_ignored_anchors_out_of_the_average():

@@ -162,8 +162,20 @@ def test_zero_box_images_are_normal():
             r"canvas: expected \(height, width\), got \(64, 96, 3\)",
         ),
         # The whole TargetConfig where its anchors go: "'TargetConfig' object has no attribute 'levels'".
-        (lambda: level_slices(CONFIG, CANVAS), TypeError, "config: expected AnchorConfig, got TargetConfig"),
-        (lambda: resolve_grid(CONFIG, CANVAS), TypeError, "config: expected AnchorConfig, got TargetConfig"),
+        (
+            lambda: level_slices(CONFIG, CANVAS),
+            TypeError,
+            r"expected AnchorConfig, got TargetConfig \(pass its .anchors\)",
+        ),
+        (
+            lambda: resolve_grid(CONFIG, CANVAS),
+            TypeError,
+            r"expected AnchorConfig, got TargetConfig \(pass its .anchors\)",
+        ),
+        (lambda: generate_anchors(CONFIG, CANVAS), TypeError, r"got TargetConfig \(pass its .anchors\)"),
+        # A count where one per image is wanted said "expected a torch.Tensor", though lists are taken.
+        (lambda: _assign(GOOD, 3), TypeError, "gt_counts: expected a list, 1-D integer tensor or numpy array of per"),
+        (lambda: _assign(GOOD, range(3, 4)), TypeError, "gt_counts: expected a list, .* got range"),
         (lambda: assign(GOOD, [3], (64.0, 96), CONFIG, backend="reference"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], (True, 96), CONFIG, backend="cpu"), TypeError, "canvas"),
         (lambda: assign(GOOD, [3], CANVAS, "retinanet", backend="reference"), TypeError, "config"),
