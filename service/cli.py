@@ -648,13 +648,16 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0,
                         help="seconds for calls in flight at shutdown (default 10)")  # fmt: skip
-    parser.add_argument("--max-streams-per-connection", type=integer(1), default=4096,
-                        help="calls one connection may have open at once (default 4096)")  # fmt: skip
+    parser.add_argument("--max-streams-per-connection", type=integer(1, 2**31 - 1), default=4096,
+                        help="calls one connection may have open at once; more wait in the caller until one "
+                             "ends (default 4096)")  # fmt: skip
     parser.add_argument("--connection-idle-s", type=number(0, above=True), default=300.0,
-                        help="a connection with no call open for this long is closed (default 300)")  # fmt: skip
+                        help="a connection with no call open for this long is closed (default 300; at most "
+                             "~24.8 days, gRPC's limit)")  # fmt: skip
     parser.add_argument("--connection-age-s", type=number(0, above=True), default=1800.0,
                         help="a connection this old is asked to reconnect, its calls given 60 s more: a caller "
-                             "that never reads holds no memory for longer (default 1800)")  # fmt: skip
+                             "that never reads holds no memory for longer (default 1800; at most ~24.8 "
+                             "days)")  # fmt: skip
     parser.add_argument("--no-access-log", action="store_true",
                         help="no INFO line per call (method, id, images, boxes, code, ms, peer, reason)")  # fmt: skip
 

@@ -83,9 +83,12 @@ _ABSENT = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 _CONNECTION_AGE_GRACE_S = 60.0
 
 
+_INT32_MAX = 2**31 - 1  # gRPC's channel options are C ints
+
+
 def _milliseconds(seconds: float) -> int:
     """gRPC's int32 milliseconds, at most ~24.8 days (its limit)."""
-    return min(max(round(seconds * 1000), 1), 2**31 - 1)
+    return min(max(round(seconds * 1000), 1), _INT32_MAX)
 
 
 def _bindable(host: str, port: int) -> tuple[list[tuple[int, tuple]], str | None]:
@@ -168,9 +171,11 @@ class ServerOptions:
         ``max_unsent_bytes`` (every other DENSE call refused) for as long as it kept its
         connection. Clients reconnect and retry UNAVAILABLE, and streams send their
         unanswered requests again, so a closed connection costs them a handshake. Calls a
-        connection opens past the stream limit are refused UNAVAILABLE (gRPC's client does
-        not queue them; ours retry: a burst of 3,000 at once on one channel, with a limit
-        of 1,024, had 1,861 refused), hence a limit well above one caller's concurrency.
+        connection opens past the stream limit wait in the caller's gRPC, which queues them
+        once the server's settings have reached it, until a call of that connection ends
+        or their deadline passes (a caller holding that many streams open waits its whole
+        timeout), hence a limit well above one caller's concurrency; a burst sent before
+        the settings arrive may be refused UNAVAILABLE, which our client retries.
     """
 
     host: str = "127.0.0.1"
@@ -194,9 +199,9 @@ class ServerOptions:
     connection_age_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_streams_per_connection, int) and self.max_streams_per_connection >= 1):
-            raise ValueError(f"max_streams_per_connection: expected an integer >= 1, got "
-                             f"{self.max_streams_per_connection!r}")  # fmt: skip
+        streams = self.max_streams_per_connection
+        if not (isinstance(streams, int) and 1 <= streams <= _INT32_MAX):  # gRPC's settings are int32
+            raise ValueError(f"max_streams_per_connection: expected an integer in 1 .. {_INT32_MAX}, got {streams!r}")
         for name in ("connection_idle_s", "connection_age_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):

@@ -987,10 +987,11 @@ def test_cli_serve_exits_when_warm_up_fails(monkeypatch, capsys):
     ({"warmup_preset": "retinanet"}, "warmup_preset: unknown preset 'retinanet'"),
     ({"warmup_canvas": (0, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
     ({"metrics_host": "", "metrics_port": 0}, "metrics_host: empty; give an address, or none to use host's"),
-    ({"max_streams_per_connection": 0}, "max_streams_per_connection: expected an integer >= 1, got 0"),
+    ({"max_streams_per_connection": 0}, r"max_streams_per_connection: expected an integer in 1 \.\. 2147483647, got 0"),
+    ({"max_streams_per_connection": 2**31}, r"expected an integer in 1 \.\. 2147483647, got 2147483648"),
     ({"connection_idle_s": float("inf")}, "connection_idle_s: expected a finite number of seconds > 0, got inf"),
     ({"connection_age_s": 0}, "connection_age_s: expected a finite number of seconds > 0, got 0"),
-    ({"max_streams_per_connection": 2.5}, "max_streams_per_connection: expected an integer >= 1, got 2.5"),
+    ({"max_streams_per_connection": 2.5}, r"max_streams_per_connection: expected an integer in 1 \.\. \d+, got 2.5"),
     ({"metrics_host": " ", "metrics_port": 0}, "metrics_host: empty; give an address, or none to use host's"),
     ({"warmup_canvas": (64, 64, 64)}, r"warmup_canvas: expected \(height, width\) of integers >= 1"),
     ({"warmup_canvas": (64, 8193)}, "warmup_canvas: 64 x 8193 is over the server's canvas limit of 8192 pixels a side"),
@@ -1065,6 +1066,11 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
         (["--max-unsent-mb", "0"], "--max-unsent-mb: must be in 1 .. 1073741824, got 0"),
         (["--workers", "0"], "--workers: must be in 1 .. 256, got 0"),
         (["--workers", "10000"], "--workers: must be in 1 .. 256, got 10000"),  # a process each
+        # gRPC's settings are int32: a traceback (OverflowError), exit 1.
+        (
+            ["--max-streams-per-connection", "3000000000"],
+            "--max-streams-per-connection: must be in 1 .. 2147483647, got 3000000000",
+        ),  # fmt: skip
         # Both: the file won, the flag silently ignored.
         (["--token", "a", "--token-file", "t"], "argument --token-file: not allowed with argument --token"),
     ],

@@ -572,6 +572,38 @@ def test_a_connection_is_told_its_stream_limit_and_closed_once_idle():
     assert 0.5 < closed_after < 12
 
 
+def test_calls_past_the_stream_limit_wait_in_the_caller_until_a_call_ends():
+    """As the options document it: gRPC's client queues the calls a connection opens past
+    the server's stream limit (it knows the limit from the settings) rather than having
+    them refused; one waits out its deadline while the streams stay open, and is answered
+    once one of them ends."""
+    from tritarget.protos import target_assigner_pb2_grpc as rpc
+
+    with ServerThread(max_streams_per_connection=2) as srv, grpc.insecure_channel(srv.address) as channel:
+        grpc.channel_ready_future(channel).result(30)
+        stub = rpc.TargetAssignerStub(channel)
+        assert stub.ListPresets(pb.ListPresetsRequest(), timeout=30).presets  # the settings have arrived
+        ends = [threading.Event(), threading.Event()]
+        request = build_request(BOXES, [1], CANVAS, preset="retinanet_torchvision")
+
+        def requests(end: threading.Event):
+            yield request
+            end.wait(60)
+
+        streams = [stub.AssignStream(requests(end), timeout=60) for end in ends]
+        for stream in streams:  # answered: both streams are open
+            assert next(stream).batch_size == 1
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListPresets(pb.ListPresetsRequest(), timeout=1.0)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started >= 0.9
+        waiting = stub.ListPresets.future(pb.ListPresetsRequest(), timeout=30)
+        ends[0].set()
+        assert list(streams[0]) == [] and waiting.result().presets
+        ends[1].set()
+        assert list(streams[1]) == []
+
+
 def test_connection_limits_past_grpcs_int32_milliseconds_serve():
     """30 days is more milliseconds than gRPC's int32 option holds: the server serves with
     its longest limit instead of failing to start (OverflowError)."""
