@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .arguments import batch_seed, integer, number, target_address, timeout_seconds
-from .output import reader_gone, stdout_flushed
+from .output import exit_status, while_read
 
 __all__ = ["main"]
 
@@ -224,10 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
         _check_metrics_ports(options, workers)
         _warn_of_a_token_in_the_clear("serve", options)
         how = "--workers" if args.workers else f"--workers auto: {cores} cores, port {options.port}"
-        try:
-            _announce_as("tritarget serve:", f"{workers} front-end process(es) ({how})")
-        except BrokenPipeError:  # nobody reads the status lines: served all the same, as after the first
-            reader_gone()
+        # Nobody reads the status lines, or none can be written: served all the same.
+        while_read(_announce_as)("tritarget serve:", f"{workers} front-end process(es) ({how})")
         if workers > 1:
             return _serve_workers(options, workers, cores)
         _cap_torch_threads(cores)
@@ -758,20 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if sys.stderr is None:  # no stderr at all (`2>&-`): print(file=None) would put errors into stdout's report
         sys.stderr = open(os.devnull, "w")  # the process's stderr from now on, open until it exits
-    try:
-        args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
-        status = args.handler(args)
-    except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
-        print("tritarget: interrupted", file=sys.stderr)
-        status = 130
-    except BrokenPipeError:  # whoever read the output stopped reading
-        return reader_gone()
-    except SystemExit as done:  # --help, a usage error: argparse has printed (the error's status stands)
-        if stdout_flushed() or done.code:
-            raise
-        return 141
-    # A failure's status stands; a success whose reader went is a pipe writer's, 128 + SIGPIPE.
-    return status if stdout_flushed() else status or 141
+
+    def run() -> int:
+        try:
+            args = build_parser().parse_args(argv)  # imports torch: seconds a Ctrl-C may land in
+            return args.handler(args)
+        except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (importing, demo, request)
+            print("tritarget: interrupted", file=sys.stderr)
+            return 130
+
+    return exit_status("tritarget", run)
 
 
 def entry() -> None:

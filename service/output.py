@@ -12,7 +12,9 @@ or the file the shell opened for the process.
 Stdout and stderr whose reader stops reading (``| head -1``): ``reader_gone`` and
 ``stdout_flushed`` end a command as a shell's pipe writer (status 141, no message),
 ``WhileRead`` keeps a progress line from ending the work, and ``ClosedPipe`` tells
-another pipe's reader gone (a file not written) from stdout's.
+another pipe's reader gone (a file not written) from stdout's. Stdout that cannot be
+written (a full disk, an I/O error) ends a command with one line naming it, status 1
+(``exit_status``), where a traceback did.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ __all__ = [
     "output_folder_problem",
     "WhileRead",
     "reader_gone",
+    "exit_status",
     "stdout_flushed",
+    "while_read",
     "write_atomically",
     "written_in_place",
 ]
@@ -182,7 +186,8 @@ def stdout_flushed() -> bool:
     """Whether stdout, flushed here rather than at exit, reached its reader (or there is no
     stdout: ``>&-``). At exit, a reader gone (``| head -1``) made Python print "Exception
     ignored ... BrokenPipeError" and end with status 120; here stdout then leads to the
-    null device (``_to_null``) and the caller picks the status."""
+    null device (``_to_null``) and the caller picks the status. Another error (a full
+    disk) is raised."""
     if sys.stdout is None:
         return True
     try:
@@ -191,6 +196,63 @@ def stdout_flushed() -> bool:
         _to_null(sys.stdout)
         return False
     return True
+
+
+def exit_status(command: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status (a command's), with stdout's troubles ended as a shell's tools
+    end them: its reader gone (``| head -1``), quietly with 128 + SIGPIPE where the command
+    had succeeded; stdout that cannot be written (a full disk, ``> /dev/full``) or another
+    OSError no handler took, with one line on stderr and status 1, where a traceback was
+    printed (or, at exit, "Exception ignored" and status 120). argparse's exits (--help, a
+    usage error) keep their status."""
+    try:
+        status = run()
+    except BrokenPipeError:
+        return reader_gone()
+    except SystemExit as done:
+        failed = _stdout_failure(command)
+        if failed is None or done.code:
+            raise
+        return failed
+    except OSError as exc:
+        if _stdout_failure(command) != 1:  # not stdout's, as far as a flush tells: named as it is
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"{command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    failed = _stdout_failure(command)
+    return status if failed is None else status or failed
+
+
+def _stdout_failure(command: str) -> int | None:
+    """Flushes stdout: None where that worked, 141 where its reader has gone, 1 where it
+    cannot be written (named on stderr). Either way it then leads to the null device,
+    whose flush at exit cannot fail again."""
+    try:
+        return None if stdout_flushed() else 141
+    except OSError as exc:
+        _to_null(sys.stdout)
+        print(f"{command}: cannot write standard output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def while_read(announce: Callable[..., object]) -> Callable[..., None]:
+    """``announce`` (print, for a server's status lines), silent once its reader has gone
+    (``serve | head -2``) or stdout cannot be written (a full disk: said once, on stderr):
+    the status lines are for whoever reads them, and a server stopped by them (before its
+    drain, or left running while the interpreter exits, which aborts) serves nobody better.
+    Stdout is pointed at the null device, so that the exit's flush does not fail again."""
+
+    def say(*args, **kwargs) -> None:
+        try:
+            announce(*args, **kwargs)
+        except BrokenPipeError:
+            reader_gone()
+        except OSError as exc:
+            _to_null(sys.stdout)
+            with contextlib.suppress(OSError):  # stderr on the same full disk
+                print(f"status lines stopped: cannot write standard output: {exc.strerror or exc}", file=sys.stderr)
+
+    return say
 
 
 def reader_gone() -> int:

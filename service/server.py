@@ -39,7 +39,7 @@ from .codec import Limits
 from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .health import Health
 from .metrics import Metrics
-from .output import reader_gone
+from .output import while_read
 from .servicer import TargetAssignerServicer, add_to_server, add_unknown_method_handler
 
 __all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "hold_port", "SERVICE_NAME"]
@@ -472,7 +472,7 @@ async def serve(
     """
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
-    announce = _while_read(announce)
+    announce = while_read(announce)
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     first_signal = []
@@ -524,21 +524,6 @@ async def serve(
     announce("shutting down: finishing calls in flight (a second stop signal cancels them)", flush=True)
     await server.stop(hurry=hurry)
     announce("stopped", flush=True)
-
-
-def _while_read(announce):
-    """``announce``, silent once its reader has gone (``serve | head -2``): the status lines
-    are for whoever reads them, and a server stopped by a closed pipe (or left running
-    while the interpreter exits, which aborts) serves nobody better. The closed stream is
-    pointed at /dev/null, so that the exit's flush does not fail again."""
-
-    def say(*args, **kwargs) -> None:
-        try:
-            announce(*args, **kwargs)
-        except BrokenPipeError:
-            reader_gone()
-
-    return say
 
 
 async def _calls_ended(timeout: float = 1.0) -> None:

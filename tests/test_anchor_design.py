@@ -26,12 +26,12 @@ from tritarget.clients.anchor_design import (
     load_coco,
     synthetic,
 )
-from tritarget.clients.anchor_design import cli as anchor_design_cli
 from tritarget.clients.anchor_design.check import format_check_table, format_missing
 from tritarget.clients.anchor_design.cli import main
 from tritarget.clients.anchor_design.dataset import BoxDataset
 from tritarget.clients.anchor_design.fit import _Parameters
 from tritarget.kernels import TargetConfig, generate_anchors, presets
+from tritarget.service import output
 from tritarget.service.output import output_file_problem, write_atomically
 
 
@@ -799,7 +799,7 @@ def test_a_reader_gone_after_the_first_line_stops_the_check_after_its_json(skewe
             return super().write(text)
 
     monkeypatch.setattr(sys, "stdout", ClosedAfterOneLine())
-    monkeypatch.setattr(anchor_design_cli, "reader_gone", lambda: 141)  # it points the real stdout at /dev/null
+    monkeypatch.setattr(output, "reader_gone", lambda: 141)  # it points the real stdout at /dev/null
     out = tmp_path / "check.json"
     assert main(["anchors", "check", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5",
                  "--backend", "cpu", "--quiet", "--json", str(out)]) == 141  # fmt: skip

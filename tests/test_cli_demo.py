@@ -1,5 +1,6 @@
 """`tritarget demo` prints a per-image summary of real targets."""
 
+import os
 import re
 import subprocess
 import sys
@@ -182,6 +183,24 @@ def test_a_reader_gone_keeps_a_failure_s_status_and_a_success_becomes_141(ending
     or Ctrl-C keeps its status and message (a flush in a `finally` made every one 141)."""
     result = run_into_a_closed_pipe(["-c", _ENDING, ending], buffered=True)
     assert (result.returncode, result.stderr) == (status, said)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("buffered", [True, False])
+def test_stdout_on_a_full_disk_is_one_line_and_status_1(buffered):
+    """`tritarget request > out` with the disk full: a traceback (print's OSError), or, where
+    the line waited in Python's buffer, "Exception ignored" at exit and status 120. A
+    failure the command returns keeps its own status."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    for ending, status in (("0", 1), ("3", 3 if buffered else 1)):  # unbuffered, the print fails first
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, "-c", _ENDING, ending], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, env=env, timeout=120)  # fmt: skip
+        # Buffered, the flush tells stdout's error from another; unbuffered, print raised it.
+        said = "tritarget: cannot write standard output: " if buffered else "tritarget: "
+        assert (result.returncode, result.stderr) == (status, f"{said}No space left on device\n"), result.stderr
 
 
 def test_a_bug_s_traceback_is_shown_when_stdout_s_reader_has_gone():

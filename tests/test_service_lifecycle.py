@@ -1179,30 +1179,42 @@ def test_cli_serve_whose_reader_went_exits_0_with_a_block_buffered_stdout():
             process.kill()
 
 
-@pytest.mark.parametrize("stdout", ["closed pipe", "none"])
+@pytest.mark.parametrize("stdout", ["closed pipe", "none", "full disk"])
 def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
     """`serve | true`: the reader gone before the first status line, which raised
     BrokenPipeError into the settings' error handler: "tritarget serve: [Errno 32] Broken
     pipe" and exit 2 (141 buffered), the server never started. `serve >&-` (no stdout:
-    Python's sys.stdout is None) failed on the same line (AttributeError, exit 1)."""
+    Python's sys.stdout is None) failed on the same line (AttributeError, exit 1). Stdout on
+    a full disk refused to start ("tritarget serve: [Errno 28] No space left on device",
+    exit 2, as a usage error), or, filled later, skipped the drain at the stop and aborted
+    (exit 134): the status lines stop, said once on stderr, and the server serves."""
+    if stdout == "full disk" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    closed = stdout == "closed pipe"
-    with closed_pipe() as pipe:
-        argv = ["-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
-                "--warmup-canvas", "64", "64"]  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, *argv] if closed else without_stdout(argv), stdout=pipe if closed else None,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+    argv = ["-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
+            "--warmup-canvas", "64", "64"]  # fmt: skip
+    with contextlib.ExitStack() as streams:
+        if stdout == "none":
+            command, out = without_stdout(argv), None
+        else:
+            command = [sys.executable, *argv]
+            out = streams.enter_context(closed_pipe()) if stdout == "closed pipe" else open("/dev/full", "w")
+            if stdout == "full disk":
+                streams.callback(out.close)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     try:
         with TargetClient(f"127.0.0.1:{port}") as client:
             client.wait_until_ready(60)
             assert (client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision").labels == 1).any()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-        assert "Broken pipe" not in process.stderr.read()
+        errors = process.stderr.read()
+        assert "Broken pipe" not in errors and "Traceback" not in errors, errors
+        full = "status lines stopped: cannot write standard output: No space left on device"
+        assert errors.count(full) == (stdout == "full disk"), errors
     finally:
         if process.poll() is None:
             process.kill()

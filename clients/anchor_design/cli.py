@@ -22,10 +22,9 @@ import time
 from tritarget.service.arguments import integer
 from tritarget.service.output import (
     WhileRead,
+    exit_status,
     output_file_problem,
     output_folder_problem,
-    reader_gone,
-    stdout_flushed,
     write_atomically,
 )
 
@@ -602,16 +601,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritarget")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
+
+    def run() -> int:
         args = parser.parse_args(argv)
-        status = args.handler(args)
-    except BrokenPipeError:
-        return reader_gone()
-    except SystemExit as done:  # --help, a usage error: argparse has printed (the error's status stands)
-        if stdout_flushed() or done.code:
-            raise
-        return 141
-    return status if stdout_flushed() else status or 141  # as tritarget's main
+        return args.handler(args)
+
+    return exit_status("tritarget", run)  # as tritarget's main
 
 
 if __name__ == "__main__":
