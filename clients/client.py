@@ -898,11 +898,13 @@ def _earlier(first: float | None, second: float | None) -> float | None:
     return second if first is None else first if second is None else min(first, second)
 
 
-def _not_ready(addresses: Sequence[str], waited: float, last: str) -> TargetServiceError:
+def _not_ready(addresses: Sequence[str], waited: float, last: str, tls: bool) -> TargetServiceError:
+    # A TLS server hangs up on a plaintext client: it looks just like no server (as in _give_up).
+    tls_hint = "; a server with TLS needs tls=True or root_certificates (command line: `--tls-ca`)" if not tls else ""
     return TargetServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"no tritarget server at {', '.join(addresses)} became SERVING within {waited:.1f} s ({last}); "
-        "start one with `tritarget serve --port PORT` (or `tritarget up`), or check the address",
+        f"start one with `tritarget serve --port PORT` (or `tritarget up`), or check the address{tls_hint}",
     )
 
 
@@ -1203,7 +1205,7 @@ class TargetClient(_Base):
                 return
             delay = self._health_wait(attempt, deadline)
             if delay is None:
-                raise _not_ready(self.targets, time.monotonic() - started, last)
+                raise _not_ready(self.targets, time.monotonic() - started, last, self._tls)
             time.sleep(delay)
 
     def assign(
@@ -1446,7 +1448,7 @@ class AsyncTargetClient(_Base):
                 return
             delay = self._health_wait(attempt, deadline)
             if delay is None:
-                raise _not_ready(self.targets, time.monotonic() - started, last)
+                raise _not_ready(self.targets, time.monotonic() - started, last, self._tls)
             await asyncio.sleep(delay)
 
     async def assign(

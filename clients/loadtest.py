@@ -993,7 +993,9 @@ class Report:
                           "(a request may take longer than --warmup + --duration)"]  # fmt: skip
         if self.window_s:  # near one core per client process: the load generator may be the limit
             busy, processes = s["client_cores_busy"], self.options.processes
-            lines += ["", f"load generator: {self.client_cpu_s:.1f} CPU s in {self.window_s:.1f} s "
+            # Three digits: an open loop whose few requests were answered early ends in
+            # milliseconds ("0.0 CPU s in 0.0 s (0.35 cores busy)" at --rate 0.5).
+            lines += ["", f"load generator: {self.client_cpu_s:.3g} CPU s in {self.window_s:.3g} s "
                           f"({busy:.2f} cores busy, {processes} process(es))"]  # fmt: skip
         if self.options.verify:
             if self.mismatches:

@@ -846,15 +846,20 @@ def tiny_path(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["check", "--min-size", "0"], "argument --min-size: must be a positive integer, got 0"),
+        (["check", "--min-size", "0"], "argument --min-size: must be a positive integer (at most 2**63 - 1), got 0"),
         (["check", "--size-divisible", "0"], "argument --size-divisible: must be a positive integer"),
-        (["check", "--canvas", "0", "0"], "argument --canvas: must be a positive integer, got 0"),
-        (["check", "--canvas", "-5", "300"], "argument --canvas: must be a positive integer, got -5"),
-        (["check", "--letterbox", "0", "10"], "argument --letterbox: must be a positive integer, got 0"),
-        (["check", "--batch-images", "-3"], "argument --batch-images: must be a positive integer, got -3"),
-        (["check", "--missing", "-1"], "argument --missing: must be an integer >= 0, got -1"),
+        (["check", "--canvas", "0", "0"], "argument --canvas: must be a positive integer (at most 2**63 - 1), got 0"),
+        (
+            ["check", "--canvas", "-5", "300"],
+            "argument --canvas: must be a positive integer (at most 2**63 - 1), got -5",
+        ),
+        (["check", "--letterbox", "0", "10"], "argument --letterbox: must be a positive integer"),
+        (["check", "--batch-images", "-3"], "argument --batch-images: must be a positive integer"),
+        # Past 2**63 - 1 the message named no bound ("must be a positive integer, got 10**20").
+        (["check", "--batch-images", str(10**20)], "must be a positive integer (at most 2**63 - 1), got 1000"),
+        (["check", "--missing", "-1"], "argument --missing: must be an integer in 0 .. 2**63 - 1, got -1"),
         (["show", "--out-dir", "pics", "--batch-images", "0"], "argument --batch-images: must be a positive"),
-        (["fit", "--out", "f.json", "--generations", "-1"], "argument --generations: must be an integer >= 0"),
+        (["fit", "--out", "f.json", "--generations", "-1"], "argument --generations: must be an integer in 0 .. 2"),
         (["fit", "--out", "f.json", "--fit-images", "0"], "argument --fit-images: must be a positive integer"),
         (["fit", "--out", "f.json", "--seed", str(10**23)], "argument --seed: must be an integer in 0 .. 2**64 - 1"),
     ],

@@ -1391,6 +1391,15 @@ def test_client_processes_that_began_apart_are_reported(skew, said):
     assert ("began 0.30 s apart" in report.table()) is said
 
 
+def test_the_load_generators_line_reads_a_window_of_milliseconds():
+    """An open loop at --rate 0.5 whose one request was answered in 12 ms read "0.0 CPU s in
+    0.0 s (0.22 cores busy)"."""
+    report = dataclasses.replace(_bench_report(1), client_cpu_s=0.00262, window_s=0.0119)
+    assert "load generator: 0.00262 CPU s in 0.0119 s (0.22 cores busy, 1 process(es))" in report.table()
+    report = dataclasses.replace(_bench_report(1), client_cpu_s=4.56, window_s=12.04)
+    assert "load generator: 4.56 CPU s in 12 s (0.38 cores busy, 1 process(es))" in report.table()
+
+
 def test_bench_without_an_answered_request_skips_the_open_loop_and_writes_its_results(monkeypatch, tmp_path):
     reports = [_bench_report(0) for _ in range(5)]
     bench = _bench(monkeypatch, tmp_path, reports)

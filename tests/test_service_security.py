@@ -287,6 +287,9 @@ def test_tls_with_self_signed_certificate_and_token(tmp_path):
                 _assign(plaintext)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
             assert "a server with TLS needs tls=True" in info.value.details  # it looks like no server at all
+            with pytest.raises(TargetServiceError) as info:  # its health check the same
+                plaintext.wait_until_ready(1.0)
+            assert "became SERVING" in info.value.details and "a server with TLS needs tls=True" in info.value.details
         with TargetClient(srv.address, root_certificates=cert, retries=0) as no_token:
             with pytest.raises(TargetServiceError) as info:
                 _assign(no_token)

@@ -40,8 +40,8 @@ _FIXED_LAYOUTS = ("ssd", "d2l")
 _INT64_MAX = 2**63 - 1
 
 
-_positive = integer(1, _INT64_MAX, "a positive integer")
-_non_negative = integer(0, _INT64_MAX, "an integer >= 0")
+_positive = integer(1, _INT64_MAX, "a positive integer (at most 2**63 - 1)")
+_non_negative = integer(0, _INT64_MAX, "an integer in 0 .. 2**63 - 1")
 _seed = integer(0, 2**64 - 1, "an integer in 0 .. 2**64 - 1 (a torch.Generator seed)")
 _image_id = integer(-_INT64_MAX - 1, _INT64_MAX, "a 64-bit integer")
 
