@@ -16,9 +16,11 @@ Two steps, deterministic for a seed:
    several positives (``fitness``), both computed with the real backend over the
    dataset (a fixed random subset of ``fit_images`` images with boxes). A (1+1) evolution: each
    generation multiplies a random half of the sizes and ratios by ``exp(sigma * N(0,
-   1))`` and keeps the child only when it is strictly fitter, so parameters that no box
-   depends on do not drift. It starts from the fitter of the k-means shapes and the
-   config's own.
+   1))`` and keeps the child only when it is strictly fitter. A parameter that no box
+   depends on (a shape with no positive) still moves along with the others of a child
+   that is kept, as in YOLOv5's evolution: harmless to the objective, but such a shape
+   in the written config is not one the data asked for. It starts from the fitter of the
+   k-means shapes and the config's own.
 
 The number of shapes per cell never changes, so a fitted config fits the same head.
 """
