@@ -45,12 +45,33 @@ __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
 
 def boxes_of(
-    targets: Sequence[Mapping[str, Any]], box_format: str = "xyxy"
+    targets: Sequence[Mapping[str, Any]], box_format: str = "xyxy", canvas: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-    """(gt_boxes [N, 4] float32, gt_counts [B], gt_classes [N] or None) of per-image dicts
-    whose boxes are in ``box_format`` (torchvision's ``tv_tensors.BoundingBoxes`` of
-    another format are refused: read as ``box_format``, they made other targets), on the
-    device the dicts' tensors are on (a GPU's boxes are solved there)."""
+    """(gt_boxes [N, 4] float32 xyxy pixels, gt_counts [B], gt_classes [N] or None) of
+    per-image dicts whose boxes are in ``box_format``: the boxes the batch's targets were
+    assigned against, as ``assign`` and the IoU box losses (``gt_boxes=``) take them. A
+    normalised format's fractions are of each image's ``"image_size"`` where the dicts carry
+    it, else of ``canvas`` (the padded batch's (height, width)). torchvision's
+    ``tv_tensors.BoundingBoxes`` of another format are refused (read as ``box_format``,
+    they made other targets). On the device the dicts' tensors are on."""
+    boxes, counts, classes = _rows_of(targets, box_format)
+    if box_format == "xyxy":
+        return boxes, counts, classes
+    sizes = None
+    if normalised(box_format):
+        image_sizes = _sizes(targets, "image_size")
+        if image_sizes is None and canvas is None:
+            raise ValueError(f"box_format {box_format!r}: normalised boxes are fractions of their images: give "
+                             "canvas=(height, width), or an 'image_size' in every target dict")  # fmt: skip
+        sizes = row_sizes("boxes", boxes.shape[0], "counts", counts, canvas, image_sizes).to(boxes.device)
+    return to_xyxy(boxes, box_format, sizes).to(torch.float32), counts, classes
+
+
+def _rows_of(
+    targets: Sequence[Mapping[str, Any]], box_format: str
+) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """``boxes_of``'s boxes as the dicts hold them (in ``box_format``: the client and the
+    in-process solver convert them, with the batch's sizes)."""
     if not targets:
         raise ValueError("targets: the batch has no images")
     boxes, counts, labels = [], [], []
@@ -108,14 +129,21 @@ def _per_image(targets: Sequence[Mapping[str, Any]], box_format: str, device: to
         fields["ignore_boxes"] = torch.cat(ignore)
         fields["ignore_counts"] = [rows.shape[0] for rows in ignore]
     for key, field in _SIZE_KEYS.items():
-        carried = [key in target for target in targets]
-        if not any(carried):
-            continue
-        if not all(carried):
-            raise ValueError(f"targets[{carried.index(False)}]: no {key!r}, but other images have one: "
-                             "give it for every image or for none")  # fmt: skip
-        fields[field] = torch.stack([_size(target[key], f"targets[{i}][{key!r}]") for i, target in enumerate(targets)])
+        sizes = _sizes(targets, key)
+        if sizes is not None:
+            fields[field] = sizes
     return fields
+
+
+def _sizes(targets: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor | None:
+    """The images' ``key`` sizes [B, 2] (every image or none), or None."""
+    carried = [key in target for target in targets]
+    if not any(carried):
+        return None
+    if not all(carried):
+        raise ValueError(f"targets[{carried.index(False)}]: no {key!r}, but other images have one: "
+                         "give it for every image or for none")  # fmt: skip
+    return torch.stack([_size(target[key], f"targets[{i}][{key!r}]") for i, target in enumerate(targets)])
 
 
 def _or_empty(boxes: Any) -> Any:
@@ -138,7 +166,7 @@ def _batch_request(images: Any, targets: Sequence[Mapping[str, Any]], canvas: Se
     """The assign arguments of one batch: its boxes, counts, classes and canvas, and the
     per-image fields its target dicts carry (refused when also given as options)."""
     box_format = options.get("box_format", "xyxy")
-    boxes, counts, classes = boxes_of(targets, box_format)
+    boxes, counts, classes = _rows_of(targets, box_format)
     request = {"gt_boxes": boxes, "gt_counts": counts, "gt_classes": classes,
                "canvas": _canvas(images, canvas, len(targets))}  # fmt: skip
     for field, value in _per_image(targets, box_format, boxes.device).items():

@@ -311,8 +311,7 @@ def test_request_options_mean_the_same_with_and_without_a_client(server):
     with TargetClient(server.address) as client:
         (_, _, remote), *_ = with_targets(as_xywh, client=client, **options)
     (_, _, local), *_ = with_targets(as_xywh, backend="cpu", **options)
-    boxes, counts, classes = boxes_of(as_xywh[0][1])
-    boxes = to_xyxy(boxes, "xywh")  # what both paths assign for
+    boxes, counts, classes = boxes_of(as_xywh[0][1], "xywh")  # what both paths assign for
     expected = assign(boxes, counts, CANVAS, presets.get(PRESET).replace(**{"match.high": 0.6}), gt_classes=classes,
                       backend="cpu", return_max_iou=True)  # fmt: skip
     for got in (remote, local):
@@ -480,6 +479,45 @@ def test_boxes_of_names_the_image_with_malformed_boxes_or_labels():
     with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\]: 1 labels for 2 boxes"):
         boxes_of([{"boxes": torch.ones(2, 4), "labels": torch.tensor([1])},
                   {"boxes": torch.ones(1, 4), "labels": torch.tensor([2, 3])}])  # fmt: skip
+
+
+def test_boxes_of_gives_the_xyxy_pixels_the_targets_were_assigned_against():
+    """The IoU box losses take ``gt_boxes`` as xyxy pixels: boxes_of gave them back in the
+    loader's box_format (a GIoU loss of 0.79 from xywh boxes where xyxy gave 0.55, no error;
+    BoundingBoxes lost the format tag that the loss refuses them by)."""
+    from tritarget.kernels import assign_sparse, generate_anchors
+    from tritarget.kernels.losses import retinanet_loss
+
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 8.0, 96.0, 64.0]])
+    height, width = CANVAS
+    formats = {
+        "xyxy": xyxy,
+        "xywh": to_xywh(xyxy),
+        "cxcywh": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1),
+        "xywhn": to_xywh(xyxy) / torch.tensor([width, height, width, height]),
+    }
+    config = presets.get(PRESET)
+    sparse = assign_sparse(xyxy, [2, 0], CANVAS, config, gt_classes=torch.tensor([1, 2]))
+    inputs = dict(anchors=generate_anchors(config.anchors, CANVAS), gt_counts=[2, 0], encode=config.encode)
+    outputs = {"cls_logits": torch.zeros(2, sparse.num_anchors, 91),
+               "bbox_regression": torch.full((2, sparse.num_anchors, 4), 0.1)}  # fmt: skip
+    expected = retinanet_loss(outputs, sparse, box_loss="giou", gt_boxes=xyxy, **inputs)["bbox_regression"]
+    for box_format, rows in formats.items():
+        targets = [{"boxes": rows, "labels": torch.tensor([1, 2])}, {"boxes": torch.zeros(0, 4)}]
+        targets[1]["labels"] = torch.zeros(0, dtype=torch.int64)
+        boxes, counts, classes = boxes_of(targets, box_format, canvas=CANVAS)
+        torch.testing.assert_close(boxes, xyxy, rtol=0, atol=1e-4)
+        assert counts == [2, 0] and classes.tolist() == [1, 2], box_format
+        got = retinanet_loss(outputs, sparse, box_loss="giou", gt_boxes=boxes, **inputs)["bbox_regression"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    sized = [{"boxes": formats["xywhn"], "image_size": CANVAS}, {"boxes": torch.zeros(0, 4), "image_size": (8, 8)}]
+    torch.testing.assert_close(boxes_of(sized, "xywhn")[0], xyxy, rtol=0, atol=1e-4)  # each image's own size
+    with pytest.raises(ValueError, match="normalised boxes are fractions of their images: give canvas="):
+        boxes_of([{"boxes": formats["xywhn"]}], "xywhn")
+
+
+def to_xywh(xyxy: torch.Tensor) -> torch.Tensor:
+    return torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)
 
 
 def test_boxes_of_names_an_empty_batch_missing_boxes_boolean_labels_and_boxes_of_another_rank():
