@@ -698,9 +698,19 @@ class _Base:
         if too_large is not None:
             failure.details += f": {_TOO_LARGE_ADVICE[too_large.groups()]}"
             failure.args = (f"{failure.code.name}: {failure.details}",)
+        tried = ", ".join(self.targets)
+        if failure.code == grpc.StatusCode.DEADLINE_EXCEEDED and failure.details == "Deadline Exceeded":
+            # gRPC's own words for the client's deadline: no answer at all, which named nothing.
+            tries = f"{attempts} {'try' if attempts == 1 else 'tries'}"
+            failure.details = (
+                f"no answer from {tried} within the call's timeout ({time.monotonic() - started:.1f} s, {tries}): a "
+                "server that hangs or is far behind, or a listener that is no gRPC server; try_timeout= moves a "
+                "try that takes longer to the next endpoint"
+            )
+            failure.args = (f"{failure.code.name}: {failure.details}",)
+            return failure
         if not _transport_failure(error):
             return failure
-        tried = ", ".join(self.targets)
         if _certificate_refused(error):
             failure.details = (
                 f"the TLS server at {tried} sent a certificate this client refused: it must name the address "

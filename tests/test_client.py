@@ -219,6 +219,10 @@ def test_deadline_exceeded_is_not_retried():
             _assign(client, timeout=0.3)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - start < 5
+        # Named: gRPC's own "Deadline Exceeded" (what a DataLoader worker's TargetCollate
+        # raised) named neither the server nor the wait.
+        assert info.value.details.startswith(f"no answer from {srv.address} within the call's timeout (0.")
+        assert "1 try)" in info.value.details
 
 
 @pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
