@@ -39,7 +39,7 @@ from tritarget.kernels.api import BACKENDS
 from tritarget.kernels.sampling import fresh_seed
 
 from .client import TargetClient, TargetServiceError, check_densify, checked_timeout, naming_images
-from .wire import as_tensor, build_request, checked_canvas, normalised, row_sizes, to_xyxy
+from .wire import BOX_FORMATS, as_tensor, build_request, checked_canvas, normalised, row_sizes, to_xyxy
 
 __all__ = ["with_targets", "TargetCollate", "boxes_of"]
 
@@ -101,6 +101,9 @@ def _rows_of(
 def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
     """One image's boxes as ``Tensor[N, 4]`` float32, however an empty set is shaped."""
     tagged = getattr(getattr(value, "format", None), "name", None)  # tv_tensors.BoundingBoxes
+    if tagged is not None and tagged.lower() not in BOX_FORMATS:  # XYWHR, CXCYWHR, XYXYXYXY
+        raise ValueError(f"{where}: BoundingBoxes in format {tagged}: rotated boxes are not supported (axis-aligned "
+                         "xyxy, xywh or cxcywh only)")  # fmt: skip
     if tagged is not None and tagged.lower() != box_format:
         raise ValueError(f"{where}: BoundingBoxes in format {tagged}, but box_format is {box_format!r}: "
                          f"pass box_format={tagged.lower()!r}")  # fmt: skip
@@ -227,6 +230,8 @@ _WIRE_ONLY = ("delta_dtype", "return_classes", "format", "timeout")
 _OPTIONS = frozenset(inspect.signature(build_request).parameters) - {
     "gt_boxes", "gt_counts", "canvas", "preset", "config", "gt_classes", "request_id", "seeds"
 } | {"timeout"}  # fmt: skip
+# The options whose values a batch does not change, checked when the loader is made.
+_SCALAR_OPTIONS = ("box_format", "drop_invalid", "format", "delta_dtype", "return_classes", "return_max_iou", "seed")
 
 
 def _check_options(backend: str, options: Mapping[str, Any]) -> None:
@@ -239,6 +244,9 @@ def _check_options(backend: str, options: Mapping[str, Any]) -> None:
         raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(sorted(_OPTIONS))}")
     if "timeout" in options:  # a client's stream checks it at the first batch; in-process, nothing would
         checked_timeout("timeout", options["timeout"], "no deadline")
+    scalars = {name: options[name] for name in _SCALAR_OPTIONS if name in options}
+    if scalars:  # their values as a request checks them: the request of one image without boxes
+        build_request(torch.zeros(0, 4), [0], (1, 1), preset="retinanet_torchvision", **scalars)
 
 
 def _with_overrides(config: TargetConfig, options: Mapping[str, Any]) -> TargetConfig:

@@ -235,6 +235,12 @@ def test_a_bad_image_size_is_named_by_image_id_with_and_without_a_client():
     ({"drop_invald": True}, TypeError, "unknown option 'drop_invald'; the options are box_format, "),
     ({"timeout": -1}, ValueError, "timeout: must be > 0 seconds (or None: no deadline), got -1"),
     ({"timeout": "30"}, ValueError, "timeout: must be > 0 seconds (or None: no deadline), got '30'"),
+    # Values too, which the first batch found out in a worker.
+    ({"box_format": "XYWH"}, ValueError, "box_format: must be one of xyxy, xywh, cxcywh, xyxyn, xywhn, cxcywhn; "),
+    ({"delta_dtype": "fp16"}, ValueError, "delta_dtype: must be 'float32' or 'float16', got 'fp16'"),
+    ({"format": "Dense"}, ValueError, "format: must be 'sparse' or 'dense', got 'Dense'"),
+    ({"seed": "x"}, TypeError, "seed: the service takes one int per request"),
+    ({"drop_invalid": "yes"}, TypeError, "drop_invalid"),
 ])  # fmt: skip
 def test_a_misspelt_option_or_backend_is_refused_when_the_loader_is_made(kwargs, error, message):
     """Not at the first batch: in a DataLoader's collate, that is in a worker, after they started.
@@ -243,6 +249,14 @@ def test_a_misspelt_option_or_backend_is_refused_when_the_loader_is_made(kwargs,
         with_targets(_batches(1), preset=PRESET, **kwargs)
     with pytest.raises(error, match=re.escape(message)):
         TargetCollate(_collate, preset=PRESET, **kwargs)
+
+
+def test_rotated_bounding_boxes_are_refused_as_unsupported():
+    """The hint said "pass box_format='xywhr'", which then failed ("expected shape [N, 4]")."""
+    tv_tensors = pytest.importorskip("torchvision.tv_tensors")
+    rotated = tv_tensors.BoundingBoxes([[30.0, 30.0, 20.0, 10.0, 15.0]], format="XYWHR", canvas_size=CANVAS)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]: BoundingBoxes in format XYWHR: rotated boxes are"):
+        boxes_of([{"boxes": rotated}])
 
 
 def test_a_bad_class_is_named_by_image_id_with_and_without_a_client():
