@@ -225,8 +225,8 @@ def exit_status(command: str, run: Callable[[], int]) -> int:
 
 def _stdout_failure(command: str) -> int | None:
     """Flushes stdout: None where that worked, 141 where its reader has gone, 1 where it
-    cannot be written (named on stderr). Either way it then leads to the null device,
-    whose flush at exit cannot fail again."""
+    cannot be written (named on stderr). In both failures it then leads to the null
+    device, whose flush at exit cannot fail again."""
     try:
         return None if stdout_flushed() else 141
     except OSError as exc:
