@@ -310,8 +310,9 @@ def main() -> None:
         "`low_quality` as a constant, so that loop is one mode's path (the lift modes fold a 32-bit IoU, "
         "ssd_forced a 64-bit key that names the anchor). The scan is one program per image, a chain of "
         "dependent instructions per thread: in int32 and over 16 warps (`triton_backend.SCAN_STEPS`) each "
-        "thread's chain is about a third of what it was in int64 over 4 warps (3,960 SASS instructions, 251 "
-        "registers, ~11 us a call on the H200 whatever the batch, run12), with 4 warps to interleave on each "
+        "thread's chain is about a third of what it was in int64 over 4 warps (Triton 3.9: 3,960 SASS "
+        "instructions and 251 registers; 3.6: 4,008 and 255; ~11 us a call on the H200 whatever the batch, "
+        "run12), with 4 warps to interleave on each "
         "scheduler where there was one; not yet timed. " + register_summary(registers),
         "",
         "| kernel | registers / thread | spill bytes | stack bytes | SASS instructions | of them in loops | "
