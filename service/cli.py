@@ -384,9 +384,9 @@ def _run_workers(options, workers: int, cores: int, held) -> int:
     # A stop signal that comes while the workers start is held (in the parent until every
     # worker exists, in each worker until its event loop handles it), not lost in logging's
     # after-fork hook nor taken by a worker's default action (killed: read as a failure).
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    stops = set(_STOP_SIGNALS)
+    for stop_signal in stops:
+        signal.signal(stop_signal, forward)
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     for i in range(workers):
         metrics_port = options.metrics_port and options.metrics_port + i  # None: none; 0: any free port
@@ -395,9 +395,11 @@ def _run_workers(options, workers: int, cores: int, held) -> int:
         if pid == 0:
             for sock in held:  # the parent's hold on the port; this worker binds its own
                 sock.close()
-            # Ctrl-C reaches every process of the terminal's group: the parent forwards
-            # it, once, as SIGTERM (taken here too, it would reach a worker twice).
+            # Ctrl-C (and a closed terminal's SIGHUP) reaches every process of the terminal's
+            # group: the parent forwards it, once, as SIGTERM (taken here too, it would
+            # reach a worker twice).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _end_with(parent)
             for handler in logging.getLogger().handlers:  # the workers share stderr
                 handler.setFormatter(logging.Formatter(_LOG_FORMAT.format(who=f"[worker {i}] ")))
@@ -789,13 +791,17 @@ def entry() -> None:
             sys.stderr.flush()
         os._exit(code)
 
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+    for stop_signal in _STOP_SIGNALS:
         signal.signal(stop_signal, exit_now)
     sys.exit(status)
 
 
+# server.STOP_SIGNALS (not imported here: the server's imports would cost every command).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _ignore_stop_signals() -> None:
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+    for stop_signal in _STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 

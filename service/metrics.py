@@ -14,12 +14,21 @@ import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 __all__ = ["Metrics", "MethodMetrics"]
 
-# Latency buckets from 0.1 ms (a queue hop) to 10 s (a huge dense batch on a CPU).
-_SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Latency buckets from 0.1 ms (a queue hop) to 60 s (the client's default timeout: a huge
+# dense batch on a CPU, a stream's request waiting for room, past 10 s read only as +Inf).
+_SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # prometheus_client's own endpoint (start_http_server) serves each connection on a thread
@@ -105,6 +114,20 @@ def _cut_off(connection: socket.socket) -> None:
         connection.shutdown(socket.SHUT_RDWR)
 
 
+def _only_metrics(app):
+    """``app`` at /metrics, 404 elsewhere: prometheus_client answers every path, so an HTTP
+    probe pointed at this port (/healthz) passed during warm-up, drain or a stuck event
+    loop, on this thread of its own; readiness is gRPC's health service."""
+
+    def serve(environ, start_response):
+        if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"only /metrics here; readiness is the gRPC health service (grpc.health.v1)\n"]
+
+    return serve
+
+
 class Metrics:
     """Requests, errors by code, latency (whole request, and split queue / compute / encode),
     batch size, bytes."""
@@ -112,6 +135,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # The process's memory, descriptors and CPU (process_resident_memory_bytes,
+        # process_open_fds, ...), what --max-unsent-mb and the connection limits guard.
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
         self.requests = Counter("tritarget_requests", "Requests received, by RPC", ["method"], registry=reg)
         self.errors = Counter(
             "tritarget_errors", "Requests failed, by RPC and status code", ["method", "code"], registry=reg
@@ -162,14 +189,14 @@ class Metrics:
         )
         self.waiting_requests = Gauge(
             "tritarget_stream_requests_waiting",
-            "Stream requests waiting for room in the batcher's full queue or under max_unsent_bytes (a unary "
+            "Stream requests waiting for room in the batcher's full queue or under --max-unsent-mb (a unary "
             "request would be refused)",
             registry=reg,
         )
         self.unsent_bytes = Gauge(
             "tritarget_unsent_response_bytes",
             "Bytes on the wire of responses built, or being built (DENSE, GetAnchors), and not yet taken by their "
-            "callers (bounded by max_unsent_bytes; the process holds a waiting response about twice over)",
+            "callers (bounded by --max-unsent-mb; the process holds a waiting response about twice over)",
             registry=reg,
         )
         self._http = None
@@ -184,7 +211,7 @@ class Metrics:
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on a background thread; returns the bound port."""
         try:
-            self._http = make_server(host, port, make_wsgi_app(self.registry), _ScrapeServer,
+            self._http = make_server(host, port, _only_metrics(make_wsgi_app(self.registry)), _ScrapeServer,
                                      _ScrapeHandler)  # fmt: skip
         except OSError as exc:  # "[Errno 98] Address already in use" alone does not say which port
             raise OSError(f"metrics port {host}:{port}: {exc.strerror or exc}") from None

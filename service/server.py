@@ -82,6 +82,11 @@ _ABSENT = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 # DENSE batch takes seconds; a caller that reads nothing is let go after it.
 _CONNECTION_AGE_GRACE_S = 60.0
 
+# The signals that stop a server gracefully (its drain; a second one cuts it short):
+# SIGHUP too, which a closed terminal or ssh session sends and which killed the server
+# without a drain (exit 129), its calls in flight cut off.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 _INT32_MAX = 2**31 - 1  # gRPC's channel options are C ints
 
@@ -461,7 +466,7 @@ async def serve(
     options: ServerOptions,
     on_ready: Callable[[TargetServer], object] | None = None,
     announce=print,
-    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+    stop_signals: tuple[int, ...] | None = None,
 ) -> None:
     """Serve until one of ``stop_signals``, then shut down gracefully; a second one (a
     second or more after the first) cuts the grace period short.
@@ -485,10 +490,11 @@ async def serve(
             announce("second stop signal: cancelling the calls still in flight", flush=True)
             hurry.set()
 
+    stop_signals = STOP_SIGNALS if stop_signals is None else stop_signals
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop_signalled)
     if hasattr(signal, "pthread_sigmask"):  # a `serve --workers` worker starts with them held
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
     # After the handlers: a stop signal while the backend loads (seconds on a GPU) is a
     # stop once the server has started, where asyncio's own Ctrl-C handling cancelled
     # this coroutine inside gRPC's start (its "invalid state" error in the log).

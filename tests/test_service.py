@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -297,6 +298,23 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own(server, client, g
     le1 = next(float(line.split()[-1]) for line in sizes if 'le="1.0"' in line)
     total = next(float(line.split()[-1]) for line in sizes if 'le="+Inf"' in line)
     assert total > le1, "the /metrics endpoint shows no batch of more than one request"
+
+
+def test_the_metrics_port_serves_process_metrics_and_only_metrics(server, client):
+    """An operator's view (a helper's audit): the process's memory and descriptors, which
+    --max-unsent-mb and the connection limits guard, were not exported (a registry of our
+    own); every path answered 200 with the metrics, so an HTTP probe at /healthz passed
+    during warm-up or drain; latency past 10 s read only as +Inf, under a 60 s timeout."""
+    client.assign(torch.tensor([[10.0, 10.0, 60.0, 50.0]]), [1], (96, 128), preset="retinanet_torchvision")
+    base = f"http://127.0.0.1:{server.server.metrics_port}"
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    names = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total", "python_info"} <= names
+    assert 'tritarget_request_seconds_bucket{le="60.0",method="Assign"}' in text
+    for path in ("/", "/healthz", "/metric"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{base}{path}", timeout=10)
+        assert info.value.code == 404 and b"readiness is the gRPC health service" in info.value.read()
 
 
 def test_a_lone_small_sparse_request_is_computed_on_the_event_loop(generator):

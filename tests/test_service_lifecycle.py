@@ -180,7 +180,8 @@ def test_a_batch_whose_callers_went_away_holds_the_stop_no_longer_than_the_grace
         srv.stop()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGHUP (a closed terminal or ssh session) killed the server without a drain (exit 129).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_cli_serve_port_zero_and_stop_on_signal(sig):
     process = spawn_cli("serve", "--port", "0", "--backend", "reference", "--warmup-canvas", "64", "64")
     try:
@@ -1444,7 +1445,7 @@ def test_cli_serve_stops_without_tracebacks_with_watch_and_reflection_streams_op
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and a process group: Linux")
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
     """A stop signal while `serve --workers 2` forked its workers: SIGTERM killed a worker
     before its handler existed (the parent read a failure: "a worker stopped (killed by
@@ -1553,11 +1554,12 @@ def test_cli_serve_stops_within_its_grace_while_a_client_reads_nothing(signals):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group: Linux")
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, stop_signal):
     """Ctrl-C (SIGINT to the terminal's process group; SIGTERM to it from systemd or
-    `timeout`) drains; a second one cancels the calls still in flight instead of waiting
+    `timeout`; SIGHUP when the terminal closes: it killed every process at once, exit 129)
+    drains; a second one cancels the calls still in flight instead of waiting
     out --grace, as operators expect. With --workers the group holds the workers too:
     each signal counts once, though a worker gets it directly and from its parent."""
 
