@@ -292,7 +292,7 @@ class TargetServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc)
-        add_unknown_method_handler(self.grpc, names, access_log=options.access_log)
+        add_unknown_method_handler(self.grpc, names, self.metrics, access_log=options.access_log)
         address = host_port(options.host, options.port)
         reason = "no address bound"
         if options.port and not options.reuse_port:

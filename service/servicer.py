@@ -133,19 +133,28 @@ def add_to_server(servicer: TargetAssignerServicer, server: grpc.aio.Server) -> 
     server.add_registered_method_handlers(_SERVICE.full_name, handlers)
 
 
+# The method label of calls to methods this server does not have.
+UNKNOWN_METHOD = "(unknown)"
+
+
 class _UnknownMethods(grpc.GenericRpcHandler):
     """A call to a method no service of the server has: refused UNIMPLEMENTED, naming the
     services there are, and logged (gRPC's own answer, "Method not found!", named neither,
-    and a client built for another service or version went unseen)."""
+    and a client built for another service or version went unseen). Counted in the metrics
+    under one method label, "(unknown)" (a caller's names would make series without bound)."""
 
-    def __init__(self, services: tuple[str, ...], access_log: bool) -> None:
+    def __init__(self, services: tuple[str, ...], access_log: bool, metrics: Metrics) -> None:
         self._services = ", ".join(services)
         self._access_log = access_log
+        self._requests = metrics.requests.labels(UNKNOWN_METHOD)
+        self._refused = metrics.errors.labels(UNKNOWN_METHOD, "UNIMPLEMENTED")
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = details.method[:LOGGED_CHARS]  # a caller's: may be long
 
         async def refuse(requests, context: grpc.aio.ServicerContext) -> None:  # any kind of call: reads nothing
+            self._requests.inc()
+            self._refused.inc()
             if self._access_log:
                 access_log.info("%r (unknown method) UNIMPLEMENTED peer=%s", method, context.peer())
             await abort(
@@ -155,9 +164,11 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
-def add_unknown_method_handler(server: grpc.aio.Server, services: tuple[str, ...], *, access_log: bool) -> None:
+def add_unknown_method_handler(
+    server: grpc.aio.Server, services: tuple[str, ...], metrics: Metrics, *, access_log: bool
+) -> None:
     """After every service is added: the handler of the methods none of them has."""
-    server.add_generic_rpc_handlers((_UnknownMethods(services, access_log),))
+    server.add_generic_rpc_handlers((_UnknownMethods(services, access_log, metrics),))
 
 
 class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
