@@ -199,6 +199,13 @@ class Metrics:
             "callers (bounded by --max-unsent-mb; the process holds a waiting response about twice over)",
             registry=reg,
         )
+        self.calls_in_flight = Gauge(
+            "tritarget_calls_in_flight", "Calls open: Assign, AssignStream (a stream while it is open), GetAnchors, "
+            "ListPresets", registry=reg
+        )  # fmt: skip
+        self.serving = Gauge(
+            "tritarget_serving", "1 while health is SERVING (warm-up done, not draining), else 0", registry=reg
+        )
         self._http = None
         self._methods: dict[str, MethodMetrics] = {}
 

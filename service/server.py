@@ -332,6 +332,7 @@ class TargetServer:
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        self.metrics.serving.set(status == health_pb2.HealthCheckResponse.SERVING)
 
     async def start(self) -> None:
         """Serve now; health turns SERVING once the warm-up batch is done."""
@@ -372,6 +373,7 @@ class TargetServer:
             self._warmup.cancel()
         start = time.monotonic()
         await self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         self.servicer.drain()
         self.batcher.drain()
         settling = asyncio.ensure_future(self.servicer.wait_settled(grace))

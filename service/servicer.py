@@ -192,7 +192,8 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._draining = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._calls = 0  # Assign and AssignStream calls in flight
+        self._calls = 0  # calls in flight (``_in_flight``)
+        metrics.calls_in_flight.set_function(lambda: self._calls)  # read at each scrape: nothing per call
         self._arrivals = 0  # calls started, ever (shutdown waits until they stop coming)
         self._readers: set[asyncio.Task] = set()  # each open stream's request reader
         self._unsent = 0  # bytes of Assign and GetAnchors responses not yet taken by their callers

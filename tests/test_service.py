@@ -311,6 +311,8 @@ def test_the_metrics_port_serves_process_metrics_and_only_metrics(server, client
     names = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total", "python_info"} <= names
     assert 'tritarget_request_seconds_bucket{le="60.0",method="Assign"}' in text
+    # Whether it serves, and the calls open (none now: the assign above has finished).
+    assert server.metrics.value("tritarget_serving") == 1 and server.metrics.value("tritarget_calls_in_flight") == 0
     for path in ("/", "/healthz", "/metric"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"{base}{path}", timeout=10)

@@ -1028,12 +1028,15 @@ def test_draining_ends_an_open_stream_unavailable_after_answering_what_it_read()
             )
             call = stream(requests(), timeout=30)
             answered = [next(call), next(call)]
+            metrics = srv.server.metrics
+            assert metrics.value("tritarget_calls_in_flight") == 1 and metrics.value("tritarget_serving") == 1
             start = time.monotonic()
             stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=20), srv.loop)
             with pytest.raises(grpc.RpcError) as info:
                 next(call)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "resend the unanswered requests" in info.value.details()
+            assert metrics.value("tritarget_serving") == 0  # draining
             stopping.result(10)
             assert time.monotonic() - start < 5  # not the whole grace period
         assert all(a.batch_size == 1 and not a.HasField("error") for a in answered)
