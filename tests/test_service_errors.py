@@ -626,8 +626,8 @@ def test_a_get_anchors_call_past_its_deadline_is_counted_timed_and_logged(caplog
     from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
     from tritarget.service import servicer
 
-    generate = servicer.generate_anchors
-    monkeypatch.setattr(servicer, "generate_anchors", lambda *args: (time.sleep(1.0), generate(*args))[1])
+    cached = servicer.grid_and_anchors
+    monkeypatch.setattr(servicer, "grid_and_anchors", lambda *args: (time.sleep(1.0), cached(*args))[1])
     request = pb.GetAnchorsRequest(config=pb.ConfigRef(preset="retinanet_torchvision"), canvas_height=512,
                                    canvas_width=512)  # fmt: skip
     with ServerThread(access_log=True) as srv, grpc.insecure_channel(srv.address) as channel:
