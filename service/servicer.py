@@ -569,9 +569,9 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
 
     async def _anchors(self, config: TargetConfig, canvas: tuple[int, int]) -> tuple[bytes, int]:
         """The anchors' response, serialized (as ``_encode``'s), and its size. Encoded from
-        the set ``assign`` caches (read only here), not a caller's copy: at 8192 x 8192 the
-        copy took about half of an 8192 x 8192 call (0.92 against 0.50 s in-process on the
-        2-core VM, 2026-12-07)."""
+        the set ``assign`` caches (read only here), not a caller's copy: the copy took about
+        half of an 8192 x 8192 call (0.92 against 0.50 s in-process on the 2-core VM,
+        2026-12-07)."""
 
         def encoded() -> bytes:
             _, anchors = grid_and_anchors(config.anchors, canvas, torch.device("cpu"))
