@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from tritarget.protos import target_assigner_pb2 as pb
+
 from .errors import Unauthenticated
 from .metrics import Metrics
-from .servicer import LOGGED_CHARS
+from .servicer import LOGGED_CHARS, UNKNOWN_METHOD
 from .status import abort, code_name, status_of
 
 __all__ = ["BearerTokenInterceptor"]
@@ -25,9 +27,13 @@ __all__ = ["BearerTokenInterceptor"]
 access_log = logging.getLogger("tritarget.access")  # the servicer's: one line per call
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-# The methods the metrics count (reflection's calls are not: counting only its refusals
-# read as every reflection call failing).
-_COUNTED_PREFIX = "/tritarget.v1.TargetAssigner/"
+# The methods the metrics count, by path (reflection's calls are not: counting only its
+# refusals read as every reflection call failing). Another name under the service's prefix
+# counts as the servicer counts a method no service has, under UNKNOWN_METHOD: labelled by
+# a caller's name, each name made up by a caller without a token was a new series.
+_SERVICE = pb.DESCRIPTOR.services_by_name["TargetAssigner"]
+_COUNTED = {f"/{_SERVICE.full_name}/{method.name}": method.name for method in _SERVICE.methods}
+_COUNTED_PREFIX = f"/{_SERVICE.full_name}/"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -69,9 +75,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         status = status_of(refusal)
         counted = self._metrics is not None and details.method.startswith(_COUNTED_PREFIX)
-        # Another service's method is named whole, quoted: a caller's, for a method no
-        # service has (``servicer._UnknownMethods``).
-        method = details.method.rsplit("/", 1)[-1] if counted else repr(details.method[:LOGGED_CHARS])
+        known = _COUNTED.get(details.method)
+        label = known or UNKNOWN_METHOD
+        # Any other method is logged whole, quoted: a caller's, for a method no service has
+        # (``servicer._UnknownMethods``).
+        method = known or repr(details.method[:LOGGED_CHARS])
         started = time.perf_counter()
 
         def finished(context: grpc.aio.ServicerContext) -> None:
@@ -81,9 +89,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             # one of reflection's too, or tokens could be tried there without a trace.
             seconds = time.perf_counter() - started
             if counted:
-                metrics = self._metrics.method(method)
+                metrics = self._metrics.method(label)
                 metrics.requests.inc()
-                self._metrics.errors.labels(method, code_name(status)).inc()
+                self._metrics.errors.labels(label, code_name(status)).inc()
                 metrics.request_seconds.observe(seconds)
             if self._access_log:  # its message unread: no id, images or boxes to name
                 access_log.info("%s (request not read) %s %.2f ms peer=%s reason=%r", method, code_name(status),

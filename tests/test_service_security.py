@@ -156,6 +156,28 @@ def test_a_call_to_an_unknown_method_names_the_services_and_is_logged(token, cap
         assert re.fullmatch(rf"'/tritarget\.v2\.TargetAssigner/Assign' {code} peer=ipv4:127\.0\.0\.1:\d+.*", line), line
 
 
+def test_refused_calls_to_made_up_methods_of_the_service_share_one_label(caplog):
+    """Behind a token, a call without one to a method the service does not have, under its
+    own prefix, was counted under the name the caller made up: each name a new series (and
+    a new entry kept in the metrics) for anyone who can reach the port. Now they count
+    under "(unknown)", as the servicer counts them without a token; the log names them."""
+    names = [f"/tritarget.v1.TargetAssigner/Probe{i}" for i in range(5)]
+    with ServerThread(token=TOKEN, access_log=True) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
+        with grpc.insecure_channel(srv.address) as channel:
+            for name in names:
+                with pytest.raises(grpc.RpcError) as info:
+                    channel.unary_unary(name, request_serializer=bytes, response_deserializer=bytes)(b"x", timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        unknown = {"method": "(unknown)"}
+        until(lambda: srv.metrics.value("tritarget_request_seconds_count", unknown) == 5)
+        assert srv.metrics.value("tritarget_requests_total", unknown) == 5
+        assert srv.metrics.value("tritarget_errors_total", {**unknown, "code": "UNAUTHENTICATED"}) == 5
+        labels = {sample.labels.get("method") for metric in srv.metrics.registry.collect() for sample in metric.samples}
+        assert not any(label and label.startswith("Probe") for label in labels), labels
+    lines = [r.getMessage() for r in caplog.records if r.name == "tritarget.access" and "Probe" in r.getMessage()]
+    assert [line.split(" ", 1)[0] for line in lines] == [repr(name) for name in names]
+
+
 @pytest.mark.parametrize("logged", [True, False])
 def test_an_unknown_methods_long_name_is_cut_in_its_error_and_its_log_line(logged, caplog):
     """A caller's method name may be long: its error and its access-log line (only where the
