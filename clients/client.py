@@ -1390,6 +1390,12 @@ class AsyncTargetClient(_Base):
                 "asyncio channels do not survive fork() (the child crashes or hangs): start workers with spawn or "
                 "forkserver, close the client before forking, or open a client in the child"
             )
+        if self._owner is not None and self._owner != self._current_owner():
+            # An earlier event loop's channels (a finished asyncio.run()) let go before new
+            # ones open: while any of its asyncio channels lives, gRPC keeps every event
+            # loop that ran one of its calls, so replaced one at a time they kept each
+            # finished loop (3 KB a run, without end: 280 MB over 100k runs).
+            self._channels, self._stubs = [], []
         super()._open_all()
 
     def _open(self, target: str) -> grpc.aio.Channel:

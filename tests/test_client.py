@@ -1047,6 +1047,35 @@ def test_an_async_client_serves_one_event_loop_after_another(two_servers):
     assert torch.equal(asyncio.run(call()), asyncio.run(call()))
 
 
+_LOOPS_KEPT = """
+import asyncio, gc, sys, weakref
+import torch
+from tritarget.clients import AsyncTargetClient
+client, loops = AsyncTargetClient(sys.argv[1]), []
+
+async def call():
+    loops.append(weakref.ref(asyncio.get_running_loop()))
+    await client.assign(torch.tensor([[10.0, 10.0, 60.0, 50.0]]), [1], (96, 128), preset="retinanet_torchvision")
+
+for _ in range(5):
+    asyncio.run(call())
+gc.collect()
+print(sum(loop() is not None for loop in loops))
+"""
+
+
+def test_an_async_client_lets_each_finished_event_loop_go(two_servers):
+    """Used by one asyncio.run() after another without close() (a trainer's step each),
+    the client replaced the last loop's channels by new ones, and gRPC, which keeps every
+    loop its calls ran on while any of its asyncio channels lives, kept each finished
+    loop: 3 KB a run without end. In a process of its own: an asyncio server (this one's)
+    keeps them too."""
+    a, _ = two_servers
+    kept = subprocess.run([sys.executable, "-c", _LOOPS_KEPT, a.address], capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split() == ["1"]  # the last run's loop, its channels still open
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0, 0, "5"])
 def test_a_calls_timeout_is_checked(bad):
     """inf and NaN gave DEADLINE_EXCEEDED at once, "5" a TypeError from a sum, and
