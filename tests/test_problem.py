@@ -3,14 +3,16 @@ only when some box may be invalid (a few boxes on the CPU are checked with Pytho
 others with torch ops where they live: both are tested), and the small integer tensors
 are right."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 
 from tritarget.kernels import cpu, generate_anchors, presets
 from tritarget.kernels import problem as problem_module
-from tritarget.kernels.anchors import AnchorGrid, grid_and_anchors
+from tritarget.kernels.anchors import AnchorGrid, grid_and_anchors, resolve_grid
 from tritarget.kernels.problem import build_problem
 
 CANVAS = (64, 96)
@@ -39,6 +41,36 @@ def test_anchor_cache_is_per_canvas():
     assert torch.equal(small.anchors, generate_anchors(CONFIG.anchors, CANVAS))
     assert torch.equal(large.anchors, generate_anchors(CONFIG.anchors, (128, 160)))
     assert large.grid.num_anchors == large.num_anchors != small.num_anchors
+
+
+def test_generate_anchors_copies_the_sets_assign_keeps():
+    """generate_anchors kept sets in a cache of its own: on canvases assign was not given
+    (a trainer's anchors beside a loader's targets) 16 sets beside assign's 16, twice what
+    the caches are sized for (466 MB at ~2,000 x 2,500 in each loader worker). Now it
+    copies from the sets assign keeps: 16 in all, and the copy is the caller's."""
+    config = CONFIG.replace(**{"anchors.levels[0].sizes": (31.0, 39.0, 49.0)}).anchors  # kept by no other test
+    canvases = [(64, 64 + 8 * i) for i in range(32)]
+    host = torch.device("cpu")
+    assigned = [weakref.ref(grid_and_anchors(config, canvas, host)[1]) for canvas in canvases[:16]]
+    for canvas in canvases[16:]:
+        given = generate_anchors(config, canvas)
+        assert torch.equal(given, resolve_grid(config, canvas).materialize())
+        given.add_(1.0)  # the caller's own
+        assert torch.equal(generate_anchors(config, canvas), resolve_grid(config, canvas).materialize())
+    gc.collect()
+    assert [ref() for ref in assigned] == [None] * 16  # the 16 kept are the last 16 canvases of either
+
+
+def test_generate_anchors_of_over_a_million_anchors_copies_the_set_assign_keeps(monkeypatch):
+    """Sets past the million anchors of the 16-set caches were built on every call; now
+    generate_anchors copies the one assign keeps by bytes (``anchors._LargeSets``)."""
+    config = CONFIG.replace(**{"anchors.levels[0].sizes": (31.0, 39.0, 49.0)}).anchors
+    canvas = (2304, 2560)  # 1.1M anchors
+    _, kept = grid_and_anchors(config, canvas, torch.device("cpu"))
+    built, materialize = [], AnchorGrid.materialize
+    monkeypatch.setattr(AnchorGrid, "materialize", lambda grid: built.append(grid) or materialize(grid))
+    given = generate_anchors(config, canvas)
+    assert built == [] and torch.equal(given, kept) and given.data_ptr() != kept.data_ptr()
 
 
 def test_anchors_are_copied_to_a_device_once():
