@@ -26,7 +26,8 @@
  * writes 5 MB.
  *
  * Skipping: anchors come in blocks of 64 whose bounds (bounding box, area range) the
- * caller computes once per anchor set (tritarget_cpu_bounds). A box that misses a block
+ * caller computes (tritarget_cpu_bounds: once per generated set, each call for explicit
+ * anchors). A box that misses a block
  * has IoU exactly 0 with each of its anchors; a box whose IoU there is provably below
  * both thresholds and below its best IoU found so far (iou_bound: a big box against
  * small anchors, a small box against big ones) changes no output there. Either way the
@@ -71,6 +72,9 @@ _Static_assert(CHUNK % BLOCK == 0 && CHUNK / BLOCK <= 32, "a chunk's blocks are 
 /* A block's bounds: min x1, min y1, max x2, max y2 of its anchors, and their least and
  * greatest area. */
 #define BOUNDS 6
+/* Boxes per branch-free run of tritarget_cpu_boxes_valid: a bad box among many stops it
+ * within one run. */
+#define VALID_RUN 1024
 /* Margin on an upper bound of IoU computed in float32 (a few roundings, each 6e-8). */
 #define BOUND_SLACK 1.001f
 /* Sparse rows one thread emits, at least, before another thread is worth starting. */
@@ -1333,27 +1337,49 @@ static void bounds_of(const float *anchors, int64_t n, float *out) {
  * width = height = reach = inf. */
 int tritarget_cpu_boxes_valid(const float *boxes, int64_t count, float low, float width, float height,
                               float reach) {
-    for (int64_t i = 0; i < count; ++i) {
-        const float *b = boxes + 4 * i;
-        const double w = (double)b[2] - (double)b[0], h = (double)b[3] - (double)b[1];
-        if (!(w > 0.0 && w < INFINITY && h > 0.0 && h < INFINITY && b[2] > low && b[3] > low && b[0] < width &&
-              b[1] < height && b[0] > -reach && b[1] > -reach && b[2] < reach && b[3] < reach))
-            return 0;
+    /* Runs of boxes tested without a branch, so that the loop vectorises: explicit anchors
+     * are checked on every call (200k RetinaNet anchors: 0.8 ms a box at a time). The
+     * double width is in (0, inf) exactly where both coordinates are finite and x2 > x1. */
+    for (int64_t start = 0; start < count; start += VALID_RUN) {
+        const int64_t end = count - start < VALID_RUN ? count : start + VALID_RUN;
+        int valid = 1;
+#pragma omp simd reduction(& : valid)
+        for (int64_t i = start; i < end; ++i) {
+            const float *b = boxes + 4 * i;
+            valid &= (fabsf(b[0]) < INFINITY) & (fabsf(b[1]) < INFINITY) & (fabsf(b[2]) < INFINITY) &
+                     (fabsf(b[3]) < INFINITY) & (b[2] > b[0]) & (b[3] > b[1]) & (b[2] > low) & (b[3] > low) &
+                     (b[0] < width) & (b[1] < height) & (b[0] > -reach) & (b[1] > -reach) & (b[2] < reach) &
+                     (b[3] < reach);
+        }
+        if (!valid) return 0;
     }
     return 1;
 }
 
 /* The bounds (min x1, min y1, max x2, max y2, least and greatest area) of each block of
  * 64 anchors, then of each chunk of 512; out: [ceil(A / 64) + ceil(A / 512), 6].
- * Computed once per anchor set by the caller (it reads every anchor, which costs more
- * than a sparse solve of a COCO-like image). */
+ * Computed once per generated anchor set, and on each call for explicit anchors (it reads
+ * every anchor, which costs more than a sparse solve of a COCO-like image). */
 void tritarget_cpu_bounds(const float *anchors, int64_t num_anchors, float *out) {
     const int64_t blocks = (num_anchors + BLOCK - 1) / BLOCK;
     for (int64_t s = 0; s < num_anchors; s += BLOCK)
         bounds_of(anchors + 4 * s, num_anchors - s < BLOCK ? num_anchors - s : BLOCK, out + BOUNDS * (s / BLOCK));
-    for (int64_t s = 0; s < num_anchors; s += CHUNK)
-        bounds_of(anchors + 4 * s, num_anchors - s < CHUNK ? num_anchors - s : CHUNK,
-                  out + BOUNDS * (blocks + s / CHUNK));
+    /* A chunk's bounds from its blocks' (the same minima and maxima), not a second read
+     * of its anchors: explicit anchors' bounds are computed on every call. */
+    for (int64_t b = 0; b < blocks; b += CHUNK / BLOCK) {
+        const float *block = out + BOUNDS * b;
+        float *chunk = out + BOUNDS * (blocks + b / (CHUNK / BLOCK));
+        for (int k = 0; k < BOUNDS; ++k) chunk[k] = block[k];
+        for (int64_t j = b + 1; j < blocks && j < b + CHUNK / BLOCK; ++j) {
+            block = out + BOUNDS * j;
+            chunk[0] = block[0] < chunk[0] ? block[0] : chunk[0];
+            chunk[1] = block[1] < chunk[1] ? block[1] : chunk[1];
+            chunk[2] = block[2] > chunk[2] ? block[2] : chunk[2];
+            chunk[3] = block[3] > chunk[3] ? block[3] : chunk[3];
+            chunk[4] = block[4] < chunk[4] ? block[4] : chunk[4];
+            chunk[5] = block[5] > chunk[5] ? block[5] : chunk[5];
+        }
+    }
 }
 
 /* Ask Linux for transparent huge pages on a large output buffer before its first touch:
