@@ -57,8 +57,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #endif
 
 /* Anchors per work item. 512 anchors keep the chunk's SoA coordinates, running maxima
@@ -1113,8 +1115,12 @@ static void *worker_main(void *arg) {
  * VM, three times per call (pass 1, pass 2, emit), against ~0.3 ms for a whole sparse
  * solve of a COCO-like image. Idle helpers wait on their own condition variable; a call
  * takes as many as it needs (starting new ones when none is idle, so concurrent calls
- * never wait for each other) and works on its own thread too. A forked child (data-loader
- * workers) has none of the parent's helpers: it starts with an empty pool. */
+ * never wait for each other) and works on its own thread too. The helpers are at most as
+ * many as the machine has CPUs: concurrent callers each asking for many threads had
+ * started one per thread asked for (16 Python threads with 16 each: 240 helpers, kept for
+ * the process's life), and past one per CPU a helper only takes another's turn; a call
+ * that finds none idle then shares its work among the threads it has. A forked child
+ * (data-loader workers) has none of the parent's helpers: it starts with an empty pool. */
 typedef struct Helper {
     pthread_cond_t wake;
     Worker *work;        /* set by the caller, cleared by the helper when its share is done */
@@ -1124,9 +1130,22 @@ typedef struct Helper {
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER; /* a helper finished a share */
 static Helper *pool_idle;
+static int pool_started; /* helpers started, at most pool_cap() */
+
+static int pool_cap(void) {
+    static int cap;
+    if (!cap) {
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        cap = cpus > 0 ? (int)cpus : 1;
+    }
+    return cap;
+}
 
 static void *helper_main(void *arg) {
     Helper *h = (Helper *)arg;
+#if defined(__linux__)
+    prctl(PR_SET_NAME, "tritarget-cpu"); /* as top -H and /proc/PID/task/TID/comm show it */
+#endif
     pthread_mutex_lock(&pool_lock);
     for (;;) {
         while (!h->work) pthread_cond_wait(&h->wake, &pool_lock);
@@ -1142,13 +1161,15 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
-/* An idle helper, or a new one; NULL when no thread can be started. pool_lock held. */
+/* An idle helper, or a new one; NULL when pool_cap() are busy or no thread can be
+ * started. pool_lock held. */
 static Helper *take_helper(void) {
     Helper *h = pool_idle;
     if (h) {
         pool_idle = h->next;
         return h;
     }
+    if (pool_started >= pool_cap()) return NULL;
     h = calloc(1, sizeof(Helper));
     if (!h) return NULL;
     pthread_t id;
@@ -1166,6 +1187,7 @@ static Helper *take_helper(void) {
         free(h);
         return NULL;
     }
+    ++pool_started;
     return h;
 }
 
@@ -1177,6 +1199,7 @@ static void unlock_pool(void) { pthread_mutex_unlock(&pool_lock); }
 
 static void forget_helpers(void) {
     pool_idle = NULL; /* the parent's helpers do not exist here (their memory is left) */
+    pool_started = 0;
     pthread_cond_init(&pool_done, NULL); /* its waiters were the parent's threads */
     pthread_mutex_unlock(&pool_lock);
 }

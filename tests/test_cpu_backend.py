@@ -366,6 +366,40 @@ def test_concurrent_callers_each_with_several_threads(generator):
     assert not failures, failures[0]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_the_helper_threads_are_at_most_one_per_cpu(generator):
+    """Concurrent callers each asking for many threads started a helper per thread asked
+    for, kept for the process's life (16 callers with 16 threads each: 2 -> 206 threads on
+    the 2-core VM; a helper's audit). They are at most one per CPU now, and every caller
+    still gets the single-threaded answer."""
+    problem = crowded_problem(generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sparse = cpu.solve_sparse(problem)
+    finally:
+        torch.set_num_threads(before)
+    failures = []
+
+    def caller() -> None:
+        torch.set_num_threads(16)
+        try:
+            for _ in range(5):
+                assert_sparse_equal(cpu.solve_sparse(problem), sparse)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads) and not failures, failures[:1]
+    helpers = [task for task in os.listdir("/proc/self/task")
+               if Path(f"/proc/self/task/{task}/comm").read_text().strip() == "tritarget-cpu"]  # fmt: skip
+    assert 1 <= len(helpers) <= os.cpu_count()
+
+
 def _solve_in_child(problem, connection) -> None:
     torch.set_num_threads(3)
     sparse = cpu.solve_sparse(problem)
