@@ -749,6 +749,39 @@ def test_kernel_is_built_once_into_the_cache(tmp_path):
     assert stamps[0] == stamps[1]
 
 
+_FIRST_CALLS_AT_ONCE = """
+import threading, torch
+from tritarget.kernels import assign_sparse, presets
+start = threading.Barrier(4)
+
+def first_call():
+    start.wait()
+    assign_sparse(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), [1], (64, 64), presets.get("retinanet_torchvision"),
+                  backend="cpu")
+
+threads = [threading.Thread(target=first_call) for _ in range(4)]
+[thread.start() for thread in threads]
+[thread.join() for thread in threads]
+"""
+
+
+def test_first_calls_at_once_on_a_fresh_cache_build_the_kernel_once(tmp_path):
+    """Processes and threads making their first calls together (a loader's workers on a
+    fresh machine) each compiled the kernel: 24 compilers for 3 processes of 8 threads (a
+    helper's audit). They take turns on a lock file now: one build, every call answered."""
+    log, cache = tmp_path / "builds", tmp_path / "cache"
+    counting = tmp_path / "cc"
+    counting.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo built >> "{log}";; esac\nexec {_compiler()} "$@"\n')
+    counting.chmod(0o755)
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(cache), "CC": str(counting)}
+    processes = [subprocess.Popen([sys.executable, "-c", _FIRST_CALLS_AT_ONCE], env=env, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]  # fmt: skip
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    assert log.read_text().split() == ["built"]
+    assert [path.name.split(".", 1)[1] for path in sorted(cache.iterdir())] == ["so", "so.lock"]
+
+
 def test_a_cached_file_that_is_not_the_kernel_is_built_again(tmp_path):
     """A loadable library without the kernel's functions under the cached name (a cache
     synced from elsewhere, a partial restore) failed every call with AttributeError."""
