@@ -44,6 +44,9 @@ __all__ = [
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
 
+# The largest weight float32 holds: past it a positive weighs infinitely (NaN losses).
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def _dense(targets: Targets | SparseTargets) -> Targets:
     if isinstance(targets, SparseTargets):
@@ -135,7 +138,7 @@ def mmdet_targets(
     else:
         classes = _classes(dense, num_classes, "mmdet_targets")
     labels = torch.where(positive, classes, num_classes)
-    pos_weight = checked_real("pos_weight", pos_weight)
+    pos_weight = checked_real("pos_weight", pos_weight, high=_FLOAT32_MAX, note=" (a float32 weight)")
     weight = pos_weight if pos_weight > 0 else 1.0
     label_weights = torch.where(positive, weight, (dense.labels == NEGATIVE).to(torch.float32))
     bbox_weights = positive.to(torch.float32)[..., None].expand(-1, -1, 4).contiguous()

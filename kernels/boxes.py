@@ -18,8 +18,12 @@ def _upcast(boxes: torch.Tensor) -> torch.Tensor:
     """16-bit float boxes as float32: in float16 the area of a 300 x 300 box is already
     infinite (its IoU with itself 0, its IoF NaN). torchvision upcasts later, after taking
     the corners' differences in 16 bits, so its 16-bit IoUs differ from these (by up to
-    ~1e-3 in float16); these are the float32 IoUs of the same boxes."""
-    return boxes.float() if boxes.is_floating_point() and boxes.element_size() < 4 else boxes
+    ~1e-3 in float16); these are the float32 IoUs of the same boxes. Integer boxes as int64:
+    in their own type areas wrapped (uint8 20 x 20: 144, an IoU of 1.39; int32 50,000 x
+    50,000: negative), where torchvision's int32 still wraps past 46,340 pixels a side."""
+    if boxes.is_floating_point():
+        return boxes.float() if boxes.element_size() < 4 else boxes
+    return boxes.long()
 
 
 def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
@@ -37,15 +41,17 @@ def plain_xyxy(name: str, boxes: torch.Tensor) -> torch.Tensor:
 
 def _checked_boxes(name: str, boxes: object, *, batched: bool = False) -> torch.Tensor:
     """[N, 4] boxes, or [..., 4] where ``batched``, as a plain xyxy tensor."""
-    ok = isinstance(boxes, torch.Tensor) and boxes.dim() >= 1 and boxes.shape[-1] == 4
-    if not ok or not (batched or boxes.dim() == 2):
-        shape = list(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"{name}: expected shape [{'...' if batched else 'N'}, 4] (x1, y1, x2, y2), got {shape}")
+    if not isinstance(boxes, torch.Tensor):  # a numpy array or a list: converted by the caller, as assign's are
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(boxes).__name__} (torch.as_tensor converts it)")
+    if not (boxes.dim() >= 1 and boxes.shape[-1] == 4 and (batched or boxes.dim() == 2)):
+        raise ValueError(f"{name}: expected shape [{'...' if batched else 'N'}, 4] (x1, y1, x2, y2), "
+                         f"got {list(boxes.shape)}")  # fmt: skip
     return plain_xyxy(name, boxes)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """boxes (Tensor[..., 4]) -> Tensor[...] (float32 for 16-bit float boxes)."""
+    """boxes (Tensor[..., 4]) -> Tensor[...] (float32 for 16-bit float boxes, int64 for
+    integer boxes)."""
     boxes = _upcast(_checked_boxes("boxes", boxes, batched=True))
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 

@@ -586,8 +586,16 @@ def test_losses_refuse_a_batch_of_no_images():
             lambda t, x: ssd_loss({"cls_logits": x, "bbox_regression": torch.zeros(2, 4, 4)}, t, neg_to_pos_ratio="3"),
             "neg_to_pos_ratio: expected a number >= 0, got '3'",
         ),
-        (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), "pos_weight: expected a number, got '2'"),
-        (lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")), "pos_weight: expected a number, got nan"),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight="2"), r"pos_weight: expected a number .*, got '2'"),
+        (
+            lambda t, x: mmdet_targets(t, 8, pos_weight=float("nan")),
+            r"pos_weight: expected a number <= 3.40282e\+38 \(a float32 weight\), got nan",
+        ),
+        (
+            lambda t, x: mmdet_targets(t, 8, pos_weight=float("inf")),  # infinite weights: NaN losses, no error
+            r"pos_weight: expected a number <= 3.40282e\+38 \(a float32 weight\), got inf",
+        ),
+        (lambda t, x: mmdet_targets(t, 8, pos_weight=1e39), r"pos_weight: .*, got 1e\+39"),
         # torch's own error (NaN called negative), or no box loss at all (inf), or True as 1.
         (
             lambda t, x: box_regression_loss(torch.zeros(2, 4, 4), t, loss="smooth_l1", beta=-1),
@@ -636,7 +644,7 @@ def test_loss_settings_as_torchvision_passes_them_are_taken():
         sigmoid_focal_loss(logits, sparse, alpha=torch.tensor(2.0))
     with pytest.raises(ValueError, match="neg_to_pos_ratio: expected a number >= 0, got nan"):
         ssd_loss(outputs, sparse, neg_to_pos_ratio=torch.tensor(math.nan))
-    with pytest.raises(ValueError, match="pos_weight: expected a number, got tensor\\(True\\)"):
+    with pytest.raises(ValueError, match="pos_weight: expected a number .*, got tensor\\(True\\)"):
         mmdet_targets(_hand_targets(), 8, pos_weight=torch.tensor(True))
 
 

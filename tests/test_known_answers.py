@@ -291,6 +291,17 @@ def test_torchvision_box_iou_int_boxes():
     torch.testing.assert_close(box_iou(boxes1, boxes2), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, side", [(torch.uint8, 20), (torch.int8, 20), (torch.int16, 200),
+                                         (torch.int32, 50_000)])  # fmt: skip
+def test_integer_boxes_areas_do_not_wrap(dtype, side):
+    """Areas were taken in the boxes' own integer type: uint8 20 x 20 read 144 (an IoU of
+    1.39), int8 0, int32 50,000 x 50,000 negative (an IoU of 0; torchvision's too)."""
+    whole = torch.tensor([[0, 0, side, side]], dtype=dtype)
+    half = torch.tensor([[0, 0, side, side // 2]], dtype=dtype)
+    assert box_area(whole).tolist() == [side * side]
+    assert box_iou(half, whole).tolist() == [[0.5]] and box_iof(half, whole).tolist() == [[1.0]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_torchvision_box_iou_float_boxes(dtype):
     """16-bit boxes are computed in float32, as torchvision does (in float16 these areas,
@@ -327,7 +338,7 @@ def test_box_functions_name_a_wrong_shape():
         box_iou(torch.zeros(2, 5), torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"boxes2: expected shape \[N, 4\] .*, got \[1, 2, 4\]"):
         box_iof(torch.zeros(2, 4), torch.zeros(1, 2, 4))
-    with pytest.raises(ValueError, match=r"boxes: expected shape \[..., 4\] .*, got list"):
+    with pytest.raises(TypeError, match=r"boxes: expected a torch.Tensor, got list \(torch.as_tensor converts it\)"):
         box_area([[0, 0, 1, 1]])
     with pytest.raises(TypeError, match="deltas: expected floats, got torch.int64"):  # stds 0.1 became 0
         decode(torch.ones(1, 4, dtype=torch.int64), torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
