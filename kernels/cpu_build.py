@@ -8,7 +8,9 @@ the system C compiler builds it in about 0.3 s, nothing new is installed, and
 The shared library is cached in ``$TRITARGET_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/tritarget`` or ``~/.cache/tritarget``), named by a hash of the source,
 the flags, the compiler and the CPU, so an upgrade rebuilds and concurrent processes (data
-loader workers, forked server processes) never load a half-written file.
+loader workers, forked server processes) never load a half-written file. A build already
+in that folder is loaded even where this user may not write there (an image's cache); a
+new one goes to a private temporary folder then.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def _build_unless_built(compiler: str, target: Path) -> None:
     opens the file anew) and goes with its holder, killed or not."""
     with open(target.with_name(target.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target.is_file() and _sealed(target)):
+        if not _readable_build(target):
             _build(compiler, target)
 
 
@@ -168,9 +170,12 @@ def load_library() -> CDLL:
     compiler = _compiler()
     identity = [" ".join(FLAGS), _compiler_version(compiler), _cpu_signature()]
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(identity).encode()).hexdigest()[:16]
-    target = _writable_cache() / f"cpu_kernel-{key}.so"
-    if not target.is_file() or not _sealed(target):
-        _build_unless_built(compiler, target)
+    name = f"cpu_kernel-{key}.so"
+    target = cache_dir() / name
+    if not _readable_build(target):  # a read-only cache's build serves as well: built into it before
+        target = _writable_cache() / name
+        if not _readable_build(target):
+            _build_unless_built(compiler, target)
     try:
         return CDLL(str(target))
     except OSError as exc:  # our own build, whole (sealed): the folder's doing
@@ -178,6 +183,13 @@ def load_library() -> CDLL:
             f"the CPU kernel built in {target.parent} does not load ({exc}); a folder mounted noexec? "
             "set TRITARGET_CACHE_DIR to another, or use backend='reference'"
         ) from None
+
+
+def _readable_build(path: Path) -> bool:
+    try:
+        return path.is_file() and _sealed(path)
+    except OSError:  # unreadable: another user's, or a folder this user may not list
+        return False
 
 
 def _sealed(path: Path) -> bool:

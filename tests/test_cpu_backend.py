@@ -839,6 +839,24 @@ def test_a_kernel_that_does_not_load_where_it_was_built_is_named(tmp_path, monke
         cpu_build.load_library.cache_clear()
 
 
+def test_a_read_only_cache_with_the_kernel_built_serves_it(tmp_path, monkeypatch):
+    """A cache folder this process may not write (an image's, made for its users) but
+    holding the kernel's build was passed over: the kernel was compiled again into the
+    per-user temporary folder (a helper's audit). Its build is loaded as it is now."""
+    cache, fallback = tmp_path / "cache", tmp_path / "fallback"
+    assert _one_cpu_call(cache).returncode == 0
+    fallback.mkdir()
+    monkeypatch.setenv("TRITARGET_CACHE_DIR", str(cache))
+    monkeypatch.setattr(cpu_build, "_writable_cache", lambda: fallback)  # what a read-only cache finds
+    cpu_build.load_library.cache_clear()
+    try:
+        (built,) = cache.glob("cpu_kernel-*.so")
+        assert cpu_build.load_library()._name == str(built)
+    finally:
+        cpu_build.load_library.cache_clear()
+    assert list(fallback.iterdir()) == []
+
+
 def test_the_temporary_cache_folder_must_be_this_users_own(tmp_path, monkeypatch):
     """With no writable cache folder the kernel goes to $TMPDIR/tritarget-<uid>, a name
     anyone can predict: on a shared /tmp another user could make it first and plant a
