@@ -335,35 +335,50 @@ def crowded_problem(generator):
     return problem
 
 
-def test_concurrent_callers_each_with_several_threads(generator):
-    """The kernel's helper threads outlive a call and are shared by every caller: four
-    Python threads, each solving with 3 threads at once, all get the single-threaded
-    answer."""
-    problem = crowded_problem(generator)
+def _single_threaded(solve, problem):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dense, sparse = cpu.solve(problem), cpu.solve_sparse(problem)
+        return solve(problem)
     finally:
         torch.set_num_threads(before)
+
+
+def _concurrent_callers(callers: int, threads_each: int, calls: int, check) -> None:
+    """``callers`` Python threads, each asking the kernel for ``threads_each`` threads (as
+    the server's compute workers set theirs) and making ``check()`` ``calls`` times; fails
+    the test with the first failure, or where a caller never returned."""
     failures = []
 
     def caller() -> None:
-        torch.set_num_threads(3)  # per thread, as the server's compute workers set theirs
+        torch.set_num_threads(threads_each)
         try:
-            for _ in range(15):
-                assert_targets_equal(cpu.solve(problem), dense, rtol=0.0, atol=0.0)
-                assert_sparse_equal(cpu.solve_sparse(problem), sparse)
+            for _ in range(calls):
+                check()
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=caller) for _ in range(4)]
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
     assert not any(thread.is_alive() for thread in threads), "a caller never returned"
     assert not failures, failures[0]
+
+
+def test_concurrent_callers_each_with_several_threads(generator):
+    """The kernel's helper threads outlive a call and are shared by every caller: four
+    Python threads, each solving with 3 threads at once, all get the single-threaded
+    answer."""
+    problem = crowded_problem(generator)
+    dense, sparse = _single_threaded(cpu.solve, problem), _single_threaded(cpu.solve_sparse, problem)
+
+    def check() -> None:
+        assert_targets_equal(cpu.solve(problem), dense, rtol=0.0, atol=0.0)
+        assert_sparse_equal(cpu.solve_sparse(problem), sparse)
+
+    _concurrent_callers(4, 3, 15, check)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
@@ -373,28 +388,8 @@ def test_the_helper_threads_are_at_most_one_per_cpu(generator):
     the 2-core VM; a helper's audit). They are at most one per CPU now, and every caller
     still gets the single-threaded answer."""
     problem = crowded_problem(generator)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sparse = cpu.solve_sparse(problem)
-    finally:
-        torch.set_num_threads(before)
-    failures = []
-
-    def caller() -> None:
-        torch.set_num_threads(16)
-        try:
-            for _ in range(5):
-                assert_sparse_equal(cpu.solve_sparse(problem), sparse)
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=caller) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads) and not failures, failures[:1]
+    sparse = _single_threaded(cpu.solve_sparse, problem)
+    _concurrent_callers(12, 16, 5, lambda: assert_sparse_equal(cpu.solve_sparse(problem), sparse))
     helpers = [task for task in os.listdir("/proc/self/task")
                if Path(f"/proc/self/task/{task}/comm").read_text().strip() == "tritarget-cpu"]  # fmt: skip
     assert 1 <= len(helpers) <= os.cpu_count()
