@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from tritarget.kernels import AnchorConfig, SparseTargets, TargetConfig, Targets, presets
 from tritarget.kernels.anchors import resolve_grid
@@ -131,10 +132,43 @@ def lenient_deserializer(message_class) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _decoded(request):
+def decoded(request):
+    """``request`` as parsed, refused (``InvalidInput``) where its bytes did not parse or it
+    holds a field this server does not know."""
     if isinstance(request, UndecodableRequest):
         raise request.error()
+    _known_fields_only(request, "request")
     return request
+
+
+# The wire types' names, for an unknown field's error.
+_WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 4: "group end", 5: "32-bit"}
+
+
+def _known_fields_only(message, path: str) -> None:
+    """Refuse a field this server's proto does not have, or a known one sent with another
+    wire type. Parsing keeps such fields aside, and the request was answered as though
+    they were unset: a newer client's option (``pad_sizes`` was field 17, added later)
+    ignored by an older server gave other targets than asked for, and no error. New request
+    fields are added so that unset means the old behaviour: a newer client that does not
+    use one sends nothing an older server refuses."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        field = unknown[0]
+        kind = _WIRE_TYPES.get(field.wire_type, f"wire type {field.wire_type}")
+        known = message.DESCRIPTOR.fields_by_number.get(field.field_number)
+        if known is not None:
+            raise _invalid(f"{path}.{known.name}" if path != "request" else known.name,
+                           f"sent as {kind} (field number {field.field_number}), not as its type is")  # fmt: skip
+        owner = message.DESCRIPTOR.full_name
+        raise _invalid(path, f"field number {field.field_number} ({kind}) is not one of {owner}'s on this server: "
+                             "a client built for a newer version? Update the server, or leave the option "
+                             "unset")  # fmt: skip
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None or descriptor.message_type.GetOptions().map_entry:
+            continue  # a scalar, or a map of strings (``ConfigRef.overrides``)
+        for index, item in enumerate(value) if descriptor.is_repeated else ((None, value),):
+            _known_fields_only(item, descriptor.name if index is None else f"{descriptor.name}[{index}]")
 
 
 def _enum(request, field: str, enum, allowed: tuple[int, ...]) -> None:
@@ -411,7 +445,7 @@ def _classes_in_range(classes: torch.Tensor, counts: list[int]) -> None:
 
 def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     """Check a request against the limits and decode it (tensors view its bytes)."""
-    request = _decoded(request)
+    request = decoded(request)
     _enum(request, "format", pb.Format, (pb.FORMAT_UNSPECIFIED, pb.FORMAT_SPARSE, pb.FORMAT_DENSE))
     _enum(request, "delta_dtype", pb.DType, (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16))
     config = resolve_config(request.config, limits)
@@ -657,7 +691,7 @@ def encode_anchors(anchors: torch.Tensor) -> pb.GetAnchorsResponse:
 def anchors_request(request: pb.GetAnchorsRequest, limits: Limits) -> tuple[TargetConfig, tuple[int, int], int]:
     """Config and canvas of a GetAnchors request, and its response's size (within the
     message limit)."""
-    config = resolve_config(_decoded(request).config, limits)
+    config = resolve_config(decoded(request).config, limits)
     canvas = _canvas(request.canvas_height, request.canvas_width, limits)
     size = _field_bytes(_tensor_bytes(pb.DTYPE_FLOAT32, [_num_anchors(config, canvas), 4], 4))  # the whole message
     if size > limits.max_message_bytes:

@@ -585,8 +585,7 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
         self._received("ListPresets", request)
         try:
             with self._in_flight():
-                if isinstance(request, codec.UndecodableRequest):
-                    raise request.error()
+                codec.decoded(request)
                 response = codec.list_presets()
         except Exception as exc:
             await self._fail(call, exc, request, started)

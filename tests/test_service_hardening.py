@@ -86,6 +86,55 @@ def test_undecodable_list_presets_and_get_anchors_requests_are_invalid_argument(
             assert f"1024 bytes that do not parse as a tritarget.v1.{method}Request" in info.value.details()
 
 
+# Fields this server's proto does not have, as a newer client would send them: AssignRequest
+# field 18 (varint 1), a Tensor's field 4 inside gt_boxes, and return_max_iou (field 15, a
+# bool) sent as 32 bits. Parsed, protobuf kept them aside and the request was answered as if
+# they were unset (a newer client's pad_sizes, field 17 once, ignored by an older server).
+_UNKNOWN_FIELDS = [
+    (
+        b"\x90\x01\x01",
+        "request: field number 18 (varint) is not one of tritarget.v1.AssignRequest's on this "
+        "server: a client built for a newer version?",
+    ),
+    (b"\x2a\x02\x20\x05", "gt_boxes: field number 4 (varint) is not one of tritarget.v1.Tensor's"),
+    (b"\x7d\x01\x00\x00\x00", "return_max_iou: sent as 32-bit (field number 15), not as its type is"),
+]
+
+
+@pytest.mark.parametrize("extra, message", _UNKNOWN_FIELDS, ids=["request", "tensor", "wire_type"])
+def test_a_field_this_server_does_not_know_is_refused_by_number(server, extra, message):
+    """A helper's wire audit: answered OK with targets computed without the option."""
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(ASSIGN)(_good_request().SerializeToString() + extra, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+        items = [_good_request(request_id="a").SerializeToString() + extra, _good_request(request_id="b")]
+        stream = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream")
+        replies = [pb.AssignResponse.FromString(r) for r in stream(iter([items[0], items[1].SerializeToString()]),
+                                                                   timeout=10)]  # fmt: skip
+    assert [r.request_id for r in replies] == ["a", "b"]
+    assert replies[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and message in replies[0].error.message
+    assert not replies[1].HasField("error")
+
+
+def test_list_presets_and_get_anchors_refuse_a_field_they_do_not_have(server):
+    requests = {
+        "ListPresets": b"",
+        "GetAnchors": pb.GetAnchorsRequest(
+            config=pb.ConfigRef(preset="retinanet_torchvision"), canvas_height=64, canvas_width=64
+        ).SerializeToString(),
+    }
+    with grpc.insecure_channel(server.address) as channel:
+        for method, request in requests.items():
+            call = channel.unary_unary(f"/tritarget.v1.TargetAssigner/{method}")
+            assert call(request, timeout=10)  # as sent by this version's client
+            with pytest.raises(grpc.RpcError) as info:
+                call(request + b"\x98\x06\x01", timeout=10)  # field 99
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"field number 99 (varint) is not one of tritarget.v1.{method}Request's" in info.value.details()
+
+
 def test_a_stream_items_error_that_cannot_echo_its_id_comes_without_it(server):
     """A refused stream item whose id (within the request limit) would take its error
     response past the message limit: the error comes without the id, in its item's place,
