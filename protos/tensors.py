@@ -38,8 +38,10 @@ _NUMPY = {torch_dtype: torch.empty(0, dtype=torch_dtype).numpy().dtype for torch
 # it cannot count itself (a SPARSE response of 100 bytes may claim 2**40).
 MAX_ANCHOR_ROWS = 1 << 25
 
-# No tensor of the protocol has more dimensions (deltas: [batch, anchors, 4]).
+# No tensor of the protocol has more dimensions (deltas: [batch, anchors, 4]), nor a
+# dimension past int32 (anchor indices are int32).
 _MAX_NDIM = 8
+_MAX_DIM = 2**31 - 1
 
 # The wire is little-endian; a big-endian host would have to byte-swap (not supported).
 _NATIVE_LITTLE = sys.byteorder == "little"
@@ -93,6 +95,8 @@ def decode_tensor(
     shape = list(message.shape)
     if shape and min(shape) < 0:
         raise TensorError(f"{name}: negative dimension in shape {shape}")
+    if shape and max(shape) > _MAX_DIM:  # with a 0 elsewhere, torch's own error (an overflowed storage size)
+        raise TensorError(f"{name}: dimension over {_MAX_DIM} in shape {shape}")
     if ndim is not None and len(shape) != ndim:
         raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
     if last_dim is not None and (not shape or shape[-1] != last_dim):

@@ -360,7 +360,7 @@ def _varint_bytes(value: int) -> int:
 
 def _field_bytes(payload: int) -> int:
     """A length-delimited field on the wire: tag (every field number here is < 16: one
-    byte), length varint, payload."""
+    byte; a test keeps it so), length varint, payload."""
     return 1 + _varint_bytes(payload) + payload
 
 

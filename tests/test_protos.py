@@ -107,6 +107,8 @@ def test_size_check_and_expectations():
         decode_tensor(pb.Tensor(), "x")
     with pytest.raises(TensorError, match=r"x: negative dimension in shape \[-1, 0\]"):  # no bytes, yet no tensor
         decode_tensor(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, 0]), "x")
+    with pytest.raises(TensorError, match=r"x: dimension over 2147483647 in shape \[4611686018427387904, "):
+        decode_tensor(pb.Tensor(dtype=pb.DTYPE_INT32, shape=[2**62, 2**62, 0]), "x")  # torch's RuntimeError before
     with pytest.raises(TypeError, match="no wire encoding"):
         encode_tensor(torch.zeros(2, dtype=torch.float64))
 

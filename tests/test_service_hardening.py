@@ -150,6 +150,14 @@ def test_a_stream_items_error_that_cannot_echo_its_id_comes_without_it(server):
     assert (results[1].labels == 1).any()
 
 
+def test_the_dense_size_precheck_counts_one_byte_field_tags():
+    """``codec.dense_response_bytes`` counts each length-delimited field's tag as one byte,
+    true of field numbers below 16 only: a field numbered past 15 in the messages it sizes
+    would put its exact size, checked against the message limit, off by a byte a field."""
+    sized = (pb.AssignResponse, pb.DenseTargets, pb.Tensor, pb.DroppedBoxes, pb.GetAnchorsResponse)
+    assert max(field.number for message in sized for field in message.DESCRIPTOR.fields) < 16
+
+
 DENSE_CASES = [
     {},
     {"delta_dtype": "float16"},
