@@ -26,12 +26,11 @@
  * writes 5 MB.
  *
  * Skipping: anchors come in blocks of 64 whose bounds (bounding box, area range) the
- * caller computes (tritarget_cpu_bounds: once per generated set, each call for explicit
- * anchors). A box that misses a block
- * has IoU exactly 0 with each of its anchors; a box whose IoU there is provably below
- * both thresholds and below its best IoU found so far (iou_bound: a big box against
- * small anchors, a small box against big ones) changes no output there. Either way the
- * block is neither read nor computed for that box. Chunks go in decreasing anchor order,
+ * caller computes (tritarget_cpu_bounds: once per generated set, on each call for explicit
+ * anchors). A box that misses a block has IoU exactly 0 with each of its anchors; a box
+ * whose IoU there is provably below both thresholds and below its best IoU found so far
+ * (iou_bound: a big box against small anchors, a small box against big ones) changes no
+ * output there. Either way the block is neither read nor computed for that box. Chunks go in decreasing anchor order,
  * so large anchors, where a box usually finds its best IoU, come first. A sparse solve
  * does not even open a chunk where nothing can make an anchor other than negative: a
  * COCO-like image reads a small fraction of the 201,600 RetinaNet anchors, which alone
