@@ -29,6 +29,11 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   thread under load). Each caller gets exactly its own images back (row slices of
   the batch), and sampling seeds stay per request (image i of a request uses
   ``seed + i`` whatever batch it lands in);
+* a batch that fails on a GPU is followed by a probe of the device (``device_fault``):
+  where the GPU no longer works (a CUDA error that stays for the life of the process),
+  every job then gets ``DeviceLost`` (UNAVAILABLE: callers retry on another replica)
+  and ``on_device_lost`` tells the server to stop for its supervisor to restart it,
+  instead of serving INTERNAL errors for good while its health says SERVING;
 * ``submit(job, finish)`` runs ``finish(targets)`` (the response encoder) right after
   the batch where the batch ran (the compute worker, or the event loop for a batch
   computed there), so a request costs one thread hop, not two (on a loaded machine
@@ -58,7 +63,7 @@ from tritarget.kernels.api import resolve_backend
 from tritarget.kernels.problem import build_problem
 from tritarget.kernels.sampling import image_seeds
 
-from .errors import Overloaded, Unavailable, invalid_from_exception
+from .errors import DeviceLost, Overloaded, Unavailable, invalid_from_exception
 from .gpu_wait import set_gpu_wait
 
 __all__ = ["AssignJob", "BatchOptions", "Batcher", "load_backend"]
@@ -266,6 +271,23 @@ class _Pending:
         self.held = held  # a slice of a request, queued in its request's held place
 
 
+def device_fault(device: torch.device) -> BaseException | None:
+    """After a failed batch: the error a trivial computation on ``device`` raises now, or
+    None where the device works (always on a CPU). A CUDA context that met an illegal
+    address, a device-side assert or an uncorrectable ECC error fails every later call
+    of the process, this one included; a batch that failed for its own reasons (out of
+    memory, a bug in one call) leaves it working."""
+    if device.type != "cuda":
+        return None
+    try:
+        with torch.cuda.device(device):
+            torch.cuda.synchronize(device)
+            torch.ones(1, device=device).add_(1).item()
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _unless_gone(item: _Pending) -> Callable[[Targets | SparseTargets], Any] | None:
     """``item.finish``, skipped where the caller went away while its batch computed: its
     response (megabytes for DENSE) would be encoded for nobody. Read from the worker
@@ -292,6 +314,7 @@ class Batcher:
         on_queued: Callable[[float], None] | None = None,
         on_copied: Callable[[int], None] | None = None,
         on_inline: Callable[[], None] | None = None,
+        on_device_lost: Callable[[DeviceLost], None] | None = None,
     ) -> None:
         self.backend = backend
         self.device = torch.device(device)
@@ -300,6 +323,9 @@ class Batcher:
         self._on_queued = on_queued
         self._on_copied = on_copied
         self._on_inline = on_inline
+        self._on_device_lost = on_device_lost  # called on the event loop, once
+        self.lost: DeviceLost | None = None  # set once the device failed for good: every job gets it
+        self._lost_lock = threading.Lock()  # two workers' batches may fail together
         self._groups: dict[tuple, list[_Pending]] = {}
         self._queued_images = 0  # in the groups, except the slices of held places
         self._held_images = 0  # places held by requests in slices (``submit``)
@@ -470,6 +496,8 @@ class Batcher:
         """Raise unless ``images`` more images may queue now (``held``: a slice of a request
         admitted before, which a close lets finish; ``waited``: a job that waited for room,
         which the jobs still waiting do not hold back)."""
+        if self.lost is not None:
+            raise self.lost
         if (self._closed and not held) or self._loop is None:
             raise Unavailable("the server is shutting down")
         ahead = 0 if held or waited else self._waiting
@@ -696,6 +724,8 @@ class Batcher:
         """Worker thread: the jobs as one batch, split; a failed batch is checked job by job,
         and the good jobs run again without the bad ones. Then each job's ``finish``."""
         start = time.perf_counter()
+        if self.lost is not None:  # queued before the device failed
+            return [self.lost] * len(jobs)
         if len(jobs) > 1 and not all(job.rows_agree() for job in jobs):
             results, good = self._recover(jobs, None)
         else:
@@ -703,6 +733,8 @@ class Batcher:
                 results = _split(self._assign(jobs), [job.images for job in jobs])
                 good = list(range(len(jobs)))
             except Exception as exc:
+                if self._device_lost(exc):  # no retry of each job alone: each would fail the same
+                    return [self.lost] * len(jobs)
                 results, good = self._recover(jobs, exc)
         if self._on_batch is not None and good:
             self._on_batch(sum(jobs[i].images for i in good), len(good), time.perf_counter() - start)
@@ -713,6 +745,28 @@ class Batcher:
                 except Exception as exc:  # a request's encoding fails alone
                     results[i] = exc
         return results
+
+    def _device_lost(self, error: Exception) -> bool:
+        """Whether the device failed for good under ``error`` (a compute worker, or the loop
+        for a batch computed inline): then ``lost`` is set and the server told, once."""
+        fault = device_fault(self.device)
+        if fault is None:
+            return False
+        with self._lost_lock:
+            if self.lost is not None:
+                return True
+            first_line = (str(fault).strip().splitlines() or [type(fault).__name__])[0]
+            message = (f"the server's GPU ({self.device}) failed and cannot recover in this process ({first_line}); "
+                       "the server is stopping to be restarted: retry on another replica")  # fmt: skip
+            self.lost = DeviceLost(message)
+        log.critical("the GPU %s no longer works (%s): every request fails from now on; stopping", self.device,
+                     first_line, exc_info=error)  # fmt: skip
+        if self._on_device_lost is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_device_lost, self.lost)
+            except RuntimeError:  # the loop has closed: the server is gone already
+                pass
+        return True
 
     def _recover(self, jobs: list[AssignJob], error: Exception | None) -> tuple[list[Any], list[int]]:
         """Each job's targets or its own error, and the good jobs: after the batch raised

@@ -15,6 +15,7 @@ __all__ = [
     "Overloaded",
     "Unauthenticated",
     "Unavailable",
+    "DeviceLost",
     "Unimplemented",
     "invalid_from_exception",
 ]
@@ -54,6 +55,13 @@ class Unauthenticated(ServiceError):
 
 class Unavailable(ServiceError):
     """The server cannot take the request now (starting, shutting down); retryable."""
+
+
+class DeviceLost(Unavailable):
+    """The server's GPU failed in a way its process cannot recover from (a CUDA error that
+    stays: an illegal address, a device-side assert, an uncorrectable ECC error): every
+    later call would fail, so the server stops for its supervisor to restart it. The
+    caller retries on another replica."""
 
 
 class Unimplemented(ServiceError):

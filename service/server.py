@@ -36,6 +36,7 @@ from tritarget.protos import target_assigner_pb2 as pb
 from .auth import BearerTokenInterceptor
 from .backend import AssignJob, Batcher, BatchOptions, load_backend
 from .codec import Limits
+from .errors import DeviceLost
 from .gpu_wait import GPU_WAITS, gpu_wait_in_effect
 from .health import Health
 from .metrics import Metrics
@@ -243,6 +244,7 @@ class TargetServer:
             on_queued=self.metrics.queue_seconds.observe,
             on_copied=self.metrics.device_to_host_bytes.inc,
             on_inline=self.metrics.inline_batches.inc,
+            on_device_lost=self._device_lost,
         )
         # Read when /metrics is scraped, not set on every arrival and batch.
         self.metrics.queued_images.set_function(lambda: self.batcher.queued_images)
@@ -322,12 +324,20 @@ class TargetServer:
         self.ready = asyncio.Event()
         self.warmup_error: BaseException | None = None
         self.settled = asyncio.Event()  # warm-up finished, well or not
+        self.lost = asyncio.Event()  # the GPU failed for good (``batcher.lost`` says how): serve() stops
         self._warmup: asyncio.Task | None = None
 
     def _observe_batch(self, images: int, requests: int, seconds: float) -> None:
         self.metrics.batch_images.observe(images)
         self.metrics.batch_requests.observe(requests)
         self.metrics.compute_seconds.observe(seconds)
+
+    def _device_lost(self, error: DeviceLost) -> None:
+        """Event loop: the batcher found the GPU broken for good. Health turns NOT_SERVING
+        at once (load balancers and probes stop sending here); ``serve`` stops the server."""
+        self.ready.clear()
+        self._lost_health = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.lost.set()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -353,6 +363,9 @@ class TargetServer:
         except Exception as exc:
             log.exception("warm-up failed; the server stays NOT_SERVING")
             self.warmup_error = exc
+            self.settled.set()
+            return
+        if self.lost.is_set():  # a request's batch found the GPU broken meanwhile
             self.settled.set()
             return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -475,7 +488,8 @@ async def serve(
 
     ``on_ready(server)`` (a coroutine function or a plain function) runs once health
     is SERVING; ``tritarget up`` sends its demo request from there. If the warm-up
-    batch fails, the server stops and ``RuntimeError`` says why.
+    batch fails, or the GPU fails for good while serving (``DeviceLost``), the server
+    stops and ``RuntimeError`` says why: its supervisor restarts it on a fresh context.
     """
     if not keep_freed_memory():
         log.info("not glibc: the allocator keeps its defaults")
@@ -521,9 +535,18 @@ async def serve(
     follow_up = loop.create_task(_when_ready(server, on_ready, announce))
     failed = loop.create_task(_warmup_failed(server))
     stopping = loop.create_task(stop.wait())
-    await asyncio.wait((stopping, failed), return_when=asyncio.FIRST_COMPLETED)
+    lost = loop.create_task(server.lost.wait())
+    await asyncio.wait((stopping, failed, lost), return_when=asyncio.FIRST_COMPLETED)
     follow_up.cancel()
     stopping.cancel()
+    if lost.done():
+        # Calls in flight end at once (each gets DeviceLost, UNAVAILABLE, and retries
+        # elsewhere); the grace lets their answers and the streams' ends be sent.
+        announce(f"stopping: {server.batcher.lost}", flush=True)
+        failed.cancel()
+        await server.stop(hurry=hurry)
+        raise RuntimeError(f"the GPU failed: {server.batcher.lost}")
+    lost.cancel()
     if failed.done():
         announce(f"warm-up failed, stopping: {server.warmup_error}", flush=True)
         await server.stop(grace=0)

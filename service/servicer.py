@@ -28,7 +28,7 @@ from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 
 from . import codec
 from .backend import Batcher
-from .errors import Overloaded, Unavailable, Unimplemented
+from .errors import DeviceLost, Overloaded, Unavailable, Unimplemented
 from .metrics import Metrics
 from .status import abort, code_name, request_error, status_of
 
@@ -460,6 +460,12 @@ class TargetAssignerServicer(pb_grpc.TargetAssignerServicer):
             status = status_of(exc, _call_name("AssignStream", request))
             code = code_name(status)
             self._metrics.errors.labels("AssignStream", code).inc()
+            if isinstance(exc, DeviceLost):
+                # No answer: the stream ends UNAVAILABLE here, and the client sends this
+                # request and those after it to another replica (an answer in the stream
+                # would be this request's error, which a client does not retry).
+                self._finished(call, request, code, started, reason=status.message)
+                raise
             response = pb.AssignResponse(request_id=request.request_id, error=request_error(status))
             if response.ByteSize() > self._limits.max_message_bytes:
                 # The echoed id (a caller's, up to the request's own size) pushes the error

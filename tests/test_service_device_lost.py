@@ -1,0 +1,209 @@
+"""A GPU that fails for good while serving (a CUDA error that stays with the process: an
+illegal address, a device-side assert, an uncorrectable ECC error): the server's callers
+get UNAVAILABLE and retry elsewhere, its health turns NOT_SERVING and ``serve`` stops
+(exit 1), rather than answering INTERNAL for good while its health says SERVING.
+
+On this machine (no GPU) the fault is injected: the batch raises CUDA's words and the
+device probe (``backend.device_fault``) reports the device broken. The last test makes
+the fault real on a GPU, in a process of its own (its CUDA context stays broken)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_service_harness import ServerThread, until
+
+from tritarget.clients import TargetClient, TargetServiceError
+from tritarget.clients.wire import build_request
+from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+from tritarget.service import backend
+from tritarget.service.backend import Batcher
+from tritarget.service.server import ServerOptions, serve
+
+CANVAS = (96, 128)  # the requests'; the warm-up's is 64 x 64 and computes as usual
+BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
+CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+@pytest.fixture
+def broken_gpu(monkeypatch) -> list:
+    """Batches on CANVAS raise CUDA's error and the device probe finds the device broken;
+    returns the list of the batches that ran (their image counts)."""
+    ran = []
+    assign_batch = Batcher._assign
+
+    def failing(self, jobs):
+        if jobs[0].canvas != CANVAS:
+            return assign_batch(self, jobs)
+        ran.append(sum(job.images for job in jobs))
+        raise torch.AcceleratorError(CUDA_FAULT)
+
+    monkeypatch.setattr(Batcher, "_assign", failing)
+    monkeypatch.setattr(backend, "device_fault", lambda device: RuntimeError(f"{CUDA_FAULT}\nmore lines"))
+    return ran
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_a_lost_gpu_answers_unavailable_and_turns_health_not_serving(broken_gpu):
+    gate = threading.Event()
+    srv = ServerThread().start()
+    try:
+        assert _health(srv.address) == health_pb2.HealthCheckResponse.SERVING
+        # Two requests merged into one batch behind a busy worker: the failed batch is not
+        # run again request by request (each would fail the same on a broken context).
+        srv.run(_occupy(srv, gate))
+        errors = []
+
+        def call() -> None:
+            with TargetClient(srv.address, retries=0, timeout=30) as client:
+                try:
+                    client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+                except TargetServiceError as error:
+                    errors.append(error)
+
+        callers = [threading.Thread(target=call) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        until(lambda: srv.metrics.value("tritarget_queued_images") == 2)
+        gate.set()
+        for caller in callers:
+            caller.join(30)
+        assert broken_gpu == [2]
+        assert [e.code for e in errors] == [grpc.StatusCode.UNAVAILABLE] * 2
+        for error in errors:
+            assert "the server's GPU (cpu) failed and cannot recover in this process" in error.details
+            assert f"({CUDA_FAULT})" in error.details and "retry on another replica" in error.details
+        assert srv.server.lost.is_set() and not srv.server.ready.is_set()
+        until(lambda: _health(srv.address) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert srv.metrics.value("tritarget_serving") == 0
+        # Later requests are refused before any compute.
+        with TargetClient(srv.address, retries=0, timeout=30) as client:
+            with pytest.raises(TargetServiceError) as info:
+                client.assign(BOXES, [2], (64, 64), preset="retinanet_torchvision")
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "GPU" in info.value.details
+        assert broken_gpu == [2]
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_a_stream_ends_unavailable_where_its_request_met_the_lost_gpu(broken_gpu):
+    """Not an in-band error (a client does not retry those): the stream ends UNAVAILABLE,
+    and the client sends the unanswered requests to another replica."""
+    with ServerThread() as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.TargetAssignerStub(channel)
+        good = build_request(BOXES, [2], (64, 64), preset="retinanet_torchvision", request_id="before")
+        lost = build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision", request_id="lost")
+        answers = []
+        with pytest.raises(grpc.RpcError) as info:
+            for response in stub.AssignStream(iter([good, lost, good]), timeout=30):
+                answers.append(response)
+        assert [(a.request_id, a.HasField("error")) for a in answers] == [("before", False)]
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the server's GPU (cpu) failed" in info.value.details()
+        assert srv.metrics.value("tritarget_errors_total", {"method": "AssignStream", "code": "UNAVAILABLE"}) == 1
+
+
+def test_serve_stops_when_the_gpu_is_lost(broken_gpu):
+    announced, codes, callers = [], [], []
+
+    def request(port: int) -> None:  # a caller elsewhere: serve's own tasks end as it stops
+        with TargetClient(f"127.0.0.1:{port}", retries=0, timeout=30) as client:
+            try:
+                client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+            except TargetServiceError as error:
+                codes.append(error.code)
+
+    def on_ready(server) -> None:
+        callers.append(threading.Thread(target=request, args=(server.port,)))
+        callers[0].start()
+
+    options = ServerOptions(port=0, backend="reference", warmup_canvas=(64, 64), grace_s=5.0)
+    with pytest.raises(RuntimeError, match=r"^the GPU failed: the server's GPU \(cpu\) failed"):
+        asyncio.run(serve(options, on_ready=on_ready, announce=lambda *a, **k: announced.append(a[0]),
+                          stop_signals=()))  # fmt: skip
+    callers[0].join(30)
+    assert codes == [grpc.StatusCode.UNAVAILABLE]
+    assert any(line.startswith("stopping: the server's GPU (cpu) failed") for line in announced), announced
+
+
+def test_a_failed_batch_on_a_cpu_leaves_the_server_serving(monkeypatch):
+    """The probe finds a CPU always working: a batch that fails there is a bug of that
+    batch (INTERNAL), and the server serves on."""
+    assert backend.device_fault(torch.device("cpu")) is None
+    assign_batch = Batcher._assign
+
+    def failing(self, jobs):
+        if jobs[0].canvas == CANVAS:
+            raise RuntimeError("a bug")
+        return assign_batch(self, jobs)
+
+    monkeypatch.setattr(Batcher, "_assign", failing)
+    with ServerThread() as srv, TargetClient(srv.address, retries=0, timeout=30) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+        assert info.value.code == grpc.StatusCode.INTERNAL
+        assert not srv.server.lost.is_set()
+        assert _health(srv.address) == health_pb2.HealthCheckResponse.SERVING
+        assert client.assign(BOXES, [2], (64, 64), preset="retinanet_torchvision").labels.numel() > 0
+
+
+async def _occupy(srv: ServerThread, gate: threading.Event) -> None:
+    asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+
+# A real fault: a device-side assert (an index out of bounds) breaks the process's CUDA
+# context, then a request comes. Run apart: the broken context stays with its process.
+_REAL_FAULT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import grpc, torch
+    from tritarget.clients.wire import build_request
+    from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
+    from tritarget.service.server import ServerOptions, serve
+
+    async def break_then_request(server):
+        try:
+            torch.zeros(1, device="cuda")[torch.tensor([5], device="cuda")].sum().item()
+        except Exception as exc:
+            print("context broken:", str(exc).splitlines()[0], flush=True)
+        boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            try:
+                await pb_grpc.TargetAssignerStub(channel).Assign(
+                    build_request(boxes, [1], (96, 128), preset="retinanet_torchvision"), timeout=60)
+                print("answered", flush=True)
+            except grpc.aio.AioRpcError as error:
+                print("code:", error.code().name, error.details(), flush=True)
+
+    try:
+        asyncio.run(serve(ServerOptions(port=0, backend="triton", warmup_canvas=(64, 64)),
+                          on_ready=break_then_request, stop_signals=()))
+    except RuntimeError as exc:
+        print("serve:", exc, flush=True)
+        sys.exit(1)
+    """
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_device_side_assert_stops_the_server():
+    done = subprocess.run([sys.executable, "-c", _REAL_FAULT], capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr
+    assert "context broken:" in out, out
+    assert "code: UNAVAILABLE the server's GPU (cuda:0) failed" in out, out
+    assert "serve: the GPU failed:" in out, out
