@@ -55,20 +55,22 @@
 # numbers above are their order) picks some, so that a session's device time splits into
 # calls that each fit: one call of ~8 minutes does not hold them all.
 # Time: GPU_CHECK_BUDGET seconds (default 270: give the device call 300 s) bound the
-# check. The tests get at most 55% of it (300 s) and the bench 20% (100 s); the sweep what
+# check. The tests get at most 58% of it (330 s) and the bench 20% (100 s); the sweep what
 # is left, up to GPU_SWEEP_S (150 s), if that is at least 60 s; each later step (service
-# 90 s twice, anchor scan 60 s) is skipped when it could end past the budget, and says so.
+# 100 s twice, anchor scan 60 s) is skipped when it could end past the budget, and says so.
 # On the H200 (run12, 2026-12-04) the whole suite (1,842 tests on 12 workers, the 5
 # wheel-building ones beside them) took ~185 s and every step ran in 446 s at
 # GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started in ~30 s); the suite
-# has 2,650 tests since 2026-12-06 (83 `gpu`): ~275 s there, scaled by the count. For a
-# session's 15 minutes, two calls:
+# has 2,650 tests since 2026-12-06 (83 `gpu`): ~280-290 s there, scaled by the count. For
+# a session's 15 minutes, two calls (kind nvidia-h200: the issues' goals are stated for it;
+# an H100's numbers are reported as the H100's):
 #   GPU_CHECK_BUDGET=570 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 595)
-# then at once (a warm machine is let go after 30 s idle), where 4 minutes are left, the
-# kernels' Nsight profile (~2-3 minutes):
-#   OUT="$OUT/profile" bash benchmarks/gpu_profile.sh                                       (timeout 210)
-# or the service:
-#   GPU_CHECK_BUDGET=220 GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh (timeout 250)
+# then at once (a warm machine is let go after 30 s idle), with LEFT = status's
+# budget_left_s: the service (issue "The service at GPU scale": its p99 at 2,500 requests/s)
+#   GPU_CHECK_BUDGET=$((LEFT - 60)) GPU_CHECK_STEPS="service service_more" bash benchmarks/gpu_check.sh
+#                                                                                 (timeout LEFT - 30)
+# or the kernels' Nsight profile (ncu writes its report only when it ends: bound it)
+#   GPU_PROFILE_S=$((LEFT - 70)) OUT="$OUT/profile" bash benchmarks/gpu_profile.sh    (timeout LEFT - 30)
 # Exit status: non-zero if the wheels did not install, the service stack does not import
 # (then only the kernels' tests, the bench, the sweep and the anchor scan run: nothing
 # is spent on failures), a test failed, a service step failed or the bench did not finish.
@@ -200,12 +202,15 @@ if ! [[ "$budget" =~ ^[0-9]+$ ]] || ((budget < 120)); then
     echo "gpu_check: GPU_CHECK_BUDGET must be a whole number of seconds, at least 120; got $budget" >&2
     exit 2
 fi
-tests_timeout=$((budget * 55 / 100 < 300 ? budget * 55 / 100 : 300))
+tests_timeout=$((budget * 58 / 100 < 330 ? budget * 58 / 100 : 330))
 bench_timeout=$((budget * 20 / 100 < 100 ? budget * 20 / 100 : 100))
 bench_limit=$((bench_timeout - 20))  # seconds, after which bench_gpu.py starts no new point
 steps_backend=triton  # the anchor scan and the service
 anchor_images="${GPU_ANCHOR_IMAGES:-20000}"
-service_load=(--processes 8 --scale 4)
+# And an open loop at 2,500 8-image requests/s: 80% of the issue's 25k images/s, where it
+# asks for the p99 (the open loop at 80% of the best unary rate runs above that).
+service_load=(--processes 8 --scale 4 --open-rate 2500)
+service_s=100
 if [ "$DRY" = 1 ]; then
     main_cmd+=(tests/test_assign_sparse.py tests/test_protos.py)
     bench_timeout=100
@@ -213,6 +218,7 @@ if [ "$DRY" = 1 ]; then
     steps_backend=cpu
     anchor_images=2000
     service_load=(--processes 1 --scale 1)  # several client processes overload 2 cores
+    service_s=90
 elif [ "$service_stack" = 1 ] || [ -n "${GPU_CHECK_TESTS:-}" ]; then
     read -ra selected <<<"${GPU_CHECK_TESTS:-tests}"
     main_cmd+=("${selected[@]}")
@@ -221,7 +227,10 @@ else  # the test files that need no gRPC
     main_cmd+=("${selected[@]}")
     wheel_tests=()
 fi
-bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit "$bench_limit" ${GPU_CHECK_BENCH_ARGS:-})
+# Not the reference backend's times (no goal rests on them; a quarter of the heavy points'
+# time): GPU_CHECK_BENCH_ARGS="--methods ... reference" adds them back.
+bench_cmd=("$PYTHON" benchmarks/bench_gpu.py --out "$OUT" --time-limit "$bench_limit"
+    --methods triton triton_sparse triton_assign torchvision ${GPU_CHECK_BENCH_ARGS:-})
 [ "$DRY" = 1 ] && bench_cmd+=(--smoke)
 
 tests=skipped wheel=skipped
@@ -300,12 +309,14 @@ fits() {  # fits LIMIT NAME STEP: whether STEP is wanted and a step of at most L
 # took ~55 s in run12, before the inline variants, whose kernels compile on first use),
 # unless GPU_SWEEP=0. Not in a dry run: it needs CUDA.
 # It gets GPU_SWEEP_S (150) or what is left of the budget, if that is 60 s or more: it
-# writes sweep.txt line by line, so a cut sweep keeps what it measured (GPU_SWEEP_ARGS:
-# e.g. --sections graphs,host). Its console (warnings, a traceback) goes to sweep_console.txt.
+# writes sweep.txt line by line, so a cut sweep keeps what it measured (GPU_SWEEP_ARGS,
+# default "--sections host,matching": the host's time per call, which the B = 1 `assign`
+# goal counts, and the untimed kernel variants; "--sections graphs,launches,boundary" the
+# rest). Its console (warnings, a traceback) goes to sweep_console.txt.
 sweep_s=$((budget - SECONDS - 10 < ${GPU_SWEEP_S:-150} ? budget - SECONDS - 10 : ${GPU_SWEEP_S:-150}))
 if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits "$((sweep_s < 60 ? 60 : sweep_s))" sweep sweep; then
     echo "== sweep (at most $sweep_s s) =="
-    timeout -s INT -k 10 "$sweep_s" "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" ${GPU_SWEEP_ARGS:-} 2>&1 |
+    timeout -s INT -k 10 "$sweep_s" "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" ${GPU_SWEEP_ARGS:---sections host,matching} 2>&1 |
         tee "$OUT/sweep_console.txt" | tail -n 60
 fi
 pack
@@ -317,18 +328,20 @@ pack
 # loop decodes and answers every request (2 gave 19.9k images/s against 12.4k with 1,
 # run6; 4 gave 29.5k, run7). GPU_SERVICE_ARGS adds server flags.
 # service_under_load N PORT: that load against N front ends on PORT; its exit status.
+# Its whole console goes to service_workersN.txt as it comes: a step cut by the call's
+# limit keeps the runs that ended (through `tail`, the file was empty until the step ended).
 service_under_load() {
     echo "== service, $1 front-end processes =="
-    timeout -s INT -k 10 90 "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
+    timeout -s INT -k 10 "$service_s" "$PYTHON" benchmarks/bench_loadtest.py --backend "$steps_backend" \
         "${service_load[@]}" --duration 3 --warmup 1 \
         --server-args "--workers $1 --port $2 ${GPU_SERVICE_ARGS:-}" --out "$EXTRAS/loadtest_workers$1" \
-        2>&1 | tail -n 12 | tee "$OUT/service_workers$1.txt"
+        2>&1 | tee "$OUT/service_workers$1.txt" | tail -n 14
     return "${PIPESTATUS[0]}"
 }
 workers="${GPU_SERVICE_WORKERS:-4}"
 [ "$DRY" = 1 ] && workers=2  # 2 cores
 service=skipped
-if fits 90 "service, $workers front ends" service; then
+if fits "$service_s" "service, $workers front ends" service; then
     service_under_load "$workers" 50061
     service=$?
     [ "$service" -eq 0 ] || status=1
@@ -339,7 +352,7 @@ pack
 # and a second server's open loop on 2 busy cores was refused RESOURCE_EXHAUSTED at times).
 more="${GPU_SERVICE_WORKERS_MORE:-8}"
 more_status=skipped
-if [ "$DRY" != 1 ] && fits 90 "service, $more front ends" service_more; then
+if [ "$DRY" != 1 ] && fits "$service_s" "service, $more front ends" service_more; then
     service_under_load "$more" 50062
     more_status=$?
     [ "$more_status" -eq 0 ] || status=1

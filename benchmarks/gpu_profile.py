@@ -7,7 +7,9 @@ and warm up, then once more inside an NVTX range named after the batch (``coco/`
 range holds ``solve`` (the gather and the dense finalize) and, for the COCO-like batch
 alone, ``solve_sparse`` (its gather again, the count and the sparse pass: the sparse
 goal's point), so that ncu replays 9 kernels, not 15, within gpu_profile.sh's timeout.
-Prints each batch's pair count, the work the hardware counters are read against.
+Prints each batch's pair count, the work the hardware counters are read against: the
+pairs the compiled matching's first pass evaluates (``bench_gpu.evaluated_pairs``: the
+gather's blocks times their near boxes, or the pair walk's rectangles).
 
     python benchmarks/gpu_profile.py
 """
@@ -15,6 +17,7 @@ Prints each batch's pair count, the work the hardware counters are read against.
 from __future__ import annotations
 
 import torch
+from bench_gpu import evaluated_pairs
 
 from tritarget.kernels import presets, triton_backend
 from tritarget.kernels.problem import build_problem
@@ -39,9 +42,9 @@ def main() -> None:
             triton_backend.solve_sparse(problem)
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_pop()
-        work = triton_backend.candidate_pairs(problem)
-        print(f"{name}: B = {batch}, {sum(counts)} boxes, {work['evaluated']:,} box-anchor pairs in "
-              f"{work['chunks']:,} chunks per pass", flush=True)  # fmt: skip
+        matching, pairs = evaluated_pairs(problem, gt, counts)
+        print(f"{name}: B = {batch}, {sum(counts)} boxes, {pairs:,} box-anchor pairs evaluated by the {matching}'s "
+              "first pass", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

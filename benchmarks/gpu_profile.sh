@@ -15,7 +15,9 @@
 # alone (--clock-control none, the device README's advice). ncu reads no counters on some
 # machines' runtimes (gVisor); the error is then the result. Writes profile.txt (ncu's
 # log), profile_details.txt (the sections as text) and pairs.ncu-rep under $OUT (default
-# benchmarks/results/gpu_profile).
+# benchmarks/results/gpu_profile). ncu writes its report only when it exits: GPU_PROFILE_S
+# (default 180) bounds it, to be set from the device time left (the call's timeout less
+# ~30 s), so that a short call still ends with a report.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,7 +36,7 @@ if [ -z "$NCU" ]; then
     exit 1
 fi
 cd "$REPO"
-timeout -s INT -k 10 180 "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
+timeout -s INT -k 10 "${GPU_PROFILE_S:-180}" "$NCU" --clock-control none --nvtx --nvtx-include "coco/" --nvtx-include "g200/" \
     --nvtx-include "g1000/" --kernel-name regex:"pairs_kernel|gather_kernel|finalize_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \

@@ -57,6 +57,21 @@ def test_a_started_server_is_serving_with_its_metrics():
         process.wait(30)
 
 
+def test_a_benchmark_server_with_several_front_ends_is_ready_once_each_is():
+    """``serve --workers N`` prints its count, then each front end its SERVING: a load test
+    started at the first sent its first connections to the few that were ready."""
+    lines = ["tritarget serve: 2 front-end process(es) (--workers)\n",
+             "tritarget serving on 127.0.0.1:50061 (plaintext, backend cpu on cpu)\n",
+             "warm-up done: health is SERVING\n",
+             "tritarget serving on 127.0.0.1:50061 (plaintext, backend cpu on cpu)\n",
+             "warm-up done: health is SERVING\n", "never read\n"]  # fmt: skip
+    stream = iter(lines)
+    assert serving.until_ready(stream)[::3] == ("127.0.0.1:50061", True)
+    assert next(stream) == "never read\n"
+    assert serving.until_ready(iter(lines[:3]))[3] is False  # one of two, then the end
+    assert serving.until_ready(iter(lines[1:3]))[3] is True  # one front end: no count printed
+
+
 def test_gpu_ratios_are_the_others_time_over_ours():
     import bench_gpu
 
@@ -83,6 +98,45 @@ def test_gpu_kernel_table_puts_the_sparse_kernels_over_the_dense_ones():
                                     point("triton_sparse", 8, 0.1)], "GPU")  # fmt: skip
     ratios = [line for line in table if "sparse / dense" in line]
     assert len(ratios) == 1 and ratios[0].split()[0] == "1.30x"  # 0.325 over 0.25; none at B = 8 (no dense point)
+
+
+def test_gpu_goal_lines_judge_dense_by_do_bench_and_sparse_and_assign_by_the_wall_clock():
+    import bench_gpu
+
+    coco = bench_gpu.COCO_LABEL
+    rows = [{"workload": coco, "batch": 32, "method": "triton", "median_ms": 0.14, "wall_ms": 0.2},
+            {"workload": coco, "batch": 32, "method": "triton_sparse", "median_ms": 0.09, "wall_ms": 0.11},
+            {"workload": "G=200", "batch": 32, "method": "triton", "median_ms": 0.7},
+            {"workload": coco, "batch": 1, "method": "triton_assign", "median_ms": 0.1, "wall_ms": 0.15}]  # fmt: skip
+    kernels = [
+        {"workload": coco, "batch": 1, "method": "triton", "kernels": [{"ms_per_call": 0.05}, {"ms_per_call": 0.03}]}
+    ]
+    lines = bench_gpu.goal_lines(rows, kernels)
+    verdicts = [line.split("[")[-1].rstrip("]") for line in lines[2:]]
+    assert verdicts == ["target <= 0.15 ms: met", "target <= 0.1 ms: NOT met", "target <= 0.6 ms: NOT met",
+                        "target <= 1 ms", "NOT met"], lines  # fmt: skip
+    assert "not measured" in lines[5] and "solve's kernels 0.080 ms + 60 us = 0.140" in lines[6]
+    rows[-1]["wall_ms"] = 0.13
+    assert bench_gpu.goal_lines(rows, kernels)[-1].endswith("[met]")
+
+
+def test_a_gpu_bench_method_that_fails_is_recorded_and_the_run_goes_on(capsys):
+    """One GPU run is scarce: a kernel variant that fails to compile there costs its row,
+    not every point and table after it."""
+    import argparse
+
+    import bench_gpu
+
+    def broken():
+        raise RuntimeError("PassManager::run failed\n(more)")
+
+    results = {"skipped": []}
+    args = argparse.Namespace(max_slow_seconds=1.5, smoke=True)
+    assert bench_gpu.time_method("triton", broken, args, torch.device("cpu"), results, "w", 8) is None
+    assert results["skipped"] == [{"workload": "w", "batch": 8, "method": "triton",
+                                   "why": "RuntimeError: PassManager::run failed"}]  # fmt: skip
+    row = bench_gpu.time_method("triton_assign", lambda: None, args, torch.device("cpu"), results, "w", 8)
+    assert row["method"] == "triton_assign" and row["wall_calls"] >= 1 and row["wall_ms"] >= 0
 
 
 def test_crowded_images_are_valid_boxes_and_the_gain_is_before_over_now():
