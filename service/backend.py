@@ -283,6 +283,8 @@ def device_fault(device: torch.device) -> BaseException | None:
         with torch.cuda.device(device):
             torch.cuda.synchronize(device)
             torch.ones(1, device=device).add_(1).item()
+    except torch.cuda.OutOfMemoryError:  # full (other batches' memory), not broken
+        return None
     except Exception as exc:
         return exc
     return None
@@ -748,7 +750,10 @@ class Batcher:
 
     def _device_lost(self, error: Exception) -> bool:
         """Whether the device failed for good under ``error`` (a compute worker, or the loop
-        for a batch computed inline): then ``lost`` is set and the server told, once."""
+        for a batch computed inline): then ``lost`` is set and the server told, once. Out of
+        memory is not probed: it is the batch's own failure (``status_of`` answers it)."""
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return False
         fault = device_fault(self.device)
         if fault is None:
             return False

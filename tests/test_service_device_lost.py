@@ -160,6 +160,27 @@ def test_a_failed_batch_on_a_cpu_leaves_the_server_serving(monkeypatch):
         assert client.assign(BOXES, [2], (64, 64), preset="retinanet_torchvision").labels.numel() > 0
 
 
+def test_a_batch_out_of_memory_is_not_taken_for_a_lost_gpu(monkeypatch):
+    """Out of memory is the batch's own failure (RESOURCE_EXHAUSTED, the server serves on):
+    the device is not probed, where a full GPU could fail the probe's allocation too."""
+    probed = []
+    assign_batch = Batcher._assign
+
+    def out_of_memory(self, jobs):
+        if jobs[0].canvas == CANVAS:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return assign_batch(self, jobs)
+
+    monkeypatch.setattr(Batcher, "_assign", out_of_memory)
+    monkeypatch.setattr(backend, "device_fault", lambda device: probed.append(device) or RuntimeError(CUDA_FAULT))
+    with ServerThread() as srv, TargetClient(srv.address, retries=0, timeout=30) as client:
+        with pytest.raises(TargetServiceError) as info:
+            client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert probed == [] and not srv.server.lost.is_set()
+        assert _health(srv.address) == health_pb2.HealthCheckResponse.SERVING
+
+
 async def _occupy(srv: ServerThread, gate: threading.Event) -> None:
     asyncio.ensure_future(srv.server.batcher.run(gate.wait))
 
