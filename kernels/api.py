@@ -82,7 +82,9 @@ def assign(
     Args:
         gt_boxes (Tensor[N, 4] float32): every image's boxes, xyxy canvas pixels,
             image after image (float64 is rounded to float32 first: IoU is float32 on
-            every backend, so an IoU a hair under a threshold in float64 may reach it).
+            every backend, so an IoU a hair under a threshold in float64 may reach it;
+            float16 is widened to float32, where torchvision's and detectron2's coders
+            compute widths in float16 and mmdet's areas overflow past 65,504 px²).
         gt_counts (Tensor[B], numpy array or list of B ints): boxes per image (0 is fine).
         canvas ((int, int)): padded batch (height, width).
         config (TargetConfig): anchors, matching, encoding (``presets.get(name)``).
