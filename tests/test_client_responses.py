@@ -145,6 +145,10 @@ SPARSE = {
         lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, 99)),
         r"positive_matched_gt: a positive of image 0 matches box 99 of its 2",
     ),
+    "matched box one past the image's boxes": (
+        lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, 0, 2)),
+        r"positive_matched_gt: a positive of image 0 matches box 2 of its 2",
+    ),
     "no matched box on a positive": (
         lambda r: _edit(r.sparse.positive_matched_gt, torch.int32, lambda v: _set(v, _image_1_start(r), -1)),
         r"positive_matched_gt: a positive of image 1 matches box -1 of its 1",
@@ -656,3 +660,20 @@ def test_bytes_that_do_not_parse_are_the_same_error_in_both_clients(method):
                 grpc.StatusCode.INTERNAL,
                 "Exception deserializing response!",
             )
+
+
+@pytest.mark.parametrize("sparse_lists", [False, True], ids=["from dense targets", "from sparse lists"])
+def test_a_sparse_response_densifies_its_classes_with_the_configs_background_class(sparse_lists):
+    """Every preset's background class is 0: a config whose is 80 (COCO's classes 0-79) got
+    class 0, a real class, on every anchor that is not positive, were it densified with 0."""
+    from tritarget.kernels import assign_sparse
+
+    config = CONFIG.replace(background_class=80)
+    request = build_request(BOXES, [2, 1], CANVAS, config=config, gt_classes=CLASSES, return_classes=True)
+    targets = assign(BOXES, [2, 1], CANVAS, config, gt_classes=CLASSES, backend="cpu")
+    computed = assign_sparse(BOXES, [2, 1], CANVAS, config, gt_classes=CLASSES, backend="cpu") if sparse_lists \
+        else targets  # fmt: skip
+    got = decode_response(codec.encode_assign(request, computed), request)
+    assert (got.classes[got.labels != 1] == 80).all() and (targets.classes[targets.labels != 1] == 80).all()
+    for name in ("labels", "matched_gt", "classes", "deltas"):
+        assert torch.equal(getattr(got, name), getattr(targets, name)), name

@@ -20,7 +20,7 @@ from test_service_harness import ServerThread, batching
 
 from support import random_batch
 from tritarget.clients.wire import build_request
-from tritarget.kernels import SparseTargets, assign_sparse, presets
+from tritarget.kernels import SparseTargets, Targets, assign_sparse, presets
 from tritarget.kernels.targets import IGNORED, NEGATIVE
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
@@ -120,6 +120,21 @@ def test_sparse_batch_answers_the_same_bytes(batcher, generator, case):
     _assert_same_bytes(batcher, requests, responses)
     for response in responses:
         assert response.sparse.listed_label == IGNORED  # encoded from the lists
+
+
+def test_as_many_ignored_as_negative_anchors_lists_the_ignored_from_either_form():
+    """At a tie over the request, dense targets and sparse lists answer the same bytes: both
+    list the ignored anchors (listing the negatives from one of them reads the same, once
+    decoded, but breaks the same-bytes promise)."""
+    labels = torch.tensor([[1, 0, -1], [-1, 1, 0]], dtype=torch.int8)
+    deltas = torch.zeros(2, 3, 4)
+    deltas[0, 0], deltas[1, 1] = torch.tensor([0.5, -0.25, 0.1, 0.2]), torch.tensor([1.0, 2.0, -1.0, 0.0])
+    targets = Targets(labels=labels, matched_gt=torch.tensor([[0, -1, -1], [-1, 1, -1]], dtype=torch.int32),
+                      deltas=deltas)  # fmt: skip
+    request = pb.AssignRequest(format=pb.FORMAT_SPARSE)
+    dense, sparse = encode_assign(request, targets), encode_assign(request, targets.to_sparse())
+    assert dense.sparse.listed_label == IGNORED and dense.sparse.unlisted_label == NEGATIVE
+    assert dense.SerializeToString() == sparse.SerializeToString()
 
 
 def test_negatives_rarer_than_ignored_falls_back_per_request(batcher, generator):

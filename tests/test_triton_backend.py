@@ -853,6 +853,30 @@ def _matching(monkeypatch, matching: str) -> None:
         monkeypatch.setattr(triton_backend, meta, dataclasses.replace(getattr(triton_backend, meta), matching=matching))
 
 
+@pytest.mark.parametrize("backend, matching", [("reference", None), ("cpu", None), ("triton", "gather"),
+                                                ("triton", "walk")])  # fmt: skip
+@pytest.mark.parametrize("low_quality", ["torchvision", "mmdet"])
+def test_a_box_whose_best_iou_equals_min_pos_iou_lifts_its_best_anchor(backend, matching, low_quality, monkeypatch):
+    """mmdet's ``max_overlaps >= min_pos_iou``: a box whose best IoU is exactly the bound
+    qualifies, one a float32 step under it does not (both lift modes that read it). Only a random search reached the
+    equality before (a mutant of the walk's lift, ``>``, passed every test)."""
+    if matching is not None:
+        _matching(monkeypatch, matching)
+    canvas, box = (64, 64), torch.tensor([[10.0, 12.0, 30.0, 40.0]])
+    config = presets.get("retinanet_torchvision")
+    ious = box_iou(box, generate_anchors(config.anchors, canvas))[0]
+    best = ious.max().item()  # a float32 value, exact as a Python float
+    above = torch.nextafter(torch.tensor(best), torch.tensor(1.0)).item()
+    assert int((ious == best).sum()) == 2  # a tie: every lifted anchor counts
+    for bound, lifted in ((best, True), (above, False)):
+        match = {"match.high": 0.99, "match.low": 0.0, "match.low_quality": low_quality, "match.min_pos_iou": bound}
+        got = assign(box.to(DEVICE) if backend == "triton" else box, [1], canvas, config.replace(**match),
+                     backend=backend)  # fmt: skip
+        expected = (ious == best) & lifted  # every anchor at the box's best (2 here), or none
+        assert torch.equal(got.labels[0].cpu() == 1, expected), (bound, lifted)
+        assert (got.matched_gt[0].cpu()[expected] == 0).all()
+
+
 @pytest.mark.parametrize("solve, matching, inline, mode, boxes_checked, operations",
                          [("solve_sparse", "walk", False, "torchvision", False, 12),
                           ("solve_sparse", "gather", False, "torchvision", False, 7),
