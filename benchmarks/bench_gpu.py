@@ -99,6 +99,9 @@ TARGET_MS = {(COCO_LABEL, 32, "triton"): 0.15, (COCO_LABEL, 32, "triton_sparse")
 TARGET_ASSIGN_OVER_KERNELS_MS = 0.060
 PROFILED_CALLS = 5
 REP_MS = 200  # do_bench's timed span per method and point
+# Of --time-limit, the seconds no new point starts its timings in: the profiling of the
+# points timed (goal points first) gets them at least (about 2 s a point on the H200).
+PROFILE_RESERVE_S = 15
 WALL_CALLS = 200  # the most single calls ``wall_ms`` times
 L2_FLUSH_BYTES = 256 * 2**20  # as do_bench's flush: more than any L2 (H100 50 MB, H200 60 MB)
 PEERS = ("torchvision", "reference")
@@ -120,7 +123,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-slow-seconds", type=float, default=1.5,
                         help="skip torchvision/reference points whose first call takes longer than this")  # fmt: skip
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds after which the remaining (boxes, B) points are skipped")  # fmt: skip
+                        help="seconds after which nothing more runs (no new point's timings starts in the last "
+                             f"{PROFILE_RESERVE_S:g}: the profiling's)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
     parser.add_argument("--pairs", action="store_true",
                         help="CPU: box-anchor pairs the triton kernels evaluate vs pairs with IoU > 0")  # fmt: skip
@@ -322,8 +326,9 @@ def run(args: argparse.Namespace, env: dict, out: Path, results: dict) -> None:
     for boxes_arg, batch in _points_in_order(args.boxes, args.batches):
         fixed = None if boxes_arg == "coco" else int(boxes_arg)
         label = COCO_LABEL if fixed is None else f"G={fixed}"
-        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            print(f"{label:>11} B={batch:<3} skipped: past --time-limit {args.time_limit:g} s")
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit - PROFILE_RESERVE_S:
+            print(f"{label:>11} B={batch:<3} skipped: past --time-limit {args.time_limit:g} s less "
+                  f"{PROFILE_RESERVE_S:g} s kept for profiling")  # fmt: skip
             results["skipped"].append({"workload": label, "batch": batch, "why": "time limit"})
             continue
         boxes, counts, classes = coco_like_batch(batch, seed=batch, canvas=canvas, boxes_per_image=fixed)
@@ -372,13 +377,13 @@ def time_method(name: str, fn: Callable[[], object], args, device: torch.device,
         first, peak = one_call(fn, device)  # also compiles the kernels
         if name in PEERS and first > args.max_slow_seconds and not args.smoke:
             return {"method": name, "median_ms": first * 1e3, "timing": "single call", "peak_extra_bytes": peak}
+        warm, peak = one_call(fn, device)  # without first-use allocations and compiles
         # The peers get at least 5 timed calls (do_bench runs rep / its estimate: 1-3 of
         # torchvision's at G = 200 and 1000, where the goals' ratios rest on them).
-        rep_ms = max(REP_MS, 6e3 * first) if name in PEERS else REP_MS
+        rep_ms = max(REP_MS, 6e3 * warm) if name in PEERS else REP_MS
         times = time_ms(fn, device, rep_ms)
         if name in WALL_TIMED:
             times.update(wall_ms(fn, device))
-        peak = one_call(fn, device)[1]  # warm: without first-use allocations
     except torch.cuda.OutOfMemoryError:
         why = "OOM"
         torch.cuda.empty_cache()

@@ -226,7 +226,9 @@ def main() -> int:
         _in_process(rates, in_process_cpu_ms, "after", args)
     finally:  # what ran is written, also when a later step failed
         _write_results(out, args, machine, rates, in_process_cpu_ms, reports)
-    return 0 if all(report.ok for _, report, _ in reports) else 1
+    # An --open-rate run is a measurement at a load the server may not keep up with: its
+    # refusals are in its row (errors), not a failure of the benchmark.
+    return 0 if all(report.ok for name, report, _ in reports if "(--open-rate" not in name) else 1
 
 
 if __name__ == "__main__":

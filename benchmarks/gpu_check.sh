@@ -314,7 +314,9 @@ fits() {  # fits LIMIT NAME STEP: whether STEP is wanted and a step of at most L
 # goal counts, and the untimed kernel variants; "--sections graphs,launches,boundary" the
 # rest). Its console (warnings, a traceback) goes to sweep_console.txt.
 sweep_s=$((budget - SECONDS - 10 < ${GPU_SWEEP_S:-150} ? budget - SECONDS - 10 : ${GPU_SWEEP_S:-150}))
-if [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits "$((sweep_s < 60 ? 60 : sweep_s))" sweep sweep; then
+if ((sweep_s < 60)) && wanted sweep && [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ]; then
+    echo "== sweep: skipped, $sweep_s s left for it (at least 60) =="
+elif [ "${GPU_SWEEP:-1}" = 1 ] && [ "$DRY" != 1 ] && fits "$sweep_s" sweep sweep; then
     echo "== sweep (at most $sweep_s s) =="
     timeout -s INT -k 10 "$sweep_s" "$PYTHON" benchmarks/gpu_sweep.py --out "$OUT" ${GPU_SWEEP_ARGS:---sections host,matching} 2>&1 |
         tee "$OUT/sweep_console.txt" | tail -n 60

@@ -279,9 +279,9 @@ def device_fault(device: torch.device) -> BaseException | None:
     memory, a bug in one call) leaves it working."""
     if device.type != "cuda":
         return None
-    try:
+    try:  # this thread's stream only: a sticky error shows on any call (another worker's batch runs on)
         with torch.cuda.device(device):
-            torch.cuda.synchronize(device)
+            torch.cuda.current_stream(device).synchronize()
             torch.ones(1, device=device).add_(1).item()
     except torch.cuda.OutOfMemoryError:  # full (other batches' memory), not broken
         return None
@@ -535,17 +535,18 @@ class Batcher:
 
     def _room_freed(self) -> None:
         """Images left the queue: let in the jobs waiting for room that fit, in their
-        order, keeping the room for each (all of them, without room, once closing)."""
-        room, limit = self._room, self.options.max_queue_images
+        order, keeping the room for each (all of them, without room, once closing or once
+        the device is lost: ``_admit`` refuses them then)."""
+        room, limit, ending = self._room, self.options.max_queue_images, self._closed or self.lost is not None
         while room:
             images, waiter = room[0]
-            if not waiter.done() and not self._closed and self.queued_images + images > limit:
+            if not waiter.done() and not ending and self.queued_images + images > limit:
                 return
             room.popleft()
             if not waiter.done():  # else cancelled meanwhile
-                if not self._closed:
+                if not ending:
                     self._reserved += images
-                waiter.set_result(not self._closed)
+                waiter.set_result(not ending)
 
     @property
     def inline_images(self) -> int:
@@ -766,11 +767,14 @@ class Batcher:
             self.lost = DeviceLost(message)
         log.critical("the GPU %s no longer works (%s): every request fails from now on; stopping", self.device,
                      first_line, exc_info=error)  # fmt: skip
-        if self._on_device_lost is not None:
-            try:
+        try:
+            # The stream requests waiting for room in a full queue are refused now, not
+            # once the stop's grace has run out (their streams end with the others').
+            self._loop.call_soon_threadsafe(self._room_freed)
+            if self._on_device_lost is not None:
                 self._loop.call_soon_threadsafe(self._on_device_lost, self.lost)
-            except RuntimeError:  # the loop has closed: the server is gone already
-                pass
+        except RuntimeError:  # the loop has closed: the server is gone already
+            pass
         return True
 
     def _recover(self, jobs: list[AssignJob], error: Exception | None) -> tuple[list[Any], list[int]]:

@@ -369,6 +369,10 @@ class TargetServer:
             self.settled.set()
             return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.lost.is_set():  # ... or while health was set (its NOT_SERVING came first: set it again)
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.settled.set()
+            return
         self.ready.set()
         self.settled.set()
         log.info("warm-up done; serving")

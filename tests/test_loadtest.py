@@ -1428,10 +1428,10 @@ def test_bench_without_an_answered_request_skips_the_open_loop_and_writes_its_re
 def test_bench_runs_an_open_loop_at_each_open_rate_given(monkeypatch, tmp_path):
     """The issue's p99 is at 80% of its 25k images/s goal (2,500 8-image requests/s),
     which the open loop at 80% of the best unary rate measured does not give."""
-    reports = [_bench_report(10) for _ in range(6)]
+    reports = [*(_bench_report(10) for _ in range(5)), _bench_report(0)]  # the server could not keep up there
     bench = _bench(monkeypatch, tmp_path, reports)
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--open-rate", "2500"])
-    assert bench.main() == 0
+    assert bench.main() == 0  # its refusals are its row's errors, not a failed benchmark
     assert not reports  # four closed loops, the open loop at 80%, the one at 2500 requests/s
     runs = [row["run"] for row in csv.DictReader(open(tmp_path / "loadtest.csv"))]
     assert runs[-1] == "unary, open loop at 2500 requests/s (--open-rate: 20,000 images/s)", runs
