@@ -207,6 +207,14 @@ def test_from_tensors_refuses_fractional_sizes_and_repeated_ids():
         kmeans_iou(torch.tensor([[1.0, float("inf")], [2.0, 3.0], [4.0, 5.0]]), 2)
 
 
+def test_fixed_feature_maps_give_the_canvas_they_were_made_for():
+    """The largest canvas whose ``ceil(canvas / stride)`` is every level's feature map:
+    SSD300's 38 x 38 at stride 8 would allow 304, its 3 x 3 at stride 100 only 300."""
+    from tritarget.kernels.anchors import fixed_canvas
+
+    assert fixed_canvas(presets.get("ssd300_torchvision").anchors) == (300, 300)
+
+
 @pytest.mark.parametrize("canvas", [(0.5, 300), (300.7, 300), (True, 300), (300,), None])
 def test_a_fixed_canvas_is_whole_positive_pixels(canvas):
     """(0.5, 300) passed the check and was cut to (0, 300), refused later by the kernels
@@ -353,6 +361,12 @@ def test_kmeans_iou_finds_separated_shapes(generator):
     assert torch.equal(centres, kmeans_iou(wh, 3, seed=1))
     with pytest.raises(ValueError, match="k <= 150"):
         kmeans_iou(wh, 151)
+
+
+def test_kmeans_iou_returns_its_centres_smallest_area_first():
+    wh = torch.tensor([[100.0, 100.0]] * 10 + [[10.0, 40.0]] * 10 + [[40.0, 10.5]] * 10)
+    centres = kmeans_iou(wh, 3, seed=0)
+    assert (centres[:, 0] * centres[:, 1]).tolist() == [400.0, 420.0, 10000.0]
 
 
 def test_kmeans_iou_never_repeats_a_centre():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from support import random_batch
-from tritarget.kernels import SparseTargets, Targets, assign, assign_sparse, presets
+from tritarget.kernels import SparseTargets, TargetConfig, Targets, assign, assign_sparse, presets
+from tritarget.kernels.config import MatchConfig
 
 CANVAS = (96, 128)
 
@@ -27,6 +28,22 @@ def _equal_sparse(a, b):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
     assert a.num_anchors == b.num_anchors
     assert [d.tolist() for d in a.dropped] == [d.tolist() for d in b.dropped]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_block_whose_best_iou_is_exactly_low_lists_its_ignored_anchor(backend):
+    """The sparse pass skips a block of anchors whose best IoU is under the floor (low,
+    here): at exactly low the anchor is ignored, not negative, and its block is listed
+    (a mutant of the C kernel's block test, ``>`` for ``>=``, passed every test)."""
+    config = TargetConfig(anchors=presets.get("retinanet_torchvision").anchors,
+                          match=MatchConfig(high=0.7, low=0.5, low_quality="none"))  # fmt: skip
+    anchors = torch.tensor([[200.0, 200.0, 210.0, 210.0]]).repeat(128, 1)  # blocks of 64: all far from the box
+    anchors[0] = torch.tensor([0.0, 0.0, 10.0, 10.0])  # IoU 50 / 100: exactly low, ignored
+    anchors[64] = torch.tensor([0.0, 0.0, 10.0, 6.0])  # IoU 50 / 60: positive, in the other block
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 5.0]], device=device)
+    sparse = assign_sparse(boxes, [1], (256, 256), config, anchors=anchors.to(device), backend=backend)
+    assert (sparse.ignored_anchors.tolist(), sparse.positive_anchors.tolist()) == ([0], [64])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -193,6 +193,18 @@ def test_a_stream_draws_each_fresh_seed_where_torch_manual_seed_orders_it(server
         assert all(torch.equal(a, b) for a, b in zip(sampled, first[1]))
 
 
+def test_each_epochs_stream_samples_anew_after_one_manual_seed(server):
+    """One ``torch.manual_seed`` at the start of training: the next epoch's stream samples
+    other anchors for the same images (a stream whose seeds started from a fixed one
+    sampled the same anchors every epoch: the repeated run's test could not see it)."""
+    torch.manual_seed(123)
+    with TargetClient(server.address) as client:
+        epochs = [[assigned.labels for _, _, assigned in with_targets(_batches(1), preset="fasterrcnn_rpn_torchvision",
+                                                                      client=client)]
+                  for _ in range(2)]  # fmt: skip
+    assert not torch.equal(epochs[0][0], epochs[1][0])
+
+
 def test_with_targets_names_dataset_images_in_errors_and_answers_what_came_before():
     """A bad batch raises after the batches before it, naming the dataset's image id, with
     a client as in-process; so does a loader that fails while being read."""
