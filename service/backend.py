@@ -767,6 +767,8 @@ class Batcher:
             self.lost = DeviceLost(message)
         log.critical("the GPU %s no longer works (%s): every request fails from now on; stopping", self.device,
                      first_line, exc_info=error)  # fmt: skip
+        if self._loop is None:  # never started (batches run by hand): nobody to tell
+            return True
         try:
             # The stream requests waiting for room in a full queue are refused now, not
             # once the stop's grace has run out (their streams end with the others').
