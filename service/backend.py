@@ -230,6 +230,8 @@ def load_backend(name: str, gpu_wait: str | None = None) -> tuple[str, torch.dev
         assign(torch.zeros(0, 4, device=device), [0], (32, 32), presets.get("retinanet_torchvision"), backend=concrete)
     except Exception as exc:  # missing module, compiler, driver: say which backend and why
         raise ValueError(f"backend {concrete!r} (from {name!r}) cannot run here: {exc}") from exc
+    if device.type == "cuda":  # named with its index in what the server prints and logs (a machine has several)
+        device = torch.device("cuda", torch.cuda.current_device())
     return concrete, device
 
 
@@ -800,7 +802,9 @@ class Batcher:
         elif good:
             try:  # the good jobs, merged again
                 parts = _split(self._assign([jobs[i] for i in good]), [jobs[i].images for i in good])
-            except Exception:
+            except Exception as exc:
+                if self._device_lost(exc):  # every job would fail alone the same way
+                    return [self.lost if i in good else results[i] for i in range(len(jobs))], []
                 log.exception("batched assign failed; running its %d requests one by one", len(good))
                 parts = [self._assign_or_error(jobs[i]) for i in good]
         else:

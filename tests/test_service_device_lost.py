@@ -147,6 +147,19 @@ def test_stream_requests_waiting_for_room_are_refused_once_the_gpu_is_lost(broke
     assert (parked, pending, errors) == (3, 0, ["DeviceLost"] * 4)
 
 
+def test_a_lost_gpu_found_after_a_bad_request_is_set_apart_is_not_retried_request_by_request(broken_gpu):
+    """A batch with a request whose rows do not add up runs its good requests merged
+    again: where that batch finds the GPU lost, they get DeviceLost at once (each run
+    alone would fail the same, and answer INTERNAL), the bad one its own error."""
+    batcher = Batcher("reference", BatchOptions())  # not started: batches run by hand
+    good = AssignJob(CONFIG, CANVAS, BOXES, [2])
+    bad = AssignJob(CONFIG, CANVAS, BOXES, [3])  # two boxes counted as three
+    results = batcher._compute([good, bad, good])
+    assert [type(result).__name__ for result in results] == ["DeviceLost", "InvalidInput", "DeviceLost"]
+    assert broken_gpu == [2]  # the two good images merged, not run again one by one
+    assert batcher.lost is results[0]
+
+
 def test_serve_stops_when_the_gpu_is_lost(broken_gpu):
     announced, codes, callers = [], [], []
 
@@ -262,5 +275,5 @@ def test_a_real_device_side_assert_stops_the_server():
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     assert "context broken:" in out, out
-    assert "code: UNAVAILABLE the server's GPU (cuda" in out, out
+    assert "code: UNAVAILABLE the server's GPU (cuda:0)" in out, out  # named with its index
     assert "serve: the GPU failed:" in out, out
