@@ -1377,11 +1377,15 @@ class AsyncTargetClient(_Base):
     def _reset(self) -> None:
         # Channels open at a fork() crash or hang the child when it uses gRPC: refused there,
         # and kept (freed, they crashed the child at once).
-        owner = getattr(self, "_owner", None)
-        self._forked_open = owner is not None and owner[0] != os.getpid()
+        owner, other_loops = getattr(self, "_owner", None), getattr(self, "_other_loops", {})
+        self._forked_open = (owner is not None and owner[0] != os.getpid()) or bool(other_loops)
         if self._forked_open:
-            _INHERITED.append((self._channels, self._stubs))
+            _INHERITED.append((self._channels, self._stubs, other_loops))
         super()._reset()
+        # The channels of event loops running in other threads, by loop: a client shared by
+        # threads that each run a loop keeps one set per loop, where swapping them opened a
+        # new connection for nearly every call (59 for 60 calls from two loops).
+        self._other_loops: dict[asyncio.AbstractEventLoop, tuple[list, list, list[float]]] = {}
 
     def _open_all(self) -> None:
         if self._forked_open:
@@ -1390,13 +1394,34 @@ class AsyncTargetClient(_Base):
                 "asyncio channels do not survive fork() (the child crashes or hangs): start workers with spawn or "
                 "forkserver, close the client before forking, or open a client in the child"
             )
-        if self._owner is not None and self._owner != self._current_owner():
-            # An earlier event loop's channels (a finished asyncio.run()) let go before new
-            # ones open: while any of its asyncio channels lives, gRPC keeps every event
-            # loop that ran one of its calls, so replaced one at a time they kept each
-            # finished loop (3 KB a run, without end: 280 MB over 100k runs).
-            self._channels, self._stubs = [], []
+        self._switch_to(self._current_owner())
         super()._open_all()
+
+    def _switch_to(self, owner: Any) -> None:
+        """Under the lock: the channels of ``owner``'s event loop made the current ones (none
+        where it has none: ``_owner`` None), those of another loop still running kept aside."""
+        if self._owner == owner:
+            return
+        if self._owner is not None and self._owner[1].is_running():  # another thread's loop: kept for its calls
+            self._other_loops[self._owner[1]] = (self._channels, self._stubs, self._failed_at)
+        # An earlier event loop's channels (a finished asyncio.run()) let go before new
+        # ones open: while any of its asyncio channels lives, gRPC keeps every event
+        # loop that ran one of its calls, so replaced one at a time they kept each
+        # finished loop (3 KB a run, without end: 280 MB over 100k runs).
+        self._other_loops = {loop: kept for loop, kept in self._other_loops.items() if loop.is_running()}
+        kept = self._other_loops.pop(owner[1], None)
+        if kept is None:
+            self._channels, self._stubs, self._owner = [], [], None
+        else:
+            (self._channels, self._stubs, self._failed_at), self._owner = kept, owner
+
+    def _closing(self) -> list:
+        """For ``close()``: this event loop's channels, forgotten here under the lock."""
+        with self._lock:
+            self._switch_to(self._current_owner())
+            channels, self._channels, self._stubs, self._owner = self._channels, [], [], None
+            self._closes += 1
+        return channels
 
     def _open(self, target: str) -> grpc.aio.Channel:
         if self._tls:
@@ -1410,7 +1435,9 @@ class AsyncTargetClient(_Base):
         return os.getpid(), asyncio.get_running_loop()
 
     async def close(self) -> None:
-        """See ``TargetClient.close``."""
+        """See ``TargetClient.close``. Closes the channels of the event loop it runs on; a
+        client shared by loops running in other threads keeps theirs (each loop's own
+        ``close()`` closes them; a loop that has ended lets them go)."""
         for channel in self._closing():
             await channel.close()
 

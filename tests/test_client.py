@@ -1047,6 +1047,50 @@ def test_an_async_client_serves_one_event_loop_after_another(two_servers):
     assert torch.equal(asyncio.run(call()), asyncio.run(call()))
 
 
+def test_an_async_client_shared_by_event_loops_running_at_once_keeps_a_channel_for_each(two_servers, monkeypatch):
+    """Threads that each run an event loop, one client: each loop keeps its own channel
+    and closes it. Swapped at every change of loop, a call on one loop let the other's
+    channel go, unclosed, and opened a new connection: 59 for 60 alternating calls."""
+    a, _ = two_servers
+    client = AsyncTargetClient(a.address)
+    opened, closed = [], []
+    open_channel = client._open
+
+    def recorded(target):
+        channel = open_channel(target)
+        close = channel.close
+        channel.close = lambda *args: closed.append(channel) or close(*args)
+        opened.append(channel)
+        return channel
+
+    monkeypatch.setattr(client, "_open", recorded)
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]  # the loops take turns, call by call
+    labels, failures = [[], []], []
+
+    def run(me: int) -> None:
+        async def calls() -> None:
+            for _ in range(5):
+                turns[me].acquire()  # holds this loop while the other one calls
+                labels[me].append((await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")).labels)
+                turns[1 - me].release()
+            await client.close()
+
+        try:
+            asyncio.run(calls())
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == [] and [len(mine) for mine in labels] == [5, 5]
+    assert all(torch.equal(label, labels[0][0]) for label in labels[0] + labels[1])
+    assert len(opened) == 2 and closed == opened  # one per loop, each closed by its loop
+    assert client._other_loops == {}
+
+
 _LOOPS_KEPT = """
 import asyncio, gc, sys, weakref
 import torch
