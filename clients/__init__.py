@@ -2,7 +2,8 @@
 
 ``TargetClient`` (blocking) and ``AsyncTargetClient`` (asyncio) return the same
 ``Targets`` as the in-process ``tritarget.kernels.assign``; failures raise
-``TargetServiceError``. They need only grpc, protobuf and torch (not the backends).
+``TargetServiceError``. They need grpcio (with its health and status modules), protobuf,
+numpy and torch, not the backends' compilers.
 
 The tools users run beside them sit here too: ``loadtest`` (``tritarget loadtest``) and
 ``anchor_design`` (``tritarget anchors``), which runs the backends in-process. They are

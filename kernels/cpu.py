@@ -17,12 +17,12 @@ and helper threads the library keeps between calls), in two passes:
 keeps each chunk's positives and ignored anchors as rows and copies them, in ascending
 anchor order, into outputs sized by its counts (two calls: solve and count, then emit).
 
-Skipping: each block of 64 anchors has bounds (bounding box, area range), computed once
-per anchor set and cached here. A box that misses a block has IoU exactly 0 there; a box
-whose IoU there is provably below both thresholds and below its best IoU found so far
-changes no label there. Either way the block is neither read nor computed for that box:
-this is what makes crowded images cheap, and what lets a sparse solve of a COCO-like
-image read a small fraction of the anchors.
+Skipping: each block of 64 anchors has bounds (bounding box, area range), cached here per
+generated anchor set (explicit anchors' are computed on each call). A box that misses a
+block has IoU exactly 0 there; a box whose IoU there is provably below both thresholds
+and below its best IoU found so far changes no label there. Either way the block is
+neither read nor computed for that box: this is what makes crowded images cheap, and
+what lets a sparse solve of a COCO-like image read a small fraction of the anchors.
 
 Memory beyond the outputs: box maxima (8 bytes per box and thread, 4 shared), ~50 bytes
 per (image, chunk of 512 anchors), ~20 KiB of stack per thread, the sparse rows (8 bytes

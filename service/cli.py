@@ -134,6 +134,7 @@ def _server_options(args: argparse.Namespace):
         token=_server_token(args),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        warmup_preset=args.warmup_preset,
         warmup_canvas=tuple(args.warmup_canvas),
         grace_s=args.grace,
         max_streams_per_connection=args.max_streams_per_connection,
@@ -592,7 +593,7 @@ async def _on_a_daemon_thread(function: Callable[[], Any]) -> Any:
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
-    from tritarget.kernels import BACKENDS
+    from tritarget.kernels import BACKENDS, presets
 
     from .gpu_wait import GPU_WAITS
 
@@ -642,6 +643,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     token.add_argument("--token-file", help="read the bearer token from a file")
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument("--warmup-preset", default="retinanet_torchvision", choices=presets.names(),
+                        help="preset of the warm-up batch run before health is SERVING: the traffic's builds its "
+                             "anchors before the first request does (default retinanet_torchvision)")  # fmt: skip
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0,

@@ -157,8 +157,8 @@ def hold_port(host: str, port: int) -> list[socket.socket]:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """The server's settings: what ``tritarget serve``'s flags set, and the warm-up batch
-    (set from code only; reflection is always on, for grpcurl and other languages' clients).
+    """The server's settings: what ``tritarget serve``'s flags set (reflection is always on,
+    for grpcurl and other languages' clients).
 
     token: bearer token every call must carry (None: no auth).
     tls_cert, tls_key: PEM server certificate chain and key (None: plaintext).
@@ -442,9 +442,6 @@ class TargetServer:
         if not stopping.done():
             log.warning("a call's connection still holds gRPC's stop (a client that reads nothing): not waited for")
         return stopping.done()
-
-    async def wait_for_termination(self) -> None:
-        await self.grpc.wait_for_termination()
 
 
 # A stop signal this soon after the first is the same stop reaching the process twice: a

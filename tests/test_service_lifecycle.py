@@ -25,7 +25,7 @@ from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
 from tritarget.protos import target_assigner_pb2 as pb
-from tritarget.service.backend import BatchOptions
+from tritarget.service.backend import Batcher, BatchOptions
 from tritarget.service.cli import (
     _demo_address,
     _server_options,
@@ -1263,17 +1263,38 @@ def test_the_server_options_are_the_flags():
     """Each server flag reaches the server's options, in the server's units (MiB as bytes,
     milliseconds as seconds); without flags the server is on 127.0.0.1:50051."""
     argv = ["serve", "--port", "0", "--max-message-mb", "3", "--max-request-images", "7", "--max-request-boxes", "9",
-            "--max-queue-delay-ms", "250", "--compute-workers", "3", "--warmup-canvas", "64", "96", "--grace", "2.5",
+            "--max-queue-delay-ms", "250", "--compute-workers", "3", "--warmup-preset", "yolov5", "--warmup-canvas",
+            "64", "96", "--grace", "2.5",
             "--connection-idle-s", "30", "--connection-age-s", "60", "--no-access-log", "--metrics-port", "0",
             "--metrics-host", "::1"]  # fmt: skip
     options = _server_options(build_parser().parse_args(argv))
     assert (options.limits.max_message_bytes, options.limits.max_images, options.limits.max_boxes) == (3 << 20, 7, 9)
     assert (options.batching.max_queue_delay_s, options.batching.compute_workers) == (0.25, 3)
-    assert (options.warmup_canvas, options.grace_s, options.access_log) == ((64, 96), 2.5, False)
+    assert (options.warmup_preset, options.warmup_canvas, options.grace_s, options.access_log) == (
+        "yolov5",
+        (64, 96),
+        2.5,
+        False,
+    )
     assert (options.connection_idle_s, options.connection_age_s) == (30.0, 60.0)
     assert (options.metrics_port, options.metrics_host) == (0, "::1")
     defaults = _server_options(build_parser().parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.metrics_port) == ("127.0.0.1", 50051, None) and defaults.access_log
+    assert (defaults.warmup_preset, defaults.warmup_canvas) == ("retinanet_torchvision", (800, 1344))
+
+
+def test_the_warm_up_batch_is_the_options_preset_on_their_canvas(monkeypatch):
+    warmed = []
+    warm_up = Batcher.warm_up
+
+    async def recorded(self, job):
+        warmed.append((job.config, job.canvas))
+        return await warm_up(self, job)
+
+    monkeypatch.setattr(Batcher, "warm_up", recorded)
+    with ServerThread(warmup_preset="yolov5", warmup_canvas=(64, 96)):
+        pass
+    assert warmed == [(presets.get("yolov5"), (64, 96))]
 
 
 def test_a_token_file_s_trailing_newline_is_no_part_of_the_token(tmp_path):
