@@ -79,7 +79,7 @@ import torch  # noqa: E402
 from recording import cpu_model, pyplot, save_figure, write_csv, write_json, write_text  # noqa: E402
 from torchvision_peer import load as load_torchvision  # noqa: E402
 
-from tritarget.kernels import assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
+from tritarget.kernels import Targets, assign, box_iou, generate_anchors, presets, reference, triton_backend  # noqa: E402
 from tritarget.kernels.boxes import box_area  # noqa: E402
 from tritarget.kernels.problem import build_problem  # noqa: E402
 from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch  # noqa: E402
@@ -272,7 +272,7 @@ def torchvision_targets(boxes, counts, classes, anchors):
 
 def bytes_written(batch: int, num_anchors: int) -> int:
     """Dense outputs of the triton backend: labels int8, matched int32, deltas 4 float32, classes int32."""
-    return batch * num_anchors * (1 + 4 + 16 + 4)
+    return batch * num_anchors * Targets.bytes_per_anchor(classes=True, max_iou=False)
 
 
 def methods_for(problem, boxes, counts, classes, canvas, have_torchvision) -> dict[str, Callable[[], object]]:

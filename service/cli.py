@@ -38,6 +38,7 @@ from typing import Any
 
 from .arguments import batch_seed, integer, number, target_address, timeout_seconds
 from .output import exit_status, while_read
+from .stop_signals import STOP_SIGNALS
 
 __all__ = ["main"]
 
@@ -280,9 +281,10 @@ def front_ends(workers: int | None, port: int, cores: int) -> int:
     """Server processes for ``serve``: ``workers`` when given, else one per 4 cores, at
     most 4, when the port is fixed (processes share a port only by its number).
 
-    One Python front end decodes, batches and encodes ~1,500-1,850 8-image requests/s,
-    whatever computes them: on a 16-core H200 machine 1 / 2 / 4 front ends served 12.4k /
-    19.9k / 29.5k images/s (README, "On a GPU"); each costs a CUDA context or its share
+    One Python front end decodes, batches and encodes ~1,000-1,800 8-image requests/s,
+    whatever computes them: on a 16-core H200 machine 1 / 2 / 4 front ends served 9.1k /
+    19.9k / 30.0k images/s to 64 unary callers (run7, run6, run9; README, "On a GPU",
+    whose table has the streams' and later runs' figures); each costs a CUDA context or its share
     of the cores' torch threads. Eight served 10-43% more than four in the two runs that
     had both (run10, run12: 26.3k against 18.4k, 31.5k against 28.7k), with front ends
     whose workers spun while waiting for the GPU; the default stays 4 until a run with
@@ -385,7 +387,7 @@ def _run_workers(options, workers: int, cores: int, held) -> int:
     # A stop signal that comes while the workers start is held (in the parent until every
     # worker exists, in each worker until its event loop handles it), not lost in logging's
     # after-fork hook nor taken by a worker's default action (killed: read as a failure).
-    stops = set(_STOP_SIGNALS)
+    stops = set(STOP_SIGNALS)
     for stop_signal in stops:
         signal.signal(stop_signal, forward)
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
@@ -467,6 +469,8 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
     from tritarget.kernels import presets
     from tritarget.kernels.workload import coco_like_batch, default_canvas
 
+    from .codec import dense_response_bytes
+
     canvas = default_canvas(presets.get(preset))
     _check_demo_batch(batch, presets.get(preset), canvas)
     boxes, counts, classes = coco_like_batch(batch, seed=seed, canvas=canvas)
@@ -476,7 +480,7 @@ def send_demo_request(target: str, *, preset: str, batch: int, seed: int, token=
         response = client.assign_raw(request)
         elapsed = time.perf_counter() - start
     targets = decode_response(response, request)
-    dense_bytes = targets.num_anchors * batch * (1 + 4 + 16 + 4)
+    dense_bytes = dense_response_bytes(batch, targets.num_anchors, request, targets.background_class)
     print(f"demo request to {target}: {batch} COCO-like images ({sum(counts)} boxes), preset {preset}, "
           f"{targets.num_anchors:,} anchors per image on a {canvas[0]}x{canvas[1]} canvas")  # fmt: skip
     print(f"{'image':>5} {'boxes':>5} {'positive':>9} {'negative':>9} {'ignored':>9}")
@@ -795,17 +799,13 @@ def entry() -> None:
             sys.stderr.flush()
         os._exit(code)
 
-    for stop_signal in _STOP_SIGNALS:
+    for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, exit_now)
     sys.exit(status)
 
 
-# server.STOP_SIGNALS (not imported here: the server's imports would cost every command).
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 def _ignore_stop_signals() -> None:
-    for stop_signal in _STOP_SIGNALS:
+    for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 

@@ -42,6 +42,7 @@ from .health import Health
 from .metrics import Metrics
 from .output import while_read
 from .servicer import TargetAssignerServicer, add_to_server, add_unknown_method_handler
+from .stop_signals import STOP_SIGNALS
 
 __all__ = ["ServerOptions", "TargetServer", "create_server", "serve", "host_port", "hold_port", "SERVICE_NAME"]
 
@@ -82,11 +83,6 @@ _ABSENT = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 # Time a connection past ServerOptions.connection_age_s gets for its calls in flight: a
 # DENSE batch takes seconds; a caller that reads nothing is let go after it.
 _CONNECTION_AGE_GRACE_S = 60.0
-
-# The signals that stop a server gracefully (its drain; a second one cuts it short):
-# SIGHUP too, which a closed terminal or ssh session sends and which killed the server
-# without a drain (exit 129), its calls in flight cut off.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 _INT32_MAX = 2**31 - 1  # gRPC's channel options are C ints

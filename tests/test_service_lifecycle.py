@@ -24,6 +24,7 @@ from support import closed_pipe, without_stdout
 from tritarget.clients import TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.kernels import assign, presets
+from tritarget.kernels.workload import coco_like_batch
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import Batcher, BatchOptions
 from tritarget.service.cli import (
@@ -293,12 +294,20 @@ def test_cli_up_prints_a_summary_and_keeps_serving():
         assert len(rows) == 3
         for _, _, pos, neg, ign in rows:
             assert sum(int(v.replace(",", "")) for v in (pos, neg, ign)) == 201_600
-        assert "SPARSE response" in out
+        sparse_bytes, dense_bytes = re.search(
+            r"SPARSE response ([\d,]+) bytes \(DENSE would be ([\d,]+),", out
+        ).groups()
         port = int(match.group(1))
         assert process.poll() is None
         assert re.search(r"tritarget\.access.*Assign id='.*' images=3 boxes=\d+ OK", out), out  # the demo's call
         with TargetClient(f"127.0.0.1:{port}") as client:
             assert len(client.list_presets()) == len(presets.names())
+            # The demo's sizes are those of its batch's responses on the wire, SPARSE and DENSE.
+            boxes, counts, classes = coco_like_batch(3, seed=0, canvas=(800, 1344))
+            for form, size in (("sparse", sparse_bytes), ("dense", dense_bytes)):
+                request = build_request(boxes, counts, (800, 1344), preset="retinanet_torchvision",
+                                        gt_classes=classes, format=form)  # fmt: skip
+                assert client.assign_raw(request).ByteSize() == int(size.replace(",", ""))
         read_until(process, r"ListPresets id='' images=0 boxes=0 OK", timeout=30)  # `--no-access-log` turns it off
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
