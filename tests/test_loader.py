@@ -158,15 +158,19 @@ def test_with_targets_stops_early_every_epoch_of_a_persistent_worker_loader(serv
     loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
                                          collate_fn=lambda indices: _collate([_slowly(i) for i in indices]),
                                          multiprocessing_context="fork")  # fmt: skip
-    with TargetClient(server.address) as client:
-        for epoch in range(4):
-            seen = []
-            for _images, targets, assigned in with_targets(loader, preset=PRESET, client=client, in_flight=3):
-                _same(assigned, _expected(targets))
-                seen.append([t["image_id"] for t in targets])
-                if epoch < 3 and len(seen) == 2:
-                    break
-            assert seen == [[1000, 1001], [1002, 1003]] if epoch < 3 else len(seen) == 4
+    try:
+        with TargetClient(server.address) as client:
+            for epoch in range(4):
+                seen = []
+                for _images, targets, assigned in with_targets(loader, preset=PRESET, client=client, in_flight=3):
+                    _same(assigned, _expected(targets))
+                    seen.append([t["image_id"] for t in targets])
+                    if epoch < 3 and len(seen) == 2:
+                        break
+                assert seen == [[1000, 1001], [1002, 1003]] if epoch < 3 else len(seen) == 4
+    finally:  # its persistent worker would live on until a garbage collection, into later tests
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
 
 
 def test_a_stream_draws_each_fresh_seed_where_torch_manual_seed_orders_it(server):

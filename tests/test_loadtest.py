@@ -805,9 +805,17 @@ def test_the_clients_reports_never_wait_for_a_reader_that_stopped():
     assert not sending.is_alive() and isinstance(failed[0], BrokenPipeError)
 
 
+def _children_since(before: set) -> list:
+    """This test's child processes: another test's may outlive it (a DataLoader's
+    persistent workers live until a garbage collection), which a check or a kill of
+    every child would take for the load test's."""
+    return [child for child in multiprocessing.active_children() if child not in before]
+
+
 def test_ctrl_c_with_client_processes_keeps_every_process_measurements():
+    before = set(multiprocessing.active_children())
     with _echo_server(peers=2) as (address, loading, answered):
-        pressing = _ctrl_c_when(loading, multiprocessing.active_children)
+        pressing = _ctrl_c_when(loading, lambda: _children_since(before))
         try:
             report = run(LoadTestOptions(targets=(address,), workload=TINY, duration_s=60, warmup_s=0, concurrency=2,
                                          processes=2))  # fmt: skip
@@ -818,7 +826,7 @@ def test_ctrl_c_with_client_processes_keeps_every_process_measurements():
     assert report.interrupted and not report.worker_failures and not report.errors, report.table()
     # Both processes' answers, but for the one call each may have had in flight.
     assert answered[0] - 2 <= report.requests <= answered[0], (answered, report.requests)
-    assert not multiprocessing.active_children()
+    assert not _children_since(before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -840,12 +848,13 @@ class _FailsInOneProcess(Workload):
 
 def test_a_client_process_that_fails_stops_the_others(tmp_path):
     workload = _FailsInOneProcess(canvas=(64, 64), images=1, variants=2, marker=str(tmp_path / "failed"))
+    before = set(multiprocessing.active_children())
     with _echo_server() as (address, _, _):
         started = time.monotonic()
         report = run(LoadTestOptions(targets=(address,), workload=workload, duration_s=60, warmup_s=0, concurrency=2,
                                      processes=2))  # fmt: skip
     assert time.monotonic() - started < 50  # the other process did not load the server to the end
-    assert not multiprocessing.active_children()
+    assert not _children_since(before)
     assert len(report.worker_failures) == 1 and "fails on purpose" in report.worker_failures[0]
     assert not report.ok and "client process failed" in report.table()
 
@@ -855,6 +864,7 @@ def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
     past its end and then dropped every other process's measurements. It stops the others
     (they ran their whole window: the check came only when no progress came, and the
     others' came every half second)."""
+    before = set(multiprocessing.active_children())
     with _echo_server(peers=2) as (address, loading, _):
         options = LoadTestOptions(targets=(address,), workload=Workload(canvas=(64, 64), images=1, variants=2),
                                   duration_s=20.0, warmup_s=0.0, concurrency=2, processes=2)  # fmt: skip
@@ -864,7 +874,7 @@ def test_a_killed_client_process_is_a_failure_and_the_others_results_are_kept():
         runner.start()
         assert loading.wait(30)  # both processes are loading the server
         time.sleep(1.0)
-        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        os.kill(_children_since(before)[0].pid, signal.SIGKILL)
         runner.join(60)
     assert time.monotonic() - started < 30
     (report,) = reports
@@ -879,6 +889,7 @@ def test_a_client_process_that_never_ends_is_killed_at_the_end_of_the_run(monkey
     processes ignore SIGTERM, multiprocessing's exit (terminate, then join every child)
     waited for it for ever."""
     monkeypatch.setattr(loadtest, "_FINISH_SLACK_S", 0.5)
+    before = set(multiprocessing.active_children())
     with _echo_server(peers=2) as (address, loading, _):
         options = LoadTestOptions(targets=(address,), workload=Workload(canvas=(64, 64), images=1, variants=2),
                                   duration_s=1.0, warmup_s=0.0, timeout_s=1.0, concurrency=2, processes=2)  # fmt: skip
@@ -886,7 +897,7 @@ def test_a_client_process_that_never_ends_is_killed_at_the_end_of_the_run(monkey
         runner = threading.Thread(target=lambda: errors.extend(_raised(run, options)))
         runner.start()
         assert loading.wait(30)
-        stopped = multiprocessing.active_children()[0]
+        stopped = _children_since(before)[0]
         os.kill(stopped.pid, signal.SIGSTOP)
         try:
             runner.join(30)
@@ -897,7 +908,7 @@ def test_a_client_process_that_never_ends_is_killed_at_the_end_of_the_run(monkey
                 os.kill(stopped.pid, signal.SIGKILL)
     (error,) = errors
     assert "load test workers did not finish" in str(error)
-    assert not multiprocessing.active_children()
+    assert not _children_since(before)
 
 
 def _raised(function, *args) -> list[Exception]:
