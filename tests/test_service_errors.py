@@ -349,11 +349,11 @@ def test_millions_of_counts_or_dimensions_are_refused_by_their_length(field, err
         request.gt_boxes.shape.extend([1] * 5_000_000)
     else:
         getattr(request, field).extend([0] * 5_000_000)
-    started = time.process_time()
+    started = time.thread_time()
     with pytest.raises(error) as info:
         codec.decode_assign(request, codec.Limits())
     assert str(info.value).startswith(text)
-    assert time.process_time() - started < 0.05
+    assert time.thread_time() - started < 0.05
 
 
 @pytest.mark.parametrize(
@@ -372,11 +372,11 @@ def test_rows_that_do_not_match_the_counts_are_refused_when_decoded(field, rows,
              "image_sizes": torch.full((rows, 2), 64, dtype=torch.int32),
              "pad_sizes": torch.full((rows, 2), 64, dtype=torch.int64)}[field]  # fmt: skip
     getattr(request, field).CopyFrom(encode_tensor(value))
-    started = time.process_time()
+    started = time.thread_time()
     with pytest.raises(InvalidInput) as info:
         codec.decode_assign(request, codec.Limits())
     assert str(info.value) == text and info.value.violations[0][0] == text.split(":")[0]
-    assert time.process_time() - started < 0.05
+    assert time.thread_time() - started < 0.05
 
 
 def test_unknown_preset_is_not_found(client):
@@ -423,27 +423,27 @@ def test_many_overrides_are_refused_by_their_count_and_checked_in_linear_time():
     count now, and a config's overrides are checked in time linear in their keys."""
     request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
     request.config.overrides.update({f"k{i:05d}": "1" for i in range(8000)})
-    started = time.process_time()
+    started = time.thread_time()
     with pytest.raises(ResourceExhausted, match="config.overrides: 8000 overrides is over the server's limit of 64"):
         codec.decode_assign(request, codec.Limits())
-    assert time.process_time() - started < 0.05
+    assert time.thread_time() - started < 0.05
     request.config.ClearField("overrides")
     request.config.overrides.update({f"k{i:05d}": "1" for i in range(64)})
     with pytest.raises(InvalidInput, match=r"config.overrides\[k00000\]: override 'k00000': unknown config field"):
         codec.decode_assign(request, codec.Limits())
     # In process, no count limit: 5,000 keys took ~5 s of pairs before the first was refused.
-    started = time.process_time()
+    started = time.thread_time()
     with pytest.raises(ValueError, match="unknown config field 'k00000'"):
         presets.get("retinanet_torchvision").replace(**{f"k{i:05d}": 1 for i in range(5000)})
-    assert time.process_time() - started < 0.5
+    assert time.thread_time() - started < 0.5
     # One long key: its text's prefixes were compared at every dot, 1 s for 64 KiB of dots.
     for key in ("." * 65_000, "match" + ".high" * 13_000):
         request.config.ClearField("overrides")
         request.config.overrides[key] = "1"
-        started = time.process_time()
+        started = time.thread_time()
         with pytest.raises(InvalidInput, match="cannot address"):
             codec.decode_assign(request, codec.Limits())
-        assert time.process_time() - started < 0.05, key[:10]
+        assert time.thread_time() - started < 0.05, key[:10]
 
 
 def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):
