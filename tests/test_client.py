@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from test_service_harness import ServerThread, fake_assigner, peer_recording_server, serve_process
+from test_service_harness import ServerThread, batching, fake_assigner, peer_recording_server, serve_process, until
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients import client as client_module
@@ -103,6 +103,33 @@ def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers, 
         for _ in range(4):  # round-robin alone would send two of these to the dead endpoint first
             assert (_assign(client).labels == 1).any()
         assert client.stats.retries == 1
+
+
+def test_an_overloaded_endpoint_is_skipped_by_the_next_calls(two_servers):
+    """A full queue's RESOURCE_EXHAUSTED (OVERLOADED) cools its endpoint down as a dead one
+    does: the calls that follow go to the other replica at once (only the first call
+    retries), rather than each trying the queue that refused the last first."""
+    _, other = two_servers
+    full = ServerThread(batching=batching(max_queue_images=1, max_batch_images=1, inline_max_images=0)).start()
+    gate = threading.Event()
+    filler = threading.Thread(target=lambda: _assign(TargetClient(full.address, retries=0)))
+    try:
+
+        async def hold_the_worker() -> None:
+            asyncio.ensure_future(full.server.batcher.run(gate.wait))
+
+        full.run(hold_the_worker())
+        filler.start()  # its request fills the queue, behind the held worker
+        until(lambda: full.metrics.value("tritarget_queued_images") == 1)
+        with TargetClient([full.address, other.address], retries=2, backoff=0.01) as client:
+            for _ in range(4):  # round-robin alone would send two of these to the full queue first
+                assert (_assign(client).labels == 1).any()
+            assert client.stats.retries == 1
+        assert full.metrics.value("tritarget_errors_total", {"method": "Assign", "code": "RESOURCE_EXHAUSTED"}) == 1
+    finally:
+        gate.set()
+        filler.join(30)
+        full.stop()
 
 
 def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():

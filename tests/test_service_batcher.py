@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 
@@ -38,7 +39,8 @@ def test_batch_options_suit_the_device_unless_given():
 
 @pytest.mark.parametrize("field, value", [("max_batch_images", 0), ("compute_workers", -1), ("max_queue_images", 0),
                                           ("threads_per_worker", 1.5), ("max_queue_delay_s", -0.001),
-                                          ("max_queue_delay_s", float("nan")), ("max_slice_boxes", True),
+                                          ("max_queue_delay_s", float("nan")), ("max_queue_delay_s", math.inf),
+                                          ("max_slice_boxes", True),
                                           ("max_anchor_rows", 0), ("inline_max_images", -1)])  # fmt: skip
 def test_batch_options_refuse_what_cannot_work(field, value):
     with pytest.raises(ValueError, match=field):
@@ -125,7 +127,8 @@ def _large_canvas_job(generator) -> AssignJob:
 
 @pytest.mark.parametrize("case", ["at the bounds", "dense", "over the images", "over the boxes", "over the anchors",
                                   "one image over the anchors", "turned off", "reference backend",
-                                  "worker busy", "over the boxes with ignore regions"])  # fmt: skip
+                                  "worker busy", "one of two workers busy",
+                                  "over the boxes with ignore regions"])  # fmt: skip
 def test_other_batches_are_computed_on_a_compute_worker(generator, case):
     """Inline only where nothing else waits on compute, and only bounded work: DENSE
     responses copy megabytes, other backends are slow or wait on a device, and a batch over
@@ -148,6 +151,8 @@ def test_other_batches_are_computed_on_a_compute_worker(generator, case):
         name = "reference"
     elif case == "worker busy":
         hold = True
+    elif case == "one of two workers busy":  # the other's batch would wait behind one on the loop
+        options, hold = BatchOptions(inline_max_images=2, compute_workers=2), True
     elif case == "over the boxes with ignore regions":  # at the bound in boxes, one ignore region over it
         ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
         job = _job(job.gt_boxes, job.gt_counts, ignore_boxes=ignore, ignore_counts=[1, 0], sparse=True)
@@ -478,15 +483,45 @@ def test_a_job_waiting_for_room_leaves_when_cancelled_and_is_refused_on_close(ge
         after_cancel = batcher.waiting_requests
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.05)
+        refused_at_once = stays.done() and sliced.done()  # not once the running batch ends
         release.set()
         await closing
         outcomes = await asyncio.gather(busy, queued, stays, sliced, return_exceptions=True)
-        return after_cancel, outcomes, (batcher.waiting_requests, batcher.queued_images)
+        return after_cancel, refused_at_once, outcomes, (batcher.waiting_requests, batcher.queued_images)
 
-    after_cancel, (busy, queued, stays, sliced), left = asyncio.run(run())
+    after_cancel, refused_at_once, (busy, queued, stays, sliced), left = asyncio.run(run())
     assert (after_cancel, left) == (2, (0, 0))  # no room stays kept for the jobs refused
-    assert isinstance(stays, Unavailable) and isinstance(sliced, Unavailable)
+    assert refused_at_once and isinstance(stays, Unavailable) and isinstance(sliced, Unavailable)
     assert queued.batch_size == 2
+
+
+def test_a_job_let_in_from_its_wait_and_then_cancelled_gives_its_room_back(generator):
+    """Room frees and keeps a place for the stream job waiting for it, whose caller goes
+    before the job resumes: the place is given back. Kept, it left the queue that much
+    fuller for the life of the process, and enough of them refused every request."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=2))
+        batcher.start()
+        release = threading.Event()
+        busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # the queue full
+        waiter = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), wait=True))
+        await asyncio.sleep(0.05)
+        waiting = batcher.waiting_requests
+        queued.cancel()
+        await asyncio.sleep(0)  # its task withdraws it, which lets the waiter in ...
+        waiter.cancel()  # ... whose caller goes before it resumes
+        release.set()
+        await busy
+        await asyncio.gather(queued, waiter, return_exceptions=True)
+        left = batcher.queued_images
+        whole_queue = await batcher.submit(_good(generator, (1, 1)))  # refused as overloaded with a place kept
+        await batcher.close()
+        return waiting, waiter.cancelled(), left, whole_queue.batch_size
+
+    assert asyncio.run(run()) == (1, True, 0, 2)
 
 
 def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator):

@@ -160,6 +160,34 @@ def test_a_lost_gpu_found_after_a_bad_request_is_set_apart_is_not_retried_reques
     assert batcher.lost is results[0]
 
 
+def test_two_batches_that_find_the_gpu_lost_together_tell_the_server_once(monkeypatch):
+    """Two compute workers' batches fail at once: one ``DeviceLost`` for every caller, and
+    the server told once (not a second error in place of the first, nor a second stop)."""
+    both_failing = threading.Barrier(2, timeout=10)
+
+    def failing(self, jobs):
+        both_failing.wait()
+        raise torch.AcceleratorError(CUDA_FAULT)
+
+    monkeypatch.setattr(Batcher, "_assign", failing)
+    monkeypatch.setattr(backend, "device_fault", lambda device: RuntimeError(CUDA_FAULT))
+
+    async def run():
+        told = []
+        batcher = Batcher("cpu", BatchOptions(compute_workers=2, inline_max_images=0), on_device_lost=told.append)
+        batcher.start()
+        try:
+            jobs = [AssignJob(CONFIG, CANVAS, BOXES, [2], drop_invalid=drop) for drop in (False, True)]  # not merged
+            errors = await asyncio.gather(*(batcher.submit(job) for job in jobs), return_exceptions=True)
+            await asyncio.sleep(0.05)  # the server is told on the loop
+            return told, errors, batcher.lost
+        finally:
+            await batcher.close(finish=False)
+
+    told, errors, lost = asyncio.run(run())
+    assert told == [lost] and errors == [lost, lost]
+
+
 def test_serve_stops_when_the_gpu_is_lost(broken_gpu):
     announced, codes, callers = [], [], []
 

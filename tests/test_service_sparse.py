@@ -255,3 +255,21 @@ def test_over_grpc_merged_stream_answers_the_same_bytes(generator):
         assert not response.HasField("error"), response.error
         assert response.SerializeToString(deterministic=True) == want
     assert batches < len(requests), "no two requests were merged"
+
+
+def test_a_request_without_a_format_is_answered_sparse(generator):
+    """The wire's contract (``Format``: UNSPECIFIED means SPARSE): a client that leaves
+    the field unset (grpcurl, another language's client: the Python client always sets
+    it) gets the SPARSE response, the same bytes as asking for it, not ~5 MB of DENSE
+    targets per image."""
+    explicit = _request(generator, [3, 1])
+    unset = pb.AssignRequest()
+    unset.CopyFrom(explicit)
+    unset.ClearField("format")
+    assert explicit.format == pb.FORMAT_SPARSE and unset.format == pb.FORMAT_UNSPECIFIED
+    assert decode_assign(unset, Limits()).sparse
+    with ServerThread(backend="cpu") as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.TargetAssignerStub(channel)
+        answers = [stub.Assign(request, timeout=60) for request in (unset, explicit)]
+    assert answers[0].WhichOneof("targets") == "sparse"
+    assert answers[0].SerializeToString(deterministic=True) == answers[1].SerializeToString(deterministic=True)
