@@ -41,8 +41,8 @@
   forkserver) opens its own channels in each worker. gRPC's asyncio channels do not
   survive ``fork()``: an ``AsyncTargetClient`` whose channels were open when its process
   forked refuses to work in the child (spawn or forkserver, or a client opened there).
-  An ``AsyncTargetClient`` serves one event loop at a time (another loop reopens its
-  channels): give each loop of a multi-threaded program its own.
+  An ``AsyncTargetClient`` keeps channels per event loop: one ``asyncio.run()`` after
+  another, or loops running at once in several threads, each with its own.
 """
 
 from __future__ import annotations
@@ -495,12 +495,8 @@ class _Base:
     def _reset(self) -> None:
         """Forget every per-process thing: channels, stubs, the turn, failures, counters
         and locks (in a forked child, another thread may have held them at the fork)."""
-        self._owner: Any = None  # what the channels were opened for: this process (and event loop)
-        self._closes = 0  # close() calls so far: a call that sees it change was closed under
-        self._stubs: list[pb_grpc.TargetAssignerStub] = []
-        self._channels: list = []
+        self._forget_channels()
         self._turn = itertools.count()
-        self._failed_at = [float("-inf")] * len(self._endpoints)
         self._lock = threading.Lock()
         self._stats = ClientStats()
         self._stats_lock = threading.Lock()
@@ -544,6 +540,13 @@ class _Base:
     @staticmethod
     def _current_owner() -> Any:
         return os.getpid()
+
+    def _forget_channels(self) -> None:
+        self._owner: Any = None  # the process the channels were opened in
+        self._closes = 0  # close() calls so far: a call that sees it change was closed under
+        self._stubs: list[pb_grpc.TargetAssignerStub] = []
+        self._channels: list = []
+        self._failed_at = [float("-inf")] * len(self._endpoints)  # when each endpoint last failed
 
     def _open_all(self) -> None:
         if self._owner != self._current_owner():
@@ -1370,22 +1373,68 @@ def _cancellations() -> int:
 _INHERITED: list = []
 
 
+class _LoopChannels:
+    """One event loop's channels, their stubs, when each endpoint last failed, and the
+    ``close()`` calls made on that loop (an asyncio channel belongs to the loop it was
+    opened on)."""
+
+    __slots__ = ("channels", "stubs", "failed_at", "closes")
+
+    def __init__(self, endpoints: int) -> None:
+        self.channels: list[grpc.aio.Channel] = []
+        self.stubs: list[pb_grpc.TargetAssignerStub] = []
+        self.failed_at = [float("-inf")] * endpoints
+        self.closes = 0
+
+
+def _of_the_running_loop(name: str) -> property:
+    """``_LoopChannels.<name>`` of the event loop the caller runs on."""
+    return property(lambda self: getattr(self._here, name), lambda self, value: setattr(self._here, name, value))
+
+
 class AsyncTargetClient(_Base):
     """asyncio client with the same methods as ``TargetClient`` (coroutines; ``stream``
-    is an async iterator). Use it as an ``async with`` context manager."""
+    is an async iterator). Use it as an ``async with`` context manager.
+
+    What the blocking client keeps per process it keeps per event loop: threads that
+    each run a loop and share one client each have their own channels, failures and
+    closes (swapped at every change of loop, the channels were reopened for nearly every
+    call: 59 connections for 60 alternating calls; shared, one loop's ``close()`` failed
+    another's calls). A loop that has closed (a finished ``asyncio.run()``) lets its
+    channels go at the next call or close."""
+
+    _channels, _stubs, _failed_at, _closes = map(_of_the_running_loop, ("channels", "stubs", "failed_at", "closes"))
 
     def _reset(self) -> None:
         # Channels open at a fork() crash or hang the child when it uses gRPC: refused there,
         # and kept (freed, they crashed the child at once).
-        owner, other_loops = getattr(self, "_owner", None), getattr(self, "_other_loops", {})
-        self._forked_open = (owner is not None and owner[0] != os.getpid()) or bool(other_loops)
+        loops = getattr(self, "_loops", {})
+        self._forked_open = any(here.channels for here in loops.values())
         if self._forked_open:
-            _INHERITED.append((self._channels, self._stubs, other_loops))
+            _INHERITED.append(loops)
         super()._reset()
-        # The channels of event loops running in other threads, by loop: a client shared by
-        # threads that each run a loop keeps one set per loop, where swapping them opened a
-        # new connection for nearly every call (59 for 60 calls from two loops).
-        self._other_loops: dict[asyncio.AbstractEventLoop, tuple[list, list, list[float]]] = {}
+
+    def _forget_channels(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopChannels] = {}
+        self._loops_lock = threading.Lock()
+
+    @property
+    def _here(self) -> _LoopChannels:
+        loop = asyncio.get_running_loop()
+        here = self._loops.get(loop)
+        if here is None:
+            with self._loops_lock:
+                here = self._loops.setdefault(loop, _LoopChannels(len(self._endpoints)))
+        return here
+
+    def _let_closed_loops_go(self) -> None:
+        """A closed event loop's channels let go (a finished ``asyncio.run()`` without
+        ``close()``): while any of its asyncio channels lives, gRPC keeps every event loop
+        that ran one of its calls, so kept they held each finished loop (3 KB a run,
+        without end: 280 MB over 100k runs)."""
+        with self._loops_lock:
+            for loop in [loop for loop in self._loops if loop.is_closed()]:
+                del self._loops[loop]
 
     def _open_all(self) -> None:
         if self._forked_open:
@@ -1394,33 +1443,20 @@ class AsyncTargetClient(_Base):
                 "asyncio channels do not survive fork() (the child crashes or hangs): start workers with spawn or "
                 "forkserver, close the client before forking, or open a client in the child"
             )
-        self._switch_to(self._current_owner())
-        super()._open_all()
-
-    def _switch_to(self, owner: Any) -> None:
-        """Under the lock: the channels of ``owner``'s event loop made the current ones (none
-        where it has none: ``_owner`` None), those of another loop still running kept aside."""
-        if self._owner == owner:
-            return
-        if self._owner is not None and self._owner[1].is_running():  # another thread's loop: kept for its calls
-            self._other_loops[self._owner[1]] = (self._channels, self._stubs, self._failed_at)
-        # An earlier event loop's channels (a finished asyncio.run()) let go before new
-        # ones open: while any of its asyncio channels lives, gRPC keeps every event
-        # loop that ran one of its calls, so replaced one at a time they kept each
-        # finished loop (3 KB a run, without end: 280 MB over 100k runs).
-        self._other_loops = {loop: kept for loop, kept in self._other_loops.items() if loop.is_running()}
-        kept = self._other_loops.pop(owner[1], None)
-        if kept is None:
-            self._channels, self._stubs, self._owner = [], [], None
-        else:
-            (self._channels, self._stubs, self._failed_at), self._owner = kept, owner
+        self._let_closed_loops_go()
+        here = self._here
+        if not here.channels:
+            here.channels = [self._open(t) for t in self._endpoints]
+            here.stubs = [pb_grpc.TargetAssignerStub(c) for c in here.channels]
+            here.failed_at = [float("-inf")] * len(self._endpoints)
 
     def _closing(self) -> list:
         """For ``close()``: this event loop's channels, forgotten here under the lock."""
         with self._lock:
-            self._switch_to(self._current_owner())
-            channels, self._channels, self._stubs, self._owner = self._channels, [], [], None
-            self._closes += 1
+            here = self._here
+            channels, here.channels, here.stubs = here.channels, [], []
+            here.closes += 1
+        self._let_closed_loops_go()
         return channels
 
     def _open(self, target: str) -> grpc.aio.Channel:
@@ -1428,16 +1464,10 @@ class AsyncTargetClient(_Base):
             return grpc.aio.secure_channel(target, self._credentials(), options=self._options)
         return grpc.aio.insecure_channel(target, options=self._options)
 
-    @staticmethod
-    def _current_owner() -> Any:
-        # An asyncio channel belongs to the event loop it was opened on: a later
-        # asyncio.run() opens its own.
-        return os.getpid(), asyncio.get_running_loop()
-
     async def close(self) -> None:
-        """See ``TargetClient.close``. Closes the channels of the event loop it runs on; a
-        client shared by loops running in other threads keeps theirs (each loop's own
-        ``close()`` closes them; a loop that has ended lets them go)."""
+        """Close the channels of the event loop it runs on; that loop's calls in flight fail
+        with ``TargetServiceError`` CANCELLED. Other loops' channels stay open (each loop
+        closes its own). The client opens new ones if used again."""
         for channel in self._closing():
             await channel.close()
 

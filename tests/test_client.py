@@ -1074,12 +1074,8 @@ def test_an_async_client_serves_one_event_loop_after_another(two_servers):
     assert torch.equal(asyncio.run(call()), asyncio.run(call()))
 
 
-def test_an_async_client_shared_by_event_loops_running_at_once_keeps_a_channel_for_each(two_servers, monkeypatch):
-    """Threads that each run an event loop, one client: each loop keeps its own channel
-    and closes it. Swapped at every change of loop, a call on one loop let the other's
-    channel go, unclosed, and opened a new connection: 59 for 60 alternating calls."""
-    a, _ = two_servers
-    client = AsyncTargetClient(a.address)
+def _recording_channels(client: AsyncTargetClient, monkeypatch) -> tuple[list, list]:
+    """The channels ``client`` opens, and those it closes, in order."""
     opened, closed = [], []
     open_channel = client._open
 
@@ -1091,31 +1087,134 @@ def test_an_async_client_shared_by_event_loops_running_at_once_keeps_a_channel_f
         return channel
 
     monkeypatch.setattr(client, "_open", recorded)
-    turns = [threading.Semaphore(1), threading.Semaphore(0)]  # the loops take turns, call by call
-    labels, failures = [[], []], []
+    return opened, closed
 
-    def run(me: int) -> None:
-        async def calls() -> None:
-            for _ in range(5):
-                turns[me].acquire()  # holds this loop while the other one calls
-                labels[me].append((await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")).labels)
-                turns[1 - me].release()
-            await client.close()
 
+def _in_threads(*targets) -> list[BaseException]:
+    """Runs each function in a thread of its own; what they raised."""
+    failures = []
+
+    def run(target) -> None:
         try:
-            asyncio.run(calls())
-        except Exception as exc:
+            target()
+        except BaseException as exc:
             failures.append(exc)
 
-    threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+    threads = [threading.Thread(target=run, args=(target,)) for target in targets]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert failures == [] and [len(mine) for mine in labels] == [5, 5]
+    return failures
+
+
+@pytest.mark.parametrize("runs", ["asyncio.run", "run_until_complete"])
+def test_an_async_client_shared_by_event_loops_in_threads_keeps_a_channel_for_each(two_servers, monkeypatch, runs):
+    """Threads that each run an event loop, one client: each loop keeps its own channel
+    and closes it. Swapped at every change of loop, a call on one loop let the other's
+    channel go, unclosed, and opened a new connection: 59 for 60 alternating calls (and a
+    loop run call by call, idle between them, lost its channel at each of the other's)."""
+    a, _ = two_servers
+    client = AsyncTargetClient(a.address)
+    opened, closed = _recording_channels(client, monkeypatch)
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]  # the loops take turns, call by call
+    labels = [[], []]
+
+    async def call(me: int) -> None:
+        labels[me].append((await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")).labels)
+
+    def loop_of(me: int) -> None:
+        if runs == "asyncio.run":  # the loop runs throughout, held while the other one calls
+
+            async def calls() -> None:
+                for _ in range(5):
+                    turns[me].acquire()
+                    await call(me)
+                    turns[1 - me].release()
+                await client.close()
+
+            asyncio.run(calls())
+            return
+        loop = asyncio.new_event_loop()  # run call by call: idle while the other one calls
+        try:
+            for _ in range(5):
+                turns[me].acquire()
+                loop.run_until_complete(call(me))
+                turns[1 - me].release()
+            loop.run_until_complete(client.close())
+        finally:
+            loop.close()
+
+    assert _in_threads(lambda: loop_of(0), lambda: loop_of(1)) == []
+    assert [len(mine) for mine in labels] == [5, 5]
     assert all(torch.equal(label, labels[0][0]) for label in labels[0] + labels[1])
     assert len(opened) == 2 and closed == opened  # one per loop, each closed by its loop
-    assert client._other_loops == {}
+
+
+def test_one_event_loops_close_leaves_another_loops_calls_alone():
+    """A loop whose thread is done closes the shared client: another loop's call still
+    waiting for a server that comes up goes on (a count of closes shared by the loops
+    failed it CANCELLED, "the client was closed while this call waited")."""
+    port = _free_port()
+    client = AsyncTargetClient(f"127.0.0.1:{port}", timeout=30)
+    waiting, closed = threading.Event(), threading.Event()
+
+    async def wait_for_the_server() -> None:
+        waiting.set()
+        await client.wait_until_ready()
+
+    async def done_at_once() -> None:
+        waiting.wait(10)
+        async with client:
+            pass
+        closed.set()
+
+    srv = ServerThread(port=port)
+    starter = threading.Timer(1.5, srv.start)
+    starter.start()
+    try:
+        failures = _in_threads(lambda: asyncio.run(wait_for_the_server()), lambda: asyncio.run(done_at_once()))
+    finally:
+        starter.join()
+        srv.stop()
+    assert closed.is_set() and failures == []
+
+
+def test_an_endpoint_found_dead_is_skipped_by_the_later_calls_of_every_loop(two_servers, monkeypatch):
+    """Each loop learns of a dead endpoint once: one retry per loop, however their calls
+    interleave (failures marked in whichever loop's list was current were lost, and that
+    loop's next call went to the dead endpoint again: 5 to 8 retries for 4 loops)."""
+    monkeypatch.setattr(client_module, "_COOLDOWN_S", 60.0)  # the whole test within it
+    a, _ = two_servers
+    client = AsyncTargetClient([f"127.0.0.1:{_free_port()}", a.address], retries=3, backoff=0.001)
+
+    async def calls() -> None:
+        async with client:
+            for _ in range(30):
+                await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    assert _in_threads(*[lambda: asyncio.run(calls())] * 4) == []
+    assert client.stats.calls == 120 and client.stats.retries <= 4
+
+
+def test_a_loop_that_ended_without_closing_lets_its_channels_go_at_anothers_close(two_servers):
+    """Another loop's ``close()`` lets go of the channels of a loop that has closed: kept,
+    they stayed open until a new loop came, and a fork meanwhile refused the child."""
+    a, _ = two_servers
+    client = AsyncTargetClient(a.address)
+
+    async def call() -> None:
+        await client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision")
+
+    async def call_and_close() -> None:
+        await call()
+        first_done.wait(10)
+        await call()
+        await client.close()
+
+    first_done = threading.Event()
+    assert _in_threads(lambda: asyncio.run(call_and_close()), lambda: (asyncio.run(call()), first_done.set())) == []
+    assert not any(here.channels for here in client._loops.values())  # what a fork checks
 
 
 _LOOPS_KEPT = """
