@@ -814,10 +814,14 @@ class Batcher:
         return results, good
 
     def _assign_or_error(self, job: AssignJob) -> Targets | SparseTargets | Exception:
+        """One job of a failed batch run alone: its targets, or its error (``DeviceLost``
+        once a job finds the GPU lost, and for every job after it, which is not run)."""
+        if self.lost is not None:
+            return self.lost
         try:
             return self._assign([job])
         except Exception as exc:
-            return exc
+            return self.lost if self._device_lost(exc) else exc
 
     def _assign(self, jobs: list[AssignJob]) -> Targets | SparseTargets:
         """The merged batch's targets on the host: sparse when every job lists its targets

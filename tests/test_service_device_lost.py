@@ -160,6 +160,26 @@ def test_a_lost_gpu_found_after_a_bad_request_is_set_apart_is_not_retried_reques
     assert batcher.lost is results[0]
 
 
+def test_a_gpu_lost_while_a_failed_batch_runs_request_by_request_fails_the_rest_unavailable(monkeypatch):
+    """A batch that failed on a working GPU runs its requests one by one; where one of them
+    finds the GPU lost, it and the ones after it get DeviceLost (not INTERNAL), and those
+    are not run."""
+    ran = []
+
+    def failing(self, jobs):
+        ran.append(len(jobs))
+        if len(ran) == 1:
+            raise RuntimeError("a bug in the merged batch")
+        raise torch.AcceleratorError(CUDA_FAULT)
+
+    monkeypatch.setattr(Batcher, "_assign", failing)
+    monkeypatch.setattr(backend, "device_fault", lambda device: RuntimeError(CUDA_FAULT) if len(ran) > 1 else None)
+    batcher = Batcher("reference", BatchOptions())  # not started: batches run by hand
+    results = batcher._compute([AssignJob(CONFIG, CANVAS, BOXES, [2]) for _ in range(3)])
+    assert [type(result).__name__ for result in results] == ["DeviceLost"] * 3
+    assert ran == [3, 1] and batcher.lost is results[0]
+
+
 def test_two_batches_that_find_the_gpu_lost_together_tell_the_server_once(monkeypatch):
     """Two compute workers' batches fail at once: one ``DeviceLost`` for every caller, and
     the server told once (not a second error in place of the first, nor a second stop)."""
