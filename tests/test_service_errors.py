@@ -417,6 +417,30 @@ def test_config_over_its_size_limit_is_resource_exhausted(client):  # D3
            call=lambda: client.assign_raw(request))  # fmt: skip
 
 
+def test_a_config_of_the_limits_size_is_taken_and_one_character_more_refused():
+    """The config limit is an inclusive bound: a preset, config_json and overrides of
+    ``max_config_bytes`` characters in all are taken."""
+    ref = pb.ConfigRef(preset="retinanet_torchvision", overrides={"match.high": "0.6"})
+    size = len("retinanet_torchvision") + len("match.high") + len("0.6")
+    assert codec.resolve_config(ref, codec.Limits(max_config_bytes=size)).match.high == 0.6
+    with pytest.raises(ResourceExhausted, match=f"are {size} characters, over the server's limit of {size - 1}"):
+        codec.resolve_config(ref, codec.Limits(max_config_bytes=size - 1))
+
+
+def test_classes_sent_but_not_asked_for_are_not_computed():
+    """A request may carry its boxes' classes without asking for them back: the job
+    leaves them out (no class targets computed, and it merges with requests without)."""
+    classes = torch.tensor([3, 7], dtype=torch.int32)
+    asked, not_asked = (build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", gt_classes=classes)
+                        for _ in range(2))  # fmt: skip
+    not_asked.return_classes = False
+    assert torch.equal(codec.decode_assign(asked, codec.Limits()).gt_classes, classes)
+    job = codec.decode_assign(not_asked, codec.Limits())
+    assert job.gt_classes is None
+    assert job.merge_key == codec.decode_assign(build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision"),
+                                                codec.Limits()).merge_key  # fmt: skip
+
+
 def test_many_overrides_are_refused_by_their_count_and_checked_in_linear_time():
     """8,000 overrides within the size limit held the event loop for 27 s (their keys
     checked pair by pair, then one by one to name the refused one): refused by their
