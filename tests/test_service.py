@@ -233,6 +233,7 @@ def test_stream_answers_a_bad_item_and_goes_on(client, generator):
     assert_targets_equal(got[0], sparse_view(ref), rtol=0, atol=0)
     assert isinstance(got[1], TargetServiceError) and got[1].code == grpc.StatusCode.INVALID_ARGUMENT
     assert got[1].request_id == "1" and "image 0, box 0" in got[1].details
+    assert [field for field, _ in got[1].field_violations] == ["gt_boxes"]  # in-band, as a unary call's
     assert isinstance(got[2], TargetServiceError) and got[2].code == grpc.StatusCode.NOT_FOUND
     assert_targets_equal(got[3], sparse_view(ref), rtol=0, atol=0)
     with pytest.raises(TargetServiceError, match="degenerate"):

@@ -470,6 +470,14 @@ def test_many_overrides_are_refused_by_their_count_and_checked_in_linear_time():
         assert time.thread_time() - started < 0.05, key[:10]
 
 
+def test_a_message_is_clipped_only_past_its_limit():
+    """512 bytes of grpc-message are sent whole (a non-ASCII character costs its percent
+    encoding, 3 bytes per UTF-8 byte); one byte more is clipped, saying how much is left."""
+    for text in ("a" * 512, "a" * 506 + "é"):  # é: 2 UTF-8 bytes, 6 on the wire
+        assert status_of(ResourceExhausted(text)).message == text
+        assert status_of(ResourceExhausted(text + "b")).message == f"{text}... (1 more characters)"
+
+
 def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):
     """A preset name had no bound below the message size: 200 MB of name was hashed and
     quoted whole (twice) into the NOT_FOUND message, seconds on the event loop."""
