@@ -33,9 +33,23 @@ PRESET = "retinanet_torchvision"
 
 
 def _free_port() -> int:
+    """A port free now, for a server a test starts on it later."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_HELD: list[socket.socket] = []
+
+
+def _dead_port() -> int:
+    """A port that refuses connections for the rest of the run: bound, never listening (a
+    port only free when drawn could be taken meanwhile, by a server of another test in
+    another xdist worker, and answer)."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    return held.getsockname()[1]
 
 
 def _assign(client, **kwargs):
@@ -63,7 +77,7 @@ def test_round_robin_over_endpoints(two_servers):
 
 def test_unavailable_endpoint_is_retried_on_the_next(two_servers):
     a, _ = two_servers
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     with TargetClient([dead, a.address], retries=2, backoff=0.01) as client:
         for _ in range(4):
             assert (_assign(client).labels == 1).any()
@@ -98,7 +112,7 @@ def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers, 
     cool-down go to the live one at once: only the first call retries (with several
     connections per address, the dead address was tried once on each)."""
     a, _ = two_servers
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     with TargetClient([dead, a.address], retries=2, backoff=0.01, connections=connections) as client:
         for _ in range(4):  # round-robin alone would send two of these to the dead endpoint first
             assert (_assign(client).labels == 1).any()
@@ -191,7 +205,7 @@ def test_a_client_waiting_for_a_server_redials_at_its_own_backoff():
 
 
 def test_gives_up_at_the_deadline_and_says_what_was_tried():
-    dead = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    dead = [f"127.0.0.1:{_dead_port()}", f"127.0.0.1:{_dead_port()}"]
     start = time.monotonic()
     with TargetClient(dead, timeout=1.5) as client:
         with pytest.raises(TargetServiceError) as info:
@@ -205,7 +219,7 @@ def test_gives_up_at_the_deadline_and_says_what_was_tried():
 
 
 def test_wait_until_ready_times_out_naming_the_endpoint():
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     with TargetClient(dead) as client:
         with pytest.raises(TargetServiceError) as info:
             client.wait_until_ready(timeout=1.0)
@@ -215,7 +229,7 @@ def test_wait_until_ready_times_out_naming_the_endpoint():
 
 def test_gives_up_after_the_given_retries():
     start = time.monotonic()
-    with TargetClient(f"127.0.0.1:{_free_port()}", retries=2, backoff=0.01, timeout=10) as client:
+    with TargetClient(f"127.0.0.1:{_dead_port()}", retries=2, backoff=0.01, timeout=10) as client:
         with pytest.raises(TargetServiceError) as info:
             _assign(client)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
@@ -645,7 +659,7 @@ def test_client_in_data_loader_workers(two_servers, method):
 
 def test_async_client_round_robin_and_retry(two_servers):
     a, b = two_servers
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
 
     async def main():
         async with AsyncTargetClient([a.address, dead, b.address], retries=3, backoff=0.01) as client:
@@ -715,7 +729,7 @@ def test_errors_name_the_callers_image_ids(two_servers):
 
 def test_client_counts_calls_retries_and_bytes(two_servers):
     a, _ = two_servers
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     with TargetClient([dead, a.address], backoff=0.01) as client:
         response = client.assign_raw(build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision"))
         list(client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}] * 3, preset="retinanet_torchvision",
@@ -915,7 +929,7 @@ def test_requests_sent_again_are_counted_once_each():
     """``stats.resent`` counted the unanswered requests again on every try to reconnect:
     a stream of 3 requests whose server hung, then a dead endpoint, read 6. Each request is
     counted once, also one first sent to a server that then hung too."""
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     with _hung_server() as hung, ServerThread() as good:
         with TargetClient([hung.address, dead, good.address], timeout=5, try_timeout=0.5, backoff=0.01) as client:
             answers = list(client.stream([{"gt_boxes": BOXES, "gt_counts": [2]}] * 3, preset="retinanet_torchvision",
@@ -1020,7 +1034,7 @@ def test_wait_until_ready_moves_past_an_endpoint_that_never_answers():
 
 def test_wait_until_ready_tries_until_its_timeout():
     """It gave up when the next backoff would pass the deadline: up to 0.6 s early."""
-    with TargetClient(f"127.0.0.1:{_free_port()}") as client:
+    with TargetClient(f"127.0.0.1:{_dead_port()}") as client:
         for _ in range(3):
             start = time.monotonic()
             with pytest.raises(TargetServiceError):
@@ -1186,7 +1200,7 @@ def test_an_endpoint_found_dead_is_skipped_by_the_later_calls_of_every_loop(two_
     loop's next call went to the dead endpoint again: 5 to 8 retries for 4 loops)."""
     monkeypatch.setattr(client_module, "_COOLDOWN_S", 60.0)  # the whole test within it
     a, _ = two_servers
-    client = AsyncTargetClient([f"127.0.0.1:{_free_port()}", a.address], retries=3, backoff=0.001)
+    client = AsyncTargetClient([f"127.0.0.1:{_dead_port()}", a.address], retries=3, backoff=0.001)
 
     async def calls() -> None:
         async with client:
@@ -1662,7 +1676,7 @@ def test_closing_a_client_stops_its_calls_that_look_for_a_server():
     """A call retrying a dead endpoint went on until its deadline after ``close()`` (4 s of
     a 4 s timeout) and opened channels again that nothing would close; unary calls,
     streams and health waits, blocking and asyncio, now end CANCELLED within a backoff."""
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{_dead_port()}"
     options = dict(timeout=20, backoff=0.05, max_backoff=0.2)
     for name in CALLS_THAT_WAIT:
         took, channels = _closed_while_waiting(dead, name, 0.3, **options)
