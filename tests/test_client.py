@@ -146,6 +146,43 @@ def test_an_overloaded_endpoint_is_skipped_by_the_next_calls(two_servers):
         full.stop()
 
 
+class _Refusal(grpc.RpcError):
+    """A call's failure as grpcio gives it, from a ``google.rpc.Status``."""
+
+    def __init__(self, status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return next(code for code in grpc.StatusCode if code.value[0] == self.status.code)
+
+    def details(self) -> str:
+        return self.status.message
+
+    def trailing_metadata(self):
+        return (("grpc-status-details-bin", self.status.SerializeToString()),)
+
+
+def test_only_our_servers_overloaded_reason_reads_as_a_full_queue():
+    """An ErrorInfo says OVERLOADED in our domain: another service's (a proxy's, a
+    gateway's) RESOURCE_EXHAUSTED of that reason is not our full queue to retry elsewhere."""
+    from google.rpc import error_details_pb2
+
+    from tritarget.service.errors import Overloaded
+    from tritarget.service.status import status_of
+
+    ours = status_of(Overloaded("server overloaded: 64 images queued"))
+    foreign = type(ours)()
+    foreign.CopyFrom(ours)
+    for detail in foreign.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            info.domain = "gateway.example.com"
+            detail.Pack(info)
+    assert client_module._overloaded(_Refusal(ours)) and not client_module._overloaded(_Refusal(foreign))
+
+
 def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():
     """With ``connections=N`` to one address of ``serve --workers`` front ends, each
     connection reaches its own front end: one draining, overloaded or silent is skipped
