@@ -183,6 +183,32 @@ def test_only_our_servers_overloaded_reason_reads_as_a_full_queue():
     assert client_module._overloaded(_Refusal(ours)) and not client_module._overloaded(_Refusal(foreign))
 
 
+def test_calls_go_round_the_endpoints_when_every_one_failed_of_late():
+    with TargetClient(["127.0.0.1:1", "127.0.0.1:2"]) as client:
+        client._endpoint(client._closes)  # its channels open
+        for index in (0, 1):
+            client._failed(index, client_module._Failure(grpc.StatusCode.UNAVAILABLE, "server draining"))
+        assert {client._endpoint(client._closes)[0] for _ in range(4)} == {0, 1}
+
+
+def test_the_backoff_doubles_per_attempt_up_to_its_cap(monkeypatch):
+    """Full jitter: a wait drawn up to ``backoff * 2**attempt``, at most ``max_backoff``."""
+    monkeypatch.setattr(client_module.random, "uniform", lambda low, high: high)  # the upper bound drawn
+    with TargetClient("127.0.0.1:1", backoff=0.1, max_backoff=1.0) as client:
+        assert [client._delay(attempt) for attempt in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_no_retry_is_waited_for_that_would_leave_the_last_try_no_time():
+    """The wait before a retry ends ``_LAST_TRY_S`` before the deadline at the latest, and
+    none starts closer to it: a try sent as the deadline passes fails unanswered."""
+    unavailable = client_module._Failure(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    with TargetClient("127.0.0.1:1", backoff=10.0) as client:
+        now = time.monotonic()
+        wait = client._retry_wait(unavailable, 0, now + 1.0)
+        assert 0 <= wait <= 1.0 - client_module._LAST_TRY_S
+        assert client._retry_wait(unavailable, 0, time.monotonic() + client_module._LAST_TRY_S / 2) is None
+
+
 def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():
     """With ``connections=N`` to one address of ``serve --workers`` front ends, each
     connection reaches its own front end: one draining, overloaded or silent is skipped
@@ -1326,6 +1352,7 @@ def test_a_calls_timeout_is_checked(bad):
         ({"target": "a:1", "options": {"grpc.lb_policy_name": "pick_first"}}, "options: expected a sequence of"),
         ({"target": "a:1", "root_certificates": "-----BEGIN"}, "root_certificates: expected the PEM file's bytes"),
         ({"target": "a:1", "timeout": "5"}, r"timeout: must be > 0 seconds \(or None: no deadline\), got '5'"),
+        ({"target": "a:1", "backoff": float("inf")}, "backoff: must be finite seconds >= 0, got inf"),
     ],
 )
 def test_a_client_made_wrong_says_what_is_wrong(kwargs, message):
