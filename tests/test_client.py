@@ -209,6 +209,28 @@ def test_no_retry_is_waited_for_that_would_leave_the_last_try_no_time():
         assert client._retry_wait(unavailable, 0, time.monotonic() + client_module._LAST_TRY_S / 2) is None
 
 
+def test_a_try_ends_by_the_calls_deadline_whatever_its_try_timeout():
+    with TargetClient("127.0.0.1:1", try_timeout=10.0) as client:
+        assert client._try_limit(None) == 10.0
+        assert 0 < client._try_limit(time.monotonic() + 1.0) <= 1.0
+
+
+def test_a_streams_takeover_must_answer_before_the_search_for_a_server_ends():
+    """After a break, the call that takes the stream over gets what is left of the search
+    for its first answer, then ``try_timeout`` per answer; the first call gets the latter."""
+    handles = []
+
+    def schedule(seconds, callback):
+        handles.append(seconds)
+        return threading.Timer(seconds, callback)  # never started
+
+    with TargetClient("127.0.0.1:1", try_timeout=10.0) as client:
+        takeover = client._watchdog(1, None, time.monotonic() + 2.0, None, None, schedule)
+        first = client._watchdog(0, None, time.monotonic() + 2.0, None, None, schedule)
+    assert takeover.takeover and 0 < takeover.seconds <= 2.0 and takeover._steady == 10.0
+    assert not first.takeover and first.seconds == 10.0 and handles == [takeover.seconds, 10.0]
+
+
 def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():
     """With ``connections=N`` to one address of ``serve --workers`` front ends, each
     connection reaches its own front end: one draining, overloaded or silent is skipped
