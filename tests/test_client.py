@@ -1117,6 +1117,18 @@ def test_wait_until_ready_moves_past_an_endpoint_that_never_answers():
             assert time.monotonic() - start < 3
 
 
+def test_an_endpoint_whose_health_check_failed_is_skipped_by_the_calls_after(two_servers, monkeypatch):
+    """``wait_until_ready`` found the first endpoint dead: the calls that follow go to the
+    one that answered, with no retry (as after a call's own failure)."""
+    monkeypatch.setattr(client_module, "_COOLDOWN_S", 60.0)  # the whole test within it
+    a, _ = two_servers
+    with TargetClient([f"127.0.0.1:{_dead_port()}", a.address], retries=2, backoff=0.01) as client:
+        client.wait_until_ready(timeout=10.0)
+        for _ in range(4):  # round-robin alone would send two of these to the dead endpoint first
+            assert (_assign(client).labels == 1).any()
+        assert client.stats.retries == 0
+
+
 def test_wait_until_ready_tries_until_its_timeout():
     """It gave up when the next backoff would pass the deadline: up to 0.6 s early."""
     with TargetClient(f"127.0.0.1:{_dead_port()}") as client:
