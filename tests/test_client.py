@@ -667,6 +667,16 @@ def test_client_takes_every_integer_dtype_assign_takes(two_servers, dtype):
             build_request(BOXES, [2], CANVAS, preset="yolov5", gt_classes=torch.tensor([1, 2**31], dtype=dtype))
 
 
+def test_a_class_past_int32_is_named_by_its_image_and_box():
+    """An image's first box is named in that image (the counts' running sum ends the image before)."""
+    boxes = BOXES.repeat(2, 1)[:3]
+    for index, place in ((1, "image 0, box 1"), (2, "image 1, box 0")):
+        classes = torch.ones(3, dtype=torch.int64)
+        classes[index] = 2**32 + 7
+        with pytest.raises(ValueError, match=rf"^gt_classes\[{index}\] \({place}\): 4294967303 does not fit"):
+            build_request(boxes, [2, 1], CANVAS, preset="retinanet_torchvision", gt_classes=classes)
+
+
 def test_client_takes_numpy_flags_and_counts_as_assign_does(two_servers):
     a, _ = two_servers
     expected = assign(BOXES, np.array([2], dtype=np.uint8), CANVAS, presets.get("retinanet_torchvision"),
