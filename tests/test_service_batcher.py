@@ -501,25 +501,22 @@ def test_a_job_let_in_from_its_wait_and_then_cancelled_gives_its_room_back(gener
     fuller for the life of the process, and enough of them refused every request."""
 
     async def run():
-        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=2))
-        batcher.start()
-        release = threading.Event()
-        busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
-        await asyncio.sleep(0.05)
-        queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # the queue full
-        waiter = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), wait=True))
-        await asyncio.sleep(0.05)
-        waiting = batcher.waiting_requests
-        queued.cancel()
-        await asyncio.sleep(0)  # its task withdraws it, which lets the waiter in ...
-        waiter.cancel()  # ... whose caller goes before it resumes
-        release.set()
-        await busy
-        await asyncio.gather(queued, waiter, return_exceptions=True)
-        left = batcher.queued_images
-        whole_queue = await batcher.submit(_good(generator, (1, 1)))  # refused as overloaded with a place kept
-        await batcher.close()
-        return waiting, waiter.cancelled(), left, whole_queue.batch_size
+        async with _worker_held(generator, BatchOptions(max_batch_images=2, max_queue_images=2)) as (
+            batcher, release, busy
+        ):  # fmt: skip
+            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # the queue full
+            waiter = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), wait=True))
+            await asyncio.sleep(0.05)
+            waiting = batcher.waiting_requests
+            queued.cancel()
+            await asyncio.sleep(0)  # its task withdraws it, which lets the waiter in ...
+            waiter.cancel()  # ... whose caller goes before it resumes
+            release.set()
+            await busy
+            await asyncio.gather(queued, waiter, return_exceptions=True)
+            left = batcher.queued_images
+            whole_queue = await batcher.submit(_good(generator, (1, 1)))  # refused as overloaded with a place kept
+            return waiting, waiter.cancelled(), left, whole_queue.batch_size
 
     assert asyncio.run(run()) == (1, True, 0, 2)
 
