@@ -1420,6 +1420,7 @@ class AsyncTargetClient(_Base):
 
     @property
     def _here(self) -> _LoopChannels:
+        """The running event loop's, made empty at its first use."""
         loop = asyncio.get_running_loop()
         here = self._loops.get(loop)
         if here is None:

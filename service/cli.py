@@ -648,8 +648,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate chain (TLS on with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--warmup-preset", default="retinanet_torchvision", choices=presets.names(),
-                        help="preset of the warm-up batch run before health is SERVING: the traffic's builds its "
-                             "anchors before the first request does (default retinanet_torchvision)")  # fmt: skip
+                        help="preset of the warm-up batch run before health is SERVING; your traffic's has its "
+                             "anchors built before the first request (default retinanet_torchvision)")  # fmt: skip
     parser.add_argument("--warmup-canvas", type=integer(1), nargs=2, default=(800, 1344), metavar=("H", "W"),
                         help="canvas of the warm-up batch run before health is SERVING (default 800 1344)")  # fmt: skip
     parser.add_argument("--grace", type=number(0), default=10.0,
