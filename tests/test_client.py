@@ -119,14 +119,20 @@ def test_an_endpoint_that_just_failed_is_skipped_by_the_next_calls(two_servers, 
         assert client.stats.retries == 1
 
 
-def test_an_overloaded_endpoint_is_skipped_by_the_next_calls(two_servers):
+def test_an_overloaded_endpoint_is_skipped_by_the_next_calls(two_servers, monkeypatch):
     """A full queue's RESOURCE_EXHAUSTED (OVERLOADED) cools its endpoint down as a dead one
     does: the calls that follow go to the other replica at once (only the first call
     retries), rather than each trying the queue that refused the last first."""
+    monkeypatch.setattr(client_module, "_COOLDOWN_S", 60.0)  # the whole test within it
     _, other = two_servers
     full = ServerThread(batching=batching(max_queue_images=1, max_batch_images=1, inline_max_images=0)).start()
     gate = threading.Event()
-    filler = threading.Thread(target=lambda: _assign(TargetClient(full.address, retries=0)))
+
+    def fill() -> None:
+        with TargetClient(full.address, retries=0) as client:
+            _assign(client)
+
+    filler = threading.Thread(target=fill)
     try:
 
         async def hold_the_worker() -> None:
