@@ -19,7 +19,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from test_service_harness import ServerThread, batching, fake_assigner, peer_recording_server, serve_process, until
+from test_service_harness import (
+    ServerThread,
+    batching,
+    fake_assigner,
+    free_port,
+    peer_recording_server,
+    serve_process,
+    until,
+)
 
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients import client as client_module
@@ -30,13 +38,6 @@ from tritarget.service.backend import BatchOptions
 CANVAS = (96, 128)
 BOXES = torch.tensor([[10.0, 10.0, 60.0, 50.0], [20.0, 30.0, 90.0, 80.0]])
 PRESET = "retinanet_torchvision"
-
-
-def _free_port() -> int:
-    """A port free now, for a server a test starts on it later."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _HELD: list[socket.socket] = []
@@ -252,7 +253,7 @@ def test_a_front_end_that_failed_is_skipped_on_its_own_connection_only():
 def test_a_client_started_before_the_server_succeeds_within_its_deadline(wait):
     """A trainer started together with ``tritarget serve``: the server is up 2 s later;
     with default options the call (or ``wait_until_ready``) waits for it."""
-    port = _free_port()
+    port = free_port()
     srv = ServerThread(port=port)
     starter = threading.Timer(2.0, srv.start)
     starter.start()
@@ -1282,7 +1283,7 @@ def test_one_event_loops_close_leaves_another_loops_calls_alone():
     """A loop whose thread is done closes the shared client: another loop's call still
     waiting for a server that comes up goes on (a count of closes shared by the loops
     failed it CANCELLED, "the client was closed while this call waited")."""
-    port = _free_port()
+    port = free_port()
     client = AsyncTargetClient(f"127.0.0.1:{port}", timeout=30)
     waiting, closed = threading.Event(), threading.Event()
 

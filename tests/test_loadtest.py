@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from test_service_harness import ServerThread, fake_assigner, limits, peer_recording_server, serve_process
+from test_service_harness import ServerThread, fake_assigner, free_port, limits, peer_recording_server, serve_process
 
 from support import closed_pipe, run_into_a_closed_pipe, run_without_stderr
 from tritarget.clients import loadtest
@@ -369,9 +369,7 @@ def _echo_server(end_first_stream: grpc.StatusCode | str | None = None, stall: t
 
 def _closed_port() -> str:
     """An address nothing listens on: connections are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 @pytest.mark.parametrize("end, code", [(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"), ("OK", "UNANSWERED")],

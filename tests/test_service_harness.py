@@ -142,6 +142,49 @@ def serve_process(*args: str) -> tuple[subprocess.Popen, int]:
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a client sends first on a connection
 
 
+def _own_ports() -> Iterator[int]:
+    """Candidate ports below the kernel's ephemeral range (``bind`` to port 0 and outgoing
+    connections take theirs from it), in a slice of their own per xdist worker, starting
+    at an offset of this process's (runs side by side without xdist start apart). Where
+    there is no such range to read, ports the kernel hands out, as before."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (first_ephemeral - _LOWEST_OWN_PORT) // workers
+    if size < 100:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                yield s.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    start, offset = _LOWEST_OWN_PORT + worker * size, os.getpid() % size
+    for i in range(size):
+        yield start + (offset + i) % size
+
+
+_LOWEST_OWN_PORT = 10_000
+_ports = _own_ports()
+
+
+def free_port() -> int:
+    """A port free now, that no other test takes, for a server a test starts on it later
+    (``serve --port N``) or for an address where nothing listens. A port merely free when
+    drawn (bound to port 0, then closed) could meanwhile be taken by the other xdist
+    worker's servers, or its clients' connections, and the server fail to bind or the
+    call be answered."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use by something else on this machine
+                continue
+            return port
+    raise RuntimeError("no free port left below the ephemeral range")
+
+
 def until(predicate, timeout: float = 30.0) -> None:
     """Wait for ``predicate()`` to hold, failing the test after ``timeout`` seconds."""
     end = time.monotonic() + timeout

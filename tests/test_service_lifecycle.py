@@ -18,7 +18,16 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_service_harness import ServerThread, batching, read_until, spawn_cli, stalled_call, unread_call, until
+from test_service_harness import (
+    ServerThread,
+    batching,
+    free_port,
+    read_until,
+    spawn_cli,
+    stalled_call,
+    unread_call,
+    until,
+)
 
 from support import closed_pipe, without_stdout
 from tritarget.clients import TargetClient, TargetServiceError
@@ -649,9 +658,7 @@ def test_a_port_held_for_workers_lets_them_in_and_keeps_other_servers_out():
     seconds on a GPU), and a second `serve --workers` that checked in between joined the
     port. Held from the check on: the workers' binds (SO_REUSEPORT) succeed, another
     server's check and a second hold fail."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     (held,) = hold_port("127.0.0.1", port)
     try:
         assert bind_refusal("127.0.0.1", port) == "(in use?): Address already in use"
@@ -686,11 +693,7 @@ def test_cli_serve_workers_share_one_port(backend):
     """Worker processes share the port, each with its own backend state (on a GPU each
     its own CUDA context and compiled kernels; here triton runs in its interpreter),
     and every answer equals the in-process one."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", backend,
                         "--warmup-canvas", "64", "64")  # fmt: skip
     try:
@@ -715,11 +718,7 @@ def test_cli_serve_workers_share_one_port(backend):
 def test_cli_serve_workers_stop_when_their_parent_is_killed():
     """SIGKILL to `serve --workers 2` (an OOM kill, `kill -9`): its workers must not serve on
     as orphans holding the port; they drain and exit."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
                         "64", "--grace", "1")  # fmt: skip
     workers = []
@@ -747,9 +746,7 @@ def test_cli_serve_workers_exit_2_for_a_usage_error_found_in_a_worker():
     """A worker that finds a usage error (here: the triton backend without a GPU or its
     interpreter) fails as one process would: exit 2 (not a crash to restart), each
     worker's error on a line of its own."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers",
                            "2", "--backend", "triton", "--warmup-canvas", "64", "64"], capture_output=True, text=True,
@@ -763,9 +760,7 @@ def test_cli_serve_workers_exit_2_for_a_usage_error_found_in_a_worker():
 def test_cli_serve_workers_refuse_a_busy_metrics_port_before_any_starts():
     """Worker 1's metrics port (--metrics-port + 1) taken: worker 0 served, worker 1
     failed, and then all stopped. Now every worker's port is checked before any starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with contextlib.ExitStack() as held:
         for _ in range(50):  # a busy port whose predecessor is free
             busy = held.enter_context(socket.socket())
@@ -817,9 +812,7 @@ def test_an_address_this_machine_has_not_among_the_hosts_is_skipped_as_grpc_skip
     absent one (192.0.2.1: TEST-NET-1); the host's other address is checked as before."""
     from tritarget.service import server as server_module
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     resolved = [(socket.AF_INET, ("192.0.2.1", port)), (socket.AF_INET, ("127.0.0.1", port))]
     monkeypatch.setattr(server_module, "_addresses", lambda host, port: resolved)
     assert bind_refusal("localhost", port) is None
@@ -880,9 +873,7 @@ def test_a_bracketed_ipv6_host_is_checked_as_its_address():
 def test_cli_serve_names_a_host_grpc_cannot_use_not_a_busy_port():
     """``--host 0``: Python reads it as 0.0.0.0, gRPC's resolver refuses it, and the free
     port was blamed ("in use?")."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     done = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "serve", "--host", "0", "--port", str(port),
                            "--backend", "cpu"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -932,9 +923,7 @@ def test_cli_serve_workers_stop_together_when_one_stops(stop, how):
     metrics on a free port of its own; their log lines say which worker wrote them."""
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = spawn_cli("serve", "--port", str(port), "--workers", "2", "--backend", "cpu", "--warmup-canvas", "64",
                         "64", "--grace", "1", "--metrics-port", "0")  # fmt: skip
     workers = []
@@ -1203,9 +1192,7 @@ def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
     (exit 134): the status lines stop, said once on stderr, and the server serves."""
     if stdout == "full disk" and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["-m", "tritarget.service.cli", "serve", "--port", str(port), "--backend", "reference",
             "--warmup-canvas", "64", "64"]  # fmt: skip
     with contextlib.ExitStack() as streams:
@@ -1484,9 +1471,7 @@ def test_cli_serve_workers_stopped_while_starting_stop_cleanly(stop_signal):
     before its handler existed (the parent read a failure: "a worker stopped (killed by
     signal 15)", exit 1); SIGINT became a KeyboardInterrupt in a worker's start-up
     ("[worker 0] failed:", exit 1) or was swallowed and the server served on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers", "2",
          "--backend", "cpu", "--warmup-canvas", "64", "64"],
@@ -1596,9 +1581,7 @@ def test_cli_serve_a_second_stop_signal_cuts_the_grace_period_short(workers, sto
     out --grace, as operators expect. With --workers the group holds the workers too:
     each signal counts once, though a worker gets it directly and from its parent."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tritarget.service.cli", "serve", "--port", str(port), "--workers", str(workers),
          "--backend", "cpu", "--warmup-canvas", "64", "64", "--grace", "120", "--metrics-port", "0"],
