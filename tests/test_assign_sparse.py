@@ -92,6 +92,8 @@ def _lists(**changes):
     "changes, error",
     [({"positive_offsets": torch.tensor([0, 1, 1])}, r"positive_offsets: must start at 0, never decrease and end at 2"),
      ({"positive_offsets": torch.tensor([0, 0, 0])}, r"positive_offsets: must .* end at 2 \(the positive anchors\)"),
+     # offsets not starting at 0 leave the first positive in no image (mutation review: no case held it)
+     ({"positive_offsets": torch.tensor([1, 1, 2])}, r"positive_offsets: must start at 0, .* got \[1, 1, 2\]"),
      ({"positive_anchors": torch.tensor([1, -1], dtype=torch.int32)},
       r"positive_anchors: image 1 lists anchor -1, outside \[0, num_anchors=6\)"),
      # int8 at more anchors than int8 holds: read as unsigned, -3 was 253, under 300, and
@@ -166,7 +168,9 @@ def test_lists_that_break_their_contract_are_refused_not_densified_into_other_ta
      ({"num_anchors": 0, "positive_offsets": torch.tensor([0, 0, 0]),
        "positive_anchors": torch.zeros(0, dtype=torch.int32), "positive_matched_gt": torch.zeros(0, dtype=torch.int32),
        "positive_deltas": torch.zeros(0, 4), "ignored_offsets": torch.tensor([0, 0, 0]),
-       "ignored_anchors": torch.zeros(0, dtype=torch.int32)}, [[], []])],
+       "ignored_anchors": torch.zeros(0, dtype=torch.int32)}, [[], []]),
+     # positives and not one ignored anchor: the overlap check must not index the empty ignored list
+     ({"ignored_offsets": torch.tensor([0, 0, 0]), "ignored_anchors": torch.zeros(0, dtype=torch.int32)}, [[1], [4]])],
 )  # fmt: skip
 def test_lists_at_the_edges_of_their_contract_are_accepted(changes, positives):
     dense = _lists(**changes).to_dense()

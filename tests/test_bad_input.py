@@ -147,6 +147,8 @@ def test_zero_box_images_are_normal():
         ),
         (lambda: _assign(GOOD, [3], ignore_boxes=GOOD), ValueError, "ignore_boxes and ignore_counts"),
         (lambda: _assign(GOOD, [3], ignore_boxes=GOOD, ignore_counts=[1, 2]), ValueError, "ignore_counts: has 2"),
+        # fewer crowd counts than images (their sum right) would leave the last image without its offsets
+        (lambda: _assign(GOOD, [2, 1], ignore_boxes=GOOD[:1], ignore_counts=[1]), ValueError, "ignore_counts: has 1"),
         (lambda: _assign(GOOD, [3], image_sizes=[[64, 200]]), ValueError, r"image_sizes\[0\]"),
         (lambda: _assign(GOOD, [3], image_sizes=[[64, 96], [1, 1]]), ValueError, r"image_sizes: expected shape"),
         (lambda: _assign(GOOD, [3], backend="gpu"), ValueError, "backend: must be one of"),
@@ -252,6 +254,15 @@ def test_a_class_outside_int32_is_named_not_wrapped(bad, many, device):
     assert targets.classes.max().item() == 2**31 - 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["ignore_boxes", "anchors"])
+def test_boxes_on_another_device_than_the_gt_boxes_are_named(name):
+    # crowd regions or anchors left on the host beside CUDA gt boxes: named, not a device error inside a backend
+    extra = {"ignore_boxes": GOOD[:1], "ignore_counts": [1]} if name == "ignore_boxes" else {"anchors": GOOD}
+    with pytest.raises(ValueError, match=rf"{name}: on cpu, but gt_boxes are on cuda"):
+        assign(GOOD.cuda(), [3], CANVAS, CONFIG, backend="reference", **extra)
+
+
 @pytest.mark.parametrize("dtype", ["uint32", "uint64"])
 def test_an_unsigned_class_outside_int32_is_named_not_wrapped(dtype):
     """Classes of an unsigned type were cast to int32 before the check: 2**32 + 7 became
@@ -321,6 +332,14 @@ def test_numpy_integers_are_integers():
     for backend in ("reference", "cpu"):
         got = assign(GOOD, [np.int64(3)], (np.int64(64), np.int32(96)), CONFIG, backend=backend)
         assert torch.equal(got.labels, expected.labels)
+
+
+def test_a_canvas_side_of_exactly_int32_max_is_taken_one_more_is_refused():
+    # the wire and the kernels' indices hold a side as int32: 2**31 - 1 is the largest canvas side, on either axis
+    assert check_canvas((2**31 - 1, 2**31 - 1)) == (2**31 - 1, 2**31 - 1)
+    for canvas in ((2**31, 8), (8, 2**31)):
+        with pytest.raises(ValueError, match="canvas: a side is over 2,147,483,647 pixels"):
+            check_canvas(canvas)
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,8 @@ def test_values_at_their_bounds_are_accepted():
     assert AnchorLevel(stride=8, sizes=(1e6,)).sizes == (1e6,)
     assert len(AnchorConfig(layout="torchvision", levels=(LEVEL,) * 16).levels) == 16
     assert MatchConfig(sample_size=256, positive_fraction=1.0).positive_fraction == 1.0
+    # high == 1 is the closed end of [0, 1]: only a perfect overlap is positive (mmdet allows pos_iou_thr=1.0)
+    assert (MatchConfig(high=1.0, low=1.0).high, MatchConfig(high=1.0, low=0.5).low) == (1.0, 0.5)
     assert presets.get("retinanet_torchvision").replace(background_class=2**31 - 1).background_class == 2**31 - 1
 
 

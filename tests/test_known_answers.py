@@ -437,6 +437,14 @@ def test_d2l_tinyssd_anchor_count():
     assert generate_anchors(presets.get("d2l_multibox").anchors, (256, 256)).shape == (5444, 4)
 
 
+def test_d2l_tinyssd_last_level_anchors_follow_its_ratios_order():
+    # TinySSD's ratios [1, 2, 0.5]: the 1 x 1 level holds sizes 0.88, 0.961 at ratio 1, then 0.88 at 2 and 0.5
+    half = [0.44, 0.4805, 0.44 * math.sqrt(2), 0.44 / math.sqrt(2)]  # half widths; half heights swap the last two
+    expected = torch.tensor([[0.5 - w, 0.5 - h, 0.5 + w, 0.5 + h] for w, h in zip(half, half[:2] + half[:1:-1])])
+    anchors = generate_anchors(presets.get("d2l_multibox").anchors, (256, 256))[-4:] / 256
+    torch.testing.assert_close(anchors, expected, rtol=0, atol=1e-6)
+
+
 def test_d2l_multibox_target_dog_and_cat():
     # Ground truth: dog (class 0) and cat (class 1), five anchors A0..A4, all in image
     # fractions. d2l's answer: classes [0, 1, 2, 0, 2] (background 0, dog 1, cat 2);

@@ -256,10 +256,12 @@ def test_a_canvas_of_more_anchors_than_int32_indices_is_refused_by_name(backend)
     assert resolve_grid(config.anchors, (2**17, 2**17)).num_anchors == 3_218_079_744  # counted, not built
 
 
-@pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision"])
+# d2l's n + m - 1 shapes per cell and mmdet's scales x ratios: every layout's anchors_per_cell counts its anchors
+@pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5", "ssd300_torchvision", "d2l_multibox",
+                                  "retinanet_mmdet"])  # fmt: skip
 def test_level_slices_split_the_anchors_by_feature_map(name):
     config = presets.get(name)
-    canvas = (300, 300) if name == "ssd300_torchvision" else (128, 160)
+    canvas = {"ssd300_torchvision": (300, 300), "d2l_multibox": (256, 256)}.get(name, (128, 160))
     slices = level_slices(config.anchors, canvas)
     anchors = generate_anchors(config.anchors, canvas)
     assert slices[0].start == 0 and slices[-1].stop == anchors.shape[0]

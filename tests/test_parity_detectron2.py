@@ -92,6 +92,16 @@ def test_rpn_matcher_published_answer(backend, sample):
     assert torch.all(gt_deltas[0][torch.tensor(D2_EXPECTED_MATCH_LABELS) != 1] == 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retinanet_matcher_keeps_every_anchors_argmax_box(backend):
+    # retinanet_detectron2 (Matcher([0.4, 0.5], [0, -1, 1], True)) returns the argmax box of negatives too, as the RPN's
+    boxes, anchors = _matrix_inputs()
+    config = presets.get("retinanet_detectron2")
+    targets = on_device(assign, boxes, [3], MATRIX_CANVAS, config, anchors=anchors, backend=backend)
+    assert targets.labels[0].tolist() == [0, 1, 0, 1]  # anchors 0 (0.3) and 2 are below 0.4
+    assert targets.matched_gt[0].tolist() == D2_EXPECTED_MATCHES
+
+
 # --- test_anchor_generator.py ------------------------------------------------------------
 
 # SIZES [[32, 64]], ASPECT_RATIOS [[0.25, 1, 4]] (h / w), stride 4, a 1 x 2 feature map.
