@@ -935,7 +935,10 @@ class _Unanswered:
         self._count = count  # the client's counters
         self._max_bytes = max_bytes  # the client's max_message_bytes
         self._sent: deque[pb.AssignRequest] = deque()
-        self._resent: set[int] = set()  # ids of the requests in ``_sent`` already sent again
+        # How many of ``_sent``, from its oldest, were sent again already: a restart sends
+        # all of ``_sent`` again and later requests join its end, so they are always its
+        # first ones (counted by place: a request object may be streamed more than once).
+        self._resent = 0
         self._sent_at: deque[float] = deque()  # when each was read and handed to gRPC
         self._late: deque[pb.AssignRequest] = deque()  # read by a stopped feed: sent by the next
         self._generation = 0
@@ -1055,7 +1058,7 @@ class _Unanswered:
                 )
             self._sent_at.popleft()
             request = self._sent.popleft()
-            self._resent.discard(id(request))  # an id is unique only while its object lives
+            self._resent = max(self._resent - 1, 0)
             return request
 
     def outstanding(self) -> int:
@@ -1082,9 +1085,8 @@ class _Unanswered:
             self._generation += 1
             self._late.clear()  # they are unanswered, so among the ones sent again
             resend = list(self._sent)
-            first = [request for request in resend if id(request) not in self._resent]
-            self._resent.update(map(id, first))  # they stay referenced until answered
-            return self._generation, resend, len(first)
+            first, self._resent = len(resend) - self._resent, len(resend)
+            return self._generation, resend, first
 
 
 class _Watchdog:

@@ -33,6 +33,7 @@ from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceErro
 from tritarget.clients import client as client_module
 from tritarget.clients.wire import build_request, decode_response
 from tritarget.kernels import AnchorLevel, SparseTargets, Targets, assign, presets
+from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.service.backend import BatchOptions
 
 CANVAS = (96, 128)
@@ -1885,3 +1886,329 @@ def test_an_async_client_open_at_a_fork_refuses_to_work_in_the_child():
     assert ("child: RuntimeError: AsyncTargetClient: this process was forked while the client's channels were open"
             in done.stdout), done.stdout  # fmt: skip
     assert "spawn or forkserver" in done.stdout
+
+
+# ---------------------------------------------------------------- review 2026-12-07: the stream's bookkeeping
+
+
+class _Clock:
+    """``time`` as the client module sees it, moved by hand (``monotonic`` only)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _numbered(count: int) -> list[pb.AssignRequest]:
+    return [pb.AssignRequest(request_id=f"r{i}") for i in range(count)]
+
+
+def _ids(requests) -> list[str]:
+    return [request.request_id for request in requests]
+
+
+def test_a_broken_streams_unanswered_requests_are_sent_again_once_each_in_order(monkeypatch):
+    """What a stream sends again after a break: exactly the requests sent and not answered,
+    oldest first, then the source where it stopped; ``stats.resent`` counts each once,
+    however many servers it goes through, and the watchdog times the oldest unanswered
+    one. One request more or less sent again gives every later answer to the wrong
+    request (or no answer at all)."""
+    clock = _Clock()
+    monkeypatch.setattr(client_module, "time", clock)
+    requests = _numbered(6)
+    unanswered = client_module._Unanswered(iter(requests), lambda **counts: None, 1 << 20)
+    first = unanswered.feed(0, [])
+    for sent in range(4):  # r0..r3 handed to the first call, at t = 0..3
+        clock.now = float(sent)
+        assert next(first) is requests[sent]
+    assert unanswered.oldest_sent() == 0.0
+    assert _ids([unanswered.answered(), unanswered.answered()]) == ["r0", "r1"]
+    assert unanswered.oldest_sent() == 2.0  # r2's, the oldest unanswered
+    generation, resend, fresh = unanswered.restart()  # the first call broke
+    assert (generation, _ids(resend), fresh) == (1, ["r2", "r3"], 2)
+    assert next(first, None) is None  # the broken call's feed sends nothing more
+    second = unanswered.feed(generation, resend)
+    assert _ids(next(second) for _ in range(3)) == ["r2", "r3", "r4"]
+    generation, resend, fresh = unanswered.restart()  # the second broke before answering: r4 is new to it
+    assert (generation, _ids(resend), fresh) == (2, ["r2", "r3", "r4"], 1)
+    assert _ids(unanswered.feed(generation, resend)) == ["r2", "r3", "r4", "r5"]
+    assert _ids(unanswered.answered() for _ in range(4)) == ["r2", "r3", "r4", "r5"]
+    assert unanswered.complete() and unanswered.oldest_sent() is None
+    assert unanswered._resent == 0  # answered requests are forgotten
+
+
+def test_one_request_object_streamed_several_times_is_counted_once_each_time_it_is_sent_again():
+    """``client.stream([request] * 3)``: the three sends are three requests. Counted by
+    object (``id``), the first break counted 3 sent again, a second break after one answer
+    2 more: 5 for 3 requests."""
+    same = pb.AssignRequest(request_id="same")
+    unanswered = client_module._Unanswered(iter([same] * 3), lambda **counts: None, 1 << 20)
+    assert list(unanswered.feed(0, [])) == [same] * 3
+    generation, resend, fresh = unanswered.restart()
+    assert (len(resend), fresh) == (3, 3)
+    unanswered.answered()
+    generation, resend, fresh = unanswered.restart()
+    assert (len(resend), fresh) == (2, 0)
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["next-call", "call-after-next"])
+def test_a_request_read_as_its_call_broke_goes_on_the_next_call_exactly_once(again):
+    """A call's feed may be reading the source when the call breaks: that request belongs
+    to no live call, and is sent first by the next feed, once; if that call too breaks
+    before sending anything, it is among the ones the call after sends again, once.
+    Dropped, its answer went to the request after it; sent twice, there was one answer
+    more than requests."""
+    requests = _numbered(3)
+    restarted = []
+
+    def source():
+        yield requests[0]
+        restarted.append(unanswered.restart())  # the call broke while its feed read the next request
+        yield from requests[1:]
+
+    unanswered = client_module._Unanswered(source(), lambda **counts: None, 1 << 20)
+    old = unanswered.feed(0, [])
+    assert next(old) is requests[0]
+    assert next(old, None) is None  # read for a broken call: not sent on it
+    generation, resend, _ = restarted[0]
+    assert (generation, _ids(resend)) == (1, ["r0"])
+    if again:
+        generation, resend, _ = unanswered.restart()
+        assert (generation, _ids(resend)) == (2, ["r0", "r1"])
+    assert _ids(unanswered.feed(generation, resend)) == ["r0", "r1", "r2"]
+    assert unanswered.outstanding() == 3
+
+
+class _Outstanding:
+    """The watchdog's view of a stream's requests: when the oldest unanswered was sent."""
+
+    oldest: float | None = None
+
+    def oldest_sent(self) -> float | None:
+        return self.oldest
+
+
+class _Look:
+    """A look the watchdog scheduled (never run by itself: the test calls ``_check``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.cancelled = seconds, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _watched(clock: _Clock, first: float, steady: float, **kwargs):
+    """A watchdog on a hand-moved clock: (watchdog, outstanding, its looks, when it cancelled the call)."""
+    outstanding, looks, cancels = _Outstanding(), [], []
+
+    def schedule(seconds, callback):
+        looks.append(_Look(seconds))
+        return looks[-1]
+
+    watchdog = client_module._Watchdog(first, steady, outstanding, lambda: cancels.append(clock.now), schedule,
+                                       takeover=kwargs.get("takeover", False))  # fmt: skip
+    return watchdog, outstanding, looks, cancels
+
+
+def test_the_watchdog_fires_when_the_oldest_request_has_waited_its_time_and_not_before(monkeypatch):
+    """A takeover's first answer is due within what is left of the search (``first``), each
+    later one within ``steady``, counted from the later of the request's sending and the
+    caller's return for it; the clock rests while the caller holds an answer. A look
+    that comes early is followed by one when the request is due, not a whole period
+    later; a watchdog stopped with its call looks no more."""
+    clock = _Clock()
+    monkeypatch.setattr(client_module, "time", clock)
+    watchdog, outstanding, looks, cancels = _watched(clock, 1.0, 4.0, takeover=True)
+    assert [look.seconds for look in looks] == [1.0]
+    outstanding.oldest = 0.25  # the source's first request came a little after the call opened
+    clock.now = 1.0
+    watchdog._check()
+    assert not watchdog.fired and looks[-1].seconds == pytest.approx(0.25)  # due at 1.25
+    clock.now = 1.5
+    watchdog._check()
+    assert watchdog.fired and cancels == [1.5]
+
+    clock.now = 10.0
+    watchdog, outstanding, looks, cancels = _watched(clock, 1.0, 4.0)
+    outstanding.oldest = 10.0
+    clock.now = 10.5
+    watchdog.answered()  # the caller holds the answer (a checkpoint) until 20.0; the next request waits
+    assert watchdog.seconds == 4.0 and watchdog.answers == 1
+    outstanding.oldest = 10.1
+    clock.now = 20.0
+    watchdog._check()
+    assert not watchdog.fired and looks[-1].seconds == 4.0
+    watchdog.reading()
+    clock.now = 23.0
+    watchdog._check()
+    assert not watchdog.fired and looks[-1].seconds == pytest.approx(1.0)  # due 4 s after the caller came back
+    clock.now = 24.0
+    watchdog._check()
+    assert watchdog.fired and cancels == [24.0]
+
+    watchdog, outstanding, looks, cancels = _watched(clock, 1.0, 4.0)
+    outstanding.oldest, clock.now = 24.0, 30.0
+    watchdog.stop()
+    assert looks[-1].cancelled
+    watchdog._check()  # a look already under way as the call ended
+    assert not watchdog.fired and not cancels and len(looks) == 1
+
+
+def test_a_silent_servers_error_says_whether_it_had_answered_or_took_the_stream_over():
+    def silent(answers: int, takeover: bool) -> str:
+        watchdog = client_module._Watchdog(1.0, 2.0, _Outstanding(), None, lambda seconds, callback: _Look(seconds),
+                                           takeover=takeover)  # fmt: skip
+        for _ in range(answers):
+            watchdog.answered()
+        return client._silent(0, watchdog).details()
+
+    with TargetClient("127.0.0.1:1") as client:
+        assert silent(0, False) == "127.0.0.1:1 answered none of the stream's requests within 1.0 s"
+        assert silent(0, True) == ("127.0.0.1:1 answered none of the stream's requests within 1.0 s of taking over "
+                                   "from the server that went away")  # fmt: skip
+        assert silent(2, True) == "127.0.0.1:1 answered 2 of the stream's requests, then none for 2.0 s"
+
+
+def test_a_streams_takeover_must_answer_before_the_streams_own_deadline():
+    with TargetClient("127.0.0.1:1", try_timeout=10.0) as client:
+        now = time.monotonic()
+        watchdog = client._watchdog(1, now + 0.5, now + 5.0, None, None, lambda seconds, callback: _Look(seconds))
+    assert 0 < watchdog.seconds <= 0.5
+
+
+@contextlib.contextmanager
+def _answers_then_goes_away(per_call: int, pause: float):
+    """A server whose every stream answers ``per_call`` requests, ``pause`` s apart (true
+    answers, from a real server), then ends UNAVAILABLE on reading one more, as a replica
+    restarted under it; yields its address and the request_ids each call read."""
+    calls: list[list[str]] = []
+    with ServerThread() as real, TargetClient(real.address) as helper:
+
+        def answer(raw, context):
+            return helper.assign_raw(pb.AssignRequest.FromString(raw)).SerializeToString()
+
+        def answer_then_go_away(raws, context):
+            read = []
+            calls.append(read)
+            for raw in raws:
+                request = pb.AssignRequest.FromString(raw)
+                read.append(request.request_id)
+                if len(read) > per_call:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+                time.sleep(pause)
+                yield helper.assign_raw(request).SerializeToString()
+
+        with fake_assigner(answer, answer_then_go_away) as address:
+            yield address, calls
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_stream_that_breaks_again_after_answering_for_a_while_searches_afresh(client_class):
+    """Answers reset a stream's attempts: each break searches for a server for the client's
+    timeout from that break, and waits the first backoff. Counted from the first break,
+    the second (its search long over) gave up at once, though the server was back. Each
+    request is answered once, in order, and every call's watchdog stops with it."""
+    items = [{"gt_boxes": BOXES + i, "gt_counts": [2], "request_id": f"r{i}"} for i in range(7)]
+    expected = [assign(item["gt_boxes"], [2], CANVAS, presets.get(PRESET), backend="cpu") for item in items]
+    watchdogs = []
+    with _answers_then_goes_away(per_call=3, pause=0.35) as (address, calls):  # each call lasts > the timeout
+        client = client_class(address, timeout=0.8, backoff=0.01)
+        make_watchdog = client._watchdog
+
+        def recorded(*args):
+            watchdogs.append(make_watchdog(*args))
+            return watchdogs[-1]
+
+        client._watchdog = recorded
+        if client_class is TargetClient:
+            with client:
+                answers = list(client.stream(items, preset=PRESET, canvas=CANVAS))
+        else:
+
+            async def run():
+                async with client:
+                    return [targets async for targets in client.stream(items, preset=PRESET, canvas=CANVAS)]
+
+            answers = asyncio.run(run())
+    assert calls == [["r0", "r1", "r2", "r3"], ["r3", "r4", "r5", "r6"], ["r6"]]
+    assert len(answers) == 7
+    assert all(torch.equal(got.labels, want.labels) and torch.allclose(got.deltas, want.deltas, atol=1e-5)
+               for got, want in zip(answers, expected, strict=True))  # fmt: skip
+    assert (client.stats.retries, client.stats.resent, client.stats.errors) == (2, 4, 0)
+    assert len(watchdogs) == 3 and all(watchdog._handle is None for watchdog in watchdogs)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 does not count a task's cancellations")
+def test_an_async_stream_read_on_from_another_task_still_fails_over():
+    """The caller's cancellations are counted on the task that reads the stream now: a
+    stream whose first answer was read in a task of its own (``asyncio.wait_for`` runs
+    each read in one on 3.11) and the rest in a task that had once caught a cancellation
+    took the watchdog's cancellation of its silent server for the caller's, and ended
+    with CancelledError instead of moving to the next endpoint."""
+    with _server_that_hangs_after_one_batch() as hanging, ServerThread() as good:
+
+        async def run():
+            answered = asyncio.Event()
+
+            async def source():
+                yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": "first"}
+                await answered.wait()
+                yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": "later"}
+
+            async with AsyncTargetClient([hanging.address, good.address], timeout=30, try_timeout=0.5) as client:
+                stream = client.stream(source(), preset=PRESET, canvas=CANVAS)
+                answers = [await asyncio.ensure_future(stream.__anext__())]
+                answered.set()
+                asyncio.current_task().cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(1)
+                answers += [targets async for targets in stream]
+                return len(answers), client.stats.resent
+
+        assert asyncio.run(run()) == (2, 1)
+
+
+@pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
+def test_a_stream_whose_server_goes_away_for_good_gives_up_within_the_clients_timeout(client_class):
+    """After a break the search for a server lasts the client's timeout from the break,
+    over every try: counted afresh at each failed try (or each try counted as the
+    first), a stream whose only server was gone for good tried to reconnect for ever."""
+    outcome: dict = {}
+    server = ServerThread().start()
+    client = client_class(server.address, timeout=1.0, backoff=0.01)
+
+    def on_answer(count: int) -> None:
+        if count == 2:
+            server.stop(grace=0)
+            outcome["broke"] = time.monotonic()
+
+    def consume() -> None:
+        items = _items(40, 0.01)  # still being sent when the server goes
+        try:
+            if client_class is TargetClient:
+                for count, _ in enumerate(client.stream(items, preset=PRESET, canvas=CANVAS), 1):
+                    on_answer(count)
+            else:
+
+                async def run() -> None:
+                    count = 0
+                    async for _ in client.stream(items, preset=PRESET, canvas=CANVAS):
+                        count += 1
+                        on_answer(count)
+
+                asyncio.run(run())
+        except TargetServiceError as error:
+            outcome["error"] = error
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the stream still looks for a server"
+    error = outcome["error"]
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert f"no tritarget server answered at {server.address}" in error.details
+    assert outcome["ended"] - outcome["broke"] < 4
