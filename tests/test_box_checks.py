@@ -339,6 +339,27 @@ def test_ignore_boxes_still_go_through_the_cpu_backends_compiled_check(monkeypat
         assign_sparse(GOOD, [3], CANVAS, CONFIG, backend="cpu", ignore_boxes=bad, ignore_counts=[201])
 
 
+AT_THE_REACH = [[-(2.0**31), 0.0, 10.0, 10.0], [0.0, -(2.0**31), 10.0, 10.0], [0.0, 0.0, 10.0, 2.0**31]]
+
+
+@pytest.mark.parametrize("box", AT_THE_REACH)
+def test_a_coordinate_exactly_at_the_reach_is_refused_by_the_compiled_check(box):
+    """BOX_REACH is open on both sides and for both axes (x2 = 2^31 is in INVALID_KINDS)."""
+    assert not cpu.boxes_valid(torch.tensor([box]), 0.0, CANVAS[1], CANVAS[0], 2.0**31)
+    with pytest.raises(ValueError, match=r"reaches beyond ±2147483648 pixels"):
+        assign(torch.tensor([box]), [1], CANVAS, CONFIG, backend="cpu")
+
+
+@pytest.mark.parametrize("bad", [0, 1023, 1024, 2047, 2499])
+def test_the_compiled_check_tests_the_last_box_of_each_run(bad):
+    """The compiled check tests runs of 1024 boxes without a branch: a bad box anywhere,
+    the last of a run included, makes the whole check fail."""
+    boxes = GOOD[:1].repeat(2500, 1)
+    assert cpu.boxes_valid(boxes, 0.0, CANVAS[1], CANVAS[0], 2.0**31)
+    boxes[bad] = torch.tensor(INVALID_KINDS[3])  # degenerate
+    assert not cpu.boxes_valid(boxes, 0.0, CANVAS[1], CANVAS[0], 2.0**31)
+
+
 @TRITON
 def test_an_invalid_box_is_named_before_the_backends_own_refusal(monkeypatch):
     """The triton backend refuses CPU tensors when it runs compiled: an invalid box among

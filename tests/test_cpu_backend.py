@@ -155,6 +155,21 @@ def test_ignore_region_covering_the_canvas_excludes_every_anchor(generator):
         assert (ours.labels == -1).all()
 
 
+@pytest.mark.parametrize("wrt_anchor", [True, False])
+def test_an_iof_equal_to_the_threshold_does_not_exclude(wrt_anchor):
+    """mmdet ignores an anchor whose IoF *exceeds* ignore_iof_thr: at exactly 0.5 the anchor
+    stays included (positive here); just above it, it is excluded (ignored)."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]])
+    # IoF exactly 0.5 with anchor 0; 0.52 (over the anchor) or 100 / 198 (over the region) with anchor 1.
+    regions = [[0.0, 0.0, 10.0, 5.0], [20.0, 0.0, 30.0, 5.2]] if wrt_anchor else [[0, 0, 10, 20], [20, 0, 30, 19.8]]
+    match = MatchConfig(high=0.5, low=0.4, ignore_iof_thr=0.5, ignore_iof_wrt_anchor=wrt_anchor)
+    config = TargetConfig(anchors=SMALL_ANCHORS, match=match)
+    ours = assert_both_forms_match(
+        anchors.clone(), [2], (48, 48), config, anchors=anchors, ignore_boxes=torch.tensor(regions), ignore_counts=[2]
+    )
+    assert ours.labels.tolist() == [[1, -1]]
+
+
 @pytest.mark.parametrize("order", ["pre_match", "post_match"])
 @pytest.mark.parametrize("border", [0.0, 4.5, 32.0])
 @pytest.mark.parametrize("low_quality", ["torchvision", "detectron2", "mmdet", "ssd_forced"])
@@ -304,6 +319,36 @@ def test_ssd_forced_ties_across_threads_go_to_the_lowest_anchor(threads):
     try:
         for _ in range(5):  # which thread meets which chunk varies from call to call
             got = assign(boxes, [16], canvas, config, anchors=anchors, backend="cpu")
+            assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ssd_forced_ties_in_consecutive_takes_go_to_the_lowest_anchor():
+    """As above, with a tie between every two consecutive takes (a thread takes 8 chunks at
+    a time, from the last), so that some lower copy is found by another thread than the
+    upper one whichever thread takes what, and the merge (not the order of the threads)
+    must pick the lower index. want_max_iou skips nothing, so both threads take part."""
+    canvas, chunk, takes = (400, 400), 512, 17
+    corners = torch.tensor([[x, y] for x in (20.0, 120.0, 220.0, 320.0) for y in (20.0, 120.0, 220.0, 320.0)])
+    boxes = torch.cat([corners, corners + 40.0], dim=1)  # 16 boxes of 40 x 40
+    # 40 boxes over the canvas, each overlapping every anchor: work in every chunk
+    boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, 400.0 - k, 400.0 - k] for k in range(1, 41)])])
+    tied = torch.cat([corners, corners + torch.tensor([40.0, 16.0])], dim=1)  # IoU 0.4 with its box
+    chunks = 8 * takes
+    anchors = torch.tensor([[0.0, 0.0, 400.0, 400.0]]).repeat(chunks * chunk, 1)
+    upper = (chunks - 1 - 8 * torch.arange(16)) * chunk + 100  # in take i (box i)
+    lower = upper - 8 * chunk - 50  # in take i + 1
+    anchors[upper], anchors[lower] = tied, tied
+    problem, _ = build_problem(boxes, [56], canvas, presets.get("ssd300_torchvision"), anchors=anchors,
+                               want_max_iou=True)  # fmt: skip
+    expected = reference.solve(problem)
+    assert expected.labels[0, lower].eq(1).all() and expected.labels[0, upper].eq(0).all()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(100):  # which thread meets which take varies from call to call
+            got = cpu.solve(problem)
             assert torch.equal(got.labels, expected.labels) and torch.equal(got.matched_gt, expected.matched_gt)
     finally:
         torch.set_num_threads(before)
