@@ -26,10 +26,16 @@ from tritarget.clients.anchor_design import (
     load_coco,
     synthetic,
 )
-from tritarget.clients.anchor_design.check import format_check_table, format_missing
-from tritarget.clients.anchor_design.cli import main
+from tritarget.clients.anchor_design.check import (
+    best_anchor_iou,
+    format_check_table,
+    format_missing,
+    scan_config,
+    strict_config,
+)
+from tritarget.clients.anchor_design.cli import _check_anchor_counts, _UsageError, main
 from tritarget.clients.anchor_design.dataset import BoxDataset
-from tritarget.clients.anchor_design.fit import _Parameters
+from tritarget.clients.anchor_design.fit import _Parameters, _wh_iou, fitness
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.service import output
 from tritarget.service.output import output_file_problem, write_atomically
@@ -78,6 +84,23 @@ def test_coco_boxes_are_resized_clipped_and_crowds_become_ignore_regions(tmp_pat
     with_mark = tmp_path / "bom.json"
     with_mark.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
     assert torch.equal(load_coco(str(with_mark), Resize(min_size=800, max_size=1333)).boxes, ds.boxes)
+
+
+@pytest.mark.parametrize("field", ["min_size", "max_size", "size_divisible"])
+def test_a_resize_in_fractions_of_a_pixel_is_refused_by_name(field):
+    # size_divisible=0.5 gave float canvases, (800.0, 808.0), where a fractional canvas is refused
+    with pytest.raises(TypeError, match=rf"Resize.{field}: expected an integer, got 0.5"):
+        Resize(**{"min_size": 1, "max_size": 1, field: 0.5})
+
+
+@pytest.mark.parametrize(("height", "width", "resized"), [(480, 641, (480, 640)), (333, 500, (427, 640)),
+                                                      (1000, 1333, (481, 640)), (640, 640, (640, 640))])  # fmt: skip
+def test_letterbox_rounds_up_as_yolov5_loads_its_images(height, width, resized):
+    # YOLOv5's and ultralytics' load_image: math.ceil(side * 640 / max(h, w)); rounding gave (479, 640),
+    # (426, 640), (480, 640): boxes a pixel's share smaller than in training
+    scale_y, scale_x, size, canvas = Resize(mode="letterbox", canvas=(640, 640)).apply(height, width)
+    assert size == resized and canvas == (640, 640)
+    assert (scale_y, scale_x) == (resized[0] / height, resized[1] / width)
 
 
 @pytest.mark.parametrize(
@@ -231,6 +254,45 @@ def test_coco_like_keeps_aspect_ratios_around_one():
     assert float((bbox[:, 0] + bbox[:, 2]).max()) <= width and float((bbox[:, 1] + bbox[:, 3]).max()) <= height
 
 
+def test_min_max_resize_caps_the_long_side_at_max_size():
+    # A 100 x 1000 panorama: 800 / 100 would make it 8000 wide; torchvision takes min(800 / 100, 1333 / 1000).
+    scale_y, scale_x, size, canvas = Resize(min_size=800, max_size=1333).apply(100, 1000)
+    assert size == (133, 1333) and canvas == (160, 1344)  # floor(100 * 1.333), floor(1000 * 1.333); padded to /32
+    assert scale_y == 133 / 100 and scale_x == 1333 / 1000
+
+
+def test_coco_boxes_keep_file_order_within_each_image_when_images_interleave(tmp_path):
+    # 120 annotations cycling over 3 images: grouped image after image, each image's in file order (as pycocotools'
+    # imgToAnns lists them); an unstable sort of 100+ ties shuffles them.
+    images = [{"id": i, "height": 100, "width": 100} for i in range(3)]
+    anns = [{"id": n, "image_id": n % 3, "bbox": [1, 1, 10 + n % 50, 10]} for n in range(120)]
+    ds = load_coco(_write(tmp_path / "a.json", {"images": images, "annotations": anns}), Resize(mode="none"))
+    assert ds.box_counts.tolist() == [40, 40, 40]
+    assert ds.annotation_ids.tolist() == [n for i in range(3) for n in range(i, 120, 3)]
+    assert ds.boxes[:, 2].tolist() == [1 + 10 + n % 50 for i in range(3) for n in range(i, 120, 3)]
+
+
+def test_an_annotation_without_an_id_is_minus_one_and_a_subset_keeps_the_skipped_count(tmp_path):
+    # -1 is "unknown" (format_missing lists it); 0 is a real COCO annotation id.
+    images = [{"id": 5, "height": 50, "width": 50}, {"id": 6, "height": 50, "width": 50}]
+    anns = [{"image_id": 5, "bbox": [1, 1, 5, 5]}, {"id": 0, "image_id": 6, "bbox": [1, 1, 5, 5]},
+            {"id": 3, "image_id": 6, "bbox": [60, 60, 5, 5]}]  # fmt: skip
+    ds = load_coco(_write(tmp_path / "a.json", {"images": images, "annotations": anns}), Resize(mode="none"))
+    assert ds.annotation_ids.tolist() == [-1, 0] and ds.skipped == 1
+    assert ds.subset(torch.tensor([1, 0])).skipped == 1
+
+
+@pytest.mark.parametrize(
+    ("length", "shown"), [(198, "'" + "x" * 198 + "'"), (199, "'" + "x" * 199 + "... (1 more characters)")]
+)
+def test_a_bad_value_is_shown_whole_up_to_200_characters(tmp_path, length, shown):
+    # An id string whose repr is 200 characters is shown whole; 201 are cut after 200.
+    data = {"images": [{"id": "x" * length, "height": 100, "width": 100}], "annotations": []}
+    with pytest.raises(ValueError) as info:
+        load_coco(_write(tmp_path / "a.json", data))
+    assert str(info.value).endswith(f"'id' must be an integer, got {shown}")
+
+
 # ---------------------------------------------------------------- check against brute force
 
 
@@ -348,6 +410,76 @@ def test_check_equals_brute_force(small_dataset, name):
         assert listed == result.annotation_ids[rows[:2]].tolist()
         assert (lines[-1] == f"  ... {len(rows) - 2} more") == (len(rows) > 2)
     assert result.box_image_ids.tolist() == [11] * 3 + [13] * 6 + [14] + [15] * 4
+
+
+def _tiny_boxes():
+    generator = torch.Generator().manual_seed(3)
+    boxes = []
+    for count in (3, 2, 4, 1, 2):
+        wh = 10 + torch.rand(count, 2, generator=generator) * 50
+        xy = torch.rand(count, 2, generator=generator) * (torch.tensor([128.0, 96.0]) - wh)
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    return from_tensors(boxes, [(96, 128)] * 5)
+
+
+def _two_level_config():
+    # Strides 8 and 16 with the same 32 px square anchor: an anchor centred at (16, 16) on both levels.
+    level = {"sizes": [32.0], "aspect_ratios": [1.0]}
+    return presets.get("retinanet_torchvision").replace(
+        **{"anchors.levels": [{**level, "stride": 8}, {**level, "stride": 16}]}
+    )
+
+
+def test_best_anchor_iou_keeps_the_first_level_on_a_tie():
+    # The box is the anchor of both levels at (16, 16): IoU 1 twice, the finer level named (as argmax takes the first).
+    best, level = best_anchor_iou(torch.tensor([[0.0, 0.0, 32.0, 32.0]]), _two_level_config(), (64, 64))
+    assert best.tolist() == [1.0] and level.tolist() == [0]
+
+
+def test_positives_on_the_first_anchor_of_a_level_count_for_that_level():
+    # Level 1's first anchor (cell (0, 0), centred at the origin: [-16, -16, 16, 16]) is one of the four 32 px anchors
+    # the low-quality rule gives the box [0, 0, 16, 16] (IoU 1/4 each); level 0's 4 px anchors reach 1/16.
+    levels = [
+        {"stride": 8, "sizes": [4.0], "aspect_ratios": [1.0]},
+        {"stride": 16, "sizes": [32.0], "aspect_ratios": [1.0]},
+    ]
+    config = presets.get("retinanet_torchvision").replace(**{"anchors.levels": levels})
+    result = check(from_tensors([torch.tensor([[0.0, 0.0, 16.0, 16.0]])], [(64, 64)]), config, backend="cpu")
+    assert result.matched.by_level.tolist() == [[0, 4]] and result.matched.by_shape.tolist() == [0, 4]
+    assert result.best_iou.tolist() == [0.25] and result.best_level.tolist() == [1]
+
+
+def test_check_reports_progress_per_batch_of_images():
+    # batch_images=2 over 5 images of one canvas: three assign calls, progress after each.
+    calls = []
+    check(_tiny_boxes(), presets.get("yolov5"), backend="cpu", batch_images=2, progress=lambda *a: calls.append(a))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    with pytest.raises(ValueError, match="batch_images: must be positive, got 0"):
+        check(_tiny_boxes(), presets.get("yolov5"), backend="cpu", batch_images=0)
+    with pytest.raises(TypeError, match="batch_images: expected an integer, got 1.5"):  # failed in torch's split
+        check(_tiny_boxes(), presets.get("yolov5"), backend="cpu", batch_images=1.5)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_rpn_torchvision", "rpn_detectron2", "rpn_mmdet"])
+def test_the_scan_turns_balanced_sampling_off(name):
+    # Sampling draws among positives at random: the scan counts what the matcher offers it.
+    config = presets.get(name)
+    assert config.match.sample_size > 0
+    assert scan_config(config).match.sample_size == 0 and strict_config(config).match.sample_size == 0
+    assert scan_config(config).match.low_quality == config.match.low_quality
+    assert strict_config(config).match.low_quality == "none"
+
+
+def test_size_classes_and_positive_bins_split_at_their_edges():
+    # COCO's small is area < 32², medium < 96² (areas exactly 32² and 96² go up); bins 0, 1, 2-3, 4-7, 8-15, 16+.
+    boxes = [torch.tensor([[0.0, 0.0, 31.0, 33.0], [0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 96.0, 96.0]])]
+    dataset = from_tensors([*boxes, torch.zeros(0, 4)], [(128, 128)] * 2)  # two images: anchors per image is half
+    result = check(dataset, presets.get("yolov5"), backend="cpu")
+    assert result.size_class.tolist() == [0, 1, 2]
+    assert [label for label, _ in result.positive_histogram()] == ["0", "1", "2-3", "4-7", "8-15", "16+"]
+    summary = result.summary()
+    assert summary["anchors_per_image"] == result.matched.total_anchors / 2 == 3 * (16 * 16 + 8 * 8 + 4 * 4)
+    assert [summary["by_size"][size]["boxes"] for size in ("small", "medium", "large")] == [1, 1, 1]
 
 
 # ---------------------------------------------------------------- fit
@@ -663,6 +795,93 @@ def test_fit_refuses_fixed_canvas_layouts(skewed_path):
     dataset = load_coco(skewed_path, Resize(mode="none")).subset(torch.arange(2))
     with pytest.raises(ValueError, match="ssd"):
         fit_anchors(dataset, presets.get("ssd300_torchvision"), generations=1)
+
+
+def test_wh_iou_is_the_iou_of_shapes_sharing_a_centre():
+    # 10 x 10 against 20 x 5: intersection 10 x 5 = 50, union 100 + 100 - 50 = 150.
+    iou = _wh_iou(torch.tensor([[10.0, 10.0], [20.0, 5.0]]), torch.tensor([[20.0, 5.0]]))
+    torch.testing.assert_close(iou, torch.tensor([[1 / 3], [1.0]]))
+
+
+def test_kmeans_iou_centres_are_the_means_of_their_members():
+    # One cluster of (10, 10) twice and (40, 40): the mean (20, 20), not the median (10, 10).
+    centres = kmeans_iou(torch.tensor([[10.0, 10.0], [10.0, 10.0], [40.0, 40.0]]), 1)
+    assert centres.tolist() == [[20.0, 20.0]]
+
+
+def test_kmeans_iou_seeds_by_squared_distance_as_kmeans_plus_plus():
+    # 50 shapes at 10 x 10, 50 at 10 x 12 (1 - IoU 1/6) and one at 10 x 40 (1 - IoU ~0.7): k-means++ (D² weights)
+    # draws the far one second for ~27% of seeds, D weights for ~8% (iterations=0: the seeds themselves).
+    wh = torch.tensor([[10.0, 10.0]] * 50 + [[10.0, 12.0]] * 50 + [[10.0, 40.0]])
+    far = sum(int((kmeans_iou(wh, 2, seed=seed, iterations=0)[:, 1] == 40).any()) for seed in range(400))
+    assert 0.18 * 400 < far < 0.36 * 400
+
+
+def test_fitness_is_bpr_plus_a_tenth_of_the_positives_capped_at_three():
+    # Boxes with 0, 1 and 5 positives: BPR 2/3, served (0 + 1/3 + 1) / 3 (5 counts as 3).
+    assert fitness(torch.tensor([0, 1, 5])) == pytest.approx(2 / 3 + 0.1 * (4 / 9))
+    assert fitness(torch.tensor([0, 0])) == 0.0 and fitness(torch.zeros(0, dtype=torch.int64)) == 0.0
+
+
+@pytest.mark.parametrize(("name", "wh", "small"), [
+    ("retinanet_torchvision", [[2.0, 2.0], [1.0, 4.0], [1.9, 2.0], [0.5, 7.9]], [False, False, True, True]),
+    ("yolov5", [[2.0, 1.0], [1.0, 5.0], [1.9, 1.9], [2.0, 2.0]], [False, False, True, False]),
+])  # fmt: skip
+def test_boxes_too_small_for_the_fit_are_under_two_pixels_exactly(name, wh, small):
+    # FPN layouts: sqrt(w x h) < 2 px; yolo: both sides < 2 px (yolov5's autoanchor: `(wh0 < 3.0).any(1)` warns,
+    # `wh0[(wh0 >= 2.0).any(1)]` keeps).
+    assert _Parameters(presets.get(name)).too_small(torch.tensor(wh)).tolist() == small
+
+
+def test_fit_decode_holds_sizes_so_the_thinnest_ratio_keeps_two_pixel_sides():
+    # Ratio 16 stretches a size s into sides s / 4 and 4 s: 2 px sides need s >= 8 (not 2 x 16).
+    config = presets.get("retinanet_torchvision")
+    parameters = _Parameters(config)
+    sizes = sum(len(lv.sizes) for lv in config.anchors.levels)
+    vector = torch.tensor([1.0] * sizes + [16.0, 1.0, 1 / 16], dtype=torch.float64).log()
+    fitted = parameters.decode(vector)
+    assert all(lv.sizes == pytest.approx((8.0,) * len(lv.sizes)) for lv in fitted.anchors.levels)
+    assert fitted.anchors.levels[0].aspect_ratios == pytest.approx((1 / 16, 1.0, 16.0))
+
+
+def test_fit_refuses_zero_fit_images():
+    with pytest.raises(ValueError, match=r"need generations >= 0 and fit_images > 0, got 3, 0"):
+        fit_anchors(_tiny_boxes(), presets.get("yolov5"), fit_images=0, generations=3, backend="cpu")
+    # a fraction of an image failed in a slice ("slice indices must be integers"), unnamed
+    with pytest.raises(TypeError, match=r"fit: fit_images: expected an integer, got 1.5"):
+        fit_anchors(_tiny_boxes(), presets.get("yolov5"), fit_images=1.5, generations=3, backend="cpu")
+
+
+def test_fit_history_records_strict_improvements_only():
+    # A (1+1) evolution keeps a child only when it is strictly fitter: few boxes make ties common.
+    result = fit_anchors(_tiny_boxes(), presets.get("yolov5"), generations=30, backend="cpu")
+    scores = [score for _, score in result.history]
+    assert all(b > a for a, b in zip(scores, scores[1:])) and result.fitness == scores[-1]
+
+
+def test_fit_evolution_moves_about_half_the_parameters_per_generation():
+    # The documented (1+1) step multiplies a random half of the shapes' sides: after one kept generation, some of the
+    # 18 yolov5 sides are exactly those it started from (the k-means shapes or the config's), some are not.
+    dataset = _tiny_boxes()
+    kept = 0
+    for seed in range(6):
+        result = fit_anchors(dataset, presets.get("yolov5"), seed=seed, generations=1, backend="cpu")
+        if [generation for generation, _ in result.history] != [0, 1]:
+            continue
+        kept += 1
+        start = [v for c in (result.kmeans, result.start) for lv in c.anchors.levels for s in lv.shapes for v in s]
+        sides = [v for lv in result.config.anchors.levels for s in lv.shapes for v in s]
+        unchanged = sum(any(abs(v - s) <= 1e-9 * s for s in start) for v in sides)
+        assert 0 < unchanged < len(sides) == 18
+    assert kept >= 3
+
+
+def test_fit_computes_its_objective_on_fit_images_of_the_images():
+    # 5 images with boxes, fit_images=2: the objective runs on 2 of them (a seeded sample), their boxes only.
+    dataset = _tiny_boxes()
+    result = fit_anchors(dataset, presets.get("yolov5"), fit_images=2, generations=0, backend="cpu")
+    assert result.fit_images == 2 and result.boxes < dataset.num_boxes
+    assert result.boxes in {a + b for i, a in enumerate([3, 2, 4, 1, 2]) for b in [3, 2, 4, 1, 2][i + 1 :]}
 
 
 # ---------------------------------------------------------------- CLI
@@ -1052,6 +1271,35 @@ def test_cli_names_configs_apart(tiny_path, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plots, "plot_anchor_shapes", lambda config, canvas, path, title: drawn.append(path))
     assert main(["anchors", "show", *base, "--out-dir", str(tmp_path)]) == 0
     assert [os.path.basename(p) for p in drawn] == [f"anchors_{name}.png" for name in header]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--no-resize", "--max-size", "800"], "--max-size goes with --min-size resizing, not with --canvas"),
+    (["--letterbox", "64", "64", "--size-divisible", "64"],
+     "--size-divisible pads --min-size and --no-resize canvases; --letterbox 64 64 fixes the canvas"),
+])  # fmt: skip
+def test_cli_refuses_resize_flags_that_contradict_no_resize_or_letterbox(argv, message, tmp_path, monkeypatch, capsys):
+    # The flags the existing cases leave out: --max-size with --no-resize, --size-divisible with --letterbox.
+    monkeypatch.chdir(tmp_path)
+    assert main(["anchors", "check", "--preset", "yolov5", *argv, "--annotations", "never_read.json"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_takes_min_size_equal_to_max_size(tmp_path, capsys):
+    # --min-size 64 --max-size 64 is a square cap (torchvision's min_size == max_size), not a contradiction.
+    data = {"images": [{"id": 1, "height": 32, "width": 64}], "annotations": [{"image_id": 1, "bbox": [4, 4, 12, 8]}]}
+    argv = ["anchors", "check", "--annotations", _write(tmp_path / "a.json", data), "--preset", "yolov5",
+            "--min-size", "64", "--max-size", "64", "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "1 images, 1 boxes" in capsys.readouterr().out
+
+
+def test_cli_anchor_bound_is_the_services_rows_limit_exactly():
+    # yolov5 on S x S: 63 S² / 1024 anchors; 2**25 lies between S = 23328 (33,480,783) and S = 23360 (33,572,700).
+    configs = [("yolov5", presets.get("yolov5"))]
+    _check_anchor_counts(configs, {(23328, 23328)})
+    with pytest.raises(_UsageError, match="33,572,700 anchors per image, over the 33,554,432"):
+        _check_anchor_counts(configs, {(23360, 23360)})
 
 
 # ---------------------------------------------------------------- outputs written whole

@@ -1005,3 +1005,23 @@ def test_per_image_fields_that_cannot_be_read_are_named(server):
             with pytest.raises(ValueError, match="ignore_boxes: given as an option and by the batch's target dicts"):
                 list(with_targets([both], preset=PRESET, ignore_boxes=torch.zeros(0, 4), ignore_counts=[0, 0],
                                   **kwargs))  # fmt: skip
+
+
+def _one_image(image_id=7):
+    target = {"boxes": torch.tensor([[1.0, 1.0, 20.0, 20.0]]), "labels": torch.tensor([1]), "image_id": image_id}
+    return torch.zeros(1, 3, 64, 64), [target]
+
+
+@pytest.mark.parametrize("densify", [True, False])
+def test_in_process_targets_go_to_the_device_asked_for(densify):
+    # device= moves the targets (dense or sparse) wherever asked; "meta" shows it without a GPU.
+    ((_, _, assigned),) = with_targets([_one_image()], preset=PRESET, backend="cpu", densify=densify, device="meta")
+    assert isinstance(assigned, Targets if densify else SparseTargets)
+    tensors = [value for value in vars(assigned).values() if isinstance(value, torch.Tensor)]
+    assert tensors and all(value.device.type == "meta" for value in tensors)
+
+
+def test_an_empty_set_of_boxes_of_any_shape_counts_zero_boxes():
+    # torch.zeros(1, 0) has len 1 but no box: the image counts 0 boxes (its count must match the rows sent).
+    boxes, counts, _ = boxes_of([{"boxes": torch.zeros(1, 0)}, {"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}])
+    assert counts == [0, 1] and boxes.tolist() == [[1.0, 2.0, 3.0, 4.0]]

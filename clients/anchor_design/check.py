@@ -28,7 +28,7 @@ import torch
 
 from tritarget.kernels import TargetConfig, assign_sparse, generate_anchors, resolve_grid
 
-from .dataset import BoxDataset, ragged_rows
+from .dataset import BoxDataset, ragged_rows, require_integer
 
 __all__ = [
     "SIZE_NAMES",
@@ -405,6 +405,7 @@ def count_positives(
 
 
 def _run(dataset, counters, backend, device, batch_images, progress, on_chunk=None) -> None:
+    require_integer("batch_images", batch_images)
     if batch_images <= 0:
         raise ValueError(f"batch_images: must be positive, got {batch_images}")
     done = 0

@@ -39,7 +39,8 @@ class Resize:
 
     mode: ``min_max`` (shortest side to ``min_size``, longest at most ``max_size``),
         ``fixed`` (stretch to ``canvas``), ``letterbox`` (keep the aspect ratio, fit
-        inside ``canvas``, image at the top-left), ``none``.
+        inside ``canvas``, sides rounded up as YOLOv5 loads images, image at the top-left),
+        ``none``.
     size_divisible: ``min_max`` and ``none`` pad each image's canvas up to a multiple
         of it (32 in torchvision, detectron2 and mmdet FPN models).
     """
@@ -60,6 +61,8 @@ class Resize:
                 raise ValueError(f"Resize.canvas: the {self.mode} mode needs a (height, width) of positive integers, "
                                  f"got {self.canvas!r}")  # fmt: skip
             object.__setattr__(self, "canvas", (int(sides[0]), int(sides[1])))
+        for name in ("min_size", "max_size", "size_divisible"):  # pixels: 0.5 made float canvases
+            require_integer(f"Resize.{name}", getattr(self, name))
         if self.mode == "min_max" and not 0 < self.min_size <= self.max_size:
             raise ValueError(f"Resize: need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.size_divisible <= 0:
@@ -73,7 +76,9 @@ class Resize:
         if self.mode == "letterbox":
             canvas = self.canvas
             scale = min(canvas[0] / height, canvas[1] / width)
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            # Rounded up, as YOLOv5's and ultralytics' load_image resize (math.ceil; capped at
+            # the canvas, as ultralytics caps it: the long side's product may land a hair over).
+            size = (min(canvas[0], math.ceil(height * scale)), min(canvas[1], math.ceil(width * scale)))
             return size[0] / height, size[1] / width, size, canvas
         if self.mode == "min_max":
             scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
@@ -211,6 +216,13 @@ def from_tensors(
     resize = resize if resize is not None else Resize(mode="none")
     unknown_ids = torch.full((gt.shape[0],), -1, dtype=torch.int64)
     return _build(ids, sizes, resize, gt, gt_rows, unknown_ids, crowd, crowd_rows)
+
+
+def require_integer(name: str, value: object) -> None:
+    """Refuse, naming it, a count or a size in pixels that is not an integer (a float was
+    taken and failed later, in a slice or a split, without the argument's name)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
 
 
 def _image_id(n: int, value: object) -> int:

@@ -37,7 +37,7 @@ import torch
 from tritarget.kernels import AnchorLevel, TargetConfig
 
 from .check import count_positives, strict_config
-from .dataset import BoxDataset
+from .dataset import BoxDataset, require_integer
 
 __all__ = ["FIT_LAYOUTS", "FitResult", "check_fittable", "fit_anchors", "fitness", "kmeans_iou"]
 
@@ -379,6 +379,8 @@ def fit_anchors(
     parameters = _Parameters(config)
     if dataset.num_boxes == 0:
         raise ValueError("fit: the dataset has no boxes")
+    require_integer("fit: generations", generations)
+    require_integer("fit: fit_images", fit_images)
     if generations < 0 or fit_images <= 0:
         raise ValueError(f"fit: need generations >= 0 and fit_images > 0, got {generations}, {fit_images}")
     if not 0 <= seed < 2**64:
