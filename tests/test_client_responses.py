@@ -246,6 +246,14 @@ DENSE = {
         r"matched_gt: image 1, anchor 3 \(label 0\) matches box 1 of its 1",
     ),
     "max_iou missing": (lambda r: r.ClearField("max_iou"), r"max_iou: missing, but the request asked for it"),
+    "matched box -2 on a negative": (  # -1 (none) is the only negative box: -2 is no nearer a valid one
+        lambda r: _edit(r.dense.matched_gt, torch.int32, lambda v: _set(v, A + 3, -2).view(2, A)),
+        r"matched_gt: image 1, anchor 3 \(label 0\) matches box -2 of its 1",
+    ),
+    "class -1": (  # the largest negative class: the bound is 0, not below -1
+        lambda r: _edit(r.dense.classes, torch.int32, lambda v: _set(v, A + 3, -1).view(2, A)),
+        r"classes: image 1, anchor 3: class -1 \(expected 0 to 2147483647\)",
+    ),
 }
 
 
@@ -424,6 +432,35 @@ def test_without_its_request_a_response_is_still_checked_for_what_no_request_all
     with pytest.raises(ValueError, match=r"^malformed response: positive_matched_gt: a positive of image 0 "
                                          r"matches box -1$"):  # fmt: skip
         decode(broken)
+
+
+@pytest.mark.parametrize("decode", [decode_response, decode_sparse])
+def test_without_its_request_more_dropped_lists_than_images_are_refused(decode):
+    """Decoded on its own, a response holds no dropped lists or one per image: one more
+    would hand back a list for an image the batch does not have."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="retinanet_torchvision", drop_invalid=True)
+    response = _answer(request)
+    assert len(decode(response).dropped) == 2
+    response.dropped.add()
+    with pytest.raises(ValueError, match=r"^malformed response: dropped: 3 lists, expected none or one per image "
+                                         r"\(2\)$"):  # fmt: skip
+        decode(response)
+
+
+def test_decode_sparse_of_a_response_listing_the_negatives_splits_the_ignored_anchors_by_image():
+    """Where the server listed the negatives, decode_sparse finds the ignored anchors and
+    their per-image offsets (from 0, one image after the other) itself: densified, they
+    are the labels decode_response gives."""
+    request = build_request(BOXES, [2, 1], CANVAS, preset="rpn_mmdet", seed=1)
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, seed=1, backend="cpu")
+    response = codec.encode_assign(request, targets)
+    assert response.sparse.listed_label == NEGATIVE
+    sparse = decode_sparse(response, request)
+    ignored = (targets.labels == IGNORED).sum(dim=1)
+    assert sparse.ignored_offsets.tolist() == [0, int(ignored[0]), int(ignored.sum())]
+    assert torch.equal(sparse.to_dense().labels, decode_response(response, request).labels)
+    assert torch.equal(sparse.to_dense().labels, targets.labels)
 
 
 @pytest.mark.parametrize("decode", [decode_response, decode_sparse])

@@ -682,3 +682,40 @@ async def _occupy(srv, gate):
     import asyncio
 
     asyncio.ensure_future(srv.server.batcher.run(gate.wait))
+
+
+def test_ignore_regions_at_the_box_limit_are_taken_and_one_more_refused():
+    """max_boxes bounds ignore_boxes inclusively, as it does gt_boxes (``>`` not ``>=``)."""
+    limited = codec.Limits(max_boxes=2)
+    at = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", ignore_boxes=GOOD, ignore_counts=[2])
+    assert codec.decode_assign(at, limited).ignore_boxes.shape[0] == 2
+    past = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", ignore_boxes=GOOD[[0, 1, 1]],
+                         ignore_counts=[3])  # fmt: skip
+    with pytest.raises(ResourceExhausted, match=re.escape("ignore_boxes: 3 boxes is over the server's limit of 2")):
+        codec.decode_assign(past, limited)
+
+
+@pytest.mark.parametrize(
+    "field, tensor, text",
+    [("gt_boxes", GOOD.half(), "gt_boxes: dtype DTYPE_FLOAT16 not allowed here (expected DTYPE_FLOAT32)"),
+     ("image_sizes", torch.tensor([[96, 128, 3]], dtype=torch.int32), "image_sizes: expected last dimension 2"),
+     ("pad_sizes", torch.tensor([[96, 128, 3]], dtype=torch.int32), "pad_sizes: expected last dimension 2")],
+)  # fmt: skip
+def test_a_tensor_of_the_wrong_dtype_or_width_is_refused_by_the_codec_naming_it(field, tensor, text):
+    """Refused when decoded, before a merged batch sees it: float16 boxes would be read as
+    another dtype's values, and a [B, 3] size as something the backend must refuse."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    encode_tensor(tensor, getattr(request, field))
+    with pytest.raises(InvalidInput, match=re.escape(text)) as info:
+        codec.decode_assign(request, codec.Limits())
+    assert info.value.violations[0][0] == field
+
+
+def test_a_response_that_fits_without_its_id_at_exactly_the_limit_names_the_request_id():
+    """``_too_big``: size minus the id's bytes equal to the limit fits without the id (its tag
+    and length are not counted), so the id is what is named, not the format."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format="dense", request_id="r" * 100)
+    job = codec.decode_assign(request, codec.Limits())
+    size = codec.dense_response_bytes(1, resolve_grid(job.config.anchors, CANVAS).num_anchors, request, 0)
+    with pytest.raises(ResourceExhausted, match=r"^request_id: the DENSE response \(echoing the 100-byte"):
+        codec.decode_assign(request, codec.Limits(max_message_bytes=size - 100))

@@ -197,6 +197,20 @@ def test_dense_response_size_with_every_box_and_ignore_region_dropped_is_exact()
     assert codec.dense_response_bytes(1, anchors, request, 0) == codec.encode_assign(request, targets).ByteSize()
 
 
+def test_dense_response_size_with_128_boxes_dropped_counts_their_indices_as_one_byte_each():
+    """Indices 0 to 127 take one varint byte each: the largest index is count - 1, not
+    count (whose 128 would take two), so every box dropped is still the exact size."""
+    invalid = torch.tensor([[5.0, 5.0, 5.0, 9.0]] * 128)
+    request = build_request(invalid, [128], CANVAS, preset="retinanet_mmdet", drop_invalid=True, format="dense")
+    job = codec.decode_assign(request, codec.Limits())
+    from tritarget.kernels import assign
+
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, drop_invalid=True, backend="cpu")
+    assert [len(d) for d in targets.dropped] == [128]
+    anchors = targets.num_anchors
+    assert codec.dense_response_bytes(1, anchors, request, 0) == codec.encode_assign(request, targets).ByteSize()
+
+
 def test_dense_response_one_byte_over_the_limit_is_refused_before_computing(server):  # D5
     anchors = resolve_grid(presets.get("retinanet_torchvision").anchors, CANVAS).num_anchors
     base = codec.dense_response_bytes(1, anchors, _good_request(format="dense"), 0)

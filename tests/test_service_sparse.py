@@ -273,3 +273,19 @@ def test_a_request_without_a_format_is_answered_sparse(generator):
         answers = [stub.Assign(request, timeout=60) for request in (unset, explicit)]
     assert answers[0].WhichOneof("targets") == "sparse"
     assert answers[0].SerializeToString(deterministic=True) == answers[1].SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("format", [pb.FORMAT_DENSE, pb.FORMAT_SPARSE], ids=["dense", "sparse"])
+def test_a_request_without_a_delta_dtype_is_answered_float32(format):
+    """The wire's contract (``delta_dtype``: DTYPE_FLOAT32 by default): a client that leaves
+    it unset gets the float32 deltas, the same bytes as asking for them, not float16."""
+    labels = torch.tensor([[1, 0, -1], [-1, 1, 0]], dtype=torch.int8)
+    deltas = torch.zeros(2, 3, 4)
+    deltas[0, 0], deltas[1, 1] = torch.tensor([0.1, -0.2, 0.3, 0.4]), torch.tensor([1.0, 2.0, -1.0, 0.0])
+    targets = Targets(labels=labels, matched_gt=torch.tensor([[0, -1, -1], [-1, 1, -1]], dtype=torch.int32),
+                      deltas=deltas)  # fmt: skip
+    unset = encode_assign(pb.AssignRequest(format=format), targets)
+    explicit = encode_assign(pb.AssignRequest(format=format, delta_dtype=pb.DTYPE_FLOAT32), targets)
+    sent = unset.dense.deltas if format == pb.FORMAT_DENSE else unset.sparse.positive_deltas
+    assert sent.dtype == pb.DTYPE_FLOAT32
+    assert unset.SerializeToString(deterministic=True) == explicit.SerializeToString(deterministic=True)

@@ -4,6 +4,7 @@ a caller gets the codec's error (and the stream goes on), never gRPC's generic o
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 import pytest
@@ -11,10 +12,11 @@ import torch
 from test_service_harness import ServerThread, limits
 
 from tritarget.clients import TargetClient, TargetServiceError, wire
-from tritarget.clients.wire import build_request
-from tritarget.kernels import TargetConfig, generate_anchors, presets
+from tritarget.clients.wire import build_request, decode_response
+from tritarget.kernels import TargetConfig, assign, generate_anchors, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
+from tritarget.service import codec
 
 MIB = 1 << 20
 CANVAS = (96, 128)
@@ -72,3 +74,32 @@ def test_a_config_travels_without_fields_added_later_at_their_old_value(name):
     assert ("symmetric_clamp" in sent["encode"]) == config.encode.symmetric_clamp
     assert TargetConfig.from_dict(sent) == config
     assert config.to_dict()["encode"]["symmetric_clamp"] is config.encode.symmetric_clamp  # the library's own: whole
+
+
+@pytest.mark.parametrize("format", ["dense", "sparse"])
+def test_float16_deltas_are_decoded_as_float32(format):
+    """The client widens float16 deltas, DENSE (a view of the bytes) as SPARSE (densified):
+    a trainer gets float32 whatever the request's delta_dtype."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format=format, delta_dtype="float16")
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, backend="cpu")
+    response = codec.encode_assign(request, targets)
+    decoded = decode_response(response, request)
+    assert decoded.deltas.dtype == torch.float32
+    assert torch.equal(decoded.deltas, targets.deltas.half().float())
+
+
+@pytest.mark.parametrize("box_format", ["xyxyn", "xywhn", "cxcywhn"])
+def test_normalised_boxes_scale_x_by_width_and_y_by_height_of_a_non_square_canvas(box_format):
+    """Fractions of the canvas (height 96, width 128): x by the width, y by the height."""
+    given = {"xyxyn": [0.1, 0.25, 0.5, 0.75], "xywhn": [0.1, 0.25, 0.4, 0.5], "cxcywhn": [0.3, 0.5, 0.4, 0.5]}
+    request = build_request(torch.tensor([given[box_format]]), [1], CANVAS, preset="retinanet_torchvision",
+                            box_format=box_format)  # fmt: skip
+    sent = torch.frombuffer(bytearray(request.gt_boxes.data), dtype=torch.float32)
+    assert torch.allclose(sent, torch.tensor([12.8, 24.0, 64.0, 72.0]))
+
+
+def test_float32_boxes_of_another_width_are_refused_by_the_client():
+    """The no-copy path for float32 boxes still checks their shape: [N, 5] is named here."""
+    with pytest.raises(ValueError, match=re.escape("gt_boxes: expected shape [N, 4], got [2, 5]")):
+        build_request(torch.zeros(2, 5), [2], CANVAS, preset="retinanet_torchvision")
