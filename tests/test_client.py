@@ -882,6 +882,37 @@ def _items(count: int, pause: float = 0.0):
         yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"i{i}"}
 
 
+def _stream_in_a_thread(client, on_answer, outcome: dict, wait_s: float) -> bool:
+    """Streams 40 items, still being sent as the test breaks its server, through ``client``
+    (blocking or asyncio) on a thread of its own, ``on_answer(count)`` after each answer;
+    records the TargetServiceError it ends with (``outcome["error"]``) and when
+    (``outcome["ended"]``). False if it has not ended after ``wait_s``."""
+
+    def consume() -> None:
+        items = _items(40, 0.01)
+        try:
+            if isinstance(client, TargetClient):
+                for count, _ in enumerate(client.stream(items, preset=PRESET, canvas=CANVAS), 1):
+                    on_answer(count)
+            else:
+
+                async def run() -> None:
+                    count = 0
+                    async for _ in client.stream(items, preset=PRESET, canvas=CANVAS):
+                        count += 1
+                        on_answer(count)
+
+                asyncio.run(run())
+        except TargetServiceError as error:
+            outcome["error"] = error
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    return not thread.is_alive()
+
+
 @pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
 def test_a_stream_whose_next_server_hangs_gives_up_within_the_clients_timeout(client_class):
     """After its server went away a stream moved to a server that accepts the call and
@@ -897,29 +928,7 @@ def test_a_stream_whose_next_server_hangs_gives_up_within_the_clients_timeout(cl
                 first.stop(grace=0)
                 outcome["broke"] = time.monotonic()
 
-        def consume() -> None:
-            try:
-                if client_class is TargetClient:
-                    for count, _ in enumerate(client.stream(_items(40, 0.01), preset="retinanet_torchvision",
-                                                            canvas=CANVAS), 1):  # fmt: skip
-                        on_answer(count)
-                else:
-
-                    async def run() -> None:
-                        count = 0
-                        async for _ in client.stream(_items(40, 0.01), preset="retinanet_torchvision", canvas=CANVAS):
-                            count += 1
-                            on_answer(count)
-
-                    asyncio.run(run())
-            except TargetServiceError as error:
-                outcome["error"] = error
-            outcome["ended"] = time.monotonic()
-
-        thread = threading.Thread(target=consume, daemon=True)
-        thread.start()
-        thread.join(20)
-        assert not thread.is_alive(), "the stream still waits on the hung server"
+        assert _stream_in_a_thread(client, on_answer, outcome, 20), "the stream still waits on the hung server"
     error = outcome["error"]
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # Within what is left of the timeout once the backoff before the new call is over (1.4-1.5 s
@@ -2185,29 +2194,7 @@ def test_a_stream_whose_server_goes_away_for_good_gives_up_within_the_clients_ti
             server.stop(grace=0)
             outcome["broke"] = time.monotonic()
 
-    def consume() -> None:
-        items = _items(40, 0.01)  # still being sent when the server goes
-        try:
-            if client_class is TargetClient:
-                for count, _ in enumerate(client.stream(items, preset=PRESET, canvas=CANVAS), 1):
-                    on_answer(count)
-            else:
-
-                async def run() -> None:
-                    count = 0
-                    async for _ in client.stream(items, preset=PRESET, canvas=CANVAS):
-                        count += 1
-                        on_answer(count)
-
-                asyncio.run(run())
-        except TargetServiceError as error:
-            outcome["error"] = error
-        outcome["ended"] = time.monotonic()
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "the stream still looks for a server"
+    assert _stream_in_a_thread(client, on_answer, outcome, 10), "the stream still looks for a server"
     error = outcome["error"]
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert f"no tritarget server answered at {server.address}" in error.details
