@@ -882,11 +882,17 @@ def _items(count: int, pause: float = 0.0):
         yield {"gt_boxes": BOXES, "gt_counts": [2], "request_id": f"i{i}"}
 
 
-def _stream_in_a_thread(client, on_answer, outcome: dict, wait_s: float) -> bool:
-    """Streams 40 items, still being sent as the test breaks its server, through ``client``
-    (blocking or asyncio) on a thread of its own, ``on_answer(count)`` after each answer;
-    records the TargetServiceError it ends with (``outcome["error"]``) and when
-    (``outcome["ended"]``). False if it has not ended after ``wait_s``."""
+def _stream_stopping_its_server(client, server: ServerThread, after: int, wait_s: float) -> dict:
+    """Streams 40 items through ``client`` (blocking or asyncio) on a thread of its own and
+    stops ``server`` at the ``after``-th answer, items still being sent: when
+    (``"broke"``), the TargetServiceError the stream ends with (``"error"``) and when
+    (``"ended"``), which must be within ``wait_s``."""
+    outcome: dict = {}
+
+    def on_answer(count: int) -> None:
+        if count == after:
+            server.stop(grace=0)
+            outcome["broke"] = time.monotonic()
 
     def consume() -> None:
         items = _items(40, 0.01)
@@ -910,7 +916,8 @@ def _stream_in_a_thread(client, on_answer, outcome: dict, wait_s: float) -> bool
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     thread.join(wait_s)
-    return not thread.is_alive()
+    assert not thread.is_alive(), f"the stream has not ended {wait_s} s on"
+    return outcome
 
 
 @pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
@@ -918,17 +925,10 @@ def test_a_stream_whose_next_server_hangs_gives_up_within_the_clients_timeout(cl
     """After its server went away a stream moved to a server that accepts the call and
     never answers: the client's timeout bounded only the search between tries, so the
     stream waited for ever (45 s and counting, timeout=1.5)."""
-    outcome: dict = {}
     with _hung_server() as hung:
         first = ServerThread().start()
         client = client_class([first.address, hung.address], timeout=1.5)
-
-        def on_answer(count: int) -> None:
-            if count == 5:
-                first.stop(grace=0)
-                outcome["broke"] = time.monotonic()
-
-        assert _stream_in_a_thread(client, on_answer, outcome, 20), "the stream still waits on the hung server"
+        outcome = _stream_stopping_its_server(client, first, 5, 20)  # then it waits on the hung server
     error = outcome["error"]
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # Within what is left of the timeout once the backoff before the new call is over (1.4-1.5 s
@@ -2185,16 +2185,9 @@ def test_a_stream_whose_server_goes_away_for_good_gives_up_within_the_clients_ti
     """After a break the search for a server lasts the client's timeout from the break,
     over every try: counted afresh at each failed try (or each try counted as the
     first), a stream whose only server was gone for good tried to reconnect for ever."""
-    outcome: dict = {}
     server = ServerThread().start()
     client = client_class(server.address, timeout=1.0, backoff=0.01)
-
-    def on_answer(count: int) -> None:
-        if count == 2:
-            server.stop(grace=0)
-            outcome["broke"] = time.monotonic()
-
-    assert _stream_in_a_thread(client, on_answer, outcome, 10), "the stream still looks for a server"
+    outcome = _stream_stopping_its_server(client, server, 2, 10)  # then it looks for a server
     error = outcome["error"]
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert f"no tritarget server answered at {server.address}" in error.details
