@@ -1,13 +1,28 @@
 """argparse types the ``tritarget`` commands share: a value out of range is a one-line
-usage error (exit 2) that names the flag, before anything runs."""
+usage error (exit 2) that names the flag, before anything runs; and their parser."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 
-__all__ = ["batch_seed", "integer", "number", "target_address", "timeout_seconds"]
+__all__ = ["Parser", "batch_seed", "integer", "number", "target_address", "timeout_seconds"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose help and version text on stdout is written or fails aloud:
+    argparse drops a write's OSError, so with stdout unbuffered (PYTHONUNBUFFERED) ``--help >
+    /dev/full`` exited 0 having written nothing. The error now reaches the command's
+    ``exit_status`` (one line, status 1; a reader gone, 141). Usage errors on stderr keep
+    argparse's way: with stderr gone there is no one left to tell."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if message and file is not None and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def integer(low: int, high: int | None = None, wanted: str | None = None) -> Callable[[str], int]:

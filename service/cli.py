@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .arguments import batch_seed, integer, number, target_address, timeout_seconds
+from .arguments import Parser, batch_seed, integer, number, target_address, timeout_seconds
 from .output import exit_status, while_read
 from .stop_signals import STOP_SIGNALS
 
@@ -718,7 +718,7 @@ class _PrintVersions(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     from tritarget.kernels import BACKENDS, presets
 
-    parser = argparse.ArgumentParser(prog="tritarget", description="Object-detection training targets.")
+    parser = Parser(prog="tritarget", description="Object-detection training targets.")
     parser.add_argument("--version", action=_PrintVersions)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="compute targets for a synthetic COCO-like batch in-process")

@@ -203,6 +203,22 @@ def test_stdout_on_a_full_disk_is_one_line_and_status_1(buffered):
         assert (result.returncode, result.stderr) == (status, f"{said}No space left on device\n"), result.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("argv", [["--help"], ["anchors", "fit", "--help"]])
+def test_help_on_a_full_disk_is_one_line_and_status_1(argv, buffered):
+    """`tritarget --help > /dev/full`: argparse drops its writes' errors, and with stdout
+    unbuffered (every write at once) that was all of them: status 0, nothing written."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", *argv], stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and result.stderr.endswith(": No space left on device\n"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_a_bug_s_traceback_is_shown_when_stdout_s_reader_has_gone():
     """An unexpected error's traceback is not hidden behind the closed pipe."""
     result = run_into_a_closed_pipe(["-c", _ENDING, "bug"], buffered=True)

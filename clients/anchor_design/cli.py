@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from tritarget.service.arguments import integer
+from tritarget.service.arguments import Parser, integer
 from tritarget.service.output import (
     WhileRead,
     exit_status,
@@ -599,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tritarget")
+    parser = Parser(prog="tritarget")
     add_parser(parser.add_subparsers(dest="command", required=True))
 
     def run() -> int:
