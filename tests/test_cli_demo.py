@@ -100,6 +100,60 @@ def test_the_synthetic_boxes_are_valid_on_any_canvas(canvas, capsys):
     assert "assigned in" in capsys.readouterr().out
 
 
+def test_the_synthetic_counts_average_about_7_with_empty_images_and_a_cap_of_100():
+    """The module docstring's counts: log-normal, mean ~7 (floored: COCO's 7.3 less the
+    fractions), an empty image now and then, a long tail cut at 100 boxes."""
+    import torch
+
+    from tritarget.kernels.workload import coco_like_counts
+
+    counts = torch.tensor(coco_like_counts(20_000, torch.Generator().manual_seed(0)), dtype=torch.float64)
+    assert 6.5 < float(counts.mean()) < 7.1
+    assert 0.03 < float((counts == 0).double().mean()) < 0.08
+    assert float(counts.max()) == 100.0
+    assert (counts == counts.floor()).all()
+
+
+def test_the_synthetic_boxes_mix_sizes_shapes_and_classes_as_documented():
+    """On the COCO canvas: sqrt(area) from 8 to 640 pixels, ~43% / 25% / 32% below 53, below
+    160 and above; h / w = exp(0.5 N(0, 1)); classes 1..80; a fixed count per image when
+    given, none included."""
+
+    from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+
+    boxes, counts, classes = coco_like_batch(200, seed=0)
+    assert sum(counts) == boxes.shape[0] == classes.shape[0]
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = (width * height).sqrt()
+    assert 8.0 <= float(side.min()) and float(side.max()) <= 640.0
+    for share, want in [((side < 53).double().mean(), 0.43), (((side >= 53) & (side < 160)).double().mean(), 0.25),
+                        ((side >= 160).double().mean(), 0.32)]:  # fmt: skip
+        assert abs(float(share) - want) < 0.05
+    assert 0.4 < float((height / width).log().std()) < 0.6
+    assert int(classes.min()) == 1 and int(classes.max()) == 80
+    assert float(boxes[:, 0::2].max()) > COCO_CANVAS[0]  # x spans the 1344-pixel width
+    fixed, fixed_counts, _ = coco_like_batch(3, seed=0, boxes_per_image=5)
+    assert fixed_counts == [5, 5, 5] and fixed.shape == (15, 4)
+    empty, empty_counts, empty_classes = coco_like_batch(3, seed=0, boxes_per_image=0)
+    assert empty_counts == [0, 0, 0] and empty.shape == (0, 4) and empty_classes.shape == (0,)
+    # Each side is fitted to its own extent: a strip canvas has wide (or tall) boxes.
+    for canvas, long_side, short_side in [((20, 1344), 0, 1), ((1344, 20), 1, 0)]:
+        strip, _, _ = coco_like_batch(20, seed=0, canvas=canvas)
+        sides = strip[:, 2:] - strip[:, :2]  # (w, h)
+        assert float(sides[:, long_side].max()) > 100.0 and float(sides[:, short_side].max()) <= 19.0
+
+
+def test_a_canvas_is_fixed_only_when_every_level_fixes_its_feature_map():
+    """One level with a feature_size among levels without one trains on COCO's canvas
+    (fixed_canvas would refuse such a config)."""
+    from tritarget.kernels import AnchorConfig, AnchorLevel, TargetConfig
+    from tritarget.kernels.workload import COCO_CANVAS, default_canvas
+
+    levels = (AnchorLevel(stride=8, sizes=(32.0,), aspect_ratios=(1.0,), feature_size=(100, 168)),
+              AnchorLevel(stride=16, sizes=(64.0,), aspect_ratios=(1.0,)))  # fmt: skip
+    assert default_canvas(TargetConfig(anchors=AnchorConfig(layout="torchvision", levels=levels))) == COCO_CANVAS
+
+
 @pytest.mark.parametrize(
     ("preset", "canvas", "anchors"),
     [("ssd300_torchvision", (300, 300), 8_732), ("d2l_multibox", (256, 256), 5_444), ("yolov5", (640, 640), 25_200),

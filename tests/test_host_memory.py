@@ -10,7 +10,7 @@ import torch
 
 from support import triton_runs_here
 from tritarget.kernels import anchors as anchors_module
-from tritarget.kernels import assign, assign_sparse, presets
+from tritarget.kernels import assign, assign_sparse, host_memory, presets
 from tritarget.kernels.host_memory import available_bytes, cgroup_available, check_host_fits
 from tritarget.kernels.targets import Targets
 
@@ -116,6 +116,78 @@ def test_the_swap_a_cgroup_may_use_counts_up_to_the_hosts_free_swap(tmp_path):
     (group / "memory.memsw.limit_in_bytes").write_text(f"{1536 * MIB}\n")  # 512 MiB of swap
     (group / "memory.memsw.usage_in_bytes").write_text(f"{1000 * MIB}\n")  # 100 MiB of it used
     assert cgroup_available(["4:memory:/docker/a"], str(tmp_path), swap_free=8192 * MIB) == (124 + 412) * MIB
+
+
+def test_the_walk_up_the_cgroup_tree_stops_at_the_mount(tmp_path):
+    """The parents read are those under the mount: a tighter limit in a directory above it
+    (not part of the cgroup hierarchy) does not count."""
+    _cgroup(tmp_path, str(64 * MIB), 0, "file 0\nshmem 0\n")  # above the mount
+    mount = tmp_path / "cgroup"
+    _cgroup(mount / "pod1", str(512 * MIB), 100 * MIB, "file 0\nshmem 0\n")
+    assert cgroup_available(["0::/pod1"], str(mount)) == (512 - 100) * MIB
+
+
+def test_a_cgroup_over_its_limit_leaves_nothing_not_a_negative_figure(tmp_path):
+    """Usage can exceed the limit (a limit lowered under a running job); what is left is
+    then none, and the swap it may still use is added to none, not to a negative figure.
+    Swap used beyond the swap limit likewise leaves no swap."""
+    _cgroup(tmp_path, str(1024 * MIB), 1100 * MIB, "file 0\nshmem 0\n")
+    assert cgroup_available(["0::/"], str(tmp_path)) == 0
+    (tmp_path / "memory.swap.max").write_text(f"{512 * MIB}\n")
+    (tmp_path / "memory.swap.current").write_text(f"{112 * MIB}\n")
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=8192 * MIB) == 400 * MIB
+    _cgroup(tmp_path, str(1024 * MIB), 900 * MIB, "file 0\nshmem 0\n")
+    (tmp_path / "memory.swap.max").write_text(f"{100 * MIB}\n")
+    (tmp_path / "memory.swap.current").write_text(f"{150 * MIB}\n")
+    assert cgroup_available(["0::/"], str(tmp_path), swap_free=8192 * MIB) == 124 * MIB
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads Linux's /proc/meminfo")
+def test_the_hosts_figures_are_read_in_kib():
+    """/proc/meminfo's "kB" are KiB: MemAvailable and SwapFree come back x 1024 bytes."""
+    available, swap = host_memory._host_meminfo()
+    with open("/proc/meminfo") as meminfo:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in meminfo}
+    assert abs(available - kib["MemAvailable"] * 1024) < 0.005 * kib["MemAvailable"] * 1024
+    assert abs(swap - kib["SwapFree"] * 1024) <= 0.005 * kib["SwapFree"] * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/cgroup"), reason="reads Linux's /proc/self/cgroup")
+def test_the_host_and_the_cgroup_figures_combine_to_the_least(monkeypatch):
+    """available_bytes: the host's MemAvailable plus free swap, or the cgroups' figure where
+    lower; either alone where the other cannot be read. The cgroups' swap is bounded by the
+    host's free swap (not its MemAvailable)."""
+    gib = 1 << 30
+    seen, group = [], {"left": None}
+
+    def cgroups(lines, swap_free=0):
+        seen.append(swap_free)
+        return group["left"]
+
+    monkeypatch.setattr(host_memory, "cgroup_available", cgroups)
+    monkeypatch.setattr(host_memory, "_host_meminfo", lambda: (3 * gib, 1 * gib))
+    assert available_bytes() == 4 * gib  # no cgroup limit
+    assert seen == [1 * gib]
+    group["left"] = 2 * gib
+    assert available_bytes() == 2 * gib
+    group["left"] = 8 * gib
+    assert available_bytes() == 4 * gib
+    monkeypatch.setattr(host_memory, "_host_meminfo", lambda: None)
+    assert available_bytes() == 8 * gib
+    assert seen[-1] == 0
+
+
+def test_only_large_sizes_are_checked_and_an_exact_fit_is_not_refused(monkeypatch):
+    """Below 256 MiB nothing is compared (nor /proc read); from it, a size is refused only
+    when it is more than what is available, not when it is exactly that."""
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1 * MIB)
+    check_host_fits(256 * MIB - 1, "a small thing", "never said")
+    with pytest.raises(MemoryError, match="^a large thing take"):
+        check_host_fits(256 * MIB, "a large thing", "make it smaller")
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 512 * MIB)
+    check_host_fits(512 * MIB, "an exact fit", "never said")
+    with pytest.raises(MemoryError):
+        check_host_fits(512 * MIB + 1, "one byte more", "make it smaller")
 
 
 @readable

@@ -66,6 +66,28 @@ def test_min_pos_iou_keeps_weak_boxes_out():
     assert t.matched_gt[0].tolist() == [0, -1]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mode", ["torchvision", "mmdet", "ssd_forced"])
+def test_a_box_whose_best_iou_equals_min_pos_iou_still_lifts(mode, backend):
+    """mmdet's ``max_overlaps >= min_pos_iou``: box 0's best IoU is exactly 0.4 (100 / 250),
+    so with min_pos_iou=0.4 it lifts a0; box 1's (1/3) does not."""
+    t = run(LQ_ANCHORS, LQ_BOXES, high=0.5, low=0.3, low_quality=mode, min_pos_iou=0.4, backend=backend)
+    assert t.labels[0].tolist() == [1, 0]
+    assert t.matched_gt[0].tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_max_iou_is_each_anchors_best_iou_over_the_boxes(backend):
+    """return_max_iou gives the best IoU over the image's boxes, unclamped: 1 for an anchor
+    equal to a box, 0.4 for a0 with LQ_BOXES, 0 where no box touches the anchor or the
+    image has none."""
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(high=0.5, low=0.3))
+    anchors = torch.tensor(LQ_ANCHORS + [[30, 30, 40, 40]], dtype=torch.float32)
+    boxes = torch.tensor(LQ_BOXES + [[30, 30, 40, 40]], dtype=torch.float32)
+    got = assign(boxes, [3, 0], CANVAS, config, anchors=anchors, return_max_iou=True, backend=backend)
+    assert got.max_iou.tolist() == [[pytest.approx(0.4), 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
 def test_strict_high_excludes_equality():
     boxes = [[0, 0, 20, 10]]  # IoU with a0 is exactly 0.5
     assert run(LQ_ANCHORS, boxes, high=0.5, low=0.3, low_quality="none").labels[0].tolist() == [1, 0]
@@ -132,6 +154,31 @@ def test_an_ignore_threshold_of_zero_is_off_as_in_mmdet(backend):
     assert got.labels[0].tolist() == run_ignore(-1).labels[0].tolist() == [1, -1]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_anchor_inside_any_one_of_several_ignore_regions_is_excluded(backend):
+    """mmdet compares an anchor's largest IoF over the image's ignore regions: one region
+    over the threshold excludes it, whatever the others (here a far-away first region)."""
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(high=0.5, low=0.4, ignore_iof_thr=0.3))
+    regions = torch.tensor([[50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 4.0, 10.0]])
+    got = assign(torch.tensor(IGN_BOX, dtype=torch.float32), [1], CANVAS, config,
+                 anchors=torch.tensor(IGN_ANCHORS, dtype=torch.float32), ignore_boxes=regions, ignore_counts=[2],
+                 backend=backend)  # fmt: skip
+    assert got.labels[0].tolist() == run_ignore(0.3).labels[0].tolist() == [-1, 1]
+    assert got.matched_gt[0].tolist() == [-1, 0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ignore_regions_apply_to_their_own_image_only(backend):
+    """ignore_counts splits the regions by image: image 1's region excludes a0 there, and
+    image 0 (no region) matches as without one."""
+    config = TargetConfig(anchors=ANCHORS, match=MatchConfig(high=0.5, low=0.4, ignore_iof_thr=0.3))
+    got = assign(torch.tensor(IGN_BOX * 2, dtype=torch.float32), [1, 1], CANVAS, config,
+                 anchors=torch.tensor(IGN_ANCHORS, dtype=torch.float32),
+                 ignore_boxes=torch.tensor([[0.0, 0.0, 4.0, 10.0]]), ignore_counts=[0, 1], backend=backend)  # fmt: skip
+    assert got.labels.tolist() == [[1, -1], [-1, 1]]
+    assert got.matched_gt.tolist() == [[0, -1], [-1, 0]]
+
+
 def test_ignore_iof_relative_to_the_ignore_box():
     assert run_ignore(0.5, wrt_anchor=True).labels[0].tolist() == [1, -1]  # 0.4 is not > 0.5
     assert run_ignore(0.5, wrt_anchor=False).labels[0].tolist() == [-1, 1]  # 40/40 = 1 > 0.5
@@ -160,6 +207,18 @@ def test_border_pre_match_and_post_match():
     assert post.labels[0].tolist() == [-1, 0]  # a0 lifted, then ignored for crossing
     generous = run(anchors, boxes, high=0.5, low=0.3, allowed_border=5, border_order="pre_match")
     assert generous.labels[0].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_anchor_ignored_after_matching_keeps_no_matched_box(backend):
+    """With ``border_order="post_match"`` a0 is lifted (box 0's best) and then ignored for
+    crossing the border: matched_gt is -1 everywhere but on positives, so it is -1 there."""
+    anchors, boxes = [[-5, 0, 5, 10], [5, 0, 15, 10]], [[0, 0, 6, 10]]
+    post = run(anchors, boxes, high=0.5, low=0.3, allowed_border=0, border_order="post_match", backend=backend)
+    assert post.labels[0].tolist() == [-1, 0]
+    assert post.matched_gt[0].tolist() == [-1, -1]
+    kept = run(anchors, boxes, high=0.5, low=0.3, allowed_border=-1, border_order="post_match", backend=backend)
+    assert kept.labels[0].tolist() == [1, 0] and kept.matched_gt[0].tolist() == [0, -1]
 
 
 def test_border_uses_each_images_valid_size():
