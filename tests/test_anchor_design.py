@@ -38,7 +38,7 @@ from tritarget.clients.anchor_design.dataset import BoxDataset
 from tritarget.clients.anchor_design.fit import _Parameters, _wh_iou, fitness
 from tritarget.kernels import TargetConfig, generate_anchors, presets
 from tritarget.service import output
-from tritarget.service.output import output_file_problem, write_atomically
+from tritarget.service.output import output_file_problem, output_folder_problem, write_atomically
 
 
 def _write(path, data) -> str:
@@ -1444,6 +1444,21 @@ def test_write_atomically_writes_standard_output_where_the_shell_points_it(tmp_p
     assert log.read_text() == ("earlier\n" if mode == "a" else "") + "table\nreport\nwrote\n"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_write_atomically_writes_standard_output_named_by_the_process_id(tmp_path):
+    """/proc/<its own pid>/fd/1 is the process's stdout as /proc/self/fd/1 is: written
+    through the descriptor, after what Python still buffers (opened anew, the report went
+    before the table, which then overwrote it behind a `>`)."""
+    log = tmp_path / "log.txt"
+    script = ("import os; from pathlib import Path; from tritarget.service.output import write_atomically; "
+              "print('table'); write_atomically(f'/proc/{os.getpid()}/fd/1', "
+              "lambda path: Path(path).write_text('report\\n')); print('wrote')")  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # block-buffered
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=60, env=environment)
+    assert log.read_text() == "table\nreport\nwrote\n"
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 def test_a_regular_file_under_dev_is_replaced_not_appended_to():
     path = f"/dev/shm/tritarget-test-{os.getpid()}.json"
@@ -1453,6 +1468,14 @@ def test_a_regular_file_under_dev_is_replaced_not_appended_to():
         assert Path(path).read_text() == "new"
     finally:
         os.unlink(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_a_device_on_an_output_files_way_is_named_not_a_folder():
+    """A path under something that exists but is no folder (a device, not only a regular
+    file) is refused as such, before the run."""
+    assert output_file_problem("/dev/null/report.json") == "/dev/null is not a folder"
+    assert output_folder_problem("/dev/null/pictures") == "/dev/null is not a folder"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")

@@ -223,6 +223,10 @@ def demo(args):
         raise KeyboardInterrupt
     if sys.argv[1] == "bug":
         raise RuntimeError("a bug's traceback")
+    if sys.argv[1] == "usage":
+        raise SystemExit(2)  # as argparse ends a usage error
+    if sys.argv[1] == "disk full":
+        raise OSError(28, "No space left on device", "report.json")  # a file of its own not written
     return int(sys.argv[1])
 
 cli._demo = demo  # `tritarget demo` runs it
@@ -237,6 +241,20 @@ def test_a_reader_gone_keeps_a_failure_s_status_and_a_success_becomes_141(ending
     or Ctrl-C keeps its status and message (a flush in a `finally` made every one 141)."""
     result = run_into_a_closed_pipe(["-c", _ENDING, ending], buffered=True)
     assert (result.returncode, result.stderr) == (status, said)
+
+
+def test_a_reader_gone_keeps_an_exit_status_that_argparse_set():
+    """A usage error's exit (SystemExit 2) with stdout's reader gone keeps its status: only
+    an exit that succeeded becomes 141."""
+    result = run_into_a_closed_pipe(["-c", _ENDING, "usage"], buffered=True)
+    assert (result.returncode, result.stderr) == (2, "")
+
+
+def test_a_reader_gone_does_not_hide_another_files_error():
+    """A file the command could not write (its own OSError) is named on stderr, status 1,
+    when stdout's reader has gone too: only stdout's own failure goes unsaid there."""
+    result = run_into_a_closed_pipe(["-c", _ENDING, "disk full"], buffered=True)
+    assert (result.returncode, result.stderr) == (1, "tritarget: report.json: No space left on device\n")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")

@@ -320,6 +320,16 @@ def test_the_metrics_port_serves_process_metrics_and_only_metrics(server, client
         assert info.value.code == 404 and b"readiness is the gRPC health service" in info.value.read()
 
 
+def test_the_batch_histograms_have_a_bucket_at_every_power_of_two(server):
+    """Images and requests per batch are read against powers of two (a batch of 4, of 8):
+    each histogram has a bucket at every one from 1 to 512, where ``value`` would read a
+    missing one as 0."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    for name in ("tritarget_batch_images", "tritarget_batch_requests"):
+        edges = [line.split('le="')[1].split('"')[0] for line in text.splitlines() if line.startswith(f"{name}_bucket")]
+        assert edges == [f"{2.0**i}" for i in range(10)] + ["+Inf"], (name, edges)
+
+
 def test_a_lone_small_sparse_request_is_computed_on_the_event_loop(generator):
     """Over gRPC, the cpu backend's server computes a small SPARSE request that finds it idle
     on its event loop (counted in /metrics), with the targets computed in process; a DENSE
@@ -355,7 +365,9 @@ def test_health_list_gives_every_status_and_logs_no_error(server, caplog):
 
 
 def test_health_not_serving_until_warm_up_done():
-    """Hold the only compute worker, so the warm-up batch cannot run: NOT_SERVING until released."""
+    """Hold the only compute worker, so the warm-up batch cannot run: NOT_SERVING until
+    released, in Check and in List, for the server and the service (a List that said
+    SERVING sent a prober's traffic to a cold server)."""
     gate = threading.Event()
     srv = ServerThread()
     srv.thread.start()
@@ -369,11 +381,12 @@ def test_health_not_serving_until_warm_up_done():
         srv.run(start_blocked())
         with grpc.insecure_channel(srv.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            check = lambda: stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status  # noqa: E731
-            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
-            gate.set()
-            srv.run(srv.server.wait_ready(30))
-            assert check() == health_pb2.HealthCheckResponse.SERVING
+            for status in (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING):
+                assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == status
+                listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+                assert {name: listed[name].status for name in listed} == {"": status, SERVICE_NAME: status}
+                gate.set()
+                srv.run(srv.server.wait_ready(30))
     finally:
         gate.set()
         srv.stop()

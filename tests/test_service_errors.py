@@ -23,7 +23,7 @@ from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
-from tritarget.service.errors import InvalidInput, ResourceExhausted
+from tritarget.service.errors import InvalidInput, ResourceExhausted, invalid_from_exception
 from tritarget.service.status import status_of
 
 CANVAS = (96, 128)
@@ -476,6 +476,29 @@ def test_a_message_is_clipped_only_past_its_limit():
     for text in ("a" * 512, "a" * 506 + "é"):  # é: 2 UTF-8 bytes, 6 on the wire
         assert status_of(ResourceExhausted(text)).message == text
         assert status_of(ResourceExhausted(text + "b")).message == f"{text}... (1 more characters)"
+
+
+@pytest.mark.parametrize("char", [" ", "~"])
+def test_printable_asciis_first_and_last_characters_cost_one_byte(char):
+    """Space (0x20) and tilde (0x7e) bound printable ASCII, which grpc-message sends as
+    itself: 512 of either are sent whole, and one more is clipped."""
+    assert status_of(ResourceExhausted(char * 512)).message == char * 512
+    assert status_of(ResourceExhausted(char * 513)).message == f"{char * 512}... (1 more characters)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "violation"),
+    [("gt_boxes: image 0, box 3: degenerate box", "gt_boxes: image 0, box 3: degenerate box",
+      ("gt_boxes", "image 0, box 3: degenerate box")),
+     ("canvas too small: 3 x 3", "request: canvas too small: 3 x 3", ("request", "canvas too small: 3 x 3")),
+     ("no field named", "request: no field named", ("request", "no field named"))],
+)  # fmt: skip
+def test_a_library_error_names_its_field_or_the_request(text, message, violation):
+    """A kernel's message that starts with its field ("gt_boxes: ...") is that field's
+    violation, the rest of the message its description; one that starts with words (a
+    space before the first ": ") or has no ": " is the request's, said whole."""
+    error = invalid_from_exception(ValueError(text))
+    assert (error.message, error.violations) == (message, [violation])
 
 
 def test_a_preset_name_counts_toward_the_config_limit_and_is_quoted_clipped(client):

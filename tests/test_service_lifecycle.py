@@ -1374,6 +1374,52 @@ def test_an_open_health_watch_does_not_hold_a_graceful_stop():
     assert ends == [(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")]
 
 
+def test_a_health_watch_opened_once_the_watches_ended_is_refused_at_once():
+    """Once ``end_watches`` has run (a stop, after its drain), a new Watch waited for
+    changes that never come until gRPC's stop cut it: it is answered UNAVAILABLE with the
+    reason at once, before any status."""
+    with ServerThread() as srv, grpc.insecure_channel(srv.address) as channel:
+        srv.run(srv.server.health.end_watches())
+        with pytest.raises(grpc.RpcError) as info:
+            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10))
+    assert (info.value.code(), info.value.details()) == (
+        grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")  # fmt: skip
+
+
+def test_a_health_watch_whose_caller_went_is_let_go():
+    """A Watch is held for ``end_watches`` while it is open, and let go once its caller
+    goes: clients that reconnect all day left one entry each, for good."""
+    with ServerThread() as srv, grpc.insecure_channel(srv.address) as channel:
+        for _ in range(3):
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            assert len(srv.server.health._watches) == 1
+            watch.cancel()
+            until(lambda: not srv.server.health._watches, timeout=10)
+
+
+def test_cli_takes_server_flags_at_the_ends_of_their_ranges():
+    """The ranges are inclusive: a flag's highest (and lowest) value is taken, not refused,
+    and the next one up is."""
+    top = build_parser().parse_args(["serve", "--port", "65535", "--max-batch-images", "65535", "--max-queue-delay-ms",
+                                     "10000", "--compute-workers", "256", "--grace", "0"])  # fmt: skip
+    assert (top.port, top.max_batch_images, top.max_queue_delay_ms, top.compute_workers, top.grace) == (
+        65535, 65535, 10000.0, 256, 0.0)  # fmt: skip
+    assert build_parser().parse_args(["request", "--timeout", "1e6"]).timeout == 1e6
+    assert build_parser().parse_args(["demo", "--seed", str(2**62)]).seed == 2**62
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--seed", str(2**62 + 1)])
+
+
+def test_cli_names_a_bad_target_once(capsys):
+    """The client's "target: " prefix is the flag's own name: argparse's line says the flag
+    and then the problem, not "target: " a second time."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["request", "--target", "127.0.0.1"])
+    expected = "error: argument --target: expected 'host:port' with a port in 1..65535, got '127.0.0.1'\n"
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "signalled_after", "status"),
     [

@@ -24,6 +24,7 @@ from test_service_harness import HTTP2_PREFACE, ServerThread, http2_frame, read_
 from tritarget.clients import AsyncTargetClient, TargetClient, TargetServiceError
 from tritarget.clients.wire import build_request
 from tritarget.protos import target_assigner_pb2 as pb
+from tritarget.service.auth import BearerTokenInterceptor
 from tritarget.service.server import ServerOptions, create_server, host_port
 
 CANVAS = (96, 128)
@@ -84,6 +85,16 @@ def test_refused_calls_get_their_access_log_line(caplog):
     method = r"'/grpc\.reflection\.v1alpha\.ServerReflection/ServerReflectionInfo'"
     assert re.fullmatch(rf"{method} \(request not read\) UNAUTHENTICATED [0-9.]+ ms {peer} "
                         r"reason=\"missing credentials: .*\"", reflection[0])  # fmt: skip
+
+
+def test_refused_calls_write_no_access_log_line_when_it_is_off(caplog):
+    """The access log can be turned off (``access_log=False``, ``serve --no-access-log``):
+    then a refused call, still counted in the metrics, writes no line either."""
+    with ServerThread(token=TOKEN, access_log=False) as srv, caplog.at_level(logging.INFO, "tritarget.access"):
+        with TargetClient(srv.address, token="wrong", retries=0) as client, pytest.raises(TargetServiceError):
+            _assign(client)
+        until(lambda: srv.metrics.value("tritarget_request_seconds_count", {"method": "Assign"}) == 1)
+    assert [r.getMessage() for r in caplog.records if r.name == "tritarget.access"] == []
 
 
 def test_refused_calls_are_timed_like_the_others_and_reflection_is_not_half_counted():
@@ -222,6 +233,30 @@ def test_auth_accepts_the_token_and_health_needs_none(auth_server):
     with grpc.insecure_channel(auth_server.address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_interceptor_without_a_token_is_refused():
+    """An empty token would let ``authorization: Bearer `` (nothing after the scheme) in."""
+    with pytest.raises(ValueError, match="token: must not be empty"):
+        BearerTokenInterceptor("")
+
+
+def test_a_refused_stream_is_answered_before_its_first_message():
+    """Behind a token, an AssignStream call without one is refused at once, its requests
+    unread: a client stream that has sent no message yet (and may never) is not left to
+    its deadline."""
+    never = threading.Event()
+    with ServerThread(token=TOKEN) as srv, grpc.insecure_channel(srv.address) as channel:
+        call = channel.stream_stream("/tritarget.v1.TargetAssigner/AssignStream", request_serializer=bytes,
+                                     response_deserializer=bytes)  # fmt: skip
+        started = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(iter(lambda: never.wait() and b"", b""), timeout=5))  # its first message never comes
+        finally:
+            never.set()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - started < 4
 
 
 def _raw_assign(channel: grpc.Channel):
@@ -545,6 +580,59 @@ def test_metrics_are_served_on_the_metrics_host_and_stop_with_the_server(metrics
         srv.stop()
     with socket.socket(family) as late:
         assert late.connect_ex((address, port)) != 0
+
+
+def test_a_metrics_connection_past_the_limit_is_closed_at_once(monkeypatch, capfd):
+    """With MAX_SCRAPES connections being served, one more is closed unanswered at once
+    (a scraper retries at its next interval), not given a thread and a descriptor of its
+    own until its idle limit."""
+    from tritarget.service import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 20.0)  # the served ones stay for the test
+    served = metrics_module.Metrics()
+    port = served.serve_http("127.0.0.1", 0)
+    before = set(threading.enumerate())
+    held = []
+    try:
+        for _ in range(metrics_module.MAX_SCRAPES):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            held[-1].sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
+        new = lambda: set(threading.enumerate()) - before  # noqa: E731
+        until(lambda: sum(t.name.endswith("(process_request_thread)") for t in new()) == metrics_module.MAX_SCRAPES)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            extra.sendall(b"GET /metrics HTTP/1.1\r\n")
+            started = time.monotonic()
+            assert extra.recv(1) == b""  # closed, not served (a served one would wait 20 s here)
+            assert time.monotonic() - started < 3
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        for sock in held:
+            sock.close()
+        served.stop_http()
+
+
+def test_a_metrics_connection_is_closed_at_scrape_s_not_later(monkeypatch, capfd):
+    """The cut comes SCRAPE_S after the connection was taken (at the next poll, every 0.5 s
+    at most), not a multiple of it: a trickling connection held its slot that much longer."""
+    from tritarget.service import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 0.5)
+    monkeypatch.setattr(metrics_module, "SCRAPE_S", 3.0)
+    served = metrics_module.Metrics()
+    port = served.serve_http("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started = time.monotonic()
+            with contextlib.suppress(OSError):  # the write after the server closed it
+                for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 10:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.25)
+            ended = time.monotonic() - started
+        # Cut at 3 s to 3.5 s, seen by a write within 0.5 s more; at 6 s for twice SCRAPE_S.
+        assert 2.9 < ended < 5, ended
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        served.stop_http()
 
 
 _SETTINGS, _PING, _GOAWAY = 4, 6, 7  # HTTP/2 frame types
