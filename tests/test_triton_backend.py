@@ -687,6 +687,105 @@ def test_known_answers(mode, labels, matched):
     assert ours.matched_gt[0].tolist() == matched
 
 
+def test_an_image_without_boxes_is_negative_whatever_the_low_threshold():
+    """With ``low`` 0 an anchor of IoU 0 is not below it (ignored, image 0), but an
+    image without boxes has nothing to match: every anchor negative (image 1), as in the
+    reference (its best IoU is -1 in the kernels, not 0)."""
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low": 0.0, "match.low_quality": "none"})
+    ours = check(torch.tensor([[10.0, 10.0, 40.0, 40.0]]), [1, 0], (64, 96), config, sparse=True)
+    assert (ours.labels[0] == -1).any()
+    assert bool((ours.labels[1] == 0).all())
+
+
+# The rules that take anchors out of a box's maximum (the lift), in both matchings: the
+# walk tests its pairs lane by lane (``_excluded_lanes`` and each pair's cell against
+# its image's valid cells), the gather and the finalize a block at a time (``_excluded``).
+
+
+@pytest.mark.parametrize("matching", ["gather", "walk"])
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
+def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_its_boxs_maximum(mode, matching, monkeypatch):
+    """a0's IoF with the crowd region is exactly the threshold (50/100), so it stays in
+    matching and, the box's best included anchor (IoU 100/120 < high), is lifted; a1's
+    IoF is above it (50/80): ignored, out of the box's maximum; a2 negative. Taking a0
+    out too would leave the box no included anchor to lift."""
+    _matching(monkeypatch, matching)
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], dtype=torch.float32)
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": True, "match.low_quality": mode,
+           "match.high": 0.9, "match.low": 0.3}
+    )  # fmt: skip
+    ours = check(torch.tensor([[0.0, 0.0, 10.0, 12.0]]), [1], (64, 96), config, anchors=anchors,
+                 ignore_boxes=torch.tensor([[0.0, 0.0, 10.0, 5.0]]), ignore_counts=[1], sparse=True)  # fmt: skip
+    assert ours.labels[0].tolist() == [1, -1, 0]
+    assert ours.matched_gt[0].tolist() == [0, -1, -1]
+
+
+@pytest.mark.parametrize("matching", ["gather", "walk"])
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
+def test_a_post_match_border_leaves_the_outside_anchor_in_its_boxs_maximum(mode, matching, monkeypatch):
+    """detectron2's order: an anchor across the border takes part in matching and is
+    ignored afterwards. a1 crosses the image's right edge (x2 70 >= 60) and is the box's
+    best (IoU 180/200 < high): the box's maximum, so a2 (IoU 90/240, inside) is not lifted
+    and stays in the band; a1 is ignored. Taking a1 out before matching (the pre-match
+    rule) would lift a2."""
+    _matching(monkeypatch, matching)
+    anchors = torch.tensor([[0, 0, 10, 10], [50, 0, 70, 10], [44, 0, 59, 10]], dtype=torch.float32)
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.allowed_border": 0.0, "match.border_order": "post_match", "match.low_quality": mode,
+           "match.high": 0.95, "match.low": 0.3}
+    )  # fmt: skip
+    ours = check(torch.tensor([[50.0, 0.0, 68.0, 10.0]]), [1], (64, 96), config, anchors=anchors,
+                 image_sizes=[[64, 60]], sparse=True)  # fmt: skip
+    assert ours.labels[0].tolist() == [0, -1, -1]
+
+
+@pytest.mark.parametrize("matching", ["gather", "walk"])
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet"))
+def test_padding_takes_the_first_row_past_it_out_of_the_boxs_maximum(mode, matching, monkeypatch):
+    """The image is padded to 48 rows: the first level's rows 0-5 are valid, row 6 (centres
+    at y 48) is not. The box lies inside an anchor of row 6 (IoU 896/1024 < high), which is
+    excluded: the box's maximum is over the valid anchors, whose best the lift makes
+    positive; the anchor of row 6 is ignored."""
+    _matching(monkeypatch, matching)
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.low_quality": mode, "match.high": 0.9, "match.low": 0.3}
+    )
+    ours = check(torch.tensor([[20.0, 34.0, 52.0, 62.0]]), [1], (64, 96), config, pad_sizes=[[48, 96]], sparse=True)
+    assert int((ours.labels == 1).sum()) > 0
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
+def test_box_with_zero_best_iou_lifts_nothing_in_the_walk(mode, monkeypatch):
+    """The walk's lift (``lift_segments_kernel``) and ssd_forced's marks skip a box whose
+    best IoU over the included anchors is 0: explicit anchors make its rectangle every
+    anchor of the image, IoU 0 included (the cases of the gather's test above)."""
+    _matching(monkeypatch, "walk")
+    test_box_with_zero_best_iou_lifts_nothing(mode)
+
+
+@pytest.mark.parametrize("mode, order", [("torchvision", "pre_match"), ("mmdet", "pre_match"),
+                                         ("ssd_forced", "pre_match"), ("torchvision", "post_match")])  # fmt: skip
+def test_the_walk_with_crowd_regions_border_and_padding(mode, order, monkeypatch, generator):
+    """The walk's scatter keeps each box's maximum over its included anchors only: crowd
+    regions (IoF over the anchor), the pre-match border and padded sizes (cutting rows
+    and columns) take anchors out of it, the post-match border does not; ties, an empty
+    image, min_pos_iou (the gather's test of every mode, by the walk)."""
+    _matching(monkeypatch, "walk")
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [3, 0, 10, 25], canvas)
+    boxes = with_ties(boxes, generator)
+    ignore = torch.cat([boxes[:1] + torch.tensor([-2.0, -2.0, 2.0, 2.0]), boxes[20:22]])
+    config = _dense_config("retinanet_mmdet").replace(
+        **{"match.low_quality": mode, "match.min_pos_iou": 0.1, "match.ignore_iof_thr": 0.5,
+           "match.ignore_iof_wrt_anchor": True, "match.allowed_border": 0.0, "match.border_order": order}
+    )  # fmt: skip
+    check(boxes, counts, canvas, config, ignore_boxes=ignore, ignore_counts=[1, 0, 0, 2], want_max_iou=True,
+          image_sizes=[[64, 96], [40, 60], [64, 70], [50, 70]], pad_sizes=[[64, 96]] * 2 + [[64, 80], [56, 80]],
+          sparse=True)  # fmt: skip
+
+
 def test_empty_batch_and_all_empty_images():
     config = _dense_config("yolov5")
     boxes = torch.zeros(0, 4)
@@ -875,6 +974,28 @@ def test_a_box_whose_best_iou_equals_min_pos_iou_lifts_its_best_anchor(backend, 
         expected = (ious == best) & lifted  # every anchor at the box's best (2 here), or none
         assert torch.equal(got.labels[0].cpu() == 1, expected), (bound, lifted)
         assert (got.matched_gt[0].cpu()[expected] == 0).all()
+
+
+@pytest.mark.parametrize("backend, matching", [("reference", None), ("cpu", None), ("triton", "gather"),
+                                                ("triton", "walk")])  # fmt: skip
+def test_a_box_whose_best_iou_equals_min_pos_iou_forces_its_best_anchor(backend, matching, monkeypatch):
+    """ssd_forced reads ``min_pos_iou`` as the lifts do (``>=``): at the box's best IoU
+    its best anchor (the lower of the two tied) is forced, a float32 step above it none."""
+    if matching is not None:
+        _matching(monkeypatch, matching)
+    canvas, box = (64, 64), torch.tensor([[10.0, 12.0, 30.0, 40.0]])
+    config = presets.get("retinanet_torchvision")
+    ious = box_iou(box, generate_anchors(config.anchors, canvas))[0]
+    best = ious.max().item()
+    above = torch.nextafter(torch.tensor(best), torch.tensor(1.0)).item()
+    first = int(torch.nonzero(ious == best)[0])
+    for bound, forced in ((best, True), (above, False)):
+        match = {"match.high": 0.99, "match.low": 0.0, "match.low_quality": "ssd_forced", "match.min_pos_iou": bound}
+        got = assign(box.to(DEVICE) if backend == "triton" else box, [1], canvas, config.replace(**match),
+                     backend=backend)  # fmt: skip
+        positives = torch.nonzero(got.labels[0].cpu() == 1).flatten().tolist()
+        assert positives == ([first] if forced else []), (bound, forced)
+        assert (got.matched_gt[0].cpu()[positives] == 0).all()
 
 
 @pytest.mark.parametrize("solve, matching, inline, mode, boxes_checked, operations",
@@ -1363,6 +1484,39 @@ def test_the_pruned_gather_on_crowded_tied_and_tiny_boxes(name, mode, monkeypatc
     problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
     assert triton_backend._Launch(problem)._pruning()[1]
     check(boxes, counts, canvas, config, gt_classes=classes, sparse=True)
+
+
+def test_the_pruned_gather_keeps_boxes_inside_anchors_of_their_blocks_smallest_area(monkeypatch):
+    """Tiny boxes inside square anchors (aspect ratio 1 only, so a block's smallest anchor
+    area is the area a of the anchors that hold them): a box's best IoU is area / ((area +
+    a) - area), which float32 may round an ulp above the bound area / a, and the box needs
+    exactly that IoU (its floor is its best). Without the bound's slack (10^-4) the blocks
+    of its best anchors are skipped and mmdet's lift marks lesser ones."""
+    _gather(monkeypatch, gpu_blocks=True)
+    canvas, count = (64, 96), 6
+    generator = torch.Generator().manual_seed(7)
+    centre = torch.rand(count, 2, generator=generator) * torch.tensor([90.0, 60.0]) + 3
+    size = 0.5 + torch.rand(count, 2, generator=generator) * 3
+    boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
+    square = {f"anchors.levels[{i}].aspect_ratios": (1.0,) for i in range(5)}
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": "mmdet", **square})
+    problem, _ = build_problem(boxes.to(DEVICE), [count], canvas, config)
+    assert triton_backend._Launch(problem)._pruning()[1]
+    check(boxes, [count], canvas, config, sparse=True)
+
+
+def test_the_floor_of_a_box_past_the_last_cells_is_under_its_best_iou():
+    """floor_kernel takes the cell nearest each box's centre, clamped to the grid: this box
+    reaches past the canvas's bottom-right corner, its centre beyond the last cells', where
+    an anchor of a cell past the grid would overlap it more (IoU 0.37) than any real one
+    (0.18). The floor must stay under the box's best IoU, or the pruning may skip the pairs
+    that hold it."""
+    canvas, boxes = (64, 96), torch.tensor([[90.0, 58.0, 120.0, 90.0]])
+    config = _dense_config("retinanet_torchvision").replace(**{"match.low_quality": "mmdet"})
+    problem, _ = build_problem(boxes.to(DEVICE), [1], canvas, config)
+    need, prune = triton_backend._Launch(problem)._pruning()
+    best = box_iou(boxes, generate_anchors(config.anchors, canvas)).amax(1)
+    assert prune and 0 < float(need[0]) <= float(best[0])
 
 
 def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, generator):
