@@ -1532,3 +1532,259 @@ def test_a_folder_given_as_annotations_is_named_a_folder(tmp_path, capsys):
     """It was "annotations file not found" for a folder that exists."""
     assert main(["anchors", "check", "--annotations", str(tmp_path), "--preset", "yolov5"]) == 2
     assert f"annotations file: {tmp_path} is a folder; give the COCO JSON file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- CLI: defaults, bounds and names
+
+
+def test_cli_flags_default_as_their_help_says_and_take_their_bounds():
+    """batch 256, --missing 10, --generations 300, --fit-images 1000, --seed 0, --backend
+    auto; --seed up to 2**64 - 1 and --image-id down to -2**63 are taken, one past refused."""
+    from tritarget.service.cli import build_parser
+
+    parse = build_parser().parse_args
+    check_args = parse(["anchors", "check", "--annotations", "a.json", "--preset", "yolov5"])
+    assert (check_args.batch_images, check_args.missing, check_args.backend) == (256, 10, "auto")
+    fit_args = parse(["anchors", "fit", "--annotations", "a.json", "--preset", "yolov5", "--out", "f.json"])
+    assert (fit_args.seed, fit_args.generations, fit_args.fit_images) == (0, 300, 1000)
+    assert parse(["anchors", "fit", "--annotations", "a.json", "--out", "f.json", "--seed", str(2**64 - 1)]).seed == (
+        2**64 - 1
+    )
+    assert parse(["anchors", "show", "--out-dir", "p", "--image-id", str(-(2**63))]).image_id == -(2**63)
+    too_far = (["fit", "--annotations", "a.json", "--out", "f.json", "--seed", str(2**64)],
+               ["show", "--out-dir", "p", "--image-id", str(-(2**63) - 1)])  # fmt: skip
+    for argv in too_far:
+        with pytest.raises(SystemExit) as info:
+            main(["anchors", *argv])
+        assert info.value.code == 2
+
+
+def test_cli_missing_zero_lists_no_boxes(tiny_path, capsys):
+    """--missing 0: the table alone, no list of boxes without a positive."""
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--quiet"]  # fmt: skip
+    assert main([*argv, "--missing", "0"]) == 0
+    assert "boxes without a positive" not in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "boxes without a positive at IoU >= high alone" in capsys.readouterr().out
+
+
+def test_cli_progress_is_a_line_per_tenth_off_a_terminal_and_none_with_quiet(skewed_path, capsys):
+    """60 images in batches of 1 off a terminal: at most 11 lines (0%, 10%, ... 100%), not
+    one per batch; --quiet: none."""
+    argv = ["anchors", "check", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--batch-images", "1", "--missing", "0"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 11 and all(line.startswith("check yolov5: ") for line in lines), lines
+    assert lines[-1].startswith("check yolov5: 60/60 (100%)")
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_size_divisible_pads_a_no_resize_canvas(tiny_path, capsys):
+    """--size-divisible goes with --no-resize as with --min-size (the help says both)."""
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--size-divisible", "64", "--preset",
+            "yolov5", "--backend", "cpu", "--quiet", "--missing", "0"]  # fmt: skip
+    assert main(argv) == 0
+    said = f"{tiny_path}: 2 images, 3 boxes, 0 crowd regions, 0 empty boxes skipped; not resized, canvas padded to /64"
+    assert said in capsys.readouterr().out
+
+
+def test_cli_triton_backend_runs_in_the_interpreter_without_a_gpu(tiny_path, monkeypatch, capsys):
+    """TRITON_INTERPRET=1 runs the triton kernels on the CPU: --backend triton is then taken
+    without a GPU (it is refused only where it cannot run)."""
+    pytest.importorskip("triton")
+    from tritarget.kernels import triton_backend
+
+    if not triton_backend.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend",
+            "triton", "--quiet", "--missing", "0"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "BPR, IoU >= high alone" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_output_that_is_its_input_by_another_name(tmp_path, monkeypatch, capsys):
+    """`--out ./data.json --annotations data.json` name one file: refused, the input kept."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("{not json")
+    argv = ["anchors", "fit", "--annotations", "data.json", "--out", "./data.json", "--preset", "yolov5",
+            "--backend", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--out ./data.json: that is the --annotations input" in capsys.readouterr().err
+    assert (tmp_path / "data.json").read_text() == "{not json"
+
+
+def test_cli_anchor_bound_takes_exactly_the_services_rows_limit():
+    """A canvas of exactly 2**25 anchors is taken (the bound is inclusive): one anchor per
+    cell at stride 8 on a 32768 x 65536 canvas."""
+    config = presets.get("retinanet_torchvision")
+    levels = config.to_dict()["anchors"]["levels"][:1]
+    levels[0].update(sizes=[32.0], aspect_ratios=[1.0])
+    one = config.replace(**{"anchors.levels": levels})
+    assert generate_anchors(one.anchors, (16, 16)).shape[0] == 4
+    _check_anchor_counts([("one", one)], {(32768, 65536)})
+    with pytest.raises(_UsageError, match="33,558,528 anchors per image"):
+        _check_anchor_counts([("one", one)], {(32768, 65544)})
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[" * 100_000, "not valid JSON (maximum recursion depth"),
+    ("[]", "not a TargetConfig (TargetConfig: expected a dict, got list)"),
+])  # fmt: skip
+def test_cli_names_a_config_file_it_cannot_take(content, message, tmp_path, capsys):
+    """Nested past Python's recursion limit, or JSON that is not an object: one line, exit 2."""
+    config = tmp_path / "bad.json"
+    config.write_text(content)
+    assert main(["anchors", "check", "--annotations", "never_read.json", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tritarget anchors check: {config}: {message}" + err.split(message, 1)[1] and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs /proc/self/mem")
+def test_cli_an_input_that_fails_to_read_is_bad_input(tiny_path, capsys):
+    """A read that fails once the file is open (EIO) is the input's problem: exit 2 and one
+    line naming the file (the open's errors named it, the read's did not), not a traceback.
+    A config file's read fails as aloud."""
+    assert main(["anchors", "check", "--annotations", "/proc/self/mem", "--preset", "yolov5", "--backend", "cpu"]) == 2
+    assert capsys.readouterr().err == "tritarget anchors check: /proc/self/mem: Input/output error\n"
+    assert main(["anchors", "check", "--annotations", tiny_path, "--config", "/proc/self/mem", "--backend", "cpu"]) == 2
+    assert capsys.readouterr().err == "tritarget anchors check: /proc/self/mem: Input/output error\n"
+
+
+def test_cli_show_draws_the_image_with_the_most_boxes_unless_told(tiny_path, tmp_path, capsys):
+    """Without --image-id, the first image with the most boxes (image 1: 2 boxes, image 2:
+    1); an --image-id not in the dataset is refused naming it, nothing drawn."""
+    pytest.importorskip("matplotlib")
+    pics = tmp_path / "pics"
+    argv = ["anchors", "show", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--out-dir", str(pics),
+            "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main([*argv, "--image-id", "999"]) == 2
+    assert "image id 999 is not in the dataset (2 images)" in capsys.readouterr().err
+    assert not pics.exists() or list(pics.iterdir()) == []
+    assert main(argv) == 0
+    assert sorted(p.name for p in pics.iterdir()) == ["anchors_yolov5.png", "assignment_yolov5_image1.png",
+                                                       "check.png"]  # fmt: skip
+
+
+def test_cli_show_checks_every_picture_path_before_drawing(tiny_path, tmp_path, capsys):
+    """A folder where check.png would go: refused before the scan, no picture drawn."""
+    (tmp_path / "check.png").mkdir()
+    argv = ["anchors", "show", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--out-dir",
+            str(tmp_path), "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    assert f"{tmp_path / 'check.png'}: is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.png", "tiny.json"]
+
+
+def test_cli_show_names_pictures_apart_by_their_file_names(tmp_path, capsys):
+    """Configs "a_b" and "a b" make the same file-safe name: the second's pictures are
+    a_b_2, not drawn over the first's; a dot stays in a name (v1.2)."""
+    pytest.importorskip("matplotlib")
+    text = json.dumps(presets.get("yolov5").to_dict())
+    configs = [tmp_path / "a_b.json", tmp_path / "a b.json", tmp_path / "v1.2.json"]
+    for config in configs:
+        config.write_text(text)
+    pics = tmp_path / "pics"
+    assert main(["anchors", "show", *(f for c in configs for f in ("--config", str(c))), "--out-dir", str(pics)]) == 0
+    assert sorted(p.name for p in pics.iterdir()) == ["anchors_a_b.png", "anchors_a_b_2.png", "anchors_v1.2.png"]
+
+
+# ---------------------------------------------------------------- pictures and synthetic data
+
+
+def test_a_picture_is_written_into_a_folder_it_creates(tmp_path):
+    """The pictures are written whole (a temporary file moved into place) into their
+    folder, created when missing."""
+    pytest.importorskip("matplotlib")
+    from tritarget.clients.anchor_design.plots import plot_anchor_shapes
+
+    path = tmp_path / "new" / "shapes.png"
+    assert plot_anchor_shapes(presets.get("yolov5"), (640, 640), path) == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(path.parent) == ["shapes.png"]
+
+
+def test_a_picture_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    from tritarget.clients.anchor_design.plots import plot_anchor_shapes
+
+    with pytest.raises(ImportError, match=r"^the anchor pictures need matplotlib: pip install matplotlib$"):
+        plot_anchor_shapes(presets.get("yolov5"), (640, 640), tmp_path / "a.png")
+
+
+def test_coco_like_marks_about_crowd_rate_of_the_boxes_crowd():
+    """About 1% of the boxes are iscrowd by default (COCO's share), about half at 0.5."""
+
+    def share(data):
+        return sum(a["iscrowd"] for a in data["annotations"]) / len(data["annotations"])
+
+    assert 0.002 < share(synthetic.coco_like(500, seed=0)) < 0.03
+    assert 0.4 < share(synthetic.coco_like(200, seed=0, crowd_rate=0.5)) < 0.6
+
+
+def test_skewed_draws_tall_wide_and_tiny_boxes_inside_the_image():
+    """A third each: h/w about 4, w/h about 4, squares of 16-24 px; every box inside its
+    image, a small one too (sides capped at the image's)."""
+    bbox = torch.tensor([a["bbox"] for a in synthetic.skewed(100, seed=0)["annotations"]])
+    aspect = bbox[:, 3] / bbox[:, 2]
+    tall, wide, square = aspect > 3, aspect < 1 / 3, (aspect - 1).abs() < 0.01
+    assert bool((tall | wide | square).all())
+    for kind in (tall, wide, square):
+        assert 0.25 < float(kind.float().mean()) < 0.42
+    assert 16 <= float(bbox[square, 2].min()) and float(bbox[square, 2].max()) <= 24
+    small = synthetic.skewed(20, seed=1, image_size=(40, 30))
+    box = torch.tensor([a["bbox"] for a in small["annotations"]])
+    assert bool((box[:, :2] >= 0).all()) and bool((box[:, 0] + box[:, 2] <= 30).all())
+    assert bool((box[:, 1] + box[:, 3] <= 40).all())
+
+
+def test_cli_fit_says_where_it_wrote_the_config(skewed_path, tmp_path, capsys):
+    out = tmp_path / "fitted.json"
+    argv = ["anchors", "fit", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--out", str(out),
+            "--generations", "2", "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {out}\n") and out.exists()
+
+
+def test_coco_like_boxes_are_the_workloads_in_model_pixels():
+    """Drawn on the image as the 800/1333 resize makes it (480 x 640 -> 800 x 1066), then
+    scaled back by the resize's factor: scaled up again, they are the workload's boxes."""
+    from tritarget.kernels.workload import coco_like_boxes, coco_like_counts
+
+    generator = torch.Generator().manual_seed(3)
+    counts = coco_like_counts(20, generator)
+    expected = torch.cat([coco_like_boxes(c, (800, 1066), generator) for c in counts])
+    bbox = torch.tensor([a["bbox"] for a in synthetic.coco_like(20, seed=3)["annotations"]], dtype=torch.float64)
+    xyxy = torch.cat([bbox[:, :2], bbox[:, :2] + bbox[:, 2:]], 1) * (800 / 480)
+    torch.testing.assert_close(xyxy, expected.double(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("canvas", [["256", "250"], ["250", "256"]])
+def test_cli_refuses_a_fixed_layout_on_a_canvas_off_in_either_side(canvas, capsys):
+    """d2l_multibox's maps are made for 256 x 256: a canvas off in its height or its width
+    alone is refused as well."""
+    assert main(["anchors", "check", "--annotations", "never_read.json", "--preset", "d2l_multibox", "--canvas",
+                 *canvas]) == 2  # fmt: skip
+    assert f"need a 256x256 canvas, not {canvas[0]}x{canvas[1]}" in capsys.readouterr().err
+
+
+def test_an_images_picture_counts_the_anchors_its_crowd_regions_ignore(tmp_path, monkeypatch):
+    """The picture's title counts what was assigned with the crowd regions given: a region
+    over a quarter of the canvas ignores the anchors it covers."""
+    pytest.importorskip("matplotlib")
+    from tritarget.clients.anchor_design import plots
+
+    titles, save = [], plots._save
+    monkeypatch.setattr(
+        plots, "_save", lambda figure, path: titles.append(figure.axes[0].get_title()) or save(figure, path)
+    )
+    config = presets.get("retinanet_mmdet").replace(**{"match.ignore_iof_thr": 0.5})
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    plots.plot_image_assignment(box, (128, 128), config, tmp_path / "plain.png", backend="cpu")
+    plots.plot_image_assignment(box, (128, 128), config, tmp_path / "crowd.png", backend="cpu",
+                                ignore_boxes=torch.tensor([[40.0, 40.0, 128.0, 128.0]]))  # fmt: skip
+    ignored = [int(title.split(" ignored")[0].rsplit(" ", 1)[1]) for title in titles]
+    assert ignored[1] > ignored[0] + 500, titles

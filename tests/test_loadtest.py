@@ -1701,3 +1701,152 @@ def test_an_open_loop_streams_schedules_are_the_process_schedule_shared_out():
     assert len(process) == 600 and process[0] == driver.load_from
     assert sorted(at for stream in streams for at in stream) == process
     assert streams[5] == process[5::2048] and streams[2047] == []
+
+
+# --------------------------------------------------------------------------- the command line, flag by flag
+
+
+def test_loadtest_flags_default_as_their_help_says():
+    """Each default the help promises (duration 10, warm-up 2, 8 callers, one process, ...),
+    and ``--boxes``: "coco" is the COCO-like default (None), a number is taken down to 0."""
+    args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1"])
+    assert (args.duration, args.warmup, args.concurrency, args.processes, args.timeout) == (10.0, 2.0, 8, 1, 60.0)
+    assert (args.preset, args.images, args.boxes, args.format, args.variants) == ("retinanet_torchvision", 8, None,
+                                                                                 "sparse", 16)  # fmt: skip
+    assert (args.seed, args.verify, args.rate, args.window, args.stream, args.fp16) == (0, 0, None, None, False, False)
+    parse = lambda *flags: build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", *flags])  # noqa: E731
+    assert (parse("--boxes", "coco").boxes, parse("--boxes", "0").boxes, parse("--verify", "0").verify) == (None, 0, 0)
+
+
+def test_loadtest_flags_take_their_bounds_exactly():
+    """The largest --concurrency, --processes, --window, --warmup and --timeout are taken,
+    and the smallest --warmup, --images, --variants, --verify; one past them is refused
+    naming the flag."""
+    args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--concurrency", "16384", "--processes",
+                                      "256", "--window", "1024", "--warmup", "1e6", "--timeout", "1e6", "--images",
+                                      "1", "--variants", "1", "--duration", "1e6"])  # fmt: skip
+    assert (args.concurrency, args.processes, args.window, args.warmup, args.timeout, args.duration) == (
+        16384, 256, 1024, 1e6, 1e6, 1e6)  # fmt: skip
+    assert build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--warmup", "0"]).warmup == 0
+
+
+@pytest.mark.parametrize("flags", [["--images", "0"], ["--variants", "0"], ["--verify", "-1"], ["--boxes", "-1"],
+                                   ["--processes", "0"], ["--window", "0"], ["--warmup", "1000001"],
+                                   ["--boxes", "many"]])  # fmt: skip
+def test_loadtest_flags_below_or_past_their_bounds_are_refused_naming_the_flag(flags, capsys):
+    """Refused by the parser (exit 2, naming the flag), not later by the library with its
+    own field names (``images``, ``verify``)."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", *flags])
+    assert exit_.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--stream", "--window", "3", "--concurrency", "2", "--format", "dense", "--fp16"],
+      {"stream": True, "window": 3, "concurrency": 2, "rate": None}),
+     (["--rate", "40", "--concurrency", "3"], {"stream": False, "window": 1, "rate": 40.0, "concurrency": 3})],
+    ids=["closed-stream", "open-unary"],
+)  # fmt: skip
+def test_loadtest_flags_reach_the_run_as_given(flags, expected, tmp_path):
+    """Every flag the command line takes is the run's: the JSON's options (what was run)
+    hold each value given, the workload's and the timing's alike."""
+    out = tmp_path / "out.json"
+    with _echo_server() as (address, _, _):
+        code = main(["loadtest", "--target", address, "--duration", "0.4", "--warmup", "0.1", "--canvas", "64", "96",
+                     "--images", "2", "--boxes", "5", "--variants", "3", "--seed", "7", "--timeout", "30",
+                     "--preset", "yolov5", "--no-progress", "--json", str(out), *flags])  # fmt: skip
+    assert code == 0
+    options = json.loads(out.read_text())["options"]
+    assert {key: options[key] for key in expected} == expected
+    assert (options["duration_s"], options["warmup_s"], options["timeout_s"], options["processes"]) == (0.4, 0.1, 30, 1)
+    fp16 = "--fp16" in flags
+    assert options["workload"] == {
+        "preset": "yolov5",
+        "canvas": [64, 96],
+        "images": 2,
+        "boxes": 5,
+        "format": "dense" if fp16 else "sparse",
+        "fp16": fp16,
+        "variants": 3,
+        "seed": 7,
+    }
+
+
+def test_a_run_with_errors_exits_1_with_its_table_and_files(tmp_path, capsys):
+    """Nothing listens at the target: every request fails, the run still writes its JSON
+    and table, and the exit status says it failed (1, not 0, not a usage error's 2)."""
+    out = tmp_path / "out.json"
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64",
+                 "--images", "1", "--variants", "2", "--concurrency", "1", "--no-progress",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 1
+    summary = json.loads(out.read_text())
+    assert summary["ok"] is False and summary["errors"]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_a_run_in_which_no_client_came_back_exits_1_in_one_line(monkeypatch, capsys):
+    """No caller got a result (here: building the requests fails): one line, exit 1, as a
+    failed run, not 2 (the flags were right)."""
+
+    def fails(self, index):
+        raise RuntimeError("cannot build the request")
+
+    monkeypatch.setattr(Workload, "request", fails)
+    with _echo_server() as (address, _, _):
+        code = main(["loadtest", "--target", address, "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64",
+                     "--images", "1", "--no-progress"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tritarget loadtest: load test failed") and err.count("\n") == 1, err
+
+
+def test_a_second_ctrl_c_while_the_clients_stop_exits_130_in_one_line(monkeypatch, capsys):
+    """The run raises KeyboardInterrupt on a second Ctrl-C: the command ends with 130 (128 +
+    SIGINT) and one line, as a shell expects of an interrupted command."""
+
+    def second_ctrl_c(options, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loadtest, "run", second_ctrl_c)
+    code = main(["loadtest", "--target", _closed_port(), "--duration", "0.3", "--warmup", "0", "--no-progress"])
+    assert code == 130
+    assert capsys.readouterr().err == "tritarget loadtest: interrupted\n"
+
+
+@pytest.mark.parametrize("csv_to", ["/dev/stdout", "out.txt"])
+def test_two_outputs_into_the_same_regular_file_through_stdout_are_refused(csv_to, tmp_path):
+    """`--json /dev/stdout --csv /dev/stdout > out.txt` (or `--csv out.txt`): both name one
+    regular file, the second would replace the first; refused before the run. Into
+    /dev/null (a device) both are taken."""
+    with open(tmp_path / "out.txt", "w") as stdout:
+        result = subprocess.run([sys.executable, "-m", "tritarget.service.cli", "loadtest", "--target", _closed_port(),
+                                 "--duration", "0.2", "--warmup", "0", "--no-progress", "--json", "/dev/stdout",
+                                 "--csv", csv_to],
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+                                cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "tritarget loadtest: --json and --csv name the same file, /dev/stdout\n"
+    args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--json", "/dev/null", "--csv",
+                                      "/dev/null"])  # fmt: skip
+    from tritarget.clients.loadtest_cli import _usage_problem
+
+    assert _usage_problem(args) is None
+
+
+def test_only_the_files_written_are_said_written(monkeypatch, tmp_path, capsys):
+    """A CSV that failed to write (a full disk) is not in the "wrote" lines; the JSON is."""
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Report, "write_csv", full_disk)
+    csv_path, json_path = tmp_path / "out.csv", tmp_path / "out.json"
+    with _echo_server() as (address, _, _):
+        code = main(["loadtest", "--target", address, "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64",
+                     "--images", "1", "--no-progress", "--csv", str(csv_path), "--json", str(json_path)])  # fmt: skip
+    assert code == 1
+    out = capsys.readouterr().out
+    assert f"wrote {json_path}" in out and f"wrote {csv_path}" not in out

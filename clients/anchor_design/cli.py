@@ -201,9 +201,10 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, object]]:
                 raise _UsageError(f"config file: {value} is a folder; give the config's JSON file")
             if not os.path.exists(value):  # a pipe or /dev/stdin is read as a file
                 raise _UsageError(f"config file not found: {value}")
+            from .dataset import read_json
+
             try:
-                with open(value, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
-                    data = json.load(f)
+                data = read_json(value)
             except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, a huge integer
                 raise _UsageError(f"{value}: not valid JSON ({exc})") from None
             try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["BoxDataset", "Resize", "from_tensors", "load_coco"]
+__all__ = ["BoxDataset", "Resize", "from_tensors", "load_coco", "read_json"]
 
 _RESIZE_MODES = ("min_max", "fixed", "letterbox", "none")
 
@@ -340,6 +340,17 @@ def _is_finite_number(value: object) -> bool:
         return False
 
 
+def read_json(path: str):
+    """The JSON document in the file ``path``, a byte-order mark skipped. A read that fails
+    once the file is open (EIO) names the file, as the open's own errors do."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except OSError as exc:
+        exc.filename = exc.filename or path
+        raise
+
+
 def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDataset:
     """A COCO-format annotation file (``instances_*.json``) as a ``BoxDataset``.
 
@@ -353,8 +364,7 @@ def load_coco(path: str | os.PathLike, resize: Resize | None = None) -> BoxDatas
     if not os.path.exists(path):  # a pipe (<(zcat instances.json.gz)) or /dev/stdin is read as a file
         raise FileNotFoundError(f"annotations file not found: {path}")
     try:
-        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
-            data = json.load(f)
+        data = read_json(path)
     except (ValueError, RecursionError) as exc:  # decoding, nesting too deep, an integer of thousands of digits
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
