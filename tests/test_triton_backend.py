@@ -702,42 +702,40 @@ def test_an_image_without_boxes_is_negative_whatever_the_low_threshold():
 # its image's valid cells), the gather and the finalize a block at a time (``_excluded``).
 
 
-@pytest.mark.parametrize("matching", ["gather", "walk"])
-@pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
-def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_its_boxs_maximum(mode, matching, monkeypatch):
-    """a0's IoF with the crowd region is exactly the threshold (50/100), so it stays in
-    matching and, the box's best included anchor (IoU 100/120 < high), is lifted; a1's
-    IoF is above it (50/80): ignored, out of the box's maximum; a2 negative. Taking a0
-    out too would leave the box no included anchor to lift."""
-    _matching(monkeypatch, matching)
-    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], dtype=torch.float32)
-    config = _dense_config("retinanet_torchvision").replace(
-        **{"match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": True, "match.low_quality": mode,
-           "match.high": 0.9, "match.low": 0.3}
-    )  # fmt: skip
-    ours = check(torch.tensor([[0.0, 0.0, 10.0, 12.0]]), [1], (64, 96), config, anchors=anchors,
-                 ignore_boxes=torch.tensor([[0.0, 0.0, 10.0, 5.0]]), ignore_counts=[1], sparse=True)  # fmt: skip
-    assert ours.labels[0].tolist() == [1, -1, 0]
-    assert ours.matched_gt[0].tolist() == [0, -1, -1]
+# a0's IoF with the crowd region is exactly the threshold (50/100), so it stays in matching
+# and, the box's best included anchor (IoU 100/120 < high), is lifted; a1's IoF is above it
+# (50/80): ignored, out of the box's maximum; a2 negative. Taking a0 out too would leave the
+# box no included anchor to lift.
+_IOF_AT_THRESHOLD = dict(
+    anchors=[[0, 0, 10, 10], [0, 0, 10, 8], [40, 40, 50, 50]], box=[0.0, 0.0, 10.0, 12.0],
+    match={"match.ignore_iof_thr": 0.5, "match.ignore_iof_wrt_anchor": True, "match.high": 0.9},
+    given={"ignore_boxes": torch.tensor([[0.0, 0.0, 10.0, 5.0]]), "ignore_counts": [1]}, labels=[1, -1, 0],
+)  # fmt: skip
+# detectron2's order: an anchor across the border takes part in matching and is ignored
+# afterwards. a1 crosses the image's right edge (x2 70 >= 60) and is the box's best (IoU
+# 180/200 < high): the box's maximum, so a2 (IoU 90/240, inside) is not lifted and stays in
+# the band; a1 is ignored. Taking a1 out before matching (the pre-match rule) would lift a2.
+_POST_MATCH_BORDER = dict(
+    anchors=[[0, 0, 10, 10], [50, 0, 70, 10], [44, 0, 59, 10]], box=[50.0, 0.0, 68.0, 10.0],
+    match={"match.allowed_border": 0.0, "match.border_order": "post_match", "match.high": 0.95},
+    given={"image_sizes": [[64, 60]]}, labels=[0, -1, -1],
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("matching", ["gather", "walk"])
 @pytest.mark.parametrize("mode", ("torchvision", "mmdet", "ssd_forced"))
-def test_a_post_match_border_leaves_the_outside_anchor_in_its_boxs_maximum(mode, matching, monkeypatch):
-    """detectron2's order: an anchor across the border takes part in matching and is
-    ignored afterwards. a1 crosses the image's right edge (x2 70 >= 60) and is the box's
-    best (IoU 180/200 < high): the box's maximum, so a2 (IoU 90/240, inside) is not lifted
-    and stays in the band; a1 is ignored. Taking a1 out before matching (the pre-match
-    rule) would lift a2."""
+@pytest.mark.parametrize("case", [_IOF_AT_THRESHOLD, _POST_MATCH_BORDER], ids=["iof-at-threshold", "post-match-border"])
+def test_an_anchor_a_rule_keeps_in_matching_counts_in_its_boxs_maximum(case, mode, matching, monkeypatch):
+    """An anchor at a rule's edge (an IoF exactly the threshold; outside the border, which
+    post_match applies after matching) counts in its box's maximum, which decides the lift."""
     _matching(monkeypatch, matching)
-    anchors = torch.tensor([[0, 0, 10, 10], [50, 0, 70, 10], [44, 0, 59, 10]], dtype=torch.float32)
     config = _dense_config("retinanet_torchvision").replace(
-        **{"match.allowed_border": 0.0, "match.border_order": "post_match", "match.low_quality": mode,
-           "match.high": 0.95, "match.low": 0.3}
-    )  # fmt: skip
-    ours = check(torch.tensor([[50.0, 0.0, 68.0, 10.0]]), [1], (64, 96), config, anchors=anchors,
-                 image_sizes=[[64, 60]], sparse=True)  # fmt: skip
-    assert ours.labels[0].tolist() == [0, -1, -1]
+        **{**case["match"], "match.low_quality": mode, "match.low": 0.3}
+    )
+    ours = check(torch.tensor([case["box"]]), [1], (64, 96), config,
+                 anchors=torch.tensor(case["anchors"], dtype=torch.float32), sparse=True, **case["given"])  # fmt: skip
+    assert ours.labels[0].tolist() == case["labels"]
+    assert ours.matched_gt[0].tolist() == [0 if label == 1 else -1 for label in case["labels"]]
 
 
 @pytest.mark.parametrize("matching", ["gather", "walk"])
