@@ -61,7 +61,7 @@
 # On the H200 (run12, 2026-12-04) the whole suite (1,842 tests on 12 workers, the 5
 # wheel-building ones beside them) took ~185 s and every step ran in 446 s at
 # GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started in ~30 s); the suite
-# has ~2,880 tests since 2026-12-07 (84 `gpu`): ~300-310 s there, scaled by the count. For
+# has ~2,990 tests since 2026-12-07 (84 `gpu`): ~315-320 s there, scaled by the count. For
 # a session's 15 minutes, two calls (kind nvidia-h200: the issues' goals are stated for it;
 # an H100's numbers are reported as the H100's):
 #   GPU_CHECK_BUDGET=570 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 595)
