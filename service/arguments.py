@@ -12,7 +12,7 @@ __all__ = ["Parser", "batch_seed", "integer", "number", "target_address", "timeo
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, whose help and version text on stdout is written or fails aloud:
+    """argparse's parser, whose help on stdout is written or fails aloud:
     argparse drops a write's OSError, so with stdout unbuffered (PYTHONUNBUFFERED) ``--help >
     /dev/full`` exited 0 having written nothing. The error now reaches the command's
     ``exit_status`` (one line, status 1; a reader gone, 141). Usage errors on stderr keep
