@@ -291,6 +291,14 @@ def test_help_on_a_full_disk_is_one_line_and_status_1(argv, buffered):
     assert result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.parametrize("buffered", [True, False])
+def test_help_whose_reader_has_gone_ends_141_quietly(buffered):
+    """`tritarget --help | head -0`: a reader gone is a shell's 141, with nothing said,
+    buffered or not (unbuffered, argparse dropped the BrokenPipeError: status 0)."""
+    result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "--help"], buffered=buffered)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 def test_a_bug_s_traceback_is_shown_when_stdout_s_reader_has_gone():
     """An unexpected error's traceback is not hidden behind the closed pipe."""
     result = run_into_a_closed_pipe(["-c", _ENDING, "bug"], buffered=True)
