@@ -1,7 +1,8 @@
 """Client side of the wire format: requests from tensors, ``Targets`` from responses.
 
-Boxes may be given as ``xyxy`` (the wire format), ``xywh`` or ``cxcywh`` pixels;
-they are converted here, at the edge. DENSE responses decode without copying
+Boxes may be given as ``xyxy`` (the wire format), ``xywh`` or ``cxcywh`` pixels, or
+normalised (``xyxyn``, ``xywhn``, ``cxcywhn``: fractions of each image's size); they are
+converted here, at the edge. DENSE responses decode without copying
 (the tensors view the response's bytes; float16 deltas are widened to float32);
 SPARSE responses are densified.
 """

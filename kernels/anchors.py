@@ -385,7 +385,7 @@ def resolve_grid(config: AnchorConfig, canvas: tuple[int, int]) -> AnchorGrid:
 # Anchor sets of more anchors than this are kept apart (``_LargeSets``): each cache below
 # keeps 16 sets, and on a server's largest canvas (8192 x 8192: 13M RetinaNet anchors,
 # 200 MB) a few small requests with distinct configs would pin gigabytes. 1M anchors
-# (16 MB) covers RetinaNet up to ~1,800 x 1,800.
+# (16 MB) covers RetinaNet up to ~2,300 x 2,300 (0.98M at 2,048 x 2,560).
 _CACHED_ANCHORS_MAX = 1 << 20
 
 # Larger sets are kept while together they take at most this many bytes, the most

@@ -161,9 +161,9 @@ def assign_sparse(
     """``assign(...).to_sparse()``, compacted on the device where the backend can.
 
     Same arguments as ``assign`` (no ``return_max_iou``: the sparse form has no place
-    for it). The triton backend compacts positives and ignored anchors on the GPU
-    without a host round trip; with sampling, or on other backends, the dense targets
-    are built first.
+    for it). The triton and cpu backends write the sparse lists directly: triton on the
+    GPU without a host round trip, cpu in its C kernel without [B, A] dense targets. With
+    sampling, or on the reference backend, the dense targets are built first.
     """
     check_flags(drop_invalid=drop_invalid)
     gt_boxes, ignore_boxes, anchors = _detached(gt_boxes), _detached(ignore_boxes), _detached(anchors)

@@ -99,7 +99,8 @@ def sample(targets: Targets, config: MatchConfig, seeds: list[int] | None) -> Ta
     image i drawing with ``seeds[i]`` (None: from a ``fresh_seed()``).
 
     Positives beyond the quota are drawn at random, negatives fill the rest; every
-    anchor not drawn becomes ignored (matched_gt -1, zero deltas, background class).
+    anchor not drawn becomes ignored (matched_gt -1, except in the detectron2 mode, which
+    keeps every anchor's argmax box; zero deltas; background class).
     Modifies ``targets`` in place and returns it.
 
     Work per image: a few passes over its labels, in numpy on the calling thread (on a

@@ -1,17 +1,18 @@
 """The triton backend's launches replayed as CUDA graphs: small batches, whose launches
 cost more host time than their kernels.
 
-On the H200 machine a B = 1 ``solve`` ran 0.017 ms of kernels for 0.09-0.24 ms of host
-time, and the same launches replayed from a CUDA graph cost 2 us of host time (run12,
-``benchmarks/results/gpu_h200/run12/sweep.txt``). A graph replays fixed launches on
-fixed memory, so each one is captured for one kind of call -- device, stream, config,
-canvas, batch size, gt and ignore rows rounded up to a power of two, classes or not, max
-IoU or not, which values the kernels check, and what else the launches are specialised
-on (dense or sparse, the sparse lists' sizes) -- with its inputs in buffers of that size
-(``_Inputs``). A call copies its boxes, classes and offsets in, replays, and copies out
-what it returns, since the next replay writes the same memory. The kernels read each
-image's rows through its offsets, so rows past the call's own are never read (they
-start as NaN; tests run the kernels on such buffers).
+On the H200 machine a B = 1 ``solve`` ran 0.017 ms of kernels in a call of 0.09-0.24 ms
+(run12, ``benchmarks/results/gpu_h200/run12/defaults/bench_gpu.json`` and
+``sweep.txt``), and the same launches replayed from a CUDA graph cost 2 us of host time
+(``sweep.txt``). A graph replays fixed launches on fixed memory, so each one is captured
+for one kind of call -- device, stream, config, canvas, batch size, gt and ignore rows
+rounded up to a power of two, classes or not, max IoU or not, which values the kernels
+check, and what else the launches are specialised on (dense or sparse, the sparse lists'
+sizes) -- with its inputs in buffers of that size (``_Inputs``). A call copies its
+boxes, classes and offsets in, replays, and copies out what it returns, since the next
+replay writes the same memory. The kernels read each image's rows through its offsets,
+so rows past the call's own are never read (they start as NaN; tests run the kernels on
+such buffers).
 
 The backend replays where ``_Meta.graph_batches`` says (``triton_backend._replayable``).
 """

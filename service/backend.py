@@ -8,8 +8,9 @@ call, which is one kernel launch on a GPU and one pass of the thread pool on a C
   per image to copy to the host; the sparse lists are a few KB, copied in one go),
   and each job gets its images' CSR rows; a batch with any dense job stays dense;
 
-* a batch closes when it holds ``max_batch_images`` images or its oldest request
-  has waited ``max_queue_delay_s``; while every compute worker is busy, requests
+* a batch closes when it holds ``max_batch_images`` images (fewer where images x
+  anchors would pass ``max_anchor_rows``) or ``max_slice_boxes`` boxes, or its oldest
+  request has waited ``max_queue_delay_s``; while every compute worker is busy, requests
   keep accumulating, so batches grow with load and stay small when idle. The
   default delay is 0 (this "natural" batching alone): a lone request never waits,
   and a busy server still merges; a few milliseconds buy fuller batches on a GPU;
@@ -154,10 +155,11 @@ class BatchOptions:
     compute_workers: int | None = None
     # torch threads of each compute worker; None: the cores split evenly between workers.
     threads_per_worker: int | None = None
-    # A request of more images than ``max_batch_images`` or more boxes than this runs in
-    # slices within both bounds, queued one after another like separate requests: it
-    # cannot hold a compute worker for seconds while small requests wait, and the slices
-    # of a caller that has gone are never computed.
+    # A request of more images than a batch holds (``max_batch_images``, fewer where
+    # ``max_anchor_rows`` bounds them) or more boxes than this runs in slices within both
+    # bounds, queued one after another like separate requests: it cannot hold a compute
+    # worker for seconds while small requests wait, and the slices of a caller that has
+    # gone are never computed.
     max_slice_boxes: int = 20_000
     # Images x anchors per batch: bounds the [B, A] targets a batch holds, as the request
     # limit of the same name bounds one request's (merged requests of a large canvas
@@ -304,7 +306,8 @@ def _unless_gone(item: _Pending) -> Callable[[Targets | SparseTargets], Any] | N
 class Batcher:
     """Merges concurrent ``AssignJob``s into batched ``assign`` calls.
 
-    ``await batcher.submit(job) -> Targets`` (the job's own images). Start it with
+    ``await batcher.submit(job) -> Targets | SparseTargets`` (the job's own images; or
+    ``finish``'s result). Start it with
     ``start()`` inside the event loop and stop it with ``await close()``.
     """
 
@@ -698,8 +701,8 @@ class Batcher:
             and job.enqueued_at - self._idle_since >= _INLINE_AFTER_IDLE_S
             and _runs_sparse([job])
             and job.boxes + sum(job.ignore_counts or ()) <= _INLINE_BOXES_PER_IMAGE * most
-            # per image, not per batch: one image of 1.7 M anchors (3000 x 3000) is built anew
-            # on every call (anchors.py caches sets of up to 2^20), 64-100 ms on the loop
+            # per image, not per batch: the C kernel's time grows with an image's anchors, and
+            # one image of 1.7 M anchors (3000 x 3000) held the loop 64-100 ms
             and job.anchors_per_image <= _INLINE_ANCHORS_PER_IMAGE
         )  # fmt: skip
 

@@ -3,7 +3,7 @@
 ``tritarget demo``: compute targets for a synthetic COCO-like batch in-process and
 print a summary per image.
 
-``tritarget serve``: run the gRPC service until SIGTERM / Ctrl-C (``--port 0`` picks
+``tritarget serve``: run the gRPC service until SIGTERM / Ctrl-C / SIGHUP (``--port 0`` picks
 a free port; the bound port is printed).
 
 ``tritarget up``: the main command. Serve on localhost (auto backend), send one
@@ -737,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_request_flags(up)
     up.set_defaults(handler=_up)
 
-    serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM / Ctrl-C")
+    serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM, Ctrl-C or SIGHUP")
     _add_server_flags(serve)
     _add_workers_flag(serve)
     serve.set_defaults(handler=_serve)

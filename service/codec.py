@@ -69,9 +69,9 @@ class Limits:
     max_anchor_rows: int = MAX_ANCHOR_ROWS
     # config_json plus every override's key and value: a real config is ~1 KB.
     max_config_bytes: int = 64 << 10
-    # Overrides per request: a config has 22 fields. Each costs its own check when they are
-    # refused (~0.5 ms on the event loop, to name the culprit): 8,000 within the size
-    # limit held the server for 27 s.
+    # Overrides per request: a config has 23 fields (more with per-level values). Each costs
+    # its own check when they are refused (~0.5 ms on the event loop, to name the culprit):
+    # 8,000 within the size limit held the server for 27 s.
     max_overrides: int = 64
     # Responses built and not yet taken by their callers, all calls together, in bytes on
     # the wire: a caller that never reads held each of its responses (up to

@@ -204,7 +204,8 @@ def exit_status(command: str, run: Callable[[], int]) -> int:
     had succeeded; stdout that cannot be written (a full disk, ``> /dev/full``) or another
     OSError no handler took, with one line on stderr and status 1, where a traceback was
     printed (or, at exit, "Exception ignored" and status 120). argparse's exits (--help, a
-    usage error) keep their status."""
+    usage error) keep their status, except a --help whose stdout fails (1; 141 with its
+    reader gone)."""
     try:
         status = run()
     except BrokenPipeError:

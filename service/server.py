@@ -2,7 +2,7 @@
 
 ``create_server(options) -> (server, port)`` binds (port 0 picks a free port, which
 is what the tests do) without serving; ``await server.start()`` serves;
-``serve(options)`` runs until SIGTERM/SIGINT and shuts down gracefully: health answers
+``serve(options)`` runs until SIGTERM, SIGINT or SIGHUP and shuts down gracefully: health answers
 NOT_SERVING while calls in flight finish (up to ``grace_s``), new calls get UNAVAILABLE;
 a second stop signal cuts the grace period short (the calls still in flight are cancelled).
 

@@ -1,5 +1,7 @@
 """assign_sparse equals assign(...).to_sparse() on every backend, dropping and sampling included."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,25 @@ def test_sparse_equals_dense_then_sparse(backend, preset, generator):
     assert [d.tolist() for d in dense.dropped] == [[2], [], []]
     assert (dense.matched_gt[0][dense.labels[0] == 1] != 2).all()
     _equal_sparse(sparse, dense.to_sparse())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_sparse_first_backends_never_compute_dense_targets(backend, generator, monkeypatch):
+    """Without sampling, the cpu and triton backends write the sparse lists directly
+    (``assign_sparse``'s docstring): their dense ``solve`` is never called, and the lists
+    are the reference's."""
+    config = presets.get("retinanet_torchvision")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    boxes, counts = random_batch(generator, [4, 0, 9], CANVAS)
+    boxes = boxes.to(device)
+    expected = assign_sparse(boxes, counts, CANVAS, config, backend="reference")
+
+    def dense_solve(problem):
+        raise AssertionError(f"assign_sparse on {backend} computed dense targets")
+
+    module = importlib.import_module(f"tritarget.kernels.{'cpu' if backend == 'cpu' else 'triton_backend'}")
+    monkeypatch.setattr(module, "solve", dense_solve)
+    _equal_sparse(assign_sparse(boxes, counts, CANVAS, config, backend=backend), expected)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

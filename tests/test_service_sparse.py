@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from test_service_harness import ServerThread, batching
@@ -25,7 +26,7 @@ from tritarget.kernels.targets import IGNORED, NEGATIVE
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos import target_assigner_pb2_grpc as pb_grpc
 from tritarget.service.backend import Batcher, BatchOptions, _sparse_to_host
-from tritarget.service.codec import Limits, decode_assign, encode_assign
+from tritarget.service.codec import Limits, _nonzero_int8, decode_assign, encode_assign
 
 CANVAS = (96, 128)
 # Anchors with IoU below 0 are negative: none in an image with boxes, so there the ignored
@@ -201,6 +202,21 @@ def test_sparse_to_host_packs_and_restores_every_list(generator):
                 continue
             assert ours.device.type == "cpu" and ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
             assert torch.equal(ours, theirs.cpu()), name
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 64, 1003, 4096])
+def test_label_scan_finds_what_numpy_finds(size):
+    """The dense path's label scan (int64 words first, then inside the non-zero ones) lists
+    exactly ``np.flatnonzero``'s indices: every label value, a word's first and last byte,
+    lengths off the word size, views that are not contiguous."""
+    rng = np.random.default_rng(size)
+    labels = rng.choice(np.array([0, 1, -1], dtype=np.int8), size=size, p=[0.9, 0.05, 0.05])
+    labels[-1:] = -1  # the last word's last byte
+    for values in (labels, labels[::2], labels[1:]):
+        assert np.array_equal(_nonzero_int8(values), np.flatnonzero(values))
+    words = np.zeros(64, dtype=np.int8)
+    words[[0, 15, 16, 63]] = [1, -1, 1, -1]
+    assert _nonzero_int8(words).tolist() == [0, 15, 16, 63]
 
 
 @pytest.mark.gpu
