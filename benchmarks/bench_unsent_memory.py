@@ -4,7 +4,7 @@ against what ``--max-unsent-mb`` counts: its bytes on the wire.
 ``tritarget serve --backend cpu`` (a subprocess, metrics on) gets calls whose callers
 never read (HTTP/2 spoken over a raw socket with a receive window of 0, which no gRPC
 client does: ``tests/test_service_harness.unread_call``), one kind at a time: unary DENSE
-Assign calls of 8 COCO-sized images (~40 MB each), unary GetAnchors of an 8192 x 4096
+Assign calls of 8 COCO-sized images (~34 MB each), unary GetAnchors of an 8192 x 4096
 canvas (~96 MB each), and AssignStream calls each sending DENSE items until the bound
 holds them. Per kind: the server's RSS before (after the same calls were made and read
 once, so that the allocator's keep of the work itself is in the baseline) and while the

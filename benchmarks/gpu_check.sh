@@ -21,15 +21,16 @@
 #    per-kernel device times, time against boxes per image (--time-limit: the points
 #    left after it are skipped, and the tables and plots still written; so they are
 #    when the step's timeout interrupts a point).
-# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it): host vs device time per call,
-#    dense and sparse calls launched against replayed as CUDA graphs (``graph_batches``,
-#    off until this times it), the pair walk against the gather and its variants (run10's
-#    verdict made the gather the default, run12's set its launch; the finalize matching
-#    inline, the grid's order, every record, every near box, one near box at a time and
-#    lone visits are the variants to read next: heavy first, skipping empty blocks'
-#    records and the threshold pruning became defaults untimed), and the
-#    matchings over B x G (targets checked equal in every cell; where a per-batch
-#    choice would switch).
+# 3. benchmarks/gpu_sweep.py (GPU_SWEEP=0 skips it), by default its sections host and
+#    matching: host vs device time per call, and the pair walk against the gather and its
+#    variants (run10's verdict made the gather the default, run12's set its launch; the
+#    finalize matching inline, the grid's order, every record, every near box, one near
+#    box at a time and lone visits are the variants to read next: heavy first, skipping
+#    empty blocks' records and the threshold pruning became defaults untimed).
+#    GPU_SWEEP_ARGS="--sections graphs,launches,boundary" the rest: calls launched against
+#    replayed as CUDA graphs (``graph_batches``, off until a GPU run times the library's
+#    path), the JIT's launches against direct ones, and the matchings over B x G (targets
+#    checked equal in every cell; where a per-batch choice would switch).
 # 4. benchmarks/bench_loadtest.py --backend triton: the service on the GPU, load from 8
 #    client processes, one connection per caller (images/s and latency percentiles, 20
 #    responses verified per run) against `serve --workers N` (GPU_SERVICE_WORKERS

@@ -14,7 +14,8 @@
   windows together, once all are ready; the targets are addresses, several of them
   (round robin) or a ``dns:///`` name. Each caller or stream has its own connection
   (open loop: ``concurrency`` connections), as separate data loaders would, so front
-  ends sharing a port (``serve --workers N``) share the load.
+  ends sharing a port (``serve --workers N``) share the load; at most 64 per client
+  process and target, which more callers share.
 * The workload (``Workload``) is a cycle of distinct requests built once: COCO-like or
   ``boxes`` per image, ``images`` per request, SPARSE or DENSE, float16 deltas.
 * The first ``warmup_s`` seconds are not measured. Latencies go into HDR histograms

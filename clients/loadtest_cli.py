@@ -6,7 +6,7 @@ Prints the report table; exit status 0 only when every measured request was answ
 without error and each of the ``--verify K`` responses asked for was verified and equals
 the in-process targets (a run that answered fewer than K fails); 1 otherwise,
 2 for a bad flag (before anything runs), 130 after Ctrl-C (the table and the files then
-hold what was measured until then).
+hold what was measured until then), 141 when the reader of its output has gone.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def add_parser(commands) -> None:
         type=integer(1, MAX_CONCURRENCY),
         default=8,
         help="callers, or streams with --stream; with --rate, the connections "
-        f"the calls are spread over (default 8; one connection per caller or stream; at most {MAX_CONCURRENCY:,})",
+        f"the calls are spread over (default 8; one connection per caller or stream, up to 64 per client "
+        f"process and target; at most {MAX_CONCURRENCY:,})",
     )
     parser.add_argument("--rate", type=_positive,
                         help="open loop: requests per second in total, latency from each scheduled start")  # fmt: skip

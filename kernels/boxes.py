@@ -72,7 +72,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
         boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): float32 xyxy (16-bit floats are
             converted to float32 first; float64 stays float64).
     Returns:
-        Tensor[N, M] of the inputs' dtype (float32 for 16-bit floats):
+        Tensor[N, M] of the inputs' dtype (float32 for 16-bit floats and integers):
         ``inter / (area1 + area2 - inter)``, and 0 where the union is 0 (torchvision would
         give NaN there); NaN where a coordinate is NaN, as torchvision gives.
     """

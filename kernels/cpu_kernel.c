@@ -1,7 +1,7 @@
 /* The CPU path's fused kernel: IoU -> max-IoU matching -> encoding, streaming over anchors.
  *
  * Built and loaded by tritarget.kernels.cpu_build (plain C11 + pthreads, no Python or
- * torch headers, so it compiles in about a second), called by tritarget.kernels.cpu.
+ * torch headers, so it compiles in about 0.3 s), called by tritarget.kernels.cpu.
  * It computes exactly what tritarget.kernels.reference computes (read its module
  * docstring for the rules) without ever holding an image's [G, A] IoU matrix:
  *
@@ -10,7 +10,7 @@
  *           "pre_match", cell beyond the image's padded size), per-thread partial maxima of each box over the included anchors
  *           (lowest anchor index on ties); then the chunk's outputs as the thresholds and
  *           border rules decide them, written once.
- *   merge   per box: its best IoU and best anchor over all anchors of its image.
+ *   merge   per box: its best IoU and best anchor over the included anchors of its image.
  *   pass 2  low-quality lifts (torchvision, detectron2, mmdet): only chunks whose best
  *           IoU reaches some box's best IoU are revisited, only the boxes that can tie
  *           there are recomputed, and only the lifted anchors are rewritten.
@@ -40,7 +40,7 @@
  * "the boxes that touch a chunk").
  *
  * Memory beyond the outputs: O(threads * (chunk + G) + A * B / chunk) scratch, the index
- * (36 bytes per box of an image of INDEX_MIN_BOXES boxes or more), plus the sparse rows
+ * (36 bytes per box of the batch, once an image has INDEX_MIN_BOXES boxes), plus the sparse rows
  * (a chunk pass 2 or ssd_forced changes is stored twice). Exactness: every IoU is computed
  * with torchvision's operation order in float32, one rounding per operation. The build
  * passes -ffp-contract=off and never -ffast-math, so the compiler fuses no multiply-add
@@ -82,7 +82,7 @@ _Static_assert(CHUNK % BLOCK == 0 && CHUNK / BLOCK <= 32, "a chunk's blocks are 
 #define EMIT_ROWS_PER_THREAD 16384
 /* Boxes of an image from which they are indexed (touching): below, testing each box
  * against a chunk costs about what looking them up does. Height classes: binary exponents
- * of a box's height, those under 2 in the first (heights are below 2^33, BOX_REACH). */
+ * of a box's height, those under 1 in the first (heights are below 2^33, BOX_REACH). */
 #define INDEX_MIN_BOXES 64
 #define HEIGHT_CLASSES 34
 /* How far a gt box may reach from the origin: tritarget.kernels.problem.BOX_REACH. */
@@ -499,7 +499,7 @@ static int64_t first_at_least(const IndexedBox *sorted, int64_t begin, int64_t e
 /* The boxes of an image that touch bounds (x1, y1, x2, y2: box_misses is false; a box
  * that misses them has IoU and IoF 0 with what lies inside), in box order (image-local
  * indices): their count, and *list, or NULL for all of the image's boxes (an image not
- * indexed, or one where the boxes whose tops are near the bounds' are most of them: testing
+ * indexed, or one where the boxes whose tops are near the bounds' are over a quarter of them: testing
  * each then costs less than listing). */
 static int64_t touching(const BoxIndex *index, int thread, int64_t image, const float *bounds, const int32_t **list) {
     const int64_t g0 = index->offsets[image], G = index->offsets[image + 1] - g0;

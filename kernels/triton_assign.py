@@ -12,8 +12,10 @@ packed key per anchor; ``triton_backend`` launches the stages in this order:
    pair inside has a positive width and height. A ``cumsum`` of the rectangles' pair
    counts lays all pairs of the batch end to end, cut into chunks of ``BLOCK_P`` pairs.
    Explicit anchors have no such structure: a box's "rectangle" is all its image's anchors.
-   For ``solve_sparse`` it also checks every box it loads (a flag the host reads back with
-   the lists' lengths, in place of ``build_problem``'s read-back before the launches).
+   With the walk it also checks every box it loads, for ``solve`` and ``solve_sparse``
+   (a flag the host reads back once after the launches -- ``solve_sparse`` with the lists'
+   lengths -- in place of ``build_problem``'s read-back before them; with the gather,
+   ``gather_kernel`` checks).
 2. ``pairs_kernel`` (stage ``SCATTER``) -- persistent programs walk contiguous ranges of
    those chunks (one binary search to start, then rectangle after rectangle; a chunk
    may span many small rectangles), so a 600-pixel box and a 10-pixel one cost in
@@ -54,8 +56,8 @@ the lift, which marks the anchors that reach a qualifying box's maximum the same
 runs inside ``finalize_kernel`` (LIFT: no launch of its own, and a
 block builds its anchors once for the lift and the encoding); blocks near no box
 generate no anchors (a per-grid table of block bounds), the lift skips boxes whose area
-is far from every anchor's, each image's first block checks the sparse path's
-unchecked boxes, and every image's coarsest blocks, which list the most boxes, start
+is far from every anchor's, each image's first block checks unchecked boxes (dense and
+sparse), and every image's coarsest blocks, which list the most boxes, start
 first (``_program_block``). ``bench_gpu.py --pairs`` counts what it visits
 (0.64x the overlapping pairs at G = 200, 1.86x without its threshold pruning, 2.26x with
 one bounding box per block). The pruning (``prune``): ``floor_kernel``, a program per
@@ -197,7 +199,7 @@ def _program_block(HEAVY_FIRST: tl.constexpr):
     taken from an image's last block down -- every image's last block first, then every
     image's last but one, and so on. An image's last blocks hold the coarsest level's
     anchors, the largest, which overlap the most boxes (at G = 1,000 the last tenth of an
-    image's blocks lists 7x the near boxes of the first tenth, ``bench_gpu.py --pairs``),
+    image's blocks lists 16x the near boxes of the first tenth, ``bench_gpu.py --pairs``),
     so the long blocks start first and short ones fill the end. Otherwise a grid of
     (blocks per image, images), an image's blocks in turn, image after image, in which
     the last image's coarsest blocks started last and ran on alone. (The layout, not a
@@ -1001,9 +1003,9 @@ def _near_boxes(gt_boxes_ptr, box_key_ptr, rows, box_end, parts, area_low, area_
         maxima = _box_best_iou(box_key_ptr, rows, near)
         near = near & (maxima > 0.0) & (maxima >= min_pos_iou)
         # Nor can a box reach its maximum where no anchor's IoU can (_iou_bound): the area
-        # range alone rules out the anchors of other levels (87% of these visits on
-        # COCO-like images), the intersection 61% of the rest, the blocks the box only
-        # grazes (bench_gpu.py --pairs).
+        # range alone rules out the anchors of other levels (80% of these visits on
+        # COCO-like images, 89% at G = 200), the intersection 61-68% of the rest, the
+        # blocks the box only grazes (bench_gpu.py --pairs).
         near = near & (_iou_bound(x1, y1, x2, y2, parts, area_low, area_high) * 1.0001 >= maxima)
     elif prune != 0:
         # A pair below its box's need changes no label, positive's box or box's best IoU
@@ -1543,7 +1545,8 @@ def finalize_kernel(
         work_ptr itself. OUTPUT_COUNT writes block_counts [B, nblocks, 2] int32 (positive,
         ignored). OUTPUT_SPARSE reads those counts (to skip empty blocks) and writes,
         from block_starts [B * nblocks, 2] int64 (each block's first output rows within
-        its image) and offsets [2, B + 1] int64 (each image's first rows), positives
+        its image) and offsets [3, B + 1] int64 (rows 0-1: each image's first rows; [2, B]
+        the box check's flag, not read here), positives
         (anchor int32, matched int32, deltas [P, 4] float32, class int32) and ignored
         anchors (int32), in anchor order; rows at or past ``positive_capacity`` /
         ``ignored_capacity`` (the lists' lengths) are not written.

@@ -103,8 +103,8 @@ class _Meta:
     finalize) visits at once: one on a GPU, where few boxes reach their maximum in a
     block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers; and
     a cap on the registers of a finalize that lifts (None: the compiler's choice, 56 on
-    sm_90 under Triton 3.6 against 40 without the lift: 9 programs resident per SM
-    instead of 12, for a pass bound by its memory traffic); whether the gather and the
+    sm_90 under Triton 3.6, 9 programs resident per SM, against 12 at the cap of 40 and
+    15 for the finalize without the lift, 34: for a pass bound by its memory traffic); whether the gather and the
     finalize load a generated grid's anchors (``problem.anchors``, built once per device
     and canvas) instead of building each block's from the level tables in every image;
     and whether the finalize matches each block itself (``inline_match``, with the gather
@@ -114,10 +114,11 @@ class _Meta:
     check unchecked boxes; for every mode but ssd_forced, whose marks live in the
     records); up to how many images ``solve`` and ``solve_sparse`` replay their
     launches as a CUDA graph (``triton_graphs``; 0: never, the default until a GPU run has
-    timed it); and whether the gather and the finalize take every image's last blocks,
+    timed the library's path: run10 and run12 timed a fixed problem's replay, 2 us of
+    host time against ~120); and whether the gather and the finalize take every image's last blocks,
     the coarsest level's, first (``triton_assign._program_block``): the gather's counted
-    work, list-scheduled on an H200's resident programs, ends 31% sooner at B = 8,
-    G = 1,000 and 8% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
+    work, list-scheduled on an H200's resident programs, ends 30% sooner at B = 8,
+    G = 1,000 and 7% sooner at B = 32, G = 200 than in the grid's own order (``bench_gpu.py
     --pairs``; not yet timed on a GPU: gpu_sweep.py's "gather, grid order"); and whether
     the gather writes the records of the blocks near a box only, with a byte per block
     that tells the finalize which to read (``skip_empty``: 83% of a COCO-like image's
@@ -165,7 +166,7 @@ class _Meta:
 # Compiled, the gather's three (run12, benchmarks/results/gpu_h200/run12/combos/sweep.txt):
 # anchors loaded, the gather capped at 64 registers and the lifting finalize at 40 beat
 # the gather as run10 left it at 5 of 7 points for solve and 6 for solve_sparse, 0.88x
-# and 0.94x its time (geometric means; each alone 0.94-0.99x), and the gather so set
+# and 0.94x its time (geometric means; each alone 0.94-1.01x), and the gather so set
 # beat the walk in 15 of the 16 cells of B = 1-64 x G ~ 7-1,000 (all but one image of
 # 1,000 boxes), where the gather as it was had lost 4-5. 128 anchors per finalize
 # program (one per thread at 4 warps), testing crowd

@@ -1788,3 +1788,23 @@ def test_an_images_picture_counts_the_anchors_its_crowd_regions_ignore(tmp_path,
                                 ignore_boxes=torch.tensor([[40.0, 40.0, 128.0, 128.0]]))  # fmt: skip
     ignored = [int(title.split(" ignored")[0].rsplit(" ", 1)[1]) for title in titles]
     assert ignored[1] > ignored[0] + 500, titles
+
+
+def test_strict_high_configs_are_checked_and_labelled_with_their_own_comparison():
+    """A box whose best anchor IoU is exactly the high threshold is positive on the high
+    threshold alone under IoU >= high and not under strict_high's IoU > high; the table and
+    the listing say which comparison each config used (they said ">= high" for both)."""
+    dataset = from_tensors([torch.tensor([[10.0, 12.0, 50.0, 40.0]])], [(96, 128)])
+    config = _small_fpn().replace(**{"match.low_quality": "none", "match.low": 0.1})
+    best = float(check(dataset, config, backend="cpu").best_iou[0])
+    assert 0.1 < best < 1
+    at_best = config.replace(**{"match.high": best})
+    strict = at_best.replace(**{"match.strict_high": True})
+    results = [check(dataset, c, name=n, backend="cpu") for c, n in ((at_best, "inclusive"), (strict, "strict"))]
+    assert [r.bpr for r in results] == [1.0, 0.0]
+    assert "BPR, the high threshold alone" in format_check_table(results)
+    assert "BPR, IoU > high alone" in format_check_table(results[1:])
+    assert "1 (1 at IoU>high)" in format_check_table(results[1:])
+    assert format_missing(results[1], strict=True).splitlines()[0] == (
+        "strict: 1 boxes without a positive at IoU > high alone"
+    )

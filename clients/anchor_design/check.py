@@ -116,8 +116,8 @@ class CheckResult:
 
     @property
     def bpr(self) -> float | None:
-        """Boxes with a positive on IoU >= high alone (no low-quality rule), as a fraction
-        (``None`` without boxes)."""
+        """Boxes with a positive on the high threshold alone (IoU >= high, > with
+        ``strict_high``; no low-quality rule), as a fraction (``None`` without boxes)."""
         return _fraction(self.strict.positives > 0)
 
     @property
@@ -137,7 +137,7 @@ class CheckResult:
 
     @property
     def missing_strict(self) -> torch.Tensor:
-        """Tensor[K] int64: rows of the boxes without a positive on IoU >= high alone."""
+        """Tensor[K] int64: rows of the boxes without a positive on the high threshold alone."""
         return torch.nonzero(self.strict.positives == 0).flatten()
 
     def shapes_ever_positive(self) -> list[tuple[int, int]]:
@@ -476,6 +476,12 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _high_rule(strict_high: set[bool]) -> str:
+    """How configs of these ``match.strict_high`` compare a box's IoU with their high
+    threshold (>= unless strict), for a label."""
+    return "the high threshold" if len(strict_high) > 1 else f"IoU {'>' if True in strict_high else '>='} high"
+
+
 def format_check_table(results: Sequence[CheckResult]) -> str:
     """A plain-text table, one column per result (configs side by side)."""
     summaries = [r.summary() for r in results]
@@ -486,7 +492,7 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
     add("anchors per image", [f"{s['anchors_per_image']:,.0f}" for s in summaries])
     add("matching", [f"IoU{'>' if s['strict_high'] else '>='}{s['high']:g}, low-quality {s['low_quality']}"
                      for s in summaries])  # fmt: skip
-    add("BPR, IoU >= high alone", [_pct(s["bpr"]) for s in summaries])
+    add(f"BPR, {_high_rule({s['strict_high'] for s in summaries})} alone", [_pct(s["bpr"]) for s in summaries])
     add("BPR, with low-quality rule", [_pct(s["bpr_low_quality"]) for s in summaries])
     for size in SIZE_NAMES:
         add(f"  {size}: boxes / BPR / pos per box", [
@@ -510,7 +516,9 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
     add("best-anchor IoU short of high", [_pct(s["best_iou"]["below_high"]) for s in summaries])
     add("ignored anchors", [f"{100 * s['ignored_fraction']:.3f}%" for s in summaries])
     add("boxes without positive", [
-        f"{s['boxes_without_positive']:,} ({s['boxes_without_positive_strict']:,} at IoU>=high)" for s in summaries
+        f"{s['boxes_without_positive']:,} ({s['boxes_without_positive_strict']:,} at "
+        f"IoU{'>' if s['strict_high'] else '>='}high)"
+        for s in summaries
     ])  # fmt: skip
     add("scan", [
         f"{s['seconds']:.2f} s, " + ("-" if s["images_per_second"] is None else f"{s['images_per_second']:,.0f}")
@@ -528,10 +536,11 @@ def format_check_table(results: Sequence[CheckResult]) -> str:
 
 
 def format_missing(result: CheckResult, limit: int = 20, strict: bool = False) -> str:
-    """The boxes without a positive (under the config's rules, or at IoU >= high alone with
-    ``strict``), at most ``limit`` of them, with image id, annotation id, box and best IoU."""
+    """The boxes without a positive (under the config's rules, or at its high threshold
+    alone with ``strict``), at most ``limit`` of them, with image id, annotation id, box
+    and best IoU."""
     rows = result.missing_strict if strict else result.missing
-    rule = "at IoU >= high alone" if strict else "under the config's rules"
+    rule = f"at {_high_rule({result.config.match.strict_high})} alone" if strict else "under the config's rules"
     lines = [f"{result.name}: {rows.numel():,} boxes without a positive {rule}"]
     for row in rows[:limit].tolist():
         x1, y1, x2, y2 = result.boxes[row].tolist()

@@ -134,8 +134,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--missing",
         type=_non_negative,
         default=10,
-        help="boxes to list, per config, that no anchor reaches at IoU >= its high threshold (the low-quality rule "
-        "left out; default 10)",
+        help="boxes to list, per config, that no anchor reaches at its high threshold (IoU >= high, > with "
+        "strict_high; the low-quality rule left out; default 10)",
     )
     check.add_argument("--json", help="also write the numbers as JSON here")
 

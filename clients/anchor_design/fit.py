@@ -131,7 +131,7 @@ def check_fittable(config: TargetConfig) -> None:
 
 
 def fitness(positives: torch.Tensor) -> float:
-    """The refinement's objective from positives per box at IoU >= high (Tensor[N] int):
+    """The refinement's objective from positives per box on the high threshold alone (Tensor[N] int):
     ``BPR + POSITIVES_WEIGHT * mean(min(positives, POSITIVES_TARGET) / POSITIVES_TARGET)``."""
     if positives.numel() == 0:
         return 0.0

@@ -147,7 +147,7 @@ def plot_assignment(
 
 def plot_check(results: Sequence[CheckResult], path: str | os.PathLike) -> str:
     """The check histograms, configs side by side: positives per box, best-anchor IoU,
-    BPR by size class (IoU >= high alone), and the share of positives per level."""
+    BPR by size class (the high threshold alone), and the share of positives per level."""
     figure = _figure(12, 8)
     (hist, iou), (sizes, levels) = figure.subplots(2, 2)
     width = 0.8 / max(len(results), 1)
@@ -172,7 +172,7 @@ def plot_check(results: Sequence[CheckResult], path: str | os.PathLike) -> str:
         iou.axvline(results[0].config.match.high, color="k", ls="--", lw=1, label="match.high")
     iou.set(xlabel="IoU of the box's best anchor", ylabel="density", title="best-anchor IoU")
     sizes.set_xticks(range(3), list(SIZE_NAMES))
-    sizes.set(ylim=(0, 1.05), ylabel="BPR", title="BPR at IoU >= high alone, by box size")
+    sizes.set(ylim=(0, 1.05), ylabel="BPR", title="BPR at the high threshold alone, by box size")
     if results:
         levels.set_xticks(range(len(results[0].anchors_per_cell)))
     levels.set(xlabel="level", ylabel="share of positives", title="positives by level")
