@@ -822,6 +822,33 @@ def test_first_calls_at_once_on_a_fresh_cache_build_the_kernel_once(tmp_path):
     assert [path.name.split(".", 1)[1] for path in sorted(cache.iterdir())] == ["so", "so.lock"]
 
 
+def test_a_compiler_that_refuses_march_native_builds_the_portable_kernel(tmp_path):
+    """A compiler that does not take -march=native (some targets' clang and gcc): the
+    kernel is built again without it, and computes what the reference does."""
+    log = tmp_path / "compiler.log"
+    compiler = tmp_path / "cc-without-native"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'for arg in "$@"; do [ "$arg" = -march=native ] && { echo "unsupported: $arg" >&2; exit 1; }; done\n'
+        f'echo "$@" >> {log}\n'
+        f'exec {_compiler()} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    code = (
+        "import torch; from tritarget.kernels import assign, presets; "
+        "args = (torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 8.0, 60.0, 30.0]]), [2], (64, 64), "
+        "presets.get('retinanet_torchvision')); "
+        "ours, ref = assign(*args, backend='cpu'), assign(*args, backend='reference'); "
+        "assert torch.equal(ours.labels, ref.labels) and torch.equal(ours.matched_gt, ref.matched_gt)"
+    )
+    env = {**os.environ, "TRITARGET_CACHE_DIR": str(tmp_path / "cache"), "CC": str(compiler)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    builds = [line for line in log.read_text().splitlines() if "cpu_kernel.c" in line]
+    assert len(builds) == 1 and "-O3" in builds[0].split() and "-march=native" not in builds[0]
+    assert len(list((tmp_path / "cache").glob("cpu_kernel-*.so"))) == 1
+
+
 def test_a_cached_file_that_is_not_the_kernel_is_built_again(tmp_path):
     """A loadable library without the kernel's functions under the cached name (a cache
     synced from elsewhere, a partial restore) failed every call with AttributeError."""
