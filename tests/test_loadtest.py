@@ -1481,6 +1481,23 @@ def test_an_open_loop_the_server_cannot_keep_up_with_reports_what_was_served():
     assert "the server fell behind" in report.table() and report.summary()["answered_s"] > 3.0
 
 
+@pytest.mark.parametrize("call_s, warned", [(0.4, True), (0.02, False)])
+def test_a_closed_loop_whose_calls_take_a_good_part_of_the_window_says_req_s_reads_low(call_s, warned):
+    """Each caller sends its next request when answered: with calls of 0.4 s in a 1 s window
+    each caller has two or three turns, and req/s measures the callers, not the server; the
+    table says so (over a quarter of the window at the median), and not for short calls."""
+
+    def slow(raw: bytes, context) -> bytes:
+        time.sleep(call_s)
+        return _response(WORKLOAD, int(pb.AssignRequest.FromString(raw).request_id.split("-")[1])).SerializeToString()
+
+    with fake_assigner(slow, None) as address:
+        report = run(LoadTestOptions(targets=(address,), workload=WORKLOAD, duration_s=1.0, warmup_s=0.0,
+                                     concurrency=2, verify=0))  # fmt: skip
+    assert report.ok and report.requests > 0, report.table()
+    assert ("half the calls took over" in report.table()) == warned, report.table()
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_an_open_loop_faster_than_the_load_generator_ends_with_its_window(stream):
     """An open loop at a rate the generator cannot send (50,000 requests/s from one Python
