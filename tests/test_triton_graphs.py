@@ -12,6 +12,7 @@ failed capture.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -21,9 +22,11 @@ from tritarget.kernels import assign, presets, reference
 from tritarget.kernels.problem import CheckBoxesFirst, build_problem
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from tritarget.kernels import triton_backend, triton_graphs  # noqa: E402
-from tritarget.kernels.triton_launch import keeping_arguments  # noqa: E402
+from tritarget.kernels.triton_launch import Launcher, keeping_arguments  # noqa: E402
 from triton_support import DEVICE, TOL, gpu  # noqa: E402
 
 CANVAS = (97, 131)
@@ -33,14 +36,14 @@ def _config(mode: str = "torchvision"):
     return presets.get("retinanet_torchvision").replace(**{"match.sample_size": 0, "match.low_quality": mode})
 
 
-def _problem(generator, counts, config, *, ignore_counts=None, checked=False, **kwargs):
-    boxes, counts = random_batch(generator, counts, CANVAS)
-    classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
+def _problem(generator, counts, config, *, ignore_counts=None, checked=False, canvas=CANVAS, classes=True, **kwargs):
+    boxes, counts = random_batch(generator, counts, canvas)
+    gt_classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32).to(DEVICE)
     extra = {}
     if ignore_counts is not None:
-        ignore, _ = random_batch(generator, ignore_counts, CANVAS, max_frac=0.4)
+        ignore, _ = random_batch(generator, ignore_counts, canvas, max_frac=0.4)
         extra = dict(ignore_boxes=ignore.to(DEVICE), ignore_counts=ignore_counts)
-    problem, _ = build_problem(boxes.to(DEVICE), counts, CANVAS, config, gt_classes=classes.to(DEVICE),
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, gt_classes=gt_classes if classes else None,
                                check_gt_boxes=checked, **extra, **kwargs)  # fmt: skip
     return problem
 
@@ -60,6 +63,19 @@ def test_calls_whose_rows_round_alike_share_a_kind(generator):
     assert kind(few) != kind(_problem(generator, [3, 2], config, ignore_counts=[1, 0]))
     assert kind(few) != kind(_problem(generator, [3, 2], config, want_max_iou=True))
     assert kind(few) != kind(_problem(generator, [3, 2], _config("mmdet")))
+    assert kind(few) != kind(_problem(generator, [3, 2], config, canvas=(97, 130)))
+    assert kind(few) != kind(_problem(generator, [3, 2], config, classes=False))
+    for checked in ("gt_boxes_checked", "gt_classes_checked", "ignore_boxes_checked"):
+        assert kind(few) != kind(dataclasses.replace(few, **{checked: not getattr(few, checked)})), checked
+    # A graph of the kind holds either call's rows: NaN past the call's own.
+    inputs = triton_graphs._Inputs(few)
+    inputs.load(few)
+    assert inputs.gt_boxes.shape[0] == 16 and inputs.gt_boxes[5:].isnan().all()
+    inputs.load(more)
+    assert torch.equal(inputs.gt_boxes, more.gt_boxes) and torch.equal(inputs.gt_classes, more.gt_classes)
+    single = _problem(generator, [0, 1], config)
+    inputs.load(single)
+    assert torch.equal(inputs.gt_boxes[:1], single.gt_boxes) and torch.equal(inputs.gt_boxes[1:], more.gt_boxes[1:])
 
 
 @pytest.mark.parametrize("mode", ("none", "torchvision", "mmdet"))
@@ -73,11 +89,14 @@ def test_the_kernels_read_only_each_calls_rows_of_a_graphs_buffers(mode, generat
     inputs = triton_graphs._Inputs(first)
     assert inputs.gt_boxes.shape[0] == 32 and inputs.ignore_boxes.shape[0] == 8
     inputs.load(first)
+    assert inputs.gt_boxes[23:].isnan().all() and inputs.ignore_boxes[5:].isnan().all()
     for counts, ignore_counts in (([9, 14], [2, 3]), ([4, 0], [1, 1]), ([0, 2], [0, 0])):
         problem = _problem(generator, counts, config, ignore_counts=ignore_counts, want_max_iou=True)
         assert not problem.gt_boxes_checked
         inputs.load(problem)
-        assert_targets_equal(triton_backend.solve(inputs.problem), reference.solve(problem), rtol=TOL, atol=TOL)
+        ours = triton_backend.solve(inputs.problem)
+        assert ours.max_iou is not None  # asked for (assert_targets_equal compares it only where both have it)
+        assert_targets_equal(ours, reference.solve(problem), rtol=TOL, atol=TOL)
 
 
 def assert_sparse_equal(ours, want, tol: float = 0.0) -> None:
@@ -175,6 +194,11 @@ def test_a_kept_graphs_larger_lists_are_reused(monkeypatch, generator):
     assert triton_backend._graph_list_sizes(problem) == (256, 64)  # its own size, kept
     monkeypatch.setitem(triton_backend._ROWS_PER_IMAGE, problem.num_anchors, (0.0, 0.0))
     assert triton_backend._graph_list_sizes(problem) == (64, 64)  # the kept ones are over twice as long
+    # A kept graph found again is the most recently used (the last to be evicted).
+    graphs._graphs[(kind, ("sparse", (512, 64)))] = found = object()
+    assert graphs._kept((kind, ("sparse", (512, 64)))) is found
+    assert graphs.launches_kept(problem) == [("sparse", (256, 128)), ("sparse", (256, 64)), ("dense",),
+                                             ("sparse", (512, 64))]  # fmt: skip
 
 
 def test_solve_replays_only_on_a_gpu(monkeypatch, generator):
@@ -187,16 +211,62 @@ def test_solve_replays_only_on_a_gpu(monkeypatch, generator):
         assert_targets_equal(triton_backend.solve(problem), reference.solve(problem), rtol=TOL, atol=TOL)
 
 
+@triton.jit
+def _copy(source_ptr, target_ptr, n):
+    at = tl.arange(0, 16)
+    tl.store(target_ptr + at, tl.load(source_ptr + at, mask=at < n), mask=at < n)
+
+
 def test_a_capture_keeps_every_launched_tensor(generator):
+    """Tensors only, passed by position or by name; the innermost open list collects, and
+    the one around it again once it closes; closed, also by an error (a failed capture),
+    none collects."""
     problem = _problem(generator, [3, 5], _config())
-    with keeping_arguments() as kept:
-        triton_backend.solve(problem)
+    source, target = torch.arange(4.0, device=DEVICE), torch.zeros(4, device=DEVICE)
+    with keeping_arguments() as outer:
+        with keeping_arguments() as kept:
+            triton_backend.solve(problem)
+        Launcher(_copy, triton_backend.interpreting())[(1,)](source, target_ptr=target, n=4)
     assert any(tensor is problem.gt_boxes for tensor in kept)
     assert any(tensor is problem.gt_offsets for tensor in kept)
+    assert all(isinstance(tensor, torch.Tensor) for tensor in kept)
+    assert torch.equal(target, source) and [id(tensor) for tensor in outer] == [id(source), id(target)]
     with keeping_arguments() as again:
         pass
+    with pytest.raises(RuntimeError, match="capture"), keeping_arguments() as failed:
+        raise RuntimeError("the capture failed")
     triton_backend.solve(problem)
-    assert again == []  # closed: nothing collected
+    assert again == [] and failed == []  # closed: nothing collected
+
+
+def test_a_graphs_buffers_check_the_boxes_of_each_call_they_are_loaded_with(generator):
+    """Unchecked calls: the launches on the buffers flag an invalid box of the call loaded
+    last (the backend then checks on the host), and not the boxes of a valid one."""
+    config = _config()
+    problem = _problem(generator, [3, 2], config)
+    inputs = triton_graphs._Inputs(problem)
+    inputs.load(problem)
+    assert_targets_equal(triton_backend._dense_finished(triton_backend.launch_dense(inputs.problem), [], True),
+                         reference.solve(problem), rtol=TOL, atol=TOL)  # fmt: skip
+    invalid = _problem(generator, [3, 2], config)
+    invalid.gt_boxes[1] = torch.tensor([50.0, 50.0, 40.0, 60.0], device=DEVICE)  # x2 < x1
+    inputs.load(invalid)
+    with pytest.raises(CheckBoxesFirst):
+        triton_backend._dense_finished(triton_backend.launch_dense(inputs.problem), [], True)
+
+
+def test_with_graphs_off_a_call_is_launched_as_it_is(generator):
+    """After a failed capture (``failed``: it needs a GPU) nothing is captured again: the
+    launches' targets, not replayed, and the first failure kept."""
+    cache = triton_graphs.Graphs()
+    cache.failed = "RuntimeError: an earlier capture failed"
+    problem = _problem(generator, [2, 3], _config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        targets, replayed = cache.run(problem, triton_backend.launch_dense, lambda launched, copy: (launched[0], copy),
+                                      ("dense",))  # fmt: skip
+    assert not replayed and len(cache) == 0 and cache.failed == "RuntimeError: an earlier capture failed"
+    assert_targets_equal(targets, reference.solve(problem), rtol=TOL, atol=TOL)
 
 
 @pytest.fixture

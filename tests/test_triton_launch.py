@@ -118,14 +118,22 @@ def _constexpr(a: tl.constexpr):
     pass
 
 
-_ONE, _TWO, _CONSTEXPR = map(JITFunction, (_one, _two, _constexpr))
+def _defaulted(a, B: tl.constexpr = 2):
+    pass
+
+
+_ONE, _TWO, _CONSTEXPR, _DEFAULTED = map(JITFunction, (_one, _two, _constexpr, _defaulted))
 _LOOSE = JITFunction(_two, do_not_specialize=["b"], do_not_specialize_on_alignment=["a"])
+
+
+class _Boxes(torch.Tensor):
+    """A tensor subclass (as torchvision's tv_tensors are): Triton binds it as a tensor."""
 
 
 def test_launch_kind_keeps_what_triton_specialises_on():
     """The traits by hand: alignment and dtype of tensors, an int's being 1, its
     divisibility by 16 and its type (by range: -2**31 is an i32, 2**31 an i64), bools
-    apart from ints, constexpr values, options;
+    apart from ints, constexpr values (given or defaulted), options (in any order);
     two ints of the same traits (or two tensors at other aligned addresses) share a kind,
     so a new batch size reuses the variant; and what Triton is told not to specialise (an
     int's value, a pointer's alignment) is left out, but not an int's type."""
@@ -143,10 +151,28 @@ def test_launch_kind_keeps_what_triton_specialises_on():
     for a, b in pairs:
         assert kind(a) != kind(b), (a, b)
     assert kind(256, probe=_CONSTEXPR) != kind(512, probe=_CONSTEXPR)
+    assert kind(17, probe=_DEFAULTED) == kind(17, B=2, probe=_DEFAULTED) != kind(17, B=4, probe=_DEFAULTED)
     assert kind(17, num_warps=4) != kind(17, num_warps=8)
     assert kind(17, 33) == kind(19, 35)
+    assert kind(0.5, 17) != kind(17, 0.5)  # the same traits, at other places: (fp32, i32) against (i32, fp32)
+    assert kind(17) == kind(2**31 - 15)  # 31 bits: an i32 whatever its value
+    assert kind(17, num_warps=4, num_stages=2) == kind(17, num_stages=2, num_warps=4)
+    boxes = aligned.as_subclass(_Boxes)
+    assert kind(boxes, 17) != kind(boxes[2:], 17)
+    assert kind(boxes, 17) != kind(boxes.view(torch.int32), 17)
     assert kind(aligned, 17, probe=_LOOSE) == kind(aligned[2:], 1, probe=_LOOSE) == kind(aligned, 32, probe=_LOOSE)
     assert kind(aligned, 17, probe=_LOOSE) != kind(aligned, 2**40, probe=_LOOSE)
+
+
+def test_one_launcher_keeps_what_triton_specialises_on_whatever_it_launched_before():
+    """A launcher plans its kinds per argument types: a tensor where an earlier launch
+    passed a float (or None) is still told apart by its alignment and dtype."""
+    aligned = torch.empty(64, dtype=torch.float32)
+    launcher = Launcher(_TWO, interpreted=False)
+    for before in (0.5, None, aligned):
+        launcher.kind((before, 17), {})
+        assert launcher.kind((aligned, 17), {})[1] != launcher.kind((aligned[2:], 17), {})[1], before
+        assert launcher.kind((aligned, 17), {})[1] != launcher.kind((aligned.view(torch.int32), 17), {})[1], before
 
 
 @pytest.mark.parametrize("value", ["y", " 1", "0"])
