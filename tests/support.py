@@ -66,7 +66,8 @@ def assert_targets_equal(ours: Targets, ref: Targets, rtol: float = 1e-6, atol: 
     a, b = ours.deltas.cpu(), ref.deltas.cpu()
     bad = ~torch.isclose(a, b, rtol=rtol, atol=atol)
     assert not bad.any(), _describe("deltas", a, b, bad)
-    if ours.max_iou is not None and ref.max_iou is not None:
+    assert (ours.max_iou is None) == (ref.max_iou is None), "max_iou: present in only one result"
+    if ours.max_iou is not None:
         a, b = ours.max_iou.cpu(), ref.max_iou.cpu()
         bad = a != b
         assert not bad.any(), _describe("max_iou", a, b, bad)
