@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ from tritarget.clients.anchor_design.check import (
 from tritarget.clients.anchor_design.cli import _check_anchor_counts, _UsageError, main
 from tritarget.clients.anchor_design.dataset import BoxDataset
 from tritarget.clients.anchor_design.fit import _Parameters, _wh_iou, fitness
-from tritarget.kernels import TargetConfig, generate_anchors, presets
+from tritarget.kernels import TargetConfig, generate_anchors, presets, resolve_grid
 from tritarget.service import output
 from tritarget.service.output import output_file_problem, output_folder_problem, write_atomically
 
@@ -80,6 +81,10 @@ def test_coco_boxes_are_resized_clipped_and_crowds_become_ignore_regions(tmp_pat
     letter = load_coco(path, Resize(mode="letterbox", canvas=(640, 640)))
     assert letter.image_sizes.tolist() == [[480, 640], [640, 427]] and letter.canvases.tolist() == [[640, 640]] * 2
 
+    assert torch.equal(load_coco(path).boxes, ds.boxes)  # the default: torchvision's 800 / 1333
+    no_annotations = _write(tmp_path / "images.json", {"images": data["images"]})  # image info only: no boxes
+    assert load_coco(no_annotations).box_counts.tolist() == [0, 0]
+
     # A file some Windows tools wrote, with a UTF-8 byte-order mark: the same dataset.
     with_mark = tmp_path / "bom.json"
     with_mark.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
@@ -94,13 +99,20 @@ def test_a_resize_in_fractions_of_a_pixel_is_refused_by_name(field):
 
 
 @pytest.mark.parametrize(("height", "width", "resized"), [(480, 641, (480, 640)), (333, 500, (427, 640)),
-                                                      (1000, 1333, (481, 640)), (640, 640, (640, 640))])  # fmt: skip
+                                                      (1000, 1333, (481, 640)), (640, 640, (640, 640)),
+                                                      (73, 147, (318, 640))])  # fmt: skip
 def test_letterbox_rounds_up_as_yolov5_loads_its_images(height, width, resized):
     # YOLOv5's and ultralytics' load_image: math.ceil(side * 640 / max(h, w)); rounding gave (479, 640),
-    # (426, 640), (480, 640): boxes a pixel's share smaller than in training
+    # (426, 640), (480, 640): boxes a pixel's share smaller than in training. 147 * (640 / 147) is 640.0000000000001:
+    # capped at the canvas, as ultralytics caps it, not 641.
     scale_y, scale_x, size, canvas = Resize(mode="letterbox", canvas=(640, 640)).apply(height, width)
     assert size == resized and canvas == (640, 640)
     assert (scale_y, scale_x) == (resized[0] / height, resized[1] / width)
+
+
+def test_letterbox_on_a_non_square_canvas_is_limited_by_its_height_or_width():
+    # 480 x 640 into a 320 x 640 (h x w) canvas: the height limits it, scale 2/3: 320 x 427 (ceil of 426.7).
+    assert Resize(mode="letterbox", canvas=(320, 640)).apply(480, 640) == (320 / 480, 427 / 640, (320, 427), (320, 640))
 
 
 @pytest.mark.parametrize(
@@ -110,10 +122,16 @@ def test_letterbox_rounds_up_as_yolov5_loads_its_images(height, width, resized):
         ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # a RecursionError's traceback before
         ('{"images": [{"width": ' + "9" * 5000 + "}]}", "not valid JSON"),  # the file was not named
         ('{"annotations": []}', "needs an 'images' list"),
+        ('{"images": [], "annotations": {}}', "'annotations' must be a list"),  # an object read as no annotations
         ('{"images": [{"id": 1, "height": 10, "width": 10}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}',
          "image_id 2 is not in 'images'"),
         ('{"images": [{"id": 1, "height": 10, "width": 10}], "annotations": [{"image_id": 1, "bbox": [0, 0, 1]}]}',
          "bbox must be 4 finite numbers"),
+        ('{"images": [{"id": 1, "width": 10}]}', r"images\[0\]: 'height' must be an integer, got nothing"),
+        ('{"images": [{"id": 1, "height": 10, "width": 10}, {"id": 1, "height": 5, "width": 5}]}',
+         r"images\[1\]: duplicate image id 1"),
+        ('{"images": [{"id": 1, "height": 10, "width": 10}], "annotations": [{"image_id": 1}]}',
+         r"annotations\[0\]: needs 'image_id' and 'bbox'"),
     ],
 )  # fmt: skip
 def test_bad_annotation_files_are_named(tmp_path, content, message):
@@ -139,6 +157,10 @@ def test_bad_annotation_files_are_named(tmp_path, content, message):
         ({"height": 0}, {}, "images[0]: size must be positive, got height 0, width 100"),  # the file was not named
         # torch's "Overflow when unpacking long long", naming nothing.
         ({"height": 2**63 - 1}, {}, f"images[0]: height {2**63 - 1}, width 100: a side is over 2,147,483,647 px"),
+        ({"width": 2**31}, {}, f"images[0]: height 100, width {2**31}: a side is over 2,147,483,647 px"),
+        ({"id": 2**63}, {}, f"images[0]: 'id' must be an integer in the int64 range, got {2**63}"),
+        ({}, {"id": 2**63}, f"annotations[0]: id must be an integer in the int64 range, got {2**63}"),
+        ({}, {"iscrowd": 1.0}, "annotations[0]: iscrowd must be 0 or 1, got 1.0"),
     ],
 )
 def test_coco_types_are_checked_not_converted(tmp_path, image, annotation, message):
@@ -180,14 +202,16 @@ def test_a_resize_to_sides_past_any_canvas_is_named(tmp_path):
     path = _write(tmp_path / "one.json", {"images": [{"id": 7, "height": 100, "width": 100}], "annotations": []})
     with pytest.raises(ValueError, match=r"image 7: resized to \(\d+, \d+\).*a side is over 2,147,483,647 px"):
         load_coco(path, Resize(min_size=2**63 - 1, max_size=2**63 - 1))
+    # The widest image there is: padded up to /32, its canvas is a pixel past it.
+    path = _write(tmp_path / "wide.json", {"images": [{"id": 8, "height": 100, "width": 2**31 - 1}], "annotations": []})
+    with pytest.raises(ValueError, match=r"image 8: resized to \(100, \d+\), on a canvas of \(128, 2147483648\)"):
+        load_coco(path, Resize(mode="none"))
 
 
 def test_a_box_the_resize_closes_is_skipped_not_kept(tmp_path):
     """1 float32 ulp wide at x = 1.20724: scaled by 1066 / 640 and cast to float32, its
     sides meet. It was kept (a 0-px box: `check` listed it without a positive, `show`
     failed naming assign's drop_invalid)."""
-    import numpy as np
-
     x1 = float(np.float32(1.20724))
     x2 = float(np.nextafter(np.float32(x1), np.float32(10)))
     assert np.float32(x1 * 1066 / 640) == np.float32(x2 * 1066 / 640)  # the case: it closes
@@ -197,6 +221,17 @@ def test_a_box_the_resize_closes_is_skipped_not_kept(tmp_path):
     ds = load_coco(_write(tmp_path / "sliver.json", data), Resize(min_size=800, max_size=1333))
     assert ds.annotation_ids.tolist() == [8] and ds.skipped == 1
     assert bool(((ds.boxes[:, 2:] - ds.boxes[:, :2]) > 0).all())
+
+
+def test_boxes_are_clipped_to_the_image_on_every_side_and_dropped_when_empty():
+    # A 60 x 100 (h x w) image: boxes over the left / top and the right / bottom edges are cut to it; one below the
+    # image (empty in height only, after clipping), one of zero height and a crowd region past the image are dropped.
+    boxes = torch.tensor([[-10.0, -5.0, 20.0, 30.0], [50.0, 40.0, 120.0, 90.0], [10.0, 70.0, 20.0, 80.0],
+                          [10.0, 10.0, 20.0, 10.0]])  # fmt: skip
+    crowd = torch.tensor([[200.0, 0.0, 300.0, 50.0], [90.0, 50.0, 110.0, 70.0]])  # past the right edge, over a corner
+    ds = from_tensors([boxes], [(60, 100)], ignore_boxes=[crowd])
+    assert ds.boxes.tolist() == [[0.0, 0.0, 20.0, 30.0], [50.0, 40.0, 100.0, 60.0]] and ds.skipped == 3
+    assert ds.ignore_boxes.tolist() == [[90.0, 50.0, 100.0, 60.0]] and ds.ignore_counts.tolist() == [1]
 
 
 def test_missing_annotation_file_is_named(tmp_path):
@@ -224,6 +259,18 @@ def test_from_tensors_refuses_fractional_sizes_and_repeated_ids():
     assert from_tensors(one, [(8, 8)], image_ids=[torch.tensor(7)]).image_ids.tolist() == [7]
     with pytest.raises(ValueError, match=r"image_sizes\[0\]: expected \(height, width\) in whole pixels"):
         from_tensors(one, [(True, True)])  # was a 1 x 1 image
+    with pytest.raises(ValueError, match=r"image_sizes\[0\]: expected \(height, width\) in whole pixels"):
+        from_tensors(one, [(np.True_, 8)])
+    with pytest.raises(ValueError, match=r"^image 0: size must be positive, got height 0, width 8"):
+        from_tensors(one, [(0, 8)])
+    with pytest.raises(ValueError, match=r"^image_sizes: expected 1 \(height, width\) pairs, one per image, got 2"):
+        from_tensors(one, [(8, 8), (8, 8)])
+    with pytest.raises(ValueError, match=r"^ignore_boxes: expected 1 tensors, one per image, got 0"):
+        from_tensors(one, [(8, 8)], ignore_boxes=[])
+    with pytest.raises(ValueError, match=r"^boxes\[0\]: expected a \[G, 4\] tensor of xyxy boxes, got shape \(1, 5\)"):
+        from_tensors([torch.zeros(1, 5)], [(8, 8)])
+    with pytest.raises(ValueError, match=r"^boxes\[0\]: boxes must be finite"):
+        from_tensors([torch.tensor([[0.0, 0.0, float("inf"), 4.0]])], [(8, 8)])
     wide = from_tensors([torch.tensor([[0.0, 0.0, 1e39, 10.0]], dtype=torch.float64)], [(80, 800)])
     assert wide.boxes.tolist() == [[0.0, 0.0, 800.0, 10.0]]  # clipped as load_coco does, not "not finite"
     with pytest.raises(ValueError, match="finite positive widths and heights"):
@@ -238,12 +285,20 @@ def test_fixed_feature_maps_give_the_canvas_they_were_made_for():
     assert fixed_canvas(presets.get("ssd300_torchvision").anchors) == (300, 300)
 
 
-@pytest.mark.parametrize("canvas", [(0.5, 300), (300.7, 300), (True, 300), (300,), None])
+@pytest.mark.parametrize("canvas", [(0.5, 300), (300.7, 300), (True, 300), (300,), None, (0, 300), (300, -1)])
 def test_a_fixed_canvas_is_whole_positive_pixels(canvas):
     """(0.5, 300) passed the check and was cut to (0, 300), refused later by the kernels
     without naming Resize."""
     with pytest.raises(ValueError, match=r"^Resize.canvas: the letterbox mode needs a \(height, width\) of positive"):
         Resize(mode="letterbox", canvas=canvas)
+
+
+def test_a_resize_of_zero_pixels_is_refused_and_a_canvas_is_a_tuple_of_ints():
+    with pytest.raises(ValueError, match=r"^Resize.size_divisible: must be positive, got 0"):  # padding to /0
+        Resize(size_divisible=0)
+    with pytest.raises(ValueError, match=r"^Resize: need 0 < min_size <= max_size, got 0, 1333"):
+        Resize(min_size=0)
+    assert Resize(mode="fixed", canvas=[np.int64(300), 320]).canvas == (300, 320)  # hashable, compares as a tuple
 
 
 def test_coco_like_keeps_aspect_ratios_around_one():
@@ -259,6 +314,8 @@ def test_min_max_resize_caps_the_long_side_at_max_size():
     scale_y, scale_x, size, canvas = Resize(min_size=800, max_size=1333).apply(100, 1000)
     assert size == (133, 1333) and canvas == (160, 1344)  # floor(100 * 1.333), floor(1000 * 1.333); padded to /32
     assert scale_y == 133 / 100 and scale_x == 1333 / 1000
+    # A 1 x 10000 strip: 1 x 0.1333 floors to 0 rows; the image keeps one.
+    assert Resize(min_size=800, max_size=1333).apply(1, 10000)[2:] == ((1, 1333), (32, 1344))
 
 
 def test_coco_boxes_keep_file_order_within_each_image_when_images_interleave(tmp_path):
@@ -270,6 +327,10 @@ def test_coco_boxes_keep_file_order_within_each_image_when_images_interleave(tmp
     assert ds.box_counts.tolist() == [40, 40, 40]
     assert ds.annotation_ids.tolist() == [n for i in range(3) for n in range(i, 120, 3)]
     assert ds.boxes[:, 2].tolist() == [1 + 10 + n % 50 for i in range(3) for n in range(i, 120, 3)]
+    part = ds.subset(torch.tensor([2, 0]))  # images in the order given, each with its own boxes and annotation ids
+    assert part.image_ids.tolist() == [2, 0] and part.box_counts.tolist() == [40, 40]
+    assert part.annotation_ids.tolist() == [*range(2, 120, 3), *range(0, 120, 3)]
+    assert part.boxes[:, 2].tolist() == [1 + 10 + n % 50 for i in (2, 0) for n in range(i, 120, 3)]
 
 
 def test_an_annotation_without_an_id_is_minus_one_and_a_subset_keeps_the_skipped_count(tmp_path):
@@ -375,7 +436,13 @@ def test_check_equals_brute_force(small_dataset, name):
     level_of_anchor = torch.repeat_interleave(torch.arange(3), torch.tensor(level_sizes))
     offsets = small_dataset.box_offsets.tolist()
     ignore_offsets = small_dataset.ignore_offsets.tolist()
-    want_pos, want_strict, want_level, want_best, ignored = [], [], [], [], 0
+    want_pos, want_strict, want_level, want_best, want_best_level, ignored = [], [], [], [], [], 0
+    # The shape of a positive anchor: the cell anchor of its level with its width and height, counted levels in
+    # order, shapes in the config's order within a level.
+    cell_sides = [lv.cells[:, 2:] - lv.cells[:, :2] for lv in resolve_grid(config.anchors, (96, 128)).levels]
+    shape_starts = [sum(per_cell[:i]) for i in range(len(per_cell))]
+    want_shape = torch.zeros(sum(per_cell), dtype=torch.int64)
+    best_none = torch.zeros(0, dtype=torch.int64)
     for i in range(small_dataset.num_images):
         boxes = small_dataset.boxes[offsets[i] : offsets[i + 1]]
         crowd = small_dataset.ignore_boxes[ignore_offsets[i] : ignore_offsets[i + 1]]
@@ -386,13 +453,19 @@ def test_check_equals_brute_force(small_dataset, name):
         by_level = torch.zeros(boxes.shape[0], 3, dtype=torch.int64)
         for a in torch.nonzero(labels == 1).flatten().tolist():
             by_level[matched[a], level_of_anchor[a]] += 1
+            level = int(level_of_anchor[a])
+            sides = anchors[a, 2:] - anchors[a, :2]
+            want_shape[shape_starts[level] + int((cell_sides[level] - sides).abs().sum(1).argmin())] += 1
         want_level.append(by_level)
         want_best.append(_iou_matrix(boxes, anchors).max(1).values if boxes.shape[0] else torch.zeros(0))
+        want_best_level.append(level_of_anchor[_iou_matrix(boxes, anchors).argmax(1)] if boxes.shape[0] else best_none)
         ignored += int((labels == -1).sum())
     assert torch.equal(result.matched.positives, torch.cat(want_pos))
     assert torch.equal(result.strict.positives, torch.cat(want_strict))
     assert torch.equal(result.matched.by_level, torch.cat(want_level))
     torch.testing.assert_close(result.best_iou, torch.cat(want_best), rtol=0, atol=1e-6)
+    best_level = torch.cat(want_best_level)
+    assert torch.equal(result.best_level, best_level)  # the first level on a tie, as argmax takes the first
     assert result.matched.ignored_anchors == ignored > 0
     assert result.matched.total_anchors == anchors.shape[0] * small_dataset.num_images
     assert result.bpr == pytest.approx(float((torch.cat(want_strict) > 0).float().mean()))
@@ -408,8 +481,59 @@ def test_check_equals_brute_force(small_dataset, name):
         assert lines[0] == f"{result.name}: {len(rows)} boxes without a positive {rule}"
         listed = [int(line.split("annotation ")[1].split(":")[0]) for line in lines[1:] if "annotation" in line]
         assert listed == result.annotation_ids[rows[:2]].tolist()
+        for line, row in zip(lines[1:3], rows):
+            x1, y1, x2, y2 = small_dataset.boxes[row].tolist()
+            image, level = int(small_dataset.image_ids[small_dataset.box_image[row]]), int(best_level[row])
+            iou = float(result.best_iou[row])
+            assert line == (f"  image {image} annotation -1: box ({x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}) "
+                            f"{x2 - x1:.1f}x{y2 - y1:.1f} px, best IoU {iou:.3f} (level {level})")  # fmt: skip
         assert (lines[-1] == f"  ... {len(rows) - 2} more") == (len(rows) > 2)
     assert result.box_image_ids.tolist() == [11] * 3 + [13] * 6 + [14] + [15] * 4
+    assert torch.equal(result.matched.by_shape, want_shape)
+    assert result.summary()["ignore_boxes"] == 1  # the fixture's one crowd region
+    _check_summary_from_counts(result, torch.cat(want_pos), torch.cat(want_strict), want_shape, ignored)
+
+
+def _check_summary_from_counts(result, positives, strict, by_shape, ignored):
+    """``summary()`` and the table (``check --json``'s numbers and the report's) against the brute force's counts."""
+    summary = result.summary()
+    boxes = result.boxes.double()
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert summary["bpr_low_quality"] == pytest.approx(float((positives > 0).double().mean())) != summary["bpr"]
+    assert summary["mean_positives"] == pytest.approx(float(positives.double().mean()))
+    assert summary["mean_positives_strict"] == pytest.approx(float(strict.double().mean()))
+    for size, rows in (("small", areas < 32**2), ("medium", (areas >= 32**2) & (areas < 96**2))):
+        assert 0 < int(rows.sum()) < len(rows)  # both classes hold boxes, of mixed fates
+        assert summary["by_size"][size] == pytest.approx({
+            "boxes": int(rows.sum()),
+            "bpr": float((strict[rows] > 0).double().mean()),
+            "bpr_low_quality": float((positives[rows] > 0).double().mean()),
+            "mean_positives": float(positives[rows].double().mean()),
+        })  # fmt: skip
+    bins = {"0": (0, 1), "1": (1, 2), "2-3": (2, 4), "4-7": (4, 8), "8-15": (8, 16), "16+": (16, 10**9)}
+    histogram = {label: int(((positives >= lo) & (positives < hi)).sum()) for label, (lo, hi) in bins.items()}
+    assert summary["positive_histogram"] == histogram
+    level_totals = result.matched.by_level.sum(0).double()
+    assert summary["level_share"] == pytest.approx((level_totals / level_totals.sum()).tolist())
+    per_cell = result.config.anchors.anchors_per_cell
+    used = [int((part > 0).sum()) for part in by_shape.split(list(per_cell))]
+    assert summary["shapes_ever_positive"] == list(zip(used, per_cell)) and any(u < n for u, n in zip(used, per_cell))
+    best = result.best_iou.double()
+    for q in (10, 50, 90):
+        assert summary["best_iou"][f"p{q}"] == pytest.approx(float(torch.quantile(best, q / 100)))
+    assert summary["best_iou"]["below_high"] == pytest.approx(float((best < result.config.match.high).double().mean()))
+    assert summary["ignored_fraction"] == pytest.approx(ignored / result.matched.total_anchors)
+    assert summary["boxes_without_positive"] == int((positives == 0).sum())
+    assert summary["boxes_without_positive_strict"] == int((strict == 0).sum())
+    table = format_check_table([result]).splitlines()
+    row = {line[: line.rindex("  ")].strip(): line[line.rindex("  ") :].strip() for line in table[2:]}
+    for label, count in histogram.items():
+        assert row[f"boxes with {label} positives"] == f"{count} ({100 * (count / len(positives)):.1f}%)"
+    without, without_strict = int((positives == 0).sum()), int((strict == 0).sum())
+    assert row["boxes without positive"] == f"{without} ({without_strict} at IoU>=high)"
+    shares = (level_totals / level_totals.sum()).tolist()
+    assert row["positives by level"] == " ".join(f"{round(100 * share)}" for share in shares) + " %"  # percent
+    assert table[1] == "-" * len(table[0])  # the header's rule, as wide as the header
 
 
 def _tiny_boxes():
@@ -436,6 +560,14 @@ def test_best_anchor_iou_keeps_the_first_level_on_a_tie():
     assert best.tolist() == [1.0] and level.tolist() == [0]
 
 
+def test_best_anchor_iou_of_a_box_no_anchor_overlaps_is_zero():
+    # The nearest 10 x 10 anchor ([11, 11, 21, 21], stride 32) misses the box [0, 0, 10, 10] by 1 px on both axes: IoU
+    # 0, not the 1 / 199 of the two negative overlaps multiplied; [6, 6, 16, 16] overlaps it 5 x 5: 25 / 175.
+    config = presets.get("yolov5").replace(**{"anchors.levels": [{"stride": 32, "shapes": [[10.0, 10.0]]}]})
+    best, _ = best_anchor_iou(torch.tensor([[0.0, 0.0, 10.0, 10.0], [6.0, 6.0, 16.0, 16.0]]), config, (64, 64))
+    assert best.tolist() == [0.0, pytest.approx(1 / 7)]
+
+
 def test_positives_on_the_first_anchor_of_a_level_count_for_that_level():
     # Level 1's first anchor (cell (0, 0), centred at the origin: [-16, -16, 16, 16]) is one of the four 32 px anchors
     # the low-quality rule gives the box [0, 0, 16, 16] (IoU 1/4 each); level 0's 4 px anchors reach 1/16.
@@ -458,6 +590,8 @@ def test_check_reports_progress_per_batch_of_images():
         check(_tiny_boxes(), presets.get("yolov5"), backend="cpu", batch_images=0)
     with pytest.raises(TypeError, match="batch_images: expected an integer, got 1.5"):  # failed in torch's split
         check(_tiny_boxes(), presets.get("yolov5"), backend="cpu", batch_images=1.5)
+    with pytest.raises(TypeError, match="^config: expected TargetConfig, got str"):  # a preset's name, not the preset
+        check(_tiny_boxes(), "yolov5", backend="cpu")
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_rpn_torchvision", "rpn_detectron2", "rpn_mmdet"])
@@ -496,7 +630,7 @@ def test_kmeans_iou_finds_separated_shapes(generator):
 
 
 def test_kmeans_iou_returns_its_centres_smallest_area_first():
-    wh = torch.tensor([[100.0, 100.0]] * 10 + [[10.0, 40.0]] * 10 + [[40.0, 10.5]] * 10)
+    wh = torch.tensor([[100.0, 100.0]] * 10 + [[40.0, 10.0]] * 10 + [[10.0, 42.0]] * 10)  # by width: 420, 400
     centres = kmeans_iou(wh, 3, seed=0)
     assert (centres[:, 0] * centres[:, 1]).tolist() == [400.0, 420.0, 10000.0]
 
@@ -506,6 +640,8 @@ def test_kmeans_iou_never_repeats_a_centre():
     torch.testing.assert_close(kmeans_iou(wh, 2), torch.tensor([[30.0, 40.0], [60.0, 20.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match="k <= 2, the distinct shapes"):
         kmeans_iou(wh, 5)
+    with pytest.raises(ValueError, match="need 1 <= k <= 2.*got k=0"):  # one centre came back for none asked
+        kmeans_iou(wh, 0)
 
 
 @pytest.mark.parametrize("name", ["retinanet_torchvision", "yolov5"])
@@ -807,6 +943,11 @@ def test_kmeans_iou_centres_are_the_means_of_their_members():
     # One cluster of (10, 10) twice and (40, 40): the mean (20, 20), not the median (10, 10).
     centres = kmeans_iou(torch.tensor([[10.0, 10.0], [10.0, 10.0], [40.0, 40.0]]), 1)
     assert centres.tolist() == [[20.0, 20.0]]
+    # Squares of 90, 10 and 20 px, seeded at 10 and 20: the first step makes {10} and {20, 90} (centre 55), the next
+    # moves 20 to the 10 px cluster (1 - IoU 0.75 < 0.87), where it stays: the centres converge to 15 and 90.
+    wh = torch.tensor([[90.0, 90.0], [10.0, 10.0], [20.0, 20.0]])
+    assert kmeans_iou(wh, 2, seed=0, iterations=0).tolist() == [[10.0, 10.0], [20.0, 20.0]]
+    assert kmeans_iou(wh, 2, seed=0).tolist() == [[15.0, 15.0], [90.0, 90.0]]
 
 
 def test_kmeans_iou_seeds_by_squared_distance_as_kmeans_plus_plus():
@@ -838,13 +979,95 @@ def test_fit_decode_holds_sizes_so_the_thinnest_ratio_keeps_two_pixel_sides():
     config = presets.get("retinanet_torchvision")
     parameters = _Parameters(config)
     sizes = sum(len(lv.sizes) for lv in config.anchors.levels)
-    vector = torch.tensor([1.0] * sizes + [16.0, 1.0, 1 / 16], dtype=torch.float64).log()
+    vector = torch.tensor([1.0] * sizes + [32.0, 1.0, 1 / 32], dtype=torch.float64).log()  # ratios held at 1/16-16
     fitted = parameters.decode(vector)
     assert all(lv.sizes == pytest.approx((8.0,) * len(lv.sizes)) for lv in fitted.anchors.levels)
     assert fitted.anchors.levels[0].aspect_ratios == pytest.approx((1 / 16, 1.0, 16.0))
 
 
+@pytest.mark.parametrize("name", ["retinanet_torchvision", "retinanet_detectron2", "rpn_mmdet", "keras", "yolov5"])
+@pytest.mark.parametrize("shift", [-20.0, 20.0])
+def test_fit_decode_keeps_every_anchor_side_within_two_to_4096_pixels(name, shift):
+    # Every parameter of the start e^20 times smaller or larger (the ratios then all 1/16 or 16, the scales still
+    # apart): each layout's bounds hold every side of every level's cell anchors within [2, 4096] px, the smallest
+    # and largest at the bounds.
+    config = _keras_config() if name == "keras" else presets.get(name)
+    parameters = _Parameters(config)
+    fitted = parameters.decode(parameters.encode(config) + shift)
+    grid = resolve_grid(fitted.anchors, (256, 256))
+    sides = torch.cat([lv.cells[:, 2:] - lv.cells[:, :2] for lv in grid.levels])
+    assert sides.min() >= 2 - 1e-3 and sides.max() <= 4096 + 1e-3, (sides.min(), sides.max())
+    bound = 2.0 if shift < 0 else 4096.0
+    assert float(sides.min() if shift < 0 else sides.max()) == pytest.approx(bound, abs=1e-3)
+
+
+def test_fit_kmeans_holds_sizes_only_as_far_as_the_ratios_need():
+    # Squares of 10 and 20 px and 4 x 64 / 64 x 4 boxes (16 px, ratios 16 and 1/16): a 10 px size keeps 2.5 px sides
+    # at ratio 16, so the k-means sizes are the boxes' own 10, 16 and 20 (held at 2 x 16 = 32 px, all three were 32).
+    level = {"stride": 8, "sizes": [32.0, 64.0, 128.0], "aspect_ratios": [0.5, 1.0, 2.0]}
+    parameters = _Parameters(presets.get("retinanet_torchvision").replace(**{"anchors.levels": [level]}))
+    wh = torch.tensor([[10.0, 10.0], [20.0, 20.0], [4.0, 64.0], [64.0, 4.0]], dtype=torch.float64).repeat(5, 1)
+    fitted = parameters.decode(parameters.kmeans(wh, seed=0)).anchors.levels[0]
+    assert fitted.sizes == pytest.approx((10.0, 16.0, 20.0)) and fitted.aspect_ratios == pytest.approx((1 / 16, 1, 16))
+
+
+def test_fit_yolo_kmeans_holds_boxes_past_4096_px_to_the_bound():
+    # Boxes 5,000-7,000 px wide are one shape once held at 4,096 px: k-means made three centres of them, all decoded
+    # to 4096 x 100, a head's anchors repeated.
+    parameters = _Parameters(presets.get("yolov5"))
+    wh = torch.tensor([[5000.0, 100.0], [6000.0, 100.0], [7000.0, 100.0], [30.0, 40.0], [60.0, 20.0]]).repeat(3, 1)
+    fitted = parameters.decode(parameters.kmeans(wh.double(), seed=0))
+    shapes = [(round(w, 3), round(h, 3)) for lv in fitted.anchors.levels for w, h in lv.shapes]
+    assert len(set(shapes)) == len(shapes) == 9 and (4096.0, 100.0) in shapes, shapes
+
+
+def test_fit_kmeans_gives_each_level_the_boxes_nearest_its_sizes():
+    # Levels of sizes (16, 32) and (128, 256): centred at 22.6 and 181 px in logs, a 60 px box is nearer the first
+    # (nearer the second's 128 px smallest size). k-means of 10, 40, 60 gives 10 and 50; of 100, 200, 300, 150 and 300.
+    levels = [{"stride": 8, "sizes": [16.0, 32.0], "aspect_ratios": [1.0]},
+              {"stride": 16, "sizes": [128.0, 256.0], "aspect_ratios": [1.0]}]  # fmt: skip
+    parameters = _Parameters(presets.get("retinanet_torchvision").replace(**{"anchors.levels": levels}))
+    sides = torch.tensor([10.0, 40.0, 60.0, 100.0, 200.0, 300.0], dtype=torch.float64)[:, None].expand(-1, 2)
+    fitted = parameters.decode(parameters.kmeans(sides.repeat(2, 1), seed=0)).anchors.levels
+    assert [lv.sizes for lv in fitted] == [pytest.approx((10.0, 50.0)), pytest.approx((150.0, 300.0))]
+
+
+def test_fit_keras_kmeans_is_the_least_squares_fit_of_level_sizes_times_shared_scales():
+    # Level 0's k-means sizes 10 and 40 px (a factor 4), level 1's 100 and 200 (2), as many boxes each: the shared
+    # scales, in logs, are the weighted mean of the levels' own, (1, 2^1.5); each level's size keeps its sizes' mean
+    # in logs: sqrt(10 x 40 / 2^1.5) and sqrt(100 x 200 / 2^1.5) (its smallest k-means size gave 10 and 100).
+    levels = [{"stride": 8, "sizes": [16.0, 32.0], "aspect_ratios": [1.0]},
+              {"stride": 16, "sizes": [128.0, 256.0], "aspect_ratios": [1.0]}]  # fmt: skip
+    parameters = _Parameters(TargetConfig.from_dict({"anchors": {"layout": "keras", "levels": levels}}))
+    wh = torch.tensor([[10.0, 10.0], [40.0, 40.0], [100.0, 100.0], [200.0, 200.0]], dtype=torch.float64).repeat(3, 1)
+    fitted = parameters.decode(parameters.kmeans(wh, seed=0)).anchors.levels
+    scale = 2**1.5
+    assert fitted[0].sizes == pytest.approx((math.sqrt(400 / scale), math.sqrt(400 / scale) * scale))
+    assert fitted[1].sizes == pytest.approx((math.sqrt(20000 / scale), math.sqrt(20000 / scale) * scale))
+
+
+def test_fit_mmdet_kmeans_scales_are_over_each_levels_base_size():
+    # mmdet's anchor is scale x base_size (the stride when no base size is given): 38-42 px squares on a stride-16
+    # level of base size 8 take scale ~5, not ~2.5 (40 px over the stride: 20 px anchors).
+    level = {"stride": 16, "scales": [2.0], "aspect_ratios": [1.0], "base_size": 8}
+    config = TargetConfig.from_dict({"anchors": {"layout": "mmdet", "levels": [level]}})
+    result = fit_anchors(_squares(4, 38, 42), config, generations=0, backend="cpu")
+    assert result.kmeans.anchors.levels[0].scales[0] * 8 == pytest.approx(40.0, rel=0.05)
+    assert result.fitness_kmeans > result.fitness_start
+
+
+def test_fit_counts_the_boxes_too_small_for_it_by_its_layouts_rule():
+    # 1.5 x 2.5 px: under 2 px on one side only (yolo keeps it), sqrt(w x h) under 2 px (the FPN layouts leave it out).
+    boxes = torch.tensor([[10.0, 10.0, 11.5, 12.5], [30.0, 30.0, 70.0, 60.0], [100.0, 100.0, 150.0, 180.0]])
+    dataset = from_tensors([boxes], [(256, 256)])
+    small = {name: fit_anchors(dataset, presets.get(name), generations=0, backend="cpu").small_boxes
+             for name in ("yolov5", "retinanet_torchvision")}  # fmt: skip
+    assert small == {"yolov5": 0, "retinanet_torchvision": 1}
+
+
 def test_fit_refuses_zero_fit_images():
+    with pytest.raises(ValueError, match=r"^fit: the dataset has no boxes"):
+        fit_anchors(from_tensors([torch.zeros(0, 4)], [(64, 64)]), presets.get("yolov5"), generations=3, backend="cpu")
     with pytest.raises(ValueError, match=r"need generations >= 0 and fit_images > 0, got 3, 0"):
         fit_anchors(_tiny_boxes(), presets.get("yolov5"), fit_images=0, generations=3, backend="cpu")
     # a fraction of an image failed in a slice ("slice indices must be integers"), unnamed
