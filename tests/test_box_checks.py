@@ -98,11 +98,11 @@ def test_valid_boxes_left_to_the_backend_give_the_checked_targets(backend, funct
 def test_classes_left_to_the_backend_are_checked_there(function, bad_class):
     """Classes given on a device go to the triton backend unchecked with the boxes
     (``Problem.gt_classes_checked``), which reads their extremes back with its flag:
-    the largest int32 class passes, one past it or below 0 does not."""
+    class 0 and the largest int32 class pass, one past it or below 0 does not."""
     from tritarget.kernels import triton_backend
 
     boxes = torch.cat([GOOD, BESIDE_THE_HEIGHT])
-    classes = torch.tensor([1, 2, 2**31 - 1, 4])
+    classes = torch.tensor([0, 2, 2**31 - 1, 4])
     device = _device("triton")
     solve = getattr(triton_backend, function)
     problem, _ = build_problem(boxes.to(device), [2, 2], CANVAS, CONFIG, gt_classes=classes.to(device),
@@ -116,6 +116,58 @@ def test_classes_left_to_the_backend_are_checked_there(function, bad_class):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     with pytest.raises(CheckBoxesFirst):
         solve(dataclasses.replace(left, gt_classes=classes.index_fill(0, torch.tensor([2]), bad_class).to(device)))
+    # No box, no class: nothing to check, nothing matched.
+    empty, _ = build_problem(GOOD[:0].to(device), [0, 0], CANVAS, CONFIG, gt_classes=classes[:0].to(device),
+                             check_gt_boxes=False)  # fmt: skip
+    got, expected = solve(dataclasses.replace(empty, gt_classes_checked=False)), solve(empty)
+    for name in names:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@TRITON
+@pytest.mark.parametrize("function", ["solve", "solve_sparse"])
+@pytest.mark.parametrize("left", ["gt_classes_checked", "ignore_boxes_checked"])
+def test_classes_or_ignore_boxes_left_alone_to_the_backend_are_checked_there(function, left):
+    """Checked gt boxes do not make the rest checked: classes or ignore boxes left to the
+    backend alone are still checked there, valid ones solved, an invalid one refused."""
+    from tritarget.kernels import triton_backend
+
+    device, solve = _device("triton"), getattr(triton_backend, function)
+    problem, _ = build_problem(GOOD.to(device), [2, 1], CANVAS, CROWD_CONFIGS["IoF rule"],
+                               gt_classes=torch.tensor([1, 2, 3]).to(device), ignore_boxes=GOOD[:1].to(device),
+                               ignore_counts=[1, 0])  # fmt: skip
+    assert problem.gt_boxes_checked
+    bad = {"gt_classes_checked": {"gt_classes": torch.tensor([1, -1, 3]).to(device)},
+           "ignore_boxes_checked": {"ignore_boxes": torch.tensor([INVALID_KINDS[3]]).to(device)}}[left]  # fmt: skip
+    assert solve(dataclasses.replace(problem, **{left: False})) is not None
+    with pytest.raises(CheckBoxesFirst):
+        solve(dataclasses.replace(problem, **{left: False}, **bad))
+
+
+@TRITON
+@pytest.mark.parametrize("function", ["solve", "solve_sparse"])
+def test_what_no_launch_would_check_comes_back_unchecked(function, matching):
+    """Without anchors no kernel runs, so none checks the boxes: a problem that left gt
+    boxes or ignore boxes to the backend comes back (``CheckBoxesFirst``, for the full
+    check on the host) whatever they hold, and one with nothing to check gets its empty
+    targets. With anchors and nothing to check either matching solves it."""
+    from tritarget.kernels import triton_backend
+
+    device, solve = _device("triton"), getattr(triton_backend, function)
+    none = GOOD[:0].to(device)
+    boxes, _ = build_problem(GOOD.to(device), [2, 1], CANVAS, CONFIG, anchors=none, check_gt_boxes=False)
+    crowd, _ = build_problem(none, [0, 0], CANVAS, CONFIG, anchors=none, ignore_boxes=GOOD[:1].to(device),
+                             ignore_counts=[1, 0], check_gt_boxes=False)  # fmt: skip
+    for left in (boxes, dataclasses.replace(crowd, gt_boxes_checked=True, ignore_boxes_checked=False)):
+        with pytest.raises(CheckBoxesFirst):
+            solve(left)
+    for anchors in (none, None):
+        nothing, _ = build_problem(none, [0, 0], CANVAS, CONFIG, anchors=anchors, check_gt_boxes=False)
+        assert not nothing.gt_boxes_checked
+        targets = solve(nothing).to("cpu")
+        sparse = targets if function == "solve_sparse" else targets.to_sparse()
+        assert sparse.num_anchors == nothing.num_anchors and sparse.positive_offsets.tolist() == [0, 0, 0]
+        assert sparse.ignored_offsets.tolist() == [0, 0, 0]
 
 
 # Every preset leaves crowd regions unused (ignore_iof_thr -1): mmdet's IoF rule is a setting.

@@ -79,6 +79,7 @@ def check(boxes, counts, canvas, config, *, sparse=False, **kwargs) -> Targets:
     ref = reference.solve(problem)
     assert_targets_equal(ours, ref, rtol=TOL, atol=TOL)
     assert ours.labels.device == problem.device
+    assert (ours.max_iou is not None) == problem.want_max_iou  # only when asked (B x A floats)
     if sparse:
         assert_sparse_equal(triton_backend.solve_sparse(problem), ours.to_sparse())
     return ours
@@ -131,14 +132,17 @@ def test_crowded_image(mode, generator):
     check(boxes, counts, canvas, config, want_max_iou=True)
 
 
-def test_a_config_of_thousands_of_anchor_shapes(monkeypatch, generator):
+@pytest.mark.parametrize("matching", ["gather", "walk"])
+def test_a_config_of_thousands_of_anchor_shapes(matching, monkeypatch, generator):
     """ssd_forced finds each box's rectangle of cells per anchor shape in [rows, shapes]
     tiles: 4,224 shapes (2 levels of 64 sizes x 33 ratios, within a config's limits) in
     one tile was past Triton's largest block (interpreted: 'numel (2097152) exceeds triton
-    maximum tensor numel'); now tiles of at most 1,024 shapes. (Without the threshold
+    maximum tensor numel'); now tiles of at most 1,024 shapes, in as many programs as the
+    shapes take (the walk's pairs lie in every shape's rectangles). (Without the threshold
     pruning, whose loop over every shape takes the interpreter half a minute.)"""
     monkeypatch.setattr(triton_backend, "_INTERPRETED", dataclasses.replace(triton_backend._INTERPRETED,
-                                                                            threshold_prune=False))  # fmt: skip
+                                                                            threshold_prune=False,
+                                                                            matching=matching))  # fmt: skip
     levels = tuple(AnchorLevel(stride=8 * 2**i, sizes=tuple(16.0 + 4 * j for j in range(64)),
                                aspect_ratios=tuple(0.5 + 0.02 * j for j in range(33))) for i in range(2))  # fmt: skip
     config = _dense_config("retinanet_torchvision").replace(
@@ -338,8 +342,9 @@ def test_scan_lays_blocks_and_images_end_to_end(batch, flag, generator):
 def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
     """``solve_sparse`` writes its lists before reading their lengths back, into lists
     sized from recent batches: the first batch of an anchor count is written after the
-    read-back, the next one before it (once), and one with more rows than guessed is
-    written again at its own size -- the same targets every time, cut to length."""
+    read-back, the next one before it (once, lists of exactly its rows too), and one with
+    more rows than guessed in either list is written again at its own size -- the same
+    targets every time, cut to length."""
     writes = _recorded_launches(monkeypatch, "finalize_kernel", "OUTPUT")
     monkeypatch.setattr(triton_backend, "_ROWS_PER_IMAGE", {})
     canvas = (97, 131)
@@ -351,8 +356,11 @@ def test_sparse_lists_sized_from_recent_batches(monkeypatch, generator):
     sparse = triton_backend.OUTPUT_SPARSE
     per_image = (expected.positive_anchors.numel() / 3, expected.ignored_anchors.numel() / 3)
     assert min(per_image) > 30  # the 64-row floor of a guess is not enough below
+    exact = tuple((3 * rows - 64 + 0.5) / 6 for rows in per_image)  # lists of exactly the rows: no overflow
 
-    for guess, launches in [(None, 1), (per_image, 1), ((1.0, 1.0), 2), ((per_image[0], 1.0), 2)]:
+    guesses = [(None, 1), (per_image, 1), (exact, 1), ((1.0, 1.0), 2), ((per_image[0], 1.0), 2),
+               ((1.0, per_image[1]), 2)]  # fmt: skip
+    for guess, launches in guesses:
         if guess is None:
             triton_backend._ROWS_PER_IMAGE.clear()
         else:
@@ -373,6 +381,10 @@ def test_row_estimates_keep_the_most_recent_anchor_counts(monkeypatch):
     for count in range(1, kept + 1):
         triton_backend._remember_rows(count, [2 * count, count], 2)
     triton_backend._remember_rows(1, [4, 2], 2)  # count 1 used again: now the most recent
+    triton_backend._remember_rows(3, [6, 3], 2)  # another count used again: nothing leaves
+    assert len(triton_backend._ROWS_PER_IMAGE) == kept and list(triton_backend._ROWS_PER_IMAGE)[-2:] == [1, 3]
+    triton_backend._remember_rows(3, [0, 0], 2)  # a batch of no rows: the estimate decays
+    assert triton_backend._ROWS_PER_IMAGE[3] == pytest.approx((0.9 * 3.0, 0.9 * 1.5))
     triton_backend._remember_rows(kept + 1, [0, 0], 1)
     assert len(triton_backend._ROWS_PER_IMAGE) == kept
     assert 2 not in triton_backend._ROWS_PER_IMAGE and 1 in triton_backend._ROWS_PER_IMAGE
@@ -489,6 +501,19 @@ def test_ignore_regions(wrt_anchor, mode, generator):
     assert (ours.labels[1] == -1).any()
 
 
+@pytest.mark.parametrize("threshold", [0.0, -1.0])
+def test_crowd_regions_ignore_nothing_without_a_positive_threshold(threshold):
+    """mmdet's rule: only a positive ``ignore_iof_thr`` ignores; at 0 (or off, -1) a crowd
+    region over an anchor leaves it in matching, negative here."""
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.ignore_iof_thr": threshold, "match.low_quality": "none"}
+    )
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]])
+    ours = check(torch.tensor([[40.0, 40.0, 50.0, 50.0]]), [1], (64, 96), config, sparse=True, anchors=anchors,
+                 ignore_boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0]]), ignore_counts=[1])  # fmt: skip
+    assert ours.labels[0].tolist() == [0, 1]
+
+
 @pytest.mark.parametrize(("wrt_anchor", "anchors", "region"), IOF_AT_THRESHOLD)
 def test_an_iof_equal_to_the_threshold_leaves_the_anchor_in_matching(wrt_anchor, anchors, region):
     """An anchor is excluded by a crowd region only when its IoF *exceeds* the threshold
@@ -515,6 +540,21 @@ def test_border_rules(border, order, mode, generator):
     )
     sizes = torch.tensor([[160, 224], [101, 77], [64, 200]])
     check(boxes, counts, canvas, config, image_sizes=sizes, sparse=order == "post_match")
+
+
+@pytest.mark.parametrize("order", ["pre_match", "post_match"])
+def test_the_border_limit_is_the_sum_rounded_once_to_float32(order):
+    """``x2 < w + b`` as the reference compares it: the double sum rounded to float32. On a
+    canvas 2^24 + 1 wide with a border of 1 that is 2^24 + 2, where adding 1 to the width
+    in float32 (2^24) would leave 2^24 and put the anchor ending at 2^24 outside."""
+    config = _dense_config("retinanet_torchvision").replace(
+        **{"match.allowed_border": 1.0, "match.border_order": order, "match.low_quality": "none"}
+    )
+    edge = 2.0**24
+    anchors = torch.tensor([[edge - 16, 0.0, edge, 16.0], [0.0, 0.0, 16.0, 16.0]])
+    ours = check(torch.tensor([[edge - 16, 0.0, edge, 16.0]]), [1], (64, 2**24 + 1), config, anchors=anchors,
+                 sparse=True)  # fmt: skip
+    assert ours.labels[0].tolist() == [1, 0]
 
 
 def test_ignore_and_border_together(generator):
@@ -784,6 +824,15 @@ def test_the_walk_with_crowd_regions_border_and_padding(mode, order, monkeypatch
           sparse=True)  # fmt: skip
 
 
+@pytest.mark.parametrize("canvas", [(16, 520), (520, 16)])
+def test_the_walk_on_a_canvas_far_wider_than_tall(canvas, monkeypatch, generator):
+    """The walk's rectangles come from binary searches over a level's rows and columns,
+    as many steps as its longer side needs: here 2 cells one way and 65 the other."""
+    _matching(monkeypatch, "walk")
+    boxes, counts = random_batch(generator, [6, 2], canvas, max_frac=0.3)
+    check(boxes, counts, canvas, _dense_config("retinanet_torchvision"), sparse=True)
+
+
 def test_empty_batch_and_all_empty_images():
     config = _dense_config("yolov5")
     boxes = torch.zeros(0, 4)
@@ -819,10 +868,39 @@ def test_refuses_what_it_cannot_run(monkeypatch, generator):
     float_classes = dataclasses.replace(problem, gt_classes=torch.zeros(2, device=DEVICE))
     with pytest.raises(TypeError, match="problem.gt_classes: expected torch.int32 or torch.int64, got torch.float32"):
         triton_backend.solve(float_classes)
+    with pytest.raises(ValueError, match=rf"problem.grid has {problem.num_anchors} anchors but problem.anchors has 1$"):
+        triton_backend.solve(dataclasses.replace(problem, anchors=problem.anchors[:1]))
+    explicit, _ = build_problem(boxes.to(DEVICE), counts, (64, 96), _dense_config("retinanet_torchvision"),
+                                anchors=boxes.to(DEVICE))  # fmt: skip
+    with pytest.raises(TypeError, match="problem.anchors: expected torch.float32, got torch.float64"):
+        triton_backend.solve_sparse(dataclasses.replace(explicit, anchors=explicit.anchors.double()))
     problem, _ = build_problem(boxes, counts, (64, 96), _dense_config("retinanet_torchvision"))
     monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
     with pytest.raises(ValueError, match="CUDA"):
         triton_backend.solve(problem)
+
+
+def test_refuses_more_images_anchors_or_boxes_than_it_indexes(monkeypatch):
+    """Up to ``_MAX_IMAGES`` images (a CUDA grid axis) and ``_MAX_INDEX`` anchors per image
+    and boxes per call (int32 indices): a problem at every limit runs, one past any of
+    them is refused by name (the limits lowered here: the real ones take 2^31 anchors)."""
+    monkeypatch.setattr(triton_backend, "_MAX_IMAGES", 2)
+    monkeypatch.setattr(triton_backend, "_MAX_INDEX", 4)
+    config = _dense_config("retinanet_torchvision")
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 12.0], [5.0, 5.0, 21.0, 19.0], [30.0, 31.0, 50.0, 52.0],
+                          [0.0, 0.0, 40.0, 44.0], [60.0, 30.0, 90.0, 61.0]])  # fmt: skip
+    anchors = boxes + 1.0
+    ours = check(boxes[:4], [2, 2], (64, 96), config, anchors=anchors[:4], sparse=True)
+    assert (ours.labels == 1).any()
+    refused = {"batch size 3: the triton backend takes 1 to 2 images per call": ([1, 1, 1], anchors[:4]),
+               "5 anchors per image: the triton backend takes at most 4$": ([2, 2], anchors),
+               "5 boxes: the triton backend takes at most 4 per call": ([2, 3], anchors[:4])}  # fmt: skip
+    for message, (counts, explicit) in refused.items():
+        problem, _ = build_problem(boxes[: sum(counts)].to(DEVICE), counts, (64, 96), config,
+                                   anchors=explicit.to(DEVICE))  # fmt: skip
+        for solve in (triton_backend.solve, triton_backend.solve_sparse):
+            with pytest.raises(ValueError, match=message):
+                solve(problem)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the interpreter path on CPU tensors")
@@ -1297,9 +1375,12 @@ def test_the_gather_in_every_mode_with_crowd_regions_border_and_padding(
 
 
 def test_the_gather_tests_at_most_256_boxes_at_once():
-    """Its near lists hold each box's place in the step in a byte."""
-    with pytest.raises(ValueError, match="gather_boxes: 1 to 256"):
-        dataclasses.replace(triton_backend._COMPILED, gather_boxes=512)
+    """Its near lists hold each box's place in the step in a byte: 256 boxes (places 0-255)
+    fit, 257 do not."""
+    assert dataclasses.replace(triton_backend._COMPILED, gather_boxes=256).gather_boxes == 256
+    for boxes in (0, 257, 512):
+        with pytest.raises(ValueError, match=f"gather_boxes: 1 to 256 boxes tested at once, got {boxes}"):
+            dataclasses.replace(triton_backend._COMPILED, gather_boxes=boxes)
 
 
 def test_a_finalize_block_holds_fewer_than_2_to_the_15_anchors():
@@ -1537,15 +1618,20 @@ def test_the_gather_lifts_boxes_whose_maximum_is_their_area_ratio(monkeypatch, g
     assert int((targets.labels == 1).sum()) == 2 * count
 
 
+@pytest.mark.parametrize("matching", ["gather", "walk"])
 @pytest.mark.parametrize("name", ["retinanet_detectron2", "ssd300_torchvision", "yolov5", "d2l_multibox"])
-def test_the_gather_in_every_anchor_layout(name, monkeypatch, generator):
+def test_the_gather_in_every_anchor_layout(name, matching, monkeypatch, generator):
     """Cell-major and shape-major anchors, mul and div centres, scaled layouts (the
-    interpreter's 2048-anchor blocks: bounding boxes across many rows)."""
+    interpreter's 2048-anchor blocks: bounding boxes across many rows); and by the walk,
+    whose pairs find their anchors through the shape rows' tables."""
     canvas = (300, 300) if name == "ssd300_torchvision" else (97, 131)
     boxes, counts = random_batch(generator, [1, 9, 0, 30], canvas)
     boxes[10:] = with_ties(boxes[10:], generator)
     classes = torch.randint(1, 91, (boxes.shape[0],), generator=generator, dtype=torch.int32)
-    _gather(monkeypatch, gpu_blocks=False)
+    if matching == "gather":
+        _gather(monkeypatch, gpu_blocks=False)
+    else:
+        _matching(monkeypatch, "walk")
     check(boxes, counts, canvas, _dense_config(name), gt_classes=classes, want_max_iou=True, sparse=True)
 
 
