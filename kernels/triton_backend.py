@@ -103,8 +103,9 @@ class _Meta:
     finalize) visits at once: one on a GPU, where few boxes reach their maximum in a
     block (bench_gpu.py --pairs) and a wider tile would cost the finalize registers; and
     a cap on the registers of a finalize that lifts (None: the compiler's choice, 56 on
-    sm_90 under Triton 3.6, 9 programs resident per SM, against 12 at the cap of 40 and
-    15 for the finalize without the lift, 34: for a pass bound by its memory traffic); whether the gather and the
+    sm_90 under Triton 3.6 and 9 programs resident per SM, against 12 at the cap of 40;
+    the finalize without the lift takes 34, 15 programs: the pass is bound by its memory
+    traffic); whether the gather and the
     finalize load a generated grid's anchors (``problem.anchors``, built once per device
     and canvas) instead of building each block's from the level tables in every image;
     and whether the finalize matches each block itself (``inline_match``, with the gather
