@@ -514,9 +514,11 @@ def run_one_image(tv, config, anchors, info: dict[str, object], out: Path) -> No
     write_json(out / "cpu_bench_one_image.json", payload)
     write_text(out / "cpu_bench_one_image.md", markdown)
     print(f"wrote {out}/cpu_bench_one_image.csv, .json, .md")
-    if "sparse_vs_torchvision" in summary:
-        verdict = "meets" if summary["sparse_vs_torchvision"] >= ONE_IMAGE_TARGET_RATIO else "MISSES"
-        print(f"one image, one thread: assign_sparse {summary['sparse_vs_torchvision']:.0f}x torchvision "
+    if "torchvision" in summary:
+        # Judged on the times, not on the ratio the tables round: 39.96x misses 40x.
+        ratio = summary["torchvision"] / summary["sparse"]
+        verdict = "meets" if ratio >= ONE_IMAGE_TARGET_RATIO else "MISSES"
+        print(f"one image, one thread: assign_sparse {ratio:.2f}x torchvision "
               f"({verdict} the {ONE_IMAGE_TARGET_RATIO:.0f}x target)")  # fmt: skip
     verdict = "meets" if summary["overhead"] <= ONE_IMAGE_MAX_OVERHEAD_MS else "MISSES"
     print(f"one image, one thread: {summary['overhead'] * 1e3:.0f} us outside the kernel ({verdict} the "
@@ -577,8 +579,9 @@ def main() -> None:
         for target in ("7", "200"):
             case = next((c for c in summary if c["batch"] == 1 and c["boxes_per_image"] == target), None)
             if case and case["speedup_vs_torchvision"] is not None:
-                verdict = "meets" if case["speedup_vs_torchvision"] >= 10 else "MISSES"
-                print(f"G = {target}: {case['speedup_vs_torchvision']:.0f}x torchvision ({verdict} the 10x target)")
+                ratio = case["torchvision_ms"] / case["cpu_ms"]  # unrounded: 9.96x misses 10x
+                verdict = "meets" if ratio >= 10 else "MISSES"
+                print(f"G = {target}: {ratio:.2f}x torchvision ({verdict} the 10x target)")
     if not args.quick:
         run_one_image(tv, config, anchors, info, args.out)
 

@@ -1757,3 +1757,54 @@ def test_the_gather_leaves_the_records_of_blocks_near_no_box(mode, monkeypatch):
     records = work.view(torch.int32).cpu()
     assert torch.equal(records[~written], stale.expand(int((~written).sum()), 4))
     assert not records[written][:, 3].any()  # the unused word, zeroed
+
+
+def test_the_host_helpers_round_up_to_a_power_of_2_and_to_whole_blocks():
+    """``_next_power_of_2``: the least power of 2 at or above the value (1 for 0 and 1),
+    the segments tile's and every tl.arange's size; ``_cdiv``: the blocks that hold a count;
+    ``_even``: a count of int64 words rounded up to keep the next part 16-byte aligned."""
+    values = (0, 1, 2, 3, 4, 5, 63, 64, 65, 1000, 1024, 1025)
+    assert [triton_backend._next_power_of_2(v) for v in values] == [1, 1, 2, 4, 4, 8, 64, 64, 128, 1024, 1024, 2048]
+    assert [triton_backend._cdiv(n, 4) for n in (0, 1, 3, 4, 5, 8, 9)] == [0, 1, 1, 1, 2, 2, 3]
+    assert [triton_backend._even(n) for n in (0, 1, 2, 7)] == [0, 2, 2, 8]
+
+
+@pytest.mark.parametrize("sizes, ratios, tile", [(3, 3, 64), (10, 10, 128), (25, 28, 1024), (34, 33, 1024)])
+def test_the_segments_tile_is_the_shapes_power_of_2_within_64_and_1024(sizes, ratios, tile, monkeypatch, generator):
+    """segments_kernel's SHAPES: at least 64 (one compilation for every preset), the next
+    power of 2 of the shape rows (a tl.arange's size) and at most 1,024 (more shapes in
+    more programs); the candidate pairs are the overlapping ones whatever the tile."""
+    level = AnchorLevel(stride=8, sizes=tuple(4.0 + j for j in range(sizes)),
+                        aspect_ratios=tuple(0.5 + 0.05 * j for j in range(ratios)))  # fmt: skip
+    config = _dense_config("retinanet_torchvision").replace(**{"anchors.levels": (level,)})
+    boxes, counts = random_batch(generator, [3, 2], (16, 16), max_frac=0.6)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, (16, 16), config)
+    tiles = _recorded_launches(monkeypatch, "segments_kernel", "SHAPES")
+    work = triton_backend.candidate_pairs(problem)
+    assert tiles == [tile]
+    overlapping = sum(int((box_iou(image.cpu(), problem.anchors.cpu()) > 0).sum()) for image in boxes.split(counts))
+    assert work["evaluated"] == overlapping > 0
+
+
+def test_candidate_pairs_are_whole_chunks_of_lanes_and_none_without_a_box_or_an_anchor():
+    """``candidate_pairs``: ``chunks`` the evaluated pairs in steps of ``block_p`` rounded
+    up, ``lanes`` chunks x block_p (one pair a chunk: every chunk inside one rectangle);
+    no box, or no anchor: no work."""
+    canvas = (64, 96)
+    config = _dense_config("retinanet_torchvision")
+    boxes, counts, _ = coco_like_batch(2, seed=5, canvas=canvas, boxes_per_image=9)
+    problem, _ = build_problem(boxes.to(DEVICE), counts, canvas, config)
+    evaluated = triton_backend.candidate_pairs(problem)["evaluated"]
+    for block_p in (1, 64, evaluated, evaluated + 1, None):
+        work = triton_backend.candidate_pairs(problem, block_p=block_p)
+        step = block_p or triton_backend._meta().block_p
+        assert work["evaluated"] == evaluated > 0
+        assert work["chunks"] == -(-evaluated // step) and work["lanes"] == work["chunks"] * step
+        assert work["uniform_chunks"] <= work["chunks"]
+        if step == 1:
+            assert work["uniform_chunks"] == evaluated  # a chunk of one pair lies in one rectangle
+    none = {"evaluated": 0, "chunks": 0, "lanes": 0, "uniform_chunks": 0}
+    empty, _ = build_problem(torch.zeros(0, 4, device=DEVICE), [0, 0], canvas, config)
+    assert triton_backend.candidate_pairs(empty) == none
+    no_anchors, _ = build_problem(boxes.to(DEVICE), counts, canvas, config, anchors=torch.zeros(0, 4, device=DEVICE))
+    assert triton_backend.candidate_pairs(no_anchors) == none
