@@ -189,11 +189,15 @@ def _parsed(response):
 def bearer_token(token: str, source: str) -> str:
     """``token`` as client and server both read it: without surrounding whitespace (a
     secret made from a file ends with a newline; kept, it made a token no client can send:
-    gRPC refuses such a header as "Invalid metadata"); other characters a header cannot
-    carry are refused, naming ``source``."""
+    gRPC refuses such a header as "Invalid metadata"). Refused, naming ``source``: one
+    empty once stripped (read as "no token", a server took every caller and a client sent
+    none: None says that), and characters a bearer token cannot hold (RFC 6750: printable
+    ASCII without spaces)."""
     token = token.strip()
+    if not token:
+        raise ValueError(f"{source}: the token is empty; give the token, or None for no token")
     if not all(" " < c <= "~" for c in token):
-        raise ValueError(f"{source}: the token has characters an HTTP header cannot carry (printable ASCII only)")
+        raise ValueError(f"{source}: a bearer token is printable ASCII without spaces; this one is not")
     return token
 
 

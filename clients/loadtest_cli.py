@@ -6,7 +6,8 @@ Prints the report table; exit status 0 only when every measured request was answ
 without error and each of the ``--verify K`` responses asked for was verified and equals
 the in-process targets (a run that answered fewer than K fails); 1 otherwise,
 2 for a bad flag (before anything runs), 130 after Ctrl-C (the table and the files then
-hold what was measured until then), 141 when the reader of its output has gone.
+hold what was measured until then), 141 when the reader of its output has gone after a
+run that succeeded (a failed or interrupted run keeps its 1 or 130).
 """
 
 from __future__ import annotations
@@ -170,14 +171,14 @@ def _loadtest(args: argparse.Namespace) -> int:
             written = False
         else:
             wrote.append(path)
-    if reader_left:
-        return reader_gone()
+    status = _INTERRUPTED if report.interrupted else 0 if report.ok and written else 1
+    if reader_left:  # as exit_status ends a command whose reader has gone: 141 only for a run that succeeded
+        gone = reader_gone()
+        return status or gone
     print(report.table())
     for path in wrote:
         print(f"wrote {path}")
-    if report.interrupted:
-        return _INTERRUPTED
-    return 0 if report.ok and written else 1
+    return status
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tritarget.clients.client import bearer_token
 from tritarget.kernels import keep_freed_memory, presets
 from tritarget.protos import target_assigner_pb2 as pb
 
@@ -201,6 +202,10 @@ class ServerOptions:
     connection_age_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.token is not None:  # read as the clients read theirs; "" served every caller
+            if not isinstance(self.token, str):
+                raise ValueError(f"token: expected a str, got {type(self.token).__name__}")
+            object.__setattr__(self, "token", bearer_token(self.token, "token"))
         streams = self.max_streams_per_connection
         if not (isinstance(streams, int) and 1 <= streams <= _INT32_MAX):  # gRPC's settings are int32
             raise ValueError(f"max_streams_per_connection: expected an integer in 1 .. {_INT32_MAX}, got {streams!r}")

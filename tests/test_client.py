@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import multiprocessing
 import os
 import pickle
@@ -206,15 +207,20 @@ def test_the_backoff_doubles_per_attempt_up_to_its_cap(monkeypatch):
         assert [client._delay(attempt) for attempt in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
 
 
-def test_no_retry_is_waited_for_that_would_leave_the_last_try_no_time():
-    """The wait before a retry ends ``_LAST_TRY_S`` before the deadline at the latest, and
-    none starts closer to it: a try sent as the deadline passes fails unanswered."""
+def test_no_retry_is_waited_for_that_would_leave_the_last_try_no_time(monkeypatch):
+    """The wait before a retry (or a health check) ends ``_LAST_TRY_S`` before the deadline
+    at the latest, and none starts closer to it: a try sent as the deadline passes fails
+    unanswered."""
+    monkeypatch.setattr(client_module.random, "uniform", lambda low, high: high)  # the longest wait drawn: 1 s
     unavailable = client_module._Failure(grpc.StatusCode.UNAVAILABLE, "connection refused")
     with TargetClient("127.0.0.1:1", backoff=10.0) as client:
         now = time.monotonic()
         wait = client._retry_wait(unavailable, 0, now + 1.0)
         assert 0 <= wait <= 1.0 - client_module._LAST_TRY_S
         assert client._retry_wait(unavailable, 0, time.monotonic() + client_module._LAST_TRY_S / 2) is None
+        # wait_until_ready's waits between health checks alike: its timeout is not overrun by a backoff.
+        assert 0 <= client._health_wait(0, time.monotonic() + 1.0) <= 1.0 - client_module._LAST_TRY_S
+        assert client._health_wait(0, time.monotonic() + client_module._LAST_TRY_S / 2) is None
 
 
 def test_a_try_ends_by_the_calls_deadline_whatever_its_try_timeout():
@@ -418,7 +424,9 @@ def test_settings_that_cannot_work_are_refused_when_the_client_is_made(setting, 
                                                      ({"densify": False, "format": "dense"}, "densify=False returns "
                                                       "SparseTargets: it needs format='sparse'"),
                                                      ({"return_exceptions": "no"},  # read as True
-                                                      "return_exceptions: expected True or False")])  # fmt: skip
+                                                      "return_exceptions: expected True or False"),
+                                                     ({"densify": "no"},  # read as True: dense targets
+                                                      "densify: expected True or False")])  # fmt: skip
 def test_a_streams_bad_arguments_are_refused_when_it_is_called(arguments, message):
     """Not where it is first iterated (a data loader's first batch, far from the call)."""
     for client_class in (TargetClient, AsyncTargetClient):
@@ -440,6 +448,43 @@ def test_backoffs_of_weeks_still_make_a_client_that_calls():
     with TargetClient("127.0.0.1:1", backoff=10**7, max_backoff=10**7, timeout=0.5) as client:
         with pytest.raises(TargetServiceError, match="UNAVAILABLE"):
             _assign(client)
+
+
+def test_a_zero_backoff_is_taken_and_retries_at_once():
+    """``backoff=0`` ("retry without waiting") is documented as allowed (>= 0): the client
+    is made, its retries wait nothing, and gRPC's reconnect backoff, which must be a
+    positive number of milliseconds, is its least (1 ms), not 0."""
+    for client_class in (TargetClient, AsyncTargetClient):
+        client = client_class("127.0.0.1:1", backoff=0, max_backoff=0.5)
+        assert client.backoff == 0 and client._delay(10) == 0.0
+        options = dict(client._options)
+        assert options["grpc.initial_reconnect_backoff_ms"] == 1 and options["grpc.max_reconnect_backoff_ms"] == 500
+    with TargetClient(f"127.0.0.1:{_dead_port()}", backoff=0, retries=3, timeout=10) as client:
+        with pytest.raises(TargetServiceError, match="UNAVAILABLE"):
+            _assign(client)
+        assert client.stats.retries == 3
+
+
+def test_the_clients_channel_options_and_a_callers_in_their_place():
+    """What every channel gets: a keepalive ping every 30 s while a call waits (a server
+    gone without a word is found), round_robin over what a ``dns:///`` name resolves to,
+    gRPC's reconnect backoff bounded by the client's own (``backoff``, ``max_backoff``, in
+    ms), the client's message limit both ways; a caller's option of one of those names
+    replaces the client's (one of each name: gRPC takes the first), and only several
+    connections per address keep a subchannel pool per channel."""
+    options = dict(TargetClient("127.0.0.1:1", backoff=0.2, max_backoff=3.0, max_message_bytes=1 << 20)._options)
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert json.loads(options["grpc.service_config"]) == {"loadBalancingConfig": [{"round_robin": {}}]}
+    assert (options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]) == (200, 3000)
+    assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 1 << 20
+    assert "grpc.use_local_subchannel_pool" not in options
+    mine = TargetClient("127.0.0.1:1", options=[("grpc.keepalive_time_ms", 1000), ("grpc.primary_user_agent", "x")],
+                        connections=2)  # fmt: skip
+    names = [name for name, _ in mine._options]
+    assert len(names) == len(set(names)), names
+    given = dict(mine._options)
+    assert given["grpc.keepalive_time_ms"] == 1000 and given["grpc.primary_user_agent"] == "x"
+    assert given["grpc.use_local_subchannel_pool"] == 1
 
 
 def test_backoff_stays_bounded_however_many_tries():
@@ -534,7 +579,9 @@ def test_a_stream_whose_requests_fail_answers_those_before_and_raises_the_failur
         with pytest.raises(expected[0], match=expected[1]):
             for targets in client.stream(_failing_source(bad_item), preset="retinanet_torchvision", canvas=CANVAS):
                 got.append(targets)
+        stats = client.stats
     assert len(got) == 2
+    assert (stats.calls, stats.errors, stats.responses) == (1, 1, 2)  # a stream that failed for good: one error
 
     async def main():
         answers = []
@@ -707,7 +754,7 @@ def test_client_pickles_as_its_options():
 
 
 @pytest.mark.parametrize("client_class", [TargetClient, AsyncTargetClient])
-@pytest.mark.parametrize("connections", [1, 3])
+@pytest.mark.parametrize("connections", [1, 2, 3])  # 2: the least that needs a subchannel pool per channel
 def test_calls_spread_over_the_clients_connections(client_class, connections):
     """``connections=N``: N connections to an address, calls in turn over them, so that a
     server's front ends sharing a port (`serve --workers`) all get some."""
@@ -830,6 +877,26 @@ def test_errors_name_the_callers_image_ids(two_servers):
     assert "image 1 (id 9140)" in info.value.field_violations[0][1]
 
 
+def test_a_value_the_client_refuses_names_the_callers_image_id():
+    """Refused before the call (a class past int32), a value is named by its image's id
+    too, as the server's refusals are."""
+    classes = torch.tensor([1, 2**32 + 7])
+    with TargetClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match=re.escape("gt_classes[1] (image 1 (id 9140), box 0): 4294967303 does")):
+            client.assign(BOXES, [1, 1], CANVAS, preset=PRESET, gt_classes=classes, image_ids=[5121, 9140])
+        assert client.stats.calls == 0
+
+
+def test_an_image_index_past_the_callers_ids_is_left_unnamed():
+    """``naming_images`` on a text that names an image the caller gave no id for (an index
+    past its ids) leaves that one as it is and names the others: an IndexError there would
+    replace the error being reported."""
+    text = "image 1, box 0: degenerate box; gt_counts[2]: negative; image_sizes[0, 1]: too large"
+    assert client_module.naming_images(text, ["a", "b"]) == (
+        "image 1 (id b), box 0: degenerate box; gt_counts[2]: negative; image_sizes[0, 1] (id a): too large"
+    )
+
+
 def test_client_counts_calls_retries_and_bytes(two_servers):
     a, _ = two_servers
     dead = f"127.0.0.1:{_dead_port()}"
@@ -844,6 +911,30 @@ def test_client_counts_calls_retries_and_bytes(two_servers):
     assert stats.retries >= 1  # the first try went to the dead endpoint
     assert stats.responses == 1 + 3 and stats.response_bytes >= response.ByteSize() * 4
     assert stats.request_bytes > 0 and 0 < stats.max_latency_seconds <= stats.latency_seconds
+
+
+def test_stats_add_up_every_answered_call_and_are_a_snapshot():
+    """``stats`` adds up the answered unary calls (their request bytes, their latencies, the
+    longest apart), and is a snapshot: one read earlier does not change under later calls."""
+    request = build_request(BOXES, [2], CANVAS, preset=PRESET)
+    answered = []
+
+    def answer(raw: bytes, context) -> bytes:
+        answered.append(raw)
+        if len(answered) == 1:
+            time.sleep(0.3)  # the first call is the longest
+        return b""
+
+    with fake_assigner(answer, _slow_stream) as address, TargetClient(address) as client:
+        client.assign_raw(request)
+        before = client.stats
+        client.assign_raw(request)
+        client.assign_raw(request)
+        stats = client.stats
+    assert (before.calls, before.responses, before.request_bytes) == (1, 1, request.ByteSize())
+    assert (stats.calls, stats.responses, stats.request_bytes) == (3, 3, 3 * request.ByteSize())
+    assert stats.max_latency_seconds == before.max_latency_seconds == before.latency_seconds >= 0.3
+    assert stats.latency_seconds > stats.max_latency_seconds
 
 
 def test_a_stream_that_ends_with_an_error_is_counted_as_one(two_servers):
@@ -1132,6 +1223,32 @@ def test_an_async_streams_deadline_passed_while_it_writes_is_deadline_exceeded()
     assert [error.code for error, _ in outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
 
 
+def test_wait_until_ready_waits_through_not_serving():
+    """A server that answers its health check NOT_SERVING (warming up, draining) is not
+    ready: ``wait_until_ready`` waits on, says so when its timeout passes, and returns
+    once the service turns SERVING."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    servicer.set(client_module._SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(ThreadPoolExecutor(4))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with TargetClient(address) as client:
+            with pytest.raises(TargetServiceError) as info:
+                client.wait_until_ready(timeout=1.0)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "became SERVING within" in info.value.details and f"({address} is NOT_SERVING)" in info.value.details
+            servicer.set(client_module._SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            client.wait_until_ready(timeout=10)
+    finally:
+        server.stop(0)
+
+
 def test_wait_until_ready_moves_past_an_endpoint_that_never_answers():
     """Each health check had the whole timeout: a listener that never answers, first in
     turn, held the wait until it failed, with the second endpoint SERVING."""
@@ -1401,6 +1518,7 @@ def test_a_calls_timeout_is_checked(bad):
     ("kwargs", "message"),
     [
         ({"target": ["127.0.0.1:1", None]}, "target: expected 'host:port' addresses, got None"),
+        ({"target": []}, "target: give at least one address"),  # a ZeroDivisionError at the first call
         ({"target": "http://127.0.0.1:1"}, "target: 'http://127.0.0.1:1' is a URL; give 'host:port'"),
         # Addresses gRPC never dials: every call retried to its deadline, "is it running?".
         ({"target": "grpc://127.0.0.1:1"}, "target: 'grpc://127.0.0.1:1' is a URL; give 'host:port'"),
@@ -1408,12 +1526,33 @@ def test_a_calls_timeout_is_checked(bad):
         ({"target": " a:1"}, "target: ' a:1' holds a space or a comma"),
         ({"target": "::1:50051"}, r"target: '::1:50051': an IPv6 address goes in brackets, '\[::1\]:50051'"),
         ({"target": "a:\uff15\uff10"}, "target: expected 'host:port' with a port in 1..65535"),  # fullwidth digits
+        ({"target": "a:0"}, "target: expected 'host:port' with a port in 1..65535, got 'a:0'"),  # no server's port
+        ({"target": "a:65536"}, "target: expected 'host:port' with a port in 1..65535, got 'a:65536'"),
         ({"target": "a:1", "tls": "false"}, "tls: expected True or False, got 'false'"),  # read as True
         ({"target": "a:1", "connections": 2.0}, "connections: must be an integer >= 1, got 2.0"),
         ({"target": "a:1", "options": {"grpc.lb_policy_name": "pick_first"}}, "options: expected a sequence of"),
         ({"target": "a:1", "root_certificates": "-----BEGIN"}, "root_certificates: expected the PEM file's bytes"),
         ({"target": "a:1", "timeout": "5"}, r"timeout: must be > 0 seconds \(or None: no deadline\), got '5'"),
         ({"target": "a:1", "backoff": float("inf")}, "backoff: must be finite seconds >= 0, got inf"),
+        # gRPC's message limits are C ints: 2**31 is one past the largest.
+        (
+            {"target": "a:1", "max_message_bytes": 2**31},
+            r"max_message_bytes: must be an integer in \[1, 2\*\*31\), got 2147483648",
+        ),
+        # A triple failed unpacking ("too many values to unpack"), naming no argument.
+        (
+            {"target": "a:1", "options": [("grpc.keepalive_time_ms", 1000, "x")]},
+            r"options: expected a sequence of \(name, value\) pairs",
+        ),
+        # The client's own checks rely on its limits: a caller's would be taken over them.
+        (
+            {"target": "a:1", "options": [("grpc.max_receive_message_length", 1 << 30)]},
+            "options: grpc.max_receive_message_length is set by the client's max_message_bytes= argument",
+        ),
+        # "Bearer" 1*SP token: a space inside the token is no part of a bearer token (RFC 6750).
+        ({"target": "a:1", "token": "s3 cret"}, "token: a bearer token is printable ASCII without spaces"),
+        # Empty once stripped: it sent no token, silently (None says that).
+        ({"target": "a:1", "token": " \n"}, "token: the token is empty; give the token, or None for no token"),
     ],
 )
 def test_a_client_made_wrong_says_what_is_wrong(kwargs, message):
@@ -1421,7 +1560,7 @@ def test_a_client_made_wrong_says_what_is_wrong(kwargs, message):
     for client_class in (TargetClient, AsyncTargetClient):
         with pytest.raises((ValueError, TypeError), match=message):
             client_class(**kwargs)
-    for address in ("dns:///a:1", "[::1]:50051", "unix:/tmp/socket", "localhost:50051"):
+    for address in ("dns:///a:1", "[::1]:50051", "unix:/tmp/socket", "localhost:50051", "localhost:65535"):
         TargetClient(address).close()  # still taken
 
 
@@ -1445,6 +1584,8 @@ def test_arguments_that_build_no_request_are_named_as_the_caller_wrote_them(two_
     options = {"preset": "retinanet_torchvision", "canvas": CANVAS}
     items = (({"timeout": 5}, "stream item 1: unknown argument 'timeout' (one of stream()'s own arguments, "
                               "for all its items); a request's arguments are box_format, canvas, config, "),
+             ({"densify": False}, "stream item 1: unknown argument 'densify' (one of stream()'s own arguments, "
+                                  "for all its items); a request's arguments are "),
              ({"image_ids": [7]}, "stream item 1: unknown argument 'image_ids'; a request's arguments are "),
              ({"gt_clases": torch.tensor([1, 2])}, "stream item 1: unknown argument 'gt_clases'; "))  # fmt: skip
 
@@ -1465,7 +1606,7 @@ def test_arguments_that_build_no_request_are_named_as_the_caller_wrote_them(two_
             client.stream([good], sed=3, **options)  # when called, not at its first item
         with pytest.raises(TypeError, match=re.escape("assign: unknown argument 'sed'; a request's arguments")):
             client.assign(BOXES, [2], CANVAS, preset="retinanet_torchvision", sed=3)
-        assert client.stats.responses == 3  # item 0 of each stream, answered before item 1 raised
+        assert client.stats.responses == len(items)  # item 0 of each stream, answered before item 1 raised
 
     async def run() -> None:
         async with AsyncTargetClient(two_servers[0].address) as client:
@@ -1638,6 +1779,26 @@ def test_a_caller_that_holds_an_answer_longer_than_the_timeout_keeps_its_stream(
     assert len(answers) == 4 and resent == 0
 
 
+_STREAM_LEFT_OPEN = """
+import sys, torch
+from tritarget.clients import TargetClient
+client = TargetClient(sys.argv[1], timeout=1.0)
+item = {"gt_boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "gt_counts": [1]}
+answers = client.stream([item] * 3, preset="retinanet_torchvision", canvas=(96, 128))
+next(answers)  # one answer held: the stream, its call and its watchdog still open as the script ends
+print("answered", flush=True)
+"""
+
+
+def test_a_script_that_leaves_a_stream_open_still_exits(two_servers):
+    """A script that stops reading a stream and ends (a training run cut short) exits: the
+    stream's watchdog, which looks again every ``timeout`` while the caller holds an
+    answer, does not keep the process alive."""
+    done = subprocess.run([sys.executable, "-c", _STREAM_LEFT_OPEN, two_servers[0].address], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "answered\n"), done.stderr
+
+
 def test_a_stream_that_found_its_server_late_keeps_the_whole_timeout_once_answered():
     """After a break the first answer must come before the search for a server ends; the
     watchdog then kept that leftover (0.6 s of a 4 s timeout) for the rest of the call,
@@ -1757,6 +1918,72 @@ def test_closing_the_async_client_under_its_calls_fails_them_as_the_blocking_one
 
         asyncio.run(run(lambda client: client.assign(BOXES, [2], CANVAS, preset=PRESET)))
         asyncio.run(run(stream))
+
+
+def test_a_callers_cancellation_as_the_async_client_closes_stays_a_cancellation():
+    """A task cancelled by its caller while the client is closed under it ends cancelled
+    (``CancelledError``, which ``TaskGroup`` and ``wait_for`` read), not with the close's
+    TargetServiceError CANCELLED: that one is for calls nobody cancelled. A call and a
+    health check (``wait_until_ready``) alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    request = build_request(BOXES, [2], CANVAS, preset=PRESET)
+
+    def slow_check(raw: bytes, context) -> bytes:
+        time.sleep(1.0)
+        return b""
+
+    health = grpc.server(ThreadPoolExecutor(4))
+    health.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(slow_check)})])  # fmt: skip
+    health_address = f"127.0.0.1:{health.add_insecure_port('127.0.0.1:0')}"
+    health.start()
+
+    async def run(address, use):
+        client = AsyncTargetClient(address, timeout=10)
+        call = asyncio.ensure_future(use(client))
+        await asyncio.sleep(0.3)  # in flight, on a server that takes 1 s
+        call.cancel()
+        await client.close()  # before the task has seen its cancellation
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    try:
+        with fake_assigner(_slow, _slow_stream) as address:
+            asyncio.run(run(address, lambda client: client.assign_raw(request)))
+        asyncio.run(run(health_address, lambda client: client.wait_until_ready(timeout=10)))
+    finally:
+        health.stop(0)
+
+
+def test_an_async_stream_closed_early_stops_reading_its_async_source(two_servers):
+    """A caller that stops reading an async stream (``aclose()``, a ``break`` out of ``async
+    for``) while the stream waits on its async source for the next item: that read is
+    cancelled there and then (the source's ``finally`` runs), not left pending until the
+    event loop ends."""
+    ended = []
+
+    async def source():
+        try:
+            yield {"gt_boxes": BOXES, "gt_counts": [2]}
+            await asyncio.sleep(60)  # a dataset slow to read its next item
+            yield {"gt_boxes": BOXES, "gt_counts": [2]}
+        finally:
+            ended.append(True)
+
+    async def run():
+        async with AsyncTargetClient(two_servers[0].address, timeout=30) as client:
+            stream = client.stream(source(), preset=PRESET, canvas=CANVAS)
+            first = await anext(stream)
+            await stream.aclose()
+            for _ in range(50):  # the cancelled read's task runs the source's finally
+                if ended:
+                    break
+                await asyncio.sleep(0.02)
+            return first, list(ended)
+
+    first, ended_before_the_loop_ended = asyncio.run(run())
+    assert (first.labels == 1).any() and ended_before_the_loop_ended == [True]
 
 
 # Calls that wait for a server, and what each must raise when the client is closed under it.
@@ -1988,6 +2215,23 @@ def test_a_request_read_as_its_call_broke_goes_on_the_next_call_exactly_once(aga
         assert (generation, _ids(resend)) == (2, ["r0", "r1"])
     assert _ids(unanswered.feed(generation, resend)) == ["r0", "r1", "r2"]
     assert unanswered.outstanding() == 3
+
+
+def test_a_stream_request_of_exactly_the_message_limit_is_sent_and_counted():
+    """gRPC refuses a message *larger* than its limit: a stream's request of exactly
+    ``max_message_bytes`` is sent, its bytes counted (``stats.request_bytes``); one byte
+    over ends the feed before it is sent, the stream's failure RESOURCE_EXHAUSTED naming
+    both sizes, and counts nothing."""
+    request = pb.AssignRequest(request_id="r0", gt_counts=[1, 2])
+    size, counted = request.ByteSize(), []
+    fits = client_module._Unanswered(iter([request]), lambda **counts: counted.append(counts), size)
+    assert list(fits.feed(0, [])) == [request]
+    assert fits.failure is None and fits.outstanding() == 1 and counted == [{"request_bytes": size}]
+    over = client_module._Unanswered(iter([request]), lambda **counts: counted.append(counts), size - 1)
+    assert list(over.feed(0, [])) == [] and over.outstanding() == 0 and len(counted) == 1
+    assert isinstance(over.failure, TargetServiceError) and over.failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (f"a request of {size} bytes (request_id 'r0') is over this client's max_message_bytes ({size - 1})"
+            in over.failure.details)  # fmt: skip
 
 
 class _Outstanding:

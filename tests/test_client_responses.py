@@ -520,6 +520,34 @@ def test_a_stream_answered_out_of_order_or_not_one_for_one_is_refused(breaking_s
         list(breaking_server.client.stream(ITEMS, preset="retinanet_torchvision", canvas=CANVAS))
 
 
+def test_a_stream_that_raises_ends_its_call_there_and_then():
+    """A stream that fails (here: an answer to another request) cancels its call as it
+    raises, not once the exception is let go: a caller that keeps the error (a log, a
+    retry loop, ``pytest.raises``) must not keep the server's stream open and the
+    stream's source being read and sent."""
+    ended, read = threading.Event(), []
+
+    def stream(raws, context):
+        context.add_callback(ended.set)
+        first = pb.AssignRequest.FromString(next(raws))
+        answer = _answer(first)
+        answer.request_id = f"not {first.request_id}"
+        yield answer.SerializeToString()
+        for _ in raws:  # reads on until the call ends
+            pass
+
+    def source():
+        while True:
+            read.append(1)
+            yield ITEMS[0]
+
+    with fake_assigner(lambda raw, context: b"", stream) as address, TargetClient(address, timeout=30) as client:
+        with pytest.raises(ValueError, match="malformed response: request_id 'not 0'") as info:
+            list(client.stream(source(), preset="retinanet_torchvision", canvas=CANVAS))
+        assert ended.wait(10), f"the server's stream is still open, {len(read)} requests read"
+        assert info.value is not None  # the error still held
+
+
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_stream_ended_ok_before_its_requests_were_all_sent_is_refused(breaking_server, asynchronous):
     """The requests a stream had not read from its source yet were never sent, and nothing
@@ -632,6 +660,12 @@ def test_a_service_error_in_a_data_loader_worker_reaches_the_trainer_with_its_co
         ("Caught TargetServiceError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
          '  File "w.py", line 1, in f\ntritarget.clients.client.TargetServiceError: UNAVAILABLE: gone\nfor good\n',
          grpc.StatusCode.UNAVAILABLE, "gone\nfor good"),
+        # Chained tracebacks (an error raised while handling another): the last one's error is the one raised.
+        ("Caught TargetServiceError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+         '  File "w.py", line 1, in f\ntritarget.clients.client.TargetServiceError: NOT_FOUND: first\n\n'
+         "During handling of the above exception, another exception occurred:\n\nTraceback (most recent call "
+         'last):\n  File "w.py", line 2, in f\ntritarget.clients.client.TargetServiceError: UNAVAILABLE: last\n',
+         grpc.StatusCode.UNAVAILABLE, "last"),
         ("no code here", grpc.StatusCode.UNKNOWN, "no code here"),
         ("NOT_A_CODE: text", grpc.StatusCode.UNKNOWN, "NOT_A_CODE: text"),
     ],

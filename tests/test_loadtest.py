@@ -1157,7 +1157,7 @@ def test_bad_values_are_refused_by_the_parser(flags, capsys):
     (["--json", "{tmp}/same.txt", "--csv", "{tmp}/./same.txt"], "--json and --csv name the same file, {tmp}/same.txt"),
     # The library's own names (concurrency, token) said nothing of which flag.
     (["--concurrency", "2", "--processes", "3"], "--concurrency 2 is shared by --processes 3: give at least that many"),
-    (["--token", "a\tb"], "--token: the token has characters"),
+    (["--token", "a\tb"], "--token: a bearer token is printable ASCII without spaces"),
 ])  # fmt: skip
 def test_bad_combinations_and_outputs_are_refused_before_the_run(flags, error, tmp_path, capsys):
     flags = [flag.format(tmp=tmp_path) for flag in flags]
@@ -1173,7 +1173,7 @@ def test_a_bad_token_from_the_environment_is_named_so(monkeypatch, capsys):
     monkeypatch.setenv("TRITARGET_TOKEN", "a\nb")
     code = main(["loadtest", "--target", _closed_port(), "--duration", "0.2", "--warmup", "0", "--no-progress"])
     assert code == 2
-    assert capsys.readouterr().err.startswith("tritarget loadtest: TRITARGET_TOKEN: the token has characters")
+    assert capsys.readouterr().err.startswith("tritarget loadtest: TRITARGET_TOKEN: a bearer token is printable ASCII")
 
 
 def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
@@ -1278,6 +1278,22 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly_with_its_files_written
     assert "requests_per_s" in csv_path.read_text()
     if json_to == "file":
         assert json.loads(Path(json_path).read_text())["ok"] is True
+
+
+@pytest.mark.parametrize("json_to", ["file", "stdout"])
+def test_a_failed_run_whose_reader_has_gone_still_exits_1(json_to, tmp_path):
+    """A run that fails (here its one verified response differs from the in-process
+    targets) into a pipe whose reader has gone exits 1, as exit_status ends any command:
+    the failure first. With `--json /dev/stdout` it exited 141, as if it had succeeded."""
+    json_path = "/dev/stdout" if json_to == "stdout" else str(tmp_path / "out.json")
+    with _echo_server() as (address, _, _):
+        result = run_into_a_closed_pipe(["-m", "tritarget.service.cli", "loadtest", "--target", address,
+                                         "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64", "--images", "1",
+                                         "--no-progress", "--verify", "1", "--json", json_path],
+                                        buffered=True)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    if json_to == "file":
+        assert json.loads(Path(json_path).read_text())["ok"] is False
 
 
 def test_a_run_with_no_stderr_at_all_writes_its_table_and_files(tmp_path):
@@ -1752,6 +1768,19 @@ def test_loadtest_flags_take_their_bounds_exactly():
     assert build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--warmup", "0"]).warmup == 0
 
 
+def test_one_caller_per_client_process_is_enough():
+    """``--concurrency`` is shared by ``--processes``: as many callers as processes (one
+    each) is a run, not a usage problem; one fewer is refused."""
+    from tritarget.clients.loadtest_cli import _usage_problem
+
+    def problem(concurrency: int, processes: int) -> str | None:
+        return _usage_problem(build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--concurrency",
+                                                         str(concurrency), "--processes", str(processes)]))  # fmt: skip
+
+    assert problem(3, 3) is None and problem(1, 1) is None
+    assert problem(2, 3) == "--concurrency 2 is shared by --processes 3: give at least that many"
+
+
 @pytest.mark.parametrize("flags", [["--images", "0"], ["--variants", "0"], ["--verify", "-1"], ["--boxes", "-1"],
                                    ["--processes", "0"], ["--window", "0"], ["--warmup", "1000001"],
                                    ["--boxes", "many"]])  # fmt: skip
@@ -1766,9 +1795,10 @@ def test_loadtest_flags_below_or_past_their_bounds_are_refused_naming_the_flag(f
 
 @pytest.mark.parametrize(
     "flags, expected",
-    [(["--stream", "--window", "3", "--concurrency", "2", "--format", "dense", "--fp16"],
-      {"stream": True, "window": 3, "concurrency": 2, "rate": None}),
-     (["--rate", "40", "--concurrency", "3"], {"stream": False, "window": 1, "rate": 40.0, "concurrency": 3})],
+    [(["--stream", "--window", "3", "--concurrency", "2", "--format", "dense", "--fp16", "--processes", "2"],
+      {"stream": True, "window": 3, "concurrency": 2, "rate": None, "processes": 2}),
+     (["--rate", "40", "--concurrency", "3"],
+      {"stream": False, "window": 1, "rate": 40.0, "concurrency": 3, "processes": 1})],
     ids=["closed-stream", "open-unary"],
 )  # fmt: skip
 def test_loadtest_flags_reach_the_run_as_given(flags, expected, tmp_path):
@@ -1782,7 +1812,7 @@ def test_loadtest_flags_reach_the_run_as_given(flags, expected, tmp_path):
     assert code == 0
     options = json.loads(out.read_text())["options"]
     assert {key: options[key] for key in expected} == expected
-    assert (options["duration_s"], options["warmup_s"], options["timeout_s"], options["processes"]) == (0.4, 0.1, 30, 1)
+    assert (options["duration_s"], options["warmup_s"], options["timeout_s"]) == (0.4, 0.1, 30)
     fp16 = "--fp16" in flags
     assert options["workload"] == {
         "preset": "yolov5",

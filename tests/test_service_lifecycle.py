@@ -571,7 +571,10 @@ def test_cli_refuses_an_empty_token_given_on_purpose():
 @pytest.mark.parametrize("command", ["request", "loadtest"])
 @pytest.mark.parametrize(("flags", "env", "message"), [
     (["--token", " "], {}, "--token is empty; give the token, or leave --token out to call without one"),
-    ([], {"TRITARGET_TOKEN": ""}, "TRITARGET_TOKEN is set but empty; unset it to call without a token")])  # fmt: skip
+    ([], {"TRITARGET_TOKEN": ""}, "TRITARGET_TOKEN is set but empty; unset it to call without a token"),
+    # Blank (a secret file holding only a newline): stripped, it is empty too, not "no token".
+    ([], {"TRITARGET_TOKEN": " \n"}, "TRITARGET_TOKEN is set but empty; unset it to call without a token"),
+])  # fmt: skip
 def test_client_commands_refuse_an_empty_token_given_on_purpose(command, flags, env, message, monkeypatch, capsys):
     """As ``serve`` refuses it: sent as no token, the calls failed UNAUTHENTICATED
     ("missing credentials"), far from the cause."""
@@ -1119,7 +1122,7 @@ def test_cli_request_names_a_bad_token_in_one_line(capsys):
     """A ValueError from the client was a traceback with exit 1."""
     assert main(["request", "--target", "127.0.0.1:1", "--token", "a\nb"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "tritarget request: --token: the token has characters an HTTP header cannot carry (printable ASCII only)"
+        "tritarget request: --token: a bearer token is printable ASCII without spaces; this one is not"
     )
 
 
@@ -1231,7 +1234,7 @@ def test_cli_serve_serves_when_nobody_reads_even_its_first_line(stdout):
         (["--metrics-host", "127.0.0.1"], {}, "--metrics-host needs --metrics-port"),
         # Refused by their flags' names, before any worker starts (not as max_batch_images in each).
         (["--max-batch-images", "2000"], {}, "--max-batch-images 2000 is over --max-queue-images 1024"),
-        ([], {"TRITARGET_TOKEN": "s3\x01cret"}, "TRITARGET_TOKEN: the token has characters an HTTP header cannot"),
+        ([], {"TRITARGET_TOKEN": "s3\x01cret"}, "TRITARGET_TOKEN: a bearer token is printable ASCII without spaces"),
     ],
 )
 def test_cli_refuses_server_settings_that_cannot_work(flags, env, message, monkeypatch):
@@ -1316,7 +1319,7 @@ def test_a_token_with_a_trailing_newline_is_the_token(monkeypatch):
     with ServerThread(token="s3cret") as srv, TargetClient(srv.address, token="s3cret\n") as client:
         assert (client.assign(torch.tensor([[8.0, 8.0, 40.0, 40.0]]), [1], (64, 64), preset="retinanet_torchvision")
                 .labels == 1).any()  # fmt: skip
-    with pytest.raises(ValueError, match="token: the token has characters an HTTP header cannot carry"):
+    with pytest.raises(ValueError, match="token: a bearer token is printable ASCII without spaces; this one is not"):
         TargetClient("127.0.0.1:1", token="s3\ncret")
     with pytest.raises(ValueError, match=r"max_message_bytes: must be an integer in \[1, 2\*\*31\)"):
         TargetClient("127.0.0.1:1", max_message_bytes=-1)

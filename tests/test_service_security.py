@@ -247,6 +247,18 @@ def test_an_interceptor_without_a_token_is_refused():
         BearerTokenInterceptor("")
 
 
+def test_server_options_read_the_token_as_the_clients_do():
+    """``ServerOptions(token="")`` served every caller (an empty token read as none, where
+    None says that); a token with a file's trailing newline was one no client could match."""
+    assert ServerOptions(token=" s3cret\n").token == "s3cret"
+    assert ServerOptions().token is None
+    for token, message in (("", "token: the token is empty"), (" \n", "token: the token is empty"),
+                           ("s3 cret", "token: a bearer token is printable ASCII without spaces"),
+                           (b"s3cret", "token: expected a str, got bytes")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ServerOptions(token=token)
+
+
 def _raw_assign(channel: grpc.Channel):
     """Assign without the client library: the metadata exactly as given."""
     return channel.unary_unary(
@@ -347,6 +359,25 @@ def test_tls_with_self_signed_certificate_and_token(tmp_path):
     # The key given as the CA: refused at once, not retried as a server that is not there.
     with pytest.raises(ValueError, match="root_certificates: not PEM certificates"):
         TargetClient(srv.address, root_certificates=key)
+
+
+def test_loadtest_reaches_a_tls_server_with_its_ca_and_token(tmp_path):
+    """``tritarget loadtest --tls-ca CA --token T``: both reach the run's clients and every
+    request is answered (a CA dropped on the way fails every request UNAVAILABLE, a token
+    dropped UNAUTHENTICATED; the flags were only checked, never used)."""
+    import json
+
+    from tritarget.service.cli import main
+
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(cert)
+    out = tmp_path / "out.json"
+    with ServerThread(tls_cert=cert, tls_key=key, token=TOKEN) as srv:
+        code = main(["loadtest", "--target", srv.address, "--tls-ca", str(tmp_path / "ca.pem"), "--token", TOKEN,
+                     "--duration", "0.3", "--warmup", "0", "--canvas", "64", "64", "--images", "1", "--variants", "1",
+                     "--concurrency", "1", "--timeout", "5", "--no-progress", "--json", str(out)])  # fmt: skip
+    summary = json.loads(out.read_text())
+    assert (code, summary["errors"]) == (0, {}) and summary["requests"] > 0, summary
 
 
 def test_a_refused_call_is_not_parsed(auth_server, monkeypatch):
