@@ -735,17 +735,18 @@ class Batcher:
         if self.lost is not None:  # queued before the device failed
             return [self.lost] * len(jobs)
         if len(jobs) > 1 and not all(job.rows_agree() for job in jobs):
-            results, good = self._recover(jobs, None)
+            results = self._recover(jobs, None)
         else:
             try:
                 results = _split(self._assign(jobs), [job.images for job in jobs])
-                good = list(range(len(jobs)))
             except Exception as exc:
                 if self._device_lost(exc):  # no retry of each job alone: each would fail the same
                     return [self.lost] * len(jobs)
-                results, good = self._recover(jobs, exc)
-        if self._on_batch is not None and good:
-            self._on_batch(sum(jobs[i].images for i in good), len(good), time.perf_counter() - start)
+                results = self._recover(jobs, exc)
+        # What was computed: a job that passed its check and failed all the same is not.
+        computed = [job for job, result in zip(jobs, results) if not isinstance(result, BaseException)]
+        if self._on_batch is not None and computed:
+            self._on_batch(sum(job.images for job in computed), len(computed), time.perf_counter() - start)
         for i, finish in enumerate(finishers or ()):
             if finish is not None and not isinstance(results[i], BaseException):
                 try:
@@ -784,9 +785,9 @@ class Batcher:
             pass
         return True
 
-    def _recover(self, jobs: list[AssignJob], error: Exception | None) -> tuple[list[Any], list[int]]:
-        """Each job's targets or its own error, and the good jobs: after the batch raised
-        ``error``, or before running it (None) when some job's rows do not add up."""
+    def _recover(self, jobs: list[AssignJob], error: Exception | None) -> list[Any]:
+        """Each job's targets or its own error: after the batch raised ``error``, or before
+        running it (None) when some job's rows do not add up."""
         results: list[Any] = [None] * len(jobs)
         good = []
         for i, job in enumerate(jobs):
@@ -797,8 +798,7 @@ class Batcher:
                 results[i] = exc
         if len(good) == len(jobs) and error is not None:
             if len(jobs) == 1:  # checked fine, failed anyway: not the input's fault
-                results[0] = error
-                return results, good
+                return [error]
             # Should not happen after the checks; still, isolate the culprit.
             log.exception("batched assign failed; running its %d requests one by one", len(jobs))
             parts = [self._assign_or_error(jobs[i]) for i in good]
@@ -807,14 +807,14 @@ class Batcher:
                 parts = _split(self._assign([jobs[i] for i in good]), [jobs[i].images for i in good])
             except Exception as exc:
                 if self._device_lost(exc):  # every job would fail alone the same way
-                    return [self.lost if i in good else results[i] for i in range(len(jobs))], []
+                    return [self.lost if i in good else results[i] for i in range(len(jobs))]
                 log.exception("batched assign failed; running its %d requests one by one", len(good))
                 parts = [self._assign_or_error(jobs[i]) for i in good]
         else:
             parts = []
         for i, part in zip(good, parts):
             results[i] = part
-        return results, good
+        return results
 
     def _assign_or_error(self, job: AssignJob) -> Targets | SparseTargets | Exception:
         """One job of a failed batch run alone: its targets, or its error (``DeviceLost``

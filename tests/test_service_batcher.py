@@ -21,6 +21,8 @@ from support import assert_targets_equal, compile_keys, random_batch, record_lau
 from tritarget.kernels import Targets, assign, presets
 from tritarget.service import backend
 from tritarget.service.backend import AssignJob, Batcher, BatchOptions, _concat, _split
+from tritarget.service.cli import _server_options, build_parser
+from tritarget.service.codec import Limits
 from tritarget.service.errors import InvalidInput, Overloaded, Unavailable
 
 CANVAS = (96, 128)
@@ -35,6 +37,14 @@ def test_batch_options_suit_the_device_unless_given():
     assert (gpu.max_batch_images, gpu.compute_workers) == (64, 2)
     given = BatchOptions(max_batch_images=8, compute_workers=3, threads_per_worker=1).resolved(torch.device("cuda"))
     assert (given.max_batch_images, given.compute_workers, given.threads_per_worker) == (8, 3, 1)
+
+
+def test_the_default_batching_is_what_serve_runs_and_bounds_a_batch_as_one_request():
+    """The servers made in process (``ServerOptions``' default batching) batch as ``serve``
+    does without flags, and a batch's anchor rows are bounded as one request's are (the
+    request limit of the same name): a request within the limits is never sliced for them."""
+    assert _server_options(build_parser().parse_args(["serve", "--port", "0"])).batching == BatchOptions()
+    assert BatchOptions().max_anchor_rows == Limits().max_anchor_rows
 
 
 @pytest.mark.parametrize("field, value", [("max_batch_images", 0), ("compute_workers", -1), ("max_queue_images", 0),
@@ -128,7 +138,7 @@ def _large_canvas_job(generator) -> AssignJob:
 @pytest.mark.parametrize("case", ["at the bounds", "dense", "over the images", "over the boxes", "over the anchors",
                                   "one image over the anchors", "turned off", "reference backend",
                                   "worker busy", "one of two workers busy",
-                                  "over the boxes with ignore regions"])  # fmt: skip
+                                  "over the boxes with ignore regions", "one image at the bounds"])  # fmt: skip
 def test_other_batches_are_computed_on_a_compute_worker(generator, case):
     """Inline only where nothing else waits on compute, and only bounded work: DENSE
     responses copy megabytes, other backends are slow or wait on a device, and a batch over
@@ -156,9 +166,43 @@ def test_other_batches_are_computed_on_a_compute_worker(generator, case):
     elif case == "over the boxes with ignore regions":  # at the bound in boxes, one ignore region over it
         ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
         job = _job(job.gt_boxes, job.gt_counts, ignore_boxes=ignore, ignore_counts=[1, 0], sparse=True)
+    elif case == "one image at the bounds":  # the boxes bound is per image of inline_max_images, not of the job
+        job = _job(job.gt_boxes, [2 * backend._INLINE_BOXES_PER_IMAGE], sparse=True)
     (result,), on_loop = _computed_on(name, [job], options, hold_the_worker=hold)
-    assert on_loop == [case == "at the bounds"]
+    assert on_loop == [case in ("at the bounds", "one image at the bounds")]
     assert result[0] == "finished"
+
+
+@pytest.mark.parametrize("case", ["merged", "another group queued"])
+def test_only_a_lone_request_is_computed_on_the_event_loop(generator, case):
+    """With a queue delay, the request that fills a batch of queued requests, or that fills
+    its own while another group still fills up, leaves it to a compute worker: a merged
+    batch is not one small request's bounded work, and a server with requests queued is
+    not idle."""
+    options = BatchOptions(max_batch_images=2, max_queue_delay_s=5.0, max_slice_boxes=3)
+    if case == "merged":  # two 1-image requests: full at 2 images
+        jobs = [_job(*random_batch(generator, [1], CANVAS), sparse=True) for _ in range(2)]
+    else:  # a 1-box request of a group of its own, then one of 3 boxes: full at the box bound
+        jobs = [_job(*random_batch(generator, [1], CANVAS), return_max_iou=True),
+                _job(*random_batch(generator, [3], CANVAS), sparse=True)]  # fmt: skip
+
+    async def run():
+        batcher = Batcher("cpu", options)
+        batcher.start()
+        threads, compute = [], batcher._compute
+        batcher._compute = lambda *args: threads.append(threading.get_ident()) or compute(*args)
+        try:
+            await asyncio.sleep(0.01)  # past the lull after the start
+            submitted = [asyncio.ensure_future(batcher.submit(job)) for job in jobs]
+            await asyncio.wait_for(submitted[-1], timeout=5)  # the full batch, without the delay
+            computed = list(threads)
+        finally:
+            await batcher.close()
+        return computed, await asyncio.gather(*submitted)
+
+    computed, results = asyncio.run(run())
+    assert computed and threading.get_ident() not in computed
+    assert [got.batch_size for got in results] == [1, 1]
 
 
 @pytest.fixture
@@ -198,6 +242,20 @@ def test_bad_request_in_a_merged_batch_fails_alone_with_its_own_error(batcher, g
     assert "image 1, box 0" in str(results[1]) and "degenerate" in str(results[1])
     for got in (results[0], results[2]):
         assert_targets_equal(got, _expected(good), rtol=0, atol=0)
+
+
+def test_a_lone_request_that_fails_its_batch_is_not_run_again(batcher, generator, monkeypatch):
+    """A request alone in its batch that passes its check and fails anyway (not its input's
+    fault: a bug, out of memory) gets that error without running a second time."""
+    calls = []
+
+    def failing(jobs):
+        calls.append(len(jobs))
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(batcher, "_assign", failing)
+    (result,) = batcher._compute([_good(generator)])
+    assert isinstance(result, RuntimeError) and str(result) == "a bug" and calls == [1]
 
 
 def test_counts_that_add_up_only_together_are_not_merged(batcher, generator):
@@ -276,6 +334,37 @@ def test_a_request_over_the_slice_bounds_equals_the_unsliced_one(generator, pres
         got = Targets.from_sparse(got)
         expected = sparse_view(expected)
     assert_targets_equal(got, expected, rtol=0, atol=0)
+
+
+def test_max_iou_sizes_and_dropped_boxes_come_back_per_request_merged_or_sliced(generator):
+    """Each request's own rows of the max IoU, merged with another request or computed in
+    slices; its own image and pad sizes per slice (with a config where image sizes matter:
+    an allowed border); and a SPARSE request's dropped boxes per image across its slices:
+    the targets of the request computed alone."""
+    bordered = presets.get(PRESET).replace(**{"match.allowed_border": 0.0})
+    sizes = torch.tensor([[90, 100], [80, 112], [64, 96], [72, 80]])
+    pads = torch.tensor([[96, 128], [80, 112], [64, 96], [96, 96]])
+    boxes, counts = random_batch(generator, [1, 2, 1, 1], CANVAS)
+    invalid = torch.cat([boxes, torch.tensor([[30.0, 30.0, 30.0, 50.0]])])  # the last image's 2nd box: x2 == x1
+    jobs = [_job(*random_batch(generator, [2, 1], CANVAS), return_max_iou=True),
+            _job(*random_batch(generator, [3], CANVAS), return_max_iou=True),
+            _job(*random_batch(generator, [1, 2, 1, 1], CANVAS), return_max_iou=True),
+            AssignJob(bordered, CANVAS, *random_batch(generator, [2, 0, 3, 1], CANVAS), image_sizes=sizes,
+                      pad_sizes=pads),
+            _job(invalid, [1, 2, 1, 2], drop_invalid=True, sparse=True)]  # fmt: skip
+    results, batches = _merging_run(jobs, BatchOptions(max_batch_images=3, max_queue_delay_s=0.05))
+    assert sorted(batches) == [1, 1, 1, 3, 3, 3, 3]  # the first two merged, the others in slices of 3 and 1
+    for job, got in zip(jobs, results):
+        expected = assign(job.gt_boxes, job.gt_counts, CANVAS, job.config, return_max_iou=job.return_max_iou,
+                          image_sizes=job.image_sizes, pad_sizes=job.pad_sizes, drop_invalid=job.drop_invalid,
+                          backend="reference")  # fmt: skip
+        if job.sparse:
+            assert [d.tolist() for d in got.dropped] == [d.tolist() for d in expected.dropped] == [[], [], [], [1]]
+            got, expected = Targets.from_sparse(got), sparse_view(expected)
+        assert (got.max_iou is not None) == job.return_max_iou
+        assert_targets_equal(got, expected, rtol=0, atol=0)
+    no_sizes = assign(jobs[3].gt_boxes, jobs[3].gt_counts, CANVAS, bordered, pad_sizes=pads, backend="reference")
+    assert not torch.equal(no_sizes.labels[3:], results[3].labels[3:])  # the last slice's image size matters
 
 
 def _merging_run(jobs: list[AssignJob], options: BatchOptions) -> tuple[list, list[int]]:
@@ -521,6 +610,82 @@ def test_a_job_let_in_from_its_wait_and_then_cancelled_gives_its_room_back(gener
     assert asyncio.run(run()) == (1, True, 0, 2)
 
 
+def test_a_stream_request_that_fits_the_room_left_exactly_is_queued_at_once(generator):
+    """A stream request fills the last places of the queue without waiting (nothing would
+    let it in later but another batch taken or a caller gone)."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            job = _good(generator, (1, 1))
+            waiting = asyncio.ensure_future(batcher.submit(job, wait=True))
+            await asyncio.sleep(0.05)
+            seen = (batcher.waiting_requests, batcher.queued_images)
+            release.set()
+            await busy
+            return seen, job, await asyncio.wait_for(waiting, timeout=10)
+
+    seen, job, got = asyncio.run(run())
+    assert seen == (0, 2)
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_waiting_job_that_goes_lets_the_one_behind_it_in_at_once(generator):
+    """A job waiting for room whose caller goes no longer holds back the one waiting behind
+    it: that one is let in at once if it fits, not once a worker frees."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=3)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # 2 of 3 places
+            await asyncio.sleep(0.01)
+            gone = asyncio.ensure_future(batcher.submit(_good(generator, (2, 1)), wait=True))  # 2 images: waits
+            await asyncio.sleep(0.01)
+            job = _good(generator, (1,))
+            behind = asyncio.ensure_future(batcher.submit(job, wait=True))  # would fit, waits behind it
+            await asyncio.sleep(0.05)
+            before = batcher.waiting_requests
+            gone.cancel()
+            await asyncio.sleep(0.01)
+            after = (batcher.waiting_requests, batcher.queued_images)
+            release.set()
+            await asyncio.gather(busy, queued)
+            return before, after, job, await asyncio.wait_for(behind, timeout=10)
+
+    before, after, job, got = asyncio.run(run())
+    assert (before, after) == (2, (0, 3))
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_stream_request_after_an_abandoning_close_is_refused_not_held(generator):
+    """After ``close(finish=False)`` nothing is computed any more: a stream request that
+    comes then to a full queue is refused at once (Unavailable), not held for room that
+    never frees."""
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2, max_queue_images=2))
+        batcher.start()
+        release = threading.Event()
+        busy = asyncio.ensure_future(batcher.submit(_good(generator, (1,)), lambda targets: release.wait()))
+        queued = None
+        try:
+            await asyncio.sleep(0.05)
+            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # the queue full
+            await asyncio.sleep(0.01)
+            await batcher.close(finish=False)
+            late = batcher.submit(_good(generator, (1,)), wait=True)
+            (outcome,) = await asyncio.wait_for(asyncio.gather(late, return_exceptions=True), timeout=5)
+            return outcome
+        finally:
+            release.set()
+            for call in (busy, queued):
+                if call is not None:
+                    call.cancel()
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, Unavailable) and "shutting down" in str(outcome)
+
+
 def test_a_request_in_slices_is_refused_at_once_when_the_queue_is_full(generator):
     """A request of more images than a batch is checked whole on the compute worker
     before its slices queue. While that check waits behind a running batch, the request
@@ -739,7 +904,8 @@ def test_a_sparse_batch_splits_into_each_jobs_lists(generator, with_classes):
     counts = [2, 0, 3, 1, 4]
     boxes, _ = random_batch(generator, counts, CANVAS)
     classes = torch.arange(boxes.shape[0], dtype=torch.int32) if with_classes else None
-    dense = assign(boxes, counts, CANVAS, presets.get(PRESET), gt_classes=classes, backend="reference")
+    config = presets.get(PRESET).replace(background_class=80)  # not the default 0: each part keeps it
+    dense = assign(boxes, counts, CANVAS, config, gt_classes=classes, backend="reference")
     images = [1, 2, 2]
     parts = _split(dense.to_sparse(), images)
     assert [part.batch_size for part in parts] == images
@@ -752,6 +918,7 @@ def test_a_sparse_batch_splits_into_each_jobs_lists(generator, with_classes):
             if want is not None:
                 assert got.dtype == want.dtype and torch.equal(got, want), name
         assert part.num_anchors == expected.num_anchors and len(part.dropped) == part.batch_size
+        assert part.background_class == expected.background_class == 80
 
 
 def test_requests_with_and_without_classes_do_not_merge(generator, caplog):
@@ -770,6 +937,20 @@ def test_requests_with_and_without_classes_do_not_merge(generator, caplog):
     assert "batched assign failed" not in caplog.text
 
 
+def test_requests_with_and_without_max_iou_do_not_merge(generator):
+    """``return_max_iou`` is the batch's: merged after a request that did not ask for it, a
+    request that did would get no max IoU."""
+    without = _good(generator, (2, 1))
+    wanting = _job(*random_batch(generator, [3], CANVAS), return_max_iou=True)
+    results, batches = _merging_run([without, wanting], BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+    assert sorted(batches) == [1, 2]
+    assert results[0].max_iou is None
+    expected = assign(wanting.gt_boxes, wanting.gt_counts, CANVAS, presets.get(PRESET), return_max_iou=True,
+                      backend="reference")  # fmt: skip
+    assert results[1].max_iou is not None
+    assert_targets_equal(results[1], expected, rtol=0, atol=0)
+
+
 def test_jobs_without_ignore_regions_or_image_sizes_merge_with_jobs_that_have_them(generator, caplog):
     """A job of several images without ignore regions (or image sizes) merged with one that
     has them stands in with none per image (and the canvas per image): one batch, which
@@ -784,6 +965,30 @@ def test_jobs_without_ignore_regions_or_image_sizes_merge_with_jobs_that_have_th
     expected = assign(boxes, counts, CANVAS, presets.get(PRESET), ignore_boxes=ignore, ignore_counts=[1],
                       image_sizes=sized.image_sizes, backend="reference")  # fmt: skip
     assert_targets_equal(results[1], expected, rtol=0, atol=0)
+    assert "batched assign failed" not in caplog.text
+
+
+def test_a_request_merged_after_one_without_ignore_regions_or_image_sizes_keeps_its_own(generator, caplog):
+    """Where the config uses them (an ignore IoF threshold, an allowed border), the ignore
+    regions and image sizes of a request merged after one that gave none still apply: the
+    merged batch has them if any of its requests does, not only if its first does."""
+    config = presets.get(PRESET).replace(**{"match.ignore_iof_thr": 0.5, "match.allowed_border": 0.0})
+    plain_boxes, plain_counts = random_batch(generator, [2, 0, 1], CANVAS)
+    boxes, counts = random_batch(generator, [2], CANVAS)
+    ignore, sizes = torch.tensor([[5.0, 5.0, 60.0, 50.0]]), torch.tensor([[90, 100]])
+    plain = AssignJob(config, CANVAS, plain_boxes, plain_counts)
+    given = AssignJob(config, CANVAS, boxes, counts, ignore_boxes=ignore, ignore_counts=[1], image_sizes=sizes)
+    results, batches = _merging_run([plain, given], BatchOptions(max_batch_images=16, max_queue_delay_s=0.05))
+    assert batches == [4]
+    expected = assign(boxes, counts, CANVAS, config, ignore_boxes=ignore, ignore_counts=[1], image_sizes=sizes,
+                      backend="reference")  # fmt: skip
+    without_ignore = assign(boxes, counts, CANVAS, config, image_sizes=sizes, backend="reference")
+    without_sizes = assign(boxes, counts, CANVAS, config, ignore_boxes=ignore, ignore_counts=[1], backend="reference")
+    for without in (without_ignore, without_sizes):  # each of them matters here
+        assert not torch.equal(without.labels, expected.labels)
+    assert_targets_equal(results[1], expected, rtol=0, atol=0)
+    assert_targets_equal(results[0], assign(plain_boxes, plain_counts, CANVAS, config, backend="reference"),
+                         rtol=0, atol=0)  # fmt: skip
     assert "batched assign failed" not in caplog.text
 
 
@@ -810,24 +1015,51 @@ def test_each_request_gets_its_own_dropped_ignore_regions(generator, sparse):
         assert got.level_starts == expected.level_starts is not None
 
 
-@pytest.mark.parametrize("field", ["ignore_counts", "image_sizes"])
+@pytest.mark.parametrize("field", ["ignore_counts", "image_sizes", "gt_classes", "ignore_boxes", "pad_sizes"])
 def test_per_image_rows_that_add_up_only_together_are_not_merged(batcher, generator, field):
-    """Ignore counts or image sizes with one row too few in one request and one too many in
-    the next add up in a merged batch: each request must fail on its own, naming the field."""
+    """Classes, ignore regions, their counts, image or pad sizes with one row too few in one
+    request and one too many in the next add up in a merged batch (which then ran, each
+    request given its neighbour's rows): each request must fail on its own, naming the field."""
     boxes, _ = random_batch(generator, [1, 1, 1], CANVAS)
+    good_kwargs = {}  # what the good request gives too, to share the batch's arguments
     if field == "ignore_counts":
         ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]] * 3)
         short = _job(boxes[:2], [1, 1], ignore_boxes=ignore[:1], ignore_counts=[1])
         long = _job(boxes[2:], [1], ignore_boxes=ignore[1:], ignore_counts=[1, 1])
+    elif field == "ignore_boxes":  # one region short of its counts, one over them: 3 regions, 3 counted
+        ignore = torch.tensor([[5.0, 5.0, 30.0, 30.0]] * 3)
+        short = _job(boxes[:2], [1, 1], ignore_boxes=ignore[:1], ignore_counts=[1, 1])
+        long = _job(boxes[2:], [1], ignore_boxes=ignore[1:], ignore_counts=[1])
+    elif field == "gt_classes":  # a class short of the boxes, one over them
+        classes = torch.tensor([3, 5, 7], dtype=torch.int32)
+        short = _job(boxes[:2], [1, 1], gt_classes=classes[:1])
+        long = _job(boxes[2:], [1], gt_classes=classes[1:])
+        good_kwargs = {"gt_classes": torch.arange(4, dtype=torch.int32)}
     else:
         sizes = torch.tensor([[96, 128], [90, 100], [80, 120]])
-        short = _job(boxes[:2], [1, 1], image_sizes=sizes[:1])
-        long = _job(boxes[2:], [1], image_sizes=sizes[1:])
-    good = _good(generator)
+        short = _job(boxes[:2], [1, 1], **{field: sizes[:1]})
+        long = _job(boxes[2:], [1], **{field: sizes[1:]})
+        if field == "pad_sizes":
+            good_kwargs = {"pad_sizes": torch.tensor([[96, 128], [96, 128]])}
+    good_boxes, good_counts = random_batch(generator, [3, 1], CANVAS)
+    good = _job(good_boxes, good_counts, **good_kwargs)
     results = batcher._compute([short, long, good])
     for bad in results[:2]:
         assert isinstance(bad, InvalidInput) and field in str(bad), bad
-    assert_targets_equal(results[2], _expected(good), rtol=0, atol=0)
+    expected = assign(good_boxes, good_counts, CANVAS, presets.get(PRESET), backend="reference", **good_kwargs)
+    assert_targets_equal(results[2], expected, rtol=0, atol=0)
+
+
+def test_ignore_counts_without_ignore_regions_fail_alone(batcher, generator):
+    """Ignore counts without ignore regions (or regions without counts) are that request's
+    own error, InvalidInput, not the whole batch's: its batch mates are computed."""
+    good = _good(generator)
+    counts_only = _job(*random_batch(generator, [1], CANVAS), ignore_counts=[0])
+    regions_only = _job(*random_batch(generator, [1], CANVAS), ignore_boxes=torch.zeros(0, 4))
+    results = batcher._compute([good, counts_only, regions_only])
+    for bad in results[1:]:
+        assert isinstance(bad, InvalidInput) and "ignore_boxes and ignore_counts must be given together" in str(bad)
+    assert_targets_equal(results[0], _expected(good), rtol=0, atol=0)
 
 
 def test_a_seed_out_of_range_fails_alone_as_invalid_input(batcher, generator):
@@ -840,6 +1072,19 @@ def test_a_seed_out_of_range_fails_alone_as_invalid_input(batcher, generator):
     assert_targets_equal(batcher._compute([good, bad])[0], _expected(good), rtol=0, atol=0)
 
 
+def test_an_input_of_the_wrong_type_fails_alone_as_invalid_input(batcher, generator):
+    """A TypeError of the problem's checks (classes that are not integers) is the request's
+    own InvalidInput, as a ValueError is, alone or in a merged batch."""
+    boxes, counts = random_batch(generator, [2, 1], CANVAS)
+    good = _job(boxes, counts, gt_classes=torch.arange(3, dtype=torch.int32))
+    bad = _job(boxes.clone(), counts, gt_classes=torch.tensor([1.0, 2.0, 3.0]))
+    for results in (batcher._compute([bad, good]), batcher._compute([bad])):
+        error = results[0]
+        assert isinstance(error, InvalidInput) and "gt_classes: expected an integer tensor" in str(error), error
+    expected = assign(boxes, counts, CANVAS, presets.get(PRESET), gt_classes=good.gt_classes, backend="reference")
+    assert_targets_equal(batcher._compute([bad, good])[1], expected, rtol=0, atol=0)
+
+
 def test_a_batch_of_failed_requests_is_not_observed(batcher, generator):
     """``on_batch`` counts the images and requests computed: a batch whose every request
     failed its check computed nothing."""
@@ -849,6 +1094,33 @@ def test_a_batch_of_failed_requests_is_not_observed(batcher, generator):
     good = _good(generator)
     batcher._compute([bad, bad])
     batcher._compute([bad, good, bad])
+    assert observed == [(2, 1)]
+
+
+def test_requests_that_pass_their_check_and_fail_all_the_same_are_not_observed(batcher, generator, monkeypatch):
+    """``on_batch`` counts what was computed: a lone request whose batch failed anyway (a
+    bug, out of memory) computed nothing, and of a merged batch run again one by one only
+    the requests that came back with targets count. Both were counted as computed."""
+    observed = []
+    batcher._on_batch = lambda images, requests, seconds: observed.append((images, requests))
+    assign_batch = batcher._assign
+
+    def failing_with(culprit: AssignJob):
+        def assigned(jobs):
+            if culprit in jobs:
+                raise RuntimeError("a bug")
+            return assign_batch(jobs)
+
+        return assigned
+
+    lone = _good(generator)
+    monkeypatch.setattr(batcher, "_assign", failing_with(lone))
+    (result,) = batcher._compute([lone])
+    assert isinstance(result, RuntimeError) and observed == []
+    culprit, good = _good(generator, (1, 1, 1)), _good(generator, (2, 3))
+    monkeypatch.setattr(batcher, "_assign", failing_with(culprit))
+    results = batcher._compute([culprit, good])
+    assert isinstance(results[0], RuntimeError) and not isinstance(results[1], BaseException)
     assert observed == [(2, 1)]
 
 
@@ -892,6 +1164,32 @@ def test_an_abandoning_close_skips_the_tasks_queued_behind_the_running_one():
     batcher = asyncio.run(run())
     batcher.stop_workers()
     assert ran == []
+
+
+def test_closing_waits_for_a_task_run_on_a_compute_worker_without_holding_the_loop():
+    """``run`` (the warm-up, a sliced request's check) keeps the batcher busy: close() awaits
+    it as it awaits a batch, instead of finding the batcher idle and joining the worker on
+    the event loop (every other call held until the task ended)."""
+    gate = threading.Event()
+    safety = threading.Timer(2.0, gate.set)  # the loop held: the task still ends, and the test with it
+
+    async def run():
+        batcher = Batcher("reference")
+        batcher.start()
+        running = asyncio.ensure_future(batcher.run(gate.wait))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        closed_early = closing.done()
+        gate.set()
+        await asyncio.wait_for(closing, timeout=10)
+        return closed_early, await running
+
+    safety.start()
+    try:
+        assert asyncio.run(run()) == (False, True)
+    finally:
+        safety.cancel()
 
 
 def test_a_waiting_job_that_would_fit_still_waits_behind_those_before_it(generator):
@@ -994,14 +1292,14 @@ def test_a_batch_whose_callers_have_all_gone_is_not_computed(generator):
     async def run():
         batcher = Batcher("reference", BatchOptions(max_queue_delay_s=60.0))
         batcher.start()
-        batches = []
-        batcher._on_batch = lambda images, requests, seconds: batches.append(images)
+        computed, compute = [], batcher._compute  # not even an empty batch goes to a worker
+        batcher._compute = lambda *args: computed.append(args) or compute(*args)
         gone = asyncio.ensure_future(batcher.submit(_good(generator)))
         await asyncio.sleep(0.01)
         gone.cancel()
         batcher.drain()
         await asyncio.wait_for(batcher.close(), timeout=10)
-        return batches, gone.cancelled()
+        return computed, gone.cancelled()
 
     assert asyncio.run(run()) == ([], True)
 
@@ -1026,6 +1324,111 @@ def test_a_response_is_not_finished_for_a_caller_that_went_away_while_its_batch_
         return call.cancelled()
 
     assert asyncio.run(run()) and finished == []
+
+
+def test_a_request_in_slices_holds_the_place_of_its_largest_slice_not_its_first(generator):
+    """Cut by boxes, a request's first slice can be its smallest: the place it holds from its
+    admission is its largest slice's, so a queue that has room for the first slice but not
+    the largest refuses it at once (admitted, its larger slice would overfill the queue)."""
+    sliced = _good(generator, (3, 1, 1))  # slices of 1 image (3 boxes, the bound), then 2 images
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2, max_slice_boxes=3)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1,))))  # 1 of 2 places
+            await asyncio.sleep(0.01)
+            refused = asyncio.ensure_future(batcher.submit(sliced))
+            await asyncio.sleep(0.01)
+            refused_at_once = refused.done() and isinstance(refused.exception(), Overloaded)
+            release.set()
+            await asyncio.gather(busy, queued)
+            whole = await asyncio.wait_for(batcher.submit(sliced), timeout=10)  # an empty queue takes it
+            return refused_at_once, whole, batcher.queued_images
+
+    refused_at_once, whole, queued_after = asyncio.run(run())
+    assert refused_at_once and queued_after == 0
+    assert_targets_equal(whole, _expected(sliced), rtol=0, atol=0)
+
+
+def test_a_stream_request_in_slices_let_in_from_its_wait_is_not_refused_for_those_behind_it(generator):
+    """A stream request in slices that waited for room is let in (and answered whole) while
+    a later stream request still waits behind it: the jobs still waiting hold back only new
+    jobs, not one that waited before them. And once the request in slices is answered, its
+    held place goes to the one waiting behind it at once (nothing else would free room)."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        async with _worker_held(generator, options) as (batcher, release, busy):
+            first = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # the queue full
+            await asyncio.sleep(0.01)
+            sliced, later = _good(generator, (1, 1, 1)), _good(generator, (1,))  # sliced: holds 2 places
+            waiting = [asyncio.ensure_future(batcher.submit(sliced, wait=True))]
+            await asyncio.sleep(0.01)
+            waiting.append(asyncio.ensure_future(batcher.submit(later, wait=True)))
+            await asyncio.sleep(0.05)
+            seen = batcher.waiting_requests
+            release.set()
+            await asyncio.gather(busy, first)
+            answers = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=10)
+            return seen, [sliced, later], answers, (batcher.waiting_requests, batcher.queued_images)
+
+    seen, jobs, answers, left = asyncio.run(run())
+    assert seen == 2 and left == (0, 0)
+    for job, got in zip(jobs, answers):
+        assert_targets_equal(got, _expected(job), rtol=0, atol=0)
+
+
+def test_a_request_in_slices_refused_by_its_check_has_no_queue_time(generator):
+    """A request in slices whose check fails never queued a slice: no queue time is observed
+    for it (a wait of 0 s per such request would pull tritarget_queue_seconds down)."""
+    bad = _job(torch.tensor([[10.0, 10.0, 40.0, 40.0], [50.0, 20.0, 50.0, 60.0], [1.0, 1.0, 9.0, 9.0]]),
+               [1, 1, 1])  # image 1: x2 == x1  # fmt: skip
+
+    async def run():
+        batcher = Batcher("reference", BatchOptions(max_batch_images=2))
+        batcher.start()
+        observed = []
+        batcher._on_queued = observed.append
+        try:
+            (outcome,) = await asyncio.gather(batcher.submit(bad), return_exceptions=True)
+            return outcome, observed
+        finally:
+            await batcher.close()
+
+    error, observed = asyncio.run(run())
+    assert isinstance(error, InvalidInput) and "image 1, box 0" in str(error), error
+    assert observed == []
+
+
+def test_a_caller_that_goes_while_its_batch_computes_leaves_the_requests_queued_behind_it(generator):
+    """Its batch taken, a gone caller is no longer in its group: the request queued behind it
+    in that group stays queued and is answered, and the caller's task ends cancelled."""
+
+    async def run():
+        batcher = Batcher("reference")
+        batcher.start()
+        release, computing = threading.Event(), threading.Event()
+        batcher._on_batch = lambda images, requests, seconds: computing.set() or release.wait()
+        try:
+            call = asyncio.ensure_future(batcher.submit(_good(generator)))
+            while not computing.is_set():
+                await asyncio.sleep(0.001)
+            job = _good(generator, (2,))
+            behind = asyncio.ensure_future(batcher.submit(job))  # same group, queued behind the busy worker
+            await asyncio.sleep(0.01)
+            call.cancel()
+            (outcome,) = await asyncio.gather(call, return_exceptions=True)
+            queued = batcher.queued_images
+            batcher._on_batch = None
+            release.set()
+            return outcome, queued, job, await asyncio.wait_for(behind, timeout=10)
+        finally:
+            release.set()
+            await batcher.close()
+
+    outcome, queued, job, got = asyncio.run(run())
+    assert isinstance(outcome, asyncio.CancelledError) and queued == 1
+    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("matching", ["gather", "walk"])

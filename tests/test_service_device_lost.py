@@ -147,6 +147,37 @@ def test_stream_requests_waiting_for_room_are_refused_once_the_gpu_is_lost(broke
     assert (parked, pending, errors) == (3, 0, ["DeviceLost"] * 4)
 
 
+def test_a_stream_request_waiting_behind_a_filling_batch_is_refused_once_the_gpu_is_lost(broken_gpu):
+    """Where no batch is taken after the failed one (the request left queued waits out its
+    queue delay), the stream requests waiting for room still get DeviceLost at once, not
+    once that delay or the stop's grace has run out."""
+
+    async def run():
+        options = BatchOptions(max_batch_images=4, max_queue_images=4, max_queue_delay_s=60.0, max_slice_boxes=2,
+                               inline_max_images=0)  # fmt: skip
+        batcher = Batcher("reference", options)
+        batcher.start()
+        gate = threading.Event()
+        try:
+            busy = asyncio.ensure_future(batcher.run(gate.wait))  # the one compute worker held
+            filling = AssignJob(CONFIG, CANVAS, BOXES[:1], [1, 0, 0], drop_invalid=True)  # 3 places, 1 box
+            queued = [asyncio.ensure_future(batcher.submit(filling))]
+            queued.append(asyncio.ensure_future(batcher.submit(AssignJob(CONFIG, CANVAS, BOXES, [2]))))  # full: 2 boxes
+            await asyncio.sleep(0.05)
+            waiting = asyncio.ensure_future(batcher.submit(AssignJob(CONFIG, CANVAS, BOXES[:1], [1, 0]), wait=True))
+            await asyncio.sleep(0.05)
+            parked = batcher.waiting_requests
+            gate.set()
+            await busy
+            done, _ = await asyncio.wait([queued[1], waiting], timeout=5)
+            return parked, [type(job.exception()).__name__ for job in (queued[1], waiting) if job in done]
+        finally:
+            gate.set()
+            await batcher.close(finish=False)
+
+    assert asyncio.run(run()) == (1, ["DeviceLost", "DeviceLost"])
+
+
 def test_a_lost_gpu_found_after_a_bad_request_is_set_apart_is_not_retried_request_by_request(broken_gpu):
     """A batch with a request whose rows do not add up runs its good requests merged
     again: where that batch finds the GPU lost, they get DeviceLost at once (each run
@@ -158,6 +189,16 @@ def test_a_lost_gpu_found_after_a_bad_request_is_set_apart_is_not_retried_reques
     assert [type(result).__name__ for result in results] == ["DeviceLost", "InvalidInput", "DeviceLost"]
     assert broken_gpu == [2]  # the two good images merged, not run again one by one
     assert batcher.lost is results[0]
+
+
+def test_a_batch_taken_after_the_gpu_was_lost_is_not_computed(broken_gpu):
+    """A batch queued before the GPU was lost and taken after it gets DeviceLost without
+    running (on a broken context every call fails the same, or hangs)."""
+    batcher = Batcher("reference", BatchOptions())  # not started: batches run by hand
+    first = batcher._compute([AssignJob(CONFIG, CANVAS, BOXES, [2])])
+    later = batcher._compute([AssignJob(CONFIG, CANVAS, BOXES, [2]), AssignJob(CONFIG, CANVAS, BOXES, [2])])
+    assert first == [batcher.lost] and later == [batcher.lost] * 2
+    assert broken_gpu == [1]  # the later batch never ran
 
 
 def test_a_gpu_lost_while_a_failed_batch_runs_request_by_request_fails_the_rest_unavailable(monkeypatch):

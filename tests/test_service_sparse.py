@@ -164,9 +164,10 @@ def test_sampling_batches_stay_dense_and_keep_their_seeds(batcher, generator):
     "make",
     [
         lambda g: [_request(g, [3, 1], format="dense"), _request(g, [2])],  # DENSE and SPARSE merge
+        lambda g: [_request(g, [2]), _request(g, [3, 1], format="dense")],  # the DENSE one not first
         lambda g: [_request(g, [3, 1], return_max_iou=True), _request(g, [2], return_max_iou=True)],
     ],
-    ids=["with_a_dense_request", "with_max_iou"],
+    ids=["with_a_dense_request", "with_a_dense_request_after_a_sparse_one", "with_max_iou"],
 )
 def test_batches_that_need_dense_targets_stay_dense(batcher, generator, make):
     requests = make(generator)
