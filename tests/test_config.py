@@ -1,5 +1,6 @@
 """Configs: validation names the bad field; dict round trips; presets are complete."""
 
+import dataclasses
 import json
 import math
 import pickle
@@ -79,6 +80,161 @@ def test_preset_names_its_source(name):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="retinanet_torchvision"):
         presets.get("retinanet")
+
+
+_TV_RATIOS = (0.5, 1.0, 2.0)
+# Each preset's numbers as its peer publishes them (the file each comes from is named in
+# the preset's docstring): per level (stride, sizes, aspect ratios, scales, shapes, fixed
+# feature map), then the anchor, matcher and coder options. Fields left out are the defaults.
+PUBLISHED = {
+    "retinanet_torchvision": {  # retinanet.py: _default_anchorgen truncates the octave sizes to int
+        "levels": [
+            (8, (32, 40, 50), _TV_RATIOS),
+            (16, (64, 80, 101), _TV_RATIOS),
+            (32, (128, 161, 203), _TV_RATIOS),
+            (64, (256, 322, 406), _TV_RATIOS),
+            (128, (512, 645, 812), _TV_RATIOS),
+        ],
+        "anchors": {"layout": "torchvision"},
+        "match": {"high": 0.5, "low": 0.4, "low_quality": "torchvision"},
+    },
+    "fasterrcnn_rpn_torchvision": {  # faster_rcnn.py: rpn_fg/bg_iou_thresh, rpn_batch_size_per_image, ...
+        "levels": [
+            (4, (32,), _TV_RATIOS),
+            (8, (64,), _TV_RATIOS),
+            (16, (128,), _TV_RATIOS),
+            (32, (256,), _TV_RATIOS),
+            (64, (512,), _TV_RATIOS),
+        ],
+        "anchors": {"layout": "torchvision"},
+        "match": {"high": 0.7, "low": 0.3, "low_quality": "torchvision", "sample_size": 256, "positive_fraction": 0.5},
+    },
+    "ssd300_torchvision": {  # ssd.py: ssd300_vgg16's DefaultBoxGenerator, SSDMatcher(0.5), BoxCoder((10, 10, 5, 5))
+        "levels": [
+            (8, (0.07, 0.15), (2,), (38, 38)),
+            (16, (0.15, 0.33), (2, 3), (19, 19)),
+            (32, (0.33, 0.51), (2, 3), (10, 10)),
+            (64, (0.51, 0.69), (2, 3), (5, 5)),
+            (100, (0.69, 0.87), (2,), (3, 3)),
+            (300, (0.87, 1.05), (2,), (1, 1)),
+        ],
+        "anchors": {"layout": "ssd", "clip": True},
+        "match": {"high": 0.5, "low": 0.5, "low_quality": "ssd_forced"},
+        "encode": {"weights": (10.0, 10.0, 5.0, 5.0)},
+    },
+    "retinanet_detectron2": {  # Base-RetinaNet.yaml: SIZES [[x, x * 2**(1/3), x * 2**(2/3)] ...], OFFSET 0.0
+        "levels": [
+            (s, (x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)), _TV_RATIOS)
+            for s, x in zip((8, 16, 32, 64, 128), (32, 64, 128, 256, 512))
+        ],
+        "anchors": {"layout": "detectron2", "offset": 0.0},
+        "match": {"high": 0.5, "low": 0.4, "low_quality": "detectron2"},
+    },
+    "rpn_detectron2": {  # defaults.py + Base-RCNN-FPN.yaml: IOU_THRESHOLDS [0.3, 0.7], BATCH_SIZE_PER_IMAGE 256, ...
+        "levels": [
+            (4, (32,), _TV_RATIOS),
+            (8, (64,), _TV_RATIOS),
+            (16, (128,), _TV_RATIOS),
+            (32, (256,), _TV_RATIOS),
+            (64, (512,), _TV_RATIOS),
+        ],
+        "anchors": {"layout": "detectron2", "offset": 0.0},
+        "match": {
+            "high": 0.7,
+            "low": 0.3,
+            "low_quality": "detectron2",
+            "sample_size": 256,
+            "positive_fraction": 0.5,
+            "allowed_border": -1,
+            "border_order": "post_match",
+        },
+    },
+    "retinanet_mmdet": {  # retinanet_r50_fpn.py: octave_base_scale=4, scales_per_octave=3, MaxIoUAssigner(...)
+        "levels": [
+            (s, (), _TV_RATIOS, None, tuple(4.0 * 2 ** (i / 3) for i in range(3))) for s in (8, 16, 32, 64, 128)
+        ],
+        "anchors": {"layout": "mmdet", "center_offset": 0.0},
+        "match": {"high": 0.5, "low": 0.4, "low_quality": "mmdet", "min_pos_iou": 0.0, "ignore_iof_thr": -1.0},
+        "encode": {"means": (0.0,) * 4, "stds": (1.0,) * 4, "symmetric_clamp": True},
+    },
+    # faster_rcnn_r50_fpn.py: scales=[8], MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3), RandomSampler(256, 0.5)
+    "rpn_mmdet": {
+        "levels": [(s, (), _TV_RATIOS, None, (8.0,)) for s in (4, 8, 16, 32, 64)],
+        "anchors": {"layout": "mmdet", "center_offset": 0.0},
+        "match": {
+            "high": 0.7,
+            "low": 0.3,
+            "low_quality": "mmdet",
+            "min_pos_iou": 0.3,
+            "sample_size": 256,
+            "positive_fraction": 0.5,
+            "allowed_border": -1,
+        },
+        "encode": {"means": (0.0,) * 4, "stds": (1.0,) * 4, "symmetric_clamp": True},
+    },
+    "d2l_multibox": {  # TinySSD: sizes, ratios [1, 2, 0.5], maps 32, 16, 8, 4, 1 of 256 x 256; offsets x (10, 10, 5, 5)
+        "levels": [
+            (8, (0.2, 0.272), (1, 2, 0.5), (32, 32)),
+            (16, (0.37, 0.447), (1, 2, 0.5), (16, 16)),
+            (32, (0.54, 0.619), (1, 2, 0.5), (8, 8)),
+            (64, (0.71, 0.79), (1, 2, 0.5), (4, 4)),
+            (256, (0.88, 0.961), (1, 2, 0.5), (1, 1)),
+        ],
+        "anchors": {"layout": "d2l"},
+        "match": {"high": 0.5, "low": 0.5, "low_quality": "ssd_forced"},
+        "encode": {"weights": (10.0, 10.0, 5.0, 5.0)},
+    },
+    # yolov5s.yaml: P3/8 [10,13, 16,30, 33,23], P4/16 [30,61, 62,45, 59,119], P5/32 [116,90, 156,198, 373,326]
+    "yolov5": {
+        "levels": [
+            (8, (), (), None, (), ((10, 13), (16, 30), (33, 23))),
+            (16, (), (), None, (), ((30, 61), (62, 45), (59, 119))),
+            (32, (), (), None, (), ((116, 90), (156, 198), (373, 326))),
+        ],
+        "anchors": {"layout": "yolo"},
+        "match": {"high": 0.5, "low": 0.4, "low_quality": "torchvision"},
+    },
+}
+
+
+def _published_level(stride, sizes=(), ratios=(), feature=None, scales=(), shapes=()) -> AnchorLevel:
+    shapes = tuple((float(w), float(h)) for w, h in shapes)
+    return AnchorLevel(
+        stride=stride,
+        sizes=tuple(map(float, sizes)),
+        aspect_ratios=tuple(map(float, ratios)),
+        scales=tuple(scales),
+        shapes=shapes,
+        feature_size=feature,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_each_preset_holds_its_peers_published_numbers(name):
+    """Every number of a preset, against the peer's published value, whether or not the
+    peer is installed (a mutation review: detectron2's octave sizes and RPN sample, mmdet's
+    min_pos_iou, a d2l size or threshold, YOLOv5's low threshold changed with every test,
+    parity tests included, still passing)."""
+    config, published = presets.get(name), PUBLISHED[name]
+    levels = [_published_level(*level) for level in published["levels"]]
+    expected = TargetConfig(
+        anchors=AnchorConfig(levels=tuple(levels), **{"clip": True, **published["anchors"]}),
+        match=MatchConfig(**published["match"]),
+        encode=EncodeConfig(**published.get("encode", {})),
+    )
+    assert len(config.anchors.levels) == len(expected.anchors.levels)
+    for ours, theirs in zip(config.anchors.levels, expected.anchors.levels):
+        assert (ours.stride, ours.aspect_ratios, ours.shapes, ours.feature_size, ours.base_size) == (
+            theirs.stride,
+            theirs.aspect_ratios,
+            theirs.shapes,
+            theirs.feature_size,
+            theirs.base_size,
+        )
+        assert ours.sizes == pytest.approx(theirs.sizes, rel=1e-12) and len(ours.sizes) == len(theirs.sizes)
+        assert ours.scales == pytest.approx(theirs.scales, rel=1e-12) and len(ours.scales) == len(theirs.scales)
+    anchors = dataclasses.replace(config.anchors, levels=expected.anchors.levels)  # the levels compared above
+    assert dataclasses.replace(config, anchors=anchors) == expected  # every other field, exactly
 
 
 def test_replace_overrides_dotted_fields():

@@ -23,7 +23,7 @@ from tritarget.kernels import (
     presets,
 )
 from tritarget.kernels.config import AnchorConfig, AnchorLevel, EncodeConfig, MatchConfig
-from tritarget.kernels.sampling import _draw
+from tritarget.kernels.sampling import _draw, fresh_seed, image_seeds
 from tritarget.kernels.targets import filled
 
 CANVAS = (64, 96)
@@ -442,6 +442,59 @@ class TestSampling:
         members[::every] = True
         drawn = _draw(members, int(members.sum()), count, torch.Generator().manual_seed(seed))
         assert drawn.tolist() == self.PINNED[case]
+
+    @pytest.mark.parametrize("seed", [3, np.int64(3), torch.tensor(3), [3, 4], (np.int32(3), torch.tensor(4))],
+                             ids=["int", "numpy", "tensor", "list", "mixed"])  # fmt: skip
+    def test_image_seeds_gives_exactly_one_seed_per_image(self, seed):
+        """The service concatenates ``image_seeds`` over the requests of a merged batch, so
+        each request must give exactly one seed per image, whatever integer type its seed
+        is (a mutation review: a numpy seed could give one seed too many unnoticed)."""
+        assert image_seeds(seed, 2) == [3, 4]
+
+    @pytest.mark.parametrize("seed", [[3.0, 4], [True, 4], ["3", 4], [None, 4]])
+    def test_a_seed_list_with_a_non_integer_is_refused_by_name(self, seed):
+        """A list holding something other than an integer is refused as not one int per
+        image, not reported as a seed "outside what a torch.Generator takes"."""
+        with pytest.raises(ValueError, match=r"seed: expected an int or 2 ints \(one per image\), got \["):
+            image_seeds(seed, 2)
+
+    def test_fresh_seed_draws_once_from_the_generator_it_is_given(self):
+        """``fresh_seed(generator)`` (a loader's stream of batch seeds) draws from that
+        generator only: two generators seeded alike give the same seed, and torch's global
+        generator is left as it was."""
+        state = torch.get_rng_state()
+        first, second = (fresh_seed(torch.Generator().manual_seed(9)) for _ in range(2))
+        assert first == second and 0 <= first < 2**62
+        assert torch.equal(torch.get_rng_state(), state)
+        generator = torch.Generator().manual_seed(9)
+        assert fresh_seed(generator) == first and fresh_seed(generator) != first  # one draw each
+
+    def test_negatives_fill_the_places_the_positives_leave(self, generator):
+        """Fewer positives than the quota: negatives fill the rest of the sample, as
+        torchvision's ``num_neg = batch_size_per_image - num_pos`` does (a mutation review:
+        a sample capped at ``sample_size - quota`` negatives passed every test)."""
+        boxes = torch.tensor([[20.0, 20.0, 44.0, 44.0]])
+        for seed in range(3):
+            got = assign(boxes, [1], (128, 192), self.CONFIG, backend="reference", seed=seed)
+            positives = int((got.labels == 1).sum())
+            assert 0 < positives < 16
+            assert int((got.labels == 0).sum()) == 64 - positives
+
+    def test_positives_sampled_away_get_the_background_class(self, generator):
+        """A positive left out of the sample is ignored and gets the background class (80
+        here, not 0), as every anchor that is not positive has; the kept positives keep
+        their boxes' classes (a mutation review: no test looked at classes after sampling)."""
+        config = self.CONFIG.replace(background_class=80)
+        boxes, counts = random_batch(generator, [30], (128, 192))
+        classes = torch.arange(1, 31, dtype=torch.int64)
+        unsampled = assign(boxes, counts, (128, 192), config.replace(**{"match.sample_size": 0}), gt_classes=classes,
+                           backend="reference")  # fmt: skip
+        got = assign(boxes, counts, (128, 192), config, gt_classes=classes, backend="reference", seed=2)
+        dropped = (unsampled.labels == 1) & (got.labels == -1)
+        kept = got.labels == 1
+        assert bool(dropped.any()) and bool(kept.any())
+        assert bool((got.classes[got.labels != 1] == 80).all())
+        assert torch.equal(got.classes[kept], unsampled.classes[kept])
 
     def test_image_sample_does_not_depend_on_its_batch(self, generator):
         boxes, counts = random_batch(generator, [30, 7], (128, 192))
