@@ -83,6 +83,9 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 _TV_RATIOS = (0.5, 1.0, 2.0)
+# The FPN RPN's levels, torchvision's and detectron2's alike: one size per stride, 32 at stride 4 to 512 at 64.
+_FPN_RPN_LEVELS = [(4, (32,), _TV_RATIOS), (8, (64,), _TV_RATIOS), (16, (128,), _TV_RATIOS), (32, (256,), _TV_RATIOS),
+                   (64, (512,), _TV_RATIOS)]  # fmt: skip
 # Each preset's numbers as its peer publishes them (the file each comes from is named in
 # the preset's docstring): per level (stride, sizes, aspect ratios, scales, shapes, fixed
 # feature map), then the anchor, matcher and coder options. Fields left out are the defaults.
@@ -99,13 +102,7 @@ PUBLISHED = {
         "match": {"high": 0.5, "low": 0.4, "low_quality": "torchvision"},
     },
     "fasterrcnn_rpn_torchvision": {  # faster_rcnn.py: rpn_fg/bg_iou_thresh, rpn_batch_size_per_image, ...
-        "levels": [
-            (4, (32,), _TV_RATIOS),
-            (8, (64,), _TV_RATIOS),
-            (16, (128,), _TV_RATIOS),
-            (32, (256,), _TV_RATIOS),
-            (64, (512,), _TV_RATIOS),
-        ],
+        "levels": _FPN_RPN_LEVELS,
         "anchors": {"layout": "torchvision"},
         "match": {"high": 0.7, "low": 0.3, "low_quality": "torchvision", "sample_size": 256, "positive_fraction": 0.5},
     },
@@ -131,13 +128,7 @@ PUBLISHED = {
         "match": {"high": 0.5, "low": 0.4, "low_quality": "detectron2"},
     },
     "rpn_detectron2": {  # defaults.py + Base-RCNN-FPN.yaml: IOU_THRESHOLDS [0.3, 0.7], BATCH_SIZE_PER_IMAGE 256, ...
-        "levels": [
-            (4, (32,), _TV_RATIOS),
-            (8, (64,), _TV_RATIOS),
-            (16, (128,), _TV_RATIOS),
-            (32, (256,), _TV_RATIOS),
-            (64, (512,), _TV_RATIOS),
-        ],
+        "levels": _FPN_RPN_LEVELS,
         "anchors": {"layout": "detectron2", "offset": 0.0},
         "match": {
             "high": 0.7,
