@@ -630,33 +630,6 @@ def test_a_stream_request_that_fits_the_room_left_exactly_is_queued_at_once(gene
     assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
-def test_a_waiting_job_that_goes_lets_the_one_behind_it_in_at_once(generator):
-    """A job waiting for room whose caller goes no longer holds back the one waiting behind
-    it: that one is let in at once if it fits, not once a worker frees."""
-
-    async def run():
-        options = BatchOptions(max_batch_images=2, max_queue_images=3)
-        async with _worker_held(generator, options) as (batcher, release, busy):
-            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # 2 of 3 places
-            await asyncio.sleep(0.01)
-            gone = asyncio.ensure_future(batcher.submit(_good(generator, (2, 1)), wait=True))  # 2 images: waits
-            await asyncio.sleep(0.01)
-            job = _good(generator, (1,))
-            behind = asyncio.ensure_future(batcher.submit(job, wait=True))  # would fit, waits behind it
-            await asyncio.sleep(0.05)
-            before = batcher.waiting_requests
-            gone.cancel()
-            await asyncio.sleep(0.01)
-            after = (batcher.waiting_requests, batcher.queued_images)
-            release.set()
-            await asyncio.gather(busy, queued)
-            return before, after, job, await asyncio.wait_for(behind, timeout=10)
-
-    before, after, job, got = asyncio.run(run())
-    assert (before, after) == (2, (0, 3))
-    assert_targets_equal(got, _expected(job), rtol=0, atol=0)
-
-
 def test_a_stream_request_after_an_abandoning_close_is_refused_not_held(generator):
     """After ``close(finish=False)`` nothing is computed any more: a stream request that
     comes then to a full queue is refused at once (Unavailable), not held for room that
@@ -1215,16 +1188,22 @@ def test_a_waiting_job_that_would_fit_still_waits_behind_those_before_it(generat
         assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
-def test_a_caller_that_goes_lets_a_job_waiting_for_room_in_at_once(generator):
-    """The place a gone caller gives back goes to the job waiting for room right away, not
-    once a compute worker is free."""
+@pytest.mark.parametrize("gone_waits", [False, True], ids=["gone from the queue", "gone from the wait"])
+def test_a_caller_that_goes_lets_a_job_waiting_for_room_in_at_once(generator, gone_waits):
+    """The room a gone caller gives back goes to the job waiting for it right away, not once
+    a compute worker is free: a queued caller's places, or, where the one that goes was
+    itself waiting ahead of it, the room it no longer waits for."""
 
     async def run():
-        options = BatchOptions(max_batch_images=2, max_queue_images=2)
+        options = BatchOptions(max_batch_images=2, max_queue_images=3 if gone_waits else 2)
         async with _worker_held(generator, options) as (batcher, release, busy):
-            gone = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))
+            queued = asyncio.ensure_future(batcher.submit(_good(generator, (1, 1))))  # 2 places
             await asyncio.sleep(0.01)
-            job = _good(generator, (2, 1))
+            gone = queued
+            if gone_waits:  # 2 images, 1 place left: waits
+                gone = asyncio.ensure_future(batcher.submit(_good(generator, (2, 1)), wait=True))
+                await asyncio.sleep(0.01)
+            job = _good(generator, (1,) if gone_waits else (2, 1))  # waits: behind the one waiting, or for room
             waiting = asyncio.ensure_future(batcher.submit(job, wait=True))
             await asyncio.sleep(0.05)
             before = batcher.waiting_requests
@@ -1232,11 +1211,11 @@ def test_a_caller_that_goes_lets_a_job_waiting_for_room_in_at_once(generator):
             await asyncio.sleep(0.01)
             after = (batcher.waiting_requests, batcher.queued_images)
             release.set()
-            await busy
+            await asyncio.gather(busy, *([queued] if gone_waits else []))
             return before, after, job, await asyncio.wait_for(waiting, timeout=10)
 
     before, after, job, got = asyncio.run(run())
-    assert (before, after) == (1, (0, 2))
+    assert (before, after) == ((2, (0, 3)) if gone_waits else (1, (0, 2)))
     assert_targets_equal(got, _expected(job), rtol=0, atol=0)
 
 
