@@ -339,7 +339,7 @@ def build_request(
         delta_dtype=_DELTA_DTYPES[delta_dtype],
         return_classes=gt_classes is not None if return_classes is None else return_classes,
         return_max_iou=return_max_iou,
-        seed=int(seed),
+        seed=None if seed is None else int(seed),  # None leaves it unset
     )
     if image_sizes is not None:
         image_sizes = _ints("image_sizes", image_sizes)
@@ -384,13 +384,13 @@ def decode_anchors(response: pb.GetAnchorsResponse, request: pb.GetAnchorsReques
     return anchors
 
 
-def _fresh_seed_if_sampled(ref: pb.ConfigRef, seeds: torch.Generator | None) -> int:
+def _fresh_seed_if_sampled(ref: pb.ConfigRef, seeds: torch.Generator | None) -> int | None:
     """A fresh seed, drawn in the caller's process (where ``torch.manual_seed`` and a
-    DataLoader's per-worker seeding apply), for a config that samples; 0 otherwise, so
-    requests without sampling stay byte-identical. A config this client cannot resolve
-    gets a fresh one too."""
+    DataLoader's per-worker seeding apply, which a seed the server draws would escape), for
+    a config that samples; None (unset) otherwise, so requests without sampling stay
+    byte-identical. A config this client cannot resolve gets a fresh one too."""
     config = _resolved(ref)
-    return fresh_seed(seeds) if config is None or config.match.sample_size > 0 else 0
+    return fresh_seed(seeds) if config is None or config.match.sample_size > 0 else None
 
 
 def decode_response(response: pb.AssignResponse, request: pb.AssignRequest | None = None) -> Targets:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tritarget/v1/target_assigner.proto\x12\x0ctritarget.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.tritarget.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xab\x01\n\tConfigRef\x12\x10\n\x06preset\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63onfig_json\x18\x02 \x01(\tH\x00\x12\x39\n\toverrides\x18\x03 \x03(\x0b\x32&.tritarget.v1.ConfigRef.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"\x99\x04\n\rAssignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.tritarget.v1.ConfigRef\x12\x15\n\rcanvas_height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63\x61nvas_width\x18\x04 \x01(\x05\x12&\n\x08gt_boxes\x18\x05 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x11\n\tgt_counts\x18\x06 \x03(\x05\x12(\n\ngt_classes\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12*\n\x0cignore_boxes\x18\x08 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x15\n\rignore_counts\x18\t \x03(\x05\x12)\n\x0bimage_sizes\x18\n \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x14\n\x0c\x64rop_invalid\x18\x0b \x01(\x08\x12$\n\x06\x66ormat\x18\x0c \x01(\x0e\x32\x14.tritarget.v1.Format\x12(\n\x0b\x64\x65lta_dtype\x18\r \x01(\x0e\x32\x13.tritarget.v1.DType\x12\x16\n\x0ereturn_classes\x18\x0e \x01(\x08\x12\x16\n\x0ereturn_max_iou\x18\x0f \x01(\x08\x12\x0c\n\x04seed\x18\x10 \x01(\x03\x12\'\n\tpad_sizes\x18\x11 \x01(\x0b\x32\x14.tritarget.v1.Tensor\"\xab\x01\n\x0c\x44\x65nseTargets\x12$\n\x06labels\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12(\n\nmatched_gt\x18\x02 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12$\n\x06\x64\x65ltas\x18\x03 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12%\n\x07\x63lasses\x18\x04 \x01(\x0b\x32\x14.tritarget.v1.Tensor\"\x8b\x03\n\rSparseTargets\x12.\n\x10positive_offsets\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12.\n\x10positive_anchors\x18\x02 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x31\n\x13positive_matched_gt\x18\x03 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12-\n\x0fpositive_deltas\x18\x04 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12.\n\x10positive_classes\x18\x05 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x14\n\x0clisted_label\x18\x06 \x01(\x05\x12,\n\x0elisted_offsets\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12,\n\x0elisted_anchors\x18\x08 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x16\n\x0eunlisted_label\x18\t \x01(\x05\";\n\x0c\x44roppedBoxes\x12\x11\n\tbox_index\x18\x01 \x03(\x03\x12\x18\n\x10ignore_box_index\x18\x02 \x03(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"e\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x36\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x1c.tritarget.v1.FieldViolation\"\xcd\x02\n\x0e\x41ssignResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x13\n\x0bnum_anchors\x18\x03 \x01(\x03\x12\x18\n\x10\x62\x61\x63kground_class\x18\x04 \x01(\x05\x12+\n\x05\x64\x65nse\x18\x05 \x01(\x0b\x32\x1a.tritarget.v1.DenseTargetsH\x00\x12-\n\x06sparse\x18\x06 \x01(\x0b\x32\x1b.tritarget.v1.SparseTargetsH\x00\x12%\n\x07max_iou\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12+\n\x07\x64ropped\x18\x08 \x03(\x0b\x32\x1a.tritarget.v1.DroppedBoxes\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.tritarget.v1.RequestErrorB\t\n\x07targets\"\x14\n\x12ListPresetsRequest\"@\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\"<\n\x13ListPresetsResponse\x12%\n\x07presets\x18\x01 \x03(\x0b\x32\x14.tritarget.v1.Preset\"i\n\x11GetAnchorsRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.tritarget.v1.ConfigRef\x12\x15\n\rcanvas_height\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61nvas_width\x18\x03 \x01(\x05\";\n\x12GetAnchorsResponse\x12%\n\x07\x61nchors\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor*v\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05*E\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rFORMAT_SPARSE\x10\x01\x12\x10\n\x0c\x46ORMAT_DENSE\x10\x02\x32\xc9\x02\n\x0eTargetAssigner\x12\x43\n\x06\x41ssign\x12\x1b.tritarget.v1.AssignRequest\x1a\x1c.tritarget.v1.AssignResponse\x12M\n\x0c\x41ssignStream\x12\x1b.tritarget.v1.AssignRequest\x1a\x1c.tritarget.v1.AssignResponse(\x01\x30\x01\x12R\n\x0bListPresets\x12 .tritarget.v1.ListPresetsRequest\x1a!.tritarget.v1.ListPresetsResponse\x12O\n\nGetAnchors\x12\x1f.tritarget.v1.GetAnchorsRequest\x1a .tritarget.v1.GetAnchorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tritarget/v1/target_assigner.proto\x12\x0ctritarget.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.tritarget.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xab\x01\n\tConfigRef\x12\x10\n\x06preset\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63onfig_json\x18\x02 \x01(\tH\x00\x12\x39\n\toverrides\x18\x03 \x03(\x0b\x32&.tritarget.v1.ConfigRef.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"\xa7\x04\n\rAssignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.tritarget.v1.ConfigRef\x12\x15\n\rcanvas_height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63\x61nvas_width\x18\x04 \x01(\x05\x12&\n\x08gt_boxes\x18\x05 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x11\n\tgt_counts\x18\x06 \x03(\x05\x12(\n\ngt_classes\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12*\n\x0cignore_boxes\x18\x08 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x15\n\rignore_counts\x18\t \x03(\x05\x12)\n\x0bimage_sizes\x18\n \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x14\n\x0c\x64rop_invalid\x18\x0b \x01(\x08\x12$\n\x06\x66ormat\x18\x0c \x01(\x0e\x32\x14.tritarget.v1.Format\x12(\n\x0b\x64\x65lta_dtype\x18\r \x01(\x0e\x32\x13.tritarget.v1.DType\x12\x16\n\x0ereturn_classes\x18\x0e \x01(\x08\x12\x16\n\x0ereturn_max_iou\x18\x0f \x01(\x08\x12\x11\n\x04seed\x18\x10 \x01(\x03H\x00\x88\x01\x01\x12\'\n\tpad_sizes\x18\x11 \x01(\x0b\x32\x14.tritarget.v1.TensorB\x07\n\x05_seed\"\xab\x01\n\x0c\x44\x65nseTargets\x12$\n\x06labels\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12(\n\nmatched_gt\x18\x02 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12$\n\x06\x64\x65ltas\x18\x03 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12%\n\x07\x63lasses\x18\x04 \x01(\x0b\x32\x14.tritarget.v1.Tensor\"\x8b\x03\n\rSparseTargets\x12.\n\x10positive_offsets\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12.\n\x10positive_anchors\x18\x02 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x31\n\x13positive_matched_gt\x18\x03 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12-\n\x0fpositive_deltas\x18\x04 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12.\n\x10positive_classes\x18\x05 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x14\n\x0clisted_label\x18\x06 \x01(\x05\x12,\n\x0elisted_offsets\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12,\n\x0elisted_anchors\x18\x08 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12\x16\n\x0eunlisted_label\x18\t \x01(\x05\";\n\x0c\x44roppedBoxes\x12\x11\n\tbox_index\x18\x01 \x03(\x03\x12\x18\n\x10ignore_box_index\x18\x02 \x03(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"e\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x36\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x1c.tritarget.v1.FieldViolation\"\xcd\x02\n\x0e\x41ssignResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x13\n\x0bnum_anchors\x18\x03 \x01(\x03\x12\x18\n\x10\x62\x61\x63kground_class\x18\x04 \x01(\x05\x12+\n\x05\x64\x65nse\x18\x05 \x01(\x0b\x32\x1a.tritarget.v1.DenseTargetsH\x00\x12-\n\x06sparse\x18\x06 \x01(\x0b\x32\x1b.tritarget.v1.SparseTargetsH\x00\x12%\n\x07max_iou\x18\x07 \x01(\x0b\x32\x14.tritarget.v1.Tensor\x12+\n\x07\x64ropped\x18\x08 \x03(\x0b\x32\x1a.tritarget.v1.DroppedBoxes\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.tritarget.v1.RequestErrorB\t\n\x07targets\"\x14\n\x12ListPresetsRequest\"@\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\"<\n\x13ListPresetsResponse\x12%\n\x07presets\x18\x01 \x03(\x0b\x32\x14.tritarget.v1.Preset\"i\n\x11GetAnchorsRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.tritarget.v1.ConfigRef\x12\x15\n\rcanvas_height\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61nvas_width\x18\x03 \x01(\x05\";\n\x12GetAnchorsResponse\x12%\n\x07\x61nchors\x18\x01 \x01(\x0b\x32\x14.tritarget.v1.Tensor*v\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05*E\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rFORMAT_SPARSE\x10\x01\x12\x10\n\x0c\x46ORMAT_DENSE\x10\x02\x32\xc9\x02\n\x0eTargetAssigner\x12\x43\n\x06\x41ssign\x12\x1b.tritarget.v1.AssignRequest\x1a\x1c.tritarget.v1.AssignResponse\x12M\n\x0c\x41ssignStream\x12\x1b.tritarget.v1.AssignRequest\x1a\x1c.tritarget.v1.AssignResponse(\x01\x30\x01\x12R\n\x0bListPresets\x12 .tritarget.v1.ListPresetsRequest\x1a!.tritarget.v1.ListPresetsResponse\x12O\n\nGetAnchors\x12\x1f.tritarget.v1.GetAnchorsRequest\x1a .tritarget.v1.GetAnchorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONFIGREF_OVERRIDESENTRY']._loaded_options = None
   _globals['_CONFIGREF_OVERRIDESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2285
-  _globals['_DTYPE']._serialized_end=2403
-  _globals['_FORMAT']._serialized_start=2405
-  _globals['_FORMAT']._serialized_end=2474
+  _globals['_DTYPE']._serialized_start=2299
+  _globals['_DTYPE']._serialized_end=2417
+  _globals['_FORMAT']._serialized_start=2419
+  _globals['_FORMAT']._serialized_end=2488
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=125
   _globals['_CONFIGREF']._serialized_start=128
@@ -44,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIGREF_OVERRIDESENTRY']._serialized_start=241
   _globals['_CONFIGREF_OVERRIDESENTRY']._serialized_end=289
   _globals['_ASSIGNREQUEST']._serialized_start=302
-  _globals['_ASSIGNREQUEST']._serialized_end=839
-  _globals['_DENSETARGETS']._serialized_start=842
-  _globals['_DENSETARGETS']._serialized_end=1013
-  _globals['_SPARSETARGETS']._serialized_start=1016
-  _globals['_SPARSETARGETS']._serialized_end=1411
-  _globals['_DROPPEDBOXES']._serialized_start=1413
-  _globals['_DROPPEDBOXES']._serialized_end=1472
-  _globals['_FIELDVIOLATION']._serialized_start=1474
-  _globals['_FIELDVIOLATION']._serialized_end=1526
-  _globals['_REQUESTERROR']._serialized_start=1528
-  _globals['_REQUESTERROR']._serialized_end=1629
-  _globals['_ASSIGNRESPONSE']._serialized_start=1632
-  _globals['_ASSIGNRESPONSE']._serialized_end=1965
-  _globals['_LISTPRESETSREQUEST']._serialized_start=1967
-  _globals['_LISTPRESETSREQUEST']._serialized_end=1987
-  _globals['_PRESET']._serialized_start=1989
-  _globals['_PRESET']._serialized_end=2053
-  _globals['_LISTPRESETSRESPONSE']._serialized_start=2055
-  _globals['_LISTPRESETSRESPONSE']._serialized_end=2115
-  _globals['_GETANCHORSREQUEST']._serialized_start=2117
-  _globals['_GETANCHORSREQUEST']._serialized_end=2222
-  _globals['_GETANCHORSRESPONSE']._serialized_start=2224
-  _globals['_GETANCHORSRESPONSE']._serialized_end=2283
-  _globals['_TARGETASSIGNER']._serialized_start=2477
-  _globals['_TARGETASSIGNER']._serialized_end=2806
+  _globals['_ASSIGNREQUEST']._serialized_end=853
+  _globals['_DENSETARGETS']._serialized_start=856
+  _globals['_DENSETARGETS']._serialized_end=1027
+  _globals['_SPARSETARGETS']._serialized_start=1030
+  _globals['_SPARSETARGETS']._serialized_end=1425
+  _globals['_DROPPEDBOXES']._serialized_start=1427
+  _globals['_DROPPEDBOXES']._serialized_end=1486
+  _globals['_FIELDVIOLATION']._serialized_start=1488
+  _globals['_FIELDVIOLATION']._serialized_end=1540
+  _globals['_REQUESTERROR']._serialized_start=1542
+  _globals['_REQUESTERROR']._serialized_end=1643
+  _globals['_ASSIGNRESPONSE']._serialized_start=1646
+  _globals['_ASSIGNRESPONSE']._serialized_end=1979
+  _globals['_LISTPRESETSREQUEST']._serialized_start=1981
+  _globals['_LISTPRESETSREQUEST']._serialized_end=2001
+  _globals['_PRESET']._serialized_start=2003
+  _globals['_PRESET']._serialized_end=2067
+  _globals['_LISTPRESETSRESPONSE']._serialized_start=2069
+  _globals['_LISTPRESETSRESPONSE']._serialized_end=2129
+  _globals['_GETANCHORSREQUEST']._serialized_start=2131
+  _globals['_GETANCHORSREQUEST']._serialized_end=2236
+  _globals['_GETANCHORSRESPONSE']._serialized_start=2238
+  _globals['_GETANCHORSRESPONSE']._serialized_end=2297
+  _globals['_TARGETASSIGNER']._serialized_start=2491
+  _globals['_TARGETASSIGNER']._serialized_end=2820
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -453,6 +454,13 @@ def _classes_in_range(classes: torch.Tensor, counts: list[int]) -> None:
         raise _invalid("gt_classes", f"image {image}, box {box}: class {int(values[bad])} is outside [0, {_INT32_MAX}]")
 
 
+def _drawn_seed(config: TargetConfig) -> int:
+    """The sampling seed of a request that sets none: fresh from the OS's entropy, so that
+    sampling differs call to call (torch's global generator starts alike in every worker
+    process and after every restart); 0 for a config that does not sample."""
+    return secrets.randbelow(2**62) if config.match.sample_size > 0 else 0
+
+
 def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
     """Check a request against the limits and decode it (tensors view its bytes)."""
     request = decoded(request)
@@ -537,7 +545,7 @@ def decode_assign(request: pb.AssignRequest, limits: Limits) -> AssignJob:
         pad_sizes=None if pads is None else pads.to(torch.int64),
         drop_invalid=request.drop_invalid,
         return_max_iou=request.return_max_iou,
-        seed=request.seed,
+        seed=request.seed if request.HasField("seed") else _drawn_seed(config),
         sparse=request.format != pb.FORMAT_DENSE,
     )
 

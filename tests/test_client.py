@@ -953,14 +953,16 @@ def test_a_stream_that_ends_with_an_error_is_counted_as_one(two_servers):
 
 def test_requests_without_a_seed_sample_anew_only_where_the_config_samples():
     """Drawn in the caller's process, so torch.manual_seed (and a DataLoader's per-worker
-    seeding) governs it; a config without sampling keeps seed 0 and identical bytes."""
+    seeding) governs it; a config without sampling leaves it unset (identical bytes), and
+    a seed given, 0 included, is sent."""
     rpn = [build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed for _ in range(2)]
     assert rpn[0] != rpn[1]
     torch.manual_seed(7)
     first = build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed
     torch.manual_seed(7)
     assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision").seed == first
-    assert build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision").seed == 0
+    assert not build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision").HasField("seed")
+    assert build_request(BOXES, [2], CANVAS, preset="retinanet_torchvision", seed=0).HasField("seed")
     assert build_request(BOXES, [2], CANVAS, preset="fasterrcnn_rpn_torchvision", seed=np.int64(5)).seed == 5
 
 

@@ -292,6 +292,38 @@ def test_a_request_without_a_format_is_answered_sparse(generator):
     assert answers[0].SerializeToString(deterministic=True) == answers[1].SerializeToString(deterministic=True)
 
 
+def test_a_request_without_a_seed_samples_anew_and_one_with_seed_0_repeats(generator):
+    """A sampling request that leaves ``seed`` unset (grpcurl, another language's client:
+    the Python client always sets one where the config samples) gets a seed the server
+    draws, so its sampling differs call to call as torchvision's does, not the same
+    anchors every epoch; seed 0, set, is a seed like any other and repeats exactly."""
+    canvas, preset = (64, 96), "fasterrcnn_rpn_torchvision"
+    boxes, counts = random_batch(generator, [2, 1], canvas)
+    seeded = build_request(boxes, counts, canvas, preset=preset, seed=0)
+    unset = pb.AssignRequest()
+    unset.CopyFrom(seeded)
+    unset.ClearField("seed")
+    assert seeded.HasField("seed") and not unset.HasField("seed")
+    assert decode_assign(seeded, Limits()).seed == 0
+    assert len({decode_assign(unset, Limits()).seed for _ in range(3)}) == 3
+    with ServerThread(backend="cpu") as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.TargetAssignerStub(channel)
+        drawn = [stub.Assign(unset, timeout=60).SerializeToString(deterministic=True) for _ in range(3)]
+        repeated = [stub.Assign(seeded, timeout=60).SerializeToString(deterministic=True) for _ in range(2)]
+    assert len(set(drawn)) == 3, "a request without a seed sampled the same anchors twice"
+    assert repeated[0] == repeated[1]
+    expected = encode_assign(seeded, assign_sparse(boxes, counts, canvas, presets.get(preset), backend="cpu", seed=0))
+    assert repeated[0] == expected.SerializeToString(deterministic=True)
+
+
+def test_a_request_without_a_seed_that_does_not_sample_draws_none():
+    """Seeds matter only to sampling configs: without one the job keeps seed 0, and the
+    Python client leaves the field unset (the bytes of a request stay the same)."""
+    request = build_request(torch.tensor([[1.0, 2.0, 30.0, 40.0]]), [1], CANVAS, preset="retinanet_torchvision")
+    assert not request.HasField("seed")
+    assert {decode_assign(request, Limits()).seed for _ in range(3)} == {0}
+
+
 @pytest.mark.parametrize("format", [pb.FORMAT_DENSE, pb.FORMAT_SPARSE], ids=["dense", "sparse"])
 def test_a_request_without_a_delta_dtype_is_answered_float32(format):
     """The wire's contract (``delta_dtype``: DTYPE_FLOAT32 by default): a client that leaves
