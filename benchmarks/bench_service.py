@@ -152,9 +152,11 @@ def response_bytes(address: str, items: list[dict]) -> dict[str, float]:
 
 
 async def through_service(
-    address: str, items: list[dict], concurrency: int, densify: bool = True
-) -> tuple[float, list[float]]:
-    """(images/s, per-request latencies in s) with ``concurrency`` requests in flight.
+    address: str, items: list[dict], concurrency: int, densify: bool = True, metrics_url: str | None = None
+) -> tuple[float, list[float], tuple[float, float]]:
+    """(images/s, per-request latencies in s, (batched calls, images in them)) with
+    ``concurrency`` requests in flight; the batches are the timed requests' alone, read
+    from ``metrics_url`` (none without it), after the warm-up's requests, sent one by one.
 
     ``densify=False`` stops at the parsed SPARSE response: what the server sustains when
     the densifying happens on the data loaders' own machines, as in a real deployment.
@@ -165,6 +167,7 @@ async def through_service(
         for item in items[: max(concurrency, 4)]:  # warm the channel and the server
             decode_response(await client.assign_raw(build_request(**item, canvas=COCO_CANVAS, preset=PRESET)))
         queue = iter(items)
+        before = batch_counters(metrics_url) if metrics_url else (0.0, 0.0)
 
         async def worker() -> None:
             for item in queue:
@@ -177,8 +180,9 @@ async def through_service(
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         elapsed = time.perf_counter() - start
+        after = batch_counters(metrics_url) if metrics_url else (0.0, 0.0)
     images = sum(len(item["gt_counts"]) for item in items)
-    return images / elapsed, latencies
+    return images / elapsed, latencies, (after[0] - before[0], after[1] - before[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -305,11 +309,11 @@ def main() -> None:
             torch.set_num_threads(1)
             for run in runs:
                 mode, concurrency = run
-                calls, images = batch_counters(metrics_url)
-                throughput, lat = asyncio.run(through_service(address, items, concurrency, mode == "service"))
-                calls_after, images_after = batch_counters(metrics_url)
-                batch_images[run][0] += calls_after - calls
-                batch_images[run][1] += images_after - images
+                throughput, lat, (calls, images) = asyncio.run(
+                    through_service(address, items, concurrency, mode == "service", metrics_url)
+                )
+                batch_images[run][0] += calls
+                batch_images[run][1] += images
                 latencies[run] += lat
                 best[run] = max(best.get(run, 0.0), throughput)
                 every[run].append(throughput)

@@ -346,7 +346,11 @@ def main() -> None:
     variants["gather, matching inline, near=2"] = dict(inline, gather_near=2)
     failed = set()
     for point in MATCHING_POINTS if "matching" in sections else ():
-        problem = problem_for(*point)[0]
+        try:
+            problem = problem_for(*point)[0]
+        except Exception as error:  # the point's answer (out of memory at its size), not the sweep's end
+            say(f"B={point[0]} G={point[1] or '~7'}: failed: {type(error).__name__}: {error}")
+            continue
         row = {}
         for name, change in variants.items():
             if name in failed:
@@ -384,9 +388,9 @@ def main() -> None:
                   "gather, every near box": dict(matching="gather", threshold_prune=False)}  # fmt: skip
     for batch in (1, 8, 32, 64) if "boundary" in sections else ():
         for boxes in (None, 50, 200, 500, 1000):  # 500: B = 1 flips between 200 and 1000 (run12)
-            problem = problem_for(batch, boxes)[0]
             row = {}
             try:
+                problem = problem_for(batch, boxes)[0]
                 for name, change in contenders.items():
                     triton_backend._COMPILED = dataclasses.replace(default, **change)
                     row[name] = (bench(lambda p=problem: triton_backend.solve(p)),

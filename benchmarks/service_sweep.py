@@ -37,6 +37,10 @@ CONFIGS = [
 ]
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cpu")
@@ -60,11 +64,12 @@ def main() -> int:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
         summary = report.summary()
-        rows.append({"serve": flags, "images_per_s": round(summary["images_per_s"], 1),
-                     **{f"{k}_ms": round(v, 2) for k, v in summary["latency_ms"].items()},
+        latency = {"p50_ms": None, "p99_ms": None}  # None where the configuration answered nothing
+        latency.update({f"{k}_ms": round(v, 2) for k, v in summary["latency_ms"].items()})
+        rows.append({"serve": flags, "images_per_s": round(summary["images_per_s"], 1), **latency,
                      "errors": sum(report.errors.values()), "verified": report.verified,
                      "mismatches": len(report.mismatches)})  # fmt: skip
-        print(f"{flags}: {rows[-1]['images_per_s']:.0f} images/s, p99 {rows[-1]['p99_ms']:.1f} ms", flush=True)
+        print(f"{flags}: {rows[-1]['images_per_s']:.0f} images/s, p99 {_ms(rows[-1]['p99_ms'])} ms", flush=True)
     machine = machine_line()
     lines = [f"# Service settings sweep ({args.backend} backend; {machine})", "",
              f"{args.streams} streams x 2 in flight from {args.processes} client processes, 8 COCO-like images per "
@@ -72,7 +77,7 @@ def main() -> int:
              "| serve flags | images/s | p50 ms | p99 ms | errors | verified |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
-        lines.append(f"| `{row['serve']}` | {row['images_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+        lines.append(f"| `{row['serve']}` | {row['images_per_s']:.0f} | {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | "
                      f"{row['errors']} | {row['verified']} |")  # fmt: skip
     out = Path(args.out)
     write_text(out / "service_sweep.md", "\n".join(lines) + "\n")

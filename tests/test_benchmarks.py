@@ -1,18 +1,42 @@
-"""The benchmark scripts' shared pieces (benchmarks/recording.py, benchmarks/serving.py)."""
+"""The benchmark scripts: their shared pieces (recording.py, serving.py) and the arithmetic, verdicts and files behind
+the numbers they report, checked on CPU (the GPU-only calls stand in by their results)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import http.server
+import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
+import types
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import torch
+import triton.testing
+from test_service_harness import ServerThread, fake_assigner
+
+from tritarget.clients import TargetClient
+from tritarget.clients.loadtest import LoadTestOptions, Report, Workload, _histogram
+from tritarget.clients.wire import build_request
+from tritarget.kernels import AnchorGrid, assign, generate_anchors, presets, triton_backend
+from tritarget.kernels.anchors import resolve_grid
+from tritarget.kernels.problem import build_problem
+from tritarget.kernels.workload import COCO_CANVAS, coco_like_batch
+from tritarget.service import codec
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -123,7 +147,6 @@ def test_gpu_goal_lines_judge_dense_by_do_bench_and_sparse_and_assign_by_the_wal
 def test_a_gpu_bench_method_that_fails_is_recorded_and_the_run_goes_on(capsys):
     """One GPU run is scarce: a kernel variant that fails to compile there costs its row,
     not every point and table after it."""
-    import argparse
 
     import bench_gpu
 
@@ -166,9 +189,6 @@ def test_the_schedule_model_visits_each_test_steps_near_boxes_apart():
     block near 2 boxes of one step and 1 of the next visits twice, not once (4 at a time)."""
     import bench_gpu
 
-    from tritarget.kernels import AnchorGrid, presets, triton_backend
-    from tritarget.kernels.anchors import resolve_grid
-
     meta = triton_backend._COMPILED
     grid = resolve_grid(presets.get("retinanet_torchvision").anchors, (64, 64))
     assert isinstance(grid, AnchorGrid)
@@ -185,10 +205,6 @@ def test_the_bench_counts_the_pairs_of_the_compiled_matching():
     overlapping pairs) while the gather, the default it timed, evaluates ~1.9x as many
     (review 49): it now counts what ``--pairs`` counts for the gather as built."""
     import bench_gpu
-
-    from tritarget.kernels import assign, generate_anchors, presets, triton_backend
-    from tritarget.kernels.problem import build_problem
-    from tritarget.kernels.workload import coco_like_batch
 
     canvas, config = (160, 224), presets.get("retinanet_torchvision")
     boxes, counts, _ = coco_like_batch(2, seed=3, canvas=canvas, boxes_per_image=12)
@@ -344,7 +360,6 @@ def test_gpu_tables_write_each_point_with_its_device_ratios_and_floor(tmp_path):
     """bench_gpu.csv leads with the device and the row head, the points in the tables'
     order (COCO-like first, then by boxes and B); bench_gpu.json holds the environment;
     bench_gpu.md puts each time and ratio in its column."""
-    import csv
 
     import bench_gpu
 
@@ -390,7 +405,6 @@ def test_the_gpu_bench_floor_is_the_dense_bytes_over_the_copy_bandwidth(monkeypa
     """``solve``'s floor: the bytes of its dense outputs (labels int8, matched int32, 4
     float32 deltas, classes int32: 25 per anchor and image) over the copy bandwidth; its
     time over that is ``vs_floor``. Only ``solve``'s row has one."""
-    import argparse
 
     import bench_gpu
 
@@ -411,7 +425,6 @@ def test_the_gpu_bench_floor_is_the_dense_bytes_over_the_copy_bandwidth(monkeypa
 
 def test_the_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
     """The floor's bandwidth: a 1 GiB device-to-device copy reads and writes 1 GiB each."""
-    import types
 
     import bench_gpu
 
@@ -457,7 +470,6 @@ class _Clock:
 def test_gpu_wall_times_are_the_sorted_calls_nearest_ranks(monkeypatch):
     """``wall_ms``'s median and 20th/80th percentiles: nearest ranks of the calls sorted,
     as many calls as the budget allows (at least one on the CPU, even with none)."""
-    import types
 
     import bench_gpu
 
@@ -496,9 +508,6 @@ def test_the_pairs_bench_prunes_blocks_a_box_cannot_reach_its_need_in():
     it needs are not visited (the threshold pruning the count of ``--pairs`` models)."""
     import bench_gpu
 
-    from tritarget.kernels import presets, triton_backend
-    from tritarget.kernels.anchors import resolve_grid
-
     grid = resolve_grid(presets.get("retinanet_torchvision").anchors, (128, 128))
     bounds = bench_gpu._block_bounds(grid, triton_backend._COMPILED.block_a)
     image = torch.tensor([[10.0, 10, 100, 110], [20, 30, 90, 70]])
@@ -517,8 +526,6 @@ def test_the_pairs_bench_last_line_is_the_compiled_matchings_ratio_at_g_200(monk
     last point (G = 200), the pairs the compiled matching evaluates (the gather as built,
     or the walk's rectangles) over the pairs with IoU > 0. On a small canvas here."""
     import bench_gpu
-
-    from tritarget.kernels import triton_backend
 
     monkeypatch.setattr(bench_gpu, "COCO_CANVAS", (96, 128))
     monkeypatch.setattr(bench_gpu, "walk_shape", lambda config: [])
@@ -589,7 +596,6 @@ def test_the_cpu_one_image_split_takes_the_c_calls_out_of_the_whole(monkeypatch)
     """``sparse_call_split``: the kernel is the two C calls' time, summed, in each call;
     the backend's Python its solve_sparse less them; outside the backend the instrumented
     call less its solve_sparse; the overhead the uninstrumented call less the kernel."""
-    import types
 
     import bench_cpu
 
@@ -661,17 +667,15 @@ def test_the_cpu_bench_meets_the_10x_goal_at_10x(speedup, verdict, monkeypatch, 
 def test_a_json_record_ends_its_line_and_is_written_in_utc(tmp_path, monkeypatch):
     """The record's time is UTC whatever the machine's zone (a README date is compared
     with the device runs' logs, in UTC); its file ends with a newline."""
-    import time as time_module
-    from datetime import datetime, timedelta, timezone
 
     monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+5:30
-    time_module.tzset()
+    time.tzset()
     try:
         before = datetime.now(timezone.utc).replace(second=0, microsecond=0, tzinfo=None)
         recording.write_json(tmp_path / "r.json", {"rows": []})
     finally:
         monkeypatch.undo()
-        time_module.tzset()
+        time.tzset()
     text = (tmp_path / "r.json").read_text()
     assert text.endswith("}\n")
     written = datetime.strptime(json.loads(text)["recorded"]["utc"], "%Y-%m-%d %H:%M")
@@ -681,8 +685,6 @@ def test_a_json_record_ends_its_line_and_is_written_in_utc(tmp_path, monkeypatch
 def test_a_record_is_dirty_with_uncommitted_code_but_not_with_its_own_results(tmp_path):
     """``recorded()``'s commit: ``-dirty`` where tracked files outside benchmarks/results
     changed (the code measured is not the commit's), not for the results the run writes."""
-    import importlib.util
-    import shutil
 
     repo = tmp_path / "repo"
     (repo / "benchmarks" / "results").mkdir(parents=True)
@@ -714,8 +716,6 @@ def test_a_record_is_dirty_with_uncommitted_code_but_not_with_its_own_results(tm
 def test_the_cpu_one_image_row_ratios_are_torchvision_over_ours(monkeypatch):
     import bench_cpu
 
-    from tritarget.kernels import presets
-
     medians = iter([(2.0, 1.5), (0.5, 0.4), (80.0, 70.0)])  # dense, build_problem, torchvision: in that order
     monkeypatch.setattr(bench_cpu, "_median_and_best_ms", lambda call, runs: next(medians))
     split = {"sparse": (1.0, 0.9), "kernel": (0.6, 0.5), "backend_python": (0.1, 0.1), "outside_backend": (0.3, 0.3),
@@ -740,11 +740,8 @@ def test_the_cpu_one_image_summary_takes_medians_over_the_images():
 def test_the_gpu_bench_counts_pairs_on_solves_row_alone(monkeypatch):
     """``profile_points`` puts the matching's pair count on ``solve``'s row of each point
     (the pairs its kernels evaluate), not on the other methods' rows."""
-    import argparse
 
     import bench_gpu
-
-    from tritarget.kernels import presets, triton_backend
 
     monkeypatch.setattr(bench_gpu, "evaluated_pairs", lambda problem, boxes, counts: ("gather", 1234))
     monkeypatch.setattr(bench_gpu, "kernel_times", lambda fn, device: [{"name": "k", "ms_per_call": 1.0}])
@@ -758,3 +755,1021 @@ def test_the_gpu_bench_counts_pairs_on_solves_row_alone(monkeypatch):
     assert (rows[0]["matching"], rows[0]["pairs_evaluated"]) == ("gather", 1234)
     assert "pairs_evaluated" not in rows[1] and "pairs_evaluated" not in rows[2]
     assert [(k["method"], k["kernels"][0]["name"]) for k in results["kernels"]] == [("triton", "k")]  # measured alone
+
+
+# --- gpu_sweep.py: the verdicts, the timers, the sections' bookkeeping ---
+
+
+def test_the_matching_verdict_counts_ties_as_not_faster_and_takes_the_geometric_mean():
+    """Faster is strictly faster; the time ratio is the geometric mean over every point
+    both ran at (three here: a median of the logs would read x1.000); a variant that never
+    ran beside the walk compares nothing (nan), and its differences there do not count."""
+    import gpu_sweep
+
+    points = [{"differ": [], "ms": {"walk": (1.0, 1.0), "gather": (1.0, 0.5)}},
+              {"differ": [], "ms": {"walk": (1.0, 1.0), "gather": (2.0, 0.5)}},
+              {"differ": [], "ms": {"walk": (1.0, 1.0), "gather": (0.25, 4.0)}},
+              {"differ": ["inline"], "ms": {"inline": (1.0, 1.0)}}]  # fmt: skip
+    lines = gpu_sweep.matching_verdict(points).splitlines()
+    assert lines[1:] == ["  gather: 1 / 3, 2 / 3; time x0.794, x1.000; equal",
+                         "  inline: 0 / 0, 0 / 0; time xnan, xnan; equal"]  # fmt: skip
+
+
+def test_the_sweep_compares_a_variants_labels_boxes_deltas_and_classes_and_every_tensor():
+    import gpu_sweep
+
+    boxes, counts = torch.tensor([[4.0, 4, 40, 30], [10, 20, 60, 60]]), [1, 1]
+    config = presets.get("retinanet_torchvision")
+    plain = assign(boxes, counts, (64, 96), config, backend="cpu")
+    classed = assign(boxes, counts, (64, 96), config, gt_classes=torch.tensor([3, 5]), backend="cpu")
+    assert [t is u for t, u in zip(gpu_sweep._outputs(plain), (plain.labels, plain.matched_gt, plain.deltas))] == [
+        True, True, True]  # fmt: skip
+    assert len(gpu_sweep._outputs(plain)) == 3 and gpu_sweep._outputs(classed)[3] is classed.classes
+    every = gpu_sweep._all_outputs(classed)
+    assert all(isinstance(t, torch.Tensor) for t in every) and len(every) == 4  # background_class, lists: not tensors
+
+
+def test_the_sweeps_host_time_is_microseconds_per_call_after_a_warm_up_call(monkeypatch):
+
+    import gpu_sweep
+
+    clock = _Clock()
+    monkeypatch.setattr(gpu_sweep, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # no GPU here: nothing to wait for
+    assert gpu_sweep.host_us(clock.spend([50.0, 1.0, 2.0, 3.0]), calls=3) == pytest.approx(2000.0)
+
+
+def test_the_sweeps_milliseconds_are_do_bench_medians(monkeypatch):
+    import gpu_sweep
+
+    asked = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: asked.append(options) or 0.25)
+    assert gpu_sweep.bench(lambda: None) == 0.25 and asked[0]["return_mode"] == "median"
+
+
+def test_the_sweep_switches_every_launcher_between_direct_and_jit_launches():
+    import gpu_sweep
+
+    launchers = [getattr(triton_backend, name) for name in triton_backend.LAUNCHERS]
+    before = [launcher.direct for launcher in launchers]
+    try:
+        gpu_sweep.set_direct_launches(True)
+        assert all(launcher.direct is True for launcher in launchers)
+        gpu_sweep.set_direct_launches(False)
+        assert all(launcher.direct is False for launcher in launchers)
+    finally:
+        for launcher, direct in zip(launchers, before):
+            launcher.direct = direct
+
+
+def test_the_sweep_refuses_an_unknown_section(monkeypatch, tmp_path, capsys):
+    import gpu_sweep
+
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep.py", "--out", str(tmp_path), "--sections", "host,bogus"])
+    with pytest.raises(SystemExit) as exit_:
+        gpu_sweep.main()
+    assert exit_.value.code == 2 and "--sections: unknown ['bogus']" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.txt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sections would run")
+def test_a_sweep_section_that_fails_says_so_and_the_sweep_ends_with_its_record(monkeypatch, tmp_path, capsys):
+    """Here every GPU section fails at its first problem (no CUDA): each says so, the
+    sections not asked for say nothing, and the record is the report's last line."""
+    import gpu_sweep
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "GPU-X")
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep.py", "--out", str(tmp_path), "--sections", "graphs,launches"])
+    gpu_sweep.main()
+    lines = (tmp_path / "sweep.txt").read_text().splitlines()
+    assert capsys.readouterr().out.splitlines() == lines
+    assert lines[0].startswith("GPU-X, torch ") and lines[0].endswith("; ms: do_bench medians")
+    failed = [line.split(":")[0] for line in lines if ": failed: " in line]
+    assert failed == ["B=1", "B=8", "B=32", "launches"]
+    assert json.loads(lines[-1]) == {"host": [], "graphs": [], "launches": [], "matching": [], "boundary": []}
+    assert not any("verdict" in line for line in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sections would run")
+def test_a_sweep_stopped_mid_section_keeps_the_lines_written_before(monkeypatch, tmp_path):
+    """gpu_check.sh stops the sweep at its timeout: what it said by then is in sweep.txt
+    (here the host section fails, as without a GPU, and the stop comes as the matching
+    section builds its first problem)."""
+    import gpu_sweep
+
+    built = []
+
+    def stopped(batch, boxes):
+        built.append((batch, boxes))
+        raise RuntimeError("no GPU") if len(built) == 1 else KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "GPU-X")
+    monkeypatch.setattr(gpu_sweep, "problem_for", stopped)
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep.py", "--out", str(tmp_path), "--sections", "host,matching"])
+    with pytest.raises(KeyboardInterrupt) as stop:
+        gpu_sweep.main()
+    lines = (tmp_path / "sweep.txt").read_text().splitlines()
+    assert stop.traceback  # held to here: the sweep's frame, its file still open, unflushed bytes not yet written
+    assert lines[1] == "== host versus device (solve, COCO-like G ~ 7) ==" and lines[2].startswith("host: failed: ")
+    assert lines[-1] == "== matching: the pair walk against the gather by anchor block (gather_kernel) =="
+
+
+def test_the_sweeps_graphs_lines_say_where_targets_differ_and_where_graphs_were_off(monkeypatch, tmp_path):
+    """Each call launched, then replayed: its times each way, whether its targets stayed
+    the same, and a failed capture (graphs off: the "replayed" times are launches)."""
+    import gpu_sweep
+
+    def graphed_calls(batch: int) -> dict:
+        if batch == 32:
+            raise RuntimeError("capture failed")
+        return {"batch": batch, "launched": {"solve": dict(ms=0.5, host_us=100.0, first_ms=9.0)},
+                "replayed": {"solve": dict(ms=0.25, host_us=20.0, first_ms=30.0)}, "same": {"solve": batch == 1},
+                "graphs_kept": batch, "failed": None if batch == 1 else "CUDA error"}  # fmt: skip
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "GPU-X")
+    monkeypatch.setattr(gpu_sweep, "graphed_calls", graphed_calls)
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep.py", "--out", str(tmp_path), "--sections", "graphs"])
+    gpu_sweep.main()
+    lines = (tmp_path / "sweep.txt").read_text().splitlines()
+    assert ("B=1 solve: 0.500 -> 0.250 ms (host 100 -> 20 us/call); first call 9.0 -> 30.0 ms (the capture); "
+            "targets equal; graphs kept 1") in lines  # fmt: skip
+    assert ("B=8 solve: 0.500 -> 0.250 ms (host 100 -> 20 us/call); first call 9.0 -> 30.0 ms (the capture); "
+            "TARGETS DIFFER; graphs kept 8, GRAPHS OFF: CUDA error") in lines  # fmt: skip
+    assert "B=32: failed: RuntimeError: capture failed" in lines
+    assert [row["batch"] for row in json.loads(lines[-1])["graphs"]] == [1, 8]
+
+
+def _sweep_ms(meta) -> float:
+    """A made-up solve time per setting of the matching: each setting its own bit."""
+    if meta.matching == "walk":
+        return 1.0
+    return (0.25 + 0.001 * meta.gather_near + 0.002 * meta.lone_visits + 0.004 * (not meta.heavy_first)
+            + 0.008 * (not meta.skip_empty) + 0.016 * (not meta.threshold_prune) + 0.032 * meta.inline_match
+            + 0.064 * (not meta.load_anchors) + 0.128 * (meta.gather_registers is None)
+            + 0.256 * (meta.finalize_registers is None))  # fmt: skip
+
+
+def _fake_sweep(monkeypatch, tmp_path, sections: str, out_of_memory_at: tuple | None = None):
+    """gpu_sweep's matching sections with made-up problems, solves and timer: the walk
+    fails at B = 1, G = 1000, the inline finalize visiting 2 near boxes everywhere, one
+    near box at a time gives other labels at B = 1; solve_sparse takes twice solve's time.
+    ``out_of_memory_at``: the (batch, boxes) whose problem cannot be built."""
+    import gpu_sweep
+
+    called = []
+
+    def problem_for(batch, boxes):
+        if (batch, boxes) == out_of_memory_at:
+            raise RuntimeError("CUDA out of memory")
+        return types.SimpleNamespace(batch=batch, boxes=boxes), None
+
+    def solve(problem, sparse=False):
+        meta = triton_backend._COMPILED
+        called.append(sparse)
+        if meta.inline_match and meta.gather_near == 2:
+            raise RuntimeError("out of registers")
+        if meta.matching == "walk" and (problem.batch, problem.boxes) == (1, 1000):
+            raise RuntimeError("walk lost")
+        labels = torch.ones(3) if meta.gather_near == 1 and problem.batch == 1 else torch.zeros(3)
+        return types.SimpleNamespace(labels=labels, matched_gt=torch.zeros(3), deltas=torch.zeros(3, 4), classes=None)
+
+    def bench(fn) -> float:
+        fn()
+        return _sweep_ms(triton_backend._COMPILED) * (2 if called[-1] else 1)
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "GPU-X")
+    monkeypatch.setattr(gpu_sweep, "problem_for", problem_for)
+    monkeypatch.setattr(gpu_sweep, "bench", bench)
+    monkeypatch.setattr(triton_backend, "solve", solve)
+    monkeypatch.setattr(triton_backend, "solve_sparse", lambda problem: solve(problem, sparse=True))
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep.py", "--out", str(tmp_path), "--sections", sections])
+    default = triton_backend._COMPILED
+    gpu_sweep.main()
+    assert triton_backend._COMPILED is default
+    lines = (tmp_path / "sweep.txt").read_text().splitlines()
+    return lines, json.loads(lines[-1]), default
+
+
+def test_a_sweep_point_too_big_to_build_says_so_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    """A problem that cannot be built (out of memory at B = 8, G = 1000) is that point's
+    answer in both matching sections; the other points are measured and the record written."""
+    import gpu_sweep
+
+    lines, record, _ = _fake_sweep(monkeypatch, tmp_path, "matching,boundary", out_of_memory_at=(8, 1000))
+    assert lines.count("B=8 G=1000: failed: RuntimeError: CUDA out of memory") == 2
+    matching = [(point["batch"], point["boxes"]) for point in record["matching"]]
+    assert matching == [point for point in gpu_sweep.MATCHING_POINTS if point != (8, 1000)]
+    cells = [(cell["batch"], cell["boxes"]) for cell in record["boundary"]]
+    assert len(cells) == 18 and (8, 1000) not in cells and (64, 1000) in cells  # and (1, 1000): the walk fails
+
+
+def test_the_sweeps_matching_section_times_each_variant_as_set_and_checks_its_labels(monkeypatch, tmp_path):
+    lines, record, default = _fake_sweep(monkeypatch, tmp_path, "matching")
+
+    def ms(**change) -> list:
+        solve = _sweep_ms(dataclasses.replace(default, **change))
+        return [solve, 2 * solve]
+
+    assert [line for line in lines if ": failed: " in line] == [
+        "gather, matching inline, near=2: failed: RuntimeError: out of registers",
+        "walk: failed: RuntimeError: walk lost",
+    ]
+    points = record["matching"]
+    assert [(p["batch"], p["boxes"]) for p in points] == [(1, None), (8, None), (32, None), (64, None), (32, 200),
+                                                          (8, 1000), (1, 1000)]  # fmt: skip
+    first = points[0]
+    assert first["differ"] == ["gather near=1"] and [p["differ"] for p in points[1:]] == [[]] * 6
+    assert first["ms"]["walk"] == [1.0, 2.0] and first["ms"]["gather"] == ms(matching="gather")
+    assert first["ms"]["gather near=2"] == ms(matching="gather", gather_near=2)
+    assert first["ms"]["gather, every near box"] == ms(matching="gather", threshold_prune=False)
+    assert first["ms"]["gather as run10 left it"] == ms(
+        matching="gather", load_anchors=False, gather_registers=None, finalize_registers=None, heavy_first=False,
+        skip_empty=False, threshold_prune=False)  # fmt: skip
+    assert "gather, matching inline, near=2" not in first["ms"] and "walk" not in points[-1]["ms"]
+    gather = ms(matching="gather")
+    said = next(line for line in lines if line.startswith("B=1 G=~7: "))
+    assert said.startswith(f"B=1 G=~7: solve / solve_sparse ms: walk 1.000 / 2.000, gather {gather[0]:.3f} / "
+                           f"{gather[1]:.3f}, ") and said.endswith("  LABELS DIFFER: ['gather near=1']")  # fmt: skip
+    verdicts = [line for line in lines if line.startswith("verdict against")]
+    assert [line.split(" (")[0] for line in verdicts] == ["verdict against the walk", "verdict against the gather"]
+    assert any(line.startswith("  gather near=1: 6 / 6, 6 / 6; ") and line.endswith("; DIFFER") for line in lines)
+
+
+def test_the_sweeps_boundary_section_times_each_contender_in_each_cell(monkeypatch, tmp_path):
+    lines, record, default = _fake_sweep(monkeypatch, tmp_path, "boundary")
+    assert not any("verdict" in line for line in lines)  # the matching section did not run
+    cells = [(b, g) for b in (1, 8, 32, 64) for g in (None, 50, 200, 500, 1000) if (b, g) != (1, 1000)]
+    assert [(row["batch"], row["boxes"]) for row in record["boundary"]] == cells
+    assert "B=1 G=1000: failed: RuntimeError: walk lost" in lines
+    assert [row["same"] for row in record["boundary"]] == [batch != 1 for batch, _ in cells]
+    expected = {"walk": dict(matching="walk"), "gather": dict(matching="gather"), "gather near=1": dict(gather_near=1),
+                "gather, every near box": dict(threshold_prune=False), "inline": dict(inline_match=True)}  # fmt: skip
+    for name, change in expected.items():
+        solve = _sweep_ms(dataclasses.replace(default, **{"matching": "gather", **change}))
+        assert record["boundary"][0]["ms"][name] == [solve, 2 * solve], name
+    gather = _sweep_ms(dataclasses.replace(default, matching="gather"))
+    line = next(line for line in lines if line.startswith("B=8   G=50 "))
+    assert f"gather {gather:7.3f} / {2 * gather:7.3f} (x{gather:.2f} / x{gather:.2f})" in line
+    assert not line.endswith("TARGETS DIFFER") and next(line for line in lines if line.startswith("B=1 ")).endswith(
+        "  TARGETS DIFFER")  # fmt: skip
+
+
+# --- bench_service.py: the in-process baselines, the service's side, the rows and verdicts ---
+
+
+@pytest.fixture(scope="module")
+def cpu_server():
+    with ServerThread(backend="cpu") as server:
+        yield server
+
+
+def _small_response() -> bytes:
+    """A real SPARSE response of one small image (what the fake servers answer)."""
+    request = Workload(canvas=(64, 96), images=1, variants=1).request(0)
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, gt_classes=job.gt_classes, backend="cpu")
+    return codec.encode_assign(request, targets).SerializeToString()
+
+
+def test_the_service_bench_percentiles_are_nearest_ranks_of_the_sorted_latencies():
+    import bench_service
+
+    values = [7.0, 2.0, 9.0, 0.0, 5.0, 1.0, 8.0, 3.0, 6.0, 4.0]
+    assert [bench_service.percentile(values, q) for q in (0.0, 0.5, 0.99, 1.0)] == [0.0, 4.0, 9.0, 9.0]
+    assert bench_service.percentile([3.0], 0.99) == 3.0
+
+
+def test_the_service_bench_workload_is_one_seed_per_request():
+    import bench_service
+
+    items = bench_service.workload(3, 2, seed=5)
+    for i, item in enumerate(items):
+        boxes, counts, classes = coco_like_batch(2, seed=5 + i)
+        assert torch.equal(item["gt_boxes"], boxes) and item["gt_counts"] == counts
+        assert torch.equal(item["gt_classes"], classes)
+
+
+def test_the_service_bench_falls_back_only_from_the_cpu_backend():
+    import bench_service
+
+    assert bench_service.backend_or_fallback("triton") == ("triton", "")
+    assert bench_service.backend_or_fallback("reference") == ("reference", "")
+    assert bench_service.backend_or_fallback("cpu")[0] in ("cpu", "reference")
+
+
+def test_the_in_process_baseline_is_images_over_the_timed_calls_after_three_warm_up_calls(monkeypatch):
+    import bench_service
+
+    clock = _Clock()
+    monkeypatch.setattr(bench_service, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    calls = []
+
+    def function(boxes, counts, canvas, config, gt_classes, backend):
+        calls.append((len(counts), boxes.device.type, backend))
+        clock.now += 0.010
+
+    items = bench_service.workload(4, 2)
+    assert bench_service.in_process(items, "cpu", function) == pytest.approx(8 / 0.040)
+    assert calls == [(2, "cpu", "cpu")] * 7  # 3 warm-up calls, then the 4 timed
+
+
+def test_the_service_bench_starts_its_server_with_its_batching_and_workers(monkeypatch):
+    import bench_service
+
+    started = []
+    monkeypatch.setattr(serving, "start_server", lambda *flags, **options: started.append((flags, options)) or 1)
+    assert bench_service.start_server("cpu", 16, 1.5, 3) == 1
+    assert started == [(("--backend", "cpu", "--max-batch-images", "16", "--max-queue-delay-ms", "1.5",
+                         "--compute-workers", "3"), {"metrics": True})]  # fmt: skip
+
+
+def test_the_service_bench_response_bytes_are_per_image_for_each_format_and_dtype(cpu_server):
+    import bench_service
+
+    items = bench_service.workload(2, 2, seed=3)
+    sizes = bench_service.response_bytes(cpu_server.address, items)
+    assert list(sizes) == ["dense_float32", "dense_float16", "sparse_float32", "sparse_float16"]
+    with TargetClient(cpu_server.address) as client:
+        sparse = sum(client.assign_raw(build_request(item["gt_boxes"], item["gt_counts"], COCO_CANVAS,
+                                                     preset=bench_service.PRESET, gt_classes=item["gt_classes"],
+                                                     format="sparse")).ByteSize() for item in items)  # fmt: skip
+    assert sizes["sparse_float32"] == sparse / 4
+    assert sizes["dense_float16"] < sizes["dense_float32"] and sizes["sparse_float16"] < sizes["sparse_float32"]
+
+
+def test_the_service_bench_batch_counters_are_calls_then_images(cpu_server):
+    import bench_service
+
+    url = f"http://127.0.0.1:{cpu_server.server.metrics_port}/metrics"
+    calls, images = bench_service.batch_counters(url)
+    boxes, counts, _ = coco_like_batch(2, seed=1, canvas=(64, 96))
+    with TargetClient(cpu_server.address) as client:
+        for _ in range(3):
+            client.assign(boxes, counts, (64, 96), preset="retinanet_torchvision", format="sparse")
+    after = bench_service.batch_counters(url)
+    assert (after[0] - calls, after[1] - images) == (3.0, 6.0)
+
+
+def test_the_service_sides_batches_are_its_timed_requests_alone(cpu_server):
+    """The batch sizes a row reports (images per batched call) leave out the warm-up's
+    requests, sent one at a time before the timing: they made batches look smaller."""
+    import bench_service
+
+    url = f"http://127.0.0.1:{cpu_server.server.metrics_port}/metrics"
+    items = bench_service.workload(6, 2)
+    _, latencies, batches = asyncio.run(bench_service.through_service(cpu_server.address, items, 1, False, url))
+    assert len(latencies) == 6 and batches == (6.0, 12.0)  # one at a time: one call per request, none merged
+
+
+def test_the_service_side_keeps_concurrency_requests_in_flight_and_densifies_only_when_asked(monkeypatch):
+    """``through_service``: ``concurrency`` requests in flight, one latency per request,
+    images over the whole time; its warm-up densifies, the timed requests only when asked."""
+    import bench_service
+
+    answer, lock, flight = _small_response(), threading.Lock(), {"now": 0, "most": 0}
+
+    def slow(raw: bytes, context) -> bytes:
+        with lock:
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+        time.sleep(0.05)
+        with lock:
+            flight["now"] -= 1
+        return answer
+
+    decoded = []
+    real_decode = bench_service.decode_response
+    monkeypatch.setattr(bench_service, "decode_response", lambda response: decoded.append(1) or real_decode(response))
+    items = bench_service.workload(6, 2)
+    with fake_assigner(slow, None) as address:
+        rate, latencies, batches = asyncio.run(bench_service.through_service(address, items, 6, densify=False))
+        assert batches == (0.0, 0.0)  # no metrics to read
+        assert flight["most"] == 6 and len(latencies) == 6 and len(decoded) == 6  # the warm-up's 6 alone
+        elapsed = 12 / rate  # 12 images, all 6 requests at once: about the slowest one's time
+        assert max(latencies) <= elapsed < 1.8 * max(latencies)
+        asyncio.run(bench_service.through_service(address, items[:2], 1, densify=True))
+        assert len(decoded) == 6 + 2 + 2  # a warm-up of both, then both densified
+
+
+def test_the_service_bench_rows_take_each_sides_best_round_and_judge_the_targets_at_their_bounds(monkeypatch, tmp_path,
+                                                                                                capsys):  # fmt: skip
+    """bench_service.main with scripted measurements: each baseline's round is its faster
+    thread count, its row the best round (median beside it) and the thread count that
+    won it; each service row its best round over each baseline's, latencies pooled over
+    the rounds, batch sizes from the metrics' differences; the targets met at their bounds
+    (90% at c = 8, 50x)."""
+    import bench_service
+
+    in_process_rounds = {"assign": [(100.0, 120.0), (150.0, 90.0), (60.0, 50.0)],  # (all threads, one thread)
+                         "assign_sparse": [(200.0, 100.0), (100.0, 250.0), (240.0, 10.0)]}  # fmt: skip
+    service_rounds = {(True, 4): [100.0, 110.0, 90.0], (True, 8): [120.0, 135.0, 130.0],
+                      (False, 4): [200.0, 230.0, 220.0], (False, 8): [240.0, 260.0, 250.0]}  # fmt: skip
+    measured, seen = {}, []
+
+    def in_process(items, backend, function):
+        name = next(n for n, f in bench_service.BASELINES.items() if f is function)
+        done = measured.setdefault(name, [])
+        done.append(1)
+        return in_process_rounds[name][(len(done) - 1) // 2][0 if torch.get_num_threads() == 2 else 1]
+
+    async def through_service(address, items, concurrency, densify=True, metrics_url=None):
+        assert metrics_url == "http://127.0.0.1:1/metrics"
+        done = measured.setdefault((densify, concurrency), [])
+        done.append(1)
+        seen.append(torch.get_num_threads())
+        j = len(done) - 1
+        latencies = [0.001 * (10 * j + i + 1) for i in range(10)]
+        return service_rounds[densify, concurrency][j], latencies, (5.0, 10 * concurrency / 4)
+
+    def response_bytes(address, items):
+        seen.append(("sizes", len(items), torch.get_num_threads()))
+        return {"dense_float32": 5000.0, "dense_float16": 3000.0, "sparse_float32": 100.0, "sparse_float16": 60.0}
+
+    started = []
+
+    class Server:
+        def terminate(self):
+            started.append("terminated")
+
+        def wait(self, timeout):
+            pass
+
+    def start_server(*args):
+        started.append(args)
+        return Server(), "127.0.0.1:1", "http://127.0.0.1:1/metrics"
+
+    monkeypatch.setattr(bench_service, "in_process", in_process)
+    monkeypatch.setattr(bench_service, "through_service", through_service)
+    monkeypatch.setattr(bench_service, "response_bytes", response_bytes)
+    monkeypatch.setattr(bench_service, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["bench_service.py", "--out", str(tmp_path), "--prefix", "p", "--concurrency",
+                                      "4", "8", "--requests", "6", "--rounds", "3", "--size-images", "5",
+                                      "--compute-workers", "4", "--max-queue-delay-ms", "1.5",
+                                      "--max-batch-images", "16"])  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench_service.main()
+        assert torch.get_num_threads() == 2  # the machine's threads again
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert started[0][1:] == (16, 1.5, 4) and started[-1] == "terminated"
+    assert seen[0] == ("sizes", 3, 1) and set(seen[1:]) == {1}  # the client side on one thread
+    assert "SPARSE is 50x smaller than DENSE (target >= 50x: meets)" in out
+    record = json.loads((tmp_path / "p.json").read_text())
+    rows = {(row["mode"], row["concurrency"]): row for row in record["rows"]}
+    assert [row["mode"] for row in record["rows"]][:2] == ["in_process", "in_process_sparse"]
+    dense, sparse = rows["in_process", 1], rows["in_process_sparse", 1]
+    assert (dense["images_per_s"], dense["median_images_per_s"], dense["threads"]) == (150.0, 120.0, 2)
+    assert (sparse["images_per_s"], sparse["median_images_per_s"], sparse["threads"]) == (250.0, 240.0, 1)
+    assert (dense["ratio_vs_assign_sparse"], dense["median_ratio_vs_assign_sparse"]) == (0.6, 0.5)
+    assert sparse["ratio_vs_assign"] == 1.667
+    service = rows["service", 8]
+    assert (service["images_per_s"], service["median_images_per_s"]) == (135.0, 130.0)
+    assert (service["ratio_vs_assign"], service["median_ratio_vs_assign"]) == (0.9, 1.083)
+    assert (service["p50_ms"], service["p99_ms"], service["mean_batch_images"]) == (15.0, 30.0, 4.0)
+    assert rows["service_sparse", 4]["images_per_s"] == 230.0 and rows["service", 4]["mean_batch_images"] == 2.0
+    assert rows["service_sparse", 8]["ratio_vs_assign_sparse"] == 1.04
+    e2e = {c: next(line for line in out.splitlines() if line.startswith(bench_service.MODES["service"])
+                   and f" c={c:>2}: " in line) for c in (4, 8)}  # fmt: skip
+    assert "90% of in-process assign (median 108%; meets)" in e2e[8] and "[target >= 90%]" in e2e[8]
+    assert "54% of in-process assign_sparse (median 54%; misses)" in e2e[8]
+    assert "(median 83%; no target)" in e2e[4] and "[the 90% target is for c >= 8]" in e2e[4]
+    env = record["environment"]
+    assert (env["server_threads_per_compute_worker"], env["max_queue_delay_ms"], env["compute_workers"]) == (1, 1.5, 4)
+    assert env["baseline_thread_counts_tried"] == [2, 1] and env["baseline_threads_per_round"]["assign"] == [1, 2, 2]
+    assert (tmp_path / "p.csv").exists() and env["sparse_vs_dense_ratio"] == 50.0
+
+
+# --- bench_service_overhead.py: the metrics read, the calibration, a round, the medians and the fit ---
+
+
+@contextlib.contextmanager
+def _http_text(text: str) -> Iterator[str]:
+    """A /metrics-like page on loopback: its URL."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_overhead_bench_reads_the_assign_methods_seconds_and_the_inline_batches():
+    import bench_service_overhead as overhead
+
+    text = "\n".join([
+        "# HELP tritarget_request_seconds Seconds per request",
+        'tritarget_request_seconds_count{method="Assign"} 12.0', 'tritarget_request_seconds_sum{method="Assign"} 0.5',
+        'tritarget_request_seconds_count{method="AssignStream"} 99.0',
+        'tritarget_request_seconds_bucket{method="Assign",le="0.1"} 3.0', "tritarget_compute_seconds_count 12.0",
+        "tritarget_compute_seconds_sum 0.25", "tritarget_encode_seconds_sum 0.0625",
+        "tritarget_queue_seconds_sum 0.125",
+        "tritarget_inline_batches_total 7.0", "tritarget_inline_batches_created 1.7e+09", ""])  # fmt: skip
+    with _http_text(text) as url:
+        assert overhead._metrics(url) == {
+            "tritarget_request_seconds_count": 12.0, "tritarget_request_seconds_sum": 0.5,
+            "tritarget_compute_seconds_count": 12.0, "tritarget_compute_seconds_sum": 0.25,
+            "tritarget_encode_seconds_sum": 0.0625, "tritarget_queue_seconds_sum": 0.125,
+            "tritarget_inline_batches_total": 7.0}  # fmt: skip
+
+
+def test_the_overhead_calibration_decodes_a_one_image_request_after_each_pause(monkeypatch):
+    import bench_service_overhead as overhead
+
+    clock, pauses, images = _Clock(), [], []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        clock.now += seconds
+
+    real = overhead.decode_assign
+
+    def decode(request, limits):
+        job = real(request, limits)
+        images.append(len(job.gt_counts))
+        clock.now += 2e-4
+        return job
+
+    monkeypatch.setattr(overhead, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, sleep=sleep))
+    monkeypatch.setattr(overhead, "decode_assign", decode)
+    assert overhead._decode_us(0.001, runs=5) == pytest.approx(200.0)
+    assert pauses == [0.001] * 5 and images == [1] * 5
+    assert overhead._decode_us(0.0, runs=3) == pytest.approx(200.0) and len(pauses) == 5
+
+
+def test_an_overhead_round_is_per_request_from_the_servers_metrics(cpu_server, monkeypatch):
+    """One round of 1-image requests (computed on the event loop by default): per
+    request, the server's time, the compute inside it and what is left outside, from
+    the differences of its metrics over the timed run (its warm-up's requests left out);
+    the client's mean latency beside them."""
+    import bench_service_overhead as overhead
+
+    url = f"http://127.0.0.1:{cpu_server.server.metrics_port}/metrics"
+    first = overhead._metrics(url).get("tritarget_request_seconds_count", 0.0)  # none before the first request
+    read, reports = [], []
+    real_metrics, real_run = overhead._metrics, overhead.run
+    monkeypatch.setattr(overhead, "_metrics", lambda url: read.append(real_metrics(url)) or read[-1])
+    monkeypatch.setattr(overhead, "run", lambda options: reports.append(real_run(options)) or reports[-1])
+    row = overhead._round(cpu_server.address, url, 1, 0.3)
+    before, after = read
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    requests = delta["tritarget_request_seconds_count"]
+    assert row["images"] == 1 and 2 <= row["requests"] == requests < after["tritarget_request_seconds_count"] - first
+    assert row["inline_share"] == 1.0 and delta["tritarget_inline_batches_total"] == requests
+    for key, metric in (("request_us", "request"), ("compute_us", "compute"), ("encode_us", "encode"),
+                        ("queue_us", "queue")):  # fmt: skip
+        assert row[key] == pytest.approx(1e6 * delta[f"tritarget_{metric}_seconds_sum"] / requests), key
+    assert row["outside_compute_us"] == row["request_us"] - row["compute_us"]
+    assert 0 < row["compute_us"] < row["request_us"] <= row["client_latency_us"] < row["request_us"] + 50_000
+    assert row["client_latency_us"] == 1000 * reports[-1].percentiles_ms()["mean"]
+
+
+def _overhead_row(images: int, outside: float, compute: float = 100.0, inline: float = 1.0) -> dict:
+    return {"images": images, "requests": 10, "request_us": outside + compute, "compute_us": compute,
+            "encode_us": 20.0, "queue_us": 5.0, "outside_compute_us": outside, "inline_share": inline,
+            "client_latency_us": 900.0}  # fmt: skip
+
+
+def test_the_overhead_rows_are_each_sizes_lower_middle_round_by_outside_compute():
+    import bench_service_overhead as overhead
+
+    rounds = [_overhead_row(1, 170.0, compute=100.0), _overhead_row(8, 300.0), _overhead_row(32, 500.0),
+              _overhead_row(1, 160.0, compute=150.0), _overhead_row(8, 200.0), _overhead_row(32, 480.0)]  # fmt: skip
+    rows = overhead._medians(rounds)
+    assert [(r["images"], r["outside_compute_us"]) for r in rows] == [(1, 160.0), (8, 200.0), (32, 480.0)]
+    assert rows[0]["rounds_outside_compute_us"] == [170.0, 160.0] and rows[0]["compute_us"] == 150.0
+    odd = overhead._medians([*rounds, _overhead_row(1, 165.0), _overhead_row(8, 250.0), _overhead_row(32, 490.0)])
+    assert [r["outside_compute_us"] for r in odd] == [165.0, 250.0, 490.0]
+
+
+def test_the_overhead_fit_is_the_least_squares_line():
+    import bench_service_overhead as overhead
+
+    rows = [_overhead_row(1, 160.0), _overhead_row(8, 230.0), _overhead_row(32, 470.0)]
+    assert overhead._fit(rows) == pytest.approx((150.0, 10.0))
+    fixed, slope = overhead._fit([_overhead_row(1, 170.0), _overhead_row(8, 230.0), _overhead_row(32, 470.0)])
+    assert fixed + slope * 32 < 470.0 < fixed + slope * 32 + 10 and 150.0 < fixed < 170.0
+
+
+@pytest.mark.parametrize("flags", [["--rounds", "0"], ["--duration", "0"]])
+def test_the_overhead_bench_refuses_no_rounds_and_no_time(flags, monkeypatch, capsys):
+    import bench_service_overhead as overhead
+
+    def start_server(*_, **__):
+        raise AssertionError("no server may start")
+
+    monkeypatch.setattr(overhead, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["bench_service_overhead.py", *flags])
+    with pytest.raises(SystemExit) as exit_:
+        overhead.main()
+    assert exit_.value.code == 2 and "--rounds must be at least 1 and --duration positive" in capsys.readouterr().err
+
+
+def _scripted_overhead(monkeypatch, tmp_path, backend: str):
+    """bench_service_overhead.main with scripted rounds: server k's outside compute is
+    150 + 50 k us + (10 + k) us per image, 5 us more in its second round (whose compute
+    is shorter: its request time is not the middle's)."""
+    import bench_service_overhead as overhead
+
+    started, rounds, servers = [], {}, []
+
+    class Server:
+        def send_signal(self, signum):
+            started.append(signum)
+
+        def wait(self, timeout):
+            pass
+
+    def start_server(*flags, metrics=False):
+        started.append((flags, metrics))
+        servers.append(Server())
+        return servers[-1], f"server{len(servers) - 1}", f"http://metrics{len(servers) - 1}"
+
+    def round_(address, metrics_url, images, duration):
+        k = int(address[-1])
+        done = rounds.setdefault((k, images), [])
+        done.append(duration)
+        extra = 5.0 * (len(done) - 1)
+        inline = {0: float(images <= 8), 1: 1.0, 2: 0.0}[k]
+        return _overhead_row(images, 150.0 + 50 * k + (10 + k) * images + extra, 100.0 - 6 * extra, inline)
+
+    monkeypatch.setattr(overhead, "start_server", start_server)
+    monkeypatch.setattr(overhead, "_round", round_)
+    monkeypatch.setattr(overhead, "_decode_us", lambda pause_s: 250.0 if pause_s == 0.001 else 100.0)
+    monkeypatch.setattr(sys, "argv", ["bench_service_overhead.py", "--backend", backend, "--rounds", "2",
+                                      "--duration", "0.5", "--out", str(tmp_path)])  # fmt: skip
+    assert overhead.main() == 0
+    return (
+        started,
+        json.loads((tmp_path / "service_overhead.json").read_text()),
+        (tmp_path / "service_overhead.md").read_text(),
+    )
+
+
+def test_the_overhead_bench_fits_each_servers_median_rounds(monkeypatch, tmp_path):
+    started, record, md = _scripted_overhead(monkeypatch, tmp_path, "cpu")
+    assert [flags for flags, _ in started[:3]] == [
+        ("--backend", "cpu", "--no-access-log"),
+        ("--backend", "cpu", "--no-access-log", "--inline-max-images", "32"),
+        ("--backend", "cpu", "--no-access-log", "--inline-max-images", "0"),
+    ]
+    assert all(metrics for _, metrics in started[:3]) and started[3:] == [signal.SIGTERM] * 3
+    series = record["series"]
+    assert [(s["server"], s["flags"]) for s in series] == [
+        ("default", []),
+        ("all on the loop", ["--inline-max-images", "32"]),
+        ("all on a worker", ["--inline-max-images", "0"]),
+    ]
+    for k, entry in enumerate(series):
+        assert (entry["fixed_us"], entry["per_image_us"]) == pytest.approx((150.0 + 50 * k, 10.0 + k))
+        assert [row["rounds_outside_compute_us"] for row in entry["rows"]] == [
+            [150.0 + 50 * k + (10 + k) * images + extra for extra in (0.0, 5.0)] for images in (1, 8, 32)
+        ]
+    assert record["decode_1_image_us"] == {"back_to_back": 100.0, "after_1ms_sleep": 250.0}
+    lines = md.splitlines()
+    assert "| 32 | 10 | 0% | 570 | 100 | 20 | 5 | 470 | 470, 475 |" in lines  # the default: 32 images to a worker
+    assert "| 1 | 10 | 100% | 311 | 100 | 20 | 5 | 211 | 211, 216 |" in lines  # all on the loop
+    assert "fit: 200 µs + 11.0 µs per image (goal: <= 150 µs + 10 µs per image)" in lines
+    assert lines[-1] == ("calibration: decoding a 1-image request takes 100 µs back to back and 250 µs after 1 ms "
+                         "asleep (2.5x) on this machine")  # fmt: skip
+
+
+def test_the_overhead_bench_on_a_gpu_backend_runs_the_default_server_alone(monkeypatch, tmp_path):
+    started, record, _ = _scripted_overhead(monkeypatch, tmp_path, "triton")
+    assert [flags for flags, _ in started[:1]] == [("--backend", "triton", "--no-access-log")]
+    assert [s["server"] for s in record["series"]] == ["default"] and started[1:] == [signal.SIGTERM]
+
+
+# --- bench_loadtest.py: run names, CPU accounting, rows and the runs it makes ---
+
+
+def test_the_load_test_bench_names_its_runs():
+    import bench_loadtest
+
+    assert bench_loadtest._run_name(False, 1) == "unary, closed loop, 1 caller"
+    assert bench_loadtest._run_name(False, 4) == "unary, closed loop, 4 callers"
+    assert bench_loadtest._run_name(True, 4) == "stream, closed loop, 4 streams x 2"
+
+
+_BURNER = """
+import ctypes, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(15, b"srv) a b c", 0, 0, 0)  # a name with a parenthesis and spaces, in /proc
+child = subprocess.Popen([sys.executable, "-c", "import os, sys, time\\n"
+                          "while time.process_time() < 0.3: os.stat('/')\\n"
+                          "print(sum(os.times()[:2]), flush=True)\\nsys.stdin.read()"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+while time.process_time() < 0.3:
+    os.stat("/")  # user and system time both
+print(sum(os.times()[:2]) + float(child.stdout.readline()), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_server_cpu_is_its_user_and_system_time_and_its_childrens():
+    """``_server_cpu_seconds``: the process's user + system seconds and those of the
+    processes it started (``serve --workers N``'s front ends), from /proc."""
+    import bench_loadtest
+
+    if not Path("/proc/self/stat").exists():
+        assert bench_loadtest._server_cpu_seconds(os.getpid()) is None
+        return
+    process = subprocess.Popen([sys.executable, "-c", _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        spent = float(process.stdout.readline())  # its own and its child's, as each counted them
+        assert spent >= 0.5
+        assert bench_loadtest._server_cpu_seconds(process.pid) == pytest.approx(spent, abs=0.04)
+    finally:
+        process.stdin.close()
+        process.wait(10)
+    assert bench_loadtest._server_cpu_seconds(process.pid) is None  # gone
+
+
+def test_the_load_test_baseline_cycles_the_requests_for_its_seconds(monkeypatch):
+    """``_in_process_images_per_s``: one pass sizes the run (here 10 ms: 4 images at 400
+    images/s), the requests are repeated to fill the seconds asked for, and the CPU per
+    request counts the timed run's calls and its 3 warm-up calls."""
+    import bench_loadtest
+    import bench_service
+
+    clock, cpu, calls = _Clock(), _Clock(), []
+
+    def assign_sparse(boxes, counts, canvas, config, gt_classes, backend):
+        calls.append(len(counts))
+        clock.now += 0.005
+        cpu.now += 0.001
+
+    monkeypatch.setattr(bench_service, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(bench_loadtest, "time", types.SimpleNamespace(process_time=cpu.perf_counter))
+    monkeypatch.setattr(bench_loadtest, "assign_sparse", assign_sparse)
+    rate, cpu_ms = bench_loadtest._in_process_images_per_s(Workload(canvas=(64, 96), images=2, variants=2), "cpu", 0.05)
+    assert len(calls) == (2 + 2) + (3 + 10) and set(calls) == {2}  # a warm-up of up to 3 calls, then the timed
+    assert rate == pytest.approx(400.0) and cpu_ms == pytest.approx(1.0)
+
+
+def test_the_load_test_baseline_is_measured_with_the_machines_threads_and_one(monkeypatch):
+
+    import bench_loadtest
+
+    asked = []
+
+    def measure(workload, backend, seconds):
+        asked.append((torch.get_num_threads(), backend, seconds))
+        return 100.0 * torch.get_num_threads(), 2.0 / torch.get_num_threads()
+
+    monkeypatch.setattr(bench_loadtest, "_in_process_images_per_s", measure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rates, cpu_ms = {}, {}
+        bench_loadtest._in_process(rates, cpu_ms, "before", argparse.Namespace(backend="cpu", duration=4.0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == [(2, "cpu", 2.0), (1, "cpu", 2.0)]
+    assert rates == {"before the runs, 2 thread(s)": 200.0, "before the runs, 1 thread(s)": 100.0}
+    assert cpu_ms == {"before the runs, 2 thread(s)": 1.0, "before the runs, 1 thread(s)": 2.0}
+
+
+def test_a_timed_load_test_run_counts_cpu_per_request_and_the_cores_kept_busy():
+    """Here the server is this process (a gRPC server on a thread): its CPU over the run,
+    and the client's, per request (warm-up included), and over the cores' time."""
+    import bench_loadtest
+
+    answer = _small_response()
+    options = LoadTestOptions(targets=("127.0.0.1:1",), workload=Workload(canvas=(64, 96), images=1, variants=1),
+                              duration_s=0.3, warmup_s=0.2, concurrency=1)  # fmt: skip
+    with fake_assigner(lambda raw, context: answer, None) as address:
+        start = time.perf_counter()
+        report, cpu = bench_loadtest._timed_run(dataclasses.replace(options, targets=(address,)), os.getpid())
+        wall = time.perf_counter() - start
+    requests = report.requests + report.warmup_requests
+    assert report.requests > 0 and report.warmup_requests > 0
+    assert cpu["client_cpu_ms"] == round(1e3 * report.client_cpu_s / requests, 2)
+    server = cpu["server_cpu_ms"] * requests / 1e3
+    assert 0 < server <= wall * os.cpu_count()  # this process's CPU over the run, not since it started
+    cores = report.window_s * os.cpu_count()
+    rounding = 0.005 + 0.005e-3 * requests / cores  # cores_busy's, and server_cpu_ms's over the requests
+    assert cpu["cores_busy"] == pytest.approx((server + report.client_cpu_s) / cores, abs=rounding + 1e-9)
+
+
+def test_the_load_test_bench_rows_are_over_the_fastest_baseline(tmp_path, capsys):
+
+    import bench_loadtest
+
+    latency = _histogram()
+    for _ in range(10):
+        latency.record_value(5000)
+    report = Report(LoadTestOptions(targets=("127.0.0.1:1",), duration_s=2.0), 10, {"UNAVAILABLE": 2, "INTERNAL": 3},
+                    0, latency, [])  # fmt: skip
+    cpu = {"server_cpu_ms": 1.25, "client_cpu_ms": 0.5, "cores_busy": 0.25}
+    rates = {"before the runs, 2 thread(s)": 80.0, "after the runs, 1 thread(s)": 40.0}
+    cpu_ms = {"before the runs, 2 thread(s)": 1.5, "after the runs, 1 thread(s)": 3.0}
+    args = argparse.Namespace(backend="cpu", server_args="", processes=1)
+    bench_loadtest._write_results(tmp_path, args, "m", rates, cpu_ms, [("run a", report, cpu)])
+    row = next(csv.DictReader(open(tmp_path / "loadtest.csv")))
+    assert (row["images_per_s"], row["vs_in_process"], row["errors"]) == ("40.0", "0.5", "5")  # 5 req/s x 8 images
+    out = capsys.readouterr().out
+    assert "in-process assign_sparse 80 images/s (before the runs, 2 thread(s)), 1.50 CPU ms per request" in out
+    assert out.splitlines()[-1].endswith("| 5 | 0 | 1.25 / 0.50 | 25% |")
+    assert (tmp_path / "loadtest.png").exists()
+    assert bench_loadtest._cell(0.0, ".1f") == "0.0" and bench_loadtest._cell(None, ".1f") == "–"
+
+
+def test_the_load_test_bench_scales_its_callers_and_opens_the_loop_at_80_percent_of_the_best_unary_rate(
+    monkeypatch, tmp_path
+):
+    """Every run has at least one caller per client process; the open loop runs at 80% of
+    the best closed-loop unary rate (not the streams'), over as many connections as that
+    run had callers; every run verifies 20 responses; the baseline is measured before and
+    after the runs."""
+    import bench_loadtest
+
+    def report(requests: int) -> Report:
+        latency = _histogram()
+        latency.record_value(5000)
+        return Report(LoadTestOptions(targets=("127.0.0.1:1",)), requests, {}, 0, latency, [])
+
+    reports, options, whens = [report(100), report(300), report(200), report(1000), report(50)], [], []
+
+    class Server:
+        pid = 0
+
+        def send_signal(self, signum):
+            pass
+
+        def wait(self, timeout):
+            pass
+
+    def timed_run(run_options, pid):
+        options.append(run_options)
+        return dataclasses.replace(reports.pop(0), options=run_options), {"server_cpu_ms": None, "client_cpu_ms": 0.5,
+                                                                          "cores_busy": None}  # fmt: skip
+
+    def in_process(rates, cpu_ms, when, args):
+        whens.append(when)
+        rates[f"{when} the runs"], cpu_ms[f"{when} the runs"] = 1000.0, 1.0
+
+    monkeypatch.setattr(bench_loadtest, "_in_process", in_process)
+    monkeypatch.setattr(bench_loadtest, "_serve", lambda backend, extra: (Server(), "127.0.0.1:1"))
+    monkeypatch.setattr(bench_loadtest, "_timed_run", timed_run)
+    monkeypatch.setattr(sys, "argv", ["bench_loadtest.py", "--out", str(tmp_path), "--processes", "3", "--scale", "2",
+                                      "--duration", "10"])  # fmt: skip
+    assert bench_loadtest.main() == 0 and not reports
+    runs = [row["run"] for row in csv.DictReader(open(tmp_path / "loadtest.csv"))]
+    assert runs == [
+        "unary, closed loop, 3 callers",
+        "unary, closed loop, 8 callers",
+        "unary, closed loop, 32 callers",
+        "stream, closed loop, 8 streams x 2",
+        "unary, open loop at 24 requests/s (80% of the best unary rate)",
+    ]  # 300 in 10 s, 8 callers
+    assert [(o.concurrency, o.stream, o.window, o.rate) for o in options] == [
+        (3, False, 1, None),
+        (8, False, 1, None),
+        (32, False, 1, None),
+        (8, True, 2, None),
+        (8, False, 1, 24.0),
+    ]
+    assert {(o.verify, o.processes) for o in options} == {(20, 3)}
+    assert whens == ["before", "after"]
+    record = json.loads((tmp_path / "loadtest.json").read_text())
+    assert list(record["in_process_images_per_s"]) == ["before the runs", "after the runs"]
+
+
+# --- service_sweep.py: one row per configuration, its table, and its exit status ---
+
+
+def _sweep_report(options, requests: int, errors: dict | None = None, verified: int = 10,
+                  mismatches: list | None = None) -> Report:  # fmt: skip
+    latency = _histogram()
+    for value in ([5120] * 98 + [40960] * 2) if requests else []:
+        latency.record_value(value)
+    return Report(options, requests, errors or {}, 0, latency, [], verified=verified, mismatches=mismatches or [])
+
+
+def _service_sweep(monkeypatch, tmp_path, scripted: dict) -> tuple[int, list, list, str]:
+    """service_sweep.main over ``scripted`` (serve flags -> the report's other fields) with
+    no server: the flags each server got, each run's options, the record and the table."""
+    import service_sweep
+
+    served, options = [], []
+
+    class Server:
+        def send_signal(self, signum):
+            served.append(signum)
+
+        def wait(self, timeout):
+            pass
+
+    def serve(backend, flags):
+        served.append((backend, flags))
+        return Server(), "127.0.0.1:1"
+
+    def run(run_options):
+        options.append(run_options)
+        flags = list(scripted)[len(options) - 1]
+        return _sweep_report(run_options, **scripted[flags])
+
+    monkeypatch.setattr(service_sweep, "_serve", serve)
+    monkeypatch.setattr(service_sweep, "run", run)
+    monkeypatch.setattr(sys, "argv", ["service_sweep.py", "--backend", "triton", "--configs", *scripted, "--streams",
+                                      "2", "--processes", "4", "--duration", "2", "--warmup", "0.5", "--out",
+                                      str(tmp_path)])  # fmt: skip
+    status = service_sweep.main()
+    return status, served, options, (tmp_path / "service_sweep.md").read_text()
+
+
+def test_the_service_sweep_rows_are_each_configurations_load_test(monkeypatch, tmp_path):
+    scripted = {"--compute-workers 1": dict(requests=40, verified=7),
+                "--compute-workers 2 --max-batch-images 128": dict(requests=10,
+                                                                   errors={"UNAVAILABLE": 2, "INTERNAL": 1}),
+                "--compute-workers 3": dict(requests=20, mismatches=["request 3 differs"])}  # fmt: skip
+    status, served, options, md = _service_sweep(monkeypatch, tmp_path, scripted)
+    assert status == 1
+    assert served[0] == ("triton", ["--compute-workers", "1"]) and served[1] == signal.SIGTERM
+    assert served[2] == ("triton", ["--compute-workers", "2", "--max-batch-images", "128"])
+    assert {(o.concurrency, o.processes, o.stream, o.window, o.verify, o.duration_s, o.warmup_s) for o in options} == {
+        (4, 4, True, 2, 10, 2.0, 0.5)
+    }  # at least a stream per process
+    summary = _sweep_report(options[0], 40).summary()["latency_ms"]
+    record = json.loads((tmp_path / "service_sweep.json").read_text())
+    assert record["backend"] == "triton" and len(record["rows"]) == 3
+    first, second, third = record["rows"]
+    assert (first["images_per_s"], first["verified"], first["errors"], first["mismatches"]) == (160.0, 7, 0, 0)
+    assert (first["p50_ms"], first["p99_ms"]) == (round(summary["p50"], 2), round(summary["p99"], 2))
+    assert first["p50_ms"] != round(summary["p50"]) and first["p50_ms"] < first["p99_ms"]
+    assert (second["errors"], third["mismatches"]) == (3, 1)
+    table = md.splitlines()
+    assert table[4:6] == ["| serve flags | images/s | p50 ms | p99 ms | errors | verified |",
+                          "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    assert table[6] == f"| `--compute-workers 1` | 160 | {summary['p50']:.1f} | {summary['p99']:.1f} | 0 | 7 |"
+
+
+def test_the_service_sweep_fails_on_a_mismatch_alone_and_passes_when_every_row_is_clean(monkeypatch, tmp_path):
+    clean = {"--compute-workers 1": dict(requests=40)}
+    assert _service_sweep(monkeypatch, tmp_path, clean)[0] == 0
+    mismatch = {**clean, "--compute-workers 2": dict(requests=40, mismatches=["request 1 differs"])}
+    assert _service_sweep(monkeypatch, tmp_path, mismatch)[0] == 1
+
+
+def test_the_service_sweep_keeps_every_row_when_a_configuration_answers_nothing(monkeypatch, tmp_path):
+    """A configuration that answered no request (every call refused: a typo in its flags,
+    a token the load test lacks) has no latencies: its row says so, and the rows measured
+    before and after it are still written (the sweep died at its p99 and wrote nothing)."""
+    refused = dict(requests=0, errors={"UNAUTHENTICATED": 9})
+    scripted = {
+        "--compute-workers 1": dict(requests=40),
+        "--token secret": refused,
+        "--compute-workers 2": dict(requests=40),
+    }
+    status, _, _, md = _service_sweep(monkeypatch, tmp_path, scripted)
+    assert status == 1
+    rows = json.loads((tmp_path / "service_sweep.json").read_text())["rows"]
+    assert [row["serve"] for row in rows] == list(scripted)
+    assert (rows[1]["images_per_s"], rows[1]["p50_ms"], rows[1]["p99_ms"], rows[1]["errors"]) == (0.0, None, None, 9)
+    assert rows[2]["p99_ms"] is not None
+    assert "| `--token secret` | 0 | - | - | 9 | 10 |" in md.splitlines()
+
+
+# --- serving.py: what a server that could not start printed ---
+
+
+def test_a_server_that_never_got_ready_keeps_the_last_lines_it_printed():
+    lines = [f"line {i}\n" for i in range(100)]
+    address, url, printed, ready = serving.until_ready(iter(lines))
+    assert (address, url, ready) == (None, None, False) and printed == lines[-serving._KEPT_LINES :]
+    early = ["warm-up done: health is SERVING\n", "tritarget serving on 127.0.0.1:5 (plaintext)\n", "end\n"]
+    assert serving.until_ready(iter(early))[3] is False  # SERVING before any address is not this server's
+
+
+def test_a_benchmark_server_keeps_answering_after_its_access_log_outgrows_a_pipe():
+    """``start_server`` reads the server's output until it is ready, then must go on
+    reading it: the access log (a line per call) fills the pipe's 64 KiB after a few
+    hundred calls, and a server writing to a full pipe answers nothing more."""
+
+    process, address, _ = serving.start_server("--backend", "cpu", "--warmup-canvas", "64", "96")
+    try:
+        boxes = torch.tensor([[4.0, 4, 40, 30]])
+        with TargetClient(address, timeout=10) as client:
+            for i in range(600):  # ~200 bytes of access log each
+                client.assign(boxes, [1], (64, 96), preset="retinanet_torchvision", request_id=f"{i:0128d}")
+    finally:
+        process.terminate()
+        process.wait(30)
