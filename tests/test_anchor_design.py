@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -1498,6 +1499,7 @@ def test_cli_names_configs_apart(tiny_path, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--no-resize", "--max-size", "800"], "--max-size goes with --min-size resizing, not with --canvas"),
+    (["--canvas", "64", "64", "--max-size", "800"], "--max-size goes with --min-size resizing, not with --canvas"),
     (["--letterbox", "64", "64", "--size-divisible", "64"],
      "--size-divisible pads --min-size and --no-resize canvases; --letterbox 64 64 fixes the canvas"),
 ])  # fmt: skip
@@ -2031,3 +2033,305 @@ def test_strict_high_configs_are_checked_and_labelled_with_their_own_comparison(
     assert format_missing(results[1], strict=True).splitlines()[0] == (
         "strict: 1 boxes without a positive at IoU > high alone"
     )
+
+
+# ---------------------------------------------------------------- what the table, the listing and the pictures show
+
+
+def _table_rows(table: str) -> dict[str, str]:
+    """The check table's rows of one config: label -> value."""
+    return {line[: line.rindex("  ")].strip(): line[line.rindex("  ") :].strip() for line in table.splitlines()[2:]}
+
+
+def test_the_check_table_shows_each_number_in_its_row(small_dataset):
+    """Every row of the report against the counts it is made of (check's own numbers, not the summary's)."""
+    config = _small_fpn()
+    result = check(small_dataset, config, name="fpn", backend="cpu")
+    positives, strict = result.matched.positives.double(), result.strict.positives.double()
+    table = format_check_table([result])
+    lines = table.splitlines()
+    assert lines[0].split() == ["fpn"] and all(line == line.rstrip() for line in lines)  # values right-aligned
+    assert len({len(line) for line in lines}) == 1
+    row = _table_rows(table)
+    anchors = generate_anchors(config.anchors, (96, 128)).shape[0]
+    assert (row["images"], row["boxes (crowd regions)"], row["anchors per image"]) == ("5", "14 (1)", f"{anchors:,}")
+    assert anchors >= 1000  # written with a thousands separator
+    assert row["matching"] == f"IoU>=0.5, low-quality {config.match.low_quality}" != "IoU>=0.5, low-quality none"
+    assert row["BPR, with low-quality rule"] == f"{100 * float((positives > 0).double().mean()):.1f}%"
+    boxes = result.boxes.double()
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    classes = {"small": areas < 32**2, "medium": (areas >= 32**2) & (areas < 96**2), "large": areas >= 96**2}
+    assert int(classes["large"].sum()) == 0  # a class without boxes: "-"
+    for size, rows in classes.items():
+        n = int(rows.sum())
+        want = "0 / - / -" if n == 0 else (
+            f"{n} / {100 * float((strict[rows] > 0).double().mean()):.1f}% / {float(positives[rows].mean()):.1f}"
+        )  # fmt: skip
+        assert row[f"{size}: boxes / BPR / pos per box"] == want, size
+    assert row["positives per box (mean)"] == f"{float(positives.mean()):.2f}"
+    assert row["without low-quality rule"] == f"{float(strict.mean()):.2f}" != row["positives per box (mean)"]
+    used = [int((part > 0).sum()) for part in result.matched.by_shape.split(list(config.anchors.anchors_per_cell))]
+    assert row["shapes ever positive"] == " ".join(f"{u}/9" for u in used) and used != [9, 9, 9]
+    best = result.best_iou.double()
+    quantiles = [f"{float(torch.quantile(best, q)):.2f}" for q in (0.1, 0.5, 0.9)]
+    assert row["best-anchor IoU p10/p50/p90"] == " / ".join(quantiles)
+    assert row["best-anchor IoU short of high"] == f"{100 * float((best < 0.5).double().mean()):.1f}%"
+    ignored = result.matched.ignored_anchors / result.matched.total_anchors
+    assert row["ignored anchors"] == f"{100 * ignored:.3f}%" and ignored > 0
+    assert re.fullmatch(r"\d+\.\d\d s, [\d,]+ img/s", row["scan"]), row["scan"]
+    summary = result.summary()
+    assert summary["images_per_second"] == pytest.approx(5 / summary["seconds"])
+    assert summary["low_quality"] == config.match.low_quality and summary["high"] == 0.5
+
+
+def test_check_of_a_dataset_without_boxes_says_none_where_there_is_no_value():
+    """One image, no boxes: shares, means and quantiles are None (the table's "-"), every
+    level's share of no positives 0, and the anchors per image those of its one canvas."""
+    config = presets.get("yolov5")
+    result = check(from_tensors([torch.zeros(0, 4)], [(64, 64)]), config, backend="cpu")
+    summary = result.summary()
+    assert summary["anchors_per_image"] == generate_anchors(config.anchors, (64, 64)).shape[0] == 252
+    assert (summary["bpr"], summary["bpr_low_quality"], summary["mean_positives"]) == (None, None, None)
+    assert summary["best_iou"] == {"mean": None, "p10": None, "p50": None, "p90": None, "below_high": None}
+    assert summary["level_share"] == [0.0, 0.0, 0.0] and summary["boxes_without_positive"] == 0
+    row = _table_rows(format_check_table([result]))
+    assert (row["BPR, IoU >= high alone"], row["best-anchor IoU p10/p50/p90"]) == ("-", "- / - / -")
+    assert row["small: boxes / BPR / pos per box"] == "0 / - / -" and row["positives per box (mean)"] == "-"
+    assert format_missing(result) == "config: 0 boxes without a positive under the config's rules"
+
+
+def test_cli_missing_lists_that_many_boxes_by_their_annotation_ids(skewed_path, capsys):
+    """--missing 2: two boxes without a positive at the high threshold, each named by its
+    image and annotation ids as the COCO file gives them, then how many more there are; the
+    library's listing stops at 20 by default."""
+    argv = ["anchors", "check", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--quiet", "--missing", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if "boxes without a positive" in line)
+    result = check(load_coco(skewed_path, Resize(mode="none")), presets.get("yolov5"), backend="cpu")
+    count = int(result.missing_strict.numel())
+    assert count > 20 and result.missing.numel() < count  # the config's rules alone would list fewer
+    header = f"yolov5: {count} boxes without a positive at IoU >= high alone"
+    assert out[start:] == [header, *out[start + 1 : start + 3], f"  ... {count - 2} more"]
+    annotations = {a["id"]: a for a in json.loads(Path(skewed_path).read_text())["annotations"]}
+    listed = []
+    for line in out[start + 1 : start + 3]:
+        image, annotation = int(line.split("image ")[1].split()[0]), int(line.split("annotation ")[1].split(":")[0])
+        x, y, w, h = annotations[annotation]["bbox"]
+        assert annotations[annotation]["image_id"] == image
+        box = [float(v) for v in line.split("box (")[1].split(")")[0].split(", ")]
+        assert box == pytest.approx([x, y, x + w, y + h], abs=0.051)
+        listed.append(annotation)
+    assert listed == result.annotation_ids[result.missing_strict[:2]].tolist()
+    assert len(format_missing(result, strict=True).splitlines()) == 1 + 20 + 1
+
+
+def test_cli_check_says_where_it_wrote_the_json_and_ends_it_with_a_newline(tiny_path, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--quiet", "--missing", "0", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {out}\n")
+    assert out.read_text().endswith("}\n]\n")
+
+
+def test_cli_progress_on_a_terminal_is_one_line_rewritten_in_place(tiny_path, monkeypatch):
+    """On a terminal: "\\r" before each state of the line, a newline once all is done."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["anchors", "check", "--annotations", tiny_path, "--no-resize", "--preset", "yolov5", "--backend", "cpu",
+            "--batch-images", "1", "--missing", "0"]  # fmt: skip
+    assert main(argv) == 0
+    rate = r"[1-9][\d,]*/s"  # images per second: 2 images in well under 2 s
+    pattern = rf"\rcheck yolov5: 1/2 \(50%\), {rate}\rcheck yolov5: 2/2 \(100%\), {rate}\n"
+    assert re.fullmatch(pattern, terminal.getvalue()), repr(terminal.getvalue())
+
+
+def test_cli_fit_reports_its_objective_and_the_shapes_it_wrote(skewed_path, tmp_path, capsys):
+    """The fit's line (images, generations, seed, the objective at each step) is the library's
+    fit; the shapes listed are those of the written config: w x h for yolo."""
+    out = tmp_path / "fitted.json"
+    argv = ["anchors", "fit", "--annotations", skewed_path, "--no-resize", "--preset", "yolov5", "--out", str(out),
+            "--generations", "2", "--seed", "5", "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    fit = fit_anchors(load_coco(skewed_path, Resize(mode="none")), presets.get("yolov5"), seed=5, generations=2,
+                      backend="cpu")  # fmt: skip
+    assert re.search(
+        rf"^fit on {fit.fit_images} images in \d+\.\d s \(2 generations, seed 5\); "
+        rf"objective {fit.fitness_start:.4f} \(yolov5\) -> "
+        rf"k-means {fit.fitness_kmeans:.4f} -> fitted {fit.fitness:.4f}$", text, re.M,
+    ), text  # fmt: skip
+    assert fit.fitness_start < fit.fitness and "nothing found beats" not in text
+    fitted = TargetConfig.from_dict(json.loads(out.read_text()))
+    assert fitted == fit.config
+    shapes = text.split("fitted anchor shapes:\n")[1].splitlines()[:3]
+    assert shapes == [
+        f"  level {i} (stride {level.stride}): (w x h) " + ", ".join(f"{w:.1f}x{h:.1f}" for w, h in level.shapes)
+        for i, level in enumerate(fitted.anchors.levels)
+    ]
+    assert any(w != h for level in fitted.anchors.levels for w, h in level.shapes)
+
+
+def test_cli_fit_notes_tiny_boxes_and_a_start_nothing_beats(tmp_path, capsys):
+    """Squares of 30-60 px and one 1.5 px box under retinanet_mmdet: the note on the box under
+    2 px, the note that the start is written back, and the shapes as mmdet's scales."""
+    generator, images, annotations = torch.Generator().manual_seed(0), [], []
+    for i in range(10):
+        images.append({"id": i + 1, "height": 256, "width": 256})
+        xy = torch.rand(6, 2, generator=generator) * 190 + 3
+        side = torch.rand(6, generator=generator) * 30 + 30
+        for (x, y), s in zip(xy.tolist(), side.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "bbox": [x, y, s, s]})
+    annotations.append({"id": 999, "image_id": 1, "bbox": [5, 5, 1.5, 1.5]})
+    path = _write(tmp_path / "squares.json", {"images": images, "annotations": annotations})
+    out = tmp_path / "fitted.json"
+    argv = ["anchors", "fit", "--annotations", path, "--no-resize", "--preset", "retinanet_mmdet", "--out", str(out),
+            "--generations", "0", "--backend", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "note: 1 of 61 boxes are under 2 px" in text
+    assert "note: nothing found beats retinanet_mmdet on these images; it is written back unchanged" in text
+    start = presets.get("retinanet_mmdet")
+    assert TargetConfig.from_dict(json.loads(out.read_text())) == start
+    shapes = text.split("fitted anchor shapes:\n")[1].splitlines()[: len(start.anchors.levels)]
+    assert shapes == [
+        f"  level {i} (stride {level.stride}): scales {', '.join(f'{v:.2f}' for v in level.scales)}; h/w ratios "
+        + ", ".join(f"{r:.3f}" for r in level.aspect_ratios)
+        for i, level in enumerate(start.anchors.levels)
+    ]
+
+
+def _figures(monkeypatch) -> list:
+    """The figures the pictures save, in order (each still written)."""
+    from tritarget.clients.anchor_design import plots
+
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
+    return figures
+
+
+def test_the_anchor_shapes_picture_draws_each_levels_shapes_around_one_cell(tmp_path, monkeypatch):
+    """Per level: the stride's square dashed and each shape centred on it, at their sizes,
+    in view with y down; the title names the stride and the count of shapes."""
+    pytest.importorskip("matplotlib")
+    from tritarget.clients.anchor_design.plots import plot_anchor_shapes
+
+    figures = _figures(monkeypatch)
+    config = presets.get("yolov5")
+    plot_anchor_shapes(config, (320, 640), tmp_path / "shapes.png")  # not square: x and y centres differ
+    (figure,) = figures
+    assert figure._suptitle.get_text() == "anchor shapes at one cell (yolo layout, pixels)"
+    assert len(figure.axes) == 3
+    for i, (axis, level) in enumerate(zip(figure.axes, config.anchors.levels)):
+        assert axis.get_title() == f"level {i}: stride {level.stride}, 3 shapes"
+        cell, *shapes = axis.patches
+        half = level.stride / 2
+        assert (cell.get_x(), cell.get_y(), cell.get_width(), cell.get_height()) == (-half, -half, 2 * half, 2 * half)
+        assert cell.get_linestyle() == "--" and len(shapes) == 3
+        for patch, (w, h) in zip(shapes, level.shapes):
+            assert (patch.get_width(), patch.get_height()) == pytest.approx((w, h))
+            assert (patch.get_x(), patch.get_y()) == pytest.approx((-w / 2, -h / 2), abs=1e-4)  # centred
+        extent = 1.05 * max(half, *(max(w, h) / 2 for w, h in level.shapes))
+        assert axis.get_xlim() == pytest.approx((-extent, extent)) and axis.get_ylim() == pytest.approx(
+            (extent, -extent)
+        )
+
+
+def test_an_images_picture_draws_what_the_matcher_assigned(tmp_path, monkeypatch):
+    """The second image of two (its boxes, its crowd region, its size within the canvas),
+    assigned as ``check`` assigns it: sampling off, so the positives and ignored anchors are
+    those check counts, each positive in its box's colour, each ignored anchor drawn."""
+    pytest.importorskip("matplotlib")
+    from tritarget.clients.anchor_design.plots import _colour, plot_assignment
+
+    figures = _figures(monkeypatch)
+    boxes = [
+        torch.tensor([[50.0, 50.0, 90.0, 80.0]]),
+        torch.tensor([[8.0, 8.0, 40.0, 40.0], [60.0, 20.0, 120.0, 90.0]]),
+    ]
+    crowd = [torch.zeros(0, 4), torch.tensor([[0.0, 70.0, 30.0, 100.0]])]
+    dataset = from_tensors(boxes, [(100, 150)] * 2, ignore_boxes=crowd, image_ids=[6, 7])
+    config = presets.get("fasterrcnn_rpn_torchvision")  # balanced sampling: off for the picture as for check
+    plot_assignment(dataset, 7, config, tmp_path / "image.png", backend="cpu")
+    result = check(dataset.subset(torch.tensor([1])), config, backend="cpu")
+    positives, ignored = int(result.matched.positives.sum()), result.matched.ignored_anchors
+    (figure,) = figures
+    axis = figure.axes[0]
+    assert axis.get_title() == (f"image 7\n2 boxes (thick), {positives} positive anchors (box colour), {ignored} "
+                                "ignored (grey), crowd hatched")  # fmt: skip
+    assert 0 < positives and 60 < ignored < 3000
+    canvas, image, *rest = axis.patches
+    assert (canvas.get_width(), canvas.get_height(), image.get_width(), image.get_height()) == (160, 128, 150, 100)
+    drawn = {}
+    for patch in rest:
+        drawn.setdefault((patch.get_linewidth(), patch.get_hatch()), []).append(patch)
+    assert len(drawn[0.4, None]) == ignored and len(drawn[0.8, None]) == positives
+    colours = {tuple(patch.get_edgecolor()[:3]) for patch in drawn[0.8, None]}
+    assert colours == {tuple(_colour(g)[:3]) for g in range(2)}
+    assert [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in drawn[2.5, None]] == [
+        (8, 8, 32, 32), (60, 20, 60, 70)
+    ]  # fmt: skip
+    assert [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in drawn[1.0, "//"]] == [(0, 70, 30, 30)]
+    assert axis.get_xlim() == (-4, 164) and axis.get_ylim() == (132, -4)  # y down
+
+
+def test_the_check_picture_plots_the_summary_side_by_side(small_dataset, tmp_path, monkeypatch):
+    """Bars of each config beside the other's (share of boxes per bin of positives, BPR at the
+    high threshold by size class, none for a class without boxes, share of positives per
+    level), the best-anchor IoU in 50 bins with match.high marked."""
+    pytest.importorskip("matplotlib")
+    from tritarget.clients.anchor_design.plots import plot_check
+
+    figures = _figures(monkeypatch)
+    config = _small_fpn()
+    results = [check(small_dataset, c, name=n, backend="cpu")
+               for n, c in (("plain", config), ("high", config.replace(**{"match.high": 0.7})))]  # fmt: skip
+    plot_check(results, tmp_path / "check.png")
+    (figure,) = figures
+    hist, iou, sizes, levels = figure.axes
+    for i, result in enumerate(results):
+        summary = result.summary()
+        expected = {
+            hist: [n / result.num_boxes for _, n in result.positive_histogram()],
+            sizes: [math.nan if summary["by_size"][s]["bpr"] is None else summary["by_size"][s]["bpr"]
+                    for s in ("small", "medium", "large")],
+            levels: summary["level_share"],
+        }  # fmt: skip
+        for axis, values in expected.items():
+            bars = axis.containers[i]
+            assert bars.get_label() == result.name
+            assert [p.get_height() for p in bars.patches] == pytest.approx(values, nan_ok=True)
+            assert [p.get_x() + p.get_width() / 2 for p in bars.patches] == pytest.approx(
+                [x + (i - 0.5) * 0.4 for x in range(len(values))]
+            )  # side by side
+            assert [p.get_width() for p in bars.patches] == pytest.approx([0.4] * len(values))
+    assert math.isnan(sizes.containers[0].patches[2].get_height())  # no large boxes: no bar
+    assert hist.containers[0].patches[0].get_facecolor() != hist.containers[1].patches[0].get_facecolor()
+    assert [t.get_text() for t in hist.get_xticklabels()] == ["0", "1", "2-3", "4-7", "8-15", "16+"]
+    assert [t.get_text() for t in sizes.get_xticklabels()] == ["small", "medium", "large"]
+    assert sizes.get_ylim() == (0, 1.05)
+    assert [len(p.get_xy()) for p in iou.patches] == [2 * 50 + 2] * 2  # step outlines of 50 bins
+    assert list(iou.lines[0].get_xdata()) == [0.5, 0.5] and iou.lines[0].get_label() == "match.high"
+    assert all(axis.get_legend() is not None for axis in figure.axes)
+
+
+def test_cli_refuses_fixed_feature_maps_that_fit_no_canvas(tmp_path, capsys):
+    """d2l maps of 32 x 32 at stride 8 but 5 x 5 at stride 16: no canvas gives both, with a
+    resize flag or without one; refused naming the maps, before the dataset is read."""
+    data = presets.get("d2l_multibox").to_dict()
+    data["anchors"]["levels"][1]["feature_size"] = [5, 5]
+    config = _write(tmp_path / "maps.json", data)
+    for flags in ([], ["--canvas", "80", "80"]):
+        assert main(["anchors", "check", "--annotations", "never_read.json", "--config", config, *flags]) == 2
+        assert capsys.readouterr().err == (
+            "tritarget anchors check: maps: its d2l feature maps (32x32 at stride 8, 5x5 at stride 16, 8x8 at "
+            "stride 32, 4x4 at stride 64, 1x1 at stride 256) fit no canvas (ceil(canvas / stride) must give each "
+            "level's map)\n"
+        )
