@@ -107,7 +107,10 @@ def _box_rows(value: Any, where: str, box_format: str) -> torch.Tensor:
     if tagged is not None and tagged.lower() != box_format:
         raise ValueError(f"{where}: BoundingBoxes in format {tagged}, but box_format is {box_format!r}: "
                          f"pass box_format={tagged.lower()!r}")  # fmt: skip
-    rows = as_tensor(value).to(torch.float32)
+    rows = as_tensor(value)
+    if rows.dtype == torch.bool or rows.is_complex():  # integers are pixels; these are no coordinates
+        raise TypeError(f"{where}: expected box coordinates (float or integer pixels), got {rows.dtype}")
+    rows = rows.to(torch.float32)
     if rows.numel() == 0:
         return rows.reshape(0, 4)
     if rows.dim() != 2 or rows.shape[1] != 4:

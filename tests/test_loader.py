@@ -1025,3 +1025,180 @@ def test_an_empty_set_of_boxes_of_any_shape_counts_zero_boxes():
     # torch.zeros(1, 0) has len 1 but no box: the image counts 0 boxes (its count must match the rows sent).
     boxes, counts, _ = boxes_of([{"boxes": torch.zeros(1, 0)}, {"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}])
     assert counts == [0, 1] and boxes.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+
+
+def test_boxes_of_gives_float32_boxes_and_one_flat_row_of_classes():
+    """Whole-pixel boxes come back float32, as ``assign`` and the box losses take them, and
+    labels as a column [N, 1] or one 0-d id are each image's flat class ids."""
+    targets = [{"boxes": torch.tensor([[1, 2, 30, 40], [5, 6, 50, 60]]), "labels": torch.tensor([[1], [2]])},
+               {"boxes": [[1, 2, 3, 4]], "labels": torch.tensor(3)}]  # fmt: skip
+    boxes, counts, classes = boxes_of(targets)
+    assert boxes.dtype == torch.float32 and boxes.tolist() == [[1, 2, 30, 40], [5, 6, 50, 60], [1, 2, 3, 4]]
+    assert counts == [2, 1] and classes.tolist() == [1, 2, 3]
+    with pytest.raises(TypeError, match=r"targets\[0\]\['labels'\]: expected integer class ids, got torch.complex64"):
+        boxes_of([{"boxes": torch.ones(1, 4), "labels": torch.tensor([1 + 0j])}])
+
+
+@pytest.mark.parametrize("key", ["boxes", "ignore_boxes"])
+@pytest.mark.parametrize("rows", [torch.tensor([[False, False, True, True]]), torch.tensor([[0, 0, 1 + 5j, 1]])],
+                         ids=["bool", "complex"])  # fmt: skip
+def test_box_rows_of_flags_or_complex_numbers_are_refused(key, rows):
+    """A mask is no box (read as 0.0 / 1.0 it made one), nor is a complex row (its
+    imaginary part dropped with a warning); integer pixels are boxes."""
+    images, targets = _one_image()
+    targets[0][key] = rows
+    message = rf"targets\[0\]\['{key}'\]: expected box coordinates \(float or integer pixels\), got {rows.dtype}"
+    with pytest.raises(TypeError, match=message):
+        next(with_targets([(images, targets)], preset=PRESET, backend="cpu"))
+    targets[0][key] = torch.tensor([[0, 0, 20, 30]])
+    next(with_targets([(images, targets)], preset=PRESET, backend="cpu"))
+
+
+@pytest.mark.parametrize("size", [(True, True), torch.tensor([64 + 0j, 64 + 0j])], ids=["bool", "complex"])
+def test_an_image_size_of_flags_or_complex_numbers_is_refused(size):
+    """(True, True) would read as a 1 x 1 image, a complex size as its real part."""
+    images, targets = _one_image()
+    targets[0]["image_size"] = size
+    dtype = "bool" if isinstance(size, tuple) else "complex64"
+    message = rf"targets\[0\]\['image_size'\]: expected integer pixels \(height, width\), got torch.{dtype}"
+    with pytest.raises(TypeError, match=message):
+        next(with_targets([(images, targets)], preset=PRESET, backend="cpu"))
+    with pytest.raises(TypeError, match=message):
+        TargetCollate(lambda samples: samples[0], preset=PRESET)([(images, targets)])
+
+
+def test_images_that_are_not_a_batched_tensor_are_taken_with_a_canvas_and_need_one_without():
+    """Images are anything given ``canvas=``: one unbatched Tensor[C, H, W] is not counted as
+    C images, nor read as a canvas of its own."""
+    images, targets = _one_image()
+    expected = next(with_targets([(images, targets)], preset=PRESET, backend="cpu"))[2]
+    unbatched = images[0]  # [3, 64, 64], for one image
+    ((*_, got),) = with_targets([(unbatched, targets)], preset=PRESET, backend="cpu", canvas=(64, 64))
+    assert torch.equal(got.labels, expected.labels)
+    with pytest.raises(ValueError, match=r"canvas: give canvas=\(H, W\), or batches whose images are one padded"):
+        next(with_targets([(unbatched, targets)], preset=PRESET, backend="cpu"))
+
+
+def test_the_auto_backend_solves_on_the_host_for_a_device_that_is_not_a_gpu():
+    """Only a CUDA ``device`` is where ``auto`` solves; any other gets the host's targets."""
+    ((_, targets, assigned),) = with_targets([_one_image()], preset=PRESET, backend="auto", device="meta")
+    assert assigned.labels.device.type == "meta"
+    ((_, _, on_host),) = with_targets([_one_image()], preset=PRESET, backend="auto")
+    assert torch.equal(on_host.labels, _expected_on(targets, (64, 64)).labels)
+
+
+def _expected_on(targets, canvas) -> Targets:
+    boxes, counts, classes = boxes_of(targets)
+    return assign(boxes, counts, canvas, presets.get(PRESET), gt_classes=classes, backend="cpu")
+
+
+@pytest.mark.parametrize(("name", "value"), [("gt_classes", torch.tensor([1])), ("request_id", "r1"),
+                                             ("seeds", torch.Generator())])  # fmt: skip
+def test_what_each_batch_brings_is_not_an_option(name, value):
+    """Classes come from the target dicts, request ids and seed generators from the loader."""
+    message = rf"unknown option '{name}'; the options are box_format, "
+    with pytest.raises(TypeError, match=message):
+        with_targets(_batches(1), preset=PRESET, **{name: value})
+    with pytest.raises(TypeError, match=message):
+        TargetCollate(_collate, preset=PRESET, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["return_classes", "return_max_iou"])
+def test_a_flag_that_is_not_a_bool_is_refused_when_the_loader_is_made(name):
+    """A "yes" from a config file, found out in a DataLoader worker at the first batch before."""
+    for make in (lambda: with_targets(_batches(1), preset=PRESET, **{name: "yes"}),
+                 lambda: TargetCollate(_collate, preset=PRESET, **{name: "yes"})):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"{name}: expected True or False, got 'yes'"):
+            make()
+
+
+def test_boolean_ignore_boxes_are_refused_with_or_without_a_client(server):
+    """A mask is not coordinates: read as 0.0 / 1.0 it made a crowd region in-process."""
+    mask = torch.tensor([[False, False, True, True]])
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            with pytest.raises(TypeError, match=r"ignore_boxes: expected .*, got torch.bool"):
+                list(with_targets([_one_image()], preset=PRESET, ignore_boxes=mask, ignore_counts=[1], **kwargs))
+
+
+def test_normalised_boxes_are_fractions_of_the_image_sizes_option_in_process_too(server):
+    """``image_sizes=`` as an option (not in the target dicts): each image's boxes are
+    fractions of its own size, in-process as the client scales them."""
+    images = torch.zeros(2, 3, *CANVAS)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[0.3, 0.6, 0.25, 0.5]]), "labels": torch.tensor([2])}]  # fmt: skip
+    sizes = torch.tensor([[64, 80], [100, 120]])
+    options = dict(preset=PRESET, box_format="cxcywhn", image_sizes=sizes)
+    with TargetClient(server.address) as client:
+        ((*_, remote),) = with_targets([(images, targets)], client=client, **options)
+    ((*_, local),) = with_targets([(images, targets)], backend="cpu", **options)
+    pixels = to_xyxy(torch.cat([t["boxes"] for t in targets]), "cxcywhn", sizes)
+    assert pixels[0].tolist() == [20.0, 16.0, 60.0, 48.0]  # in the first image's 80 x 64
+    expected = assign(pixels, [1, 1], CANVAS, presets.get(PRESET), gt_classes=torch.tensor([1, 2]), image_sizes=sizes,
+                      backend="cpu")  # fmt: skip
+    for got in (remote, local):
+        _same(got, expected)
+
+
+def test_a_loader_that_fails_before_its_first_batch_raises_with_or_without_a_client(server):
+    """An epoch whose loader raises at once is not an empty epoch: its error comes out."""
+
+    def failing():
+        raise OSError("disk gone")
+        yield  # a generator
+
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            with pytest.raises(OSError, match="disk gone"):
+                list(with_targets(failing(), preset=PRESET, **kwargs))
+
+
+class _FailsOnce:
+    """A loader whose third read raises, its later reads would go on; counting its reads."""
+
+    def __init__(self) -> None:
+        self.reads, self.batches = 0, _batches(6)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.reads += 1
+        if self.reads == 3:
+            raise OSError("disk gone")
+        if self.reads > len(self.batches):
+            raise StopIteration
+        return self.batches[self.reads - 1]
+
+
+def test_a_loader_is_not_read_after_it_raised(server):
+    """The batches before the error come out, then the error; nothing past it is read (and
+    dropped)."""
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            loader = _FailsOnce()
+            stream = with_targets(loader, preset=PRESET, **kwargs)
+            assert len([next(stream), next(stream)]) == 2
+            with pytest.raises(OSError, match="disk gone"):
+                next(stream)
+            assert loader.reads == 3
+
+
+def test_targets_that_are_not_a_sequence_are_refused():
+    """An iterator of dicts (read once, by the check) is not a batch's list of targets."""
+    images, targets = _batches(1)[0]
+    message = r"a batch must be \(images, targets\) with targets a list of per-image dicts .* got tuple of 2"
+    for given in (iter(targets), (target for target in targets)):
+        with pytest.raises(TypeError, match=message):
+            next(with_targets([(images, given)], preset=PRESET, backend="cpu"))
+
+
+def test_target_collate_gives_sparse_targets_when_asked(server):
+    """``densify=False``: SparseTargets from the service and in-process alike."""
+    batch = _batches(1)[0]
+    with TargetClient(server.address) as client:
+        for kwargs in ({"backend": "cpu"}, {"client": client}):
+            _, targets, assigned = TargetCollate(lambda samples: samples[0], preset=PRESET, densify=False,
+                                                 **kwargs)([batch])  # fmt: skip
+            assert isinstance(assigned, SparseTargets)
+            _same(assigned.to_dense(), _expected(targets))
