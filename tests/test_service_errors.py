@@ -23,7 +23,7 @@ from tritarget.kernels.anchors import resolve_grid
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
-from tritarget.service.errors import InvalidInput, ResourceExhausted, invalid_from_exception
+from tritarget.service.errors import InvalidInput, NotFound, ResourceExhausted, invalid_from_exception
 from tritarget.service.status import status_of
 
 CANVAS = (96, 128)
@@ -91,12 +91,14 @@ def test_invalid_ignore_box_names_field(client):
         ({"gt_counts": [1]}, "gt_counts", "counts sum to 1, but gt_boxes has 2 rows"),
         ({"gt_counts": []}, "gt_counts", "the batch is empty"),
         ({"canvas": (0, 128)}, "canvas_height", "must be positive"),
+        ({"canvas": (96, 0)}, "canvas_width", "must be positive, got 0"),
         ({"image_sizes": torch.tensor([[200, 100]])}, "image_sizes[0]", "must be positive and fit"),
         ({"image_sizes": torch.tensor([[90, 100], [80, 80]])}, "image_sizes", "expected shape [1, 2]"),
         ({"return_classes": True}, "return_classes", "needs gt_classes"),
         ({"gt_classes": torch.tensor([1, 2, 3])}, "gt_classes", "expected shape [2]"),
         # Not returned, but still wrong: refused as in-process assign refuses it.
         ({"gt_classes": torch.tensor([1, 2, 3]), "return_classes": False}, "gt_classes", "expected shape [2]"),
+        ({"gt_classes": torch.tensor([1])}, "gt_classes", "expected shape [2] (one per box), got [1]"),  # fewer too
         (
             {"preset": None, "config": {"anchors": {"layout": "nope", "levels": []}}},
             "config.config_json.anchors.layout",
@@ -116,6 +118,12 @@ def test_invalid_ignore_box_names_field(client):
             {"overrides": {"match.high": 0.3, "match.low": 0.2, "match.nope": 1}},
             "config.overrides[match.nope]",
             "unknown config field 'match.nope'",
+        ),
+        # Valid alone, not together: named by the config's path under the overrides.
+        (
+            {"overrides": {"match.low": 0.45, "match.high": 0.42}},
+            "config.overrides.match.low",
+            "must be in [0, high=0.42], got 0.45",
         ),
         (
             {"overrides": {"match": {"high": 0.3}, "match.low": 0.1}},
@@ -165,7 +173,10 @@ def _raw(client, mutate):
         (lambda r: setattr(r.gt_boxes, "dtype", 99), "gt_boxes: unknown or unset dtype 99"),
         (lambda r: r.gt_boxes.shape.__setitem__(1, 2), "gt_boxes: expected last dimension 4"),
         (lambda r: r.ClearField("gt_boxes"), "gt_boxes: missing, but gt_counts sum to 2"),
-        (lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8), "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FL"),
+        (
+            lambda r: setattr(r, "delta_dtype", pb.DTYPE_INT8),
+            "delta_dtype: must be one of DTYPE_FLOAT32, DTYPE_FLOAT16 (or unset); got DTYPE_INT8",
+        ),
         # D1: an unknown enum value is refused by name, not INTERNAL while naming it.
         (
             lambda r: setattr(r, "delta_dtype", 77),
@@ -176,7 +187,11 @@ def _raw(client, mutate):
             "format: must be one of FORMAT_SPARSE, FORMAT_DENSE (or unset); got unknown value 9",
         ),
         # D2: a background class that cannot travel as int32 is refused before computing.
-        (lambda r: r.config.overrides.__setitem__("background_class", "2147483648"), "must be in [0, 2147483647]"),
+        # A TargetConfig field's own path is its name (no leading dot).
+        (
+            lambda r: r.config.overrides.__setitem__("background_class", "2147483648"),
+            "config.overrides[background_class]: background_class: must be in [0, 2147483647]",
+        ),
         (lambda r: r.config.overrides.__setitem__("background_class", str(2**70)), "must be in [0, 2147483647]"),
         (lambda r: r.config.overrides.__setitem__("background_class", "-7"), "must be in [0, 2147483647]"),
         (
@@ -202,6 +217,12 @@ def _raw(client, mutate):
         (lambda r: r.ClearField("config"), "config: set either preset or config_json"),
         (lambda r: r.gt_counts.__setitem__(0, -2), "gt_counts: image 0: negative count -2"),
         (lambda r: r.gt_counts.extend([-1]), "gt_counts: image 1: negative count -1"),
+        (lambda r: r.ignore_counts.extend([-1]), "ignore_counts: image 0: negative count -1"),
+        # Fewer ignore counts than images, as more are.
+        (
+            lambda r: (r.gt_counts.append(0), r.ignore_counts.append(0)),
+            "ignore_counts: has 1 images, but gt_counts has 2",
+        ),
         (lambda r: r.ignore_boxes.CopyFrom(encode_tensor(GOOD[:1])), "ignore_counts: required with ignore_boxes"),
     ],
 )
@@ -311,6 +332,15 @@ def test_a_key_repeated_in_config_json_or_an_override_is_refused():
     request.config.overrides["match"] = '{"high": 0.5, "low": 0.4, "high": 0.7}'
     with pytest.raises(InvalidInput, match=r"^config.overrides\[match\]: the key 'high' appears twice in one object"):
         codec.decode_assign(request, codec.Limits())
+    # A long key is quoted clipped.
+    key = "k" * 100
+    request.config.overrides["match"] = f'{{"{key}": 0.5, "{key}": 0.7}}'
+    with pytest.raises(InvalidInput, match=f"the key '{'k' * 64}' \\(36 more characters\\) appears twice"):
+        codec.decode_assign(request, codec.Limits())
+    # The key that repeats is named, not the object's first.
+    request.config.overrides["match"] = '{"low": 0.4, "high": 0.5, "high": 0.7}'
+    with pytest.raises(InvalidInput, match=r"^config.overrides\[match\]: the key 'high' appears twice in one object"):
+        codec.decode_assign(request, codec.Limits())
 
 
 @pytest.mark.parametrize("format", ["sparse", "dense"])
@@ -361,7 +391,12 @@ def test_millions_of_counts_or_dimensions_are_refused_by_their_length(field, err
     [("gt_boxes", 3, "gt_counts: counts sum to 2, but gt_boxes has 3 rows"),
      ("ignore_boxes", 4, "ignore_counts: counts sum to 1, but ignore_boxes has 4 rows"),
      ("image_sizes", 4_000_000, "image_sizes: expected shape [2, 2] (height, width), got [4000000, 2]"),
-     ("pad_sizes", 3, "pad_sizes: expected shape [2, 2] (height, width), got [3, 2]")],
+     ("pad_sizes", 3, "pad_sizes: expected shape [2, 2] (height, width), got [3, 2]"),
+     # Fewer rows than the counts say, as more are.
+     ("gt_boxes", 1, "gt_counts: counts sum to 2, but gt_boxes has 1 rows"),
+     ("ignore_boxes", 0, "ignore_counts: counts sum to 1, but ignore_boxes has 0 rows"),
+     ("image_sizes", 1, "image_sizes: expected shape [2, 2] (height, width), got [1, 2]"),
+     ("pad_sizes", 1, "pad_sizes: expected shape [2, 2] (height, width), got [1, 2]")],
 )  # fmt: skip
 def test_rows_that_do_not_match_the_counts_are_refused_when_decoded(field, rows, text):
     """On the event loop, before anything is copied: 4 million int32 sizes (32 MB) were
@@ -742,3 +777,80 @@ def test_a_response_that_fits_without_its_id_at_exactly_the_limit_names_the_requ
     size = codec.dense_response_bytes(1, resolve_grid(job.config.anchors, CANVAS).num_anchors, request, 0)
     with pytest.raises(ResourceExhausted, match=r"^request_id: the DENSE response \(echoing the 100-byte"):
         codec.decode_assign(request, codec.Limits(max_message_bytes=size - 100))
+
+
+def test_a_preset_name_of_64_characters_is_quoted_whole_and_one_more_is_clipped():
+    """An unknown preset's name is quoted back up to 64 characters; past them, the rest is counted."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.preset = "z" * 64
+    with pytest.raises(NotFound, match=f"^config.preset: unknown preset '{'z' * 64}'; known presets: "):
+        codec.decode_assign(request, codec.Limits())
+    request.config.preset = "z" * 65
+    with pytest.raises(NotFound, match=re.escape(f"unknown preset '{'z' * 64}' (1 more characters); known")):
+        codec.decode_assign(request, codec.Limits())
+
+
+def test_json_nested_32_levels_deep_is_not_refused_as_too_deep():
+    """The depth limit is inclusive: 32 levels reach the config code (refused there for
+    what they hold), 33 are refused as too deep (``test_malformed_messages``)."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.overrides["match.high"] = "[" * 32 + "]" * 32
+    with pytest.raises(InvalidInput, match=r"^config.overrides\[match.high\]: match.high: expected a number, got \[\["):
+        codec.decode_assign(request, codec.Limits())
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision")
+    request.config.ClearField("preset")
+    request.config.config_json = '{"anchors": ' + "[" * 31 + "]" * 31 + "}"  # the object is level 1
+    with pytest.raises(InvalidInput, match=r"^config.config_json.anchors: expected AnchorConfig, got list"):
+        codec.decode_assign(request, codec.Limits())
+
+
+@pytest.mark.parametrize("boxes", [3, 300])  # listed as Python ints, or scanned in numpy
+def test_of_several_classes_out_of_range_the_first_is_named(boxes):
+    classes = torch.ones(boxes, dtype=torch.int64)
+    request = build_request(GOOD[:1].repeat(boxes, 1), [boxes - 1, 1], CANVAS, gt_classes=classes,
+                            preset="retinanet_torchvision")  # fmt: skip
+    classes[[-2, -1]] = torch.tensor([-1, 2**40])
+    request.gt_classes.CopyFrom(encode_tensor(classes))
+    with pytest.raises(InvalidInput, match=f"^gt_classes: image 0, box {boxes - 2}: class -1 is outside"):
+        codec.decode_assign(request, codec.Limits())
+
+
+@pytest.mark.parametrize("format", ["sparse", "dense"])
+def test_float16_overflow_names_the_largest_overflowing_magnitude(format):
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format=format, delta_dtype="float16")
+    targets = assign(GOOD, [2], CANVAS, presets.get("retinanet_torchvision"), backend="reference")
+    positives = torch.nonzero(targets.labels.view(-1) == 1).view(-1)
+    targets.deltas.view(-1, 4)[positives[0]] = torch.tensor([1e5, 0.0, 0.0, 0.0])
+    targets.deltas.view(-1, 4)[positives[1]] = torch.tensor([0.0, -3e6, 0.0, 0.0])
+    with pytest.raises(InvalidInput, match="a delta of magnitude 3e[+]06 does not fit DTYPE_FLOAT16"):
+        codec.encode_assign(request, targets)
+
+
+def test_a_request_id_is_measured_in_bytes_when_it_is_what_does_not_fit():
+    """An id of 50 two-byte characters is 100 bytes on the wire: a DENSE response 100 bytes
+    over the limit fits without it, so the id is what is named."""
+    request = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision", format="dense", request_id="\u00e9" * 50)
+    job = codec.decode_assign(request, codec.Limits())
+    size = codec.dense_response_bytes(1, resolve_grid(job.config.anchors, CANVAS).num_anchors, request, 0)
+    with pytest.raises(ResourceExhausted, match=r"^request_id: the DENSE response \(echoing the 100-byte request_id\)"):
+        codec.decode_assign(request, codec.Limits(max_message_bytes=size - 100))
+
+
+@pytest.mark.parametrize(
+    "extra, field, description",
+    [(b"\x7a\x00", "return_max_iou", "sent as length-delimited (field number 15), not as its type is"),
+     (b"\x2a\x05\x0d\x01\x00\x00\x00", "gt_boxes.dtype", "sent as 32-bit (field number 1), not as its type is"),
+     (b"\x12\x02\x18\x07", "config.overrides", "sent as varint (field number 3), not as its type is"),
+     (b"\x12\x02\x20\x07", "config", "field number 4 (varint) is not one of tritarget.v1.ConfigRef's on this"),
+     # Of two unknown fields, the first is named.
+     (b"\x90\x01\x01\x98\x01\x01", "request", "field number 18 (varint) is not one of tritarget.v1.AssignRequest's")],
+    ids=["wire_type", "nested_wire_type", "map_wire_type", "nested_unknown", "first_of_two"],
+)  # fmt: skip
+def test_a_field_sent_as_this_server_does_not_know_it_is_named_by_its_path(extra, field, description):
+    """A known field sent with another wire type is named by its path (a nested one under
+    its message's field, a top-level one alone); an unknown one by the message holding it."""
+    sent = build_request(GOOD, [2], CANVAS, preset="retinanet_torchvision").SerializeToString() + extra
+    with pytest.raises(InvalidInput) as info:
+        codec.decode_assign(pb.AssignRequest.FromString(sent), codec.Limits())
+    assert str(info.value).startswith(f"{field}: {description}")
+    assert info.value.violations[0][0] == field

@@ -324,6 +324,18 @@ def test_a_request_without_a_seed_that_does_not_sample_draws_none():
     assert {decode_assign(request, Limits()).seed for _ in range(3)} == {0}
 
 
+def test_a_config_that_samples_one_anchor_draws_a_seed_too(generator):
+    """Any sample_size above 0 samples: a request without a seed gets one drawn, from the
+    range in-process ``fresh_seed`` draws (seed + image stays an int64 a client can send)."""
+    canvas = (64, 96)
+    boxes, counts = random_batch(generator, [2, 1], canvas)
+    request = build_request(boxes, counts, canvas, preset="fasterrcnn_rpn_torchvision",
+                            overrides={"match.sample_size": 1}, seed=0)  # fmt: skip
+    request.ClearField("seed")
+    seeds = [decode_assign(request, Limits()).seed for _ in range(8)]
+    assert len(set(seeds)) == 8 and all(0 <= seed < 2**62 for seed in seeds)
+
+
 @pytest.mark.parametrize("format", [pb.FORMAT_DENSE, pb.FORMAT_SPARSE], ids=["dense", "sparse"])
 def test_a_request_without_a_delta_dtype_is_answered_float32(format):
     """The wire's contract (``delta_dtype``: DTYPE_FLOAT32 by default): a client that leaves
@@ -338,3 +350,58 @@ def test_a_request_without_a_delta_dtype_is_answered_float32(format):
     sent = unset.dense.deltas if format == pb.FORMAT_DENSE else unset.sparse.positive_deltas
     assert sent.dtype == pb.DTYPE_FLOAT32
     assert unset.SerializeToString(deterministic=True) == explicit.SerializeToString(deterministic=True)
+
+
+def _small_targets(**fields) -> Targets:
+    """Two images of three anchors: as many ignored as negative anchors (the SPARSE
+    response lists the ignored ones from either form)."""
+    labels = torch.tensor([[1, 0, -1], [-1, 1, 0]], dtype=torch.int8)
+    deltas = torch.zeros(2, 3, 4)
+    deltas[0, 0], deltas[1, 1] = torch.tensor([0.5, -0.25, 0.1, 0.2]), torch.tensor([1.0, 2.0, -1.0, 0.0])
+    return Targets(labels=labels, matched_gt=torch.tensor([[0, -1, -1], [-1, 1, -1]], dtype=torch.int32),
+                   deltas=deltas, **fields)  # fmt: skip
+
+
+FORMS = {
+    "dense": (pb.FORMAT_DENSE, lambda t: t),
+    "sparse_from_dense": (pb.FORMAT_SPARSE, lambda t: t),
+    "sparse_from_lists": (pb.FORMAT_SPARSE, lambda t: t.to_sparse()),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_classes_and_dropped_lists_are_sent_only_when_asked_for(form):
+    """The response holds what its request asks for, whatever the targets carry: classes
+    with return_classes, the dropped lists (per image, boxes and ignore regions apart)
+    with drop_invalid."""
+    format, shape = FORMS[form]
+    targets = _small_targets(classes=torch.tensor([[7, 0, 0], [0, 9, 0]], dtype=torch.int32),
+                             dropped=[torch.tensor([2]), torch.tensor([], dtype=torch.int64)],
+                             dropped_ignore=[torch.tensor([], dtype=torch.int64), torch.tensor([0, 3])])  # fmt: skip
+    given = shape(targets)
+    plain = encode_assign(pb.AssignRequest(format=format), given)
+    asked = encode_assign(pb.AssignRequest(format=format, return_classes=True, drop_invalid=True), given)
+    dense = format == pb.FORMAT_DENSE
+    classes = lambda r: r.dense.HasField("classes") if dense else r.sparse.HasField("positive_classes")  # noqa: E731
+    assert not classes(plain) and not plain.dropped
+    assert classes(asked)
+    assert [(list(d.box_index), list(d.ignore_box_index)) for d in asked.dropped] == [([2], []), ([], [0, 3])]
+
+
+@pytest.mark.parametrize("format", [pb.FORMAT_DENSE, pb.FORMAT_SPARSE], ids=["dense", "sparse"])
+def test_max_iou_is_sent_only_when_asked_for(format):
+    targets = _small_targets(max_iou=torch.tensor([[0.7, 0.1, 0.45], [0.3, 0.9, 0.0]]))
+    assert not encode_assign(pb.AssignRequest(format=format), targets).HasField("max_iou")
+    sent = encode_assign(pb.AssignRequest(format=format, return_max_iou=True), targets).max_iou
+    assert np.array_equal(np.frombuffer(sent.data, dtype=np.float32), targets.max_iou.numpy().reshape(-1))
+
+
+def test_sparse_lists_answer_a_dense_request_densified():
+    """A DENSE request answered from sparse lists gets the DENSE response its dense targets give."""
+    targets = _small_targets()
+    request = pb.AssignRequest(format=pb.FORMAT_DENSE)
+    from_lists = encode_assign(request, targets.to_sparse())
+    assert from_lists.WhichOneof("targets") == "dense"
+    assert from_lists.SerializeToString(deterministic=True) == encode_assign(request, targets).SerializeToString(
+        deterministic=True
+    )

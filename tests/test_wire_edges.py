@@ -17,6 +17,7 @@ from tritarget.kernels import TargetConfig, assign, generate_anchors, presets
 from tritarget.protos import target_assigner_pb2 as pb
 from tritarget.protos.tensors import encode_tensor
 from tritarget.service import codec
+from tritarget.service.errors import ResourceExhausted
 
 MIB = 1 << 20
 CANVAS = (96, 128)
@@ -62,6 +63,44 @@ def test_get_anchors_over_the_limit_by_its_envelope_is_refused_by_the_codec():
         errors = {"method": "GetAnchors", "code": "RESOURCE_EXHAUSTED"}
         assert server.metrics.value("tritarget_errors_total", errors) == 1
         assert client.get_anchors((64, 64), preset="retinanet_torchvision").shape[1] == 4  # smaller still served
+
+
+def test_get_anchors_at_exactly_the_limit_is_taken_and_one_byte_less_refused():
+    """The codec's own check of the anchors' size is inclusive, as gRPC's limit is."""
+    anchors = generate_anchors(presets.get("retinanet_torchvision").anchors, CANVAS)
+    size = pb.GetAnchorsResponse(anchors=encode_tensor(anchors)).ByteSize()
+    request = pb.GetAnchorsRequest(config=pb.ConfigRef(preset="retinanet_torchvision"), canvas_height=CANVAS[0],
+                                   canvas_width=CANVAS[1])  # fmt: skip
+    assert codec.anchors_request(request, codec.Limits(max_message_bytes=size))[2] == size
+    with pytest.raises(ResourceExhausted, match=f"the anchors would be {size} bytes, over the {size - 1}-byte limit"):
+        codec.anchors_request(request, codec.Limits(max_message_bytes=size - 1))
+
+
+def test_dense_size_with_one_box_dropped_and_an_image_without_any_is_exact():
+    """drop_invalid: an image's dropped lists take their message's tag and length even when
+    empty, and one dropped index (0) a byte; the size held before computing is the response's."""
+    invalid = torch.tensor([[5.0, 5.0, 5.0, 9.0]])
+    request = build_request(invalid, [1, 0, 0], CANVAS, preset="retinanet_mmdet", ignore_boxes=invalid,
+                            ignore_counts=[0, 1, 0], drop_invalid=True, format="dense")  # fmt: skip
+    job = codec.decode_assign(request, codec.Limits())
+    targets = assign(job.gt_boxes, job.gt_counts, job.canvas, job.config, ignore_boxes=job.ignore_boxes,
+                     ignore_counts=job.ignore_counts, drop_invalid=True, backend="cpu")  # fmt: skip
+    response = codec.encode_assign(request, targets)
+    assert [(list(d.box_index), list(d.ignore_box_index)) for d in response.dropped] == [([0], []), ([], [0]), ([], [])]
+    assert codec.dense_response_bytes(3, targets.num_anchors, request, 0) == response.ByteSize()
+
+
+def test_a_dense_request_is_held_to_its_response_size_with_its_own_background_class():
+    """The DENSE precheck sizes the response with the config's background class (a varint:
+    200 takes two bytes more than 0, which is not sent): a limit of exactly that size takes
+    the request, one byte less refuses it."""
+    config = presets.get("retinanet_torchvision").replace(background_class=200)
+    request = build_request(GOOD, [2], CANVAS, config=config, format="dense")
+    job = codec.decode_assign(request, codec.Limits())
+    size = codec.encode_assign(request, assign(job.gt_boxes, job.gt_counts, job.canvas, job.config)).ByteSize()
+    assert codec.decode_assign(request, codec.Limits(max_message_bytes=size)).images == 1
+    with pytest.raises(ResourceExhausted, match=f"^format: the DENSE response would be {size} bytes"):
+        codec.decode_assign(request, codec.Limits(max_message_bytes=size - 1))
 
 
 @pytest.mark.parametrize("name", presets.names())
