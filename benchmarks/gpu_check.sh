@@ -63,7 +63,7 @@
 # On the H200 (run12, 2026-12-04) the whole suite (1,842 tests on 12 workers, the 5
 # wheel-building ones beside them) took ~185 s and every step ran in 446 s at
 # GPU_CHECK_BUDGET=540 in a 570 s device call (the machine started in ~30 s); the suite
-# has ~3,190 tests since 2026-12-08 (84 `gpu`): ~340 s there, scaled by the count. For
+# has ~3,300 tests since 2026-12-08 (84 `gpu`): ~350 s there, scaled by the count. For
 # a session's 15 minutes, two calls (kind nvidia-h200: the issues' goals are stated for it;
 # an H100's numbers are reported as the H100's):
 #   GPU_CHECK_BUDGET=570 GPU_CHECK_STEPS="tests bench sweep" bash benchmarks/gpu_check.sh    (timeout 595)
