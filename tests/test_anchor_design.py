@@ -35,7 +35,7 @@ from tritarget.clients.anchor_design.check import (
     scan_config,
     strict_config,
 )
-from tritarget.clients.anchor_design.cli import _check_anchor_counts, _UsageError, main
+from tritarget.clients.anchor_design.cli import _check_anchor_counts, _describe_resize, _UsageError, main
 from tritarget.clients.anchor_design.dataset import BoxDataset
 from tritarget.clients.anchor_design.fit import _Parameters, _wh_iou, fitness
 from tritarget.kernels import TargetConfig, generate_anchors, presets, resolve_grid
@@ -109,6 +109,12 @@ def test_letterbox_rounds_up_as_yolov5_loads_its_images(height, width, resized):
     scale_y, scale_x, size, canvas = Resize(mode="letterbox", canvas=(640, 640)).apply(height, width)
     assert size == resized and canvas == (640, 640)
     assert (scale_y, scale_x) == (resized[0] / height, resized[1] / width)
+
+
+def test_the_resize_the_cli_reports_names_height_then_width():
+    """As every canvas in the tools (``--canvas H W``, ``--letterbox H W``) is written."""
+    assert _describe_resize(Resize(mode="letterbox", canvas=(320, 640))) == "letterboxed into 320x640"
+    assert _describe_resize(Resize(mode="fixed", canvas=(320, 640))) == "stretched to 320x640"
 
 
 def test_letterbox_on_a_non_square_canvas_is_limited_by_its_height_or_width():
